@@ -1,0 +1,75 @@
+"""Registry of architecture adapters.
+
+Adding an architecture = one file in this folder with a :class:`VLMAdapter` subclass decorated
+with :func:`register`, plus one import line at the bottom of this file (or ``register`` called
+from your own code before ``vlm_export.build``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import AdapterError, ModelLoadError
+from .base import DecoderSpec, LoadedModel, Stages, VLMAdapter
+
+_REGISTRY: dict[str, type[VLMAdapter]] = {}
+
+
+def register(cls: type[VLMAdapter]) -> type[VLMAdapter]:
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"an adapter named {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered() -> dict[str, type[VLMAdapter]]:
+    return dict(_REGISTRY)
+
+
+def supported_summary() -> str:
+    return ", ".join(
+        f"{name} (model_type {'/'.join(cls.model_types)})" for name, cls in sorted(_REGISTRY.items())
+    )
+
+
+def get_adapter(name: str) -> VLMAdapter:
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise AdapterError(f"unknown adapter {name!r}; supported: {supported_summary()}") from None
+
+
+def read_config(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model folder {path} does not exist")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise ModelLoadError(f"{cfg} is missing: pass a Hugging Face model folder (save_pretrained output)")
+    try:
+        return json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{cfg} is not valid JSON ({e}); re-save the model folder") from None
+
+
+def adapter_for(path: Path, name: str | None = None) -> VLMAdapter:
+    """The adapter named ``name``, or the one whose ``model_types`` match the folder's config."""
+    if name:
+        return get_adapter(name)
+    model_type = read_config(path).get("model_type")
+    for cls in _REGISTRY.values():
+        if model_type in cls.model_types:
+            return cls()
+    raise AdapterError(
+        f"no adapter for model_type {model_type!r} in {Path(path) / 'config.json'}; "
+        f"supported: {supported_summary()} (or pass --adapter, or register your own: see README)"
+    )
+
+
+# built-in adapters register themselves on import
+from . import llava, prefix  # noqa: E402,F401
+
+__all__ = [
+    "DecoderSpec", "LoadedModel", "Stages", "VLMAdapter",
+    "register", "registered", "get_adapter", "adapter_for", "read_config", "supported_summary",
+]

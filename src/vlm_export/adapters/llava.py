@@ -1,0 +1,105 @@
+"""LLaVA: Hugging Face ``LlavaForConditionalGeneration``.
+
+CLIP-style vision tower -> hidden states of ``vision_feature_layer`` (one layer, or several
+concatenated) -> CLS dropped for ``vision_feature_select_strategy="default"`` -> the
+multi-modal projector -> one embedding per patch, spliced at the image-token positions of any
+Hugging Face causal LM (Llama, Mistral, Qwen2, ...).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError
+from ..runtime.prompt import PromptLayout
+from . import register
+from .base import DecoderSpec, LoadedModel, Stages, VLMAdapter
+from .decoder import SplicingDecoder, text_decoder_spec
+from .loading import load_hf_parts
+
+
+class LlavaVisionEncoder(nn.Module):
+    """pixel_values -> the selected hidden states, exactly as LlavaModel.get_image_features."""
+
+    def __init__(self, vision_tower: nn.Module, feature_layer: int | list[int], strategy: str):
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+        self.drop_cls = strategy == "default"
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        picked = [hidden[i][:, 1:] if self.drop_cls else hidden[i] for i in self.layers]
+        return picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
+
+
+@register
+class LlavaAdapter(VLMAdapter):
+    name = "llava"
+    model_types = ("llava",)
+    description = "Hugging Face LlavaForConditionalGeneration (CLIP/SigLIP tower + MLP projector + any causal LM)"
+
+    def load(self, path: Path) -> LoadedModel:
+        from transformers import LlavaForConditionalGeneration
+
+        model, tokenizer, processor = load_hf_parts(LlavaForConditionalGeneration, path)
+        cfg = model.config
+        if cfg.vision_feature_select_strategy not in ("default", "full"):
+            raise AdapterError(
+                f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} in {path} is not "
+                "supported (expected 'default' or 'full')"
+            )
+        if getattr(model.model.vision_tower.config, "model_type", "") != "clip_vision_model":
+            raise AdapterError(
+                f"the llava adapter supports CLIP vision towers (others are untested), not "
+                f"{model.model.vision_tower.config.model_type!r}; write an adapter for it (see README)"
+            )
+        return LoadedModel(self, Path(path), model, tokenizer, processor, cfg)
+
+    def stages(self, loaded: LoadedModel) -> Stages:
+        m, cfg = loaded.model, loaded.config
+        spec = self.decoder_spec(loaded)
+        text = m.model.language_model
+        return Stages(
+            vision_encoder=LlavaVisionEncoder(
+                m.model.vision_tower, cfg.vision_feature_layer, cfg.vision_feature_select_strategy
+            ),
+            projector=m.model.multi_modal_projector,
+            lm_decoder=SplicingDecoder(text.get_input_embeddings(), text, m.lm_head,
+                                       cfg.image_token_id, spec.num_layers),
+        )
+
+    def tokens_per_image(self, loaded: LoadedModel) -> int:
+        v = loaded.config.vision_config
+        patches = (v.image_size // v.patch_size) ** 2
+        has_cls = getattr(v, "model_type", "") == "clip_vision_model"  # SigLIP has no CLS token
+        return patches + (1 if has_cls and loaded.config.vision_feature_select_strategy == "full" else 0)
+
+    def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
+        token = loaded.tokenizer.convert_ids_to_tokens(loaded.config.image_token_id)
+        return PromptLayout(kind="inline", image_token_id=loaded.config.image_token_id,
+                            tokens_per_image=self.tokens_per_image(loaded), image_token=token)
+
+    def decoder_spec(self, loaded: LoadedModel) -> DecoderSpec:
+        return text_decoder_spec(loaded.config.text_config)
+
+    def image_size(self, loaded: LoadedModel) -> tuple[int, int]:
+        s = loaded.config.vision_config.image_size
+        return (s, s)
+
+    def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids):
+        images = {} if pixel_values is None else {"pixel_values": pixel_values}  # None trips HF's generate
+        with torch.no_grad():
+            out = loaded.model.generate(
+                input_ids=input_ids,
+                **images,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos_token_ids,
+                pad_token_id=eos_token_ids[0],
+            )
+        return out[0, input_ids.shape[1]:].tolist()
+

@@ -1,0 +1,48 @@
+"""Loading Hugging Face folders with errors a user can act on."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import ModelLoadError
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def load_hf_parts(model_cls, path: Path, *, processor: bool = True):
+    """(model fp32 eval with eager attention, tokenizer, image processor or None).
+
+    Eager attention because SDPA's ``is_causal`` cannot be traced with a dynamic sequence length
+    (see env-notes); the maths is the same, so the reference stays the original model.
+    """
+    import torch
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
+    hf_logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        model = model_cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    except Exception as e:  # from_pretrained raises OSError, SafetensorError, ValueError, ...
+        raise ModelLoadError(
+            f"cannot load the model weights in {path} ({_first_line(e)}); check the folder is a complete "
+            "save_pretrained output"
+        ) from None
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the tokenizer in {path} ({_first_line(e)}); save it beside the model") from None
+    image_processor = None
+    if processor:
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(path)
+        except Exception as e:
+            raise ModelLoadError(
+                f"cannot load the image processor in {path} ({_first_line(e)}); save preprocessor_config.json beside the model"
+            ) from None
+    return model, tokenizer, image_processor

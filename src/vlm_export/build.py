@@ -1,0 +1,218 @@
+"""``vlm-export build``: load -> split -> export -> parity -> manifest, written atomically.
+
+The build is written into a hidden temporary folder beside the target and renamed into place
+only when every graph exported, passed the ONNX checker and matched PyTorch. A build whose
+parity fails is moved to ``<out>.failed/`` (graphs + report, no manifest), so nothing that looks
+complete is ever left behind.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .adapters import adapter_for
+from .compare.parity import ParityResult, Sample, compare_stages, compare_tokens, default_samples
+from .compare.policy import ParityPolicy
+from .compare.report import write_report
+from .errors import BuildError, ParityError
+from .export.onnx_export import export_stage, graph_bytes, graph_io
+from .export.stages import stage_graphs
+from .manifest import read_manifest, sha256_file, versions, write_manifest
+from .progress import Progress
+from .runtime.load import eos_token_ids, open_build, reference_pipeline
+from .runtime.pipeline import Limits
+
+DEFAULT_MAX_SEQUENCE = 4096
+
+
+@dataclass
+class BuildOptions:
+    adapter: str | None = None  # None: chosen from config.json's model_type
+    max_batch: int = 4
+    max_images: int = 2
+    max_sequence: int | None = None  # None: min(model's max positions, DEFAULT_MAX_SEQUENCE)
+    parity_new_tokens: int = 32
+    samples: list[Sample] | None = None  # None: real photos + questions (compare.parity.default_samples)
+    threads: int | None = None
+    force: bool = False
+    tolerance_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_images", "parity_new_tokens"):
+            if getattr(self, name) < 1:
+                raise BuildError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    manifest: dict
+    failures: list[str]
+
+
+def _prepare_output(out: Path, force: bool) -> Path:
+    out = Path(out).absolute()
+    if out.exists() and not force:
+        raise BuildError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as e:
+        raise BuildError(f"cannot write the build folder {out}: {e.strerror}; choose a writable --out") from None
+    return tmp
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Swap the finished folder into place; an existing build is replaced only now."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _source_hashes(path: Path) -> dict[str, str]:
+    """Content hashes of the model's config and weight files (the build's inputs)."""
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
+    return {str(p.relative_to(path)): sha256_file(p) for p in files}
+
+
+def build(model_path: Path, out: Path, options: BuildOptions | None = None,
+          progress: Progress | None = None) -> BuildResult:
+    options = options or BuildOptions()
+    progress = progress or Progress()
+    model_path, out = Path(model_path), Path(out).absolute()
+    adapter = adapter_for(model_path, options.adapter)  # fails fast on an unknown architecture
+    tmp = _prepare_output(out, options.force)
+    try:
+        return _build_into(tmp, out, model_path, adapter, options, progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _build_into(tmp, out, model_path, adapter, options, progress) -> BuildResult:
+    with progress.step(f"loading {model_path} ({adapter.name} adapter)") as advance:
+        loaded = adapter.load(model_path)
+        stages = adapter.stages(loaded)
+        spec = adapter.decoder_spec(loaded)
+        layout = adapter.prompt_layout(loaded)
+        advance()
+    limits = Limits(
+        max_batch=options.max_batch,
+        max_images=options.max_images,
+        max_sequence=min(options.max_sequence or DEFAULT_MAX_SEQUENCE, spec.max_position_embeddings),
+        tokens_per_image=layout.tokens_per_image,
+    )
+
+    graphs = {}
+    for graph in stage_graphs(loaded, stages):
+        with progress.step(f"exporting {graph.name} to ONNX") as advance:
+            start = time.perf_counter()
+            path = export_stage(graph, tmp / "graphs")
+            seconds = time.perf_counter() - start
+            inputs, outputs = graph_io(path)
+            files = [p for p in (path, path.with_name(path.name + ".data")) if p.exists()]
+            graphs[graph.name] = {
+                "file": str(path.relative_to(tmp)),
+                "precision": "fp32",
+                "bytes": graph_bytes(path),
+                "export_seconds": round(seconds, 2),
+                "inputs": [i.to_dict() for i in inputs],
+                "outputs": [o.to_dict() for o in outputs],
+                "sha256": {str(f.relative_to(tmp)): sha256_file(f) for f in files},
+            }
+            advance()
+
+    loaded.tokenizer.save_pretrained(tmp / "tokenizer")
+    loaded.image_processor.save_pretrained(tmp / "tokenizer")
+    manifest = {
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "source": {"path": str(model_path.absolute()), "adapter": adapter.name,
+                   "model_type": getattr(loaded.config, "model_type", None) or loaded.config.get("model_type"),
+                   "sha256": _source_hashes(model_path)},
+        "graphs": graphs,
+        "kv_cache": {"num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+                     "hidden_size": spec.hidden_size, "dtype": "float32"},
+        "vocab_size": spec.vocab_size,
+        "prompt_layout": layout.to_dict(),
+        "limits": limits.to_dict(),
+        "tokenizer": "tokenizer",
+        "generation": {"eos_token_ids": eos_token_ids(loaded)},
+    }
+    write_manifest(tmp, manifest)
+
+    # parity: the exported graphs (read back from disk) against the split modules and the original
+    result, policy, failures = _parity(loaded, open_build(tmp, "onnxruntime", threads=options.threads),
+                                       limits, options, progress)
+    manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}
+    write_report(tmp, manifest, result, policy, failures)
+    if failures:
+        failed = out.with_name(out.name + ".failed")
+        shutil.rmtree(failed, ignore_errors=True)
+        os.replace(tmp, failed)
+        raise ParityError(f"parity failed for {len(failures)} check(s): " + "; ".join(failures)
+                          + f". Graphs and report kept in {failed} (not a usable build)")
+    write_manifest(tmp, manifest)
+    _publish(tmp, out)
+    return BuildResult(out, read_manifest(out), failures)
+
+
+def _parity(loaded, candidate, limits: Limits, options: BuildOptions, progress: Progress):
+    """Stage-by-stage and end-to-end comparison, judged by the adapter's policy."""
+    reference = reference_pipeline(loaded, limits)
+    samples = options.samples or default_samples(limits.max_images)
+    result = ParityResult()
+    with progress.step("parity per stage (PyTorch vs ONNX Runtime)", total=len(samples)) as advance:
+        compare_stages(reference, candidate, samples, result, advance)
+    with progress.step(f"parity end to end ({options.parity_new_tokens} greedy tokens vs HF generate)",
+                       total=len(samples)) as advance:
+        compare_tokens(_hf_reference(loaded, candidate.eos_token_ids),
+                       {"torch_split": reference, "onnxruntime": candidate}, samples,
+                       options.parity_new_tokens, result, advance)
+    policy = ParityPolicy().with_overrides({**loaded.adapter.tolerances(), **options.tolerance_overrides})
+    return result, policy, policy.judge(result.stages, result.tokens)
+
+
+def _hf_reference(loaded, eos_ids: list[int]):
+    """The original model's own greedy generate, trailing EOS dropped (our loop does not emit it)."""
+    import numpy as np
+    import torch
+
+    def run(ids: list[int], pixel_values: np.ndarray | None, max_new_tokens: int) -> list[int]:
+        tokens = loaded.adapter.reference_generate(
+            loaded, torch.tensor([ids]), None if pixel_values is None else torch.from_numpy(pixel_values),
+            max_new_tokens, eos_ids)
+        for i, t in enumerate(tokens):
+            if t in eos_ids:
+                return tokens[:i]
+        return tokens
+
+    return run
+
+
+def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progress | None = None) -> BuildResult:
+    """Re-run the parity report of an existing build against its source model."""
+    options = options or BuildOptions()
+    progress = progress or Progress()
+    build_dir = Path(build_dir)
+    manifest = read_manifest(build_dir)
+    adapter = adapter_for(Path(manifest["source"]["path"]), manifest["source"]["adapter"])
+    with progress.step(f"loading {manifest['source']['path']}") as advance:
+        loaded = adapter.load(Path(manifest["source"]["path"]))
+        advance()
+    result, policy, failures = _parity(loaded, open_build(build_dir, "onnxruntime", threads=options.threads),
+                                       Limits.from_dict(manifest["limits"]), options, progress)
+    manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}
+    write_report(build_dir, manifest, result, policy, failures)
+    write_manifest(build_dir, {k: v for k, v in manifest.items() if k not in ("format", "version")})
+    return BuildResult(build_dir, manifest, failures)

@@ -1,0 +1,67 @@
+"""The judge: tolerances per stage and output, applied to measured metrics.
+
+A failing verdict names every failing stage and output with its numbers, so a user knows which
+stage drifted instead of only seeing a different answer at the end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .metrics import TensorMetrics, TokenMetrics
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float = 1e-4
+    rtol: float = 1e-4  # relative to the largest reference magnitude of that output
+    min_cosine: float = 0.99999
+
+    def allowed(self, m: TensorMetrics) -> float:
+        return self.atol + self.rtol * m.ref_max_abs
+
+    def check(self, m: TensorMetrics) -> list[str]:
+        problems = []
+        if not m.max_abs <= self.allowed(m):  # also catches NaN
+            problems.append(f"max abs error {m.max_abs:.3g} > {self.allowed(m):.3g}")
+        if not m.cosine >= self.min_cosine:
+            problems.append(f"cosine {m.cosine:.6f} < {self.min_cosine}")
+        return problems
+
+
+# fp32 export vs fp32 PyTorch: only op-ordering noise is expected
+DEFAULT_TOLERANCES = {
+    "vision_encoder": Tolerance(),
+    "projector": Tolerance(),
+    "prefill": Tolerance(),
+    "decode": Tolerance(),
+}
+
+
+@dataclass
+class ParityPolicy:
+    tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
+    #: greedy tokens must equal the original model's for fp32 builds
+    require_identical_tokens: bool = True
+
+    def with_overrides(self, overrides: dict[str, dict[str, float]]) -> "ParityPolicy":
+        tol = dict(self.tolerances)
+        for stage, fields in overrides.items():
+            tol[stage] = replace(tol.get(stage, Tolerance()), **fields)
+        return replace(self, tolerances=tol)
+
+    def judge(self, stages: dict[str, dict[str, TensorMetrics]],
+              tokens: dict[str, list[TokenMetrics]]) -> list[str]:
+        """Every failure as one line; empty when the build passes."""
+        failures = []
+        for stage, outputs in stages.items():
+            tol = self.tolerances.get(stage, Tolerance())
+            for output, metrics in outputs.items():
+                for problem in tol.check(metrics):
+                    failures.append(f"{stage}/{output}: {problem}")
+        if self.require_identical_tokens:
+            for comparison, runs in tokens.items():
+                for run in runs:
+                    if not run.identical:
+                        failures.append(f"end-to-end {comparison}: greedy tokens differ from token "
+                                        f"{run.first_divergence} for prompt {run.prompt!r}")
+        return failures

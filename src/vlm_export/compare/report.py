@@ -1,0 +1,64 @@
+"""report.json (every number) and report.md (the table a person reads) in the build folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .parity import ParityResult
+from .policy import ParityPolicy
+
+
+def report_dict(manifest: dict, result: ParityResult, policy: ParityPolicy, failures: list[str]) -> dict:
+    stages = {}
+    for stage, outputs in result.stages.items():
+        tol = policy.tolerances.get(stage)
+        stages[stage] = {
+            name: {**m.to_dict(), "allowed_max_abs": tol.allowed(m), "min_cosine": tol.min_cosine,
+                   "passed": not tol.check(m)}
+            for name, m in outputs.items()
+        }
+    return {
+        "passed": not failures,
+        "failures": failures,
+        "source": manifest["source"],
+        "versions": manifest["versions"],
+        "graphs": {k: {"precision": g["precision"], "bytes": g["bytes"], "export_seconds": g["export_seconds"]}
+                   for k, g in manifest["graphs"].items()},
+        "stages": stages,
+        "end_to_end": {name: [r.to_dict() for r in runs] for name, runs in result.tokens.items()},
+    }
+
+
+def write_report(build_dir: Path, manifest: dict, result: ParityResult, policy: ParityPolicy,
+                 failures: list[str]) -> dict:
+    report = report_dict(manifest, result, policy, failures)
+    build_dir = Path(build_dir)
+    (build_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (build_dir / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def render_markdown(report: dict) -> str:
+    lines = [f"# Parity report: {'PASSED' if report['passed'] else 'FAILED'}", "",
+             f"Source: `{report['source']['path']}` (adapter `{report['source']['adapter']}`)", ""]
+    v = report["versions"]
+    lines += [f"torch {v['torch']}, transformers {v['transformers']}, onnxruntime {v['onnxruntime']}", "",
+              "## Graphs", "", "| stage | precision | size (MB) | export (s) |", "|---|---|---:|---:|"]
+    for stage, g in report["graphs"].items():
+        lines.append(f"| {stage} | {g['precision']} | {g['bytes'] / 1e6:.1f} | {g['export_seconds']:.1f} |")
+    lines += ["", "## Per stage (ONNX Runtime vs PyTorch, same inputs)", "",
+              "| stage | output | max abs | allowed | mean abs | min cosine | pass |",
+              "|---|---|---:|---:|---:|---:|---|"]
+    for stage, outputs in report["stages"].items():
+        for name, m in outputs.items():
+            lines.append(f"| {stage} | {name} | {m['max_abs']:.3g} | {m['allowed_max_abs']:.3g} | "
+                         f"{m['mean_abs']:.3g} | {m['cosine']:.7f} | {'yes' if m['passed'] else '**NO**'} |")
+    lines += ["", "## End to end (greedy tokens vs the original model's HF generate)", "",
+              "| candidate | prompt | tokens | first divergent token |", "|---|---|---:|---|"]
+    for name, runs in report["end_to_end"].items():
+        for r in runs:
+            first = "none (identical)" if r["identical"] else str(r["first_divergence"])
+            lines.append(f"| {name} | {r['prompt']} | {len(r['candidate'])}/{len(r['reference'])} | {first} |")
+    if report["failures"]:
+        lines += ["", "## Failures", ""] + [f"- {f}" for f in report["failures"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,56 @@
+"""One exception type per stage.
+
+Every error carries a message that says what went wrong, on which file or input, and what to
+do about it; the CLI prints ``str(err)`` on one line and exits non-zero, without a traceback.
+"""
+from __future__ import annotations
+
+
+class VlmExportError(Exception):
+    """Base class: anything the CLI should report as one clear line."""
+
+    exit_code = 1
+
+
+class AdapterError(VlmExportError):
+    """Unknown architecture, or a model whose structure the adapter cannot split."""
+
+
+class ModelLoadError(VlmExportError):
+    """Missing, unreadable or corrupt model files."""
+
+
+class ExportError(VlmExportError):
+    """torch -> ONNX capture or the ONNX checker failed."""
+
+
+class ParityError(VlmExportError):
+    """The exported graphs do not match the PyTorch reference within tolerance."""
+
+
+class BuildError(VlmExportError):
+    """The build folder cannot be written, or an existing build is in the way."""
+
+
+class ManifestError(VlmExportError):
+    """A build folder whose manifest is missing, unreadable or from an incompatible version."""
+
+
+class InputError(VlmExportError):
+    """A bad request at inference time: unreadable image, empty or over-long prompt, bad params."""
+
+
+class RunnerError(VlmExportError):
+    """A backend failed to load or run a graph."""
+
+
+class DatasetError(VlmExportError):
+    """An evaluation data set that is missing or malformed."""
+
+
+class RepositoryError(VlmExportError):
+    """A Triton model repository that cannot be rendered or fails its schema checks."""
+
+
+class ServeError(VlmExportError):
+    """tritonserver could not be found, started or reached."""

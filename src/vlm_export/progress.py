@@ -1,0 +1,37 @@
+"""Progress reporting for long steps: a rich progress bar on a terminal, nothing in tests."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+
+class Progress:
+    """``with progress.step("exporting lm_decoder", total=1) as advance: ...; advance()``"""
+
+    @contextlib.contextmanager
+    def step(self, description: str, total: int = 1) -> Iterator[Callable[[], None]]:
+        yield lambda: None
+
+    def log(self, message: str) -> None:
+        pass
+
+
+class RichProgress(Progress):
+    def __init__(self, console=None):
+        from rich.console import Console
+
+        self.console = console or Console(stderr=True)
+
+    @contextlib.contextmanager
+    def step(self, description: str, total: int = 1) -> Iterator[Callable[[], None]]:
+        from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RProgress
+
+        with RProgress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), console=self.console, transient=False) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda: bar.advance(task)
+            bar.update(task, completed=total)
+
+    def log(self, message: str) -> None:
+        self.console.print(message)
