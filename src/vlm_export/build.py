@@ -2,7 +2,7 @@
 
 The build is written into a hidden temporary folder beside the target and renamed into place
 only when every graph exported, passed the ONNX checker and matched PyTorch. A build whose
-parity fails is moved to ``<out>.failed/`` (graphs + report, no manifest), so nothing that looks
+parity fails is moved to ``<out>.failed/`` (graphs + report, its manifest renamed), so nothing that looks
 complete is ever left behind.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .compare.report import write_report
 from .errors import BuildError, ParityError
 from .export.onnx_export import export_stage, graph_bytes, graph_io
 from .export.stages import stage_graphs
-from .manifest import read_manifest, sha256_file, versions, write_manifest
+from .manifest import MANIFEST_NAME, read_manifest, sha256_file, versions, write_manifest
 from .progress import Progress
 from .runtime.load import eos_token_ids, open_build, reference_pipeline
 from .runtime.pipeline import Limits
@@ -159,6 +159,8 @@ def _build_into(tmp, out, model_path, adapter, options, progress) -> BuildResult
     if failures:
         failed = out.with_name(out.name + ".failed")
         shutil.rmtree(failed, ignore_errors=True)
+        # keep what a user needs to debug, but nothing that opens as a build
+        os.replace(tmp / MANIFEST_NAME, tmp / "manifest.failed.json")
         os.replace(tmp, failed)
         raise ParityError(f"parity failed for {len(failures)} check(s): " + "; ".join(failures)
                           + f". Graphs and report kept in {failed} (not a usable build)")

@@ -39,7 +39,7 @@ class LlavaVisionEncoder(nn.Module):
 class LlavaAdapter(VLMAdapter):
     name = "llava"
     model_types = ("llava",)
-    description = "Hugging Face LlavaForConditionalGeneration (CLIP/SigLIP tower + MLP projector + any causal LM)"
+    description = "Hugging Face LlavaForConditionalGeneration (CLIP tower + MLP projector + any HF causal LM)"
 
     def load(self, path: Path) -> LoadedModel:
         from transformers import LlavaForConditionalGeneration

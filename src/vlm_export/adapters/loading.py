@@ -24,6 +24,7 @@ def load_hf_parts(model_cls, path: Path, *, processor: bool = True):
 
     path = Path(path)
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # our own progress bars say what runs
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         model = model_cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")

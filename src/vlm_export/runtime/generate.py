@@ -102,34 +102,49 @@ def generate_tokens(pipe: VLMPipeline, input_ids: Sequence[int], pixel_values: n
 
 def stream(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput] = (),
            config: GenerationConfig = GenerationConfig()) -> Iterator[TokenEvent | GenerationResult]:
-    """TokenEvents as text appears, then one GenerationResult (the final message)."""
+    """TokenEvents as text appears, then one GenerationResult (the final message).
+
+    Text that might be the start of a stop string, or a partial UTF-8 character, is held back
+    until the next token settles it, so the streamed pieces always add up to the final text.
+    """
     pixel_values = pipe.pixel_values(images) if images else None
     input_ids = pipe.prompt_ids(prompt, len(images))
     tokens: list[int] = []
     emitted = ""
     finish = "length"
+    text = ""
     for token in generate_tokens(pipe, input_ids, pixel_values, config):
         tokens.append(token)
         text = pipe.tokenizer.decode(tokens, skip_special_tokens=True)
         cut = _stop_index(text, config.stop)
         if cut is not None:
             text, finish = text[:cut], "stop"
-        # hold back a trailing partial UTF-8 character until the next token completes it
-        if finish == "stop" or not text.endswith("\ufffd"):
-            if text[len(emitted):]:
-                yield TokenEvent(token, text[len(emitted):])
-            emitted = text
-        if finish == "stop":
             break
+        settled = len(text) - _pending(text, config.stop)
+        if settled > len(emitted):
+            yield TokenEvent(token, text[len(emitted):settled])
+            emitted = text[:settled]
     else:
         finish = "eos" if len(tokens) < config.max_new_tokens else "length"
-    yield GenerationResult(emitted if finish == "stop" else pipe.tokenizer.decode(tokens, skip_special_tokens=True),
-                           tokens, finish, len(input_ids))
+    if len(text) > len(emitted):
+        yield TokenEvent(tokens[-1], text[len(emitted):])
+    yield GenerationResult(text, tokens, finish, len(input_ids))
 
 
 def _stop_index(text: str, stops: Sequence[str]) -> int | None:
     hits = [text.find(s) for s in stops if s and s in text]
     return min(hits) if hits else None
+
+
+def _pending(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters must wait: a partial character, or a possible stop-string start."""
+    hold = 1 if text.endswith("\ufffd") else 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:n]):
+                hold = n
+                break
+    return hold
 
 
 def generate(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput] = (),

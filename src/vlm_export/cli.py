@@ -1,0 +1,164 @@
+"""The ``vlm-export`` command: parses, calls the Python API, prints. No logic of its own."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import VlmExportError
+
+EPILOG = """examples:
+  vlm-export demo                                  # build the easy-vqa demo VLM (CPU, no hub)
+  vlm-export build path/to/hf_model --out build/mymodel
+  vlm-export generate build/mymodel --image cat.png --prompt "What is in the picture?"
+  vlm-export verify build/mymodel                  # re-run the parity report
+  vlm-export eval build/demo --dataset easy-vqa --limit 200
+  vlm-export adapters                              # supported architectures
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_build_limits(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("limits (recorded in the manifest; engines and Triton configs derive from them)")
+    g.add_argument("--max-batch", type=_positive_int, default=4, help="largest batch of requests (default 4)")
+    g.add_argument("--max-images", type=_positive_int, default=2, help="images per prompt (default 2)")
+    g.add_argument("--max-sequence", type=_positive_int, default=None,
+                   help="prompt + generated tokens (default: the model's limit, at most 4096)")
+    g = p.add_argument_group("parity")
+    g.add_argument("--parity-tokens", type=_positive_int, default=32,
+                   help="greedy tokens compared with the original model's generate (default 32)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime intra-op threads")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlm-export", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Split a vision-language model into vision encoder, projector and LM decoder graphs, "
+                    "export them to ONNX, prove parity with PyTorch stage by stage, and run them.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"vlm-export {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build", help="export a Hugging Face VLM folder and check parity",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  vlm-export build path/to/llava --out build/llava --max-images 1")
+    p.add_argument("model", type=Path, help="a Hugging Face model folder (save_pretrained output)")
+    p.add_argument("--out", type=Path, required=True, help="build folder to create")
+    p.add_argument("--adapter", default=None, help="force an adapter (default: from config.json's model_type)")
+    p.add_argument("--force", action="store_true", help="replace an existing build folder")
+    _add_build_limits(p)
+
+    p = sub.add_parser("generate", help="answer a prompt (and images) with a build",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog='example:\n  vlm-export generate build/demo --image shape.png --prompt "What color is the shape?"')
+    p.add_argument("build", type=Path, help="build folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", type=Path, action="append", default=[], help="image file (repeat for several)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
+    p.add_argument("--threads", type=_positive_int, default=None)
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of streaming text")
+
+    p = sub.add_parser("verify", help="re-run the parity report of a build against its source model")
+    p.add_argument("build", type=Path)
+    p.add_argument("--parity-tokens", type=_positive_int, default=32)
+    p.add_argument("--threads", type=_positive_int, default=None)
+
+    sub.add_parser("adapters", help="list the supported architectures")
+    return parser
+
+
+def _cmd_build(args, progress) -> int:
+    from .build import BuildOptions, build
+
+    options = BuildOptions(adapter=args.adapter, max_batch=args.max_batch, max_images=args.max_images,
+                           max_sequence=args.max_sequence, parity_new_tokens=args.parity_tokens,
+                           threads=args.threads, force=args.force)
+    result = build(args.model, args.out, options, progress)
+    _print_summary(result.path, result.manifest)
+    return 0
+
+
+def _print_summary(path: Path, manifest: dict) -> None:
+    print(f"build written to {path}")
+    for stage, g in manifest["graphs"].items():
+        print(f"  {stage:15s} {g['precision']}  {g['bytes'] / 1e6:8.1f} MB  {g['file']}")
+    print(f"  parity: {'passed' if manifest['parity']['passed'] else 'FAILED'} (see {path / 'report.md'})")
+
+
+def _cmd_generate(args, progress) -> int:
+    from .runtime.generate import GenerationConfig, GenerationResult, stream
+    from .runtime.load import open_build
+
+    config = GenerationConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed, stop=tuple(args.stop))
+    with progress.step(f"loading {args.build} ({args.backend})") as advance:
+        pipe = open_build(args.build, args.backend, threads=args.threads)
+        advance()
+    for event in stream(pipe, args.prompt, args.image, config):
+        if isinstance(event, GenerationResult):
+            if args.json:
+                print(json.dumps(event.to_dict()))
+            else:
+                print()
+                print(f"[{event.completion_tokens} tokens, prompt {event.prompt_tokens}, "
+                      f"finish: {event.finish_reason}]", file=sys.stderr)
+        elif not args.json:
+            print(event.text, end="", flush=True)
+    return 0
+
+
+def _cmd_verify(args, progress) -> int:
+    from .build import BuildOptions, verify
+
+    result = verify(args.build, BuildOptions(parity_new_tokens=args.parity_tokens, threads=args.threads), progress)
+    print(f"parity {'passed' if not result.failures else 'FAILED'}: see {args.build / 'report.md'}")
+    for failure in result.failures:
+        print(f"  {failure}")
+    return 0 if not result.failures else 1
+
+
+def _cmd_adapters(args, progress) -> int:
+    from .adapters import registered
+
+    for name, cls in sorted(registered().items()):
+        print(f"{name:10s} model_type {'/'.join(cls.model_types):14s} {cls.description}")
+    return 0
+
+
+COMMANDS = {"build": _cmd_build, "generate": _cmd_generate, "verify": _cmd_verify, "adapters": _cmd_adapters}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .progress import RichProgress
+
+    try:
+        return COMMANDS[args.command](args, RichProgress())
+    except VlmExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

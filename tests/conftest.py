@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random models (built from configs, no network) and their builds."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny_models import make_tiny_llava, make_tiny_prefix  # noqa: E402
+
+# name -> (maker, kwargs): one per architecture family and text family the tests cover
+TINY_MODELS = {
+    "llava-llama": (make_tiny_llava, {"family": "llama"}),
+    "llava-qwen2-full-multilayer": (make_tiny_llava, {"family": "qwen2", "strategy": "full", "feature_layer": [-2, -1]}),
+    "llava-mistral": (make_tiny_llava, {"family": "mistral"}),
+    "prefix-llama": (make_tiny_prefix, {"family": "llama"}),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            maker, kwargs = TINY_MODELS[name]
+            made[name] = maker(tmp_path_factory.mktemp(name), **kwargs)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tiny_model_dir, tmp_path_factory):
+    """Builds (export + parity) of the tiny models, made once per session."""
+    from vlm_export.build import BuildOptions, build
+
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            out = tmp_path_factory.mktemp("builds") / name
+            built[name] = build(tiny_model_dir(name), out, BuildOptions(max_sequence=256))
+        return built[name]
+
+    return get

@@ -1,0 +1,116 @@
+"""Bad input gets one clear line and a non-zero exit code, and nothing half-written is left."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from vlm_export.build import BuildOptions, build
+from vlm_export.cli import main
+from vlm_export.errors import ParityError
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlm_export.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_help_has_examples():
+    proc = run_cli("--help")
+    assert proc.returncode == 0 and "examples:" in proc.stdout and "vlm-export build" in proc.stdout
+
+
+def test_unknown_architecture_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    assert_one_line_error(run_cli("build", str(tmp_path), "--out", str(tmp_path / "out")),
+                          "'bert'", "llava", "prefix")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_folder(tmp_path):
+    assert_one_line_error(run_cli("build", str(tmp_path / "nope"), "--out", str(tmp_path / "out")), "does not exist")
+
+
+def test_corrupt_weights(tmp_path, tiny_model_dir):
+    import shutil
+
+    src = tiny_model_dir("llava-llama")
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    assert_one_line_error(run_cli("build", str(broken), "--out", str(tmp_path / "out")), "cannot load the model weights")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+
+
+def test_missing_config_json(tmp_path, tiny_model_dir):
+    import shutil
+
+    broken = tmp_path / "noconfig"
+    shutil.copytree(tiny_model_dir("llava-llama"), broken)
+    (broken / "config.json").unlink()
+    assert_one_line_error(run_cli("build", str(broken), "--out", str(tmp_path / "out")), "config.json is missing")
+
+
+def test_unwritable_output(tiny_model_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert_one_line_error(run_cli("build", str(tiny_model_dir("llava-llama")), "--out", str(blocker / "out")),
+                          "cannot write the build folder")
+
+
+def test_generate_errors(tiny_build, tmp_path):
+    build_dir = str(tiny_build("llava-llama").path)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is not an image")
+    assert_one_line_error(run_cli("generate", build_dir, "--image", str(bad), "--prompt", "hi"), "cannot decode")
+    assert_one_line_error(run_cli("generate", build_dir, "--image", str(tmp_path / "none.png"), "--prompt", "hi"),
+                          "does not exist")
+    assert_one_line_error(run_cli("generate", build_dir, "--prompt", "word " * 400), "exceeds", "max_sequence")
+    assert_one_line_error(run_cli("generate", build_dir, "--prompt", "   "), "empty")
+    assert_one_line_error(run_cli("generate", str(tmp_path), "--prompt", "hi"), "not a vlm-export build folder")
+
+
+def test_too_many_images_and_bad_params(tiny_build, capsys):
+    build_dir = str(tiny_build("llava-llama").path)
+    from skimage import data
+    from PIL import Image
+    import tempfile, os
+
+    path = os.path.join(tempfile.mkdtemp(), "a.png")
+    Image.fromarray(data.coffee()).save(path)
+    assert main(["generate", build_dir, "--prompt", "hi", *["--image", path] * 3]) == 1
+    assert "at most 2" in capsys.readouterr().err
+    assert main(["generate", build_dir, "--prompt", "hi", "--top-p", "0"]) == 1
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_existing_output_needs_force(tiny_build, tiny_model_dir):
+    existing = tiny_build("llava-llama").path
+    assert_one_line_error(run_cli("build", str(tiny_model_dir("llava-llama")), "--out", str(existing)), "--force")
+    assert (existing / "manifest.json").exists()
+
+
+def test_failed_parity_leaves_no_build(tiny_model_dir, tmp_path):
+    """Impossible tolerances: the build stops, names every failing stage, publishes nothing."""
+    out = tmp_path / "strict"
+    impossible = {"atol": -1.0, "rtol": 0.0}
+    options = BuildOptions(parity_new_tokens=4, tolerance_overrides={s: impossible for s in ("vision_encoder", "decode")})
+    with pytest.raises(ParityError) as err:
+        build(tiny_model_dir("prefix-llama"), out, options)
+    message = str(err.value)
+    assert "vision_encoder/image_features" in message and "decode/logits" in message
+    assert "prefill" not in message
+    assert not out.exists()
+    assert (tmp_path / "strict.failed" / "report.md").exists()
+    assert not (tmp_path / "strict.failed" / "manifest.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".strict")]
