@@ -111,6 +111,6 @@ def compare_tokens(reference_tokens: Callable[[list[int], np.ndarray | None, int
         ids = first.prompt_ids(sample.prompt, len(sample.images))
         expected = reference_tokens(ids, pixel_values, max_new_tokens)
         for name, pipe in pipelines.items():
-            got = list(generate_tokens(pipe, ids, pixel_values, config))
+            got = list(generate_tokens(pipe, ids, pipe.image_embeds(pixel_values), config))
             result.tokens.setdefault(name, []).append(TokenMetrics(sample.prompt, expected, got))
         progress()

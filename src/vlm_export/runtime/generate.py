@@ -4,7 +4,7 @@ temperature/top-p sampling, stop on EOS or stop strings, and max new tokens. The
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -75,12 +75,15 @@ class Sampler:
         return int(self.rng.choice(len(p), p=p))
 
 
-def generate_tokens(pipe: VLMPipeline, input_ids: Sequence[int], pixel_values: np.ndarray | None,
+def generate_tokens(pipe: VLMPipeline, input_ids: Sequence[int], image_embeds: np.ndarray,
                     config: GenerationConfig) -> Iterator[int]:
-    """Token ids, one at a time, until EOS (not yielded) or max_new_tokens."""
+    """Token ids, one at a time, until EOS (not yielded) or max_new_tokens.
+
+    ``image_embeds`` is the flat table [placeholders, hidden] (``pipe.image_embeds(pixel_values)``,
+    or what a served image encoder returned).
+    """
     pipe.check_length(len(input_ids), config.max_new_tokens)
     n_placeholders = sum(1 for i in input_ids if i == pipe.layout.image_token_id)
-    image_embeds = pipe.image_embeds(pixel_values)
     if n_placeholders != image_embeds.shape[0]:
         raise InputError(f"the prompt has {n_placeholders} image placeholders but the images give "
                          f"{image_embeds.shape[0]} embeddings")
@@ -100,20 +103,28 @@ def generate_tokens(pipe: VLMPipeline, input_ids: Sequence[int], pixel_values: n
         past_len += 1
 
 
+ImageEncoder = Callable[[Sequence[ImageInput]], np.ndarray]
+
+
 def stream(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput] = (),
-           config: GenerationConfig = GenerationConfig()) -> Iterator[TokenEvent | GenerationResult]:
+           config: GenerationConfig = GenerationConfig(),
+           encode_images: ImageEncoder | None = None) -> Iterator[TokenEvent | GenerationResult]:
     """TokenEvents as text appears, then one GenerationResult (the final message).
 
     Text that might be the start of a stop string, or a partial UTF-8 character, is held back
     until the next token settles it, so the streamed pieces always add up to the final text.
+    ``encode_images`` replaces the in-process vision path (the Triton model calls its ensemble).
     """
-    pixel_values = pipe.pixel_values(images) if images else None
     input_ids = pipe.prompt_ids(prompt, len(images))
+    if not images:
+        image_embeds = pipe.image_embeds(None)
+    else:
+        image_embeds = encode_images(images) if encode_images else pipe.image_embeds(pipe.pixel_values(images))
     tokens: list[int] = []
     emitted = ""
     finish = "length"
     text = ""
-    for token in generate_tokens(pipe, input_ids, pixel_values, config):
+    for token in generate_tokens(pipe, input_ids, image_embeds, config):
         tokens.append(token)
         text = pipe.tokenizer.decode(tokens, skip_special_tokens=True)
         cut = _stop_index(text, config.stop)
@@ -148,8 +159,9 @@ def _pending(text: str, stops: Sequence[str]) -> int:
 
 
 def generate(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput] = (),
-             config: GenerationConfig = GenerationConfig()) -> GenerationResult:
-    for event in stream(pipe, prompt, images, config):
+             config: GenerationConfig = GenerationConfig(),
+             encode_images: ImageEncoder | None = None) -> GenerationResult:
+    for event in stream(pipe, prompt, images, config, encode_images):
         if isinstance(event, GenerationResult):
             return event
     raise AssertionError("stream() always ends with a GenerationResult")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 
@@ -130,6 +130,3 @@ class VLMPipeline:
         present = {n.replace("present.", "past_key_values.", 1): v for n, v in out.items() if n.startswith("present.")}
         return out["logits"], present
 
-
-def pipeline_info(pipe: VLMPipeline) -> dict[str, Any]:
-    return {"backend": pipe.backend, "limits": pipe.limits.to_dict(), "layout": pipe.layout.to_dict()}

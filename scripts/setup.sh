@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv with vlm-export and everything its demo, server and
+# tests need. Safe to re-run. On a CPU machine it installs torch 2.13.0 first, because a bare
+# `torch` requirement resolves to a CUDA build of several GB; a machine that already has a
+# torch in .venv (e.g. a CUDA build on a GPU box) keeps it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    echo "installing $TORCH_SPEC"
+    .venv/bin/python -m pip install -q "$TORCH_SPEC"
+fi
+echo "installing vlm-export with the demo, serve and test extras"
+.venv/bin/python -m pip install -q -e ".[demo,serve,test]"
+.venv/bin/vlm-export --version
