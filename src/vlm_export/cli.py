@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import VlmExportError
+from .errors import InputError, VlmExportError
 
 EPILOG = """examples:
   vlm-export demo                                  # build the easy-vqa demo VLM (CPU, no hub)
@@ -80,6 +80,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-tokens", type=_positive_int, default=32)
     p.add_argument("--threads", type=_positive_int, default=None)
 
+    p = sub.add_parser("eval", help="VQA accuracy of PyTorch and the build on the same questions",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  vlm-export eval build/demo --dataset easy-vqa --split test --limit 200\n"
+                              "  vlm-export eval build/mine --dataset path/to/folder   # images + questions.jsonl")
+    p.add_argument("build", type=Path)
+    p.add_argument("--dataset", default="easy-vqa",
+                   help="easy-vqa, or a folder with images and questions.jsonl "
+                        '({"image": "a.png", "question": "...", "answer": "..."} per line)')
+    p.add_argument("--split", default="test", help="easy-vqa split: train or test (default test)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N questions only")
+    p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated: torch,onnxruntime")
+    p.add_argument("--threads", type=_positive_int, default=None)
+
+    p = sub.add_parser("demo", help="assemble the easy-vqa demo VLM (SmolLM2 + trained vision tower) and build it",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  vlm-export demo --out build/demo && vlm-export eval build/demo --limit 100")
+    p.add_argument("--out", type=Path, default=Path("build/demo"), help="build folder (default build/demo)")
+    p.add_argument("--force", action="store_true", help="replace an existing build folder")
+    p.add_argument("--eval-limit", type=int, default=50,
+                   help="easy-vqa test questions to evaluate after the build (0 to skip; default 50)")
+    _add_build_limits(p)
+
     sub.add_parser("adapters", help="list the supported architectures")
     return parser
 
@@ -134,6 +156,43 @@ def _cmd_verify(args, progress) -> int:
     return 0 if not result.failures else 1
 
 
+def _cmd_eval(args, progress) -> int:
+    from .evaluate import BACKENDS, evaluate_build
+
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise InputError(f"unknown backend(s) {unknown or args.backends!r}; choose from {', '.join(BACKENDS)}")
+    accuracy = evaluate_build(args.build, args.dataset, args.split, args.limit, backends, args.threads, progress)
+    _print_accuracy(accuracy)
+    print(f"recorded in {args.build / 'report.md'}")
+    return 0
+
+
+def _print_accuracy(accuracy: dict) -> None:
+    print(f"{accuracy['dataset']}: {accuracy['questions']} questions")
+    for r in accuracy["results"]:
+        print(f"  {r['backend']:12s} accuracy {100 * r['accuracy']:5.1f}%  ({r['correct']}/{r['questions']}, "
+              f"{r['seconds']:.1f} s)")
+    print(f"  answers that differ between backends: {len(accuracy['disagreements'])}")
+
+
+def _cmd_demo(args, progress) -> int:
+    from .build import BuildOptions
+    from .demo.build_demo import build_demo
+    from .evaluate import evaluate_build
+
+    options = BuildOptions(max_batch=args.max_batch, max_images=args.max_images, max_sequence=args.max_sequence,
+                           parity_new_tokens=args.parity_tokens, threads=args.threads, force=args.force)
+    result = build_demo(args.out, options, progress)
+    _print_summary(result.path, result.manifest)
+    if args.eval_limit > 0:
+        _print_accuracy(evaluate_build(result.path, "easy-vqa", "test", args.eval_limit,
+                                       threads=args.threads, progress=progress))
+    print(f'try: vlm-export generate {args.out} --image <easy-vqa image> --prompt "What shape is in the image?"')
+    return 0
+
+
 def _cmd_adapters(args, progress) -> int:
     from .adapters import registered
 
@@ -142,7 +201,8 @@ def _cmd_adapters(args, progress) -> int:
     return 0
 
 
-COMMANDS = {"build": _cmd_build, "generate": _cmd_generate, "verify": _cmd_verify, "adapters": _cmd_adapters}
+COMMANDS = {"build": _cmd_build, "generate": _cmd_generate, "verify": _cmd_verify, "eval": _cmd_eval,
+            "demo": _cmd_demo, "adapters": _cmd_adapters}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ itself faithful, not only the export of our split modules.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -114,3 +115,8 @@ def compare_tokens(reference_tokens: Callable[[list[int], np.ndarray | None, int
             got = list(generate_tokens(pipe, ids, pipe.image_embeds(pixel_values), config))
             result.tokens.setdefault(name, []).append(TokenMetrics(sample.prompt, expected, got))
         progress()
+
+
+def samples_from_items(items: Sequence) -> list[Sample]:
+    """Parity samples from VQA items (anything with .question and .image)."""
+    return [Sample(item.question, (item.image,), Path(item.image).name) for item in items]

@@ -33,6 +33,11 @@ def write_report(build_dir: Path, manifest: dict, result: ParityResult, policy: 
                  failures: list[str]) -> dict:
     report = report_dict(manifest, result, policy, failures)
     build_dir = Path(build_dir)
+    previous = build_dir / "report.json"
+    if previous.exists():  # a re-verify keeps the task accuracy measured earlier
+        accuracy = json.loads(previous.read_text()).get("task_accuracy")
+        if accuracy:
+            report["task_accuracy"] = accuracy
     (build_dir / "report.json").write_text(json.dumps(report, indent=2))
     (build_dir / "report.md").write_text(render_markdown(report))
     return report
@@ -59,6 +64,24 @@ def render_markdown(report: dict) -> str:
         for r in runs:
             first = "none (identical)" if r["identical"] else str(r["first_divergence"])
             lines.append(f"| {name} | {r['prompt']} | {len(r['candidate'])}/{len(r['reference'])} | {first} |")
+    if report.get("task_accuracy"):
+        acc = report["task_accuracy"]
+        lines += ["", f"## Task accuracy ({acc['dataset']}, {acc['questions']} questions, greedy, exact match)", "",
+                  "| backend | accuracy | correct | seconds |", "|---|---:|---:|---:|"]
+        for r in acc["results"]:
+            lines.append(f"| {r['backend']} | {100 * r['accuracy']:.1f}% | {r['correct']}/{r['questions']} | "
+                         f"{r['seconds']:.1f} |")
+        lines.append(f"\nAnswers that differ between backends: {len(acc['disagreements'])}")
     if report["failures"]:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in report["failures"]]
     return "\n".join(lines) + "\n"
+
+
+def record_accuracy(build_dir: Path, accuracy: dict) -> dict:
+    """Add (or replace) the task-accuracy section of an existing report."""
+    build_dir = Path(build_dir)
+    report = json.loads((build_dir / "report.json").read_text())
+    report["task_accuracy"] = accuracy
+    (build_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (build_dir / "report.md").write_text(render_markdown(report))
+    return report
