@@ -1,0 +1,32 @@
+"""Helpers shared by the Triton python models (imported from the installed vlm_export)."""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from pathlib import Path
+
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF")
+
+
+def model_dirs(args: dict) -> tuple[Path, Path, dict]:
+    """(model folder, version folder, parsed config) from the python backend's initialize args."""
+    model_dir = Path(args["model_repository"])
+    config = json.loads(args["model_config"])
+    return model_dir, model_dir / args["model_version"], config
+
+
+def parameter(config: dict, key: str, default: str = "") -> str:
+    return config.get("parameters", {}).get(key, {}).get("string_value", default)
+
+
+def image_payload(data: bytes) -> bytes:
+    """Encoded image bytes from raw bytes, base64 or a data URL (JSON clients cannot send raw bytes)."""
+    if data.startswith(b"data:"):
+        data = data.split(b",", 1)[-1]
+    elif data.startswith(IMAGE_MAGIC):
+        return data
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return data  # not base64 either: let the image decoder say what is wrong

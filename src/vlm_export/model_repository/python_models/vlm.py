@@ -1,0 +1,128 @@
+"""Triton python model ``vlm`` (decoupled): prompt + images -> streamed text.
+
+A thin shell over vlm_export's one generation loop. Images go through the ``image_encoder``
+ensemble (one BLS call per request). The decoder runs where the ``decoder_mode`` parameter
+says: ``in_process`` holds an ONNX Runtime session here, so a decode step crosses no model
+boundary; ``bls`` calls the ``lm_decoder`` model per step with the KV cache as tensors (for
+native onnxruntime / TensorRT decoders). Each request runs on its own thread, so one long
+generation does not hold up the others; a bad request gets an error response and the model
+keeps serving.
+"""
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from vlm_export.errors import InputError, VlmExportError
+from vlm_export.model_repository.python_models.common import model_dirs, parameter
+from vlm_export.runtime.generate import GenerationConfig, GenerationResult, stream
+from vlm_export.runtime.pipeline import KVSpec, Limits, VLMPipeline
+from vlm_export.runtime.prompt import PromptLayout
+from vlm_export.runtime.runners import OrtRunner, Runner
+
+MAX_WORKERS = 16
+
+
+class BlsRunner(Runner):
+    """The runner contract over a BLS call to another model of this server."""
+
+    backend = "triton-bls"
+
+    def infer(self, feeds):
+        request = pb_utils.InferenceRequest(
+            model_name=self.name, requested_output_names=self.output_names,
+            inputs=[pb_utils.Tensor(n, np.ascontiguousarray(feeds[n])) for n in self.input_names])
+        response = request.exec()
+        if response.has_error():
+            raise InputError(response.error().message())
+        return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in self.output_names}
+
+
+def _optional(request, name, default):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return default if tensor is None else tensor.as_numpy().reshape(-1)
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        model_dir, version_dir, config = model_dirs(args)
+        hf_logging.set_verbosity_error()
+        manifest = json.loads((version_dir / "manifest.json").read_text())
+        graphs = manifest["graphs"]["lm_decoder"]
+        if parameter(config, "decoder_mode", "in_process") == "in_process":
+            threads = int(parameter(config, "intra_op_threads", "0")) or None
+            decoder = OrtRunner("lm_decoder", model_dir.parent / "lm_decoder" / "1" / "model.onnx", threads=threads)
+        else:
+            decoder = BlsRunner("lm_decoder", [i["name"] for i in graphs["inputs"]],
+                                [o["name"] for o in graphs["outputs"]])
+        self.image_encoder = BlsRunner("image_encoder", ["images"], ["image_embeds"])
+        self.pipe = VLMPipeline(None, None, decoder, AutoTokenizer.from_pretrained(version_dir / "tokenizer"), None,
+                                PromptLayout.from_dict(manifest["prompt_layout"]), KVSpec(**manifest["kv_cache"]),
+                                Limits.from_dict(manifest["limits"]), manifest["generation"]["eos_token_ids"])
+        self.pool = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="vlm")
+
+    def execute(self, requests):
+        for request in requests:
+            self.pool.submit(self._serve, request)
+        return None
+
+    def _encode_images(self, images):
+        raw = np.array([[bytes(i)] for i in images], dtype=np.object_)
+        embeds = self.image_encoder.infer({"images": raw})["image_embeds"]
+        return embeds.reshape(-1, embeds.shape[-1])
+
+    def _serve(self, request):
+        sender = request.get_response_sender()
+        try:
+            prompt_raw = pb_utils.get_input_tensor_by_name(request, "prompt").as_numpy().reshape(-1)
+            if prompt_raw.size != 1:
+                raise InputError(f"prompt must hold exactly one string, got {prompt_raw.size}")
+            images = list(_optional(request, "images", []))
+            if len(images) > self.pipe.limits.max_images:
+                raise InputError(f"{len(images)} images given; this model takes at most "
+                                 f"{self.pipe.limits.max_images} per prompt")
+            seed = _optional(request, "seed", None)
+            config = GenerationConfig(
+                max_new_tokens=int(_optional(request, "max_tokens", [64])[0]),
+                temperature=float(_optional(request, "temperature", [0.0])[0]),
+                top_p=float(_optional(request, "top_p", [1.0])[0]),
+                seed=None if seed is None else int(seed[0]),
+                stop=tuple(_text(s) for s in _optional(request, "stop", [])),
+            )
+            streaming = bool(_optional(request, "stream", [False])[0])
+            for event in stream(self.pipe, _text(prompt_raw[0]), images, config, self._encode_images):
+                if isinstance(event, GenerationResult):
+                    text = "" if streaming else event.text
+                    sender.send(self._response(text, event.finish_reason, event.prompt_tokens,
+                                               event.completion_tokens),
+                                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                elif streaming:
+                    sender.send(self._response(event.text, "", 0, 0))
+        except VlmExportError as e:
+            self._fail(sender, str(e))
+        except Exception as e:  # never let one request take the model down
+            self._fail(sender, f"internal error: {type(e).__name__}: {e}")
+
+    @staticmethod
+    def _response(text, finish_reason, prompt_tokens, completion_tokens):
+        return pb_utils.InferenceResponse([
+            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("finish_reason", np.array([finish_reason.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("prompt_tokens", np.array([prompt_tokens], dtype=np.int32)),
+            pb_utils.Tensor("completion_tokens", np.array([completion_tokens], dtype=np.int32)),
+        ])
+
+    @staticmethod
+    def _fail(sender, message):
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def finalize(self):
+        self.pool.shutdown(wait=True)

@@ -1,0 +1,263 @@
+"""Render a Triton model repository from a build manifest.
+
+Every config is built as a dict from the manifest, parsed into Triton's own schema
+(``tritonclient.grpc.model_config_pb2.ModelConfig``; an unknown or misspelt field fails loudly,
+and there are no template placeholders to leave unfilled), checked against the ONNX graphs'
+tensor names, dtypes and dims, and only then written as ``config.pbtxt``.
+
+Layout (the same for every target; only the three graph models change backend)::
+
+    preprocess/      python: encoded image bytes -> pixel_values
+    vision_encoder/  python (onnxruntime inside) | onnxruntime_onnx | tensorrt_plan
+    projector/       same choice
+    image_encoder/   ensemble: preprocess -> vision_encoder -> projector
+    lm_decoder/      same choice as the encoders; KV cache in and out
+    vlm/             python, decoupled: prompt + images -> streamed text (the generation loop)
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import RepositoryError
+from ..manifest import read_manifest, write_manifest
+
+TARGETS = ("python", "onnxruntime", "tensorrt")
+GRAPH_STAGES = ("vision_encoder", "projector", "lm_decoder")
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
+                 "int32": "TYPE_INT32", "bool": "TYPE_BOOL", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}
+PYTHON_MODELS = Path(__file__).parent / "python_models"
+# where the vlm model runs the decoder: in its own process (no model boundary per token) or via BLS
+DECODER_MODES = ("in_process", "bls")
+
+#: the vlm model's request and response, shared by the renderer, the model and the client
+VLM_INPUTS = [
+    {"name": "prompt", "data_type": "TYPE_STRING", "dims": [1]},
+    {"name": "images", "data_type": "TYPE_STRING", "dims": [-1], "optional": True},
+    {"name": "max_tokens", "data_type": "TYPE_INT32", "dims": [1], "optional": True},
+    {"name": "temperature", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
+    {"name": "top_p", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
+    {"name": "seed", "data_type": "TYPE_INT64", "dims": [1], "optional": True},
+    {"name": "stop", "data_type": "TYPE_STRING", "dims": [-1], "optional": True},
+    {"name": "stream", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
+]
+VLM_OUTPUTS = [
+    {"name": "text_output", "data_type": "TYPE_STRING", "dims": [1]},
+    {"name": "finish_reason", "data_type": "TYPE_STRING", "dims": [1]},
+    {"name": "prompt_tokens", "data_type": "TYPE_INT32", "dims": [1]},
+    {"name": "completion_tokens", "data_type": "TYPE_INT32", "dims": [1]},
+]
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    target: str = "python"
+    instances: int = 1  # per graph model
+    vlm_instances: int = 1
+    max_queue_delay_us: int = 500  # dynamic batching window of the image path
+    decoder_mode: str | None = None  # default: in_process for python, bls for native backends
+    threads: int | None = None  # onnxruntime intra-op threads inside python models
+    env_path: str | None = None  # EXECUTION_ENV_PATH for python models (default: this interpreter's venv)
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise RepositoryError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if self.decoder_mode not in (None, *DECODER_MODES):
+            raise RepositoryError(f"unknown decoder mode {self.decoder_mode!r}; choose one of {', '.join(DECODER_MODES)}")
+        if self.decoder_mode == "in_process" and self.target != "python":
+            raise RepositoryError("decoder_mode in_process needs the python target (the decoder runs in the vlm model)")
+        if min(self.instances, self.vlm_instances) < 1 or self.max_queue_delay_us < 0:
+            raise RepositoryError("instances must be >= 1 and the queue delay >= 0")
+
+    @property
+    def resolved_decoder_mode(self) -> str:
+        return self.decoder_mode or ("in_process" if self.target == "python" else "bls")
+
+
+def _dims(shape: list, batched: bool) -> list[int]:
+    dims = [d if isinstance(d, int) else -1 for d in shape]
+    return dims[1:] if batched else dims
+
+
+def _tensors(infos: list[dict], batched: bool) -> list[dict]:
+    return [{"name": i["name"], "data_type": TRITON_DTYPES[i["dtype"]], "dims": _dims(i["shape"], batched)}
+            for i in infos]
+
+
+def _python_params(options: RepositoryOptions, **extra: str) -> dict:
+    env = options.env_path or sys.prefix
+    params = {"EXECUTION_ENV_PATH": {"string_value": env}}
+    params.update({k: {"string_value": str(v)} for k, v in extra.items()})
+    return params
+
+
+def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]:
+    """Every model's config as a dict in Triton's schema (JSON field names)."""
+    limits = manifest["limits"]
+    image_batch = limits["max_images_per_batch"]
+    graphs = manifest["graphs"]
+    configs: dict[str, dict] = {}
+    for stage in GRAPH_STAGES:
+        batched = stage != "lm_decoder"  # KV shapes differ per request: the decoder is not batched by Triton
+        cfg = {
+            "name": stage,
+            "max_batch_size": image_batch if batched else 0,
+            "input": _tensors(graphs[stage]["inputs"], batched),
+            "output": _tensors(graphs[stage]["outputs"], batched),
+            "instance_group": [{"kind": "KIND_GPU" if options.target == "tensorrt" else "KIND_CPU",
+                                "count": options.instances}],
+        }
+        if batched:
+            cfg["dynamic_batching"] = {"max_queue_delay_microseconds": options.max_queue_delay_us}
+        if options.target == "python":
+            cfg["backend"] = "python"
+            cfg["parameters"] = _python_params(options, intra_op_threads=options.threads or 0)
+        elif options.target == "onnxruntime":
+            cfg["platform"] = "onnxruntime_onnx"
+        else:
+            cfg["platform"] = "tensorrt_plan"
+        configs[stage] = cfg
+
+    vision_in = configs["vision_encoder"]["input"][0]
+    configs["preprocess"] = {
+        "name": "preprocess",
+        "backend": "python",
+        "max_batch_size": image_batch,
+        "input": [{"name": "images", "data_type": "TYPE_STRING", "dims": [1]}],
+        "output": [{**vision_in, "name": "pixel_values"}],
+        "instance_group": [{"kind": "KIND_CPU", "count": options.instances}],
+        "dynamic_batching": {"max_queue_delay_microseconds": options.max_queue_delay_us},
+        "parameters": _python_params(options),
+    }
+    embeds = configs["projector"]["output"][0]
+    configs["image_encoder"] = {
+        "name": "image_encoder",
+        "platform": "ensemble",
+        "max_batch_size": image_batch,
+        "input": [{"name": "images", "data_type": "TYPE_STRING", "dims": [1]}],
+        "output": [embeds],
+        "ensemble_scheduling": {"step": [
+            {"model_name": "preprocess", "model_version": -1,
+             "input_map": {"images": "images"}, "output_map": {"pixel_values": "pixel_values"}},
+            {"model_name": "vision_encoder", "model_version": -1,
+             "input_map": {"pixel_values": "pixel_values"}, "output_map": {"image_features": "image_features"}},
+            {"model_name": "projector", "model_version": -1,
+             "input_map": {"image_features": "image_features"}, "output_map": {"image_embeds": embeds["name"]}},
+        ]},
+    }
+    configs["vlm"] = {
+        "name": "vlm",
+        "backend": "python",
+        "max_batch_size": 0,
+        "input": VLM_INPUTS,
+        "output": VLM_OUTPUTS,
+        "model_transaction_policy": {"decoupled": True},
+        "instance_group": [{"kind": "KIND_CPU", "count": options.vlm_instances}],
+        "parameters": _python_params(options, decoder_mode=options.resolved_decoder_mode,
+                                     intra_op_threads=options.threads or 0),
+    }
+    return configs
+
+
+def parse_config(cfg: dict):
+    """Into Triton's ModelConfig message; RepositoryError naming the model on any schema error."""
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        return json_format.ParseDict(cfg, model_config_pb2.ModelConfig())
+    except json_format.ParseError as e:
+        raise RepositoryError(f"config of model {cfg.get('name')!r} does not fit Triton's schema: {e}") from None
+
+
+def to_pbtxt(cfg: dict) -> str:
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(parse_config(cfg))
+
+
+def check_against_graphs(configs: dict[str, dict], manifest: dict) -> None:
+    """Tensor names, dtypes and dims of the graph models against the ONNX graphs' own I/O."""
+    problems = []
+    for stage in GRAPH_STAGES:
+        cfg = configs[stage]
+        batched = cfg["max_batch_size"] > 0
+        graph = manifest["graphs"][stage]
+        for kind, infos in (("input", graph["inputs"]), ("output", graph["outputs"])):
+            declared = {t["name"]: t for t in cfg[kind]}
+            actual = {i["name"]: i for i in infos}
+            if set(declared) != set(actual):
+                problems.append(f"{stage} {kind}s {sorted(declared)} != graph {sorted(actual)}")
+                continue
+            for name, info in actual.items():
+                t = declared[name]
+                if t["data_type"] != TRITON_DTYPES[info["dtype"]]:
+                    problems.append(f"{stage}.{name}: {t['data_type']} != graph {info['dtype']}")
+                shape = info["shape"][1:] if batched else info["shape"]
+                if len(t["dims"]) != len(shape) or any(
+                        isinstance(g, int) and d not in (g, -1) or not isinstance(g, int) and d != -1
+                        for d, g in zip(t["dims"], shape)):
+                    problems.append(f"{stage}.{name}: dims {t['dims']} do not fit graph shape {info['shape']}")
+    if problems:
+        raise RepositoryError("Triton configs disagree with the ONNX graphs: " + "; ".join(problems))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)  # graphs can be hundreds of MB: share the bytes when on one file system
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | None = None,
+                      force: bool = False) -> Path:
+    """Write the repository atomically (temporary folder, then rename)."""
+    options = options or RepositoryOptions()
+    build_dir, out = Path(build_dir), Path(out).absolute()
+    manifest = read_manifest(build_dir)
+    configs = model_configs(manifest, options)
+    check_against_graphs(configs, manifest)
+    pbtxt = {name: to_pbtxt(cfg) for name, cfg in configs.items()}
+    if options.target == "tensorrt" and not manifest.get("engines"):
+        raise RepositoryError(f"{build_dir} has no TensorRT engines; build them on a GPU machine with TensorRT "
+                              "first (the python and onnxruntime targets run without)")
+    if out.exists() and not force:
+        raise RepositoryError(f"{out} already exists; pass --force to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as e:
+        raise RepositoryError(f"cannot write {out}: {e.strerror}") from None
+    try:
+        for name, text in pbtxt.items():
+            (tmp / name / "1").mkdir(parents=True)
+            (tmp / name / "config.pbtxt").write_text(text)
+        for stage in GRAPH_STAGES:
+            graph = build_dir / manifest["graphs"][stage]["file"]
+            if options.target == "tensorrt":
+                _link_or_copy(build_dir / manifest["engines"][stage]["file"], tmp / stage / "1" / "model.plan")
+                continue
+            _link_or_copy(graph, tmp / stage / "1" / "model.onnx")
+            data = graph.with_name(graph.name + ".data")
+            if data.exists():  # external data keeps its file name, which the graph refers to
+                _link_or_copy(data, tmp / stage / "1" / data.name)
+            if options.target == "python":
+                shutil.copy2(PYTHON_MODELS / "stage.py", tmp / stage / "1" / "model.py")
+        shutil.copy2(PYTHON_MODELS / "preprocess.py", tmp / "preprocess" / "1" / "model.py")
+        shutil.copytree(build_dir / manifest["tokenizer"], tmp / "preprocess" / "1" / "processor")
+        shutil.copy2(PYTHON_MODELS / "vlm.py", tmp / "vlm" / "1" / "model.py")
+        shutil.copytree(build_dir / manifest["tokenizer"], tmp / "vlm" / "1" / "tokenizer")
+        write_manifest(tmp / "vlm" / "1", {k: v for k, v in manifest.items() if k not in ("format", "version")})
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
