@@ -102,6 +102,47 @@ def _parser() -> argparse.ArgumentParser:
                    help="easy-vqa test questions to evaluate after the build (0 to skip; default 50)")
     _add_build_limits(p)
 
+    p = sub.add_parser("repository", help="render a Triton model repository from a build",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  vlm-export repository build/demo --target python --out repo/demo")
+    p.add_argument("build", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--target", choices=("python", "onnxruntime", "tensorrt"), default="python",
+                   help="python: onnxruntime inside python models, loads on any Triton incl. the CPU one in "
+                        "nvidia-pytriton (default); onnxruntime / tensorrt: Triton's native backends")
+    p.add_argument("--instances", type=_positive_int, default=1, help="instances per graph model")
+    p.add_argument("--vlm-instances", type=_positive_int, default=1)
+    p.add_argument("--max-queue-delay-us", type=int, default=500, help="dynamic batching window of the image path")
+    p.add_argument("--decoder-mode", choices=("in_process", "bls"), default=None,
+                   help="where the vlm model runs decode steps (default: in_process for python, bls otherwise)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime threads inside python models")
+    p.add_argument("--force", action="store_true")
+
+    p = sub.add_parser("serve", help="start a local Triton server on a model repository (Ctrl-C stops it)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  vlm-export serve repo/demo --http-port 8000 --grpc-port 8001")
+    p.add_argument("repository", type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--log-file", type=Path, default=None)
+
+    p = sub.add_parser("ask", help="ask a served vlm model (HTTP or gRPC, streaming or not)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog='examples:\n  vlm-export ask --url http://127.0.0.1:8000 --image cat.png --prompt "What is it?"\n'
+                              '  vlm-export ask --url grpc://127.0.0.1:8001 --image cat.png --prompt "Describe it." --stream')
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="http://HOST:PORT or grpc://HOST:PORT")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", type=Path, action="append", default=[])
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[])
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--model", default="vlm")
+
     sub.add_parser("adapters", help="list the supported architectures")
     return parser
 
@@ -193,6 +234,48 @@ def _cmd_demo(args, progress) -> int:
     return 0
 
 
+def _cmd_repository(args, progress) -> int:
+    from .model_repository.render import RepositoryOptions, render_repository
+
+    options = RepositoryOptions(target=args.target, instances=args.instances, vlm_instances=args.vlm_instances,
+                                max_queue_delay_us=args.max_queue_delay_us, decoder_mode=args.decoder_mode,
+                                threads=args.threads)
+    with progress.step(f"rendering the {args.target} repository") as advance:
+        out = render_repository(args.build, args.out, options, force=args.force)
+        advance()
+    print(f"model repository written to {out}")
+    print(f"serve it: vlm-export serve {args.out}")
+    return 0
+
+
+def _cmd_serve(args, progress) -> int:
+    from .serve.server import serve_forever
+
+    return serve_forever(args.repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                         metrics_port=args.metrics_port, log_file=args.log_file)
+
+
+def _cmd_ask(args, progress) -> int:
+    from .client.client import VLMClient
+
+    client = VLMClient(args.url, model=args.model)
+    params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                  stop=tuple(args.stop))
+    if args.stream:
+        for event in client.stream(args.prompt, args.image, **params):
+            if isinstance(event, str):
+                print(event, end="", flush=True)
+            else:
+                final = event
+        print()
+    else:
+        final = client.generate(args.prompt, args.image, **params)
+        print(final.text)
+    print(f"[{final.completion_tokens} tokens, prompt {final.prompt_tokens}, finish: {final.finish_reason}]",
+          file=sys.stderr)
+    return 0
+
+
 def _cmd_adapters(args, progress) -> int:
     from .adapters import registered
 
@@ -202,7 +285,8 @@ def _cmd_adapters(args, progress) -> int:
 
 
 COMMANDS = {"build": _cmd_build, "generate": _cmd_generate, "verify": _cmd_verify, "eval": _cmd_eval,
-            "demo": _cmd_demo, "adapters": _cmd_adapters}
+            "demo": _cmd_demo, "repository": _cmd_repository, "serve": _cmd_serve, "ask": _cmd_ask,
+            "adapters": _cmd_adapters}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,3 +54,7 @@ class RepositoryError(VlmExportError):
 
 class ServeError(VlmExportError):
     """tritonserver could not be found, started or reached."""
+
+
+class RequestError(VlmExportError):
+    """The server answered a request with an error (bad input, or the server could not serve it)."""

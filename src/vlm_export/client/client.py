@@ -1,0 +1,160 @@
+"""Client for the served ``vlm`` model: HTTP (Triton's generate / generate_stream endpoints)
+and gRPC (tritonclient's bidirectional stream), streaming or not, images from files or bytes.
+
+    client = VLMClient("http://127.0.0.1:8000")
+    print(client.generate("What is in the picture?", ["cat.png"]).text)
+    for piece in client.stream("Describe it.", ["cat.png"]):
+        print(piece, end="")
+"""
+from __future__ import annotations
+
+import base64
+import json
+import queue
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+from urllib.parse import urlparse
+
+import numpy as np
+
+from ..errors import InputError, RequestError, ServeError
+
+Image = Union[str, Path, bytes]
+
+
+@dataclass
+class VLMResponse:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _image_bytes(image: Image) -> bytes:
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    try:
+        return Path(image).read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read image {image}: {e.strerror}") from None
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """('http'|'grpc', 'host:port'); a bare host:port means HTTP."""
+    parsed = urlparse(url if "://" in url else f"http://{url}")
+    if parsed.scheme not in ("http", "grpc"):
+        raise InputError(f"unsupported URL scheme {parsed.scheme!r} in {url}; use http://HOST:PORT or grpc://HOST:PORT")
+    if not parsed.hostname or not parsed.port:
+        raise InputError(f"{url} lacks a host and port, e.g. http://127.0.0.1:8000")
+    return parsed.scheme, f"{parsed.hostname}:{parsed.port}"
+
+
+class VLMClient:
+    def __init__(self, url: str, model: str = "vlm", timeout: float = 300.0):
+        self.protocol, self.address = parse_url(url)
+        self.model, self.timeout = model, timeout
+
+    # ---- public API ----------------------------------------------------------------------
+    def generate(self, prompt: str, images: Sequence[Image] = (), **params) -> VLMResponse:
+        """The whole answer in one response."""
+        final = None
+        for event in self._events(prompt, images, stream=False, **params):
+            final = event
+        return final
+
+    def stream(self, prompt: str, images: Sequence[Image] = (), **params) -> Iterator[str | VLMResponse]:
+        """Text pieces as they are generated, then the final VLMResponse (text empty; join the pieces)."""
+        yield from self._events(prompt, images, stream=True, **params)
+
+    # ---- transport -----------------------------------------------------------------------
+    def _events(self, prompt, images, stream, max_tokens=64, temperature=0.0, top_p=1.0, seed=None, stop=()):
+        request = {"prompt": prompt, "images": [_image_bytes(i) for i in images], "max_tokens": max_tokens,
+                   "temperature": temperature, "top_p": top_p, "seed": seed, "stop": list(stop), "stream": stream}
+        events = self._http(request) if self.protocol == "http" else self._grpc(request)
+        for fields in events:
+            if fields["finish_reason"]:
+                yield VLMResponse(fields["text_output"], fields["finish_reason"], int(fields["prompt_tokens"]),
+                                  int(fields["completion_tokens"]))
+                return
+            yield fields["text_output"]
+        raise RequestError("the server closed the stream without a final response")
+
+    def _http(self, request: dict) -> Iterator[dict]:
+        body = {k: request[k] for k in ("prompt", "max_tokens", "temperature", "top_p", "stream")}
+        if request["images"]:  # JSON carries no raw bytes: the server accepts base64
+            body["images"] = [base64.b64encode(i).decode("ascii") for i in request["images"]]
+        if request["seed"] is not None:
+            body["seed"] = request["seed"]
+        if request["stop"]:
+            body["stop"] = request["stop"]
+        endpoint = "generate_stream" if request["stream"] else "generate"
+        req = urllib.request.Request(f"http://{self.address}/v2/models/{self.model}/{endpoint}",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                if not request["stream"]:
+                    yield json.loads(resp.read())
+                    return
+                for line in resp:  # server-sent events: "data: {...}" lines
+                    line = line.strip()
+                    if line.startswith(b"data:"):
+                        event = json.loads(line[5:])
+                        if "error" in event:
+                            raise RequestError(event["error"])
+                        yield event
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.loads(e.read()).get("error", e.reason)
+            except ValueError:
+                message = e.reason
+            raise RequestError(message) from None
+        except urllib.error.URLError as e:
+            raise ServeError(f"cannot reach {self.address}: {e.reason}; is `vlm-export serve` running?") from None
+
+    def _grpc(self, request: dict) -> Iterator[dict]:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        def tensor(name, array, dtype):
+            t = grpcclient.InferInput(name, list(array.shape), dtype)
+            t.set_data_from_numpy(array)
+            return t
+
+        inputs = [tensor("prompt", np.array([request["prompt"].encode()], dtype=np.object_), "BYTES"),
+                  tensor("max_tokens", np.array([request["max_tokens"]], dtype=np.int32), "INT32"),
+                  tensor("temperature", np.array([request["temperature"]], dtype=np.float32), "FP32"),
+                  tensor("top_p", np.array([request["top_p"]], dtype=np.float32), "FP32"),
+                  tensor("stream", np.array([request["stream"]], dtype=bool), "BOOL")]
+        if request["images"]:
+            inputs.append(tensor("images", np.array(request["images"], dtype=np.object_), "BYTES"))
+        if request["seed"] is not None:
+            inputs.append(tensor("seed", np.array([request["seed"]], dtype=np.int64), "INT64"))
+        if request["stop"]:
+            inputs.append(tensor("stop", np.array([s.encode() for s in request["stop"]], dtype=np.object_), "BYTES"))
+        results: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(self.address)
+        try:
+            client.start_stream(callback=lambda result, error: results.put((result, error)))
+            client.async_stream_infer(self.model, inputs)
+            while True:
+                try:
+                    result, error = results.get(timeout=self.timeout)
+                except queue.Empty:
+                    raise RequestError(f"no response from {self.model} within {self.timeout:.0f} s") from None
+                if error is not None:
+                    message = error.message() if isinstance(error, InferenceServerException) else str(error)
+                    if "failed to connect" in message.lower() or "unavailable" in message.lower():
+                        raise ServeError(f"cannot reach {self.address}: {message}")
+                    raise RequestError(message)
+                fields = {name: result.as_numpy(name).reshape(-1)[0] for name in
+                          ("text_output", "finish_reason", "prompt_tokens", "completion_tokens")}
+                fields = {k: v.decode() if isinstance(v, bytes) else v for k, v in fields.items()}
+                yield fields
+                if fields["finish_reason"]:
+                    return
+        finally:
+            client.stop_stream(cancel_requests=True)
+            client.close()
