@@ -81,7 +81,9 @@ class TritonPythonModel:
     def _serve(self, request):
         sender = request.get_response_sender()
         try:
-            prompt_raw = pb_utils.get_input_tensor_by_name(request, "prompt").as_numpy().reshape(-1)
+            prompt_raw = _optional(request, "prompt", None)
+            if prompt_raw is None:
+                raise InputError("the request has no prompt; send a 'prompt' string")
             if prompt_raw.size != 1:
                 raise InputError(f"prompt must hold exactly one string, got {prompt_raw.size}")
             images = list(_optional(request, "images", []))

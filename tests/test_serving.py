@@ -1,0 +1,196 @@
+"""The served path: a real tritonserver (the one in nvidia-pytriton) on free ports, the python
+target of a tiny build, real HTTP and gRPC clients."""
+from __future__ import annotations
+
+import base64
+import json
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from vlm_export.client.client import VLMClient, VLMResponse
+from vlm_export.errors import RepositoryError, RequestError
+from vlm_export.model_repository.render import (RepositoryOptions, check_against_graphs, model_configs,
+                                                parse_config, render_repository, to_pbtxt)
+from vlm_export.runtime.generate import GenerationConfig, generate
+from vlm_export.runtime.load import open_build
+from vlm_export.serve.server import TritonServer
+
+PROMPTS = ["What is in the picture?", "Describe the colors.", "Is there an animal?"]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    from skimage import data
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for name in ("chelsea", "coffee", "astronaut"):
+        path = folder / f"{name}.png"
+        Image.fromarray(getattr(data, name)()).resize((96, 96)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def served(tiny_build, tmp_path_factory):
+    build = tiny_build("llava-llama").path
+    repo = render_repository(build, tmp_path_factory.mktemp("repo") / "repo", RepositoryOptions(vlm_instances=1))
+    with TritonServer(repo, log_file=tmp_path_factory.mktemp("log") / "triton.log") as server:
+        yield build, server
+
+
+@pytest.mark.parametrize("target", ["python", "onnxruntime", "tensorrt"])
+def test_configs_fit_schema_and_graphs(tiny_build, target):
+    manifest = json.loads((tiny_build("llava-llama").path / "manifest.json").read_text())
+    configs = model_configs(manifest, RepositoryOptions(target=target))
+    check_against_graphs(configs, manifest)
+    for cfg in configs.values():
+        parsed = parse_config(cfg)
+        assert parsed.name == cfg["name"]
+    assert configs["vision_encoder"]["max_batch_size"] == manifest["limits"]["max_images_per_batch"]
+    assert configs["lm_decoder"]["max_batch_size"] == 0
+    platform = {"python": None, "onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}[target]
+    assert configs["lm_decoder"].get("platform") == platform
+    assert "decoupled: true" in to_pbtxt(configs["vlm"])
+
+
+def test_config_errors_are_loud(tiny_build, tmp_path):
+    manifest = json.loads((tiny_build("llava-llama").path / "manifest.json").read_text())
+    configs = model_configs(manifest, RepositoryOptions())
+    with pytest.raises(RepositoryError, match="schema"):
+        parse_config({**configs["vlm"], "max_batchsize": 3})
+    configs["projector"]["output"][0]["dims"] = [5, 7]
+    with pytest.raises(RepositoryError, match="projector.image_embeds"):
+        check_against_graphs(configs, manifest)
+    with pytest.raises(RepositoryError, match="no TensorRT engines"):
+        render_repository(tiny_build("llava-llama").path, tmp_path / "trt", RepositoryOptions(target="tensorrt"))
+    assert not (tmp_path / "trt").exists()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_served_answers_equal_in_process(served, photos, protocol):
+    build, server = served
+    pipe = open_build(build)
+    url = f"http://{server.http_url}" if protocol == "http" else f"grpc://{server.grpc_url}"
+    client = VLMClient(url)
+    for prompt, image in zip(PROMPTS, photos):
+        expected = generate(pipe, prompt, [image], GenerationConfig(max_new_tokens=12))
+        got = client.generate(prompt, [image], max_tokens=12)
+        assert got.text == expected.text
+        assert (got.completion_tokens, got.prompt_tokens, got.finish_reason) == (
+            expected.completion_tokens, expected.prompt_tokens, expected.finish_reason)
+    # text only, and two images
+    expected = generate(pipe, "Hello there", [], GenerationConfig(max_new_tokens=6))
+    assert client.generate("Hello there", max_tokens=6).text == expected.text
+    expected = generate(pipe, "Compare them.", photos[:2], GenerationConfig(max_new_tokens=6))
+    assert client.generate("Compare them.", photos[:2], max_tokens=6).text == expected.text
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_streaming_equals_non_streaming(served, photos, protocol):
+    _, server = served
+    client = VLMClient(f"http://{server.http_url}" if protocol == "http" else f"grpc://{server.grpc_url}")
+    whole = client.generate(PROMPTS[0], [photos[0]], max_tokens=10, stop=("xyz",))
+    events = list(client.stream(PROMPTS[0], [photos[0]], max_tokens=10, stop=("xyz",)))
+    pieces, final = events[:-1], events[-1]
+    assert isinstance(final, VLMResponse) and all(isinstance(p, str) for p in pieces)
+    assert len(pieces) > 1
+    assert "".join(pieces) == whole.text
+    assert final.completion_tokens == whole.completion_tokens == 10
+
+
+def test_seeded_sampling_is_reproducible_when_served(served):
+    _, server = served
+    client = VLMClient(f"grpc://{server.grpc_url}")
+    a = client.generate("Tell me a story.", max_tokens=8, temperature=1.2, seed=11)
+    b = client.generate("Tell me a story.", max_tokens=8, temperature=1.2, seed=11)
+    assert a.text == b.text
+
+
+def test_concurrent_clients_all_correct(served, photos):
+    build, server = served
+    pipe = open_build(build)
+    jobs = [(PROMPTS[i % 3], photos[i % 3], "http" if i % 2 else "grpc") for i in range(8)]
+    expected = {(p, str(img)): generate(pipe, p, [img], GenerationConfig(max_new_tokens=8)).text
+                for p, img, _ in jobs}
+
+    def ask(job):
+        prompt, image, protocol = job
+        url = f"http://{server.http_url}" if protocol == "http" else f"grpc://{server.grpc_url}"
+        return VLMClient(url).generate(prompt, [image], max_tokens=8).text
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, jobs))
+    assert answers == [expected[(p, str(img))] for p, img, _ in jobs]
+
+
+def _post(server, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://{server.http_url}/v2/models/vlm/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_bad_requests_get_errors_and_server_keeps_serving(served, photos):
+    _, server = served
+    client = VLMClient(f"grpc://{server.grpc_url}")
+    png = base64.b64encode(photos[0].read_bytes()).decode()
+    bad = {
+        "undecodable image": ({"prompt": "hi", "images": [base64.b64encode(b"not an image").decode()]}, "cannot decode"),
+        "empty prompt": ({"prompt": ""}, "empty"),
+        "prompt over the limit": ({"prompt": "word " * 400, "max_tokens": 8}, "max_sequence"),
+        "too many images": ({"prompt": "hi", "images": [png] * 3}, "at most 2"),
+        "max_tokens out of range": ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        "max_tokens too large": ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
+        "no prompt": ({"images": [png]}, "prompt"),
+        "wrong shape": ({"prompt": ["a", "b"]}, "prompt"),
+    }
+    for name, (body, needle) in bad.items():
+        status, answer = _post(server, body)
+        assert status == 400 and "error" in answer, (name, status, answer)
+        assert needle.lower() in answer["error"].lower(), (name, answer)
+        # still healthy, still right
+        assert server.is_ready()
+        assert client.generate("Hello there", max_tokens=3).completion_tokens == 3
+    with pytest.raises(RequestError, match="cannot decode"):
+        client.generate("hi", [b"\x89PNG broken"], max_tokens=3)
+    # wrong dtype, over gRPC with a real typed tensor: Triton itself rejects it before the model runs
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    raw = grpcclient.InferenceServerClient(server.grpc_url)
+    prompt = grpcclient.InferInput("prompt", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([b"hi"], dtype=np.object_))
+    tokens = grpcclient.InferInput("max_tokens", [1], "FP32")
+    tokens.set_data_from_numpy(np.array([4.0], dtype=np.float32))
+    errors = []
+    raw.start_stream(callback=lambda result, error: errors.append(error))
+    raw.async_stream_infer("vlm", [prompt, tokens])
+    raw.stop_stream()
+    raw.close()
+    assert isinstance(errors[0], InferenceServerException) and "max_tokens" in errors[0].message()
+    assert "INT32" in errors[0].message()
+    assert client.generate("Hello there", max_tokens=3).completion_tokens == 3
+    # no image is fine: the prompt is answered as text only
+    status, answer = _post(server, {"prompt": "hi", "max_tokens": 2})
+    assert status == 200 and answer["completion_tokens"] == 2
+
+
+def test_server_stops_cleanly(tiny_build, tmp_path):
+    repo = render_repository(tiny_build("prefix-llama").path, tmp_path / "repo")
+    server = TritonServer(repo, log_file=tmp_path / "log.txt").start()
+    answer = VLMClient(f"grpc://{server.grpc_url}").generate("Hi", max_tokens=2)
+    assert answer.completion_tokens == 2
+    pid = server.pid
+    server.stop()
+    assert not server.running
+    import os
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
