@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, RichProgress())
     except VlmExportError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one line; details (e.g. a server log excerpt) stay in the files the message names
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

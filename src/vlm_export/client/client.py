@@ -135,7 +135,8 @@ class VLMClient:
         if request["stop"]:
             inputs.append(tensor("stop", np.array([s.encode() for s in request["stop"]], dtype=np.object_), "BYTES"))
         results: queue.Queue = queue.Queue()
-        client = grpcclient.InferenceServerClient(self.address)
+        # tritonclient's gRPC would route even 127.0.0.1 through an http_proxy from the environment
+        client = grpcclient.InferenceServerClient(self.address, channel_args=[("grpc.enable_http_proxy", 0)])
         try:
             client.start_stream(callback=lambda result, error: results.put((result, error)))
             client.async_stream_infer(self.model, inputs)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +60,9 @@ class RepositoryOptions:
     max_queue_delay_us: int = 500  # dynamic batching window of the image path
     decoder_mode: str | None = None  # default: in_process for python, bls for native backends
     threads: int | None = None  # onnxruntime intra-op threads inside python models
-    env_path: str | None = None  # EXECUTION_ENV_PATH for python models (default: this interpreter's venv)
+    # EXECUTION_ENV_PATH for python models. None keeps configs portable (e.g. to NVIDIA's container);
+    # `vlm-export serve` puts this venv first on the server's PATH, which the stub follows.
+    env_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -89,8 +90,7 @@ def _tensors(infos: list[dict], batched: bool) -> list[dict]:
 
 
 def _python_params(options: RepositoryOptions, **extra: str) -> dict:
-    env = options.env_path or sys.prefix
-    params = {"EXECUTION_ENV_PATH": {"string_value": env}}
+    params = {"EXECUTION_ENV_PATH": {"string_value": options.env_path}} if options.env_path else {}
     params.update({k: {"string_value": str(v)} for k, v in extra.items()})
     return params
 

@@ -116,6 +116,7 @@ def stream(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput] = (),
     ``encode_images`` replaces the in-process vision path (the Triton model calls its ensemble).
     """
     input_ids = pipe.prompt_ids(prompt, len(images))
+    pipe.check_length(len(input_ids), config.max_new_tokens)  # before any image work
     if not images:
         image_embeds = pipe.image_embeds(None)
     else:

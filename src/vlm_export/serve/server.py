@@ -1,0 +1,489 @@
+"""Start and stop a real local ``tritonserver``.
+
+The binary is ``tritonserver`` on PATH (NVIDIA's container) or, failing that, the one shipped in
+the ``nvidia-pytriton`` wheel. That one needs what the wheel does not arrange by itself (see
+``NOTES.md``): a backend folder where the python-backend stub for *this* Python sits beside
+``libtriton_python.so``; ``LD_LIBRARY_PATH`` with the wheel's bundled libraries and the Python
+shared library; and a stub that imports from *this* environment (numpy<2, vlm_export) rather than
+the base interpreter's, which we get by putting ``sys.prefix/bin`` first on the server's PATH.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from vlm_export.errors import ServeError
+
+PYTRITON_PIN = "nvidia-pytriton==0.7.0"
+_LOG_TAIL_LINES = 25
+_KILL_GRACE_S = 10.0  # beyond Triton's own exit timeout, before SIGKILL
+_METRICS_WAIT_S = 5.0
+_SETTLE_S = 0.3  # after the metrics service started: Triton exits within ms if its port is taken
+# Our own server is local: an http_proxy in the environment must not route the health check.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# Error lines Triton prints on every start on a machine without a GPU.
+_HARMLESS = ("CudaDriverHelper", "NVML", "DCGM", "pinned memory")
+
+
+# --------------------------------------------------------------------------- the binary
+
+
+class TritonBinary:
+    """Where the server binary is and what it needs to run.
+
+    ``backend_dir`` is None for a system install: its own default (/opt/tritonserver/backends)
+    is right there, and its libraries are already on the loader path.
+    """
+
+    def __init__(self, path: Path, backend_dir: Path | None = None, lib_dirs: tuple[Path, ...] = ()):
+        self.path = Path(path)
+        self.backend_dir = backend_dir
+        self.lib_dirs = tuple(lib_dirs)
+
+    @property
+    def bundled(self) -> bool:
+        """True for the nvidia-pytriton binary, whose stub was built for this very Python."""
+        return self.backend_dir is not None
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment for the server process."""
+        env = dict(os.environ if base is None else base)
+        if self.lib_dirs:
+            env["LD_LIBRARY_PATH"] = _prepend(env.get("LD_LIBRARY_PATH"), *self.lib_dirs)
+        if self.bundled:
+            # The stub embeds Python, which finds its prefix by looking up `python3` on PATH and
+            # honours a pyvenv.cfg beside it. With this interpreter's bin/ first, python models
+            # import from our environment (numpy<2, vlm_export) even when the venv is not
+            # activated and the config has no EXECUTION_ENV_PATH. Not done for a system server:
+            # its stub may be built for another Python version.
+            env["PATH"] = _prepend(env.get("PATH"), Path(sys.prefix) / "bin")
+        return env
+
+    def __repr__(self) -> str:
+        return f"TritonBinary({str(self.path)!r}, backend_dir={self.backend_dir!r})"
+
+
+def _prepend(current: str | None, *dirs) -> str:
+    parts = [str(d) for d in dirs] + ([current] if current else [])
+    return os.pathsep.join(parts)
+
+
+def _pytriton_server_dir() -> Path | None:
+    try:
+        import pytriton  # noqa: PLC0415 - optional dependency, only needed to serve
+    except ImportError:
+        return None
+    d = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    return d if (d / "bin" / "tritonserver").is_file() else None
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vlm-export"
+
+
+def prepare_backend_dir(server_dir: Path, cache_dir: Path | None = None) -> Path:
+    """A backend folder holding the wheel's python backend plus the stub for this Python.
+
+    The wheel keeps one stub per Python version in ``python_backend_stubs/3.X/``; the backend
+    looks for ``triton_python_backend_stub`` beside ``libtriton_python.so``, so we assemble that
+    folder once per (wheel, Python) in a cache. It is built in a temporary folder and renamed, so
+    an interrupted copy never looks complete.
+    """
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = server_dir / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServeError(
+            f"nvidia-pytriton has no python-backend stub for Python {version} ({stub}); "
+            f"use a Python it ships stubs for, or run tritonserver from NVIDIA's container"
+        )
+    # The key changes when the wheel is reinstalled or upgraded, so a stale copy is never used.
+    lib = server_dir / "backends" / "python" / "libtriton_python.so"
+    key = f"py{version}-{lib.stat().st_size}-{int(lib.stat().st_mtime)}"
+    root = (cache_dir or default_cache_dir()) / "triton-backends" / key
+    if (root / "python" / "triton_python_backend_stub").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root.parent))
+    try:
+        shutil.copytree(server_dir / "backends" / "python", tmp / "python",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(stub, tmp / "python" / "triton_python_backend_stub")
+        os.chmod(tmp / "python" / "triton_python_backend_stub", 0o755)
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process finished first: use its copy
+            if not (root / "python" / "triton_python_backend_stub").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def find_tritonserver(cache_dir: Path | None = None) -> TritonBinary:
+    """``tritonserver`` on PATH, else the binary shipped in nvidia-pytriton, else ServeError."""
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return TritonBinary(Path(on_path))
+    server_dir = _pytriton_server_dir()
+    if server_dir is None:
+        raise ServeError(
+            f"no tritonserver found: none on PATH and nvidia-pytriton is not installed; "
+            f"run `pip install {PYTRITON_PIN}`"
+        )
+    libs = server_dir.parent.parent / "nvidia_pytriton.libs"  # auditwheel's folder beside the package
+    # The stub links libpython dynamically; this folder holds it when Python is built shared.
+    pylib = sysconfig.get_config_var("LIBDIR")
+    lib_dirs = tuple(Path(d) for d in (libs, pylib) if d and Path(d).is_dir())
+    return TritonBinary(server_dir / "bin" / "tritonserver", prepare_backend_dir(server_dir, cache_dir), lib_dirs)
+
+
+# --------------------------------------------------------------------------- python models
+
+
+def execution_env_path() -> str:
+    """The environment the python-backend stub should run in: this interpreter's (venv) root.
+
+    The stub ignores PYTHONPATH and, left alone, imports from the base interpreter's
+    site-packages (where numpy may be 2.x, which corrupts tensors, and our package is absent).
+    """
+    return sys.prefix
+
+
+def execution_env_parameter(path: str | None = None) -> str:
+    """The config.pbtxt ``parameters`` entry that runs a python model in ``path`` (default: ours).
+
+    The backend then starts the stub as ``bash -c 'source PATH/bin/activate && exec ...'``, so
+    the folder needs a ``bin/activate`` script, which every venv and conda env has.
+    """
+    path = path or execution_env_path()
+    if not (Path(path) / "bin" / "activate").is_file():
+        raise ServeError(
+            f"{path} has no bin/activate, so the Triton python backend cannot use it as "
+            f"EXECUTION_ENV_PATH; serve from a virtual environment (python -m venv)"
+        )
+    return 'parameters: { key: "EXECUTION_ENV_PATH", value: { string_value: "%s" } }' % path
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free now. Another process may take it before Triton binds: see start()."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _connect_host(host: str) -> str:
+    """The address a local client uses for a server bound to ``host``."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+class TritonServer:
+    """A tritonserver process serving one model repository; use as a context manager.
+
+    ``http_url`` and ``grpc_url`` are ``host:port`` (no scheme), the form ``tritonclient.http``
+    and ``tritonclient.grpc`` take. Ports left as None are chosen free at start.
+
+    On stop, Triton gets ``stop_timeout`` seconds to finish in-flight requests; it also waits
+    that long for open HTTP keep-alive connections, so close clients first for a fast stop.
+    After that and a grace period the whole process group is killed.
+    """
+
+    def __init__(
+        self,
+        model_repository: str | os.PathLike,
+        *,
+        host: str = "127.0.0.1",
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        log_file: str | os.PathLike | None = None,
+        startup_timeout: float = 120.0,
+        stop_timeout: float = 10.0,
+        extra_args: tuple[str, ...] | list[str] = (),
+        binary: TritonBinary | None = None,
+    ):
+        self.model_repository = Path(model_repository).resolve()
+        self.host = host
+        self._ports_fixed = (http_port, grpc_port, metrics_port)
+        self.http_port, self.grpc_port, self.metrics_port = self._ports_fixed
+        self.log_file = Path(log_file) if log_file else None
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self.extra_args = list(extra_args)
+        self.binary = binary
+        self.process: subprocess.Popen | None = None
+        self._log_offset = 0
+        self._cleaned_up = False
+
+    # ------------------------------------------------------------------ addresses
+    @property
+    def http_url(self) -> str:
+        return f"{_connect_host(self.host)}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{_connect_host(self.host)}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{_connect_host(self.host)}:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def command(self) -> list[str]:
+        assert self.binary is not None
+        cmd = [
+            str(self.binary.path),
+            "--model-repository", str(self.model_repository),
+            "--http-address", self.host, "--http-port", str(self.http_port),
+            "--grpc-address", self.host, "--grpc-port", str(self.grpc_port),
+            "--metrics-address", self.host, "--metrics-port", str(self.metrics_port),
+            "--exit-timeout-secs", str(max(1, round(self.stop_timeout))),
+        ]
+        if self.binary.backend_dir is not None:
+            cmd += ["--backend-directory", str(self.binary.backend_dir)]
+        return cmd + self.extra_args
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self) -> "TritonServer":
+        if self.process is not None:
+            raise ServeError("this TritonServer was already started; make a new one")
+        if not self.model_repository.is_dir():
+            raise ServeError(f"model repository {self.model_repository} is not a folder")
+        if self.binary is None:
+            self.binary = find_tritonserver()
+        if self.log_file is None:
+            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+            self.log_file = Path(name)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        # Free ports are chosen by probing, so another process can take one before Triton binds
+        # it; then we retry with fresh ports. A port the caller fixed is not retried.
+        for attempt in range(3):
+            self._pick_ports()
+            self._spawn()
+            try:
+                self._wait_ready()
+                return self
+            except BaseException as err:  # Ctrl-C while starting too: leave no server behind
+                self._terminate()
+                if not isinstance(err, ServeError):
+                    raise
+                busy = self._busy_port()
+                if busy is None:
+                    raise
+                if busy in self._ports_fixed:
+                    raise ServeError(
+                        f"tritonserver cannot listen on {self.host}:{busy}: the port is already in use; "
+                        f"choose another port or leave it out to get a free one"
+                    ) from err
+                if attempt == 2:
+                    raise
+                self.process = None
+        raise AssertionError("unreachable")
+
+    def _busy_port(self) -> int | None:
+        """The port Triton found taken, from this run's part of the log, or None."""
+        m = re.search(r"Socket '.*:(\d+)' already in use", self._this_run_log())
+        return int(m.group(1)) if m else None
+
+    def _pick_ports(self) -> None:
+        taken = {p for p in self._ports_fixed if p is not None}
+        ports = []
+        for p in self._ports_fixed:
+            if p is None:
+                p = free_port(self.host or "0.0.0.0")
+                while p in taken:
+                    p = free_port(self.host or "0.0.0.0")
+            taken.add(p)
+            ports.append(p)
+        self.http_port, self.grpc_port, self.metrics_port = ports
+
+    def _spawn(self) -> None:
+        with open(self.log_file, "ab") as log:
+            self._log_offset = log.tell()  # the log may hold earlier runs: read from here
+            log.write(f"$ {' '.join(self.command())}\n".encode())
+            log.flush()
+            # A session of its own: Ctrl-C in the terminal reaches us, not the server, so we can
+            # stop it in order; and its python-backend stubs share its process group, so a
+            # SIGKILL fallback can reach them too.
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self.binary.env(), start_new_session=True,
+            )
+            self._cleaned_up = False
+
+    def is_ready(self, timeout: float = 2.0) -> bool:
+        url = f"http://{self.http_url}/v2/health/ready"
+        try:
+            with _NO_PROXY.open(url, timeout=timeout) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while not self.is_ready():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise ServeError(
+                    f"tritonserver was not ready after {self.startup_timeout:.0f} s (log: {self.log_file}):\n"
+                    + self.log_errors()
+                )
+            time.sleep(0.2)
+        # Triton reports ready before it starts the metrics service, its last step, and exits
+        # if that port is taken: wait for that step, then a moment for its outcome.
+        deadline = time.monotonic() + _METRICS_WAIT_S
+        while "Started Metrics Service" not in self._this_run_log() and time.monotonic() < deadline:
+            self._check_alive()
+            time.sleep(0.05)
+        time.sleep(_SETTLE_S)
+        self._check_alive()
+
+    def _check_alive(self) -> None:
+        code = self.process.poll()
+        if code is not None:
+            raise ServeError(
+                f"tritonserver exited with code {code} while starting (log: {self.log_file}):\n"
+                + self.log_errors()
+            )
+
+    def _this_run_log(self) -> str:
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
+        except (OSError, TypeError):
+            return ""
+
+    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
+        return "\n".join(self._this_run_log().splitlines()[-lines:])
+
+    def log_errors(self) -> str:
+        """Triton's error lines (E..., ``error: ...``, models UNAVAILABLE), else the log's tail.
+
+        The tail alone is mostly the options table printed on exit, so pick out what matters.
+        """
+        picked = []
+        for line in self._this_run_log().splitlines():
+            is_error = re.match(r"E\d{4} ", line) or line.startswith("error:") or "UNAVAILABLE" in line
+            if is_error and not any(h in line for h in _HARMLESS):
+                line = " ".join(line.strip(" |").split())  # table rows are padded with spaces
+                picked.append(line if len(line) <= 400 else line[:400] + " ...")
+        return "\n".join(picked) if picked else self.log_tail()
+
+    def stop(self) -> int | None:
+        """SIGTERM (Triton drains requests and unloads models), SIGKILL if it hangs.
+
+        Returns the exit code; safe to call twice.
+        """
+        if self.process is None:
+            return None
+        self._terminate()
+        return self.process.returncode
+
+    def _terminate(self) -> None:
+        proc = self.process
+        if self._cleaned_up:  # its group id may belong to someone else by now
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(self.stop_timeout + _KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+        # Kill whatever is left of the group (a hung server, or stubs it left behind). The group
+        # id is the server's pid, and it is ours: we started it with a session of its own.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+        self._cleaned_up = True
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"TritonServer({str(self.model_repository)!r}, http={self.http_url}, grpc={self.grpc_url}, {state})"
+
+
+class _Stop(Exception):
+    pass
+
+
+def serve_forever(
+    model_repository: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    http_port: int | None = None,
+    grpc_port: int | None = None,
+    metrics_port: int | None = None,
+    log_file: str | os.PathLike | None = None,
+    startup_timeout: float = 120.0,
+    echo=print,
+) -> int:
+    """Serve until Ctrl-C or SIGTERM, then stop the server cleanly; returns 0.
+
+    Prints the endpoints once ready. Raises ServeError if the server cannot start or dies.
+    """
+
+    def on_signal(signum, frame):
+        raise _Stop()
+
+    server = TritonServer(model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
+                          metrics_port=metrics_port, log_file=log_file, startup_timeout=startup_timeout)
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start()
+        echo(f"Triton is ready (pid {server.pid}), serving {server.model_repository}")
+        echo(f"  HTTP     http://{server.http_url}")
+        echo(f"  gRPC     {server.grpc_url}")
+        echo(f"  metrics  {server.metrics_url}")
+        echo(f"  log      {server.log_file}")
+        echo("Press Ctrl-C to stop.")
+        code = server.process.wait()
+        raise ServeError(f"tritonserver exited unexpectedly with code {code} (log: {server.log_file}):\n"
+                         + server.log_errors())
+    except (_Stop, KeyboardInterrupt):
+        echo("Stopping Triton ...")
+        # A second Ctrl-C while stopping must not leave the server half-stopped.
+        for s in old:
+            signal.signal(s, signal.SIG_IGN)
+        server.stop()
+        echo("Stopped.")
+        return 0
+    finally:
+        if server.running:
+            server.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
