@@ -22,6 +22,9 @@ from .compare.report import write_report
 from .errors import BuildError, ParityError
 from .export.onnx_export import export_stage, graph_bytes, graph_io
 from .export.stages import stage_graphs
+from .precision.calibration import CalibrationPair, default_pairs, stage_feeds
+from .precision.convert import PrecisionOptions, make_variant, quiet_logging
+from .precision.spec import PrecisionPlan
 from .manifest import MANIFEST_NAME, read_manifest, sha256_file, versions, write_manifest
 from .progress import Progress
 from .runtime.load import eos_token_ids, open_build, reference_pipeline
@@ -41,6 +44,9 @@ class BuildOptions:
     threads: int | None = None
     force: bool = False
     tolerance_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
+    precision: PrecisionPlan = field(default_factory=PrecisionPlan)
+    precision_options: PrecisionOptions = field(default_factory=PrecisionOptions)
+    calibration_pairs: list[CalibrationPair] | None = None  # None: photos + easy-vqa train pairs
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_images", "parity_new_tokens"):
@@ -118,19 +124,32 @@ def _build_into(tmp, out, model_path, adapter, options, progress) -> BuildResult
         with progress.step(f"exporting {graph.name} to ONNX") as advance:
             start = time.perf_counter()
             path = export_stage(graph, tmp / "graphs")
-            seconds = time.perf_counter() - start
-            inputs, outputs = graph_io(path)
-            files = [p for p in (path, path.with_name(path.name + ".data")) if p.exists()]
-            graphs[graph.name] = {
-                "file": str(path.relative_to(tmp)),
-                "precision": "fp32",
-                "bytes": graph_bytes(path),
-                "export_seconds": round(seconds, 2),
-                "inputs": [i.to_dict() for i in inputs],
-                "outputs": [o.to_dict() for o in outputs],
-                "sha256": {str(f.relative_to(tmp)): sha256_file(f) for f in files},
-            }
+            graphs[graph.name] = _describe_graph(path, tmp, "fp32", export_seconds=time.perf_counter() - start)
             advance()
+
+    plan = options.precision
+    reference = reference_pipeline(loaded, limits)
+    if not plan.all_fp32:
+        calibration = {}
+        if "int8" in plan.to_dict().values():
+            pairs = options.calibration_pairs or default_pairs()
+            with progress.step(f"calibration inputs ({len(pairs)} image+text pairs through PyTorch)") as advance:
+                calibration = stage_feeds(reference, pairs)
+                advance()
+        for stage, precision in plan.to_dict().items():
+            if precision == "fp32":
+                continue
+            with progress.step(f"{stage}: fp32 -> {precision}") as advance:
+                start = time.perf_counter()
+                src = tmp / graphs[stage]["file"]
+                dst = src.with_name(f"{stage}.{precision}.onnx")
+                with quiet_logging():
+                    info = make_variant(precision, src, dst, options.precision_options, calibration.get(stage))
+                for f in (src, src.with_name(src.name + ".data")):  # ship the variant only
+                    f.unlink(missing_ok=True)
+                graphs[stage] = _describe_graph(dst, tmp, precision, graphs[stage]["export_seconds"],
+                                                convert_seconds=time.perf_counter() - start, variant=info.details)
+                advance()
 
     loaded.tokenizer.save_pretrained(tmp / "tokenizer")
     loaded.image_processor.save_pretrained(tmp / "tokenizer")
@@ -141,6 +160,7 @@ def _build_into(tmp, out, model_path, adapter, options, progress) -> BuildResult
                    "model_type": getattr(loaded.config, "model_type", None) or loaded.config.get("model_type"),
                    "sha256": _source_hashes(model_path)},
         "graphs": graphs,
+        "precision": plan.to_dict(),
         "kv_cache": {"num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
                      "hidden_size": spec.hidden_size, "dtype": "float32"},
         "vocab_size": spec.vocab_size,
@@ -152,8 +172,8 @@ def _build_into(tmp, out, model_path, adapter, options, progress) -> BuildResult
     write_manifest(tmp, manifest)
 
     # parity: the exported graphs (read back from disk) against the split modules and the original
-    result, policy, failures = _parity(loaded, open_build(tmp, "onnxruntime", threads=options.threads),
-                                       limits, options, progress)
+    result, policy, failures = _parity(loaded, reference, open_build(tmp, "onnxruntime", threads=options.threads),
+                                       plan, options, progress)
     manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}
     write_report(tmp, manifest, result, policy, failures)
     if failures:
@@ -169,10 +189,27 @@ def _build_into(tmp, out, model_path, adapter, options, progress) -> BuildResult
     return BuildResult(out, read_manifest(out), failures)
 
 
-def _parity(loaded, candidate, limits: Limits, options: BuildOptions, progress: Progress):
-    """Stage-by-stage and end-to-end comparison, judged by the adapter's policy."""
-    reference = reference_pipeline(loaded, limits)
-    samples = options.samples or default_samples(limits.max_images)
+def _describe_graph(path: Path, root: Path, precision: str, export_seconds: float, **extra) -> dict:
+    """The manifest entry of one shipped graph: file, precision, I/O, size, hashes."""
+    inputs, outputs = graph_io(path)
+    files = [p for p in (path, path.with_name(path.name + ".data")) if p.exists()]
+    entry = {
+        "file": str(path.relative_to(root)),
+        "precision": precision,
+        "bytes": graph_bytes(path),
+        "export_seconds": round(export_seconds, 2),
+        "inputs": [i.to_dict() for i in inputs],
+        "outputs": [o.to_dict() for o in outputs],
+        "sha256": {str(f.relative_to(root)): sha256_file(f) for f in files},
+    }
+    for key, value in extra.items():
+        entry[key] = round(value, 2) if isinstance(value, float) else value
+    return entry
+
+
+def _parity(loaded, reference, candidate, plan: PrecisionPlan, options: BuildOptions, progress: Progress):
+    """Stage-by-stage and end-to-end comparison, judged by the policy for the build's precisions."""
+    samples = options.samples or default_samples(reference.limits.max_images)
     result = ParityResult()
     with progress.step("parity per stage (PyTorch vs ONNX Runtime)", total=len(samples)) as advance:
         compare_stages(reference, candidate, samples, result, advance)
@@ -181,7 +218,7 @@ def _parity(loaded, candidate, limits: Limits, options: BuildOptions, progress: 
         compare_tokens(_hf_reference(loaded, candidate.eos_token_ids),
                        {"torch_split": reference, "onnxruntime": candidate}, samples,
                        options.parity_new_tokens, result, advance)
-    policy = ParityPolicy().with_overrides({**loaded.adapter.tolerances(), **options.tolerance_overrides})
+    policy = ParityPolicy.for_plan(plan).with_overrides({**loaded.adapter.tolerances(), **options.tolerance_overrides})
     return result, policy, policy.judge(result.stages, result.tokens)
 
 
@@ -212,8 +249,10 @@ def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progr
     with progress.step(f"loading {manifest['source']['path']}") as advance:
         loaded = adapter.load(Path(manifest["source"]["path"]))
         advance()
-    result, policy, failures = _parity(loaded, open_build(build_dir, "onnxruntime", threads=options.threads),
-                                       Limits.from_dict(manifest["limits"]), options, progress)
+    plan = PrecisionPlan(**{stage: g["precision"] for stage, g in manifest["graphs"].items()})
+    result, policy, failures = _parity(loaded, reference_pipeline(loaded, Limits.from_dict(manifest["limits"])),
+                                       open_build(build_dir, "onnxruntime", threads=options.threads),
+                                       plan, options, progress)
     manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}
     write_report(build_dir, manifest, result, policy, failures)
     write_manifest(build_dir, {k: v for k, v in manifest.items() if k not in ("format", "version")})

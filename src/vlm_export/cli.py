@@ -29,7 +29,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_build_limits(p: argparse.ArgumentParser) -> None:
+def _add_build_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("limits (recorded in the manifest; engines and Triton configs derive from them)")
     g.add_argument("--max-batch", type=_positive_int, default=4, help="largest batch of requests (default 4)")
     g.add_argument("--max-images", type=_positive_int, default=2, help="images per prompt (default 2)")
@@ -39,6 +39,37 @@ def _add_build_limits(p: argparse.ArgumentParser) -> None:
     g.add_argument("--parity-tokens", type=_positive_int, default=32,
                    help="greedy tokens compared with the original model's generate (default 32)")
     p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime intra-op threads")
+    g = p.add_argument_group("precision")
+    g.add_argument("--precision", default=None,
+                   help="fp32 (default), fp16 or int8 for every stage, or per stage, e.g. "
+                        "vision=int8,projector=fp16,decoder=w4 (decoder also takes w8/w4: weight-only)")
+    g.add_argument("--block-size", type=_positive_int, default=32, help="weight-only block size (default 32)")
+    g.add_argument("--lm-head", choices=("fp32", "quantized"), default="fp32",
+                   help="LM head precision under w8/w4/int8 (default: kept fp32)")
+    g.add_argument("--calibration", choices=("minmax", "percentile", "entropy"), default="minmax",
+                   help="int8 calibration method (default minmax)")
+    g.add_argument("--calibration-images", type=Path, default=None,
+                   help="folder of images for int8 calibration (default: photos + easy-vqa train pairs)")
+    g.add_argument("--calibration-prompts", type=Path, default=None, help="one prompt per line, cycled over the images")
+    g.add_argument("--keep-node", action="append", default=[], metavar="NAME",
+                   help="ONNX node kept in higher precision (repeatable)")
+
+
+def _build_options(args, **extra):
+    """BuildOptions from the shared build flags."""
+    from .build import BuildOptions
+    from .precision.calibration import folder_pairs
+    from .precision.convert import PrecisionOptions
+    from .precision.spec import parse_precision
+
+    pairs = folder_pairs(args.calibration_images, args.calibration_prompts) if args.calibration_images else None
+    return BuildOptions(max_batch=args.max_batch, max_images=args.max_images, max_sequence=args.max_sequence,
+                        parity_new_tokens=args.parity_tokens, threads=args.threads, force=args.force,
+                        precision=parse_precision(args.precision), calibration_pairs=pairs,
+                        precision_options=PrecisionOptions(block_size=args.block_size, lm_head=args.lm_head,
+                                                           calibration=args.calibration,
+                                                           exclude_nodes=tuple(args.keep_node)),
+                        **extra)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="build folder to create")
     p.add_argument("--adapter", default=None, help="force an adapter (default: from config.json's model_type)")
     p.add_argument("--force", action="store_true", help="replace an existing build folder")
-    _add_build_limits(p)
+    _add_build_options(p)
 
     p = sub.add_parser("generate", help="answer a prompt (and images) with a build",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -100,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing build folder")
     p.add_argument("--eval-limit", type=int, default=50,
                    help="easy-vqa test questions to evaluate after the build (0 to skip; default 50)")
-    _add_build_limits(p)
+    _add_build_options(p)
 
     p = sub.add_parser("repository", help="render a Triton model repository from a build",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -148,12 +179,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_build(args, progress) -> int:
-    from .build import BuildOptions, build
+    from .build import build
 
-    options = BuildOptions(adapter=args.adapter, max_batch=args.max_batch, max_images=args.max_images,
-                           max_sequence=args.max_sequence, parity_new_tokens=args.parity_tokens,
-                           threads=args.threads, force=args.force)
-    result = build(args.model, args.out, options, progress)
+    result = build(args.model, args.out, _build_options(args, adapter=args.adapter), progress)
     _print_summary(result.path, result.manifest)
     return 0
 
@@ -219,13 +247,10 @@ def _print_accuracy(accuracy: dict) -> None:
 
 
 def _cmd_demo(args, progress) -> int:
-    from .build import BuildOptions
     from .demo.build_demo import build_demo
     from .evaluate import evaluate_build
 
-    options = BuildOptions(max_batch=args.max_batch, max_images=args.max_images, max_sequence=args.max_sequence,
-                           parity_new_tokens=args.parity_tokens, threads=args.threads, force=args.force)
-    result = build_demo(args.out, options, progress)
+    result = build_demo(args.out, _build_options(args), progress)
     _print_summary(result.path, result.manifest)
     if args.eval_limit > 0:
         _print_accuracy(evaluate_build(result.path, "easy-vqa", "test", args.eval_limit,

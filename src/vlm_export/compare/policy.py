@@ -37,11 +37,32 @@ DEFAULT_TOLERANCES = {
 }
 
 
+INF = float("inf")
+# reduced precisions are judged by direction (cosine), not by element-wise error; their real gate is
+# task accuracy (vlm-export eval), since greedy tokens may legitimately move
+PRECISION_TOLERANCES = {
+    "fp32": Tolerance(),
+    "fp16": Tolerance(atol=INF, rtol=0.0, min_cosine=0.999),
+    "w8": Tolerance(atol=INF, rtol=0.0, min_cosine=0.999),
+    "int8": Tolerance(atol=INF, rtol=0.0, min_cosine=0.99),
+    "w4": Tolerance(atol=INF, rtol=0.0, min_cosine=0.99),
+}
+# which build stage's precision governs each parity stage
+PARITY_STAGE_OF = {"vision_encoder": "vision_encoder", "projector": "projector", "prefill": "lm_decoder",
+                   "decode": "lm_decoder"}
+
+
 @dataclass
 class ParityPolicy:
     tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
     #: greedy tokens must equal the original model's for fp32 builds
     require_identical_tokens: bool = True
+
+    @classmethod
+    def for_plan(cls, plan) -> "ParityPolicy":
+        """Default gates for a PrecisionPlan; greedy tokens must be identical only when all is fp32."""
+        tolerances = {stage: PRECISION_TOLERANCES[plan.of(build_stage)] for stage, build_stage in PARITY_STAGE_OF.items()}
+        return cls(tolerances=tolerances, require_identical_tokens=plan.all_fp32)
 
     def with_overrides(self, overrides: dict[str, dict[str, float]]) -> "ParityPolicy":
         tol = dict(self.tolerances)

@@ -1,0 +1,75 @@
+"""Calibration inputs for int8: real image+text pairs passed through the real preprocessing and
+the PyTorch reference's upstream stages, so each stage is calibrated on what it will really see
+(text-only or placeholder-image calibration is what costs int8 VLMs their accuracy)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DatasetError
+from ..runtime.pipeline import VLMPipeline
+
+DEFAULT_SAMPLES = 16
+
+
+@dataclass(frozen=True)
+class CalibrationPair:
+    image: object  # path or PIL image
+    prompt: str
+
+
+def default_pairs(limit: int = DEFAULT_SAMPLES) -> list[CalibrationPair]:
+    """scikit-image's natural photos with generic questions, then easy-vqa TRAIN pairs (never test)."""
+    from skimage import data
+
+    from PIL import Image
+
+    photos = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field", "immunohistochemistry")
+    questions = ("Describe this image.", "What is in the picture?", "What colors do you see?",
+                 "Is there a person in the image?")
+    pairs = []
+    for i, name in enumerate(photos):
+        array = getattr(data, name)()
+        pairs.append(CalibrationPair(Image.fromarray(array).convert("RGB"), questions[i % len(questions)]))
+    try:
+        from ..demo.easyvqa import load_split
+
+        pairs += [CalibrationPair(it.image, it.question) for it in load_split("train", limit)]
+    except DatasetError:
+        pass  # easy-vqa is an optional extra; the photos alone still calibrate
+    return pairs[:limit]
+
+
+def folder_pairs(folder: Path, prompts_file: Path | None = None, limit: int = DEFAULT_SAMPLES) -> list[CalibrationPair]:
+    """Images of a folder (sorted), each with the next line of ``prompts_file`` (cycled)."""
+    images = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+    if not images:
+        raise DatasetError(f"no images (png/jpg/jpeg/webp/bmp) in calibration folder {folder}")
+    prompts = ["Describe this image."]
+    if prompts_file:
+        prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise DatasetError(f"calibration prompts file {prompts_file} is empty")
+    return [CalibrationPair(img, prompts[i % len(prompts)]) for i, img in enumerate(images[:limit])]
+
+
+def stage_feeds(reference: VLMPipeline, pairs: list[CalibrationPair]) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Per-stage input feeds, produced by the reference pipeline's own upstream stages."""
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {"vision_encoder": [], "projector": [], "lm_decoder": []}
+    for pair in pairs:
+        pixel_values = reference.pixel_values([pair.image])
+        feeds["vision_encoder"].append({"pixel_values": pixel_values})
+        features = reference.vision.infer({"pixel_values": pixel_values})
+        feeds["projector"].append(features)
+        embeds = reference.projector.infer(features)["image_embeds"]
+        ids = np.asarray([reference.prompt_ids(pair.prompt, 1)], dtype=np.int64)
+        feeds["lm_decoder"].append({
+            "input_ids": ids,
+            "image_embeds": embeds.reshape(-1, embeds.shape[-1]),
+            "attention_mask": np.ones_like(ids),
+            "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None],
+            **reference.empty_past(),
+        })
+    return feeds

@@ -1,0 +1,186 @@
+"""Turn an fp32 stage graph into its precision variant.
+
+* fp16: weights and maths in fp16, inputs/outputs kept fp32, numerically sensitive ops kept in
+  fp32 (normalisations, Softmax, reductions, exponentials) - the islands FP16 SigLIP engines
+  needed before their answers stopped flipping. The kept op types are recorded in the manifest.
+* w8 / w4: weight-only, block-wise symmetric int8/int4 MatMul weights (ONNX Runtime's
+  MatMulNBits), activations fp32 - the decoder is memory bound, so reading fewer weight bytes is
+  the speed-up. The LM head is a separate choice (kept fp32 by default: its logits are what
+  greedy decoding compares).
+* int8: W8A8 explicit quantization (Q/DQ nodes, symmetric, zero point 0, per-channel weights),
+  calibrated on real image+text inputs - the form TensorRT consumes and ONNX Runtime's CPU
+  provider also runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx
+
+from ..errors import ExportError
+from ..export.onnx_export import EXTERNAL_DATA_THRESHOLD, check_graph
+
+FP32_ISLANDS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+                "SkipSimplifiedLayerNormalization", "RMSNormalization", "Softmax", "ReduceMean", "ReduceSum",
+                "ReduceMax", "Pow", "Sqrt", "Exp", "Log", "Erf", "CumSum")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+@dataclass
+class PrecisionOptions:
+    block_size: int = 32  # weight-only block size
+    lm_head: str = "fp32"  # "fp32" or "quantized": the LM head's precision under w8/w4/int8
+    calibration: str = "minmax"
+    exclude_nodes: tuple[str, ...] = ()  # sensitive layers kept in higher precision (node names)
+
+    def __post_init__(self) -> None:
+        if self.calibration not in CALIBRATION_METHODS:
+            raise ExportError(f"calibration method {self.calibration!r} is not one of {', '.join(CALIBRATION_METHODS)}")
+        if self.lm_head not in ("fp32", "quantized"):
+            raise ExportError(f"lm-head precision {self.lm_head!r} must be fp32 or quantized")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ExportError(f"block size must be a power of two >= 16, got {self.block_size}")
+
+
+@dataclass
+class VariantInfo:
+    """What the manifest records about how a variant was made."""
+
+    precision: str
+    details: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def quiet_logging():
+    """onnxruntime.quantization logs every node at INFO on the root logger; our progress bar says enough."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, os.fspath(path))
+    check_graph(path)
+
+
+def lm_head_nodes(model: onnx.ModelProto, output: str = "logits") -> list[str]:
+    """The MatMul/Gemm that produces the logits (through at most a few reshapes/casts)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    name, seen = output, 0
+    while name in producers and seen < 6:
+        node = producers[name]
+        if node.op_type in ("MatMul", "Gemm", "MatMulNBits"):
+            return [node.name]
+        name, seen = node.input[0], seen + 1
+    return []
+
+
+def topological_sort(model: onnx.ModelProto) -> None:
+    """Reorder nodes so each comes after its inputs' producers (the fp16 converter appends the
+    input casts at the end of the node list, which the ONNX checker rejects)."""
+    graph = model.graph
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        remaining = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                remaining.append(node)
+        if len(remaining) == len(pending):
+            raise ExportError(f"graph has a cycle or a missing input near node {remaining[0].name!r}")
+        pending = remaining
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def to_fp16(src: Path, dst: Path) -> VariantInfo:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(os.fspath(src))
+    present = sorted({n.op_type for n in model.graph.node} & set(FP32_ISLANDS))
+    converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP32_ISLANDS),
+                                         disable_shape_infer=True)
+    topological_sort(converted)
+    _save(converted, dst)
+    return VariantInfo("fp16", {"fp32_islands": present, "io": "fp32"})
+
+
+def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions) -> VariantInfo:
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    model = onnx.load(os.fspath(src))
+    keep = list(options.exclude_nodes) + (lm_head_nodes(model) if options.lm_head == "fp32" else [])
+    config = DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=True, bits=bits)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=options.block_size, is_symmetric=True,
+                                     nodes_to_exclude=keep, algo_config=config)
+    quantizer.process()
+    _save(quantizer.model.model, dst)
+    return VariantInfo(f"w{bits}", {"bits": bits, "block_size": options.block_size, "symmetric": True,
+                                    "kept_fp32": keep, "op": "MatMulNBits"})
+
+
+class _Feeds:
+    """onnxruntime.quantization's CalibrationDataReader over a list of feed dicts."""
+
+    def __init__(self, feeds: Iterable[Mapping[str, np.ndarray]]):
+        self._it = iter(list(feeds))
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):  # pragma: no cover - not used by the calibrators we call
+        pass
+
+
+def to_int8(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndarray]],
+            options: PrecisionOptions) -> VariantInfo:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not calibration_feeds:
+        raise ExportError(f"int8 for {src.stem} needs calibration inputs; none were given")
+    model = onnx.load(os.fspath(src), load_external_data=False)
+    keep = list(options.exclude_nodes) + (lm_head_nodes(model) if options.lm_head == "fp32" else [])
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[options.calibration]
+    quantize_static(
+        os.fspath(src), os.fspath(dst), _Feeds(calibration_feeds),
+        quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+        calibrate_method=method, nodes_to_exclude=keep, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+        use_external_data_format=model.ByteSize() > EXTERNAL_DATA_THRESHOLD,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+    )
+    check_graph(dst)
+    return VariantInfo("int8", {"format": "QDQ", "symmetric": True, "per_channel_weights": True,
+                                "calibration": options.calibration, "calibration_samples": len(calibration_feeds),
+                                "kept_fp32": keep})
+
+
+def make_variant(precision: str, src: Path, dst: Path, options: PrecisionOptions,
+                 calibration_feeds: list[dict[str, np.ndarray]] | None = None) -> VariantInfo:
+    if precision == "fp16":
+        return to_fp16(src, dst)
+    if precision in ("w8", "w4"):
+        return to_weight_only(src, dst, int(precision[1]), options)
+    if precision == "int8":
+        return to_int8(src, dst, calibration_feeds or [], options)
+    raise ExportError(f"no conversion for precision {precision!r}")
