@@ -174,6 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--model", default="vlm")
 
+    p = sub.add_parser("engines", help="build TensorRT plans for a build (needs TensorRT and a CUDA GPU)")
+    p.add_argument("build", type=Path)
+
     sub.add_parser("adapters", help="list the supported architectures")
     return parser
 
@@ -301,6 +304,14 @@ def _cmd_ask(args, progress) -> int:
     return 0
 
 
+def _cmd_engines(args, progress) -> int:
+    from .engines.tensorrt import build_engines
+
+    for stage, engine in build_engines(args.build, progress).items():
+        print(f"  {stage:15s} {engine['precision']:5s} {engine['file']}  (TensorRT {engine['tensorrt']}, {engine['gpu']})")
+    return 0
+
+
 def _cmd_adapters(args, progress) -> int:
     from .adapters import registered
 
@@ -311,7 +322,7 @@ def _cmd_adapters(args, progress) -> int:
 
 COMMANDS = {"build": _cmd_build, "generate": _cmd_generate, "verify": _cmd_verify, "eval": _cmd_eval,
             "demo": _cmd_demo, "repository": _cmd_repository, "serve": _cmd_serve, "ask": _cmd_ask,
-            "adapters": _cmd_adapters}
+            "engines": _cmd_engines, "adapters": _cmd_adapters}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,167 @@
+"""TensorRT engines, one plan per stage, through NVIDIA's Polygraphy loaders.
+
+NOT RUN on the development and CI machines (TensorRT cannot be installed there: see the README).
+Written against Polygraphy 0.53's documented loaders (``NetworkFromOnnxPath``, ``CreateConfig``,
+``EngineBytesFromNetwork``, ``TrtRunner``); the parts that need no TensorRT - profiles, the
+precision-to-flags mapping, metadata checks - are tested everywhere, the rest by tests marked
+``tensorrt`` that skip without it.
+
+* fp32 / fp16 graphs: a plain network; fp16 sets the builder's FP16 flag (TensorRT keeps layers it
+  judges sensitive in fp32).
+* int8 graphs carry explicit Q/DQ nodes: built as a strongly typed network, so TensorRT follows
+  the graph's own precisions instead of re-deciding them.
+* w8 / w4 decoders in ONNX Runtime's MatMulNBits form are not TensorRT graphs; they need the
+  block-wise DequantizeLinear form (not produced yet) and are refused with a clear error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BuildError, RunnerError
+from ..runtime.runners import Runner
+from .profiles import stage_profiles
+
+
+@dataclass(frozen=True)
+class BuilderSettings:
+    fp16: bool
+    strongly_typed: bool
+
+
+def builder_settings(precision: str) -> BuilderSettings:
+    if precision == "fp32":
+        return BuilderSettings(fp16=False, strongly_typed=False)
+    if precision == "fp16":
+        return BuilderSettings(fp16=True, strongly_typed=False)
+    if precision == "int8":
+        return BuilderSettings(fp16=False, strongly_typed=True)
+    raise BuildError(f"no TensorRT engine for a {precision} graph: weight-only graphs use ONNX Runtime's "
+                     "MatMulNBits op; build the decoder as fp16 or int8 for TensorRT")
+
+
+def _device() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BuildError("TensorRT engines need a CUDA GPU; none is visible on this machine")
+    props = torch.cuda.get_device_properties(0)
+    return {"gpu": props.name, "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def engine_metadata(precision: str, profiles: list) -> dict:
+    import tensorrt as trt
+
+    return {"tensorrt": trt.__version__, **_device(), "precision": precision,
+            "profiles": [{name: [list(s) for s in shapes] for name, shapes in p.items()} for p in profiles]}
+
+
+def check_metadata(meta: dict, plan: Path) -> None:
+    """A plan only runs on the TensorRT version and GPU it was built for: say so before loading."""
+    import tensorrt as trt
+
+    here = {"tensorrt": trt.__version__, **_device()}
+    for key in ("tensorrt", "gpu", "compute_capability"):
+        if meta.get(key) != here[key]:
+            raise RunnerError(f"{plan} was built for {key} {meta.get(key)!r}, this machine has {here[key]!r}; "
+                              "rebuild the engines here (vlm-export engines BUILD)")
+
+
+def build_engine(onnx_path: Path, plan_path: Path, manifest: dict, stage: str, timing_cache: Path) -> dict:
+    """Build one plan atomically; returns its metadata (also written beside it as JSON)."""
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    precision = manifest["graphs"][stage]["precision"]
+    settings = builder_settings(precision)
+    profiles = stage_profiles(manifest, stage)
+    trt_profiles = []
+    for shapes in profiles:
+        profile = Profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.add(name, min=lo, opt=opt, max=hi)
+        trt_profiles.append(profile)
+    network = NetworkFromOnnxPath(os.fspath(onnx_path), strongly_typed=settings.strongly_typed or None)
+    config = CreateConfig(fp16=settings.fp16 or None, profiles=trt_profiles,
+                          load_timing_cache=os.fspath(timing_cache) if timing_cache.exists() else None)
+    engine_bytes = EngineBytesFromNetwork(network, config=config, save_timing_cache=os.fspath(timing_cache))()
+    tmp = plan_path.with_name(f".{plan_path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_bytes(bytes(engine_bytes))
+    os.replace(tmp, plan_path)
+    meta = engine_metadata(precision, profiles)
+    plan_path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+class TensorRTRunner(Runner):
+    """The runner contract over a TensorRT plan (Polygraphy's TrtRunner); numpy in, numpy out.
+
+    Picks the optimization profile whose ranges hold the feed's shapes (prefill vs decode)."""
+
+    backend = "tensorrt"
+
+    def __init__(self, name: str, plan: Path, input_names: list[str], output_names: list[str]):
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        meta_path = Path(plan).with_suffix(".json")
+        self.meta = json.loads(meta_path.read_text())
+        check_metadata(self.meta, Path(plan))
+        super().__init__(name, input_names, output_names)
+        self._runner = TrtRunner(EngineFromBytes(BytesFromPath(os.fspath(plan))))
+        self._runner.activate()
+        self._profile = 0
+
+    def _profile_for(self, feeds) -> int:
+        for index, profile in enumerate(self.meta["profiles"]):
+            if all(all(lo <= d <= hi for d, lo, hi in zip(np.shape(feeds[n]), shapes[0], shapes[2]))
+                   for n, shapes in profile.items()):
+                return index
+        raise RunnerError(f"{self.name}: input shapes {({n: np.shape(v) for n, v in feeds.items()})} are outside "
+                          "every optimization profile; rebuild with larger limits")
+
+    def infer(self, feeds):
+        self._missing(feeds)
+        index = self._profile_for(feeds)
+        if index != self._profile:
+            self._runner.set_profile(index)
+            self._profile = index
+        out = self._runner.infer({n: np.ascontiguousarray(feeds[n]) for n in self.input_names})
+        return {n: np.asarray(out[n]) for n in self.output_names}
+
+
+def build_engines(build_dir: Path, progress=None) -> dict:
+    """Plans for every stage of a build into ``engines/``, recorded in the manifest.
+
+    Needs TensorRT and a CUDA GPU; the timing cache in ``engines/timing.cache`` is reused by later
+    builds on the same machine."""
+    from ..manifest import read_manifest, sha256_file, write_manifest
+    from ..progress import Progress
+
+    progress = progress or Progress()
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        raise BuildError("TensorRT is not installed here (pip install tensorrt on a machine with a CUDA GPU); "
+                         "the onnxruntime and python targets run without it") from None
+    build_dir = Path(build_dir)
+    manifest = read_manifest(build_dir)
+    for stage, graph in manifest["graphs"].items():  # refuse early, before hours of building
+        builder_settings(graph["precision"])
+    _device()
+    folder = build_dir / "engines"
+    folder.mkdir(exist_ok=True)
+    engines = {}
+    for stage, graph in manifest["graphs"].items():
+        with progress.step(f"TensorRT engine for {stage} ({graph['precision']})") as advance:
+            plan = folder / f"{stage}.plan"
+            meta = build_engine(build_dir / graph["file"], plan, manifest, stage, folder / "timing.cache")
+            engines[stage] = {"file": str(plan.relative_to(build_dir)), "sha256": sha256_file(plan), **meta}
+            advance()
+    manifest["engines"] = engines
+    write_manifest(build_dir, {k: v for k, v in manifest.items() if k not in ("format", "version")})
+    return engines
