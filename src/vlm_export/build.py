@@ -11,11 +11,11 @@ import datetime as dt
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .adapters import adapter_for
+from .atomic import atomic_folder
 from .compare.parity import ParityResult, Sample, compare_stages, compare_tokens, default_samples
 from .compare.policy import ParityPolicy
 from .compare.report import write_report
@@ -61,30 +61,6 @@ class BuildResult:
     failures: list[str]
 
 
-def _prepare_output(out: Path, force: bool) -> Path:
-    out = Path(out).absolute()
-    if out.exists() and not force:
-        raise BuildError(f"{out} already exists; pass --force to replace it, or choose another --out")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-    except OSError as e:
-        raise BuildError(f"cannot write the build folder {out}: {e.strerror}; choose a writable --out") from None
-    return tmp
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Swap the finished folder into place; an existing build is replaced only now."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _source_hashes(path: Path) -> dict[str, str]:
     """Content hashes of the model's config and weight files (the build's inputs)."""
     files = sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
@@ -97,15 +73,12 @@ def build(model_path: Path, out: Path, options: BuildOptions | None = None,
     progress = progress or Progress()
     model_path, out = Path(model_path), Path(out).absolute()
     adapter = adapter_for(model_path, options.adapter)  # fails fast on an unknown architecture
-    tmp = _prepare_output(out, options.force)
-    try:
-        return _build_into(tmp, out, model_path, adapter, options, progress)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_folder(out, options.force, BuildError, "build folder") as tmp:
+        _build_into(tmp, out, model_path, adapter, options, progress)
+    return BuildResult(out, read_manifest(out), [])
 
 
-def _build_into(tmp, out, model_path, adapter, options, progress) -> BuildResult:
+def _build_into(tmp, out, model_path, adapter, options, progress) -> None:
     with progress.step(f"loading {model_path} ({adapter.name} adapter)") as advance:
         loaded = adapter.load(model_path)
         stages = adapter.stages(loaded)
@@ -185,8 +158,6 @@ def _build_into(tmp, out, model_path, adapter, options, progress) -> BuildResult
         raise ParityError(f"parity failed for {len(failures)} check(s): " + "; ".join(failures)
                           + f". Graphs and report kept in {failed} (not a usable build)")
     write_manifest(tmp, manifest)
-    _publish(tmp, out)
-    return BuildResult(out, read_manifest(out), failures)
 
 
 def _describe_graph(path: Path, root: Path, precision: str, export_seconds: float, **extra) -> dict:

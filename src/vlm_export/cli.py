@@ -55,6 +55,17 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
                    help="ONNX node kept in higher precision (repeatable)")
 
 
+def _add_request_args(p: argparse.ArgumentParser) -> None:
+    """What one generation request takes, the same in-process (generate) and served (ask)."""
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", type=Path, action="append", default=[], help="image file (repeat for several)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
 def _build_options(args, **extra):
     """BuildOptions from the shared build flags."""
     from .build import BuildOptions
@@ -95,13 +106,7 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog='example:\n  vlm-export generate build/demo --image shape.png --prompt "What color is the shape?"')
     p.add_argument("build", type=Path, help="build folder")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--image", type=Path, action="append", default=[], help="image file (repeat for several)")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    _add_request_args(p)
     p.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
     p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of streaming text")
@@ -164,13 +169,7 @@ def _parser() -> argparse.ArgumentParser:
                        epilog='examples:\n  vlm-export ask --url http://127.0.0.1:8000 --image cat.png --prompt "What is it?"\n'
                               '  vlm-export ask --url grpc://127.0.0.1:8001 --image cat.png --prompt "Describe it." --stream')
     p.add_argument("--url", default="http://127.0.0.1:8000", help="http://HOST:PORT or grpc://HOST:PORT")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--image", type=Path, action="append", default=[])
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[])
+    _add_request_args(p)
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--model", default="vlm")
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import atomic_folder
 from ..errors import RepositoryError
 from ..manifest import read_manifest, write_manifest
 
@@ -226,15 +226,7 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
     if options.target == "tensorrt" and not manifest.get("engines"):
         raise RepositoryError(f"{build_dir} has no TensorRT engines; build them on a GPU machine with TensorRT "
                               "first (the python and onnxruntime targets run without)")
-    if out.exists() and not force:
-        raise RepositoryError(f"{out} already exists; pass --force to replace it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-    except OSError as e:
-        raise RepositoryError(f"cannot write {out}: {e.strerror}") from None
-    try:
+    with atomic_folder(out, force, RepositoryError, "model repository") as tmp:
         for name, text in pbtxt.items():
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(text)
@@ -254,10 +246,4 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
         shutil.copy2(PYTHON_MODELS / "vlm.py", tmp / "vlm" / "1" / "model.py")
         shutil.copytree(build_dir / manifest["tokenizer"], tmp / "vlm" / "1" / "tokenizer")
         write_manifest(tmp / "vlm" / "1", {k: v for k, v in manifest.items() if k not in ("format", "version")})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
