@@ -40,7 +40,7 @@ def test_build_parity_per_stage(tiny_build, name):
     # in PyTorch and for the ONNX Runtime build, on every sample (with and without images)
     for candidate in ("torch_split", "onnxruntime"):
         runs = report["end_to_end"][candidate]
-        assert len(runs) == 5
+        assert len(runs) == 6
         for run in runs:
             assert run["identical"], run
             assert len(run["reference"]) > 0

@@ -37,6 +37,7 @@ def default_samples(max_images: int) -> list[Sample]:
         Sample("What animal is in the picture?", (photo["chelsea"],), "chelsea"),
         Sample("What is in the cup?", (photo["coffee"],), "coffee"),
         Sample("What is the capital of France?", (), "text-only"),
+        Sample("Write a short story about a robot who learns to paint.", (), "text-only, long answer"),
     ]
     if max_images >= 2:
         samples.append(Sample("What do these two pictures have in common?", (photo["chelsea"], photo["coffee"]),

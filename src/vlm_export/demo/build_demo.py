@@ -1,0 +1,24 @@
+"""``vlm-export demo``: assemble the demo VLM from the installed SmolLM2 and the committed
+vision weights, build it like any user's model, and measure its easy-vqa accuracy."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from ..build import BuildOptions, BuildResult, build
+from ..compare.parity import default_samples, samples_from_items
+from ..progress import Progress
+from .easyvqa import load_split
+from .model import assemble_demo
+
+PARITY_QUESTIONS = 3  # easy-vqa test questions added to the photo samples for parity
+
+
+def build_demo(out: Path, options: BuildOptions | None = None, progress: Progress | None = None) -> BuildResult:
+    progress = progress or Progress()
+    options = options or BuildOptions()
+    with progress.step("assembling the demo VLM (SmolLM2-135M-Instruct + trained vision tower)") as advance:
+        model_dir = assemble_demo()
+        advance()
+    samples = samples_from_items(load_split("test", PARITY_QUESTIONS)) + default_samples(options.max_images)
+    return build(model_dir, out, replace(options, samples=samples), progress)

@@ -1,0 +1,93 @@
+"""VQA items: the easy-vqa data set (PyPI ``easy-vqa==1.0``, MIT) and a user folder format.
+
+easy-vqa ships 64x64 images of one coloured shape, with questions about its colour and shape
+and 13 one-word answers. A user folder holds images plus ``questions.jsonl``, one JSON object
+per line: ``{"image": "relative/path.png", "question": "...", "answer": "..."}``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DatasetError
+
+SPLITS = ("train", "test")
+QUESTIONS_FILE = "questions.jsonl"
+INSTALL_HINT = "pip install easy-vqa==1.0"
+ANSWERS = (
+    "circle", "rectangle", "triangle",
+    "red", "green", "blue", "black", "gray", "teal", "brown", "yellow",
+    "yes", "no",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VqaItem:
+    image: Path
+    question: str
+    answer: str
+
+
+def normalize_answer(text: str) -> str:
+    """The form answers are compared in: trimmed, lower case, no trailing punctuation."""
+    return text.strip().lower().rstrip(".!?,;:").strip()
+
+
+def data_dir() -> Path:
+    """``easy_vqa/data`` of the installed package."""
+    # find_spec, not import: only the data files are needed.
+    spec = importlib.util.find_spec("easy_vqa")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetError(f"the easy-vqa data set is not installed; run: {INSTALL_HINT}")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} is missing; reinstall with: {INSTALL_HINT}")
+    return folder
+
+
+def load_split(split: str, limit: int | None = None) -> list[VqaItem]:
+    """The questions of one easy-vqa split, in the order of its ``questions.json``."""
+    if split not in SPLITS:
+        raise DatasetError(f"easy-vqa has no split {split!r}; use one of {', '.join(SPLITS)}")
+    folder = data_dir() / split
+    path = folder / "questions.json"
+    try:
+        rows = json.loads(path.read_text())
+        items = [VqaItem(folder / "images" / f"{int(i)}.png", str(q), str(a)) for q, a, i in rows]
+    except (OSError, ValueError, TypeError) as err:
+        raise DatasetError(f"cannot read easy-vqa questions {path}: {err}; reinstall with: {INSTALL_HINT}") from err
+    return items[:limit] if limit is not None else items
+
+
+def load_folder(path: str | Path, limit: int | None = None) -> list[VqaItem]:
+    """Items of a user folder: images plus ``questions.jsonl`` (see the module docstring)."""
+    folder = Path(path)
+    qfile = folder / QUESTIONS_FILE
+    if not qfile.is_file():
+        raise DatasetError(f"{qfile} not found; a VQA folder needs a {QUESTIONS_FILE} beside its images")
+    items = []
+    for lineno, line in enumerate(qfile.read_text().splitlines(), start=1):
+        if line.strip():
+            items.append(_folder_item(folder, qfile, lineno, line))
+    if not items:
+        raise DatasetError(f"{qfile} holds no questions")
+    return items[:limit] if limit is not None else items
+
+
+def _folder_item(folder: Path, qfile: Path, lineno: int, line: str) -> VqaItem:
+    where = f"{qfile}:{lineno}"
+    try:
+        row = json.loads(line)
+    except ValueError as err:
+        raise DatasetError(f"{where} is not valid JSON: {err}") from err
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where} must be a JSON object with image, question and answer")
+    missing = [k for k in ("image", "question", "answer") if not isinstance(row.get(k), str) or not row[k].strip()]
+    if missing:
+        raise DatasetError(f"{where} lacks a non-empty string for: {', '.join(missing)}")
+    image = folder / row["image"]
+    if not image.is_file():
+        raise DatasetError(f"{where}: image {image} not found")
+    return VqaItem(image, row["question"], row["answer"])

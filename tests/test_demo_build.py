@@ -1,0 +1,88 @@
+"""The demo end to end: assembled from SmolLM2 + the committed weights, built like any user's
+model, answering easy-vqa test questions identically in PyTorch, in-process ONNX Runtime and
+over the served Triton path.
+
+One demo build per session (about two to four minutes on a 2-core CPU: SmolLM2's 30-layer
+decoder is exported and checked)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlm_export.build import BuildOptions
+from vlm_export.demo.build_demo import build_demo
+from vlm_export.demo.easyvqa import load_split, normalize_answer
+from vlm_export.evaluate import evaluate_build
+
+SUBSET = 60
+# accuracy of the PyTorch demo on this fixed subset, measured once (greedy, deterministic);
+# a margin of two answers allows for float noise across machines
+SUBSET_ACCURACY = 54 / 60  # ONNX Runtime = PyTorch, measured 2026-11-26 on the committed weights
+MARGIN = 2 / SUBSET
+
+
+def fixed_subset(n: int = SUBSET):
+    items = load_split("test")
+    return items[:: len(items) // n][:n]
+
+
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "build"
+    return build_demo(out, BuildOptions(max_images=1, parity_new_tokens=16))
+
+
+def test_demo_build_passes_parity(demo_build):
+    manifest = demo_build.manifest
+    assert manifest["parity"]["passed"]
+    assert manifest["prompt_layout"]["image_token_id"] == 16
+    assert manifest["kv_cache"]["num_layers"] == 30
+    report = json.loads((demo_build.path / "report.json").read_text())
+    for runs in report["end_to_end"].values():
+        assert all(r["identical"] for r in runs)
+    # SmolLM2 ties its LM head to the embeddings: the matrix is shipped once
+    decoder_mb = manifest["graphs"]["lm_decoder"]["bytes"] / 1e6
+    assert decoder_mb < 560, decoder_mb
+
+
+def test_onnxruntime_answers_like_pytorch(demo_build, tmp_path):
+    import shutil
+
+    items = fixed_subset()
+    folder = tmp_path / "subset"
+    (folder / "images").mkdir(parents=True)
+    lines = []
+    for i, item in enumerate(items):
+        shutil.copy(item.image, folder / "images" / f"{i}.png")
+        lines.append(json.dumps({"image": f"images/{i}.png", "question": item.question, "answer": item.answer}))
+    (folder / "questions.jsonl").write_text("\n".join(lines))
+    accuracy = evaluate_build(demo_build.path, str(folder))
+    torch_result, ort_result = accuracy["results"]
+    assert (torch_result["backend"], ort_result["backend"]) == ("torch", "onnxruntime")
+    assert accuracy["disagreements"] == []  # every answer identical
+    assert ort_result["accuracy"] == torch_result["accuracy"]
+    recorded = json.loads((demo_build.path / "report.json").read_text())["task_accuracy"]
+    assert recorded["questions"] == SUBSET
+    assert torch_result["accuracy"] >= SUBSET_ACCURACY - MARGIN
+
+
+def test_served_demo_matches_in_process(demo_build, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vlm_export.client.client import VLMClient
+    from vlm_export.compare.accuracy import evaluate_vqa
+    from vlm_export.model_repository.render import render_repository
+    from vlm_export.runtime.load import open_build
+    from vlm_export.serve.server import TritonServer
+
+    items = fixed_subset(30)
+    in_process = evaluate_vqa(open_build(demo_build.path), items, "easy-vqa/test", normalize_answer)
+    repo = render_repository(demo_build.path, tmp_path / "repo")
+    with TritonServer(repo, log_file=tmp_path / "triton.log") as server:
+        client = VLMClient(f"grpc://{server.grpc_url}")
+        with ThreadPoolExecutor(4) as pool:
+            served = list(pool.map(lambda it: client.generate(it.question, [it.image], max_tokens=8).text, items))
+    assert served == in_process.answers
+    correct = sum(normalize_answer(a) == normalize_answer(it.answer) for a, it in zip(served, items))
+    assert correct == in_process.correct
