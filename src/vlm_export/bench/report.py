@@ -1,0 +1,242 @@
+"""Writers for the bench results: ``bench.json`` (everything), ``bench.md`` (tables with ratios
+against PyTorch from the same run) and PNG plots (matplotlib, Agg: no display needed)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+STAGE_LABELS = {"vision_encoder": "vision", "projector": "projector", "prefill": "prefill", "decode_step": "decode step"}
+
+
+def write_reports(results: dict, out: Path) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": out / "bench.json", "markdown": out / "bench.md", "stages_png": out / "stages.png"}
+    if results.get("served"):
+        files["concurrency_png"] = out / "concurrency.png"
+    payload = {**results, "files": {k: p.name for k, p in files.items()}}
+    files["json"].write_text(json.dumps(payload, indent=2))
+    files["markdown"].write_text(markdown(results))
+    plot_stages(results, files["stages_png"])
+    if "concurrency_png" in files:
+        plot_concurrency(results, files["concurrency_png"])
+    return files
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _ms(summary: dict | None, key: str = "p50") -> str:
+    value = (summary or {}).get(key)
+    return "-" if value is None else (f"{value:.3g}" if value < 10 else f"{value:.1f}")
+
+
+def _x(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def markdown(r: dict) -> str:
+    m, t, o = r["machine"], r["threads"], r["options"]
+    lines = [f"# Benchmark: {r['name']}", "",
+             f"{r['created']} on **{m['cpu']}** ({m['usable_cores']} usable cores, {m['memory_gb']} GB, "
+             f"L3 {m['l3_cache']}, ISA {', '.join(m['isa'])}{', virtual machine' if m['hypervisor'] else ''}); "
+             f"load average {r['load_average_start']} at the start, {r.get('load_average_end')} at the end.",
+             f"Threads: torch {t['torch_intra_op']}, ONNX Runtime intra-op {t.get('ort_intra_op', '-')} "
+             f"(inter-op {t.get('ort_inter_op', '-')}, {t.get('ort_graph_optimization', '-')}). "
+             f"Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + ".",
+             f"Inputs: {r['inputs']['prompt_tokens']}-token prompt with one image "
+             f"({r['inputs']['image_tokens']} image tokens, pixels {r['inputs']['pixel_values_shape']}); "
+             f"decode step at past {r['inputs']['decode_past_len']}; {o['new_tokens']} new tokens per request "
+             f"(EOS ignored, greedy). Backends take turns in mirrored blocks (A B, B A), each block after "
+             f"{o['warmup']} discarded warm-up calls (1 request end to end). "
+             "Latencies in ms; a speed-up is PyTorch p50 / backend p50 from this same run. CPU share = "
+             "process CPU time / (wall time x threads) per backend, a rough sign of contention: about 1 "
+             "when a backend had its cores (spinning thread pools count, so it can exceed 1), well below 1 "
+             "when other processes took them (unreliable for sub-millisecond calls).", ""]
+    if r.get("contention", {}).get("busy"):
+        lines += ["**Other processes competed for the cores during this run** (" + "; ".join(r["contention"]["reasons"])
+                  + "): the figures are inflated, PyTorch's most (its OpenMP threads wait for descheduled peers "
+                  "at every parallel region), so ratios against it overstate the gains. Rerun on a quiet machine.", ""]
+
+    lines += ["## Per stage", ""]
+    backends = list(dict.fromkeys(row["backend"] for row in r["stages"]))
+    ref = {(row["stage"], row["batch"]): row for row in r["stages"] if row["backend"] == "torch"}
+    header = ["stage", "batch"] + [f"{b} p50 / p90 / p99" for b in backends] + \
+        [f"{b} speed-up" for b in backends if b != "torch" and ref] + ["throughput (p50)", "CPU share"]
+    rows = []
+    for key in dict.fromkeys((row["stage"], row["batch"]) for row in r["stages"]):
+        cells = {row["backend"]: row for row in r["stages"] if (row["stage"], row["batch"]) == key}
+        row = [STAGE_LABELS.get(key[0], key[0]), key[1]]
+        row += [" / ".join(_ms(cells[b]["latency_ms"], p) for p in ("p50", "p90", "p99")) for b in backends]
+        if ref:
+            row += [_x(ref[key]["latency_ms"]["p50"] / cells[b]["latency_ms"]["p50"]) for b in backends if b != "torch"]
+        row.append(", ".join(f"{b} {cells[b]['throughput']['value']:.4g}" for b in backends)
+                   + f" {cells[backends[0]]['throughput']['unit']}")
+        row.append(" / ".join(f"{cells[b].get('cpu_share', 0):.2f}" for b in backends))
+        rows.append(row)
+    lines += _table(header, rows) + [""]
+
+    e2e = dict(r["end_to_end"])
+    served = r.get("served")
+    if served:
+        e2e["triton (concurrency 1)"] = served["overhead"]["served"]
+    if e2e:
+        base = r["end_to_end"].get("torch")
+        lines += ["## End to end (image bytes + question -> streamed text)", ""]
+        rows = []
+        for b, e in e2e.items():
+            rows.append([b, e["requests"], " / ".join(_ms(e["ttft_ms"], p) for p in ("p50", "p90", "p99")),
+                         " / ".join(_ms(e["tpot_ms"], p) for p in ("p50", "p90", "p99")), e["tokens_per_s"],
+                         _x(base["ttft_ms"]["p50"] / e["ttft_ms"]["p50"]) if base else "-",
+                         _x(base["tpot_ms"]["p50"] / e["tpot_ms"]["p50"]) if base else "-"])
+        lines += _table(["backend", "requests", "TTFT p50 / p90 / p99", "time per output token p50 / p90 / p99",
+                         "tokens/s (one stream)", "TTFT speed-up", "per-token speed-up"], rows)
+        if served:
+            lines += ["", "The Triton row was measured side by side with a second in-process ONNX Runtime run "
+                          "(in the Triton section), not with the rows above."]
+        lines += [""]
+
+    c = r["ceiling"]
+    lines += ["## Decode against the memory-bandwidth ceiling", "",
+              f"Bandwidth (torch.sum over {o['bandwidth_mb']} MB, before and after the in-process runs): "
+              f"p50 {c['bandwidth_gb_s']['p50']} GB/s (min {c['bandwidth_gb_s']['min']}, max {c['bandwidth_gb_s']['max']}). "
+              f"A decode step reads {c['read_per_token_bytes'] / 1e6:.1f} MB of {c['decoder_precision']} weights "
+              f"(of {c['initializer_bytes'] / 1e6:.1f} MB; gather-only tables excluded) + "
+              f"{c['kv_bytes_at_past'] / 1e6:.2f} MB of KV cache at past {c['past_len']}, so at most "
+              f"**{c['ceiling_tokens_per_s']} tokens/s**."
+              + (f" These bytes fit in the L3 cache ({m['l3_cache']}), so memory bandwidth does not bound this "
+                 "decoder: read the shares below as overheads, not as distance to a limit." if c.get("fits_in_l3") else ""),
+              ""]
+    rows = [[b, v["decode_step_tokens_per_s"], f"{100 * v['decode_step_fraction']:.1f}%",
+             v["end_to_end_tokens_per_s"] or "-",
+             "-" if v["end_to_end_fraction"] is None else f"{100 * v['end_to_end_fraction']:.1f}%"]
+            for b, v in c["backends"].items()]
+    lines += _table(["backend", "decode step tokens/s", "of ceiling", "end-to-end tokens/s", "of ceiling"], rows) + [""]
+
+    if served:
+        s, ov = served["server"], served["overhead"]
+        lines += ["## Triton (served path)", "",
+                  f"tritonserver {s['tritonserver']}, {s['repository']['target']} target, decoder "
+                  f"{s['repository']['decoder_mode']}, {s['repository']['vlm_instances']} vlm instance(s), "
+                  f"{s['protocol']} over {s['address']}.", "",
+                  f"Overhead against in-process ONNX Runtime (served p50 minus in-process p50, the same "
+                  f"{ov['requests']} requests each, measured side by side at concurrency 1): "
+                  f"**{ov['per_token_ms']} ms per token**, {ov['ttft_ms']} ms on the first token, "
+                  f"{ov['per_request_ms']} ms per request.", ""]
+        rows = [[lv["concurrency"], lv["requests"], " / ".join(_ms(lv["ttft_ms"], p) for p in ("p50", "p90", "p99")),
+                 " / ".join(_ms(lv["tpot_ms"], p) for p in ("p50", "p90", "p99")),
+                 " / ".join(_ms(lv["request_ms"], p) for p in ("p50", "p90", "p99")),
+                 lv["throughput_tokens_per_s"], lv["throughput_requests_per_s"]] for lv in served["levels"]]
+        lines += _table(["concurrency", "requests", "TTFT p50 / p90 / p99", "per token p50 / p90 / p99",
+                         "request p50 / p90 / p99", "tokens/s", "requests/s"], rows) + [""]
+
+    lines += ["## Targets (issue 6)", ""]
+    rows = [[tg["target"], "-" if tg["value"] is None else tg["value"], tg["goal"],
+             {True: "met", False: "not met", None: "not measured"}[tg["met"]], tg["note"]] for tg in r["targets"]]
+    lines += _table(["target", "this run", "goal", "status", "note"], rows) + [""]
+    lines += ["Timings on a shared machine are noisy: compare the ratios from one run, not absolute "
+              "figures across runs.", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plain_log_y(ax) -> None:
+    """A log-scale y axis labelled 20, 50, 100 rather than 2x10^1."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
+
+
+def plot_stages(r: dict, path: Path) -> None:
+    """Left: p50 latency per stage case per backend (whiskers to p90). Right: TTFT and per-token time."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 1.4]})
+    backends = list(dict.fromkeys(row["backend"] for row in r["stages"]))
+    cases = list(dict.fromkeys((row["stage"], row["batch"]) for row in r["stages"]))
+    width = 0.8 / max(len(backends), 1)
+    for i, b in enumerate(backends):
+        cells = {(row["stage"], row["batch"]): row["latency_ms"] for row in r["stages"] if row["backend"] == b}
+        p50 = np.array([cells[c]["p50"] for c in cases])
+        p90 = np.array([cells[c]["p90"] for c in cases])
+        ax.bar(np.arange(len(cases)) + (i - (len(backends) - 1) / 2) * width, p50, width, label=b,
+               yerr=[np.zeros_like(p50), p90 - p50], capsize=2)
+    ax.set_xticks(range(len(cases)), [f"{STAGE_LABELS.get(s, s)}\nbatch {b}" if s in ("vision_encoder", "projector")
+                                      else STAGE_LABELS.get(s, s) for s, b in cases])
+    _plain_log_y(ax)
+    ax.set_ylabel("latency, ms (p50, whisker to p90; log scale)")
+    ax.set_title(f"{r['name']}: latency per stage")
+    ax.legend()
+
+    e2e = {b: (e["ttft_ms"]["p50"], e["tpot_ms"]["p50"]) for b, e in r["end_to_end"].items()}
+    if r.get("served"):
+        ov = r["served"]["overhead"]["served"]
+        e2e["triton c=1"] = (ov["ttft_ms"]["p50"], ov["tpot_ms"]["p50"])
+    names = list(e2e)
+    x = np.arange(2)
+    width = 0.8 / max(len(names), 1)
+    for i, b in enumerate(names):
+        ax2.bar(x + (i - (len(names) - 1) / 2) * width, e2e[b], width, label=b)
+    ax2.set_xticks(x, ["time to first token", "time per output token"])
+    _plain_log_y(ax2)
+    ax2.set_ylabel("ms (p50, log scale)")
+    ax2.set_title("end to end")
+    if names:
+        ax2.legend()
+    fig.text(0.01, 0.01, f"{r['machine']['cpu']}, {r['threads']['requested']} threads, {r['created']}", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_concurrency(r: dict, path: Path) -> None:
+    """Triton: throughput, and latency percentiles, against the number of requests in flight."""
+    plt = _pyplot()
+    levels = r["served"]["levels"]
+    c = [lv["concurrency"] for lv in levels]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax.plot(c, [lv["throughput_tokens_per_s"] for lv in levels], "o-", label="tokens/s")
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("tokens/s")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(c, [str(x) for x in c])
+    axr = ax.twinx()
+    axr.plot(c, [lv["throughput_requests_per_s"] for lv in levels], "s--", color="tab:orange", label="requests/s")
+    axr.set_ylabel("requests/s")
+    ax.set_title(f"{r['name']} on Triton: throughput")
+    ax.legend(loc="upper left")
+    axr.legend(loc="lower right")
+    for (key, label), color in zip((("ttft_ms", "time to first token"), ("tpot_ms", "time per output token"),
+                                    ("request_ms", "request")), ("tab:blue", "tab:green", "tab:red")):
+        for pct, style in (("p50", "o-"), ("p99", "x:")):
+            ax2.plot(c, [lv[key].get(pct) for lv in levels], style, color=color, label=f"{label} {pct}")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xticks(c, [str(x) for x in c])
+    _plain_log_y(ax2)
+    ax2.set_xlabel("concurrent requests")
+    ax2.set_ylabel("ms (log scale)")
+    ax2.set_title("latency")
+    ax2.legend(fontsize=7)
+    fig.text(0.01, 0.01, f"{r['machine']['cpu']}, {r['threads']['requested']} threads, {r['created']}", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

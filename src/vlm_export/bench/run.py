@@ -1,0 +1,375 @@
+"""``vlm-export bench``: PyTorch vs ONNX Runtime vs Triton, stage by stage, on the same inputs.
+
+Every backend is driven through the one runner contract (``VLMPipeline`` stages and the one
+generation loop ``runtime.generate.stream``), so what differs between the rows of the report is
+the backend, nothing else. Inputs (real photos through the real preprocessing, one prompt set,
+one random KV cache) are made once and shared. Backends take turns in mirrored blocks, so a
+busy spell on a shared machine slows all of them alike and the ratios stay meaningful; warm-up
+calls are discarded; thread counts are set once and recorded; a run that other processes
+disturbed is marked as such.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import io
+import itertools
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..manifest import read_manifest, versions
+from ..progress import Progress
+from ..runtime.generate import GenerationConfig, stream
+from ..runtime.pipeline import VLMPipeline
+from . import measure
+
+BACKENDS = ("torch", "onnxruntime", "triton")
+IN_PROCESS = ("torch", "onnxruntime")
+FORMAT, VERSION = "vlm-export-bench", 1
+# scikit-image's photographs: real images through the real image processor, no download
+PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
+# a run is marked busy past these (see contention())
+BUSY_LOAD, BUSY_LOAD_END, LOW_CPU_SHARE = 0.5, 1.5, 0.75
+E2E_WARMUP = 1  # discarded requests per block of end-to-end requests
+PROMPTS = ("What animal is in the picture?", "Describe this image in one sentence.",
+           "What is in the cup?", "What is this object used for?")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    backends: tuple[str, ...] = BACKENDS
+    batch: tuple[int, ...] = (1, 4)  # image batch sizes of the vision encoder and projector cases
+    concurrency: tuple[int, ...] = (1, 4, 16)  # Triton: requests in flight
+    new_tokens: int = 64  # generated per end-to-end request (EOS ignored, so every request makes this many)
+    threads: int | None = None  # torch and ONNX Runtime intra-op threads; None: every usable core
+    out: Path | None = None  # write bench.json, bench.md and the plots here; None: only return the results
+    warmup: int = 3  # discarded calls per stage case and backend
+    iterations: int = 20  # timed calls per stage case and backend
+    stage_budget_s: float = 30.0  # a stage case stops early past this (keeping >= 5 samples)
+    requests: int = 6  # timed end-to-end requests per in-process backend; also the minimum per Triton level
+    decode_past: int | None = None  # past length of the decode-step case; None: prompt + new_tokens // 2
+    bandwidth_mb: int = 512  # buffer of the memory-bandwidth measurement (>> the L3 cache)
+    name: str | None = None  # label in the report; None: the build folder's name
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown or not self.backends:
+            raise InputError(f"unknown backend(s) {unknown or list(self.backends)}; choose from {', '.join(BACKENDS)}")
+        for name in ("batch", "concurrency"):
+            values = getattr(self, name)
+            if not values or any(not isinstance(v, int) or v < 1 for v in values):
+                raise InputError(f"{name} must be a list of whole numbers >= 1, got {list(values)}")
+        for name in ("new_tokens", "iterations", "requests", "bandwidth_mb"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1 or self.warmup < 0:
+            raise InputError("threads must be at least 1 and warmup at least 0")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["out"] = None if self.out is None else str(self.out)
+        return d
+
+
+def parse_csv(text: str, option: str, cast=str) -> tuple:
+    """``"1,4"`` -> ``(1, 4)`` for command lines; InputError naming the option on a bad item."""
+    try:
+        return tuple(cast(x.strip()) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"{option} takes a comma-separated list, e.g. 1,4; got {text!r}") from None
+
+
+@dataclass
+class BenchInputs:
+    """Everything fed to the backends, made once so every backend sees the same bytes."""
+
+    images: list[bytes]  # encoded PNGs
+    pixel_values: dict[int, np.ndarray]  # image batch -> preprocessed pixels
+    features: dict[int, np.ndarray]  # image batch -> vision encoder output (the projector's input)
+    prompt_ids: np.ndarray  # [1, s]: one image + a question
+    image_embeds: np.ndarray  # [tokens_per_image, hidden] for that image
+    past: dict[str, np.ndarray]  # random KV cache of the decode-step case
+    past_len: int
+    requests: list[tuple[str, bytes]] = field(default_factory=list)  # end-to-end: (question, image)
+
+    def describe(self) -> dict:
+        return {"photos": [PHOTOS[i % len(PHOTOS)] for i in range(len(self.images))],
+                "prompt": PROMPTS[0], "prompt_tokens": int(self.prompt_ids.shape[1]),
+                "pixel_values_shape": list(self.pixel_values[min(self.pixel_values)].shape[1:]),
+                "image_tokens": int(self.image_embeds.shape[0]), "decode_past_len": self.past_len,
+                "requests": [q for q, _ in self.requests]}
+
+
+def _photo_png(name: str) -> bytes:
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(getattr(data, name)()).convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_inputs(pipe: VLMPipeline, options: BenchOptions) -> BenchInputs:
+    n_images = max(options.batch)
+    photos = [_photo_png(PHOTOS[i % len(PHOTOS)]) for i in range(max(n_images, len(PROMPTS)))]
+    pixel_values = {b: pipe.pixel_values(photos[:b]) for b in options.batch}
+    features = {b: pipe.vision.infer({"pixel_values": pv})["image_features"] for b, pv in pixel_values.items()}
+    prompt_ids = np.asarray([pipe.prompt_ids(PROMPTS[0], 1)], dtype=np.int64)
+    image_embeds = pipe.image_embeds(pixel_values[min(options.batch)][:1])
+    past_len = options.decode_past or prompt_ids.shape[1] + options.new_tokens // 2
+    pipe.check_length(past_len, 1)
+    rng = np.random.default_rng(0)  # the values do not change the time; fixed so runs are alike
+    past = {n: rng.standard_normal(a.shape[:2] + (past_len,) + a.shape[3:]).astype(a.dtype)
+            for n, a in pipe.empty_past().items()}
+    requests = [(PROMPTS[i % len(PROMPTS)], photos[i % len(photos)]) for i in range(len(PROMPTS))]
+    return BenchInputs(photos[:n_images], pixel_values, features, prompt_ids, image_embeds, past, past_len, requests)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _load(build_dir: Path, manifest: dict, backends: list[str], threads: int, progress: Progress) -> dict[str, VLMPipeline]:
+    from ..runtime.load import open_build
+
+    pipes = {}
+    for backend in backends:
+        if backend == "torch" and not Path(manifest["source"]["path"]).is_dir():
+            raise InputError(f"the torch backend runs the source model {manifest['source']['path']}, which is gone; "
+                             "restore it or leave torch out of --backends")
+        with progress.step(f"loading {build_dir.name} on {backend}") as advance:
+            pipe = open_build(build_dir, backend, threads=threads)
+            # Every request then generates exactly new_tokens, as benchmarks of LLM servers do
+            # (ignore_eos): a model that answers in two words would otherwise time nothing.
+            pipe.eos_token_ids = []
+            pipes[backend] = pipe
+            advance()
+    return pipes
+
+
+def thread_settings(threads: int, pipes: dict[str, VLMPipeline]) -> dict:
+    import torch
+
+    settings = {"requested": threads, "torch_intra_op": torch.get_num_threads(),
+                "torch_inter_op": torch.get_num_interop_threads()}
+    ort = pipes.get("onnxruntime")
+    if ort is not None:
+        opts = ort.decoder.session.get_session_options()
+        settings.update(ort_intra_op=opts.intra_op_num_threads, ort_inter_op=opts.inter_op_num_threads,
+                        ort_graph_optimization=str(opts.graph_optimization_level).split(".")[-1],
+                        ort_providers=ort.decoder.session.get_providers())
+    return settings
+
+
+# --------------------------------------------------------------------------- in-process
+
+
+def stage_cases(inputs: BenchInputs, batches: tuple[int, ...]):
+    """(stage, batch, what is counted, count per call, call(pipe)): one per timed case."""
+    no_images = inputs.image_embeds[:0]
+    token = inputs.prompt_ids[:, -1:]
+    cases = []
+    for b in batches:
+        cases.append(("vision_encoder", b, "images", b,
+                      lambda p, b=b: p.vision.infer({"pixel_values": inputs.pixel_values[b]})))
+    for b in batches:
+        cases.append(("projector", b, "images", b,
+                      lambda p, b=b: p.projector.infer({"image_features": inputs.features[b]})))
+    cases.append(("prefill", 1, "prompt tokens", inputs.prompt_ids.shape[1],
+                  lambda p: p.decode(inputs.prompt_ids, inputs.image_embeds, p.empty_past(), 0)))
+    cases.append(("decode_step", 1, "tokens", 1,
+                  lambda p: p.decode(token, no_images, inputs.past, inputs.past_len)))
+    return cases
+
+
+def bench_stages(pipes: dict[str, VLMPipeline], inputs: BenchInputs, options: BenchOptions, threads: int,
+                 progress: Progress) -> list[dict]:
+    """p50/p90/p99 per stage case and backend, and the share of its cores each backend got."""
+    rows = []
+    for stage, batch, unit, count, call in stage_cases(inputs, options.batch):
+        with progress.step(f"{stage} (batch {batch}): {' vs '.join(pipes)}",
+                           total=options.iterations * len(pipes)) as advance:
+            samples = measure.alternating({b: measure.timed(lambda p=p: call(p)) for b, p in pipes.items()},
+                                          options.warmup, options.iterations, options.stage_budget_s, advance)
+        for backend, pairs in samples.items():
+            wall, cpu = (np.array(x) for x in zip(*pairs))
+            latency = measure.summarize(wall)
+            rows.append({"stage": stage, "batch": batch, "backend": backend, "latency_ms": latency,
+                         "throughput": {"value": round(count * 1e3 / latency["p50"], 3), "unit": f"{unit}/s"},
+                         "cpu_share": round(float(cpu.sum() / wall.sum() / threads), 3)})
+    return rows
+
+
+def request_call(pipe: VLMPipeline, requests: list, new_tokens: int):
+    """A call that makes the next end-to-end request in-process and returns its RequestTiming."""
+    config = GenerationConfig(max_new_tokens=new_tokens)
+    turn = itertools.count()
+
+    def run() -> measure.RequestTiming:
+        prompt, image = requests[next(turn) % len(requests)]
+        return measure.time_request(stream(pipe, prompt, [image], config))
+
+    return run
+
+
+def bench_end_to_end(pipes: dict[str, VLMPipeline], inputs: BenchInputs, options: BenchOptions,
+                     progress: Progress) -> dict[str, dict]:
+    """Image bytes + question -> streamed text, in-process, every backend on the same requests."""
+    with progress.step(f"end to end, {options.new_tokens} tokens: {' vs '.join(pipes)}",
+                       total=options.requests * len(pipes)) as advance:
+        timings = measure.alternating({b: request_call(p, inputs.requests, options.new_tokens)
+                                       for b, p in pipes.items()}, E2E_WARMUP, options.requests, None, advance)
+    return {b: measure.summarize_requests(t) for b, t in timings.items()}
+
+
+# --------------------------------------------------------------------------- the ceiling and targets
+
+
+def ceiling(build_dir: Path, manifest: dict, bandwidth: list[float], stages: list[dict],
+            end_to_end: dict, past_len: int, l3_bytes: int | None = None) -> dict:
+    """Decode speed against what memory bandwidth allows: bandwidth / bytes read per token.
+
+    A decoder whose bytes per token fit in the last-level cache is not read from memory at all
+    after the first steps, so this ceiling does not bound it (the tiny test model beats it).
+    """
+    graph = manifest["graphs"]["lm_decoder"]
+    weights = measure.decoder_weight_bytes(build_dir / graph["file"])
+    kv = measure.kv_bytes(manifest["kv_cache"], past_len)
+    per_token = weights["read_per_token_bytes"] + kv
+    bw = float(np.median(bandwidth))
+    limit = bw * 1e9 / per_token
+    out = {"bandwidth_gb_s": {"p50": round(bw, 2), "max": round(max(bandwidth), 2), "min": round(min(bandwidth), 2),
+                              "n": len(bandwidth)},
+           "decoder_precision": graph["precision"], "decoder_graph_bytes": graph["bytes"], **weights,
+           "kv_bytes_at_past": kv, "past_len": past_len, "bytes_per_token": per_token,
+           "ceiling_tokens_per_s": round(limit, 2),
+           "fits_in_l3": None if not l3_bytes else per_token <= l3_bytes, "backends": {}}
+    for row in stages:
+        if row["stage"] == "decode_step":
+            step = 1e3 / row["latency_ms"]["p50"]
+            e2e = (end_to_end.get(row["backend"]) or {}).get("tokens_per_s")
+            out["backends"][row["backend"]] = {
+                "decode_step_tokens_per_s": round(step, 2), "decode_step_fraction": round(step / limit, 4),
+                "end_to_end_tokens_per_s": e2e, "end_to_end_fraction": round(e2e / limit, 4) if e2e else None}
+    return out
+
+
+def ratios(stages: list[dict], end_to_end: dict, reference: str = "torch") -> dict:
+    """Speed-ups against PyTorch from the same run: reference p50 / backend p50 (> 1 is faster)."""
+    ref = {(r["stage"], r["batch"]): r["latency_ms"]["p50"] for r in stages if r["backend"] == reference}
+    out = {"reference": reference, "stages": [], "end_to_end": {}}
+    if not ref:
+        return out
+    for r in stages:
+        if r["backend"] != reference and (r["stage"], r["batch"]) in ref:
+            out["stages"].append({"stage": r["stage"], "batch": r["batch"], "backend": r["backend"],
+                                  "speedup_p50": round(ref[(r["stage"], r["batch"])] / r["latency_ms"]["p50"], 3)})
+    base = end_to_end.get(reference)
+    for backend, e in end_to_end.items():
+        if backend != reference and base:
+            out["end_to_end"][backend] = {
+                "ttft_speedup_p50": round(base["ttft_ms"]["p50"] / e["ttft_ms"]["p50"], 3),
+                "tpot_speedup_p50": round(base["tpot_ms"]["p50"] / e["tpot_ms"]["p50"], 3)}
+    return out
+
+
+def targets(ratio: dict, ceil: dict, served: dict | None) -> list[dict]:
+    """Issue 6's speed targets, each a ratio from this run; None where this run cannot say."""
+    ort = ratio["end_to_end"].get("onnxruntime", {})
+    step = next((r["speedup_p50"] for r in ratio["stages"]
+                 if r["backend"] == "onnxruntime" and r["stage"] == "decode_step"), None)
+    frac = ceil["backends"].get("onnxruntime", {}).get("end_to_end_fraction")
+    overhead = (served or {}).get("overhead", {}).get("per_token_ms")
+
+    def row(name, value, goal, met, note=""):
+        return {"target": name, "value": value, "goal": goal, "met": None if value is None else met, "note": note}
+
+    precision = ceil["decoder_precision"]
+    return [
+        row(f"ONNX Runtime {precision} decode tokens/s vs PyTorch eager", ort.get("tpot_speedup_p50"), ">= 1.8x",
+            ort.get("tpot_speedup_p50", 0) >= 1.8,
+            f"end-to-end time per output token; a lone decode step: {step}x"),
+        row(f"ONNX Runtime {precision} decode, share of the bandwidth ceiling", frac, ">= 0.85", (frac or 0) >= 0.85,
+            f"ceiling {ceil['ceiling_tokens_per_s']} tokens/s"),
+        row("time to first token (image + question) vs PyTorch eager", ort.get("ttft_speedup_p50"), ">= 2x",
+            ort.get("ttft_speedup_p50", 0) >= 2),
+        row("weight-only int4 decode vs PyTorch eager fp32", None, ">= 5x", None,
+            "not measured: builds have no int4 decoder yet (precision issue)"),
+        row("Triton adds per decode step over in-process ONNX Runtime (ms)", overhead, "<= 1 ms",
+            overhead is not None and overhead <= 1.0, "served p50 - in-process p50, same requests, concurrency 1"),
+    ]
+
+
+def contention(stages: list[dict], load_start: list | None, load_end: list | None, cores: int) -> dict:
+    """Whether other processes competed for the cores: the load average around the run (the
+    bench's own threads add about ``threads`` to the one at the end) and the CPU share of each
+    stage case long enough to measure it."""
+    reasons = []
+    if load_start and load_start[0] > BUSY_LOAD * cores:
+        reasons.append(f"1-minute load {load_start[0]} on {cores} cores at the start")
+    if load_end and load_end[0] > BUSY_LOAD_END * cores:
+        reasons.append(f"1-minute load {load_end[0]} on {cores} cores at the end (this bench adds about {cores})")
+    for r in stages:
+        if r["latency_ms"]["p50"] >= 10 and r["cpu_share"] < LOW_CPU_SHARE:
+            reasons.append(f"{r['backend']} {r['stage']} (batch {r['batch']}) got {r['cpu_share']:.2f} of its cores")
+    return {"busy": bool(reasons), "reasons": reasons}
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+def run_bench(build_dir: Path, options: BenchOptions | None = None, progress: Progress | None = None) -> dict:
+    """Measure a build; returns the results (and writes the reports when ``options.out`` is set)."""
+    import torch
+
+    options = options or BenchOptions()
+    progress = progress or Progress()
+    build_dir = Path(build_dir)
+    manifest = read_manifest(build_dir)
+    threads = options.threads or measure.machine()["usable_cores"] or 1
+    torch.set_num_threads(threads)
+    results = {"format": FORMAT, "version": VERSION, "name": options.name or build_dir.name,
+               "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "build": {"path": str(build_dir.absolute()), "source": manifest["source"]["path"],
+                         "graphs": {s: {"precision": g["precision"], "bytes": g["bytes"]}
+                                    for s, g in manifest["graphs"].items()}},
+               "machine": measure.machine(), "load_average_start": measure.load_average(),
+               "versions": versions(), "options": options.to_dict()}
+
+    in_process = [b for b in IN_PROCESS if b in options.backends]
+    # the served path is compared with in-process ONNX Runtime, so that one is loaded for it too
+    needed = in_process + (["onnxruntime"] if "triton" in options.backends and "onnxruntime" not in in_process else [])
+    pipes = _load(build_dir, manifest, needed, threads, progress)
+    timed = {b: pipes[b] for b in in_process}
+    inputs = make_inputs(pipes.get("onnxruntime") or next(iter(pipes.values())), options)
+    results["threads"] = thread_settings(threads, pipes)
+    results["inputs"] = inputs.describe()
+    results["settings"] = {"ignore_eos": True, "sampling": "greedy", "warmup_discarded": options.warmup,
+                           "order": "per case, blocks of calls per backend in mirrored order (A B, B A), each block after discarded warm-up calls",
+                           "end_to_end_warmup_per_block": E2E_WARMUP}
+
+    with progress.step("memory bandwidth (torch.sum over a large buffer)") as advance:
+        bandwidth = measure.memory_bandwidth(options.bandwidth_mb)
+        advance()
+    stages = bench_stages(timed, inputs, options, threads, progress) if timed else []
+    end_to_end = bench_end_to_end(timed, inputs, options, progress) if timed else {}
+    bandwidth += measure.memory_bandwidth(options.bandwidth_mb)  # again after: a drift would show as a spread
+    results.update(stages=stages, end_to_end=end_to_end,
+                   ceiling=ceiling(build_dir, manifest, bandwidth, stages, end_to_end, inputs.past_len,
+                                   measure.cache_bytes(results["machine"]["l3_cache"])))
+    served = None
+    if "triton" in options.backends:
+        from .served import bench_served
+
+        served = bench_served(build_dir, pipes["onnxruntime"], inputs, options, threads, progress)
+    results["served"] = served
+    results["ratios"] = ratios(stages, end_to_end)
+    results["targets"] = targets(results["ratios"], results["ceiling"], served)
+    results["load_average_end"] = measure.load_average()
+    results["contention"] = contention(stages, results["load_average_start"], results["load_average_end"], threads)
+    if options.out is not None:
+        from .report import write_reports
+
+        results["files"] = {k: str(v) for k, v in write_reports(results, Path(options.out)).items()}
+    return results
