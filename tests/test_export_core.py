@@ -144,3 +144,17 @@ def test_verify_reruns_parity(tiny_build):
 
     result = verify(tiny_build("prefix-llama").path, BuildOptions(parity_new_tokens=8))
     assert result.failures == []
+
+
+def test_verify_flags_graphs_changed_since_the_build(tiny_build, tmp_path):
+    import shutil
+
+    from vlm_export.build import BuildOptions, verify
+
+    copy = tmp_path / "build"
+    shutil.copytree(tiny_build("prefix-llama").path, copy)
+    graph = onnx.load(str(copy / "graphs" / "projector.onnx"))
+    onnx.helper.set_model_props(graph, {"edited": "by hand"})  # still a valid graph, different bytes
+    onnx.save(graph, str(copy / "graphs" / "projector.onnx"))
+    result = verify(copy, BuildOptions(parity_new_tokens=4))
+    assert result.failures == ["graphs/projector.onnx changed since the build (sha256 mismatch)"]

@@ -25,7 +25,7 @@ from .export.stages import stage_graphs
 from .precision.calibration import CalibrationPair, default_pairs, stage_feeds
 from .precision.convert import PrecisionOptions, make_variant, quiet_logging
 from .precision.spec import PrecisionPlan
-from .manifest import MANIFEST_NAME, read_manifest, sha256_file, versions, write_manifest
+from .manifest import MANIFEST_NAME, read_manifest, sha256_file, verify_hashes, versions, write_manifest
 from .progress import Progress
 from .runtime.load import eos_token_ids, open_build, reference_pipeline
 from .runtime.pipeline import Limits
@@ -224,6 +224,8 @@ def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progr
     result, policy, failures = _parity(loaded, reference_pipeline(loaded, Limits.from_dict(manifest["limits"])),
                                        open_build(build_dir, "onnxruntime", threads=options.threads),
                                        plan, options, progress)
+    # graphs edited or corrupted since the build are failures too, whatever their parity says
+    failures += [f"{name} changed since the build (sha256 mismatch)" for name in verify_hashes(build_dir, manifest)]
     manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}
     write_report(build_dir, manifest, result, policy, failures)
     write_manifest(build_dir, {k: v for k, v in manifest.items() if k not in ("format", "version")})

@@ -12,9 +12,6 @@ class Progress:
     def step(self, description: str, total: int = 1) -> Iterator[Callable[[], None]]:
         yield lambda: None
 
-    def log(self, message: str) -> None:
-        pass
-
 
 class RichProgress(Progress):
     def __init__(self, console=None):
@@ -32,6 +29,3 @@ class RichProgress(Progress):
             task = bar.add_task(description, total=total)
             yield lambda: bar.advance(task)
             bar.update(task, completed=total)
-
-    def log(self, message: str) -> None:
-        self.console.print(message)

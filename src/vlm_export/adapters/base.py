@@ -16,7 +16,7 @@ ties them.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -48,7 +48,6 @@ class LoadedModel:
     tokenizer: Any
     image_processor: Any
     config: Any
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
