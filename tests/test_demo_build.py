@@ -11,6 +11,7 @@ import json
 import pytest
 
 from vlm_export.build import BuildOptions
+from vlm_export.compare.accuracy import AccuracyCheck
 from vlm_export.demo.build_demo import build_demo
 from vlm_export.demo.easyvqa import load_split, normalize_answer
 from vlm_export.evaluate import evaluate_build
@@ -29,8 +30,10 @@ def fixed_subset(n: int = SUBSET):
 
 @pytest.fixture(scope="session")
 def demo_build(tmp_path_factory):
+    """Built as `vlm-export demo` does: the build itself answers SUBSET test questions (the same
+    evenly spaced ones as fixed_subset) with PyTorch and ONNX Runtime and gates the difference."""
     out = tmp_path_factory.mktemp("demo") / "build"
-    return build_demo(out, BuildOptions(max_images=1, parity_new_tokens=16))
+    return build_demo(out, BuildOptions(max_images=1, parity_new_tokens=16, accuracy=AccuracyCheck(questions=SUBSET)))
 
 
 def test_demo_build_passes_parity(demo_build):
@@ -46,25 +49,32 @@ def test_demo_build_passes_parity(demo_build):
     assert decoder_mb < 560, decoder_mb
 
 
-def test_onnxruntime_answers_like_pytorch(demo_build, tmp_path):
-    import shutil
-
-    items = fixed_subset()
-    folder = tmp_path / "subset"
-    (folder / "images").mkdir(parents=True)
-    lines = []
-    for i, item in enumerate(items):
-        shutil.copy(item.image, folder / "images" / f"{i}.png")
-        lines.append(json.dumps({"image": f"images/{i}.png", "question": item.question, "answer": item.answer}))
-    (folder / "questions.jsonl").write_text("\n".join(lines))
-    accuracy = evaluate_build(demo_build.path, str(folder))
+def test_onnxruntime_answers_like_pytorch(demo_build):
+    accuracy = json.loads((demo_build.path / "report.json").read_text())["task_accuracy"]
+    assert accuracy["dataset"] == "easy-vqa/test" and accuracy["questions"] == SUBSET
     torch_result, ort_result = accuracy["results"]
     assert (torch_result["backend"], ort_result["backend"]) == ("torch", "onnxruntime")
     assert accuracy["disagreements"] == []  # every answer identical
     assert ort_result["accuracy"] == torch_result["accuracy"]
-    recorded = json.loads((demo_build.path / "report.json").read_text())["task_accuracy"]
-    assert recorded["questions"] == SUBSET
+    assert accuracy["gate"]["passed"] and accuracy["gate"]["drop_points"] == {"onnxruntime": 0.0}
     assert torch_result["accuracy"] >= SUBSET_ACCURACY - MARGIN
+
+
+def test_eval_on_a_question_folder(demo_build, tmp_path):
+    """`vlm-export eval` on a user folder (images + questions.jsonl), judged and recorded."""
+    import shutil
+
+    folder = tmp_path / "subset"
+    (folder / "images").mkdir(parents=True)
+    lines = []
+    for i, item in enumerate(fixed_subset(10)):
+        shutil.copy(item.image, folder / "images" / f"{i}.png")
+        lines.append(json.dumps({"image": f"images/{i}.png", "question": item.question, "answer": item.answer}))
+    (folder / "questions.jsonl").write_text("\n".join(lines))
+    accuracy = evaluate_build(demo_build.path, str(folder))
+    assert accuracy["disagreements"] == [] and accuracy["failures"] == [] and accuracy["gate"]["passed"]
+    recorded = json.loads((demo_build.path / "report.json").read_text())["task_accuracy"]
+    assert recorded["questions"] == 10 and recorded["dataset"] == str(folder)
 
 
 def test_served_demo_matches_in_process(demo_build, tmp_path):

@@ -45,8 +45,9 @@ def test_unbounded_dynamic_dim_is_refused(tiny_build):
 def test_builder_settings_per_precision():
     assert builder_settings("fp16").fp16 and not builder_settings("fp16").strongly_typed
     assert builder_settings("int8").strongly_typed  # Q/DQ graphs: TensorRT follows the graph's precisions
-    with pytest.raises(BuildError, match="MatMulNBits"):
-        builder_settings("w4")
+    with pytest.raises(BuildError, match="--weight-form dequantize"):
+        builder_settings("w4", {"form": "matmulnbits"})
+    assert builder_settings("w4", {"form": "dequantize"}).strongly_typed
     assert set(dim_ranges({"max_images_per_batch": 8, "max_images": 2, "max_batch": 4, "max_sequence": 512,
                            "max_image_tokens": 32, "tokens_per_image": 16})) == {"vision_encoder", "projector", "lm_decoder"}
 

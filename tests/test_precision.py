@@ -9,8 +9,9 @@ import onnx
 import pytest
 
 from vlm_export.build import BuildOptions, build
-from vlm_export.errors import BuildError, DatasetError
+from vlm_export.errors import BuildError, DatasetError, ExportError
 from vlm_export.precision.calibration import folder_pairs
+from vlm_export.precision.convert import PrecisionOptions
 from vlm_export.precision.spec import PrecisionPlan, parse_precision
 from vlm_export.runtime.generate import GenerationConfig, generate
 from vlm_export.runtime.load import open_build
@@ -30,10 +31,27 @@ def test_parse_precision():
 
 
 @pytest.fixture(scope="module")
-def mixed_build(tiny_model_dir, tmp_path_factory):
-    plan = parse_precision("vision=fp16,projector=int8,decoder=w4")
+def calibration_cache(tmp_path_factory):
+    """A fresh cache folder for this module (the calibration cache lives under $VLM_EXPORT_CACHE)."""
+    import os
+
+    folder = tmp_path_factory.mktemp("cache")
+    previous = os.environ.get("VLM_EXPORT_CACHE")
+    os.environ["VLM_EXPORT_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["VLM_EXPORT_CACHE"]
+    else:
+        os.environ["VLM_EXPORT_CACHE"] = previous
+
+
+MIXED = "vision=fp16,projector=int8,decoder=w4"
+
+
+@pytest.fixture(scope="module")
+def mixed_build(tiny_model_dir, tmp_path_factory, calibration_cache):
     out = tmp_path_factory.mktemp("precision") / "mixed"
-    return build(tiny_model_dir("llava-llama"), out, BuildOptions(precision=plan, parity_new_tokens=8))
+    return build(tiny_model_dir("llava-llama"), out, BuildOptions(precision=parse_precision(MIXED), parity_new_tokens=8))
 
 
 def test_mixed_precision_build(mixed_build):
@@ -43,7 +61,9 @@ def test_mixed_precision_build(mixed_build):
     assert graphs["vision_encoder"]["file"] == "graphs/vision_encoder.fp16.onnx"
     assert "LayerNormalization" in graphs["vision_encoder"]["variant"]["fp32_islands"]
     assert graphs["projector"]["variant"]["format"] == "QDQ" and graphs["projector"]["variant"]["calibration_samples"] > 0
-    assert graphs["lm_decoder"]["variant"]["bits"] == 4 and graphs["lm_decoder"]["variant"]["kept_fp32"]
+    decoder = graphs["lm_decoder"]["variant"]
+    assert (decoder["bits"], decoder["scheme"], decoder["form"], decoder["lm_head"]) == (4, "asymmetric", "matmulnbits", "w8")
+    assert graphs["projector"]["variant"]["calibration_cache"]["reused"] is False
     # only the shipped variants are in the build
     assert sorted(p.name for p in (mixed_build.path / "graphs").iterdir()) == [
         "lm_decoder.w4.onnx", "projector.int8.onnx", "vision_encoder.fp16.onnx"]
@@ -85,3 +105,51 @@ def test_calibration_folder(tmp_path):
     (tmp_path / "prompts.txt").write_text("What is it?\nDescribe it.\n")
     pairs = folder_pairs(tmp_path, tmp_path / "prompts.txt")
     assert [p.prompt for p in pairs] == ["What is it?", "Describe it.", "What is it?"]
+
+
+def test_rebuild_reuses_calibration(mixed_build, tiny_model_dir, tmp_path, calibration_cache):
+    """The int8 ranges of an unchanged model + pairs + method come from the cache; a new method recalibrates."""
+    again = build(tiny_model_dir("llava-llama"), tmp_path / "again",
+                  BuildOptions(precision=parse_precision(MIXED), parity_new_tokens=4))
+    first = mixed_build.manifest["graphs"]["projector"]["variant"]["calibration_cache"]
+    second = again.manifest["graphs"]["projector"]["variant"]["calibration_cache"]
+    assert second == {"file": first["file"], "reused": True}
+    assert again.manifest["parity"]["passed"]
+    entropy = build(tiny_model_dir("llava-llama"), tmp_path / "entropy",
+                    BuildOptions(precision=parse_precision("projector=int8"), parity_new_tokens=4,
+                                 precision_options=PrecisionOptions(calibration="percentile")))
+    assert entropy.manifest["graphs"]["projector"]["variant"]["calibration_cache"]["reused"] is False
+
+
+def test_lm_head_choice_checked_before_export():
+    with pytest.raises(ExportError, match="does not go with a int8 decoder"):
+        BuildOptions(precision=parse_precision("decoder=int8"), precision_options=PrecisionOptions(lm_head="w4"))
+    with pytest.raises(ExportError, match="symmetric weights only"):
+        PrecisionOptions(weight_form="dequantize", weight_scheme="asymmetric")
+    assert PrecisionOptions(weight_form="dequantize").scheme == "symmetric"
+    assert PrecisionOptions().scheme == "asymmetric"
+
+
+def test_accuracy_gate_failure_is_reported_not_shipped(tiny_model_dir, tmp_path):
+    """A build whose task accuracy falls more than allowed fails like a parity failure: nothing
+    usable at --out, the report (with the gate's verdict) in <out>.failed/. A tiny random model
+    answers nothing right, so a negative allowed drop forces the failure."""
+    from PIL import Image
+
+    from vlm_export.compare.accuracy import AccuracyCheck
+    from vlm_export.errors import ParityError
+
+    folder = tmp_path / "vqa"
+    folder.mkdir()
+    lines = []
+    for i, colour in enumerate(("red", "green", "blue")):
+        Image.new("RGB", (32, 32), colour).save(folder / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "question": "What color is it?", "answer": colour}))
+    (folder / "questions.jsonl").write_text("\n".join(lines))
+    options = BuildOptions(parity_new_tokens=4, accuracy=AccuracyCheck(str(folder), questions=3, max_drop_points=-1))
+    with pytest.raises(ParityError, match="task accuracy: onnxruntime 0.0% vs torch 0.0%.*at most -1 allowed"):
+        build(tiny_model_dir("llava-llama"), tmp_path / "gated", options)
+    assert not (tmp_path / "gated").exists()
+    report = json.loads((tmp_path / "gated.failed" / "report.json").read_text())
+    assert report["task_accuracy"]["questions"] == 3 and report["task_accuracy"]["gate"]["passed"] is False
+    assert "Accuracy gate" in (tmp_path / "gated.failed" / "report.md").read_text()

@@ -16,13 +16,14 @@ from pathlib import Path
 
 from .adapters import adapter_for
 from .atomic import atomic_folder
+from .compare.accuracy import AccuracyCheck, accuracy_section
 from .compare.parity import ParityResult, Sample, compare_stages, compare_tokens, default_samples
-from .compare.policy import ParityPolicy
-from .compare.report import write_report
+from .compare.policy import AccuracyGate, ParityPolicy
+from .compare.report import record_accuracy, write_report
 from .errors import BuildError, ParityError
 from .export.onnx_export import export_stage, graph_bytes, graph_io
 from .export.stages import stage_graphs
-from .precision.calibration import CalibrationPair, default_pairs, stage_feeds
+from .precision.calibration import CalibrationPair, cache_path, default_pairs, stage_feeds
 from .precision.convert import PrecisionOptions, make_variant, quiet_logging
 from .precision.spec import PrecisionPlan
 from .manifest import MANIFEST_NAME, read_manifest, sha256_file, verify_hashes, versions, write_manifest
@@ -47,11 +48,15 @@ class BuildOptions:
     precision: PrecisionPlan = field(default_factory=PrecisionPlan)
     precision_options: PrecisionOptions = field(default_factory=PrecisionOptions)
     calibration_pairs: list[CalibrationPair] | None = None  # None: photos + easy-vqa train pairs
+    accuracy: AccuracyCheck | None = None  # task accuracy of the build vs the fp32 reference, gated
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_images", "parity_new_tokens"):
             if getattr(self, name) < 1:
                 raise BuildError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        decoder = self.precision.lm_decoder
+        if decoder in ("int8", "w8", "w4"):  # a head choice that cannot go with the decoder fails now, not after export
+            self.precision_options.head_precision(decoder)
 
 
 @dataclass
@@ -102,27 +107,9 @@ def _build_into(tmp, out, model_path, adapter, options, progress) -> None:
 
     plan = options.precision
     reference = reference_pipeline(loaded, limits)
+    source_sha256 = _source_hashes(model_path)
     if not plan.all_fp32:
-        calibration = {}
-        if "int8" in plan.to_dict().values():
-            pairs = options.calibration_pairs or default_pairs()
-            with progress.step(f"calibration inputs ({len(pairs)} image+text pairs through PyTorch)") as advance:
-                calibration = stage_feeds(reference, pairs)
-                advance()
-        for stage, precision in plan.to_dict().items():
-            if precision == "fp32":
-                continue
-            with progress.step(f"{stage}: fp32 -> {precision}") as advance:
-                start = time.perf_counter()
-                src = tmp / graphs[stage]["file"]
-                dst = src.with_name(f"{stage}.{precision}.onnx")
-                with quiet_logging():
-                    info = make_variant(precision, src, dst, options.precision_options, calibration.get(stage))
-                for f in (src, src.with_name(src.name + ".data")):  # ship the variant only
-                    f.unlink(missing_ok=True)
-                graphs[stage] = _describe_graph(dst, tmp, precision, graphs[stage]["export_seconds"],
-                                                convert_seconds=time.perf_counter() - start, variant=info.details)
-                advance()
+        _convert_stages(tmp, graphs, plan, options, reference, source_sha256, progress)
 
     loaded.tokenizer.save_pretrained(tmp / "tokenizer")
     loaded.image_processor.save_pretrained(tmp / "tokenizer")
@@ -131,7 +118,7 @@ def _build_into(tmp, out, model_path, adapter, options, progress) -> None:
         "versions": versions(),
         "source": {"path": str(model_path.absolute()), "adapter": adapter.name,
                    "model_type": getattr(loaded.config, "model_type", None) or loaded.config.get("model_type"),
-                   "sha256": _source_hashes(model_path)},
+                   "sha256": source_sha256},
         "graphs": graphs,
         "precision": plan.to_dict(),
         "kv_cache": {"num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
@@ -145,10 +132,16 @@ def _build_into(tmp, out, model_path, adapter, options, progress) -> None:
     write_manifest(tmp, manifest)
 
     # parity: the exported graphs (read back from disk) against the split modules and the original
-    result, policy, failures = _parity(loaded, reference, open_build(tmp, "onnxruntime", threads=options.threads),
-                                       plan, options, progress)
+    candidate = open_build(tmp, "onnxruntime", threads=options.threads)
+    result, policy, failures = _parity(loaded, reference, candidate, plan, options, progress)
+    accuracy = None
+    if options.accuracy:
+        accuracy, accuracy_failures = _task_accuracy(reference, candidate, options.accuracy, progress)
+        failures += accuracy_failures
     manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}
     write_report(tmp, manifest, result, policy, failures)
+    if accuracy:
+        record_accuracy(tmp, accuracy)
     if failures:
         failed = out.with_name(out.name + ".failed")
         shutil.rmtree(failed, ignore_errors=True)
@@ -158,6 +151,34 @@ def _build_into(tmp, out, model_path, adapter, options, progress) -> None:
         raise ParityError(f"parity failed for {len(failures)} check(s): " + "; ".join(failures)
                           + f". Graphs and report kept in {failed} (not a usable build)")
     write_manifest(tmp, manifest)
+
+
+def _convert_stages(tmp, graphs, plan, options, reference, source_sha256, progress) -> None:
+    """Replace each fp32 graph whose stage asks for another precision by its variant."""
+    int8_stages = [stage for stage, precision in plan.to_dict().items() if precision == "int8"]
+    pairs = (options.calibration_pairs or default_pairs()) if int8_stages else []
+    caches = {stage: cache_path(stage, tmp / graphs[stage]["file"], source_sha256, pairs,
+                                options.precision_options.calibration) for stage in int8_stages}
+    feeds = {}
+    if any(not c.exists() for c in caches.values()):  # a rebuild with every range cached skips this
+        with progress.step(f"calibration inputs ({len(pairs)} image+text pairs through PyTorch)") as advance:
+            feeds = stage_feeds(reference, pairs)
+            advance()
+    for stage, precision in plan.to_dict().items():
+        if precision == "fp32":
+            continue
+        cached = " (cached calibration)" if stage in caches and caches[stage].exists() else ""
+        with progress.step(f"{stage}: fp32 -> {precision}{cached}") as advance:
+            start = time.perf_counter()
+            src = tmp / graphs[stage]["file"]
+            dst = src.with_name(f"{stage}.{precision}.onnx")
+            with quiet_logging():
+                info = make_variant(precision, src, dst, options.precision_options, feeds.get(stage), caches.get(stage))
+            for f in (src, src.with_name(src.name + ".data")):  # ship the variant only
+                f.unlink(missing_ok=True)
+            graphs[stage] = _describe_graph(dst, tmp, precision, graphs[stage]["export_seconds"],
+                                            convert_seconds=time.perf_counter() - start, variant=info.details)
+            advance()
 
 
 def _describe_graph(path: Path, root: Path, precision: str, export_seconds: float, **extra) -> dict:
@@ -191,6 +212,15 @@ def _parity(loaded, reference, candidate, plan: PrecisionPlan, options: BuildOpt
                        options.parity_new_tokens, result, advance)
     policy = ParityPolicy.for_plan(plan).with_overrides({**loaded.adapter.tolerances(), **options.tolerance_overrides})
     return result, policy, policy.judge(result.stages, result.tokens)
+
+
+def _task_accuracy(reference, candidate, check: AccuracyCheck, progress: Progress) -> tuple[dict, list[str]]:
+    """The fp32 PyTorch reference and the build answer the same questions; the gate judges the drop."""
+    from .evaluate import answer_all, load_items
+
+    name, items = load_items(check.dataset, check.split, spread=check.questions)
+    results = answer_all({"torch": reference, "onnxruntime": candidate}, name, items, progress)
+    return accuracy_section(name, items, results, AccuracyGate(check.max_drop_points))
 
 
 def _hf_reference(loaded, eos_ids: list[int]):

@@ -44,8 +44,14 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
                    help="fp32 (default), fp16 or int8 for every stage, or per stage, e.g. "
                         "vision=int8,projector=fp16,decoder=w4 (decoder also takes w8/w4: weight-only)")
     g.add_argument("--block-size", type=_positive_int, default=32, help="weight-only block size (default 32)")
-    g.add_argument("--lm-head", choices=("fp32", "quantized"), default="fp32",
-                   help="LM head precision under w8/w4/int8 (default: kept fp32)")
+    g.add_argument("--weight-scheme", choices=("asymmetric", "symmetric"), default=None,
+                   help="weight-only blocks: asymmetric (scale + minimum, default for ONNX Runtime) or "
+                        "symmetric (scale only; the only choice for --weight-form dequantize)")
+    g.add_argument("--weight-form", choices=("matmulnbits", "dequantize"), default="matmulnbits",
+                   help="weight-only graph form: matmulnbits (ONNX Runtime, default) or dequantize "
+                        "(block-wise DequantizeLinear + MatMul, for TensorRT)")
+    g.add_argument("--lm-head", choices=("fp32", "int8", "w8", "w4"), default=None,
+                   help="LM head precision (default: fp32 under an int8 decoder, w8 under w8/w4)")
     g.add_argument("--calibration", choices=("minmax", "percentile", "entropy"), default="minmax",
                    help="int8 calibration method (default minmax)")
     g.add_argument("--calibration-images", type=Path, default=None,
@@ -53,6 +59,13 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calibration-prompts", type=Path, default=None, help="one prompt per line, cycled over the images")
     g.add_argument("--keep-node", action="append", default=[], metavar="NAME",
                    help="ONNX node kept in higher precision (repeatable)")
+    g = p.add_argument_group("task accuracy (answers of the build vs the fp32 PyTorch reference, gated)")
+    g.add_argument("--eval-questions", type=int, default=0,
+                   help="questions spread evenly over --eval-dataset, answered by both during the build "
+                        "(default 0: off; the demo uses 60)")
+    g.add_argument("--eval-dataset", default="easy-vqa", help="easy-vqa (test split) or a folder with questions.jsonl")
+    g.add_argument("--max-accuracy-drop", type=float, default=1.0,
+                   help="accuracy points the build may lose against the reference before it fails (default 1)")
 
 
 def _add_request_args(p: argparse.ArgumentParser) -> None:
@@ -69,18 +82,25 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
 def _build_options(args, **extra):
     """BuildOptions from the shared build flags."""
     from .build import BuildOptions
+    from .compare.accuracy import AccuracyCheck
     from .precision.calibration import folder_pairs
     from .precision.convert import PrecisionOptions
     from .precision.spec import parse_precision
 
     pairs = folder_pairs(args.calibration_images, args.calibration_prompts) if args.calibration_images else None
+    if args.eval_questions < 0:
+        raise InputError(f"--eval-questions must be 0 (off) or more, got {args.eval_questions}")
+    accuracy = AccuracyCheck(args.eval_dataset, "test", args.eval_questions, args.max_accuracy_drop) \
+        if args.eval_questions else None
     return BuildOptions(max_batch=args.max_batch, max_images=args.max_images, max_sequence=args.max_sequence,
                         parity_new_tokens=args.parity_tokens, threads=args.threads, force=args.force,
                         precision=parse_precision(args.precision), calibration_pairs=pairs,
                         precision_options=PrecisionOptions(block_size=args.block_size, lm_head=args.lm_head,
+                                                           weight_scheme=args.weight_scheme,
+                                                           weight_form=args.weight_form,
                                                            calibration=args.calibration,
                                                            exclude_nodes=tuple(args.keep_node)),
-                        **extra)
+                        accuracy=accuracy, **extra)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -126,7 +146,10 @@ def _parser() -> argparse.ArgumentParser:
                         '({"image": "a.png", "question": "...", "answer": "..."} per line)')
     p.add_argument("--split", default="test", help="easy-vqa split: train or test (default test)")
     p.add_argument("--limit", type=_positive_int, default=None, help="first N questions only")
-    p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated: torch,onnxruntime")
+    p.add_argument("--backends", default="torch,onnxruntime",
+                   help="comma-separated: torch,onnxruntime (the first is the reference the gate compares with)")
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0,
+                   help="accuracy points a backend may lose against the first before eval fails (default 1)")
     p.add_argument("--threads", type=_positive_int, default=None)
 
     p = sub.add_parser("demo", help="assemble the easy-vqa demo VLM (SmolLM2 + trained vision tower) and build it",
@@ -134,9 +157,8 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="example:\n  vlm-export demo --out build/demo && vlm-export eval build/demo --limit 100")
     p.add_argument("--out", type=Path, default=Path("build/demo"), help="build folder (default build/demo)")
     p.add_argument("--force", action="store_true", help="replace an existing build folder")
-    p.add_argument("--eval-limit", type=int, default=50,
-                   help="easy-vqa test questions to evaluate after the build (0 to skip; default 50)")
     _add_build_options(p)
+    p.set_defaults(eval_questions=60)  # the demo's build answers 60 easy-vqa test questions, gated
 
     p = sub.add_parser("repository", help="render a Triton model repository from a build",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -204,6 +226,9 @@ def _print_summary(path: Path, manifest: dict) -> None:
     for stage, g in manifest["graphs"].items():
         print(f"  {stage:15s} {g['precision']}  {g['bytes'] / 1e6:8.1f} MB  {g['file']}")
     print(f"  parity: {'passed' if manifest['parity']['passed'] else 'FAILED'} (see {path / 'report.md'})")
+    accuracy = json.loads((path / "report.json").read_text()).get("task_accuracy")
+    if accuracy:
+        _print_accuracy(accuracy)
 
 
 def _cmd_generate(args, progress) -> int:
@@ -239,16 +264,20 @@ def _cmd_verify(args, progress) -> int:
 
 
 def _cmd_eval(args, progress) -> int:
+    from .compare.policy import AccuracyGate
     from .evaluate import BACKENDS, evaluate_build
 
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         raise InputError(f"unknown backend(s) {unknown or args.backends!r}; choose from {', '.join(BACKENDS)}")
-    accuracy = evaluate_build(args.build, args.dataset, args.split, args.limit, backends, args.threads, progress)
+    accuracy = evaluate_build(args.build, args.dataset, args.split, args.limit, backends, args.threads, progress,
+                              gate=AccuracyGate(args.max_accuracy_drop))
     _print_accuracy(accuracy)
+    for failure in accuracy["failures"]:
+        print(f"  FAILED {failure}")
     print(f"recorded in {args.build / 'report.md'}")
-    return 0
+    return 1 if accuracy["failures"] else 0
 
 
 def _print_accuracy(accuracy: dict) -> None:
@@ -257,17 +286,18 @@ def _print_accuracy(accuracy: dict) -> None:
         print(f"  {r['backend']:12s} accuracy {100 * r['accuracy']:5.1f}%  ({r['correct']}/{r['questions']}, "
               f"{r['seconds']:.1f} s)")
     print(f"  answers that differ between backends: {len(accuracy['disagreements'])}")
+    gate = accuracy.get("gate")
+    if gate:
+        drops = ", ".join(f"{b} {d:+.1f}" for b, d in gate["drop_points"].items())
+        print(f"  accuracy gate (drop vs {gate['reference']} <= {gate['max_drop_points']:g} points; {drops}): "
+              f"{'passed' if gate['passed'] else 'FAILED'}")
 
 
 def _cmd_demo(args, progress) -> int:
     from .demo.build_demo import build_demo
-    from .evaluate import evaluate_build
 
     result = build_demo(args.out, _build_options(args), progress)
     _print_summary(result.path, result.manifest)
-    if args.eval_limit > 0:
-        _print_accuracy(evaluate_build(result.path, "easy-vqa", "test", args.eval_limit,
-                                       threads=args.threads, progress=progress))
     print(f'try: vlm-export generate {args.out} --image <easy-vqa image> --prompt "What shape is in the image?"')
     return 0
 

@@ -35,7 +35,8 @@ def decoder_output_names(num_layers: int) -> list[str]:
 
 
 class SplicingDecoder(nn.Module):
-    """``(input_ids, image_embeds, attention_mask, position_ids, *past) -> (logits, *present)``.
+    """``(input_ids, image_embeds, attention_mask, position_ids, *past) -> (logits, *present)``,
+    ``logits [batch, 1, vocab]`` for the last position (prompts are left-padded when batched).
 
     ``embed_tokens``, ``text_model`` (the base model, called with ``inputs_embeds``) and
     ``lm_head`` are the original modules, shared, not copied.
@@ -73,7 +74,9 @@ class SplicingDecoder(nn.Module):
             cache=cache,
             use_cache=True,
         )
-        logits = self.lm_head(out.last_hidden_state)
+        # the next token needs the last position only: logits for every prompt position would cost
+        # a [sequence x vocab] matmul and output at prefill (Hugging Face generate's logits_to_keep=1)
+        logits = self.lm_head(out.last_hidden_state[:, -1:])
         present = []
         for layer in cache.layers[: self.num_layers]:
             present += [layer.keys, layer.values]

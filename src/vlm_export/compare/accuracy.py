@@ -9,8 +9,21 @@ from typing import Callable, Sequence
 
 from ..runtime.generate import GenerationConfig, generate
 from ..runtime.pipeline import VLMPipeline
+from .policy import DEFAULT_MAX_ACCURACY_DROP_POINTS, AccuracyGate
 
 MAX_ANSWER_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class AccuracyCheck:
+    """Task accuracy measured inside a build: ``questions`` evenly spaced over a split of
+    easy-vqa (or a folder with questions.jsonl), the fp32 PyTorch reference and the build
+    answering the same ones, judged by an AccuracyGate."""
+
+    dataset: str = "easy-vqa"
+    split: str = "test"
+    questions: int = 60
+    max_drop_points: float = DEFAULT_MAX_ACCURACY_DROP_POINTS
 
 
 @dataclass
@@ -46,3 +59,19 @@ def evaluate_vqa(pipe: VLMPipeline, items: Sequence, dataset: str, normalize: Ca
 def disagreements(a: AccuracyResult, b: AccuracyResult, items: Sequence) -> list[dict]:
     return [{"question": it.question, "image": str(it.image), "expected": it.answer, a.backend: x, b.backend: y}
             for it, x, y in zip(items, a.answers, b.answers) if x != y]
+
+
+def accuracy_section(dataset: str, items: Sequence, results: Sequence[AccuracyResult],
+                     gate: AccuracyGate | None = None) -> tuple[dict, list[str]]:
+    """The report's task-accuracy section (results, differing answers, the gate's verdict) and the
+    gate's failures. ``results[0]`` is the reference the others are judged against."""
+    reference, candidates = results[0], list(results[1:])
+    diffs = [d for other in candidates for d in disagreements(reference, other, items)]
+    section = {"dataset": dataset, "questions": len(items), "results": [r.to_dict() for r in results],
+               "disagreements": diffs}
+    failures: list[str] = []
+    if gate is not None and candidates:
+        failures = gate.judge(reference, candidates)
+        section["gate"] = {"reference": reference.backend, "max_drop_points": gate.max_drop_points,
+                           "drop_points": gate.drops(reference, candidates), "passed": not failures}
+    return section, failures

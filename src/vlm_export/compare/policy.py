@@ -9,6 +9,9 @@ from dataclasses import dataclass, field, replace
 
 from .metrics import TensorMetrics, TokenMetrics
 
+#: task-accuracy drop allowed for a reduced-precision build against the fp32 PyTorch reference
+DEFAULT_MAX_ACCURACY_DROP_POINTS = 1.0
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -86,3 +89,22 @@ class ParityPolicy:
                         failures.append(f"end-to-end {comparison}: greedy tokens differ from token "
                                         f"{run.first_divergence} for prompt {run.prompt!r}")
         return failures
+
+
+@dataclass(frozen=True)
+class AccuracyGate:
+    """Task accuracy of each candidate may be at most ``max_drop_points`` below the reference's,
+    measured on the same questions. Greedy tokens of a reduced-precision build may move; whether
+    its answers got worse is what this judges."""
+
+    max_drop_points: float = DEFAULT_MAX_ACCURACY_DROP_POINTS
+
+    def drops(self, reference, candidates) -> dict[str, float]:
+        return {c.backend: 100.0 * (reference.accuracy - c.accuracy) for c in candidates}
+
+    def judge(self, reference, candidates) -> list[str]:
+        return [f"task accuracy: {c.backend} {100 * c.accuracy:.1f}% vs {reference.backend} "
+                f"{100 * reference.accuracy:.1f}% on the same {c.questions} {c.dataset} questions, a drop of "
+                f"{drop:.1f} points (at most {self.max_drop_points:g} allowed)"
+                for c, drop in zip(candidates, self.drops(reference, candidates).values())
+                if drop > self.max_drop_points]

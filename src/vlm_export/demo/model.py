@@ -160,8 +160,9 @@ def default_demo_dir(weights: Path) -> Path:
     """Cache folder keyed by the committed weights and the package version, so new weights or
     new assembly code never reuse an old folder."""
     from .. import __version__
+    from ..cache import cache_root
 
-    root = Path(os.environ.get("VLM_EXPORT_CACHE") or Path.home() / ".cache" / "vlm-export")
+    root = cache_root()
     key = hashlib.sha256(f"{weights_digest(weights)} {__version__}".encode()).hexdigest()
     return root / f"demo-{key[:16]}"
 

@@ -10,8 +10,11 @@ precision-to-flags mapping, metadata checks - are tested everywhere, the rest by
   judges sensitive in fp32).
 * int8 graphs carry explicit Q/DQ nodes: built as a strongly typed network, so TensorRT follows
   the graph's own precisions instead of re-deciding them.
-* w8 / w4 decoders in ONNX Runtime's MatMulNBits form are not TensorRT graphs; they need the
-  block-wise DequantizeLinear form (not produced yet) and are refused with a clear error.
+* w8 / w4 decoders: the ``dequantize`` form (``--weight-form dequantize``: int4/int8 weights,
+  block-wise DequantizeLinear, symmetric) is built strongly typed, like Q/DQ int8. The
+  ``matmulnbits`` form is ONNX Runtime's own op and is refused with a clear error. The dequantize
+  form keeps the exported graph's fp32 activations; TensorRT's fastest weight-only GEMMs want fp16
+  activations, which would need an fp16 conversion before the weights are quantized (not done).
 """
 from __future__ import annotations
 
@@ -34,15 +37,18 @@ class BuilderSettings:
     strongly_typed: bool
 
 
-def builder_settings(precision: str) -> BuilderSettings:
+def builder_settings(precision: str, variant: dict | None = None) -> BuilderSettings:
+    """``variant``: the manifest's record of how the graph was made (its weight-only form)."""
     if precision == "fp32":
         return BuilderSettings(fp16=False, strongly_typed=False)
     if precision == "fp16":
         return BuilderSettings(fp16=True, strongly_typed=False)
     if precision == "int8":
         return BuilderSettings(fp16=False, strongly_typed=True)
-    raise BuildError(f"no TensorRT engine for a {precision} graph: weight-only graphs use ONNX Runtime's "
-                     "MatMulNBits op; build the decoder as fp16 or int8 for TensorRT")
+    if precision in ("w8", "w4") and (variant or {}).get("form") == "dequantize":
+        return BuilderSettings(fp16=False, strongly_typed=True)
+    raise BuildError(f"no TensorRT engine for a {precision} graph in ONNX Runtime's MatMulNBits form; "
+                     "rebuild with --weight-form dequantize (block-wise DequantizeLinear, which TensorRT reads)")
 
 
 def _device() -> dict:
@@ -77,7 +83,7 @@ def build_engine(onnx_path: Path, plan_path: Path, manifest: dict, stage: str, t
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
     precision = manifest["graphs"][stage]["precision"]
-    settings = builder_settings(precision)
+    settings = builder_settings(precision, manifest["graphs"][stage].get("variant"))
     profiles = stage_profiles(manifest, stage)
     trt_profiles = []
     for shapes in profiles:
@@ -151,7 +157,7 @@ def build_engines(build_dir: Path, progress=None) -> dict:
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
     for stage, graph in manifest["graphs"].items():  # refuse early, before hours of building
-        builder_settings(graph["precision"])
+        builder_settings(graph["precision"], graph.get("variant"))
     _device()
     folder = build_dir / "engines"
     folder.mkdir(exist_ok=True)

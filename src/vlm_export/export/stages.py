@@ -56,6 +56,6 @@ def stage_graphs(loaded: LoadedModel, stages: Stages) -> list[StageGraph]:
                 "position_ids": {0: "batch", 1: "sequence"},
                 **kv_in,
             },
-            {"logits": {0: "batch", 1: "sequence"}, **kv_out},
+            {"logits": {0: "batch"}, **kv_out},
         ),
     ]

@@ -3,6 +3,7 @@ the PyTorch reference's upstream stages, so each stage is calibrated on what it 
 (text-only or placeholder-image calibration is what costs int8 VLMs their accuracy)."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,3 +74,40 @@ def stage_feeds(reference: VLMPipeline, pairs: list[CalibrationPair]) -> dict[st
             **reference.empty_past(),
         })
     return feeds
+
+
+def _pair_digest(h, pair: CalibrationPair) -> None:
+    image = pair.image
+    if isinstance(image, (str, Path)):
+        h.update(Path(image).read_bytes())
+    else:  # a PIL image
+        h.update(f"{image.mode} {image.size}".encode())
+        h.update(image.tobytes())
+    h.update(pair.prompt.encode())
+
+
+def _graph_digest(h, graph: Path) -> None:
+    """The graph's structure (ops and tensor names, which the cached ranges are keyed by), not its
+    bytes: torch.onnx embeds stack traces with file paths, so two exports of one model differ."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    for node in model.graph.node:
+        h.update(f"{node.op_type}|{','.join(node.input)}|{','.join(node.output)};".encode())
+
+
+def cache_path(stage: str, graph: Path, source_sha256: dict[str, str], pairs: list[CalibrationPair],
+               method: str) -> Path:
+    """Where the calibrated ranges of one stage are kept: keyed by the fp32 graph's structure, the
+    source weights, the calibration pairs (image bytes + prompts) and the method, so any change
+    recalibrates and an unchanged rebuild skips calibration."""
+    from .. import __version__
+    from ..cache import cache_root
+
+    h = hashlib.sha256(f"{__version__} {stage} {method}".encode())
+    for name, digest in sorted(source_sha256.items()):
+        h.update(f"{name}={digest};".encode())
+    _graph_digest(h, graph)
+    for pair in pairs:
+        _pair_digest(h, pair)
+    return cache_root() / "calibration" / f"{stage}-{method}-{h.hexdigest()[:20]}.json"

@@ -3,10 +3,9 @@
 * fp16: weights and maths in fp16, inputs/outputs kept fp32, numerically sensitive ops kept in
   fp32 (normalisations, Softmax, reductions, exponentials) - the islands FP16 SigLIP engines
   needed before their answers stopped flipping. The kept op types are recorded in the manifest.
-* w8 / w4: weight-only, block-wise symmetric int8/int4 MatMul weights (ONNX Runtime's
-  MatMulNBits), activations fp32 - the decoder is memory bound, so reading fewer weight bytes is
-  the speed-up. The LM head is a separate choice (kept fp32 by default: its logits are what
-  greedy decoding compares).
+* w8 / w4: weight-only, block-wise int8/int4 MatMul weights, activations fp32 - the decoder is
+  memory bound, so reading fewer weight bytes is the speed-up (see ``weight_only``). The LM head
+  is a separate choice.
 * int8: W8A8 explicit quantization (Q/DQ nodes, symmetric, zero point 0, per-channel weights),
   calibrated on real image+text inputs - the form TensorRT consumes and ONNX Runtime's CPU
   provider also runs.
@@ -25,27 +24,52 @@ import onnx
 
 from ..errors import ExportError
 from ..export.onnx_export import EXTERNAL_DATA_THRESHOLD, check_graph
+from .weight_only import FORMS, SCHEMES, quantize_weights
 
 FP32_ISLANDS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
                 "SkipSimplifiedLayerNormalization", "RMSNormalization", "Softmax", "ReduceMean", "ReduceSum",
                 "ReduceMax", "Pow", "Sqrt", "Exp", "Log", "Erf", "CumSum")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+LM_HEAD_CHOICES = ("fp32", "int8", "w8", "w4")
 
 
 @dataclass
 class PrecisionOptions:
     block_size: int = 32  # weight-only block size
-    lm_head: str = "fp32"  # "fp32" or "quantized": the LM head's precision under w8/w4/int8
+    # the LM head's precision; None: fp32 under int8 (its logits are what greedy decoding compares),
+    # w8 under w8/w4 (it is the largest single weight read per token: vocab x hidden)
+    lm_head: str | None = None
+    weight_scheme: str | None = None  # symmetric | asymmetric; None: asymmetric, symmetric for the dequantize form
+    weight_form: str = "matmulnbits"  # matmulnbits (ONNX Runtime) | dequantize (block-wise DequantizeLinear, TensorRT)
     calibration: str = "minmax"
     exclude_nodes: tuple[str, ...] = ()  # sensitive layers kept in higher precision (node names)
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATION_METHODS:
             raise ExportError(f"calibration method {self.calibration!r} is not one of {', '.join(CALIBRATION_METHODS)}")
-        if self.lm_head not in ("fp32", "quantized"):
-            raise ExportError(f"lm-head precision {self.lm_head!r} must be fp32 or quantized")
+        if self.lm_head is not None and self.lm_head not in LM_HEAD_CHOICES:
+            raise ExportError(f"lm-head precision {self.lm_head!r} is not one of {', '.join(LM_HEAD_CHOICES)}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ExportError(f"block size must be a power of two >= 16, got {self.block_size}")
+        if self.weight_form not in FORMS:
+            raise ExportError(f"weight form {self.weight_form!r} is not one of {', '.join(FORMS)}")
+        if self.weight_scheme is not None and self.weight_scheme not in SCHEMES:
+            raise ExportError(f"weight scheme {self.weight_scheme!r} is not one of {', '.join(SCHEMES)}")
+        if self.weight_form == "dequantize" and self.weight_scheme == "asymmetric":
+            raise ExportError("the dequantize (TensorRT) weight form takes symmetric weights only; "
+                              "drop --weight-scheme asymmetric or use --weight-form matmulnbits")
+
+    @property
+    def scheme(self) -> str:
+        return self.weight_scheme or ("symmetric" if self.weight_form == "dequantize" else "asymmetric")
+
+    def head_precision(self, stage_precision: str) -> str:
+        """The LM head's precision under a stage precision, checked against what that stage allows."""
+        head = self.lm_head or ("fp32" if stage_precision == "int8" else "w8")
+        allowed = ("fp32", "int8") if stage_precision == "int8" else ("fp32", "w8", "w4")
+        if head not in allowed:
+            raise ExportError(f"lm-head {head!r} does not go with a {stage_precision} decoder; choose {' or '.join(allowed)}")
+        return head
 
 
 @dataclass
@@ -125,17 +149,16 @@ def to_fp16(src: Path, dst: Path) -> VariantInfo:
 
 
 def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions) -> VariantInfo:
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
     model = onnx.load(os.fspath(src))
-    keep = list(options.exclude_nodes) + (lm_head_nodes(model) if options.lm_head == "fp32" else [])
-    config = DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=True, bits=bits)
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=options.block_size, is_symmetric=True,
-                                     nodes_to_exclude=keep, algo_config=config)
-    quantizer.process()
-    _save(quantizer.model.model, dst)
-    return VariantInfo(f"w{bits}", {"bits": bits, "block_size": options.block_size, "symmetric": True,
-                                    "kept_fp32": keep, "op": "MatMulNBits"})
+    head = lm_head_nodes(model)
+    head_precision = options.head_precision(f"w{bits}")
+    keep = set(options.exclude_nodes) | (set(head) if head_precision == "fp32" else set())
+    bits_of = {} if head_precision == "fp32" else {name: int(head_precision[1]) for name in head}
+    done = quantize_weights(model, bits, options.block_size, options.scheme, options.weight_form, keep, bits_of)
+    _save(model, dst)
+    return VariantInfo(f"w{bits}", {"bits": bits, "block_size": options.block_size, "scheme": options.scheme,
+                                    "form": options.weight_form, "lm_head": head_precision,
+                                    "quantized_matmuls": len(done), "kept_fp32": sorted(keep)})
 
 
 class _Feeds:
@@ -151,36 +174,43 @@ class _Feeds:
         pass
 
 
-def to_int8(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndarray]],
-            options: PrecisionOptions) -> VariantInfo:
+def to_int8(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndarray]] | None,
+            options: PrecisionOptions, cache: Path | None = None) -> VariantInfo:
+    """``cache``: ONNX Runtime's JSON calibration cache; when it exists the calibration run is skipped
+    (``calibration_feeds`` may then be None)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    if not calibration_feeds:
+    cached = cache is not None and cache.exists()
+    if not calibration_feeds and not cached:
         raise ExportError(f"int8 for {src.stem} needs calibration inputs; none were given")
     model = onnx.load(os.fspath(src), load_external_data=False)
-    keep = list(options.exclude_nodes) + (lm_head_nodes(model) if options.lm_head == "fp32" else [])
+    keep = list(options.exclude_nodes) + (lm_head_nodes(model) if options.head_precision("int8") == "fp32" else [])
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[options.calibration]
     quantize_static(
-        os.fspath(src), os.fspath(dst), _Feeds(calibration_feeds),
+        os.fspath(src), os.fspath(dst), None if cached else _Feeds(calibration_feeds),
         quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
         calibrate_method=method, nodes_to_exclude=keep, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
         use_external_data_format=model.ByteSize() > EXTERNAL_DATA_THRESHOLD,
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        calibration_cache_path=cache,
     )
     check_graph(dst)
     return VariantInfo("int8", {"format": "QDQ", "symmetric": True, "per_channel_weights": True,
-                                "calibration": options.calibration, "calibration_samples": len(calibration_feeds),
+                                "calibration": options.calibration,
+                                "calibration_samples": len(calibration_feeds or []),
+                                "calibration_cache": None if cache is None else {"file": str(cache), "reused": cached},
                                 "kept_fp32": keep})
 
 
 def make_variant(precision: str, src: Path, dst: Path, options: PrecisionOptions,
-                 calibration_feeds: list[dict[str, np.ndarray]] | None = None) -> VariantInfo:
+                 calibration_feeds: list[dict[str, np.ndarray]] | None = None,
+                 calibration_cache: Path | None = None) -> VariantInfo:
     if precision == "fp16":
         return to_fp16(src, dst)
     if precision in ("w8", "w4"):
         return to_weight_only(src, dst, int(precision[1]), options)
     if precision == "int8":
-        return to_int8(src, dst, calibration_feeds or [], options)
+        return to_int8(src, dst, calibration_feeds, options, calibration_cache)
     raise ExportError(f"no conversion for precision {precision!r}")

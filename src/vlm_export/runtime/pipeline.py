@@ -117,7 +117,7 @@ class VLMPipeline:
 
     def decode(self, input_ids: np.ndarray, image_embeds: np.ndarray, past: dict[str, np.ndarray],
                past_len: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One decoder call (prefill or step). Returns (logits [b, s, vocab], next past)."""
+        """One decoder call (prefill or step). Returns (logits [b, 1, vocab] of the last position, next past)."""
         batch, seq = input_ids.shape
         feeds = {
             "input_ids": input_ids.astype(np.int64),

@@ -1,0 +1,222 @@
+"""Weight-only block-wise quantization of a graph's MatMul weights (w8 / w4).
+
+The decoder is memory bound at batch 1: every token reads every weight once, so reading 4 or 8
+bits instead of 32 is the speed-up, while activations stay fp32 and the maths stays accurate.
+Weights are cut into blocks of ``block_size`` along the input (K) dimension, each with its own
+scale, as ONNX Runtime's ``MatMulNBits`` and GGUF's Q4/Q8 formats do.
+
+Two schemes:
+
+* ``symmetric``: ``w = scale * q``, q in [-2^(b-1)+1, 2^(b-1)-1], zero point 0. The form
+  TensorRT consumes (block-wise ``DequantizeLinear`` on the weights), and ONNX Runtime too.
+* ``asymmetric``: ``w = scale * q + minimum`` per block (q in [0, 2^b-1]; GGUF's Q4_1). Spends
+  the whole 2^b grid on each block's real range, so it loses less than symmetric at 4 bits.
+  ONNX Runtime only (see ``_matmulnbits`` for how the float minimum is applied).
+
+Two output forms: ``matmulnbits`` (ONNX Runtime's fused kernel, which reads the packed weights
+directly) and ``dequantize`` (``DequantizeLinear(int4/int8 weights, scales, block_size)`` ->
+``MatMul``, opset 21, the pattern TensorRT fuses into a weight-only GEMM).
+
+Tied LM heads arrive as ``MatMul(x, Transpose(embedding))``; the head then gets its own
+quantized copy while the embedding lookup keeps the fp32 table (a lookup reads one row, the head
+reads all of them every token).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import ExportError
+
+SCHEMES = ("symmetric", "asymmetric")
+FORMS = ("matmulnbits", "dequantize")
+MS_DOMAIN = "com.microsoft"
+DQ_OPSET = 21  # block-wise DequantizeLinear and int4 arrived in opset 21
+
+
+@dataclass(frozen=True)
+class BlockQuantized:
+    """Weight ``W [K, N]`` as blocks along K: ``q [N, blocks, block_size]`` (unsigned codes,
+    symmetric codes offset by 2^(b-1)), ``scales [N, blocks]``, float ``offsets`` (asymmetric)."""
+
+    q: np.ndarray
+    scales: np.ndarray
+    offsets: np.ndarray | None
+    bits: int
+    block_size: int
+    k: int
+
+    def dequantize(self) -> np.ndarray:
+        """Back to ``[K, N]`` fp32 (for checking error)."""
+        zero = self.offsets[..., None] if self.offsets is not None else 2 ** (self.bits - 1)
+        w = (self.q.astype(np.float32) - zero) * self.scales[..., None]
+        return w.reshape(w.shape[0], -1)[:, : self.k].T
+
+
+def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, scheme: str) -> BlockQuantized:
+    if scheme not in SCHEMES:
+        raise ExportError(f"weight scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
+    k, n = weight.shape
+    blocks = -(-k // block_size)
+    w = np.zeros((blocks * block_size, n), np.float32)
+    w[:k] = weight
+    w = w.T.reshape(n, blocks, block_size)
+    top = 2 ** bits - 1
+    if scheme == "symmetric":
+        half = 2 ** (bits - 1)
+        scales = np.abs(w).max(axis=-1) / (half - 1)
+        safe = np.where(scales == 0, 1.0, scales)
+        q = np.clip(np.rint(w / safe[..., None]), 1 - half, half - 1) + half
+        offsets = None
+    else:
+        low, high = w.min(axis=-1), w.max(axis=-1)
+        scales = (high - low) / top
+        safe = np.where(scales == 0, 1.0, scales)
+        q = np.clip(np.rint((w - low[..., None]) / safe[..., None]), 0, top)
+        offsets = (-low / safe).astype(np.float32)
+        scales = safe
+    return BlockQuantized(q.astype(np.uint8), scales.astype(np.float32), offsets, bits, block_size, k)
+
+
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Codes [N, blocks, block_size] -> MatMulNBits' bytes (two 4-bit codes per byte, low first)."""
+    return q if bits == 8 else (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class _Target:
+    index: int  # position in graph.node
+    node: onnx.NodeProto
+    weight: np.ndarray  # [K, N]
+    transposed_from: str | None  # the initializer a Transpose node fed in, if any
+
+
+def _targets(model: onnx.ModelProto, skip: set[str]) -> list[_Target]:
+    """MatMuls whose B is a 2-D initializer, or the Transpose of one (a tied LM head)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    found = []
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "MatMul" or node.name in skip:
+            continue
+        b = node.input[1]
+        if b in inits and len(inits[b].dims) == 2:
+            found.append(_Target(index, node, numpy_helper.to_array(inits[b]), None))
+        elif b in producers and producers[b].op_type == "Transpose" and producers[b].input[0] in inits:
+            source = inits[producers[b].input[0]]
+            perm = next((list(a.ints) for a in producers[b].attribute if a.name == "perm"), [1, 0])
+            if len(source.dims) == 2 and perm == [1, 0]:
+                found.append(_Target(index, node, numpy_helper.to_array(source).T, source.name))
+    return found
+
+
+def _matmulnbits(t: _Target, bq: BlockQuantized, accuracy_level: int, block_sums: dict):
+    """MatMulNBits on the symmetric-coded weights; an asymmetric block's float minimum becomes a
+    correction ``blocksum(x) @ offsets`` (the algebra GGUF's Q4_1 kernels use: per block
+    ``sum(w x) = scale * sum(q x) + minimum * sum(x)``). ONNX Runtime's fast int4/int8 kernels take
+    only integer zero points, and a float zero point drops to a path ~10x slower."""
+    k, n = t.weight.shape
+    name = t.node.name or t.node.output[0]
+    half = 2 ** (bq.bits - 1)
+    tensors = [numpy_helper.from_array(_pack(bq.q, bq.bits), f"{name}_Bq{bq.bits}"),
+               numpy_helper.from_array(bq.scales.reshape(-1), f"{name}_scales")]
+    if bq.offsets is None:
+        out, nodes = t.node.output[0], []
+    else:
+        if k % bq.block_size:
+            raise ExportError(f"{name}: K={k} is not a multiple of block size {bq.block_size} (asymmetric scheme)")
+        x = t.node.input[0]
+        nodes = []
+        if (x, bq.block_size) not in block_sums:  # one block sum per input, shared by q/k/v, gate/up
+            sums = f"{x}_blocksum{bq.block_size}"
+            indicator = np.kron(np.eye(k // bq.block_size, dtype=np.float32), np.ones((bq.block_size, 1), np.float32))
+            tensors.append(numpy_helper.from_array(indicator, f"{sums}_indicator"))
+            nodes.append(helper.make_node("MatMul", [x, tensors[-1].name], [sums], name=f"{sums}_node"))
+            block_sums[(x, bq.block_size)] = sums
+        # w = scale * (q - half) + (minimum + half * scale): symmetric codes, offset per block
+        minimum = -bq.offsets * bq.scales + half * bq.scales  # [N, blocks]
+        tensors.append(numpy_helper.from_array(np.ascontiguousarray(minimum.T), f"{name}_block_offsets"))
+        out = f"{name}_unshifted"
+        nodes += [helper.make_node("MatMul", [block_sums[(x, bq.block_size)], tensors[-1].name], [f"{name}_shift"],
+                                   name=f"{name}_shift_node"),
+                  helper.make_node("Add", [out, f"{name}_shift"], list(t.node.output), name=f"{name}_add_shift")]
+    quant = helper.make_node("MatMulNBits", [t.node.input[0], tensors[0].name, tensors[1].name], [out],
+                             name=f"{name}_Q{bq.bits}", domain=MS_DOMAIN, K=k, N=n, bits=bq.bits,
+                             block_size=bq.block_size, accuracy_level=accuracy_level)
+    return [quant] + nodes, tensors
+
+
+def _dequantize(t: _Target, bq: BlockQuantized):
+    if bq.offsets is not None:
+        raise ExportError("the DequantizeLinear form takes symmetric weights only (TensorRT's block "
+                          "quantization has no zero point); use the symmetric scheme")
+    name = t.node.name or t.node.output[0]
+    k, n = t.weight.shape
+    half = 2 ** (bq.bits - 1)
+    codes = (bq.q.astype(np.int16) - half).astype(np.int8)  # [N, blocks, bs]
+    codes = codes.reshape(n, -1)[:, :k].T  # [K, N]
+    scales = np.ascontiguousarray(bq.scales.T)  # [blocks, N]
+    if k % bq.block_size:
+        raise ExportError(f"{name}: K={k} is not a multiple of block size {bq.block_size}")
+    if bq.bits == 4:  # ONNX int4: two values per byte, first in the low nibble
+        flat = (codes.flatten() & 0x0F).astype(np.uint8)
+        flat = np.concatenate([flat, np.zeros(len(flat) % 2, np.uint8)])
+        raw = (flat[0::2] | (flat[1::2] << 4)).tobytes()
+        weight = helper.make_tensor(f"{name}_Wq4", onnx.TensorProto.INT4, codes.shape, raw, raw=True)
+    else:
+        weight = numpy_helper.from_array(np.ascontiguousarray(codes), f"{name}_Wq8")
+    scale = numpy_helper.from_array(scales, f"{name}_scales")
+    deq = helper.make_node("DequantizeLinear", [weight.name, scale.name], [f"{name}_W"], name=f"{name}_dq",
+                           axis=0, block_size=bq.block_size)
+    matmul = helper.make_node("MatMul", [t.node.input[0], deq.output[0]], list(t.node.output), name=name)
+    return [deq, matmul], [weight, scale]
+
+
+def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int, scheme: str, form: str,
+                     keep: set[str], bits_of: dict[str, int] | None = None, accuracy_level: int = 4) -> dict:
+    """Rewrite ``model`` in place. ``keep``: MatMul names left fp32. ``bits_of``: nodes (the LM
+    head, sensitive layers) quantized at their own bit width. Returns the bits used per node."""
+    if form not in FORMS:
+        raise ExportError(f"weight-only form {form!r} is not one of {', '.join(FORMS)}")
+    graph = model.graph
+    replaced, new_inits, done, block_sums = {}, [], {}, {}
+    for t in _targets(model, keep):
+        node_bits = (bits_of or {}).get(t.node.name, bits)
+        bq = quantize_blocks(t.weight, node_bits, block_size, scheme)
+        nodes, tensors = _matmulnbits(t, bq, accuracy_level, block_sums) if form == "matmulnbits" else _dequantize(t, bq)
+        replaced[t.index] = nodes
+        new_inits += tensors
+        done[t.node.name] = node_bits
+    if not done:
+        raise ExportError("no MatMul with constant weights to quantize in this graph")
+    ordered = []
+    for index, node in enumerate(graph.node):
+        ordered += replaced.get(index, [node])
+    del graph.node[:]
+    graph.node.extend(ordered)
+    graph.initializer.extend(new_inits)
+    _drop_unused(graph)
+    domains = {o.domain: o for o in model.opset_import}
+    if form == "matmulnbits" and MS_DOMAIN not in domains:
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    if form == "dequantize" and domains[""].version < DQ_OPSET:
+        domains[""].version = DQ_OPSET  # the ops torch.onnx emits at 18 are unchanged up to 21
+    return done
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    """Remove nodes and initializers nothing reads any more (fp32 weights that were replaced)."""
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
