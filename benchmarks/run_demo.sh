@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build/demo}
 if [ ! -f "$BUILD/manifest.json" ]; then
-  vlm-export demo --out "$BUILD" --eval-limit 0
+  vlm-export demo --out "$BUILD" --eval-questions 0
 fi
 python benchmarks/run_bench.py "$BUILD" --name demo "$@"

@@ -288,8 +288,8 @@ def _print_accuracy(accuracy: dict) -> None:
     print(f"  answers that differ between backends: {len(accuracy['disagreements'])}")
     gate = accuracy.get("gate")
     if gate:
-        drops = ", ".join(f"{b} {d:+.1f}" for b, d in gate["drop_points"].items())
-        print(f"  accuracy gate (drop vs {gate['reference']} <= {gate['max_drop_points']:g} points; {drops}): "
+        changes = ", ".join(f"{b} {-d:+.1f} points" for b, d in gate["drop_points"].items())
+        print(f"  accuracy gate (at most {gate['max_drop_points']:g} points below {gate['reference']}; {changes}): "
               f"{'passed' if gate['passed'] else 'FAILED'}")
 
 

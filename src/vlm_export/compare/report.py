@@ -81,9 +81,9 @@ def render_markdown(report: dict) -> str:
         lines.append(f"\nAnswers that differ between backends: {len(acc['disagreements'])}")
         gate = acc.get("gate")
         if gate:
-            drops = ", ".join(f"{b} {d:+.1f} points" for b, d in gate["drop_points"].items())
-            lines.append(f"\nAccuracy gate (drop against {gate['reference']} at most {gate['max_drop_points']:g} "
-                         f"points): {drops}: {'passed' if gate['passed'] else '**FAILED**'}")
+            changes = ", ".join(f"{b} {-d:+.1f} points" for b, d in gate["drop_points"].items())
+            lines.append(f"\nAccuracy gate (at most {gate['max_drop_points']:g} points below {gate['reference']}): "
+                         f"{changes}: {'passed' if gate['passed'] else '**FAILED**'}")
     if report["failures"]:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in report["failures"]]
     return "\n".join(lines) + "\n"
