@@ -46,7 +46,10 @@ INF = float("inf")
 PRECISION_TOLERANCES = {
     "fp32": Tolerance(),
     "fp16": Tolerance(atol=INF, rtol=0.0, min_cosine=0.999),
-    "w8": Tolerance(atol=INF, rtol=0.0, min_cosine=0.999),
+    # w8 is not "nearly fp32": ONNX Runtime's MatMulNBits kernel also rounds activations to int8
+    # per block (accuracy level 4), so its logits drift like w4's (demo: cosine 0.9976 with every
+    # easy-vqa answer unchanged); task accuracy is its real gate
+    "w8": Tolerance(atol=INF, rtol=0.0, min_cosine=0.99),
     "int8": Tolerance(atol=INF, rtol=0.0, min_cosine=0.99),
     "w4": Tolerance(atol=INF, rtol=0.0, min_cosine=0.99),
 }
