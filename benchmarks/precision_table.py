@@ -103,7 +103,7 @@ def markdown(rows: dict[str, dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("root", type=Path, help="folder holding one build per variant")
-    p.add_argument("--variants", nargs="+", default=["fp32", "w8", "w4", "int8", "fp16"])
+    p.add_argument("--variants", nargs="+", default=["fp32", "w8", "w4", "int8", "fp16", "int8img", "mixed"])
     args = p.parse_args()
     rows = {}
     for v in args.variants:

@@ -87,3 +87,38 @@ def test_kept_nodes_stay_fp32_and_empty_graphs_are_refused(tmp_path):
     assert "head" in [n.name for n in model.graph.node if n.op_type == "MatMul"]
     with pytest.raises(ExportError, match="no MatMul with constant weights"):
         quantize_weights(model, 4, 32, "symmetric", "matmulnbits", keep={"head"})
+
+
+def test_fp16_keeps_rms_statistics_in_fp32(tmp_path):
+    """An RMSNorm over a large residual stream (SmolLM2 reaches 25,000): x^2 overflows fp16,
+    so the chain from the square to the root must stay fp32 as a whole, with no fp16 round trip
+    between its ops (the converter alone casts back to fp16 between two fp32 islands)."""
+    from vlm_export.precision.convert import statistics_chains, to_fp16
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
+    nodes = [
+        helper.make_node("Pow", ["x", "two"], ["sq"], name="pow"),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["mean"], name="mean"),
+        helper.make_node("Add", ["mean", "eps"], ["var"], name="add_eps"),
+        helper.make_node("Sqrt", ["var"], ["rms"], name="sqrt"),
+        helper.make_node("Div", ["x", "rms"], ["normed"], name="div"),
+        helper.make_node("Add", ["normed", "eps"], ["shifted"], name="other_add"),  # shares eps, converted
+        helper.make_node("MatMul", ["shifted", "w"], ["y"], name="proj"),
+    ]
+    graph = helper.make_graph(
+        nodes, "rms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "s", N])],
+        [numpy_helper.from_array(np.array(2.0, np.float32), "two"), numpy_helper.from_array(np.array([-1]), "axes"),
+         numpy_helper.from_array(np.array(1e-5, np.float32), "eps"), numpy_helper.from_array(w, "w")])
+    # torch.onnx records every intermediate's type (value_info), which the converter relies on
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    assert statistics_chains(model) == ["pow", "mean", "add_eps", "sqrt"]
+    onnx.save(model, tmp_path / "fp32.onnx")
+    info = to_fp16(tmp_path / "fp32.onnx", tmp_path / "fp16.onnx")
+    assert info.details["fp32_statistics_nodes"] == 4
+    x = (rng.standard_normal((1, 5, K)) * 8000).astype(np.float32)  # fits fp16; its square does not
+    ref = ort.InferenceSession(str(tmp_path / "fp32.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(tmp_path / "fp16.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.isfinite(got).all()
+    assert np.abs(got - ref).max() <= 0.01 * np.abs(ref).max()

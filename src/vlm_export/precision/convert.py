@@ -136,16 +136,96 @@ def topological_sort(model: onnx.ModelProto) -> None:
     graph.node.extend(ordered)
 
 
+#: ops a normalisation's statistics pass through between the square and the root
+STATISTICS_CHAIN = ("Pow", "Mul", "ReduceMean", "ReduceSum", "Add", "Div", "Sqrt")
+
+
+def statistics_chains(model: onnx.ModelProto) -> list[str]:
+    """Nodes that must stay fp32 *together*: an island op's fp32 result is cast back to fp16 before
+    the next op, so x^2 of an RMSNorm (SmolLM2's residual stream reaches ~25,000, its square ~6e8)
+    overflows fp16 between Pow and ReduceMean even though both are islands. From each Pow, follow
+    the single-consumer chain through the mean and epsilon to the Sqrt, whose result is back in
+    fp16 range."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    kept = []
+    for node in model.graph.node:
+        if node.op_type != "Pow":
+            continue
+        chain, current = [node], node
+        while current.op_type != "Sqrt":
+            nxt = consumers.get(current.output[0], [])
+            if len(nxt) != 1 or nxt[0].op_type not in STATISTICS_CHAIN:
+                break
+            current = nxt[0]
+            chain.append(current)
+        if current.op_type == "Sqrt":
+            kept += [n.name for n in chain]
+    return kept
+
+
+def _own_constants(model: onnx.ModelProto, nodes: set[str]) -> None:
+    """Give the kept-fp32 nodes private copies of the constants they read (an epsilon shared with
+    converted nodes would otherwise be turned to fp16 under them)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.name not in nodes:
+            continue
+        for k, name in enumerate(node.input):
+            if name in inits:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[name])
+                copy.name = f"{name}__fp32_{node.name}"
+                model.graph.initializer.append(copy)
+                node.input[k] = copy.name
+
+
+def _drop_cast_round_trips(model: onnx.ModelProto) -> int:
+    """The converter casts every blocked node's output to fp16 and every blocked node's input back
+    to fp32, even between two blocked nodes; an fp32 -> fp16 -> fp32 round trip there is exactly
+    the overflow the islands are for. Wire such consumers to the fp32 value instead."""
+    def cast_to(node) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    graph_outputs = {o.name for o in model.graph.output}
+    dropped = 0
+    for node in model.graph.node:
+        if cast_to(node) != onnx.TensorProto.FLOAT:
+            continue
+        up = producers.get(node.input[0])
+        if up is None or cast_to(up) != onnx.TensorProto.FLOAT16 or node.output[0] in graph_outputs:
+            continue
+        source = up.input[0]
+        if source not in producers or producers[source].op_type == "Cast":
+            continue  # only bypass casts that follow a computing (blocked) node
+        for consumer in model.graph.node:
+            for k, name in enumerate(consumer.input):
+                if name == node.output[0]:
+                    consumer.input[k] = source
+        dropped += 1
+    if dropped:
+        from .weight_only import drop_unused
+
+        drop_unused(model.graph)
+    return dropped
+
+
 def to_fp16(src: Path, dst: Path) -> VariantInfo:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(os.fspath(src))
     present = sorted({n.op_type for n in model.graph.node} & set(FP32_ISLANDS))
+    chains = statistics_chains(model)
+    _own_constants(model, set(chains))
     converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP32_ISLANDS),
-                                         disable_shape_infer=True)
+                                         node_block_list=chains, disable_shape_infer=True)
+    _drop_cast_round_trips(converted)
     topological_sort(converted)
     _save(converted, dst)
-    return VariantInfo("fp16", {"fp32_islands": present, "io": "fp32"})
+    return VariantInfo("fp16", {"fp32_islands": present, "fp32_statistics_nodes": len(chains), "io": "fp32"})
 
 
 def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions) -> VariantInfo:

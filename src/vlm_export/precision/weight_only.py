@@ -198,7 +198,7 @@ def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int, scheme:
     del graph.node[:]
     graph.node.extend(ordered)
     graph.initializer.extend(new_inits)
-    _drop_unused(graph)
+    drop_unused(graph)
     domains = {o.domain: o for o in model.opset_import}
     if form == "matmulnbits" and MS_DOMAIN not in domains:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
@@ -207,7 +207,7 @@ def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int, scheme:
     return done
 
 
-def _drop_unused(graph: onnx.GraphProto) -> None:
+def drop_unused(graph: onnx.GraphProto) -> None:
     """Remove nodes and initializers nothing reads any more (fp32 weights that were replaced)."""
     while True:
         used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
