@@ -288,7 +288,7 @@ def _print_accuracy(accuracy: dict) -> None:
     print(f"  answers that differ between backends: {len(accuracy['disagreements'])}")
     gate = accuracy.get("gate")
     if gate:
-        changes = ", ".join(f"{b} {-d:+.1f} points" for b, d in gate["drop_points"].items())
+        changes = ", ".join(f"{b} {0.0 - d:+.1f} points" for b, d in gate["drop_points"].items())
         print(f"  accuracy gate (at most {gate['max_drop_points']:g} points below {gate['reference']}; {changes}): "
               f"{'passed' if gate['passed'] else 'FAILED'}")
 

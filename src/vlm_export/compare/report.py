@@ -81,7 +81,7 @@ def render_markdown(report: dict) -> str:
         lines.append(f"\nAnswers that differ between backends: {len(acc['disagreements'])}")
         gate = acc.get("gate")
         if gate:
-            changes = ", ".join(f"{b} {-d:+.1f} points" for b, d in gate["drop_points"].items())
+            changes = ", ".join(f"{b} {0.0 - d:+.1f} points" for b, d in gate["drop_points"].items())
             lines.append(f"\nAccuracy gate (at most {gate['max_drop_points']:g} points below {gate['reference']}): "
                          f"{changes}: {'passed' if gate['passed'] else '**FAILED**'}")
     if report["failures"]:

@@ -20,11 +20,17 @@ def _tokenizer_and_processor(folder: Path):
 
 
 def open_build(build_dir: Path, backend: str = "onnxruntime", threads: int | None = None) -> VLMPipeline:
-    """The build's graphs on ONNX Runtime (``backend="torch"`` loads the source model instead)."""
+    """The build's graphs on ONNX Runtime (``backend="torch"`` loads the source model instead).
+    ``threads``: intra-op threads of either runtime (None: its default, every core)."""
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
     if backend == "torch":
+        import torch
+
         from ..adapters import get_adapter
+
+        if threads:  # PyTorch's intra-op pool is process-wide
+            torch.set_num_threads(threads)
 
         adapter = get_adapter(manifest["source"]["adapter"])
         return reference_pipeline(adapter.load(Path(manifest["source"]["path"])), Limits.from_dict(manifest["limits"]))
