@@ -61,6 +61,7 @@ def summarize(report: dict, shipped: bool, bench: dict | None) -> dict:
             "ttft_speedup": bench["ratios"]["end_to_end"].get("onnxruntime", {}).get("ttft_speedup_p50"),
             "read_per_token_mb": round(ceiling["bytes_per_token"] / 1e6, 1),
             "ceiling_fraction": ceiling["backends"].get("onnxruntime", {}).get("decode_step_fraction"),
+            "bandwidth_gb_s": ceiling["bandwidth_gb_s"]["p50"],
             "machine": bench["machine"].get("cpu"), "threads": bench["threads"], "busy": bench["contention"]["busy"],
         }
     return row
@@ -73,7 +74,7 @@ def markdown(rows: dict[str, dict]) -> str:
              "timed against PyTorch eager fp32 in the same run.", "",
              "| variant | shipped | prefill logits cos | vision cos | identical prompts (first divergent token) "
              "| easy-vqa fp32 -> variant (changed) | gate | decoder MB | read/token MB | decode ms torch -> ORT "
-             "| decode speed-up | % of ceiling | TTFT speed-up |",
+             "| decode speed-up | % of ceiling (bandwidth) | TTFT speed-up |",
              "|---|---|---:|---:|---|---|---|---:|---:|---|---:|---:|---:|"]
     for name, r in rows.items():
         st = r["stages"]
@@ -84,7 +85,8 @@ def markdown(rows: dict[str, dict]) -> str:
         first = r["earliest_divergent_token"]
         speed = ("-",) * 5 if not sp else (
             f"{sp['read_per_token_mb']}", f"{sp['decode_step_ms']['torch_fp32']:.1f} -> {sp['decode_step_ms']['onnxruntime']:.1f}",
-            f"{sp['decode_speedup']}x", f"{100 * sp['ceiling_fraction']:.0f}%" if sp["ceiling_fraction"] else "-",
+            f"{sp['decode_speedup']}x",
+            f"{100 * sp['ceiling_fraction']:.0f}% ({sp['bandwidth_gb_s']:.0f} GB/s)" if sp["ceiling_fraction"] else "-",
             f"{sp['ttft_speedup']}x")
         lines.append(f"| {name} | {'yes' if r['shipped'] else '**no**'} | "
                      f"{st['prefill/logits']['cosine']:.6f} | {st['vision_encoder/image_features']['cosine']:.6f} | "
