@@ -3,6 +3,7 @@ manifest records how each was made."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -115,10 +116,14 @@ def test_rebuild_reuses_calibration(mixed_build, tiny_model_dir, tmp_path, calib
     second = again.manifest["graphs"]["projector"]["variant"]["calibration_cache"]
     assert second == {"file": first["file"], "reused": True}
     assert again.manifest["parity"]["passed"]
-    entropy = build(tiny_model_dir("llava-llama"), tmp_path / "entropy",
+    Path(first["file"]).write_text('{"truncated')  # a broken cache is recalibrated, not trusted
+    third = build(tiny_model_dir("llava-llama"), tmp_path / "third",
+                  BuildOptions(precision=parse_precision("projector=int8"), parity_new_tokens=4))
+    assert third.manifest["graphs"]["projector"]["variant"]["calibration_cache"]["reused"] is False
+    percentile = build(tiny_model_dir("llava-llama"), tmp_path / "percentile",
                     BuildOptions(precision=parse_precision("projector=int8"), parity_new_tokens=4,
                                  precision_options=PrecisionOptions(calibration="percentile")))
-    assert entropy.manifest["graphs"]["projector"]["variant"]["calibration_cache"]["reused"] is False
+    assert percentile.manifest["graphs"]["projector"]["variant"]["calibration_cache"]["reused"] is False
 
 
 def test_lm_head_choice_checked_before_export():

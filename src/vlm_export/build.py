@@ -159,6 +159,8 @@ def _convert_stages(tmp, graphs, plan, options, reference, source_sha256, progre
     pairs = (options.calibration_pairs or default_pairs()) if int8_stages else []
     caches = {stage: cache_path(stage, tmp / graphs[stage]["file"], source_sha256, pairs,
                                 options.precision_options.calibration) for stage in int8_stages}
+    for cache in caches.values():
+        _drop_if_unreadable(cache)
     feeds = {}
     if any(not c.exists() for c in caches.values()):  # a rebuild with every range cached skips this
         with progress.step(f"calibration inputs ({len(pairs)} image+text pairs through PyTorch)") as advance:
@@ -179,6 +181,17 @@ def _convert_stages(tmp, graphs, plan, options, reference, source_sha256, progre
             graphs[stage] = _describe_graph(dst, tmp, precision, graphs[stage]["export_seconds"],
                                             convert_seconds=time.perf_counter() - start, variant=info.details)
             advance()
+
+
+def _drop_if_unreadable(cache: Path) -> None:
+    """A truncated or hand-edited calibration cache is recalibrated, not trusted."""
+    import json
+
+    try:
+        if cache.exists():
+            json.loads(cache.read_text())
+    except (OSError, ValueError):
+        cache.unlink(missing_ok=True)
 
 
 def _describe_graph(path: Path, root: Path, precision: str, export_seconds: float, **extra) -> dict:
