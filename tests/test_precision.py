@@ -127,7 +127,7 @@ def test_rebuild_reuses_calibration(mixed_build, tiny_model_dir, tmp_path, calib
 
 
 def test_lm_head_choice_checked_before_export():
-    with pytest.raises(ExportError, match="does not go with a int8 decoder"):
+    with pytest.raises(ExportError, match="does not go with the int8 decoder"):
         BuildOptions(precision=parse_precision("decoder=int8"), precision_options=PrecisionOptions(lm_head="w4"))
     with pytest.raises(ExportError, match="symmetric weights only"):
         PrecisionOptions(weight_form="dequantize", weight_scheme="asymmetric")

@@ -68,7 +68,7 @@ class PrecisionOptions:
         head = self.lm_head or ("fp32" if stage_precision == "int8" else "w8")
         allowed = ("fp32", "int8") if stage_precision == "int8" else ("fp32", "w8", "w4")
         if head not in allowed:
-            raise ExportError(f"lm-head {head!r} does not go with a {stage_precision} decoder; choose {' or '.join(allowed)}")
+            raise ExportError(f"lm-head {head!r} does not go with the {stage_precision} decoder; choose {' or '.join(allowed)}")
         return head
 
 
