@@ -158,3 +158,22 @@ def test_accuracy_gate_failure_is_reported_not_shipped(tiny_model_dir, tmp_path)
     report = json.loads((tmp_path / "gated.failed" / "report.json").read_text())
     assert report["task_accuracy"]["questions"] == 3 and report["task_accuracy"]["gate"]["passed"] is False
     assert "Accuracy gate" in (tmp_path / "gated.failed" / "report.md").read_text()
+
+
+def test_tensorrt_weight_form_builds_and_runs_on_onnxruntime(tiny_model_dir, tmp_path):
+    """--weight-form dequantize: int4 weights + block-wise DequantizeLinear (opset 21), the graph
+    TensorRT reads; here it is checked, run and gated on ONNX Runtime like any variant."""
+    from vlm_export.engines.tensorrt import builder_settings
+
+    options = BuildOptions(precision=parse_precision("decoder=w4"), parity_new_tokens=4,
+                           precision_options=PrecisionOptions(weight_form="dequantize"))
+    result = build(tiny_model_dir("prefix-llama"), tmp_path / "trt-form", options)
+    graph = result.manifest["graphs"]["lm_decoder"]
+    assert (graph["variant"]["form"], graph["variant"]["scheme"]) == ("dequantize", "symmetric")
+    model = onnx.load(str(result.path / graph["file"]))
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq and all(any(a.name == "block_size" and a.i == 32 for a in n.attribute) for n in dq)
+    assert {o.domain: o.version for o in model.opset_import}[""] >= 21
+    assert not any(n.op_type == "MatMulNBits" for n in model.graph.node)
+    assert result.manifest["parity"]["passed"]
+    assert builder_settings(graph["precision"], graph["variant"]).strongly_typed
