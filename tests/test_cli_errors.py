@@ -114,3 +114,14 @@ def test_failed_parity_leaves_no_build(tiny_model_dir, tmp_path):
     assert (tmp_path / "strict.failed" / "report.md").exists()
     assert not (tmp_path / "strict.failed" / "manifest.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".strict")]
+
+
+def test_accuracy_check_fails_before_export(tiny_model_dir, tmp_path):
+    """A missing question folder or more questions than the set holds: one line, exit 1, nothing built."""
+    from vlm_export.cli import main
+
+    model = str(tiny_model_dir("llava-llama"))
+    assert main(["build", model, "--out", str(tmp_path / "a"), "--eval-questions", "5",
+                 "--eval-dataset", str(tmp_path / "nowhere")]) == 1
+    assert main(["build", model, "--out", str(tmp_path / "b"), "--eval-questions", "100000"]) == 1
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

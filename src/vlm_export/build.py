@@ -78,6 +78,8 @@ def build(model_path: Path, out: Path, options: BuildOptions | None = None,
     progress = progress or Progress()
     model_path, out = Path(model_path), Path(out).absolute()
     adapter = adapter_for(model_path, options.adapter)  # fails fast on an unknown architecture
+    if options.accuracy:  # and on a missing data set or an impossible question count, before the export
+        _accuracy_items(options.accuracy)
     with atomic_folder(out, options.force, BuildError, "build folder") as tmp:
         _build_into(tmp, out, model_path, adapter, options, progress)
     return BuildResult(out, read_manifest(out), [])
@@ -227,11 +229,17 @@ def _parity(loaded, reference, candidate, plan: PrecisionPlan, options: BuildOpt
     return result, policy, policy.judge(result.stages, result.tokens)
 
 
+def _accuracy_items(check: AccuracyCheck):
+    from .evaluate import load_items
+
+    return load_items(check.dataset, check.split, spread=check.questions)
+
+
 def _task_accuracy(reference, candidate, check: AccuracyCheck, progress: Progress) -> tuple[dict, list[str]]:
     """The fp32 PyTorch reference and the build answer the same questions; the gate judges the drop."""
-    from .evaluate import answer_all, load_items
+    from .evaluate import answer_all
 
-    name, items = load_items(check.dataset, check.split, spread=check.questions)
+    name, items = _accuracy_items(check)
     results = answer_all({"torch": reference, "onnxruntime": candidate}, name, items, progress)
     return accuracy_section(name, items, results, AccuracyGate(check.max_drop_points))
 
