@@ -75,6 +75,8 @@ def test_eval_on_a_question_folder(demo_build, tmp_path):
     assert accuracy["disagreements"] == [] and accuracy["failures"] == [] and accuracy["gate"]["passed"]
     recorded = json.loads((demo_build.path / "report.json").read_text())["task_accuracy"]
     assert recorded["questions"] == 10 and recorded["dataset"] == str(folder)
+    spread = evaluate_build(demo_build.path, str(folder), spread=5, backends=("onnxruntime",))
+    assert spread["questions"] == 5 and "gate" not in spread  # one backend: nothing to judge against
 
 
 def test_served_demo_matches_in_process(demo_build, tmp_path):

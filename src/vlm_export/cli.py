@@ -146,6 +146,8 @@ def _parser() -> argparse.ArgumentParser:
                         '({"image": "a.png", "question": "...", "answer": "..."} per line)')
     p.add_argument("--split", default="test", help="easy-vqa split: train or test (default test)")
     p.add_argument("--limit", type=_positive_int, default=None, help="first N questions only")
+    p.add_argument("--spread", type=_positive_int, default=None,
+                   help="N questions evenly spaced over the whole set (easy-vqa is ordered by image)")
     p.add_argument("--backends", default="torch,onnxruntime",
                    help="comma-separated: torch,onnxruntime (the first is the reference the gate compares with)")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0,
@@ -272,7 +274,7 @@ def _cmd_eval(args, progress) -> int:
     if unknown or not backends:
         raise InputError(f"unknown backend(s) {unknown or args.backends!r}; choose from {', '.join(BACKENDS)}")
     accuracy = evaluate_build(args.build, args.dataset, args.split, args.limit, backends, args.threads, progress,
-                              gate=AccuracyGate(args.max_accuracy_drop))
+                              spread=args.spread, gate=AccuracyGate(args.max_accuracy_drop))
     _print_accuracy(accuracy)
     for failure in accuracy["failures"]:
         print(f"  FAILED {failure}")
