@@ -21,6 +21,7 @@ from .compare.parity import ParityResult, Sample, compare_stages, compare_tokens
 from .compare.policy import AccuracyGate, ParityPolicy
 from .compare.report import record_accuracy, write_report
 from .errors import BuildError, ParityError
+from .evaluate import answer_all, load_items
 from .export.onnx_export import export_stage, graph_bytes, graph_io
 from .export.stages import stage_graphs
 from .precision.calibration import CalibrationPair, cache_path, default_pairs, stage_feeds
@@ -78,14 +79,15 @@ def build(model_path: Path, out: Path, options: BuildOptions | None = None,
     progress = progress or Progress()
     model_path, out = Path(model_path), Path(out).absolute()
     adapter = adapter_for(model_path, options.adapter)  # fails fast on an unknown architecture
-    if options.accuracy:  # and on a missing data set or an impossible question count, before the export
-        _accuracy_items(options.accuracy)
+    # and on a missing data set or an impossible question count, before the export
+    check = options.accuracy
+    questions = load_items(check.dataset, check.split, spread=check.questions) if check else None
     with atomic_folder(out, options.force, BuildError, "build folder") as tmp:
-        _build_into(tmp, out, model_path, adapter, options, progress)
+        _build_into(tmp, out, model_path, adapter, options, questions, progress)
     return BuildResult(out, read_manifest(out), [])
 
 
-def _build_into(tmp, out, model_path, adapter, options, progress) -> None:
+def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> None:
     with progress.step(f"loading {model_path} ({adapter.name} adapter)") as advance:
         loaded = adapter.load(model_path)
         stages = adapter.stages(loaded)
@@ -137,8 +139,8 @@ def _build_into(tmp, out, model_path, adapter, options, progress) -> None:
     candidate = open_build(tmp, "onnxruntime", threads=options.threads)
     result, policy, failures = _parity(loaded, reference, candidate, plan, options, progress)
     accuracy = None
-    if options.accuracy:
-        accuracy, accuracy_failures = _task_accuracy(reference, candidate, options.accuracy, progress)
+    if questions:
+        accuracy, accuracy_failures = _task_accuracy(reference, candidate, questions, options.accuracy, progress)
         failures += accuracy_failures
     manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}
     write_report(tmp, manifest, result, policy, failures)
@@ -229,17 +231,9 @@ def _parity(loaded, reference, candidate, plan: PrecisionPlan, options: BuildOpt
     return result, policy, policy.judge(result.stages, result.tokens)
 
 
-def _accuracy_items(check: AccuracyCheck):
-    from .evaluate import load_items
-
-    return load_items(check.dataset, check.split, spread=check.questions)
-
-
-def _task_accuracy(reference, candidate, check: AccuracyCheck, progress: Progress) -> tuple[dict, list[str]]:
+def _task_accuracy(reference, candidate, questions, check: AccuracyCheck, progress: Progress) -> tuple[dict, list[str]]:
     """The fp32 PyTorch reference and the build answer the same questions; the gate judges the drop."""
-    from .evaluate import answer_all
-
-    name, items = _accuracy_items(check)
+    name, items = questions
     results = answer_all({"torch": reference, "onnxruntime": candidate}, name, items, progress)
     return accuracy_section(name, items, results, AccuracyGate(check.max_drop_points))
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from PIL import Image
 
-from ..errors import DatasetError
+from ..errors import DatasetError, InputError
+from ..runtime import pipeline
 from ..runtime.prompt import PromptLayout, build_prompt_ids
 from .easyvqa import VqaItem, normalize_answer
 from .model import prompt_layout
@@ -18,12 +18,12 @@ from .model import prompt_layout
 MAX_NEW_TOKENS = 8  # the longest easy-vqa answer is 2 tokens plus <|im_end|>
 
 
-def load_image(path) -> Image.Image:
+def load_image(path):
+    """The runtime's image loader; an unreadable data-set image is a DatasetError here."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except OSError as err:
-        raise DatasetError(f"cannot read image {path}: {err}") from err
+        return pipeline.load_image(path)
+    except InputError as err:
+        raise DatasetError(str(err)) from err
 
 
 def pixel_values(processor, paths: Sequence) -> torch.Tensor:

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..runtime.prompt import build_prompt_ids
 from .easyvqa import VqaItem, load_split
-from .evaluate import accuracy, generate_answers, load_image
+from .evaluate import accuracy, generate_answers, pixel_values
 from .model import (
     LORA_PREFIX,
     RECIPE_FILE,
@@ -123,8 +123,7 @@ def encode(tokenizer, items: list[VqaItem], image_rows: dict[Path, int]) -> list
 def image_table(processor, items: list[VqaItem]) -> tuple[torch.Tensor, dict[Path, int]]:
     """Every distinct image of ``items`` preprocessed once: ``(pixels [N, 3, H, W], row of each path)``."""
     paths = sorted({it.image for it in items}, key=lambda p: int(p.stem))
-    pixels = processor(images=[load_image(p) for p in paths], return_tensors="pt")["pixel_values"]
-    return pixels, {p: i for i, p in enumerate(paths)}
+    return pixel_values(processor, paths), {p: i for i, p in enumerate(paths)}
 
 
 def augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
