@@ -13,7 +13,7 @@ import pytest
 from vlm_export.build import BuildOptions
 from vlm_export.compare.accuracy import AccuracyCheck
 from vlm_export.demo.build_demo import build_demo
-from vlm_export.demo.easyvqa import load_split, normalize_answer
+from vlm_export.datasets.easyvqa import load_split, normalize_answer
 from vlm_export.evaluate import evaluate_build
 
 SUBSET = 60

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from vlm_export.demo import easyvqa
-from vlm_export.demo.easyvqa import ANSWERS, VqaItem, load_folder, load_split, normalize_answer
+from vlm_export.datasets import easyvqa
+from vlm_export.datasets.easyvqa import ANSWERS, VqaItem, load_folder, load_split, normalize_answer
 from vlm_export.errors import DatasetError, ModelLoadError
 
 SAMPLE_SIZE = 20

@@ -48,8 +48,12 @@ def test_builder_settings_per_precision():
     with pytest.raises(BuildError, match="--weight-form dequantize"):
         builder_settings("w4", {"form": "matmulnbits"})
     assert builder_settings("w4", {"form": "dequantize"}).strongly_typed
-    assert set(dim_ranges({"max_images_per_batch": 8, "max_images": 2, "max_batch": 4, "max_sequence": 512,
-                           "max_image_tokens": 32, "tokens_per_image": 16})) == {"vision_encoder", "projector", "lm_decoder"}
+
+def test_dim_ranges_cover_every_declared_stage(tiny_build):
+    manifest = read_manifest(tiny_build("llava-llama").path)
+    ranges = dim_ranges(manifest)
+    assert list(ranges) == [s["name"] for s in manifest["stages"]] == ["vision_encoder", "projector", "lm_decoder"]
+    assert len(ranges["lm_decoder"]) == 2  # the scheme's prefill and decode profiles
 
 
 @pytest.mark.skipif(HAS_TRT, reason="checks the refusal on machines without TensorRT")
@@ -73,7 +77,7 @@ def test_engines_build_and_match_onnxruntime(tiny_build):  # pragma: no cover - 
     vision = TensorRTRunner("vision_encoder", build_dir / engines["vision_encoder"]["file"], ["pixel_values"],
                             ["image_features"])
     pixels = np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32)
-    ref = pipe.vision.infer({"pixel_values": pixels})["image_features"]
+    ref = pipe.runners["vision_encoder"].infer({"pixel_values": pixels})["image_features"]
     got = vision.infer({"pixel_values": pixels})["image_features"]
     assert np.abs(ref - got).max() < 1e-3
     assert manifest["engines"]["lm_decoder"]["profiles"]

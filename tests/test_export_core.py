@@ -54,7 +54,15 @@ def test_manifest_and_graphs(tiny_build, name):
     assert verify_hashes(path, manifest) == []
     assert manifest["limits"]["max_image_tokens"] == manifest["limits"]["max_images"] * manifest["limits"]["tokens_per_image"]
     assert manifest["generation"]["eos_token_ids"] == [2]
-    layers = manifest["kv_cache"]["num_layers"]
+    assert manifest["scheme"]["name"] == "spliced"
+    layers = manifest["scheme"]["geometry"]["num_layers"]
+    # every stage's declaration is what its graph really takes and returns
+    assert [s["name"] for s in manifest["stages"]] == list(manifest["graphs"])
+    for stage in manifest["stages"]:
+        graph = manifest["graphs"][stage["name"]]
+        for kind in ("inputs", "outputs"):
+            assert [(t["name"], t["dtype"], t["dims"]) for t in stage[kind]] == \
+                [(t["name"], t["dtype"], t["shape"]) for t in graph[kind]], (stage["name"], kind)
     dec = manifest["graphs"]["lm_decoder"]
     names = [i["name"] for i in dec["inputs"]]
     assert names[:4] == ["input_ids", "image_embeds", "attention_mask", "position_ids"]
@@ -130,13 +138,14 @@ def test_stage_graphs_run_other_shapes(tiny_build):
     """Dynamic dims really are dynamic: 3 images at once, a prefill of 1 token, batch 3 decode."""
     pipe = open_build(tiny_build("llava-llama").path)
     rng = np.random.default_rng(0)
-    feats = pipe.vision.infer({"pixel_values": rng.standard_normal((3, 3, 32, 32), dtype=np.float32)})
+    feats = pipe.runners["vision_encoder"].infer({"pixel_values": rng.standard_normal((3, 3, 32, 32), dtype=np.float32)})
     assert feats["image_features"].shape[0] == 3
-    logits, past = pipe.decode(np.array([[5]]), np.zeros((0, 64), np.float32), pipe.empty_past(), 0)
-    assert logits.shape == (1, 1, 49152)
-    logits, past = pipe.decode(np.array([[5, 6]] * 3), np.zeros((0, 64), np.float32), pipe.empty_past(3), 0)
-    logits, _ = pipe.decode(np.array([[7]] * 3), np.zeros((0, 64), np.float32), past, 2)
-    assert logits.shape == (3, 1, 49152)
+    scheme, no_images = pipe.scheme, pipe.scheme.empty_image_input()
+    out = pipe.decode(scheme.prefill_feeds([[5]], no_images))
+    assert out["logits"].shape == (1, 1, 49152)
+    out = pipe.decode(scheme.prefill_feeds([[5, 6]] * 3, no_images))
+    out = pipe.decode(scheme.step_feeds(scheme.prefill_state(out, 3, 2), np.array([7] * 3)))
+    assert out["logits"].shape == (3, 1, 49152)
 
 
 def test_verify_reruns_parity(tiny_build):

@@ -18,17 +18,28 @@ from vlm_export.runtime.generate import GenerationConfig, generate
 from vlm_export.runtime.load import open_build
 
 
-def test_parse_precision():
+def test_parse_precision_and_resolve_against_declared_stages():
+    from vlm_export.contract import DECODER_PRECISIONS, IMAGE, IMAGE_PRECISIONS, StageSpec
+
+    stages = [StageSpec("vision_encoder", IMAGE, (), (), IMAGE_PRECISIONS),
+              StageSpec("projector", IMAGE, (), (), IMAGE_PRECISIONS),
+              StageSpec("lm_decoder", "decoder", (), (), DECODER_PRECISIONS)]
     assert parse_precision(None) == PrecisionPlan()
-    assert parse_precision("fp16") == PrecisionPlan("fp16", "fp16", "fp16")
-    assert parse_precision("vision=int8,projector=fp16,decoder=w4") == PrecisionPlan("int8", "fp16", "w4")
-    assert parse_precision("decoder=w8").to_dict() == {"vision_encoder": "fp32", "projector": "fp32", "lm_decoder": "w8"}
-    with pytest.raises(BuildError, match="not valid for lm_decoder.*valid: vision_encoder: fp32/fp16/int8"):
+    assert parse_precision("fp16").resolve(stages) == dict.fromkeys(("vision_encoder", "projector", "lm_decoder"), "fp16")
+    assert parse_precision("vision=int8,projector=fp16,decoder=w4").resolve(stages) == {
+        "vision_encoder": "int8", "projector": "fp16", "lm_decoder": "w4"}
+    assert parse_precision("decoder=w8").resolve(stages) == {"vision_encoder": "fp32", "projector": "fp32",
+                                                              "lm_decoder": "w8"}
+    with pytest.raises(BuildError, match="'w3' in 'decoder=w3' is not one of fp32"):
         parse_precision("decoder=w3")
+    with pytest.raises(BuildError, match="not valid for vision_encoder.*valid: vision_encoder: fp32/fp16/int8"):
+        parse_precision("vision=w4").resolve(stages)
     with pytest.raises(BuildError, match="not available for vision_encoder, projector"):
-        parse_precision("w4")
-    with pytest.raises(BuildError, match="unknown stage"):
-        parse_precision("text=fp16")
+        parse_precision("w4").resolve(stages)
+    # a stage named explicitly takes precedence over the uniform default
+    assert parse_precision("w4").resolve(stages[2:]) == {"lm_decoder": "w4"}
+    with pytest.raises(BuildError, match="unknown stage.*text.*this model's stages: vision_encoder, projector"):
+        parse_precision("text=fp16").resolve(stages)
 
 
 @pytest.fixture(scope="module")

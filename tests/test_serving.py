@@ -47,7 +47,7 @@ def served(tiny_build, tmp_path_factory):
 def test_configs_fit_schema_and_graphs(tiny_build, target):
     manifest = json.loads((tiny_build("llava-llama").path / "manifest.json").read_text())
     configs = model_configs(manifest, RepositoryOptions(target=target))
-    check_against_graphs(configs, manifest)
+    check_against_graphs(configs, tiny_build("llava-llama").path, manifest)
     for cfg in configs.values():
         parsed = parse_config(cfg)
         assert parsed.name == cfg["name"]
@@ -65,7 +65,7 @@ def test_config_errors_are_loud(tiny_build, tmp_path):
         parse_config({**configs["vlm"], "max_batchsize": 3})
     configs["projector"]["output"][0]["dims"] = [5, 7]
     with pytest.raises(RepositoryError, match="projector.image_embeds"):
-        check_against_graphs(configs, manifest)
+        check_against_graphs(configs, tiny_build("llava-llama").path, manifest)
     with pytest.raises(RepositoryError, match="no TensorRT engines"):
         render_repository(tiny_build("llava-llama").path, tmp_path / "trt", RepositoryOptions(target="tensorrt"))
     assert not (tmp_path / "trt").exists()

@@ -15,22 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .adapters import adapter_for
+from .adapters.reference import eos_token_ids, reference_pipeline, split
 from .atomic import atomic_folder
-from .compare.accuracy import AccuracyCheck, accuracy_section
+from .compare.accuracy import AccuracyCheck, accuracy_section, answer_all
 from .compare.parity import ParityResult, Sample, compare_stages, compare_tokens, default_samples
 from .compare.policy import AccuracyGate, ParityPolicy
 from .compare.report import record_accuracy, write_report
+from .contract import DecodingScheme, Limits
+from .datasets import load_items
 from .errors import BuildError, ParityError
-from .evaluate import answer_all, load_items
-from .export.onnx_export import export_stage, graph_bytes, graph_io
-from .export.stages import stage_graphs
+from .export.graph_info import graph_bytes, graph_io
+from .export.onnx_export import export_stage
 from .precision.calibration import CalibrationPair, cache_path, default_pairs, stage_feeds
 from .precision.convert import PrecisionOptions, make_variant, quiet_logging
 from .precision.spec import PrecisionPlan
 from .manifest import MANIFEST_NAME, read_manifest, sha256_file, verify_hashes, versions, write_manifest
 from .progress import Progress
-from .runtime.load import eos_token_ids, open_build, reference_pipeline
-from .runtime.pipeline import Limits
+from .runtime.load import open_build
 
 DEFAULT_MAX_SEQUENCE = 4096
 
@@ -48,14 +49,14 @@ class BuildOptions:
     tolerance_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
     precision: PrecisionPlan = field(default_factory=PrecisionPlan)
     precision_options: PrecisionOptions = field(default_factory=PrecisionOptions)
-    calibration_pairs: list[CalibrationPair] | None = None  # None: photos + easy-vqa train pairs
+    calibration_pairs: list[CalibrationPair] | None = None  # None: natural photos (precision.calibration)
     accuracy: AccuracyCheck | None = None  # task accuracy of the build vs the fp32 reference, gated
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_images", "parity_new_tokens"):
             if getattr(self, name) < 1:
                 raise BuildError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        decoder = self.precision.lm_decoder
+        decoder = self.precision.of(DecodingScheme.decoder_stage)
         if decoder in ("int8", "w8", "w4"):  # a head choice that cannot go with the decoder fails now, not after export
             self.precision_options.head_precision(decoder)
 
@@ -90,30 +91,31 @@ def build(model_path: Path, out: Path, options: BuildOptions | None = None,
 def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> None:
     with progress.step(f"loading {model_path} ({adapter.name} adapter)") as advance:
         loaded = adapter.load(model_path)
-        stages = adapter.stages(loaded)
-        spec = adapter.decoder_spec(loaded)
+        stages = split(loaded)
+        scheme = adapter.scheme(loaded)
         layout = adapter.prompt_layout(loaded)
         advance()
+    specs = [s.spec for s in stages]
+    precisions = options.precision.resolve(specs)  # a stage or precision the model lacks fails before the export
     limits = Limits(
         max_batch=options.max_batch,
         max_images=options.max_images,
-        max_sequence=min(options.max_sequence or DEFAULT_MAX_SEQUENCE, spec.max_position_embeddings),
+        max_sequence=min(options.max_sequence or DEFAULT_MAX_SEQUENCE, scheme.geometry.max_position_embeddings),
         tokens_per_image=layout.tokens_per_image,
     )
 
     graphs = {}
-    for graph in stage_graphs(loaded, stages):
-        with progress.step(f"exporting {graph.name} to ONNX") as advance:
+    for stage in stages:
+        with progress.step(f"exporting {stage.name} to ONNX") as advance:
             start = time.perf_counter()
-            path = export_stage(graph, tmp / "graphs")
-            graphs[graph.name] = _describe_graph(path, tmp, "fp32", export_seconds=time.perf_counter() - start)
+            path = export_stage(stage, tmp / "graphs")
+            graphs[stage.name] = _describe_graph(path, tmp, "fp32", export_seconds=time.perf_counter() - start)
             advance()
 
-    plan = options.precision
-    reference = reference_pipeline(loaded, limits)
+    reference = reference_pipeline(loaded, limits, stages)
     source_sha256 = _source_hashes(model_path)
-    if not plan.all_fp32:
-        _convert_stages(tmp, graphs, plan, options, reference, source_sha256, progress)
+    if any(p != "fp32" for p in precisions.values()):
+        _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, progress)
 
     loaded.tokenizer.save_pretrained(tmp / "tokenizer")
     loaded.image_processor.save_pretrained(tmp / "tokenizer")
@@ -123,11 +125,10 @@ def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> 
         "source": {"path": str(model_path.absolute()), "adapter": adapter.name,
                    "model_type": getattr(loaded.config, "model_type", None) or loaded.config.get("model_type"),
                    "sha256": source_sha256},
+        "stages": [spec.to_dict() for spec in specs],
+        "scheme": scheme.to_dict(),
         "graphs": graphs,
-        "precision": plan.to_dict(),
-        "kv_cache": {"num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
-                     "hidden_size": spec.hidden_size, "dtype": "float32"},
-        "vocab_size": spec.vocab_size,
+        "precision": precisions,
         "prompt_layout": layout.to_dict(),
         "limits": limits.to_dict(),
         "tokenizer": "tokenizer",
@@ -136,8 +137,8 @@ def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> 
     write_manifest(tmp, manifest)
 
     # parity: the exported graphs (read back from disk) against the split modules and the original
-    candidate = open_build(tmp, "onnxruntime", threads=options.threads)
-    result, policy, failures = _parity(loaded, reference, candidate, plan, options, progress)
+    candidate = open_build(tmp, threads=options.threads)
+    result, policy, failures = _parity(loaded, reference, candidate, precisions, options, progress)
     accuracy = None
     if questions:
         accuracy, accuracy_failures = _task_accuracy(reference, candidate, questions, options.accuracy, progress)
@@ -157,9 +158,9 @@ def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> 
     write_manifest(tmp, manifest)
 
 
-def _convert_stages(tmp, graphs, plan, options, reference, source_sha256, progress) -> None:
+def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, progress) -> None:
     """Replace each fp32 graph whose stage asks for another precision by its variant."""
-    int8_stages = [stage for stage, precision in plan.to_dict().items() if precision == "int8"]
+    int8_stages = [stage for stage, precision in precisions.items() if precision == "int8"]
     pairs = (options.calibration_pairs or default_pairs()) if int8_stages else []
     caches = {stage: cache_path(stage, tmp / graphs[stage]["file"], source_sha256, pairs,
                                 options.precision_options.calibration) for stage in int8_stages}
@@ -170,7 +171,7 @@ def _convert_stages(tmp, graphs, plan, options, reference, source_sha256, progre
         with progress.step(f"calibration inputs ({len(pairs)} image+text pairs through PyTorch)") as advance:
             feeds = stage_feeds(reference, pairs)
             advance()
-    for stage, precision in plan.to_dict().items():
+    for stage, precision in precisions.items():
         if precision == "fp32":
             continue
         cached = " (cached calibration)" if stage in caches and caches[stage].exists() else ""
@@ -216,7 +217,7 @@ def _describe_graph(path: Path, root: Path, precision: str, export_seconds: floa
     return entry
 
 
-def _parity(loaded, reference, candidate, plan: PrecisionPlan, options: BuildOptions, progress: Progress):
+def _parity(loaded, reference, candidate, precisions: dict[str, str], options: BuildOptions, progress: Progress):
     """Stage-by-stage and end-to-end comparison, judged by the policy for the build's precisions."""
     samples = options.samples or default_samples(reference.limits.max_images)
     result = ParityResult()
@@ -227,7 +228,8 @@ def _parity(loaded, reference, candidate, plan: PrecisionPlan, options: BuildOpt
         compare_tokens(_hf_reference(loaded, candidate.eos_token_ids),
                        {"torch_split": reference, "onnxruntime": candidate}, samples,
                        options.parity_new_tokens, result, advance)
-    policy = ParityPolicy.for_plan(plan).with_overrides({**loaded.adapter.tolerances(), **options.tolerance_overrides})
+    policy = ParityPolicy.for_precisions(precisions, reference.scheme.decoder_stage).with_overrides(
+        {**loaded.adapter.tolerances(), **options.tolerance_overrides})
     return result, policy, policy.judge(result.stages, result.tokens)
 
 
@@ -265,10 +267,9 @@ def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progr
     with progress.step(f"loading {manifest['source']['path']}") as advance:
         loaded = adapter.load(Path(manifest["source"]["path"]))
         advance()
-    plan = PrecisionPlan(**{stage: g["precision"] for stage, g in manifest["graphs"].items()})
+    precisions = {stage: g["precision"] for stage, g in manifest["graphs"].items()}
     result, policy, failures = _parity(loaded, reference_pipeline(loaded, Limits.from_dict(manifest["limits"])),
-                                       open_build(build_dir, "onnxruntime", threads=options.threads),
-                                       plan, options, progress)
+                                       open_build(build_dir, threads=options.threads), precisions, options, progress)
     # graphs edited or corrupted since the build are failures too, whatever their parity says
     failures += [f"{name} changed since the build (sha256 mismatch)" for name in verify_hashes(build_dir, manifest)]
     manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}

@@ -1,5 +1,6 @@
-"""Where vlm-export keeps what is slow to make and safe to reuse (assembled demo model,
-int8 calibration ranges): ``$VLM_EXPORT_CACHE`` or ``~/.cache/vlm-export``."""
+"""Where vlm-export keeps what is slow to make and safe to reuse (assembled demo model, int8
+calibration ranges, the Triton python-backend folder): ``$VLM_EXPORT_CACHE``, else
+``$XDG_CACHE_HOME/vlm-export``, else ``~/.cache/vlm-export``."""
 from __future__ import annotations
 
 import os
@@ -7,4 +8,6 @@ from pathlib import Path
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("VLM_EXPORT_CACHE") or Path.home() / ".cache" / "vlm-export")
+    if os.environ.get("VLM_EXPORT_CACHE"):
+        return Path(os.environ["VLM_EXPORT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlm-export"

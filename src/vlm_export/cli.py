@@ -234,13 +234,13 @@ def _print_summary(path: Path, manifest: dict) -> None:
 
 
 def _cmd_generate(args, progress) -> int:
+    from .adapters.reference import open_pipeline
     from .runtime.generate import GenerationConfig, GenerationResult, stream
-    from .runtime.load import open_build
 
     config = GenerationConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed, stop=tuple(args.stop))
     with progress.step(f"loading {args.build} ({args.backend})") as advance:
-        pipe = open_build(args.build, args.backend, threads=args.threads)
+        pipe = open_pipeline(args.build, args.backend, threads=args.threads)
         advance()
     for event in stream(pipe, args.prompt, args.image, config):
         if isinstance(event, GenerationResult):

@@ -13,8 +13,7 @@ from .errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "vlm-export-build"
-VERSION = 1
-STAGES = ("vision_encoder", "projector", "lm_decoder")
+VERSION = 2  # 2: stages and decoding scheme declared in the manifest
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -59,7 +58,10 @@ def read_manifest(build_dir: Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ManifestError(f"{path} is format {manifest.get('format')!r} version {manifest.get('version')!r}; "
                             f"this vlm-export reads {FORMAT!r} version {VERSION}: rebuild with this version")
-    for stage in STAGES:
+    stages = [s.get("name") for s in manifest.get("stages") or []]
+    if not stages:
+        raise ManifestError(f"{path} declares no stages; rebuild")
+    for stage in stages:
         graph = manifest.get("graphs", {}).get(stage)
         if not graph or not (build_dir / graph["file"]).is_file():
             raise ManifestError(f"{build_dir}: the {stage} graph listed in the manifest is missing; rebuild")

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ..errors import AdapterError, ModelLoadError
-from .base import DecoderSpec, LoadedModel, Stages, VLMAdapter
+from .base import LoadedModel, Stage, VLMAdapter
 
 _REGISTRY: dict[str, type[VLMAdapter]] = {}
 
@@ -70,6 +70,6 @@ def adapter_for(path: Path, name: str | None = None) -> VLMAdapter:
 from . import llava, prefix  # noqa: E402,F401
 
 __all__ = [
-    "DecoderSpec", "LoadedModel", "Stages", "VLMAdapter",
+    "LoadedModel", "Stage", "VLMAdapter",
     "register", "registered", "get_adapter", "adapter_for", "read_config", "supported_summary",
 ]

@@ -1,17 +1,11 @@
 """The adapter contract: what an architecture family declares so the generic stages can act.
 
 An adapter is the only code that knows a model's internals. It loads a model folder and turns
-the model into three ``nn.Module`` stages with fixed, named inputs and outputs:
-
-* ``vision_encoder``: ``pixel_values [images, 3, H, W]`` -> ``image_features [images, ...]``
-* ``projector``: ``image_features`` -> ``image_embeds [images, tokens_per_image, hidden]``
-* ``lm_decoder``: ``input_ids, image_embeds [n, hidden], attention_mask, position_ids,
-  past_key_values.{i}.key/value`` -> ``logits, present.{i}.key/value``
-
-How image features enter the text is declared by a :class:`PromptLayout`; the decoder graph
-embeds the ids itself and splices image rows at placeholder positions (see ``decoder.py``), so
-the token-embedding matrix ships once, inside the decoder, tied to the LM head where the model
-ties them.
+the model into ordered :class:`Stage` s (any number, any names: each an ``nn.Module`` with its
+:class:`~vlm_export.contract.StageSpec` and example inputs), the last one the decoder, plus the
+:class:`~vlm_export.contract.DecodingScheme` that says how the decoder is fed, and the
+:class:`~vlm_export.contract.PromptLayout` that says where images go in the text. Everything
+after the build reads those declarations from the manifest.
 """
 from __future__ import annotations
 
@@ -23,19 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..runtime.prompt import PromptLayout
-
-
-@dataclass(frozen=True)
-class DecoderSpec:
-    """What the runtime needs to know about the decoder's KV cache."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    vocab_size: int
-    max_position_embeddings: int
+from ..contract import DecoderGeometry, DecodingScheme, PromptLayout, StageSpec
 
 
 @dataclass
@@ -51,12 +33,17 @@ class LoadedModel:
 
 
 @dataclass
-class Stages:
-    """The three split modules, each taking and returning plain tensors in declared order."""
+class Stage:
+    """One split module: its declaration, the module (sharing weights with the loaded model) and
+    the example inputs it is exported from (every dynamic dim >= 2: torch.export specialises 0 and 1)."""
 
-    vision_encoder: nn.Module
-    projector: nn.Module
-    lm_decoder: nn.Module
+    spec: StageSpec
+    module: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
 
 class VLMAdapter(abc.ABC):
@@ -67,7 +54,7 @@ class VLMAdapter(abc.ABC):
     name: ClassVar[str]
     #: ``model_type`` values in a folder's config.json that this adapter handles
     model_types: ClassVar[tuple[str, ...]]
-    #: one-line description shown by ``vlm-export build --help`` and in the unknown-arch error
+    #: one-line description shown by ``vlm-export adapters`` and in the unknown-arch error
     description: ClassVar[str] = ""
 
     # ---- loading -------------------------------------------------------------------------
@@ -77,20 +64,21 @@ class VLMAdapter(abc.ABC):
 
     # ---- the split -----------------------------------------------------------------------
     @abc.abstractmethod
-    def stages(self, loaded: LoadedModel) -> Stages:
-        """The three modules, sharing weights with ``loaded.model``."""
+    def stages(self, loaded: LoadedModel) -> list[Stage]:
+        """The stages in order: image stages first (each reads pixels or an earlier stage's
+        output), the decoder last (fed as :meth:`scheme` says)."""
+
+    @abc.abstractmethod
+    def scheme(self, loaded: LoadedModel) -> DecodingScheme:
+        """How the decoder is fed and what state it carries."""
 
     @abc.abstractmethod
     def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
         """How prompt ids are laid out around image placeholders."""
 
     @abc.abstractmethod
-    def decoder_spec(self, loaded: LoadedModel) -> DecoderSpec:
+    def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
         """KV-cache geometry and text-model limits."""
-
-    @abc.abstractmethod
-    def image_size(self, loaded: LoadedModel) -> tuple[int, int]:
-        """(height, width) of ``pixel_values`` after preprocessing."""
 
     # ---- the reference -------------------------------------------------------------------
     @abc.abstractmethod
@@ -106,10 +94,6 @@ class VLMAdapter(abc.ABC):
         this is what proves the split itself faithful."""
 
     # ---- optional knobs ------------------------------------------------------------------
-    def tolerances(self) -> dict[str, float]:
+    def tolerances(self) -> dict[str, dict[str, float]]:
         """Per-stage overrides of the default parity tolerances (see compare.policy)."""
-        return {}
-
-    def image_feature_dims(self, loaded: LoadedModel) -> dict[int, str]:
-        """Dynamic dims of ``image_features`` other than dim 0 (images). Default: none."""
         return {}

@@ -1,6 +1,6 @@
-"""The generic KV-cache decoder stage shared by adapters whose text model is a Hugging Face
-causal LM (Llama, Mistral, Qwen2, ... anything whose base model takes ``inputs_embeds`` and a
-``Cache``).
+"""Stage helpers shared by adapters whose model is "image stages + a Hugging Face causal LM"
+(Llama, Mistral, Qwen2, ... anything whose base model takes ``inputs_embeds`` and a ``Cache``),
+fed by the ``spliced`` decoding scheme.
 
 Why the decoder embeds ids itself: the token-embedding matrix is then shipped once (inside the
 decoder, shared with the LM head when the model ties them) instead of once in a separate
@@ -15,28 +15,19 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .base import DecoderSpec
+from ..contract import (DECODER_PRECISIONS, IMAGE, IMAGE_PRECISIONS, DecoderGeometry, StageSpec, TensorSpec)
+from ..contract.spliced import SplicedScheme
+from .base import Stage
 
-
-def kv_names(num_layers: int, prefix: str) -> list[str]:
-    """``past_key_values.0.key, past_key_values.0.value, ...`` (or ``present.``)."""
-    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-DECODER_INPUTS = ["input_ids", "image_embeds", "attention_mask", "position_ids"]
-
-
-def decoder_input_names(num_layers: int) -> list[str]:
-    return DECODER_INPUTS + kv_names(num_layers, "past_key_values")
-
-
-def decoder_output_names(num_layers: int) -> list[str]:
-    return ["logits"] + kv_names(num_layers, "present")
+EXAMPLE_IMAGES = 2
+EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 4
 
 
 class SplicingDecoder(nn.Module):
     """``(input_ids, image_embeds, attention_mask, position_ids, *past) -> (logits, *present)``,
-    ``logits [batch, 1, vocab]`` for the last position (prompts are left-padded when batched).
+    ``logits [batch, 1, vocab]`` for the last position of every row. The rows of one call have
+    one length; rows that joined a running batch at different times are aligned on the right,
+    their shorter caches padded on the left with positions the attention mask hides.
 
     ``embed_tokens``, ``text_model`` (the base model, called with ``inputs_embeds``) and
     ``lm_head`` are the original modules, shared, not copied.
@@ -83,10 +74,10 @@ class SplicingDecoder(nn.Module):
         return (logits, *present)
 
 
-def text_decoder_spec(text_cfg) -> DecoderSpec:
+def text_geometry(text_cfg) -> DecoderGeometry:
     """KV geometry of a Hugging Face causal-LM config (shared by adapters that wrap one)."""
     heads = text_cfg.num_attention_heads
-    return DecoderSpec(
+    return DecoderGeometry(
         num_layers=text_cfg.num_hidden_layers,
         num_kv_heads=getattr(text_cfg, "num_key_value_heads", None) or heads,
         head_dim=getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads,
@@ -94,3 +85,41 @@ def text_decoder_spec(text_cfg) -> DecoderSpec:
         vocab_size=text_cfg.vocab_size,
         max_position_embeddings=text_cfg.max_position_embeddings,
     )
+
+
+def _traced_spec(name: str, value: torch.Tensor, first_dim: str) -> TensorSpec:
+    """A stage output's spec from its example value: dim 0 is named, the rest as measured."""
+    return TensorSpec(name, str(value.dtype).removeprefix("torch."), (first_dim, *value.shape[1:]))
+
+
+def image_path_stages(vision: nn.Module, projector: nn.Module, image_size: tuple[int, int],
+                      embeds_name: str = "image_embeds") -> list[Stage]:
+    """``vision_encoder`` (pixel_values -> image_features) and ``projector`` (image_features ->
+    ``embeds_name`` [images, tokens, hidden]), each with a dynamic number of images."""
+    gen = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(EXAMPLE_IMAGES, 3, *image_size, generator=gen)
+    with torch.no_grad():
+        features = vision.eval()(pixel_values).contiguous()  # a strided view would export sym_stride
+        embeds = projector.eval()(features)
+    pixels = TensorSpec("pixel_values", "float32", ("images", 3, *image_size), "pixels")
+    feats = _traced_spec("image_features", features, "images")
+    vision_spec = StageSpec("vision_encoder", IMAGE, (pixels,), (feats,), IMAGE_PRECISIONS)
+    feats_in = TensorSpec(feats.name, feats.dtype, feats.dims, "upstream")
+    projector_spec = StageSpec("projector", IMAGE, (feats_in,), (_traced_spec(embeds_name, embeds, "images"),),
+                               IMAGE_PRECISIONS)
+    return [Stage(vision_spec, vision, (pixel_values,)), Stage(projector_spec, projector, (features,))]
+
+
+def spliced_decoder_stage(module: SplicingDecoder, scheme: SplicedScheme) -> Stage:
+    """The decoder stage with example inputs: two rows with a placeholder each, a short past."""
+    g = scheme.geometry
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, min(g.vocab_size, 1000), (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=gen)
+    ids[ids == scheme.image_token_id] = 0
+    ids[0, 1] = ids[1, 2] = scheme.image_token_id  # two placeholders -> two rows of image_embeds
+    total = EXAMPLE_PAST + EXAMPLE_SEQ
+    past = [torch.randn(EXAMPLE_BATCH, g.num_kv_heads, EXAMPLE_PAST, g.head_dim, generator=gen)
+            for _ in range(2 * g.num_layers)]
+    example = (ids, torch.randn(2, g.hidden_size, generator=gen), torch.ones(EXAMPLE_BATCH, total, dtype=torch.int64),
+               torch.arange(EXAMPLE_PAST, total).repeat(EXAMPLE_BATCH, 1), *past)
+    return Stage(scheme.decoder_spec(DECODER_PRECISIONS), module, example)

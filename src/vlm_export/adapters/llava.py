@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..contract import DecoderGeometry, PromptLayout
+from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
-from ..runtime.prompt import PromptLayout
 from . import register
-from .base import DecoderSpec, LoadedModel, Stages, VLMAdapter
-from .decoder import SplicingDecoder, text_decoder_spec
+from .base import LoadedModel, Stage, VLMAdapter
+from .decoder import SplicingDecoder, image_path_stages, spliced_decoder_stage, text_geometry
 from .loading import load_hf_parts
 
 
@@ -58,36 +59,33 @@ class LlavaAdapter(VLMAdapter):
             )
         return LoadedModel(self, Path(path), model, tokenizer, processor, cfg)
 
-    def stages(self, loaded: LoadedModel) -> Stages:
+    def stages(self, loaded: LoadedModel) -> list[Stage]:
         m, cfg = loaded.model, loaded.config
-        spec = self.decoder_spec(loaded)
+        vision = LlavaVisionEncoder(m.model.vision_tower, cfg.vision_feature_layer, cfg.vision_feature_select_strategy)
+        size = cfg.vision_config.image_size
         text = m.model.language_model
-        return Stages(
-            vision_encoder=LlavaVisionEncoder(
-                m.model.vision_tower, cfg.vision_feature_layer, cfg.vision_feature_select_strategy
-            ),
-            projector=m.model.multi_modal_projector,
-            lm_decoder=SplicingDecoder(text.get_input_embeddings(), text, m.lm_head,
-                                       cfg.image_token_id, spec.num_layers),
-        )
+        scheme = self.scheme(loaded)
+        decoder = SplicingDecoder(text.get_input_embeddings(), text, m.lm_head, cfg.image_token_id,
+                                  scheme.geometry.num_layers)
+        return [*image_path_stages(vision, m.model.multi_modal_projector, (size, size)),
+                spliced_decoder_stage(decoder, scheme)]
+
+    def scheme(self, loaded: LoadedModel) -> SplicedScheme:
+        return SplicedScheme(self.geometry(loaded), loaded.config.image_token_id)
 
     def tokens_per_image(self, loaded: LoadedModel) -> int:
+        # the llava adapter takes CLIP towers only (checked in load), which have a CLS token
         v = loaded.config.vision_config
         patches = (v.image_size // v.patch_size) ** 2
-        has_cls = getattr(v, "model_type", "") == "clip_vision_model"  # SigLIP has no CLS token
-        return patches + (1 if has_cls and loaded.config.vision_feature_select_strategy == "full" else 0)
+        return patches + (1 if loaded.config.vision_feature_select_strategy == "full" else 0)
 
     def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
         token = loaded.tokenizer.convert_ids_to_tokens(loaded.config.image_token_id)
         return PromptLayout(kind="inline", image_token_id=loaded.config.image_token_id,
                             tokens_per_image=self.tokens_per_image(loaded), image_token=token)
 
-    def decoder_spec(self, loaded: LoadedModel) -> DecoderSpec:
-        return text_decoder_spec(loaded.config.text_config)
-
-    def image_size(self, loaded: LoadedModel) -> tuple[int, int]:
-        s = loaded.config.vision_config.image_size
-        return (s, s)
+    def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
+        return text_geometry(loaded.config.text_config)
 
     def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids):
         images = {} if pixel_values is None else {"pixel_values": pixel_values}  # None trips HF's generate

@@ -27,11 +27,12 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from ..contract import DecoderGeometry, PromptLayout
+from ..contract.spliced import SplicedScheme
 from ..errors import ModelLoadError
-from ..runtime.prompt import PromptLayout
 from . import read_config, register
-from .base import DecoderSpec, LoadedModel, Stages, VLMAdapter
-from .decoder import SplicingDecoder, text_decoder_spec
+from .base import LoadedModel, Stage, VLMAdapter
+from .decoder import SplicingDecoder, image_path_stages, spliced_decoder_stage, text_geometry
 from .loading import load_hf_parts
 
 MODEL_TYPE = "prefix_vlm"
@@ -138,31 +139,25 @@ class PrefixAdapter(VLMAdapter):
         model, tokenizer, processor = load_hf_parts(PrefixVLM, path)
         return LoadedModel(self, Path(path), model, tokenizer, processor, model.config)
 
-    def stages(self, loaded: LoadedModel) -> Stages:
+    def stages(self, loaded: LoadedModel) -> list[Stage]:
         m = loaded.model
-        spec = self.decoder_spec(loaded)
-        return Stages(
-            vision_encoder=PooledVisionEncoder(m.vision),
-            projector=m.projector,
-            lm_decoder=SplicingDecoder(m.text.get_input_embeddings(), m.text.model, m.text.lm_head,
-                                       self._placeholder_id(loaded), spec.num_layers),
-        )
+        scheme = self.scheme(loaded)
+        decoder = SplicingDecoder(m.text.get_input_embeddings(), m.text.model, m.text.lm_head,
+                                  scheme.image_token_id, scheme.geometry.num_layers)
+        size = m.vision.config.image_size
+        return [*image_path_stages(PooledVisionEncoder(m.vision), m.projector, (size, size)),
+                spliced_decoder_stage(decoder, scheme)]
 
-    @staticmethod
-    def _placeholder_id(loaded: LoadedModel) -> int:
-        # outside the vocabulary, so it can never collide with a text token
-        return loaded.model.text.config.vocab_size
+    def scheme(self, loaded: LoadedModel) -> SplicedScheme:
+        # the placeholder lies outside the vocabulary, so it can never collide with a text token
+        return SplicedScheme(self.geometry(loaded), loaded.model.text.config.vocab_size)
 
     def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
-        return PromptLayout(kind="prefix", image_token_id=self._placeholder_id(loaded),
+        return PromptLayout(kind="prefix", image_token_id=self.scheme(loaded).image_token_id,
                             tokens_per_image=loaded.config["num_prefix_tokens"])
 
-    def decoder_spec(self, loaded: LoadedModel) -> DecoderSpec:
-        return text_decoder_spec(loaded.model.text.config)
-
-    def image_size(self, loaded: LoadedModel) -> tuple[int, int]:
-        s = loaded.model.vision.config.image_size
-        return (s, s)
+    def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
+        return text_geometry(loaded.model.text.config)
 
     def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids):
         n_prefix = 0 if pixel_values is None else pixel_values.shape[0] * loaded.config["num_prefix_tokens"]

@@ -3,6 +3,7 @@ alternating blocks, request timing from a stream of events, memory bandwidth, by
 decoded token, and the machine description. No model code here."""
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import time
@@ -111,6 +112,18 @@ def time_request(events: Iterable) -> RequestTiming:
     return RequestTiming((first or end) - t0, end - t0, int(final.completion_tokens))
 
 
+def request_call(open_stream: Callable[[str, object], Iterable], requests: Sequence) -> Callable[[], RequestTiming]:
+    """A call that sends the next of ``requests`` (prompt, image), in turn, through
+    ``open_stream(prompt, image)`` and returns its timing."""
+    turn = itertools.count()
+
+    def run() -> RequestTiming:
+        prompt, image = requests[next(turn) % len(requests)]
+        return time_request(open_stream(prompt, image))
+
+    return run
+
+
 def summarize_requests(timings: Sequence[RequestTiming]) -> dict:
     tpots = [t.tpot_s for t in timings if t.tpot_s is not None]
     return {
@@ -166,12 +179,6 @@ def decoder_weight_bytes(graph: Path) -> dict[str, int]:
         if consumers.get(init.name) == {"Gather"}:
             gathered += size
     return {"initializer_bytes": total, "gather_only_bytes": gathered, "read_per_token_bytes": total - gathered}
-
-
-def kv_bytes(kv: Mapping, past_len: int) -> int:
-    """Bytes of KV cache a one-token decode step reads at ``past_len`` (keys and values, every layer)."""
-    itemsize = np.dtype(kv.get("dtype", "float32")).itemsize
-    return 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * past_len * itemsize
 
 
 def _read(path: str) -> str:

@@ -1,7 +1,8 @@
 """``vlm-export bench``: PyTorch vs ONNX Runtime vs Triton, stage by stage, on the same inputs.
 
-Every backend is driven through the one runner contract (``VLMPipeline`` stages and the one
-generation loop ``runtime.generate.stream``), so what differs between the rows of the report is
+Every backend is driven through the one runner contract (the ``VLMPipeline``'s stages as the
+manifest declares them, the decoding scheme's feeds and the one generation loop
+``runtime.generate.stream``), so what differs between the rows of the report is
 the backend, nothing else. Inputs (real photos through the real preprocessing, one prompt set,
 one random KV cache) are made once and shared. Backends take turns in mirrored blocks, so a
 busy spell on a shared machine slows all of them alike and the ratios stay meaningful; warm-up
@@ -12,18 +13,18 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import itertools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..contract import DecodeBatch, scheme_from_dict
 from ..errors import InputError
 from ..manifest import read_manifest, versions
 from ..progress import Progress
-from ..runtime.generate import GenerationConfig, stream
 from ..runtime.pipeline import VLMPipeline
 from . import measure
+from .calls import in_process_call
 
 BACKENDS = ("torch", "onnxruntime", "triton")
 IN_PROCESS = ("torch", "onnxruntime")
@@ -87,18 +88,21 @@ class BenchInputs:
 
     images: list[bytes]  # encoded PNGs
     pixel_values: dict[int, np.ndarray]  # image batch -> preprocessed pixels
-    features: dict[int, np.ndarray]  # image batch -> vision encoder output (the projector's input)
-    prompt_ids: np.ndarray  # [1, s]: one image + a question
-    image_embeds: np.ndarray  # [tokens_per_image, hidden] for that image
-    past: dict[str, np.ndarray]  # random KV cache of the decode-step case
-    past_len: int
+    image_feeds: dict[tuple[str, int], dict[str, np.ndarray]]  # (image stage, image batch) -> its feeds
+    prompt_ids: list[int]  # one image + a question
+    image_input: np.ndarray  # the decoder's image input for that image
+    decode_batch: DecodeBatch  # random state of the decode-step case
     requests: list[tuple[str, bytes]] = field(default_factory=list)  # end-to-end: (question, image)
+
+    @property
+    def past_len(self) -> int:
+        return self.decode_batch.length
 
     def describe(self) -> dict:
         return {"photos": [PHOTOS[i % len(PHOTOS)] for i in range(len(self.images))],
-                "prompt": PROMPTS[0], "prompt_tokens": int(self.prompt_ids.shape[1]),
+                "prompt": PROMPTS[0], "prompt_tokens": len(self.prompt_ids),
                 "pixel_values_shape": list(self.pixel_values[min(self.pixel_values)].shape[1:]),
-                "image_tokens": int(self.image_embeds.shape[0]), "decode_past_len": self.past_len,
+                "image_input_shape": list(self.image_input.shape), "decode_past_len": self.past_len,
                 "requests": [q for q, _ in self.requests]}
 
 
@@ -115,23 +119,24 @@ def make_inputs(pipe: VLMPipeline, options: BenchOptions) -> BenchInputs:
     n_images = max(options.batch)
     photos = [_photo_png(PHOTOS[i % len(PHOTOS)]) for i in range(max(n_images, len(PROMPTS)))]
     pixel_values = {b: pipe.pixel_values(photos[:b]) for b in options.batch}
-    features = {b: pipe.vision.infer({"pixel_values": pv})["image_features"] for b, pv in pixel_values.items()}
-    prompt_ids = np.asarray([pipe.prompt_ids(PROMPTS[0], 1)], dtype=np.int64)
-    image_embeds = pipe.image_embeds(pixel_values[min(options.batch)][:1])
-    past_len = options.decode_past or prompt_ids.shape[1] + options.new_tokens // 2
+    image_feeds = {}
+    for b, pv in pixel_values.items():
+        pipe.run_image_stages(pv, lambda spec, feeds, _, b=b: image_feeds.__setitem__((spec.name, b), feeds))
+    prompt_ids = pipe.prompt_ids(PROMPTS[0], 1)
+    image_input = pipe.encode_images(pixel_values[min(options.batch)][:1])
+    past_len = options.decode_past or len(prompt_ids) + options.new_tokens // 2
     pipe.check_length(past_len, 1)
     rng = np.random.default_rng(0)  # the values do not change the time; fixed so runs are alike
-    past = {n: rng.standard_normal(a.shape[:2] + (past_len,) + a.shape[3:]).astype(a.dtype)
-            for n, a in pipe.empty_past().items()}
+    decode_batch = pipe.scheme.synthetic_batch(1, past_len, rng)
     requests = [(PROMPTS[i % len(PROMPTS)], photos[i % len(photos)]) for i in range(len(PROMPTS))]
-    return BenchInputs(photos[:n_images], pixel_values, features, prompt_ids, image_embeds, past, past_len, requests)
+    return BenchInputs(photos[:n_images], pixel_values, image_feeds, prompt_ids, image_input, decode_batch, requests)
 
 
 # --------------------------------------------------------------------------- loading
 
 
 def _load(build_dir: Path, manifest: dict, backends: list[str], threads: int, progress: Progress) -> dict[str, VLMPipeline]:
-    from ..runtime.load import open_build
+    from ..adapters.reference import open_pipeline
 
     pipes = {}
     for backend in backends:
@@ -139,11 +144,7 @@ def _load(build_dir: Path, manifest: dict, backends: list[str], threads: int, pr
             raise InputError(f"the torch backend runs the source model {manifest['source']['path']}, which is gone; "
                              "restore it or leave torch out of --backends")
         with progress.step(f"loading {build_dir.name} on {backend}") as advance:
-            pipe = open_build(build_dir, backend, threads=threads)
-            # Every request then generates exactly new_tokens, as benchmarks of LLM servers do
-            # (ignore_eos): a model that answers in two words would otherwise time nothing.
-            pipe.eos_token_ids = []
-            pipes[backend] = pipe
+            pipes[backend] = open_pipeline(build_dir, backend, threads=threads)
             advance()
     return pipes
 
@@ -165,21 +166,19 @@ def thread_settings(threads: int, pipes: dict[str, VLMPipeline]) -> dict:
 # --------------------------------------------------------------------------- in-process
 
 
-def stage_cases(inputs: BenchInputs, batches: tuple[int, ...]):
-    """(stage, batch, what is counted, count per call, call(pipe)): one per timed case."""
-    no_images = inputs.image_embeds[:0]
-    token = inputs.prompt_ids[:, -1:]
+def stage_cases(pipe: VLMPipeline, inputs: BenchInputs, batches: tuple[int, ...]):
+    """(stage, batch, what is counted, count per call, call(pipe)): one per timed case; every
+    image stage the build declares, then the decoder's prefill and one decode step."""
+    scheme = pipe.scheme
     cases = []
-    for b in batches:
-        cases.append(("vision_encoder", b, "images", b,
-                      lambda p, b=b: p.vision.infer({"pixel_values": inputs.pixel_values[b]})))
-    for b in batches:
-        cases.append(("projector", b, "images", b,
-                      lambda p, b=b: p.projector.infer({"image_features": inputs.features[b]})))
-    cases.append(("prefill", 1, "prompt tokens", inputs.prompt_ids.shape[1],
-                  lambda p: p.decode(inputs.prompt_ids, inputs.image_embeds, p.empty_past(), 0)))
-    cases.append(("decode_step", 1, "tokens", 1,
-                  lambda p: p.decode(token, no_images, inputs.past, inputs.past_len)))
+    for spec in pipe.image_stages:
+        for b in batches:
+            feeds = inputs.image_feeds[(spec.name, b)]
+            cases.append((spec.name, b, "images", b, lambda p, n=spec.name, f=feeds: p.runners[n].infer(f)))
+    prefill = scheme.prefill_feeds([inputs.prompt_ids], inputs.image_input)
+    step = scheme.step_feeds(inputs.decode_batch, np.asarray(inputs.prompt_ids[-1:]))
+    cases.append(("prefill", 1, "prompt tokens", len(inputs.prompt_ids), lambda p: p.decode(prefill)))
+    cases.append(("decode_step", 1, "tokens", 1, lambda p: p.decode(step)))
     return cases
 
 
@@ -187,7 +186,7 @@ def bench_stages(pipes: dict[str, VLMPipeline], inputs: BenchInputs, options: Be
                  progress: Progress) -> list[dict]:
     """p50/p90/p99 per stage case and backend, and the share of its cores each backend got."""
     rows = []
-    for stage, batch, unit, count, call in stage_cases(inputs, options.batch):
+    for stage, batch, unit, count, call in stage_cases(next(iter(pipes.values())), inputs, options.batch):
         with progress.step(f"{stage} (batch {batch}): {' vs '.join(pipes)}",
                            total=options.iterations * len(pipes)) as advance:
             samples = measure.alternating({b: measure.timed(lambda p=p: call(p)) for b, p in pipes.items()},
@@ -201,24 +200,12 @@ def bench_stages(pipes: dict[str, VLMPipeline], inputs: BenchInputs, options: Be
     return rows
 
 
-def request_call(pipe: VLMPipeline, requests: list, new_tokens: int):
-    """A call that makes the next end-to-end request in-process and returns its RequestTiming."""
-    config = GenerationConfig(max_new_tokens=new_tokens)
-    turn = itertools.count()
-
-    def run() -> measure.RequestTiming:
-        prompt, image = requests[next(turn) % len(requests)]
-        return measure.time_request(stream(pipe, prompt, [image], config))
-
-    return run
-
-
 def bench_end_to_end(pipes: dict[str, VLMPipeline], inputs: BenchInputs, options: BenchOptions,
                      progress: Progress) -> dict[str, dict]:
     """Image bytes + question -> streamed text, in-process, every backend on the same requests."""
     with progress.step(f"end to end, {options.new_tokens} tokens: {' vs '.join(pipes)}",
                        total=options.requests * len(pipes)) as advance:
-        timings = measure.alternating({b: request_call(p, inputs.requests, options.new_tokens)
+        timings = measure.alternating({b: in_process_call(p, inputs.requests, options.new_tokens)
                                        for b, p in pipes.items()}, E2E_WARMUP, options.requests, None, advance)
     return {b: measure.summarize_requests(t) for b, t in timings.items()}
 
@@ -233,9 +220,10 @@ def ceiling(build_dir: Path, manifest: dict, bandwidth: list[float], stages: lis
     A decoder whose bytes per token fit in the last-level cache is not read from memory at all
     after the first steps, so this ceiling does not bound it (the tiny test model beats it).
     """
-    graph = manifest["graphs"]["lm_decoder"]
+    scheme = scheme_from_dict(manifest["scheme"])
+    graph = manifest["graphs"][scheme.decoder_stage]
     weights = measure.decoder_weight_bytes(build_dir / graph["file"])
-    kv = measure.kv_bytes(manifest["kv_cache"], past_len)
+    kv = scheme.geometry.kv_bytes(past_len)
     per_token = weights["read_per_token_bytes"] + kv
     bw = float(np.median(bandwidth))
     limit = bw * 1e9 / per_token

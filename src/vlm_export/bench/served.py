@@ -3,7 +3,6 @@ measured through ``VLMClient`` (gRPC streaming, loopback), at several concurrenc
 its overhead against in-process ONNX Runtime measured in the same run."""
 from __future__ import annotations
 
-import itertools
 import json
 import tempfile
 import time
@@ -14,22 +13,10 @@ from pathlib import Path
 from ..progress import Progress
 from ..runtime.pipeline import VLMPipeline
 from . import measure
-from .run import request_call
+from .calls import client_call, in_process_call
 
 # discarded requests per block; the first requests also load lazy state in every served model
 SERVED_WARMUP = 2
-
-
-def _ignore_eos(repo: Path) -> None:
-    """Make the served model generate exactly max_tokens, as the in-process pipes do.
-
-    The vlm model takes its EOS ids from the manifest copied into its version folder and has no
-    request option for this; the repository is our temporary copy, so we edit that copy.
-    """
-    path = repo / "vlm" / "1" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["generation"]["eos_token_ids"] = []
-    path.write_text(json.dumps(manifest, indent=2))
 
 
 def _server_version(server) -> str | None:
@@ -41,21 +28,10 @@ def _server_version(server) -> str | None:
         return None
 
 
-def _client_call(client, requests: list, new_tokens: int):
-    """A call that makes the next request to the server and returns its RequestTiming."""
-    turn = itertools.count()
-
-    def run() -> measure.RequestTiming:
-        prompt, image = requests[next(turn) % len(requests)]
-        return measure.time_request(client.stream(prompt, [image], max_tokens=new_tokens))
-
-    return run
-
-
 def _concurrent(client, requests: list, n: int, concurrency: int, new_tokens: int, advance) -> tuple[list, float]:
     """n requests, ``concurrency`` in flight at any time (closed loop: a client sends its next
     request when its previous one finished). Returns the timings and the wall time."""
-    call = _client_call(client, requests, new_tokens)
+    call = client_call(client, requests, new_tokens)
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         start = time.perf_counter()
         futures = [pool.submit(call) for _ in range(n)]
@@ -82,7 +58,6 @@ def bench_served(build_dir: Path, pipe: VLMPipeline, inputs, options, threads: i
     with tempfile.TemporaryDirectory(prefix="vlm-bench-") as tmp:
         with progress.step("rendering the python-target repository and starting tritonserver") as advance:
             repo = render_repository(build_dir, Path(tmp) / "repo", repo_options)
-            _ignore_eos(repo)
             server = TritonServer(repo, log_file=Path(tmp) / "triton.log").start()
             advance()
         try:
@@ -98,8 +73,8 @@ def bench_served(build_dir: Path, pipe: VLMPipeline, inputs, options, threads: i
             with progress.step(f"Triton vs in-process ONNX Runtime, {n} requests each", total=2 * n) as advance:
                 # concurrency 1 both ways, on the same requests, in mirrored blocks like every comparison
                 timings = measure.alternating(
-                    {"triton": _client_call(client, inputs.requests, options.new_tokens),
-                     "onnxruntime": request_call(pipe, inputs.requests, options.new_tokens)},
+                    {"triton": client_call(client, inputs.requests, options.new_tokens),
+                     "onnxruntime": in_process_call(pipe, inputs.requests, options.new_tokens)},
                     SERVED_WARMUP, n, None, advance)
             served = timings["triton"]
             out["overhead"] = _overhead(served, timings["onnxruntime"])

@@ -70,9 +70,11 @@ class VLMClient:
         yield from self._events(prompt, images, stream=True, **params)
 
     # ---- transport -----------------------------------------------------------------------
-    def _events(self, prompt, images, stream, max_tokens=64, temperature=0.0, top_p=1.0, seed=None, stop=()):
+    def _events(self, prompt, images, stream, max_tokens=64, temperature=0.0, top_p=1.0, seed=None, stop=(),
+                ignore_eos=False):
         request = {"prompt": prompt, "images": [_image_bytes(i) for i in images], "max_tokens": max_tokens,
-                   "temperature": temperature, "top_p": top_p, "seed": seed, "stop": list(stop), "stream": stream}
+                   "temperature": temperature, "top_p": top_p, "seed": seed, "stop": list(stop), "stream": stream,
+                   "ignore_eos": bool(ignore_eos)}
         events = self._http(request) if self.protocol == "http" else self._grpc(request)
         for fields in events:
             if fields["finish_reason"]:
@@ -90,6 +92,8 @@ class VLMClient:
             body["seed"] = request["seed"]
         if request["stop"]:
             body["stop"] = request["stop"]
+        if request["ignore_eos"]:
+            body["ignore_eos"] = True
         endpoint = "generate_stream" if request["stream"] else "generate"
         req = urllib.request.Request(f"http://{self.address}/v2/models/{self.model}/{endpoint}",
                                      data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
@@ -134,6 +138,8 @@ class VLMClient:
             inputs.append(tensor("seed", np.array([request["seed"]], dtype=np.int64), "INT64"))
         if request["stop"]:
             inputs.append(tensor("stop", np.array([s.encode() for s in request["stop"]], dtype=np.object_), "BYTES"))
+        if request["ignore_eos"]:
+            inputs.append(tensor("ignore_eos", np.array([True], dtype=bool), "BOOL"))
         results: queue.Queue = queue.Queue()
         # tritonclient's gRPC would route even 127.0.0.1 through an http_proxy from the environment
         client = grpcclient.InferenceServerClient(self.address, channel_args=[("grpc.enable_http_proxy", 0)])

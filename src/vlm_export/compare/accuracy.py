@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
-from ..runtime.generate import GenerationConfig, generate
+from ..datasets import normalize_answer
+from ..progress import Progress
+from ..runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
 from ..runtime.pipeline import VLMPipeline
 from .policy import DEFAULT_MAX_ACCURACY_DROP_POINTS, AccuracyGate
 
@@ -43,17 +45,32 @@ class AccuracyResult:
         return {**asdict(self), "accuracy": self.accuracy}
 
 
-def evaluate_vqa(pipe: VLMPipeline, items: Sequence, dataset: str, normalize: Callable[[str], str],
-                 advance: Callable[[], None] = lambda: None) -> AccuracyResult:
+def evaluate_vqa(pipe: VLMPipeline, items: Sequence, dataset: str, normalize: Callable[[str], str] = normalize_answer,
+                 advance: Callable[[], None] = lambda: None, batch: int = 1) -> AccuracyResult:
+    """Greedy answers to every item. ``batch`` > 1 decodes that many questions together
+    (``generate_batch``); 1 answers one at a time."""
     config = GenerationConfig(max_new_tokens=MAX_ANSWER_TOKENS)
-    answers, correct = [], 0
     start = time.perf_counter()
-    for item in items:
-        text = generate(pipe, item.question, [item.image], config).text
-        answers.append(text)
-        correct += normalize(text) == normalize(item.answer)
-        advance()
+    if batch > 1:
+        requests = [GenerationRequest(item.question, (item.image,), config) for item in items]
+        answers = [r.text for r in generate_batch(pipe, requests, batch, lambda i, r: advance())]
+    else:
+        answers = []
+        for item in items:
+            answers.append(generate(pipe, item.question, [item.image], config).text)
+            advance()
+    correct = sum(normalize(text) == normalize(item.answer) for text, item in zip(answers, items))
     return AccuracyResult(pipe.backend, dataset, len(items), correct, time.perf_counter() - start, answers)
+
+
+def answer_all(pipes: Mapping[str, VLMPipeline], name: str, items: Sequence, progress: Progress,
+               batch: int = 1) -> list[AccuracyResult]:
+    """Every pipeline answers the same questions (in the order given; the first is the reference)."""
+    results = []
+    for label, pipe in pipes.items():
+        with progress.step(f"{label}: answering {len(items)} {name} questions", total=len(items)) as advance:
+            results.append(evaluate_vqa(pipe, items, name, normalize_answer, advance, batch))
+    return results
 
 
 def disagreements(a: AccuracyResult, b: AccuracyResult, items: Sequence) -> list[dict]:

@@ -7,15 +7,18 @@ itself faithful, not only the export of our split modules.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from ..runtime.generate import GenerationConfig, generate_tokens
+from ..runtime.generate import GenerationConfig, generate_ids
 from ..runtime.pipeline import VLMPipeline
 from .metrics import TensorMetrics, TokenMetrics
+
+PER_LAYER = re.compile(r"^(.+)\.\d+\.([^.]+)$")
 
 
 @dataclass(frozen=True)
@@ -58,48 +61,46 @@ class ParityResult:
 
 def compare_stages(ref: VLMPipeline, cand: VLMPipeline, samples: Sequence[Sample],
                    result: ParityResult, progress: Callable[[], None] = lambda: None) -> None:
+    """Every image stage (under its own name) and the decoder's prefill and one decode step."""
+    scheme = ref.scheme
     for sample in samples:
-        pixel_values = ref.pixel_values(sample.images) if sample.images else None
-        if pixel_values is not None:
-            feeds = {"pixel_values": pixel_values}
-            feats = ref.vision.infer(feeds)
-            _add_all(result, "vision_encoder", feats, cand.vision.infer(feeds))
-            embeds = ref.projector.infer(feats)
-            _add_all(result, "projector", embeds, cand.projector.infer(feats))
-        image_embeds = ref.image_embeds(pixel_values)
-        ids = np.asarray([ref.prompt_ids(sample.prompt, len(sample.images))], dtype=np.int64)
-        # prefill from an empty cache, the same inputs to both
-        ref_logits, ref_past = ref.decode(ids, image_embeds, ref.empty_past(), 0)
-        cand_logits, cand_past = cand.decode(ids, image_embeds, cand.empty_past(), 0)
-        result.add("prefill", "logits", ref_logits, cand_logits)
-        _add_kv(result, "prefill", ref_past, cand_past)
-        # one decode step on the reference's cache
-        step = np.asarray([[int(np.argmax(ref_logits[0, -1]))]], dtype=np.int64)
-        ref_logits, ref_next = ref.decode(step, image_embeds[:0], ref_past, ids.shape[1])
-        cand_logits, cand_next = cand.decode(step, image_embeds[:0], ref_past, ids.shape[1])
-        result.add("decode", "logits", ref_logits, cand_logits)
-        _add_kv(result, "decode", ref_next, cand_next)
+        image_input = scheme.empty_image_input()
+        if sample.images:
+            def observe(spec, feeds, outputs):
+                _add_outputs(result, spec.name, outputs, cand.runners[spec.name].infer(feeds))
+
+            values = ref.run_image_stages(ref.pixel_values(sample.images), observe)
+            image_input = scheme.image_input_from(values[scheme.image_input.name])
+        ids = ref.prompt_ids(sample.prompt, len(sample.images))
+        # prefill from an empty state, the same inputs to both
+        feeds = scheme.prefill_feeds([ids], image_input)
+        ref_out = ref.decode(feeds)
+        _add_outputs(result, "prefill", ref_out, cand.decode(feeds))
+        # one decode step on the reference's state
+        state = scheme.prefill_state(ref_out, 1, len(ids))
+        step = scheme.step_feeds(state, np.argmax(scheme.next_logits(ref_out), axis=-1))
+        _add_outputs(result, "decode", ref.decode(step), cand.decode(step))
         progress()
     # the graphs' dynamic batch: the same prompt twice in one prefill call
     sample = samples[0]
     pixel_values = ref.pixel_values(sample.images) if sample.images else None
-    ids = np.asarray([ref.prompt_ids(sample.prompt, len(sample.images))] * 2, dtype=np.int64)
-    embeds = ref.image_embeds(None if pixel_values is None else np.concatenate([pixel_values] * 2))
-    ref_logits, _ = ref.decode(ids, embeds, ref.empty_past(2), 0)
-    cand_logits, _ = cand.decode(ids, embeds, cand.empty_past(2), 0)
-    result.add("prefill", "logits_batch2", ref_logits, cand_logits)
+    ids = ref.prompt_ids(sample.prompt, len(sample.images))
+    both = ref.encode_images(None if pixel_values is None else np.concatenate([pixel_values] * 2))
+    feeds = scheme.prefill_feeds([ids, ids], both)
+    result.add("prefill", "logits_batch2", ref.decode(feeds)["logits"], cand.decode(feeds)["logits"])
 
 
-def _add_all(result: ParityResult, stage: str, ref: dict, out: dict) -> None:
-    for name, value in ref.items():
-        result.add(stage, name, value, out[name])
-
-
-def _add_kv(result: ParityResult, stage: str, ref: dict, out: dict) -> None:
-    """All layers' keys and values as two entries (the worst layer decides)."""
-    for kind in ("key", "value"):
-        names = [n for n in ref if n.endswith("." + kind)]
-        result.add(stage, f"present.*.{kind}", np.stack([ref[n] for n in names]), np.stack([out[n] for n in names]))
+def _add_outputs(result: ParityResult, stage: str, ref: dict, out: dict) -> None:
+    """Every output; per-layer outputs (``present.3.key``) as one entry per kind (``present.*.key``,
+    every layer stacked: the worst layer decides)."""
+    groups: dict[str, list[str]] = {}
+    for name in ref:
+        groups.setdefault(PER_LAYER.sub(r"\1.*.\2", name), []).append(name)
+    for entry, names in groups.items():
+        if len(names) == 1 and entry == names[0]:
+            result.add(stage, entry, ref[entry], out[entry])
+        else:
+            result.add(stage, entry, np.stack([ref[n] for n in names]), np.stack([out[n] for n in names]))
 
 
 def compare_tokens(reference_tokens: Callable[[list[int], np.ndarray | None, int], list[int]],
@@ -113,7 +114,7 @@ def compare_tokens(reference_tokens: Callable[[list[int], np.ndarray | None, int
         ids = first.prompt_ids(sample.prompt, len(sample.images))
         expected = reference_tokens(ids, pixel_values, max_new_tokens)
         for name, pipe in pipelines.items():
-            got = list(generate_tokens(pipe, ids, pipe.image_embeds(pixel_values), config))
+            got = generate_ids(pipe, ids, pipe.encode_images(pixel_values), config)
             result.tokens.setdefault(name, []).append(TokenMetrics(sample.prompt, expected, got))
         progress()
 

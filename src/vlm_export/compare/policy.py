@@ -31,15 +31,6 @@ class Tolerance:
         return problems
 
 
-# fp32 export vs fp32 PyTorch: only op-ordering noise is expected
-DEFAULT_TOLERANCES = {
-    "vision_encoder": Tolerance(),
-    "projector": Tolerance(),
-    "prefill": Tolerance(),
-    "decode": Tolerance(),
-}
-
-
 INF = float("inf")
 # reduced precisions are judged by direction (cosine), not by element-wise error; their real gate is
 # task accuracy (vlm-export eval), since greedy tokens may legitimately move
@@ -53,22 +44,27 @@ PRECISION_TOLERANCES = {
     "int8": Tolerance(atol=INF, rtol=0.0, min_cosine=0.99),
     "w4": Tolerance(atol=INF, rtol=0.0, min_cosine=0.99),
 }
-# which build stage's precision governs each parity stage
-PARITY_STAGE_OF = {"vision_encoder": "vision_encoder", "projector": "projector", "prefill": "lm_decoder",
-                   "decode": "lm_decoder"}
+#: the parity entries of the decoder stage (each image stage is its own entry, under its own name)
+DECODER_ENTRIES = ("prefill", "decode")
 
 
 @dataclass
 class ParityPolicy:
-    tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
+    #: per parity entry (an image stage's name, prefill, decode); an entry not named gets the fp32 default
+    tolerances: dict[str, Tolerance] = field(default_factory=dict)
     #: greedy tokens must equal the original model's for fp32 builds
     require_identical_tokens: bool = True
 
     @classmethod
-    def for_plan(cls, plan) -> "ParityPolicy":
-        """Default gates for a PrecisionPlan; greedy tokens must be identical only when all is fp32."""
-        tolerances = {stage: PRECISION_TOLERANCES[plan.of(build_stage)] for stage, build_stage in PARITY_STAGE_OF.items()}
-        return cls(tolerances=tolerances, require_identical_tokens=plan.all_fp32)
+    def for_precisions(cls, precisions: dict[str, str], decoder_stage: str) -> "ParityPolicy":
+        """Default gates for the build's precision per stage (stage name -> precision); greedy
+        tokens must be identical only when every stage is fp32."""
+        tolerances = {stage: PRECISION_TOLERANCES[p] for stage, p in precisions.items() if stage != decoder_stage}
+        tolerances.update({entry: PRECISION_TOLERANCES[precisions[decoder_stage]] for entry in DECODER_ENTRIES})
+        return cls(tolerances=tolerances, require_identical_tokens=all(p == "fp32" for p in precisions.values()))
+
+    def tolerance(self, entry: str) -> Tolerance:
+        return self.tolerances.get(entry, Tolerance())
 
     def with_overrides(self, overrides: dict[str, dict[str, float]]) -> "ParityPolicy":
         tol = dict(self.tolerances)
@@ -81,7 +77,7 @@ class ParityPolicy:
         """Every failure as one line; empty when the build passes."""
         failures = []
         for stage, outputs in stages.items():
-            tol = self.tolerances.get(stage, Tolerance())
+            tol = self.tolerance(stage)
             for output, metrics in outputs.items():
                 for problem in tol.check(metrics):
                     failures.append(f"{stage}/{output}: {problem}")

@@ -12,7 +12,7 @@ from .policy import ParityPolicy
 def report_dict(manifest: dict, result: ParityResult, policy: ParityPolicy, failures: list[str]) -> dict:
     stages = {}
     for stage, outputs in result.stages.items():
-        tol = policy.tolerances.get(stage)
+        tol = policy.tolerance(stage)
         stages[stage] = {
             name: {**m.to_dict(), "allowed_max_abs": _finite(tol.allowed(m)), "min_cosine": tol.min_cosine,
                    "passed": not tol.check(m)}

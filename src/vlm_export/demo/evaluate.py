@@ -11,8 +11,9 @@ import torch
 
 from ..errors import DatasetError, InputError
 from ..runtime import pipeline
-from ..runtime.prompt import PromptLayout, build_prompt_ids
-from .easyvqa import VqaItem, normalize_answer
+from ..contract import PromptLayout
+from ..runtime.prompt import build_prompt_ids
+from ..datasets import VqaItem, normalize_answer
 from .model import prompt_layout
 
 MAX_NEW_TOKENS = 8  # the longest easy-vqa answer is 2 tokens plus <|im_end|>

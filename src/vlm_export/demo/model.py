@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BuildError, ModelLoadError
-from ..runtime.prompt import PromptLayout
+from ..contract import PromptLayout
 
 IMAGE_TOKEN = "<empty_output>"
 IMAGE_TOKEN_ID = 16

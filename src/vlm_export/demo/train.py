@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..runtime.prompt import build_prompt_ids
-from .easyvqa import VqaItem, load_split
+from ..datasets import VqaItem, load_split
 from .evaluate import accuracy, generate_answers, pixel_values
 from .model import (
     LORA_PREFIX,

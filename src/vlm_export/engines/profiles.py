@@ -1,47 +1,36 @@
 """TensorRT optimization profiles derived from the manifest's limits (never typed twice).
 
-Every dynamic dim of every graph input is named at export (``images``, ``batch``, ``sequence``,
-``past_sequence``, ``total_sequence``, ``image_tokens``); a profile gives each NAME a
-(min, opt, max), and the shapes follow. The decoder gets two profiles, because one graph serves
-two very different shapes: prefill (many tokens, empty cache, image rows) and decode (one token,
-a cache up to max_sequence - 1, no image rows).
+Every dynamic dim of every graph input is named at export; a profile gives each NAME a
+(min, opt, max), and the shapes follow. Image stages get one profile over the number of images
+(plus any ranges the stage declares itself); the decoder gets the profiles its decoding scheme
+derives from the limits (for the spliced scheme: prefill - many tokens, empty cache, image rows -
+and decode - one token per row on a cache up to max_sequence - 1).
 """
 from __future__ import annotations
 
+from ..contract import Limits, Range, scheme_from_dict, stages_from_manifest
 from ..errors import BuildError
 
-Range = tuple[int, int, int]
 
-
-def dim_ranges(limits: dict) -> dict[str, list[dict[str, Range]]]:
+def dim_ranges(manifest: dict) -> dict[str, list[dict[str, Range]]]:
     """Per stage: a list of profiles, each mapping dim name -> (min, opt, max)."""
-    images = limits["max_images_per_batch"]
-    batch, seq = limits["max_batch"], limits["max_sequence"]
-    image_rows = limits["max_image_tokens"] * batch
-    tokens = limits["tokens_per_image"]
-    opt_seq = min(seq, max(tokens + 64, 128))
-    opt_past = min(seq - 1, 256)
-    image_profile = {"images": (1, max(1, min(images, limits["max_images"])), images)}
-    return {
-        "vision_encoder": [image_profile],
-        "projector": [image_profile],
-        "lm_decoder": [
-            {  # prefill: the prompt with its image rows, from an empty cache
-                "batch": (1, 1, batch), "sequence": (1, opt_seq, seq), "total_sequence": (1, opt_seq, seq),
-                "past_sequence": (0, 0, 0), "image_tokens": (0, min(tokens, image_rows), image_rows),
-            },
-            {  # decode: one token on a cache
-                "batch": (1, 1, batch), "sequence": (1, 1, 1), "total_sequence": (2, opt_past + 1, seq),
-                "past_sequence": (1, opt_past, seq - 1), "image_tokens": (0, 0, 0),
-            },
-        ],
-    }
+    limits = Limits.from_dict(manifest["limits"])
+    scheme = scheme_from_dict(manifest["scheme"])
+    images = limits.max_images_per_batch
+    image_profile = {"images": (1, max(1, min(images, limits.max_images)), images)}
+    ranges = {}
+    for spec in stages_from_manifest(manifest):
+        if spec.name == scheme.decoder_stage:
+            ranges[spec.name] = [{**spec.dim_ranges, **p} for p in scheme.dim_ranges(limits)]
+        else:
+            ranges[spec.name] = [{**image_profile, **spec.dim_ranges}]
+    return ranges
 
 
 def stage_profiles(manifest: dict, stage: str) -> list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]:
     """Input name -> (min shape, opt shape, max shape), one dict per profile."""
     profiles = []
-    for ranges in dim_ranges(manifest["limits"])[stage]:
+    for ranges in dim_ranges(manifest)[stage]:
         shapes = {}
         for info in manifest["graphs"][stage]["inputs"]:
             picks = []

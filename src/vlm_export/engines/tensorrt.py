@@ -130,8 +130,7 @@ class TensorRTRunner(Runner):
         raise RunnerError(f"{self.name}: input shapes {({n: np.shape(v) for n, v in feeds.items()})} are outside "
                           "every optimization profile; rebuild with larger limits")
 
-    def infer(self, feeds):
-        self._missing(feeds)
+    def _run(self, feeds):
         index = self._profile_for(feeds)
         if index != self._profile:
             self._runner.set_profile(index)

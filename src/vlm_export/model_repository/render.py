@@ -5,13 +5,14 @@ Every config is built as a dict from the manifest, parsed into Triton's own sche
 and there are no template placeholders to leave unfilled), checked against the ONNX graphs'
 tensor names, dtypes and dims, and only then written as ``config.pbtxt``.
 
-Layout (the same for every target; only the three graph models change backend)::
+Layout (the same for every target; only the graph models change backend). One graph model per
+stage the manifest declares; for a LLaVA-style build::
 
     preprocess/      python: encoded image bytes -> pixel_values
     vision_encoder/  python (onnxruntime inside) | onnxruntime_onnx | tensorrt_plan
-    projector/       same choice
-    image_encoder/   ensemble: preprocess -> vision_encoder -> projector
-    lm_decoder/      same choice as the encoders; KV cache in and out
+    projector/       same choice (every image stage, in the declared order)
+    image_encoder/   ensemble: preprocess -> the image stages -> the decoder's image input
+    lm_decoder/      same choice as the image stages; state in and out as the decoding scheme says
     vlm/             python, decoupled: prompt + images -> streamed text (the generation loop)
 """
 from __future__ import annotations
@@ -22,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_folder
+from ..contract import image_stages, scheme_from_dict, stages_from_manifest
 from ..errors import RepositoryError
+from ..export.graph_info import graph_io
 from ..manifest import read_manifest, write_manifest
 
 TARGETS = ("python", "onnxruntime", "tensorrt")
-GRAPH_STAGES = ("vision_encoder", "projector", "lm_decoder")
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
                  "int32": "TYPE_INT32", "bool": "TYPE_BOOL", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}
 PYTHON_MODELS = Path(__file__).parent / "python_models"
@@ -43,6 +45,7 @@ VLM_INPUTS = [
     {"name": "seed", "data_type": "TYPE_INT64", "dims": [1], "optional": True},
     {"name": "stop", "data_type": "TYPE_STRING", "dims": [-1], "optional": True},
     {"name": "stream", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
+    {"name": "ignore_eos", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
 ]
 VLM_OUTPUTS = [
     {"name": "text_output", "data_type": "TYPE_STRING", "dims": [1]},
@@ -59,10 +62,10 @@ class RepositoryOptions:
     vlm_instances: int = 1
     max_queue_delay_us: int = 500  # dynamic batching window of the image path
     decoder_mode: str | None = None  # default: in_process for python, bls for native backends
-    threads: int | None = None  # onnxruntime intra-op threads inside python models
-    # EXECUTION_ENV_PATH for python models. None keeps configs portable (e.g. to NVIDIA's container);
-    # `vlm-export serve` puts this venv first on the server's PATH, which the stub follows.
-    env_path: str | None = None
+    # onnxruntime intra-op threads inside python models. No EXECUTION_ENV_PATH is written, so configs
+    # stay portable (e.g. to NVIDIA's container); `vlm-export serve` puts this venv first on the
+    # server's PATH, which the stub follows.
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -89,25 +92,25 @@ def _tensors(infos: list[dict], batched: bool) -> list[dict]:
             for i in infos]
 
 
-def _python_params(options: RepositoryOptions, **extra: str) -> dict:
-    params = {"EXECUTION_ENV_PATH": {"string_value": options.env_path}} if options.env_path else {}
-    params.update({k: {"string_value": str(v)} for k, v in extra.items()})
-    return params
+def _python_params(**values) -> dict:
+    return {k: {"string_value": str(v)} for k, v in values.items()}
 
 
 def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]:
     """Every model's config as a dict in Triton's schema (JSON field names)."""
-    limits = manifest["limits"]
-    image_batch = limits["max_images_per_batch"]
+    image_batch = manifest["limits"]["max_images_per_batch"]
     graphs = manifest["graphs"]
+    stages = stages_from_manifest(manifest)
+    scheme = scheme_from_dict(manifest["scheme"])
     configs: dict[str, dict] = {}
-    for stage in GRAPH_STAGES:
-        batched = stage != "lm_decoder"  # KV shapes differ per request: the decoder is not batched by Triton
+    for spec in stages:
+        # image stages batch images; the decoder's state differs per request: Triton does not batch it
+        batched = spec.kind == "image"
         cfg = {
-            "name": stage,
+            "name": spec.name,
             "max_batch_size": image_batch if batched else 0,
-            "input": _tensors(graphs[stage]["inputs"], batched),
-            "output": _tensors(graphs[stage]["outputs"], batched),
+            "input": _tensors(graphs[spec.name]["inputs"], batched),
+            "output": _tensors(graphs[spec.name]["outputs"], batched),
             "instance_group": [{"kind": "KIND_GPU" if options.target == "tensorrt" else "KIND_CPU",
                                 "count": options.instances}],
         }
@@ -115,40 +118,16 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
             cfg["dynamic_batching"] = {"max_queue_delay_microseconds": options.max_queue_delay_us}
         if options.target == "python":
             cfg["backend"] = "python"
-            cfg["parameters"] = _python_params(options, intra_op_threads=options.threads or 0)
+            cfg["parameters"] = _python_params(intra_op_threads=options.threads or 0, spin=int(spec.per_token))
         elif options.target == "onnxruntime":
             cfg["platform"] = "onnxruntime_onnx"
         else:
             cfg["platform"] = "tensorrt_plan"
-        configs[stage] = cfg
+        configs[spec.name] = cfg
 
-    vision_in = configs["vision_encoder"]["input"][0]
-    configs["preprocess"] = {
-        "name": "preprocess",
-        "backend": "python",
-        "max_batch_size": image_batch,
-        "input": [{"name": "images", "data_type": "TYPE_STRING", "dims": [1]}],
-        "output": [{**vision_in, "name": "pixel_values"}],
-        "instance_group": [{"kind": "KIND_CPU", "count": options.instances}],
-        "dynamic_batching": {"max_queue_delay_microseconds": options.max_queue_delay_us},
-        "parameters": _python_params(options),
-    }
-    embeds = configs["projector"]["output"][0]
-    configs["image_encoder"] = {
-        "name": "image_encoder",
-        "platform": "ensemble",
-        "max_batch_size": image_batch,
-        "input": [{"name": "images", "data_type": "TYPE_STRING", "dims": [1]}],
-        "output": [embeds],
-        "ensemble_scheduling": {"step": [
-            {"model_name": "preprocess", "model_version": -1,
-             "input_map": {"images": "images"}, "output_map": {"pixel_values": "pixel_values"}},
-            {"model_name": "vision_encoder", "model_version": -1,
-             "input_map": {"pixel_values": "pixel_values"}, "output_map": {"image_features": "image_features"}},
-            {"model_name": "projector", "model_version": -1,
-             "input_map": {"image_features": "image_features"}, "output_map": {"image_embeds": embeds["name"]}},
-        ]},
-    }
+    image = image_stages(stages)
+    if image:
+        configs.update(_image_path_configs(configs, image, scheme.image_input.name, image_batch, options))
     configs["vlm"] = {
         "name": "vlm",
         "backend": "python",
@@ -157,10 +136,40 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
         "output": VLM_OUTPUTS,
         "model_transaction_policy": {"decoupled": True},
         "instance_group": [{"kind": "KIND_CPU", "count": options.vlm_instances}],
-        "parameters": _python_params(options, decoder_mode=options.resolved_decoder_mode,
-                                     intra_op_threads=options.threads or 0),
+        "parameters": _python_params(decoder_mode=options.resolved_decoder_mode, intra_op_threads=options.threads or 0),
     }
     return configs
+
+
+def _image_path_configs(configs: dict, image, image_input: str, image_batch: int, options) -> dict[str, dict]:
+    """``preprocess`` (bytes -> pixels) and the ``image_encoder`` ensemble over the image stages."""
+    pixels = next(t for t in image[0].inputs if t.role == "pixels")
+    pixels_cfg = next(t for t in configs[image[0].name]["input"] if t["name"] == pixels.name)
+    preprocess = {
+        "name": "preprocess",
+        "backend": "python",
+        "max_batch_size": image_batch,
+        "input": [{"name": "images", "data_type": "TYPE_STRING", "dims": [1]}],
+        "output": [{**pixels_cfg, "name": pixels.name}],
+        "instance_group": [{"kind": "KIND_CPU", "count": options.instances}],
+        "dynamic_batching": {"max_queue_delay_microseconds": options.max_queue_delay_us},
+    }
+    steps = [{"model_name": "preprocess", "model_version": -1,
+              "input_map": {"images": "images"}, "output_map": {pixels.name: pixels.name}}]
+    for spec in image:  # ensemble tensors are named after the stage tensors: each stage reads its inputs by name
+        steps.append({"model_name": spec.name, "model_version": -1,
+                      "input_map": {n: n for n in spec.input_names}, "output_map": {n: n for n in spec.output_names}})
+    made = next(spec for spec in image if image_input in spec.output_names)
+    output = next(t for t in configs[made.name]["output"] if t["name"] == image_input)
+    ensemble = {
+        "name": "image_encoder",
+        "platform": "ensemble",
+        "max_batch_size": image_batch,
+        "input": [{"name": "images", "data_type": "TYPE_STRING", "dims": [1]}],
+        "output": [output],
+        "ensemble_scheduling": {"step": steps},
+    }
+    return {"preprocess": preprocess, "image_encoder": ensemble}
 
 
 def parse_config(cfg: dict):
@@ -180,28 +189,29 @@ def to_pbtxt(cfg: dict) -> str:
     return text_format.MessageToString(parse_config(cfg))
 
 
-def check_against_graphs(configs: dict[str, dict], manifest: dict) -> None:
-    """Tensor names, dtypes and dims of the graph models against the ONNX graphs' own I/O."""
+def check_against_graphs(configs: dict[str, dict], build_dir: Path, manifest: dict) -> None:
+    """Tensor names, dtypes and dims of every graph model against the ONNX graph files themselves
+    (read from disk, not from the manifest the configs were made from)."""
     problems = []
-    for stage in GRAPH_STAGES:
-        cfg = configs[stage]
+    for spec in stages_from_manifest(manifest):
+        cfg = configs[spec.name]
         batched = cfg["max_batch_size"] > 0
-        graph = manifest["graphs"][stage]
-        for kind, infos in (("input", graph["inputs"]), ("output", graph["outputs"])):
+        inputs, outputs = graph_io(Path(build_dir) / manifest["graphs"][spec.name]["file"])
+        for kind, infos in (("input", inputs), ("output", outputs)):
             declared = {t["name"]: t for t in cfg[kind]}
-            actual = {i["name"]: i for i in infos}
+            actual = {i.name: i for i in infos}
             if set(declared) != set(actual):
-                problems.append(f"{stage} {kind}s {sorted(declared)} != graph {sorted(actual)}")
+                problems.append(f"{spec.name} {kind}s {sorted(declared)} != graph {sorted(actual)}")
                 continue
             for name, info in actual.items():
                 t = declared[name]
-                if t["data_type"] != TRITON_DTYPES[info["dtype"]]:
-                    problems.append(f"{stage}.{name}: {t['data_type']} != graph {info['dtype']}")
-                shape = info["shape"][1:] if batched else info["shape"]
+                if t["data_type"] != TRITON_DTYPES.get(info.dtype):
+                    problems.append(f"{spec.name}.{name}: {t['data_type']} != graph {info.dtype}")
+                shape = info.shape[1:] if batched else info.shape
                 if len(t["dims"]) != len(shape) or any(
                         isinstance(g, int) and d not in (g, -1) or not isinstance(g, int) and d != -1
                         for d, g in zip(t["dims"], shape)):
-                    problems.append(f"{stage}.{name}: dims {t['dims']} do not fit graph shape {info['shape']}")
+                    problems.append(f"{spec.name}.{name}: dims {t['dims']} do not fit graph shape {info.shape}")
     if problems:
         raise RepositoryError("Triton configs disagree with the ONNX graphs: " + "; ".join(problems))
 
@@ -221,7 +231,7 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
     build_dir, out = Path(build_dir), Path(out).absolute()
     manifest = read_manifest(build_dir)
     configs = model_configs(manifest, options)
-    check_against_graphs(configs, manifest)
+    check_against_graphs(configs, build_dir, manifest)
     pbtxt = {name: to_pbtxt(cfg) for name, cfg in configs.items()}
     if options.target == "tensorrt" and not manifest.get("engines"):
         raise RepositoryError(f"{build_dir} has no TensorRT engines; build them on a GPU machine with TensorRT "
@@ -230,7 +240,7 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
         for name, text in pbtxt.items():
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(text)
-        for stage in GRAPH_STAGES:
+        for stage in manifest["graphs"]:
             graph = build_dir / manifest["graphs"][stage]["file"]
             if options.target == "tensorrt":
                 _link_or_copy(build_dir / manifest["engines"][stage]["file"], tmp / stage / "1" / "model.plan")
@@ -241,8 +251,9 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
                 _link_or_copy(data, tmp / stage / "1" / data.name)
             if options.target == "python":
                 shutil.copy2(PYTHON_MODELS / "stage.py", tmp / stage / "1" / "model.py")
-        shutil.copy2(PYTHON_MODELS / "preprocess.py", tmp / "preprocess" / "1" / "model.py")
-        shutil.copytree(build_dir / manifest["tokenizer"], tmp / "preprocess" / "1" / "processor")
+        if "preprocess" in configs:
+            shutil.copy2(PYTHON_MODELS / "preprocess.py", tmp / "preprocess" / "1" / "model.py")
+            shutil.copytree(build_dir / manifest["tokenizer"], tmp / "preprocess" / "1" / "processor")
         shutil.copy2(PYTHON_MODELS / "vlm.py", tmp / "vlm" / "1" / "model.py")
         shutil.copytree(build_dir / manifest["tokenizer"], tmp / "vlm" / "1" / "tokenizer")
         write_manifest(tmp / "vlm" / "1", {k: v for k, v in manifest.items() if k not in ("format", "version")})

@@ -13,6 +13,9 @@ from ..errors import DatasetError
 from ..runtime.pipeline import VLMPipeline
 
 DEFAULT_SAMPLES = 16
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field", "immunohistochemistry")
+QUESTIONS = ("Describe this image.", "What is in the picture?", "What colors do you see?",
+             "Is there a person in the image?")
 
 
 @dataclass(frozen=True)
@@ -22,24 +25,16 @@ class CalibrationPair:
 
 
 def default_pairs(limit: int = DEFAULT_SAMPLES) -> list[CalibrationPair]:
-    """scikit-image's natural photos with generic questions, then easy-vqa TRAIN pairs (never test)."""
+    """scikit-image's natural photographs with generic questions. Callers with data of their own
+    domain pass it instead (``--calibration``; the demo adds easy-vqa TRAIN pairs)."""
     from skimage import data
 
     from PIL import Image
 
-    photos = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field", "immunohistochemistry")
-    questions = ("Describe this image.", "What is in the picture?", "What colors do you see?",
-                 "Is there a person in the image?")
     pairs = []
-    for i, name in enumerate(photos):
+    for i, name in enumerate(PHOTOS):
         array = getattr(data, name)()
-        pairs.append(CalibrationPair(Image.fromarray(array).convert("RGB"), questions[i % len(questions)]))
-    try:
-        from ..demo.easyvqa import load_split
-
-        pairs += [CalibrationPair(it.image, it.question) for it in load_split("train", limit)]
-    except DatasetError:
-        pass  # easy-vqa is an optional extra; the photos alone still calibrate
+        pairs.append(CalibrationPair(Image.fromarray(array).convert("RGB"), QUESTIONS[i % len(QUESTIONS)]))
     return pairs[:limit]
 
 
@@ -57,22 +52,16 @@ def folder_pairs(folder: Path, prompts_file: Path | None = None, limit: int = DE
 
 
 def stage_feeds(reference: VLMPipeline, pairs: list[CalibrationPair]) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Per-stage input feeds, produced by the reference pipeline's own upstream stages."""
-    feeds: dict[str, list[dict[str, np.ndarray]]] = {"vision_encoder": [], "projector": [], "lm_decoder": []}
+    """Per-stage input feeds, produced by the reference pipeline's own upstream stages: each image
+    stage sees what its predecessor made of real pixels, the decoder a real prefill."""
+    scheme = reference.scheme
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {spec.name: [] for spec in reference.stages}
     for pair in pairs:
-        pixel_values = reference.pixel_values([pair.image])
-        feeds["vision_encoder"].append({"pixel_values": pixel_values})
-        features = reference.vision.infer({"pixel_values": pixel_values})
-        feeds["projector"].append(features)
-        embeds = reference.projector.infer(features)["image_embeds"]
-        ids = np.asarray([reference.prompt_ids(pair.prompt, 1)], dtype=np.int64)
-        feeds["lm_decoder"].append({
-            "input_ids": ids,
-            "image_embeds": embeds.reshape(-1, embeds.shape[-1]),
-            "attention_mask": np.ones_like(ids),
-            "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None],
-            **reference.empty_past(),
-        })
+        values = reference.run_image_stages(reference.pixel_values([pair.image]),
+                                            lambda spec, f, _: feeds[spec.name].append(f))
+        image_input = scheme.image_input_from(values[scheme.image_input.name])
+        ids = reference.prompt_ids(pair.prompt, 1)
+        feeds[scheme.decoder_stage].append(scheme.prefill_feeds([ids], image_input))
     return feeds
 
 

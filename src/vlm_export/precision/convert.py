@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from ..errors import ExportError
-from ..export.onnx_export import EXTERNAL_DATA_THRESHOLD, check_graph
+from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, check_graph
 from .weight_only import FORMS, SCHEMES, quantize_weights
 
 FP32_ISLANDS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",

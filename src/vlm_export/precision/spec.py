@@ -1,61 +1,84 @@
-"""Precision per stage: parsing ``--precision`` and the choices each stage allows."""
+"""Precision per stage: parsing ``--precision`` and checking it against the stages a model declares.
+
+The stages are the adapter's (any number, any names), each declaring the precisions it allows
+(``StageSpec.precisions``); a plan names stages (or the shorthands below) and is resolved against
+those declarations once the model is loaded, before anything is exported.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
+from ..contract import StageSpec
 from ..errors import BuildError
 
-STAGES = ("vision_encoder", "projector", "lm_decoder")
-ALIASES = {"vision": "vision_encoder", "vision_encoder": "vision_encoder", "projector": "projector",
-           "decoder": "lm_decoder", "lm_decoder": "lm_decoder"}
 #: fp32: as exported; fp16: fp16 weights and maths with fp32 islands; int8: W8A8 Q/DQ, calibrated;
-#: w8 / w4: weight-only block-wise int8 / int4 (MatMulNBits), activations fp32 - for the memory-bound decoder
-CHOICES = {
-    "vision_encoder": ("fp32", "fp16", "int8"),
-    "projector": ("fp32", "fp16", "int8"),
-    "lm_decoder": ("fp32", "fp16", "int8", "w8", "w4"),
-}
+#: w8 / w4: weight-only block-wise int8 / int4 (MatMulNBits rounds activations to int8 inside its
+#: kernel at accuracy level 4; the dequantize form for TensorRT keeps them float) - for the memory-bound decoder
+KNOWN = ("fp32", "fp16", "int8", "w8", "w4")
+#: shorthands for the usual stage names
+ALIASES = {"vision": "vision_encoder", "decoder": "lm_decoder"}
 
 
 @dataclass(frozen=True)
 class PrecisionPlan:
-    vision_encoder: str = "fp32"
-    projector: str = "fp32"
-    lm_decoder: str = "fp32"
+    """Precision per named stage; ``default`` for every stage not named."""
+
+    choices: tuple[tuple[str, str], ...] = ()
+    default: str = "fp32"
+
+    @classmethod
+    def of_stages(cls, choices: Mapping[str, str], default: str = "fp32") -> "PrecisionPlan":
+        return cls(tuple(sorted(choices.items())), default)
 
     def of(self, stage: str) -> str:
-        return getattr(self, stage)
+        return dict(self.choices).get(stage, self.default)
 
-    def to_dict(self) -> dict[str, str]:
-        return {s: self.of(s) for s in STAGES}
-
-    @property
-    def all_fp32(self) -> bool:
-        return all(self.of(s) == "fp32" for s in STAGES)
+    def resolve(self, stages: Sequence[StageSpec]) -> dict[str, str]:
+        """Stage name -> precision for every stage, in order; BuildError on a stage the model does
+        not have or a precision a stage does not allow."""
+        names = [s.name for s in stages]
+        unknown = [name for name, _ in self.choices if name not in names]
+        if unknown:
+            raise BuildError(f"unknown stage(s) {', '.join(unknown)} in --precision; this model's stages: "
+                             f"{', '.join(names)} (shorthands: {', '.join(f'{k}={v}' for k, v in ALIASES.items())})")
+        valid = "; ".join(f"{s.name}: {'/'.join(s.precisions)}" for s in stages)
+        if self.default != "fp32":
+            unsupported = [s.name for s in stages if self.default not in s.precisions and s.name not in dict(self.choices)]
+            if unsupported:
+                raise BuildError(f"precision {self.default!r} is not available for {', '.join(unsupported)}; "
+                                 f"valid: {valid} (set stages separately, e.g. vision=fp16,decoder=w4)")
+        resolved = {s.name: self.of(s.name) for s in stages}
+        for spec in stages:
+            if resolved[spec.name] not in spec.precisions:
+                raise BuildError(f"precision {resolved[spec.name]!r} is not valid for {spec.name}; valid: {valid}")
+        return resolved
 
     def __str__(self) -> str:
-        return ",".join(f"{s}={self.of(s)}" for s in STAGES)
+        parts = [f"{stage}={p}" for stage, p in self.choices]
+        return ",".join(([self.default] if self.default != "fp32" or not parts else []) + parts)
 
 
 def parse_precision(text: str | None) -> PrecisionPlan:
-    """``fp16`` for every stage, or ``vision=int8,projector=fp16,decoder=w4`` (others stay fp32)."""
+    """``fp16`` for every stage, or ``vision=int8,projector=fp16,decoder=w4`` (others stay fp32).
+    Stage names are checked when the model's stages are known (``PrecisionPlan.resolve``)."""
     if not text:
         return PrecisionPlan()
     text = text.strip()
-    valid = "; ".join(f"{s}: {'/'.join(c)}" for s, c in CHOICES.items())
     if "=" not in text:
-        unsupported = [s for s in STAGES if text not in CHOICES[s]]
-        if unsupported:
-            raise BuildError(f"precision {text!r} is not available for {', '.join(unsupported)}; valid: {valid} "
-                             "(set stages separately, e.g. vision=fp16,projector=fp16,decoder=w4)")
-        return PrecisionPlan(text, text, text)
+        _known(text, text)
+        return PrecisionPlan(default=text)
     chosen = {}
     for part in text.split(","):
         stage, _, value = part.partition("=")
-        stage, value = ALIASES.get(stage.strip()), value.strip()
-        if stage is None:
-            raise BuildError(f"unknown stage in precision {part!r}; stages: vision, projector, decoder")
-        if value not in CHOICES[stage]:
-            raise BuildError(f"precision {value!r} is not valid for {stage}; valid: {valid}")
-        chosen[stage] = value
-    return PrecisionPlan(**chosen)
+        stage, value = stage.strip(), value.strip()
+        if not stage:
+            raise BuildError(f"no stage named in precision {part!r}; write STAGE=PRECISION, e.g. decoder=w4")
+        _known(value, part)
+        chosen[ALIASES.get(stage, stage)] = value
+    return PrecisionPlan.of_stages(chosen)
+
+
+def _known(value: str, part: str) -> None:
+    if value not in KNOWN:
+        raise BuildError(f"precision {value!r} in {part!r} is not one of {', '.join(KNOWN)}")

@@ -1,13 +1,22 @@
-"""The one generation loop: prefill, then KV-cache decode one token at a time, with greedy or
-temperature/top-p sampling, stop on EOS or stop strings, and max new tokens. The CLI's
-``generate``, parity checks, evaluation and the Triton ``vlm`` model all run this code."""
+"""The one generation loop, as a step scheduler over a batch of sequences.
+
+A new sequence is prefilled on its own (its prompt and images, from an empty state) and joins
+the running batch; every step samples one token per running row from its own logits with its
+own settings, lets rows that hit EOS, a stop string or their length leave, and decodes the
+remaining rows' tokens in ONE decoder call. ``stream``/``generate`` are a batch of one;
+``generate_batch`` runs many requests together. The CLI's ``generate``, parity checks,
+evaluation, the bench and the Triton ``vlm`` model all run this code; the decoding scheme
+(contract) says how the decoder is fed, so nothing here knows how images reach the LM.
+"""
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from ..contract import DecodeBatch
 from ..errors import InputError
 from .pipeline import ImageInput, VLMPipeline
 
@@ -21,6 +30,8 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    #: generate exactly max_new_tokens, EOS or not (what benchmarks of LLM servers do)
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_new_tokens, (int, np.integer)) and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_CAP):
@@ -54,6 +65,15 @@ class GenerationResult:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt with its images, for ``generate_batch``."""
+
+    prompt: str
+    images: tuple = ()
+    config: GenerationConfig = GenerationConfig()
+
+
 class Sampler:
     def __init__(self, config: GenerationConfig):
         self.config = config
@@ -75,72 +95,40 @@ class Sampler:
         return int(self.rng.choice(len(p), p=p))
 
 
-def generate_tokens(pipe: VLMPipeline, input_ids: Sequence[int], image_embeds: np.ndarray,
-                    config: GenerationConfig) -> Iterator[int]:
-    """Token ids, one at a time, until EOS (not yielded) or max_new_tokens.
+class TextStream:
+    """A row's text as its tokens arrive. Text that might be the start of a stop string, or a
+    partial UTF-8 character, is held back until the next token settles it, so the streamed
+    pieces always add up to the final text."""
 
-    ``image_embeds`` is the flat table [placeholders, hidden] (``pipe.image_embeds(pixel_values)``,
-    or what a served image encoder returned).
-    """
-    pipe.check_length(len(input_ids), config.max_new_tokens)
-    n_placeholders = sum(1 for i in input_ids if i == pipe.layout.image_token_id)
-    if n_placeholders != image_embeds.shape[0]:
-        raise InputError(f"the prompt has {n_placeholders} image placeholders but the images give "
-                         f"{image_embeds.shape[0]} embeddings")
-    sample = Sampler(config)
-    ids = np.asarray([input_ids], dtype=np.int64)
-    logits, past = pipe.decode(ids, image_embeds, pipe.empty_past(), 0)
-    past_len = ids.shape[1]
-    no_images = image_embeds[:0]
-    for step in range(config.max_new_tokens):
-        token = sample(logits[0, -1])
-        if token in pipe.eos_token_ids:
-            return
-        yield token
-        if step + 1 == config.max_new_tokens:
-            return
-        logits, past = pipe.decode(np.asarray([[token]], dtype=np.int64), no_images, past, past_len)
-        past_len += 1
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.tokens: list[int] = []
+        self.text = ""
+        self.emitted = ""
+        self.stopped = False
 
-
-ImageEncoder = Callable[[Sequence[ImageInput]], np.ndarray]
-
-
-def stream(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput] = (),
-           config: GenerationConfig = GenerationConfig(),
-           encode_images: ImageEncoder | None = None) -> Iterator[TokenEvent | GenerationResult]:
-    """TokenEvents as text appears, then one GenerationResult (the final message).
-
-    Text that might be the start of a stop string, or a partial UTF-8 character, is held back
-    until the next token settles it, so the streamed pieces always add up to the final text.
-    ``encode_images`` replaces the in-process vision path (the Triton model calls its ensemble).
-    """
-    input_ids = pipe.prompt_ids(prompt, len(images))
-    pipe.check_length(len(input_ids), config.max_new_tokens)  # before any image work
-    if not images:
-        image_embeds = pipe.image_embeds(None)
-    else:
-        image_embeds = encode_images(images) if encode_images else pipe.image_embeds(pipe.pixel_values(images))
-    tokens: list[int] = []
-    emitted = ""
-    finish = "length"
-    text = ""
-    for token in generate_tokens(pipe, input_ids, image_embeds, config):
-        tokens.append(token)
-        text = pipe.tokenizer.decode(tokens, skip_special_tokens=True)
-        cut = _stop_index(text, config.stop)
+    def push(self, token: int) -> TokenEvent | None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = _stop_index(text, self.stop)
         if cut is not None:
-            text, finish = text[:cut], "stop"
-            break
-        settled = len(text) - _pending(text, config.stop)
-        if settled > len(emitted):
-            yield TokenEvent(token, text[len(emitted):settled])
-            emitted = text[:settled]
-    else:
-        finish = "eos" if len(tokens) < config.max_new_tokens else "length"
-    if len(text) > len(emitted):
-        yield TokenEvent(tokens[-1], text[len(emitted):])
-    yield GenerationResult(text, tokens, finish, len(input_ids))
+            self.text, self.stopped = text[:cut], True
+            return None
+        self.text = text
+        settled = len(text) - _pending(text, self.stop)
+        if settled > len(self.emitted):
+            event = TokenEvent(token, text[len(self.emitted):settled])
+            self.emitted = text[:settled]
+            return event
+        return None
+
+    def flush(self) -> TokenEvent | None:
+        """What was held back, once the row has ended."""
+        if len(self.text) > len(self.emitted):
+            event = TokenEvent(self.tokens[-1], self.text[len(self.emitted):])
+            self.emitted = self.text
+            return event
+        return None
 
 
 def _stop_index(text: str, stops: Sequence[str]) -> int | None:
@@ -159,6 +147,129 @@ def _pending(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
+@dataclass
+class _Row:
+    id: int
+    prompt_ids: list[int]
+    image_input: np.ndarray
+    config: GenerationConfig
+    sampler: Sampler
+    text: TextStream
+    finish: str | None = None
+
+
+Event = tuple[int, "TokenEvent | GenerationResult"]
+
+
+class Scheduler:
+    """Steps a batch of sequences on one pipeline (see the module docstring).
+
+    ``submit`` queues a sequence; ``step`` admits queued ones while the batch has room
+    (``max_batch``, default the build's limit), then makes one token for every running row and
+    returns the events of this step as ``(row id, TokenEvent | GenerationResult)``; a row's
+    GenerationResult is its last event.
+    """
+
+    def __init__(self, pipe: VLMPipeline, max_batch: int | None = None):
+        self.pipe = pipe
+        self.max_batch = max_batch or pipe.limits.max_batch
+        if self.max_batch < 1:
+            raise InputError(f"max_batch must be at least 1, got {self.max_batch}")
+        self._ids = itertools.count()
+        self.queued: list[_Row] = []
+        self.running: list[_Row] = []
+        self.batch: DecodeBatch | None = None
+        self.logits: np.ndarray | None = None  # [running rows, vocab]: each row's next-token logits
+
+    @property
+    def idle(self) -> bool:
+        return not self.queued and not self.running
+
+    def submit(self, prompt_ids: Sequence[int], image_input: np.ndarray, config: GenerationConfig) -> int:
+        """Queue one sequence; InputError now (not at its turn) when it cannot run."""
+        self.pipe.check_length(len(prompt_ids), config.max_new_tokens)
+        self.pipe.scheme.check_prompt(prompt_ids, image_input)
+        row = _Row(next(self._ids), list(prompt_ids), image_input, config, Sampler(config),
+                   TextStream(self.pipe.tokenizer, config.stop))
+        self.queued.append(row)
+        return row.id
+
+    def _admit(self) -> None:
+        while self.queued and len(self.running) < self.max_batch:
+            row = self.queued.pop(0)
+            logits, state = self.pipe.prefill(row.prompt_ids, row.image_input)
+            row.image_input = None  # consumed: its rows live in the cache now
+            self.batch = state if self.batch is None else self.batch.join(state)
+            self.logits = logits[None] if self.logits is None else np.concatenate([self.logits, logits[None]])
+            self.running.append(row)
+
+    def step(self) -> list[Event]:
+        self._admit()
+        if not self.running:
+            return []
+        events: list[Event] = []
+        tokens = []
+        eos = self.pipe.eos_token_ids
+        for row, logits in zip(self.running, self.logits):
+            token = row.sampler(logits)
+            tokens.append(token)
+            if token in eos and not row.config.ignore_eos:
+                row.finish = "eos"
+                continue
+            event = row.text.push(token)
+            if event is not None:
+                events.append((row.id, event))
+            if row.text.stopped:
+                row.finish = "stop"
+            elif len(row.text.tokens) == row.config.max_new_tokens:
+                row.finish = "length"
+        keep = [i for i, row in enumerate(self.running) if row.finish is None]
+        for row in self.running:
+            if row.finish is not None:
+                tail = row.text.flush()
+                if tail is not None:
+                    events.append((row.id, tail))
+                events.append((row.id, GenerationResult(row.text.text, row.text.tokens, row.finish,
+                                                        len(row.prompt_ids))))
+        if len(keep) < len(self.running):
+            self.running = [self.running[i] for i in keep]
+            self.batch = self.batch.keep(keep) if keep else None
+            self.logits = self.logits[keep] if keep else None
+        if self.running:
+            scheme = self.pipe.scheme
+            out = self.pipe.decode(scheme.step_feeds(self.batch, np.asarray([tokens[i] for i in keep])))
+            self.batch = scheme.advance(self.batch, out)
+            self.logits = scheme.next_logits(out)
+        return events
+
+    def run(self) -> Iterator[Event]:
+        """Step until every submitted sequence has finished."""
+        while not self.idle:
+            yield from self.step()
+
+
+ImageEncoder = Callable[[Sequence[ImageInput]], np.ndarray]
+
+
+def _image_input(pipe: VLMPipeline, images: Sequence[ImageInput], encode_images: ImageEncoder | None) -> np.ndarray:
+    if not images:
+        return pipe.scheme.empty_image_input()
+    return encode_images(images) if encode_images else pipe.encode_images(pipe.pixel_values(images))
+
+
+def stream(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput] = (),
+           config: GenerationConfig = GenerationConfig(),
+           encode_images: ImageEncoder | None = None) -> Iterator[TokenEvent | GenerationResult]:
+    """TokenEvents as text appears, then one GenerationResult (the final message): a batch of one.
+    ``encode_images`` replaces the in-process image stages (the Triton model calls its ensemble)."""
+    input_ids = pipe.prompt_ids(prompt, len(images))
+    pipe.check_length(len(input_ids), config.max_new_tokens)  # before any image work
+    scheduler = Scheduler(pipe, max_batch=1)
+    scheduler.submit(input_ids, _image_input(pipe, images, encode_images), config)
+    for _, event in scheduler.run():
+        yield event
+
+
 def generate(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput] = (),
              config: GenerationConfig = GenerationConfig(),
              encode_images: ImageEncoder | None = None) -> GenerationResult:
@@ -166,3 +277,31 @@ def generate(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput] = (),
         if isinstance(event, GenerationResult):
             return event
     raise AssertionError("stream() always ends with a GenerationResult")
+
+
+def generate_ids(pipe: VLMPipeline, prompt_ids: Sequence[int], image_input: np.ndarray,
+                 config: GenerationConfig) -> list[int]:
+    """The new token ids for prompt ids already built (EOS not included)."""
+    scheduler = Scheduler(pipe, max_batch=1)
+    scheduler.submit(prompt_ids, image_input, config)
+    return next(e.token_ids for _, e in scheduler.run() if isinstance(e, GenerationResult))
+
+
+def generate_batch(pipe: VLMPipeline, requests: Sequence[GenerationRequest], max_batch: int | None = None,
+                   on_result: Callable[[int, GenerationResult], None] | None = None) -> list[GenerationResult]:
+    """Many requests through one scheduler, up to ``max_batch`` (default: the build's limit)
+    decoded together; results in request order. Every request is checked before any runs.
+    ``on_result(index, result)`` is called as each finishes (progress bars)."""
+    scheduler = Scheduler(pipe, max_batch)
+    index = {}
+    for i, request in enumerate(requests):
+        ids = pipe.prompt_ids(request.prompt, len(request.images))
+        pipe.check_length(len(ids), request.config.max_new_tokens)
+        index[scheduler.submit(ids, _image_input(pipe, request.images, None), request.config)] = i
+    results: list[GenerationResult | None] = [None] * len(requests)
+    for row, event in scheduler.run():
+        if isinstance(event, GenerationResult):
+            results[index[row]] = event
+            if on_result is not None:
+                on_result(index[row], event)
+    return results

@@ -1,56 +1,23 @@
-"""The three stages behind runners, plus what turns a request into their inputs: image
-preprocessing, prompt ids and the KV-cache geometry. No model code: everything comes from the
-manifest (or, for the PyTorch reference, from the adapter's split modules)."""
+"""A build's stages behind runners, plus what turns a request into their inputs: image
+preprocessing, prompt ids, the image stages run in their declared order, and the decoding
+scheme that feeds the decoder. No model code: everything comes from the manifest (or, for the
+PyTorch reference, from the adapter's declarations)."""
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
 
+from ..contract import DecodingScheme, Limits, PromptLayout, StageSpec, image_stages
 from ..errors import InputError
-from .prompt import PromptLayout, build_prompt_ids
+from .prompt import build_prompt_ids
 from .runners import Runner
 
 ImageInput = Union[str, Path, bytes, "PIL.Image.Image"]  # noqa: F821
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Serving limits; derived ones are properties so they can never disagree."""
-
-    max_batch: int
-    max_images: int  # per prompt
-    max_sequence: int  # prompt + generated tokens
-    tokens_per_image: int
-
-    @property
-    def max_image_tokens(self) -> int:
-        return self.max_images * self.tokens_per_image
-
-    @property
-    def max_images_per_batch(self) -> int:
-        return self.max_batch * self.max_images
-
-    def to_dict(self) -> dict[str, int]:
-        return {"max_batch": self.max_batch, "max_images": self.max_images, "max_sequence": self.max_sequence,
-                "tokens_per_image": self.tokens_per_image, "max_image_tokens": self.max_image_tokens,
-                "max_images_per_batch": self.max_images_per_batch}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, int]) -> "Limits":
-        return cls(d["max_batch"], d["max_images"], d["max_sequence"], d["tokens_per_image"])
-
-
-@dataclass(frozen=True)
-class KVSpec:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    dtype: str = "float32"
+#: called with (stage spec, its feeds, its outputs) for every image stage run (parity, calibration)
+StageObserver = Callable[[StageSpec, dict, dict], None]
 
 
 def load_image(src: ImageInput):
@@ -71,18 +38,31 @@ def load_image(src: ImageInput):
 
 
 class VLMPipeline:
-    """vision_encoder -> projector -> lm_decoder behind runners, and the request plumbing."""
+    """The image stages, then the decoder, behind runners; and the request plumbing.
 
-    def __init__(self, vision: Runner, projector: Runner, decoder: Runner, tokenizer, image_processor,
-                 layout: PromptLayout, kv: KVSpec, limits: Limits, eos_token_ids: list[int]):
-        self.vision, self.projector, self.decoder = vision, projector, decoder
+    ``runners`` holds one runner per stage that runs here; a served model may hold only the
+    decoder (its images go through the server's image path instead)."""
+
+    def __init__(self, runners: Mapping[str, Runner], stages: Sequence[StageSpec], scheme: DecodingScheme,
+                 tokenizer, image_processor, layout: PromptLayout, limits: Limits, eos_token_ids: list[int]):
+        self.runners = dict(runners)
+        self.stages = list(stages)
+        self.scheme = scheme
         self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.layout, self.kv, self.limits = layout, kv, limits
+        self.layout, self.limits = layout, limits
         self.eos_token_ids = list(eos_token_ids)
+
+    @property
+    def decoder(self) -> Runner:
+        return self.runners[self.scheme.decoder_stage]
 
     @property
     def backend(self) -> str:
         return self.decoder.backend
+
+    @property
+    def image_stages(self) -> list[StageSpec]:
+        return image_stages(self.stages)
 
     # ---- request -> tensors ------------------------------------------------------------------
     def pixel_values(self, images: Sequence[ImageInput]) -> np.ndarray:
@@ -102,31 +82,29 @@ class VLMPipeline:
             )
 
     # ---- stages ------------------------------------------------------------------------------
-    def image_embeds(self, pixel_values: np.ndarray | None) -> np.ndarray:
-        """[n_images * tokens_per_image, hidden], or an empty table without images."""
+    def run_image_stages(self, pixel_values: np.ndarray, observe: StageObserver | None = None) -> dict[str, np.ndarray]:
+        """Every image stage in order; returns every tensor made on the way (pixels included)."""
+        values = {"pixel_values": pixel_values}
+        for spec in self.image_stages:
+            feeds = {t.name: values[t.name] for t in spec.inputs}
+            out = self.runners[spec.name].infer(feeds)
+            if observe is not None:
+                observe(spec, feeds, out)
+            values.update(out)
+        return values
+
+    def encode_images(self, pixel_values: np.ndarray | None) -> np.ndarray:
+        """The decoder's image input for one request's images (the scheme's empty input without)."""
         if pixel_values is None or len(pixel_values) == 0:
-            return np.zeros((0, self.kv.hidden_size), dtype=np.float32)
-        feats = self.vision.infer({"pixel_values": pixel_values})["image_features"]
-        embeds = self.projector.infer({"image_features": feats})["image_embeds"]
-        return embeds.reshape(-1, embeds.shape[-1])
+            return self.scheme.empty_image_input()
+        values = self.run_image_stages(pixel_values)
+        return self.scheme.image_input_from(values[self.scheme.image_input.name])
 
-    def empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
-        shape = (batch, self.kv.num_kv_heads, 0, self.kv.head_dim)
-        names = [n for n in self.decoder.input_names if n.startswith("past_key_values.")]
-        return {n: np.zeros(shape, dtype=self.kv.dtype) for n in names}
+    def decode(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One decoder call with feeds made by the scheme (prefill or step)."""
+        return self.decoder.infer(feeds)
 
-    def decode(self, input_ids: np.ndarray, image_embeds: np.ndarray, past: dict[str, np.ndarray],
-               past_len: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One decoder call (prefill or step). Returns (logits [b, 1, vocab] of the last position, next past)."""
-        batch, seq = input_ids.shape
-        feeds = {
-            "input_ids": input_ids.astype(np.int64),
-            "image_embeds": image_embeds.astype(np.float32),
-            "attention_mask": np.ones((batch, past_len + seq), dtype=np.int64),
-            "position_ids": np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy(),
-            **past,
-        }
-        out = self.decoder.infer(feeds)
-        present = {n.replace("present.", "past_key_values.", 1): v for n, v in out.items() if n.startswith("present.")}
-        return out["logits"], present
-
+    def prefill(self, prompt_ids: Sequence[int], image_input: np.ndarray):
+        """(logits [vocab] of the last prompt position, the state of this one row)."""
+        out = self.decode(self.scheme.prefill_feeds([prompt_ids], image_input))
+        return self.scheme.next_logits(out)[0], self.scheme.prefill_state(out, 1, len(prompt_ids))

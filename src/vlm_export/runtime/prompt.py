@@ -1,47 +1,10 @@
-"""Turning (prompt text, number of images) into token ids with image placeholders.
-
-The layout is declared by the adapter at build time and stored in the manifest, so the
-runtime (in-process, or inside a Triton python model) needs no model code to build a prompt:
-
-* ``inline``: the image token's text is written into the user message (one per image, then a
-  newline), the chat template is applied, and every image token is expanded to
-  ``tokens_per_image`` copies, as Hugging Face's LlavaProcessor does.
-* ``prefix``: the chat-formatted text is tokenized as is and ``tokens_per_image`` placeholder ids
-  per image are put in front of it (prefix-fusion models prepend the image embeddings).
-
-Either way the decoder graph replaces every id equal to ``image_token_id`` with the next row of
-the image embeddings, in order.
-"""
+"""Turning (prompt text, number of images) into token ids with image placeholders, as the
+build's :class:`~vlm_export.contract.PromptLayout` says (see there for the layouts). The decoding
+scheme then puts each image's rows where its placeholders are."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
-
+from ..contract import PromptLayout
 from ..errors import InputError
-
-LAYOUTS = ("inline", "prefix")
-
-
-@dataclass(frozen=True)
-class PromptLayout:
-    kind: str  # one of LAYOUTS
-    image_token_id: int
-    tokens_per_image: int
-    image_token: str | None = None  # text form of the image token (inline layout only)
-    use_chat_template: bool = True
-
-    def __post_init__(self) -> None:
-        if self.kind not in LAYOUTS:
-            raise ValueError(f"prompt layout {self.kind!r} is not one of {LAYOUTS}")
-        if self.kind == "inline" and not self.image_token:
-            raise ValueError("an inline prompt layout needs the image token's text")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PromptLayout":
-        return cls(**d)
 
 
 def format_user_text(tokenizer, layout: PromptLayout, prompt: str, n_images: int) -> str:

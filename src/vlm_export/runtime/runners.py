@@ -26,14 +26,16 @@ class Runner(abc.ABC):
     def __init__(self, name: str, input_names: list[str], output_names: list[str]):
         self.name, self.input_names, self.output_names = name, list(input_names), list(output_names)
 
-    @abc.abstractmethod
     def infer(self, feeds: Feeds) -> dict[str, np.ndarray]:
-        """Run once; every input in ``input_names`` must be present."""
-
-    def _missing(self, feeds: Feeds) -> None:
+        """Run once; every input in ``input_names`` must be present (extra feeds are ignored)."""
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise RunnerError(f"{self.backend} runner for {self.name}: missing inputs {missing}")
+        return self._run(feeds)
+
+    @abc.abstractmethod
+    def _run(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        """The backend's call; ``feeds`` holds every input."""
 
 
 class TorchRunner(Runner):
@@ -45,19 +47,14 @@ class TorchRunner(Runner):
         super().__init__(name, input_names, output_names)
         self.module = module.eval()
 
-    def infer(self, feeds: Feeds) -> dict[str, np.ndarray]:
+    def _run(self, feeds: Feeds) -> dict[str, np.ndarray]:
         import torch
 
-        self._missing(feeds)
         args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names]
         with torch.no_grad():
             out = self.module(*args)
         out = out if isinstance(out, (tuple, list)) else (out,)
         return {n: t.detach().cpu().numpy() for n, t in zip(self.output_names, out)}
-
-
-#: stages called back to back, once per generated token: their thread pools keep spinning between calls
-CALLED_PER_TOKEN = ("lm_decoder",)
 
 
 class OrtRunner(Runner):
@@ -67,13 +64,13 @@ class OrtRunner(Runner):
     Right for the decoder, called again within microseconds; wrong for the once-per-request image
     stages, whose spinning threads then compete with the prefill that follows on the same cores
     (measured on the demo, 2 cores: time to first token 203 ms spinning, 150 ms not; the decoder
-    not spinning costs 10% per token). Default: spin only for stages in CALLED_PER_TOKEN.
+    not spinning costs 10% per token). Callers pass the stage's ``StageSpec.per_token``.
     """
 
     backend = "onnxruntime"
 
     def __init__(self, name: str, path: Path, threads: int | None = None,
-                 providers: list[str] | None = None, spin: bool | None = None):
+                 providers: list[str] | None = None, spin: bool = False):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -81,7 +78,7 @@ class OrtRunner(Runner):
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        self.spin = name in CALLED_PER_TOKEN if spin is None else spin
+        self.spin = spin
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         opts.log_severity_level = 3
         try:
@@ -92,8 +89,7 @@ class OrtRunner(Runner):
         super().__init__(name, [i.name for i in self.session.get_inputs()],
                          [o.name for o in self.session.get_outputs()])
 
-    def infer(self, feeds: Feeds) -> dict[str, np.ndarray]:
-        self._missing(feeds)
+    def _run(self, feeds: Feeds) -> dict[str, np.ndarray]:
         try:
             out = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
         except Exception as e:

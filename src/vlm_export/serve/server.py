@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from vlm_export.cache import cache_root
 from vlm_export.errors import ServeError
 
 PYTRITON_PIN = "nvidia-pytriton==0.7.0"
@@ -88,11 +89,6 @@ def _pytriton_server_dir() -> Path | None:
     return d if (d / "bin" / "tritonserver").is_file() else None
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vlm-export"
-
-
 def prepare_backend_dir(server_dir: Path, cache_dir: Path | None = None) -> Path:
     """A backend folder holding the wheel's python backend plus the stub for this Python.
 
@@ -111,7 +107,7 @@ def prepare_backend_dir(server_dir: Path, cache_dir: Path | None = None) -> Path
     # The key changes when the wheel is reinstalled or upgraded, so a stale copy is never used.
     lib = server_dir / "backends" / "python" / "libtriton_python.so"
     key = f"py{version}-{lib.stat().st_size}-{int(lib.stat().st_mtime)}"
-    root = (cache_dir or default_cache_dir()) / "triton-backends" / key
+    root = (cache_dir or cache_root()) / "triton-backends" / key
     if (root / "python" / "triton_python_backend_stub").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)

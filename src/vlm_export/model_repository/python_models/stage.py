@@ -1,4 +1,4 @@
-"""Triton python model: one exported graph (vision_encoder, projector or lm_decoder) on ONNX
+"""Triton python model: one exported stage graph (an image stage or the decoder) on ONNX
 Runtime. Used by the ``python`` target, which loads on any Triton (the CPU one in
 nvidia-pytriton included). Dynamically batched requests are concatenated along dim 0, run
 once and split back."""
@@ -14,7 +14,8 @@ class TritonPythonModel:
         _, version_dir, config = model_dirs(args)
         self.batched = config.get("max_batch_size", 0) > 0
         threads = int(parameter(config, "intra_op_threads", "0")) or None
-        self.runner = OrtRunner(args["model_name"], version_dir / "model.onnx", threads=threads)
+        self.runner = OrtRunner(args["model_name"], version_dir / "model.onnx", threads=threads,
+                                spin=parameter(config, "spin", "0") == "1")
 
     def execute(self, requests):
         feeds = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.runner.input_names}

@@ -1,10 +1,11 @@
 """Triton python model ``vlm`` (decoupled): prompt + images -> streamed text.
 
-A thin shell over vlm_export's one generation loop. Images go through the ``image_encoder``
+A thin shell over vlm_export's one generation loop; the build's manifest (copied beside this
+file) declares the stages and the decoding scheme. Images go through the ``image_encoder``
 ensemble (one BLS call per request). The decoder runs where the ``decoder_mode`` parameter
 says: ``in_process`` holds an ONNX Runtime session here, so a decode step crosses no model
-boundary; ``bls`` calls the ``lm_decoder`` model per step with the KV cache as tensors (for
-native onnxruntime / TensorRT decoders). Each request runs on its own thread, so one long
+boundary; ``bls`` calls the decoder model per step with its state as tensors (for native
+onnxruntime / TensorRT decoders). Each request runs on its own thread, so one long
 generation does not hold up the others; a bad request gets an error response and the model
 keeps serving.
 """
@@ -16,11 +17,11 @@ import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from vlm_export.errors import InputError, VlmExportError
+from vlm_export.contract import stages_from_manifest
+from vlm_export.errors import InputError, RunnerError, VlmExportError
 from vlm_export.model_repository.python_models.common import model_dirs, parameter
 from vlm_export.runtime.generate import GenerationConfig, GenerationResult, stream
-from vlm_export.runtime.pipeline import KVSpec, Limits, VLMPipeline
-from vlm_export.runtime.prompt import PromptLayout
+from vlm_export.runtime.load import pipeline_from_manifest
 from vlm_export.runtime.runners import OrtRunner, Runner
 
 MAX_WORKERS = 16
@@ -31,13 +32,13 @@ class BlsRunner(Runner):
 
     backend = "triton-bls"
 
-    def infer(self, feeds):
+    def _run(self, feeds):
         request = pb_utils.InferenceRequest(
             model_name=self.name, requested_output_names=self.output_names,
             inputs=[pb_utils.Tensor(n, np.ascontiguousarray(feeds[n])) for n in self.input_names])
         response = request.exec()
-        if response.has_error():
-            raise InputError(response.error().message())
+        if response.has_error():  # the called model's own message says whose fault it was
+            raise RunnerError(f"{self.name}: {response.error().message()}")
         return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in self.output_names}
 
 
@@ -55,17 +56,18 @@ class TritonPythonModel:
         model_dir, version_dir, config = model_dirs(args)
         hf_logging.set_verbosity_error()
         manifest = json.loads((version_dir / "manifest.json").read_text())
-        graphs = manifest["graphs"]["lm_decoder"]
+        specs = {spec.name: spec for spec in stages_from_manifest(manifest)}
+        pipe = pipeline_from_manifest(manifest, {}, AutoTokenizer.from_pretrained(version_dir / "tokenizer"))
+        name = pipe.scheme.decoder_stage
         if parameter(config, "decoder_mode", "in_process") == "in_process":
             threads = int(parameter(config, "intra_op_threads", "0")) or None
-            decoder = OrtRunner("lm_decoder", model_dir.parent / "lm_decoder" / "1" / "model.onnx", threads=threads)
+            decoder = OrtRunner(name, model_dir.parent / name / "1" / "model.onnx", threads=threads, spin=True)
         else:
-            decoder = BlsRunner("lm_decoder", [i["name"] for i in graphs["inputs"]],
-                                [o["name"] for o in graphs["outputs"]])
-        self.image_encoder = BlsRunner("image_encoder", ["images"], ["image_embeds"])
-        self.pipe = VLMPipeline(None, None, decoder, AutoTokenizer.from_pretrained(version_dir / "tokenizer"), None,
-                                PromptLayout.from_dict(manifest["prompt_layout"]), KVSpec(**manifest["kv_cache"]),
-                                Limits.from_dict(manifest["limits"]), manifest["generation"]["eos_token_ids"])
+            decoder = BlsRunner(name, specs[name].input_names, specs[name].output_names)
+        pipe.runners[name] = decoder
+        image_input = pipe.scheme.image_input
+        self.image_encoder = BlsRunner("image_encoder", ["images"], [image_input.name]) if image_input else None
+        self.pipe = pipe
         self.pool = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="vlm")
 
     def execute(self, requests):
@@ -75,8 +77,8 @@ class TritonPythonModel:
 
     def _encode_images(self, images):
         raw = np.array([[bytes(i)] for i in images], dtype=np.object_)
-        embeds = self.image_encoder.infer({"images": raw})["image_embeds"]
-        return embeds.reshape(-1, embeds.shape[-1])
+        out = self.image_encoder.infer({"images": raw})[self.image_encoder.output_names[0]]
+        return self.pipe.scheme.image_input_from(out)
 
     def _serve(self, request):
         sender = request.get_response_sender()
@@ -97,6 +99,7 @@ class TritonPythonModel:
                 top_p=float(_optional(request, "top_p", [1.0])[0]),
                 seed=None if seed is None else int(seed[0]),
                 stop=tuple(_text(s) for s in _optional(request, "stop", [])),
+                ignore_eos=bool(_optional(request, "ignore_eos", [False])[0]),
             )
             streaming = bool(_optional(request, "stream", [False])[0])
             for event in stream(self.pipe, _text(prompt_raw[0]), images, config, self._encode_images):

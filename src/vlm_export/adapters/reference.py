@@ -1,0 +1,71 @@
+"""The PyTorch reference: an adapter's split modules behind TorchRunners, as one VLMPipeline.
+
+It lives here, above the runtime, because it needs the adapters (and torch); the runtime's own
+``open_build`` opens a build's graphs and never imports either.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..contract import Limits, check_chain
+from ..errors import AdapterError
+from ..manifest import read_manifest
+from ..runtime.load import open_build
+from ..runtime.pipeline import VLMPipeline
+from ..runtime.runners import TorchRunner
+from . import get_adapter
+from .base import LoadedModel, Stage
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+def eos_token_ids(loaded: LoadedModel) -> list[int]:
+    """EOS ids of the model's generation config and of the tokenizer, as HF generate would stop."""
+    ids: list[int] = []
+    gen = getattr(loaded.model, "generation_config", None) or getattr(getattr(loaded.model, "text", None),
+                                                                      "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    for value in (eos if isinstance(eos, list) else [eos]) + [loaded.tokenizer.eos_token_id]:
+        if value is not None and value not in ids:
+            ids.append(int(value))
+    return ids
+
+
+def split(loaded: LoadedModel) -> list[Stage]:
+    """The adapter's stages, checked to chain (AdapterError naming the adapter otherwise)."""
+    stages = loaded.adapter.stages(loaded)
+    scheme = loaded.adapter.scheme(loaded)
+    try:
+        check_chain([s.spec for s in stages], scheme.image_input.name if scheme.image_input else "")
+    except ValueError as e:
+        raise AdapterError(f"the {loaded.adapter.name} adapter declares stages that do not chain: {e}") from None
+    return stages
+
+
+def reference_pipeline(loaded: LoadedModel, limits: Limits, stages: list[Stage] | None = None) -> VLMPipeline:
+    """The split modules, exactly as exported, behind TorchRunners."""
+    adapter = loaded.adapter
+    stages = stages or split(loaded)
+    runners = {s.name: TorchRunner(s.name, s.module, s.spec.input_names, s.spec.output_names) for s in stages}
+    return VLMPipeline(runners, [s.spec for s in stages], adapter.scheme(loaded), loaded.tokenizer,
+                       loaded.image_processor, adapter.prompt_layout(loaded), limits, eos_token_ids(loaded))
+
+
+def open_reference(build_dir: Path, threads: int | None = None) -> VLMPipeline:
+    """The PyTorch reference of a build, loaded from the build's source model folder."""
+    import torch
+
+    manifest = read_manifest(build_dir)
+    if threads:  # PyTorch's intra-op pool is process-wide
+        torch.set_num_threads(threads)
+    adapter = get_adapter(manifest["source"]["adapter"])
+    return reference_pipeline(adapter.load(Path(manifest["source"]["path"])), Limits.from_dict(manifest["limits"]))
+
+
+def open_pipeline(build_dir: Path, backend: str = "onnxruntime", threads: int | None = None) -> VLMPipeline:
+    """A build on ``backend``: ``onnxruntime`` runs its graphs, ``torch`` its source model's split modules."""
+    if backend == "torch":
+        return open_reference(Path(build_dir), threads)
+    if backend == "onnxruntime":
+        return open_build(build_dir, threads=threads)
+    raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")

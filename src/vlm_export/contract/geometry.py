@@ -1,0 +1,30 @@
+"""The text model's shape as the decoder's runtime sees it: KV-cache geometry and limits."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DecoderGeometry:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    cache_dtype: str = "float32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DecoderGeometry":
+        return cls(**d)
+
+    def kv_bytes(self, sequence: int, batch: int = 1) -> int:
+        """Bytes of the self-attention cache (keys and values of every layer) at ``sequence`` tokens."""
+        import numpy as np
+
+        item = np.dtype(self.cache_dtype).itemsize
+        return 2 * self.num_layers * batch * self.num_kv_heads * sequence * self.head_dim * item

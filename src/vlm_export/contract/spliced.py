@@ -1,0 +1,143 @@
+"""The ``spliced`` scheme: a decoder-only LM whose prompt holds image placeholder ids; the
+decoder graph embeds the ids and replaces the k-th placeholder (row-major over the batch, the
+order Hugging Face's ``masked_scatter`` fills) with row k of a flat table ``image_embeds [n,
+hidden]``; state = self-attention K/V per layer. LLaVA-style inline tokens and prefix fusion
+both use it; they differ only in the prompt layout.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from .geometry import DecoderGeometry
+from .limits import Limits
+from .scheme import DecodeBatch, DecodingScheme, Feeds, Range, register_scheme
+from .stages import DECODER, StageSpec, TensorSpec
+
+PAST, PRESENT = "past_key_values", "present"
+
+
+def kv_names(num_layers: int, prefix: str) -> list[str]:
+    """``past_key_values.0.key, past_key_values.0.value, ...`` (or ``present.``)."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+@register_scheme
+class SplicedScheme(DecodingScheme):
+    name = "spliced"
+
+    def __init__(self, geometry: DecoderGeometry, image_token_id: int, image_input_name: str = "image_embeds"):
+        super().__init__(geometry)
+        self.image_token_id = int(image_token_id)
+        self.image_input_name = image_input_name
+        self.past_names = kv_names(geometry.num_layers, PAST)
+        self.present_names = kv_names(geometry.num_layers, PRESENT)
+
+    def params(self) -> dict[str, Any]:
+        return {"image_token_id": self.image_token_id, "image_input_name": self.image_input_name}
+
+    # ---- declarations ------------------------------------------------------------------
+    @property
+    def image_input(self) -> TensorSpec:
+        return TensorSpec(self.image_input_name, "float32", ("image_tokens", self.geometry.hidden_size), "decoder")
+
+    def decoder_spec(self, precisions: tuple[str, ...]) -> StageSpec:
+        g = self.geometry
+        dtype = g.cache_dtype
+        inputs = (
+            TensorSpec("input_ids", "int64", ("batch", "sequence"), "decoder"),
+            self.image_input,
+            TensorSpec("attention_mask", "int64", ("batch", "total_sequence"), "decoder"),
+            TensorSpec("position_ids", "int64", ("batch", "sequence"), "decoder"),
+            *(TensorSpec(n, dtype, ("batch", g.num_kv_heads, "past_sequence", g.head_dim), "decoder")
+              for n in self.past_names),
+        )
+        outputs = (
+            TensorSpec("logits", "float32", ("batch", 1, g.vocab_size)),
+            *(TensorSpec(n, dtype, ("batch", g.num_kv_heads, "total_sequence", g.head_dim))
+              for n in self.present_names),
+        )
+        return StageSpec(self.decoder_stage, DECODER, inputs, outputs, precisions)
+
+    def dim_ranges(self, limits: Limits) -> list[dict[str, Range]]:
+        batch, seq = limits.max_batch, limits.max_sequence
+        image_rows = limits.max_image_tokens * batch
+        tokens = limits.tokens_per_image
+        opt_seq = min(seq, max(tokens + 64, 128))
+        opt_past = min(seq - 1, 256)
+        return [
+            {  # prefill: the prompt with its image rows, from an empty cache
+                "batch": (1, 1, batch), "sequence": (1, opt_seq, seq), "total_sequence": (1, opt_seq, seq),
+                "past_sequence": (0, 0, 0), "image_tokens": (0, min(tokens, image_rows), image_rows),
+            },
+            {  # decode: one token per row on a cache
+                "batch": (1, 1, batch), "sequence": (1, 1, 1), "total_sequence": (2, opt_past + 1, seq),
+                "past_sequence": (1, opt_past, seq - 1), "image_tokens": (0, 0, 0),
+            },
+        ]
+
+    # ---- the image input ---------------------------------------------------------------
+    def empty_image_input(self) -> np.ndarray:
+        return np.zeros((0, self.geometry.hidden_size), dtype=np.float32)
+
+    def image_input_from(self, stage_output: np.ndarray) -> np.ndarray:
+        return stage_output.reshape(-1, stage_output.shape[-1])  # [images, tokens, hidden] -> rows in order
+
+    def check_prompt(self, prompt_ids: Sequence[int], image_input: np.ndarray) -> None:
+        placeholders = sum(1 for i in prompt_ids if i == self.image_token_id)
+        if placeholders != image_input.shape[0]:
+            raise InputError(f"the prompt has {placeholders} image placeholders but the images give "
+                             f"{image_input.shape[0]} embeddings")
+
+    # ---- running a batch ---------------------------------------------------------------
+    def _empty_past(self, rows: int) -> dict[str, np.ndarray]:
+        g = self.geometry
+        shape = (rows, g.num_kv_heads, 0, g.head_dim)
+        return {n: np.zeros(shape, dtype=g.cache_dtype) for n in self.past_names}
+
+    def prefill_feeds(self, rows: Sequence[Sequence[int]], image_input: np.ndarray) -> dict[str, np.ndarray]:
+        lengths = {len(r) for r in rows}
+        if len(lengths) != 1:
+            raise ValueError(f"a prefill takes prompts of one length, got {sorted(lengths)}")
+        ids = np.asarray(rows, dtype=np.int64)
+        n, length = ids.shape
+        return {
+            "input_ids": ids,
+            self.image_input_name: np.asarray(image_input, dtype=np.float32),
+            "attention_mask": np.ones((n, length), dtype=np.int64),
+            "position_ids": np.broadcast_to(np.arange(length, dtype=np.int64), (n, length)).copy(),
+            **self._empty_past(n),
+        }
+
+    def _caches(self, outputs: Feeds) -> dict[str, np.ndarray]:
+        return {past: outputs[present] for past, present in zip(self.past_names, self.present_names)}
+
+    def prefill_state(self, outputs: Feeds, rows: int, length: int) -> DecodeBatch:
+        return DecodeBatch(self._caches(outputs), np.ones((rows, length), dtype=np.int64),
+                           np.full(rows, length, dtype=np.int64), growing=tuple(self.past_names))
+
+    def step_feeds(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        rows = batch.rows
+        return {
+            "input_ids": np.asarray(tokens, dtype=np.int64).reshape(rows, 1),
+            self.image_input_name: self.empty_image_input(),
+            "attention_mask": np.concatenate([batch.mask, np.ones((rows, 1), dtype=np.int64)], axis=1),
+            "position_ids": batch.positions.reshape(rows, 1).copy(),
+            **batch.caches,
+        }
+
+    def advance(self, batch: DecodeBatch, outputs: Feeds) -> DecodeBatch:
+        mask = np.concatenate([batch.mask, np.ones((batch.rows, 1), dtype=np.int64)], axis=1)
+        return DecodeBatch(self._caches(outputs), mask, batch.positions + 1, batch.growing, batch.seq_axis)
+
+    def next_logits(self, outputs: Feeds) -> np.ndarray:
+        return outputs["logits"][:, -1, :]
+
+    def synthetic_batch(self, rows: int, length: int, rng: np.random.Generator) -> DecodeBatch:
+        g = self.geometry
+        shape = (rows, g.num_kv_heads, length, g.head_dim)
+        caches = {n: rng.standard_normal(shape).astype(g.cache_dtype) for n in self.past_names}
+        return DecodeBatch(caches, np.ones((rows, length), dtype=np.int64), np.full(rows, length, dtype=np.int64),
+                           growing=tuple(self.past_names))

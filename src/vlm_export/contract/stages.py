@@ -1,0 +1,116 @@
+"""Stage declarations: what each exported graph takes and returns, by name.
+
+An adapter declares its stages in order (any number, any names); the build records them in the
+manifest, and every later layer (export, precision, parity, TensorRT profiles, the Triton
+repository, the served model, the bench) iterates over them instead of naming them.
+
+``image`` stages run once per request on its images, in the declared order; each input is either
+the preprocessed pixels (``role="pixels"``) or an output of an earlier stage with the same name
+(``role="upstream"``). The one ``decoder`` stage is fed by the decoding scheme.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+IMAGE, DECODER = "image", "decoder"
+KINDS = (IMAGE, DECODER)
+INPUT_ROLES = ("pixels", "upstream", "decoder")
+#: every stage can stay as exported
+FP32 = "fp32"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor. ``dims``: ints are fixed sizes, strings name dynamic dims (equal names,
+    equal sizes; a TensorRT profile gives each name a range)."""
+
+    name: str
+    dtype: str
+    dims: tuple[int | str, ...]
+    role: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims), "role": self.role}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(d["name"], d["dtype"], tuple(d["dims"]), d.get("role", ""))
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {axis: dim for axis, dim in enumerate(self.dims) if isinstance(dim, str)}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    kind: str  # IMAGE or DECODER
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    #: precisions this stage may be converted to (fp32 always); the precision layer knows what each means
+    precisions: tuple[str, ...] = (FP32,)
+    #: ranges of dynamic dims that no build limit bounds (name -> (min, opt, max)), for TensorRT profiles
+    dim_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"stage {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
+        if FP32 not in self.precisions:
+            raise ValueError(f"stage {self.name!r}: every stage allows fp32 (as exported)")
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
+    def per_token(self) -> bool:
+        """Called back to back once per generated token (its runtime may keep its threads spinning)."""
+        return self.kind == DECODER
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs], "precisions": list(self.precisions),
+                "dim_ranges": {k: list(v) for k, v in self.dim_ranges.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StageSpec":
+        return cls(d["name"], d["kind"], tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+                   tuple(TensorSpec.from_dict(t) for t in d["outputs"]), tuple(d["precisions"]),
+                   {k: tuple(v) for k, v in d.get("dim_ranges", {}).items()})
+
+
+def image_stages(stages: Iterable[StageSpec]) -> list[StageSpec]:
+    return [s for s in stages if s.kind == IMAGE]
+
+
+def check_chain(stages: list[StageSpec], image_input: str) -> None:
+    """The image stages must form a chain: every ``upstream`` input made by an earlier stage, and
+    the decoder's image input made by one of them. ValueError naming what is wrong."""
+    made = set()
+    for stage in image_stages(stages):
+        for t in stage.inputs:
+            if t.role == "upstream" and t.name not in made:
+                raise ValueError(f"stage {stage.name!r} reads {t.name!r}, which no earlier stage outputs")
+            if t.role not in ("pixels", "upstream"):
+                raise ValueError(f"image stage {stage.name!r}: input {t.name!r} has role {t.role!r}; "
+                                 "image stages take 'pixels' or 'upstream' inputs")
+        made.update(stage.output_names)
+    decoders = [s for s in stages if s.kind == DECODER]
+    if len(decoders) != 1 or stages[-1].kind != DECODER:
+        raise ValueError("a build has exactly one decoder stage, declared last")
+    if image_stages(stages) and image_input not in made:
+        raise ValueError(f"no image stage outputs {image_input!r}, the decoder's image input")
+
+
+def stages_from_manifest(manifest: dict[str, Any]) -> list[StageSpec]:
+    return [StageSpec.from_dict(d) for d in manifest["stages"]]
+
+
+#: the usual precision choices (the precision layer gives each its meaning): weight-only w8/w4 are
+#: for the memory-bound decoder
+IMAGE_PRECISIONS = ("fp32", "fp16", "int8")
+DECODER_PRECISIONS = ("fp32", "fp16", "int8", "w8", "w4")

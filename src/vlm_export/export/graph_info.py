@@ -1,0 +1,62 @@
+"""What a saved ONNX graph takes and returns, and its size: read without torch and without
+loading weights (the repository renderer checks Triton configs against it)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from ..errors import ExportError
+
+# protobuf cannot serialise a model over 2 GiB in one file
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.BOOL: "bool",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "uint8",
+}
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: list[int | str]  # ints are fixed, strings are named dynamic dims
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": self.shape}
+
+
+def graph_io(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """Inputs and outputs of a saved graph, dims as ints or names (no weights loaded)."""
+    model = onnx.load(os.fspath(path), load_external_data=False)
+
+    def info(v) -> TensorInfo:
+        t = v.type.tensor_type
+        shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        return TensorInfo(v.name, ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), shape)
+
+    inits = {i.name for i in model.graph.initializer}
+    return [info(v) for v in model.graph.input if v.name not in inits], [info(v) for v in model.graph.output]
+
+
+def graph_bytes(path: Path) -> int:
+    """Size on disk including external data files next to the graph."""
+    total = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return total + (data.stat().st_size if data.exists() else 0)
+
+
+def check_graph(path: Path) -> None:
+    try:
+        onnx.checker.check_model(os.fspath(path), full_check=False)
+    except Exception as e:
+        raise ExportError(f"{path} fails the ONNX checker: {str(e).splitlines()[0]}") from None
