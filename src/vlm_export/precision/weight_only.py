@@ -1,7 +1,9 @@
 """Weight-only block-wise quantization of a graph's MatMul weights (w8 / w4).
 
 The decoder is memory bound at batch 1: every token reads every weight once, so reading 4 or 8
-bits instead of 32 is the speed-up, while activations stay fp32 and the maths stays accurate.
+bits instead of 32 is the speed-up. Activations are not quantized by the graph, but ONNX Runtime's
+``MatMulNBits`` kernel at accuracy level 4 (the default here) rounds them to int8 per block inside
+the kernel; the ``dequantize`` form keeps them float.
 Weights are cut into blocks of ``block_size`` along the input (K) dimension, each with its own
 scale, as ONNX Runtime's ``MatMulNBits`` and GGUF's Q4/Q8 formats do.
 

@@ -164,10 +164,12 @@ Event = tuple[int, "TokenEvent | GenerationResult"]
 class Scheduler:
     """Steps a batch of sequences on one pipeline (see the module docstring).
 
-    ``submit`` queues a sequence; ``step`` admits queued ones while the batch has room
-    (``max_batch``, default the build's limit), then makes one token for every running row and
-    returns the events of this step as ``(row id, TokenEvent | GenerationResult)``; a row's
-    GenerationResult is its last event.
+    ``submit`` queues a sequence; ``step`` decodes the tokens sampled at the previous step (one
+    decoder call for every running row), admits queued sequences while the batch has room
+    (``max_batch``, default the build's limit), samples one token per row and returns this step's
+    events as ``(row id, TokenEvent | GenerationResult)``; a row's GenerationResult is its last
+    event. A token's event goes out before the decoder call that consumes it, so streaming
+    clients see it as soon as it is sampled.
     """
 
     def __init__(self, pipe: VLMPipeline, max_batch: int | None = None):
@@ -180,6 +182,7 @@ class Scheduler:
         self.running: list[_Row] = []
         self.batch: DecodeBatch | None = None
         self.logits: np.ndarray | None = None  # [running rows, vocab]: each row's next-token logits
+        self._pending: np.ndarray | None = None  # tokens sampled for the running rows, not yet decoded
 
     @property
     def idle(self) -> bool:
@@ -194,6 +197,14 @@ class Scheduler:
         self.queued.append(row)
         return row.id
 
+    def _decode_pending(self) -> None:
+        if self._pending is not None:
+            scheme = self.pipe.scheme
+            out = self.pipe.decode(scheme.step_feeds(self.batch, self._pending))
+            self.batch = scheme.advance(self.batch, out)
+            self.logits = scheme.next_logits(out)
+            self._pending = None
+
     def _admit(self) -> None:
         while self.queued and len(self.running) < self.max_batch:
             row = self.queued.pop(0)
@@ -203,27 +214,27 @@ class Scheduler:
             self.logits = logits[None] if self.logits is None else np.concatenate([self.logits, logits[None]])
             self.running.append(row)
 
+    def _sample(self, row: _Row, logits: np.ndarray, events: list[Event]) -> int:
+        token = row.sampler(logits)
+        if token in self.pipe.eos_token_ids and not row.config.ignore_eos:
+            row.finish = "eos"
+            return token
+        event = row.text.push(token)
+        if event is not None:
+            events.append((row.id, event))
+        if row.text.stopped:
+            row.finish = "stop"
+        elif len(row.text.tokens) == row.config.max_new_tokens:
+            row.finish = "length"
+        return token
+
     def step(self) -> list[Event]:
+        self._decode_pending()
         self._admit()
         if not self.running:
             return []
         events: list[Event] = []
-        tokens = []
-        eos = self.pipe.eos_token_ids
-        for row, logits in zip(self.running, self.logits):
-            token = row.sampler(logits)
-            tokens.append(token)
-            if token in eos and not row.config.ignore_eos:
-                row.finish = "eos"
-                continue
-            event = row.text.push(token)
-            if event is not None:
-                events.append((row.id, event))
-            if row.text.stopped:
-                row.finish = "stop"
-            elif len(row.text.tokens) == row.config.max_new_tokens:
-                row.finish = "length"
-        keep = [i for i, row in enumerate(self.running) if row.finish is None]
+        tokens = np.asarray([self._sample(row, logits, events) for row, logits in zip(self.running, self.logits)])
         for row in self.running:
             if row.finish is not None:
                 tail = row.text.flush()
@@ -231,15 +242,12 @@ class Scheduler:
                     events.append((row.id, tail))
                 events.append((row.id, GenerationResult(row.text.text, row.text.tokens, row.finish,
                                                         len(row.prompt_ids))))
-        if len(keep) < len(self.running):
+        keep = [i for i, row in enumerate(self.running) if row.finish is None]
+        if len(keep) < len(self.running):  # finished rows leave before the next decoder call
             self.running = [self.running[i] for i in keep]
             self.batch = self.batch.keep(keep) if keep else None
             self.logits = self.logits[keep] if keep else None
-        if self.running:
-            scheme = self.pipe.scheme
-            out = self.pipe.decode(scheme.step_feeds(self.batch, np.asarray([tokens[i] for i in keep])))
-            self.batch = scheme.advance(self.batch, out)
-            self.logits = scheme.next_logits(out)
+        self._pending = tokens[keep] if keep else None
         return events
 
     def run(self) -> Iterator[Event]:
