@@ -203,3 +203,78 @@ def test_server_stops_cleanly(tiny_build, tmp_path):
     import os
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def _metric(server, name: str) -> float | None:
+    import re
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(server.metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    values = [float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M)]
+    return sum(values) if values else None
+
+
+def _wait_for(predicate, seconds: float = 20.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_inflight_batching_cancellation_and_back_pressure(tiny_build, photos, tmp_path):
+    """One scheduler loop in the served model: a stream cancelled by its client stops server-side
+    (its row leaves, decode steps stop), a flood past the queue limit gets UNAVAILABLE at once,
+    and afterwards the server answers a good request exactly as in-process generation does."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    build = tiny_build("llava-llama").path
+    repo = render_repository(build, tmp_path / "repo", RepositoryOptions(max_queue=2))
+    with TritonServer(repo, log_file=tmp_path / "triton.log") as server:
+        raw = grpcclient.InferenceServerClient(server.grpc_url, channel_args=[("grpc.enable_http_proxy", 0)])
+        got: queue.Queue = queue.Queue()
+        raw.start_stream(callback=lambda result, error: got.put((result, error)))
+
+        def tensor(name, value, dtype):
+            t = grpcclient.InferInput(name, [1], dtype)
+            t.set_data_from_numpy(np.array([value], dtype=np.object_ if dtype == "BYTES" else None))
+            return t
+
+        raw.async_stream_infer("vlm", [tensor("prompt", b"Tell me a long story.", "BYTES"),
+                                       tensor("max_tokens", np.int32(200), "INT32"),
+                                       tensor("stream", True, "BOOL"), tensor("ignore_eos", True, "BOOL")])
+        for _ in range(3):
+            result, error = got.get(timeout=60)
+            assert error is None
+        raw.stop_stream(cancel_requests=True)
+        raw.close()
+        assert _wait_for(lambda: (_metric(server, "vlm_requests_cancelled_total") or 0) >= 1), \
+            (tmp_path / "triton.log").read_text()[-2000:]
+        steps = _metric(server, "vlm_decode_steps_total")
+        assert steps < 200  # the row left long before its 200 tokens
+        assert not _wait_for(lambda: _metric(server, "vlm_decode_steps_total") != steps, seconds=1.0)
+
+        # a flood: the batch holds max_batch (4) rows and 2 more may wait; the rest are refused at once
+        client = VLMClient(f"grpc://{server.grpc_url}")
+
+        def ask(_):
+            try:
+                return client.generate("Tell me a story.", max_tokens=60, ignore_eos=True).completion_tokens
+            except RequestError as e:
+                return str(e)
+
+        with ThreadPoolExecutor(12) as pool:
+            outcomes = list(pool.map(ask, range(12)))
+        refused = [o for o in outcomes if isinstance(o, str)]
+        assert refused and all("busy" in o for o in refused), outcomes
+        assert [o for o in outcomes if not isinstance(o, str)] == [60] * (12 - len(refused))
+        assert _metric(server, "vlm_requests_refused_total") == len(refused)
+
+        expected = generate(open_build(build), PROMPTS[0], [photos[0]], GenerationConfig(max_new_tokens=8))
+        assert client.generate(PROMPTS[0], [photos[0]], max_tokens=8).text == expected.text

@@ -56,5 +56,9 @@ class ServeError(VlmExportError):
     """tritonserver could not be found, started or reached."""
 
 
+class BusyError(VlmExportError):
+    """The server's waiting queue is full: the request was refused at once; retry later."""
+
+
 class RequestError(VlmExportError):
     """The server answered a request with an error (bad input, or the server could not serve it)."""

@@ -27,6 +27,7 @@ from ..contract import image_stages, scheme_from_dict, stages_from_manifest
 from ..errors import RepositoryError
 from ..export.graph_info import graph_io
 from ..manifest import read_manifest, write_manifest
+from ..runtime.engine import DEFAULT_MAX_QUEUE
 
 TARGETS = ("python", "onnxruntime", "tensorrt")
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
@@ -61,6 +62,9 @@ class RepositoryOptions:
     instances: int = 1  # per graph model
     vlm_instances: int = 1
     max_queue_delay_us: int = 500  # dynamic batching window of the image path
+    # requests that may wait for a place in the vlm model's running batch (the batch itself holds the
+    # build's max_batch); past it a request gets UNAVAILABLE at once instead of growing a queue
+    max_queue: int = DEFAULT_MAX_QUEUE
     decoder_mode: str | None = None  # default: in_process for python, bls for native backends
     # onnxruntime intra-op threads inside python models. No EXECUTION_ENV_PATH is written, so configs
     # stay portable (e.g. to NVIDIA's container); `vlm-export serve` puts this venv first on the
@@ -74,8 +78,8 @@ class RepositoryOptions:
             raise RepositoryError(f"unknown decoder mode {self.decoder_mode!r}; choose one of {', '.join(DECODER_MODES)}")
         if self.decoder_mode == "in_process" and self.target != "python":
             raise RepositoryError("decoder_mode in_process needs the python target (the decoder runs in the vlm model)")
-        if min(self.instances, self.vlm_instances) < 1 or self.max_queue_delay_us < 0:
-            raise RepositoryError("instances must be >= 1 and the queue delay >= 0")
+        if min(self.instances, self.vlm_instances, self.max_queue) < 1 or self.max_queue_delay_us < 0:
+            raise RepositoryError("instances and max_queue must be >= 1 and the queue delay >= 0")
 
     @property
     def resolved_decoder_mode(self) -> str:
@@ -136,7 +140,8 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
         "output": VLM_OUTPUTS,
         "model_transaction_policy": {"decoupled": True},
         "instance_group": [{"kind": "KIND_CPU", "count": options.vlm_instances}],
-        "parameters": _python_params(decoder_mode=options.resolved_decoder_mode, intra_op_threads=options.threads or 0),
+        "parameters": _python_params(decoder_mode=options.resolved_decoder_mode, intra_op_threads=options.threads or 0,
+                                     max_queue=options.max_queue),
     }
     return configs
 

@@ -197,6 +197,26 @@ class Scheduler:
         self.queued.append(row)
         return row.id
 
+    def cancel(self, row_id: int) -> bool:
+        """Drop a queued or running row at once (its place frees for the next step); False if unknown."""
+        for i, row in enumerate(self.queued):
+            if row.id == row_id:
+                del self.queued[i]
+                return True
+        index = next((i for i, row in enumerate(self.running) if row.id == row_id), None)
+        if index is None:
+            return False
+        self._retain([i for i in range(len(self.running)) if i != index])
+        return True
+
+    def _retain(self, keep: list[int]) -> None:
+        """Keep only these running rows (their caches, logits and undecoded tokens)."""
+        self.running = [self.running[i] for i in keep]
+        self.batch = self.batch.keep(keep) if keep else None
+        self.logits = self.logits[keep] if keep else None
+        if self._pending is not None:
+            self._pending = self._pending[keep] if keep else None
+
     def _decode_pending(self) -> None:
         if self._pending is not None:
             scheme = self.pipe.scheme
@@ -242,12 +262,10 @@ class Scheduler:
                     events.append((row.id, tail))
                 events.append((row.id, GenerationResult(row.text.text, row.text.tokens, row.finish,
                                                         len(row.prompt_ids))))
+        self._pending = tokens
         keep = [i for i, row in enumerate(self.running) if row.finish is None]
         if len(keep) < len(self.running):  # finished rows leave before the next decoder call
-            self.running = [self.running[i] for i in keep]
-            self.batch = self.batch.keep(keep) if keep else None
-            self.logits = self.logits[keep] if keep else None
-        self._pending = tokens[keep] if keep else None
+            self._retain(keep)
         return events
 
     def run(self) -> Iterator[Event]:
@@ -259,7 +277,8 @@ class Scheduler:
 ImageEncoder = Callable[[Sequence[ImageInput]], np.ndarray]
 
 
-def _image_input(pipe: VLMPipeline, images: Sequence[ImageInput], encode_images: ImageEncoder | None) -> np.ndarray:
+def image_input_for(pipe: VLMPipeline, images: Sequence[ImageInput], encode_images: ImageEncoder | None = None) -> np.ndarray:
+    """The decoder's image input for a request's images: in-process, or through ``encode_images``."""
     if not images:
         return pipe.scheme.empty_image_input()
     return encode_images(images) if encode_images else pipe.encode_images(pipe.pixel_values(images))
@@ -273,7 +292,7 @@ def stream(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput] = (),
     input_ids = pipe.prompt_ids(prompt, len(images))
     pipe.check_length(len(input_ids), config.max_new_tokens)  # before any image work
     scheduler = Scheduler(pipe, max_batch=1)
-    scheduler.submit(input_ids, _image_input(pipe, images, encode_images), config)
+    scheduler.submit(input_ids, image_input_for(pipe, images, encode_images), config)
     for _, event in scheduler.run():
         yield event
 
@@ -305,7 +324,7 @@ def generate_batch(pipe: VLMPipeline, requests: Sequence[GenerationRequest], max
     for i, request in enumerate(requests):
         ids = pipe.prompt_ids(request.prompt, len(request.images))
         pipe.check_length(len(ids), request.config.max_new_tokens)
-        index[scheduler.submit(ids, _image_input(pipe, request.images, None), request.config)] = i
+        index[scheduler.submit(ids, image_input_for(pipe, request.images, None), request.config)] = i
     results: list[GenerationResult | None] = [None] * len(requests)
     for row, event in scheduler.run():
         if isinstance(event, GenerationResult):

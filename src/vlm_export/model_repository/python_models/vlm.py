@@ -5,12 +5,16 @@ file) declares the stages and the decoding scheme. Images go through the ``image
 ensemble (one BLS call per request). The decoder runs where the ``decoder_mode`` parameter
 says: ``in_process`` holds an ONNX Runtime session here, so a decode step crosses no model
 boundary; ``bls`` calls the decoder model per step with its state as tensors (for native
-onnxruntime / TensorRT decoders). Each request runs on its own thread, so one long
-generation does not hold up the others; a bad request gets an error response and the model
-keeps serving.
+onnxruntime / TensorRT decoders; one call per step for the whole batch).
+
+In-flight batching: ``execute`` only checks each request and hands it to the
+``GenerationEngine`` (runtime/engine.py), whose one scheduler loop decodes every active request
+together, streams each row's text through its own response sender, and drops a row within a
+step when its client cancels. Past ``max_queue`` waiting requests a new one gets UNAVAILABLE at
+once. A bad request gets an error response and the model keeps serving.
 """
 import json
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -18,13 +22,14 @@ from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from vlm_export.contract import stages_from_manifest
-from vlm_export.errors import InputError, RunnerError, VlmExportError
+from vlm_export.errors import BusyError, InputError, RunnerError, VlmExportError
 from vlm_export.model_repository.python_models.common import model_dirs, parameter
-from vlm_export.runtime.generate import GenerationConfig, GenerationResult, stream
+from vlm_export.runtime.engine import DEFAULT_MAX_QUEUE, Cancelled, GenerationEngine
+from vlm_export.runtime.generate import GenerationConfig, GenerationResult, TokenEvent
 from vlm_export.runtime.load import pipeline_from_manifest
 from vlm_export.runtime.runners import OrtRunner, Runner
 
-MAX_WORKERS = 16
+DRAIN_S = 5.0  # finalize lets running requests finish this long (Triton's own exit timeout is longer)
 
 
 class BlsRunner(Runner):
@@ -68,11 +73,24 @@ class TritonPythonModel:
         image_input = pipe.scheme.image_input
         self.image_encoder = BlsRunner("image_encoder", ["images"], [image_input.name]) if image_input else None
         self.pipe = pipe
-        self.pool = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="vlm")
+        self.metrics = _Metrics()
+        self.engine = GenerationEngine(pipe, max_queue=int(parameter(config, "max_queue", str(DEFAULT_MAX_QUEUE))),
+                                       encode_images=self._encode_images if self.image_encoder else None,
+                                       on_stats=self.metrics.update)
 
     def execute(self, requests):
         for request in requests:
-            self.pool.submit(self._serve, request)
+            sender = request.get_response_sender()
+            try:
+                prompt, images, config, streaming = self._parse(request)
+                self.engine.submit(prompt, images, config, partial(self._on_event, sender, streaming),
+                                   sender.is_cancelled)
+            except BusyError as e:  # counted in the engine's stats (vlm_requests_refused_total)
+                self._fail(sender, str(e), _code("UNAVAILABLE"))
+            except VlmExportError as e:
+                self._fail(sender, str(e))
+            except Exception as e:  # never let one request take the model down
+                self._fail(sender, f"internal error: {type(e).__name__}: {e}")
         return None
 
     def _encode_images(self, images):
@@ -80,40 +98,40 @@ class TritonPythonModel:
         out = self.image_encoder.infer({"images": raw})[self.image_encoder.output_names[0]]
         return self.pipe.scheme.image_input_from(out)
 
-    def _serve(self, request):
-        sender = request.get_response_sender()
-        try:
-            prompt_raw = _optional(request, "prompt", None)
-            if prompt_raw is None:
-                raise InputError("the request has no prompt; send a 'prompt' string")
-            if prompt_raw.size != 1:
-                raise InputError(f"prompt must hold exactly one string, got {prompt_raw.size}")
-            images = list(_optional(request, "images", []))
-            if len(images) > self.pipe.limits.max_images:
-                raise InputError(f"{len(images)} images given; this model takes at most "
-                                 f"{self.pipe.limits.max_images} per prompt")
-            seed = _optional(request, "seed", None)
-            config = GenerationConfig(
-                max_new_tokens=int(_optional(request, "max_tokens", [64])[0]),
-                temperature=float(_optional(request, "temperature", [0.0])[0]),
-                top_p=float(_optional(request, "top_p", [1.0])[0]),
-                seed=None if seed is None else int(seed[0]),
-                stop=tuple(_text(s) for s in _optional(request, "stop", [])),
-                ignore_eos=bool(_optional(request, "ignore_eos", [False])[0]),
-            )
-            streaming = bool(_optional(request, "stream", [False])[0])
-            for event in stream(self.pipe, _text(prompt_raw[0]), images, config, self._encode_images):
-                if isinstance(event, GenerationResult):
-                    text = "" if streaming else event.text
-                    sender.send(self._response(text, event.finish_reason, event.prompt_tokens,
-                                               event.completion_tokens),
-                                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                elif streaming:
-                    sender.send(self._response(event.text, "", 0, 0))
-        except VlmExportError as e:
-            self._fail(sender, str(e))
-        except Exception as e:  # never let one request take the model down
-            self._fail(sender, f"internal error: {type(e).__name__}: {e}")
+    def _parse(self, request):
+        prompt_raw = _optional(request, "prompt", None)
+        if prompt_raw is None:
+            raise InputError("the request has no prompt; send a 'prompt' string")
+        if prompt_raw.size != 1:
+            raise InputError(f"prompt must hold exactly one string, got {prompt_raw.size}")
+        images = list(_optional(request, "images", []))
+        if len(images) > self.pipe.limits.max_images:
+            raise InputError(f"{len(images)} images given; this model takes at most "
+                             f"{self.pipe.limits.max_images} per prompt")
+        if images and self.image_encoder is None:
+            raise InputError("this model takes no images; send the prompt alone")
+        seed = _optional(request, "seed", None)
+        config = GenerationConfig(
+            max_new_tokens=int(_optional(request, "max_tokens", [64])[0]),
+            temperature=float(_optional(request, "temperature", [0.0])[0]),
+            top_p=float(_optional(request, "top_p", [1.0])[0]),
+            seed=None if seed is None else int(seed[0]),
+            stop=tuple(_text(s) for s in _optional(request, "stop", [])),
+            ignore_eos=bool(_optional(request, "ignore_eos", [False])[0]),
+        )
+        return _text(prompt_raw[0]), images, config, bool(_optional(request, "stream", [False])[0])
+
+    def _on_event(self, sender, streaming, event):
+        """Called on the scheduler thread for each of a request's events."""
+        if isinstance(event, TokenEvent):
+            if streaming:
+                sender.send(self._response(event.text, "", 0, 0))
+        elif isinstance(event, GenerationResult):
+            text = "" if streaming else event.text
+            sender.send(self._response(text, event.finish_reason, event.prompt_tokens, event.completion_tokens),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        else:
+            self._fail(sender, str(event), _code("CANCELLED") if isinstance(event, Cancelled) else None)
 
     @staticmethod
     def _response(text, finish_reason, prompt_tokens, completion_tokens):
@@ -125,9 +143,51 @@ class TritonPythonModel:
         ])
 
     @staticmethod
-    def _fail(sender, message):
-        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
-                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    def _fail(sender, message, code=None):
+        error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+        sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self):
-        self.pool.shutdown(wait=True)
+        self.engine.close(DRAIN_S)
+
+
+def _code(name):
+    """A TritonError status code by name (None where this python backend has no codes)."""
+    return getattr(pb_utils.TritonError, name, None)
+
+
+class _Metrics:
+    """The engine's counters on Triton's metrics endpoint (``vlm_*`` families), where the python
+    backend offers custom metrics; a no-op otherwise. Families are kept alive as long as their
+    metrics (the backend refuses to touch a metric whose family was collected)."""
+
+    GAUGES = {"running": ("vlm_batch_rows", "Sequences in the running batch"),
+              "waiting": ("vlm_queue_length", "Requests waiting for a place in the batch")}
+    COUNTERS = {"tokens": ("vlm_generated_tokens_total", "Tokens generated by finished requests"),
+                "finished": ("vlm_requests_finished_total", "Requests that finished"),
+                "cancelled": ("vlm_requests_cancelled_total", "Requests cancelled by their client"),
+                "refused": ("vlm_requests_refused_total", "Requests refused because the queue was full"),
+                "steps": ("vlm_decode_steps_total", "Batched decode steps")}
+
+    def __init__(self):
+        self._last = {}
+        self._families, self._gauges, self._counters = [], {}, {}
+        try:
+            for kind, table, into in ((pb_utils.MetricFamily.GAUGE, self.GAUGES, self._gauges),
+                                      (pb_utils.MetricFamily.COUNTER, self.COUNTERS, self._counters)):
+                for stat, (name, description) in table.items():
+                    family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+                    self._families.append(family)
+                    into[stat] = family.Metric(labels={"model": "vlm"})
+        except Exception as e:  # a python backend without custom metrics: serve without them
+            pb_utils.Logger.log_warn(f"vlm: no custom metrics ({type(e).__name__}: {e})")
+            self._families, self._gauges, self._counters = [], {}, {}
+
+    def update(self, stats):
+        for stat, metric in self._gauges.items():
+            metric.set(getattr(stats, stat))
+        for stat, metric in self._counters.items():
+            value = getattr(stats, stat)
+            if value > self._last.get(stat, 0):
+                metric.increment(value - self._last.get(stat, 0))
+                self._last[stat] = value
