@@ -128,3 +128,39 @@ def test_close_ends_unfinished_requests_with_a_clear_error(pipe):
     engine.submit("Tell me a story.", [], GenerationConfig(max_new_tokens=200, ignore_eos=True), c)
     engine.close(drain_s=0.0)
     assert isinstance(c.final, ServeError) and "shut down" in str(c.final)
+
+
+def test_image_cache_lru_by_content_and_bytes():
+    import numpy as np
+
+    from vlm_export.runtime.image_cache import ImageEmbeddingCache, image_key
+
+    cache = ImageEmbeddingCache(max_bytes=3 * 400)
+    rows = {k: np.full((10, 10), i, np.float32) for i, k in enumerate("abcd")}  # 400 bytes each
+    for k in "abc":
+        cache.put(k, rows[k])
+    assert cache.get("a") is rows["a"]  # a is now the most recent
+    cache.put("d", rows["d"])  # evicts b, the least recently used
+    assert cache.get("b") is None and cache.get("c") is rows["c"] and cache.bytes == 1200
+    assert (cache.hits, cache.misses) == (2, 1)
+    cache.put("huge", np.zeros(1000, np.float32))  # larger than the cache: not kept, nothing evicted
+    assert cache.get("huge") is None and cache.get("a") is rows["a"]
+    assert image_key(b"\x89PNG same") == image_key(bytearray(b"\x89PNG same")) != image_key(b"\x89PNG other")
+
+
+def test_engine_image_cache_hits_repeated_images_with_the_same_answers(pipe, photo, tmp_path):
+    from vlm_export.runtime.image_cache import ImageEmbeddingCache
+
+    path = tmp_path / "cat.png"
+    photo.save(path)
+    config = GenerationConfig(max_new_tokens=8)
+    expected = [generate(pipe, "What is it?", [photo], config), generate(pipe, "Two?", [photo, photo], config)]
+    engine = GenerationEngine(pipe, image_cache=ImageEmbeddingCache(64 << 20))
+    got = []
+    for prompt, images in (("What is it?", [path]), ("What is it?", [path.read_bytes()]), ("Two?", [path, path])):
+        c = Collector()
+        engine.submit(prompt, images, config, c)
+        got.append(c.final)
+    engine.close()
+    assert [r.token_ids for r in got] == [expected[0].token_ids, expected[0].token_ids, expected[1].token_ids]
+    assert (engine.stats.image_cache_misses, engine.stats.image_cache_hits) == (1, 3)

@@ -278,3 +278,7 @@ def test_inflight_batching_cancellation_and_back_pressure(tiny_build, photos, tm
 
         expected = generate(open_build(build), PROMPTS[0], [photos[0]], GenerationConfig(max_new_tokens=8))
         assert client.generate(PROMPTS[0], [photos[0]], max_tokens=8).text == expected.text
+        # the same image again: served from the image-embedding cache, same answer
+        assert client.generate(PROMPTS[0], [photos[0]], max_tokens=8).text == expected.text
+        assert _wait_for(lambda: _metric(server, "vlm_image_cache_hits_total") == 1)
+        assert _metric(server, "vlm_image_cache_misses_total") == 1

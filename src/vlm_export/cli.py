@@ -176,6 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=_positive_int, default=None,
                    help="requests that may wait for a place in the vlm model's batch (default 64); past it a "
                         "request gets UNAVAILABLE at once")
+    p.add_argument("--image-cache-mb", type=int, default=None,
+                   help="the vlm model's image-embedding cache, LRU by image content (default 256; 0: off)")
     p.add_argument("--decoder-mode", choices=("in_process", "bls"), default=None,
                    help="where the vlm model runs decode steps (default: in_process for python, bls otherwise)")
     p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime threads inside python models")
@@ -312,7 +314,8 @@ def _cmd_repository(args, progress) -> int:
 
     options = RepositoryOptions(target=args.target, instances=args.instances, vlm_instances=args.vlm_instances,
                                 max_queue_delay_us=args.max_queue_delay_us, decoder_mode=args.decoder_mode,
-                                threads=args.threads, **({"max_queue": args.max_queue} if args.max_queue else {}))
+                                threads=args.threads, **({"max_queue": args.max_queue} if args.max_queue else {}),
+                                **({} if args.image_cache_mb is None else {"image_cache_mb": args.image_cache_mb}))
     with progress.step(f"rendering the {args.target} repository") as advance:
         out = render_repository(args.build, args.out, options, force=args.force)
         advance()

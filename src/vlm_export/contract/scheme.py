@@ -149,6 +149,10 @@ class DecodingScheme(abc.ABC):
         """The decoder's image input from the last image stage's output for one request's images."""
 
     @abc.abstractmethod
+    def join_image_inputs(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        """One request's image input from its images' inputs made one by one (in order)."""
+
+    @abc.abstractmethod
     def check_prompt(self, prompt_ids: Sequence[int], image_input: np.ndarray) -> None:
         """InputError when the prompt and the images do not fit together."""
 

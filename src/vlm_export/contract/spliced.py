@@ -85,6 +85,9 @@ class SplicedScheme(DecodingScheme):
     def image_input_from(self, stage_output: np.ndarray) -> np.ndarray:
         return stage_output.reshape(-1, stage_output.shape[-1])  # [images, tokens, hidden] -> rows in order
 
+    def join_image_inputs(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate(list(parts), axis=0) if parts else self.empty_image_input()
+
     def check_prompt(self, prompt_ids: Sequence[int], image_input: np.ndarray) -> None:
         placeholders = sum(1 for i in prompt_ids if i == self.image_token_id)
         if placeholders != image_input.shape[0]:

@@ -65,6 +65,8 @@ class RepositoryOptions:
     # requests that may wait for a place in the vlm model's running batch (the batch itself holds the
     # build's max_batch); past it a request gets UNAVAILABLE at once instead of growing a queue
     max_queue: int = DEFAULT_MAX_QUEUE
+    # the vlm model's image-embedding cache (LRU by image content); 0 turns it off
+    image_cache_mb: int = 256
     decoder_mode: str | None = None  # default: in_process for python, bls for native backends
     # onnxruntime intra-op threads inside python models. No EXECUTION_ENV_PATH is written, so configs
     # stay portable (e.g. to NVIDIA's container); `vlm-export serve` puts this venv first on the
@@ -78,8 +80,9 @@ class RepositoryOptions:
             raise RepositoryError(f"unknown decoder mode {self.decoder_mode!r}; choose one of {', '.join(DECODER_MODES)}")
         if self.decoder_mode == "in_process" and self.target != "python":
             raise RepositoryError("decoder_mode in_process needs the python target (the decoder runs in the vlm model)")
-        if min(self.instances, self.vlm_instances, self.max_queue) < 1 or self.max_queue_delay_us < 0:
-            raise RepositoryError("instances and max_queue must be >= 1 and the queue delay >= 0")
+        if min(self.instances, self.vlm_instances, self.max_queue) < 1 or min(self.max_queue_delay_us,
+                                                                                self.image_cache_mb) < 0:
+            raise RepositoryError("instances and max_queue must be >= 1, the queue delay and image cache >= 0")
 
     @property
     def resolved_decoder_mode(self) -> str:
@@ -141,7 +144,7 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
         "model_transaction_policy": {"decoupled": True},
         "instance_group": [{"kind": "KIND_CPU", "count": options.vlm_instances}],
         "parameters": _python_params(decoder_mode=options.resolved_decoder_mode, intra_op_threads=options.threads or 0,
-                                     max_queue=options.max_queue),
+                                     max_queue=options.max_queue, image_cache_mb=options.image_cache_mb),
     }
     return configs
 

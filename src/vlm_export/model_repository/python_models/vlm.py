@@ -26,6 +26,7 @@ from vlm_export.errors import BusyError, InputError, RunnerError, VlmExportError
 from vlm_export.model_repository.python_models.common import model_dirs, parameter
 from vlm_export.runtime.engine import DEFAULT_MAX_QUEUE, Cancelled, GenerationEngine
 from vlm_export.runtime.generate import GenerationConfig, GenerationResult, TokenEvent
+from vlm_export.runtime.image_cache import ImageEmbeddingCache
 from vlm_export.runtime.load import pipeline_from_manifest
 from vlm_export.runtime.runners import OrtRunner, Runner
 
@@ -74,9 +75,11 @@ class TritonPythonModel:
         self.image_encoder = BlsRunner("image_encoder", ["images"], [image_input.name]) if image_input else None
         self.pipe = pipe
         self.metrics = _Metrics()
+        cache_mb = int(parameter(config, "image_cache_mb", "0"))
         self.engine = GenerationEngine(pipe, max_queue=int(parameter(config, "max_queue", str(DEFAULT_MAX_QUEUE))),
                                        encode_images=self._encode_images if self.image_encoder else None,
-                                       on_stats=self.metrics.update)
+                                       on_stats=self.metrics.update,
+                                       image_cache=ImageEmbeddingCache(cache_mb << 20) if cache_mb else None)
 
     def execute(self, requests):
         for request in requests:
@@ -167,7 +170,9 @@ class _Metrics:
                 "finished": ("vlm_requests_finished_total", "Requests that finished"),
                 "cancelled": ("vlm_requests_cancelled_total", "Requests cancelled by their client"),
                 "refused": ("vlm_requests_refused_total", "Requests refused because the queue was full"),
-                "steps": ("vlm_decode_steps_total", "Batched decode steps")}
+                "steps": ("vlm_decode_steps_total", "Batched decode steps"),
+                "image_cache_hits": ("vlm_image_cache_hits_total", "Images served from the embedding cache"),
+                "image_cache_misses": ("vlm_image_cache_misses_total", "Images sent through the image path")}
 
     def __init__(self):
         self._last = {}

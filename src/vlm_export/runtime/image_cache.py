@@ -1,0 +1,83 @@
+"""An image-embedding cache: a conversation that re-sends the same image every turn (as
+OpenAI-style clients do) skips the image path after the first time.
+
+Keyed by the image's content (sha256 of its encoded bytes, or of a decoded image's pixels), so the
+same picture under another file name still hits; bounded in bytes with least-recently-used
+eviction. The stages before the decoder read only the pixels today; a stage that also reads the
+prompt (InstructBLIP's Q-Former) would have to add the prompt to the key.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .generate import ImageEncoder
+from .pipeline import ImageInput
+
+
+def image_key(image: ImageInput) -> str:
+    h = hashlib.sha256()
+    if isinstance(image, (bytes, bytearray)):
+        h.update(image)
+    elif isinstance(image, (str, Path)):
+        h.update(Path(image).read_bytes())
+    else:  # a PIL image
+        h.update(f"{image.mode} {image.size}".encode())
+        h.update(image.tobytes())
+    return h.hexdigest()
+
+
+class ImageEmbeddingCache:
+    """Thread-safe LRU of per-image decoder inputs, at most ``max_bytes`` of arrays."""
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"the image cache size must be >= 0 bytes, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = self.hits = self.misses = 0
+
+    def get(self, key: str) -> np.ndarray | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        if value.nbytes > self.max_bytes:
+            return  # larger than the whole cache: not worth evicting everything for
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = value
+            self.bytes += value.nbytes
+            while self.bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= old.nbytes
+
+    def wrap(self, encode_one: Callable[[ImageInput], np.ndarray],
+             join: Callable[[list[np.ndarray]], np.ndarray]) -> ImageEncoder:
+        """An encoder over a request's images: each image from the cache, or encoded alone and
+        kept; ``join`` makes the request's decoder input from the per-image ones, in order."""
+        def encode(images: Sequence[ImageInput]) -> np.ndarray:
+            parts = []
+            for image in images:
+                key = image_key(image)
+                value = self.get(key)
+                if value is None:
+                    value = encode_one(image)
+                    self.put(key, value)
+                parts.append(value)
+            return join(parts)
+
+        return encode
