@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--name", default=None, help="results folder name (default: the build folder's name)")
     p.add_argument("--backends", default="torch,onnxruntime,triton")
     p.add_argument("--batch", default="1,4")
-    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--concurrency", default="1,2,4,8,16")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--iterations", type=int, default=20)

@@ -208,7 +208,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("build", type=Path)
     p.add_argument("--backends", default="torch,onnxruntime,triton")
     p.add_argument("--batch", default="1,4", help="image batch sizes of the vision and projector cases")
-    p.add_argument("--concurrency", default="1,4,16", help="concurrent requests against Triton")
+    p.add_argument("--concurrency", default="1,2,4,8,16", help="concurrent requests against Triton")
     p.add_argument("--new-tokens", type=_positive_int, default=64)
     p.add_argument("--threads", type=_positive_int, default=None, help="threads for every backend (default: all cores)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default BUILD/bench)")

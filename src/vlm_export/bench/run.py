@@ -42,7 +42,7 @@ PROMPTS = ("What animal is in the picture?", "Describe this image in one sentenc
 class BenchOptions:
     backends: tuple[str, ...] = BACKENDS
     batch: tuple[int, ...] = (1, 4)  # image batch sizes of the vision encoder and projector cases
-    concurrency: tuple[int, ...] = (1, 4, 16)  # Triton: requests in flight
+    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)  # Triton: requests in flight
     new_tokens: int = 64  # generated per end-to-end request (EOS ignored, so every request makes this many)
     threads: int | None = None  # torch and ONNX Runtime intra-op threads; None: every usable core
     out: Path | None = None  # write bench.json, bench.md and the plots here; None: only return the results
