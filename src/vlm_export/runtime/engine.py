@@ -158,12 +158,13 @@ class GenerationEngine:
         self._mark_started()
         for row, event in events:
             job = self._jobs[row]
-            if isinstance(event, GenerationResult):
-                del self._jobs[row]
-                self.stats.tokens += event.completion_tokens
-                self._end(job, event)
-            else:
+            if isinstance(event, TokenEvent):
                 self._deliver(job, event)
+                continue
+            del self._jobs[row]  # a result, or the error that ended this row alone
+            if isinstance(event, GenerationResult):
+                self.stats.tokens += event.completion_tokens
+            self._end(job, event)
         self.stats.steps += 1
         self.stats.running = len(self.scheduler.running)
 

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..contract import DecodeBatch
-from ..errors import InputError
+from ..errors import InputError, VlmExportError
 from .pipeline import ImageInput, VLMPipeline
 
 MAX_NEW_TOKENS_CAP = 4096
@@ -158,7 +158,7 @@ class _Row:
     finish: str | None = None
 
 
-Event = tuple[int, "TokenEvent | GenerationResult"]
+Event = tuple[int, "TokenEvent | GenerationResult | VlmExportError"]
 
 
 class Scheduler:
@@ -167,9 +167,10 @@ class Scheduler:
     ``submit`` queues a sequence; ``step`` decodes the tokens sampled at the previous step (one
     decoder call for every running row), admits queued sequences while the batch has room
     (``max_batch``, default the build's limit), samples one token per row and returns this step's
-    events as ``(row id, TokenEvent | GenerationResult)``; a row's GenerationResult is its last
-    event. A token's event goes out before the decoder call that consumes it, so streaming
-    clients see it as soon as it is sampled.
+    events as ``(row id, TokenEvent | GenerationResult | VlmExportError)``; a row's
+    GenerationResult, or the error that ended it alone (its prefill failed), is its last event.
+    A token's event goes out before the decoder call that consumes it, so streaming clients see
+    it as soon as it is sampled.
     """
 
     def __init__(self, pipe: VLMPipeline, max_batch: int | None = None):
@@ -183,6 +184,7 @@ class Scheduler:
         self.batch: DecodeBatch | None = None
         self.logits: np.ndarray | None = None  # [running rows, vocab]: each row's next-token logits
         self._pending: np.ndarray | None = None  # tokens sampled for the running rows, not yet decoded
+        self._failed: list[Event] = []  # rows whose own prefill failed, reported at the next step
 
     @property
     def idle(self) -> bool:
@@ -228,7 +230,11 @@ class Scheduler:
     def _admit(self) -> None:
         while self.queued and len(self.running) < self.max_batch:
             row = self.queued.pop(0)
-            logits, state = self.pipe.prefill(row.prompt_ids, row.image_input)
+            try:
+                logits, state = self.pipe.prefill(row.prompt_ids, row.image_input)
+            except VlmExportError as e:  # this request ends alone; the running batch goes on
+                self._failed.append((row.id, e))
+                continue
             row.image_input = None  # consumed: its rows live in the cache now
             self.batch = state if self.batch is None else self.batch.join(state)
             self.logits = logits[None] if self.logits is None else np.concatenate([self.logits, logits[None]])
@@ -251,9 +257,9 @@ class Scheduler:
     def step(self) -> list[Event]:
         self._decode_pending()
         self._admit()
+        events, self._failed = self._failed, []
         if not self.running:
-            return []
-        events: list[Event] = []
+            return events
         tokens = np.asarray([self._sample(row, logits, events) for row, logits in zip(self.running, self.logits)])
         for row in self.running:
             if row.finish is not None:
@@ -294,6 +300,8 @@ def stream(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput] = (),
     scheduler = Scheduler(pipe, max_batch=1)
     scheduler.submit(input_ids, image_input_for(pipe, images, encode_images), config)
     for _, event in scheduler.run():
+        if isinstance(event, VlmExportError):
+            raise event
         yield event
 
 
@@ -311,7 +319,12 @@ def generate_ids(pipe: VLMPipeline, prompt_ids: Sequence[int], image_input: np.n
     """The new token ids for prompt ids already built (EOS not included)."""
     scheduler = Scheduler(pipe, max_batch=1)
     scheduler.submit(prompt_ids, image_input, config)
-    return next(e.token_ids for _, e in scheduler.run() if isinstance(e, GenerationResult))
+    for _, event in scheduler.run():
+        if isinstance(event, VlmExportError):
+            raise event
+        if isinstance(event, GenerationResult):
+            return event.token_ids
+    raise AssertionError("a scheduled row always ends with a result or an error")
 
 
 def generate_batch(pipe: VLMPipeline, requests: Sequence[GenerationRequest], max_batch: int | None = None,
@@ -327,6 +340,8 @@ def generate_batch(pipe: VLMPipeline, requests: Sequence[GenerationRequest], max
         index[scheduler.submit(ids, image_input_for(pipe, request.images, None), request.config)] = i
     results: list[GenerationResult | None] = [None] * len(requests)
     for row, event in scheduler.run():
+        if isinstance(event, VlmExportError):
+            raise event
         if isinstance(event, GenerationResult):
             results[index[row]] = event
             if on_result is not None:
