@@ -97,6 +97,9 @@ def test_eval_on_a_question_folder(demo_build, tmp_path):
 
 
 def test_served_demo_matches_in_process(demo_build, tmp_path):
+    """60 questions, 8 at a time through the served model's one batching loop, mixed with
+    requests that stream, that stop early on a stop string and that are cancelled mid-stream:
+    every answer equals the in-process one-at-a-time answer."""
     from concurrent.futures import ThreadPoolExecutor
 
     from vlm_export.client.client import VLMClient
@@ -105,13 +108,30 @@ def test_served_demo_matches_in_process(demo_build, tmp_path):
     from vlm_export.runtime.load import open_build
     from vlm_export.serve.server import TritonServer
 
-    items = fixed_subset(30)
+    items = fixed_subset(SUBSET)
     in_process = evaluate_vqa(open_build(demo_build.path), items, "easy-vqa/test", normalize_answer)
     repo = render_repository(demo_build.path, tmp_path / "repo")
     with TritonServer(repo, log_file=tmp_path / "triton.log") as server:
         client = VLMClient(f"grpc://{server.grpc_url}")
-        with ThreadPoolExecutor(4) as pool:
-            served = list(pool.map(lambda it: client.generate(it.question, [it.image], max_tokens=8).text, items))
+
+        def ask(i: int) -> str:
+            item = items[i]
+            if i % 3 == 1:  # streamed: the pieces add up to the answer
+                return "".join(p for p in client.stream(item.question, [item.image], max_tokens=8) if isinstance(p, str))
+            return client.generate(item.question, [item.image], max_tokens=8).text
+
+        def disturb(i: int) -> str:
+            if i % 2:  # a long stream cancelled after two pieces
+                for n, _ in enumerate(client.stream("Tell me a long story.", max_tokens=64, ignore_eos=True)):
+                    if n == 1:
+                        break
+                return "cancelled"
+            return client.generate("Count from one to twenty.", max_tokens=48, stop=(",",)).finish_reason
+
+        with ThreadPoolExecutor(8) as pool:
+            others = [pool.submit(disturb, i) for i in range(6)]
+            served = list(pool.map(ask, range(len(items))))
     assert served == in_process.answers
+    assert {f.result() for f in others} <= {"cancelled", "stop", "eos", "length"}
     correct = sum(normalize_answer(a) == normalize_answer(it.answer) for a, it in zip(served, items))
     assert correct == in_process.correct
