@@ -282,3 +282,21 @@ def test_inflight_batching_cancellation_and_back_pressure(tiny_build, photos, tm
         assert client.generate(PROMPTS[0], [photos[0]], max_tokens=8).text == expected.text
         assert _wait_for(lambda: _metric(server, "vlm_image_cache_hits_total") == 1)
         assert _metric(server, "vlm_image_cache_misses_total") == 1
+
+
+def test_bls_decoder_mode_batches_concurrent_requests(tiny_build, photos, tmp_path):
+    """decoder_mode=bls: the vlm model's loop calls the lm_decoder model once per step for the whole
+    batch; concurrent requests still get exactly their in-process answers."""
+    build = tiny_build("llava-llama").path
+    pipe = open_build(build)
+    asks = [(PROMPTS[i % 3], [photos[i % 3]] if i % 2 else [], 6 + i) for i in range(6)]
+    expected = [generate(pipe, p, i, GenerationConfig(max_new_tokens=n)).text for p, i, n in asks]
+    repo = render_repository(build, tmp_path / "repo", RepositoryOptions(decoder_mode="bls"))
+    with TritonServer(repo, log_file=tmp_path / "triton.log") as server:
+        client = VLMClient(f"grpc://{server.grpc_url}")
+        with ThreadPoolExecutor(6) as pool:
+            served = list(pool.map(lambda a: client.generate(a[0], a[1], max_tokens=a[2]).text, asks))
+        assert _wait_for(lambda: _metric(server, "vlm_batch_rows") == 0)
+        steps = _metric(server, "vlm_decode_steps_total")
+    assert served == expected
+    assert steps < sum(n for _, _, n in asks)  # rows shared decode steps
