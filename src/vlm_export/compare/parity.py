@@ -69,8 +69,7 @@ def compare_stages(ref: VLMPipeline, cand: VLMPipeline, samples: Sequence[Sample
             def observe(spec, feeds, outputs):
                 _add_outputs(result, spec.name, outputs, cand.runners[spec.name].infer(feeds))
 
-            values = ref.run_image_stages(ref.pixel_values(sample.images), observe)
-            image_input = scheme.image_input_from(values[scheme.image_input.name])
+            image_input = ref.encode_images(ref.pixel_values(sample.images), observe)
         ids = ref.prompt_ids(sample.prompt, len(sample.images))
         # prefill from an empty state, the same inputs to both
         feeds = scheme.prefill_feeds([ids], image_input)

@@ -57,9 +57,8 @@ def stage_feeds(reference: VLMPipeline, pairs: list[CalibrationPair]) -> dict[st
     scheme = reference.scheme
     feeds: dict[str, list[dict[str, np.ndarray]]] = {spec.name: [] for spec in reference.stages}
     for pair in pairs:
-        values = reference.run_image_stages(reference.pixel_values([pair.image]),
-                                            lambda spec, f, _: feeds[spec.name].append(f))
-        image_input = scheme.image_input_from(values[scheme.image_input.name])
+        image_input = reference.encode_images(reference.pixel_values([pair.image]),
+                                              lambda spec, f, _: feeds[spec.name].append(f))
         ids = reference.prompt_ids(pair.prompt, 1)
         feeds[scheme.decoder_stage].append(scheme.prefill_feeds([ids], image_input))
     return feeds

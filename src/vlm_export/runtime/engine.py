@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import BusyError, ServeError, VlmExportError
-from .generate import GenerationConfig, GenerationResult, ImageEncoder, Scheduler, TokenEvent, image_input_for
+from .generate import (GenerationConfig, GenerationResult, ImageEncoder, Scheduler, TokenEvent, image_input_for,
+                       prepare_request)
 from .image_cache import ImageEmbeddingCache
 from .pipeline import ImageInput, VLMPipeline
 
@@ -122,9 +123,9 @@ class GenerationEngine:
     # ---- preparation (worker pool) --------------------------------------------------------------
     def _prepare_job(self, job: _Job, prompt: str, images: list) -> None:
         try:
-            job.prompt_ids = self.pipe.prompt_ids(prompt, len(images))
-            self.pipe.check_length(len(job.prompt_ids), job.config.max_new_tokens)  # before any image work
-            job.image_input = image_input_for(self.pipe, images, self.encode_images)
+            job.prompt_ids, job.image_input = prepare_request(self.pipe, prompt, images, job.config,
+                                                              self.encode_images)
+            # checked here, not at submit on the loop thread, where it would fail the whole batch
             self.pipe.scheme.check_prompt(job.prompt_ids, job.image_input)
         except VlmExportError as e:
             self._end(job, e)

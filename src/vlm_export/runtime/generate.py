@@ -279,6 +279,14 @@ class Scheduler:
         while not self.idle:
             yield from self.step()
 
+    def run_raising(self) -> Iterator[Event]:
+        """``run``, raising a row's error instead of yielding it (in-process callers, who want the
+        exception, not a message to forward)."""
+        for row, event in self.run():
+            if isinstance(event, VlmExportError):
+                raise event
+            yield row, event
+
 
 ImageEncoder = Callable[[Sequence[ImageInput]], np.ndarray]
 
@@ -290,18 +298,23 @@ def image_input_for(pipe: VLMPipeline, images: Sequence[ImageInput], encode_imag
     return encode_images(images) if encode_images else pipe.encode_images(pipe.pixel_values(images))
 
 
+def prepare_request(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput], config: GenerationConfig,
+                    encode_images: ImageEncoder | None = None) -> tuple[list[int], np.ndarray]:
+    """(prompt ids, the decoder's image input) for one request; its length is checked before any
+    image work, so an over-long prompt costs no vision pass."""
+    ids = pipe.prompt_ids(prompt, len(images))
+    pipe.check_length(len(ids), config.max_new_tokens)
+    return ids, image_input_for(pipe, images, encode_images)
+
+
 def stream(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput] = (),
            config: GenerationConfig = GenerationConfig(),
            encode_images: ImageEncoder | None = None) -> Iterator[TokenEvent | GenerationResult]:
     """TokenEvents as text appears, then one GenerationResult (the final message): a batch of one.
     ``encode_images`` replaces the in-process image stages (the Triton model calls its ensemble)."""
-    input_ids = pipe.prompt_ids(prompt, len(images))
-    pipe.check_length(len(input_ids), config.max_new_tokens)  # before any image work
     scheduler = Scheduler(pipe, max_batch=1)
-    scheduler.submit(input_ids, image_input_for(pipe, images, encode_images), config)
-    for _, event in scheduler.run():
-        if isinstance(event, VlmExportError):
-            raise event
+    scheduler.submit(*prepare_request(pipe, prompt, images, config, encode_images), config)
+    for _, event in scheduler.run_raising():
         yield event
 
 
@@ -319,12 +332,7 @@ def generate_ids(pipe: VLMPipeline, prompt_ids: Sequence[int], image_input: np.n
     """The new token ids for prompt ids already built (EOS not included)."""
     scheduler = Scheduler(pipe, max_batch=1)
     scheduler.submit(prompt_ids, image_input, config)
-    for _, event in scheduler.run():
-        if isinstance(event, VlmExportError):
-            raise event
-        if isinstance(event, GenerationResult):
-            return event.token_ids
-    raise AssertionError("a scheduled row always ends with a result or an error")
+    return next(e.token_ids for _, e in scheduler.run_raising() if isinstance(e, GenerationResult))
 
 
 def generate_batch(pipe: VLMPipeline, requests: Sequence[GenerationRequest], max_batch: int | None = None,
@@ -334,14 +342,10 @@ def generate_batch(pipe: VLMPipeline, requests: Sequence[GenerationRequest], max
     ``on_result(index, result)`` is called as each finishes (progress bars)."""
     scheduler = Scheduler(pipe, max_batch)
     index = {}
-    for i, request in enumerate(requests):
-        ids = pipe.prompt_ids(request.prompt, len(request.images))
-        pipe.check_length(len(ids), request.config.max_new_tokens)
-        index[scheduler.submit(ids, image_input_for(pipe, request.images, None), request.config)] = i
+    for i, r in enumerate(requests):
+        index[scheduler.submit(*prepare_request(pipe, r.prompt, r.images, r.config), r.config)] = i
     results: list[GenerationResult | None] = [None] * len(requests)
-    for row, event in scheduler.run():
-        if isinstance(event, VlmExportError):
-            raise event
+    for row, event in scheduler.run_raising():
         if isinstance(event, GenerationResult):
             results[index[row]] = event
             if on_result is not None:

@@ -93,11 +93,12 @@ class VLMPipeline:
             values.update(out)
         return values
 
-    def encode_images(self, pixel_values: np.ndarray | None) -> np.ndarray:
-        """The decoder's image input for one request's images (the scheme's empty input without)."""
+    def encode_images(self, pixel_values: np.ndarray | None, observe: StageObserver | None = None) -> np.ndarray:
+        """The decoder's image input for one request's images (the scheme's empty input without);
+        ``observe`` sees every image stage's feeds and outputs on the way."""
         if pixel_values is None or len(pixel_values) == 0:
             return self.scheme.empty_image_input()
-        values = self.run_image_stages(pixel_values)
+        values = self.run_image_stages(pixel_values, observe)
         return self.scheme.image_input_from(values[self.scheme.image_input.name])
 
     def decode(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
