@@ -75,3 +75,157 @@ def make_tiny_prefix(path: Path, family: str = "llama", seed: int = 0, num_prefi
     PrefixVLM(vision, text, num_prefix_tokens=num_prefix_tokens, projector_hidden_size=48).eval().save_pretrained(path)
     _save_tokenizer_and_processor(path, 32)
     return path
+
+
+# --- BLIP-2 / InstructBLIP ------------------------------------------------------------------------
+# The SmolLM2 tokenizer has no "<image>"; it is added as a special token (id 49152, right after the
+# base vocab), the way Blip2Processor itself would add it. The text embedding table is padded to a
+# multiple of 64 rows, as real checkpoints often are, so it is larger than len(tokenizer).
+
+BLIP_IMAGE_TOKEN = "<image>"
+
+
+def _blip_text_tokenizer():
+    from transformers import AddedToken, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    tok.add_tokens([AddedToken(BLIP_IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+    return tok
+
+
+def _padded_vocab(n: int, multiple: int = 64) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _blip_text_config(family: str, vocab_size: int):
+    from transformers import LlamaConfig, OPTConfig
+
+    ids = dict(eos_token_id=2, bos_token_id=1, pad_token_id=2)
+    if family == "opt":
+        return OPTConfig(vocab_size=vocab_size, hidden_size=64, word_embed_proj_dim=64, ffn_dim=128,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                         do_layer_norm_before=True, **ids)
+    if family == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **ids)
+    raise ValueError(f"unknown BLIP-2 text family {family!r} (expected 'opt' or 'llama')")
+
+
+def _blip_sub_configs(vision_cls, qformer_cls, **qformer_extra):
+    # The BLIP vision config defaults to initializer_range=1e-10 (fine for pretrained checkpoints), which
+    # leaves a freshly built vision tower ~0 and its output blind to the image; use the usual 0.02.
+    vision = vision_cls(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=2, initializer_range=0.02)
+    qformer = qformer_cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          cross_attention_frequency=1, encoder_hidden_size=32, **qformer_extra)
+    return vision, qformer
+
+
+def _blip_image_processor():
+    from transformers import BlipImageProcessor
+
+    return BlipImageProcessor(size={"height": 32, "width": 32})
+
+
+def _randomise_query_tokens(model) -> None:
+    # HF zero-initialises query_tokens; random queries make the Q-Former output depend on the image.
+    with torch.no_grad():
+        model.query_tokens.copy_(torch.randn(model.query_tokens.shape) * 0.5)
+
+
+def make_tiny_blip2(path: Path, family: str = "opt", seed: int = 0, num_query_tokens: int = 4) -> Path:
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
+                              Blip2VisionConfig)
+
+    tok = _blip_text_tokenizer()
+    image_token_id = tok.convert_tokens_to_ids(BLIP_IMAGE_TOKEN)
+    vision, qformer = _blip_sub_configs(Blip2VisionConfig, Blip2QFormerConfig)
+    torch.manual_seed(seed)
+    cfg = Blip2Config(vision_config=vision, qformer_config=qformer,
+                      text_config=_blip_text_config(family, _padded_vocab(len(tok))),
+                      num_query_tokens=num_query_tokens, image_text_hidden_size=32, image_token_index=image_token_id)
+    model = Blip2ForConditionalGeneration(cfg).eval()
+    _randomise_query_tokens(model)
+    model.save_pretrained(path)
+    Blip2Processor(image_processor=_blip_image_processor(), tokenizer=tok,
+                   num_query_tokens=num_query_tokens).save_pretrained(path)
+    return path
+
+
+# A small offline WordPiece vocabulary for the InstructBLIP Q-Former tokenizer (BERT style, lowercased).
+_BERT_WORDS = """
+the of and to a in is it you that he was for on are with as i his they be at one have this from or had by
+not word but what some we can out other were all there when up use your how said an each she which do their
+time if will way about many then them write would like so these her long make thing see him two has look
+more day could go come did number sound no most people my over know water than call first who may down side
+been now find any new work part take get place made live where after back little only round man year came
+show every good me give our under name very through just form sentence great think say help low line differ
+turn cause much mean before move right boy old too same tell does set three want air well also play small end
+put home read hand port large spell add even land here must big high such follow act why ask men change went
+light kind off need house picture try us again animal point mother world near build self earth father head
+stand own page should country found answer school grow study still learn plant cover food sun four between
+state keep eye never last let thought city tree cross farm hard start might story saw far sea draw left late
+run while press close night real life few north open seem together next white children begin got walk example
+ease paper group always music those both mark often letter until mile river car feet care second book carry
+took science eat room friend began idea fish mountain stop once base hear horse cut sure watch color colour
+face wood main enough plain girl usual young ready above ever red list though feel talk bird soon body dog
+family direct pose leave song measure door product black short numeral class wind question happen complete
+ship area half rock order fire south problem piece told knew pass since top whole king space heard best hour
+better true during hundred five remember step early hold west ground interest reach fast verb sing listen six
+table travel less morning ten simple several toward war lay against pattern slow center love person money
+serve appear road map rain rule govern pull cold notice voice unit power town fine certain fly fall lead cry
+dark machine note wait plan figure star box noun field rest correct able pound done beauty drive stood
+contain front teach week final gave green oh quick develop ocean warm free minute strong special mind behind
+clear tail produce fact street inch multiply nothing course stay wheel full force blue object decide surface
+deep moon island foot system busy test record boat common gold possible plane stead dry wonder laugh thousand
+ago ran check game shape equate hot miss brought heat snow tire bring yes distant fill east paint language
+among image photo photograph describe describing description shown showing cat cats dogs sitting standing
+wearing holding people person woman women table chair bed street sky grass background foreground left right
+""".split()
+
+
+def _bert_vocab() -> list[str]:
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    punct = list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    digits = [str(d) for d in range(10)]
+    pieces = [f"##{c}" for c in letters + digits] + ["##s", "##es", "##ed", "##ing", "##er", "##ly"]
+    vocab: list[str] = []
+    for t in specials + punct + digits + letters + pieces + _BERT_WORDS:
+        if t not in vocab:
+            vocab.append(t)
+    return vocab
+
+
+def make_qformer_tokenizer():
+    """A BERT WordPiece tokenizer built offline from a small vocab.txt (for InstructBLIP's Q-Former)."""
+    import tempfile
+
+    from transformers import BertTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="qformer-vocab-") as d:
+        vocab_file = Path(d) / "vocab.txt"
+        vocab_file.write_text("\n".join(_bert_vocab()) + "\n", encoding="utf-8")
+        return BertTokenizer.from_pretrained(d, do_lower_case=True, model_max_length=64)
+
+
+def make_tiny_instructblip(path: Path, seed: int = 0, num_query_tokens: int = 4) -> Path:
+    from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor,
+                              InstructBlipQFormerConfig, InstructBlipVisionConfig)
+
+    tok = _blip_text_tokenizer()
+    qtok = make_qformer_tokenizer()
+    image_token_id = tok.convert_tokens_to_ids(BLIP_IMAGE_TOKEN)
+    vision, qformer = _blip_sub_configs(InstructBlipVisionConfig, InstructBlipQFormerConfig,
+                                        vocab_size=_padded_vocab(len(qtok)), max_position_embeddings=64,
+                                        pad_token_id=qtok.pad_token_id)
+    torch.manual_seed(seed)
+    cfg = InstructBlipConfig(vision_config=vision, qformer_config=qformer,
+                             text_config=_blip_text_config("llama", _padded_vocab(len(tok))),
+                             num_query_tokens=num_query_tokens, image_token_index=image_token_id)
+    model = InstructBlipForConditionalGeneration(cfg).eval()
+    _randomise_query_tokens(model)
+    model.save_pretrained(path)
+    InstructBlipProcessor(image_processor=_blip_image_processor(), tokenizer=tok, qformer_tokenizer=qtok,
+                          num_query_tokens=num_query_tokens).save_pretrained(path)
+    return path

@@ -99,7 +99,7 @@ def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> 
     precisions = options.precision.resolve(specs)  # a stage or precision the model lacks fails before the export
     limits = Limits(
         max_batch=options.max_batch,
-        max_images=options.max_images,
+        max_images=min(options.max_images, adapter.max_images or options.max_images),
         max_sequence=min(options.max_sequence or DEFAULT_MAX_SEQUENCE, scheme.geometry.max_position_embeddings),
         tokens_per_image=layout.tokens_per_image,
     )
@@ -119,6 +119,9 @@ def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> 
 
     loaded.tokenizer.save_pretrained(tmp / "tokenizer")
     loaded.image_processor.save_pretrained(tmp / "tokenizer")
+    image_text = adapter.image_text(loaded)
+    if image_text:
+        loaded.image_text_tokenizer.save_pretrained(tmp / image_text.tokenizer)
     manifest = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
@@ -132,6 +135,7 @@ def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> 
         "prompt_layout": layout.to_dict(),
         "limits": limits.to_dict(),
         "tokenizer": "tokenizer",
+        "image_text": image_text.to_dict() if image_text else None,
         "generation": {"eos_token_ids": eos_token_ids(loaded)},
     }
     write_manifest(tmp, manifest)
@@ -245,10 +249,10 @@ def _hf_reference(loaded, eos_ids: list[int]):
     import numpy as np
     import torch
 
-    def run(ids: list[int], pixel_values: np.ndarray | None, max_new_tokens: int) -> list[int]:
+    def run(prompt: str, ids: list[int], pixel_values: np.ndarray | None, max_new_tokens: int) -> list[int]:
         tokens = loaded.adapter.reference_generate(
             loaded, torch.tensor([ids]), None if pixel_values is None else torch.from_numpy(pixel_values),
-            max_new_tokens, eos_ids)
+            max_new_tokens, eos_ids, prompt=prompt)
         for i, t in enumerate(tokens):
             if t in eos_ids:
                 return tokens[:i]

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..contract import DecoderGeometry, DecodingScheme, PromptLayout, StageSpec
+from ..contract import DecoderGeometry, DecodingScheme, ImageText, PromptLayout, StageSpec
 
 
 @dataclass
@@ -30,6 +30,10 @@ class LoadedModel:
     tokenizer: Any
     image_processor: Any
     config: Any
+    #: the model's own processor (text + images), where the reference builds its inputs with it
+    processor: Any = None
+    #: the tokenizer of the image path's prompt reader (InstructBLIP's Q-Former), if the model has one
+    image_text_tokenizer: Any = None
 
 
 @dataclass
@@ -56,6 +60,8 @@ class VLMAdapter(abc.ABC):
     model_types: ClassVar[tuple[str, ...]]
     #: one-line description shown by ``vlm-export adapters`` and in the unknown-arch error
     description: ClassVar[str] = ""
+    #: most images one prompt may carry, where the model takes fewer than a build asks for (BLIP-2: one)
+    max_images: ClassVar[int | None] = None
 
     # ---- loading -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -89,11 +95,19 @@ class VLMAdapter(abc.ABC):
         pixel_values: torch.Tensor | None,
         max_new_tokens: int,
         eos_token_ids: list[int],
+        prompt: str = "",
     ) -> list[int]:
         """Greedy new tokens from the ORIGINAL model's own generate (not our split modules):
-        this is what proves the split itself faithful."""
+        this is what proves the split itself faithful. ``input_ids`` are ours (built as
+        :meth:`prompt_layout` says); ``prompt`` is the text they came from, for adapters whose
+        reference builds its inputs with the model's own processor instead."""
 
     # ---- optional knobs ------------------------------------------------------------------
+    def image_text(self, loaded: LoadedModel) -> ImageText | None:
+        """How the prompt becomes image-stage inputs (``role="prompt"``), for models whose image
+        path reads the prompt; its tokenizer is ``loaded.image_text_tokenizer``."""
+        return None
+
     def tolerances(self) -> dict[str, dict[str, float]]:
         """Per-stage overrides of the default parity tolerances (see compare.policy)."""
         return {}

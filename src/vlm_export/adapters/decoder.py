@@ -11,6 +11,8 @@ row k. Decode steps pass an empty table ``[0, hidden]``.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 from transformers import DynamicCache
@@ -93,21 +95,28 @@ def _traced_spec(name: str, value: torch.Tensor, first_dim: str) -> TensorSpec:
 
 
 def image_path_stages(vision: nn.Module, projector: nn.Module, image_size: tuple[int, int],
-                      embeds_name: str = "image_embeds") -> list[Stage]:
-    """``vision_encoder`` (pixel_values -> image_features) and ``projector`` (image_features ->
-    ``embeds_name`` [images, tokens, hidden]), each with a dynamic number of images."""
+                      embeds_name: str = "image_embeds", *, projector_name: str = "projector",
+                      projector_inputs: Sequence[tuple[TensorSpec, torch.Tensor]] = (),
+                      projector_dim_ranges: dict[str, tuple[int, int, int]] | None = None,
+                      projector_follows_default: bool = True) -> list[Stage]:
+    """``vision_encoder`` (pixel_values -> image_features) and the projecting stage
+    (``projector_name``: image_features, then any ``projector_inputs`` given as (spec, example),
+    -> ``embeds_name`` [images, tokens, hidden]), each with a dynamic number of images;
+    ``projector_dim_ranges`` bound the extra inputs' own dynamic dims (TensorRT profiles)."""
     gen = torch.Generator().manual_seed(0)
     pixel_values = torch.randn(EXAMPLE_IMAGES, 3, *image_size, generator=gen)
+    extra = tuple(value for _, value in projector_inputs)
     with torch.no_grad():
         features = vision.eval()(pixel_values).contiguous()  # a strided view would export sym_stride
-        embeds = projector.eval()(features)
+        embeds = projector.eval()(features, *extra)
     pixels = TensorSpec("pixel_values", "float32", ("images", 3, *image_size), "pixels")
     feats = _traced_spec("image_features", features, "images")
     vision_spec = StageSpec("vision_encoder", IMAGE, (pixels,), (feats,), IMAGE_PRECISIONS)
     feats_in = TensorSpec(feats.name, feats.dtype, feats.dims, "upstream")
-    projector_spec = StageSpec("projector", IMAGE, (feats_in,), (_traced_spec(embeds_name, embeds, "images"),),
-                               IMAGE_PRECISIONS)
-    return [Stage(vision_spec, vision, (pixel_values,)), Stage(projector_spec, projector, (features,))]
+    projector_spec = StageSpec(projector_name, IMAGE, (feats_in, *(spec for spec, _ in projector_inputs)),
+                               (_traced_spec(embeds_name, embeds, "images"),), IMAGE_PRECISIONS,
+                               projector_dim_ranges or {}, projector_follows_default)
+    return [Stage(vision_spec, vision, (pixel_values,)), Stage(projector_spec, projector, (features, *extra))]
 
 
 def spliced_decoder_stage(module: SplicingDecoder, scheme: SplicedScheme) -> Stage:

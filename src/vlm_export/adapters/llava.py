@@ -87,7 +87,7 @@ class LlavaAdapter(VLMAdapter):
     def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
         return text_geometry(loaded.config.text_config)
 
-    def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids):
+    def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
         images = {} if pixel_values is None else {"pixel_values": pixel_values}  # None trips HF's generate
         with torch.no_grad():
             out = loaded.model.generate(

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..errors import ModelLoadError
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
@@ -30,20 +30,20 @@ def load_hf_parts(model_cls, path: Path, *, processor: bool = True):
         model = model_cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     except Exception as e:  # from_pretrained raises OSError, SafetensorError, ValueError, ...
         raise ModelLoadError(
-            f"cannot load the model weights in {path} ({_first_line(e)}); check the folder is a complete "
+            f"cannot load the model weights in {path} ({first_line(e)}); check the folder is a complete "
             "save_pretrained output"
         ) from None
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        raise ModelLoadError(f"cannot load the tokenizer in {path} ({_first_line(e)}); save it beside the model") from None
+        raise ModelLoadError(f"cannot load the tokenizer in {path} ({first_line(e)}); save it beside the model") from None
     image_processor = None
     if processor:
         try:
             image_processor = AutoImageProcessor.from_pretrained(path)
         except Exception as e:
             raise ModelLoadError(
-                f"cannot load the image processor in {path} ({_first_line(e)}); save preprocessor_config.json beside the model"
+                f"cannot load the image processor in {path} ({first_line(e)}); save preprocessor_config.json beside the model"
             ) from None
     return model, tokenizer, image_processor

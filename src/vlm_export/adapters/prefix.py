@@ -159,7 +159,7 @@ class PrefixAdapter(VLMAdapter):
     def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
         return text_geometry(loaded.model.text.config)
 
-    def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids):
+    def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
         n_prefix = 0 if pixel_values is None else pixel_values.shape[0] * loaded.config["num_prefix_tokens"]
         out = loaded.model.generate(
             input_ids[:, n_prefix:], pixel_values, max_new_tokens=max_new_tokens, do_sample=False,

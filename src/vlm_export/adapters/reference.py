@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..contract import Limits, check_chain
+from ..contract import Limits, check_chain, prompt_inputs
 from ..errors import AdapterError
 from ..manifest import read_manifest
 from ..runtime.load import open_build
 from ..runtime.pipeline import VLMPipeline
+from ..runtime.prompt import ImageTextEncoder
 from ..runtime.runners import TorchRunner
 from . import get_adapter
 from .base import LoadedModel, Stage
@@ -39,6 +40,11 @@ def split(loaded: LoadedModel) -> list[Stage]:
         check_chain([s.spec for s in stages], scheme.image_input.name if scheme.image_input else "")
     except ValueError as e:
         raise AdapterError(f"the {loaded.adapter.name} adapter declares stages that do not chain: {e}") from None
+    text = loaded.adapter.image_text(loaded)
+    wanted = {t.name for t in prompt_inputs([s.spec for s in stages])}
+    if wanted != ({text.ids, text.mask} if text else set()) or (text and loaded.image_text_tokenizer is None):
+        raise AdapterError(f"the {loaded.adapter.name} adapter's image stages read {sorted(wanted) or 'nothing'} "
+                           "from the prompt, which its image_text declaration and tokenizer do not match")
     return stages
 
 
@@ -47,8 +53,10 @@ def reference_pipeline(loaded: LoadedModel, limits: Limits, stages: list[Stage] 
     adapter = loaded.adapter
     stages = stages or split(loaded)
     runners = {s.name: TorchRunner(s.name, s.module, s.spec.input_names, s.spec.output_names) for s in stages}
+    text = adapter.image_text(loaded)
     return VLMPipeline(runners, [s.spec for s in stages], adapter.scheme(loaded), loaded.tokenizer,
-                       loaded.image_processor, adapter.prompt_layout(loaded), limits, eos_token_ids(loaded))
+                       loaded.image_processor, adapter.prompt_layout(loaded), limits, eos_token_ids(loaded),
+                       ImageTextEncoder(text, loaded.image_text_tokenizer) if text else None)
 
 
 def open_reference(build_dir: Path, threads: int | None = None) -> VLMPipeline:

@@ -121,9 +121,10 @@ def make_inputs(pipe: VLMPipeline, options: BenchOptions) -> BenchInputs:
     pixel_values = {b: pipe.pixel_values(photos[:b]) for b in options.batch}
     image_feeds = {}
     for b, pv in pixel_values.items():
-        pipe.run_image_stages(pv, lambda spec, feeds, _, b=b: image_feeds.__setitem__((spec.name, b), feeds))
+        pipe.run_image_stages(pv, lambda spec, feeds, _, b=b: image_feeds.__setitem__((spec.name, b), feeds),
+                              PROMPTS[0])
     prompt_ids = pipe.prompt_ids(PROMPTS[0], 1)
-    image_input = pipe.encode_images(pixel_values[min(options.batch)][:1])
+    image_input = pipe.encode_images(pixel_values[min(options.batch)][:1], prompt=PROMPTS[0])
     past_len = options.decode_past or len(prompt_ids) + options.new_tokens // 2
     pipe.check_length(past_len, 1)
     rng = np.random.default_rng(0)  # the values do not change the time; fixed so runs are alike

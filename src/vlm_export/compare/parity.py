@@ -69,7 +69,7 @@ def compare_stages(ref: VLMPipeline, cand: VLMPipeline, samples: Sequence[Sample
             def observe(spec, feeds, outputs):
                 _add_outputs(result, spec.name, outputs, cand.runners[spec.name].infer(feeds))
 
-            image_input = ref.encode_images(ref.pixel_values(sample.images), observe)
+            image_input = ref.encode_images(ref.pixel_values(sample.images), observe, sample.prompt)
         ids = ref.prompt_ids(sample.prompt, len(sample.images))
         # prefill from an empty state, the same inputs to both
         feeds = scheme.prefill_feeds([ids], image_input)
@@ -84,7 +84,8 @@ def compare_stages(ref: VLMPipeline, cand: VLMPipeline, samples: Sequence[Sample
     sample = samples[0]
     pixel_values = ref.pixel_values(sample.images) if sample.images else None
     ids = ref.prompt_ids(sample.prompt, len(sample.images))
-    both = ref.encode_images(None if pixel_values is None else np.concatenate([pixel_values] * 2))
+    both = ref.encode_images(None if pixel_values is None else np.concatenate([pixel_values] * 2),
+                             prompt=sample.prompt)
     feeds = scheme.prefill_feeds([ids, ids], both)
     result.add("prefill", "logits_batch2", ref.decode(feeds)["logits"], cand.decode(feeds)["logits"])
 
@@ -102,18 +103,18 @@ def _add_outputs(result: ParityResult, stage: str, ref: dict, out: dict) -> None
             result.add(stage, entry, np.stack([ref[n] for n in names]), np.stack([out[n] for n in names]))
 
 
-def compare_tokens(reference_tokens: Callable[[list[int], np.ndarray | None, int], list[int]],
+def compare_tokens(reference_tokens: Callable[[str, list[int], np.ndarray | None, int], list[int]],
                    pipelines: dict[str, VLMPipeline], samples: Sequence[Sample], max_new_tokens: int,
                    result: ParityResult, progress: Callable[[], None] = lambda: None) -> None:
-    """Greedy tokens of each pipeline vs ``reference_tokens(ids, pixel_values, n)`` (the original model)."""
+    """Greedy tokens of each pipeline vs ``reference_tokens(prompt, ids, pixel_values, n)`` (the original model)."""
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     first = next(iter(pipelines.values()))
     for sample in samples:
         pixel_values = first.pixel_values(sample.images) if sample.images else None
         ids = first.prompt_ids(sample.prompt, len(sample.images))
-        expected = reference_tokens(ids, pixel_values, max_new_tokens)
+        expected = reference_tokens(sample.prompt, ids, pixel_values, max_new_tokens)
         for name, pipe in pipelines.items():
-            got = generate_ids(pipe, ids, pipe.encode_images(pixel_values), config)
+            got = generate_ids(pipe, ids, pipe.encode_images(pixel_values, prompt=sample.prompt), config)
             result.tokens.setdefault(name, []).append(TokenMetrics(sample.prompt, expected, got))
         progress()
 

@@ -10,18 +10,19 @@ the same declarations the adapters wrote at build time.
   with dtypes and named dynamic dims, and the precisions it allows.
 * :class:`DecodingScheme`: how the decoder stage is fed and what state it carries between steps
   for a batch of sequences (registered by name; the manifest stores the name and parameters).
-* :class:`Limits`, :class:`PromptLayout`, :class:`DecoderGeometry`.
+* :class:`Limits`, :class:`PromptLayout` (and :class:`ImageText`, the prompt as an image-path input),
+  :class:`DecoderGeometry`.
 """
 from .geometry import DecoderGeometry
-from .layout import LAYOUTS, PromptLayout
+from .layout import LAYOUTS, ImageText, PromptLayout
 from .limits import Limits
 from .scheme import DecodeBatch, DecodingScheme, Range, register_scheme, registered_schemes, scheme_from_dict
 from .stages import (DECODER, DECODER_PRECISIONS, IMAGE, IMAGE_PRECISIONS, StageSpec, TensorSpec, check_chain,
-                     image_stages, stages_from_manifest)
+                     image_stages, prompt_inputs, stages_from_manifest)
 from . import spliced  # noqa: F401  (registers the built-in scheme)
 
 __all__ = [
-    "DecoderGeometry", "LAYOUTS", "PromptLayout", "Limits", "DecodeBatch", "DecodingScheme", "Range",
+    "DecoderGeometry", "LAYOUTS", "ImageText", "PromptLayout", "Limits", "DecodeBatch", "DecodingScheme", "Range",
     "register_scheme", "registered_schemes", "scheme_from_dict", "IMAGE", "DECODER", "StageSpec", "TensorSpec",
-    "image_stages", "stages_from_manifest", "check_chain", "IMAGE_PRECISIONS", "DECODER_PRECISIONS",
+    "image_stages", "prompt_inputs", "stages_from_manifest", "check_chain", "IMAGE_PRECISIONS", "DECODER_PRECISIONS",
 ]

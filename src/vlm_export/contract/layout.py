@@ -6,7 +6,15 @@ model code (``runtime.prompt.build_prompt_ids``):
   newline), the chat template is applied, and every image token is expanded to
   ``tokens_per_image`` copies, as Hugging Face's LlavaProcessor does.
 * ``prefix``: the chat-formatted text is tokenized as is and ``tokens_per_image`` placeholder ids
-  per image are put in front of it (prefix-fusion models prepend the image embeddings).
+  per image are put in front of it (prefix-fusion models prepend the image embeddings; BLIP-2's
+  processor puts its ``num_query_tokens`` image tokens before the tokenized text the same way).
+
+``add_special_tokens``: whether the tokenizer adds its own special tokens (BOS) to the text. Off
+where a chat template writes them into the text; on where the model's processor tokenizes plain
+text with them (BLIP-2, InstructBLIP).
+
+:class:`ImageText` is the other direction: the prompt as an input of the image path (InstructBLIP's
+Q-Former reads the instruction through a tokenizer of its own).
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ class PromptLayout:
     tokens_per_image: int
     image_token: str | None = None  # text form of the image token (inline layout only)
     use_chat_template: bool = True
+    add_special_tokens: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUTS:
@@ -36,3 +45,23 @@ class PromptLayout:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PromptLayout":
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class ImageText:
+    """The prompt as image-stage inputs (``role="prompt"``): the request's prompt text, as given,
+    tokenized by the tokenizer saved in the build folder ``tokenizer`` with its special tokens, the
+    same row repeated for each of the request's images: ``ids`` and ``mask`` ``[images, tokens]``
+    int64. At most ``max_length`` tokens (the reading module's position limit)."""
+
+    tokenizer: str
+    ids: str
+    mask: str
+    max_length: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "ImageText | None":
+        return cls(**d) if d else None

@@ -4,9 +4,11 @@ An adapter declares its stages in order (any number, any names); the build recor
 manifest, and every later layer (export, precision, parity, TensorRT profiles, the Triton
 repository, the served model, the bench) iterates over them instead of naming them.
 
-``image`` stages run once per request on its images, in the declared order; each input is either
-the preprocessed pixels (``role="pixels"``) or an output of an earlier stage with the same name
-(``role="upstream"``). The one ``decoder`` stage is fed by the decoding scheme.
+``image`` stages run once per request on its images, in the declared order; each input is the
+preprocessed pixels (``role="pixels"``), an output of an earlier stage with the same name
+(``role="upstream"``), or the request's prompt tokenized as the build's :class:`ImageText` says
+(``role="prompt"``: InstructBLIP's Q-Former reads the instruction, so its image path depends on the
+prompt). The one ``decoder`` stage is fed by the decoding scheme.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from typing import Any, Iterable
 
 IMAGE, DECODER = "image", "decoder"
 KINDS = (IMAGE, DECODER)
-INPUT_ROLES = ("pixels", "upstream", "decoder")
+INPUT_ROLES = ("pixels", "upstream", "prompt", "decoder")
+IMAGE_INPUT_ROLES = ("pixels", "upstream", "prompt")
 #: every stage can stay as exported
 FP32 = "fp32"
 
@@ -51,6 +54,9 @@ class StageSpec:
     precisions: tuple[str, ...] = (FP32,)
     #: ranges of dynamic dims that no build limit bounds (name -> (min, opt, max)), for TensorRT profiles
     dim_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    #: whether a precision given for every stage (``--precision fp16``) applies here; False keeps
+    #: the stage fp32 unless named (BLIP-2's Q-Former: Hugging Face keeps it fp32 too)
+    follows_default: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -74,13 +80,13 @@ class StageSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "inputs": [t.to_dict() for t in self.inputs],
                 "outputs": [t.to_dict() for t in self.outputs], "precisions": list(self.precisions),
-                "dim_ranges": {k: list(v) for k, v in self.dim_ranges.items()}}
+                "dim_ranges": {k: list(v) for k, v in self.dim_ranges.items()}, "follows_default": self.follows_default}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StageSpec":
         return cls(d["name"], d["kind"], tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
                    tuple(TensorSpec.from_dict(t) for t in d["outputs"]), tuple(d["precisions"]),
-                   {k: tuple(v) for k, v in d.get("dim_ranges", {}).items()})
+                   {k: tuple(v) for k, v in d.get("dim_ranges", {}).items()}, d.get("follows_default", True))
 
 
 def image_stages(stages: Iterable[StageSpec]) -> list[StageSpec]:
@@ -95,15 +101,20 @@ def check_chain(stages: list[StageSpec], image_input: str) -> None:
         for t in stage.inputs:
             if t.role == "upstream" and t.name not in made:
                 raise ValueError(f"stage {stage.name!r} reads {t.name!r}, which no earlier stage outputs")
-            if t.role not in ("pixels", "upstream"):
+            if t.role not in IMAGE_INPUT_ROLES:
                 raise ValueError(f"image stage {stage.name!r}: input {t.name!r} has role {t.role!r}; "
-                                 "image stages take 'pixels' or 'upstream' inputs")
+                                 f"image stages take {', '.join(map(repr, IMAGE_INPUT_ROLES))} inputs")
         made.update(stage.output_names)
     decoders = [s for s in stages if s.kind == DECODER]
     if len(decoders) != 1 or stages[-1].kind != DECODER:
         raise ValueError("a build has exactly one decoder stage, declared last")
     if image_stages(stages) and image_input not in made:
         raise ValueError(f"no image stage outputs {image_input!r}, the decoder's image input")
+
+
+def prompt_inputs(stages: Iterable[StageSpec]) -> list[TensorSpec]:
+    """The image path's inputs made from the prompt (empty when images alone decide it)."""
+    return [t for s in image_stages(stages) for t in s.inputs if t.role == "prompt"]
 
 
 def stages_from_manifest(manifest: dict[str, Any]) -> list[StageSpec]:

@@ -11,7 +11,8 @@ stage the manifest declares; for a LLaVA-style build::
     preprocess/      python: encoded image bytes -> pixel_values
     vision_encoder/  python (onnxruntime inside) | onnxruntime_onnx | tensorrt_plan
     projector/       same choice (every image stage, in the declared order)
-    image_encoder/   ensemble: preprocess -> the image stages -> the decoder's image input
+    image_encoder/   ensemble: preprocess -> the image stages -> the decoder's image input (its inputs:
+                     the encoded images, plus the prompt's tokens where an image stage reads them)
     lm_decoder/      same choice as the image stages; state in and out as the decoding scheme says
     vlm/             python, decoupled: prompt + images -> streamed text (the generation loop)
 """
@@ -169,11 +170,14 @@ def _image_path_configs(configs: dict, image, image_input: str, image_batch: int
                       "input_map": {n: n for n in spec.input_names}, "output_map": {n: n for n in spec.output_names}})
     made = next(spec for spec in image if image_input in spec.output_names)
     output = next(t for t in configs[made.name]["output"] if t["name"] == image_input)
+    # the prompt's tokens (InstructBLIP's Q-Former), made by the vlm model, go straight to the stages reading them
+    text_inputs = {t["name"]: t for spec in image for t in configs[spec.name]["input"]
+                   if any(s.name == t["name"] and s.role == "prompt" for s in spec.inputs)}
     ensemble = {
         "name": "image_encoder",
         "platform": "ensemble",
         "max_batch_size": image_batch,
-        "input": [{"name": "images", "data_type": "TYPE_STRING", "dims": [1]}],
+        "input": [{"name": "images", "data_type": "TYPE_STRING", "dims": [1]}, *text_inputs.values()],
         "output": [output],
         "ensemble_scheduling": {"step": steps},
     }
@@ -264,5 +268,8 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
             shutil.copytree(build_dir / manifest["tokenizer"], tmp / "preprocess" / "1" / "processor")
         shutil.copy2(PYTHON_MODELS / "vlm.py", tmp / "vlm" / "1" / "model.py")
         shutil.copytree(build_dir / manifest["tokenizer"], tmp / "vlm" / "1" / "tokenizer")
+        if manifest.get("image_text"):  # the image path's own tokenizer: the vlm model tokenizes for it
+            folder = manifest["image_text"]["tokenizer"]
+            shutil.copytree(build_dir / folder, tmp / "vlm" / "1" / folder)
         write_manifest(tmp / "vlm" / "1", {k: v for k, v in manifest.items() if k not in ("format", "version")})
     return out

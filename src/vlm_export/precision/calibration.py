@@ -58,7 +58,7 @@ def stage_feeds(reference: VLMPipeline, pairs: list[CalibrationPair]) -> dict[st
     feeds: dict[str, list[dict[str, np.ndarray]]] = {spec.name: [] for spec in reference.stages}
     for pair in pairs:
         image_input = reference.encode_images(reference.pixel_values([pair.image]),
-                                              lambda spec, f, _: feeds[spec.name].append(f))
+                                              lambda spec, f, _: feeds[spec.name].append(f), pair.prompt)
         ids = reference.prompt_ids(pair.prompt, 1)
         feeds[scheme.decoder_stage].append(scheme.prefill_feeds([ids], image_input))
     return feeds

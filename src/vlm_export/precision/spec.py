@@ -22,7 +22,8 @@ ALIASES = {"vision": "vision_encoder", "decoder": "lm_decoder"}
 
 @dataclass(frozen=True)
 class PrecisionPlan:
-    """Precision per named stage; ``default`` for every stage not named."""
+    """Precision per named stage; ``default`` for every stage not named that follows it
+    (``StageSpec.follows_default``; the others stay fp32 unless named)."""
 
     choices: tuple[tuple[str, str], ...] = ()
     default: str = "fp32"
@@ -31,8 +32,8 @@ class PrecisionPlan:
     def of_stages(cls, choices: Mapping[str, str], default: str = "fp32") -> "PrecisionPlan":
         return cls(tuple(sorted(choices.items())), default)
 
-    def of(self, stage: str) -> str:
-        return dict(self.choices).get(stage, self.default)
+    def of(self, stage: str, follows_default: bool = True) -> str:
+        return dict(self.choices).get(stage, self.default if follows_default else "fp32")
 
     def resolve(self, stages: Sequence[StageSpec]) -> dict[str, str]:
         """Stage name -> precision for every stage, in order; BuildError on a stage the model does
@@ -44,11 +45,12 @@ class PrecisionPlan:
                              f"{', '.join(names)} (shorthands: {', '.join(f'{k}={v}' for k, v in ALIASES.items())})")
         valid = "; ".join(f"{s.name}: {'/'.join(s.precisions)}" for s in stages)
         if self.default != "fp32":
-            unsupported = [s.name for s in stages if self.default not in s.precisions and s.name not in dict(self.choices)]
+            unsupported = [s.name for s in stages if self.default not in s.precisions and s.follows_default
+                           and s.name not in dict(self.choices)]
             if unsupported:
                 raise BuildError(f"precision {self.default!r} is not available for {', '.join(unsupported)}; "
                                  f"valid: {valid} (set stages separately, e.g. vision=fp16,decoder=w4)")
-        resolved = {s.name: self.of(s.name) for s in stages}
+        resolved = {s.name: self.of(s.name, s.follows_default) for s in stages}
         for spec in stages:
             if resolved[spec.name] not in spec.precisions:
                 raise BuildError(f"precision {resolved[spec.name]!r} is not valid for {spec.name}; valid: {valid}")

@@ -76,8 +76,9 @@ class GenerationEngine:
         self.encode_images = encode_images
         self.image_cache = image_cache
         if image_cache is not None:  # each image encoded alone once, then served from the cache
-            self.encode_images = image_cache.wrap(lambda image: image_input_for(pipe, [image], encode_images),
-                                                  pipe.scheme.join_image_inputs)
+            self.encode_images = image_cache.wrap(
+                lambda image, prompt: image_input_for(pipe, [image], prompt, encode_images),
+                pipe.scheme.join_image_inputs, by_prompt=pipe.reads_prompt)
         self.on_stats = on_stats
         self.scheduler = Scheduler(pipe, max_batch or pipe.limits.max_batch)
         self.stats = EngineStats()

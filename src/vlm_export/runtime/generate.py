@@ -288,14 +288,19 @@ class Scheduler:
             yield row, event
 
 
-ImageEncoder = Callable[[Sequence[ImageInput]], np.ndarray]
+#: (a request's images, its prompt) -> the decoder's image input; the prompt matters only to builds
+#: whose image path reads it (``VLMPipeline.reads_prompt``)
+ImageEncoder = Callable[[Sequence[ImageInput], str], np.ndarray]
 
 
-def image_input_for(pipe: VLMPipeline, images: Sequence[ImageInput], encode_images: ImageEncoder | None = None) -> np.ndarray:
+def image_input_for(pipe: VLMPipeline, images: Sequence[ImageInput], prompt: str,
+                    encode_images: ImageEncoder | None = None) -> np.ndarray:
     """The decoder's image input for a request's images: in-process, or through ``encode_images``."""
     if not images:
         return pipe.scheme.empty_image_input()
-    return encode_images(images) if encode_images else pipe.encode_images(pipe.pixel_values(images))
+    if encode_images:
+        return encode_images(images, prompt)
+    return pipe.encode_images(pipe.pixel_values(images), prompt=prompt)
 
 
 def prepare_request(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput], config: GenerationConfig,
@@ -304,7 +309,7 @@ def prepare_request(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput]
     image work, so an over-long prompt costs no vision pass."""
     ids = pipe.prompt_ids(prompt, len(images))
     pipe.check_length(len(ids), config.max_new_tokens)
-    return ids, image_input_for(pipe, images, encode_images)
+    return ids, image_input_for(pipe, images, prompt, encode_images)
 
 
 def stream(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput] = (),

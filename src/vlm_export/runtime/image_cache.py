@@ -3,8 +3,9 @@ OpenAI-style clients do) skips the image path after the first time.
 
 Keyed by the image's content (sha256 of its encoded bytes, or of a decoded image's pixels), so the
 same picture under another file name still hits; bounded in bytes with least-recently-used
-eviction. The stages before the decoder read only the pixels today; a stage that also reads the
-prompt (InstructBLIP's Q-Former) would have to add the prompt to the key.
+eviction. Where the image path also reads the prompt (InstructBLIP's Q-Former summarises the
+image for the instruction), the prompt is part of the key: the same image hits only when asked
+the same thing again (a conversation re-sending its image with a new turn misses).
 """
 from __future__ import annotations
 
@@ -65,17 +66,19 @@ class ImageEmbeddingCache:
                 _, old = self._items.popitem(last=False)
                 self.bytes -= old.nbytes
 
-    def wrap(self, encode_one: Callable[[ImageInput], np.ndarray],
-             join: Callable[[list[np.ndarray]], np.ndarray]) -> ImageEncoder:
-        """An encoder over a request's images: each image from the cache, or encoded alone and
-        kept; ``join`` makes the request's decoder input from the per-image ones, in order."""
-        def encode(images: Sequence[ImageInput]) -> np.ndarray:
+    def wrap(self, encode_one: Callable[[ImageInput, str], np.ndarray],
+             join: Callable[[list[np.ndarray]], np.ndarray], by_prompt: bool = False) -> ImageEncoder:
+        """An encoder over a request's images: each image from the cache, or encoded alone (with
+        the request's prompt) and kept; ``join`` makes the request's decoder input from the
+        per-image ones, in order. ``by_prompt``: the prompt is part of the key."""
+        def encode(images: Sequence[ImageInput], prompt: str) -> np.ndarray:
+            suffix = " " + hashlib.sha256(prompt.encode()).hexdigest() if by_prompt else ""
             parts = []
             for image in images:
-                key = image_key(image)
+                key = image_key(image) + suffix
                 value = self.get(key)
                 if value is None:
-                    value = encode_one(image)
+                    value = encode_one(image, prompt)
                     self.put(key, value)
                 parts.append(value)
             return join(parts)

@@ -10,9 +10,9 @@ from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
 
-from ..contract import DecodingScheme, Limits, PromptLayout, StageSpec, image_stages
+from ..contract import DecodingScheme, Limits, PromptLayout, StageSpec, image_stages, prompt_inputs
 from ..errors import InputError
-from .prompt import build_prompt_ids
+from .prompt import ImageTextEncoder, build_prompt_ids
 from .runners import Runner
 
 ImageInput = Union[str, Path, bytes, "PIL.Image.Image"]  # noqa: F821
@@ -41,12 +41,22 @@ class VLMPipeline:
     """The image stages, then the decoder, behind runners; and the request plumbing.
 
     ``runners`` holds one runner per stage that runs here; a served model may hold only the
-    decoder (its images go through the server's image path instead)."""
+    decoder (its images go through the server's image path instead).
+
+    ``image_text`` makes the image path's prompt inputs, for builds whose image stages read the
+    prompt (then every image call needs the request's prompt)."""
 
     def __init__(self, runners: Mapping[str, Runner], stages: Sequence[StageSpec], scheme: DecodingScheme,
-                 tokenizer, image_processor, layout: PromptLayout, limits: Limits, eos_token_ids: list[int]):
+                 tokenizer, image_processor, layout: PromptLayout, limits: Limits, eos_token_ids: list[int],
+                 image_text: ImageTextEncoder | None = None):
         self.runners = dict(runners)
         self.stages = list(stages)
+        self.image_text = image_text
+        wanted = {t.name for t in prompt_inputs(self.stages)}
+        made = {image_text.spec.ids, image_text.spec.mask} if image_text else set()
+        if wanted - made:
+            raise ValueError(f"the image stages read {sorted(wanted - made)} from the prompt, which nothing makes "
+                             "(the build's image_text declaration is missing or names other tensors)")
         self.scheme = scheme
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.layout, self.limits = layout, limits
@@ -81,10 +91,26 @@ class VLMPipeline:
                 f"max_sequence of {self.limits.max_sequence}: shorten the prompt or lower max_tokens"
             )
 
+    @property
+    def reads_prompt(self) -> bool:
+        """Whether the image path's output depends on the prompt too (then the prompt is part of
+        any key that caches it)."""
+        return self.image_text is not None
+
+    def image_text_feeds(self, prompt: str | None, n_images: int) -> dict[str, np.ndarray]:
+        """The image path's prompt inputs for ``n_images`` images ({} when it reads none)."""
+        if self.image_text is None:
+            return {}
+        if prompt is None:
+            raise ValueError("this build's image stages read the prompt: pass prompt= with the pixels")
+        return self.image_text.feeds(prompt, n_images)
+
     # ---- stages ------------------------------------------------------------------------------
-    def run_image_stages(self, pixel_values: np.ndarray, observe: StageObserver | None = None) -> dict[str, np.ndarray]:
-        """Every image stage in order; returns every tensor made on the way (pixels included)."""
-        values = {"pixel_values": pixel_values}
+    def run_image_stages(self, pixel_values: np.ndarray, observe: StageObserver | None = None,
+                         prompt: str | None = None) -> dict[str, np.ndarray]:
+        """Every image stage in order; returns every tensor made on the way (pixels included).
+        ``prompt``: the request's prompt, for image stages that read it."""
+        values = {"pixel_values": pixel_values, **self.image_text_feeds(prompt, len(pixel_values))}
         for spec in self.image_stages:
             feeds = {t.name: values[t.name] for t in spec.inputs}
             out = self.runners[spec.name].infer(feeds)
@@ -93,12 +119,13 @@ class VLMPipeline:
             values.update(out)
         return values
 
-    def encode_images(self, pixel_values: np.ndarray | None, observe: StageObserver | None = None) -> np.ndarray:
+    def encode_images(self, pixel_values: np.ndarray | None, observe: StageObserver | None = None,
+                      prompt: str | None = None) -> np.ndarray:
         """The decoder's image input for one request's images (the scheme's empty input without);
         ``observe`` sees every image stage's feeds and outputs on the way."""
         if pixel_values is None or len(pixel_values) == 0:
             return self.scheme.empty_image_input()
-        values = self.run_image_stages(pixel_values, observe)
+        values = self.run_image_stages(pixel_values, observe, prompt)
         return self.scheme.image_input_from(values[self.scheme.image_input.name])
 
     def decode(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

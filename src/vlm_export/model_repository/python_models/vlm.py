@@ -21,7 +21,7 @@ import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from vlm_export.contract import stages_from_manifest
+from vlm_export.contract import prompt_inputs, stages_from_manifest
 from vlm_export.errors import BusyError, InputError, RunnerError, VlmExportError
 from vlm_export.model_repository.python_models.common import model_dirs, parameter
 from vlm_export.runtime.engine import DEFAULT_MAX_QUEUE, Cancelled, GenerationEngine
@@ -63,7 +63,8 @@ class TritonPythonModel:
         hf_logging.set_verbosity_error()
         manifest = json.loads((version_dir / "manifest.json").read_text())
         specs = {spec.name: spec for spec in stages_from_manifest(manifest)}
-        pipe = pipeline_from_manifest(manifest, {}, AutoTokenizer.from_pretrained(version_dir / "tokenizer"))
+        pipe = pipeline_from_manifest(manifest, {}, AutoTokenizer.from_pretrained(version_dir / "tokenizer"),
+                                      root=version_dir)
         name = pipe.scheme.decoder_stage
         if parameter(config, "decoder_mode", "in_process") == "in_process":
             threads = int(parameter(config, "intra_op_threads", "0")) or None
@@ -72,7 +73,9 @@ class TritonPythonModel:
             decoder = BlsRunner(name, specs[name].input_names, specs[name].output_names)
         pipe.runners[name] = decoder
         image_input = pipe.scheme.image_input
-        self.image_encoder = BlsRunner("image_encoder", ["images"], [image_input.name]) if image_input else None
+        # the ensemble takes the encoded images, plus the prompt's tokens where the image path reads it
+        inputs = ["images", *(t.name for t in prompt_inputs(pipe.stages))]
+        self.image_encoder = BlsRunner("image_encoder", inputs, [image_input.name]) if image_input else None
         self.pipe = pipe
         self.metrics = _Metrics()
         cache_mb = int(parameter(config, "image_cache_mb", "0"))
@@ -96,9 +99,10 @@ class TritonPythonModel:
                 self._fail(sender, f"internal error: {type(e).__name__}: {e}")
         return None
 
-    def _encode_images(self, images):
+    def _encode_images(self, images, prompt):
         raw = np.array([[bytes(i)] for i in images], dtype=np.object_)
-        out = self.image_encoder.infer({"images": raw})[self.image_encoder.output_names[0]]
+        feeds = {"images": raw, **self.pipe.image_text_feeds(prompt, len(images))}
+        out = self.image_encoder.infer(feeds)[self.image_encoder.output_names[0]]
         return self.pipe.scheme.image_input_from(out)
 
     def _parse(self, request):

@@ -1,0 +1,205 @@
+"""Merging a PEFT adapter before the split: the merge is proved per stage, and every way an
+adapter can fail to fit the model is one clear line."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+from vlm_export.adapters import adapter_for  # noqa: E402
+from vlm_export.adapters.lora import merge_lora  # noqa: E402
+from vlm_export.adapters.reference import split  # noqa: E402
+from vlm_export.errors import AdapterError, ModelLoadError  # noqa: E402
+
+BASE = "llava-llama"
+# transformers' deprecation chatter when PEFT wraps a model (is_gradient_checkpointing)
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def _load(path: Path):
+    return adapter_for(path).load(path)
+
+
+def _save_lora(model, out: Path, init_lora_weights=False) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init_lora_weights)
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir(BASE)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(base_dir, tmp_path_factory) -> Path:
+    """A trained-looking LoRA (B non-zero, so it changes outputs) made the usual way: on the full VLM."""
+    from transformers import LlavaForConditionalGeneration
+
+    return _save_lora(LlavaForConditionalGeneration.from_pretrained(base_dir), tmp_path_factory.mktemp("lora"))
+
+
+@pytest.fixture
+def adapter(lora_dir, tmp_path) -> Path:
+    """A copy of the adapter that a test may spoil."""
+    return Path(shutil.copytree(lora_dir, tmp_path / "adapter"))
+
+
+def _edit_config(adapter: Path, **changes) -> None:
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, **changes}))
+
+
+def _outputs(loaded) -> dict[str, list[torch.Tensor]]:
+    with torch.no_grad():
+        out = {}
+        for s in split(loaded):
+            o = s.module(*s.example_inputs)
+            out[s.name] = [o] if isinstance(o, torch.Tensor) else list(o)
+        return out
+
+
+def _error(exc_type, loaded, adapter: Path, **kw) -> str:
+    with pytest.raises(exc_type) as info:
+        merge_lora(loaded, adapter, **kw)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_merge_is_proved_and_leaves_a_plain_model(base_dir, lora_dir):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base_out = _outputs(_load(base_dir))
+    merged, record = merge_lora(_load(base_dir), lora_dir)
+
+    stage_names = [s.name for s in split(merged)]
+    assert list(record.max_abs) == stage_names
+    assert all(v < 1e-4 for v in record.max_abs.values()), record.max_abs
+    assert record.changed and max(record.effect.values()) > 1e-3
+    assert (record.peft_type, record.rank, record.target_modules) == ("LORA", 4, ["q_proj", "v_proj"])
+    assert set(record.sha256) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert all(len(h) == 64 for h in record.sha256.values())
+    json.dumps(record.to_dict())  # the manifest stores it
+
+    # a plain transformers model: no PEFT wrapper, no adapter layers or weights, no peft_config
+    assert type(merged.model).__name__ == "LlavaForConditionalGeneration"
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.model.modules())
+    assert not any("lora_" in k for k in merged.model.state_dict())
+    assert not hasattr(merged.model, "peft_config")
+
+    # the adapter did something: the merged model's outputs are not the base model's
+    merged_out = _outputs(merged)
+    for name in ("vision", "decoder"):
+        stage = next(n for n in stage_names if name in n)
+        assert (merged_out[stage][0] - base_out[stage][0]).abs().max() > 1e-3, stage
+
+
+def test_untrained_adapter_merges_but_is_flagged_unchanged(base_dir, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    noop = _save_lora(LlavaForConditionalGeneration.from_pretrained(base_dir), tmp_path / "noop", init_lora_weights=True)
+    _, record = merge_lora(_load(base_dir), noop)
+    assert not record.changed
+    assert max(record.effect.values()) == 0.0 and max(record.max_abs.values()) == 0.0
+
+
+def test_base_name_check(base_dir, adapter):
+    # a hub id whose tail is the model folder's name is the same model
+    _edit_config(adapter, base_model_name_or_path=f"some-org/{base_dir.name}")
+    merge_lora(_load(base_dir), adapter)
+
+    _edit_config(adapter, base_model_name_or_path="some-org/another-model-7b")
+    message = _error(AdapterError, _load(base_dir), adapter)
+    assert "'some-org/another-model-7b'" in message and "--lora-any-base" in message
+    merge_lora(_load(base_dir), adapter, check_base=False)  # what --lora-any-base does
+
+
+def test_target_modules_that_match_nothing(base_dir, adapter):
+    _edit_config(adapter, target_modules=["nope_proj"])
+    message = _error(AdapterError, _load(base_dir), adapter)
+    assert "nope_proj" in message and "target_modules" in message
+
+
+def test_adapter_of_a_model_with_another_hidden_size(base_dir, tmp_path):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = LlavaConfig.from_pretrained(base_dir)
+    cfg.text_config.hidden_size = 96
+    other = _save_lora(LlavaForConditionalGeneration(cfg), tmp_path / "other")
+    message = _error(AdapterError, _load(base_dir), other)
+    assert "does not fit" in message and "[4, 96] in the adapter but [4, 64] in the model" in message
+
+
+def test_keys_that_load_nowhere(base_dir, adapter):
+    from safetensors.torch import load_file, save_file
+
+    weights = adapter / "adapter_model.safetensors"
+    # what an adapter made on the language model alone looks like from the full model
+    save_file({k.replace("model.language_model.", ""): v for k, v in load_file(weights).items()}, weights)
+    message = _error(AdapterError, _load(base_dir), adapter)
+    assert "load nowhere" in message and "get_peft_model on the full LlavaForConditionalGeneration" in message
+
+
+def test_incomplete_weights(base_dir, adapter):
+    from safetensors.torch import load_file, save_file
+
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if "layers.1." not in k}, weights)
+    message = _error(AdapterError, _load(base_dir), adapter)
+    assert "get no weight" in message and "incomplete" in message
+
+
+def test_missing_folder_config_and_weights(base_dir, adapter, tmp_path):
+    loaded = _load(base_dir)  # the model is untouched by these early checks
+    assert "does not exist" in _error(ModelLoadError, loaded, tmp_path / "nowhere")
+    (adapter / "adapter_model.safetensors").unlink()
+    assert "has no adapter weights" in _error(ModelLoadError, loaded, adapter)
+    (adapter / "adapter_config.json").unlink()
+    assert "adapter_config.json is missing" in _error(ModelLoadError, loaded, adapter)
+
+
+@pytest.mark.parametrize("spoil", ["garbage", "truncated"])
+def test_corrupt_weights(base_dir, adapter, spoil):
+    weights = adapter / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(b"not a safetensors file" if spoil == "garbage" else data[: len(data) // 2])
+    message = _error(ModelLoadError, _load(base_dir), adapter)
+    assert "cannot read the adapter weights" in message and "SafetensorError" in message
+
+
+def test_corrupt_config(base_dir, adapter):
+    (adapter / "adapter_config.json").write_text("{not json")
+    assert "cannot read" in _error(ModelLoadError, _load(base_dir), adapter)
+
+
+def test_prompt_adapter_cannot_be_merged(base_dir, adapter):
+    from peft import PromptTuningConfig
+
+    PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4).save_pretrained(adapter)
+    message = _error(AdapterError, _load(base_dir), adapter, check_base=False)
+    assert "PROMPT_TUNING" in message and "cannot be merged" in message
+
+
+def test_inexact_merge_names_the_stage(base_dir, lora_dir, monkeypatch):
+    from peft.tuners.lora import LoraModel
+
+    real = LoraModel.merge_and_unload
+
+    def spoiled(self, *args, **kwargs):  # a merge that gets the LM head wrong
+        model = real(self, *args, **kwargs)
+        with torch.no_grad():
+            model.lm_head.weight.add_(0.5)
+        return model
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", spoiled)
+    message = _error(AdapterError, _load(base_dir), lora_dir)
+    assert "decoder stage" in message and "does not merge exactly" in message
