@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny_models import make_tiny_llava, make_tiny_prefix  # noqa: E402
+from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava, make_tiny_prefix  # noqa: E402
 
 # name -> (maker, kwargs): one per architecture family and text family the tests cover
 TINY_MODELS = {
@@ -18,6 +18,9 @@ TINY_MODELS = {
     "llava-qwen2-full-multilayer": (make_tiny_llava, {"family": "qwen2", "strategy": "full", "feature_layer": [-2, -1]}),
     "llava-mistral": (make_tiny_llava, {"family": "mistral"}),
     "prefix-llama": (make_tiny_prefix, {"family": "llama"}),
+    "blip2-opt": (make_tiny_blip2, {"family": "opt"}),
+    "blip2-llama": (make_tiny_blip2, {"family": "llama"}),
+    "instructblip-llama": (make_tiny_instructblip, {}),
 }
 
 

@@ -30,17 +30,20 @@ def test_build_parity_per_stage(tiny_build, name):
     report = json.loads((result.path / "report.json").read_text())
     assert report["passed"]
     stages = report["stages"]
-    assert set(stages) == {"vision_encoder", "projector", "prefill", "decode"}
+    image_stages = [s["name"] for s in result.manifest["stages"] if s["kind"] == "image"]
+    assert set(stages) == {*image_stages, "prefill", "decode"}
     for stage in ("prefill", "decode"):
         assert stages[stage]["logits"]["max_abs"] <= 1e-4, stages[stage]["logits"]
         assert stages[stage]["logits"]["cosine"] > 0.99999
-    assert stages["vision_encoder"]["image_features"]["max_abs"] <= 1e-4
-    assert stages["projector"]["image_embeds"]["max_abs"] <= 1e-4
+    for stage in image_stages:  # every image stage's every output
+        for name, metrics in stages[stage].items():
+            assert metrics["max_abs"] <= 1e-4, (stage, name, metrics)
     # 32 greedy tokens identical to the original model's own HF generate, for the split modules
-    # in PyTorch and for the ONNX Runtime build, on every sample (with and without images)
+    # in PyTorch and for the ONNX Runtime build, on every sample (with and without images; two
+    # images where the model takes them)
     for candidate in ("torch_split", "onnxruntime"):
         runs = report["end_to_end"][candidate]
-        assert len(runs) == 6
+        assert len(runs) == (6 if result.manifest["limits"]["max_images"] >= 2 else 5)
         for run in runs:
             assert run["identical"], run
             assert len(run["reference"]) > 0

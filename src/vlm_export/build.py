@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .adapters import adapter_for
-from .adapters.reference import eos_token_ids, reference_pipeline, split
+from .adapters.lora import merge_lora
+from .adapters.reference import eos_token_ids, load_source, reference_pipeline, split
 from .atomic import atomic_folder
 from .compare.accuracy import AccuracyCheck, accuracy_section, answer_all
 from .compare.parity import ParityResult, Sample, compare_stages, compare_tokens, default_samples
@@ -39,6 +40,8 @@ DEFAULT_MAX_SEQUENCE = 4096
 @dataclass
 class BuildOptions:
     adapter: str | None = None  # None: chosen from config.json's model_type
+    lora: Path | None = None  # a PEFT adapter folder, merged into the model before the split
+    lora_any_base: bool = False  # merge even if the adapter names another base model
     max_batch: int = 4
     max_images: int = 2
     max_sequence: int | None = None  # None: min(model's max positions, DEFAULT_MAX_SEQUENCE)
@@ -91,6 +94,13 @@ def build(model_path: Path, out: Path, options: BuildOptions | None = None,
 def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> None:
     with progress.step(f"loading {model_path} ({adapter.name} adapter)") as advance:
         loaded = adapter.load(model_path)
+        advance()
+    lora = None
+    if options.lora:
+        with progress.step(f"merging the adapter in {options.lora} (proved per stage against the unmerged one)") as advance:
+            loaded, lora = merge_lora(loaded, Path(options.lora).absolute(), check_base=not options.lora_any_base)
+            advance()
+    with progress.step("splitting into stages") as advance:
         stages = split(loaded)
         scheme = adapter.scheme(loaded)
         layout = adapter.prompt_layout(loaded)
@@ -113,7 +123,8 @@ def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> 
             advance()
 
     reference = reference_pipeline(loaded, limits, stages)
-    source_sha256 = _source_hashes(model_path)
+    # the merged adapter is an input too (calibration caches are keyed by these)
+    source_sha256 = {**_source_hashes(model_path), **{f"lora/{k}": v for k, v in (lora.sha256 if lora else {}).items()}}
     if any(p != "fp32" for p in precisions.values()):
         _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, progress)
 
@@ -127,7 +138,7 @@ def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> 
         "versions": versions(),
         "source": {"path": str(model_path.absolute()), "adapter": adapter.name,
                    "model_type": getattr(loaded.config, "model_type", None) or loaded.config.get("model_type"),
-                   "sha256": source_sha256},
+                   "sha256": source_sha256, "lora": lora.to_dict() if lora else None},
         "stages": [spec.to_dict() for spec in specs],
         "scheme": scheme.to_dict(),
         "graphs": graphs,
@@ -267,9 +278,8 @@ def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progr
     progress = progress or Progress()
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
-    adapter = adapter_for(Path(manifest["source"]["path"]), manifest["source"]["adapter"])
     with progress.step(f"loading {manifest['source']['path']}") as advance:
-        loaded = adapter.load(Path(manifest["source"]["path"]))
+        loaded = load_source(manifest["source"])
         advance()
     precisions = {stage: g["precision"] for stage, g in manifest["graphs"].items()}
     result, policy, failures = _parity(loaded, reference_pipeline(loaded, Limits.from_dict(manifest["limits"])),

@@ -120,6 +120,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="build folder to create")
     p.add_argument("--adapter", default=None, help="force an adapter (default: from config.json's model_type)")
     p.add_argument("--force", action="store_true", help="replace an existing build folder")
+    p.add_argument("--lora", type=Path, default=None, metavar="ADAPTER_DIR",
+                   help="a PEFT adapter (LoRA, LoHa, IA3, ...) made on this model: merged before the export, the "
+                        "merge proved per stage against the unmerged adapter")
+    p.add_argument("--lora-any-base", action="store_true",
+                   help="merge the adapter even if its base_model_name_or_path names another model")
     _add_build_options(p)
 
     p = sub.add_parser("generate", help="answer a prompt (and images) with a build",
@@ -223,7 +228,8 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_build(args, progress) -> int:
     from .build import build
 
-    result = build(args.model, args.out, _build_options(args, adapter=args.adapter), progress)
+    result = build(args.model, args.out, _build_options(args, adapter=args.adapter, lora=args.lora,
+                                                          lora_any_base=args.lora_any_base), progress)
     _print_summary(result.path, result.manifest)
     return 0
 

@@ -1,6 +1,7 @@
 """Merging a PEFT adapter (LoRA, LoHa, LoKr, IA3, ...) into a loaded model before the split.
 
-The adapter must have been made on the FULL model the adapter loads, the usual recipe::
+The PEFT adapter must have been made on the FULL model that the architecture adapter loads
+(e.g. the whole ``LlavaForConditionalGeneration``), the usual recipe::
 
     model = LlavaForConditionalGeneration.from_pretrained(base)
     model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"], ...))
@@ -24,6 +25,7 @@ import torch
 
 from ..errors import AdapterError, ModelLoadError
 from .base import LoadedModel
+from .loading import first_line
 from .reference import split
 
 CONFIG_FILE = "adapter_config.json"
@@ -47,11 +49,6 @@ class LoraMerge:
         return dataclasses.asdict(self)
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"
-
-
 def _read_config(adapter_dir: Path):
     from peft import PeftConfig
 
@@ -64,7 +61,7 @@ def _read_config(adapter_dir: Path):
     try:
         return PeftConfig.from_pretrained(str(adapter_dir))
     except Exception as e:  # JSON errors, unknown peft_type, fields of another PEFT version, ...
-        raise ModelLoadError(f"cannot read {adapter_dir / CONFIG_FILE} ({_first_line(e)}); re-save the adapter") from None
+        raise ModelLoadError(f"cannot read {adapter_dir / CONFIG_FILE} ({first_line(e)}); re-save the adapter") from None
 
 
 def _model_names(name: str) -> set[str]:
@@ -101,7 +98,7 @@ def _inject(loaded: LoadedModel, config, adapter_dir: Path):
         peft_model = PeftModel(loaded.model, config)
     except ValueError as e:  # NoMatchingPeftModuleError (a ValueError) when target_modules match nothing
         raise AdapterError(
-            f"the adapter in {adapter_dir} does not fit the model in {loaded.path} ({_first_line(e)}); "
+            f"the adapter in {adapter_dir} does not fit the model in {loaded.path} ({first_line(e)}); "
             f"check target_modules in {CONFIG_FILE}"
         ) from None
     device = next(loaded.model.parameters()).device
@@ -109,16 +106,19 @@ def _inject(loaded: LoadedModel, config, adapter_dir: Path):
         # load_adapter, not PeftModel.from_pretrained: only it returns the load result, and PEFT
         # loads with strict=False, so keys that load nowhere are otherwise silently dropped
         result = peft_model.load_adapter(str(adapter_dir), "default", torch_device=str(device))
-    except RuntimeError as e:  # load_state_dict's size mismatches, several lines: say the first
+    except Exception as e:
+        # load_state_dict lists every size mismatch in one multi-line RuntimeError: say the first
         m = re.search(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) "
                       r"from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)", str(e))
-        what = f"{m[1]} is {m[2]} in the adapter but {m[3]} in the model" if m else _first_line(e)
+        if m is None:  # corrupt or truncated safetensors, unreadable .bin (also RuntimeErrors)
+            raise ModelLoadError(
+                f"cannot read the adapter weights in {adapter_dir} ({first_line(e)}); re-save the adapter"
+            ) from None
         raise AdapterError(
-            f"the adapter in {adapter_dir} does not fit the model in {loaded.path}: {what} "
-            f"({str(e).count('size mismatch')} tensor(s) mismatch); use the model the adapter was trained on"
+            f"the adapter in {adapter_dir} does not fit the model in {loaded.path}: {m[1]} is {m[2]} in the "
+            f"adapter but {m[3]} in the model ({str(e).count('size mismatch')} tensor(s) mismatch); "
+            "use the model the adapter was trained on"
         ) from None
-    except Exception as e:  # corrupt or truncated safetensors, unreadable .bin
-        raise ModelLoadError(f"cannot read the adapter weights in {adapter_dir} ({_first_line(e)}); re-save the adapter") from None
     # an adapter made on a sub-model (e.g. the language model alone) has keys that load nowhere;
     # adapter layers the file does not fill would keep their random initialisation
     full = f"train it with get_peft_model on the full {type(loaded.model).__name__}"
@@ -171,9 +171,10 @@ def merge_lora(loaded: LoadedModel, adapter_dir: Path, *, check_base: bool = Tru
     except ImportError:
         raise AdapterError("merging an adapter (--lora) needs the peft package: pip install 'peft>=0.13'") from None
     config = _read_config(adapter_dir)
+    kind = str(getattr(config.peft_type, "value", config.peft_type))  # "LORA", not "PeftType.LORA"
     if config.is_prompt_learning or config.is_adaption_prompt:
         raise AdapterError(
-            f"the adapter in {adapter_dir} is {config.peft_type}, which adds prompt tokens instead of changing "
+            f"the adapter in {adapter_dir} is {kind}, which adds prompt tokens instead of changing "
             "weights and cannot be merged; only weight adapters (LoRA, LoHa, LoKr, IA3, ...) can be exported"
         )
     if check_base:
@@ -192,7 +193,7 @@ def merge_lora(loaded: LoadedModel, adapter_dir: Path, *, check_base: bool = Tru
         try:
             model = peft_model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN weights
         except (NotImplementedError, ValueError, TypeError, AttributeError, RuntimeError) as e:
-            raise AdapterError(f"the {config.peft_type} adapter in {adapter_dir} cannot be merged ({_first_line(e)})") from None
+            raise AdapterError(f"the {kind} adapter in {adapter_dir} cannot be merged ({first_line(e)})") from None
     merged = dataclasses.replace(loaded, model=model)
     after = _run(split(merged), inputs)  # split again: the stages must hold the merged plain layers
 
@@ -210,7 +211,7 @@ def merge_lora(loaded: LoadedModel, adapter_dir: Path, *, check_base: bool = Tru
     targets = config.target_modules
     return merged, LoraMerge(
         path=str(adapter_dir.resolve()),
-        peft_type=str(getattr(config.peft_type, "value", config.peft_type)),
+        peft_type=kind,
         target_modules=[targets] if isinstance(targets, str) else sorted(targets or []),
         rank=getattr(config, "r", None),
         sha256=sha256,

@@ -59,6 +59,16 @@ def reference_pipeline(loaded: LoadedModel, limits: Limits, stages: list[Stage] 
                        ImageTextEncoder(text, loaded.image_text_tokenizer) if text else None)
 
 
+def load_source(source: dict) -> LoadedModel:
+    """A build's source model as the build saw it: loaded by its adapter, its PEFT adapter merged."""
+    from .lora import merge_lora
+
+    loaded = get_adapter(source["adapter"]).load(Path(source["path"]))
+    if source.get("lora"):
+        loaded, _ = merge_lora(loaded, Path(source["lora"]["path"]), check_base=False)  # checked at build
+    return loaded
+
+
 def open_reference(build_dir: Path, threads: int | None = None) -> VLMPipeline:
     """The PyTorch reference of a build, loaded from the build's source model folder."""
     import torch
@@ -66,8 +76,7 @@ def open_reference(build_dir: Path, threads: int | None = None) -> VLMPipeline:
     manifest = read_manifest(build_dir)
     if threads:  # PyTorch's intra-op pool is process-wide
         torch.set_num_threads(threads)
-    adapter = get_adapter(manifest["source"]["adapter"])
-    return reference_pipeline(adapter.load(Path(manifest["source"]["path"])), Limits.from_dict(manifest["limits"]))
+    return reference_pipeline(load_source(manifest["source"]), Limits.from_dict(manifest["limits"]))
 
 
 def open_pipeline(build_dir: Path, backend: str = "onnxruntime", threads: int | None = None) -> VLMPipeline:

@@ -52,6 +52,12 @@ def write_report(build_dir: Path, manifest: dict, result: ParityResult, policy: 
 def render_markdown(report: dict) -> str:
     lines = [f"# Parity report: {'PASSED' if report['passed'] else 'FAILED'}", "",
              f"Source: `{report['source']['path']}` (adapter `{report['source']['adapter']}`)", ""]
+    lora = report["source"].get("lora")
+    if lora:
+        worst = max(lora["max_abs"].values(), default=0.0)
+        lines += [f"Merged {lora['peft_type']} adapter `{lora['path']}` (rank {lora['rank']}, targets "
+                  f"{', '.join(lora['target_modules'])}): merged vs unmerged max abs {worst:.3g} over the stages"
+                  + ("" if lora["changed"] else " - the adapter changes nothing (untrained?)"), ""]
     v = report["versions"]
     lines += [f"torch {v['torch']}, transformers {v['transformers']}, onnxruntime {v['onnxruntime']}", "",
               "## Graphs", "", "| stage | precision | size (MB) | export (s) |", "|---|---|---:|---:|"]
