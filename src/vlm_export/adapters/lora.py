@@ -26,7 +26,7 @@ import torch
 from ..errors import AdapterError, ModelLoadError
 from .base import LoadedModel
 from .loading import first_line
-from .reference import split
+from .split import split
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT reads the first that exists

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..contract import Limits, check_chain, prompt_inputs
-from ..errors import AdapterError
+from ..contract import Limits
 from ..manifest import read_manifest
 from ..runtime.load import open_build
 from ..runtime.pipeline import VLMPipeline
@@ -16,6 +15,7 @@ from ..runtime.prompt import ImageTextEncoder
 from ..runtime.runners import TorchRunner
 from . import get_adapter
 from .base import LoadedModel, Stage
+from .split import split
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -30,22 +30,6 @@ def eos_token_ids(loaded: LoadedModel) -> list[int]:
         if value is not None and value not in ids:
             ids.append(int(value))
     return ids
-
-
-def split(loaded: LoadedModel) -> list[Stage]:
-    """The adapter's stages, checked to chain (AdapterError naming the adapter otherwise)."""
-    stages = loaded.adapter.stages(loaded)
-    scheme = loaded.adapter.scheme(loaded)
-    try:
-        check_chain([s.spec for s in stages], scheme.image_input.name if scheme.image_input else "")
-    except ValueError as e:
-        raise AdapterError(f"the {loaded.adapter.name} adapter declares stages that do not chain: {e}") from None
-    text = loaded.adapter.image_text(loaded)
-    wanted = {t.name for t in prompt_inputs([s.spec for s in stages])}
-    if wanted != ({text.ids, text.mask} if text else set()) or (text and loaded.image_text_tokenizer is None):
-        raise AdapterError(f"the {loaded.adapter.name} adapter's image stages read {sorted(wanted) or 'nothing'} "
-                           "from the prompt, which its image_text declaration and tokenizer do not match")
-    return stages
 
 
 def reference_pipeline(loaded: LoadedModel, limits: Limits, stages: list[Stage] | None = None) -> VLMPipeline:
