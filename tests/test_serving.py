@@ -21,6 +21,19 @@ from vlm_export.serve.server import TritonServer
 PROMPTS = ["What is in the picture?", "Describe the colors.", "Is there an animal?"]
 
 
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width x height`` pixels with almost no data: what a
+    decompression bomb looks like before it is decoded (a reader must refuse it from the header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     from skimage import data
@@ -52,6 +65,9 @@ def test_configs_fit_schema_and_graphs(tiny_build, target):
         parsed = parse_config(cfg)
         assert parsed.name == cfg["name"]
     assert configs["vision_encoder"]["max_batch_size"] == manifest["limits"]["max_images_per_batch"]
+    if target == "python":  # the decoder runs inside the vlm model (in_process): no model of its own
+        assert "lm_decoder" not in configs
+        configs = model_configs(manifest, RepositoryOptions(target=target, decoder_mode="bls"))
     assert configs["lm_decoder"]["max_batch_size"] == 0
     platform = {"python": None, "onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}[target]
     assert configs["lm_decoder"].get("platform") == platform
@@ -152,7 +168,11 @@ def test_bad_requests_get_errors_and_server_keeps_serving(served, photos):
     client = VLMClient(f"grpc://{server.grpc_url}")
     png = base64.b64encode(photos[0].read_bytes()).decode()
     bad = {
-        "undecodable image": ({"prompt": "hi", "images": [base64.b64encode(b"not an image").decode()]}, "cannot decode"),
+        "undecodable image": ({"prompt": "hi", "images": [base64.b64encode(b"not an image").decode()]},
+                              "cannot be decoded"),
+        "decompression bomb": ({"prompt": "hi", "images": [base64.b64encode(bomb_png(12000, 12000)).decode()]},
+                               "max_image_pixels"),
+        "negative seed": ({"prompt": "hi", "seed": -1, "max_tokens": 2}, "seed"),
         "empty prompt": ({"prompt": ""}, "empty"),
         "prompt over the limit": ({"prompt": "word " * 400, "max_tokens": 8}, "max_sequence"),
         "too many images": ({"prompt": "hi", "images": [png] * 3}, "at most 2"),
@@ -168,8 +188,10 @@ def test_bad_requests_get_errors_and_server_keeps_serving(served, photos):
         # still healthy, still right
         assert server.is_ready()
         assert client.generate("Hello there", max_tokens=3).completion_tokens == 3
-    with pytest.raises(RequestError, match="cannot decode"):
+    with pytest.raises(RequestError, match="cannot be decoded"):
         client.generate("hi", [b"\x89PNG broken"], max_tokens=3)
+    with pytest.raises(RequestError, match=r"image 1\b.*cannot be decoded"):  # one good image, one broken
+        client.generate("hi", [photos[0], photos[0].read_bytes()[:200]], max_tokens=3)
     # wrong dtype, over gRPC with a real typed tensor: Triton itself rejects it before the model runs
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
@@ -186,6 +208,18 @@ def test_bad_requests_get_errors_and_server_keeps_serving(served, photos):
     raw.close()
     assert isinstance(errors[0], InferenceServerException) and "max_tokens" in errors[0].message()
     assert "INT32" in errors[0].message()
+    # text that is not UTF-8: an error naming the field, not "internal error"
+    for field in ("prompt", "stop"):
+        bad_text = grpcclient.InferInput(field, [1], "BYTES")
+        bad_text.set_data_from_numpy(np.array([b"\xff\xfe hi"], dtype=np.object_))
+        inputs = [bad_text] if field == "prompt" else [prompt, bad_text]
+        errors = []
+        raw = grpcclient.InferenceServerClient(server.grpc_url)
+        raw.start_stream(callback=lambda result, error: errors.append(error))
+        raw.async_stream_infer("vlm", inputs)
+        raw.stop_stream()
+        raw.close()
+        assert errors[0] is not None and f"{field} is not valid UTF-8" in errors[0].message(), errors
     assert client.generate("Hello there", max_tokens=3).completion_tokens == 3
     # no image is fine: the prompt is answered as text only
     status, answer = _post(server, {"prompt": "hi", "max_tokens": 2})

@@ -1,5 +1,9 @@
 """Folders written atomically: built in a hidden sibling, renamed into place only when complete,
-removed on any failure. Replacing an existing folder happens only at that final rename."""
+removed on any failure. Replacing an existing folder happens only at that final rename.
+
+The hidden siblings carry the writing process's id (``.<name>.tmp-<pid>-<random>``): a process
+killed mid-write (out of memory, Ctrl-C twice) cannot clean up, so the next write to the same
+path removes the siblings whose process is gone - and never those of a write still running."""
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +23,8 @@ def atomic_folder(out: Path, force: bool, error: type[VlmExportError], what: str
         raise error(f"{out} already exists; pass --force to replace it, or choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        remove_stale_siblings(out)
+        tmp = out.parent / f".{out.name}.tmp-{_tag()}"
         tmp.mkdir()
     except OSError as e:
         raise error(f"cannot write the {what} {out}: {e.strerror}; choose a writable --out") from None
@@ -35,8 +40,35 @@ def atomic_folder(out: Path, force: bool, error: type[VlmExportError], what: str
 def _publish(tmp: Path, out: Path) -> None:
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        old = out.parent / f".{out.name}.old-{_tag()}"
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _tag() -> str:
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_siblings(out: Path) -> list[Path]:
+    """Remove ``.<name>.tmp-*`` / ``.<name>.old-*`` left by writers that no longer run."""
+    removed = []
+    for kind in ("tmp", "old"):
+        for path in out.parent.glob(f".{out.name}.{kind}-*"):
+            pid = path.name.rsplit(f".{kind}-", 1)[-1].split("-")[0]
+            if pid.isdigit() and _alive(int(pid)):
+                continue  # a write in progress (or a pid reused since: left for the next time)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

@@ -103,6 +103,11 @@ def _build_options(args, **extra):
                         accuracy=accuracy, **extra)
 
 
+def _add_hash_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-hash-check", action="store_true",
+                   help="skip checking the graphs against the sha256 the manifest recorded (a huge build you trust)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlm-export", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -132,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
                        epilog='example:\n  vlm-export generate build/demo --image shape.png --prompt "What color is the shape?"')
     p.add_argument("build", type=Path, help="build folder")
     _add_request_args(p)
+    _add_hash_check(p)
     p.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
     p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of streaming text")
@@ -146,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  vlm-export eval build/demo --dataset easy-vqa --split test --limit 200\n"
                               "  vlm-export eval build/mine --dataset path/to/folder   # images + questions.jsonl")
     p.add_argument("build", type=Path)
+    _add_hash_check(p)
     p.add_argument("--dataset", default="easy-vqa",
                    help="easy-vqa, or a folder with images and questions.jsonl "
                         '({"image": "a.png", "question": "...", "answer": "..."} per line)')
@@ -171,6 +178,7 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example:\n  vlm-export repository build/demo --target python --out repo/demo")
     p.add_argument("build", type=Path)
+    _add_hash_check(p)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--target", choices=("python", "onnxruntime", "tensorrt"), default="python",
                    help="python: onnxruntime inside python models, loads on any Triton incl. the CPU one in "
@@ -181,6 +189,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=_positive_int, default=None,
                    help="requests that may wait for a place in the vlm model's batch (default 64); past it a "
                         "request gets UNAVAILABLE at once")
+    p.add_argument("--max-image-pixels", type=_positive_int, default=None,
+                   help="request images declaring more pixels are refused before decoding (default: 64x the "
+                        "model's input area, at least 16 M)")
+    p.add_argument("--max-image-mb", type=_positive_int, default=32, help="largest encoded image accepted (default 32)")
     p.add_argument("--image-cache-mb", type=int, default=None,
                    help="the vlm model's image-embedding cache, LRU by image content (default 256; 0: off)")
     p.add_argument("--decoder-mode", choices=("in_process", "bls"), default=None,
@@ -211,6 +223,7 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example:\n  vlm-export bench build/demo --backends torch,onnxruntime,triton --concurrency 1,4")
     p.add_argument("build", type=Path)
+    _add_hash_check(p)
     p.add_argument("--backends", default="torch,onnxruntime,triton")
     p.add_argument("--batch", default="1,4", help="image batch sizes of the vision and projector cases")
     p.add_argument("--concurrency", default="1,2,4,8,16", help="concurrent requests against Triton")
@@ -251,7 +264,7 @@ def _cmd_generate(args, progress) -> int:
     config = GenerationConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed, stop=tuple(args.stop))
     with progress.step(f"loading {args.build} ({args.backend})") as advance:
-        pipe = open_pipeline(args.build, args.backend, threads=args.threads)
+        pipe = open_pipeline(args.build, args.backend, threads=args.threads, check_hashes=not args.no_hash_check)
         advance()
     for event in stream(pipe, args.prompt, args.image, config):
         if isinstance(event, GenerationResult):
@@ -285,7 +298,8 @@ def _cmd_eval(args, progress) -> int:
     if unknown or not backends:
         raise InputError(f"unknown backend(s) {unknown or args.backends!r}; choose from {', '.join(BACKENDS)}")
     accuracy = evaluate_build(args.build, args.dataset, args.split, args.limit, backends, args.threads, progress,
-                              spread=args.spread, gate=AccuracyGate(args.max_accuracy_drop))
+                              spread=args.spread, gate=AccuracyGate(args.max_accuracy_drop),
+                              check_hashes=not args.no_hash_check)
     _print_accuracy(accuracy)
     for failure in accuracy["failures"]:
         print(f"  FAILED {failure}")
@@ -320,10 +334,12 @@ def _cmd_repository(args, progress) -> int:
 
     options = RepositoryOptions(target=args.target, instances=args.instances, vlm_instances=args.vlm_instances,
                                 max_queue_delay_us=args.max_queue_delay_us, decoder_mode=args.decoder_mode,
-                                threads=args.threads, **({"max_queue": args.max_queue} if args.max_queue else {}),
+                                threads=args.threads, max_image_pixels=args.max_image_pixels,
+                                max_image_mb=args.max_image_mb,
+                                **({"max_queue": args.max_queue} if args.max_queue else {}),
                                 **({} if args.image_cache_mb is None else {"image_cache_mb": args.image_cache_mb}))
     with progress.step(f"rendering the {args.target} repository") as advance:
-        out = render_repository(args.build, args.out, options, force=args.force)
+        out = render_repository(args.build, args.out, options, force=args.force, check_hashes=not args.no_hash_check)
         advance()
     print(f"model repository written to {out}")
     print(f"serve it: vlm-export serve {args.out}")
@@ -363,7 +379,8 @@ def _cmd_bench(args, progress) -> int:
 
     options = BenchOptions(backends=parse_csv(args.backends, "--backends"), batch=parse_csv(args.batch, "--batch", int),
                            concurrency=parse_csv(args.concurrency, "--concurrency", int), new_tokens=args.new_tokens,
-                           threads=args.threads, out=args.out or args.build / "bench")
+                           threads=args.threads, out=args.out or args.build / "bench",
+                           check_hashes=not args.no_hash_check)
     results = run_bench(args.build, options, progress)
     for kind, path in results["files"].items():
         print(f"  {kind:10s} {path}")

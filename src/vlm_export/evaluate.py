@@ -15,7 +15,7 @@ from .progress import Progress
 def evaluate_build(build_dir: Path, dataset: str = "easy-vqa", split: str = "test", limit: int | None = None,
                    backends: tuple[str, ...] = BACKENDS, threads: int | None = None,
                    progress: Progress | None = None, spread: int | None = None,
-                   gate: AccuracyGate | None = None) -> dict:
+                   gate: AccuracyGate | None = None, check_hashes: bool = True) -> dict:
     """Answer, judge (the first backend is the reference) and record in the report. The verdict
     is in ``["gate"]["passed"]`` and the failures in ``["failures"]``."""
     progress = progress or Progress()
@@ -23,7 +23,7 @@ def evaluate_build(build_dir: Path, dataset: str = "easy-vqa", split: str = "tes
     pipes = {}
     for backend in backends:
         with progress.step(f"loading {backend}") as advance:
-            pipes[backend] = open_pipeline(build_dir, backend, threads=threads)
+            pipes[backend] = open_pipeline(build_dir, backend, threads=threads, check_hashes=check_hashes)
             advance()
     section, failures = accuracy_section(name, items, answer_all(pipes, name, items, progress), gate or AccuracyGate())
     record_accuracy(build_dir, section)

@@ -76,3 +76,15 @@ def verify_hashes(build_dir: Path, manifest: dict[str, Any]) -> list[str]:
             if sha256_file(Path(build_dir) / rel) != digest:
                 bad.append(rel)
     return bad
+
+
+HASH_CHECK_HINT = "--no-hash-check skips this check (e.g. for a huge build you trust)"
+
+
+def check_hashes(build_dir: Path, manifest: dict[str, Any]) -> None:
+    """ManifestError naming every graph file that changed since the build (flipped bytes, a
+    partial copy): such a build would answer differently without any other sign."""
+    bad = verify_hashes(build_dir, manifest)
+    if bad:
+        raise ManifestError(f"{build_dir}: {', '.join(bad)} changed since the build (sha256 differs from the "
+                            f"manifest's); copy the build again or rebuild ({HASH_CHECK_HINT})")

@@ -63,10 +63,12 @@ def open_reference(build_dir: Path, threads: int | None = None) -> VLMPipeline:
     return reference_pipeline(load_source(manifest["source"]), Limits.from_dict(manifest["limits"]))
 
 
-def open_pipeline(build_dir: Path, backend: str = "onnxruntime", threads: int | None = None) -> VLMPipeline:
-    """A build on ``backend``: ``onnxruntime`` runs its graphs, ``torch`` its source model's split modules."""
+def open_pipeline(build_dir: Path, backend: str = "onnxruntime", threads: int | None = None,
+                  check_hashes: bool = True) -> VLMPipeline:
+    """A build on ``backend``: ``onnxruntime`` runs its graphs (checked against the manifest's
+    hashes), ``torch`` its source model's split modules."""
     if backend == "torch":
         return open_reference(Path(build_dir), threads)
     if backend == "onnxruntime":
-        return open_build(build_dir, threads=threads)
+        return open_build(build_dir, threads=threads, check_hashes=check_hashes)
     raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")

@@ -53,6 +53,7 @@ class BenchOptions:
     decode_past: int | None = None  # past length of the decode-step case; None: prompt + new_tokens // 2
     bandwidth_mb: int = 512  # buffer of the memory-bandwidth measurement (>> the L3 cache)
     name: str | None = None  # label in the report; None: the build folder's name
+    check_hashes: bool = True  # refuse graphs that changed since the build
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if b not in BACKENDS]
@@ -136,7 +137,8 @@ def make_inputs(pipe: VLMPipeline, options: BenchOptions) -> BenchInputs:
 # --------------------------------------------------------------------------- loading
 
 
-def _load(build_dir: Path, manifest: dict, backends: list[str], threads: int, progress: Progress) -> dict[str, VLMPipeline]:
+def _load(build_dir: Path, manifest: dict, backends: list[str], threads: int, progress: Progress,
+          check_hashes: bool = True) -> dict[str, VLMPipeline]:
     from ..adapters.reference import open_pipeline
 
     pipes = {}
@@ -145,7 +147,7 @@ def _load(build_dir: Path, manifest: dict, backends: list[str], threads: int, pr
             raise InputError(f"the torch backend runs the source model {manifest['source']['path']}, which is gone; "
                              "restore it or leave torch out of --backends")
         with progress.step(f"loading {build_dir.name} on {backend}") as advance:
-            pipes[backend] = open_pipeline(build_dir, backend, threads=threads)
+            pipes[backend] = open_pipeline(build_dir, backend, threads=threads, check_hashes=check_hashes)
             advance()
     return pipes
 
@@ -341,7 +343,7 @@ def run_bench(build_dir: Path, options: BenchOptions | None = None, progress: Pr
     in_process = [b for b in IN_PROCESS if b in options.backends]
     # the served path is compared with in-process ONNX Runtime, so that one is loaded for it too
     needed = in_process + (["onnxruntime"] if "triton" in options.backends and "onnxruntime" not in in_process else [])
-    pipes = _load(build_dir, manifest, needed, threads, progress)
+    pipes = _load(build_dir, manifest, needed, threads, progress, options.check_hashes)
     timed = {b: pipes[b] for b in in_process}
     inputs = make_inputs(pipes.get("onnxruntime") or next(iter(pipes.values())), options)
     results["threads"] = thread_settings(threads, pipes)

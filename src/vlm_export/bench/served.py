@@ -57,7 +57,7 @@ def bench_served(build_dir: Path, pipe: VLMPipeline, inputs, options, threads: i
     repo_options = RepositoryOptions(threads=threads)
     with tempfile.TemporaryDirectory(prefix="vlm-bench-") as tmp:
         with progress.step("rendering the python-target repository and starting tritonserver") as advance:
-            repo = render_repository(build_dir, Path(tmp) / "repo", repo_options)
+            repo = render_repository(build_dir, Path(tmp) / "repo", repo_options, check_hashes=options.check_hashes)
             server = TritonServer(repo, log_file=Path(tmp) / "triton.log").start()
             advance()
         try:

@@ -18,6 +18,7 @@ stage the manifest declares; for a LLaVA-style build::
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ from ..atomic import atomic_folder
 from ..contract import image_stages, scheme_from_dict, stages_from_manifest
 from ..errors import RepositoryError
 from ..export.graph_info import graph_io
-from ..manifest import read_manifest, write_manifest
+from ..manifest import check_hashes as check_build_hashes, read_manifest, write_manifest
 from ..runtime.engine import DEFAULT_MAX_QUEUE
+from ..runtime.pipeline import image_limits_for
 
 TARGETS = ("python", "onnxruntime", "tensorrt")
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
@@ -68,6 +70,10 @@ class RepositoryOptions:
     max_queue: int = DEFAULT_MAX_QUEUE
     # the vlm model's image-embedding cache (LRU by image content); 0 turns it off
     image_cache_mb: int = 256
+    # request images are refused before they are decoded past these (None: 64x the model's input area,
+    # at least 16 M pixels; see runtime/images.py)
+    max_image_pixels: int | None = None
+    max_image_mb: int = 32
     decoder_mode: str | None = None  # default: in_process for python, bls for native backends
     # onnxruntime intra-op threads inside python models. No EXECUTION_ENV_PATH is written, so configs
     # stay portable (e.g. to NVIDIA's container); `vlm-export serve` puts this venv first on the
@@ -81,9 +87,10 @@ class RepositoryOptions:
             raise RepositoryError(f"unknown decoder mode {self.decoder_mode!r}; choose one of {', '.join(DECODER_MODES)}")
         if self.decoder_mode == "in_process" and self.target != "python":
             raise RepositoryError("decoder_mode in_process needs the python target (the decoder runs in the vlm model)")
-        if min(self.instances, self.vlm_instances, self.max_queue) < 1 or min(self.max_queue_delay_us,
-                                                                                self.image_cache_mb) < 0:
-            raise RepositoryError("instances and max_queue must be >= 1, the queue delay and image cache >= 0")
+        if min(self.instances, self.vlm_instances, self.max_queue, self.max_image_mb, self.max_image_pixels or 1) < 1 \
+                or min(self.max_queue_delay_us, self.image_cache_mb) < 0:
+            raise RepositoryError("instances, max_queue and the image limits must be >= 1, the queue delay and "
+                                  "image cache >= 0")
 
     @property
     def resolved_decoder_mode(self) -> str:
@@ -104,6 +111,14 @@ def _python_params(**values) -> dict:
     return {k: {"string_value": str(v)} for k, v in values.items()}
 
 
+def _file_hashes(entry: dict, graph_name: str | None = None) -> str:
+    """The sha256 of a stage's files under their names in the version folder they are copied to
+    (the graph as ``graph_name`` if given, its external data under its own name), as JSON: the
+    python models check them at load."""
+    return json.dumps({graph_name if graph_name and rel == entry["file"] else Path(rel).name: digest
+                       for rel, digest in entry["sha256"].items()})
+
+
 def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]:
     """Every model's config as a dict in Triton's schema (JSON field names)."""
     image_batch = manifest["limits"]["max_images_per_batch"]
@@ -112,6 +127,8 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
     scheme = scheme_from_dict(manifest["scheme"])
     configs: dict[str, dict] = {}
     for spec in stages:
+        if spec.kind == "decoder" and options.resolved_decoder_mode == "in_process":
+            continue  # the vlm model runs it itself: a model of its own would hold a second copy, unused
         # image stages batch images; the decoder's state differs per request: Triton does not batch it
         batched = spec.kind == "image"
         cfg = {
@@ -126,16 +143,24 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
             cfg["dynamic_batching"] = {"max_queue_delay_microseconds": options.max_queue_delay_us}
         if options.target == "python":
             cfg["backend"] = "python"
-            cfg["parameters"] = _python_params(intra_op_threads=options.threads or 0, spin=int(spec.per_token))
+            cfg["parameters"] = _python_params(intra_op_threads=options.threads or 0, spin=int(spec.per_token),
+                                               sha256=_file_hashes(graphs[spec.name], "model.onnx"))
         elif options.target == "onnxruntime":
             cfg["platform"] = "onnxruntime_onnx"
         else:
             cfg["platform"] = "tensorrt_plan"
         configs[spec.name] = cfg
 
+    decoder_params = {}
+    if options.resolved_decoder_mode == "in_process":
+        entry = manifest["graphs"][scheme.decoder_stage]
+        decoder_params = _python_params(decoder_graph=Path(entry["file"]).name, sha256=_file_hashes(entry))
     image = image_stages(stages)
+    limits = image_limits_for(stages, options.max_image_pixels, options.max_image_mb << 20)
+    image_params = _python_params(max_image_pixels=limits.max_pixels, max_image_bytes=limits.max_bytes)
     if image:
         configs.update(_image_path_configs(configs, image, scheme.image_input.name, image_batch, options))
+        configs["preprocess"]["parameters"] = image_params
     configs["vlm"] = {
         "name": "vlm",
         "backend": "python",
@@ -144,8 +169,9 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
         "output": VLM_OUTPUTS,
         "model_transaction_policy": {"decoupled": True},
         "instance_group": [{"kind": "KIND_CPU", "count": options.vlm_instances}],
-        "parameters": _python_params(decoder_mode=options.resolved_decoder_mode, intra_op_threads=options.threads or 0,
-                                     max_queue=options.max_queue, image_cache_mb=options.image_cache_mb),
+        "parameters": {**_python_params(decoder_mode=options.resolved_decoder_mode, intra_op_threads=options.threads or 0,
+                                        max_queue=options.max_queue, image_cache_mb=options.image_cache_mb),
+                       **image_params, **decoder_params},
     }
     return configs
 
@@ -206,6 +232,8 @@ def check_against_graphs(configs: dict[str, dict], build_dir: Path, manifest: di
     (read from disk, not from the manifest the configs were made from)."""
     problems = []
     for spec in stages_from_manifest(manifest):
+        if spec.name not in configs:  # run inside the vlm model (in_process decoder)
+            continue
         cfg = configs[spec.name]
         batched = cfg["max_batch_size"] > 0
         inputs, outputs = graph_io(Path(build_dir) / manifest["graphs"][spec.name]["file"])
@@ -237,12 +265,18 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | None = None,
-                      force: bool = False) -> Path:
-    """Write the repository atomically (temporary folder, then rename)."""
+                      force: bool = False, check_hashes: bool = True) -> Path:
+    """Write the repository atomically (temporary folder, then rename). ``check_hashes``: refuse
+    graphs that changed since the build (the python models then check their own copies at load)."""
     options = options or RepositoryOptions()
     build_dir, out = Path(build_dir), Path(out).absolute()
     manifest = read_manifest(build_dir)
+    if check_hashes:
+        check_build_hashes(build_dir, manifest)
     configs = model_configs(manifest, options)
+    if not check_hashes:  # nor do the python models at load
+        for cfg in configs.values():
+            cfg.get("parameters", {}).pop("sha256", None)
     check_against_graphs(configs, build_dir, manifest)
     pbtxt = {name: to_pbtxt(cfg) for name, cfg in configs.items()}
     if options.target == "tensorrt" and not manifest.get("engines"):
@@ -252,8 +286,12 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
         for name, text in pbtxt.items():
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(text)
-        for stage in manifest["graphs"]:
-            graph = build_dir / manifest["graphs"][stage]["file"]
+        for stage, entry in manifest["graphs"].items():
+            graph = build_dir / entry["file"]
+            if stage not in configs:  # the in-process decoder: its graph under its own name inside vlm/1/
+                for rel in entry["sha256"]:
+                    _link_or_copy(build_dir / rel, tmp / "vlm" / "1" / Path(rel).name)
+                continue
             if options.target == "tensorrt":
                 _link_or_copy(build_dir / manifest["engines"][stage]["file"], tmp / stage / "1" / "model.plan")
                 continue

@@ -40,6 +40,8 @@ class GenerationConfig:
             raise InputError(f"temperature must be in [0, 10], got {self.temperature!r}")
         if not (0.0 < float(self.top_p) <= 1.0):
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not (isinstance(self.seed, (int, np.integer)) and 0 <= self.seed < 2**63):
+            raise InputError(f"seed must be an integer in 0..2^63-1 (or absent), got {self.seed!r}")
 
 
 @dataclass

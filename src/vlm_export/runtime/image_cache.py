@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..errors import VlmExportError
 from .generate import ImageEncoder
 from .pipeline import ImageInput
 
@@ -74,11 +75,16 @@ class ImageEmbeddingCache:
         def encode(images: Sequence[ImageInput], prompt: str) -> np.ndarray:
             suffix = " " + hashlib.sha256(prompt.encode()).hexdigest() if by_prompt else ""
             parts = []
-            for image in images:
+            for index, image in enumerate(images):
                 key = image_key(image) + suffix
                 value = self.get(key)
                 if value is None:
-                    value = encode_one(image, prompt)
+                    try:
+                        value = encode_one(image, prompt)
+                    except VlmExportError as e:  # encoded alone: say which of the request's images failed
+                        if len(images) == 1:
+                            raise
+                        raise type(e)(f"image {index}: {e}") from None
                     self.put(key, value)
                 parts.append(value)
             return join(parts)

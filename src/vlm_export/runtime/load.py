@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..contract import ImageText, Limits, PromptLayout, scheme_from_dict, stages_from_manifest
-from ..manifest import read_manifest
+from ..manifest import check_hashes as check_build_hashes, read_manifest
 from .pipeline import VLMPipeline
 from .prompt import ImageTextEncoder
 from .runners import OrtRunner, Runner
@@ -42,10 +42,13 @@ def pipeline_from_manifest(manifest: dict, runners: Mapping[str, Runner], tokeni
                        Limits.from_dict(manifest["limits"]), manifest["generation"]["eos_token_ids"], image_text)
 
 
-def open_build(build_dir: Path, threads: int | None = None) -> VLMPipeline:
-    """The build's graphs on ONNX Runtime. ``threads``: intra-op threads (None: every core)."""
+def open_build(build_dir: Path, threads: int | None = None, check_hashes: bool = True) -> VLMPipeline:
+    """The build's graphs on ONNX Runtime. ``threads``: intra-op threads (None: every core).
+    ``check_hashes``: refuse graphs whose bytes differ from the manifest's sha256."""
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
+    if check_hashes:
+        check_build_hashes(build_dir, manifest)
     runners = {spec.name: OrtRunner(spec.name, build_dir / manifest["graphs"][spec.name]["file"], threads=threads,
                                     spin=spec.per_token)
                for spec in stages_from_manifest(manifest)}

@@ -4,37 +4,28 @@ scheme that feeds the decoder. No model code: everything comes from the manifest
 PyTorch reference, from the adapter's declarations)."""
 from __future__ import annotations
 
-import io
-from pathlib import Path
-from typing import Callable, Mapping, Sequence, Union
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..contract import DecodingScheme, Limits, PromptLayout, StageSpec, image_stages, prompt_inputs
 from ..errors import InputError
+from .images import ImageInput, ImageLimits, image_name, load_image  # noqa: F401  (re-exported)
 from .prompt import ImageTextEncoder, build_prompt_ids
 from .runners import Runner
 
-ImageInput = Union[str, Path, bytes, "PIL.Image.Image"]  # noqa: F821
 #: called with (stage spec, its feeds, its outputs) for every image stage run (parity, calibration)
 StageObserver = Callable[[StageSpec, dict, dict], None]
 
 
-def load_image(src: ImageInput):
-    """A PIL RGB image from a path, encoded bytes or a PIL image; InputError if unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(src, Image.Image):
-        return src.convert("RGB")
-    what = "the image bytes" if isinstance(src, (bytes, bytearray)) else f"image {src}"
-    try:
-        img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
-        img.load()
-        return img.convert("RGB")
-    except FileNotFoundError:
-        raise InputError(f"{what} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"cannot decode {what} ({type(e).__name__}); pass a PNG or JPEG file") from None
+def image_limits_for(stages: Sequence[StageSpec], max_pixels: int | None = None,
+                     max_bytes: int | None = None) -> ImageLimits:
+    """Image limits derived from the pixels input of the image path (explicit values win)."""
+    pixels = [t for s in image_stages(stages) for t in s.inputs if t.role == "pixels"]
+    size = pixels[0].dims[-2:] if pixels else ()
+    if len(size) == 2 and all(isinstance(d, int) for d in size):
+        return ImageLimits.for_input(*size, max_pixels, max_bytes)
+    return ImageLimits(max_pixels or ImageLimits.max_pixels, max_bytes or ImageLimits.max_bytes)
 
 
 class VLMPipeline:
@@ -52,6 +43,8 @@ class VLMPipeline:
         self.runners = dict(runners)
         self.stages = list(stages)
         self.image_text = image_text
+        # what a request's image may be before it is decoded (a served model sets its own)
+        self.image_limits = image_limits_for(self.stages)
         wanted = {t.name for t in prompt_inputs(self.stages)}
         made = {image_text.spec.ids, image_text.spec.mask} if image_text else set()
         if wanted - made:
@@ -76,7 +69,7 @@ class VLMPipeline:
 
     # ---- request -> tensors ------------------------------------------------------------------
     def pixel_values(self, images: Sequence[ImageInput]) -> np.ndarray:
-        pil = [load_image(i) for i in images]
+        pil = [load_image(image, self.image_limits, image_name(k, image, len(images))) for k, image in enumerate(images)]
         return np.asarray(self.image_processor(images=pil, return_tensors="np")["pixel_values"], dtype=np.float32)
 
     def prompt_ids(self, prompt: str, n_images: int) -> list[int]:

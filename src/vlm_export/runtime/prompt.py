@@ -24,7 +24,7 @@ def format_user_text(tokenizer, layout: PromptLayout, prompt: str, n_images: int
 def build_prompt_ids(tokenizer, layout: PromptLayout, prompt: str, n_images: int) -> list[int]:
     """Token ids for one prompt with ``n_images`` images, placeholders expanded."""
     if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("the prompt is empty; pass some text with --prompt")
+        raise InputError("the prompt is empty; send some text")
     text = format_user_text(tokenizer, layout, prompt, n_images)
     if layout.kind == "inline":
         if layout.image_token in prompt:

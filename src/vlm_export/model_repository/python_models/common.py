@@ -30,3 +30,23 @@ def image_payload(data: bytes) -> bytes:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         return data  # not base64 either: let the image decoder say what is wrong
+
+
+def image_limits(config: dict):
+    """The repository's image limits (parameters max_image_pixels / max_image_bytes)."""
+    from vlm_export.runtime.images import ImageLimits
+
+    return ImageLimits(int(parameter(config, "max_image_pixels", str(ImageLimits.max_pixels))),
+                       int(parameter(config, "max_image_bytes", str(ImageLimits.max_bytes))))
+
+
+def check_files(folder: Path, config: dict) -> None:
+    """Refuse to load graph files whose sha256 differs from the build's (the ``sha256`` parameter
+    the renderer wrote): a damaged copy would answer differently without any other sign."""
+    from vlm_export.manifest import sha256_file
+
+    expected = json.loads(parameter(config, "sha256", "{}"))
+    bad = [name for name, digest in expected.items() if sha256_file(folder / name) != digest]
+    if bad:
+        raise RuntimeError(f"{', '.join(bad)} in {folder} differ from the build's (sha256); render the repository "
+                           "again from an intact build (vlm-export repository BUILD --out REPO --force)")

@@ -5,13 +5,14 @@ once and split back."""
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from vlm_export.model_repository.python_models.common import model_dirs, parameter
+from vlm_export.model_repository.python_models.common import check_files, model_dirs, parameter
 from vlm_export.runtime.runners import OrtRunner
 
 
 class TritonPythonModel:
     def initialize(self, args):
         _, version_dir, config = model_dirs(args)
+        check_files(version_dir, config)
         self.batched = config.get("max_batch_size", 0) > 0
         threads = int(parameter(config, "intra_op_threads", "0")) or None
         self.runner = OrtRunner(args["model_name"], version_dir / "model.onnx", threads=threads,

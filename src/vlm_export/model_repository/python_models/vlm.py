@@ -23,7 +23,8 @@ from transformers.utils import logging as hf_logging
 
 from vlm_export.contract import prompt_inputs, stages_from_manifest
 from vlm_export.errors import BusyError, InputError, RunnerError, VlmExportError
-from vlm_export.model_repository.python_models.common import model_dirs, parameter
+from vlm_export.model_repository.python_models.common import (check_files, image_limits, image_payload, model_dirs,
+                                                               parameter)
 from vlm_export.runtime.engine import DEFAULT_MAX_QUEUE, Cancelled, GenerationEngine
 from vlm_export.runtime.generate import GenerationConfig, GenerationResult, TokenEvent
 from vlm_export.runtime.image_cache import ImageEmbeddingCache
@@ -53,13 +54,18 @@ def _optional(request, name, default):
     return default if tensor is None else tensor.as_numpy().reshape(-1)
 
 
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+def _text(value, field: str) -> str:
+    if not isinstance(value, bytes):
+        return str(value)
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{field} is not valid UTF-8 text; send UTF-8 strings") from None
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        model_dir, version_dir, config = model_dirs(args)
+        _, version_dir, config = model_dirs(args)
         hf_logging.set_verbosity_error()
         manifest = json.loads((version_dir / "manifest.json").read_text())
         specs = {spec.name: spec for spec in stages_from_manifest(manifest)}
@@ -68,7 +74,8 @@ class TritonPythonModel:
         name = pipe.scheme.decoder_stage
         if parameter(config, "decoder_mode", "in_process") == "in_process":
             threads = int(parameter(config, "intra_op_threads", "0")) or None
-            decoder = OrtRunner(name, model_dir.parent / name / "1" / "model.onnx", threads=threads, spin=True)
+            check_files(version_dir, config)  # the decoder graph the renderer put beside this model
+            decoder = OrtRunner(name, version_dir / parameter(config, "decoder_graph"), threads=threads, spin=True)
         else:
             decoder = BlsRunner(name, specs[name].input_names, specs[name].output_names)
         pipe.runners[name] = decoder
@@ -77,6 +84,7 @@ class TritonPythonModel:
         inputs = ["images", *(t.name for t in prompt_inputs(pipe.stages))]
         self.image_encoder = BlsRunner("image_encoder", inputs, [image_input.name]) if image_input else None
         self.pipe = pipe
+        self.limits = image_limits(config)  # the bytes limit is checked here, the pixels by preprocess
         self.metrics = _Metrics()
         cache_mb = int(parameter(config, "image_cache_mb", "0"))
         self.engine = GenerationEngine(pipe, max_queue=int(parameter(config, "max_queue", str(DEFAULT_MAX_QUEUE))),
@@ -117,16 +125,18 @@ class TritonPythonModel:
                              f"{self.pipe.limits.max_images} per prompt")
         if images and self.image_encoder is None:
             raise InputError("this model takes no images; send the prompt alone")
+        for i, image in enumerate(images):
+            self.limits.check_bytes(len(image_payload(bytes(image))), f"image {i}")
         seed = _optional(request, "seed", None)
         config = GenerationConfig(
             max_new_tokens=int(_optional(request, "max_tokens", [64])[0]),
             temperature=float(_optional(request, "temperature", [0.0])[0]),
             top_p=float(_optional(request, "top_p", [1.0])[0]),
             seed=None if seed is None else int(seed[0]),
-            stop=tuple(_text(s) for s in _optional(request, "stop", [])),
+            stop=tuple(_text(s, "stop") for s in _optional(request, "stop", [])),
             ignore_eos=bool(_optional(request, "ignore_eos", [False])[0]),
         )
-        return _text(prompt_raw[0]), images, config, bool(_optional(request, "stream", [False])[0])
+        return _text(prompt_raw[0], "prompt"), images, config, bool(_optional(request, "stream", [False])[0])
 
     def _on_event(self, sender, streaming, event):
         """Called on the scheduler thread for each of a request's events."""

@@ -1,0 +1,85 @@
+"""Reading request images safely: bounded before they are decoded in full.
+
+A 32 KB PNG can declare 12000 x 12000 pixels and cost gigabytes once decoded (a "decompression
+bomb"); Pillow itself refuses only above ~179 M pixels. So the encoded size is checked first, then
+the pixel count from the header alone, and only then is the image decoded. The pixel limit is
+derived from the model's input size (every model resizes to it anyway): 64 times its area, and
+never below 16 M pixels, so an ordinary photo always passes.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+from ..errors import InputError
+
+ImageInput = Union[str, Path, bytes, "PIL.Image.Image"]  # noqa: F821
+DEFAULT_MAX_IMAGE_BYTES = 32 << 20
+MIN_MAX_PIXELS = 4096 * 4096
+INPUT_AREAS = 64
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int = MIN_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+
+    def __post_init__(self) -> None:
+        if self.max_pixels < 1 or self.max_bytes < 1:
+            raise ValueError(f"image limits must be positive, got {self.max_pixels} pixels, {self.max_bytes} bytes")
+
+    @classmethod
+    def for_input(cls, height: int, width: int, max_pixels: int | None = None,
+                  max_bytes: int | None = None) -> "ImageLimits":
+        """Limits for a model whose image input is ``height x width``; explicit values win."""
+        derived = max(MIN_MAX_PIXELS, INPUT_AREAS * int(height) * int(width))
+        return cls(max_pixels or derived, max_bytes or DEFAULT_MAX_IMAGE_BYTES)
+
+    def check_bytes(self, size: int, what: str = "the image") -> None:
+        if size > self.max_bytes:
+            raise InputError(f"{what} is {size / 2**20:.1f} MiB encoded; at most {self.max_bytes / 2**20:.0f} MiB "
+                             "are accepted (max_image_bytes): send a smaller file")
+
+    def check_pixels(self, width: int, height: int, what: str = "the image") -> None:
+        if width * height > self.max_pixels:
+            raise InputError(f"{what} is {width}x{height} pixels ({width * height / 1e6:.1f} M); at most "
+                             f"{self.max_pixels / 1e6:.1f} M pixels are decoded (max_image_pixels): resize it first")
+
+
+def load_image(src: ImageInput, limits: ImageLimits = ImageLimits(), name: str | None = None):
+    """A PIL RGB image from a path, encoded bytes or a PIL image; InputError (saying what is wrong,
+    about the image called ``name``) if it is too large, unreadable or not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(src, Image.Image):
+        limits.check_pixels(*src.size, name or "the image")
+        return src.convert("RGB")
+    is_bytes = isinstance(src, (bytes, bytearray))
+    what = name or ("the image" if is_bytes else f"image {src}")
+    try:
+        limits.check_bytes(len(src) if is_bytes else Path(src).stat().st_size, what)
+        with warnings.catch_warnings():  # Pillow warns about large images; the limits below decide
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(src) if is_bytes else src)  # reads the header only
+        limits.check_pixels(*img.size, what)
+        img.load()
+        return img.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"{what} does not exist") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{what} cannot be decoded: not an image format this reader knows; send a PNG or JPEG") from None
+    except Image.DecompressionBombError as e:  # only above our own limit, if set higher than Pillow's
+        raise InputError(f"{what} is too large to decode ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{what} cannot be decoded: it is damaged ({detail}); send the complete file") from None
+
+
+def image_name(index: int, image: ImageInput, count: int) -> str | None:
+    """How errors name a request's image: by index among several (bytes have no other name)."""
+    if isinstance(image, (str, Path)):
+        return None  # its path says it
+    return f"image {index}" if count > 1 else None

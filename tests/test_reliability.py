@@ -1,0 +1,126 @@
+"""What keeps a build and a server trustworthy when inputs or files are bad: image bombs refused
+from the header, graphs that changed since the build refused by every opener, a killed build's
+leftovers cleaned, and a python repository that loads only the models it uses."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_cli_errors import assert_one_line_error, run_cli
+from test_serving import bomb_png
+from vlm_export.atomic import atomic_folder, remove_stale_siblings
+from vlm_export.errors import BuildError, InputError, ManifestError, RepositoryError
+from vlm_export.model_repository.python_models.common import check_files
+from vlm_export.model_repository.render import RepositoryOptions, model_configs, render_repository
+from vlm_export.runtime.images import ImageLimits, load_image
+from vlm_export.runtime.load import open_build
+
+
+def test_decompression_bomb_refused_from_its_header(tiny_build):
+    pipe = open_build(tiny_build("llava-llama").path)
+    bomb = bomb_png(12000, 12000)  # 144 M pixels declared in 100 bytes
+    assert len(bomb) < 200
+    start = time.perf_counter()
+    with pytest.raises(InputError, match=r"12000x12000 pixels .*max_image_pixels"):
+        pipe.pixel_values([bomb])
+    assert time.perf_counter() - start < 5  # refused before decoding (decoding would take seconds and GBs)
+    # the limit follows the model's input size (32x32 here: the 16 M pixel floor applies)
+    assert pipe.image_limits.max_pixels == 4096 * 4096
+    assert ImageLimits.for_input(1024, 1024).max_pixels == 64 * 1024 * 1024
+    # an ordinary photo passes; a limit set lower refuses it, bytes first
+    from io import BytesIO
+
+    from PIL import Image
+    buf = BytesIO()
+    Image.new("RGB", (300, 200), (9, 99, 199)).save(buf, format="PNG")
+    assert load_image(buf.getvalue()).size == (300, 200)
+    with pytest.raises(InputError, match="max_image_pixels"):
+        load_image(buf.getvalue(), ImageLimits(max_pixels=300 * 199))
+    with pytest.raises(InputError, match="max_image_bytes"):
+        load_image(buf.getvalue(), ImageLimits(max_bytes=100))
+    with pytest.raises(InputError, match=r"image 1 cannot be decoded: it is damaged"):
+        pipe.pixel_values([buf.getvalue(), buf.getvalue()[:120]])
+
+
+def test_repository_carries_the_image_limits(tiny_build):
+    manifest = json.loads((tiny_build("llava-llama").path / "manifest.json").read_text())
+    configs = model_configs(manifest, RepositoryOptions(max_image_pixels=1000, max_image_mb=2))
+    for model in ("preprocess", "vlm"):
+        params = configs[model]["parameters"]
+        assert params["max_image_pixels"]["string_value"] == "1000"
+        assert params["max_image_bytes"]["string_value"] == str(2 << 20)
+    with pytest.raises(RepositoryError, match="image limits"):
+        RepositoryOptions(max_image_mb=0)
+
+
+@pytest.fixture
+def tampered(tiny_build, tmp_path):
+    """A copy of a build with 1,000 bytes of the decoder's weights flipped (same size)."""
+    build = tmp_path / "tampered"
+    shutil.copytree(tiny_build("llava-llama").path, build)
+    graph = build / "graphs" / "lm_decoder.onnx"
+    data = bytearray(graph.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 1000] = bytes(b ^ 0x5A for b in data[middle:middle + 1000])
+    graph.write_bytes(bytes(data))
+    return build
+
+
+def test_changed_graphs_are_refused(tampered, tmp_path):
+    with pytest.raises(ManifestError, match=r"graphs/lm_decoder.onnx changed since the build.*--no-hash-check"):
+        open_build(tampered)
+    assert_one_line_error(run_cli("generate", str(tampered), "--prompt", "hi", "--max-tokens", "2"),
+                          "lm_decoder.onnx changed since the build", "--no-hash-check")
+    assert_one_line_error(run_cli("repository", str(tampered), "--out", str(tmp_path / "repo")),
+                          "lm_decoder.onnx changed since the build")
+    assert not (tmp_path / "repo").exists()
+    # skipping the check is possible, and said so: the graph still loads (the flipped bytes are weights)
+    proc = run_cli("generate", str(tampered), "--prompt", "hi", "--max-tokens", "2", "--no-hash-check")
+    assert proc.returncode == 0, proc.stderr[-1000:]
+
+
+def test_python_models_check_their_own_copies(tiny_build, tmp_path):
+    """A repository rendered from an intact build whose files were damaged afterwards: each python
+    model refuses to load its changed graph (Triton then reports the model not ready)."""
+    repo = render_repository(tiny_build("llava-llama").path, tmp_path / "repo")
+    config = json.loads(json.dumps(model_configs(json.loads((tiny_build("llava-llama").path / "manifest.json")
+                                                            .read_text()), RepositoryOptions())["projector"]))
+    check_files(repo / "projector" / "1", config)  # intact: passes
+    graph = repo / "projector" / "1" / "model.onnx"
+    os.unlink(graph)  # the repository hard-links the build's files: change a private copy
+    shutil.copy2(tiny_build("llava-llama").path / "graphs" / "projector.onnx", graph)
+    data = bytearray(graph.read_bytes())
+    data[-10] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match=r"model.onnx in .*differ from the build's"):
+        check_files(repo / "projector" / "1", config)
+
+
+def test_in_process_decoder_lives_in_the_vlm_model(tiny_build, tmp_path):
+    build = tiny_build("llava-llama").path
+    repo = render_repository(build, tmp_path / "repo")
+    assert not (repo / "lm_decoder").exists()
+    assert (repo / "vlm" / "1" / "lm_decoder.onnx").exists()
+    bls = render_repository(build, tmp_path / "bls", RepositoryOptions(decoder_mode="bls"))
+    assert (bls / "lm_decoder" / "1" / "model.onnx").exists()
+
+
+def test_killed_writers_leave_nothing_behind_for_long(tmp_path):
+    out = tmp_path / "build"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".build.tmp-{dead.stdout.strip()}-0badc0de"
+    legacy = tmp_path / ".build.tmp-1a2b3c4d"  # an older vlm-export's name, no process id
+    live = tmp_path / f".build.tmp-{os.getpid()}-feedbeef"  # a write still running (this process)
+    for folder in (stale, legacy, live):
+        (folder / "graphs").mkdir(parents=True)
+    with atomic_folder(out, False, BuildError, "build folder") as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    assert out.is_dir() and not stale.exists() and not legacy.exists() and live.exists()
+    assert remove_stale_siblings(out) == []
+    shutil.rmtree(live)
