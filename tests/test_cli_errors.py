@@ -72,7 +72,7 @@ def test_generate_errors(tiny_build, tmp_path):
     build_dir = str(tiny_build("llava-llama").path)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"this is not an image")
-    assert_one_line_error(run_cli("generate", build_dir, "--image", str(bad), "--prompt", "hi"), "cannot decode")
+    assert_one_line_error(run_cli("generate", build_dir, "--image", str(bad), "--prompt", "hi"), "cannot be decoded")
     assert_one_line_error(run_cli("generate", build_dir, "--image", str(tmp_path / "none.png"), "--prompt", "hi"),
                           "does not exist")
     assert_one_line_error(run_cli("generate", build_dir, "--prompt", "word " * 400), "exceeds", "max_sequence")

@@ -115,7 +115,7 @@ def test_bad_requests_end_with_their_error_only(pipe):
     engine.submit("Hi", [b"not an image"], GenerationConfig(), bad)
     engine.submit("Hi", [], GenerationConfig(max_new_tokens=4000), Collector())  # over max_sequence
     engine.submit("Hi", [], GenerationConfig(max_new_tokens=3), good)
-    assert isinstance(bad.final, InputError) and "cannot decode" in str(bad.final)
+    assert isinstance(bad.final, InputError) and "cannot be decoded" in str(bad.final)
     assert isinstance(good.final, GenerationResult)
     engine.close()
     with pytest.raises(ServeError, match="shutting down"):

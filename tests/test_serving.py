@@ -334,3 +334,51 @@ def test_bls_decoder_mode_batches_concurrent_requests(tiny_build, photos, tmp_pa
         steps = _metric(server, "vlm_decode_steps_total")
     assert served == expected
     assert steps < sum(n for _, _, n in asks)  # rows shared decode steps
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]},
+    {"role": "assistant", "content": "A cat."},
+    {"role": "user", "content": "What colour is it?"},
+]
+
+
+def test_conversation_layout_follows_the_chat_template(tiny_build):
+    """The image of the first turn sits inside that turn, where the template puts it; one user
+    prompt is the same as a one-message conversation; over the limit is a clear error."""
+    from vlm_export.errors import InputError
+
+    pipe = open_build(tiny_build("llava-llama").path)
+    layout = pipe.layout
+    ids = pipe.prompt_ids(CONVERSATION, 1)
+    text = pipe.tokenizer.decode(ids)
+    first_user = text.index("user\n")
+    images = [i for i, t in enumerate(ids) if t == layout.image_token_id]
+    assert len(images) == layout.tokens_per_image
+    assert first_user < len(pipe.tokenizer.decode(ids[: images[0]])) < text.index("A cat.")
+    assert text.index("A cat.") < text.index("What colour is it?")
+    single = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
+    assert pipe.prompt_ids(single, 1) == pipe.prompt_ids("What is in the picture?", 1)
+    with pytest.raises(InputError, match="max_sequence"):
+        generate(pipe, CONVERSATION + [{"role": "assistant", "content": "word " * 300},
+                                       {"role": "user", "content": "And?"}], [b""], GenerationConfig(max_new_tokens=8))
+
+
+def test_served_conversation_equals_in_process(served, photos):
+    build, server = served
+    pipe = open_build(build)
+    expected = generate(pipe, CONVERSATION, [photos[0]], GenerationConfig(max_new_tokens=10))
+    for url in (f"grpc://{server.grpc_url}", f"http://{server.http_url}"):
+        got = VLMClient(url).generate(messages=CONVERSATION, images=[photos[0]], max_tokens=10)
+        assert got.text == expected.text and got.prompt_tokens == expected.prompt_tokens
+    client = VLMClient(f"grpc://{server.grpc_url}")
+    with pytest.raises(RequestError, match="1 image parts but 0 images"):
+        client.generate(messages=CONVERSATION, max_tokens=3)
+    with pytest.raises(RequestError, match="last message must be the user's"):
+        client.generate(messages=CONVERSATION[:3], images=[photos[0]], max_tokens=3)
+    status, answer = _post(server, {"messages": "[{not json", "max_tokens": 2})
+    assert status == 400 and "messages is not valid JSON" in answer["error"]
+    status, answer = _post(server, {"prompt": "hi", "messages": "[]", "max_tokens": 2})
+    assert status == 400 and "one of them" in answer["error"]
+    assert client.generate("Hello there", max_tokens=3).completion_tokens == 3

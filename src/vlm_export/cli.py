@@ -70,13 +70,33 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
 
 def _add_request_args(p: argparse.ArgumentParser) -> None:
     """What one generation request takes, the same in-process (generate) and served (ask)."""
-    p.add_argument("--prompt", required=True)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt")
+    what.add_argument("--messages", type=Path, metavar="FILE.json",
+                      help="a conversation instead of one prompt: a JSON list of {role, content} in Hugging Face's "
+                           "chat format, the k-th {\"type\": \"image\"} part being the k-th --image")
     p.add_argument("--image", type=Path, action="append", default=[], help="image file (repeat for several)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _messages(args):
+    """The conversation in --messages (None without)."""
+    if args.messages is None:
+        return None
+    try:
+        return json.loads(args.messages.read_text())
+    except OSError as e:
+        raise InputError(f"cannot read --messages {args.messages}: {e.strerror}") from None
+    except ValueError as e:
+        raise InputError(f"--messages {args.messages} is not valid JSON ({e})") from None
+
+
+def _prompt(args):
+    return args.prompt if args.messages is None else _messages(args)
 
 
 def _build_options(args, **extra):
@@ -266,7 +286,7 @@ def _cmd_generate(args, progress) -> int:
     with progress.step(f"loading {args.build} ({args.backend})") as advance:
         pipe = open_pipeline(args.build, args.backend, threads=args.threads, check_hashes=not args.no_hash_check)
         advance()
-    for event in stream(pipe, args.prompt, args.image, config):
+    for event in stream(pipe, _prompt(args), args.image, config):
         if isinstance(event, GenerationResult):
             if args.json:
                 print(json.dumps(event.to_dict()))
@@ -360,14 +380,14 @@ def _cmd_ask(args, progress) -> int:
     params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                   stop=tuple(args.stop))
     if args.stream:
-        for event in client.stream(args.prompt, args.image, **params):
+        for event in client.stream(args.prompt, args.image, messages=_messages(args), **params):
             if isinstance(event, str):
                 print(event, end="", flush=True)
             else:
                 final = event
         print()
     else:
-        final = client.generate(args.prompt, args.image, **params)
+        final = client.generate(args.prompt, args.image, messages=_messages(args), **params)
         print(final.text)
     print(f"[{final.completion_tokens} tokens, prompt {final.prompt_tokens}, finish: {final.finish_reason}]",
           file=sys.stderr)

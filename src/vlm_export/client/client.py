@@ -58,21 +58,27 @@ class VLMClient:
         self.model, self.timeout = model, timeout
 
     # ---- public API ----------------------------------------------------------------------
-    def generate(self, prompt: str, images: Sequence[Image] = (), **params) -> VLMResponse:
-        """The whole answer in one response."""
+    def generate(self, prompt: str | None = None, images: Sequence[Image] = (), *,
+                 messages: Sequence[dict] | None = None, **params) -> VLMResponse:
+        """The whole answer in one response. Send a ``prompt``, or a conversation as ``messages``
+        (Hugging Face's chat format: the k-th ``{"type": "image"}`` part is ``images[k]``)."""
         final = None
-        for event in self._events(prompt, images, stream=False, **params):
+        for event in self._events(prompt, images, messages, stream=False, **params):
             final = event
         return final
 
-    def stream(self, prompt: str, images: Sequence[Image] = (), **params) -> Iterator[str | VLMResponse]:
+    def stream(self, prompt: str | None = None, images: Sequence[Image] = (), *,
+               messages: Sequence[dict] | None = None, **params) -> Iterator[str | VLMResponse]:
         """Text pieces as they are generated, then the final VLMResponse (text empty; join the pieces)."""
-        yield from self._events(prompt, images, stream=True, **params)
+        yield from self._events(prompt, images, messages, stream=True, **params)
 
     # ---- transport -----------------------------------------------------------------------
-    def _events(self, prompt, images, stream, max_tokens=64, temperature=0.0, top_p=1.0, seed=None, stop=(),
+    def _events(self, prompt, images, messages, stream, max_tokens=64, temperature=0.0, top_p=1.0, seed=None, stop=(),
                 ignore_eos=False):
-        request = {"prompt": prompt, "images": [_image_bytes(i) for i in images], "max_tokens": max_tokens,
+        if (prompt is None) == (messages is None):
+            raise RequestError("send a prompt or messages (one of them)")
+        request = {"prompt": prompt, "messages": None if messages is None else json.dumps(list(messages)),
+                   "images": [_image_bytes(i) for i in images], "max_tokens": max_tokens,
                    "temperature": temperature, "top_p": top_p, "seed": seed, "stop": list(stop), "stream": stream,
                    "ignore_eos": bool(ignore_eos)}
         events = self._http(request) if self.protocol == "http" else self._grpc(request)
@@ -85,7 +91,8 @@ class VLMClient:
         raise RequestError("the server closed the stream without a final response")
 
     def _http(self, request: dict) -> Iterator[dict]:
-        body = {k: request[k] for k in ("prompt", "max_tokens", "temperature", "top_p", "stream")}
+        body = {k: request[k] for k in ("prompt", "messages", "max_tokens", "temperature", "top_p", "stream")
+                if request[k] is not None}
         if request["images"]:  # JSON carries no raw bytes: the server accepts base64
             body["images"] = [base64.b64encode(i).decode("ascii") for i in request["images"]]
         if request["seed"] is not None:
@@ -127,7 +134,8 @@ class VLMClient:
             t.set_data_from_numpy(array)
             return t
 
-        inputs = [tensor("prompt", np.array([request["prompt"].encode()], dtype=np.object_), "BYTES"),
+        text = "prompt" if request["prompt"] is not None else "messages"
+        inputs = [tensor(text, np.array([request[text].encode()], dtype=np.object_), "BYTES"),
                   tensor("max_tokens", np.array([request["max_tokens"]], dtype=np.int32), "INT32"),
                   tensor("temperature", np.array([request["temperature"]], dtype=np.float32), "FP32"),
                   tensor("top_p", np.array([request["top_p"]], dtype=np.float32), "FP32"),

@@ -41,7 +41,9 @@ DECODER_MODES = ("in_process", "bls")
 
 #: the vlm model's request and response, shared by the renderer, the model and the client
 VLM_INPUTS = [
-    {"name": "prompt", "data_type": "TYPE_STRING", "dims": [1]},
+    {"name": "prompt", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
+    # or a conversation: JSON, Hugging Face's chat format (the k-th image part is the k-th image)
+    {"name": "messages", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
     {"name": "images", "data_type": "TYPE_STRING", "dims": [-1], "optional": True},
     {"name": "max_tokens", "data_type": "TYPE_INT32", "dims": [1], "optional": True},
     {"name": "temperature", "data_type": "TYPE_FP32", "dims": [1], "optional": True},

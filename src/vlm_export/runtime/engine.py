@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import BusyError, ServeError, VlmExportError
 from .generate import (GenerationConfig, GenerationResult, ImageEncoder, Scheduler, TokenEvent, image_input_for,
                        prepare_request)
+from .chat import Prompt
 from .image_cache import ImageEmbeddingCache
 from .pipeline import ImageInput, VLMPipeline
 
@@ -93,7 +94,7 @@ class GenerationEngine:
         self._thread.start()
 
     # ---- called from any thread ---------------------------------------------------------------
-    def submit(self, prompt: str, images: Sequence[ImageInput], config: GenerationConfig,
+    def submit(self, prompt: Prompt, images: Sequence[ImageInput], config: GenerationConfig,
                on_event: Callable[[Event], None], is_cancelled: Callable[[], bool] = lambda: False) -> None:
         """Accept a request or raise BusyError (queue full) / ServeError (shutting down) at once.
         Everything after acceptance, errors included, arrives through ``on_event``."""
@@ -122,7 +123,7 @@ class GenerationEngine:
         self._thread.join(timeout=10)
 
     # ---- preparation (worker pool) --------------------------------------------------------------
-    def _prepare_job(self, job: _Job, prompt: str, images: list) -> None:
+    def _prepare_job(self, job: _Job, prompt: Prompt, images: list) -> None:
         try:
             job.prompt_ids, job.image_input = prepare_request(self.pipe, prompt, images, job.config,
                                                               self.encode_images)

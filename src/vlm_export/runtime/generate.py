@@ -18,6 +18,7 @@ import numpy as np
 
 from ..contract import DecodeBatch
 from ..errors import InputError, VlmExportError
+from .chat import Prompt
 from .pipeline import ImageInput, VLMPipeline
 
 MAX_NEW_TOKENS_CAP = 4096
@@ -69,9 +70,9 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt with its images, for ``generate_batch``."""
+    """One prompt (or conversation) with its images, for ``generate_batch``."""
 
-    prompt: str
+    prompt: Prompt
     images: tuple = ()
     config: GenerationConfig = GenerationConfig()
 
@@ -292,10 +293,10 @@ class Scheduler:
 
 #: (a request's images, its prompt) -> the decoder's image input; the prompt matters only to builds
 #: whose image path reads it (``VLMPipeline.reads_prompt``)
-ImageEncoder = Callable[[Sequence[ImageInput], str], np.ndarray]
+ImageEncoder = Callable[[Sequence[ImageInput], Prompt], np.ndarray]
 
 
-def image_input_for(pipe: VLMPipeline, images: Sequence[ImageInput], prompt: str,
+def image_input_for(pipe: VLMPipeline, images: Sequence[ImageInput], prompt: Prompt,
                     encode_images: ImageEncoder | None = None) -> np.ndarray:
     """The decoder's image input for a request's images: in-process, or through ``encode_images``."""
     if not images:
@@ -305,7 +306,7 @@ def image_input_for(pipe: VLMPipeline, images: Sequence[ImageInput], prompt: str
     return pipe.encode_images(pipe.pixel_values(images), prompt=prompt)
 
 
-def prepare_request(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput], config: GenerationConfig,
+def prepare_request(pipe: VLMPipeline, prompt: Prompt, images: Sequence[ImageInput], config: GenerationConfig,
                     encode_images: ImageEncoder | None = None) -> tuple[list[int], np.ndarray]:
     """(prompt ids, the decoder's image input) for one request; its length is checked before any
     image work, so an over-long prompt costs no vision pass."""
@@ -314,7 +315,7 @@ def prepare_request(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput]
     return ids, image_input_for(pipe, images, prompt, encode_images)
 
 
-def stream(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput] = (),
+def stream(pipe: VLMPipeline, prompt: Prompt, images: Sequence[ImageInput] = (),
            config: GenerationConfig = GenerationConfig(),
            encode_images: ImageEncoder | None = None) -> Iterator[TokenEvent | GenerationResult]:
     """TokenEvents as text appears, then one GenerationResult (the final message): a batch of one.
@@ -325,7 +326,7 @@ def stream(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput] = (),
         yield event
 
 
-def generate(pipe: VLMPipeline, prompt: str, images: Sequence[ImageInput] = (),
+def generate(pipe: VLMPipeline, prompt: Prompt, images: Sequence[ImageInput] = (),
              config: GenerationConfig = GenerationConfig(),
              encode_images: ImageEncoder | None = None) -> GenerationResult:
     for event in stream(pipe, prompt, images, config, encode_images):

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import VlmExportError
+from .chat import Prompt, prompt_text
 from .generate import ImageEncoder
 from .pipeline import ImageInput
 
@@ -67,13 +68,13 @@ class ImageEmbeddingCache:
                 _, old = self._items.popitem(last=False)
                 self.bytes -= old.nbytes
 
-    def wrap(self, encode_one: Callable[[ImageInput, str], np.ndarray],
+    def wrap(self, encode_one: Callable[[ImageInput, Prompt], np.ndarray],
              join: Callable[[list[np.ndarray]], np.ndarray], by_prompt: bool = False) -> ImageEncoder:
         """An encoder over a request's images: each image from the cache, or encoded alone (with
         the request's prompt) and kept; ``join`` makes the request's decoder input from the
         per-image ones, in order. ``by_prompt``: the prompt is part of the key."""
-        def encode(images: Sequence[ImageInput], prompt: str) -> np.ndarray:
-            suffix = " " + hashlib.sha256(prompt.encode()).hexdigest() if by_prompt else ""
+        def encode(images: Sequence[ImageInput], prompt: Prompt) -> np.ndarray:
+            suffix = " " + hashlib.sha256(prompt_text(prompt).encode()).hexdigest() if by_prompt else ""
             parts = []
             for index, image in enumerate(images):
                 key = image_key(image) + suffix

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..contract import DecodingScheme, Limits, PromptLayout, StageSpec, image_stages, prompt_inputs
 from ..errors import InputError
+from .chat import Prompt
 from .images import ImageInput, ImageLimits, image_name, load_image  # noqa: F401  (re-exported)
 from .prompt import ImageTextEncoder, build_prompt_ids
 from .runners import Runner
@@ -72,7 +73,8 @@ class VLMPipeline:
         pil = [load_image(image, self.image_limits, image_name(k, image, len(images))) for k, image in enumerate(images)]
         return np.asarray(self.image_processor(images=pil, return_tensors="np")["pixel_values"], dtype=np.float32)
 
-    def prompt_ids(self, prompt: str, n_images: int) -> list[int]:
+    def prompt_ids(self, prompt: Prompt, n_images: int) -> list[int]:
+        """Token ids of one prompt or conversation (see ``runtime.chat``) with ``n_images`` images."""
         if n_images > self.limits.max_images:
             raise InputError(f"{n_images} images given; this build takes at most {self.limits.max_images} per prompt")
         return build_prompt_ids(self.tokenizer, self.layout, prompt, n_images)
@@ -90,7 +92,7 @@ class VLMPipeline:
         any key that caches it)."""
         return self.image_text is not None
 
-    def image_text_feeds(self, prompt: str | None, n_images: int) -> dict[str, np.ndarray]:
+    def image_text_feeds(self, prompt: Prompt | None, n_images: int) -> dict[str, np.ndarray]:
         """The image path's prompt inputs for ``n_images`` images ({} when it reads none)."""
         if self.image_text is None:
             return {}
@@ -100,7 +102,7 @@ class VLMPipeline:
 
     # ---- stages ------------------------------------------------------------------------------
     def run_image_stages(self, pixel_values: np.ndarray, observe: StageObserver | None = None,
-                         prompt: str | None = None) -> dict[str, np.ndarray]:
+                         prompt: Prompt | None = None) -> dict[str, np.ndarray]:
         """Every image stage in order; returns every tensor made on the way (pixels included).
         ``prompt``: the request's prompt, for image stages that read it."""
         values = {"pixel_values": pixel_values, **self.image_text_feeds(prompt, len(pixel_values))}
@@ -113,7 +115,7 @@ class VLMPipeline:
         return values
 
     def encode_images(self, pixel_values: np.ndarray | None, observe: StageObserver | None = None,
-                      prompt: str | None = None) -> np.ndarray:
+                      prompt: Prompt | None = None) -> np.ndarray:
         """The decoder's image input for one request's images (the scheme's empty input without);
         ``observe`` sees every image stage's feeds and outputs on the way."""
         if pixel_values is None or len(pixel_values) == 0:

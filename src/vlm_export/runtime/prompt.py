@@ -1,37 +1,53 @@
-"""Turning (prompt text, number of images) into token ids with image placeholders, as the
+"""Turning (a prompt or a conversation, number of images) into token ids with image placeholders, as the
 build's :class:`~vlm_export.contract.PromptLayout` says (see there for the layouts). The decoding
 scheme then puts each image's rows where its placeholders are."""
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
 from ..contract import ImageText, PromptLayout
 from ..errors import InputError
+from .chat import Message, Prompt, check_messages, count_images, prompt_text, render_text
 
 
-def format_user_text(tokenizer, layout: PromptLayout, prompt: str, n_images: int) -> str:
-    """The full text fed to the tokenizer, image tokens not yet expanded."""
-    content = prompt
-    if layout.kind == "inline" and n_images:
-        content = layout.image_token * n_images + "\n" + prompt
+def as_messages(prompt: Prompt, n_images: int) -> list[Message]:
+    """A conversation from one prompt (its images before the text, as one user turn) or checked
+    from the messages given, whose image parts must match the images sent."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InputError("the prompt is empty; send some text")
+        return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]}]
+    messages = check_messages(prompt)
+    if count_images(messages) != n_images:
+        raise InputError(f"the messages have {count_images(messages)} image parts but {n_images} images were sent; "
+                         "send one image per image part, in order")
+    return messages
+
+
+def format_text(tokenizer, layout: PromptLayout, messages: Sequence[Message]) -> str:
+    """The full text fed to the tokenizer, image tokens not yet expanded: each turn rendered, then
+    the chat template (where the layout uses one), which decides where each turn - and so each
+    image - goes."""
+    image_token = layout.image_token if layout.kind == "inline" else None
+    turns = [{"role": m["role"], "content": render_text(m["content"], image_token)} for m in messages]
     if layout.use_chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-        )
-    return content
+        return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    if len(turns) > 1:
+        raise InputError("this model has no chat template: send one prompt (a single user message)")
+    return turns[0]["content"]
 
 
-def build_prompt_ids(tokenizer, layout: PromptLayout, prompt: str, n_images: int) -> list[int]:
-    """Token ids for one prompt with ``n_images`` images, placeholders expanded."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("the prompt is empty; send some text")
-    text = format_user_text(tokenizer, layout, prompt, n_images)
+def build_prompt_ids(tokenizer, layout: PromptLayout, prompt: Prompt, n_images: int) -> list[int]:
+    """Token ids for one prompt or conversation with ``n_images`` images, placeholders expanded."""
+    messages = as_messages(prompt, n_images)
+    texts = [p["text"] for m in messages for p in m["content"] if p["type"] == "text"]
+    if layout.kind == "inline" and any(layout.image_token in t for t in texts):
+        raise InputError(f"the prompt contains the image token {layout.image_token!r} itself; "
+                         "pass images separately and remove it from the text")
+    text = format_text(tokenizer, layout, messages)
     if layout.kind == "inline":
-        if layout.image_token in prompt:
-            raise InputError(
-                f"the prompt contains the image token {layout.image_token!r} itself; "
-                "pass images separately and remove it from the text"
-            )
         text = text.replace(layout.image_token, layout.image_token * layout.tokens_per_image)
         ids = tokenizer(text, add_special_tokens=layout.add_special_tokens)["input_ids"]
         expected = n_images * layout.tokens_per_image
@@ -54,9 +70,10 @@ class ImageTextEncoder:
     def __init__(self, spec: ImageText, tokenizer):
         self.spec, self.tokenizer = spec, tokenizer
 
-    def feeds(self, prompt: str, n_images: int) -> dict[str, np.ndarray]:
-        # the raw prompt with the tokenizer's own special tokens, as InstructBlipProcessor does
-        enc = self.tokenizer(prompt, add_special_tokens=True)
+    def feeds(self, prompt: Prompt, n_images: int) -> dict[str, np.ndarray]:
+        # the raw prompt (a conversation's last user turn) with the tokenizer's own special tokens,
+        # as InstructBlipProcessor does
+        enc = self.tokenizer(prompt_text(prompt), add_special_tokens=True)
         ids = list(enc["input_ids"])
         if len(ids) > self.spec.max_length:
             raise InputError(f"the prompt is {len(ids)} tokens for the image path's text reader, which takes at most "

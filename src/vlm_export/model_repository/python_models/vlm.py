@@ -113,12 +113,26 @@ class TritonPythonModel:
         out = self.image_encoder.infer(feeds)[self.image_encoder.output_names[0]]
         return self.pipe.scheme.image_input_from(out)
 
+    @staticmethod
+    def _prompt(request):
+        """The request's ``prompt`` string, or its ``messages`` (a JSON conversation): one of them."""
+        given = {name: _optional(request, name, None) for name in ("prompt", "messages")}
+        given = {name: value for name, value in given.items() if value is not None}
+        if len(given) != 1:
+            raise InputError("send a 'prompt' string or a 'messages' conversation (JSON), one of them")
+        (name, value), = given.items()
+        if value.size != 1:
+            raise InputError(f"{name} must hold exactly one string, got {value.size}")
+        text = _text(value[0], name)
+        if name == "prompt":
+            return text
+        try:
+            return json.loads(text)  # checked with the prompt ids (runtime.chat)
+        except json.JSONDecodeError as e:
+            raise InputError(f"messages is not valid JSON ({e.msg} at position {e.pos})") from None
+
     def _parse(self, request):
-        prompt_raw = _optional(request, "prompt", None)
-        if prompt_raw is None:
-            raise InputError("the request has no prompt; send a 'prompt' string")
-        if prompt_raw.size != 1:
-            raise InputError(f"prompt must hold exactly one string, got {prompt_raw.size}")
+        prompt = self._prompt(request)
         images = list(_optional(request, "images", []))
         if len(images) > self.pipe.limits.max_images:
             raise InputError(f"{len(images)} images given; this model takes at most "
@@ -136,7 +150,7 @@ class TritonPythonModel:
             stop=tuple(_text(s, "stop") for s in _optional(request, "stop", [])),
             ignore_eos=bool(_optional(request, "ignore_eos", [False])[0]),
         )
-        return _text(prompt_raw[0], "prompt"), images, config, bool(_optional(request, "stream", [False])[0])
+        return prompt, images, config, bool(_optional(request, "stream", [False])[0])
 
     def _on_event(self, sender, streaming, event):
         """Called on the scheduler thread for each of a request's events."""
