@@ -254,6 +254,53 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("engines", help="build TensorRT plans for a build (needs TensorRT and a CUDA GPU)")
     p.add_argument("build", type=Path)
 
+    p = sub.add_parser("deploy", help="write manifests that run a rendered model repository (Kubernetes)")
+    platforms = p.add_subparsers(dest="platform", required=True, metavar="PLATFORM")
+    p = platforms.add_parser(
+        "kubernetes", help="Deployment (Triton + OpenAI sidecar), Service and HPA on NVIDIA's Triton container",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  vlm-export deploy kubernetes repo/demo --pvc vlm-models --out k8s/\n"
+               "  vlm-export deploy kubernetes repo/demo --repository-uri s3://bucket/demo --credentials-secret aws \\\n"
+               "      --image registry.example.com/vlm-export-triton:0.1.0-24.10 --out k8s/\n"
+               "build the image first: docker build -f deploy/Dockerfile -t IMAGE .")
+    p.add_argument("repository", type=Path,
+                   help="the folder `vlm-export repository` wrote (with --repository-uri: the local copy of the upload)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the YAML files")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--pvc", help="PersistentVolumeClaim holding the repository (mounted read-only)")
+    where.add_argument("--repository-uri", help="s3://BUCKET/PATH, gs://BUCKET/PATH or as://ACCOUNT/CONTAINER/PATH, "
+                                                 "read by Triton itself")
+    p.add_argument("--pvc-subpath", default="", help="the repository's folder inside the claim")
+    p.add_argument("--credentials-secret", default=None,
+                   help="Secret for --repository-uri: AWS_* or AZURE_STORAGE_* keys (s3, as); credentials.json (gs)")
+    p.add_argument("--name", default="vlm", help="of the Deployment, Service and autoscaler (default vlm)")
+    p.add_argument("--namespace", default=None)
+    p.add_argument("--image", default=None, help="the image built from deploy/Dockerfile (default vlm-export-triton:VERSION-24.10)")
+    p.add_argument("--image-pull-secret", default=None)
+    p.add_argument("--service-account", default=None)
+    p.add_argument("--service-type", choices=("ClusterIP", "NodePort", "LoadBalancer"), default="ClusterIP")
+    p.add_argument("--replicas", type=_positive_int, default=None, help="initial replicas (default: left to the autoscaler)")
+    p.add_argument("--min-replicas", type=_positive_int, default=1)
+    p.add_argument("--max-replicas", type=_positive_int, default=4)
+    p.add_argument("--target-cpu", type=_positive_int, default=70, help="autoscaler's CPU utilisation target, percent")
+    p.add_argument("--target-queue", type=_positive_int, default=None,
+                   help="also scale on vlm_queue_length per pod (needs a custom-metrics adapter)")
+    p.add_argument("--cpu", default="4")
+    p.add_argument("--memory", default="16Gi")
+    p.add_argument("--cpu-limit", default=None)
+    p.add_argument("--memory-limit", default=None)
+    p.add_argument("--gpus", type=_positive_int, default=1, help="nvidia.com/gpu per pod, for a tensorrt repository")
+    p.add_argument("--shm-size", default="1Gi")
+    p.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--startup-timeout", type=_positive_int, default=900, help="seconds model loading may take")
+    p.add_argument("--no-openai", action="store_true", help="no OpenAI-compatible sidecar")
+    p.add_argument("--openai-port", type=_positive_int, default=9000)
+    p.add_argument("--openai-command", default=None,
+                   help="the sidecar's command line (default: vlm-export serve-openai --triton-grpc localhost:8001 "
+                        "--host 0.0.0.0 --port PORT)")
+
     sub.add_parser("adapters", help="list the supported architectures")
     return parser
 
@@ -394,6 +441,32 @@ def _cmd_ask(args, progress) -> int:
     return 0
 
 
+def _cmd_deploy(args, progress) -> int:
+    import shlex
+
+    from .deploy import KubernetesOptions, render_kubernetes
+
+    selector = dict(item.split("=", 1) for item in args.node_selector if "=" in item)
+    if len(selector) != len(args.node_selector):
+        raise InputError(f"--node-selector takes KEY=VALUE, got {args.node_selector}")
+    options = KubernetesOptions(
+        name=args.name, namespace=args.namespace, image_pull_secret=args.image_pull_secret,
+        pvc=args.pvc, pvc_subpath=args.pvc_subpath, repository_uri=args.repository_uri,
+        credentials_secret=args.credentials_secret, service_account=args.service_account,
+        replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+        target_cpu_utilization=args.target_cpu, target_queue_length=args.target_queue, cpu=args.cpu,
+        memory=args.memory, cpu_limit=args.cpu_limit, memory_limit=args.memory_limit, gpus=args.gpus,
+        shm_size=args.shm_size, node_selector=selector, startup_timeout_s=args.startup_timeout,
+        openai=not args.no_openai, openai_port=args.openai_port, service_type=args.service_type,
+        openai_command=tuple(shlex.split(args.openai_command)) if args.openai_command else None,
+        **({"image": args.image} if args.image else {}))
+    paths = render_kubernetes(args.repository, args.out, options, force=args.force)
+    print(f"Kubernetes manifests written to {args.out}: {', '.join(p.name for p in paths)}")
+    print(f"image: {options.image} (build it: docker build -f deploy/Dockerfile -t {options.image} .)")
+    print(f"apply: kubectl apply -f {args.out}")
+    return 0
+
+
 def _cmd_bench(args, progress) -> int:
     from .bench import BenchOptions, parse_csv, run_bench
 
@@ -425,7 +498,8 @@ def _cmd_adapters(args, progress) -> int:
 
 COMMANDS = {"build": _cmd_build, "generate": _cmd_generate, "verify": _cmd_verify, "eval": _cmd_eval,
             "demo": _cmd_demo, "repository": _cmd_repository, "serve": _cmd_serve, "ask": _cmd_ask,
-            "bench": _cmd_bench, "engines": _cmd_engines, "adapters": _cmd_adapters}
+            "bench": _cmd_bench, "engines": _cmd_engines, "adapters": _cmd_adapters,
+            "deploy": _cmd_deploy}
 
 
 def main(argv: list[str] | None = None) -> int:

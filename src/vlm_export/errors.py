@@ -52,6 +52,11 @@ class RepositoryError(VlmExportError):
     """A Triton model repository that cannot be rendered or fails its schema checks."""
 
 
+class DeployError(VlmExportError):
+    """Deployment options that cannot work (a name Kubernetes refuses, a repository URI Triton
+    cannot read, an image without vlm-export), or manifests that cannot be written."""
+
+
 class ServeError(VlmExportError):
     """tritonserver could not be found, started or reached."""
 
