@@ -229,6 +229,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--log-file", type=Path, default=None)
+    p.add_argument("--openai-port", type=int, default=None,
+                   help="also serve an OpenAI-compatible API (/v1/chat/completions, /v1/models) on this port")
+    p.add_argument("--openai-model", default=None,
+                   help="the model name the OpenAI API lists and accepts (default: the repository folder's name)")
+    p.add_argument("--allow-url-fetch", action="store_true",
+                   help="let the OpenAI API fetch http(s) image URLs (off: only data: URLs are accepted)")
+
+    p = sub.add_parser("serve-openai", help="serve the OpenAI-compatible API alone, in front of a running Triton "
+                                            "(Ctrl-C stops it)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  vlm-export serve-openai --triton-grpc localhost:8001 --port 9000")
+    p.add_argument("--triton-grpc", default="localhost:8001", help="Triton's gRPC endpoint, HOST:PORT")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--model", default="vlm", help="the model name the API lists and accepts (default vlm)")
+    p.add_argument("--allow-url-fetch", action="store_true",
+                   help="fetch http(s) image URLs (off: only data: URLs are accepted)")
 
     p = sub.add_parser("ask", help="ask a served vlm model (HTTP or gRPC, streaming or not)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -417,7 +434,15 @@ def _cmd_serve(args, progress) -> int:
     from .serve.server import serve_forever
 
     return serve_forever(args.repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                         metrics_port=args.metrics_port, log_file=args.log_file)
+                         metrics_port=args.metrics_port, log_file=args.log_file, openai_port=args.openai_port,
+                         openai_model=args.openai_model, openai_options={"allow_url_fetch": args.allow_url_fetch})
+
+
+def _cmd_serve_openai(args, progress) -> int:
+    from .serve.openai_api import serve_openai_forever
+
+    return serve_openai_forever(args.triton_grpc, args.host, args.port, args.model,
+                                allow_url_fetch=args.allow_url_fetch)
 
 
 def _cmd_ask(args, progress) -> int:
@@ -497,8 +522,8 @@ def _cmd_adapters(args, progress) -> int:
 
 
 COMMANDS = {"build": _cmd_build, "generate": _cmd_generate, "verify": _cmd_verify, "eval": _cmd_eval,
-            "demo": _cmd_demo, "repository": _cmd_repository, "serve": _cmd_serve, "ask": _cmd_ask,
-            "bench": _cmd_bench, "engines": _cmd_engines, "adapters": _cmd_adapters,
+            "demo": _cmd_demo, "repository": _cmd_repository, "serve": _cmd_serve, "serve-openai": _cmd_serve_openai,
+            "ask": _cmd_ask, "bench": _cmd_bench, "engines": _cmd_engines, "adapters": _cmd_adapters,
             "deploy": _cmd_deploy}
 
 

@@ -82,12 +82,15 @@ class VLMClient:
                    "temperature": temperature, "top_p": top_p, "seed": seed, "stop": list(stop), "stream": stream,
                    "ignore_eos": bool(ignore_eos)}
         events = self._http(request) if self.protocol == "http" else self._grpc(request)
-        for fields in events:
-            if fields["finish_reason"]:
-                yield VLMResponse(fields["text_output"], fields["finish_reason"], int(fields["prompt_tokens"]),
-                                  int(fields["completion_tokens"]))
-                return
-            yield fields["text_output"]
+        try:
+            for fields in events:
+                if fields["finish_reason"]:
+                    yield VLMResponse(fields["text_output"], fields["finish_reason"], int(fields["prompt_tokens"]),
+                                      int(fields["completion_tokens"]))
+                    return
+                yield fields["text_output"]
+        finally:  # a caller that stops reading (a disconnected client) cancels the request on the server
+            events.close()
         raise RequestError("the server closed the stream without a final response")
 
     def _http(self, request: dict) -> Iterator[dict]:
@@ -152,8 +155,11 @@ class VLMClient:
         # tritonclient's gRPC would route even 127.0.0.1 through an http_proxy from the environment
         client = grpcclient.InferenceServerClient(self.address, channel_args=[("grpc.enable_http_proxy", 0)])
         try:
-            client.start_stream(callback=lambda result, error: results.put((result, error)))
-            client.async_stream_infer(self.model, inputs)
+            try:
+                client.start_stream(callback=lambda result, error: results.put((result, error)))
+                client.async_stream_infer(self.model, inputs)
+            except InferenceServerException as e:  # the channel never came up
+                raise ServeError(f"cannot reach {self.address}: {e.message()}; is `vlm-export serve` running?") from None
             while True:
                 try:
                     result, error = results.get(timeout=self.timeout)
