@@ -167,8 +167,12 @@ class VLMClient:
                     raise RequestError(f"no response from {self.model} within {self.timeout:.0f} s") from None
                 if error is not None:
                     message = error.message() if isinstance(error, InferenceServerException) else str(error)
-                    if "failed to connect" in message.lower() or "unavailable" in message.lower():
+                    low = message.lower()
+                    if "failed to connect" in low or "unavailable" in low:
                         raise ServeError(f"cannot reach {self.address}: {message}")
+                    if "socket closed" in low or "stream removed" in low:
+                        raise ServeError(f"{self.address} closed the connection mid-request (the server died or "
+                                         f"was restarted; retry): {message}")
                     raise RequestError(message)
                 fields = {name: result.as_numpy(name).reshape(-1)[0] for name in
                           ("text_output", "finish_reason", "prompt_tokens", "completion_tokens")}

@@ -9,6 +9,7 @@ the base interpreter's, which we get by putting ``sys.prefix/bin`` first on the 
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -18,10 +19,13 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from vlm_export.cache import cache_root
 from vlm_export.errors import ServeError
@@ -35,6 +39,8 @@ _SETTLE_S = 0.3  # after the metrics service started: Triton exits within ms if 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # Error lines Triton prints on every start on a machine without a GPU.
 _HARMLESS = ("CudaDriverHelper", "NVML", "DCGM", "pinned memory")
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- the binary
@@ -172,6 +178,110 @@ def execution_env_parameter(path: str | None = None) -> str:
     return 'parameters: { key: "EXECUTION_ENV_PATH", value: { string_value: "%s" } }' % path
 
 
+# --------------------------------------------------------------------------- python-backend stubs
+#
+# Each python model instance runs in a `triton_python_backend_stub` process, a child of
+# tritonserver. When one dies (the kernel's OOM killer, a segfault in an extension), Triton 2.51's
+# python backend never restarts it, answers every later request with "Stub process '...' is not
+# healthy", leaves the requests that stub was streaming hanging forever, and keeps answering
+# /v2/health/ready with 200 (triton-inference-server/server #7862, #8604; NOTES.md has the
+# measurements). So TritonServer watches its stubs itself; see TritonServer._supervise.
+
+_STUB_NAME = "triton_python_backend_stub"
+_STUB_COMM = _STUB_NAME[:15]  # the kernel keeps the first 15 bytes of a process name
+_SHM_PREFIX = "triton_python_backend_shm_region_"
+_SHM_DIR = Path("/dev/shm")
+_POLL_S = 0.5          # how often the supervisor looks at the server and its stubs
+_RESCAN_S = 5.0        # how often it lists the server's children anew (new stubs after a load)
+_CONFIRM_S = 0.3       # a stub must still be dead this much later (Triton reaps stubs it stops itself)
+_MAX_BACKOFF_S = 30.0
+
+
+@dataclass(frozen=True)
+class StubProcess:
+    """One python-backend stub: ``instance`` is Triton's instance name (``vlm_0_0``)."""
+
+    pid: int
+    start_time: int  # in clock ticks since boot (/proc/PID/stat field 22): tells a reused pid apart
+    instance: str
+    model: str
+    shm_region: str  # the shared-memory region it shares with the server, in /dev/shm
+
+
+@dataclass(frozen=True)
+class _ProcStat:
+    state: str
+    ppid: int
+    start_time: int
+    exit_status: int  # wait() status of a zombie (field 52, Linux >= 3.5), else 0
+
+
+def _proc_stat(pid: int) -> _ProcStat | None:
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()  # the name may hold spaces and parentheses
+    try:
+        # fields[0] is field 3 of proc(5): state, ppid (4), starttime (22), exit_code (52)
+        return _ProcStat(fields[0].decode(), int(fields[1]), int(fields[19]),
+                         int(fields[49]) if len(fields) > 49 else 0)
+    except (IndexError, ValueError):
+        return None
+
+
+def _children(pid: int) -> list[tuple[int, _ProcStat]]:
+    try:
+        names = os.listdir("/proc")
+    except OSError:  # no procfs: the supervisor then watches the server process only
+        return []
+    found = []
+    for name in names:
+        if name.isdigit():
+            stat = _proc_stat(int(name))
+            if stat is not None and stat.ppid == pid:
+                found.append((int(name), stat))
+    return found
+
+
+def _stub_from_cmdline(pid: int, stat: _ProcStat) -> StubProcess | None:
+    """The stub ``pid`` is, from its arguments, or None for anything else.
+
+    The backend starts it as ``STUB MODEL_PY SHM_REGION SHM_SIZE SHM_GROWTH PARENT_PID LIB_DIR
+    IPC_HANDLE INSTANCE_NAME ...`` (python_backend src/stub_launcher.cc), through ``bash -c
+    'exec ...'``, so once running the stub's own arguments are these.
+    """
+    try:
+        args = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        return None
+    if not args or Path(args[0]).name != _STUB_NAME or len(args) < 9:
+        return None  # not a stub, a zombie (empty cmdline) or the shell before its exec
+    model_py = Path(args[1])
+    model = model_py.parent.parent.name if model_py.name == "model.py" else model_py.name
+    return StubProcess(pid, stat.start_time, args[8], model, args[2])
+
+
+def _describe_status(status: int) -> str:
+    """A zombie's wait() status in words."""
+    sig = status & 0x7F
+    if sig:
+        try:
+            return f"killed by signal {sig} ({signal.Signals(sig).name})"
+        except ValueError:
+            return f"killed by signal {sig}"
+    return f"exited with code {(status >> 8) & 0xFF}"
+
+
+def _describe_returncode(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 # --------------------------------------------------------------------------- the server
 
 
@@ -201,6 +311,15 @@ class TritonServer:
     On stop, Triton gets ``stop_timeout`` seconds to finish in-flight requests; it also waits
     that long for open HTTP keep-alive connections, so close clients first for a fast stop.
     After that and a grace period the whole process group is killed.
+
+    With ``supervise`` (the default) a thread watches the server and its python-backend stub
+    processes. When a stub dies, or tritonserver itself exits, it kills what is left of the
+    server (which ends the requests that were in flight with a connection error, and makes
+    health checks fail) and starts a new one on the same ports; ``restarts`` counts these, and
+    every event is reported to ``on_event`` (default: this module's logger), kept in
+    ``events`` and appended to the log file. A restart that fails to start is retried, with a
+    growing pause; past ``max_restarts`` restarts within ``restart_window`` seconds it gives up:
+    the server is left stopped, ``failure`` says why and ``wait()`` returns.
     """
 
     def __init__(
@@ -216,6 +335,10 @@ class TritonServer:
         stop_timeout: float = 10.0,
         extra_args: tuple[str, ...] | list[str] = (),
         binary: TritonBinary | None = None,
+        supervise: bool = True,
+        max_restarts: int = 5,
+        restart_window: float = 600.0,
+        on_event: Callable[[str], object] | None = None,
     ):
         self.model_repository = Path(model_repository).resolve()
         self.host = host
@@ -229,6 +352,20 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self._log_offset = 0
         self._cleaned_up = False
+        # the supervisor
+        self.supervise = supervise
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self.on_event = on_event
+        self.restarts = 0  # times the supervisor started a new tritonserver
+        self.events: list[str] = []  # what the supervisor did, one line per event
+        self.failure: ServeError | None = None  # set when the supervisor gave up
+        self.stubs: dict[int, StubProcess] = {}  # the stubs of the current server, by pid
+        self._supervisor: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._done = threading.Event()  # stopped for good: by stop(), or the supervisor gave up
+        self._lock = threading.Lock()  # a restart does not spawn a server once stop() has begun
+        self._ready = False  # the current process finished starting
 
     # ------------------------------------------------------------------ addresses
     @property
@@ -281,6 +418,11 @@ class TritonServer:
             self._spawn()
             try:
                 self._wait_ready()
+                if self.supervise:
+                    self.stubs = self._scan_stubs()
+                    self._supervisor = threading.Thread(target=self._supervise, daemon=True,
+                                                        name=f"triton-supervisor-{self.grpc_port}")
+                    self._supervisor.start()
                 return self
             except BaseException as err:  # Ctrl-C while starting too: leave no server behind
                 self._terminate()
@@ -329,6 +471,7 @@ class TritonServer:
                 env=self.binary.env(), start_new_session=True,
             )
             self._cleaned_up = False
+            self._ready = False
 
     def is_ready(self, timeout: float = 2.0) -> bool:
         url = f"http://{self.http_url}/v2/health/ready"
@@ -342,6 +485,7 @@ class TritonServer:
         deadline = time.monotonic() + self.startup_timeout
         while not self.is_ready():
             self._check_alive()
+            self._check_not_stopping()
             if time.monotonic() > deadline:
                 raise ServeError(
                     f"tritonserver was not ready after {self.startup_timeout:.0f} s (log: {self.log_file}):\n"
@@ -353,9 +497,15 @@ class TritonServer:
         deadline = time.monotonic() + _METRICS_WAIT_S
         while "Started Metrics Service" not in self._this_run_log() and time.monotonic() < deadline:
             self._check_alive()
+            self._check_not_stopping()
             time.sleep(0.05)
         time.sleep(_SETTLE_S)
         self._check_alive()
+        self._ready = True
+
+    def _check_not_stopping(self) -> None:
+        if self._stopping.is_set():  # stop() was called while the supervisor restarts the server
+            raise ServeError("tritonserver was stopped while starting")
 
     def _check_alive(self) -> None:
         code = self.process.poll()
@@ -396,7 +546,16 @@ class TritonServer:
         """
         if self.process is None:
             return None
-        self._terminate()
+        with self._lock:
+            self._stopping.set()
+        thread = self._supervisor
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30.0)  # it notices within a poll interval, or an is_ready() call
+        if self._ready:
+            self._terminate()
+        else:  # a restart still loading its models: no request to drain, and loading would hold it up
+            self._kill_group()
+        self._done.set()
         return self.process.returncode
 
     def _terminate(self) -> None:
@@ -409,6 +568,13 @@ class TritonServer:
                 proc.wait(self.stop_timeout + _KILL_GRACE_S)
             except subprocess.TimeoutExpired:
                 pass
+        self._kill_group()
+
+    def _kill_group(self) -> None:
+        """SIGKILL whatever is left of the server's process group, and free its shared memory."""
+        proc = self.process
+        if self._cleaned_up:
+            return
         # Kill whatever is left of the group (a hung server, or stubs it left behind). The group
         # id is the server's pid, and it is ours: we started it with a session of its own.
         try:
@@ -417,6 +583,174 @@ class TritonServer:
             pass
         proc.wait()
         self._cleaned_up = True
+        # A server that exits in order removes the stubs' shared-memory regions; a killed one
+        # leaves them in /dev/shm (1 MB or more each). Their names hold a UUID: only this server's.
+        for stub in self.stubs.values():
+            if stub.shm_region.startswith(_SHM_PREFIX) and "/" not in stub.shm_region:
+                try:
+                    (_SHM_DIR / stub.shm_region).unlink()
+                except OSError:
+                    pass
+        self.stubs = {}
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the server is down for good; True if it is, False after ``timeout`` seconds.
+
+        Down for good: stopped, or the supervisor gave up (``failure`` says why), or, without a
+        supervisor, the process exited.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._done.is_set():
+                return True
+            thread = self._supervisor
+            supervised = thread is not None and thread.is_alive()
+            if not supervised and self.process is not None and self.process.poll() is not None:
+                return True
+            left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            self._done.wait(left)
+
+    # ------------------------------------------------------------------ the supervisor
+    def _event(self, message: str) -> None:
+        line = f"supervisor: {message}"
+        self.events.append(line)
+        try:
+            with open(self.log_file, "ab") as f:
+                f.write(f"[vlm-export {time.strftime('%Y-%m-%d %H:%M:%S')}] {line}\n".encode())
+        except OSError:
+            pass
+        try:
+            (self.on_event or log.warning)(line)
+        except Exception:  # noqa: BLE001 - a broken callback must not stop the supervisor
+            log.exception("on_event failed")
+
+    def _scan_stubs(self) -> dict[int, StubProcess]:
+        """The python-backend stubs running under the current server, by pid."""
+        stubs = {}
+        for pid, stat in _children(self.process.pid):
+            if stat.state != "Z":
+                stub = _stub_from_cmdline(pid, stat)
+                if stub is not None:
+                    stubs[pid] = stub
+        return stubs
+
+    def _dead_stubs(self) -> list[tuple[StubProcess, int]]:
+        """(stub, wait status) for each dead stub of the server.
+
+        A stub that dies stays a zombie: Triton only reaps the stubs it stops itself, and at once
+        (those, after an unload, are simply gone).
+        """
+        server = self.process.pid
+        dead, stubs = [], dict(self.stubs)  # a new dict: other threads may be reading self.stubs
+        for pid, stub in self.stubs.items():
+            stat = _proc_stat(pid)
+            if stat is None or stat.start_time != stub.start_time or stat.ppid != server:
+                del stubs[pid]  # reaped by Triton: unloaded on purpose
+            elif stat.state == "Z":
+                dead.append((stub, stat.exit_status))
+        self.stubs = stubs
+        return dead
+
+    def _find_failure(self, rescan: bool) -> str | None:
+        """Why the server needs a restart now, or None while it is healthy."""
+        code = self.process.poll()
+        if code is not None:
+            return f"tritonserver (pid {self.process.pid}) {_describe_returncode(code)}"
+        if rescan:
+            stubs = {**self._scan_stubs(), **self.stubs}
+            for pid, stat in _children(self.process.pid):
+                if stat.state == "Z" and pid not in stubs:
+                    try:
+                        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                    except OSError:
+                        continue
+                    if comm == _STUB_COMM:  # a stub that died before we saw it alive
+                        stubs[pid] = StubProcess(pid, stat.start_time, "?", "?", "")
+            self.stubs = stubs
+        dead = self._dead_stubs()
+        if dead and not self._stopping.wait(_CONFIRM_S):
+            dead = self._dead_stubs()
+        if not dead or self._stopping.is_set():
+            return None
+        described = [f"stub {s.instance} of model {s.model!r} (pid {s.pid}) {_describe_status(status)}"
+                     for s, status in dead]
+        return "; ".join(described) + (
+            " (Triton never restarts a stub: the model would fail every request, and the requests"
+            " the stub was answering would never end)")
+
+    def _supervise(self) -> None:
+        try:
+            self._watch()
+        except Exception as err:  # noqa: BLE001 - a bug here must not leave a dead server looking supervised
+            log.exception("the tritonserver supervisor failed")
+            self._give_up(f"the supervisor failed: {type(err).__name__}: {err}")
+
+    def _watch(self) -> None:
+        recent: list[float] = []  # when the restarts within restart_window began
+        next_scan = time.monotonic() + _RESCAN_S
+        while not self._stopping.is_set():
+            rescan = time.monotonic() >= next_scan
+            if rescan:
+                next_scan = time.monotonic() + _RESCAN_S
+            try:
+                reason = self._find_failure(rescan)
+            except Exception as err:  # noqa: BLE001 - keep watching whatever /proc says
+                log.debug("supervisor check failed: %s", err)
+                reason = None
+            if reason is None:
+                self._stopping.wait(_POLL_S)
+                continue
+            if not self._restart(reason, recent):
+                return
+            next_scan = time.monotonic() + _RESCAN_S
+
+    def _restart(self, reason: str, recent: list[float]) -> bool:
+        """Kill the server and start a new one on the same ports; False when it gave up."""
+        detected = time.monotonic()
+        while True:
+            recent[:] = [t for t in recent if time.monotonic() - t < self.restart_window]
+            if len(recent) >= self.max_restarts:
+                self._give_up(f"{reason}; not restarting: {len(recent)} restarts within "
+                              f"{self.restart_window:.0f} s already (max_restarts={self.max_restarts})")
+                return False
+            backoff = 0.0 if not recent else min(2.0 ** (len(recent) - 1), _MAX_BACKOFF_S)
+            recent.append(time.monotonic())
+            self._event(f"{reason}. Restarting tritonserver (restart {self.restarts + 1}"
+                        + (f", in {backoff:.0f} s" if backoff else "") + ")")
+            with self._lock:
+                if self._stopping.is_set():
+                    return False
+                self._kill_group()  # ends the requests in flight: the clients see the connection close
+            if self._stopping.wait(backoff):
+                return False
+            with self._lock:
+                if self._stopping.is_set():
+                    return False
+                self._spawn()
+                self.restarts += 1
+            try:
+                self._wait_ready()
+            except ServeError as err:
+                if self._stopping.is_set():
+                    return False
+                reason = f"restart {self.restarts} failed: {str(err).splitlines()[0]}"
+                continue
+            self.stubs = self._scan_stubs()
+            self._event(f"tritonserver is serving again (pid {self.pid}, restart {self.restarts}, "
+                        f"{time.monotonic() - detected:.1f} s after the failure was seen)")
+            return True
+
+    def _give_up(self, reason: str) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self._kill_group()
+        self.failure = ServeError(f"tritonserver keeps failing, gave up: {reason} (log: {self.log_file}):\n"
+                                  + self.log_errors())
+        self._event(f"gave up: {reason}; the server is stopped")
+        self._done.set()
 
     @property
     def running(self) -> bool:
@@ -446,9 +780,16 @@ def serve_forever(
     metrics_port: int | None = None,
     log_file: str | os.PathLike | None = None,
     startup_timeout: float = 120.0,
+    openai_port: int | None = None,
+    openai_model: str | None = None,
+    openai_options: dict | None = None,
     echo=print,
 ) -> int:
     """Serve until Ctrl-C or SIGTERM, then stop the server cleanly; returns 0.
+
+    With ``openai_port``, an OpenAI-compatible API (``serve.openai_api``) also listens there on
+    ``host``, in front of the server's gRPC endpoint, naming the model ``openai_model`` (default:
+    the repository folder's name); ``openai_options`` go to its ``create_app``. It stops first.
 
     Prints the endpoints once ready. Raises ServeError if the server cannot start or dies.
     """
@@ -457,28 +798,44 @@ def serve_forever(
         raise _Stop()
 
     server = TritonServer(model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
-                          metrics_port=metrics_port, log_file=log_file, startup_timeout=startup_timeout)
+                          metrics_port=metrics_port, log_file=log_file, startup_timeout=startup_timeout,
+                          on_event=echo)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    api = None
     try:
         server.start()
+        if openai_port is not None:
+            from .openai_api import run_openai_server  # fastapi and uvicorn only when asked for
+
+            model = openai_model or server.model_repository.name
+            api = run_openai_server(server.grpc_url, host, openai_port, model, **(openai_options or {}))
         echo(f"Triton is ready (pid {server.pid}), serving {server.model_repository}")
         echo(f"  HTTP     http://{server.http_url}")
         echo(f"  gRPC     {server.grpc_url}")
         echo(f"  metrics  {server.metrics_url}")
+        if api is not None:
+            echo(f"  OpenAI   {api.url}  (model {model!r})")
         echo(f"  log      {server.log_file}")
         echo("Press Ctrl-C to stop.")
-        code = server.process.wait()
-        raise ServeError(f"tritonserver exited unexpectedly with code {code} (log: {server.log_file}):\n"
-                         + server.log_errors())
+        # The supervisor restarts a server whose stub or process died; this returns only when it gave up.
+        server.wait()
+        if server.failure is not None:
+            raise server.failure
+        raise ServeError(f"tritonserver exited unexpectedly with code {server.process.returncode} "
+                         f"(log: {server.log_file}):\n" + server.log_errors())
     except (_Stop, KeyboardInterrupt):
         echo("Stopping Triton ...")
         # A second Ctrl-C while stopping must not leave the server half-stopped.
         for s in old:
             signal.signal(s, signal.SIG_IGN)
+        if api is not None:
+            api.stop()
         server.stop()
         echo("Stopped.")
         return 0
     finally:
+        if api is not None:
+            api.stop()
         if server.running:
             server.stop()
         for s, h in old.items():
