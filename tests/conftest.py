@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,13 @@ def tiny_build(tiny_model_dir, tmp_path_factory):
         return built[name]
 
     return get
+
+
+def wait_for(predicate, seconds: float = 20.0) -> bool:
+    """Poll ``predicate`` every 0.1 s until it holds (True) or ``seconds`` pass (False)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False

@@ -25,6 +25,7 @@ from vlm_export.model_repository.render import RepositoryOptions, render_reposit
 from vlm_export.serve.openai_api import (ChatCompletionRequest, Conversation, ImageLoader, OpenAIError,
                                          error_from_vlm, generation_params, run_openai_server, to_conversation)
 from vlm_export.serve.server import TritonServer
+from conftest import wait_for  # noqa: E402
 
 MODEL = "tiny-llava"
 PROMPTS = ["What is in the picture?", "Describe the colors.", "Is there an animal?"]
@@ -97,18 +98,6 @@ def _metric(server, name: str) -> float:
     with _NO_PROXY.open(server.metrics_url, timeout=10) as resp:
         text = resp.read().decode()
     return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M))
-
-
-def _wait_for(predicate, seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-# --------------------------------------------------------------------------- served answers
 
 
 def test_answers_equal_vlm_client(oai, vlm, images):
@@ -306,11 +295,11 @@ def test_disconnect_stops_generation(oai, stack):
         if len(pieces) == 4:
             break
     stream.close()  # the client goes away mid-answer
-    assert _wait_for(lambda: _metric(triton, "vlm_requests_cancelled_total") >= cancelled + 1), \
+    assert wait_for(lambda: _metric(triton, "vlm_requests_cancelled_total") >= cancelled + 1), \
         triton.log_file.read_text()[-2000:]
     after = _metric(triton, "vlm_decode_steps_total")
     assert after - steps < 200  # the row left long before its 200 tokens
-    assert not _wait_for(lambda: _metric(triton, "vlm_decode_steps_total") != after, seconds=1.0)
+    assert not wait_for(lambda: _metric(triton, "vlm_decode_steps_total") != after, seconds=1.0)
     assert ask(oai, "Hello there", max_tokens=3).usage.completion_tokens <= 3
 
 
@@ -412,7 +401,7 @@ def test_sidecar_serves_until_sigterm():
             except OSError:
                 return False
 
-        assert _wait_for(up, seconds=60), proc.stdout.read() if proc.poll() is not None else "not up"
+        assert wait_for(up, seconds=60), proc.stdout.read() if proc.poll() is not None else "not up"
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out

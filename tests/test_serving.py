@@ -17,6 +17,7 @@ from vlm_export.model_repository.render import (RepositoryOptions, check_against
 from vlm_export.runtime.generate import GenerationConfig, generate
 from vlm_export.runtime.load import open_build
 from vlm_export.serve.server import TritonServer
+from conftest import wait_for  # noqa: E402
 
 PROMPTS = ["What is in the picture?", "Describe the colors.", "Is there an animal?"]
 
@@ -249,17 +250,6 @@ def _metric(server, name: str) -> float | None:
     return sum(values) if values else None
 
 
-def _wait_for(predicate, seconds: float = 20.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_inflight_batching_cancellation_and_back_pressure(tiny_build, photos, tmp_path):
     """One scheduler loop in the served model: a stream cancelled by its client stops server-side
     (its row leaves, decode steps stop), a flood past the queue limit gets UNAVAILABLE at once,
@@ -288,11 +278,11 @@ def test_inflight_batching_cancellation_and_back_pressure(tiny_build, photos, tm
             assert error is None
         raw.stop_stream(cancel_requests=True)
         raw.close()
-        assert _wait_for(lambda: (_metric(server, "vlm_requests_cancelled_total") or 0) >= 1), \
+        assert wait_for(lambda: (_metric(server, "vlm_requests_cancelled_total") or 0) >= 1), \
             (tmp_path / "triton.log").read_text()[-2000:]
         steps = _metric(server, "vlm_decode_steps_total")
         assert steps < 200  # the row left long before its 200 tokens
-        assert not _wait_for(lambda: _metric(server, "vlm_decode_steps_total") != steps, seconds=1.0)
+        assert not wait_for(lambda: _metric(server, "vlm_decode_steps_total") != steps, seconds=1.0)
 
         # a flood: the batch holds max_batch (4) rows and 2 more may wait; the rest are refused at once
         client = VLMClient(f"grpc://{server.grpc_url}")
@@ -314,7 +304,7 @@ def test_inflight_batching_cancellation_and_back_pressure(tiny_build, photos, tm
         assert client.generate(PROMPTS[0], [photos[0]], max_tokens=8).text == expected.text
         # the same image again: served from the image-embedding cache, same answer
         assert client.generate(PROMPTS[0], [photos[0]], max_tokens=8).text == expected.text
-        assert _wait_for(lambda: _metric(server, "vlm_image_cache_hits_total") == 1)
+        assert wait_for(lambda: _metric(server, "vlm_image_cache_hits_total") == 1)
         assert _metric(server, "vlm_image_cache_misses_total") == 1
 
 
@@ -330,7 +320,7 @@ def test_bls_decoder_mode_batches_concurrent_requests(tiny_build, photos, tmp_pa
         client = VLMClient(f"grpc://{server.grpc_url}")
         with ThreadPoolExecutor(6) as pool:
             served = list(pool.map(lambda a: client.generate(a[0], a[1], max_tokens=a[2]).text, asks))
-        assert _wait_for(lambda: _metric(server, "vlm_batch_rows") == 0)
+        assert wait_for(lambda: _metric(server, "vlm_batch_rows") == 0)
         steps = _metric(server, "vlm_decode_steps_total")
     assert served == expected
     assert steps < sum(n for _, _, n in asks)  # rows shared decode steps

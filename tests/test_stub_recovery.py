@@ -25,6 +25,7 @@ from vlm_export.client.client import VLMClient  # noqa: E402
 from vlm_export.errors import VlmExportError  # noqa: E402
 from vlm_export.model_repository.render import RepositoryOptions, render_repository  # noqa: E402
 from vlm_export.serve.server import TritonServer  # noqa: E402
+from conftest import wait_for  # noqa: E402
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -62,16 +63,7 @@ def _group_members(pgid: int) -> list[int]:
 
 def _group_alive(pgid: int) -> bool:
     """Some process of the group is still running, 5 s after it was killed."""
-    return not _wait(lambda: not _group_members(pgid), 5)
-
-
-def _wait(predicate, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
+    return not wait_for(lambda: not _group_members(pgid), 5)
 
 
 def _stub_pid(server: TritonServer, model: str) -> int:
@@ -153,7 +145,7 @@ def test_vlm_stub_killed_mid_request_recovers(llava_repo, tmp_path, protocol):
                 or "tritonserver" in events[0] and "SIGABRT" in events[0]), events
         assert "Restarting tritonserver (restart 1)" in events[0], events
         # (Triton answers ready a moment before its start-up ends: the supervisor reports after that)
-        assert _wait(lambda: "serving again" in events[-1], 15), events
+        assert wait_for(lambda: "serving again" in events[-1], 15), events
         # and within 60 s it answers exactly as before, on the same ports
         assert recovered is not None and recovered - outcome["killed"] < 60, (events, log_tail)
         assert answer == before
@@ -222,7 +214,7 @@ def test_server_death_restarts_then_gives_up_past_the_limit(add_one_repo, tmp_pa
         assert _add_one(server, 1.0) == 2.0
         assert not server.wait(timeout=0.1)
         os.kill(server.pid, signal.SIGKILL)
-        assert _wait(lambda: server.events and "serving again" in server.events[-1], 60), server.events
+        assert wait_for(lambda: server.events and "serving again" in server.events[-1], 60), server.events
         assert server.restarts == 1 and server.is_ready()
         pids.append(server.pid)
         assert (server.http_port, server.grpc_port, server.metrics_port) == ports
@@ -248,7 +240,7 @@ def test_stop_while_restarting_is_prompt(add_one_repo, tmp_path):
     first = server.pid
     try:
         os.kill(_stub_pid(server, "add_one"), signal.SIGKILL)
-        assert _wait(lambda: server.restarts == 1, 30), server.events  # a new server is starting
+        assert wait_for(lambda: server.restarts == 1, 30), server.events  # a new server is starting
     finally:
         started = time.monotonic()
         server.stop()

@@ -52,6 +52,15 @@ def parse_url(url: str) -> tuple[str, str]:
     return parsed.scheme, f"{parsed.hostname}:{parsed.port}"
 
 
+def connect_host(host: str) -> str:
+    """The address a local client uses for a server bound to ``host``."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
 class VLMClient:
     def __init__(self, url: str, model: str = "vlm", timeout: float = 300.0):
         self.protocol, self.address = parse_url(url)

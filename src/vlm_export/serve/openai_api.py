@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 
-from ..client.client import VLMClient, VLMResponse
+from ..client.client import VLMClient, VLMResponse, connect_host
 from ..errors import InputError, RequestError, ServeError, VlmExportError
 
 DEFAULT_MAX_IMAGE_BYTES = 32 << 20  # the repository's default max_image_mb
@@ -634,14 +634,6 @@ async def _chunks(events: Iterator, first, completion_id: str, created: int, mod
 # --------------------------------------------------------------------------- running it
 
 
-def _connect_host(host: str) -> str:
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
-
-
 class OpenAIServer:
     """uvicorn serving the app in a daemon thread; ``url`` is the base URL OpenAI clients take."""
 
@@ -660,7 +652,7 @@ class OpenAIServer:
 
     @property
     def url(self) -> str:
-        return f"http://{_connect_host(self.host)}:{self.port}/v1"
+        return f"http://{connect_host(self.host)}:{self.port}/v1"
 
     def _run(self) -> None:
         try:

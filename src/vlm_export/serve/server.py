@@ -29,6 +29,7 @@ from typing import Callable
 
 from vlm_export.cache import cache_root
 from vlm_export.errors import ServeError
+from vlm_export.client.client import connect_host
 
 PYTRITON_PIN = "nvidia-pytriton==0.7.0"
 _LOG_TAIL_LINES = 25
@@ -293,15 +294,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _connect_host(host: str) -> str:
-    """The address a local client uses for a server bound to ``host``."""
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
-
-
 class TritonServer:
     """A tritonserver process serving one model repository; use as a context manager.
 
@@ -370,15 +362,15 @@ class TritonServer:
     # ------------------------------------------------------------------ addresses
     @property
     def http_url(self) -> str:
-        return f"{_connect_host(self.host)}:{self.http_port}"
+        return f"{connect_host(self.host)}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"{_connect_host(self.host)}:{self.grpc_port}"
+        return f"{connect_host(self.host)}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{_connect_host(self.host)}:{self.metrics_port}/metrics"
+        return f"http://{connect_host(self.host)}:{self.metrics_port}/metrics"
 
     @property
     def pid(self) -> int | None:
