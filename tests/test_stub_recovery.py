@@ -114,7 +114,7 @@ def test_vlm_stub_killed_mid_request_recovers(llava_repo, tmp_path, protocol):
 
         # watch readiness from the kill until a normal request gets its answer again
         saw_not_ready, answer, recovered = False, None, None
-        deadline = time.monotonic() + 120  # the kill comes within seconds of the start
+        deadline = time.monotonic() + 150  # the kill comes within seconds of the start
         while time.monotonic() < deadline and recovered is None:
             if "killed" not in outcome:
                 time.sleep(0.02)
@@ -146,8 +146,12 @@ def test_vlm_stub_killed_mid_request_recovers(llava_repo, tmp_path, protocol):
         assert "Restarting tritonserver (restart 1)" in events[0], events
         # (Triton answers ready a moment before its start-up ends: the supervisor reports after that)
         assert wait_for(lambda: "serving again" in events[-1], 15), events
-        # and within 60 s it answers exactly as before, on the same ports
-        assert recovered is not None and recovered - outcome["killed"] < 60, (events, log_tail)
+        # and it answers exactly as before, on the same ports. Measured: 25 s on an idle 2-core
+        # machine, 57 s under load (a restart is a full model load); the bound leaves room for a
+        # loaded CI machine rather than flake, and the time is printed
+        assert recovered is not None, (events, log_tail)
+        print(f"recovered {recovered - outcome['killed']:.1f} s after the kill")
+        assert recovered - outcome["killed"] < 120, (events, log_tail)
         assert answer == before
         server_pids.append(server.pid)
         assert server_pids[0] != server_pids[1] and not _alive(server_pids[0])
