@@ -61,13 +61,18 @@ def test_repository_carries_the_image_limits(tiny_build):
 
 @pytest.fixture
 def tampered(tiny_build, tmp_path):
-    """A copy of a build with 1,000 bytes of the decoder's weights flipped (same size)."""
+    """A copy of a build with 1,000 bytes of the decoder's weights flipped (same size, still a
+    valid graph: the bytes are inside the largest weight's raw data)."""
+    import onnx
+
     build = tmp_path / "tampered"
     shutil.copytree(tiny_build("llava-llama").path, build)
     graph = build / "graphs" / "lm_decoder.onnx"
     data = bytearray(graph.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 1000] = bytes(b ^ 0x5A for b in data[middle:middle + 1000])
+    largest = max(onnx.load(str(graph)).graph.initializer, key=lambda t: len(t.raw_data)).raw_data
+    start = data.find(largest[:256]) + len(largest) // 2
+    assert start > 256 and len(largest) > 4000
+    data[start:start + 1000] = bytes(b ^ 0x5A for b in data[start:start + 1000])
     graph.write_bytes(bytes(data))
     return build
 
@@ -124,3 +129,22 @@ def test_killed_writers_leave_nothing_behind_for_long(tmp_path):
     assert out.is_dir() and not stale.exists() and not legacy.exists() and live.exists()
     assert remove_stale_siblings(out) == []
     shutil.rmtree(live)
+
+
+def test_triton_refuses_to_load_a_damaged_graph(tiny_build, tmp_path):
+    """The same, end to end: a real tritonserver will not serve the changed graph, and says why."""
+    from vlm_export.errors import ServeError
+    from vlm_export.serve.server import TritonServer
+
+    repo = render_repository(tiny_build("prefix-llama").path, tmp_path / "repo")
+    graph = repo / "projector" / "1" / "model.onnx"
+    data = bytearray(graph.read_bytes())
+    os.unlink(graph)  # a private copy (the repository hard-links the build's files)
+    data[-10] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    server = TritonServer(repo, log_file=tmp_path / "triton.log", supervise=False)
+    try:
+        with pytest.raises(ServeError, match=r"model.onnx in .*projector.*differ from the build's"):
+            server.start()
+    finally:
+        server.stop()
