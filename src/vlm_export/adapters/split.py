@@ -1,7 +1,7 @@
 """An adapter's stages, checked: the one entry point from a loaded model to its split modules."""
 from __future__ import annotations
 
-from ..contract import check_chain, prompt_inputs
+from ..contract import check_chain, check_image_text
 from ..errors import AdapterError
 from .base import LoadedModel, Stage
 
@@ -15,8 +15,10 @@ def split(loaded: LoadedModel) -> list[Stage]:
     except ValueError as e:
         raise AdapterError(f"the {loaded.adapter.name} adapter declares stages that do not chain: {e}") from None
     text = loaded.adapter.image_text(loaded)
-    wanted = {t.name for t in prompt_inputs([s.spec for s in stages])}
-    if wanted != ({text.ids, text.mask} if text else set()) or (text and loaded.image_text_tokenizer is None):
-        raise AdapterError(f"the {loaded.adapter.name} adapter's image stages read {sorted(wanted) or 'nothing'} "
-                           "from the prompt, which its image_text declaration and tokenizer do not match")
+    try:
+        check_image_text([s.spec for s in stages], text)
+    except ValueError as e:
+        raise AdapterError(f"the {loaded.adapter.name} adapter: {e}") from None
+    if text and loaded.image_text_tokenizer is None:
+        raise AdapterError(f"the {loaded.adapter.name} adapter declares image_text but loaded no tokenizer for it")
     return stages

@@ -18,11 +18,12 @@ from .layout import LAYOUTS, ImageText, PromptLayout
 from .limits import Limits
 from .scheme import DecodeBatch, DecodingScheme, Range, register_scheme, registered_schemes, scheme_from_dict
 from .stages import (DECODER, DECODER_PRECISIONS, IMAGE, IMAGE_PRECISIONS, StageSpec, TensorSpec, check_chain,
-                     image_stages, prompt_inputs, stages_from_manifest)
+                     check_image_text, image_stages, prompt_inputs, stages_from_manifest)
 from . import spliced  # noqa: F401  (registers the built-in scheme)
 
 __all__ = [
     "DecoderGeometry", "LAYOUTS", "ImageText", "PromptLayout", "Limits", "DecodeBatch", "DecodingScheme", "Range",
     "register_scheme", "registered_schemes", "scheme_from_dict", "IMAGE", "DECODER", "StageSpec", "TensorSpec",
-    "image_stages", "prompt_inputs", "stages_from_manifest", "check_chain", "IMAGE_PRECISIONS", "DECODER_PRECISIONS",
+    "image_stages", "prompt_inputs", "check_image_text", "stages_from_manifest", "check_chain", "IMAGE_PRECISIONS",
+    "DECODER_PRECISIONS",
 ]

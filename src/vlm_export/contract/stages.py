@@ -13,7 +13,10 @@ prompt). The one ``decoder`` stage is fed by the decoding scheme.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    from .layout import ImageText
 
 IMAGE, DECODER = "image", "decoder"
 KINDS = (IMAGE, DECODER)
@@ -115,6 +118,16 @@ def check_chain(stages: list[StageSpec], image_input: str) -> None:
 def prompt_inputs(stages: Iterable[StageSpec]) -> list[TensorSpec]:
     """The image path's inputs made from the prompt (empty when images alone decide it)."""
     return [t for s in image_stages(stages) for t in s.inputs if t.role == "prompt"]
+
+
+def check_image_text(stages: Iterable[StageSpec], image_text: "ImageText | None") -> None:
+    """The image stages' prompt inputs must be exactly what the ImageText declaration makes
+    (nothing when there is none). ValueError naming the difference."""
+    wanted = {t.name for t in prompt_inputs(stages)}
+    made = {image_text.ids, image_text.mask} if image_text else set()
+    if wanted != made:
+        raise ValueError(f"the image stages read {sorted(wanted) or 'nothing'} from the prompt, but the image_text "
+                         f"declaration makes {sorted(made) or 'nothing'}")
 
 
 def stages_from_manifest(manifest: dict[str, Any]) -> list[StageSpec]:

@@ -8,7 +8,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..contract import DecodingScheme, Limits, PromptLayout, StageSpec, image_stages, prompt_inputs
+from ..contract import DecodingScheme, Limits, PromptLayout, StageSpec, check_image_text, image_stages
 from ..errors import InputError
 from .chat import Prompt
 from .images import ImageInput, ImageLimits, image_name, load_image  # noqa: F401  (re-exported)
@@ -46,11 +46,7 @@ class VLMPipeline:
         self.image_text = image_text
         # what a request's image may be before it is decoded (a served model sets its own)
         self.image_limits = image_limits_for(self.stages)
-        wanted = {t.name for t in prompt_inputs(self.stages)}
-        made = {image_text.spec.ids, image_text.spec.mask} if image_text else set()
-        if wanted - made:
-            raise ValueError(f"the image stages read {sorted(wanted - made)} from the prompt, which nothing makes "
-                             "(the build's image_text declaration is missing or names other tensors)")
+        check_image_text(self.stages, image_text.spec if image_text else None)
         self.scheme = scheme
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.layout, self.limits = layout, limits
