@@ -8,7 +8,9 @@ import pytest
 
 from vlm_export.contract import DecodeBatch
 from vlm_export.errors import InputError
-from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, Scheduler, generate, generate_batch
+from vlm_export.runtime.generate import (DEFAULT_MAX_PREFILL_PADDING, GenerationConfig, GenerationRequest,
+                                        GenerationResult, Scheduler, TokenEvent, generate, generate_batch,
+                                        generate_ids, prepare_request)
 from vlm_export.runtime.load import open_build
 
 
@@ -92,3 +94,114 @@ def test_scheduler_keeps_to_max_batch_and_checks_requests_up_front(pipe):
         scheduler.submit(pipe.prompt_ids("Look", 1), pipe.scheme.empty_image_input(), GenerationConfig())
     with pytest.raises(InputError, match="max_sequence"):
         generate_batch(pipe, [GenerationRequest("Hi"), GenerationRequest("Hi", (), GenerationConfig(max_new_tokens=4000))])
+
+
+# ---- batched prefill: new prompts of different lengths, left-padded, in ONE decoder call ----------
+MIXED = [("Describe this picture in detail, please, and name every colour you see.", 1),
+         ("Hi", 0),
+         ("What do these two pictures have in common?", 2),
+         ("Write a short story about a robot who learns to paint.", 0)]
+
+
+def _mixed_requests(pipe, photos):
+    """(prompt ids, image input) for prompts of different lengths, with and without images."""
+    return [prepare_request(pipe, prompt, photos[:min(n, pipe.limits.max_images)], GenerationConfig(max_new_tokens=6))
+            for prompt, n in MIXED]
+
+
+@pytest.mark.parametrize("name", ["llava-llama", "prefix-llama", "blip2-opt", "instructblip-llama"])
+def test_batched_left_padded_prefill_equals_one_by_one(tiny_build, photos, name):
+    """One prefill call for four prompts of different lengths (images mixed in) gives every row
+    the logits, cache and greedy tokens it gets alone, and the padding's cache slots hold zeros."""
+    pipe = open_build(tiny_build(name).path)
+    requests = _mixed_requests(pipe, photos)
+    lengths = [len(ids) for ids, _ in requests]
+    assert len(set(lengths)) == len(lengths)  # really different lengths: padding in every row but the longest
+    logits, state = pipe.prefill_batch([ids for ids, _ in requests], [image for _, image in requests])
+    assert state.rows == 4 and state.length == max(lengths) and state.positions.tolist() == lengths
+    assert state.mask.sum(axis=1).tolist() == lengths
+    for name_ in state.growing:
+        cache = state.caches[name_]
+        assert np.isfinite(cache).all()
+        assert (cache[np.broadcast_to((state.mask == 0)[:, None, :, None], cache.shape)] == 0).all()
+    for row, (ids, image) in enumerate(requests):
+        alone_logits, alone = pipe.prefill(ids, image)
+        np.testing.assert_allclose(logits[row], alone_logits, atol=1e-4)
+        own = state.keep([row])  # this row's columns only: the shape it has alone
+        assert own.mask.tolist() == alone.mask.tolist() and own.positions.tolist() == alone.positions.tolist()
+        for cache in alone.caches:
+            np.testing.assert_allclose(own.caches[cache], alone.caches[cache], atol=1e-5)
+
+    greedy = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    scheduler = Scheduler(pipe, max_batch=4, max_prefill_padding=1.0)  # any padding: one call
+    rows = [scheduler.submit(ids, image, greedy) for ids, image in requests]
+    together = {row: e.token_ids for row, e in scheduler.run_raising() if isinstance(e, GenerationResult)}
+    assert scheduler.prefill_calls == 1
+    assert [together[row] for row in rows] == [generate_ids(pipe, ids, image, greedy) for ids, image in requests]
+
+
+def test_prefill_keeps_to_its_token_and_padding_bounds(pipe, photos):
+    """A step admits prompts up to ``max_prefill_tokens`` (the rest wait for a later step) and
+    prefills them longest first, in calls at most ``max_prefill_padding`` padding; the answers do
+    not change."""
+    requests = _mixed_requests(pipe, photos)
+    lengths = [len(ids) for ids, _ in requests]  # 62, 31, 72, 42 with this tokenizer
+    bound = sum(lengths[:3])  # the first three fit in one step, the fourth waits
+    calls = []
+
+    class Recording(Scheduler):  # the real scheduler, noting the prompt lengths of each prefill call
+        def _prefill(self, group):
+            calls.append([len(r.prompt_ids) for r in group])
+            super()._prefill(group)
+
+    config = GenerationConfig(max_new_tokens=4, ignore_eos=True)
+    scheduler = Recording(pipe, max_batch=4, max_prefill_tokens=bound)
+    assert scheduler.max_prefill_padding == DEFAULT_MAX_PREFILL_PADDING == 0.15
+    rows = [scheduler.submit(ids, image, config) for ids, image in requests]
+    scheduler.step()
+    assert len(scheduler.running) == 3 and len(scheduler.queued) == 1
+    # longest first: 72 and 62 share a call (7% padding); 31 more would make it 24%, so it goes alone
+    assert calls == [[lengths[2], lengths[0]], [lengths[1]]]
+    for call in calls:
+        assert len(call) * max(call) - sum(call) <= 0.15 * len(call) * max(call)
+    results = {row: e.token_ids for row, e in scheduler.run_raising() if isinstance(e, GenerationResult)}
+    assert calls[2:] == [[lengths[3]]] and scheduler.prefill_calls == 3
+    assert [results[row] for row in rows] == [generate_ids(pipe, ids, image, config) for ids, image in requests]
+    for bad in ({"max_prefill_tokens": 0}, {"max_prefill_padding": 1.5}):
+        with pytest.raises(InputError, match="max_prefill"):
+            Scheduler(pipe, **bad)
+
+
+def test_a_failing_batched_prefill_ends_only_the_row_at_fault(pipe):
+    """The batched call fails (an injected fault around the real runner on one prompt): its rows
+    are prefilled one by one, the faulty one ends with the error, the others run."""
+    from vlm_export.errors import RunnerError
+    from vlm_export.runtime.pipeline import VLMPipeline
+    from vlm_export.runtime.runners import Runner
+
+    marker = next(iter(set(pipe.prompt_ids("poison", 0)) - set(pipe.prompt_ids("Tell me a story.", 0))))
+
+    class FailOnMarker(Runner):
+        backend = "faulty"
+
+        def __init__(self, inner):
+            super().__init__(inner.name, inner.input_names, inner.output_names)
+            self.inner = inner
+
+        def _run(self, feeds):
+            if feeds["input_ids"].shape[1] > 1 and marker in feeds["input_ids"]:
+                raise RunnerError("lm_decoder: injected failure")
+            return self.inner.infer(feeds)
+
+    name = pipe.scheme.decoder_stage
+    faulty = VLMPipeline({**pipe.runners, name: FailOnMarker(pipe.runners[name])}, pipe.stages, pipe.scheme,
+                         pipe.tokenizer, pipe.image_processor, pipe.layout, pipe.limits, pipe.eos_token_ids)
+    scheduler = Scheduler(faulty, max_batch=3, max_prefill_padding=1.0)
+    config = GenerationConfig(max_new_tokens=5, ignore_eos=True)
+    none = pipe.scheme.empty_image_input()
+    good = [scheduler.submit(pipe.prompt_ids(p, 0), none, config) for p in ("Tell me a story.", "Hi")]
+    bad = scheduler.submit(pipe.prompt_ids("poison", 0), none, config)
+    events = {row: e for row, e in scheduler.run() if not isinstance(e, TokenEvent)}
+    assert scheduler.prefill_calls == 4  # the batch of three, then each alone
+    assert isinstance(events[bad], RunnerError) and "injected" in str(events[bad])
+    assert all(isinstance(events[row], GenerationResult) and events[row].completion_tokens == 5 for row in good)

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from .demo import DEMO_MAX_BATCH
 from .errors import InputError, VlmExportError
 
 EPILOG = """examples:
@@ -31,7 +32,7 @@ def _positive_int(text: str) -> int:
 
 def _add_build_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("limits (recorded in the manifest; engines and Triton configs derive from them)")
-    g.add_argument("--max-batch", type=_positive_int, default=4, help="largest batch of requests (default 4)")
+    g.add_argument("--max-batch", type=_positive_int, default=4, help="largest batch of requests (default %(default)s)")
     g.add_argument("--max-images", type=_positive_int, default=2, help="images per prompt (default 2)")
     g.add_argument("--max-sequence", type=_positive_int, default=None,
                    help="prompt + generated tokens (default: the model's limit, at most 4096)")
@@ -192,7 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("build/demo"), help="build folder (default build/demo)")
     p.add_argument("--force", action="store_true", help="replace an existing build folder")
     _add_build_options(p)
-    p.set_defaults(eval_questions=60)  # the demo's build answers 60 easy-vqa test questions, gated
+    # the demo's build answers 60 easy-vqa test questions, gated, and serves batches of DEMO_MAX_BATCH
+    p.set_defaults(eval_questions=60, max_batch=DEMO_MAX_BATCH)
 
     p = sub.add_parser("repository", help="render a Triton model repository from a build",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

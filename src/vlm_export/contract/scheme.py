@@ -12,6 +12,16 @@ row's newest position is the last column, shorter rows are padded on the left wi
 the attention mask hides. So a row can join after its own prefill and leave at any step, and the
 batch's length is the longest row's. (Zeros, not garbage: a masked slot gets weight exactly 0,
 and 0 x 0 stays 0, where a NaN would not.)
+
+A prefill takes several new prompts of different lengths in ONE decoder call, laid out the same
+way: shorter prompts are padded on the LEFT (so every row's last column is its newest position),
+the padding hidden by the mask, its ids never an image placeholder, each row's position ids
+counting from its own first real token (:func:`left_padded`). Padded query positions attend to
+no key, which a runtime may answer with garbage or NaN (the exported graphs' masks add float32's
+lowest value, not -inf, so ONNX Runtime's CPU provider gives finite garbage there, fp16 variant
+included; fused attention kernels need not). Whatever the graph wrote there, the state keeps
+zeros under the mask (:meth:`DecodeBatch.zero_masked`), and the logits are read at the last
+column, a real position of every row.
 """
 from __future__ import annotations
 
@@ -75,6 +85,19 @@ class DecodeBatch:
                        positions=self.positions[index])
         return kept.trim()
 
+    def zero_masked(self) -> "DecodeBatch":
+        """The growing caches with every masked slot set to 0 (the layout's contract), whatever a
+        graph wrote there (a padded prefill's padding: garbage, or NaN on some runtimes)."""
+        if self.mask.all():
+            return self
+        caches = dict(self.caches)
+        for name in self.growing:
+            cache = caches[name]
+            shape = [1] * cache.ndim
+            shape[0], shape[self.seq_axis] = self.rows, self.length
+            caches[name] = np.where(self.mask.reshape(shape).astype(bool), cache, np.zeros((), cache.dtype))
+        return replace(self, caches=caches)
+
     def trim(self) -> "DecodeBatch":
         used = np.flatnonzero(self.mask.any(axis=0))
         start = int(used[0]) if used.size else self.length
@@ -84,6 +107,31 @@ class DecodeBatch:
         for name in self.growing:
             caches[name] = np.ascontiguousarray(np.take(caches[name], np.arange(start, self.length), axis=self.seq_axis))
         return replace(self, caches=caches, mask=self.mask[:, start:])
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(input_ids, attention_mask, position_ids)``, each ``[rows, longest]`` int64, for prompts of
+    any lengths laid out as a prefill takes them: padded on the left with ``pad_id`` (mask 0,
+    position 0), each row's positions counting 0, 1, ... from its first real token."""
+    lengths = [len(r) for r in rows]
+    if not rows or min(lengths) < 1:
+        raise ValueError(f"a prefill takes at least one prompt of at least one token, got lengths {lengths}")
+    width = max(lengths)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        start = width - len(row)
+        ids[i, start:] = row
+        mask[i, start:] = 1
+        positions[i, start:] = np.arange(len(row))
+    return ids, mask, positions
+
+
+def left_padded_mask(lengths: Sequence[int]) -> np.ndarray:
+    """``[rows, longest]`` int64: 1 on each row's last ``lengths[i]`` columns (the prefill layout)."""
+    width = max(lengths)
+    return (np.arange(width)[None, :] >= width - np.asarray(lengths, dtype=np.int64)[:, None]).astype(np.int64)
 
 
 _REGISTRY: dict[str, type["DecodingScheme"]] = {}
@@ -157,14 +205,39 @@ class DecodingScheme(abc.ABC):
         """InputError when the prompt and the images do not fit together."""
 
     # ---- running a batch ---------------------------------------------------------------
+    # A prefill is one decoder call for any number of new prompts (up to the build's max_batch) of
+    # any lengths, from an empty state: prefill_feeds(rows, batch_image_inputs([each row's])), the
+    # decoder, then prefill_state(outputs, [len(r) for r in rows]) and next_logits(outputs). Rows
+    # are laid out as the module docstring says (left-padded, masked), so the state joins a
+    # running DecodeBatch as is.
     @abc.abstractmethod
-    def prefill_feeds(self, rows: Sequence[Sequence[int]], image_input: np.ndarray) -> dict[str, np.ndarray]:
-        """Decoder feeds for a prefill of equally long prompts from an empty state; ``image_input``
-        holds the images of every row, in row order."""
+    def batch_image_inputs(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        """One prefill's image input from its rows' image inputs (one per row, in row order; a
+        row without images gives ``empty_image_input()``)."""
 
     @abc.abstractmethod
-    def prefill_state(self, outputs: Feeds, rows: int, length: int) -> DecodeBatch:
-        """The state after a prefill of ``rows`` prompts of ``length`` tokens."""
+    def prefill_feeds(self, rows: Sequence[Sequence[int]], image_input: np.ndarray) -> dict[str, np.ndarray]:
+        """Decoder feeds for ONE prefill of ``rows`` (prompt ids, any lengths, at least one token
+        each) from an empty state: shorter rows padded on the left, the padding masked and never an
+        image placeholder, each row's positions counting from its first real token.
+        ``image_input`` holds the images of every row, in row order (``batch_image_inputs``)."""
+
+    def prefill_state(self, outputs: Feeds, lengths: Sequence[int] | int, length: int | None = None) -> DecodeBatch:
+        """The state after ``prefill_feeds(rows)``: ``lengths`` are the rows' prompt lengths, in row
+        order. The padding's cache slots are zero (whatever the graph computed there) and masked.
+
+        ``prefill_state(outputs, rows, length)``, the older form for ``rows`` prompts of one
+        ``length``, is still accepted while its callers move to ``lengths``."""
+        if length is not None:
+            lengths = [int(length)] * int(lengths)
+        lengths = [int(n) for n in lengths]
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"a prefill's rows have at least one token each, got lengths {lengths}")
+        return self.state_after_prefill(outputs, lengths)
+
+    @abc.abstractmethod
+    def state_after_prefill(self, outputs: Feeds, lengths: list[int]) -> DecodeBatch:
+        """``prefill_state``'s work (called with the lengths checked): a scheme implements this."""
 
     @abc.abstractmethod
     def step_feeds(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
@@ -176,7 +249,8 @@ class DecodingScheme(abc.ABC):
 
     @abc.abstractmethod
     def next_logits(self, outputs: Feeds) -> np.ndarray:
-        """``[rows, vocab]``: the logits of each row's newest position."""
+        """``[rows, vocab]``: the logits of each row's newest position (after a prefill: its last
+        prompt token, the last column, real in every row)."""
 
     @abc.abstractmethod
     def synthetic_batch(self, rows: int, length: int, rng: np.random.Generator) -> DecodeBatch:

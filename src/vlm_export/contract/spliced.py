@@ -2,7 +2,10 @@
 decoder graph embeds the ids and replaces the k-th placeholder (row-major over the batch, the
 order Hugging Face's ``masked_scatter`` fills) with row k of a flat table ``image_embeds [n,
 hidden]``; state = self-attention K/V per layer. LLaVA-style inline tokens and prefix fusion
-both use it; they differ only in the prompt layout.
+both use it; they differ only in the prompt layout. A prefill of prompts of different lengths is
+left-padded (see ``contract.scheme``) with ``pad_id``, a text id that is not the placeholder; its
+``image_embeds`` is the rows' tables concatenated in row order, which the graph's row-major fill
+hands out row by row.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import numpy as np
 from ..errors import InputError
 from .geometry import DecoderGeometry
 from .limits import Limits
-from .scheme import DecodeBatch, DecodingScheme, Feeds, Range, register_scheme
+from .scheme import DecodeBatch, DecodingScheme, Feeds, Range, left_padded, left_padded_mask, register_scheme
 from .stages import DECODER, StageSpec, TensorSpec
 
 PAST, PRESENT = "past_key_values", "present"
@@ -34,6 +37,8 @@ class SplicedScheme(DecodingScheme):
         self.image_input_name = image_input_name
         self.past_names = kv_names(geometry.num_layers, PAST)
         self.present_names = kv_names(geometry.num_layers, PRESENT)
+        # the prefill's padding: any id the graph embeds as text (masked, so its value never matters)
+        self.pad_id = 0 if self.image_token_id != 0 else 1
 
     def params(self) -> dict[str, Any]:
         return {"image_token_id": self.image_token_id, "image_input_name": self.image_input_name}
@@ -100,26 +105,30 @@ class SplicedScheme(DecodingScheme):
         shape = (rows, g.num_kv_heads, 0, g.head_dim)
         return {n: np.zeros(shape, dtype=g.cache_dtype) for n in self.past_names}
 
+    def batch_image_inputs(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        return self.join_image_inputs(parts)  # one flat table: row 0's rows, then row 1's, ...
+
     def prefill_feeds(self, rows: Sequence[Sequence[int]], image_input: np.ndarray) -> dict[str, np.ndarray]:
-        lengths = {len(r) for r in rows}
-        if len(lengths) != 1:
-            raise ValueError(f"a prefill takes prompts of one length, got {sorted(lengths)}")
-        ids = np.asarray(rows, dtype=np.int64)
-        n, length = ids.shape
+        ids, mask, positions = left_padded(rows, self.pad_id)
+        placeholders = int((ids == self.image_token_id).sum())
+        if placeholders != len(image_input):  # rows would take each other's images
+            raise ValueError(f"the prefill's prompts hold {placeholders} image placeholders but its image "
+                             f"input has {len(image_input)} rows")
         return {
             "input_ids": ids,
             self.image_input_name: np.asarray(image_input, dtype=np.float32),
-            "attention_mask": np.ones((n, length), dtype=np.int64),
-            "position_ids": np.broadcast_to(np.arange(length, dtype=np.int64), (n, length)).copy(),
-            **self._empty_past(n),
+            "attention_mask": mask,
+            "position_ids": positions,
+            **self._empty_past(len(rows)),
         }
 
     def _caches(self, outputs: Feeds) -> dict[str, np.ndarray]:
         return {past: outputs[present] for past, present in zip(self.past_names, self.present_names)}
 
-    def prefill_state(self, outputs: Feeds, rows: int, length: int) -> DecodeBatch:
-        return DecodeBatch(self._caches(outputs), np.ones((rows, length), dtype=np.int64),
-                           np.full(rows, length, dtype=np.int64), growing=tuple(self.past_names))
+    def state_after_prefill(self, outputs: Feeds, lengths: list[int]) -> DecodeBatch:
+        state = DecodeBatch(self._caches(outputs), left_padded_mask(lengths), np.asarray(lengths, dtype=np.int64),
+                            growing=tuple(self.past_names))
+        return state.zero_masked()
 
     def step_feeds(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
         rows = batch.rows

@@ -10,14 +10,16 @@ from ..compare.parity import default_samples, samples_from_items
 from ..datasets import load_split
 from ..precision.calibration import DEFAULT_SAMPLES, CalibrationPair, default_pairs
 from ..progress import Progress
+from . import DEMO_MAX_BATCH
 from .model import assemble_demo
 
 PARITY_QUESTIONS = 3  # easy-vqa test questions added to the photo samples for parity
 
 
 def build_demo(out: Path, options: BuildOptions | None = None, progress: Progress | None = None) -> BuildResult:
+    """The demo's build; without ``options``, BuildOptions with ``max_batch=DEMO_MAX_BATCH``."""
     progress = progress or Progress()
-    options = options or BuildOptions()
+    options = options or BuildOptions(max_batch=DEMO_MAX_BATCH)
     with progress.step("assembling the demo VLM (SmolLM2-135M-Instruct + trained vision tower)") as advance:
         model_dir = assemble_demo()
         advance()

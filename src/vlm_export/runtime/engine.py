@@ -3,9 +3,11 @@
 The served ``vlm`` model is a thin shell over this (it hands each request over and returns at
 once); tests and in-process servers use it directly. A request is prepared (prompt ids, its
 images through the image path) on a small worker pool, then joins the running batch at the next
-step; every step decodes all running rows in one decoder call (``Scheduler``), sends each row's
-events through its own callback, lets finished rows leave, and polls each request's
-``is_cancelled`` so a cancelled row stops within one step and frees its place.
+step (the requests that arrived since are prefilled together, within the scheduler's
+``max_prefill_tokens`` and ``max_prefill_padding``); every step decodes all running rows in one
+decoder call (``Scheduler``), sends each row's events through its own callback, lets finished
+rows leave, and polls each request's ``is_cancelled`` so a cancelled row stops within one step and
+frees its place.
 
 Back-pressure: at most ``max_queue`` requests wait (prepared or not) for a place in the batch;
 past that, ``submit`` raises BusyError at once, so a flood costs neither threads nor memory.
@@ -70,7 +72,8 @@ class GenerationEngine:
     def __init__(self, pipe: VLMPipeline, max_batch: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                  encode_images: ImageEncoder | None = None,
                  on_stats: Callable[[EngineStats], None] | None = None,
-                 image_cache: ImageEmbeddingCache | None = None):
+                 image_cache: ImageEmbeddingCache | None = None, max_prefill_tokens: int | None = None,
+                 max_prefill_padding: float | None = None):
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         self.pipe, self.max_queue = pipe, max_queue
@@ -81,7 +84,7 @@ class GenerationEngine:
                 lambda image, prompt: image_input_for(pipe, [image], prompt, encode_images),
                 pipe.scheme.join_image_inputs, by_prompt=pipe.reads_prompt)
         self.on_stats = on_stats
-        self.scheduler = Scheduler(pipe, max_batch or pipe.limits.max_batch)
+        self.scheduler = Scheduler(pipe, max_batch or pipe.limits.max_batch, max_prefill_tokens, max_prefill_padding)
         self.stats = EngineStats()
         self._reported: EngineStats | None = None
         self._lock = threading.Lock()

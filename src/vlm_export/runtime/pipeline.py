@@ -125,5 +125,13 @@ class VLMPipeline:
 
     def prefill(self, prompt_ids: Sequence[int], image_input: np.ndarray):
         """(logits [vocab] of the last prompt position, the state of this one row)."""
-        out = self.decode(self.scheme.prefill_feeds([prompt_ids], image_input))
-        return self.scheme.next_logits(out)[0], self.scheme.prefill_state(out, 1, len(prompt_ids))
+        logits, state = self.prefill_batch([prompt_ids], [image_input])
+        return logits[0], state
+
+    def prefill_batch(self, rows: Sequence[Sequence[int]], image_inputs: Sequence[np.ndarray]):
+        """ONE decoder call for several new prompts of any lengths (each row's image input in
+        ``image_inputs``, in row order): (logits [rows, vocab] of each row's last prompt position,
+        the state of these rows, padding zeroed and masked; see ``contract.scheme``)."""
+        scheme = self.scheme
+        out = self.decode(scheme.prefill_feeds(rows, scheme.batch_image_inputs(image_inputs)))
+        return scheme.next_logits(out), scheme.prefill_state(out, [len(r) for r in rows])
