@@ -17,9 +17,12 @@ from vlm_export.datasets.easyvqa import load_split, normalize_answer
 from vlm_export.evaluate import evaluate_build
 
 SUBSET = 60
-# accuracy of the PyTorch demo on this fixed subset, measured once (greedy, deterministic);
-# a margin of two answers allows for float noise across machines
-SUBSET_ACCURACY = 54 / 60  # ONNX Runtime = PyTorch, measured 2026-11-26 on the committed weights
+# REGRESSION PIN, not an independent reference: 54 of these 60 questions answered right by the fp32
+# PyTorch reference (and identically by ONNX Runtime) in this file's demo build, measured 2026-11-26 on
+# the committed weights (README: "every 161st test question (60) ... 90.0%"). It catches a change
+# that costs answers; re-measure and update it (with the date) when the weights or SmolLM2 change.
+# A margin of two answers allows for float noise across machines.
+SUBSET_ACCURACY = 54 / 60
 MARGIN = 2 / SUBSET
 
 
@@ -57,7 +60,15 @@ def test_onnxruntime_answers_like_pytorch(demo_build):
     assert accuracy["disagreements"] == []  # every answer identical
     assert ort_result["accuracy"] == torch_result["accuracy"]
     assert accuracy["gate"]["passed"] and accuracy["gate"]["drop_points"] == {"onnxruntime": 0.0}
-    assert torch_result["accuracy"] >= SUBSET_ACCURACY - MARGIN
+    assert torch_result["accuracy"] >= SUBSET_ACCURACY - MARGIN  # the pin above
+    # independently: the training run's own HF-generate accuracy on the whole test split (9,673
+    # questions, H100, recorded with the weights); 60 questions estimate it within 3 standard errors
+    from vlm_export.demo.model import RECIPE_FILE, WEIGHTS_DIR
+
+    whole = json.loads((WEIGHTS_DIR / RECIPE_FILE).read_text())["accuracy"]["test"]
+    assert whole["questions"] == 9673
+    spread = 3 * (whole["accuracy"] * (1 - whole["accuracy"]) / SUBSET) ** 0.5  # about 0.12
+    assert abs(torch_result["accuracy"] - whole["accuracy"]) <= spread, (torch_result["accuracy"], whole)
 
 
 def test_batched_answers_equal_one_at_a_time(demo_build):
@@ -77,10 +88,29 @@ def test_batched_answers_equal_one_at_a_time(demo_build):
     assert [r.text for r in batched] == recorded["answers"]  # and the build's own one-at-a-time answers
 
 
-def test_eval_on_a_question_folder(demo_build, tmp_path):
-    """`vlm-export eval` on a user folder (images + questions.jsonl), judged and recorded."""
+def private_copy(build, dest):
+    """A copy whose reports a test may rewrite: the graphs hard-linked (hundreds of MB, only read),
+    every other file copied (report.json is rewritten in place, which would write through a link)."""
+    import os
     import shutil
 
+    def link_graphs(src, dst):
+        if "/graphs/" in src:
+            os.link(src, dst)
+        else:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(build, dest, copy_function=link_graphs)
+    return dest
+
+
+def test_eval_on_a_question_folder(demo_build, tmp_path):
+    """`vlm-export eval` on a user folder (images + questions.jsonl), judged and recorded (in a copy:
+    the shared demo build's report keeps the task accuracy its build measured)."""
+    import shutil
+
+    build = private_copy(demo_build.path, tmp_path / "build")
+    shared_report = (demo_build.path / "report.json").read_bytes()
     folder = tmp_path / "subset"
     (folder / "images").mkdir(parents=True)
     lines = []
@@ -88,12 +118,13 @@ def test_eval_on_a_question_folder(demo_build, tmp_path):
         shutil.copy(item.image, folder / "images" / f"{i}.png")
         lines.append(json.dumps({"image": f"images/{i}.png", "question": item.question, "answer": item.answer}))
     (folder / "questions.jsonl").write_text("\n".join(lines))
-    accuracy = evaluate_build(demo_build.path, str(folder))
+    accuracy = evaluate_build(build, str(folder))
     assert accuracy["disagreements"] == [] and accuracy["failures"] == [] and accuracy["gate"]["passed"]
-    recorded = json.loads((demo_build.path / "report.json").read_text())["task_accuracy"]
+    recorded = json.loads((build / "report.json").read_text())["task_accuracy"]
     assert recorded["questions"] == 10 and recorded["dataset"] == str(folder)
-    spread = evaluate_build(demo_build.path, str(folder), spread=5, backends=("onnxruntime",))
+    spread = evaluate_build(build, str(folder), spread=5, backends=("onnxruntime",))
     assert spread["questions"] == 5 and "gate" not in spread  # one backend: nothing to judge against
+    assert (demo_build.path / "report.json").read_bytes() == shared_report
 
 
 def test_served_demo_matches_in_process(demo_build, tmp_path):

@@ -6,7 +6,6 @@ reused from the cache folder, see ``assemble_demo``).
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -125,7 +124,7 @@ def demo(demo_dir):
     return model, AutoTokenizer.from_pretrained(demo_dir), CLIPImageProcessor.from_pretrained(demo_dir)
 
 
-def test_assembled_demo_is_a_standard_llava(demo_dir, demo):
+def test_assembled_demo_is_a_standard_llava(demo_dir, demo, monkeypatch):
     from transformers import LlavaForConditionalGeneration
 
     from vlm_export.demo.model import IMAGE_TOKEN, IMAGE_TOKEN_ID, TOKENS_PER_IMAGE, assemble_demo
@@ -140,7 +139,16 @@ def test_assembled_demo_is_a_standard_llava(demo_dir, demo):
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     assert tokenizer.eos_token == "<|im_end|>"
     assert processor.crop_size == {"height": 64, "width": 64}
-    assert assemble_demo() == demo_dir  # a complete folder is reused, not rebuilt
+    # a complete folder is reused as it is: SmolLM2 is not loaded again, no file is rewritten
+    import vlm_export.demo.smollm2 as smollm2
+
+    def reassemble():
+        raise AssertionError("assemble_demo() assembled a complete folder again")
+
+    monkeypatch.setattr(smollm2, "load_smollm2", reassemble)
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in demo_dir.iterdir()}
+    assert assemble_demo() == demo_dir
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in demo_dir.iterdir()} == before
 
 
 def test_assembled_weights_are_the_committed_ones(demo):
@@ -179,4 +187,3 @@ def test_generate_answers_a_fixed_sample_as_recorded(demo):
     model, tokenizer, processor = demo
     acc = answer_questions(model, tokenizer, processor, fixed_test_sample(), batch_size=SAMPLE_SIZE)
     assert acc >= recorded - ACCURACY_MARGIN, f"accuracy {acc:.2f} on {SAMPLE_SIZE} test questions, recorded {recorded:.3f}"
-    assert not math.isnan(acc)

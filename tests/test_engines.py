@@ -47,7 +47,12 @@ def test_builder_settings_per_precision():
     assert builder_settings("int8").strongly_typed  # Q/DQ graphs: TensorRT follows the graph's precisions
     with pytest.raises(BuildError, match="--weight-form dequantize"):
         builder_settings("w4", {"form": "matmulnbits"})
-    assert builder_settings("w4", {"form": "dequantize"}).strongly_typed
+    # int4 weights in the dequantize form build strongly typed; block-wise int8 ones (the default w8
+    # LM head) have no TensorRT engine: TensorRT's weight-only quantization is int4 only
+    assert builder_settings("w4", {"form": "dequantize", "bits": 4, "lm_head": "w4"}).strongly_typed
+    with pytest.raises(BuildError, match="block-wise int8 weights"):
+        builder_settings("w4", {"form": "dequantize", "bits": 4, "lm_head": "w8"})
+
 
 def test_dim_ranges_cover_every_declared_stage(tiny_build):
     manifest = read_manifest(tiny_build("llava-llama").path)
@@ -64,13 +69,16 @@ def test_engines_refused_without_tensorrt(tiny_build):
 
 @pytest.mark.tensorrt
 @pytest.mark.skipif(not HAS_TRT, reason="needs TensorRT and a CUDA GPU (not installable on the CI machines)")
-def test_engines_build_and_match_onnxruntime(tiny_build):  # pragma: no cover - runs on GPU machines only
+def test_engines_build_and_match_onnxruntime(tiny_build, tmp_path):  # pragma: no cover - runs on GPU machines only
+    import shutil
+
     import numpy as np
 
     from vlm_export.engines.tensorrt import TensorRTRunner
     from vlm_export.runtime.load import open_build
 
-    build_dir = tiny_build("llava-llama").path
+    build_dir = tmp_path / "build"  # engines and a rewritten manifest go into a copy, not the shared build
+    shutil.copytree(tiny_build("llava-llama").path, build_dir)
     engines = build_engines(build_dir)
     pipe = open_build(build_dir)
     manifest = read_manifest(build_dir)

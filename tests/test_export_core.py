@@ -147,7 +147,7 @@ def test_stage_graphs_run_other_shapes(tiny_build):
     out = pipe.decode(scheme.prefill_feeds([[5]], no_images))
     assert out["logits"].shape == (1, 1, 49152)
     out = pipe.decode(scheme.prefill_feeds([[5, 6]] * 3, no_images))
-    out = pipe.decode(scheme.step_feeds(scheme.prefill_state(out, 3, 2), np.array([7] * 3)))
+    out = pipe.decode(scheme.step_feeds(scheme.prefill_state(out, [2, 2, 2]), np.array([7] * 3)))
     assert out["logits"].shape == (3, 1, 49152)
 
 

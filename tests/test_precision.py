@@ -88,7 +88,12 @@ def test_mixed_precision_build(mixed_build):
     # reduced precision is judged by cosine; tokens are reported with their first divergence, not required equal
     assert report["stages"]["prefill"]["logits"]["allowed_max_abs"] is None
     assert report["stages"]["prefill"]["logits"]["cosine"] >= 0.99
-    assert all("first_divergence" in r for r in report["end_to_end"]["onnxruntime"])
+    for run in report["end_to_end"]["onnxruntime"]:  # the first divergence, recounted from the tokens
+        ref, cand = run["reference"], run["candidate"]
+        diverged = [i for i, (a, b) in enumerate(zip(ref, cand)) if a != b] or (
+            [min(len(ref), len(cand))] if len(ref) != len(cand) else [])
+        assert run["first_divergence"] == (diverged[0] if diverged else None), run
+        assert run["identical"] is (not diverged)
 
 
 def test_variants_generate(mixed_build):
@@ -172,15 +177,17 @@ def test_accuracy_gate_failure_is_reported_not_shipped(tiny_model_dir, tmp_path)
 
 
 def test_tensorrt_weight_form_builds_and_runs_on_onnxruntime(tiny_model_dir, tmp_path):
-    """--weight-form dequantize: int4 weights + block-wise DequantizeLinear (opset 21), the graph
-    TensorRT reads; here it is checked, run and gated on ONNX Runtime like any variant."""
+    """--weight-form dequantize --lm-head w4: int4 weights + block-wise DequantizeLinear (opset 21),
+    the graph TensorRT reads (its weight-only quantization is int4 only, so the head is w4 too);
+    here it is checked, run and gated on ONNX Runtime like any variant."""
     from vlm_export.engines.tensorrt import builder_settings
 
     options = BuildOptions(precision=parse_precision("decoder=w4"), parity_new_tokens=4,
-                           precision_options=PrecisionOptions(weight_form="dequantize"))
+                           precision_options=PrecisionOptions(weight_form="dequantize", lm_head="w4"))
     result = build(tiny_model_dir("prefix-llama"), tmp_path / "trt-form", options)
     graph = result.manifest["graphs"]["lm_decoder"]
-    assert (graph["variant"]["form"], graph["variant"]["scheme"]) == ("dequantize", "symmetric")
+    assert (graph["variant"]["form"], graph["variant"]["scheme"], graph["variant"]["lm_head"]) == (
+        "dequantize", "symmetric", "w4")
     model = onnx.load(str(result.path / graph["file"]))
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert dq and all(any(a.name == "block_size" and a.i == 32 for a in n.attribute) for n in dq)

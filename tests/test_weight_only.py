@@ -31,9 +31,18 @@ def test_asymmetric_blocks_reproduce_a_q4_1_grid_exactly():
 @pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
 def test_rounding_error_is_at_most_half_a_step(bits, scheme):
     w = np.random.default_rng(1).standard_normal((K + 16, N)).astype(np.float32)  # K not a block multiple
-    q = quantize_blocks(w, bits, 32, scheme)
-    step = np.repeat(q.scales, 32, axis=1).T[: K + 16]  # [K, N] per-weight step
-    assert np.all(np.abs(q.dequantize() - w) <= step / 2 + 1e-6)
+    deq = quantize_blocks(w, bits, 32, scheme).dequantize()
+    assert deq.shape == w.shape
+    # each block's grid step worked out from its own weights (not from the scales under test):
+    # symmetric codes run from -(2^(b-1)-1) to 2^(b-1)-1 steps around 0, asymmetric ones 2^b-1 steps
+    # from the block's minimum to its maximum
+    for start in range(0, K + 16, 32):  # the last block holds the 16 rows past K
+        block = w[start:start + 32]
+        if scheme == "symmetric":
+            step = np.abs(block).max(axis=0) / (2 ** (bits - 1) - 1)
+        else:
+            step = (block.max(axis=0) - block.min(axis=0)) / (2 ** bits - 1)
+        assert np.all(np.abs(deq[start:start + 32] - block) <= step / 2 + 1e-6), start
 
 
 def _graph(path):

@@ -3,7 +3,7 @@
 The build is written into a hidden temporary folder beside the target and renamed into place
 only when every graph exported, passed the ONNX checker and matched PyTorch. A build whose
 parity fails is moved to ``<out>.failed/`` (graphs + report, its manifest renamed), so nothing that looks
-complete is ever left behind.
+complete is ever left behind; a later good build at ``<out>`` removes that ``<out>.failed/``.
 """
 from __future__ import annotations
 
@@ -88,6 +88,8 @@ def build(model_path: Path, out: Path, options: BuildOptions | None = None,
     questions = load_items(check.dataset, check.split, spread=check.questions) if check else None
     with atomic_folder(out, options.force, BuildError, "build folder") as tmp:
         _build_into(tmp, out, model_path, adapter, options, questions, progress)
+    # an earlier failed attempt's <out>.failed describes a build that is not the one at <out> now
+    shutil.rmtree(out.with_name(out.name + ".failed"), ignore_errors=True)
     return BuildResult(out, read_manifest(out), [])
 
 

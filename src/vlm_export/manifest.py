@@ -55,6 +55,8 @@ def read_manifest(build_dir: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path} is not valid JSON ({e}); rebuild") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path} is not a vlm-export manifest (a JSON {type(manifest).__name__}, not an object); rebuild")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ManifestError(f"{path} is format {manifest.get('format')!r} version {manifest.get('version')!r}; "
                             f"this vlm-export reads {FORMAT!r} version {VERSION}: rebuild with this version")
@@ -69,11 +71,12 @@ def read_manifest(build_dir: Path) -> dict[str, Any]:
 
 
 def verify_hashes(build_dir: Path, manifest: dict[str, Any]) -> list[str]:
-    """Files whose content no longer matches the manifest."""
+    """Files whose content no longer matches the manifest (a missing file among them)."""
     bad = []
     for stage, graph in manifest["graphs"].items():
         for rel, digest in graph["sha256"].items():
-            if sha256_file(Path(build_dir) / rel) != digest:
+            path = Path(build_dir) / rel
+            if not path.is_file() or sha256_file(path) != digest:
                 bad.append(rel)
     return bad
 

@@ -172,9 +172,13 @@ def decoder_weight_bytes(graph: Path) -> dict[str, int]:
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, set()).add(node.op_type)
+    # 4-bit types are stored two values per byte (numpy's int4/uint4 stand-ins take a byte each)
+    packed = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)}
     total = gathered = 0
     for init in model.graph.initializer:
-        size = int(np.prod(init.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        count = int(np.prod(init.dims, dtype=np.int64))
+        size = (count + 1) // 2 if init.data_type in packed else \
+            count * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
         total += size
         if consumers.get(init.name) == {"Gather"}:
             gathered += size

@@ -30,11 +30,12 @@ class TensorMetrics:
 
     def merge(self, other: "TensorMetrics") -> "TensorMetrics":
         n = self.samples + other.samples
+        # np.maximum / np.minimum keep a NaN from either side (Python's max/min drop it when it comes second)
         return TensorMetrics(
-            max(self.max_abs, other.max_abs),
+            float(np.maximum(self.max_abs, other.max_abs)),
             (self.mean_abs * self.samples + other.mean_abs * other.samples) / n,
-            min(self.cosine, other.cosine),
-            max(self.ref_max_abs, other.ref_max_abs),
+            float(np.minimum(self.cosine, other.cosine)),
+            float(np.maximum(self.ref_max_abs, other.ref_max_abs)),
             n,
         )
 

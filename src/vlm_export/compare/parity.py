@@ -76,7 +76,7 @@ def compare_stages(ref: VLMPipeline, cand: VLMPipeline, samples: Sequence[Sample
         ref_out = ref.decode(feeds)
         _add_outputs(result, "prefill", ref_out, cand.decode(feeds))
         # one decode step on the reference's state
-        state = scheme.prefill_state(ref_out, 1, len(ids))
+        state = scheme.prefill_state(ref_out, [len(ids)])
         step = scheme.step_feeds(state, np.argmax(scheme.next_logits(ref_out), axis=-1))
         _add_outputs(result, "decode", ref.decode(step), cand.decode(step))
         progress()

@@ -222,14 +222,9 @@ class DecodingScheme(abc.ABC):
         image placeholder, each row's positions counting from its first real token.
         ``image_input`` holds the images of every row, in row order (``batch_image_inputs``)."""
 
-    def prefill_state(self, outputs: Feeds, lengths: Sequence[int] | int, length: int | None = None) -> DecodeBatch:
+    def prefill_state(self, outputs: Feeds, lengths: Sequence[int]) -> DecodeBatch:
         """The state after ``prefill_feeds(rows)``: ``lengths`` are the rows' prompt lengths, in row
-        order. The padding's cache slots are zero (whatever the graph computed there) and masked.
-
-        ``prefill_state(outputs, rows, length)``, the older form for ``rows`` prompts of one
-        ``length``, is still accepted while its callers move to ``lengths``."""
-        if length is not None:
-            lengths = [int(length)] * int(lengths)
+        order. The padding's cache slots are zero (whatever the graph computed there) and masked."""
         lengths = [int(n) for n in lengths]
         if not lengths or min(lengths) < 1:
             raise ValueError(f"a prefill's rows have at least one token each, got lengths {lengths}")

@@ -10,9 +10,11 @@ precision-to-flags mapping, metadata checks - are tested everywhere, the rest by
   judges sensitive in fp32).
 * int8 graphs carry explicit Q/DQ nodes: built as a strongly typed network, so TensorRT follows
   the graph's own precisions instead of re-deciding them.
-* w8 / w4 decoders: the ``dequantize`` form (``--weight-form dequantize``: int4/int8 weights,
-  block-wise DequantizeLinear, symmetric) is built strongly typed, like Q/DQ int8. The
-  ``matmulnbits`` form is ONNX Runtime's own op and is refused with a clear error. The dequantize
+* w4 decoders: the ``dequantize`` form (``--weight-form dequantize``: int4 weights, block-wise
+  DequantizeLinear, symmetric) is built strongly typed, like Q/DQ int8. TensorRT takes weight-only
+  quantization for INT4 only (INT8 it quantizes weights *and* activations), so a ``w8`` decoder and a
+  w4 decoder whose LM head is ``w8`` (the default head) are refused; ``--lm-head w4`` or ``fp32``
+  builds. The ``matmulnbits`` form is ONNX Runtime's own op and is refused with a clear error. The dequantize
   form keeps the exported graph's fp32 activations; TensorRT's fastest weight-only GEMMs want fp16
   activations, which would need an fp16 conversion before the weights are quantized (not done).
 """
@@ -46,6 +48,12 @@ def builder_settings(precision: str, variant: dict | None = None) -> BuilderSett
     if precision == "int8":
         return BuilderSettings(fp16=False, strongly_typed=True)
     if precision in ("w8", "w4") and (variant or {}).get("form") == "dequantize":
+        int8_blocks = [what for what, bits in (("decoder", precision), ("LM head", (variant or {}).get("lm_head")))
+                       if bits == "w8"]
+        if int8_blocks:
+            raise BuildError(f"no TensorRT engine for block-wise int8 weights ({' and '.join(int8_blocks)} w8): "
+                             "TensorRT's weight-only quantization takes int4 weights only; rebuild with "
+                             "--precision decoder=w4 --lm-head w4 (or --lm-head fp32)")
         return BuilderSettings(fp16=False, strongly_typed=True)
     raise BuildError(f"no TensorRT engine for a {precision} graph in ONNX Runtime's MatMulNBits form; "
                      "rebuild with --weight-form dequantize (block-wise DequantizeLinear, which TensorRT reads)")
@@ -67,11 +75,14 @@ def engine_metadata(precision: str, profiles: list) -> dict:
             "profiles": [{name: [list(s) for s in shapes] for name, shapes in p.items()} for p in profiles]}
 
 
-def check_metadata(meta: dict, plan: Path) -> None:
-    """A plan only runs on the TensorRT version and GPU it was built for: say so before loading."""
-    import tensorrt as trt
+def check_metadata(meta: dict, plan: Path, here: dict | None = None) -> None:
+    """A plan only runs on the TensorRT version and GPU it was built for: say so before loading.
+    ``here``: this machine's ``tensorrt``, ``gpu`` and ``compute_capability`` (default: asked of
+    TensorRT and CUDA)."""
+    if here is None:
+        import tensorrt as trt
 
-    here = {"tensorrt": trt.__version__, **_device()}
+        here = {"tensorrt": trt.__version__, **_device()}
     for key in ("tensorrt", "gpu", "compute_capability"):
         if meta.get(key) != here[key]:
             raise RunnerError(f"{plan} was built for {key} {meta.get(key)!r}, this machine has {here[key]!r}; "
@@ -103,6 +114,17 @@ def build_engine(onnx_path: Path, plan_path: Path, manifest: dict, stage: str, t
     return meta
 
 
+def profile_for(profiles: list[dict], feeds, name: str = "") -> int:
+    """Index of the first optimization profile (as the plan's metadata records them: input name ->
+    [min shape, opt shape, max shape]) whose ranges hold the shape of every feed."""
+    for index, profile in enumerate(profiles):
+        if all(all(lo <= d <= hi for d, lo, hi in zip(np.shape(feeds[n]), shapes[0], shapes[2]))
+               for n, shapes in profile.items()):
+            return index
+    raise RunnerError(f"{name}: input shapes {({n: np.shape(v) for n, v in feeds.items()})} are outside "
+                      "every optimization profile; rebuild with larger limits")
+
+
 class TensorRTRunner(Runner):
     """The runner contract over a TensorRT plan (Polygraphy's TrtRunner); numpy in, numpy out.
 
@@ -123,12 +145,7 @@ class TensorRTRunner(Runner):
         self._profile = 0
 
     def _profile_for(self, feeds) -> int:
-        for index, profile in enumerate(self.meta["profiles"]):
-            if all(all(lo <= d <= hi for d, lo, hi in zip(np.shape(feeds[n]), shapes[0], shapes[2]))
-                   for n, shapes in profile.items()):
-                return index
-        raise RunnerError(f"{self.name}: input shapes {({n: np.shape(v) for n, v in feeds.items()})} are outside "
-                          "every optimization profile; rebuild with larger limits")
+        return profile_for(self.meta["profiles"], feeds, self.name)
 
     def _run(self, feeds):
         index = self._profile_for(feeds)
@@ -148,15 +165,15 @@ def build_engines(build_dir: Path, progress=None) -> dict:
     from ..progress import Progress
 
     progress = progress or Progress()
+    build_dir = Path(build_dir)
+    manifest = read_manifest(build_dir)
+    for stage, graph in manifest["graphs"].items():  # refuse early, before hours of building (or installing)
+        builder_settings(graph["precision"], graph.get("variant"))
     try:
         import tensorrt  # noqa: F401
     except ImportError:
         raise BuildError("TensorRT is not installed here (pip install tensorrt on a machine with a CUDA GPU); "
                          "the onnxruntime and python targets run without it") from None
-    build_dir = Path(build_dir)
-    manifest = read_manifest(build_dir)
-    for stage, graph in manifest["graphs"].items():  # refuse early, before hours of building
-        builder_settings(graph["precision"], graph.get("variant"))
     _device()
     folder = build_dir / "engines"
     folder.mkdir(exist_ok=True)

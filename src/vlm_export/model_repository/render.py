@@ -89,7 +89,8 @@ class RepositoryOptions:
             raise RepositoryError(f"unknown decoder mode {self.decoder_mode!r}; choose one of {', '.join(DECODER_MODES)}")
         if self.decoder_mode == "in_process" and self.target != "python":
             raise RepositoryError("decoder_mode in_process needs the python target (the decoder runs in the vlm model)")
-        if min(self.instances, self.vlm_instances, self.max_queue, self.max_image_mb, self.max_image_pixels or 1) < 1 \
+        pixels = 1 if self.max_image_pixels is None else self.max_image_pixels  # None: derived; 0 is no limit to accept
+        if min(self.instances, self.vlm_instances, self.max_queue, self.max_image_mb, pixels) < 1 \
                 or min(self.max_queue_delay_us, self.image_cache_mb) < 0:
             raise RepositoryError("instances, max_queue and the image limits must be >= 1, the queue delay and "
                                   "image cache >= 0")

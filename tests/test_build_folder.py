@@ -1,0 +1,104 @@
+"""The build folder's promises, through the real ``build()``: an existing build is replaced only by
+``--force`` and only at the final rename; a build interrupted mid-write (a real KeyboardInterrupt,
+as Ctrl-C raises it) leaves the old build byte for byte; nothing hidden (``.tmp-`` / ``.old-``) is
+left beside it; and a stale ``<out>.failed`` does not survive next to a later good build."""
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlm_export.build import BuildOptions, build
+from vlm_export.compare.parity import Sample
+from vlm_export.errors import BuildError
+from vlm_export.manifest import read_manifest, verify_hashes
+from vlm_export.progress import Progress
+
+
+def hidden_siblings(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited (a writer killed outright leaves such a name behind)."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+@pytest.fixture
+def existing(tiny_build, tmp_path):
+    """A private copy of a finished build at tmp_path/build, with a file only the old one has."""
+    import shutil
+
+    out = tmp_path / "build"
+    shutil.copytree(tiny_build("llava-llama").path, out)
+    (out / "notes.txt").write_text("only in the old build")
+    return out
+
+
+class InterruptAt(Progress):
+    """Raises KeyboardInterrupt when the build reaches the step starting with ``prefix``, after
+    noting what the hidden folder being written holds at that moment."""
+
+    def __init__(self, prefix: str, out: Path):
+        self.prefix, self.out = prefix, out
+        self.writing: list[str] = []
+        self.written: list[str] = []
+
+    @contextlib.contextmanager
+    def step(self, description: str, total: int = 1):
+        if description.startswith(self.prefix):
+            self.writing = hidden_siblings(self.out)
+            if self.writing:
+                self.written = sorted(contents(self.out.parent / self.writing[0]))
+            raise KeyboardInterrupt
+        yield lambda: None
+
+
+def test_interrupted_force_build_leaves_the_old_build_intact(existing, tiny_model_dir):
+    model = tiny_model_dir("llava-llama")
+    before = contents(existing)
+    with pytest.raises(BuildError, match="already exists; pass --force"):
+        build(model, existing, BuildOptions(max_sequence=256))
+    assert contents(existing) == before
+
+    progress = InterruptAt("exporting projector", existing)
+    with pytest.raises(KeyboardInterrupt):
+        build(model, existing, BuildOptions(force=True, max_sequence=256), progress)
+    # it was writing in one hidden sibling (the vision graph already there), never in the old build
+    assert len(progress.writing) == 1 and progress.writing[0].startswith(".build.tmp-"), progress.writing
+    assert "graphs/vision_encoder.onnx" in progress.written
+    assert contents(existing) == before
+    assert hidden_siblings(existing) == []
+    assert verify_hashes(existing, read_manifest(existing)) == []
+
+
+def test_force_build_replaces_the_old_one_and_clears_stale_leftovers(existing, tiny_model_dir, tmp_path):
+    old = read_manifest(existing)
+    failed = tmp_path / "build.failed"  # what an earlier failed attempt at the same --out left
+    (failed / "graphs").mkdir(parents=True)
+    (failed / "report.md").write_text("# Parity report: FAILED\n")
+    (failed / "manifest.failed.json").write_text("{}")
+    pid = dead_pid()
+    for kind in ("tmp", "old"):  # writers killed outright, mid-write and mid-swap
+        (tmp_path / f".build.{kind}-{pid}-0badc0de" / "graphs").mkdir(parents=True)
+
+    options = BuildOptions(force=True, max_sequence=256, max_images=1, parity_new_tokens=2,
+                           samples=[Sample("What is the capital of France?")])
+    result = build(tiny_model_dir("llava-llama"), existing, options)
+
+    assert result.path == existing and result.manifest["parity"]["passed"]
+    new = read_manifest(existing)
+    assert (old["limits"]["max_images"], new["limits"]["max_images"]) == (2, 1)  # the new build, not the old
+    assert not (existing / "notes.txt").exists()  # replaced whole, not merged into
+    assert verify_hashes(existing, new) == []
+    assert not failed.exists()  # no stale failure report beside a good build
+    assert hidden_siblings(existing) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]

@@ -1,0 +1,264 @@
+"""The parity policy's own failures: the judge on made-up metrics (numbers worked out by hand),
+NaN from a real graph, greedy tokens that differ, and `verify` / `eval` exiting 1 on builds whose
+answers drifted while every file still matches its manifest hash. The default cosine gates are
+shown rejecting a variant whose weights were really damaged, and passing one really rounded to fp16."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from vlm_export.compare.accuracy import AccuracyResult
+from vlm_export.compare.metrics import TensorMetrics, TokenMetrics
+from vlm_export.compare.parity import ParityResult, Sample
+from vlm_export.compare.policy import AccuracyGate, ParityPolicy
+from vlm_export.manifest import read_manifest, sha256_file, write_manifest
+
+FP32_BUILD = {"vision_encoder": "fp32", "projector": "fp32", "lm_decoder": "fp32"}
+
+
+def metrics(max_abs: float, cosine: float = 1.0, ref_max_abs: float = 1.0) -> TensorMetrics:
+    return TensorMetrics(max_abs, max_abs / 2, cosine, ref_max_abs)
+
+
+# --------------------------------------------------------------------------- the judge, made-up metrics
+
+
+def test_fp32_gate_allows_atol_plus_rtol_times_the_reference_scale():
+    policy = ParityPolicy.for_precisions(FP32_BUILD, "lm_decoder")
+    # allowed = 1e-4 + 1e-4 x 1.0 = 2e-4
+    assert policy.judge({"vision_encoder": {"image_features": metrics(1.9e-4)}}, {}) == []
+    # allowed = 1e-4 + 1e-4 x 0.1 = 1.1e-4
+    assert policy.judge({"prefill": {"logits": metrics(1.5e-4, ref_max_abs=0.1)}}, {}) == \
+        ["prefill/logits: max abs error 0.00015 > 0.00011"]
+    # logits of magnitude 1000 may be off by 0.1001
+    assert policy.judge({"decode": {"logits": metrics(0.1, ref_max_abs=1000.0)}}, {}) == []
+    assert policy.judge({"decode": {"logits": metrics(0.11, ref_max_abs=1000.0)}}, {}) == \
+        ["decode/logits: max abs error 0.11 > 0.1"]
+
+
+def test_every_failing_stage_and_output_is_named():
+    policy = ParityPolicy.for_precisions(FP32_BUILD, "lm_decoder")
+    stages = {
+        "vision_encoder": {"image_features": metrics(1e-6, cosine=0.9999)},  # close, but not in direction
+        "projector": {"image_embeds": metrics(1e-6)},  # passes
+        "decode": {"logits": metrics(1.0, cosine=0.5), "present.*.key": metrics(1e-6, cosine=0.99998)},
+    }
+    assert policy.judge(stages, {}) == [
+        "vision_encoder/image_features: cosine 0.999900 < 0.99999",
+        "decode/logits: max abs error 1 > 0.0002",
+        "decode/logits: cosine 0.500000 < 0.99999",
+        "decode/present.*.key: cosine 0.999980 < 0.99999",
+    ]
+
+
+def test_reduced_precisions_are_judged_by_their_own_cosine_gates():
+    policy = ParityPolicy.for_precisions({"vision_encoder": "int8", "projector": "fp16", "lm_decoder": "w4"},
+                                         "lm_decoder")
+    assert not policy.require_identical_tokens
+    passing = {"vision_encoder": {"image_features": metrics(3.0, cosine=0.995)},  # int8: cosine >= 0.99, any max abs
+               "projector": {"image_embeds": metrics(0.5, cosine=0.9995)},  # fp16: cosine >= 0.999
+               "prefill": {"logits": metrics(7.0, cosine=0.991)}, "decode": {"logits": metrics(7.0, cosine=0.991)}}
+    assert policy.judge(passing, {}) == []
+    failing = {"vision_encoder": {"image_features": metrics(0.1, cosine=0.98)},
+               "projector": {"image_embeds": metrics(0.1, cosine=0.998)},
+               "prefill": {"logits": metrics(0.1, cosine=0.9899)}}
+    assert policy.judge(failing, {}) == ["vision_encoder/image_features: cosine 0.980000 < 0.99",
+                                         "projector/image_embeds: cosine 0.998000 < 0.999",
+                                         "prefill/logits: cosine 0.989900 < 0.99"]
+    # an override loosens only what it names
+    loose = ParityPolicy.for_precisions(FP32_BUILD, "lm_decoder").with_overrides({"prefill": {"atol": 1e-2}})
+    assert loose.judge({"prefill": {"logits": metrics(5e-3)}, "decode": {"logits": metrics(5e-3)}}, {}) == \
+        ["decode/logits: max abs error 0.005 > 0.0002"]
+
+
+def test_greedy_tokens_that_differ_fail_fp32_builds_only():
+    tokens = {"onnxruntime": [TokenMetrics("same", [5, 6, 7], [5, 6, 7]),
+                              TokenMetrics("changed", [5, 6, 7], [5, 9, 7]),
+                              TokenMetrics("stopped early", [5, 6, 7], [5, 6]),
+                              TokenMetrics("ran on", [5, 6], [5, 6, 8])],
+              "torch_split": [TokenMetrics("same", [1, 2], [1, 2])]}
+    assert ParityPolicy.for_precisions(FP32_BUILD, "lm_decoder").judge({}, tokens) == [
+        "end-to-end onnxruntime: greedy tokens differ from token 1 for prompt 'changed'",
+        "end-to-end onnxruntime: greedy tokens differ from token 2 for prompt 'stopped early'",
+        "end-to-end onnxruntime: greedy tokens differ from token 2 for prompt 'ran on'",
+    ]
+    # a reduced-precision build may move tokens: its gates are cosine and task accuracy
+    w4 = ParityPolicy.for_precisions({**FP32_BUILD, "lm_decoder": "w4"}, "lm_decoder")
+    assert w4.judge({}, tokens) == []
+
+
+def test_accuracy_gate_on_made_up_results():
+    def result(backend: str, correct: int) -> AccuracyResult:
+        return AccuracyResult(backend, "shapes", 20, correct, 1.0)
+
+    torch_ref = result("torch", 18)  # 90%
+    assert AccuracyGate(1.0).judge(torch_ref, [result("onnxruntime", 18), result("better", 19)]) == []
+    assert AccuracyGate(1.0).judge(torch_ref, [result("onnxruntime", 17)]) == [
+        "task accuracy: onnxruntime 85.0% vs torch 90.0% on the same 20 shapes questions, a drop of 5.0 points "
+        "(at most 1 allowed)"]
+    assert AccuracyGate(5.0).judge(torch_ref, [result("onnxruntime", 17)]) == []  # exactly at the limit
+
+
+def test_nan_in_any_sample_fails_the_stage():
+    """NaN measured from arrays as parity measures them: the judge fails the output whichever sample
+    held the NaN (merging samples must not drop it), at every precision's gate."""
+    rng = np.random.default_rng(0)
+    refs = [rng.standard_normal((4, 32)).astype(np.float32) for _ in range(3)]
+    for position in range(3):
+        outs = [r + 1e-7 for r in refs]
+        outs[position][2, 5] = np.nan
+        result = ParityResult()
+        for r, out in zip(refs, outs):
+            result.add("projector", "image_embeds", r, out)
+        assert np.isnan(result.stages["projector"]["image_embeds"].max_abs), position
+        for precisions in (FP32_BUILD, {**FP32_BUILD, "projector": "fp16"}):
+            failures = ParityPolicy.for_precisions(precisions, "lm_decoder").judge(result.stages, {})
+            assert any(f.startswith("projector/image_embeds: max abs error nan") for f in failures), failures
+
+
+def test_nan_from_a_real_graph_fails_parity(tiny_build, tmp_path):
+    """One weight of the projector set to NaN (a broken conversion): ONNX Runtime really computes NaN
+    rows, and the judge fails the stage."""
+    import onnxruntime as ort
+
+    source = tiny_build("llava-llama").path / "graphs" / "projector.onnx"
+    model = onnx.load(str(source))
+    weight = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    array = numpy_helper.to_array(weight).copy()
+    array.flat[7] = np.nan
+    weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+    broken = tmp_path / "projector.onnx"
+    onnx.save(model, str(broken))
+
+    run = {p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (source, broken)}
+    graph_input = run[source].get_inputs()[0]
+    shape = [d if isinstance(d, int) else 1 for d in graph_input.shape]
+    features = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    outs = {p: s.run(None, {graph_input.name: features})[0] for p, s in run.items()}
+    assert np.isnan(outs[broken]).any() and not np.isnan(outs[source]).any()
+    result = ParityResult()
+    result.add("projector", "image_embeds", outs[source], outs[broken])
+    failures = ParityPolicy.for_precisions(FP32_BUILD, "lm_decoder").judge(result.stages, {})
+    assert failures and all(f.startswith("projector/image_embeds: ") for f in failures)
+    assert "max abs error nan" in failures[0]
+
+
+# --------------------------------------------------------------------------- builds whose answers drifted
+
+
+def drifted_copy(build, dest, stage: str, noise: float | None, precision: str | None = None, seed: int = 0):
+    """A copy of ``build`` whose ``stage`` weights (every float matrix) are changed for real: relative
+    Gaussian noise of ``noise``, or, with ``noise=None``, rounded to fp16 and back. The manifest records
+    the new sha256 (and ``precision`` when given), so every hash check passes: only parity can tell."""
+    shutil.copytree(build, dest)
+    manifest = read_manifest(dest)
+    entry = manifest["graphs"][stage]
+    path = dest / entry["file"]
+    model = onnx.load(str(path))
+    rng = np.random.default_rng(seed)
+    changed = 0
+    for init in model.graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) < 2:
+            continue
+        w = numpy_helper.to_array(init)
+        w = w.astype(np.float16).astype(np.float32) if noise is None else \
+            (w * (1 + noise * rng.standard_normal(w.shape))).astype(np.float32)
+        init.CopyFrom(numpy_helper.from_array(w, init.name))
+        changed += 1
+    assert changed
+    onnx.save(model, str(path))
+    entry["sha256"] = {entry["file"]: sha256_file(path)}
+    if precision:
+        entry["precision"] = precision
+    write_manifest(dest, {k: v for k, v in manifest.items() if k not in ("format", "version")})
+    return dest
+
+
+def test_verify_exits_1_when_the_answers_drifted(tiny_build, tmp_path, capsys):
+    """Every file matches the manifest's sha256 (no hash failure), but the decoder no longer answers
+    like the source model: `vlm-export verify` names the drifted outputs and the differing tokens,
+    exits 1, and records the failed verdict."""
+    from vlm_export.cli import main
+
+    build = drifted_copy(tiny_build("llava-llama").path, tmp_path / "drifted", "lm_decoder", noise=0.3)
+    assert main(["verify", str(build), "--parity-tokens", "4"]) == 1
+    out = capsys.readouterr().out
+    assert "parity FAILED" in out and "changed since the build" not in out
+    assert "prefill/logits: max abs error" in out and "decode/logits: max abs error" in out
+    assert "end-to-end onnxruntime: greedy tokens differ from token" in out
+    assert "end-to-end torch_split" not in out  # the split PyTorch modules still answer like the model
+    report = json.loads((build / "report.json").read_text())
+    assert report["passed"] is False
+    assert not all(r["identical"] for r in report["end_to_end"]["onnxruntime"])
+    assert all(r["identical"] for r in report["end_to_end"]["torch_split"])
+    assert read_manifest(build)["parity"]["passed"] is False
+    assert "FAILED" in (build / "report.md").read_text()
+
+
+def test_default_cosine_gates_reject_a_damaged_variant_and_pass_a_rounded_one(tiny_build, tmp_path):
+    """The gates as the build sets them for the recorded precision, nothing forced: a projector whose
+    weights were rounded to fp16 passes the fp16 gate (cosine >= 0.999); one whose weights a broken
+    quantizer scrambled (30% relative noise) fails the int8 gate (cosine >= 0.99)."""
+    from vlm_export.build import BuildOptions, verify
+
+    options = BuildOptions(samples=[Sample("Describe the picture.", (_photo(),))], parity_new_tokens=2)
+    rounded = drifted_copy(tiny_build("llava-llama").path, tmp_path / "fp16", "projector", noise=None,
+                           precision="fp16")
+    assert verify(rounded, options).failures == []
+    measured = json.loads((rounded / "report.json").read_text())["stages"]["projector"]["image_embeds"]
+    assert measured["max_abs"] > 0  # the rounding did change the projector's answers
+
+    damaged = drifted_copy(tiny_build("llava-llama").path, tmp_path / "int8", "projector", noise=0.3,
+                           precision="int8")
+    failures = verify(damaged, options).failures
+    assert [f.split(":")[0] for f in failures] == ["projector/image_embeds"], failures
+    assert "cosine" in failures[0] and failures[0].endswith("< 0.99")
+
+
+def _photo():
+    from skimage import data
+
+    from PIL import Image
+
+    return Image.fromarray(data.chelsea()).convert("RGB")
+
+
+def test_eval_exits_1_when_the_build_answers_worse(tiny_build, tmp_path, capsys):
+    """Questions whose expected answers are the PyTorch reference's own: the reference scores 100%, a
+    build whose decoder drifted scores less, and `vlm-export eval` fails the gate with exit code 1
+    (the untouched build passes the same questions)."""
+    from PIL import Image
+    from skimage import data
+
+    from vlm_export.adapters.reference import open_reference
+    from vlm_export.cli import main
+    from vlm_export.compare.accuracy import evaluate_vqa
+    from vlm_export.datasets import load_items
+
+    good = tmp_path / "good"
+    shutil.copytree(tiny_build("llava-llama").path, good)
+    drifted = drifted_copy(tiny_build("llava-llama").path, tmp_path / "drifted", "lm_decoder", noise=0.3)
+    folder = tmp_path / "vqa"
+    folder.mkdir()
+    rows = []
+    for name in ("chelsea", "coffee", "astronaut"):
+        Image.fromarray(getattr(data, name)()).resize((48, 48)).save(folder / f"{name}.png")
+        rows.append({"image": f"{name}.png", "question": "What is in the picture?", "answer": "?"})
+    (folder / "questions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    _, items = load_items(str(folder))
+    answers = evaluate_vqa(open_reference(good), items, "vqa").answers
+    assert all(a.strip() for a in answers), answers
+    (folder / "questions.jsonl").write_text("\n".join(json.dumps({**r, "answer": a}) for r, a in zip(rows, answers)))
+
+    assert main(["eval", str(good), "--dataset", str(folder)]) == 0
+    assert "accuracy gate" in capsys.readouterr().out
+    assert main(["eval", str(drifted), "--dataset", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"torch +accuracy 100.0%", out) and "FAILED task accuracy: onnxruntime" in out
+    recorded = json.loads((drifted / "report.json").read_text())["task_accuracy"]
+    assert recorded["gate"]["passed"] is False and recorded["disagreements"]
