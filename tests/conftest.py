@@ -25,33 +25,71 @@ TINY_MODELS = {
 }
 
 
+def _shared_folder(tmp_path_factory, name: str) -> Path:
+    """A folder every pytest-xdist worker of this run shares (each worker's basetemp is a child of
+    the run's), so what one worker makes the others reuse instead of making it again."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = root / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    made: dict[str, Path] = {}
+    """Tiny random models by name (TINY_MODELS), made once per test run, whatever the worker."""
+    from filelock import FileLock
+
+    shared = _shared_folder(tmp_path_factory, "tiny-models")
 
     def get(name: str) -> Path:
-        if name not in made:
-            maker, kwargs = TINY_MODELS[name]
-            made[name] = maker(tmp_path_factory.mktemp(name), **kwargs)
-        return made[name]
+        path = shared / name
+        with FileLock(str(path) + ".lock"):
+            if not (path / ".made").exists():
+                maker, kwargs = TINY_MODELS[name]
+                path.mkdir(exist_ok=True)
+                maker(path, **kwargs)
+                (path / ".made").touch()
+        return path
 
     return get
 
 
 @pytest.fixture(scope="session")
 def tiny_build(tiny_model_dir, tmp_path_factory):
-    """Builds (export + parity) of the tiny models, made once per session."""
-    from vlm_export.build import BuildOptions, build
+    """Builds (export + parity) of the tiny models, made once per test run, whatever the worker.
+    A build folder exists only once its build succeeded (build() writes it atomically)."""
+    from filelock import FileLock
 
-    built = {}
+    from vlm_export.build import BuildOptions, BuildResult, build
+    from vlm_export.manifest import read_manifest
 
-    def get(name: str):
-        if name not in built:
-            out = tmp_path_factory.mktemp("builds") / name
-            built[name] = build(tiny_model_dir(name), out, BuildOptions(max_sequence=256))
-        return built[name]
+    shared = _shared_folder(tmp_path_factory, "tiny-builds")
+
+    def get(name: str) -> BuildResult:
+        out = shared / name
+        with FileLock(str(out) + ".lock"):
+            if not out.exists():
+                return build(tiny_model_dir(name), out, BuildOptions(max_sequence=256))
+        manifest = read_manifest(out)
+        return BuildResult(out, manifest, manifest["parity"]["failures"])
 
     return get
+
+
+@pytest.fixture(scope="session")
+def llava_server(tiny_build, tmp_path_factory):
+    """(build path, server): ONE tritonserver serving the python repository of the tiny llava build,
+    shared by the test modules that send it requests (a vlm model takes 20-60 s to load on a loaded
+    2-core machine). Its tests send one request at a time or compare deltas of its metrics. Stopped,
+    its whole process group, when the session ends; ``start`` leaves nothing behind when it fails."""
+    from vlm_export.model_repository.render import RepositoryOptions, render_repository
+    from vlm_export.serve.server import TritonServer
+
+    build = tiny_build("llava-llama").path
+    repo = render_repository(build, tmp_path_factory.mktemp("repo") / "repo", RepositoryOptions(vlm_instances=1))
+    with TritonServer(repo, log_file=tmp_path_factory.mktemp("log") / "triton.log") as server:
+        yield build, server
 
 
 def wait_for(predicate, seconds: float = 20.0) -> bool:

@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-from test_cli_errors import assert_one_line_error, run_cli
 from test_serving import bomb_png
 from vlm_export.atomic import atomic_folder, remove_stale_siblings
 from vlm_export.errors import BuildError, InputError, ManifestError, RepositoryError
@@ -77,17 +76,36 @@ def tampered(tiny_build, tmp_path):
     return build
 
 
-def test_changed_graphs_are_refused(tampered, tmp_path):
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    """(exit code, stderr) of ``vlm-export ARGS`` run in this process (a subprocess would spend
+    seconds importing; test_cli_errors runs the real entry point)."""
+    from vlm_export.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def _one_line_error(outcome: tuple[int, str], *needles: str) -> None:
+    code, err = outcome
+    assert code != 0
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_changed_graphs_are_refused(tampered, tmp_path, capsys):
     with pytest.raises(ManifestError, match=r"graphs/lm_decoder.onnx changed since the build.*--no-hash-check"):
         open_build(tampered)
-    assert_one_line_error(run_cli("generate", str(tampered), "--prompt", "hi", "--max-tokens", "2"),
-                          "lm_decoder.onnx changed since the build", "--no-hash-check")
-    assert_one_line_error(run_cli("repository", str(tampered), "--out", str(tmp_path / "repo")),
-                          "lm_decoder.onnx changed since the build")
+    _one_line_error(_cli(capsys, "generate", str(tampered), "--prompt", "hi", "--max-tokens", "2"),
+                    "lm_decoder.onnx changed since the build", "--no-hash-check")
+    _one_line_error(_cli(capsys, "repository", str(tampered), "--out", str(tmp_path / "repo")),
+                    "lm_decoder.onnx changed since the build")
     assert not (tmp_path / "repo").exists()
     # skipping the check is possible, and said so: the graph still loads (the flipped bytes are weights)
-    proc = run_cli("generate", str(tampered), "--prompt", "hi", "--max-tokens", "2", "--no-hash-check")
-    assert proc.returncode == 0, proc.stderr[-1000:]
+    code, err = _cli(capsys, "generate", str(tampered), "--prompt", "hi", "--max-tokens", "2", "--no-hash-check")
+    assert code == 0, err[-1000:]
 
 
 def test_python_models_check_their_own_copies(tiny_build, tmp_path):
@@ -136,7 +154,11 @@ def test_triton_refuses_to_load_a_damaged_graph(tiny_build, tmp_path):
     from vlm_export.errors import ServeError
     from vlm_export.serve.server import TritonServer
 
-    repo = render_repository(tiny_build("prefix-llama").path, tmp_path / "repo")
+    repo = render_repository(tiny_build("llava-llama").path, tmp_path / "repo")
+    # the two graph models alone: the python models that import transformers (preprocess, vlm) only
+    # add their slow loads (30 s here), which Triton waits for before it gives up on the repository
+    for model in ("vlm", "image_encoder", "preprocess"):
+        shutil.rmtree(repo / model)
     graph = repo / "projector" / "1" / "model.onnx"
     data = bytearray(graph.read_bytes())
     os.unlink(graph)  # a private copy (the repository hard-links the build's files)
@@ -148,3 +170,4 @@ def test_triton_refuses_to_load_a_damaged_graph(tiny_build, tmp_path):
             server.start()
     finally:
         server.stop()
+    assert not server.running

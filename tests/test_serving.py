@@ -3,7 +3,12 @@ target of a tiny build, real HTTP and gRPC clients."""
 from __future__ import annotations
 
 import base64
+import functools
 import json
+import math
+import os
+import socket
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,10 +16,10 @@ import numpy as np
 import pytest
 
 from vlm_export.client.client import VLMClient, VLMResponse
-from vlm_export.errors import RepositoryError, RequestError
+from vlm_export.errors import RepositoryError, RequestError, ServeError
 from vlm_export.model_repository.render import (RepositoryOptions, check_against_graphs, model_configs,
                                                 parse_config, render_repository, to_pbtxt)
-from vlm_export.runtime.generate import GenerationConfig, generate
+from vlm_export.runtime.generate import GenerationConfig, generate, prepare_request
 from vlm_export.runtime.load import open_build
 from vlm_export.serve.server import TritonServer
 from conftest import wait_for  # noqa: E402
@@ -50,11 +55,32 @@ def photos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(tiny_build, tmp_path_factory):
-    build = tiny_build("llava-llama").path
-    repo = render_repository(build, tmp_path_factory.mktemp("repo") / "repo", RepositoryOptions(vlm_instances=1))
-    with TritonServer(repo, log_file=tmp_path_factory.mktemp("log") / "triton.log") as server:
-        yield build, server
+def served(llava_server):
+    return llava_server
+
+
+def greedy_margin(pipe, prompt, images, max_new_tokens: int) -> float:
+    """The smallest gap between the best and the second-best logit over the greedy steps of this
+    request (each step's logits from a prefill of the prompt plus the tokens chosen so far).
+
+    Served rows share decoder calls with whatever else is running (in-flight batching), so their
+    logits carry float rounding that depends on the grouping: at most 2.4e-7 here (measured: this
+    build's rows alone vs. all together vs. mixed groups; the image path batched by the ensemble
+    gave bit-identical embeddings). A margin far above that makes the greedy answer the same
+    however the requests were grouped: the exact-answer checks cannot flake on it."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    result = generate(pipe, prompt, images, config)
+    ids, image_input = prepare_request(pipe, prompt, images, config)
+    steps = len(result.token_ids) + (1 if result.finish_reason == "eos" else 0)  # EOS was a choice too
+    gaps = []
+    for k in range(steps):
+        logits, _ = pipe.prefill(ids + result.token_ids[:k], image_input)
+        best, second = np.sort(logits.astype(np.float64))[[-1, -2]]
+        gaps.append(best - second)
+    return min(gaps)
+
+
+BATCH_NOISE = 2.4e-7  # measured (greedy_margin's docstring)
 
 
 @pytest.mark.parametrize("target", ["python", "onnxruntime", "tensorrt"])
@@ -65,7 +91,6 @@ def test_configs_fit_schema_and_graphs(tiny_build, target):
     for cfg in configs.values():
         parsed = parse_config(cfg)
         assert parsed.name == cfg["name"]
-    assert configs["vision_encoder"]["max_batch_size"] == manifest["limits"]["max_images_per_batch"]
     if target == "python":  # the decoder runs inside the vlm model (in_process): no model of its own
         assert "lm_decoder" not in configs
         configs = model_configs(manifest, RepositoryOptions(target=target, decoder_mode="bls"))
@@ -129,12 +154,20 @@ def test_streaming_equals_non_streaming(served, photos, protocol):
     assert final.completion_tokens == whole.completion_tokens == 10
 
 
-def test_seeded_sampling_is_reproducible_when_served(served):
-    _, server = served
-    client = VLMClient(f"grpc://{server.grpc_url}")
-    a = client.generate("Tell me a story.", max_tokens=8, temperature=1.2, seed=11)
-    b = client.generate("Tell me a story.", max_tokens=8, temperature=1.2, seed=11)
-    assert a.text == b.text
+def test_seeded_sampling_served_equals_in_process(served):
+    """temperature, top_p and seed reach the served sampler: the served answer is the in-process
+    answer for the same settings, and each setting changes the answer (so a server that ignored
+    any of them could not pass)."""
+    build, server = served
+    pipe = open_build(build)
+    prompt = "Tell me a story."
+    settings = [dict(temperature=1.2, top_p=1.0, seed=11), dict(temperature=1.2, top_p=1.0, seed=12),
+                dict(temperature=1.2, top_p=0.5, seed=11), dict(temperature=0.0, top_p=1.0, seed=11)]
+    expected = [generate(pipe, prompt, [], GenerationConfig(max_new_tokens=8, **kw)).text for kw in settings]
+    assert len(set(expected)) == len(expected), expected  # another seed, top_p, or greedy: another answer
+    for url in (f"grpc://{server.grpc_url}", f"http://{server.http_url}"):
+        client = VLMClient(url)
+        assert [client.generate(prompt, max_tokens=8, **kw).text for kw in settings] == expected, url
 
 
 def test_concurrent_clients_all_correct(served, photos):
@@ -152,6 +185,9 @@ def test_concurrent_clients_all_correct(served, photos):
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, jobs))
     assert answers == [expected[(p, str(img))] for p, img, _ in jobs]
+    # how the server grouped them does not matter: no greedy step is near a tie
+    for prompt, image in zip(PROMPTS, photos):
+        assert greedy_margin(pipe, prompt, [image], 8) > 40 * BATCH_NOISE, prompt
 
 
 def _post(server, body: dict) -> tuple[int, dict]:
@@ -165,10 +201,21 @@ def _post(server, body: dict) -> tuple[int, dict]:
 
 
 def test_bad_requests_get_errors_and_server_keeps_serving(served, photos):
-    _, server = served
+    build, server = served
     client = VLMClient(f"grpc://{server.grpc_url}")
     png = base64.b64encode(photos[0].read_bytes()).decode()
+    image_token = json.loads((build / "manifest.json").read_text())["prompt_layout"]["image_token"]
+    typed_token = [{"role": "user", "content": [{"type": "text", "text": f"What is {image_token}?"}]}]
     bad = {
+        # refused by the vlm model itself: its request checks, over the wire as JSON
+        "image token typed in the prompt": ({"prompt": f"hi {image_token} there", "max_tokens": 2}, "image token"),
+        "image token typed in a message": ({"messages": json.dumps(typed_token), "max_tokens": 2}, "image token"),
+        "image token beside an image": ({"prompt": f"What is {image_token}?", "images": [png], "max_tokens": 2},
+                                        "image token"),
+        "temperature over 10": ({"prompt": "hi", "temperature": 11.0, "max_tokens": 2}, "temperature must be in"),
+        "negative temperature": ({"prompt": "hi", "temperature": -0.5, "max_tokens": 2}, "temperature must be in"),
+        "top_p 0": ({"prompt": "hi", "top_p": 0.0, "max_tokens": 2}, "top_p must be in"),
+        "top_p over 1": ({"prompt": "hi", "top_p": 1.5, "max_tokens": 2}, "top_p must be in"),
         "undecodable image": ({"prompt": "hi", "images": [base64.b64encode(b"not an image").decode()]},
                               "cannot be decoded"),
         "decompression bomb": ({"prompt": "hi", "images": [base64.b64encode(bomb_png(12000, 12000)).decode()]},
@@ -193,6 +240,26 @@ def test_bad_requests_get_errors_and_server_keeps_serving(served, photos):
         client.generate("hi", [b"\x89PNG broken"], max_tokens=3)
     with pytest.raises(RequestError, match=r"image 1\b.*cannot be decoded"):  # one good image, one broken
         client.generate("hi", [photos[0], photos[0].read_bytes()[:200]], max_tokens=3)
+    # typed tensors over gRPC: out-of-range sampling settings are the model's to refuse
+    for params, needle in (({"temperature": math.nan}, "temperature must be in"), ({"temperature": 10.5}, "temperature"),
+                           ({"top_p": 1.5}, "top_p must be in"), ({"top_p": -0.1}, "top_p"),
+                           ({"seed": -3}, "seed must be an integer")):
+        with pytest.raises(RequestError, match=needle):
+            client.generate("hi", max_tokens=2, **params)
+    # HTTP streaming (generate_stream): the refusal is a 400 whose body is a server-sent event;
+    # the client raises the server's message, not "Bad Request"
+    req = urllib.request.Request(f"http://{server.http_url}/v2/models/vlm/generate_stream",
+                                 data=json.dumps({"prompt": "hi", "temperature": 11.0}).encode())
+    with pytest.raises(urllib.error.HTTPError) as raw_err:
+        urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=60)
+    assert raw_err.value.code == 400 and raw_err.value.read().startswith(b'data: {"error":')
+    http = VLMClient(f"http://{server.http_url}")
+    for kwargs, needle in (({"temperature": 11.0}, r"temperature must be in \[0, 10\], got 11"),
+                           ({"images": [photos[0], photos[0].read_bytes()[:200]]}, r"image 1\b.*cannot be decoded"),
+                           ({"prompt": f"hi {image_token}"}, "contains the image token")):
+        with pytest.raises(RequestError, match=needle):
+            list(http.stream(**{"prompt": "hi", "max_tokens": 3, **kwargs}))
+    assert list(http.stream("Hello there", max_tokens=3))[-1].completion_tokens == 3
     # wrong dtype, over gRPC with a real typed tensor: Triton itself rejects it before the model runs
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
@@ -227,17 +294,17 @@ def test_bad_requests_get_errors_and_server_keeps_serving(served, photos):
     assert status == 200 and answer["completion_tokens"] == 2
 
 
-def test_server_stops_cleanly(tiny_build, tmp_path):
-    repo = render_repository(tiny_build("prefix-llama").path, tmp_path / "repo")
-    server = TritonServer(repo, log_file=tmp_path / "log.txt").start()
-    answer = VLMClient(f"grpc://{server.grpc_url}").generate("Hi", max_tokens=2)
-    assert answer.completion_tokens == 2
-    pid = server.pid
-    server.stop()
-    assert not server.running
-    import os
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
+def test_unreachable_server_is_a_serve_error():
+    """Nothing listens there: ServeError saying so, from both transports, streaming or not."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    for url in (f"http://127.0.0.1:{dead}", f"grpc://127.0.0.1:{dead}"):
+        client = VLMClient(url, timeout=30)
+        with pytest.raises(ServeError, match=f"cannot reach 127.0.0.1:{dead}"):
+            client.generate("hi", max_tokens=2)
+        with pytest.raises(ServeError, match=f"cannot reach 127.0.0.1:{dead}"):
+            list(client.stream("hi", max_tokens=2))
 
 
 def _metric(server, name: str) -> float | None:
@@ -250,80 +317,139 @@ def _metric(server, name: str) -> float | None:
     return sum(values) if values else None
 
 
-def test_inflight_batching_cancellation_and_back_pressure(tiny_build, photos, tmp_path):
-    """One scheduler loop in the served model: a stream cancelled by its client stops server-side
-    (its row leaves, decode steps stop), a flood past the queue limit gets UNAVAILABLE at once,
-    and afterwards the server answers a good request exactly as in-process generation does."""
+BLS_QUEUE = 6  # requests that may wait for a place in the bls server's batch
+
+
+@pytest.fixture(scope="module")
+def bls_served(tiny_build, tmp_path_factory):
+    """decoder_mode=bls (the vlm model calls the lm_decoder model once per step for the whole
+    batch) with a short queue: BLS_QUEUE requests may wait for one of the build's max_batch places."""
+    build = tiny_build("llava-llama").path
+    folder = tmp_path_factory.mktemp("bls")
+    repo = render_repository(build, folder / "repo", RepositoryOptions(decoder_mode="bls", max_queue=BLS_QUEUE))
+    server = TritonServer(repo, log_file=folder / "triton.log")
+    try:
+        server.start()
+        yield build, server
+    finally:
+        server.stop()
+
+
+def test_bls_decoder_mode_batches_concurrent_requests(bls_served, photos):
+    """decoder_mode=bls: concurrent requests share decode steps and still get exactly their
+    in-process answers (whatever the grouping: no greedy step is near a tie)."""
+    build, server = bls_served
+    pipe = open_build(build)
+    asks = [(PROMPTS[i % 3], [photos[i % 3]] if i % 2 else [], 6 + i) for i in range(6)]
+    assert len(asks) <= BLS_QUEUE  # none can be refused
+    expected = [generate(pipe, p, i, GenerationConfig(max_new_tokens=n)).text for p, i, n in asks]
+    steps_before = _metric(server, "vlm_decode_steps_total") or 0
+    client = VLMClient(f"grpc://{server.grpc_url}")
+    with ThreadPoolExecutor(6) as pool:
+        served = list(pool.map(lambda a: client.generate(a[0], a[1], max_tokens=a[2]).text, asks))
+    assert wait_for(lambda: _metric(server, "vlm_batch_rows") == 0)
+    steps = _metric(server, "vlm_decode_steps_total") - steps_before
+    assert served == expected
+    assert steps < sum(n for _, _, n in asks)  # rows shared decode steps
+    for prompt, images, n in asks:
+        assert greedy_margin(pipe, prompt, images, n) > 40 * BATCH_NOISE, (prompt, images)
+
+
+def _open_stream(server, prompt: bytes, max_tokens: int):
+    """A raw gRPC stream of one request (one stream per request: tritonclient cannot say which
+    request an error belongs to); returns (client, queue of (result, error))."""
     import queue
 
     import tritonclient.grpc as grpcclient
 
-    build = tiny_build("llava-llama").path
-    repo = render_repository(build, tmp_path / "repo", RepositoryOptions(max_queue=2))
-    with TritonServer(repo, log_file=tmp_path / "triton.log") as server:
-        raw = grpcclient.InferenceServerClient(server.grpc_url, channel_args=[("grpc.enable_http_proxy", 0)])
-        got: queue.Queue = queue.Queue()
-        raw.start_stream(callback=lambda result, error: got.put((result, error)))
+    def tensor(name, value, dtype):
+        t = grpcclient.InferInput(name, [1], dtype)
+        t.set_data_from_numpy(np.array([value], dtype=np.object_ if dtype == "BYTES" else None))
+        return t
 
-        def tensor(name, value, dtype):
-            t = grpcclient.InferInput(name, [1], dtype)
-            t.set_data_from_numpy(np.array([value], dtype=np.object_ if dtype == "BYTES" else None))
-            return t
+    raw = grpcclient.InferenceServerClient(server.grpc_url, channel_args=[("grpc.enable_http_proxy", 0)])
+    got: queue.Queue = queue.Queue()
+    raw.start_stream(callback=lambda result, error: got.put((result, error)))
+    raw.async_stream_infer("vlm", [tensor("prompt", prompt, "BYTES"), tensor("max_tokens", np.int32(max_tokens), "INT32"),
+                                   tensor("stream", True, "BOOL"), tensor("ignore_eos", True, "BOOL")])
+    return raw, got
 
-        raw.async_stream_infer("vlm", [tensor("prompt", b"Tell me a long story.", "BYTES"),
-                                       tensor("max_tokens", np.int32(200), "INT32"),
-                                       tensor("stream", True, "BOOL"), tensor("ignore_eos", True, "BOOL")])
+
+def _cancel(raw) -> None:
+    """End a raw stream, cancelling its request (a second call does nothing)."""
+    if getattr(raw, "_vlm_test_closed", False):
+        return
+    raw._vlm_test_closed = True
+    raw.stop_stream(cancel_requests=True)
+    raw.close()
+
+
+def test_inflight_batching_cancellation_and_back_pressure(bls_served, photos, tmp_path):
+    """One scheduler loop in the served model: a stream cancelled by its client stops server-side
+    (its row leaves, decode steps stop); with the batch full and BLS_QUEUE requests waiting, one
+    more gets UNAVAILABLE at once and the waiting ones are answered; a repeated image comes from
+    the image-embedding cache with the same answer as in-process generation."""
+    build, server = bls_served
+    pipe = open_build(build)
+    metric = functools.partial(_metric, server)
+    cancelled = metric("vlm_requests_cancelled_total") or 0
+    raw, got = _open_stream(server, b"Tell me a long story.", 200)
+    try:
         for _ in range(3):
             result, error = got.get(timeout=60)
             assert error is None
-        raw.stop_stream(cancel_requests=True)
-        raw.close()
-        assert wait_for(lambda: (_metric(server, "vlm_requests_cancelled_total") or 0) >= 1), \
-            (tmp_path / "triton.log").read_text()[-2000:]
-        steps = _metric(server, "vlm_decode_steps_total")
-        assert steps < 200  # the row left long before its 200 tokens
-        assert not wait_for(lambda: _metric(server, "vlm_decode_steps_total") != steps, seconds=1.0)
+    finally:
+        _cancel(raw)
+    assert wait_for(lambda: (metric("vlm_requests_cancelled_total") or 0) >= cancelled + 1), \
+        server.log_file.read_text()[-2000:]
+    steps = metric("vlm_decode_steps_total")
+    assert not wait_for(lambda: metric("vlm_decode_steps_total") != steps, seconds=1.0)  # nothing runs on
 
-        # a flood: the batch holds max_batch (4) rows and 2 more may wait; the rest are refused at once
+    # back-pressure, made deterministic: max_batch rows that run as long as the build allows fill
+    # the batch; then BLS_QUEUE + 1 requests at once: exactly one is refused ("busy"), at once
+    prompt = b"Hi"
+    longest = pipe.limits.max_sequence - len(pipe.prompt_ids("Hi", 0))
+    refused = metric("vlm_requests_refused_total") or 0
+    long_rows = [_open_stream(server, prompt, longest) for _ in range(pipe.limits.max_batch)]
+    try:
+        assert wait_for(lambda: metric("vlm_batch_rows") == pipe.limits.max_batch, 60)
         client = VLMClient(f"grpc://{server.grpc_url}")
 
         def ask(_):
             try:
-                return client.generate("Tell me a story.", max_tokens=60, ignore_eos=True).completion_tokens
+                return client.generate("Hello there", max_tokens=4, ignore_eos=True).completion_tokens
             except RequestError as e:
                 return str(e)
 
-        with ThreadPoolExecutor(12) as pool:
-            outcomes = list(pool.map(ask, range(12)))
-        refused = [o for o in outcomes if isinstance(o, str)]
-        assert refused and all("busy" in o for o in refused), outcomes
-        assert [o for o in outcomes if not isinstance(o, str)] == [60] * (12 - len(refused))
-        assert _metric(server, "vlm_requests_refused_total") == len(refused)
+        with ThreadPoolExecutor(BLS_QUEUE + 1) as pool:
+            flood = [pool.submit(ask, i) for i in range(BLS_QUEUE + 1)]
+            assert wait_for(lambda: sum(f.done() for f in flood) >= 1, 60)
+            assert [e for _, q in long_rows for _, e in list(q.queue) if e is not None] == []
+            assert metric("vlm_batch_rows") == pipe.limits.max_batch, "a long row ended before the flood"
+            done = [f.result() for f in flood if f.done()]
+            assert len(done) == 1 and "busy" in str(done[0]) and f"queue limit {BLS_QUEUE}" in str(done[0]), done
+            assert wait_for(lambda: metric("vlm_requests_refused_total") == refused + 1)
+            assert wait_for(lambda: metric("vlm_queue_length") == BLS_QUEUE)
+            for raw, _ in long_rows:  # their places free: the waiting requests run
+                _cancel(raw)
+            outcomes = [f.result(timeout=120) for f in flood]
+    finally:
+        for raw, _ in long_rows:
+            _cancel(raw)
+    assert sorted(outcomes, key=str) == [4] * BLS_QUEUE + [done[0]], outcomes
+    assert metric("vlm_requests_refused_total") == refused + 1
 
-        expected = generate(open_build(build), PROMPTS[0], [photos[0]], GenerationConfig(max_new_tokens=8))
-        assert client.generate(PROMPTS[0], [photos[0]], max_tokens=8).text == expected.text
-        # the same image again: served from the image-embedding cache, same answer
-        assert client.generate(PROMPTS[0], [photos[0]], max_tokens=8).text == expected.text
-        assert wait_for(lambda: _metric(server, "vlm_image_cache_hits_total") == 1)
-        assert _metric(server, "vlm_image_cache_misses_total") == 1
+    # an image not seen before, twice: a miss, then a hit from the cache; answers as in-process
+    from PIL import Image
 
-
-def test_bls_decoder_mode_batches_concurrent_requests(tiny_build, photos, tmp_path):
-    """decoder_mode=bls: the vlm model's loop calls the lm_decoder model once per step for the whole
-    batch; concurrent requests still get exactly their in-process answers."""
-    build = tiny_build("llava-llama").path
-    pipe = open_build(build)
-    asks = [(PROMPTS[i % 3], [photos[i % 3]] if i % 2 else [], 6 + i) for i in range(6)]
-    expected = [generate(pipe, p, i, GenerationConfig(max_new_tokens=n)).text for p, i, n in asks]
-    repo = render_repository(build, tmp_path / "repo", RepositoryOptions(decoder_mode="bls"))
-    with TritonServer(repo, log_file=tmp_path / "triton.log") as server:
-        client = VLMClient(f"grpc://{server.grpc_url}")
-        with ThreadPoolExecutor(6) as pool:
-            served = list(pool.map(lambda a: client.generate(a[0], a[1], max_tokens=a[2]).text, asks))
-        assert wait_for(lambda: _metric(server, "vlm_batch_rows") == 0)
-        steps = _metric(server, "vlm_decode_steps_total")
-    assert served == expected
-    assert steps < sum(n for _, _, n in asks)  # rows shared decode steps
+    fresh = tmp_path / "fresh.png"
+    Image.open(photos[0]).rotate(90).save(fresh)
+    hits, misses = metric("vlm_image_cache_hits_total") or 0, metric("vlm_image_cache_misses_total") or 0
+    expected = generate(pipe, PROMPTS[0], [fresh], GenerationConfig(max_new_tokens=8))
+    assert client.generate(PROMPTS[0], [fresh], max_tokens=8).text == expected.text
+    assert client.generate(PROMPTS[0], [fresh], max_tokens=8).text == expected.text
+    assert wait_for(lambda: metric("vlm_image_cache_hits_total") == hits + 1)
+    assert metric("vlm_image_cache_misses_total") == misses + 1
 
 
 CONVERSATION = [
@@ -372,3 +498,15 @@ def test_served_conversation_equals_in_process(served, photos):
     status, answer = _post(server, {"prompt": "hi", "messages": "[]", "max_tokens": 2})
     assert status == 400 and "one of them" in answer["error"]
     assert client.generate("Hello there", max_tokens=3).completion_tokens == 3
+
+
+def test_vlm_server_stops_cleanly(bls_served):
+    """Last in this module (it stops the bls server): a vlm server (its scheduler thread, the BLS
+    decoder model) stops in order, and nothing of its process group is left."""
+    _, server = bls_served
+    assert VLMClient(f"grpc://{server.grpc_url}").generate("Hi", max_tokens=2).completion_tokens == 2
+    pid = server.pid
+    assert server.stop() == 0  # SIGTERM was enough: the models unloaded and Triton exited
+    assert not server.running
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)

@@ -62,8 +62,8 @@ def _group_members(pgid: int) -> list[int]:
 
 
 def _group_alive(pgid: int) -> bool:
-    """Some process of the group is still running, 5 s after it was killed."""
-    return not wait_for(lambda: not _group_members(pgid), 5)
+    """Some process of the group is still running, 30 s after it was killed."""
+    return not wait_for(lambda: not _group_members(pgid), 30)
 
 
 def _stub_pid(server: TritonServer, model: str) -> int:
@@ -74,94 +74,114 @@ def _stub_pid(server: TritonServer, model: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def llava_repo(tiny_build, tmp_path_factory):
+def recovering(tiny_build, tmp_path_factory):
+    """One supervised server of the tiny llava repository for both protocols' kills (a start or a
+    restart loads the vlm model: 20-60 s here): (server, its events, the pids it ran as).
+    Stopped at the end whatever happens; test_stop_after_restarts checks that stop."""
     build = tiny_build("llava-llama").path
-    return render_repository(build, tmp_path_factory.mktemp("repo") / "repo", RepositoryOptions())
+    folder = tmp_path_factory.mktemp("recovery")
+    repo = render_repository(build, folder / "repo", RepositoryOptions())
+    events: list[str] = []
+    # a restart is a full model load: on a loaded machine it may take minutes, not the default 120 s
+    server = TritonServer(repo, log_file=folder / "triton.log", on_event=events.append, startup_timeout=300)
+    server_pids: list[int] = []
+    try:
+        server.start()
+        server_pids.append(server.pid)
+        yield server, events, server_pids
+    finally:
+        server.stop()  # the supervisor first, then the whole process group
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_vlm_stub_killed_mid_request_recovers(llava_repo, tmp_path, protocol):
-    events: list[str] = []
-    server = TritonServer(llava_repo, log_file=tmp_path / "triton.log", on_event=events.append)
-    server.start()
-    server_pids = [server.pid]
-    try:
-        url = f"grpc://{server.grpc_url}" if protocol == "grpc" else f"http://{server.http_url}"
-        client = VLMClient(url, timeout=120)
-        prompt = "Tell me a long story."
-        before = client.generate(prompt, max_tokens=12).text
-        assert _ready(server, "/v2/models/vlm/ready") and server.restarts == 0
-        stub = _stub_pid(server, "vlm")
+def test_vlm_stub_killed_mid_request_recovers(recovering, protocol):
+    server, events, server_pids = recovering
+    restarts, seen = server.restarts, len(events)
+    url = f"grpc://{server.grpc_url}" if protocol == "grpc" else f"http://{server.http_url}"
+    client = VLMClient(url, timeout=120)
+    prompt = "Tell me a long story."
+    before = client.generate(prompt, max_tokens=12).text
+    assert _ready(server, "/v2/models/vlm/ready")
+    stub = _stub_pid(server, "vlm")
 
-        # a long stream; the vlm stub is killed -9 once 3 pieces have arrived (197 tokens to go)
-        outcome: dict = {}
+    # a long stream; the vlm stub is killed -9 once 3 pieces have arrived (197 tokens to go)
+    outcome: dict = {}
 
-        def stream():
-            pieces = 0
+    def stream():
+        pieces = 0
+        try:
+            for event in client.stream(prompt, max_tokens=200, ignore_eos=True):
+                pieces += 1
+                if pieces == 3:
+                    os.kill(stub, signal.SIGKILL)
+                    outcome["killed"] = time.monotonic()
+            outcome["result"] = event
+        except Exception as err:  # noqa: BLE001 - what the caller of the client sees
+            outcome["error"] = err
+        outcome["ended"] = time.monotonic()
+
+    streaming = threading.Thread(target=stream, daemon=True)
+    streaming.start()
+
+    # watch readiness from the kill until a normal request gets its answer again
+    saw_not_ready, answer, recovered = False, None, None
+    deadline = time.monotonic() + 330  # the kill comes within seconds of the start
+    while time.monotonic() < deadline and recovered is None:
+        if "killed" not in outcome:
+            if "ended" in outcome:
+                break  # the stream ended before the kill: reported below
+            time.sleep(0.02)
+            continue
+        if not _ready(server, "/v2/models/vlm/ready"):
+            saw_not_ready = True
+        elif server.restarts > restarts:
             try:
-                for event in client.stream(prompt, max_tokens=200, ignore_eos=True):
-                    pieces += 1
-                    if pieces == 3:
-                        os.kill(stub, signal.SIGKILL)
-                        outcome["killed"] = time.monotonic()
-                outcome["result"] = event
-            except Exception as err:  # noqa: BLE001 - what the caller of the client sees
-                outcome["error"] = err
-            outcome["ended"] = time.monotonic()
+                answer = client.generate(prompt, max_tokens=12).text
+                recovered = time.monotonic()
+            except VlmExportError:
+                pass
+        time.sleep(0.1)
+    streaming.join(timeout=30)
+    log_tail = server.log_file.read_text()[-3000:]
+    new_events = events[seen:]
 
-        streaming = threading.Thread(target=stream, daemon=True)
-        streaming.start()
+    assert "killed" in outcome, (outcome, log_tail)
+    # the in-flight request ended with an error, soon (measured: 0.7 s)
+    assert "error" in outcome, (outcome, log_tail)
+    assert isinstance(outcome["error"], VlmExportError), repr(outcome["error"])
+    assert outcome["ended"] - outcome["killed"] < 60, outcome
+    # readiness said so, and the supervisor restarted the server once
+    assert saw_not_ready
+    assert server.restarts == restarts + 1, new_events
+    # what it saw: the dead stub, or Triton itself aborting when the stub died holding a lock
+    # (boost::interprocess::lock_exception: it happens now and then)
+    assert ("stub vlm_0_0 of model 'vlm'" in new_events[0] and "SIGKILL" in new_events[0]
+            or "tritonserver" in new_events[0] and "SIGABRT" in new_events[0]), new_events
+    assert f"Restarting tritonserver (restart {restarts + 1}" in new_events[0], new_events
+    # (Triton answers ready a moment before its start-up ends: the supervisor reports after that)
+    assert wait_for(lambda: "serving again" in events[-1], 60), events
+    # and it answers exactly as before, on the same ports. Measured: 25 s on an idle 2-core
+    # machine, 57 s under load (a restart is a full model load); the bound leaves room for a
+    # loaded CI machine rather than flake, and the time is printed
+    assert recovered is not None, (new_events, log_tail)
+    print(f"recovered {recovered - outcome['killed']:.1f} s after the kill")
+    assert recovered - outcome["killed"] < 300, (new_events, log_tail)
+    assert answer == before
+    server_pids.append(server.pid)
+    assert server_pids[-2] != server_pids[-1] and not _alive(server_pids[-2])
+    assert not _alive(stub)
+    assert _stub_pid(server, "vlm") != stub
 
-        # watch readiness from the kill until a normal request gets its answer again
-        saw_not_ready, answer, recovered = False, None, None
-        deadline = time.monotonic() + 150  # the kill comes within seconds of the start
-        while time.monotonic() < deadline and recovered is None:
-            if "killed" not in outcome:
-                time.sleep(0.02)
-                continue
-            if not _ready(server, "/v2/models/vlm/ready"):
-                saw_not_ready = True
-            elif server.restarts >= 1:
-                try:
-                    answer = client.generate(prompt, max_tokens=12).text
-                    recovered = time.monotonic()
-                except VlmExportError:
-                    pass
-            time.sleep(0.1)
-        streaming.join(timeout=5)
-        log_tail = (tmp_path / "triton.log").read_text()[-3000:]
 
-        assert "killed" in outcome, (outcome, log_tail)
-        # the in-flight request ended with an error, soon
-        assert "error" in outcome, (outcome, log_tail)
-        assert isinstance(outcome["error"], VlmExportError), repr(outcome["error"])
-        assert outcome["ended"] - outcome["killed"] < 15, outcome
-        # readiness said so, and the supervisor restarted the server once
-        assert saw_not_ready
-        assert server.restarts == 1, events
-        # what it saw: the dead stub, or Triton itself aborting when the stub died holding a lock
-        # (boost::interprocess::lock_exception: it happens now and then)
-        assert ("stub vlm_0_0 of model 'vlm'" in events[0] and "SIGKILL" in events[0]
-                or "tritonserver" in events[0] and "SIGABRT" in events[0]), events
-        assert "Restarting tritonserver (restart 1)" in events[0], events
-        # (Triton answers ready a moment before its start-up ends: the supervisor reports after that)
-        assert wait_for(lambda: "serving again" in events[-1], 15), events
-        # and it answers exactly as before, on the same ports. Measured: 25 s on an idle 2-core
-        # machine, 57 s under load (a restart is a full model load); the bound leaves room for a
-        # loaded CI machine rather than flake, and the time is printed
-        assert recovered is not None, (events, log_tail)
-        print(f"recovered {recovered - outcome['killed']:.1f} s after the kill")
-        assert recovered - outcome["killed"] < 120, (events, log_tail)
-        assert answer == before
-        server_pids.append(server.pid)
-        assert server_pids[0] != server_pids[1] and not _alive(server_pids[0])
-        assert not _alive(stub)
-        assert _stub_pid(server, "vlm") != stub
-    finally:
-        started = time.monotonic()
-        server.stop()  # the supervisor first, then the whole process group
-    assert time.monotonic() - started < 30
-    assert server.process.returncode == 0  # the new server stopped in order
+def test_stop_after_restarts(recovering):
+    """After the restarts above, stop() is prompt, the last server stops in order (exit 0), and
+    nothing of any of the server's process groups is left."""
+    server, events, server_pids = recovering
+    started = time.monotonic()
+    server.stop()  # the supervisor first, then the whole process group
+    # SIGTERM, then SIGKILL after stop_timeout (10 s) + a 10 s grace at worst: a hang shows past that
+    assert time.monotonic() - started < 60
+    assert server.process.returncode == 0, events  # the new server stopped in order
     assert not any(_group_alive(pid) for pid in server_pids)
     assert server._supervisor is not None and not server._supervisor.is_alive()
 
@@ -244,10 +264,11 @@ def test_stop_while_restarting_is_prompt(add_one_repo, tmp_path):
     first = server.pid
     try:
         os.kill(_stub_pid(server, "add_one"), signal.SIGKILL)
-        assert wait_for(lambda: server.restarts == 1, 30), server.events  # a new server is starting
+        assert wait_for(lambda: server.restarts == 1, 60), server.events  # a new server is starting
     finally:
         started = time.monotonic()
         server.stop()
+    # a restart still loading is killed at once (a stop in order waits up to stop_timeout + 10 s grace)
     assert time.monotonic() - started < 15
     assert not _group_alive(first) and not _group_alive(server.pid)
     assert not server._supervisor.is_alive() and server.wait(timeout=0)

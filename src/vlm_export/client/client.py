@@ -61,6 +61,20 @@ def connect_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _http_error_message(error: urllib.error.HTTPError) -> str:
+    """The server's own message in an HTTP error response: ``{"error": ...}``, or, from
+    ``generate_stream``, the same object as a server-sent event (``data: {"error": ...}``)."""
+    body = error.read()
+    for chunk in (body, *(line[5:] for line in body.splitlines() if line.startswith(b"data:"))):
+        try:
+            message = json.loads(chunk).get("error")
+        except (ValueError, AttributeError):
+            continue
+        if message:
+            return str(message)
+    return str(error.reason)
+
+
 class VLMClient:
     def __init__(self, url: str, model: str = "vlm", timeout: float = 300.0):
         self.protocol, self.address = parse_url(url)
@@ -129,11 +143,7 @@ class VLMClient:
                             raise RequestError(event["error"])
                         yield event
         except urllib.error.HTTPError as e:
-            try:
-                message = json.loads(e.read()).get("error", e.reason)
-            except ValueError:
-                message = e.reason
-            raise RequestError(message) from None
+            raise RequestError(_http_error_message(e)) from None
         except urllib.error.URLError as e:
             raise ServeError(f"cannot reach {self.address}: {e.reason}; is `vlm-export serve` running?") from None
 

@@ -9,6 +9,7 @@ the base interpreter's, which we get by putting ``sys.prefix/bin`` first on the 
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -192,6 +193,9 @@ _STUB_NAME = "triton_python_backend_stub"
 _STUB_COMM = _STUB_NAME[:15]  # the kernel keeps the first 15 bytes of a process name
 _SHM_PREFIX = "triton_python_backend_shm_region_"
 _SHM_DIR = Path("/dev/shm")
+# The python backend makes an (empty, unless an archived EXECUTION_ENV_PATH is unpacked) folder
+# from this fixed template when it initializes, and removes it only when the server exits in order.
+_PYTHON_ENV_GLOB = "/tmp/python_env_*"
 _POLL_S = 0.5          # how often the supervisor looks at the server and its stubs
 _RESCAN_S = 5.0        # how often it lists the server's children anew (new stubs after a load)
 _CONFIRM_S = 0.3       # a stub must still be dead this much later (Triton reaps stubs it stops itself)
@@ -358,6 +362,8 @@ class TritonServer:
         self._done = threading.Event()  # stopped for good: by stop(), or the supervisor gave up
         self._lock = threading.Lock()  # a restart does not spawn a server once stop() has begun
         self._ready = False  # the current process finished starting
+        self._env_dirs_before: set[str] = set()  # python_env folders that existed before the spawn
+        self._env_dir: str | None = None  # the current process's python_env folder, once identified
 
     # ------------------------------------------------------------------ addresses
     @property
@@ -451,6 +457,7 @@ class TritonServer:
         self.http_port, self.grpc_port, self.metrics_port = ports
 
     def _spawn(self) -> None:
+        self._env_dirs_before, self._env_dir = set(glob.glob(_PYTHON_ENV_GLOB)), None
         with open(self.log_file, "ab") as log:
             self._log_offset = log.tell()  # the log may hold earlier runs: read from here
             log.write(f"$ {' '.join(self.command())}\n".encode())
@@ -494,6 +501,40 @@ class TritonServer:
         time.sleep(_SETTLE_S)
         self._check_alive()
         self._ready = True
+        self._find_env_dir()
+
+    def _find_env_dir(self) -> None:
+        """This server's python_env folder: the one folder new since the spawn, once its python
+        backend has started (its log says so), or when no other tritonserver still running started
+        since (before that, its backend may not have made one yet). Otherwise left alone."""
+        if self._env_dir is not None:
+            return
+        new = set(glob.glob(_PYTHON_ENV_GLOB)) - self._env_dirs_before
+        if len(new) == 1 and ("python_be.cc" in self._this_run_log() or not self._other_servers_since()):
+            self._env_dir = new.pop()
+
+    def _other_servers_since(self) -> bool:
+        """Whether a tritonserver other than ours, started after ours, is running (it may have made
+        a python_env folder meanwhile)."""
+        ours = _proc_stat(self.process.pid)
+        if ours is None:
+            return True
+        try:
+            names = os.listdir("/proc")
+        except OSError:
+            return True
+        for name in names:
+            if not name.isdigit() or int(name) == self.process.pid:
+                continue
+            stat = _proc_stat(int(name))
+            if stat is None or stat.state == "Z" or stat.start_time < ours.start_time:
+                continue
+            try:
+                if Path(f"/proc/{name}/comm").read_text().strip() == "tritonserver":
+                    return True
+            except OSError:
+                continue
+        return False
 
     def _check_not_stopping(self) -> None:
         if self._stopping.is_set():  # stop() was called while the supervisor restarts the server
@@ -569,6 +610,9 @@ class TritonServer:
             return
         # Kill whatever is left of the group (a hung server, or stubs it left behind). The group
         # id is the server's pid, and it is ours: we started it with a session of its own.
+        if proc.poll() is None:  # what it would leave behind, first (a restart may be killed while loading)
+            self.stubs = {**self._scan_stubs(), **self.stubs}
+            self._find_env_dir()
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -584,6 +628,12 @@ class TritonServer:
                 except OSError:
                     pass
         self.stubs = {}
+        if self._env_dir is not None:  # gone already after an orderly exit; rmdir leaves a non-empty one
+            try:
+                os.rmdir(self._env_dir)
+            except OSError:
+                pass
+            self._env_dir = None
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the server is down for good; True if it is, False after ``timeout`` seconds.
