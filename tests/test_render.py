@@ -141,6 +141,8 @@ def test_existing_output_folder_is_replaced_only_with_force(build, tmp_path, cap
     ({"max_image_pixels": 0}, "instances, max_queue"),
     ({"max_queue_delay_us": -1}, "queue delay"),
     ({"image_cache_mb": -1}, "image cache"),
+    ({"max_prefill_tokens": 0}, "max_prefill_tokens must be >= 1"),
+    ({"max_prefill_padding": 1.5}, r"max_prefill_padding in \[0, 1\]"),
 ])
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(RepositoryError, match=message):

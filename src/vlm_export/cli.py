@@ -217,6 +217,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-mb", type=_positive_int, default=32, help="largest encoded image accepted (default 32)")
     p.add_argument("--image-cache-mb", type=int, default=None,
                    help="the vlm model's image-embedding cache, LRU by image content (default 256; 0: off)")
+    p.add_argument("--max-prefill-tokens", type=_positive_int, default=None,
+                   help="prompt tokens of new requests prefilled in one step, the pause running requests see "
+                        "(default 2048)")
+    p.add_argument("--max-prefill-padding", type=float, default=None,
+                   help="largest share of a batched prefill call that may be padding (default 0.15, for CPUs; "
+                        "raise it on a GPU, where a batched prefill costs about one row's time)")
     p.add_argument("--decoder-mode", choices=("in_process", "bls"), default=None,
                    help="where the vlm model runs decode steps (default: in_process for python, bls otherwise)")
     p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime threads inside python models")
@@ -423,7 +429,9 @@ def _cmd_repository(args, progress) -> int:
                                 threads=args.threads, max_image_pixels=args.max_image_pixels,
                                 max_image_mb=args.max_image_mb,
                                 **({"max_queue": args.max_queue} if args.max_queue else {}),
-                                **({} if args.image_cache_mb is None else {"image_cache_mb": args.image_cache_mb}))
+                                **({} if args.image_cache_mb is None else {"image_cache_mb": args.image_cache_mb}),
+                                **({} if args.max_prefill_tokens is None else {"max_prefill_tokens": args.max_prefill_tokens}),
+                                **({} if args.max_prefill_padding is None else {"max_prefill_padding": args.max_prefill_padding}))
     with progress.step(f"rendering the {args.target} repository") as advance:
         out = render_repository(args.build, args.out, options, force=args.force, check_hashes=not args.no_hash_check)
         advance()

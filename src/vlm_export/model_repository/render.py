@@ -30,6 +30,7 @@ from ..errors import RepositoryError
 from ..export.graph_info import graph_io
 from ..manifest import check_hashes as check_build_hashes, read_manifest, write_manifest
 from ..runtime.engine import DEFAULT_MAX_QUEUE
+from ..runtime.generate import DEFAULT_MAX_PREFILL_PADDING, DEFAULT_MAX_PREFILL_TOKENS
 from ..runtime.pipeline import image_limits_for
 
 TARGETS = ("python", "onnxruntime", "tensorrt")
@@ -72,6 +73,11 @@ class RepositoryOptions:
     max_queue: int = DEFAULT_MAX_QUEUE
     # the vlm model's image-embedding cache (LRU by image content); 0 turns it off
     image_cache_mb: int = 256
+    # new requests prefilled in one step (see runtime.generate.Scheduler): at most this many prompt
+    # tokens (the pause the running rows see), and at most this share of a call's slots padding
+    # (padding costs like real tokens on a CPU; on a GPU a batched prefill costs about one row's time)
+    max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS
+    max_prefill_padding: float = DEFAULT_MAX_PREFILL_PADDING
     # request images are refused before they are decoded past these (None: 64x the model's input area,
     # at least 16 M pixels; see runtime/images.py)
     max_image_pixels: int | None = None
@@ -94,6 +100,9 @@ class RepositoryOptions:
                 or min(self.max_queue_delay_us, self.image_cache_mb) < 0:
             raise RepositoryError("instances, max_queue and the image limits must be >= 1, the queue delay and "
                                   "image cache >= 0")
+        if self.max_prefill_tokens < 1 or not 0.0 <= self.max_prefill_padding <= 1.0:
+            raise RepositoryError(f"max_prefill_tokens must be >= 1 (got {self.max_prefill_tokens}) and "
+                                  f"max_prefill_padding in [0, 1] (got {self.max_prefill_padding})")
 
     @property
     def resolved_decoder_mode(self) -> str:
@@ -173,7 +182,9 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
         "model_transaction_policy": {"decoupled": True},
         "instance_group": [{"kind": "KIND_CPU", "count": options.vlm_instances}],
         "parameters": {**_python_params(decoder_mode=options.resolved_decoder_mode, intra_op_threads=options.threads or 0,
-                                        max_queue=options.max_queue, image_cache_mb=options.image_cache_mb),
+                                        max_queue=options.max_queue, image_cache_mb=options.image_cache_mb,
+                                        max_prefill_tokens=options.max_prefill_tokens,
+                                        max_prefill_padding=options.max_prefill_padding),
                        **image_params, **decoder_params},
     }
     return configs

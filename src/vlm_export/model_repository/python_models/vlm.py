@@ -26,7 +26,8 @@ from vlm_export.errors import BusyError, InputError, RunnerError, VlmExportError
 from vlm_export.model_repository.python_models.common import (check_files, image_limits, image_payload, model_dirs,
                                                                parameter)
 from vlm_export.runtime.engine import DEFAULT_MAX_QUEUE, Cancelled, GenerationEngine
-from vlm_export.runtime.generate import GenerationConfig, GenerationResult, TokenEvent
+from vlm_export.runtime.generate import (DEFAULT_MAX_PREFILL_PADDING, DEFAULT_MAX_PREFILL_TOKENS, GenerationConfig,
+                                         GenerationResult, TokenEvent)
 from vlm_export.runtime.image_cache import ImageEmbeddingCache
 from vlm_export.runtime.load import pipeline_from_manifest
 from vlm_export.runtime.runners import OrtRunner, Runner
@@ -90,7 +91,11 @@ class TritonPythonModel:
         self.engine = GenerationEngine(pipe, max_queue=int(parameter(config, "max_queue", str(DEFAULT_MAX_QUEUE))),
                                        encode_images=self._encode_images if self.image_encoder else None,
                                        on_stats=self.metrics.update,
-                                       image_cache=ImageEmbeddingCache(cache_mb << 20) if cache_mb else None)
+                                       image_cache=ImageEmbeddingCache(cache_mb << 20) if cache_mb else None,
+                                       max_prefill_tokens=int(parameter(config, "max_prefill_tokens",
+                                                                        str(DEFAULT_MAX_PREFILL_TOKENS))),
+                                       max_prefill_padding=float(parameter(config, "max_prefill_padding",
+                                                                           str(DEFAULT_MAX_PREFILL_PADDING))))
 
     def execute(self, requests):
         for request in requests:
