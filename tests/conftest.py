@@ -92,6 +92,39 @@ def llava_server(tiny_build, tmp_path_factory):
         yield build, server
 
 
+class CliResult:
+    """What a CLI run gave: exit code, stdout, stderr."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """The CLI in this process (``main(argv)``, what the console script calls): seconds cheaper than a
+    process per case; an exception escaping ``main`` fails the test as a traceback would.
+    (test_cli_errors runs the real process once.)"""
+    from vlm_export.cli import main
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        code = main(list(args))
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err)
+
+    return run
+
+
+def assert_one_line_error(result: CliResult, *needles: str) -> None:
+    """A non-zero exit and exactly one ``error:`` line holding every needle, no traceback."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
 def wait_for(predicate, seconds: float = 20.0) -> bool:
     """Poll ``predicate`` every 0.1 s until it holds (True) or ``seconds`` pass (False)."""
     deadline = time.monotonic() + seconds

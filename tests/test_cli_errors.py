@@ -9,38 +9,33 @@ import pytest
 from vlm_export.build import BuildOptions, build
 from vlm_export.cli import main
 from vlm_export.errors import ParityError
+from conftest import CliResult, assert_one_line_error  # noqa: E402
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vlm_export.cli", *args], capture_output=True, text=True, timeout=300)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
+def run_process(*args: str) -> CliResult:
+    """The CLI as a user runs it: its own process (real exit code, no traceback on stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "vlm_export.cli", *args], capture_output=True, text=True, timeout=300)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
 def test_help_has_examples():
-    proc = run_cli("--help")
+    proc = run_process("--help")
     assert proc.returncode == 0 and "examples:" in proc.stdout and "vlm-export build" in proc.stdout
 
 
 def test_unknown_architecture_lists_supported(tmp_path):
+    """The one case run as its own process: the exit code and stderr a shell sees."""
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-    assert_one_line_error(run_cli("build", str(tmp_path), "--out", str(tmp_path / "out")),
+    assert_one_line_error(run_process("build", str(tmp_path), "--out", str(tmp_path / "out")),
                           "'bert'", "llava", "prefix")
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_model_folder(tmp_path):
+def test_missing_model_folder(tmp_path, run_cli):
     assert_one_line_error(run_cli("build", str(tmp_path / "nope"), "--out", str(tmp_path / "out")), "does not exist")
 
 
-def test_corrupt_weights(tmp_path, tiny_model_dir):
+def test_corrupt_weights(tmp_path, tiny_model_dir, run_cli):
     import shutil
 
     src = tiny_model_dir("llava-llama")
@@ -52,7 +47,7 @@ def test_corrupt_weights(tmp_path, tiny_model_dir):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
 
 
-def test_missing_config_json(tmp_path, tiny_model_dir):
+def test_missing_config_json(tmp_path, tiny_model_dir, run_cli):
     import shutil
 
     broken = tmp_path / "noconfig"
@@ -61,14 +56,14 @@ def test_missing_config_json(tmp_path, tiny_model_dir):
     assert_one_line_error(run_cli("build", str(broken), "--out", str(tmp_path / "out")), "config.json is missing")
 
 
-def test_unwritable_output(tiny_model_dir, tmp_path):
+def test_unwritable_output(tiny_model_dir, tmp_path, run_cli):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     assert_one_line_error(run_cli("build", str(tiny_model_dir("llava-llama")), "--out", str(blocker / "out")),
                           "cannot write the build folder")
 
 
-def test_generate_errors(tiny_build, tmp_path):
+def test_generate_errors(tiny_build, tmp_path, run_cli):
     build_dir = str(tiny_build("llava-llama").path)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"this is not an image")
@@ -80,13 +75,12 @@ def test_generate_errors(tiny_build, tmp_path):
     assert_one_line_error(run_cli("generate", str(tmp_path), "--prompt", "hi"), "not a vlm-export build folder")
 
 
-def test_too_many_images_and_bad_params(tiny_build, capsys):
+def test_too_many_images_and_bad_params(tiny_build, capsys, tmp_path):
     build_dir = str(tiny_build("llava-llama").path)
     from skimage import data
     from PIL import Image
-    import tempfile, os
 
-    path = os.path.join(tempfile.mkdtemp(), "a.png")
+    path = str(tmp_path / "a.png")
     Image.fromarray(data.coffee()).save(path)
     assert main(["generate", build_dir, "--prompt", "hi", *["--image", path] * 3]) == 1
     assert "at most 2" in capsys.readouterr().err
@@ -94,7 +88,7 @@ def test_too_many_images_and_bad_params(tiny_build, capsys):
     assert "top_p" in capsys.readouterr().err
 
 
-def test_existing_output_needs_force(tiny_build, tiny_model_dir):
+def test_existing_output_needs_force(tiny_build, tiny_model_dir, run_cli):
     existing = tiny_build("llava-llama").path
     assert_one_line_error(run_cli("build", str(tiny_model_dir("llava-llama")), "--out", str(existing)), "--force")
     assert (existing / "manifest.json").exists()

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from test_cli_errors import assert_one_line_error, run_cli
+from conftest import assert_one_line_error  # noqa: E402
 from test_engine import Collector
 from vlm_export.build import BuildOptions, build
 from vlm_export.contract import stages_from_manifest
@@ -41,7 +41,7 @@ def photos(tmp_path_factory):
     return paths
 
 
-def test_adapters_are_listed():
+def test_adapters_are_listed(run_cli):
     proc = run_cli("adapters")
     assert proc.returncode == 0
     assert "blip2" in proc.stdout and "instructblip" in proc.stdout
@@ -122,7 +122,7 @@ def test_repository_configs_fit_the_graphs(tiny_build, target):
     assert [s["model_name"] for s in ensemble["ensemble_scheduling"]["step"]] == ["preprocess", "vision_encoder", "qformer"]
 
 
-def test_processor_that_does_not_expand_image_tokens_is_refused(tiny_model_dir, tmp_path):
+def test_processor_that_does_not_expand_image_tokens_is_refused(tiny_model_dir, tmp_path, run_cli):
     src = tmp_path / "model"
     shutil.copytree(tiny_model_dir("blip2-opt"), src)
     proc_cfg = json.loads((src / "processor_config.json").read_text())
@@ -190,7 +190,7 @@ def test_served_answers_equal_in_process(tiny_build, photos, tmp_path):
     assert got == expected
 
 
-def test_lora_merged_at_build(tiny_model_dir, tiny_build, tmp_path):
+def test_lora_merged_at_build(tiny_model_dir, tiny_build, tmp_path, run_cli):
     """A LoRA on the LM and the Q-Former (PEFT on the full model), merged before the export; the
     build records the merge's proof and its ONNX graphs compute the merged model."""
     import torch
