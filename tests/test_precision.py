@@ -124,22 +124,38 @@ def test_calibration_folder(tmp_path):
     assert [p.prompt for p in pairs] == ["What is it?", "Describe it.", "What is it?"]
 
 
-def test_rebuild_reuses_calibration(mixed_build, tiny_model_dir, tmp_path, calibration_cache):
-    """The int8 ranges of an unchanged model + pairs + method come from the cache; a new method recalibrates."""
-    again = build(tiny_model_dir("llava-llama"), tmp_path / "again",
-                  BuildOptions(precision=parse_precision(MIXED), parity_new_tokens=4))
+def test_rebuild_reuses_calibration(mixed_build, tiny_model_dir, tiny_build, tmp_path, calibration_cache):
+    """The int8 ranges of an unchanged model + graph + pairs + method come from the cache (one
+    rebuild, whose other stages differ: the key is the stage's own); a broken cache file is
+    dropped, not trusted; another method, other pairs or another graph make another key."""
+    from vlm_export.build import _drop_if_unreadable
+    from vlm_export.precision.calibration import CalibrationPair, cache_path, default_pairs
+
     first = mixed_build.manifest["graphs"]["projector"]["variant"]["calibration_cache"]
-    second = again.manifest["graphs"]["projector"]["variant"]["calibration_cache"]
-    assert second == {"file": first["file"], "reused": True}
-    assert again.manifest["parity"]["passed"]
-    Path(first["file"]).write_text('{"truncated')  # a broken cache is recalibrated, not trusted
-    third = build(tiny_model_dir("llava-llama"), tmp_path / "third",
+    assert first["reused"] is False and Path(first["file"]).is_file()
+    again = build(tiny_model_dir("llava-llama"), tmp_path / "again",
                   BuildOptions(precision=parse_precision("projector=int8"), parity_new_tokens=4))
-    assert third.manifest["graphs"]["projector"]["variant"]["calibration_cache"]["reused"] is False
-    percentile = build(tiny_model_dir("llava-llama"), tmp_path / "percentile",
-                    BuildOptions(precision=parse_precision("projector=int8"), parity_new_tokens=4,
-                                 precision_options=PrecisionOptions(calibration="percentile")))
-    assert percentile.manifest["graphs"]["projector"]["variant"]["calibration_cache"]["reused"] is False
+    assert again.manifest["graphs"]["projector"]["variant"]["calibration_cache"] == {"file": first["file"], "reused": True}
+    assert again.manifest["parity"]["passed"]
+
+    # the key, without more builds: the fp32 graphs of the plain tiny build stand in for the exported ones
+    fp32 = tiny_build("llava-llama")
+    graph = fp32.path / fp32.manifest["graphs"]["projector"]["file"]
+    source = fp32.manifest["source"]["sha256"]
+    pairs = default_pairs()
+    key = cache_path("projector", graph, source, pairs, "minmax")
+    assert key == cache_path("projector", graph, source, pairs, "minmax")
+    others = {cache_path("projector", graph, source, pairs, "percentile"),
+              cache_path("projector", graph, source, pairs[:-1], "minmax"),
+              cache_path("projector", graph, source, [*pairs[:-1], CalibrationPair(pairs[-1].image, "Other?")], "minmax"),
+              cache_path("projector", graph, {**source, "model.safetensors": "0" * 64}, pairs, "minmax"),
+              cache_path("projector", fp32.path / fp32.manifest["graphs"]["vision_encoder"]["file"], source, pairs,
+                         "minmax")}
+    assert key not in others and len(others) == 5
+    broken = Path(first["file"])
+    broken.write_text('{"truncated')
+    _drop_if_unreadable(broken)
+    assert not broken.exists()
 
 
 def test_lm_head_choice_checked_before_export():
