@@ -92,6 +92,10 @@ def test_served_levels_and_overhead(bench):
     for lv in levels.values():
         assert lv["throughput_tokens_per_s"] > 0 and lv["throughput_requests_per_s"] > 0
         assert 0 < lv["ttft_ms"]["p50"] <= lv["request_ms"]["p50"]
+        # the same requests through the in-process engine at the same level, every token made
+        local = lv["in_process"]
+        assert (local["concurrency"], local["requests"], local["tokens"]) == (lv["concurrency"], lv["requests"], lv["tokens"])
+        assert 0 < local["ttft_ms"]["p50"] <= local["request_ms"]["p50"]
     ov = served["overhead"]
     assert ov["served"]["tokens"] == ov["in_process_onnxruntime"]["tokens"] == 2 * 4
     assert ov["per_token_ms"] is not None  # its arithmetic: test_overhead_on_made_up_timings

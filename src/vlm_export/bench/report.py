@@ -128,12 +128,22 @@ def markdown(r: dict) -> str:
                   f"{ov['requests']} requests each, measured side by side at concurrency 1): "
                   f"**{ov['per_token_ms']} ms per token**, {ov['ttft_ms']} ms on the first token, "
                   f"{ov['per_request_ms']} ms per request.", ""]
-        rows = [[lv["concurrency"], lv["requests"], " / ".join(_ms(lv["ttft_ms"], p) for p in ("p50", "p90", "p99")),
-                 " / ".join(_ms(lv["tpot_ms"], p) for p in ("p50", "p90", "p99")),
-                 " / ".join(_ms(lv["request_ms"], p) for p in ("p50", "p90", "p99")),
-                 lv["throughput_tokens_per_s"], lv["throughput_requests_per_s"]] for lv in served["levels"]]
-        lines += _table(["concurrency", "requests", "TTFT p50 / p90 / p99", "per token p50 / p90 / p99",
-                         "request p50 / p90 / p99", "tokens/s", "requests/s"], rows) + [""]
+        base = served["levels"][0]["throughput_tokens_per_s"] if served["levels"] else None
+        rows = []
+        for lv in served["levels"]:
+            local = lv.get("in_process", {})
+            rows.append([lv["concurrency"], lv["requests"], " / ".join(_ms(lv["ttft_ms"], p) for p in ("p50", "p90", "p99")),
+                         " / ".join(_ms(lv["tpot_ms"], p) for p in ("p50", "p90", "p99")),
+                         lv["throughput_tokens_per_s"],
+                         f"{lv['throughput_tokens_per_s'] / base:.2f}x" if base else "-",
+                         local.get("throughput_tokens_per_s", "-"),
+                         " / ".join(_ms(local["tpot_ms"], p) for p in ("p50", "p99")) if local else "-"])
+        lines += ["Concurrency sweep: Triton, then the same requests through the same in-flight batching "
+                  "(GenerationEngine) in this process, at each level (closed loop; tokens/s = generated "
+                  "tokens / wall time).", ""]
+        lines += _table(["concurrency", "requests", "Triton TTFT p50 / p90 / p99", "Triton per token p50 / p90 / p99",
+                         "Triton tokens/s", "vs concurrency 1", "in-process tokens/s",
+                         "in-process per token p50 / p99"], rows) + [""]
 
     lines += ["## Targets (issue 6)", ""]
     rows = [[tg["target"], "-" if tg["value"] is None else tg["value"], tg["goal"],
@@ -214,13 +224,16 @@ def plot_concurrency(r: dict, path: Path) -> None:
     levels = r["served"]["levels"]
     c = [lv["concurrency"] for lv in levels]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax.plot(c, [lv["throughput_tokens_per_s"] for lv in levels], "o-", label="tokens/s")
+    ax.plot(c, [lv["throughput_tokens_per_s"] for lv in levels], "o-", label="Triton tokens/s")
+    if all("in_process" in lv for lv in levels):
+        ax.plot(c, [lv["in_process"]["throughput_tokens_per_s"] for lv in levels], "d-.", color="tab:gray",
+                label="in-process tokens/s")
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("tokens/s")
     ax.set_xscale("log", base=2)
     ax.set_xticks(c, [str(x) for x in c])
     axr = ax.twinx()
-    axr.plot(c, [lv["throughput_requests_per_s"] for lv in levels], "s--", color="tab:orange", label="requests/s")
+    axr.plot(c, [lv["throughput_requests_per_s"] for lv in levels], "s--", color="tab:orange", label="Triton requests/s")
     axr.set_ylabel("requests/s")
     ax.set_title(f"{r['name']} on Triton: throughput")
     ax.legend(loc="upper left")

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from ..progress import Progress
 from ..runtime.pipeline import VLMPipeline
+from ..runtime.engine import GenerationEngine
 from . import measure
-from .calls import client_call, in_process_call
+from .calls import client_call, engine_call, in_process_call
 
 # discarded requests per block; the first requests also load lazy state in every served model
 SERVED_WARMUP = 2
@@ -28,10 +29,9 @@ def _server_version(server) -> str | None:
         return None
 
 
-def _concurrent(client, requests: list, n: int, concurrency: int, new_tokens: int, advance) -> tuple[list, float]:
-    """n requests, ``concurrency`` in flight at any time (closed loop: a client sends its next
-    request when its previous one finished). Returns the timings and the wall time."""
-    call = client_call(client, requests, new_tokens)
+def _concurrent(call, n: int, concurrency: int, advance) -> tuple[list, float]:
+    """n requests made by ``call``, ``concurrency`` in flight at any time (closed loop: a client
+    sends its next request when its previous one finished). Returns the timings and the wall time."""
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         start = time.perf_counter()
         futures = [pool.submit(call) for _ in range(n)]
@@ -79,15 +79,21 @@ def bench_served(build_dir: Path, pipe: VLMPipeline, inputs, options, threads: i
             served = timings["triton"]
             out["overhead"] = _overhead(served, timings["onnxruntime"])
             out["levels"] = []
-            for c in options.concurrency:
-                if c == 1:  # the overhead run above was concurrency 1
-                    wall = sum(t.total_s for t in served)
-                    out["levels"].append({**_level(1, served, wall), "note": "the overhead run (serial requests)"})
-                    continue
-                n_c = max(options.requests, 2 * c)
-                with progress.step(f"Triton at concurrency {c} ({n_c} requests)", total=n_c) as advance:
-                    timings, wall = _concurrent(client, inputs.requests, n_c, c, options.new_tokens, advance)
-                out["levels"].append(_level(c, timings, wall))
+            # the same in-flight batching in this process (GenerationEngine over the in-process
+            # pipeline), at every level right after Triton's: what serving adds at each concurrency
+            engine = GenerationEngine(pipe, max_queue=max(options.concurrency) + 1)
+            try:
+                for c in options.concurrency:
+                    n_c = max(options.requests, 2 * c)
+                    with progress.step(f"Triton, then in-process, at concurrency {c} ({n_c} requests each)",
+                                       total=2 * n_c) as advance:
+                        level = _level(c, *_concurrent(client_call(client, inputs.requests, options.new_tokens),
+                                                       n_c, c, advance))
+                        level["in_process"] = _level(c, *_concurrent(engine_call(engine, inputs.requests,
+                                                                                 options.new_tokens), n_c, c, advance))
+                    out["levels"].append(level)
+            finally:
+                engine.close(drain_s=0)
         finally:
             server.stop()
     return out

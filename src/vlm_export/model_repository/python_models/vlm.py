@@ -166,8 +166,10 @@ class TritonPythonModel:
             text = "" if streaming else event.text
             sender.send(self._response(text, event.finish_reason, event.prompt_tokens, event.completion_tokens),
                         flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        elif isinstance(event, Cancelled):  # nobody reads an answer; Triton still needs the final flag
+            _close(sender)
         else:
-            self._fail(sender, str(event), _code("CANCELLED") if isinstance(event, Cancelled) else None)
+            self._fail(sender, str(event))
 
     @staticmethod
     def _response(text, finish_reason, prompt_tokens, completion_tokens):
@@ -181,10 +183,22 @@ class TritonPythonModel:
     @staticmethod
     def _fail(sender, message, code=None):
         error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
-        sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        try:
+            sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:  # the client went away: the request must still be closed, or unloading waits for it
+            _close(sender)
 
     def finalize(self):
         self.engine.close(DRAIN_S)
+
+
+def _close(sender):
+    """The final flag alone (Triton's documented answer to a cancelled request): without it the
+    request stays open and the model can never unload."""
+    try:
+        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    except Exception:  # already closed
+        pass
 
 
 def _code(name):
