@@ -125,6 +125,33 @@ def assert_one_line_error(result: CliResult, *needles: str) -> None:
         assert needle in errors[0], errors[0]
 
 
+def pipeline_failing_on(pipe, poison: str = "poison"):
+    """``pipe`` with its decoder wrapped by an injected fault: a prefill whose ids hold a token of
+    ``poison`` (one that "Tell me a story." lacks) raises RunnerError; everything else runs on the
+    real runner."""
+    from vlm_export.errors import RunnerError
+    from vlm_export.runtime.pipeline import VLMPipeline
+    from vlm_export.runtime.runners import Runner
+
+    marker = next(iter(set(pipe.prompt_ids(poison, 0)) - set(pipe.prompt_ids("Tell me a story.", 0))))
+
+    class FailOnMarker(Runner):
+        backend = "faulty"
+
+        def __init__(self, inner):
+            super().__init__(inner.name, inner.input_names, inner.output_names)
+            self.inner = inner
+
+        def _run(self, feeds):
+            if feeds["input_ids"].shape[1] > 1 and marker in feeds["input_ids"]:
+                raise RunnerError("lm_decoder: injected failure")
+            return self.inner.infer(feeds)
+
+    name = pipe.scheme.decoder_stage
+    return VLMPipeline({**pipe.runners, name: FailOnMarker(pipe.runners[name])}, pipe.stages, pipe.scheme,
+                       pipe.tokenizer, pipe.image_processor, pipe.layout, pipe.limits, pipe.eos_token_ids)
+
+
 def wait_for(predicate, seconds: float = 20.0) -> bool:
     """Poll ``predicate`` every 0.1 s until it holds (True) or ``seconds`` pass (False)."""
     deadline = time.monotonic() + seconds

@@ -8,10 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from vlm_export.errors import BusyError, InputError, ServeError
+from vlm_export.errors import BusyError, InputError, RunnerError, ServeError
 from vlm_export.runtime.engine import Cancelled, GenerationEngine
 from vlm_export.runtime.generate import GenerationConfig, GenerationResult, TokenEvent, generate
 from vlm_export.runtime.load import open_build
+from conftest import pipeline_failing_on  # noqa: E402
 
 
 class Collector:
@@ -169,27 +170,7 @@ def test_engine_image_cache_hits_repeated_images_with_the_same_answers(pipe, pho
 def test_a_failing_prefill_ends_its_own_request_only(pipe):
     """A decoder failure on one request's prefill (an injected fault around the real runner)
     ends that request with the error; the rows already running finish normally."""
-    from vlm_export.errors import RunnerError
-    from vlm_export.runtime.pipeline import VLMPipeline
-    from vlm_export.runtime.runners import Runner
-
-    marker = next(iter(set(pipe.prompt_ids("poison", 0)) - set(pipe.prompt_ids("Tell me a story.", 0))))
-
-    class FailOnMarker(Runner):
-        backend = "faulty"
-
-        def __init__(self, inner):
-            super().__init__(inner.name, inner.input_names, inner.output_names)
-            self.inner = inner
-
-        def _run(self, feeds):
-            if feeds["input_ids"].shape[1] > 1 and marker in feeds["input_ids"]:
-                raise RunnerError("lm_decoder: injected failure")
-            return self.inner.infer(feeds)
-
-    name = pipe.scheme.decoder_stage
-    faulty = VLMPipeline({**pipe.runners, name: FailOnMarker(pipe.runners[name])}, pipe.stages, pipe.scheme,
-                         pipe.tokenizer, pipe.image_processor, pipe.layout, pipe.limits, pipe.eos_token_ids)
+    faulty = pipeline_failing_on(pipe)
     engine = GenerationEngine(faulty, max_batch=2)
     good, bad = Collector(), Collector()
     engine.submit("Tell me a story.", [], GenerationConfig(max_new_tokens=20, ignore_eos=True), good)

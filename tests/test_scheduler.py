@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from vlm_export.contract import DecodeBatch
-from vlm_export.errors import InputError
+from vlm_export.errors import InputError, RunnerError
 from vlm_export.runtime.generate import (DEFAULT_MAX_PREFILL_PADDING, GenerationConfig, GenerationRequest,
                                         GenerationResult, Scheduler, TokenEvent, generate, generate_batch,
                                         generate_ids, prepare_request)
 from vlm_export.runtime.load import open_build
+from conftest import pipeline_failing_on  # noqa: E402
 
 
 def _batch(rows: int, length: int, fill: float) -> DecodeBatch:
@@ -175,27 +176,7 @@ def test_prefill_keeps_to_its_token_and_padding_bounds(pipe, photos):
 def test_a_failing_batched_prefill_ends_only_the_row_at_fault(pipe):
     """The batched call fails (an injected fault around the real runner on one prompt): its rows
     are prefilled one by one, the faulty one ends with the error, the others run."""
-    from vlm_export.errors import RunnerError
-    from vlm_export.runtime.pipeline import VLMPipeline
-    from vlm_export.runtime.runners import Runner
-
-    marker = next(iter(set(pipe.prompt_ids("poison", 0)) - set(pipe.prompt_ids("Tell me a story.", 0))))
-
-    class FailOnMarker(Runner):
-        backend = "faulty"
-
-        def __init__(self, inner):
-            super().__init__(inner.name, inner.input_names, inner.output_names)
-            self.inner = inner
-
-        def _run(self, feeds):
-            if feeds["input_ids"].shape[1] > 1 and marker in feeds["input_ids"]:
-                raise RunnerError("lm_decoder: injected failure")
-            return self.inner.infer(feeds)
-
-    name = pipe.scheme.decoder_stage
-    faulty = VLMPipeline({**pipe.runners, name: FailOnMarker(pipe.runners[name])}, pipe.stages, pipe.scheme,
-                         pipe.tokenizer, pipe.image_processor, pipe.layout, pipe.limits, pipe.eos_token_ids)
+    faulty = pipeline_failing_on(pipe)
     scheduler = Scheduler(faulty, max_batch=3, max_prefill_padding=1.0)
     config = GenerationConfig(max_new_tokens=5, ignore_eos=True)
     none = pipe.scheme.empty_image_input()
