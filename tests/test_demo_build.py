@@ -162,6 +162,29 @@ def test_served_demo_matches_in_process(demo_build, tmp_path):
         with ThreadPoolExecutor(8) as pool:
             others = [pool.submit(disturb, i) for i in range(6)]
             served = list(pool.map(ask, range(len(items))))
+
+        # the OpenAI-compatible API in front of the same server (issue 15): the official client streams
+        # an answer about an image; the KServe v2 path, asked the same conversation, gives the same text
+        import base64
+
+        from openai import OpenAI
+
+        from vlm_export.serve.openai_api import run_openai_server
+
+        png = items[0].image.read_bytes()
+        api = run_openai_server(server.grpc_url, "127.0.0.1", 0, "demo")
+        try:
+            oai = OpenAI(base_url=api.url, api_key="none", max_retries=0, timeout=120)
+            content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+                       {"type": "text", "text": items[0].question}]
+            chunks = oai.chat.completions.create(model="demo", messages=[{"role": "user", "content": content}],
+                                                 temperature=0, max_tokens=8, stream=True)
+            pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+            hf = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": items[0].question}]}]
+            kserve = client.generate(None, [png], messages=hf, max_tokens=8).text
+        finally:
+            api.stop()
+    assert len([p for p in pieces if p]) > 1 and "".join(pieces) == kserve and kserve.strip()
     assert served == in_process.answers
     assert {f.result() for f in others} <= {"cancelled", "stop", "eos", "length"}
     correct = sum(normalize_answer(a) == normalize_answer(it.answer) for a, it in zip(served, items))
