@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from conftest import assert_one_line_error  # noqa: E402
 from test_serving import bomb_png
 from vlm_export.atomic import atomic_folder, remove_stale_siblings
 from vlm_export.errors import BuildError, InputError, ManifestError, RepositoryError
@@ -76,36 +77,17 @@ def tampered(tiny_build, tmp_path):
     return build
 
 
-def _cli(capsys, *args: str) -> tuple[int, str]:
-    """(exit code, stderr) of ``vlm-export ARGS`` run in this process (a subprocess would spend
-    seconds importing; test_cli_errors runs the real entry point)."""
-    from vlm_export.cli import main
-
-    capsys.readouterr()
-    code = main(list(args))
-    return code, capsys.readouterr().err
-
-
-def _one_line_error(outcome: tuple[int, str], *needles: str) -> None:
-    code, err = outcome
-    assert code != 0
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-
-
-def test_changed_graphs_are_refused(tampered, tmp_path, capsys):
+def test_changed_graphs_are_refused(tampered, tmp_path, run_cli):
     with pytest.raises(ManifestError, match=r"graphs/lm_decoder.onnx changed since the build.*--no-hash-check"):
         open_build(tampered)
-    _one_line_error(_cli(capsys, "generate", str(tampered), "--prompt", "hi", "--max-tokens", "2"),
-                    "lm_decoder.onnx changed since the build", "--no-hash-check")
-    _one_line_error(_cli(capsys, "repository", str(tampered), "--out", str(tmp_path / "repo")),
-                    "lm_decoder.onnx changed since the build")
+    assert_one_line_error(run_cli("generate", str(tampered), "--prompt", "hi", "--max-tokens", "2"),
+                          "lm_decoder.onnx changed since the build", "--no-hash-check")
+    assert_one_line_error(run_cli("repository", str(tampered), "--out", str(tmp_path / "repo")),
+                          "lm_decoder.onnx changed since the build")
     assert not (tmp_path / "repo").exists()
     # skipping the check is possible, and said so: the graph still loads (the flipped bytes are weights)
-    code, err = _cli(capsys, "generate", str(tampered), "--prompt", "hi", "--max-tokens", "2", "--no-hash-check")
-    assert code == 0, err[-1000:]
+    result = run_cli("generate", str(tampered), "--prompt", "hi", "--max-tokens", "2", "--no-hash-check")
+    assert result.returncode == 0, result.stderr[-1000:]
 
 
 def test_python_models_check_their_own_copies(tiny_build, tmp_path):
