@@ -116,15 +116,11 @@ def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     lengths = [len(r) for r in rows]
     if not rows or min(lengths) < 1:
         raise ValueError(f"a prefill takes at least one prompt of at least one token, got lengths {lengths}")
-    width = max(lengths)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    positions = np.zeros((len(rows), width), dtype=np.int64)
+    mask = left_padded_mask(lengths)
+    ids = np.full(mask.shape, pad_id, dtype=np.int64)
     for i, row in enumerate(rows):
-        start = width - len(row)
-        ids[i, start:] = row
-        mask[i, start:] = 1
-        positions[i, start:] = np.arange(len(row))
+        ids[i, mask.shape[1] - len(row):] = row
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     return ids, mask, positions
 
 
