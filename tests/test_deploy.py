@@ -23,6 +23,7 @@ from vlm_export.deploy import (DEFAULT_IMAGE, DeployError, KubernetesOptions, in
 from vlm_export.deploy.kubernetes import FILES
 from vlm_export.deploy.triton import (IMAGE_PYTHON, PYTRITON_VERSION, TRITON_BASE_IMAGE, TRITON_CONTAINER_RELEASE,
                                       TRITON_SERVER_VERSION, container_tag)
+from vlm_export.engines.profiles import stage_profiles
 from vlm_export.errors import RepositoryError
 from vlm_export.manifest import read_manifest, sha256_file, write_manifest
 from vlm_export.model_repository.render import RepositoryOptions, render_repository
@@ -44,7 +45,7 @@ def with_fake_engines(build: Path, dest: Path) -> Path:
         plan.write_bytes(b"not a real plan: " + stage.encode())
         engines[stage] = {"file": f"engines/{stage}.plan", "sha256": sha256_file(plan), "tensorrt": "10.5.0",
                           "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "precision": "fp32",
-                          "profiles": []}
+                          "profiles": json.loads(json.dumps(stage_profiles(manifest, stage)))}
     manifest["engines"] = engines
     write_manifest(dest, {k: v for k, v in manifest.items() if k not in ("format", "version")})
     return dest
@@ -206,7 +207,10 @@ def test_gpu_only_for_a_tensorrt_repository(repos, tmp_path, target, gpu):
         assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         notes = docs["deployment.yaml"]["metadata"]["annotations"]
-        assert (notes["vlm-export/tensorrt"], notes["vlm-export/engine-gpu"]) == ("10.5.0", "NVIDIA H100 80GB HBM3")
+        assert (notes["vlm-export/tensorrt"], notes["vlm-export/engine-gpu"], notes["vlm-export/engine-compute-capability"]) \
+            == ("10.5.0", "NVIDIA H100 80GB HBM3", "9.0")
+        # plans not built version-compatible: the tensorrt backend needs no option for them
+        assert not any(a.startswith("--backend-config=tensorrt") for a in triton["args"])
     else:
         assert not any("nvidia.com/gpu" in p.read_text() for p in paths)
     docs = load(render_kubernetes(repos[target], tmp_path / "two", KubernetesOptions(pvc="m", gpus=2)))

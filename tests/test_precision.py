@@ -167,6 +167,72 @@ def test_lm_head_choice_checked_before_export():
     assert PrecisionOptions().scheme == "asymmetric"
 
 
+def test_weight_forms_follow_their_target():
+    """Each weight form's defaults are what its target builds (ONNX Runtime: blocks of 32, measured
+    best there, w8 head; TensorRT: int4 blocks of 128, or 64 where K needs it, and a w4 head), and
+    what TensorRT cannot build is refused when the options are made, before any export."""
+    ort_form, trt_form = PrecisionOptions(), PrecisionOptions(weight_form="dequantize")
+    assert (ort_form.block_size, ort_form.block, ort_form.block_sizes, ort_form.head_precision("w4")) == (
+        None, 32, (32,), "w8")
+    assert (trt_form.block_size, trt_form.block, trt_form.block_sizes, trt_form.head_precision("w4")) == (
+        None, 128, (128, 64), "w4")
+    assert PrecisionOptions(weight_form="dequantize", block_size=64).block_sizes == (64,)
+    assert PrecisionOptions(block_size=64).block_sizes == (64,)
+    assert trt_form.head_precision("int8") == "fp32"  # the weight form has no say over an int8 decoder
+    for size in (32, 256):
+        with pytest.raises(ExportError, match=f"block size {size} does not build on TensorRT, whose int4 blocks are "
+                                              "64 or 128; choose --block-size 128"):
+            PrecisionOptions(weight_form="dequantize", block_size=size)
+    with pytest.raises(ExportError, match="power of two >= 16"):
+        PrecisionOptions(block_size=24)
+    trt = PrecisionOptions(weight_form="dequantize")
+    with pytest.raises(ExportError, match="a w8 decoder has no TensorRT .* choose decoder=w4, or --weight-form matmulnbits"):
+        BuildOptions(precision=parse_precision("decoder=w8"), precision_options=trt)
+    with pytest.raises(ExportError, match="lm-head 'w8' does not go with the w4 decoder in the dequantize .* choose fp32 or w4"):
+        BuildOptions(precision=parse_precision("decoder=w4"),
+                     precision_options=PrecisionOptions(weight_form="dequantize", lm_head="w8"))
+    BuildOptions(precision=parse_precision("decoder=w8"))  # ONNX Runtime's form keeps w8 and its w8 head
+    BuildOptions(precision=parse_precision("decoder=w4"), precision_options=PrecisionOptions(lm_head="w8"))
+
+
+def test_int8_keeps_biases_float(tmp_path):
+    """Biased Conv and Gemm under int8 Q/DQ: the biases stay float inputs of Conv/Gemm, with no INT32
+    DequantizeLinear (TensorRT's parser rejects one), and ONNX Runtime runs it close to fp32."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vlm_export.precision.convert import to_int8
+
+    rng = np.random.default_rng(0)
+    inits = {"w": rng.standard_normal((16, 3, 8, 8)) * 0.1, "b": rng.standard_normal(16) * 0.1,
+             "shape": np.array([-1, 16 * 4 * 4]), "gw": rng.standard_normal((16 * 4 * 4, 24)) * 0.05,
+             "gb": rng.standard_normal(24) * 0.1}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], strides=[8, 8], name="patch"),
+             helper.make_node("Reshape", ["c", "shape"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "gw", "gb"], ["y"], name="proj")]
+    graph = helper.make_graph(nodes, "biased", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 24])],
+                              [numpy_helper.from_array(v.astype(np.int64 if k == "shape" else np.float32), k)
+                               for k, v in inits.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "fp32.onnx")
+    feeds = [{"x": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)} for _ in range(4)]
+    # the options of a build whose decoder goes w4 to TensorRT: the LM-head choice must not touch an image stage
+    options = PrecisionOptions(weight_form="dequantize", lm_head="w4")
+    info = to_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", feeds, options)
+    assert info.details["bias"] == "float"
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    dq_inputs = [types.get(n.input[0]) for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert TensorProto.INT8 in dq_inputs and TensorProto.INT32 not in dq_inputs
+    by_name = {n.name: n for n in model.graph.node}
+    assert (by_name["patch"].input[2], by_name["proj"].input[2]) == ("b", "gb")
+    assert types["b"] == types["gb"] == TensorProto.FLOAT
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    ref, got = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+                for f in ("fp32.onnx", "int8.onnx"))
+    assert np.dot(ref.ravel(), got.ravel()) / (np.linalg.norm(ref) * np.linalg.norm(got)) >= 0.99
+
+
 def test_accuracy_gate_failure_is_reported_not_shipped(tiny_model_dir, tmp_path):
     """A build whose task accuracy falls more than allowed fails like a parity failure: nothing
     usable at --out, the report (with the gate's verdict) in <out>.failed/. A tiny random model
@@ -193,21 +259,48 @@ def test_accuracy_gate_failure_is_reported_not_shipped(tiny_model_dir, tmp_path)
 
 
 def test_tensorrt_weight_form_builds_and_runs_on_onnxruntime(tiny_model_dir, tmp_path):
-    """--weight-form dequantize --lm-head w4: int4 weights + block-wise DequantizeLinear (opset 21),
-    the graph TensorRT reads (its weight-only quantization is int4 only, so the head is w4 too);
-    here it is checked, run and gated on ONNX Runtime like any variant."""
+    """--weight-form dequantize gives what TensorRT builds: W4A16 (the decoder in fp16 with fp32
+    islands and fp32 inputs/outputs, int4 weights with fp16 scales, block-wise DequantizeLinear at
+    opset 21 feeding fp16 MatMuls), blocks of 128 along K or 64 where K is 64 (the tiny decoder has
+    both); here it is checked, run and gated on ONNX Runtime like any variant. The LM head is kept
+    fp32 (--lm-head fp32): with the default int4 head this random tiny model's prefill logits reach
+    cosine 0.989, under the 0.99 gate (the int4 blocks cost it, not fp16: the fp16 decoder alone
+    gives 1.0); the default head's graph is run in test_weight_only."""
     from vlm_export.engines.tensorrt import builder_settings
 
     options = BuildOptions(precision=parse_precision("decoder=w4"), parity_new_tokens=4,
-                           precision_options=PrecisionOptions(weight_form="dequantize", lm_head="w4"))
+                           precision_options=PrecisionOptions(weight_form="dequantize", lm_head="fp32"))
     result = build(tiny_model_dir("prefix-llama"), tmp_path / "trt-form", options)
     graph = result.manifest["graphs"]["lm_decoder"]
-    assert (graph["variant"]["form"], graph["variant"]["scheme"], graph["variant"]["lm_head"]) == (
-        "dequantize", "symmetric", "w4")
+    variant = graph["variant"]
+    assert (variant["form"], variant["scheme"], variant["lm_head"], variant["activations"], variant["scales"],
+            variant["io"], variant["block_size"]) == ("dequantize", "symmetric", "fp32", "fp16", "fp16", "fp32", 128)
+    assert set(variant["block_sizes"]) == {"128", "64"} and sum(variant["block_sizes"].values()) == variant[
+        "quantized_matmuls"]
+    assert "Softmax" in variant["fp32_islands"]
     model = onnx.load(str(result.path / graph["file"]))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dtype = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input,
+                                                            *inferred.graph.output]}
+    dtype.update({i.name: i.data_type for i in model.graph.initializer})
+    shape = {i.name: list(i.dims) for i in model.graph.initializer}
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    assert dq and all(any(a.name == "block_size" and a.i == 32 for a in n.attribute) for n in dq)
+    assert len(dq) == variant["quantized_matmuls"]
+    for node in dq:
+        attrs = {a.name: a.i for a in node.attribute}
+        k = shape[node.input[0]][0]
+        assert attrs["axis"] == 0 and attrs["block_size"] == (128 if k % 128 == 0 else 64), node.name
+        assert shape[node.input[1]] == [k // attrs["block_size"], shape[node.input[0]][1]]
+        assert (dtype[node.input[0]], dtype[node.input[1]], dtype[node.output[0]]) == (
+            onnx.TensorProto.INT4, onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT16), node.name
+    consumers = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in {d.output[0] for d in dq}]
+    assert len(consumers) == len(dq)
+    assert all(dtype.get(name) == onnx.TensorProto.FLOAT16 for n in consumers for name in [*n.input, *n.output])
+    assert {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]} <= {
+        onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
+    head = next(n for n in model.graph.node if n.name in variant["kept_fp32"])  # the kept head stays fp32
+    assert head.op_type == "MatMul" and all(dtype[name] == onnx.TensorProto.FLOAT for name in [*head.input, *head.output])
     assert {o.domain: o.version for o in model.opset_import}[""] >= 21
     assert not any(n.op_type == "MatMulNBits" for n in model.graph.node)
     assert result.manifest["parity"]["passed"]
-    assert builder_settings(graph["precision"], graph["variant"]).strongly_typed
+    assert builder_settings(graph["precision"], variant).strongly_typed

@@ -8,6 +8,7 @@ what a native backend would read is checked directly (ONNX Runtime opens the cop
 external data; the plan files are the build's engines byte for byte)."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,9 +16,12 @@ import numpy as np
 import onnx
 import pytest
 
+from vlm_export.engines.profiles import stage_profiles
 from vlm_export.errors import RepositoryError
 from vlm_export.manifest import read_manifest, sha256_file, write_manifest
 from vlm_export.model_repository.render import RepositoryOptions, render_repository
+
+from conftest import assert_one_line_error  # noqa: E402
 
 GRAPH_MODELS = ("vision_encoder", "projector", "lm_decoder")
 
@@ -45,7 +49,8 @@ def build(tiny_build, tmp_path_factory):
         plan.write_bytes(f"plan of {stage}".encode())
         manifest["engines"][stage] = {"file": f"engines/{stage}.plan", "sha256": sha256_file(plan), "precision": "fp32",
                                       "tensorrt": "10.5.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
-                                      "profiles": []}
+                                      "version_compatible": False,
+                                      "profiles": json.loads(json.dumps(stage_profiles(manifest, stage)))}
     write_manifest(dest, {k: v for k, v in manifest.items() if k not in ("format", "version")})
     return dest
 
@@ -100,14 +105,23 @@ def test_onnxruntime_target_on_disk(build, tmp_path):
 
 
 def test_tensorrt_target_on_disk(build, tmp_path):
-    repo = render_repository(build, tmp_path / "repo", RepositoryOptions(target="tensorrt"))
+    notes = []
+    repo = render_repository(build, tmp_path / "repo", RepositoryOptions(target="tensorrt", instances=2), echo=notes.append)
     manifest = read_manifest(build)
     for stage in GRAPH_MODELS:
         assert files(repo / stage) == {"config.pbtxt", "1/model.plan"}  # no graph, no data, no model.py
         assert (repo / stage / "1" / "model.plan").read_bytes() == (build / manifest["engines"][stage]["file"]).read_bytes()
         cfg = read_config(repo / stage / "config.pbtxt")
         assert (cfg.platform, cfg.backend) == ("tensorrt_plan", "")
-        assert [g.kind for g in cfg.instance_group] == [kind("KIND_GPU")]
+        # every instance holds every profile of its plan (without, Triton runs profile 0 only)
+        profiles = [str(i) for i in range(len(stage_profiles(manifest, stage)))]
+        assert [(g.kind, g.count, list(g.profile)) for g in cfg.instance_group] == [(kind("KIND_GPU"), 2, profiles)]
+    # the decoder's two: prefill (0) and decode (1); the image stages' one
+    assert list(read_config(repo / "lm_decoder" / "config.pbtxt").instance_group[0].profile) == ["0", "1"]
+    assert list(read_config(repo / "vision_encoder" / "config.pbtxt").instance_group[0].profile) == ["0"]
+    assert notes == ["TensorRT version not checked: the plans were built with TensorRT 10.5.0 on compute capability "
+                     "9.0 and load only on a Triton with that TensorRT (pass --tensorrt-version, the serving "
+                     "Triton's, to check)"]
     for python_model in ("preprocess", "vlm"):  # python models run on the CPU whatever the target
         cfg = read_config(repo / python_model / "config.pbtxt")
         assert cfg.backend == "python" and [g.kind for g in cfg.instance_group] == [kind("KIND_CPU")]
@@ -143,6 +157,8 @@ def test_existing_output_folder_is_replaced_only_with_force(build, tmp_path, cap
     ({"image_cache_mb": -1}, "image cache"),
     ({"max_prefill_tokens": 0}, "max_prefill_tokens must be >= 1"),
     ({"max_prefill_padding": 1.5}, r"max_prefill_padding in \[0, 1\]"),
+    ({"tensorrt_version": "10.5.0"}, "tensorrt_version is for the tensorrt target, not 'python'"),
+    ({"target": "tensorrt", "tensorrt_version": "latest"}, r"'latest' is not a TensorRT version \(MAJOR.MINOR"),
 ])
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(RepositoryError, match=message):
@@ -156,3 +172,97 @@ def test_bad_options_write_nothing(build, tmp_path, capsys):
                  "--decoder-mode", "in_process"]) == 1
     assert "in_process needs the python target" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def with_engines(build: Path, dest: Path, **fields) -> Path:
+    """A copy of the module's build whose recorded engines have ``fields`` changed."""
+    shutil.copytree(build, dest)
+    manifest = read_manifest(dest)
+    for entry in manifest["engines"].values():
+        entry.update(fields)
+    write_manifest(dest, {k: v for k, v in manifest.items() if k not in ("format", "version")})
+    return dest
+
+
+def test_plans_for_another_tensorrt_are_refused(build, tmp_path, run_cli):
+    """The target Triton's TensorRT (its container's) against the release the plans were built with:
+    another release is refused, in one line, before anything is written; the container's own build
+    of the same release (10.5.0.18) is the same release."""
+    notes = []
+    render_repository(build, tmp_path / "ok", RepositoryOptions(target="tensorrt", tensorrt_version="10.5.0.18"),
+                      echo=notes.append)
+    assert notes == [] and (tmp_path / "ok" / "lm_decoder" / "1" / "model.plan").is_file()
+    with pytest.raises(RepositoryError, match=r"engines/\w+.plan will not load on the target Triton's TensorRT 10.7.0: "
+                                              r"a plan built with TensorRT 10.5.0 loads only on that release"):
+        render_repository(build, tmp_path / "repo", RepositoryOptions(target="tensorrt", tensorrt_version="10.7.0"))
+    result = run_cli("repository", str(build), "--out", str(tmp_path / "repo"), "--target", "tensorrt",
+                     "--tensorrt-version", "10.4.0")
+    assert_one_line_error(result, "will not load on the target Triton's TensorRT 10.4.0")
+    assert not (tmp_path / "repo").exists()
+
+    # version-compatible plans load on later 10.x releases; the server must be told (a server option)
+    compatible = with_engines(build, tmp_path / "vc", version_compatible=True)
+    notes = []
+    render_repository(compatible, tmp_path / "vc-repo", RepositoryOptions(target="tensorrt", tensorrt_version="10.7.0"),
+                      echo=notes.append)
+    assert notes == ["the plans are version-compatible: tritonserver needs --backend-config=tensorrt,"
+                     "version-compatible=true (vlm-export serve passes it)"]
+    with pytest.raises(RepositoryError, match="version-compatible plan built with TensorRT 10.5.0 .* not on 10.4.0"):
+        render_repository(compatible, tmp_path / "old", RepositoryOptions(target="tensorrt", tensorrt_version="10.4.0"))
+
+
+def test_plans_built_with_other_profiles_are_refused(build, tmp_path):
+    """The configs list the profiles stage_profiles derives from the manifest; a plan whose recorded
+    profiles differ (built with other limits, or by another version of the derivation) is refused."""
+    other = tmp_path / "other"
+    shutil.copytree(build, other)
+    manifest = read_manifest(other)
+    manifest["engines"]["lm_decoder"]["profiles"] = manifest["engines"]["lm_decoder"]["profiles"][:1]
+    write_manifest(other, {k: v for k, v in manifest.items() if k not in ("format", "version")})
+    with pytest.raises(RepositoryError, match="engines/lm_decoder.plan was built with other optimization profiles"):
+        render_repository(other, tmp_path / "repo", RepositoryOptions(target="tensorrt"))
+    assert not (tmp_path / "repo").exists()
+
+
+def test_tensorrt_configs_render_before_any_engine(tiny_build, build, tmp_path, run_cli):
+    """--configs-only on a build without engines: the tensorrt configs, schema- and graph-checked as
+    always and equal to those rendered once the engines exist, and no model file at all."""
+    plain = tiny_build("llava-llama").path
+    assert "engines" not in read_manifest(plain)
+    notes = []
+    out = render_repository(plain, tmp_path / "configs", RepositoryOptions(target="tensorrt"), configs_only=True,
+                            echo=notes.append)
+    assert files(out) == {f"{name}/config.pbtxt" for name in (*GRAPH_MODELS, "preprocess", "image_encoder", "vlm")}
+    assert notes == [f"configs only: {out} holds the config.pbtxt files; the TensorRT plans are missing "
+                     "(not loadable in Triton)"]
+    full = render_repository(build, tmp_path / "full", RepositoryOptions(target="tensorrt"), echo=lambda _: None)
+    for stage in GRAPH_MODELS:  # the same configs, profiles included, as with the engines
+        assert (out / stage / "config.pbtxt").read_text() == (full / stage / "config.pbtxt").read_text()
+    assert list(read_config(out / "lm_decoder" / "config.pbtxt").instance_group[0].profile) == ["0", "1"]
+
+    result = run_cli("repository", str(plain), "--out", str(tmp_path / "cli"), "--target", "tensorrt", "--configs-only")
+    assert result.returncode == 0, result.stderr
+    assert "the TensorRT plans are missing" in result.stdout
+    assert not [f for f in files(tmp_path / "cli") if not f.endswith("config.pbtxt")]
+    # without --configs-only a build without engines is still refused
+    with pytest.raises(RepositoryError, match="no TensorRT engines.*--configs-only"):
+        render_repository(plain, tmp_path / "none", RepositoryOptions(target="tensorrt"))
+
+
+def test_tensorrt_configs_that_break_the_backends_rules_are_not_written(build, tmp_path, monkeypatch):
+    """render runs the compatibility checker's Triton rules on the tensorrt configs: a decoder config
+    without its profiles (what render wrote before) is refused, and nothing is written."""
+    from vlm_export.model_repository import render
+
+    made = render.model_configs
+
+    def without_profiles(manifest, options):
+        configs = made(manifest, options)
+        del configs["lm_decoder"]["instance_group"][0]["profile"]
+        return configs
+
+    monkeypatch.setattr(render, "model_configs", without_profiles)
+    with pytest.raises(RepositoryError, match=r"tensorrt configs break the backend's rules: lm_decoder "
+                                              r"config.instance_group\[0\]: triton-profiles"):
+        render_repository(build, tmp_path / "repo", RepositoryOptions(target="tensorrt"), configs_only=True)
+    assert not (tmp_path / "repo").exists()

@@ -74,7 +74,7 @@ def test_forms_run_on_onnxruntime_like_the_dequantized_maths(tmp_path, form, sch
     model, w, emb = _graph(tmp_path / "g.onnx")
     ids = np.array([[3, 7, 11]], np.int64)
     done = quantize_weights(model, 4, 32, scheme, form, keep=set(), bits_of={"head": 8})
-    assert done == {"layer": 4, "head": 8}
+    assert done == {"layer": (4, 32), "head": (8, 32)}
     onnx.checker.check_model(model)
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("MatMulNBits" if form == "matmulnbits" else "DequantizeLinear") == 2
@@ -92,7 +92,7 @@ def test_forms_run_on_onnxruntime_like_the_dequantized_maths(tmp_path, form, sch
 
 def test_kept_nodes_stay_fp32_and_empty_graphs_are_refused(tmp_path):
     model, _, _ = _graph(tmp_path / "g.onnx")
-    assert quantize_weights(model, 4, 32, "symmetric", "matmulnbits", keep={"head"}) == {"layer": 4}
+    assert quantize_weights(model, 4, 32, "symmetric", "matmulnbits", keep={"head"}) == {"layer": (4, 32)}
     assert "head" in [n.name for n in model.graph.node if n.op_type == "MatMul"]
     with pytest.raises(ExportError, match="no MatMul with constant weights"):
         quantize_weights(model, 4, 32, "symmetric", "matmulnbits", keep={"head"})
@@ -131,3 +131,86 @@ def test_fp16_keeps_rms_statistics_in_fp32(tmp_path):
     got = ort.InferenceSession(str(tmp_path / "fp16.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.isfinite(got).all()
     assert np.abs(got - ref).max() <= 0.01 * np.abs(ref).max()
+
+
+def test_fp16_scales_are_positive_and_the_codes_follow_them():
+    """fp16 weights get fp16 scales (TensorRT's W4A16 form), every one > 0 (TensorRT refuses a
+    zero scale; an all-zero block has one), and the codes are rounded against the stored scale."""
+    w = np.random.default_rng(4).standard_normal((K, N)).astype(np.float16)
+    w[:64, 0] = 0  # an all-zero block
+    bq = quantize_blocks(w, 4, 64, "symmetric", np.float16)
+    assert bq.scales.dtype == np.float16 and (bq.scales > 0).all()
+    step = np.repeat(bq.scales.T.astype(np.float32), 64, axis=0)  # [K, N], the stored scales
+    assert np.all(np.abs(bq.dequantize() - w.astype(np.float32)) <= step / 2 + 1e-6)
+    assert not bq.dequantize()[:64, 0].any()
+
+
+def _chain(path, ks):
+    """x [1, s, ks[0]] -> MatMul -> ... -> y: one MatMul per step, K = ks[i]."""
+    rng = np.random.default_rng(5)
+    weights = [(rng.standard_normal((a, b)) * 0.05).astype(np.float32) for a, b in zip(ks, ks[1:])]
+    nodes = [helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"h{i + 1}"], name=f"mm{i}") for i in range(len(weights))]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "s", ks[0]])],
+                              [helper.make_tensor_value_info(f"h{len(weights)}", TensorProto.FLOAT, [1, "s", ks[-1]])],
+                              [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_block_sizes_follow_k_in_the_tensorrt_form(tmp_path):
+    """TensorRT's int4 blocks are 64 or 128: each MatMul gets 128 where K allows and 64 where K is
+    a multiple of 64 only (SmolLM2's 576); a K that neither divides is refused, naming the node.
+    ONNX Runtime's form pads K instead."""
+    model = _chain(tmp_path, [192, 128, 96])
+    assert quantize_weights(model, 4, (128, 64), "symmetric", "dequantize", keep=set()) == {"mm0": (4, 64),
+                                                                                          "mm1": (4, 128)}
+    assert sorted(a.i for n in model.graph.node for a in n.attribute if a.name == "block_size") == [64, 128]
+    with pytest.raises(ExportError, match="mm1: K=96 is not a multiple of block size 128 or 64; keep it"):
+        quantize_weights(_chain(tmp_path, [128, 96, 64]), 4, (128, 64), "symmetric", "dequantize", keep=set())
+    assert quantize_weights(_chain(tmp_path, [128, 96, 64]), 4, (128, 64), "symmetric", "matmulnbits",
+                            keep=set()) == {"mm0": (4, 128), "mm1": (4, 128)}
+
+
+def test_tensorrt_form_is_w4a16_and_runs_on_onnxruntime(tmp_path):
+    """The dequantize form is W4A16: the graph converted to fp16 (inputs/outputs fp32), then int4
+    weights in blocks of 128 along K with fp16 scales, so each DequantizeLinear gives fp16 straight
+    to an fp16 MatMul; it runs on ONNX Runtime CPU as written (no graph optimisation: the graph
+    TensorRT reads) and fused (ONNX Runtime turns it into MatMulNBits), like the dequantized maths."""
+    from vlm_export.precision.convert import PrecisionOptions, to_weight_only
+
+    _, w, emb = _graph(tmp_path / "g.onnx")
+    info = to_weight_only(tmp_path / "g.onnx", tmp_path / "w4.onnx", 4, PrecisionOptions(weight_form="dequantize"))
+    d = info.details
+    assert (d["form"], d["activations"], d["scales"], d["lm_head"], d["block_size"], d["block_sizes"]) == (
+        "dequantize", "fp16", "fp16", "w4", 128, {"128": 2})
+    model = onnx.load(str(tmp_path / "w4.onnx"))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dtype = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input,
+                                                            *inferred.graph.output]}
+    dtype.update({i.name: i.data_type for i in model.graph.initializer})
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 2
+    for node in dq:
+        attrs = {a.name: a.i for a in node.attribute}
+        assert (attrs["axis"], attrs["block_size"]) == (0, 128)
+        assert (dtype[node.input[0]], dtype[node.input[1]], dtype[node.output[0]]) == (
+            TensorProto.INT4, TensorProto.FLOAT16, TensorProto.FLOAT16)
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert {n.input[1] for n in matmuls} == {n.output[0] for n in dq}
+    assert all(dtype[name] == TensorProto.FLOAT16 for n in matmuls for name in [*n.input, *n.output])
+    assert (dtype["ids"], dtype["logits"]) == (TensorProto.INT64, TensorProto.FLOAT)
+
+    ids = np.array([[3, 7, 11]], np.int64)
+    x = emb.astype(np.float16)[ids[0]].astype(np.float32)  # the table is fp16 now
+    wq = quantize_blocks(w.astype(np.float16), 4, 128, "symmetric", np.float16).dequantize()
+    hq = quantize_blocks(emb.T.astype(np.float16), 4, 128, "symmetric", np.float16).dequantize()
+    expected = (x @ wq) @ hq
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        got = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+            None, {"ids": ids})[0][0]
+        assert got.dtype == np.float32
+        # fp16 rounding of the intermediate; fused, MatMulNBits also rounds activations to int8 per block
+        assert np.abs(got - expected).max() <= 0.02 * np.abs(expected).max(), level
+        # two int4 layers in blocks of 128 of Gaussian weights (head included) lose a little more
+        assert np.corrcoef(got.ravel(), ((x @ w) @ emb.T).ravel())[0, 1] > 0.98

@@ -44,15 +44,18 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default=None,
                    help="fp32 (default), fp16 or int8 for every stage, or per stage, e.g. "
                         "vision=int8,projector=fp16,decoder=w4 (decoder also takes w8/w4: weight-only)")
-    g.add_argument("--block-size", type=_positive_int, default=32, help="weight-only block size (default 32)")
+    g.add_argument("--block-size", type=_positive_int, default=None,
+                   help="weight-only block size (default: the weight form's: 32 for matmulnbits; 128 for "
+                        "dequantize, 64 where the input dimension is not a multiple of 128 - TensorRT takes 64 or 128)")
     g.add_argument("--weight-scheme", choices=("asymmetric", "symmetric"), default=None,
                    help="weight-only blocks: asymmetric (scale + minimum, default for ONNX Runtime) or "
                         "symmetric (scale only; the only choice for --weight-form dequantize)")
     g.add_argument("--weight-form", choices=("matmulnbits", "dequantize"), default="matmulnbits",
                    help="weight-only graph form: matmulnbits (ONNX Runtime, default) or dequantize "
-                        "(block-wise DequantizeLinear + MatMul, for TensorRT)")
+                        "(TensorRT, w4 only, W4A16: fp16 decoder, int4 block-wise DequantizeLinear + MatMul)")
     g.add_argument("--lm-head", choices=("fp32", "int8", "w8", "w4"), default=None,
-                   help="LM head precision (default: fp32 under an int8 decoder, w8 under w8/w4)")
+                   help="LM head precision (default: fp32 under an int8 decoder; under w8/w4: w8 in the "
+                        "matmulnbits form, w4 in the dequantize form)")
     g.add_argument("--calibration", choices=("minmax", "percentile", "entropy"), default="minmax",
                    help="int8 calibration method (default minmax)")
     g.add_argument("--calibration-images", type=Path, default=None,
@@ -226,6 +229,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-mode", choices=("in_process", "bls"), default=None,
                    help="where the vlm model runs decode steps (default: in_process for python, bls otherwise)")
     p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime threads inside python models")
+    p.add_argument("--tensorrt-version", default=None, metavar="VERSION",
+                   help="tensorrt target: the TensorRT version of the Triton that will serve the plans (its "
+                        "container's); plans that will not load on it are refused (default: not checked)")
+    p.add_argument("--configs-only", action="store_true",
+                   help="write only the config.pbtxt files, checked as always, no model files: e.g. the tensorrt "
+                        "configs before any engine is built (for review and CI; not loadable)")
     p.add_argument("--force", action="store_true")
 
     p = sub.add_parser("serve", help="start a local Triton server on a model repository (Ctrl-C stops it)",
@@ -276,8 +285,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None, help="threads for every backend (default: all cores)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default BUILD/bench)")
 
-    p = sub.add_parser("engines", help="build TensorRT plans for a build (needs TensorRT and a CUDA GPU)")
+    p = sub.add_parser("engines", help="build TensorRT plans for a build (needs TensorRT and a CUDA GPU), "
+                                       "or only check the build against TensorRT's documented constraints")
     p.add_argument("build", type=Path)
+    p.add_argument("--check-only", action="store_true",
+                   help="check the graphs and the tensorrt Triton configs without TensorRT and build nothing; "
+                        "exit 1 on any violation")
+    p.add_argument("--tensorrt-version", default=None, metavar="VERSION",
+                   help="the TensorRT version the plans are for (default: the installed one, else the checker's)")
+    p.add_argument("--version-compatible", action="store_true",
+                   help="build plans that later TensorRT releases of the same major version load too (may run "
+                        "slower; Triton then needs --backend-config=tensorrt,version-compatible=true)")
 
     p = sub.add_parser("deploy", help="write manifests that run a rendered model repository (Kubernetes)")
     platforms = p.add_subparsers(dest="platform", required=True, metavar="PLATFORM")
@@ -431,10 +449,14 @@ def _cmd_repository(args, progress) -> int:
                                 **({"max_queue": args.max_queue} if args.max_queue else {}),
                                 **({} if args.image_cache_mb is None else {"image_cache_mb": args.image_cache_mb}),
                                 **({} if args.max_prefill_tokens is None else {"max_prefill_tokens": args.max_prefill_tokens}),
-                                **({} if args.max_prefill_padding is None else {"max_prefill_padding": args.max_prefill_padding}))
+                                **({} if args.max_prefill_padding is None else {"max_prefill_padding": args.max_prefill_padding}),
+                                tensorrt_version=args.tensorrt_version)
     with progress.step(f"rendering the {args.target} repository") as advance:
-        out = render_repository(args.build, args.out, options, force=args.force, check_hashes=not args.no_hash_check)
+        out = render_repository(args.build, args.out, options, force=args.force, check_hashes=not args.no_hash_check,
+                                configs_only=args.configs_only)
         advance()
+    if args.configs_only:
+        return 0  # render said what the folder lacks
     print(f"model repository written to {out}")
     print(f"serve it: vlm-export serve {args.out}")
     return 0
@@ -516,10 +538,23 @@ def _cmd_bench(args, progress) -> int:
 
 
 def _cmd_engines(args, progress) -> int:
-    from .engines.tensorrt import build_engines
+    from .engines.tensorrt import build_engines, check_compatibility
 
-    for stage, engine in build_engines(args.build, progress).items():
-        print(f"  {stage:15s} {engine['precision']:5s} {engine['file']}  (TensorRT {engine['tensorrt']}, {engine['gpu']})")
+    if args.check_only:
+        from .manifest import read_manifest
+        from .model_repository.render import RepositoryOptions, model_configs
+
+        configs = model_configs(read_manifest(args.build), RepositoryOptions(target="tensorrt"))
+        report = check_compatibility(args.build, args.tensorrt_version, configs)
+        for line in report.lines():
+            print(line)
+        return 0 if report.ok else 1
+    engines = build_engines(args.build, progress, version_compatible=args.version_compatible,
+                            tensorrt_version=args.tensorrt_version)
+    for stage, engine in engines.items():
+        print(f"  {stage:15s} {engine['precision']:5s} {engine['file']}  (TensorRT {engine['tensorrt']}"
+              f"{', version-compatible' if engine.get('version_compatible') else ''}, compute capability "
+              f"{engine['compute_capability']}: {engine['gpu']})")
     return 0
 
 

@@ -33,6 +33,7 @@ from typing import Mapping
 
 from .. import __version__
 from ..atomic import atomic_folder
+from ..engines.tensorrt import triton_server_args
 from ..errors import DeployError
 from .image import DEFAULT_IMAGE, DOCKERFILE
 from .repository import RepositoryInfo, inspect_repository
@@ -233,7 +234,7 @@ def _triton_container(info: RepositoryInfo, options: KubernetesOptions) -> dict:
         # args, not command: the image's entrypoint (NVIDIA's, which sets up CUDA compatibility) runs first
         "args": ["tritonserver", f"--model-repository={_repository_location(info, options)}",
                  f"--http-port={HTTP_PORT}", f"--grpc-port={GRPC_PORT}", f"--metrics-port={METRICS_PORT}",
-                 "--exit-timeout-secs=30"],
+                 "--exit-timeout-secs=30", *triton_server_args(info.engines)],
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
                   {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
                   {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
@@ -278,6 +279,7 @@ def _annotations(info: RepositoryInfo, options: KubernetesOptions) -> dict[str, 
         first = next(iter(engines.values()))
         notes[f"{ANNOTATION}/tensorrt"] = str(first.get("tensorrt"))
         notes[f"{ANNOTATION}/engine-gpu"] = str(first.get("gpu"))
+        notes[f"{ANNOTATION}/engine-compute-capability"] = str(first.get("compute_capability"))
     return notes
 
 

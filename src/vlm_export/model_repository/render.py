@@ -26,6 +26,8 @@ from pathlib import Path
 
 from ..atomic import atomic_folder
 from ..contract import image_stages, scheme_from_dict, stages_from_manifest
+from ..engines.profiles import stage_profiles
+from ..engines.tensorrt import release, version_problem
 from ..errors import RepositoryError
 from ..export.graph_info import graph_io
 from ..manifest import check_hashes as check_build_hashes, read_manifest, write_manifest
@@ -87,6 +89,9 @@ class RepositoryOptions:
     # stay portable (e.g. to NVIDIA's container); `vlm-export serve` puts this venv first on the
     # server's PATH, which the stub follows.
     threads: int | None = None
+    # tensorrt target: the TensorRT version of the Triton that will serve the plans (its container's);
+    # plans that will not load on it are refused. None: not checked (render says so)
+    tensorrt_version: str | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -100,6 +105,11 @@ class RepositoryOptions:
                 or min(self.max_queue_delay_us, self.image_cache_mb) < 0:
             raise RepositoryError("instances, max_queue and the image limits must be >= 1, the queue delay and "
                                   "image cache >= 0")
+        if self.tensorrt_version is not None and self.target != "tensorrt":
+            raise RepositoryError(f"tensorrt_version is for the tensorrt target, not {self.target!r}")
+        if self.tensorrt_version is not None and release(self.tensorrt_version) is None:
+            raise RepositoryError(f"tensorrt_version {self.tensorrt_version!r} is not a TensorRT version "
+                                  "(MAJOR.MINOR[.PATCH], e.g. 10.5.0)")
         if self.max_prefill_tokens < 1 or not 0.0 <= self.max_prefill_padding <= 1.0:
             raise RepositoryError(f"max_prefill_tokens must be >= 1 (got {self.max_prefill_tokens}) and "
                                   f"max_prefill_padding in [0, 1] (got {self.max_prefill_padding})")
@@ -151,6 +161,16 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
             "instance_group": [{"kind": "KIND_GPU" if options.target == "tensorrt" else "KIND_CPU",
                                 "count": options.instances}],
         }
+        if options.target == "tensorrt":
+            # Every instance gets every optimization profile of its plan. Without `profile` Triton uses
+            # profile 0 only (model_config.proto), the decoder's prefill profile, and decode steps fail.
+            # The tensorrt backend makes one execution context per listed profile in each instance and,
+            # per request, runs the one whose [min, max] hold the request's shapes (nearest opt among
+            # them; tensorrt_backend src/instance_state.cc GetMostOptimizedProfile). One group per
+            # profile would not work: the scheduler hands a request to any instance, not by shape.
+            # Image stages have one profile (over the number of images), the decoder one per phase of
+            # its scheme (prefill, decode); stage_profiles is what the plans are built with.
+            cfg["instance_group"][0]["profile"] = [str(i) for i in range(len(stage_profiles(manifest, spec.name)))]
         if batched:
             cfg["dynamic_batching"] = {"max_queue_delay_microseconds": options.max_queue_delay_us}
         if options.target == "python":
@@ -278,10 +298,47 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def check_engines(build_dir: Path, manifest: dict, configs: dict[str, dict], options: RepositoryOptions) -> list[str]:
+    """The build's TensorRT plans against the configs and the Triton that will serve them: RepositoryError
+    (one line) for a plan that is missing, was built with other optimization profiles than the configs
+    list, or will not load on ``options.tensorrt_version``. Returns notes on what was not checked."""
+    engines = manifest.get("engines") or {}
+    for stage in (name for name, cfg in configs.items() if cfg.get("platform") == "tensorrt_plan"):
+        entry = engines.get(stage)
+        if entry is None:
+            raise RepositoryError(f"{build_dir} has no TensorRT engine for {stage}; rebuild the engines "
+                                  "(vlm-export engines BUILD)")
+        # what the config lists (stage_profiles) must be what the plan was built with
+        if entry.get("profiles") != json.loads(json.dumps(stage_profiles(manifest, stage))):
+            raise RepositoryError(f"{entry['file']} was built with other optimization profiles than the limits "
+                                  f"in {build_dir}'s manifest give; rebuild the engines (vlm-export engines BUILD)")
+        if options.tensorrt_version is not None:
+            problem = version_problem(entry.get("tensorrt"), options.tensorrt_version,
+                                      bool(entry.get("version_compatible")))
+            if problem:
+                raise RepositoryError(f"{entry['file']} will not load on the target Triton's TensorRT "
+                                      f"{options.tensorrt_version}: {problem}")
+    notes = []
+    if options.tensorrt_version is None and engines:
+        built = ", ".join(sorted({f"TensorRT {e.get('tensorrt')} on compute capability {e.get('compute_capability')}"
+                                  for e in engines.values()}))
+        notes.append(f"TensorRT version not checked: the plans were built with {built} and load only on a Triton "
+                     "with that TensorRT (pass --tensorrt-version, the serving Triton's, to check)")
+    if any(e.get("version_compatible") for e in engines.values()):
+        notes.append("the plans are version-compatible: tritonserver needs --backend-config=tensorrt,"
+                     "version-compatible=true (vlm-export serve passes it)")
+    return notes
+
+
 def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | None = None,
-                      force: bool = False, check_hashes: bool = True) -> Path:
+                      force: bool = False, check_hashes: bool = True, configs_only: bool = False,
+                      echo=print) -> Path:
     """Write the repository atomically (temporary folder, then rename). ``check_hashes``: refuse
-    graphs that changed since the build (the python models then check their own copies at load)."""
+    graphs that changed since the build (the python models then check their own copies at load).
+    ``configs_only``: only each model's ``config.pbtxt`` (rendered and checked as always), no model
+    files - for the tensorrt target, before any engine exists (the configs list the profiles the
+    engines will be built with); such a folder is for review and CI, it does not load in Triton.
+    ``echo`` gets one line per note (what was not checked, what is missing)."""
     options = options or RepositoryOptions()
     build_dir, out = Path(build_dir), Path(out).absolute()
     manifest = read_manifest(build_dir)
@@ -293,35 +350,59 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
             cfg.get("parameters", {}).pop("sha256", None)
     check_against_graphs(configs, build_dir, manifest)
     pbtxt = {name: to_pbtxt(cfg) for name, cfg in configs.items()}
+    notes = []
     if options.target == "tensorrt" and not manifest.get("engines"):
-        raise RepositoryError(f"{build_dir} has no TensorRT engines; build them on a GPU machine with TensorRT "
-                              "first (the python and onnxruntime targets run without)")
+        if not configs_only:
+            raise RepositoryError(f"{build_dir} has no TensorRT engines; build them on a GPU machine with TensorRT "
+                                  "first, or render --configs-only (the python and onnxruntime targets run without)")
+    elif options.target == "tensorrt":
+        notes += check_engines(build_dir, manifest, configs, options)
+    if options.target == "tensorrt":  # what the tensorrt backend needs of a config (profiles, GPU, batching)
+        from ..engines.check import check_configs
+
+        violations = check_configs(configs, manifest)
+        if violations:
+            raise RepositoryError("the tensorrt configs break the backend's rules: " + "; ".join(
+                f"{v.graph} {v.node}: {v.rule} ({v.detail})" for v in violations[:3]))
     with atomic_folder(out, force, RepositoryError, "model repository") as tmp:
         for name, text in pbtxt.items():
-            (tmp / name / "1").mkdir(parents=True)
+            (tmp / name).mkdir()
             (tmp / name / "config.pbtxt").write_text(text)
-        for stage, entry in manifest["graphs"].items():
-            graph = build_dir / entry["file"]
-            if stage not in configs:  # the in-process decoder: its graph under its own name inside vlm/1/
-                for rel in entry["sha256"]:
-                    _link_or_copy(build_dir / rel, tmp / "vlm" / "1" / Path(rel).name)
-                continue
-            if options.target == "tensorrt":
-                _link_or_copy(build_dir / manifest["engines"][stage]["file"], tmp / stage / "1" / "model.plan")
-                continue
-            _link_or_copy(graph, tmp / stage / "1" / "model.onnx")
-            data = graph.with_name(graph.name + ".data")
-            if data.exists():  # external data keeps its file name, which the graph refers to
-                _link_or_copy(data, tmp / stage / "1" / data.name)
-            if options.target == "python":
-                shutil.copy2(PYTHON_MODELS / "stage.py", tmp / stage / "1" / "model.py")
-        if "preprocess" in configs:
-            shutil.copy2(PYTHON_MODELS / "preprocess.py", tmp / "preprocess" / "1" / "model.py")
-            shutil.copytree(build_dir / manifest["tokenizer"], tmp / "preprocess" / "1" / "processor")
-        shutil.copy2(PYTHON_MODELS / "vlm.py", tmp / "vlm" / "1" / "model.py")
-        shutil.copytree(build_dir / manifest["tokenizer"], tmp / "vlm" / "1" / "tokenizer")
-        if manifest.get("image_text"):  # the image path's own tokenizer: the vlm model tokenizes for it
-            folder = manifest["image_text"]["tokenizer"]
-            shutil.copytree(build_dir / folder, tmp / "vlm" / "1" / folder)
-        write_manifest(tmp / "vlm" / "1", {k: v for k, v in manifest.items() if k not in ("format", "version")})
+        if not configs_only:
+            _model_files(tmp, build_dir, manifest, configs, options)
+    if configs_only:
+        missing = "the TensorRT plans" if options.target == "tensorrt" else "the model files"
+        notes.append(f"configs only: {out} holds the config.pbtxt files; {missing} are missing (not loadable in Triton)")
+    for note in notes:
+        echo(note)
     return out
+
+
+def _model_files(tmp: Path, build_dir: Path, manifest: dict, configs: dict[str, dict], options: RepositoryOptions) -> None:
+    """Each model's version folder ``1/``: graphs or plans, python model code, tokenizers, the manifest."""
+    for name in configs:
+        (tmp / name / "1").mkdir()
+    for stage, entry in manifest["graphs"].items():
+        graph = build_dir / entry["file"]
+        if stage not in configs:  # the in-process decoder: its graph under its own name inside vlm/1/
+            for rel in entry["sha256"]:
+                _link_or_copy(build_dir / rel, tmp / "vlm" / "1" / Path(rel).name)
+            continue
+        if options.target == "tensorrt":
+            _link_or_copy(build_dir / manifest["engines"][stage]["file"], tmp / stage / "1" / "model.plan")
+            continue
+        _link_or_copy(graph, tmp / stage / "1" / "model.onnx")
+        data = graph.with_name(graph.name + ".data")
+        if data.exists():  # external data keeps its file name, which the graph refers to
+            _link_or_copy(data, tmp / stage / "1" / data.name)
+        if options.target == "python":
+            shutil.copy2(PYTHON_MODELS / "stage.py", tmp / stage / "1" / "model.py")
+    if "preprocess" in configs:
+        shutil.copy2(PYTHON_MODELS / "preprocess.py", tmp / "preprocess" / "1" / "model.py")
+        shutil.copytree(build_dir / manifest["tokenizer"], tmp / "preprocess" / "1" / "processor")
+    shutil.copy2(PYTHON_MODELS / "vlm.py", tmp / "vlm" / "1" / "model.py")
+    shutil.copytree(build_dir / manifest["tokenizer"], tmp / "vlm" / "1" / "tokenizer")
+    if manifest.get("image_text"):  # the image path's own tokenizer: the vlm model tokenizes for it
+        folder = manifest["image_text"]["tokenizer"]
+        shutil.copytree(build_dir / folder, tmp / "vlm" / "1" / folder)
+    write_manifest(tmp / "vlm" / "1", {k: v for k, v in manifest.items() if k not in ("format", "version")})

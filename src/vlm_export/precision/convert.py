@@ -4,11 +4,17 @@
   fp32 (normalisations, Softmax, reductions, exponentials) - the islands FP16 SigLIP engines
   needed before their answers stopped flipping. The kept op types are recorded in the manifest.
 * w8 / w4: weight-only, block-wise int8/int4 MatMul weights - the decoder is memory bound, so
-  reading fewer weight bytes is the speed-up (see ``weight_only``; MatMulNBits rounds activations
-  to int8 inside its kernel, the dequantize form keeps them float). The LM head is a separate choice.
+  reading fewer weight bytes is the speed-up (see ``weight_only``). The LM head is a separate choice.
+  Two forms: ``matmulnbits`` for ONNX Runtime (fp32 activations, rounded to int8 inside the
+  kernel) and ``dequantize`` for TensorRT, which is W4A16: the graph is converted to fp16 first
+  (the fp16 variant's islands and fp32 inputs/outputs), then its MatMul weights become int4 blocks
+  of 128 (64 where K needs it) with fp16 scales, so DequantizeLinear feeds an fp16 MatMul - the
+  weight-only GEMM TensorRT has kernels for. TensorRT has no block-wise int8 weights, so w8 and a
+  w8 LM head are refused in that form before anything is exported.
 * int8: W8A8 explicit quantization (Q/DQ nodes, symmetric, zero point 0, per-channel weights),
   calibrated on real image+text inputs - the form TensorRT consumes and ONNX Runtime's CPU
-  provider also runs.
+  provider also runs. Biases stay float (no INT32 DequantizeLinear, which TensorRT's ONNX parser
+  rejects).
 """
 from __future__ import annotations
 
@@ -24,20 +30,24 @@ import onnx
 
 from ..errors import ExportError
 from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, check_graph
-from .weight_only import FORMS, SCHEMES, quantize_weights
+from .weight_only import FORMS, SCHEMES, TENSORRT_INT4_BLOCK_SIZES, quantize_weights
 
 FP32_ISLANDS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
                 "SkipSimplifiedLayerNormalization", "RMSNormalization", "Softmax", "ReduceMean", "ReduceSum",
                 "ReduceMax", "Pow", "Sqrt", "Exp", "Log", "Erf", "CumSum")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 LM_HEAD_CHOICES = ("fp32", "int8", "w8", "w4")
+#: each weight form's block size: 32 measured best for MatMulNBits on ONNX Runtime; TensorRT takes
+#: 64 or 128 only (weight_only.TENSORRT_INT4_BLOCK_SIZES) and 128 reads fewer scales
+FORM_BLOCK_SIZE = {"matmulnbits": 32, "dequantize": 128}
 
 
 @dataclass
 class PrecisionOptions:
-    block_size: int = 32  # weight-only block size
-    # the LM head's precision; None: fp32 under int8 (its logits are what greedy decoding compares),
-    # w8 under w8/w4 (it is the largest single weight read per token: vocab x hidden)
+    block_size: int | None = None  # weight-only block size; None: the form's (FORM_BLOCK_SIZE)
+    # the LM head's precision; None: fp32 under int8 (its logits are what greedy decoding compares);
+    # under w8/w4 the largest single weight read per token (vocab x hidden) is quantized too:
+    # w8 in the matmulnbits form, w4 in the dequantize form (TensorRT has no int8 weight blocks)
     lm_head: str | None = None
     weight_scheme: str | None = None  # symmetric | asymmetric; None: asymmetric, symmetric for the dequantize form
     weight_form: str = "matmulnbits"  # matmulnbits (ONNX Runtime) | dequantize (block-wise DequantizeLinear, TensorRT)
@@ -49,10 +59,15 @@ class PrecisionOptions:
             raise ExportError(f"calibration method {self.calibration!r} is not one of {', '.join(CALIBRATION_METHODS)}")
         if self.lm_head is not None and self.lm_head not in LM_HEAD_CHOICES:
             raise ExportError(f"lm-head precision {self.lm_head!r} is not one of {', '.join(LM_HEAD_CHOICES)}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ExportError(f"block size must be a power of two >= 16, got {self.block_size}")
         if self.weight_form not in FORMS:
             raise ExportError(f"weight form {self.weight_form!r} is not one of {', '.join(FORMS)}")
+        if self.block_size is None:
+            pass
+        elif self.weight_form == "dequantize" and self.block_size not in TENSORRT_INT4_BLOCK_SIZES:
+            raise ExportError(f"block size {self.block_size} does not build on TensorRT, whose int4 blocks are "
+                              "64 or 128; choose --block-size 128 (the dequantize form's default) or 64")
+        elif self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ExportError(f"block size must be a power of two >= 16, got {self.block_size}")
         if self.weight_scheme is not None and self.weight_scheme not in SCHEMES:
             raise ExportError(f"weight scheme {self.weight_scheme!r} is not one of {', '.join(SCHEMES)}")
         if self.weight_form == "dequantize" and self.weight_scheme == "asymmetric":
@@ -63,12 +78,33 @@ class PrecisionOptions:
     def scheme(self) -> str:
         return self.weight_scheme or ("symmetric" if self.weight_form == "dequantize" else "asymmetric")
 
+    @property
+    def block(self) -> int:
+        """The block size asked for (the form's default unless set)."""
+        return self.block_size or FORM_BLOCK_SIZE[self.weight_form]
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        """Block sizes allowed per MatMul, in order of preference (the first dividing its K is
+        used): the dequantize form falls back from 128 to TensorRT's other size, 64, where K is not
+        a multiple of 128; an explicit 64, and ONNX Runtime's form (which pads K), use one size."""
+        if self.weight_form == "dequantize" and self.block == 128:
+            return TENSORRT_INT4_BLOCK_SIZES
+        return (self.block,)
+
     def head_precision(self, stage_precision: str) -> str:
-        """The LM head's precision under a stage precision, checked against what that stage allows."""
-        head = self.lm_head or ("fp32" if stage_precision == "int8" else "w8")
-        allowed = ("fp32", "int8") if stage_precision == "int8" else ("fp32", "w8", "w4")
+        """The LM head's precision under a decoder precision, checked against what that decoder
+        and the weight form allow (called before export, so impossible choices fail early)."""
+        trt = self.weight_form == "dequantize" and stage_precision in ("w8", "w4")
+        if trt and stage_precision == "w8":
+            raise ExportError("a w8 decoder has no TensorRT (dequantize) form: TensorRT's weight-only quantization "
+                              "takes int4 weights only; choose decoder=w4, or --weight-form matmulnbits for ONNX Runtime")
+        head = self.lm_head or ("fp32" if stage_precision == "int8" else "w4" if trt else "w8")
+        allowed = ("fp32", "int8") if stage_precision == "int8" else ("fp32", "w4") if trt else ("fp32", "w8", "w4")
         if head not in allowed:
-            raise ExportError(f"lm-head {head!r} does not go with the {stage_precision} decoder; choose {' or '.join(allowed)}")
+            why = " in the dequantize (TensorRT) form, whose weight blocks are int4 only" if trt else ""
+            raise ExportError(f"lm-head {head!r} does not go with the {stage_precision} decoder{why}; "
+                              f"choose {' or '.join(allowed)}")
         return head
 
 
@@ -213,19 +249,26 @@ def _drop_cast_round_trips(model: onnx.ModelProto) -> int:
     return dropped
 
 
-def to_fp16(src: Path, dst: Path) -> VariantInfo:
+def fp16_model(model: onnx.ModelProto, keep: Iterable[str] = ()) -> tuple[onnx.ModelProto, dict]:
+    """``model`` in fp16 with fp32 inputs/outputs and fp32 islands; ``keep``: more nodes left
+    fp32. Returns the converted model and what the manifest records about it."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(os.fspath(src))
     present = sorted({n.op_type for n in model.graph.node} & set(FP32_ISLANDS))
     chains = statistics_chains(model)
-    _own_constants(model, set(chains))
+    _own_constants(model, set(chains) | set(keep))
     converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP32_ISLANDS),
-                                         node_block_list=chains, disable_shape_infer=True)
+                                         node_block_list=chains + sorted(set(keep) - set(chains)),
+                                         disable_shape_infer=True)
     _drop_cast_round_trips(converted)
     topological_sort(converted)
+    return converted, {"fp32_islands": present, "fp32_statistics_nodes": len(chains), "io": "fp32"}
+
+
+def to_fp16(src: Path, dst: Path) -> VariantInfo:
+    converted, details = fp16_model(onnx.load(os.fspath(src)))
     _save(converted, dst)
-    return VariantInfo("fp16", {"fp32_islands": present, "fp32_statistics_nodes": len(chains), "io": "fp32"})
+    return VariantInfo("fp16", details)
 
 
 def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions) -> VariantInfo:
@@ -234,11 +277,20 @@ def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions) -
     head_precision = options.head_precision(f"w{bits}")
     keep = set(options.exclude_nodes) | (set(head) if head_precision == "fp32" else set())
     bits_of = {} if head_precision == "fp32" else {name: int(head_precision[1]) for name in head}
-    done = quantize_weights(model, bits, options.block_size, options.scheme, options.weight_form, keep, bits_of)
+    if options.weight_form == "dequantize":
+        # W4A16: TensorRT's weight-only GEMMs take fp16 activations; the kept nodes stay fp32
+        model, fp16_details = fp16_model(model, keep)
+        activations = {"activations": "fp16", "scales": "fp16", **fp16_details}
+    else:  # MatMulNBits rounds the fp32 activations to int8 per block inside its kernel
+        activations = {"activations": "fp32", "accuracy_level": 4}
+    done = quantize_weights(model, bits, options.block_sizes, options.scheme, options.weight_form, keep, bits_of)
     _save(model, dst)
-    return VariantInfo(f"w{bits}", {"bits": bits, "block_size": options.block_size, "scheme": options.scheme,
-                                    "form": options.weight_form, "lm_head": head_precision,
-                                    "quantized_matmuls": len(done), "kept_fp32": sorted(keep)})
+    used = sorted({size for _, size in done.values()}, reverse=True)
+    return VariantInfo(f"w{bits}", {"bits": bits, "block_size": options.block,
+                                    "block_sizes": {str(size): sum(s == size for _, s in done.values()) for size in used},
+                                    "scheme": options.scheme, "form": options.weight_form, **activations,
+                                    "lm_head": head_precision, "quantized_matmuls": len(done),
+                                    "kept_fp32": sorted(keep)})
 
 
 class _Feeds:
@@ -264,7 +316,8 @@ def to_int8(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndarray]]
     if not calibration_feeds and not cached:
         raise ExportError(f"int8 for {src.stem} needs calibration inputs; none were given")
     model = onnx.load(os.fspath(src), load_external_data=False)
-    keep = list(options.exclude_nodes) + (lm_head_nodes(model) if options.head_precision("int8") == "fp32" else [])
+    head = lm_head_nodes(model)  # none in an image stage: its precision says nothing about the LM head's
+    keep = list(options.exclude_nodes) + (head if head and options.head_precision("int8") == "fp32" else [])
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[options.calibration]
     quantize_static(
@@ -273,11 +326,15 @@ def to_int8(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndarray]]
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
         calibrate_method=method, nodes_to_exclude=keep, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
         use_external_data_format=model.ByteSize() > EXTERNAL_DATA_THRESHOLD,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        # QuantizeBias False: Conv/Gemm biases stay float instead of INT32 DequantizeLinear, which
+        # TensorRT's ONNX parser rejects (NVIDIA/TensorRT#3360, onnx/onnx-tensorrt#850). ONNX Runtime
+        # CPU fuses either form into QLinearConv/QGemm: on a biased Conv+Gemm graph both ran in the
+        # same time (1.42 vs 1.54 ms, 1 thread), so this is the only form.
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
         calibration_cache_path=cache,
     )
     check_graph(dst)
-    return VariantInfo("int8", {"format": "QDQ", "symmetric": True, "per_channel_weights": True,
+    return VariantInfo("int8", {"format": "QDQ", "symmetric": True, "per_channel_weights": True, "bias": "float",
                                 "calibration": options.calibration,
                                 "calibration_samples": len(calibration_feeds or []),
                                 "calibration_cache": None if cache is None else {"file": str(cache), "reused": cached},

@@ -14,7 +14,8 @@ from ..errors import BuildError
 
 #: fp32: as exported; fp16: fp16 weights and maths with fp32 islands; int8: W8A8 Q/DQ, calibrated;
 #: w8 / w4: weight-only block-wise int8 / int4 (MatMulNBits rounds activations to int8 inside its
-#: kernel at accuracy level 4; the dequantize form for TensorRT keeps them float) - for the memory-bound decoder
+#: kernel at accuracy level 4; the dequantize form for TensorRT is w4 only, W4A16: fp16 activations)
+#: - for the memory-bound decoder
 KNOWN = ("fp32", "fp16", "int8", "w8", "w4")
 #: shorthands for the usual stage names
 ALIASES = {"vision": "vision_encoder", "decoder": "lm_decoder"}

@@ -17,11 +17,18 @@ Two schemes:
 
 Two output forms: ``matmulnbits`` (ONNX Runtime's fused kernel, which reads the packed weights
 directly) and ``dequantize`` (``DequantizeLinear(int4/int8 weights, scales, block_size)`` ->
-``MatMul``, opset 21, the pattern TensorRT fuses into a weight-only GEMM).
+``MatMul``, opset 21, the pattern TensorRT fuses into a weight-only GEMM). The scales take the
+dtype of the weights they replace, so on an fp16 graph (the W4A16 form ``convert`` makes for
+TensorRT) DequantizeLinear yields fp16 straight into an fp16 MatMul.
+
+Block sizes are chosen per MatMul from an ordered list of allowed sizes: the first that divides
+K. TensorRT takes int4 blocks of 64 or 128 only, so its form passes (128, 64): 128 where K allows,
+64 where K is a multiple of 64 only (SmolLM2's hidden size 576 is); ONNX Runtime's form passes one
+size and pads K to a multiple of it.
 
 Tied LM heads arrive as ``MatMul(x, Transpose(embedding))``; the head then gets its own
-quantized copy while the embedding lookup keeps the fp32 table (a lookup reads one row, the head
-reads all of them every token).
+quantized copy while the embedding lookup keeps the unquantized table (fp32; fp16 in the W4A16
+form) (a lookup reads one row, the head reads all of them every token).
 """
 from __future__ import annotations
 
@@ -37,12 +44,17 @@ SCHEMES = ("symmetric", "asymmetric")
 FORMS = ("matmulnbits", "dequantize")
 MS_DOMAIN = "com.microsoft"
 DQ_OPSET = 21  # block-wise DequantizeLinear and int4 arrived in opset 21
+#: the int4 block sizes TensorRT takes ("INT4 quantization requires per-block scales. The supported
+#: block sizes are {64, 128}": TensorRT developer guide, Working with Quantized Types > Quantization
+#: Schemes); its IDequantizeLayer blocks INT4 only before 10.13 and never INT8 (NvInfer.h, 10.3-11.1)
+TENSORRT_INT4_BLOCK_SIZES = (128, 64)
 
 
 @dataclass(frozen=True)
 class BlockQuantized:
     """Weight ``W [K, N]`` as blocks along K: ``q [N, blocks, block_size]`` (unsigned codes,
-    symmetric codes offset by 2^(b-1)), ``scales [N, blocks]``, float ``offsets`` (asymmetric)."""
+    symmetric codes offset by 2^(b-1)), ``scales [N, blocks]`` (fp32, or fp16 for fp16 weights),
+    float ``offsets`` (asymmetric)."""
 
     q: np.ndarray
     scales: np.ndarray
@@ -54,11 +66,14 @@ class BlockQuantized:
     def dequantize(self) -> np.ndarray:
         """Back to ``[K, N]`` fp32 (for checking error)."""
         zero = self.offsets[..., None] if self.offsets is not None else 2 ** (self.bits - 1)
-        w = (self.q.astype(np.float32) - zero) * self.scales[..., None]
+        w = (self.q.astype(np.float32) - zero) * self.scales[..., None].astype(np.float32)
         return w.reshape(w.shape[0], -1)[:, : self.k].T
 
 
-def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, scheme: str) -> BlockQuantized:
+def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, scheme: str,
+                    scale_dtype=np.float32) -> BlockQuantized:
+    """``scale_dtype``: what the scales are stored as (symmetric only); the codes are rounded
+    against the stored scales, so an fp16 scale's rounding costs nothing more."""
     if scheme not in SCHEMES:
         raise ExportError(f"weight scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
     k, n = weight.shape
@@ -69,9 +84,10 @@ def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, scheme: str)
     top = 2 ** bits - 1
     if scheme == "symmetric":
         half = 2 ** (bits - 1)
-        scales = np.abs(w).max(axis=-1) / (half - 1)
-        safe = np.where(scales == 0, 1.0, scales)
-        q = np.clip(np.rint(w / safe[..., None]), 1 - half, half - 1) + half
+        # strictly positive (TensorRT refuses a zero scale; an all-zero block has codes 0 under any
+        # scale) and at least the dtype's smallest normal (a tiny fp16 scale would flush to 0)
+        scales = np.maximum(np.abs(w).max(axis=-1) / (half - 1), np.finfo(scale_dtype).tiny).astype(scale_dtype)
+        q = np.clip(np.rint(w / scales[..., None].astype(np.float32)), 1 - half, half - 1) + half
         offsets = None
     else:
         low, high = w.min(axis=-1), w.max(axis=-1)
@@ -79,8 +95,8 @@ def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, scheme: str)
         safe = np.where(scales == 0, 1.0, scales)
         q = np.clip(np.rint((w - low[..., None]) / safe[..., None]), 0, top)
         offsets = (-low / safe).astype(np.float32)
-        scales = safe
-    return BlockQuantized(q.astype(np.uint8), scales.astype(np.float32), offsets, bits, block_size, k)
+        scales = safe.astype(np.float32)
+    return BlockQuantized(q.astype(np.uint8), scales, offsets, bits, block_size, k)
 
 
 def _pack(q: np.ndarray, bits: int) -> np.ndarray:
@@ -92,7 +108,7 @@ def _pack(q: np.ndarray, bits: int) -> np.ndarray:
 class _Target:
     index: int  # position in graph.node
     node: onnx.NodeProto
-    weight: np.ndarray  # [K, N]
+    weight: np.ndarray  # [K, N], in the graph's dtype (fp32, or fp16 in an fp16 graph)
 
 
 def _targets(model: onnx.ModelProto, skip: set[str]) -> list[_Target]:
@@ -169,28 +185,44 @@ def _dequantize(t: _Target, bq: BlockQuantized):
         weight = helper.make_tensor(f"{name}_Wq4", onnx.TensorProto.INT4, codes.shape, raw, raw=True)
     else:
         weight = numpy_helper.from_array(np.ascontiguousarray(codes), f"{name}_Wq8")
-    scale = numpy_helper.from_array(scales, f"{name}_scales")
+    scale = numpy_helper.from_array(scales, f"{name}_scales")  # its dtype is the DequantizeLinear's output dtype
     deq = helper.make_node("DequantizeLinear", [weight.name, scale.name], [f"{name}_W"], name=f"{name}_dq",
                            axis=0, block_size=bq.block_size)
     matmul = helper.make_node("MatMul", [t.node.input[0], deq.output[0]], list(t.node.output), name=name)
     return [deq, matmul], [weight, scale]
 
 
-def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int, scheme: str, form: str,
-                     keep: set[str], bits_of: dict[str, int] | None = None, accuracy_level: int = 4) -> dict:
-    """Rewrite ``model`` in place. ``keep``: MatMul names left fp32. ``bits_of``: nodes (the LM
-    head, sensitive layers) quantized at their own bit width. Returns the bits used per node."""
+def _block_size(t: _Target, sizes: tuple[int, ...], form: str) -> int:
+    """The first of ``sizes`` that divides K; MatMulNBits pads K, DequantizeLinear cannot."""
+    k = t.weight.shape[0]
+    fitting = [size for size in sizes if k % size == 0]
+    if fitting or form == "matmulnbits":
+        return (fitting or sizes)[0]
+    raise ExportError(f"{t.node.name or t.node.output[0]}: K={k} is not a multiple of block size "
+                      f"{' or '.join(map(str, sizes))}; keep it in fp32 with --keep-node or use --weight-form matmulnbits")
+
+
+def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int | tuple[int, ...], scheme: str, form: str,
+                     keep: set[str], bits_of: dict[str, int] | None = None,
+                     accuracy_level: int = 4) -> dict[str, tuple[int, int]]:
+    """Rewrite ``model`` in place. ``block_size``: one size, or the allowed sizes in order of
+    preference (see the module docstring). ``keep``: MatMul names left unquantized. ``bits_of``:
+    nodes (the LM head, sensitive layers) quantized at their own bit width. Returns the (bits,
+    block size) used per node."""
     if form not in FORMS:
         raise ExportError(f"weight-only form {form!r} is not one of {', '.join(FORMS)}")
+    sizes = (block_size,) if isinstance(block_size, int) else tuple(block_size)
     graph = model.graph
     replaced, new_inits, done, block_sums = {}, [], {}, {}
     for t in _targets(model, keep):
-        node_bits = (bits_of or {}).get(t.node.name, bits)
-        bq = quantize_blocks(t.weight, node_bits, block_size, scheme)
+        node_bits, size = (bits_of or {}).get(t.node.name, bits), _block_size(t, sizes, form)
+        # fp16 weights (an fp16 graph) get fp16 scales, so the dequantized weight stays fp16
+        scale_dtype = np.float16 if t.weight.dtype == np.float16 else np.float32
+        bq = quantize_blocks(t.weight, node_bits, size, scheme, scale_dtype)
         nodes, tensors = _matmulnbits(t, bq, accuracy_level, block_sums) if form == "matmulnbits" else _dequantize(t, bq)
         replaced[t.index] = nodes
         new_inits += tensors
-        done[t.node.name] = node_bits
+        done[t.node.name] = (node_bits, size)
     if not done:
         raise ExportError("no MatMul with constant weights to quantize in this graph")
     ordered = []

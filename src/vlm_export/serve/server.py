@@ -10,6 +10,7 @@ the base interpreter's, which we get by putting ``sys.prefix/bin`` first on the 
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import re
@@ -813,6 +814,19 @@ class _Stop(Exception):
     pass
 
 
+def repository_server_args(model_repository: str | os.PathLike) -> list[str]:
+    """tritonserver options a rendered repository's TensorRT plans need (version-compatible plans:
+    a tensorrt backend option); [] for any other repository."""
+    from ..engines.tensorrt import triton_server_args
+    from ..manifest import MANIFEST_NAME
+
+    try:
+        manifest = json.loads((Path(model_repository) / "vlm" / "1" / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return []
+    return triton_server_args(manifest.get("engines") or {})
+
+
 def serve_forever(
     model_repository: str | os.PathLike,
     *,
@@ -841,7 +855,7 @@ def serve_forever(
 
     server = TritonServer(model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
                           metrics_port=metrics_port, log_file=log_file, startup_timeout=startup_timeout,
-                          on_event=echo)
+                          extra_args=repository_server_args(model_repository), on_event=echo)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     api = None
     try:
