@@ -173,6 +173,7 @@ class VLMClient:
         results: queue.Queue = queue.Queue()
         # tritonclient's gRPC would route even 127.0.0.1 through an http_proxy from the environment
         client = grpcclient.InferenceServerClient(self.address, channel_args=[("grpc.enable_http_proxy", 0)])
+        finished = False  # the server sent this request's last response (its result or its error)
         try:
             try:
                 client.start_stream(callback=lambda result, error: results.put((result, error)))
@@ -192,13 +193,17 @@ class VLMClient:
                     if "socket closed" in low or "stream removed" in low:
                         raise ServeError(f"{self.address} closed the connection mid-request (the server died or "
                                          f"was restarted; retry): {message}")
+                    finished = True  # an error ends its request
                     raise RequestError(message)
                 fields = {name: result.as_numpy(name).reshape(-1)[0] for name in
                           ("text_output", "finish_reason", "prompt_tokens", "completion_tokens")}
                 fields = {k: v.decode() if isinstance(v, bytes) else v for k, v in fields.items()}
+                finished = bool(fields["finish_reason"])
                 yield fields
-                if fields["finish_reason"]:
+                if finished:
                     return
         finally:
-            client.stop_stream(cancel_requests=True)
+            # cancel only a request that is still running: cancelling a stream after its final response
+            # leaks the request in Triton 2.51's gRPC frontend, and its model never unloads (serve/NOTES.md)
+            client.stop_stream(cancel_requests=not finished)
             client.close()
