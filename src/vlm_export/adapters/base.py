@@ -10,6 +10,7 @@ after the build reads those declarations from the manifest.
 from __future__ import annotations
 
 import abc
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -111,3 +112,32 @@ class VLMAdapter(abc.ABC):
     def tolerances(self) -> dict[str, dict[str, float]]:
         """Per-stage overrides of the default parity tolerances (see compare.policy)."""
         return {}
+
+    def write_text_model(self, loaded: LoadedModel, out: Path) -> Path | None:
+        """Write the language model alone (text only: its decoder layers, embeddings and LM head)
+        as a standalone ``AutoModelForCausalLM`` folder with the tokenizer, so runtimes that take
+        a causal-LM checkpoint (the bench's peers) can run the same LM. Returns ``out``, or None
+        for an architecture whose LM is not a standard causal LM (the default)."""
+        return None
+
+
+def save_causal_lm(text_config, base_model: nn.Module, lm_head: nn.Module, tokenizer, out: Path,
+                   generation_config=None) -> Path:
+    """A standalone causal-LM folder from a VLM's parts: the class ``AutoModelForCausalLM``
+    picks for ``text_config`` (the model's own text config), its base model and head loaded
+    strictly from ``base_model`` and ``lm_head`` (so a part that does not fit fails loudly),
+    fp32, saved with ``tokenizer`` beside it."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(text_config)
+    config.architectures = None  # from_config fills in the causal-LM class on save
+    lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    lm.base_model.load_state_dict(base_model.state_dict())
+    lm.get_output_embeddings().load_state_dict(lm_head.state_dict())
+    if generation_config is not None:
+        lm.generation_config = copy.deepcopy(generation_config)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm.eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

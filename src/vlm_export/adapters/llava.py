@@ -16,7 +16,7 @@ from ..contract import DecoderGeometry, PromptLayout
 from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from . import register
-from .base import LoadedModel, Stage, VLMAdapter
+from .base import LoadedModel, Stage, VLMAdapter, save_causal_lm
 from .decoder import SplicingDecoder, image_path_stages, spliced_decoder_stage, text_geometry
 from .loading import load_hf_parts
 
@@ -101,3 +101,8 @@ class LlavaAdapter(VLMAdapter):
             )
         return out[0, input_ids.shape[1]:].tolist()
 
+    def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
+        # LlavaModel holds the text model without its head (language_model), the head beside it
+        m = loaded.model
+        return save_causal_lm(loaded.config.text_config, m.model.language_model, m.lm_head, loaded.tokenizer, out,
+                              getattr(m, "generation_config", None))

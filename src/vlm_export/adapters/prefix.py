@@ -31,7 +31,7 @@ from ..contract import DecoderGeometry, PromptLayout
 from ..contract.spliced import SplicedScheme
 from ..errors import ModelLoadError
 from . import read_config, register
-from .base import LoadedModel, Stage, VLMAdapter
+from .base import LoadedModel, Stage, VLMAdapter, save_causal_lm
 from .decoder import SplicingDecoder, image_path_stages, spliced_decoder_stage, text_geometry
 from .loading import load_hf_parts
 
@@ -166,3 +166,10 @@ class PrefixAdapter(VLMAdapter):
             eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0],
         )
         return out[0].tolist()
+
+    def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
+        # the text model already is a causal LM; rebuilt from its config like any other adapter's,
+        # so what is written is what the build exported (a merged LoRA included)
+        text = loaded.model.text
+        return save_causal_lm(text.config, text.base_model, text.get_output_embeddings(), loaded.tokenizer, out,
+                              getattr(text, "generation_config", None))

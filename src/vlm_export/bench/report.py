@@ -145,6 +145,8 @@ def markdown(r: dict) -> str:
                          "Triton tokens/s", "vs concurrency 1", "in-process tokens/s",
                          "in-process per token p50 / p99"], rows) + [""]
 
+    lines += peer_section(r.get("peer"))
+
     lines += ["## Targets (issue 6)", ""]
     rows = [[tg["target"], "-" if tg["value"] is None else tg["value"], tg["goal"],
              {True: "met", False: "not met", None: "not measured"}[tg["met"]], tg["note"]] for tg in r["targets"]]
@@ -152,6 +154,49 @@ def markdown(r: dict) -> str:
     lines += ["Timings on a shared machine are noisy: compare the ratios from one run, not absolute "
               "figures across runs.", ""]
     return "\n".join(lines)
+
+
+def _agreement(a: dict | None) -> str:
+    if not a:
+        return "-"
+    cuts = [row["first_divergence"] for row in a["rows"] if row["first_divergence"] is not None]
+    return f"{a['identical']}/{a['prompts']} identical" + (f"; first differs at token {', '.join(map(str, cuts))}"
+                                                           if cuts else "")
+
+
+def peer_section(peer: dict | None) -> list[str]:
+    """The peer table (issue 16): ours and each peer decoder on the build's LM, text only."""
+    if not peer:
+        return []
+    lines = ["## Peer runtimes (the same LM, text only)", ""]
+    lines += [f"Skipped: {n}" for n in peer.get("notices", [])] + ([""] if peer.get("notices") else [])
+    if not peer.get("rows"):
+        return lines
+    order = [chr(ord("A") + i) for i in range(len(peer["rows"]))]
+    lines += [f"The build's language model alone, text only: the {peer['prompt_tokens']}-token prompt "
+              f"\"{peer['prompt']}\" (the build's tokenizer and chat template, no image), greedy, "
+              f"{peer['new_tokens']} new tokens (EOS ignored), {peer['threads']} threads, token ids in and out. "
+              f"{peer['runs']} timed generations per decoder, in mirrored blocks ({' '.join(order)}, {' '.join(order[::-1])}) after "
+              f"{peer['warmup_per_block']} discarded one each. TTFT = prompt -> first token (prefill + the pick); "
+              "decode = one step per later token, p50 over every step. \"Ours vs\" = our speed / the row's "
+              "(> 1: ours is faster). Greedy agreement: the row's answers against ours on "
+              f"{len(peer['agreement_prompts'])} prompts, up to EOS (a peer's int4 is not held to our accuracy "
+              "gate).", ""]
+    rows = []
+    for row in peer["rows"]:
+        vs = row.get("ours_vs_peer") or {}
+        rows.append([row["runtime"], row["precision"], " / ".join(_ms(row["ttft_ms"], p) for p in ("p50", "p90")),
+                     " / ".join(_ms(row["decode_ms"], p) for p in ("p50", "p90")), row["tokens_per_s"],
+                     _x(vs.get("ttft")) if vs else "(ours)", _x(vs.get("decode_tokens_per_s")) if vs else "(ours)",
+                     _agreement(row.get("agreement"))])
+    lines += _table(["runtime", "precision", "TTFT p50 / p90", "decode ms/token p50 / p90", "tokens/s",
+                     "ours vs (TTFT)", "ours vs (tokens/s)", "greedy agreement"], rows) + [""]
+    for row in peer["rows"]:
+        for a in (row.get("agreement") or {}).get("rows", []):
+            if a["first_divergence"] is not None:
+                lines.append(f"- {row['label']}, \"{a['prompt']}\": ours \"{a['ours_text']}\" / "
+                             f"{row['runtime']} \"{a['peer_text']}\"")
+    return lines + [""] if lines[-1] != "" else lines
 
 
 # --------------------------------------------------------------------------- plots

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from ..progress import Progress
 from ..runtime.pipeline import VLMPipeline
 from . import measure
 from .calls import in_process_call
+from .peer import PRECISIONS as PEER_PRECISIONS
 
 BACKENDS = ("torch", "onnxruntime", "triton")
 IN_PROCESS = ("torch", "onnxruntime")
@@ -54,6 +56,12 @@ class BenchOptions:
     bandwidth_mb: int = 512  # buffer of the memory-bandwidth measurement (>> the L3 cache)
     name: str | None = None  # label in the report; None: the build folder's name
     check_hashes: bool = True  # refuse graphs that changed since the build
+    # issue 16's peers, text only on the build's LM: an onnxruntime-genai model folder, or "build"
+    # (its model builder makes one into BUILD/bench/peer-<peer_precision>); a GGUF file of the same
+    # LM for llama.cpp. None: no peer.
+    peer: str | None = None
+    peer_precision: str = "int4"
+    peer_gguf: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if b not in BACKENDS]
@@ -68,6 +76,15 @@ class BenchOptions:
                 raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1 or self.warmup < 0:
             raise InputError("threads must be at least 1 and warmup at least 0")
+        for name in ("peer", "peer_gguf"):  # paths kept as text, so the options dump to JSON as given
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, str(getattr(self, name)))
+        if self.peer_precision not in PEER_PRECISIONS:
+            raise InputError(f"peer precision {self.peer_precision!r} is not one of {', '.join(PEER_PRECISIONS)}")
+        if self.peer is not None and self.peer != "build" and not Path(self.peer).is_dir():
+            raise InputError(f"--peer takes 'build' or an onnxruntime-genai model folder; {self.peer} is neither")
+        if self.peer_gguf is not None and not Path(self.peer_gguf).is_file():
+            raise InputError(f"--peer-gguf {self.peer_gguf}: no such file (pass a GGUF file of the build's LM)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -341,8 +358,10 @@ def run_bench(build_dir: Path, options: BenchOptions | None = None, progress: Pr
                "versions": versions(), "options": options.to_dict()}
 
     in_process = [b for b in IN_PROCESS if b in options.backends]
-    # the served path is compared with in-process ONNX Runtime, so that one is loaded for it too
-    needed = in_process + (["onnxruntime"] if "triton" in options.backends and "onnxruntime" not in in_process else [])
+    # the served path and the peers are compared with in-process ONNX Runtime, so that one is loaded for them too
+    with_peer = options.peer is not None or options.peer_gguf is not None
+    needed = in_process + (["onnxruntime"] if ("triton" in options.backends or with_peer)
+                           and "onnxruntime" not in in_process else [])
     pipes = _load(build_dir, manifest, needed, threads, progress, options.check_hashes)
     timed = {b: pipes[b] for b in in_process}
     inputs = make_inputs(pipes.get("onnxruntime") or next(iter(pipes.values())), options)
@@ -361,6 +380,14 @@ def run_bench(build_dir: Path, options: BenchOptions | None = None, progress: Pr
     results.update(stages=stages, end_to_end=end_to_end,
                    ceiling=ceiling(build_dir, manifest, bandwidth, stages, end_to_end, inputs.past_len,
                                    measure.cache_bytes(results["machine"]["l3_cache"])))
+    peer = None
+    if with_peer:
+        from .peer import bench_peers
+
+        peer = bench_peers(build_dir, manifest, pipes["onnxruntime"], options, threads, progress, PROMPTS)
+        for notice in peer["notices"]:
+            print(f"bench: {notice}", file=sys.stderr)
+    results["peer"] = peer
     served = None
     if "triton" in options.backends:
         from .served import bench_served
