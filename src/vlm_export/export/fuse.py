@@ -1,0 +1,447 @@
+"""The ONNX Runtime form of an exported decoder: pattern rewrites of the exporter's small standard
+nodes into ONNX Runtime's fused CPU kernels.
+
+torch.onnx (dynamo) writes every RMSNorm, rotary embedding and projection as a chain of small
+standard nodes (~2,000 for a 30-layer decoder). ONNX Runtime's own session optimizations do not
+fuse them (its RMSNorm fusion expects Div, the exporter writes Reciprocal), so each costs a kernel
+launch per token. This pass rewrites, by pattern only (no model-type branches):
+
+* ``skip_rms_norm``: residual ``Add`` + RMSNorm (Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul/Mul) ->
+  ``com.microsoft.SkipSimplifiedLayerNormalization`` (its 4th output is the residual sum). An
+  RMSNorm with no residual Add before it stays unfused: ONNX Runtime's plain
+  ``SimplifiedLayerNormalization`` lives in the ONNX domain, which the ONNX checker rejects.
+* ``rotary``: rotate-half RoPE (Slice/Neg/Concat/Mul/Add on q and k, cos/sin computed from
+  ``position_ids`` and a constant ``inv_freq``) -> ``com.microsoft.RotaryEmbedding`` with
+  constant cos/sin caches of ``max_positions`` rows.
+* ``packed_matmul``: MatMuls sharing one activation and holding constant 2-D weights (q/k/v;
+  the MLP's gate/up) -> one MatMul over the concatenated weights + ``Split``.
+
+The result is for ONNX Runtime only: TensorRT does not read com.microsoft ops, so TensorRT targets
+keep the standard graph. A decoder none of the patterns match is written unchanged, and the report
+says why. Contrib op contracts: onnxruntime docs/ContribOperators.md (SkipSimplifiedLayerNormalization,
+RotaryEmbedding).
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import ExportError
+from .graph_info import EXTERNAL_DATA_THRESHOLD
+
+MS_DOMAIN = "com.microsoft"
+FUSIONS = ("skip_rms_norm", "rotary", "packed_matmul")
+
+
+@dataclass
+class FuseReport:
+    """What ``fuse_decoder`` did; ``fusions`` counts each rewrite applied."""
+
+    fusions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FUSIONS, 0))
+    nodes_before: int = 0
+    nodes_after: int = 0
+    reason: str = ""  # why nothing was fused (empty when something was)
+    notes: list[str] = field(default_factory=list)  # patterns seen but left alone, and why
+
+    @property
+    def fused(self) -> bool:
+        return any(self.fusions.values())
+
+    def to_dict(self) -> dict:
+        return {"fusions": dict(self.fusions), "nodes_before": self.nodes_before,
+                "nodes_after": self.nodes_after, "reason": self.reason, "notes": list(self.notes)}
+
+
+class _Graph:
+    """Producer/consumer indexes over a GraphProto and the rewrites queued on it."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model, self.graph = model, model.graph
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.outputs = {o.name for o in self.graph.output}
+        self.types = {v.name: v.type.tensor_type for v in
+                      (*self.graph.input, *self.graph.value_info, *self.graph.output)}
+        self.reindex()
+        self.removed: set[int] = set()  # id() of nodes to drop
+        self.added: list[onnx.NodeProto] = []
+        self.new_inits: list[onnx.TensorProto] = []
+
+    def reindex(self) -> None:
+        self.producer = {o: n for n in self.graph.node for o in n.output if o}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for n in self.graph.node:
+            for i in n.input:
+                if i:
+                    self.consumers[i].append(n)
+
+    def const(self, name: str) -> np.ndarray | None:
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+                if a.name in ("value_float", "value_int"):
+                    return np.array(helper.get_attribute_value(a))
+                if a.name in ("value_floats", "value_ints"):
+                    return np.array(helper.get_attribute_value(a))
+        return None
+
+    def scalar(self, name: str) -> float | None:
+        v = self.const(name)
+        return float(v.reshape(-1)[0]) if v is not None and v.size == 1 else None
+
+    def parent(self, node: onnx.NodeProto, index: int, op: str | tuple[str, ...]) -> onnx.NodeProto | None:
+        if index >= len(node.input):
+            return None
+        p = self.producer.get(node.input[index])
+        ops = (op,) if isinstance(op, str) else op
+        return p if p is not None and p.op_type in ops and id(p) not in self.removed else None
+
+    def sole_consumer(self, name: str, op: str | tuple[str, ...]) -> onnx.NodeProto | None:
+        """The one consumer of ``name`` when it has exactly one and is not a graph output."""
+        users = self.consumers.get(name, [])
+        ops = (op,) if isinstance(op, str) else op
+        if len(users) != 1 or name in self.outputs or users[0].op_type not in ops or id(users[0]) in self.removed:
+            return None
+        return users[0]
+
+    def other_input(self, node: onnx.NodeProto, name: str) -> str | None:
+        """The other input of a binary node one of whose inputs is ``name``."""
+        if len(node.input) != 2 or name not in node.input:
+            return None
+        return node.input[1] if node.input[0] == name else node.input[0]
+
+    def shape(self, name: str) -> list | None:
+        t = self.types.get(name)
+        if t is None or not t.HasField("shape"):
+            return None
+        return [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in t.shape.dim]
+
+    def elem_type(self, name: str) -> int | None:
+        if name in self.inits:
+            return self.inits[name].data_type
+        t = self.types.get(name)
+        return t.elem_type if t is not None else None
+
+    def attr(self, node: onnx.NodeProto, name: str, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    def replace(self, old: list[onnx.NodeProto], new: list[onnx.NodeProto]) -> None:
+        self.removed.update(id(n) for n in old)
+        self.added += new
+
+    def commit(self) -> None:
+        """Apply the queued rewrites, drop what nothing reads any more, restore topological order."""
+        nodes = [n for n in self.graph.node if id(n) not in self.removed] + self.added
+        self.graph.initializer.extend(self.new_inits)
+        nodes = _drop_dead(nodes, self.outputs)
+        del self.graph.node[:]
+        self.graph.node.extend(_topological(nodes, {i.name for i in self.graph.input} | set(self.inits)
+                                            | {t.name for t in self.new_inits}))
+        used = {i for n in self.graph.node for i in n.input}
+        keep = [t for t in self.graph.initializer if t.name in used or t.name in self.outputs]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(keep)
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.removed, self.added, self.new_inits = set(), [], []
+        self.reindex()
+
+
+def _drop_dead(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    while True:
+        used = {i for n in nodes for i in n.input} | outputs
+        alive = [n for n in nodes if any(o in used for o in n.output if o)]
+        if len(alive) == len(nodes):
+            return nodes
+        nodes = alive
+
+
+def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """Kahn's order, keeping the given order wherever the dependencies allow."""
+    ready = set(available) | {""}
+    pending, out = list(nodes), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                out.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            missing = sorted({i for n in rest for i in n.input if i not in ready})[:3]
+            raise ExportError(f"fusing left the decoder graph disconnected (no producer for {missing})")
+        pending = rest
+    return out
+
+
+# ---------------------------------------------------------------- RMSNorm (+ residual Add)
+
+def _rms_norm(g: _Graph, reduce: onnx.NodeProto):
+    """Match Pow(X,2)|Mul(X,X) -> ReduceMean(last axis) -> Add(eps) -> Sqrt -> Reciprocal|Div(1,.)
+    -> Mul(X,.) -> Mul(., gamma) from its ReduceMean; returns (x, gamma, eps, nodes, y) or None."""
+    if g.attr(reduce, "keepdims", 1) != 1:
+        return None
+    axes = g.attr(reduce, "axes")
+    if axes is None and len(reduce.input) > 1:
+        axes = g.const(reduce.input[1])
+    x_shape = g.shape(reduce.input[0])
+    if axes is None or len(np.atleast_1d(axes)) != 1:
+        return None
+    axis = int(np.atleast_1d(axes)[0])
+    if axis != -1 and not (x_shape is not None and axis == len(x_shape) - 1):
+        return None
+    square = g.parent(reduce, 0, ("Pow", "Mul"))
+    if square is None:
+        return None
+    x = square.input[0]
+    if square.op_type == "Pow" and g.scalar(square.input[1]) != 2.0:
+        return None
+    if square.op_type == "Mul" and square.input[1] != x:
+        return None
+    if g.sole_consumer(square.output[0], "ReduceMean") is not reduce:
+        return None
+    add = g.sole_consumer(reduce.output[0], "Add")
+    eps = g.scalar(g.other_input(add, reduce.output[0]) or "") if add is not None else None
+    if eps is None or not 0 < eps < 1e-2:
+        return None
+    sqrt = g.sole_consumer(add.output[0], "Sqrt")
+    inv = sqrt and g.sole_consumer(sqrt.output[0], ("Reciprocal", "Div"))
+    if inv is None or (inv.op_type == "Div" and (inv.input[1] != sqrt.output[0] or g.scalar(inv.input[0]) != 1.0)):
+        return None
+    scale = g.sole_consumer(inv.output[0], "Mul")
+    if scale is None or g.other_input(scale, inv.output[0]) != x:
+        return None
+    affine = g.sole_consumer(scale.output[0], "Mul")
+    gamma_name = affine and g.other_input(affine, scale.output[0])
+    gamma = g.const(gamma_name) if gamma_name else None
+    if gamma is None or gamma.ndim != 1 or (x_shape and isinstance(x_shape[-1], int) and gamma.shape[0] != x_shape[-1]):
+        return None
+    return x, gamma_name, eps, [square, reduce, add, sqrt, inv, scale, affine], affine.output[0]
+
+
+def _fuse_skip_rms_norm(g: _Graph, report: FuseReport) -> None:
+    standalone = 0
+    for reduce in [n for n in g.graph.node if n.op_type == "ReduceMean"]:
+        match = _rms_norm(g, reduce)
+        if match is None:
+            continue
+        x, gamma, eps, nodes, y = match
+        residual = g.parent(nodes[0], 0, "Add")
+        a, b = (residual.input if residual is not None else ("", ""))
+        shapes = [g.shape(a), g.shape(b), g.shape(x)]
+        # the kernel takes input and skip of one shape (batch, sequence, hidden): a broadcasting Add,
+        # a constant operand or an Add already taken by another norm on the same sum is left alone
+        if residual is None or id(residual) in g.removed or a in g.inits or b in g.inits \
+                or any(s is None or len(s) != 3 for s in shapes) or not shapes[0] == shapes[1] == shapes[2]:
+            standalone += 1
+            continue
+        # the residual sum feeds the next residual Add too: keep it as the kernel's 4th output
+        others = [c for c in g.consumers[x] if id(c) not in (id(nodes[0]), id(nodes[5]))] or x in g.outputs
+        outputs = [y, "", "", x] if others else [y]
+        fused = helper.make_node("SkipSimplifiedLayerNormalization", [a, b, gamma], outputs,
+                                 name=f"{residual.name}_skip_rms_norm", domain=MS_DOMAIN, epsilon=eps)
+        g.replace([residual, *nodes], [fused])
+        report.fusions["skip_rms_norm"] += 1
+    if standalone:
+        report.notes.append(f"{standalone} RMSNorm(s) with no fusable residual Add before them left unfused "
+                            "(the plain SimplifiedLayerNormalization is not a com.microsoft op)")
+
+
+# ---------------------------------------------------------------- rotary embedding (rotate half)
+
+def _half_slice(g: _Graph, node: onnx.NodeProto | None, x: str):
+    """(start, end) of a Slice of ``x`` on its last axis with step 1, else None."""
+    if node is None or node.op_type != "Slice" or node.input[0] != x or len(node.input) < 4:
+        return None
+    starts, ends, axes = (g.const(node.input[i]) for i in (1, 2, 3))
+    steps = g.const(node.input[4]) if len(node.input) > 4 and node.input[4] else np.array([1])
+    if any(v is None or v.size != 1 for v in (starts, ends, axes, steps)) or int(steps.item()) != 1:
+        return None
+    rank = len(g.shape(x) or [])
+    if int(axes.item()) not in (-1, rank - 1):
+        return None
+    return int(starts.item()), int(ends.item())
+
+
+def _angle_source(g: _Graph, trig: onnx.NodeProto, op: str):
+    """Follow cos/sin back: [Mul(scale)] <- Cos|Sin <- Concat(f, f) <- Mul(Cast(Unsqueeze(pos, -1)), inv_freq).
+    ``trig`` is the Unsqueeze feeding the rotary Mul. Returns (position_ids, inv_freq, scale) or None."""
+    if trig.op_type != "Unsqueeze":
+        return None
+    axes = g.const(trig.input[1]) if len(trig.input) > 1 else np.array(g.attr(trig, "axes", []))
+    if axes is None or axes.size != 1 or int(axes.item()) != 1:
+        return None  # (batch, sequence, dim) -> (batch, 1, sequence, dim): broadcast over heads
+    node, scale = g.producer.get(trig.input[0]), 1.0
+    if node is not None and node.op_type == "Mul":
+        for i in (0, 1):
+            s = g.scalar(node.input[1 - i])
+            if s is not None and g.producer.get(node.input[i]) is not None:
+                node, scale = g.producer[node.input[i]], s
+                break
+    if node is None or node.op_type != op:
+        return None
+    cat = g.producer.get(node.input[0])
+    if cat is None or cat.op_type != "Concat" or len(cat.input) != 2 or cat.input[0] != cat.input[1] \
+            or g.attr(cat, "axis") not in (-1, 2):
+        return None
+    freq = g.producer.get(cat.input[0])
+    if freq is None or freq.op_type != "Mul":
+        return None
+    for i in (0, 1):
+        inv_freq = g.const(freq.input[1 - i])
+        cast = g.producer.get(freq.input[i])
+        if inv_freq is not None and cast is not None and cast.op_type == "Cast":
+            break
+    else:
+        return None
+    unsq = g.producer.get(cast.input[0])
+    if unsq is None or unsq.op_type != "Unsqueeze":
+        return None
+    u_axes = g.const(unsq.input[1]) if len(unsq.input) > 1 else np.array(g.attr(unsq, "axes", []))
+    if u_axes is None or u_axes.size != 1 or int(u_axes.item()) not in (-1, 2):
+        return None
+    pos = unsq.input[0]
+    if g.elem_type(pos) != onnx.TensorProto.INT64 or len(g.shape(pos) or []) != 2:
+        return None
+    inv_freq = inv_freq.reshape(-1).astype(np.float32)
+    return pos, inv_freq, scale
+
+
+def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
+    caches: dict[tuple, tuple[str, str]] = {}
+    for add in [n for n in g.graph.node if n.op_type == "Add"]:
+        muls = [g.producer.get(i) for i in add.input]
+        if len(muls) != 2 or any(m is None or m.op_type != "Mul" for m in muls):
+            continue
+        # one Mul holds x * cos, the other rotate_half(x) * sin, where rotate_half(x) = Concat(-x2, x1)
+        for cos_mul, sin_mul in (muls, muls[::-1]):
+            if any(g.sole_consumer(m.output[0], "Add") is not add for m in muls):
+                break  # a product read elsewhere too must stay
+            cat = next((p for p in map(g.producer.get, sin_mul.input) if p is not None and p.op_type == "Concat"), None)
+            if cat is None or len(cat.input) != 2 or g.attr(cat, "axis") not in (-1, 3):
+                continue
+            neg, x1_slice = g.producer.get(cat.input[0]), g.producer.get(cat.input[1])
+            if neg is None or neg.op_type != "Neg":
+                continue
+            x2_slice = g.producer.get(neg.input[0])
+            x = x1_slice.input[0] if x1_slice is not None and x1_slice.op_type == "Slice" else None
+            shape = g.shape(x) if x else None
+            if x is None or shape is None or len(shape) != 4 or not isinstance(shape[3], int) or x not in cos_mul.input:
+                continue
+            half = shape[3] // 2
+            x2_range = _half_slice(g, x2_slice, x) or (0, 0)  # the second half: [half, end) or [half, INT_MAX)
+            if _half_slice(g, x1_slice, x) != (0, half) or x2_range[0] != half or x2_range[1] < 2 * half:
+                continue
+            cos_u = g.producer.get(g.other_input(cos_mul, x) or "")
+            sin_u = g.producer.get(g.other_input(sin_mul, cat.output[0]) or "")
+            cos_src = cos_u and _angle_source(g, cos_u, "Cos")
+            sin_src = sin_u and _angle_source(g, sin_u, "Sin")
+            if not cos_src or not sin_src or cos_src[0] != sin_src[0] or not np.array_equal(cos_src[1], sin_src[1]) \
+                    or cos_src[1].size != half:
+                continue
+            pos, inv_freq, _ = cos_src
+            key = (inv_freq.tobytes(), cos_src[2], sin_src[2])
+            if key not in caches:
+                # the exporter's sub-graph casts position_ids to float and multiplies in fp32: same here
+                angles = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
+                names = (f"rotary_cos_cache_{len(caches)}", f"rotary_sin_cache_{len(caches)}")
+                cos = (np.cos(angles) * np.float32(cos_src[2])).astype(np.float32)
+                sin = (np.sin(angles) * np.float32(sin_src[2])).astype(np.float32)
+                g.new_inits += [numpy_helper.from_array(cos, names[0]), numpy_helper.from_array(sin, names[1])]
+                caches[key] = names
+            fused = helper.make_node("RotaryEmbedding", [x, pos, *caches[key]], [add.output[0]],
+                                     name=f"{add.name}_rotary", domain=MS_DOMAIN, interleaved=0)
+            # the Slices/Neg/Concat and the angle sub-graph now feed nothing: dead-node removal drops them
+            g.replace([add, cos_mul, sin_mul], [fused])
+            report.fusions["rotary"] += 1
+            break
+
+
+# ---------------------------------------------------------------- packed projections
+
+def _fuse_packed_matmul(g: _Graph, report: FuseReport) -> None:
+    groups: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in g.graph.node:
+        if n.op_type == "MatMul" and n.input[1] in g.inits and n.output[0] not in g.outputs:
+            w = g.inits[n.input[1]]
+            if len(w.dims) == 2 and w.data_type == onnx.TensorProto.FLOAT:
+                groups[n.input[0]].append(n)
+    for act, nodes in groups.items():
+        if len(nodes) < 2 or len({g.inits[n.input[1]].dims[0] for n in nodes}) != 1:
+            continue
+        weights = [numpy_helper.to_array(g.inits[n.input[1]]) for n in nodes]
+        name = f"{nodes[0].name}_packed"
+        packed = numpy_helper.from_array(np.concatenate(weights, axis=1), f"{name}_weight")
+        sizes = numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), f"{name}_split")
+        g.new_inits += [packed, sizes]
+        matmul = helper.make_node("MatMul", [act, packed.name], [f"{name}_out"], name=name)
+        split = helper.make_node("Split", [matmul.output[0], sizes.name], [n.output[0] for n in nodes],
+                                 name=f"{name}_split", axis=-1)
+        g.replace(nodes, [matmul, split])
+        report.fusions["packed_matmul"] += 1
+
+
+# ---------------------------------------------------------------- entry points
+
+def fuse_model(model: onnx.ModelProto, max_positions: int = 4096) -> FuseReport:
+    """Rewrite ``model`` in place (see the module docstring); returns what was fused."""
+    if max_positions < 1:
+        raise ExportError(f"max_positions must be positive, not {max_positions}")
+    report = FuseReport(nodes_before=len(model.graph.node))
+    g = _Graph(model)
+    _fuse_skip_rms_norm(g, report)
+    g.commit()
+    _fuse_rotary(g, report, max_positions)
+    g.commit()
+    _fuse_packed_matmul(g, report)
+    g.commit()
+    report.nodes_after = len(model.graph.node)
+    if report.fused:
+        if MS_DOMAIN not in {o.domain for o in model.opset_import}:
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    else:
+        report.reason = ("no RMSNorm after a residual Add, no rotate-half rotary embedding and no MatMuls "
+                         "sharing an input matched; the graph is left unfused")
+    return report
+
+
+def fuse_decoder(src: Path, dst: Path, max_positions: int = 4096) -> FuseReport:
+    """Write the fused form of the decoder graph ``src`` to ``dst`` (``src`` unchanged).
+
+    ``max_positions``: rows of the rotary cos/sin caches - the largest position id + 1 the
+    decoder will see (the build's max_sequence). A graph nothing matches is copied unchanged and
+    the report's ``reason`` says why."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise ExportError(f"no decoder graph at {src}")
+    try:
+        model = onnx.load(os.fspath(src))
+    except Exception as e:
+        raise ExportError(f"cannot read the ONNX graph {src}: {str(e).splitlines()[0]}") from None
+    report = fuse_model(model, max_positions)
+    _save(model, dst)
+    return report
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, os.fspath(path))
