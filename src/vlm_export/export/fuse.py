@@ -33,7 +33,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
-from .graph_info import EXTERNAL_DATA_THRESHOLD
+from .graph_info import EXTERNAL_DATA_THRESHOLD, topological_order
 
 MS_DOMAIN = "com.microsoft"
 FUSIONS = ("skip_rms_norm", "rotary", "packed_matmul")
@@ -147,8 +147,8 @@ class _Graph:
         self.graph.initializer.extend(self.new_inits)
         nodes = _drop_dead(nodes, self.outputs)
         del self.graph.node[:]
-        self.graph.node.extend(_topological(nodes, {i.name for i in self.graph.input} | set(self.inits)
-                                            | {t.name for t in self.new_inits}))
+        self.graph.node.extend(topological_order(nodes, {i.name for i in self.graph.input} | set(self.inits)
+                                                 | {t.name for t in self.new_inits}, "the fused decoder graph"))
         used = {i for n in self.graph.node for i in n.input}
         keep = [t for t in self.graph.initializer if t.name in used or t.name in self.outputs]
         del self.graph.initializer[:]
@@ -165,25 +165,6 @@ def _drop_dead(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.Node
         if len(alive) == len(nodes):
             return nodes
         nodes = alive
-
-
-def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
-    """Kahn's order, keeping the given order wherever the dependencies allow."""
-    ready = set(available) | {""}
-    pending, out = list(nodes), []
-    while pending:
-        rest = []
-        for n in pending:
-            if all(i in ready for i in n.input):
-                out.append(n)
-                ready.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            missing = sorted({i for n in rest for i in n.input if i not in ready})[:3]
-            raise ExportError(f"fusing left the decoder graph disconnected (no producer for {missing})")
-        pending = rest
-    return out
 
 
 # ---------------------------------------------------------------- RMSNorm (+ residual Add)

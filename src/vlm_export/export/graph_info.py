@@ -60,3 +60,23 @@ def check_graph(path: Path) -> None:
         onnx.checker.check_model(os.fspath(path), full_check=False)
     except Exception as e:
         raise ExportError(f"{path} fails the ONNX checker: {str(e).splitlines()[0]}") from None
+
+
+def topological_order(nodes: list[onnx.NodeProto], available: set[str], what: str = "graph") -> list[onnx.NodeProto]:
+    """``nodes`` in Kahn's order, keeping their given order wherever the dependencies allow;
+    ``available``: the names that exist before any node runs (graph inputs, initializers)."""
+    ready = set(available) | {""}
+    pending, ordered = list(nodes), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            missing = sorted({i for n in rest for i in n.input if i not in ready})[:3]
+            raise ExportError(f"{what} has a cycle or a missing input: nothing produces {missing}")
+        pending = rest
+    return ordered

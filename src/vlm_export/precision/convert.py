@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from ..errors import ExportError
-from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, check_graph
+from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, check_graph, topological_order
 from .weight_only import FORMS, SCHEMES, TENSORRT_INT4_BLOCK_SIZES, quantize_weights
 
 FP32_ISLANDS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
@@ -155,19 +155,7 @@ def topological_sort(model: onnx.ModelProto) -> None:
     """Reorder nodes so each comes after its inputs' producers (the fp16 converter appends the
     input casts at the end of the node list, which the ONNX checker rejects)."""
     graph = model.graph
-    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        remaining = []
-        for node in pending:
-            if all(i in ready for i in node.input):
-                ordered.append(node)
-                ready.update(node.output)
-            else:
-                remaining.append(node)
-        if len(remaining) == len(pending):
-            raise ExportError(f"graph has a cycle or a missing input near node {remaining[0].name!r}")
-        pending = remaining
+    ordered = topological_order(list(graph.node), {i.name for i in graph.input} | {i.name for i in graph.initializer})
     del graph.node[:]
     graph.node.extend(ordered)
 
