@@ -33,7 +33,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
-from .graph_info import EXTERNAL_DATA_THRESHOLD, topological_order
+from .graph_info import save_graph, topological_order
 
 MS_DOMAIN = "com.microsoft"
 FUSIONS = ("skip_rms_norm", "rotary", "packed_matmul")
@@ -412,17 +412,6 @@ def fuse_decoder(src: Path, dst: Path, max_positions: int = 4096) -> FuseReport:
     except Exception as e:
         raise ExportError(f"cannot read the ONNX graph {src}: {str(e).splitlines()[0]}") from None
     report = fuse_model(model, max_positions)
-    _save(model, dst)
+    save_graph(model, dst)
     return report
 
-
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-    else:
-        onnx.save_model(model, os.fspath(path))

@@ -80,3 +80,19 @@ def topological_order(nodes: list[onnx.NodeProto], available: set[str], what: st
             raise ExportError(f"{what} has a cycle or a missing input: nothing produces {missing}")
         pending = rest
     return ordered
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> Path:
+    """Write ``model`` to ``path``; past EXTERNAL_DATA_THRESHOLD its weights go to ``<name>.data``
+    beside it (protobuf's 2 GB limit). A stale data file is removed first: onnx appends to it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, os.fspath(path))
+    return path

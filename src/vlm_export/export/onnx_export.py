@@ -3,7 +3,6 @@ check with the ONNX checker, and describe the graph's I/O for the manifest."""
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 
 from ..adapters.base import Stage
 from ..errors import ExportError
-from .graph_info import EXTERNAL_DATA_THRESHOLD, check_graph
+from .graph_info import check_graph, save_graph
 
 
 def _dynamic_shapes(stage: Stage):
@@ -67,11 +66,5 @@ def export_stage(stage: Stage, out_dir: Path, opset: int = 18) -> Path:
         raise ExportError(f"exporting the {stage.name} stage to ONNX failed: {type(e).__name__}: {first}") from e
     model = program.model_proto
     _rename_dims(model, stage)
-    external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
-    if external:
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{stage.name}.onnx.data", size_threshold=1024)
-    else:
-        onnx.save_model(model, path)
-    check_graph(path)
+    check_graph(save_graph(model, path))
     return path

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from ..errors import ExportError
-from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, check_graph, topological_order
+from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, check_graph, save_graph, topological_order
 from .weight_only import FORMS, SCHEMES, TENSORRT_INT4_BLOCK_SIZES, quantize_weights
 
 FP32_ISLANDS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
@@ -128,15 +128,7 @@ def quiet_logging():
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-    else:
-        onnx.save_model(model, os.fspath(path))
-    check_graph(path)
+    check_graph(save_graph(model, path))
 
 
 def lm_head_nodes(model: onnx.ModelProto, output: str = "logits") -> list[str]:
