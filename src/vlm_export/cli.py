@@ -63,6 +63,10 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calibration-prompts", type=Path, default=None, help="one prompt per line, cycled over the images")
     g.add_argument("--keep-node", action="append", default=[], metavar="NAME",
                    help="ONNX node kept in higher precision (repeatable)")
+    g = p.add_argument_group("graph forms")
+    g.add_argument("--no-fuse", action="store_true",
+                   help="no ONNX Runtime form of the decoder (fused norms, rotary, attention, packed projections; "
+                        "made by default beside the standard graph TensorRT reads): every target runs the standard graph")
     g = p.add_argument_group("task accuracy (answers of the build vs the fp32 PyTorch reference, gated)")
     g.add_argument("--eval-questions", type=int, default=0,
                    help="questions spread evenly over --eval-dataset, answered by both during the build "
@@ -124,7 +128,7 @@ def _build_options(args, **extra):
                                                            weight_form=args.weight_form,
                                                            calibration=args.calibration,
                                                            exclude_nodes=tuple(args.keep_node)),
-                        accuracy=accuracy, **extra)
+                        accuracy=accuracy, fuse=not args.no_fuse, **extra)
 
 
 def _add_hash_check(p: argparse.ArgumentParser) -> None:
@@ -163,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_request_args(p)
     _add_hash_check(p)
     p.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
+    p.add_argument("--form", choices=("onnxruntime", "standard"), default="onnxruntime",
+                   help="graphs run by the onnxruntime backend: the onnxruntime target's (default: the fused "
+                        "decoder where the build has one) or the standard ones TensorRT reads")
     p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of streaming text")
 
@@ -291,6 +298,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="precision of the peer made by --peer build (default int4)")
     p.add_argument("--peer-gguf", default=None, metavar="FILE",
                    help="also time llama.cpp (llama-cpp-python) on this GGUF file of the build's LM")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
+                   help="where PyTorch and ONNX Runtime run (default cpu). cuda: PyTorch on the GPU in --dtype, ONNX "
+                        "Runtime on its TensorRT/CUDA providers where installed (onnxruntime-gpu; else CPU, with a "
+                        "notice), CUDA-event timings and the GPU's bandwidth ceiling; refused at once without a GPU")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="the PyTorch reference's dtype (default: fp16 on cuda, fp32 on cpu)")
 
     p = sub.add_parser("engines", help="build TensorRT plans for a build (needs TensorRT and a CUDA GPU), "
                                        "or only check the build against TensorRT's documented constraints")
@@ -366,8 +379,15 @@ def _cmd_build(args, progress) -> int:
 
 def _print_summary(path: Path, manifest: dict) -> None:
     print(f"build written to {path}")
+    from .manifest import stage_forms, targets
+
+    runs = targets(manifest)
     for stage, g in manifest["graphs"].items():
-        print(f"  {stage:15s} {g['precision']}  {g['bytes'] / 1e6:8.1f} MB  {g['file']}")
+        for form, entry in stage_forms(g).items():
+            users = ", ".join(t for t, by_stage in runs.items() if by_stage.get(stage) == form) or "no target"
+            print(f"  {stage:15s} {entry['precision']}  {entry['bytes'] / 1e6:8.1f} MB  {entry['file']}  ({form}: {users})")
+        if g.get("fusion") and not g["fusion"].get("made"):
+            print(f"  {'':15s} no fused form: {g['fusion']['reason']}")
     print(f"  parity: {'passed' if manifest['parity']['passed'] else 'FAILED'} (see {path / 'report.md'})")
     accuracy = json.loads((path / "report.json").read_text()).get("task_accuracy")
     if accuracy:
@@ -381,7 +401,8 @@ def _cmd_generate(args, progress) -> int:
     config = GenerationConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed, stop=tuple(args.stop))
     with progress.step(f"loading {args.build} ({args.backend})") as advance:
-        pipe = open_pipeline(args.build, args.backend, threads=args.threads, check_hashes=not args.no_hash_check)
+        pipe = open_pipeline(args.build, args.backend, threads=args.threads, check_hashes=not args.no_hash_check,
+                             form=args.form)
         advance()
     for event in stream(pipe, _prompt(args), args.image, config):
         if isinstance(event, GenerationResult):
@@ -538,7 +559,8 @@ def _cmd_bench(args, progress) -> int:
                            concurrency=parse_csv(args.concurrency, "--concurrency", int), new_tokens=args.new_tokens,
                            threads=args.threads, out=args.out or args.build / "bench",
                            check_hashes=not args.no_hash_check, peer=args.peer, peer_precision=args.peer_precision,
-                           peer_gguf=args.peer_gguf)
+                           peer_gguf=args.peer_gguf, device=args.device,
+                           dtype=args.dtype or ("fp16" if args.device.strip().lower().startswith("cuda") else "fp32"))
     results = run_bench(args.build, options, progress)
     for kind, path in results["files"].items():
         print(f"  {kind:10s} {path}")

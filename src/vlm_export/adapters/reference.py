@@ -32,11 +32,24 @@ def eos_token_ids(loaded: LoadedModel) -> list[int]:
     return ids
 
 
-def reference_pipeline(loaded: LoadedModel, limits: Limits, stages: list[Stage] | None = None) -> VLMPipeline:
-    """The split modules, exactly as exported, behind TorchRunners."""
+def reference_pipeline(loaded: LoadedModel, limits: Limits, stages: list[Stage] | None = None,
+                       device=None, dtype: str | None = None) -> VLMPipeline:
+    """The split modules, exactly as exported, behind TorchRunners.
+
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``; default cpu) and ``dtype`` (``fp32``, ``fp16``, ``bf16``;
+    default fp32): where and in what the reference runs (``runtime.devices``). Anything but the
+    default moves and casts the loaded model's modules in place (the stages share its weights):
+    ``loaded`` then lives there too. CUDA asked where PyTorch has none is a one-line InputError,
+    before anything is moved."""
+    from ..runtime.devices import Device, parse_dtype, torch_device
+
+    device, dtype = Device.parse(device), parse_dtype(dtype)
+    if device.is_cuda:
+        torch_device(device)  # fail before splitting or moving anything
     adapter = loaded.adapter
     stages = stages or split(loaded)
-    runners = {s.name: TorchRunner(s.name, s.module, s.spec.input_names, s.spec.output_names) for s in stages}
+    runners = {s.name: TorchRunner(s.name, s.module, s.spec.input_names, s.spec.output_names, device=device,
+                                   dtype=dtype) for s in stages}
     text = adapter.image_text(loaded)
     return VLMPipeline(runners, [s.spec for s in stages], adapter.scheme(loaded), loaded.tokenizer,
                        loaded.image_processor, adapter.prompt_layout(loaded), limits, eos_token_ids(loaded),
@@ -53,22 +66,29 @@ def load_source(source: dict) -> LoadedModel:
     return loaded
 
 
-def open_reference(build_dir: Path, threads: int | None = None) -> VLMPipeline:
-    """The PyTorch reference of a build, loaded from the build's source model folder."""
+def open_reference(build_dir: Path, threads: int | None = None, device=None, dtype: str | None = None) -> VLMPipeline:
+    """The PyTorch reference of a build, loaded from the build's source model folder; on ``device``
+    in ``dtype`` (``reference_pipeline``; default cpu, fp32)."""
     import torch
 
+    from ..runtime.devices import Device, torch_device
+
+    if Device.parse(device).is_cuda:
+        torch_device(device)  # no GPU: say so before loading the model
     manifest = read_manifest(build_dir)
     if threads:  # PyTorch's intra-op pool is process-wide
         torch.set_num_threads(threads)
-    return reference_pipeline(load_source(manifest["source"]), Limits.from_dict(manifest["limits"]))
+    return reference_pipeline(load_source(manifest["source"]), Limits.from_dict(manifest["limits"]),
+                              device=device, dtype=dtype)
 
 
 def open_pipeline(build_dir: Path, backend: str = "onnxruntime", threads: int | None = None,
-                  check_hashes: bool = True) -> VLMPipeline:
+                  check_hashes: bool = True, form: str = "onnxruntime") -> VLMPipeline:
     """A build on ``backend``: ``onnxruntime`` runs its graphs (checked against the manifest's
-    hashes), ``torch`` its source model's split modules."""
+    hashes) in ``form`` (the onnxruntime target's by default; see runtime.load.open_build), ``torch``
+    its source model's split modules."""
     if backend == "torch":
         return open_reference(Path(build_dir), threads)
     if backend == "onnxruntime":
-        return open_build(build_dir, threads=threads, check_hashes=check_hashes)
+        return open_build(build_dir, threads=threads, check_hashes=check_hashes, form=form)
     raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")

@@ -44,6 +44,31 @@ def timed(call: Callable[[], object]) -> Callable[[], tuple[float, float]]:
     return run
 
 
+def cuda_timed(call: Callable[[], object], device=None) -> Callable[[], tuple[float, float]]:
+    """``timed`` for a GPU run: (seconds between two CUDA events around the call, this process's
+    CPU seconds). The device is synchronised before the start event, so no earlier work is
+    counted, and the end event is waited for, so all of the call's queued GPU work is.
+
+    Both runners hand numpy back (PyTorch's ``.cpu()`` and ONNX Runtime's copy to the host wait
+    for the GPU), so the events bracket the whole call; they are recorded on PyTorch's current
+    stream of ``device``, which is idle around the call, so for ONNX Runtime (its own stream) they
+    mark the host-side start and end, for PyTorch its kernels too.
+    """
+    import torch
+
+    def run() -> tuple[float, float]:
+        with torch.cuda.device(device):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            c0 = time.process_time()
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3, time.process_time() - c0
+    return run
+
+
 def alternating(calls: Mapping[str, Callable[[], T]], warmup: int, n: int, budget_s: float | None = None,
                 advance: Callable[[], None] = lambda: None, blocks: int = 2) -> dict[str, list[T]]:
     """``n`` samples (whatever each call returns) per entry, taken in blocks in mirrored order:
@@ -154,6 +179,33 @@ def memory_bandwidth(megabytes: int = 512, repeats: int = 10) -> list[float]:
         buf.sum()
         samples.append(buf.numel() * 4 / (time.perf_counter() - t0) / 1e9)
     del buf
+    return samples
+
+
+def device_bandwidth(device=None, megabytes: int = 512, repeats: int = 10) -> list[float]:
+    """A GPU's memory (HBM) bandwidth in GB/s: one sample per device-to-device copy of a
+    ``megabytes`` buffer, counting the bytes read and the bytes written (2 x the buffer) over the
+    time between CUDA events around the copy. Make the buffer far larger than the L2 cache (tens
+    of MB on an H100/H200) so the copy streams from and to HBM, as a decode step's weight reads do.
+    """
+    import torch
+
+    n = megabytes * 2**20
+    with torch.cuda.device(device):
+        src = torch.ones(n, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        dst.copy_(src)  # first touch and warm-up
+        torch.cuda.synchronize()
+        samples = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            samples.append(2 * n / (start.elapsed_time(end) / 1e3) / 1e9)
+        del src, dst
+        torch.cuda.empty_cache()
     return samples
 
 

@@ -58,6 +58,7 @@ def markdown(r: dict) -> str:
              "process CPU time / (wall time x threads) per backend, a rough sign of contention: about 1 "
              "when a backend had its cores (spinning thread pools count, so it can exceed 1), well below 1 "
              "when other processes took them (unreliable for sub-millisecond calls).", ""]
+    lines += placement_lines(r.get("placement"), o)
     if r.get("contention", {}).get("busy"):
         lines += ["**Other processes competed for the cores during this run** (" + "; ".join(r["contention"]["reasons"])
                   + "): the figures are inflated, PyTorch's most (its OpenMP threads wait for descheduled peers "
@@ -102,14 +103,18 @@ def markdown(r: dict) -> str:
         lines += [""]
 
     c = r["ceiling"]
+    on_gpu = str(o.get("device", "cpu")).startswith("cuda")
+    how = (f"a device-to-device copy of {o['bandwidth_mb']} MB on the GPU, bytes read + written, timed by CUDA events"
+           if on_gpu else f"torch.sum over {o['bandwidth_mb']} MB")
+    cache_name = "GPU's L2 cache" if on_gpu else f"L3 cache ({m['l3_cache']})"
     lines += ["## Decode against the memory-bandwidth ceiling", "",
-              f"Bandwidth (torch.sum over {o['bandwidth_mb']} MB, before and after the in-process runs): "
+              f"Bandwidth ({how}, before and after the in-process runs): "
               f"p50 {c['bandwidth_gb_s']['p50']} GB/s (min {c['bandwidth_gb_s']['min']}, max {c['bandwidth_gb_s']['max']}). "
               f"A decode step reads {c['read_per_token_bytes'] / 1e6:.1f} MB of {c['decoder_precision']} weights "
               f"(of {c['initializer_bytes'] / 1e6:.1f} MB; gather-only tables excluded) + "
               f"{c['kv_bytes_at_past'] / 1e6:.2f} MB of KV cache at past {c['past_len']}, so at most "
               f"**{c['ceiling_tokens_per_s']} tokens/s**."
-              + (f" These bytes fit in the L3 cache ({m['l3_cache']}), so memory bandwidth does not bound this "
+              + (f" These bytes fit in the {cache_name}, so memory bandwidth does not bound this "
                  "decoder: read the shares below as overheads, not as distance to a limit." if c.get("fits_in_l3") else ""),
               ""]
     rows = [[b, v["decode_step_tokens_per_s"], f"{100 * v['decode_step_fraction']:.1f}%",
@@ -154,6 +159,27 @@ def markdown(r: dict) -> str:
     lines += ["Timings on a shared machine are noisy: compare the ratios from one run, not absolute "
               "figures across runs.", ""]
     return "\n".join(lines)
+
+
+def placement_lines(p: dict | None, options: dict) -> list[str]:
+    """Where the backends ran (issue 17): the device, PyTorch's dtype, ONNX Runtime's providers."""
+    if not p:
+        return []
+    d = p["device"]
+    if d.get("name"):
+        where = (f"**{d['name']}** ({d['device']}, {d['memory_gb']} GB, compute capability {d['compute_capability']}, "
+                 f"CUDA {d['cuda_runtime']}); stage timings by CUDA events")
+    else:
+        where = "the CPU"
+    parts = []
+    for backend, stages in p["backends"].items():
+        if backend == "torch":
+            kinds = sorted({f"{v['device']} {v['dtype']}" for v in stages.values()})
+            parts.append(f"PyTorch on {', '.join(kinds)}")
+        else:
+            kinds = sorted({" > ".join(v["providers"]) for v in stages.values()})
+            parts.append(f"ONNX Runtime with {'; '.join(kinds)}")
+    return [f"Device: {where}. " + "; ".join(parts) + ".", ""]
 
 
 def _agreement(a: dict | None) -> str:
@@ -257,7 +283,9 @@ def plot_stages(r: dict, path: Path) -> None:
     ax2.set_title("end to end")
     if names:
         ax2.legend()
-    fig.text(0.01, 0.01, f"{r['machine']['cpu']}, {r['threads']['requested']} threads, {r['created']}", fontsize=7)
+    gpu = ((r.get("placement") or {}).get("device") or {}).get("name")
+    fig.text(0.01, 0.01, f"{gpu + ' + ' if gpu else ''}{r['machine']['cpu']}, {r['threads']['requested']} threads, "
+                         f"{r['created']}", fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

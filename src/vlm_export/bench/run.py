@@ -21,7 +21,7 @@ import numpy as np
 
 from ..contract import DecodeBatch, scheme_from_dict
 from ..errors import InputError
-from ..manifest import read_manifest, versions
+from ..manifest import form_entry, read_manifest, versions
 from ..progress import Progress
 from ..runtime.pipeline import VLMPipeline
 from . import measure
@@ -62,8 +62,18 @@ class BenchOptions:
     peer: str | None = None
     peer_precision: str = "int4"
     peer_gguf: str | None = None
+    # issue 17: where the in-process backends run. "cpu" (the default: what every run before measured),
+    # "cuda" or "cuda:N": PyTorch on that GPU in ``dtype``; ONNX Runtime on TensorRT/CUDA where it has
+    # them (else CPU, with a notice; the report records the providers); timings by CUDA events; the
+    # bandwidth ceiling from the GPU's memory. On a machine without a usable GPU, run_bench refuses at once.
+    device: str = "cpu"
+    dtype: str = "fp32"  # the PyTorch reference's dtype: fp32, fp16 or bf16
 
     def __post_init__(self) -> None:
+        from ..runtime.devices import Device, parse_dtype
+
+        object.__setattr__(self, "device", str(Device.parse(self.device)))  # kept as text, for JSON
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
         unknown = [b for b in self.backends if b not in BACKENDS]
         if unknown or not self.backends:
             raise InputError(f"unknown backend(s) {unknown or list(self.backends)}; choose from {', '.join(BACKENDS)}")
@@ -155,18 +165,48 @@ def make_inputs(pipe: VLMPipeline, options: BenchOptions) -> BenchInputs:
 
 
 def _load(build_dir: Path, manifest: dict, backends: list[str], threads: int, progress: Progress,
-          check_hashes: bool = True) -> dict[str, VLMPipeline]:
-    from ..adapters.reference import open_pipeline
+          check_hashes: bool = True, device: str = "cpu", dtype: str = "fp32") -> dict[str, VLMPipeline]:
+    """The pipelines; ``device``/``dtype`` other than cpu/fp32 load them there (see BenchOptions)."""
+    from ..adapters.reference import open_pipeline, open_reference
 
+    placed = device != "cpu" or dtype != "fp32"
     pipes = {}
     for backend in backends:
         if backend == "torch" and not Path(manifest["source"]["path"]).is_dir():
             raise InputError(f"the torch backend runs the source model {manifest['source']['path']}, which is gone; "
                              "restore it or leave torch out of --backends")
-        with progress.step(f"loading {build_dir.name} on {backend}") as advance:
-            pipes[backend] = open_pipeline(build_dir, backend, threads=threads, check_hashes=check_hashes)
+        where = f" ({device}{', ' + dtype if backend == 'torch' else ''})" if placed else ""
+        with progress.step(f"loading {build_dir.name} on {backend}{where}") as advance:
+            if placed and backend == "torch":
+                pipes[backend] = open_reference(build_dir, threads, device=device, dtype=dtype)
+            elif device != "cpu" and backend == "onnxruntime":
+                from ..runtime.load import open_build
+
+                # needs open_build(device=...) (runtime/load.py; /tmp/s5/h1_load.py.diff)
+                pipes[backend] = open_build(build_dir, threads=threads, check_hashes=check_hashes, device=device)
+            else:
+                pipes[backend] = open_pipeline(build_dir, backend, threads=threads, check_hashes=check_hashes)
             advance()
     return pipes
+
+
+def placement(pipes: dict[str, VLMPipeline], options: BenchOptions) -> dict:
+    """Where each in-process backend ran, per stage: the device and dtype of PyTorch's modules, the
+    providers ONNX Runtime's sessions really use (``session.get_providers()``), the device itself."""
+    from ..runtime.devices import device_description
+
+    out: dict = {"device": device_description(options.device), "backends": {}}
+    for backend, pipe in pipes.items():
+        stages = {}
+        for name, runner in pipe.runners.items():
+            if backend == "torch":
+                stages[name] = {"device": str(getattr(runner, "device", "cpu")), "dtype": getattr(runner, "dtype", "fp32")}
+            else:
+                providers = getattr(runner, "providers", None) or runner.session.get_providers()
+                stages[name] = {"providers": list(providers),
+                                "device": "cpu" if providers[0] == "CPUExecutionProvider" else options.device}
+        out["backends"][backend] = stages
+    return out
 
 
 def thread_settings(threads: int, pipes: dict[str, VLMPipeline]) -> dict:
@@ -197,19 +237,49 @@ def stage_cases(pipe: VLMPipeline, inputs: BenchInputs, batches: tuple[int, ...]
             cases.append((spec.name, b, "images", b, lambda p, n=spec.name, f=feeds: p.runners[n].infer(f)))
     prefill = scheme.prefill_feeds([inputs.prompt_ids], inputs.image_input)
     step = scheme.step_feeds(inputs.decode_batch, np.asarray(inputs.prompt_ids[-1:]))
+    placed: dict[int, dict] = {}
+
+    def step_on(p: VLMPipeline) -> dict:
+        """The step's feeds with its cache where ``p``'s decoder keeps its own (on the GPU on a GPU run:
+        a step then costs what a generation's step costs, no host-to-device copy of the cache)."""
+        if id(p) not in placed:
+            past = set(getattr(p.scheme, "past_names", ()))
+            placed[id(p)] = {n: (p.decoder.place(v) if n in past else v) for n, v in step.items()}
+        return placed[id(p)]
+
     cases.append(("prefill", 1, "prompt tokens", len(inputs.prompt_ids), lambda p: p.decode(prefill)))
-    cases.append(("decode_step", 1, "tokens", 1, lambda p: p.decode(step)))
+    cases.append(("decode_step", 1, "tokens", 1, lambda p: p.decode(step_on(p))))
     return cases
+
+
+def keep_caches_on_device(pipes: dict[str, VLMPipeline]) -> dict[str, list[str]]:
+    """On a GPU run: every in-process decoder keeps its present caches on the device between steps
+    (``Runner.keep_on_device``), as a GPU deployment does. Returns what each keeps."""
+    kept = {}
+    for backend, pipe in pipes.items():
+        names = list(getattr(pipe.scheme, "present_names", ()))
+        if names and hasattr(pipe.decoder, "keep_on_device"):
+            pipe.decoder.keep_on_device(names)
+            kept[backend] = names
+    return kept
 
 
 def bench_stages(pipes: dict[str, VLMPipeline], inputs: BenchInputs, options: BenchOptions, threads: int,
                  progress: Progress) -> list[dict]:
-    """p50/p90/p99 per stage case and backend, and the share of its cores each backend got."""
+    """p50/p90/p99 per stage case and backend, and the share of its cores each backend got.
+    On a GPU (``options.device``) each call is timed by CUDA events (``measure.cuda_timed``)."""
+    from ..runtime.devices import Device
+
+    device = Device.parse(options.device)
+
+    def timer(call):
+        return measure.cuda_timed(call, device.index) if device.is_cuda else measure.timed(call)
+
     rows = []
     for stage, batch, unit, count, call in stage_cases(next(iter(pipes.values())), inputs, options.batch):
         with progress.step(f"{stage} (batch {batch}): {' vs '.join(pipes)}",
                            total=options.iterations * len(pipes)) as advance:
-            samples = measure.alternating({b: measure.timed(lambda p=p: call(p)) for b, p in pipes.items()},
+            samples = measure.alternating({b: timer(lambda p=p: call(p)) for b, p in pipes.items()},
                                           options.warmup, options.iterations, options.stage_budget_s, advance)
         for backend, pairs in samples.items():
             wall, cpu = (np.array(x) for x in zip(*pairs))
@@ -241,7 +311,7 @@ def ceiling(build_dir: Path, manifest: dict, bandwidth: list[float], stages: lis
     after the first steps, so this ceiling does not bound it (the tiny test model beats it).
     """
     scheme = scheme_from_dict(manifest["scheme"])
-    graph = manifest["graphs"][scheme.decoder_stage]
+    graph = form_entry(manifest, scheme.decoder_stage, "onnxruntime")  # the graph ONNX Runtime times
     weights = measure.decoder_weight_bytes(build_dir / graph["file"])
     kv = scheme.geometry.kv_bytes(past_len)
     per_token = weights["read_per_token_bytes"] + kv
@@ -343,7 +413,12 @@ def run_bench(build_dir: Path, options: BenchOptions | None = None, progress: Pr
     """Measure a build; returns the results (and writes the reports when ``options.out`` is set)."""
     import torch
 
+    from ..runtime.devices import Device, torch_device
+
     options = options or BenchOptions()
+    device = Device.parse(options.device)
+    if device.is_cuda:
+        torch_device(device)  # no GPU here: the one-line error, before anything loads
     progress = progress or Progress()
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
@@ -362,24 +437,37 @@ def run_bench(build_dir: Path, options: BenchOptions | None = None, progress: Pr
     with_peer = options.peer is not None or options.peer_gguf is not None
     needed = in_process + (["onnxruntime"] if ("triton" in options.backends or with_peer)
                            and "onnxruntime" not in in_process else [])
-    pipes = _load(build_dir, manifest, needed, threads, progress, options.check_hashes)
+    pipes = _load(build_dir, manifest, needed, threads, progress, options.check_hashes, options.device, options.dtype)
     timed = {b: pipes[b] for b in in_process}
     inputs = make_inputs(pipes.get("onnxruntime") or next(iter(pipes.values())), options)
     results["threads"] = thread_settings(threads, pipes)
+    results["placement"] = placement(pipes, options)
+    if device.is_cuda:
+        results["placement"]["caches_kept_on_device"] = keep_caches_on_device(timed)
     results["inputs"] = inputs.describe()
     results["settings"] = {"ignore_eos": True, "sampling": "greedy", "warmup_discarded": options.warmup,
                            "order": "per case, blocks of calls per backend in mirrored order (A B, B A), each block after discarded warm-up calls",
-                           "end_to_end_warmup_per_block": E2E_WARMUP}
+                           "end_to_end_warmup_per_block": E2E_WARMUP,
+                           "timer": "CUDA events around each stage call (device synchronised first)" if device.is_cuda
+                           else "perf_counter"}
 
-    with progress.step("memory bandwidth (torch.sum over a large buffer)") as advance:
-        bandwidth = measure.memory_bandwidth(options.bandwidth_mb)
+    if device.is_cuda:  # the GPU's memory, read + written by a device-to-device copy
+        def bandwidth_of():
+            return measure.device_bandwidth(device.index, options.bandwidth_mb)
+        what, cache = "GPU memory bandwidth (device-to-device copy)", results["placement"]["device"].get("l2_cache_bytes")
+    else:
+        def bandwidth_of():
+            return measure.memory_bandwidth(options.bandwidth_mb)
+        what, cache = "memory bandwidth (torch.sum over a large buffer)", measure.cache_bytes(results["machine"]["l3_cache"])
+    with progress.step(what) as advance:
+        bandwidth = bandwidth_of()
         advance()
     stages = bench_stages(timed, inputs, options, threads, progress) if timed else []
     end_to_end = bench_end_to_end(timed, inputs, options, progress) if timed else {}
-    bandwidth += measure.memory_bandwidth(options.bandwidth_mb)  # again after: a drift would show as a spread
+    bandwidth += bandwidth_of()  # again after: a drift would show as a spread
     results.update(stages=stages, end_to_end=end_to_end,
-                   ceiling=ceiling(build_dir, manifest, bandwidth, stages, end_to_end, inputs.past_len,
-                                   measure.cache_bytes(results["machine"]["l3_cache"])))
+                   ceiling=ceiling(build_dir, manifest, bandwidth, stages, end_to_end, inputs.past_len, cache))
+    results["ceiling"]["measured_on"] = str(device)
     peer = None
     if with_peer:
         from .peer import bench_peers

@@ -18,6 +18,103 @@ from ..errors import RunnerError
 Feeds = Mapping[str, np.ndarray]
 
 
+# ONNX TensorProto element types -> numpy (bf16 has no numpy type: read as the host copy's)
+_ONNX_NUMPY = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 9: np.bool_,
+               10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
+
+
+class DeviceArray:
+    """A runner output left where the backend made it (GPU memory on a GPU run): an ``OrtValue``
+    (``OrtDeviceArray``) or a torch tensor (``TorchDeviceArray``) that reads as numpy wherever
+    numpy touches it.
+
+    Fed back to the runner that made it (a decoder's present cache as the next step's past) it is
+    used as it is: no copy to the host and back. Anything else (``np.asarray``, ``np.concatenate``,
+    indexing: a batch's rows joining or leaving) gets a host copy through ``__array__``, made once,
+    so code written for numpy stays correct and pays the copy only where it needs the values.
+    Runners make them only for the outputs named in their ``keep_on_device``.
+    """
+
+    __slots__ = ("value", "_host")
+
+    def __init__(self, value):
+        self.value, self._host = value, None
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    device: str
+
+    def _to_host(self) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def numpy(self) -> np.ndarray:
+        if self._host is None:
+            self._host = self._to_host()
+        return self._host
+
+    def __array__(self, dtype=None, copy=None):
+        host = self.numpy()
+        return host if dtype is None or host.dtype == dtype else host.astype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        return self.numpy()[key]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+
+
+class OrtDeviceArray(DeviceArray):
+    """An ``OrtValue`` output of ``OrtRunner`` (in ONNX Runtime's memory on the session's device)."""
+
+    __slots__ = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape())
+
+    @property
+    def dtype(self) -> np.dtype:
+        known = _ONNX_NUMPY.get(self.value.element_type())
+        return np.dtype(known) if known is not None else self.numpy().dtype
+
+    @property
+    def device(self) -> str:
+        return self.value.device_name()
+
+    def _to_host(self) -> np.ndarray:
+        return self.value.numpy()
+
+
+class TorchDeviceArray(DeviceArray):
+    """A tensor output of ``TorchRunner``, on its device and in its dtype; read on the host as the
+    numpy contract gives it (floating point as fp32)."""
+
+    __slots__ = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32) if self.value.is_floating_point() else self._to_host().dtype
+
+    @property
+    def device(self) -> str:
+        return str(self.value.device)
+
+    def _to_host(self) -> np.ndarray:
+        t = self.value.detach()
+        return (t.float() if t.is_floating_point() else t).cpu().numpy()
+
+
 class Runner(abc.ABC):
     """Runs one stage. ``input_names``/``output_names`` fix the order of tensors."""
 
@@ -25,6 +122,24 @@ class Runner(abc.ABC):
 
     def __init__(self, name: str, input_names: list[str], output_names: list[str]):
         self.name, self.input_names, self.output_names = name, list(input_names), list(output_names)
+        self.kept: frozenset[str] = frozenset()
+
+    def keep_on_device(self, names) -> "Runner":
+        """From now on ``infer`` leaves these outputs where the backend made them, as
+        ``DeviceArray``s (a decoder's present caches), and takes the ``DeviceArray``s it made back
+        as feeds without a copy; every other output is numpy as before. Empty: the plain path again.
+        Backends that cannot (a remote model) keep the plain path."""
+        names = frozenset(names)
+        unknown = names - set(self.output_names)
+        if unknown:
+            raise RunnerError(f"{self.name} has no outputs {sorted(unknown)} to keep on the device")
+        self.kept = names
+        return self
+
+    def place(self, array: np.ndarray) -> "DeviceArray | np.ndarray":
+        """``array`` where this runner keeps its kept outputs (a benchmark's synthetic cache), so a
+        call fed with it costs what a call fed with its own outputs does. numpy where nothing is kept."""
+        return array
 
     def infer(self, feeds: Feeds) -> dict[str, np.ndarray]:
         """Run once; every input in ``input_names`` must be present (extra feeds are ignored)."""
@@ -39,40 +154,107 @@ class Runner(abc.ABC):
 
 
 class TorchRunner(Runner):
-    """The PyTorch reference: the same split module that was exported, in fp32 on the CPU."""
+    """The PyTorch reference: the same split module that was exported; fp32 on the CPU by default.
+
+    ``device``/``dtype`` (``runtime.devices``): the module is moved and cast once, here (in place:
+    a split module shares its weights with the loaded model, and a copy would double a large
+    model's memory); every call moves the inputs to the device and casts floating-point inputs
+    to ``dtype``, and hands back numpy with floating-point outputs in fp32 (numpy has no bf16;
+    fp16/bf16 -> fp32 is exact, so a cache fed back next step is the same values). The default
+    (cpu, fp32) is the plain path: numpy in, torch on the CPU, numpy out, nothing cast.
+    """
 
     backend = "torch"
 
-    def __init__(self, name, module, input_names, output_names):
+    def __init__(self, name, module, input_names, output_names, device=None, dtype: str | None = None):
+        from .devices import Device, parse_dtype
+
         super().__init__(name, input_names, output_names)
+        self.device, self.dtype = Device.parse(device), parse_dtype(dtype)
+        self.plain = not self.device.is_cuda and self.dtype == "fp32"
         self.module = module.eval()
+        if not self.plain:
+            from .devices import torch_device, torch_dtype
+
+            self._torch_device, self._torch_dtype = torch_device(self.device), torch_dtype(self.dtype)
+            self.module.to(device=self._torch_device, dtype=self._torch_dtype)
+
+    def _tensor(self, value):
+        """A feed as the module takes it: on the device, floating point in the dtype."""
+        import torch
+
+        if isinstance(value, TorchDeviceArray):
+            return value.value
+        t = torch.from_numpy(np.ascontiguousarray(value))
+        if self.plain:
+            return t
+        return t.to(self._torch_device, dtype=self._torch_dtype if t.is_floating_point() else None)
+
+    def place(self, array: np.ndarray):
+        return TorchDeviceArray(self._tensor(array)) if self.kept else array
 
     def _run(self, feeds: Feeds) -> dict[str, np.ndarray]:
         import torch
 
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names]
+        if self.plain and not self.kept:
+            args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names]
+            with torch.no_grad():
+                out = self.module(*args)
+            out = out if isinstance(out, (tuple, list)) else (out,)
+            return {n: t.detach().cpu().numpy() for n, t in zip(self.output_names, out)}
+        args = [self._tensor(feeds[n]) for n in self.input_names]
         with torch.no_grad():
             out = self.module(*args)
         out = out if isinstance(out, (tuple, list)) else (out,)
-        return {n: t.detach().cpu().numpy() for n, t in zip(self.output_names, out)}
+        return {n: (TorchDeviceArray(t.detach()) if n in self.kept else
+                    (t.detach().float() if t.is_floating_point() else t.detach()).cpu().numpy())
+                for n, t in zip(self.output_names, out)}
 
 
 class OrtRunner(Runner):
-    """ONNX Runtime on the CPU provider (or any provider list given).
+    """ONNX Runtime on the providers ``device`` asks for (``runtime.devices.ort_providers``): CPU by
+    default; TensorRT, CUDA, CPU for ``cuda`` where this ONNX Runtime has them (else CPU, with a
+    one-line notice). An explicit ``providers`` list wins over ``device``. ``providers`` (the
+    attribute) is what the session really uses, ``session.get_providers()``: reports record it.
+    For TensorRT: ``fp16`` (the graph is fp16: let TensorRT build fp16 kernels), ``trt_cache`` (its
+    engine and timing caches; default ``trt-cache/`` beside the graph), ``trt_profiles`` (min/opt/max
+    input shapes); ``strict_device``: no CPU fallback for ``cuda`` (an InputError instead).
 
     ``spin``: whether the session's worker threads busy-wait after a call (ONNX Runtime's default).
     Right for the decoder, called again within microseconds; wrong for the once-per-request image
     stages, whose spinning threads then compete with the prefill that follows on the same cores
     (measured on the demo, 2 cores: time to first token 203 ms spinning, 150 ms not; the decoder
     not spinning costs 10% per token). Callers pass the stage's ``StageSpec.per_token``.
+
+    ``infer`` (named numpy in and out) is the contract for every caller. ``infer_bound`` is the
+    device-resident path: its feeds may hold ``OrtValue``s (a previous call's outputs) and the
+    outputs named in ``keep`` come back as ``OrtValue``s on the session's device instead of numpy,
+    so a decode loop can hand one step's present cache to the next step without a host round trip.
+    On the CPU it is the same computation with the values in ONNX Runtime's CPU memory.
     """
 
     backend = "onnxruntime"
 
     def __init__(self, name: str, path: Path, threads: int | None = None,
-                 providers: list[str] | None = None, spin: bool = False):
+                 providers: list | None = None, spin: bool = False, device=None, *,
+                 fp16: bool = False, trt_cache: Path | None = None, trt_profiles: dict | None = None,
+                 strict_device: bool = False):
         import onnxruntime as ort
 
+        from .devices import Device, ort_providers, provider_names
+
+        self.device = Device.parse(device)
+        if not providers:
+            if self.device.is_cuda and trt_cache is None:
+                trt_cache = Path(path).parent / "trt-cache"
+            providers = ort_providers(self.device, stage=name, fp16=fp16, trt_cache=trt_cache,
+                                      trt_profiles=trt_profiles, strict=strict_device)
+            if trt_cache is not None and "TensorrtExecutionProvider" in provider_names(providers):
+                try:
+                    Path(trt_cache).mkdir(parents=True, exist_ok=True)
+                except OSError:  # a read-only build: TensorRT builds its engines again each session
+                    providers = ort_providers(self.device, stage=name, fp16=fp16, trt_profiles=trt_profiles)
+        self.requested_providers = providers
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -82,16 +264,73 @@ class OrtRunner(Runner):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(os.fspath(path), opts,
-                                                providers=providers or ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(os.fspath(path), opts, providers=providers)
         except Exception as e:
             raise RunnerError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}; rebuild the graph") from None
+        self.providers = list(self.session.get_providers())
+        self._say_if_providers_dropped(name)
+        # where bound outputs live: the GPU when a GPU provider runs the graph, else the CPU
+        gpu = any(p in self.providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
+        self.io_device = ("cuda", self.device.ordinal) if gpu else ("cpu", 0)
         super().__init__(name, [i.name for i in self.session.get_inputs()],
                          [o.name for o in self.session.get_outputs()])
 
+    def _say_if_providers_dropped(self, name: str) -> None:
+        """ONNX Runtime skips a provider it cannot create (e.g. CUDA libraries missing) with a log
+        line we silence; say it ourselves, so a CPU run is never taken for a GPU one."""
+        from .devices import log, provider_names
+
+        dropped = [p for p in provider_names(self.requested_providers) if p not in self.providers]
+        if dropped:
+            log.warning(f"ONNX Runtime could not start {', '.join(dropped)} for stage {name}; "
+                        f"it runs on {', '.join(self.providers)}")
+
     def _run(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        if self.kept:
+            out = self.infer_bound({n: (v.value if isinstance(v := feeds[n], OrtDeviceArray) else v)
+                                    for n in self.input_names}, self.kept)
+            return {n: (OrtDeviceArray(v) if n in self.kept else v) for n, v in out.items()}
         try:
             out = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
         except Exception as e:
             raise RunnerError(f"ONNX Runtime failed on {self.name}: {str(e).splitlines()[0]}") from None
         return dict(zip(self.output_names, out))
+
+    def to_device(self, array: np.ndarray):
+        """``array`` as an OrtValue on this session's device (for ``infer_bound``'s feeds)."""
+        import onnxruntime as ort
+
+        kind, index = self.io_device
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), kind, index)
+
+    def place(self, array: np.ndarray):
+        return OrtDeviceArray(self.to_device(array)) if self.kept else array
+
+    def infer_bound(self, feeds: Mapping[str, object], keep: "set[str] | frozenset[str]" = frozenset()) -> dict:
+        """One call through IO binding. ``feeds``: numpy arrays (copied to the device by ONNX
+        Runtime) or OrtValues (bound as they are: no copy when already on the device). Outputs named
+        in ``keep`` stay on the device as OrtValues; the others come back as numpy."""
+        import onnxruntime as ort
+
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise RunnerError(f"{self.backend} runner for {self.name}: missing inputs {missing}")
+        unknown = set(keep) - set(self.output_names)
+        if unknown:
+            raise RunnerError(f"{self.name} has no outputs {sorted(unknown)} to keep on the device")
+        kind, index = self.io_device
+        binding = self.session.io_binding()
+        try:
+            for n in self.input_names:
+                value = feeds[n]
+                if isinstance(value, ort.OrtValue):
+                    binding.bind_ortvalue_input(n, value)
+                else:
+                    binding.bind_cpu_input(n, np.ascontiguousarray(value))
+            for n in self.output_names:
+                binding.bind_output(n, kind if n in keep else "cpu", index if n in keep else 0)
+            self.session.run_with_iobinding(binding)
+            values = binding.get_outputs()
+        except Exception as e:
+            raise RunnerError(f"ONNX Runtime failed on {self.name}: {str(e).splitlines()[0]}") from None
+        return {n: (v if n in keep else v.numpy()) for n, v in zip(self.output_names, values)}
