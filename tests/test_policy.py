@@ -152,29 +152,30 @@ def test_nan_from_a_real_graph_fails_parity(tiny_build, tmp_path):
 
 
 def drifted_copy(build, dest, stage: str, noise: float | None, precision: str | None = None, seed: int = 0):
-    """A copy of ``build`` whose ``stage`` weights (every float matrix) are changed for real: relative
-    Gaussian noise of ``noise``, or, with ``noise=None``, rounded to fp16 and back. The manifest records
-    the new sha256 (and ``precision`` when given), so every hash check passes: only parity can tell."""
+    """A copy of ``build`` whose ``stage`` weights (every float matrix, in every form of the stage's
+    graph) are changed for real: relative Gaussian noise of ``noise``, or, with ``noise=None``, rounded
+    to fp16 and back. The manifest records the new sha256 (and ``precision`` when given), so every hash
+    check passes: only parity can tell."""
     shutil.copytree(build, dest)
     manifest = read_manifest(dest)
-    entry = manifest["graphs"][stage]
-    path = dest / entry["file"]
-    model = onnx.load(str(path))
-    rng = np.random.default_rng(seed)
-    changed = 0
-    for init in model.graph.initializer:
-        if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) < 2:
-            continue
-        w = numpy_helper.to_array(init)
-        w = w.astype(np.float16).astype(np.float32) if noise is None else \
-            (w * (1 + noise * rng.standard_normal(w.shape))).astype(np.float32)
-        init.CopyFrom(numpy_helper.from_array(w, init.name))
-        changed += 1
-    assert changed
-    onnx.save(model, str(path))
-    entry["sha256"] = {entry["file"]: sha256_file(path)}
-    if precision:
-        entry["precision"] = precision
+    for entry in [manifest["graphs"][stage], *(manifest["graphs"][stage].get("forms") or {}).values()]:
+        path = dest / entry["file"]
+        model = onnx.load(str(path))
+        rng = np.random.default_rng(seed)
+        changed = 0
+        for init in model.graph.initializer:
+            if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) < 2:
+                continue
+            w = numpy_helper.to_array(init)
+            w = w.astype(np.float16).astype(np.float32) if noise is None else \
+                (w * (1 + noise * rng.standard_normal(w.shape))).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+            changed += 1
+        assert changed
+        onnx.save(model, str(path))
+        entry["sha256"] = {entry["file"]: sha256_file(path)}
+        if precision:
+            entry["precision"] = precision
     write_manifest(dest, {k: v for k, v in manifest.items() if k not in ("format", "version")})
     return dest
 

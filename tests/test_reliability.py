@@ -111,7 +111,7 @@ def test_in_process_decoder_lives_in_the_vlm_model(tiny_build, tmp_path):
     build = tiny_build("llava-llama").path
     repo = render_repository(build, tmp_path / "repo")
     assert not (repo / "lm_decoder").exists()
-    assert (repo / "vlm" / "1" / "lm_decoder.onnx").exists()
+    assert (repo / "vlm" / "1" / "lm_decoder.fused.onnx").exists()  # the onnxruntime target's form
     bls = render_repository(build, tmp_path / "bls", RepositoryOptions(decoder_mode="bls"))
     assert (bls / "lm_decoder" / "1" / "model.onnx").exists()
 

@@ -18,7 +18,7 @@ import pytest
 
 from vlm_export.engines.profiles import stage_profiles
 from vlm_export.errors import RepositoryError
-from vlm_export.manifest import read_manifest, sha256_file, write_manifest
+from vlm_export.manifest import form_entry, read_manifest, sha256_file, write_manifest
 from vlm_export.model_repository.render import RepositoryOptions, render_repository
 
 from conftest import assert_one_line_error  # noqa: E402
@@ -87,7 +87,7 @@ def test_onnxruntime_target_on_disk(build, tmp_path):
     assert {"1/model.py", "1/manifest.json", "config.pbtxt"} <= files(repo / "vlm")
     assert not any(f.endswith(".onnx") for f in files(repo / "vlm"))  # its decoder is the lm_decoder model (bls)
     for stage in GRAPH_MODELS:
-        src = build / read_manifest(build)["graphs"][stage]["file"]
+        src = build / form_entry(read_manifest(build), stage, "onnxruntime")["file"]  # the fused decoder
         assert (repo / stage / "1" / "model.onnx").read_bytes() == src.read_bytes()
         cfg = read_config(repo / stage / "config.pbtxt")
         assert (cfg.name, cfg.platform, cfg.backend) == (stage, "onnxruntime_onnx", "")

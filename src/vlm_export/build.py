@@ -1,4 +1,9 @@
-"""``vlm-export build``: load -> split -> export -> parity -> manifest, written atomically.
+"""``vlm-export build``: load -> split -> export -> fuse -> precision -> parity -> manifest, written atomically.
+
+Graph forms: the decoder stage is also written in ONNX Runtime's form (export/fuse.py: contrib-op
+kernels), which the onnxruntime target runs; TensorRT reads standard ONNX ops only and keeps the
+standard graph. The manifest records both and which target runs which (manifest.py, "graph forms"),
+and parity proves each form against PyTorch.
 
 The build is written into a hidden temporary folder beside the target and renamed into place
 only when every graph exported, passed the ONNX checker and matched PyTorch. A build whose
@@ -11,7 +16,7 @@ import datetime as dt
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .adapters import adapter_for
@@ -20,17 +25,19 @@ from .adapters.reference import eos_token_ids, load_source, reference_pipeline, 
 from .atomic import atomic_folder
 from .compare.accuracy import AccuracyCheck, accuracy_section, answer_all
 from .compare.parity import ParityResult, Sample, compare_stages, compare_tokens, default_samples
-from .compare.policy import AccuracyGate, ParityPolicy
+from .compare.policy import DECODER_ENTRIES, AccuracyGate, ParityPolicy
 from .compare.report import record_accuracy, write_report
-from .contract import DecodingScheme, Limits
+from .contract import DecodingScheme, Limits, scheme_from_dict
 from .datasets import load_items
 from .errors import BuildError, ParityError
-from .export.graph_info import graph_bytes, graph_io
+from .export.fuse import fuse_decoder
+from .export.graph_info import check_graph, graph_bytes, graph_io
 from .export.onnx_export import export_stage
 from .precision.calibration import CalibrationPair, cache_path, default_pairs, stage_feeds
 from .precision.convert import PrecisionOptions, make_variant, quiet_logging
 from .precision.spec import PrecisionPlan
-from .manifest import MANIFEST_NAME, read_manifest, sha256_file, verify_hashes, versions, write_manifest
+from .manifest import (MANIFEST_NAME, derive_targets, read_manifest, sha256_file, stage_forms, targets as target_forms,
+                       verify_hashes, versions, write_manifest)
 from .progress import Progress
 from .runtime.load import open_build
 
@@ -54,6 +61,9 @@ class BuildOptions:
     precision_options: PrecisionOptions = field(default_factory=PrecisionOptions)
     calibration_pairs: list[CalibrationPair] | None = None  # None: natural photos (precision.calibration)
     accuracy: AccuracyCheck | None = None  # task accuracy of the build vs the fp32 reference, gated
+    # the decoder's ONNX Runtime form (export/fuse.py: fused kernels), which the onnxruntime target runs;
+    # False: every target runs the standard graph (TensorRT's always does)
+    fuse: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_images", "parity_new_tokens"):
@@ -123,6 +133,7 @@ def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> 
             path = export_stage(stage, tmp / "graphs")
             graphs[stage.name] = _describe_graph(path, tmp, "fp32", export_seconds=time.perf_counter() - start)
             advance()
+    _fuse_decoder_stage(tmp, graphs, scheme.decoder_stage, precisions[scheme.decoder_stage], limits, options, progress)
 
     reference = reference_pipeline(loaded, limits, stages)
     # the merged adapter is an input too (calibration caches are keyed by these)
@@ -144,6 +155,7 @@ def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> 
         "stages": [spec.to_dict() for spec in specs],
         "scheme": scheme.to_dict(),
         "graphs": graphs,
+        "targets": derive_targets(graphs),
         "precision": precisions,
         "prompt_layout": layout.to_dict(),
         "limits": limits.to_dict(),
@@ -155,7 +167,10 @@ def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> 
 
     # parity: the exported graphs (read back from disk) against the split modules and the original
     candidate = open_build(tmp, threads=options.threads, check_hashes=False)  # hashed just now
-    result, policy, failures = _parity(loaded, reference, candidate, precisions, options, progress)
+    others = {form: open_build(tmp, threads=options.threads, check_hashes=False, form=form)
+              for form in other_decoder_forms(manifest)}
+    result, policy, failures = _parity(loaded, reference, candidate, precisions, options, progress, others)
+    del others
     accuracy = None
     if questions:
         accuracy, accuracy_failures = _task_accuracy(reference, candidate, questions, options.accuracy, progress)
@@ -175,12 +190,73 @@ def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> 
     write_manifest(tmp, manifest)
 
 
+def _fused_precision_problem(precision: str, options: BuildOptions) -> str:
+    """Why the decoder's ONNX Runtime (fused) form is not made at ``precision`` ("" when it is):
+    variants for TensorRT are made from the standard graph, which the onnxruntime target then runs too."""
+    if precision == "fp16":
+        return ("fp16 is made for TensorRT and GPUs, from the standard graph; the onnxruntime target runs that "
+                "fp16 graph (the fusion pass and the fp16 converter are not combined)")
+    if precision in ("w8", "w4") and options.precision_options.weight_form == "dequantize":
+        return ("the dequantize weight form (W4A16) is TensorRT's, made from the standard graph; the onnxruntime "
+                "target runs that graph (--weight-form matmulnbits makes a fused MatMulNBits form for ONNX Runtime)")
+    return ""
+
+
+#: why a fused MatMulNBits decoder ships no standard form
+NO_TENSORRT_FORM = ("the decoder's weights are in ONNX Runtime's MatMulNBits form, which TensorRT does not read: "
+                    "only its fused form is shipped (--weight-form dequantize makes a TensorRT form)")
+
+
+def _fuse_decoder_stage(tmp: Path, graphs: dict, stage: str, precision: str, limits: Limits,
+                        options: BuildOptions, progress: Progress) -> None:
+    """The decoder's fp32 fused form beside its standard graph (``graphs[stage]["forms"]["fused"]``),
+    precision variants for ONNX Runtime are made from it later; where none is made, the reason is in
+    ``graphs[stage]["fusion"]`` and the onnxruntime target runs the standard graph."""
+    entry = graphs[stage]
+    reason = "not made: fusion turned off (--no-fuse)" if not options.fuse else _fused_precision_problem(precision, options)
+    if reason:
+        entry["fusion"] = {"made": False, "reason": reason}
+        return
+    src = tmp / entry["file"]
+    dst = src.with_name(f"{stage}.fused.onnx")
+    with progress.step(f"{stage}: its ONNX Runtime form (fused kernels, export/fuse.py)") as advance:
+        start = time.perf_counter()
+        try:
+            report = fuse_decoder(src, dst, max_positions=limits.max_sequence)
+            record = {"made": report.fused, **report.to_dict()}
+            if report.fused:
+                check_graph(dst)
+        except Exception as e:  # noqa: BLE001 - the pass's failure costs the speed-up, never the build
+            record = {"made": False, "reason": f"the fusion pass failed: {type(e).__name__}: {_first_line(e)}"}
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        advance()
+    if not record["made"]:
+        for f in (dst, dst.with_name(dst.name + ".data")):  # unfused: a copy of the standard graph, unused
+            f.unlink(missing_ok=True)
+        entry["fusion"] = record
+        return
+    entry["fusion"] = record
+    entry["forms"] = {"fused": _describe_graph(dst, tmp, "fp32", entry["export_seconds"], form="fused",
+                                               fuse_seconds=record["seconds"])}
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
+
+
 def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, progress) -> None:
-    """Replace each fp32 graph whose stage asks for another precision by its variant."""
+    """Replace each fp32 graph whose stage asks for another precision by its variant. A decoder with
+    a fused form gets its ONNX Runtime variants from that form (packed q/k/v and gate/up quantize as
+    one larger MatMul): MatMulNBits (w8/w4) from the fused graph only (no target runs an unfused
+    one), int8 from both (the standard Q/DQ graph is TensorRT's)."""
+    fused = {stage: g["forms"]["fused"] for stage, g in graphs.items() if "fused" in (g.get("forms") or {})}
     int8_stages = [stage for stage, precision in precisions.items() if precision == "int8"]
     pairs = (options.calibration_pairs or default_pairs()) if int8_stages else []
     caches = {stage: cache_path(stage, tmp / graphs[stage]["file"], source_sha256, pairs,
                                 options.precision_options.calibration) for stage in int8_stages}
+    caches.update({f"{stage}.fused": cache_path(f"{stage}.fused", tmp / fused[stage]["file"], source_sha256, pairs,
+                                                 options.precision_options.calibration)
+                   for stage in int8_stages if stage in fused})
     for cache in caches.values():
         _drop_if_unreadable(cache)
     feeds = {}
@@ -191,18 +267,65 @@ def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, 
     for stage, precision in precisions.items():
         if precision == "fp32":
             continue
+        entry = graphs[stage]
+        weight_only = precision in ("w8", "w4")  # reaching here in the matmulnbits form (dequantize is never fused)
+        if stage in fused:
+            fused_entry = _fused_variant(tmp, stage, precision, fused[stage], options, feeds.get(stage),
+                                         caches.get(f"{stage}.fused"), progress)
+            if isinstance(fused_entry, str):  # no fused variant: the onnxruntime target runs the standard one
+                entry.pop("forms")
+                entry["fusion"] = {**entry["fusion"], "made": False, "reason": fused_entry}
+            elif weight_only:  # no target runs an unfused MatMulNBits graph: the fused one is the stage's graph
+                for f in (tmp / entry["file"], tmp / (entry["file"] + ".data")):
+                    f.unlink(missing_ok=True)
+                fusion = {**entry["fusion"], "tensorrt": NO_TENSORRT_FORM}
+                graphs[stage] = {**fused_entry, "fusion": fusion}
+                continue
+            else:
+                entry["forms"] = {"fused": fused_entry}
         cached = " (cached calibration)" if stage in caches and caches[stage].exists() else ""
         with progress.step(f"{stage}: fp32 -> {precision}{cached}") as advance:
             start = time.perf_counter()
-            src = tmp / graphs[stage]["file"]
+            src = tmp / entry["file"]
             dst = src.with_name(f"{stage}.{precision}.onnx")
             with quiet_logging():
                 info = make_variant(precision, src, dst, options.precision_options, feeds.get(stage), caches.get(stage))
             for f in (src, src.with_name(src.name + ".data")):  # ship the variant only
                 f.unlink(missing_ok=True)
-            graphs[stage] = _describe_graph(dst, tmp, precision, graphs[stage]["export_seconds"],
-                                            convert_seconds=time.perf_counter() - start, variant=info.details)
+            graphs[stage] = {**_describe_graph(dst, tmp, precision, entry["export_seconds"],
+                                               convert_seconds=time.perf_counter() - start, variant=info.details),
+                             **{k: entry[k] for k in ("forms", "fusion") if k in entry}}
             advance()
+
+
+def _fused_variant(tmp: Path, stage: str, precision: str, fused: dict, options: BuildOptions, feeds, cache,
+                   progress: Progress) -> dict | str:
+    """The ``precision`` variant of the decoder's fp32 fused form (the fp32 fused file is replaced by it):
+    its manifest entry, or why it could not be made (the fused files are then removed)."""
+    src = tmp / fused["file"]
+    dst = src.with_name(f"{stage}.fused.{precision}.onnx")
+    cached = " (cached calibration)" if cache is not None and cache.exists() else ""
+    with progress.step(f"{stage} (fused form): fp32 -> {precision}{cached}") as advance:
+        start = time.perf_counter()
+        try:
+            with quiet_logging():
+                info = make_variant(precision, src, dst, options.precision_options, feeds, cache)
+        except Exception as e:  # noqa: BLE001 - the fused form is the speed-up; the standard variant still ships
+            info, why = None, f"the {precision} pass failed on the fused graph: {type(e).__name__}: {_first_line(e)}"
+        for f in (src, src.with_name(src.name + ".data"), *([] if info else [dst, dst.with_name(dst.name + ".data")])):
+            f.unlink(missing_ok=True)
+        advance()
+    if info is None:
+        return why
+    return _describe_graph(dst, tmp, precision, fused["export_seconds"], form="fused", fuse_seconds=fused["fuse_seconds"],
+                           convert_seconds=time.perf_counter() - start, variant=info.details)
+
+
+def other_decoder_forms(manifest: dict) -> list[str]:
+    """The forms of the decoder stage the onnxruntime target does not run (parity checks them too)."""
+    stage = scheme_from_dict(manifest["scheme"]).decoder_stage
+    used = target_forms(manifest)["onnxruntime"].get(stage)
+    return [form for form in stage_forms(manifest["graphs"][stage]) if form != used]
 
 
 def _drop_if_unreadable(cache: Path) -> None:
@@ -234,12 +357,24 @@ def _describe_graph(path: Path, root: Path, precision: str, export_seconds: floa
     return entry
 
 
-def _parity(loaded, reference, candidate, precisions: dict[str, str], options: BuildOptions, progress: Progress):
-    """Stage-by-stage and end-to-end comparison, judged by the policy for the build's precisions."""
+def _parity(loaded, reference, candidate, precisions: dict[str, str], options: BuildOptions, progress: Progress,
+            others: dict | None = None):
+    """Stage-by-stage and end-to-end comparison, judged by the policy for the build's precisions.
+    ``candidate``: the build as the onnxruntime target runs it (its entries are ``prefill``, ``decode``
+    and the image stages; end to end and task accuracy run it). ``others``: form -> the build with its
+    decoder in that form (the standard graph TensorRT reads), whose decoder entries are recorded as
+    ``prefill (standard form)``, ``decode (standard form)`` and judged by the same tolerances."""
     samples = options.samples or default_samples(reference.limits.max_images)
     result = ParityResult()
     with progress.step("parity per stage (PyTorch vs ONNX Runtime)", total=len(samples)) as advance:
         compare_stages(reference, candidate, samples, result, advance)
+    for form, pipe in (others or {}).items():
+        extra = ParityResult()
+        with progress.step(f"parity of the decoder's {form} form (PyTorch vs ONNX Runtime)",
+                           total=len(samples)) as advance:
+            compare_stages(reference, pipe, samples, extra, advance)
+        for entry in DECODER_ENTRIES:  # its image stages are the candidate's: measured above
+            result.stages[form_entry_name(entry, form)] = extra.stages[entry]
     with progress.step(f"parity end to end ({options.parity_new_tokens} greedy tokens vs HF generate)",
                        total=len(samples)) as advance:
         compare_tokens(_hf_reference(loaded, candidate.eos_token_ids),
@@ -247,7 +382,15 @@ def _parity(loaded, reference, candidate, precisions: dict[str, str], options: B
                        options.parity_new_tokens, result, advance)
     policy = ParityPolicy.for_precisions(precisions, reference.scheme.decoder_stage).with_overrides(
         {**loaded.adapter.tolerances(), **options.tolerance_overrides})
+    # every form of the decoder is held to its entries' tolerances (overrides included)
+    policy = replace(policy, tolerances={**policy.tolerances, **{
+        form_entry_name(entry, form): policy.tolerance(entry) for form in others or {} for entry in DECODER_ENTRIES}})
     return result, policy, policy.judge(result.stages, result.tokens)
+
+
+def form_entry_name(entry: str, form: str) -> str:
+    """The parity entry of a decoder form the onnxruntime target does not run: ``prefill (standard form)``."""
+    return f"{entry} ({form} form)"
 
 
 def _task_accuracy(reference, candidate, questions, check: AccuracyCheck, progress: Progress) -> tuple[dict, list[str]]:
@@ -284,9 +427,12 @@ def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progr
         loaded = load_source(manifest["source"])
         advance()
     precisions = {stage: g["precision"] for stage, g in manifest["graphs"].items()}
+    # every form of the decoder is checked again: the one the onnxruntime target runs, and the standard one
+    others = {form: open_build(build_dir, threads=options.threads, check_hashes=False, form=form)
+              for form in other_decoder_forms(manifest)}
     result, policy, failures = _parity(loaded, reference_pipeline(loaded, Limits.from_dict(manifest["limits"])),
                                        open_build(build_dir, threads=options.threads, check_hashes=False),
-                                       precisions, options, progress)
+                                       precisions, options, progress, others)
     # graphs edited or corrupted since the build are failures too, whatever their parity says
     failures += [f"{name} changed since the build (sha256 mismatch)" for name in verify_hashes(build_dir, manifest)]
     manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}

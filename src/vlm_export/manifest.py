@@ -13,7 +13,15 @@ from .errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "vlm-export-build"
-VERSION = 2  # 2: stages and decoding scheme declared in the manifest
+# 2: stages and decoding scheme declared in the manifest. Graph forms (below) were added without a
+# new version: they are additive (a reader that ignores them opens every stage's primary graph, as before)
+VERSION = 2
+
+#: the forms a stage's graph is shipped in: ``standard`` (the exporter's standard ONNX ops, or its
+#: precision variant: what TensorRT reads) and ``fused`` (ONNX Runtime's contrib ops, export/fuse.py)
+FORMS = ("standard", "fused")
+#: the runtimes a build is made for, each taking one form per stage (manifest["targets"])
+TARGETS = ("onnxruntime", "tensorrt")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -67,17 +75,84 @@ def read_manifest(build_dir: Path) -> dict[str, Any]:
         graph = manifest.get("graphs", {}).get(stage)
         if not graph or not (build_dir / graph["file"]).is_file():
             raise ManifestError(f"{build_dir}: the {stage} graph listed in the manifest is missing; rebuild")
+        for form, entry in stage_forms(graph).items():
+            if not (build_dir / entry["file"]).is_file():
+                raise ManifestError(f"{build_dir}: the {form} form of the {stage} graph listed in the manifest "
+                                    f"({entry['file']}) is missing; rebuild")
     return manifest
 
 
+# ---------------------------------------------------------------- graph forms and targets
+#
+# manifest["graphs"][stage] is the stage's primary graph entry (file, precision, I/O, bytes, sha256):
+# the standard form, or - when no target uses a standard form (a MatMulNBits decoder, which TensorRT
+# cannot read) - the fused one, saying so in its "form". A second form shipped beside it is in
+# "forms": {"fused": {file, precision, bytes, sha256, inputs, outputs, fusion, ...}}. "fusion" on the
+# decoder's entry records what the fusion pass did, or why there is no fused form (its "reason").
+# manifest["targets"] says which form each target runs: {"onnxruntime": {stage: "fused"|"standard"},
+# "tensorrt": {stage: "standard"|None}} (None: no form TensorRT reads). A manifest without these
+# keys (builds before forms) is all-standard.
+
+def stage_forms(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every form a stage's graph entry ships, by form name (the primary entry without its "forms")."""
+    primary = {k: v for k, v in entry.items() if k != "forms"}
+    return {entry.get("form", "standard"): primary, **(entry.get("forms") or {})}
+
+
+def derive_targets(graphs: dict[str, dict[str, Any]]) -> dict[str, dict[str, str | None]]:
+    """Which form each target runs per stage, from the forms shipped: ONNX Runtime the fused one
+    where there is one, TensorRT the standard one - None where none is shipped or it is in ONNX
+    Runtime's MatMulNBits weight form (which TensorRT does not read; ``--no-fuse`` w4/w8 builds)."""
+    forms = {stage: stage_forms(entry) for stage, entry in graphs.items()}
+
+    def tensorrt_reads(f: dict) -> bool:
+        return "standard" in f and (f["standard"].get("variant") or {}).get("form") != "matmulnbits"
+
+    return {"onnxruntime": {stage: "fused" if "fused" in f else "standard" for stage, f in forms.items()},
+            "tensorrt": {stage: "standard" if tensorrt_reads(f) else None for stage, f in forms.items()}}
+
+
+def targets(manifest: dict[str, Any]) -> dict[str, dict[str, str | None]]:
+    """Target -> stage -> the form that target runs (manifest["targets"]; derived from the graphs for
+    a manifest without it, which is all-standard)."""
+    recorded, derived = manifest.get("targets") or {}, derive_targets(manifest["graphs"])
+    return {target: dict(recorded.get(target) or derived[target]) for target in TARGETS}
+
+
+def form_entry(manifest: dict[str, Any], stage: str, form: str) -> dict[str, Any]:
+    """The graph entry a stage runs in ``form``: a form name (``standard``, ``fused``) or a target
+    (``onnxruntime``, ``tensorrt``: the form that target runs). A stage with one form only serves
+    ``fused`` with it (a vision encoder has no fused form); ManifestError when ``standard`` or a
+    target's form is not shipped."""
+    entry = manifest["graphs"][stage]
+    forms = stage_forms(entry)
+    if form in TARGETS:
+        chosen = targets(manifest)[form].get(stage)
+        if chosen is None or chosen not in forms:
+            why = (entry.get("fusion") or {}).get("tensorrt") or (
+                "its standard graph is in ONNX Runtime's MatMulNBits weight form, which TensorRT does not read"
+                if "standard" in forms else "no standard-op graph was shipped")
+            raise ManifestError(f"the {stage} graph has no form for the {form} target ({why})")
+        return forms[chosen]
+    if form not in FORMS:
+        raise ManifestError(f"unknown graph form {form!r}: choose one of {', '.join(FORMS + TARGETS)}")
+    if form in forms:
+        return forms[form]
+    if form == "fused":
+        return next(iter(forms.values()))
+    raise ManifestError(f"the {stage} graph has no standard form in this build (only {', '.join(forms)}: "
+                        f"{(entry.get('fusion') or {}).get('tensorrt') or 'no target uses it'})")
+
+
 def verify_hashes(build_dir: Path, manifest: dict[str, Any]) -> list[str]:
-    """Files whose content no longer matches the manifest (a missing file among them)."""
+    """Files whose content no longer matches the manifest (a missing file among them), every form's."""
     bad = []
     for stage, graph in manifest["graphs"].items():
-        for rel, digest in graph["sha256"].items():
-            path = Path(build_dir) / rel
-            if not path.is_file() or sha256_file(path) != digest:
-                bad.append(rel)
+        for entry in stage_forms(graph).values():
+            for rel, digest in entry["sha256"].items():
+                path = Path(build_dir) / rel
+                if rel not in bad and (not path.is_file() or sha256_file(path) != digest):
+                    bad.append(rel)
     return bad
 
 

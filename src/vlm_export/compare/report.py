@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+from ..manifest import stage_forms, targets
 from .parity import ParityResult
 from .policy import ParityPolicy
 
@@ -23,11 +24,21 @@ def report_dict(manifest: dict, result: ParityResult, policy: ParityPolicy, fail
         "failures": failures,
         "source": manifest["source"],
         "versions": manifest["versions"],
-        "graphs": {k: {"precision": g["precision"], "bytes": g["bytes"], "export_seconds": g["export_seconds"]}
+        "graphs": {k: {"precision": g["precision"], "bytes": g["bytes"], "export_seconds": g["export_seconds"],
+                       "forms": {form: _form_summary(entry) for form, entry in stage_forms(g).items()},
+                       **({"fusion": g["fusion"]} if "fusion" in g else {})}
                    for k, g in manifest["graphs"].items()},
+        # which form each target runs: the plain prefill/decode entries are the onnxruntime target's form,
+        # "<entry> (<form> form)" the decoder's other forms
+        "targets": targets(manifest),
         "stages": stages,
         "end_to_end": {name: [r.to_dict() for r in runs] for name, runs in result.tokens.items()},
     }
+
+
+def _form_summary(entry: dict) -> dict:
+    return {"file": entry["file"], "precision": entry["precision"], "bytes": entry["bytes"],
+            **({"nodes": entry["fusion"]["nodes_after"]} if "nodes_after" in entry.get("fusion", {}) else {})}
 
 
 def _finite(x: float) -> float | None:
@@ -60,10 +71,29 @@ def render_markdown(report: dict) -> str:
                   + ("" if lora["changed"] else " - the adapter changes nothing (untrained?)"), ""]
     v = report["versions"]
     lines += [f"torch {v['torch']}, transformers {v['transformers']}, onnxruntime {v['onnxruntime']}", "",
-              "## Graphs", "", "| stage | precision | size (MB) | export (s) |", "|---|---|---:|---:|"]
+              "## Graphs", "", "| stage | form | precision | size (MB) | export (s) | run by |",
+              "|---|---|---|---:|---:|---|"]
+    runs = report.get("targets") or {}
+    notes = []
     for stage, g in report["graphs"].items():
-        lines.append(f"| {stage} | {g['precision']} | {g['bytes'] / 1e6:.1f} | {g['export_seconds']:.1f} |")
+        forms = g.get("forms") or {"standard": {"precision": g["precision"], "bytes": g["bytes"]}}
+        for form, f in forms.items():
+            users = ", ".join(t for t, by_stage in runs.items() if by_stage.get(stage) == form) or "-"
+            lines.append(f"| {stage} | {form} | {f['precision']} | {f['bytes'] / 1e6:.1f} | "
+                         f"{g['export_seconds']:.1f} | {users} |")
+        fusion = g.get("fusion")
+        if fusion and fusion.get("made"):
+            counts = ", ".join(f"{n} {k}" for k, n in fusion.get("fusions", {}).items() if n)
+            notes.append(f"{stage}: fused form {fusion.get('nodes_before')} -> {fusion.get('nodes_after')} nodes "
+                         f"({counts}), made in {fusion.get('seconds', 0):.1f} s")
+        elif fusion:
+            notes.append(f"{stage}: no fused form - {fusion.get('reason')}")
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
     lines += ["", "## Per stage (ONNX Runtime vs fp32 PyTorch, same inputs)", "",
+              *(["prefill / decode: the decoder in the form the onnxruntime target runs; \"(standard form)\": "
+                 "the standard graph (TensorRT's), judged by the same tolerances", ""]
+                if any(" form)" in stage for stage in report["stages"]) else []),
               "| stage | output | max abs | allowed | mean abs | min cosine | pass |",
               "|---|---|---:|---:|---:|---:|---|"]
     for stage, outputs in report["stages"].items():

@@ -267,7 +267,7 @@ def build_engines(build_dir: Path, progress=None, version_compatible: bool = Fal
     builds on the same machine. Before anything is built (or needed), the forms TensorRT cannot build
     are refused and the graphs pass the compatibility check for ``tensorrt_version`` (default: the
     installed TensorRT, else the checker's default)."""
-    from ..manifest import read_manifest, sha256_file, write_manifest
+    from ..manifest import form_entry, read_manifest, sha256_file, write_manifest
     from ..progress import Progress
 
     progress = progress or Progress()
@@ -291,7 +291,8 @@ def build_engines(build_dir: Path, progress=None, version_compatible: bool = Fal
     for stage, graph in manifest["graphs"].items():
         with progress.step(f"TensorRT engine for {stage} ({graph['precision']})") as advance:
             plan = folder / f"{stage}.plan"
-            meta = build_engine(build_dir / graph["file"], plan, manifest, stage, folder / "timing.cache",
+            source = form_entry(manifest, stage, "tensorrt")["file"]  # the standard-op form, never the fused one
+            meta = build_engine(build_dir / source, plan, manifest, stage, folder / "timing.cache",
                                 version_compatible)
             engines[stage] = {"file": str(plan.relative_to(build_dir)), "sha256": sha256_file(plan), **meta}
             advance()

@@ -30,7 +30,7 @@ from ..engines.profiles import stage_profiles
 from ..engines.tensorrt import release, version_problem
 from ..errors import RepositoryError
 from ..export.graph_info import graph_io
-from ..manifest import check_hashes as check_build_hashes, read_manifest, write_manifest
+from ..manifest import check_hashes as check_build_hashes, form_entry, read_manifest, write_manifest
 from ..runtime.engine import DEFAULT_MAX_QUEUE
 from ..runtime.generate import DEFAULT_MAX_PREFILL_PADDING, DEFAULT_MAX_PREFILL_TOKENS
 from ..runtime.pipeline import image_limits_for
@@ -141,10 +141,20 @@ def _file_hashes(entry: dict, graph_name: str | None = None) -> str:
                        for rel, digest in entry["sha256"].items()})
 
 
+def target_graphs(manifest: dict, target: str) -> dict[str, dict]:
+    """Stage -> the graph entry a repository target serves: the python and onnxruntime targets run
+    ONNX Runtime, so the form the manifest's onnxruntime target names (the fused decoder where the
+    build has one); the tensorrt target's plans are built from each stage's primary graph, the
+    standard one (engines/tensorrt.py; a graph TensorRT cannot read is refused there)."""
+    if target == "tensorrt":
+        return dict(manifest["graphs"])
+    return {stage: form_entry(manifest, stage, "onnxruntime") for stage in manifest["graphs"]}
+
+
 def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]:
     """Every model's config as a dict in Triton's schema (JSON field names)."""
     image_batch = manifest["limits"]["max_images_per_batch"]
-    graphs = manifest["graphs"]
+    graphs = target_graphs(manifest, options.target)
     stages = stages_from_manifest(manifest)
     scheme = scheme_from_dict(manifest["scheme"])
     configs: dict[str, dict] = {}
@@ -185,7 +195,7 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
 
     decoder_params = {}
     if options.resolved_decoder_mode == "in_process":
-        entry = manifest["graphs"][scheme.decoder_stage]
+        entry = graphs[scheme.decoder_stage]
         decoder_params = _python_params(decoder_graph=Path(entry["file"]).name, sha256=_file_hashes(entry))
     image = image_stages(stages)
     limits = image_limits_for(stages, options.max_image_pixels, options.max_image_mb << 20)
@@ -261,16 +271,17 @@ def to_pbtxt(cfg: dict) -> str:
     return text_format.MessageToString(parse_config(cfg))
 
 
-def check_against_graphs(configs: dict[str, dict], build_dir: Path, manifest: dict) -> None:
+def check_against_graphs(configs: dict[str, dict], build_dir: Path, manifest: dict, target: str = "python") -> None:
     """Tensor names, dtypes and dims of every graph model against the ONNX graph files themselves
-    (read from disk, not from the manifest the configs were made from)."""
+    (read from disk, not from the manifest the configs were made from), in the form ``target`` serves."""
     problems = []
+    graphs = target_graphs(manifest, target)
     for spec in stages_from_manifest(manifest):
         if spec.name not in configs:  # run inside the vlm model (in_process decoder)
             continue
         cfg = configs[spec.name]
         batched = cfg["max_batch_size"] > 0
-        inputs, outputs = graph_io(Path(build_dir) / manifest["graphs"][spec.name]["file"])
+        inputs, outputs = graph_io(Path(build_dir) / graphs[spec.name]["file"])
         for kind, infos in (("input", inputs), ("output", outputs)):
             declared = {t["name"]: t for t in cfg[kind]}
             actual = {i.name: i for i in infos}
@@ -348,7 +359,7 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
     if not check_hashes:  # nor do the python models at load
         for cfg in configs.values():
             cfg.get("parameters", {}).pop("sha256", None)
-    check_against_graphs(configs, build_dir, manifest)
+    check_against_graphs(configs, build_dir, manifest, options.target)
     pbtxt = {name: to_pbtxt(cfg) for name, cfg in configs.items()}
     notes = []
     if options.target == "tensorrt" and not manifest.get("engines"):
@@ -382,7 +393,7 @@ def _model_files(tmp: Path, build_dir: Path, manifest: dict, configs: dict[str, 
     """Each model's version folder ``1/``: graphs or plans, python model code, tokenizers, the manifest."""
     for name in configs:
         (tmp / name / "1").mkdir()
-    for stage, entry in manifest["graphs"].items():
+    for stage, entry in target_graphs(manifest, options.target).items():
         graph = build_dir / entry["file"]
         if stage not in configs:  # the in-process decoder: its graph under its own name inside vlm/1/
             for rel in entry["sha256"]:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..contract import ImageText, Limits, PromptLayout, scheme_from_dict, stages_from_manifest
-from ..manifest import check_hashes as check_build_hashes, read_manifest
+from ..manifest import check_hashes as check_build_hashes, form_entry, read_manifest
 from .pipeline import VLMPipeline
 from .prompt import ImageTextEncoder
 from .runners import OrtRunner, Runner
@@ -42,15 +42,24 @@ def pipeline_from_manifest(manifest: dict, runners: Mapping[str, Runner], tokeni
                        Limits.from_dict(manifest["limits"]), manifest["generation"]["eos_token_ids"], image_text)
 
 
-def open_build(build_dir: Path, threads: int | None = None, check_hashes: bool = True) -> VLMPipeline:
+def open_build(build_dir: Path, threads: int | None = None, check_hashes: bool = True,
+               form: str = "onnxruntime", device=None) -> VLMPipeline:
     """The build's graphs on ONNX Runtime. ``threads``: intra-op threads (None: every core).
-    ``check_hashes``: refuse graphs whose bytes differ from the manifest's sha256."""
+    ``check_hashes``: refuse graphs whose bytes differ from the manifest's sha256 (every form's).
+    ``form``: ``onnxruntime`` (default) opens each stage in the form the manifest's onnxruntime
+    target runs (the fused decoder where the build has one); ``standard`` the standard-op graphs
+    TensorRT reads; ``fused`` the fused form where a stage has one (see manifest.form_entry).
+    ``device``: ``cpu`` (default) or ``cuda[:N]``: ONNX Runtime's TensorRT/CUDA providers where it
+    has them, else CPU with a one-line notice (``runtime.devices.ort_providers``); TensorRT builds
+    fp16 kernels for the stages whose graph is fp16."""
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
     if check_hashes:
         check_build_hashes(build_dir, manifest)
-    runners = {spec.name: OrtRunner(spec.name, build_dir / manifest["graphs"][spec.name]["file"], threads=threads,
-                                    spin=spec.per_token)
-               for spec in stages_from_manifest(manifest)}
+    specs = stages_from_manifest(manifest)
+    files = {spec.name: build_dir / form_entry(manifest, spec.name, form)["file"] for spec in specs}
+    runners = {spec.name: OrtRunner(spec.name, files[spec.name], threads=threads, spin=spec.per_token, device=device,
+                                    fp16=manifest["graphs"][spec.name].get("precision") == "fp16")
+               for spec in specs}
     folder = build_dir / manifest["tokenizer"]
     return pipeline_from_manifest(manifest, runners, load_tokenizer(folder), load_image_processor(folder), build_dir)

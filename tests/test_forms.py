@@ -1,0 +1,274 @@
+"""A form of the graphs per target: the build writes the decoder's ONNX Runtime form (export/fuse.py)
+beside the standard graph TensorRT reads, records which target runs which, hash-checks both, proves
+both against PyTorch, and opens / renders / quantizes the right one."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import assert_one_line_error
+from vlm_export.build import BuildOptions, _fuse_decoder_stage, build, verify
+from vlm_export.contract import Limits
+from vlm_export.errors import ManifestError
+from vlm_export.export.fuse import FuseReport
+from vlm_export.manifest import (check_hashes, derive_targets, form_entry, read_manifest, stage_forms, targets,
+                                 verify_hashes)
+from vlm_export.precision.convert import PrecisionOptions
+from vlm_export.precision.spec import parse_precision
+from vlm_export.progress import Progress
+from vlm_export.runtime.generate import GenerationConfig, generate
+from vlm_export.runtime.load import open_build
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+MS_OPS = {"SkipSimplifiedLayerNormalization", "RotaryEmbedding", "GroupQueryAttention", "MatMulNBits"}
+
+
+def _ops(path: Path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+def test_manifest_records_forms_and_targets(tiny_build):
+    result = tiny_build("llava-llama")
+    path, manifest = result.path, result.manifest
+    decoder = manifest["graphs"]["lm_decoder"]
+    # the primary entry stays the standard graph (TensorRT, engines, old readers); the fused form beside it
+    assert decoder["file"] == "graphs/lm_decoder.onnx" and decoder.get("form", "standard") == "standard"
+    fused = decoder["forms"]["fused"]
+    assert fused["file"] == "graphs/lm_decoder.fused.onnx" and fused["form"] == "fused"
+    assert fused["precision"] == "fp32" and fused["bytes"] == (path / fused["file"]).stat().st_size
+    assert list(fused["sha256"]) == [fused["file"]]
+    # the same interface: the runtime's generation loop and the Triton configs depend on it
+    assert [(t["name"], t["dtype"]) for t in fused["inputs"]] == [(t["name"], t["dtype"]) for t in decoder["inputs"]]
+    assert [(t["name"], t["dtype"]) for t in fused["outputs"]] == [(t["name"], t["dtype"]) for t in decoder["outputs"]]
+    fusion = decoder["fusion"]
+    assert fusion["made"] and fusion["reason"] == "" and fusion["nodes_after"] < fusion["nodes_before"]
+    assert fusion["fusions"]["skip_rms_norm"] > 0 and fusion["seconds"] >= 0
+    assert manifest["targets"] == {
+        "onnxruntime": {"vision_encoder": "standard", "projector": "standard", "lm_decoder": "fused"},
+        "tensorrt": {"vision_encoder": "standard", "projector": "standard", "lm_decoder": "standard"}}
+    assert "forms" not in manifest["graphs"]["vision_encoder"]  # only the decoder stage is fused
+    standard_ops, fused_ops = _ops(path / decoder["file"]), _ops(path / fused["file"])
+    assert not MS_OPS & set(standard_ops)  # TensorRT reads standard ONNX ops only
+    assert "SkipSimplifiedLayerNormalization" in fused_ops and len(fused_ops) == fusion["nodes_after"]
+    assert verify_hashes(path, manifest) == []
+    assert (form_entry(manifest, "lm_decoder", "onnxruntime"), form_entry(manifest, "lm_decoder", "tensorrt")) == (
+        fused, {k: v for k, v in decoder.items() if k != "forms"})
+
+
+def test_a_manifest_without_forms_reads_as_all_standard(tiny_build, tmp_path):
+    """Builds made before forms: every target runs the standard graph, and it opens as before."""
+    dest = tmp_path / "old"
+    shutil.copytree(tiny_build("llava-llama").path, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    del manifest["targets"]
+    for entry in manifest["graphs"].values():
+        entry.pop("forms", None), entry.pop("fusion", None)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    (dest / "graphs" / "lm_decoder.fused.onnx").unlink()
+    old = read_manifest(dest)
+    assert set(targets(old)["onnxruntime"].values()) == set(targets(old)["tensorrt"].values()) == {"standard"}
+    assert form_entry(old, "lm_decoder", "onnxruntime")["file"] == "graphs/lm_decoder.onnx"
+    assert form_entry(old, "lm_decoder", "fused")["file"] == "graphs/lm_decoder.onnx"  # one form: serves both
+    out = generate(open_build(dest), "What is this?", [], GenerationConfig(max_new_tokens=3))
+    assert out.completion_tokens == 3
+
+
+def test_the_fused_file_is_hash_checked(tiny_build, tmp_path, run_cli):
+    dest = tmp_path / "build"
+    shutil.copytree(tiny_build("llava-llama").path, dest)
+    fused = dest / "graphs" / "lm_decoder.fused.onnx"
+    data = bytearray(fused.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(b ^ 0x5A for b in data[len(data) // 2: len(data) // 2 + 64])
+    fused.write_bytes(bytes(data))
+    assert verify_hashes(dest, read_manifest(dest)) == ["graphs/lm_decoder.fused.onnx"]
+    with pytest.raises(ManifestError, match=r"graphs/lm_decoder.fused.onnx changed since the build"):
+        check_hashes(dest, read_manifest(dest))
+    for form in ("onnxruntime", "standard"):  # every form is checked, whichever is opened
+        with pytest.raises(ManifestError, match=r"lm_decoder.fused.onnx changed since the build"):
+            open_build(dest, form=form)
+    assert_one_line_error(run_cli("generate", str(dest), "--prompt", "hi", "--max-tokens", "2"),
+                          "lm_decoder.fused.onnx changed since the build", "--no-hash-check")
+    fused.unlink()
+    with pytest.raises(ManifestError, match=r"the fused form of the lm_decoder graph .*lm_decoder.fused.onnx.* missing"):
+        read_manifest(dest)
+
+
+def test_both_forms_pass_parity(tiny_build):
+    path = tiny_build("llava-llama").path
+    report = json.loads((path / "report.json").read_text())
+    assert report["passed"]
+    stages = report["stages"]
+    for entry in ("prefill", "decode"):  # the fused form (the onnxruntime target's) and the standard one
+        for name in (entry, f"{entry} (standard form)"):
+            logits = stages[name]["logits"]
+            assert logits["max_abs"] <= 1e-4 and logits["cosine"] > 0.99999 and logits["passed"], (name, logits)
+            # the same tolerance for both forms
+            assert logits["min_cosine"] == stages[entry]["logits"]["min_cosine"]
+    assert set(report["end_to_end"]) == {"torch_split", "onnxruntime"}  # end to end: what users run
+    assert report["targets"]["onnxruntime"]["lm_decoder"] == "fused"
+    assert report["graphs"]["lm_decoder"]["forms"]["fused"]["file"] == "graphs/lm_decoder.fused.onnx"
+    text = (path / "report.md").read_text()
+    assert "| lm_decoder | fused | fp32 |" in text and "| onnxruntime |" in text
+    assert "| prefill (standard form) | logits |" in text
+
+
+def test_open_build_default_and_standard_forms(tiny_build, monkeypatch):
+    """The same greedy tokens from the two forms of the decoder, which are different graphs."""
+    import vlm_export.runtime.load as load
+
+    opened = {}
+
+    class Recording(load.OrtRunner):
+        def __init__(self, name, path, *args, **kwargs):
+            opened[name] = Path(path)
+            super().__init__(name, path, *args, **kwargs)
+
+    monkeypatch.setattr(load, "OrtRunner", Recording)
+    path = tiny_build("llava-llama").path
+    tokens, nodes = {}, {}
+    for form in ("onnxruntime", "standard"):
+        pipe = open_build(path, form=form)
+        nodes[form] = len(_ops(opened["lm_decoder"]))
+        assert opened["vision_encoder"].name == "vision_encoder.onnx"  # one form: the same graph for both
+        tokens[form] = generate(pipe, "Write a short story about a robot.", [],
+                                GenerationConfig(max_new_tokens=12)).token_ids
+    assert tokens["onnxruntime"] == tokens["standard"] and len(tokens["standard"]) == 12
+    assert nodes["onnxruntime"] < nodes["standard"]
+    with pytest.raises(ManifestError, match="unknown graph form 'int4'"):
+        open_build(path, form="int4")
+
+
+def _no_pattern_graph(path: Path) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "plain", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+@pytest.mark.parametrize("precision,options,reason", [
+    ("fp32", BuildOptions(), "no RMSNorm after a residual Add"),  # the pass's own reason
+    ("fp32", BuildOptions(fuse=False), "--no-fuse"),
+    ("fp16", BuildOptions(), "fp16 is made for TensorRT"),
+    ("w4", BuildOptions(precision_options=PrecisionOptions(weight_form="dequantize")), "dequantize weight form"),
+])
+def test_no_fused_form_says_why(tmp_path, precision, options, reason):
+    (tmp_path / "graphs").mkdir()
+    _no_pattern_graph(tmp_path / "graphs" / "lm_decoder.onnx")
+    graphs = {"lm_decoder": {"file": "graphs/lm_decoder.onnx", "export_seconds": 0.0, "sha256": {}}}
+    _fuse_decoder_stage(tmp_path, graphs, "lm_decoder", precision, Limits(1, 1, 64, 1), options, Progress())
+    assert graphs["lm_decoder"]["fusion"]["made"] is False
+    assert reason in graphs["lm_decoder"]["fusion"]["reason"]
+    assert "forms" not in graphs["lm_decoder"]
+    assert sorted(p.name for p in (tmp_path / "graphs").iterdir()) == ["lm_decoder.onnx"]  # no copy left
+    assert derive_targets(graphs)["onnxruntime"] == {"lm_decoder": "standard"}
+
+
+def test_a_decoder_nothing_fuses_builds_and_loads(tiny_model_dir, tmp_path, monkeypatch):
+    """The pass finds nothing (as on a decoder none of its patterns match): the build ships the
+    standard graph to every target, records why, and generates."""
+    import vlm_export.build as build_module
+
+    def nothing_matched(src, dst, max_positions):
+        shutil.copy2(src, dst)  # what fuse_decoder does when nothing matched: an unchanged copy
+        count = len(_ops(src))
+        return FuseReport(nodes_before=count, nodes_after=count, reason="no pattern matched (test)")
+
+    monkeypatch.setattr(build_module, "fuse_decoder", nothing_matched)
+    result = build(tiny_model_dir("prefix-llama"), tmp_path / "plain", BuildOptions(parity_new_tokens=4))
+    manifest = result.manifest
+    decoder = manifest["graphs"]["lm_decoder"]
+    assert decoder["fusion"]["made"] is False and decoder["fusion"]["reason"] == "no pattern matched (test)"
+    assert "forms" not in decoder and not (result.path / "graphs" / "lm_decoder.fused.onnx").exists()
+    assert manifest["targets"]["onnxruntime"]["lm_decoder"] == "standard"
+    report = json.loads((result.path / "report.json").read_text())
+    assert report["passed"] and not any("form)" in name for name in report["stages"])
+    assert "lm_decoder: no fused form - no pattern matched (test)" in (result.path / "report.md").read_text()
+    out = generate(open_build(result.path), "What is this?", [], GenerationConfig(max_new_tokens=3))
+    assert out.completion_tokens == 3
+
+
+def test_repositories_reference_each_targets_form(tiny_build, tmp_path):
+    from vlm_export.model_repository.render import RepositoryOptions, model_configs, render_repository, target_graphs
+
+    path = tiny_build("llava-llama").path
+    manifest = read_manifest(path)
+    fused = manifest["graphs"]["lm_decoder"]["forms"]["fused"]
+    # python target: the in-process decoder is the fused form, checked by its own hash
+    repo = render_repository(path, tmp_path / "python")
+    assert (repo / "vlm" / "1" / "lm_decoder.fused.onnx").exists()
+    assert not (repo / "vlm" / "1" / "lm_decoder.onnx").exists()  # the standard graph is not shipped there
+    params = model_configs(manifest, RepositoryOptions())["vlm"]["parameters"]
+    assert params["decoder_graph"]["string_value"] == "lm_decoder.fused.onnx"
+    assert json.loads(params["sha256"]["string_value"]) == {"lm_decoder.fused.onnx": fused["sha256"][fused["file"]]}
+    # onnxruntime target (its decoder a model of its own): model.onnx is the fused graph
+    ort = render_repository(path, tmp_path / "ort", RepositoryOptions(target="onnxruntime"))
+    assert (ort / "lm_decoder" / "1" / "model.onnx").read_bytes() == (path / fused["file"]).read_bytes()
+    assert (ort / "vision_encoder" / "1" / "model.onnx").read_bytes() == (path / "graphs/vision_encoder.onnx").read_bytes()
+    # tensorrt target: its plans are built from the standard graph, its configs checked against it
+    assert target_graphs(manifest, "tensorrt")["lm_decoder"]["file"] == "graphs/lm_decoder.onnx"
+    assert target_graphs(manifest, "onnxruntime")["lm_decoder"]["file"] == fused["file"]
+    trt = render_repository(path, tmp_path / "trt", RepositoryOptions(target="tensorrt"), configs_only=True,
+                            echo=lambda _: None)
+    assert (trt / "lm_decoder" / "config.pbtxt").exists() and not (trt / "lm_decoder" / "1").exists()
+
+
+def test_verify_rechecks_both_forms(tiny_build, tmp_path):
+    dest = tmp_path / "build"
+    shutil.copytree(tiny_build("llava-llama").path, dest)
+    result = verify(dest, BuildOptions(parity_new_tokens=4))
+    assert result.failures == []
+    stages = json.loads((dest / "report.json").read_text())["stages"]
+    assert {"prefill", "decode", "prefill (standard form)", "decode (standard form)"} <= set(stages)
+
+
+@pytest.fixture(scope="module")
+def w4_build(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("forms") / "w4"
+    return build(tiny_model_dir("llava-llama"), out, BuildOptions(precision=parse_precision("decoder=w4"),
+                                                                  parity_new_tokens=4))
+
+
+def test_w4_is_quantized_from_the_fused_graph(w4_build):
+    """MatMulNBits is ONNX Runtime's: the w4 decoder is made from the fused graph (q/k/v and gate/up
+    packed into one larger quantized MatMul) and is the only decoder shipped (no target would run an
+    unfused MatMulNBits graph; TensorRT reads neither)."""
+    path, manifest = w4_build.path, w4_build.manifest
+    decoder = manifest["graphs"]["lm_decoder"]
+    assert decoder["form"] == "fused" and decoder["precision"] == "w4" and "forms" not in decoder
+    assert decoder["file"] == "graphs/lm_decoder.fused.w4.onnx"
+    assert "MatMulNBits" in decoder["fusion"]["tensorrt"]
+    assert manifest["targets"]["onnxruntime"]["lm_decoder"] == "fused"
+    assert manifest["targets"]["tensorrt"]["lm_decoder"] is None
+    assert sorted(p.name for p in (path / "graphs").iterdir()) == [
+        "lm_decoder.fused.w4.onnx", "projector.onnx", "vision_encoder.onnx"]
+    model = onnx.load(str(path / decoder["file"]))
+    ops = [n.op_type for n in model.graph.node]
+    assert "SkipSimplifiedLayerNormalization" in ops and "MatMul" not in [
+        n.op_type for n in model.graph.node if n.input[1:2] and n.input[1].endswith("_packed_weight")]
+    # the packed q/k/v projection became one MatMulNBits whose N is q + k + v
+    geometry = manifest["scheme"]["geometry"]  # a Llama: q is hidden wide, k and v kv_heads x head_dim
+    qkv = geometry["hidden_size"] + 2 * geometry["num_kv_heads"] * geometry["head_dim"]
+    widths = {helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "N"}
+    assert qkv in widths, widths
+    assert any("packed" in n.name for n in model.graph.node if n.op_type == "MatMulNBits")
+    assert decoder["variant"]["quantized_matmuls"] == sum(op == "MatMulNBits" for op in ops)
+    report = json.loads((path / "report.json").read_text())
+    assert report["passed"] and report["stages"]["prefill"]["logits"]["cosine"] >= 0.99  # the w4 gate, vs PyTorch
+    assert not any("form)" in name for name in report["stages"])  # one decoder form: one set of entries
+    with pytest.raises(ManifestError, match="no standard form"):
+        open_build(path, form="standard")
+    out = generate(open_build(path), "What is this?", [], GenerationConfig(max_new_tokens=3))
+    assert out.completion_tokens == 3
+
+
+def test_forms_of_every_stage_are_listed(w4_build):
+    forms = {stage: list(stage_forms(entry)) for stage, entry in w4_build.manifest["graphs"].items()}
+    assert forms == {"vision_encoder": ["standard"], "projector": ["standard"], "lm_decoder": ["fused"]}
+    assert verify_hashes(w4_build.path, w4_build.manifest) == []
