@@ -182,11 +182,13 @@ def test_ceiling_from_bytes_counted_in_the_graph_and_kv_from_the_config(tiny_bui
     from onnx import numpy_helper
 
     from vlm_export.bench.run import ceiling
-    from vlm_export.manifest import read_manifest
+    from vlm_export.manifest import form_entry, read_manifest
 
     build = tiny_build("llava-llama").path
     manifest = read_manifest(build)
-    model = onnx.load(str(build / manifest["graphs"]["lm_decoder"]["file"]))
+    # the graph ONNX Runtime runs: the fused form (its rotary cos/sin caches are initializers too)
+    assert manifest["targets"]["onnxruntime"]["lm_decoder"] == "fused"
+    model = onnx.load(str(build / form_entry(manifest, "lm_decoder", "onnxruntime")["file"]))
     total = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
     cfg = _text_config(build)
     hidden, vocab = cfg["hidden_size"], cfg["vocab_size"]

@@ -1,8 +1,10 @@
-"""The ONNX Runtime form of the decoder (export/fuse.py): fewer nodes, the fused contrib ops, and
-the same logits and KV as the exported graph on ONNX Runtime."""
+"""The ONNX Runtime form of the decoder (export/fuse.py, export/attention_fuse.py): fewer nodes, the
+fused contrib ops, and the same logits and KV as the exported graph on ONNX Runtime - left-padded
+batches included."""
 from __future__ import annotations
 
 import collections
+import json
 
 import numpy as np
 import onnx
@@ -48,22 +50,59 @@ def _feeds(session, rng, batch: int, past: int, new: int, pad_first: int = 0):
     return feeds
 
 
+def _assert_same_outputs(session, want, got, mask, what):
+    """Logits equal; the KV equal where the mask is 1 (a masked slot is garbage by the layout's
+    contract - DecodeBatch.zero_masked - and the fused attention writes other garbage there)."""
+    for out, x, y in zip(session.get_outputs(), want, got):
+        assert x.shape == y.shape, out.name
+        if out.name.startswith("present"):
+            keep = mask.astype(bool)[:, None, :, None]
+            x, y = np.where(keep, x, 0), np.where(keep, y, 0)
+        np.testing.assert_allclose(y, x, atol=1e-4, rtol=0, err_msg=f"{out.name} {what}")
+
+
+def _step(feeds, out, tokens):
+    """The next decode feeds after ``out``: one token per row, the mask and positions grown by one,
+    the KV the graph returned."""
+    rows = len(tokens)
+    feeds = dict(feeds, input_ids=np.asarray(tokens).reshape(rows, 1),
+                 position_ids=feeds["position_ids"][:, -1:] + 1,
+                 attention_mask=np.concatenate([feeds["attention_mask"], np.ones((rows, 1), np.int64)], axis=1))
+    feeds.update({k.replace("present", "past_key_values"): v for k, v in out.items() if k.startswith("present")})
+    return feeds
+
+
 @pytest.mark.parametrize("name", ["llava-llama", "llava-mistral"])
-def test_fused_decoder_matches_the_exported_one(tiny_build, tmp_path, name):
+def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_path, name):
     src = _decoder_graph(tiny_build(name))
     dst = tmp_path / "lm_decoder.fused.onnx"
     report = fuse_decoder(src, dst, max_positions=256)
 
     base = onnx.load(src, load_external_data=False)
     layers = sum(i.name.startswith("past_key_values") for i in base.graph.input) // 2
-    # per layer: two norms after residual Adds, rotary on q and k, q/k/v and gate/up packed
-    assert report.fusions == {"skip_rms_norm": 2 * layers, "rotary": 2 * layers, "packed_matmul": 2 * layers}
+    # per layer: two norms after residual Adds, rotary on q and k, q/k/v and gate/up packed, one attention
+    assert report.fusions == {"skip_rms_norm": 2 * layers, "rotary": 2 * layers, "packed_matmul": 2 * layers,
+                              "attention": layers}
     assert report.fused and not report.reason
     fused = onnx.load(dst)
     ops = collections.Counter(n.op_type for n in fused.graph.node)
     assert report.nodes_after == len(fused.graph.node) < report.nodes_before
-    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers and ops["RotaryEmbedding"] == 2 * layers
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers
     assert ops["Neg"] == 0 and ops["Sin"] == 0  # rotate-half and the angle sub-graph are gone
+    # the attention is one kernel per layer, rotary inside: no softmax, no repeat_kv copies, no KV
+    # Concat, no separate rotary left; it reads the packed q/k/v (only gate/up keep their Split)
+    assert ops["GroupQueryAttention"] == layers and ops["Softmax"] == 0 and ops["RotaryEmbedding"] == 0
+    assert ops["Split"] == layers
+    producers = {o: n for n in fused.graph.node for o in n.output}
+    config = json.loads((tiny_model_dir(name) / "config.json").read_text())["text_config"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    for node in (n for n in fused.graph.node if n.op_type == "GroupQueryAttention"):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        # read from the graph's shapes and scale constant, never from the model type
+        assert attrs["num_heads"] == heads and attrs["kv_num_heads"] == kv_heads
+        assert attrs["scale"] == pytest.approx((config["hidden_size"] // heads) ** -0.5)
+        assert attrs["do_rotary"] == 1 and node.input[9] == "position_ids"  # the runtime's positions
+        assert producers[node.input[0]].op_type == "MatMul" and list(node.input[1:3]) == ["", ""]  # packed QKV
     onnx.checker.check_model(fused)  # every new op is com.microsoft's, which the checker accepts
     # same I/O contract: the runtime feeds it exactly as the exported graph
     assert [i.name for i in fused.graph.input] == [i.name for i in base.graph.input]
@@ -71,12 +110,11 @@ def test_fused_decoder_matches_the_exported_one(tiny_build, tmp_path, name):
 
     a, b = _session(src), _session(dst)
     rng = np.random.default_rng(0)
-    for batch, past, new, pad in ((2, 0, 9, 3), (2, 12, 1, 5), (1, 30, 4, 0)):
+    # a left-padded prefill, a decode step over a masked hole, chunks of several tokens after a past
+    for batch, past, new, pad in ((2, 0, 9, 3), (2, 12, 1, 5), (1, 30, 4, 0), (2, 30, 4, 7)):
         feeds = _feeds(a, rng, batch, past, new, pad)
-        want, got = a.run(None, feeds), b.run(None, feeds)
-        for out, x, y in zip(a.get_outputs(), want, got):
-            assert x.shape == y.shape, out.name
-            np.testing.assert_allclose(y, x, atol=1e-4, rtol=0, err_msg=f"{out.name} past={past} new={new}")
+        _assert_same_outputs(a, a.run(None, feeds), b.run(None, feeds), feeds["attention_mask"],
+                             f"batch={batch} past={past} new={new} pad={pad}")
 
     # greedy decoding: identical tokens, step after step on the KV each graph returns
     def greedy(session, steps=12):
@@ -93,6 +131,63 @@ def test_fused_decoder_matches_the_exported_one(tiny_build, tmp_path, name):
         return tokens
 
     assert greedy(b) == greedy(a)
+
+
+def test_fused_attention_keeps_left_padded_batches(tiny_build, tmp_path):
+    """The runtime's batch: prompts of different lengths left-padded into one prefill (positions
+    counting from each row's first real token), then decode steps, each graph on its own KV. The
+    fused graph's logits equal the exported one's at every step, and so do the greedy tokens."""
+    from vlm_export.contract.scheme import left_padded
+
+    src = _decoder_graph(tiny_build("llava-llama"))
+    dst = tmp_path / "fused.onnx"
+    assert fuse_decoder(src, dst, max_positions=256).fusions["attention"] > 0
+    a, b = _session(src), _session(dst)
+    names = [o.name for o in a.get_outputs()]
+    rng = np.random.default_rng(3)
+    ids, mask, positions = left_padded([rng.integers(100, 1000, n).tolist() for n in (11, 4, 7)], pad_id=2)
+    feeds = _feeds(a, rng, 3, 0, ids.shape[1])
+    feeds.update(input_ids=ids, attention_mask=mask, position_ids=positions)
+    fa, fb, tokens_a, tokens_b = feeds, feeds, [], []
+    for step in range(4):  # the prefill and 3 decode steps
+        want, got = dict(zip(names, a.run(None, fa))), dict(zip(names, b.run(None, fb)))
+        np.testing.assert_allclose(got["logits"], want["logits"], atol=1e-4, rtol=0, err_msg=f"step {step}")
+        # and the fused graph on the exported graph's KV: no drift hidden by each carrying its own
+        _assert_same_outputs(a, a.run(None, fa), b.run(None, fa), fa["attention_mask"], f"step {step}")
+        tokens_a.append(want["logits"][:, -1].argmax(-1).tolist())
+        tokens_b.append(got["logits"][:, -1].argmax(-1).tolist())
+        fa, fb = _step(fa, want, tokens_a[-1]), _step(fb, got, tokens_b[-1])
+    assert tokens_b == tokens_a
+
+
+def test_attention_that_does_not_match_stays_unfused(tiny_build, tmp_path):
+    """A decoder whose attention is not the exported pattern (here: tanh soft-capped scores between
+    the mask and the softmax, as Gemma-2 writes them) keeps its attention nodes, with a note; the
+    other fusions still apply and the answers are the graph's own."""
+    model = onnx.load(_decoder_graph(tiny_build("llava-llama")))
+    nodes = list(model.graph.node)
+    for softmax in [n for n in nodes if n.op_type == "Softmax"]:
+        x = softmax.input[0]
+        cap = helper.make_node("Constant", [], [f"{x}_cap"], value=numpy_helper.from_array(np.array(50.0, np.float32)))
+        div = helper.make_node("Div", [x, cap.output[0]], [f"{x}_div"])
+        tanh = helper.make_node("Tanh", [div.output[0]], [f"{x}_tanh"])
+        mul = helper.make_node("Mul", [tanh.output[0], cap.output[0]], [f"{x}_capped"])
+        nodes[nodes.index(softmax):nodes.index(softmax)] = [cap, div, tanh, mul]
+        softmax.input[0] = mul.output[0]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    src = tmp_path / "softcapped.onnx"
+    onnx.save(model, src)
+
+    report = fuse_decoder(src, tmp_path / "out.onnx", max_positions=256)
+    layers = sum(i.name.startswith("past_key_values") for i in model.graph.input) // 2
+    assert report.fusions["attention"] == 0 and report.fusions["rotary"] == 2 * layers
+    assert any("attention" in n and "left unfused" in n for n in report.notes), report.notes
+    ops = collections.Counter(n.op_type for n in onnx.load(tmp_path / "out.onnx").graph.node)
+    assert ops["GroupQueryAttention"] == 0 and ops["Softmax"] == layers and ops["Tanh"] == layers
+    a, b = _session(src), _session(tmp_path / "out.onnx")
+    feeds = _feeds(a, np.random.default_rng(0), 2, 0, 6, 2)
+    _assert_same_outputs(a, a.run(None, feeds), b.run(None, feeds), feeds["attention_mask"], "softcapped")
 
 
 def test_weight_only_quantizes_the_fused_decoder(tiny_build, tmp_path):
@@ -115,14 +210,18 @@ def test_weight_only_quantizes_the_fused_decoder(tiny_build, tmp_path):
 
 
 def test_rotary_cache_bounds_positions(tiny_build, tmp_path):
-    """The rotary caches hold max_positions rows: a position past them is refused by ONNX Runtime,
-    never read out of bounds."""
+    """The rotary caches hold max_positions rows: a position (or a total length) past them is
+    refused by ONNX Runtime, never read out of bounds."""
     dst = tmp_path / "small.onnx"
     fuse_decoder(_decoder_graph(tiny_build("llava-llama")), dst, max_positions=16)
     session = _session(dst)
     feeds = _feeds(session, np.random.default_rng(0), 1, 15, 1)
     session.run(None, feeds)  # position 15: the last row
     feeds = _feeds(session, np.random.default_rng(0), 1, 16, 1)
+    with pytest.raises(Exception, match="out of range|shall not be less than total_sequence_length"):
+        session.run(None, feeds)
+    feeds = _feeds(session, np.random.default_rng(0), 1, 3, 1)
+    feeds["position_ids"] = np.array([[16]])
     with pytest.raises(Exception, match="out of range"):
         session.run(None, feeds)
 

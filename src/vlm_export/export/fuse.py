@@ -12,14 +12,21 @@ launch per token. This pass rewrites, by pattern only (no model-type branches):
   ``SimplifiedLayerNormalization`` lives in the ONNX domain, which the ONNX checker rejects.
 * ``rotary``: rotate-half RoPE (Slice/Neg/Concat/Mul/Add on q and k, cos/sin computed from
   ``position_ids`` and a constant ``inv_freq``) -> ``com.microsoft.RotaryEmbedding`` with
-  constant cos/sin caches of ``max_positions`` rows.
+  constant cos/sin caches of ``max_positions`` rows (the attention rewrite then rotates inside its
+  kernel with the same caches).
+* ``attention``: each layer's attention, from the q/k/v projections to the o_proj input
+  (heads Reshape/Transpose, rotary, KV Concat, repeat_kv, scores, additive mask, Softmax, output
+  Transpose/Reshape) -> ``com.microsoft.GroupQueryAttention`` (rotary inside, reading the packed
+  q/k/v), with the same external inputs and outputs; left padding and masked holes keep the
+  exported graph's answers (attention_fuse.py says how).
 * ``packed_matmul``: MatMuls sharing one activation and holding constant 2-D weights (q/k/v;
   the MLP's gate/up) -> one MatMul over the concatenated weights + ``Split``.
 
 The result is for ONNX Runtime only: TensorRT does not read com.microsoft ops, so TensorRT targets
 keep the standard graph. A decoder none of the patterns match is written unchanged, and the report
 says why. Contrib op contracts: onnxruntime docs/ContribOperators.md (SkipSimplifiedLayerNormalization,
-RotaryEmbedding).
+RotaryEmbedding, GroupQueryAttention; the installed runtime's own schemas:
+``onnxruntime.capi.onnxruntime_pybind11_state.get_all_operator_schema()``).
 """
 from __future__ import annotations
 
@@ -33,10 +40,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
+from .attention_fuse import fold_packed_qkv, fuse_attention
 from .graph_info import save_graph, topological_order
 
 MS_DOMAIN = "com.microsoft"
-FUSIONS = ("skip_rms_norm", "rotary", "packed_matmul")
+FUSIONS = ("skip_rms_norm", "rotary", "packed_matmul", "attention")
 
 
 @dataclass
@@ -386,15 +394,19 @@ def fuse_model(model: onnx.ModelProto, max_positions: int = 4096) -> FuseReport:
     g.commit()
     _fuse_rotary(g, report, max_positions)
     g.commit()
+    fuse_attention(g, report)  # after rotary (its caches go into the kernel), before packing q/k/v
+    g.commit()
     _fuse_packed_matmul(g, report)
     g.commit()
+    if fold_packed_qkv(g):  # the attention kernel reads the packed q/k/v itself
+        g.commit()
     report.nodes_after = len(model.graph.node)
     if report.fused:
         if MS_DOMAIN not in {o.domain for o in model.opset_import}:
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     else:
-        report.reason = ("no RMSNorm after a residual Add, no rotate-half rotary embedding and no MatMuls "
-                         "sharing an input matched; the graph is left unfused")
+        report.reason = ("no RMSNorm after a residual Add, no rotate-half rotary embedding, no attention and "
+                         "no MatMuls sharing an input matched; the graph is left unfused")
     return report
 
 
