@@ -614,18 +614,15 @@ def check_build(build_dir: Path, tensorrt_version: str | None = None,
     against TensorRT ``tensorrt_version`` (default DEFAULT_TENSORRT), and ``configs``, the Triton
     configs the ``tensorrt`` target renders for it, when given (the repository sits above the
     engines: its renderer runs ``check_configs`` itself, the CLI passes them to ``--check-only``)."""
-    from ..manifest import form_entry, read_manifest, targets
+    from ..manifest import read_manifest, served_entry
     from .profiles import stage_profiles
 
     spec = spec_for(tensorrt_version)
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
     violations = []
-    for stage, entry in manifest["graphs"].items():
-        # the form the tensorrt target runs; a stage without one (a MatMulNBits decoder) is checked as
-        # shipped, so the report names what TensorRT cannot read
-        tensorrt = targets(manifest)["tensorrt"].get(stage)
-        path = build_dir / (form_entry(manifest, stage, "tensorrt") if tensorrt else entry)["file"]
+    for stage in manifest["graphs"]:
+        path = build_dir / served_entry(manifest, stage, "tensorrt")["file"]
         # weights stay on disk: only the zero points and scales the rules read are loaded
         model = onnx.load(str(path), load_external_data=False)
         try:

@@ -30,7 +30,7 @@ from ..engines.profiles import stage_profiles
 from ..engines.tensorrt import release, version_problem
 from ..errors import RepositoryError
 from ..export.graph_info import graph_io
-from ..manifest import check_hashes as check_build_hashes, form_entry, read_manifest, write_manifest
+from ..manifest import check_hashes as check_build_hashes, read_manifest, served_entry, write_manifest
 from ..runtime.engine import DEFAULT_MAX_QUEUE
 from ..runtime.generate import DEFAULT_MAX_PREFILL_PADDING, DEFAULT_MAX_PREFILL_TOKENS
 from ..runtime.pipeline import image_limits_for
@@ -144,11 +144,10 @@ def _file_hashes(entry: dict, graph_name: str | None = None) -> str:
 def target_graphs(manifest: dict, target: str) -> dict[str, dict]:
     """Stage -> the graph entry a repository target serves: the python and onnxruntime targets run
     ONNX Runtime, so the form the manifest's onnxruntime target names (the fused decoder where the
-    build has one); the tensorrt target's plans are built from each stage's primary graph, the
-    standard one (engines/tensorrt.py; a graph TensorRT cannot read is refused there)."""
-    if target == "tensorrt":
-        return dict(manifest["graphs"])
-    return {stage: form_entry(manifest, stage, "onnxruntime") for stage in manifest["graphs"]}
+    build has one); the tensorrt target's plans are built from the standard form (engines/tensorrt.py;
+    a stage without one is checked as shipped, so the check names what TensorRT cannot read)."""
+    runtime = "tensorrt" if target == "tensorrt" else "onnxruntime"
+    return {stage: served_entry(manifest, stage, runtime) for stage in manifest["graphs"]}
 
 
 def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]:
