@@ -113,6 +113,12 @@ def test_both_forms_pass_parity(tiny_build):
     assert set(report["end_to_end"]) == {"torch_split", "onnxruntime"}  # end to end: what users run
     assert report["targets"]["onnxruntime"]["lm_decoder"] == "fused"
     assert report["graphs"]["lm_decoder"]["forms"]["fused"]["file"] == "graphs/lm_decoder.fused.onnx"
+    # the fused node count is the fused form's, counted in its file; the standard form claims none
+    import onnx
+
+    forms = report["graphs"]["lm_decoder"]["forms"]
+    fused_nodes = len(onnx.load(str(path / forms["fused"]["file"]), load_external_data=False).graph.node)
+    assert forms["fused"]["nodes"] == fused_nodes and "nodes" not in forms["standard"]
     text = (path / "report.md").read_text()
     assert "| lm_decoder | fused | fp32 |" in text and "| onnxruntime |" in text
     assert "| prefill (standard form) | logits |" in text

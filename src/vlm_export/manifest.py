@@ -144,7 +144,6 @@ def form_entry(manifest: dict[str, Any], stage: str, form: str) -> dict[str, Any
                         f"{(entry.get('fusion') or {}).get('tensorrt') or 'no target uses it'})")
 
 
-
 def served_entry(manifest: dict[str, Any], stage: str, target: str) -> dict[str, Any]:
     """The graph entry ``target`` serves for ``stage``: its form (``form_entry``), or - for a stage
     with no form that target reads (a MatMulNBits decoder for TensorRT) - the stage's primary
@@ -152,6 +151,7 @@ def served_entry(manifest: dict[str, Any], stage: str, target: str) -> dict[str,
     if targets(manifest)[target].get(stage) is None:
         return manifest["graphs"][stage]
     return form_entry(manifest, stage, target)
+
 
 def verify_hashes(build_dir: Path, manifest: dict[str, Any]) -> list[str]:
     """Files whose content no longer matches the manifest (a missing file among them), every form's."""

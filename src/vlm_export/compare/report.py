@@ -25,7 +25,8 @@ def report_dict(manifest: dict, result: ParityResult, policy: ParityPolicy, fail
         "source": manifest["source"],
         "versions": manifest["versions"],
         "graphs": {k: {"precision": g["precision"], "bytes": g["bytes"], "export_seconds": g["export_seconds"],
-                       "forms": {form: _form_summary(entry) for form, entry in stage_forms(g).items()},
+                       "forms": {form: _form_summary(entry, g.get("fusion") if form == "fused" else None)
+                                 for form, entry in stage_forms(g).items()},
                        **({"fusion": g["fusion"]} if "fusion" in g else {})}
                    for k, g in manifest["graphs"].items()},
         # which form each target runs: the plain prefill/decode entries are the onnxruntime target's form,
@@ -36,9 +37,11 @@ def report_dict(manifest: dict, result: ParityResult, policy: ParityPolicy, fail
     }
 
 
-def _form_summary(entry: dict) -> dict:
+def _form_summary(entry: dict, fusion: dict | None) -> dict:
+    """One form's line in the report; ``fusion`` (the stage's fusion record) only for the fused form: its
+    node count belongs to that form (the record sits on the stage's primary entry, which may be the standard one)."""
     return {"file": entry["file"], "precision": entry["precision"], "bytes": entry["bytes"],
-            **({"nodes": entry["fusion"]["nodes_after"]} if "nodes_after" in entry.get("fusion", {}) else {})}
+            **({"nodes": fusion["nodes_after"]} if fusion and "nodes_after" in fusion else {})}
 
 
 def _finite(x: float) -> float | None:
