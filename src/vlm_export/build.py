@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .adapters import adapter_for
+from .adapters.loading import first_line
 from .adapters.lora import merge_lora
 from .adapters.reference import eos_token_ids, load_source, reference_pipeline, split
 from .atomic import atomic_folder
@@ -227,7 +228,7 @@ def _fuse_decoder_stage(tmp: Path, graphs: dict, stage: str, precision: str, lim
             if report.fused:
                 check_graph(dst)
         except Exception as e:  # noqa: BLE001 - the pass's failure costs the speed-up, never the build
-            record = {"made": False, "reason": f"the fusion pass failed: {type(e).__name__}: {_first_line(e)}"}
+            record = {"made": False, "reason": f"the fusion pass failed: {first_line(e)}"}
         record["seconds"] = round(time.perf_counter() - start, 2)
         advance()
     if not record["made"]:
@@ -238,10 +239,6 @@ def _fuse_decoder_stage(tmp: Path, graphs: dict, stage: str, precision: str, lim
     entry["fusion"] = record
     entry["forms"] = {"fused": _describe_graph(dst, tmp, "fp32", entry["export_seconds"], form="fused",
                                                fuse_seconds=record["seconds"])}
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).splitlines()[0] if str(e) else ""
 
 
 def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, progress) -> None:
@@ -311,7 +308,7 @@ def _fused_variant(tmp: Path, stage: str, precision: str, fused: dict, options: 
             with quiet_logging():
                 info = make_variant(precision, src, dst, options.precision_options, feeds, cache)
         except Exception as e:  # noqa: BLE001 - the fused form is the speed-up; the standard variant still ships
-            info, why = None, f"the {precision} pass failed on the fused graph: {type(e).__name__}: {_first_line(e)}"
+            info, why = None, f"the {precision} pass failed on the fused graph: {first_line(e)}"
         for f in (src, src.with_name(src.name + ".data"), *([] if info else [dst, dst.with_name(dst.name + ".data")])):
             f.unlink(missing_ok=True)
         advance()
