@@ -278,3 +278,63 @@ def test_forms_of_every_stage_are_listed(w4_build):
     forms = {stage: list(stage_forms(entry)) for stage, entry in w4_build.manifest["graphs"].items()}
     assert forms == {"vision_encoder": ["standard"], "projector": ["standard"], "lm_decoder": ["fused"]}
     assert verify_hashes(w4_build.path, w4_build.manifest) == []
+
+
+def _recording_open(monkeypatch) -> dict:
+    """open_build's runners as they really are, recording which file each stage opened."""
+    import vlm_export.runtime.load as load
+
+    opened = {}
+
+    class Recording(load.OrtRunner):
+        def __init__(self, name, path, *args, **kwargs):
+            opened[name] = Path(path)
+            super().__init__(name, path, *args, **kwargs)
+
+    monkeypatch.setattr(load, "OrtRunner", Recording)
+    return opened
+
+
+def test_on_a_gpu_onnxruntime_opens_the_standard_form(tiny_build, w4_build, monkeypatch, caplog):
+    """ONNX Runtime's CUDA GroupQueryAttention takes fp16/bf16 only: on cuda the fp32 build's decoder
+    is opened in its standard form; a w4 build (fused form only) keeps it and says what that costs.
+    This onnxruntime has no CUDA provider, so the sessions then run on the CPU (said too)."""
+    opened = _recording_open(monkeypatch)
+    open_build(tiny_build("llava-llama").path, device="cuda")
+    assert opened["lm_decoder"].name == "lm_decoder.onnx"
+    open_build(tiny_build("llava-llama").path)
+    assert opened["lm_decoder"].name == "lm_decoder.fused.onnx"  # the CPU keeps the fused form
+    caplog.clear()
+    open_build(w4_build.path, device="cuda")
+    assert opened["lm_decoder"].name == "lm_decoder.fused.w4.onnx"
+    assert any("GroupQueryAttention has no CUDA kernel" in r.message and "--no-fuse" in r.message
+               for r in caplog.records), caplog.text
+
+
+def test_repositories_on_a_gpu(tiny_build, w4_build, tmp_path):
+    """--device cuda:N: KIND_GPU instances on GPU N for every model that runs graphs, the standard
+    decoder graph (as open_build on a GPU), image decoding and a BLS-only vlm model on the CPU."""
+    from tritonclient.grpc import model_config_pb2
+
+    from vlm_export.model_repository.render import RepositoryOptions, render_repository
+
+    def groups(repo: Path, model: str) -> list[tuple[str, list[int]]]:
+        from google.protobuf import text_format
+
+        cfg = text_format.Parse((repo / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        return [(model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind), list(g.gpus)) for g in cfg.instance_group]
+
+    path = tiny_build("llava-llama").path
+    notes = []
+    python = render_repository(path, tmp_path / "python", RepositoryOptions(device="cuda:1"), echo=notes.append)
+    assert notes == []
+    assert (python / "vlm" / "1" / "lm_decoder.onnx").exists() and not (python / "vlm" / "1" / "lm_decoder.fused.onnx").exists()
+    for model in ("vision_encoder", "projector", "vlm"):
+        assert groups(python, model) == [("KIND_GPU", [1])], model
+    assert groups(python, "preprocess") == [("KIND_CPU", [])]
+    ort = render_repository(path, tmp_path / "ort", RepositoryOptions(target="onnxruntime", device="cuda"))
+    assert (ort / "lm_decoder" / "1" / "model.onnx").read_bytes() == (path / "graphs/lm_decoder.onnx").read_bytes()
+    assert groups(ort, "lm_decoder") == [("KIND_GPU", [])] and groups(ort, "vlm") == [("KIND_CPU", [])]
+    assert groups(render_repository(path, tmp_path / "cpu", RepositoryOptions()), "vlm") == [("KIND_CPU", [])]
+    render_repository(w4_build.path, tmp_path / "w4", RepositoryOptions(device="cuda"), echo=notes.append)
+    assert len(notes) == 1 and notes[0].startswith("lm_decoder ships only ONNX Runtime's fused form"), notes

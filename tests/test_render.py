@@ -159,6 +159,7 @@ def test_existing_output_folder_is_replaced_only_with_force(build, tmp_path, cap
     ({"max_prefill_padding": 1.5}, r"max_prefill_padding in \[0, 1\]"),
     ({"tensorrt_version": "10.5.0"}, "tensorrt_version is for the tensorrt target, not 'python'"),
     ({"target": "tensorrt", "tensorrt_version": "latest"}, r"'latest' is not a TensorRT version \(MAJOR.MINOR"),
+    ({"device": "gpu"}, r"unknown device 'gpu': use cpu, cuda or cuda:N"),
 ])
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(RepositoryError, match=message):
@@ -266,3 +267,16 @@ def test_tensorrt_configs_that_break_the_backends_rules_are_not_written(build, t
                                               r"config.instance_group\[0\]: triton-profiles"):
         render_repository(build, tmp_path / "repo", RepositoryOptions(target="tensorrt"), configs_only=True)
     assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("args,device", [
+    ({"model_instance_kind": "GPU", "model_instance_device_id": "1"}, "cuda:1"),
+    ({"model_instance_kind": "GPU", "model_instance_device_id": "0"}, "cuda:0"),
+    ({"model_instance_kind": "CPU", "model_instance_device_id": "0"}, "cpu"),
+    ({}, "cpu"),
+])
+def test_python_models_run_on_their_instances_device(args, device):
+    """The python backend tells each instance its kind and GPU (python_backend README, initialize)."""
+    from vlm_export.model_repository.python_models.common import instance_device
+
+    assert instance_device(args) == device

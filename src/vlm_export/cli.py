@@ -236,6 +236,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-mode", choices=("in_process", "bls"), default=None,
                    help="where the vlm model runs decode steps (default: in_process for python, bls otherwise)")
     p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime threads inside python models")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
+                   help="where the graph models run: cuda gives them KIND_GPU instances (on GPU N for cuda:N) and "
+                        "runs the python models' ONNX Runtime sessions on the instance's GPU (needs onnxruntime-gpu "
+                        "in the server's environment; else CPU with a notice); the tensorrt target always runs on "
+                        "a GPU (default cpu)")
     p.add_argument("--tensorrt-version", default=None, metavar="VERSION",
                    help="tensorrt target: the TensorRT version of the Triton that will serve the plans (its "
                         "container's); plans that will not load on it are refused (default: not checked)")
@@ -478,7 +483,7 @@ def _cmd_repository(args, progress) -> int:
                                 **({} if args.image_cache_mb is None else {"image_cache_mb": args.image_cache_mb}),
                                 **({} if args.max_prefill_tokens is None else {"max_prefill_tokens": args.max_prefill_tokens}),
                                 **({} if args.max_prefill_padding is None else {"max_prefill_padding": args.max_prefill_padding}),
-                                tensorrt_version=args.tensorrt_version)
+                                tensorrt_version=args.tensorrt_version, device=args.device)
     with progress.step(f"rendering the {args.target} repository") as advance:
         out = render_repository(args.build, args.out, options, force=args.force, check_hashes=not args.no_hash_check,
                                 configs_only=args.configs_only)

@@ -144,6 +144,24 @@ def form_entry(manifest: dict[str, Any], stage: str, form: str) -> dict[str, Any
                         f"{(entry.get('fusion') or {}).get('tensorrt') or 'no target uses it'})")
 
 
+def gpu_form(manifest: dict[str, Any], stage: str) -> str:
+    """The form ONNX Runtime runs ``stage`` in on a CUDA GPU: the standard form where the build
+    ships one, else the onnxruntime target's. The fused forms are fp32 (fp16 builds ship none) and
+    ONNX Runtime's CUDA GroupQueryAttention takes fp16/bf16 only (its OperatorKernels.md), so on a
+    GPU a fused fp32 decoder would run its attention on the CPU provider, copying across every layer.
+    A stage with a fused form only (w4/w8 quantized after fusing) keeps it: ``gpu_form_note`` says so."""
+    forms = stage_forms(manifest["graphs"][stage])
+    return "standard" if "standard" in forms else targets(manifest)["onnxruntime"][stage]
+
+
+def gpu_form_note(manifest: dict[str, Any], stage: str) -> str | None:
+    """One line for a stage whose GPU form is a fused fp32 graph (see ``gpu_form``), else None."""
+    if gpu_form(manifest, stage) != "fused":
+        return None
+    return (f"{stage} ships only ONNX Runtime's fused form, whose fp32 GroupQueryAttention has no CUDA kernel: "
+            "on a GPU those nodes run on the CPU provider; build with --no-fuse for a GPU deployment")
+
+
 def served_entry(manifest: dict[str, Any], stage: str, target: str) -> dict[str, Any]:
     """The graph entry ``target`` serves for ``stage``: its form (``form_entry``), or - for a stage
     with no form that target reads (a MatMulNBits decoder for TensorRT) - the stage's primary

@@ -28,9 +28,11 @@ from ..atomic import atomic_folder
 from ..contract import image_stages, scheme_from_dict, stages_from_manifest
 from ..engines.profiles import stage_profiles
 from ..engines.tensorrt import release, version_problem
-from ..errors import RepositoryError
+from ..errors import InputError, RepositoryError
 from ..export.graph_info import graph_io
-from ..manifest import check_hashes as check_build_hashes, read_manifest, served_entry, write_manifest
+from ..manifest import (check_hashes as check_build_hashes, form_entry, gpu_form, gpu_form_note, read_manifest,
+                        served_entry, write_manifest)
+from ..runtime.devices import Device
 from ..runtime.engine import DEFAULT_MAX_QUEUE
 from ..runtime.generate import DEFAULT_MAX_PREFILL_PADDING, DEFAULT_MAX_PREFILL_TOKENS
 from ..runtime.pipeline import image_limits_for
@@ -92,6 +94,9 @@ class RepositoryOptions:
     # tensorrt target: the TensorRT version of the Triton that will serve the plans (its container's);
     # plans that will not load on it are refused. None: not checked (render says so)
     tensorrt_version: str | None = None
+    # where the models run: cpu, or cuda[:N] - KIND_GPU instance groups (on GPU N), the python models'
+    # ONNX Runtime sessions on the instance's GPU; the tensorrt target is always on a GPU
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -110,6 +115,10 @@ class RepositoryOptions:
         if self.tensorrt_version is not None and release(self.tensorrt_version) is None:
             raise RepositoryError(f"tensorrt_version {self.tensorrt_version!r} is not a TensorRT version "
                                   "(MAJOR.MINOR[.PATCH], e.g. 10.5.0)")
+        try:
+            Device.parse(self.device)
+        except InputError as e:
+            raise RepositoryError(str(e)) from None
         if self.max_prefill_tokens < 1 or not 0.0 <= self.max_prefill_padding <= 1.0:
             raise RepositoryError(f"max_prefill_tokens must be >= 1 (got {self.max_prefill_tokens}) and "
                                   f"max_prefill_padding in [0, 1] (got {self.max_prefill_padding})")
@@ -117,6 +126,21 @@ class RepositoryOptions:
     @property
     def resolved_decoder_mode(self) -> str:
         return self.decoder_mode or ("in_process" if self.target == "python" else "bls")
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.target == "tensorrt" or Device.parse(self.device).is_cuda
+
+    def instance_group(self, count: int, runs_graphs: bool = True) -> list[dict]:
+        """Triton's instance group: KIND_GPU for a model that runs graphs on a GPU (the python backend
+        tells each instance its GPU, which the python models run ONNX Runtime on), pinned to GPU N for
+        ``cuda:N``; KIND_CPU otherwise (image decoding, a vlm model whose decoder is another model)."""
+        gpu = self.on_gpu and runs_graphs
+        group = {"kind": "KIND_GPU" if gpu else "KIND_CPU", "count": count}
+        index = Device.parse(self.device).index
+        if gpu and index is not None:
+            group["gpus"] = [index]
+        return [group]
 
 
 def _dims(shape: list, batched: bool) -> list[int]:
@@ -141,19 +165,23 @@ def _file_hashes(entry: dict, graph_name: str | None = None) -> str:
                        for rel, digest in entry["sha256"].items()})
 
 
-def target_graphs(manifest: dict, target: str) -> dict[str, dict]:
+def target_graphs(manifest: dict, target: str, gpu: bool = False) -> dict[str, dict]:
     """Stage -> the graph entry a repository target serves: the python and onnxruntime targets run
     ONNX Runtime, so the form the manifest's onnxruntime target names (the fused decoder where the
-    build has one); the tensorrt target's plans are built from the standard form (engines/tensorrt.py;
-    a stage without one is checked as shipped, so the check names what TensorRT cannot read)."""
-    runtime = "tensorrt" if target == "tensorrt" else "onnxruntime"
-    return {stage: served_entry(manifest, stage, runtime) for stage in manifest["graphs"]}
+    build has one), or on a GPU ``manifest.gpu_form`` (the standard graph where one is shipped); the
+    tensorrt target's plans are built from the standard form (engines/tensorrt.py; a stage without
+    one is checked as shipped, so the check names what TensorRT cannot read)."""
+    if target == "tensorrt":
+        return {stage: served_entry(manifest, stage, "tensorrt") for stage in manifest["graphs"]}
+    if gpu:
+        return {stage: form_entry(manifest, stage, gpu_form(manifest, stage)) for stage in manifest["graphs"]}
+    return {stage: served_entry(manifest, stage, "onnxruntime") for stage in manifest["graphs"]}
 
 
 def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]:
     """Every model's config as a dict in Triton's schema (JSON field names)."""
     image_batch = manifest["limits"]["max_images_per_batch"]
-    graphs = target_graphs(manifest, options.target)
+    graphs = target_graphs(manifest, options.target, options.on_gpu)
     stages = stages_from_manifest(manifest)
     scheme = scheme_from_dict(manifest["scheme"])
     configs: dict[str, dict] = {}
@@ -167,8 +195,7 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
             "max_batch_size": image_batch if batched else 0,
             "input": _tensors(graphs[spec.name]["inputs"], batched),
             "output": _tensors(graphs[spec.name]["outputs"], batched),
-            "instance_group": [{"kind": "KIND_GPU" if options.target == "tensorrt" else "KIND_CPU",
-                                "count": options.instances}],
+            "instance_group": options.instance_group(options.instances),
         }
         if options.target == "tensorrt":
             # Every instance gets every optimization profile of its plan. Without `profile` Triton uses
@@ -209,7 +236,8 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
         "input": VLM_INPUTS,
         "output": VLM_OUTPUTS,
         "model_transaction_policy": {"decoupled": True},
-        "instance_group": [{"kind": "KIND_CPU", "count": options.vlm_instances}],
+        "instance_group": options.instance_group(options.vlm_instances,
+                                                 runs_graphs=options.resolved_decoder_mode == "in_process"),
         "parameters": {**_python_params(decoder_mode=options.resolved_decoder_mode, intra_op_threads=options.threads or 0,
                                         max_queue=options.max_queue, image_cache_mb=options.image_cache_mb,
                                         max_prefill_tokens=options.max_prefill_tokens,
@@ -229,7 +257,7 @@ def _image_path_configs(configs: dict, image, image_input: str, image_batch: int
         "max_batch_size": image_batch,
         "input": [{"name": "images", "data_type": "TYPE_STRING", "dims": [1]}],
         "output": [{**pixels_cfg, "name": pixels.name}],
-        "instance_group": [{"kind": "KIND_CPU", "count": options.instances}],
+        "instance_group": options.instance_group(options.instances, runs_graphs=False),
         "dynamic_batching": {"max_queue_delay_microseconds": options.max_queue_delay_us},
     }
     steps = [{"model_name": "preprocess", "model_version": -1,
@@ -270,11 +298,13 @@ def to_pbtxt(cfg: dict) -> str:
     return text_format.MessageToString(parse_config(cfg))
 
 
-def check_against_graphs(configs: dict[str, dict], build_dir: Path, manifest: dict, target: str = "python") -> None:
+def check_against_graphs(configs: dict[str, dict], build_dir: Path, manifest: dict, target: str = "python",
+                         gpu: bool = False) -> None:
     """Tensor names, dtypes and dims of every graph model against the ONNX graph files themselves
-    (read from disk, not from the manifest the configs were made from), in the form ``target`` serves."""
+    (read from disk, not from the manifest the configs were made from), in the form ``target`` serves
+    (on a GPU where ``gpu``)."""
     problems = []
-    graphs = target_graphs(manifest, target)
+    graphs = target_graphs(manifest, target, gpu)
     for spec in stages_from_manifest(manifest):
         if spec.name not in configs:  # run inside the vlm model (in_process decoder)
             continue
@@ -358,9 +388,10 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
     if not check_hashes:  # nor do the python models at load
         for cfg in configs.values():
             cfg.get("parameters", {}).pop("sha256", None)
-    check_against_graphs(configs, build_dir, manifest, options.target)
+    check_against_graphs(configs, build_dir, manifest, options.target, options.on_gpu)
     pbtxt = {name: to_pbtxt(cfg) for name, cfg in configs.items()}
-    notes = []
+    notes = [note for stage in manifest["graphs"] if options.on_gpu and options.target != "tensorrt"
+             and (note := gpu_form_note(manifest, stage))]
     if options.target == "tensorrt" and not manifest.get("engines"):
         if not configs_only:
             raise RepositoryError(f"{build_dir} has no TensorRT engines; build them on a GPU machine with TensorRT "
@@ -392,7 +423,7 @@ def _model_files(tmp: Path, build_dir: Path, manifest: dict, configs: dict[str, 
     """Each model's version folder ``1/``: graphs or plans, python model code, tokenizers, the manifest."""
     for name in configs:
         (tmp / name / "1").mkdir()
-    for stage, entry in target_graphs(manifest, options.target).items():
+    for stage, entry in target_graphs(manifest, options.target, options.on_gpu).items():
         graph = build_dir / entry["file"]
         if stage not in configs:  # the in-process decoder: its graph under its own name inside vlm/1/
             for rel in entry["sha256"]:

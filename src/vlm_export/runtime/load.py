@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Mapping
 
 from ..contract import ImageText, Limits, PromptLayout, scheme_from_dict, stages_from_manifest
-from ..manifest import check_hashes as check_build_hashes, form_entry, read_manifest
+from ..manifest import check_hashes as check_build_hashes, form_entry, gpu_form, gpu_form_note, read_manifest
+from .devices import Device, log
 from .pipeline import VLMPipeline
 from .prompt import ImageTextEncoder
 from .runners import OrtRunner, Runner
@@ -51,13 +52,19 @@ def open_build(build_dir: Path, threads: int | None = None, check_hashes: bool =
     TensorRT reads; ``fused`` the fused form where a stage has one (see manifest.form_entry).
     ``device``: ``cpu`` (default) or ``cuda[:N]``: ONNX Runtime's TensorRT/CUDA providers where it
     has them, else CPU with a one-line notice (``runtime.devices.ort_providers``); TensorRT builds
-    fp16 kernels for the stages whose graph is fp16."""
+    fp16 kernels for the stages whose graph is fp16. On ``cuda`` the ``onnxruntime`` form is
+    ``manifest.gpu_form`` (the standard graph where one is shipped: the fused forms' fp32 attention
+    has no CUDA kernel)."""
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
     if check_hashes:
         check_build_hashes(build_dir, manifest)
     specs = stages_from_manifest(manifest)
-    files = {spec.name: build_dir / form_entry(manifest, spec.name, form)["file"] for spec in specs}
+    on_gpu = form == "onnxruntime" and Device.parse(device).is_cuda
+    forms = {spec.name: gpu_form(manifest, spec.name) if on_gpu else form for spec in specs}
+    for note in filter(None, (gpu_form_note(manifest, spec.name) for spec in specs if on_gpu)):
+        log.warning(note)
+    files = {spec.name: build_dir / form_entry(manifest, spec.name, forms[spec.name])["file"] for spec in specs}
     runners = {spec.name: OrtRunner(spec.name, files[spec.name], threads=threads, spin=spec.per_token, device=device,
                                     fp16=manifest["graphs"][spec.name].get("precision") == "fp16")
                for spec in specs}

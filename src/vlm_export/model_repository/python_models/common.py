@@ -16,6 +16,15 @@ def model_dirs(args: dict) -> tuple[Path, Path, dict]:
     return model_dir, model_dir / args["model_version"], config
 
 
+def instance_device(args: dict) -> str:
+    """Where this instance runs its graphs: ``cuda:N`` for a KIND_GPU instance (the python backend
+    passes the instance's kind and GPU), else ``cpu``. ONNX Runtime without GPU providers falls back
+    to the CPU with a one-line notice (``runtime.devices``)."""
+    if args.get("model_instance_kind") == "GPU":
+        return f"cuda:{int(args.get('model_instance_device_id') or 0)}"
+    return "cpu"
+
+
 def parameter(config: dict, key: str, default: str = "") -> str:
     return config.get("parameters", {}).get(key, {}).get("string_value", default)
 

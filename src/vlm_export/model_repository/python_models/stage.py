@@ -5,7 +5,7 @@ once and split back."""
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from vlm_export.model_repository.python_models.common import check_files, model_dirs, parameter
+from vlm_export.model_repository.python_models.common import check_files, instance_device, model_dirs, parameter
 from vlm_export.runtime.runners import OrtRunner
 
 
@@ -16,7 +16,7 @@ class TritonPythonModel:
         self.batched = config.get("max_batch_size", 0) > 0
         threads = int(parameter(config, "intra_op_threads", "0")) or None
         self.runner = OrtRunner(args["model_name"], version_dir / "model.onnx", threads=threads,
-                                spin=parameter(config, "spin", "0") == "1")
+                                spin=parameter(config, "spin", "0") == "1", device=instance_device(args))
 
     def execute(self, requests):
         feeds = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.runner.input_names}

@@ -23,8 +23,8 @@ from transformers.utils import logging as hf_logging
 
 from vlm_export.contract import prompt_inputs, stages_from_manifest
 from vlm_export.errors import BusyError, InputError, RunnerError, VlmExportError
-from vlm_export.model_repository.python_models.common import (check_files, image_limits, image_payload, model_dirs,
-                                                               parameter)
+from vlm_export.model_repository.python_models.common import (check_files, image_limits, image_payload,
+                                                               instance_device, model_dirs, parameter)
 from vlm_export.runtime.engine import DEFAULT_MAX_QUEUE, Cancelled, GenerationEngine
 from vlm_export.runtime.generate import (DEFAULT_MAX_PREFILL_PADDING, DEFAULT_MAX_PREFILL_TOKENS, GenerationConfig,
                                          GenerationResult, TokenEvent)
@@ -76,7 +76,8 @@ class TritonPythonModel:
         if parameter(config, "decoder_mode", "in_process") == "in_process":
             threads = int(parameter(config, "intra_op_threads", "0")) or None
             check_files(version_dir, config)  # the decoder graph the renderer put beside this model
-            decoder = OrtRunner(name, version_dir / parameter(config, "decoder_graph"), threads=threads, spin=True)
+            decoder = OrtRunner(name, version_dir / parameter(config, "decoder_graph"), threads=threads, spin=True,
+                                device=instance_device(args))
         else:
             decoder = BlsRunner(name, specs[name].input_names, specs[name].output_names)
         pipe.runners[name] = decoder
