@@ -6,12 +6,19 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from ..errors import ExportError
 
 # protobuf cannot serialise a model over 2 GiB in one file
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# tensors this large or larger go to the external data file (onnx's own default threshold)
+EXTERNAL_TENSOR_MIN_BYTES = 1024
+# each external tensor starts on a page: ONNX Runtime can then map it instead of reading it
+EXTERNAL_DATA_ALIGNMENT = 4096
+_COPY_CHUNK = 64 << 20
 
 ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: "float32",
@@ -82,17 +89,95 @@ def topological_order(nodes: list[onnx.NodeProto], available: set[str], what: st
     return ordered
 
 
-def save_graph(model: onnx.ModelProto, path: Path) -> Path:
-    """Write ``model`` to ``path``; past EXTERNAL_DATA_THRESHOLD its weights go to ``<name>.data``
-    beside it (protobuf's 2 GB limit). A stale data file is removed first: onnx appends to it."""
+def _external(tensor: onnx.TensorProto, source_dir: Path | None) -> tuple[Path, int, int]:
+    """(file, offset, length) of a tensor whose bytes live in an external data file; a relative
+    location is relative to ``source_dir`` (the folder of the graph it was loaded from)."""
+    info = {e.key: e.value for e in tensor.external_data}
+    location = Path(info["location"])
+    if not location.is_absolute():
+        if source_dir is None:
+            raise ExportError(f"tensor {tensor.name} keeps its weights in {location}, but the graph's folder is unknown")
+        location = Path(source_dir) / location
+    if "length" in info:
+        length = int(info["length"])
+    else:  # the whole rest of the file (onnx writes the length; other writers may not)
+        length = location.stat().st_size - int(info.get("offset", 0))
+    return location, int(info.get("offset", 0)), length
+
+
+def uses_external_data(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def read_tensor(tensor: onnx.TensorProto, source_dir: Path | None = None) -> np.ndarray:
+    """A tensor's value; external data is read from its file without loading it into the proto
+    (``numpy_helper.to_array`` would store the whole tensor in the proto as well)."""
+    if not uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    path, offset, length = _external(tensor, source_dir)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    if dtype.kind not in "fiub" or tensor.data_type == onnx.TensorProto.BFLOAT16:
+        raise ExportError(f"tensor {tensor.name}: reading external {dtype} data is not supported here")
+    values = np.fromfile(path, dtype=dtype, count=length // dtype.itemsize, offset=offset)
+    if values.size != int(np.prod(tensor.dims, dtype=np.int64)):
+        raise ExportError(f"{path} ends before tensor {tensor.name}'s data does; export the graph again")
+    return values.reshape(tuple(tensor.dims))
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the weights the proto itself holds. Not ``ModelProto.ByteSize()``: protobuf's upb
+    serialises the whole model to count it, ~4x the model's size in memory at its peak."""
+    return sum(len(t.raw_data) for t in model.graph.initializer if not uses_external_data(t))
+
+
+def set_external_data(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def save_graph(model: onnx.ModelProto, path: Path, source_dir: Path | None = None) -> Path:
+    """Write ``model`` to ``path``. Its weights go to ``<name>.data`` beside it (each tensor of
+    EXTERNAL_TENSOR_MIN_BYTES or more, page-aligned) when they pass EXTERNAL_DATA_THRESHOLD
+    (protobuf's 2 GB limit) or when some already live in external files - a graph loaded with
+    ``load_external_data=False`` (``source_dir``: its folder), or tensors spilled to a scratch file:
+    those bytes are copied file to file in chunks, never through memory whole. The proto is changed
+    to point at the new file. A stale data file is replaced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-    else:
+    inits = model.graph.initializer
+    if not any(uses_external_data(t) for t in inits) and weight_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+        if data.exists():
+            data.unlink()
         onnx.save_model(model, os.fspath(path))
+        return path
+    sources = [_external(t, source_dir) if uses_external_data(t) else None for t in inits]
+    if any(src is not None and src[0].resolve() == data.resolve() for src in sources):
+        raise ExportError(f"{path} would overwrite the external data its own weights are read from; write elsewhere")
+    with open(data, "wb") as out:
+        for tensor, source in zip(inits, sources):
+            if source is None and len(tensor.raw_data) < EXTERNAL_TENSOR_MIN_BYTES:
+                continue  # small constants stay in the graph
+            out.write(b"\0" * (-out.tell() % EXTERNAL_DATA_ALIGNMENT))
+            offset = out.tell()
+            if source is None:
+                out.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            else:
+                with open(source[0], "rb") as src:
+                    src.seek(source[1])
+                    left = source[2]
+                    while left:
+                        chunk = src.read(min(left, _COPY_CHUNK))
+                        if not chunk:
+                            raise ExportError(f"{source[0]} ends before tensor {tensor.name}'s data does; "
+                                              "export the graph again")
+                        out.write(chunk)
+                        left -= len(chunk)
+            set_external_data(tensor, data.name, offset, out.tell() - offset)
+    onnx.save_model(model, os.fspath(path))
     return path
+

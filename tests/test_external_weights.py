@@ -1,0 +1,110 @@
+"""Graphs whose weights live in an external data file (every graph past 1.8 GB): written page-aligned
+by save_graph, and fused without loading the weights into memory (export/fuse.py reads the few it
+rewrites from the file, spills the packed projections to a scratch file and copies everything into
+the fused graph's own data file). The fused graph must be the one fusing in memory gives."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from vlm_export.errors import ExportError
+from vlm_export.export import graph_info
+from vlm_export.export.fuse import fuse_decoder
+from vlm_export.export.graph_info import EXTERNAL_DATA_ALIGNMENT, read_tensor, save_graph, uses_external_data
+
+
+def _external_copy(src: Path, dst: Path) -> Path:
+    """``src`` re-saved by onnx itself with every tensor of 1 KB or more in ``<name>.data``."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(onnx.load(os.fspath(src)), os.fspath(dst), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=dst.name + ".data", size_threshold=1024)
+    return dst
+
+
+def _step_feeds(session: ort.InferenceSession, past: int = 5, new: int = 3) -> dict[str, np.ndarray]:
+    """A decode call with ``past`` cached positions and ``new`` tokens, random values."""
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in session.get_inputs():
+        dims = {"batch": 1, "sequence": new, "total_sequence": past + new, "past_sequence": past, "image_tokens": 2}
+        shape = [d if isinstance(d, int) else dims.get(d, past) for d in i.shape]
+        if i.name == "attention_mask":
+            feeds[i.name] = np.ones(shape, np.int64)
+        elif i.name == "position_ids":
+            feeds[i.name] = np.arange(past, past + new, dtype=np.int64)[None]
+        elif "int" in i.type:
+            feeds[i.name] = rng.integers(0, 8, shape).astype(np.int64)
+        else:
+            feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def _run(path: Path, feeds=None):
+    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    feeds = feeds or _step_feeds(session)
+    return session.run(None, feeds), feeds
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_build) -> Path:
+    build = tiny_build("llava-llama").path
+    return build / "graphs" / "lm_decoder.onnx"
+
+
+def test_a_decoder_with_external_weights_fuses_to_the_in_memory_result(decoder, tmp_path):
+    external = _external_copy(decoder, tmp_path / "src" / "lm_decoder.onnx")
+    in_memory, streamed = tmp_path / "a" / "fused.onnx", tmp_path / "b" / "fused.onnx"
+    assert fuse_decoder(decoder, in_memory).fusions == fuse_decoder(external, streamed).fusions
+    # the streamed one keeps its weights outside the graph, in its own file, nothing left behind
+    assert sorted(p.name for p in streamed.parent.iterdir()) == ["fused.onnx", "fused.onnx.data"]
+    model = onnx.load(os.fspath(streamed), load_external_data=False)
+    big = [t for t in model.graph.initializer if uses_external_data(t)]
+    assert len(big) > 10 and all(e.value == "fused.onnx.data" for t in big for e in t.external_data if e.key == "location")
+    offsets = [int(e.value) for t in big for e in t.external_data if e.key == "offset"]
+    assert all(o % EXTERNAL_DATA_ALIGNMENT == 0 for o in offsets)  # ONNX Runtime can map each tensor
+    # every weight equals the in-memory fused graph's, and so do the answers
+    reference = {t.name: numpy_helper.to_array(t) for t in onnx.load(os.fspath(in_memory)).graph.initializer}
+    assert {t.name for t in model.graph.initializer} == set(reference)
+    for t in model.graph.initializer:
+        np.testing.assert_array_equal(read_tensor(t, streamed.parent), reference[t.name], err_msg=t.name)
+    want, feeds = _run(in_memory)
+    got, _ = _run(streamed, feeds)
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(a, b)
+    # the source graph and its data are untouched
+    np.testing.assert_array_equal(_run(external, feeds)[0][0], _run(decoder, feeds)[0][0])
+
+
+def test_large_graphs_are_saved_with_page_aligned_external_data(decoder, tmp_path, monkeypatch):
+    """Past the threshold the weights leave the proto - counted from the tensors, not by protobuf
+    serialising the whole model (ModelProto.ByteSize), which peaks at ~4x the model's size."""
+    model = onnx.load(os.fspath(decoder))
+    assert graph_info.weight_bytes(model) > 0.9 * decoder.stat().st_size
+    monkeypatch.setattr(graph_info, "EXTERNAL_DATA_THRESHOLD", graph_info.weight_bytes(model) - 1)
+    path = save_graph(model, tmp_path / "big.onnx")
+    data = tmp_path / "big.onnx.data"
+    assert data.stat().st_size > path.stat().st_size * 5
+    want, feeds = _run(decoder)
+    for a, b in zip(want, _run(path, feeds)[0]):
+        np.testing.assert_array_equal(a, b)
+    # saving again over the graph whose data it reads would destroy them: refused
+    reloaded = onnx.load(os.fspath(path), load_external_data=False)
+    with pytest.raises(ExportError, match="would overwrite the external data its own weights are read from"):
+        save_graph(reloaded, path, source_dir=tmp_path)
+    assert data.stat().st_size > path.stat().st_size * 5
+
+
+def test_a_truncated_data_file_is_one_clear_error(decoder, tmp_path):
+    external = _external_copy(decoder, tmp_path / "src" / "lm_decoder.onnx")
+    data = external.with_name(external.name + ".data")
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    with pytest.raises(ExportError, match="ends before tensor"):
+        fuse_decoder(external, tmp_path / "out" / "fused.onnx")
+    assert not (tmp_path / "out" / "fused.onnx.spill").exists()
