@@ -124,8 +124,8 @@ def test_both_forms_pass_parity(tiny_build):
     assert "| prefill (standard form) | logits |" in text
 
 
-def test_open_build_default_and_standard_forms(tiny_build, monkeypatch):
-    """The same greedy tokens from the two forms of the decoder, which are different graphs."""
+def _recording_open(monkeypatch) -> dict:
+    """open_build's runners as they really are, recording which file each stage opened."""
     import vlm_export.runtime.load as load
 
     opened = {}
@@ -136,6 +136,12 @@ def test_open_build_default_and_standard_forms(tiny_build, monkeypatch):
             super().__init__(name, path, *args, **kwargs)
 
     monkeypatch.setattr(load, "OrtRunner", Recording)
+    return opened
+
+
+def test_open_build_default_and_standard_forms(tiny_build, monkeypatch):
+    """The same greedy tokens from the two forms of the decoder, which are different graphs."""
+    opened = _recording_open(monkeypatch)
     path = tiny_build("llava-llama").path
     tokens, nodes = {}, {}
     for form in ("onnxruntime", "standard"):
@@ -278,21 +284,6 @@ def test_forms_of_every_stage_are_listed(w4_build):
     forms = {stage: list(stage_forms(entry)) for stage, entry in w4_build.manifest["graphs"].items()}
     assert forms == {"vision_encoder": ["standard"], "projector": ["standard"], "lm_decoder": ["fused"]}
     assert verify_hashes(w4_build.path, w4_build.manifest) == []
-
-
-def _recording_open(monkeypatch) -> dict:
-    """open_build's runners as they really are, recording which file each stage opened."""
-    import vlm_export.runtime.load as load
-
-    opened = {}
-
-    class Recording(load.OrtRunner):
-        def __init__(self, name, path, *args, **kwargs):
-            opened[name] = Path(path)
-            super().__init__(name, path, *args, **kwargs)
-
-    monkeypatch.setattr(load, "OrtRunner", Recording)
-    return opened
 
 
 def test_on_a_gpu_onnxruntime_opens_the_standard_form(tiny_build, w4_build, monkeypatch, caplog):
