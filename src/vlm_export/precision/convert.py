@@ -15,9 +15,9 @@
   symmetric, zero point 0, per-channel weights) - the form TensorRT consumes and ONNX Runtime's CPU
   provider also runs. Biases stay float (no INT32 DequantizeLinear, which TensorRT's ONNX parser
   rejects). A decoder (a graph ending in an LM head) is smoothed first (``smoothquant``: its
-  activation outliers migrated into the weights), then its ONNX Runtime form (the fused graph, already
-  in contrib ops) gets per-token dynamic int8 activations in ONNX Runtime's U8S8 kernels, and its
-  standard form (TensorRT's) the static symmetric Q/DQ above.
+  activation outliers migrated into the weights) and its activations quantized per token at run time:
+  its ONNX Runtime form (the fused graph, already in contrib ops) in ONNX Runtime's integer GEMM
+  (MatMulIntegerToFloat), its standard form (TensorRT's) as symmetric Q/DQ.
 """
 from __future__ import annotations
 
@@ -337,7 +337,7 @@ def _static_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpti
 def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOptions, cache: Path | None,
                   keep: list[str]) -> VariantInfo:
     """SmoothQuant with per-token dynamic activations on a decoder (``smoothquant``). A graph already in
-    ONNX Runtime's contrib ops (the fused form) runs on ONNX Runtime only: its U8S8 kernels. A graph
+    ONNX Runtime's contrib ops (the fused form) runs on ONNX Runtime only: its integer kernels. A graph
     of standard ops is the one TensorRT reads: the symmetric Q/DQ form. ``cache`` keeps the measured
     channel ranges."""
     from . import smoothquant as sq
@@ -362,8 +362,9 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
         "activations": "int8 dynamic per-token",
         "activation_codes": (f"uint8, zero point {sq.ACTIVATION_ZERO_POINT} (symmetric)" if ort_form
                              else "int8, zero point 0 (symmetric Q/DQ, scale 1 on x / row scale)"),
-        "weights": f"int8 per-channel symmetric (|q| <= {sq.WEIGHT_QMAX})",
-        "kernel": "MatMulIntegerToFloat (U8S8)" if ort_form else "DequantizeLinear -> MatMul",
+        "weights": f"int8 per-channel symmetric (|q| <= {sq.WEIGHT_QMAX})"
+                   + (f", stored as uint8 codes, zero point {sq.WEIGHT_ZERO_POINT}" if ort_form else ""),
+        "kernel": "MatMulIntegerToFloat (U8U8)" if ort_form else "DequantizeLinear -> MatMul",
         "quantized_matmuls": quantized, "smoothing": {k: v for k, v in smoothing.items() if k != "alpha"},
         "calibration": "channel max |x|", "calibration_samples": len(calibration_feeds or []),
         "calibration_cache": None if cache is None else {"file": str(cache), "reused": reused},

@@ -14,9 +14,9 @@ decoder: logits cosine -0.67). Two remedies, used together:
   ``max|X_j|`` comes from the same image+text calibration pairs as every int8 stage.
 * **Per-token dynamic activations** (the ONNX Runtime form): each token's row gets its own scale at
   run time, so a token with a huge activation (the first token's "attention sink") does not flatten
-  every other token's. Written as ONNX Runtime's U8S8 kernels read it: ``QuantizeLinear`` to uint8
-  with zero point 128 (symmetric codes), ``MatMulIntegerToFloat`` (int32 accumulation, per-channel
-  weight scales applied in the GEMM's output stage), then the row scale.
+  every other token's. Written as ONNX Runtime's integer kernels read it: ``QuantizeLinear`` to uint8
+  with zero point 128 (symmetric codes), ``MatMulIntegerToFloat`` on uint8 weight codes (int32
+  accumulation, per-channel weight scales applied in the GEMM's output stage), then the row scale.
 
 TensorRT reads neither contrib ops nor Q/DQ scales computed at run time, so its form (the standard
 graph) is the same smoothing and per-token scheme in standard ops: ``x / scale`` through a
@@ -43,12 +43,16 @@ from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, save_graph
 
 #: SmoothQuant's migration strength; 0.5 is the paper's default for most models
 SMOOTH_ALPHA = 0.5
-#: per-channel symmetric int8 weights. ONNX Runtime's guide advises 7-bit weights (reduce_range) on
-#: x86 without VNNI, where the AVX2 U8S8 kernel adds pairs of u8 x s8 products in int16
-#: (vpmaddubsw), which can saturate; on the demo's decoder 7-bit weights cost far more than that
-#: risk (last-token logits cosine on 8 held-out prompts: 0.936 with 7 bits, 0.9925 with 8)
+#: per-channel symmetric int8 weights
 WEIGHT_QMAX = 127
-ACTIVATION_ZERO_POINT = 128  # uint8 codes centred on 128: symmetric activations in U8S8 form
+#: the ONNX Runtime form stores them as uint8 codes + 128 (U8U8), not int8 (U8S8): on x86 without
+#: VNNI, ONNX Runtime's U8S8 kernel adds pairs of u8 x s8 products in int16 (vpmaddubsw), which
+#: saturates - measured here: 22% error on a row of a 64-deep MatMul, and up to 40% of the largest
+#: output on random full-range codes. Its U8U8 kernel widens to int16 first and is exact. 7-bit weights
+#: or activations (ONNX Runtime's reduce_range advice) are exact too, but cost the demo decoder's
+#: last-token logits cosine 0.936 / 0.960 (8 held-out prompts) against 0.988-0.998 with 8 bits.
+WEIGHT_ZERO_POINT = 128
+ACTIVATION_ZERO_POINT = 128  # uint8 codes centred on 128: symmetric activations in unsigned form
 ACTIVATION_QMAX = 127
 MS_DOMAIN = "com.microsoft"
 #: normalisations whose output is ``normalised * gamma (+ beta)``: (gamma input, beta input or None)
@@ -283,8 +287,9 @@ def per_token_int8(model: onnx.ModelProto, keep: Iterable[str] = (), form: str =
     per-channel symmetric (``WEIGHT_QMAX``); the product times ``scale``. MatMuls reading one input
     share its quantization. ``form``:
 
-    * ``onnxruntime``: uint8 codes + 128 (symmetric codes in U8S8 form) into ``MatMulIntegerToFloat``,
-      whose int32 GEMM applies the weight scales in its output stage (ONNX Runtime's CPU kernels);
+    * ``onnxruntime``: activations and weights as uint8 codes + 128 (symmetric values, U8U8: see
+      ``WEIGHT_ZERO_POINT``) into ``MatMulIntegerToFloat``, whose int32 GEMM applies the weight scales
+      in its output stage (ONNX Runtime's CPU kernels);
     * ``qdq``: standard ops only, symmetric int8 with zero point 0: ``QuantizeLinear`` /
       ``DequantizeLinear`` at scale 1 on ``x / scale`` (constant scales, as TensorRT's explicit
       quantization requires), per-channel ``DequantizeLinear`` on the weights, ``MatMul``, then the
@@ -330,10 +335,12 @@ def per_token_int8(model: onnx.ModelProto, keep: Iterable[str] = (), form: str =
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         w_scale = np.maximum(np.abs(w).max(axis=0) / WEIGHT_QMAX, np.finfo(np.float32).tiny).astype(np.float32)
         w_q = np.clip(np.rint(w / w_scale), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
+        if ort_form:  # U8U8: the int8 values as uint8 codes + 128 (see WEIGHT_ZERO_POINT)
+            w_q = (w_q.astype(np.int16) + WEIGHT_ZERO_POINT).astype(np.uint8)
         new_inits += [numpy_helper.from_array(w_q, f"{name}_Wq"), numpy_helper.from_array(w_scale, f"{name}_Wscale")]
         if ort_form:
             nodes.append(helper.make_node("MatMulIntegerToFloat", [codes, f"{name}_Wq", "pt_one", f"{name}_Wscale",
-                                                                   "pt_zero_point"], [f"{name}_unscaled"],
+                                                                   "pt_zero_point", "pt_zero_point"], [f"{name}_unscaled"],
                                           name=f"{name}_int8", domain=MS_DOMAIN))
         else:
             nodes += [helper.make_node("DequantizeLinear", [f"{name}_Wq", f"{name}_Wscale"], [f"{name}_W"],
