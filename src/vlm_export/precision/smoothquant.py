@@ -107,16 +107,16 @@ def groups(model: onnx.ModelProto, keep: Iterable[str] = ()) -> list[_Group]:
     for node in targets:
         by_input.setdefault(node.input[0], []).append(node)
     uses = _uses(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
     found = []
     for tensor, matmuls in by_input.items():
-        fold = _fold(model, tensor, matmuls[0], uses) if uses[tensor] == len(matmuls) else None
+        fold = _fold(tensor, matmuls[0], producers, inits, uses) if uses[tensor] == len(matmuls) else None
         found.append(_Group(tensor, matmuls, fold))
     return found
 
 
-def _fold(model: onnx.ModelProto, tensor: str, matmul: onnx.NodeProto, uses: dict[str, int]) -> _Fold | None:
-    inits = {i.name: i for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
+def _fold(tensor: str, matmul: onnx.NodeProto, producers, inits, uses: dict[str, int]) -> _Fold | None:
     k = inits[matmul.input[1]].dims[0]
 
     def vector(name: str) -> bool:  # a per-channel constant of X, read only here
@@ -135,13 +135,13 @@ def _fold(model: onnx.ModelProto, tensor: str, matmul: onnx.NodeProto, uses: dic
     if constant:
         return _Fold(vectors=(constant[0],))
     for operand in node.input:  # X = f(...) * (A @ W)[:, columns]: scale those columns of W
-        columns = _linear_columns(model, operand, producers, inits, uses)
+        columns = _linear_columns(operand, producers, inits, uses)
         if columns:
             return _Fold(columns=columns)
     return None
 
 
-def _linear_columns(model, name: str, producers, inits, uses) -> tuple[str, int, int] | None:
+def _linear_columns(name: str, producers, inits, uses) -> tuple[str, int, int] | None:
     """``name`` as columns of one constant-weight MatMul's output, read only through ``name``:
     the MatMul's output itself, or one piece of its last-axis Split (packed gate/up)."""
     if uses.get(name) != 1 or name not in producers:
@@ -236,7 +236,9 @@ def smooth(model: onnx.ModelProto, maxima: Mapping[str, np.ndarray], alpha: floa
             unsmoothed += [n.name for n in group.matmuls]
             continue
         w = np.max([np.abs(array(n.input[1])).max(axis=1) for n in group.matmuls], axis=0)
-        s = np.where((x > 0) & (w > 0), np.power(np.maximum(x, 1e-12), alpha) / np.power(np.maximum(w, 1e-12), 1 - alpha), 1.0)
+        # s_j = max|X_j|^alpha / max|W_j|^(1-alpha); a channel never seen non-zero keeps s = 1
+        s = np.where((x > 0) & (w > 0),
+                     np.power(np.maximum(x, 1e-12), alpha) / np.power(np.maximum(w, 1e-12), 1 - alpha), 1.0)
         s = np.clip(s, 1e-5, 1e5).astype(np.float32)
         before, after = max(before, float(x.max())), max(after, float((x / s).max()))
         for node in group.matmuls:
