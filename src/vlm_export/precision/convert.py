@@ -11,10 +11,13 @@
   of 128 (64 where K needs it) with fp16 scales, so DequantizeLinear feeds an fp16 MatMul - the
   weight-only GEMM TensorRT has kernels for. TensorRT has no block-wise int8 weights, so w8 and a
   w8 LM head are refused in that form before anything is exported.
-* int8: W8A8 explicit quantization (Q/DQ nodes, symmetric, zero point 0, per-channel weights),
-  calibrated on real image+text inputs - the form TensorRT consumes and ONNX Runtime's CPU
+* int8: W8A8, calibrated on real image+text inputs. Image stages: explicit quantization (Q/DQ nodes,
+  symmetric, zero point 0, per-channel weights) - the form TensorRT consumes and ONNX Runtime's CPU
   provider also runs. Biases stay float (no INT32 DequantizeLinear, which TensorRT's ONNX parser
-  rejects).
+  rejects). A decoder (a graph ending in an LM head) is smoothed first (``smoothquant``: its
+  activation outliers migrated into the weights) and its activations quantized per token at run time:
+  its ONNX Runtime form (the fused graph, already in contrib ops) in ONNX Runtime's integer GEMM
+  (MatMulIntegerToFloat), its standard form (TensorRT's) as symmetric Q/DQ.
 """
 from __future__ import annotations
 
@@ -288,16 +291,25 @@ class _Feeds:
 
 def to_int8(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndarray]] | None,
             options: PrecisionOptions, cache: Path | None = None) -> VariantInfo:
-    """``cache``: ONNX Runtime's JSON calibration cache; when it exists the calibration run is skipped
-    (``calibration_feeds`` may then be None)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
+    """``cache``: where the calibration's result is kept (ONNX Runtime's JSON ranges, or a decoder's
+    channel ranges); when it exists the calibration run is skipped (``calibration_feeds`` may then be None)."""
     cached = cache is not None and cache.exists()
     if not calibration_feeds and not cached:
         raise ExportError(f"int8 for {src.stem} needs calibration inputs; none were given")
     model = onnx.load(os.fspath(src), load_external_data=False)
     head = lm_head_nodes(model)  # none in an image stage: its precision says nothing about the LM head's
     keep = list(options.exclude_nodes) + (head if head and options.head_precision("int8") == "fp32" else [])
+    if head:
+        return _decoder_int8(src, dst, calibration_feeds, options, cache, keep)
+    return _static_int8(src, dst, calibration_feeds, options, cache, keep)
+
+
+def _static_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOptions, cache: Path | None,
+                 keep: list[str]) -> VariantInfo:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    cached = cache is not None and cache.exists()
+    model = onnx.load(os.fspath(src), load_external_data=False)
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[options.calibration]
     quantize_static(
@@ -315,10 +327,48 @@ def to_int8(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndarray]]
     )
     check_graph(dst)
     return VariantInfo("int8", {"format": "QDQ", "symmetric": True, "per_channel_weights": True, "bias": "float",
+                                "activations": "int8 static per-tensor (symmetric)",
                                 "calibration": options.calibration,
                                 "calibration_samples": len(calibration_feeds or []),
                                 "calibration_cache": None if cache is None else {"file": str(cache), "reused": cached},
                                 "kept_fp32": keep})
+
+
+def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOptions, cache: Path | None,
+                  keep: list[str]) -> VariantInfo:
+    """SmoothQuant with per-token dynamic activations on a decoder (``smoothquant``). A graph already in
+    ONNX Runtime's contrib ops (the fused form) runs on ONNX Runtime only: its integer kernels. A graph
+    of standard ops is the one TensorRT reads: the symmetric Q/DQ form. ``cache`` keeps the measured
+    channel ranges."""
+    from . import smoothquant as sq
+
+    model = onnx.load(os.fspath(src))
+    form = "onnxruntime" if any(n.domain == sq.MS_DOMAIN for n in model.graph.node) else "qdq"
+    maxima = sq.load_maxima(cache) if cache is not None else None
+    reused = maxima is not None
+    if maxima is None:
+        if not calibration_feeds:  # the cache file was there when the caller looked, but unreadable
+            raise ExportError(f"int8 for {src.stem} needs calibration inputs: its calibration cache {cache} "
+                              "cannot be read; delete it to calibrate again")
+        maxima = sq.channel_maxima(model, sorted({g.tensor for g in sq.groups(model, keep)}), calibration_feeds)
+        if cache is not None:
+            sq.save_maxima(cache, maxima)
+    smoothing = sq.smooth(model, maxima, sq.SMOOTH_ALPHA, keep)
+    quantized = sq.per_token_int8(model, keep, form)
+    _save(model, dst)
+    ort_form = form == "onnxruntime"
+    return VariantInfo("int8", {
+        "method": "smoothquant", "alpha": sq.SMOOTH_ALPHA, "form": form,
+        "activations": "int8 dynamic per-token",
+        "activation_codes": (f"uint8, zero point {sq.ACTIVATION_ZERO_POINT} (symmetric)" if ort_form
+                             else "int8, zero point 0 (symmetric Q/DQ, scale 1 on x / row scale)"),
+        "weights": f"int8 per-channel symmetric (|q| <= {sq.WEIGHT_QMAX})"
+                   + (f", stored as uint8 codes, zero point {sq.WEIGHT_ZERO_POINT}" if ort_form else ""),
+        "kernel": "MatMulIntegerToFloat (U8U8)" if ort_form else "DequantizeLinear -> MatMul",
+        "quantized_matmuls": quantized, "smoothing": {k: v for k, v in smoothing.items() if k != "alpha"},
+        "calibration": "channel max |x|", "calibration_samples": len(calibration_feeds or []),
+        "calibration_cache": None if cache is None else {"file": str(cache), "reused": reused},
+        "kept_fp32": keep})
 
 
 def make_variant(precision: str, src: Path, dst: Path, options: PrecisionOptions,

@@ -1,0 +1,364 @@
+"""SmoothQuant-style int8 for a decoder graph (issue 16, item 4): int8 compute in prefill that keeps
+its answers.
+
+Static per-tensor W8A8 fails on LLM decoders: SmolLM2's MatMul inputs carry a few channels in the
+thousands, so one range per tensor leaves every other channel a handful of codes (the demo's
+decoder: logits cosine -0.67). Two remedies, used together:
+
+* **Smoothing** (Xiao et al., "SmoothQuant", 2023): per input channel ``j`` of a MatMul,
+  ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``; ``X / s`` is folded into whatever produces ``X``
+  (a normalisation's weight, a per-channel ``Mul``, or the output columns of the linear layer that is
+  multiplied in, as the MLP's up projection is for the down projection's input) and ``diag(s) W``
+  into the MatMul's weight. Exact in real arithmetic: it only moves the outliers' range from the
+  activations (quantized per tensor or per token) into the weights (quantized per output channel).
+  ``max|X_j|`` comes from the same image+text calibration pairs as every int8 stage.
+* **Per-token dynamic activations** (the ONNX Runtime form): each token's row gets its own scale at
+  run time, so a token with a huge activation (the first token's "attention sink") does not flatten
+  every other token's. Written as ONNX Runtime's integer kernels read it: ``QuantizeLinear`` to uint8
+  with zero point 128 (symmetric codes), ``MatMulIntegerToFloat`` on uint8 weight codes (int32
+  accumulation, per-channel weight scales applied in the GEMM's output stage), then the row scale.
+
+TensorRT reads neither contrib ops nor Q/DQ scales computed at run time, so its form (the standard
+graph) is the same smoothing and per-token scheme in standard ops: ``x / scale`` through a
+symmetric ``QuantizeLinear``/``DequantizeLinear`` pair of constant scale 1 into the MatMul, whose
+weights are per-channel ``DequantizeLinear``, and the row scale applied to the product. (Static
+per-tensor Q/DQ on the smoothed demo decoder was measured and fails: last-token logits cosine -0.68 on
+8 held-out prompts; the first token's activations dwarf the others', which only per-token scales absorb.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import ExportError
+from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, save_graph
+
+#: SmoothQuant's migration strength; 0.5 is the paper's default for most models
+SMOOTH_ALPHA = 0.5
+#: per-channel symmetric int8 weights
+WEIGHT_QMAX = 127
+#: the ONNX Runtime form stores them as uint8 codes + 128 (U8U8), not int8 (U8S8): on x86 without
+#: VNNI, ONNX Runtime's U8S8 kernel adds pairs of u8 x s8 products in int16 (vpmaddubsw), which
+#: saturates - measured here: 22% error on a row of a 64-deep MatMul, and up to 40% of the largest
+#: output on random full-range codes. Its U8U8 kernel widens to int16 first and is exact. 7-bit weights
+#: or activations (ONNX Runtime's reduce_range advice) are exact too, but cost the demo decoder's
+#: last-token logits cosine 0.936 / 0.960 (8 held-out prompts) against 0.988-0.998 with 8 bits.
+WEIGHT_ZERO_POINT = 128
+ACTIVATION_ZERO_POINT = 128  # uint8 codes centred on 128: symmetric activations in unsigned form
+ACTIVATION_QMAX = 127
+MS_DOMAIN = "com.microsoft"
+#: normalisations whose output is ``normalised * gamma (+ beta)``: (gamma input, beta input or None)
+NORMS = {"SimplifiedLayerNormalization": (1, None), "RMSNormalization": (1, None), "LayerNormalization": (1, 2),
+         "SkipSimplifiedLayerNormalization": (2, None), "SkipLayerNormalization": (2, 3)}
+
+
+@dataclass
+class _Fold:
+    """Where ``X / s`` goes: per-channel vectors of ``X``'s producer (``vectors``), or the columns
+    ``[start, stop)`` of the weight that produces the factor multiplied into ``X`` (``columns``)."""
+
+    vectors: tuple[str, ...] = ()
+    columns: tuple[str, int, int] | None = None
+
+
+@dataclass
+class _Group:
+    """MatMuls that read one activation tensor, and how their input is smoothed (None: not)."""
+
+    tensor: str
+    matmuls: list[onnx.NodeProto]
+    fold: _Fold | None
+
+
+def weighted_matmuls(model: onnx.ModelProto, keep: Iterable[str] = ()) -> list[onnx.NodeProto]:
+    """MatMuls whose B is a 2-D float initializer read by nothing else (the quantizable ones; a tied
+    LM head reads a Transpose and is kept out by the caller anyway)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    uses = _uses(model)
+    keep = set(keep)
+    return [n for n in model.graph.node if n.op_type == "MatMul" and n.name not in keep and n.input[1] in inits
+            and len(inits[n.input[1]].dims) == 2 and inits[n.input[1]].data_type == TensorProto.FLOAT
+            and uses[n.input[1]] == 1]
+
+
+def _uses(model: onnx.ModelProto) -> dict[str, int]:
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    for out in model.graph.output:
+        uses[out.name] = uses.get(out.name, 0) + 1
+    return uses
+
+
+def groups(model: onnx.ModelProto, keep: Iterable[str] = ()) -> list[_Group]:
+    """The quantizable MatMuls grouped by their input, each with the fold its smoothing uses (None
+    where the input has consumers that are not quantized MatMuls, or no producer to fold into)."""
+    targets = weighted_matmuls(model, keep)
+    by_input: dict[str, list[onnx.NodeProto]] = {}
+    for node in targets:
+        by_input.setdefault(node.input[0], []).append(node)
+    uses = _uses(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    found = []
+    for tensor, matmuls in by_input.items():
+        fold = _fold(tensor, matmuls[0], producers, inits, uses) if uses[tensor] == len(matmuls) else None
+        found.append(_Group(tensor, matmuls, fold))
+    return found
+
+
+def _fold(tensor: str, matmul: onnx.NodeProto, producers, inits, uses: dict[str, int]) -> _Fold | None:
+    k = inits[matmul.input[1]].dims[0]
+
+    def vector(name: str) -> bool:  # a per-channel constant of X, read only here
+        return name in inits and list(inits[name].dims) == [k] and uses[name] == 1
+
+    node = producers.get(tensor)
+    if node is None:
+        return None
+    if node.op_type in NORMS and node.output[0] == tensor:
+        gamma, beta = NORMS[node.op_type]
+        names = [node.input[i] for i in (gamma, beta) if i is not None and len(node.input) > i and node.input[i]]
+        return _Fold(vectors=tuple(names)) if names and all(vector(n) for n in names) else None
+    if node.op_type != "Mul":
+        return None
+    constant = [name for name in node.input if vector(name)]
+    if constant:
+        return _Fold(vectors=(constant[0],))
+    for operand in node.input:  # X = f(...) * (A @ W)[:, columns]: scale those columns of W
+        columns = _linear_columns(operand, producers, inits, uses)
+        if columns:
+            return _Fold(columns=columns)
+    return None
+
+
+def _linear_columns(name: str, producers, inits, uses) -> tuple[str, int, int] | None:
+    """``name`` as columns of one constant-weight MatMul's output, read only through ``name``:
+    the MatMul's output itself, or one piece of its last-axis Split (packed gate/up)."""
+    if uses.get(name) != 1 or name not in producers:
+        return None
+    node = producers[name]
+
+    def weight_of(matmul) -> str | None:
+        w = matmul.input[1] if matmul.op_type == "MatMul" else None
+        return w if w in inits and len(inits[w].dims) == 2 and uses[w] == 1 else None
+
+    if node.op_type == "MatMul" and weight_of(node):
+        return weight_of(node), 0, inits[node.input[1]].dims[1]
+    if node.op_type != "Split" or uses.get(node.input[0]) != 1 or node.input[0] not in producers:
+        return None
+    source = producers[node.input[0]]
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    if source.op_type != "MatMul" or not weight_of(source) or axis != -1 or len(node.input) < 2 \
+            or node.input[1] not in inits:
+        return None
+    sizes = numpy_helper.to_array(inits[node.input[1]]).tolist()
+    index = list(node.output).index(name)
+    start = int(sum(sizes[:index]))
+    return source.input[1], start, start + int(sizes[index])
+
+
+def channel_maxima(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[Mapping[str, np.ndarray]],
+                   threads: int = 2) -> dict[str, np.ndarray]:
+    """``max |x|`` per last-axis channel of each of ``tensors`` over every token of every feed,
+    from ONNX Runtime running ``model`` (fp32) with those tensors as extra outputs."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+                              for t in tensors if t not in present)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        if probe.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        else:
+            session = ort.InferenceSession(os.fspath(save_graph(probe, Path(tmp) / "probe.onnx")), opts,
+                                           providers=["CPUExecutionProvider"])
+        del probe
+        inputs = [i.name for i in session.get_inputs()]
+        maxima: dict[str, np.ndarray] = {}
+        for feed in feeds:
+            for name, value in zip(tensors, session.run(tensors, {n: feed[n] for n in inputs})):
+                m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+                maxima[name] = m if name not in maxima else np.maximum(maxima[name], m)
+    if not maxima:
+        raise ExportError("no calibration inputs to measure the activations' channel ranges")
+    return maxima
+
+
+def save_maxima(path: Path, maxima: Mapping[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({k: v.astype(float).tolist() for k, v in maxima.items()}))
+    os.replace(tmp, path)
+
+
+def load_maxima(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached channel maxima, or None when missing or unreadable (then they are measured again)."""
+    try:
+        return {k: np.asarray(v, np.float32) for k, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def smooth(model: onnx.ModelProto, maxima: Mapping[str, np.ndarray], alpha: float = SMOOTH_ALPHA,
+           keep: Iterable[str] = ()) -> dict:
+    """Fold SmoothQuant's per-channel scales into ``model`` in place (same function in real
+    arithmetic). Returns what the manifest records: alpha, how many inputs were smoothed and into
+    what, and the largest activation range before and after."""
+    _own_vectors(model, keep)
+    inits = {i.name: i for i in model.graph.initializer}
+    arrays: dict[str, np.ndarray] = {}
+
+    def array(name: str) -> np.ndarray:
+        if name not in arrays:
+            arrays[name] = numpy_helper.to_array(inits[name]).astype(np.float32)
+        return arrays[name]
+
+    done = {"norm_or_scale": 0, "linear_columns": 0}
+    unsmoothed, before, after = [], 0.0, 0.0
+    for group in groups(model, keep):
+        x = maxima.get(group.tensor)
+        if group.fold is None or x is None:
+            unsmoothed += [n.name for n in group.matmuls]
+            continue
+        w = np.max([np.abs(array(n.input[1])).max(axis=1) for n in group.matmuls], axis=0)
+        # s_j = max|X_j|^alpha / max|W_j|^(1-alpha); a channel never seen non-zero keeps s = 1
+        s = np.where((x > 0) & (w > 0),
+                     np.power(np.maximum(x, 1e-12), alpha) / np.power(np.maximum(w, 1e-12), 1 - alpha), 1.0)
+        s = np.clip(s, 1e-5, 1e5).astype(np.float32)
+        before, after = max(before, float(x.max())), max(after, float((x / s).max()))
+        for node in group.matmuls:
+            arrays[node.input[1]] = array(node.input[1]) * s[:, None]
+        if group.fold.vectors:
+            for name in group.fold.vectors:
+                arrays[name] = array(name) / s
+            done["norm_or_scale"] += 1
+        else:
+            weight, start, stop = group.fold.columns
+            arrays[weight] = array(weight).copy()
+            arrays[weight][:, start:stop] /= s
+            done["linear_columns"] += 1
+    for name, value in arrays.items():
+        inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+    return {"alpha": alpha, "smoothed_inputs": done, "unsmoothed_matmuls": unsmoothed,
+            "activation_max_before": round(before, 2), "activation_max_after": round(after, 2)}
+
+
+def _own_vectors(model: onnx.ModelProto, keep: Iterable[str]) -> None:
+    """Give each producer of a quantized MatMul's input (a norm, a ``Mul``) private copies of the 1-D
+    constants it reads: an exporter may share one tensor between layers (a fresh model's norm
+    weights are all ones), and each layer's smoothing divides its own copy."""
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    uses = _uses(model)
+    for tensor in {n.input[0] for n in weighted_matmuls(model, keep)}:
+        node = producers.get(tensor)
+        if node is None or (node.op_type not in NORMS and node.op_type != "Mul"):
+            continue
+        for k, name in enumerate(node.input):
+            if name in inits and len(inits[name].dims) == 1 and uses[name] > 1:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[name])
+                copy.name = f"{name}__{node.name or node.output[0]}"
+                model.graph.initializer.append(copy)
+                node.input[k] = copy.name
+                uses[name] -= 1
+
+
+#: the two written forms of per-token int8 (``per_token_int8``)
+FORMS = ("onnxruntime", "qdq")
+
+
+def per_token_int8(model: onnx.ModelProto, keep: Iterable[str] = (), form: str = "onnxruntime") -> int:
+    """Rewrite every quantizable MatMul of ``model`` (in place) to int8 with per-token dynamic
+    activations: per row of the input ``scale = max|x| / 127``, codes ``round(x / scale)``; weights
+    per-channel symmetric (``WEIGHT_QMAX``); the product times ``scale``. MatMuls reading one input
+    share its quantization. ``form``:
+
+    * ``onnxruntime``: activations and weights as uint8 codes + 128 (symmetric values, U8U8: see
+      ``WEIGHT_ZERO_POINT``) into ``MatMulIntegerToFloat``, whose int32 GEMM applies the weight scales
+      in its output stage (ONNX Runtime's CPU kernels);
+    * ``qdq``: standard ops only, symmetric int8 with zero point 0: ``QuantizeLinear`` /
+      ``DequantizeLinear`` at scale 1 on ``x / scale`` (constant scales, as TensorRT's explicit
+      quantization requires), per-channel ``DequantizeLinear`` on the weights, ``MatMul``, then the
+      row scale (after the MatMul, so the Q/DQ pair feeds it directly).
+
+    Returns how many MatMuls were rewritten."""
+    if form not in FORMS:
+        raise ExportError(f"per-token int8 form {form!r} is not one of {', '.join(FORMS)}")
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    targets = weighted_matmuls(model, keep)
+    if not targets:
+        raise ExportError("no MatMul with constant weights to quantize in this graph")
+    ort_form = form == "onnxruntime"
+    zero_point = np.array(ACTIVATION_ZERO_POINT, np.uint8) if ort_form else np.array(0, np.int8)
+    new_inits = [numpy_helper.from_array(np.array([-1], np.int64), "pt_axes"),
+                 numpy_helper.from_array(np.array(1.0 / ACTIVATION_QMAX, np.float32), "pt_inv_qmax"),
+                 numpy_helper.from_array(np.array(np.finfo(np.float32).tiny, np.float32), "pt_tiny"),
+                 numpy_helper.from_array(np.array(1.0, np.float32), "pt_one"),
+                 numpy_helper.from_array(zero_point, "pt_zero_point")]
+    quantized: dict[str, tuple[str, str]] = {}  # input -> (its codes, its row scale)
+    replaced: dict[str, list[onnx.NodeProto]] = {}
+    for node in targets:
+        x, name = node.input[0], node.name or node.output[0]
+        nodes = []
+        if x not in quantized:
+            p = f"{x}_pt"
+            nodes += [helper.make_node("Abs", [x], [f"{p}_abs"], name=f"{p}_abs"),
+                      helper.make_node("ReduceMax", [f"{p}_abs", "pt_axes"], [f"{p}_absmax"], name=f"{p}_absmax",
+                                       keepdims=1),
+                      helper.make_node("Mul", [f"{p}_absmax", "pt_inv_qmax"], [f"{p}_raw_scale"], name=f"{p}_raw_scale"),
+                      helper.make_node("Max", [f"{p}_raw_scale", "pt_tiny"], [f"{p}_scale"], name=f"{p}_scale"),
+                      helper.make_node("Div", [x, f"{p}_scale"], [f"{p}_scaled"], name=f"{p}_scaled"),
+                      helper.make_node("QuantizeLinear", [f"{p}_scaled", "pt_one", "pt_zero_point"], [f"{p}_q"],
+                                       name=f"{p}_q")]
+            codes = f"{p}_q"
+            if not ort_form:
+                nodes.append(helper.make_node("DequantizeLinear", [codes, "pt_one", "pt_zero_point"], [f"{p}_dq"],
+                                              name=f"{p}_dq"))
+                codes = f"{p}_dq"
+            quantized[x] = (codes, f"{p}_scale")
+        codes, scale = quantized[x]
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        w_scale = np.maximum(np.abs(w).max(axis=0) / WEIGHT_QMAX, np.finfo(np.float32).tiny).astype(np.float32)
+        w_q = np.clip(np.rint(w / w_scale), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
+        if ort_form:  # U8U8: the int8 values as uint8 codes + 128 (see WEIGHT_ZERO_POINT)
+            w_q = (w_q.astype(np.int16) + WEIGHT_ZERO_POINT).astype(np.uint8)
+        new_inits += [numpy_helper.from_array(w_q, f"{name}_Wq"), numpy_helper.from_array(w_scale, f"{name}_Wscale")]
+        if ort_form:
+            nodes.append(helper.make_node("MatMulIntegerToFloat", [codes, f"{name}_Wq", "pt_one", f"{name}_Wscale",
+                                                                   "pt_zero_point", "pt_zero_point"], [f"{name}_unscaled"],
+                                          name=f"{name}_int8", domain=MS_DOMAIN))
+        else:
+            nodes += [helper.make_node("DequantizeLinear", [f"{name}_Wq", f"{name}_Wscale"], [f"{name}_W"],
+                                       name=f"{name}_Wdq", axis=1),
+                      helper.make_node("MatMul", [codes, f"{name}_W"], [f"{name}_unscaled"], name=name)]
+        nodes.append(helper.make_node("Mul", [f"{name}_unscaled", scale], list(node.output), name=f"{name}_rowscale"))
+        replaced[node.output[0]] = nodes
+    ordered = []
+    for node in graph.node:
+        ordered += replaced.get(node.output[0], [node]) if node.op_type == "MatMul" else [node]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    graph.initializer.extend(new_inits)
+    from .weight_only import drop_unused
+
+    drop_unused(graph)
+    if ort_form and MS_DOMAIN not in {o.domain for o in model.opset_import}:
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return len(targets)
