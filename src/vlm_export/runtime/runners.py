@@ -13,6 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
+from ..contract.scheme import KV_IN_PLACE
 from ..errors import RunnerError
 
 Feeds = Mapping[str, np.ndarray]
@@ -140,6 +141,15 @@ class Runner(abc.ABC):
         """``array`` where this runner keeps its kept outputs (a benchmark's synthetic cache), so a
         call fed with it costs what a call fed with its own outputs does. numpy where nothing is kept."""
         return array
+
+    #: whether ``infer_in_place`` runs this stage on KV buffers bound as past and present at once
+    #: (a decoder graph with ``contract.scheme.KV_IN_PLACE`` on a backend that can bind host memory)
+    kv_in_place: bool = False
+
+    def infer_in_place(self, feeds: Feeds, aliases: Mapping[str, str]) -> dict[str, np.ndarray]:
+        """Run once with each output named in ``aliases`` (output -> input) written into that input's
+        numpy buffer, in place; the other outputs come back as numpy. Only where ``kv_in_place``."""
+        raise RunnerError(f"the {self.backend} runner for {self.name} cannot write its outputs in place")
 
     def infer(self, feeds: Feeds) -> dict[str, np.ndarray]:
         """Run once; every input in ``input_names`` must be present (extra feeds are ignored)."""
@@ -274,6 +284,9 @@ class OrtRunner(Runner):
         self.io_device = ("cuda", self.device.ordinal) if gpu else ("cpu", 0)
         super().__init__(name, [i.name for i in self.session.get_inputs()],
                          [o.name for o in self.session.get_outputs()])
+        # in place on host memory (OrtValues over the numpy buffers): the CPU provider only
+        self.kv_in_place = not gpu and \
+            self.session.get_modelmeta().custom_metadata_map.get(KV_IN_PLACE) == "1"
 
     def _say_if_providers_dropped(self, name: str) -> None:
         """ONNX Runtime skips a provider it cannot create (e.g. CUDA libraries missing) with a log
@@ -295,6 +308,38 @@ class OrtRunner(Runner):
         except Exception as e:
             raise RunnerError(f"ONNX Runtime failed on {self.name}: {str(e).splitlines()[0]}") from None
         return dict(zip(self.output_names, out))
+
+    def infer_in_place(self, feeds: Feeds, aliases: Mapping[str, str]) -> dict[str, np.ndarray]:
+        import onnxruntime as ort
+
+        if not self.kv_in_place:
+            return super().infer_in_place(feeds, aliases)
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise RunnerError(f"{self.backend} runner for {self.name}: missing inputs {missing}")
+        binding = self.session.io_binding()
+        buffers = {}
+        for n in self.input_names:
+            value = feeds[n]
+            if n in aliases.values():
+                if not (isinstance(value, np.ndarray) and value.flags.c_contiguous and value.flags.writeable):
+                    raise RunnerError(f"{self.name}: the in-place buffer {n} must be a writeable C-contiguous array")
+                # on the CPU an OrtValue made from numpy IS the array's memory: the kernel writes the array
+                buffers[n] = ort.OrtValue.ortvalue_from_numpy(value)
+                binding.bind_ortvalue_input(n, buffers[n])
+            else:
+                binding.bind_cpu_input(n, np.ascontiguousarray(value))
+        for n in self.output_names:
+            if n in aliases:
+                binding.bind_ortvalue_output(n, buffers[aliases[n]])
+            else:
+                binding.bind_output(n, "cpu")
+        try:
+            self.session.run_with_iobinding(binding)
+            values = binding.get_outputs()
+        except Exception as e:
+            raise RunnerError(f"ONNX Runtime failed on {self.name}: {str(e).splitlines()[0]}") from None
+        return {n: v.numpy() for n, v in zip(self.output_names, values) if n not in aliases}
 
     def to_device(self, array: np.ndarray):
         """``array`` as an OrtValue on this session's device (for ``infer_bound``'s feeds)."""
