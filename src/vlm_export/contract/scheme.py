@@ -199,8 +199,10 @@ class SlotBatch:
             raise ValueError("a joining row's positions must count its real columns")
         free = np.setdiff1d(np.arange(len(self.lengths)), self.slots)
         need = max(int(np.max(reserve, initial=0)), int(lengths.max(initial=0)), self.capacity)
-        state = self._grown(other, self.rows + other.rows, -(-need // self.CAPACITY_STEP) * self.CAPACITY_STEP) \
-            if other.rows > len(free) or need > self.capacity else self
+        if other.rows > len(free) or need > self.capacity:
+            state = self._grown(other, self.rows + other.rows, -(-need // self.CAPACITY_STEP) * self.CAPACITY_STEP)
+        else:
+            state = self
         free = np.setdiff1d(np.arange(len(state.lengths)), state.slots)[:other.rows]
         for name, buffer in state.caches.items():
             for i, slot in enumerate(free):

@@ -39,9 +39,9 @@ extra inputs are computed inside the graph:
   (Padded query rows - every key masked - come out uniform over their causal window instead of
   over the whole row; nothing reads them: their keys are masked for every real query and the
   runtime zeroes their cache slots.)
-* ``query_seqlens`` = min(new tokens, T) per row (the new tokens' count; 0 for an idle slot): with it the kernel takes several new
-  tokens after a past for a batch of rows too (without it, ONNX Runtime 1.32 refuses
-  "batch_size must be 1 when sequence_length > 1 and past context is given"), and it makes the
+* ``query_seqlens`` = min(new tokens, T) per row (the new tokens' count; 0 for an idle slot): with
+  it the kernel takes several new tokens after a past for a batch of rows too (without it, ONNX
+  Runtime 1.32 refuses "batch_size must be 1 when sequence_length > 1 and past context is given"), and it makes the
   kernel's rotary read every token's own position (next point); past = total - new, as above.
 * rotary moves into the kernel (``do_rotary`` with the rotary pass's cos/sin caches) and is fed
   the runtime's own ``position_ids`` (each row counting from its first real token). Checked on
@@ -218,15 +218,21 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
         raise _NoMatch(f"{softmax.name}: scale {scale}")
     return dict(q3=q3, k3=k3, v3=v3, q_rot=q_rot, k_rot=k_rot, past_k=past_k, past_v=past_v,
                 present_k=present_k, present_v=present_v, k_cat=k_cat, v_cat=v_cat, out=out, bias=bias,
+                mask=_mask_input(g, bias),
                 heads=heads, kv_heads=kv_heads, head_size=head_size, scale=scale)
+
+
+def _is_2d_of(g, name: str, dim: str) -> bool:
+    """Whether ``name`` is (anything, ``dim``)."""
+    shape = g.shape(name) or []
+    return len(shape) == 2 and shape[1] == dim
 
 
 def _mask_input(g, bias: str) -> str:
     """The graph input the additive mask ``bias`` (batch | 1, heads | 1, sequence, total) is made
     from: the 2-D input as wide as the keys (the same named dimension)."""
     total = _dims(g, bias, 4)[3]
-    found = [i.name for i in g.graph.input if isinstance(total, str) and (g.shape(i.name) or [None])[1:] == [total]
-             and len(g.shape(i.name)) == 2]
+    found = [i.name for i in g.graph.input if isinstance(total, str) and _is_2d_of(g, i.name, total)]
     if len(found) != 1:
         raise _NoMatch(f"{bias}: no single 2-D graph input (the attention mask) as wide as the keys ({total})")
     return found[0]
@@ -238,13 +244,13 @@ def _lengths(g, mask: str, bias: str, prefix: str) -> tuple[list[onnx.NodeProto]
     last real column + 1 (0 for a row with none: an idle slot), seqlens_k = max(T - 1, 0),
     query_seqlens = min(T, sequence), total = the mask's width (see the module docstring).
     (The new tokens' count is read off the additive mask, not q: q's producer may later be folded away.)"""
-    i64 = lambda name, values: helper.make_node(  # noqa: E731
-        "Constant", [], [name], name=name, value=helper.make_tensor(name, onnx.TensorProto.INT64, [], values))
-    n = lambda op, inputs, out, **kw: helper.make_node(op, inputs, [f"{prefix}_{out}"],  # noqa: E731
-                                                       name=f"{prefix}_{out}", **kw)
     p = lambda name: f"{prefix}_{name}"  # noqa: E731
+    i64 = lambda name, dims, values: helper.make_node(  # noqa: E731
+        "Constant", [], [p(name)], name=p(name),
+        value=helper.make_tensor(p(name), onnx.TensorProto.INT64, dims, values))
+    n = lambda op, inputs, out, **kw: helper.make_node(op, inputs, [p(out)], name=p(out), **kw)  # noqa: E731
     nodes = [
-        i64(p("zero"), [0]), i64(p("one"), [1]),
+        i64("zero", [], [0]), i64("one", [], [1]), i64("one_axis", [1], [1]),
         n("Shape", [mask], "width", start=1, end=2),
         n("Squeeze", [p("width")], "width_0d"),
         n("Add", [p("width_0d"), p("one")], "width_1"),
@@ -260,8 +266,6 @@ def _lengths(g, mask: str, bias: str, prefix: str) -> tuple[list[onnx.NodeProto]
         n("Cast", [p("query64")], "query_seqlens", to=onnx.TensorProto.INT32),
         n("Cast", [p("width_0d")], "total_sequence_length", to=onnx.TensorProto.INT32),
     ]
-    nodes.insert(2, helper.make_node("Constant", [], [p("one_axis")], name=p("one_axis"),
-                                     value=helper.make_tensor(p("one_axis"), onnx.TensorProto.INT64, [1], [1])))
     return nodes, p("seqlens_k"), p("total_sequence_length"), p("query_seqlens")
 
 
@@ -270,8 +274,7 @@ def _past_lengths_from_mask(g, pasts: set[str], mask: str, bias: str) -> str:
     mask width - new tokens. Returns why the KV cannot be one in-place buffer ("" when it can):
     something other than the attention kernels and those shape reads looks at a past input."""
     sequence = _dims(g, bias, 4)[2]
-    new = [i.name for i in g.graph.input if isinstance(sequence, str) and len(g.shape(i.name) or []) == 2
-           and g.shape(i.name)[1] == sequence]
+    new = [i.name for i in g.graph.input if isinstance(sequence, str) and _is_2d_of(g, i.name, sequence)]
     if not new:
         return f"no 2-D graph input of the new tokens' length ({sequence}) to read the past length from"
     for past in sorted(pasts):
@@ -308,12 +311,7 @@ def fuse_attention(g, report) -> None:
             reason = str(e).split(": ", 1)[-1]
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
-        try:
-            mask = _mask_input(g, m["bias"])
-        except _NoMatch as e:
-            reason = str(e).split(": ", 1)[-1]
-            skipped[reason] = skipped.get(reason, 0) + 1
-            continue
+        mask = m["mask"]
         new: list[onnx.NodeProto] = []
         # layers whose additive masks have the same named new-token dim - every layer of an exported
         # decoder, sliding-window ones included - share one seqlens_k/total; unnamed dims get their own
@@ -347,8 +345,12 @@ def fuse_attention(g, report) -> None:
         return
     # every attention reads its lengths from the mask; past and present can be one buffer if nothing
     # else reads the past's length (the exporter's causal mask does: rewired) and every attention is fused
-    why = ("some attentions are unfused" if skipped else "one attention mask input per graph, not "
-           f"{len(masks)}" if len(masks) != 1 else _past_lengths_from_mask(g, pasts, *next(iter(masks.items()))))
+    if skipped:
+        why = "some attentions are left unfused"
+    elif len(masks) != 1:
+        why = f"the attentions read {len(masks)} attention mask inputs, not one"
+    else:
+        why = _past_lengths_from_mask(g, pasts, *next(iter(masks.items())))
     if why:
         report.notes.append(f"past and present KV cannot share one buffer: {why}")
     else:
