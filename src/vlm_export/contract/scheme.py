@@ -138,6 +138,9 @@ class SlotBatch:
     lengths: np.ndarray  # [slots] int64, real positions held by each slot (0: free)
     slots: np.ndarray  # [rows] int64, the slot of each running row, in row order
     seq_axis: int = 2
+    #: the runtime's binding of these buffers to the decoder (opaque here), reused while they are
+    #: the same arrays; a grown buffer starts without one
+    bound: Any = None
 
     #: capacities are rounded up to a multiple of this (fewer regrowths for rows of near lengths)
     CAPACITY_STEP: ClassVar[int] = 64
@@ -174,11 +177,12 @@ class SlotBatch:
         out[self.slots] = values
         return out
 
-    def advanced(self) -> "SlotBatch":
-        """The state after a step wrote one position per running row (in place)."""
+    def advanced(self, bound: Any = None) -> "SlotBatch":
+        """The state after a step wrote one position per running row (in place); ``bound``: the
+        binding that step used."""
         lengths = self.lengths.copy()
         lengths[self.slots] += 1
-        return replace(self, lengths=lengths)
+        return replace(self, lengths=lengths, bound=bound)
 
     def keep(self, rows: Sequence[int]) -> "SlotBatch":
         """Only the given rows (in that order); the others' slots are free."""
@@ -230,7 +234,7 @@ class SlotBatch:
             caches[name] = buffer
         lengths = np.zeros(slots, np.int64)
         lengths[:len(self.lengths)] = self.lengths
-        return replace(self, caches=caches, lengths=lengths)
+        return replace(self, caches=caches, lengths=lengths, bound=None)
 
 
 def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -260,8 +260,8 @@ class Scheduler:
             return
         scheme = self.pipe.scheme
         if isinstance(self.batch, SlotBatch):
-            out = self.pipe.decode_in_place(scheme.slot_step_feeds(self.batch, self._pending))
-            self.batch = self.batch.advanced()
+            out, bound = self.pipe.decode_in_place(scheme.slot_step_feeds(self.batch, self._pending), self.batch.bound)
+            self.batch = self.batch.advanced(bound)
             self.logits = scheme.next_logits(out)[self.batch.slots]
         else:
             out = self.pipe.decode(scheme.step_feeds(self.batch, self._pending))
