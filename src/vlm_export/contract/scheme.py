@@ -38,6 +38,12 @@ from .stages import StageSpec, TensorSpec
 Range = tuple[int, int, int]
 Feeds = Mapping[str, np.ndarray]
 
+#: model metadata key (value "1") of a decoder graph that runs on ONE preallocated KV buffer bound
+#: as both its past input and its present output (export/attention_fuse.py): its attention reads
+#: each row's length from the attention mask, not the past's shape. The runtime then keeps the
+#: running rows in a :class:`SlotBatch`.
+KV_IN_PLACE = "vlm_export.kv_in_place"
+
 
 @dataclass
 class DecodeBatch:
@@ -107,6 +113,128 @@ class DecodeBatch:
         for name in self.growing:
             caches[name] = np.ascontiguousarray(np.take(caches[name], np.arange(start, self.length), axis=self.seq_axis))
         return replace(self, caches=caches, mask=self.mask[:, start:])
+
+
+@dataclass
+class SlotBatch:
+    """Decoder state of the running rows in ONE preallocated buffer per cache, [slots, ..., capacity,
+    ...] (the position axis ``seq_axis``), that the decoder reads as its past and writes as its
+    present in place (a graph with :data:`KV_IN_PLACE`): no per-step copy of the cache.
+
+    Each row owns a slot; its positions are LEFT-aligned at columns [0, length) with no holes, so a
+    step writes each row's new token at its own column ``length`` (the decoder reads every row's
+    length off the step's attention mask: ones on [0, length + 1), zeros after; an all-zero row is
+    an idle slot, which the decoder leaves as it is). A prefilled row joins by copying its real
+    columns into a free slot once; a row that leaves frees its slot for the next one to join (its
+    stale columns are never read: a row reads only its own [0, length)). The buffer grows (one
+    copy) only when more rows run at once than it has slots, or a joining row may grow past its
+    capacity; each row's ``reserve`` (prompt + max new tokens) sizes it when it joins.
+
+    ``keep``/``join``/``advanced`` return the next state, which shares the buffer with this one:
+    the previous state is not to be used after them.
+    """
+
+    caches: dict[str, np.ndarray]  # name -> [slots, ..., capacity, ...]
+    lengths: np.ndarray  # [slots] int64, real positions held by each slot (0: free)
+    slots: np.ndarray  # [rows] int64, the slot of each running row, in row order
+    seq_axis: int = 2
+    #: the runtime's binding of these buffers to the decoder (opaque here), reused while they are
+    #: the same arrays; a grown buffer starts without one
+    bound: Any = None
+
+    #: capacities are rounded up to a multiple of this (fewer regrowths for rows of near lengths)
+    CAPACITY_STEP: ClassVar[int] = 64
+
+    @classmethod
+    def empty(cls, seq_axis: int = 2) -> "SlotBatch":
+        return cls({}, np.zeros(0, np.int64), np.zeros(0, np.int64), seq_axis)
+
+    @property
+    def rows(self) -> int:
+        return int(self.slots.shape[0])
+
+    @property
+    def capacity(self) -> int:
+        return int(next(iter(self.caches.values())).shape[self.seq_axis]) if self.caches else 0
+
+    @property
+    def positions(self) -> np.ndarray:
+        """[rows] the position id of each row's next token (= its length)."""
+        return self.lengths[self.slots]
+
+    def step_mask(self) -> np.ndarray:
+        """[slots, longest + 1] int64: a step's attention mask, ones on each running slot's
+        [0, length + 1) (its positions and the new token), an idle slot all zero."""
+        width = int(self.positions.max()) + 1 if self.rows else 1
+        mask = np.zeros((len(self.lengths), width), np.int64)
+        mask[self.slots] = np.arange(width)[None, :] <= self.positions[:, None]
+        return mask
+
+    def by_slot(self, values: np.ndarray, fill) -> np.ndarray:
+        """[slots, ...]: ``values`` ([rows, ...], in row order) at their rows' slots, ``fill`` elsewhere."""
+        values = np.asarray(values)
+        out = np.full((len(self.lengths), *values.shape[1:]), fill, dtype=values.dtype)
+        out[self.slots] = values
+        return out
+
+    def advanced(self, bound: Any = None) -> "SlotBatch":
+        """The state after a step wrote one position per running row (in place); ``bound``: the
+        binding that step used."""
+        lengths = self.lengths.copy()
+        lengths[self.slots] += 1
+        return replace(self, lengths=lengths, bound=bound)
+
+    def keep(self, rows: Sequence[int]) -> "SlotBatch":
+        """Only the given rows (in that order); the others' slots are free."""
+        slots = self.slots[np.asarray(rows, dtype=np.int64)]
+        lengths = np.zeros_like(self.lengths)
+        lengths[slots] = self.lengths[slots]
+        return replace(self, lengths=lengths, slots=slots)
+
+    def join(self, other: DecodeBatch, reserve: Sequence[int]) -> "SlotBatch":
+        """The rows of both, self's first: ``other``'s rows (a prefill's state, right-aligned and
+        masked as DecodeBatch lays them out) copied into free slots. ``reserve[i]``: the most
+        positions row i of ``other`` will hold."""
+        if set(other.caches) != set(other.growing) or other.seq_axis != self.seq_axis:
+            raise ValueError("a SlotBatch holds caches that grow along one position axis only")
+        real = other.mask.astype(bool)
+        lengths = real.sum(axis=1)
+        if not np.array_equal(lengths, other.positions):
+            raise ValueError("a joining row's positions must count its real columns")
+        free = np.setdiff1d(np.arange(len(self.lengths)), self.slots)
+        need = max(int(np.max(reserve, initial=0)), int(lengths.max(initial=0)), self.capacity)
+        if other.rows > len(free) or need > self.capacity:
+            state = self._grown(other, self.rows + other.rows, -(-need // self.CAPACITY_STEP) * self.CAPACITY_STEP)
+        else:
+            state = self
+        free = np.setdiff1d(np.arange(len(state.lengths)), state.slots)[:other.rows]
+        for name, buffer in state.caches.items():
+            for i, slot in enumerate(free):
+                rows_cache = np.compress(real[i], other.caches[name][i], axis=self.seq_axis - 1)
+                index = [slice(None)] * (buffer.ndim - 1)
+                index[self.seq_axis - 1] = slice(0, int(lengths[i]))
+                buffer[slot][tuple(index)] = rows_cache
+        out_lengths = state.lengths.copy()
+        out_lengths[free] = lengths
+        return replace(state, lengths=out_lengths, slots=np.concatenate([state.slots, free]))
+
+    def _grown(self, like: DecodeBatch, slots: int, capacity: int) -> "SlotBatch":
+        """A copy with at least ``slots`` slots and ``capacity`` positions (the running rows kept)."""
+        slots = max(slots, len(self.lengths))
+        caches = {}
+        for name, cache in like.caches.items():
+            shape = list(cache.shape)
+            shape[0], shape[self.seq_axis] = slots, capacity
+            buffer = np.zeros(shape, dtype=cache.dtype)  # calloc'd: columns never written take no memory
+            if name in self.caches:
+                old = self.caches[name]
+                index = [slice(0, n) for n in old.shape]
+                index[self.seq_axis] = slice(0, int(self.lengths.max(initial=0)))  # stale or unused after
+                buffer[tuple(index)] = old[tuple(index)]
+            caches[name] = buffer
+        lengths = np.zeros(slots, np.int64)
+        lengths[:len(self.lengths)] = self.lengths
+        return replace(self, caches=caches, lengths=lengths, bound=None)
 
 
 def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -242,6 +370,22 @@ class DecodingScheme(abc.ABC):
     def next_logits(self, outputs: Feeds) -> np.ndarray:
         """``[rows, vocab]``: the logits of each row's newest position (after a prefill: its last
         prompt token, the last column, real in every row)."""
+
+    # ---- running a batch on one in-place KV buffer (SlotBatch) ---------------------------------
+    # A decoder graph with KV_IN_PLACE runs a step on the SlotBatch's buffers bound as both its past
+    # inputs and its present outputs: decoder(slot_step_feeds(batch, tokens)) writing each present
+    # into its past's buffer (in_place_caches), then batch.advanced(), and next_logits(outputs)
+    # holds one row per slot (batch.slots picks the running rows'). A scheme that cannot (its
+    # state is not only caches growing by one position per step) returns {} and runs DecodeBatch.
+    def in_place_caches(self) -> dict[str, str]:
+        """{present output: the past input whose buffer it is written into}; {} when this scheme
+        has no in-place form."""
+        return {}
+
+    def slot_step_feeds(self, batch: SlotBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """Decoder feeds for one new token per running row (``tokens [rows]``, row order) of a
+        SlotBatch: one row per slot, idle slots fed a masked-out pad."""
+        raise NotImplementedError(f"the {self.name} scheme has no in-place KV form")
 
     @abc.abstractmethod
     def synthetic_batch(self, rows: int, length: int, rng: np.random.Generator) -> DecodeBatch:

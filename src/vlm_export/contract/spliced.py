@@ -16,7 +16,8 @@ import numpy as np
 from ..errors import InputError
 from .geometry import DecoderGeometry
 from .limits import Limits
-from .scheme import DecodeBatch, DecodingScheme, Feeds, Range, left_padded, left_padded_mask, register_scheme
+from .scheme import (DecodeBatch, DecodingScheme, Feeds, Range, SlotBatch, left_padded, left_padded_mask,
+                     register_scheme)
 from .stages import DECODER, StageSpec, TensorSpec
 
 PAST, PRESENT = "past_key_values", "present"
@@ -143,6 +144,18 @@ class SplicedScheme(DecodingScheme):
     def advance(self, batch: DecodeBatch, outputs: Feeds) -> DecodeBatch:
         mask = np.concatenate([batch.mask, np.ones((batch.rows, 1), dtype=np.int64)], axis=1)
         return DecodeBatch(self._caches(outputs), mask, batch.positions + 1, batch.growing, batch.seq_axis)
+
+    def in_place_caches(self) -> dict[str, str]:
+        return dict(zip(self.present_names, self.past_names))
+
+    def slot_step_feeds(self, batch: SlotBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            "input_ids": batch.by_slot(np.asarray(tokens, dtype=np.int64), self.pad_id).reshape(-1, 1),
+            self.image_input_name: self.empty_image_input(),
+            "attention_mask": batch.step_mask(),
+            "position_ids": batch.by_slot(batch.positions, 0).reshape(-1, 1),
+            **batch.caches,
+        }
 
     def next_logits(self, outputs: Feeds) -> np.ndarray:
         return outputs["logits"][:, -1, :]

@@ -14,21 +14,34 @@ repeat from the Expand. No model type is consulted.
 The decoder's external interface is unchanged (same inputs and outputs); GroupQueryAttention's
 extra inputs are computed inside the graph:
 
-* ``total_sequence_length`` = past length (``past_key``'s dimension 2) + new tokens, and
-  ``seqlens_k`` = that - 1 for *every* row. GroupQueryAttention assumes right padding (a row's
-  valid tokens are its first ``seqlens_k + 1``); the runtime left-pads prompts and lets rows join a
-  running batch, so a row's KV can have masked holes anywhere. Declaring every row full makes the
-  kernel's causal window exactly the physical one the exported graph used (past length =
-  total - new for every row), and
+* the lengths come from the attention mask (batch, total), not from the past's shape:
+  ``total_sequence_length`` = the mask's width, and per row ``seqlens_k`` = T - 1 where T = the
+  last column the mask marks real, + 1. GroupQueryAttention assumes right padding (a row's valid
+  tokens are its first ``seqlens_k + 1``, the new ones written at T - new); the runtime's batch
+  (contract.scheme.DecodeBatch) left-pads prompts and lets rows join a running batch, so a row's KV
+  can have masked holes anywhere, but its newest position is always the last column: T = the
+  width for every row, which declares every row full and makes the kernel's causal window exactly
+  the physical one the exported graph used (past length = total - new for every row). Read from
+  the mask, the same graph also runs on ONE preallocated buffer bound as past and present
+  (contract.scheme.SlotBatch): rows left-aligned at their own lengths T, the mask as wide as the
+  longest; a row whose mask is all zero is an idle slot (``query_seqlens`` 0: its cache is left
+  as it is). The exporter's own reads of the past length (``Shape(past)[2]``, which feeds its
+  causal mask) become mask width - new tokens, the same value on the growing cache and the right
+  one on the buffer, whose dimension 2 is its capacity; the graph says it can run so in its
+  metadata (``contract.scheme.KV_IN_PLACE``). Checked on ONNX Runtime 1.32 (tests/test_shared_kv.py):
+  past and present bound to one OrtValue are one buffer (the kernel compares the pointers), the
+  present is as long as the buffer (max(total, past length)), row b's new K/V go to columns
+  [T - new, T) and its attention reads columns [0, T) only, so a slot's stale columns past T are
+  never read; and
 * ``attention_bias`` = the exported graph's own additive mask (batch, 1, sequence, total): the
   padding holes (and whatever else the exporter folded into it: causal, sliding window) get the
   same finite minimum added as before. So left padding and holes give the exported graph's answers.
   (Padded query rows - every key masked - come out uniform over their causal window instead of
   over the whole row; nothing reads them: their keys are masked for every real query and the
   runtime zeroes their cache slots.)
-* ``query_seqlens`` = the new tokens' count for every row: with it the kernel takes several new
-  tokens after a past for a batch of rows too (without it, ONNX Runtime 1.32 refuses
-  "batch_size must be 1 when sequence_length > 1 and past context is given"), and it makes the
+* ``query_seqlens`` = min(new tokens, T) per row (the new tokens' count; 0 for an idle slot): with
+  it the kernel takes several new tokens after a past for a batch of rows too (without it, ONNX
+  Runtime 1.32 refuses "batch_size must be 1 when sequence_length > 1 and past context is given"), and it makes the
   kernel's rotary read every token's own position (next point); past = total - new, as above.
 * rotary moves into the kernel (``do_rotary`` with the rotary pass's cos/sin caches) and is fed
   the runtime's own ``position_ids`` (each row counting from its first real token). Checked on
@@ -51,6 +64,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper
+
+from ..contract.scheme import KV_IN_PLACE
 
 MS_DOMAIN = "com.microsoft"
 
@@ -203,32 +218,82 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
         raise _NoMatch(f"{softmax.name}: scale {scale}")
     return dict(q3=q3, k3=k3, v3=v3, q_rot=q_rot, k_rot=k_rot, past_k=past_k, past_v=past_v,
                 present_k=present_k, present_v=present_v, k_cat=k_cat, v_cat=v_cat, out=out, bias=bias,
+                mask=_mask_input(g, bias),
                 heads=heads, kv_heads=kv_heads, head_size=head_size, scale=scale)
 
 
-def _lengths(g, past_k: str, bias: str, prefix: str) -> tuple[list[onnx.NodeProto], str, str, str]:
+def _is_2d_of(g, name: str, dim: str) -> bool:
+    """Whether ``name`` is (anything, ``dim``)."""
+    shape = g.shape(name) or []
+    return len(shape) == 2 and shape[1] == dim
+
+
+def _mask_input(g, bias: str) -> str:
+    """The graph input the additive mask ``bias`` (batch | 1, heads | 1, sequence, total) is made
+    from: the 2-D input as wide as the keys (the same named dimension)."""
+    total = _dims(g, bias, 4)[3]
+    found = [i.name for i in g.graph.input if isinstance(total, str) and _is_2d_of(g, i.name, total)]
+    if len(found) != 1:
+        raise _NoMatch(f"{bias}: no single 2-D graph input (the attention mask) as wide as the keys ({total})")
+    return found[0]
+
+
+def _lengths(g, mask: str, bias: str, prefix: str) -> tuple[list[onnx.NodeProto], str, str, str]:
     """Nodes computing GroupQueryAttention's (seqlens_k, total_sequence_length, query_seqlens) from
-    a past KV input (batch, kv heads, past, head size) and the additive mask (batch | 1, heads | 1,
-    sequence, total): every row declared full, total = past + sequence (see the module docstring).
-    (The new tokens' count is read off the mask, not q: q's producer may later be folded away.)"""
-    i32 = lambda name, values: helper.make_node(  # noqa: E731
-        "Constant", [], [name], name=name, value=helper.make_tensor(name, onnx.TensorProto.INT32, [], values))
-    n = lambda op, inputs, out, **kw: helper.make_node(op, inputs, [f"{prefix}_{out}"],  # noqa: E731
-                                                       name=f"{prefix}_{out}", **kw)
+    the attention mask (batch, total) and the additive mask (..., sequence, total): per row T = the
+    last real column + 1 (0 for a row with none: an idle slot), seqlens_k = max(T - 1, 0),
+    query_seqlens = min(T, sequence), total = the mask's width (see the module docstring).
+    (The new tokens' count is read off the additive mask, not q: q's producer may later be folded away.)"""
+    p = lambda name: f"{prefix}_{name}"  # noqa: E731
+    i64 = lambda name, dims, values: helper.make_node(  # noqa: E731
+        "Constant", [], [p(name)], name=p(name),
+        value=helper.make_tensor(p(name), onnx.TensorProto.INT64, dims, values))
+    n = lambda op, inputs, out, **kw: helper.make_node(op, inputs, [p(out)], name=p(out), **kw)  # noqa: E731
     nodes = [
-        n("Shape", [past_k], "batch", start=0, end=1),
-        n("Shape", [past_k], "past", start=2, end=3),
+        i64("zero", [], [0]), i64("one", [], [1]), i64("one_axis", [1], [1]),
+        n("Shape", [mask], "width", start=1, end=2),
+        n("Squeeze", [p("width")], "width_0d"),
+        n("Add", [p("width_0d"), p("one")], "width_1"),
+        n("Range", [p("one"), p("width_1"), p("one")], "columns"),  # 1, 2, ..., width
+        n("Cast", [mask], "mask64", to=onnx.TensorProto.INT64),
+        n("Mul", [p("mask64"), p("columns")], "marked"),
+        n("ReduceMax", [p("marked"), p("one_axis")], "rows_total", keepdims=0),
+        n("Sub", [p("rows_total"), p("one")], "last"),
+        n("Max", [p("last"), p("zero")], "last_0"),
+        n("Cast", [p("last_0")], "seqlens_k", to=onnx.TensorProto.INT32),
         n("Shape", [bias], "new", start=2, end=3),
-        n("Add", [f"{prefix}_past", f"{prefix}_new"], "total64"),
-        n("Cast", [f"{prefix}_total64"], "total_1d", to=onnx.TensorProto.INT32),
-        n("Squeeze", [f"{prefix}_total_1d"], "total_sequence_length"),
-        i32(f"{prefix}_one", [1]),
-        n("Sub", [f"{prefix}_total_1d", f"{prefix}_one"], "last"),
-        n("Expand", [f"{prefix}_last", f"{prefix}_batch"], "seqlens_k"),
-        n("Cast", [f"{prefix}_new"], "new32", to=onnx.TensorProto.INT32),
-        n("Expand", [f"{prefix}_new32", f"{prefix}_batch"], "query_seqlens"),
+        n("Min", [p("rows_total"), p("new")], "query64"),
+        n("Cast", [p("query64")], "query_seqlens", to=onnx.TensorProto.INT32),
+        n("Cast", [p("width_0d")], "total_sequence_length", to=onnx.TensorProto.INT32),
     ]
-    return nodes, f"{prefix}_seqlens_k", f"{prefix}_total_sequence_length", f"{prefix}_query_seqlens"
+    return nodes, p("seqlens_k"), p("total_sequence_length"), p("query_seqlens")
+
+
+def _past_lengths_from_mask(g, pasts: set[str], mask: str, bias: str) -> str:
+    """Rewrite the exporter's reads of the past length (``Shape(past, start=2, end=3)``) into
+    mask width - new tokens. Returns why the KV cannot be one in-place buffer ("" when it can):
+    something other than the attention kernels and those shape reads looks at a past input."""
+    sequence = _dims(g, bias, 4)[2]
+    new = [i.name for i in g.graph.input if isinstance(sequence, str) and _is_2d_of(g, i.name, sequence)]
+    if not new:
+        return f"no 2-D graph input of the new tokens' length ({sequence}) to read the past length from"
+    for past in sorted(pasts):
+        for node in g.consumers.get(past, []):
+            if id(node) in g.removed:
+                continue
+            if node.op_type != "Shape":
+                return f"{node.name} ({node.op_type}) reads the past KV {past}"
+            start, end = g.attr(node, "start", 0), g.attr(node, "end")
+            if end is not None and 0 <= start < end <= 2:
+                continue  # batch or heads: the same on the buffer
+            if (start, end) != (2, 3):
+                return f"{node.name} reads dimensions {start}:{end} of the past KV {past}"
+            out = node.output[0]
+            g.replace([node], [
+                helper.make_node("Shape", [mask], [f"{out}_width"], name=f"{out}_width", start=1, end=2),
+                helper.make_node("Shape", [new[0]], [f"{out}_new"], name=f"{out}_new", start=1, end=2),
+                helper.make_node("Sub", [f"{out}_width", f"{out}_new"], [out], name=f"{out}_from_mask")])
+    return ""
 
 
 def fuse_attention(g, report) -> None:
@@ -237,6 +302,8 @@ def fuse_attention(g, report) -> None:
     graph_inputs = {i.name for i in g.graph.input}
     skipped: dict[str, int] = {}
     lengths: dict[tuple, list[str]] = {}
+    pasts: set[str] = set()
+    masks: dict[str, str] = {}  # attention mask input -> an additive mask made from it
     for softmax in [n for n in g.graph.node if n.op_type == "Softmax"]:
         try:
             m = _match(g, softmax, graph_inputs)
@@ -244,15 +311,18 @@ def fuse_attention(g, report) -> None:
             reason = str(e).split(": ", 1)[-1]
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
+        mask = m["mask"]
         new: list[onnx.NodeProto] = []
-        # layers whose past and mask have the same named (batch, past, sequence, total) dims - every
-        # layer of an exported decoder - share one seqlens_k/total; unnamed dims get their own
-        dims = (*g.shape(m["past_k"])[::2], *g.shape(m["bias"])[2:])
-        key = dims if all(isinstance(d, str) for d in dims) else (m["past_k"], m["bias"])
+        # layers whose additive masks have the same named new-token dim - every layer of an exported
+        # decoder, sliding-window ones included - share one seqlens_k/total; unnamed dims get their own
+        sequence = g.shape(m["bias"])[2]
+        key = (mask, sequence if isinstance(sequence, str) else m["bias"])
         if key not in lengths:
-            nodes, *lengths[key] = _lengths(g, m["past_k"], m["bias"], f"gqa_lengths_{len(lengths)}")
+            nodes, *lengths[key] = _lengths(g, mask, m["bias"], f"gqa_lengths_{len(lengths)}")
             new += nodes
         seqlens, total, query_lengths = lengths[key]
+        pasts |= {m["past_k"], m["past_v"]}
+        masks[mask] = m["bias"]
         # the rotary pass's RotaryEmbedding(x, position_ids, cos, sin) moves into the kernel
         # (do_rotary with the same caches, fed the runtime's position_ids: see the module docstring)
         rotary = list(m["q_rot"].input[1:]) if m["q_rot"] is not None else ["", "", ""]
@@ -271,6 +341,20 @@ def fuse_attention(g, report) -> None:
         report.fusions["attention"] += 1
     for reason, count in skipped.items():
         report.notes.append(f"{count} attention softmax(es) left unfused: {reason}")
+    if not pasts:
+        return
+    # every attention reads its lengths from the mask; past and present can be one buffer if nothing
+    # else reads the past's length (the exporter's causal mask does: rewired) and every attention is fused
+    if skipped:
+        why = "some attentions are left unfused"
+    elif len(masks) != 1:
+        why = f"the attentions read {len(masks)} attention mask inputs, not one"
+    else:
+        why = _past_lengths_from_mask(g, pasts, *next(iter(masks.items())))
+    if why:
+        report.notes.append(f"past and present KV cannot share one buffer: {why}")
+    else:
+        helper.set_model_props(g.model, {**{p.key: p.value for p in g.model.metadata_props}, KV_IN_PLACE: "1"})
 
 
 def fold_packed_qkv(g) -> int:

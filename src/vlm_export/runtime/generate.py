@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..contract import DecodeBatch
+from ..contract.scheme import SlotBatch
 from ..errors import InputError, VlmExportError
 from .chat import Prompt
 from .pipeline import ImageInput, VLMPipeline
@@ -191,10 +192,16 @@ class Scheduler:
     longest first, a call takes the next row while at most ``max_prefill_padding`` of its slots are
     padding (the scheme left-pads shorter prompts). If a call fails, its rows are prefilled one by
     one, so the error ends only the row that causes it.
+
+    The running rows' KV: where the pipeline can (``VLMPipeline.kv_in_place``: the fused decoder on
+    ONNX Runtime's CPU provider) and ``kv_in_place`` is not False, one preallocated buffer per cache
+    that each decode step writes in place (``contract.scheme.SlotBatch``: a prefilled row is copied
+    into a free slot once, sized for its prompt + max new tokens; a leaving row frees its slot);
+    otherwise a ``DecodeBatch`` of numpy caches that every step replaces with the decoder's present.
     """
 
     def __init__(self, pipe: VLMPipeline, max_batch: int | None = None, max_prefill_tokens: int | None = None,
-                 max_prefill_padding: float | None = None):
+                 max_prefill_padding: float | None = None, kv_in_place: bool | None = None):
         self.pipe = pipe
         self.max_batch = max_batch or pipe.limits.max_batch
         if self.max_batch < 1:
@@ -205,10 +212,11 @@ class Scheduler:
         self.max_prefill_padding = DEFAULT_MAX_PREFILL_PADDING if max_prefill_padding is None else max_prefill_padding
         if not 0.0 <= self.max_prefill_padding <= 1.0:
             raise InputError(f"max_prefill_padding must be in [0, 1], got {self.max_prefill_padding}")
+        self.kv_in_place = pipe.kv_in_place and kv_in_place is not False
         self._ids = itertools.count()
         self.queued: list[_Row] = []
         self.running: list[_Row] = []
-        self.batch: DecodeBatch | None = None
+        self.batch: DecodeBatch | SlotBatch | None = None
         self.logits: np.ndarray | None = None  # [running rows, vocab]: each row's next-token logits
         self._pending: np.ndarray | None = None  # tokens sampled for the running rows, not yet decoded
         self._failed: list[Event] = []  # rows whose own prefill failed, reported at the next step
@@ -248,12 +256,18 @@ class Scheduler:
             self._pending = self._pending[keep] if keep else None
 
     def _decode_pending(self) -> None:
-        if self._pending is not None:
-            scheme = self.pipe.scheme
+        if self._pending is None:
+            return
+        scheme = self.pipe.scheme
+        if isinstance(self.batch, SlotBatch):
+            out, bound = self.pipe.decode_in_place(scheme.slot_step_feeds(self.batch, self._pending), self.batch.bound)
+            self.batch = self.batch.advanced(bound)
+            self.logits = scheme.next_logits(out)[self.batch.slots]
+        else:
             out = self.pipe.decode(scheme.step_feeds(self.batch, self._pending))
             self.batch = scheme.advance(self.batch, out)
             self.logits = scheme.next_logits(out)
-            self._pending = None
+        self._pending = None
 
     def _next_rows(self) -> list[_Row]:
         """The queued rows this step admits (see the class docstring)."""
@@ -296,7 +310,11 @@ class Scheduler:
             return
         for row in group:
             row.image_input = None  # consumed: its rows live in the cache now
-        self.batch = state if self.batch is None else self.batch.join(state)
+        if self.kv_in_place:
+            reserve = [len(r.prompt_ids) + r.config.max_new_tokens for r in group]
+            self.batch = (self.batch or SlotBatch.empty(state.seq_axis)).join(state, reserve)
+        else:
+            self.batch = state if self.batch is None else self.batch.join(state)
         self.logits = logits if self.logits is None else np.concatenate([self.logits, logits])
         self.running.extend(group)
 

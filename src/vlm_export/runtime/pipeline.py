@@ -123,6 +123,19 @@ class VLMPipeline:
         """One decoder call with feeds made by the scheme (prefill or step)."""
         return self.decoder.infer(feeds)
 
+    @property
+    def kv_in_place(self) -> bool:
+        """Whether decode steps can run on one preallocated KV buffer written in place
+        (``contract.scheme.SlotBatch``): the scheme has that form and the decoder's graph and runner
+        can (the fused graph on ONNX Runtime's CPU provider)."""
+        return bool(self.scheme.in_place_caches()) and self.decoder.kv_in_place
+
+    def decode_in_place(self, feeds: Mapping[str, np.ndarray], bound=None) -> tuple[dict[str, np.ndarray], object]:
+        """One decode step with feeds from ``scheme.slot_step_feeds``: the present caches are written
+        into the past's buffers. Returns (the other outputs, the buffers' binding: pass it back with
+        the same buffers; ``Runner.infer_in_place``)."""
+        return self.decoder.infer_in_place(feeds, self.scheme.in_place_caches(), bound)
+
     def prefill(self, prompt_ids: Sequence[int], image_input: np.ndarray):
         """(logits [vocab] of the last prompt position, the state of this one row)."""
         logits, state = self.prefill_batch([prompt_ids], [image_input])

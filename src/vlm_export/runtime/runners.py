@@ -13,6 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
+from ..contract.scheme import KV_IN_PLACE
 from ..errors import RunnerError
 
 Feeds = Mapping[str, np.ndarray]
@@ -140,6 +141,18 @@ class Runner(abc.ABC):
         """``array`` where this runner keeps its kept outputs (a benchmark's synthetic cache), so a
         call fed with it costs what a call fed with its own outputs does. numpy where nothing is kept."""
         return array
+
+    #: whether ``infer_in_place`` runs this stage on KV buffers bound as past and present at once
+    #: (a decoder graph with ``contract.scheme.KV_IN_PLACE`` on a backend that can bind host memory)
+    kv_in_place: bool = False
+
+    def infer_in_place(self, feeds: Feeds, aliases: Mapping[str, str],
+                       bound=None) -> tuple[dict[str, np.ndarray], object]:
+        """Run once with each output named in ``aliases`` (output -> input) written into that input's
+        numpy buffer, in place. Returns (the other outputs as numpy, the binding of the buffers):
+        pass that binding back with the same buffers and the next call skips binding them again.
+        Only where ``kv_in_place``."""
+        raise RunnerError(f"the {self.backend} runner for {self.name} cannot write its outputs in place")
 
     def infer(self, feeds: Feeds) -> dict[str, np.ndarray]:
         """Run once; every input in ``input_names`` must be present (extra feeds are ignored)."""
@@ -274,6 +287,9 @@ class OrtRunner(Runner):
         self.io_device = ("cuda", self.device.ordinal) if gpu else ("cpu", 0)
         super().__init__(name, [i.name for i in self.session.get_inputs()],
                          [o.name for o in self.session.get_outputs()])
+        # in place on host memory (OrtValues over the numpy buffers): the CPU provider only
+        self.kv_in_place = not gpu and \
+            self.session.get_modelmeta().custom_metadata_map.get(KV_IN_PLACE) == "1"
 
     def _say_if_providers_dropped(self, name: str) -> None:
         """ONNX Runtime skips a provider it cannot create (e.g. CUDA libraries missing) with a log
@@ -295,6 +311,31 @@ class OrtRunner(Runner):
         except Exception as e:
             raise RunnerError(f"ONNX Runtime failed on {self.name}: {str(e).splitlines()[0]}") from None
         return dict(zip(self.output_names, out))
+
+    def infer_in_place(self, feeds: Feeds, aliases: Mapping[str, str],
+                       bound=None) -> tuple[dict[str, np.ndarray], object]:
+        if not self.kv_in_place:
+            return super().infer_in_place(feeds, aliases, bound)
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise RunnerError(f"{self.backend} runner for {self.name}: missing inputs {missing}")
+        buffers = {n: feeds[n] for n in aliases.values()}
+        if not (isinstance(bound, _InPlaceBinding) and bound.holds(self.session, buffers)):
+            bound = _InPlaceBinding(self, buffers, aliases)
+        binding = bound.binding
+        try:
+            for n in self.input_names:  # the small per-step inputs; the buffers stay bound
+                if n not in buffers:
+                    binding.bind_cpu_input(n, np.ascontiguousarray(feeds[n]))
+            for n in self.output_names:
+                if n not in aliases:
+                    binding.bind_output(n, "cpu")
+            self.session.run_with_iobinding(binding)
+            values = binding.get_outputs_as_ortvaluevector()  # in output_names order (bound in that order first)
+            out = {n: values[i].numpy() for i, n in enumerate(self.output_names) if n not in aliases}
+        except Exception as e:
+            raise RunnerError(f"ONNX Runtime failed on {self.name}: {str(e).splitlines()[0]}") from None
+        return out, bound
 
     def to_device(self, array: np.ndarray):
         """``array`` as an OrtValue on this session's device (for ``infer_bound``'s feeds)."""
@@ -334,3 +375,28 @@ class OrtRunner(Runner):
         except Exception as e:
             raise RunnerError(f"ONNX Runtime failed on {self.name}: {str(e).splitlines()[0]}") from None
         return {n: (v if n in keep else v.numpy()) for n, v in zip(self.output_names, values)}
+
+
+class _InPlaceBinding:
+    """An ONNX Runtime IO binding of in-place buffers: each aliased output bound to its input's numpy
+    memory (the same pointer, which is how GroupQueryAttention tells a shared past/present buffer),
+    reused by every call with these same arrays (binding ~60 caches costs about a millisecond a step
+    on a loaded 2-core machine). The binding holds the arrays, so it lives as long as they do."""
+
+    def __init__(self, runner: OrtRunner, buffers: Mapping[str, np.ndarray], aliases: Mapping[str, str]):
+        for n, value in buffers.items():
+            if not (isinstance(value, np.ndarray) and value.flags.c_contiguous and value.flags.writeable):
+                raise RunnerError(f"{runner.name}: the in-place buffer {n} must be a writeable C-contiguous array")
+        self.session, self.buffers = runner.session, dict(buffers)
+        self.binding = runner.session.io_binding()
+        for n in runner.output_names:  # every output once, in order: get_outputs keeps this order
+            if n in aliases:
+                array = self.buffers[aliases[n]]
+                self.binding.bind_cpu_input(aliases[n], array)  # the array's own memory, no copy
+                self.binding.bind_output(n, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data)
+            else:
+                self.binding.bind_output(n, "cpu")
+
+    def holds(self, session, buffers: Mapping[str, np.ndarray]) -> bool:
+        return session is self.session and buffers.keys() == self.buffers.keys() \
+            and all(buffers[n] is self.buffers[n] for n in buffers)
