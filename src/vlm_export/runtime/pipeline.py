@@ -127,8 +127,10 @@ class VLMPipeline:
     def kv_in_place(self) -> bool:
         """Whether decode steps can run on one preallocated KV buffer written in place
         (``contract.scheme.SlotBatch``): the scheme has that form and the decoder's graph and runner
-        can (the fused graph on ONNX Runtime's CPU provider)."""
-        return bool(self.scheme.in_place_caches()) and self.decoder.kv_in_place
+        can (the fused graph on ONNX Runtime's CPU provider) - and the caller has not asked the
+        decoder to keep its caches as device arrays (``Runner.keep_on_device``: the copying path,
+        each step's present fed back as the next past without a host copy)."""
+        return bool(self.scheme.in_place_caches()) and self.decoder.kv_in_place and not self.decoder.kept
 
     def decode_in_place(self, feeds: Mapping[str, np.ndarray], bound=None) -> tuple[dict[str, np.ndarray], object]:
         """One decode step with feeds from ``scheme.slot_step_feeds``: the present caches are written
