@@ -14,25 +14,28 @@ from vlm_export.precision.weight_only import quantize_blocks, quantize_weights
 K, N, VOCAB = 128, 48, 96
 
 
-def test_asymmetric_blocks_reproduce_a_grid_with_an_integer_zero_point_exactly():
-    """Weights on a per-block 4-bit grid whose minimum is a whole number of steps below 0 survive
-    the integer zero point exactly; GGUF's Q4_1 grid (any float minimum) comes back within half a
-    step only, and the symmetric grid, centred on 0, loses more."""
+def test_asymmetric_blocks_reproduce_a_q4_1_grid_exactly():
+    """Weights that already lie on a per-block 4-bit grid with a float minimum (GGUF Q4_1, as the
+    demo's SmolLM2) survive the asymmetric scheme exactly. Integer zero points do only where the
+    minimum is a whole number of steps below 0; elsewhere each block is off by one shared offset
+    (within half a step), and symmetric, centred on 0, loses more."""
     rng = np.random.default_rng(0)
     scale = rng.uniform(0.01, 0.1, size=(K // 32, 1, N)).astype(np.float32)
-    zero = rng.integers(1, 15, size=(K // 32, 1, N)).astype(np.float32)
+    low = rng.uniform(-1, 0, size=(K // 32, 1, N)).astype(np.float32) * 15 * scale
     codes = rng.integers(0, 16, size=(K // 32, 32, N)).astype(np.float32)
     codes[:, 0], codes[:, 1] = 0, 15  # every block spans its whole grid
-    w = ((codes - zero) * scale).reshape(K, N)
+    w = (codes * scale + low).reshape(K, N)
     assert np.abs(quantize_blocks(w, 4, 32, "asymmetric").dequantize() - w).max() < 1e-6
-    q4_1 = (codes * scale + rng.uniform(-1, 0, size=scale.shape).astype(np.float32) * 15 * scale).reshape(K, N)
-    err = np.abs(quantize_blocks(q4_1, 4, 32, "asymmetric").dequantize() - q4_1)
-    assert 1e-3 < err.max() <= scale.max() / 2 + 1e-6
+    err = (quantize_blocks(w, 4, 32, "zero-point").dequantize() - w).reshape(K // 32, 32, N)
+    assert 1e-3 < np.abs(err).max() <= scale.max() / 2 + 1e-6
+    assert np.abs(err - err[:, :1]).max() < 1e-6  # the same offset across each block
+    on_grid = ((codes - np.rint(-low / scale)) * scale).reshape(K, N)
+    assert np.abs(quantize_blocks(on_grid, 4, 32, "zero-point").dequantize() - on_grid).max() < 1e-6
     assert np.abs(quantize_blocks(w, 4, 32, "symmetric").dequantize() - w).max() > 1e-3
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric", "zero-point"])
 def test_rounding_error_is_at_most_half_a_step(bits, scheme):
     w = np.random.default_rng(1).standard_normal((K + 16, N)).astype(np.float32)  # K not a block multiple
     w[:32, 0] += 4  # a block of positive weights only
@@ -40,18 +43,21 @@ def test_rounding_error_is_at_most_half_a_step(bits, scheme):
     assert deq.shape == w.shape
     # each block's grid step worked out from its own weights (not from the scales under test):
     # symmetric codes run from -(2^(b-1)-1) to 2^(b-1)-1 steps around 0, asymmetric ones 2^b-1 steps
-    # over the block's range widened to hold 0 (an integer zero point puts 0 on the grid)
+    # over the block's range, zero-point ones over that range widened to hold 0 (an integer zero
+    # point puts 0 on the grid)
     for start in range(0, K + 16, 32):  # the last block holds the 16 rows past K (and its zero padding)
         block = w[start:start + 32]
         if scheme == "symmetric":
             step = np.abs(block).max(axis=0) / (2 ** (bits - 1) - 1)
+        elif scheme == "asymmetric":
+            step = (block.max(axis=0) - block.min(axis=0)) / (2 ** bits - 1)
         else:
             step = (np.maximum(block.max(axis=0), 0) - np.minimum(block.min(axis=0), 0)) / (2 ** bits - 1)
         assert np.all(np.abs(deq[start:start + 32] - block) <= step / 2 + 1e-6), start
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_asymmetric_bytes_equal_onnxruntimes_own_quantizer(bits):
+def test_zero_point_bytes_equal_onnxruntimes_own_quantizer(bits):
     """Codes, scales and zero points, packed as MatMulNBits reads them, byte for byte what
     onnxruntime's quantize_matmul_4bits/8bits writes: K padded to whole blocks, an odd number of
     blocks (the last zero-point byte of each row half used), an all-zero block."""
@@ -70,7 +76,7 @@ def test_asymmetric_bytes_equal_onnxruntimes_own_quantizer(bits):
     padded = np.pad(w, ((0, blocks * block - k), (0, 0)))  # as onnxruntime's MatMulNBitsQuantizer pads
     (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(
         packed, padded, scales, zero_points, block, N, blocks * block, False)
-    bq = quantize_blocks(w, bits, block, "asymmetric")
+    bq = quantize_blocks(w, bits, block, "zero-point")
     assert np.array_equal(_pack(bq.q, bits), packed)
     assert np.array_equal(_pack(bq.zero_points, bits, 2 ** (bits - 1)), zero_points)
     # ours stores 1 for an all-zero block's scale (its codes and zero point are 0), onnxruntime 0
@@ -101,8 +107,8 @@ def _run(model, ids):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
 
 
-@pytest.mark.parametrize("form,scheme", [("matmulnbits", "asymmetric"), ("matmulnbits", "symmetric"),
-                                         ("dequantize", "symmetric")])
+@pytest.mark.parametrize("form,scheme", [("matmulnbits", "asymmetric"), ("matmulnbits", "zero-point"),
+                                         ("matmulnbits", "symmetric"), ("dequantize", "symmetric")])
 def test_forms_run_on_onnxruntime_like_the_dequantized_maths(tmp_path, form, scheme):
     model, w, emb = _graph(tmp_path / "g.onnx")
     ids = np.array([[3, 7, 11]], np.int64)
@@ -131,13 +137,13 @@ def test_matmulnbits_reads_our_zero_points_like_the_dequantized_maths(bits):
     half padding, so each row's zero points end in a half-used byte."""
     model = _chain(None, [80, 40, 24])
     weights = [numpy_helper.to_array(i) for i in model.graph.initializer]
-    quantize_weights(model, bits, 32, "asymmetric", "matmulnbits", keep=set(), accuracy_level=0)
+    quantize_weights(model, bits, 32, "zero-point", "matmulnbits", keep=set(), accuracy_level=0)
     assert [(n.op_type, len(n.input)) for n in model.graph.node] == [("MatMulNBits", 4)] * 2
     x = np.random.default_rng(7).standard_normal((1, 5, 80)).astype(np.float32)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"h0": x})[0]
     expected = x
     for w in weights:
-        expected = expected @ quantize_blocks(w, bits, 32, "asymmetric").dequantize()
+        expected = expected @ quantize_blocks(w, bits, 32, "zero-point").dequantize()
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
