@@ -14,7 +14,7 @@ Three schemes:
 * ``asymmetric``: ``w = scale * q + minimum`` per block (q in [0, 2^b-1]; GGUF's Q4_1). Spends
   the whole 2^b grid on each block's real range, and represents weights that already lie on a
   Q4_1 grid (the demo's SmolLM2) exactly. ONNX Runtime only, through a correction of the float
-  minimum (see ``_matmulnbits``): three small extra nodes per projection.
+  minimum (see ``_matmulnbits``): two small extra nodes per projection, one block sum per input.
 * ``zero-point``: ``w = scale * (q - zero_point)`` with an integer zero point in [0, 2^b-1],
   rounded as ONNX Runtime's own quantizer does (``quantize_matmul_4bits``/``8bits``: the block's
   range widened to hold 0, ``scale = (max - min) / (2^b-1)``, ``zero_point = round(-min / scale)``).
@@ -160,7 +160,7 @@ def _matmulnbits(t: _Target, bq: BlockQuantized, accuracy_level: int, block_sums
     float minimum becomes a correction ``blocksum(x) @ offsets`` on symmetric-coded weights (the
     algebra GGUF's Q4_1 kernels use: per block ``sum(w x) = scale * sum(q x) + minimum * sum(x)``):
     MatMulNBits' fast int8 kernels take only integer zero points, and its float zero points run
-    ~20x slower (16 ms against 0.8-1 ms for a 576 x 3072 weight, measured on this 2-core VM)."""
+    ~20x slower (16 ms against 0.8-1 ms for a 576 x 3072 weight, one token, this 2-core VM loaded)."""
     k, n = t.weight.shape
     name = t.node.name or t.node.output[0]
     half = 2 ** (bq.bits - 1)
