@@ -15,34 +15,73 @@ K, N, VOCAB = 128, 48, 96
 
 
 def test_asymmetric_blocks_reproduce_a_q4_1_grid_exactly():
-    """Weights that already lie on a per-block 4-bit grid with a float minimum (GGUF Q4_1) survive."""
+    """Weights that already lie on a per-block 4-bit grid with a float minimum (GGUF Q4_1, as the
+    demo's SmolLM2) survive the asymmetric scheme exactly. Integer zero points do only where the
+    minimum is a whole number of steps below 0; elsewhere each block is off by one shared offset
+    (within half a step), and symmetric, centred on 0, loses more."""
     rng = np.random.default_rng(0)
     scale = rng.uniform(0.01, 0.1, size=(K // 32, 1, N)).astype(np.float32)
-    low = rng.uniform(-1, 0, size=(K // 32, 1, N)).astype(np.float32)
+    low = rng.uniform(-1, 0, size=(K // 32, 1, N)).astype(np.float32) * 15 * scale
     codes = rng.integers(0, 16, size=(K // 32, 32, N)).astype(np.float32)
     codes[:, 0], codes[:, 1] = 0, 15  # every block spans its whole grid
     w = (codes * scale + low).reshape(K, N)
     assert np.abs(quantize_blocks(w, 4, 32, "asymmetric").dequantize() - w).max() < 1e-6
-    sym = quantize_blocks(w, 4, 32, "symmetric")
-    assert np.abs(sym.dequantize() - w).max() > 1e-3  # symmetric cannot: its grid is centred on 0
+    err = (quantize_blocks(w, 4, 32, "zero-point").dequantize() - w).reshape(K // 32, 32, N)
+    assert 1e-3 < np.abs(err).max() <= scale.max() / 2 + 1e-6
+    assert np.abs(err - err[:, :1]).max() < 1e-6  # the same offset across each block
+    on_grid = ((codes - np.rint(-low / scale)) * scale).reshape(K, N)
+    assert np.abs(quantize_blocks(on_grid, 4, 32, "zero-point").dequantize() - on_grid).max() < 1e-6
+    assert np.abs(quantize_blocks(w, 4, 32, "symmetric").dequantize() - w).max() > 1e-3
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric", "zero-point"])
 def test_rounding_error_is_at_most_half_a_step(bits, scheme):
     w = np.random.default_rng(1).standard_normal((K + 16, N)).astype(np.float32)  # K not a block multiple
+    w[:32, 0] += 4  # a block of positive weights only
     deq = quantize_blocks(w, bits, 32, scheme).dequantize()
     assert deq.shape == w.shape
     # each block's grid step worked out from its own weights (not from the scales under test):
     # symmetric codes run from -(2^(b-1)-1) to 2^(b-1)-1 steps around 0, asymmetric ones 2^b-1 steps
-    # from the block's minimum to its maximum
-    for start in range(0, K + 16, 32):  # the last block holds the 16 rows past K
+    # over the block's range, zero-point ones over that range widened to hold 0 (an integer zero
+    # point puts 0 on the grid)
+    for start in range(0, K + 16, 32):  # the last block holds the 16 rows past K (and its zero padding)
         block = w[start:start + 32]
         if scheme == "symmetric":
             step = np.abs(block).max(axis=0) / (2 ** (bits - 1) - 1)
-        else:
+        elif scheme == "asymmetric":
             step = (block.max(axis=0) - block.min(axis=0)) / (2 ** bits - 1)
+        else:
+            step = (np.maximum(block.max(axis=0), 0) - np.minimum(block.min(axis=0), 0)) / (2 ** bits - 1)
         assert np.all(np.abs(deq[start:start + 32] - block) <= step / 2 + 1e-6), start
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_zero_point_bytes_equal_onnxruntimes_own_quantizer(bits):
+    """Codes, scales and zero points, packed as MatMulNBits reads them, byte for byte what
+    onnxruntime's quantize_matmul_4bits/8bits writes: K padded to whole blocks, an odd number of
+    blocks (the last zero-point byte of each row half used), an all-zero block."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    from vlm_export.precision.weight_only import _pack
+
+    k, block = 80, 32  # 3 blocks, the last half padding
+    w = np.random.default_rng(6).standard_normal((k, N)).astype(np.float32)
+    w[:32, 1] = 0
+    w[32:64, 2] = np.abs(w[32:64, 2])
+    blocks = -(-k // block)
+    packed = np.zeros((N, blocks, block * bits // 8), np.uint8)
+    scales = np.zeros((N, blocks), np.float32)
+    zero_points = np.zeros((N, -(-blocks * bits // 8)), np.uint8)
+    padded = np.pad(w, ((0, blocks * block - k), (0, 0)))  # as onnxruntime's MatMulNBitsQuantizer pads
+    (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(
+        packed, padded, scales, zero_points, block, N, blocks * block, False)
+    bq = quantize_blocks(w, bits, block, "zero-point")
+    assert np.array_equal(_pack(bq.q, bits), packed)
+    assert np.array_equal(_pack(bq.zero_points, bits, 2 ** (bits - 1)), zero_points)
+    # ours stores 1 for an all-zero block's scale (its codes and zero point are 0), onnxruntime 0
+    assert np.array_equal(np.where(scales == 0, 1, scales), bq.scales)
+    assert (scales == 0).sum() == 1
 
 
 def _graph(path):
@@ -68,8 +107,8 @@ def _run(model, ids):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
 
 
-@pytest.mark.parametrize("form,scheme", [("matmulnbits", "asymmetric"), ("matmulnbits", "symmetric"),
-                                         ("dequantize", "symmetric")])
+@pytest.mark.parametrize("form,scheme", [("matmulnbits", "asymmetric"), ("matmulnbits", "zero-point"),
+                                         ("matmulnbits", "symmetric"), ("dequantize", "symmetric")])
 def test_forms_run_on_onnxruntime_like_the_dequantized_maths(tmp_path, form, scheme):
     model, w, emb = _graph(tmp_path / "g.onnx")
     ids = np.array([[3, 7, 11]], np.int64)
@@ -88,6 +127,24 @@ def test_forms_run_on_onnxruntime_like_the_dequantized_maths(tmp_path, form, sch
     assert np.abs(got - expected).max() <= 0.02 * np.abs(expected).max()
     exact = (x @ w) @ emb.T
     assert np.corrcoef(got.ravel(), exact.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matmulnbits_reads_our_zero_points_like_the_dequantized_maths(bits):
+    """One MatMulNBits per weight with its zero points as the fourth input (no correction nodes),
+    run with fp32 activations (accuracy level 0) so the only error left is the weights': a nibble
+    or a rounding off anywhere moves outputs by whole steps. K = 80: three blocks of 32, the last
+    half padding, so each row's zero points end in a half-used byte."""
+    model = _chain(None, [80, 40, 24])
+    weights = [numpy_helper.to_array(i) for i in model.graph.initializer]
+    quantize_weights(model, bits, 32, "zero-point", "matmulnbits", keep=set(), accuracy_level=0)
+    assert [(n.op_type, len(n.input)) for n in model.graph.node] == [("MatMulNBits", 4)] * 2
+    x = np.random.default_rng(7).standard_normal((1, 5, 80)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"h0": x})[0]
+    expected = x
+    for w in weights:
+        expected = expected @ quantize_blocks(w, bits, 32, "zero-point").dequantize()
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 def test_kept_nodes_stay_fp32_and_empty_graphs_are_refused(tmp_path):

@@ -47,8 +47,9 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=_positive_int, default=None,
                    help="weight-only block size (default: the weight form's: 32 for matmulnbits; 128 for "
                         "dequantize, 64 where the input dimension is not a multiple of 128 - TensorRT takes 64 or 128)")
-    g.add_argument("--weight-scheme", choices=("asymmetric", "symmetric"), default=None,
-                   help="weight-only blocks: asymmetric (scale + minimum, default for ONNX Runtime) or "
+    g.add_argument("--weight-scheme", choices=("asymmetric", "zero-point", "symmetric"), default=None,
+                   help="weight-only blocks: asymmetric (scale + float minimum, default for ONNX Runtime), "
+                        "zero-point (scale + integer zero point, read by MatMulNBits with no extra nodes) or "
                         "symmetric (scale only; the only choice for --weight-form dequantize)")
     g.add_argument("--weight-form", choices=("matmulnbits", "dequantize"), default="matmulnbits",
                    help="weight-only graph form: matmulnbits (ONNX Runtime, default) or dequantize "

@@ -52,7 +52,7 @@ class PrecisionOptions:
     # under w8/w4 the largest single weight read per token (vocab x hidden) is quantized too:
     # w8 in the matmulnbits form, w4 in the dequantize form (TensorRT has no int8 weight blocks)
     lm_head: str | None = None
-    weight_scheme: str | None = None  # symmetric | asymmetric; None: asymmetric, symmetric for the dequantize form
+    weight_scheme: str | None = None  # symmetric | asymmetric | zero-point; None: asymmetric, symmetric for dequantize
     weight_form: str = "matmulnbits"  # matmulnbits (ONNX Runtime) | dequantize (block-wise DequantizeLinear, TensorRT)
     calibration: str = "minmax"
     exclude_nodes: tuple[str, ...] = ()  # sensitive layers kept in higher precision (node names)
@@ -73,9 +73,9 @@ class PrecisionOptions:
             raise ExportError(f"block size must be a power of two >= 16, got {self.block_size}")
         if self.weight_scheme is not None and self.weight_scheme not in SCHEMES:
             raise ExportError(f"weight scheme {self.weight_scheme!r} is not one of {', '.join(SCHEMES)}")
-        if self.weight_form == "dequantize" and self.weight_scheme == "asymmetric":
+        if self.weight_form == "dequantize" and self.weight_scheme not in (None, "symmetric"):
             raise ExportError("the dequantize (TensorRT) weight form takes symmetric weights only; "
-                              "drop --weight-scheme asymmetric or use --weight-form matmulnbits")
+                              f"drop --weight-scheme {self.weight_scheme} or use --weight-form matmulnbits")
 
     @property
     def scheme(self) -> str:

@@ -7,13 +7,22 @@ the kernel; the ``dequantize`` form keeps them float.
 Weights are cut into blocks of ``block_size`` along the input (K) dimension, each with its own
 scale, as ONNX Runtime's ``MatMulNBits`` and GGUF's Q4/Q8 formats do.
 
-Two schemes:
+Three schemes:
 
 * ``symmetric``: ``w = scale * q``, q in [-2^(b-1)+1, 2^(b-1)-1], zero point 0. The form
   TensorRT consumes (block-wise ``DequantizeLinear`` on the weights), and ONNX Runtime too.
 * ``asymmetric``: ``w = scale * q + minimum`` per block (q in [0, 2^b-1]; GGUF's Q4_1). Spends
-  the whole 2^b grid on each block's real range, so it loses less than symmetric at 4 bits.
-  ONNX Runtime only (see ``_matmulnbits`` for how the float minimum is applied).
+  the whole 2^b grid on each block's real range, and represents weights that already lie on a
+  Q4_1 grid (the demo's SmolLM2) exactly. ONNX Runtime only, through a correction of the float
+  minimum (see ``_matmulnbits``): two small extra nodes per projection, one block sum per input.
+* ``zero-point``: ``w = scale * (q - zero_point)`` with an integer zero point in [0, 2^b-1],
+  rounded as ONNX Runtime's own quantizer does (``quantize_matmul_4bits``/``8bits``: the block's
+  range widened to hold 0, ``scale = (max - min) / (2^b-1)``, ``zero_point = round(-min / scale)``).
+  ``MatMulNBits`` reads it directly (its ``zero_points`` input): no extra nodes. At most half a
+  step per weight like ``asymmetric``, but a block's error is then one shared offset when its
+  weights lie on a grid with a float minimum: on the demo (Q4_1 weights) the errors add up over a
+  block's inputs instead of cancelling, and the build fails its gate (easy-vqa 28/60 against
+  PyTorch's 54/60; prefill logits cosine 0.946), so it is a choice, not the default.
 
 Two output forms: ``matmulnbits`` (ONNX Runtime's fused kernel, which reads the packed weights
 directly) and ``dequantize`` (``DequantizeLinear(int4/int8 weights, scales, block_size)`` ->
@@ -40,7 +49,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import ExportError
 
-SCHEMES = ("symmetric", "asymmetric")
+SCHEMES = ("symmetric", "asymmetric", "zero-point")
 FORMS = ("matmulnbits", "dequantize")
 MS_DOMAIN = "com.microsoft"
 DQ_OPSET = 21  # block-wise DequantizeLinear and int4 arrived in opset 21
@@ -54,18 +63,22 @@ TENSORRT_INT4_BLOCK_SIZES = (128, 64)
 class BlockQuantized:
     """Weight ``W [K, N]`` as blocks along K: ``q [N, blocks, block_size]`` (unsigned codes,
     symmetric codes offset by 2^(b-1)), ``scales [N, blocks]`` (fp32, or fp16 for fp16 weights),
-    float ``offsets`` (asymmetric)."""
+    ``zero_points [N, blocks]`` (uint8: the zero-point scheme; 2^(b-1) implied for symmetric codes),
+    float ``offsets [N, blocks]`` (asymmetric: -minimum / scale)."""
 
     q: np.ndarray
     scales: np.ndarray
-    offsets: np.ndarray | None
     bits: int
     block_size: int
     k: int
+    zero_points: np.ndarray | None = None
+    offsets: np.ndarray | None = None
 
     def dequantize(self) -> np.ndarray:
         """Back to ``[K, N]`` fp32 (for checking error)."""
-        zero = self.offsets[..., None] if self.offsets is not None else 2 ** (self.bits - 1)
+        zero = (self.offsets if self.offsets is not None else self.zero_points
+                if self.zero_points is not None else np.full(self.scales.shape, 2 ** (self.bits - 1)))
+        zero = zero[..., None].astype(np.float32)
         w = (self.q.astype(np.float32) - zero) * self.scales[..., None].astype(np.float32)
         return w.reshape(w.shape[0], -1)[:, : self.k].T
 
@@ -88,20 +101,32 @@ def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, scheme: str,
         # scale) and at least the dtype's smallest normal (a tiny fp16 scale would flush to 0)
         scales = np.maximum(np.abs(w).max(axis=-1) / (half - 1), np.finfo(scale_dtype).tiny).astype(scale_dtype)
         q = np.clip(np.rint(w / scales[..., None].astype(np.float32)), 1 - half, half - 1) + half
-        offsets = None
-    else:
+        return BlockQuantized(q.astype(np.uint8), scales, bits, block_size, k)
+    if scheme == "asymmetric":
         low, high = w.min(axis=-1), w.max(axis=-1)
         scales = (high - low) / top
         safe = np.where(scales == 0, 1.0, scales)
         q = np.clip(np.rint((w - low[..., None]) / safe[..., None]), 0, top)
-        offsets = (-low / safe).astype(np.float32)
-        scales = safe.astype(np.float32)
-    return BlockQuantized(q.astype(np.uint8), scales, offsets, bits, block_size, k)
+        return BlockQuantized(q.astype(np.uint8), safe.astype(np.float32), bits, block_size, k,
+                              offsets=(-low / safe).astype(np.float32))
+    # zero-point: onnxruntime's quantize_matmul_4bits/8bits, code for code (an integer zero point puts 0 on the grid)
+    low, high = np.minimum(w.min(axis=-1), 0), np.maximum(w.max(axis=-1), 0)
+    scales = ((high - low) / top).astype(np.float32)
+    scales = np.where(scales == 0, np.float32(1), scales)  # an all-zero block: codes 0, zero point 0
+    zero_points = np.clip(np.rint(-low / scales), 0, top)
+    q = np.clip(np.rint(w / scales[..., None]) + zero_points[..., None], 0, top)
+    return BlockQuantized(q.astype(np.uint8), scales, bits, block_size, k, zero_points=zero_points.astype(np.uint8))
 
 
-def _pack(q: np.ndarray, bits: int) -> np.ndarray:
-    """Codes [N, blocks, block_size] -> MatMulNBits' bytes (two 4-bit codes per byte, low first)."""
-    return q if bits == 8 else (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+def _pack(q: np.ndarray, bits: int, fill: int = 0) -> np.ndarray:
+    """Codes [..., n] -> MatMulNBits' bytes along the last axis (two 4-bit codes per byte, low
+    first): the weights [N, blocks, block_size] and the zero points [N, blocks] -> [N, ceil(blocks / 2)]
+    alike. An odd count's last high nibble is ``fill`` (unread; onnxruntime's quantizer writes 8)."""
+    if bits == 8:
+        return q
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.full((*q.shape[:-1], 1), fill, q.dtype)], axis=-1)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -131,22 +156,24 @@ def _targets(model: onnx.ModelProto, skip: set[str]) -> list[_Target]:
 
 
 def _matmulnbits(t: _Target, bq: BlockQuantized, accuracy_level: int, block_sums: dict):
-    """MatMulNBits on the symmetric-coded weights; an asymmetric block's float minimum becomes a
-    correction ``blocksum(x) @ offsets`` (the algebra GGUF's Q4_1 kernels use: per block
-    ``sum(w x) = scale * sum(q x) + minimum * sum(x)``). ONNX Runtime's fast int4/int8 kernels take
-    only integer zero points, and a float zero point drops to a path ~10x slower."""
+    """MatMulNBits on the codes; integer zero points are its fourth input. An asymmetric block's
+    float minimum becomes a correction ``blocksum(x) @ offsets`` on symmetric-coded weights (the
+    algebra GGUF's Q4_1 kernels use: per block ``sum(w x) = scale * sum(q x) + minimum * sum(x)``):
+    MatMulNBits' fast int8 kernels take only integer zero points, and its float zero points run
+    ~20x slower (16 ms against 0.8-1 ms for a 576 x 3072 weight, one token, this 2-core VM loaded)."""
     k, n = t.weight.shape
     name = t.node.name or t.node.output[0]
     half = 2 ** (bq.bits - 1)
     tensors = [numpy_helper.from_array(_pack(bq.q, bq.bits), f"{name}_Bq{bq.bits}"),
                numpy_helper.from_array(bq.scales.reshape(-1), f"{name}_scales")]
-    if bq.offsets is None:
-        out, nodes = t.node.output[0], []
-    else:
+    if bq.zero_points is not None:  # absent: MatMulNBits' default 2^(b-1), the symmetric codes' offset
+        tensors.append(numpy_helper.from_array(_pack(bq.zero_points, bq.bits, half), f"{name}_zero_points"))
+    inputs = [t.node.input[0], *(x.name for x in tensors)]
+    out, nodes = t.node.output[0], []
+    if bq.offsets is not None:
         if k % bq.block_size:
             raise ExportError(f"{name}: K={k} is not a multiple of block size {bq.block_size} (asymmetric scheme)")
         x = t.node.input[0]
-        nodes = []
         if (x, bq.block_size) not in block_sums:  # one block sum per input, shared by q/k/v, gate/up
             sums = f"{x}_blocksum{bq.block_size}"
             indicator = np.kron(np.eye(k // bq.block_size, dtype=np.float32), np.ones((bq.block_size, 1), np.float32))
@@ -160,14 +187,14 @@ def _matmulnbits(t: _Target, bq: BlockQuantized, accuracy_level: int, block_sums
         nodes += [helper.make_node("MatMul", [block_sums[(x, bq.block_size)], tensors[-1].name], [f"{name}_shift"],
                                    name=f"{name}_shift_node"),
                   helper.make_node("Add", [out, f"{name}_shift"], list(t.node.output), name=f"{name}_add_shift")]
-    quant = helper.make_node("MatMulNBits", [t.node.input[0], tensors[0].name, tensors[1].name], [out],
+    quant = helper.make_node("MatMulNBits", inputs, [out],
                              name=f"{name}_Q{bq.bits}", domain=MS_DOMAIN, K=k, N=n, bits=bq.bits,
                              block_size=bq.block_size, accuracy_level=accuracy_level)
     return [quant] + nodes, tensors
 
 
 def _dequantize(t: _Target, bq: BlockQuantized):
-    if bq.offsets is not None:
+    if bq.zero_points is not None or bq.offsets is not None:
         raise ExportError("the DequantizeLinear form takes symmetric weights only (TensorRT's block "
                           "quantization has no zero point); use the symmetric scheme")
     name = t.node.name or t.node.output[0]
