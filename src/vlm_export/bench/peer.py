@@ -81,7 +81,8 @@ class OurDecoder:
         self.pipe, self.precision = pipe, precision
 
     def describe(self) -> dict:
-        return {"runtime": self.runtime, "precision": self.precision, "backend": self.pipe.backend}
+        return {"runtime": self.runtime, "precision": self.precision, "backend": self.pipe.backend,
+                "kv": "one buffer written in place" if self.pipe.kv_in_place else "copied each step"}
 
     def generate(self, ids: Sequence[int], n: int, stop: Sequence[int] = ()) -> Generation:
         pipe, scheme = self.pipe, self.pipe.scheme
@@ -89,14 +90,14 @@ class OurDecoder:
 
         def first() -> int:
             nonlocal state
-            logits, state = pipe.prefill(list(ids), scheme.empty_image_input())
+            logits, prefilled = pipe.prefill(list(ids), scheme.empty_image_input())
+            state = pipe.running(prefilled, [len(ids) + n])  # the in-place KV buffer where the build has it
             return int(np.argmax(logits))
 
         def step(token: int) -> int:
             nonlocal state
-            out = pipe.decode(scheme.step_feeds(state, np.asarray([token])))
-            state = scheme.advance(state, out)
-            return int(np.argmax(scheme.next_logits(out)[0]))
+            logits, state = pipe.step(state, np.asarray([token]))
+            return int(np.argmax(logits[0]))
 
         return _greedy_loop(first, step, n, stop)
 

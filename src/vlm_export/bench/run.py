@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -247,8 +247,19 @@ def stage_cases(pipe: VLMPipeline, inputs: BenchInputs, batches: tuple[int, ...]
             placed[id(p)] = {n: (p.decoder.place(v) if n in past else v) for n, v in step.items()}
         return placed[id(p)]
 
+    slots: dict[int, object] = {}
+    token = np.asarray(inputs.prompt_ids[-1:])
+
+    def step_in_place(p: VLMPipeline) -> None:
+        """The step as generation runs it where the build can: on the one KV buffer written in place
+        (the same column rewritten each call, so every call is a step at the same length)."""
+        state = slots.get(id(p)) or p.running(inputs.decode_batch, [inputs.decode_batch.length + 1])
+        _, after = p.step(state, token)
+        slots[id(p)] = replace(state, bound=after.bound)  # reuse the buffers' binding, as generation does
+
     cases.append(("prefill", 1, "prompt tokens", len(inputs.prompt_ids), lambda p: p.decode(prefill)))
-    cases.append(("decode_step", 1, "tokens", 1, lambda p: p.decode(step_on(p))))
+    cases.append(("decode_step", 1, "tokens", 1,
+                  lambda p: step_in_place(p) if p.kv_in_place else p.decode(step_on(p))))
     return cases
 
 
@@ -444,6 +455,8 @@ def run_bench(build_dir: Path, options: BenchOptions | None = None, progress: Pr
     results["placement"] = placement(pipes, options)
     if device.is_cuda:
         results["placement"]["caches_kept_on_device"] = keep_caches_on_device(timed)
+    # which decode steps write one KV buffer in place (VLMPipeline.kv_in_place) and which copy it
+    results["placement"]["kv_in_place"] = {b: bool(p.kv_in_place) for b, p in timed.items()}
     results["inputs"] = inputs.describe()
     results["settings"] = {"ignore_eos": True, "sampling": "greedy", "warmup_discarded": options.warmup,
                            "order": "per case, blocks of calls per backend in mirrored order (A B, B A), each block after discarded warm-up calls",

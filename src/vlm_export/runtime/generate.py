@@ -258,15 +258,7 @@ class Scheduler:
     def _decode_pending(self) -> None:
         if self._pending is None:
             return
-        scheme = self.pipe.scheme
-        if isinstance(self.batch, SlotBatch):
-            out, bound = self.pipe.decode_in_place(scheme.slot_step_feeds(self.batch, self._pending), self.batch.bound)
-            self.batch = self.batch.advanced(bound)
-            self.logits = scheme.next_logits(out)[self.batch.slots]
-        else:
-            out = self.pipe.decode(scheme.step_feeds(self.batch, self._pending))
-            self.batch = scheme.advance(self.batch, out)
-            self.logits = scheme.next_logits(out)
+        self.logits, self.batch = self.pipe.step(self.batch, self._pending)
         self._pending = None
 
     def _next_rows(self) -> list[_Row]:
@@ -310,11 +302,8 @@ class Scheduler:
             return
         for row in group:
             row.image_input = None  # consumed: its rows live in the cache now
-        if self.kv_in_place:
-            reserve = [len(r.prompt_ids) + r.config.max_new_tokens for r in group]
-            self.batch = (self.batch or SlotBatch.empty(state.seq_axis)).join(state, reserve)
-        else:
-            self.batch = state if self.batch is None else self.batch.join(state)
+        reserve = [len(r.prompt_ids) + r.config.max_new_tokens for r in group]
+        self.batch = self.pipe.running(state, reserve, self.batch, in_place=self.kv_in_place)
         self.logits = logits if self.logits is None else np.concatenate([self.logits, logits])
         self.running.extend(group)
 

@@ -9,6 +9,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ..contract import DecodingScheme, Limits, PromptLayout, StageSpec, check_image_text, image_stages
+from ..contract.scheme import DecodeBatch, SlotBatch
 from ..errors import InputError
 from .chat import Prompt
 from .images import ImageInput, ImageLimits, image_name, load_image  # noqa: F401  (re-exported)
@@ -137,6 +138,26 @@ class VLMPipeline:
         into the past's buffers. Returns (the other outputs, the buffers' binding: pass it back with
         the same buffers; ``Runner.infer_in_place``)."""
         return self.decoder.infer_in_place(feeds, self.scheme.in_place_caches(), bound)
+
+    def running(self, state: DecodeBatch, reserve: Sequence[int], batch: "DecodeBatch | SlotBatch | None" = None,
+                in_place: bool = True):
+        """``batch`` (None: no rows yet) with a prefill's rows joined: in the in-place buffer where
+        ``kv_in_place`` and ``in_place`` (``reserve[i]``: the most positions row i will hold), else as
+        a DecodeBatch."""
+        if in_place and self.kv_in_place:
+            return (batch or SlotBatch.empty(state.seq_axis)).join(state, reserve)
+        return state if batch is None else batch.join(state)
+
+    def step(self, batch: "DecodeBatch | SlotBatch", tokens: np.ndarray):
+        """One decode step of every running row, ``tokens [rows]`` in row order: (logits [rows, vocab],
+        the state after). A SlotBatch is written in place, a DecodeBatch replaced by the present."""
+        scheme = self.scheme
+        if isinstance(batch, SlotBatch):
+            out, bound = self.decode_in_place(scheme.slot_step_feeds(batch, tokens), batch.bound)
+            batch = batch.advanced(bound)
+            return scheme.next_logits(out)[batch.slots], batch
+        out = self.decode(scheme.step_feeds(batch, tokens))
+        return scheme.next_logits(out), scheme.advance(batch, out)
 
     def prefill(self, prompt_ids: Sequence[int], image_input: np.ndarray):
         """(logits [vocab] of the last prompt position, the state of this one row)."""
