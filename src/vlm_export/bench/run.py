@@ -250,12 +250,13 @@ def stage_cases(pipe: VLMPipeline, inputs: BenchInputs, batches: tuple[int, ...]
     slots: dict[int, object] = {}
     token = np.asarray(inputs.prompt_ids[-1:])
 
-    def step_in_place(p: VLMPipeline) -> None:
+    def step_in_place(p: VLMPipeline) -> dict:
         """The step as generation runs it where the build can: on the one KV buffer written in place
         (the same column rewritten each call, so every call is a step at the same length)."""
         state = slots.get(id(p)) or p.running(inputs.decode_batch, [inputs.decode_batch.length + 1])
-        _, after = p.step(state, token)
-        slots[id(p)] = replace(state, bound=after.bound)  # reuse the buffers' binding, as generation does
+        out, bound = p.decode_in_place(p.scheme.slot_step_feeds(state, token), state.bound)
+        slots[id(p)] = replace(state, bound=bound)  # reuse the buffers' binding, as generation does
+        return out
 
     cases.append(("prefill", 1, "prompt tokens", len(inputs.prompt_ids), lambda p: p.decode(prefill)))
     cases.append(("decode_step", 1, "tokens", 1,
