@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 
 from ..errors import ExportError
-from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, check_graph, save_graph, topological_order
+from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, check_graph, save_graph, topological_order, weight_bytes
 from .weight_only import FORMS, SCHEMES, TENSORRT_INT4_BLOCK_SIZES, quantize_weights
 
 FP32_ISLANDS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
@@ -301,15 +301,14 @@ def to_int8(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndarray]]
     keep = list(options.exclude_nodes) + (head if head and options.head_precision("int8") == "fp32" else [])
     if head:
         return _decoder_int8(src, dst, calibration_feeds, options, cache, keep)
-    return _static_int8(src, dst, calibration_feeds, options, cache, keep)
+    return _static_int8(src, dst, model, calibration_feeds, options, cache, cached, keep)
 
 
-def _static_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOptions, cache: Path | None,
-                 keep: list[str]) -> VariantInfo:
+def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds, options: PrecisionOptions,
+                 cache: Path | None, cached: bool, keep: list[str]) -> VariantInfo:
+    """``model``: ``src`` as loaded without its external data (to size it)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    cached = cache is not None and cache.exists()
-    model = onnx.load(os.fspath(src), load_external_data=False)
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[options.calibration]
     quantize_static(
@@ -317,7 +316,7 @@ def _static_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpti
         quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
         calibrate_method=method, nodes_to_exclude=keep, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
-        use_external_data_format=model.ByteSize() > EXTERNAL_DATA_THRESHOLD,
+        use_external_data_format=weight_bytes(model) > EXTERNAL_DATA_THRESHOLD,
         # QuantizeBias False: Conv/Gemm biases stay float instead of INT32 DequantizeLinear, which
         # TensorRT's ONNX parser rejects (NVIDIA/TensorRT#3360, onnx/onnx-tensorrt#850). ONNX Runtime
         # CPU fuses either form into QLinearConv/QGemm: on a biased Conv+Gemm graph both ran in the
