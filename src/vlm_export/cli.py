@@ -608,6 +608,23 @@ COMMANDS = {"build": _cmd_build, "generate": _cmd_generate, "verify": _cmd_verif
             "deploy": _cmd_deploy}
 
 
+#: top-level module -> the install that provides it, for a command run without its optional extra
+OPTIONAL_MODULES = {
+    "tritonclient": "vlm-export[serve]", "pytriton": "vlm-export[serve]", "fastapi": "vlm-export[serve]",
+    "uvicorn": "vlm-export[serve]", "easy_vqa": "vlm-export[demo]", "onnxruntime_genai": "vlm-export[peer]",
+    "llama_cpp": "llama-cpp-python", "kubernetes_validate": "vlm-export[test]",
+}
+
+
+def missing_extra(err: ModuleNotFoundError) -> str | None:
+    """The one-line hint for a missing optional dependency, or None for any other missing module."""
+    top = (err.name or "").split(".")[0]
+    if top not in OPTIONAL_MODULES:
+        return None
+    return (f"this command needs {top!r}, which the default set-up leaves out: pip install '{OPTIONAL_MODULES[top]}' "
+            "(or bash scripts/setup.sh --serve / --tests)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -619,6 +636,12 @@ def main(argv: list[str] | None = None) -> int:
         # one line; details (e.g. a server log excerpt) stay in the files the message names
         print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return e.exit_code
+    except ModuleNotFoundError as e:
+        hint = missing_extra(e)
+        if hint is None:
+            raise
+        print(f"error: {hint}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,32 @@
+"""The default set-up installs only what the demo needs (scripts/setup.sh); a command that needs an
+optional extra says which, in one line, instead of a traceback."""
+import subprocess
+import sys
+from pathlib import Path
+
+from vlm_export import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_missing_extra_is_named_in_one_line(monkeypatch, capsys):
+    # None in sys.modules makes `import tritonclient...` raise ModuleNotFoundError, as without the extra
+    for name in [m for m in sys.modules if m == "tritonclient" or m.startswith("tritonclient.")] + ["tritonclient"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    code = cli.main(["ask", "--url", "grpc://127.0.0.1:9", "--prompt", "hi"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "'tritonclient'" in err[0] and "vlm-export[serve]" in err[0] and "--serve" in err[0]
+
+
+def test_other_missing_modules_are_not_disguised():
+    err = ModuleNotFoundError("No module named 'not_an_extra'", name="not_an_extra")
+    assert cli.missing_extra(err) is None
+    assert "vlm-export[peer]" in cli.missing_extra(ModuleNotFoundError(name="onnxruntime_genai.models"))
+
+
+def test_setup_refuses_an_unknown_option():
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), "--everything"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert run.returncode == 2 and "unknown option --everything" in run.stderr
+
