@@ -22,7 +22,8 @@ cross K/V, the last mask row and the image mask are fixed per row, padded on the
 rows with different numbers of images run together - the masks hide the padding.
 
 The image input of one request is a :class:`CrossImages` (its K/V and each image's real tile count,
-read from the preprocessed tile mask); a prefill's is a :class:`CrossBatch`.
+read from the preprocessed tile mask); a prefill's is its rows' joined in row order, which
+``prefill_feeds`` hands out by each row's image tokens (as the spliced scheme's flat table).
 """
 from __future__ import annotations
 
@@ -54,15 +55,6 @@ class CrossImages:
     @property
     def nbytes(self) -> int:  # the image-embedding cache bounds its size by this
         return int(self.key_values.nbytes + self.tiles.nbytes)
-
-
-@dataclass(frozen=True)
-class CrossBatch:
-    """A prefill's rows' images: padded to the most images of a row (at least one, all zero for a
-    text-only row; ``tiles`` 0 marks a padding image)."""
-
-    key_values: np.ndarray  # [rows, 2 x cross layers, kv heads, images x tiles x tokens per tile, head dim]
-    tiles: np.ndarray  # [rows, images] int64
 
 
 def image_spans(ids: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:
@@ -166,19 +158,28 @@ class CrossAttentionScheme(DecodingScheme):
             raise InputError(f"the prompt has {tokens} image tokens but {len(image_input)} images were given")
 
     # ---- running a batch ---------------------------------------------------------------
-    def batch_image_inputs(self, parts: Sequence[CrossImages]) -> CrossBatch:
-        images = max([1, *(len(p) for p in parts)])  # one all-padding image at least: no empty key axis
-        g = self.geometry
-        kv = np.zeros((len(parts), 2 * self.cross_layers, g.num_kv_heads, images * self.tokens_per_image, g.head_dim),
-                      np.float32)
-        tiles = np.zeros((len(parts), images), np.int64)
-        for row, part in enumerate(parts):
-            n = len(part)
-            # [images, 2L, heads, per image, dim] -> [2L, heads, images x per image, dim]: images in order
-            kv[row, :, :, :n * self.tokens_per_image] = part.key_values.transpose(1, 2, 0, 3, 4).reshape(
-                kv.shape[1], kv.shape[2], -1, kv.shape[4])
-            tiles[row, :n] = part.tiles
-        return CrossBatch(kv, tiles)
+    def batch_image_inputs(self, parts: Sequence[CrossImages]) -> CrossImages:
+        return self.join_image_inputs(parts)  # every row's images in row order; prefill_feeds splits them
+
+    def _per_row(self, rows: Sequence[Sequence[int]], images: CrossImages) -> tuple[np.ndarray, np.ndarray]:
+        """(K/V ``[rows, 2L, kv heads, most images x per image, head dim]``, tiles ``[rows, most
+        images]``): each row's images (as many as its image tokens, in order) padded to the most of
+        any row, at least one (all zero, tiles 0, for a row without): the key axis is never empty."""
+        counts = [sum(1 for i in r if i == self.image_token_id) for r in rows]
+        if sum(counts) != len(images):  # rows would take each other's images
+            raise ValueError(f"the prefill's prompts hold {sum(counts)} image tokens but its image input has "
+                             f"{len(images)} images")
+        most, g = max([1, *counts]), self.geometry
+        per_image = self.tokens_per_image
+        kv = np.zeros((len(rows), 2 * self.cross_layers, g.num_kv_heads, most * per_image, g.head_dim), np.float32)
+        tiles = np.zeros((len(rows), most), np.int64)
+        start = 0
+        for row, n in enumerate(counts):
+            part = images.key_values[start:start + n]  # [n, 2L, heads, per image, dim] -> images along positions
+            kv[row, :, :, :n * per_image] = part.transpose(1, 2, 0, 3, 4).reshape(*kv.shape[1:3], -1, kv.shape[4])
+            tiles[row, :n] = images.tiles[start:start + n]
+            start += n
+        return kv, tiles
 
     def cross_mask(self, rows: Sequence[Sequence[int]], tiles: np.ndarray) -> np.ndarray:
         """``[rows, longest, images, tiles]`` int64 for left-padded ``rows`` (the padding attends nothing)."""
@@ -193,17 +194,16 @@ class CrossAttentionScheme(DecodingScheme):
                 mask[r, offset + start:offset + end, k, :tiles[r, k]] = 1
         return mask
 
-    def prefill_feeds(self, rows: Sequence[Sequence[int]], image_input: CrossBatch) -> dict[str, np.ndarray]:
+    def prefill_feeds(self, rows: Sequence[Sequence[int]], image_input: CrossImages) -> dict[str, np.ndarray]:
         ids, mask, positions = left_padded(rows, self.pad_id)
-        if len(image_input.tiles) != len(rows):
-            raise ValueError(f"the prefill has {len(rows)} rows but images for {len(image_input.tiles)}")
+        kv, tiles = self._per_row(rows, image_input)
         return {
             "input_ids": ids,
             "attention_mask": mask,
             "position_ids": positions,
-            CROSS_MASK: self.cross_mask(rows, image_input.tiles),
-            IMAGE_MASK: (image_input.tiles > 0).astype(np.int64),
-            CROSS_KV: image_input.key_values,
+            CROSS_MASK: self.cross_mask(rows, tiles),
+            IMAGE_MASK: (tiles > 0).astype(np.int64),
+            CROSS_KV: kv,
             **self._empty_past(len(rows)),
         }
 
