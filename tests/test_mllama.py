@@ -234,3 +234,14 @@ def test_rows_with_different_image_counts_decode_together(mllama, photos):
     together = [r.token_ids for r in generate_batch(pipe, requests)]
     alone = [generate(pipe, r.prompt, list(r.images), config).token_ids for r in requests]
     assert together == alone
+
+
+def test_triton_repository_is_refused_with_one_line(mllama, tmp_path, run_cli):
+    """Not built yet (the preprocess model carries one pixels tensor): said plainly, nothing written."""
+    from conftest import assert_one_line_error
+
+    _, result = mllama
+    out = tmp_path / "repo"
+    assert_one_line_error(run_cli("repository", str(result.path), "--target", "python", "--out", str(out)),
+                          "aspect_ratio_ids", "not supported yet")
+    assert not out.exists()
