@@ -54,18 +54,21 @@ def mllama(tmp_path_factory, photos):
     return model, result
 
 
-def _hf_generate(model_dir, messages, images):
+def _hf_generate(model_dir, messages, images, model=None):
     """Greedy tokens of HF generate, run as the model's documentation shows: the processor's chat
     template, then the processor on the images and that text."""
     from transformers import MllamaForConditionalGeneration, MllamaProcessor
 
+    from vlm_export.adapters.mllama import hf_generate_can_cache
+
     processor = MllamaProcessor.from_pretrained(model_dir)
-    model = MllamaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = model or MllamaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=[list(images)] if images else None, text=[text], add_special_tokens=False,
                        return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False, eos_token_id=2, pad_token_id=2)
+        out = model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False, eos_token_id=2, pad_token_id=2,
+                             use_cache=hf_generate_can_cache(model.config))
     tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
     return tokens[:tokens.index(2)] if 2 in tokens else tokens
 
@@ -208,6 +211,23 @@ def test_generate_equals_hf_generate(mllama, photos, case):
     got = generate(pipe, question, images, GenerationConfig(max_new_tokens=TOKENS)).token_ids
     assert got == expected
     assert len(expected) == TOKENS or expected  # a real answer, not an immediate EOS
+
+
+@pytest.mark.parametrize("cross_layers", [(0, 2), (3, 4)])
+def test_split_at_other_cross_layer_positions(tmp_path, photos, cross_layers):
+    """The split modules (PyTorch, not exported: the export is proved above) with cross-attention
+    layers first and last in the stack equal HF generate (without its cache where a cross layer is
+    layer 0: HF's cached generate fails there, see adapters.mllama.hf_generate_can_cache)."""
+    from vlm_export.adapters import adapter_for
+    from vlm_export.adapters.reference import reference_pipeline
+    from vlm_export.contract import Limits
+
+    model_dir = make_tiny_mllama(tmp_path / "model", cross_layers=cross_layers)
+    loaded = adapter_for(model_dir).load(model_dir)
+    pipe = reference_pipeline(loaded, Limits(max_batch=2, max_images=2, max_sequence=256, tokens_per_image=1))
+    for images, question in (([photos["wide"]], QUESTION), ([], TEXT_QUESTION)):
+        expected = _hf_generate(model_dir, _user(len(images), question), images, loaded.model)
+        assert generate(pipe, question, images, GenerationConfig(max_new_tokens=TOKENS)).token_ids == expected
 
 
 def test_images_change_the_logits(mllama, photos):

@@ -279,5 +279,14 @@ class MllamaAdapter(VLMAdapter):
             inputs.update(pixels, cross_attention_mask=torch.from_numpy(mask))
         with torch.no_grad():
             out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                        eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0])
+                                        eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0],
+                                        use_cache=hf_generate_can_cache(loaded.config))
         return out[0, input_ids.shape[1]:].tolist()
+
+
+def hf_generate_can_cache(config) -> bool:
+    """Whether HF's cached generate runs this model: it reads the cache's length from layer 0, so
+    with a cross-attention layer there (the image K/V's length) its causal mask has the wrong size
+    (transformers 5.24 fails with a size mismatch). Without the cache it recomputes everything per
+    token: the same maths, slower."""
+    return 0 not in config.text_config.cross_attention_layers
