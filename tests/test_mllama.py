@@ -265,3 +265,39 @@ def test_triton_repository_is_refused_with_one_line(mllama, tmp_path, run_cli):
     assert_one_line_error(run_cli("repository", str(result.path), "--target", "python", "--out", str(out)),
                           "aspect_ratio_ids", "not supported yet")
     assert not out.exists()
+
+
+def test_engine_with_image_cache_equals_one_at_a_time(mllama, photos):
+    """The in-process engine a served model runs: each image encoded alone (its cross K/V cached and
+    reused by a later request), requests with two images, none and one decoded together."""
+    import threading
+
+    from vlm_export.runtime.engine import GenerationEngine
+    from vlm_export.runtime.generate import TokenEvent
+    from vlm_export.runtime.image_cache import ImageEmbeddingCache
+
+    _, result = mllama
+    pipe = open_build(result.path)
+    config = GenerationConfig(max_new_tokens=10)
+    requests = [(TWO_QUESTION, [photos["astronaut"], photos["tall"]]), (TEXT_QUESTION, []),
+                (QUESTION, [photos["tall"]]), (QUESTION, [photos["wide"]])]
+    alone = [generate(pipe, prompt, images, config).token_ids for prompt, images in requests]
+    cache = ImageEmbeddingCache(64 << 20)
+    engine = GenerationEngine(pipe, max_batch=4, image_cache=cache)
+    finals, done = {}, [threading.Event() for _ in requests]
+
+    def collect(k):
+        def on_event(event):
+            if not isinstance(event, TokenEvent):
+                finals[k] = event
+                done[k].set()
+        return on_event
+
+    try:
+        for k, (prompt, images) in enumerate(requests):
+            engine.submit(prompt, images, config, on_event=collect(k))
+        assert all(d.wait(120) for d in done)
+    finally:
+        engine.close()
+    assert [finals[k].token_ids for k in range(len(requests))] == alone
+    assert cache.hits >= 1  # "tall" came twice
