@@ -43,8 +43,13 @@ def photos():
 
 
 @pytest.fixture(scope="module")
-def mllama(tmp_path_factory, photos):
-    """(model folder, build result): cross-attention layers not at the ends of the stack, 5 layers."""
+def mllama(tiny_model_dir, tiny_build, tmp_path_factory, photos):
+    """(model folder, build result): cross-attention layers 1 and 3 of 5. The suite's shared build
+    where conftest's TINY_MODELS has it (made once per run), else one of its own."""
+    from conftest import TINY_MODELS
+
+    if "mllama" in TINY_MODELS:
+        return tiny_model_dir("mllama"), tiny_build("mllama")
     root = tmp_path_factory.mktemp("mllama")
     model = make_tiny_mllama(root / "model", cross_layers=(1, 3))
     samples = [Sample(QUESTION, (photos["wide"],), "one image"),
