@@ -306,3 +306,25 @@ def test_engine_with_image_cache_equals_one_at_a_time(mllama, photos):
         engine.close()
     assert [finals[k].token_ids for k in range(len(requests))] == alone
     assert cache.hits >= 1  # "tall" came twice
+
+
+def test_tensorrt_profiles_hold_real_feeds(mllama, photos):
+    """The scheme's profiles (from the limits) hold a real prefill of rows with two images and none
+    (profile 0) and a decode step of them (profile 1); a third image is outside (max_images 2)."""
+    from vlm_export.engines.profiles import stage_profiles
+    from vlm_export.engines.tensorrt import profile_for
+    from vlm_export.errors import RunnerError
+
+    _, result = mllama
+    pipe = open_build(result.path)
+    scheme = pipe.scheme
+    profiles = json.loads(json.dumps(stage_profiles(result.manifest, "lm_decoder")))  # as a plan's metadata has them
+    two = pipe.encode_images(pipe.pixel_values([photos["astronaut"], photos["tall"]]))
+    rows = [pipe.prompt_ids(TWO_QUESTION, 2), pipe.prompt_ids(TEXT_QUESTION, 0)]
+    prefill = scheme.prefill_feeds(rows, scheme.batch_image_inputs([two, scheme.empty_image_input()]))
+    assert profile_for(profiles, prefill) == 0
+    state = scheme.prefill_state(pipe.decode(prefill), [len(r) for r in rows], prefill)
+    assert profile_for(profiles, scheme.step_feeds(state, np.array([5, 6]))) == 1
+    three = scheme.join_image_inputs([two, two])
+    with pytest.raises(RunnerError, match="outside every optimization profile"):
+        profile_for(profiles, scheme.prefill_feeds([pipe.prompt_ids(TWO_QUESTION, 2) + rows[0]], three), "lm_decoder")
