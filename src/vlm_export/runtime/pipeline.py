@@ -129,6 +129,8 @@ class VLMPipeline:
         """A request's preprocessed images: the one pixels array where the image path reads one, else
         every processor output it reads, by name (``Pixels``)."""
         feeds = self.preprocess(images)
+        if not feeds:
+            raise InputError("this build has no image path: send the prompt without images")
         return next(iter(feeds.values())) if len(feeds) == 1 else feeds
 
     def prompt_ids(self, prompt: Prompt, n_images: int) -> list[int]:
