@@ -235,6 +235,20 @@ def test_split_at_other_cross_layer_positions(tmp_path, photos, cross_layers):
         assert generate(pipe, question, images, GenerationConfig(max_new_tokens=TOKENS)).token_ids == expected
 
 
+def test_image_processor_with_other_tiles_is_refused(tmp_path, run_cli):
+    """A processor that pads to another tile count than the vision model's: one line at load."""
+    from conftest import assert_one_line_error
+
+    model_dir = make_tiny_mllama(tmp_path / "model")
+    config = model_dir / "processor_config.json"
+    saved = json.loads(config.read_text())
+    saved["image_processor"]["max_image_tiles"] = 2
+    config.write_text(json.dumps(saved))
+    assert_one_line_error(run_cli("build", str(model_dir), "--out", str(tmp_path / "build")),
+                          "pads images to 2 tiles but the vision model takes 3")
+    assert not (tmp_path / "build").exists()
+
+
 def test_images_change_the_logits(mllama, photos):
     """The tiny model's cross-attention is live: another image moves the next-token logits by far more
     than the parity tolerance (so the parity and token tests above could not pass ignoring images)."""

@@ -157,11 +157,11 @@ class MllamaAdapter(VLMAdapter):
         cfg = model.config
         tiles = cfg.vision_config.max_num_tiles
         if image_processor.max_image_tiles != tiles:
-            raise AdapterError(f"the image processor in {path} pads images to {image_processor.max_image_tiles} tiles "
-                               f"but the vision model takes {tiles}; set max_image_tiles={tiles} in preprocessor_config.json")
+            raise AdapterError(f"the image processor in {path} pads images to {image_processor.max_image_tiles} "
+                               f"tiles but the vision model takes {tiles}; set its max_image_tiles to {tiles}")
         if processor.image_token_id != cfg.image_token_index:
-            raise AdapterError(f"the processor's image token {processor.image_token!r} is id {processor.image_token_id}, "
-                               f"the model's config says {cfg.image_token_index}")
+            raise AdapterError(f"the processor's image token {processor.image_token!r} is id "
+                               f"{processor.image_token_id}, the model's config says {cfg.image_token_index}")
         loaded = LoadedModel(self, Path(path), model, tokenizer, image_processor, cfg, processor=processor)
         self._check_processor(loaded)
         return loaded
