@@ -43,7 +43,10 @@ class PromptLayout:
             raise ValueError("an inline prompt layout needs the image token's text")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["image_newline"]:  # the default is left out: such manifests stay readable by earlier versions
+            del d["image_newline"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PromptLayout":
