@@ -249,3 +249,47 @@ def make_tiny_instructblip(path: Path, seed: int = 0, num_query_tokens: int = 4)
     InstructBlipProcessor(image_processor=_blip_image_processor(), tokenizer=tok, qformer_tokenizer=qtok,
                           num_query_tokens=num_query_tokens).save_pretrained(path)
     return path
+
+
+# mllama's chat template in the form Llama-3.2-Vision's has it for image parts (the image token
+# straight before the text, no newline), on SmolLM2's ChatML markers
+MLLAMA_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|image|>{% else %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+
+
+def make_tiny_mllama(path: Path, seed: int = 0, cross_layers: tuple[int, ...] = (1, 3), num_layers: int = 5,
+                     tiles: int = 3, image_size: int = 16) -> Path:
+    """A tiny random Llama-3.2-Vision (MllamaForConditionalGeneration) with its MllamaProcessor.
+    The image token is added to SmolLM2's tokenizer at id VOCAB (as Llama 3.2's is the first id past
+    its vocabulary: mllama's embedding has 8 extra rows). The cross-attention gates, 0 at init (the
+    layers off), are drawn at random so the images change the answer."""
+    from transformers import (AutoTokenizer, MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil,
+                              MllamaProcessor, MllamaTextConfig, MllamaVisionConfig)
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
+    tokenizer.chat_template = MLLAMA_CHAT_TEMPLATE
+    ratios = [[h, w] for h in range(1, tiles + 1) for w in range(1, tiles + 1) if h * w <= tiles]
+    vision = MllamaVisionConfig(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                                intermediate_size=64, image_size=image_size, patch_size=8, max_num_tiles=tiles,
+                                intermediate_layers_indices=[0, 1], vision_output_dim=96,
+                                supported_aspect_ratios=ratios)
+    text = MllamaTextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                            num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=list(cross_layers),
+                            max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(MllamaConfig(vision_config=vision, text_config=text,
+                                                        image_token_index=VOCAB)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.split(".")[-1] in ("cross_attn_attn_gate", "cross_attn_mlp_gate", "gate", "gate_attn", "gate_ffn"):
+                param.uniform_(-1.5, 1.5)
+        model.model.multi_modal_projector.weight.normal_(std=0.2)  # the images' values ten times the init's
+    model.save_pretrained(path)
+    image_processor = MllamaImageProcessorPil(size={"height": image_size, "width": image_size}, max_image_tiles=tiles)
+    MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                    chat_template=MLLAMA_CHAT_TEMPLATE).save_pretrained(path)
+    return path

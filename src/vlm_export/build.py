@@ -402,10 +402,13 @@ def _hf_reference(loaded, eos_ids: list[int]):
     import numpy as np
     import torch
 
-    def run(prompt: str, ids: list[int], pixel_values: np.ndarray | None, max_new_tokens: int) -> list[int]:
-        tokens = loaded.adapter.reference_generate(
-            loaded, torch.tensor([ids]), None if pixel_values is None else torch.from_numpy(pixel_values),
-            max_new_tokens, eos_ids, prompt=prompt)
+    def run(prompt: str, ids: list[int], pixel_values, max_new_tokens: int) -> list[int]:
+        if isinstance(pixel_values, dict):  # several preprocessed inputs by name (runtime.pipeline.Pixels)
+            pixels = {name: torch.from_numpy(value) for name, value in pixel_values.items()}
+        else:
+            pixels = None if pixel_values is None else torch.from_numpy(pixel_values)
+        tokens = loaded.adapter.reference_generate(loaded, torch.tensor([ids]), pixels, max_new_tokens, eos_ids,
+                                                   prompt=prompt)
         for i, t in enumerate(tokens):
             if t in eos_ids:
                 return tokens[:i]

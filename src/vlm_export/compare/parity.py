@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..runtime.generate import GenerationConfig, generate_ids
-from ..runtime.pipeline import VLMPipeline
+from ..runtime.pipeline import VLMPipeline, concat_pixels
 from .metrics import TensorMetrics, TokenMetrics
 
 PER_LAYER = re.compile(r"^(.+)\.\d+\.([^.]+)$")
@@ -76,7 +76,7 @@ def compare_stages(ref: VLMPipeline, cand: VLMPipeline, samples: Sequence[Sample
         ref_out = ref.decode(feeds)
         _add_outputs(result, "prefill", ref_out, cand.decode(feeds))
         # one decode step on the reference's state
-        state = scheme.prefill_state(ref_out, [len(ids)])
+        state = scheme.prefill_state(ref_out, [len(ids)], feeds)
         step = scheme.step_feeds(state, np.argmax(scheme.next_logits(ref_out), axis=-1))
         _add_outputs(result, "decode", ref.decode(step), cand.decode(step))
         progress()
@@ -84,7 +84,7 @@ def compare_stages(ref: VLMPipeline, cand: VLMPipeline, samples: Sequence[Sample
     sample = samples[0]
     pixel_values = ref.pixel_values(sample.images) if sample.images else None
     ids = ref.prompt_ids(sample.prompt, len(sample.images))
-    both = ref.encode_images(None if pixel_values is None else np.concatenate([pixel_values] * 2),
+    both = ref.encode_images(None if pixel_values is None else concat_pixels([pixel_values] * 2),
                              prompt=sample.prompt)
     feeds = scheme.prefill_feeds([ids, ids], both)
     result.add("prefill", "logits_batch2", ref.decode(feeds)["logits"], cand.decode(feeds)["logits"])

@@ -19,7 +19,7 @@ from .limits import Limits
 from .scheme import DecodeBatch, DecodingScheme, Range, register_scheme, registered_schemes, scheme_from_dict
 from .stages import (DECODER, DECODER_PRECISIONS, IMAGE, IMAGE_PRECISIONS, StageSpec, TensorSpec, check_chain,
                      check_image_text, image_stages, prompt_inputs, stages_from_manifest)
-from . import spliced  # noqa: F401  (registers the built-in scheme)
+from . import cross, spliced  # noqa: F401  (register the built-in schemes)
 
 __all__ = [
     "DecoderGeometry", "LAYOUTS", "ImageText", "PromptLayout", "Limits", "DecodeBatch", "DecodingScheme", "Range",

@@ -32,6 +32,9 @@ class PromptLayout:
     image_token: str | None = None  # text form of the image token (inline layout only)
     use_chat_template: bool = True
     add_special_tokens: bool = False
+    #: a newline between an image part and the text after it (the llava convention); off where the
+    #: model's own chat template writes the image token straight before the text (mllama's)
+    image_newline: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUTS:
@@ -40,7 +43,10 @@ class PromptLayout:
             raise ValueError("an inline prompt layout needs the image token's text")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["image_newline"]:  # the default is left out: such manifests stay readable by earlier versions
+            del d["image_newline"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PromptLayout":

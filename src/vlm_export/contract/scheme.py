@@ -26,7 +26,7 @@ column, a real position of every row.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -54,6 +54,10 @@ class DecodeBatch:
     positions: np.ndarray  # [rows] int64, position id of each row's next token (= its real length)
     growing: tuple[str, ...] = ()  # caches padded along seq_axis
     seq_axis: int = 2
+    #: caches that do not grow but differ in length between rows (a cross-attention scheme's image
+    #: K/V: rows with different numbers of images): name -> the axis padded on the RIGHT with zeros
+    #: when rows join; the scheme's own masks hide the padding
+    padded: dict[str, int] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -80,9 +84,20 @@ class DecodeBatch:
             return other
         width = max(self.length, other.length)
         a, b = self._pad_left(width), other._pad_left(width)
+        for name, axis in self.padded.items():
+            size = max(a.caches[name].shape[axis], b.caches[name].shape[axis])
+            a, b = a._pad_right(name, axis, size), b._pad_right(name, axis, size)
         caches = {n: np.concatenate([a.caches[n], b.caches[n]]) for n in a.caches}
         return replace(a, caches=caches, mask=np.concatenate([a.mask, b.mask]),
                        positions=np.concatenate([a.positions, b.positions]))
+
+    def _pad_right(self, name: str, axis: int, size: int) -> "DecodeBatch":
+        cache = self.caches[name]
+        if cache.shape[axis] == size:
+            return self
+        pad = [(0, 0)] * cache.ndim
+        pad[axis] = (0, size - cache.shape[axis])
+        return replace(self, caches={**self.caches, name: np.pad(cache, pad)})
 
     def keep(self, rows: Sequence[int]) -> "DecodeBatch":
         """Only the given rows (in that order), with the columns no kept row uses dropped."""
@@ -320,6 +335,13 @@ class DecodingScheme(abc.ABC):
     def image_input_from(self, stage_output: np.ndarray) -> np.ndarray:
         """The decoder's image input from the last image stage's output for one request's images."""
 
+    def image_input_from_values(self, values: Mapping[str, np.ndarray]):
+        """The decoder's image input from every tensor the image path made for one request's images
+        (its preprocessed inputs included, by name); by default the ``image_input`` output alone. A
+        scheme whose image input also needs a preprocessed tensor (which tiles of an image are real)
+        overrides this."""
+        return self.image_input_from(values[self.image_input.name])
+
     @abc.abstractmethod
     def join_image_inputs(self, parts: Sequence[np.ndarray]) -> np.ndarray:
         """One request's image input from its images' inputs made one by one (in order)."""
@@ -331,7 +353,7 @@ class DecodingScheme(abc.ABC):
     # ---- running a batch ---------------------------------------------------------------
     # A prefill is one decoder call for any number of new prompts (up to the build's max_batch) of
     # any lengths, from an empty state: prefill_feeds(rows, batch_image_inputs([each row's])), the
-    # decoder, then prefill_state(outputs, [len(r) for r in rows]) and next_logits(outputs). Rows
+    # decoder, then prefill_state(outputs, [len(r) for r in rows], feeds) and next_logits(outputs). Rows
     # are laid out as the module docstring says (left-padded, masked), so the state joins a
     # running DecodeBatch as is.
     @abc.abstractmethod
@@ -346,16 +368,18 @@ class DecodingScheme(abc.ABC):
         image placeholder, each row's positions counting from its first real token.
         ``image_input`` holds the images of every row, in row order (``batch_image_inputs``)."""
 
-    def prefill_state(self, outputs: Feeds, lengths: Sequence[int]) -> DecodeBatch:
+    def prefill_state(self, outputs: Feeds, lengths: Sequence[int], feeds: Feeds | None = None) -> DecodeBatch:
         """The state after ``prefill_feeds(rows)``: ``lengths`` are the rows' prompt lengths, in row
-        order. The padding's cache slots are zero (whatever the graph computed there) and masked."""
+        order; ``feeds`` the prefill's own feeds (a scheme whose state holds inputs the decoder does
+        not return, such as cross-attention K/V, needs them). The padding's cache slots are zero
+        (whatever the graph computed there) and masked."""
         lengths = [int(n) for n in lengths]
         if not lengths or min(lengths) < 1:
             raise ValueError(f"a prefill's rows have at least one token each, got lengths {lengths}")
-        return self.state_after_prefill(outputs, lengths)
+        return self.state_after_prefill(outputs, lengths, feeds)
 
     @abc.abstractmethod
-    def state_after_prefill(self, outputs: Feeds, lengths: list[int]) -> DecodeBatch:
+    def state_after_prefill(self, outputs: Feeds, lengths: list[int], feeds: Feeds | None = None) -> DecodeBatch:
         """``prefill_state``'s work (called with the lengths checked): a scheme implements this."""
 
     @abc.abstractmethod

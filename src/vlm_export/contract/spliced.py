@@ -126,7 +126,7 @@ class SplicedScheme(DecodingScheme):
     def _caches(self, outputs: Feeds) -> dict[str, np.ndarray]:
         return {past: outputs[present] for past, present in zip(self.past_names, self.present_names)}
 
-    def state_after_prefill(self, outputs: Feeds, lengths: list[int]) -> DecodeBatch:
+    def state_after_prefill(self, outputs: Feeds, lengths: list[int], feeds: Feeds | None = None) -> DecodeBatch:
         state = DecodeBatch(self._caches(outputs), left_padded_mask(lengths), np.asarray(lengths, dtype=np.int64),
                             growing=tuple(self.past_names))
         return state.zero_masked()

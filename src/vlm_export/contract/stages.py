@@ -4,8 +4,10 @@ An adapter declares its stages in order (any number, any names); the build recor
 manifest, and every later layer (export, precision, parity, TensorRT profiles, the Triton
 repository, the served model, the bench) iterates over them instead of naming them.
 
-``image`` stages run once per request on its images, in the declared order; each input is the
-preprocessed pixels (``role="pixels"``), an output of an earlier stage with the same name
+``image`` stages run once per request on its images, in the declared order; each input is an
+output of the image processor named like it (``role="pixels"``: ``pixel_values``, and where a
+model's processor makes more, e.g. mllama's ``aspect_ratio_ids`` / ``aspect_ratio_mask``, each by its
+key; the images on axis 0, leading per-prompt axes folded into it), an output of an earlier stage with the same name
 (``role="upstream"``), or the request's prompt tokenized as the build's :class:`ImageText` says
 (``role="prompt"``: InstructBLIP's Q-Former reads the instruction, so its image path depends on the
 prompt). The one ``decoder`` stage is fed by the decoding scheme.

@@ -249,6 +249,11 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
 
 def _image_path_configs(configs: dict, image, image_input: str, image_batch: int, options) -> dict[str, dict]:
     """``preprocess`` (bytes -> pixels) and the ``image_encoder`` ensemble over the image stages."""
+    read = {t.name for spec in image for t in spec.inputs if t.role == "pixels"}
+    if len(read) > 1:  # the preprocess model and the ensemble carry one pixels tensor (mllama reads three)
+        raise RepositoryError(f"this build's image path reads {len(read)} image-processor outputs "
+                              f"({', '.join(sorted(read))}); its Triton repository is not supported yet: "
+                              "run it in process (vlm-export generate)")
     pixels = next(t for t in image[0].inputs if t.role == "pixels")
     pixels_cfg = next(t for t in configs[image[0].name]["input"] if t["name"] == pixels.name)
     preprocess = {

@@ -69,14 +69,15 @@ def prompt_text(prompt: Prompt) -> str:
     return prompt if isinstance(prompt, str) else last_user_text(check_messages(prompt))
 
 
-def render_text(parts: Sequence[dict], image_token: str | None) -> str:
+def render_text(parts: Sequence[dict], image_token: str | None, newline: bool = True) -> str:
     """One message's content as text: an image part becomes ``image_token`` (nothing where images
-    do not go into the text), followed by a newline before the text that comes after it."""
+    do not go into the text), followed by a newline before the text that comes after it (unless
+    ``newline`` is off)."""
     out = []
     for k, part in enumerate(parts):
         if part["type"] == "image":
             out.append(image_token or "")
-            if k + 1 < len(parts) and parts[k + 1]["type"] == "text" and image_token:
+            if newline and k + 1 < len(parts) and parts[k + 1]["type"] == "text" and image_token:
                 out.append("\n")
         else:
             out.append(part["text"])

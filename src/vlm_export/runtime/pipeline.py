@@ -4,11 +4,11 @@ scheme that feeds the decoder. No model code: everything comes from the manifest
 PyTorch reference, from the adapter's declarations)."""
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
 
-from ..contract import DecodingScheme, Limits, PromptLayout, StageSpec, check_image_text, image_stages
+from ..contract import DecodingScheme, Limits, PromptLayout, StageSpec, TensorSpec, check_image_text, image_stages
 from ..contract.scheme import DecodeBatch, SlotBatch
 from ..errors import InputError
 from .chat import Prompt
@@ -18,6 +18,53 @@ from .runners import Runner
 
 #: called with (stage spec, its feeds, its outputs) for every image stage run (parity, calibration)
 StageObserver = Callable[[StageSpec, dict, dict], None]
+#: a request's preprocessed images: the one pixels array where the image path reads one (LLaVA, BLIP-2),
+#: else the image processor's outputs it reads, by name (mllama: pixel_values, aspect_ratio_ids,
+#: aspect_ratio_mask); the images are on axis 0 of each
+Pixels = Union[np.ndarray, Mapping[str, np.ndarray]]
+
+
+def pixel_inputs(stages: Sequence[StageSpec]) -> list[TensorSpec]:
+    """The image path's inputs made by the image processor (``role="pixels"``; each named after the
+    processor output it is), in declared order, each once."""
+    found: dict[str, TensorSpec] = {}
+    for spec in image_stages(stages):
+        for t in spec.inputs:
+            if t.role == "pixels":
+                found.setdefault(t.name, t)
+    return list(found.values())
+
+
+def as_declared(value, spec: TensorSpec) -> np.ndarray:
+    """A processor output as the stage input ``spec`` declares it: leading axes the declaration does
+    not have are folded into its first (images) axis (a processor that nests images per prompt
+    gives ``[1, images, ...]`` for one request), in the declared dtype."""
+    value = np.asarray(value)
+    extra = value.ndim - len(spec.dims)
+    if extra > 0:
+        value = value.reshape(-1, *value.shape[extra + 1:])
+    return np.ascontiguousarray(value, dtype=np.dtype(spec.dtype))
+
+
+def pixels_by_name(pixels: Pixels, stages: Sequence[StageSpec]) -> dict[str, np.ndarray]:
+    """``pixels`` as the image path's feeds by name (a lone array is its one pixels input)."""
+    if isinstance(pixels, Mapping):
+        return dict(pixels)
+    names = [t.name for t in pixel_inputs(stages)]
+    if len(names) != 1:
+        raise ValueError(f"this image path reads {len(names)} preprocessed inputs ({', '.join(names)}): pass them by name")
+    return {names[0]: pixels}
+
+
+def count_images(pixels: Pixels) -> int:
+    return len(next(iter(pixels.values()))) if isinstance(pixels, Mapping) else len(pixels)
+
+
+def concat_pixels(parts: Sequence[Pixels]) -> Pixels:
+    """The images of several requests' pixels, in order, as one batch of images."""
+    if isinstance(parts[0], Mapping):
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return np.concatenate(list(parts))
 
 
 def image_limits_for(stages: Sequence[StageSpec], max_pixels: int | None = None,
@@ -66,9 +113,25 @@ class VLMPipeline:
         return image_stages(self.stages)
 
     # ---- request -> tensors ------------------------------------------------------------------
-    def pixel_values(self, images: Sequence[ImageInput]) -> np.ndarray:
+    def preprocess(self, images: Sequence[ImageInput]) -> dict[str, np.ndarray]:
+        """Every image-processor output the image path reads (``role="pixels"``), by name, as declared."""
         pil = [load_image(image, self.image_limits, image_name(k, image, len(images))) for k, image in enumerate(images)]
-        return np.asarray(self.image_processor(images=pil, return_tensors="np")["pixel_values"], dtype=np.float32)
+        out = self.image_processor(images=pil, return_tensors="np")
+        feeds = {}
+        for spec in pixel_inputs(self.stages):
+            if spec.name not in out:
+                raise ValueError(f"the image processor gives no {spec.name!r} (it gives {', '.join(out)}), which the "
+                                 "image path reads")
+            feeds[spec.name] = as_declared(out[spec.name], spec)
+        return feeds
+
+    def pixel_values(self, images: Sequence[ImageInput]) -> Pixels:
+        """A request's preprocessed images: the one pixels array where the image path reads one, else
+        every processor output it reads, by name (``Pixels``)."""
+        feeds = self.preprocess(images)
+        if not feeds:
+            raise InputError("this build has no image path: send the prompt without images")
+        return next(iter(feeds.values())) if len(feeds) == 1 else feeds
 
     def prompt_ids(self, prompt: Prompt, n_images: int) -> list[int]:
         """Token ids of one prompt or conversation (see ``runtime.chat``) with ``n_images`` images."""
@@ -98,11 +161,12 @@ class VLMPipeline:
         return self.image_text.feeds(prompt, n_images)
 
     # ---- stages ------------------------------------------------------------------------------
-    def run_image_stages(self, pixel_values: np.ndarray, observe: StageObserver | None = None,
+    def run_image_stages(self, pixel_values: Pixels, observe: StageObserver | None = None,
                          prompt: Prompt | None = None) -> dict[str, np.ndarray]:
         """Every image stage in order; returns every tensor made on the way (pixels included).
         ``prompt``: the request's prompt, for image stages that read it."""
-        values = {"pixel_values": pixel_values, **self.image_text_feeds(prompt, len(pixel_values))}
+        values = {**pixels_by_name(pixel_values, self.stages),
+                  **self.image_text_feeds(prompt, count_images(pixel_values))}
         for spec in self.image_stages:
             feeds = {t.name: values[t.name] for t in spec.inputs}
             out = self.runners[spec.name].infer(feeds)
@@ -111,14 +175,13 @@ class VLMPipeline:
             values.update(out)
         return values
 
-    def encode_images(self, pixel_values: np.ndarray | None, observe: StageObserver | None = None,
-                      prompt: Prompt | None = None) -> np.ndarray:
+    def encode_images(self, pixel_values: Pixels | None, observe: StageObserver | None = None,
+                      prompt: Prompt | None = None):
         """The decoder's image input for one request's images (the scheme's empty input without);
         ``observe`` sees every image stage's feeds and outputs on the way."""
-        if pixel_values is None or len(pixel_values) == 0:
+        if pixel_values is None or count_images(pixel_values) == 0:
             return self.scheme.empty_image_input()
-        values = self.run_image_stages(pixel_values, observe, prompt)
-        return self.scheme.image_input_from(values[self.scheme.image_input.name])
+        return self.scheme.image_input_from_values(self.run_image_stages(pixel_values, observe, prompt))
 
     def decode(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One decoder call with feeds made by the scheme (prefill or step)."""
@@ -169,5 +232,6 @@ class VLMPipeline:
         ``image_inputs``, in row order): (logits [rows, vocab] of each row's last prompt position,
         the state of these rows, padding zeroed and masked; see ``contract.scheme``)."""
         scheme = self.scheme
-        out = self.decode(scheme.prefill_feeds(rows, scheme.batch_image_inputs(image_inputs)))
-        return scheme.next_logits(out), scheme.prefill_state(out, [len(r) for r in rows])
+        feeds = scheme.prefill_feeds(rows, scheme.batch_image_inputs(image_inputs))
+        out = self.decode(feeds)
+        return scheme.next_logits(out), scheme.prefill_state(out, [len(r) for r in rows], feeds)

@@ -31,7 +31,7 @@ def format_text(tokenizer, layout: PromptLayout, messages: Sequence[Message]) ->
     the chat template (where the layout uses one), which decides where each turn - and so each
     image - goes."""
     image_token = layout.image_token if layout.kind == "inline" else None
-    turns = [{"role": m["role"], "content": render_text(m["content"], image_token)} for m in messages]
+    turns = [{"role": m["role"], "content": render_text(m["content"], image_token, layout.image_newline)} for m in messages]
     if layout.use_chat_template and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
     if len(turns) > 1:

@@ -1,0 +1,344 @@
+"""Cross-attention fusion (Llama-3.2-Vision, ``MllamaForConditionalGeneration``): the mllama adapter
+and the ``cross_attention`` decoding scheme, on tiny random models built here.
+
+What is proved: the export-friendly pieces equal Hugging Face's own (the processor's
+cross-attention mask from the prompt ids, ``_prepare_cross_attention_mask``); ``vlm-export build``
+passes parity per stage (vision, projector, cross K/V, prefill and decode logits); the built
+graphs' greedy tokens equal HF ``generate`` run the documented way (processor + chat template) with
+one image, two images and none; decode steps read the cross K/V the image path made once; rows with
+different numbers of images decode together as they do alone.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from tiny_models import make_tiny_mllama
+from vlm_export.build import BuildOptions, build
+from vlm_export.compare.parity import Sample
+from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
+from vlm_export.runtime.load import open_build
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+TOKENS = 32
+QUESTION = "What is in the picture?"
+TWO_QUESTION = "What do these two pictures have in common?"
+TEXT_QUESTION = "Write a short story about a robot."
+
+
+@pytest.fixture(scope="module")
+def photos():
+    from PIL import Image
+    from skimage import data
+
+    # different aspect ratios: 1, 2 and 3 tiles of the tiny model's 16x16 tile grid
+    return {"astronaut": Image.fromarray(data.astronaut()).convert("RGB"),
+            "wide": Image.fromarray(data.coffee()).convert("RGB").resize((48, 16)),
+            "tall": Image.fromarray(data.chelsea()).convert("RGB").resize((16, 32))}
+
+
+@pytest.fixture(scope="module")
+def mllama(tiny_model_dir, tiny_build, tmp_path_factory, photos):
+    """(model folder, build result): cross-attention layers 1 and 3 of 5. The suite's shared build
+    where conftest's TINY_MODELS has it (made once per run), else one of its own."""
+    from conftest import TINY_MODELS
+
+    if "mllama" in TINY_MODELS:
+        return tiny_model_dir("mllama"), tiny_build("mllama")
+    root = tmp_path_factory.mktemp("mllama")
+    model = make_tiny_mllama(root / "model", cross_layers=(1, 3))
+    samples = [Sample(QUESTION, (photos["wide"],), "one image"),
+               Sample(TWO_QUESTION, (photos["astronaut"], photos["tall"]), "two images"),
+               Sample(TEXT_QUESTION, (), "text-only")]
+    result = build(model, root / "build", BuildOptions(max_sequence=256, max_images=2, samples=samples))
+    return model, result
+
+
+def _hf_generate(model_dir, messages, images, model=None):
+    """Greedy tokens of HF generate, run as the model's documentation shows: the processor's chat
+    template, then the processor on the images and that text."""
+    from transformers import MllamaForConditionalGeneration, MllamaProcessor
+
+    from vlm_export.adapters.mllama import hf_generate_can_cache
+
+    processor = MllamaProcessor.from_pretrained(model_dir)
+    model = model or MllamaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[list(images)] if images else None, text=[text], add_special_tokens=False,
+                       return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False, eos_token_id=2, pad_token_id=2,
+                             use_cache=hf_generate_can_cache(model.config))
+    tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+    return tokens[:tokens.index(2)] if 2 in tokens else tokens
+
+
+def _user(images: int, text: str):
+    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
+
+
+def test_cross_mask_is_the_processors():
+    """The scheme's mask from prompt ids equals MllamaProcessor's on random prompts (images at the
+    start, in runs of consecutive image tokens, at the end, none)."""
+    from transformers.models.mllama.processing_mllama import (convert_sparse_cross_attention_mask_to_dense,
+                                                              get_cross_attention_token_mask)
+
+    from vlm_export.contract import DecoderGeometry
+    from vlm_export.contract.cross import CrossAttentionScheme
+
+    image, tiles = 9, 4
+    scheme = CrossAttentionScheme(DecoderGeometry(2, 2, 8, 16, 32, 64), image, 2, tiles, 5)
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        length = int(rng.integers(1, 14))
+        ids = [int(i) for i in rng.choice([1, 2, 3, image], size=length, p=[0.25, 0.25, 0.2, 0.3])]
+        if trial % 7 == 0:
+            ids = [image] * min(2, length) + ids[2:]
+        n = ids.count(image)
+        counts = [int(c) for c in rng.integers(1, tiles + 1, size=n)]
+        theirs = convert_sparse_cross_attention_mask_to_dense(
+            [get_cross_attention_token_mask(ids, image)], [counts], tiles, length)
+        ours = scheme.cross_mask([ids], np.asarray([counts or [0]], np.int64))
+        assert np.array_equal(ours[:, :, :n], theirs[:, :, :n] if n else ours[:, :, :0]), ids
+        assert not ours[:, :, n:].any()
+
+
+def test_cross_attention_bias_equals_hf():
+    """The decoder's export-friendly mask equals HF's _prepare_cross_attention_mask (both outputs)
+    when every image of a row is real, fully masked rows included."""
+    from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
+
+    from vlm_export.adapters.mllama import cross_attention_bias
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        mask = (torch.rand(3, 6, 2, 4, generator=gen) > 0.6).to(torch.int64)
+        mask[0, :2] = 0  # rows that attend to no image
+        theirs, theirs_rows = _prepare_cross_attention_mask(mask, num_vision_tokens=5, dtype=torch.float32)
+        ours, rows = cross_attention_bias(mask, torch.ones(3, 2, dtype=torch.int64), 5)
+        assert torch.equal(ours.expand_as(theirs), theirs)
+        assert torch.equal(rows, theirs_rows)
+
+
+def test_padding_images_are_never_attended():
+    """A row padded to more images than it has spreads a no-image text row over its real keys only."""
+    from vlm_export.adapters.mllama import cross_attention_bias
+
+    mask = torch.zeros(1, 2, 2, 3, dtype=torch.int64)
+    mask[0, 1, 0, :2] = 1
+    bias, rows = cross_attention_bias(mask, torch.tensor([[1, 0]]), 4)
+    lowest = torch.finfo(torch.float32).min
+    assert torch.all(bias[0, 0, 0, :12] == 0) and torch.all(bias[0, 0, 0, 12:] == lowest)  # no image: its own
+    assert torch.all(bias[0, 0, 1, :8] == 0) and torch.all(bias[0, 0, 1, 8:] == lowest)  # two real tiles
+    assert rows.flatten().tolist() == [0.0, 1.0]
+
+
+def test_build_parity_per_stage(mllama):
+    _, result = mllama
+    assert result.failures == []
+    report = json.loads((result.path / "report.json").read_text())
+    stages = report["stages"]
+    assert {"vision_encoder", "projector", "cross_kv", "prefill", "decode"} <= set(stages)
+    for stage in ("prefill", "decode"):
+        assert stages[stage]["logits"]["max_abs"] <= 1e-4 and stages[stage]["logits"]["cosine"] > 0.99999
+    for stage in ("vision_encoder", "projector", "cross_kv"):
+        for metrics in stages[stage].values():
+            assert metrics["max_abs"] <= 1e-4 + 1e-4 * metrics["ref_max_abs"], (stage, metrics)
+    for rows in report["end_to_end"].values():
+        assert [r["first_divergence"] for r in rows] == [None] * len(rows) and all(len(r["reference"]) for r in rows)
+
+
+def test_manifest_declares_the_scheme_and_image_inputs(mllama):
+    model, result = mllama
+    manifest = result.manifest
+    scheme = manifest["scheme"]
+    assert scheme["name"] == "cross_attention" and scheme["cross_layers"] == 2 and scheme["tiles"] == 3
+    assert scheme["geometry"]["num_layers"] == 3  # the self-attention layers: the growing cache
+    vision = next(s for s in manifest["stages"] if s["name"] == "vision_encoder")
+    assert [(t["name"], t["role"]) for t in vision["inputs"]] == [
+        ("pixel_values", "pixels"), ("aspect_ratio_ids", "pixels"), ("aspect_ratio_mask", "pixels")]
+    decoder = onnx.load(result.path / manifest["graphs"]["lm_decoder"]["file"], load_external_data=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in decoder.graph.input}
+    assert dims["cross_attention_mask"] == ["batch", "sequence", "images", 3]
+    assert dims["cross_key_values"][0] == "batch" and dims["cross_key_values"][3] == "cross_sequence"
+
+
+def test_decoder_never_recomputes_cross_kv(mllama):
+    """The cross layers' k/v projection weights are in the cross_kv graph and not in the
+    decoder's (found by value: the exporter renames and may transpose them), so the decoder only
+    reads the K/V the image path made once; a decode step feeds the state's K/V back unchanged."""
+    from onnx import numpy_helper
+    from PIL import Image
+    from transformers import MllamaForConditionalGeneration
+
+    model_dir, result = mllama
+    model = MllamaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    graphs = result.manifest["graphs"]
+
+    def weights(stage):
+        return [numpy_helper.to_array(i) for i in onnx.load(result.path / graphs[stage]["file"]).graph.initializer]
+
+    def holds(arrays, weight):
+        return any(a.shape == w.shape and np.array_equal(a, w) for a in arrays for w in (weight, weight.T))
+
+    decoder, cross_kv = weights("lm_decoder"), weights("cross_kv")
+    for layer in model.config.text_config.cross_attention_layers:
+        attn = model.model.language_model.layers[layer].cross_attn
+        for module in (attn.k_proj, attn.v_proj):  # (k_norm's weight is ones at init, like q_norm's: not telling)
+            weight = module.weight.detach().numpy()
+            assert holds(cross_kv, weight) and not holds(decoder, weight), (layer, module)
+        assert holds(decoder, attn.q_proj.weight.detach().numpy())  # the query side stays in the decoder
+
+    from vlm_export.contract.cross import CROSS_KV
+
+    pipe = open_build(result.path)
+    ids = pipe.prompt_ids(QUESTION, 1)
+    logits, state = pipe.prefill(ids, pipe.encode_images(pipe.pixel_values([Image.new("RGB", (20, 12), (90, 20, 200))])))
+    feeds = pipe.scheme.step_feeds(state, np.asarray([int(np.argmax(logits))]))
+    assert feeds[CROSS_KV] is state.caches[CROSS_KV]
+    _, after = pipe.step(state, np.asarray([int(np.argmax(logits))]))
+    assert after.caches[CROSS_KV] is state.caches[CROSS_KV]
+
+
+@pytest.mark.parametrize("case", ["one image", "two images", "text-only"])
+def test_generate_equals_hf_generate(mllama, photos, case):
+    model, result = mllama
+    images = {"one image": [photos["wide"]], "two images": [photos["astronaut"], photos["tall"]],
+              "text-only": []}[case]
+    question = {"one image": QUESTION, "two images": TWO_QUESTION, "text-only": TEXT_QUESTION}[case]
+    expected = _hf_generate(model, _user(len(images), question), images)
+    pipe = open_build(result.path)
+    got = generate(pipe, question, images, GenerationConfig(max_new_tokens=TOKENS)).token_ids
+    assert got == expected
+    assert len(expected) == TOKENS or expected  # a real answer, not an immediate EOS
+
+
+@pytest.mark.parametrize("cross_layers", [(0, 2), (3, 4)])
+def test_split_at_other_cross_layer_positions(tmp_path, photos, cross_layers):
+    """The split modules (PyTorch, not exported: the export is proved above) with cross-attention
+    layers first and last in the stack equal HF generate (without its cache where a cross layer is
+    layer 0: HF's cached generate fails there, see adapters.mllama.hf_generate_can_cache)."""
+    from vlm_export.adapters import adapter_for
+    from vlm_export.adapters.reference import reference_pipeline
+    from vlm_export.contract import Limits
+
+    model_dir = make_tiny_mllama(tmp_path / "model", cross_layers=cross_layers)
+    loaded = adapter_for(model_dir).load(model_dir)
+    pipe = reference_pipeline(loaded, Limits(max_batch=2, max_images=2, max_sequence=256, tokens_per_image=1))
+    for images, question in (([photos["wide"]], QUESTION), ([], TEXT_QUESTION)):
+        expected = _hf_generate(model_dir, _user(len(images), question), images, loaded.model)
+        assert generate(pipe, question, images, GenerationConfig(max_new_tokens=TOKENS)).token_ids == expected
+
+
+def test_image_processor_with_other_tiles_is_refused(tmp_path, run_cli):
+    """A processor that pads to another tile count than the vision model's: one line at load."""
+    from conftest import assert_one_line_error
+
+    model_dir = make_tiny_mllama(tmp_path / "model")
+    config = model_dir / "processor_config.json"
+    saved = json.loads(config.read_text())
+    saved["image_processor"]["max_image_tiles"] = 2
+    config.write_text(json.dumps(saved))
+    assert_one_line_error(run_cli("build", str(model_dir), "--out", str(tmp_path / "build")),
+                          "pads images to 2 tiles but the vision model takes 3")
+    assert not (tmp_path / "build").exists()
+
+
+def test_images_change_the_logits(mllama, photos):
+    """The tiny model's cross-attention is live: another image moves the next-token logits by far more
+    than the parity tolerance (so the parity and token tests above could not pass ignoring images)."""
+    _, result = mllama
+    pipe = open_build(result.path)
+    ids = pipe.prompt_ids(QUESTION, 1)
+    logits = {name: pipe.prefill(ids, pipe.encode_images(pipe.pixel_values([photos[name]])))[0]
+              for name in ("wide", "tall", "astronaut")}
+    for a, b in (("wide", "tall"), ("wide", "astronaut"), ("tall", "astronaut")):
+        assert np.abs(logits[a] - logits[b]).max() > 100 * (1e-4 + 1e-4 * np.abs(logits[a]).max()), (a, b)
+
+
+def test_rows_with_different_image_counts_decode_together(mllama, photos):
+    """Two images, none and one in one batch (cross K/V padded to two images, the padding masked):
+    the same greedy tokens as each alone."""
+    _, result = mllama
+    pipe = open_build(result.path)
+    config = GenerationConfig(max_new_tokens=12)
+    requests = [GenerationRequest(TWO_QUESTION, (photos["astronaut"], photos["tall"]), config),
+                GenerationRequest(TEXT_QUESTION, (), config),
+                GenerationRequest(QUESTION, (photos["wide"],), config)]
+    together = [r.token_ids for r in generate_batch(pipe, requests)]
+    alone = [generate(pipe, r.prompt, list(r.images), config).token_ids for r in requests]
+    assert together == alone
+
+
+def test_triton_repository_is_refused_with_one_line(mllama, tmp_path, run_cli):
+    """Not built yet (the preprocess model carries one pixels tensor): said plainly, nothing written."""
+    from conftest import assert_one_line_error
+
+    _, result = mllama
+    out = tmp_path / "repo"
+    assert_one_line_error(run_cli("repository", str(result.path), "--target", "python", "--out", str(out)),
+                          "aspect_ratio_ids", "not supported yet")
+    assert not out.exists()
+
+
+def test_engine_with_image_cache_equals_one_at_a_time(mllama, photos):
+    """The in-process engine a served model runs: each image encoded alone (its cross K/V cached and
+    reused by a later request), requests with two images, none and one decoded together."""
+    import threading
+
+    from vlm_export.runtime.engine import GenerationEngine
+    from vlm_export.runtime.generate import TokenEvent
+    from vlm_export.runtime.image_cache import ImageEmbeddingCache
+
+    _, result = mllama
+    pipe = open_build(result.path)
+    config = GenerationConfig(max_new_tokens=10)
+    requests = [(TWO_QUESTION, [photos["astronaut"], photos["tall"]]), (TEXT_QUESTION, []),
+                (QUESTION, [photos["tall"]]), (QUESTION, [photos["wide"]])]
+    alone = [generate(pipe, prompt, images, config).token_ids for prompt, images in requests]
+    cache = ImageEmbeddingCache(64 << 20)
+    engine = GenerationEngine(pipe, max_batch=4, image_cache=cache)
+    finals, done = {}, [threading.Event() for _ in requests]
+
+    def collect(k):
+        def on_event(event):
+            if not isinstance(event, TokenEvent):
+                finals[k] = event
+                done[k].set()
+        return on_event
+
+    try:
+        for k, (prompt, images) in enumerate(requests):
+            engine.submit(prompt, images, config, on_event=collect(k))
+        assert all(d.wait(120) for d in done)
+    finally:
+        engine.close()
+    assert [finals[k].token_ids for k in range(len(requests))] == alone
+    assert cache.hits >= 1  # "tall" came twice
+
+
+def test_tensorrt_profiles_hold_real_feeds(mllama, photos):
+    """The scheme's profiles (from the limits) hold a real prefill of rows with two images and none
+    (profile 0) and a decode step of them (profile 1); a third image is outside (max_images 2)."""
+    from vlm_export.engines.profiles import stage_profiles
+    from vlm_export.engines.tensorrt import profile_for
+    from vlm_export.errors import RunnerError
+
+    _, result = mllama
+    pipe = open_build(result.path)
+    scheme = pipe.scheme
+    profiles = json.loads(json.dumps(stage_profiles(result.manifest, "lm_decoder")))  # as a plan's metadata has them
+    two = pipe.encode_images(pipe.pixel_values([photos["astronaut"], photos["tall"]]))
+    rows = [pipe.prompt_ids(TWO_QUESTION, 2), pipe.prompt_ids(TEXT_QUESTION, 0)]
+    prefill = scheme.prefill_feeds(rows, scheme.batch_image_inputs([two, scheme.empty_image_input()]))
+    assert profile_for(profiles, prefill) == 0
+    state = scheme.prefill_state(pipe.decode(prefill), [len(r) for r in rows], prefill)
+    assert profile_for(profiles, scheme.step_feeds(state, np.array([5, 6]))) == 1
+    three = scheme.join_image_inputs([two, two])
+    with pytest.raises(RunnerError, match="outside every optimization profile"):
+        profile_for(profiles, scheme.prefill_feeds([pipe.prompt_ids(TWO_QUESTION, 2) + rows[0]], three), "lm_decoder")
