@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # (tiny_models below); subprocesses (CLI, tritonserver stubs) inherit it. Set it to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava, make_tiny_prefix  # noqa: E402
+from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava, make_tiny_mllama, make_tiny_prefix  # noqa: E402
 
 # name -> (maker, kwargs): one per architecture family and text family the tests cover
 TINY_MODELS = {
@@ -28,6 +28,7 @@ TINY_MODELS = {
     "blip2-opt": (make_tiny_blip2, {"family": "opt"}),
     "blip2-llama": (make_tiny_blip2, {"family": "llama"}),
     "instructblip-llama": (make_tiny_instructblip, {}),
+    "mllama": (make_tiny_mllama, {}),
 }
 
 
