@@ -82,6 +82,8 @@ def test_augmented_form_adds_no_node_per_projection():
     # K grows by whole blocks: 64 -> 2 block sums, padded to one block of 32
     assert {next(a.i for a in n.attribute if a.name == "K") for n in nbits} == {k + BLOCK}
     assert all(len(n.input) == 4 for n in nbits)  # integer zero points, MatMulNBits' fast path
+    # both inputs have K = 64: one 0/1 block-sum table for the graph, not one per input
+    assert sum("indicator" in i.name for i in model.graph.initializer) == 1
     x = (np.random.default_rng(3).standard_normal((1, 3, k)) + 0.5).astype(np.float32)
     got = _run(model, x)  # accuracy level 4: int8 activations per block, the block sums included
     for i in range(len(ns)):

@@ -189,10 +189,14 @@ def _matmulnbits(t: _Target, bq: BlockQuantized, accuracy_level: int, block_sums
         key = (x, bq.block_size, correction)
         if key not in block_sums:  # one block sum per input, shared by q/k/v, gate/up
             sums = f"{x}_blocksum{bq.block_size}"
-            indicator = np.zeros((k, width), np.float32)
-            indicator[np.arange(k), np.arange(k) // bq.block_size] = 1
-            extra.append(numpy_helper.from_array(indicator, f"{sums}_indicator"))
-            before.append(helper.make_node("MatMul", [x, extra[-1].name], [sums], name=f"{sums}_node"))
+            # one 0/1 table per shape for the whole graph: every layer reads the same few (cached)
+            indicator = f"blocksum_indicator_{k}x{width}_by{bq.block_size}"
+            if indicator not in block_sums:
+                table = np.zeros((k, width), np.float32)
+                table[np.arange(k), np.arange(k) // bq.block_size] = 1
+                extra.append(numpy_helper.from_array(table, indicator))
+                block_sums[indicator] = indicator
+            before.append(helper.make_node("MatMul", [x, indicator], [sums], name=f"{sums}_node"))
             if correction == "augmented":
                 before.append(helper.make_node("Concat", [x, sums], [f"{x}_with_blocksums{bq.block_size}"],
                                                name=f"{sums}_concat", axis=-1))
