@@ -14,7 +14,8 @@ Three schemes:
 * ``asymmetric``: ``w = scale * q + minimum`` per block (q in [0, 2^b-1]; GGUF's Q4_1). Spends
   the whole 2^b grid on each block's real range, and represents weights that already lie on a
   Q4_1 grid (the demo's SmolLM2) exactly. ONNX Runtime only, through a correction of the float
-  minimum (see ``_matmulnbits``): two small extra nodes per projection, one block sum per input.
+  minimum (see ``_matmulnbits``): by default inside the MatMulNBits itself (the input's block sums
+  as extra K columns: a block-sum MatMul and a Concat per input, none per projection).
 * ``zero-point``: ``w = scale * (q - zero_point)`` with an integer zero point in [0, 2^b-1],
   rounded as ONNX Runtime's own quantizer does (``quantize_matmul_4bits``/``8bits``: the block's
   range widened to hold 0, ``scale = (max - min) / (2^b-1)``, ``zero_point = round(-min / scale)``).
@@ -53,6 +54,7 @@ SCHEMES = ("symmetric", "asymmetric", "zero-point")
 FORMS = ("matmulnbits", "dequantize")
 #: how an asymmetric block's float minimum is added back in the matmulnbits form (see ``_matmulnbits``)
 CORRECTIONS = ("augmented", "shift")
+DEFAULT_CORRECTION = "augmented"
 MS_DOMAIN = "com.microsoft"
 DQ_OPSET = 21  # block-wise DequantizeLinear and int4 arrived in opset 21
 #: the int4 block sizes TensorRT takes ("INT4 quantization requires per-block scales. The supported
@@ -157,7 +159,7 @@ def _targets(model: onnx.ModelProto, skip: set[str]) -> list[_Target]:
     return found
 
 
-def _matmulnbits(t: _Target, bq: BlockQuantized, accuracy_level: int, block_sums: dict, correction: str = "augmented"):
+def _matmulnbits(t: _Target, bq: BlockQuantized, accuracy_level: int, block_sums: dict, correction: str):
     """MatMulNBits on the codes; integer zero points are its fourth input. MatMulNBits' fast int8
     kernels take only integer zero points (its float zero points run ~20x slower: 16 ms against
     0.8-1 ms for a 576 x 3072 weight, one token, this 2-core VM loaded), so an asymmetric block's
@@ -266,7 +268,7 @@ def _block_size(t: _Target, sizes: tuple[int, ...], form: str) -> int:
 
 def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int | tuple[int, ...], scheme: str, form: str,
                      keep: set[str], bits_of: dict[str, int] | None = None,
-                     accuracy_level: int = 4, correction: str = "augmented") -> dict[str, tuple[int, int]]:
+                     accuracy_level: int = 4, correction: str = DEFAULT_CORRECTION) -> dict[str, tuple[int, int]]:
     """Rewrite ``model`` in place. ``block_size``: one size, or the allowed sizes in order of
     preference (see the module docstring). ``keep``: MatMul names left unquantized. ``bits_of``:
     nodes (the LM head, sensitive layers) quantized at their own bit width. ``correction``: how the
