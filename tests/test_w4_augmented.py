@@ -71,7 +71,7 @@ def test_augmented_form_adds_no_node_per_projection():
     """One block sum + Concat per input, shared by every projection reading it; no Add, no shift MatMul."""
     k, ns = 64, [64, 32, 32]
     model, weights = _projections(k, ns)
-    done = quantize_weights(model, 4, BLOCK, "asymmetric", "matmulnbits", keep=set())
+    done = quantize_weights(model, 4, BLOCK, "asymmetric", "matmulnbits", keep=set(), correction="augmented")
     assert set(done) == {"proj0", "proj1", "proj2", "second"}
     ops = [n.op_type for n in model.graph.node]
     # x (3 projections) and y0 (one): two inputs, each one indicator MatMul and one Concat
@@ -91,11 +91,14 @@ def test_augmented_form_adds_no_node_per_projection():
     assert _error(got[-1], (x @ weights[0]) @ weights[-1]) < 0.05
 
 
-def test_shift_form_is_still_there_and_an_unknown_correction_is_refused():
-    model, _ = _projections(64, [32])
-    quantize_weights(model, 4, BLOCK, "asymmetric", "matmulnbits", keep=set(), correction="shift")
+def test_shift_form_is_the_default_and_an_unknown_correction_is_refused():
+    model, _ = _projections(64, [64])
+    quantize_weights(model, 4, BLOCK, "asymmetric", "matmulnbits", keep=set())
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("Add") == 2 and ops.count("MatMulNBits") == 2  # one shift + Add per projection
+    assert "Concat" not in ops
+    # one 0/1 block-sum table per shape (both inputs have K = 64), not one per input
+    assert sum("indicator" in i.name for i in model.graph.initializer) == 1
     model, _ = _projections(64, [32])
     with pytest.raises(ExportError, match="correction 'bogus'"):
         quantize_weights(model, 4, BLOCK, "asymmetric", "matmulnbits", keep=set(), correction="bogus")
