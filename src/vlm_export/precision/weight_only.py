@@ -172,7 +172,7 @@ def _matmulnbits(t: _Target, bq: BlockQuantized, accuracy_level: int, block_sums
       by the same node: the input's block sums are appended to it as extra K columns
       (``Concat(x, x @ indicator)``, shared by every projection of that input) and ``r`` as extra
       weight rows, quantized in blocks of their own. No node per projection; passes the demo's gate
-      (54/60, no answer changed), but was not faster than ``shift`` on the demo (the Concat and the
+      (54/60, no answer changed), but was not consistently faster than ``shift`` on the demo (the Concat and the
       MatMulNBits' longer K with zero points cost what the shift nodes did; benchmarks/README.md)."""
     k, n = t.weight.shape
     name = t.node.name or t.node.output[0]
