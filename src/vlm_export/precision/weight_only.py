@@ -284,7 +284,8 @@ def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int | tuple[
         # fp16 weights (an fp16 graph) get fp16 scales, so the dequantized weight stays fp16
         scale_dtype = np.float16 if t.weight.dtype == np.float16 else np.float32
         bq = quantize_blocks(t.weight, node_bits, size, scheme, scale_dtype)
-        nodes, tensors = _matmulnbits(t, bq, accuracy_level, block_sums, correction) if form == "matmulnbits" else _dequantize(t, bq)
+        nodes, tensors = (_matmulnbits(t, bq, accuracy_level, block_sums, correction) if form == "matmulnbits"
+                          else _dequantize(t, bq))
         replaced[t.index] = nodes
         new_inits += tensors
         done[t.node.name] = (node_bits, size)
