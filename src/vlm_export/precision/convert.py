@@ -33,7 +33,7 @@ import onnx
 
 from ..errors import ExportError
 from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, check_graph, save_graph, topological_order, weight_bytes
-from .weight_only import FORMS, SCHEMES, TENSORRT_INT4_BLOCK_SIZES, quantize_weights
+from .weight_only import DEFAULT_CORRECTION, FORMS, SCHEMES, TENSORRT_INT4_BLOCK_SIZES, quantize_weights
 
 FP32_ISLANDS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
                 "SkipSimplifiedLayerNormalization", "RMSNormalization", "Softmax", "ReduceMean", "ReduceSum",
@@ -266,6 +266,8 @@ def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions) -
         activations = {"activations": "fp16", "scales": "fp16", **fp16_details}
     else:  # MatMulNBits rounds the fp32 activations to int8 per block inside its kernel
         activations = {"activations": "fp32", "accuracy_level": 4}
+        if options.scheme == "asymmetric":  # how the float minimum is added back (weight_only._matmulnbits)
+            activations["correction"] = DEFAULT_CORRECTION
     done = quantize_weights(model, bits, options.block_sizes, options.scheme, options.weight_form, keep, bits_of)
     _save(model, dst)
     used = sorted({size for _, size in done.values()}, reverse=True)

@@ -51,6 +51,9 @@ from ..errors import ExportError
 
 SCHEMES = ("symmetric", "asymmetric", "zero-point")
 FORMS = ("matmulnbits", "dequantize")
+#: how an asymmetric block's float minimum is added back in the matmulnbits form (see ``_matmulnbits``)
+CORRECTIONS = ("augmented", "shift")
+DEFAULT_CORRECTION = "shift"
 MS_DOMAIN = "com.microsoft"
 DQ_OPSET = 21  # block-wise DequantizeLinear and int4 arrived in opset 21
 #: the int4 block sizes TensorRT takes ("INT4 quantization requires per-block scales. The supported
@@ -155,42 +158,76 @@ def _targets(model: onnx.ModelProto, skip: set[str]) -> list[_Target]:
     return found
 
 
-def _matmulnbits(t: _Target, bq: BlockQuantized, accuracy_level: int, block_sums: dict):
-    """MatMulNBits on the codes; integer zero points are its fourth input. An asymmetric block's
-    float minimum becomes a correction ``blocksum(x) @ offsets`` on symmetric-coded weights (the
-    algebra GGUF's Q4_1 kernels use: per block ``sum(w x) = scale * sum(q x) + minimum * sum(x)``):
-    MatMulNBits' fast int8 kernels take only integer zero points, and its float zero points run
-    ~20x slower (16 ms against 0.8-1 ms for a 576 x 3072 weight, one token, this 2-core VM loaded)."""
+def _matmulnbits(t: _Target, bq: BlockQuantized, accuracy_level: int, block_sums: dict, correction: str):
+    """MatMulNBits on the codes; integer zero points are its fourth input. MatMulNBits' fast int8
+    kernels take only integer zero points (its float zero points run ~20x slower: 16 ms against
+    0.8-1 ms for a 576 x 3072 weight, one token, this 2-core VM loaded), so an asymmetric block's
+    float minimum needs a correction (per block ``sum(w x) = scale * sum(q x) + minimum * sum(x)``,
+    the algebra of GGUF's Q4_1 kernels), in one of two forms (``CORRECTIONS``):
+
+    * ``shift`` (default): symmetric codes + ``blocksum(x) @ offsets`` (fp32 [blocks, N]) + Add
+      after each projection: exact up to fp32, two extra nodes per projection.
+    * ``augmented``: the nearest integer zero point ``z`` goes to MatMulNBits and only the residual
+      ``r = scale * (z - offset)`` (|r| <= scale / 2 where the block's range holds 0) is corrected,
+      by the same node: the input's block sums are appended to it as extra K columns
+      (``Concat(x, x @ indicator)``, shared by every projection of that input) and ``r`` as extra
+      weight rows, quantized in blocks of their own. No node per projection; passes the demo's gate
+      (54/60, no answer changed), but was not consistently faster than ``shift`` on the demo (the Concat and the
+      MatMulNBits' longer K with zero points cost what the shift nodes did; benchmarks/README.md)."""
     k, n = t.weight.shape
     name = t.node.name or t.node.output[0]
-    half = 2 ** (bq.bits - 1)
-    tensors = [numpy_helper.from_array(_pack(bq.q, bq.bits), f"{name}_Bq{bq.bits}"),
-               numpy_helper.from_array(bq.scales.reshape(-1), f"{name}_scales")]
-    if bq.zero_points is not None:  # absent: MatMulNBits' default 2^(b-1), the symmetric codes' offset
-        tensors.append(numpy_helper.from_array(_pack(bq.zero_points, bq.bits, half), f"{name}_zero_points"))
-    inputs = [t.node.input[0], *(x.name for x in tensors)]
-    out, nodes = t.node.output[0], []
+    half, top = 2 ** (bq.bits - 1), 2 ** bq.bits - 1
+    x, out = t.node.input[0], t.node.output[0]
+    q, scales, zero_points = bq.q, bq.scales, bq.zero_points
+    before, after, extra = [], [], []  # nodes ahead of the MatMulNBits (a new block sum), after it; their tensors
     if bq.offsets is not None:
+        if correction not in CORRECTIONS:
+            raise ExportError(f"asymmetric correction {correction!r} is not one of {', '.join(CORRECTIONS)}")
         if k % bq.block_size:
             raise ExportError(f"{name}: K={k} is not a multiple of block size {bq.block_size} (asymmetric scheme)")
-        x = t.node.input[0]
-        if (x, bq.block_size) not in block_sums:  # one block sum per input, shared by q/k/v, gate/up
+        blocks = k // bq.block_size
+        # augmented: the sums fill whole blocks of their own (zero columns after the last)
+        width = -(-blocks // bq.block_size) * bq.block_size if correction == "augmented" else blocks
+        key = (x, bq.block_size, correction)
+        if key not in block_sums:  # one block sum per input, shared by q/k/v, gate/up
             sums = f"{x}_blocksum{bq.block_size}"
-            indicator = np.kron(np.eye(k // bq.block_size, dtype=np.float32), np.ones((bq.block_size, 1), np.float32))
-            tensors.append(numpy_helper.from_array(indicator, f"{sums}_indicator"))
-            nodes.append(helper.make_node("MatMul", [x, tensors[-1].name], [sums], name=f"{sums}_node"))
-            block_sums[(x, bq.block_size)] = sums
-        # w = scale * (q - half) + (minimum + half * scale): symmetric codes, offset per block
-        minimum = -bq.offsets * bq.scales + half * bq.scales  # [N, blocks]
-        tensors.append(numpy_helper.from_array(np.ascontiguousarray(minimum.T), f"{name}_block_offsets"))
-        out = f"{name}_unshifted"
-        nodes += [helper.make_node("MatMul", [block_sums[(x, bq.block_size)], tensors[-1].name], [f"{name}_shift"],
-                                   name=f"{name}_shift_node"),
-                  helper.make_node("Add", [out, f"{name}_shift"], list(t.node.output), name=f"{name}_add_shift")]
-    quant = helper.make_node("MatMulNBits", inputs, [out],
+            # one 0/1 table per shape for the whole graph: every layer reads the same few (cached)
+            indicator = f"blocksum_indicator_{k}x{width}_by{bq.block_size}"
+            if indicator not in block_sums:
+                table = np.zeros((k, width), np.float32)
+                table[np.arange(k), np.arange(k) // bq.block_size] = 1
+                extra.append(numpy_helper.from_array(table, indicator))
+                block_sums[indicator] = indicator
+            before.append(helper.make_node("MatMul", [x, indicator], [sums], name=f"{sums}_node"))
+            if correction == "augmented":
+                before.append(helper.make_node("Concat", [x, sums], [f"{x}_with_blocksums{bq.block_size}"],
+                                               name=f"{sums}_concat", axis=-1))
+            block_sums[key] = before[-1].output[0]
+        if correction == "augmented":
+            zero = np.clip(np.rint(bq.offsets), 0, top)
+            residual = np.zeros((width, n), np.float32)
+            residual[:blocks] = ((zero - bq.offsets) * bq.scales).T  # [blocks, N]
+            rq = quantize_blocks(residual, bq.bits, bq.block_size, "zero-point")
+            q = np.concatenate([bq.q, rq.q], axis=1)
+            scales = np.concatenate([bq.scales, rq.scales], axis=1)
+            zero_points = np.concatenate([zero.astype(np.uint8), rq.zero_points], axis=1)
+            k, x = k + width, block_sums[key]
+        else:
+            # w = scale * (q - half) + (minimum + half * scale): symmetric codes, offset per block
+            minimum = -bq.offsets * bq.scales + half * bq.scales  # [N, blocks]
+            extra.append(numpy_helper.from_array(np.ascontiguousarray(minimum.T), f"{name}_block_offsets"))
+            out = f"{name}_unshifted"
+            after += [helper.make_node("MatMul", [block_sums[key], extra[-1].name], [f"{name}_shift"],
+                                       name=f"{name}_shift_node"),
+                      helper.make_node("Add", [out, f"{name}_shift"], list(t.node.output), name=f"{name}_add_shift")]
+    tensors = [numpy_helper.from_array(_pack(q, bq.bits), f"{name}_Bq{bq.bits}"),
+               numpy_helper.from_array(scales.reshape(-1), f"{name}_scales")]
+    if zero_points is not None:  # absent: MatMulNBits' default 2^(b-1), the symmetric codes' offset
+        tensors.append(numpy_helper.from_array(_pack(zero_points, bq.bits, half), f"{name}_zero_points"))
+    quant = helper.make_node("MatMulNBits", [x, *(i.name for i in tensors)], [out],
                              name=f"{name}_Q{bq.bits}", domain=MS_DOMAIN, K=k, N=n, bits=bq.bits,
                              block_size=bq.block_size, accuracy_level=accuracy_level)
-    return [quant] + nodes, tensors
+    return before + [quant] + after, tensors + extra
 
 
 def _dequantize(t: _Target, bq: BlockQuantized):
@@ -231,10 +268,11 @@ def _block_size(t: _Target, sizes: tuple[int, ...], form: str) -> int:
 
 def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int | tuple[int, ...], scheme: str, form: str,
                      keep: set[str], bits_of: dict[str, int] | None = None,
-                     accuracy_level: int = 4) -> dict[str, tuple[int, int]]:
+                     accuracy_level: int = 4, correction: str = DEFAULT_CORRECTION) -> dict[str, tuple[int, int]]:
     """Rewrite ``model`` in place. ``block_size``: one size, or the allowed sizes in order of
     preference (see the module docstring). ``keep``: MatMul names left unquantized. ``bits_of``:
-    nodes (the LM head, sensitive layers) quantized at their own bit width. Returns the (bits,
+    nodes (the LM head, sensitive layers) quantized at their own bit width. ``correction``: how the
+    asymmetric scheme's float minimum is added back (``CORRECTIONS``, see ``_matmulnbits``). Returns the (bits,
     block size) used per node."""
     if form not in FORMS:
         raise ExportError(f"weight-only form {form!r} is not one of {', '.join(FORMS)}")
@@ -246,7 +284,8 @@ def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int | tuple[
         # fp16 weights (an fp16 graph) get fp16 scales, so the dequantized weight stays fp16
         scale_dtype = np.float16 if t.weight.dtype == np.float16 else np.float32
         bq = quantize_blocks(t.weight, node_bits, size, scheme, scale_dtype)
-        nodes, tensors = _matmulnbits(t, bq, accuracy_level, block_sums) if form == "matmulnbits" else _dequantize(t, bq)
+        nodes, tensors = (_matmulnbits(t, bq, accuracy_level, block_sums, correction) if form == "matmulnbits"
+                          else _dequantize(t, bq))
         replaced[t.index] = nodes
         new_inits += tensors
         done[t.node.name] = (node_bits, size)
