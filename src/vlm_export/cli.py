@@ -455,7 +455,7 @@ def _print_accuracy(accuracy: dict) -> None:
     print(f"{accuracy['dataset']}: {accuracy['questions']} questions")
     for r in accuracy["results"]:
         print(f"  {r['backend']:12s} accuracy {100 * r['accuracy']:5.1f}%  ({r['correct']}/{r['questions']}, "
-              f"{r['seconds']:.1f} s)")
+              f"{r['seconds']:.1f} s{', batches of %d' % r['batch'] if r.get('batch', 1) > 1 else ''})")
     print(f"  answers that differ between backends: {len(accuracy['disagreements'])}")
     gate = accuracy.get("gate")
     if gate:

@@ -36,6 +36,7 @@ class AccuracyResult:
     correct: int
     seconds: float
     answers: list[str] = field(repr=False, default_factory=list)
+    batch: int = 1  # questions decoded together (generate_batch); 1: one at a time
 
     @property
     def accuracy(self) -> float:
@@ -60,7 +61,7 @@ def evaluate_vqa(pipe: VLMPipeline, items: Sequence, dataset: str, normalize: Ca
             answers.append(generate(pipe, item.question, [item.image], config).text)
             advance()
     correct = sum(normalize(text) == normalize(item.answer) for text, item in zip(answers, items))
-    return AccuracyResult(pipe.backend, dataset, len(items), correct, time.perf_counter() - start, answers)
+    return AccuracyResult(pipe.backend, dataset, len(items), correct, time.perf_counter() - start, answers, batch)
 
 
 def answer_all(pipes: Mapping[str, VLMPipeline], name: str, items: Sequence, progress: Progress,

@@ -113,10 +113,10 @@ def render_markdown(report: dict) -> str:
     if report.get("task_accuracy"):
         acc = report["task_accuracy"]
         lines += ["", f"## Task accuracy ({acc['dataset']}, {acc['questions']} questions, greedy, exact match)", "",
-                  "| backend | accuracy | correct | seconds |", "|---|---:|---:|---:|"]
+                  "| backend | accuracy | correct | seconds | batch |", "|---|---:|---:|---:|---:|"]
         for r in acc["results"]:
             lines.append(f"| {r['backend']} | {100 * r['accuracy']:.1f}% | {r['correct']}/{r['questions']} | "
-                         f"{r['seconds']:.1f} |")
+                         f"{r['seconds']:.1f} | {r.get('batch', 1)} |")
         lines.append(f"\nAnswers that differ between backends: {len(acc['disagreements'])}")
         gate = acc.get("gate")
         if gate:
