@@ -342,3 +342,34 @@ def test_tensorrt_profiles_hold_real_feeds(mllama, photos):
     three = scheme.join_image_inputs([two, two])
     with pytest.raises(RunnerError, match="outside every optimization profile"):
         profile_for(profiles, scheme.prefill_feeds([pipe.prompt_ids(TWO_QUESTION, 2) + rows[0]], three), "lm_decoder")
+
+
+def test_bench_measures_every_stage(mllama, tmp_path):
+    """``vlm-export bench`` on the build (torch and ONNX Runtime, a few calls each): every stage the
+    manifest declares, the cross K/V one included, plus prefill, a decode step and end to end, with
+    finite positive times (speed is not asserted), the reports written; a decode step's bytes count
+    the fixed image K/V the step reads."""
+    from vlm_export.bench import BenchOptions, run_bench
+
+    _, result = mllama
+    options = BenchOptions(backends=("torch", "onnxruntime"), batch=(1, 2), new_tokens=3, threads=2, warmup=0,
+                           iterations=2, requests=2, bandwidth_mb=16, out=tmp_path / "bench")
+    results = run_bench(result.path, options)
+    cases = {(r["stage"], r["batch"], r["backend"]) for r in results["stages"]}
+    assert cases == {(s, b, be) for be in ("torch", "onnxruntime")
+                     for s, b in [("vision_encoder", 1), ("vision_encoder", 2), ("projector", 1), ("projector", 2),
+                                  ("cross_kv", 1), ("cross_kv", 2), ("prefill", 1), ("decode_step", 1)]}
+    for r in results["stages"]:
+        assert r["latency_ms"]["n"] == 2 and np.isfinite(r["latency_ms"]["p50"]) and r["latency_ms"]["min"] > 0
+    for backend in ("torch", "onnxruntime"):
+        e2e = results["end_to_end"][backend]
+        assert e2e["tokens"] == 2 * 3 and np.isfinite(e2e["tpot_ms"]["p50"]) and e2e["ttft_ms"]["p50"] > 0
+    inputs, scheme = results["inputs"], result.manifest["scheme"]
+    geometry = scheme["geometry"]
+    kv = [1, 2 * scheme["cross_layers"], geometry["num_kv_heads"], scheme["tiles"] * scheme["tokens_per_tile"],
+          geometry["head_dim"]]
+    assert inputs["image_input_shape"] == kv and set(inputs["pixel_values_shape"]) == {
+        "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"}
+    # the decode step's state: the image K/V (float32) + its last mask row and image mask (int64)
+    assert results["ceiling"]["fixed_state_bytes"] == 4 * int(np.prod(kv)) + 8 * (scheme["tiles"] + 1)
+    assert "cross_kv" in (tmp_path / "bench" / "bench.md").read_text()
