@@ -342,3 +342,104 @@ def test_tensorrt_profiles_hold_real_feeds(mllama, photos):
     three = scheme.join_image_inputs([two, two])
     with pytest.raises(RunnerError, match="outside every optimization profile"):
         profile_for(profiles, scheme.prefill_feeds([pipe.prompt_ids(TWO_QUESTION, 2) + rows[0]], three), "lm_decoder")
+
+
+def test_bench_measures_every_stage(mllama, tmp_path):
+    """``vlm-export bench`` on the build (torch and ONNX Runtime, a few calls each): every stage the
+    manifest declares, the cross K/V one included, plus prefill, a decode step and end to end, with
+    finite positive times (speed is not asserted), the reports written; a decode step's bytes count
+    the fixed image K/V the step reads."""
+    from vlm_export.bench import BenchOptions, run_bench
+
+    _, result = mllama
+    options = BenchOptions(backends=("torch", "onnxruntime"), batch=(1, 2), new_tokens=3, threads=2, warmup=0,
+                           iterations=2, requests=2, bandwidth_mb=16, out=tmp_path / "bench")
+    results = run_bench(result.path, options)
+    cases = {(r["stage"], r["batch"], r["backend"]) for r in results["stages"]}
+    assert cases == {(s, b, be) for be in ("torch", "onnxruntime")
+                     for s, b in [("vision_encoder", 1), ("vision_encoder", 2), ("projector", 1), ("projector", 2),
+                                  ("cross_kv", 1), ("cross_kv", 2), ("prefill", 1), ("decode_step", 1)]}
+    for r in results["stages"]:
+        assert r["latency_ms"]["n"] == 2 and np.isfinite(r["latency_ms"]["p50"]) and r["latency_ms"]["min"] > 0
+    for backend in ("torch", "onnxruntime"):
+        e2e = results["end_to_end"][backend]
+        assert e2e["tokens"] == 2 * 3 and np.isfinite(e2e["tpot_ms"]["p50"]) and e2e["ttft_ms"]["p50"] > 0
+    inputs, scheme = results["inputs"], result.manifest["scheme"]
+    geometry = scheme["geometry"]
+    kv = [1, 2 * scheme["cross_layers"], geometry["num_kv_heads"], scheme["tiles"] * scheme["tokens_per_tile"],
+          geometry["head_dim"]]
+    assert inputs["image_input_shape"] == kv and set(inputs["pixel_values_shape"]) == {
+        "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"}
+    # the decode step's state: the image K/V (float32) + its last mask row and image mask (int64)
+    assert results["ceiling"]["fixed_state_bytes"] == 4 * int(np.prod(kv)) + 8 * (scheme["tiles"] + 1)
+    assert "cross_kv" in (tmp_path / "bench" / "bench.md").read_text()
+
+
+MIXED = "vision=fp16,projector=int8,cross_kv=fp16,decoder=w4"
+
+
+@pytest.fixture(scope="module")
+def mixed_build(mllama, tmp_path_factory):
+    """One reduced-precision build of the tiny model, every variant kind in it: fp16 image stages
+    (fp32 islands), an int8 projector (calibrated through the mllama image path, in a fresh cache
+    folder), a w4 decoder (MatMulNBits, from the fused graph)."""
+    import os
+
+    from vlm_export.precision.spec import parse_precision
+
+    model, _ = mllama
+    root = tmp_path_factory.mktemp("mllama-mixed")
+    previous = os.environ.get("VLM_EXPORT_CACHE")
+    os.environ["VLM_EXPORT_CACHE"] = str(root / "cache")
+    try:
+        return build(model, root / "build", BuildOptions(max_sequence=256, precision=parse_precision(MIXED),
+                                                         parity_new_tokens=8))
+    finally:
+        if previous is None:
+            del os.environ["VLM_EXPORT_CACHE"]
+        else:
+            os.environ["VLM_EXPORT_CACHE"] = previous
+
+
+def test_mixed_precision_build_passes_its_gates(mixed_build):
+    """fp16 / int8 / w4 stages pass their cosine gates per stage (vision, projector, cross K/V,
+    prefill and decode logits, on one image, two images and text only), every figure finite."""
+    manifest = mixed_build.manifest
+    assert mixed_build.failures == []
+    assert manifest["precision"] == {"vision_encoder": "fp16", "projector": "int8", "cross_kv": "fp16",
+                                     "lm_decoder": "w4"}
+    graphs = manifest["graphs"]
+    assert "Softmax" in graphs["vision_encoder"]["variant"]["fp32_islands"]
+    assert graphs["cross_kv"]["variant"]["fp32_statistics_nodes"] > 0  # k_norm's statistics kept fp32
+    projector = graphs["projector"]["variant"]
+    assert projector["format"] == "QDQ" and projector["calibration_samples"] > 0
+    decoder = graphs["lm_decoder"]["variant"]
+    assert (decoder["bits"], decoder["form"], decoder["quantized_matmuls"]) == (4, "matmulnbits", 21)
+    ops = {n.op_type for n in onnx.load(str(mixed_build.path / graphs["lm_decoder"]["file"])).graph.node}
+    assert "MatMulNBits" in ops
+    report = json.loads((mixed_build.path / "report.json").read_text())
+    assert report["passed"]
+    for stage in ("vision_encoder", "projector", "cross_kv", "prefill", "decode"):
+        for name, m in report["stages"][stage].items():
+            assert m["passed"] and np.isfinite(m["max_abs"]) and m["cosine"] >= m["min_cosine"], (stage, name, m)
+            assert m["allowed_max_abs"] is None  # reduced precision is judged by cosine
+    from vlm_export.compare.parity import default_samples
+
+    runs = report["end_to_end"]["onnxruntime"]
+    assert [r["prompt"] for r in runs] == [s.prompt for s in default_samples(2)]  # one, two and no images
+    assert all(r["candidate"] for r in runs)
+
+
+def test_mixed_precision_padded_and_text_only_rows_stay_finite(mixed_build, photos):
+    """The w4 decoder on a prefill of rows with two images, none and one (padding images masked, a
+    text-only row skipping the cross layers): finite logits, and each row's next token as alone."""
+    pipe = open_build(mixed_build.path)
+    scheme = pipe.scheme
+    images = [[photos["astronaut"], photos["tall"]], [], [photos["wide"]]]
+    prompts = [TWO_QUESTION, TEXT_QUESTION, QUESTION]
+    inputs = [pipe.encode_images(pipe.pixel_values(i)) if i else scheme.empty_image_input() for i in images]
+    rows = [pipe.prompt_ids(p, len(i)) for p, i in zip(prompts, images)]
+    logits = scheme.next_logits(pipe.decode(scheme.prefill_feeds(rows, scheme.batch_image_inputs(inputs))))
+    assert np.isfinite(logits).all()
+    alone = [int(np.argmax(pipe.prefill(r, x)[0])) for r, x in zip(rows, inputs)]
+    assert [int(t) for t in np.argmax(logits, axis=-1)] == alone

@@ -112,7 +112,9 @@ def markdown(r: dict) -> str:
               f"p50 {c['bandwidth_gb_s']['p50']} GB/s (min {c['bandwidth_gb_s']['min']}, max {c['bandwidth_gb_s']['max']}). "
               f"A decode step reads {c['read_per_token_bytes'] / 1e6:.1f} MB of {c['decoder_precision']} weights "
               f"(of {c['initializer_bytes'] / 1e6:.1f} MB; gather-only tables excluded) + "
-              f"{c['kv_bytes_at_past'] / 1e6:.2f} MB of KV cache at past {c['past_len']}, so at most "
+              f"{c['kv_bytes_at_past'] / 1e6:.2f} MB of KV cache at past {c['past_len']}"
+              + (f" + {c['fixed_state_bytes'] / 1e6:.2f} MB of decode state that does not grow (e.g. image K/V)"
+                 if c.get("fixed_state_bytes") else "") + ", so at most "
               f"**{c['ceiling_tokens_per_s']} tokens/s**."
               + (f" These bytes fit in the {cache_name}, so memory bandwidth does not bound this "
                  "decoder: read the shares below as overheads, not as distance to a limit." if c.get("fits_in_l3") else ""),

@@ -118,7 +118,7 @@ class BenchInputs:
     pixel_values: dict[int, np.ndarray]  # image batch -> preprocessed pixels
     image_feeds: dict[tuple[str, int], dict[str, np.ndarray]]  # (image stage, image batch) -> its feeds
     prompt_ids: list[int]  # one image + a question
-    image_input: np.ndarray  # the decoder's image input for that image
+    image_input: object  # the decoder's image input for that image (the scheme's: an array or e.g. CrossImages)
     decode_batch: DecodeBatch  # random state of the decode-step case
     requests: list[tuple[str, bytes]] = field(default_factory=list)  # end-to-end: (question, image)
 
@@ -129,9 +129,18 @@ class BenchInputs:
     def describe(self) -> dict:
         return {"photos": [PHOTOS[i % len(PHOTOS)] for i in range(len(self.images))],
                 "prompt": PROMPTS[0], "prompt_tokens": len(self.prompt_ids),
-                "pixel_values_shape": list(self.pixel_values[min(self.pixel_values)].shape[1:]),
-                "image_input_shape": list(self.image_input.shape), "decode_past_len": self.past_len,
+                "pixel_values_shape": pixel_shapes(self.pixel_values[min(self.pixel_values)]),
+                # every scheme's image input has a shape (its decoder tensor's) and nbytes (the image cache's size)
+                "image_input_shape": list(self.image_input.shape), "image_input_bytes": int(self.image_input.nbytes),
+                "decode_past_len": self.past_len,
                 "requests": [q for q, _ in self.requests]}
+
+
+def pixel_shapes(pixels) -> list | dict:
+    """One image's preprocessed shape: of the one pixels array, or per processor output by name."""
+    if isinstance(pixels, dict):
+        return {name: list(value.shape[1:]) for name, value in pixels.items()}
+    return list(pixels.shape[1:])
 
 
 def _photo_png(name: str) -> bytes:
@@ -152,7 +161,8 @@ def make_inputs(pipe: VLMPipeline, options: BenchOptions) -> BenchInputs:
         pipe.run_image_stages(pv, lambda spec, feeds, _, b=b: image_feeds.__setitem__((spec.name, b), feeds),
                               PROMPTS[0])
     prompt_ids = pipe.prompt_ids(PROMPTS[0], 1)
-    image_input = pipe.encode_images(pixel_values[min(options.batch)][:1], prompt=PROMPTS[0])
+    one = pixel_values[1] if 1 in pixel_values else pipe.pixel_values(photos[:1])
+    image_input = pipe.encode_images(one, prompt=PROMPTS[0])
     past_len = options.decode_past or len(prompt_ids) + options.new_tokens // 2
     pipe.check_length(past_len, 1)
     rng = np.random.default_rng(0)  # the values do not change the time; fixed so runs are alike
@@ -316,8 +326,10 @@ def bench_end_to_end(pipes: dict[str, VLMPipeline], inputs: BenchInputs, options
 
 
 def ceiling(build_dir: Path, manifest: dict, bandwidth: list[float], stages: list[dict],
-            end_to_end: dict, past_len: int, l3_bytes: int | None = None) -> dict:
+            end_to_end: dict, past_len: int, l3_bytes: int | None = None, fixed_state_bytes: int = 0) -> dict:
     """Decode speed against what memory bandwidth allows: bandwidth / bytes read per token.
+    ``fixed_state_bytes``: decode-state tensors every step reads besides the growing KV cache (a
+    cross-attention scheme's image K/V; see ``fixed_state_bytes``), 0 for the spliced schemes.
 
     A decoder whose bytes per token fit in the last-level cache is not read from memory at all
     after the first steps, so this ceiling does not bound it (the tiny test model beats it).
@@ -326,13 +338,14 @@ def ceiling(build_dir: Path, manifest: dict, bandwidth: list[float], stages: lis
     graph = form_entry(manifest, scheme.decoder_stage, "onnxruntime")  # the graph ONNX Runtime times
     weights = measure.decoder_weight_bytes(build_dir / graph["file"])
     kv = scheme.geometry.kv_bytes(past_len)
-    per_token = weights["read_per_token_bytes"] + kv
+    per_token = weights["read_per_token_bytes"] + kv + fixed_state_bytes
     bw = float(np.median(bandwidth))
     limit = bw * 1e9 / per_token
     out = {"bandwidth_gb_s": {"p50": round(bw, 2), "max": round(max(bandwidth), 2), "min": round(min(bandwidth), 2),
                               "n": len(bandwidth)},
            "decoder_precision": graph["precision"], "decoder_graph_bytes": graph["bytes"], **weights,
-           "kv_bytes_at_past": kv, "past_len": past_len, "bytes_per_token": per_token,
+           "kv_bytes_at_past": kv, "fixed_state_bytes": fixed_state_bytes, "past_len": past_len,
+           "bytes_per_token": per_token,
            "ceiling_tokens_per_s": round(limit, 2),
            "fits_in_l3": None if not l3_bytes else per_token <= l3_bytes, "backends": {}}
     for row in stages:
@@ -343,6 +356,11 @@ def ceiling(build_dir: Path, manifest: dict, bandwidth: list[float], stages: lis
                 "decode_step_tokens_per_s": round(step, 2), "decode_step_fraction": round(step / limit, 4),
                 "end_to_end_tokens_per_s": e2e, "end_to_end_fraction": round(e2e / limit, 4) if e2e else None}
     return out
+
+
+def fixed_state_bytes(batch: DecodeBatch) -> int:
+    """Bytes of the decode state's caches that do not grow (read whole by every step all the same)."""
+    return int(sum(v.nbytes for name, v in batch.caches.items() if name not in batch.growing))
 
 
 def ratios(stages: list[dict], end_to_end: dict, reference: str = "torch") -> dict:
@@ -480,7 +498,8 @@ def run_bench(build_dir: Path, options: BenchOptions | None = None, progress: Pr
     end_to_end = bench_end_to_end(timed, inputs, options, progress) if timed else {}
     bandwidth += bandwidth_of()  # again after: a drift would show as a spread
     results.update(stages=stages, end_to_end=end_to_end,
-                   ceiling=ceiling(build_dir, manifest, bandwidth, stages, end_to_end, inputs.past_len, cache))
+                   ceiling=ceiling(build_dir, manifest, bandwidth, stages, end_to_end, inputs.past_len, cache,
+                                   fixed_state_bytes(inputs.decode_batch)))
     results["ceiling"]["measured_on"] = str(device)
     peer = None
     if with_peer:

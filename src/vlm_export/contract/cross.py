@@ -53,6 +53,10 @@ class CrossImages:
         return int(self.tiles.shape[0])
 
     @property
+    def shape(self) -> tuple[int, ...]:  # the scheme's image_input tensor for these images (the bench reports it)
+        return tuple(self.key_values.shape)
+
+    @property
     def nbytes(self) -> int:  # the image-embedding cache bounds its size by this
         return int(self.key_values.nbytes + self.tiles.nbytes)
 
