@@ -16,6 +16,8 @@ from vlm_export.demo.build_demo import build_demo
 from vlm_export.datasets.easyvqa import load_split, normalize_answer
 from vlm_export.evaluate import evaluate_build
 
+pytestmark = pytest.mark.slow  # every test here uses the demo build
+
 SUBSET = 60
 # REGRESSION PIN, not an independent reference: 54 of these 60 questions answered right by the fp32
 # PyTorch reference (and identically by ONNX Runtime) in this file's demo build, measured 2026-11-26 on
