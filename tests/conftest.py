@@ -87,6 +87,9 @@ def _stage_fingerprint(stage) -> str | None:
     return h.hexdigest()
 
 
+_EXPORTED: list[str] = []  # stages this worker really exported since the last test (VLM_EXPORT_TEST_CPU_LOG)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _shared_exports(tmp_path_factory):
     """Builds of the same tiny model (a shared build, precision variants, a failed-parity build, a
@@ -112,11 +115,13 @@ def _shared_exports(tmp_path_factory):
     def export_once(stage, out_dir: Path, opset: int = 18) -> Path:
         key = _stage_fingerprint(stage)
         if key is None:
+            _EXPORTED.append(f"{stage.name}(no key)")
             return real_export(stage, out_dir, opset)
         cached = shared / f"{key}-opset{opset}"
         out_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(cached) + ".lock"):
             if not (cached / ".done").exists():
+                _EXPORTED.append(stage.name)
                 path = real_export(stage, out_dir, opset)
                 shutil.rmtree(cached, ignore_errors=True)
                 cached.mkdir()
@@ -323,6 +328,7 @@ def pytest_runtest_protocol(item, nextitem):
     cpu, wall = _cpu_seconds(), time.monotonic()
     yield
     row = {"test": item.nodeid, "cpu": round(_cpu_seconds() - cpu, 2), "wall": round(time.monotonic() - wall, 2),
-           "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}
+           "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "exported": list(_EXPORTED)}
+    _EXPORTED.clear()
     with open(log, "a") as f:
         f.write(json.dumps(row) + "\n")
