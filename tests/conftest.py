@@ -286,6 +286,7 @@ LONGEST_FIRST = (
     "test_deploy.py",
     "test_render.py",
     "test_serving.py",
+    "test_openai_api.py",  # short, but shares test_serving's llava_server: next to it, likely the same worker
     "test_precision.py",
     "test_cli_errors.py",
     "test_demo_model.py",
