@@ -16,6 +16,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # alternately). libgomp reads this when torch loads it, so it is set before the first torch import
 # (tiny_models below); subprocesses (CLI, tritonserver stubs) inherit it. Set it to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# ONNX Runtime's decoder sessions spin the same way (runners.OrtRunner): off for the tests, whose two
+# workers share two cores (generation with the tiny decoder: 2.3 CPU-s spinning, 1.0 not). The
+# python-target models under tritonserver inherit it too.
+os.environ.setdefault("VLM_EXPORT_ORT_SPIN", "0")
 
 from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava, make_tiny_mllama, make_tiny_prefix  # noqa: E402
 
@@ -84,6 +88,9 @@ def _stage_fingerprint(stage) -> str | None:
     return h.hexdigest()
 
 
+_EXPORTED: list[str] = []  # stages this worker really exported since the last test (VLM_EXPORT_TEST_CPU_LOG)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _shared_exports(tmp_path_factory):
     """Builds of the same tiny model (a shared build, precision variants, a failed-parity build, a
@@ -109,11 +116,13 @@ def _shared_exports(tmp_path_factory):
     def export_once(stage, out_dir: Path, opset: int = 18) -> Path:
         key = _stage_fingerprint(stage)
         if key is None:
+            _EXPORTED.append(f"{stage.name}(no key)")
             return real_export(stage, out_dir, opset)
         cached = shared / f"{key}-opset{opset}"
         out_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(cached) + ".lock"):
             if not (cached / ".done").exists():
+                _EXPORTED.append(stage.name)
                 path = real_export(stage, out_dir, opset)
                 shutil.rmtree(cached, ignore_errors=True)
                 cached.mkdir()
@@ -260,3 +269,68 @@ def wait_for(predicate, seconds: float = 20.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+# The suite's schedule under `-n 2 --dist loadfile`: xdist hands out whole files, in collection order,
+# to whichever worker is free, so the longest files go first (longest first, each to the worker that
+# frees up: the last file to finish is a short one). Ranked by CPU-seconds per file as measured by
+# VLM_EXPORT_TEST_CPU_LOG below (2026-11-30; a session fixture counts in the first file to use it).
+# Files not listed (short ones, new ones) follow in their usual order; a new file of more than ~10
+# CPU-s belongs in this list.
+LONGEST_FIRST = (
+    "test_demo_build.py",  # the demo build (SmolLM2's 30-layer decoder), served and batched on 60 questions
+    "test_export_core.py",  # the first build of every tiny model
+    "test_qformer.py",
+    "test_forms.py",
+    "test_stub_recovery.py",
+    "test_bench.py",
+    "test_deploy.py",
+    "test_render.py",
+    "test_serving.py",
+    "test_openai_api.py",  # short, but shares test_serving's llava_server: next to it, likely the same worker
+    "test_precision.py",
+    "test_cli_errors.py",
+    "test_demo_model.py",
+    "test_lora.py",
+    "test_policy.py",
+)
+
+
+def pytest_configure(config):
+    # xdist re-sorts loadfile's files by their number of tests unless told not to, which put the
+    # 5-test demo build file, half the suite's CPU time, last: the order below is the schedule
+    if getattr(config.option, "loadscopereorder", False):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have been waited for."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """VLM_EXPORT_TEST_CPU_LOG=<file>: append each test's CPU seconds (setup, call and teardown,
+    so a session fixture counts where it is first built) as a JSON line. The wall clock on a
+    loaded machine says little about where the suite's work goes; CPU time does."""
+    log = os.environ.get("VLM_EXPORT_TEST_CPU_LOG")
+    if not log:
+        yield
+        return
+    import json
+
+    cpu, wall = _cpu_seconds(), time.monotonic()
+    yield
+    row = {"test": item.nodeid, "cpu": round(_cpu_seconds() - cpu, 2), "wall": round(time.monotonic() - wall, 2),
+           "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "exported": list(_EXPORTED)}
+    _EXPORTED.clear()
+    with open(log, "a") as f:
+        f.write(json.dumps(row) + "\n")

@@ -16,6 +16,8 @@ from vlm_export.demo.build_demo import build_demo
 from vlm_export.datasets.easyvqa import load_split, normalize_answer
 from vlm_export.evaluate import evaluate_build
 
+pytestmark = pytest.mark.slow  # every test here uses the demo build
+
 SUBSET = 60
 # REGRESSION PIN, not an independent reference: 54 of these 60 questions answered right by the fp32
 # PyTorch reference (and identically by ONNX Runtime) in this file's demo build, measured 2026-11-26 on
@@ -71,35 +73,31 @@ def test_onnxruntime_answers_like_pytorch(demo_build):
     assert abs(torch_result["accuracy"] - whole["accuracy"]) <= spread, (torch_result["accuracy"], whole)
 
 
-@pytest.fixture(scope="module")
-def one_at_a_time(demo_build):
-    """The in-process answers to the SUBSET questions, one at a time, greedy, as many tokens as the
-    build's accuracy check allows: computed once for the two tests below that compare with them
-    (answering 60 questions on the demo costs tens of CPU-seconds)."""
-    from vlm_export.compare.accuracy import MAX_ANSWER_TOKENS
-    from vlm_export.runtime.generate import GenerationConfig, generate
-    from vlm_export.runtime.load import open_build
-
-    pipe = open_build(demo_build.path)
-    config = GenerationConfig(max_new_tokens=MAX_ANSWER_TOKENS)
-    return [generate(pipe, it.question, [it.image], config) for it in fixed_subset()]
+def recorded_answers(demo_build) -> list[str]:
+    """The build's own ONNX Runtime answers to the SUBSET questions: its accuracy check answered them
+    one at a time (generate, greedy, MAX_ANSWER_TOKENS), as a caller of the build would."""
+    result = json.loads((demo_build.path / "report.json").read_text())["task_accuracy"]["results"][1]
+    assert result["backend"] == "onnxruntime" and len(result["answers"]) == SUBSET
+    return result["answers"]
 
 
-def test_batched_answers_equal_one_at_a_time(demo_build, one_at_a_time):
+def test_batched_answers_equal_one_at_a_time(demo_build):
     """The in-process batch API (rows of different lengths decoded together, up to the build's
-    max_batch, joining and leaving as they go) gives every one of the 60 questions the same greedy
-    tokens as answering it alone."""
+    max_batch, joining and leaving as they go) gives every one of the 60 questions the same answer
+    as answering it alone (the build's own one-at-a-time answers), and the first 16 (four batches'
+    worth) the same greedy tokens as generate() here."""
     from vlm_export.compare.accuracy import MAX_ANSWER_TOKENS
-    from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate_batch
+    from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
     from vlm_export.runtime.load import open_build
 
     pipe = open_build(demo_build.path)
     config = GenerationConfig(max_new_tokens=MAX_ANSWER_TOKENS)
-    requests = [GenerationRequest(it.question, (it.image,), config) for it in fixed_subset()]
-    batched = generate_batch(pipe, requests)
-    assert [r.token_ids for r in batched] == [r.token_ids for r in one_at_a_time]
-    recorded = json.loads((demo_build.path / "report.json").read_text())["task_accuracy"]["results"][1]
-    assert [r.text for r in batched] == recorded["answers"]  # and the build's own one-at-a-time answers
+    items = fixed_subset()
+    assert pipe.limits.max_batch == 4 < 16  # rows join and leave: more questions than a batch holds
+    batched = generate_batch(pipe, [GenerationRequest(it.question, (it.image,), config) for it in items])
+    assert [r.text for r in batched] == recorded_answers(demo_build)
+    alone = [generate(pipe, it.question, [it.image], config) for it in items[:16]]
+    assert [r.token_ids for r in batched[:16]] == [r.token_ids for r in alone]
 
 
 def private_copy(build, dest):
@@ -143,10 +141,10 @@ def test_eval_on_a_question_folder(demo_build, tmp_path):
     assert (demo_build.path / "report.json").read_bytes() == shared_report
 
 
-def test_served_demo_matches_in_process(demo_build, one_at_a_time, tmp_path):
+def test_served_demo_matches_in_process(demo_build, tmp_path):
     """60 questions, 8 at a time through the served model's one batching loop, mixed with
     requests that stream, that stop early on a stop string and that are cancelled mid-stream:
-    every answer equals the in-process one-at-a-time answer."""
+    every answer equals the in-process one-at-a-time answer (the build's own)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from vlm_export.client.client import VLMClient
@@ -154,7 +152,7 @@ def test_served_demo_matches_in_process(demo_build, one_at_a_time, tmp_path):
     from vlm_export.serve.server import TritonServer
 
     items = fixed_subset(SUBSET)
-    in_process = [r.text for r in one_at_a_time]
+    in_process = recorded_answers(demo_build)
     repo = render_repository(demo_build.path, tmp_path / "repo")
     with TritonServer(repo, log_file=tmp_path / "triton.log") as server:
         client = VLMClient(f"grpc://{server.grpc_url}")

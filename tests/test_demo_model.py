@@ -124,6 +124,7 @@ def demo(demo_dir):
     return model, AutoTokenizer.from_pretrained(demo_dir), CLIPImageProcessor.from_pretrained(demo_dir)
 
 
+@pytest.mark.slow
 def test_assembled_demo_is_a_standard_llava(demo_dir, demo, monkeypatch):
     from transformers import LlavaForConditionalGeneration
 
@@ -151,6 +152,7 @@ def test_assembled_demo_is_a_standard_llava(demo_dir, demo, monkeypatch):
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in demo_dir.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_assembled_weights_are_the_committed_ones(demo):
     from safetensors import safe_open
 
@@ -164,6 +166,7 @@ def test_assembled_weights_are_the_committed_ones(demo):
                 torch.testing.assert_close(state[name], f.get_tensor(name).float(), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_prompt_holds_one_image_token_per_projected_patch(demo):
     from vlm_export.demo.evaluate import pixel_values
     from vlm_export.demo.model import IMAGE_TOKEN_ID, TOKENS_PER_IMAGE, prompt_layout
@@ -179,6 +182,7 @@ def test_prompt_holds_one_image_token_per_projected_patch(demo):
     assert sum(f.shape[0] for f in features) == TOKENS_PER_IMAGE
 
 
+@pytest.mark.slow
 def test_generate_answers_a_fixed_sample_as_recorded(demo):
     from vlm_export.demo.evaluate import answer_questions
     from vlm_export.demo.model import RECIPE_FILE, WEIGHTS_DIR

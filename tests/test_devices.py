@@ -147,6 +147,27 @@ def test_ort_runner_records_the_providers_it_got(tmp_path, caplog):
     assert not _notices(caplog)
 
 
+def test_spinning_is_the_stages_choice_unless_turned_off(tmp_path, monkeypatch):
+    """A per-token stage's session spins (ONNX Runtime's default), others do not; VLM_EXPORT_ORT_SPIN=0
+    (set for this test suite by conftest) turns it off for every session. Read back from the session."""
+    from vlm_export.runtime.runners import OrtRunner
+
+    graph = _cache_graph(tmp_path / "cache.onnx")
+
+    def spinning(spin: bool) -> str:
+        runner = OrtRunner("decoder", graph, spin=spin)
+        setting = runner.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        assert setting == ("1" if runner.spin else "0")
+        return setting
+
+    monkeypatch.setenv("VLM_EXPORT_ORT_SPIN", "1")
+    assert (spinning(True), spinning(False)) == ("1", "0")
+    monkeypatch.delenv("VLM_EXPORT_ORT_SPIN")
+    assert (spinning(True), spinning(False)) == ("1", "0")
+    monkeypatch.setenv("VLM_EXPORT_ORT_SPIN", "0")
+    assert (spinning(True), spinning(False)) == ("0", "0")
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the fallback of a CPU-only onnxruntime")
 def test_ort_runner_on_cuda_without_onnxruntime_gpu_runs_on_cpu_and_says_so(tmp_path, caplog):
     import onnxruntime as ort

@@ -238,6 +238,9 @@ class OrtRunner(Runner):
     stages, whose spinning threads then compete with the prefill that follows on the same cores
     (measured on the demo, 2 cores: time to first token 203 ms spinning, 150 ms not; the decoder
     not spinning costs 10% per token). Callers pass the stage's ``StageSpec.per_token``.
+    VLM_EXPORT_ORT_SPIN=0 turns it off for every session: where other busy processes share the
+    cores (parallel test workers on 2 cores: a tiny decoder's generation took 2.3 CPU-s spinning,
+    1.0 not, and no longer in wall time), the spinning threads take the cores those need.
 
     ``infer`` (named numpy in and out) is the contract for every caller. ``infer_bound`` is the
     device-resident path: its feeds may hold ``OrtValue``s (a previous call's outputs) and the
@@ -273,7 +276,7 @@ class OrtRunner(Runner):
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        self.spin = spin
+        self.spin = spin and os.environ.get("VLM_EXPORT_ORT_SPIN", "1") != "0"
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         opts.log_severity_level = 3
         try:
