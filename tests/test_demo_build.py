@@ -75,17 +75,18 @@ def test_onnxruntime_answers_like_pytorch(demo_build):
 
 def recorded_answers(demo_build) -> list[str]:
     """The build's own ONNX Runtime answers to the SUBSET questions: its accuracy check answered them
-    one at a time (generate, greedy, MAX_ANSWER_TOKENS), as a caller of the build would."""
+    in batches of the build's max_batch (generate_batch, greedy, MAX_ANSWER_TOKENS), as it is served."""
     result = json.loads((demo_build.path / "report.json").read_text())["task_accuracy"]["results"][1]
     assert result["backend"] == "onnxruntime" and len(result["answers"]) == SUBSET
+    assert result["batch"] == json.loads((demo_build.path / "manifest.json").read_text())["limits"]["max_batch"]
     return result["answers"]
 
 
 def test_batched_answers_equal_one_at_a_time(demo_build):
     """The in-process batch API (rows of different lengths decoded together, up to the build's
     max_batch, joining and leaving as they go) gives every one of the 60 questions the same answer
-    as answering it alone (the build's own one-at-a-time answers), and the first 16 (four batches'
-    worth) the same greedy tokens as generate() here."""
+    as answering it alone (the build's own answers were batched), and the first 16 (four batches'
+    worth) the same greedy tokens."""
     from vlm_export.compare.accuracy import MAX_ANSWER_TOKENS
     from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
     from vlm_export.runtime.load import open_build
@@ -94,10 +95,10 @@ def test_batched_answers_equal_one_at_a_time(demo_build):
     config = GenerationConfig(max_new_tokens=MAX_ANSWER_TOKENS)
     items = fixed_subset()
     assert pipe.limits.max_batch == 4 < 16  # rows join and leave: more questions than a batch holds
-    batched = generate_batch(pipe, [GenerationRequest(it.question, (it.image,), config) for it in items])
-    assert [r.text for r in batched] == recorded_answers(demo_build)
-    alone = [generate(pipe, it.question, [it.image], config) for it in items[:16]]
-    assert [r.token_ids for r in batched[:16]] == [r.token_ids for r in alone]
+    alone = [generate(pipe, it.question, [it.image], config) for it in items]
+    assert [r.text for r in alone] == recorded_answers(demo_build)
+    batched = generate_batch(pipe, [GenerationRequest(it.question, (it.image,), config) for it in items[:16]])
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone[:16]]
 
 
 def private_copy(build, dest):
