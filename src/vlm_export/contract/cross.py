@@ -36,7 +36,7 @@ from ..errors import InputError
 from .geometry import DecoderGeometry
 from .limits import Limits
 from .scheme import DecodeBatch, DecodingScheme, Feeds, Range, left_padded, left_padded_mask, register_scheme
-from .spliced import PAST, PRESENT, kv_names
+from .spliced import PAST, PRESENT, kv_names, self_attention_io
 from .stages import DECODER, StageSpec, TensorSpec
 
 CROSS_KV, CROSS_MASK, IMAGE_MASK = "cross_key_values", "cross_attention_mask", "cross_image_mask"
@@ -106,7 +106,7 @@ class CrossAttentionScheme(DecodingScheme):
 
     def decoder_spec(self, precisions: tuple[str, ...]) -> StageSpec:
         g = self.geometry
-        dtype = g.cache_dtype
+        past, outputs = self_attention_io(g, self.past_names, self.present_names)
         inputs = (
             TensorSpec("input_ids", "int64", ("batch", "sequence"), "decoder"),
             TensorSpec("attention_mask", "int64", ("batch", "total_sequence"), "decoder"),
@@ -115,13 +115,7 @@ class CrossAttentionScheme(DecodingScheme):
             TensorSpec(IMAGE_MASK, "int64", ("batch", "images"), "decoder"),
             TensorSpec(CROSS_KV, "float32", ("batch", 2 * self.cross_layers, g.num_kv_heads, "cross_sequence",
                                              g.head_dim), "decoder"),
-            *(TensorSpec(n, dtype, ("batch", g.num_kv_heads, "past_sequence", g.head_dim), "decoder")
-              for n in self.past_names),
-        )
-        outputs = (
-            TensorSpec("logits", "float32", ("batch", 1, g.vocab_size)),
-            *(TensorSpec(n, dtype, ("batch", g.num_kv_heads, "total_sequence", g.head_dim))
-              for n in self.present_names),
+            *past,
         )
         return StageSpec(self.decoder_stage, DECODER, inputs, outputs, precisions)
 

@@ -28,6 +28,17 @@ def kv_names(num_layers: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
 
+def self_attention_io(g: DecoderGeometry, past_names: Sequence[str],
+                      present_names: Sequence[str]) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """(the past K/V inputs, the logits + present K/V outputs) of a decoder with a growing self-attention cache."""
+    past = tuple(TensorSpec(n, g.cache_dtype, ("batch", g.num_kv_heads, "past_sequence", g.head_dim), "decoder")
+                 for n in past_names)
+    outputs = (TensorSpec("logits", "float32", ("batch", 1, g.vocab_size)),
+               *(TensorSpec(n, g.cache_dtype, ("batch", g.num_kv_heads, "total_sequence", g.head_dim))
+                 for n in present_names))
+    return past, outputs
+
+
 @register_scheme
 class SplicedScheme(DecodingScheme):
     name = "spliced"
@@ -50,20 +61,13 @@ class SplicedScheme(DecodingScheme):
         return TensorSpec(self.image_input_name, "float32", ("image_tokens", self.geometry.hidden_size), "decoder")
 
     def decoder_spec(self, precisions: tuple[str, ...]) -> StageSpec:
-        g = self.geometry
-        dtype = g.cache_dtype
+        past, outputs = self_attention_io(self.geometry, self.past_names, self.present_names)
         inputs = (
             TensorSpec("input_ids", "int64", ("batch", "sequence"), "decoder"),
             self.image_input,
             TensorSpec("attention_mask", "int64", ("batch", "total_sequence"), "decoder"),
             TensorSpec("position_ids", "int64", ("batch", "sequence"), "decoder"),
-            *(TensorSpec(n, dtype, ("batch", g.num_kv_heads, "past_sequence", g.head_dim), "decoder")
-              for n in self.past_names),
-        )
-        outputs = (
-            TensorSpec("logits", "float32", ("batch", 1, g.vocab_size)),
-            *(TensorSpec(n, dtype, ("batch", g.num_kv_heads, "total_sequence", g.head_dim))
-              for n in self.present_names),
+            *past,
         )
         return StageSpec(self.decoder_stage, DECODER, inputs, outputs, precisions)
 
