@@ -141,6 +141,10 @@ class CrossAttentionScheme(DecodingScheme):
         raise ValueError(f"the {self.name} scheme's image input needs each image's tile mask "
                          f"({self.tile_mask_input!r}) besides {CROSS_KV!r}: use image_input_from_values")
 
+    @property
+    def image_input_sources(self) -> tuple[str, ...]:
+        return CROSS_KV, self.tile_mask_input
+
     def image_input_from_values(self, values: Mapping[str, np.ndarray]) -> CrossImages:
         tiles = np.asarray(values[self.tile_mask_input]).reshape(-1, self.tiles).sum(axis=1).astype(np.int64)
         return CrossImages(np.asarray(values[CROSS_KV], np.float32), tiles)

@@ -335,6 +335,13 @@ class DecodingScheme(abc.ABC):
     def image_input_from(self, stage_output: np.ndarray) -> np.ndarray:
         """The decoder's image input from the last image stage's output for one request's images."""
 
+    @property
+    def image_input_sources(self) -> tuple[str, ...]:
+        """The tensors of the image path (stage outputs or preprocessed inputs, by name) that
+        ``image_input_from_values`` reads: what a served image path must hand back. By default the
+        ``image_input`` output alone."""
+        return (self.image_input.name,) if self.image_input is not None else ()
+
     def image_input_from_values(self, values: Mapping[str, np.ndarray]):
         """The decoder's image input from every tensor the image path made for one request's images
         (its preprocessed inputs included, by name); by default the ``image_input`` output alone. A

@@ -599,7 +599,8 @@ def check_configs(configs: dict[str, dict], manifest: dict) -> list[Violation]:
         for kind in ("input", "output"):
             declared = {t["name"]: t for t in cfg.get(kind, [])}
             for info in graph[f"{kind}s"]:
-                dims = declared.get(info["name"], {}).get("dims")
+                tensor = declared.get(info["name"], {})
+                dims = tensor.get("reshape", {}).get("shape", tensor.get("dims"))  # what the plan sees
                 if dims is not None and len(dims) + (batch > 0) != len(info["shape"]):
                     where(f"config.{kind}.{info['name']}", "triton-dims",
                           f"dims {dims} with max_batch_size {batch} do not give the graph's rank {len(info['shape'])}")

@@ -35,7 +35,7 @@ from ..manifest import (check_hashes as check_build_hashes, form_entry, gpu_form
 from ..runtime.devices import Device
 from ..runtime.engine import DEFAULT_MAX_QUEUE
 from ..runtime.generate import DEFAULT_MAX_PREFILL_PADDING, DEFAULT_MAX_PREFILL_TOKENS
-from ..runtime.pipeline import image_limits_for
+from ..runtime.pipeline import image_limits_for, pixel_inputs
 
 TARGETS = ("python", "onnxruntime", "tensorrt")
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
@@ -149,8 +149,18 @@ def _dims(shape: list, batched: bool) -> list[int]:
 
 
 def _tensors(infos: list[dict], batched: bool) -> list[dict]:
-    return [{"name": i["name"], "data_type": TRITON_DTYPES[i["dtype"]], "dims": _dims(i["shape"], batched)}
-            for i in infos]
+    tensors = []
+    for i in infos:
+        t = {"name": i["name"], "data_type": TRITON_DTYPES[i["dtype"]], "dims": _dims(i["shape"], batched)}
+        if not t["dims"]:  # one value per image (mllama's aspect_ratio_ids): Triton wants dims past the batch;
+            t["dims"], t["reshape"] = [1], {"shape": []}  # the model sees [batch], clients [batch, 1]
+        tensors.append(t)
+    return tensors
+
+
+def model_dims(tensor: dict) -> list[int]:
+    """A config tensor's dims as the model sees them (its ``reshape`` where it has one)."""
+    return list(tensor["reshape"]["shape"]) if "reshape" in tensor else list(tensor["dims"])
 
 
 def _python_params(**values) -> dict:
@@ -227,7 +237,7 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
     limits = image_limits_for(stages, options.max_image_pixels, options.max_image_mb << 20)
     image_params = _python_params(max_image_pixels=limits.max_pixels, max_image_bytes=limits.max_bytes)
     if image:
-        configs.update(_image_path_configs(configs, image, scheme.image_input.name, image_batch, options))
+        configs.update(_image_path_configs(configs, image, scheme, image_batch, options))
         configs["preprocess"]["parameters"] = image_params
     configs["vlm"] = {
         "name": "vlm",
@@ -247,31 +257,34 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
     return configs
 
 
-def _image_path_configs(configs: dict, image, image_input: str, image_batch: int, options) -> dict[str, dict]:
-    """``preprocess`` (bytes -> pixels) and the ``image_encoder`` ensemble over the image stages."""
-    read = {t.name for spec in image for t in spec.inputs if t.role == "pixels"}
-    if len(read) > 1:  # the preprocess model and the ensemble carry one pixels tensor (mllama reads three)
-        raise RepositoryError(f"this build's image path reads {len(read)} image-processor outputs "
-                              f"({', '.join(sorted(read))}); its Triton repository is not supported yet: "
-                              "run it in process (vlm-export generate)")
-    pixels = next(t for t in image[0].inputs if t.role == "pixels")
-    pixels_cfg = next(t for t in configs[image[0].name]["input"] if t["name"] == pixels.name)
+def _image_path_configs(configs: dict, image, scheme, image_batch: int, options) -> dict[str, dict]:
+    """``preprocess`` (bytes -> every image-processor output the image stages read) and the
+    ``image_encoder`` ensemble over the image stages, whose outputs are what the decoding scheme
+    builds its image input from (``scheme.image_input_sources``: a stage output, or a preprocessed
+    tensor the ensemble hands back as well)."""
+    # each tensor's config as the first graph model reading (inputs) or making (outputs) it has it
+    read = {t["name"]: t for spec in image for t in configs[spec.name]["input"]}
+    made = {t["name"]: t for spec in image for t in configs[spec.name]["output"]}
+    pixels = [t.name for t in pixel_inputs(image)]
     preprocess = {
         "name": "preprocess",
         "backend": "python",
         "max_batch_size": image_batch,
         "input": [{"name": "images", "data_type": "TYPE_STRING", "dims": [1]}],
-        "output": [{**pixels_cfg, "name": pixels.name}],
+        "output": [read[name] for name in pixels],
         "instance_group": options.instance_group(options.instances, runs_graphs=False),
         "dynamic_batching": {"max_queue_delay_microseconds": options.max_queue_delay_us},
     }
     steps = [{"model_name": "preprocess", "model_version": -1,
-              "input_map": {"images": "images"}, "output_map": {pixels.name: pixels.name}}]
+              "input_map": {"images": "images"}, "output_map": {n: n for n in pixels}}]
     for spec in image:  # ensemble tensors are named after the stage tensors: each stage reads its inputs by name
         steps.append({"model_name": spec.name, "model_version": -1,
                       "input_map": {n: n for n in spec.input_names}, "output_map": {n: n for n in spec.output_names}})
-    made = next(spec for spec in image if image_input in spec.output_names)
-    output = next(t for t in configs[made.name]["output"] if t["name"] == image_input)
+    available = {**{n: read[n] for n in pixels}, **made}
+    missing = [n for n in scheme.image_input_sources if n not in available]
+    if missing:
+        raise RepositoryError(f"the {scheme.name} scheme builds its image input from {', '.join(missing)}, which "
+                              "no image stage makes and the image processor does not give")
     # the prompt's tokens (InstructBLIP's Q-Former), made by the vlm model, go straight to the stages reading them
     text_inputs = {t["name"]: t for spec in image for t in configs[spec.name]["input"]
                    if any(s.name == t["name"] and s.role == "prompt" for s in spec.inputs)}
@@ -280,7 +293,7 @@ def _image_path_configs(configs: dict, image, image_input: str, image_batch: int
         "platform": "ensemble",
         "max_batch_size": image_batch,
         "input": [{"name": "images", "data_type": "TYPE_STRING", "dims": [1]}, *text_inputs.values()],
-        "output": [output],
+        "output": [available[n] for n in scheme.image_input_sources],
         "ensemble_scheduling": {"step": steps},
     }
     return {"preprocess": preprocess, "image_encoder": ensemble}
@@ -326,11 +339,11 @@ def check_against_graphs(configs: dict[str, dict], build_dir: Path, manifest: di
                 t = declared[name]
                 if t["data_type"] != TRITON_DTYPES.get(info.dtype):
                     problems.append(f"{spec.name}.{name}: {t['data_type']} != graph {info.dtype}")
-                shape = info.shape[1:] if batched else info.shape
-                if len(t["dims"]) != len(shape) or any(
+                shape, dims = info.shape[1:] if batched else info.shape, model_dims(t)
+                if len(dims) != len(shape) or any(
                         isinstance(g, int) and d not in (g, -1) or not isinstance(g, int) and d != -1
-                        for d, g in zip(t["dims"], shape)):
-                    problems.append(f"{spec.name}.{name}: dims {t['dims']} do not fit graph shape {info.shape}")
+                        for d, g in zip(dims, shape)):
+                    problems.append(f"{spec.name}.{name}: dims {dims} do not fit graph shape {info.shape}")
     if problems:
         raise RepositoryError("Triton configs disagree with the ONNX graphs: " + "; ".join(problems))
 

@@ -1,18 +1,25 @@
-"""Triton python model: encoded image bytes (PNG/JPEG, raw or base64) -> pixel_values, with the
-build's own image processor."""
+"""Triton python model: encoded image bytes (PNG/JPEG, raw or base64) -> every image-processor
+output the image stages read (this model's config outputs: pixel_values, and for tiled models such
+as mllama aspect_ratio_ids and aspect_ratio_mask), with the build's own image processor."""
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from transformers import AutoImageProcessor
 from transformers.utils import logging as hf_logging
 
+from vlm_export.contract import TensorSpec
 from vlm_export.model_repository.python_models.common import image_limits, image_payload, model_dirs
 from vlm_export.runtime.images import image_name, load_image
+from vlm_export.runtime.pipeline import as_declared
 
 
 class TritonPythonModel:
     def initialize(self, args):
         _, version_dir, config = model_dirs(args)
         self.limits = image_limits(config)
+        # the outputs as declared (the renderer took them from the stage graphs): images axis first
+        self.outputs = [TensorSpec(t["name"], np.dtype(pb_utils.triton_string_to_numpy(t["data_type"])).name,
+                                   ("images", *(t["reshape"].get("shape", []) if "reshape" in t else t["dims"])))
+                        for t in config["output"]]
         hf_logging.set_verbosity_error()
         self.processor = AutoImageProcessor.from_pretrained(version_dir / "processor")
 
@@ -23,8 +30,9 @@ class TritonPythonModel:
                 raw = pb_utils.get_input_tensor_by_name(request, "images").as_numpy().reshape(-1)
                 images = [load_image(image_payload(bytes(b)), self.limits, image_name(i, b"", len(raw)))
                           for i, b in enumerate(raw)]
-                pixels = np.asarray(self.processor(images=images, return_tensors="np")["pixel_values"], np.float32)
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("pixel_values", pixels)]))
+                out = self.processor(images=images, return_tensors="np")
+                responses.append(pb_utils.InferenceResponse(
+                    [pb_utils.Tensor(t.name, as_declared(out[t.name], t)) for t in self.outputs]))
             except Exception as e:  # a bad image fails its own request only
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
         return responses

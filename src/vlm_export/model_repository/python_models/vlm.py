@@ -81,10 +81,11 @@ class TritonPythonModel:
         else:
             decoder = BlsRunner(name, specs[name].input_names, specs[name].output_names)
         pipe.runners[name] = decoder
-        image_input = pipe.scheme.image_input
-        # the ensemble takes the encoded images, plus the prompt's tokens where the image path reads it
+        # the ensemble takes the encoded images, plus the prompt's tokens where the image path reads it, and
+        # gives what the scheme builds its image input from
         inputs = ["images", *(t.name for t in prompt_inputs(pipe.stages))]
-        self.image_encoder = BlsRunner("image_encoder", inputs, [image_input.name]) if image_input else None
+        sources = list(pipe.scheme.image_input_sources)
+        self.image_encoder = BlsRunner("image_encoder", inputs, sources) if sources else None
         self.pipe = pipe
         self.limits = image_limits(config)  # the bytes limit is checked here, the pixels by preprocess
         self.metrics = _Metrics()
@@ -116,8 +117,7 @@ class TritonPythonModel:
     def _encode_images(self, images, prompt):
         raw = np.array([[bytes(i)] for i in images], dtype=np.object_)
         feeds = {"images": raw, **self.pipe.image_text_feeds(prompt, len(images))}
-        out = self.image_encoder.infer(feeds)[self.image_encoder.output_names[0]]
-        return self.pipe.scheme.image_input_from(out)
+        return self.pipe.scheme.image_input_from_values(self.image_encoder.infer(feeds))
 
     @staticmethod
     def _prompt(request):
