@@ -275,15 +275,30 @@ def test_rows_with_different_image_counts_decode_together(mllama, photos):
     assert together == alone
 
 
-def test_triton_repository_is_refused_with_one_line(mllama, tmp_path, run_cli):
-    """Not built yet (the preprocess model carries one pixels tensor): said plainly, nothing written."""
-    from conftest import assert_one_line_error
+@pytest.mark.parametrize("target", ["python", "onnxruntime", "tensorrt"])
+def test_repository_configs_fit_the_graphs(mllama, tmp_path, target):
+    """The Triton repository with the decoder as a model of its own (bls), configs only, rendered and
+    checked against the graphs (and, for tensorrt, the backend's rules): preprocess emits the three
+    processor outputs the vision stage reads, the ensemble hands back what the scheme builds its
+    image input from (the cross K/V and the tile mask), the decoder takes the cross K/V and masks."""
+    from vlm_export.model_repository.render import RepositoryOptions, model_configs, render_repository
 
     _, result = mllama
-    out = tmp_path / "repo"
-    assert_one_line_error(run_cli("repository", str(result.path), "--target", "python", "--out", str(out)),
-                          "aspect_ratio_ids", "not supported yet")
-    assert not out.exists()
+    options = RepositoryOptions(target=target, decoder_mode="bls")
+    out = render_repository(result.path, tmp_path / "repo", options, configs_only=True, echo=lambda _: None)
+    configs = model_configs(result.manifest, options)
+    assert {p.name for p in out.iterdir()} == set(configs) == {
+        "preprocess", "vision_encoder", "projector", "cross_kv", "image_encoder", "lm_decoder", "vlm"}
+    outputs = {t["name"]: t for t in configs["preprocess"]["output"]}
+    assert list(outputs) == ["pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"]
+    # one id per image: Triton wants dims past the batch, the model sees [images]
+    assert outputs["aspect_ratio_ids"]["dims"] == [1] and outputs["aspect_ratio_ids"]["reshape"] == {"shape": []}
+    assert [t["name"] for t in configs["image_encoder"]["output"]] == ["cross_key_values", "aspect_ratio_mask"]
+    decoder = {t["name"]: t["dims"] for t in configs["lm_decoder"]["input"]}
+    tiles, geometry = result.manifest["scheme"]["tiles"], result.manifest["scheme"]["geometry"]
+    assert configs["lm_decoder"]["max_batch_size"] == 0
+    assert decoder["cross_attention_mask"] == [-1, -1, -1, tiles] and decoder["cross_image_mask"] == [-1, -1]
+    assert decoder["cross_key_values"] == [-1, 2 * result.manifest["scheme"]["cross_layers"], geometry["num_kv_heads"], -1, geometry["head_dim"]]
 
 
 def test_engine_with_image_cache_equals_one_at_a_time(mllama, photos):
@@ -324,6 +339,63 @@ def test_engine_with_image_cache_equals_one_at_a_time(mllama, photos):
         engine.close()
     assert [finals[k].token_ids for k in range(len(requests))] == alone
     assert cache.hits >= 1  # "tall" came twice
+    # three images kept, each bounded by its CrossImages' bytes (its K/V and its tile count)
+    per_image = pipe.encode_images(pipe.pixel_values([photos["wide"]])).nbytes
+    assert per_image > pipe.scheme.empty_image_input().nbytes and cache.bytes == 3 * per_image
+
+
+SERVED_TOKENS = 16
+
+
+def test_served_answers_equal_in_process(mllama, photos, tmp_path):
+    """The python repository served by a real tritonserver (in-process decoder): streamed greedy
+    answers over gRPC equal in-process ``generate`` with one image, two images and none; the served
+    image path hands back the in-process cross K/V and tile mask; a repeated image is served from the
+    vlm model's cache with the same answer; a broken image fails its own request and the server goes
+    on serving."""
+    import tritonclient.grpc as grpcclient
+
+    from conftest import wait_for
+    from test_serving import _metric
+    from vlm_export.client.client import VLMClient
+    from vlm_export.model_repository.render import render_repository
+    from vlm_export.serve.server import TritonServer
+
+    _, result = mllama
+    files = {}
+    for name, image in photos.items():  # the client sends encoded files
+        files[name] = tmp_path / f"{name}.png"
+        image.save(files[name])
+    pipe = open_build(result.path)
+    config = GenerationConfig(max_new_tokens=SERVED_TOKENS, ignore_eos=True)
+    asks = [(QUESTION, [files["wide"]]), (TWO_QUESTION, [files["astronaut"], files["tall"]]), (TEXT_QUESTION, [])]
+    expected = [generate(pipe, q, images, config) for q, images in asks]
+    repo = render_repository(result.path, tmp_path / "repo")
+    with TritonServer(repo, log_file=tmp_path / "triton.log") as server:
+        client = VLMClient(f"grpc://{server.grpc_url}")
+        for (question, images), want in zip(asks, expected):
+            *pieces, final = client.stream(question, images, max_tokens=SERVED_TOKENS, ignore_eos=True)
+            assert ("".join(pieces), final.completion_tokens) == (want.text, SERVED_TOKENS), question
+            assert final.prompt_tokens == want.prompt_tokens
+
+        raw = grpcclient.InferenceServerClient(server.grpc_url)
+        images = grpcclient.InferInput("images", [2, 1], "BYTES")
+        images.set_data_from_numpy(np.array([[files["astronaut"].read_bytes()], [files["tall"].read_bytes()]],
+                                            dtype=np.object_))
+        served = raw.infer("image_encoder", [images])
+        local = pipe.run_image_stages(pipe.pixel_values([files["astronaut"], files["tall"]]))
+        for name in pipe.scheme.image_input_sources:
+            assert np.abs(served.as_numpy(name) - local[name]).max() < 1e-5, name
+
+        hits = _metric(server, "vlm_image_cache_hits_total") or 0
+        assert client.generate(*asks[0], max_tokens=SERVED_TOKENS, ignore_eos=True).text == expected[0].text
+        assert wait_for(lambda: _metric(server, "vlm_image_cache_hits_total") == hits + 1)
+
+        broken = tmp_path / "broken.png"
+        broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+        with pytest.raises(Exception, match="image"):
+            client.generate(QUESTION, [broken], max_tokens=4)
+        assert client.generate(*asks[1], max_tokens=SERVED_TOKENS, ignore_eos=True).text == expected[1].text
 
 
 def test_tensorrt_profiles_hold_real_feeds(mllama, photos):
