@@ -519,3 +519,66 @@ def test_mixed_precision_padded_and_text_only_rows_stay_finite(mixed_build, phot
     assert np.isfinite(logits).all()
     alone = [int(np.argmax(pipe.prefill(r, x)[0])) for r, x in zip(rows, inputs)]
     assert [int(t) for t in np.argmax(logits, axis=-1)] == alone
+
+
+@pytest.fixture(scope="module")
+def fp16_build(mllama, tmp_path_factory):
+    """The tiny model with its decoder in fp16 (the image path fp32): the export is the shared build's
+    (conftest's export cache), only the conversion and the parity run here."""
+    from vlm_export.precision.spec import parse_precision
+
+    model, _ = mllama
+    return build(model, tmp_path_factory.mktemp("mllama-fp16") / "build",
+                 BuildOptions(max_sequence=256, precision=parse_precision("decoder=fp16"), parity_new_tokens=8))
+
+
+def test_fp16_decoder_passes_its_gates(fp16_build):
+    """An fp16 decoder passes its cosine gates (prefill and decode logits, one/two/no images) with the
+    islands the precision pass records: the RMSNorm statistics, Softmax, and the ReduceMax of the
+    cross-attention row mask kept fp32."""
+    assert fp16_build.failures == []
+    decoder = fp16_build.manifest["graphs"]["lm_decoder"]
+    assert decoder["precision"] == "fp16"
+    islands = decoder["variant"]["fp32_islands"]
+    assert {"Softmax", "ReduceMean", "Pow", "Sqrt", "ReduceMax"} <= set(islands)
+    assert decoder["variant"]["fp32_statistics_nodes"] > 0
+    report = json.loads((fp16_build.path / "report.json").read_text())
+    for stage in ("prefill", "decode"):
+        for name, m in report["stages"][stage].items():
+            assert m["passed"] and m["cosine"] >= m["min_cosine"], (stage, name, m)
+    assert all(r["first_divergence"] is None for r in report["end_to_end"]["onnxruntime"])
+
+
+def test_fp16_cross_attention_mask_stays_finite(fp16_build, photos):
+    """The additive cross-attention mask (float32 lowest in the export) is an fp16-representable
+    constant in the fp16 graph (clamped to -65504, never -inf), and on a prefill of rows with two
+    images, none (every key a padding image) and one, no attention Softmax (fp32 islands) holds a NaN
+    or an inf, the logits are finite and each row's next token is the one it gets alone."""
+    from onnx import numpy_helper
+
+    import onnxruntime as ort
+
+    graph = onnx.load(str(fp16_build.path / fp16_build.manifest["graphs"]["lm_decoder"]["file"]))
+    constants = [numpy_helper.to_array(i) for i in graph.graph.initializer] + [
+        numpy_helper.to_array(a.t) for n in graph.graph.node if n.op_type == "Constant" for a in n.attribute
+        if a.name == "value"]
+    halves = [c for c in constants if c.dtype == np.float16 and c.size]
+    assert halves and all(np.isfinite(c).all() for c in halves)
+    assert min(float(c.min()) for c in halves) == float(np.finfo(np.float16).min)  # the mask, clamped
+
+    pipe = open_build(fp16_build.path)
+    scheme = pipe.scheme
+    images = [[photos["astronaut"], photos["tall"]], [], [photos["wide"]]]
+    inputs = [pipe.encode_images(pipe.pixel_values(i)) if i else scheme.empty_image_input() for i in images]
+    rows = [pipe.prompt_ids(p, len(i)) for p, i in zip([TWO_QUESTION, TEXT_QUESTION, QUESTION], images)]
+    feeds = scheme.prefill_feeds(rows, scheme.batch_image_inputs(inputs))
+    softmax = [n.output[0] for n in graph.graph.node if n.op_type == "Softmax"]
+    graph.graph.output.extend(onnx.helper.make_value_info(name, onnx.TypeProto()) for name in softmax)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    *probabilities, logits = session.run([*softmax, "logits"], feeds)
+    scheme_entry = fp16_build.manifest["scheme"]  # one Softmax per self- and per cross-attention layer
+    assert len(probabilities) == scheme_entry["geometry"]["num_layers"] + scheme_entry["cross_layers"]
+    assert all(np.isfinite(p).all() for p in probabilities)
+    assert np.isfinite(logits).all()
+    alone = [int(np.argmax(pipe.prefill(r, x)[0])) for r, x in zip(rows, inputs)]
+    assert [int(t) for t in np.argmax(logits[:, -1], axis=-1)] == alone
