@@ -8,11 +8,14 @@ tensor names, dtypes and dims, and only then written as ``config.pbtxt``.
 Layout (the same for every target; only the graph models change backend). One graph model per
 stage the manifest declares; for a LLaVA-style build::
 
-    preprocess/      python: encoded image bytes -> pixel_values
+    preprocess/      python: encoded image bytes -> every image-processor output the image stages
+                     read (pixel_values; mllama's tiled vision also aspect_ratio_ids and _mask)
     vision_encoder/  python (onnxruntime inside) | onnxruntime_onnx | tensorrt_plan
     projector/       same choice (every image stage, in the declared order)
-    image_encoder/   ensemble: preprocess -> the image stages -> the decoder's image input (its inputs:
-                     the encoded images, plus the prompt's tokens where an image stage reads them)
+    image_encoder/   ensemble: preprocess -> the image stages -> what the decoding scheme builds its
+                     image input from (``image_input_sources``: the decoder's image input, plus
+                     e.g. the tile mask for cross-attention); its inputs: the encoded images, plus
+                     the prompt's tokens where an image stage reads them
     lm_decoder/      same choice as the image stages; state in and out as the decoding scheme says
     vlm/             python, decoupled: prompt + images -> streamed text (the generation loop)
 """

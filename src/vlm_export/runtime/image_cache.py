@@ -36,7 +36,9 @@ def image_key(image: ImageInput) -> str:
 
 
 class ImageEmbeddingCache:
-    """Thread-safe LRU of per-image decoder inputs, at most ``max_bytes`` of arrays."""
+    """Thread-safe LRU of per-image decoder inputs, at most ``max_bytes`` of them. A value is the
+    scheme's image input for one image (an array, or e.g. the cross-attention scheme's CrossImages:
+    its K/V and tile count); its ``nbytes`` counts against the bound."""
 
     def __init__(self, max_bytes: int):
         if max_bytes < 0:
