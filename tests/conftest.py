@@ -286,6 +286,7 @@ LONGEST_FIRST = (
     "test_bench.py",
     "test_deploy.py",
     "test_render.py",
+    "test_mllama.py",  # ~80 CPU-s alone (its build, an fp16 decoder build, one served tritonserver)
     "test_serving.py",
     "test_openai_api.py",  # short, but shares test_serving's llava_server: next to it, likely the same worker
     "test_precision.py",
