@@ -347,7 +347,7 @@ def test_engine_with_image_cache_equals_one_at_a_time(mllama, photos):
 SERVED_TOKENS = 16
 
 
-def test_served_answers_equal_in_process(mllama, photos, tmp_path):
+def test_served_answers_equal_in_process(mllama, photos, tmp_path, run_cli):
     """The python repository served by a real tritonserver (in-process decoder): streamed greedy
     answers over gRPC equal in-process ``generate`` with one image, two images and none; the served
     image path hands back the in-process cross K/V and tile mask; a repeated image is served from the
@@ -358,7 +358,6 @@ def test_served_answers_equal_in_process(mllama, photos, tmp_path):
     from conftest import wait_for
     from test_serving import _metric
     from vlm_export.client.client import VLMClient
-    from vlm_export.model_repository.render import render_repository
     from vlm_export.serve.server import TritonServer
 
     _, result = mllama
@@ -370,7 +369,9 @@ def test_served_answers_equal_in_process(mllama, photos, tmp_path):
     config = GenerationConfig(max_new_tokens=SERVED_TOKENS, ignore_eos=True)
     asks = [(QUESTION, [files["wide"]]), (TWO_QUESTION, [files["astronaut"], files["tall"]]), (TEXT_QUESTION, [])]
     expected = [generate(pipe, q, images, config) for q, images in asks]
-    repo = render_repository(result.path, tmp_path / "repo")
+    repo = tmp_path / "repo"
+    rendered = run_cli("repository", str(result.path), "--target", "python", "--out", str(repo))
+    assert rendered.returncode == 0, rendered.stderr
     with TritonServer(repo, log_file=tmp_path / "triton.log") as server:
         client = VLMClient(f"grpc://{server.grpc_url}")
         for (question, images), want in zip(asks, expected):
