@@ -295,10 +295,12 @@ def test_repository_configs_fit_the_graphs(mllama, tmp_path, target):
     assert outputs["aspect_ratio_ids"]["dims"] == [1] and outputs["aspect_ratio_ids"]["reshape"] == {"shape": []}
     assert [t["name"] for t in configs["image_encoder"]["output"]] == ["cross_key_values", "aspect_ratio_mask"]
     decoder = {t["name"]: t["dims"] for t in configs["lm_decoder"]["input"]}
-    tiles, geometry = result.manifest["scheme"]["tiles"], result.manifest["scheme"]["geometry"]
+    scheme = result.manifest["scheme"]
+    geometry = scheme["geometry"]
     assert configs["lm_decoder"]["max_batch_size"] == 0
-    assert decoder["cross_attention_mask"] == [-1, -1, -1, tiles] and decoder["cross_image_mask"] == [-1, -1]
-    assert decoder["cross_key_values"] == [-1, 2 * result.manifest["scheme"]["cross_layers"], geometry["num_kv_heads"], -1, geometry["head_dim"]]
+    assert decoder["cross_attention_mask"] == [-1, -1, -1, scheme["tiles"]] and decoder["cross_image_mask"] == [-1, -1]
+    assert decoder["cross_key_values"] == [-1, 2 * scheme["cross_layers"], geometry["num_kv_heads"], -1,
+                                           geometry["head_dim"]]
 
 
 def test_engine_with_image_cache_equals_one_at_a_time(mllama, photos):
