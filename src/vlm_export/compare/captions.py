@@ -1,0 +1,211 @@
+"""Caption metrics: BLEU-1..4, ROUGE-L and CIDEr from ``pycocoevalcap`` (the MS-COCO caption
+evaluation code; its scorers are pure Python), for each backend's captions against the references,
+and for the build's captions against the PyTorch reference's own (agreement: a build that captions
+exactly like PyTorch scores what PyTorch's captions score against themselves), plus how often the
+two captions are identical.
+
+Tokenisation is explicit. COCO's scripts run Stanford's PTBTokenizer, a Java program, first; here the
+default is ``tokenize`` below, in Python, because the Java one
+  * needs a Java runtime, which is no Python dependency and is missing from most serving images,
+  * writes its input to a temporary file inside the installed package (fails on a read-only install),
+  * lower-cases after mapping brackets, so "(" stays as a "-lrb-" token its own punctuation list misses.
+``tokenize`` gives PTBTokenizer's tokens otherwise (lower case, contractions split as "is n't", "'s",
+punctuation dropped; tests/test_captions.py compares the two where ``java`` exists).
+``tokenizer="ptb"`` runs the package's PTBTokenizer instead, for numbers comparable with published
+COCO scores; it says so in one line when no ``java`` is on PATH.
+
+The package's ``Cider`` is CIDEr-D (clipped counts, length penalty; 10 for a caption equal to all its
+references). Its idf comes from the references of the whole set: over one image every n-gram is in
+every document and CIDEr is 0, and a word every image's references share (e.g. "a") weighs nothing.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+from ..errors import InputError
+from ..progress import Progress
+from ..runtime.generate import GenerationConfig, generate
+from ..runtime.pipeline import VLMPipeline
+
+TOKENIZERS = ("simple", "ptb")
+DEFAULT_CAPTION_TOKENS = 24  # greedy tokens per caption
+BLEU_ORDERS = 4
+# PTBTokenizer's PUNCTUATIONS (pycocoevalcap.tokenizer.ptbtokenizer), as the characters they come from
+# (`` and '' are its forms of "), and brackets (its -LRB- and kin)
+_DROPPED = {"''", "'", "``", "`", '"', ".", "?", "!", ",", ":", "-", "--", "...", ";", "(", ")", "[", "]", "{", "}"}
+_CONTRACTIONS = (re.compile(r"(\w)(n't)\b"), re.compile(r"(\w)('(?:s|re|ve|ll|d|m))\b"))
+# abbreviations with inner dots keep them ("u.s.", "e.g."); words keep inner - . / , ' ("x-ray", "3.5",
+# "1,000", "m/s"); contraction pieces; any other non-space character is a token of its own
+_TOKEN = re.compile(r"(?:[^\W_]\.){2,}|n't|'(?:s|re|ve|ll|d|m)\b|[^\W_]+(?:[-./,'][^\W_]+)*|\S")
+
+
+def tokenize(text: str) -> str:
+    """One caption as space-separated tokens, the way the scorers read it (see the module docstring)."""
+    text = text.lower()
+    for pattern in _CONTRACTIONS:
+        text = pattern.sub(r"\1 \2", text)
+    return " ".join(t for t in _TOKEN.findall(text) if t not in _DROPPED)
+
+
+def _tokenize_all(captions: Mapping[int, list[str]], tokenizer: str) -> dict[int, list[str]]:
+    if tokenizer == "simple":
+        return {k: [tokenize(c) for c in v] for k, v in captions.items()}
+    if tokenizer != "ptb":
+        raise InputError(f"unknown caption tokenizer {tokenizer!r}; choose from {', '.join(TOKENIZERS)}")
+    if shutil.which("java") is None:
+        raise InputError("--tokenizer ptb runs Stanford's PTBTokenizer (Java): no `java` on PATH; "
+                         "install a Java runtime or use --tokenizer simple")
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    try:
+        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+    except OSError as err:  # it writes a temporary file beside its jar
+        raise InputError(f"PTBTokenizer failed ({err}); use --tokenizer simple") from err
+
+
+@dataclass(frozen=True)
+class CaptionScores:
+    """Corpus-level scores of candidate captions against references, as pycocoevalcap computes them."""
+
+    bleu: tuple[float, ...]  # BLEU-1..4
+    rouge_l: float
+    cider: float
+
+    def to_dict(self) -> dict:
+        return {**{f"bleu_{n}": b for n, b in enumerate(self.bleu, start=1)}, "rouge_l": self.rouge_l,
+                "cider": self.cider}
+
+
+def score_captions(candidates: Sequence[str], references: Sequence[Sequence[str]],
+                   tokenizer: str = "simple") -> CaptionScores:
+    """BLEU-1..4, ROUGE-L and CIDEr(-D) of ``candidates[i]`` against ``references[i]`` (one or more each)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if len(candidates) != len(references) or not candidates:
+        raise ValueError(f"{len(candidates)} candidates for {len(references)} reference sets")
+    if any(not refs for refs in references):
+        raise ValueError("every candidate needs at least one reference")
+    res = _tokenize_all({i: [c] for i, c in enumerate(candidates)}, tokenizer)
+    gts = _tokenize_all({i: list(refs) for i, refs in enumerate(references)}, tokenizer)
+    if not any(ref for refs in gts.values() for ref in refs):
+        raise ValueError("the references hold no words")
+    bleu, _ = Bleu(BLEU_ORDERS).compute_score(gts, res, verbose=0)
+    rouge, _ = Rouge().compute_score(gts, res)
+    cider, _ = Cider().compute_score(gts, res)
+    return CaptionScores(tuple(float(b) for b in bleu), float(rouge), float(cider))
+
+
+@dataclass
+class CaptionResult:
+    """One backend's captions of a set, scored against the references and, for any backend but the
+    reference, against the reference backend's captions."""
+
+    backend: str
+    dataset: str
+    images: int
+    seconds: float
+    references: CaptionScores
+    agreement: CaptionScores | None = None  # vs the reference backend's captions
+    exact_match: float | None = None  # share of captions identical to the reference backend's
+    captions: list[str] = field(repr=False, default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "dataset": self.dataset, "images": self.images, "seconds": self.seconds,
+                "references": self.references.to_dict(),
+                "agreement": self.agreement.to_dict() if self.agreement else None, "exact_match": self.exact_match,
+                "captions": self.captions}
+
+
+def caption_prompt(item_prompt: str | None, prompt: str | None, default: str | None) -> str:
+    """The prompt that asks one image for its caption: the item's own, else the eval's, else the build's."""
+    chosen = item_prompt or prompt or default
+    if not chosen:
+        raise InputError("this build declares no captioning prompt and an item has none: pass --prompt "
+                         "(e.g. --prompt \"Describe the image.\") or give \"prompt\" per line of captions.jsonl")
+    return chosen
+
+
+def caption_images(pipe: VLMPipeline, items: Sequence, prompt: str | None = None, default_prompt: str | None = None,
+                   max_new_tokens: int = DEFAULT_CAPTION_TOKENS,
+                   advance: Callable[[], None] = lambda: None) -> tuple[list[str], float]:
+    """Greedy captions of every item (``CaptionItem``s), in order, and the seconds they took."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    prompts = [caption_prompt(item.prompt, prompt, default_prompt) for item in items]  # all checked before any runs
+    start = time.perf_counter()
+    captions = []
+    for item, text in zip(items, prompts):
+        captions.append(generate(pipe, text, [item.image], config).text.strip())
+        advance()
+    return captions, time.perf_counter() - start
+
+
+def caption_all(pipes: Mapping[str, VLMPipeline], name: str, items: Sequence, progress: Progress,
+                prompt: str | None = None, default_prompt: str | None = None,
+                max_new_tokens: int = DEFAULT_CAPTION_TOKENS, tokenizer: str = "simple") -> list[CaptionResult]:
+    """Every pipeline captions the same images (the first is the reference the others are compared with)."""
+    _tokenize_all({}, tokenizer)  # an unknown tokenizer or a missing java fails before any model runs
+    references = [item.references for item in items]
+    results: list[CaptionResult] = []
+    for label, pipe in pipes.items():
+        with progress.step(f"{label}: captioning {len(items)} {name} images", total=len(items)) as advance:
+            captions, seconds = caption_images(pipe, items, prompt, default_prompt, max_new_tokens, advance)
+        result = CaptionResult(pipe.backend, name, len(items), seconds, score_captions(captions, references, tokenizer),
+                               captions=captions)
+        if results:
+            base = results[0].captions
+            if any(tokenize(c) for c in base):  # otherwise there is nothing to score against (None)
+                result.agreement = score_captions(captions, [[c] for c in base], tokenizer)
+            result.exact_match = sum(a == b for a, b in zip(captions, base)) / len(items)
+        results.append(result)
+    return results
+
+
+def caption_section(dataset: str, items: Sequence, results: Sequence[CaptionResult], tokenizer: str = "simple",
+                    note: str = "", prompt: str | None = None) -> dict:
+    """The report's caption section: every backend's scores and the captions that differ from the reference's."""
+    reference = results[0]
+    differ = [{"image": str(item.image), "references": list(item.references), reference.backend: base,
+               other.backend: mine}
+              for other in results[1:] for item, base, mine in zip(items, reference.captions, other.captions)
+              if base != mine]
+    return {"dataset": dataset, "images": len(items), "reference": reference.backend, "tokenizer": tokenizer,
+            "note": note, "prompt": prompt, "results": [r.to_dict() for r in results], "differing_captions": differ}
+
+
+METRIC_LABELS = (("bleu_1", "BLEU-1"), ("bleu_2", "BLEU-2"), ("bleu_3", "BLEU-3"), ("bleu_4", "BLEU-4"),
+                 ("rouge_l", "ROUGE-L"), ("cider", "CIDEr"))
+
+
+def caption_rows(section: dict) -> tuple[list[str], list[list[str]]]:
+    """The side-by-side table (header, rows): one row per metric, a column per backend against the
+    references, and one per candidate against the reference backend's captions."""
+    results = section["results"]
+    ref = section["reference"]
+    header = ["metric"] + [f"{r['backend']} vs references" for r in results] + \
+             [f"{r['backend']} vs {ref}" for r in results[1:]]
+    rows = [[label] + [f"{r['references'][key]:.4f}" for r in results] +
+            [f"{r['agreement'][key]:.4f}" if r["agreement"] else "-" for r in results[1:]]
+            for key, label in METRIC_LABELS]
+    rows.append(["identical captions"] + ["-" for _ in results] +
+                [f"{100 * r['exact_match']:.1f}%" for r in results[1:]])
+    rows.append(["seconds"] + [f"{r['seconds']:.1f}" for r in results] + ["" for _ in results[1:]])
+    return header, rows
+
+
+def caption_markdown(section: dict) -> list[str]:
+    """The caption section of report.md."""
+    header, rows = caption_rows(section)
+    lines = [f"## Captions ({section['dataset']}, {section['images']} images, greedy, tokenizer {section['tokenizer']})",
+             ""]
+    if section.get("note"):
+        lines += [section["note"], ""]
+    lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines.append(f"\nCaptions that differ from {section['reference']}'s: {len(section['differing_captions'])}")
+    return lines
