@@ -46,10 +46,11 @@ def evaluate_captions(build_dir: Path, dataset: str = "easy-vqa-captions", split
     """Caption every image with each backend (the first is the reference), score, and record the
     section in the report. The prompt per image: its own (captions.jsonl), else ``prompt``, else
     the build's declared one (``declared_caption_prompt``); none of them is a one-line error."""
-    from .compare.captions import caption_prompt
+    from .compare.captions import caption_prompt, check_scoring
 
     progress = progress or Progress()
     name, items, note = load_caption_items(dataset, split, limit, spread)
+    check_scoring(tokenizer)
     default = declared_caption_prompt(build_dir)
     for item in items:  # before any model loads
         caption_prompt(item.prompt, prompt, default)

@@ -67,6 +67,16 @@ def _tokenize_all(captions: Mapping[int, list[str]], tokenizer: str) -> dict[int
         raise InputError(f"PTBTokenizer failed ({err}); use --tokenizer simple") from err
 
 
+def check_scoring(tokenizer: str) -> None:
+    """Fail before any model runs: an unknown tokenizer, ``ptb`` with no java, or pycocoevalcap missing
+    (a ModuleNotFoundError, which the CLI turns into the one-line hint naming the extra)."""
+    import pycocoevalcap.bleu.bleu  # noqa: F401
+    import pycocoevalcap.cider.cider  # noqa: F401
+    import pycocoevalcap.rouge.rouge  # noqa: F401
+
+    _tokenize_all({}, tokenizer)
+
+
 @dataclass(frozen=True)
 class CaptionScores:
     """Corpus-level scores of candidate captions against references, as pycocoevalcap computes them."""
@@ -149,7 +159,7 @@ def caption_all(pipes: Mapping[str, VLMPipeline], name: str, items: Sequence, pr
                 prompt: str | None = None, default_prompt: str | None = None,
                 max_new_tokens: int = DEFAULT_CAPTION_TOKENS, tokenizer: str = "simple") -> list[CaptionResult]:
     """Every pipeline captions the same images (the first is the reference the others are compared with)."""
-    _tokenize_all({}, tokenizer)  # an unknown tokenizer or a missing java fails before any model runs
+    check_scoring(tokenizer)
     references = [item.references for item in items]
     results: list[CaptionResult] = []
     for label, pipe in pipes.items():
