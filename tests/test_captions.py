@@ -8,11 +8,12 @@ import shutil
 import pytest
 
 from vlm_export.cli import main
-from vlm_export.compare.captions import score_captions, tokenize
+from vlm_export.compare.captions import caption_prompt, score_captions, tokenize
 from vlm_export.datasets import (CaptionItem, caption_split, dataset_task, load_caption_items,
                                  write_caption_folder)
 from vlm_export.datasets.captions import load_caption_folder
 from vlm_export.errors import DatasetError, InputError
+from vlm_export.manifest import read_manifest, write_manifest
 
 ONE = pytest.approx(1.0, abs=1e-6)  # pycocoevalcap's BLEU smooths its counts by 1e-15 / 1e-9
 
@@ -120,9 +121,11 @@ def test_eval_reports_captions_of_pytorch_and_the_build_side_by_side(tiny_build,
 
     assert main(["eval", str(build), "--dataset", str(folder)]) == 1  # the tiny build declares no caption prompt
     assert "--prompt" in capsys.readouterr().err
+    manifest = read_manifest(build)
+    manifest["generation"]["caption_prompt"] = "Describe the image."  # as a captioning model's build declares it
+    write_manifest(build, manifest)
 
-    assert main(["eval", str(build), "--dataset", str(folder), "--prompt", "Describe the image.",
-                 "--max-new-tokens", "12"]) == 0
+    assert main(["eval", str(build), "--dataset", str(folder), "--max-new-tokens", "12"]) == 0
     out = capsys.readouterr().out
     for column in ("torch vs references", "onnxruntime vs references", "onnxruntime vs torch", "CIDEr"):
         assert column in out, out
@@ -139,4 +142,12 @@ def test_eval_reports_captions_of_pytorch_and_the_build_side_by_side(tiny_build,
     assert agreement["bleu_1"] == ONE and agreement["rouge_l"] == 1.0
     assert agreement == pytest.approx(ceiling)
     assert ort["references"] == pytest.approx(torch_result["references"])
-    assert "## Captions" in (build / "report.md").read_text()
+    assert section["prompt"] == "Describe the image." and "## Captions" in (build / "report.md").read_text()
+
+
+def test_the_caption_prompt_is_the_items_then_the_evals_then_the_builds():
+    assert caption_prompt("<CAPTION>", "Describe.", "Caption:") == "<CAPTION>"
+    assert caption_prompt(None, "Describe.", "Caption:") == "Describe."
+    assert caption_prompt(None, None, "Caption:") == "Caption:"
+    with pytest.raises(InputError, match="declares no captioning prompt.*--prompt"):
+        caption_prompt(None, None, None)
