@@ -51,14 +51,18 @@ def tokenize(text: str) -> str:
     return " ".join(t for t in _TOKEN.findall(text) if t not in _DROPPED)
 
 
-def _tokenize_all(captions: Mapping[int, list[str]], tokenizer: str) -> dict[int, list[str]]:
-    if tokenizer == "simple":
-        return {k: [tokenize(c) for c in v] for k, v in captions.items()}
-    if tokenizer != "ptb":
+def _check_tokenizer(tokenizer: str) -> None:
+    if tokenizer not in TOKENIZERS:
         raise InputError(f"unknown caption tokenizer {tokenizer!r}; choose from {', '.join(TOKENIZERS)}")
-    if shutil.which("java") is None:
+    if tokenizer == "ptb" and shutil.which("java") is None:
         raise InputError("--tokenizer ptb runs Stanford's PTBTokenizer (Java): no `java` on PATH; "
                          "install a Java runtime or use --tokenizer simple")
+
+
+def _tokenize_all(captions: Mapping[int, list[str]], tokenizer: str) -> dict[int, list[str]]:
+    _check_tokenizer(tokenizer)
+    if tokenizer == "simple":
+        return {k: [tokenize(c) for c in v] for k, v in captions.items()}
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     try:
@@ -74,7 +78,7 @@ def check_scoring(tokenizer: str) -> None:
     import pycocoevalcap.cider.cider  # noqa: F401
     import pycocoevalcap.rouge.rouge  # noqa: F401
 
-    _tokenize_all({}, tokenizer)
+    _check_tokenizer(tokenizer)
 
 
 @dataclass(frozen=True)
@@ -93,18 +97,26 @@ class CaptionScores:
 def score_captions(candidates: Sequence[str], references: Sequence[Sequence[str]],
                    tokenizer: str = "simple") -> CaptionScores:
     """BLEU-1..4, ROUGE-L and CIDEr(-D) of ``candidates[i]`` against ``references[i]`` (one or more each)."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
     if len(candidates) != len(references) or not candidates:
         raise ValueError(f"{len(candidates)} candidates for {len(references)} reference sets")
     if any(not refs for refs in references):
         raise ValueError("every candidate needs at least one reference")
-    res = _tokenize_all({i: [c] for i, c in enumerate(candidates)}, tokenizer)
-    gts = _tokenize_all({i: list(refs) for i, refs in enumerate(references)}, tokenizer)
-    if not any(ref for refs in gts.values() for ref in refs):
-        raise ValueError("the references hold no words")
+    n = len(candidates)
+    tokens = _tokenize_all({**{i: [c] for i, c in enumerate(candidates)},
+                            **{n + i: list(refs) for i, refs in enumerate(references)}}, tokenizer)
+    return _score([tokens[i][0] for i in range(n)], [tokens[n + i] for i in range(n)])
+
+
+def _score(candidates: list[str], references: list[list[str]]) -> CaptionScores:
+    """The scorers on tokenised captions (space-separated tokens)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if not any(ref for refs in references for ref in refs):
+        raise ValueError("the references hold no words")  # CIDEr's document frequencies would be empty
+    res = {i: [c] for i, c in enumerate(candidates)}
+    gts = dict(enumerate(references))
     bleu, _ = Bleu(BLEU_ORDERS).compute_score(gts, res, verbose=0)
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
@@ -160,18 +172,28 @@ def caption_all(pipes: Mapping[str, VLMPipeline], name: str, items: Sequence, pr
                 max_new_tokens: int = DEFAULT_CAPTION_TOKENS, tokenizer: str = "simple") -> list[CaptionResult]:
     """Every pipeline captions the same images (the first is the reference the others are compared with)."""
     check_scoring(tokenizer)
-    references = [item.references for item in items]
-    results: list[CaptionResult] = []
+    runs = {}
     for label, pipe in pipes.items():
         with progress.step(f"{label}: captioning {len(items)} {name} images", total=len(items)) as advance:
-            captions, seconds = caption_images(pipe, items, prompt, default_prompt, max_new_tokens, advance)
-        result = CaptionResult(pipe.backend, name, len(items), seconds, score_captions(captions, references, tokenizer),
+            runs[label] = caption_images(pipe, items, prompt, default_prompt, max_new_tokens, advance)
+    # one tokenisation of everything (one Java run with the ptb tokenizer): keys (label or "", image index)
+    texts = {("", i): list(item.references) for i, item in enumerate(items)}
+    texts.update({(label, i): [c] for label, (captions, _) in runs.items() for i, c in enumerate(captions)})
+    keys = list(texts)
+    tokenized = _tokenize_all({k: texts[key] for k, key in enumerate(keys)}, tokenizer)
+    tokens = {key: tokenized[k] for k, key in enumerate(keys)}
+    references = [tokens[("", i)] for i in range(len(items))]
+    results: list[CaptionResult] = []
+    for label, (captions, seconds) in runs.items():
+        mine = [tokens[(label, i)][0] for i in range(len(items))]
+        result = CaptionResult(pipes[label].backend, name, len(items), seconds, _score(mine, references),
                                captions=captions)
         if results:
-            base = results[0].captions
-            if any(tokenize(c) for c in base):  # otherwise there is nothing to score against (None)
-                result.agreement = score_captions(captions, [[c] for c in base], tokenizer)
-            result.exact_match = sum(a == b for a, b in zip(captions, base)) / len(items)
+            base_label = next(iter(runs))
+            base = [tokens[(base_label, i)] for i in range(len(items))]
+            if any(b[0] for b in base):  # otherwise there is nothing to score against (None)
+                result.agreement = _score(mine, base)
+            result.exact_match = sum(a == b for a, b in zip(captions, runs[base_label][0])) / len(items)
         results.append(result)
     return results
 
