@@ -7,8 +7,10 @@ import shutil
 
 import pytest
 
+from test_policy import drifted_copy
 from vlm_export.cli import main
-from vlm_export.compare.captions import caption_prompt, score_captions, tokenize
+from vlm_export.compare.captions import (CaptionGate, CaptionResult, CaptionScores, caption_prompt, score_captions,
+                                         tokenize)
 from vlm_export.datasets import (CaptionItem, caption_split, dataset_task, load_caption_items,
                                  write_caption_folder)
 from vlm_export.datasets.captions import load_caption_folder
@@ -143,6 +145,28 @@ def test_eval_reports_captions_of_pytorch_and_the_build_side_by_side(tiny_build,
     assert agreement == pytest.approx(ceiling)
     assert ort["references"] == pytest.approx(torch_result["references"])
     assert section["prompt"] == "Describe the image." and "## Captions" in (build / "report.md").read_text()
+    assert section["gate"]["passed"] and "caption gate" in out
+
+    # the gate: references that are PyTorch's own captions (it scores the maximum); a build whose decoder
+    # drifted captions otherwise, loses CIDEr and fails `eval` with exit code 1
+    own = [CaptionItem(i.image, (c,), i.prompt) for i, c in zip(items, captions)]
+    folder = write_caption_folder(tmp_path / "own", own)
+    drifted = drifted_copy(build, tmp_path / "drifted", "lm_decoder", noise=0.3)
+    assert main(["eval", str(drifted), "--dataset", str(folder), "--max-new-tokens", "12"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED captions: onnxruntime CIDEr" in out and "caption gate" in out
+    recorded = json.loads((drifted / "report.json").read_text())["captions"]
+    assert recorded["gate"]["passed"] is False and recorded["differing_captions"]
+
+
+def test_caption_gate_on_made_up_results():
+    def result(backend, cider):
+        return CaptionResult(backend, "set", 10, 1.0, CaptionScores((0.5,) * 4, 0.5, cider))
+
+    gate = CaptionGate(0.05)
+    assert gate.judge(result("torch", 1.20), [result("onnxruntime", 1.16)]) == []
+    [failure] = gate.judge(result("torch", 1.20), [result("onnxruntime", 1.16), result("tensorrt", 1.10)])
+    assert failure.startswith("captions: tensorrt CIDEr 1.1000 vs torch 1.2000") and "0.1000" in failure
 
 
 def test_the_caption_prompt_is_the_items_then_the_evals_then_the_builds():

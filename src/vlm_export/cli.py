@@ -210,6 +210,8 @@ def _parser() -> argparse.ArgumentParser:
                         "declared captioning prompt)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=None,
                    help="greedy tokens per caption (default 24)")
+    g.add_argument("--max-cider-drop", type=float, default=None,
+                   help="CIDEr a backend's captions may lose against the first's before eval fails (default 0.05)")
     g.add_argument("--tokenizer", choices=("simple", "ptb"), default="simple",
                    help="caption tokenisation before scoring: simple (Python, PTB-like; default) or ptb "
                         "(Stanford PTBTokenizer as COCO's scripts run it; needs java)")
@@ -451,6 +453,7 @@ def _cmd_verify(args, progress) -> int:
 
 
 def _cmd_eval(args, progress) -> int:
+    from .compare.captions import CaptionGate
     from .compare.policy import AccuracyGate
     from .evaluate import BACKENDS, dataset_task, evaluate_build, evaluate_captions
 
@@ -462,13 +465,16 @@ def _cmd_eval(args, progress) -> int:
         captions = evaluate_captions(args.build, args.dataset, args.split, args.limit, backends, args.threads,
                                      progress, spread=args.spread, prompt=args.prompt,
                                      max_new_tokens=args.max_new_tokens,
-                                     tokenizer=args.tokenizer, check_hashes=not args.no_hash_check)
+                                     tokenizer=args.tokenizer, check_hashes=not args.no_hash_check,
+                                     gate=None if args.max_cider_drop is None else CaptionGate(args.max_cider_drop))
         _print_captions(captions)
+        for failure in captions["failures"]:
+            print(f"  FAILED {failure}")
         print(f"recorded in {args.build / 'report.md'}")
-        return 0
-    if args.prompt or args.max_new_tokens or args.tokenizer != "simple":
-        raise InputError("--prompt, --max-new-tokens and --tokenizer are for captioning sets; a VQA set asks "
-                         "each line's question")
+        return 1 if captions["failures"] else 0
+    if args.prompt or args.max_new_tokens or args.tokenizer != "simple" or args.max_cider_drop is not None:
+        raise InputError("--prompt, --max-new-tokens, --tokenizer and --max-cider-drop are for captioning sets; "
+                         "a VQA set asks each line's question")
     accuracy = evaluate_build(args.build, args.dataset, args.split, args.limit, backends, args.threads, progress,
                               spread=args.spread, gate=AccuracyGate(args.max_accuracy_drop),
                               check_hashes=not args.no_hash_check)
@@ -483,7 +489,7 @@ def _print_captions(section: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .compare.captions import caption_rows
+    from .compare.captions import caption_rows, gate_line
 
     header, rows = caption_rows(section)
     table = Table(title=f"{section['dataset']}: {section['images']} images, greedy captions, "
@@ -497,6 +503,8 @@ def _print_captions(section: dict) -> None:
     if section.get("note"):
         print(section["note"])
     print(f"captions that differ from {section['reference']}'s: {len(section['differing_captions'])}")
+    if section.get("gate"):
+        print(gate_line(section))
 
 
 def _print_accuracy(accuracy: dict) -> None:

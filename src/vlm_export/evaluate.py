@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .adapters.reference import BACKENDS, open_pipeline
 from .compare.accuracy import accuracy_section, answer_all
-from .compare.captions import DEFAULT_CAPTION_TOKENS, caption_all, caption_section
+from .compare.captions import DEFAULT_CAPTION_TOKENS, CaptionGate, caption_all, caption_section
 from .compare.policy import AccuracyGate
 from .compare.report import record_accuracy, record_captions
 from .datasets import dataset_task, load_caption_items, load_items
@@ -42,10 +42,11 @@ def evaluate_captions(build_dir: Path, dataset: str = "easy-vqa-captions", split
                       limit: int | None = None, backends: tuple[str, ...] = BACKENDS, threads: int | None = None,
                       progress: Progress | None = None, spread: int | None = None, prompt: str | None = None,
                       max_new_tokens: int | None = None, tokenizer: str = "simple",
-                      check_hashes: bool = True) -> dict:
+                      gate: CaptionGate | None = None, check_hashes: bool = True) -> dict:
     """Caption every image with each backend (the first is the reference), score, and record the
     section in the report. The prompt per image: its own (captions.jsonl), else ``prompt``, else
-    the build's declared one (``declared_caption_prompt``); none of them is a one-line error."""
+    the build's declared one (``declared_caption_prompt``); none of them is a one-line error. The
+    gate's verdict is in ``["gate"]["passed"]`` and its failures in ``["failures"]``."""
     from .compare.captions import caption_prompt, check_scoring
 
     progress = progress or Progress()
@@ -57,9 +58,10 @@ def evaluate_captions(build_dir: Path, dataset: str = "easy-vqa-captions", split
     pipes = _open(build_dir, backends, threads, check_hashes, progress)
     results = caption_all(pipes, name, items, progress, prompt, default, max_new_tokens or DEFAULT_CAPTION_TOKENS,
                           tokenizer)
-    section = caption_section(name, items, results, tokenizer, note, prompt or default)
+    section, failures = caption_section(name, items, results, tokenizer, note, prompt or default,
+                                        gate or CaptionGate())
     record_captions(build_dir, section)
-    return section
+    return {**section, "failures": failures}
 
 
 def _open(build_dir: Path, backends, threads, check_hashes: bool, progress: Progress) -> dict:

@@ -198,16 +198,55 @@ def caption_all(pipes: Mapping[str, VLMPipeline], name: str, items: Sequence, pr
     return results
 
 
+DEFAULT_MAX_CIDER_DROP = 0.05  # CIDEr units (COCO captioners score about 1.0-1.4): a few percent
+
+
+@dataclass(frozen=True)
+class CaptionGate:
+    """Each candidate's CIDEr against the references may be at most ``max_cider_drop`` below the
+    reference backend's, on the same images (the caption counterpart of the VQA AccuracyGate: greedy
+    tokens of a reduced-precision build may move; whether its captions got worse is what this judges)."""
+
+    max_cider_drop: float = DEFAULT_MAX_CIDER_DROP
+
+    def drops(self, reference: CaptionResult, candidates: Sequence[CaptionResult]) -> dict[str, float]:
+        return {c.backend: round(reference.references.cider - c.references.cider, 9) for c in candidates}
+
+    def judge(self, reference: CaptionResult, candidates: Sequence[CaptionResult]) -> list[str]:
+        return [f"captions: {c.backend} CIDEr {c.references.cider:.4f} vs {reference.backend} "
+                f"{reference.references.cider:.4f} on the same {c.images} {c.dataset} images, a drop of {drop:.4f} "
+                f"(at most {self.max_cider_drop:g} allowed)"
+                for c, drop in zip(candidates, self.drops(reference, candidates).values()) if drop > self.max_cider_drop]
+
+
 def caption_section(dataset: str, items: Sequence, results: Sequence[CaptionResult], tokenizer: str = "simple",
-                    note: str = "", prompt: str | None = None) -> dict:
-    """The report's caption section: every backend's scores and the captions that differ from the reference's."""
-    reference = results[0]
+                    note: str = "", prompt: str | None = None,
+                    gate: CaptionGate | None = None) -> tuple[dict, list[str]]:
+    """The report's caption section (every backend's scores, the captions that differ from the
+    reference's, the gate's verdict) and the gate's failures."""
+    reference, candidates = results[0], list(results[1:])
     differ = [{"image": str(item.image), "references": list(item.references), reference.backend: base,
                other.backend: mine}
-              for other in results[1:] for item, base, mine in zip(items, reference.captions, other.captions)
+              for other in candidates for item, base, mine in zip(items, reference.captions, other.captions)
               if base != mine]
-    return {"dataset": dataset, "images": len(items), "reference": reference.backend, "tokenizer": tokenizer,
-            "note": note, "prompt": prompt, "results": [r.to_dict() for r in results], "differing_captions": differ}
+    section = {"dataset": dataset, "images": len(items), "reference": reference.backend, "tokenizer": tokenizer,
+               "note": note, "prompt": prompt, "results": [r.to_dict() for r in results], "differing_captions": differ}
+    failures: list[str] = []
+    if gate is not None and candidates:
+        failures = gate.judge(reference, candidates)
+        section["gate"] = {"reference": reference.backend, "max_cider_drop": gate.max_cider_drop,
+                           "cider_drop": gate.drops(reference, candidates), "passed": not failures}
+    return section, failures
+
+
+def gate_line(section: dict) -> str:
+    """The gate's verdict in one line ("" when there was nothing to judge)."""
+    gate = section.get("gate")
+    if not gate:
+        return ""
+    drops = ", ".join(f"{b} {-d:+.4f}" for b, d in gate["cider_drop"].items())
+    return (f"caption gate (CIDEr at most {gate['max_cider_drop']:g} below {gate['reference']}; {drops}): "
+            f"{'passed' if gate['passed'] else 'FAILED'}")
 
 
 METRIC_LABELS = (("bleu_1", "BLEU-1"), ("bleu_2", "BLEU-2"), ("bleu_3", "BLEU-3"), ("bleu_4", "BLEU-4"),
@@ -240,4 +279,6 @@ def caption_markdown(section: dict) -> list[str]:
     lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines.append(f"\nCaptions that differ from {section['reference']}'s: {len(section['differing_captions'])}")
+    if section.get("gate"):
+        lines.append(f"\n{gate_line(section).replace('FAILED', '**FAILED**')}")
     return lines
