@@ -16,6 +16,7 @@ EPILOG = """examples:
   vlm-export generate build/mymodel --image cat.png --prompt "What is in the picture?"
   vlm-export verify build/mymodel                  # re-run the parity report
   vlm-export eval build/demo --dataset easy-vqa --limit 200
+  vlm-export eval build/mymodel --dataset captions/ --prompt "Describe the image."   # BLEU, ROUGE-L, CIDEr
   vlm-export adapters                              # supported architectures
 """
 
