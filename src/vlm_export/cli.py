@@ -495,11 +495,12 @@ def _print_captions(section: dict) -> None:
     header, rows = caption_rows(section)
     table = Table(title=f"{section['dataset']}: {section['images']} images, greedy captions, "
                         f"tokenizer {section['tokenizer']}")
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
     for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True, min_width=widths[i])
     for row in rows:
         table.add_row(*row)
-    console = Console(width=max(100, 24 * len(header)))  # wide enough that the columns are not folded
+    console = Console(width=max(80, sum(w + 3 for w in widths) + 1))  # one line per header, whatever the terminal
     console.print(table)
     if section.get("note"):
         print(section["note"])

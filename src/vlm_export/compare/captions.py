@@ -136,12 +136,15 @@ class CaptionResult:
     agreement: CaptionScores | None = None  # vs the reference backend's captions
     exact_match: float | None = None  # share of captions identical to the reference backend's
     captions: list[str] = field(repr=False, default_factory=list)
+    # the reference backend only: its captions against themselves, the most agreement can score
+    # (BLEU-n stays near 0 and CIDEr below 10 when captions are shorter than n words)
+    ceiling: CaptionScores | None = None
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "dataset": self.dataset, "images": self.images, "seconds": self.seconds,
                 "references": self.references.to_dict(),
                 "agreement": self.agreement.to_dict() if self.agreement else None, "exact_match": self.exact_match,
-                "captions": self.captions}
+                "ceiling": self.ceiling.to_dict() if self.ceiling else None, "captions": self.captions}
 
 
 def caption_prompt(item_prompt: str | None, prompt: str | None, default: str | None) -> str:
@@ -183,16 +186,18 @@ def caption_all(pipes: Mapping[str, VLMPipeline], name: str, items: Sequence, pr
     tokenized = _tokenize_all({k: texts[key] for k, key in enumerate(keys)}, tokenizer)
     tokens = {key: tokenized[k] for k, key in enumerate(keys)}
     references = [tokens[("", i)] for i in range(len(items))]
+    base_label = next(iter(runs))
+    base = [tokens[(base_label, i)] for i in range(len(items))]
+    scorable = any(b[0] for b in base)  # otherwise there is nothing to score agreement against (None)
     results: list[CaptionResult] = []
     for label, (captions, seconds) in runs.items():
         mine = [tokens[(label, i)][0] for i in range(len(items))]
         result = CaptionResult(pipes[label].backend, name, len(items), seconds, _score(mine, references),
                                captions=captions)
-        if results:
-            base_label = next(iter(runs))
-            base = [tokens[(base_label, i)] for i in range(len(items))]
-            if any(b[0] for b in base):  # otherwise there is nothing to score against (None)
-                result.agreement = _score(mine, base)
+        if not results:
+            result.ceiling = _score(mine, base) if scorable else None
+        else:
+            result.agreement = _score(mine, base) if scorable else None
             result.exact_match = sum(a == b for a, b in zip(captions, runs[base_label][0])) / len(items)
         results.append(result)
     return results
@@ -244,7 +249,7 @@ def gate_line(section: dict) -> str:
     gate = section.get("gate")
     if not gate:
         return ""
-    drops = ", ".join(f"{b} {-d:+.4f}" for b, d in gate["cider_drop"].items())
+    drops = ", ".join(f"{b} {0.0 - d:+.4f}" for b, d in gate["cider_drop"].items())  # 0.0 - 0.0: "+0.0000"
     return (f"caption gate (CIDEr at most {gate['max_cider_drop']:g} below {gate['reference']}; {drops}): "
             f"{'passed' if gate['passed'] else 'FAILED'}")
 
@@ -255,17 +260,23 @@ METRIC_LABELS = (("bleu_1", "BLEU-1"), ("bleu_2", "BLEU-2"), ("bleu_3", "BLEU-3"
 
 def caption_rows(section: dict) -> tuple[list[str], list[list[str]]]:
     """The side-by-side table (header, rows): one row per metric, a column per backend against the
-    references, and one per candidate against the reference backend's captions."""
+    references, then the reference backend's captions against themselves (the most agreement can score)
+    and each candidate against them."""
     results = section["results"]
     ref = section["reference"]
+    vs_ref = results[1:]
     header = ["metric"] + [f"{r['backend']} vs references" for r in results] + \
-             [f"{r['backend']} vs {ref}" for r in results[1:]]
-    rows = [[label] + [f"{r['references'][key]:.4f}" for r in results] +
-            [f"{r['agreement'][key]:.4f}" if r["agreement"] else "-" for r in results[1:]]
-            for key, label in METRIC_LABELS]
-    rows.append(["identical captions"] + ["-" for _ in results] +
-                [f"{100 * r['exact_match']:.1f}%" for r in results[1:]])
-    rows.append(["seconds"] + [f"{r['seconds']:.1f}" for r in results] + ["" for _ in results[1:]])
+             ([f"{ref} vs {ref} (maximum)"] if vs_ref else []) + [f"{r['backend']} vs {ref}" for r in vs_ref]
+    ceiling = [results[0].get("ceiling")] if vs_ref else []
+
+    def cell(scores, key):
+        return f"{scores[key]:.4f}" if scores else "-"
+
+    rows = [[label] + [cell(r["references"], key) for r in results] + [cell(c, key) for c in ceiling] +
+            [cell(r["agreement"], key) for r in vs_ref] for key, label in METRIC_LABELS]
+    rows.append(["identical captions"] + ["-" for _ in results] + ["100.0%" for _ in ceiling] +
+                [f"{100 * r['exact_match']:.1f}%" for r in vs_ref])
+    rows.append(["seconds"] + [f"{r['seconds']:.1f}" for r in results] + ["" for _ in ceiling + vs_ref])
     return header, rows
 
 
