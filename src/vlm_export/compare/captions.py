@@ -221,7 +221,8 @@ class CaptionGate:
         return [f"captions: {c.backend} CIDEr {c.references.cider:.4f} vs {reference.backend} "
                 f"{reference.references.cider:.4f} on the same {c.images} {c.dataset} images, a drop of {drop:.4f} "
                 f"(at most {self.max_cider_drop:g} allowed)"
-                for c, drop in zip(candidates, self.drops(reference, candidates).values()) if drop > self.max_cider_drop]
+                for c, drop in zip(candidates, self.drops(reference, candidates).values())
+                if drop > self.max_cider_drop]
 
 
 def caption_section(dataset: str, items: Sequence, results: Sequence[CaptionResult], tokenizer: str = "simple",
@@ -283,7 +284,8 @@ def caption_rows(section: dict) -> tuple[list[str], list[list[str]]]:
 def caption_markdown(section: dict) -> list[str]:
     """The caption section of report.md."""
     header, rows = caption_rows(section)
-    lines = [f"## Captions ({section['dataset']}, {section['images']} images, greedy, tokenizer {section['tokenizer']})",
+    lines = [f"## Captions ({section['dataset']}, {section['images']} images, greedy, "
+             f"tokenizer {section['tokenizer']})",
              ""]
     if section.get("note"):
         lines += [section["note"], ""]

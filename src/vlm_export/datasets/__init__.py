@@ -27,7 +27,8 @@ def dataset_task(dataset: str | Path, task: str | None = None) -> str:
     if str(dataset) in ("easy-vqa", CAPTION_SET):
         named = "caption" if str(dataset) == CAPTION_SET else task or "vqa"
         if task and task != named:
-            raise InputError(f"{dataset} is a captioning set; --task vqa needs easy-vqa or a folder with {QUESTIONS_FILE}")
+            raise InputError(f"{dataset} is a captioning set; --task vqa needs easy-vqa or a folder with "
+                             f"{QUESTIONS_FILE}")
         return named
     if task:
         return task  # the folder reader names the file it lacks
@@ -36,7 +37,8 @@ def dataset_task(dataset: str | Path, task: str | None = None) -> str:
     if len(held) == 1:
         return held[0]
     if held:
-        raise InputError(f"{folder} holds both {QUESTIONS_FILE} and {CAPTIONS_FILE}; choose one with --task vqa|caption")
+        raise InputError(f"{folder} holds both {QUESTIONS_FILE} and {CAPTIONS_FILE}; choose one with "
+                         "--task vqa|caption")
     raise DatasetError(f"{dataset} is not easy-vqa, {CAPTION_SET} or a folder with {QUESTIONS_FILE} (VQA) or "
                        f"{CAPTIONS_FILE} (captions)")
 
