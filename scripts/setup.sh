@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv with vlm-export and what the demo needs; `--serve` adds
-# the Triton server and clients, `--tests` everything the test suite needs (serve included).
+# the Triton server and clients, `--captions` the caption metrics of `vlm-export eval` (pycocoevalcap,
+# ~100 MB of wheel), `--tests` everything the test suite needs (serve and captions included).
 # Installing only what a command uses halves the set-up (the server and test extras are ~300 MB of
 # wheels: pytriton's tritonserver, kubernetes-validate's schemas). Safe to re-run. On a CPU machine
 # it installs torch 2.13.0 first, because a bare `torch` requirement resolves to a CUDA build of
@@ -13,8 +14,9 @@ EXTRAS=demo
 for arg in "$@"; do
     case "$arg" in
         --serve) EXTRAS="$EXTRAS,serve" ;;
-        --tests) EXTRAS="demo,serve,test" ;;
-        *) echo "scripts/setup.sh: unknown option $arg (use --serve or --tests)" >&2; exit 2 ;;
+        --captions) EXTRAS="$EXTRAS,captions" ;;
+        --tests) EXTRAS="demo,serve,captions,test" ;;
+        *) echo "scripts/setup.sh: unknown option $arg (use --serve, --captions or --tests)" >&2; exit 2 ;;
     esac
 done
 # --no-compile: no byte-compiling at install; Python compiles the modules it really imports on first

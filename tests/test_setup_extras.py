@@ -19,6 +19,19 @@ def test_a_missing_extra_is_named_in_one_line(monkeypatch, capsys):
     assert "'tritonclient'" in err[0] and "vlm-export[serve]" in err[0] and "--serve" in err[0]
 
 
+def test_caption_metrics_without_their_extra(monkeypatch, capsys, tmp_path):
+    """`eval` on a captioning folder without pycocoevalcap: the one-line hint, before any model loads."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "captions.jsonl").write_text('{"image": "a.png", "captions": ["a black square"]}')
+    for name in [m for m in sys.modules if m.startswith("pycocoevalcap.")] + ["pycocoevalcap"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    assert cli.main(["eval", str(tmp_path / "no-build"), "--dataset", str(tmp_path), "--prompt", "Describe."]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vlm-export[captions]" in err[0] and "--captions" in err[0], err
+
+
 def test_other_missing_modules_are_not_disguised():
     err = ModuleNotFoundError("No module named 'not_an_extra'", name="not_an_extra")
     assert cli.missing_extra(err) is None

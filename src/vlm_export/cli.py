@@ -16,6 +16,7 @@ EPILOG = """examples:
   vlm-export generate build/mymodel --image cat.png --prompt "What is in the picture?"
   vlm-export verify build/mymodel                  # re-run the parity report
   vlm-export eval build/demo --dataset easy-vqa --limit 200
+  vlm-export eval build/mymodel --dataset captions/ --prompt "Describe the image."   # BLEU, ROUGE-L, CIDEr
   vlm-export adapters                              # supported architectures
 """
 
@@ -179,23 +180,42 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-tokens", type=_positive_int, default=32)
     p.add_argument("--threads", type=_positive_int, default=None)
 
-    p = sub.add_parser("eval", help="VQA accuracy of PyTorch and the build on the same questions",
+    p = sub.add_parser("eval", help="VQA accuracy or caption metrics of PyTorch and the build on the same data",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  vlm-export eval build/demo --dataset easy-vqa --split test --limit 200\n"
-                              "  vlm-export eval build/mine --dataset path/to/folder   # images + questions.jsonl")
+                              "  vlm-export eval build/mine --dataset path/to/folder   # images + questions.jsonl\n"
+                              "  vlm-export eval build/mine --dataset path/to/folder --prompt 'Describe the image.'"
+                              "   # images + captions.jsonl\n"
+                              "  vlm-export eval build/demo --dataset easy-vqa-captions --limit 50 --prompt "
+                              "'What is in the image?'")
     p.add_argument("build", type=Path)
     _add_hash_check(p)
     p.add_argument("--dataset", default="easy-vqa",
-                   help="easy-vqa, or a folder with images and questions.jsonl "
-                        '({"image": "a.png", "question": "...", "answer": "..."} per line)')
+                   help="easy-vqa; easy-vqa-captions (its images, template captions made from the labels); or a "
+                        'folder with images and questions.jsonl ({"image": "a.png", "question": "...", "answer": '
+                        '"..."} per line) or captions.jsonl ({"image": "a.png", "captions": ["...", ...], '
+                        '"prompt": "..." (optional)} per line)')
+    p.add_argument("--task", choices=("vqa", "caption"), default=None,
+                   help="default: from --dataset (questions.jsonl: vqa, captions.jsonl: caption)")
     p.add_argument("--split", default="test", help="easy-vqa split: train or test (default test)")
-    p.add_argument("--limit", type=_positive_int, default=None, help="first N questions only")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N items only")
     p.add_argument("--spread", type=_positive_int, default=None,
-                   help="N questions evenly spaced over the whole set (easy-vqa is ordered by image)")
+                   help="N items evenly spaced over the whole set (easy-vqa is ordered by image)")
     p.add_argument("--backends", default="torch,onnxruntime",
-                   help="comma-separated: torch,onnxruntime (the first is the reference the gate compares with)")
+                   help="comma-separated: torch,onnxruntime (the first is the reference the others are compared with)")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0,
-                   help="accuracy points a backend may lose against the first before eval fails (default 1)")
+                   help="vqa: accuracy points a backend may lose against the first before eval fails (default 1)")
+    g = p.add_argument_group("captions")
+    g.add_argument("--prompt", default=None,
+                   help="the prompt that asks for a caption, where captions.jsonl gives none (default: the build's "
+                        "declared captioning prompt)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="greedy tokens per caption (default 24)")
+    g.add_argument("--max-cider-drop", type=float, default=None,
+                   help="CIDEr a backend's captions may lose against the first's before eval fails (default 0.05)")
+    g.add_argument("--tokenizer", choices=("simple", "ptb"), default="simple",
+                   help="caption tokenisation before scoring: simple (Python, PTB-like; default) or ptb "
+                        "(Stanford PTBTokenizer as COCO's scripts run it; needs java)")
     p.add_argument("--threads", type=_positive_int, default=None)
 
     p = sub.add_parser("demo", help="assemble the easy-vqa demo VLM (SmolLM2 + trained vision tower) and build it",
@@ -434,13 +454,28 @@ def _cmd_verify(args, progress) -> int:
 
 
 def _cmd_eval(args, progress) -> int:
+    from .compare.captions import CaptionGate
     from .compare.policy import AccuracyGate
-    from .evaluate import BACKENDS, evaluate_build
+    from .evaluate import BACKENDS, dataset_task, evaluate_build, evaluate_captions
 
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         raise InputError(f"unknown backend(s) {unknown or args.backends!r}; choose from {', '.join(BACKENDS)}")
+    if dataset_task(args.dataset, args.task) == "caption":
+        captions = evaluate_captions(args.build, args.dataset, args.split, args.limit, backends, args.threads,
+                                     progress, spread=args.spread, prompt=args.prompt,
+                                     max_new_tokens=args.max_new_tokens,
+                                     tokenizer=args.tokenizer, check_hashes=not args.no_hash_check,
+                                     gate=None if args.max_cider_drop is None else CaptionGate(args.max_cider_drop))
+        _print_captions(captions)
+        for failure in captions["failures"]:
+            print(f"  FAILED {failure}")
+        print(f"recorded in {args.build / 'report.md'}")
+        return 1 if captions["failures"] else 0
+    if args.prompt or args.max_new_tokens or args.tokenizer != "simple" or args.max_cider_drop is not None:
+        raise InputError("--prompt, --max-new-tokens, --tokenizer and --max-cider-drop are for captioning sets; "
+                         "a VQA set asks each line's question")
     accuracy = evaluate_build(args.build, args.dataset, args.split, args.limit, backends, args.threads, progress,
                               spread=args.spread, gate=AccuracyGate(args.max_accuracy_drop),
                               check_hashes=not args.no_hash_check)
@@ -449,6 +484,29 @@ def _cmd_eval(args, progress) -> int:
         print(f"  FAILED {failure}")
     print(f"recorded in {args.build / 'report.md'}")
     return 1 if accuracy["failures"] else 0
+
+
+def _print_captions(section: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .compare.captions import caption_rows, gate_line
+
+    header, rows = caption_rows(section)
+    table = Table(title=f"{section['dataset']}: {section['images']} images, greedy captions, "
+                        f"tokenizer {section['tokenizer']}")
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True, min_width=widths[i])
+    for row in rows:
+        table.add_row(*row)
+    console = Console(width=max(80, sum(w + 3 for w in widths) + 1))  # one line per header, whatever the terminal
+    console.print(table)
+    if section.get("note"):
+        print(section["note"])
+    print(f"captions that differ from {section['reference']}'s: {len(section['differing_captions'])}")
+    if section.get("gate"):
+        print(gate_line(section))
 
 
 def _print_accuracy(accuracy: dict) -> None:
@@ -613,6 +671,7 @@ OPTIONAL_MODULES = {
     "tritonclient": "vlm-export[serve]", "pytriton": "vlm-export[serve]", "fastapi": "vlm-export[serve]",
     "uvicorn": "vlm-export[serve]", "easy_vqa": "vlm-export[demo]", "onnxruntime_genai": "vlm-export[peer]",
     "llama_cpp": "llama-cpp-python", "kubernetes_validate": "vlm-export[test]",
+    "pycocoevalcap": "vlm-export[captions]",
 }
 
 
@@ -622,7 +681,7 @@ def missing_extra(err: ModuleNotFoundError) -> str | None:
     if top not in OPTIONAL_MODULES:
         return None
     return (f"this command needs {top!r}, which the default set-up leaves out: pip install '{OPTIONAL_MODULES[top]}' "
-            "(or bash scripts/setup.sh --serve / --tests)")
+            "(or bash scripts/setup.sh --serve / --captions / --tests)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from ..manifest import stage_forms, targets
+from .captions import caption_markdown
 from .parity import ParityResult
 from .policy import ParityPolicy
 
@@ -54,10 +55,11 @@ def write_report(build_dir: Path, manifest: dict, result: ParityResult, policy: 
     report = report_dict(manifest, result, policy, failures)
     build_dir = Path(build_dir)
     previous = build_dir / "report.json"
-    if previous.exists():  # a re-verify keeps the task accuracy measured earlier
-        accuracy = json.loads(previous.read_text()).get("task_accuracy")
-        if accuracy:
-            report["task_accuracy"] = accuracy
+    if previous.exists():  # a re-verify keeps the task accuracy and caption metrics measured earlier
+        earlier = json.loads(previous.read_text())
+        for key in ("task_accuracy", "captions"):
+            if earlier.get(key):
+                report[key] = earlier[key]
     (build_dir / "report.json").write_text(json.dumps(report, indent=2))
     (build_dir / "report.md").write_text(render_markdown(report))
     return report
@@ -123,6 +125,8 @@ def render_markdown(report: dict) -> str:
             changes = ", ".join(f"{b} {0.0 - d:+.1f} points" for b, d in gate["drop_points"].items())
             lines.append(f"\nAccuracy gate (at most {gate['max_drop_points']:g} points below {gate['reference']}): "
                          f"{changes}: {'passed' if gate['passed'] else '**FAILED**'}")
+    if report.get("captions"):
+        lines += [""] + caption_markdown(report["captions"])
     if report["failures"]:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in report["failures"]]
     return "\n".join(lines) + "\n"
@@ -133,6 +137,16 @@ def record_accuracy(build_dir: Path, accuracy: dict) -> dict:
     build_dir = Path(build_dir)
     report = json.loads((build_dir / "report.json").read_text())
     report["task_accuracy"] = accuracy
+    (build_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (build_dir / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def record_captions(build_dir: Path, captions: dict) -> dict:
+    """Add (or replace) the caption-metrics section of an existing report."""
+    build_dir = Path(build_dir)
+    report = json.loads((build_dir / "report.json").read_text())
+    report["captions"] = captions
     (build_dir / "report.json").write_text(json.dumps(report, indent=2))
     (build_dir / "report.md").write_text(render_markdown(report))
     return report

@@ -3,6 +3,10 @@
 easy-vqa ships 64x64 images of one coloured shape, with questions about its colour and shape
 and 13 one-word answers. A user folder holds images plus ``questions.jsonl``, one JSON object
 per line: ``{"image": "relative/path.png", "question": "...", "answer": "..."}``.
+
+easy-vqa has no captions. ``caption_split`` makes TEMPLATE captions from its labels (the shape and
+colour its own questions answer, e.g. "a red circle"): enough to exercise caption metrics and to
+compare a build's captions with PyTorch's, not a measure of captioning quality.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DatasetError
+from .captions import CaptionItem
 
 SPLITS = ("train", "test")
 QUESTIONS_FILE = "questions.jsonl"
@@ -21,6 +26,12 @@ ANSWERS = (
     "red", "green", "blue", "black", "gray", "teal", "brown", "yellow",
     "yes", "no",
 )  # fmt: skip
+SHAPES, COLORS = ANSWERS[:3], ANSWERS[3:11]
+#: the reference captions of an image, from its two labels; several phrasings, as captioning sets have
+CAPTION_TEMPLATES = ("a {color} {shape}", "a {shape} that is {color}", "a {color} {shape} in the image")
+CAPTIONS_NOTE = ("Template captions made from easy-vqa's labels (the shape and colour its questions answer), "
+                 "with vlm-export's CAPTION_TEMPLATES: not written by people; they test the caption metrics "
+                 "and agreement with PyTorch, not captioning quality.")
 
 
 @dataclass(frozen=True)
@@ -91,3 +102,38 @@ def _folder_item(folder: Path, qfile: Path, lineno: int, line: str) -> VqaItem:
     if not image.is_file():
         raise DatasetError(f"{where}: image {image} not found")
     return VqaItem(image, row["question"], row["answer"])
+
+
+def image_labels(split: str) -> dict[Path, tuple[str, str]]:
+    """(shape, colour) of every image of a split whose questions tell both: "what ..." questions
+    answered with a shape or a colour, which may name the other label ("what is the red shape?")."""
+    shapes: dict[Path, str] = {}
+    colors: dict[Path, str] = {}
+    for item in load_split(split):
+        if not item.question.startswith("what"):
+            continue  # yes/no questions name a shape or colour that may be absent
+        answer = normalize_answer(item.answer)
+        if answer in SHAPES:
+            shapes[item.image] = answer
+            named = [c for c in COLORS if f" {c} shape" in item.question]  # "what is the red shape?"
+            if named:
+                colors[item.image] = named[0]
+        elif answer in COLORS:
+            colors[item.image] = answer
+            named = [s for s in SHAPES if f"the {s}" in item.question]  # "what is the color of the triangle?"
+            if named:
+                shapes[item.image] = named[0]
+    return {image: (shapes[image], colors[image]) for image in sorted(shapes, key=lambda p: int(p.stem))
+            if image in colors}
+
+
+def caption_split(split: str, limit: int | None = None) -> list[CaptionItem]:
+    """Captioning items of an easy-vqa split: each labelled image (in image order) with its template
+    captions (``CAPTION_TEMPLATES``; see the module docstring for what they are and are not)."""
+    labels = image_labels(split)
+    if not labels:
+        raise DatasetError(f"no image of easy-vqa/{split} has both a shape and a colour answer; reinstall with: "
+                           f"{INSTALL_HINT}")
+    items = [CaptionItem(image, tuple(t.format(shape=shape, color=color) for t in CAPTION_TEMPLATES))
+             for image, (shape, color) in labels.items()]
+    return items[:limit] if limit is not None else items
