@@ -222,3 +222,26 @@ def test_cli_generate_equals_in_process(blip2_t5, photos, tmp_path, run_cli):
     served = json.loads(proc.stdout.strip().splitlines()[-1])
     expected = generate(open_build(result.path), QUESTION, [photos["rocket"]], GenerationConfig(max_new_tokens=10))
     assert served["token_ids"] == expected.token_ids and served["text"] == expected.text
+
+
+def test_task_prompts_expand_as_the_processor():
+    """A layout's task_prompts (Florence-2's task tokens) rewrite a prompt as Florence2Processor's own
+    _construct_prompts does (run here on the same tables), and a manifest without them reads as before."""
+    from types import SimpleNamespace
+
+    from transformers import Florence2Processor
+
+    from vlm_export.contract import PromptLayout
+    from vlm_export.errors import InputError
+    from vlm_export.runtime.prompt import expand_task
+
+    plain = {"<CAPTION>": "What does the image describe?", "<OD>": "Locate the objects with category name in the image."}
+    with_input = {"<CAPTION_TO_PHRASE_GROUNDING>": "Locate the phrases in the caption: {input}"}
+    processor = SimpleNamespace(task_prompts_without_inputs=plain, task_prompts_with_input=with_input)
+    layout = PromptLayout("prefix", 5, 4, use_chat_template=False, task_prompts={**plain, **with_input})
+    for prompt in ("<CAPTION>", "<OD>", "<CAPTION_TO_PHRASE_GROUNDING> a cat on a mat ", "What is this?"):
+        assert expand_task(layout, prompt) == Florence2Processor._construct_prompts(processor, prompt)[0]
+    with pytest.raises(InputError, match="only content"):
+        expand_task(layout, "<CAPTION> in French")
+    assert PromptLayout.from_dict(layout.to_dict()) == layout
+    assert "task_prompts" not in PromptLayout("prefix", 5, 4).to_dict()
