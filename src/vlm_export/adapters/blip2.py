@@ -1,4 +1,6 @@
-"""BLIP-2: Hugging Face ``Blip2ForConditionalGeneration`` with a decoder-only language model.
+"""BLIP-2: Hugging Face ``Blip2ForConditionalGeneration`` with a decoder-only language model (one
+with an encoder-decoder LM, Flan-T5, is ``blip2_t5.py``'s: the two tell their configs apart by
+``use_decoder_only_language_model``, see ``handles``).
 
 Q-Former fusion: the ViT's last hidden states -> a small BERT-like transformer whose
 ``num_query_tokens`` learned queries cross-attend to them -> ``language_projection`` -> one
