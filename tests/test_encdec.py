@@ -279,3 +279,26 @@ def test_fp16_keeps_t5_index_maths_and_wo_in_fp32(blip2_t5, photos, tmp_path, mo
     convert.to_fp16(src, tmp_path / "plain.onnx")
     plain = cosine(reference, states(tmp_path / "plain.onnx"))
     assert kept > 0.999 > plain, (kept, plain)
+
+
+def test_served_answers_equal_in_process(blip2_t5, photos, tmp_path):
+    """The python repository served by tritonserver: the vlm model calls the lm_encoder model once per
+    prefill (BLS) and decodes in process; its answers are the in-process ones. (The python stubs import
+    the installed vlm_export: this runs the code of the checkout the venv points at.)"""
+    from vlm_export.client.client import VLMClient
+    from vlm_export.model_repository.render import render_repository
+    from vlm_export.serve.server import TritonServer
+
+    _, result = blip2_t5
+    pipe = open_build(result.path)
+    config = GenerationConfig(max_new_tokens=8)
+    image = tmp_path / "cat.png"
+    photos["cat"].save(image)
+    asks = [(QUESTION, [image]), (TEXT_QUESTION, []), (LONG_QUESTION, [image])]
+    expected = [generate(pipe, q, list(imgs), config).text for q, imgs in asks]
+    repo = render_repository(result.path, tmp_path / "repo")
+    assert (repo / "lm_encoder" / "config.pbtxt").is_file()
+    with TritonServer(repo, log_file=tmp_path / "triton.log") as server:
+        client = VLMClient(f"grpc://{server.grpc_url}")
+        got = [client.generate(q, imgs, max_tokens=8).text for q, imgs in asks]
+    assert got == expected
