@@ -302,3 +302,29 @@ def test_served_answers_equal_in_process(blip2_t5, photos, tmp_path):
         client = VLMClient(f"grpc://{server.grpc_url}")
         got = [client.generate(q, imgs, max_tokens=8).text for q, imgs in asks]
     assert got == expected
+
+
+def test_tensorrt_profiles_hold_real_feeds(blip2_t5, photos):
+    """The encoder's profile and the decoder's two (from the limits: the scheme's encoder_dim_ranges and
+    dim_ranges) hold a real prefill of prompts of different lengths and a decode step of them; a prompt
+    longer than max_sequence is outside the encoder's."""
+    from vlm_export.engines.profiles import stage_profiles
+    from vlm_export.engines.tensorrt import profile_for
+    from vlm_export.errors import RunnerError
+
+    _, result = blip2_t5
+    pipe = open_build(result.path)
+    scheme = pipe.scheme
+    encoder = json.loads(json.dumps(stage_profiles(result.manifest, "lm_encoder")))
+    decoder = json.loads(json.dumps(stage_profiles(result.manifest, "lm_decoder")))
+    rows = [pipe.prompt_ids(LONG_QUESTION, 1), pipe.prompt_ids(TEXT_QUESTION, 0)]
+    image_input = scheme.batch_image_inputs([pipe.encode_images(pipe.pixel_values([photos["cat"]])),
+                                             scheme.empty_image_input()])
+    assert profile_for(encoder, scheme.encoder_feeds(rows, image_input)) == 0
+    prefill = pipe.prefill_inputs(rows, image_input)
+    assert profile_for(decoder, prefill) == 0
+    state = scheme.prefill_state(pipe.decode(prefill), [len(r) for r in rows], prefill)
+    assert profile_for(decoder, scheme.step_feeds(state, np.array([5, 6]))) == 1
+    too_long = [rows[1] * (pipe.limits.max_sequence // len(rows[1]) + 1)]
+    with pytest.raises(RunnerError, match="outside every optimization profile"):
+        profile_for(encoder, scheme.encoder_feeds(too_long, scheme.empty_image_input()), "lm_encoder")
