@@ -328,3 +328,31 @@ def test_tensorrt_profiles_hold_real_feeds(blip2_t5, photos):
     too_long = [rows[1] * (pipe.limits.max_sequence // len(rows[1]) + 1)]
     with pytest.raises(RunnerError, match="outside every optimization profile"):
         profile_for(encoder, scheme.encoder_feeds(too_long, scheme.empty_image_input()), "lm_encoder")
+
+
+def test_other_depths_follow_the_config(tmp_path, photos):
+    """One encoder layer, three decoder layers (the geometry and cross K/V follow num_decoder_layers):
+    the split modules' prefill and decode-step logits equal Blip2ForConditionalGeneration's own forward
+    on the same decoder tokens. (HF generate itself cannot run such a T5 in transformers 5.24: its
+    cache is sized by the encoder's num_layers.)"""
+    from tiny_models import make_tiny_blip2_t5
+    from vlm_export.adapters import adapter_for
+    from vlm_export.adapters.reference import reference_pipeline
+    from vlm_export.contract import Limits
+    from vlm_export.contract.encdec import CROSS_KV
+
+    model_dir = make_tiny_blip2_t5(tmp_path / "model", seed=1, encoder_layers=1, decoder_layers=3)
+    loaded = adapter_for(model_dir).load(model_dir)
+    pipe = reference_pipeline(loaded, Limits(max_batch=2, max_images=1, max_sequence=64, tokens_per_image=4))
+    ids = pipe.prompt_ids(QUESTION, 1)
+    pixels = pipe.pixel_values([photos["cat"]])
+    logits, state = pipe.prefill(ids, pipe.encode_images(pixels))
+    assert state.caches[CROSS_KV].shape[1] == 2 * 3
+    token = int(np.argmax(logits))
+    step_logits, _ = pipe.step(state, np.asarray([token]))
+    with torch.no_grad():
+        out = loaded.model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                           pixel_values=torch.from_numpy(pixels),
+                           decoder_input_ids=torch.tensor([[*pipe.scheme.decoder_prompt_ids, token]]), use_cache=False)
+    np.testing.assert_allclose(logits, out.logits[0, -2].numpy(), atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(step_logits[0], out.logits[0, -1].numpy(), atol=1e-4, rtol=1e-5)
