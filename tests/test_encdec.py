@@ -356,3 +356,15 @@ def test_other_depths_follow_the_config(tmp_path, photos):
                            decoder_input_ids=torch.tensor([[*pipe.scheme.decoder_prompt_ids, token]]), use_cache=False)
     np.testing.assert_allclose(logits, out.logits[0, -2].numpy(), atol=1e-4, rtol=1e-5)
     np.testing.assert_allclose(step_logits[0], out.logits[0, -1].numpy(), atol=1e-4, rtol=1e-5)
+
+
+def test_bench_times_the_encoder_stage(blip2_t5, tmp_path):
+    """``vlm-export bench``'s stage cases include the encoder (once per prefill, on the prompt)."""
+    from vlm_export.bench import BenchOptions, run_bench
+
+    _, result = blip2_t5
+    options = BenchOptions(backends=("onnxruntime",), batch=(1,), new_tokens=2, threads=1, warmup=0, iterations=1,
+                           requests=1, bandwidth_mb=16, out=tmp_path / "bench")
+    stages = {r["stage"]: r for r in run_bench(result.path, options)["stages"]}
+    assert set(stages) == {"vision_encoder", "qformer", "lm_encoder", "prefill", "decode_step"}
+    assert stages["lm_encoder"]["latency_ms"]["min"] > 0
