@@ -96,9 +96,9 @@ class QFormerAdapterBase(VLMAdapter):
         cfg = model.config
         if bool(cfg.use_decoder_only_language_model) != self.decoder_only:
             kind = "a decoder-only" if cfg.use_decoder_only_language_model else "an encoder-decoder"
+            takes = "decoder-only LMs (OPT, Llama, ...)" if self.decoder_only else "encoder-decoder LMs (T5)"
             raise AdapterError(f"{path} has {kind} language model ({cfg.text_config.model_type}); the {self.name} "
-                               f"adapter takes {'decoder-only LMs (OPT, Llama, ...)' if self.decoder_only else 'encoder-decoder LMs (T5)'}"
-                               " - leave --adapter out to pick the adapter from config.json")
+                               f"adapter takes {takes} - leave --adapter out to pick the adapter from config.json")
         if cfg.image_token_id is None:
             raise AdapterError(f"{path / 'config.json'} has no image_token_index: this checkpoint predates image "
                                "tokens; re-save it with a current transformers and a processor with num_query_tokens")
