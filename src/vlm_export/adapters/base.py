@@ -64,6 +64,13 @@ class VLMAdapter(abc.ABC):
     #: most images one prompt may carry, where the model takes fewer than a build asks for (BLIP-2: one)
     max_images: ClassVar[int | None] = None
 
+    @classmethod
+    def handles(cls, config: dict) -> bool:
+        """Whether this adapter takes a folder whose config.json (``config``) has one of its
+        ``model_types``: several adapters may share a model type (BLIP-2 with a decoder-only or
+        an encoder-decoder LM) and tell their configs apart here."""
+        return True
+
     # ---- loading -------------------------------------------------------------------------
     @abc.abstractmethod
     def load(self, path: Path) -> LoadedModel:
@@ -108,6 +115,11 @@ class VLMAdapter(abc.ABC):
         """How the prompt becomes image-stage inputs (``role="prompt"``), for models whose image
         path reads the prompt; its tokenizer is ``loaded.image_text_tokenizer``."""
         return None
+
+    def fp32_modules(self, loaded: LoadedModel) -> dict[str, tuple[str, ...]]:
+        """Per stage, the names of modules the model keeps in fp32 in half precision (Hugging Face's
+        ``_keep_in_fp32_modules``): the fp16 pass keeps the nodes exported from them fp32 too."""
+        return {}
 
     def tolerances(self) -> dict[str, dict[str, float]]:
         """Per-stage overrides of the default parity tolerances (see compare.policy)."""

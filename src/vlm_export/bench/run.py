@@ -238,14 +238,15 @@ def thread_settings(threads: int, pipes: dict[str, VLMPipeline]) -> dict:
 
 def stage_cases(pipe: VLMPipeline, inputs: BenchInputs, batches: tuple[int, ...]):
     """(stage, batch, what is counted, count per call, call(pipe)): one per timed case; every
-    image stage the build declares, then the decoder's prefill and one decode step."""
+    image stage the build declares, an encoder stage (encoder-decoder schemes), then the decoder's prefill
+    and one decode step."""
     scheme = pipe.scheme
     cases = []
     for spec in pipe.image_stages:
         for b in batches:
             feeds = inputs.image_feeds[(spec.name, b)]
             cases.append((spec.name, b, "images", b, lambda p, n=spec.name, f=feeds: p.runners[n].infer(f)))
-    prefill = scheme.prefill_feeds([inputs.prompt_ids], inputs.image_input)
+    prefill = pipe.prefill_inputs([inputs.prompt_ids], inputs.image_input)  # (an encoder stage runs here once)
     step = scheme.step_feeds(inputs.decode_batch, np.asarray(inputs.prompt_ids[-1:]))
     placed: dict[int, dict] = {}
 
@@ -268,6 +269,10 @@ def stage_cases(pipe: VLMPipeline, inputs: BenchInputs, batches: tuple[int, ...]
         slots[id(p)] = replace(state, bound=bound)  # reuse the buffers' binding, as generation does
         return out
 
+    if scheme.encoder_stage is not None:  # an encoder-decoder's encoder: once per prefill, on the prompt
+        encoder_feeds = scheme.encoder_feeds([inputs.prompt_ids], inputs.image_input)
+        cases.append((scheme.encoder_stage, 1, "prompt tokens", len(inputs.prompt_ids),
+                      lambda p, n=scheme.encoder_stage: p.runners[n].infer(encoder_feeds)))
     cases.append(("prefill", 1, "prompt tokens", len(inputs.prompt_ids), lambda p: p.decode(prefill)))
     cases.append(("decode_step", 1, "tokens", 1,
                   lambda p: step_in_place(p) if p.kv_in_place else p.decode(step_on(p))))

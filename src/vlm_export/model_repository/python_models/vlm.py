@@ -81,6 +81,9 @@ class TritonPythonModel:
         else:
             decoder = BlsRunner(name, specs[name].input_names, specs[name].output_names)
         pipe.runners[name] = decoder
+        encoder = pipe.scheme.encoder_stage  # an encoder-decoder's encoder: its own model, called once per prefill
+        if encoder:
+            pipe.runners[encoder] = BlsRunner(encoder, specs[encoder].input_names, specs[encoder].output_names)
         # the ensemble takes the encoded images, plus the prompt's tokens where the image path reads it, and
         # gives what the scheme builds its image input from
         inputs = ["images", *(t.name for t in prompt_inputs(pipe.stages))]
