@@ -293,3 +293,66 @@ def make_tiny_mllama(path: Path, seed: int = 0, cross_layers: tuple[int, ...] = 
     MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                     chat_template=MLLAMA_CHAT_TEMPLATE).save_pretrained(path)
     return path
+
+
+# --- Florence-2 (DaViT + BART) ----------------------------------------------------------------------
+# No BART tokenizer ships here: SmolLM2's byte-level BPE (vocab + merges) is re-wrapped as a
+# BartTokenizer with BART's special tokens at BART's ids (<s> 0, <pad> 1, </s> 2, <unk> 3, <mask> 4:
+# SmolLM2's first five special tokens renamed) and Florence-2's "<image>" added after the vocab.
+# The generation config is the real checkpoints': decoder start </s>, forced <s> first and </s> at
+# the length limit, beam search with no repeated 3-grams by default.
+
+FLORENCE2_IMAGE_TOKEN = "<image>"
+
+
+def _florence2_tokenizer():
+    import json
+
+    from transformers import BartTokenizer
+
+    spec = json.loads((smollm2_tokenizer_dir() / "tokenizer.json").read_text())
+    vocab, merges = dict(spec["model"]["vocab"]), spec["model"]["merges"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    by_id = {i: t for t, i in vocab.items()}
+    for i, token in enumerate(("<s>", "<pad>", "</s>", "<unk>", "<mask>")):
+        del vocab[by_id[i]]
+        vocab[token] = i
+    tok = BartTokenizer(vocab=vocab, merges=merges, extra_special_tokens={"image_token": FLORENCE2_IMAGE_TOKEN})
+    return tok
+
+
+def make_tiny_florence2(path: Path, seed: int = 0, image_size: int = 64) -> Path:
+    """A tiny random Florence-2 (Florence2ForConditionalGeneration: a 3-stage DaViT, a BART with 2
+    encoder and 2 decoder layers) with its Florence2Processor (CLIP image processor, image_seq_length
+    = the DaViT grid + 1 temporal token, as the real one's 577 = 24 x 24 + 1)."""
+    from transformers import (BartConfig, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
+                              Florence2Processor, Florence2VisionConfig, GenerationConfig)
+
+    tok = _florence2_tokenizer()
+    image_token_id = tok.convert_tokens_to_ids(FLORENCE2_IMAGE_TOKEN)
+    vision = Florence2VisionConfig(depths=(1, 1, 1), patch_size=(7, 3, 3), patch_stride=(4, 2, 2),
+                                   patch_padding=(3, 1, 1), patch_prenorm=(False, True, True), embed_dim=(16, 32, 48),
+                                   num_heads=(1, 2, 3), num_groups=(1, 2, 3), window_size=3, projection_dim=64,
+                                   drop_path_rate=0.0)
+    ids = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=0,
+               forced_eos_token_id=2)
+    text = BartConfig(vocab_size=_padded_vocab(len(tok)), d_model=64, encoder_layers=2, decoder_layers=2,
+                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                      max_position_embeddings=256, scale_embedding=False, init_std=0.1, **ids)
+    torch.manual_seed(seed)
+    model = Florence2ForConditionalGeneration(Florence2Config(vision_config=vision, text_config=text,
+                                                              image_token_id=image_token_id)).eval()
+    # At init the decoder's answer is one token repeated whatever the image and prompt; sharper and
+    # stronger cross-attention makes greedy answers vary with both (checked on three photos, two tasks).
+    with torch.no_grad():
+        for layer in model.model.language_model.decoder.layers:
+            attn = layer.encoder_attn
+            for proj, scale in ((attn.q_proj, 3.0), (attn.k_proj, 3.0), (attn.v_proj, 2.0), (attn.out_proj, 2.0)):
+                proj.weight.mul_(scale)
+    model.generation_config = GenerationConfig(num_beams=3, no_repeat_ngram_size=3, early_stopping=True, **ids)
+    model.save_pretrained(path)
+    grid = image_size // 16  # the DaViT's strides 4 x 2 x 2
+    image_processor = CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False,
+                                         image_seq_length=grid * grid + 1)
+    Florence2Processor(image_processor=image_processor, tokenizer=tok).save_pretrained(path)
+    return path
