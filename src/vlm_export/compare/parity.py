@@ -61,18 +61,21 @@ class ParityResult:
 
 def compare_stages(ref: VLMPipeline, cand: VLMPipeline, samples: Sequence[Sample],
                    result: ParityResult, progress: Callable[[], None] = lambda: None) -> None:
-    """Every image stage (under its own name) and the decoder's prefill and one decode step."""
+    """Every image stage and any encoder stage (under its own name) and the decoder's prefill and one
+    decode step."""
     scheme = ref.scheme
+
+    def observe(spec, feeds, outputs):
+        _add_outputs(result, spec.name, outputs, cand.runners[spec.name].infer(feeds))
+
     for sample in samples:
         image_input = scheme.empty_image_input()
         if sample.images:
-            def observe(spec, feeds, outputs):
-                _add_outputs(result, spec.name, outputs, cand.runners[spec.name].infer(feeds))
-
             image_input = ref.encode_images(ref.pixel_values(sample.images), observe, sample.prompt)
         ids = ref.prompt_ids(sample.prompt, len(sample.images))
-        # prefill from an empty state, the same inputs to both
-        feeds = scheme.prefill_feeds([ids], image_input)
+        # prefill from an empty state, the same inputs to both (an encoder stage, where the scheme
+        # has one, is compared on the reference's feeds like an image stage)
+        feeds = ref.prefill_inputs([ids], image_input, observe)
         ref_out = ref.decode(feeds)
         _add_outputs(result, "prefill", ref_out, cand.decode(feeds))
         # one decode step on the reference's state
@@ -86,7 +89,7 @@ def compare_stages(ref: VLMPipeline, cand: VLMPipeline, samples: Sequence[Sample
     ids = ref.prompt_ids(sample.prompt, len(sample.images))
     both = ref.encode_images(None if pixel_values is None else concat_pixels([pixel_values] * 2),
                              prompt=sample.prompt)
-    feeds = scheme.prefill_feeds([ids, ids], both)
+    feeds = ref.prefill_inputs([ids, ids], both)
     result.add("prefill", "logits_batch2", ref.decode(feeds)["logits"], cand.decode(feeds)["logits"])
 
 

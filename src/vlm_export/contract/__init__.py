@@ -12,18 +12,21 @@ the same declarations the adapters wrote at build time.
   for a batch of sequences (registered by name; the manifest stores the name and parameters).
 * :class:`Limits`, :class:`PromptLayout` (and :class:`ImageText`, the prompt as an image-path input),
   :class:`DecoderGeometry`.
+
+An encoder-decoder LM adds one ``encoder`` stage that its scheme names and the runtime runs once
+per prefill (``encdec.EncoderDecoderScheme``).
 """
 from .geometry import DecoderGeometry
 from .layout import LAYOUTS, ImageText, PromptLayout
 from .limits import Limits
 from .scheme import DecodeBatch, DecodingScheme, Range, register_scheme, registered_schemes, scheme_from_dict
-from .stages import (DECODER, DECODER_PRECISIONS, IMAGE, IMAGE_PRECISIONS, StageSpec, TensorSpec, check_chain,
+from .stages import (DECODER, DECODER_PRECISIONS, ENCODER, IMAGE, IMAGE_PRECISIONS, StageSpec, TensorSpec, check_chain,
                      check_image_text, image_stages, prompt_inputs, stages_from_manifest)
-from . import cross, spliced  # noqa: F401  (register the built-in schemes)
+from . import cross, encdec, spliced  # noqa: F401  (register the built-in schemes)
 
 __all__ = [
     "DecoderGeometry", "LAYOUTS", "ImageText", "PromptLayout", "Limits", "DecodeBatch", "DecodingScheme", "Range",
-    "register_scheme", "registered_schemes", "scheme_from_dict", "IMAGE", "DECODER", "StageSpec", "TensorSpec",
+    "register_scheme", "registered_schemes", "scheme_from_dict", "IMAGE", "ENCODER", "DECODER", "StageSpec", "TensorSpec",
     "image_stages", "prompt_inputs", "check_image_text", "stages_from_manifest", "check_chain", "IMAGE_PRECISIONS",
     "DECODER_PRECISIONS",
 ]

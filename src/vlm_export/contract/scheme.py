@@ -362,11 +362,40 @@ class DecodingScheme(abc.ABC):
         row without images gives ``empty_image_input()``)."""
 
     @abc.abstractmethod
-    def prefill_feeds(self, rows: Sequence[Sequence[int]], image_input: np.ndarray) -> dict[str, np.ndarray]:
+    def prefill_feeds(self, rows: Sequence[Sequence[int]], image_input: np.ndarray,
+                      encoded: Feeds | None = None) -> dict[str, np.ndarray]:
         """Decoder feeds for ONE prefill of ``rows`` (prompt ids, any lengths, at least one token
         each) from an empty state: shorter rows padded on the left, the padding masked and never an
         image placeholder, each row's positions counting from its first real token.
-        ``image_input`` holds the images of every row, in row order (``batch_image_inputs``)."""
+        ``image_input`` holds the images of every row, in row order (``batch_image_inputs``).
+        ``encoded``: the encoder stage's outputs for ``encoder_feeds(rows, image_input)``, for a
+        scheme with an ``encoder_stage`` (None otherwise)."""
+
+    # ---- an encoder stage run once per prefill (encoder-decoder LMs; contract/encdec.py) -------
+    # A scheme with an encoder stage names it here; the runtime (VLMPipeline.prefill_inputs) runs
+    # that stage ONCE per prefill on encoder_feeds(rows, image_input) and hands its outputs to
+    # prefill_feeds(..., encoded=...); decode steps never run it (what they need of its outputs is
+    # fixed per-row state in the DecodeBatch).
+    #: the encoder stage's name in the manifest (None: the decoder reads the prompt itself)
+    encoder_stage: ClassVar[str | None] = None
+
+    def encoder_feeds(self, rows: Sequence[Sequence[int]], image_input: np.ndarray) -> dict[str, np.ndarray]:
+        """The encoder stage's feeds for ONE prefill of ``rows`` (only where ``encoder_stage``)."""
+        raise NotImplementedError(f"the {self.name} scheme has no encoder stage")
+
+    def encoder_dim_ranges(self, limits: Limits) -> list[dict[str, Range]]:
+        """The encoder stage's dynamic dims per TensorRT optimization profile (only where ``encoder_stage``)."""
+        raise NotImplementedError(f"the {self.name} scheme has no encoder stage")
+
+    def length_problem(self, prompt_tokens: int, max_new_tokens: int, limits: Limits) -> str | None:
+        """Why a prompt of ``prompt_tokens`` (the user's, as built by the prompt layout) with
+        ``max_new_tokens`` does not fit the build's limits (None: it fits). By default prompt and
+        new tokens share one sequence; a scheme whose decoder does not hold the prompt (an
+        encoder-decoder's) bounds each on its own."""
+        if prompt_tokens + max_new_tokens > limits.max_sequence:
+            return (f"the prompt is {prompt_tokens} tokens; with max_tokens {max_new_tokens} it exceeds this build's "
+                    f"max_sequence of {limits.max_sequence}: shorten the prompt or lower max_tokens")
+        return None
 
     def prefill_state(self, outputs: Feeds, lengths: Sequence[int], feeds: Feeds | None = None) -> DecodeBatch:
         """The state after ``prefill_feeds(rows)``: ``lengths`` are the rows' prompt lengths, in row

@@ -10,7 +10,9 @@ model's processor makes more, e.g. mllama's ``aspect_ratio_ids`` / ``aspect_rati
 key; the images on axis 0, leading per-prompt axes folded into it), an output of an earlier stage with the same name
 (``role="upstream"``), or the request's prompt tokenized as the build's :class:`ImageText` says
 (``role="prompt"``: InstructBLIP's Q-Former reads the instruction, so its image path depends on the
-prompt). The one ``decoder`` stage is fed by the decoding scheme.
+prompt). The one ``decoder`` stage is fed by the decoding scheme; so is an ``encoder`` stage, which
+an encoder-decoder scheme declares (``DecodingScheme.encoder_stage``) and the runtime runs once per
+prefill, between the image stages and the decoder (``contract/encdec.py``).
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 if TYPE_CHECKING:
     from .layout import ImageText
 
-IMAGE, DECODER = "image", "decoder"
-KINDS = (IMAGE, DECODER)
+IMAGE, ENCODER, DECODER = "image", "encoder", "decoder"
+KINDS = (IMAGE, ENCODER, DECODER)
 INPUT_ROLES = ("pixels", "upstream", "prompt", "decoder")
 IMAGE_INPUT_ROLES = ("pixels", "upstream", "prompt")
 #: every stage can stay as exported
@@ -52,7 +54,7 @@ class TensorSpec:
 @dataclass(frozen=True)
 class StageSpec:
     name: str
-    kind: str  # IMAGE or DECODER
+    kind: str  # IMAGE, ENCODER or DECODER
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     #: precisions this stage may be converted to (fp32 always); the precision layer knows what each means
@@ -110,6 +112,10 @@ def check_chain(stages: list[StageSpec], image_input: str) -> None:
                 raise ValueError(f"image stage {stage.name!r}: input {t.name!r} has role {t.role!r}; "
                                  f"image stages take {', '.join(map(repr, IMAGE_INPUT_ROLES))} inputs")
         made.update(stage.output_names)
+    for stage in stages:
+        if stage.kind == ENCODER and any(t.role in IMAGE_INPUT_ROLES for t in stage.inputs):
+            raise ValueError(f"encoder stage {stage.name!r} is fed by the decoding scheme (role 'decoder'), "
+                             "not by the image path")
     decoders = [s for s in stages if s.kind == DECODER]
     if len(decoders) != 1 or stages[-1].kind != DECODER:
         raise ValueError("a build has exactly one decoder stage, declared last")

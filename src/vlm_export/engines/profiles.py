@@ -4,7 +4,8 @@ Every dynamic dim of every graph input is named at export; a profile gives each 
 (min, opt, max), and the shapes follow. Image stages get one profile over the number of images
 (plus any ranges the stage declares itself); the decoder gets the profiles its decoding scheme
 derives from the limits (for the spliced scheme: prefill - many tokens, empty cache, image rows -
-and decode - one token per row on a cache up to max_sequence - 1).
+and decode - one token per row on a cache up to max_sequence - 1), and so does an encoder stage
+(``scheme.encoder_dim_ranges``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def dim_ranges(manifest: dict) -> dict[str, list[dict[str, Range]]]:
     for spec in stages_from_manifest(manifest):
         if spec.name == scheme.decoder_stage:
             ranges[spec.name] = [{**spec.dim_ranges, **p} for p in scheme.dim_ranges(limits)]
+        elif spec.name == scheme.encoder_stage:
+            ranges[spec.name] = [{**spec.dim_ranges, **p} for p in scheme.encoder_dim_ranges(limits)]
         else:
             ranges[spec.name] = [{**image_profile, **spec.dim_ranges}]
     return ranges

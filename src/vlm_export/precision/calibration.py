@@ -53,14 +53,17 @@ def folder_pairs(folder: Path, prompts_file: Path | None = None, limit: int = DE
 
 def stage_feeds(reference: VLMPipeline, pairs: list[CalibrationPair]) -> dict[str, list[dict[str, np.ndarray]]]:
     """Per-stage input feeds, produced by the reference pipeline's own upstream stages: each image
-    stage sees what its predecessor made of real pixels, the decoder a real prefill."""
+    stage sees what its predecessor made of real pixels, the decoder (and an encoder stage) a real prefill."""
     scheme = reference.scheme
     feeds: dict[str, list[dict[str, np.ndarray]]] = {spec.name: [] for spec in reference.stages}
+    def keep(spec, f, _):
+        feeds[spec.name].append(f)
+
     for pair in pairs:
-        image_input = reference.encode_images(reference.pixel_values([pair.image]),
-                                              lambda spec, f, _: feeds[spec.name].append(f), pair.prompt)
+        image_input = reference.encode_images(reference.pixel_values([pair.image]), keep, pair.prompt)
         ids = reference.prompt_ids(pair.prompt, 1)
-        feeds[scheme.decoder_stage].append(scheme.prefill_feeds([ids], image_input))
+        # an encoder stage (encoder-decoder schemes) sees the prefill's own encoder feeds
+        feeds[scheme.decoder_stage].append(reference.prefill_inputs([ids], image_input, keep))
     return feeds
 
 

@@ -140,11 +140,9 @@ class VLMPipeline:
         return build_prompt_ids(self.tokenizer, self.layout, prompt, n_images)
 
     def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        if prompt_tokens + max_new_tokens > self.limits.max_sequence:
-            raise InputError(
-                f"the prompt is {prompt_tokens} tokens; with max_tokens {max_new_tokens} it exceeds this build's "
-                f"max_sequence of {self.limits.max_sequence}: shorten the prompt or lower max_tokens"
-            )
+        problem = self.scheme.length_problem(prompt_tokens, max_new_tokens, self.limits)
+        if problem:
+            raise InputError(problem)
 
     @property
     def reads_prompt(self) -> bool:
@@ -222,6 +220,20 @@ class VLMPipeline:
         out = self.decode(scheme.step_feeds(batch, tokens))
         return scheme.next_logits(out), scheme.advance(batch, out)
 
+    def prefill_inputs(self, rows: Sequence[Sequence[int]], image_input, observe: StageObserver | None = None):
+        """The decoder's feeds for ONE prefill of ``rows`` (``image_input``: the rows' joined, as
+        ``scheme.batch_image_inputs`` makes it). Where the scheme has an encoder stage, that stage
+        runs here, once for the whole prefill (``observe`` sees its feeds and outputs); decode
+        steps never run it."""
+        scheme = self.scheme
+        if scheme.encoder_stage is None:
+            return scheme.prefill_feeds(rows, image_input)
+        feeds = scheme.encoder_feeds(rows, image_input)
+        encoded = self.runners[scheme.encoder_stage].infer(feeds)
+        if observe is not None:
+            observe(next(s for s in self.stages if s.name == scheme.encoder_stage), feeds, encoded)
+        return scheme.prefill_feeds(rows, image_input, encoded=encoded)
+
     def prefill(self, prompt_ids: Sequence[int], image_input: np.ndarray):
         """(logits [vocab] of the last prompt position, the state of this one row)."""
         logits, state = self.prefill_batch([prompt_ids], [image_input])
@@ -232,6 +244,6 @@ class VLMPipeline:
         ``image_inputs``, in row order): (logits [rows, vocab] of each row's last prompt position,
         the state of these rows, padding zeroed and masked; see ``contract.scheme``)."""
         scheme = self.scheme
-        feeds = scheme.prefill_feeds(rows, scheme.batch_image_inputs(image_inputs))
+        feeds = self.prefill_inputs(rows, scheme.batch_image_inputs(image_inputs))
         out = self.decode(feeds)
         return scheme.next_logits(out), scheme.prefill_state(out, [len(r) for r in rows], feeds)
