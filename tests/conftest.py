@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("VLM_EXPORT_ORT_SPIN", "0")
 
 from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava, make_tiny_mllama, make_tiny_prefix  # noqa: E402
+from tiny_models import make_tiny_blip2_t5  # noqa: E402
 from tiny_models import make_tiny_florence2  # noqa: E402
 
 # name -> (maker, kwargs): one per architecture family and text family the tests cover
@@ -34,6 +35,7 @@ TINY_MODELS = {
     "blip2-llama": (make_tiny_blip2, {"family": "llama"}),
     "instructblip-llama": (make_tiny_instructblip, {}),
     "mllama": (make_tiny_mllama, {}),
+    "blip2-t5": (make_tiny_blip2_t5, {}),
     "florence2": (make_tiny_florence2, {}),
 }
 

@@ -31,8 +31,10 @@ def test_build_parity_per_stage(tiny_build, name):
     assert report["passed"]
     stages = report["stages"]
     image_stages = [s["name"] for s in result.manifest["stages"] if s["kind"] == "image"]
+    encoder_stages = [s["name"] for s in result.manifest["stages"] if s["kind"] == "encoder"]  # bars: test_encdec
     # the decoder in the onnxruntime target's (fused) form, and in the standard form TensorRT reads
-    assert set(stages) == {*image_stages, "prefill", "decode", "prefill (standard form)", "decode (standard form)"}
+    assert set(stages) == {*image_stages, *encoder_stages, "prefill", "decode", "prefill (standard form)",
+                           "decode (standard form)"}
     for stage in ("prefill", "decode", "prefill (standard form)", "decode (standard form)"):
         assert stages[stage]["logits"]["max_abs"] <= 1e-4, stages[stage]["logits"]
         assert stages[stage]["logits"]["cosine"] > 0.99999

@@ -295,6 +295,58 @@ def make_tiny_mllama(path: Path, seed: int = 0, cross_layers: tuple[int, ...] = 
     return path
 
 
+# --- BLIP-2 with a T5 (encoder-decoder) language model ---------------------------------------------
+# No T5 SentencePiece model can be downloaded here: the tokenizer is transformers' own T5Tokenizer (a
+# Unigram model, T5's pre-tokenizer, decoder and "</s>" post-processor) over a small vocabulary built
+# from the BERT word list above, with T5's special ids (pad 0 = decoder start, eos 1, unk 2) and
+# "<image>" added the way Blip2Processor adds it. initializer_factor 2: at T5's default init the
+# decoder's residual stream keeps the embedding of its input, and with tied embeddings the greedy
+# token is then the decoder start token forever; twice the weights make answers depend on the image
+# (the logits stay ~20: larger ones, at 4x, put fp32 rounding above the 1e-4 parity bar).
+
+def make_t5_tokenizer():
+    import string
+
+    from transformers import AddedToken, T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    seen = {p for p, _ in pieces}
+    words = ["\u2581" + w for w in _BERT_WORDS + ["question", "answer", "picture", "capital", "france", "story"]]
+    chars = [c for ch in string.ascii_letters + string.digits + string.punctuation for c in (ch, "\u2581" + ch)]
+    for i, piece in enumerate(words + chars):
+        if piece not in seen:
+            seen.add(piece)
+            pieces.append((piece, -5.0 - 0.001 * i if piece in words else -10.0))
+    tok = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tok.add_tokens([AddedToken(BLIP_IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+    return tok
+
+
+def make_tiny_blip2_t5(path: Path, seed: int = 0, num_query_tokens: int = 4, encoder_layers: int = 2,
+                       decoder_layers: int = 2) -> Path:
+    """A tiny random Blip2ForConditionalGeneration with a T5 (gated-gelu, as Flan-T5) text model, with
+    its Blip2Processor. (Unequal encoder and decoder depths do not
+    run in HF generate 5.24: its cache is sized by num_layers, the encoder's.)"""
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
+                              Blip2VisionConfig, T5Config)
+
+    tok = make_t5_tokenizer()
+    vision, qformer = _blip_sub_configs(Blip2VisionConfig, Blip2QFormerConfig)
+    text = T5Config(vocab_size=_padded_vocab(len(tok)), d_model=64, d_kv=16, d_ff=128, num_layers=encoder_layers,
+                    num_decoder_layers=decoder_layers, num_heads=4, relative_attention_num_buckets=8,
+                    relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+                    decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id, initializer_factor=2.0)
+    torch.manual_seed(seed)
+    cfg = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text,
+                      num_query_tokens=num_query_tokens, image_text_hidden_size=32,
+                      image_token_index=tok.convert_tokens_to_ids(BLIP_IMAGE_TOKEN))
+    model = Blip2ForConditionalGeneration(cfg).eval()
+    _randomise_query_tokens(model)
+    model.save_pretrained(path)
+    Blip2Processor(image_processor=_blip_image_processor(), tokenizer=tok,
+                   num_query_tokens=num_query_tokens).save_pretrained(path)
+
 # --- Florence-2 (DaViT + BART) ----------------------------------------------------------------------
 # No BART tokenizer ships here: SmolLM2's byte-level BPE (vocab + merges) is re-wrapped as a
 # BartTokenizer with BART's special tokens at BART's ids (<s> 0, <pad> 1, </s> 2, <unk> 3, <mask> 4:

@@ -53,12 +53,14 @@ def read_config(path: Path) -> dict:
 
 
 def adapter_for(path: Path, name: str | None = None) -> VLMAdapter:
-    """The adapter named ``name``, or the one whose ``model_types`` match the folder's config."""
+    """The adapter named ``name``, or the one whose ``model_types`` match the folder's config (and
+    that ``handles`` it, where several share a model type)."""
     if name:
         return get_adapter(name)
-    model_type = read_config(path).get("model_type")
+    config = read_config(path)
+    model_type = config.get("model_type")
     for cls in _REGISTRY.values():
-        if model_type in cls.model_types:
+        if model_type in cls.model_types and cls.handles(config):
             return cls()
     raise AdapterError(
         f"no adapter for model_type {model_type!r} in {Path(path) / 'config.json'}; "
@@ -67,7 +69,7 @@ def adapter_for(path: Path, name: str | None = None) -> VLMAdapter:
 
 
 # built-in adapters register themselves on import
-from . import blip2, florence2, instructblip, llava, mllama, prefix  # noqa: E402,F401
+from . import blip2, blip2_t5, florence2, instructblip, llava, mllama, prefix  # noqa: E402,F401
 
 __all__ = [
     "LoadedModel", "Stage", "VLMAdapter",

@@ -64,6 +64,13 @@ class VLMAdapter(abc.ABC):
     #: most images one prompt may carry, where the model takes fewer than a build asks for (BLIP-2: one)
     max_images: ClassVar[int | None] = None
 
+    @classmethod
+    def handles(cls, config: dict) -> bool:
+        """Whether this adapter takes a folder whose config.json (``config``) has one of its
+        ``model_types``: several adapters may share a model type (BLIP-2 with a decoder-only or
+        an encoder-decoder LM) and tell their configs apart here."""
+        return True
+
     # ---- loading -------------------------------------------------------------------------
     @abc.abstractmethod
     def load(self, path: Path) -> LoadedModel:

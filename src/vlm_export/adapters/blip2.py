@@ -62,6 +62,17 @@ class QFormerProjector(nn.Module):
         return self.language_projection(out)
 
 
+def decoder_only_lm(config: dict) -> bool:
+    """Whether a BLIP-2-style config.json has a decoder-only language model: its own
+    ``use_decoder_only_language_model``, else the rule its config class applies (the text model's
+    type is a causal LM's)."""
+    if config.get("use_decoder_only_language_model") is not None:
+        return bool(config["use_decoder_only_language_model"])
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return (config.get("text_config") or {}).get("model_type", "opt") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
 class QFormerAdapterBase(VLMAdapter):
     """What BLIP-2 and InstructBLIP share: the load checks, the decoder, the prompt and the reference."""
 
@@ -69,15 +80,23 @@ class QFormerAdapterBase(VLMAdapter):
     processor_cls: ClassVar[str]
     #: one image per prompt: the processor puts one set of query tokens in front of the text
     max_images = 1
+    #: the kind of language model this adapter takes (blip2_t5.py takes the encoder-decoder ones)
+    decoder_only: ClassVar[bool] = True
+
+    @classmethod
+    def handles(cls, config: dict) -> bool:
+        return decoder_only_lm(config) == cls.decoder_only
 
     def load(self, path: Path) -> LoadedModel:
         import transformers
 
         model, tokenizer, image_processor = load_hf_parts(getattr(transformers, self.model_cls), path)
         cfg = model.config
-        if not cfg.use_decoder_only_language_model:
-            raise AdapterError(f"{path} has an encoder-decoder language model ({cfg.text_config.model_type}); "
-                               f"the {self.name} adapter takes decoder-only LMs (OPT, Llama, ...)")
+        if bool(cfg.use_decoder_only_language_model) != self.decoder_only:
+            kind = "a decoder-only" if cfg.use_decoder_only_language_model else "an encoder-decoder"
+            raise AdapterError(f"{path} has {kind} language model ({cfg.text_config.model_type}); the {self.name} "
+                               f"adapter takes {'decoder-only LMs (OPT, Llama, ...)' if self.decoder_only else 'encoder-decoder LMs (T5)'}"
+                               " - leave --adapter out to pick the adapter from config.json")
         if cfg.image_token_id is None:
             raise AdapterError(f"{path / 'config.json'} has no image_token_index: this checkpoint predates image "
                                "tokens; re-save it with a current transformers and a processor with num_query_tokens")

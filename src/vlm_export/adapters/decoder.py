@@ -45,16 +45,7 @@ class SplicingDecoder(nn.Module):
         self.num_layers = num_layers
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
-        is_image = input_ids == self.image_token_id
-        # placeholder ids may lie outside the vocabulary (prefix layout): embed a valid id there
-        text_embeds = self.embed_tokens(torch.where(is_image, torch.zeros_like(input_ids), input_ids))
-        batch, seq, hidden = text_embeds.shape
-        # row 0 of the table is padding so text positions (index 0) and an empty table work
-        table = torch.cat([text_embeds.new_zeros(1, hidden), image_embeds.to(text_embeds.dtype)], dim=0)
-        flat = is_image.reshape(-1).to(torch.int64)
-        index = torch.cumsum(flat, dim=0) * flat
-        spliced = table.index_select(0, index).reshape(batch, seq, hidden)
-        return torch.where(is_image.unsqueeze(-1), spliced, text_embeds)
+        return splice_image_rows(self.embed_tokens, input_ids, image_embeds, self.image_token_id)
 
     def forward(self, input_ids, image_embeds, attention_mask, position_ids, *past):
         cache = DynamicCache()
@@ -74,6 +65,22 @@ class SplicingDecoder(nn.Module):
         for layer in cache.layers[: self.num_layers]:
             present += [layer.keys, layer.values]
         return (logits, *present)
+
+
+def splice_image_rows(embed_tokens: nn.Module, input_ids: torch.Tensor, image_embeds: torch.Tensor,
+                      image_token_id: int) -> torch.Tensor:
+    """The ids' embeddings with the k-th placeholder (row-major) replaced by row k of ``image_embeds``
+    (HF's ``masked_scatter``, in a form that exports with an empty table too)."""
+    is_image = input_ids == image_token_id
+    # placeholder ids may lie outside the vocabulary (prefix layout): embed a valid id there
+    text_embeds = embed_tokens(torch.where(is_image, torch.zeros_like(input_ids), input_ids))
+    batch, seq, hidden = text_embeds.shape
+    # row 0 of the table is padding so text positions (index 0) and an empty table work
+    table = torch.cat([text_embeds.new_zeros(1, hidden), image_embeds.to(text_embeds.dtype)], dim=0)
+    flat = is_image.reshape(-1).to(torch.int64)
+    index = torch.cumsum(flat, dim=0) * flat
+    spliced = table.index_select(0, index).reshape(batch, seq, hidden)
+    return torch.where(is_image.unsqueeze(-1), spliced, text_embeds)
 
 
 def text_geometry(text_cfg) -> DecoderGeometry:

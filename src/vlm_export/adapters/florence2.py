@@ -34,7 +34,8 @@ from ..contract.encdec import EncoderDecoderScheme
 from ..errors import AdapterError, ModelLoadError
 from . import register
 from .base import LoadedModel, Stage, VLMAdapter
-from .decoder import SplicingDecoder, image_path_stages
+from .blip2_t5 import decoder_prompt_ids
+from .decoder import image_path_stages, splice_image_rows
 from .loading import first_line, load_hf_parts
 
 EXAMPLE_BATCH, EXAMPLE_ENCODER_SEQ, EXAMPLE_SEQ, EXAMPLE_PAST, EXAMPLE_CROSS_SEQ = 2, 7, 3, 4, 5
@@ -65,8 +66,6 @@ class Florence2Encoder(nn.Module):
     (what BartAttention computes at the first decoder call and caches). The batch is RIGHT-padded:
     BART's encoder positions are ``arange(sequence)`` whatever the mask."""
 
-    embed = SplicingDecoder.embed  # the row-major splice of the decoder-only adapters, export-friendly
-
     def __init__(self, language_model: nn.Module, image_token_id: int):
         super().__init__()
         self.embed_tokens = language_model.get_input_embeddings()  # BART's scaled word embedding
@@ -75,8 +74,8 @@ class Florence2Encoder(nn.Module):
         self.image_token_id = int(image_token_id)
 
     def forward(self, input_ids, attention_mask, image_embeds):
-        states = self.encoder(inputs_embeds=self.embed(input_ids, image_embeds),
-                              attention_mask=attention_mask).last_hidden_state
+        embeds = splice_image_rows(self.embed_tokens, input_ids, image_embeds, self.image_token_id)
+        states = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
         batch, seq, _ = states.shape
         kv = []
         for attn in self.cross:
@@ -124,18 +123,6 @@ class Florence2Decoder(nn.Module):
         for layer in self_cache.layers[:layers]:
             present += [layer.keys, layer.values]
         return (logits, *present)
-
-
-def decoder_prompt_ids(generation_config, text_config) -> list[int]:
-    """The decoder's own prompt as HF generate starts it: ``decoder_start_token_id``, then the
-    ``forced_bos_token_id`` that the model forces as its first generated token (Florence-2: </s>, <s>)."""
-    start = getattr(generation_config, "decoder_start_token_id", None)
-    if start is None:
-        start = getattr(text_config, "decoder_start_token_id", None)
-    if start is None:
-        raise AdapterError("the model's generation config and text config have no decoder_start_token_id")
-    forced = getattr(generation_config, "forced_bos_token_id", None)
-    return [int(start)] + ([int(forced)] if forced is not None else [])
 
 
 @register
