@@ -297,6 +297,7 @@ LONGEST_FIRST = (
     "test_demo_model.py",
     "test_lora.py",
     "test_policy.py",
+    "test_florence2.py",  # ~15 CPU-s of its own (fp16 variant, a CLI build) on the shared florence2 build
 )
 
 

@@ -211,3 +211,20 @@ def test_vlm_export_build_cli(tiny_model_dir, tmp_path, capsys):
     assert [s["name"] for s in manifest["stages"]] == ["vision_encoder", "projector", "lm_encoder", "lm_decoder"]
     assert manifest["limits"]["max_images"] == 1 and manifest["limits"]["tokens_per_image"] == 17
     assert json.loads((out / "report.json").read_text())["passed"]
+
+
+def test_fp16_variant(tiny_model_dir, tmp_path):
+    """Every stage in fp16 (BART's LayerNorms, Softmax and GELU's Erf kept in fp32, recorded in the
+    manifest) passes the fp16 tolerances per stage, and its greedy tokens equal HF generate's."""
+    from vlm_export.build import BuildOptions, build
+    from vlm_export.precision.spec import parse_precision
+
+    result = build(tiny_model_dir("florence2"), tmp_path / "fp16", BuildOptions(
+        max_sequence=256, parity_new_tokens=16, precision=parse_precision("fp16")))
+    assert result.failures == []
+    graphs = result.manifest["graphs"]
+    for stage in ("lm_encoder", "lm_decoder"):
+        assert graphs[stage]["precision"] == "fp16"
+        assert {"LayerNormalization", "Softmax", "Erf"} <= set(graphs[stage]["variant"]["fp32_islands"]), stage
+    report = json.loads((result.path / "report.json").read_text())
+    assert all(run["identical"] for run in report["end_to_end"]["onnxruntime"])
