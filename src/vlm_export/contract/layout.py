@@ -9,6 +9,11 @@ model code (``runtime.prompt.build_prompt_ids``):
   per image are put in front of it (prefix-fusion models prepend the image embeddings; BLIP-2's
   processor puts its ``num_query_tokens`` image tokens before the tokenized text the same way).
 
+``task_prompts``: prompts the model's processor rewrites before tokenizing (Florence-2's task tokens:
+``"<CAPTION>"`` -> ``"What does the image describe?"``), as its processor does: a task whose text
+holds ``{input}`` takes the rest of the prompt (``"<OD_X>a dog"`` -> the text with ``input="a dog"``),
+any other must be the whole prompt.
+
 ``add_special_tokens``: whether the tokenizer adds its own special tokens (BOS) to the text. Off
 where a chat template writes them into the text; on where the model's processor tokenizes plain
 text with them (BLIP-2, InstructBLIP).
@@ -18,7 +23,7 @@ Q-Former reads the instruction through a tokenizer of its own).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 LAYOUTS = ("inline", "prefix")
@@ -35,6 +40,8 @@ class PromptLayout:
     #: a newline between an image part and the text after it (the llava convention); off where the
     #: model's own chat template writes the image token straight before the text (mllama's)
     image_newline: bool = True
+    #: task token -> the text the processor puts in its place (see the module docstring)
+    task_prompts: dict[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUTS:
@@ -46,6 +53,8 @@ class PromptLayout:
         d = asdict(self)
         if d["image_newline"]:  # the default is left out: such manifests stay readable by earlier versions
             del d["image_newline"]
+        if not d["task_prompts"]:  # likewise
+            del d["task_prompts"]
         return d
 
     @classmethod

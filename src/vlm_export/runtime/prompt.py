@@ -39,9 +39,34 @@ def format_text(tokenizer, layout: PromptLayout, messages: Sequence[Message]) ->
     return turns[0]["content"]
 
 
+def expand_task(layout: PromptLayout, text: str) -> str:
+    """``text`` with a task token replaced as the model's processor replaces it (``layout.task_prompts``;
+    Florence2Processor._construct_prompts): tasks without input first, the whole prompt or an
+    error; then tasks with input, the rest of the prompt as their input."""
+    tasks = layout.task_prompts
+    for token, value in tasks.items():
+        if "{input}" not in value and token in text:
+            if text != token:
+                raise InputError(f"the task token {token} must be the only content of the prompt")
+            text = value
+            break
+    for token, value in tasks.items():
+        if "{input}" in value and token in text:
+            return value.format(input=text.replace(token, "").strip())
+    return text
+
+
+def _expanded(layout: PromptLayout, content):
+    if isinstance(content, str):
+        return expand_task(layout, content)
+    return [{**p, "text": expand_task(layout, p["text"])} if p.get("type") == "text" else p for p in content]
+
+
 def build_prompt_ids(tokenizer, layout: PromptLayout, prompt: Prompt, n_images: int) -> list[int]:
     """Token ids for one prompt or conversation with ``n_images`` images, placeholders expanded."""
     messages = as_messages(prompt, n_images)
+    if layout.task_prompts:
+        messages = [{**m, "content": _expanded(layout, m["content"])} for m in messages]
     texts = [p["text"] for m in messages for p in m["content"] if p["type"] == "text"]
     if layout.kind == "inline" and any(layout.image_token in t for t in texts):
         raise InputError(f"the prompt contains the image token {layout.image_token!r} itself; "

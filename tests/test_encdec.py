@@ -1,0 +1,247 @@
+"""Encoder-decoder fusion: the ``encoder_decoder`` scheme (contract/encdec.py) and the blip2_t5
+adapter (BLIP-2 with a T5 language model), on the tiny random BLIP-2-T5 of tiny_models.
+
+What is proved: ``vlm-export build`` passes parity per stage (vision, Q-Former, the encoder's hidden
+states and cross K/V, prefill and decode logits) and its graphs' 32 greedy tokens equal HF
+``generate`` run as BLIP-2-T5's documentation runs it (processor(images, text) -> model.generate);
+the encoder runs once per prefill and never in a decode step, and the decoder graph holds no
+cross-attention K/V projection; rows with prompts of different lengths, prefilled together or
+joining a running batch, decode as they do alone; the prompt and the new tokens are bounded each
+on its own; the same model_type picks the BLIP-2 adapter by its config.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, Scheduler, generate, generate_batch
+from vlm_export.runtime.load import open_build
+from vlm_export.runtime.runners import Runner
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+QUESTION = "Question: what is in the picture? Answer:"
+LONG_QUESTION = "Question: describe the picture in one long sentence, with every color you see. Answer:"
+TEXT_QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def blip2_t5(tiny_model_dir, tiny_build):
+    return tiny_model_dir("blip2-t5"), tiny_build("blip2-t5")
+
+
+@pytest.fixture(scope="module")
+def photos():
+    from PIL import Image
+    from skimage import data
+
+    return {"rocket": Image.fromarray(data.rocket()).convert("RGB"),  # not among the parity samples
+            "cat": Image.fromarray(data.chelsea()).convert("RGB")}
+
+
+class Counting(Runner):
+    """A stage's real runner, its calls counted (with each call's batch and sequence)."""
+
+    def __init__(self, inner: Runner):
+        super().__init__(inner.name, inner.input_names, inner.output_names)
+        self.inner, self.backend, self.calls = inner, inner.backend, []
+
+    def _run(self, feeds):
+        self.calls.append(tuple(feeds["input_ids"].shape))
+        return self.inner.infer(feeds)
+
+
+def counted(pipe):
+    """``pipe`` with its encoder and decoder runners counting their calls (the pipeline object kept)."""
+    scheme = pipe.scheme
+    encoder, decoder = Counting(pipe.runners[scheme.encoder_stage]), Counting(pipe.runners[scheme.decoder_stage])
+    pipe.runners.update({scheme.encoder_stage: encoder, scheme.decoder_stage: decoder})
+    return encoder, decoder
+
+
+def test_blip2_configs_pick_their_adapter(blip2_t5, tmp_path, run_cli):
+    """One model_type, two adapters: each config goes to the one that takes its kind of LM; forcing the
+    other is a one-line error."""
+    from conftest import assert_one_line_error
+    from vlm_export.adapters import adapter_for
+
+    model, _ = blip2_t5
+    assert adapter_for(model).name == "blip2_t5"
+    config = json.loads((model / "config.json").read_text())
+    for flag, name in ((True, "blip2"), (False, "blip2_t5")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**config, "use_decoder_only_language_model": flag}))
+        assert adapter_for(folder).name == name
+    # a config without the flag: decided as Blip2Config decides it, by the text model's type
+    del config["use_decoder_only_language_model"]
+    (tmp_path / "blip2_t5" / "config.json").write_text(json.dumps(config))
+    assert adapter_for(tmp_path / "blip2_t5").name == "blip2_t5"
+    assert_one_line_error(run_cli("build", str(model), "--adapter", "blip2", "--out", str(tmp_path / "out")),
+                          "encoder-decoder language model (t5)", "decoder-only")
+
+
+def test_build_parity_per_stage(blip2_t5):
+    _, result = blip2_t5
+    assert result.failures == []
+    report = json.loads((result.path / "report.json").read_text())
+    stages = report["stages"]
+    assert {"vision_encoder", "qformer", "lm_encoder", "prefill", "decode"} <= set(stages)
+    assert set(stages["lm_encoder"]) == {"encoder_hidden_states", "cross_key_values"}
+    for stage in ("prefill", "decode"):
+        assert stages[stage]["logits"]["max_abs"] <= 1e-4 and stages[stage]["logits"]["cosine"] > 0.99999
+    for stage in ("vision_encoder", "qformer", "lm_encoder"):
+        for name, metrics in stages[stage].items():
+            assert metrics["max_abs"] <= 1e-4 + 1e-5 * metrics["ref_max_abs"], (stage, name, metrics)
+    # 32 greedy tokens = HF generate (processor + Blip2ForConditionalGeneration.generate; text-only
+    # prompts: the T5's own generate), the split in PyTorch and the graphs on ONNX Runtime
+    for rows in report["end_to_end"].values():
+        assert [r["first_divergence"] for r in rows] == [None] * len(rows)
+        assert all(r["identical"] and r["reference"] for r in rows)
+        assert max(len(r["reference"]) for r in rows) == 32
+
+
+def test_manifest_declares_the_scheme(blip2_t5):
+    model, result = blip2_t5
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    manifest = result.manifest
+    scheme = manifest["scheme"]
+    assert scheme["name"] == "encoder_decoder"
+    assert scheme["decoder_prompt_ids"] == [HFGenerationConfig.from_pretrained(model).decoder_start_token_id]
+    assert [(s["name"], s["kind"]) for s in manifest["stages"]] == [
+        ("vision_encoder", "image"), ("qformer", "image"), ("lm_encoder", "encoder"), ("lm_decoder", "decoder")]
+    text = json.loads((model / "config.json").read_text())["text_config"]
+    g = scheme["geometry"]
+    assert (g["num_layers"], g["num_kv_heads"], g["head_dim"]) == (text["num_decoder_layers"], text["num_heads"],
+                                                                    text["d_kv"])
+    for stage in manifest["stages"]:  # every declaration is what the graph takes and returns
+        graph = manifest["graphs"][stage["name"]]
+        for kind in ("inputs", "outputs"):
+            assert [(t["name"], t["dims"]) for t in stage[kind]] == [(t["name"], t["shape"]) for t in graph[kind]]
+    decoder = {i["name"]: i["shape"] for i in manifest["graphs"]["lm_decoder"]["inputs"]}
+    assert decoder["cross_key_values"] == ["batch", 2 * g["num_layers"], g["num_kv_heads"], "encoder_sequence",
+                                           g["head_dim"]]
+    assert decoder["encoder_attention_mask"] == ["batch", "encoder_sequence"]
+
+
+def test_decoder_never_recomputes_cross_kv(blip2_t5):
+    """The decoder layers' cross-attention k/v weights are in the encoder graph and not the decoder's
+    (found by value), the query side stays in the decoder."""
+    from onnx import numpy_helper
+    from transformers import Blip2ForConditionalGeneration
+
+    model_dir, result = blip2_t5
+    model = Blip2ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    graphs = result.manifest["graphs"]
+
+    def weights(stage):
+        return [numpy_helper.to_array(i) for i in onnx.load(result.path / graphs[stage]["file"]).graph.initializer]
+
+    def holds(arrays, weight):
+        return any(a.shape == w.shape and np.array_equal(a, w) for a in arrays for w in (weight, weight.T))
+
+    decoder, encoder = weights("lm_decoder"), weights("lm_encoder")
+    for block in model.language_model.decoder.block:
+        attn = block.layer[1].EncDecAttention
+        for module in (attn.k, attn.v):
+            weight = module.weight.detach().numpy()
+            assert holds(encoder, weight) and not holds(decoder, weight)
+        assert holds(decoder, attn.q.weight.detach().numpy())
+
+
+def test_encoder_runs_once_per_prefill(blip2_t5, photos):
+    """Counted on the real runners: one encoder call per prefill, for its rows together; decode steps
+    call the decoder alone, one token per row."""
+    _, result = blip2_t5
+    pipe = open_build(result.path)
+    encoder, decoder = counted(pipe)
+    out = generate(pipe, QUESTION, [photos["rocket"]], GenerationConfig(max_new_tokens=8, ignore_eos=True))
+    assert len(out.token_ids) == 8
+    assert encoder.calls == [(1, out.prompt_tokens)]
+    assert decoder.calls == [(1, 1)] * 8  # the decoder's prompt (its start token), then 7 steps
+
+    encoder.calls.clear()
+    scheduler = Scheduler(pipe, max_batch=2, max_prefill_padding=1.0)
+    config = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    for prompt, images in ((QUESTION, [photos["cat"]]), (TEXT_QUESTION, []), (LONG_QUESTION, [photos["rocket"]])):
+        scheduler.submit(pipe.prompt_ids(prompt, len(images)),
+                         pipe.encode_images(pipe.pixel_values(images)) if images else pipe.scheme.empty_image_input(),
+                         config)
+    list(scheduler.run_raising())
+    assert len(encoder.calls) == scheduler.prefill_calls == 2  # two rows together, the third when one left
+    assert [rows for rows, _ in encoder.calls] == [2, 1]
+
+
+def test_rows_of_different_lengths_decode_as_alone(blip2_t5, photos):
+    """Prompts of different lengths (the encoder input right-padded, the cross K/V and encoder mask
+    padded when rows join), with an image and without, prefilled together and joining a running
+    batch: the same greedy tokens as each alone."""
+    _, result = blip2_t5
+    pipe = open_build(result.path)
+    config = GenerationConfig(max_new_tokens=12)
+    short = GenerationConfig(max_new_tokens=5)
+    requests = [GenerationRequest(LONG_QUESTION, (photos["rocket"],), config),
+                GenerationRequest(TEXT_QUESTION, (), short),
+                GenerationRequest(QUESTION, (photos["cat"],), config),
+                GenerationRequest("Question: colors? Answer:", (photos["rocket"],), config)]
+    alone = [generate(pipe, r.prompt, list(r.images), r.config).token_ids for r in requests]
+    assert len({tuple(a) for a in alone}) == len(alone)
+    together = generate_batch(pipe, requests, max_batch=4, max_prefill_padding=1.0)
+    assert [r.token_ids for r in together] == alone
+    joining = generate_batch(pipe, requests, max_batch=2)  # rows join as others leave
+    assert [r.token_ids for r in joining] == alone
+
+
+def test_length_limits_follow_the_scheme(blip2_t5):
+    """The prompt goes through the encoder, the decoder holds its start token + the new tokens: each
+    is bounded by max_sequence on its own (a decoder-only build adds them)."""
+    from vlm_export.errors import InputError
+
+    _, result = blip2_t5
+    pipe = open_build(result.path)
+    limit = pipe.limits.max_sequence
+    pipe.check_length(limit, limit - 1)  # both at their limit: fits
+    with pytest.raises(InputError, match="encoder"):
+        pipe.check_length(limit + 1, 1)
+    with pytest.raises(InputError, match="lower max_tokens"):
+        pipe.check_length(3, limit)
+
+
+def test_cli_generate_equals_in_process(blip2_t5, photos, tmp_path, run_cli):
+    _, result = blip2_t5
+    image = tmp_path / "rocket.png"
+    photos["rocket"].save(image)
+    proc = run_cli("generate", str(result.path), "--image", str(image), "--prompt", QUESTION, "--max-tokens", "10",
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    served = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = generate(open_build(result.path), QUESTION, [photos["rocket"]], GenerationConfig(max_new_tokens=10))
+    assert served["token_ids"] == expected.token_ids and served["text"] == expected.text
+
+
+def test_task_prompts_expand_as_the_processor():
+    """A layout's task_prompts (Florence-2's task tokens) rewrite a prompt as Florence2Processor's own
+    _construct_prompts does (run here on the same tables), and a manifest without them reads as before."""
+    from types import SimpleNamespace
+
+    from transformers import Florence2Processor
+
+    from vlm_export.contract import PromptLayout
+    from vlm_export.errors import InputError
+    from vlm_export.runtime.prompt import expand_task
+
+    plain = {"<CAPTION>": "What does the image describe?", "<OD>": "Locate the objects with category name in the image."}
+    with_input = {"<CAPTION_TO_PHRASE_GROUNDING>": "Locate the phrases in the caption: {input}"}
+    processor = SimpleNamespace(task_prompts_without_inputs=plain, task_prompts_with_input=with_input)
+    layout = PromptLayout("prefix", 5, 4, use_chat_template=False, task_prompts={**plain, **with_input})
+    for prompt in ("<CAPTION>", "<OD>", "<CAPTION_TO_PHRASE_GROUNDING> a cat on a mat ", "What is this?"):
+        assert expand_task(layout, prompt) == Florence2Processor._construct_prompts(processor, prompt)[0]
+    with pytest.raises(InputError, match="only content"):
+        expand_task(layout, "<CAPTION> in French")
+    assert PromptLayout.from_dict(layout.to_dict()) == layout
+    assert "task_prompts" not in PromptLayout("prefix", 5, 4).to_dict()
