@@ -126,7 +126,7 @@ def pipe(tiny_build):
     return open_build(tiny_build("florence2").path)
 
 
-@pytest.mark.parametrize("task", ["<CAPTION>", "<OD>"])
+@pytest.mark.parametrize("task", ["<CAPTION>", "<OD>", "<CAPTION_TO_PHRASE_GROUNDING>an astronaut with a flag"])
 def test_task_prompt_tokens_equal_hf_generate(pipe, florence, photos, task):
     """32 greedy tokens of the ONNX Runtime build for a task prompt the processor expands, against HF
     generate run as the model card shows."""

@@ -39,7 +39,7 @@ from .decoder import image_path_stages, splice_image_rows
 from .loading import first_line, load_hf_parts
 
 EXAMPLE_BATCH, EXAMPLE_ENCODER_SEQ, EXAMPLE_SEQ, EXAMPLE_PAST, EXAMPLE_CROSS_SEQ = 2, 7, 3, 4, 5
-PROBE_PROMPT = "What is in the picture?"
+PROBE_PROMPTS = ("What is in the picture?", "<CAPTION>", "<CAPTION_TO_PHRASE_GROUNDING>a dog")
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -173,11 +173,12 @@ class Florence2Adapter(VLMAdapter):
                                f"image_seq_length to {rows}")
         from ..runtime.prompt import build_prompt_ids
 
-        theirs = loaded.processor(text=PROBE_PROMPT, images=Image.new("RGB", (w, h)))["input_ids"][0]
-        ours = build_prompt_ids(loaded.tokenizer, self.prompt_layout(loaded), PROBE_PROMPT, 1)
-        if list(theirs) != ours:
-            raise AdapterError(f"the processor in {loaded.path} lays out a prompt differently from its tokenizer "
-                               f"({len(theirs)} vs {len(ours)} tokens for a probe prompt); save them together")
+        for probe in PROBE_PROMPTS:
+            theirs = loaded.processor(text=probe, images=Image.new("RGB", (w, h)))["input_ids"][0]
+            ours = build_prompt_ids(loaded.tokenizer, self.prompt_layout(loaded), probe, 1)
+            if list(theirs) != ours:
+                raise AdapterError(f"the processor in {loaded.path} lays out the prompt {probe!r} differently from "
+                                   f"its tokenizer ({len(theirs)} vs {len(ours)} tokens); save them together")
 
     # ---- declarations ----------------------------------------------------------------------
     def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
@@ -195,11 +196,13 @@ class Florence2Adapter(VLMAdapter):
                                     decoder_prompt_ids(loaded.model.generation_config, cfg.text_config), pad)
 
     def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
-        # the processor: image tokens in front, then the text between <s> and </s> (the BART tokenizer's
-        # own special tokens), no chat template
+        # the processor: its task tokens rewritten ("<CAPTION>" -> "What does the image describe?"), image
+        # tokens in front, then the text between <s> and </s> (the BART tokenizer's own), no chat template
+        processor = loaded.processor
+        tasks = {**processor.task_prompts_without_inputs, **processor.task_prompts_with_input}
         return PromptLayout(kind="prefix", image_token_id=loaded.config.image_token_id,
-                            tokens_per_image=loaded.processor.num_image_tokens, use_chat_template=False,
-                            add_special_tokens=True)
+                            tokens_per_image=processor.num_image_tokens, use_chat_template=False,
+                            add_special_tokens=True, task_prompts=tasks)
 
     def stages(self, loaded: LoadedModel) -> list[Stage]:
         m = loaded.model
