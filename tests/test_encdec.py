@@ -245,3 +245,37 @@ def test_task_prompts_expand_as_the_processor():
         expand_task(layout, "<CAPTION> in French")
     assert PromptLayout.from_dict(layout.to_dict()) == layout
     assert "task_prompts" not in PromptLayout("prefix", 5, 4).to_dict()
+
+
+def test_fp16_keeps_t5_index_maths_and_wo_in_fp32(blip2_t5, photos, tmp_path, monkeypatch):
+    """The encoder's fp16 variant: T5's relative-position buckets (float maths truncated to an integer)
+    and HF's fp32 module (``wo``, with the residual sums after it) stay fp32 and are recorded; without
+    the index island the buckets move and the encoder's output drifts past the fp16 gate."""
+    import onnxruntime as ort
+
+    from vlm_export.precision import convert
+
+    _, result = blip2_t5
+    pipe = open_build(result.path)
+    scheme = pipe.scheme
+    ids = pipe.prompt_ids(LONG_QUESTION, 1)
+    feeds = scheme.encoder_feeds([ids], pipe.encode_images(pipe.pixel_values([photos["cat"]])))
+    src = result.path / result.manifest["graphs"]["lm_encoder"]["file"]
+
+    def states(path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(["encoder_hidden_states"], feeds)[0].ravel().astype(np.float64)
+
+    def cosine(a, b):
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    reference = states(src)
+    info = convert.to_fp16(src, tmp_path / "kept.onnx", ("wo",))
+    layers = json.loads((result.path / "manifest.json").read_text())["scheme"]["geometry"]["num_layers"]
+    assert info.details["fp32_index_nodes"] > 0
+    assert info.details["fp32_modules"]["modules"] == ["wo"] and info.details["fp32_modules"]["nodes"] > layers
+    kept = cosine(reference, states(tmp_path / "kept.onnx"))
+    monkeypatch.setattr(convert, "index_arithmetic", lambda model: [])
+    convert.to_fp16(src, tmp_path / "plain.onnx")
+    plain = cosine(reference, states(tmp_path / "plain.onnx"))
+    assert kept > 0.999 > plain, (kept, plain)

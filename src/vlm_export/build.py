@@ -140,7 +140,8 @@ def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> 
     # the merged adapter is an input too (calibration caches are keyed by these)
     source_sha256 = {**_source_hashes(model_path), **{f"lora/{k}": v for k, v in (lora.sha256 if lora else {}).items()}}
     if any(p != "fp32" for p in precisions.values()):
-        _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, progress)
+        _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, progress,
+                        adapter.fp32_modules(loaded))
 
     loaded.tokenizer.save_pretrained(tmp / "tokenizer")
     loaded.image_processor.save_pretrained(tmp / "tokenizer")
@@ -241,7 +242,8 @@ def _fuse_decoder_stage(tmp: Path, graphs: dict, stage: str, precision: str, lim
                                                fuse_seconds=record["seconds"])}
 
 
-def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, progress) -> None:
+def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, progress,
+                    fp32_modules: dict[str, tuple[str, ...]] | None = None) -> None:
     """Replace each fp32 graph whose stage asks for another precision by its variant. A decoder with
     a fused form gets its ONNX Runtime variants from that form (packed q/k/v and gate/up quantize as
     one larger MatMul): MatMulNBits (w8/w4) from the fused graph only (no target runs an unfused
@@ -286,7 +288,8 @@ def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, 
             src = tmp / entry["file"]
             dst = src.with_name(f"{stage}.{precision}.onnx")
             with quiet_logging():
-                info = make_variant(precision, src, dst, options.precision_options, feeds.get(stage), caches.get(stage))
+                info = make_variant(precision, src, dst, options.precision_options, feeds.get(stage), caches.get(stage),
+                                    (fp32_modules or {}).get(stage, ()))
             for f in (src, src.with_name(src.name + ".data")):  # ship the variant only
                 f.unlink(missing_ok=True)
             graphs[stage] = {**_describe_graph(dst, tmp, precision, entry["export_seconds"],

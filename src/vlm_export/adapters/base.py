@@ -116,6 +116,11 @@ class VLMAdapter(abc.ABC):
         path reads the prompt; its tokenizer is ``loaded.image_text_tokenizer``."""
         return None
 
+    def fp32_modules(self, loaded: LoadedModel) -> dict[str, tuple[str, ...]]:
+        """Per stage, the names of modules the model keeps in fp32 in half precision (Hugging Face's
+        ``_keep_in_fp32_modules``): the fp16 pass keeps the nodes exported from them fp32 too."""
+        return {}
+
     def tolerances(self) -> dict[str, dict[str, float]]:
         """Per-stage overrides of the default parity tolerances (see compare.policy)."""
         return {}

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 
 from ..contract import DECODER_PRECISIONS, DecoderGeometry
-from ..contract.encdec import EncoderDecoderScheme
+from ..contract.encdec import ENCODER_STAGE, EncoderDecoderScheme
 from ..errors import AdapterError
 from . import register
 from .base import LoadedModel, Stage
@@ -172,6 +172,11 @@ class Blip2T5Adapter(QFormerAdapterBase):
         past_kv = [torch.randn(batch, g.num_kv_heads, past, g.head_dim, generator=gen) for _ in range(2 * g.num_layers)]
         example = (ids, self_mask, torch.arange(past, total).repeat(batch, 1), encoder_mask, kv, *past_kv)
         return Stage(scheme.decoder_spec(DECODER_PRECISIONS), T5LMDecoder(loaded.model.language_model).eval(), example)
+
+    def fp32_modules(self, loaded: LoadedModel) -> dict[str, tuple[str, ...]]:
+        # T5 overflows fp16 in its feed-forward output: HF keeps ``wo`` in fp32 (and so the residual sum)
+        keep = tuple(getattr(loaded.model.language_model, "_keep_in_fp32_modules", None) or ())
+        return {ENCODER_STAGE: keep, EncoderDecoderScheme.decoder_stage: keep} if keep else {}
 
     def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
         """HF generate as BLIP-2-T5's documentation runs it (``processor(images, text)`` ->

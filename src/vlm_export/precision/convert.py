@@ -2,7 +2,9 @@
 
 * fp16: weights and maths in fp16, inputs/outputs kept fp32, numerically sensitive ops kept in
   fp32 (normalisations, Softmax, reductions, exponentials) - the islands FP16 SigLIP engines
-  needed before their answers stopped flipping. The kept op types are recorded in the manifest.
+  needed before their answers stopped flipping - and float maths that computes an integer (T5's
+  relative-position buckets: ``index_arithmetic``). The kept op types and node counts are recorded
+  in the manifest.
 * w8 / w4: weight-only, block-wise int8/int4 MatMul weights - the decoder is memory bound, so
   reading fewer weight bytes is the speed-up (see ``weight_only``). The LM head is a separate choice.
   Two forms: ``matmulnbits`` for ONNX Runtime (fp32 activations, rounded to int8 inside the
@@ -185,6 +187,78 @@ def statistics_chains(model: onnx.ModelProto) -> list[str]:
     return kept
 
 
+_INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+                  onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
+#: how far back from a float -> integer Cast index arithmetic is looked for
+_INDEX_DEPTH = 12
+
+
+def index_arithmetic(model: onnx.ModelProto) -> list[str]:
+    """Nodes that compute an INTEGER in floating point: every node between a Cast to an integer type
+    and the Casts (from integers) and constants it is computed from, with no activation on the way
+    (T5's relative-position buckets: ``log(distance / 8) / log(16) * 8`` truncated to a bucket).
+    fp16 rounding there moves values across integer boundaries - a different bucket, another bias
+    row - so they stay fp32. A chain that reaches a graph input, a weight-reading op or more than
+    ``_INDEX_DEPTH`` nodes is the model's own activation being cast, and is left alone."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    constants = {i.name for i in model.graph.initializer}
+    kept: set[str] = set()
+    for cast in model.graph.node:
+        if cast.op_type != "Cast" or next((a.i for a in cast.attribute if a.name == "to"), None) not in _INTEGER_TYPES:
+            continue
+        found, stack, ok = set(), [cast.input[0]], True
+        while stack and ok:
+            node = producers.get(stack.pop())
+            if node is None or node.name in found:
+                continue  # a constant, or a graph input (then the chain stops below)
+            if node.op_type == "Cast":  # the integer source (or a cast we keep at fp32 too)
+                found.add(node.name)
+                continue
+            if node.op_type in ("MatMul", "Gemm", "Conv") or len(found) >= _INDEX_DEPTH:
+                ok = False
+                break
+            found.add(node.name)
+            for name in node.input:
+                if name and name not in constants and name not in producers:
+                    ok = False  # reads a graph input directly: an activation
+                stack.append(name)
+        if ok and found:
+            kept |= found
+    return sorted(kept)
+
+
+def module_nodes(model: onnx.ModelProto, modules: Iterable[str]) -> list[str]:
+    """The nodes exported from modules with these names (the last part of a module path: Hugging
+    Face's ``_keep_in_fp32_modules``, e.g. T5's ``wo``), found by the exporter's name-scope metadata,
+    and the Adds their outputs flow into, Add after Add: where PyTorch promotes ``fp16 + fp32`` to
+    fp32, so HF's own fp16 model keeps the residual sum after such a module in fp32."""
+    import ast
+
+    modules = set(modules)
+    if not modules:
+        return []
+    kept: set[str] = set()
+    for node in model.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        try:
+            names = ast.literal_eval(scopes) if scopes else []
+        except (ValueError, SyntaxError):
+            continue
+        if any(isinstance(n, str) and n.split(".")[-1] in modules for n in names):
+            kept.add(node.name)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    stack = [o for n in model.graph.node if n.name in kept for o in n.output]
+    while stack:
+        for node in consumers.get(stack.pop(), []):
+            if node.op_type == "Add" and node.name not in kept:
+                kept.add(node.name)
+                stack.extend(node.output)
+    return sorted(kept)
+
+
 def _own_constants(model: onnx.ModelProto, nodes: set[str]) -> None:
     """Give the kept-fp32 nodes private copies of the constants they read (an epsilon shared with
     converted nodes would otherwise be turned to fp16 under them)."""
@@ -239,17 +313,25 @@ def fp16_model(model: onnx.ModelProto, keep: Iterable[str] = ()) -> tuple[onnx.M
 
     present = sorted({n.op_type for n in model.graph.node} & set(FP32_ISLANDS))
     chains = statistics_chains(model)
-    _own_constants(model, set(chains) | set(keep))
+    index = [n for n in index_arithmetic(model) if n not in chains]
+    _own_constants(model, set(chains) | set(index) | set(keep))
     converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP32_ISLANDS),
-                                         node_block_list=chains + sorted(set(keep) - set(chains)),
+                                         node_block_list=chains + index + sorted(set(keep) - set(chains) - set(index)),
                                          disable_shape_infer=True)
     _drop_cast_round_trips(converted)
     topological_sort(converted)
-    return converted, {"fp32_islands": present, "fp32_statistics_nodes": len(chains), "io": "fp32"}
+    details = {"fp32_islands": present, "fp32_statistics_nodes": len(chains), "io": "fp32"}
+    if index:
+        details["fp32_index_nodes"] = len(index)
+    return converted, details
 
 
-def to_fp16(src: Path, dst: Path) -> VariantInfo:
-    converted, details = fp16_model(onnx.load(os.fspath(src)))
+def to_fp16(src: Path, dst: Path, keep_modules: Iterable[str] = ()) -> VariantInfo:
+    model = onnx.load(os.fspath(src))
+    keep = module_nodes(model, keep_modules)
+    converted, details = fp16_model(model, keep)
+    if keep:
+        details["fp32_modules"] = {"modules": sorted(set(keep_modules)), "nodes": len(keep)}
     _save(converted, dst)
     return VariantInfo("fp16", details)
 
@@ -374,9 +456,10 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
 
 def make_variant(precision: str, src: Path, dst: Path, options: PrecisionOptions,
                  calibration_feeds: list[dict[str, np.ndarray]] | None = None,
-                 calibration_cache: Path | None = None) -> VariantInfo:
+                 calibration_cache: Path | None = None, keep_modules: Iterable[str] = ()) -> VariantInfo:
+    """``keep_modules``: modules the model keeps in fp32 (``module_nodes``), kept fp32 by the fp16 pass."""
     if precision == "fp16":
-        return to_fp16(src, dst)
+        return to_fp16(src, dst, keep_modules)
     if precision in ("w8", "w4"):
         return to_weight_only(src, dst, int(precision[1]), options)
     if precision == "int8":
