@@ -35,15 +35,30 @@ def photos():
             "coffee": Image.fromarray(data.coffee()).convert("RGB")}
 
 
-@pytest.fixture(scope="module")
-def florence(tiny_model_dir):
+def _load(path):
     """(folder, HF model, processor): loaded as the model card does, fp32, eager attention."""
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
-    path = tiny_model_dir("florence2")
     model = Florence2ForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
                                                               attn_implementation="eager").eval()
     return path, model, AutoProcessor.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def florence(tiny_model_dir):
+    return _load(tiny_model_dir("florence2"))
+
+
+@pytest.fixture(scope="module")
+def florence_variant(tmp_path_factory):
+    """A layout the shared model does not have: a 4-stage DaViT, non-square 96x128 images (13 image
+    tokens), one encoder and three decoder layers, 3 decoder heads, scaled embeddings."""
+    from tiny_models import make_tiny_florence2
+
+    path = make_tiny_florence2(tmp_path_factory.mktemp("florence2-variant"), seed=1, image_size=(96, 128),
+                               vision_stages=4, encoder_layers=1, decoder_layers=3, decoder_heads=3, hidden=48,
+                               scale_embedding=True)
+    return _load(path)
 
 
 def _hf_generate(model, processor, task: str, image, tokens: int = TOKENS) -> list[int]:
@@ -76,14 +91,15 @@ def test_tiny_model_runs_as_the_model_card_shows(florence, photos):
     assert len(answers) >= 3  # the tiny model's answer depends on the image and the task
 
 
-def test_stage_modules_equal_hugging_face(florence, photos):
+@pytest.mark.parametrize("which", ["florence", "florence_variant"])
+def test_stage_modules_equal_hugging_face(request, which, photos):
     """Each split module against HF's own forward: the image path against get_image_features, the
     encoder against the encoder states and the cross K/V HF caches, the decoder at the prefill (its
     start + forced tokens) and at a step against HF's logits; a right-padded batch of two prompts of
-    different lengths against each alone."""
+    different lengths against each alone. On the shared model and on a layout of other sizes."""
     from vlm_export.adapters import adapter_for
 
-    path, model, processor = florence
+    path, _, processor = request.getfixturevalue(which)
     adapter = adapter_for(path)
     loaded = adapter.load(path)
     stages = {s.name: s.module for s in adapter.stages(loaded)}

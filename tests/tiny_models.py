@@ -373,24 +373,30 @@ def _florence2_tokenizer():
     return tok
 
 
-def make_tiny_florence2(path: Path, seed: int = 0, image_size: int = 64) -> Path:
-    """A tiny random Florence-2 (Florence2ForConditionalGeneration: a 3-stage DaViT, a BART with 2
-    encoder and 2 decoder layers) with its Florence2Processor (CLIP image processor, image_seq_length
-    = the DaViT grid + 1 temporal token, as the real one's 577 = 24 x 24 + 1)."""
+def make_tiny_florence2(path: Path, seed: int = 0, image_size: tuple[int, int] = (64, 64), vision_stages: int = 3,
+                        encoder_layers: int = 2, decoder_layers: int = 2, decoder_heads: int = 4, hidden: int = 64,
+                        scale_embedding: bool = False) -> Path:
+    """A tiny random Florence-2 (Florence2ForConditionalGeneration: a DaViT of ``vision_stages`` stages,
+    a BART) with its Florence2Processor (CLIP image processor resizing to ``image_size`` (height,
+    width), image_seq_length = the DaViT's last grid + 1 temporal token, as the real one's 577 =
+    24 x 24 + 1). The defaults are the suite's shared model; the others make layouts it does not have."""
     from transformers import (BartConfig, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
                               Florence2Processor, Florence2VisionConfig, GenerationConfig)
 
     tok = _florence2_tokenizer()
     image_token_id = tok.convert_tokens_to_ids(FLORENCE2_IMAGE_TOKEN)
-    vision = Florence2VisionConfig(depths=(1, 1, 1), patch_size=(7, 3, 3), patch_stride=(4, 2, 2),
-                                   patch_padding=(3, 1, 1), patch_prenorm=(False, True, True), embed_dim=(16, 32, 48),
-                                   num_heads=(1, 2, 3), num_groups=(1, 2, 3), window_size=3, projection_dim=64,
-                                   drop_path_rate=0.0)
+    n = vision_stages
+    conv = dict(patch_size=(7, 3, 3, 3)[:n], patch_stride=(4, 2, 2, 2)[:n], patch_padding=(3, 1, 1, 1)[:n])
+    vision = Florence2VisionConfig(depths=(1,) * n, patch_prenorm=(False, True, True, True)[:n],
+                                   embed_dim=(16, 32, 48, 64)[:n], num_heads=(1, 2, 3, 4)[:n],
+                                   num_groups=(1, 2, 3, 4)[:n], window_size=3, projection_dim=hidden,
+                                   drop_path_rate=0.0, **conv)
     ids = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=0,
                forced_eos_token_id=2)
-    text = BartConfig(vocab_size=_padded_vocab(len(tok)), d_model=64, encoder_layers=2, decoder_layers=2,
-                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-                      max_position_embeddings=256, scale_embedding=False, init_std=0.1, **ids)
+    text = BartConfig(vocab_size=_padded_vocab(len(tok)), d_model=hidden, encoder_layers=encoder_layers,
+                      decoder_layers=decoder_layers, encoder_attention_heads=4, decoder_attention_heads=decoder_heads,
+                      encoder_ffn_dim=2 * hidden, decoder_ffn_dim=2 * hidden, max_position_embeddings=256,
+                      scale_embedding=scale_embedding, init_std=0.1, **ids)
     torch.manual_seed(seed)
     model = Florence2ForConditionalGeneration(Florence2Config(vision_config=vision, text_config=text,
                                                               image_token_id=image_token_id)).eval()
@@ -403,8 +409,10 @@ def make_tiny_florence2(path: Path, seed: int = 0, image_size: int = 64) -> Path
                 proj.weight.mul_(scale)
     model.generation_config = GenerationConfig(num_beams=3, no_repeat_ngram_size=3, early_stopping=True, **ids)
     model.save_pretrained(path)
-    grid = image_size // 16  # the DaViT's strides 4 x 2 x 2
-    image_processor = CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False,
-                                         image_seq_length=grid * grid + 1)
+    grid = list(image_size)
+    for k, stride, pad in zip(conv["patch_size"], conv["patch_stride"], conv["patch_padding"]):
+        grid = [(g + 2 * pad - k) // stride + 1 for g in grid]  # each stage's strided conv
+    image_processor = CLIPImageProcessor(size={"height": image_size[0], "width": image_size[1]}, do_center_crop=False,
+                                         image_seq_length=grid[0] * grid[1] + 1)
     Florence2Processor(image_processor=image_processor, tokenizer=tok).save_pretrained(path)
     return path
