@@ -23,6 +23,7 @@ os.environ.setdefault("VLM_EXPORT_ORT_SPIN", "0")
 
 from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava, make_tiny_mllama, make_tiny_prefix  # noqa: E402
 from tiny_models import make_tiny_blip2_t5  # noqa: E402
+from tiny_models import make_tiny_florence2  # noqa: E402
 
 # name -> (maker, kwargs): one per architecture family and text family the tests cover
 TINY_MODELS = {
@@ -35,6 +36,7 @@ TINY_MODELS = {
     "instructblip-llama": (make_tiny_instructblip, {}),
     "mllama": (make_tiny_mllama, {}),
     "blip2-t5": (make_tiny_blip2_t5, {}),
+    "florence2": (make_tiny_florence2, {}),
 }
 
 
@@ -296,6 +298,7 @@ LONGEST_FIRST = (
     "test_demo_model.py",
     "test_lora.py",
     "test_policy.py",
+    "test_florence2.py",  # ~15 CPU-s of its own (fp16 variant, a CLI build) on the shared florence2 build
 )
 
 

@@ -346,4 +346,73 @@ def make_tiny_blip2_t5(path: Path, seed: int = 0, num_query_tokens: int = 4, enc
     model.save_pretrained(path)
     Blip2Processor(image_processor=_blip_image_processor(), tokenizer=tok,
                    num_query_tokens=num_query_tokens).save_pretrained(path)
+
+# --- Florence-2 (DaViT + BART) ----------------------------------------------------------------------
+# No BART tokenizer ships here: SmolLM2's byte-level BPE (vocab + merges) is re-wrapped as a
+# BartTokenizer with BART's special tokens at BART's ids (<s> 0, <pad> 1, </s> 2, <unk> 3, <mask> 4:
+# SmolLM2's first five special tokens renamed) and Florence-2's "<image>" added after the vocab.
+# The generation config is the real checkpoints': decoder start </s>, forced <s> first and </s> at
+# the length limit, beam search with no repeated 3-grams by default.
+
+FLORENCE2_IMAGE_TOKEN = "<image>"
+
+
+def _florence2_tokenizer():
+    import json
+
+    from transformers import BartTokenizer
+
+    spec = json.loads((smollm2_tokenizer_dir() / "tokenizer.json").read_text())
+    vocab, merges = dict(spec["model"]["vocab"]), spec["model"]["merges"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    by_id = {i: t for t, i in vocab.items()}
+    for i, token in enumerate(("<s>", "<pad>", "</s>", "<unk>", "<mask>")):
+        del vocab[by_id[i]]
+        vocab[token] = i
+    tok = BartTokenizer(vocab=vocab, merges=merges, extra_special_tokens={"image_token": FLORENCE2_IMAGE_TOKEN})
+    return tok
+
+
+def make_tiny_florence2(path: Path, seed: int = 0, image_size: tuple[int, int] = (64, 64), vision_stages: int = 3,
+                        encoder_layers: int = 2, decoder_layers: int = 2, decoder_heads: int = 4, hidden: int = 64,
+                        scale_embedding: bool = False) -> Path:
+    """A tiny random Florence-2 (Florence2ForConditionalGeneration: a DaViT of ``vision_stages`` stages,
+    a BART) with its Florence2Processor (CLIP image processor resizing to ``image_size`` (height,
+    width), image_seq_length = the DaViT's last grid + 1 temporal token, as the real one's 577 =
+    24 x 24 + 1). The defaults are the suite's shared model; the others make layouts it does not have."""
+    from transformers import (BartConfig, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
+                              Florence2Processor, Florence2VisionConfig, GenerationConfig)
+
+    tok = _florence2_tokenizer()
+    image_token_id = tok.convert_tokens_to_ids(FLORENCE2_IMAGE_TOKEN)
+    n = vision_stages
+    conv = dict(patch_size=(7, 3, 3, 3)[:n], patch_stride=(4, 2, 2, 2)[:n], patch_padding=(3, 1, 1, 1)[:n])
+    vision = Florence2VisionConfig(depths=(1,) * n, patch_prenorm=(False, True, True, True)[:n],
+                                   embed_dim=(16, 32, 48, 64)[:n], num_heads=(1, 2, 3, 4)[:n],
+                                   num_groups=(1, 2, 3, 4)[:n], window_size=3, projection_dim=hidden,
+                                   drop_path_rate=0.0, **conv)
+    ids = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=0,
+               forced_eos_token_id=2)
+    text = BartConfig(vocab_size=_padded_vocab(len(tok)), d_model=hidden, encoder_layers=encoder_layers,
+                      decoder_layers=decoder_layers, encoder_attention_heads=4, decoder_attention_heads=decoder_heads,
+                      encoder_ffn_dim=2 * hidden, decoder_ffn_dim=2 * hidden, max_position_embeddings=256,
+                      scale_embedding=scale_embedding, init_std=0.1, **ids)
+    torch.manual_seed(seed)
+    model = Florence2ForConditionalGeneration(Florence2Config(vision_config=vision, text_config=text,
+                                                              image_token_id=image_token_id)).eval()
+    # At init the decoder's answer is one token repeated whatever the image and prompt; sharper and
+    # stronger cross-attention makes greedy answers vary with both (checked on three photos, two tasks).
+    with torch.no_grad():
+        for layer in model.model.language_model.decoder.layers:
+            attn = layer.encoder_attn
+            for proj, scale in ((attn.q_proj, 3.0), (attn.k_proj, 3.0), (attn.v_proj, 2.0), (attn.out_proj, 2.0)):
+                proj.weight.mul_(scale)
+    model.generation_config = GenerationConfig(num_beams=3, no_repeat_ngram_size=3, early_stopping=True, **ids)
+    model.save_pretrained(path)
+    grid = list(image_size)
+    for k, stride, pad in zip(conv["patch_size"], conv["patch_stride"], conv["patch_padding"]):
+        grid = [(g + 2 * pad - k) // stride + 1 for g in grid]  # each stage's strided conv
+    image_processor = CLIPImageProcessor(size={"height": image_size[0], "width": image_size[1]}, do_center_crop=False,
+                                         image_seq_length=grid[0] * grid[1] + 1)
+    Florence2Processor(image_processor=image_processor, tokenizer=tok).save_pretrained(path)
     return path
