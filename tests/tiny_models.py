@@ -346,6 +346,8 @@ def make_tiny_blip2_t5(path: Path, seed: int = 0, num_query_tokens: int = 4, enc
     model.save_pretrained(path)
     Blip2Processor(image_processor=_blip_image_processor(), tokenizer=tok,
                    num_query_tokens=num_query_tokens).save_pretrained(path)
+    return path
+
 
 # --- Florence-2 (DaViT + BART) ----------------------------------------------------------------------
 # No BART tokenizer ships here: SmolLM2's byte-level BPE (vocab + merges) is re-wrapped as a
