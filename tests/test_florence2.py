@@ -13,6 +13,7 @@ test_export_core's (every TINY_MODELS entry).
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -244,3 +245,38 @@ def test_fp16_variant(tiny_model_dir, tmp_path):
         assert {"LayerNormalization", "Softmax", "Erf"} <= set(graphs[stage]["variant"]["fp32_islands"]), stage
     report = json.loads((result.path / "report.json").read_text())
     assert all(run["identical"] for run in report["end_to_end"]["onnxruntime"])
+
+
+def test_served_answers_and_caption_eval(tiny_build, photos, tmp_path, capsys):
+    """The python repository served by tritonserver (the vlm model calls lm_encoder once per prefill):
+    task-prompt answers equal the in-process ones. Then ``vlm-export eval`` on a captioning folder with
+    no prompt anywhere uses the build's declared ``<CAPTION>``; PyTorch and ONNX Runtime caption alike."""
+    from vlm_export.cli import main
+    from vlm_export.client.client import VLMClient
+    from vlm_export.datasets import CaptionItem, write_caption_folder
+    from vlm_export.model_repository.render import render_repository
+    from vlm_export.serve.server import TritonServer
+
+    result = tiny_build("florence2")
+    assert result.manifest["generation"]["caption_prompt"] == "<CAPTION>"
+    pipe = open_build(result.path)
+    image = tmp_path / "astronaut.png"
+    photos["astronaut"].save(image)
+    asks = [("<CAPTION>", [image]), ("<OD>", [image]), ("What is the capital of France?", [])]
+    expected = [generate(pipe, q, list(imgs), GenerationConfig(max_new_tokens=12)).text for q, imgs in asks]
+    repo = render_repository(result.path, tmp_path / "repo")
+    with TritonServer(repo, log_file=tmp_path / "triton.log") as server:
+        client = VLMClient(f"grpc://{server.grpc_url}")
+        assert [client.generate(q, imgs, max_tokens=12).text for q, imgs in asks] == expected
+
+    build = tmp_path / "build"  # a copy: eval writes its report into the build folder
+    shutil.copytree(result.path, build)
+    for name in ("chelsea", "astronaut"):
+        photos[name].save(tmp_path / f"{name}.png")
+    folder = write_caption_folder(tmp_path / "caps", [CaptionItem(tmp_path / "chelsea.png", ("a cat on a sofa",)),
+                                                      CaptionItem(tmp_path / "astronaut.png", ("an astronaut",))],
+                                  "two photos with hand-written captions")
+    assert main(["eval", str(build), "--dataset", str(folder), "--max-new-tokens", "8"]) == 0
+    section = json.loads((build / "report.json").read_text())["captions"]
+    torch_side, ort_side = section["results"]
+    assert torch_side["captions"] == ort_side["captions"] and all(torch_side["captions"])

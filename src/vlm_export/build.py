@@ -163,7 +163,8 @@ def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> 
         "limits": limits.to_dict(),
         "tokenizer": "tokenizer",
         "image_text": image_text.to_dict() if image_text else None,
-        "generation": {"eos_token_ids": eos_token_ids(loaded)},
+        "generation": {"eos_token_ids": eos_token_ids(loaded),
+                       **({"caption_prompt": loaded.adapter.caption_prompt} if loaded.adapter.caption_prompt else {})},
     }
     write_manifest(tmp, manifest)
 

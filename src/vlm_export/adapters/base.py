@@ -63,6 +63,9 @@ class VLMAdapter(abc.ABC):
     description: ClassVar[str] = ""
     #: most images one prompt may carry, where the model takes fewer than a build asks for (BLIP-2: one)
     max_images: ClassVar[int | None] = None
+    #: the prompt that asks this model for a caption, where the model has one (Florence-2's task token);
+    #: the build records it and ``eval`` on a captioning folder uses it when no prompt is given
+    caption_prompt: ClassVar[str | None] = None
 
     @classmethod
     def handles(cls, config: dict) -> bool:

@@ -132,6 +132,7 @@ class Florence2Adapter(VLMAdapter):
     description = ("Hugging Face Florence2ForConditionalGeneration (DaViT vision tower + projector, BART encoder "
                    "once per prompt, BART decoder with cross K/V)")
     max_images = 1  # the processor writes one image's tokens in front of each prompt
+    caption_prompt = "<CAPTION>"  # the task token its model card captions with
 
     def load(self, path: Path) -> LoadedModel:
         from transformers import Florence2ForConditionalGeneration, Florence2Processor
