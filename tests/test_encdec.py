@@ -368,3 +368,26 @@ def test_bench_times_the_encoder_stage(blip2_t5, tmp_path):
     stages = {r["stage"]: r for r in run_bench(result.path, options)["stages"]}
     assert set(stages) == {"vision_encoder", "qformer", "lm_encoder", "prefill", "decode_step"}
     assert stages["lm_encoder"]["latency_ms"]["min"] > 0
+
+
+@pytest.mark.parametrize("target", ["python", "onnxruntime", "tensorrt"])
+@pytest.mark.parametrize("model", ["blip2-t5", "florence2"])
+def test_repository_configs_fit_the_graphs(tiny_build, tmp_path, model, target):
+    """The Triton repository with the decoder as a model of its own (bls), configs only, rendered and
+    checked against the graphs (for tensorrt also against the backend's rules): the encoder is a model
+    of its own, taking the prompt and the image rows, giving every decoder layer's cross K/V; the
+    decoder takes them with the encoder mask."""
+    from vlm_export.contract.encdec import CROSS_KV
+    from vlm_export.model_repository.render import RepositoryOptions, model_configs, render_repository
+
+    result = tiny_build(model)
+    options = RepositoryOptions(target=target, decoder_mode="bls")
+    out = render_repository(result.path, tmp_path / "repo", options, configs_only=True, echo=lambda _: None)
+    configs = model_configs(result.manifest, options)
+    assert {p.name for p in out.iterdir()} == set(configs)
+    assert {"preprocess", "image_encoder", "lm_encoder", "lm_decoder", "vlm"} <= set(configs)
+    geometry = result.manifest["scheme"]["geometry"]
+    encoder_out = {t["name"]: t["dims"] for t in configs["lm_encoder"]["output"]}
+    decoder_in = {t["name"]: t["dims"] for t in configs["lm_decoder"]["input"]}
+    assert encoder_out[CROSS_KV] == decoder_in[CROSS_KV] == [-1, 2 * geometry["num_layers"], geometry["num_kv_heads"],
+                                                            -1, geometry["head_dim"]]
