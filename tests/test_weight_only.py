@@ -129,6 +129,28 @@ def test_forms_run_on_onnxruntime_like_the_dequantized_maths(tmp_path, form, sch
     assert np.corrcoef(got.ravel(), exact.ravel())[0, 1] > 0.99
 
 
+@pytest.mark.parametrize("scheme", ["asymmetric", "zero-point", "symmetric"])
+def test_constant_rows_stay_exact(scheme):
+    """A tied LM head whose padding token's row is all zero (BART, OPT: padding_idx) and a constant row:
+    their logits stay 0 and c x sum(x) under the int8 activations of accuracy level 4, as fp32 gives
+    them (an all-zero block's scale of 1 once gave the zero row logits of 2-8 through the asymmetric
+    correction's cancellation)."""
+    rng = np.random.default_rng(3)
+    head = rng.standard_normal((64, 6)).astype(np.float32) * 0.05  # [K, N]: column n is token n's row
+    head[:, 1] = 0.0
+    head[:, 4] = 0.03
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="head")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])],
+                              [numpy_helper.from_array(head, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    quantize_weights(model, 8, 32, scheme, "matmulnbits", keep=set())
+    x = rng.standard_normal((1, 64)).astype(np.float32) * 3
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert abs(got[0, 1]) < 1e-6
+    assert abs(got[0, 4] - 0.03 * x.sum()) < 1e-3 * max(1.0, abs(0.03 * x.sum()))
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_matmulnbits_reads_our_zero_points_like_the_dequantized_maths(bits):
     """One MatMulNBits per weight with its zero points as the fourth input (no correction nodes),

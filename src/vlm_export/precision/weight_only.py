@@ -108,7 +108,11 @@ def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, scheme: str,
     if scheme == "asymmetric":
         low, high = w.min(axis=-1), w.max(axis=-1)
         scales = (high - low) / top
-        safe = np.where(scales == 0, 1.0, scales)
+        # a constant block (a padding token's all-zero row in a tied LM head) has no range: a scale on
+        # the block's own order, never 1. The kernels add back half x scale x sum(x) (see _matmulnbits),
+        # and with scale 1 that cancellation left errors of several logits on the zero row (BART, OPT)
+        flat = np.maximum(np.abs(low) / top, np.finfo(np.float32).tiny)
+        safe = np.where(scales == 0, flat, scales)
         q = np.clip(np.rint((w - low[..., None]) / safe[..., None]), 0, top)
         return BlockQuantized(q.astype(np.uint8), safe.astype(np.float32), bits, block_size, k,
                               offsets=(-low / safe).astype(np.float32))
