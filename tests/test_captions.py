@@ -145,7 +145,8 @@ def test_eval_reports_captions_of_pytorch_and_the_build_side_by_side(tiny_build,
     assert agreement["bleu_1"] == ONE and agreement["rouge_l"] == 1.0
     assert agreement == pytest.approx(ceiling) and torch_result["ceiling"] == pytest.approx(ceiling)
     assert ort["references"] == pytest.approx(torch_result["references"])
-    assert section["prompt"] == "Describe the image." and "## Captions" in (build / "report.md").read_text()
+    # item 0 brought its own prompt, the others took the build's declared one
+    assert section["prompts"] == {"What is in the image?": 1, "Describe the image.": 3} and "## Captions" in (build / "report.md").read_text()
     assert section["gate"]["passed"] and "caption gate" in out
 
     # the gate: references that are PyTorch's own captions (it scores the maximum); a build whose decoder

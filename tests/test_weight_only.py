@@ -205,6 +205,10 @@ def test_fp16_keeps_rms_statistics_in_fp32(tmp_path):
     onnx.save(model, tmp_path / "fp32.onnx")
     info = to_fp16(tmp_path / "fp32.onnx", tmp_path / "fp16.onnx")
     assert info.details["fp32_statistics_nodes"] == 4
+    # modules the model keeps fp32 (T5's wo) that no node comes from (no name-scope metadata): refused, not dropped
+    with pytest.raises(ExportError, match="keeps wo in fp32, but no node"):
+        to_fp16(tmp_path / "fp32.onnx", tmp_path / "fp16-wo.onnx", ("wo",))
+    assert not (tmp_path / "fp16-wo.onnx").exists()
     x = (rng.standard_normal((1, 5, K)) * 8000).astype(np.float32)  # fits fp16; its square does not
     ref = ort.InferenceSession(str(tmp_path / "fp32.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = ort.InferenceSession(str(tmp_path / "fp16.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]

@@ -53,13 +53,11 @@ def evaluate_captions(build_dir: Path, dataset: str = "easy-vqa-captions", split
     name, items, note = load_caption_items(dataset, split, limit, spread)
     check_scoring(tokenizer)
     default = declared_caption_prompt(build_dir)
-    for item in items:  # before any model loads
-        caption_prompt(item.prompt, prompt, default)
+    prompts = [caption_prompt(item.prompt, prompt, default) for item in items]  # before any model loads
     pipes = _open(build_dir, backends, threads, check_hashes, progress)
     results = caption_all(pipes, name, items, progress, prompt, default, max_new_tokens or DEFAULT_CAPTION_TOKENS,
                           tokenizer)
-    section, failures = caption_section(name, items, results, tokenizer, note, prompt or default,
-                                        gate or CaptionGate())
+    section, failures = caption_section(name, items, results, tokenizer, note, prompts, gate or CaptionGate())
     record_captions(build_dir, section)
     return {**section, "failures": failures}
 

@@ -226,17 +226,19 @@ class CaptionGate:
 
 
 def caption_section(dataset: str, items: Sequence, results: Sequence[CaptionResult], tokenizer: str = "simple",
-                    note: str = "", prompt: str | None = None,
+                    note: str = "", prompts: Sequence[str] = (),
                     gate: CaptionGate | None = None) -> tuple[dict, list[str]]:
     """The report's caption section (every backend's scores, the captions that differ from the
-    reference's, the gate's verdict) and the gate's failures."""
+    reference's, the prompts used with how many images each, the gate's verdict) and the gate's failures."""
+    from collections import Counter
+
     reference, candidates = results[0], list(results[1:])
     differ = [{"image": str(item.image), "references": list(item.references), reference.backend: base,
                other.backend: mine}
               for other in candidates for item, base, mine in zip(items, reference.captions, other.captions)
               if base != mine]
     section = {"dataset": dataset, "images": len(items), "reference": reference.backend, "tokenizer": tokenizer,
-               "note": note, "prompt": prompt, "results": [r.to_dict() for r in results], "differing_captions": differ}
+               "note": note, "prompts": dict(Counter(prompts)), "results": [r.to_dict() for r in results], "differing_captions": differ}
     failures: list[str] = []
     if gate is not None and candidates:
         failures = gate.judge(reference, candidates)

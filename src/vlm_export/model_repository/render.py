@@ -16,6 +16,8 @@ stage the manifest declares; for a LLaVA-style build::
                      image input from (``image_input_sources``: the decoder's image input, plus
                      e.g. the tile mask for cross-attention); its inputs: the encoded images, plus
                      the prompt's tokens where an image stage reads them
+    lm_encoder/      (an encoder-decoder scheme's encoder: prompt + image rows -> encoder states and
+                     cross K/V) same choice; the vlm model calls it once per prefill
     lm_decoder/      same choice as the image stages; state in and out as the decoding scheme says
     vlm/             python, decoupled: prompt + images -> streamed text (the generation loop)
 """
@@ -265,7 +267,8 @@ def _image_path_configs(configs: dict, image, scheme, image_batch: int, options)
     ``image_encoder`` ensemble over the image stages, whose outputs are what the decoding scheme
     builds its image input from (``scheme.image_input_sources``: a stage output, or a preprocessed
     tensor the ensemble hands back as well)."""
-    # each tensor's config as the first graph model reading (inputs) or making (outputs) it has it
+    # each tensor's config as a graph model reading (inputs) or making (outputs) it has it (the last one
+    # in stage order: every stage declares a tensor it shares with the same dtype and dims)
     read = {t["name"]: t for spec in image for t in configs[spec.name]["input"]}
     made = {t["name"]: t for spec in image for t in configs[spec.name]["output"]}
     pixels = [t.name for t in pixel_inputs(image)]

@@ -329,6 +329,10 @@ def fp16_model(model: onnx.ModelProto, keep: Iterable[str] = ()) -> tuple[onnx.M
 def to_fp16(src: Path, dst: Path, keep_modules: Iterable[str] = ()) -> VariantInfo:
     model = onnx.load(os.fspath(src))
     keep = module_nodes(model, keep_modules)
+    if set(keep_modules) and not keep:  # the model needs them fp32 (T5's wo overflows fp16): never drop that quietly
+        raise ExportError(f"the model keeps {', '.join(sorted(set(keep_modules)))} in fp32, but no node of {src.name} "
+                          "carries their name scope (pkg.torch.onnx.name_scopes); re-export with torch.onnx's dynamo "
+                          "exporter or leave this stage fp32")
     converted, details = fp16_model(model, keep)
     if keep:
         details["fp32_modules"] = {"modules": sorted(set(keep_modules)), "nodes": len(keep)}
