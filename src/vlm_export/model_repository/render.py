@@ -268,7 +268,7 @@ def _image_path_configs(configs: dict, image, scheme, image_batch: int, options)
     builds its image input from (``scheme.image_input_sources``: a stage output, or a preprocessed
     tensor the ensemble hands back as well)."""
     # each tensor's config as a graph model reading (inputs) or making (outputs) it has it (the last one
-    # in stage order: every stage declares a tensor it shares with the same dtype and dims)
+    # in stage order; each graph model's config is checked against its own graph below)
     read = {t["name"]: t for spec in image for t in configs[spec.name]["input"]}
     made = {t["name"]: t for spec in image for t in configs[spec.name]["output"]}
     pixels = [t.name for t in pixel_inputs(image)]
