@@ -27,7 +27,7 @@ from .atomic import atomic_folder
 from .compare.accuracy import AccuracyCheck, accuracy_section, answer_all
 from .compare.parity import ParityResult, Sample, compare_stages, compare_tokens, default_samples
 from .compare.policy import DECODER_ENTRIES, AccuracyGate, ParityPolicy
-from .compare.report import record_accuracy, write_report
+from .compare.report import record_section, write_report
 from .contract import DecodingScheme, Limits, scheme_from_dict
 from .datasets import load_items
 from .errors import BuildError, ParityError
@@ -181,7 +181,7 @@ def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> 
     manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}
     write_report(tmp, manifest, result, policy, failures)
     if accuracy:
-        record_accuracy(tmp, accuracy)
+        record_section(tmp, "task_accuracy", accuracy)
     if failures:
         failed = out.with_name(out.name + ".failed")
         shutil.rmtree(failed, ignore_errors=True)

@@ -10,7 +10,7 @@ from .adapters.reference import BACKENDS, open_pipeline
 from .compare.accuracy import accuracy_section, answer_all
 from .compare.captions import DEFAULT_CAPTION_TOKENS, CaptionGate, caption_all, caption_section
 from .compare.policy import AccuracyGate
-from .compare.report import record_accuracy, record_captions
+from .compare.report import record_section
 from .datasets import dataset_task, load_caption_items, load_items
 from .manifest import read_manifest
 from .progress import Progress
@@ -28,7 +28,7 @@ def evaluate_build(build_dir: Path, dataset: str = "easy-vqa", split: str = "tes
     name, items = load_items(dataset, split, limit, spread)
     pipes = _open(build_dir, backends, threads, check_hashes, progress)
     section, failures = accuracy_section(name, items, answer_all(pipes, name, items, progress), gate or AccuracyGate())
-    record_accuracy(build_dir, section)
+    record_section(build_dir, "task_accuracy", section)
     return {**section, "failures": failures}
 
 
@@ -58,7 +58,7 @@ def evaluate_captions(build_dir: Path, dataset: str = "easy-vqa-captions", split
     results = caption_all(pipes, name, items, progress, prompt, default, max_new_tokens or DEFAULT_CAPTION_TOKENS,
                           tokenizer)
     section, failures = caption_section(name, items, results, tokenizer, note, prompts, gate or CaptionGate())
-    record_captions(build_dir, section)
+    record_section(build_dir, "captions", section)
     return {**section, "failures": failures}
 
 

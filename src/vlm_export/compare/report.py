@@ -132,21 +132,16 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def record_accuracy(build_dir: Path, accuracy: dict) -> dict:
-    """Add (or replace) the task-accuracy section of an existing report."""
+def record_section(build_dir: Path, key: str, section: dict) -> dict:
+    """Add (or replace) one section (``task_accuracy``, ``captions``) of an existing report; each file
+    is replaced whole (written beside, then renamed), so a killed eval leaves the old report."""
+    import os
+
     build_dir = Path(build_dir)
     report = json.loads((build_dir / "report.json").read_text())
-    report["task_accuracy"] = accuracy
-    (build_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (build_dir / "report.md").write_text(render_markdown(report))
-    return report
-
-
-def record_captions(build_dir: Path, captions: dict) -> dict:
-    """Add (or replace) the caption-metrics section of an existing report."""
-    build_dir = Path(build_dir)
-    report = json.loads((build_dir / "report.json").read_text())
-    report["captions"] = captions
-    (build_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (build_dir / "report.md").write_text(render_markdown(report))
+    report[key] = section
+    for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", render_markdown(report))):
+        tmp = build_dir / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, build_dir / name)
     return report
