@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DatasetError
+from .jsonl import folder_image, json_object
 
 CAPTIONS_FILE = "captions.jsonl"
 
@@ -60,12 +61,7 @@ def load_caption_folder(path: str | Path) -> list[CaptionItem]:
 
 
 def _item(folder: Path, where: str, line: str) -> CaptionItem:
-    try:
-        row = json.loads(line)
-    except ValueError as err:
-        raise DatasetError(f"{where} is not valid JSON: {err}") from err
-    if not isinstance(row, dict):
-        raise DatasetError(f"{where} must be a JSON object with image and captions")
+    row = json_object(where, line, "image and captions")
     if not isinstance(row.get("image"), str) or not row["image"].strip():
         raise DatasetError(f"{where} lacks a non-empty string for: image")
     refs = row.get("captions", [row["caption"]] if "caption" in row else None)
@@ -76,9 +72,7 @@ def _item(folder: Path, where: str, line: str) -> CaptionItem:
     prompt = row.get("prompt")
     if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
         raise DatasetError(f"{where}: \"prompt\" must be a non-empty string when given")
-    image = folder / row["image"]
-    if not image.is_file():
-        raise DatasetError(f"{where}: image {image} not found")
+    image = folder_image(folder, row["image"], where)
     _check_image(image, where)
     return CaptionItem(image, tuple(r.strip() for r in refs), prompt)
 

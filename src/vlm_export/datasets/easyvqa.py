@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import DatasetError
 from .captions import CaptionItem
+from .jsonl import folder_image, json_object
 
 SPLITS = ("train", "test")
 QUESTIONS_FILE = "questions.jsonl"
@@ -89,19 +90,11 @@ def load_folder(path: str | Path, limit: int | None = None) -> list[VqaItem]:
 
 def _folder_item(folder: Path, qfile: Path, lineno: int, line: str) -> VqaItem:
     where = f"{qfile}:{lineno}"
-    try:
-        row = json.loads(line)
-    except ValueError as err:
-        raise DatasetError(f"{where} is not valid JSON: {err}") from err
-    if not isinstance(row, dict):
-        raise DatasetError(f"{where} must be a JSON object with image, question and answer")
+    row = json_object(where, line, "image, question and answer")
     missing = [k for k in ("image", "question", "answer") if not isinstance(row.get(k), str) or not row[k].strip()]
     if missing:
         raise DatasetError(f"{where} lacks a non-empty string for: {', '.join(missing)}")
-    image = folder / row["image"]
-    if not image.is_file():
-        raise DatasetError(f"{where}: image {image} not found")
-    return VqaItem(image, row["question"], row["answer"])
+    return VqaItem(folder_image(folder, row["image"], where), row["question"], row["answer"])
 
 
 def image_labels(split: str) -> dict[Path, tuple[str, str]]:
