@@ -297,3 +297,27 @@ def test_tensorrt_form_is_w4a16_and_runs_on_onnxruntime(tmp_path):
         assert np.abs(got - expected).max() <= 0.02 * np.abs(expected).max(), level
         # two int4 layers in blocks of 128 of Gaussian weights (head included) lose a little more
         assert np.corrcoef(got.ravel(), ((x @ w) @ emb.T).ravel())[0, 1] > 0.98
+
+
+def test_fp32_activations_set_every_matmulnbits_to_accuracy_level_0(tmp_path):
+    """--weight-activations fp32: every MatMulNBits computes with fp32 activations (accuracy level 0,
+    recorded), which gives the dequantized maths without the int8 rounding of the default; the
+    dequantize form refuses it (its activations are fp16)."""
+    from vlm_export.precision.convert import PrecisionOptions, to_weight_only
+
+    _, w, emb = _graph(tmp_path / "g.onnx")
+    ids = np.array([[3, 7, 11]], np.int64)
+    got = {}
+    for acts in ("int8", "fp32"):
+        info = to_weight_only(tmp_path / "g.onnx", tmp_path / f"{acts}.onnx", 8, PrecisionOptions(weight_activations=acts))
+        model = onnx.load(str(tmp_path / f"{acts}.onnx"))
+        levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                  if a.name == "accuracy_level"}
+        assert levels == {info.details["accuracy_level"]} == {4 if acts == "int8" else 0}
+        got[acts] = _run(model, ids)[0]
+    x = emb[ids[0]]
+    expected = (x @ quantize_blocks(w, 8, 32, "asymmetric").dequantize()) @ quantize_blocks(emb.T, 8, 32, "asymmetric").dequantize()
+    assert np.abs(got["fp32"] - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert np.abs(got["int8"] - expected).max() > np.abs(got["fp32"] - expected).max()
+    with pytest.raises(ExportError, match="--weight-activations applies to the matmulnbits form"):
+        PrecisionOptions(weight_form="dequantize", weight_activations="fp32")

@@ -55,6 +55,10 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-form", choices=("matmulnbits", "dequantize"), default="matmulnbits",
                    help="weight-only graph form: matmulnbits (ONNX Runtime, default) or dequantize "
                         "(TensorRT, w4 only, W4A16: fp16 decoder, int4 block-wise DequantizeLinear + MatMul)")
+    g.add_argument("--weight-activations", choices=("int8", "fp32"), default="int8",
+                   help="what MatMulNBits rounds a w8/w4 decoder's activations to: int8 per block (default, "
+                        "ONNX Runtime's fast kernels) or fp32 (accuracy level 0: for LMs whose activations carry "
+                        "outliers int8 cannot hold, such as T5; slower)")
     g.add_argument("--lm-head", choices=("fp32", "int8", "w8", "w4"), default=None,
                    help="LM head precision (default: fp32 under an int8 decoder; under w8/w4: w8 in the "
                         "matmulnbits form, w4 in the dequantize form)")
@@ -128,6 +132,7 @@ def _build_options(args, **extra):
                         precision_options=PrecisionOptions(block_size=args.block_size, lm_head=args.lm_head,
                                                            weight_scheme=args.weight_scheme,
                                                            weight_form=args.weight_form,
+                                                           weight_activations=args.weight_activations,
                                                            calibration=args.calibration,
                                                            exclude_nodes=tuple(args.keep_node)),
                         accuracy=accuracy, fuse=not args.no_fuse, **extra)

@@ -45,6 +45,8 @@ LM_HEAD_CHOICES = ("fp32", "int8", "w8", "w4")
 #: each weight form's block size: 32 measured best for MatMulNBits on ONNX Runtime; TensorRT takes
 #: 64 or 128 only (weight_only.TENSORRT_INT4_BLOCK_SIZES) and 128 reads fewer scales
 FORM_BLOCK_SIZE = {"matmulnbits": 32, "dequantize": 128}
+#: MatMulNBits' accuracy level per activation precision (4: int8 per block; 0: fp32)
+WEIGHT_ACTIVATIONS = {"int8": 4, "fp32": 0}
 
 
 @dataclass
@@ -56,6 +58,10 @@ class PrecisionOptions:
     lm_head: str | None = None
     weight_scheme: str | None = None  # symmetric | asymmetric | zero-point; None: asymmetric, symmetric for dequantize
     weight_form: str = "matmulnbits"  # matmulnbits (ONNX Runtime) | dequantize (block-wise DequantizeLinear, TensorRT)
+    # what MatMulNBits rounds the activations to: int8 per block (accuracy level 4, its fast kernels) or
+    # fp32 (level 0: T5's activations carry outliers int8 cannot hold; a tiny T5's w8 decoder went from
+    # logits cosine 0.9887 to 0.9986). The dequantize form's activations are fp16 either way.
+    weight_activations: str = "int8"
     calibration: str = "minmax"
     exclude_nodes: tuple[str, ...] = ()  # sensitive layers kept in higher precision (node names)
 
@@ -73,6 +79,11 @@ class PrecisionOptions:
                               "64 or 128; choose --block-size 128 (the dequantize form's default) or 64")
         elif self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ExportError(f"block size must be a power of two >= 16, got {self.block_size}")
+        if self.weight_activations not in WEIGHT_ACTIVATIONS:
+            raise ExportError(f"weight activations {self.weight_activations!r} is not one of {', '.join(WEIGHT_ACTIVATIONS)}")
+        if self.weight_form == "dequantize" and self.weight_activations != "int8":
+            raise ExportError("--weight-activations applies to the matmulnbits form (the dequantize form's activations "
+                              "are fp16); drop it or use --weight-form matmulnbits")
         if self.weight_scheme is not None and self.weight_scheme not in SCHEMES:
             raise ExportError(f"weight scheme {self.weight_scheme!r} is not one of {', '.join(SCHEMES)}")
         if self.weight_form == "dequantize" and self.weight_scheme not in (None, "symmetric"):
@@ -350,11 +361,13 @@ def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions) -
         # W4A16: TensorRT's weight-only GEMMs take fp16 activations; the kept nodes stay fp32
         model, fp16_details = fp16_model(model, keep)
         activations = {"activations": "fp16", "scales": "fp16", **fp16_details}
-    else:  # MatMulNBits rounds the fp32 activations to int8 per block inside its kernel
-        activations = {"activations": "fp32", "accuracy_level": 4}
+    else:  # MatMulNBits rounds the fp32 activations to int8 per block inside its kernel, unless told not to
+        level = WEIGHT_ACTIVATIONS[options.weight_activations]
+        activations = {"activations": "fp32", "accuracy_level": level}
         if options.scheme == "asymmetric":  # how the float minimum is added back (weight_only._matmulnbits)
             activations["correction"] = DEFAULT_CORRECTION
-    done = quantize_weights(model, bits, options.block_sizes, options.scheme, options.weight_form, keep, bits_of)
+    done = quantize_weights(model, bits, options.block_sizes, options.scheme, options.weight_form, keep, bits_of,
+                            accuracy_level=activations.get("accuracy_level", 4))
     _save(model, dst)
     used = sorted({size for _, size in done.values()}, reverse=True)
     return VariantInfo(f"w{bits}", {"bits": bits, "block_size": options.block,
