@@ -280,3 +280,31 @@ def test_served_answers_and_caption_eval(tiny_build, photos, tmp_path, capsys):
     section = json.loads((build / "report.json").read_text())["captions"]
     torch_side, ort_side = section["results"]
     assert torch_side["captions"] == ort_side["captions"] and all(torch_side["captions"])
+
+
+def test_decoder_never_recomputes_cross_kv(tiny_model_dir, tiny_build):
+    """Every decoder layer's cross-attention k/v weights are in the encoder graph and not the decoder's
+    (found by value), the query side stays in the decoder."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from transformers import Florence2ForConditionalGeneration
+
+    result = tiny_build("florence2")
+    model = Florence2ForConditionalGeneration.from_pretrained(tiny_model_dir("florence2"), dtype=torch.float32)
+    graphs = result.manifest["graphs"]
+
+    def weights(stage):
+        return [numpy_helper.to_array(i) for i in onnx.load(result.path / graphs[stage]["file"]).graph.initializer]
+
+    def holds(arrays, weight):
+        return any(a.shape == w.shape and np.array_equal(a, w) for a in arrays for w in (weight, weight.T))
+
+    decoder, encoder = weights("lm_decoder"), weights("lm_encoder")
+    layers = [m for n, m in model.named_modules() if n.endswith("encoder_attn")]
+    assert len(layers) == model.config.text_config.decoder_layers
+    for attn in layers:
+        for module in (attn.k_proj, attn.v_proj):
+            weight = module.weight.detach().numpy()
+            assert holds(encoder, weight) and not holds(decoder, weight)
+        assert holds(decoder, attn.q_proj.weight.detach().numpy())
