@@ -47,3 +47,12 @@ def load_hf_parts(model_cls, path: Path, *, processor: bool = True):
                 f"cannot load the image processor in {path} ({first_line(e)}); save preprocessor_config.json beside the model"
             ) from None
     return model, tokenizer, image_processor
+
+
+def load_processor(processor_cls, path: Path):
+    """The model's own processor (``processor_cls.from_pretrained``), or a ModelLoadError saying what to save."""
+    try:
+        return processor_cls.from_pretrained(path)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the {processor_cls.__name__} in {path} ({first_line(e)}); save the model's "
+                             "processor beside it (processor.save_pretrained)") from None
