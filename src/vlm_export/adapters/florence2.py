@@ -123,11 +123,8 @@ class Florence2Adapter(VLMAdapter):
         from transformers import Florence2ForConditionalGeneration, Florence2Processor
 
         model, tokenizer, image_processor = load_hf_parts(Florence2ForConditionalGeneration, path)
-        processor = load_processor(Florence2Processor, path)
         cfg = model.config
-        if processor.image_token_id != cfg.image_token_id:
-            raise AdapterError(f"the processor's image token {processor.image_token!r} is id {processor.image_token_id}, "
-                               f"the model's config says {cfg.image_token_id}")
+        processor = load_processor(Florence2Processor, path, cfg.image_token_id)
         loaded = LoadedModel(self, Path(path), model, tokenizer, image_processor, cfg, processor=processor)
         self._check_processor(loaded)
         return loaded

@@ -149,15 +149,12 @@ class MllamaAdapter(VLMAdapter):
         from transformers import MllamaForConditionalGeneration, MllamaProcessor
 
         model, tokenizer, image_processor = load_hf_parts(MllamaForConditionalGeneration, path)
-        processor = load_processor(MllamaProcessor, path)
         cfg = model.config
+        processor = load_processor(MllamaProcessor, path, cfg.image_token_index)
         tiles = cfg.vision_config.max_num_tiles
         if image_processor.max_image_tiles != tiles:
             raise AdapterError(f"the image processor in {path} pads images to {image_processor.max_image_tiles} "
                                f"tiles but the vision model takes {tiles}; set its max_image_tiles to {tiles}")
-        if processor.image_token_id != cfg.image_token_index:
-            raise AdapterError(f"the processor's image token {processor.image_token!r} is id "
-                               f"{processor.image_token_id}, the model's config says {cfg.image_token_index}")
         loaded = LoadedModel(self, Path(path), model, tokenizer, image_processor, cfg, processor=processor)
         self._check_processor(loaded)
         return loaded
