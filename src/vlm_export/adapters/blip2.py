@@ -26,12 +26,12 @@ from torch import nn
 
 from ..contract import DecoderGeometry, PromptLayout
 from ..contract.spliced import SplicedScheme
-from ..errors import AdapterError, ModelLoadError
+from ..errors import AdapterError
 from ..runtime.prompt import build_prompt_ids
 from . import register
 from .base import LoadedModel, Stage, VLMAdapter
 from .decoder import SplicingDecoder, image_path_stages, spliced_decoder_stage, text_geometry
-from .loading import first_line, load_hf_parts
+from .loading import load_hf_parts, load_processor
 
 PROBE_PROMPT = "Question: what is in the picture? Answer:"
 
@@ -102,11 +102,7 @@ class QFormerAdapterBase(VLMAdapter):
         if cfg.image_token_id is None:
             raise AdapterError(f"{path / 'config.json'} has no image_token_index: this checkpoint predates image "
                                "tokens; re-save it with a current transformers and a processor with num_query_tokens")
-        try:
-            processor = getattr(transformers, self.processor_cls).from_pretrained(path)
-        except Exception as e:
-            raise ModelLoadError(f"cannot load the {self.processor_cls} in {path} ({first_line(e)}); "
-                                 "save the model's processor beside it (processor.save_pretrained)") from None
+        processor = load_processor(getattr(transformers, self.processor_cls), path)
         loaded = LoadedModel(self, Path(path), model, tokenizer, image_processor, cfg, processor=processor,
                              image_text_tokenizer=getattr(processor, "qformer_tokenizer", None))
         self._check_processor(loaded)

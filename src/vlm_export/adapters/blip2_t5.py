@@ -24,40 +24,15 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers import DynamicCache, EncoderDecoderCache
 
-from ..contract import DECODER_PRECISIONS, DecoderGeometry
+from ..contract import DecoderGeometry
 from ..contract.encdec import ENCODER_STAGE, EncoderDecoderScheme
-from ..errors import AdapterError
 from . import register
 from .base import LoadedModel, Stage
 from .blip2 import QFormerAdapterBase, QFormerProjector, VisionEncoder
 from .decoder import image_path_stages, splice_image_rows
-
-EXAMPLE_BATCH, EXAMPLE_ENCODER_SEQ, EXAMPLE_SEQ, EXAMPLE_PAST, EXAMPLE_CROSS_SEQ = 2, 7, 3, 4, 5
-
-
-def decoder_prompt_ids(generation_config, text_config) -> list[int]:
-    """The decoder's own prompt, as HF generate starts it: ``decoder_start_token_id`` (the generation
-    config's, else the text config's), then ``forced_bos_token_id`` where the model forces one."""
-    start = getattr(generation_config, "decoder_start_token_id", None)
-    if start is None:
-        start = getattr(text_config, "decoder_start_token_id", None)
-    if start is None:
-        raise AdapterError("the model's generation config and text config have no decoder_start_token_id")
-    forced = getattr(generation_config, "forced_bos_token_id", None)
-    return [int(start)] + ([int(forced)] if forced is not None else [])
-
-
-def cross_key_values(hidden: torch.Tensor, attentions: list[nn.Module], heads: int, head_dim: int) -> torch.Tensor:
-    """``[batch, 2 x layers, heads, encoder_sequence, head_dim]``: each cross-attention's k and v
-    projections of the encoder's output, as the attention itself projects them."""
-    batch = hidden.shape[0]
-    out = []
-    for attn in attentions:
-        for proj in (attn.k, attn.v):
-            out.append(proj(hidden).view(batch, -1, heads, head_dim).transpose(1, 2))
-    return torch.stack(out, dim=1)
+from .encdec import (cross_key_values, encdec_scheme, lm_decoder_stage, lm_encoder_stage, prefilled_cache,
+                     reference_tokens, self_present)
 
 
 class T5LMEncoder(nn.Module):
@@ -72,8 +47,7 @@ class T5LMEncoder(nn.Module):
     def forward(self, input_ids, attention_mask, image_embeds):
         embeds = splice_image_rows(self.t5.get_input_embeddings(), input_ids, image_embeds, self.image_token_id)
         hidden = self.t5.encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-        cfg = self.t5.config
-        return hidden, cross_key_values(hidden, self.cross, cfg.num_heads, cfg.d_kv)
+        return hidden, cross_key_values(hidden, [(a.k, a.v) for a in self.cross], self.t5.config.d_kv)
 
 
 class T5LMDecoder(nn.Module):
@@ -86,11 +60,7 @@ class T5LMDecoder(nn.Module):
         self.layers = len(t5.decoder.block)
 
     def forward(self, input_ids, attention_mask, position_ids, encoder_attention_mask, cross_key_values, *past):
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        for i in range(self.layers):
-            cache.self_attention_cache.update(past[2 * i], past[2 * i + 1], i)
-            cache.cross_attention_cache.update(cross_key_values[:, 2 * i], cross_key_values[:, 2 * i + 1], i)
-            cache.is_updated[i] = True  # HF's layers read the cross K/V from the cache, never project again
+        cache = prefilled_cache(past, cross_key_values)
         # the cross-attention runs only when encoder states are given; their values are never read
         # (is_updated), their length sizes the encoder mask: a view of the cross keys has both
         keys = cross_key_values[:, 0]
@@ -103,10 +73,7 @@ class T5LMDecoder(nn.Module):
         if getattr(cfg, "scale_decoder_outputs", getattr(cfg, "tie_word_embeddings", False)):
             hidden = hidden * (cfg.d_model ** -0.5)
         logits = self.t5.lm_head(hidden)
-        present = []
-        for layer in cache.self_attention_cache.layers[: self.layers]:
-            present += [layer.keys, layer.values]
-        return (logits, *present)
+        return (logits, *self_present(cache, self.layers))
 
 
 @register
@@ -127,12 +94,7 @@ class Blip2T5Adapter(QFormerAdapterBase):
                                max_position_embeddings=getattr(t, "n_positions", None) or 512)
 
     def scheme(self, loaded: LoadedModel) -> EncoderDecoderScheme:
-        cfg = loaded.config
-        pad = loaded.tokenizer.pad_token_id
-        if pad is None or pad == cfg.image_token_id:
-            pad = cfg.text_config.pad_token_id
-        return EncoderDecoderScheme(self.geometry(loaded), cfg.image_token_id,
-                                    decoder_prompt_ids(loaded.model.generation_config, cfg.text_config), pad)
+        return encdec_scheme(loaded, self.geometry(loaded))
 
     def stages(self, loaded: LoadedModel) -> list[Stage]:
         m = loaded.model
@@ -146,32 +108,10 @@ class Blip2T5Adapter(QFormerAdapterBase):
         return self._decoder_stage(loaded, self.scheme(loaded))
 
     def _encoder_stage(self, loaded: LoadedModel, scheme: EncoderDecoderScheme) -> Stage:
-        g = scheme.geometry
-        gen = torch.Generator().manual_seed(3)
-        ids = torch.randint(3, min(g.vocab_size, 1000), (EXAMPLE_BATCH, EXAMPLE_ENCODER_SEQ), generator=gen)
-        ids[ids == scheme.image_token_id] = 3
-        ids[0, :2] = ids[1, 0] = scheme.image_token_id  # 2 + 1 placeholders -> 3 rows of image_embeds
-        mask = torch.ones_like(ids)
-        mask[1, -2:] = 0  # a shorter prompt, padded on the right
-        ids[1, -2:] = scheme.pad_id
-        example = (ids, mask, torch.randn(3, g.hidden_size, generator=gen))
-        module = T5LMEncoder(loaded.model.language_model, scheme.image_token_id).eval()
-        return Stage(scheme.encoder_spec(DECODER_PRECISIONS), module, example)
+        return lm_encoder_stage(scheme, T5LMEncoder(loaded.model.language_model, scheme.image_token_id))
 
     def _decoder_stage(self, loaded: LoadedModel, scheme: EncoderDecoderScheme) -> Stage:
-        g = scheme.geometry
-        gen = torch.Generator().manual_seed(4)
-        batch, seq, past, cross = EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST, EXAMPLE_CROSS_SEQ
-        ids = torch.randint(0, min(g.vocab_size, 1000), (batch, seq), generator=gen)
-        total = past + seq
-        self_mask = torch.ones(batch, total, dtype=torch.int64)
-        self_mask[1, :2] = 0  # a row that joined later: left padding
-        encoder_mask = torch.ones(batch, cross, dtype=torch.int64)
-        encoder_mask[0, -2:] = 0  # a shorter prompt: the encoder axis padded on the right
-        kv = torch.randn(batch, 2 * g.num_layers, g.num_kv_heads, cross, g.head_dim, generator=gen)
-        past_kv = [torch.randn(batch, g.num_kv_heads, past, g.head_dim, generator=gen) for _ in range(2 * g.num_layers)]
-        example = (ids, self_mask, torch.arange(past, total).repeat(batch, 1), encoder_mask, kv, *past_kv)
-        return Stage(scheme.decoder_spec(DECODER_PRECISIONS), T5LMDecoder(loaded.model.language_model).eval(), example)
+        return lm_decoder_stage(scheme, T5LMDecoder(loaded.model.language_model))
 
     def fp32_modules(self, loaded: LoadedModel) -> dict[str, tuple[str, ...]]:
         # T5 overflows fp16 in its feed-forward output: HF keeps ``wo`` in fp32 (and so the residual sum)
@@ -184,15 +124,11 @@ class Blip2T5Adapter(QFormerAdapterBase):
         the decoder's prompt (start token, forced tokens), which ours does not count as generated."""
         from PIL import Image
 
-        common = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_ids,
-                      pad_token_id=loaded.config.text_config.pad_token_id)
-        with torch.no_grad():
-            if pixel_values is None:
-                out = loaded.model.language_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                                           **common)
-            else:
-                blank = [Image.new("RGB", (8, 8))] * pixel_values.shape[0]  # only the processor's text output is used
-                inputs = loaded.processor(images=blank, text=prompt, return_tensors="pt")
-                inputs["pixel_values"] = pixel_values
-                out = loaded.model.generate(**inputs, **common)
-        return out[0, len(self.scheme(loaded).decoder_prompt_ids):].tolist()
+        common = dict(do_sample=False, eos_token_id=eos_token_ids, pad_token_id=loaded.config.text_config.pad_token_id)
+        if pixel_values is None:
+            return reference_tokens(loaded.model.language_model.generate, self.scheme(loaded), max_new_tokens,
+                                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **common)
+        blank = [Image.new("RGB", (8, 8))] * pixel_values.shape[0]  # only the processor's text output is used
+        inputs = loaded.processor(images=blank, text=prompt, return_tensors="pt")
+        inputs["pixel_values"] = pixel_values
+        return reference_tokens(loaded.model.generate, self.scheme(loaded), max_new_tokens, **inputs, **common)

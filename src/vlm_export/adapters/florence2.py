@@ -27,18 +27,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache, EncoderDecoderCache
 
-from ..contract import DECODER_PRECISIONS, DecoderGeometry, PromptLayout
+from ..contract import DecoderGeometry, PromptLayout
 from ..contract.encdec import EncoderDecoderScheme
-from ..errors import AdapterError, ModelLoadError
+from ..errors import AdapterError
+from ..runtime.prompt import build_prompt_ids
 from . import register
 from .base import LoadedModel, Stage, VLMAdapter
-from .blip2_t5 import decoder_prompt_ids
 from .decoder import image_path_stages, splice_image_rows
-from .loading import first_line, load_hf_parts
-
-EXAMPLE_BATCH, EXAMPLE_ENCODER_SEQ, EXAMPLE_SEQ, EXAMPLE_PAST, EXAMPLE_CROSS_SEQ = 2, 7, 3, 4, 5
+from .encdec import (cross_key_values, encdec_scheme, lm_decoder_stage, lm_encoder_stage, prefilled_cache,
+                     reference_tokens, self_present)
+from .loading import load_hf_parts, load_processor
 PROBE_PROMPTS = ("What is in the picture?", "<CAPTION>", "<CAPTION_TO_PHRASE_GROUNDING>a dog")
 
 
@@ -76,12 +75,7 @@ class Florence2Encoder(nn.Module):
     def forward(self, input_ids, attention_mask, image_embeds):
         embeds = splice_image_rows(self.embed_tokens, input_ids, image_embeds, self.image_token_id)
         states = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-        batch, seq, _ = states.shape
-        kv = []
-        for attn in self.cross:
-            shape = (batch, seq, -1, attn.head_dim)
-            kv += [attn.k_proj(states).view(shape).transpose(1, 2), attn.v_proj(states).view(shape).transpose(1, 2)]
-        return states, torch.stack(kv, dim=1)
+        return states, cross_key_values(states, [(a.k_proj, a.v_proj) for a in self.cross], self.cross[0].head_dim)
 
 
 class Florence2Decoder(nn.Module):
@@ -99,13 +93,7 @@ class Florence2Decoder(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, encoder_attention_mask, cross_key_values, *past):
         dec = self.decoder
         layers = len(dec.layers)
-        self_cache, cross_cache = DynamicCache(), DynamicCache()
-        for i in range(layers):
-            self_cache.update(past[2 * i], past[2 * i + 1], i)
-            cross_cache.update(cross_key_values[:, 2 * i], cross_key_values[:, 2 * i + 1], i)
-        cache = EncoderDecoderCache(self_cache, cross_cache)
-        for i in range(layers):
-            cache.is_updated[i] = True
+        cache = prefilled_cache(past, cross_key_values)
         embeds = dec.embed_tokens(input_ids)
         positions = nn.functional.embedding(position_ids + dec.embed_positions.offset, dec.embed_positions.weight)
         hidden = dec.layernorm_embedding(embeds + positions)
@@ -119,10 +107,7 @@ class Florence2Decoder(nn.Module):
             hidden = layer(hidden, self_mask, cross_key_values, encoder_attention_mask=cross_mask, cache=cache,
                            use_cache=True)
         logits = self.lm_head(hidden[:, -1:])
-        present = []
-        for layer in self_cache.layers[:layers]:
-            present += [layer.keys, layer.values]
-        return (logits, *present)
+        return (logits, *self_present(cache, layers))
 
 
 @register
@@ -138,15 +123,8 @@ class Florence2Adapter(VLMAdapter):
         from transformers import Florence2ForConditionalGeneration, Florence2Processor
 
         model, tokenizer, image_processor = load_hf_parts(Florence2ForConditionalGeneration, path)
-        try:
-            processor = Florence2Processor.from_pretrained(path)
-        except Exception as e:
-            raise ModelLoadError(f"cannot load the Florence2Processor in {path} ({first_line(e)}); save the model's "
-                                 "processor beside it (processor.save_pretrained)") from None
         cfg = model.config
-        if processor.image_token_id != cfg.image_token_id:
-            raise AdapterError(f"the processor's image token {processor.image_token!r} is id {processor.image_token_id}, "
-                               f"the model's config says {cfg.image_token_id}")
+        processor = load_processor(Florence2Processor, path, cfg.image_token_id)
         loaded = LoadedModel(self, Path(path), model, tokenizer, image_processor, cfg, processor=processor)
         self._check_processor(loaded)
         return loaded
@@ -172,8 +150,6 @@ class Florence2Adapter(VLMAdapter):
             raise AdapterError(f"the processor in {loaded.path} writes {loaded.processor.num_image_tokens} image tokens "
                                f"per image but the projector gives {rows} rows for a {h}x{w} image; set its "
                                f"image_seq_length to {rows}")
-        from ..runtime.prompt import build_prompt_ids
-
         for probe in PROBE_PROMPTS:
             theirs = loaded.processor(text=probe, images=Image.new("RGB", (w, h)))["input_ids"][0]
             ours = build_prompt_ids(loaded.tokenizer, self.prompt_layout(loaded), probe, 1)
@@ -189,12 +165,7 @@ class Florence2Adapter(VLMAdapter):
                                vocab_size=t.vocab_size, max_position_embeddings=t.max_position_embeddings)
 
     def scheme(self, loaded: LoadedModel) -> EncoderDecoderScheme:
-        cfg = loaded.config
-        pad = loaded.tokenizer.pad_token_id
-        if pad is None or pad == cfg.image_token_id:
-            pad = cfg.text_config.pad_token_id
-        return EncoderDecoderScheme(self.geometry(loaded), cfg.image_token_id,
-                                    decoder_prompt_ids(loaded.model.generation_config, cfg.text_config), pad)
+        return encdec_scheme(loaded, self.geometry(loaded))
 
     def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
         # the processor: its task tokens rewritten ("<CAPTION>" -> "What does the image describe?"), image
@@ -213,34 +184,10 @@ class Florence2Adapter(VLMAdapter):
                 self._encoder_stage(loaded, scheme), self._decoder_stage(loaded, scheme)]
 
     def _encoder_stage(self, loaded: LoadedModel, scheme: EncoderDecoderScheme) -> Stage:
-        g = scheme.geometry
-        gen = torch.Generator().manual_seed(3)
-        ids = torch.randint(3, min(g.vocab_size, 1000), (EXAMPLE_BATCH, EXAMPLE_ENCODER_SEQ), generator=gen)
-        ids[ids == scheme.image_token_id] = 3
-        ids[0, :2] = ids[1, 0] = scheme.image_token_id  # 2 + 1 placeholders -> 3 rows of image_embeds
-        mask = torch.ones_like(ids)
-        mask[1, -2:] = 0  # a shorter prompt, padded on the right
-        ids[1, -2:] = scheme.pad_id
-        example = (ids, mask, torch.randn(3, g.hidden_size, generator=gen))
-        module = Florence2Encoder(loaded.model.model.language_model, scheme.image_token_id).eval()
-        return Stage(scheme.encoder_spec(DECODER_PRECISIONS), module, example)
+        return lm_encoder_stage(scheme, Florence2Encoder(loaded.model.model.language_model, scheme.image_token_id))
 
     def _decoder_stage(self, loaded: LoadedModel, scheme: EncoderDecoderScheme) -> Stage:
-        g = scheme.geometry
-        gen = torch.Generator().manual_seed(4)
-        batch, seq, past, cross = EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST, EXAMPLE_CROSS_SEQ
-        ids = torch.randint(0, min(g.vocab_size, 1000), (batch, seq), generator=gen)
-        total = past + seq
-        self_mask = torch.ones(batch, total, dtype=torch.int64)
-        self_mask[1, :2] = 0  # a row that joined later: left padding
-        positions = torch.stack([torch.arange(past, total), torch.arange(past - 2, total - 2)])
-        encoder_mask = torch.ones(batch, cross, dtype=torch.int64)
-        encoder_mask[0, -2:] = 0  # a shorter prompt: the encoder axis padded on the right
-        kv = torch.randn(batch, 2 * g.num_layers, g.num_kv_heads, cross, g.head_dim, generator=gen)
-        past_kv = [torch.randn(batch, g.num_kv_heads, past, g.head_dim, generator=gen) for _ in range(2 * g.num_layers)]
-        example = (ids, self_mask, positions, encoder_mask, kv, *past_kv)
-        module = Florence2Decoder(loaded.model.model.language_model, loaded.model.lm_head).eval()
-        return Stage(scheme.decoder_spec(DECODER_PRECISIONS), module, example)
+        return lm_decoder_stage(scheme, Florence2Decoder(loaded.model.model.language_model, loaded.model.lm_head))
 
     # ---- the reference ---------------------------------------------------------------------
     def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
@@ -251,17 +198,13 @@ class Florence2Adapter(VLMAdapter):
         longer; its forced EOS at the length limit is off (a limit, not the model's choice)."""
         from PIL import Image
 
-        start = len(self.scheme(loaded).decoder_prompt_ids)
-        common = dict(max_new_tokens=max_new_tokens + start - 1, do_sample=False, num_beams=1, no_repeat_ngram_size=0,
-                      forced_eos_token_id=None, eos_token_id=eos_token_ids,
-                      pad_token_id=loaded.config.text_config.pad_token_id)
-        with torch.no_grad():
-            if pixel_values is None:  # no processor form for text alone: our ids
-                out = loaded.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **common)
-            else:
-                h, w = pixel_values.shape[-2:]
-                inputs = loaded.processor(text=prompt, images=[Image.new("RGB", (w, h))] * pixel_values.shape[0],
-                                          return_tensors="pt")  # only its text output is used
-                out = loaded.model.generate(input_ids=inputs["input_ids"], pixel_values=pixel_values,
-                                            attention_mask=inputs["attention_mask"], **common)
-        return out[0, start:].tolist()
+        common = dict(do_sample=False, num_beams=1, no_repeat_ngram_size=0, forced_eos_token_id=None,
+                      eos_token_id=eos_token_ids, pad_token_id=loaded.config.text_config.pad_token_id)
+        if pixel_values is None:  # no processor form for text alone: our ids
+            inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+        else:
+            h, w = pixel_values.shape[-2:]
+            text = loaded.processor(text=prompt, images=[Image.new("RGB", (w, h))] * pixel_values.shape[0],
+                                    return_tensors="pt")  # only its text output is used
+            inputs = dict(input_ids=text["input_ids"], pixel_values=pixel_values, attention_mask=text["attention_mask"])
+        return reference_tokens(loaded.model.generate, self.scheme(loaded), max_new_tokens, **inputs, **common)

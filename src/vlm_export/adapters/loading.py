@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..errors import ModelLoadError
+from ..errors import AdapterError, ModelLoadError
 
 
 def first_line(err: BaseException) -> str:
@@ -47,3 +47,17 @@ def load_hf_parts(model_cls, path: Path, *, processor: bool = True):
                 f"cannot load the image processor in {path} ({first_line(e)}); save preprocessor_config.json beside the model"
             ) from None
     return model, tokenizer, image_processor
+
+
+def load_processor(processor_cls, path: Path, image_token_id: int | None = None):
+    """The model's own processor (``processor_cls.from_pretrained``), or a ModelLoadError saying what to
+    save; with ``image_token_id`` (the model config's), an AdapterError where the processor's differs."""
+    try:
+        processor = processor_cls.from_pretrained(path)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the {processor_cls.__name__} in {path} ({first_line(e)}); save the model's "
+                             "processor beside it (processor.save_pretrained)") from None
+    if image_token_id is not None and processor.image_token_id != image_token_id:
+        raise AdapterError(f"the processor's image token {processor.image_token!r} is id {processor.image_token_id}, "
+                           f"the model's config says {image_token_id}")
+    return processor

@@ -29,11 +29,11 @@ from transformers import DynamicCache
 
 from ..contract import DECODER_PRECISIONS, IMAGE, IMAGE_PRECISIONS, DecoderGeometry, PromptLayout, StageSpec, TensorSpec
 from ..contract.cross import CROSS_KV, CrossAttentionScheme
-from ..errors import AdapterError, ModelLoadError
+from ..errors import AdapterError
 from ..runtime.prompt import build_prompt_ids
 from . import register
 from .base import LoadedModel, Stage, VLMAdapter
-from .loading import first_line, load_hf_parts
+from .loading import load_hf_parts, load_processor
 
 PROBE_PROMPT = "What is in the picture?"
 EXAMPLE_IMAGES, EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST, EXAMPLE_DECODER_IMAGES = 2, 2, 3, 4, 5
@@ -149,19 +149,12 @@ class MllamaAdapter(VLMAdapter):
         from transformers import MllamaForConditionalGeneration, MllamaProcessor
 
         model, tokenizer, image_processor = load_hf_parts(MllamaForConditionalGeneration, path)
-        try:
-            processor = MllamaProcessor.from_pretrained(path)
-        except Exception as e:
-            raise ModelLoadError(f"cannot load the MllamaProcessor in {path} ({first_line(e)}); save the model's "
-                                 "processor beside it (processor.save_pretrained)") from None
         cfg = model.config
+        processor = load_processor(MllamaProcessor, path, cfg.image_token_index)
         tiles = cfg.vision_config.max_num_tiles
         if image_processor.max_image_tiles != tiles:
             raise AdapterError(f"the image processor in {path} pads images to {image_processor.max_image_tiles} "
                                f"tiles but the vision model takes {tiles}; set its max_image_tiles to {tiles}")
-        if processor.image_token_id != cfg.image_token_index:
-            raise AdapterError(f"the processor's image token {processor.image_token!r} is id "
-                               f"{processor.image_token_id}, the model's config says {cfg.image_token_index}")
         loaded = LoadedModel(self, Path(path), model, tokenizer, image_processor, cfg, processor=processor)
         self._check_processor(loaded)
         return loaded
