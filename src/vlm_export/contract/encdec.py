@@ -195,11 +195,9 @@ class EncoderDecoderScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
         return state.zero_masked()
 
     def step_feeds(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        rows, caches = batch.rows, batch.caches
+        caches = batch.caches
         return {
-            "input_ids": np.asarray(tokens, dtype=np.int64).reshape(rows, 1),
-            "attention_mask": np.concatenate([batch.mask, np.ones((rows, 1), dtype=np.int64)], axis=1),
-            "position_ids": batch.positions.reshape(rows, 1).copy(),
+            **self._step_tokens(batch, tokens),
             ENCODER_MASK: caches[ENCODER_MASK],
             CROSS_KV: caches[CROSS_KV],
             **{n: caches[n] for n in self.past_names},

@@ -62,6 +62,13 @@ class SelfAttentionCache:
         shape = (rows, g.num_kv_heads, length, g.head_dim)
         return {n: rng.standard_normal(shape).astype(g.cache_dtype) for n in self.past_names}
 
+    def _step_tokens(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """A step's token inputs: one new token per row, the mask one column longer, its position."""
+        rows = batch.rows
+        return {"input_ids": np.asarray(tokens, dtype=np.int64).reshape(rows, 1),
+                "attention_mask": np.concatenate([batch.mask, np.ones((rows, 1), dtype=np.int64)], axis=1),
+                "position_ids": batch.positions.reshape(rows, 1).copy()}
+
     def advance(self, batch: DecodeBatch, outputs: Feeds) -> DecodeBatch:
         # the self K/V replaced by the step's presents; any fixed state (cross K/V, masks) kept
         mask = np.concatenate([batch.mask, np.ones((batch.rows, 1), dtype=np.int64)], axis=1)
@@ -175,14 +182,7 @@ class SplicedScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
         return state.zero_masked()
 
     def step_feeds(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        rows = batch.rows
-        return {
-            "input_ids": np.asarray(tokens, dtype=np.int64).reshape(rows, 1),
-            self.image_input_name: self.empty_image_input(),
-            "attention_mask": np.concatenate([batch.mask, np.ones((rows, 1), dtype=np.int64)], axis=1),
-            "position_ids": batch.positions.reshape(rows, 1).copy(),
-            **batch.caches,
-        }
+        return {**self._step_tokens(batch, tokens), self.image_input_name: self.empty_image_input(), **batch.caches}
 
     def in_place_caches(self) -> dict[str, str]:
         return dict(zip(self.present_names, self.past_names))
