@@ -67,6 +67,10 @@ def test_end_to_end_and_ceiling(bench):
     # 10 samples before and 10 after the in-process runs (the figures are checked in test_ceiling_*)
     assert c["bandwidth_gb_s"]["p50"] > 0 and c["bandwidth_gb_s"]["n"] == 20
     assert c["past_len"] == results["inputs"]["decode_past_len"] and set(c["backends"]) == {"torch", "onnxruntime"}
+    # a decoder-only LM holds the prompt and the new tokens: the step at prompt + new_tokens // 2
+    inputs = results["inputs"]
+    assert inputs["decode_past_len"] == inputs["prompt_tokens"] + 4 // 2
+    assert inputs["decode_state_shapes"]["past_key_values.0.key"][2] == inputs["decode_past_len"]
 
 
 def test_ratios_come_from_the_same_run(bench):

@@ -18,6 +18,8 @@ import onnx
 import pytest
 import torch
 
+from vlm_export.contract import DecodeBatch
+from vlm_export.contract.encdec import CROSS_KV, ENCODER_MASK
 from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, Scheduler, generate, generate_batch
 from vlm_export.runtime.load import open_build
 from vlm_export.runtime.runners import Runner
@@ -177,7 +179,7 @@ def test_encoder_runs_once_per_prefill(blip2_t5, photos):
     assert [rows for rows, _ in encoder.calls] == [2, 1]
 
 
-def test_rows_of_different_lengths_decode_as_alone(blip2_t5, photos):
+def test_rows_of_different_lengths_decode_as_alone(blip2_t5, photos, monkeypatch):
     """Prompts of different lengths (the encoder input right-padded, the cross K/V and encoder mask
     padded when rows join), with an image and without, prefilled together and joining a running
     batch: the same greedy tokens as each alone."""
@@ -193,8 +195,28 @@ def test_rows_of_different_lengths_decode_as_alone(blip2_t5, photos):
     assert len({tuple(a) for a in alone}) == len(alone)
     together = generate_batch(pipe, requests, max_batch=4, max_prefill_padding=1.0)
     assert [r.token_ids for r in together] == alone
+    joins = []  # (running rows' encoder length, joining rows', running rows, the joined state): the real join, watched
+    real_join = DecodeBatch.join
+
+    def watched(self, other):
+        joined = real_join(self, other)
+        if self.rows:
+            joins.append((self.caches[CROSS_KV].shape[3], other.caches[CROSS_KV].shape[3], self.rows, joined))
+        return joined
+
+    monkeypatch.setattr(DecodeBatch, "join", watched)
     joining = generate_batch(pipe, requests, max_batch=2)  # rows join as others leave
     assert [r.token_ids for r in joining] == alone
+    # at least one join of rows whose prompts differ in length: the cross K/V and encoder mask
+    # padded on the right of the encoder axis, the padding zero and masked
+    uneven = [j for j in joins if j[0] != j[1]]
+    assert uneven, f"no join of different encoder lengths among {[j[:2] for j in joins]}"
+    for a, b, running, joined in uneven:
+        assert joined.caches[CROSS_KV].shape[3] == joined.caches[ENCODER_MASK].shape[1] == max(a, b)
+        shorter = range(running) if a < b else range(running, joined.rows)
+        for row in shorter:
+            assert not joined.caches[ENCODER_MASK][row, min(a, b):].any()
+            assert not joined.caches[CROSS_KV][row, :, :, min(a, b):].any()
 
 
 def test_length_limits_follow_the_scheme(blip2_t5):
@@ -339,7 +361,6 @@ def test_other_depths_follow_the_config(tmp_path, photos):
     from vlm_export.adapters import adapter_for
     from vlm_export.adapters.reference import reference_pipeline
     from vlm_export.contract import Limits
-    from vlm_export.contract.encdec import CROSS_KV
 
     model_dir = make_tiny_blip2_t5(tmp_path / "model", seed=1, encoder_layers=1, decoder_layers=3)
     loaded = adapter_for(model_dir).load(model_dir)
@@ -359,15 +380,28 @@ def test_other_depths_follow_the_config(tmp_path, photos):
 
 
 def test_bench_times_the_encoder_stage(blip2_t5, tmp_path):
-    """``vlm-export bench``'s stage cases include the encoder (once per prefill, on the prompt)."""
+    """``vlm-export bench``'s stage cases include the encoder (once per prefill, on the prompt); the
+    decode step runs on the decoder's own length (its start prompt + half the new tokens) with cross
+    K/V of the prompt's length, and the prefill counts the decoder's tokens, not the prompt's."""
     from vlm_export.bench import BenchOptions, run_bench
 
     _, result = blip2_t5
-    options = BenchOptions(backends=("onnxruntime",), batch=(1,), new_tokens=2, threads=1, warmup=0, iterations=1,
+    scheme = open_build(result.path).scheme
+    options = BenchOptions(backends=("onnxruntime",), batch=(1,), new_tokens=4, threads=1, warmup=0, iterations=1,
                            requests=1, bandwidth_mb=16, out=tmp_path / "bench")
-    stages = {r["stage"]: r for r in run_bench(result.path, options)["stages"]}
+    results = run_bench(result.path, options)
+    stages = {r["stage"]: r for r in results["stages"]}
     assert set(stages) == {"vision_encoder", "qformer", "lm_encoder", "prefill", "decode_step"}
     assert stages["lm_encoder"]["latency_ms"]["min"] > 0
+    inputs, decoder_past = results["inputs"], len(scheme.decoder_prompt_ids) + 4 // 2
+    shapes = inputs["decode_state_shapes"]
+    assert inputs["decode_past_len"] == results["ceiling"]["past_len"] == decoder_past
+    assert shapes["past_key_values.0.key"][2] == decoder_past
+    assert shapes[CROSS_KV][3] == shapes[ENCODER_MASK][1] == inputs["prompt_tokens"] > decoder_past
+    assert results["ceiling"]["kv_bytes_at_past"] == scheme.geometry.kv_bytes(decoder_past)
+    prefill, encoder = stages["prefill"], stages["lm_encoder"]
+    assert prefill["throughput"]["value"] == round(len(scheme.decoder_prompt_ids) * 1e3 / prefill["latency_ms"]["p50"], 3)
+    assert encoder["throughput"]["value"] == round(inputs["prompt_tokens"] * 1e3 / encoder["latency_ms"]["p50"], 3)
 
 
 @pytest.mark.parametrize("target", ["python", "onnxruntime", "tensorrt"])
@@ -377,7 +411,6 @@ def test_repository_configs_fit_the_graphs(tiny_build, tmp_path, model, target):
     checked against the graphs (for tensorrt also against the backend's rules): the encoder is a model
     of its own, taking the prompt and the image rows, giving every decoder layer's cross K/V; the
     decoder takes them with the encoder mask."""
-    from vlm_export.contract.encdec import CROSS_KV
     from vlm_export.model_repository.render import RepositoryOptions, model_configs, render_repository
 
     result = tiny_build(model)

@@ -52,7 +52,9 @@ class BenchOptions:
     iterations: int = 20  # timed calls per stage case and backend
     stage_budget_s: float = 30.0  # a stage case stops early past this (keeping >= 5 samples)
     requests: int = 6  # timed end-to-end requests per in-process backend; also the minimum per Triton level
-    decode_past: int | None = None  # past length of the decode-step case; None: prompt + new_tokens // 2
+    # the decoder's self-attention past in the decode-step case; None: the scheme's decode_lengths
+    # (prompt + new_tokens // 2; an encoder-decoder's decoder: its own prompt + new_tokens // 2)
+    decode_past: int | None = None
     bandwidth_mb: int = 512  # buffer of the memory-bandwidth measurement (>> the L3 cache)
     name: str | None = None  # label in the report; None: the build folder's name
     check_hashes: bool = True  # refuse graphs that changed since the build
@@ -133,6 +135,9 @@ class BenchInputs:
                 # every scheme's image input has a shape (its decoder tensor's) and nbytes (the image cache's size)
                 "image_input_shape": list(self.image_input.shape), "image_input_bytes": int(self.image_input.nbytes),
                 "decode_past_len": self.past_len,
+                # every tensor of the decode-step state (self K/V at the past; an encoder-decoder's
+                # cross K/V at the prompt's length): what the step and the ceiling read
+                "decode_state_shapes": {n: list(v.shape) for n, v in self.decode_batch.caches.items()},
                 "requests": [q for q, _ in self.requests]}
 
 
@@ -163,10 +168,14 @@ def make_inputs(pipe: VLMPipeline, options: BenchOptions) -> BenchInputs:
     prompt_ids = pipe.prompt_ids(PROMPTS[0], 1)
     one = pixel_values[1] if 1 in pixel_values else pipe.pixel_values(photos[:1])
     image_input = pipe.encode_images(one, prompt=PROMPTS[0])
-    past_len = options.decode_past or len(prompt_ids) + options.new_tokens // 2
-    pipe.check_length(past_len, 1)
+    pipe.check_length(len(prompt_ids), options.new_tokens // 2 + 1)
+    past_len, fixed_len = pipe.scheme.decode_lengths(len(prompt_ids), options.new_tokens)
+    past_len = options.decode_past or past_len
+    if past_len + 1 > pipe.limits.max_sequence:
+        raise InputError(f"a decode step at past {past_len} exceeds this build's max_sequence of "
+                         f"{pipe.limits.max_sequence}: lower decode_past")
     rng = np.random.default_rng(0)  # the values do not change the time; fixed so runs are alike
-    decode_batch = pipe.scheme.synthetic_batch(1, past_len, rng)
+    decode_batch = pipe.scheme.synthetic_batch(1, past_len, rng, fixed_len)
     requests = [(PROMPTS[i % len(PROMPTS)], photos[i % len(photos)]) for i in range(len(PROMPTS))]
     return BenchInputs(photos[:n_images], pixel_values, image_feeds, prompt_ids, image_input, decode_batch, requests)
 
@@ -273,7 +282,8 @@ def stage_cases(pipe: VLMPipeline, inputs: BenchInputs, batches: tuple[int, ...]
         encoder_feeds = scheme.encoder_feeds([inputs.prompt_ids], inputs.image_input)
         cases.append((scheme.encoder_stage, 1, "prompt tokens", len(inputs.prompt_ids),
                       lambda p, n=scheme.encoder_stage: p.runners[n].infer(encoder_feeds)))
-    cases.append(("prefill", 1, "prompt tokens", len(inputs.prompt_ids), lambda p: p.decode(prefill)))
+    # counted by the decoder's own tokens (an encoder-decoder's decoder runs its short start prompt)
+    cases.append(("prefill", 1, "prompt tokens", int(np.asarray(prefill["input_ids"]).shape[1]), lambda p: p.decode(prefill)))
     cases.append(("decode_step", 1, "tokens", 1,
                   lambda p: step_in_place(p) if p.kv_in_place else p.decode(step_on(p))))
     return cases

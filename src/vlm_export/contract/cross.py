@@ -27,7 +27,7 @@ read from the preprocessed tile mask); a prefill's is its rows' joined in row or
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -36,7 +36,7 @@ from ..errors import InputError
 from .geometry import DecoderGeometry
 from .limits import Limits
 from .scheme import DecodeBatch, DecodingScheme, Feeds, Range, left_padded, left_padded_mask, register_scheme
-from .spliced import PAST, PRESENT, kv_names, self_attention_io
+from .spliced import PAST, PRESENT, SelfAttentionCache, kv_names, self_attention_io
 from .stages import DECODER, StageSpec, TensorSpec
 
 CROSS_KV, CROSS_MASK, IMAGE_MASK = "cross_key_values", "cross_attention_mask", "cross_image_mask"
@@ -76,7 +76,7 @@ def image_spans(ids: Sequence[int], image_token_id: int) -> list[tuple[int, int]
 
 
 @register_scheme
-class CrossAttentionScheme(DecodingScheme):
+class CrossAttentionScheme(SelfAttentionCache, DecodingScheme):
     name = "cross_attention"
 
     def __init__(self, geometry: DecoderGeometry, image_token_id: int, cross_layers: int, tiles: int,
@@ -209,14 +209,6 @@ class CrossAttentionScheme(DecodingScheme):
             **self._empty_past(len(rows)),
         }
 
-    def _empty_past(self, rows: int) -> dict[str, np.ndarray]:
-        g = self.geometry
-        shape = (rows, g.num_kv_heads, 0, g.head_dim)
-        return {n: np.zeros(shape, dtype=g.cache_dtype) for n in self.past_names}
-
-    def _caches(self, outputs: Feeds) -> dict[str, np.ndarray]:
-        return {past: outputs[present] for past, present in zip(self.past_names, self.present_names)}
-
     def state_after_prefill(self, outputs: Feeds, lengths: list[int], feeds: Feeds | None = None) -> DecodeBatch:
         if feeds is None:
             raise ValueError(f"the {self.name} scheme's state holds the prefill's image K/V: pass its feeds")
@@ -228,29 +220,20 @@ class CrossAttentionScheme(DecodingScheme):
         return state.zero_masked()
 
     def step_feeds(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        rows, caches = batch.rows, batch.caches
+        caches = batch.caches
         return {
-            "input_ids": np.asarray(tokens, dtype=np.int64).reshape(rows, 1),
-            "attention_mask": np.concatenate([batch.mask, np.ones((rows, 1), dtype=np.int64)], axis=1),
-            "position_ids": batch.positions.reshape(rows, 1).copy(),
+            **self._step_tokens(batch, tokens),
             CROSS_MASK: caches[CROSS_MASK][:, None],  # the last prompt row, repeated for each new token
             IMAGE_MASK: caches[IMAGE_MASK],
             CROSS_KV: caches[CROSS_KV],
             **{n: caches[n] for n in self.past_names},
         }
 
-    def advance(self, batch: DecodeBatch, outputs: Feeds) -> DecodeBatch:
-        mask = np.concatenate([batch.mask, np.ones((batch.rows, 1), dtype=np.int64)], axis=1)
-        return replace(batch, caches={**batch.caches, **self._caches(outputs)}, mask=mask,
-                       positions=batch.positions + 1)
-
-    def next_logits(self, outputs: Feeds) -> np.ndarray:
-        return outputs["logits"][:, -1, :]
-
-    def synthetic_batch(self, rows: int, length: int, rng: np.random.Generator) -> DecodeBatch:
+    def synthetic_batch(self, rows: int, length: int, rng: np.random.Generator,
+                        fixed_length: int | None = None) -> DecodeBatch:
+        # the image K/V: one image's, whatever the prompt's length
         g = self.geometry
-        shape = (rows, g.num_kv_heads, length, g.head_dim)
-        caches = {n: rng.standard_normal(shape).astype(g.cache_dtype) for n in self.past_names}
+        caches = self._random_caches(rows, length, rng)
         caches[CROSS_KV] = rng.standard_normal((rows, 2 * self.cross_layers, g.num_kv_heads, self.tokens_per_image,
                                                 g.head_dim)).astype(np.float32)
         caches[CROSS_MASK] = np.ones((rows, 1, self.tiles), np.int64)

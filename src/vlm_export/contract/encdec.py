@@ -50,11 +50,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import InputError
 from .geometry import DecoderGeometry
 from .limits import Limits
 from .scheme import DecodeBatch, DecodingScheme, Feeds, Range, left_padded, register_scheme
-from .spliced import PAST, PRESENT, kv_names, self_attention_io
+from .spliced import PAST, PRESENT, FlatImageTable, SelfAttentionCache, kv_names, self_attention_io
 from .stages import DECODER, ENCODER, StageSpec, TensorSpec
 
 ENCODER_STAGE = "lm_encoder"
@@ -77,7 +76,7 @@ def right_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray
 
 
 @register_scheme
-class EncoderDecoderScheme(DecodingScheme):
+class EncoderDecoderScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
     name = "encoder_decoder"
     encoder_stage = ENCODER_STAGE
 
@@ -100,10 +99,6 @@ class EncoderDecoderScheme(DecodingScheme):
                 "pad_id": self.pad_id, "image_input_name": self.image_input_name}
 
     # ---- declarations ------------------------------------------------------------------
-    @property
-    def image_input(self) -> TensorSpec:
-        return TensorSpec(self.image_input_name, "float32", ("image_tokens", self.geometry.hidden_size), "decoder")
-
     def cross_kv_spec(self, batch: str | int = "batch") -> TensorSpec:
         g = self.geometry
         return TensorSpec(CROSS_KV, "float32", (batch, 2 * g.num_layers, g.num_kv_heads, "encoder_sequence",
@@ -166,39 +161,12 @@ class EncoderDecoderScheme(DecodingScheme):
                     f"exceeds this build's max_sequence of {limits.max_sequence}: lower max_tokens")
         return None
 
-    # ---- the image input (the spliced scheme's flat table) -------------------------------
-    def empty_image_input(self) -> np.ndarray:
-        return np.zeros((0, self.geometry.hidden_size), dtype=np.float32)
-
-    def image_input_from(self, stage_output: np.ndarray) -> np.ndarray:
-        return stage_output.reshape(-1, stage_output.shape[-1])  # [images, tokens, hidden] -> rows in order
-
-    def join_image_inputs(self, parts: Sequence[np.ndarray]) -> np.ndarray:
-        return np.concatenate(list(parts), axis=0) if parts else self.empty_image_input()
-
-    def batch_image_inputs(self, parts: Sequence[np.ndarray]) -> np.ndarray:
-        return self.join_image_inputs(parts)  # one flat table: row 0's rows, then row 1's, ...
-
-    def check_prompt(self, prompt_ids: Sequence[int], image_input: np.ndarray) -> None:
-        placeholders = sum(1 for i in prompt_ids if i == self.image_token_id)
-        if placeholders != image_input.shape[0]:
-            raise InputError(f"the prompt has {placeholders} image placeholders but the images give "
-                             f"{image_input.shape[0]} embeddings")
+    # (the image input: the spliced scheme's flat table, FlatImageTable)
 
     # ---- running a batch ---------------------------------------------------------------
     def encoder_feeds(self, rows: Sequence[Sequence[int]], image_input: np.ndarray) -> dict[str, np.ndarray]:
         ids, mask = right_padded(rows, self.pad_id)
-        placeholders = int((ids == self.image_token_id).sum())
-        if placeholders != len(image_input):  # rows would take each other's images
-            raise ValueError(f"the prefill's prompts hold {placeholders} image placeholders but its image "
-                             f"input has {len(image_input)} rows")
-        return {"input_ids": ids, "attention_mask": mask,
-                self.image_input_name: np.asarray(image_input, dtype=np.float32)}
-
-    def _empty_past(self, rows: int) -> dict[str, np.ndarray]:
-        g = self.geometry
-        shape = (rows, g.num_kv_heads, 0, g.head_dim)
-        return {n: np.zeros(shape, dtype=g.cache_dtype) for n in self.past_names}
+        return {"input_ids": ids, "attention_mask": mask, self.image_input_name: self._table_for(ids, image_input)}
 
     def prefill_feeds(self, rows: Sequence[Sequence[int]], image_input: np.ndarray,
                       encoded: Feeds | None = None) -> dict[str, np.ndarray]:
@@ -216,9 +184,6 @@ class EncoderDecoderScheme(DecodingScheme):
             **self._empty_past(len(rows)),
         }
 
-    def _caches(self, outputs: Feeds) -> dict[str, np.ndarray]:
-        return {past: outputs[present] for past, present in zip(self.past_names, self.present_names)}
-
     def state_after_prefill(self, outputs: Feeds, lengths: list[int], feeds: Feeds | None = None) -> DecodeBatch:
         # ``lengths`` are the user's prompts' (the encoder's); the decoder holds its own prompt
         if feeds is None:
@@ -230,31 +195,27 @@ class EncoderDecoderScheme(DecodingScheme):
         return state.zero_masked()
 
     def step_feeds(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        rows, caches = batch.rows, batch.caches
+        caches = batch.caches
         return {
-            "input_ids": np.asarray(tokens, dtype=np.int64).reshape(rows, 1),
-            "attention_mask": np.concatenate([batch.mask, np.ones((rows, 1), dtype=np.int64)], axis=1),
-            "position_ids": batch.positions.reshape(rows, 1).copy(),
+            **self._step_tokens(batch, tokens),
             ENCODER_MASK: caches[ENCODER_MASK],
             CROSS_KV: caches[CROSS_KV],
             **{n: caches[n] for n in self.past_names},
         }
 
-    def advance(self, batch: DecodeBatch, outputs: Feeds) -> DecodeBatch:
-        mask = np.concatenate([batch.mask, np.ones((batch.rows, 1), dtype=np.int64)], axis=1)
-        return replace(batch, caches={**batch.caches, **self._caches(outputs)}, mask=mask,
-                       positions=batch.positions + 1)
+    def decode_lengths(self, prompt_tokens: int, new_tokens: int) -> tuple[int, int]:
+        # the decoder holds its own prompt + the new tokens; the cross K/V are the user prompt's length
+        return len(self.decoder_prompt_ids) + new_tokens // 2, prompt_tokens
 
-    def next_logits(self, outputs: Feeds) -> np.ndarray:
-        return outputs["logits"][:, -1, :]
-
-    def synthetic_batch(self, rows: int, length: int, rng: np.random.Generator) -> DecodeBatch:
-        """Random caches at decoder ``length``, with an encoder output of ``length`` positions too."""
+    def synthetic_batch(self, rows: int, length: int, rng: np.random.Generator,
+                        fixed_length: int | None = None) -> DecodeBatch:
+        """Random caches: the decoder's self K/V at ``length``, the cross K/V and encoder mask at
+        ``fixed_length`` encoder positions (None: ``length``)."""
         g = self.geometry
-        shape = (rows, g.num_kv_heads, length, g.head_dim)
-        caches = {n: rng.standard_normal(shape).astype(g.cache_dtype) for n in self.past_names}
-        caches[CROSS_KV] = rng.standard_normal((rows, 2 * g.num_layers, g.num_kv_heads, length,
+        encoder = length if fixed_length is None else fixed_length
+        caches = self._random_caches(rows, length, rng)
+        caches[CROSS_KV] = rng.standard_normal((rows, 2 * g.num_layers, g.num_kv_heads, encoder,
                                                 g.head_dim)).astype(np.float32)
-        caches[ENCODER_MASK] = np.ones((rows, length), np.int64)
+        caches[ENCODER_MASK] = np.ones((rows, encoder), np.int64)
         return DecodeBatch(caches, np.ones((rows, length), dtype=np.int64), np.full(rows, length, dtype=np.int64),
                            growing=tuple(self.past_names), padded=dict(FIXED_PADDED))

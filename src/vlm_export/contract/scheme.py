@@ -55,8 +55,9 @@ class DecodeBatch:
     growing: tuple[str, ...] = ()  # caches padded along seq_axis
     seq_axis: int = 2
     #: caches that do not grow but differ in length between rows (a cross-attention scheme's image
-    #: K/V: rows with different numbers of images): name -> the axis padded on the RIGHT with zeros
-    #: when rows join; the scheme's own masks hide the padding
+    #: K/V: rows with different numbers of images; an encoder-decoder's cross K/V and encoder mask:
+    #: prompts of different lengths on the encoder axis): name -> the axis padded on the RIGHT with
+    #: zeros when rows join; the scheme's own masks hide the padding
     padded: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -372,8 +373,11 @@ class DecodingScheme(abc.ABC):
     def prefill_feeds(self, rows: Sequence[Sequence[int]], image_input: np.ndarray,
                       encoded: Feeds | None = None) -> dict[str, np.ndarray]:
         """Decoder feeds for ONE prefill of ``rows`` (prompt ids, any lengths, at least one token
-        each) from an empty state: shorter rows padded on the left, the padding masked and never an
-        image placeholder, each row's positions counting from its first real token.
+        each) from an empty state. The decoder's own tokens are laid out as the module docstring
+        says: shorter rows padded on the left, the padding masked and never an image placeholder,
+        each row's positions counting from its first real token. (A scheme with an
+        ``encoder_stage`` feeds ``rows`` to the encoder instead, laid out as it declares - the
+        encoder-decoder's right-padded - and its decoder runs on tokens of its own.)
         ``image_input`` holds the images of every row, in row order (``batch_image_inputs``).
         ``encoded``: the encoder stage's outputs for ``encoder_feeds(rows, image_input)``, for a
         scheme with an ``encoder_stage`` (None otherwise)."""
@@ -447,6 +451,17 @@ class DecodingScheme(abc.ABC):
         SlotBatch: one row per slot, idle slots fed a masked-out pad."""
         raise NotImplementedError(f"the {self.name} scheme has no in-place KV form")
 
+    def decode_lengths(self, prompt_tokens: int, new_tokens: int) -> tuple[int, int]:
+        """(the decoder's self-attention cache length, the length of the prompt-sized state that
+        does not grow) halfway through generating ``new_tokens`` after a prompt of
+        ``prompt_tokens``: where a benchmark times a decode step (``synthetic_batch``). By default
+        the decoder holds the prompt and the new tokens."""
+        length = prompt_tokens + new_tokens // 2
+        return length, length
+
     @abc.abstractmethod
-    def synthetic_batch(self, rows: int, length: int, rng: np.random.Generator) -> DecodeBatch:
-        """A state of random caches (benchmarks time a decode step at a given length)."""
+    def synthetic_batch(self, rows: int, length: int, rng: np.random.Generator,
+                        fixed_length: int | None = None) -> DecodeBatch:
+        """A state of random caches (benchmarks time a decode step at a given length): self-attention
+        caches of ``length`` positions; ``fixed_length`` (None: ``length``) sizes any fixed state that
+        follows the prompt's length (an encoder's output), where the scheme has one."""

@@ -9,6 +9,7 @@ hands out row by row.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -39,8 +40,88 @@ def self_attention_io(g: DecoderGeometry, past_names: Sequence[str],
     return past, outputs
 
 
+class SelfAttentionCache:
+    """The growing self-attention K/V every built-in scheme's decoder carries (``past_names`` in,
+    ``present_names`` out, both set by the scheme): its empty past, the state after a step, the
+    logits. A mixin: list it before :class:`DecodingScheme`."""
+
+    geometry: DecoderGeometry
+    past_names: list[str]
+    present_names: list[str]
+
+    def _empty_past(self, rows: int) -> dict[str, np.ndarray]:
+        g = self.geometry
+        shape = (rows, g.num_kv_heads, 0, g.head_dim)
+        return {n: np.zeros(shape, dtype=g.cache_dtype) for n in self.past_names}
+
+    def _caches(self, outputs: Feeds) -> dict[str, np.ndarray]:
+        return {past: outputs[present] for past, present in zip(self.past_names, self.present_names)}
+
+    def _random_caches(self, rows: int, length: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        g = self.geometry
+        shape = (rows, g.num_kv_heads, length, g.head_dim)
+        return {n: rng.standard_normal(shape).astype(g.cache_dtype) for n in self.past_names}
+
+    def _step_tokens(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """A step's token inputs: one new token per row, the mask one column longer, its position."""
+        rows = batch.rows
+        return {"input_ids": np.asarray(tokens, dtype=np.int64).reshape(rows, 1),
+                "attention_mask": np.concatenate([batch.mask, np.ones((rows, 1), dtype=np.int64)], axis=1),
+                "position_ids": batch.positions.reshape(rows, 1).copy()}
+
+    def advance(self, batch: DecodeBatch, outputs: Feeds) -> DecodeBatch:
+        # the self K/V replaced by the step's presents; any fixed state (cross K/V, masks) kept
+        mask = np.concatenate([batch.mask, np.ones((batch.rows, 1), dtype=np.int64)], axis=1)
+        return replace(batch, caches={**batch.caches, **self._caches(outputs)}, mask=mask,
+                       positions=batch.positions + 1)
+
+    def next_logits(self, outputs: Feeds) -> np.ndarray:
+        return outputs["logits"][:, -1, :]
+
+
+class FlatImageTable:
+    """The image input as one flat table ``image_embeds [image_tokens, hidden]`` whose k-th row
+    replaces the k-th placeholder id, row-major over the batch (Hugging Face's ``masked_scatter``
+    order): the spliced scheme's and the encoder-decoder's encoder's. A mixin: list it before
+    :class:`DecodingScheme`; the scheme sets ``image_token_id`` and ``image_input_name``."""
+
+    geometry: DecoderGeometry
+    image_token_id: int
+    image_input_name: str
+
+    @property
+    def image_input(self) -> TensorSpec:
+        return TensorSpec(self.image_input_name, "float32", ("image_tokens", self.geometry.hidden_size), "decoder")
+
+    def empty_image_input(self) -> np.ndarray:
+        return np.zeros((0, self.geometry.hidden_size), dtype=np.float32)
+
+    def image_input_from(self, stage_output: np.ndarray) -> np.ndarray:
+        return stage_output.reshape(-1, stage_output.shape[-1])  # [images, tokens, hidden] -> rows in order
+
+    def join_image_inputs(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate(list(parts), axis=0) if parts else self.empty_image_input()
+
+    def batch_image_inputs(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        return self.join_image_inputs(parts)  # one flat table: row 0's rows, then row 1's, ...
+
+    def check_prompt(self, prompt_ids: Sequence[int], image_input: np.ndarray) -> None:
+        placeholders = sum(1 for i in prompt_ids if i == self.image_token_id)
+        if placeholders != image_input.shape[0]:
+            raise InputError(f"the prompt has {placeholders} image placeholders but the images give "
+                             f"{image_input.shape[0]} embeddings")
+
+    def _table_for(self, ids: np.ndarray, image_input: np.ndarray) -> np.ndarray:
+        """``image_input`` as float32, checked against the placeholders of a prefill's padded ``ids``."""
+        placeholders = int((ids == self.image_token_id).sum())
+        if placeholders != len(image_input):  # rows would take each other's images
+            raise ValueError(f"the prefill's prompts hold {placeholders} image placeholders but its image "
+                             f"input has {len(image_input)} rows")
+        return np.asarray(image_input, dtype=np.float32)
+
+
 @register_scheme
-class SplicedScheme(DecodingScheme):
+class SplicedScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
     name = "spliced"
 
     def __init__(self, geometry: DecoderGeometry, image_token_id: int, image_input_name: str = "image_embeds"):
@@ -56,10 +137,6 @@ class SplicedScheme(DecodingScheme):
         return {"image_token_id": self.image_token_id, "image_input_name": self.image_input_name}
 
     # ---- declarations ------------------------------------------------------------------
-    @property
-    def image_input(self) -> TensorSpec:
-        return TensorSpec(self.image_input_name, "float32", ("image_tokens", self.geometry.hidden_size), "decoder")
-
     def decoder_spec(self, precisions: tuple[str, ...]) -> StageSpec:
         past, outputs = self_attention_io(self.geometry, self.past_names, self.present_names)
         inputs = (
@@ -88,47 +165,16 @@ class SplicedScheme(DecodingScheme):
             },
         ]
 
-    # ---- the image input ---------------------------------------------------------------
-    def empty_image_input(self) -> np.ndarray:
-        return np.zeros((0, self.geometry.hidden_size), dtype=np.float32)
-
-    def image_input_from(self, stage_output: np.ndarray) -> np.ndarray:
-        return stage_output.reshape(-1, stage_output.shape[-1])  # [images, tokens, hidden] -> rows in order
-
-    def join_image_inputs(self, parts: Sequence[np.ndarray]) -> np.ndarray:
-        return np.concatenate(list(parts), axis=0) if parts else self.empty_image_input()
-
-    def check_prompt(self, prompt_ids: Sequence[int], image_input: np.ndarray) -> None:
-        placeholders = sum(1 for i in prompt_ids if i == self.image_token_id)
-        if placeholders != image_input.shape[0]:
-            raise InputError(f"the prompt has {placeholders} image placeholders but the images give "
-                             f"{image_input.shape[0]} embeddings")
-
     # ---- running a batch ---------------------------------------------------------------
-    def _empty_past(self, rows: int) -> dict[str, np.ndarray]:
-        g = self.geometry
-        shape = (rows, g.num_kv_heads, 0, g.head_dim)
-        return {n: np.zeros(shape, dtype=g.cache_dtype) for n in self.past_names}
-
-    def batch_image_inputs(self, parts: Sequence[np.ndarray]) -> np.ndarray:
-        return self.join_image_inputs(parts)  # one flat table: row 0's rows, then row 1's, ...
-
     def prefill_feeds(self, rows: Sequence[Sequence[int]], image_input: np.ndarray) -> dict[str, np.ndarray]:
         ids, mask, positions = left_padded(rows, self.pad_id)
-        placeholders = int((ids == self.image_token_id).sum())
-        if placeholders != len(image_input):  # rows would take each other's images
-            raise ValueError(f"the prefill's prompts hold {placeholders} image placeholders but its image "
-                             f"input has {len(image_input)} rows")
         return {
             "input_ids": ids,
-            self.image_input_name: np.asarray(image_input, dtype=np.float32),
+            self.image_input_name: self._table_for(ids, image_input),
             "attention_mask": mask,
             "position_ids": positions,
             **self._empty_past(len(rows)),
         }
-
-    def _caches(self, outputs: Feeds) -> dict[str, np.ndarray]:
-        return {past: outputs[present] for past, present in zip(self.past_names, self.present_names)}
 
     def state_after_prefill(self, outputs: Feeds, lengths: list[int], feeds: Feeds | None = None) -> DecodeBatch:
         state = DecodeBatch(self._caches(outputs), left_padded_mask(lengths), np.asarray(lengths, dtype=np.int64),
@@ -136,18 +182,7 @@ class SplicedScheme(DecodingScheme):
         return state.zero_masked()
 
     def step_feeds(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        rows = batch.rows
-        return {
-            "input_ids": np.asarray(tokens, dtype=np.int64).reshape(rows, 1),
-            self.image_input_name: self.empty_image_input(),
-            "attention_mask": np.concatenate([batch.mask, np.ones((rows, 1), dtype=np.int64)], axis=1),
-            "position_ids": batch.positions.reshape(rows, 1).copy(),
-            **batch.caches,
-        }
-
-    def advance(self, batch: DecodeBatch, outputs: Feeds) -> DecodeBatch:
-        mask = np.concatenate([batch.mask, np.ones((batch.rows, 1), dtype=np.int64)], axis=1)
-        return DecodeBatch(self._caches(outputs), mask, batch.positions + 1, batch.growing, batch.seq_axis)
+        return {**self._step_tokens(batch, tokens), self.image_input_name: self.empty_image_input(), **batch.caches}
 
     def in_place_caches(self) -> dict[str, str]:
         return dict(zip(self.present_names, self.past_names))
@@ -161,12 +196,8 @@ class SplicedScheme(DecodingScheme):
             **batch.caches,
         }
 
-    def next_logits(self, outputs: Feeds) -> np.ndarray:
-        return outputs["logits"][:, -1, :]
-
-    def synthetic_batch(self, rows: int, length: int, rng: np.random.Generator) -> DecodeBatch:
-        g = self.geometry
-        shape = (rows, g.num_kv_heads, length, g.head_dim)
-        caches = {n: rng.standard_normal(shape).astype(g.cache_dtype) for n in self.past_names}
-        return DecodeBatch(caches, np.ones((rows, length), dtype=np.int64), np.full(rows, length, dtype=np.int64),
+    def synthetic_batch(self, rows: int, length: int, rng: np.random.Generator,
+                        fixed_length: int | None = None) -> DecodeBatch:
+        return DecodeBatch(self._random_caches(rows, length, rng), np.ones((rows, length), dtype=np.int64),
+                           np.full(rows, length, dtype=np.int64),
                            growing=tuple(self.past_names))
