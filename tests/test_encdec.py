@@ -85,6 +85,13 @@ def test_blip2_configs_pick_their_adapter(blip2_t5, tmp_path, run_cli):
     assert adapter_for(tmp_path / "blip2_t5").name == "blip2_t5"
     assert_one_line_error(run_cli("build", str(model), "--adapter", "blip2", "--out", str(tmp_path / "out")),
                           "encoder-decoder language model (t5)", "decoder-only")
+    # InstructBLIP with a T5 LM: its model type is known, the variant is not - said so, in one line
+    iblip = tmp_path / "iblip-t5"
+    iblip.mkdir()
+    (iblip / "config.json").write_text(json.dumps({"model_type": "instructblip", "use_decoder_only_language_model": False,
+                                                   "text_config": {"model_type": "t5"}}))
+    assert_one_line_error(run_cli("build", str(iblip), "--out", str(tmp_path / "out2")),
+                          "handled by instructblip, but not this variant", "encoder-decoder language model (t5)")
 
 
 def test_build_parity_per_stage(blip2_t5):

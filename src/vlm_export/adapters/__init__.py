@@ -59,9 +59,14 @@ def adapter_for(path: Path, name: str | None = None) -> VLMAdapter:
         return get_adapter(name)
     config = read_config(path)
     model_type = config.get("model_type")
-    for cls in _REGISTRY.values():
-        if model_type in cls.model_types and cls.handles(config):
+    typed = [cls for cls in _REGISTRY.values() if model_type in cls.model_types]
+    for cls in typed:
+        if cls.handles(config):
             return cls()
+    if typed:  # its model type is known, this variant of it is not (InstructBLIP with a T5 LM)
+        raise AdapterError(f"model_type {model_type!r} in {Path(path) / 'config.json'} is handled by "
+                           f"{', '.join(c.name for c in typed)}, but not this variant of it: "
+                           f"{'; '.join(c.refusal(config) for c in typed)}")
     raise AdapterError(
         f"no adapter for model_type {model_type!r} in {Path(path) / 'config.json'}; "
         f"supported: {supported_summary()} (or pass --adapter, or register your own: see README)"

@@ -74,6 +74,12 @@ class VLMAdapter(abc.ABC):
         an encoder-decoder LM) and tell their configs apart here."""
         return True
 
+    @classmethod
+    def refusal(cls, config: dict) -> str:
+        """Why :meth:`handles` refused ``config`` (one clause, for the error that lists every adapter of
+        its model type)."""
+        return f"{cls.name} does not take it"
+
     # ---- loading -------------------------------------------------------------------------
     @abc.abstractmethod
     def load(self, path: Path) -> LoadedModel:

@@ -89,16 +89,21 @@ class QFormerAdapterBase(VLMAdapter):
     def handles(cls, config: dict) -> bool:
         return decoder_only_lm(config) == cls.decoder_only
 
+    @classmethod
+    def refusal(cls, config: dict) -> str:
+        kind = "a decoder-only" if decoder_only_lm(config) else "an encoder-decoder"
+        takes = "decoder-only LMs (OPT, Llama, ...)" if cls.decoder_only else "encoder-decoder LMs (T5)"
+        text = (config.get("text_config") or {}).get("model_type", "?")
+        return f"it has {kind} language model ({text}); {cls.name} takes {takes}"
+
     def load(self, path: Path) -> LoadedModel:
         import transformers
 
         model, tokenizer, image_processor = load_hf_parts(getattr(transformers, self.model_cls), path)
         cfg = model.config
         if bool(cfg.use_decoder_only_language_model) != self.decoder_only:
-            kind = "a decoder-only" if cfg.use_decoder_only_language_model else "an encoder-decoder"
-            takes = "decoder-only LMs (OPT, Llama, ...)" if self.decoder_only else "encoder-decoder LMs (T5)"
-            raise AdapterError(f"{path} has {kind} language model ({cfg.text_config.model_type}); the {self.name} "
-                               f"adapter takes {takes} - leave --adapter out to pick the adapter from config.json")
+            raise AdapterError(f"{path}: {self.refusal(cfg.to_dict())} - leave --adapter out to pick the adapter "
+                               "from config.json")
         if cfg.image_token_id is None:
             raise AdapterError(f"{path / 'config.json'} has no image_token_index: this checkpoint predates image "
                                "tokens; re-save it with a current transformers and a processor with num_query_tokens")
