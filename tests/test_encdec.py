@@ -431,3 +431,23 @@ def test_repository_configs_fit_the_graphs(tiny_build, tmp_path, model, target):
     decoder_in = {t["name"]: t["dims"] for t in configs["lm_decoder"]["input"]}
     assert encoder_out[CROSS_KV] == decoder_in[CROSS_KV] == [-1, 2 * geometry["num_layers"], geometry["num_kv_heads"],
                                                             -1, geometry["head_dim"]]
+
+
+def test_decoder_prompt_follows_the_config_hf_generate_uses(blip2_t5, photos):
+    """BLIP-2's generate hands over to its T5's own generate, so the T5's generation config (not the
+    outer model's) says how the decoder starts: a forced BOS set only on the outer config is not
+    forced; one on the T5's is, and HF's own output starts with both."""
+    from vlm_export.adapters import adapter_for
+
+    model_dir, _ = blip2_t5
+    adapter = adapter_for(model_dir)
+    loaded = adapter.load(model_dir)
+    start = loaded.model.language_model.generation_config.decoder_start_token_id
+    loaded.model.generation_config.forced_bos_token_id = 5
+    assert adapter.scheme(loaded).decoder_prompt_ids == [start]
+    loaded.model.language_model.generation_config.forced_bos_token_id = 5
+    assert adapter.scheme(loaded).decoder_prompt_ids == [start, 5]
+    inputs = loaded.processor(images=photos["cat"], text=QUESTION, return_tensors="pt")
+    with torch.no_grad():
+        out = loaded.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out[0, :2].tolist() == [start, 5]

@@ -94,7 +94,8 @@ class Blip2T5Adapter(QFormerAdapterBase):
                                max_position_embeddings=getattr(t, "n_positions", None) or 512)
 
     def scheme(self, loaded: LoadedModel) -> EncoderDecoderScheme:
-        return encdec_scheme(loaded, self.geometry(loaded))
+        # Blip2ForConditionalGeneration.generate hands over to the T5's generate: its generation config rules
+        return encdec_scheme(loaded, self.geometry(loaded), loaded.model.language_model.generation_config)
 
     def stages(self, loaded: LoadedModel) -> list[Stage]:
         m = loaded.model

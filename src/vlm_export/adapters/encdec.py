@@ -31,15 +31,17 @@ def decoder_prompt_ids(generation_config, text_config) -> list[int]:
     return [int(start)] + ([int(forced)] if forced is not None else [])
 
 
-def encdec_scheme(loaded: LoadedModel, geometry: DecoderGeometry) -> EncoderDecoderScheme:
+def encdec_scheme(loaded: LoadedModel, geometry: DecoderGeometry, generation_config) -> EncoderDecoderScheme:
     """The scheme of a model whose config has ``image_token_id`` and a ``text_config``; the padding id
-    is the tokenizer's unless it is missing or the image token (then the text config's)."""
+    is the tokenizer's unless it is missing or the image token (then the text config's).
+    ``generation_config``: the one HF's generate decodes with (the model's own, or its language model's
+    where generate hands over to it, as BLIP-2's does)."""
     cfg = loaded.config
     pad = loaded.tokenizer.pad_token_id
     if pad is None or pad == cfg.image_token_id:
         pad = cfg.text_config.pad_token_id
     return EncoderDecoderScheme(geometry, cfg.image_token_id,
-                                decoder_prompt_ids(loaded.model.generation_config, cfg.text_config), pad)
+                                decoder_prompt_ids(generation_config, cfg.text_config), pad)
 
 
 def cross_key_values(hidden: torch.Tensor, projections: Iterable[tuple[nn.Module, nn.Module]],
