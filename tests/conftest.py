@@ -265,6 +265,21 @@ def pipeline_failing_on(pipe, poison: str = "poison"):
                        pipe.tokenizer, pipe.image_processor, pipe.layout, pipe.limits, pipe.eos_token_ids)
 
 
+def stage_weights(result, stage: str) -> list:
+    """The initializers of a build's graph for ``stage`` (its standard form), as numpy arrays."""
+    import onnx
+    from onnx import numpy_helper
+
+    return [numpy_helper.to_array(i) for i in onnx.load(result.path / result.manifest["graphs"][stage]["file"]).graph.initializer]
+
+
+def holds_weight(arrays, weight) -> bool:
+    """Whether one of ``arrays`` is ``weight`` (or its transpose: a MatMul's weight is stored transposed)."""
+    import numpy as np
+
+    return any(a.shape == w.shape and np.array_equal(a, w) for a in arrays for w in (weight, weight.T))
+
+
 def wait_for(predicate, seconds: float = 20.0) -> bool:
     """Poll ``predicate`` every 0.1 s until it holds (True) or ``seconds`` pass (False)."""
     deadline = time.monotonic() + seconds

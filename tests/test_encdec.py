@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import pytest
 import torch
 
@@ -141,26 +140,19 @@ def test_manifest_declares_the_scheme(blip2_t5):
 def test_decoder_never_recomputes_cross_kv(blip2_t5):
     """The decoder layers' cross-attention k/v weights are in the encoder graph and not the decoder's
     (found by value), the query side stays in the decoder."""
-    from onnx import numpy_helper
+    from conftest import holds_weight, stage_weights
     from transformers import Blip2ForConditionalGeneration
 
     model_dir, result = blip2_t5
     model = Blip2ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
-    graphs = result.manifest["graphs"]
 
-    def weights(stage):
-        return [numpy_helper.to_array(i) for i in onnx.load(result.path / graphs[stage]["file"]).graph.initializer]
-
-    def holds(arrays, weight):
-        return any(a.shape == w.shape and np.array_equal(a, w) for a in arrays for w in (weight, weight.T))
-
-    decoder, encoder = weights("lm_decoder"), weights("lm_encoder")
+    decoder, encoder = stage_weights(result, "lm_decoder"), stage_weights(result, "lm_encoder")
     for block in model.language_model.decoder.block:
         attn = block.layer[1].EncDecAttention
         for module in (attn.k, attn.v):
             weight = module.weight.detach().numpy()
-            assert holds(encoder, weight) and not holds(decoder, weight)
-        assert holds(decoder, attn.q.weight.detach().numpy())
+            assert holds_weight(encoder, weight) and not holds_weight(decoder, weight)
+        assert holds_weight(decoder, attn.q.weight.detach().numpy())
 
 
 def test_encoder_runs_once_per_prefill(blip2_t5, photos):

@@ -285,26 +285,17 @@ def test_served_answers_and_caption_eval(tiny_build, photos, tmp_path, capsys):
 def test_decoder_never_recomputes_cross_kv(tiny_model_dir, tiny_build):
     """Every decoder layer's cross-attention k/v weights are in the encoder graph and not the decoder's
     (found by value), the query side stays in the decoder."""
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
+    from conftest import holds_weight, stage_weights
     from transformers import Florence2ForConditionalGeneration
 
     result = tiny_build("florence2")
     model = Florence2ForConditionalGeneration.from_pretrained(tiny_model_dir("florence2"), dtype=torch.float32)
-    graphs = result.manifest["graphs"]
 
-    def weights(stage):
-        return [numpy_helper.to_array(i) for i in onnx.load(result.path / graphs[stage]["file"]).graph.initializer]
-
-    def holds(arrays, weight):
-        return any(a.shape == w.shape and np.array_equal(a, w) for a in arrays for w in (weight, weight.T))
-
-    decoder, encoder = weights("lm_decoder"), weights("lm_encoder")
+    decoder, encoder = stage_weights(result, "lm_decoder"), stage_weights(result, "lm_encoder")
     layers = [m for n, m in model.named_modules() if n.endswith("encoder_attn")]
     assert len(layers) == model.config.text_config.decoder_layers
     for attn in layers:
         for module in (attn.k_proj, attn.v_proj):
             weight = module.weight.detach().numpy()
-            assert holds(encoder, weight) and not holds(decoder, weight)
-        assert holds(decoder, attn.q_proj.weight.detach().numpy())
+            assert holds_weight(encoder, weight) and not holds_weight(decoder, weight)
+        assert holds_weight(decoder, attn.q_proj.weight.detach().numpy())

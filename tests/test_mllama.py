@@ -172,27 +172,20 @@ def test_decoder_never_recomputes_cross_kv(mllama):
     """The cross layers' k/v projection weights are in the cross_kv graph and not in the
     decoder's (found by value: the exporter renames and may transpose them), so the decoder only
     reads the K/V the image path made once; a decode step feeds the state's K/V back unchanged."""
-    from onnx import numpy_helper
+    from conftest import holds_weight, stage_weights
     from PIL import Image
     from transformers import MllamaForConditionalGeneration
 
     model_dir, result = mllama
     model = MllamaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
-    graphs = result.manifest["graphs"]
 
-    def weights(stage):
-        return [numpy_helper.to_array(i) for i in onnx.load(result.path / graphs[stage]["file"]).graph.initializer]
-
-    def holds(arrays, weight):
-        return any(a.shape == w.shape and np.array_equal(a, w) for a in arrays for w in (weight, weight.T))
-
-    decoder, cross_kv = weights("lm_decoder"), weights("cross_kv")
+    decoder, cross_kv = stage_weights(result, "lm_decoder"), stage_weights(result, "cross_kv")
     for layer in model.config.text_config.cross_attention_layers:
         attn = model.model.language_model.layers[layer].cross_attn
         for module in (attn.k_proj, attn.v_proj):  # (k_norm's weight is ones at init, like q_norm's: not telling)
             weight = module.weight.detach().numpy()
-            assert holds(cross_kv, weight) and not holds(decoder, weight), (layer, module)
-        assert holds(decoder, attn.q_proj.weight.detach().numpy())  # the query side stays in the decoder
+            assert holds_weight(cross_kv, weight) and not holds_weight(decoder, weight), (layer, module)
+        assert holds_weight(decoder, attn.q_proj.weight.detach().numpy())  # the query side stays in the decoder
 
     from vlm_export.contract.cross import CROSS_KV
 
