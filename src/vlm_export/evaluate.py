@@ -55,8 +55,7 @@ def evaluate_captions(build_dir: Path, dataset: str = "easy-vqa-captions", split
     default = declared_caption_prompt(build_dir)
     prompts = [caption_prompt(item.prompt, prompt, default) for item in items]  # before any model loads
     pipes = _open(build_dir, backends, threads, check_hashes, progress)
-    results = caption_all(pipes, name, items, progress, prompt, default, max_new_tokens or DEFAULT_CAPTION_TOKENS,
-                          tokenizer)
+    results = caption_all(pipes, name, items, progress, prompts, max_new_tokens or DEFAULT_CAPTION_TOKENS, tokenizer)
     section, failures = caption_section(name, items, results, tokenizer, note, prompts, gate or CaptionGate())
     record_section(build_dir, "captions", section)
     return {**section, "failures": failures}

@@ -156,12 +156,12 @@ def caption_prompt(item_prompt: str | None, prompt: str | None, default: str | N
     return chosen
 
 
-def caption_images(pipe: VLMPipeline, items: Sequence, prompt: str | None = None, default_prompt: str | None = None,
+def caption_images(pipe: VLMPipeline, items: Sequence, prompts: Sequence[str],
                    max_new_tokens: int = DEFAULT_CAPTION_TOKENS,
                    advance: Callable[[], None] = lambda: None) -> tuple[list[str], float]:
-    """Greedy captions of every item (``CaptionItem``s), in order, and the seconds they took."""
+    """Greedy captions of every item (``CaptionItem``s), in order, each asked with its prompt
+    (``prompts``, from ``caption_prompt``), and the seconds they took."""
     config = GenerationConfig(max_new_tokens=max_new_tokens)
-    prompts = [caption_prompt(item.prompt, prompt, default_prompt) for item in items]  # all checked before any runs
     start = time.perf_counter()
     captions = []
     for item, text in zip(items, prompts):
@@ -171,14 +171,14 @@ def caption_images(pipe: VLMPipeline, items: Sequence, prompt: str | None = None
 
 
 def caption_all(pipes: Mapping[str, VLMPipeline], name: str, items: Sequence, progress: Progress,
-                prompt: str | None = None, default_prompt: str | None = None,
-                max_new_tokens: int = DEFAULT_CAPTION_TOKENS, tokenizer: str = "simple") -> list[CaptionResult]:
-    """Every pipeline captions the same images (the first is the reference the others are compared with)."""
-    check_scoring(tokenizer)
+                prompts: Sequence[str], max_new_tokens: int = DEFAULT_CAPTION_TOKENS,
+                tokenizer: str = "simple") -> list[CaptionResult]:
+    """Every pipeline captions the same images with the same prompts (the first pipeline is the
+    reference the others are compared with); the caller has checked the scorers (``check_scoring``)."""
     runs = {}
     for label, pipe in pipes.items():
         with progress.step(f"{label}: captioning {len(items)} {name} images", total=len(items)) as advance:
-            runs[label] = caption_images(pipe, items, prompt, default_prompt, max_new_tokens, advance)
+            runs[label] = caption_images(pipe, items, prompts, max_new_tokens, advance)
     # one tokenisation of everything (one Java run with the ptb tokenizer): keys (label or "", image index)
     texts = {("", i): list(item.references) for i, item in enumerate(items)}
     texts.update({(label, i): [c] for label, (captions, _) in runs.items() for i, c in enumerate(captions)})
@@ -238,7 +238,8 @@ def caption_section(dataset: str, items: Sequence, results: Sequence[CaptionResu
               for other in candidates for item, base, mine in zip(items, reference.captions, other.captions)
               if base != mine]
     section = {"dataset": dataset, "images": len(items), "reference": reference.backend, "tokenizer": tokenizer,
-               "note": note, "prompts": dict(Counter(prompts)), "results": [r.to_dict() for r in results], "differing_captions": differ}
+               "note": note, "prompts": dict(Counter(prompts)), "results": [r.to_dict() for r in results],
+               "differing_captions": differ}
     failures: list[str] = []
     if gate is not None and candidates:
         failures = gate.judge(reference, candidates)
