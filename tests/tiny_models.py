@@ -154,16 +154,21 @@ def _randomise_query_tokens(model) -> None:
 
 
 def make_tiny_blip2(path: Path, family: str = "opt", seed: int = 0, num_query_tokens: int = 4) -> Path:
+    tok = _blip_text_tokenizer()
+    return _save_tiny_blip2(path, tok, _blip_text_config(family, _padded_vocab(len(tok))), seed, num_query_tokens)
+
+
+def _save_tiny_blip2(path: Path, tok, text_config, seed: int, num_query_tokens: int) -> Path:
+    """A random Blip2ForConditionalGeneration over ``text_config`` (small ViT and Q-Former), saved with
+    its Blip2Processor (``tok`` holding the image token)."""
     from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
                               Blip2VisionConfig)
 
-    tok = _blip_text_tokenizer()
-    image_token_id = tok.convert_tokens_to_ids(BLIP_IMAGE_TOKEN)
     vision, qformer = _blip_sub_configs(Blip2VisionConfig, Blip2QFormerConfig)
     torch.manual_seed(seed)
-    cfg = Blip2Config(vision_config=vision, qformer_config=qformer,
-                      text_config=_blip_text_config(family, _padded_vocab(len(tok))),
-                      num_query_tokens=num_query_tokens, image_text_hidden_size=32, image_token_index=image_token_id)
+    cfg = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text_config,
+                      num_query_tokens=num_query_tokens, image_text_hidden_size=32,
+                      image_token_index=tok.convert_tokens_to_ids(BLIP_IMAGE_TOKEN))
     model = Blip2ForConditionalGeneration(cfg).eval()
     _randomise_query_tokens(model)
     model.save_pretrained(path)
@@ -327,26 +332,15 @@ def make_tiny_blip2_t5(path: Path, seed: int = 0, num_query_tokens: int = 4, enc
     """A tiny random Blip2ForConditionalGeneration with a T5 (gated-gelu, as Flan-T5) text model, with
     its Blip2Processor. (Unequal encoder and decoder depths do not
     run in HF generate 5.24: its cache is sized by num_layers, the encoder's.)"""
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
-                              Blip2VisionConfig, T5Config)
+    from transformers import T5Config
 
     tok = make_t5_tokenizer()
-    vision, qformer = _blip_sub_configs(Blip2VisionConfig, Blip2QFormerConfig)
     text = T5Config(vocab_size=_padded_vocab(len(tok)), d_model=64, d_kv=16, d_ff=128, num_layers=encoder_layers,
                     num_decoder_layers=decoder_layers, num_heads=4, relative_attention_num_buckets=8,
                     relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
                     decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
                     eos_token_id=tok.eos_token_id, initializer_factor=2.0)
-    torch.manual_seed(seed)
-    cfg = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text,
-                      num_query_tokens=num_query_tokens, image_text_hidden_size=32,
-                      image_token_index=tok.convert_tokens_to_ids(BLIP_IMAGE_TOKEN))
-    model = Blip2ForConditionalGeneration(cfg).eval()
-    _randomise_query_tokens(model)
-    model.save_pretrained(path)
-    Blip2Processor(image_processor=_blip_image_processor(), tokenizer=tok,
-                   num_query_tokens=num_query_tokens).save_pretrained(path)
-    return path
+    return _save_tiny_blip2(path, tok, text, seed, num_query_tokens)
 
 
 # --- Florence-2 (DaViT + BART) ----------------------------------------------------------------------
