@@ -251,7 +251,10 @@ def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, 
     one), int8 from both (the standard Q/DQ graph is TensorRT's)."""
     fused = {stage: g["forms"]["fused"] for stage, g in graphs.items() if "fused" in (g.get("forms") or {})}
     int8_stages = [stage for stage, precision in precisions.items() if precision == "int8"]
-    pairs = (options.calibration_pairs or default_pairs()) if int8_stages else []
+    # GPTQ measures each weight-only stage's layer inputs on the same pairs (not cached: K x K per input)
+    gptq_stages = [stage for stage, precision in precisions.items()
+                   if precision in ("w8", "w4") and options.precision_options.weight_rounding == "gptq"]
+    pairs = (options.calibration_pairs or default_pairs()) if int8_stages or gptq_stages else []
     caches = {stage: cache_path(stage, tmp / graphs[stage]["file"], source_sha256, pairs,
                                 options.precision_options.calibration) for stage in int8_stages}
     caches.update({f"{stage}.fused": cache_path(f"{stage}.fused", tmp / fused[stage]["file"], source_sha256, pairs,
@@ -260,7 +263,7 @@ def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, 
     for cache in caches.values():
         _drop_if_unreadable(cache)
     feeds = {}
-    if any(not c.exists() for c in caches.values()):  # a rebuild with every range cached skips this
+    if gptq_stages or any(not c.exists() for c in caches.values()):  # a rebuild with every range cached skips this
         with progress.step(f"calibration inputs ({len(pairs)} image+text pairs through PyTorch)") as advance:
             feeds = stage_feeds(reference, pairs)
             advance()

@@ -59,13 +59,17 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
                    help="what MatMulNBits rounds a w8/w4 decoder's activations to: int8 per block (default, "
                         "ONNX Runtime's fast kernels) or fp32 (accuracy level 0: for LMs whose activations carry "
                         "outliers int8 cannot hold, such as T5; slower)")
+    g.add_argument("--weight-rounding", choices=("rtn", "gptq"), default="rtn",
+                   help="how w8/w4 codes are picked: rtn (round to nearest, default) or gptq (GPTQ: each rounding "
+                        "error pushed onto the inputs not yet rounded, against the layer inputs' second moments "
+                        "measured on the calibration pairs; same format and speed, more accurate codes)")
     g.add_argument("--lm-head", choices=("fp32", "int8", "w8", "w4"), default=None,
                    help="LM head precision (default: fp32 under an int8 decoder; under w8/w4: w8 in the "
                         "matmulnbits form, w4 in the dequantize form)")
     g.add_argument("--calibration", choices=("minmax", "percentile", "entropy"), default="minmax",
                    help="int8 calibration method (default minmax)")
     g.add_argument("--calibration-images", type=Path, default=None,
-                   help="folder of images for int8 calibration (default: photos + easy-vqa train pairs)")
+                   help="folder of images for int8 calibration and GPTQ (default: photos + easy-vqa train pairs)")
     g.add_argument("--calibration-prompts", type=Path, default=None, help="one prompt per line, cycled over the images")
     g.add_argument("--keep-node", action="append", default=[], metavar="NAME",
                    help="ONNX node kept in higher precision (repeatable)")
@@ -133,6 +137,7 @@ def _build_options(args, **extra):
                                                            weight_scheme=args.weight_scheme,
                                                            weight_form=args.weight_form,
                                                            weight_activations=args.weight_activations,
+                                                           weight_rounding=args.weight_rounding,
                                                            calibration=args.calibration,
                                                            exclude_nodes=tuple(args.keep_node)),
                         accuracy=accuracy, fuse=not args.no_fuse, **extra)

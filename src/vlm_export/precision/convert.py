@@ -35,7 +35,8 @@ import onnx
 
 from ..errors import ExportError
 from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, check_graph, save_graph, topological_order, weight_bytes
-from .weight_only import DEFAULT_CORRECTION, FORMS, SCHEMES, TENSORRT_INT4_BLOCK_SIZES, quantize_weights
+from .weight_only import (DEFAULT_CORRECTION, FORMS, ROUNDINGS, SCHEMES, TENSORRT_INT4_BLOCK_SIZES, quantize_weights,
+                          weight_inputs)
 
 FP32_ISLANDS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
                 "SkipSimplifiedLayerNormalization", "RMSNormalization", "Softmax", "ReduceMean", "ReduceSum",
@@ -62,6 +63,7 @@ class PrecisionOptions:
     # fp32 (level 0: T5's activations carry outliers int8 cannot hold; a tiny T5's w8 decoder went from
     # logits cosine 0.9887 to 0.9986). The dequantize form's activations are fp16 either way.
     weight_activations: str = "int8"
+    weight_rounding: str = "rtn"  # rtn | gptq (precision.gptq): how weight-only codes are picked
     calibration: str = "minmax"
     exclude_nodes: tuple[str, ...] = ()  # sensitive layers kept in higher precision (node names)
 
@@ -79,6 +81,8 @@ class PrecisionOptions:
                               "64 or 128; choose --block-size 128 (the dequantize form's default) or 64")
         elif self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ExportError(f"block size must be a power of two >= 16, got {self.block_size}")
+        if self.weight_rounding not in ROUNDINGS:
+            raise ExportError(f"weight rounding {self.weight_rounding!r} is not one of {', '.join(ROUNDINGS)}")
         if self.weight_activations not in WEIGHT_ACTIVATIONS:
             raise ExportError(f"weight activations {self.weight_activations!r} is not one of {', '.join(WEIGHT_ACTIVATIONS)}")
         if self.weight_form == "dequantize" and self.weight_activations != "int8":
@@ -351,12 +355,26 @@ def to_fp16(src: Path, dst: Path, keep_modules: Iterable[str] = ()) -> VariantIn
     return VariantInfo("fp16", details)
 
 
-def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions) -> VariantInfo:
+def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions,
+                   calibration_feeds: list[dict[str, np.ndarray]] | None = None) -> VariantInfo:
+    """``calibration_feeds``: the stage's inputs on the calibration pairs (GPTQ rounding measures the
+    layer inputs on them; round to nearest needs none)."""
     model = onnx.load(os.fspath(src))
     head = lm_head_nodes(model)
     head_precision = options.head_precision(f"w{bits}")
     keep = set(options.exclude_nodes) | (set(head) if head_precision == "fp32" else set())
     bits_of = {} if head_precision == "fp32" else {name: int(head_precision[1]) for name in head}
+    rounding, blocks = {"method": "rtn"}, None
+    if options.weight_rounding == "gptq":  # measured on the fp32 graph, before any rewrite
+        from . import gptq
+
+        if not calibration_feeds:
+            raise ExportError(f"GPTQ rounding of {src.stem} needs calibration inputs; none were given")
+        inputs = weight_inputs(model, keep)
+        hessians, tokens = gptq.input_hessians(model, sorted(set(inputs.values())), calibration_feeds)
+        blocks = gptq.rounding({node: hessians[tensor] for node, tensor in inputs.items()})
+        rounding = {"method": "gptq", "calibration_tokens": tokens, "damp": gptq.DAMP, "act_order": True,
+                    "groups": "static (the round-to-nearest scales and zero points)"}
     if options.weight_form == "dequantize":
         # W4A16: TensorRT's weight-only GEMMs take fp16 activations; the kept nodes stay fp32
         model, fp16_details = fp16_model(model, keep)
@@ -367,13 +385,13 @@ def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions) -
         if options.scheme == "asymmetric":  # how the float minimum is added back (weight_only._matmulnbits)
             activations["correction"] = DEFAULT_CORRECTION
     done = quantize_weights(model, bits, options.block_sizes, options.scheme, options.weight_form, keep, bits_of,
-                            accuracy_level=activations.get("accuracy_level", 4))
+                            accuracy_level=activations.get("accuracy_level", 4), blocks=blocks)
     _save(model, dst)
     used = sorted({size for _, size in done.values()}, reverse=True)
     return VariantInfo(f"w{bits}", {"bits": bits, "block_size": options.block,
                                     "block_sizes": {str(size): sum(s == size for _, s in done.values()) for size in used},
                                     "scheme": options.scheme, "form": options.weight_form, **activations,
-                                    "lm_head": head_precision, "quantized_matmuls": len(done),
+                                    "rounding": rounding, "lm_head": head_precision, "quantized_matmuls": len(done),
                                     "kept_fp32": sorted(keep)})
 
 
@@ -478,7 +496,7 @@ def make_variant(precision: str, src: Path, dst: Path, options: PrecisionOptions
     if precision == "fp16":
         return to_fp16(src, dst, keep_modules)
     if precision in ("w8", "w4"):
-        return to_weight_only(src, dst, int(precision[1]), options)
+        return to_weight_only(src, dst, int(precision[1]), options, calibration_feeds)
     if precision == "int8":
         return to_int8(src, dst, calibration_feeds, options, calibration_cache)
     raise ExportError(f"no conversion for precision {precision!r}")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -39,7 +38,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ExportError
-from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, save_graph
+from .probe import activations
 
 #: SmoothQuant's migration strength; 0.5 is the paper's default for most models
 SMOOTH_ALPHA = 0.5
@@ -171,29 +170,11 @@ def channel_maxima(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[M
                    threads: int = 2) -> dict[str, np.ndarray]:
     """``max |x|`` per last-axis channel of each of ``tensors`` over every token of every feed,
     from ONNX Runtime running ``model`` (fp32) with those tensors as extra outputs."""
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
-                              for t in tensors if t not in present)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.log_severity_level = 3
-    with tempfile.TemporaryDirectory() as tmp:
-        if probe.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-            session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        else:
-            session = ort.InferenceSession(os.fspath(save_graph(probe, Path(tmp) / "probe.onnx")), opts,
-                                           providers=["CPUExecutionProvider"])
-        del probe
-        inputs = [i.name for i in session.get_inputs()]
-        maxima: dict[str, np.ndarray] = {}
-        for feed in feeds:
-            for name, value in zip(tensors, session.run(tensors, {n: feed[n] for n in inputs})):
-                m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
-                maxima[name] = m if name not in maxima else np.maximum(maxima[name], m)
+    maxima: dict[str, np.ndarray] = {}
+    for values in activations(model, tensors, feeds, threads):
+        for name, value in values.items():
+            m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+            maxima[name] = m if name not in maxima else np.maximum(maxima[name], m)
     if not maxima:
         raise ExportError("no calibration inputs to measure the activations' channel ranges")
     return maxima

@@ -42,6 +42,7 @@ form) (a lookup reads one row, the head reads all of them every token).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -54,6 +55,8 @@ FORMS = ("matmulnbits", "dequantize")
 #: how an asymmetric block's float minimum is added back in the matmulnbits form (see ``_matmulnbits``)
 CORRECTIONS = ("augmented", "shift")
 DEFAULT_CORRECTION = "shift"
+#: how the codes are picked: round to nearest, or GPTQ's error feedback (``precision.gptq``)
+ROUNDINGS = ("rtn", "gptq")
 MS_DOMAIN = "com.microsoft"
 DQ_OPSET = 21  # block-wise DequantizeLinear and int4 arrived in opset 21
 #: the int4 block sizes TensorRT takes ("INT4 quantization requires per-block scales. The supported
@@ -162,6 +165,16 @@ def _targets(model: onnx.ModelProto, skip: set[str]) -> list[_Target]:
     return found
 
 
+def _key(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
+
+
+def weight_inputs(model: onnx.ModelProto, skip: set[str]) -> dict[str, str]:
+    """``{MatMul: its input tensor}`` for each MatMul ``quantize_weights`` would quantize (the keys
+    are what a ``blocks`` function is called with)."""
+    return {_key(t.node): t.node.input[0] for t in _targets(model, skip)}
+
+
 def _matmulnbits(t: _Target, bq: BlockQuantized, accuracy_level: int, block_sums: dict, correction: str):
     """MatMulNBits on the codes; integer zero points are its fourth input. MatMulNBits' fast int8
     kernels take only integer zero points (its float zero points run ~20x slower: 16 ms against
@@ -179,7 +192,7 @@ def _matmulnbits(t: _Target, bq: BlockQuantized, accuracy_level: int, block_sums
       (54/60, no answer changed), but was not consistently faster than ``shift`` on the demo (the Concat and the
       MatMulNBits' longer K with zero points cost what the shift nodes did; benchmarks/README.md)."""
     k, n = t.weight.shape
-    name = t.node.name or t.node.output[0]
+    name = _key(t.node)
     half, top = 2 ** (bq.bits - 1), 2 ** bq.bits - 1
     x, out = t.node.input[0], t.node.output[0]
     q, scales, zero_points = bq.q, bq.scales, bq.zero_points
@@ -238,7 +251,7 @@ def _dequantize(t: _Target, bq: BlockQuantized):
     if bq.zero_points is not None or bq.offsets is not None:
         raise ExportError("the DequantizeLinear form takes symmetric weights only (TensorRT's block "
                           "quantization has no zero point); use the symmetric scheme")
-    name = t.node.name or t.node.output[0]
+    name = _key(t.node)
     k, n = t.weight.shape
     if k % bq.block_size:
         raise ExportError(f"{name}: K={k} is not a multiple of block size {bq.block_size}")
@@ -266,18 +279,21 @@ def _block_size(t: _Target, sizes: tuple[int, ...], form: str) -> int:
     fitting = [size for size in sizes if k % size == 0]
     if fitting or form == "matmulnbits":
         return (fitting or sizes)[0]
-    raise ExportError(f"{t.node.name or t.node.output[0]}: K={k} is not a multiple of block size "
+    raise ExportError(f"{_key(t.node)}: K={k} is not a multiple of block size "
                       f"{' or '.join(map(str, sizes))}; keep it in fp32 with --keep-node or use --weight-form matmulnbits")
 
 
 def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int | tuple[int, ...], scheme: str, form: str,
                      keep: set[str], bits_of: dict[str, int] | None = None,
-                     accuracy_level: int = 4, correction: str = DEFAULT_CORRECTION) -> dict[str, tuple[int, int]]:
+                     accuracy_level: int = 4, correction: str = DEFAULT_CORRECTION,
+                     blocks: Callable[..., BlockQuantized] | None = None) -> dict[str, tuple[int, int]]:
     """Rewrite ``model`` in place. ``block_size``: one size, or the allowed sizes in order of
     preference (see the module docstring). ``keep``: MatMul names left unquantized. ``bits_of``:
     nodes (the LM head, sensitive layers) quantized at their own bit width. ``correction``: how the
-    asymmetric scheme's float minimum is added back (``CORRECTIONS``, see ``_matmulnbits``). Returns the (bits,
-    block size) used per node."""
+    asymmetric scheme's float minimum is added back (``CORRECTIONS``, see ``_matmulnbits``). ``blocks``:
+    picks the codes, called as ``blocks(matmul, weight, bits, block_size, scheme, scale_dtype)`` with
+    the MatMul's key from ``weight_inputs`` (default: round to nearest, ``quantize_blocks``). Returns
+    the (bits, block size) used per node."""
     if form not in FORMS:
         raise ExportError(f"weight-only form {form!r} is not one of {', '.join(FORMS)}")
     sizes = (block_size,) if isinstance(block_size, int) else tuple(block_size)
@@ -287,7 +303,8 @@ def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int | tuple[
         node_bits, size = (bits_of or {}).get(t.node.name, bits), _block_size(t, sizes, form)
         # fp16 weights (an fp16 graph) get fp16 scales, so the dequantized weight stays fp16
         scale_dtype = np.float16 if t.weight.dtype == np.float16 else np.float32
-        bq = quantize_blocks(t.weight, node_bits, size, scheme, scale_dtype)
+        bq = (blocks(_key(t.node), t.weight, node_bits, size, scheme, scale_dtype) if blocks
+              else quantize_blocks(t.weight, node_bits, size, scheme, scale_dtype))
         nodes, tensors = (_matmulnbits(t, bq, accuracy_level, block_sums, correction) if form == "matmulnbits"
                           else _dequantize(t, bq))
         replaced[t.index] = nodes
