@@ -65,6 +65,8 @@ def test_rounding_falls_back_to_nearest_where_nothing_was_measured():
     blocks = rounding({"measured": np.eye(64)})
     unmeasured = blocks("other", w, 4, 32, "symmetric")
     np.testing.assert_array_equal(unmeasured.q, quantize_blocks(w, 4, 32, "symmetric").q)
+    blocks("measured", w, 4, 32, "symmetric")
+    assert blocks.gptq == ["measured"]
 
 
 def test_hessians_of_a_graph_input_and_options():

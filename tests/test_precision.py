@@ -433,22 +433,27 @@ def test_int8_decoder_keeps_its_logits(tiny_model_dir, tmp_path, calibration_cac
         assert report["stages"][entry]["logits"]["cosine"] >= 0.99, entry
 
 
-def test_gptq_rounding_brings_the_decoder_closer(tiny_build, tmp_path):
+@pytest.mark.parametrize("form", ["matmulnbits", "dequantize"])
+def test_gptq_rounding_brings_the_decoder_closer(tiny_build, tmp_path, form):
     """decoder w4 with GPTQ's codes (calibrated on real prefill feeds of the build) gives logits
     closer to the fp32 decoder's than round to nearest on prompts it was not calibrated on, in the
-    same format (the same MatMulNBits nodes, scales and zero points); the variant records how its
-    codes were picked. Without calibration inputs GPTQ is refused, not silently rounded to nearest."""
+    same format (the same quantized nodes, scales and zero points), in ONNX Runtime's form (zero
+    points) and TensorRT's (symmetric fp16 W4A16); the variant records how its codes were picked.
+    Without calibration inputs GPTQ is refused, not silently rounded to nearest."""
     from vlm_export.precision.convert import to_weight_only
 
     build = tiny_build("llava-llama")
-    src = build.path / build.manifest["graphs"]["lm_decoder"]["forms"]["fused"]["file"]
+    graph = build.manifest["graphs"]["lm_decoder"]
+    src = build.path / (graph["forms"]["fused"]["file"] if form == "matmulnbits" else graph["file"])
     calibration = _prefill_feeds(build, ["Describe this image.", "What colour is it?", "What is in the picture?",
                                          "Is there a circle?", "Where is the shape?", "Name the object."])
     held_out = _prefill_feeds(build, ["How many shapes are there?", "Is it big or small?"])
     want = _run(src, held_out)
+    scheme = "zero-point" if form == "matmulnbits" else "symmetric"
+    quantized = {"matmulnbits": ("MatMulNBits", 1, (2, 3)), "dequantize": ("DequantizeLinear", 0, (1,))}[form]
     errors, graphs = {}, {}
     for method in ("rtn", "gptq"):
-        options = PrecisionOptions(weight_scheme="zero-point", weight_rounding=method)
+        options = PrecisionOptions(weight_scheme=scheme, weight_form=form, weight_rounding=method)
         info = to_weight_only(src, tmp_path / f"{method}.onnx", 4, options, calibration)
         assert info.details["rounding"]["method"] == method
         got = _run(tmp_path / f"{method}.onnx", held_out)
@@ -457,12 +462,12 @@ def test_gptq_rounding_brings_the_decoder_closer(tiny_build, tmp_path):
     assert info.details["rounding"]["calibration_tokens"] == sum(f["input_ids"].size for f in calibration)
     assert errors["gptq"] < 0.8 * errors["rtn"], errors
     inits = {m: {i.name: numpy_helper.to_array(i) for i in g.graph.initializer} for m, g in graphs.items()}
-    nbits = [n for n in graphs["gptq"].graph.node if n.op_type == "MatMulNBits"]
-    assert nbits and [n.name for n in nbits] == [n.name for n in graphs["rtn"].graph.node if n.op_type == "MatMulNBits"]
-    for node in nbits:
-        codes, scales, zero_points = node.input[1:4]
-        np.testing.assert_array_equal(inits["gptq"][scales], inits["rtn"][scales])
-        np.testing.assert_array_equal(inits["gptq"][zero_points], inits["rtn"][zero_points])
-    assert any(not np.array_equal(inits["gptq"][n.input[1]], inits["rtn"][n.input[1]]) for n in nbits)
+    op, codes, same = quantized
+    nodes = [n for n in graphs["gptq"].graph.node if n.op_type == op]
+    assert nodes and [n.name for n in nodes] == [n.name for n in graphs["rtn"].graph.node if n.op_type == op]
+    for node in nodes:
+        for i in same:
+            np.testing.assert_array_equal(inits["gptq"][node.input[i]], inits["rtn"][node.input[i]])
+    assert any(not np.array_equal(inits["gptq"][n.input[codes]], inits["rtn"][n.input[codes]]) for n in nodes)
     with pytest.raises(ExportError, match="GPTQ rounding of .* needs calibration inputs"):
         to_weight_only(src, tmp_path / "none.onnx", 4, PrecisionOptions(weight_rounding="gptq"), None)

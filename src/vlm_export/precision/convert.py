@@ -386,6 +386,10 @@ def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions,
             activations["correction"] = DEFAULT_CORRECTION
     done = quantize_weights(model, bits, options.block_sizes, options.scheme, options.weight_form, keep, bits_of,
                             accuracy_level=activations.get("accuracy_level", 4), blocks=blocks)
+    if blocks is not None and len(blocks.gptq) != len(done):  # a MatMul renamed by a rewrite would get RTN silently
+        missed = sorted(set(done) - set(blocks.gptq))
+        raise ExportError(f"GPTQ measured no input for {len(missed)} of {len(done)} MatMuls of {src.stem} "
+                          f"({', '.join(missed[:3])}...); use --weight-rounding rtn")
     _save(model, dst)
     used = sorted({size for _, size in done.values()}, reverse=True)
     return VariantInfo(f"w{bits}", {"bits": bits, "block_size": options.block,

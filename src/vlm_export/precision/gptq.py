@@ -100,10 +100,13 @@ def gptq_blocks(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: 
 
 def rounding(hessians: Mapping[str, np.ndarray], act_order: bool = True):
     """A ``blocks`` function for ``weight_only.quantize_weights``: GPTQ for each MatMul with a
-    measured input, round to nearest for any other."""
+    measured input, round to nearest for any other; its ``gptq`` attribute lists the MatMuls it
+    rounded with GPTQ (so a caller can tell that none fell back unnoticed)."""
     def blocks(matmul: str, weight: np.ndarray, bits: int, block_size: int, scheme: str, scale_dtype=np.float32):
         if matmul not in hessians:
             return quantize_blocks(weight, bits, block_size, scheme, scale_dtype)
+        blocks.gptq.append(matmul)
         return gptq_blocks(weight, hessians[matmul], bits, block_size, scheme, scale_dtype, act_order)
 
+    blocks.gptq = []
     return blocks

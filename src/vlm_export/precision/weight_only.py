@@ -309,7 +309,7 @@ def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int | tuple[
                           else _dequantize(t, bq))
         replaced[t.index] = nodes
         new_inits += tensors
-        done[t.node.name] = (node_bits, size)
+        done[_key(t.node)] = (node_bits, size)
     if not done:
         raise ExportError("no MatMul with constant weights to quantize in this graph")
     ordered = []
