@@ -12,6 +12,7 @@ import pytest
 
 from vlm_export.bench import BenchOptions, parse_csv, run_bench
 from vlm_export.bench.measure import RequestTiming, alternating, summarize, time_request
+from vlm_export.bench.served import CACHE_ROUNDS
 from vlm_export.errors import InputError
 
 HAS_TRITON = importlib.util.find_spec("pytriton") is not None and importlib.util.find_spec("tritonclient") is not None
@@ -103,6 +104,35 @@ def test_served_levels_and_overhead(bench):
     ov = served["overhead"]
     assert ov["served"]["tokens"] == ov["in_process_onnxruntime"]["tokens"] == 2 * 4
     assert ov["per_token_ms"] is not None  # its arithmetic: test_overhead_on_made_up_timings
+    # every image above was new to the server (no cache hit flattered Triton against in-process);
+    # then each of CACHE_ROUNDS new images twice: exactly one miss and one hit each, counted by the server
+    cache = served["image_cache"]
+    assert (cache["images"], cache["hits"], cache["misses"]) == (CACHE_ROUNDS, CACHE_ROUNDS, CACHE_ROUNDS)
+    assert cache["first_sight_ttft_ms"]["n"] == cache["repeat_ttft_ms"]["n"] == CACHE_ROUNDS
+    assert cache["image_cache_mb"] > 0 and cache["ttft_ratio"] > 0
+    text = (bench[1] / "bench.md").read_text()
+    assert f"the server counted {CACHE_ROUNDS} hits and {CACHE_ROUNDS} misses" in text
+
+
+def test_distinct_requests_never_repeat_an_image():
+    """The served runs' images: each one differs from every other and from the originals by a few
+    bytes of pixels (the same size, so the same work), across sets made with different starts."""
+    import io
+
+    from PIL import Image
+
+    from vlm_export.bench.run import _photo_png
+    from vlm_export.bench.served import distinct_requests
+
+    originals = [("a?", _photo_png("astronaut")), ("b?", _photo_png("coffee"))]
+    first, second = distinct_requests(originals, 300), distinct_requests(originals, 5, start=300)
+    images = [png for _, png in first + second]
+    assert len(set(images)) == len(images) == 305 and not set(images) & {png for _, png in originals}
+    assert [q for q, _ in first[:4]] == ["a?", "b?", "a?", "b?"]
+    for (_, png), (_, original) in zip(first[:2] + first[298:], originals * 2):
+        a = np.asarray(Image.open(io.BytesIO(png)), np.int16)
+        b = np.asarray(Image.open(io.BytesIO(original)).convert("RGB"), np.int16)
+        assert a.shape == b.shape and 0 < np.count_nonzero(a - b) <= 2
 
 
 def test_options_are_checked():

@@ -351,7 +351,6 @@ def test_served_answers_equal_in_process(mllama, photos, tmp_path, run_cli):
     import tritonclient.grpc as grpcclient
 
     from conftest import wait_for
-    from test_serving import _metric
     from vlm_export.client.client import VLMClient
     from vlm_export.serve.server import TritonServer
 
@@ -383,9 +382,9 @@ def test_served_answers_equal_in_process(mllama, photos, tmp_path, run_cli):
         for name in pipe.scheme.image_input_sources:
             assert np.abs(served.as_numpy(name) - local[name]).max() < 1e-5, name
 
-        hits = _metric(server, "vlm_image_cache_hits_total") or 0
+        hits = server.metric("vlm_image_cache_hits_total") or 0
         assert client.generate(*asks[0], max_tokens=SERVED_TOKENS, ignore_eos=True).text == expected[0].text
-        assert wait_for(lambda: _metric(server, "vlm_image_cache_hits_total") == hits + 1)
+        assert wait_for(lambda: server.metric("vlm_image_cache_hits_total") == hits + 1)
 
         broken = tmp_path / "broken.png"
         broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)

@@ -3,7 +3,6 @@ target of a tiny build, real HTTP and gRPC clients."""
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import math
 import os
@@ -308,16 +307,6 @@ def test_unreachable_server_is_a_serve_error():
             list(client.stream("hi", max_tokens=2))
 
 
-def _metric(server, name: str) -> float | None:
-    import re
-
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(server.metrics_url, timeout=10) as resp:
-        text = resp.read().decode()
-    values = [float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M)]
-    return sum(values) if values else None
-
-
 BLS_QUEUE = 6  # requests that may wait for a place in the bls server's batch
 # Lines of Triton 2.51's verbose log (--log-verbose=1) that the bls tests read: the gRPC frontend
 # passing a client's cancellation to the core, the last callback of a request it cancelled, a
@@ -362,12 +351,12 @@ def test_bls_decoder_mode_batches_concurrent_requests(bls_served, photos):
     asks = [(PROMPTS[i % 3], [photos[i % 3]] if i % 2 else [], 6 + i) for i in range(6)]
     assert len(asks) <= BLS_QUEUE  # none can be refused
     expected = [generate(pipe, p, i, GenerationConfig(max_new_tokens=n)).text for p, i, n in asks]
-    steps_before = _metric(server, "vlm_decode_steps_total") or 0
+    steps_before = server.metric("vlm_decode_steps_total") or 0
     client = VLMClient(f"grpc://{server.grpc_url}")
     with ThreadPoolExecutor(6) as pool:
         served = list(pool.map(lambda a: client.generate(a[0], a[1], max_tokens=a[2]).text, asks))
-    assert wait_for(lambda: _metric(server, "vlm_batch_rows") == 0)
-    steps = _metric(server, "vlm_decode_steps_total") - steps_before
+    assert wait_for(lambda: server.metric("vlm_batch_rows") == 0)
+    steps = server.metric("vlm_decode_steps_total") - steps_before
     assert served == expected
     assert steps < sum(n for _, _, n in asks)  # rows shared decode steps
     for prompt, images, n in asks:
@@ -449,7 +438,7 @@ def test_inflight_batching_cancellation_and_back_pressure(bls_served, photos, tm
     the image-embedding cache with the same answer as in-process generation."""
     build, server = bls_served
     pipe = open_build(build)
-    metric = functools.partial(_metric, server)
+    metric = server.metric
     cancelled = metric("vlm_requests_cancelled_total") or 0
     log_at = server.log_file.stat().st_size
     raw, got = _open_stream(server, b"Tell me a long story.", 200)
@@ -572,7 +561,7 @@ def test_vlm_server_stops_cleanly(bls_served):
         with pytest.raises(RequestError, match="max_tokens"):  # a request that ends in an error is finished too
             client.generate("Hi", max_tokens=0)
         # nothing is left waiting or running (a miscounted queue would hold the unload for its drain time)
-        assert wait_for(lambda: _metric(server, "vlm_queue_length") == 0 and _metric(server, "vlm_batch_rows") == 0)
+        assert wait_for(lambda: server.metric("vlm_queue_length") == 0 and server.metric("vlm_batch_rows") == 0)
         assert CANCEL_NOTICE not in _log_since(server, log_at), "the client cancelled the stream of a finished request"
         pid = server.pid
         assert server.stop() == 0, server.log_tail(30)  # SIGTERM was enough: the models unloaded and Triton exited

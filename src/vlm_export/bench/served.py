@@ -18,6 +18,43 @@ from .calls import client_call, engine_call, in_process_call
 
 # discarded requests per block; the first requests also load lazy state in every served model
 SERVED_WARMUP = 2
+#: images sent twice (a first sight, then again) to time the served model's image cache
+CACHE_ROUNDS = 4
+
+
+def distinct_requests(requests: list, n: int, start: int = 0) -> list:
+    """``n`` requests cycling over ``requests`` whose images all differ: one pixel of each is changed
+    (the same size and work, another content hash), so the served model's image cache, keyed by that
+    hash, never spares a request the image path that the in-process runs always pay. ``start``
+    numbers the changes, so sets made with different starts share no image."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    bases = {}
+    out = []
+    for i in range(start, start + n):
+        prompt, png = requests[i % len(requests)]
+        if png not in bases:
+            bases[png] = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).copy()
+        pixels = bases[png].copy()
+        flat = pixels.reshape(-1)
+        # i + 1 in base 256 added to the first bytes: a different image for every i, never the original
+        for j, digit in enumerate(_digits(i + 1)):
+            flat[j] = (int(flat[j]) + digit) % 256
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        out.append((prompt, buf.getvalue()))
+    return out
+
+
+def _digits(value: int) -> list[int]:
+    digits = []
+    while value:
+        value, digit = divmod(value, 256)
+        digits.append(digit)
+    return digits
 
 
 def _server_version(server) -> str | None:
@@ -70,11 +107,14 @@ def bench_served(build_dir: Path, pipe: VLMPipeline, inputs, options, threads: i
                                              "ort_intra_op_threads": threads},
                               "ignore_eos": True, "address": "loopback"}}
             n = options.requests
+            fresh = _Fresh(inputs.requests)
             with progress.step(f"Triton vs in-process ONNX Runtime, {n} requests each", total=2 * n) as advance:
-                # concurrency 1 both ways, on the same requests, in mirrored blocks like every comparison
+                # concurrency 1 both ways, on the same requests (every image new to the server), in
+                # mirrored blocks like every comparison
+                requests = fresh.take(n + 2 * SERVED_WARMUP)
                 timings = measure.alternating(
-                    {"triton": client_call(client, inputs.requests, options.new_tokens),
-                     "onnxruntime": in_process_call(pipe, inputs.requests, options.new_tokens)},
+                    {"triton": client_call(client, requests, options.new_tokens),
+                     "onnxruntime": in_process_call(pipe, requests, options.new_tokens)},
                     SERVED_WARMUP, n, None, advance)
             served = timings["triton"]
             out["overhead"] = _overhead(served, timings["onnxruntime"])
@@ -87,16 +127,56 @@ def bench_served(build_dir: Path, pipe: VLMPipeline, inputs, options, threads: i
                     n_c = max(options.requests, 2 * c)
                     with progress.step(f"Triton, then in-process, at concurrency {c} ({n_c} requests each)",
                                        total=2 * n_c) as advance:
-                        level = _level(c, *_concurrent(client_call(client, inputs.requests, options.new_tokens),
+                        requests = fresh.take(n_c)
+                        level = _level(c, *_concurrent(client_call(client, requests, options.new_tokens),
                                                        n_c, c, advance))
-                        level["in_process"] = _level(c, *_concurrent(engine_call(engine, inputs.requests,
+                        level["in_process"] = _level(c, *_concurrent(engine_call(engine, requests,
                                                                                  options.new_tokens), n_c, c, advance))
                     out["levels"].append(level)
             finally:
                 engine.close(drain_s=0)
+            with progress.step(f"the image cache: {CACHE_ROUNDS} new images, each sent twice",
+                               total=2 * CACHE_ROUNDS) as advance:
+                out["image_cache"] = _image_cache(server, client, fresh.take(CACHE_ROUNDS), options.new_tokens,
+                                                  repo_options.image_cache_mb, advance)
         finally:
             server.stop()
     return out
+
+
+class _Fresh:
+    """Hands out requests whose images the server has not seen in this run (``distinct_requests``)."""
+
+    def __init__(self, requests: list):
+        self.requests, self.used = requests, 0
+
+    def take(self, n: int) -> list:
+        out = distinct_requests(self.requests, n, self.used)
+        self.used += n
+        return out
+
+
+def _image_cache(server, client, requests: list, new_tokens: int, cache_mb: int, advance) -> dict:
+    """Time to first token of an image's first sight against the same request again (the served
+    model's image cache then skips the image path), with the cache's hit and miss counters before
+    and after, so a repeat that missed shows."""
+    def counters() -> tuple[float, float]:
+        return (server.metric("vlm_image_cache_hits_total") or 0, server.metric("vlm_image_cache_misses_total") or 0)
+
+    hits, misses = counters()
+    first, again = [], []
+    for prompt, image in requests:
+        for timings in (first, again):
+            timings.append(measure.time_request(client.stream(prompt, [image], max_tokens=new_tokens, ignore_eos=True)))
+            advance()
+    time.sleep(0.5)  # the counters are scraped, not pushed
+    hits_after, misses_after = counters()
+    ttft_first = measure.summarize([t.ttft_s for t in first])
+    ttft_again = measure.summarize([t.ttft_s for t in again])
+    return {"image_cache_mb": cache_mb, "images": len(requests), "first_sight_ttft_ms": ttft_first,
+            "repeat_ttft_ms": ttft_again, "hits": int(hits_after - hits), "misses": int(misses_after - misses),
+            "ttft_saved_ms": round(ttft_first["p50"] - ttft_again["p50"], 3),
+            "ttft_ratio": round(ttft_first["p50"] / ttft_again["p50"], 3) if ttft_again["p50"] else None}
 
 
 def _overhead(served: list, local: list) -> dict:

@@ -473,6 +473,15 @@ class TritonServer:
             self._cleaned_up = False
             self._ready = False
 
+    def metric(self, name: str) -> float | None:
+        """The sum over labels of one metric from Triton's Prometheus endpoint (the ``vlm`` model's
+        ``vlm_*`` families among them), or None when the server does not report it."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+        with opener.open(self.metrics_url, timeout=10) as resp:
+            text = resp.read().decode()
+        values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)]
+        return sum(values) if values else None
+
     def is_ready(self, timeout: float = 2.0) -> bool:
         url = f"http://{self.http_url}/v2/health/ready"
         try:
