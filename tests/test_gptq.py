@@ -90,3 +90,13 @@ def test_hessians_of_a_graph_input_and_options():
         input_hessians(model, ["h"], [])
     with pytest.raises(ExportError, match="weight rounding 'awq' is not one of rtn, gptq"):
         PrecisionOptions(weight_rounding="awq")
+
+
+def test_gptq_without_a_weight_only_stage_is_refused():
+    from vlm_export.build import BuildOptions
+    from vlm_export.errors import BuildError
+    from vlm_export.precision.spec import parse_precision
+
+    with pytest.raises(BuildError, match="--weight-rounding gptq picks the codes of w8/w4 weights, and no stage is"):
+        BuildOptions(precision=parse_precision("decoder=int8"), precision_options=PrecisionOptions(weight_rounding="gptq"))
+    BuildOptions(precision=parse_precision("decoder=w4"), precision_options=PrecisionOptions(weight_rounding="gptq"))
