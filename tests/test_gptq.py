@@ -7,7 +7,7 @@ import pytest
 
 from vlm_export.errors import ExportError
 from vlm_export.precision.convert import PrecisionOptions
-from vlm_export.precision.gptq import gptq_blocks, input_hessians, rounding
+from vlm_export.precision.gptq import Rounding, gptq_blocks, input_hessians
 from vlm_export.precision.weight_only import quantize_blocks
 
 
@@ -60,34 +60,56 @@ def test_dead_inputs_and_mismatched_shapes():
         gptq_blocks(w, np.eye(32), 4, 32, "zero-point")
 
 
-def test_rounding_falls_back_to_nearest_where_nothing_was_measured():
-    w = np.random.default_rng(8).standard_normal((64, 8)).astype(np.float32)
-    blocks = rounding({"measured": np.eye(64)})
-    unmeasured = blocks("other", w, 4, 32, "symmetric")
-    np.testing.assert_array_equal(unmeasured.q, quantize_blocks(w, 4, 32, "symmetric").q)
-    blocks("measured", w, 4, 32, "symmetric")
-    assert blocks.gptq == ["measured"]
-
-
-def test_hessians_of_a_graph_input_and_options():
-    """input_hessians measures E[x xᵀ] of a tensor the graph computes, over every token of every feed;
-    no feeds and unknown roundings are refused."""
+def _two_layer_model():
+    """x [T, 64] -> MatMul [64, 48] -> Relu -> MatMul [48, 40]: two weights, two different inputs."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["h"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
-                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, [None, 4])])
+    rng = np.random.default_rng(11)
+    w1, w2 = rng.standard_normal((64, 48)).astype(np.float32), rng.standard_normal((48, 40)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="second")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 40])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    feeds = [{"x": _inputs(4, 10, s)} for s in (9, 10)]
-    hessians, tokens = input_hessians(model, ["h"], feeds)
-    h = np.concatenate([np.maximum(f["x"], 0) for f in feeds])
-    assert tokens == 20
-    np.testing.assert_allclose(hessians["h"], h.T.astype(np.float64) @ h / 20, rtol=1e-6)
-    with pytest.raises(ExportError, match="GPTQ needs calibration inputs"):
-        input_hessians(model, ["h"], [])
+    return model, w1, w2
+
+
+def test_second_moments_are_measured_a_group_at_a_time_within_the_budget():
+    """The Hessians are E[x xᵀ] of each MatMul's own input (the graph input, the Relu's output),
+    over every token of every feed. A budget too small for both measures them in two passes, one
+    per MatMul, and picks the very same codes as one pass; a MatMul not measured is rounded to
+    nearest; no feeds is refused."""
+    from vlm_export.precision.probe import ActivationProbe
+    from vlm_export.precision.weight_only import weight_inputs
+
+    model, w1, w2 = _two_layer_model()
+    feeds = [{"x": _inputs(64, 10, s)} for s in (9, 10)]
+    inputs = weight_inputs(model, set())
+    assert inputs == {"first": ("x", 64), "second": ("r", 48)}
+    with ActivationProbe(model, ["x", "r"]) as probe:
+        hessians, tokens = input_hessians(probe, ["x", "r"], feeds)
+        x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
+        r = np.maximum(x @ w1, 0)
+        assert tokens == 20
+        np.testing.assert_allclose(hessians["x"], x.T @ x / 20, rtol=1e-5)
+        np.testing.assert_allclose(hessians["r"], r.T @ r / 20, rtol=1e-4)
+        codes = {}
+        for budget in (8 * 64 ** 2, 1 << 30):
+            blocks = Rounding(probe, inputs, feeds, budget=budget)
+            codes[budget] = [blocks(m, w, 4, 32, "zero-point").q for m, w in (("first", w1), ("second", w2))]
+            assert blocks.passes == (2 if budget < 1 << 20 else 1) and blocks.gptq == ["first", "second"]
+            assert blocks.tokens == 20
+            unmeasured = blocks("other", w1, 4, 32, "symmetric")
+            np.testing.assert_array_equal(unmeasured.q, quantize_blocks(w1, 4, 32, "symmetric").q)
+        for a, b in zip(*codes.values()):
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(ExportError, match="GPTQ needs calibration inputs"):
+            input_hessians(probe, ["x"], [])
     with pytest.raises(ExportError, match="weight rounding 'awq' is not one of rtn, gptq"):
         PrecisionOptions(weight_rounding="awq")
 

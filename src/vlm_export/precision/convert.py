@@ -364,32 +364,37 @@ def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions,
     head_precision = options.head_precision(f"w{bits}")
     keep = set(options.exclude_nodes) | (set(head) if head_precision == "fp32" else set())
     bits_of = {} if head_precision == "fp32" else {name: int(head_precision[1]) for name in head}
-    rounding, blocks = {"method": "rtn"}, None
-    if options.weight_rounding == "gptq":  # measured on the fp32 graph, before any rewrite
-        from . import gptq
+    with contextlib.ExitStack() as stack:
+        blocks = None
+        if options.weight_rounding == "gptq":  # measured on the fp32 graph, before any rewrite
+            from . import gptq
+            from .probe import ActivationProbe
 
-        if not calibration_feeds:
-            raise ExportError(f"GPTQ rounding of {src.stem} needs calibration inputs; none were given")
-        inputs = weight_inputs(model, keep)
-        hessians, tokens = gptq.input_hessians(model, sorted(set(inputs.values())), calibration_feeds)
-        blocks = gptq.rounding({node: hessians[tensor] for node, tensor in inputs.items()})
-        rounding = {"method": "gptq", "calibration_tokens": tokens, "damp": gptq.DAMP, "act_order": True,
+            if not calibration_feeds:
+                raise ExportError(f"GPTQ rounding of {src.stem} needs calibration inputs; none were given")
+            inputs = weight_inputs(model, keep)
+            probe = stack.enter_context(ActivationProbe(model, [tensor for tensor, _ in inputs.values()]))
+            blocks = gptq.Rounding(probe, inputs, calibration_feeds)
+        if options.weight_form == "dequantize":
+            # W4A16: TensorRT's weight-only GEMMs take fp16 activations; the kept nodes stay fp32
+            model, fp16_details = fp16_model(model, keep)
+            activations = {"activations": "fp16", "scales": "fp16", **fp16_details}
+        else:  # MatMulNBits rounds the fp32 activations to int8 per block inside its kernel, unless told not to
+            level = WEIGHT_ACTIVATIONS[options.weight_activations]
+            activations = {"activations": "fp32", "accuracy_level": level}
+            if options.scheme == "asymmetric":  # how the float minimum is added back (weight_only._matmulnbits)
+                activations["correction"] = DEFAULT_CORRECTION
+        done = quantize_weights(model, bits, options.block_sizes, options.scheme, options.weight_form, keep, bits_of,
+                                accuracy_level=activations.get("accuracy_level", 4), blocks=blocks)
+    rounding = {"method": "rtn"}
+    if blocks is not None:
+        if len(blocks.gptq) != len(done):  # a MatMul renamed by a rewrite would get RTN silently
+            missed = sorted(set(done) - set(blocks.gptq))
+            raise ExportError(f"GPTQ measured no input for {len(missed)} of {len(done)} MatMuls of {src.stem} "
+                              f"({', '.join(missed[:3])}...); use --weight-rounding rtn")
+        rounding = {"method": "gptq", "calibration_tokens": blocks.tokens, "measuring_passes": blocks.passes,
+                    "damp": gptq.DAMP, "act_order": blocks.act_order,
                     "groups": "static (the round-to-nearest scales and zero points)"}
-    if options.weight_form == "dequantize":
-        # W4A16: TensorRT's weight-only GEMMs take fp16 activations; the kept nodes stay fp32
-        model, fp16_details = fp16_model(model, keep)
-        activations = {"activations": "fp16", "scales": "fp16", **fp16_details}
-    else:  # MatMulNBits rounds the fp32 activations to int8 per block inside its kernel, unless told not to
-        level = WEIGHT_ACTIVATIONS[options.weight_activations]
-        activations = {"activations": "fp32", "accuracy_level": level}
-        if options.scheme == "asymmetric":  # how the float minimum is added back (weight_only._matmulnbits)
-            activations["correction"] = DEFAULT_CORRECTION
-    done = quantize_weights(model, bits, options.block_sizes, options.scheme, options.weight_form, keep, bits_of,
-                            accuracy_level=activations.get("accuracy_level", 4), blocks=blocks)
-    if blocks is not None and len(blocks.gptq) != len(done):  # a MatMul renamed by a rewrite would get RTN silently
-        missed = sorted(set(done) - set(blocks.gptq))
-        raise ExportError(f"GPTQ measured no input for {len(missed)} of {len(done)} MatMuls of {src.stem} "
-                          f"({', '.join(missed[:3])}...); use --weight-rounding rtn")
     _save(model, dst)
     used = sorted({size for _, size in done.values()}, reverse=True)
     return VariantInfo(f"w{bits}", {"bits": bits, "block_size": options.block,

@@ -21,13 +21,13 @@ grid re-rounds them), 60 easy-vqa questions, PyTorch 54/60: zero-point w4 with R
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import os
+from typing import Mapping, Sequence
 
 import numpy as np
-import onnx
 
 from ..errors import ExportError
-from .probe import activations
+from .probe import ActivationProbe
 from .weight_only import BlockQuantized, quantize_blocks
 
 #: share of H's mean diagonal added to its diagonal (GPTQ's ``percdamp`` default)
@@ -36,20 +36,21 @@ DAMP = 0.01
 LAZY_BATCH = 128
 
 
-def input_hessians(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[Mapping[str, np.ndarray]],
-                   threads: int = 2) -> tuple[dict[str, np.ndarray], int]:
-    """``E[x xᵀ]`` over every token of every feed for each of ``tensors`` (a MatMul's input, its last
-    axis the channels), and the number of tokens it was measured on."""
+def input_hessians(probe: ActivationProbe, tensors: list[str], feeds: Sequence[Mapping[str, np.ndarray]]
+                   ) -> tuple[dict[str, np.ndarray], int]:
+    """``E[x xᵀ]`` over every row of every feed for each of ``tensors`` (a MatMul's input, its last
+    axis the channels), in one pass of ``probe``, and the most rows any of them was measured on (the
+    prompt's tokens; an LM head that reads the last position only sees one row per feed)."""
     sums: dict[str, np.ndarray] = {}
-    tokens = 0
-    for values in activations(model, tensors, feeds, threads):
+    rows: dict[str, int] = {}
+    for values in probe.run(feeds, tensors):
         for name, value in values.items():
             x = value.reshape(-1, value.shape[-1]).astype(np.float64)
             sums[name] = sums.get(name, 0) + x.T @ x
-        tokens += x.shape[0]
-    if not tokens:
+            rows[name] = rows.get(name, 0) + x.shape[0]
+    if not rows or not max(rows.values()):
         raise ExportError("GPTQ needs calibration inputs to measure the layer inputs; none were given")
-    return {name: s / tokens for name, s in sums.items()}, tokens
+    return {name: s / max(rows[name], 1) for name, s in sums.items()}, max(rows.values())
 
 
 def gptq_blocks(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, scheme: str,
@@ -98,15 +99,53 @@ def gptq_blocks(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: 
                           zero_points=rtn.zero_points, offsets=rtn.offsets)
 
 
-def rounding(hessians: Mapping[str, np.ndarray], act_order: bool = True):
-    """A ``blocks`` function for ``weight_only.quantize_weights``: GPTQ for each MatMul with a
-    measured input, round to nearest for any other; its ``gptq`` attribute lists the MatMuls it
-    rounded with GPTQ (so a caller can tell that none fell back unnoticed)."""
-    def blocks(matmul: str, weight: np.ndarray, bits: int, block_size: int, scheme: str, scale_dtype=np.float32):
-        if matmul not in hessians:
-            return quantize_blocks(weight, bits, block_size, scheme, scale_dtype)
-        blocks.gptq.append(matmul)
-        return gptq_blocks(weight, hessians[matmul], bits, block_size, scheme, scale_dtype, act_order)
+class Rounding:
+    """The ``blocks`` function GPTQ gives ``weight_only.quantize_weights``: called per MatMul (by its
+    key from ``weight_inputs``) in graph order, it measures the second moments of the inputs a few
+    at a time, as they come, within ``budget`` bytes (one K x K float64 matrix per input: a 7B
+    model's MLP input alone is ~1 GB, all of them together tens of GB), one pass of ``probe`` over
+    ``feeds`` per group, and drops a group once it is used. ``gptq`` lists the MatMuls it rounded
+    (a caller checks that none was missed), ``tokens`` the calibration tokens, ``passes`` the groups."""
 
-    blocks.gptq = []
-    return blocks
+    def __init__(self, probe: ActivationProbe, inputs: Mapping[str, tuple[str, int]],
+                 feeds: Sequence[Mapping[str, np.ndarray]], budget: int | None = None, act_order: bool = True):
+        self.probe, self.inputs, self.feeds, self.act_order = probe, dict(inputs), list(feeds), act_order
+        self.budget = budget if budget is not None else default_budget()
+        self.order = list(dict.fromkeys(tensor for tensor, _ in self.inputs.values()))  # first use, graph order
+        self.width = {tensor: k for tensor, k in self.inputs.values()}
+        self.hessians: dict[str, np.ndarray] = {}
+        self.gptq: list[str] = []
+        self.tokens = self.passes = 0
+
+    def _measure_from(self, tensor: str) -> None:
+        """The group of inputs starting at ``tensor`` that fits the budget (at least that one)."""
+        group, size = [], 0
+        for name in self.order[self.order.index(tensor):]:
+            need = 8 * self.width[name] ** 2
+            if group and size + need > self.budget:
+                break
+            group.append(name)
+            size += need
+        self.hessians = {}  # the previous group's are used up: graph order
+        self.hessians, tokens = input_hessians(self.probe, group, self.feeds)
+        self.tokens = max(self.tokens, tokens)
+        self.passes += 1
+
+    def __call__(self, matmul: str, weight: np.ndarray, bits: int, block_size: int, scheme: str,
+                 scale_dtype=np.float32) -> BlockQuantized:
+        if matmul not in self.inputs:
+            return quantize_blocks(weight, bits, block_size, scheme, scale_dtype)
+        tensor = self.inputs[matmul][0]
+        if tensor not in self.hessians:
+            self._measure_from(tensor)
+        self.gptq.append(matmul)
+        return gptq_blocks(weight, self.hessians[tensor], bits, block_size, scheme, scale_dtype, self.act_order)
+
+
+def default_budget() -> int:
+    """A quarter of the memory available now, at most 8 GiB, at least 256 MiB."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        available = 4 << 30
+    return int(min(8 << 30, max(256 << 20, available // 4)))

@@ -1,6 +1,6 @@
 """Intermediate activations of a graph on calibration feeds: ONNX Runtime runs the fp32 graph with
-the asked-for tensors added as outputs. SmoothQuant's channel maxima and GPTQ's input Hessians are
-both statistics of what this yields."""
+the asked-for tensors added as outputs. SmoothQuant's channel maxima and GPTQ's input second
+moments are both statistics of what this yields."""
 from __future__ import annotations
 
 import os
@@ -15,26 +15,51 @@ from onnx import TensorProto, helper
 from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, save_graph
 
 
+class ActivationProbe:
+    """One ONNX Runtime session over a copy of ``model`` with ``tensors`` as extra outputs; ``run``
+    fetches any of them, so several passes (GPTQ's, a few layers at a time) share one session.
+    A context manager: a large graph is written to a temporary folder for the session's life."""
+
+    def __init__(self, model: onnx.ModelProto, tensors: Iterable[str], threads: int = 2):
+        import onnxruntime as ort
+
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        present = {o.name for o in probe.graph.output}
+        probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+                                  for t in dict.fromkeys(tensors) if t not in present)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.log_severity_level = 3
+        self._tmp = None
+        if probe.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            self.session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        else:
+            self._tmp = tempfile.TemporaryDirectory()
+            self.session = ort.InferenceSession(os.fspath(save_graph(probe, Path(self._tmp.name) / "probe.onnx")),
+                                                opts, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def run(self, feeds: Iterable[Mapping[str, np.ndarray]], tensors: list[str]) -> Iterator[dict[str, np.ndarray]]:
+        """Per feed, ``{tensor: value}`` for each of ``tensors``."""
+        for feed in feeds:
+            yield dict(zip(tensors, self.session.run(tensors, {n: feed[n] for n in self.inputs})))
+
+    def close(self) -> None:
+        self.session = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "ActivationProbe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def activations(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[Mapping[str, np.ndarray]],
                 threads: int = 2) -> Iterator[dict[str, np.ndarray]]:
-    """Per feed, ``{tensor: value}`` for each of ``tensors`` (``model`` is left as it is)."""
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
-                              for t in tensors if t not in present)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.log_severity_level = 3
-    with tempfile.TemporaryDirectory() as tmp:
-        if probe.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-            session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        else:
-            session = ort.InferenceSession(os.fspath(save_graph(probe, Path(tmp) / "probe.onnx")), opts,
-                                           providers=["CPUExecutionProvider"])
-        del probe
-        inputs = [i.name for i in session.get_inputs()]
-        for feed in feeds:
-            yield dict(zip(tensors, session.run(tensors, {n: feed[n] for n in inputs})))
+    """Per feed, ``{tensor: value}`` for each of ``tensors`` (``model`` is left as it is): one pass."""
+    with ActivationProbe(model, tensors, threads) as probe:
+        yield from probe.run(feeds, tensors)

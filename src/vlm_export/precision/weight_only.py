@@ -169,10 +169,10 @@ def _key(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 
 
-def weight_inputs(model: onnx.ModelProto, skip: set[str]) -> dict[str, str]:
-    """``{MatMul: its input tensor}`` for each MatMul ``quantize_weights`` would quantize (the keys
-    are what a ``blocks`` function is called with)."""
-    return {_key(t.node): t.node.input[0] for t in _targets(model, skip)}
+def weight_inputs(model: onnx.ModelProto, skip: set[str]) -> dict[str, tuple[str, int]]:
+    """``{MatMul: (its input tensor, K)}`` for each MatMul ``quantize_weights`` would quantize, in
+    the order it quantizes them (the keys are what a ``blocks`` function is called with)."""
+    return {_key(t.node): (t.node.input[0], t.weight.shape[0]) for t in _targets(model, skip)}
 
 
 def _matmulnbits(t: _Target, bq: BlockQuantized, accuracy_level: int, block_sums: dict, correction: str):
