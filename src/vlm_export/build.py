@@ -73,8 +73,8 @@ class BuildOptions:
         decoder = self.precision.of(DecodingScheme.decoder_stage)
         if decoder in ("int8", "w8", "w4"):  # a head choice that cannot go with the decoder fails now, not after export
             self.precision_options.head_precision(decoder)
-        weight_only = {precision for _, precision in self.precision.choices} | {self.precision.default}
-        if self.precision_options.weight_rounding != "rtn" and not weight_only & {"w8", "w4"}:
+        asked = {precision for _, precision in self.precision.choices} | {self.precision.default}
+        if self.precision_options.weight_rounding != "rtn" and not asked & {"w8", "w4"}:
             raise BuildError(f"--weight-rounding {self.precision_options.weight_rounding} picks the codes of w8/w4 "
                              "weights, and no stage is w8 or w4; add e.g. decoder=w4 to --precision, or drop it")
 

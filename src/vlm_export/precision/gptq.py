@@ -126,7 +126,7 @@ class Rounding:
                 break
             group.append(name)
             size += need
-        self.hessians = {}  # the previous group's are used up: graph order
+        self.hessians = {}  # freed before the next group is measured (graph order: they are used up)
         self.hessians, tokens = input_hessians(self.probe, group, self.feeds)
         self.tokens = max(self.tokens, tokens)
         self.passes += 1
