@@ -41,20 +41,12 @@ def distinct_requests(requests: list, n: int, start: int = 0) -> list:
         pixels = bases[png].copy()
         flat = pixels.reshape(-1)
         # i + 1 in base 256 added to the first bytes: a different image for every i, never the original
-        for j, digit in enumerate(_digits(i + 1)):
+        for j, digit in enumerate((i + 1).to_bytes((i + 1).bit_length() // 8 + 1, "little")):
             flat[j] = (int(flat[j]) + digit) % 256
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="PNG")
         out.append((prompt, buf.getvalue()))
     return out
-
-
-def _digits(value: int) -> list[int]:
-    digits = []
-    while value:
-        value, digit = divmod(value, 256)
-        digits.append(digit)
-    return digits
 
 
 def _server_version(server) -> str | None:

@@ -476,8 +476,7 @@ class TritonServer:
     def metric(self, name: str) -> float | None:
         """The sum over labels of one metric from Triton's Prometheus endpoint (the ``vlm`` model's
         ``vlm_*`` families among them), or None when the server does not report it."""
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
-        with opener.open(self.metrics_url, timeout=10) as resp:
+        with _NO_PROXY.open(self.metrics_url, timeout=10) as resp:
             text = resp.read().decode()
         values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)]
         return sum(values) if values else None
