@@ -11,6 +11,7 @@ from onnx import numpy_helper
 import pytest
 
 from vlm_export.build import BuildOptions, build
+from vlm_export.cpu import int8_dot_product
 from vlm_export.errors import BuildError, DatasetError, ExportError
 from vlm_export.precision.calibration import folder_pairs
 from vlm_export.precision.convert import PrecisionOptions
@@ -371,14 +372,20 @@ def test_smoothing_is_exact_in_fp32(tiny_build, form):
             np.testing.assert_allclose(got[name], value, atol=1e-4, rtol=1e-4, err_msg=name)
 
 
-def test_per_token_activations_keep_small_rows(tmp_path):
+KERNELS = ["u8u8", pytest.param("u8s8", marks=pytest.mark.skipif(
+    not int8_dot_product(), reason="U8S8 saturates on a CPU without VNNI/AMX (the build refuses it there)"))]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_per_token_activations_keep_small_rows(tmp_path, kernel):
     """Each token row gets its own scale: a row 10,000x larger than the others (LLM decoders' first
     token) leaves the other rows' products within int8 rounding of fp32, in both written forms (ONNX
-    Runtime's MatMulIntegerToFloat, and standard Q/DQ for TensorRT); one scale for the whole tensor
-    would round those rows to nothing. The large row is within rounding too: its codes span the whole
-    int8 range, where ONNX Runtime's U8S8 kernel saturates on this CPU (22% error on that row)."""
+    Runtime's MatMulIntegerToFloat with either kernel, and standard Q/DQ for TensorRT); one scale for
+    the whole tensor would round those rows to nothing. The large row is within rounding too: its codes
+    span the whole int8 range, where U8S8 saturates on an AVX2-only CPU (22% error on that row)."""
     from onnx import TensorProto, helper
 
+    from vlm_export.cpu import INT8_DOT_PRODUCT_METADATA
     from vlm_export.precision.smoothquant import per_token_int8
 
     rng = np.random.default_rng(0)
@@ -393,8 +400,13 @@ def test_per_token_activations_keep_small_rows(tmp_path):
     ops = {}
     for form in ("onnxruntime", "qdq"):
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-        assert per_token_int8(model, (), form) == 1
+        assert per_token_int8(model, (), form, kernel) == 1
         onnx.checker.check_model(model)
+        metadata = {p.key: p.value for p in model.metadata_props}
+        assert (INT8_DOT_PRODUCT_METADATA in metadata) == (form == "onnxruntime" and kernel == "u8s8")
+        if form == "onnxruntime":  # the weights' codes: int8 for U8S8, uint8 + 128 for U8U8
+            codes = next(i for i in model.graph.initializer if i.name == "proj_Wq")
+            assert codes.data_type == (TensorProto.INT8 if kernel == "u8s8" else TensorProto.UINT8)
         ops[form] = {n.op_type for n in model.graph.node}
         # the Q/DQ form is TensorRT's: its own arithmetic is checked (ONNX Runtime's CPU fusion of it
         # lands on the U8S8 kernel, saturating like the one the onnxruntime form avoids)
@@ -414,13 +426,19 @@ def test_int8_decoder_keeps_its_logits(tiny_model_dir, tmp_path, calibration_cac
                    BuildOptions(precision=parse_precision("decoder=int8"), parity_new_tokens=4))
     graph = result.manifest["graphs"]["lm_decoder"]
     fused, standard = graph["forms"]["fused"], graph
-    for entry, form, kernel in ((fused, "onnxruntime", "MatMulIntegerToFloat (U8U8)"),
+    ort_kernel = "U8S8" if int8_dot_product() else "U8U8"  # --int8-kernel auto: what is exact on this CPU
+    for entry, form, kernel in ((fused, "onnxruntime", f"MatMulIntegerToFloat ({ort_kernel})"),
                                 (standard, "qdq", "DequantizeLinear -> MatMul")):
         variant = entry["variant"]
         assert (variant["method"], variant["alpha"], variant["form"], variant["activations"], variant["kernel"]) == (
             "smoothquant", 0.5, form, "int8 dynamic per-token", kernel)
         assert variant["quantized_matmuls"] > 0 and variant["smoothing"]["smoothed_inputs"]["norm_or_scale"] > 0
         assert variant["calibration_samples"] > 0 and variant["calibration_cache"]["reused"] is False
+        fallback = variant["fp32_fallback"]  # auto: trials until the calibration logits reach the gate
+        assert fallback["setting"] == "auto" and fallback["trials"]
+        assert len(fallback["kept"]) == fallback["trials"][-1]["fp32_matmuls"] or \
+            fallback["trials"][-1]["min_cosine"] < fallback["target_cosine"]
+        assert ("requires_cpu" in variant) == (kernel == "MatMulIntegerToFloat (U8S8)")
         assert entry["precision"] == "int8"
     ops = {n.op_type for n in onnx.load(str(result.path / fused["file"])).graph.node}
     assert "MatMulIntegerToFloat" in ops and "GroupQueryAttention" in ops

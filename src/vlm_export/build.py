@@ -259,10 +259,12 @@ def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, 
     gptq_stages = [stage for stage, precision in precisions.items()
                    if precision in ("w8", "w4") and options.precision_options.weight_rounding == "gptq"]
     pairs = (options.calibration_pairs or default_pairs()) if int8_stages or gptq_stages else []
-    caches = {stage: cache_path(stage, tmp / graphs[stage]["file"], source_sha256, pairs,
-                                options.precision_options.calibration) for stage in int8_stages}
+    po = options.precision_options
+    choices = f"int8-kernel={po.kernel} int8-fp32-matmuls={po.int8_fp32_matmuls}"
+    caches = {stage: cache_path(stage, tmp / graphs[stage]["file"], source_sha256, pairs, po.calibration, choices)
+              for stage in int8_stages}
     caches.update({f"{stage}.fused": cache_path(f"{stage}.fused", tmp / fused[stage]["file"], source_sha256, pairs,
-                                                 options.precision_options.calibration)
+                                                 po.calibration, choices)
                    for stage in int8_stages if stage in fused})
     for cache in caches.values():
         _drop_if_unreadable(cache)

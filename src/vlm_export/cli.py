@@ -71,6 +71,15 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calibration-images", type=Path, default=None,
                    help="folder of images for int8 calibration and GPTQ (default: photos + easy-vqa train pairs)")
     g.add_argument("--calibration-prompts", type=Path, default=None, help="one prompt per line, cycled over the images")
+    g.add_argument("--int8-kernel", choices=("auto", "u8s8", "u8u8"), default="auto",
+                   help="an int8 decoder's ONNX Runtime kernel: u8s8 (int8 weights; exact and ~2x faster than fp32 "
+                        "on CPUs with VNNI or AMX, saturating on AVX2-only x86), u8u8 (exact everywhere, about "
+                        "fp32's speed) or auto (default: u8s8 where this CPU has VNNI/AMX). A u8s8 build refuses to "
+                        "open on a CPU without them")
+    g.add_argument("--int8-fp32-matmuls", default="auto", metavar="auto|N",
+                   help="how many of an int8 decoder's most error-prone MatMuls (ranked on the calibration pairs) "
+                        "stay fp32: auto (default: the fewest, up to a quarter, whose logits reach the int8 gate on "
+                        "the calibration pairs) or a count (0: every MatMul int8)")
     g.add_argument("--keep-node", action="append", default=[], metavar="NAME",
                    help="ONNX node kept in higher precision (repeatable)")
     g = p.add_argument_group("graph forms")
@@ -139,6 +148,8 @@ def _build_options(args, **extra):
                                                            weight_activations=args.weight_activations,
                                                            weight_rounding=args.weight_rounding,
                                                            calibration=args.calibration,
+                                                           int8_kernel=args.int8_kernel,
+                                                           int8_fp32_matmuls=args.int8_fp32_matmuls,
                                                            exclude_nodes=tuple(args.keep_node)),
                         accuracy=accuracy, fuse=not args.no_fuse, **extra)
 

@@ -13,11 +13,13 @@ from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
+from ..cpu import cpu_flags
+
 T = TypeVar("T")
 #: a time budget never cuts a measurement below this many samples
 MIN_SAMPLES = 5
 #: CPU features that decide which kernels torch and ONNX Runtime pick
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
 def summarize(seconds: Sequence[float]) -> dict[str, float]:
@@ -260,7 +262,7 @@ def machine() -> dict:
     cpuinfo = _read("/proc/cpuinfo")
     fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = set(fields.get("flags", "").split())
+    flags = cpu_flags()
     meminfo = _read("/proc/meminfo").split()
     mem_gb = round(int(meminfo[1]) / 2**20, 1) if len(meminfo) > 1 and meminfo[0] == "MemTotal:" else None
     try:

@@ -88,16 +88,17 @@ def _graph_digest(h, graph: Path) -> None:
 
 
 def cache_path(stage: str, graph: Path, source_sha256: dict[str, str], pairs: list[CalibrationPair],
-               method: str) -> Path:
+               method: str, choices: str = "") -> Path:
     """Where the calibrated ranges of one stage are kept: keyed by the fp32 graph's structure, the
-    source weights, the calibration pairs (image bytes + prompts), the method and the smoothing, so any change
+    source weights, the calibration pairs (image bytes + prompts), the method, the smoothing and any
+    other ``choices`` made from them (an int8 decoder's kernel and fp32 fallback), so any change
     recalibrates and an unchanged rebuild skips calibration."""
     from .. import __version__
     from ..cache import cache_root
     from .smoothquant import SMOOTH_ALPHA
 
     # a decoder's cached ranges are of its smoothed graph (convert.to_int8): alpha is part of the key
-    h = hashlib.sha256(f"{__version__} {stage} {method} smoothquant-alpha={SMOOTH_ALPHA}".encode())
+    h = hashlib.sha256(f"{__version__} {stage} {method} smoothquant-alpha={SMOOTH_ALPHA} {choices}".encode())
     for name, digest in sorted(source_sha256.items()):
         h.update(f"{name}={digest};".encode())
     _graph_digest(h, graph)

@@ -33,6 +33,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import onnx
 
+from ..cpu import INT8_DOT_PRODUCT, int8_dot_product
 from ..errors import ExportError
 from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, check_graph, save_graph, topological_order, weight_bytes
 from .weight_only import (DEFAULT_CORRECTION, FORMS, ROUNDINGS, SCHEMES, TENSORRT_INT4_BLOCK_SIZES, quantize_weights,
@@ -43,6 +44,7 @@ FP32_ISLANDS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayer
                 "ReduceMax", "Pow", "Sqrt", "Exp", "Log", "Erf", "CumSum")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 LM_HEAD_CHOICES = ("fp32", "int8", "w8", "w4")
+INT8_KERNELS = ("auto", "u8s8", "u8u8")
 #: each weight form's block size: 32 measured best for MatMulNBits on ONNX Runtime; TensorRT takes
 #: 64 or 128 only (weight_only.TENSORRT_INT4_BLOCK_SIZES) and 128 reads fewer scales
 FORM_BLOCK_SIZE = {"matmulnbits": 32, "dequantize": 128}
@@ -66,6 +68,12 @@ class PrecisionOptions:
     weight_rounding: str = "rtn"  # rtn | gptq (precision.gptq): how weight-only codes are picked
     calibration: str = "minmax"
     exclude_nodes: tuple[str, ...] = ()  # sensitive layers kept in higher precision (node names)
+    # an int8 decoder's ONNX Runtime kernel (smoothquant.KERNELS): auto takes u8s8 where the CPU makes
+    # it exact (VNNI/AMX, cpu.int8_dot_product), else u8u8
+    int8_kernel: str = "auto"
+    # how many of an int8 decoder's most error-prone MatMuls stay fp32 (precision.sensitivity):
+    # "auto" (the fewest that reach the int8 gate on the calibration pairs) or a count
+    int8_fp32_matmuls: str = "auto"
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATION_METHODS:
@@ -88,11 +96,22 @@ class PrecisionOptions:
         if self.weight_form == "dequantize" and self.weight_activations != "int8":
             raise ExportError("--weight-activations applies to the matmulnbits form (the dequantize form's activations "
                               "are fp16); drop it or use --weight-form matmulnbits")
+        if self.int8_kernel not in INT8_KERNELS:
+            raise ExportError(f"int8 kernel {self.int8_kernel!r} is not one of {', '.join(INT8_KERNELS)}")
+        if self.int8_fp32_matmuls != "auto" and not (str(self.int8_fp32_matmuls).isdigit()):
+            raise ExportError(f"--int8-fp32-matmuls takes auto or a count of MatMuls, got {self.int8_fp32_matmuls!r}")
         if self.weight_scheme is not None and self.weight_scheme not in SCHEMES:
             raise ExportError(f"weight scheme {self.weight_scheme!r} is not one of {', '.join(SCHEMES)}")
         if self.weight_form == "dequantize" and self.weight_scheme not in (None, "symmetric"):
             raise ExportError("the dequantize (TensorRT) weight form takes symmetric weights only; "
                               f"drop --weight-scheme {self.weight_scheme} or use --weight-form matmulnbits")
+
+    @property
+    def kernel(self) -> str:
+        """The int8 decoder's ONNX Runtime kernel on this machine (``int8_kernel`` resolved)."""
+        if self.int8_kernel != "auto":
+            return self.int8_kernel
+        return "u8s8" if int8_dot_product() else "u8u8"
 
     @property
     def scheme(self) -> str:
@@ -463,39 +482,56 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
 
 def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOptions, cache: Path | None,
                   keep: list[str]) -> VariantInfo:
-    """SmoothQuant with per-token dynamic activations on a decoder (``smoothquant``). A graph already in
-    ONNX Runtime's contrib ops (the fused form) runs on ONNX Runtime only: its integer kernels. A graph
-    of standard ops is the one TensorRT reads: the symmetric Q/DQ form. ``cache`` keeps the measured
-    channel ranges."""
+    """SmoothQuant with per-token dynamic activations on a decoder (``smoothquant``), its most
+    error-prone MatMuls kept fp32 (``sensitivity``). A graph already in ONNX Runtime's contrib ops (the
+    fused form) runs on ONNX Runtime only: its integer kernels. A graph of standard ops is the one
+    TensorRT reads: the symmetric Q/DQ form. ``cache`` keeps the measured channel ranges and the
+    fallback chosen on them."""
+    from . import sensitivity
     from . import smoothquant as sq
 
     model = onnx.load(os.fspath(src))
     form = "onnxruntime" if any(n.domain == sq.MS_DOMAIN for n in model.graph.node) else "qdq"
-    maxima = sq.load_maxima(cache) if cache is not None else None
-    reused = maxima is not None
-    if maxima is None:
+    kernel = options.kernel if form == "onnxruntime" else None
+    cached = sq.load_calibration(cache) if cache is not None else None
+    maxima, fallback = cached if cached is not None else (None, None)
+    if maxima is None or fallback is None:
         if not calibration_feeds:  # the cache file was there when the caller looked, but unreadable
             raise ExportError(f"int8 for {src.stem} needs calibration inputs: its calibration cache {cache} "
                               "cannot be read; delete it to calibrate again")
+    if maxima is None:
         maxima = sq.channel_maxima(model, sorted({g.tensor for g in sq.groups(model, keep)}), calibration_feeds)
-        if cache is not None:
-            sq.save_maxima(cache, maxima)
     smoothing = sq.smooth(model, maxima, sq.SMOOTH_ALPHA, keep)
-    quantized = sq.per_token_int8(model, keep, form)
+    matmuls = sq.weighted_matmuls(model, keep)
+
+    def quantize(candidate: onnx.ModelProto, kept: list[str]) -> None:
+        sq.per_token_int8(candidate, keep + kept, form, kernel or "u8u8")
+
+    if fallback is None:
+        model, chosen = sensitivity.choose(model, quantize, matmuls, calibration_feeds, options.int8_fp32_matmuls)
+        if cache is not None:
+            sq.save_calibration(cache, maxima, chosen.to_dict())
+    else:
+        chosen = sensitivity.Fallback.from_dict(fallback)
+        quantize(model, chosen.kept)
     _save(model, dst)
     ort_form = form == "onnxruntime"
-    return VariantInfo("int8", {
+    details = {
         "method": "smoothquant", "alpha": sq.SMOOTH_ALPHA, "form": form,
         "activations": "int8 dynamic per-token",
         "activation_codes": (f"uint8, zero point {sq.ACTIVATION_ZERO_POINT} (symmetric)" if ort_form
                              else "int8, zero point 0 (symmetric Q/DQ, scale 1 on x / row scale)"),
         "weights": f"int8 per-channel symmetric (|q| <= {sq.WEIGHT_QMAX})"
-                   + (f", stored as uint8 codes, zero point {sq.WEIGHT_ZERO_POINT}" if ort_form else ""),
-        "kernel": "MatMulIntegerToFloat (U8U8)" if ort_form else "DequantizeLinear -> MatMul",
-        "quantized_matmuls": quantized, "smoothing": {k: v for k, v in smoothing.items() if k != "alpha"},
+                   + (f", stored as uint8 codes, zero point {sq.WEIGHT_ZERO_POINT}" if kernel == "u8u8" else ""),
+        "kernel": f"MatMulIntegerToFloat ({kernel.upper()})" if ort_form else "DequantizeLinear -> MatMul",
+        "quantized_matmuls": len(matmuls) - len(chosen.kept), "fp32_fallback": chosen.to_dict(),
+        "smoothing": {k: v for k, v in smoothing.items() if k != "alpha"},
         "calibration": "channel max |x|", "calibration_samples": len(calibration_feeds or []),
-        "calibration_cache": None if cache is None else {"file": str(cache), "reused": reused},
-        "kept_fp32": keep})
+        "calibration_cache": None if cache is None else {"file": str(cache), "reused": cached is not None},
+        "kept_fp32": keep}
+    if kernel == "u8s8":  # exact only where the CPU accumulates int8 products in int32 (runtime.load checks)
+        details["requires_cpu"] = list(INT8_DOT_PRODUCT)
+    return VariantInfo("int8", details)
 
 
 def make_variant(precision: str, src: Path, dst: Path, options: PrecisionOptions,

@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..cpu import INT8_DOT_PRODUCT, INT8_DOT_PRODUCT_METADATA
 from ..errors import ExportError
 from .probe import activations
 
@@ -44,12 +45,15 @@ from .probe import activations
 SMOOTH_ALPHA = 0.5
 #: per-channel symmetric int8 weights
 WEIGHT_QMAX = 127
-#: the ONNX Runtime form stores them as uint8 codes + 128 (U8U8), not int8 (U8S8): on x86 without
-#: VNNI, ONNX Runtime's U8S8 kernel adds pairs of u8 x s8 products in int16 (vpmaddubsw), which
-#: saturates - measured here: 22% error on a row of a 64-deep MatMul, and up to 40% of the largest
-#: output on random full-range codes. Its U8U8 kernel widens to int16 first and is exact. 7-bit weights
-#: or activations (ONNX Runtime's reduce_range advice) are exact too, but cost the demo decoder's
-#: last-token logits cosine 0.936 / 0.960 (8 held-out prompts) against 0.988-0.998 with 8 bits.
+#: the ONNX Runtime form's two integer kernels (``per_token_int8``'s ``kernel``): int8 weights (U8S8),
+#: exact and ~2x faster than fp32 on CPUs with VNNI or AMX (``cpu.int8_dot_product``; the demo's
+#: prefill: 45 vs 95 ms on a Xeon with AMX), or the weights as uint8 codes + 128 (U8U8): on x86 with
+#: AVX2 only, the U8S8 kernel adds pairs of u8 x s8 products in int16 (vpmaddubsw), which saturates
+#: (measured on an AMD EPYC: 22% error on a row of a 64-deep MatMul, up to 40% of the largest output on
+#: random full-range codes), while U8U8 widens to int16 first and is exact, at about fp32's speed.
+#: 7-bit weights or activations (ONNX Runtime's reduce_range advice) are exact too, but cost the demo
+#: decoder's last-token logits cosine 0.936 / 0.960 (8 held-out prompts) against 0.988-0.998 with 8 bits.
+KERNELS = ("u8s8", "u8u8")
 WEIGHT_ZERO_POINT = 128
 ACTIVATION_ZERO_POINT = 128  # uint8 codes centred on 128: symmetric activations in unsigned form
 ACTIVATION_QMAX = 127
@@ -180,18 +184,24 @@ def channel_maxima(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[M
     return maxima
 
 
-def save_maxima(path: Path, maxima: Mapping[str, np.ndarray]) -> None:
+def save_calibration(path: Path, maxima: Mapping[str, np.ndarray], fallback: Mapping | None = None) -> None:
+    """Keep the channel maxima (and the fp32 fallback chosen on them, ``sensitivity.Fallback.to_dict``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({k: v.astype(float).tolist() for k, v in maxima.items()}))
+    tmp.write_text(json.dumps({"channel_max": {k: v.astype(float).tolist() for k, v in maxima.items()},
+                               "fp32_fallback": dict(fallback) if fallback is not None else None}))
     os.replace(tmp, path)
 
 
-def load_maxima(path: Path) -> dict[str, np.ndarray] | None:
-    """The cached channel maxima, or None when missing or unreadable (then they are measured again)."""
+def load_calibration(path: Path) -> tuple[dict[str, np.ndarray], dict | None] | None:
+    """The cached channel maxima and fp32 fallback, or None when missing or unreadable (then they
+    are measured again)."""
     try:
-        return {k: np.asarray(v, np.float32) for k, v in json.loads(path.read_text()).items()}
-    except (OSError, ValueError, TypeError, AttributeError):
+        data = json.loads(path.read_text())
+        maxima = {k: np.asarray(v, np.float32) for k, v in data["channel_max"].items()}
+        fallback = data["fp32_fallback"]
+        return maxima, (dict(fallback) if fallback is not None else None)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
         return None
 
 
@@ -264,15 +274,16 @@ def _own_vectors(model: onnx.ModelProto, keep: Iterable[str]) -> None:
 FORMS = ("onnxruntime", "qdq")
 
 
-def per_token_int8(model: onnx.ModelProto, keep: Iterable[str] = (), form: str = "onnxruntime") -> int:
+def per_token_int8(model: onnx.ModelProto, keep: Iterable[str] = (), form: str = "onnxruntime",
+                   kernel: str = "u8u8") -> int:
     """Rewrite every quantizable MatMul of ``model`` (in place) to int8 with per-token dynamic
     activations: per row of the input ``scale = max|x| / 127``, codes ``round(x / scale)``; weights
     per-channel symmetric (``WEIGHT_QMAX``); the product times ``scale``. MatMuls reading one input
     share its quantization. ``form``:
 
-    * ``onnxruntime``: activations and weights as uint8 codes + 128 (symmetric values, U8U8: see
-      ``WEIGHT_ZERO_POINT``) into ``MatMulIntegerToFloat``, whose int32 GEMM applies the weight scales
-      in its output stage (ONNX Runtime's CPU kernels);
+    * ``onnxruntime``: activations as uint8 codes + 128 (symmetric values), weights as int8
+      (``kernel`` u8s8) or as uint8 codes + 128 (u8u8; see ``KERNELS``), into ``MatMulIntegerToFloat``,
+      whose int32 GEMM applies the weight scales in its output stage (ONNX Runtime's CPU kernels);
     * ``qdq``: standard ops only, symmetric int8 with zero point 0: ``QuantizeLinear`` /
       ``DequantizeLinear`` at scale 1 on ``x / scale`` (constant scales, as TensorRT's explicit
       quantization requires), per-channel ``DequantizeLinear`` on the weights, ``MatMul``, then the
@@ -281,6 +292,8 @@ def per_token_int8(model: onnx.ModelProto, keep: Iterable[str] = (), form: str =
     Returns how many MatMuls were rewritten."""
     if form not in FORMS:
         raise ExportError(f"per-token int8 form {form!r} is not one of {', '.join(FORMS)}")
+    if kernel not in KERNELS:
+        raise ExportError(f"int8 kernel {kernel!r} is not one of {', '.join(KERNELS)}")
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     targets = weighted_matmuls(model, keep)
@@ -293,6 +306,10 @@ def per_token_int8(model: onnx.ModelProto, keep: Iterable[str] = (), form: str =
                  numpy_helper.from_array(np.array(np.finfo(np.float32).tiny, np.float32), "pt_tiny"),
                  numpy_helper.from_array(np.array(1.0, np.float32), "pt_one"),
                  numpy_helper.from_array(zero_point, "pt_zero_point")]
+    unsigned_weights = ort_form and kernel == "u8u8"
+    if ort_form:
+        weight_zero_point = np.array(WEIGHT_ZERO_POINT if unsigned_weights else 0, np.uint8 if unsigned_weights else np.int8)
+        new_inits.append(numpy_helper.from_array(weight_zero_point, "pt_weight_zero_point"))
     quantized: dict[str, tuple[str, str]] = {}  # input -> (its codes, its row scale)
     replaced: dict[str, list[onnx.NodeProto]] = {}
     for node in targets:
@@ -318,12 +335,13 @@ def per_token_int8(model: onnx.ModelProto, keep: Iterable[str] = (), form: str =
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         w_scale = np.maximum(np.abs(w).max(axis=0) / WEIGHT_QMAX, np.finfo(np.float32).tiny).astype(np.float32)
         w_q = np.clip(np.rint(w / w_scale), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
-        if ort_form:  # U8U8: the int8 values as uint8 codes + 128 (see WEIGHT_ZERO_POINT)
+        if unsigned_weights:  # U8U8: the int8 values as uint8 codes + 128 (see KERNELS)
             w_q = (w_q.astype(np.int16) + WEIGHT_ZERO_POINT).astype(np.uint8)
         new_inits += [numpy_helper.from_array(w_q, f"{name}_Wq"), numpy_helper.from_array(w_scale, f"{name}_Wscale")]
         if ort_form:
             nodes.append(helper.make_node("MatMulIntegerToFloat", [codes, f"{name}_Wq", "pt_one", f"{name}_Wscale",
-                                                                   "pt_zero_point", "pt_zero_point"], [f"{name}_unscaled"],
+                                                                   "pt_zero_point", "pt_weight_zero_point"],
+                                          [f"{name}_unscaled"],
                                           name=f"{name}_int8", domain=MS_DOMAIN))
         else:
             nodes += [helper.make_node("DequantizeLinear", [f"{name}_Wq", f"{name}_Wscale"], [f"{name}_W"],
@@ -342,4 +360,7 @@ def per_token_int8(model: onnx.ModelProto, keep: Iterable[str] = (), form: str =
     drop_unused(graph)
     if ort_form and MS_DOMAIN not in {o.domain for o in model.opset_import}:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    if ort_form and not unsigned_weights:
+        helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                       INT8_DOT_PRODUCT_METADATA: ",".join(INT8_DOT_PRODUCT)})
     return len(targets)

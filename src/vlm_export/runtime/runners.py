@@ -14,6 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from ..contract.scheme import KV_IN_PLACE
+from ..cpu import INT8_DOT_PRODUCT_METADATA, int8_dot_product
 from ..errors import RunnerError
 
 Feeds = Mapping[str, np.ndarray]
@@ -290,9 +291,14 @@ class OrtRunner(Runner):
         self.io_device = ("cuda", self.device.ordinal) if gpu else ("cpu", 0)
         super().__init__(name, [i.name for i in self.session.get_inputs()],
                          [o.name for o in self.session.get_outputs()])
+        metadata = self.session.get_modelmeta().custom_metadata_map
         # in place on host memory (OrtValues over the numpy buffers): the CPU provider only
-        self.kv_in_place = not gpu and \
-            self.session.get_modelmeta().custom_metadata_map.get(KV_IN_PLACE) == "1"
+        self.kv_in_place = not gpu and metadata.get(KV_IN_PLACE) == "1"
+        needs = metadata.get(INT8_DOT_PRODUCT_METADATA)
+        if needs and not gpu and int8_dot_product() is None:  # wrong answers, not an error, if it ran
+            raise RunnerError(f"{name}: its int8 kernels (ONNX Runtime U8S8) are exact only on a CPU with "
+                              f"{' or '.join(needs.split(','))}, which this one lacks (they would saturate); "
+                              "rebuild it on this machine, or with --int8-kernel u8u8")
 
     def _say_if_providers_dropped(self, name: str) -> None:
         """ONNX Runtime skips a provider it cannot create (e.g. CUDA libraries missing) with a log

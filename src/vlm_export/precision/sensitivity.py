@@ -1,0 +1,152 @@
+"""Which MatMuls of an int8 decoder stay fp32 (issue 16, item 4): the fewest that bring its logits
+within the int8 gate on the calibration pairs.
+
+Per-token int8 loses unevenly: on the demo's SmolLM2 the MLP down projections, whose input (the
+SwiGLU product) keeps large channels after smoothing, lose 2-6% of their output per token where the
+other projections lose under 2%, and it is their error that moves the logits (all 120 MatMuls int8:
+last-token logits cosine 0.965 at worst on 24 held-out prompts; the 16 worst kept fp32: 0.989,
+mean 0.9976). So, like Polygraphy's ``debug precision`` (which bisects a TensorRT network's layers
+into higher precision until the outputs match) but in two cheap steps:
+
+1. **Rank** every quantizable MatMul by the error per-token int8 makes in its own output, measured on
+   the calibration pairs' real activations of the smoothed graph (one ONNX Runtime pass; the
+   quantization is simulated in numpy, the same arithmetic as the int8 kernels): the mean over
+   tokens of ``|Y - Y_int8| / |Y|``. Per token, not over the whole tensor, so that a few tokens with
+   huge activations (the first token's "attention sink") do not outweigh all the others.
+2. **Choose** how many of the worst to keep fp32: the int8 graph is built and run on the calibration
+   pairs with 0, then a step more, of the worst kept fp32, until its logits' lowest cosine to the
+   fp32 graph's reaches ``TARGET_COSINE``, at most ``MAX_SHARE`` of the MatMuls (past that, int8 buys
+   little speed); where none reaches it, the best one found is used and the build's gate judges it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import ExportError
+from .probe import ActivationProbe
+
+#: the int8 gate's logits cosine (compare.policy), aimed at on the calibration pairs
+TARGET_COSINE = 0.99
+#: at most this share of the quantizable MatMuls stays fp32
+MAX_SHARE = 0.25
+#: the counts tried go up in steps of this share of the MatMuls (at least one)
+STEP_SHARE = 1 / 16
+
+
+@dataclass
+class Fallback:
+    """What ``choose`` kept fp32 and what it measured on the way (recorded in the manifest)."""
+
+    kept: list[str]  # MatMul names, worst first
+    setting: str  # "auto" or the count asked for
+    target_cosine: float | None
+    trials: list[dict] = field(default_factory=list)  # {"fp32_matmuls": n, "min_cosine": c} per count tried
+    errors: dict[str, float] = field(default_factory=dict)  # the kept MatMuls' own int8 output error
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Fallback":
+        return cls(list(data["kept"]), str(data["setting"]), data.get("target_cosine"), list(data.get("trials", [])),
+                   dict(data.get("errors", {})))
+
+
+def _per_token(x: np.ndarray) -> np.ndarray:
+    """``x`` (tokens x channels) after per-token symmetric int8 (the activations' scheme)."""
+    scale = np.maximum(np.abs(x).max(axis=1, keepdims=True) / 127, np.finfo(np.float32).tiny)
+    return np.clip(np.rint(x / scale), -127, 127) * scale
+
+
+def _per_channel(w: np.ndarray) -> np.ndarray:
+    """``w`` (in x out) after per-output-channel symmetric int8 (the weights' scheme)."""
+    scale = np.maximum(np.abs(w).max(axis=0) / 127, np.finfo(np.float32).tiny)
+    return np.clip(np.rint(w / scale), -127, 127) * scale
+
+
+def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: Iterable[Mapping[str, np.ndarray]],
+                  threads: int = 2) -> dict[str, float]:
+    """Per MatMul of ``matmuls`` (constant 2-D weights, of the smoothed ``model``), the mean over
+    every token of every feed of the relative error per-token int8 makes in its output."""
+    inits = {i.name: i for i in model.graph.initializer}
+    tensors = sorted({n.input[0] for n in matmuls})
+    totals = {n.name: 0.0 for n in matmuls}
+    tokens = {n.name: 0 for n in matmuls}
+    with ActivationProbe(model, tensors, threads) as probe:
+        for values in probe.run(feeds, tensors):
+            xs = {name: v.reshape(-1, v.shape[-1]).astype(np.float32) for name, v in values.items()}
+            quantized = {name: _per_token(x) for name, x in xs.items()}
+            for node in matmuls:  # the weight is re-read per feed: holding every dequantized copy doubles the model
+                w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+                y = xs[node.input[0]] @ w
+                norm = np.linalg.norm(y, axis=1)
+                live = norm > 0  # padded rows are all zero
+                err = np.linalg.norm(y - quantized[node.input[0]] @ _per_channel(w), axis=1)
+                totals[node.name] += float((err[live] / norm[live]).sum())
+                tokens[node.name] += int(live.sum())
+    if not any(tokens.values()):
+        raise ExportError("no calibration tokens reached the decoder's MatMuls to rank their int8 error")
+    return {name: totals[name] / max(tokens[name], 1) for name in totals}
+
+
+def _cosines(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
+    worst = 1.0
+    for r, c in zip(reference, candidate):
+        r, c = r.astype(np.float64).ravel(), c.astype(np.float64).ravel()
+        denom = np.linalg.norm(r) * np.linalg.norm(c)
+        worst = min(worst, float(r @ c / denom) if denom > 0 else float(np.array_equal(r, c)))
+    return worst
+
+
+def _outputs(model: onnx.ModelProto, output: str, feeds: list[Mapping[str, np.ndarray]], threads: int) -> list[np.ndarray]:
+    with ActivationProbe(model, [output], threads) as probe:
+        return [values[output] for values in probe.run(feeds, [output])]
+
+
+def counts(total: int) -> list[int]:
+    """The fp32 counts ``auto`` tries, in order: 0, then steps of ``STEP_SHARE`` up to ``MAX_SHARE``."""
+    cap = int(total * MAX_SHARE)
+    step = max(1, math.ceil(total * STEP_SHARE))
+    return sorted(set(range(0, cap + 1, step)) | {cap})
+
+
+def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], feeds: list[Mapping[str, np.ndarray]],
+           setting: str | int = "auto", output: str = "logits", threads: int = 2,
+           progress=None) -> tuple[onnx.ModelProto, Fallback]:
+    """The int8 graph with the fewest of ``matmuls`` kept fp32 that reaches ``TARGET_COSINE`` (``setting``
+    ``auto``), or with the ``setting`` worst kept fp32 (a count). ``quantize(model, kept)`` rewrites a
+    copy of ``smoothed`` to int8 in place, keeping the named MatMuls fp32. ``progress(text)`` is told
+    each trial."""
+    errors = matmul_errors(smoothed, matmuls, feeds, threads)
+    ranked = sorted(errors, key=lambda name: -errors[name])
+    if setting != "auto":
+        count = int(setting)
+        if not 0 <= count <= len(ranked):
+            raise ExportError(f"cannot keep {count} MatMuls fp32: the decoder has {len(ranked)} quantizable ones")
+        model = onnx.ModelProto()
+        model.CopyFrom(smoothed)
+        quantize(model, ranked[:count])
+        return model, Fallback(ranked[:count], str(count), None, [], {n: round(errors[n], 5) for n in ranked[:count]})
+    reference = _outputs(smoothed, output, feeds, threads)
+    best, trials = None, []
+    for count in counts(len(ranked)):
+        model = onnx.ModelProto()
+        model.CopyFrom(smoothed)
+        quantize(model, ranked[:count])
+        cosine = _cosines(reference, _outputs(model, output, feeds, threads))
+        trials.append({"fp32_matmuls": count, "min_cosine": round(cosine, 5)})
+        if progress:
+            progress(f"{count} of {len(ranked)} MatMuls fp32: logits cosine {cosine:.4f} (target {TARGET_COSINE})")
+        if best is None or cosine > best[0]:
+            best = (cosine, count, model)
+        del model
+        if cosine >= TARGET_COSINE:
+            break
+    _, count, model = best
+    return model, Fallback(ranked[:count], "auto", TARGET_COSINE, trials, {n: round(errors[n], 5) for n in ranked[:count]})

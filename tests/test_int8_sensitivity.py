@@ -1,0 +1,114 @@
+"""An int8 decoder's fp32 fallback (precision.sensitivity) and its kernel choice (cpu, --int8-kernel):
+the MatMul whose int8 output is worst is ranked first and kept fp32 when the logits need it, and a
+graph whose kernels are exact only with VNNI/AMX refuses to open on a CPU without them."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from vlm_export.errors import ExportError, RunnerError
+from vlm_export.precision import sensitivity
+from vlm_export.precision.convert import PrecisionOptions
+from vlm_export.precision.smoothquant import per_token_int8, weighted_matmuls
+
+WIDTH, LAYERS, BAD = 64, 8, 3
+
+
+def _chain(rng) -> onnx.ModelProto:
+    """LAYERS MatMuls with a Tanh between each (bounded inputs: int8 loses ~1% there), except that the
+    input of MatMul BAD carries one channel 1,000x the others that its weight ignores (zero row): one
+    scale per token leaves the channels that matter a handful of codes, so its output is the worst."""
+    nodes, inits, x = [], [], "x"
+    for i in range(LAYERS):
+        w = rng.standard_normal((WIDTH, WIDTH)).astype(np.float32) / np.sqrt(WIDTH)
+        if i == BAD:
+            w[0] = 0.0
+            scale = np.ones(WIDTH, np.float32)
+            scale[0] = 1000.0
+            inits.append(numpy_helper.from_array(scale, "outlier"))
+            nodes.append(helper.make_node("Mul", [x, "outlier"], [f"big{i}"], name=f"big{i}"))
+            x = f"big{i}"
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        out = "logits" if i == LAYERS - 1 else f"y{i}"
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [out], name=f"mm{i}"))
+        if i < LAYERS - 1:
+            nodes.append(helper.make_node("Tanh", [out], [f"t{i}"], name=f"tanh{i}"))
+            x = f"t{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", WIDTH])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", WIDTH])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.fixture
+def chain_and_feeds():
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, 12, WIDTH)).astype(np.float32)} for _ in range(4)]
+    return _chain(rng), feeds
+
+
+def _quantize(model, kept):
+    per_token_int8(model, kept, "onnxruntime", "u8u8")
+
+
+def test_the_worst_matmul_ranks_first_and_auto_keeps_it(chain_and_feeds):
+    model, feeds = chain_and_feeds
+    errors = sensitivity.matmul_errors(model, weighted_matmuls(model), feeds)
+    ranked = sorted(errors, key=lambda n: -errors[n])
+    assert ranked[0] == f"mm{BAD}" and errors[ranked[0]] > 5 * errors[ranked[1]]
+    assert max(e for n, e in errors.items() if n != f"mm{BAD}") < 0.03  # bounded inputs: int8 rounding only
+
+    none_kept, fallback = sensitivity.choose(model, _quantize, weighted_matmuls(model), feeds, "0")
+    assert fallback.kept == [] and fallback.trials == []
+    chosen, fallback = sensitivity.choose(model, _quantize, weighted_matmuls(model), feeds, "auto")
+    # all int8 misses the target, one fp32 (the worst) reaches it: auto stops there
+    assert [t["fp32_matmuls"] for t in fallback.trials] == [0, 1]
+    assert fallback.trials[0]["min_cosine"] < sensitivity.TARGET_COSINE <= fallback.trials[1]["min_cosine"]
+    assert fallback.kept == [f"mm{BAD}"] and fallback.errors[f"mm{BAD}"] == round(errors[f"mm{BAD}"], 5)
+    ops = {n.name: n.op_type for n in chosen.graph.node}
+    assert ops[f"mm{BAD}"] == "MatMul" and "mm0" not in ops  # kept fp32 / rewritten to int8
+    assert sensitivity.Fallback.from_dict(fallback.to_dict()) == fallback  # what the calibration cache keeps
+
+
+def test_fallback_counts_and_bad_settings(chain_and_feeds):
+    assert sensitivity.counts(120) == [0, 8, 16, 24, 30]  # steps of 1/16, at most a quarter
+    assert sensitivity.counts(8) == [0, 1, 2]
+    model, feeds = chain_and_feeds
+    with pytest.raises(ExportError, match="cannot keep 9 MatMuls fp32: the decoder has 8"):
+        sensitivity.choose(model, _quantize, weighted_matmuls(model), feeds, "9")
+    with pytest.raises(ExportError, match="--int8-fp32-matmuls takes auto or a count"):
+        PrecisionOptions(int8_fp32_matmuls="some")
+    with pytest.raises(ExportError, match="int8 kernel 'u8x8' is not one of"):
+        PrecisionOptions(int8_kernel="u8x8")
+
+
+def test_kernel_follows_the_cpu(monkeypatch):
+    import vlm_export.precision.convert as convert
+
+    monkeypatch.setattr(convert, "int8_dot_product", lambda: "avx512_vnni")
+    assert PrecisionOptions().kernel == "u8s8" and PrecisionOptions(int8_kernel="u8u8").kernel == "u8u8"
+    monkeypatch.setattr(convert, "int8_dot_product", lambda: None)
+    assert PrecisionOptions().kernel == "u8u8" and PrecisionOptions(int8_kernel="u8s8").kernel == "u8s8"
+
+
+def test_a_u8s8_graph_refuses_a_cpu_without_vnni(chain_and_feeds, tmp_path, monkeypatch):
+    """Run on a CPU without VNNI/AMX, U8S8 would give wrong answers silently: the runner refuses,
+    naming the fix; the exact U8U8 graph opens anywhere."""
+    import vlm_export.runtime.runners as runners
+    from vlm_export.runtime.runners import OrtRunner
+
+    model, feeds = chain_and_feeds
+    paths = {}
+    for kernel in ("u8s8", "u8u8"):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        per_token_int8(m, (), "onnxruntime", kernel)
+        paths[kernel] = tmp_path / f"{kernel}.onnx"
+        onnx.save(m, str(paths[kernel]))
+    monkeypatch.setattr(runners, "int8_dot_product", lambda: None)
+    with pytest.raises(RunnerError, match="exact only on a CPU with amx_int8 or avx512_vnni or avx_vnni.*--int8-kernel u8u8"):
+        OrtRunner("lm_decoder", paths["u8s8"])
+    assert OrtRunner("lm_decoder", paths["u8u8"]).infer(feeds[0])["logits"].shape == (1, 12, WIDTH)
+    monkeypatch.setattr(runners, "int8_dot_product", lambda: "avx512_vnni")
+    assert OrtRunner("lm_decoder", paths["u8s8"]).infer(feeds[0])["logits"].shape == (1, 12, WIDTH)
