@@ -529,7 +529,7 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
         "calibration": "channel max |x|", "calibration_samples": len(calibration_feeds or []),
         "calibration_cache": None if cache is None else {"file": str(cache), "reused": cached is not None},
         "kept_fp32": keep}
-    if kernel == "u8s8":  # exact only where the CPU accumulates int8 products in int32 (runtime.load checks)
+    if kernel == "u8s8":  # exact only where the CPU accumulates int8 products in int32 (the graph says so; OrtRunner checks)
         details["requires_cpu"] = list(INT8_DOT_PRODUCT)
     return VariantInfo("int8", details)
 
