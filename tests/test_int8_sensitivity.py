@@ -61,7 +61,10 @@ def test_the_worst_matmul_ranks_first_and_auto_keeps_it(chain_and_feeds):
 
     none_kept, fallback = sensitivity.choose(model, _quantize, weighted_matmuls(model), feeds, "0")
     assert fallback.kept == [] and fallback.trials == []
-    chosen, fallback = sensitivity.choose(model, _quantize, weighted_matmuls(model), feeds, "auto")
+    notes = []
+    chosen, fallback = sensitivity.choose(model, _quantize, weighted_matmuls(model), feeds, "auto", note=notes.append)
+    assert notes[0].startswith("ranking 8 MatMuls") and notes[-1].startswith("1 of 8 MatMuls fp32: lowest logits cosine")
+    assert len(notes) == 1 + len(fallback.trials)  # the user sees each trial of the search
     # all int8 misses the target, one fp32 (the worst) reaches it: auto stops there
     assert [t["fp32_matmuls"] for t in fallback.trials] == [0, 1]
     assert fallback.trials[0]["min_cosine"] < sensitivity.TARGET_COSINE <= fallback.trials[1]["min_cosine"]
@@ -112,3 +115,19 @@ def test_a_u8s8_graph_refuses_a_cpu_without_vnni(chain_and_feeds, tmp_path, monk
     assert OrtRunner("lm_decoder", paths["u8u8"]).infer(feeds[0])["logits"].shape == (1, 12, WIDTH)
     monkeypatch.setattr(runners, "int8_dot_product", lambda: "avx512_vnni")
     assert OrtRunner("lm_decoder", paths["u8s8"]).infer(feeds[0])["logits"].shape == (1, 12, WIDTH)
+
+
+def test_notes_print_above_a_running_step():
+    import io
+
+    from rich.console import Console
+
+    from vlm_export.progress import Progress, RichProgress
+
+    out = io.StringIO()
+    progress = RichProgress(Console(file=out, width=120))
+    with progress.step("lm_decoder: fp32 -> int8") as advance:
+        progress.note("0 of 120 MatMuls fp32: lowest logits cosine 0.9797 (target 0.99)")
+        advance()
+    assert "0 of 120 MatMuls fp32: lowest logits cosine 0.9797" in out.getvalue()
+    Progress().note("silent in tests")  # the base class says nothing

@@ -299,7 +299,7 @@ def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, 
             dst = src.with_name(f"{stage}.{precision}.onnx")
             with quiet_logging():
                 info = make_variant(precision, src, dst, options.precision_options, feeds.get(stage), caches.get(stage),
-                                    (fp32_modules or {}).get(stage, ()))
+                                    (fp32_modules or {}).get(stage, ()), note=progress.note)
             for f in (src, src.with_name(src.name + ".data")):  # ship the variant only
                 f.unlink(missing_ok=True)
             graphs[stage] = {**_describe_graph(dst, tmp, precision, entry["export_seconds"],
@@ -319,7 +319,7 @@ def _fused_variant(tmp: Path, stage: str, precision: str, fused: dict, options: 
         start = time.perf_counter()
         try:
             with quiet_logging():
-                info = make_variant(precision, src, dst, options.precision_options, feeds, cache)
+                info = make_variant(precision, src, dst, options.precision_options, feeds, cache, note=progress.note)
         except Exception as e:  # noqa: BLE001 - the fused form is the speed-up; the standard variant still ships
             info, why = None, f"the {precision} pass failed on the fused graph: {first_line(e)}"
         for f in (src, src.with_name(src.name + ".data"), *([] if info else [dst, dst.with_name(dst.name + ".data")])):

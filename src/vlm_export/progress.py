@@ -12,6 +12,9 @@ class Progress:
     def step(self, description: str, total: int = 1) -> Iterator[Callable[[], None]]:
         yield lambda: None
 
+    def note(self, text: str) -> None:
+        """A line about what a running step is doing (e.g. each trial of a search)."""
+
 
 class RichProgress(Progress):
     def __init__(self, console=None):
@@ -29,3 +32,6 @@ class RichProgress(Progress):
             task = bar.add_task(description, total=total)
             yield lambda: bar.advance(task)
             bar.update(task, completed=total)
+
+    def note(self, text: str) -> None:
+        self.console.print(f"    {text}", highlight=False)  # above a live bar, which stays

@@ -437,9 +437,10 @@ class _Feeds:
 
 
 def to_int8(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndarray]] | None,
-            options: PrecisionOptions, cache: Path | None = None) -> VariantInfo:
+            options: PrecisionOptions, cache: Path | None = None, note=None) -> VariantInfo:
     """``cache``: where the calibration's result is kept (ONNX Runtime's JSON ranges, or a decoder's
-    channel ranges); when it exists the calibration run is skipped (``calibration_feeds`` may then be None)."""
+    channel ranges); when it exists the calibration run is skipped (``calibration_feeds`` may then be None).
+    ``note(text)``: told what a decoder's fp32-fallback search measures, trial by trial."""
     cached = cache is not None and cache.exists()
     if not calibration_feeds and not cached:
         raise ExportError(f"int8 for {src.stem} needs calibration inputs; none were given")
@@ -447,7 +448,7 @@ def to_int8(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndarray]]
     head = lm_head_nodes(model)  # none in an image stage: its precision says nothing about the LM head's
     keep = list(options.exclude_nodes) + (head if head and options.head_precision("int8") == "fp32" else [])
     if head:
-        return _decoder_int8(src, dst, calibration_feeds, options, cache, keep)
+        return _decoder_int8(src, dst, calibration_feeds, options, cache, keep, note)
     return _static_int8(src, dst, model, calibration_feeds, options, cache, cached, keep)
 
 
@@ -481,7 +482,7 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
 
 
 def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOptions, cache: Path | None,
-                  keep: list[str]) -> VariantInfo:
+                  keep: list[str], note=None) -> VariantInfo:
     """SmoothQuant with per-token dynamic activations on a decoder (``smoothquant``), its most
     error-prone MatMuls kept fp32 (``sensitivity``). A graph already in ONNX Runtime's contrib ops (the
     fused form) runs on ONNX Runtime only: its integer kernels. A graph of standard ops is the one
@@ -508,7 +509,8 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
         sq.per_token_int8(candidate, keep + kept, form, kernel or "u8u8")
 
     if fallback is None:
-        model, chosen = sensitivity.choose(model, quantize, matmuls, calibration_feeds, options.int8_fp32_matmuls)
+        model, chosen = sensitivity.choose(model, quantize, matmuls, calibration_feeds, options.int8_fp32_matmuls,
+                                           note=note)
         if cache is not None:
             sq.save_calibration(cache, maxima, chosen.to_dict())
     else:
@@ -536,12 +538,13 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
 
 def make_variant(precision: str, src: Path, dst: Path, options: PrecisionOptions,
                  calibration_feeds: list[dict[str, np.ndarray]] | None = None,
-                 calibration_cache: Path | None = None, keep_modules: Iterable[str] = ()) -> VariantInfo:
-    """``keep_modules``: modules the model keeps in fp32 (``module_nodes``), kept fp32 by the fp16 pass."""
+                 calibration_cache: Path | None = None, keep_modules: Iterable[str] = (), note=None) -> VariantInfo:
+    """``keep_modules``: modules the model keeps in fp32 (``module_nodes``), kept fp32 by the fp16 pass.
+    ``note(text)``: told about the trials of a long search (an int8 decoder's fp32 fallback)."""
     if precision == "fp16":
         return to_fp16(src, dst, keep_modules)
     if precision in ("w8", "w4"):
         return to_weight_only(src, dst, int(precision[1]), options, calibration_feeds)
     if precision == "int8":
-        return to_int8(src, dst, calibration_feeds, options, calibration_cache)
+        return to_int8(src, dst, calibration_feeds, options, calibration_cache, note)
     raise ExportError(f"no conversion for precision {precision!r}")

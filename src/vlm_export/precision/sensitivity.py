@@ -118,11 +118,13 @@ def counts(total: int) -> list[int]:
 
 def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], feeds: list[Mapping[str, np.ndarray]],
            setting: str | int = "auto", output: str = "logits", threads: int = 2,
-           progress=None) -> tuple[onnx.ModelProto, Fallback]:
+           note=None) -> tuple[onnx.ModelProto, Fallback]:
     """The int8 graph with the fewest of ``matmuls`` kept fp32 that reaches ``TARGET_COSINE`` (``setting``
     ``auto``), or with the ``setting`` worst kept fp32 (a count). ``quantize(model, kept)`` rewrites a
-    copy of ``smoothed`` to int8 in place, keeping the named MatMuls fp32. ``progress(text)`` is told
+    copy of ``smoothed`` to int8 in place, keeping the named MatMuls fp32. ``note(text)`` is told
     each trial."""
+    if note:
+        note(f"ranking {len(matmuls)} MatMuls by their int8 output error on {len(feeds)} calibration inputs")
     errors = matmul_errors(smoothed, matmuls, feeds, threads)
     ranked = sorted(errors, key=lambda name: -errors[name])
     if setting != "auto":
@@ -141,8 +143,8 @@ def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], f
         quantize(model, ranked[:count])
         cosine = _cosines(reference, _outputs(model, output, feeds, threads))
         trials.append({"fp32_matmuls": count, "min_cosine": round(cosine, 5)})
-        if progress:
-            progress(f"{count} of {len(ranked)} MatMuls fp32: logits cosine {cosine:.4f} (target {TARGET_COSINE})")
+        if note:
+            note(f"{count} of {len(ranked)} MatMuls fp32: lowest logits cosine {cosine:.4f} (target {TARGET_COSINE})")
         if best is None or cosine > best[0]:
             best = (cosine, count, model)
         del model
