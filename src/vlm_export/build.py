@@ -416,7 +416,6 @@ def _task_accuracy(reference, candidate, questions, check: AccuracyCheck, progre
 
 def _hf_reference(loaded, eos_ids: list[int]):
     """The original model's own greedy generate, trailing EOS dropped (our loop does not emit it)."""
-    import numpy as np
     import torch
 
     def run(prompt: str, ids: list[int], pixel_values, max_new_tokens: int) -> list[int]:

@@ -127,28 +127,33 @@ def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], f
         note(f"ranking {len(matmuls)} MatMuls by their int8 output error on {len(feeds)} calibration inputs")
     errors = matmul_errors(smoothed, matmuls, feeds, threads)
     ranked = sorted(errors, key=lambda name: -errors[name])
+
+    def candidate(count: int) -> onnx.ModelProto:
+        model = onnx.ModelProto()
+        model.CopyFrom(smoothed)
+        quantize(model, ranked[:count])
+        return model
+
+    def fallback(count: int, trials: list[dict]) -> Fallback:
+        return Fallback(ranked[:count], str(setting), TARGET_COSINE if setting == "auto" else None, trials,
+                        {name: round(errors[name], 5) for name in ranked[:count]})
+
     if setting != "auto":
         count = int(setting)
         if not 0 <= count <= len(ranked):
             raise ExportError(f"cannot keep {count} MatMuls fp32: the decoder has {len(ranked)} quantizable ones")
-        model = onnx.ModelProto()
-        model.CopyFrom(smoothed)
-        quantize(model, ranked[:count])
-        return model, Fallback(ranked[:count], str(count), None, [], {n: round(errors[n], 5) for n in ranked[:count]})
+        return candidate(count), fallback(count, [])
     reference = _outputs(smoothed, output, feeds, threads)
-    best, trials = None, []
+    best, trials = None, []  # (cosine, count); one candidate in memory at a time
     for count in counts(len(ranked)):
-        model = onnx.ModelProto()
-        model.CopyFrom(smoothed)
-        quantize(model, ranked[:count])
+        model = candidate(count)
         cosine = _cosines(reference, _outputs(model, output, feeds, threads))
         trials.append({"fp32_matmuls": count, "min_cosine": round(cosine, 5)})
         if note:
             note(f"{count} of {len(ranked)} MatMuls fp32: lowest logits cosine {cosine:.4f} (target {TARGET_COSINE})")
         if best is None or cosine > best[0]:
-            best = (cosine, count, model)
-        del model
+            best = (cosine, count)
         if cosine >= TARGET_COSINE:
-            break
-    _, count, model = best
-    return model, Fallback(ranked[:count], "auto", TARGET_COSINE, trials, {n: round(errors[n], 5) for n in ranked[:count]})
+            return model, fallback(count, trials)
+        del model
+    return candidate(best[1]), fallback(best[1], trials)  # none reached the target: the best one, made again
