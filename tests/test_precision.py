@@ -449,6 +449,13 @@ def test_int8_decoder_keeps_its_logits(tiny_model_dir, tmp_path, calibration_cac
     assert report["passed"]
     for entry in ("prefill", "decode", "prefill (standard form)", "decode (standard form)"):
         assert report["stages"][entry]["logits"]["cosine"] >= 0.99, entry
+    # Triton's onnxruntime backend cannot check the U8S8 requirement: rendering that target says so
+    from vlm_export.model_repository.render import RepositoryOptions, render_repository
+
+    notes = []
+    render_repository(result.path, tmp_path / "repo", RepositoryOptions(target="onnxruntime"), echo=notes.append)
+    assert any("lm_decoder: its int8 kernels (ONNX Runtime U8S8) are exact only on a CPU with" in n
+               for n in notes) == (ort_kernel == "U8S8")
 
 
 @pytest.mark.parametrize("form", ["matmulnbits", "dequantize"])

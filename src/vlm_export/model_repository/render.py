@@ -416,6 +416,12 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
     pbtxt = {name: to_pbtxt(cfg) for name, cfg in configs.items()}
     notes = [note for stage in manifest["graphs"] if options.on_gpu and options.target != "tensorrt"
              and (note := gpu_form_note(manifest, stage))]
+    if options.target == "onnxruntime":  # vlm-export's runners refuse such a graph on the wrong CPU; Triton's backend cannot
+        notes += [f"{stage}: its int8 kernels (ONNX Runtime U8S8) are exact only on a CPU with "
+                  f"{' or '.join(entry['variant']['requires_cpu'])}, which Triton's onnxruntime backend does not check: "
+                  "serve it only on such CPUs, or build with --int8-kernel u8u8"
+                  for stage, entry in target_graphs(manifest, options.target, options.on_gpu).items()
+                  if (entry.get("variant") or {}).get("requires_cpu")]
     if options.target == "tensorrt" and not manifest.get("engines"):
         if not configs_only:
             raise RepositoryError(f"{build_dir} has no TensorRT engines; build them on a GPU machine with TensorRT "
