@@ -58,6 +58,9 @@ def test_the_worst_matmul_ranks_first_and_auto_keeps_it(chain_and_feeds):
     ranked = sorted(errors, key=lambda n: -errors[n])
     assert ranked[0] == f"mm{BAD}" and errors[ranked[0]] > 5 * errors[ranked[1]]
     assert max(e for n, e in errors.items() if n != f"mm{BAD}") < 0.03  # bounded inputs: int8 rounding only
+    # a memory budget too small for every token: an even sample (16 rows, 4 per feed) ranks the same worst
+    sampled = sensitivity.matmul_errors(model, weighted_matmuls(model), feeds, budget=1)
+    assert max(sampled, key=sampled.get) == f"mm{BAD}" and sampled != errors
 
     none_kept, fallback = sensitivity.choose(model, _quantize, weighted_matmuls(model), feeds, "0")
     assert fallback.kept == [] and fallback.trials == []

@@ -21,13 +21,12 @@ grid re-rounds them), 60 easy-vqa questions, PyTorch 54/60: zero-point w4 with R
 """
 from __future__ import annotations
 
-import os
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from ..errors import ExportError
-from .probe import ActivationProbe
+from .probe import ActivationProbe, default_budget
 from .weight_only import BlockQuantized, quantize_blocks
 
 #: share of H's mean diagonal added to its diagonal (GPTQ's ``percdamp`` default)
@@ -140,12 +139,3 @@ class Rounding:
             self._measure_from(tensor)
         self.gptq.append(matmul)
         return gptq_blocks(weight, self.hessians[tensor], bits, block_size, scheme, scale_dtype, self.act_order)
-
-
-def default_budget() -> int:
-    """A quarter of the memory available now, at most 8 GiB, at least 256 MiB."""
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        available = 4 << 30
-    return int(min(8 << 30, max(256 << 20, available // 4)))

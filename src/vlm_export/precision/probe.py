@@ -63,3 +63,13 @@ def activations(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[Mapp
     """Per feed, ``{tensor: value}`` for each of ``tensors`` (``model`` is left as it is): one pass."""
     with ActivationProbe(model, tensors, threads) as probe:
         yield from probe.run(feeds, tensors)
+
+
+def default_budget() -> int:
+    """Bytes a measurement may hold at once (GPTQ's second moments, the int8 ranking's activations):
+    a quarter of the memory available now, at most 8 GiB, at least 256 MiB."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        available = 4 << 30
+    return int(min(8 << 30, max(256 << 20, available // 4)))

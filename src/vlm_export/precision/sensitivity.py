@@ -29,7 +29,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import ExportError
-from .probe import ActivationProbe
+from .probe import ActivationProbe, default_budget
 
 #: the int8 gate's logits cosine (compare.policy), aimed at on the calibration pairs
 TARGET_COSINE = 0.99
@@ -37,6 +37,8 @@ TARGET_COSINE = 0.99
 MAX_SHARE = 0.25
 #: the counts tried go up in steps of this share of the MatMuls (at least one)
 STEP_SHARE = 1 / 16
+#: calibration tokens the ranking samples per MatMul input (all of the demo's 16 prompts)
+MAX_ROWS = 2048
 
 
 @dataclass
@@ -71,28 +73,38 @@ def _per_channel(w: np.ndarray) -> np.ndarray:
 
 
 def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: Iterable[Mapping[str, np.ndarray]],
-                  threads: int = 2) -> dict[str, float]:
+                  threads: int = 2, budget: int | None = None) -> dict[str, float]:
     """Per MatMul of ``matmuls`` (constant 2-D weights, of the smoothed ``model``), the mean over
-    every token of every feed of the relative error per-token int8 makes in its output."""
+    calibration tokens of the relative error per-token int8 makes in its output. One pass keeps an
+    even sample of each feed's tokens (``MAX_ROWS`` in all, fewer where every input's rows would not
+    fit ``budget`` bytes), so that each weight is quantized once."""
+    feeds = list(feeds)
     inits = {i.name: i for i in model.graph.initializer}
-    tensors = sorted({n.input[0] for n in matmuls})
-    totals = {n.name: 0.0 for n in matmuls}
-    tokens = {n.name: 0 for n in matmuls}
+    widths = {n.input[0]: inits[n.input[1]].dims[0] for n in matmuls}
+    tensors = sorted(widths)
+    rows = max(16, min(MAX_ROWS, (budget or default_budget()) // (4 * sum(widths.values()))))
+    per_feed = max(1, -(-rows // max(len(feeds), 1)))
+    xs: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
     with ActivationProbe(model, tensors, threads) as probe:
         for values in probe.run(feeds, tensors):
-            xs = {name: v.reshape(-1, v.shape[-1]).astype(np.float32) for name, v in values.items()}
-            quantized = {name: _per_token(x) for name, x in xs.items()}
-            for node in matmuls:  # the weight is re-read per feed: holding every dequantized copy doubles the model
-                w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-                y = xs[node.input[0]] @ w
-                norm = np.linalg.norm(y, axis=1)
-                live = norm > 0  # padded rows are all zero
-                err = np.linalg.norm(y - quantized[node.input[0]] @ _per_channel(w), axis=1)
-                totals[node.name] += float((err[live] / norm[live]).sum())
-                tokens[node.name] += int(live.sum())
-    if not any(tokens.values()):
+            for name, value in values.items():
+                x = value.reshape(-1, value.shape[-1])
+                x = x[np.abs(x).max(axis=1) > 0]  # padded rows are all zero
+                pick = np.unique(np.linspace(0, len(x) - 1, min(per_feed, len(x))).round().astype(int))
+                xs[name].append(x[pick].astype(np.float32))
+    xs = {name: np.concatenate(parts) for name, parts in xs.items()}
+    if not all(len(x) for x in xs.values()):
         raise ExportError("no calibration tokens reached the decoder's MatMuls to rank their int8 error")
-    return {name: totals[name] / max(tokens[name], 1) for name in totals}
+    quantized = {name: _per_token(x) for name, x in xs.items()}
+    errors = {}
+    for node in matmuls:
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        y = xs[node.input[0]] @ w
+        norm = np.linalg.norm(y, axis=1)
+        live = norm > 0
+        err = np.linalg.norm(y - quantized[node.input[0]] @ _per_channel(w), axis=1)
+        errors[node.name] = float((err[live] / norm[live]).mean()) if live.any() else 0.0
+    return errors
 
 
 def _cosines(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
