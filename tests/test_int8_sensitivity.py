@@ -134,3 +134,20 @@ def test_notes_print_above_a_running_step():
         advance()
     assert "0 of 120 MatMuls fp32: lowest logits cosine 0.9797" in out.getvalue()
     Progress().note("silent in tests")  # the base class says nothing
+
+
+def test_an_int8_decoder_built_without_vnni_says_what_it_gets(chain_and_feeds, tmp_path, monkeypatch):
+    """On a CPU without VNNI/AMX, auto takes the exact U8U8 kernels and the build says what that costs."""
+    import vlm_export.precision.convert as convert
+
+    model, feeds = chain_and_feeds
+    quick = next(n for n in model.graph.node if n.op_type == "Tanh")  # an ONNX Runtime contrib op: the fused form
+    quick.op_type, quick.domain = "QuickGelu", "com.microsoft"
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(tmp_path / "decoder.onnx"))
+    monkeypatch.setattr(convert, "int8_dot_product", lambda: None)
+    notes = []
+    info = convert.to_int8(tmp_path / "decoder.onnx", tmp_path / "int8.onnx", feeds, PrecisionOptions(), note=notes.append)
+    assert info.details["kernel"] == "MatMulIntegerToFloat (U8U8)" and "requires_cpu" not in info.details
+    assert notes[0].startswith("this CPU has no VNNI/AMX: the int8 decoder gets ONNX Runtime's exact U8U8 kernels")
+    assert any(n.startswith("ranking 7 MatMuls") for n in notes)  # the last MatMul makes the logits: the head stays fp32
