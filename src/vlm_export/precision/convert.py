@@ -36,6 +36,7 @@ import onnx
 from ..cpu import INT8_DOT_PRODUCT, int8_dot_product
 from ..errors import ExportError
 from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, check_graph, save_graph, topological_order, weight_bytes
+from .smoothquant import KERNELS
 from .weight_only import (DEFAULT_CORRECTION, FORMS, ROUNDINGS, SCHEMES, TENSORRT_INT4_BLOCK_SIZES, quantize_weights,
                           weight_inputs)
 
@@ -44,7 +45,7 @@ FP32_ISLANDS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayer
                 "ReduceMax", "Pow", "Sqrt", "Exp", "Log", "Erf", "CumSum")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 LM_HEAD_CHOICES = ("fp32", "int8", "w8", "w4")
-INT8_KERNELS = ("auto", "u8s8", "u8u8")
+INT8_KERNELS = ("auto", *KERNELS)  # auto: u8s8 where the CPU makes it exact, else u8u8
 #: each weight form's block size: 32 measured best for MatMulNBits on ONNX Runtime; TensorRT takes
 #: 64 or 128 only (weight_only.TENSORRT_INT4_BLOCK_SIZES) and 128 reads fewer scales
 FORM_BLOCK_SIZE = {"matmulnbits": 32, "dequantize": 128}
