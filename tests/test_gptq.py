@@ -114,11 +114,42 @@ def test_second_moments_are_measured_a_group_at_a_time_within_the_budget():
         PrecisionOptions(weight_rounding="awq")
 
 
-def test_gptq_without_a_weight_only_stage_is_refused():
+def test_gptq_without_a_stage_it_rounds_is_refused():
+    """It rounds w8/w4 weights and an int8 decoder's; an int8 image stage (static ONNX Runtime
+    quantization) is not one. Unset, each precision has its default."""
     from vlm_export.build import BuildOptions
     from vlm_export.errors import BuildError
     from vlm_export.precision.spec import parse_precision
 
-    with pytest.raises(BuildError, match="--weight-rounding gptq picks the codes of w8/w4 weights, and no stage is"):
-        BuildOptions(precision=parse_precision("decoder=int8"), precision_options=PrecisionOptions(weight_rounding="gptq"))
-    BuildOptions(precision=parse_precision("decoder=w4"), precision_options=PrecisionOptions(weight_rounding="gptq"))
+    with pytest.raises(BuildError, match="--weight-rounding gptq picks the codes of w8/w4 weights and of an int8 "
+                                         "decoder's, and no stage is either"):
+        BuildOptions(precision=parse_precision("vision=int8"), precision_options=PrecisionOptions(weight_rounding="gptq"))
+    for precision in ("decoder=w4", "decoder=int8"):
+        BuildOptions(precision=parse_precision(precision), precision_options=PrecisionOptions(weight_rounding="rtn"))
+    assert [PrecisionOptions().rounding(p) for p in ("int8", "w8", "w4")] == ["gptq", "rtn", "rtn"]
+    assert PrecisionOptions(weight_rounding="rtn").rounding("int8") == "rtn"
+
+
+def test_int8_decoder_weights_by_gptq():
+    """Per output channel symmetric int8 (the scheme of smoothquant.per_token_int8): the scales are
+    round to nearest's, the codes within +-127, and on held-out inputs the second MatMul's output is
+    closer to fp32 than with round to nearest's codes."""
+    from vlm_export.precision.gptq import per_channel_int8
+    from vlm_export.precision.smoothquant import int8_weights
+
+    model, w1, w2 = _two_layer_model()
+    feeds = [{"x": _inputs(64, 40, s)} for s in (9, 10)]
+    nodes = [n for n in model.graph.node if n.op_type == "MatMul"]
+    chosen, rounding = per_channel_int8(model, nodes, feeds)
+    assert sorted(chosen) == ["first", "second"] and rounding.gptq == ["first", "second"] and rounding.tokens == 80
+    held_out = np.maximum(_inputs(64, 200, 12) @ w1, 0)
+    codes, scales = chosen["second"]
+    rtn_codes, rtn_scales = int8_weights(w2)
+    assert codes.dtype == np.int8 and codes.shape == w2.shape and np.abs(codes.astype(int)).max() <= 127
+    np.testing.assert_array_equal(scales, rtn_scales)
+    assert not np.array_equal(codes, rtn_codes)
+
+    def error(q):
+        return np.mean((held_out @ (q.astype(np.float32) * scales - w2)) ** 2)
+
+    assert error(codes) < 0.8 * error(rtn_codes), (error(codes), error(rtn_codes))

@@ -151,3 +151,43 @@ def test_an_int8_decoder_built_without_vnni_says_what_it_gets(chain_and_feeds, t
     assert info.details["kernel"] == "MatMulIntegerToFloat (U8U8)" and "requires_cpu" not in info.details
     assert notes[0].startswith("this CPU has no VNNI/AMX: the int8 decoder gets ONNX Runtime's exact U8U8 kernels")
     assert any(n.startswith("ranking 7 MatMuls") for n in notes)  # the last MatMul makes the logits: the head stays fp32
+    assert any(n.startswith("GPTQ rounding of 7 int8 weights") for n in notes) and info.details["rounding"]["method"] == "gptq"
+    rtn = convert.to_int8(tmp_path / "decoder.onnx", tmp_path / "rtn.onnx", feeds, PrecisionOptions(weight_rounding="rtn"))
+    assert rtn.details["rounding"] == {"method": "rtn"}
+
+
+def test_a_tied_head_asked_int8_is_quantized_and_the_lookup_keeps_its_table(tmp_path):
+    """A tied LM head (MatMul on the Transpose of the embedding table, which a Gather also reads) with
+    --lm-head int8 gets its own int8 weight; the token lookup still reads the fp32 table, and the
+    logits stay within int8 rounding. With the default (fp32 head) it is left as it is."""
+    import vlm_export.precision.convert as convert
+
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((50, WIDTH)).astype(np.float32)
+    w = rng.standard_normal((WIDTH, WIDTH)).astype(np.float32) / np.sqrt(WIDTH)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="lookup"),
+         helper.make_node("MatMul", ["emb", "w"], ["h"], name="mm"),
+         helper.make_node("Tanh", ["h"], ["t"], name="act"),
+         helper.make_node("Transpose", ["table"], ["table_t"], name="tied", perm=[1, 0]),
+         helper.make_node("MatMul", ["t", "table_t"], ["logits"], name="head")], "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 50])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "tied.onnx"))
+    feeds = [{"ids": rng.integers(0, 50, (1, 9))} for _ in range(4)]
+    want = [sensitivity._outputs(onnx.load(str(tmp_path / "tied.onnx")), "logits", feeds, 1)]
+    for head, quantized in ((None, {"mm"}), ("int8", {"mm", "head"})):
+        info = convert.to_int8(tmp_path / "tied.onnx", tmp_path / f"{head}.onnx", feeds,
+                               PrecisionOptions(lm_head=head, int8_fp32_matmuls="0", int8_kernel="u8u8"))
+        model = onnx.load(str(tmp_path / f"{head}.onnx"))
+        names = {n.name for n in model.graph.node}
+        # a graph of standard ops: the Q/DQ form (per-channel DequantizeLinear on the weights)
+        assert {n.name.removesuffix("_Wdq") for n in model.graph.node if n.name.endswith("_Wdq")} == quantized
+        assert info.details["lm_head"] == (head or "fp32")
+        if head is None:  # left as it was: the fp32 MatMul on the table's Transpose
+            assert next(n for n in model.graph.node if n.name == "head").input[1] == "table_t"
+        lookup = next(n for n in model.graph.node if n.op_type == "Gather")
+        assert lookup.input[0] == "table"
+        got = sensitivity._outputs(model, "logits", feeds, 1)
+        assert sensitivity._cosines(want[0], got) > 0.995

@@ -434,6 +434,8 @@ def test_int8_decoder_keeps_its_logits(tiny_model_dir, tmp_path, calibration_cac
             "smoothquant", 0.5, form, "int8 dynamic per-token", kernel)
         assert variant["quantized_matmuls"] > 0 and variant["smoothing"]["smoothed_inputs"]["norm_or_scale"] > 0
         assert variant["calibration_samples"] > 0 and variant["calibration_cache"]["reused"] is False
+        # GPTQ picked the codes (the default), every quantized MatMul's input measured
+        assert variant["rounding"]["method"] == "gptq" and variant["rounding"]["calibration_tokens"] > 0
         fallback = variant["fp32_fallback"]  # auto: trials until the calibration logits reach the gate
         assert fallback["setting"] == "auto" and fallback["trials"]
         assert len(fallback["kept"]) == fallback["trials"][-1]["fp32_matmuls"] or \

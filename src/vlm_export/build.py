@@ -74,9 +74,10 @@ class BuildOptions:
         if decoder in ("int8", "w8", "w4"):  # a head choice that cannot go with the decoder fails now, not after export
             self.precision_options.head_precision(decoder)
         asked = {precision for _, precision in self.precision.choices} | {self.precision.default}
-        if self.precision_options.weight_rounding != "rtn" and not asked & {"w8", "w4"}:
-            raise BuildError(f"--weight-rounding {self.precision_options.weight_rounding} picks the codes of w8/w4 "
-                             "weights, and no stage is w8 or w4; add e.g. decoder=w4 to --precision, or drop it")
+        rounding = self.precision_options.weight_rounding
+        if rounding is not None and not asked & {"w8", "w4"} and decoder != "int8":
+            raise BuildError(f"--weight-rounding {rounding} picks the codes of w8/w4 weights and of an int8 "
+                             "decoder's, and no stage is either; add e.g. decoder=w4 to --precision, or drop it")
 
 
 @dataclass
@@ -255,12 +256,16 @@ def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, 
     one), int8 from both (the standard Q/DQ graph is TensorRT's)."""
     fused = {stage: g["forms"]["fused"] for stage, g in graphs.items() if "fused" in (g.get("forms") or {})}
     int8_stages = [stage for stage, precision in precisions.items() if precision == "int8"]
-    # GPTQ measures each weight-only stage's layer inputs on the same pairs (not cached: K x K per input)
+    # GPTQ measures the layer inputs of each weight-only stage and of an int8 decoder on the same
+    # pairs (not cached: K x K per input)
+    decoder = reference.scheme.decoder_stage
     gptq_stages = [stage for stage, precision in precisions.items()
-                   if precision in ("w8", "w4") and options.precision_options.weight_rounding == "gptq"]
+                   if (precision in ("w8", "w4") or (precision == "int8" and stage == decoder))
+                   and options.precision_options.rounding(precision) == "gptq"]
     pairs = (options.calibration_pairs or default_pairs()) if int8_stages or gptq_stages else []
     po = options.precision_options
-    choices = f"int8-kernel={po.kernel} int8-fp32-matmuls={po.int8_fp32_matmuls}"
+    choices = (f"int8-kernel={po.kernel} int8-fp32-matmuls={po.int8_fp32_matmuls} int8-rounding={po.rounding('int8')} "
+               f"lm-head={po.head_precision('int8')}")  # what an int8 decoder's fallback was chosen for
     caches = {stage: cache_path(stage, tmp / graphs[stage]["file"], source_sha256, pairs, po.calibration, choices)
               for stage in int8_stages}
     caches.update({f"{stage}.fused": cache_path(f"{stage}.fused", tmp / fused[stage]["file"], source_sha256, pairs,

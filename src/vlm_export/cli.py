@@ -59,10 +59,11 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
                    help="what MatMulNBits rounds a w8/w4 decoder's activations to: int8 per block (default, "
                         "ONNX Runtime's fast kernels) or fp32 (accuracy level 0: for LMs whose activations carry "
                         "outliers int8 cannot hold, such as T5; slower)")
-    g.add_argument("--weight-rounding", choices=("rtn", "gptq"), default="rtn",
-                   help="how w8/w4 codes are picked: rtn (round to nearest, default) or gptq (GPTQ: each rounding "
-                        "error pushed onto the inputs not yet rounded, against the layer inputs' second moments "
-                        "measured on the calibration pairs; same format and speed, more accurate codes)")
+    g.add_argument("--weight-rounding", choices=("rtn", "gptq"), default=None,
+                   help="how the codes of w8/w4 weights and of an int8 decoder's weights are picked: rtn (round "
+                        "to nearest; w8/w4's default) or gptq (GPTQ: each rounding error pushed onto the inputs not "
+                        "yet rounded, against the layer inputs' second moments measured on the calibration pairs; "
+                        "same format and speed, more accurate codes; an int8 decoder's default)")
     g.add_argument("--lm-head", choices=("fp32", "int8", "w8", "w4"), default=None,
                    help="LM head precision (default: fp32 under an int8 decoder; under w8/w4: w8 in the "
                         "matmulnbits form, w4 in the dequantize form)")

@@ -66,7 +66,9 @@ class PrecisionOptions:
     # fp32 (level 0: T5's activations carry outliers int8 cannot hold; a tiny T5's w8 decoder went from
     # logits cosine 0.9887 to 0.9986). The dequantize form's activations are fp16 either way.
     weight_activations: str = "int8"
-    weight_rounding: str = "rtn"  # rtn | gptq (precision.gptq): how weight-only codes are picked
+    # rtn | gptq (precision.gptq): how the codes of w8/w4 weights and of an int8 decoder's weights are
+    # picked; None: each precision's default (``rounding``)
+    weight_rounding: str | None = None
     calibration: str = "minmax"
     exclude_nodes: tuple[str, ...] = ()  # sensitive layers kept in higher precision (node names)
     # an int8 decoder's ONNX Runtime kernel (smoothquant.KERNELS): auto takes u8s8 where the CPU makes
@@ -90,7 +92,7 @@ class PrecisionOptions:
                               "64 or 128; choose --block-size 128 (the dequantize form's default) or 64")
         elif self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ExportError(f"block size must be a power of two >= 16, got {self.block_size}")
-        if self.weight_rounding not in ROUNDINGS:
+        if self.weight_rounding is not None and self.weight_rounding not in ROUNDINGS:
             raise ExportError(f"weight rounding {self.weight_rounding!r} is not one of {', '.join(ROUNDINGS)}")
         if self.weight_activations not in WEIGHT_ACTIVATIONS:
             raise ExportError(f"weight activations {self.weight_activations!r} is not one of {', '.join(WEIGHT_ACTIVATIONS)}")
@@ -113,6 +115,13 @@ class PrecisionOptions:
         if self.int8_kernel != "auto":
             return self.int8_kernel
         return "u8s8" if int8_dot_product() else "u8u8"
+
+    def rounding(self, precision: str) -> str:
+        """How ``precision``'s weight codes are picked: as asked, else GPTQ for an int8 decoder (its
+        smoothed weights carry the activations' outliers, and round to nearest is what failed its gate:
+        ``gptq.per_channel_int8``) and round to nearest for w8/w4 (the demo's weights lie on GGUF grids
+        that the asymmetric blocks reproduce; GPTQ costs a measuring pass per group of layers)."""
+        return self.weight_rounding or ("gptq" if precision == "int8" else "rtn")
 
     @property
     def scheme(self) -> str:
@@ -386,7 +395,7 @@ def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions,
     bits_of = {} if head_precision == "fp32" else {name: int(head_precision[1]) for name in head}
     with contextlib.ExitStack() as stack:
         blocks = None
-        if options.weight_rounding == "gptq":  # measured on the fp32 graph, before any rewrite
+        if options.rounding(f"w{bits}") == "gptq":  # measured on the fp32 graph, before any rewrite
             from . import gptq
             from .probe import ActivationProbe
 
@@ -484,8 +493,9 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
 
 def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOptions, cache: Path | None,
                   keep: list[str], note=None) -> VariantInfo:
-    """SmoothQuant with per-token dynamic activations on a decoder (``smoothquant``), its most
-    error-prone MatMuls kept fp32 (``sensitivity``). A graph already in ONNX Runtime's contrib ops (the
+    """SmoothQuant with per-token dynamic activations on a decoder (``smoothquant``), its weights'
+    codes picked by GPTQ unless round to nearest is asked for, its most error-prone MatMuls kept fp32
+    (``sensitivity``). A graph already in ONNX Runtime's contrib ops (the
     fused form) runs on ONNX Runtime only: its integer kernels. A graph of standard ops is the one
     TensorRT reads: the symmetric Q/DQ form. ``cache`` keeps the measured channel ranges and the
     fallback chosen on them."""
@@ -493,6 +503,8 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
     from . import smoothquant as sq
 
     model = onnx.load(os.fspath(src))
+    head = [n for n in lm_head_nodes(model) if n not in keep]
+    sq.untie(model, head)  # a tied head quantized (--lm-head int8) gets its own weight
     form = "onnxruntime" if any(n.domain == sq.MS_DOMAIN for n in model.graph.node) else "qdq"
     kernel = options.kernel if form == "onnxruntime" else None
     if note and kernel == "u8u8" and options.int8_kernel == "auto":
@@ -508,13 +520,29 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
         maxima = sq.channel_maxima(model, sorted({g.tensor for g in sq.groups(model, keep)}), calibration_feeds)
     smoothing = sq.smooth(model, maxima, sq.SMOOTH_ALPHA, keep)
     matmuls = sq.weighted_matmuls(model, keep)
+    weights, rounding = None, {"method": "rtn"}
+    if options.rounding("int8") == "gptq":  # on the smoothed graph: the inputs the int8 kernels will see
+        from . import gptq
+
+        if not calibration_feeds:
+            raise ExportError(f"GPTQ rounding of {src.stem}'s int8 weights needs calibration inputs; none were given")
+        # the head sees one row (the last position) per calibration input: too few for GPTQ's
+        # second moments, so it is rounded to nearest
+        rounded = [n for n in matmuls if n.name not in head]
+        if note:
+            note(f"GPTQ rounding of {len(rounded)} int8 weights (layer inputs measured on "
+                 f"{len(calibration_feeds)} calibration inputs)")
+        weights, measured = gptq.per_channel_int8(model, rounded, calibration_feeds)
+        rounding = {"method": "gptq", "calibration_tokens": measured.tokens, "measuring_passes": measured.passes,
+                    "damp": gptq.DAMP, "act_order": measured.act_order, "groups": "per output channel (scales: "
+                    "round to nearest's)"}
 
     def quantize(candidate: onnx.ModelProto, kept: list[str]) -> None:
-        sq.per_token_int8(candidate, keep + kept, form, kernel or "u8u8")
+        sq.per_token_int8(candidate, keep + kept, form, kernel or "u8u8", weights)
 
     if fallback is None:
         model, chosen = sensitivity.choose(model, quantize, matmuls, calibration_feeds, options.int8_fp32_matmuls,
-                                           note=note)
+                                           note=note, weights=weights)
         if cache is not None:
             sq.save_calibration(cache, maxima, chosen.to_dict())
     else:
@@ -529,6 +557,9 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
                              else "int8, zero point 0 (symmetric Q/DQ, scale 1 on x / row scale)"),
         "weights": f"int8 per-channel symmetric (|q| <= {sq.WEIGHT_QMAX})"
                    + (f", stored as uint8 codes, zero point {sq.WEIGHT_ZERO_POINT}" if kernel == "u8u8" else ""),
+        "rounding": rounding,
+        # the head asked int8 may still be kept fp32 by the fallback (it is ranked like any MatMul)
+        "lm_head": "int8" if head and head[0] not in chosen.kept else "fp32",
         "kernel": f"MatMulIntegerToFloat ({kernel.upper()})" if ort_form else "DequantizeLinear -> MatMul",
         "quantized_matmuls": len(matmuls) - len(chosen.kept), "fp32_fallback": chosen.to_dict(),
         "smoothing": {k: v for k, v in smoothing.items() if k != "alpha"},

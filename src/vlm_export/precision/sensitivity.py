@@ -30,6 +30,7 @@ from onnx import numpy_helper
 
 from ..errors import ExportError
 from .probe import ActivationProbe, default_budget
+from .smoothquant import int8_weights
 
 #: the int8 gate's logits cosine (compare.policy), aimed at on the calibration pairs
 TARGET_COSINE = 0.99
@@ -66,16 +67,12 @@ def _per_token(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x / scale), -127, 127) * scale
 
 
-def _per_channel(w: np.ndarray) -> np.ndarray:
-    """``w`` (in x out) after per-output-channel symmetric int8 (the weights' scheme)."""
-    scale = np.maximum(np.abs(w).max(axis=0) / 127, np.finfo(np.float32).tiny)
-    return np.clip(np.rint(w / scale), -127, 127) * scale
-
-
 def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: Iterable[Mapping[str, np.ndarray]],
-                  threads: int = 2, budget: int | None = None) -> dict[str, float]:
+                  threads: int = 2, budget: int | None = None,
+                  weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, float]:
     """Per MatMul of ``matmuls`` (constant 2-D weights, of the smoothed ``model``), the mean over
-    calibration tokens of the relative error per-token int8 makes in its output. One pass keeps an
+    calibration tokens of the relative error per-token int8 makes in its output, with the int8
+    weights ``weights`` gives (codes, scales; GPTQ's) or rounded to nearest. One pass keeps an
     even sample of each feed's tokens (``MAX_ROWS`` in all, fewer where every input's rows would not
     fit ``budget`` bytes), so that each weight is quantized once."""
     feeds = list(feeds)
@@ -102,7 +99,8 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
         y = xs[node.input[0]] @ w
         norm = np.linalg.norm(y, axis=1)
         live = norm > 0
-        err = np.linalg.norm(y - quantized[node.input[0]] @ _per_channel(w), axis=1)
+        codes, scales = (weights or {}).get(node.name) or int8_weights(w)
+        err = np.linalg.norm(y - quantized[node.input[0]] @ (codes.astype(np.float32) * scales), axis=1)
         errors[node.name] = float((err[live] / norm[live]).mean()) if live.any() else 0.0
     return errors
 
@@ -130,14 +128,14 @@ def counts(total: int) -> list[int]:
 
 def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], feeds: list[Mapping[str, np.ndarray]],
            setting: str | int = "auto", output: str = "logits", threads: int = 2,
-           note=None) -> tuple[onnx.ModelProto, Fallback]:
+           note=None, weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[onnx.ModelProto, Fallback]:
     """The int8 graph with the fewest of ``matmuls`` kept fp32 that reaches ``TARGET_COSINE`` (``setting``
     ``auto``), or with the ``setting`` worst kept fp32 (a count). ``quantize(model, kept)`` rewrites a
-    copy of ``smoothed`` to int8 in place, keeping the named MatMuls fp32. ``note(text)`` is told
-    each trial."""
+    copy of ``smoothed`` to int8 in place, keeping the named MatMuls fp32, with the int8 weights
+    ``weights`` (``matmul_errors``) ranks by. ``note(text)`` is told each trial."""
     if note:
         note(f"ranking {len(matmuls)} MatMuls by their int8 output error on {len(feeds)} calibration inputs")
-    errors = matmul_errors(smoothed, matmuls, feeds, threads)
+    errors = matmul_errors(smoothed, matmuls, feeds, threads, weights=weights)
     ranked = sorted(errors, key=lambda name: -errors[name])
 
     def candidate(count: int) -> onnx.ModelProto:

@@ -102,6 +102,33 @@ def _uses(model: onnx.ModelProto) -> dict[str, int]:
     return uses
 
 
+def untie(model: onnx.ModelProto, matmuls: Iterable[str]) -> list[str]:
+    """Give each of the named MatMuls whose B is the ``Transpose`` of a 2-D initializer (a tied LM
+    head: the embedding table, also read by the token lookup) its own transposed copy, so that it
+    can be smoothed and quantized like any weight while the lookup keeps the fp32 table. Returns
+    the MatMuls untied."""
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    untied = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.name not in set(matmuls) or node.input[1] in inits:
+            continue
+        source = producers.get(node.input[1])
+        perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), [1, 0]) if source else None
+        if source is None or source.op_type != "Transpose" or source.input[0] not in inits or perm != [1, 0] \
+                or len(inits[source.input[0]].dims) != 2:
+            continue
+        weight = f"{node.name}_weight"
+        model.graph.initializer.append(numpy_helper.from_array(
+            np.ascontiguousarray(numpy_helper.to_array(inits[source.input[0]]).T), weight))
+        node.input[1] = weight
+        untied.append(node.name)
+    from .weight_only import drop_unused
+
+    drop_unused(model.graph)  # the Transpose, now read by nothing
+    return untied
+
+
 def groups(model: onnx.ModelProto, keep: Iterable[str] = ()) -> list[_Group]:
     """The quantizable MatMuls grouped by their input, each with the fold its smoothing uses (None
     where the input has consumers that are not quantized MatMuls, or no producer to fold into)."""
@@ -274,8 +301,14 @@ def _own_vectors(model: onnx.ModelProto, keep: Iterable[str]) -> None:
 FORMS = ("onnxruntime", "qdq")
 
 
+def int8_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` [K, N] rounded to nearest: per-output-channel symmetric int8 codes [K, N] and scales [N]."""
+    scale = np.maximum(np.abs(w).max(axis=0) / WEIGHT_QMAX, np.finfo(np.float32).tiny).astype(np.float32)
+    return np.clip(np.rint(w / scale), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8), scale
+
+
 def per_token_int8(model: onnx.ModelProto, keep: Iterable[str] = (), form: str = "onnxruntime",
-                   kernel: str = "u8u8") -> int:
+                   kernel: str = "u8u8", weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> int:
     """Rewrite every quantizable MatMul of ``model`` (in place) to int8 with per-token dynamic
     activations: per row of the input ``scale = max|x| / 127``, codes ``round(x / scale)``; weights
     per-channel symmetric (``WEIGHT_QMAX``); the product times ``scale``. MatMuls reading one input
@@ -285,11 +318,12 @@ def per_token_int8(model: onnx.ModelProto, keep: Iterable[str] = (), form: str =
       (``kernel`` u8s8) or as uint8 codes + 128 (u8u8; see ``KERNELS``), into ``MatMulIntegerToFloat``,
       whose int32 GEMM applies the weight scales in its output stage (ONNX Runtime's CPU kernels);
     * ``qdq``: standard ops only, symmetric int8 with zero point 0: ``QuantizeLinear`` /
-      ``DequantizeLinear`` at scale 1 on ``x / scale`` (constant scales, as TensorRT's explicit
-      quantization requires), per-channel ``DequantizeLinear`` on the weights, ``MatMul``, then the
-      row scale (after the MatMul, so the Q/DQ pair feeds it directly).
+      ``DequantizeLinear`` at the constant scale 1/127 on ``x / max|x|`` (constant scales, as
+      TensorRT's explicit quantization requires), per-channel ``DequantizeLinear`` on the weights,
+      ``MatMul``, then the row's ``max|x|`` (after the MatMul, so the Q/DQ pair feeds it directly).
 
-    Returns how many MatMuls were rewritten."""
+    ``weights``: per MatMul name, its int8 codes and scales chosen elsewhere (GPTQ); the others are
+    rounded to nearest (``int8_weights``). Returns how many MatMuls were rewritten."""
     if form not in FORMS:
         raise ExportError(f"per-token int8 form {form!r} is not one of {', '.join(FORMS)}")
     if kernel not in KERNELS:
@@ -304,7 +338,6 @@ def per_token_int8(model: onnx.ModelProto, keep: Iterable[str] = (), form: str =
     new_inits = [numpy_helper.from_array(np.array([-1], np.int64), "pt_axes"),
                  numpy_helper.from_array(np.array(1.0 / ACTIVATION_QMAX, np.float32), "pt_inv_qmax"),
                  numpy_helper.from_array(np.array(np.finfo(np.float32).tiny, np.float32), "pt_tiny"),
-                 numpy_helper.from_array(np.array(1.0, np.float32), "pt_one"),
                  numpy_helper.from_array(zero_point, "pt_zero_point")]
     unsigned_weights = ort_form and kernel == "u8u8"
     if ort_form:
@@ -320,26 +353,26 @@ def per_token_int8(model: onnx.ModelProto, keep: Iterable[str] = (), form: str =
             nodes += [helper.make_node("Abs", [x], [f"{p}_abs"], name=f"{p}_abs"),
                       helper.make_node("ReduceMax", [f"{p}_abs", "pt_axes"], [f"{p}_absmax"], name=f"{p}_absmax",
                                        keepdims=1),
-                      helper.make_node("Mul", [f"{p}_absmax", "pt_inv_qmax"], [f"{p}_raw_scale"], name=f"{p}_raw_scale"),
-                      helper.make_node("Max", [f"{p}_raw_scale", "pt_tiny"], [f"{p}_scale"], name=f"{p}_scale"),
+                      # x / max|x| in [-1, 1], quantized at scale 1/127: the 1/127 is a constant of the
+                      # Q/DQ and integer GEMM scales, and the row's max|x| multiplies the product
+                      # (one op fewer per input than a computed scale; decode runs ~100 of them a step)
+                      helper.make_node("Max", [f"{p}_absmax", "pt_tiny"], [f"{p}_scale"], name=f"{p}_scale"),
                       helper.make_node("Div", [x, f"{p}_scale"], [f"{p}_scaled"], name=f"{p}_scaled"),
-                      helper.make_node("QuantizeLinear", [f"{p}_scaled", "pt_one", "pt_zero_point"], [f"{p}_q"],
+                      helper.make_node("QuantizeLinear", [f"{p}_scaled", "pt_inv_qmax", "pt_zero_point"], [f"{p}_q"],
                                        name=f"{p}_q")]
             codes = f"{p}_q"
             if not ort_form:
-                nodes.append(helper.make_node("DequantizeLinear", [codes, "pt_one", "pt_zero_point"], [f"{p}_dq"],
+                nodes.append(helper.make_node("DequantizeLinear", [codes, "pt_inv_qmax", "pt_zero_point"], [f"{p}_dq"],
                                               name=f"{p}_dq"))
                 codes = f"{p}_dq"
             quantized[x] = (codes, f"{p}_scale")
         codes, scale = quantized[x]
-        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        w_scale = np.maximum(np.abs(w).max(axis=0) / WEIGHT_QMAX, np.finfo(np.float32).tiny).astype(np.float32)
-        w_q = np.clip(np.rint(w / w_scale), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
+        w_q, w_scale = (weights or {}).get(name) or int8_weights(numpy_helper.to_array(inits[node.input[1]]))
         if unsigned_weights:  # U8U8: the int8 values as uint8 codes + 128 (see KERNELS)
             w_q = (w_q.astype(np.int16) + WEIGHT_ZERO_POINT).astype(np.uint8)
         new_inits += [numpy_helper.from_array(w_q, f"{name}_Wq"), numpy_helper.from_array(w_scale, f"{name}_Wscale")]
         if ort_form:
-            nodes.append(helper.make_node("MatMulIntegerToFloat", [codes, f"{name}_Wq", "pt_one", f"{name}_Wscale",
+            nodes.append(helper.make_node("MatMulIntegerToFloat", [codes, f"{name}_Wq", "pt_inv_qmax", f"{name}_Wscale",
                                                                    "pt_zero_point", "pt_weight_zero_point"],
                                           [f"{name}_unscaled"],
                                           name=f"{name}_int8", domain=MS_DOMAIN))
