@@ -156,38 +156,64 @@ def test_an_int8_decoder_built_without_vnni_says_what_it_gets(chain_and_feeds, t
     assert rtn.details["rounding"] == {"method": "rtn"}
 
 
-def test_a_tied_head_asked_int8_is_quantized_and_the_lookup_keeps_its_table(tmp_path):
-    """A tied LM head (MatMul on the Transpose of the embedding table, which a Gather also reads) with
-    --lm-head int8 gets its own int8 weight; the token lookup still reads the fp32 table, and the
-    logits stay within int8 rounding. With the default (fp32 head) it is left as it is."""
-    import vlm_export.precision.convert as convert
-
+def _tied(tmp_path, fused: bool = False):
+    """ids -> Gather(table) -> MatMul -> Tanh (QuickGelu, a contrib op: the fused form) -> MatMul on the
+    table's Transpose (a tied LM head) -> logits; saved as tmp_path/tied.onnx, with 4 feeds."""
     rng = np.random.default_rng(1)
     table = rng.standard_normal((50, WIDTH)).astype(np.float32)
     w = rng.standard_normal((WIDTH, WIDTH)).astype(np.float32) / np.sqrt(WIDTH)
     graph = helper.make_graph(
         [helper.make_node("Gather", ["table", "ids"], ["emb"], name="lookup"),
          helper.make_node("MatMul", ["emb", "w"], ["h"], name="mm"),
-         helper.make_node("Tanh", ["h"], ["t"], name="act"),
+         helper.make_node("QuickGelu", ["h"], ["t"], name="act", domain="com.microsoft") if fused
+         else helper.make_node("Tanh", ["h"], ["t"], name="act"),
          helper.make_node("Transpose", ["table"], ["table_t"], name="tied", perm=[1, 0]),
          helper.make_node("MatMul", ["t", "table_t"], ["logits"], name="head")], "tied",
         [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "s"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 50])],
         [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "tied.onnx"))
-    feeds = [{"ids": rng.integers(0, 50, (1, 9))} for _ in range(4)]
+    opsets = [helper.make_opsetid("", 18)] + [helper.make_opsetid("com.microsoft", 1)] * fused
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(tmp_path / "tied.onnx"))
+    return [{"ids": rng.integers(0, 50, (1, 9))} for _ in range(4)]
+
+
+def test_a_tied_head_asked_int8_is_quantized_and_the_lookup_keeps_its_table(tmp_path):
+    """A tied LM head (MatMul on the Transpose of the embedding table, which a Gather also reads) with
+    --lm-head int8 gets its own int8 weight; the token lookup still reads the fp32 table, and the
+    logits stay within int8 rounding. An fp32 head is left as it is."""
+    import vlm_export.precision.convert as convert
+
+    feeds = _tied(tmp_path)
     want = [sensitivity._outputs(onnx.load(str(tmp_path / "tied.onnx")), "logits", feeds, 1)]
-    for head, quantized in ((None, {"mm"}), ("int8", {"mm", "head"})):
+    for head, quantized in (("fp32", {"mm"}), ("int8", {"mm", "head"})):
         info = convert.to_int8(tmp_path / "tied.onnx", tmp_path / f"{head}.onnx", feeds,
                                PrecisionOptions(lm_head=head, int8_fp32_matmuls="0", int8_kernel="u8u8"))
         model = onnx.load(str(tmp_path / f"{head}.onnx"))
         names = {n.name for n in model.graph.node}
         # a graph of standard ops: the Q/DQ form (per-channel DequantizeLinear on the weights)
         assert {n.name.removesuffix("_Wdq") for n in model.graph.node if n.name.endswith("_Wdq")} == quantized
-        assert info.details["lm_head"] == (head or "fp32")
-        if head is None:  # left as it was: the fp32 MatMul on the table's Transpose
+        assert info.details["lm_head"] == head
+        if head == "fp32":  # left as it was: the fp32 MatMul on the table's Transpose
             assert next(n for n in model.graph.node if n.name == "head").input[1] == "table_t"
         lookup = next(n for n in model.graph.node if n.op_type == "Gather")
         assert lookup.input[0] == "table"
         got = sensitivity._outputs(model, "logits", feeds, 1)
         assert sensitivity._cosines(want[0], got) > 0.995
+
+
+def test_a_w8_head_in_the_onnxruntime_form_and_fp32_in_the_standard_one(tmp_path):
+    """--lm-head w8 under an int8 decoder: MatMulNBits (8 bits) on the head in the ONNX Runtime form,
+    the head left fp32 in the standard (TensorRT) form, each saying so; logits within the int8 gate."""
+    import vlm_export.precision.convert as convert
+
+    for fused in (True, False):
+        feeds = _tied(tmp_path, fused)
+        want = sensitivity._outputs(onnx.load(str(tmp_path / "tied.onnx")), "logits", feeds, 1)
+        info = convert.to_int8(tmp_path / "tied.onnx", tmp_path / "w8.onnx", feeds,
+                               PrecisionOptions(lm_head="w8", int8_fp32_matmuls="0", int8_kernel="u8u8"))
+        model = onnx.load(str(tmp_path / "w8.onnx"))
+        nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+        assert [next(a.i for a in n.attribute if a.name == "bits") for n in nbits] == ([8] if fused else [])
+        assert info.details["lm_head"].startswith("w8 (MatMulNBits" if fused else "fp32 (w8 is ONNX Runtime's")
+        assert next(n for n in model.graph.node if n.op_type == "Gather").input[0] == "table"
+        assert sensitivity._cosines(want, sensitivity._outputs(model, "logits", feeds, 1)) > 0.99

@@ -181,7 +181,8 @@ def test_weight_forms_follow_their_target():
         None, 128, (128, 64), "w4")
     assert PrecisionOptions(weight_form="dequantize", block_size=64).block_sizes == (64,)
     assert PrecisionOptions(block_size=64).block_sizes == (64,)
-    assert trt_form.head_precision("int8") == "fp32"  # the weight form has no say over an int8 decoder
+    # the weight form has no say over an int8 decoder (w8 applies to its ONNX Runtime form only)
+    assert trt_form.head_precision("int8") == "w8"
     for size in (32, 256):
         with pytest.raises(ExportError, match=f"block size {size} does not build on TensorRT, whose int4 blocks are "
                                               "64 or 128; choose --block-size 128"):

@@ -65,8 +65,9 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
                         "yet rounded, against the layer inputs' second moments measured on the calibration pairs; "
                         "same format and speed, more accurate codes; an int8 decoder's default)")
     g.add_argument("--lm-head", choices=("fp32", "int8", "w8", "w4"), default=None,
-                   help="LM head precision (default: fp32 under an int8 decoder; under w8/w4: w8 in the "
-                        "matmulnbits form, w4 in the dequantize form)")
+                   help="LM head precision (default: w8 in ONNX Runtime's MatMulNBits form, w4 in the dequantize "
+                        "form; under an int8 decoder w8 applies to its ONNX Runtime form, the TensorRT form keeping "
+                        "fp32, and int8 to both)")
     g.add_argument("--calibration", choices=("minmax", "percentile", "entropy"), default="minmax",
                    help="int8 calibration method (default minmax)")
     g.add_argument("--calibration-images", type=Path, default=None,
