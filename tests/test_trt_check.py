@@ -81,7 +81,8 @@ def trt_precision_build(tiny_model_dir, tmp_path_factory):
 
     loose = {"min_cosine": 0.9}
     options = BuildOptions(precision=parse_precision("vision=int8,projector=fp16,decoder=w4"), parity_new_tokens=4,
-                           precision_options=PrecisionOptions(weight_form="dequantize"),
+                           # the head named: an int8 image stage's calibration must not judge it as an int8 decoder's
+                           precision_options=PrecisionOptions(weight_form="dequantize", lm_head="w4"),
                            tolerance_overrides={"prefill": loose, "decode": loose})
     return build(tiny_model_dir("llava-llama"), tmp_path_factory.mktemp("trt-check") / "mixed", options)
 

@@ -264,8 +264,10 @@ def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, 
                    and options.precision_options.rounding(precision) == "gptq"]
     pairs = (options.calibration_pairs or default_pairs()) if int8_stages or gptq_stages else []
     po = options.precision_options
+    # what an int8 decoder's fallback is chosen for (an image stage's int8 has no LM head)
+    head = po.head_precision("int8") if precisions.get(decoder) == "int8" else "none"
     choices = (f"int8-kernel={po.kernel} int8-fp32-matmuls={po.int8_fp32_matmuls} int8-rounding={po.rounding('int8')} "
-               f"lm-head={po.head_precision('int8')}")  # what an int8 decoder's fallback was chosen for
+               f"lm-head={head}")
     caches = {stage: cache_path(stage, tmp / graphs[stage]["file"], source_sha256, pairs, po.calibration, choices)
               for stage in int8_stages}
     caches.update({f"{stage}.fused": cache_path(f"{stage}.fused", tmp / fused[stage]["file"], source_sha256, pairs,

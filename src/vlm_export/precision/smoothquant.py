@@ -109,9 +109,9 @@ def untie(model: onnx.ModelProto, matmuls: Iterable[str]) -> list[str]:
     the MatMuls untied."""
     inits = {i.name: i for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
-    untied = []
+    names, untied = set(matmuls), []
     for node in model.graph.node:
-        if node.op_type != "MatMul" or node.name not in set(matmuls) or node.input[1] in inits:
+        if node.op_type != "MatMul" or node.name not in names or node.input[1] in inits:
             continue
         source = producers.get(node.input[1])
         perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), [1, 0]) if source else None
@@ -123,9 +123,10 @@ def untie(model: onnx.ModelProto, matmuls: Iterable[str]) -> list[str]:
             np.ascontiguousarray(numpy_helper.to_array(inits[source.input[0]]).T), weight))
         node.input[1] = weight
         untied.append(node.name)
-    from .weight_only import drop_unused
+    if untied:
+        from .weight_only import drop_unused
 
-    drop_unused(model.graph)  # the Transpose, now read by nothing
+        drop_unused(model.graph)  # the Transpose, now read by nothing
     return untied
 
 
