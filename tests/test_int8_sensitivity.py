@@ -217,3 +217,24 @@ def test_a_w8_head_in_the_onnxruntime_form_and_fp32_in_the_standard_one(tmp_path
         assert info.details["lm_head"].startswith("w8 (MatMulNBits" if fused else "fp32 (w8 is ONNX Runtime's")
         assert next(n for n in model.graph.node if n.op_type == "Gather").input[0] == "table"
         assert sensitivity._cosines(want, sensitivity._outputs(model, "logits", feeds, 1)) > 0.99
+
+
+def test_a_cached_rebuild_picks_the_same_codes_and_gptq_needs_the_inputs(chain_and_feeds, tmp_path):
+    """The calibration cache keeps the channel ranges and the fallback; GPTQ's codes are measured again
+    from the calibration inputs, so a rebuild with the cache writes the same graph; without the
+    inputs GPTQ says what it needs (round to nearest works from the cache alone)."""
+    import vlm_export.precision.convert as convert
+
+    model, feeds = chain_and_feeds
+    onnx.save(model, str(tmp_path / "decoder.onnx"))
+    cache, options = tmp_path / "calibration.json", PrecisionOptions(int8_kernel="u8u8")
+    first = convert.to_int8(tmp_path / "decoder.onnx", tmp_path / "a.onnx", feeds, options, cache)
+    again = convert.to_int8(tmp_path / "decoder.onnx", tmp_path / "b.onnx", feeds, options, cache)
+    assert (first.details["calibration_cache"]["reused"], again.details["calibration_cache"]["reused"]) == (False, True)
+    assert again.details["fp32_fallback"] == first.details["fp32_fallback"]
+    assert onnx.load(str(tmp_path / "a.onnx")).graph == onnx.load(str(tmp_path / "b.onnx")).graph
+    with pytest.raises(ExportError, match="GPTQ rounding of decoder's int8 weights needs calibration inputs"):
+        convert.to_int8(tmp_path / "decoder.onnx", tmp_path / "c.onnx", None, options, cache)
+    rtn = convert.to_int8(tmp_path / "decoder.onnx", tmp_path / "c.onnx", None,
+                          PrecisionOptions(int8_kernel="u8u8", weight_rounding="rtn"), cache)
+    assert rtn.details["rounding"] == {"method": "rtn"} and rtn.details["calibration_cache"]["reused"]

@@ -527,7 +527,9 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
         from . import gptq
 
         if not calibration_feeds:
-            raise ExportError(f"GPTQ rounding of {src.stem}'s int8 weights needs calibration inputs; none were given")
+            raise ExportError(f"GPTQ rounding of {src.stem}'s int8 weights needs calibration inputs (a calibration "
+                              "cache keeps the ranges and the fallback, not the codes); give them, or round to "
+                              "nearest: --weight-rounding rtn")
         # the head sees one row (the last position) per calibration input: too few for GPTQ's
         # second moments, so it is rounded to nearest
         rounded = [n for n in matmuls if n.name not in head]
