@@ -46,8 +46,8 @@ def test_every_stage_and_backend_measured(bench):
     results, _ = bench
     cases = {(r["stage"], r["batch"], r["backend"]) for r in results["stages"]}
     expected = {(s, b, be) for be in ("torch", "onnxruntime")
-                for s, b in [("vision_encoder", 1), ("vision_encoder", 2), ("projector", 1), ("projector", 2),
-                             ("prefill", 1), ("decode_step", 1)]}
+                for s, b in [("preprocess", 1), ("vision_encoder", 1), ("vision_encoder", 2), ("projector", 1),
+                             ("projector", 2), ("prefill", 1), ("decode_step", 1)]}
     assert cases == expected
     for r in results["stages"]:
         lat = r["latency_ms"]
@@ -72,6 +72,21 @@ def test_end_to_end_and_ceiling(bench):
     inputs = results["inputs"]
     assert inputs["decode_past_len"] == inputs["prompt_tokens"] + 4 // 2
     assert inputs["decode_state_shapes"]["past_key_values.0.key"][2] == inputs["decode_past_len"]
+
+
+def test_time_to_first_token_is_broken_down(bench):
+    """Per backend: the batch-1 cases a first token is made of (one image's preprocessing, each image
+    stage, the prefill), their sum and what is left of the measured TTFT, in the JSON and the report."""
+    results, out = bench
+    p50 = {(r["stage"], r["backend"]): r["latency_ms"]["p50"] for r in results["stages"] if r["batch"] == 1}
+    for backend in ("torch", "onnxruntime"):
+        b = results["ttft_breakdown"][backend]
+        assert list(b["parts_ms"]) == ["preprocess", "vision_encoder", "projector", "prefill"]
+        assert b["parts_ms"] == {k: round(p50[(k, backend)], 3) for k in b["parts_ms"]}
+        assert b["sum_ms"] == pytest.approx(sum(b["parts_ms"].values()), abs=1e-2)
+        assert b["ttft_ms"] == results["end_to_end"][backend]["ttft_ms"]["p50"]
+        assert b["rest_ms"] == pytest.approx(b["ttft_ms"] - b["sum_ms"], abs=1e-2)
+    assert "Where the time to first token goes" in (out / "bench.md").read_text()
 
 
 def test_ratios_come_from_the_same_run(bench):
@@ -289,7 +304,8 @@ def test_contention_on_made_up_rows():
     assert contention([], None, None, 2) == {"busy": False, "reasons": []}
     starved = [_stage("prefill", "torch", 12.0, cpu_share=0.5),  # long enough and starved
                _stage("decode_step", "torch", 5.0, cpu_share=0.1),  # too short to judge
-               _stage("prefill", "onnxruntime", 12.0, cpu_share=0.8)]  # had its cores
+               _stage("prefill", "onnxruntime", 12.0, cpu_share=0.8),  # had its cores
+               _stage("preprocess", "torch", 11.0, cpu_share=0.5)]  # single-threaded by nature: not judged
     assert contention(starved, [1.2], [3.5], 2) == {"busy": True, "reasons": [
         "1-minute load 1.2 on 2 cores at the start",
         "1-minute load 3.5 on 2 cores at the end (this bench adds about 2)",

@@ -390,7 +390,10 @@ def test_bench_times_the_encoder_stage(blip2_t5, tmp_path):
                            requests=1, bandwidth_mb=16, out=tmp_path / "bench")
     results = run_bench(result.path, options)
     stages = {r["stage"]: r for r in results["stages"]}
-    assert set(stages) == {"vision_encoder", "qformer", "lm_encoder", "prefill", "decode_step"}
+    assert set(stages) == {"preprocess", "vision_encoder", "qformer", "lm_encoder", "prefill", "decode_step"}
+    # the first token waits for the LM encoder too
+    assert list(results["ttft_breakdown"]["onnxruntime"]["parts_ms"]) == [
+        "preprocess", "vision_encoder", "qformer", "lm_encoder", "prefill"]
     assert stages["lm_encoder"]["latency_ms"]["min"] > 0
     inputs, decoder_past = results["inputs"], len(scheme.decoder_prompt_ids) + 4 // 2
     shapes = inputs["decode_state_shapes"]

@@ -428,8 +428,8 @@ def test_bench_measures_every_stage(mllama, tmp_path):
     results = run_bench(result.path, options)
     cases = {(r["stage"], r["batch"], r["backend"]) for r in results["stages"]}
     assert cases == {(s, b, be) for be in ("torch", "onnxruntime")
-                     for s, b in [("vision_encoder", 1), ("vision_encoder", 2), ("projector", 1), ("projector", 2),
-                                  ("cross_kv", 1), ("cross_kv", 2), ("prefill", 1), ("decode_step", 1)]}
+                     for s, b in [("preprocess", 1), ("vision_encoder", 1), ("vision_encoder", 2), ("projector", 1),
+                                  ("projector", 2), ("cross_kv", 1), ("cross_kv", 2), ("prefill", 1), ("decode_step", 1)]}
     for r in results["stages"]:
         assert r["latency_ms"]["n"] == 2 and np.isfinite(r["latency_ms"]["p50"]) and r["latency_ms"]["min"] > 0
     for backend in ("torch", "onnxruntime"):

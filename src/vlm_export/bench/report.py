@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-STAGE_LABELS = {"vision_encoder": "vision", "projector": "projector", "prefill": "prefill", "decode_step": "decode step"}
+STAGE_LABELS = {"preprocess": "image bytes -> pixels", "vision_encoder": "vision", "projector": "projector",
+                "prefill": "prefill", "decode_step": "decode step"}
 
 
 def write_reports(results: dict, out: Path) -> dict[str, Path]:
@@ -100,7 +101,7 @@ def markdown(r: dict) -> str:
         if served:
             lines += ["", "The Triton row was measured side by side with a second in-process ONNX Runtime run "
                           "(in the Triton section), not with the rows above."]
-        lines += [""]
+        lines += [""] + ttft_lines(r.get("ttft_breakdown") or {})
 
     c = r["ceiling"]
     on_gpu = str(o.get("device", "cpu")).startswith("cuda")
@@ -171,6 +172,20 @@ def markdown(r: dict) -> str:
     lines += ["Timings on a shared machine are noisy: compare the ratios from one run, not absolute "
               "figures across runs.", ""]
     return "\n".join(lines)
+
+
+def ttft_lines(breakdown: dict) -> list[str]:
+    """Where each backend's time to first token goes (``run.ttft_breakdown``)."""
+    if not breakdown:
+        return []
+    parts = list(next(iter(breakdown.values()))["parts_ms"])
+    rows = [[b] + [_ms({"p50": v["parts_ms"][p]}) for p in parts] + [_ms({"p50": v["sum_ms"]}),
+                                                                    _ms({"p50": v["ttft_ms"]}), _ms({"p50": v["rest_ms"]})]
+            for b, v in breakdown.items()]
+    return ["Where the time to first token goes (ms; p50 of the batch-1 cases above, whose image and prompt are "
+            "one of the requests', so roughly); the rest is tokenizing, scheduling, the first sampling and "
+            "joining the KV buffer:", ""] + \
+        _table(["backend"] + [STAGE_LABELS.get(p, p) for p in parts] + ["sum", "TTFT p50", "the rest"], rows) + [""]
 
 
 def placement_lines(p: dict | None, options: dict) -> list[str]:
