@@ -238,3 +238,27 @@ def test_a_cached_rebuild_picks_the_same_codes_and_gptq_needs_the_inputs(chain_a
     rtn = convert.to_int8(tmp_path / "decoder.onnx", tmp_path / "c.onnx", None,
                           PrecisionOptions(int8_kernel="u8u8", weight_rounding="rtn"), cache)
     assert rtn.details["rounding"] == {"method": "rtn"} and rtn.details["calibration_cache"]["reused"]
+
+
+def test_a_gemm_head_stays_fp32_and_says_why(tmp_path):
+    """--lm-head w8 replaces MatMuls only: a head written as Gemm (with its bias) is left fp32 and the
+    manifest says why, instead of the build failing or claiming w8."""
+    import vlm_export.precision.convert as convert
+
+    rng = np.random.default_rng(2)
+    w, head = rng.standard_normal((WIDTH, WIDTH)).astype(np.float32) / 8, rng.standard_normal((WIDTH, 40)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+         helper.make_node("QuickGelu", ["h"], ["t"], name="act", domain="com.microsoft"),
+         helper.make_node("Gemm", ["t", "head", "bias"], ["logits"], name="head")], "gemm_head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["s", WIDTH])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["s", 40])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(head, "head"),
+         numpy_helper.from_array(np.zeros(40, np.float32), "bias")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]),
+              str(tmp_path / "gemm.onnx"))
+    feeds = [{"x": rng.standard_normal((9, WIDTH)).astype(np.float32)} for _ in range(4)]
+    info = convert.to_int8(tmp_path / "gemm.onnx", tmp_path / "int8.onnx", feeds,
+                           PrecisionOptions(lm_head="w8", int8_fp32_matmuls="0", int8_kernel="u8u8"))
+    assert info.details["lm_head"].startswith("fp32 (the head is not a MatMul")
+    assert "Gemm" in {n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node}

@@ -592,6 +592,8 @@ def _w8_head(model: onnx.ModelProto, head: list[str], ort_form: bool) -> str:
     if not ort_form or not head:
         return "fp32 (w8 is ONNX Runtime's MatMulNBits; TensorRT has no int8 weight blocks)"
     others = {n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in head}
+    if not weight_inputs(model, others):  # e.g. a Gemm head: MatMulNBits replaces MatMuls only
+        return "fp32 (the head is not a MatMul on a constant weight, which w8 replaces)"
     quantize_weights(model, W8_HEAD["bits"], W8_HEAD["block_size"], W8_HEAD["scheme"], "matmulnbits", others,
                      accuracy_level=WEIGHT_ACTIVATIONS["int8"])
     return f"w8 (MatMulNBits, {W8_HEAD['scheme']} blocks of {W8_HEAD['block_size']})"
