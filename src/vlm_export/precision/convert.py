@@ -578,8 +578,8 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
     return VariantInfo("int8", details)
 
 
-#: the w8 head of an int8 decoder's ONNX Runtime form: the w8 decoder's own head (MatMulNBits)
-W8_HEAD = {"bits": 8, "block_size": 32, "scheme": "asymmetric"}
+#: the w8 head of an int8 decoder's ONNX Runtime form: the w8 decoder's own default head (MatMulNBits)
+W8_HEAD = {"bits": 8, "block_size": FORM_BLOCK_SIZE["matmulnbits"], "scheme": PrecisionOptions().scheme}
 
 
 def _w8_head(model: onnx.ModelProto, head: list[str], ort_form: bool) -> str:
