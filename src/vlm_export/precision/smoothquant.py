@@ -106,26 +106,21 @@ def untie(model: onnx.ModelProto, matmuls: Iterable[str]) -> list[str]:
     """Give each of the named MatMuls whose B is the ``Transpose`` of a 2-D initializer (a tied LM
     head: the embedding table, also read by the token lookup) its own transposed copy, so that it
     can be smoothed and quantized like any weight while the lookup keeps the fp32 table. Returns
-    the MatMuls untied."""
-    inits = {i.name: i for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    names, untied = set(matmuls), []
-    for node in model.graph.node:
-        if node.op_type != "MatMul" or node.name not in names or node.input[1] in inits:
-            continue
-        source = producers.get(node.input[1])
-        perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), [1, 0]) if source else None
-        if source is None or source.op_type != "Transpose" or source.input[0] not in inits or perm != [1, 0] \
-                or len(inits[source.input[0]].dims) != 2:
-            continue
-        weight = f"{node.name}_weight"
-        model.graph.initializer.append(numpy_helper.from_array(
-            np.ascontiguousarray(numpy_helper.to_array(inits[source.input[0]]).T), weight))
-        node.input[1] = weight
-        untied.append(node.name)
-    if untied:
-        from .weight_only import drop_unused
+    the MatMuls untied. (``weight_only._targets`` finds such weights for the weight-only forms too.)"""
+    from .weight_only import _targets, drop_unused
 
+    names = set(matmuls)
+    inits = {i.name for i in model.graph.initializer}
+    others = {n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in names}
+    untied = []
+    for target in _targets(model, others):
+        if target.node.input[1] in inits:  # its own weight already
+            continue
+        weight = f"{target.node.name}_weight"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(target.weight), weight))
+        target.node.input[1] = weight
+        untied.append(target.node.name)
+    if untied:
         drop_unused(model.graph)  # the Transpose, now read by nothing
     return untied
 
