@@ -1,12 +1,14 @@
 """What decoding several sequences together buys, in-process on ONNX Runtime: the generation
-scheduler's throughput at max_batch 1, 2, 4 (same requests, EOS ignored) and one decode step's
-latency per batch size. Records benchmarks/results/<name>/batch.json and batch.md.
+scheduler's throughput at max_batch 1, 2, 4, 8 (same requests, EOS ignored), one decode step's
+latency per batch size (on the in-place KV buffer where the build has one), one request's image path +
+prefill, and from those the ceiling: the throughput ratio no scheduler can beat with these costs.
+Records benchmarks/results/<name>/batch.json and batch.md.
 
     python benchmarks/batch_decode.py build/demo --name demo
 
 A decode step of a small LM reads every weight once whatever the batch, so a step for 4 rows
 should cost far less than 4 steps for 1; this measures how much less on the machine at hand.
-Batch sizes take turns in mirrored blocks (1 2 4, 4 2 1) so a busy spell hits all alike.
+Batch sizes take turns in mirrored blocks (1 2 4 8, 8 4 2 1) so a busy spell hits all alike.
 """
 from __future__ import annotations
 
@@ -55,14 +57,23 @@ def main() -> None:
         return time.perf_counter() - start
 
     walls = measure.alternating({str(b): lambda b=b: run(b) for b in batches}, warmup=0, n=args.rounds)
-    # one decode step at a realistic past length, per batch size
+    # one decode step at a realistic past length, per batch size, on the state the scheduler runs (the
+    # in-place buffer where the build has one); and one request's own work: its image path + prefill
     past = len(pipe.prompt_ids(QUESTIONS[0], 1)) + args.new_tokens // 2
     rng = np.random.default_rng(0)
     steps = {}
     for b in batches:
-        feeds = pipe.scheme.step_feeds(pipe.scheme.synthetic_batch(b, past, rng), np.zeros(b, np.int64))
-        steps[str(b)] = lambda f=feeds: pipe.decode(f)
+        state = {"batch": pipe.running(pipe.scheme.synthetic_batch(b, past, rng), [past + 512] * b)}
+
+        def step(state=state, b=b):
+            _, state["batch"] = pipe.step(state["batch"], np.zeros(b, np.int64))
+        steps[str(b)] = step
     step_ms = measure.alternating({k: measure.timed(v) for k, v in steps.items()}, warmup=3, n=20)
+    first = requests[0]
+    ids = pipe.prompt_ids(first.prompt, 1)
+    prefill_ms = measure.summarize([w for w, _ in measure.alternating({"prefill": measure.timed(
+        lambda: pipe.prefill_batch([ids], [pipe.encode_images(pipe.pixel_values(first.images), prompt=first.prompt)]))},
+        warmup=2, n=10)["prefill"]])
 
     tokens = len(requests) * args.new_tokens
     rows = []
@@ -73,26 +84,38 @@ def main() -> None:
                      "tokens_per_s": round(tokens / wall, 2), "decode_step_ms": step,
                      "decode_step_ms_per_row": round(step["p50"] / b, 3)})
     base = rows[0]
+    # The best a scheduler can do with these costs: b requests' prefills one after another (they are
+    # compute bound: a batch of prefills costs their sum) and then N steps of b rows, against b
+    # requests alone. Above it nothing but cheaper prefills or a cheaper b-row step helps.
+    prefill, step1 = prefill_ms["p50"], rows[0]["decode_step_ms"]["p50"]
     for r in rows:
         r["throughput_vs_batch1"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
+        b = r["max_batch"]
+        r["ceiling_vs_batch1"] = round(b * (prefill + args.new_tokens * step1)
+                                       / (b * prefill + args.new_tokens * r["decode_step_ms"]["p50"]), 3)
     out = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "build": str(args.build),
            "machine": measure.machine(), "load_average": measure.load_average(),
            "settings": {"new_tokens": args.new_tokens, "ignore_eos": True, "greedy": True, "rounds": args.rounds,
-                        "decode_past": past, "threads": args.threads or "ONNX Runtime default (every core)",
+                        "decode_past": past, "decode_state": "in place" if pipe.kv_in_place else "copying",
+                        "threads": args.threads or "ONNX Runtime default (every core)",
                         "prefill": "each request alone, then it joins the running batch"},
            "decoder_precision": read_manifest(args.build)["graphs"][pipe.scheme.decoder_stage]["precision"],
-           "backend": pipe.backend, "rows": rows}
+           "backend": pipe.backend, "prefill_ms": prefill_ms, "rows": rows}
     folder = RESULTS / (args.name or args.build.name)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "batch.json").write_text(json.dumps(out, indent=2))
     lines = [f"# Batched decoding: {args.build.name}", "",
              f"{out['created']}, {out['machine']['cpu']} ({out['machine']['usable_cores']} cores), load {out['load_average']}. "
              f"{len(requests)} easy-vqa requests (one image each), {args.new_tokens} new tokens each (EOS ignored), greedy; "
-             f"median of {args.rounds} rounds. Decode step at past {past}, p50 of 20.", "",
-             "| max_batch | tokens/s | vs batch 1 | wall (s) | decode step p50 (ms) | per row (ms) |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             f"median of {args.rounds} rounds. Decode step at past {past} ({out['settings']['decode_state']} KV), "
+             f"p50 of 20. One request's image path + prefill alone: {prefill_ms['p50']} ms (p50 of 10).", "",
+             "The ceiling is the most a scheduler can reach with these costs: b prefills one after another "
+             "(compute bound) then the new tokens in b-row steps, against b requests alone.", "",
+             "| max_batch | tokens/s | vs batch 1 | ceiling vs batch 1 | wall (s) | decode step p50 (ms) | per row (ms) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['max_batch']} | {r['tokens_per_s']} | {r['throughput_vs_batch1']}x | {r['wall_s']} | "
+        lines.append(f"| {r['max_batch']} | {r['tokens_per_s']} | {r['throughput_vs_batch1']}x | "
+                     f"{r['ceiling_vs_batch1']}x | {r['wall_s']} | "
                      f"{r['decode_step_ms']['p50']} | {r['decode_step_ms_per_row']} |")
     (folder / "batch.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
