@@ -30,6 +30,8 @@ TINY_MODELS = {
     "llava-llama": (make_tiny_llava, {"family": "llama"}),
     "llava-qwen2-full-multilayer": (make_tiny_llava, {"family": "qwen2", "strategy": "full", "feature_layer": [-2, -1]}),
     "llava-mistral": (make_tiny_llava, {"family": "mistral"}),
+    "llava-siglip-qwen3": (make_tiny_llava, {"family": "qwen3", "tower": "siglip", "strategy": "full", "feature_layer": -1}),
+    "llava-gemma3": (make_tiny_llava, {"family": "gemma3"}),
     "prefix-llama": (make_tiny_prefix, {"family": "llama"}),
     "blip2-opt": (make_tiny_blip2, {"family": "opt"}),
     "blip2-llama": (make_tiny_blip2, {"family": "llama"}),

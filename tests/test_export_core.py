@@ -173,3 +173,58 @@ def test_verify_flags_graphs_changed_since_the_build(tiny_build, tmp_path):
     onnx.save(graph, str(copy / "graphs" / "projector.onnx"))
     result = verify(copy, BuildOptions(parity_new_tokens=4))
     assert result.failures == ["graphs/projector.onnx changed since the build (sha256 mismatch)"]
+
+
+def test_llava_tokens_per_image_follow_the_tower(tiny_model_dir):
+    """CLIP's positions include a CLS token, SigLIP's do not: the adapter counts the tower's own
+    position embeddings (less the first token for "default"), never the family."""
+    from transformers import AutoConfig
+
+    for name, want in (("llava-llama", 16), ("llava-siglip-qwen3", 16), ("llava-qwen2-full-multilayer", 17)):
+        path = tiny_model_dir(name)
+        adapter = adapter_for(path)
+        loaded = adapter.load(path)
+        assert adapter.prompt_layout(loaded).tokens_per_image == want, name
+        v = AutoConfig.from_pretrained(path).vision_config
+        assert (v.image_size // v.patch_size) ** 2 == 16
+
+
+def test_llava_with_a_variable_resolution_tower_is_refused(tmp_path):
+    """A Pixtral tower (its tokens per image vary with each image) gets a one-line AdapterError."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, PixtralVisionConfig
+
+    from tiny_models import IMAGE_TOKEN_ID, _save_tokenizer_and_processor, _text_config
+    from vlm_export.errors import AdapterError
+
+    vision = PixtralVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2, head_dim=16)
+    cfg = LlavaConfig(vision_config=vision, text_config=_text_config("llama"), image_token_id=IMAGE_TOKEN_ID)
+    LlavaForConditionalGeneration(cfg).save_pretrained(tmp_path)
+    _save_tokenizer_and_processor(tmp_path, 32)
+    with pytest.raises(AdapterError, match="fixed position embeddings .*'pixtral'") as e:
+        adapter_for(tmp_path).load(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_a_head_size_the_fused_rotary_refuses_builds_unfused(tmp_path):
+    """ONNX Runtime's GroupQueryAttention refuses do_rotary for a head size that is not a multiple of
+    16: such a decoder's attention stays unfused (the reason in the manifest) and the build passes,
+    instead of failing in its parity run."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from tiny_models import IMAGE_TOKEN_ID, TEXT_FAMILIES, _save_tokenizer_and_processor, _text_config, _vision_config
+    from vlm_export.build import BuildOptions, build
+
+    model = tmp_path / "model"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(TEXT_FAMILIES, "llama", ("llama", {"head_dim": 24}))
+        text = _text_config("llama")
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(LlavaConfig(vision_config=_vision_config(), text_config=text,
+                                              image_token_id=IMAGE_TOKEN_ID)).save_pretrained(model)
+    _save_tokenizer_and_processor(model, 32)
+    result = build(model, tmp_path / "build", BuildOptions(max_sequence=128, parity_new_tokens=8))
+    assert result.failures == []
+    fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
+    assert fusion["made"] and fusion["fusions"]["attention"] == 0
+    assert any("head size 24 with rotary is not a multiple of 16" in n for n in fusion["notes"])

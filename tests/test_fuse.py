@@ -72,7 +72,11 @@ def _step(feeds, out, tokens):
     return feeds
 
 
-@pytest.mark.parametrize("name", ["llava-llama", "llava-mistral"])
+#: text families whose q/k pass through a per-head RMSNorm (Qwen3 before the transpose, Gemma 3 after)
+QK_NORM = {"llava-siglip-qwen3", "llava-gemma3"}
+
+
+@pytest.mark.parametrize("name", ["llava-llama", "llava-mistral", *sorted(QK_NORM)])
 def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_path, name):
     src = _decoder_graph(tiny_build(name))
     dst = tmp_path / "lm_decoder.fused.onnx"
@@ -90,9 +94,10 @@ def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers
     assert ops["Neg"] == 0 and ops["Sin"] == 0  # rotate-half and the angle sub-graph are gone
     # the attention is one kernel per layer, rotary inside: no softmax, no repeat_kv copies, no KV
-    # Concat, no separate rotary left; it reads the packed q/k/v (only gate/up keep their Split)
+    # Concat, no separate rotary left; it reads the packed q/k/v (only gate/up keep their Split) -
+    # or, after a per-head q/k norm, the normed q and k reshaped back and v from the packed Split
     assert ops["GroupQueryAttention"] == layers and ops["Softmax"] == 0 and ops["RotaryEmbedding"] == 0
-    assert ops["Split"] == layers
+    assert ops["Split"] == layers * (2 if name in QK_NORM else 1)
     producers = {o: n for n in fused.graph.node for o in n.output}
     config = json.loads((tiny_model_dir(name) / "config.json").read_text())["text_config"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
@@ -100,9 +105,14 @@ def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         # read from the graph's shapes and scale constant, never from the model type
         assert attrs["num_heads"] == heads and attrs["kv_num_heads"] == kv_heads
-        assert attrs["scale"] == pytest.approx((config["hidden_size"] // heads) ** -0.5)
+        head_size = config.get("head_dim") or config["hidden_size"] // heads
+        assert attrs["scale"] == pytest.approx(config.get("query_pre_attn_scalar", head_size) ** -0.5)
         assert attrs["do_rotary"] == 1 and node.input[9] == "position_ids"  # the runtime's positions
-        assert producers[node.input[0]].op_type == "MatMul" and list(node.input[1:3]) == ["", ""]  # packed QKV
+        if name in QK_NORM:  # the norm's output, (batch, sequence, heads x head size) again
+            assert producers[node.input[0]].op_type == producers[node.input[1]].op_type == "Reshape"
+            assert producers[node.input[2]].op_type == "Split"
+        else:
+            assert producers[node.input[0]].op_type == "MatMul" and list(node.input[1:3]) == ["", ""]  # packed QKV
     onnx.checker.check_model(fused)  # every new op is com.microsoft's, which the checker accepts
     # same I/O contract: the runtime feeds it exactly as the exported graph
     assert [i.name for i in fused.graph.input] == [i.name for i in base.graph.input]

@@ -53,34 +53,50 @@ def _save_tokenizer_and_processor(path: Path, image_size: int) -> None:
                        crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
 
 
+#: text families past the default Llama shape: (HF model type, what it changes)
+TEXT_FAMILIES = {
+    "llama": ("llama", {}),
+    "mistral": ("mistral", {}),
+    "qwen2": ("qwen2", {}),  # q/k/v biases
+    "qwen3": ("qwen3", {"head_dim": 32}),  # per-head q/k RMSNorm before the transpose, head size != hidden / heads
+    # per-head q/k RMSNorm after the transpose, (1 + w) norms, scaled embeddings, a 16-position sliding window
+    "gemma3": ("gemma3_text", {"head_dim": 16, "sliding_window": 16}),
+}
+
+
 def _text_config(family: str):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import AutoConfig
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   eos_token_id=2, bos_token_id=1, pad_token_id=2)
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
-    return cls(**common)
+    model_type, extra = TEXT_FAMILIES[family]
+    return AutoConfig.for_model(model_type, **common, **extra)
 
 
-def _vision_config(image_size: int = 32):
-    from transformers import CLIPVisionConfig
+def _vision_config(image_size: int = 32, tower: str = "clip"):
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
 
-    return CLIPVisionConfig(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64,
-                            num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+    sizes = dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64,
+                 num_hidden_layers=2, num_attention_heads=2)
+    if tower == "siglip":  # no CLS token: its tokens per image are its patches
+        return SiglipVisionConfig(**sizes)
+    return CLIPVisionConfig(**sizes, projection_dim=32)
 
 
 def make_tiny_llava(path: Path, family: str = "llama", seed: int = 0, strategy: str = "default",
-                    feature_layer: int | list[int] = -2) -> Path:
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+                    feature_layer: int | list[int] = -2, tower: str = "clip") -> Path:
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipImageProcessor
 
     torch.manual_seed(seed)
-    cfg = LlavaConfig(vision_config=_vision_config(), text_config=_text_config(family),
+    cfg = LlavaConfig(vision_config=_vision_config(tower=tower), text_config=_text_config(family),
                       image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=feature_layer,
-                      vision_feature_select_strategy=strategy)
+                      vision_feature_select_strategy=strategy, multimodal_projector_bias=tower == "clip")
     model = LlavaForConditionalGeneration(cfg).eval()
     model.save_pretrained(path)
     _save_tokenizer_and_processor(path, 32)
+    if tower == "siglip":  # SigLIP's own processor: a plain resize, no crop
+        SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
     return path
 
 

@@ -1,7 +1,8 @@
 """LLaVA: Hugging Face ``LlavaForConditionalGeneration``.
 
-CLIP-style vision tower -> hidden states of ``vision_feature_layer`` (one layer, or several
-concatenated) -> CLS dropped for ``vision_feature_select_strategy="default"`` -> the
+ViT-style vision tower with fixed position embeddings (CLIP, SigLIP) -> hidden states of
+``vision_feature_layer`` (one layer, or several concatenated) -> the first token dropped for
+``vision_feature_select_strategy="default"`` (CLIP's CLS; HF drops it whatever the tower) -> the
 multi-modal projector -> one embedding per patch, spliced at the image-token positions of any
 Hugging Face causal LM (Llama, Mistral, Qwen2, ...).
 """
@@ -28,19 +29,34 @@ class LlavaVisionEncoder(nn.Module):
         super().__init__()
         self.vision_tower = vision_tower
         self.layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
-        self.drop_cls = strategy == "default"
+        self.drop_first = strategy == "default"
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
-        picked = [hidden[i][:, 1:] if self.drop_cls else hidden[i] for i in self.layers]
+        picked = [hidden[i][:, 1:] if self.drop_first else hidden[i] for i in self.layers]
         return picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
+
+
+def tower_positions(tower: nn.Module) -> int:
+    """Tokens a fixed-resolution ViT tower emits per image: its position embeddings' count (CLIP's
+    count includes the CLS token, SigLIP's has none). A tower without them (a variable-resolution one
+    such as Pixtral's) is refused: its token count depends on each image, which this adapter's
+    fixed-shape image path does not model."""
+    for name, module in tower.named_modules():
+        if name.split(".")[-1] == "embeddings" and isinstance(getattr(module, "num_positions", None), int):
+            return module.num_positions
+    raise AdapterError(
+        f"the llava adapter needs a vision tower with fixed position embeddings (CLIP, SigLIP), not "
+        f"{getattr(tower.config, 'model_type', type(tower).__name__)!r} (its tokens per image vary); "
+        "write an adapter for it (see README)")
 
 
 @register
 class LlavaAdapter(VLMAdapter):
     name = "llava"
     model_types = ("llava",)
-    description = "Hugging Face LlavaForConditionalGeneration (CLIP tower + MLP projector + any HF causal LM)"
+    description = ("Hugging Face LlavaForConditionalGeneration (CLIP or SigLIP tower + MLP projector + any HF "
+                   "causal LM)")
 
     def load(self, path: Path) -> LoadedModel:
         from transformers import LlavaForConditionalGeneration
@@ -52,11 +68,7 @@ class LlavaAdapter(VLMAdapter):
                 f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} in {path} is not "
                 "supported (expected 'default' or 'full')"
             )
-        if getattr(model.model.vision_tower.config, "model_type", "") != "clip_vision_model":
-            raise AdapterError(
-                f"the llava adapter supports CLIP vision towers (others are untested), not "
-                f"{model.model.vision_tower.config.model_type!r}; write an adapter for it (see README)"
-            )
+        tower_positions(model.model.vision_tower)  # refuses a tower without fixed position embeddings
         return LoadedModel(self, Path(path), model, tokenizer, processor, cfg)
 
     def stages(self, loaded: LoadedModel) -> list[Stage]:
@@ -74,10 +86,9 @@ class LlavaAdapter(VLMAdapter):
         return SplicedScheme(self.geometry(loaded), loaded.config.image_token_id)
 
     def tokens_per_image(self, loaded: LoadedModel) -> int:
-        # the llava adapter takes CLIP towers only (checked in load), which have a CLS token
-        v = loaded.config.vision_config
-        patches = (v.image_size // v.patch_size) ** 2
-        return patches + (1 if loaded.config.vision_feature_select_strategy == "full" else 0)
+        # the tower's own positions (CLIP: patches + CLS; SigLIP: patches), less the first for "default"
+        positions = tower_positions(loaded.model.model.vision_tower)
+        return positions - (1 if loaded.config.vision_feature_select_strategy == "default" else 0)
 
     def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
         token = loaded.tokenizer.convert_ids_to_tokens(loaded.config.image_token_id)

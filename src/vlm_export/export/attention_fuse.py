@@ -66,6 +66,7 @@ import onnx
 from onnx import helper
 
 from ..contract.scheme import KV_IN_PLACE
+from .patterns import rms_norm
 
 MS_DOMAIN = "com.microsoft"
 
@@ -103,30 +104,67 @@ def _dims(g, name: str, rank: int) -> list:
     return shape
 
 
+def _per_head_norm(g, name: str) -> str | None:
+    """``name`` = RMSNorm(x) over the head size (a per-head q/k norm: Qwen3's before the transpose,
+    Gemma 3's after it): x, else None."""
+    node = g.producer.get(name)
+    if node is None or node.op_type != "Mul":
+        return None
+    seen, frontier = set(), [node]
+    for _ in range(6):  # the norm's ReduceMean is five nodes above its affine Mul
+        above = [g.producer.get(i) for n in frontier for i in n.input]
+        frontier = [n for n in above if n is not None and id(n) not in seen]
+        seen |= {id(n) for n in frontier}
+        for reduce in (n for n in frontier if n.op_type == "ReduceMean"):
+            match = rms_norm(g, reduce)
+            if match is not None and match[4] == name:
+                return match[0]
+    return None
+
+
 def _heads(g, name: str, rotary_ok: bool):
-    """``name`` = [RotaryEmbedding](Transpose(0,2,1,3)(Reshape(x3, (B, S, heads, head_size)))).
-    Returns (x3, rotary node or None, heads, head_size)."""
+    """``name`` = [RotaryEmbedding]([norm](Transpose(0,2,1,3)([norm](Reshape(x3, (B, S, heads, head_size)))))),
+    the norm a per-head RMSNorm (``_per_head_norm``) on either side of the transpose or none.
+    Returns (x3, rotary node or None, heads, head_size, nodes to add): with a norm, x3 is the normed
+    heads reshaped back to (B, S, heads x head_size) by the added nodes (the norm stays; the kernel
+    reads what it wrote)."""
     node, rotary = g.producer.get(name), None
     if rotary_ok and node is not None and node.op_type == "RotaryEmbedding" and node.domain == MS_DOMAIN:
         if len(node.input) != 4 or g.attr(node, "interleaved", 0) != 0 or g.attr(node, "rotary_embedding_dim", 0) \
                 or g.attr(node, "is_packed_batching", 0) or g.attr(node, "scale", 1.0) != 1.0:
             raise _NoMatch(f"{node.name}: a rotary embedding other than the full-width rotate-half one")
-        rotary, node = node, g.producer.get(node.input[0])
+        rotary, name = node, node.input[0]
     elif rotary_ok and node is not None and node.op_type in ("Add", "Concat"):
         raise _NoMatch(f"{name}: q/k come from an unfused rotary embedding (the rotary pass runs first)")
+    below = _per_head_norm(g, name)  # Gemma 3: the norm after the transpose
+    normed_bnsh = name if below else None
+    node = g.producer.get(below or name)
     if node is None or node.op_type != "Transpose" or list(g.attr(node, "perm", [])) != [0, 2, 1, 3]:
         raise _NoMatch(f"{name}: heads not from Transpose(0, 2, 1, 3)")
     _, heads, _, head_size = _dims(g, node.output[0], 4)  # the rotary's output may carry no shape
     if not isinstance(heads, int) or not isinstance(head_size, int):
         raise _NoMatch(f"{name}: heads/head size not static")
-    reshape = g.producer.get(node.input[0])
+    above = None if normed_bnsh else _per_head_norm(g, node.input[0])  # Qwen3: the norm before it
+    normed_bsnh = node.input[0] if above else None
+    reshape = g.producer.get(above or node.input[0])
     if reshape is None or reshape.op_type != "Reshape":
         raise _NoMatch(f"{name}: heads not from a Reshape of the projection")
     x3 = reshape.input[0]
     hidden = _dims(g, x3, 3)[2]
     if hidden != heads * head_size:
         raise _NoMatch(f"{x3}: width {hidden} is not {heads} heads x {head_size}")
-    return x3, rotary, heads, head_size
+    added: list[onnx.NodeProto] = []
+    if normed_bnsh or normed_bsnh:
+        src = normed_bsnh or f"{normed_bnsh}_bsnh"
+        if normed_bnsh:
+            added.append(helper.make_node("Transpose", [normed_bnsh], [src], name=src, perm=[0, 2, 1, 3]))
+        flat = f"{src}_flat"
+        g.types[flat] = helper.make_tensor_value_info(flat, g.elem_type(x3), _dims(g, x3, 3)).type.tensor_type
+        x3 = flat
+        added += [helper.make_node("Constant", [], [f"{x3}_shape"], name=f"{x3}_shape", value=helper.make_tensor(
+                      f"{x3}_shape", onnx.TensorProto.INT64, [3], [0, 0, heads * head_size])),
+                  helper.make_node("Reshape", [src, f"{x3}_shape"], [x3], name=x3)]
+    return x3, rotary, heads, head_size, added
 
 
 def _unrepeat(g, name: str) -> tuple[str, int]:
@@ -184,16 +222,16 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
     if transpose is None or transpose.op_type != "Transpose" or list(g.attr(transpose, "perm", [])) != [0, 1, 3, 2]:
         raise _NoMatch(f"{mm.name}: K^T is not Transpose(0, 1, 3, 2)")
     present_k, k_rep = _unrepeat(g, transpose.input[0])
-    q3, q_rot, heads, head_size = _heads(g, q4, rotary_ok=True)
+    q3, q_rot, heads, head_size, q_added = _heads(g, q4, rotary_ok=True)
     k_cat, past_k, k4 = _cache(g, present_k, graph_inputs)
-    k3, k_rot, kv_heads, k_head_size = _heads(g, k4, rotary_ok=True)
+    k3, k_rot, kv_heads, k_head_size, k_added = _heads(g, k4, rotary_ok=True)
     # softmax -> MatMul(probs, repeat_kv(present_v)) -> Transpose(0,2,1,3) -> Reshape(B, S, hidden)
     pv = g.sole_consumer(softmax.output[0], "MatMul")
     if pv is None or pv.input[0] != softmax.output[0]:
         raise _NoMatch(f"{softmax.name}: the probabilities are not only multiplied by V")
     present_v, v_rep = _unrepeat(g, pv.input[1])
     v_cat, past_v, v4 = _cache(g, present_v, graph_inputs)
-    v3, _, v_heads, v_head_size = _heads(g, v4, rotary_ok=False)
+    v3, _, v_heads, v_head_size, v_added = _heads(g, v4, rotary_ok=False)
     back = g.sole_consumer(pv.output[0], "Transpose")
     out = back and g.sole_consumer(back.output[0], "Reshape")
     if back is None or list(g.attr(back, "perm", [])) != [0, 2, 1, 3] or out is None:
@@ -206,6 +244,9 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
                        f"v {v_heads}x{v_head_size} repeated {v_rep} do not make grouped-query attention")
     if (q_rot is None) != (k_rot is None) or (q_rot is not None and list(q_rot.input[1:]) != list(k_rot.input[1:])):
         raise _NoMatch(f"{softmax.name}: q and k are not rotated alike")
+    if q_rot is not None and head_size % 16:
+        # ONNX Runtime 1.32's kernel refuses do_rotary at such sizes ("head_size shall be a multiple of 16")
+        raise _NoMatch(f"{softmax.name}: head size {head_size} with rotary is not a multiple of 16")
     if q_rot is not None:
         pos, cos = q_rot.input[1], g.const(q_rot.input[2])
         if len(g.shape(pos) or []) != 2 or cos is None or cos.ndim != 2 or cos.shape[1] * 2 != head_size:
@@ -216,7 +257,7 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
         raise _NoMatch(f"{bias}: the mask's head dimension {bias_shape[1]} is neither 1 nor {heads}")
     if not np.isfinite(scale) or scale <= 0:
         raise _NoMatch(f"{softmax.name}: scale {scale}")
-    return dict(q3=q3, k3=k3, v3=v3, q_rot=q_rot, k_rot=k_rot, past_k=past_k, past_v=past_v,
+    return dict(q3=q3, k3=k3, v3=v3, added=q_added + k_added + v_added, q_rot=q_rot, k_rot=k_rot, past_k=past_k, past_v=past_v,
                 present_k=present_k, present_v=present_v, k_cat=k_cat, v_cat=v_cat, out=out, bias=bias,
                 mask=_mask_input(g, bias),
                 heads=heads, kv_heads=kv_heads, head_size=head_size, scale=scale)
@@ -312,7 +353,7 @@ def fuse_attention(g, report) -> None:
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
         mask = m["mask"]
-        new: list[onnx.NodeProto] = []
+        new: list[onnx.NodeProto] = list(m["added"])
         # layers whose additive masks have the same named new-token dim - every layer of an exported
         # decoder, sliding-window ones included - share one seqlens_k/total; unnamed dims get their own
         sequence = g.shape(m["bias"])[2]

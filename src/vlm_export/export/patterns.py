@@ -1,0 +1,48 @@
+"""Sub-graph patterns more than one fusion pass reads (the exporter's spelling of a layer's pieces)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+
+def rms_norm(g, reduce: onnx.NodeProto):
+    """Match Pow(X,2)|Mul(X,X) -> ReduceMean(last axis) -> Add(eps) -> Sqrt -> Reciprocal|Div(1,.)
+    -> Mul(X,.) -> Mul(., gamma) from its ReduceMean; returns (x, gamma, eps, nodes, y) or None."""
+    if g.attr(reduce, "keepdims", 1) != 1:
+        return None
+    axes = g.attr(reduce, "axes")
+    if axes is None and len(reduce.input) > 1:
+        axes = g.const(reduce.input[1])
+    x_shape = g.shape(reduce.input[0])
+    if axes is None or len(np.atleast_1d(axes)) != 1:
+        return None
+    axis = int(np.atleast_1d(axes)[0])
+    if axis != -1 and not (x_shape is not None and axis == len(x_shape) - 1):
+        return None
+    square = g.parent(reduce, 0, ("Pow", "Mul"))
+    if square is None:
+        return None
+    x = square.input[0]
+    if square.op_type == "Pow" and g.scalar(square.input[1]) != 2.0:
+        return None
+    if square.op_type == "Mul" and square.input[1] != x:
+        return None
+    if g.sole_consumer(square.output[0], "ReduceMean") is not reduce:
+        return None
+    add = g.sole_consumer(reduce.output[0], "Add")
+    eps = g.scalar(g.other_input(add, reduce.output[0]) or "") if add is not None else None
+    if eps is None or not 0 < eps < 1e-2:
+        return None
+    sqrt = g.sole_consumer(add.output[0], "Sqrt")
+    inv = sqrt and g.sole_consumer(sqrt.output[0], ("Reciprocal", "Div"))
+    if inv is None or (inv.op_type == "Div" and (inv.input[1] != sqrt.output[0] or g.scalar(inv.input[0]) != 1.0)):
+        return None
+    scale = g.sole_consumer(inv.output[0], "Mul")
+    if scale is None or g.other_input(scale, inv.output[0]) != x:
+        return None
+    affine = g.sole_consumer(scale.output[0], "Mul")
+    gamma_name = affine and g.other_input(affine, scale.output[0])
+    gamma = g.const(gamma_name) if gamma_name else None
+    if gamma is None or gamma.ndim != 1 or (x_shape and isinstance(x_shape[-1], int) and gamma.shape[0] != x_shape[-1]):
+        return None
+    return x, gamma_name, eps, [square, reduce, add, sqrt, inv, scale, affine], affine.output[0]
