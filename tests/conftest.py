@@ -31,7 +31,7 @@ TINY_MODELS = {
     "llava-qwen2-full-multilayer": (make_tiny_llava, {"family": "qwen2", "strategy": "full", "feature_layer": [-2, -1]}),
     "llava-mistral": (make_tiny_llava, {"family": "mistral"}),
     "llava-siglip-qwen3": (make_tiny_llava, {"family": "qwen3", "tower": "siglip", "strategy": "full", "feature_layer": -1}),
-    "llava-gemma3": (make_tiny_llava, {"family": "gemma3"}),
+    "llava-gemma3": (make_tiny_llava, {"family": "gemma3", "hf_processor": True}),  # saved as llava-hf checkpoints are
     "prefix-llama": (make_tiny_prefix, {"family": "llama"}),
     "blip2-opt": (make_tiny_blip2, {"family": "opt"}),
     "blip2-llama": (make_tiny_blip2, {"family": "llama"}),

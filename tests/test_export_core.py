@@ -180,13 +180,38 @@ def test_llava_tokens_per_image_follow_the_tower(tiny_model_dir):
     position embeddings (less the first token for "default"), never the family."""
     from transformers import AutoConfig
 
-    for name, want in (("llava-llama", 16), ("llava-siglip-qwen3", 16), ("llava-qwen2-full-multilayer", 17)):
+    for name, want in (("llava-llama", 16), ("llava-siglip-qwen3", 16), ("llava-qwen2-full-multilayer", 17),
+                       ("llava-gemma3", 36)):
         path = tiny_model_dir(name)
         adapter = adapter_for(path)
         loaded = adapter.load(path)
         assert adapter.prompt_layout(loaded).tokens_per_image == want, name
         v = AutoConfig.from_pretrained(path).vision_config
-        assert (v.image_size // v.patch_size) ** 2 == 16
+        assert (v.image_size // v.patch_size) ** 2 == want - (1 if "full" in name else 0)
+
+
+def test_prompt_ids_equal_the_llava_processors_own(tiny_build, tiny_model_dir):
+    """A checkpoint saved as llava-hf saves one (LlavaProcessor, a chat template over typed content parts
+    that writes "<image>" itself): the build's prompt ids for one turn and for a conversation are the
+    ones the model's own processor makes; a text LM's template (SmolLM2's) keeps string turns."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from vlm_export.datasets import load_split
+
+    assert open_build(tiny_build("llava-gemma3").path).layout.chat_parts
+    assert not open_build(tiny_build("llava-llama").path).layout.chat_parts
+    processor = AutoProcessor.from_pretrained(tiny_model_dir("llava-gemma3"))
+    pipe = open_build(tiny_build("llava-gemma3").path)
+    image = Image.open(load_split("test", 1)[0].image).convert("RGB")
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}]
+    chat = turn + [{"role": "assistant", "content": [{"type": "text", "text": "circle"}]},
+                   {"role": "user", "content": [{"type": "text", "text": "And its color?"}]}]
+    for messages in (turn, chat):
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        want = processor(text=text, images=[image], return_tensors="np")["input_ids"][0].tolist()
+        assert pipe.prompt_ids(messages, 1) == want
+    assert pipe.prompt_ids("What shape is it?", 1) == pipe.prompt_ids(turn, 1)
 
 
 def test_llava_with_a_variable_resolution_tower_is_refused(tmp_path):
@@ -228,3 +253,22 @@ def test_a_head_size_the_fused_rotary_refuses_builds_unfused(tmp_path):
     fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
     assert fusion["made"] and fusion["fusions"]["attention"] == 0
     assert any("head size 24 with rotary is not a multiple of 16" in n for n in fusion["notes"])
+
+
+def test_an_lm_whose_token_embeddings_are_narrower_than_its_hidden_size_is_refused(tmp_path):
+    """OPT-350m projects 512-wide word embeddings to its 1024 hidden size: image embeddings (hidden
+    wide) cannot take token positions (HF's masked_scatter cuts them up silently). One line, no folder."""
+    from transformers import OPTConfig
+
+    from tiny_models import _blip_text_tokenizer, _padded_vocab, _save_tiny_blip2
+    from vlm_export.build import BuildOptions, build
+    from vlm_export.errors import AdapterError
+
+    tok = _blip_text_tokenizer()
+    text = OPTConfig(vocab_size=_padded_vocab(len(tok)), hidden_size=64, word_embed_proj_dim=32, ffn_dim=128,
+                     num_hidden_layers=1, num_attention_heads=4, do_layer_norm_before=False,
+                     eos_token_id=2, bos_token_id=1, pad_token_id=2)
+    _save_tiny_blip2(tmp_path / "model", tok, text, 0, 4)
+    with pytest.raises(AdapterError, match="token embeddings are 32 wide but its hidden size .* is 64") as e:
+        build(tmp_path / "model", tmp_path / "build", BuildOptions(max_sequence=128))
+    assert "\n" not in str(e.value) and not (tmp_path / "build").exists()

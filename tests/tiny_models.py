@@ -64,10 +64,10 @@ TEXT_FAMILIES = {
 }
 
 
-def _text_config(family: str):
+def _text_config(family: str, vocab_size: int = VOCAB):
     from transformers import AutoConfig
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   eos_token_id=2, bos_token_id=1, pad_token_id=2)
     model_type, extra = TEXT_FAMILIES[family]
@@ -84,19 +84,44 @@ def _vision_config(image_size: int = 32, tower: str = "clip"):
     return CLIPVisionConfig(**sizes, projection_dim=32)
 
 
+#: LLaVA-1.5's chat template as llava-hf ships it with its LlavaProcessor: content as typed parts, the
+#: template writes "<image>\n" for each image part itself
+LLAVA_HF_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
 def make_tiny_llava(path: Path, family: str = "llama", seed: int = 0, strategy: str = "default",
-                    feature_layer: int | list[int] = -2, tower: str = "clip") -> Path:
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipImageProcessor
+                    feature_layer: int | list[int] = -2, tower: str = "clip", hf_processor: bool = False) -> Path:
+    """``hf_processor``: saved as llava-hf checkpoints are - "<image>" added to the tokenizer (the
+    embedding table padded past it), a LlavaProcessor with LLaVA-1.5's chat template, 48 px images -
+    instead of a tokenizer whose own (text) chat template and reserved token serve."""
+    from transformers import (AddedToken, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+                              SiglipImageProcessor)
 
     torch.manual_seed(seed)
-    cfg = LlavaConfig(vision_config=_vision_config(tower=tower), text_config=_text_config(family),
-                      image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=feature_layer,
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    image_token_id, vocab, size = IMAGE_TOKEN_ID, VOCAB, 32
+    if hf_processor:
+        tok.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
+        image_token_id, vocab, size = tok.convert_tokens_to_ids("<image>"), _padded_vocab(len(tok)), 48
+    cfg = LlavaConfig(vision_config=_vision_config(image_size=size, tower=tower), text_config=_text_config(family, vocab),
+                      image_token_id=image_token_id, vision_feature_layer=feature_layer,
                       vision_feature_select_strategy=strategy, multimodal_projector_bias=tower == "clip")
     model = LlavaForConditionalGeneration(cfg).eval()
     model.save_pretrained(path)
-    _save_tokenizer_and_processor(path, 32)
+    if hf_processor:
+        from transformers import CLIPImageProcessor
+
+        image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8, vision_feature_select_strategy=strategy,
+                       num_additional_image_tokens=1, chat_template=LLAVA_HF_CHAT_TEMPLATE).save_pretrained(path)
+        return path
+    _save_tokenizer_and_processor(path, size)
     if tower == "siglip":  # SigLIP's own processor: a plain resize, no crop
-        SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+        SiglipImageProcessor(size={"height": size, "width": size}).save_pretrained(path)
     return path
 
 

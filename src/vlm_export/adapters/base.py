@@ -142,6 +142,23 @@ class VLMAdapter(abc.ABC):
         return None
 
 
+def chat_template_takes_parts(tokenizer, image_token: str) -> bool:
+    """Whether the tokenizer's chat template reads each message's content as typed parts and writes
+    ``image_token`` for an image part itself - the processor templates HF ships with LLaVA checkpoints,
+    which render a string content as nothing - rather than one string per turn (a text LM's template,
+    which renders a list as its Python repr). Asked of the template itself with a probe conversation."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    probe = "vlm-export probe"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": probe}]}],
+            add_generation_prompt=True, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot take parts: it takes strings
+        return False
+    return isinstance(text, str) and probe in text and text.count(image_token) == 1 and "'type'" not in text
+
+
 def save_causal_lm(text_config, base_model: nn.Module, lm_head: nn.Module, tokenizer, out: Path,
                    generation_config=None) -> Path:
     """A standalone causal-LM folder from a VLM's parts: the class ``AutoModelForCausalLM``

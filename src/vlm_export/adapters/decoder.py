@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from ..contract import (DECODER_PRECISIONS, IMAGE, IMAGE_PRECISIONS, DecoderGeometry, StageSpec, TensorSpec)
 from ..contract.spliced import SplicedScheme
+from ..errors import AdapterError
 from .base import Stage
 
 EXAMPLE_IMAGES = 2
@@ -129,6 +130,14 @@ def image_path_stages(vision: nn.Module, projector: nn.Module, image_size: tuple
 def spliced_decoder_stage(module: SplicingDecoder, scheme: SplicedScheme) -> Stage:
     """The decoder stage with example inputs: two rows with a placeholder each, a short past."""
     g = scheme.geometry
+    width = getattr(module.embed_tokens, "embedding_dim", g.hidden_size)
+    if width != g.hidden_size:
+        # e.g. OPT-350m's word_embed_proj_dim: HF's masked_scatter would cut each image embedding into
+        # pieces of the token width without an error; there is no right answer to export
+        raise AdapterError(
+            f"the language model's token embeddings are {width} wide but its hidden size (the image "
+            f"embeddings' width) is {g.hidden_size}: image embeddings cannot replace token embeddings in this "
+            "model (an LM with projected word embeddings, such as OPT-350m's word_embed_proj_dim)")
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, min(g.vocab_size, 1000), (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=gen)
     ids[ids == scheme.image_token_id] = 0

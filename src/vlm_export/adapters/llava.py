@@ -17,7 +17,7 @@ from ..contract import DecoderGeometry, PromptLayout
 from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from . import register
-from .base import LoadedModel, Stage, VLMAdapter, save_causal_lm
+from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, save_causal_lm
 from .decoder import SplicingDecoder, image_path_stages, spliced_decoder_stage, text_geometry
 from .loading import load_hf_parts
 
@@ -93,7 +93,8 @@ class LlavaAdapter(VLMAdapter):
     def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
         token = loaded.tokenizer.convert_ids_to_tokens(loaded.config.image_token_id)
         return PromptLayout(kind="inline", image_token_id=loaded.config.image_token_id,
-                            tokens_per_image=self.tokens_per_image(loaded), image_token=token)
+                            tokens_per_image=self.tokens_per_image(loaded), image_token=token,
+                            chat_parts=chat_template_takes_parts(loaded.tokenizer, token))
 
     def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
         return text_geometry(loaded.config.text_config)

@@ -40,6 +40,10 @@ class PromptLayout:
     #: a newline between an image part and the text after it (the llava convention); off where the
     #: model's own chat template writes the image token straight before the text (mllama's)
     image_newline: bool = True
+    #: the chat template reads each message's content as typed parts and writes the image token itself
+    #: (the processor templates HF ships with LLaVA checkpoints); else each turn is one string with the
+    #: image tokens already in it (a text LM's template, or none)
+    chat_parts: bool = False
     #: task token -> the text the processor puts in its place (see the module docstring)
     task_prompts: dict[str, str] = field(default_factory=dict, hash=False)
 
@@ -55,6 +59,8 @@ class PromptLayout:
             del d["image_newline"]
         if not d["task_prompts"]:  # likewise
             del d["task_prompts"]
+        if not d["chat_parts"]:  # likewise
+            del d["chat_parts"]
         return d
 
     @classmethod

@@ -31,8 +31,12 @@ def format_text(tokenizer, layout: PromptLayout, messages: Sequence[Message]) ->
     the chat template (where the layout uses one), which decides where each turn - and so each
     image - goes."""
     image_token = layout.image_token if layout.kind == "inline" else None
+    templated = layout.use_chat_template and getattr(tokenizer, "chat_template", None)
+    if templated and layout.chat_parts:  # the template writes each image part's token itself
+        turns = [{"role": m["role"], "content": [dict(p) for p in m["content"]]} for m in messages]
+        return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
     turns = [{"role": m["role"], "content": render_text(m["content"], image_token, layout.image_newline)} for m in messages]
-    if layout.use_chat_template and getattr(tokenizer, "chat_template", None):
+    if templated:
         return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
     if len(turns) > 1:
         raise InputError("this model has no chat template: send one prompt (a single user message)")
