@@ -193,7 +193,7 @@ def test_llava_tokens_per_image_follow_the_tower(tiny_model_dir):
 def test_prompt_ids_equal_the_llava_processors_own(tiny_build, tiny_model_dir):
     """A checkpoint saved as llava-hf saves one (LlavaProcessor, a chat template over typed content parts
     that writes "<image>" itself): the build's prompt ids for one turn and for a conversation are the
-    ones the model's own processor makes; a text LM's template (SmolLM2's) keeps string turns."""
+    ones the model's own processor makes, its BOS included; a text LM's template (SmolLM2's) keeps string turns."""
     from PIL import Image
     from transformers import AutoProcessor
 
@@ -210,6 +210,7 @@ def test_prompt_ids_equal_the_llava_processors_own(tiny_build, tiny_model_dir):
     for messages in (turn, chat):
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
         want = processor(text=text, images=[image], return_tensors="np")["input_ids"][0].tolist()
+        assert want[0] == processor.tokenizer.bos_token_id
         assert pipe.prompt_ids(messages, 1) == want
     assert pipe.prompt_ids("What shape is it?", 1) == pipe.prompt_ids(turn, 1)
 

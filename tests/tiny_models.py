@@ -95,14 +95,15 @@ LLAVA_HF_CHAT_TEMPLATE = (
 
 def make_tiny_llava(path: Path, family: str = "llama", seed: int = 0, strategy: str = "default",
                     feature_layer: int | list[int] = -2, tower: str = "clip", hf_processor: bool = False) -> Path:
-    """``hf_processor``: saved as llava-hf checkpoints are - "<image>" added to the tokenizer (the
-    embedding table padded past it), a LlavaProcessor with LLaVA-1.5's chat template, 48 px images -
+    """``hf_processor``: saved as llava-hf checkpoints are - "<image>" added to a tokenizer that adds
+    its BOS (the embedding table padded past it), a LlavaProcessor with LLaVA-1.5's chat template, 48 px images -
     instead of a tokenizer whose own (text) chat template and reserved token serve."""
     from transformers import (AddedToken, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
                               SiglipImageProcessor)
 
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    # a Llama-style tokenizer that adds its BOS, as llava-hf's do
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), add_bos_token=hf_processor)
     image_token_id, vocab, size = IMAGE_TOKEN_ID, VOCAB, 32
     if hf_processor:
         tok.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)

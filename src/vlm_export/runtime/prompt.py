@@ -76,9 +76,15 @@ def build_prompt_ids(tokenizer, layout: PromptLayout, prompt: Prompt, n_images: 
         raise InputError(f"the prompt contains the image token {layout.image_token!r} itself; "
                          "pass images separately and remove it from the text")
     text = format_text(tokenizer, layout, messages)
+    special = layout.add_special_tokens
+    if layout.chat_parts and getattr(tokenizer, "chat_template", None):
+        # tokenized as the model's processor tokenizes its rendered template (ProcessorMixin.apply_chat_template):
+        # with the tokenizer's special tokens (a Llama tokenizer's BOS) unless the template wrote the BOS
+        bos = getattr(tokenizer, "bos_token", None)
+        special = not (bos and text.startswith(bos))
     if layout.kind == "inline":
         text = text.replace(layout.image_token, layout.image_token * layout.tokens_per_image)
-        ids = tokenizer(text, add_special_tokens=layout.add_special_tokens)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=special)["input_ids"]
         expected = n_images * layout.tokens_per_image
         got = sum(1 for i in ids if i == layout.image_token_id)
         if got != expected:  # a tokenizer that splits the image token would silently misplace images
