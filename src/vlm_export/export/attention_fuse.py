@@ -56,6 +56,11 @@ extra inputs are computed inside the graph:
 * after the packed-projection pass, ``fold_packed_qkv`` hands the kernel the packed q/k/v
   MatMul's output itself (no ``Split``).
 
+A per-head q/k RMSNorm (Qwen3's before the head transpose, Gemma 3's after it) stays where it is: the
+kernel reads its output reshaped back to (batch, sequence, heads x head size), and q/k/v then reach it
+unpacked. Rotary inside the kernel needs a head size that is a multiple of 16 (ONNX Runtime 1.32 refuses
+others at run time); such a decoder's attention is left unfused with that reason.
+
 Requires the rotary pass first when the decoder has rotary (q/k from ``RotaryEmbedding`` on the
 4-D heads) - or no rotary at all. A layer that does not match stays unfused and the report says why.
 """
