@@ -98,14 +98,13 @@ def make_tiny_llava(path: Path, family: str = "llama", seed: int = 0, strategy: 
     """``hf_processor``: saved as llava-hf checkpoints are - "<image>" added to a tokenizer that adds
     its BOS (the embedding table padded past it), a LlavaProcessor with LLaVA-1.5's chat template, 48 px images -
     instead of a tokenizer whose own (text) chat template and reserved token serve."""
-    from transformers import (AddedToken, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
-                              SiglipImageProcessor)
+    from transformers import (AddedToken, AutoTokenizer, CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor, SiglipImageProcessor)
 
     torch.manual_seed(seed)
-    # a Llama-style tokenizer that adds its BOS, as llava-hf's do
-    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), add_bos_token=hf_processor)
     image_token_id, vocab, size = IMAGE_TOKEN_ID, VOCAB, 32
-    if hf_processor:
+    if hf_processor:  # a Llama-style tokenizer that adds its BOS, as llava-hf's do
+        tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), add_bos_token=True)
         tok.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
         image_token_id, vocab, size = tok.convert_tokens_to_ids("<image>"), _padded_vocab(len(tok)), 48
     cfg = LlavaConfig(vision_config=_vision_config(image_size=size, tower=tower), text_config=_text_config(family, vocab),
@@ -114,8 +113,6 @@ def make_tiny_llava(path: Path, family: str = "llama", seed: int = 0, strategy: 
     model = LlavaForConditionalGeneration(cfg).eval()
     model.save_pretrained(path)
     if hf_processor:
-        from transformers import CLIPImageProcessor
-
         image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8, vision_feature_select_strategy=strategy,
                        num_additional_image_tokens=1, chat_template=LLAVA_HF_CHAT_TEMPLATE).save_pretrained(path)

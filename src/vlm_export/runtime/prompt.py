@@ -26,17 +26,22 @@ def as_messages(prompt: Prompt, n_images: int) -> list[Message]:
     return messages
 
 
+def _processor_template(tokenizer, layout: PromptLayout) -> bool:
+    """Whether the turns go through a chat template written for the model's processor (typed parts in,
+    the image token written by the template: ``PromptLayout.chat_parts``)."""
+    return layout.use_chat_template and layout.chat_parts and bool(getattr(tokenizer, "chat_template", None))
+
+
 def format_text(tokenizer, layout: PromptLayout, messages: Sequence[Message]) -> str:
     """The full text fed to the tokenizer, image tokens not yet expanded: each turn rendered, then
     the chat template (where the layout uses one), which decides where each turn - and so each
     image - goes."""
     image_token = layout.image_token if layout.kind == "inline" else None
-    templated = layout.use_chat_template and getattr(tokenizer, "chat_template", None)
-    if templated and layout.chat_parts:  # the template writes each image part's token itself
+    if _processor_template(tokenizer, layout):  # the template writes each image part's token itself
         turns = [{"role": m["role"], "content": [dict(p) for p in m["content"]]} for m in messages]
         return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
     turns = [{"role": m["role"], "content": render_text(m["content"], image_token, layout.image_newline)} for m in messages]
-    if templated:
+    if layout.use_chat_template and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
     if len(turns) > 1:
         raise InputError("this model has no chat template: send one prompt (a single user message)")
@@ -77,7 +82,7 @@ def build_prompt_ids(tokenizer, layout: PromptLayout, prompt: Prompt, n_images: 
                          "pass images separately and remove it from the text")
     text = format_text(tokenizer, layout, messages)
     special = layout.add_special_tokens
-    if layout.chat_parts and getattr(tokenizer, "chat_template", None):
+    if _processor_template(tokenizer, layout):
         # tokenized as the model's processor tokenizes its rendered template (ProcessorMixin.apply_chat_template):
         # with the tokenizer's special tokens (a Llama tokenizer's BOS) unless the template wrote the BOS
         bos = getattr(tokenizer, "bos_token", None)
