@@ -262,8 +262,8 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
         raise _NoMatch(f"{bias}: the mask's head dimension {bias_shape[1]} is neither 1 nor {heads}")
     if not np.isfinite(scale) or scale <= 0:
         raise _NoMatch(f"{softmax.name}: scale {scale}")
-    return dict(q3=q3, k3=k3, v3=v3, added=q_added + k_added + v_added, q_rot=q_rot, k_rot=k_rot, past_k=past_k, past_v=past_v,
-                present_k=present_k, present_v=present_v, k_cat=k_cat, v_cat=v_cat, out=out, bias=bias,
+    return dict(q3=q3, k3=k3, v3=v3, added=q_added + k_added + v_added, q_rot=q_rot, k_rot=k_rot,
+                past_k=past_k, past_v=past_v, present_k=present_k, present_v=present_v, k_cat=k_cat, v_cat=v_cat, out=out, bias=bias,
                 mask=_mask_input(g, bias),
                 heads=heads, kv_heads=kv_heads, head_size=head_size, scale=scale)
 
