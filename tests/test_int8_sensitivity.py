@@ -1,6 +1,7 @@
 """An int8 decoder's fp32 fallback (precision.sensitivity) and its kernel choice (cpu, --int8-kernel):
-the MatMul whose int8 output is worst is ranked first and kept fp32 when the logits need it, and a
-graph whose kernels are exact only with VNNI/AMX refuses to open on a CPU without them."""
+the MatMul whose int8 output is worst is ranked first and kept fp32 when the logits need it, a
+graph whose kernels are exact only with VNNI/AMX refuses to open on a CPU without them, and a Q/DQ
+graph TensorRT serves is run as written."""
 from __future__ import annotations
 
 import numpy as np
@@ -264,3 +265,26 @@ def test_a_gemm_head_stays_fp32_and_says_why(tmp_path):
                            PrecisionOptions(lm_head="w8", int8_fp32_matmuls="0", int8_kernel="u8u8"))
     assert info.details["lm_head"].startswith("fp32 (the head is not a MatMul")
     assert "Gemm" in {n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
+
+
+def test_a_qdq_graph_emulated_computes_what_its_nodes_say(chain_and_feeds, tmp_path):
+    """The standard (TensorRT) form run with ``emulate_qdq`` equals ONNX's reference evaluator on the
+    same Q/DQ graph (numpy, every node as the spec writes it: TensorRT's arithmetic, int32-exact
+    sums), and so does the fallback search's candidate run; ONNX Runtime's fused CPU kernels are not
+    held to it (on an AVX2-only CPU their U8S8 pair sums saturate)."""
+    from onnx.reference import ReferenceEvaluator
+
+    from vlm_export.precision.probe import ActivationProbe
+    from vlm_export.runtime.runners import OrtRunner
+
+    model, feeds = chain_and_feeds
+    per_token_int8(model, (), "qdq", "u8u8")
+    model.opset_import[0].version = 21  # the reference evaluator has Q/DQ from opset 19 on; nothing else changes
+    path = tmp_path / "qdq.onnx"
+    onnx.save(model, str(path))
+    exact = ReferenceEvaluator(model).run(None, feeds[0])[0]
+    runner = OrtRunner("lm_decoder", path, emulate_qdq=True)
+    assert runner.emulates_qdq and not OrtRunner("lm_decoder", path).emulates_qdq
+    np.testing.assert_allclose(runner.infer(feeds[0])["logits"], exact, rtol=1e-4, atol=1e-4)
+    with ActivationProbe(model, ["logits"], emulate_qdq=True) as probe:
+        np.testing.assert_allclose(next(probe.run(feeds[:1], ["logits"]))["logits"], exact, rtol=1e-4, atol=1e-4)

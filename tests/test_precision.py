@@ -443,6 +443,13 @@ def test_int8_decoder_keeps_its_logits(tiny_model_dir, tmp_path, calibration_cac
             fallback["trials"][-1]["min_cosine"] < fallback["target_cosine"]
         assert ("requires_cpu" in variant) == (kernel == "MatMulIntegerToFloat (U8S8)")
         assert entry["precision"] == "int8"
+    # the standard graph only TensorRT serves: its fallback and its parity run its Q/DQ as written
+    assert standard["variant"]["fallback_judged_on"].startswith("Q/DQ run as written")
+    assert fused["variant"]["fallback_judged_on"] == "ONNX Runtime's int8 kernels"
+    emulated = {form: {stage: r.emulates_qdq for stage, r in open_build(result.path, form=form).runners.items()}
+                for form in ("onnxruntime", "standard")}
+    assert emulated == {"onnxruntime": {"vision_encoder": False, "projector": False, "lm_decoder": False},
+                        "standard": {"vision_encoder": False, "projector": False, "lm_decoder": True}}
     ops = {n.op_type for n in onnx.load(str(result.path / fused["file"])).graph.node}
     assert "MatMulIntegerToFloat" in ops and "GroupQueryAttention" in ops
     standard_ops = onnx.load(str(result.path / standard["file"])).graph.node

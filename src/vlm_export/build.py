@@ -268,7 +268,9 @@ def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, 
     head = po.head_precision("int8") if precisions.get(decoder) == "int8" else "none"
     choices = (f"int8-kernel={po.kernel} int8-fp32-matmuls={po.int8_fp32_matmuls} int8-rounding={po.rounding('int8')} "
                f"lm-head={head}")
-    caches = {stage: cache_path(stage, tmp / graphs[stage]["file"], source_sha256, pairs, po.calibration, choices)
+    # a standard graph only TensorRT serves has its fallback judged with Q/DQ emulated (convert.to_int8)
+    caches = {stage: cache_path(stage, tmp / graphs[stage]["file"], source_sha256, pairs, po.calibration,
+                                choices + (" qdq=emulated" if stage in fused else ""))
               for stage in int8_stages}
     caches.update({f"{stage}.fused": cache_path(f"{stage}.fused", tmp / fused[stage]["file"], source_sha256, pairs,
                                                  po.calibration, choices)
@@ -306,7 +308,7 @@ def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, 
             dst = src.with_name(f"{stage}.{precision}.onnx")
             with quiet_logging():
                 info = make_variant(precision, src, dst, options.precision_options, feeds.get(stage), caches.get(stage),
-                                    (fp32_modules or {}).get(stage, ()), note=progress.note)
+                                    (fp32_modules or {}).get(stage, ()), note=progress.note, tensorrt_only="forms" in entry)
             for f in (src, src.with_name(src.name + ".data")):  # ship the variant only
                 f.unlink(missing_ok=True)
             graphs[stage] = {**_describe_graph(dst, tmp, precision, entry["export_seconds"],

@@ -448,10 +448,12 @@ class _Feeds:
 
 
 def to_int8(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndarray]] | None,
-            options: PrecisionOptions, cache: Path | None = None, note=None) -> VariantInfo:
+            options: PrecisionOptions, cache: Path | None = None, note=None, tensorrt_only: bool = False) -> VariantInfo:
     """``cache``: where the calibration's result is kept (ONNX Runtime's JSON ranges, or a decoder's
     channel ranges); when it exists the calibration run is skipped (``calibration_feeds`` may then be None).
-    ``note(text)``: told what a decoder's fp32-fallback search measures, trial by trial."""
+    ``note(text)``: told what a decoder's fp32-fallback search measures, trial by trial.
+    ``tensorrt_only``: only TensorRT serves this graph (ONNX Runtime runs the stage's fused form), so a
+    decoder's fallback trials run its Q/DQ pairs as TensorRT computes them (``sensitivity.choose``)."""
     cached = cache is not None and cache.exists()
     if not calibration_feeds and not cached:
         raise ExportError(f"int8 for {src.stem} needs calibration inputs; none were given")
@@ -460,7 +462,7 @@ def to_int8(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndarray]]
     # an fp32 or w8 head is left out of the int8 rewrite (w8 is applied after it: _decoder_int8)
     keep = list(options.exclude_nodes) + (head if head and options.head_precision("int8") != "int8" else [])
     if head:
-        return _decoder_int8(src, dst, calibration_feeds, options, cache, keep, note)
+        return _decoder_int8(src, dst, calibration_feeds, options, cache, keep, note, tensorrt_only)
     return _static_int8(src, dst, model, calibration_feeds, options, cache, cached, keep)
 
 
@@ -494,7 +496,7 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
 
 
 def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOptions, cache: Path | None,
-                  keep: list[str], note=None) -> VariantInfo:
+                  keep: list[str], note=None, tensorrt_only: bool = False) -> VariantInfo:
     """SmoothQuant with per-token dynamic activations on a decoder (``smoothquant``), its weights'
     codes picked by GPTQ unless round to nearest is asked for, its most error-prone MatMuls kept fp32
     (``sensitivity``). A graph already in ONNX Runtime's contrib ops (the
@@ -546,7 +548,7 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
 
     if fallback is None:
         model, chosen = sensitivity.choose(model, quantize, matmuls, calibration_feeds, options.int8_fp32_matmuls,
-                                           note=note, weights=weights)
+                                           note=note, weights=weights, emulate_qdq=tensorrt_only and form == "qdq")
         if cache is not None:
             sq.save_calibration(cache, maxima, chosen.to_dict())
     else:
@@ -569,6 +571,8 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
         "lm_head": head_precision,
         "kernel": f"MatMulIntegerToFloat ({kernel.upper()})" if ort_form else "DequantizeLinear -> MatMul",
         "quantized_matmuls": len(matmuls) - len(chosen.kept), "fp32_fallback": chosen.to_dict(),
+        "fallback_judged_on": ("Q/DQ run as written (TensorRT's arithmetic)" if tensorrt_only and not ort_form
+                               else "ONNX Runtime's int8 kernels"),
         "smoothing": {k: v for k, v in smoothing.items() if k != "alpha"},
         "calibration": "channel max |x|", "calibration_samples": len(calibration_feeds or []),
         "calibration_cache": None if cache is None else {"file": str(cache), "reused": cached is not None},
@@ -601,13 +605,15 @@ def _w8_head(model: onnx.ModelProto, head: list[str], ort_form: bool) -> str:
 
 def make_variant(precision: str, src: Path, dst: Path, options: PrecisionOptions,
                  calibration_feeds: list[dict[str, np.ndarray]] | None = None,
-                 calibration_cache: Path | None = None, keep_modules: Iterable[str] = (), note=None) -> VariantInfo:
+                 calibration_cache: Path | None = None, keep_modules: Iterable[str] = (), note=None,
+                 tensorrt_only: bool = False) -> VariantInfo:
     """``keep_modules``: modules the model keeps in fp32 (``module_nodes``), kept fp32 by the fp16 pass.
-    ``note(text)``: told about the trials of a long search (an int8 decoder's fp32 fallback)."""
+    ``note(text)``: told about the trials of a long search (an int8 decoder's fp32 fallback).
+    ``tensorrt_only``: no ONNX Runtime target runs this graph (see ``to_int8``)."""
     if precision == "fp16":
         return to_fp16(src, dst, keep_modules)
     if precision in ("w8", "w4"):
         return to_weight_only(src, dst, int(precision[1]), options, calibration_feeds)
     if precision == "int8":
-        return to_int8(src, dst, calibration_feeds, options, calibration_cache, note)
+        return to_int8(src, dst, calibration_feeds, options, calibration_cache, note, tensorrt_only)
     raise ExportError(f"no conversion for precision {precision!r}")

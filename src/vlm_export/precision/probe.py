@@ -18,9 +18,11 @@ from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, save_graph
 class ActivationProbe:
     """One ONNX Runtime session over a copy of ``model`` with ``tensors`` as extra outputs; ``run``
     fetches any of them, so several passes (GPTQ's, a few layers at a time) share one session.
-    A context manager: a large graph is written to a temporary folder for the session's life."""
+    A context manager: a large graph is written to a temporary folder for the session's life.
+    ``emulate_qdq``: Q/DQ pairs run as written, not fused into integer kernels (a graph TensorRT
+    serves: see ``runtime.runners.OrtRunner``)."""
 
-    def __init__(self, model: onnx.ModelProto, tensors: Iterable[str], threads: int = 2):
+    def __init__(self, model: onnx.ModelProto, tensors: Iterable[str], threads: int = 2, emulate_qdq: bool = False):
         import onnxruntime as ort
 
         probe = onnx.ModelProto()
@@ -31,6 +33,8 @@ class ActivationProbe:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         opts.log_severity_level = 3
+        if emulate_qdq:
+            opts.add_session_config_entry("session.disable_quant_qdq", "1")
         self._tmp = None
         if probe.ByteSize() < EXTERNAL_DATA_THRESHOLD:
             self.session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])

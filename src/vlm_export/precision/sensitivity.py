@@ -119,8 +119,9 @@ def _cosines(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
     return worst
 
 
-def _outputs(model: onnx.ModelProto, output: str, feeds: list[Mapping[str, np.ndarray]], threads: int) -> list[np.ndarray]:
-    with ActivationProbe(model, [output], threads) as probe:
+def _outputs(model: onnx.ModelProto, output: str, feeds: list[Mapping[str, np.ndarray]], threads: int,
+             emulate_qdq: bool = False) -> list[np.ndarray]:
+    with ActivationProbe(model, [output], threads, emulate_qdq) as probe:
         return [values[output] for values in probe.run(feeds, [output])]
 
 
@@ -133,11 +134,13 @@ def counts(total: int) -> list[int]:
 
 def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], feeds: list[Mapping[str, np.ndarray]],
            setting: str | int = "auto", output: str = "logits", threads: int = 2,
-           note=None, weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[onnx.ModelProto, Fallback]:
+           note=None, weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+           emulate_qdq: bool = False) -> tuple[onnx.ModelProto, Fallback]:
     """The int8 graph with the fewest of ``matmuls`` kept fp32 that reaches ``TARGET_COSINE`` (``setting``
     ``auto``), or with the ``setting`` worst kept fp32 (a count). ``quantize(model, kept)`` rewrites a
     copy of ``smoothed`` to int8 in place, keeping the named MatMuls fp32, with the int8 weights
-    ``weights`` (``matmul_errors``) ranks by. ``note(text)`` is told each trial."""
+    ``weights`` (``matmul_errors``) ranks by. ``note(text)`` is told each trial. ``emulate_qdq``: the
+    candidates are judged with their Q/DQ pairs run as written (a graph only TensorRT serves)."""
     if note:
         note(f"ranking {len(matmuls)} MatMuls by their int8 output error on {len(feeds)} calibration inputs")
     errors = matmul_errors(smoothed, matmuls, feeds, threads, weights=weights)
@@ -162,7 +165,7 @@ def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], f
     best, trials = None, []  # (cosine, count); one candidate in memory at a time
     for count in counts(len(ranked)):
         model = candidate(count)
-        cosine = _cosines(reference, _outputs(model, output, feeds, threads))
+        cosine = _cosines(reference, _outputs(model, output, feeds, threads, emulate_qdq))
         trials.append({"fp32_matmuls": count, "min_cosine": round(cosine, 5)})
         if note:
             note(f"{count} of {len(ranked)} MatMuls fp32: lowest logits cosine {cosine:.4f} (target {TARGET_COSINE})")

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..contract import ImageText, Limits, PromptLayout, scheme_from_dict, stages_from_manifest
-from ..manifest import check_hashes as check_build_hashes, form_entry, gpu_form, gpu_form_note, read_manifest
+from ..manifest import check_hashes as check_build_hashes, form_entry, gpu_form, gpu_form_note, read_manifest, targets
 from .devices import Device, log
 from .pipeline import VLMPipeline
 from .prompt import ImageTextEncoder
@@ -54,19 +54,27 @@ def open_build(build_dir: Path, threads: int | None = None, check_hashes: bool =
     has them, else CPU with a one-line notice (``runtime.devices.ort_providers``); TensorRT builds
     fp16 kernels for the stages whose graph is fp16. On ``cuda`` the ``onnxruntime`` form is
     ``manifest.gpu_form`` (the standard graph where one is shipped: the fused forms' fp32 attention
-    has no CUDA kernel)."""
+    has no CUDA kernel).
+
+    A standard graph that only TensorRT serves (the onnxruntime target runs the stage's fused form)
+    is run on a CPU with its Q/DQ pairs emulated (``OrtRunner``'s ``emulate_qdq``): the
+    arithmetic TensorRT does, which is what its parity must judge."""
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
     if check_hashes:
         check_build_hashes(build_dir, manifest)
     specs = stages_from_manifest(manifest)
-    on_gpu = form == "onnxruntime" and Device.parse(device).is_cuda
+    cuda = Device.parse(device).is_cuda
+    on_gpu = form == "onnxruntime" and cuda
     forms = {spec.name: gpu_form(manifest, spec.name) if on_gpu else form for spec in specs}
     for note in filter(None, (gpu_form_note(manifest, spec.name) for spec in specs if on_gpu)):
         log.warning(note)
     files = {spec.name: build_dir / form_entry(manifest, spec.name, forms[spec.name])["file"] for spec in specs}
+    served = targets(manifest)["onnxruntime"]
     runners = {spec.name: OrtRunner(spec.name, files[spec.name], threads=threads, spin=spec.per_token, device=device,
-                                    fp16=manifest["graphs"][spec.name].get("precision") == "fp16")
+                                    fp16=manifest["graphs"][spec.name].get("precision") == "fp16",
+                                    emulate_qdq=(not cuda and forms[spec.name] == "standard"
+                                                 and served[spec.name] != "standard"))
                for spec in specs}
     folder = build_dir / manifest["tokenizer"]
     return pipeline_from_manifest(manifest, runners, load_tokenizer(folder), load_image_processor(folder), build_dir)

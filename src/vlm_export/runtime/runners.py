@@ -234,6 +234,13 @@ class OrtRunner(Runner):
     engine and timing caches; default ``trt-cache/`` beside the graph), ``trt_profiles`` (min/opt/max
     input shapes); ``strict_device``: no CPU fallback for ``cuda`` (an InputError instead).
 
+    ``emulate_qdq``: run the graph's QuantizeLinear/DequantizeLinear pairs as written (dequantize,
+    then the fp32 op) instead of letting ONNX Runtime fuse them into its CPU integer kernels. For a
+    graph only TensorRT serves: TensorRT sums int8 products exactly in int32, and so does this, up to
+    fp32 rounding; ONNX Runtime's U8S8 CPU kernel adds products pairwise in int16 on a CPU without
+    VNNI/AMX and saturates there, an error TensorRT never makes (measured on an AVX2-only EPYC: the
+    demo's int8 decode logits cosine 0.9878 fused into kernels). ``emulates_qdq`` records it.
+
     ``spin``: whether the session's worker threads busy-wait after a call (ONNX Runtime's default).
     Right for the decoder, called again within microseconds; wrong for the once-per-request image
     stages, whose spinning threads then compete with the prefill that follows on the same cores
@@ -255,7 +262,7 @@ class OrtRunner(Runner):
     def __init__(self, name: str, path: Path, threads: int | None = None,
                  providers: list | None = None, spin: bool = False, device=None, *,
                  fp16: bool = False, trt_cache: Path | None = None, trt_profiles: dict | None = None,
-                 strict_device: bool = False):
+                 strict_device: bool = False, emulate_qdq: bool = False):
         import onnxruntime as ort
 
         from .devices import Device, ort_providers, provider_names
@@ -280,6 +287,9 @@ class OrtRunner(Runner):
         self.spin = spin and os.environ.get("VLM_EXPORT_ORT_SPIN", "1") != "0"
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         opts.log_severity_level = 3
+        self.emulates_qdq = emulate_qdq
+        if emulate_qdq:
+            opts.add_session_config_entry("session.disable_quant_qdq", "1")
         try:
             self.session = ort.InferenceSession(os.fspath(path), opts, providers=providers)
         except Exception as e:
