@@ -273,3 +273,62 @@ def test_an_lm_whose_token_embeddings_are_narrower_than_its_hidden_size_is_refus
     with pytest.raises(AdapterError, match="token embeddings are 32 wide but its hidden size .* is 64") as e:
         build(tmp_path / "model", tmp_path / "build", BuildOptions(max_sequence=128))
     assert "\n" not in str(e.value) and not (tmp_path / "build").exists()
+
+
+def test_a_checkpoint_without_a_chat_template_gets_the_one_given(tiny_model_dir, tmp_path):
+    """A llava-hf checkpoint saved without its chat template: the build says so and sends prompts as
+    written; ``--chat-template FILE`` gives the one the model was trained with: the prompt ids are
+    then its processor's own with that template, the build keeps it (the manifest's source, for
+    verify's reference, and the tokenizer folder), and a template that is empty, does not render,
+    or goes to a model whose prompts take none is refused in one line before any export."""
+    import shutil
+
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from tiny_models import LLAVA_HF_CHAT_TEMPLATE
+    from vlm_export.adapters.reference import open_reference
+    from vlm_export.build import BuildOptions, build
+    from vlm_export.datasets import load_split
+    from vlm_export.errors import AdapterError, BuildError
+    from vlm_export.progress import Progress
+
+    class Notes(Progress):
+        def __init__(self):
+            self.notes = []
+
+        def note(self, text: str) -> None:
+            self.notes.append(text)
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_model_dir("llava-gemma3"), model)
+    for f in model.glob("chat_template.*"):
+        f.unlink()
+    assert not AutoProcessor.from_pretrained(model).chat_template
+    progress = Notes()
+    plain = build(model, tmp_path / "plain", BuildOptions(parity_new_tokens=2), progress)
+    assert any("ships no chat template" in n and "--chat-template FILE" in n for n in progress.notes)
+    pipe = open_build(plain.path)
+    assert pipe.tokenizer.decode(pipe.prompt_ids("What shape is it?", 1)).endswith("<image>\nWhat shape is it?")
+
+    template = tmp_path / "llava.jinja"
+    template.write_text(LLAVA_HF_CHAT_TEMPLATE)
+    result = build(model, tmp_path / "templated", BuildOptions(parity_new_tokens=2, chat_template=template))
+    assert result.manifest["source"]["chat_template"] == LLAVA_HF_CHAT_TEMPLATE and result.manifest["parity"]["passed"]
+    pipe, processor = open_build(result.path), AutoProcessor.from_pretrained(model)
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}]
+    image = Image.open(load_split("test", 1)[0].image).convert("RGB")
+    text = processor.apply_chat_template(turn, add_generation_prompt=True, chat_template=LLAVA_HF_CHAT_TEMPLATE)
+    want = processor(text=text, images=[image], return_tensors="np")["input_ids"][0].tolist()
+    assert pipe.prompt_ids(turn, 1) == want and pipe.layout.chat_parts
+    assert open_reference(result.path).prompt_ids(turn, 1) == want  # verify's reference makes the same prompt
+
+    for bad, why in (("", "is empty"), ("{% for m in messages %}{{ m['role'] }", "does not render a user turn")):
+        template.write_text(bad)
+        with pytest.raises(AdapterError, match=why) as e:
+            build(model, tmp_path / "bad", BuildOptions(chat_template=template))
+        assert "\n" not in str(e.value) and not (tmp_path / "bad").exists()
+    template.write_text(LLAVA_HF_CHAT_TEMPLATE)
+    with pytest.raises(BuildError, match="blip2 models take their prompts as written.*drop --chat-template"):
+        build(tiny_model_dir("blip2-opt"), tmp_path / "bad", BuildOptions(chat_template=template))
+    assert not (tmp_path / "bad").exists()

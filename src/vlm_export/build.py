@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .adapters import adapter_for
+from .adapters.base import read_chat_template, set_chat_template
 from .adapters.loading import first_line
 from .adapters.lora import merge_lora
 from .adapters.reference import eos_token_ids, load_source, reference_pipeline, split
@@ -49,6 +50,8 @@ DEFAULT_MAX_SEQUENCE = 4096
 class BuildOptions:
     adapter: str | None = None  # None: chosen from config.json's model_type
     lora: Path | None = None  # a PEFT adapter folder, merged into the model before the split
+    # the chat template the model was trained with, for a checkpoint that ships none (or another one)
+    chat_template: Path | None = None
     lora_any_base: bool = False  # merge even if the adapter names another base model
     max_batch: int = 4
     max_images: int = 2
@@ -102,14 +105,15 @@ def build(model_path: Path, out: Path, options: BuildOptions | None = None,
     # and on a missing data set or an impossible question count, before the export
     check = options.accuracy
     questions = load_items(check.dataset, check.split, spread=check.questions) if check else None
+    template = read_chat_template(options.chat_template) if options.chat_template else None
     with atomic_folder(out, options.force, BuildError, "build folder") as tmp:
-        _build_into(tmp, out, model_path, adapter, options, questions, progress)
+        _build_into(tmp, out, model_path, adapter, options, questions, template, progress)
     # an earlier failed attempt's <out>.failed describes a build that is not the one at <out> now
     shutil.rmtree(out.with_name(out.name + ".failed"), ignore_errors=True)
     return BuildResult(out, read_manifest(out), [])
 
 
-def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> None:
+def _build_into(tmp, out, model_path, adapter, options, questions, template, progress) -> None:
     with progress.step(f"loading {model_path} ({adapter.name} adapter)") as advance:
         loaded = adapter.load(model_path)
         advance()
@@ -118,11 +122,19 @@ def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> 
         with progress.step(f"merging the adapter in {options.lora} (proved per stage against the unmerged one)") as advance:
             loaded, lora = merge_lora(loaded, Path(options.lora).absolute(), check_base=not options.lora_any_base)
             advance()
+    if template:
+        set_chat_template(loaded.tokenizer, template, f"the chat template {options.chat_template}")
     with progress.step("splitting into stages") as advance:
         stages = split(loaded)
         scheme = adapter.scheme(loaded)
         layout = adapter.prompt_layout(loaded)
         advance()
+    if template and not layout.use_chat_template:
+        raise BuildError(f"{adapter.name} models take their prompts as written, through no chat template; "
+                         "drop --chat-template")
+    if layout.use_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
+        progress.note(f"{model_path.name} ships no chat template: prompts go to the model as written, the image "
+                      "before the text; if it was trained with a format, give it: --chat-template FILE")
     specs = [s.spec for s in stages]
     precisions = options.precision.resolve(specs)  # a stage or precision the model lacks fails before the export
     limits = Limits(
@@ -158,7 +170,8 @@ def _build_into(tmp, out, model_path, adapter, options, questions, progress) -> 
         "versions": versions(),
         "source": {"path": str(model_path.absolute()), "adapter": adapter.name,
                    "model_type": getattr(loaded.config, "model_type", None) or loaded.config.get("model_type"),
-                   "sha256": source_sha256, "lora": lora.to_dict() if lora else None},
+                   "sha256": source_sha256, "lora": lora.to_dict() if lora else None,
+                   **({"chat_template": template} if template else {})},
         "stages": [spec.to_dict() for spec in specs],
         "scheme": scheme.to_dict(),
         "graphs": graphs,

@@ -183,6 +183,9 @@ def _parser() -> argparse.ArgumentParser:
                         "merge proved per stage against the unmerged adapter")
     p.add_argument("--lora-any-base", action="store_true",
                    help="merge the adapter even if its base_model_name_or_path names another model")
+    p.add_argument("--chat-template", type=Path, default=None, metavar="FILE",
+                   help="the chat template the model was trained with (Jinja, or a chat_template.json), for a "
+                        "checkpoint that ships none or another one: prompts are made with it and the build keeps it")
     _add_build_options(p)
 
     p = sub.add_parser("generate", help="answer a prompt (and images) with a build",
@@ -421,7 +424,8 @@ def _cmd_build(args, progress) -> int:
     from .build import build
 
     result = build(args.model, args.out, _build_options(args, adapter=args.adapter, lora=args.lora,
-                                                          lora_any_base=args.lora_any_base), progress)
+                                                          lora_any_base=args.lora_any_base,
+                                                          chat_template=args.chat_template), progress)
     _print_summary(result.path, result.manifest)
     return 0
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..contract import DecoderGeometry, DecodingScheme, ImageText, PromptLayout, StageSpec
+from ..errors import AdapterError
 
 
 @dataclass
@@ -140,6 +141,42 @@ class VLMAdapter(abc.ABC):
         a causal-LM checkpoint (the bench's peers) can run the same LM. Returns ``out``, or None
         for an architecture whose LM is not a standard causal LM (the default)."""
         return None
+
+
+def read_chat_template(path: Path) -> str:
+    """A chat template from a file: Jinja text (``chat_template.jinja``), or the ``chat_template`` of
+    a JSON file (``chat_template.json``, as HF processors save it). AdapterError, one line, on a
+    missing, empty or unreadable file."""
+    import json
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+        if path.suffix == ".json":
+            text = json.loads(text).get("chat_template")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise AdapterError(f"cannot read the chat template {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                           "give a Jinja file or a chat_template.json") from None
+    if not isinstance(text, str) or not text.strip():
+        raise AdapterError(f"the chat template {path} is empty; give the Jinja template the model was trained with")
+    return text
+
+
+def set_chat_template(tokenizer, template: str, source: str = "the chat template") -> None:
+    """Give ``tokenizer`` ``template`` (the one the model was trained with, where its checkpoint ships
+    none), proved to render a user turn in both content forms a template may take; AdapterError, one
+    line, when it cannot."""
+    tokenizer.chat_template = template
+    turns = ([{"role": "user", "content": "vlm-export probe"}],
+             [{"role": "user", "content": [{"type": "text", "text": "vlm-export probe"}]}])
+    errors = []
+    for turn in turns:
+        try:
+            tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+            return
+        except Exception as e:  # noqa: BLE001 - Jinja's syntax and runtime errors alike; said below
+            errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    raise AdapterError(f"{source} does not render a user turn: {errors[-1]}; fix the template")
 
 
 def chat_template_takes_parts(tokenizer, image_token: str) -> bool:

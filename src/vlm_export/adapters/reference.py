@@ -14,7 +14,7 @@ from ..runtime.pipeline import VLMPipeline
 from ..runtime.prompt import ImageTextEncoder
 from ..runtime.runners import TorchRunner
 from . import get_adapter
-from .base import LoadedModel, Stage
+from .base import LoadedModel, Stage, set_chat_template
 from .split import split
 
 BACKENDS = ("torch", "onnxruntime")
@@ -61,6 +61,8 @@ def load_source(source: dict) -> LoadedModel:
     from .lora import merge_lora
 
     loaded = get_adapter(source["adapter"]).load(Path(source["path"]))
+    if source.get("chat_template"):  # given at build time (--chat-template): the prompts were made with it
+        set_chat_template(loaded.tokenizer, source["chat_template"], "the build's chat template")
     if source.get("lora"):
         loaded, _ = merge_lora(loaded, Path(source["lora"]["path"]), check_base=False)  # checked at build
     return loaded
