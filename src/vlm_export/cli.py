@@ -197,7 +197,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
     p.add_argument("--form", choices=("onnxruntime", "standard"), default="onnxruntime",
                    help="graphs run by the onnxruntime backend: the onnxruntime target's (default: the fused "
-                        "decoder where the build has one) or the standard ones TensorRT reads")
+                        "decoder where the build has one) or the standard ones TensorRT reads (their int8 Q/DQ "
+                        "run as written, TensorRT's arithmetic: answers as TensorRT gives them, not a served speed)")
     p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of streaming text")
 
