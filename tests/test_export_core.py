@@ -332,3 +332,35 @@ def test_a_checkpoint_without_a_chat_template_gets_the_one_given(tiny_model_dir,
     with pytest.raises(BuildError, match="blip2 models take their prompts as written.*drop --chat-template"):
         build(tiny_model_dir("blip2-opt"), tmp_path / "bad", BuildOptions(chat_template=template))
     assert not (tmp_path / "bad").exists()
+
+
+def test_images_that_do_not_fit_the_lms_positions_are_refused_before_export(tmp_path):
+    """A tower of 256 tokens per image before an LM of 512 positions: the parity sample with two
+    images cannot fit (ONNX Runtime's fused attention would refuse it mid-build, its rotary table
+    ending at 512). The build says so in one line before any export, naming --max-images 1, under
+    which every sample fits."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from tiny_models import IMAGE_TOKEN_ID, _save_tokenizer_and_processor, _text_config
+    from vlm_export.build import BuildOptions, _check_samples_fit, build
+    from vlm_export.compare.parity import default_samples
+    from vlm_export.contract import Limits
+    from vlm_export.errors import BuildError
+
+    text = _text_config("llama")
+    text.max_position_embeddings = 512
+    vision = CLIPVisionConfig(image_size=64, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2)
+    model = tmp_path / "model"
+    LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                              image_token_id=IMAGE_TOKEN_ID)).save_pretrained(model)
+    _save_tokenizer_and_processor(model, 64)
+    with pytest.raises(BuildError, match=r"'two-images' \(2 image\(s\), 5\d\d prompt tokens\) with 8 new tokens exceeds "
+                                         r"this build's max_sequence of 512 .*build with --max-images 1") as e:
+        build(model, tmp_path / "build", BuildOptions(parity_new_tokens=8))
+    assert "\n" not in str(e.value) and not (tmp_path / "build").exists()
+    adapter = adapter_for(model)
+    loaded = adapter.load(model)
+    one = Limits(max_batch=1, max_images=1, max_sequence=512, tokens_per_image=256)
+    _check_samples_fit(default_samples(1), loaded.tokenizer, adapter.prompt_layout(loaded), adapter.scheme(loaded),
+                       one, 8)  # fits: no error

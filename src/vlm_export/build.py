@@ -42,6 +42,7 @@ from .manifest import (MANIFEST_NAME, derive_targets, read_manifest, sha256_file
                        verify_hashes, versions, write_manifest)
 from .progress import Progress
 from .runtime.load import open_build
+from .runtime.prompt import build_prompt_ids
 
 DEFAULT_MAX_SEQUENCE = 4096
 
@@ -143,6 +144,8 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
         max_sequence=min(options.max_sequence or DEFAULT_MAX_SEQUENCE, scheme.geometry.max_position_embeddings),
         tokens_per_image=layout.tokens_per_image,
     )
+    _check_samples_fit(options.samples or default_samples(limits.max_images), loaded.tokenizer, layout, scheme,
+                       limits, options.parity_new_tokens)
 
     graphs = {}
     for stage in stages:
@@ -328,6 +331,21 @@ def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, 
                                                convert_seconds=time.perf_counter() - start, variant=info.details),
                              **{k: entry[k] for k in ("forms", "fusion") if k in entry}}
             advance()
+
+
+def _check_samples_fit(samples, tokenizer, layout, scheme, limits: Limits, new_tokens: int) -> None:
+    """Every parity sample's prompt plus its new tokens within ``max_sequence``, before any export: an
+    LM with few positions for its image tokens (2 images x 256 tokens in a 512-position LM) cannot
+    take ``max_images`` images, and its fused attention refuses positions past its rotary table."""
+    for sample in samples:
+        tokens = len(build_prompt_ids(tokenizer, layout, sample.prompt, len(sample.images)))
+        if scheme.length_problem(tokens, new_tokens, limits) is None:
+            continue
+        fix = (f"build with --max-images {len(sample.images) - 1}" if len(sample.images) > 1
+               else "lower --parity-tokens")
+        raise BuildError(f"the parity sample {sample.label!r} ({len(sample.images)} image(s), {tokens} prompt tokens) "
+                         f"with {new_tokens} new tokens exceeds this build's max_sequence of {limits.max_sequence} "
+                         f"(the LM's positions: {scheme.geometry.max_position_embeddings}): {fix}")
 
 
 def _fused_variant(tmp: Path, stage: str, precision: str, fused: dict, options: BuildOptions, feeds, cache,
