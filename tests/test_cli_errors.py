@@ -56,6 +56,18 @@ def test_missing_config_json(tmp_path, tiny_model_dir, run_cli):
     assert_one_line_error(run_cli("build", str(broken), "--out", str(tmp_path / "out")), "config.json is missing")
 
 
+def test_missing_or_bad_chat_template(tmp_path, tiny_model_dir, run_cli):
+    """--chat-template: a missing file, or a chat_template.json without the key, is one line before the
+    model is even loaded; nothing is written."""
+    model = str(tiny_model_dir("llava-llama"))
+    assert_one_line_error(run_cli("build", model, "--out", str(tmp_path / "out"), "--chat-template",
+                                  str(tmp_path / "nope.jinja")), "cannot read the chat template", "nope.jinja")
+    (tmp_path / "chat_template.json").write_text('{"template": "{{ messages }}"}')
+    assert_one_line_error(run_cli("build", model, "--out", str(tmp_path / "out"), "--chat-template",
+                                  str(tmp_path / "chat_template.json")), 'has no "chat_template" key')
+    assert not (tmp_path / "out").exists()
+
+
 def test_unwritable_output(tiny_model_dir, tmp_path, run_cli):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

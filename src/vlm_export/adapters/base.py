@@ -153,8 +153,12 @@ def read_chat_template(path: Path) -> str:
     try:
         text = path.read_text()
         if path.suffix == ".json":
-            text = json.loads(text).get("chat_template")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+            data = json.loads(text)
+            if not isinstance(data, dict) or "chat_template" not in data:
+                raise AdapterError(f"{path} has no \"chat_template\" key; give a chat_template.json as processors "
+                                   "save it, or the Jinja template itself")
+            text = data["chat_template"]
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise AdapterError(f"cannot read the chat template {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
                            "give a Jinja file or a chat_template.json") from None
     if not isinstance(text, str) or not text.strip():
