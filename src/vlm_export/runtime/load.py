@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..contract import ImageText, Limits, PromptLayout, scheme_from_dict, stages_from_manifest
-from ..manifest import check_hashes as check_build_hashes, form_entry, gpu_form, gpu_form_note, read_manifest, targets
+from ..manifest import check_hashes as check_build_hashes, form_entry, gpu_form, gpu_form_note, read_manifest
 from .devices import Device, log
 from .pipeline import VLMPipeline
 from .prompt import ImageTextEncoder
@@ -69,12 +69,12 @@ def open_build(build_dir: Path, threads: int | None = None, check_hashes: bool =
     forms = {spec.name: gpu_form(manifest, spec.name) if on_gpu else form for spec in specs}
     for note in filter(None, (gpu_form_note(manifest, spec.name) for spec in specs if on_gpu)):
         log.warning(note)
-    files = {spec.name: build_dir / form_entry(manifest, spec.name, forms[spec.name])["file"] for spec in specs}
-    served = targets(manifest)["onnxruntime"]
-    runners = {spec.name: OrtRunner(spec.name, files[spec.name], threads=threads, spin=spec.per_token, device=device,
-                                    fp16=manifest["graphs"][spec.name].get("precision") == "fp16",
-                                    emulate_qdq=(not cuda and forms[spec.name] == "standard"
-                                                 and served[spec.name] != "standard"))
+    files = {spec.name: form_entry(manifest, spec.name, forms[spec.name])["file"] for spec in specs}
+    # a graph the onnxruntime target does not run is the standard one only TensorRT serves
+    served = {spec.name: form_entry(manifest, spec.name, "onnxruntime")["file"] for spec in specs}
+    runners = {spec.name: OrtRunner(spec.name, build_dir / files[spec.name], threads=threads, spin=spec.per_token,
+                                    device=device, fp16=manifest["graphs"][spec.name].get("precision") == "fp16",
+                                    emulate_qdq=not cuda and files[spec.name] != served[spec.name])
                for spec in specs}
     folder = build_dir / manifest["tokenizer"]
     return pipeline_from_manifest(manifest, runners, load_tokenizer(folder), load_image_processor(folder), build_dir)
