@@ -61,10 +61,10 @@ def load_source(source: dict) -> LoadedModel:
     from .lora import merge_lora
 
     loaded = get_adapter(source["adapter"]).load(Path(source["path"]))
-    if source.get("chat_template"):  # given at build time (--chat-template): the prompts were made with it
-        set_chat_template(loaded.tokenizer, source["chat_template"], "the build's chat template")
     if source.get("lora"):
         loaded, _ = merge_lora(loaded, Path(source["lora"]["path"]), check_base=False)  # checked at build
+    if source.get("chat_template"):  # given at build time (--chat-template): the prompts were made with it
+        set_chat_template(loaded.tokenizer, source["chat_template"], "the build's chat template")
     return loaded
 
 
