@@ -13,6 +13,10 @@ INT8_DOT_PRODUCT = ("amx_int8", "avx512_vnni", "avx_vnni")
 #: graph metadata naming those features, written into a graph whose kernels need one of them
 #: (runtime.runners.OrtRunner refuses to open it on a CPU without)
 INT8_DOT_PRODUCT_METADATA = "vlm_export.int8_dot_product"
+#: ONNX Runtime's session option that runs QuantizeLinear/DequantizeLinear pairs as written (dequantize,
+#: then the fp32 op) instead of fusing them into those CPU integer kernels: TensorRT's arithmetic (int8
+#: products summed exactly), for judging a graph only TensorRT serves
+QDQ_AS_WRITTEN = ("session.disable_quant_qdq", "1")
 
 
 @functools.lru_cache(maxsize=1)

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..cpu import QDQ_AS_WRITTEN
 from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, save_graph
 
 
@@ -34,7 +35,7 @@ class ActivationProbe:
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         opts.log_severity_level = 3
         if emulate_qdq:
-            opts.add_session_config_entry("session.disable_quant_qdq", "1")
+            opts.add_session_config_entry(*QDQ_AS_WRITTEN)
         self._tmp = None
         if probe.ByteSize() < EXTERNAL_DATA_THRESHOLD:
             self.session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])

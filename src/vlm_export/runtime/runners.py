@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from ..contract.scheme import KV_IN_PLACE
-from ..cpu import INT8_DOT_PRODUCT_METADATA, int8_dot_product
+from ..cpu import INT8_DOT_PRODUCT_METADATA, QDQ_AS_WRITTEN, int8_dot_product
 from ..errors import RunnerError
 
 Feeds = Mapping[str, np.ndarray]
@@ -289,7 +289,7 @@ class OrtRunner(Runner):
         opts.log_severity_level = 3
         self.emulates_qdq = emulate_qdq
         if emulate_qdq:
-            opts.add_session_config_entry("session.disable_quant_qdq", "1")
+            opts.add_session_config_entry(*QDQ_AS_WRITTEN)
         try:
             self.session = ort.InferenceSession(os.fspath(path), opts, providers=providers)
         except Exception as e:
