@@ -120,6 +120,13 @@ class DecodeBatch:
             caches[name] = np.where(self.mask.reshape(shape).astype(bool), cache, np.zeros((), cache.dtype))
         return replace(self, caches=caches)
 
+    def row_caches(self, row: int) -> dict[str, np.ndarray]:
+        """Row ``row``'s growing caches, its real positions only (left-aligned, contiguous): what a
+        prefix cache keeps of a prefilled prompt."""
+        real = np.flatnonzero(self.mask[row])
+        return {name: np.ascontiguousarray(np.take(self.caches[name][row], real, axis=self.seq_axis - 1))
+                for name in self.growing}
+
     def trim(self) -> "DecodeBatch":
         used = np.flatnonzero(self.mask.any(axis=0))
         start = int(used[0]) if used.size else self.length
@@ -450,6 +457,30 @@ class DecodingScheme(abc.ABC):
         """Decoder feeds for one new token per running row (``tokens [rows]``, row order) of a
         SlotBatch: one row per slot, idle slots fed a masked-out pad."""
         raise NotImplementedError(f"the {self.name} scheme has no in-place KV form")
+
+    # ---- continuing a prefill from a cached prefix (runtime/prefix_cache.py) --------------------
+    # Where a decoder's state after the first P prompt tokens depends on those tokens alone (and the
+    # image rows they hold), a prompt that starts as an earlier one did can skip them: its state after
+    # P comes from a cache, and the prefill runs on the rest, ONE row per call:
+    # continue_feeds(prefix_state(cached, P), ids[P:], the rest's image input), the decoder, then
+    # prefill_state(outputs, [len(ids)], feeds). A scheme that cannot (its KV depends on more than
+    # the prefix: cross-attention to the images, an encoder's output) keeps prefix_keys None.
+    def prefix_keys(self, prompt_ids: Sequence[int], image_input: np.ndarray) -> np.ndarray | None:
+        """[len(prompt_ids)] int64: what position i of this prompt holds, as far as the state after it
+        goes (two prompts whose keys agree on [0, P) have the same state after P); None: this scheme
+        cannot continue a prefill from a cached prefix."""
+        return None
+
+    def prefix_state(self, caches: Mapping[str, np.ndarray], length: int) -> DecodeBatch:
+        """One row's state after its first ``length`` prompt tokens, from ``DecodeBatch.row_caches``
+        of an earlier prompt with the same first ``length`` keys (longer ones are cut)."""
+        raise NotImplementedError(f"the {self.name} scheme cannot continue a prefill from a cached prefix")
+
+    def continue_feeds(self, prefix: DecodeBatch, prompt_ids: Sequence[int],
+                       image_input: np.ndarray) -> dict[str, np.ndarray]:
+        """Decoder feeds for the rest of ONE prompt after ``prefix`` (``prefix_state``): ``prompt_ids``
+        the whole prompt, ``image_input`` its whole image input (the scheme takes the part after)."""
+        raise NotImplementedError(f"the {self.name} scheme cannot continue a prefill from a cached prefix")
 
     def decode_lengths(self, prompt_tokens: int, new_tokens: int) -> tuple[int, int]:
         """(the decoder's self-attention cache length, the length of the prompt-sized state that

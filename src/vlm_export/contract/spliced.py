@@ -9,8 +9,9 @@ hands out row by row.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -183,6 +184,36 @@ class SplicedScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
 
     def step_feeds(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
         return {**self._step_tokens(batch, tokens), self.image_input_name: self.empty_image_input(), **batch.caches}
+
+    # ---- continuing from a cached prefix ---------------------------------------------------
+    def prefix_keys(self, prompt_ids: Sequence[int], image_input: np.ndarray) -> np.ndarray:
+        # text: its id; the k-th placeholder: a 62-bit digest of the image row it takes (negative, so
+        # never a token id). The row's content, not the image's file: a Q-Former's rows that depend
+        # on the prompt differ where they should
+        keys = np.asarray(prompt_ids, dtype=np.int64).copy()
+        placeholders = np.flatnonzero(keys == self.image_token_id)
+        table = np.ascontiguousarray(image_input, dtype=np.float32)
+        for k, position in enumerate(placeholders):
+            digest = hashlib.blake2b(table[k].tobytes(), digest_size=8).digest()
+            keys[position] = -1 - (int.from_bytes(digest, "little") >> 2)
+        return keys
+
+    def prefix_state(self, caches: Mapping[str, np.ndarray], length: int) -> DecodeBatch:
+        cut = {n: np.ascontiguousarray(caches[n][None, :, :length]) for n in self.past_names}
+        return DecodeBatch(cut, np.ones((1, length), np.int64), np.asarray([length], np.int64),
+                           growing=tuple(self.past_names))
+
+    def continue_feeds(self, prefix: DecodeBatch, prompt_ids: Sequence[int],
+                       image_input: np.ndarray) -> dict[str, np.ndarray]:
+        start, ids = prefix.length, np.asarray(prompt_ids, dtype=np.int64)
+        if prefix.rows != 1 or not 0 < start < len(ids):
+            raise ValueError(f"a prefill continues one row's prefix of 1..{len(ids) - 1} tokens, got "
+                             f"{prefix.rows} rows of {start}")
+        used = int((ids[:start] == self.image_token_id).sum())  # image rows the prefix already holds
+        rest = ids[None, start:]
+        return {"input_ids": rest, self.image_input_name: self._table_for(rest, image_input[used:]),
+                "attention_mask": np.ones((1, len(ids)), np.int64),
+                "position_ids": np.arange(start, len(ids), dtype=np.int64)[None], **prefix.caches}
 
     def in_place_caches(self) -> dict[str, str]:
         return dict(zip(self.present_names, self.past_names))

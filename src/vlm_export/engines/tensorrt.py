@@ -203,6 +203,7 @@ class TensorRTRunner(Runner):
     Picks the optimization profile whose ranges hold the feed's shapes (prefill vs decode)."""
 
     backend = "tensorrt"
+    continues_prefill = False  # the prefill profile's past is empty (contract: dim_ranges)
 
     def __init__(self, name: str, plan: Path, input_names: list[str], output_names: list[str]):
         from polygraphy.backend.common import BytesFromPath

@@ -22,6 +22,7 @@ from ..contract.scheme import SlotBatch
 from ..errors import InputError, VlmExportError
 from .chat import Prompt
 from .pipeline import ImageInput, VLMPipeline
+from .prefix_cache import PrefixHit
 
 MAX_NEW_TOKENS_CAP = 4096
 #: the most prompt tokens prefilled in one step (every prefill call of the step together): the
@@ -170,6 +171,7 @@ class _Row:
     sampler: Sampler
     text: TextStream
     finish: str | None = None
+    keys: np.ndarray | None = None  # what its prompt positions hold, for the prefix cache (None: not cached)
 
 
 Event = tuple[int, "TokenEvent | GenerationResult | VlmExportError"]
@@ -198,6 +200,11 @@ class Scheduler:
     that each decode step writes in place (``contract.scheme.SlotBatch``: a prefilled row is copied
     into a free slot once, sized for its prompt + max new tokens; a leaving row frees its slot);
     otherwise a ``DecodeBatch`` of numpy caches that every step replaces with the decoder's present.
+
+    Where the pipeline has a prefix cache (``VLMPipeline.prefix_cache``), a queued row whose prompt
+    starts as a cached one did (its template's system turn, or a conversation's previous turn with
+    its images) is prefilled alone on that prefix's K/V, only its other tokens computed; every
+    prefilled prompt's K/V goes into the cache (``runtime.prefix_cache``).
     """
 
     def __init__(self, pipe: VLMPipeline, max_batch: int | None = None, max_prefill_tokens: int | None = None,
@@ -300,15 +307,43 @@ class Scheduler:
                 for row in group:
                     self._prefill([row])
             return
-        for row in group:
+        self._join(group, logits, state)
+
+    def _prefill_continuing(self, row: _Row, hit: PrefixHit) -> None:
+        """One row whose prompt starts as a cached one did: only the rest is prefilled."""
+        try:
+            self.prefill_calls += 1
+            prefix = self.pipe.scheme.prefix_state(hit.caches, hit.length)
+            logits, state = self.pipe.prefill_continuing(prefix, row.prompt_ids, row.image_input)
+        except VlmExportError as e:
+            self._failed.append((row.id, e))
+            return
+        self._join([row], logits, state)
+
+    def _join(self, group: list[_Row], logits: np.ndarray, state: DecodeBatch) -> None:
+        """A prefill's rows join the running batch (and their prompts' K/V the prefix cache)."""
+        cache = self.pipe.prefix_cache
+        for i, row in enumerate(group):
             row.image_input = None  # consumed: its rows live in the cache now
+            if cache is not None and row.keys is not None:
+                cache.store(row.keys, state.row_caches(i))
         reserve = [len(r.prompt_ids) + r.config.max_new_tokens for r in group]
         self.batch = self.pipe.running(state, reserve, self.batch, in_place=self.kv_in_place)
         self.logits = logits if self.logits is None else np.concatenate([self.logits, logits])
         self.running.extend(group)
 
     def _admit(self) -> None:
-        for group in self._prefill_groups(self._next_rows()):
+        """Rows whose prompts start as a cached one continue from it, one call each; the rest are
+        prefilled together (``_prefill_groups``)."""
+        fresh = []
+        for row in self._next_rows():
+            row.keys = self.pipe.prefix_keys(row.prompt_ids, row.image_input)
+            hit = self.pipe.prefix_cache.lookup(row.keys) if row.keys is not None else None
+            if hit is None:
+                fresh.append(row)
+            else:
+                self._prefill_continuing(row, hit)
+        for group in self._prefill_groups(fresh):
             self._prefill(group)
 
     def _sample(self, row: _Row, logits: np.ndarray, events: list[Event]) -> int:

@@ -13,6 +13,7 @@ from ..contract.scheme import DecodeBatch, SlotBatch
 from ..errors import InputError
 from .chat import Prompt
 from .images import ImageInput, ImageLimits, image_name, load_image  # noqa: F401  (re-exported)
+from .prefix_cache import PrefixCache
 from .prompt import ImageTextEncoder, build_prompt_ids
 from .runners import Runner
 
@@ -99,6 +100,9 @@ class VLMPipeline:
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.layout, self.limits = layout, limits
         self.eos_token_ids = list(eos_token_ids)
+        #: prompts' K/V kept for later prompts that start the same way (``runtime.prefix_cache``; None:
+        #: off). Every generation on this pipeline (``runtime.generate.Scheduler``) reads and fills it.
+        self.prefix_cache: PrefixCache | None = None
 
     @property
     def decoder(self) -> Runner:
@@ -238,6 +242,21 @@ class VLMPipeline:
         """(logits [vocab] of the last prompt position, the state of this one row)."""
         logits, state = self.prefill_batch([prompt_ids], [image_input])
         return logits[0], state
+
+    def prefix_keys(self, prompt_ids: Sequence[int], image_input: np.ndarray) -> np.ndarray | None:
+        """What each prompt position holds for the prefix cache (``DecodingScheme.prefix_keys``); None
+        where no prefix can be reused: no cache, a scheme without the form, or a decoder that
+        cannot prefill on a past (a TensorRT engine)."""
+        if self.prefix_cache is None or not self.decoder.continues_prefill:
+            return None
+        return self.scheme.prefix_keys(prompt_ids, image_input)
+
+    def prefill_continuing(self, prefix: DecodeBatch, prompt_ids: Sequence[int], image_input: np.ndarray):
+        """ONE row's prefill after the state of its first ``prefix.length`` tokens (a cached prefix):
+        (logits [1, vocab] of its last prompt position, the row's state over the whole prompt)."""
+        feeds = self.scheme.continue_feeds(prefix, prompt_ids, image_input)
+        out = self.decode(feeds)
+        return self.scheme.next_logits(out), self.scheme.prefill_state(out, [len(prompt_ids)], feeds)
 
     def prefill_batch(self, rows: Sequence[Sequence[int]], image_inputs: Sequence[np.ndarray]):
         """ONE decoder call for several new prompts of any lengths (each row's image input in

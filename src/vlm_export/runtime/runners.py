@@ -143,6 +143,10 @@ class Runner(abc.ABC):
         call fed with it costs what a call fed with its own outputs does. numpy where nothing is kept."""
         return array
 
+    #: whether a decoder's prefill may start from a past state (a cached prompt prefix: several
+    #: tokens on a non-empty past); a TensorRT engine cannot (its prefill profile's past is empty)
+    continues_prefill: bool = True
+
     #: whether ``infer_in_place`` runs this stage on KV buffers bound as past and present at once
     #: (a decoder graph with ``contract.scheme.KV_IN_PLACE`` on a backend that can bind host memory)
     kv_in_place: bool = False

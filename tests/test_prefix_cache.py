@@ -1,0 +1,124 @@
+"""The prefix cache (runtime/prefix_cache.py): a prompt that starts as an earlier one did is
+prefilled only past the shared part, on that part's cached K/V, with the same answer; keys tell
+images apart; the cache keeps to its bytes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
+from vlm_export.runtime.load import open_build
+from vlm_export.runtime.prefix_cache import PrefixCache
+
+CONFIG = GenerationConfig(max_new_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    from PIL import Image
+    from skimage import data
+
+    return [Image.fromarray(getattr(data, n)()).convert("RGB") for n in ("chelsea", "coffee")]
+
+
+def _requests(photos):
+    return [("What animal is this?", (photos[0],)), ("What is in the cup?", (photos[1],)),
+            ("Say hello.", ()), ("What animal is this?", (photos[1],))]
+
+
+@pytest.mark.parametrize("form", ["onnxruntime", "standard"])
+def test_answers_and_logits_equal_a_full_prefill(tiny_build, photos, form):
+    """Fused (GroupQueryAttention on a past) and standard graphs: with the cache the greedy tokens
+    are those without, first sight and repeated, one by one and batched; a continued prefill's
+    logits and K/V are a full prefill's."""
+    pipe = open_build(tiny_build("llava-llama").path, form=form)
+    requests = _requests(photos)
+    expected = [generate(pipe, p, images, CONFIG).token_ids for p, images in requests]
+
+    pipe.prefix_cache = cache = PrefixCache(64 << 20)
+    for _ in range(2):  # first sight (only the template's start is shared), then every prompt again
+        assert [generate(pipe, p, images, CONFIG).token_ids for p, images in requests] == expected
+    assert cache.hits == 2 * len(requests) - 1 and cache.misses == 1
+    batched = generate_batch(pipe, [GenerationRequest(p, images, CONFIG) for p, images in requests])
+    assert [r.token_ids for r in batched] == expected
+
+    ids = pipe.prompt_ids("What animal is this?", 1)
+    image = pipe.encode_images(pipe.pixel_values(photos[:1]))
+    full_logits, full = pipe.prefill(ids, image)
+    keys = pipe.prefix_keys(ids, image)
+    hit = cache.lookup(keys)
+    assert hit.length == len(ids) - 1  # all but the last token, whose logits the prefill gives
+    for length in (hit.length, 5, len(ids) // 2):  # any cut: before, inside and after the image rows
+        logits, state = pipe.prefill_continuing(pipe.scheme.prefix_state(hit.caches, length), ids, image)
+        np.testing.assert_allclose(logits[0], full_logits, rtol=1e-5, atol=1e-5)
+        for name in pipe.scheme.past_names:
+            np.testing.assert_allclose(state.caches[name], full.caches[name], rtol=1e-5, atol=1e-5)
+
+
+def test_keys_tell_images_apart_and_conversations_reuse_their_last_turn(tiny_build, photos):
+    pipe = open_build(tiny_build("llava-llama").path)
+    pipe.prefix_cache = cache = PrefixCache(64 << 20)
+    scheme = pipe.scheme
+    ids = pipe.prompt_ids("What animal is this?", 1)
+    first_image = ids.index(scheme.image_token_id)
+    cat = pipe.encode_images(pipe.pixel_values(photos[:1]))
+    cup = pipe.encode_images(pipe.pixel_values(photos[1:]))
+    a, b = pipe.prefix_keys(ids, cat), pipe.prefix_keys(ids, cup)
+    text = [i for i, t in enumerate(ids) if t != scheme.image_token_id]
+    assert (a[text] == np.asarray(ids)[text]).all() and (a < 0).sum() == len(cat)
+    assert int(np.flatnonzero(a != b)[0]) == first_image  # the same text, another picture: shared up to it
+
+    generate(pipe, "What animal is this?", [photos[0]], CONFIG)
+    reused = cache.reused_tokens
+    generate(pipe, "What animal is this?", [photos[1]], CONFIG)
+    assert cache.reused_tokens - reused == first_image
+
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What animal is this?"}]}]
+    first = generate(pipe, turn, [photos[0]], CONFIG)
+    follow_up = turn + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Is it big?"}]
+    reused = cache.reused_tokens
+    answer = generate(pipe, follow_up, [photos[0]], CONFIG)
+    assert cache.reused_tokens - reused == first.prompt_tokens  # the whole previous prompt, its image too
+    pipe.prefix_cache = None
+    assert generate(pipe, follow_up, [photos[0]], CONFIG).token_ids == answer.token_ids
+
+
+def test_no_keys_where_the_decoder_cannot_prefill_on_a_past(tiny_build):
+    """A TensorRT engine's prefill profile has an empty past: its pipeline makes no keys (no reuse)."""
+    pipe = open_build(tiny_build("llava-llama").path)
+    ids = pipe.prompt_ids("Say hello.", 0)
+    assert pipe.prefix_keys(ids, pipe.scheme.empty_image_input()) is None  # no cache: off
+    pipe.prefix_cache = PrefixCache(1 << 20)
+    assert pipe.prefix_keys(ids, pipe.scheme.empty_image_input()) is not None
+    pipe.decoder.continues_prefill = False
+    assert pipe.prefix_keys(ids, pipe.scheme.empty_image_input()) is None
+
+
+def _kv(length: int, fill: float = 1.0) -> dict[str, np.ndarray]:
+    return {"k": np.full((2, length, 4), fill, np.float32)}  # 32 bytes a position
+
+
+def test_cache_keeps_to_its_bytes_and_holds_a_conversation_once():
+    keys = np.arange(100, dtype=np.int64)
+    cache = PrefixCache(max_bytes=(32 + 8) * 250, min_reused=8)
+    cache.store(keys[:40], _kv(40))
+    cache.store(keys[:60], _kv(60))  # extends the first: replaces it
+    assert len(cache) == 1 and cache.bytes == 60 * 40
+    cache.store(keys[:50], _kv(50))  # already within the second: nothing new
+    assert len(cache) == 1
+    hit = cache.lookup(keys[:80])
+    assert hit.length == 60 and hit.caches["k"].shape == (2, 60, 4)
+    assert cache.lookup(keys[:61]).length == 60  # all but the last token
+    assert cache.lookup(np.r_[keys[:5], -keys[5:50]]) is None  # 5 in common: under min_reused
+    assert (cache.hits, cache.misses, cache.reused_tokens) == (2, 1, 120)
+
+    other = np.arange(1000, 1200, dtype=np.int64)
+    cache.store(other[:100], _kv(100, 2.0))  # 60 + 100 positions: fits
+    cache.lookup(keys[:80])  # the first entry is now the most recently used
+    cache.store(other[100:200], _kv(100, 3.0))  # 260 positions: the least recently used goes
+    assert len(cache) == 2 and cache.bytes <= cache.max_bytes
+    assert cache.lookup(other[:100]) is None and cache.lookup(keys[:80]).length == 60
+    cache.store(np.arange(300), _kv(300))  # larger than the whole cache: not kept, nothing evicted
+    assert len(cache) == 2
+    with pytest.raises(ValueError, match="prefix cache size"):
+        PrefixCache(-1)
