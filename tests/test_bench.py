@@ -89,6 +89,23 @@ def test_time_to_first_token_is_broken_down(bench):
     assert "Where the time to first token goes" in (out / "bench.md").read_text()
 
 
+def test_prefix_cache_section(bench, tiny_build):
+    """Both in-process backends timed with the cache off and on, each request's image new: what is
+    reused is the prompt's start up to the image, the same for every request."""
+    from vlm_export.runtime.load import open_build
+
+    results, out = bench
+    pipe = open_build(tiny_build("llava-llama").path)
+    ids = pipe.prompt_ids("What animal is in the picture?", 1)
+    for backend in ("torch", "onnxruntime"):
+        p = results["prefix_cache"][backend]
+        assert p["off"]["requests"] == p["on"]["requests"] == 2 and p["on"]["tokens"] == 2 * 2
+        assert p["misses"] == 1 and p["hits"] == 2 + 2  # the warming request, then warm-up + timed calls
+        assert p["reused_tokens_per_hit"] == ids.index(pipe.scheme.image_token_id)
+        assert p["ttft_ratio"] == round(p["off"]["ttft_ms"]["p50"] / p["on"]["ttft_ms"]["p50"], 3)
+    assert "### Time to first token with the prefix cache" in (out / "bench.md").read_text()
+
+
 def test_ratios_come_from_the_same_run(bench):
     """Every stage case has its ONNX Runtime ratio and the run's targets are judged (the arithmetic
     of ratios() and targets() is checked on made-up rows below)."""
@@ -127,6 +144,13 @@ def test_served_levels_and_overhead(bench):
     assert cache["image_cache_mb"] > 0 and cache["ttft_ratio"] > 0
     text = (bench[1] / "bench.md").read_text()
     assert f"the server counted {CACHE_ROUNDS} hits and {CACHE_ROUNDS} misses" in text
+
+
+def test_shifted_photos_are_all_different():
+    from vlm_export.bench.prefix import shifted_photos
+
+    photos = shifted_photos(["chelsea", "coffee"], 6)
+    assert len(set(photos)) == 6
 
 
 def test_distinct_requests_never_repeat_an_image():

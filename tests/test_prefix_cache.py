@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from vlm_export.adapters.reference import open_pipeline
 from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
 from vlm_export.runtime.load import open_build
 from vlm_export.runtime.prefix_cache import PrefixCache
@@ -26,12 +27,13 @@ def _requests(photos):
             ("Say hello.", ()), ("What animal is this?", (photos[1],))]
 
 
-@pytest.mark.parametrize("form", ["onnxruntime", "standard"])
+@pytest.mark.parametrize("form", ["onnxruntime", "standard", "torch"])
 def test_answers_and_logits_equal_a_full_prefill(tiny_build, photos, form):
-    """Fused (GroupQueryAttention on a past) and standard graphs: with the cache the greedy tokens
-    are those without, first sight and repeated, one by one and batched; a continued prefill's
-    logits and K/V are a full prefill's."""
-    pipe = open_build(tiny_build("llava-llama").path, form=form)
+    """Fused (GroupQueryAttention on a past) and standard graphs, and the PyTorch reference: with the
+    cache the greedy tokens are those without, first sight and repeated, one by one and batched; a
+    continued prefill's logits and K/V are a full prefill's."""
+    build = tiny_build("llava-llama").path
+    pipe = open_pipeline(build, "torch") if form == "torch" else open_build(build, form=form)
     requests = _requests(photos)
     expected = [generate(pipe, p, images, CONFIG).token_ids for p, images in requests]
 

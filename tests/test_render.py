@@ -125,6 +125,13 @@ def test_tensorrt_target_on_disk(build, tmp_path):
     for python_model in ("preprocess", "vlm"):  # python models run on the CPU whatever the target
         cfg = read_config(repo / python_model / "config.pbtxt")
         assert cfg.backend == "python" and [g.kind for g in cfg.instance_group] == [kind("KIND_CPU")]
+    # no prefix cache: a prompt cannot continue on a past in the engines' prefill profile; asked for, a note
+    assert read_config(repo / "vlm" / "config.pbtxt").parameters["prefix_cache_mb"].string_value == "0"
+    notes.clear()
+    render_repository(build, tmp_path / "asked", RepositoryOptions(target="tensorrt", prefix_cache_mb=64), echo=notes.append)
+    assert any(n.startswith("prefix cache off: the TensorRT decoder's prefill profile has an empty past") for n in notes)
+    onnxruntime = render_repository(build, tmp_path / "ort", RepositoryOptions(target="onnxruntime"))
+    assert read_config(onnxruntime / "vlm" / "config.pbtxt").parameters["prefix_cache_mb"].string_value == "256"
     assert not [f for f in files(repo) if f.endswith((".onnx", ".onnx.data"))]
 
 
@@ -155,6 +162,7 @@ def test_existing_output_folder_is_replaced_only_with_force(build, tmp_path, cap
     ({"max_image_pixels": 0}, "instances, max_queue"),
     ({"max_queue_delay_us": -1}, "queue delay"),
     ({"image_cache_mb": -1}, "image cache"),
+    ({"prefix_cache_mb": -1}, "prefix cache"),
     ({"max_prefill_tokens": 0}, "max_prefill_tokens must be >= 1"),
     ({"max_prefill_padding": 1.5}, r"max_prefill_padding in \[0, 1\]"),
     ({"tensorrt_version": "10.5.0"}, "tensorrt_version is for the tensorrt target, not 'python'"),

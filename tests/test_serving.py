@@ -486,11 +486,17 @@ def test_inflight_batching_cancellation_and_back_pressure(bls_served, photos, tm
     fresh = tmp_path / "fresh.png"
     Image.open(photos[0]).rotate(90).save(fresh)
     hits, misses = metric("vlm_image_cache_hits_total") or 0, metric("vlm_image_cache_misses_total") or 0
+    prefix_hits, reused = metric("vlm_prefix_cache_hits_total") or 0, metric("vlm_prefix_cache_reused_tokens_total") or 0
     expected = generate(pipe, PROMPTS[0], [fresh], GenerationConfig(max_new_tokens=8))
     assert client.generate(PROMPTS[0], [fresh], max_tokens=8).text == expected.text
     assert client.generate(PROMPTS[0], [fresh], max_tokens=8).text == expected.text
     assert wait_for(lambda: metric("vlm_image_cache_hits_total") == hits + 1)
     assert metric("vlm_image_cache_misses_total") == misses + 1
+    # the prefix cache (on by default): the first of the two continued from the template's start (a
+    # prompt seen before), the second from all of the first but its last token; the answers as above
+    prompt_tokens = len(pipe.prompt_ids(PROMPTS[0], 1))
+    assert wait_for(lambda: metric("vlm_prefix_cache_hits_total") == prefix_hits + 2)
+    assert metric("vlm_prefix_cache_reused_tokens_total") - reused > prompt_tokens - 1
 
 
 CONVERSATION = [

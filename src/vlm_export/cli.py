@@ -275,6 +275,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-mb", type=_positive_int, default=32, help="largest encoded image accepted (default 32)")
     p.add_argument("--image-cache-mb", type=int, default=None,
                    help="the vlm model's image-embedding cache, LRU by image content (default 256; 0: off)")
+    p.add_argument("--prefix-cache-mb", type=int, default=None,
+                   help="the vlm model's prefix cache: prompts' K/V, reused by later prompts that start the same "
+                        "way (the template's system turn, a conversation's earlier turns); default 256; 0: off")
     p.add_argument("--max-prefill-tokens", type=_positive_int, default=None,
                    help="prompt tokens of new requests prefilled in one step, the pause running requests see "
                         "(default 2048)")
@@ -357,6 +360,8 @@ def _parser() -> argparse.ArgumentParser:
                         "notice), CUDA-event timings and the GPU's bandwidth ceiling; refused at once without a GPU")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="the PyTorch reference's dtype (default: fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="skip the time-to-first-token run with the prefix cache on and off")
 
     p = sub.add_parser("engines", help="build TensorRT plans for a build (needs TensorRT and a CUDA GPU), "
                                        "or only check the build against TensorRT's documented constraints")
@@ -572,6 +577,7 @@ def _cmd_repository(args, progress) -> int:
                                 max_image_mb=args.max_image_mb,
                                 **({"max_queue": args.max_queue} if args.max_queue else {}),
                                 **({} if args.image_cache_mb is None else {"image_cache_mb": args.image_cache_mb}),
+                                **({} if args.prefix_cache_mb is None else {"prefix_cache_mb": args.prefix_cache_mb}),
                                 **({} if args.max_prefill_tokens is None else {"max_prefill_tokens": args.max_prefill_tokens}),
                                 **({} if args.max_prefill_padding is None else {"max_prefill_padding": args.max_prefill_padding}),
                                 tensorrt_version=args.tensorrt_version, device=args.device)
@@ -655,7 +661,7 @@ def _cmd_bench(args, progress) -> int:
                            concurrency=parse_csv(args.concurrency, "--concurrency", int), new_tokens=args.new_tokens,
                            threads=args.threads, out=args.out or args.build / "bench",
                            check_hashes=not args.no_hash_check, peer=args.peer, peer_precision=args.peer_precision,
-                           peer_gguf=args.peer_gguf, device=args.device,
+                           peer_gguf=args.peer_gguf, device=args.device, prefix_cache=not args.no_prefix_cache,
                            dtype=args.dtype or ("fp16" if args.device.strip().lower().startswith("cuda") else "fp32"))
     results = run_bench(args.build, options, progress)
     for kind, path in results["files"].items():

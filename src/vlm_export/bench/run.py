@@ -26,6 +26,7 @@ from ..progress import Progress
 from ..runtime.pipeline import VLMPipeline
 from . import measure
 from .calls import in_process_call
+from .prefix import bench_prefix_cache
 from .peer import PRECISIONS as PEER_PRECISIONS
 
 BACKENDS = ("torch", "onnxruntime", "triton")
@@ -70,6 +71,8 @@ class BenchOptions:
     # bandwidth ceiling from the GPU's memory. On a machine without a usable GPU, run_bench refuses at once.
     device: str = "cpu"
     dtype: str = "fp32"  # the PyTorch reference's dtype: fp32, fp16 or bf16
+    # time to first token with each in-process backend's prefix cache on and off (bench/prefix.py)
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         from ..runtime.devices import Device, parse_dtype
@@ -542,6 +545,10 @@ def run_bench(build_dir: Path, options: BenchOptions | None = None, progress: Pr
                                    fixed_state_bytes(inputs.decode_batch)))
     results["ceiling"]["measured_on"] = str(device)
     results["ttft_breakdown"] = ttft_breakdown(stages, end_to_end, ttft_parts(next(iter(pipes.values()))))
+    # time to first token when the prompt's start (the template's system turn) is cached; off in the
+    # rows above, so they stay comparable with earlier runs and with the peers
+    results["prefix_cache"] = (bench_prefix_cache(timed, PHOTOS, PROMPTS, options.requests, progress)
+                               if timed and options.prefix_cache else {})
     peer = None
     if with_peer:
         from .peer import bench_peers

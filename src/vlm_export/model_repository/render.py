@@ -70,6 +70,8 @@ VLM_OUTPUTS = [
     {"name": "completion_tokens", "data_type": "TYPE_INT32", "dims": [1]},
 ]
 
+DEFAULT_PREFIX_CACHE_MB = 256  # ~5 MB a prompt of 100 tokens on the demo's LM (45 KB of K/V a token)
+
 
 @dataclass(frozen=True)
 class RepositoryOptions:
@@ -82,6 +84,10 @@ class RepositoryOptions:
     max_queue: int = DEFAULT_MAX_QUEUE
     # the vlm model's image-embedding cache (LRU by image content); 0 turns it off
     image_cache_mb: int = 256
+    # the vlm model's prefix cache (runtime/prefix_cache.py): prompts' K/V for later prompts that start
+    # the same way; 0 turns it off. None: DEFAULT_PREFIX_CACHE_MB, and off on the tensorrt target (its
+    # prefill profile has no past), where asking for one gets a note
+    prefix_cache_mb: int | None = None
     # new requests prefilled in one step (see runtime.generate.Scheduler): at most this many prompt
     # tokens (the pause the running rows see), and at most this share of a call's slots padding
     # (padding costs like real tokens on a CPU; on a GPU a batched prefill costs about one row's time)
@@ -112,9 +118,9 @@ class RepositoryOptions:
             raise RepositoryError("decoder_mode in_process needs the python target (the decoder runs in the vlm model)")
         pixels = 1 if self.max_image_pixels is None else self.max_image_pixels  # None: derived; 0 is no limit to accept
         if min(self.instances, self.vlm_instances, self.max_queue, self.max_image_mb, pixels) < 1 \
-                or min(self.max_queue_delay_us, self.image_cache_mb) < 0:
-            raise RepositoryError("instances, max_queue and the image limits must be >= 1, the queue delay and "
-                                  "image cache >= 0")
+                or min(self.max_queue_delay_us, self.image_cache_mb, self.prefix_cache_mb or 0) < 0:
+            raise RepositoryError("instances, max_queue and the image limits must be >= 1, the queue delay, "
+                                  "image cache and prefix cache >= 0")
         if self.tensorrt_version is not None and self.target != "tensorrt":
             raise RepositoryError(f"tensorrt_version is for the tensorrt target, not {self.target!r}")
         if self.tensorrt_version is not None and release(self.tensorrt_version) is None:
@@ -131,6 +137,14 @@ class RepositoryOptions:
     @property
     def resolved_decoder_mode(self) -> str:
         return self.decoder_mode or ("in_process" if self.target == "python" else "bls")
+
+    @property
+    def served_prefix_cache_mb(self) -> int:
+        """The prefix cache the vlm model gets: none on the tensorrt target, whose engines' prefill
+        profile has an empty past (a prompt cannot continue from a cached prefix there)."""
+        if self.target == "tensorrt":
+            return 0
+        return DEFAULT_PREFIX_CACHE_MB if self.prefix_cache_mb is None else self.prefix_cache_mb
 
     @property
     def on_gpu(self) -> bool:
@@ -255,6 +269,7 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
                                                  runs_graphs=options.resolved_decoder_mode == "in_process"),
         "parameters": {**_python_params(decoder_mode=options.resolved_decoder_mode, intra_op_threads=options.threads or 0,
                                         max_queue=options.max_queue, image_cache_mb=options.image_cache_mb,
+                                        prefix_cache_mb=options.served_prefix_cache_mb,
                                         max_prefill_tokens=options.max_prefill_tokens,
                                         max_prefill_padding=options.max_prefill_padding),
                        **image_params, **decoder_params},
@@ -422,6 +437,10 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
                   "serve it only on such CPUs, or build with --int8-kernel u8u8"
                   for stage, entry in target_graphs(manifest, options.target, options.on_gpu).items()
                   if (entry.get("variant") or {}).get("requires_cpu")]
+    if options.target == "tensorrt" and options.prefix_cache_mb:  # asked for (the default is None)
+        notes.append("prefix cache off: the TensorRT decoder's prefill profile has an empty past, so a prompt "
+                     "cannot continue from cached K/V there (--prefix-cache-mb applies to the python and "
+                     "onnxruntime targets)")
     if options.target == "tensorrt" and not manifest.get("engines"):
         if not configs_only:
             raise RepositoryError(f"{build_dir} has no TensorRT engines; build them on a GPU machine with TensorRT "

@@ -9,6 +9,9 @@ decoder call (``Scheduler``), sends each row's events through its own callback, 
 rows leave, and polls each request's ``is_cancelled`` so a cancelled row stops within one step and
 frees its place.
 
+A prompt that starts as an earlier one did continues from that prefix's K/V where the pipeline
+has a prefix cache (``VLMPipeline.prefix_cache``; the served model's ``prefix_cache_mb``).
+
 Back-pressure: at most ``max_queue`` requests wait (prepared or not) for a place in the batch;
 past that, ``submit`` raises BusyError at once, so a flood costs neither threads nor memory.
 """
@@ -55,6 +58,8 @@ class EngineStats:
     refused: int = 0  # turned away by back-pressure
     image_cache_hits: int = 0
     image_cache_misses: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_reused_tokens: int = 0
 
 
 @dataclass
@@ -184,6 +189,9 @@ class GenerationEngine:
         """The stats to ``on_stats`` whenever they changed (also while idle: cancels and refusals count)."""
         if self.image_cache is not None:
             self.stats.image_cache_hits, self.stats.image_cache_misses = self.image_cache.hits, self.image_cache.misses
+        prefixes = self.pipe.prefix_cache
+        if prefixes is not None:
+            self.stats.prefix_cache_hits, self.stats.prefix_cache_reused_tokens = prefixes.hits, prefixes.reused_tokens
         if self.on_stats is None or self.stats == self._reported:
             return
         self._reported = replace(self.stats)

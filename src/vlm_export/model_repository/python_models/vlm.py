@@ -29,6 +29,7 @@ from vlm_export.runtime.engine import DEFAULT_MAX_QUEUE, Cancelled, GenerationEn
 from vlm_export.runtime.generate import (DEFAULT_MAX_PREFILL_PADDING, DEFAULT_MAX_PREFILL_TOKENS, GenerationConfig,
                                          GenerationResult, TokenEvent)
 from vlm_export.runtime.image_cache import ImageEmbeddingCache
+from vlm_export.runtime.prefix_cache import PrefixCache
 from vlm_export.runtime.load import pipeline_from_manifest
 from vlm_export.runtime.runners import OrtRunner, Runner
 
@@ -93,6 +94,8 @@ class TritonPythonModel:
         self.limits = image_limits(config)  # the bytes limit is checked here, the pixels by preprocess
         self.metrics = _Metrics()
         cache_mb = int(parameter(config, "image_cache_mb", "0"))
+        prefix_mb = int(parameter(config, "prefix_cache_mb", "0"))
+        pipe.prefix_cache = PrefixCache(prefix_mb << 20) if prefix_mb else None
         self.engine = GenerationEngine(pipe, max_queue=int(parameter(config, "max_queue", str(DEFAULT_MAX_QUEUE))),
                                        encode_images=self._encode_images if self.image_encoder else None,
                                        on_stats=self.metrics.update,
@@ -223,7 +226,10 @@ class _Metrics:
                 "refused": ("vlm_requests_refused_total", "Requests refused because the queue was full"),
                 "steps": ("vlm_decode_steps_total", "Batched decode steps"),
                 "image_cache_hits": ("vlm_image_cache_hits_total", "Images served from the embedding cache"),
-                "image_cache_misses": ("vlm_image_cache_misses_total", "Images sent through the image path")}
+                "image_cache_misses": ("vlm_image_cache_misses_total", "Images sent through the image path"),
+                "prefix_cache_hits": ("vlm_prefix_cache_hits_total", "Prompts that continued from a cached prefix"),
+                "prefix_cache_reused_tokens": ("vlm_prefix_cache_reused_tokens_total",
+                                               "Prompt tokens not prefilled again: taken from the prefix cache")}
 
     def __init__(self):
         self._last = {}
