@@ -99,8 +99,8 @@ def test_prefix_cache_section(bench, tiny_build):
     ids = pipe.prompt_ids("What animal is in the picture?", 1)
     for backend in ("torch", "onnxruntime"):
         p = results["prefix_cache"][backend]
-        assert p["off"]["requests"] == p["on"]["requests"] == 2 and p["on"]["tokens"] == 2 * 2
-        assert p["misses"] == 1 and p["hits"] == 2 + 2  # the warming request, then warm-up + timed calls
+        assert p["off"]["requests"] == p["on"]["requests"] == 4 and p["on"]["tokens"] == 4 * 2  # 2 x requests
+        assert p["misses"] == 1 and p["hits"] == 4 + 4  # the warming request, then 4 blocks' warm-up + timed calls
         assert p["reused_tokens_per_hit"] == ids.index(pipe.scheme.image_token_id)
         assert p["ttft_ratio"] == round(p["off"]["ttft_ms"]["p50"] / p["on"]["ttft_ms"]["p50"], 3)
     assert "### Time to first token with the prefix cache" in (out / "bench.md").read_text()

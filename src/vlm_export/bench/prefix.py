@@ -4,7 +4,8 @@ Every request brings an image never seen before (a photo shifted by a few pixels
 the same decoding cost), so what the cache can reuse is the prompt's start up to the image (the
 chat template's system turn), as for a service's new conversations; a follow-up turn, which reuses
 its whole previous prompt, gains far more and is not what is timed here. Each backend runs the same
-requests with its pipeline's cache off and on (warmed by one request), in mirrored blocks.
+requests with its pipeline's cache off and on (warmed by one request), in mirrored blocks, one
+backend after the other.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from . import measure
 
 #: tokens per request: the time to first token is what is timed (EOS ignored, so never fewer)
 NEW_TOKENS = 2
+#: off/on blocks in mirrored order (off on, on off, ...), each after one discarded call
+BLOCKS = 4
 CACHE_BYTES = 256 << 20
 
 
@@ -52,7 +55,7 @@ def bench_prefix_cache(pipes: dict[str, VLMPipeline], photo_names: Sequence[str]
         pipe.prefix_cache = None
     if not able:
         return {}
-    per_entry = 2 * (requests + measure.MIN_SAMPLES)  # each request's image new, warm-up calls included
+    per_entry = requests + BLOCKS  # each request's image new, the blocks' warm-up calls included
     photos = iter(shifted_photos(photo_names, per_entry * 2 * len(able) + len(able)))
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     turn = itertools.count()
@@ -69,15 +72,14 @@ def bench_prefix_cache(pipes: dict[str, VLMPipeline], photo_names: Sequence[str]
                 pipe.prefix_cache = None
         return run
 
-    for backend in able:  # the template's start in each cache, as a serving model has it after its first request
-        call(backend, True)()
-    calls = {f"{b} {mode}": call(b, mode == "on") for b in able for mode in ("off", "on")}
-    with progress.step(f"prefix cache, time to first token: {', '.join(able)} (off vs on)",
-                       total=len(calls) * requests) as advance:
-        timings = measure.alternating(calls, 1, requests, None, advance)
     out = {}
-    for backend in able:
-        off, on = (measure.summarize_requests(timings[f"{backend} {m}"]) for m in ("off", "on"))
+    for backend in able:  # one backend at a time: another runtime's spinning threads would tilt its blocks
+        call(backend, True)()  # the template's start in the cache, as a serving model has it after its first request
+        with progress.step(f"prefix cache on {backend}: time to first token, off vs on",
+                           total=2 * requests) as advance:
+            timings = measure.alternating({"off": call(backend, False), "on": call(backend, True)}, 1, requests,
+                                          None, advance, blocks=BLOCKS)
+        off, on = (measure.summarize_requests(timings[m]) for m in ("off", "on"))
         cache = caches[backend]
         out[backend] = {"off": off, "on": on, "ttft_ratio": round(off["ttft_ms"]["p50"] / on["ttft_ms"]["p50"], 3),
                         "reused_tokens_per_hit": round(cache.reused_tokens / max(cache.hits, 1), 1),

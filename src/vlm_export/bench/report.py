@@ -160,9 +160,12 @@ def markdown(r: dict) -> str:
                       f"never sent before, each sent twice at concurrency 1. Time to first token p50 "
                       f"{_ms(cache['first_sight_ttft_ms'])} ms at first sight, {_ms(cache['repeat_ttft_ms'])} ms "
                       f"repeated (**{_x(cache['ttft_ratio'])}**, {cache['ttft_saved_ms']} ms saved); the server "
-                      f"counted {cache['hits']} hits and {cache['misses']} misses. Every other served figure "
-                      "above uses images the server had not seen, as the in-process runs (which have no cache) "
-                      "always pay for the image path.", ""]
+                      f"counted {cache['hits']} hits and {cache['misses']} misses. The repeat is the same prompt, "
+                      "so the prefix cache also reuses all of it but its last token: this is what a conversation "
+                      "re-sending its image gains, not the image cache alone. Every other served figure above uses "
+                      "images the server had not seen, as the in-process runs (which have no image cache) always "
+                      "pay for the image path; both sides reuse the template's start from their prefix caches "
+                      f"({s['repository'].get('prefix_cache_mb', 0)} MB each).", ""]
 
     lines += peer_section(r.get("peer"))
 
@@ -187,7 +190,8 @@ def prefix_cache_lines(prefix: dict, reference: dict | None) -> list[str]:
     return ["### Time to first token with the prefix cache", "",
             "Each request a new image (a photo shifted sideways: new embeddings), so only the prompt's start up to "
             "the image is reused (the chat template's system turn), as for a new conversation; a follow-up turn "
-            "reuses its whole previous prompt. Cache off and on in mirrored blocks, 2 tokens per request. The "
+            "reuses its whole previous prompt. Cache off and on in mirrored blocks, one backend after the other, 2 "
+            "tokens per request. The "
             "last column: PyTorch eager's TTFT in the end-to-end table (no cache) over this backend's with it.", ""] + \
         _table(["backend", "requests (off + on)", "TTFT p50 off (ms)", "TTFT p50 on (ms)", "speed-up",
                 "tokens reused per request", "vs PyTorch eager (no cache)"], rows) + [""]

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..progress import Progress
 from ..runtime.pipeline import VLMPipeline
 from ..runtime.engine import GenerationEngine
+from ..runtime.prefix_cache import PrefixCache
 from . import measure
 from .calls import client_call, engine_call, in_process_call
 
@@ -79,11 +80,25 @@ def _level(concurrency: int, timings: list, wall: float) -> dict:
 
 
 def bench_served(build_dir: Path, pipe: VLMPipeline, inputs, options, threads: int, progress: Progress) -> dict:
-    from ..client.client import VLMClient
-    from ..model_repository.render import RepositoryOptions, render_repository
-    from ..serve.server import TritonServer
+    from ..model_repository.render import RepositoryOptions
 
     repo_options = RepositoryOptions(threads=threads)
+    # the in-process side gets the prefix cache the served model has (repository default), so that
+    # both reuse the same prompt starts and the comparison stays like for like
+    prefix_mb = repo_options.served_prefix_cache_mb
+    pipe.prefix_cache = PrefixCache(prefix_mb << 20) if prefix_mb else None
+    try:
+        return _bench_served(build_dir, pipe, inputs, options, threads, progress, repo_options)
+    finally:
+        pipe.prefix_cache = None
+
+
+def _bench_served(build_dir: Path, pipe: VLMPipeline, inputs, options, threads: int, progress: Progress,
+                  repo_options) -> dict:
+    from ..client.client import VLMClient
+    from ..model_repository.render import render_repository
+    from ..serve.server import TritonServer
+
     with tempfile.TemporaryDirectory(prefix="vlm-bench-") as tmp:
         with progress.step("rendering the python-target repository and starting tritonserver") as advance:
             repo = render_repository(build_dir, Path(tmp) / "repo", repo_options, check_hashes=options.check_hashes)
@@ -95,6 +110,7 @@ def bench_served(build_dir: Path, pipe: VLMPipeline, inputs, options, threads: i
                               "repository": {"target": repo_options.target,
                                              "decoder_mode": repo_options.resolved_decoder_mode,
                                              "vlm_instances": repo_options.vlm_instances,
+                                             "prefix_cache_mb": repo_options.served_prefix_cache_mb,
                                              "instances_per_graph_model": repo_options.instances,
                                              "ort_intra_op_threads": threads},
                               "ignore_eos": True, "address": "loopback"}}
