@@ -124,3 +124,23 @@ def test_cache_keeps_to_its_bytes_and_holds_a_conversation_once():
     assert len(cache) == 2
     with pytest.raises(ValueError, match="prefix cache size"):
         PrefixCache(-1)
+
+
+@pytest.mark.parametrize("name", ["prefix-llama", "blip2-opt", "instructblip-llama"])
+def test_other_spliced_layouts(tiny_build, photos, name):
+    """Images before the text (prefix, BLIP-2) and a Q-Former that reads the prompt (InstructBLIP,
+    whose image rows change with the question): with the cache, the answers of first sight and
+    repeats are those without."""
+    pipe = open_build(tiny_build(name).path)
+    requests = [("What is this?", (photos[0],)), ("Describe it.", (photos[0],)), ("What is this?", (photos[1],))]
+    expected = [generate(pipe, p, images, CONFIG).token_ids for p, images in requests]
+    pipe.prefix_cache = cache = PrefixCache(64 << 20, min_reused=1)  # these tiny prompts are 8-20 tokens
+    for _ in range(2):
+        assert [generate(pipe, p, images, CONFIG).token_ids for p, images in requests] == expected
+    assert cache.hits >= len(requests)  # every repeat at least
+    if pipe.reads_prompt:  # the same image under another question: other rows, so other keys from the image on
+        ids = [pipe.prompt_ids(q, 1) for q in ("What is this?", "Describe it.")]
+        keys = [pipe.prefix_keys(i, pipe.encode_images(pipe.pixel_values(photos[:1]), prompt=q))
+                for i, q in zip(ids, ("What is this?", "Describe it."))]
+        first_image = ids[0].index(pipe.scheme.image_token_id)
+        assert keys[0][first_image] != keys[1][first_image]
