@@ -10,10 +10,13 @@ onnxruntime / TensorRT decoders; one call per step for the whole batch).
 In-flight batching: ``execute`` only checks each request and hands it to the
 ``GenerationEngine`` (runtime/engine.py), whose one scheduler loop decodes every active request
 together, streams each row's text through its own response sender, and drops a row within a
-step when its client cancels. Past ``max_queue`` waiting requests a new one gets UNAVAILABLE at
-once. A bad request gets an error response and the model keeps serving.
+step when its client cancels. Responses go out from a thread of their own (``_Outbox``), so the
+scheduler's next step does not wait for them. Past ``max_queue`` waiting requests a new one gets
+UNAVAILABLE at once. A bad request gets an error response and the model keeps serving.
 """
 import json
+import queue
+import threading
 from functools import partial
 
 import numpy as np
@@ -34,6 +37,33 @@ from vlm_export.runtime.load import pipeline_from_manifest
 from vlm_export.runtime.runners import OrtRunner, Runner
 
 DRAIN_S = 5.0  # finalize lets running requests finish this long (Triton's own exit timeout is longer)
+
+
+class _Outbox:
+    """Responses leave on a thread of their own, in the order they were made. A send is a round
+    trip to Triton's core through the stub's shared memory, then its frontend's work; on the scheduler
+    thread it would add to every decode step once per running row (the step's decoder call releases
+    the GIL, so here the sends overlap it)."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="vlm-responses", daemon=True)
+        self._thread.start()
+
+    def put(self, send) -> None:
+        self._queue.put(send)
+
+    def _run(self) -> None:
+        while (send := self._queue.get()) is not None:
+            try:
+                send()
+            except Exception as e:  # one response that cannot go out must not stop the others'
+                pb_utils.Logger.log_warn(f"vlm: a response was not sent ({type(e).__name__}: {e})")
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Send what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
 
 
 class BlsRunner(Runner):
@@ -96,6 +126,7 @@ class TritonPythonModel:
         cache_mb = int(parameter(config, "image_cache_mb", "0"))
         prefix_mb = int(parameter(config, "prefix_cache_mb", "0"))
         pipe.prefix_cache = PrefixCache(prefix_mb << 20) if prefix_mb else None
+        self.outbox = _Outbox()
         self.engine = GenerationEngine(pipe, max_queue=int(parameter(config, "max_queue", str(DEFAULT_MAX_QUEUE))),
                                        encode_images=self._encode_images if self.image_encoder else None,
                                        on_stats=self.metrics.update,
@@ -165,7 +196,10 @@ class TritonPythonModel:
         return prompt, images, config, bool(_optional(request, "stream", [False])[0])
 
     def _on_event(self, sender, streaming, event):
-        """Called on the scheduler thread for each of a request's events."""
+        """Called on the scheduler thread for each of a request's events: sent from the outbox's."""
+        self.outbox.put(partial(self._send, sender, streaming, event))
+
+    def _send(self, sender, streaming, event):
         if isinstance(event, TokenEvent):
             if streaming:
                 sender.send(self._response(event.text, "", 0, 0))
@@ -197,6 +231,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.close(DRAIN_S)
+        self.outbox.close()
 
 
 def _close(sender):
