@@ -103,7 +103,13 @@ def test_prefix_cache_section(bench, tiny_build):
         assert p["misses"] == 1 and p["hits"] == 4 + 4  # the warming request, then 4 blocks' warm-up + timed calls
         assert p["reused_tokens_per_hit"] == ids.index(pipe.scheme.image_token_id)
         assert p["ttft_ratio"] == round(p["off"]["ttft_ms"]["p50"] / p["on"]["ttft_ms"]["p50"], 3)
-    assert "### Time to first token with the prefix cache" in (out / "bench.md").read_text()
+        # a second turn reuses its whole first prompt, image rows included: more than the template's start
+        follow = p["follow_up"]
+        assert follow["off"]["requests"] == follow["on"]["requests"] == 4
+        image_end = len(ids) - ids[::-1].index(pipe.scheme.image_token_id)
+        assert follow["reused_tokens_per_request"] > image_end  # past the image, into the first question
+    text = (out / "bench.md").read_text()
+    assert "### Time to first token with the prefix cache" in text and "A conversation's second turn" in text
 
 
 def test_ratios_come_from_the_same_run(bench):

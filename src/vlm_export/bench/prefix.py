@@ -2,10 +2,11 @@
 
 Every request brings an image never seen before (a photo shifted by a few pixels: other embeddings,
 the same decoding cost), so what the cache can reuse is the prompt's start up to the image (the
-chat template's system turn), as for a service's new conversations; a follow-up turn, which reuses
-its whole previous prompt, gains far more and is not what is timed here. Each backend runs the same
-requests with its pipeline's cache off and on (warmed by one request), in mirrored blocks, one
-backend after the other.
+chat template's system turn), as for a service's new conversations. Then the follow-up turn of a
+conversation (its first turn with a new image answered untimed, then the timed second turn,
+which re-sends the image as chat clients do): the cache can reuse the whole first prompt. Each
+backend runs the same requests with its pipeline's cache off and on (warmed by one request), in
+mirrored blocks, one backend after the other.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import InputError
 from ..progress import Progress
-from ..runtime.generate import GenerationConfig, stream
+from ..runtime.generate import GenerationConfig, generate, stream
 from ..runtime.pipeline import VLMPipeline
 from ..runtime.prefix_cache import PrefixCache
 from . import measure
@@ -26,6 +28,12 @@ NEW_TOKENS = 2
 #: off/on blocks in mirrored order (off on, on off, ...), each after one discarded call
 BLOCKS = 4
 CACHE_BYTES = 256 << 20
+FOLLOW_UP = "Tell me more about it."
+FIRST_ANSWER_TOKENS = 16
+
+
+def _first_turn(question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
 
 def shifted_photos(names: Sequence[str], count: int) -> list[bytes]:
@@ -56,7 +64,7 @@ def bench_prefix_cache(pipes: dict[str, VLMPipeline], photo_names: Sequence[str]
     if not able:
         return {}
     per_entry = requests + BLOCKS  # each request's image new, the blocks' warm-up calls included
-    photos = iter(shifted_photos(photo_names, per_entry * 2 * len(able) + len(able)))
+    photos = iter(shifted_photos(photo_names, 2 * (per_entry * 2 * len(able) + len(able))))
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     turn = itertools.count()
     caches = {b: PrefixCache(CACHE_BYTES) for b in able}
@@ -68,6 +76,26 @@ def bench_prefix_cache(pipes: dict[str, VLMPipeline], photo_names: Sequence[str]
             pipe.prefix_cache = caches[backend] if cached else None
             try:
                 return measure.time_request(stream(pipe, prompts[next(turn) % len(prompts)], [next(photos)], config))
+            finally:
+                pipe.prefix_cache = None
+        return run
+
+    def follow_up(backend: str, cached: bool, reused: list[int]):
+        """A conversation's second turn, timed after its first (answered untimed, same cache setting);
+        ``reused`` gets the tokens each cached second turn took from the cache."""
+        pipe, cache = able[backend], caches[backend]
+
+        def run() -> measure.RequestTiming:
+            pipe.prefix_cache = cache if cached else None
+            try:
+                image, first = next(photos), _first_turn(prompts[next(turn) % len(prompts)])
+                answer = generate(pipe, first, [image], GenerationConfig(max_new_tokens=FIRST_ANSWER_TOKENS))
+                second = first + [{"role": "assistant", "content": answer.text}, {"role": "user", "content": FOLLOW_UP}]
+                before = cache.reused_tokens
+                timing = measure.time_request(stream(pipe, second, [image], config))
+                if cached:
+                    reused.append(cache.reused_tokens - before)
+                return timing
             finally:
                 pipe.prefix_cache = None
         return run
@@ -84,4 +112,22 @@ def bench_prefix_cache(pipes: dict[str, VLMPipeline], photo_names: Sequence[str]
         out[backend] = {"off": off, "on": on, "ttft_ratio": round(off["ttft_ms"]["p50"] / on["ttft_ms"]["p50"], 3),
                         "reused_tokens_per_hit": round(cache.reused_tokens / max(cache.hits, 1), 1),
                         "hits": cache.hits, "misses": cache.misses}
+        out[backend]["follow_up"] = _bench_follow_up(able[backend], follow_up, backend, requests, progress)
     return out
+
+
+def _bench_follow_up(pipe: VLMPipeline, follow_up, backend: str, requests: int, progress: Progress) -> dict | None:
+    """The second turn's timings, off and on; None where the build's prompts take no conversation."""
+    try:
+        pipe.prompt_ids(_first_turn("?") + [{"role": "assistant", "content": "."},
+                                             {"role": "user", "content": FOLLOW_UP}], 1)
+    except InputError:
+        return None
+    reused: list[int] = []
+    with progress.step(f"prefix cache on {backend}: a conversation's second turn, off vs on",
+                       total=2 * requests) as advance:
+        timings = measure.alternating({"off": follow_up(backend, False, []), "on": follow_up(backend, True, reused)},
+                                      1, requests, None, advance, blocks=BLOCKS)
+    off, on = (measure.summarize_requests(timings[m]) for m in ("off", "on"))
+    return {"off": off, "on": on, "ttft_ratio": round(off["ttft_ms"]["p50"] / on["ttft_ms"]["p50"], 3),
+            "reused_tokens_per_request": round(float(np.mean(reused)), 1) if reused else 0.0}

@@ -194,7 +194,19 @@ def prefix_cache_lines(prefix: dict, reference: dict | None) -> list[str]:
             "tokens per request. The "
             "last column: PyTorch eager's TTFT in the end-to-end table (no cache) over this backend's with it.", ""] + \
         _table(["backend", "requests (off + on)", "TTFT p50 off (ms)", "TTFT p50 on (ms)", "speed-up",
-                "tokens reused per request", "vs PyTorch eager (no cache)"], rows) + [""]
+                "tokens reused per request", "vs PyTorch eager (no cache)"], rows) + [""] + _follow_up_lines(prefix)
+
+
+def _follow_up_lines(prefix: dict) -> list[str]:
+    rows = [[b, f"{f['off']['requests']} + {f['on']['requests']}", _ms(f["off"]["ttft_ms"]), _ms(f["on"]["ttft_ms"]),
+             _x(f["ttft_ratio"]), f["reused_tokens_per_request"]]
+            for b, v in prefix.items() if (f := v.get("follow_up"))]
+    if not rows:
+        return []
+    return ["A conversation's second turn (its first, with a new image, answered untimed just before; the second "
+            "re-sends the image, as chat clients do), cache off and on:", ""] + \
+        _table(["backend", "requests (off + on)", "TTFT p50 off (ms)", "TTFT p50 on (ms)", "speed-up",
+                "tokens reused per request"], rows) + [""]
 
 
 def ttft_lines(breakdown: dict) -> list[str]:
