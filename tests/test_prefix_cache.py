@@ -44,6 +44,17 @@ def test_answers_and_logits_equal_a_full_prefill(tiny_build, photos, form):
     batched = generate_batch(pipe, [GenerationRequest(p, images, CONFIG) for p, images in requests])
     assert [r.token_ids for r in batched] == expected
 
+    # prompts of different lengths prefilled together (left-padded) go into the cache as their own
+    # real positions: each then continues from all of itself but its last token, with the same answer
+    pipe.prefix_cache = cache = PrefixCache(64 << 20)
+    batched = generate_batch(pipe, [GenerationRequest(p, images, CONFIG) for p, images in requests],
+                             max_prefill_padding=1.0)
+    assert [r.token_ids for r in batched] == expected and len(cache) == len(requests)
+    for (p, images), result in zip(requests, batched):
+        reused = cache.reused_tokens
+        assert generate(pipe, p, images, CONFIG).token_ids == result.token_ids
+        assert cache.reused_tokens - reused == result.prompt_tokens - 1
+
     ids = pipe.prompt_ids("What animal is this?", 1)
     image = pipe.encode_images(pipe.pixel_values(photos[:1]))
     full_logits, full = pipe.prefill(ids, image)
