@@ -311,6 +311,7 @@ LONGEST_FIRST = (
     "test_serving.py",
     "test_openai_api.py",  # short, but shares test_serving's llava_server: next to it, likely the same worker
     "test_precision.py",
+    "test_prefix_cache.py",  # ~100 CPU-s: generation with and without the cache on six builds and PyTorch
     "test_cli_errors.py",
     "test_demo_model.py",
     "test_lora.py",
