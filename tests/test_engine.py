@@ -178,3 +178,28 @@ def test_a_failing_prefill_ends_its_own_request_only(pipe):
     assert isinstance(bad.final, RunnerError) and "injected" in str(bad.final)
     assert isinstance(good.final, GenerationResult) and good.final.completion_tokens == 20
     engine.close()
+
+
+def test_engine_prefix_cache_keys_made_while_preparing(tiny_build, photo):
+    """With the pipeline's prefix cache, concurrent requests give the answers they give alone, the
+    keys come from the preparing threads (the loop never makes them), and the stats count the reuse."""
+    from vlm_export.runtime.prefix_cache import PrefixCache
+
+    pipe = open_build(tiny_build("llava-llama").path)
+    prompts = [("What animal is this?", [photo], GenerationConfig(max_new_tokens=10)),
+               ("Describe it.", [photo], GenerationConfig(max_new_tokens=8)),
+               ("Hi", [], GenerationConfig(max_new_tokens=6))] * 2
+    alone = [generate(pipe, p, i, c).token_ids for p, i, c in prompts]
+    pipe.prefix_cache = PrefixCache(64 << 20)
+    made_on = set()
+    keys = pipe.prefix_keys
+    pipe.prefix_keys = lambda *a: (made_on.add(threading.current_thread().name), keys(*a))[1]
+    engine = GenerationEngine(pipe, max_batch=2)
+    collectors = [Collector() for _ in prompts]
+    for (p, i, c), collector in zip(prompts, collectors):
+        engine.submit(p, i, c, on_event=collector)
+    finals = [c.final for c in collectors]
+    engine.close()
+    assert [f.token_ids for f in finals] == alone
+    assert made_on and all(name.startswith("vlm-prepare") for name in made_on)
+    assert engine.stats.prefix_cache_hits >= 3 and engine.stats.prefix_cache_reused_tokens > 0

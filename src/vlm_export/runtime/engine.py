@@ -69,6 +69,7 @@ class _Job:
     config: GenerationConfig
     prompt_ids: list[int] = field(default_factory=list)
     image_input: np.ndarray | None = None
+    prefix_keys: np.ndarray | None = None
     row: int | None = None
     started: bool = False
 
@@ -137,6 +138,8 @@ class GenerationEngine:
                                                               self.encode_images)
             # checked here, not at submit on the loop thread, where it would fail the whole batch
             self.pipe.scheme.check_prompt(job.prompt_ids, job.image_input)
+            # and the prefix cache's keys made here too: they read every image row
+            job.prefix_keys = self.pipe.prefix_keys(job.prompt_ids, job.image_input)
         except VlmExportError as e:
             self._end(job, e)
             return
@@ -207,8 +210,8 @@ class GenerationEngine:
             job = self._inbox.get(timeout=IDLE_WAIT_S) if block else self._inbox.get_nowait()
             while True:
                 if job is not None:
-                    job.row = self.scheduler.submit(job.prompt_ids, job.image_input, job.config)
-                    job.image_input = None
+                    job.row = self.scheduler.submit(job.prompt_ids, job.image_input, job.config, job.prefix_keys)
+                    job.image_input = job.prefix_keys = None
                     self._jobs[job.row] = job
                 job = self._inbox.get_nowait()
         except queue.Empty:

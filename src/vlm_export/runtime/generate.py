@@ -233,12 +233,15 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.queued and not self.running
 
-    def submit(self, prompt_ids: Sequence[int], image_input: np.ndarray, config: GenerationConfig) -> int:
-        """Queue one sequence; InputError now (not at its turn) when it cannot run."""
+    def submit(self, prompt_ids: Sequence[int], image_input: np.ndarray, config: GenerationConfig,
+               prefix_keys: np.ndarray | None = None) -> int:
+        """Queue one sequence; InputError now (not at its turn) when it cannot run. ``prefix_keys``:
+        the prompt's ``VLMPipeline.prefix_keys`` where the caller made them already (off this loop's
+        thread: they read every image row); otherwise they are made when the row is admitted."""
         self.pipe.check_length(len(prompt_ids), config.max_new_tokens)
         self.pipe.scheme.check_prompt(prompt_ids, image_input)
         row = _Row(next(self._ids), list(prompt_ids), image_input, config, Sampler(config),
-                   TextStream(self.pipe.tokenizer, config.stop))
+                   TextStream(self.pipe.tokenizer, config.stop), keys=prefix_keys)
         self.queued.append(row)
         return row.id
 
@@ -335,10 +338,11 @@ class Scheduler:
     def _admit(self) -> None:
         """Rows whose prompts start as a cached one continue from it, one call each; the rest are
         prefilled together (``_prefill_groups``)."""
-        fresh = []
+        fresh, cache = [], self.pipe.prefix_cache
         for row in self._next_rows():
-            row.keys = self.pipe.prefix_keys(row.prompt_ids, row.image_input)
-            hit = self.pipe.prefix_cache.lookup(row.keys) if row.keys is not None else None
+            if row.keys is None:
+                row.keys = self.pipe.prefix_keys(row.prompt_ids, row.image_input)
+            hit = cache.lookup(row.keys) if cache is not None and row.keys is not None else None
             if hit is None:
                 fresh.append(row)
             else:
