@@ -1,7 +1,7 @@
 """Time to first token with and without the prefix cache (runtime/prefix_cache.py), in process.
 
-Every request brings an image never seen before (a photo shifted by a few pixels: other embeddings,
-the same decoding cost), so what the cache can reuse is the prompt's start up to the image (the
+Every request brings an image never seen before (``served.distinct_requests``: a photo rolled by a
+few pixels, so other image rows at the same cost), so what the cache can reuse is the prompt's start up to the image (the
 chat template's system turn), as for a service's new conversations. Then the follow-up turn of a
 conversation (its first turn with a new image answered untimed, then the timed second turn,
 which re-sends the image as chat clients do): the cache can reuse the whole first prompt. Each
@@ -10,8 +10,6 @@ mirrored blocks, one backend after the other.
 """
 from __future__ import annotations
 
-import io
-import itertools
 from typing import Sequence
 
 import numpy as np
@@ -22,6 +20,7 @@ from ..runtime.generate import GenerationConfig, generate, stream
 from ..runtime.pipeline import VLMPipeline
 from ..runtime.prefix_cache import PrefixCache
 from . import measure
+from .served import distinct_requests
 
 #: tokens per request: the time to first token is what is timed (EOS ignored, so never fewer)
 NEW_TOKENS = 2
@@ -36,37 +35,22 @@ def _first_turn(question: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
 
-def shifted_photos(names: Sequence[str], count: int) -> list[bytes]:
-    """``count`` PNGs, each a skimage photo rolled sideways by a different number of pixels."""
-    from PIL import Image
-    from skimage import data
-
-    arrays = [np.asarray(Image.fromarray(getattr(data, n)()).convert("RGB")) for n in names]
-    out = []
-    for i in range(count):
-        buf = io.BytesIO()
-        Image.fromarray(np.roll(arrays[i % len(arrays)], 1 + i // len(arrays), axis=1)).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
-
-
-def bench_prefix_cache(pipes: dict[str, VLMPipeline], photo_names: Sequence[str], prompts: Sequence[str],
-                       requests: int, progress: Progress) -> dict:
+def bench_prefix_cache(pipes: dict[str, VLMPipeline], originals: Sequence[tuple[str, bytes]], requests: int,
+                       progress: Progress) -> dict:
     """Per backend whose decoder can continue a prefill (``VLMPipeline.prefix_keys``): request timings
     with the cache off and on, the time-to-first-token ratio, and the tokens reused per request."""
     able = {}
     for backend, pipe in pipes.items():
         pipe.prefix_cache = PrefixCache(CACHE_BYTES)
-        probe = pipe.prompt_ids(prompts[0], 0)
+        probe = pipe.prompt_ids(originals[0][0], 0)
         if pipe.prefix_keys(probe, pipe.scheme.empty_image_input()) is not None:
             able[backend] = pipe
         pipe.prefix_cache = None
     if not able:
         return {}
     per_entry = requests + BLOCKS  # each request's image new, the blocks' warm-up calls included
-    photos = iter(shifted_photos(photo_names, 2 * (per_entry * 2 * len(able) + len(able))))
+    fresh = iter(distinct_requests(list(originals), 2 * (per_entry * 2 * len(able) + len(able))))
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    turn = itertools.count()
     caches = {b: PrefixCache(CACHE_BYTES) for b in able}
 
     def call(backend: str, cached: bool):
@@ -75,7 +59,8 @@ def bench_prefix_cache(pipes: dict[str, VLMPipeline], photo_names: Sequence[str]
         def run() -> measure.RequestTiming:
             pipe.prefix_cache = caches[backend] if cached else None
             try:
-                return measure.time_request(stream(pipe, prompts[next(turn) % len(prompts)], [next(photos)], config))
+                prompt, image = next(fresh)
+                return measure.time_request(stream(pipe, prompt, [image], config))
             finally:
                 pipe.prefix_cache = None
         return run
@@ -88,7 +73,8 @@ def bench_prefix_cache(pipes: dict[str, VLMPipeline], photo_names: Sequence[str]
         def run() -> measure.RequestTiming:
             pipe.prefix_cache = cache if cached else None
             try:
-                image, first = next(photos), _first_turn(prompts[next(turn) % len(prompts)])
+                question, image = next(fresh)
+                first = _first_turn(question)
                 answer = generate(pipe, first, [image], GenerationConfig(max_new_tokens=FIRST_ANSWER_TOKENS))
                 second = first + [{"role": "assistant", "content": answer.text}, {"role": "user", "content": FOLLOW_UP}]
                 before = cache.reused_tokens

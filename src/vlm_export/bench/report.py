@@ -188,7 +188,7 @@ def prefix_cache_lines(prefix: dict, reference: dict | None) -> list[str]:
              _x(reference["ttft_ms"]["p50"] / v["on"]["ttft_ms"]["p50"]) if reference else "-"]
             for b, v in prefix.items()]
     return ["### Time to first token with the prefix cache", "",
-            "Each request a new image (a photo shifted sideways: new embeddings), so only the prompt's start up to "
+            "Each request a new image (a photo rolled by a few pixels: new image rows), so only the prompt's start up to "
             "the image is reused (the chat template's system turn), as for a new conversation; a follow-up turn "
             "reuses its whole previous prompt. Cache off and on in mirrored blocks, one backend after the other, 2 "
             "tokens per request. The "

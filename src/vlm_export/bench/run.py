@@ -547,7 +547,7 @@ def run_bench(build_dir: Path, options: BenchOptions | None = None, progress: Pr
     results["ttft_breakdown"] = ttft_breakdown(stages, end_to_end, ttft_parts(next(iter(pipes.values()))))
     # time to first token when the prompt's start (the template's system turn) is cached; off in the
     # rows above, so they stay comparable with earlier runs and with the peers
-    results["prefix_cache"] = (bench_prefix_cache(timed, PHOTOS, PROMPTS, 2 * options.requests, progress)
+    results["prefix_cache"] = (bench_prefix_cache(timed, inputs.requests, 2 * options.requests, progress)
                                if timed and options.prefix_cache else {})
     peer = None
     if with_peer:

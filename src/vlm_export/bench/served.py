@@ -24,10 +24,12 @@ CACHE_ROUNDS = 4
 
 
 def distinct_requests(requests: list, n: int, start: int = 0) -> list:
-    """``n`` requests cycling over ``requests`` whose images all differ: one pixel of each is changed
-    (the same size and work, another content hash), so the served model's image cache, keyed by that
-    hash, never spares a request the image path that the in-process runs always pay. ``start``
-    numbers the changes, so sets made with different starts share no image."""
+    """``n`` requests cycling over ``requests`` whose images all differ AS THE MODEL SEES THEM: each is
+    its original rolled by a few pixels (sideways, then down: the same size and work), so neither
+    the served model's image cache (keyed by the image's bytes) nor a prefix cache (keyed by the
+    image rows the model makes of it) spares a request what the in-process runs pay. (Changing one
+    corner pixel made new bytes but, where the processor crops that corner away, the same rows.)
+    ``start`` numbers the shifts, so sets made with different starts share no image."""
     import io
 
     import numpy as np
@@ -38,14 +40,12 @@ def distinct_requests(requests: list, n: int, start: int = 0) -> list:
     for i in range(start, start + n):
         prompt, png = requests[i % len(requests)]
         if png not in bases:
-            bases[png] = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).copy()
-        pixels = bases[png].copy()
-        flat = pixels.reshape(-1)
-        # i + 1 in base 256 added to the first bytes: a different image for every i, never the original
-        for j, digit in enumerate((i + 1).to_bytes((i + 1).bit_length() // 8 + 1, "little")):
-            flat[j] = (int(flat[j]) + digit) % 256
+            bases[png] = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        pixels = bases[png]
+        width = pixels.shape[1] - 1  # a roll by the whole width would give the original back
+        rolled = np.roll(np.roll(pixels, 1 + i % width, axis=1), i // width, axis=0)
         buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, format="PNG")
+        Image.fromarray(rolled).save(buf, format="PNG")
         out.append((prompt, buf.getvalue()))
     return out
 
