@@ -13,8 +13,8 @@ the text before the first picture. An entry is one prompt's keys and its K/V (``
 a lookup finds the entry with the longest common prefix and reuses that many positions (at most
 all but the prompt's last token, whose logits the prefill must still give). The decoder computes
 the rest from exactly the state a full prefill would have had there, so the answer is the same
-(bit for bit on ONNX Runtime's CPU kernels for the demo's fp32, int8 and w4 decoders: a test
-checks it). Bounded in bytes, least recently used out first; an entry that a newer prompt extends
+(bit for bit on ONNX Runtime's CPU kernels for the demo's fp32, int8 and w4 decoders, checked by
+hand; the tests hold logits and K/V to 1e-5 and greedy answers to equal). Bounded in bytes, least recently used out first; an entry that a newer prompt extends
 is replaced by it (no K/V kept twice along one conversation).
 """
 from __future__ import annotations
