@@ -53,67 +53,66 @@ def bench_prefix_cache(pipes: dict[str, VLMPipeline], originals: Sequence[tuple[
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     caches = {b: PrefixCache(CACHE_BYTES) for b in able}
 
-    def call(backend: str, cached: bool):
-        pipe = able[backend]
+    def new_question(pipe: VLMPipeline) -> measure.RequestTiming:
+        prompt, image = next(fresh)
+        return measure.time_request(stream(pipe, prompt, [image], config))
 
-        def run() -> measure.RequestTiming:
-            pipe.prefix_cache = caches[backend] if cached else None
-            try:
-                prompt, image = next(fresh)
-                return measure.time_request(stream(pipe, prompt, [image], config))
-            finally:
-                pipe.prefix_cache = None
-        return run
-
-    def follow_up(backend: str, cached: bool, reused: list[int]):
+    def second_turn(pipe: VLMPipeline, reused: list[int]) -> measure.RequestTiming:
         """A conversation's second turn, timed after its first (answered untimed, same cache setting);
         ``reused`` gets the tokens each cached second turn took from the cache."""
-        pipe, cache = able[backend], caches[backend]
-
-        def run() -> measure.RequestTiming:
-            pipe.prefix_cache = cache if cached else None
-            try:
-                question, image = next(fresh)
-                first = _first_turn(question)
-                answer = generate(pipe, first, [image], GenerationConfig(max_new_tokens=FIRST_ANSWER_TOKENS))
-                second = first + [{"role": "assistant", "content": answer.text}, {"role": "user", "content": FOLLOW_UP}]
-                before = cache.reused_tokens
-                timing = measure.time_request(stream(pipe, second, [image], config))
-                if cached:
-                    reused.append(cache.reused_tokens - before)
-                return timing
-            finally:
-                pipe.prefix_cache = None
-        return run
+        question, image = next(fresh)
+        first = _first_turn(question)
+        answer = generate(pipe, first, [image], GenerationConfig(max_new_tokens=FIRST_ANSWER_TOKENS))
+        second = first + [{"role": "assistant", "content": answer.text}, {"role": "user", "content": FOLLOW_UP}]
+        before = pipe.prefix_cache.reused_tokens if pipe.prefix_cache else None
+        timing = measure.time_request(stream(pipe, second, [image], config))
+        if before is not None:
+            reused.append(pipe.prefix_cache.reused_tokens - before)
+        return timing
 
     out = {}
-    for backend in able:  # one backend at a time: another runtime's spinning threads would tilt its blocks
-        call(backend, True)()  # the template's start in the cache, as a serving model has it after its first request
-        with progress.step(f"prefix cache on {backend}: time to first token, off vs on",
-                           total=2 * requests) as advance:
-            timings = measure.alternating({"off": call(backend, False), "on": call(backend, True)}, 1, requests,
-                                          None, advance, blocks=BLOCKS)
-        off, on = (measure.summarize_requests(timings[m]) for m in ("off", "on"))
+    for backend, pipe in able.items():  # one at a time: another runtime's spinning threads would tilt its blocks
         cache = caches[backend]
-        out[backend] = {"off": off, "on": on, "ttft_ratio": round(off["ttft_ms"]["p50"] / on["ttft_ms"]["p50"], 3),
-                        "reused_tokens_per_hit": round(cache.reused_tokens / max(cache.hits, 1), 1),
-                        "hits": cache.hits, "misses": cache.misses}
-        out[backend]["follow_up"] = _bench_follow_up(able[backend], follow_up, backend, requests, progress)
+        pipe.prefix_cache = cache  # the template's start in the cache, as a serving model has it after one request
+        new_question(pipe)
+        pipe.prefix_cache = None
+        out[backend] = _off_on(pipe, cache, new_question, f"prefix cache on {backend}: time to first token",
+                               requests, progress)
+        out[backend].update(reused_tokens_per_hit=round(cache.reused_tokens / max(cache.hits, 1), 1),
+                            hits=cache.hits, misses=cache.misses)
+        out[backend]["follow_up"] = None
+        if _takes_conversations(pipe):
+            reused: list[int] = []
+            out[backend]["follow_up"] = _off_on(pipe, cache, lambda p: second_turn(p, reused),
+                                                f"prefix cache on {backend}: a conversation's second turn",
+                                                requests, progress)
+            out[backend]["follow_up"]["reused_tokens_per_request"] = round(float(np.mean(reused)), 1) if reused else 0.0
     return out
 
 
-def _bench_follow_up(pipe: VLMPipeline, follow_up, backend: str, requests: int, progress: Progress) -> dict | None:
-    """The second turn's timings, off and on; None where the build's prompts take no conversation."""
+def _off_on(pipe: VLMPipeline, cache: PrefixCache, request, what: str, requests: int, progress: Progress) -> dict:
+    """``request(pipe)`` timed with the pipeline's prefix cache off and on (``cache``), in mirrored
+    blocks: both summaries and the TTFT ratio. The pipeline is left without a cache."""
+    def run(cached: bool):
+        def call() -> measure.RequestTiming:
+            pipe.prefix_cache = cache if cached else None
+            try:
+                return request(pipe)
+            finally:
+                pipe.prefix_cache = None
+        return call
+
+    with progress.step(f"{what}, off vs on", total=2 * requests) as advance:
+        timings = measure.alternating({"off": run(False), "on": run(True)}, 1, requests, None, advance, blocks=BLOCKS)
+    off, on = (measure.summarize_requests(timings[m]) for m in ("off", "on"))
+    return {"off": off, "on": on, "ttft_ratio": round(off["ttft_ms"]["p50"] / on["ttft_ms"]["p50"], 3)}
+
+
+def _takes_conversations(pipe: VLMPipeline) -> bool:
+    """Whether the build's prompts take a conversation (a chat template); the second turn needs one."""
     try:
         pipe.prompt_ids(_first_turn("?") + [{"role": "assistant", "content": "."},
                                              {"role": "user", "content": FOLLOW_UP}], 1)
     except InputError:
-        return None
-    reused: list[int] = []
-    with progress.step(f"prefix cache on {backend}: a conversation's second turn, off vs on",
-                       total=2 * requests) as advance:
-        timings = measure.alternating({"off": follow_up(backend, False, []), "on": follow_up(backend, True, reused)},
-                                      1, requests, None, advance, blocks=BLOCKS)
-    off, on = (measure.summarize_requests(timings[m]) for m in ("off", "on"))
-    return {"off": off, "on": on, "ttft_ratio": round(off["ttft_ms"]["p50"] / on["ttft_ms"]["p50"], 3),
-            "reused_tokens_per_request": round(float(np.mean(reused)), 1) if reused else 0.0}
+        return False
+    return True
