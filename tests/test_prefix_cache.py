@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vlm_export.adapters.reference import open_pipeline
-from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
+from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch, generate_ids
 from vlm_export.runtime.load import open_build
 from vlm_export.runtime.prefix_cache import PrefixCache
 
@@ -68,7 +68,7 @@ def test_answers_and_logits_equal_a_full_prefill(tiny_build, photos, form):
             np.testing.assert_allclose(state.caches[name], full.caches[name], rtol=1e-5, atol=1e-5)
 
 
-def test_keys_tell_images_apart_and_conversations_reuse_their_last_turn(tiny_build, photos):
+def test_keys_tell_images_apart(tiny_build, photos):
     pipe = open_build(tiny_build("llava-llama").path)
     pipe.prefix_cache = cache = PrefixCache(64 << 20)
     scheme = pipe.scheme
@@ -86,14 +86,37 @@ def test_keys_tell_images_apart_and_conversations_reuse_their_last_turn(tiny_bui
     generate(pipe, "What animal is this?", [photos[1]], CONFIG)
     assert cache.reused_tokens - reused == first_image
 
+
+def _common(a, b) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
+
+
+@pytest.mark.parametrize("form", ["onnxruntime", "standard"])  # the in-place KV buffer, and the copying path
+def test_a_conversation_reuses_its_last_turn_and_answer(tiny_build, photos, form):
+    """A finished row keeps its prompt's and its answer's K/V: the next turn, which starts with both
+    (its image re-sent), prefills only what is new, with the answer it has without the cache."""
+    pipe = open_build(tiny_build("llava-llama").path, form=form)
     turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What animal is this?"}]}]
     first = generate(pipe, turn, [photos[0]], CONFIG)
     follow_up = turn + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Is it big?"}]
+    expected = generate(pipe, follow_up, [photos[0]], CONFIG).token_ids
+    image = pipe.encode_images(pipe.pixel_values(photos[:1]))
+    fed = pipe.prompt_ids(turn, 1) + first.token_ids[:-1]  # the last token was sampled, never decoded
+    extended = fed + [7, 8, 9]  # a prompt that starts with the whole of it
+    expected_ids = generate_ids(pipe, extended, image, CONFIG)
+
+    pipe.prefix_cache = cache = PrefixCache(64 << 20)
+    assert generate(pipe, turn, [photos[0]], CONFIG).token_ids == first.token_ids
+    assert len(cache) == 1  # the prompt's entry, replaced by the prompt's and answer's
     reused = cache.reused_tokens
-    answer = generate(pipe, follow_up, [photos[0]], CONFIG)
-    assert cache.reused_tokens - reused == first.prompt_tokens  # the whole previous prompt, its image too
-    pipe.prefix_cache = None
-    assert generate(pipe, follow_up, [photos[0]], CONFIG).token_ids == answer.token_ids
+    assert generate(pipe, follow_up, [photos[0]], CONFIG).token_ids == expected
+    # the previous prompt, its image and as much of its answer as the template re-tokenizes alike
+    assert cache.reused_tokens - reused == _common(pipe.prompt_ids(follow_up, 1), fed) >= first.prompt_tokens
+    reused = cache.reused_tokens
+    assert generate_ids(pipe, extended, image, CONFIG) == expected_ids
+    assert cache.reused_tokens - reused == len(fed)  # all of the answer's decoded tokens
 
 
 def test_no_keys_where_the_decoder_cannot_prefill_on_a_past(tiny_build):

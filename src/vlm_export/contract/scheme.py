@@ -122,7 +122,7 @@ class DecodeBatch:
 
     def row_caches(self, row: int) -> dict[str, np.ndarray]:
         """Row ``row``'s growing caches, its real positions only (left-aligned, contiguous): what a
-        prefix cache keeps of a prefilled prompt."""
+        prefix cache keeps of a prefilled prompt (or of a finished row: its prompt and answer)."""
         real = np.flatnonzero(self.mask[row])
         return {name: np.ascontiguousarray(np.take(self.caches[name][row], real, axis=self.seq_axis - 1))
                 for name in self.growing}
@@ -240,6 +240,13 @@ class SlotBatch:
         out_lengths = state.lengths.copy()
         out_lengths[free] = lengths
         return replace(state, lengths=out_lengths, slots=np.concatenate([state.slots, free]))
+
+    def row_caches(self, row: int) -> dict[str, np.ndarray]:
+        """Row ``row``'s caches, its [0, length) columns, copied (its slot is reused after it leaves):
+        what a prefix cache keeps of a finished row (``DecodeBatch.row_caches``' layout)."""
+        slot = int(self.slots[row])
+        index = (slice(None),) * (self.seq_axis - 1) + (slice(0, int(self.lengths[slot])),)
+        return {name: np.ascontiguousarray(buffer[slot][index]) for name, buffer in self.caches.items()}
 
     def _grown(self, like: DecodeBatch, slots: int, capacity: int) -> "SlotBatch":
         """A copy with at least ``slots`` slots and ``capacity`` positions (the running rows kept)."""
@@ -469,6 +476,12 @@ class DecodingScheme(abc.ABC):
         """[len(prompt_ids)] int64: what position i of this prompt holds, as far as the state after it
         goes (two prompts whose keys agree on [0, P) have the same state after P); None: this scheme
         cannot continue a prefill from a cached prefix."""
+        return None
+
+    def generated_keys(self, tokens: Sequence[int]) -> np.ndarray | None:
+        """The keys (as ``prefix_keys`` makes them) of tokens decode steps fed after a prompt, so a
+        finished row's prompt and answer can be kept together: a conversation's next turn starts
+        with both. None: the state after them is not kept."""
         return None
 
     def prefix_state(self, caches: Mapping[str, np.ndarray], length: int) -> DecodeBatch:

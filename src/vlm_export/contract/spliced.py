@@ -198,6 +198,11 @@ class SplicedScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
             keys[position] = -1 - (int.from_bytes(digest, "little") >> 2)
         return keys
 
+    def generated_keys(self, tokens: Sequence[int]) -> np.ndarray | None:
+        ids = np.asarray(tokens, dtype=np.int64)
+        # a decode step feeds no image rows: a generated placeholder id is not what a prompt's would be
+        return None if (ids == self.image_token_id).any() else ids
+
     def prefix_state(self, caches: Mapping[str, np.ndarray], length: int) -> DecodeBatch:
         cut = {n: np.ascontiguousarray(caches[n][None, :, :length]) for n in self.past_names}
         return DecodeBatch(cut, np.ones((1, length), np.int64), np.asarray([length], np.int64),

@@ -204,7 +204,8 @@ class Scheduler:
     Where the pipeline has a prefix cache (``VLMPipeline.prefix_cache``), a queued row whose prompt
     starts as a cached one did (its template's system turn, or a conversation's previous turn with
     its images) is prefilled alone on that prefix's K/V, only its other tokens computed; every
-    prefilled prompt's K/V goes into the cache (``runtime.prefix_cache``).
+    prefilled prompt's K/V goes into the cache (``runtime.prefix_cache``), and when its row finishes,
+    the prompt's and the answer's together (a cancelled row's is not kept).
     """
 
     def __init__(self, pipe: VLMPipeline, max_batch: int | None = None, max_prefill_tokens: int | None = None,
@@ -335,6 +336,18 @@ class Scheduler:
         self.logits = logits if self.logits is None else np.concatenate([self.logits, logits])
         self.running.extend(group)
 
+    def _keep_conversation(self, index: int, row: _Row) -> None:
+        """A finished row's prompt and the tokens decoded after it go into the prefix cache (replacing
+        its prompt's entry): a conversation's next turn starts with both, its answer re-tokenized -
+        as the model wrote it, mostly; the lookup takes whatever prefix agrees."""
+        cache = self.pipe.prefix_cache
+        if cache is None or row.keys is None:
+            return
+        decoded = int(self.batch.positions[index]) - len(row.prompt_ids)  # this step's token is not yet
+        answer = self.pipe.scheme.generated_keys(row.text.tokens[:decoded])
+        if decoded > 0 and answer is not None:
+            cache.store(np.concatenate([row.keys, answer]), self.batch.row_caches(index))
+
     def _admit(self) -> None:
         """Rows whose prompts start as a cached one continue from it, one call each; the rest are
         prefilled together (``_prefill_groups``)."""
@@ -371,8 +384,9 @@ class Scheduler:
         if not self.running:
             return events
         tokens = np.asarray([self._sample(row, logits, events) for row, logits in zip(self.running, self.logits)])
-        for row in self.running:
+        for index, row in enumerate(self.running):
             if row.finish is not None:
+                self._keep_conversation(index, row)
                 tail = row.text.flush()
                 if tail is not None:
                     events.append((row.id, tail))
