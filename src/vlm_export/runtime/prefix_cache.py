@@ -15,7 +15,9 @@ all but the prompt's last token, whose logits the prefill must still give). The 
 the rest from exactly the state a full prefill would have had there, so the answer is the same
 (bit for bit on ONNX Runtime's CPU kernels for the demo's fp32, int8 and w4 decoders, checked by
 hand; the tests hold logits and K/V to 1e-5 and greedy answers to equal). Bounded in bytes, least recently used out first; an entry that a newer prompt extends
-is replaced by it (no K/V kept twice along one conversation).
+is replaced by it (no K/V kept twice along one conversation). The scheduler also stores a finished
+row's prompt with its answer's decoded tokens (``DecodingScheme.generated_keys``), whose K/V came
+from decode steps: equal to a prefill's within float rounding, not bit for bit.
 """
 from __future__ import annotations
 
