@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--requests", type=int, default=6)
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="skip the prefix-cache section (the served model keeps its cache)")
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="first wait up to this long for the 1-minute load to fall below half the cores")
     args = p.parse_args()
@@ -48,7 +50,7 @@ def main() -> None:
                            batch=parse_csv(args.batch, "--batch", int),
                            concurrency=parse_csv(args.concurrency, "--concurrency", int), new_tokens=args.new_tokens,
                            threads=args.threads, iterations=args.iterations, requests=args.requests,
-                           out=RESULTS / name, name=name)
+                           prefix_cache=not args.no_prefix_cache, out=RESULTS / name, name=name)
     results = run_bench(args.build, options, RichProgress())
     print((RESULTS / name / "bench.md").read_text())
     print(f"recorded in {RESULTS / name}: " + ", ".join(Path(f).name for f in results["files"].values()))
