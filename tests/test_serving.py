@@ -498,6 +498,20 @@ def test_inflight_batching_cancellation_and_back_pressure(bls_served, photos, tm
     assert wait_for(lambda: metric("vlm_prefix_cache_hits_total") == prefix_hits + 2)
     assert metric("vlm_prefix_cache_reused_tokens_total") - reused > prompt_tokens - 1
 
+    # a conversation's next turn: the served model kept the first turn's answer with its prompt, so the
+    # follow-up reuses both (as much of the answer as the template re-tokenizes alike)
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    first = generate(pipe, turn, [fresh], GenerationConfig(max_new_tokens=8))
+    assert client.generate(messages=turn, images=[fresh], max_tokens=8).text == first.text
+    follow_up = turn + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Is it big?"}]
+    decoded = first.token_ids if first.finish_reason == "eos" else first.token_ids[:-1]  # the last: never fed
+    fed, ids = pipe.prompt_ids(turn, 1) + decoded, pipe.prompt_ids(follow_up, 1)
+    common = next((i for i, (a, b) in enumerate(zip(fed, ids)) if a != b), min(len(fed), len(ids)))
+    assert common >= len(pipe.prompt_ids(turn, 1))
+    reused = metric("vlm_prefix_cache_reused_tokens_total")
+    client.generate(messages=follow_up, images=[fresh], max_tokens=8)
+    assert wait_for(lambda: metric("vlm_prefix_cache_reused_tokens_total") - reused == min(common, len(ids) - 1))
+
 
 CONVERSATION = [
     {"role": "system", "content": "Answer briefly."},
