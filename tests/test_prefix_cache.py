@@ -118,6 +118,9 @@ def test_a_conversation_reuses_its_last_turn_and_answer(tiny_build, photos, form
     assert generate_ids(pipe, extended, image, CONFIG) == expected_ids
     assert cache.reused_tokens - reused == len(fed)  # all of the answer's decoded tokens
 
+    pipe.prefix_cache = small = PrefixCache(4096)  # smaller than any prompt's K/V: nothing copied or kept
+    assert generate(pipe, follow_up, [photos[0]], CONFIG).token_ids == expected and len(small) == 0
+
 
 def test_no_keys_where_the_decoder_cannot_prefill_on_a_past(tiny_build):
     """A TensorRT engine's prefill profile has an empty past: its pipeline makes no keys (no reuse)."""
@@ -156,6 +159,7 @@ def test_cache_keeps_to_its_bytes_and_holds_a_conversation_once():
     assert cache.lookup(other[:100]) is None and cache.lookup(keys[:80]).length == 60
     cache.store(np.arange(300), _kv(300))  # larger than the whole cache: not kept, nothing evicted
     assert len(cache) == 2
+    assert cache.admits(250, 32) and not cache.admits(251, 32) and not cache.admits(7, 32)  # asked before copying
     with pytest.raises(ValueError, match="prefix cache size"):
         PrefixCache(-1)
 

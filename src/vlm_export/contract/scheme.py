@@ -120,6 +120,11 @@ class DecodeBatch:
             caches[name] = np.where(self.mask.reshape(shape).astype(bool), cache, np.zeros((), cache.dtype))
         return replace(self, caches=caches)
 
+    @property
+    def position_nbytes(self) -> int:
+        """Bytes one position of one row takes in the growing caches (what ``row_caches`` copies per position)."""
+        return sum(self.caches[n][0].nbytes // max(self.caches[n].shape[self.seq_axis], 1) for n in self.growing)
+
     def row_caches(self, row: int) -> dict[str, np.ndarray]:
         """Row ``row``'s growing caches, its real positions only (left-aligned, contiguous): what a
         prefix cache keeps of a prefilled prompt (or of a finished row: its prompt and answer)."""
@@ -240,6 +245,11 @@ class SlotBatch:
         out_lengths = state.lengths.copy()
         out_lengths[free] = lengths
         return replace(state, lengths=out_lengths, slots=np.concatenate([state.slots, free]))
+
+    @property
+    def position_nbytes(self) -> int:
+        """Bytes one position of one row takes in the caches (``DecodeBatch.position_nbytes``)."""
+        return sum(b[0].nbytes // max(b.shape[self.seq_axis], 1) for b in self.caches.values())
 
     def row_caches(self, row: int) -> dict[str, np.ndarray]:
         """Row ``row``'s caches, its [0, length) columns, copied (its slot is reused after it leaves):

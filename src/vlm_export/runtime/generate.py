@@ -326,11 +326,9 @@ class Scheduler:
 
     def _join(self, group: list[_Row], logits: np.ndarray, state: DecodeBatch) -> None:
         """A prefill's rows join the running batch (and their prompts' K/V the prefix cache)."""
-        cache = self.pipe.prefix_cache
         for i, row in enumerate(group):
             row.image_input = None  # consumed: its rows live in the cache now
-            if cache is not None and row.keys is not None:
-                cache.store(row.keys, state.row_caches(i))
+            self._remember(row.keys, state, i)
         reserve = [len(r.prompt_ids) + r.config.max_new_tokens for r in group]
         self.batch = self.pipe.running(state, reserve, self.batch, in_place=self.kv_in_place)
         self.logits = logits if self.logits is None else np.concatenate([self.logits, logits])
@@ -340,13 +338,18 @@ class Scheduler:
         """A finished row's prompt and the tokens decoded after it go into the prefix cache (replacing
         its prompt's entry): a conversation's next turn starts with both, its answer re-tokenized -
         as the model wrote it, mostly; the lookup takes whatever prefix agrees."""
-        cache = self.pipe.prefix_cache
-        if cache is None or row.keys is None:
+        if self.pipe.prefix_cache is None or row.keys is None:
             return
         decoded = int(self.batch.positions[index]) - len(row.prompt_ids)  # this step's token is not yet
         answer = self.pipe.scheme.generated_keys(row.text.tokens[:decoded])
         if decoded > 0 and answer is not None:
-            cache.store(np.concatenate([row.keys, answer]), self.batch.row_caches(index))
+            self._remember(np.concatenate([row.keys, answer]), self.batch, index)
+
+    def _remember(self, keys: np.ndarray | None, state: "DecodeBatch | SlotBatch", index: int) -> None:
+        """Row ``index`` of ``state`` into the prefix cache under ``keys``, its K/V copied only if kept."""
+        cache = self.pipe.prefix_cache
+        if cache is not None and keys is not None and cache.admits(len(keys), state.position_nbytes):
+            cache.store(keys, state.row_caches(index))
 
     def _admit(self) -> None:
         """Rows whose prompts start as a cached one continue from it, one call each; the rest are

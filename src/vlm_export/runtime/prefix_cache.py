@@ -85,10 +85,15 @@ class PrefixCache:
             self.reused_tokens += best
             return PrefixHit(best, self._entries[best_id].caches)
 
+    def admits(self, positions: int, position_nbytes: int) -> bool:
+        """Whether an entry of ``positions`` positions, ``position_nbytes`` of K/V each, would be kept:
+        asked before its K/V are copied out of a batch (a large model's prompt can outgrow the cache)."""
+        return positions >= self.min_reused and positions * (position_nbytes + 8) <= self.max_bytes
+
     def store(self, keys: np.ndarray, caches: Mapping[str, np.ndarray]) -> None:
         """Keep one prompt's K/V (``caches[name]``: [heads, len(keys), head_dim]); the cache owns them."""
         entry = _Entry(np.asarray(keys, dtype=np.int64), dict(caches))
-        if len(entry.keys) < self.min_reused or entry.nbytes > self.max_bytes:
+        if not self.admits(len(entry.keys), (entry.nbytes - entry.keys.nbytes) // max(len(entry.keys), 1)):
             return
         with self._lock:
             for entry_id, old in list(self._entries.items()):
