@@ -292,6 +292,11 @@ def wait_for(predicate, seconds: float = 20.0) -> bool:
     return False
 
 
+def common_prefix(a, b) -> int:
+    """How many leading items two id sequences share (what a prefix-cache lookup reuses at most)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 # The suite's schedule under `-n 2 --dist loadfile`: xdist hands out whole files, in collection order,
 # to whichever worker is free, so the longest files go first (longest first, each to the worker that
 # frees up: the last file to finish is a short one). Ranked by CPU-seconds per file as measured by

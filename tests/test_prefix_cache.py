@@ -10,6 +10,7 @@ from vlm_export.adapters.reference import open_pipeline
 from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch, generate_ids
 from vlm_export.runtime.load import open_build
 from vlm_export.runtime.prefix_cache import PrefixCache
+from conftest import common_prefix  # noqa: E402
 
 CONFIG = GenerationConfig(max_new_tokens=10, ignore_eos=True)
 
@@ -87,12 +88,6 @@ def test_keys_tell_images_apart(tiny_build, photos):
     assert cache.reused_tokens - reused == first_image
 
 
-def _common(a, b) -> int:
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(differ[0]) if differ.size else n
-
-
 @pytest.mark.parametrize("form", ["onnxruntime", "standard"])  # the in-place KV buffer, and the copying path
 def test_a_conversation_reuses_its_last_turn_and_answer(tiny_build, photos, form):
     """A finished row keeps its prompt's and its answer's K/V: the next turn, which starts with both
@@ -113,7 +108,7 @@ def test_a_conversation_reuses_its_last_turn_and_answer(tiny_build, photos, form
     reused = cache.reused_tokens
     assert generate(pipe, follow_up, [photos[0]], CONFIG).token_ids == expected
     # the previous prompt, its image and as much of its answer as the template re-tokenizes alike
-    assert cache.reused_tokens - reused == _common(pipe.prompt_ids(follow_up, 1), fed) >= first.prompt_tokens
+    assert cache.reused_tokens - reused == common_prefix(pipe.prompt_ids(follow_up, 1), fed) >= first.prompt_tokens
     reused = cache.reused_tokens
     assert generate_ids(pipe, extended, image, CONFIG) == expected_ids
     assert cache.reused_tokens - reused == len(fed)  # all of the answer's decoded tokens

@@ -22,7 +22,7 @@ from vlm_export.model_repository.render import (RepositoryOptions, check_against
 from vlm_export.runtime.generate import GenerationConfig, generate, prepare_request
 from vlm_export.runtime.load import open_build
 from vlm_export.serve.server import TritonServer
-from conftest import wait_for  # noqa: E402
+from conftest import common_prefix, wait_for  # noqa: E402
 
 PROMPTS = ["What is in the picture?", "Describe the colors.", "Is there an animal?"]
 
@@ -506,7 +506,7 @@ def test_inflight_batching_cancellation_and_back_pressure(bls_served, photos, tm
     follow_up = turn + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Is it big?"}]
     decoded = first.token_ids if first.finish_reason == "eos" else first.token_ids[:-1]  # the last: never fed
     fed, ids = pipe.prompt_ids(turn, 1) + decoded, pipe.prompt_ids(follow_up, 1)
-    common = next((i for i, (a, b) in enumerate(zip(fed, ids)) if a != b), min(len(fed), len(ids)))
+    common = common_prefix(fed, ids)
     assert common >= len(pipe.prompt_ids(turn, 1))
     reused = metric("vlm_prefix_cache_reused_tokens_total")
     client.generate(messages=follow_up, images=[fresh], max_tokens=8)
