@@ -106,6 +106,20 @@ def test_existing_output_needs_force(tiny_build, tiny_model_dir, run_cli):
     assert (existing / "manifest.json").exists()
 
 
+def test_force_never_deletes_a_folder_it_did_not_write(tiny_model_dir, run_cli, tmp_path, monkeypatch):
+    model = str(tiny_model_dir("llava-llama"))
+    mine = tmp_path / "mine"
+    (mine / "data").mkdir(parents=True)
+    (mine / "data" / "important.txt").write_text("keep")
+    assert_one_line_error(run_cli("build", model, "--out", str(mine), "--force"), "not a build folder vlm-export wrote")
+    assert (mine / "data" / "important.txt").read_text() == "keep"
+    monkeypatch.chdir(mine / "data")  # a build folder or not, --force never removes the folder a user stands in
+    assert_one_line_error(run_cli("build", model, "--out", str(mine), "--force"), "holds the current folder")
+    assert_one_line_error(run_cli("build", model, "--out", str(mine / "data" / "important.txt" / "b")),
+                          "important.txt is a file, not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no hidden folder left either
+
+
 def test_failed_parity_leaves_no_build(tiny_model_dir, tmp_path):
     """Impossible tolerances: the build stops, names every failing stage, publishes nothing."""
     from PIL import Image

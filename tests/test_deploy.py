@@ -336,7 +336,12 @@ def test_existing_output_is_kept_unless_forced(repos, tmp_path):
     with pytest.raises(DeployError, match="already exists; pass --force"):
         render_kubernetes(repos["python"], out, PVC)
     assert (out / "mine.yaml").read_text() == "kept"
-    paths = render_kubernetes(repos["python"], out, PVC, force=True)
+    with pytest.raises(DeployError, match="not a Kubernetes manifests folder vlm-export wrote"):
+        render_kubernetes(repos["python"], out, PVC, force=True)  # never deletes the user's own files
+    assert [p.name for p in out.iterdir()] == ["mine.yaml"]
+    (out / "mine.yaml").unlink()
+    render_kubernetes(repos["python"], out, PVC)
+    paths = render_kubernetes(repos["python"], out, PVC, force=True)  # its own earlier output: replaced
     assert sorted(p.name for p in out.iterdir()) == sorted(FILES) == sorted(p.name for p in paths)
 
 

@@ -1,14 +1,17 @@
 """A build folder that cannot be trusted is refused by name, never half-read: no manifest, a manifest
-that is not JSON (or not an object), another format or version, no stages, a graph file missing, a
-graph's external data missing (a partial copy)."""
+that is not JSON (or not an object), another format or version, no stages, a key a reader needs
+missing or of the wrong type, a graph file or the tokenizer folder missing, a graph's external data
+missing (a partial copy)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import onnx
 import pytest
 
+from conftest import assert_one_line_error
 from vlm_export.errors import ManifestError
 from vlm_export.manifest import FORMAT, VERSION, check_hashes, read_manifest, sha256_file, verify_hashes, write_manifest
 from vlm_export.runtime.load import open_build
@@ -67,6 +70,35 @@ def test_no_stages(build):
     rewrite(build, lambda m: m.update(stages=[]))
     with pytest.raises(ManifestError, match="declares no stages; rebuild"):
         read_manifest(build)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda m: m.update(stages="banana"), "'stages' is str, not a JSON list"),
+    (lambda m: m.update(stages=[{"kind": "vision"}]), "a stage has no name"),
+    (lambda m: m.pop("limits"), "'limits' is missing, not a JSON object"),
+    (lambda m: m["limits"].pop("max_sequence"), "limits.max_sequence is missing"),
+    (lambda m: m["limits"].update(max_sequence="lots"), "limits.max_sequence is 'lots', not an integer >= 1"),
+    (lambda m: m["limits"].update(max_batch=0), "limits.max_batch is 0, not an integer >= 1"),
+    (lambda m: m["limits"].update(max_images=-1), "limits.max_images is -1, not an integer >= 0"),
+    (lambda m: m["generation"].update(eos_token_ids="2"), "generation.eos_token_ids is not a list of token ids"),
+    (lambda m: m["graphs"].update(projector="graphs/projector.onnx"), "the projector graph listed in the manifest is missing"),
+])
+def test_damaged_structure_is_one_line(build, run_cli, change, message):
+    """A manifest edited by hand fails where it is read, by name, for every command that reads it
+    (a reader deep inside would raise a KeyError or TypeError instead)."""
+    rewrite(build, change)
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        read_manifest(build)
+    for command in (["generate", str(build), "--prompt", "hi"], ["repository", str(build), "--out", str(build.parent / "r")]):
+        assert_one_line_error(run_cli(*command), message)
+    assert not (build.parent / "r").exists()
+
+
+def test_missing_tokenizer_folder_is_named_not_fetched(build, run_cli):
+    shutil.rmtree(build / "tokenizer")
+    with pytest.raises(ManifestError, match=r"the tokenizer folder listed in the manifest \(tokenizer\) is missing"):
+        read_manifest(build)
+    assert_one_line_error(run_cli("generate", str(build), "--prompt", "hi"), "tokenizer folder")
 
 
 def test_missing_graph_file(build, capsys):

@@ -146,8 +146,18 @@ def test_existing_output_folder_is_replaced_only_with_force(build, tmp_path, cap
     assert main(["repository", str(build), "--out", str(out), "--target", "onnxruntime"]) == 1
     assert "error: " in capsys.readouterr().err and files(out) == {"mine/keep.txt"}
 
+    # --force replaces only a repository written before, never the user's own files
+    with pytest.raises(RepositoryError, match="not a model repository vlm-export wrote"):
+        render_repository(build, out, RepositoryOptions(target="onnxruntime"), force=True)
+    assert files(out) == {"mine/keep.txt"}
+
+    (out / "mine" / "keep.txt").unlink()
+    (out / "mine").rmdir()
+    render_repository(build, out, RepositoryOptions(target="onnxruntime"))
+    (out / "vision_encoder" / "1" / "stale.txt").write_text("from the earlier rendering")
     render_repository(build, out, RepositoryOptions(target="onnxruntime"), force=True)
-    assert not (out / "mine").exists() and (out / "projector" / "1" / "projector.onnx.data").is_file()
+    assert not (out / "vision_encoder" / "1" / "stale.txt").exists()
+    assert (out / "projector" / "1" / "projector.onnx.data").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["repo"]  # no hidden .repo.tmp- / .repo.old- left
 
 

@@ -1,5 +1,6 @@
 """Folders written atomically: built in a hidden sibling, renamed into place only when complete,
-removed on any failure. Replacing an existing folder happens only at that final rename.
+removed on any failure. Replacing an existing folder happens only at that final rename, and
+only when it is one the same writer made (or empty): ``--force`` never deletes a user's own files.
 
 The hidden siblings carry the writing process's id (``.<name>.tmp-<pid>-<random>``): a process
 killed mid-write (out of memory, Ctrl-C twice) cannot clean up, so the next write to the same
@@ -11,18 +12,21 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import VlmExportError
 
 
 @contextlib.contextmanager
-def atomic_folder(out: Path, force: bool, error: type[VlmExportError], what: str) -> Iterator[Path]:
+def atomic_folder(out: Path, force: bool, error: type[VlmExportError], what: str,
+                  made_here: Callable[[Path], bool]) -> Iterator[Path]:
+    """``made_here(folder)``: whether an existing folder is one this writer made before, so that
+    ``force`` may replace it."""
     out = Path(out).absolute()
-    if out.exists() and not force:
-        raise error(f"{out} already exists; pass --force to replace it, or choose another --out")
+    if out.exists() or out.is_symlink():
+        _check_replaceable(out, force, error, what, made_here)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(out.parent)
         remove_stale_siblings(out)
         tmp = out.parent / f".{out.name}.tmp-{_tag()}"
         tmp.mkdir()
@@ -35,6 +39,31 @@ def atomic_folder(out: Path, force: bool, error: type[VlmExportError], what: str
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_replaceable(out: Path, force: bool, error: type[VlmExportError], what: str,
+                       made_here: Callable[[Path], bool]) -> None:
+    if not force:
+        raise error(f"{out} already exists; pass --force to replace it, or choose another --out")
+    if out.is_symlink() or not out.is_dir():
+        raise error(f"{out} exists and is not a folder; --force replaces only a {what} written before: "
+                    "choose another --out")
+    cwd = Path.cwd().absolute()
+    if out == cwd or out in cwd.parents:
+        raise error(f"{out} holds the current folder; --force would delete it: choose another --out")
+    if any(out.iterdir()) and not made_here(out):
+        raise error(f"{out} is not a {what} vlm-export wrote, and --force replaces only those (never other "
+                    "files): remove it yourself or choose another --out")
+
+
+def _make_parent(parent: Path) -> None:
+    """``parent`` and its ancestors as folders; a file in the way is named (mkdir says only 'File exists')."""
+    for folder in (parent, *parent.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(20, f"{folder} is a file, not a folder")
+            break
+    parent.mkdir(parents=True, exist_ok=True)
 
 
 def _publish(tmp: Path, out: Path) -> None:

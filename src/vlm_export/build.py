@@ -38,8 +38,8 @@ from .export.onnx_export import export_stage
 from .precision.calibration import CalibrationPair, cache_path, default_pairs, stage_feeds
 from .precision.convert import PrecisionOptions, make_variant, quiet_logging
 from .precision.spec import PrecisionPlan
-from .manifest import (MANIFEST_NAME, derive_targets, read_manifest, sha256_file, stage_forms, targets as target_forms,
-                       verify_hashes, versions, write_manifest)
+from .manifest import (MANIFEST_NAME, derive_targets, is_build_folder, read_manifest, sha256_file, stage_forms,
+                       targets as target_forms, verify_hashes, versions, write_manifest)
 from .progress import Progress
 from .runtime.load import open_build
 from .runtime.prompt import build_prompt_ids
@@ -107,7 +107,7 @@ def build(model_path: Path, out: Path, options: BuildOptions | None = None,
     check = options.accuracy
     questions = load_items(check.dataset, check.split, spread=check.questions) if check else None
     template = read_chat_template(options.chat_template) if options.chat_template else None
-    with atomic_folder(out, options.force, BuildError, "build folder") as tmp:
+    with atomic_folder(out, options.force, BuildError, "build folder", is_build_folder) as tmp:
         _build_into(tmp, out, model_path, adapter, options, questions, template, progress)
     # an earlier failed attempt's <out>.failed describes a build that is not the one at <out> now
     shutil.rmtree(out.with_name(out.name + ".failed"), ignore_errors=True)

@@ -68,18 +68,71 @@ def read_manifest(build_dir: Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ManifestError(f"{path} is format {manifest.get('format')!r} version {manifest.get('version')!r}; "
                             f"this vlm-export reads {FORMAT!r} version {VERSION}: rebuild with this version")
-    stages = [s.get("name") for s in manifest.get("stages") or []]
-    if not stages:
-        raise ManifestError(f"{path} declares no stages; rebuild")
+    _check_structure(manifest, path)
+    stages = [s["name"] for s in manifest["stages"]]
+    if not (build_dir / manifest["tokenizer"]).is_dir():
+        raise ManifestError(f"{build_dir}: the tokenizer folder listed in the manifest ({manifest['tokenizer']}) is "
+                            "missing; rebuild")
+    image_text = manifest.get("image_text")
+    if isinstance(image_text, dict) and not (build_dir / str(image_text.get("tokenizer"))).is_dir():
+        raise ManifestError(f"{build_dir}: the image path's tokenizer folder listed in the manifest "
+                            f"({image_text.get('tokenizer')}) is missing; rebuild")
     for stage in stages:
-        graph = manifest.get("graphs", {}).get(stage)
-        if not graph or not (build_dir / graph["file"]).is_file():
+        graph = manifest["graphs"].get(stage)
+        if not isinstance(graph, dict) or not isinstance(graph.get("file"), str) \
+                or not (build_dir / graph["file"]).is_file():
             raise ManifestError(f"{build_dir}: the {stage} graph listed in the manifest is missing; rebuild")
         for form, entry in stage_forms(graph).items():
             if not (build_dir / entry["file"]).is_file():
                 raise ManifestError(f"{build_dir}: the {form} form of the {stage} graph listed in the manifest "
                                     f"({entry['file']}) is missing; rebuild")
     return manifest
+
+
+def is_build_folder(folder: Path) -> bool:
+    """Whether ``folder`` is one a build wrote (any version, even with a damaged manifest), so that
+    ``build --force`` may replace it."""
+    try:
+        return FORMAT in (Path(folder) / MANIFEST_NAME).read_text(errors="replace")[:4096]
+    except OSError:
+        return False
+
+
+#: what every reader of a manifest indexes without looking first: key -> the JSON type it must have
+_REQUIRED = {"stages": list, "graphs": dict, "scheme": dict, "prompt_layout": dict, "limits": dict,
+             "tokenizer": str, "generation": dict}
+#: limits every reader needs (``Limits.from_dict``); all limits are integers, these two positive
+_REQUIRED_LIMITS = ("max_batch", "max_images", "max_sequence", "tokens_per_image")
+_POSITIVE_LIMITS = ("max_batch", "max_sequence")
+
+
+def _check_structure(manifest: dict[str, Any], path: Path) -> None:
+    """A manifest edited or damaged by hand fails here with one line, not deep in a reader."""
+    def bad(what: str) -> ManifestError:
+        return ManifestError(f"{path} is damaged: {what}; rebuild")
+
+    for key, kind in _REQUIRED.items():
+        if not isinstance(manifest.get(key), kind):
+            raise bad(f"{key!r} is {'missing' if key not in manifest else type(manifest[key]).__name__}, "
+                      f"not a JSON {_JSON_NAMES[kind]}")
+    if not manifest["stages"]:
+        raise bad("it declares no stages")
+    if not all(isinstance(stage, dict) and isinstance(stage.get("name"), str) for stage in manifest["stages"]):
+        raise bad("a stage has no name")
+    limits = manifest["limits"]
+    for key in _REQUIRED_LIMITS:
+        if key not in limits:
+            raise bad(f"limits.{key} is missing")
+    for key, value in limits.items():
+        positive = key in _POSITIVE_LIMITS
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if positive else 0):
+            raise bad(f"limits.{key} is {value!r}, not an integer >= {1 if positive else 0}")
+    eos = manifest["generation"].get("eos_token_ids")
+    if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+        raise bad("generation.eos_token_ids is not a list of token ids")
+
+
+_JSON_NAMES = {list: "list", dict: "object", str: "string"}
 
 
 # ---------------------------------------------------------------- graph forms and targets

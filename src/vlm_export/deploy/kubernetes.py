@@ -49,6 +49,7 @@ URI_SCHEMES = {"s3": "Amazon S3 (or S3-compatible: s3://host:port/bucket/path)",
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 PULL_POLICIES = ("IfNotPresent", "Always", "Never")
 FILES = ("deployment.yaml", "service.yaml", "hpa.yaml")
+HEADER_START = "# Written by vlm-export"
 ANNOTATION = "vlm-export"  # prefix of the annotations that record what was deployed
 
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # RFC 1035: Service names
@@ -366,6 +367,13 @@ def kubernetes_objects(info: RepositoryInfo, options: KubernetesOptions) -> dict
     return dict(zip(FILES, (deployment(info, options), service(options), autoscaler(options))))
 
 
+def _written_here(folder: Path) -> bool:
+    """Whether ``folder`` holds only manifests this writes (``--force`` replaces nothing else)."""
+    entries = list(folder.iterdir())
+    return bool(entries) and all(p.name in FILES and p.is_file() and p.read_text(errors="replace").startswith(HEADER_START)
+                                 for p in entries)
+
+
 def render_kubernetes(repo: Path, out: Path, options: KubernetesOptions, force: bool = False) -> list[Path]:
     """Write the manifests for ``repo`` (a folder ``vlm-export repository`` wrote; with a
     ``repository_uri`` it is the local copy of what was uploaded there) into ``out``, atomically.
@@ -374,7 +382,7 @@ def render_kubernetes(repo: Path, out: Path, options: KubernetesOptions, force: 
 
     info = inspect_repository(Path(repo))
     objects = kubernetes_objects(info, options)
-    header = (f"# Written by vlm-export {__version__} (`vlm-export deploy kubernetes`) for the {info.target} repository "
+    header = (f"{HEADER_START} {__version__} (`vlm-export deploy kubernetes`) for the {info.target} repository "
               f"{Path(repo).name}/;\n# Triton {TRITON_SERVER_VERSION} (NGC {TRITON_CONTAINER_RELEASE}). "
               f"Apply with: kubectl apply -f {Path(out).name}/\n")
     class Dumper(yaml.SafeDumper):  # no &anchors / *aliases for the dicts two probes share
@@ -384,7 +392,7 @@ def render_kubernetes(repo: Path, out: Path, options: KubernetesOptions, force: 
     texts = {name: header + yaml.dump(obj, Dumper=Dumper, sort_keys=False, default_flow_style=False)
              for name, obj in objects.items()}
     out = Path(out).absolute()
-    with atomic_folder(out, force, DeployError, "Kubernetes manifests") as tmp:
+    with atomic_folder(out, force, DeployError, "Kubernetes manifests folder", _written_here) as tmp:
         for name, text in texts.items():
             (tmp / name).write_text(text)
     return [out / name for name in texts]

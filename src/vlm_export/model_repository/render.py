@@ -409,6 +409,13 @@ def check_engines(build_dir: Path, manifest: dict, configs: dict[str, dict], opt
     return notes
 
 
+def _is_model_repository(folder: Path) -> bool:
+    """Whether ``folder`` looks like a repository this renders (model folders, each with a config.pbtxt):
+    only such a folder is replaced by ``--force``."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    return bool(entries) and all((p / "config.pbtxt").is_file() for p in entries)
+
+
 def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | None = None,
                       force: bool = False, check_hashes: bool = True, configs_only: bool = False,
                       echo=print) -> Path:
@@ -454,7 +461,7 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
         if violations:
             raise RepositoryError("the tensorrt configs break the backend's rules: " + "; ".join(
                 f"{v.graph} {v.node}: {v.rule} ({v.detail})" for v in violations[:3]))
-    with atomic_folder(out, force, RepositoryError, "model repository") as tmp:
+    with atomic_folder(out, force, RepositoryError, "model repository", _is_model_repository) as tmp:
         for name, text in pbtxt.items():
             (tmp / name).mkdir()
             (tmp / name / "config.pbtxt").write_text(text)

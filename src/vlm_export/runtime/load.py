@@ -18,13 +18,14 @@ def load_tokenizer(folder: Path):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    return AutoTokenizer.from_pretrained(folder)
+    # local only: a build's folder is never a hub name (a missing one would otherwise be fetched, with retries)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def load_image_processor(folder: Path):
     from transformers import AutoImageProcessor
 
-    return AutoImageProcessor.from_pretrained(folder)
+    return AutoImageProcessor.from_pretrained(folder, local_files_only=True)
 
 
 def image_text_encoder(manifest: dict, root: Path) -> ImageTextEncoder | None:
