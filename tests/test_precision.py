@@ -126,6 +126,15 @@ def test_calibration_folder(tmp_path):
     pairs = folder_pairs(tmp_path, tmp_path / "prompts.txt")
     assert [p.prompt for p in pairs] == ["What is it?", "Describe it.", "What is it?"]
 
+    # refused by name before any export: no folder, a missing prompts file, an image that is not one
+    with pytest.raises(DatasetError, match="calibration folder .*nowhere does not exist"):
+        folder_pairs(tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="prompts file .*missing.txt cannot be read"):
+        folder_pairs(tmp_path, tmp_path / "missing.txt")
+    (tmp_path / "3.jpg").write_text("not a picture")
+    with pytest.raises(DatasetError, match=r"calibration image .*3.jpg cannot be decoded.*remove it from"):
+        folder_pairs(tmp_path)
+
 
 def test_rebuild_reuses_calibration(mixed_build, tiny_model_dir, tiny_build, tmp_path, calibration_cache):
     """The int8 ranges of an unchanged model + graph + pairs + method come from the cache (one

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..errors import DatasetError, InputError
+from ..runtime.images import load_image
 from ..runtime.pipeline import VLMPipeline
 
 DEFAULT_SAMPLES = 16
@@ -39,15 +40,31 @@ def default_pairs(limit: int = DEFAULT_SAMPLES) -> list[CalibrationPair]:
 
 
 def folder_pairs(folder: Path, prompts_file: Path | None = None, limit: int = DEFAULT_SAMPLES) -> list[CalibrationPair]:
-    """Images of a folder (sorted), each with the next line of ``prompts_file`` (cycled)."""
-    images = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+    """Images of a folder (sorted), each with the next line of ``prompts_file`` (cycled). Every image
+    used is decoded here, so a bad one is named before the export starts, not minutes into the build."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"calibration folder {folder} {'is not a folder' if folder.exists() else 'does not exist'}; "
+                           "pass a folder of images (png/jpg/jpeg/webp/bmp) to --calibration-images")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
     if not images:
-        raise DatasetError(f"no images (png/jpg/jpeg/webp/bmp) in calibration folder {folder}")
+        raise DatasetError(f"no images (png/jpg/jpeg/webp/bmp) in calibration folder {folder}; add some, or drop "
+                           "--calibration-images to calibrate on the built-in photos")
     prompts = ["Describe this image."]
     if prompts_file:
-        prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+        try:
+            text = Path(prompts_file).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DatasetError(f"calibration prompts file {prompts_file} cannot be read "
+                               f"({getattr(e, 'strerror', None) or e}); pass a text file, one prompt per line") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise DatasetError(f"calibration prompts file {prompts_file} is empty")
+    for image in images[:limit]:
+        try:
+            load_image(image)
+        except InputError as e:
+            raise DatasetError(f"calibration {e}; remove it from {folder} or replace it") from None
     return [CalibrationPair(img, prompts[i % len(prompts)]) for i, img in enumerate(images[:limit])]
 
 
