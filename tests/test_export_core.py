@@ -232,6 +232,33 @@ def test_llava_with_a_variable_resolution_tower_is_refused(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_checkpoints_hugging_face_cannot_run_are_refused_at_load(tiny_model_dir, tmp_path):
+    """Refused in one line before any export (Hugging Face's own forward fails on both): an image token
+    added to the tokenizer without resizing the embeddings, and a processor whose images are not the
+    size the vision tower takes."""
+    import shutil
+
+    from vlm_export.errors import AdapterError
+
+    oov = tmp_path / "oov"
+    shutil.copytree(tiny_model_dir("llava-llama"), oov)
+    config = json.loads((oov / "config.json").read_text())
+    config["image_token_id"] = config["text_config"]["vocab_size"]
+    (oov / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match=r"outside the language model's \d+ token embeddings.*resize_token_embeddings"):
+        adapter_for(oov).load(oov)
+
+    resized = tmp_path / "resized"
+    shutil.copytree(tiny_model_dir("llava-llama"), resized)
+    processor = json.loads((resized / "preprocessor_config.json").read_text())
+    processor["crop_size"] = {"height": 48, "width": 48}
+    processor["size"] = {"shortest_edge": 48}
+    (resized / "preprocessor_config.json").write_text(json.dumps(processor))
+    with pytest.raises(AdapterError, match="makes 48x48 images but the vision tower takes 32x32") as e:
+        adapter_for(resized).load(resized)
+    assert "\n" not in str(e.value)
+
+
 def test_a_head_size_the_fused_rotary_refuses_builds_unfused(tmp_path):
     """ONNX Runtime's GroupQueryAttention refuses do_rotary for a head size that is not a multiple of
     16: such a decoder's attention stays unfused (the reason in the manifest) and the build passes,
@@ -364,3 +391,75 @@ def test_images_that_do_not_fit_the_lms_positions_are_refused_before_export(tmp_
     one = Limits(max_batch=1, max_images=1, max_sequence=512, tokens_per_image=256)
     _check_samples_fit(default_samples(1), loaded.tokenizer, adapter.prompt_layout(loaded), adapter.scheme(loaded),
                        one, 8)  # fits: no error
+
+
+class _CachesOnFirstCall(torch.nn.Module):
+    """Keeps a tensor on itself at its first forward, as transformers' longrope rotary does."""
+
+    def forward(self, x):
+        if getattr(self, "scale", None) is None:
+            self.scale = torch.full((x.shape[-1],), 2.0)
+        return x * self.scale
+
+
+class _BranchesOnValues(torch.nn.Module):
+    def forward(self, x):
+        return x * 2 if x.max() > 0 else x  # a branch on data: torch.export cannot trace it
+
+
+def _toy_stage(module):
+    from vlm_export.adapters.base import Stage
+    from vlm_export.contract import IMAGE, StageSpec, TensorSpec
+
+    spec = StageSpec("toy", IMAGE, (TensorSpec("x", "float32", ("rows", 4)),), (TensorSpec("y", "float32", ("rows", 4)),))
+    return Stage(spec, module, (torch.ones(2, 4),))
+
+
+def test_export_leaves_the_module_as_it_was(tmp_path):
+    """What a traced forward caches on a module is not kept: it would be a fake tensor, and every later
+    eager call - the PyTorch reference the graph is judged against - would compute with it."""
+    from vlm_export.export.onnx_export import export_stage
+
+    module = _CachesOnFirstCall()
+    export_stage(_toy_stage(module), tmp_path)
+    assert "scale" not in vars(module)
+    assert torch.equal(module(torch.ones(1, 4)), torch.full((1, 4), 2.0))
+
+
+def test_an_untraceable_stage_says_why_in_one_clean_line(tmp_path, capfd):
+    from vlm_export.errors import ExportError
+    from vlm_export.export.onnx_export import export_stage
+
+    with pytest.raises(ExportError) as caught:
+        export_stage(_toy_stage(_BranchesOnValues()), tmp_path)
+    message = str(caught.value)
+    assert message.startswith("exporting the toy stage to ONNX failed: ") and "data-dependent" in message, message
+    assert "\n" not in message and "\x1b[" not in message  # torch's colour codes and its wrapper's text gone
+    assert "GraphModule" not in capfd.readouterr().err  # no FX graph dumped on the user's terminal
+
+
+def test_ctrl_c_during_an_export_waits_for_it_to_return(capfd):
+    """torch's tracer can abort the process from C++ when interrupted; the first Ctrl-C is held until
+    the export returns, then raised (the build's cleanup runs), a second one stops at once."""
+    import os
+    import signal
+    import threading
+
+    from vlm_export.export.onnx_export import _interrupt_after
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupt_after():
+            os.kill(os.getpid(), signal.SIGINT)
+            finished.append("the export went on")
+    assert finished == ["the export went on"]
+    assert "Ctrl-C again to stop at once" in capfd.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupt_after():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # the second: raised here, at once
+            finished.append("not reached")
+    assert finished == ["the export went on"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back

@@ -32,6 +32,9 @@ def test_parse_precision_and_resolve_against_declared_stages():
         "vision_encoder": "int8", "projector": "fp16", "lm_decoder": "w4"}
     assert parse_precision("decoder=w8").resolve(stages) == {"vision_encoder": "fp32", "projector": "fp32",
                                                               "lm_decoder": "w8"}
+    with pytest.raises(BuildError, match="names the lm_decoder stage twice .int8 and w4.; give each stage one"):
+        parse_precision("decoder=int8,lm_decoder=w4")
+    assert parse_precision("decoder=w4,decoder=w4") == parse_precision("decoder=w4")  # said twice, alike: fine
     with pytest.raises(BuildError, match="'w3' in 'decoder=w3' is not one of fp32"):
         parse_precision("decoder=w3")
     with pytest.raises(BuildError, match="not valid for vision_encoder.*valid: vision_encoder: fp32/fp16/int8"):

@@ -30,6 +30,9 @@ def test_decompression_bomb_refused_from_its_header(tiny_build):
     with pytest.raises(InputError, match=r"12000x12000 pixels .*max_image_pixels"):
         pipe.pixel_values([bomb])
     assert time.perf_counter() - start < 5  # refused before decoding (decoding would take seconds and GBs)
+    # past Pillow's own limit (~179 M pixels) its header check fires first: the same advice, not Pillow's text
+    with pytest.raises(InputError, match=r"declares more than \d+ M pixels; at most 16.8 M .*max_image_pixels.*resize"):
+        pipe.pixel_values([bomb_png(20000, 20000)])
     # the limit follows the model's input size (32x32 here: the 16 M pixel floor applies)
     assert pipe.image_limits.max_pixels == 4096 * 4096
     assert ImageLimits.for_input(1024, 1024).max_pixels == 64 * 1024 * 1024

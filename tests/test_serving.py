@@ -221,6 +221,7 @@ def test_bad_requests_get_errors_and_server_keeps_serving(served, photos):
         "decompression bomb": ({"prompt": "hi", "images": [base64.b64encode(bomb_png(12000, 12000)).decode()]},
                                "max_image_pixels"),
         "negative seed": ({"prompt": "hi", "seed": -1, "max_tokens": 2}, "seed"),
+        "empty stop string": ({"prompt": "hi", "stop": ["", "x"], "max_tokens": 2}, "stop strings must be non-empty"),
         "empty prompt": ({"prompt": ""}, "empty"),
         "prompt over the limit": ({"prompt": "word " * 400, "max_tokens": 8}, "max_sequence"),
         "too many images": ({"prompt": "hi", "images": [png] * 3}, "at most 2"),

@@ -61,6 +61,13 @@ TEXT_FAMILIES = {
     "qwen3": ("qwen3", {"head_dim": 32}),  # per-head q/k RMSNorm before the transpose, head size != hidden / heads
     # per-head q/k RMSNorm after the transpose, (1 + w) norms, scaled embeddings, a 16-position sliding window
     "gemma3": ("gemma3_text", {"head_dim": 16, "sliding_window": 16}),
+    # longrope: frequencies picked by the length (short <= 64 positions < long), cached on the rotary at its
+    # first call - by the export's fake tensors, unless the export puts the module back as it was
+    "phi3-longrope": ("phi3", {"original_max_position_embeddings": 64, "rope_scaling": {
+        "rope_type": "longrope", "original_max_position_embeddings": 64,
+        "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 2.0, 3.0, 4.0], "long_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 16.0]}}),
+    # dynamic NTK: a branch on the positions' values that torch.export cannot trace
+    "llama-dynamic-rope": ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
 }
 
 
@@ -71,7 +78,7 @@ def _text_config(family: str, vocab_size: int = VOCAB):
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   eos_token_id=2, bos_token_id=1, pad_token_id=2)
     model_type, extra = TEXT_FAMILIES[family]
-    return AutoConfig.for_model(model_type, **common, **extra)
+    return AutoConfig.for_model(model_type, **{**common, **extra})
 
 
 def _vision_config(image_size: int = 32, tower: str = "clip"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Callable, Iterator
 
 
@@ -20,7 +21,9 @@ class RichProgress(Progress):
     def __init__(self, console=None):
         from rich.console import Console
 
-        self.console = console or Console(stderr=True)
+        # the stream itself, not "whatever sys.stderr is when a bar redraws": a step may silence sys.stderr
+        # for a while (torch.export prints whole graphs there on a failed trace) and its bar keeps drawing
+        self.console = console or Console(file=sys.stderr)
 
     @contextlib.contextmanager
     def step(self, description: str, total: int = 1) -> Iterator[Callable[[], None]]:

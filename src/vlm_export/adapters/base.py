@@ -10,10 +10,11 @@ after the build reads those declarations from the manifest.
 from __future__ import annotations
 
 import abc
+import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, ContextManager
 
 import torch
 from torch import nn
@@ -46,6 +47,9 @@ class Stage:
     spec: StageSpec
     module: nn.Module
     example_inputs: tuple[torch.Tensor, ...]
+    #: entered around the export only (a traceable stand-in for what torch.export cannot trace, exact
+    #: within the build's limits); the PyTorch reference runs the module as it is
+    export_context: Callable[[], ContextManager] = contextlib.nullcontext
 
     @property
     def name(self) -> str:
@@ -141,6 +145,20 @@ class VLMAdapter(abc.ABC):
         a causal-LM checkpoint (the bench's peers) can run the same LM. Returns ``out``, or None
         for an architecture whose LM is not a standard causal LM (the default)."""
         return None
+
+
+def check_image_size(loaded: LoadedModel, size: tuple[int, int]) -> None:
+    """The image processor must make the images the vision stage takes: Hugging Face refuses any other
+    size at the first forward, so a checkpoint whose preprocessor_config.json disagrees with its vision
+    config is refused here, before anything is exported. The probe is not square, as photos are not."""
+    from PIL import Image
+
+    made = tuple(int(d) for d in loaded.image_processor(images=[Image.new("RGB", (97, 61))],
+                                                          return_tensors="np")["pixel_values"].shape[-2:])
+    if made != tuple(size):
+        raise AdapterError(f"the image processor in {loaded.path} makes {made[0]}x{made[1]} images but the vision "
+                           f"tower takes {size[0]}x{size[1]} (vision_config.image_size); fix size / crop_size in its "
+                           "preprocessor_config.json")
 
 
 def read_chat_template(path: Path) -> str:

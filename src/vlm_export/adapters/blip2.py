@@ -29,7 +29,7 @@ from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from ..runtime.prompt import build_prompt_ids
 from . import register
-from .base import LoadedModel, Stage, VLMAdapter
+from .base import LoadedModel, Stage, VLMAdapter, check_image_size
 from .decoder import SplicingDecoder, image_path_stages, spliced_decoder_stage, text_geometry
 from .loading import load_hf_parts, load_processor
 
@@ -111,6 +111,7 @@ class QFormerAdapterBase(VLMAdapter):
         loaded = LoadedModel(self, Path(path), model, tokenizer, image_processor, cfg, processor=processor,
                              image_text_tokenizer=getattr(processor, "qformer_tokenizer", None))
         self._check_processor(loaded)
+        check_image_size(loaded, self.image_size(loaded))
         return loaded
 
     def _check_processor(self, loaded: LoadedModel) -> None:

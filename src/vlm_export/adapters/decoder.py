@@ -11,6 +11,7 @@ row k. Decode steps pass an empty table ``[0, hidden]``.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -147,4 +148,27 @@ def spliced_decoder_stage(module: SplicingDecoder, scheme: SplicedScheme) -> Sta
             for _ in range(2 * g.num_layers)]
     example = (ids, torch.randn(2, g.hidden_size, generator=gen), torch.ones(EXAMPLE_BATCH, total, dtype=torch.int64),
                torch.arange(EXAMPLE_PAST, total).repeat(EXAMPLE_BATCH, 1), *past)
-    return Stage(scheme.decoder_spec(DECODER_PRECISIONS), module, example)
+    return Stage(scheme.decoder_spec(DECODER_PRECISIONS), module, example,
+                 export_context=lambda: base_rope_frequencies(module.text_model))
+
+
+@contextlib.contextmanager
+def base_rope_frequencies(text_model: nn.Module):
+    """Dynamic-NTK rotary embeddings (``rope_type`` "dynamic") recompute their frequencies only once a
+    sequence grows past ``max_position_embeddings``, a branch on the positions' values that torch.export
+    cannot trace. A build's ``max_sequence`` never exceeds that length, where they use their base
+    frequencies, so they are exported as plain rotary embeddings: exact within the build's limits."""
+    changed = []
+    for module in text_model.modules():
+        kind = getattr(module, "rope_type", None)
+        if isinstance(kind, str) and "dynamic" in kind:
+            changed.append((module, kind))
+            module.rope_type = "default"
+        elif isinstance(kind, dict) and any(isinstance(v, str) and "dynamic" in v for v in kind.values()):
+            changed.append((module, kind))  # per layer type (Gemma 3): each dynamic one, the same way
+            module.rope_type = {k: "default" if isinstance(v, str) and "dynamic" in v else v for k, v in kind.items()}
+    try:
+        yield
+    finally:
+        for module, kind in changed:
+            module.rope_type = kind

@@ -17,7 +17,7 @@ from ..contract import DecoderGeometry, PromptLayout
 from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from . import register
-from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, save_causal_lm
+from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, save_causal_lm
 from .decoder import SplicingDecoder, image_path_stages, spliced_decoder_stage, text_geometry
 from .loading import load_hf_parts
 
@@ -69,7 +69,15 @@ class LlavaAdapter(VLMAdapter):
                 "supported (expected 'default' or 'full')"
             )
         tower_positions(model.model.vision_tower)  # refuses a tower without fixed position embeddings
-        return LoadedModel(self, Path(path), model, tokenizer, processor, cfg)
+        vocab = cfg.text_config.vocab_size
+        if not 0 <= cfg.image_token_id < vocab:
+            raise AdapterError(
+                f"image_token_id {cfg.image_token_id} in {Path(path) / 'config.json'} is outside the language model's "
+                f"{vocab} token embeddings (Hugging Face's own forward fails on it): the image token was added to "
+                "the tokenizer without model.resize_token_embeddings(len(tokenizer)); resize and save again")
+        loaded = LoadedModel(self, Path(path), model, tokenizer, processor, cfg)
+        check_image_size(loaded, (cfg.vision_config.image_size,) * 2)
+        return loaded
 
     def stages(self, loaded: LoadedModel) -> list[Stage]:
         m, cfg = loaded.model, loaded.config

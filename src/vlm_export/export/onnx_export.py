@@ -2,7 +2,13 @@
 check with the ONNX checker, and describe the graph's I/O for the manifest."""
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import re
+import signal
+import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -12,6 +18,10 @@ import torch
 from ..adapters.base import Stage
 from ..errors import ExportError
 from .graph_info import check_graph, save_graph
+
+
+#: torch's loggers that print during an export (progress notes, and warnings a failed trace repeats)
+QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes")
 
 
 def _dynamic_shapes(stage: Stage):
@@ -78,30 +88,93 @@ def _rename_dims(model: onnx.ModelProto, stage: Stage) -> None:
                 dim.dim_param = rename[dim.dim_param]
 
 
+@contextlib.contextmanager
+def _module_kept_as_it_was(module: torch.nn.Module):
+    """torch.export runs the forward on fake tensors. A module that caches a tensor on itself during a
+    forward (transformers' longrope rotary computes ``long_inv_freq`` at its first call and keeps it as a
+    plain attribute) would keep a fake one, and every later eager call - the PyTorch reference the export
+    is judged against - would compute with garbage past the original context. So each submodule's plain
+    tensor attributes and buffer slots are put back as they were before the trace."""
+    saved = [(m, {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}, dict(m._buffers))
+             for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, tensors, buffers in saved:
+            for name in [k for k, v in vars(m).items() if isinstance(v, torch.Tensor) and k not in tensors]:
+                del m.__dict__[name]
+            m.__dict__.update(tensors)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+
+
+@contextlib.contextmanager
+def _interrupt_after():
+    """Ctrl-C inside torch.export's tracer can abort the whole process from C++ ("trying to set the
+    current FakeTensorMode, but one already exists": a core dump, no cleanup). So the first Ctrl-C is
+    held until the export returns, then raised; a second one interrupts at once, as before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+
+    def hold(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(signum)
+        print("\nstopping once this graph's export returns (Ctrl-C again to stop at once)", file=sys.__stderr__)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
+def _innermost(e: BaseException) -> BaseException:
+    """The exception that says why: torch.onnx wraps torch.export's, which wraps the tracer's."""
+    seen = {id(e)}
+    while e.__cause__ is not None and id(e.__cause__) not in seen:
+        e = e.__cause__
+        seen.add(id(e))
+    return e
+
+
+def _first_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours some of its messages
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def export_stage(stage: Stage, out_dir: Path, opset: int = 18) -> Path:
     """Export one stage to ``out_dir/<name>.onnx`` and run the ONNX checker on it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stage.name}.onnx"
     stage.module.eval()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _module_kept_as_it_was(stage.module), stage.export_context():
             warnings.simplefilter("ignore")
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            program = torch.onnx.export(
-                stage.module,
-                stage.example_inputs,
-                dynamo=True,
-                input_names=stage.spec.input_names,
-                output_names=stage.spec.output_names,
-                dynamic_shapes=_dynamic_shapes(stage),
-                opset_version=opset,
-                optimize=False,  # _optimize below: the same graph in a fraction of the time
-                verbose=False,
-            )
+            for name in QUIET_LOGGERS:
+                logging.getLogger(name).setLevel(logging.ERROR)
+            # a failed trace prints the partial FX graph (hundreds of lines) to stderr; the error below says why
+            with contextlib.redirect_stderr(io.StringIO()), _interrupt_after():
+                program = torch.onnx.export(
+                    stage.module,
+                    stage.example_inputs,
+                    dynamo=True,
+                    input_names=stage.spec.input_names,
+                    output_names=stage.spec.output_names,
+                    dynamic_shapes=_dynamic_shapes(stage),
+                    opset_version=opset,
+                    optimize=False,  # _optimize below: the same graph in a fraction of the time
+                    verbose=False,
+                )
             _optimize(program.model)
-    except Exception as e:  # torch.export raises many types; the first line says which op failed
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"exporting the {stage.name} stage to ONNX failed: {type(e).__name__}: {first}") from e
+    except Exception as e:  # torch.export raises many types; the innermost one's first line says why
+        cause = _innermost(e)
+        raise ExportError(f"exporting the {stage.name} stage to ONNX failed: {type(cause).__name__}: "
+                          f"{_first_line(cause)}") from e
     model = program.model_proto
     _rename_dims(model, stage)
     check_graph(save_graph(model, path))

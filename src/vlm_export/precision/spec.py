@@ -78,7 +78,11 @@ def parse_precision(text: str | None) -> PrecisionPlan:
         if not stage:
             raise BuildError(f"no stage named in precision {part!r}; write STAGE=PRECISION, e.g. decoder=w4")
         _known(value, part)
-        chosen[ALIASES.get(stage, stage)] = value
+        name = ALIASES.get(stage, stage)
+        if name in chosen and chosen[name] != value:
+            raise BuildError(f"precision {text!r} names the {name} stage twice ({chosen[name]} and {value}); "
+                             "give each stage one precision")
+        chosen[name] = value
     return PrecisionPlan.of_stages(chosen)
 
 

@@ -55,6 +55,8 @@ class GenerationConfig:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and not (isinstance(self.seed, (int, np.integer)) and 0 <= self.seed < 2**63):
             raise InputError(f"seed must be an integer in 0..2^63-1 (or absent), got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):  # "" would end every answer at once
+            raise InputError(f"stop strings must be non-empty text, got {list(self.stop)!r}")
 
 
 @dataclass

@@ -71,8 +71,9 @@ def load_image(src: ImageInput, limits: ImageLimits = ImageLimits(), name: str |
         raise InputError(f"{what} does not exist") from None
     except UnidentifiedImageError:
         raise InputError(f"{what} cannot be decoded: not an image format this reader knows; send a PNG or JPEG") from None
-    except Image.DecompressionBombError as e:  # only above our own limit, if set higher than Pillow's
-        raise InputError(f"{what} is too large to decode ({e})") from None
+    except Image.DecompressionBombError:  # Pillow's own header check, at twice its MAX_IMAGE_PIXELS: ours is lower
+        raise InputError(f"{what} declares more than {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} M pixels; at most "
+                         f"{limits.max_pixels / 1e6:.1f} M pixels are decoded (max_image_pixels): resize it first") from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{what} cannot be decoded: it is damaged ({detail}); send the complete file") from None
