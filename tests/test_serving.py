@@ -261,6 +261,9 @@ def test_bad_requests_get_errors_and_server_keeps_serving(served, photos):
         with pytest.raises(RequestError, match=needle):
             list(http.stream(**{"prompt": "hi", "max_tokens": 3, **kwargs}))
     assert list(http.stream("Hello there", max_tokens=3))[-1].completion_tokens == 3
+    for url in (f"http://{server.http_url}", f"grpc://{server.grpc_url}"):  # a model the server lacks: named, and ours
+        with pytest.raises(RequestError, match="nope.*the generation model of a vlm-export repository is 'vlm'"):
+            VLMClient(url, model="nope").generate("hi", max_tokens=2)
     # wrong dtype, over gRPC with a real typed tensor: Triton itself rejects it before the model runs
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
@@ -302,7 +305,8 @@ def test_unreachable_server_is_a_serve_error():
         dead = s.getsockname()[1]
     for url in (f"http://127.0.0.1:{dead}", f"grpc://127.0.0.1:{dead}"):
         client = VLMClient(url, timeout=30)
-        with pytest.raises(ServeError, match=f"cannot reach 127.0.0.1:{dead}"):
+        # the reason the connection failed, not gRPC's "the stream is no longer in valid state"
+        with pytest.raises(ServeError, match=f"cannot reach 127.0.0.1:{dead}: .*(?i:refused).*serve` running"):
             client.generate("hi", max_tokens=2)
         with pytest.raises(ServeError, match=f"cannot reach 127.0.0.1:{dead}"):
             list(client.stream("hi", max_tokens=2))

@@ -144,6 +144,9 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
         max_sequence=min(options.max_sequence or DEFAULT_MAX_SEQUENCE, scheme.geometry.max_position_embeddings),
         tokens_per_image=layout.tokens_per_image,
     )
+    if options.max_sequence and options.max_sequence > limits.max_sequence:
+        progress.note(f"--max-sequence {options.max_sequence} is more than the language model's "
+                      f"{limits.max_sequence} positions (max_position_embeddings): the build takes {limits.max_sequence}")
     _check_samples_fit(options.samples or default_samples(limits.max_images), loaded.tokenizer, layout, scheme,
                        limits, options.parity_new_tokens)
 
@@ -337,15 +340,25 @@ def _check_samples_fit(samples, tokenizer, layout, scheme, limits: Limits, new_t
     """Every parity sample's prompt plus its new tokens within ``max_sequence``, before any export: an
     LM with few positions for its image tokens (2 images x 256 tokens in a 512-position LM) cannot
     take ``max_images`` images, and its fused attention refuses positions past its rotary table."""
-    for sample in samples:
-        tokens = len(build_prompt_ids(tokenizer, layout, sample.prompt, len(sample.images)))
-        if scheme.length_problem(tokens, new_tokens, limits) is None:
-            continue
-        fix = (f"build with --max-images {len(sample.images) - 1}" if len(sample.images) > 1
-               else "lower --parity-tokens")
-        raise BuildError(f"the parity sample {sample.label!r} ({len(sample.images)} image(s), {tokens} prompt tokens) "
-                         f"with {new_tokens} new tokens exceeds this build's max_sequence of {limits.max_sequence} "
-                         f"(the LM's positions: {scheme.geometry.max_position_embeddings}): {fix}")
+    counted = [(sample, len(build_prompt_ids(tokenizer, layout, sample.prompt, len(sample.images)))) for sample in samples]
+
+    def fit(n: int, of=counted) -> bool:
+        return all(scheme.length_problem(tokens, n, limits) is None for _, tokens in of)
+
+    failing = [(sample, tokens) for sample, tokens in counted if not fit(new_tokens, [(sample, tokens)])]
+    if not failing:
+        return
+    # one fix for every sample, so that the next try passes: fewer images where even one new token
+    # does not fit, else the most new tokens every sample takes
+    crowded = sorted(((s, t) for s, t in failing if not fit(1, [(s, t)])), key=lambda st: len(st[0].images))
+    sample, tokens = (crowded or failing)[0]
+    if crowded:
+        fix = f"build with --max-images {len(sample.images) - 1}"
+    else:
+        fix = f"lower --parity-tokens to {max(n for n in range(1, new_tokens) if fit(n))}"
+    raise BuildError(f"the parity sample {sample.label!r} ({len(sample.images)} image(s), {tokens} prompt tokens) "
+                     f"with {new_tokens} new tokens exceeds this build's max_sequence of {limits.max_sequence} "
+                     f"(the LM's positions: {scheme.geometry.max_position_embeddings}): {fix}")
 
 
 def _fused_variant(tmp: Path, stage: str, precision: str, fused: dict, options: BuildOptions, feeds, cache,

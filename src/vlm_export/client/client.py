@@ -9,6 +9,7 @@ and gRPC (tritonclient's bidirectional stream), streaming or not, images from fi
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import queue
 import urllib.error
@@ -73,6 +74,13 @@ def _http_error_message(error: urllib.error.HTTPError) -> str:
         if message:
             return str(message)
     return str(error.reason)
+
+
+def _unknown_model_hint(message: str) -> str:
+    """Triton names the model it lacks; say which one a repository from ``vlm-export repository`` serves."""
+    if "unknown model" in message.lower():
+        return f"{message}; the generation model of a vlm-export repository is 'vlm' (--model)"
+    return message
 
 
 class VLMClient:
@@ -143,7 +151,7 @@ class VLMClient:
                             raise RequestError(event["error"])
                         yield event
         except urllib.error.HTTPError as e:
-            raise RequestError(_http_error_message(e)) from None
+            raise RequestError(_unknown_model_hint(_http_error_message(e))) from None
         except urllib.error.URLError as e:
             raise ServeError(f"cannot reach {self.address}: {e.reason}; is `vlm-export serve` running?") from None
 
@@ -179,7 +187,12 @@ class VLMClient:
                 client.start_stream(callback=lambda result, error: results.put((result, error)))
                 client.async_stream_infer(self.model, inputs)
             except InferenceServerException as e:  # the channel never came up
-                raise ServeError(f"cannot reach {self.address}: {e.message()}; is `vlm-export serve` running?") from None
+                reason = e.message()  # "the stream is no longer in valid state": its callback got the cause
+                with contextlib.suppress(queue.Empty):
+                    _, error = results.get(timeout=1.0)
+                    if error is not None:
+                        reason = error.message() if isinstance(error, InferenceServerException) else str(error)
+                raise ServeError(f"cannot reach {self.address}: {reason}; is `vlm-export serve` running?") from None
             while True:
                 try:
                     result, error = results.get(timeout=self.timeout)
@@ -194,7 +207,7 @@ class VLMClient:
                         raise ServeError(f"{self.address} closed the connection mid-request (the server died or "
                                          f"was restarted; retry): {message}")
                     finished = True  # an error ends its request
-                    raise RequestError(message)
+                    raise RequestError(_unknown_model_hint(message))
                 fields = {name: result.as_numpy(name).reshape(-1)[0] for name in
                           ("text_output", "finish_reason", "prompt_tokens", "completion_tokens")}
                 fields = {k: v.decode() if isinstance(v, bytes) else v for k, v in fields.items()}

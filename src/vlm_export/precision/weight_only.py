@@ -200,8 +200,11 @@ def _matmulnbits(t: _Target, bq: BlockQuantized, accuracy_level: int, block_sums
     if bq.offsets is not None:
         if correction not in CORRECTIONS:
             raise ExportError(f"asymmetric correction {correction!r} is not one of {', '.join(CORRECTIONS)}")
-        if k % bq.block_size:
-            raise ExportError(f"{name}: K={k} is not a multiple of block size {bq.block_size} (asymmetric scheme)")
+        if k % bq.block_size:  # the block-sum correction adds whole blocks back; MatMulNBits' padding cannot
+            fits = [size for size in (16, 32, 64, 128) if k % size == 0]
+            choice = f"--block-size {fits[0]} (it divides {k}) or " if fits else ""
+            raise ExportError(f"MatMul {name}: its input size K={k} is not a multiple of the block size {bq.block_size}, "
+                              f"which the asymmetric scheme needs; use {choice}--weight-scheme zero-point")
         blocks = k // bq.block_size
         # augmented: the sums fill whole blocks of their own (zero columns after the last)
         width = -(-blocks // bq.block_size) * bq.block_size if correction == "augmented" else blocks
