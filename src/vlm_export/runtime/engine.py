@@ -12,8 +12,10 @@ frees its place.
 A prompt that starts as an earlier one did continues from that prefix's K/V where the pipeline
 has a prefix cache (``VLMPipeline.prefix_cache``; the served model's ``prefix_cache_mb``).
 
-Back-pressure: at most ``max_queue`` requests wait (prepared or not) for a place in the batch;
-past that, ``submit`` raises BusyError at once, so a flood costs neither threads nor memory.
+Back-pressure: at most ``max_queue`` requests wait (prepared or not) beyond the places the batch
+has free; past that, ``submit`` raises BusyError at once, so a flood costs neither threads nor
+memory. (A burst at an idle server fills the batch's places too, although the loop, busy
+prefilling the first arrivals, has not yet moved the others into it.)
 """
 from __future__ import annotations
 
@@ -110,7 +112,8 @@ class GenerationEngine:
         with self._lock:
             if self._closing:
                 raise ServeError("the model is shutting down; retry on another instance")
-            if self.stats.waiting >= self.max_queue:
+            free = max(0, self.scheduler.max_batch - self.stats.running)
+            if self.stats.waiting >= self.max_queue + free:
                 self.stats.refused += 1
                 raise BusyError(f"server busy: {self.stats.waiting} requests already wait for a place "
                                 f"(queue limit {self.max_queue}); retry later")
