@@ -20,6 +20,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # workers share two cores (generation with the tiny decoder: 2.3 CPU-s spinning, 1.0 not). The
 # python-target models under tritonserver inherit it too.
 os.environ.setdefault("VLM_EXPORT_ORT_SPIN", "0")
+# a bug's traceback, not the one line users get (tests assert that line where they mean it)
+os.environ.setdefault("VLM_EXPORT_TRACEBACK", "1")
 
 from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava, make_tiny_mllama, make_tiny_prefix  # noqa: E402
 from tiny_models import make_tiny_blip2_t5  # noqa: E402

@@ -154,3 +154,25 @@ def test_accuracy_check_fails_before_export(tiny_model_dir, tmp_path):
                  "--eval-dataset", str(tmp_path / "nowhere")]) == 1
     assert main(["build", model, "--out", str(tmp_path / "b"), "--eval-questions", "100000"]) == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_an_unexpected_failure_is_one_line_with_the_traceback_kept(run_cli, monkeypatch, tmp_path):
+    """A bug (any exception no stage anticipated): one line saying so and where its traceback is, exit 70."""
+    from vlm_export import cli
+
+    def broken(args, progress):
+        raise KeyError("a key nobody expected")
+
+    monkeypatch.setitem(cli.COMMANDS, "adapters", broken)
+    monkeypatch.delenv("VLM_EXPORT_TRACEBACK")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    result = run_cli("adapters")
+    assert result.returncode == 70
+    assert_one_line_error(result, "internal error (KeyError: 'a key nobody expected')", "please report it")
+    saved = list(tmp_path.glob("vlm-export-traceback-*.txt"))
+    assert len(saved) == 1 and "in broken" in saved[0].read_text() and "KeyError" in saved[0].read_text()
+    monkeypatch.setenv("VLM_EXPORT_TRACEBACK", "1")
+    with pytest.raises(KeyError):
+        run_cli("adapters")

@@ -733,15 +733,36 @@ def main(argv: list[str] | None = None) -> int:
         # one line; details (e.g. a server log excerpt) stay in the files the message names
         print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return e.exit_code
-    except ModuleNotFoundError as e:
-        hint = missing_extra(e)
-        if hint is None:
-            raise
-        print(f"error: {hint}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug, or a library failing in a way no stage anticipated
+        hint = missing_extra(e) if isinstance(e, ModuleNotFoundError) else None
+        if hint is not None:
+            print(f"error: {hint}", file=sys.stderr)
+            return 1
+        if os.environ.get("VLM_EXPORT_TRACEBACK"):
+            raise
+        print(f"error: internal error ({type(e).__name__}: {_first_line(e)}), a bug in vlm-export or a library it "
+              f"calls, not in your input; the traceback is in {_save_traceback(e)} (VLM_EXPORT_TRACEBACK=1 prints "
+              "it): please report it", file=sys.stderr)
+        return 70  # EX_SOFTWARE
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else "no message"
+
+
+def _save_traceback(e: BaseException) -> Path:
+    import tempfile
+    import traceback
+
+    fd, name = tempfile.mkstemp(prefix="vlm-export-traceback-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"vlm-export {' '.join(sys.argv[1:])}\n\n")
+        traceback.print_exception(e, file=f)
+    return Path(name)
 
 
 if __name__ == "__main__":
