@@ -113,7 +113,7 @@ def test_force_never_deletes_a_folder_it_did_not_write(tiny_model_dir, run_cli, 
     (mine / "data" / "important.txt").write_text("keep")
     assert_one_line_error(run_cli("build", model, "--out", str(mine), "--force"), "not a build folder vlm-export wrote")
     assert (mine / "data" / "important.txt").read_text() == "keep"
-    monkeypatch.chdir(mine / "data")  # a build folder or not, --force never removes the folder a user stands in
+    monkeypatch.chdir(mine / "data")  # a build folder or not, the folder a user stands in is never replaced
     assert_one_line_error(run_cli("build", model, "--out", str(mine), "--force"), "holds the current folder")
     assert_one_line_error(run_cli("build", model, "--out", str(mine / "data" / "important.txt" / "b")),
                           "important.txt is a file, not a folder")

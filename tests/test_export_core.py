@@ -154,6 +154,24 @@ def test_stage_graphs_run_other_shapes(tiny_build):
     assert out["logits"].shape == (3, 1, 49152)
 
 
+@pytest.mark.parametrize("form", ["onnxruntime", "tensorrt"])
+def test_a_generated_image_token_is_text_as_in_hugging_face(tiny_build, tiny_model_dir, form):
+    """A model may generate its own image token; a decode step (no image rows) embeds it as the token
+    it is, as Hugging Face's generate does, in both graph forms (a placeholder past the rows indexed
+    outside the image table before)."""
+    from transformers import LlavaForConditionalGeneration
+
+    pipe = open_build(tiny_build("llava-llama").path, form=form)
+    scheme = pipe.scheme
+    text = pipe.prompt_ids("Tell me a story.", 0)
+    out = pipe.decode(scheme.prefill_feeds([text], scheme.empty_image_input()))
+    step = pipe.decode(scheme.step_feeds(scheme.prefill_state(out, [len(text)]), np.array([scheme.image_token_id])))
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir("llava-llama"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([text + [scheme.image_token_id]])).logits[0, -1].numpy()
+    np.testing.assert_allclose(step["logits"][0, -1], expected, atol=1e-4)
+
+
 def test_verify_reruns_parity(tiny_build):
     from vlm_export.build import BuildOptions, verify
 
@@ -213,6 +231,45 @@ def test_prompt_ids_equal_the_llava_processors_own(tiny_build, tiny_model_dir):
         assert want[0] == processor.tokenizer.bos_token_id
         assert pipe.prompt_ids(messages, 1) == want
     assert pipe.prompt_ids("What shape is it?", 1) == pipe.prompt_ids(turn, 1)
+
+
+def test_prompt_ids_follow_the_processor_without_a_template_and_beside_a_tokenizers_own(tiny_model_dir, tmp_path):
+    """The llava-hf checkpoint's folder two other ways: no chat template at all (the processor tokenizes the
+    plain text with its tokenizer's BOS), and the processor's template in chat_template.json beside a
+    text-only one in tokenizer_config.json (LlavaProcessor renders with its own): ids as the processor's."""
+    import shutil
+
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from vlm_export.runtime.prompt import build_prompt_ids
+
+    image, question = Image.new("RGB", (40, 30), (200, 30, 30)), "What shape is it?"
+    plain, beside = tmp_path / "plain", tmp_path / "beside"
+    for folder in (plain, beside):
+        shutil.copytree(tiny_model_dir("llava-gemma3"), folder)
+    (plain / "chat_template.jinja").unlink()
+    template = (beside / "chat_template.jinja").read_text()
+    (beside / "chat_template.jinja").unlink()
+    (beside / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    config = json.loads((beside / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    (beside / "tokenizer_config.json").write_text(json.dumps(config))
+
+    for folder in (plain, beside):
+        processor = AutoProcessor.from_pretrained(folder)
+        if folder == plain:
+            assert not processor.chat_template
+            text = f"{processor.image_token}\n{question}"
+        else:
+            assert processor.chat_template == template and processor.tokenizer.chat_template != template
+            text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                  "text": question}]}], add_generation_prompt=True)
+        want = processor(text=text, images=[image], return_tensors="np")["input_ids"][0].tolist()
+        assert want[0] == processor.tokenizer.bos_token_id
+        adapter = adapter_for(folder)
+        loaded = adapter.load(folder)
+        assert build_prompt_ids(loaded.tokenizer, adapter.prompt_layout(loaded), question, 1) == want, folder.name
 
 
 def test_llava_with_a_variable_resolution_tower_is_refused(tmp_path):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import assert_one_line_error  # noqa: E402
@@ -127,7 +128,7 @@ def test_killed_writers_leave_nothing_behind_for_long(tmp_path):
     live = tmp_path / f".build.tmp-{os.getpid()}-feedbeef"  # a write still running (this process)
     for folder in (stale, legacy, live):
         (folder / "graphs").mkdir(parents=True)
-    with atomic_folder(out, False, BuildError, "build folder") as tmp:
+    with atomic_folder(out, False, BuildError, "build folder", lambda folder: True) as tmp:
         (tmp / "manifest.json").write_text("{}")
     assert out.is_dir() and not stale.exists() and not legacy.exists() and live.exists()
     assert remove_stale_siblings(out) == []
@@ -156,3 +157,27 @@ def test_triton_refuses_to_load_a_damaged_graph(tiny_build, tmp_path):
     finally:
         server.stop()
     assert not server.running
+
+
+def test_transparent_images_are_seen_over_white_as_hugging_face_sees_them(tiny_build, tiny_model_dir):
+    """An RGBA or palette-transparent PNG gives the pixels the model's own processor gives (its
+    convert_to_rgb: over white), not the colour hidden under the transparency."""
+    from io import BytesIO
+
+    from PIL import Image
+    from transformers import AutoImageProcessor
+    from transformers.image_transforms import convert_to_rgb
+
+    from vlm_export.runtime.images import as_rgb
+
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (40, 50, 4), dtype=np.uint8), "RGBA")
+    palette = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).convert("P")
+    palette.info["transparency"] = 7
+    for image in (rgba, rgba.convert("LA"), palette):
+        assert np.array_equal(np.asarray(as_rgb(image)), np.asarray(convert_to_rgb(image))), image.mode
+    buf = BytesIO()
+    rgba.save(buf, format="PNG")
+    pipe = open_build(tiny_build("llava-llama").path)
+    theirs = AutoImageProcessor.from_pretrained(tiny_model_dir("llava-llama"))(images=[rgba], return_tensors="np")
+    np.testing.assert_array_equal(pipe.pixel_values([buf.getvalue()]), theirs["pixel_values"])

@@ -1,6 +1,7 @@
 """Folders written atomically: built in a hidden sibling, renamed into place only when complete,
 removed on any failure. Replacing an existing folder happens only at that final rename, and
-only when it is one the same writer made (or empty): ``--force`` never deletes a user's own files.
+only when it is empty or (with ``force``) one the same writer made: ``--force`` never deletes a
+user's own files.
 
 The hidden siblings carry the writing process's id (``.<name>.tmp-<pid>-<random>``): a process
 killed mid-write (out of memory, Ctrl-C twice) cannot clean up, so the next write to the same
@@ -43,15 +44,17 @@ def atomic_folder(out: Path, force: bool, error: type[VlmExportError], what: str
 
 def _check_replaceable(out: Path, force: bool, error: type[VlmExportError], what: str,
                        made_here: Callable[[Path], bool]) -> None:
+    cwd = Path.cwd().absolute()
+    if out == cwd or out in cwd.parents:  # replaced, it would leave the shell in a deleted folder
+        raise error(f"{out} holds the current folder; it cannot be replaced: choose another --out")
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return  # an empty folder (made for the output beforehand) loses nothing
     if not force:
         raise error(f"{out} already exists; pass --force to replace it, or choose another --out")
     if out.is_symlink() or not out.is_dir():
         raise error(f"{out} exists and is not a folder; --force replaces only a {what} written before: "
                     "choose another --out")
-    cwd = Path.cwd().absolute()
-    if out == cwd or out in cwd.parents:
-        raise error(f"{out} holds the current folder; --force would delete it: choose another --out")
-    if any(out.iterdir()) and not made_here(out):
+    if not made_here(out):
         raise error(f"{out} is not a {what} vlm-export wrote, and --force replaces only those (never other "
                     "files): remove it yourself or choose another --out")
 

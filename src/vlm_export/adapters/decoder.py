@@ -72,15 +72,19 @@ class SplicingDecoder(nn.Module):
 def splice_image_rows(embed_tokens: nn.Module, input_ids: torch.Tensor, image_embeds: torch.Tensor,
                       image_token_id: int) -> torch.Tensor:
     """The ids' embeddings with the k-th placeholder (row-major) replaced by row k of ``image_embeds``
-    (HF's ``masked_scatter``, in a form that exports with an empty table too)."""
-    is_image = input_ids == image_token_id
+    (HF's ``masked_scatter``, in a form that exports with an empty table too). A placeholder id past the
+    table's rows is text: a model may generate its own image token, which a decode step (no image rows)
+    embeds as the token it is, as Hugging Face's generate does."""
+    batch, seq = input_ids.shape
+    flat = (input_ids == image_token_id).reshape(-1).to(torch.int64)
+    index = torch.cumsum(flat, dim=0) * flat  # the k-th placeholder -> k (1-based), text -> 0
+    index = torch.where(index <= image_embeds.shape[0], index, torch.zeros_like(index))
+    is_image = (index > 0).reshape(batch, seq)
     # placeholder ids may lie outside the vocabulary (prefix layout): embed a valid id there
     text_embeds = embed_tokens(torch.where(is_image, torch.zeros_like(input_ids), input_ids))
-    batch, seq, hidden = text_embeds.shape
+    hidden = text_embeds.shape[-1]
     # row 0 of the table is padding so text positions (index 0) and an empty table work
     table = torch.cat([text_embeds.new_zeros(1, hidden), image_embeds.to(text_embeds.dtype)], dim=0)
-    flat = is_image.reshape(-1).to(torch.int64)
-    index = torch.cumsum(flat, dim=0) * flat
     spliced = table.index_select(0, index).reshape(batch, seq, hidden)
     return torch.where(is_image.unsqueeze(-1), spliced, text_embeds)
 

@@ -17,9 +17,10 @@ from ..contract import DecoderGeometry, PromptLayout
 from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from . import register
-from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, save_causal_lm
+from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, save_causal_lm,
+                   set_chat_template)
 from .decoder import SplicingDecoder, image_path_stages, spliced_decoder_stage, text_geometry
-from .loading import load_hf_parts
+from .loading import load_hf_parts, processor_chat_template
 
 
 class LlavaVisionEncoder(nn.Module):
@@ -75,6 +76,11 @@ class LlavaAdapter(VLMAdapter):
                 f"image_token_id {cfg.image_token_id} in {Path(path) / 'config.json'} is outside the language model's "
                 f"{vocab} token embeddings (Hugging Face's own forward fails on it): the image token was added to "
                 "the tokenizer without model.resize_token_embeddings(len(tokenizer)); resize and save again")
+        template = processor_chat_template(path)
+        if template and template != getattr(tokenizer, "chat_template", None):
+            # what LlavaProcessor.apply_chat_template renders with (llava-hf folders ship the processor's
+            # template beside a tokenizer that may carry its own text-only one)
+            set_chat_template(tokenizer, template, f"the processor's chat template in {path}")
         loaded = LoadedModel(self, Path(path), model, tokenizer, processor, cfg)
         check_image_size(loaded, (cfg.vision_config.image_size,) * 2)
         return loaded

@@ -61,3 +61,17 @@ def load_processor(processor_cls, path: Path, image_token_id: int | None = None)
         raise AdapterError(f"the processor's image token {processor.image_token!r} is id {processor.image_token_id}, "
                            f"the model's config says {image_token_id}")
     return processor
+
+
+def processor_chat_template(path: Path) -> str | None:
+    """The chat template saved for the model's processor (``chat_template.json``, or the processor's own
+    ``chat_template.jinja``), which its ``apply_chat_template`` uses; None where there is none or no
+    processor loads (a folder saved without one)."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - no processor is no processor template; the tokenizer's stays
+        return None
+    template = getattr(processor, "chat_template", None)
+    return template if isinstance(template, str) and template.strip() else None

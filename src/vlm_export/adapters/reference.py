@@ -21,7 +21,10 @@ BACKENDS = ("torch", "onnxruntime")
 
 
 def eos_token_ids(loaded: LoadedModel) -> list[int]:
-    """EOS ids of the model's generation config and of the tokenizer, as HF generate would stop."""
+    """EOS ids of the model's generation config, and the tokenizer's EOS too. Hugging Face's generate
+    stops at the generation config's alone; a chat model's turn end (``<|im_end|>``) is often only the
+    tokenizer's, and an answer that runs past it is not one a server should send. Parity runs the
+    reference with the same list, and the manifest records it (``generation.eos_token_ids``)."""
     ids: list[int] = []
     gen = getattr(loaded.model, "generation_config", None) or getattr(getattr(loaded.model, "text", None),
                                                                       "generation_config", None)

@@ -14,9 +14,9 @@ model code (``runtime.prompt.build_prompt_ids``):
 holds ``{input}`` takes the rest of the prompt (``"<OD_X>a dog"`` -> the text with ``input="a dog"``),
 any other must be the whole prompt.
 
-``add_special_tokens``: whether the tokenizer adds its own special tokens (BOS) to the text. Off
-where a chat template writes them into the text; on where the model's processor tokenizes plain
-text with them (BLIP-2, InstructBLIP).
+``add_special_tokens``: whether the tokenizer adds its own special tokens (BOS) to the text: on where
+the model's processor tokenizes plain text with them (BLIP-2, InstructBLIP). An ``inline`` layout
+adds them as its processor does anyway, unless the text (a chat template's) already starts with the BOS.
 
 :class:`ImageText` is the other direction: the prompt as an input of the image path (InstructBLIP's
 Q-Former reads the instruction through a tokenizer of its own).

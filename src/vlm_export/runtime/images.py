@@ -56,7 +56,7 @@ def load_image(src: ImageInput, limits: ImageLimits = ImageLimits(), name: str |
 
     if isinstance(src, Image.Image):
         limits.check_pixels(*src.size, name or "the image")
-        return src.convert("RGB")
+        return as_rgb(src)
     is_bytes = isinstance(src, (bytes, bytearray))
     what = name or ("the image" if is_bytes else f"image {src}")
     try:
@@ -66,7 +66,7 @@ def load_image(src: ImageInput, limits: ImageLimits = ImageLimits(), name: str |
             img = Image.open(io.BytesIO(src) if is_bytes else src)  # reads the header only
         limits.check_pixels(*img.size, what)
         img.load()
-        return img.convert("RGB")
+        return as_rgb(img)
     except FileNotFoundError:
         raise InputError(f"{what} does not exist") from None
     except UnidentifiedImageError:
@@ -77,6 +77,20 @@ def load_image(src: ImageInput, limits: ImageLimits = ImageLimits(), name: str |
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{what} cannot be decoded: it is damaged ({detail}); send the complete file") from None
+
+
+def as_rgb(img):
+    """RGB as Hugging Face's image processors make it (``convert_to_rgb``): transparent pixels over white.
+    A plain ``convert("RGB")`` would keep the colour hidden under the transparency instead (often
+    black), which the model was never shown."""
+    from PIL import Image
+
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def image_name(index: int, image: ImageInput, count: int) -> str | None:

@@ -81,13 +81,12 @@ def build_prompt_ids(tokenizer, layout: PromptLayout, prompt: Prompt, n_images: 
         raise InputError(f"the prompt contains the image token {layout.image_token!r} itself; "
                          "pass images separately and remove it from the text")
     text = format_text(tokenizer, layout, messages)
-    special = layout.add_special_tokens
-    if _processor_template(tokenizer, layout):
-        # tokenized as the model's processor tokenizes its rendered template (ProcessorMixin.apply_chat_template):
-        # with the tokenizer's special tokens (a Llama tokenizer's BOS) unless the template wrote the BOS
-        bos = getattr(tokenizer, "bos_token", None)
-        special = not (bos and text.startswith(bos))
     if layout.kind == "inline":
+        # tokenized as the model's processor tokenizes text (processor(text=...), and its rendered template in
+        # ProcessorMixin.apply_chat_template): with the tokenizer's special tokens (a Llama tokenizer's BOS)
+        # unless the text already starts with the BOS (a template that writes it)
+        bos = getattr(tokenizer, "bos_token", None)
+        special = layout.add_special_tokens or not (bos and text.startswith(bos))
         text = text.replace(layout.image_token, layout.image_token * layout.tokens_per_image)
         ids = tokenizer(text, add_special_tokens=special)["input_ids"]
         expected = n_images * layout.tokens_per_image
