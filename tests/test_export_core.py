@@ -506,6 +506,26 @@ def test_ctrl_c_during_an_export_waits_for_it_to_return(capfd):
 
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach the main thread only")
+    # Python's own handler, as in a terminal (a job started in the background ignores SIGINT: left alone)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _held_then_raised(capfd)
+    finally:
+        signal.signal(signal.SIGINT, outer)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _interrupt_after():
+            os.kill(os.getpid(), signal.SIGINT)  # ignored, as the process asked
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def _held_then_raised(capfd):
+    import os
+    import signal
+
+    from vlm_export.export.onnx_export import _interrupt_after
+
     finished = []
     with pytest.raises(KeyboardInterrupt):
         with _interrupt_after():

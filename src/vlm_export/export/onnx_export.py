@@ -113,8 +113,8 @@ def _interrupt_after():
     """Ctrl-C inside torch.export's tracer can abort the whole process from C++ ("trying to set the
     current FakeTensorMode, but one already exists": a core dump, no cleanup). So the first Ctrl-C is
     held until the export returns, then raised; a second one interrupts at once, as before."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield  # no signals here, or none wanted (a process started in the background, nohup)
         return
     pressed = []
 
