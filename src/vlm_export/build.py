@@ -21,7 +21,6 @@ from pathlib import Path
 
 from .adapters import adapter_for
 from .adapters.base import read_chat_template, set_chat_template
-from .adapters.loading import first_line
 from .adapters.lora import merge_lora
 from .adapters.reference import eos_token_ids, load_source, reference_pipeline, split
 from .atomic import atomic_folder
@@ -31,7 +30,7 @@ from .compare.policy import DECODER_ENTRIES, AccuracyGate, ParityPolicy
 from .compare.report import record_section, write_report
 from .contract import DecodingScheme, Limits, scheme_from_dict
 from .datasets import load_items
-from .errors import BuildError, ParityError
+from .errors import BuildError, ParityError, first_line
 from .export.fuse import fuse_decoder
 from .export.graph_info import check_graph, graph_bytes, graph_io
 from .export.onnx_export import export_stage

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .demo import DEMO_MAX_BATCH
-from .errors import InputError, VlmExportError
+from .errors import InputError, VlmExportError, first_line
 
 EPILOG = """examples:
   vlm-export demo                                  # build the easy-vqa demo VLM (CPU, no hub)
@@ -743,15 +743,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if os.environ.get("VLM_EXPORT_TRACEBACK"):
             raise
-        print(f"error: internal error ({type(e).__name__}: {_first_line(e)}), a bug in vlm-export or a library it "
+        print(f"error: internal error ({first_line(e)[:300]}), a bug in vlm-export or a library it "
               f"calls, not in your input; the traceback is in {_save_traceback(e)} (VLM_EXPORT_TRACEBACK=1 prints "
               "it): please report it", file=sys.stderr)
         return 70  # EX_SOFTWARE
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else "no message"
 
 
 def _save_traceback(e: BaseException) -> Path:

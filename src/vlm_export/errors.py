@@ -5,6 +5,8 @@ do about it; the CLI prints ``str(err)`` on one line and exits non-zero, without
 """
 from __future__ import annotations
 
+import re
+
 
 class VlmExportError(Exception):
     """Base class: anything the CLI should report as one clear line."""
@@ -67,3 +69,10 @@ class BusyError(VlmExportError):
 
 class RequestError(VlmExportError):
     """The server answered a request with an error (bad input, or the server could not serve it)."""
+
+
+def first_line(err: BaseException) -> str:
+    """``Type: the message's first line`` (terminal colour codes removed, as torch puts in some), for a
+    one-line error that quotes a library's."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"

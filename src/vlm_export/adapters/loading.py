@@ -4,12 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..errors import AdapterError, ModelLoadError
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
+from ..errors import AdapterError, ModelLoadError, first_line
 
 
 def load_hf_parts(model_cls, path: Path, *, processor: bool = True):

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AdapterError, ModelLoadError
+from ..errors import AdapterError, ModelLoadError, first_line
 from .base import LoadedModel
-from .loading import first_line
 from .split import split
 
 CONFIG_FILE = "adapter_config.json"

@@ -202,7 +202,7 @@ class VLMClient:
                     message = error.message() if isinstance(error, InferenceServerException) else str(error)
                     low = message.lower()
                     if "failed to connect" in low or "unavailable" in low:
-                        raise ServeError(f"cannot reach {self.address}: {message}")
+                        raise ServeError(f"cannot reach {self.address}: {message}; is `vlm-export serve` running?")
                     if "socket closed" in low or "stream removed" in low:
                         raise ServeError(f"{self.address} closed the connection mid-request (the server died or "
                                          f"was restarted; retry): {message}")

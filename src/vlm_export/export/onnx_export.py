@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import re
 import signal
 import sys
 import threading
@@ -16,7 +15,7 @@ import onnx
 import torch
 
 from ..adapters.base import Stage
-from ..errors import ExportError
+from ..errors import ExportError, first_line
 from .graph_info import check_graph, save_graph
 
 
@@ -142,11 +141,6 @@ def _innermost(e: BaseException) -> BaseException:
     return e
 
 
-def _first_line(e: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours some of its messages
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def export_stage(stage: Stage, out_dir: Path, opset: int = 18) -> Path:
     """Export one stage to ``out_dir/<name>.onnx`` and run the ONNX checker on it."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,8 +167,7 @@ def export_stage(stage: Stage, out_dir: Path, opset: int = 18) -> Path:
             _optimize(program.model)
     except Exception as e:  # torch.export raises many types; the innermost one's first line says why
         cause = _innermost(e)
-        raise ExportError(f"exporting the {stage.name} stage to ONNX failed: {type(cause).__name__}: "
-                          f"{_first_line(cause)}") from e
+        raise ExportError(f"exporting the {stage.name} stage to ONNX failed: {first_line(cause)}") from e
     model = program.model_proto
     _rename_dims(model, stage)
     check_graph(save_graph(model, path))
