@@ -318,6 +318,8 @@ def test_ratios_and_targets_on_made_up_rows():
     # nothing measured for a target: not judged, rather than judged failed
     none = targets(ratios([], {}), {**ceil, "backends": {}}, None)
     assert [t["met"] for t in none] == [None] * 5
+    assert "a lone decode step: not measured (no torch backend in this run)" in none[0]["note"]
+    assert "None" not in " ".join(t["note"] for t in none + targets(r, {**ceil, "decoder_precision": "w4"}, None))
     # a weight-only decoder is held to its own goal, on the lone decode step
     w4 = targets(r, {**ceil, "decoder_precision": "w4"}, None)[3]
     assert (w4["value"], w4["goal"], w4["met"]) == (6.0, ">= 5x", True)

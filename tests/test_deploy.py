@@ -287,6 +287,13 @@ def test_not_a_rendered_repository_is_one_clear_line(repos, tiny_build, tmp_path
     shutil.rmtree(broken / "projector")
     with pytest.raises(RepositoryError, match=r"ensemble 'image_encoder' .* calls model\(s\) projector"):
         render_kubernetes(broken, out, PVC)
+    configs_only = tmp_path / "configs-only"  # what `repository --configs-only` writes: configs, no version folders
+    for cfg in repos["python"].glob("*/config.pbtxt"):
+        (configs_only / cfg.parent.name).mkdir(parents=True)
+        shutil.copy(cfg, configs_only / cfg.parent.name / "config.pbtxt")
+    with pytest.raises(RepositoryError, match=r"holds model configs only \(rendered with --configs-only.*render it "
+                                              r"without --configs-only"):
+        render_kubernetes(configs_only, out, PVC)
     shutil.rmtree(broken)
     shutil.copytree(repos["python"], broken)
     (broken / "vlm" / "1" / "manifest.json").unlink()

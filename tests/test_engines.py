@@ -54,6 +54,9 @@ def test_builder_settings_per_precision():
     # block-wise int8 weights (a w8 LM head) have no TensorRT engine: its weight-only quantization is int4 only
     with pytest.raises(BuildError, match="block-wise int8 weights"):
         builder_settings("w4", {"form": "dequantize", "bits": 4, "lm_head": "w8"})
+    # w8 has no dequantize form to point to (a w8 build with --weight-form dequantize is refused)
+    with pytest.raises(BuildError, match="nor for w8 in any form .*--precision decoder=w4 --weight-form dequantize"):
+        builder_settings("w8", {"form": "matmulnbits"})
 
 
 def test_dim_ranges_cover_every_declared_stage(tiny_build):

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from conftest import assert_one_line_error
 from vlm_export.build import BuildOptions, _fuse_decoder_stage, build, verify
 from vlm_export.contract import Limits
-from vlm_export.errors import ManifestError
+from vlm_export.errors import ManifestError, RepositoryError
 from vlm_export.export.fuse import FuseReport
 from vlm_export.manifest import (check_hashes, derive_targets, form_entry, read_manifest, stage_forms, targets,
                                  verify_hashes)
@@ -167,7 +167,8 @@ def _no_pattern_graph(path: Path) -> None:
     ("fp32", BuildOptions(), "no RMSNorm after a residual Add"),  # the pass's own reason
     ("fp32", BuildOptions(fuse=False), "--no-fuse"),
     ("fp16", BuildOptions(), "fp16 is made for TensorRT"),
-    ("w4", BuildOptions(precision_options=PrecisionOptions(weight_form="dequantize")), "dequantize weight form"),
+    ("w4", BuildOptions(precision=parse_precision("decoder=w4"), precision_options=PrecisionOptions(
+        weight_form="dequantize")), "dequantize weight form"),
 ])
 def test_no_fused_form_says_why(tmp_path, precision, options, reason):
     (tmp_path / "graphs").mkdir()
@@ -278,6 +279,16 @@ def test_w4_is_quantized_from_the_fused_graph(w4_build):
         open_build(path, form="standard")
     out = generate(open_build(path), "What is this?", [], GenerationConfig(max_new_tokens=3))
     assert out.completion_tokens == 3
+
+
+def test_the_tensorrt_target_refuses_a_build_it_cannot_serve(w4_build, tmp_path):
+    """Configs for plans that can never be built (a MatMulNBits decoder) are refused, --configs-only too."""
+    from vlm_export.model_repository.render import RepositoryOptions, render_repository
+
+    with pytest.raises(RepositoryError, match="cannot be served by the tensorrt target: the lm_decoder graph has no "
+                                              "form for the tensorrt target .*MatMulNBits.*--check-only"):
+        render_repository(w4_build.path, tmp_path / "trt", RepositoryOptions(target="tensorrt"), configs_only=True)
+    assert not (tmp_path / "trt").exists()
 
 
 def test_forms_of_every_stage_are_listed(w4_build):

@@ -288,3 +288,26 @@ def test_a_qdq_graph_emulated_computes_what_its_nodes_say(chain_and_feeds, tmp_p
     np.testing.assert_allclose(runner.infer(feeds[0])["logits"], exact, rtol=1e-4, atol=1e-4)
     with ActivationProbe(model, ["logits"], emulate_qdq=True) as probe:
         np.testing.assert_allclose(next(probe.run(feeds[:1], ["logits"]))["logits"], exact, rtol=1e-4, atol=1e-4)
+
+
+def test_a_w8_head_takes_a_block_that_divides_the_hidden_size(tmp_path):
+    """An LM whose hidden size is not a multiple of 32 (80): the int8 decoder's w8 head takes blocks of
+    16 (where the default 32 would have cost the whole ONNX Runtime form), and integer zero points
+    where no block divides it; the --block-size asked is preferred."""
+    import vlm_export.precision.convert as convert
+
+    def head(hidden: int, block: int) -> tuple[str, list[int]]:
+        w = np.random.default_rng(0).standard_normal((hidden, 24)).astype(np.float32)
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["logits"], name="lm_head")], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hidden])],
+                                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 24])],
+                                  [numpy_helper.from_array(w, "w")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        said = convert._w8_head(model, ["lm_head"], True, block)
+        return said, [next(a.i for a in n.attribute if a.name == "block_size")
+                      for n in model.graph.node if n.op_type == "MatMulNBits"]
+
+    assert head(96, 32) == ("w8 (MatMulNBits, asymmetric blocks of 32)", [32])
+    assert head(80, 32) == ("w8 (MatMulNBits, asymmetric blocks of 16)", [16])
+    assert head(128, 64) == ("w8 (MatMulNBits, asymmetric blocks of 64)", [64])
+    assert head(72, 32) == ("w8 (MatMulNBits, zero-point blocks of 32)", [32])

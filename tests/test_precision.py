@@ -45,6 +45,66 @@ def test_parse_precision_and_resolve_against_declared_stages():
     assert parse_precision("w4").resolve(stages[2:]) == {"lm_decoder": "w4"}
     with pytest.raises(BuildError, match="unknown stage.*text.*this model's stages: vision_encoder, projector"):
         parse_precision("text=fp16").resolve(stages)
+    # a bare precision among per-stage ones is every other stage's
+    assert parse_precision("fp16,decoder=w4").resolve(stages) == {"vision_encoder": "fp16", "projector": "fp16",
+                                                                   "lm_decoder": "w4"}
+    with pytest.raises(BuildError, match="two precisions for every stage .fp16 and int8."):
+        parse_precision("fp16,int8")
+
+
+@pytest.mark.parametrize("plan,options,flag", [
+    ("fp32", dict(lm_head="w8"), "--lm-head sets a quantized decoder's LM head"),
+    ("decoder=fp16", dict(lm_head="int8"), "--lm-head"),
+    ("vision=int8", dict(block_size=64), "--block-size"),
+    ("decoder=int8", dict(weight_scheme="zero-point"), "--weight-scheme"),
+    ("vision=fp16", dict(weight_form="dequantize"), "--weight-form"),
+    ("decoder=int8", dict(weight_activations="fp32"), "--weight-activations"),
+    ("decoder=w4", dict(int8_kernel="u8u8"), "--int8-kernel"),
+    ("decoder=w4", dict(int8_fp32_matmuls="3"), "--int8-fp32-matmuls"),
+    ("decoder=w8", dict(calibration="percentile"), "--calibration sets how int8 stages are calibrated"),
+    ("fp16", dict(exclude_nodes=("mm",)), "--keep-node"),
+])
+def test_an_option_no_stage_reads_is_refused(plan, options, flag):
+    """Ignored silently it would build something else than asked: one line naming the flag and a fix."""
+    with pytest.raises(BuildError, match=f"^{flag}.* --precision .* makes no such stage; add e.g. .* or drop"):
+        BuildOptions(precision=parse_precision(plan), precision_options=PrecisionOptions(**options))
+
+
+def test_options_a_stage_reads_are_taken():
+    for plan, options in [("decoder=w4", dict(lm_head="w4", block_size=64, weight_scheme="zero-point")),
+                          ("decoder=int8", dict(block_size=16, int8_kernel="u8u8", int8_fp32_matmuls="0")),
+                          ("vision=int8", dict(calibration="entropy", exclude_nodes=("mm",))),
+                          ("fp16,decoder=w4", dict(weight_form="dequantize"))]:
+        BuildOptions(precision=parse_precision(plan), precision_options=PrecisionOptions(**options))
+
+
+def test_u8s8_is_refused_before_the_export_on_a_cpu_without_vnni(monkeypatch):
+    """The build checks parity on this CPU, where U8S8 is not exact: refused at once, not after the export."""
+    import vlm_export.build as build_module
+
+    monkeypatch.setattr(build_module, "int8_dot_product", lambda: None)
+    with pytest.raises(BuildError, match="--int8-kernel u8s8 is exact only on a CPU with VNNI or AMX.*u8u8"):
+        BuildOptions(precision=parse_precision("decoder=int8"), precision_options=PrecisionOptions(int8_kernel="u8s8"))
+    monkeypatch.setattr(build_module, "int8_dot_product", lambda: "avx512_vnni")
+    BuildOptions(precision=parse_precision("decoder=int8"), precision_options=PrecisionOptions(int8_kernel="u8s8"))
+
+
+def test_calibration_flags_without_a_stage_they_calibrate(tmp_path, run_cli):
+    from PIL import Image
+
+    from conftest import assert_one_line_error
+
+    (tmp_path / "cal").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "cal" / "a.png")
+    (tmp_path / "prompts.txt").write_text("What is it?\n")
+    model = str(tmp_path / "no-model")  # refused before the model is read
+    assert_one_line_error(run_cli("build", model, "--out", str(tmp_path / "b"), "--precision", "decoder=int8",
+                                  "--calibration-prompts", str(tmp_path / "prompts.txt")),
+                          "--calibration-prompts pairs its prompts with the images of --calibration-images")
+    assert_one_line_error(run_cli("build", model, "--out", str(tmp_path / "b"), "--precision", "decoder=w4",
+                                  "--calibration-images", str(tmp_path / "cal")),
+                          "--calibration-images calibrates int8 stages and GPTQ rounding", "lm_decoder=w4")
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.fixture(scope="module")
@@ -543,3 +603,22 @@ def test_gptq_rounding_brings_the_decoder_closer(tiny_build, tmp_path, form):
     assert any(not np.array_equal(inits["gptq"][n.input[codes]], inits["rtn"][n.input[codes]]) for n in nodes)
     with pytest.raises(ExportError, match="GPTQ rounding of .* needs calibration inputs"):
         to_weight_only(src, tmp_path / "none.onnx", 4, PrecisionOptions(weight_rounding="gptq"), None)
+
+
+def test_a_kept_node_the_quantized_graphs_lack_is_named(tmp_path):
+    from onnx import TensorProto, helper
+
+    from vlm_export.build import _check_kept_nodes
+
+    def save(name: str, nodes: list[str]) -> dict:
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["x"], name=n) for n in nodes], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [])
+        onnx.save(helper.make_model(graph), str(tmp_path / name))
+        return {"file": name}
+
+    graphs = {"vision_encoder": save("v.onnx", ["conv"]), "lm_decoder": save("d.onnx", ["mm_q"])}
+    fused = {"lm_decoder": save("f.onnx", ["mm_qkv"])}
+    precisions = {"vision_encoder": "fp32", "lm_decoder": "w4"}
+    _check_kept_nodes(tmp_path, graphs, fused, precisions, ("mm_q", "mm_qkv"))  # either form's names
+    with pytest.raises(BuildError, match="^--keep-node mm_k, conv: no node of that name in the lm_decoder graph"):
+        _check_kept_nodes(tmp_path, graphs, fused, precisions, ("mm_q", "mm_k", "conv"))  # conv: an fp32 stage's

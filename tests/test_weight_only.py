@@ -321,3 +321,42 @@ def test_fp32_activations_set_every_matmulnbits_to_accuracy_level_0(tmp_path):
     assert np.abs(got["int8"] - expected).max() > np.abs(got["fp32"] - expected).max()
     with pytest.raises(ExportError, match="--weight-activations applies to the matmulnbits form"):
         PrecisionOptions(weight_form="dequantize", weight_activations="fp32")
+
+
+def _matmuls_of(ks: list[int], n: int = 16) -> onnx.ModelProto:
+    """x -> MatMul(W0) -> ... : one MatMul per K, each output as wide as the next K."""
+    rng = np.random.default_rng(3)
+    widths = ks[1:] + [n]
+    nodes, inits, x = [], [], "x"
+    for i, (k, out) in enumerate(zip(ks, widths)):
+        inits.append(numpy_helper.from_array(rng.standard_normal((k, out)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"], name=f"mm{i}"))
+        x = f"h{i}"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ks[0]])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, n])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_the_asymmetric_scheme_names_one_block_size_for_every_k():
+    """Its correction adds whole blocks back, so a K the block does not divide is refused before any
+    MatMul is rewritten, with one size that divides every K (following the advice then works), or
+    integer zero points where no size does; the zero-point scheme pads K as MatMulNBits does."""
+    with pytest.raises(ExportError, match=r"2 MatMul\(s\) .* block size 32 \(mm0 K=80, mm1 K=144\).* use "
+                                          r"--block-size 16 \(it divides every K: 64, 80, 144\)"):
+        quantize_weights(_matmuls_of([80, 144, 64]), 4, 32, "asymmetric", "matmulnbits", keep=set())
+    assert set(quantize_weights(_matmuls_of([80, 144, 64]), 4, 16, "asymmetric", "matmulnbits", keep=set()).values()) \
+        == {(4, 16)}
+    with pytest.raises(ExportError, match=r"no block size of 16-128 divides every K \(144, 200\): use "
+                                          r"--weight-scheme zero-point"):
+        quantize_weights(_matmuls_of([144, 200]), 4, 16, "asymmetric", "matmulnbits", keep=set())
+    assert len(quantize_weights(_matmuls_of([144, 200]), 4, 32, "zero-point", "matmulnbits", keep=set())) == 2
+
+
+def test_whole_block_size_prefers_the_size_asked():
+    from vlm_export.precision.weight_only import whole_block_size
+
+    assert whole_block_size([576, 1536], 32) == 32
+    assert whole_block_size([576, 1536], 128) == 64  # 576 = 9 x 64
+    assert whole_block_size([80], 32) == 16
+    assert whole_block_size([48], 128) == 16
+    assert whole_block_size([200], 32) is None

@@ -30,6 +30,7 @@ from .compare.policy import DECODER_ENTRIES, AccuracyGate, ParityPolicy
 from .compare.report import record_section, write_report
 from .contract import DecodingScheme, Limits, scheme_from_dict
 from .datasets import load_items
+from .cpu import int8_dot_product
 from .errors import BuildError, ParityError, first_line
 from .export.fuse import fuse_decoder
 from .export.graph_info import check_graph, graph_bytes, graph_io
@@ -76,11 +77,56 @@ class BuildOptions:
         decoder = self.precision.of(DecodingScheme.decoder_stage)
         if decoder in ("int8", "w8", "w4"):  # a head choice that cannot go with the decoder fails now, not after export
             self.precision_options.head_precision(decoder)
-        asked = {precision for _, precision in self.precision.choices} | {self.precision.default}
-        rounding = self.precision_options.weight_rounding
-        if rounding is not None and not asked & {"w8", "w4"} and decoder != "int8":
-            raise BuildError(f"--weight-rounding {rounding} picks the codes of w8/w4 weights and of an int8 "
-                             "decoder's, and no stage is either; add e.g. decoder=w4 to --precision, or drop it")
+        self._refuse_unused_precision_options(decoder)
+        po = self.precision_options
+        if decoder == "int8" and po.int8_kernel == "u8s8" and not int8_dot_product():
+            # the build runs its parity on this CPU, where ONNX Runtime's U8S8 kernels are not exact
+            raise BuildError("--int8-kernel u8s8 is exact only on a CPU with VNNI or AMX, and the build checks parity "
+                             "on this one, which has neither; build on such a CPU, or use --int8-kernel u8u8 (or auto)")
+
+    @property
+    def asked_precisions(self) -> set[str]:
+        """Every precision --precision names (before it is resolved against a model's stages)."""
+        return {precision for _, precision in self.precision.choices} | {self.precision.default}
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether calibration pairs are read: an int8 stage, or GPTQ rounding of w8/w4 weights."""
+        asked = self.asked_precisions
+        return "int8" in asked or bool(asked & {"w8", "w4"}) and self.precision_options.rounding("w4") == "gptq"
+
+    def _refuse_unused_precision_options(self, decoder: str) -> None:
+        """An option no stage of the plan reads would be ignored silently: refuse it, naming what it sets."""
+        po, asked = self.precision_options, self.asked_precisions
+        weight_only, default = bool(asked & {"w8", "w4"}), PrecisionOptions()
+        int8_decoder = decoder == "int8"
+        #: flag, given, what it sets, whether a stage reads it, a --precision part that would
+        rules = (
+            ("--weight-rounding", po.weight_rounding is not None, "picks the codes of w8/w4 weights and of an int8 "
+             "decoder's", weight_only or int8_decoder, "decoder=w4"),
+            ("--lm-head", po.lm_head is not None, "sets a quantized decoder's LM head",
+             decoder in ("int8", "w8", "w4"), "decoder=w8"),
+            ("--block-size", po.block_size is not None, "sets the blocks of w8/w4 weights (and of an int8 "
+             "decoder's w8 head)", weight_only or int8_decoder, "decoder=w4"),
+            ("--weight-scheme", po.weight_scheme is not None, "sets how w8/w4 weights are rounded", weight_only,
+             "decoder=w4"),
+            ("--weight-form", po.weight_form != default.weight_form, "sets the graph form of w8/w4 weights",
+             weight_only, "decoder=w4"),
+            ("--weight-activations", po.weight_activations != default.weight_activations,
+             "sets what a w8/w4 decoder's activations are rounded to", weight_only, "decoder=w4"),
+            ("--int8-kernel", po.int8_kernel != default.int8_kernel, "picks an int8 decoder's kernels", int8_decoder,
+             "decoder=int8"),
+            ("--int8-fp32-matmuls", po.int8_fp32_matmuls != default.int8_fp32_matmuls,
+             "sets how many of an int8 decoder's MatMuls stay fp32", int8_decoder, "decoder=int8"),
+            ("--calibration", po.calibration != default.calibration, "sets how int8 stages are calibrated",
+             "int8" in asked, "vision=int8"),
+            ("--keep-node", bool(po.exclude_nodes), "keeps nodes out of int8/w8/w4 quantization",
+             bool(asked & {"int8", "w8", "w4"}), "decoder=w4"),
+        )
+        for flag, given, sets, read, example in rules:
+            if given and not read:
+                raise BuildError(f"{flag} {sets}, and --precision {self.precision} makes no such stage; "
+                                 f"add e.g. {example} to --precision, or drop {flag}")
 
 
 @dataclass
@@ -295,6 +341,7 @@ def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, 
                    for stage in int8_stages if stage in fused})
     for cache in caches.values():
         _drop_if_unreadable(cache)
+    _check_kept_nodes(tmp, graphs, fused, precisions, po.exclude_nodes)
     feeds = {}
     if gptq_stages or any(not c.exists() for c in caches.values()):  # a rebuild with every range cached skips this
         with progress.step(f"calibration inputs ({len(pairs)} image+text pairs through PyTorch)") as advance:
@@ -333,6 +380,23 @@ def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, 
                                                convert_seconds=time.perf_counter() - start, variant=info.details),
                              **{k: entry[k] for k in ("forms", "fusion") if k in entry}}
             advance()
+
+
+def _check_kept_nodes(tmp: Path, graphs: dict, fused: dict, precisions: dict[str, str], names: tuple[str, ...]) -> None:
+    """Every --keep-node name is a node of a graph that is quantized (a misspelt one would keep nothing)."""
+    if not names:
+        return
+    import onnx
+
+    quantized = [stage for stage, precision in precisions.items() if precision in ("int8", "w8", "w4")]
+    found = set()
+    for entry in [graphs[stage] for stage in quantized] + [fused[stage] for stage in quantized if stage in fused]:
+        found |= {node.name for node in onnx.load(os.fspath(tmp / entry["file"]), load_external_data=False).graph.node}
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise BuildError(f"--keep-node {', '.join(missing)}: no node of that name in the {', '.join(quantized)} "
+                         "graph(s); names are the exported graphs' node names (graphs/*.onnx of an fp32 build, e.g. "
+                         "in Netron, or the MatMul names a failed check prints)")
 
 
 def _check_samples_fit(samples, tokenizer, layout, scheme, limits: Limits, new_tokens: int) -> None:

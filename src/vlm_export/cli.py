@@ -44,7 +44,8 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("precision")
     g.add_argument("--precision", default=None,
                    help="fp32 (default), fp16 or int8 for every stage, or per stage, e.g. "
-                        "vision=int8,projector=fp16,decoder=w4 (decoder also takes w8/w4: weight-only)")
+                        "vision=int8,projector=fp16,decoder=w4 (decoder also takes w8/w4: weight-only), or both: "
+                        "fp16,decoder=w4 (fp16 for every stage not named)")
     g.add_argument("--block-size", type=_positive_int, default=None,
                    help="weight-only block size (default: the weight form's: 32 for matmulnbits; 128 for "
                         "dequantize, 64 where the input dimension is not a multiple of 128 - TensorRT takes 64 or 128)")
@@ -136,24 +137,31 @@ def _build_options(args, **extra):
     from .precision.convert import PrecisionOptions
     from .precision.spec import parse_precision
 
+    if args.calibration_prompts and not args.calibration_images:
+        raise InputError("--calibration-prompts pairs its prompts with the images of --calibration-images; give that "
+                         "folder too (the built-in calibration pairs come with their own prompts)")
     pairs = folder_pairs(args.calibration_images, args.calibration_prompts) if args.calibration_images else None
     if args.eval_questions < 0:
         raise InputError(f"--eval-questions must be 0 (off) or more, got {args.eval_questions}")
     accuracy = AccuracyCheck(args.eval_dataset, "test", args.eval_questions, args.max_accuracy_drop) \
         if args.eval_questions else None
-    return BuildOptions(max_batch=args.max_batch, max_images=args.max_images, max_sequence=args.max_sequence,
-                        parity_new_tokens=args.parity_tokens, threads=args.threads, force=args.force,
-                        precision=parse_precision(args.precision), calibration_pairs=pairs,
-                        precision_options=PrecisionOptions(block_size=args.block_size, lm_head=args.lm_head,
-                                                           weight_scheme=args.weight_scheme,
-                                                           weight_form=args.weight_form,
-                                                           weight_activations=args.weight_activations,
-                                                           weight_rounding=args.weight_rounding,
-                                                           calibration=args.calibration,
-                                                           int8_kernel=args.int8_kernel,
-                                                           int8_fp32_matmuls=args.int8_fp32_matmuls,
-                                                           exclude_nodes=tuple(args.keep_node)),
-                        accuracy=accuracy, fuse=not args.no_fuse, **extra)
+    options = BuildOptions(max_batch=args.max_batch, max_images=args.max_images, max_sequence=args.max_sequence,
+                           parity_new_tokens=args.parity_tokens, threads=args.threads, force=args.force,
+                           precision=parse_precision(args.precision), calibration_pairs=pairs,
+                           precision_options=PrecisionOptions(block_size=args.block_size, lm_head=args.lm_head,
+                                                              weight_scheme=args.weight_scheme,
+                                                              weight_form=args.weight_form,
+                                                              weight_activations=args.weight_activations,
+                                                              weight_rounding=args.weight_rounding,
+                                                              calibration=args.calibration,
+                                                              int8_kernel=args.int8_kernel,
+                                                              int8_fp32_matmuls=args.int8_fp32_matmuls,
+                                                              exclude_nodes=tuple(args.keep_node)),
+                           accuracy=accuracy, fuse=not args.no_fuse, **extra)
+    if pairs and not options.calibrates:
+        raise InputError(f"--calibration-images calibrates int8 stages and GPTQ rounding, and --precision "
+                         f"{options.precision} makes neither; add e.g. vision=int8 to --precision, or drop it")
+    return options
 
 
 def _add_hash_check(p: argparse.ArgumentParser) -> None:

@@ -440,7 +440,7 @@ def targets(ratio: dict, ceil: dict, served: dict | None) -> list[dict]:
     return [
         row(f"ONNX Runtime {precision} decode tokens/s vs PyTorch eager", ort.get("tpot_speedup_p50"), ">= 1.8x",
             ort.get("tpot_speedup_p50", 0) >= 1.8,
-            f"end-to-end time per output token; a lone decode step: {step}x"),
+            f"end-to-end time per output token; a lone decode step: {_times(step)}"),
         row(f"ONNX Runtime {precision} decode, share of the bandwidth ceiling", frac, ">= 0.85", (frac or 0) >= 0.85,
             f"ceiling {ceil['ceiling_tokens_per_s']} tokens/s"),
         row("time to first token (image + question) vs PyTorch eager", ort.get("ttft_speedup_p50"), ">= 2x",
@@ -449,6 +449,10 @@ def targets(ratio: dict, ceil: dict, served: dict | None) -> list[dict]:
         row("Triton adds per decode step over in-process ONNX Runtime (ms)", overhead, "<= 1 ms",
             overhead is not None and overhead <= 1.0, "served p50 - in-process p50, same requests, concurrency 1"),
     ]
+
+
+def _times(ratio: float | None) -> str:
+    return "not measured (no torch backend in this run)" if ratio is None else f"{ratio}x"
 
 
 WEIGHT_ONLY_GOALS = {"w4": 5.0, "w8": 3.5}  # decode vs PyTorch eager fp32 (issues 4 and 6)
@@ -461,7 +465,7 @@ def _weight_only_row(row, precision: str, step: float | None, tpot: float | None
                    f"this build's decoder is {precision}; bench a build made with --precision decoder=w4")
     goal = WEIGHT_ONLY_GOALS[precision]
     return row(f"weight-only {precision} decode step vs PyTorch eager fp32", step, f">= {goal:g}x",
-               (step or 0) >= goal, f"end-to-end time per output token: {tpot}x")
+               (step or 0) >= goal, f"end-to-end time per output token: {_times(tpot)}")
 
 
 def contention(stages: list[dict], load_start: list | None, load_end: list | None, cores: int) -> dict:

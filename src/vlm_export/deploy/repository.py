@@ -57,8 +57,12 @@ def inspect_repository(repo: Path) -> RepositoryInfo:
     if not (repo / "vlm" / "config.pbtxt").is_file():
         raise RepositoryError(f"{repo} is not a model repository rendered by vlm-export (no vlm/config.pbtxt); "
                               f"{RENDER_HINT}")
+    configs = sorted(repo.glob("*/config.pbtxt"))
+    if not any((cfg_path.parent / "1").is_dir() for cfg_path in configs):
+        raise RepositoryError(f"{repo} holds model configs only (rendered with --configs-only, for review), no "
+                              "model files; render it without --configs-only and pass that folder")
     models: dict[str, dict] = {}
-    for cfg_path in sorted(repo.glob("*/config.pbtxt")):
+    for cfg_path in configs:
         name = cfg_path.parent.name
         cfg = _parse(cfg_path)
         if cfg.name and cfg.name != name:

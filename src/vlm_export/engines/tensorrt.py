@@ -68,6 +68,10 @@ def builder_settings(precision: str, variant: dict | None = None) -> BuilderSett
                              "TensorRT takes int4 blocks of 64 or 128 only; rebuild with --weight-form dequantize "
                              "(blocks of 128, 64 where needed) and no --block-size, or --block-size 64")
         return BuilderSettings(strongly_typed=True)
+    if precision == "w8":  # the dequantize form is w4 only: TensorRT's weight-only quantization takes int4
+        raise BuildError("no TensorRT engine for a w8 graph in ONNX Runtime's MatMulNBits form, nor for w8 in any form "
+                         "(TensorRT's weight-only quantization takes int4 weights only); rebuild with --precision "
+                         "decoder=w4 --weight-form dequantize, or decoder=int8 (Q/DQ)")
     raise BuildError(f"no TensorRT engine for a {precision} graph in ONNX Runtime's MatMulNBits form; "
                      "rebuild with --weight-form dequantize (block-wise DequantizeLinear, which TensorRT reads)")
 

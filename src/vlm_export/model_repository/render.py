@@ -33,7 +33,7 @@ from ..atomic import atomic_folder
 from ..contract import image_stages, scheme_from_dict, stages_from_manifest
 from ..engines.profiles import stage_profiles
 from ..engines.tensorrt import release, version_problem
-from ..errors import InputError, RepositoryError
+from ..errors import InputError, ManifestError, RepositoryError
 from ..export.graph_info import graph_io
 from ..manifest import (check_hashes as check_build_hashes, form_entry, gpu_form, gpu_form_note, read_manifest,
                         served_entry, write_manifest)
@@ -430,6 +430,13 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
     manifest = read_manifest(build_dir)
     if check_hashes:
         check_build_hashes(build_dir, manifest)
+    if options.target == "tensorrt":  # --configs-only too: configs for plans that can never be built help no one
+        for stage in manifest["graphs"]:
+            try:
+                form_entry(manifest, stage, "tensorrt")
+            except ManifestError as e:
+                raise RepositoryError(f"{build_dir} cannot be served by the tensorrt target: {e}; `vlm-export engines "
+                                      f"{build_dir} --check-only` lists what TensorRT cannot read") from None
     configs = model_configs(manifest, options)
     if not check_hashes:  # nor do the python models at load
         for cfg in configs.values():

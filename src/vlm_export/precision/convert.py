@@ -38,7 +38,7 @@ from ..errors import ExportError
 from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, check_graph, save_graph, topological_order, weight_bytes
 from .smoothquant import KERNELS
 from .weight_only import (DEFAULT_CORRECTION, FORMS, ROUNDINGS, SCHEMES, TENSORRT_INT4_BLOCK_SIZES, quantize_weights,
-                          weight_inputs)
+                          weight_inputs, whole_block_size)
 
 FP32_ISLANDS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
                 "SkipSimplifiedLayerNormalization", "RMSNormalization", "Softmax", "ReduceMean", "ReduceSum",
@@ -557,7 +557,7 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
     ort_form = form == "onnxruntime"
     head_precision = "int8" if head and head[0] not in chosen.kept else "fp32"
     if options.head_precision("int8") == "w8":
-        head_precision = _w8_head(model, lm_head_nodes(model), ort_form)
+        head_precision = _w8_head(model, lm_head_nodes(model), ort_form, options.block)
     _save(model, dst)
     details = {
         "method": "smoothquant", "alpha": sq.SMOOTH_ALPHA, "form": form,
@@ -586,21 +586,26 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
 W8_HEAD = {"bits": 8, "block_size": FORM_BLOCK_SIZE["matmulnbits"], "scheme": PrecisionOptions().scheme}
 
 
-def _w8_head(model: onnx.ModelProto, head: list[str], ort_form: bool) -> str:
+def _w8_head(model: onnx.ModelProto, head: list[str], ort_form: bool, block_size: int) -> str:
     """An int8 decoder's head as w8 (``W8_HEAD``, in place) where the form runs MatMulNBits (ONNX
     Runtime's); the standard (TensorRT) form keeps it fp32: TensorRT has no int8 weight blocks. A head
     read once per step (the last position) is the largest weight a decode step reads (vocab x hidden):
     w8 reads a quarter of its bytes, and its blocks of 32 with int8 activations per block moved the
-    demo's logits far less than per-token int8 (cosine 0.99988 vs 0.984 at decode). Returns what the
-    manifest records."""
+    demo's logits far less than per-token int8 (cosine 0.99988 vs 0.984 at decode). ``block_size``:
+    the one asked (--block-size, else W8_HEAD's); where it does not divide the hidden size the nearest
+    one that does, else integer zero points (MatMulNBits pads K; the float minimum's correction cannot).
+    Returns what the manifest records."""
     if not ort_form or not head:
         return "fp32 (w8 is ONNX Runtime's MatMulNBits; TensorRT has no int8 weight blocks)"
     others = {n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in head}
-    if not weight_inputs(model, others):  # e.g. a Gemm head: MatMulNBits replaces MatMuls only
+    inputs = weight_inputs(model, others)
+    if not inputs:  # e.g. a Gemm head: MatMulNBits replaces MatMuls only
         return "fp32 (the head is not a MatMul on a constant weight, which w8 replaces)"
-    quantize_weights(model, W8_HEAD["bits"], W8_HEAD["block_size"], W8_HEAD["scheme"], "matmulnbits", others,
+    fit = whole_block_size([k for _, k in inputs.values()], block_size)
+    size, scheme = (fit, W8_HEAD["scheme"]) if fit else (block_size, "zero-point")
+    quantize_weights(model, W8_HEAD["bits"], size, scheme, "matmulnbits", others,
                      accuracy_level=WEIGHT_ACTIVATIONS["int8"])
-    return f"w8 (MatMulNBits, {W8_HEAD['scheme']} blocks of {W8_HEAD['block_size']})"
+    return f"w8 (MatMulNBits, {scheme} blocks of {size})"
 
 
 def make_variant(precision: str, src: Path, dst: Path, options: PrecisionOptions,

@@ -63,16 +63,24 @@ class PrecisionPlan:
 
 
 def parse_precision(text: str | None) -> PrecisionPlan:
-    """``fp16`` for every stage, or ``vision=int8,projector=fp16,decoder=w4`` (others stay fp32).
+    """``fp16`` for every stage, ``vision=int8,projector=fp16,decoder=w4`` (others stay fp32), or both:
+    ``fp16,decoder=w4`` (every stage not named fp16).
     Stage names are checked when the model's stages are known (``PrecisionPlan.resolve``)."""
     if not text:
         return PrecisionPlan()
     text = text.strip()
-    if "=" not in text:
+    if "=" not in text and "," not in text:
         _known(text, text)
         return PrecisionPlan(default=text)
-    chosen = {}
+    chosen, default = {}, None
     for part in text.split(","):
+        if "=" not in part:  # a bare precision: every stage not named (fp16,decoder=w4)
+            if default is not None:
+                raise BuildError(f"precision {text!r} gives two precisions for every stage ({default} and "
+                                 f"{part.strip()}); give one, and STAGE=PRECISION for the others")
+            default = part.strip()
+            _known(default, part)
+            continue
         stage, _, value = part.partition("=")
         stage, value = stage.strip(), value.strip()
         if not stage:
@@ -83,7 +91,7 @@ def parse_precision(text: str | None) -> PrecisionPlan:
             raise BuildError(f"precision {text!r} names the {name} stage twice ({chosen[name]} and {value}); "
                              "give each stage one precision")
         chosen[name] = value
-    return PrecisionPlan.of_stages(chosen)
+    return PrecisionPlan.of_stages(chosen, default or "fp32")
 
 
 def _known(value: str, part: str) -> None:

@@ -42,7 +42,7 @@ form) (a lookup reads one row, the head reads all of them every token).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -200,12 +200,7 @@ def _matmulnbits(t: _Target, bq: BlockQuantized, accuracy_level: int, block_sums
     if bq.offsets is not None:
         if correction not in CORRECTIONS:
             raise ExportError(f"asymmetric correction {correction!r} is not one of {', '.join(CORRECTIONS)}")
-        if k % bq.block_size:  # the block-sum correction adds whole blocks back; MatMulNBits' padding cannot
-            fits = [size for size in (16, 32, 64, 128) if k % size == 0]
-            choice = f"--block-size {fits[0]} (it divides {k}) or " if fits else ""
-            raise ExportError(f"MatMul {name}: its input size K={k} is not a multiple of the block size {bq.block_size}, "
-                              f"which the asymmetric scheme needs; use {choice}--weight-scheme zero-point")
-        blocks = k // bq.block_size
+        blocks = k // bq.block_size  # whole blocks: quantize_weights refused any other K (_check_whole_blocks)
         # augmented: the sums fill whole blocks of their own (zero columns after the last)
         width = -(-blocks // bq.block_size) * bq.block_size if correction == "augmented" else blocks
         key = (x, bq.block_size, correction)
@@ -286,6 +281,35 @@ def _block_size(t: _Target, sizes: tuple[int, ...], form: str) -> int:
                       f"{' or '.join(map(str, sizes))}; keep it in fp32 with --keep-node or use --weight-form matmulnbits")
 
 
+#: the block sizes MatMulNBits takes (powers of two >= 16), the ones suggested
+MATMULNBITS_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def whole_block_size(ks: Iterable[int], preferred: int) -> int | None:
+    """The block size of ``MATMULNBITS_BLOCK_SIZES`` nearest ``preferred`` (the largest not above it,
+    else the smallest above) that divides every K, or None."""
+    fits = [size for size in MATMULNBITS_BLOCK_SIZES if all(k % size == 0 for k in ks)]
+    return max((s for s in fits if s <= preferred), default=min(fits, default=None))
+
+
+def _check_whole_blocks(targets: list[_Target], sizes: tuple[int, ...], form: str) -> None:
+    """The asymmetric scheme's block-sum correction adds whole blocks back, which MatMulNBits' padding
+    of K cannot: refuse a graph with any K that is not a multiple of its block, naming one size that
+    divides every K (one try, not one per MatMul), or the scheme that needs none."""
+    bad = [(_key(t.node), t.weight.shape[0]) for t in targets if t.weight.shape[0] % _block_size(t, sizes, form)]
+    if not bad:
+        return
+    ks = sorted({t.weight.shape[0] for t in targets})
+    fit = whole_block_size(ks, sizes[0])
+    listed = ", ".join(map(str, ks))
+    fix = (f"use --block-size {fit} (it divides every K: {listed}) or --weight-scheme zero-point" if fit else
+           f"no block size of {MATMULNBITS_BLOCK_SIZES[0]}-{MATMULNBITS_BLOCK_SIZES[-1]} divides every K ({listed}): "
+           "use --weight-scheme zero-point")
+    shown = ", ".join(f"{name} K={k}" for name, k in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    raise ExportError(f"{len(bad)} MatMul(s) have an input size K that is not a multiple of the block size {sizes[0]} "
+                      f"({shown}), which the asymmetric scheme needs; {fix}")
+
+
 def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int | tuple[int, ...], scheme: str, form: str,
                      keep: set[str], bits_of: dict[str, int] | None = None,
                      accuracy_level: int = 4, correction: str = DEFAULT_CORRECTION,
@@ -302,7 +326,10 @@ def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int | tuple[
     sizes = (block_size,) if isinstance(block_size, int) else tuple(block_size)
     graph = model.graph
     replaced, new_inits, done, block_sums = {}, [], {}, {}
-    for t in _targets(model, keep):
+    targets = _targets(model, keep)
+    if form == "matmulnbits" and scheme == "asymmetric":
+        _check_whole_blocks(targets, sizes, form)
+    for t in targets:
         node_bits, size = (bits_of or {}).get(t.node.name, bits), _block_size(t, sizes, form)
         # fp16 weights (an fp16 graph) get fp16 scales, so the dequantized weight stays fp16
         scale_dtype = np.float16 if t.weight.dtype == np.float16 else np.float32
