@@ -121,8 +121,8 @@ def test_gptq_without_a_stage_it_rounds_is_refused():
     from vlm_export.errors import BuildError
     from vlm_export.precision.spec import parse_precision
 
-    with pytest.raises(BuildError, match="--weight-rounding gptq picks the codes of w8/w4 weights and of an int8 "
-                                         "decoder's, and no stage is either"):
+    with pytest.raises(BuildError, match="--weight-rounding picks the codes of w8/w4 weights and of an int8 "
+                                         "decoder's, and --precision vision_encoder=int8 makes no such stage"):
         BuildOptions(precision=parse_precision("vision=int8"), precision_options=PrecisionOptions(weight_rounding="gptq"))
     for precision in ("decoder=w4", "decoder=int8"):
         BuildOptions(precision=parse_precision(precision), precision_options=PrecisionOptions(weight_rounding="rtn"))

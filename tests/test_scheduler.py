@@ -186,3 +186,32 @@ def test_a_failing_batched_prefill_ends_only_the_row_at_fault(pipe):
     assert scheduler.prefill_calls == 4  # the batch of three, then each alone
     assert isinstance(events[bad], RunnerError) and "injected" in str(events[bad])
     assert all(isinstance(events[row], GenerationResult) and events[row].completion_tokens == 5 for row in good)
+
+
+def test_a_sliding_window_decoder_batches_rows_of_any_length(tiny_build, photos):
+    """The exporter folds a sliding window into the mask by physical column, counted back from the
+    widest row's last one: right on the growing cache (every row's newest token is that column),
+    wrong on the shared buffer, where a shorter row ends earlier. A decoder whose window is shorter
+    than the build's max_sequence keeps the growing cache, says why, and rows of different lengths
+    (longer than the window) batched give their answers alone (they did not on the shared buffer)."""
+    import onnx
+
+    from vlm_export.contract.scheme import KV_IN_PLACE
+    from vlm_export.manifest import read_manifest
+
+    path = tiny_build("llava-gemma3").path  # a 16-position window on its sliding layers
+    manifest = read_manifest(path)
+    assert manifest["scheme"]["geometry"]["sliding_window"] == 16
+    fused = manifest["graphs"]["lm_decoder"]["forms"]["fused"]["file"]
+    assert KV_IN_PLACE not in {p.key for p in onnx.load(str(path / fused), load_external_data=False).metadata_props}
+    assert any("sliding window of 16 tokens" in note for note in manifest["graphs"]["lm_decoder"]["fusion"]["notes"])
+    pipe = open_build(path)
+    requests = [GenerationRequest("What animal is in the picture? Answer in one long sentence.", (photos[0],),
+                                  GenerationConfig(max_new_tokens=24)),
+                GenerationRequest("Write a short story about a robot who learns to paint.", (),
+                                  GenerationConfig(max_new_tokens=24)),
+                GenerationRequest("Hi", (), GenerationConfig(max_new_tokens=24))]
+    alone = [generate(pipe, r.prompt, r.images, r.config) for r in requests]
+    lengths = [r.prompt_tokens for r in alone]
+    assert len(set(lengths)) == 3 and max(lengths) - min(lengths) > 16  # the widest row ends past the others' windows
+    assert [r.token_ids for r in generate_batch(pipe, requests, max_batch=3)] == [r.token_ids for r in alone]

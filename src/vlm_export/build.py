@@ -202,7 +202,8 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
             path = export_stage(stage, tmp / "graphs")
             graphs[stage.name] = _describe_graph(path, tmp, "fp32", export_seconds=time.perf_counter() - start)
             advance()
-    _fuse_decoder_stage(tmp, graphs, scheme.decoder_stage, precisions[scheme.decoder_stage], limits, options, progress)
+    _fuse_decoder_stage(tmp, graphs, scheme.decoder_stage, precisions[scheme.decoder_stage], limits, options, progress,
+                        scheme.geometry.sliding_window)
 
     reference = reference_pipeline(loaded, limits, stages)
     # the merged adapter is an input too (calibration caches are keyed by these)
@@ -280,7 +281,7 @@ NO_TENSORRT_FORM = ("the decoder's weights are in ONNX Runtime's MatMulNBits for
 
 
 def _fuse_decoder_stage(tmp: Path, graphs: dict, stage: str, precision: str, limits: Limits,
-                        options: BuildOptions, progress: Progress) -> None:
+                        options: BuildOptions, progress: Progress, sliding_window: int | None = None) -> None:
     """The decoder's fp32 fused form beside its standard graph (``graphs[stage]["forms"]["fused"]``),
     precision variants for ONNX Runtime are made from it later; where none is made, the reason is in
     ``graphs[stage]["fusion"]`` and the onnxruntime target runs the standard graph."""
@@ -294,7 +295,7 @@ def _fuse_decoder_stage(tmp: Path, graphs: dict, stage: str, precision: str, lim
     with progress.step(f"{stage}: its ONNX Runtime form (fused kernels, export/fuse.py)") as advance:
         start = time.perf_counter()
         try:
-            report = fuse_decoder(src, dst, max_positions=limits.max_sequence)
+            report = fuse_decoder(src, dst, max_positions=limits.max_sequence, sliding_window=sliding_window)
             record = {"made": report.fused, **report.to_dict()}
             if report.fused:
                 check_graph(dst)

@@ -14,6 +14,9 @@ class DecoderGeometry:
     vocab_size: int
     max_position_embeddings: int
     cache_dtype: str = "float32"
+    # the shortest attention window of any layer (keys more than this many positions back are not
+    # attended); None: every layer attends to the whole sequence
+    sliding_window: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

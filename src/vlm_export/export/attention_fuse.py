@@ -342,9 +342,11 @@ def _past_lengths_from_mask(g, pasts: set[str], mask: str, bias: str) -> str:
     return ""
 
 
-def fuse_attention(g, report) -> None:
+def fuse_attention(g, report, shared_kv_problem: str = "") -> None:
     """Rewrite every matching attention of ``g`` (fuse._Graph) into GroupQueryAttention; counts in
-    ``report.fusions["attention"]``, a note per reason for the ones left alone."""
+    ``report.fusions["attention"]``, a note per reason for the ones left alone. ``shared_kv_problem``:
+    why past and present must not share one buffer that the graph cannot show (a sliding window,
+    which the exporter folds into the mask as physical columns: ``window_breaks_shared_kv``)."""
     graph_inputs = {i.name for i in g.graph.input}
     skipped: dict[str, int] = {}
     lengths: dict[tuple, list[str]] = {}
@@ -391,7 +393,9 @@ def fuse_attention(g, report) -> None:
         return
     # every attention reads its lengths from the mask; past and present can be one buffer if nothing
     # else reads the past's length (the exporter's causal mask does: rewired) and every attention is fused
-    if skipped:
+    if shared_kv_problem:
+        why = shared_kv_problem
+    elif skipped:
         why = "some attentions are left unfused"
     elif len(masks) != 1:
         why = f"the attentions read {len(masks)} attention mask inputs, not one"
@@ -401,6 +405,18 @@ def fuse_attention(g, report) -> None:
         report.notes.append(f"past and present KV cannot share one buffer: {why}")
     else:
         helper.set_model_props(g.model, {**{p.key: p.value for p in g.model.metadata_props}, KV_IN_PLACE: "1"})
+
+
+def window_breaks_shared_kv(sliding_window: int | None, max_sequence: int) -> str:
+    """Why a decoder with a sliding window cannot run on the shared buffer ("" when it can). The
+    exporter folds the window into the additive mask by physical column, counted back from the mask's
+    last column: right on the growing cache, where every row's newest token is that column, wrong on
+    the shared buffer, where a row shorter than the widest ends earlier (its window would then cover
+    the wrong keys). A window as long as every sequence the build allows never masks anything."""
+    if sliding_window is None or sliding_window >= max_sequence:
+        return ""
+    return (f"a sliding window of {sliding_window} tokens (< max_sequence {max_sequence}), which the exported mask "
+            "places by the widest row's columns: right on the growing cache only")
 
 
 def fold_packed_qkv(g) -> int:

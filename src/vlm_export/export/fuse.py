@@ -40,7 +40,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
-from .attention_fuse import fold_packed_qkv, fuse_attention
+from .attention_fuse import fold_packed_qkv, fuse_attention, window_breaks_shared_kv
 from .graph_info import (EXTERNAL_TENSOR_MIN_BYTES, read_tensor, save_graph, set_external_data, topological_order,
                          uses_external_data)
 from .patterns import rms_norm
@@ -376,7 +376,8 @@ def _fuse_packed_matmul(g: _Graph, report: FuseReport) -> None:
 
 # ---------------------------------------------------------------- entry points
 
-def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weights | None = None) -> FuseReport:
+def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weights | None = None,
+               sliding_window: int | None = None) -> FuseReport:
     """Rewrite ``model`` in place (see the module docstring); returns what was fused. ``weights``:
     where external initializers are read from and new ones go (default: the proto)."""
     if max_positions < 1:
@@ -387,7 +388,7 @@ def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weigh
     g.commit()
     _fuse_rotary(g, report, max_positions)
     g.commit()
-    fuse_attention(g, report)  # after rotary (its caches go into the kernel), before packing q/k/v
+    fuse_attention(g, report, window_breaks_shared_kv(sliding_window, max_positions))  # after rotary (its caches go into the kernel), before packing q/k/v
     g.commit()
     _fuse_packed_matmul(g, report)
     g.commit()
@@ -403,12 +404,13 @@ def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weigh
     return report
 
 
-def fuse_decoder(src: Path, dst: Path, max_positions: int = 4096) -> FuseReport:
+def fuse_decoder(src: Path, dst: Path, max_positions: int = 4096, sliding_window: int | None = None) -> FuseReport:
     """Write the fused form of the decoder graph ``src`` to ``dst`` (``src`` unchanged).
 
     ``max_positions``: rows of the rotary cos/sin caches - the largest position id + 1 the
-    decoder will see (the build's max_sequence). A graph nothing matches is copied unchanged and
-    the report's ``reason`` says why.
+    decoder will see (the build's max_sequence). ``sliding_window``: the shortest attention window
+    of the decoder's layers (``DecoderGeometry.sliding_window``), which the graph cannot show. A
+    graph nothing matches is copied unchanged and the report's ``reason`` says why.
 
     A graph whose weights are in an external data file (every graph past 1.8 GB) is fused without
     loading them: the pass reads the few it rewrites, spills the packed ones to a scratch file
@@ -426,7 +428,7 @@ def fuse_decoder(src: Path, dst: Path, max_positions: int = 4096) -> FuseReport:
     spill = dst.with_name(dst.name + ".spill")
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        report = fuse_model(model, max_positions, Weights(src.parent, spill if external else None))
+        report = fuse_model(model, max_positions, Weights(src.parent, spill if external else None), sliding_window)
         save_graph(model, dst, src.parent)
     finally:
         spill.unlink(missing_ok=True)
