@@ -43,8 +43,8 @@ def test_build_parity_per_stage(tiny_build, name):
             assert metrics["max_abs"] <= 1e-4, (stage, name, metrics)
     # 32 greedy tokens identical to the original model's own HF generate, for the split modules
     # in PyTorch and for the ONNX Runtime build, on every sample (with and without images; two
-    # images where the model takes them)
-    for candidate in ("torch_split", "onnxruntime"):
+    # images where the model takes them), and for the build with every sample batched at once
+    for candidate in ("torch_split", "onnxruntime", "onnxruntime batched"):
         runs = report["end_to_end"][candidate]
         assert len(runs) == (6 if result.manifest["limits"]["max_images"] >= 2 else 5)
         for run in runs:

@@ -506,7 +506,7 @@ def _parity(loaded, reference, candidate, precisions: dict[str, str], options: B
                        total=len(samples)) as advance:
         compare_tokens(_hf_reference(loaded, candidate.eos_token_ids),
                        {"torch_split": reference, "onnxruntime": candidate}, samples,
-                       options.parity_new_tokens, result, advance)
+                       options.parity_new_tokens, result, advance, batched=("onnxruntime",))
     policy = ParityPolicy.for_precisions(precisions, reference.scheme.decoder_stage).with_overrides(
         {**loaded.adapter.tolerances(), **options.tolerance_overrides})
     # every form of the decoder is held to its entries' tolerances (overrides included)

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..runtime.generate import GenerationConfig, generate_ids
+from ..runtime.generate import GenerationConfig, GenerationResult, Scheduler, generate_ids
 from ..runtime.pipeline import VLMPipeline, concat_pixels
 from .metrics import TensorMetrics, TokenMetrics
 
@@ -108,18 +108,32 @@ def _add_outputs(result: ParityResult, stage: str, ref: dict, out: dict) -> None
 
 def compare_tokens(reference_tokens: Callable[[str, list[int], np.ndarray | None, int], list[int]],
                    pipelines: dict[str, VLMPipeline], samples: Sequence[Sample], max_new_tokens: int,
-                   result: ParityResult, progress: Callable[[], None] = lambda: None) -> None:
-    """Greedy tokens of each pipeline vs ``reference_tokens(prompt, ids, pixel_values, n)`` (the original model)."""
+                   result: ParityResult, progress: Callable[[], None] = lambda: None,
+                   batched: Sequence[str] = ()) -> None:
+    """Greedy tokens of each pipeline vs ``reference_tokens(prompt, ids, pixel_values, n)`` (the original
+    model). ``batched``: pipelines also run on every sample at once, as the scheduler batches requests
+    (rows of different lengths, joining and leaving; ``<name> batched``): a batch must not change an
+    answer, and only a batch shows whether it does."""
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     first = next(iter(pipelines.values()))
+    prepared = {name: [] for name in batched}
     for sample in samples:
         pixel_values = first.pixel_values(sample.images) if sample.images else None
         ids = first.prompt_ids(sample.prompt, len(sample.images))
         expected = reference_tokens(sample.prompt, ids, pixel_values, max_new_tokens)
         for name, pipe in pipelines.items():
-            got = generate_ids(pipe, ids, pipe.encode_images(pixel_values, prompt=sample.prompt), config)
+            image = pipe.encode_images(pixel_values, prompt=sample.prompt)
+            got = generate_ids(pipe, ids, image, config)
             result.tokens.setdefault(name, []).append(TokenMetrics(sample.prompt, expected, got))
+            if name in prepared:
+                prepared[name].append((sample.prompt, expected, ids, image))
         progress()
+    for name, rows in prepared.items():
+        scheduler = Scheduler(pipelines[name])  # up to the build's max_batch rows at once
+        submitted = [scheduler.submit(ids, image, config) for _, _, ids, image in rows]
+        got = {row: event.token_ids for row, event in scheduler.run_raising() if isinstance(event, GenerationResult)}
+        result.tokens[f"{name} batched"] = [TokenMetrics(prompt, expected, got[row])
+                                            for (prompt, expected, _, _), row in zip(rows, submitted)]
 
 
 def samples_from_items(items: Sequence) -> list[Sample]:
