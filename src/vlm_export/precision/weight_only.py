@@ -42,7 +42,7 @@ form) (a lookup reads one row, the head reads all of them every token).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -285,7 +285,7 @@ def _block_size(t: _Target, sizes: tuple[int, ...], form: str) -> int:
 MATMULNBITS_BLOCK_SIZES = (16, 32, 64, 128)
 
 
-def whole_block_size(ks: Iterable[int], preferred: int) -> int | None:
+def whole_block_size(ks: Sequence[int], preferred: int) -> int | None:
     """The block size of ``MATMULNBITS_BLOCK_SIZES`` nearest ``preferred`` (the largest not above it,
     else the smallest above) that divides every K, or None."""
     fits = [size for size in MATMULNBITS_BLOCK_SIZES if all(k % size == 0 for k in ks)]
