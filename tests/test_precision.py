@@ -61,7 +61,8 @@ def test_parse_precision_and_resolve_against_declared_stages():
     ("decoder=int8", dict(weight_activations="fp32"), "--weight-activations"),
     ("decoder=w4", dict(int8_kernel="u8u8"), "--int8-kernel"),
     ("decoder=w4", dict(int8_fp32_matmuls="3"), "--int8-fp32-matmuls"),
-    ("decoder=w8", dict(calibration="percentile"), "--calibration sets how int8 stages are calibrated"),
+    ("decoder=w8", dict(calibration="percentile"), "--calibration sets how int8 image stages are calibrated"),
+    ("decoder=int8", dict(calibration="entropy"), "--calibration"),  # the decoder's int8 takes channel maxima
     ("fp16", dict(exclude_nodes=("mm",)), "--keep-node"),
 ])
 def test_an_option_no_stage_reads_is_refused(plan, options, flag):
@@ -74,6 +75,7 @@ def test_options_a_stage_reads_are_taken():
     for plan, options in [("decoder=w4", dict(lm_head="w4", block_size=64, weight_scheme="zero-point")),
                           ("decoder=int8", dict(block_size=16, int8_kernel="u8u8", int8_fp32_matmuls="0")),
                           ("vision=int8", dict(calibration="entropy", exclude_nodes=("mm",))),
+                          ("int8", dict(calibration="percentile")),
                           ("fp16,decoder=w4", dict(weight_form="dequantize"))]:
         BuildOptions(precision=parse_precision(plan), precision_options=PrecisionOptions(**options))
 

@@ -100,6 +100,9 @@ class BuildOptions:
         po, asked = self.precision_options, self.asked_precisions
         weight_only, default = bool(asked & {"w8", "w4"}), PrecisionOptions()
         int8_decoder = decoder == "int8"
+        # a blanket int8 reaches the image stages; a named one only its stage
+        int8_image_stage = self.precision.default == "int8" or any(
+            precision == "int8" and stage != DecodingScheme.decoder_stage for stage, precision in self.precision.choices)
         #: flag, given, what it sets, whether a stage reads it, a --precision part that would
         rules = (
             ("--weight-rounding", po.weight_rounding is not None, "picks the codes of w8/w4 weights and of an int8 "
@@ -118,8 +121,8 @@ class BuildOptions:
              "decoder=int8"),
             ("--int8-fp32-matmuls", po.int8_fp32_matmuls != default.int8_fp32_matmuls,
              "sets how many of an int8 decoder's MatMuls stay fp32", int8_decoder, "decoder=int8"),
-            ("--calibration", po.calibration != default.calibration, "sets how int8 stages are calibrated",
-             "int8" in asked, "vision=int8"),
+            ("--calibration", po.calibration != default.calibration, "sets how int8 image stages are calibrated "
+             "(an int8 decoder's ranges are its channels' maxima)", int8_image_stage, "vision=int8"),
             ("--keep-node", bool(po.exclude_nodes), "keeps nodes out of int8/w8/w4 quantization",
              bool(asked & {"int8", "w8", "w4"}), "decoder=w4"),
         )

@@ -70,7 +70,8 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
                         "form; under an int8 decoder w8 applies to its ONNX Runtime form, the TensorRT form keeping "
                         "fp32, and int8 to both)")
     g.add_argument("--calibration", choices=("minmax", "percentile", "entropy"), default="minmax",
-                   help="int8 calibration method (default minmax)")
+                   help="int8 calibration method of the image stages (default minmax; an int8 decoder takes its "
+                        "channels' maxima)")
     g.add_argument("--calibration-images", type=Path, default=None,
                    help="folder of images for int8 calibration and GPTQ (default: photos + easy-vqa train pairs)")
     g.add_argument("--calibration-prompts", type=Path, default=None, help="one prompt per line, cycled over the images")
