@@ -379,7 +379,8 @@ def _fuse_packed_matmul(g: _Graph, report: FuseReport) -> None:
 def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weights | None = None,
                sliding_window: int | None = None) -> FuseReport:
     """Rewrite ``model`` in place (see the module docstring); returns what was fused. ``weights``:
-    where external initializers are read from and new ones go (default: the proto)."""
+    where external initializers are read from and new ones go (default: the proto). ``sliding_window``:
+    as ``fuse_decoder``'s."""
     if max_positions < 1:
         raise ExportError(f"max_positions must be positive, not {max_positions}")
     report = FuseReport(nodes_before=len(model.graph.node))
@@ -388,7 +389,8 @@ def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weigh
     g.commit()
     _fuse_rotary(g, report, max_positions)
     g.commit()
-    fuse_attention(g, report, window_breaks_shared_kv(sliding_window, max_positions))  # after rotary (its caches go into the kernel), before packing q/k/v
+    # after rotary (its caches go into the kernel), before packing q/k/v
+    fuse_attention(g, report, window_breaks_shared_kv(sliding_window, max_positions))
     g.commit()
     _fuse_packed_matmul(g, report)
     g.commit()
