@@ -188,7 +188,7 @@ def test_a_decoder_nothing_fuses_builds_and_loads(tiny_model_dir, tmp_path, monk
     standard graph to every target, records why, and generates."""
     import vlm_export.build as build_module
 
-    def nothing_matched(src, dst, max_positions, sliding_window):
+    def nothing_matched(src, dst, max_positions, layer_windows):
         shutil.copy2(src, dst)  # what fuse_decoder does when nothing matched: an unchanged copy
         count = len(_ops(src))
         return FuseReport(nodes_before=count, nodes_after=count, reason="no pattern matched (test)")

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from vlm_export.contract.geometry import DecoderGeometry
 from vlm_export.errors import ExportError
 from vlm_export.export.fuse import fuse_decoder
 
@@ -78,9 +79,12 @@ QK_NORM = {"llava-siglip-qwen3", "llava-gemma3"}
 
 @pytest.mark.parametrize("name", ["llava-llama", "llava-mistral", *sorted(QK_NORM)])
 def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_path, name):
-    src = _decoder_graph(tiny_build(name))
+    build = tiny_build(name)
+    src = _decoder_graph(build)
     dst = tmp_path / "lm_decoder.fused.onnx"
-    report = fuse_decoder(src, dst, max_positions=256)
+    # Gemma 3's first layer has a 16-position window: its kernel applies it, on a mask without it
+    windows = DecoderGeometry.from_dict(build.manifest["scheme"]["geometry"]).layer_windows()
+    report = fuse_decoder(src, dst, max_positions=256, layer_windows=windows)
 
     base = onnx.load(src, load_external_data=False)
     layers = sum(i.name.startswith("past_key_values") for i in base.graph.input) // 2
@@ -101,13 +105,15 @@ def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_
     producers = {o: n for n in fused.graph.node for o in n.output}
     config = json.loads((tiny_model_dir(name) / "config.json").read_text())["text_config"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    for node in (n for n in fused.graph.node if n.op_type == "GroupQueryAttention"):
+    gqa = [n for n in fused.graph.node if n.op_type == "GroupQueryAttention"]
+    for node in gqa:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         # read from the graph's shapes and scale constant, never from the model type
         assert attrs["num_heads"] == heads and attrs["kv_num_heads"] == kv_heads
         head_size = config.get("head_dim") or config["hidden_size"] // heads
         assert attrs["scale"] == pytest.approx(config.get("query_pre_attn_scalar", head_size) ** -0.5)
         assert attrs["do_rotary"] == 1 and node.input[9] == "position_ids"  # the runtime's positions
+        assert attrs.get("local_window_size", -1) == (16 if name == "llava-gemma3" and node is gqa[0] else -1)
         if name in QK_NORM:  # the norm's output, (batch, sequence, heads x head size) again
             assert producers[node.input[0]].op_type == producers[node.input[1]].op_type == "Reshape"
             assert producers[node.input[2]].op_type == "Split"
@@ -141,6 +147,26 @@ def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_
         return tokens
 
     assert greedy(b) == greedy(a)
+
+
+def test_a_window_on_unknown_layers_keeps_the_growing_cache(tiny_build, tmp_path):
+    """A manifest with a window but not its layers (written before windowed_layers): the exported
+    masks keep the window, which is right on the growing cache only, so no shared buffer; a layer
+    count the graph's attentions do not match is not guessed either."""
+    from vlm_export.contract.scheme import KV_IN_PLACE
+
+    src = _decoder_graph(tiny_build("llava-gemma3"))
+    for windows, why in ((None, "a sliding window on layers the manifest does not name"),
+                         ((16, None, None), "a sliding window of 16 tokens on some of 3 layers, but 2 attentions")):
+        report = fuse_decoder(src, tmp_path / "out.onnx", max_positions=256, layer_windows=windows)
+        assert report.fusions["attention"] == 2 and any(why in note for note in report.notes)
+        fused = onnx.load(tmp_path / "out.onnx", load_external_data=False)
+        assert KV_IN_PLACE not in {p.key for p in fused.metadata_props}
+        assert all(a.name != "local_window_size" for n in fused.graph.node for a in n.attribute)
+    # a window no sequence of the build reaches masks nothing: the buffer is shared, no window in the kernel
+    report = fuse_decoder(src, tmp_path / "out.onnx", max_positions=16, layer_windows=(16, None))
+    assert not any("window" in note for note in report.notes)
+    assert KV_IN_PLACE in {p.key for p in onnx.load(tmp_path / "out.onnx", load_external_data=False).metadata_props}
 
 
 def test_fused_attention_keeps_left_padded_batches(tiny_build, tmp_path):

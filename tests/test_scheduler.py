@@ -191,20 +191,25 @@ def test_a_failing_batched_prefill_ends_only_the_row_at_fault(pipe):
 def test_a_sliding_window_decoder_batches_rows_of_any_length(tiny_build, photos):
     """The exporter folds a sliding window into the mask by physical column, counted back from the
     widest row's last one: right on the growing cache (every row's newest token is that column),
-    wrong on the shared buffer, where a shorter row ends earlier. A decoder whose window is shorter
-    than the build's max_sequence keeps the growing cache, says why, and rows of different lengths
-    (longer than the window) batched give their answers alone (they did not on the shared buffer)."""
+    wrong on the shared buffer, where a shorter row ends earlier. The fused decoder applies the
+    window in its attention kernel instead, counted back from each row's own length, so it keeps the
+    shared buffer, and rows of different lengths (longer than the window) batched give their answers
+    alone (they did not when the shared buffer read the exported mask); the build's parity held
+    those answers to Hugging Face's generate."""
     import onnx
 
     from vlm_export.contract.scheme import KV_IN_PLACE
     from vlm_export.manifest import read_manifest
 
-    path = tiny_build("llava-gemma3").path  # a 16-position window on its sliding layers
+    path = tiny_build("llava-gemma3").path  # a 16-position window on its first layer
     manifest = read_manifest(path)
     assert manifest["scheme"]["geometry"]["sliding_window"] == 16
+    assert manifest["scheme"]["geometry"]["windowed_layers"] == [0]
     fused = manifest["graphs"]["lm_decoder"]["forms"]["fused"]["file"]
-    assert KV_IN_PLACE not in {p.key for p in onnx.load(str(path / fused), load_external_data=False).metadata_props}
-    assert any("sliding window of 16 tokens" in note for note in manifest["graphs"]["lm_decoder"]["fusion"]["notes"])
+    assert KV_IN_PLACE in {p.key for p in onnx.load(str(path / fused), load_external_data=False).metadata_props}
+    assert "1 of 2 attentions apply their sliding window of 16 tokens in the kernel (local_window_size)" \
+        in manifest["graphs"]["lm_decoder"]["fusion"]["notes"]
+    assert not manifest["parity"]["failures"]
     pipe = open_build(path)
     requests = [GenerationRequest("What animal is in the picture? Answer in one long sentence.", (photos[0],),
                                   GenerationConfig(max_new_tokens=24)),

@@ -60,7 +60,9 @@ TEXT_FAMILIES = {
     "qwen2": ("qwen2", {}),  # q/k/v biases
     "qwen3": ("qwen3", {"head_dim": 32}),  # per-head q/k RMSNorm before the transpose, head size != hidden / heads
     # per-head q/k RMSNorm after the transpose, (1 + w) norms, scaled embeddings, a 16-position sliding window
-    "gemma3": ("gemma3_text", {"head_dim": 16, "sliding_window": 16}),
+    # on the first layer only (the second attends to the whole sequence)
+    "gemma3": ("gemma3_text", {"head_dim": 16, "sliding_window": 16,
+                               "layer_types": ["sliding_attention", "full_attention"]}),
     # longrope: frequencies picked by the length (short <= 64 positions < long), cached on the rotary at its
     # first call - by the export's fake tensors, unless the export puts the module back as it was
     "phi3-longrope": ("phi3", {"original_max_position_embeddings": 64, "rope_scaling": {

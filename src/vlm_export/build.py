@@ -206,7 +206,7 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
             graphs[stage.name] = _describe_graph(path, tmp, "fp32", export_seconds=time.perf_counter() - start)
             advance()
     _fuse_decoder_stage(tmp, graphs, scheme.decoder_stage, precisions[scheme.decoder_stage], limits, options, progress,
-                        scheme.geometry.sliding_window)
+                        scheme.geometry.layer_windows())
 
     reference = reference_pipeline(loaded, limits, stages)
     # the merged adapter is an input too (calibration caches are keyed by these)
@@ -284,7 +284,8 @@ NO_TENSORRT_FORM = ("the decoder's weights are in ONNX Runtime's MatMulNBits for
 
 
 def _fuse_decoder_stage(tmp: Path, graphs: dict, stage: str, precision: str, limits: Limits,
-                        options: BuildOptions, progress: Progress, sliding_window: int | None = None) -> None:
+                        options: BuildOptions, progress: Progress,
+                        layer_windows: tuple[int | None, ...] | None = ()) -> None:
     """The decoder's fp32 fused form beside its standard graph (``graphs[stage]["forms"]["fused"]``),
     precision variants for ONNX Runtime are made from it later; where none is made, the reason is in
     ``graphs[stage]["fusion"]`` and the onnxruntime target runs the standard graph."""
@@ -298,7 +299,7 @@ def _fuse_decoder_stage(tmp: Path, graphs: dict, stage: str, precision: str, lim
     with progress.step(f"{stage}: its ONNX Runtime form (fused kernels, export/fuse.py)") as advance:
         start = time.perf_counter()
         try:
-            report = fuse_decoder(src, dst, max_positions=limits.max_sequence, sliding_window=sliding_window)
+            report = fuse_decoder(src, dst, max_positions=limits.max_sequence, layer_windows=layer_windows)
             record = {"made": report.fused, **report.to_dict()}
             if report.fused:
                 check_graph(dst)

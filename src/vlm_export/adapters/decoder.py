@@ -99,19 +99,24 @@ def text_geometry(text_cfg) -> DecoderGeometry:
         hidden_size=text_cfg.hidden_size,
         vocab_size=text_cfg.vocab_size,
         max_position_embeddings=text_cfg.max_position_embeddings,
-        sliding_window=sliding_window(text_cfg),
+        **attention_windows(text_cfg),
     )
 
 
-def sliding_window(text_cfg) -> int | None:
-    """The attention window of a Hugging Face causal-LM config's windowed layers, None if it has
-    none: ``layer_types`` names them where the config has it (Qwen2/3 with ``use_sliding_window``,
-    Gemma 3's pattern), else ``sliding_window`` applies to every layer (Mistral, Phi-3)."""
+def attention_windows(text_cfg) -> dict:
+    """``sliding_window`` and ``windowed_layers`` of a Hugging Face causal-LM config (empty if no layer
+    has a window): ``layer_types`` names the windowed layers where the config has it (Qwen2/3 with
+    ``use_sliding_window``, Gemma 3's pattern), else ``sliding_window`` applies to every layer
+    (Mistral, Phi-3)."""
     window = getattr(text_cfg, "sliding_window", None)
     layer_types = getattr(text_cfg, "layer_types", None)
-    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
-        return None
-    return int(window)
+    if layer_types is None:
+        windowed = tuple(range(text_cfg.num_hidden_layers))
+    else:
+        windowed = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
+    if not window or not windowed:
+        return {}
+    return {"sliding_window": int(window), "windowed_layers": windowed}
 
 
 def _traced_spec(name: str, value: torch.Tensor, first_dim: str) -> TensorSpec:

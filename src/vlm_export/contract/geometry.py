@@ -17,6 +17,12 @@ class DecoderGeometry:
     # the shortest attention window of any layer (keys more than this many positions back are not
     # attended); None: every layer attends to the whole sequence
     sliding_window: int | None = None
+    # the layers (0-based, in the order the decoder runs them) that attend through that window, which
+    # the exported graph cannot show (it folds the window into a mask); empty with a window: not known
+    windowed_layers: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "windowed_layers", tuple(int(i) for i in self.windowed_layers))  # JSON gives a list
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -24,6 +30,15 @@ class DecoderGeometry:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DecoderGeometry":
         return cls(**d)
+
+    def layer_windows(self) -> tuple[int | None, ...] | None:
+        """Each layer's attention window (None: the whole sequence), in the order the decoder runs
+        them; None when there is a window but not which layers it applies to."""
+        if self.sliding_window is None:
+            return (None,) * self.num_layers
+        if not self.windowed_layers:
+            return None
+        return tuple(self.sliding_window if i in self.windowed_layers else None for i in range(self.num_layers))
 
     def kv_bytes(self, sequence: int, batch: int = 1) -> int:
         """Bytes of the self-attention cache (keys and values of every layer) at ``sequence`` tokens."""

@@ -36,6 +36,12 @@ extra inputs are computed inside the graph:
 * ``attention_bias`` = the exported graph's own additive mask (batch, 1, sequence, total): the
   padding holes (and whatever else the exporter folded into it: causal, sliding window) get the
   same finite minimum added as before. So left padding and holes give the exported graph's answers.
+  A layer with a sliding window (which the graph cannot show: the build passes each layer's window)
+  instead reads a mask made from the attention mask alone and applies the window in the kernel
+  (``local_window_size``), counted back from each row's own length: the exported mask counts it
+  back from the widest row's last column, which is right on the growing cache only
+  (``_windows_by_attention``). Checked against Hugging Face's generate on a windowed Gemma 3
+  (tests/test_scheduler.py).
   (Padded query rows - every key masked - come out uniform over their causal window instead of
   over the whole row; nothing reads them: their keys are masked for every real query and the
   runtime zeroes their cache slots.)
@@ -68,7 +74,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from ..contract.scheme import KV_IN_PLACE
 from .patterns import rms_norm
@@ -342,23 +348,69 @@ def _past_lengths_from_mask(g, pasts: set[str], mask: str, bias: str) -> str:
     return ""
 
 
-def fuse_attention(g, report, shared_kv_problem: str = "") -> None:
+def _padding_bias(g, mask: str, like: str, prefix: str) -> tuple[list[onnx.NodeProto], str]:
+    """Nodes making an additive mask shaped as ``like`` (batch | 1, heads | 1, sequence, total) from the
+    attention mask (batch, total) alone: 0 on real keys, the dtype's lowest on padding and holes - no
+    causal part (the kernel applies it) and no window (``local_window_size`` does, per row)."""
+    p = lambda name: f"{prefix}_{name}"  # noqa: E731
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(g.elem_type(like))
+    const = lambda name, value, dt: helper.make_node(  # noqa: E731
+        "Constant", [], [p(name)], name=p(name), value=numpy_helper.from_array(np.array(value, dt), p(name)))
+    n = lambda op, inputs, out, **kw: helper.make_node(op, inputs, [p(out)], name=p(out), **kw)  # noqa: E731
+    nodes = [const("zero", 0, dtype), const("lowest", np.finfo(dtype).min, dtype), const("axes", [1, 2], np.int64),
+             n("Cast", [mask], "real", to=onnx.TensorProto.BOOL),
+             n("Where", [p("real"), p("zero"), p("lowest")], "keys"),
+             n("Unsqueeze", [p("keys"), p("axes")], "keys4"),
+             n("Shape", [like], "shape"),
+             n("Expand", [p("keys4"), p("shape")], "bias")]
+    return nodes, p("bias")
+
+
+def _windows_by_attention(layer_windows, attentions: int, max_positions: int) -> tuple[list, str]:
+    """Each matched attention's window (None: none inside the kernel), in graph order, and why a
+    window stays folded into the exported mask instead ("" when none does). The exporter folds a
+    window into the additive mask by physical column, counted back from the mask's last column:
+    right on the growing cache, where every row's newest token is that column, wrong on the shared
+    buffer, where a row shorter than the widest ends earlier. Moved into the kernel
+    (``local_window_size``, counted back from each row's own length) it is right on both. The layers
+    are matched to the graph's attentions in order (each layer's attention reads the previous
+    layer's output, so the graph's order is the layers'); a window as long as every sequence the
+    build allows never masks anything."""
+    if layer_windows is None:
+        return [None] * attentions, ("a sliding window on layers the manifest does not name, which the exported "
+                                     "mask places by the widest row's columns: right on the growing cache only")
+    windows = [w if w is not None and w < max_positions else None for w in layer_windows]
+    if not any(windows):
+        return [None] * attentions, ""
+    shortest = min(w for w in windows if w is not None)
+    if len(windows) != attentions:
+        return [None] * attentions, (
+            f"a sliding window of {shortest} tokens on some of {len(windows)} layers, but {attentions} attentions "
+            "matched: which are windowed cannot be told, and the exported mask places the window by the widest "
+            "row's columns: right on the growing cache only")
+    return windows, ""
+
+
+def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> None:
     """Rewrite every matching attention of ``g`` (fuse._Graph) into GroupQueryAttention; counts in
-    ``report.fusions["attention"]``, a note per reason for the ones left alone. ``shared_kv_problem``:
-    why past and present must not share one buffer that the graph cannot show (a sliding window,
-    which the exporter folds into the mask as physical columns: ``window_breaks_shared_kv``)."""
+    ``report.fusions["attention"]``, a note per reason for the ones left alone. ``layer_windows``:
+    each layer's sliding window or None (``fuse.fuse_decoder``'s); a windowed layer's kernel applies
+    the window itself and reads a mask without it (``_windows_by_attention`` says why)."""
     graph_inputs = {i.name for i in g.graph.input}
     skipped: dict[str, int] = {}
-    lengths: dict[tuple, list[str]] = {}
-    pasts: set[str] = set()
-    masks: dict[str, str] = {}  # attention mask input -> an additive mask made from it
+    matches = []
     for softmax in [n for n in g.graph.node if n.op_type == "Softmax"]:
         try:
-            m = _match(g, softmax, graph_inputs)
+            matches.append((softmax, _match(g, softmax, graph_inputs)))
         except _NoMatch as e:
             reason = str(e).split(": ", 1)[-1]
             skipped[reason] = skipped.get(reason, 0) + 1
-            continue
+    windows, window_problem = _windows_by_attention(layer_windows, len(matches), max_positions)
+    lengths: dict[tuple, list[str]] = {}
+    padding_biases: dict[tuple, str] = {}
+    pasts: set[str] = set()
+    masks: dict[str, str] = {}  # attention mask input -> an additive mask made from it
+    for (softmax, m), window in zip(matches, windows):
         mask = m["mask"]
         new: list[onnx.NodeProto] = list(m["added"])
         # layers whose additive masks have the same named new-token dim - every layer of an exported
@@ -369,6 +421,12 @@ def fuse_attention(g, report, shared_kv_problem: str = "") -> None:
             nodes, *lengths[key] = _lengths(g, mask, m["bias"], f"gqa_lengths_{len(lengths)}")
             new += nodes
         seqlens, total, query_lengths = lengths[key]
+        bias = m["bias"]
+        if window is not None:
+            if key not in padding_biases:
+                nodes, padding_biases[key] = _padding_bias(g, mask, m["bias"], f"gqa_padding_{len(padding_biases)}")
+                new += nodes
+            bias = padding_biases[key]
         pasts |= {m["past_k"], m["past_v"]}
         masks[mask] = m["bias"]
         # the rotary pass's RotaryEmbedding(x, position_ids, cos, sin) moves into the kernel
@@ -377,24 +435,31 @@ def fuse_attention(g, report, shared_kv_problem: str = "") -> None:
         pos, cos, sin = rotary
         new.append(helper.make_node(
             "GroupQueryAttention",
-            [m["q3"], m["k3"], m["v3"], m["past_k"], m["past_v"], seqlens, total, cos, sin, pos, m["bias"],
+            [m["q3"], m["k3"], m["v3"], m["past_k"], m["past_v"], seqlens, total, cos, sin, pos, bias,
              "", "", "", "", "", query_lengths],
             [m["out"].output[0], m["present_k"], m["present_v"]],
             name=f"{softmax.name}_gqa", domain=MS_DOMAIN,
             num_heads=m["heads"], kv_num_heads=m["kv_heads"], scale=float(m["scale"]),
+            # Hugging Face's window as it is (onnxruntime-genai's builder writes it so too); on ONNX
+            # Runtime 1.32 the kernel then masks the keys the exported graph masks (tests/test_fuse.py)
+            **({"local_window_size": window} if window is not None else {}),
             **({"do_rotary": 1, "rotary_interleaved": 0} if m["q_rot"] is not None else {})))
         # the nodes whose outputs GroupQueryAttention now produces; the rest of the old attention
-        # (repeat_kv, scores, softmax, transposes, the 4-D rotary) feeds nothing and is dropped
+        # (repeat_kv, scores, softmax, transposes, the 4-D rotary, a window's mask) feeds nothing and is dropped
         g.replace([m["out"], m["k_cat"], m["v_cat"]], new)
         report.fusions["attention"] += 1
     for reason, count in skipped.items():
         report.notes.append(f"{count} attention softmax(es) left unfused: {reason}")
+    windowed = sum(w is not None for w in windows)
+    if windowed:
+        report.notes.append(f"{windowed} of {len(windows)} attentions apply their sliding window of "
+                            f"{min(w for w in windows if w is not None)} tokens in the kernel (local_window_size)")
     if not pasts:
         return
     # every attention reads its lengths from the mask; past and present can be one buffer if nothing
     # else reads the past's length (the exporter's causal mask does: rewired) and every attention is fused
-    if shared_kv_problem:
-        why = shared_kv_problem
+    if window_problem:
+        why = window_problem
     elif skipped:
         why = "some attentions are left unfused"
     elif len(masks) != 1:
@@ -405,18 +470,6 @@ def fuse_attention(g, report, shared_kv_problem: str = "") -> None:
         report.notes.append(f"past and present KV cannot share one buffer: {why}")
     else:
         helper.set_model_props(g.model, {**{p.key: p.value for p in g.model.metadata_props}, KV_IN_PLACE: "1"})
-
-
-def window_breaks_shared_kv(sliding_window: int | None, max_sequence: int) -> str:
-    """Why a decoder with a sliding window cannot run on the shared buffer ("" when it can). The
-    exporter folds the window into the additive mask by physical column, counted back from the mask's
-    last column: right on the growing cache, where every row's newest token is that column, wrong on
-    the shared buffer, where a row shorter than the widest ends earlier (its window would then cover
-    the wrong keys). A window as long as every sequence the build allows never masks anything."""
-    if sliding_window is None or sliding_window >= max_sequence:
-        return ""
-    return (f"a sliding window of {sliding_window} tokens (< max_sequence {max_sequence}), which the exported mask "
-            "places by the widest row's columns: right on the growing cache only")
 
 
 def fold_packed_qkv(g) -> int:

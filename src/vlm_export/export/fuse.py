@@ -34,13 +34,14 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
-from .attention_fuse import fold_packed_qkv, fuse_attention, window_breaks_shared_kv
+from .attention_fuse import fold_packed_qkv, fuse_attention
 from .graph_info import (EXTERNAL_TENSOR_MIN_BYTES, read_tensor, save_graph, set_external_data, topological_order,
                          uses_external_data)
 from .patterns import rms_norm
@@ -377,9 +378,9 @@ def _fuse_packed_matmul(g: _Graph, report: FuseReport) -> None:
 # ---------------------------------------------------------------- entry points
 
 def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weights | None = None,
-               sliding_window: int | None = None) -> FuseReport:
+               layer_windows: Sequence[int | None] | None = ()) -> FuseReport:
     """Rewrite ``model`` in place (see the module docstring); returns what was fused. ``weights``:
-    where external initializers are read from and new ones go (default: the proto). ``sliding_window``:
+    where external initializers are read from and new ones go (default: the proto). ``layer_windows``:
     as ``fuse_decoder``'s."""
     if max_positions < 1:
         raise ExportError(f"max_positions must be positive, not {max_positions}")
@@ -390,7 +391,7 @@ def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weigh
     _fuse_rotary(g, report, max_positions)
     g.commit()
     # after rotary (its caches go into the kernel), before packing q/k/v
-    fuse_attention(g, report, window_breaks_shared_kv(sliding_window, max_positions))
+    fuse_attention(g, report, layer_windows, max_positions)
     g.commit()
     _fuse_packed_matmul(g, report)
     g.commit()
@@ -406,13 +407,15 @@ def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weigh
     return report
 
 
-def fuse_decoder(src: Path, dst: Path, max_positions: int = 4096, sliding_window: int | None = None) -> FuseReport:
+def fuse_decoder(src: Path, dst: Path, max_positions: int = 4096,
+                 layer_windows: Sequence[int | None] | None = ()) -> FuseReport:
     """Write the fused form of the decoder graph ``src`` to ``dst`` (``src`` unchanged).
 
     ``max_positions``: rows of the rotary cos/sin caches - the largest position id + 1 the
-    decoder will see (the build's max_sequence). ``sliding_window``: the shortest attention window
-    of the decoder's layers (``DecoderGeometry.sliding_window``), which the graph cannot show. A
-    graph nothing matches is copied unchanged and the report's ``reason`` says why.
+    decoder will see (the build's max_sequence). ``layer_windows``: each layer's attention window
+    (None: the whole sequence) in the order the decoder runs them, which the graph cannot show
+    (``DecoderGeometry.layer_windows``); empty: no layer has one; None: some layers have one, which
+    is not known. A graph nothing matches is copied unchanged and the report's ``reason`` says why.
 
     A graph whose weights are in an external data file (every graph past 1.8 GB) is fused without
     loading them: the pass reads the few it rewrites, spills the packed ones to a scratch file
@@ -430,7 +433,7 @@ def fuse_decoder(src: Path, dst: Path, max_positions: int = 4096, sliding_window
     spill = dst.with_name(dst.name + ".spill")
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        report = fuse_model(model, max_positions, Weights(src.parent, spill if external else None), sliding_window)
+        report = fuse_model(model, max_positions, Weights(src.parent, spill if external else None), layer_windows)
         save_graph(model, dst, src.parent)
     finally:
         spill.unlink(missing_ok=True)
