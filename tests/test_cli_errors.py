@@ -96,7 +96,7 @@ def test_too_many_images_and_bad_params(tiny_build, capsys, tmp_path):
     Image.fromarray(data.coffee()).save(path)
     assert main(["generate", build_dir, "--prompt", "hi", *["--image", path] * 3]) == 1
     assert "at most 2" in capsys.readouterr().err
-    assert main(["generate", build_dir, "--prompt", "hi", "--top-p", "0"]) == 1
+    assert main(["generate", build_dir, "--prompt", "hi", "--top-p", "1.5"]) == 1
     assert "top_p" in capsys.readouterr().err
 
 

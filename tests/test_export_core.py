@@ -121,9 +121,10 @@ def test_sampling_is_seeded_and_top_p_narrows(tiny_build):
     c = generate(pipe, "Tell me a story.", [], GenerationConfig(max_new_tokens=12, temperature=1.5, seed=8))
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids  # random tiny model: near-flat logits, so seeds differ
-    # a tiny nucleus keeps only the top token: sampling becomes greedy
-    narrow = generate(pipe, "Tell me a story.", [], GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=3))
-    assert narrow.token_ids == greedy.token_ids
+    # a tiny nucleus keeps only the top token: sampling becomes greedy; so does top_p 0 (OpenAI's API takes it)
+    for top_p in (1e-6, 0.0):
+        narrow = generate(pipe, "Tell me a story.", [], GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=top_p, seed=3))
+        assert narrow.token_ids == greedy.token_ids
 
 
 def test_stop_strings_and_finish_reasons(tiny_build):

@@ -495,8 +495,9 @@ def test_parameters_and_error_mapping():
                         "ignore_eos": False}
     assert params(max_tokens=5, max_completion_tokens=7, stop="x", seed=3, temperature=0)["max_tokens"] == 7
     assert params(stop=["a", "b"])["stop"] == ("a", "b")
+    assert params(top_p=0)["top_p"] == 0.0  # OpenAI's API takes 0: the top token only
     for kw, param in (({"n": 3}, "n"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
-                      ({"top_p": 0}, "top_p"), ({"stop": [""]}, "stop"),
+                      ({"top_p": -0.1}, "top_p"), ({"top_p": 1.01}, "top_p"), ({"stop": [""]}, "stop"),
                       ({"presence_penalty": 0.5}, "presence_penalty"),
                       ({"logprobs": True}, "logprobs"), ({"tools": [{"type": "function"}]}, "tools"),
                       ({"response_format": {"type": "json_object"}}, "response_format")):

@@ -214,7 +214,7 @@ def test_bad_requests_get_errors_and_server_keeps_serving(served, photos):
                                         "image token"),
         "temperature over 10": ({"prompt": "hi", "temperature": 11.0, "max_tokens": 2}, "temperature must be in"),
         "negative temperature": ({"prompt": "hi", "temperature": -0.5, "max_tokens": 2}, "temperature must be in"),
-        "top_p 0": ({"prompt": "hi", "top_p": 0.0, "max_tokens": 2}, "top_p must be in"),
+        "negative top_p": ({"prompt": "hi", "top_p": -0.5, "max_tokens": 2}, "top_p must be in"),
         "top_p over 1": ({"prompt": "hi", "top_p": 1.5, "max_tokens": 2}, "top_p must be in"),
         "undecodable image": ({"prompt": "hi", "images": [base64.b64encode(b"not an image").decode()]},
                               "cannot be decoded"),

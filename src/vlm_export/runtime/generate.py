@@ -51,8 +51,8 @@ class GenerationConfig:
             raise InputError(f"max_tokens must be an integer in 1..{MAX_NEW_TOKENS_CAP}, got {self.max_new_tokens!r}")
         if not (0.0 <= float(self.temperature) <= 10.0):
             raise InputError(f"temperature must be in [0, 10], got {self.temperature!r}")
-        if not (0.0 < float(self.top_p) <= 1.0):
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (0.0 <= float(self.top_p) <= 1.0):  # 0: the top token only, as OpenAI's API takes it
+            raise InputError(f"top_p must be in [0, 1], got {self.top_p!r}")
         if self.seed is not None and not (isinstance(self.seed, (int, np.integer)) and 0 <= self.seed < 2**63):
             raise InputError(f"seed must be an integer in 0..2^63-1 (or absent), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):  # "" would end every answer at once
@@ -104,7 +104,8 @@ class Sampler:
         p /= p.sum()
         if self.config.top_p < 1.0:
             order = np.argsort(-p)
-            keep = np.cumsum(p[order]) - p[order] < self.config.top_p  # always keeps the top token
+            keep = np.cumsum(p[order]) - p[order] < self.config.top_p
+            keep[0] = True  # the nucleus always holds the top token (top_p 0: nothing else)
             mask = np.zeros_like(p, dtype=bool)
             mask[order[keep]] = True
             p = np.where(mask, p, 0.0)

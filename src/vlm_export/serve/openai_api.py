@@ -203,8 +203,8 @@ def generation_params(req: ChatCompletionRequest, default_max_tokens: int = DEFA
     if not 0.0 <= temperature <= 2.0:
         raise _bad(f"temperature must be in [0, 2], got {temperature}", "temperature")
     top_p = 1.0 if req.top_p is None else req.top_p
-    if not 0.0 < top_p <= 1.0:
-        raise _bad(f"top_p must be in (0, 1], got {top_p}", "top_p")
+    if not 0.0 <= top_p <= 1.0:
+        raise _bad(f"top_p must be in [0, 1], got {top_p}", "top_p")
     if req.seed is not None and not 0 <= req.seed < 2**63:
         raise _bad(f"seed must be an integer in 0..2^63-1, got {req.seed}", "seed")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
