@@ -156,7 +156,7 @@ def test_a_window_on_unknown_layers_keeps_the_growing_cache(tiny_build, tmp_path
     from vlm_export.contract.scheme import KV_IN_PLACE
 
     src = _decoder_graph(tiny_build("llava-gemma3"))
-    for windows, why in ((None, "a sliding window on layers the manifest does not name"),
+    for windows, why in ((None, "a sliding window whose layers are not known"),
                          ((16, None, None), "a sliding window of 16 tokens on some of 3 layers, but 2 attentions")):
         report = fuse_decoder(src, tmp_path / "out.onnx", max_positions=256, layer_windows=windows)
         assert report.fusions["attention"] == 2 and any(why in note for note in report.notes)

@@ -377,7 +377,7 @@ def _windows_by_attention(layer_windows, attentions: int, max_positions: int) ->
     layer's output, so the graph's order is the layers'); a window as long as every sequence the
     build allows never masks anything."""
     if layer_windows is None:
-        return [None] * attentions, ("a sliding window on layers the manifest does not name, which the exported "
+        return [None] * attentions, ("a sliding window whose layers are not known, which the exported "
                                      "mask places by the widest row's columns: right on the growing cache only")
     windows = [w if w is not None and w < max_positions else None for w in layer_windows]
     if not any(windows):
