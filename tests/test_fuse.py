@@ -169,6 +169,25 @@ def test_a_window_on_unknown_layers_keeps_the_growing_cache(tiny_build, tmp_path
     assert KV_IN_PLACE in {p.key for p in onnx.load(tmp_path / "out.onnx", load_external_data=False).metadata_props}
 
 
+def test_an_unfused_attention_over_the_cache_keeps_the_growing_cache(tiny_build, tmp_path):
+    """Phi-3's longrope rotary picks its frequencies by the length, which the rotary pass does not
+    fuse, so its attentions stay standard and concatenate their past: no shared buffer. (Unfused
+    cross-attentions, which read no past, do not stop it: test_mllama.py.)"""
+    from vlm_export.contract.scheme import KV_IN_PLACE
+    from vlm_export.export.attention_fuse import _unfused_growing_caches
+    from vlm_export.export.fuse import _Graph
+
+    src = _decoder_graph(tiny_build("llava-phi3-longrope"))
+    report = fuse_decoder(src, tmp_path / "out.onnx", max_positions=256)
+    assert report.fusions["attention"] == 0
+    assert KV_IN_PLACE not in {p.key for p in onnx.load(tmp_path / "out.onnx", load_external_data=False).metadata_props}
+    # what refuses the buffer when other attentions did fuse: every growing past an unfused one concatenates
+    g = _Graph(onnx.load(src, load_external_data=False))
+    grown = sorted(_unfused_growing_caches(g, set()))
+    assert grown == sorted(i.name for i in g.graph.input if i.name.startswith("past_key_values")), grown
+    assert _unfused_growing_caches(g, set(grown)) == []
+
+
 def test_fused_attention_keeps_left_padded_batches(tiny_build, tmp_path):
     """The runtime's batch: prompts of different lengths left-padded into one prefill (positions
     counting from each row's first real token), then decode steps, each graph on its own KV. The

@@ -255,10 +255,14 @@ def test_images_change_the_logits(mllama, photos):
 
 
 def test_rows_with_different_image_counts_decode_together(mllama, photos):
-    """Two images, none and one in one batch (cross K/V padded to two images, the padding masked):
-    the same greedy tokens as each alone."""
+    """Two images, none and one in one batch (cross K/V padded to two images, the padding masked),
+    on the in-place KV buffer: the same greedy tokens as each alone."""
     _, result = mllama
     pipe = open_build(result.path)
+    # the self-attention KV in one in-place buffer, the image K/V and masks per slot (SlotBatch.padded);
+    # the cross-attention layers, left unfused, read no past
+    notes = result.manifest["graphs"]["lm_decoder"]["fusion"]["notes"]
+    assert pipe.kv_in_place and not any("cannot share one buffer" in n for n in notes), notes
     config = GenerationConfig(max_new_tokens=12)
     requests = [GenerationRequest(TWO_QUESTION, (photos["astronaut"], photos["tall"]), config),
                 GenerationRequest(TEXT_QUESTION, (), config),

@@ -163,6 +163,32 @@ def test_slot_batch_join_keep_and_growth():
         SlotBatch.empty().join(DecodeBatch({"k": cache}, mask, np.array([3, 2, 4]), growing=("k",)), [10] * 3)
 
 
+def test_fixed_state_is_kept_per_slot():
+    """numpy only: state that does not grow (a cross-attention scheme's image K/V, padded along its
+    own axis) follows its row into a slot; a later row with a wider one widens every slot with zeros
+    (the scheme's masks hide them), a new slot gets its own, and the growing buffers stay as they were."""
+    rng = np.random.default_rng(1)
+    mask = np.array([[0, 1, 1], [1, 1, 1]])
+    k = rng.standard_normal((2, 2, 3, 4)).astype(np.float32)
+    image_kv = rng.standard_normal((2, 5, 6)).astype(np.float32)  # [rows, images x tokens, ...]: axis 1 padded
+    state = DecodeBatch({"k": k, "x": image_kv}, mask, mask.sum(axis=1), growing=("k",), padded={"x": 1})
+    slots = SlotBatch.empty().join(state, reserve=[8, 8])
+    assert set(slots.growing) == {"k"} and slots.capacity == SlotBatch.CAPACITY_STEP
+    np.testing.assert_array_equal(slots.caches["x"], image_kv)
+    slots = slots.keep([1])  # slot 0 is free again
+    wider = rng.standard_normal((2, 9, 6)).astype(np.float32)
+    more = DecodeBatch({"k": k, "x": wider}, mask, mask.sum(axis=1), growing=("k",), padded={"x": 1})
+    joined = slots.join(more, reserve=[8, 8])
+    assert list(joined.slots) == [1, 0, 2] and joined.caches["x"].shape == (3, 9, 6)
+    np.testing.assert_array_equal(joined.caches["x"][1, :5], image_kv[1])
+    assert not joined.caches["x"][1, 5:].any()
+    np.testing.assert_array_equal(joined.caches["x"][[0, 2]], wider)
+    np.testing.assert_array_equal(joined.caches["k"][1, :, :3], k[1])
+    assert joined.position_nbytes == k[0].nbytes // 3 and set(joined.row_caches(0)) == {"k"}
+    with pytest.raises(ValueError, match="cannot join"):
+        joined.join(DecodeBatch({"k": k}, mask, mask.sum(axis=1), growing=("k",)), reserve=[8, 8])
+
+
 def test_in_place_buffers_must_be_contiguous(pipe):
     scheme = pipe.scheme
     _, state = pipe.prefill_batch(_prompts((5,)), [scheme.empty_image_input()])

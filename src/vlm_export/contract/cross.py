@@ -19,7 +19,9 @@ per row, images concatenated on the position axis (``cross_sequence``), plus:
 
 State (``DecodeBatch``): the self-attention K/V grow (right-aligned, as in the spliced scheme); the
 cross K/V, the last mask row and the image mask are fixed per row, padded on the right (images) when
-rows with different numbers of images run together - the masks hide the padding.
+rows with different numbers of images run together - the masks hide the padding. Where the fused
+decoder runs on one in-place buffer (``SlotBatch``), the self-attention K/V are written there and the
+fixed state is kept per slot, padded alike.
 
 The image input of one request is a :class:`CrossImages` (its K/V and each image's real tile count,
 read from the preprocessed tile mask); a prefill's is its rows' joined in row order, which
@@ -35,7 +37,7 @@ import numpy as np
 from ..errors import InputError
 from .geometry import DecoderGeometry
 from .limits import Limits
-from .scheme import DecodeBatch, DecodingScheme, Feeds, Range, left_padded, left_padded_mask, register_scheme
+from .scheme import DecodeBatch, DecodingScheme, Feeds, Range, SlotBatch, left_padded, left_padded_mask, register_scheme
 from .spliced import PAST, PRESENT, SelfAttentionCache, kv_names, self_attention_io
 from .stages import DECODER, StageSpec, TensorSpec
 
@@ -220,9 +222,18 @@ class CrossAttentionScheme(SelfAttentionCache, DecodingScheme):
         return state.zero_masked()
 
     def step_feeds(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        caches = batch.caches
+        return {**self._step_tokens(batch, tokens), **self._fixed_and_past(batch.caches)}
+
+    def in_place_caches(self) -> dict[str, str]:
+        return dict(zip(self.present_names, self.past_names))
+
+    def slot_step_feeds(self, batch: SlotBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        # the fixed state is kept per slot (SlotBatch.padded); an idle slot's stale image K/V and
+        # masks only reach its own row, whose logits nobody reads
+        return {**self._slot_step_tokens(batch, tokens), **self._fixed_and_past(batch.caches)}
+
+    def _fixed_and_past(self, caches: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {
-            **self._step_tokens(batch, tokens),
             CROSS_MASK: caches[CROSS_MASK][:, None],  # the last prompt row, repeated for each new token
             IMAGE_MASK: caches[IMAGE_MASK],
             CROSS_KV: caches[CROSS_KV],

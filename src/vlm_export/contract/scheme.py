@@ -158,17 +158,24 @@ class SlotBatch:
     copy) only when more rows run at once than it has slots, or a joining row may grow past its
     capacity; each row's ``reserve`` (prompt + max new tokens) sizes it when it joins.
 
+    State that does not grow (a cross-attention scheme's image K/V and masks: ``DecodeBatch.padded``)
+    is held per slot too, padded on the RIGHT along its own axis to the widest row that joined; the
+    scheme's masks hide the padding, and an idle slot's stale values only reach its own, unread, row.
+
     ``keep``/``join``/``advanced`` return the next state, which shares the buffer with this one:
     the previous state is not to be used after them.
     """
 
-    caches: dict[str, np.ndarray]  # name -> [slots, ..., capacity, ...]
+    caches: dict[str, np.ndarray]  # name -> [slots, ..., capacity, ...]; a ``padded`` one: [slots, ...]
     lengths: np.ndarray  # [slots] int64, real positions held by each slot (0: free)
     slots: np.ndarray  # [rows] int64, the slot of each running row, in row order
     seq_axis: int = 2
     #: the runtime's binding of these buffers to the decoder (opaque here), reused while they are
     #: the same arrays; a grown buffer starts without one
     bound: Any = None
+
+    #: caches that do not grow, as ``DecodeBatch.padded``: name -> the axis padded on the right
+    padded: dict[str, int] = field(default_factory=dict)
 
     #: capacities are rounded up to a multiple of this (fewer regrowths for rows of near lengths)
     CAPACITY_STEP: ClassVar[int] = 64
@@ -182,8 +189,13 @@ class SlotBatch:
         return int(self.slots.shape[0])
 
     @property
+    def growing(self) -> dict[str, np.ndarray]:
+        """The buffers written in place, one position per step."""
+        return {name: buffer for name, buffer in self.caches.items() if name not in self.padded}
+
+    @property
     def capacity(self) -> int:
-        return int(next(iter(self.caches.values())).shape[self.seq_axis]) if self.caches else 0
+        return int(next(iter(self.growing.values())).shape[self.seq_axis]) if self.growing else 0
 
     @property
     def positions(self) -> np.ndarray:
@@ -223,8 +235,10 @@ class SlotBatch:
         """The rows of both, self's first: ``other``'s rows (a prefill's state, right-aligned and
         masked as DecodeBatch lays them out) copied into free slots. ``reserve[i]``: the most
         positions row i of ``other`` will hold."""
-        if set(other.caches) != set(other.growing) or other.seq_axis != self.seq_axis:
-            raise ValueError("a SlotBatch holds caches that grow along one position axis only")
+        if set(other.caches) != set(other.growing) | set(other.padded) or other.seq_axis != self.seq_axis:
+            raise ValueError("a SlotBatch holds caches that grow along one position axis, or are padded along one")
+        if self.caches and other.padded != self.padded:
+            raise ValueError(f"rows with fixed state {sorted(other.padded)} cannot join rows with {sorted(self.padded)}")
         real = other.mask.astype(bool)
         lengths = real.sum(axis=1)
         if not np.array_equal(lengths, other.positions):
@@ -235,34 +249,58 @@ class SlotBatch:
             state = self._grown(other, self.rows + other.rows, -(-need // self.CAPACITY_STEP) * self.CAPACITY_STEP)
         else:
             state = self
+        state = state._fitting(other)
         free = np.setdiff1d(np.arange(len(state.lengths)), state.slots)[:other.rows]
-        for name, buffer in state.caches.items():
+        for name, buffer in state.growing.items():
             for i, slot in enumerate(free):
                 rows_cache = np.compress(real[i], other.caches[name][i], axis=self.seq_axis - 1)
                 index = [slice(None)] * (buffer.ndim - 1)
                 index[self.seq_axis - 1] = slice(0, int(lengths[i]))
                 buffer[slot][tuple(index)] = rows_cache
+        for name in other.padded:
+            buffer, values = state.caches[name], other.caches[name]
+            for i, slot in enumerate(free):
+                buffer[slot] = 0
+                buffer[slot][tuple(slice(0, n) for n in values.shape[1:])] = values[i]
         out_lengths = state.lengths.copy()
         out_lengths[free] = lengths
         return replace(state, lengths=out_lengths, slots=np.concatenate([state.slots, free]))
 
+    def _fitting(self, other: DecodeBatch) -> "SlotBatch":
+        """This state with its fixed (``padded``) caches holding every slot of the buffer, each as wide
+        as ``other``'s along its padded axis (zeros added on the right; one copy when they grow)."""
+        caches = dict(self.caches)
+        for name, axis in other.padded.items():
+            values, old = other.caches[name], self.caches.get(name)
+            shape = [len(self.lengths), *values.shape[1:]]
+            if old is not None:
+                shape[axis] = max(shape[axis], old.shape[axis])
+                if list(old.shape) == shape:
+                    continue
+            buffer = np.zeros(shape, dtype=values.dtype)
+            if old is not None:
+                buffer[tuple(slice(0, n) for n in old.shape)] = old
+            caches[name] = buffer
+        return replace(self, caches=caches, padded=dict(other.padded))
+
     @property
     def position_nbytes(self) -> int:
         """Bytes one position of one row takes in the caches (``DecodeBatch.position_nbytes``)."""
-        return sum(b[0].nbytes // max(b.shape[self.seq_axis], 1) for b in self.caches.values())
+        return sum(b[0].nbytes // max(b.shape[self.seq_axis], 1) for b in self.growing.values())
 
     def row_caches(self, row: int) -> dict[str, np.ndarray]:
-        """Row ``row``'s caches, its [0, length) columns, copied (its slot is reused after it leaves):
-        what a prefix cache keeps of a finished row (``DecodeBatch.row_caches``' layout)."""
+        """Row ``row``'s growing caches, its [0, length) columns, copied (its slot is reused after it
+        leaves): what a prefix cache keeps of a finished row (``DecodeBatch.row_caches``' layout)."""
         slot = int(self.slots[row])
         index = (slice(None),) * (self.seq_axis - 1) + (slice(0, int(self.lengths[slot])),)
-        return {name: np.ascontiguousarray(buffer[slot][index]) for name, buffer in self.caches.items()}
+        return {name: np.ascontiguousarray(buffer[slot][index]) for name, buffer in self.growing.items()}
 
     def _grown(self, like: DecodeBatch, slots: int, capacity: int) -> "SlotBatch":
         """A copy with at least ``slots`` slots and ``capacity`` positions (the running rows kept)."""
         slots = max(slots, len(self.lengths))
-        caches = {}
-        for name, cache in like.caches.items():
+        caches = dict(self.caches)  # fixed ones: given every slot by _fitting
+        for name in like.growing:
+            cache = like.caches[name]
             shape = list(cache.shape)
             shape[0], shape[self.seq_axis] = slots, capacity
             buffer = np.zeros(shape, dtype=cache.dtype)  # calloc'd: columns never written take no memory

@@ -70,6 +70,12 @@ class SelfAttentionCache:
                 "attention_mask": np.concatenate([batch.mask, np.ones((rows, 1), dtype=np.int64)], axis=1),
                 "position_ids": batch.positions.reshape(rows, 1).copy()}
 
+    def _slot_step_tokens(self, batch: SlotBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """``_step_tokens`` on a SlotBatch: one row per slot, an idle slot a masked-out pad."""
+        return {"input_ids": batch.by_slot(np.asarray(tokens, dtype=np.int64), self.pad_id).reshape(-1, 1),
+                "attention_mask": batch.step_mask(),
+                "position_ids": batch.by_slot(batch.positions, 0).reshape(-1, 1)}
+
     def advance(self, batch: DecodeBatch, outputs: Feeds) -> DecodeBatch:
         # the self K/V replaced by the step's presents; any fixed state (cross K/V, masks) kept
         mask = np.concatenate([batch.mask, np.ones((batch.rows, 1), dtype=np.int64)], axis=1)
@@ -224,13 +230,8 @@ class SplicedScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
         return dict(zip(self.present_names, self.past_names))
 
     def slot_step_feeds(self, batch: SlotBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        return {
-            "input_ids": batch.by_slot(np.asarray(tokens, dtype=np.int64), self.pad_id).reshape(-1, 1),
-            self.image_input_name: self.empty_image_input(),
-            "attention_mask": batch.step_mask(),
-            "position_ids": batch.by_slot(batch.positions, 0).reshape(-1, 1),
-            **batch.caches,
-        }
+        return {**self._slot_step_tokens(batch, tokens), self.image_input_name: self.empty_image_input(),
+                **batch.caches}
 
     def synthetic_batch(self, rows: int, length: int, rng: np.random.Generator,
                         fixed_length: int | None = None) -> DecodeBatch:

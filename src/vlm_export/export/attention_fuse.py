@@ -348,6 +348,20 @@ def _past_lengths_from_mask(g, pasts: set[str], mask: str, bias: str) -> str:
     return ""
 
 
+def _unfused_growing_caches(g, fused_pasts: set[str]) -> list[str]:
+    """Graph inputs still grown by a ``Concat`` on the sequence axis into a graph output (a past KV
+    an unfused attention concatenates: it could not share a buffer with its present)."""
+    inputs, outputs = {i.name for i in g.graph.input}, {o.name for o in g.graph.output}
+    found = []
+    for node in g.graph.node:
+        if id(node) in g.removed or node.op_type != "Concat" or g.attr(node, "axis") not in (-2, 2):
+            continue
+        past = node.input[0] if node.input else ""
+        if past in inputs and past not in fused_pasts and node.output[0] in outputs:
+            found.append(past)
+    return found
+
+
 def _padding_bias(g, mask: str, like: str, prefix: str) -> tuple[list[onnx.NodeProto], str]:
     """Nodes making an additive mask shaped as ``like`` (batch | 1, heads | 1, sequence, total) from the
     attention mask (batch, total) alone: 0 on real keys, the dtype's lowest on padding and holes - no
@@ -457,11 +471,13 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
     if not pasts:
         return
     # every attention reads its lengths from the mask; past and present can be one buffer if nothing
-    # else reads the past's length (the exporter's causal mask does: rewired) and every attention is fused
+    # else reads the past's length (the exporter's causal mask does: rewired) and every attention over
+    # a growing cache is fused (an unfused cross-attention reads no past: Mllama's, Florence-2's)
+    unfused = _unfused_growing_caches(g, pasts)
     if window_problem:
         why = window_problem
-    elif skipped:
-        why = "some attentions are left unfused"
+    elif unfused:
+        why = f"{len(unfused)} attention(s) over a growing KV cache left unfused ({unfused[0]})"
     elif len(masks) != 1:
         why = f"the attentions read {len(masks)} attention mask inputs, not one"
     else:
