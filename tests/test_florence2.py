@@ -165,8 +165,11 @@ def _requests(photos, names=("astronaut", "chelsea", None)):
 
 def test_batched_rows_equal_one_at_a_time(pipe, photos):
     """Prompts of different lengths (the encoder batch right-padded, the cross K/V padded when rows
-    join) decoded together equal each decoded alone; with two slots for three requests the third
+    join) decoded together on the in-place KV buffer equal each decoded alone; with two slots for three requests the third
     joins a running batch, its decoder cache left-padded."""
+    # on the in-place KV buffer: the decoder's self K/V written there, each row's cross K/V and encoder
+    # mask kept per slot (the unfused cross-attentions read no past)
+    assert pipe.kv_in_place
     requests = _requests(photos)
     alone = [generate(pipe, r.prompt, r.images, r.config).token_ids for r in requests]
     assert len({tuple(a) for a in alone}) == 3

@@ -33,7 +33,9 @@ position input is needed; padded query rows attend real keys (finite values), an
 ``encoder_attention_mask`` hides their keys. The DECODER's tokens are laid out as every scheme's
 (left-padded, right-aligned; ``contract.scheme``). State (``DecodeBatch``): the self K/V grow; the
 cross K/V and the encoder mask are fixed per row, padded on the RIGHT of the encoder axis when rows
-with prompts of different lengths run together (``DecodeBatch.padded``).
+with prompts of different lengths run together (``DecodeBatch.padded``). Where the fused decoder runs
+on one in-place buffer (``SlotBatch``), the self K/V are written there and the fixed state is kept
+per slot, padded alike.
 
 The decoder's prompt is ``decoder_prompt_ids`` (a manifest parameter the adapter reads from the
 model's generation config: ``decoder_start_token_id``, then a ``forced_bos_token_id`` where the
@@ -52,7 +54,7 @@ import numpy as np
 
 from .geometry import DecoderGeometry
 from .limits import Limits
-from .scheme import DecodeBatch, DecodingScheme, Feeds, Range, left_padded, register_scheme
+from .scheme import DecodeBatch, DecodingScheme, Feeds, Range, SlotBatch, left_padded, register_scheme
 from .spliced import PAST, PRESENT, FlatImageTable, SelfAttentionCache, kv_names, self_attention_io
 from .stages import DECODER, ENCODER, StageSpec, TensorSpec
 
@@ -195,13 +197,19 @@ class EncoderDecoderScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
         return state.zero_masked()
 
     def step_feeds(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        caches = batch.caches
-        return {
-            **self._step_tokens(batch, tokens),
-            ENCODER_MASK: caches[ENCODER_MASK],
-            CROSS_KV: caches[CROSS_KV],
-            **{n: caches[n] for n in self.past_names},
-        }
+        return {**self._step_tokens(batch, tokens), **self._fixed_and_past(batch.caches)}
+
+    def in_place_caches(self) -> dict[str, str]:
+        return dict(zip(self.present_names, self.past_names))
+
+    def slot_step_feeds(self, batch: SlotBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        # the cross K/V and encoder mask are kept per slot (SlotBatch.padded); an idle slot's stale
+        # ones only reach its own row, whose logits nobody reads
+        return {**self._slot_step_tokens(batch, tokens), **self._fixed_and_past(batch.caches)}
+
+    def _fixed_and_past(self, caches) -> dict[str, np.ndarray]:
+        return {ENCODER_MASK: caches[ENCODER_MASK], CROSS_KV: caches[CROSS_KV],
+                **{n: caches[n] for n in self.past_names}}
 
     def decode_lengths(self, prompt_tokens: int, new_tokens: int) -> tuple[int, int]:
         # the decoder holds its own prompt + the new tokens; the cross K/V are the user prompt's length
