@@ -173,7 +173,7 @@ def test_fixed_state_is_kept_per_slot():
     image_kv = rng.standard_normal((2, 5, 6)).astype(np.float32)  # [rows, images x tokens, ...]: axis 1 padded
     state = DecodeBatch({"k": k, "x": image_kv}, mask, mask.sum(axis=1), growing=("k",), padded={"x": 1})
     slots = SlotBatch.empty().join(state, reserve=[8, 8])
-    assert set(slots.growing) == {"k"} and slots.capacity == SlotBatch.CAPACITY_STEP
+    assert set(slots.growing_buffers) == {"k"} and slots.capacity == SlotBatch.CAPACITY_STEP
     np.testing.assert_array_equal(slots.caches["x"], image_kv)
     slots = slots.keep([1])  # slot 0 is free again
     wider = rng.standard_normal((2, 9, 6)).astype(np.float32)

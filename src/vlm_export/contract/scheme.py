@@ -189,13 +189,13 @@ class SlotBatch:
         return int(self.slots.shape[0])
 
     @property
-    def growing(self) -> dict[str, np.ndarray]:
-        """The buffers written in place, one position per step."""
+    def growing_buffers(self) -> dict[str, np.ndarray]:
+        """The buffers written in place, one position per step (the caches not ``padded``)."""
         return {name: buffer for name, buffer in self.caches.items() if name not in self.padded}
 
     @property
     def capacity(self) -> int:
-        return int(next(iter(self.growing.values())).shape[self.seq_axis]) if self.growing else 0
+        return int(next(iter(self.growing_buffers.values())).shape[self.seq_axis]) if self.growing_buffers else 0
 
     @property
     def positions(self) -> np.ndarray:
@@ -238,7 +238,8 @@ class SlotBatch:
         if set(other.caches) != set(other.growing) | set(other.padded) or other.seq_axis != self.seq_axis:
             raise ValueError("a SlotBatch holds caches that grow along one position axis, or are padded along one")
         if self.caches and other.padded != self.padded:
-            raise ValueError(f"rows with fixed state {sorted(other.padded)} cannot join rows with {sorted(self.padded)}")
+            raise ValueError(f"rows with fixed state {sorted(other.padded)} cannot join rows with "
+                             f"{sorted(self.padded)}")
         real = other.mask.astype(bool)
         lengths = real.sum(axis=1)
         if not np.array_equal(lengths, other.positions):
@@ -251,7 +252,7 @@ class SlotBatch:
             state = self
         state = state._fitting(other)
         free = np.setdiff1d(np.arange(len(state.lengths)), state.slots)[:other.rows]
-        for name, buffer in state.growing.items():
+        for name, buffer in state.growing_buffers.items():
             for i, slot in enumerate(free):
                 rows_cache = np.compress(real[i], other.caches[name][i], axis=self.seq_axis - 1)
                 index = [slice(None)] * (buffer.ndim - 1)
@@ -286,14 +287,14 @@ class SlotBatch:
     @property
     def position_nbytes(self) -> int:
         """Bytes one position of one row takes in the caches (``DecodeBatch.position_nbytes``)."""
-        return sum(b[0].nbytes // max(b.shape[self.seq_axis], 1) for b in self.growing.values())
+        return sum(b[0].nbytes // max(b.shape[self.seq_axis], 1) for b in self.growing_buffers.values())
 
     def row_caches(self, row: int) -> dict[str, np.ndarray]:
         """Row ``row``'s growing caches, its [0, length) columns, copied (its slot is reused after it
         leaves): what a prefix cache keeps of a finished row (``DecodeBatch.row_caches``' layout)."""
         slot = int(self.slots[row])
         index = (slice(None),) * (self.seq_axis - 1) + (slice(0, int(self.lengths[slot])),)
-        return {name: np.ascontiguousarray(buffer[slot][index]) for name, buffer in self.growing.items()}
+        return {name: np.ascontiguousarray(buffer[slot][index]) for name, buffer in self.growing_buffers.items()}
 
     def _grown(self, like: DecodeBatch, slots: int, capacity: int) -> "SlotBatch":
         """A copy with at least ``slots`` slots and ``capacity`` positions (the running rows kept)."""
