@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import InputError
 from .geometry import DecoderGeometry
 from .limits import Limits
-from .scheme import DecodeBatch, DecodingScheme, Feeds, Range, SlotBatch, left_padded, left_padded_mask, register_scheme
+from .scheme import DecodeBatch, DecodingScheme, Feeds, Range, left_padded, left_padded_mask, register_scheme
 from .spliced import PAST, PRESENT, SelfAttentionCache, kv_names, self_attention_io
 from .stages import DECODER, StageSpec, TensorSpec
 
@@ -221,18 +221,7 @@ class CrossAttentionScheme(SelfAttentionCache, DecodingScheme):
                             padded={CROSS_KV: 3, CROSS_MASK: 1, IMAGE_MASK: 1})
         return state.zero_masked()
 
-    def step_feeds(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        return {**self._step_tokens(batch, tokens), **self._fixed_and_past(batch.caches)}
-
-    def in_place_caches(self) -> dict[str, str]:
-        return dict(zip(self.present_names, self.past_names))
-
-    def slot_step_feeds(self, batch: SlotBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        # the fixed state is kept per slot (SlotBatch.padded); an idle slot's stale image K/V and
-        # masks only reach its own row, whose logits nobody reads
-        return {**self._slot_step_tokens(batch, tokens), **self._fixed_and_past(batch.caches)}
-
-    def _fixed_and_past(self, caches: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _step_state(self, caches: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {
             CROSS_MASK: caches[CROSS_MASK][:, None],  # the last prompt row, repeated for each new token
             IMAGE_MASK: caches[IMAGE_MASK],

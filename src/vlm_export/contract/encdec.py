@@ -48,13 +48,13 @@ the build's ``max_sequence`` on its own.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .geometry import DecoderGeometry
 from .limits import Limits
-from .scheme import DecodeBatch, DecodingScheme, Feeds, Range, SlotBatch, left_padded, register_scheme
+from .scheme import DecodeBatch, DecodingScheme, Feeds, Range, left_padded, register_scheme
 from .spliced import PAST, PRESENT, FlatImageTable, SelfAttentionCache, kv_names, self_attention_io
 from .stages import DECODER, ENCODER, StageSpec, TensorSpec
 
@@ -196,18 +196,7 @@ class EncoderDecoderScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
                             growing=tuple(self.past_names), padded=dict(FIXED_PADDED))
         return state.zero_masked()
 
-    def step_feeds(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        return {**self._step_tokens(batch, tokens), **self._fixed_and_past(batch.caches)}
-
-    def in_place_caches(self) -> dict[str, str]:
-        return dict(zip(self.present_names, self.past_names))
-
-    def slot_step_feeds(self, batch: SlotBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        # the cross K/V and encoder mask are kept per slot (SlotBatch.padded); an idle slot's stale
-        # ones only reach its own row, whose logits nobody reads
-        return {**self._slot_step_tokens(batch, tokens), **self._fixed_and_past(batch.caches)}
-
-    def _fixed_and_past(self, caches) -> dict[str, np.ndarray]:
+    def _step_state(self, caches: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {ENCODER_MASK: caches[ENCODER_MASK], CROSS_KV: caches[CROSS_KV],
                 **{n: caches[n] for n in self.past_names}}
 

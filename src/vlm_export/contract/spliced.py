@@ -43,12 +43,18 @@ def self_attention_io(g: DecoderGeometry, past_names: Sequence[str],
 
 class SelfAttentionCache:
     """The growing self-attention K/V every built-in scheme's decoder carries (``past_names`` in,
-    ``present_names`` out, both set by the scheme): its empty past, the state after a step, the
-    logits. A mixin: list it before :class:`DecodingScheme`."""
+    ``present_names`` out, both set by the scheme): its empty past, a step's feeds on either state
+    (the scheme adds the rest of its inputs: ``_step_state``), the state after a step, the logits,
+    and the in-place form. A mixin: list it before :class:`DecodingScheme`."""
 
     geometry: DecoderGeometry
     past_names: list[str]
     present_names: list[str]
+    pad_id: int
+
+    def _step_state(self, caches: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A step's inputs besides its tokens: the past K/V and any fixed state, from the caches."""
+        raise NotImplementedError
 
     def _empty_past(self, rows: int) -> dict[str, np.ndarray]:
         g = self.geometry
@@ -70,11 +76,19 @@ class SelfAttentionCache:
                 "attention_mask": np.concatenate([batch.mask, np.ones((rows, 1), dtype=np.int64)], axis=1),
                 "position_ids": batch.positions.reshape(rows, 1).copy()}
 
-    def _slot_step_tokens(self, batch: SlotBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        """``_step_tokens`` on a SlotBatch: one row per slot, an idle slot a masked-out pad."""
+    def step_feeds(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        return {**self._step_tokens(batch, tokens), **self._step_state(batch.caches)}
+
+    def in_place_caches(self) -> dict[str, str]:
+        return dict(zip(self.present_names, self.past_names))
+
+    def slot_step_feeds(self, batch: SlotBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        # one row per slot, an idle slot a masked-out pad; fixed state (SlotBatch.padded) is kept per
+        # slot, and an idle slot's stale values only reach its own row, whose logits nobody reads
         return {"input_ids": batch.by_slot(np.asarray(tokens, dtype=np.int64), self.pad_id).reshape(-1, 1),
                 "attention_mask": batch.step_mask(),
-                "position_ids": batch.by_slot(batch.positions, 0).reshape(-1, 1)}
+                "position_ids": batch.by_slot(batch.positions, 0).reshape(-1, 1),
+                **self._step_state(batch.caches)}
 
     def advance(self, batch: DecodeBatch, outputs: Feeds) -> DecodeBatch:
         # the self K/V replaced by the step's presents; any fixed state (cross K/V, masks) kept
@@ -188,8 +202,8 @@ class SplicedScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
                             growing=tuple(self.past_names))
         return state.zero_masked()
 
-    def step_feeds(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        return {**self._step_tokens(batch, tokens), self.image_input_name: self.empty_image_input(), **batch.caches}
+    def _step_state(self, caches: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {self.image_input_name: self.empty_image_input(), **caches}
 
     # ---- continuing from a cached prefix ---------------------------------------------------
     def prefix_keys(self, prompt_ids: Sequence[int], image_input: np.ndarray) -> np.ndarray:
@@ -226,12 +240,6 @@ class SplicedScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
                 "attention_mask": np.ones((1, len(ids)), np.int64),
                 "position_ids": np.arange(start, len(ids), dtype=np.int64)[None], **prefix.caches}
 
-    def in_place_caches(self) -> dict[str, str]:
-        return dict(zip(self.present_names, self.past_names))
-
-    def slot_step_feeds(self, batch: SlotBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        return {**self._slot_step_tokens(batch, tokens), self.image_input_name: self.empty_image_input(),
-                **batch.caches}
 
     def synthetic_batch(self, rows: int, length: int, rng: np.random.Generator,
                         fixed_length: int | None = None) -> DecodeBatch:
