@@ -35,6 +35,8 @@ TINY_MODELS = {
     "llava-siglip-qwen3": (make_tiny_llava, {"family": "qwen3", "tower": "siglip", "strategy": "full", "feature_layer": -1}),
     "llava-gemma3": (make_tiny_llava, {"family": "gemma3", "hf_processor": True}),  # saved as llava-hf checkpoints are
     "llava-phi3-longrope": (make_tiny_llava, {"family": "phi3-longrope"}),
+    "llava-phi": (make_tiny_llava, {"family": "phi"}),
+    "llava-gemma2": (make_tiny_llava, {"family": "gemma2"}),
     "llava-llama-dynamic-rope": (make_tiny_llava, {"family": "llama-dynamic-rope"}),
     "prefix-llama": (make_tiny_prefix, {"family": "llama"}),
     "blip2-opt": (make_tiny_blip2, {"family": "opt"}),

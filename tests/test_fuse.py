@@ -75,14 +75,42 @@ def _step(feeds, out, tokens):
 
 #: text families whose q/k pass through a per-head RMSNorm (Qwen3 before the transpose, Gemma 3 after)
 QK_NORM = {"llava-siglip-qwen3", "llava-gemma3"}
+#: text families whose first layer has a 16-position sliding window (tiny_models.TEXT_FAMILIES)
+WINDOWED_FIRST_LAYER = {"llava-gemma3", "llava-gemma2"}
 
 
-@pytest.mark.parametrize("name", ["llava-llama", "llava-mistral", *sorted(QK_NORM)])
+def _assert_fused_like_exported(src, dst):
+    """The fused graph answers as the exported one: a left-padded prefill, a decode step over a masked
+    hole, chunks of several tokens after a past, then greedy decoding step after step on each graph's KV."""
+    a, b = _session(src), _session(dst)
+    rng = np.random.default_rng(0)
+    for batch, past, new, pad in ((2, 0, 9, 3), (2, 12, 1, 5), (1, 30, 4, 0), (2, 30, 4, 7)):
+        feeds = _feeds(a, rng, batch, past, new, pad)
+        _assert_same_outputs(a, a.run(None, feeds), b.run(None, feeds), feeds["attention_mask"],
+                             f"batch={batch} past={past} new={new} pad={pad}")
+
+    def greedy(session, steps=12):
+        feeds = _feeds(session, np.random.default_rng(1), 1, 0, 6)
+        tokens = []
+        for _ in range(steps):
+            out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+            tokens.append(int(out["logits"][0, -1].argmax()))
+            total = feeds["attention_mask"].shape[1]
+            feeds.update(input_ids=np.array([[tokens[-1]]]), position_ids=np.array([[total]]),
+                         attention_mask=np.ones((1, total + 1), np.int64))
+            feeds.update({k.replace("present", "past_key_values"): v
+                          for k, v in out.items() if k.startswith("present")})
+        return tokens
+
+    assert greedy(b) == greedy(a)
+
+
+@pytest.mark.parametrize("name", ["llava-llama", "llava-mistral", "llava-gemma2", *sorted(QK_NORM)])
 def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_path, name):
     build = tiny_build(name)
     src = _decoder_graph(build)
     dst = tmp_path / "lm_decoder.fused.onnx"
-    # Gemma 3's first layer has a 16-position window: its kernel applies it, on a mask without it
+    # Gemma 2's and 3's first layer has a 16-position window: its kernel applies it, on a mask without it
     windows = DecoderGeometry.from_dict(build.manifest["scheme"]["geometry"]).layer_windows()
     report = fuse_decoder(src, dst, max_positions=256, layer_windows=windows)
 
@@ -113,7 +141,9 @@ def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_
         head_size = config.get("head_dim") or config["hidden_size"] // heads
         assert attrs["scale"] == pytest.approx(config.get("query_pre_attn_scalar", head_size) ** -0.5)
         assert attrs["do_rotary"] == 1 and node.input[9] == "position_ids"  # the runtime's positions
-        assert attrs.get("local_window_size", -1) == (16 if name == "llava-gemma3" and node is gqa[0] else -1)
+        assert attrs.get("local_window_size", -1) == (16 if name in WINDOWED_FIRST_LAYER and node is gqa[0] else -1)
+        # Gemma 2's cap x tanh(scores / cap) is the kernel's softcap (test_softcap_bites: it matters here)
+        assert attrs.get("softcap", 0.0) == pytest.approx(config.get("attn_logit_softcapping") or 0.0)
         if name in QK_NORM:  # the norm's output, (batch, sequence, heads x head size) again
             assert producers[node.input[0]].op_type == producers[node.input[1]].op_type == "Reshape"
             assert producers[node.input[2]].op_type == "Split"
@@ -124,29 +154,46 @@ def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_
     assert [i.name for i in fused.graph.input] == [i.name for i in base.graph.input]
     assert [o.name for o in fused.graph.output] == [o.name for o in base.graph.output]
 
-    a, b = _session(src), _session(dst)
-    rng = np.random.default_rng(0)
-    # a left-padded prefill, a decode step over a masked hole, chunks of several tokens after a past
-    for batch, past, new, pad in ((2, 0, 9, 3), (2, 12, 1, 5), (1, 30, 4, 0), (2, 30, 4, 7)):
-        feeds = _feeds(a, rng, batch, past, new, pad)
-        _assert_same_outputs(a, a.run(None, feeds), b.run(None, feeds), feeds["attention_mask"],
-                             f"batch={batch} past={past} new={new} pad={pad}")
+    _assert_fused_like_exported(src, dst)
 
-    # greedy decoding: identical tokens, step after step on the KV each graph returns
-    def greedy(session, steps=12):
-        feeds = _feeds(session, np.random.default_rng(1), 1, 0, 6)
-        tokens = []
-        for _ in range(steps):
-            out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
-            tokens.append(int(out["logits"][0, -1].argmax()))
-            total = feeds["attention_mask"].shape[1]
-            feeds.update(input_ids=np.array([[tokens[-1]]]), position_ids=np.array([[total]]),
-                         attention_mask=np.ones((1, total + 1), np.int64))
-            feeds.update({k.replace("present", "past_key_values"): v
-                          for k, v in out.items() if k.startswith("present")})
-        return tokens
 
-    assert greedy(b) == greedy(a)
+def test_softcap_bites(tiny_build, tmp_path):
+    """The tiny Gemma 2's cap is small enough to change its answers: the fused graph without its softcap
+    attribute differs from the exported graph by far more than the 1e-4 the test above allows, so it
+    would see a cap lost or misread."""
+    src = _decoder_graph(tiny_build("llava-gemma2"))
+    fuse_decoder(src, tmp_path / "fused.onnx", max_positions=256, layer_windows=(16, None))
+    model = onnx.load(tmp_path / "fused.onnx")
+    for node in model.graph.node:
+        kept = [a for a in node.attribute if a.name != "softcap"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+    onnx.save(model, tmp_path / "uncapped.onnx")
+    a, b = _session(src), _session(tmp_path / "uncapped.onnx")
+    feeds = _feeds(a, np.random.default_rng(0), 2, 12, 4, 3)
+    assert np.abs(a.run(None, feeds)[0] - b.run(None, feeds)[0]).max() > 2e-3
+
+
+def test_partial_rotary_fuses_into_the_attention_kernel(tiny_build, tmp_path):
+    """Phi-2's rotary turns the first 16 of each head's 32 channels and passes the rest through (a
+    Concat of the rotated Slice and the other Slice): the rotary pass fuses the rotated part and the
+    attention kernel takes it with cos/sin caches as wide as half the rotated channels, so the layer is
+    one kernel and the KV one shared buffer."""
+    from vlm_export.contract.scheme import KV_IN_PLACE
+
+    src = _decoder_graph(tiny_build("llava-phi"))
+    dst = tmp_path / "fused.onnx"
+    report = fuse_decoder(src, dst, max_positions=256)
+    layers = sum(i.name.startswith("past_key_values") for i in onnx.load(src, load_external_data=False).graph.input) // 2
+    assert report.fusions["rotary"] == 2 * layers and report.fusions["attention"] == layers, report.notes
+    fused = onnx.load(dst)
+    ops = collections.Counter(n.op_type for n in fused.graph.node)
+    assert ops["GroupQueryAttention"] == layers and ops["RotaryEmbedding"] == ops["Softmax"] == 0
+    assert KV_IN_PLACE in {p.key for p in fused.metadata_props}
+    inits = {t.name: t for t in fused.graph.initializer}
+    for node in (n for n in fused.graph.node if n.op_type == "GroupQueryAttention"):
+        assert list(inits[node.input[7]].dims) == [256, 8]  # 16 of the head's 32 channels rotated
+    _assert_fused_like_exported(src, dst)
 
 
 def test_a_window_on_unknown_layers_keeps_the_growing_cache(tiny_build, tmp_path):
@@ -216,22 +263,25 @@ def test_fused_attention_keeps_left_padded_batches(tiny_build, tmp_path):
 
 
 def test_attention_that_does_not_match_stays_unfused(tiny_build, tmp_path):
-    """A decoder whose attention is not the exported pattern (here: tanh soft-capped scores between
-    the mask and the softmax, as Gemma-2 writes them) keeps its attention nodes, with a note; the
-    other fusions still apply and the answers are the graph's own."""
+    """A decoder whose attention is not the exported pattern (here: a learned temperature per head
+    on the scores, which the kernel's single scale cannot hold) keeps its attention nodes, with a
+    note; the other fusions still apply and the answers are the graph's own."""
     model = onnx.load(_decoder_graph(tiny_build("llava-llama")))
     nodes = list(model.graph.node)
     for softmax in [n for n in nodes if n.op_type == "Softmax"]:
         x = softmax.input[0]
-        cap = helper.make_node("Constant", [], [f"{x}_cap"], value=numpy_helper.from_array(np.array(50.0, np.float32)))
-        div = helper.make_node("Div", [x, cap.output[0]], [f"{x}_div"])
-        tanh = helper.make_node("Tanh", [div.output[0]], [f"{x}_tanh"])
-        mul = helper.make_node("Mul", [tanh.output[0], cap.output[0]], [f"{x}_capped"])
-        nodes[nodes.index(softmax):nodes.index(softmax)] = [cap, div, tanh, mul]
-        softmax.input[0] = mul.output[0]
+        add = next(n for n in nodes if x in n.output)
+        producers = {o: n for n in nodes for o in n.output}
+        scores = next(i for i in add.input if i in producers and producers[i].op_type in ("Mul", "Div", "MatMul"))
+        shape = [d.dim_value or 1 for d in next(v for v in model.graph.value_info if v.name == scores).type.tensor_type.shape.dim]
+        temps = np.linspace(0.5, 1.5, shape[1], dtype=np.float32).reshape(1, shape[1], 1, 1)
+        temp = helper.make_node("Constant", [], [f"{x}_temp"], value=numpy_helper.from_array(temps))
+        mul = helper.make_node("Mul", [scores, temp.output[0]], [f"{x}_tempered"])
+        nodes[nodes.index(add):nodes.index(add)] = [temp, mul]
+        add.input[0] = mul.output[0]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    src = tmp_path / "softcapped.onnx"
+    src = tmp_path / "tempered.onnx"
     onnx.save(model, src)
 
     report = fuse_decoder(src, tmp_path / "out.onnx", max_positions=256)
@@ -239,10 +289,10 @@ def test_attention_that_does_not_match_stays_unfused(tiny_build, tmp_path):
     assert report.fusions["attention"] == 0 and report.fusions["rotary"] == 2 * layers
     assert any("attention" in n and "left unfused" in n for n in report.notes), report.notes
     ops = collections.Counter(n.op_type for n in onnx.load(tmp_path / "out.onnx").graph.node)
-    assert ops["GroupQueryAttention"] == 0 and ops["Softmax"] == layers and ops["Tanh"] == layers
+    assert ops["GroupQueryAttention"] == 0 and ops["Softmax"] == layers
     a, b = _session(src), _session(tmp_path / "out.onnx")
     feeds = _feeds(a, np.random.default_rng(0), 2, 0, 6, 2)
-    _assert_same_outputs(a, a.run(None, feeds), b.run(None, feeds), feeds["attention_mask"], "softcapped")
+    _assert_same_outputs(a, a.run(None, feeds), b.run(None, feeds), feeds["attention_mask"], "tempered")
 
 
 def test_weight_only_quantizes_the_fused_decoder(tiny_build, tmp_path):

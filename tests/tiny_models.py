@@ -68,6 +68,13 @@ TEXT_FAMILIES = {
     "phi3-longrope": ("phi3", {"original_max_position_embeddings": 64, "rope_scaling": {
         "rope_type": "longrope", "original_max_position_embeddings": 64,
         "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 2.0, 3.0, 4.0], "long_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 16.0]}}),
+    # partial rotary: the first 16 of each head's 32 channels rotated, the rest passed through; LayerNorm,
+    # one dense MLP, attention and MLP in parallel
+    "phi": ("phi", {"num_attention_heads": 2, "num_key_value_heads": 2, "partial_rotary_factor": 0.5}),
+    # scores soft-capped (cap x tanh(scores / cap), a cap small enough to bite at this size), a 16-position
+    # window on every other layer, the scale from query_pre_attn_scalar, sandwich norms
+    "gemma2": ("gemma2", {"head_dim": 16, "sliding_window": 16, "query_pre_attn_scalar": 16,
+                          "attn_logit_softcapping": 0.5}),
     # dynamic NTK: a branch on the positions' values that torch.export cannot trace
     "llama-dynamic-rope": ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
 }

@@ -77,7 +77,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..contract.scheme import KV_IN_PLACE
-from .patterns import rms_norm
+from .patterns import last_axis_slice, rms_norm
 
 MS_DOMAIN = "com.microsoft"
 
@@ -133,18 +133,41 @@ def _per_head_norm(g, name: str) -> str | None:
     return None
 
 
+def _rotary_above(g, node: onnx.NodeProto | None):
+    """``node`` = RotaryEmbedding(x) (every channel rotated), or Concat(RotaryEmbedding(Slice(x, [0, r))),
+    Slice(x, [r, end))) on the last axis (the first r channels rotated, the rest passed through: Phi-2's,
+    StableLM's partial rotary): (the rotary node, x), else None."""
+    if node is not None and node.op_type == "Concat" and len(node.input) == 2 and g.attr(node, "axis") in (-1, 3):
+        rotary, rest = (g.producer.get(i) for i in node.input)
+        head = rotary and g.producer.get(rotary.input[0])
+        x = head.input[0] if head is not None else ""
+        first, second = last_axis_slice(g, head, x), last_axis_slice(g, rest, x)
+        shape = g.shape(x) if x else None
+        width = shape[3] if shape and len(shape) == 4 else None
+        if rotary is not None and rotary.op_type == "RotaryEmbedding" and rotary.domain == MS_DOMAIN \
+                and isinstance(width, int) and first is not None and first[0] == 0 \
+                and second is not None and second[0] == first[1] and second[1] >= width:
+            return rotary, x
+        return None
+    if node is not None and node.op_type == "RotaryEmbedding" and node.domain == MS_DOMAIN:
+        return node, node.input[0]
+    return None
+
+
 def _heads(g, name: str, rotary_ok: bool):
-    """``name`` = [RotaryEmbedding]([norm](Transpose(0,2,1,3)([norm](Reshape(x3, (B, S, heads, head_size)))))),
-    the norm a per-head RMSNorm (``_per_head_norm``) on either side of the transpose or none.
+    """``name`` = [rotary]([norm](Transpose(0,2,1,3)([norm](Reshape(x3, (B, S, heads, head_size)))))),
+    the rotary over every channel or the first ones (``_rotary_above``), the norm a per-head RMSNorm
+    (``_per_head_norm``) on either side of the transpose or none.
     Returns (x3, rotary node or None, heads, head_size, nodes to add): with a norm, x3 is the normed
     heads reshaped back to (B, S, heads x head_size) by the added nodes (the norm stays; the kernel
     reads what it wrote)."""
     node, rotary = g.producer.get(name), None
-    if rotary_ok and node is not None and node.op_type == "RotaryEmbedding" and node.domain == MS_DOMAIN:
-        if len(node.input) != 4 or g.attr(node, "interleaved", 0) != 0 or g.attr(node, "rotary_embedding_dim", 0) \
-                or g.attr(node, "is_packed_batching", 0) or g.attr(node, "scale", 1.0) != 1.0:
-            raise _NoMatch(f"{node.name}: a rotary embedding other than the full-width rotate-half one")
-        rotary, name = node, node.input[0]
+    found = _rotary_above(g, node) if rotary_ok else None
+    if found is not None:
+        rotary, name = found
+        if len(rotary.input) != 4 or g.attr(rotary, "interleaved", 0) != 0 or g.attr(rotary, "rotary_embedding_dim", 0) \
+                or g.attr(rotary, "is_packed_batching", 0) or g.attr(rotary, "scale", 1.0) != 1.0:
+            raise _NoMatch(f"{rotary.name}: a rotary embedding other than the rotate-half one")
     elif rotary_ok and node is not None and node.op_type in ("Add", "Concat"):
         raise _NoMatch(f"{name}: q/k come from an unfused rotary embedding (the rotary pass runs first)")
     below = _per_head_norm(g, name)  # Gemma 3: the norm after the transpose
@@ -219,6 +242,11 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
         raise _NoMatch(f"{softmax.name}: no additive mask before the softmax")
     for i in (0, 1):
         scores, scale = _scaled(g, add.input[i])
+        softcap, tanh = 0.0, g.producer.get(scores)
+        if tanh is not None and tanh.op_type == "Tanh":
+            # Gemma 2's cap * tanh(scale * Q K^T / cap): the kernel's softcap, applied before the mask as here
+            scores, inner = _scaled(g, tanh.input[0])
+            softcap, scale = scale, inner * scale
         mm = g.producer.get(scores)
         if mm is not None and mm.op_type == "MatMul":
             bias = add.input[1 - i]
@@ -260,18 +288,22 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
         raise _NoMatch(f"{softmax.name}: head size {head_size} with rotary is not a multiple of 16")
     if q_rot is not None:
         pos, cos = q_rot.input[1], g.const(q_rot.input[2])
-        if len(g.shape(pos) or []) != 2 or cos is None or cos.ndim != 2 or cos.shape[1] * 2 != head_size:
-            raise _NoMatch(f"{q_rot.name}: not (batch, sequence) positions and full-width cos/sin caches")
+        rotated = _dims(g, q_rot.input[0], 4)[3]
+        if len(g.shape(pos) or []) != 2 or cos is None or cos.ndim != 2 or cos.shape[1] * 2 != rotated:
+            raise _NoMatch(f"{q_rot.name}: not (batch, sequence) positions and cos/sin caches as wide as the rotated channels")
+        if rotated % 16:
+            # ONNX Runtime 1.32: "cos_cache dimension 1 must be <= head_size / 2 and a multiple of 8"
+            raise _NoMatch(f"{softmax.name}: rotary over {rotated} of {head_size} channels, not a multiple of 16")
     if bias_shape[2] is None or bias_shape[2] != _dims(g, q3, 3)[1]:
         raise _NoMatch(f"{bias}: the mask's query dimension is not known to be the new tokens'")
     if bias_shape[1] not in (1, heads):
         raise _NoMatch(f"{bias}: the mask's head dimension {bias_shape[1]} is neither 1 nor {heads}")
-    if not np.isfinite(scale) or scale <= 0:
-        raise _NoMatch(f"{softmax.name}: scale {scale}")
+    if not np.isfinite(scale) or scale <= 0 or not np.isfinite(softcap) or softcap < 0:
+        raise _NoMatch(f"{softmax.name}: scale {scale}, softcap {softcap}")
     return dict(q3=q3, k3=k3, v3=v3, added=q_added + k_added + v_added, q_rot=q_rot, k_rot=k_rot,
                 past_k=past_k, past_v=past_v, present_k=present_k, present_v=present_v, k_cat=k_cat, v_cat=v_cat, out=out, bias=bias,
                 mask=_mask_input(g, bias),
-                heads=heads, kv_heads=kv_heads, head_size=head_size, scale=scale)
+                heads=heads, kv_heads=kv_heads, head_size=head_size, scale=scale, softcap=softcap)
 
 
 def _is_2d_of(g, name: str, dim: str) -> bool:
@@ -457,6 +489,7 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
             # Hugging Face's window as it is (onnxruntime-genai's builder writes it so too); on ONNX
             # Runtime 1.32 the kernel then masks the keys the exported graph masks (tests/test_fuse.py)
             **({"local_window_size": window} if window is not None else {}),
+            **({"softcap": float(m["softcap"])} if m["softcap"] else {}),
             **({"do_rotary": 1, "rotary_interleaved": 0} if m["q_rot"] is not None else {})))
         # the nodes whose outputs GroupQueryAttention now produces; the rest of the old attention
         # (repeat_kv, scores, softmax, transposes, the 4-D rotary, a window's mask) feeds nothing and is dropped

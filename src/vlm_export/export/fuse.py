@@ -44,7 +44,7 @@ from ..errors import ExportError
 from .attention_fuse import fold_packed_qkv, fuse_attention
 from .graph_info import (EXTERNAL_TENSOR_MIN_BYTES, read_tensor, save_graph, set_external_data, topological_order,
                          uses_external_data)
-from .patterns import rms_norm
+from .patterns import last_axis_slice, rms_norm
 
 MS_DOMAIN = "com.microsoft"
 FUSIONS = ("skip_rms_norm", "rotary", "packed_matmul", "attention")
@@ -242,20 +242,6 @@ def _fuse_skip_rms_norm(g: _Graph, report: FuseReport) -> None:
 
 # ---------------------------------------------------------------- rotary embedding (rotate half)
 
-def _half_slice(g: _Graph, node: onnx.NodeProto | None, x: str):
-    """(start, end) of a Slice of ``x`` on its last axis with step 1, else None."""
-    if node is None or node.op_type != "Slice" or node.input[0] != x or len(node.input) < 4:
-        return None
-    starts, ends, axes = (g.const(node.input[i]) for i in (1, 2, 3))
-    steps = g.const(node.input[4]) if len(node.input) > 4 and node.input[4] else np.array([1])
-    if any(v is None or v.size != 1 for v in (starts, ends, axes, steps)) or int(steps.item()) != 1:
-        return None
-    rank = len(g.shape(x) or [])
-    if int(axes.item()) not in (-1, rank - 1):
-        return None
-    return int(starts.item()), int(ends.item())
-
-
 def _angle_source(g: _Graph, trig: onnx.NodeProto, op: str):
     """Follow cos/sin back: [Mul(scale)] <- Cos|Sin <- Concat(f, f) <- Mul(Cast(Unsqueeze(pos, -1)), inv_freq).
     ``trig`` is the Unsqueeze feeding the rotary Mul. Returns (position_ids, inv_freq, scale) or None."""
@@ -322,8 +308,8 @@ def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
             if x is None or shape is None or len(shape) != 4 or not isinstance(shape[3], int) or x not in cos_mul.input:
                 continue
             half = shape[3] // 2
-            x2_range = _half_slice(g, x2_slice, x) or (0, 0)  # the second half: [half, end) or [half, INT_MAX)
-            if _half_slice(g, x1_slice, x) != (0, half) or x2_range[0] != half or x2_range[1] < 2 * half:
+            x2_range = last_axis_slice(g, x2_slice, x) or (0, 0)  # the second half: [half, end) or [half, INT_MAX)
+            if last_axis_slice(g, x1_slice, x) != (0, half) or x2_range[0] != half or x2_range[1] < 2 * half:
                 continue
             cos_u = g.producer.get(g.other_input(cos_mul, x) or "")
             sin_u = g.producer.get(g.other_input(sin_mul, cat.output[0]) or "")

@@ -46,3 +46,18 @@ def rms_norm(g, reduce: onnx.NodeProto):
     if gamma is None or gamma.ndim != 1 or (x_shape and isinstance(x_shape[-1], int) and gamma.shape[0] != x_shape[-1]):
         return None
     return x, gamma_name, eps, [square, reduce, add, sqrt, inv, scale, affine], affine.output[0]
+
+
+def last_axis_slice(g, node: onnx.NodeProto | None, x: str):
+    """(start, end) of ``node`` = Slice(``x``) on its last axis with step 1, else None (an end past the
+    axis as the exporter writes it: INT64_MAX or the axis length)."""
+    if node is None or node.op_type != "Slice" or node.input[0] != x or len(node.input) < 4:
+        return None
+    starts, ends, axes = (g.const(node.input[i]) for i in (1, 2, 3))
+    steps = g.const(node.input[4]) if len(node.input) > 4 and node.input[4] else np.array([1])
+    if any(v is None or v.size != 1 for v in (starts, ends, axes, steps)) or int(steps.item()) != 1:
+        return None
+    rank = len(g.shape(x) or [])
+    if int(axes.item()) not in (-1, rank - 1):
+        return None
+    return int(starts.item()), int(ends.item())
