@@ -216,15 +216,37 @@ def test_a_window_on_unknown_layers_keeps_the_growing_cache(tiny_build, tmp_path
     assert KV_IN_PLACE in {p.key for p in onnx.load(tmp_path / "out.onnx", load_external_data=False).metadata_props}
 
 
+def _tempered(src, dst):
+    """``src``'s decoder with a learned temperature per head multiplied into its attention scores (an
+    attention the kernel's single scale cannot hold: it stays unfused), written to ``dst``."""
+    model = onnx.load(src)
+    nodes = list(model.graph.node)
+    producers = {o: n for n in nodes for o in n.output}
+    for softmax in [n for n in nodes if n.op_type == "Softmax"]:
+        x = softmax.input[0]
+        add = producers[x]
+        scores = next(i for i in add.input if i in producers and producers[i].op_type in ("Mul", "Div", "MatMul"))
+        heads = next(v for v in model.graph.value_info if v.name == scores).type.tensor_type.shape.dim[1].dim_value
+        temps = np.linspace(0.5, 1.5, heads, dtype=np.float32).reshape(1, heads, 1, 1)
+        temp = helper.make_node("Constant", [], [f"{x}_temp"], value=numpy_helper.from_array(temps))
+        mul = helper.make_node("Mul", [scores, temp.output[0]], [f"{x}_tempered"])
+        nodes[nodes.index(add):nodes.index(add)] = [temp, mul]
+        add.input[0] = mul.output[0]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, dst)
+    return model
+
+
 def test_an_unfused_attention_over_the_cache_keeps_the_growing_cache(tiny_build, tmp_path):
-    """Phi-3's longrope rotary picks its frequencies by the length, which the rotary pass does not
-    fuse, so its attentions stay standard and concatenate their past: no shared buffer. (Unfused
-    cross-attentions, which read no past, do not stop it: test_mllama.py.)"""
+    """An attention the pass does not fuse concatenates its past as exported: no shared buffer.
+    (Unfused cross-attentions, which read no past, do not stop it: test_mllama.py.)"""
     from vlm_export.contract.scheme import KV_IN_PLACE
     from vlm_export.export.attention_fuse import _unfused_growing_caches
     from vlm_export.export.fuse import _Graph
 
-    src = _decoder_graph(tiny_build("llava-phi3-longrope"))
+    src = tmp_path / "tempered.onnx"
+    _tempered(_decoder_graph(tiny_build("llava-llama")), src)
     report = fuse_decoder(src, tmp_path / "out.onnx", max_positions=256)
     assert report.fusions["attention"] == 0
     assert KV_IN_PLACE not in {p.key for p in onnx.load(tmp_path / "out.onnx", load_external_data=False).metadata_props}
@@ -233,6 +255,41 @@ def test_an_unfused_attention_over_the_cache_keeps_the_growing_cache(tiny_build,
     grown = sorted(_unfused_growing_caches(g, set()))
     assert grown == sorted(i.name for i in g.graph.input if i.name.startswith("past_key_values")), grown
     assert _unfused_growing_caches(g, set(grown)) == []
+
+
+def test_longrope_picks_its_caches_per_call(tiny_build, tmp_path):
+    """Phi-3's longrope rotates a whole call with its long factors once the call's largest position
+    is past the original context (64 in the tiny model), else with its short ones: the exported graph
+    picks the frequencies with a Where, the fused one picks between two cos/sin cache pairs on the same
+    condition, and the attention kernel reads the pick, on one shared buffer. Same answers below, at
+    and past the switch; a graph that always read the short caches would differ past it."""
+    from vlm_export.contract.scheme import KV_IN_PLACE
+
+    src = _decoder_graph(tiny_build("llava-phi3-longrope"))
+    dst = tmp_path / "fused.onnx"
+    report = fuse_decoder(src, dst, max_positions=256)
+    layers = sum(i.name.startswith("past_key_values") for i in onnx.load(src, load_external_data=False).graph.input) // 2
+    assert report.fusions["rotary"] == 2 * layers and report.fusions["attention"] == layers, report.notes
+    fused = onnx.load(dst)
+    assert KV_IN_PLACE in {p.key for p in fused.metadata_props}
+    picks = [n for n in fused.graph.node if n.op_type == "Where" and n.output[0].startswith("rotary_")]
+    assert len(picks) == 2  # cos and sin, shared by every layer
+    gqa_caches = {tuple(n.input[7:9]) for n in fused.graph.node if n.op_type == "GroupQueryAttention"}
+    assert gqa_caches == {(picks[0].output[0], picks[1].output[0])}
+    a, b = _session(src), _session(dst)
+    rng = np.random.default_rng(0)
+    for batch, past, new, pad in ((2, 0, 9, 3), (2, 30, 4, 7), (1, 63, 1, 0), (2, 60, 8, 5), (1, 70, 1, 0), (2, 100, 3, 9)):
+        feeds = _feeds(a, rng, batch, past, new, pad)
+        _assert_same_outputs(a, a.run(None, feeds), b.run(None, feeds), feeds["attention_mask"],
+                             f"batch={batch} past={past} new={new} pad={pad}")
+    for node in picks:  # always the short caches
+        node.input[1] = node.input[2]
+    onnx.save(fused, tmp_path / "short.onnx")
+    short = _session(tmp_path / "short.onnx")
+    feeds = _feeds(a, rng, 1, 70, 1, 0)
+    assert np.abs(a.run(None, feeds)[0] - short.run(None, feeds)[0]).max() > 1e-3
+    feeds = _feeds(a, rng, 1, 30, 1, 0)
+    np.testing.assert_allclose(short.run(None, feeds)[0], a.run(None, feeds)[0], atol=1e-4)
 
 
 def test_fused_attention_keeps_left_padded_batches(tiny_build, tmp_path):
@@ -264,25 +321,10 @@ def test_fused_attention_keeps_left_padded_batches(tiny_build, tmp_path):
 
 def test_attention_that_does_not_match_stays_unfused(tiny_build, tmp_path):
     """A decoder whose attention is not the exported pattern (here: a learned temperature per head
-    on the scores, which the kernel's single scale cannot hold) keeps its attention nodes, with a
-    note; the other fusions still apply and the answers are the graph's own."""
-    model = onnx.load(_decoder_graph(tiny_build("llava-llama")))
-    nodes = list(model.graph.node)
-    for softmax in [n for n in nodes if n.op_type == "Softmax"]:
-        x = softmax.input[0]
-        add = next(n for n in nodes if x in n.output)
-        producers = {o: n for n in nodes for o in n.output}
-        scores = next(i for i in add.input if i in producers and producers[i].op_type in ("Mul", "Div", "MatMul"))
-        shape = [d.dim_value or 1 for d in next(v for v in model.graph.value_info if v.name == scores).type.tensor_type.shape.dim]
-        temps = np.linspace(0.5, 1.5, shape[1], dtype=np.float32).reshape(1, shape[1], 1, 1)
-        temp = helper.make_node("Constant", [], [f"{x}_temp"], value=numpy_helper.from_array(temps))
-        mul = helper.make_node("Mul", [scores, temp.output[0]], [f"{x}_tempered"])
-        nodes[nodes.index(add):nodes.index(add)] = [temp, mul]
-        add.input[0] = mul.output[0]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    on the scores) keeps its attention nodes, with a note; the other fusions still apply and the
+    answers are the graph's own."""
     src = tmp_path / "tempered.onnx"
-    onnx.save(model, src)
+    model = _tempered(_decoder_graph(tiny_build("llava-llama")), src)
 
     report = fuse_decoder(src, tmp_path / "out.onnx", max_positions=256)
     layers = sum(i.name.startswith("past_key_values") for i in model.graph.input) // 2

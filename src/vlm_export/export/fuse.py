@@ -242,9 +242,26 @@ def _fuse_skip_rms_norm(g: _Graph, report: FuseReport) -> None:
 
 # ---------------------------------------------------------------- rotary embedding (rotate half)
 
+def _frequencies(g: _Graph, name: str):
+    """The rotary's inverse frequencies ``name``: a constant -> ("", (table,)); or Where(cond, a, b) of two
+    constant tables, picked per call by a scalar condition (Phi-3's longrope: the long factors when the
+    call's largest position is past the original context) -> (cond, (a, b)). Else None."""
+    table = g.const(name)
+    if table is not None:
+        return "", (table.reshape(-1).astype(np.float32),)
+    where = g.producer.get(name)
+    if where is None or where.op_type != "Where" or g.shape(where.input[0]) != []:
+        return None
+    tables = [g.const(i) for i in where.input[1:]]
+    if any(t is None for t in tables) or tables[0].size != tables[1].size:
+        return None
+    return where.input[0], tuple(t.reshape(-1).astype(np.float32) for t in tables)
+
+
 def _angle_source(g: _Graph, trig: onnx.NodeProto, op: str):
     """Follow cos/sin back: [Mul(scale)] <- Cos|Sin <- Concat(f, f) <- Mul(Cast(Unsqueeze(pos, -1)), inv_freq).
-    ``trig`` is the Unsqueeze feeding the rotary Mul. Returns (position_ids, inv_freq, scale) or None."""
+    ``trig`` is the Unsqueeze feeding the rotary Mul. Returns (position_ids, condition, inverse-frequency
+    tables, scale) (``_frequencies``) or None."""
     if trig.op_type != "Unsqueeze":
         return None
     axes = g.const(trig.input[1]) if len(trig.input) > 1 else np.array(g.attr(trig, "axes", []))
@@ -267,9 +284,9 @@ def _angle_source(g: _Graph, trig: onnx.NodeProto, op: str):
     if freq is None or freq.op_type != "Mul":
         return None
     for i in (0, 1):
-        inv_freq = g.const(freq.input[1 - i])
+        freqs = _frequencies(g, freq.input[1 - i])
         cast = g.producer.get(freq.input[i])
-        if inv_freq is not None and cast is not None and cast.op_type == "Cast":
+        if freqs is not None and cast is not None and cast.op_type == "Cast":
             break
     else:
         return None
@@ -282,8 +299,29 @@ def _angle_source(g: _Graph, trig: onnx.NodeProto, op: str):
     pos = unsq.input[0]
     if g.elem_type(pos) != onnx.TensorProto.INT64 or len(g.shape(pos) or []) != 2:
         return None
-    inv_freq = inv_freq.reshape(-1).astype(np.float32)
-    return pos, inv_freq, scale
+    return pos, *freqs, scale
+
+
+def _rotary_caches(g: _Graph, index: int, condition: str, tables, cos_scale: float, sin_scale: float,
+                   max_positions: int) -> tuple[str, str]:
+    """Position-indexed cos/sin caches (max_positions, half) for the inverse-frequency ``tables``; with a
+    condition, one pair per table and a Where picking the pair each call, as the exported graph picks
+    its frequencies (a cache is indexed by position, so picking the whole cache is picking the frequencies)."""
+    names = (f"rotary_cos_cache_{index}", f"rotary_sin_cache_{index}")
+    pairs = []
+    for branch, inv_freq in zip(("then", "else") if condition else ("",), tables):
+        # the exporter's sub-graph casts position_ids to float and multiplies in fp32: same here
+        angles = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
+        pair = tuple(f"{n}_{branch}" if branch else n for n in names)
+        g.new_inits += [g.weights.make((np.cos(angles) * np.float32(cos_scale)).astype(np.float32), pair[0]),
+                        g.weights.make((np.sin(angles) * np.float32(sin_scale)).astype(np.float32), pair[1])]
+        pairs.append(pair)
+    if condition:
+        g.replace([], [helper.make_node("Where", [condition, pairs[0][k], pairs[1][k]], [name], name=f"{name}_pick")
+                       for k, name in enumerate(names)])
+        for name in names:
+            g.types[name] = helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, [max_positions, tables[0].size]).tensor_type
+    return names
 
 
 def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
@@ -315,19 +353,14 @@ def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
             sin_u = g.producer.get(g.other_input(sin_mul, cat.output[0]) or "")
             cos_src = cos_u and _angle_source(g, cos_u, "Cos")
             sin_src = sin_u and _angle_source(g, sin_u, "Sin")
-            if not cos_src or not sin_src or cos_src[0] != sin_src[0] or not np.array_equal(cos_src[1], sin_src[1]) \
-                    or cos_src[1].size != half:
+            if not cos_src or not sin_src or cos_src[:2] != sin_src[:2] or len(cos_src[2]) != len(sin_src[2]) \
+                    or not all(np.array_equal(a, b) for a, b in zip(cos_src[2], sin_src[2])) \
+                    or cos_src[2][0].size != half:
                 continue
-            pos, inv_freq, _ = cos_src
-            key = (inv_freq.tobytes(), cos_src[2], sin_src[2])
+            pos, condition, tables, cos_scale = cos_src
+            key = (condition, tuple(t.tobytes() for t in tables), cos_scale, sin_src[3])
             if key not in caches:
-                # the exporter's sub-graph casts position_ids to float and multiplies in fp32: same here
-                angles = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
-                names = (f"rotary_cos_cache_{len(caches)}", f"rotary_sin_cache_{len(caches)}")
-                cos = (np.cos(angles) * np.float32(cos_src[2])).astype(np.float32)
-                sin = (np.sin(angles) * np.float32(sin_src[2])).astype(np.float32)
-                g.new_inits += [g.weights.make(cos, names[0]), g.weights.make(sin, names[1])]
-                caches[key] = names
+                caches[key] = _rotary_caches(g, len(caches), condition, tables, cos_scale, sin_src[3], max_positions)
             fused = helper.make_node("RotaryEmbedding", [x, pos, *caches[key]], [add.output[0]],
                                      name=f"{add.name}_rotary", domain=MS_DOMAIN, interleaved=0)
             # the Slices/Neg/Concat and the angle sub-graph now feed nothing: dead-node removal drops them
