@@ -42,6 +42,7 @@ TINY_MODELS = {
     "blip2-opt": (make_tiny_blip2, {"family": "opt"}),
     "blip2-llama": (make_tiny_blip2, {"family": "llama"}),
     "instructblip-llama": (make_tiny_instructblip, {}),
+    "instructblip-t5": (make_tiny_instructblip, {"family": "t5"}),
     "mllama": (make_tiny_mllama, {}),
     "blip2-t5": (make_tiny_blip2_t5, {}),
     "florence2": (make_tiny_florence2, {}),

@@ -84,13 +84,13 @@ def test_blip2_configs_pick_their_adapter(blip2_t5, tmp_path, run_cli):
     assert adapter_for(tmp_path / "blip2_t5").name == "blip2_t5"
     assert_one_line_error(run_cli("build", str(model), "--adapter", "blip2", "--out", str(tmp_path / "out")),
                           "encoder-decoder language model (t5)", "decoder-only")
-    # InstructBLIP with a T5 LM: its model type is known, the variant is not - said so, in one line
+    # InstructBLIP: the same rule between its two adapters
     iblip = tmp_path / "iblip-t5"
     iblip.mkdir()
-    (iblip / "config.json").write_text(json.dumps({"model_type": "instructblip", "use_decoder_only_language_model": False,
-                                                   "text_config": {"model_type": "t5"}}))
-    assert_one_line_error(run_cli("build", str(iblip), "--out", str(tmp_path / "out2")),
-                          "handled by instructblip, but not this variant", "encoder-decoder language model (t5)")
+    for flag, name in ((False, "instructblip_t5"), (True, "instructblip")):
+        (iblip / "config.json").write_text(json.dumps({"model_type": "instructblip", "use_decoder_only_language_model": flag,
+                                                       "text_config": {"model_type": "t5" if not flag else "llama"}}))
+        assert adapter_for(iblip).name == name
 
 
 def test_build_parity_per_stage(blip2_t5):
@@ -319,6 +319,37 @@ def test_served_answers_equal_in_process(blip2_t5, photos, tmp_path):
     expected = [generate(pipe, q, list(imgs), config).text for q, imgs in asks]
     repo = render_repository(result.path, tmp_path / "repo")
     assert (repo / "lm_encoder" / "config.pbtxt").is_file()
+    with TritonServer(repo, log_file=tmp_path / "triton.log") as server:
+        client = VLMClient(f"grpc://{server.grpc_url}")
+        got = [client.generate(q, imgs, max_tokens=8).text for q, imgs in asks]
+    assert got == expected
+
+
+def test_instructblip_t5_served_answers_equal_in_process(tiny_build, tiny_model_dir, photos, tmp_path, run_cli):
+    """InstructBLIP with a Flan-T5: the instruction-aware image path (the Q-Former reads the question,
+    so one image asked two things is encoded twice) feeding the T5's encoder and decoder. Served by
+    tritonserver (image path and lm_encoder as models of their own, the decoder in process) it answers
+    as in process; forcing the decoder-only adapter on it is one line."""
+    from conftest import assert_one_line_error
+    from vlm_export.adapters import adapter_for
+    from vlm_export.client.client import VLMClient
+    from vlm_export.model_repository.render import render_repository
+    from vlm_export.serve.server import TritonServer
+
+    model = tiny_model_dir("instructblip-t5")
+    assert adapter_for(model).name == "instructblip_t5"
+    assert_one_line_error(run_cli("build", str(model), "--adapter", "instructblip", "--out", str(tmp_path / "out")),
+                          "encoder-decoder language model (t5)", "decoder-only")
+    result = tiny_build("instructblip-t5")
+    assert [s["name"] for s in result.manifest["stages"]] == ["vision_encoder", "qformer", "lm_encoder", "lm_decoder"]
+    assert result.manifest["scheme"]["name"] == "encoder_decoder"
+    pipe = open_build(result.path)
+    config = GenerationConfig(max_new_tokens=8)
+    image = tmp_path / "cat.png"
+    photos["cat"].save(image)
+    asks = [(QUESTION, [image]), (LONG_QUESTION, [image]), (TEXT_QUESTION, [])]
+    expected = [generate(pipe, q, list(imgs), config).text for q, imgs in asks]
+    repo = render_repository(result.path, tmp_path / "repo")
     with TritonServer(repo, log_file=tmp_path / "triton.log") as server:
         client = VLMClient(f"grpc://{server.grpc_url}")
         got = [client.generate(q, imgs, max_tokens=8).text for q, imgs in asks]

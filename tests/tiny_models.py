@@ -289,19 +289,21 @@ def make_qformer_tokenizer():
         return BertTokenizer.from_pretrained(d, do_lower_case=True, model_max_length=64)
 
 
-def make_tiny_instructblip(path: Path, seed: int = 0, num_query_tokens: int = 4) -> Path:
+def make_tiny_instructblip(path: Path, seed: int = 0, num_query_tokens: int = 4, family: str = "llama") -> Path:
+    """A tiny random InstructBlipForConditionalGeneration with its InstructBlipProcessor; ``family``
+    "llama" (Vicuna-style) or "t5" (as InstructBLIP-Flan-T5)."""
     from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor,
                               InstructBlipQFormerConfig, InstructBlipVisionConfig)
 
-    tok = _blip_text_tokenizer()
+    tok = make_t5_tokenizer() if family == "t5" else _blip_text_tokenizer()
     qtok = make_qformer_tokenizer()
     image_token_id = tok.convert_tokens_to_ids(BLIP_IMAGE_TOKEN)
     vision, qformer = _blip_sub_configs(InstructBlipVisionConfig, InstructBlipQFormerConfig,
                                         vocab_size=_padded_vocab(len(qtok)), max_position_embeddings=64,
                                         pad_token_id=qtok.pad_token_id)
     torch.manual_seed(seed)
-    cfg = InstructBlipConfig(vision_config=vision, qformer_config=qformer,
-                             text_config=_blip_text_config("llama", _padded_vocab(len(tok))),
+    text = _tiny_t5_config(tok) if family == "t5" else _blip_text_config(family, _padded_vocab(len(tok)))
+    cfg = InstructBlipConfig(vision_config=vision, qformer_config=qformer, text_config=text,
                              num_query_tokens=num_query_tokens, image_token_index=image_token_id)
     model = InstructBlipForConditionalGeneration(cfg).eval()
     _randomise_query_tokens(model)
@@ -387,15 +389,19 @@ def make_tiny_blip2_t5(path: Path, seed: int = 0, num_query_tokens: int = 4, enc
     """A tiny random Blip2ForConditionalGeneration with a T5 (gated-gelu, as Flan-T5) text model, with
     its Blip2Processor. (Unequal encoder and decoder depths do not
     run in HF generate 5.24: its cache is sized by num_layers, the encoder's.)"""
+    tok = make_t5_tokenizer()
+    return _save_tiny_blip2(path, tok, _tiny_t5_config(tok, encoder_layers, decoder_layers), seed, num_query_tokens)
+
+
+def _tiny_t5_config(tok, encoder_layers: int = 2, decoder_layers: int = 2):
+    """A tiny T5 (gated-gelu, as Flan-T5) over ``tok``."""
     from transformers import T5Config
 
-    tok = make_t5_tokenizer()
-    text = T5Config(vocab_size=_padded_vocab(len(tok)), d_model=64, d_kv=16, d_ff=128, num_layers=encoder_layers,
+    return T5Config(vocab_size=_padded_vocab(len(tok)), d_model=64, d_kv=16, d_ff=128, num_layers=encoder_layers,
                     num_decoder_layers=decoder_layers, num_heads=4, relative_attention_num_buckets=8,
                     relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
                     decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
                     eos_token_id=tok.eos_token_id, initializer_factor=2.0)
-    return _save_tiny_blip2(path, tok, text, seed, num_query_tokens)
 
 
 # --- Florence-2 (DaViT + BART) ----------------------------------------------------------------------

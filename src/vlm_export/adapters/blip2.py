@@ -132,6 +132,17 @@ class QFormerAdapterBase(VLMAdapter):
                 f"{found} image token(s) of id {cfg.image_token_id} where the model expects {cfg.num_query_tokens} in "
                 "front of the text; check the tokenizer's image token and the config's image_token_index")
 
+    def stages(self, loaded: LoadedModel) -> list[Stage]:
+        return [*self.image_stages(loaded), *self.language_stages(loaded)]
+
+    def image_stages(self, loaded: LoadedModel) -> list[Stage]:
+        """The image path: ``vision_encoder`` and ``qformer`` (which each model reads in its own way)."""
+        raise NotImplementedError
+
+    def language_stages(self, loaded: LoadedModel) -> list[Stage]:
+        """The language model's stages: one spliced decoder here (``blip2_t5.T5LanguageModel``: a T5's two)."""
+        return [self.decoder_stage(loaded)]
+
     def decoder_stage(self, loaded: LoadedModel) -> Stage:
         lm = loaded.model.language_model
         scheme = self.scheme(loaded)
@@ -183,9 +194,8 @@ class Blip2Adapter(QFormerAdapterBase):
     model_cls = "Blip2ForConditionalGeneration"
     processor_cls = "Blip2Processor"
 
-    def stages(self, loaded: LoadedModel) -> list[Stage]:
+    def image_stages(self, loaded: LoadedModel) -> list[Stage]:
         m = loaded.model
         qformer = QFormerProjector(m.query_tokens, m.qformer, m.language_projection)
-        return [*image_path_stages(VisionEncoder(m.vision_model), qformer, self.image_size(loaded),
-                                   projector_name="qformer", projector_follows_default=False),
-                self.decoder_stage(loaded)]
+        return image_path_stages(VisionEncoder(m.vision_model), qformer, self.image_size(loaded),
+                                 projector_name="qformer", projector_follows_default=False)

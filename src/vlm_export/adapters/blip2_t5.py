@@ -1,5 +1,6 @@
 """BLIP-2 with an encoder-decoder language model: Hugging Face ``Blip2ForConditionalGeneration`` whose
-text model is a T5 (Flan-T5; the config's ``use_decoder_only_language_model`` is false).
+text model is a T5 (Flan-T5; the config's ``use_decoder_only_language_model`` is false). The T5 side
+(``T5LanguageModel``) serves InstructBLIP with a Flan-T5 too (``instructblip.py``).
 
 BLIP-2's image path (``vision_encoder``, ``qformer``: the same modules as ``blip2.py``), then the
 ``encoder_decoder`` scheme's two stages (``contract/encdec.py``):
@@ -29,8 +30,8 @@ from ..contract import DecoderGeometry
 from ..contract.encdec import ENCODER_STAGE, EncoderDecoderScheme
 from . import register
 from .base import LoadedModel, Stage
-from .blip2 import QFormerAdapterBase, QFormerProjector, VisionEncoder
-from .decoder import image_path_stages, splice_image_rows
+from .blip2 import Blip2Adapter
+from .decoder import splice_image_rows
 from .encdec import (cross_key_values, encdec_scheme, lm_decoder_stage, lm_encoder_stage, prefilled_cache,
                      reference_tokens, self_present)
 
@@ -76,14 +77,11 @@ class T5LMDecoder(nn.Module):
         return (logits, *self_present(cache, self.layers))
 
 
-@register
-class Blip2T5Adapter(QFormerAdapterBase):
-    name = "blip2_t5"
-    model_types = ("blip-2",)
-    description = ("Hugging Face Blip2ForConditionalGeneration with an encoder-decoder LM (Flan-T5): ViT + Q-Former "
-                   "+ T5 encoder (once per prompt) + T5 decoder")
-    model_cls = "Blip2ForConditionalGeneration"
-    processor_cls = "Blip2Processor"
+class T5LanguageModel:
+    """The language-model side of a Q-Former model whose LM is a T5 (mixed in before BLIP-2's or
+    InstructBLIP's adapter, which give the image path): the ``encoder_decoder`` scheme's ``lm_encoder``
+    and ``lm_decoder`` stages, its geometry, the T5's fp32 modules and the reference."""
+
     decoder_only: ClassVar[bool] = False
 
     def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
@@ -94,25 +92,16 @@ class Blip2T5Adapter(QFormerAdapterBase):
                                max_position_embeddings=getattr(t, "n_positions", None) or 512)
 
     def scheme(self, loaded: LoadedModel) -> EncoderDecoderScheme:
-        # Blip2ForConditionalGeneration.generate hands over to the T5's generate: its generation config rules
+        # the model's generate hands over to the T5's generate: its generation config rules
         return encdec_scheme(loaded, self.geometry(loaded), loaded.model.language_model.generation_config)
 
-    def stages(self, loaded: LoadedModel) -> list[Stage]:
-        m = loaded.model
-        qformer = QFormerProjector(m.query_tokens, m.qformer, m.language_projection)
+    def language_stages(self, loaded: LoadedModel) -> list[Stage]:
         scheme = self.scheme(loaded)
-        return [*image_path_stages(VisionEncoder(m.vision_model), qformer, self.image_size(loaded),
-                                   projector_name="qformer", projector_follows_default=False),
-                self._encoder_stage(loaded, scheme), self._decoder_stage(loaded, scheme)]
+        return [lm_encoder_stage(scheme, T5LMEncoder(loaded.model.language_model, scheme.image_token_id)),
+                lm_decoder_stage(scheme, T5LMDecoder(loaded.model.language_model))]
 
     def decoder_stage(self, loaded: LoadedModel) -> Stage:
-        return self._decoder_stage(loaded, self.scheme(loaded))
-
-    def _encoder_stage(self, loaded: LoadedModel, scheme: EncoderDecoderScheme) -> Stage:
-        return lm_encoder_stage(scheme, T5LMEncoder(loaded.model.language_model, scheme.image_token_id))
-
-    def _decoder_stage(self, loaded: LoadedModel, scheme: EncoderDecoderScheme) -> Stage:
-        return lm_decoder_stage(scheme, T5LMDecoder(loaded.model.language_model))
+        return lm_decoder_stage(self.scheme(loaded), T5LMDecoder(loaded.model.language_model))
 
     def fp32_modules(self, loaded: LoadedModel) -> dict[str, tuple[str, ...]]:
         # T5 overflows fp16 in its feed-forward output: HF keeps ``wo`` in fp32 (and so the residual sum)
@@ -120,7 +109,7 @@ class Blip2T5Adapter(QFormerAdapterBase):
         return {ENCODER_STAGE: keep, EncoderDecoderScheme.decoder_stage: keep} if keep else {}
 
     def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
-        """HF generate as BLIP-2-T5's documentation runs it (``processor(images, text)`` ->
+        """HF generate as the model's documentation runs it (``processor(images, text)`` ->
         ``model.generate``), our pixels in; text-only prompts to the T5 itself. Its output starts with
         the decoder's prompt (start token, forced tokens), which ours does not count as generated."""
         from PIL import Image
@@ -133,3 +122,10 @@ class Blip2T5Adapter(QFormerAdapterBase):
         inputs = loaded.processor(images=blank, text=prompt, return_tensors="pt")
         inputs["pixel_values"] = pixel_values
         return reference_tokens(loaded.model.generate, self.scheme(loaded), max_new_tokens, **inputs, **common)
+
+
+@register
+class Blip2T5Adapter(T5LanguageModel, Blip2Adapter):
+    name = "blip2_t5"
+    description = ("Hugging Face Blip2ForConditionalGeneration with an encoder-decoder LM (Flan-T5): ViT + Q-Former "
+                   "+ T5 encoder (once per prompt) + T5 decoder")

@@ -1,4 +1,5 @@
-"""InstructBLIP: Hugging Face ``InstructBlipForConditionalGeneration`` (Vicuna/Llama-style LM).
+"""InstructBLIP: Hugging Face ``InstructBlipForConditionalGeneration`` with a decoder-only LM (Vicuna/Llama-style:
+``instructblip``) or a Flan-T5 (``instructblip_t5``).
 
 BLIP-2's layout (see ``blip2.py``) with one difference that reaches every layer: the Q-Former also
 reads the instruction, tokenized by a BERT tokenizer of its own (``qformer_input_ids``), and its
@@ -16,6 +17,7 @@ from ..contract import ImageText, TensorSpec
 from . import register
 from .base import LoadedModel, Stage
 from .blip2 import QFormerAdapterBase, VisionEncoder
+from .blip2_t5 import T5LanguageModel
 from .decoder import image_path_stages
 
 IDS, MASK = "qformer_input_ids", "qformer_attention_mask"
@@ -57,7 +59,7 @@ class InstructBlipAdapter(QFormerAdapterBase):
         # the Q-Former's text embeddings have max_position_embeddings positions (the queries take none)
         return ImageText("image_text_tokenizer", IDS, MASK, loaded.config.qformer_config.max_position_embeddings)
 
-    def stages(self, loaded: LoadedModel) -> list[Stage]:
+    def image_stages(self, loaded: LoadedModel) -> list[Stage]:
         m = loaded.model
         text = self.image_text(loaded)
         gen = torch.Generator().manual_seed(2)
@@ -68,8 +70,16 @@ class InstructBlipAdapter(QFormerAdapterBase):
         dims = ("images", TOKENS)
         inputs = [(TensorSpec(IDS, "int64", dims, "prompt"), ids), (TensorSpec(MASK, "int64", dims, "prompt"), mask)]
         qformer = InstructQFormerProjector(m.query_tokens, m.qformer, m.language_projection)
-        return [*image_path_stages(VisionEncoder(m.vision_model), qformer, self.image_size(loaded),
-                                   projector_name="qformer", projector_inputs=inputs,
-                                   projector_dim_ranges={TOKENS: (1, min(32, text.max_length), text.max_length)},
-                                   projector_follows_default=False),
-                self.decoder_stage(loaded)]
+        return image_path_stages(VisionEncoder(m.vision_model), qformer, self.image_size(loaded),
+                                 projector_name="qformer", projector_inputs=inputs,
+                                 projector_dim_ranges={TOKENS: (1, min(32, text.max_length), text.max_length)},
+                                 projector_follows_default=False)
+
+
+@register
+class InstructBlipT5Adapter(T5LanguageModel, InstructBlipAdapter):
+    """InstructBLIP with a Flan-T5 (the same model type; ``handles`` picks by the LM, as for BLIP-2): the
+    instruction-aware image path above, then the T5's encoder and decoder (``blip2_t5.T5LanguageModel``)."""
+    name = "instructblip_t5"
+    description = ("Hugging Face InstructBlipForConditionalGeneration with an encoder-decoder LM (Flan-T5): ViT + "
+                   "instruction-aware Q-Former + T5 encoder (once per prompt) + T5 decoder")
