@@ -325,6 +325,7 @@ def test_a_head_size_the_fused_rotary_refuses_builds_unfused(tmp_path):
 
     from tiny_models import IMAGE_TOKEN_ID, TEXT_FAMILIES, _save_tokenizer_and_processor, _text_config, _vision_config
     from vlm_export.build import BuildOptions, build
+    from vlm_export.progress import Progress
 
     model = tmp_path / "model"
     with pytest.MonkeyPatch.context() as patch:
@@ -334,11 +335,23 @@ def test_a_head_size_the_fused_rotary_refuses_builds_unfused(tmp_path):
     LlavaForConditionalGeneration(LlavaConfig(vision_config=_vision_config(), text_config=text,
                                               image_token_id=IMAGE_TOKEN_ID)).save_pretrained(model)
     _save_tokenizer_and_processor(model, 32)
-    result = build(model, tmp_path / "build", BuildOptions(max_sequence=128, parity_new_tokens=8))
+    class Notes(Progress):
+        def __init__(self):
+            self.lines = []
+
+        def note(self, text):
+            self.lines.append(text)
+
+    progress = Notes()
+    result = build(model, tmp_path / "build", BuildOptions(max_sequence=128, parity_new_tokens=8), progress)
     assert result.failures == []
     fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
     assert fusion["made"] and fusion["fusions"]["attention"] == 0
     assert any("head size 24 with rotary is not a multiple of 16" in n for n in fusion["notes"])
+    # and the build says, in a line, that this decoder copies its KV cache each step
+    assert not fusion["kv_in_place"] and "head size 24" in fusion["kv_copied_because"]
+    assert any(line.startswith("lm_decoder: its fused form decodes on a KV cache copied every step") and "head size 24"
+               in line for line in progress.lines), progress.lines
 
 
 def test_an_lm_whose_token_embeddings_are_narrower_than_its_hidden_size_is_refused(tmp_path):

@@ -174,15 +174,12 @@ def test_softcap_bites(tiny_build, tmp_path):
     assert np.abs(a.run(None, feeds)[0] - b.run(None, feeds)[0]).max() > 2e-3
 
 
-def test_partial_rotary_fuses_into_the_attention_kernel(tiny_build, tmp_path):
-    """Phi-2's rotary turns the first 16 of each head's 32 channels and passes the rest through (a
-    Concat of the rotated Slice and the other Slice): the rotary pass fuses the rotated part and the
-    attention kernel takes it with cos/sin caches as wide as half the rotated channels, so the layer is
-    one kernel and the KV one shared buffer."""
+def _every_attention_fused(build, tmp_path):
+    """The build's decoder fused: every layer's rotary and attention in one GroupQueryAttention, the KV
+    one shared buffer. Returns (exported graph, fused graph, fused model)."""
     from vlm_export.contract.scheme import KV_IN_PLACE
 
-    src = _decoder_graph(tiny_build("llava-phi"))
-    dst = tmp_path / "fused.onnx"
+    src, dst = _decoder_graph(build), tmp_path / "fused.onnx"
     report = fuse_decoder(src, dst, max_positions=256)
     layers = sum(i.name.startswith("past_key_values") for i in onnx.load(src, load_external_data=False).graph.input) // 2
     assert report.fusions["rotary"] == 2 * layers and report.fusions["attention"] == layers, report.notes
@@ -190,6 +187,16 @@ def test_partial_rotary_fuses_into_the_attention_kernel(tiny_build, tmp_path):
     ops = collections.Counter(n.op_type for n in fused.graph.node)
     assert ops["GroupQueryAttention"] == layers and ops["RotaryEmbedding"] == ops["Softmax"] == 0
     assert KV_IN_PLACE in {p.key for p in fused.metadata_props}
+    assert report.kv_in_place and not report.kv_copied_because
+    return src, dst, fused
+
+
+def test_partial_rotary_fuses_into_the_attention_kernel(tiny_build, tmp_path):
+    """Phi-2's rotary turns the first 16 of each head's 32 channels and passes the rest through (a
+    Concat of the rotated Slice and the other Slice): the rotary pass fuses the rotated part and the
+    attention kernel takes it with cos/sin caches as wide as half the rotated channels, so the layer is
+    one kernel and the KV one shared buffer."""
+    src, dst, fused = _every_attention_fused(tiny_build("llava-phi"), tmp_path)
     inits = {t.name: t for t in fused.graph.initializer}
     for node in (n for n in fused.graph.node if n.op_type == "GroupQueryAttention"):
         assert list(inits[node.input[7]].dims) == [256, 8]  # 16 of the head's 32 channels rotated
@@ -248,7 +255,8 @@ def test_an_unfused_attention_over_the_cache_keeps_the_growing_cache(tiny_build,
     src = tmp_path / "tempered.onnx"
     _tempered(_decoder_graph(tiny_build("llava-llama")), src)
     report = fuse_decoder(src, tmp_path / "out.onnx", max_positions=256)
-    assert report.fusions["attention"] == 0
+    assert report.fusions["attention"] == 0 and not report.kv_in_place
+    assert "no attention over the KV cache fused" in report.kv_copied_because
     assert KV_IN_PLACE not in {p.key for p in onnx.load(tmp_path / "out.onnx", load_external_data=False).metadata_props}
     # what refuses the buffer when other attentions did fuse: every growing past an unfused one concatenates
     g = _Graph(onnx.load(src, load_external_data=False))
@@ -263,15 +271,7 @@ def test_longrope_picks_its_caches_per_call(tiny_build, tmp_path):
     picks the frequencies with a Where, the fused one picks between two cos/sin cache pairs on the same
     condition, and the attention kernel reads the pick, on one shared buffer. Same answers below, at
     and past the switch; a graph that always read the short caches would differ past it."""
-    from vlm_export.contract.scheme import KV_IN_PLACE
-
-    src = _decoder_graph(tiny_build("llava-phi3-longrope"))
-    dst = tmp_path / "fused.onnx"
-    report = fuse_decoder(src, dst, max_positions=256)
-    layers = sum(i.name.startswith("past_key_values") for i in onnx.load(src, load_external_data=False).graph.input) // 2
-    assert report.fusions["rotary"] == 2 * layers and report.fusions["attention"] == layers, report.notes
-    fused = onnx.load(dst)
-    assert KV_IN_PLACE in {p.key for p in fused.metadata_props}
+    src, dst, fused = _every_attention_fused(tiny_build("llava-phi3-longrope"), tmp_path)
     picks = [n for n in fused.graph.node if n.op_type == "Where" and n.output[0].startswith("rotary_")]
     assert len(picks) == 2  # cos and sin, shared by every layer
     gqa_caches = {tuple(n.input[7:9]) for n in fused.graph.node if n.op_type == "GroupQueryAttention"}

@@ -311,10 +311,14 @@ def _fuse_decoder_stage(tmp: Path, graphs: dict, stage: str, precision: str, lim
         for f in (dst, dst.with_name(dst.name + ".data")):  # unfused: a copy of the standard graph, unused
             f.unlink(missing_ok=True)
         entry["fusion"] = record
+        progress.note(f"{stage}: no fused form ({record['reason']}); ONNX Runtime runs the standard graph")
         return
     entry["fusion"] = record
     entry["forms"] = {"fused": _describe_graph(dst, tmp, "fp32", entry["export_seconds"], form="fused",
                                                fuse_seconds=record["seconds"])}
+    if record.get("kv_copied_because"):  # the build still works; the user should know which path decodes
+        progress.note(f"{stage}: its fused form decodes on a KV cache copied every step, not one shared buffer: "
+                      f"{record['kv_copied_because']}")
 
 
 def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, progress,

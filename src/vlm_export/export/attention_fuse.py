@@ -504,6 +504,7 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
         report.notes.append(f"{windowed} of {len(windows)} attentions apply their sliding window of "
                             f"{min(w for w in windows if w is not None)} tokens in the kernel (local_window_size)")
     if not pasts:
+        report.kv_copied_because = f"no attention over the KV cache fused ({next(iter(skipped), 'none matched')})"
         return
     # every attention reads its lengths from the mask; past and present can be one buffer if nothing
     # else reads the past's length (the exporter's causal mask does: rewired) and every attention over
@@ -519,8 +520,10 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
         why = _past_lengths_from_mask(g, pasts, *next(iter(masks.items())))
     if why:
         report.notes.append(f"past and present KV cannot share one buffer: {why}")
+        report.kv_copied_because = why
     else:
         helper.set_model_props(g.model, {**{p.key: p.value for p in g.model.metadata_props}, KV_IN_PLACE: "1"})
+        report.kv_in_place = True
 
 
 def fold_packed_qkv(g) -> int:

@@ -59,6 +59,9 @@ class FuseReport:
     nodes_after: int = 0
     reason: str = ""  # why nothing was fused (empty when something was)
     notes: list[str] = field(default_factory=list)  # patterns seen but left alone, and why
+    # whether the graph runs on one KV buffer written in place (contract.scheme.KV_IN_PLACE), else why not
+    kv_in_place: bool = False
+    kv_copied_because: str = ""
 
     @property
     def fused(self) -> bool:
@@ -66,7 +69,8 @@ class FuseReport:
 
     def to_dict(self) -> dict:
         return {"fusions": dict(self.fusions), "nodes_before": self.nodes_before,
-                "nodes_after": self.nodes_after, "reason": self.reason, "notes": list(self.notes)}
+                "nodes_after": self.nodes_after, "reason": self.reason, "notes": list(self.notes),
+                "kv_in_place": self.kv_in_place, "kv_copied_because": self.kv_copied_because}
 
 
 class Weights:
