@@ -504,7 +504,7 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
         report.notes.append(f"{windowed} of {len(windows)} attentions apply their sliding window of "
                             f"{min(w for w in windows if w is not None)} tokens in the kernel (local_window_size)")
     if not pasts:
-        report.kv_copied_because = f"no attention over the KV cache fused ({next(iter(skipped), 'none matched')})"
+        report.kv_copied_because = f"no attention over the KV cache fused: {next(iter(skipped), 'none matched')}"
         return
     # every attention reads its lengths from the mask; past and present can be one buffer if nothing
     # else reads the past's length (the exporter's causal mask does: rewired) and every attention over
