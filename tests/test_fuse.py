@@ -268,23 +268,24 @@ def test_an_unfused_attention_over_the_cache_keeps_the_growing_cache(tiny_build,
 def test_longrope_picks_its_caches_per_call(tiny_build, tmp_path):
     """Phi-3's longrope rotates a whole call with its long factors once the call's largest position
     is past the original context (64 in the tiny model), else with its short ones: the exported graph
-    picks the frequencies with a Where, the fused one picks between two cos/sin cache pairs on the same
-    condition, and the attention kernel reads the pick, on one shared buffer. Same answers below, at
-    and past the switch; a graph that always read the short caches would differ past it."""
+    picks the frequencies with a Where; the fused one keeps both tables' rows in one cos/sin cache pair
+    and reads the long rows (positions + the build's 256) on the same condition, nothing copied per
+    call, and the attention kernel reads the same. Same answers below, at and past the switch; a graph
+    that always read the short rows would differ past it."""
     src, dst, fused = _every_attention_fused(tiny_build("llava-phi3-longrope"), tmp_path)
-    picks = [n for n in fused.graph.node if n.op_type == "Where" and n.output[0].startswith("rotary_")]
-    assert len(picks) == 2  # cos and sin, shared by every layer
-    gqa_caches = {tuple(n.input[7:9]) for n in fused.graph.node if n.op_type == "GroupQueryAttention"}
-    assert gqa_caches == {(picks[0].output[0], picks[1].output[0])}
+    assert not [n for n in fused.graph.node if n.op_type == "Where" and n.output[0].startswith("rotary_")]
+    inits = {t.name: t for t in fused.graph.initializer}
+    gqa = [n for n in fused.graph.node if n.op_type == "GroupQueryAttention"]
+    assert {tuple(n.input[7:10]) for n in gqa} == {("rotary_cos_cache_0", "rotary_sin_cache_0", "rotary_positions_0")}
+    assert list(inits["rotary_cos_cache_0"].dims) == [2 * 256, 8]  # short rows, then long rows
     a, b = _session(src), _session(dst)
     rng = np.random.default_rng(0)
     for batch, past, new, pad in ((2, 0, 9, 3), (2, 30, 4, 7), (1, 63, 1, 0), (2, 60, 8, 5), (1, 70, 1, 0), (2, 100, 3, 9)):
         feeds = _feeds(a, rng, batch, past, new, pad)
         _assert_same_outputs(a, a.run(None, feeds), b.run(None, feeds), feeds["attention_mask"],
                              f"batch={batch} past={past} new={new} pad={pad}")
-    for node in picks:  # always the short caches
-        node.input[1] = node.input[2]
-    onnx.save(fused, tmp_path / "short.onnx")
+    inits["rotary_positions_0_offset"].CopyFrom(numpy_helper.from_array(np.array(0, np.int64), "rotary_positions_0_offset"))
+    onnx.save(fused, tmp_path / "short.onnx")  # always the short rows
     short = _session(tmp_path / "short.onnx")
     feeds = _feeds(a, rng, 1, 70, 1, 0)
     assert np.abs(a.run(None, feeds)[0] - short.run(None, feeds)[0]).max() > 1e-3

@@ -288,7 +288,7 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
         raise _NoMatch(f"{softmax.name}: head size {head_size} with rotary is not a multiple of 16")
     if q_rot is not None:
         pos, cos = q_rot.input[1], g.const(q_rot.input[2])
-        # a constant cache, or the rotary pass's pick of one per call (fuse._rotary_caches)
+        # the rotary pass writes constant caches (fuse._rotary_caches); a graph fused elsewhere may compute them
         cos_shape = list(cos.shape) if cos is not None else g.shape(q_rot.input[2])
         rotated = _dims(g, q_rot.input[0], 4)[3]
         if len(g.shape(pos) or []) != 2 or cos_shape is None or len(cos_shape) != 2 or cos_shape[1] * 2 != rotated:

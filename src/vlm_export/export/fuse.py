@@ -307,25 +307,29 @@ def _angle_source(g: _Graph, trig: onnx.NodeProto, op: str):
 
 
 def _rotary_caches(g: _Graph, index: int, condition: str, tables, cos_scale: float, sin_scale: float,
-                   max_positions: int) -> tuple[str, str]:
-    """Position-indexed cos/sin caches (max_positions, half) for the inverse-frequency ``tables``; with a
-    condition, one pair per table and a Where picking the pair each call, as the exported graph picks
-    its frequencies (a cache is indexed by position, so picking the whole cache is picking the frequencies)."""
+                   max_positions: int, positions: str) -> tuple[str, str, str]:
+    """Position-indexed cos/sin caches for the inverse-frequency ``tables``: (cos, sin, the positions to
+    index them with). One table: caches (max_positions, half) read at ``positions``. Two tables picked per
+    call by ``condition`` (as the exported graph picks its frequencies): ONE pair of caches holding the
+    second table's rows then the first's (2 x max_positions, half), read at ``positions`` + max_positions
+    when the condition holds. Offsetting the positions costs an Add on (batch, sequence) integers; picking
+    whole caches with a Where would copy both pairs every call (~50 MB at 128k positions)."""
     names = (f"rotary_cos_cache_{index}", f"rotary_sin_cache_{index}")
-    pairs = []
-    for branch, inv_freq in zip(("then", "else") if condition else ("",), tables):
-        # the exporter's sub-graph casts position_ids to float and multiplies in fp32: same here
-        angles = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
-        pair = tuple(f"{n}_{branch}" if branch else n for n in names)
-        g.new_inits += [g.weights.make((np.cos(angles) * np.float32(cos_scale)).astype(np.float32), pair[0]),
-                        g.weights.make((np.sin(angles) * np.float32(sin_scale)).astype(np.float32), pair[1])]
-        pairs.append(pair)
-    if condition:
-        g.replace([], [helper.make_node("Where", [condition, pairs[0][k], pairs[1][k]], [name], name=f"{name}_pick")
-                       for k, name in enumerate(names)])
-        for name in names:
-            g.types[name] = helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, [max_positions, tables[0].size]).tensor_type
-    return names
+    # the exporter's sub-graph casts position_ids to float and multiplies in fp32: same here
+    angles = np.concatenate([np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
+                             for inv_freq in tables[::-1]])  # Where(cond, then, else): else first
+    g.new_inits += [g.weights.make((np.cos(angles) * np.float32(cos_scale)).astype(np.float32), names[0]),
+                    g.weights.make((np.sin(angles) * np.float32(sin_scale)).astype(np.float32), names[1])]
+    if not condition:
+        return (*names, positions)
+    p = f"rotary_positions_{index}"
+    offset = numpy_helper.from_array(np.array(max_positions, np.int64), f"{p}_offset")
+    g.new_inits.append(offset)
+    g.replace([], [helper.make_node("Cast", [condition], [f"{p}_picked"], name=f"{p}_picked", to=onnx.TensorProto.INT64),
+                   helper.make_node("Mul", [f"{p}_picked", offset.name], [f"{p}_shift"], name=f"{p}_shift"),
+                   helper.make_node("Add", [positions, f"{p}_shift"], [p], name=p)])
+    g.types[p] = g.types[positions]  # (batch, sequence) int64: _angle_source checked it
+    return (*names, p)
 
 
 def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
@@ -362,10 +366,11 @@ def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
                     or cos_src[2][0].size != half:
                 continue
             pos, condition, tables, cos_scale = cos_src
-            key = (condition, tuple(t.tobytes() for t in tables), cos_scale, sin_src[3])
+            key = (pos, condition, tuple(t.tobytes() for t in tables), cos_scale, sin_src[3])
             if key not in caches:
-                caches[key] = _rotary_caches(g, len(caches), condition, tables, cos_scale, sin_src[3], max_positions)
-            fused = helper.make_node("RotaryEmbedding", [x, pos, *caches[key]], [add.output[0]],
+                caches[key] = _rotary_caches(g, len(caches), condition, tables, cos_scale, sin_src[3], max_positions, pos)
+            cos, sin, positions = caches[key]
+            fused = helper.make_node("RotaryEmbedding", [x, positions, cos, sin], [add.output[0]],
                                      name=f"{add.name}_rotary", domain=MS_DOMAIN, interleaved=0)
             # the Slices/Neg/Concat and the angle sub-graph now feed nothing: dead-node removal drops them
             g.replace([add, cos_mul, sin_mul], [fused])
