@@ -285,15 +285,15 @@ def test_llava_with_a_variable_resolution_tower_is_refused(tmp_path):
     cfg = LlavaConfig(vision_config=vision, text_config=_text_config("llama"), image_token_id=IMAGE_TOKEN_ID)
     LlavaForConditionalGeneration(cfg).save_pretrained(tmp_path)
     _save_tokenizer_and_processor(tmp_path, 32)
-    with pytest.raises(AdapterError, match="fixed position embeddings .*'pixtral'") as e:
+    with pytest.raises(AdapterError, match="position count .*'pixtral' declares none") as e:
         adapter_for(tmp_path).load(tmp_path)
     assert "\n" not in str(e.value)
 
 
 def test_checkpoints_hugging_face_cannot_run_are_refused_at_load(tiny_model_dir, tmp_path):
-    """Refused in one line before any export (Hugging Face's own forward fails on both): an image token
-    added to the tokenizer without resizing the embeddings, and a processor whose images are not the
-    size the vision tower takes."""
+    """Refused in one line before any export (Hugging Face's own forward fails on each): an image token
+    added to the tokenizer without resizing the embeddings, a processor whose images are not the
+    size the vision tower takes, and a vision_feature_layer the tower does not have."""
     import shutil
 
     from vlm_export.errors import AdapterError
@@ -315,6 +315,17 @@ def test_checkpoints_hugging_face_cannot_run_are_refused_at_load(tiny_model_dir,
     with pytest.raises(AdapterError, match="makes 48x48 images but the vision tower takes 32x32") as e:
         adapter_for(resized).load(resized)
     assert "\n" not in str(e.value)
+
+    layers = json.loads((tiny_model_dir("llava-llama") / "config.json").read_text())["vision_config"]["num_hidden_layers"]
+    for bad in (layers + 1, -(layers + 2), [layers + 3]):  # HF's forward: IndexError
+        wrong = tmp_path / f"layer{bad}"
+        shutil.copytree(tiny_model_dir("llava-llama"), wrong)
+        config = json.loads((wrong / "config.json").read_text())
+        config["vision_feature_layer"] = bad
+        (wrong / "config.json").write_text(json.dumps(config))
+        with pytest.raises(AdapterError, match=rf"vision_feature_layer .* {layers}-layer vision tower has {layers + 1}") as e:
+            adapter_for(wrong).load(wrong)
+        assert "\n" not in str(e.value)
 
 
 def test_a_head_size_the_fused_rotary_refuses_builds_unfused(tmp_path):

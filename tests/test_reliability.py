@@ -159,6 +159,33 @@ def test_triton_refuses_to_load_a_damaged_graph(tiny_build, tmp_path):
     assert not server.running
 
 
+def test_exif_orientation_is_applied_as_hugging_face_loads_images(tiny_build, tiny_model_dir, tmp_path):
+    """A photo stored sideways with an EXIF orientation tag (as phones save them) is turned upright, as
+    transformers' load_image turns it: the pipeline's pixels for its path or bytes equal the model's own
+    processor on transformers' loading, and differ from the unturned image's."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+    from transformers.image_utils import load_image as hf_load_image
+
+    from vlm_export.runtime.images import load_image
+
+    rng = np.random.default_rng(1)
+    stored = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    path = tmp_path / "sideways.jpg"
+    stored.save(path, exif=exif.tobytes(), quality=95)
+    ours, theirs = load_image(path), hf_load_image(str(path))
+    assert ours.size == theirs.size == (30, 50)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    pipe = open_build(tiny_build("llava-llama").path)
+    processor = AutoImageProcessor.from_pretrained(tiny_model_dir("llava-llama"))
+    want = processor(images=[theirs], return_tensors="np")["pixel_values"]
+    np.testing.assert_array_equal(pipe.pixel_values([path.read_bytes()]), want)
+    np.testing.assert_array_equal(pipe.pixel_values([str(path)]), want)
+    assert not np.array_equal(processor(images=[Image.open(path).convert("RGB")], return_tensors="np")["pixel_values"], want)
+
+
 def test_transparent_images_are_seen_over_white_as_hugging_face_sees_them(tiny_build, tiny_model_dir):
     """An RGBA or palette-transparent PNG gives the pixels the model's own processor gives (its
     convert_to_rgb: over white), not the colour hidden under the transparency."""

@@ -47,9 +47,23 @@ def tower_positions(tower: nn.Module) -> int:
         if name.split(".")[-1] == "embeddings" and isinstance(getattr(module, "num_positions", None), int):
             return module.num_positions
     raise AdapterError(
-        f"the llava adapter needs a vision tower with fixed position embeddings (CLIP, SigLIP), not "
-        f"{getattr(tower.config, 'model_type', type(tower).__name__)!r} (its tokens per image vary); "
-        "write an adapter for it (see README)")
+        f"the llava adapter reads the tokens per image from the vision tower's position count (num_positions, as "
+        f"CLIP's and SigLIP's embeddings declare it); {getattr(tower.config, 'model_type', type(tower).__name__)!r} "
+        "declares none (a variable-resolution tower such as Pixtral's, or another ViT family): write an adapter "
+        "for it (see README)")
+
+
+def check_feature_layers(layers, tower_layers: int | None, path: Path) -> None:
+    """``vision_feature_layer`` (one index or several) must name hidden states the tower has: its
+    ``tower_layers`` + 1 (the embeddings' output first), counted from either end."""
+    if tower_layers is None:
+        return
+    for layer in layers if isinstance(layers, (list, tuple)) else [layers]:
+        if not -(tower_layers + 1) <= int(layer) <= tower_layers:
+            raise AdapterError(
+                f"vision_feature_layer {layers} in {Path(path) / 'config.json'} names hidden state {layer}, but the "
+                f"{tower_layers}-layer vision tower has {tower_layers + 1} (indices {-(tower_layers + 1)} to "
+                f"{tower_layers}): fix the config")
 
 
 @register
@@ -70,6 +84,7 @@ class LlavaAdapter(VLMAdapter):
                 "supported (expected 'default' or 'full')"
             )
         tower_positions(model.model.vision_tower)  # refuses a tower without fixed position embeddings
+        check_feature_layers(cfg.vision_feature_layer, getattr(cfg.vision_config, "num_hidden_layers", None), path)
         vocab = cfg.text_config.vocab_size
         if not 0 <= cfg.image_token_id < vocab:
             raise AdapterError(

@@ -56,7 +56,7 @@ def load_image(src: ImageInput, limits: ImageLimits = ImageLimits(), name: str |
 
     if isinstance(src, Image.Image):
         limits.check_pixels(*src.size, name or "the image")
-        return as_rgb(src)
+        return as_rgb(upright(src))
     is_bytes = isinstance(src, (bytes, bytearray))
     what = name or ("the image" if is_bytes else f"image {src}")
     try:
@@ -66,7 +66,7 @@ def load_image(src: ImageInput, limits: ImageLimits = ImageLimits(), name: str |
             img = Image.open(io.BytesIO(src) if is_bytes else src)  # reads the header only
         limits.check_pixels(*img.size, what)
         img.load()
-        return as_rgb(img)
+        return as_rgb(upright(img))
     except FileNotFoundError:
         raise InputError(f"{what} does not exist") from None
     except UnidentifiedImageError:
@@ -77,6 +77,14 @@ def load_image(src: ImageInput, limits: ImageLimits = ImageLimits(), name: str |
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{what} cannot be decoded: it is damaged ({detail}); send the complete file") from None
+
+
+def upright(img):
+    """The image turned as its EXIF orientation says (a phone's photo is stored sideways with a tag saying
+    so), as Hugging Face's ``load_image`` turns it: the model sees what a viewer shows."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img
 
 
 def as_rgb(img):
