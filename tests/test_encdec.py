@@ -430,8 +430,9 @@ def test_tensorrt_profiles_hold_real_feeds(blip2_t5, photos):
 def test_other_depths_follow_the_config(tmp_path, photos):
     """One encoder layer, three decoder layers (the geometry and cross K/V follow num_decoder_layers):
     the split modules' prefill and decode-step logits equal Blip2ForConditionalGeneration's own forward
-    on the same decoder tokens. (HF generate itself cannot run such a T5 in transformers 5.24: its
-    cache is sized by the encoder's num_layers.)"""
+    on the same decoder tokens; the build's end-to-end reference (HF generate, which in transformers 5.24
+    sizes its cache by the encoder's num_layers and fails on a deeper decoder with it) runs without the
+    cache and starts with the same token."""
     from tiny_models import make_tiny_blip2_t5
     from vlm_export.adapters import adapter_for
     from vlm_export.adapters.reference import reference_pipeline
@@ -452,6 +453,9 @@ def test_other_depths_follow_the_config(tmp_path, photos):
                            decoder_input_ids=torch.tensor([[*pipe.scheme.decoder_prompt_ids, token]]), use_cache=False)
     np.testing.assert_allclose(logits, out.logits[0, -2].numpy(), atol=1e-4, rtol=1e-5)
     np.testing.assert_allclose(step_logits[0], out.logits[0, -1].numpy(), atol=1e-4, rtol=1e-5)
+    reference = loaded.adapter.reference_generate(loaded, torch.tensor([ids]), torch.from_numpy(pixels), 4, [-1],
+                                                  prompt=QUESTION)
+    assert len(reference) == 4 and reference[0] == token
 
 
 def test_bench_times_the_encoder_stage(blip2_t5, tmp_path):
