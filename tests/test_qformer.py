@@ -83,6 +83,30 @@ def test_image_path_depends_on_the_prompt(tiny_build, photos):
         generate(pipe, "tell me " * 40, photos[:1], GenerationConfig(max_new_tokens=2))
 
 
+def test_an_image_alone_is_captioned_as_hugging_face_captions_it(tiny_build, tiny_model_dir, photos):
+    """BLIP-2's documented captioning: the processor with an image and no text, then generate. An empty
+    prompt with an image gives the processor's prompt ids and HF generate's tokens; without an image it
+    is refused in one line."""
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    pipe = open_build(tiny_build("blip2-opt").path)
+    result = generate(pipe, "", photos[:1], GenerationConfig(max_new_tokens=8))
+    assert result.token_ids
+    model_dir = tiny_model_dir("blip2-opt")
+    inputs = AutoProcessor.from_pretrained(model_dir)(images=Image.open(photos[0]).convert("RGB"), text="",
+                                                      return_tensors="pt")
+    assert result.prompt_tokens == inputs["input_ids"].shape[1]
+    model = Blip2ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=pipe.eos_token_ids,
+                             pad_token_id=pipe.eos_token_ids[0])
+    assert result.token_ids == out[0, inputs["input_ids"].shape[1]:].tolist()[:len(result.token_ids)]
+    with pytest.raises(InputError, match="the prompt is empty"):
+        generate(pipe, " ", [], GenerationConfig(max_new_tokens=2))
+
+
 def test_image_cache_is_keyed_by_prompt_too(tiny_build, photos):
     pipe = open_build(tiny_build(IBLIP).path)
     config = GenerationConfig(max_new_tokens=6)

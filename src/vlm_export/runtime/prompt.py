@@ -16,9 +16,11 @@ def as_messages(prompt: Prompt, n_images: int) -> list[Message]:
     """A conversation from one prompt (its images before the text, as one user turn) or checked
     from the messages given, whose image parts must match the images sent."""
     if isinstance(prompt, str):
-        if not prompt.strip():
-            raise InputError("the prompt is empty; send some text")
-        return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]}]
+        if not prompt.strip() and not n_images:
+            raise InputError("the prompt is empty; send some text, or an image to describe")
+        # images alone: the model continues from them (BLIP-2 captions so: its processor with images only)
+        text = [{"type": "text", "text": prompt}] if prompt.strip() else []
+        return [{"role": "user", "content": [{"type": "image"}] * n_images + text}]
     messages = check_messages(prompt)
     if count_images(messages) != n_images:
         raise InputError(f"the messages have {count_images(messages)} image parts but {n_images} images were sent; "
