@@ -428,8 +428,9 @@ def _check_samples_fit(samples, tokenizer, layout, scheme, limits: Limits, new_t
         fix = f"build with --max-images {len(sample.images) - 1}"
     else:
         fix = f"lower --parity-tokens to {max(n for n in range(1, new_tokens) if fit(n))}"
+    # (the scheme says how prompt and new tokens share max_sequence: one budget, or one each for an encoder-decoder)
     raise BuildError(f"the parity sample {sample.label!r} ({len(sample.images)} image(s), {tokens} prompt tokens) "
-                     f"with {new_tokens} new tokens exceeds this build's max_sequence of {limits.max_sequence} "
+                     f"does not fit this build's max_sequence of {limits.max_sequence} with {new_tokens} new tokens "
                      f"(the LM's positions: {scheme.geometry.max_position_embeddings}): {fix}")
 
 
