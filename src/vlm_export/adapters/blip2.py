@@ -120,9 +120,11 @@ class QFormerAdapterBase(VLMAdapter):
 
         processor, cfg = loaded.processor, loaded.config
         if processor.num_query_tokens != cfg.num_query_tokens:
+            expands = (f"expands {processor.num_query_tokens} image tokens" if processor.num_query_tokens is not None
+                       else "sets no num_query_tokens (an old processor: it writes no image tokens)")
             raise AdapterError(
-                f"the processor in {loaded.path} expands {processor.num_query_tokens} image tokens but the model has "
-                f"{cfg.num_query_tokens} queries; set num_query_tokens={cfg.num_query_tokens} in its processor_config.json")
+                f"the processor in {loaded.path} {expands} but the model has {cfg.num_query_tokens} queries; "
+                f"set num_query_tokens={cfg.num_query_tokens} in its processor_config.json")
         theirs = processor(images=[Image.new("RGB", (8, 8))], text=PROBE_PROMPT)["input_ids"][0]
         ours = build_prompt_ids(loaded.tokenizer, self.prompt_layout(loaded), PROBE_PROMPT, 1)
         if list(theirs) != ours:
