@@ -137,49 +137,15 @@ def test_manifest_declares_the_scheme(blip2_t5):
     assert decoder["encoder_attention_mask"] == ["batch", "encoder_sequence"]
 
 
-def test_t5_self_attention_fused_with_its_relative_bias(blip2_t5, tmp_path):
-    """The fused form turns T5's self-attentions (unscaled scores + the relative position bias + the
-    mask) into GroupQueryAttention with scale 1 and the bias + mask as its attention_bias; the
-    cross-attentions (no past) stay. Its KV stays the growing cache, with the reason (the bias counts
-    positions by column). Same outputs as the exported graph on left-padded rows, a hole in the middle
-    of a row and several new tokens after a past."""
-    import onnx
-    import onnxruntime as ort
-
-    from vlm_export.export.fuse import fuse_decoder
-
+def test_t5_attention_stays_standard_with_its_reason(blip2_t5):
+    """T5's attention adds its relative position bias before the mask: the fused form keeps it as
+    standard ops (on the growing cache, where it must stay, ONNX Runtime's kernel measured slower than
+    them) and the manifest says why; the other fusions apply."""
     _, result = blip2_t5
     fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
-    layers = result.manifest["scheme"]["geometry"]["num_layers"]
-    assert fusion["fusions"]["attention"] == layers and not fusion["kv_in_place"]
-    assert "position bias" in fusion["kv_copied_because"]
-    src = result.path / "graphs" / "lm_decoder.onnx"
-    report = fuse_decoder(src, tmp_path / "fused.onnx", max_positions=256)
-    assert report.fusions["attention"] == layers
-    fused = onnx.load(tmp_path / "fused.onnx", load_external_data=False)
-    gqa = [n for n in fused.graph.node if n.op_type == "GroupQueryAttention"]
-    assert len(gqa) == layers and all(next(a.f for a in n.attribute if a.name == "scale") == 1.0 for n in gqa)
-    assert sum(n.op_type == "Softmax" for n in fused.graph.node) == layers  # the cross-attentions
-    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (src, tmp_path / "fused.onnx"))
-    shapes = {i.name: i.shape for i in a.get_inputs()}
-    rng = np.random.default_rng(0)
-    for rows, past, new in ((1, 0, 1), (2, 0, 3), (3, 20, 1), (2, 9, 4)):
-        mask = np.ones((rows, past + new), np.int64)
-        mask[1:, :2] = 0  # left padding
-        mask[2:, 5:8] = 0  # a hole (a row joined a running batch)
-        feeds = {"input_ids": rng.integers(3, 500, (rows, new)), "attention_mask": mask,
-                 "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0)[:, past:],
-                 "encoder_attention_mask": np.ones((rows, 7), np.int64)}
-        for name, shape in shapes.items():
-            if name not in feeds:
-                dims = [rows if d == "batch" else 7 if d == "encoder_sequence" else past if isinstance(d, str) else d
-                        for d in shape]
-                feeds[name] = rng.standard_normal(dims).astype(np.float32)
-        want, got = a.run(None, feeds), b.run(None, feeds)
-        np.testing.assert_allclose(got[0], want[0], atol=1e-4, rtol=0, err_msg=f"{rows} {past} {new}")
-        for w, g in zip(want[1:], got[1:]):  # the presents, at the real columns
-            real = mask.astype(bool)
-            np.testing.assert_allclose(g.transpose(0, 2, 1, 3)[real], w.transpose(0, 2, 1, 3)[real], atol=1e-4, rtol=0)
+    assert fusion["fusions"]["attention"] == 0 and fusion["fusions"]["packed_matmul"] > 0 and not fusion["kv_in_place"]
+    assert "T5's relative attention" in fusion["kv_copied_because"]
+    assert any("position bias added before the mask" in note for note in fusion["notes"])
 
 
 def test_decoder_never_recomputes_cross_kv(blip2_t5):
