@@ -11,6 +11,7 @@ on its own; the same model_type picks the BLIP-2 adapter by its config.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -137,15 +138,66 @@ def test_manifest_declares_the_scheme(blip2_t5):
     assert decoder["encoder_attention_mask"] == ["batch", "encoder_sequence"]
 
 
-def test_t5_attention_stays_standard_with_its_reason(blip2_t5):
-    """T5's attention adds its relative position bias before the mask: the fused form keeps it as
-    standard ops (on the growing cache, where it must stay, ONNX Runtime's kernel measured slower than
-    them) and the manifest says why; the other fusions apply."""
+def test_t5_self_attention_fused_on_one_kv_buffer(blip2_t5, tmp_path):
+    """T5's self-attention (unscaled scores + its relative position bias + the mask) becomes
+    GroupQueryAttention at scale 1 with bias + mask as its attention_bias, the cross-attentions (no past)
+    stay standard ops. The bias is computed per row from position_ids and the attention mask, not from the
+    cache's length, so the KV is one buffer written in place. Same outputs as the exported graph on
+    left-padded rows, a hole in a row and several new tokens after a past; a graph whose bias counts
+    positions by column (Hugging Face's compute_bias) is left unfused, with that reason."""
+    import onnx
+    import onnxruntime as ort
+
+    from vlm_export.export.fuse import fuse_decoder
+
     _, result = blip2_t5
     fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
-    assert fusion["fusions"]["attention"] == 0 and fusion["fusions"]["packed_matmul"] > 0 and not fusion["kv_in_place"]
-    assert "T5's relative attention" in fusion["kv_copied_because"]
-    assert any("position bias added before the mask" in note for note in fusion["notes"])
+    layers = result.manifest["scheme"]["geometry"]["num_layers"]
+    assert fusion["fusions"]["attention"] == layers and fusion["kv_in_place"], fusion
+    assert open_build(result.path).kv_in_place
+    src = result.path / "graphs" / "lm_decoder.onnx"
+    report = fuse_decoder(src, tmp_path / "fused.onnx", max_positions=256)
+    fused = onnx.load(tmp_path / "fused.onnx", load_external_data=False)
+    gqa = [n for n in fused.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == layers and all(next(a.f for a in n.attribute if a.name == "scale") == 1.0 for n in gqa)
+    assert sum(n.op_type == "Softmax" for n in fused.graph.node) == layers  # the cross-attentions
+    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (src, tmp_path / "fused.onnx"))
+    shapes = {i.name: i.shape for i in a.get_inputs()}
+    rng = np.random.default_rng(0)
+    for rows, past, new in ((1, 0, 1), (2, 0, 3), (3, 20, 1), (2, 9, 4)):
+        mask = np.ones((rows, past + new), np.int64)
+        mask[1:, :2] = 0  # left padding
+        mask[2:, 5:8] = 0  # a hole (a row joined a running batch)
+        feeds = {"input_ids": rng.integers(3, 500, (rows, new)), "attention_mask": mask,
+                 "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0)[:, past:],
+                 "encoder_attention_mask": np.ones((rows, 7), np.int64)}
+        for name, shape in shapes.items():
+            if name not in feeds:
+                dims = [rows if d == "batch" else 7 if d == "encoder_sequence" else past if isinstance(d, str) else d
+                        for d in shape]
+                feeds[name] = rng.standard_normal(dims).astype(np.float32)
+        want, got = a.run(None, feeds), b.run(None, feeds)
+        np.testing.assert_allclose(got[0], want[0], atol=1e-4, rtol=0, err_msg=f"{rows} {past} {new}")
+        for w, g in zip(want[1:], got[1:]):  # the presents, at the real columns
+            real = mask.astype(bool)
+            np.testing.assert_allclose(g.transpose(0, 2, 1, 3)[real], w.transpose(0, 2, 1, 3)[real], atol=1e-4, rtol=0)
+    # Hugging Face's own bias (from the cache's length): standard ops, the reason recorded
+    from vlm_export.adapters import adapter_for
+    from vlm_export.adapters import blip2_t5 as t5_adapter
+    from vlm_export.export.onnx_export import export_stage
+
+    model_dir, _ = blip2_t5
+
+    loaded = adapter_for(model_dir).load(model_dir)
+    stage = loaded.adapter.decoder_stage(loaded)
+    first = stage.module.t5.decoder.block[0].layer[0].SelfAttention
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(t5_adapter, "_bias_given", lambda attention, bias: contextlib.nullcontext())
+        by_column = export_stage(stage, tmp_path / "by_column")
+    assert first.compute_bias.__func__ is type(first).compute_bias
+    report = fuse_decoder(by_column, tmp_path / "by_column.fused.onnx", max_positions=256)
+    assert report.fusions["attention"] == 0 and not report.kv_in_place
+    assert "a position bias computed from the KV cache's length (by column)" in report.kv_copied_because
 
 
 def test_decoder_never_recomputes_cross_kv(blip2_t5):
@@ -192,7 +244,8 @@ def test_encoder_runs_once_per_prefill(blip2_t5, photos):
 def test_rows_of_different_lengths_decode_as_alone(blip2_t5, photos, monkeypatch):
     """Prompts of different lengths (the encoder input right-padded, the cross K/V and encoder mask
     padded when rows join), with an image and without, prefilled together and joining a running
-    batch: the same greedy tokens as each alone."""
+    batch, on the fused decoder's shared KV buffer and on the standard form's growing cache: the same
+    greedy tokens as each alone."""
     _, result = blip2_t5
     pipe = open_build(result.path)
     config = GenerationConfig(max_new_tokens=12)
@@ -205,6 +258,12 @@ def test_rows_of_different_lengths_decode_as_alone(blip2_t5, photos, monkeypatch
     assert len({tuple(a) for a in alone}) == len(alone)
     together = generate_batch(pipe, requests, max_batch=4, max_prefill_padding=1.0)
     assert [r.token_ids for r in together] == alone
+    # the fused decoder: rows in one KV buffer (each row's cross K/V kept per slot), joining as others leave
+    assert pipe.kv_in_place
+    assert [r.token_ids for r in generate_batch(pipe, requests, max_batch=2)] == alone
+    # the standard form's growing cache: a joining row's state padded to the running batch's (watched)
+    pipe = open_build(result.path, form="standard")
+    assert not pipe.kv_in_place
     joins = []  # (running rows' encoder length, joining rows', running rows, the joined state): the real join, watched
     real_join = DecodeBatch.join
 

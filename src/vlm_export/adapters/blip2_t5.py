@@ -11,9 +11,11 @@ BLIP-2's image path (``vision_encoder``, ``qformer``: the same modules as ``blip
 * ``lm_decoder``: the T5 decoder reading its self-attention past and those cross K/V from an
   ``EncoderDecoderCache`` whose cross part is pre-filled and marked updated for every layer, so HF's
   own layers use it instead of projecting the encoder output again; the LM head as the model's own
-  forward applies it (``scale_decoder_outputs``). T5's relative position bias is computed from the
-  cache's length (HF's ``cache_position``): left padding keeps the distances between a row's real
-  tokens, so ``position_ids`` are not read.
+  forward applies it (``scale_decoder_outputs``). T5's relative position bias is computed per row from
+  ``position_ids`` (the queries') and the attention mask (each real key's position: its count of real
+  columns before it), not from the cache's length as HF's ``compute_bias`` does: one row alone gets
+  HF's bias, and rows at different lengths in one buffer (``contract.scheme.SlotBatch``) or with masked
+  holes each get their own distances, so the decoder's KV can be one buffer written in place.
 
 The decoder's prompt is the generation config's ``decoder_start_token_id`` (+ a forced BOS where
 the model has one); the user's prompt is laid out exactly as ``Blip2Processor`` does (image tokens
@@ -21,6 +23,7 @@ in front, the tokenizer's ``</s>`` at the end), checked against the processor at
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
@@ -62,12 +65,19 @@ class T5LMDecoder(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, encoder_attention_mask, cross_key_values, *past):
         cache = prefilled_cache(past, cross_key_values)
+        first = self.t5.decoder.block[0].layer[0].SelfAttention  # computes the bias every layer reads
+        keys = attention_mask.cumsum(-1) - 1  # a real key's position in its row (masked keys: unread)
+        buckets = first._relative_position_bucket(
+            keys[:, None, :] - position_ids[:, :, None], bidirectional=False,
+            num_buckets=first.relative_attention_num_buckets, max_distance=first.relative_attention_max_distance)
+        bias = first.relative_attention_bias(buckets).permute(0, 3, 1, 2)  # [batch, heads, sequence, total]
         # the cross-attention runs only when encoder states are given; their values are never read
         # (is_updated), their length sizes the encoder mask: a view of the cross keys has both
         keys = cross_key_values[:, 0]
         stand_in = keys.transpose(1, 2).reshape(keys.shape[0], keys.shape[2], -1)
-        out = self.t5.decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=stand_in,
-                              encoder_attention_mask=encoder_attention_mask, cache=cache, use_cache=True)
+        with _bias_given(first, bias):
+            out = self.t5.decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=stand_in,
+                                  encoder_attention_mask=encoder_attention_mask, cache=cache, use_cache=True)
         hidden = out.last_hidden_state[:, -1:]
         cfg = self.t5.config
         # T5ForConditionalGeneration.forward's own rule (transformers < 5: the tied-embeddings flag)
@@ -75,6 +85,17 @@ class T5LMDecoder(nn.Module):
             hidden = hidden * (cfg.d_model ** -0.5)
         logits = self.t5.lm_head(hidden)
         return (logits, *self_present(cache, self.layers))
+
+
+@contextmanager
+def _bias_given(attention: nn.Module, bias: torch.Tensor):
+    """``attention.compute_bias`` returns ``bias`` while inside (HF's T5 computes it in its first layer's
+    self-attention and passes it down the stack; no argument takes one from outside)."""
+    attention.compute_bias = lambda *args, **kwargs: bias
+    try:
+        yield
+    finally:
+        del attention.compute_bias  # the class's own again
 
 
 class T5LanguageModel:

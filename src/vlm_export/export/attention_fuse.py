@@ -120,6 +120,23 @@ def _scores(g, name: str):
     return (mm, scale, softcap) if mm is not None and mm.op_type == "MatMul" else None
 
 
+def _reads_a_cache(g, name: str) -> bool:
+    """Whether ``name`` is computed from a rank-4 graph input (a past KV: its values or its shape)."""
+    seen, stack = set(), [name]
+    while stack:
+        x = stack.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        node = g.producer.get(x)
+        if node is None:
+            if x in {i.name for i in g.graph.input} and len(g.shape(x) or []) == 4:
+                return True
+            continue
+        stack += [i for i in node.input if i]
+    return False
+
+
 def _dims(g, name: str, rank: int) -> list:
     shape = g.shape(name)
     if shape is None or len(shape) != rank:
@@ -252,15 +269,22 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
     add = g.producer.get(softmax.input[0])
     if add is None or add.op_type != "Add":
         raise _NoMatch(f"{softmax.name}: no additive mask before the softmax")
+    position_bias = ""
     for i in (0, 1):
         found = _scores(g, add.input[i])
         inner = g.producer.get(add.input[i])
-        if found is None and inner is not None and inner.op_type == "Add" and any(_scores(g, x) for x in inner.input):
-            # T5's (Q K^T + relative position bias) + mask. The kernel could add both as its attention_bias,
-            # but the bias counts the query's position by column (past length + i), which one shared buffer
-            # of rows at different lengths gets wrong, and on the growing cache the kernel measured slower
-            # than these standard ops (a Flan-T5-base-shaped step 0.84-0.97x: benchmarks/results/t5-fused-epyc/)
-            raise _NoMatch(f"{softmax.name}: a position bias added before the mask (T5's relative attention)")
+        if found is None and inner is not None and inner.op_type == "Add":
+            # T5's (Q K^T + relative position bias) + mask: the kernel adds both as its attention_bias
+            for j in (0, 1):
+                found = _scores(g, inner.input[j])
+                if found is not None:
+                    position_bias = inner.input[1 - j]
+                    break
+            if position_bias and _reads_a_cache(g, position_bias):
+                # a bias counting the query's position by column (Hugging Face's T5 compute_bias: the past's
+                # length + i) would be the widest row's on one shared buffer, and on the growing cache the
+                # kernel measured slower than the standard ops (benchmarks/results/t5-fused-epyc/)
+                raise _NoMatch(f"{softmax.name}: a position bias computed from the KV cache's length (by column)")
         if found is not None:
             mm, scale, softcap = found
             bias = add.input[1 - i]
@@ -268,6 +292,10 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
     else:
         raise _NoMatch(f"{softmax.name}: the softmax input is not mask + scale * Q K^T")
     bias_shape = _dims(g, bias, 4)
+    if position_bias:
+        b, h, s, t = _dims(g, position_bias, 4)
+        if b not in (1, bias_shape[0]) or (s, t) != tuple(bias_shape[2:]):
+            raise _NoMatch(f"{position_bias}: an additive term before the mask not shaped (1 | batch, heads | 1, sequence, total)")
     q4, q_scale = _scaled(g, mm.input[0])
     kt, k_scale = _scaled(g, mm.input[1])
     scale = scale * q_scale * k_scale
@@ -314,11 +342,13 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
         raise _NoMatch(f"{bias}: the mask's query dimension is not known to be the new tokens'")
     if bias_shape[1] not in (1, heads):
         raise _NoMatch(f"{bias}: the mask's head dimension {bias_shape[1]} is neither 1 nor {heads}")
+    if position_bias and _dims(g, position_bias, 4)[1] not in (1, heads):
+        raise _NoMatch(f"{position_bias}: the position bias's head dimension is neither 1 nor {heads}")
     if not np.isfinite(scale) or scale <= 0 or not np.isfinite(softcap) or softcap < 0:
         raise _NoMatch(f"{softmax.name}: scale {scale}, softcap {softcap}")
     return dict(q3=q3, k3=k3, v3=v3, added=q_added + k_added + v_added, q_rot=q_rot, k_rot=k_rot,
                 past_k=past_k, past_v=past_v, present_k=present_k, present_v=present_v, k_cat=k_cat, v_cat=v_cat, out=out, bias=bias,
-                mask=_mask_input(g, bias),
+                mask=_mask_input(g, bias), position_bias=position_bias,
                 heads=heads, kv_heads=kv_heads, head_size=head_size, scale=scale, softcap=softcap)
 
 
@@ -472,6 +502,7 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
     padding_biases: dict[tuple, str] = {}
     pasts: set[str] = set()
     masks: dict[str, str] = {}  # attention mask input -> an additive mask made from it
+    summed_biases: dict[tuple, str] = {}  # (mask, position bias) -> their sum, the kernel's attention_bias
     for (softmax, m), window in zip(matches, windows):
         mask = m["mask"]
         new: list[onnx.NodeProto] = list(m["added"])
@@ -489,6 +520,12 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
                 nodes, padding_biases[key] = _padding_bias(g, mask, m["bias"], f"gqa_padding_{len(padding_biases)}")
                 new += nodes
             bias = padding_biases[key]
+        if m["position_bias"]:
+            key = (bias, m["position_bias"])
+            if key not in summed_biases:  # T5 computes its relative bias once and every layer reads it
+                summed_biases[key] = f"gqa_bias_{len(summed_biases)}"
+                new.append(helper.make_node("Add", list(key), [summed_biases[key]], name=summed_biases[key]))
+            bias = summed_biases[key]
         pasts |= {m["past_k"], m["past_v"]}
         masks[mask] = m["bias"]
         # the rotary pass's RotaryEmbedding(x, position_ids, cos, sin) moves into the kernel
