@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vlm_export.bench import BenchOptions, parse_csv, run_bench
-from vlm_export.bench.measure import RequestTiming, alternating, summarize, time_request
+from vlm_export.bench.measure import RequestTiming, alternating, summarize, summarize_requests, time_request
 from vlm_export.bench.served import CACHE_ROUNDS
 from vlm_export.errors import InputError
 from vlm_export.runtime.load import open_build
@@ -206,6 +206,16 @@ def test_timing_primitives():
     # 1 s to the first token, then 3 more in 1.5 s
     assert RequestTiming(1.0, 2.5, 4).tpot_s == pytest.approx(0.5)
     assert RequestTiming(1.0, 1.0, 1).tpot_s is None
+    # tokens that decode to no text send no piece before the final message: no TPOT, counted, no crash
+    from types import SimpleNamespace
+
+
+    silent = time_request(iter([SimpleNamespace(completion_tokens=4)]))
+    assert not silent.streamed and silent.tpot_s is None and silent.tokens == 4
+    summary = summarize_requests([silent, silent])
+    assert summary["without_text"] == 2 and summary["tokens_per_s"] is None and summary["tpot_ms"] == {"n": 0}
+    spoken = time_request(iter(["a", "b", SimpleNamespace(completion_tokens=2)]))
+    assert spoken.streamed and spoken.tpot_s is not None and summarize_requests([spoken])["without_text"] == 0
 
 
 # --------------------------------------------------------------------------- the figures, counted independently

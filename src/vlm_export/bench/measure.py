@@ -106,14 +106,17 @@ def alternating(calls: Mapping[str, Callable[[], T]], warmup: int, n: int, budge
 class RequestTiming:
     """One streamed request. ``tokens`` counts generated tokens (from the final message)."""
 
-    ttft_s: float  # request sent -> first text piece
+    ttft_s: float  # request sent -> first text piece (the final message where none came before it)
     total_s: float  # request sent -> final message
     tokens: int
+    #: whether a text piece came before the final message: tokens that decode to no text (a random model's
+    #: EOS or padding, EOS ignored) send none, and then neither the first token's time nor the decode's is seen
+    streamed: bool = True
 
     @property
     def tpot_s(self) -> float | None:
         """Time per output token after the first: every later token is one decode step."""
-        return (self.total_s - self.ttft_s) / (self.tokens - 1) if self.tokens > 1 else None
+        return (self.total_s - self.ttft_s) / (self.tokens - 1) if self.tokens > 1 and self.streamed else None
 
 
 def time_request(events: Iterable) -> RequestTiming:
@@ -136,7 +139,7 @@ def time_request(events: Iterable) -> RequestTiming:
     end = time.perf_counter()
     if final is None:
         raise RuntimeError("the stream ended without a final message")
-    return RequestTiming((first or end) - t0, end - t0, int(final.completion_tokens))
+    return RequestTiming((first or end) - t0, end - t0, int(final.completion_tokens), streamed=first is not None)
 
 
 def request_call(open_stream: Callable[[str, object], Iterable], requests: Sequence) -> Callable[[], RequestTiming]:
@@ -153,6 +156,7 @@ def request_call(open_stream: Callable[[str, object], Iterable], requests: Seque
 
 def summarize_requests(timings: Sequence[RequestTiming]) -> dict:
     tpots = [t.tpot_s for t in timings if t.tpot_s is not None]
+    tpot_p50 = summarize(tpots).get("p50")
     return {
         "requests": len(timings),
         "tokens": int(sum(t.tokens for t in timings)),
@@ -160,7 +164,9 @@ def summarize_requests(timings: Sequence[RequestTiming]) -> dict:
         "tpot_ms": summarize(tpots),
         "request_ms": summarize([t.total_s for t in timings]),
         # one stream's decode rate: tokens after the first / the time they took
-        "tokens_per_s": round(1e3 / summarize(tpots)["p50"], 3) if tpots else None,
+        "tokens_per_s": round(1e3 / tpot_p50, 3) if tpot_p50 else None,
+        # requests whose tokens sent no text before the end: their TTFT is the whole request, no TPOT
+        "without_text": sum(not t.streamed for t in timings),
     }
 
 

@@ -36,6 +36,12 @@ def _x(value) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _ratio(base: dict, e: dict, key: str) -> float | None:
+    """base's p50 of ``key`` over e's (a speed-up), None where either has none."""
+    a, b = base[key].get("p50"), e[key].get("p50")
+    return a / b if a and b else None
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
         ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -94,8 +100,8 @@ def markdown(r: dict) -> str:
         for b, e in e2e.items():
             rows.append([b, e["requests"], " / ".join(_ms(e["ttft_ms"], p) for p in ("p50", "p90", "p99")),
                          " / ".join(_ms(e["tpot_ms"], p) for p in ("p50", "p90", "p99")), e["tokens_per_s"],
-                         _x(base["ttft_ms"]["p50"] / e["ttft_ms"]["p50"]) if base else "-",
-                         _x(base["tpot_ms"]["p50"] / e["tpot_ms"]["p50"]) if base else "-"])
+                         _x(_ratio(base, e, "ttft_ms")) if base else "-",
+                         _x(_ratio(base, e, "tpot_ms")) if base else "-"])
         lines += _table(["backend", "requests", "TTFT p50 / p90 / p99", "time per output token p50 / p90 / p99",
                          "tokens/s (one stream)", "TTFT speed-up", "per-token speed-up"], rows)
         if served:
@@ -330,10 +336,11 @@ def plot_stages(r: dict, path: Path) -> None:
     ax.set_title(f"{r['name']}: latency per stage")
     ax.legend()
 
-    e2e = {b: (e["ttft_ms"]["p50"], e["tpot_ms"]["p50"]) for b, e in r["end_to_end"].items()}
+    p50 = lambda e, key: e[key].get("p50") or np.nan  # noqa: E731  (no TPOT where no text was streamed)
+    e2e = {b: (p50(e, "ttft_ms"), p50(e, "tpot_ms")) for b, e in r["end_to_end"].items()}
     if r.get("served"):
         ov = r["served"]["overhead"]["served"]
-        e2e["triton c=1"] = (ov["ttft_ms"]["p50"], ov["tpot_ms"]["p50"])
+        e2e["triton c=1"] = (p50(ov, "ttft_ms"), p50(ov, "tpot_ms"))
     names = list(e2e)
     x = np.arange(2)
     width = 0.8 / max(len(names), 1)
