@@ -495,10 +495,7 @@ class TritonServer:
             self._check_alive()
             self._check_not_stopping()
             if time.monotonic() > deadline:
-                raise ServeError(
-                    f"tritonserver was not ready after {self.startup_timeout:.0f} s (log: {self.log_file}):\n"
-                    + self.log_errors()
-                )
+                raise self.failed(f"tritonserver was not ready after {self.startup_timeout:.0f} s")
             time.sleep(0.2)
         # Triton reports ready before it starts the metrics service, its last step, and exits
         # if that port is taken: wait for that step, then a moment for its outcome.
@@ -552,10 +549,7 @@ class TritonServer:
     def _check_alive(self) -> None:
         code = self.process.poll()
         if code is not None:
-            raise ServeError(
-                f"tritonserver exited with code {code} while starting (log: {self.log_file}):\n"
-                + self.log_errors()
-            )
+            raise self.failed(f"tritonserver exited with code {code} while starting")
 
     def _this_run_log(self) -> str:
         try:
@@ -567,6 +561,12 @@ class TritonServer:
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         return "\n".join(self._this_run_log().splitlines()[-lines:])
+
+    def failed(self, what: str) -> ServeError:
+        """``what`` happened, with Triton's first error line on the message's first line (the CLI prints
+        that line alone), the others after it."""
+        errors = self.log_errors().strip().splitlines() or ["no error line in its log"]
+        return ServeError("\n".join([f"{what}: {errors[0]} (log: {self.log_file})", *errors[1:]]))
 
     def log_errors(self) -> str:
         """Triton's error lines (E..., ``error: ...``, models UNAVAILABLE), else the log's tail.
@@ -798,8 +798,7 @@ class TritonServer:
             if self._stopping.is_set():
                 return
             self._kill_group()
-        self.failure = ServeError(f"tritonserver keeps failing, gave up: {reason} (log: {self.log_file}):\n"
-                                  + self.log_errors())
+        self.failure = self.failed(f"tritonserver keeps failing, gave up: {reason}")
         self._event(f"gave up: {reason}; the server is stopped")
         self._done.set()
 
@@ -885,8 +884,7 @@ def serve_forever(
         server.wait()
         if server.failure is not None:
             raise server.failure
-        raise ServeError(f"tritonserver exited unexpectedly with code {server.process.returncode} "
-                         f"(log: {server.log_file}):\n" + server.log_errors())
+        raise server.failed(f"tritonserver exited unexpectedly with code {server.process.returncode}")
     except (_Stop, KeyboardInterrupt):
         echo("Stopping Triton ...")
         # A second Ctrl-C while stopping must not leave the server half-stopped.
