@@ -451,7 +451,7 @@ def test_images_that_do_not_fit_the_lms_positions_are_refused_before_export(tmp_
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from tiny_models import IMAGE_TOKEN_ID, _save_tokenizer_and_processor, _text_config
-    from vlm_export.build import BuildOptions, _check_samples_fit, build
+    from vlm_export.build import BuildOptions, _check_samples_fit, build, verify
     from vlm_export.compare.parity import default_samples
     from vlm_export.contract import Limits
     from vlm_export.errors import BuildError
@@ -468,6 +468,12 @@ def test_images_that_do_not_fit_the_lms_positions_are_refused_before_export(tmp_
                                          r"max_sequence of 512 with 8 new tokens .*build with --max-images 1") as e:
         build(model, tmp_path / "build", BuildOptions(parity_new_tokens=8))
     assert "\n" not in str(e.value) and not (tmp_path / "build").exists()
+    # verify refuses the same before any parity work, naming its own option
+    built = tmp_path / "built"
+    build(model, built, BuildOptions(parity_new_tokens=4, max_images=1, samples=default_samples(1)[:1]))
+    with pytest.raises(BuildError, match=r"with 600 new tokens .*lower --parity-tokens to \d+") as e:
+        verify(built, BuildOptions(parity_new_tokens=600))
+    assert "\n" not in str(e.value)
     adapter = adapter_for(model)
     loaded = adapter.load(model)
     one = Limits(max_batch=1, max_images=1, max_sequence=512, tokens_per_image=256)

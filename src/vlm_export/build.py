@@ -568,11 +568,15 @@ def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progr
     with progress.step(f"loading {manifest['source']['path']}") as advance:
         loaded = load_source(manifest["source"])
         advance()
+    limits, adapter = Limits.from_dict(manifest["limits"]), loaded.adapter
+    # refused before any parity work, as the build refuses it
+    _check_samples_fit(options.samples or default_samples(limits.max_images), loaded.tokenizer,
+                       adapter.prompt_layout(loaded), adapter.scheme(loaded), limits, options.parity_new_tokens)
     precisions = {stage: g["precision"] for stage, g in manifest["graphs"].items()}
     # every form of the decoder is checked again: the one the onnxruntime target runs, and the standard one
     others = {form: open_build(build_dir, threads=options.threads, check_hashes=False, form=form)
               for form in other_decoder_forms(manifest)}
-    result, policy, failures = _parity(loaded, reference_pipeline(loaded, Limits.from_dict(manifest["limits"])),
+    result, policy, failures = _parity(loaded, reference_pipeline(loaded, limits),
                                        open_build(build_dir, threads=options.threads, check_hashes=False),
                                        precisions, options, progress, others)
     # graphs edited or corrupted since the build are failures too, whatever their parity says

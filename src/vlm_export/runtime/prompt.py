@@ -23,7 +23,8 @@ def as_messages(prompt: Prompt, n_images: int) -> list[Message]:
         return [{"role": "user", "content": [{"type": "image"}] * n_images + text}]
     messages = check_messages(prompt)
     if count_images(messages) != n_images:
-        raise InputError(f"the messages have {count_images(messages)} image parts but {n_images} images were sent; "
+        sent = f"{n_images} image was" if n_images == 1 else f"{n_images} images were"
+        raise InputError(f"the messages have {count_images(messages)} image parts but {sent} sent; "
                          "send one image per image part, in order")
     return messages
 
