@@ -36,6 +36,10 @@ extra inputs are computed inside the graph:
 * ``attention_bias`` = the exported graph's own additive mask (batch, 1, sequence, total): the
   padding holes (and whatever else the exporter folded into it: causal, sliding window) get the
   same finite minimum added as before. So left padding and holes give the exported graph's answers.
+  A position bias added to the scores before the mask (T5's relative one: scores + bias + mask, no
+  scale) is summed into it; one computed from the past's length (Hugging Face's, by column: wrong on
+  one buffer of rows at different lengths) leaves the attention unfused instead (the T5 adapter
+  computes it per row from position_ids and the mask).
   A layer with a sliding window (which the graph cannot show: the build passes each layer's window)
   instead reads a mask made from the attention mask alone and applies the window in the kernel
   (``local_window_size``), counted back from each row's own length: the exported mask counts it
@@ -292,10 +296,6 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
     else:
         raise _NoMatch(f"{softmax.name}: the softmax input is not mask + scale * Q K^T")
     bias_shape = _dims(g, bias, 4)
-    if position_bias:
-        b, h, s, t = _dims(g, position_bias, 4)
-        if b not in (1, bias_shape[0]) or (s, t) != tuple(bias_shape[2:]):
-            raise _NoMatch(f"{position_bias}: an additive term before the mask not shaped (1 | batch, heads | 1, sequence, total)")
     q4, q_scale = _scaled(g, mm.input[0])
     kt, k_scale = _scaled(g, mm.input[1])
     scale = scale * q_scale * k_scale
@@ -342,8 +342,10 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
         raise _NoMatch(f"{bias}: the mask's query dimension is not known to be the new tokens'")
     if bias_shape[1] not in (1, heads):
         raise _NoMatch(f"{bias}: the mask's head dimension {bias_shape[1]} is neither 1 nor {heads}")
-    if position_bias and _dims(g, position_bias, 4)[1] not in (1, heads):
-        raise _NoMatch(f"{position_bias}: the position bias's head dimension is neither 1 nor {heads}")
+    if position_bias:
+        b, h, s, t = _dims(g, position_bias, 4)
+        if b not in (1, bias_shape[0]) or h not in (1, heads) or (s, t) != tuple(bias_shape[2:]):
+            raise _NoMatch(f"{position_bias}: a position bias not shaped (1 | batch, 1 | heads, sequence, total)")
     if not np.isfinite(scale) or scale <= 0 or not np.isfinite(softcap) or softcap < 0:
         raise _NoMatch(f"{softmax.name}: scale {scale}, softcap {softcap}")
     return dict(q3=q3, k3=k3, v3=v3, added=q_added + k_added + v_added, q_rot=q_rot, k_rot=k_rot,
