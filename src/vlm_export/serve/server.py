@@ -299,6 +299,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+#: how long models may take to load: the wait ends as soon as Triton is ready, and a server that exits is
+#: reported at once; the demo's python models took ~110 s on a 2-core machine under load (120 s was too short)
+STARTUP_TIMEOUT_S = 600.0
+
+
 class TritonServer:
     """A tritonserver process serving one model repository; use as a context manager.
 
@@ -328,7 +333,7 @@ class TritonServer:
         grpc_port: int | None = None,
         metrics_port: int | None = None,
         log_file: str | os.PathLike | None = None,
-        startup_timeout: float = 120.0,
+        startup_timeout: float = STARTUP_TIMEOUT_S,
         stop_timeout: float = 10.0,
         extra_args: tuple[str, ...] | list[str] = (),
         binary: TritonBinary | None = None,
@@ -842,7 +847,7 @@ def serve_forever(
     grpc_port: int | None = None,
     metrics_port: int | None = None,
     log_file: str | os.PathLike | None = None,
-    startup_timeout: float = 120.0,
+    startup_timeout: float = STARTUP_TIMEOUT_S,
     openai_port: int | None = None,
     openai_model: str | None = None,
     openai_options: dict | None = None,
