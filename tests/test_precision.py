@@ -37,6 +37,9 @@ def test_parse_precision_and_resolve_against_declared_stages():
     assert parse_precision("decoder=w4,decoder=w4") == parse_precision("decoder=w4")  # said twice, alike: fine
     with pytest.raises(BuildError, match="'w3' in 'decoder=w3' is not one of fp32"):
         parse_precision("decoder=w3")
+    for typo in ("decoder=w4,", ",fp16", "fp16,,decoder=w4"):
+        with pytest.raises(BuildError, match="has an empty entry .a comma too many."):
+            parse_precision(typo)
     with pytest.raises(BuildError, match="not valid for vision_encoder.*valid: vision_encoder: fp32/fp16/int8"):
         parse_precision("vision=w4").resolve(stages)
     with pytest.raises(BuildError, match="not available for vision_encoder, projector"):

@@ -74,6 +74,9 @@ def parse_precision(text: str | None) -> PrecisionPlan:
         return PrecisionPlan(default=text)
     chosen, default = {}, None
     for part in text.split(","):
+        if not part.strip():
+            raise BuildError(f"precision {text!r} has an empty entry (a comma too many); "
+                             "write e.g. decoder=w4 or fp16,decoder=w4")
         if "=" not in part:  # a bare precision: every stage not named (fp16,decoder=w4)
             if default is not None:
                 raise BuildError(f"precision {text!r} gives two precisions for every stage ({default} and "
