@@ -66,9 +66,9 @@ class T5LMDecoder(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, encoder_attention_mask, cross_key_values, *past):
         cache = prefilled_cache(past, cross_key_values)
         first = self.t5.decoder.block[0].layer[0].SelfAttention  # computes the bias every layer reads
-        keys = attention_mask.cumsum(-1) - 1  # a real key's position in its row (masked keys: unread)
+        key_positions = attention_mask.cumsum(-1) - 1  # a real key's position in its row (masked keys: unread)
         buckets = first._relative_position_bucket(
-            keys[:, None, :] - position_ids[:, :, None], bidirectional=False,
+            key_positions[:, None, :] - position_ids[:, :, None], bidirectional=False,
             num_buckets=first.relative_attention_num_buckets, max_distance=first.relative_attention_max_distance)
         bias = first.relative_attention_bias(buckets).permute(0, 3, 1, 2)  # [batch, heads, sequence, total]
         # the cross-attention runs only when encoder states are given; their values are never read
