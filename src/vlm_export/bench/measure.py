@@ -155,16 +155,15 @@ def request_call(open_stream: Callable[[str, object], Iterable], requests: Seque
 
 
 def summarize_requests(timings: Sequence[RequestTiming]) -> dict:
-    tpots = [t.tpot_s for t in timings if t.tpot_s is not None]
-    tpot_p50 = summarize(tpots).get("p50")
+    tpot = summarize([t.tpot_s for t in timings if t.tpot_s is not None])
     return {
         "requests": len(timings),
         "tokens": int(sum(t.tokens for t in timings)),
         "ttft_ms": summarize([t.ttft_s for t in timings]),
-        "tpot_ms": summarize(tpots),
+        "tpot_ms": tpot,
         "request_ms": summarize([t.total_s for t in timings]),
         # one stream's decode rate: tokens after the first / the time they took
-        "tokens_per_s": round(1e3 / tpot_p50, 3) if tpot_p50 else None,
+        "tokens_per_s": round(1e3 / tpot["p50"], 3) if tpot.get("p50") else None,
         # requests whose tokens sent no text before the end: their TTFT is the whole request, no TPOT
         "without_text": sum(not t.streamed for t in timings),
     }

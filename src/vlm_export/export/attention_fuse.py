@@ -124,7 +124,7 @@ def _scores(g, name: str):
     return (mm, scale, softcap) if mm is not None and mm.op_type == "MatMul" else None
 
 
-def _reads_a_cache(g, name: str) -> bool:
+def _reads_a_cache(g, name: str, graph_inputs: set[str]) -> bool:
     """Whether ``name`` is computed from a rank-4 graph input (a past KV: its values or its shape)."""
     seen, stack = set(), [name]
     while stack:
@@ -134,7 +134,7 @@ def _reads_a_cache(g, name: str) -> bool:
         seen.add(x)
         node = g.producer.get(x)
         if node is None:
-            if x in {i.name for i in g.graph.input} and len(g.shape(x) or []) == 4:
+            if x in graph_inputs and len(g.shape(x) or []) == 4:
                 return True
             continue
         stack += [i for i in node.input if i]
@@ -284,7 +284,7 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
                 if found is not None:
                     position_bias = inner.input[1 - j]
                     break
-            if position_bias and _reads_a_cache(g, position_bias):
+            if position_bias and _reads_a_cache(g, position_bias, graph_inputs):
                 # a bias counting the query's position by column (Hugging Face's T5 compute_bias: the past's
                 # length + i) would be the widest row's on one shared buffer, and on the growing cache the
                 # kernel measured slower than the standard ops (benchmarks/results/t5-fused-epyc/)
