@@ -107,6 +107,23 @@ def test_an_image_alone_is_captioned_as_hugging_face_captions_it(tiny_build, tin
         generate(pipe, " ", [], GenerationConfig(max_new_tokens=2))
 
 
+def test_stop_ids_are_the_language_models_as_in_hugging_face_generate(tiny_model_dir, tmp_path):
+    """BLIP-2's generate ends in language_model.generate: a top-level generation config with another EOS
+    (a checkpoint's generation_config.json may carry one) is not what it stops at, so not ours either."""
+    from vlm_export.adapters import get_adapter
+    from vlm_export.adapters.reference import eos_token_ids
+
+    model = tmp_path / "blip2"
+    shutil.copytree(tiny_model_dir("blip2-opt"), model)
+    gen = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": 7}))
+    loaded = get_adapter("blip2").load(model)
+    assert loaded.model.generation_config.eos_token_id == 7  # the top-level config was read
+    lm_eos = loaded.model.language_model.generation_config.eos_token_id
+    assert lm_eos != 7
+    assert eos_token_ids(loaded) == list(dict.fromkeys([lm_eos, loaded.tokenizer.eos_token_id]))
+
+
 def test_image_cache_is_keyed_by_prompt_too(tiny_build, photos):
     pipe = open_build(tiny_build(IBLIP).path)
     config = GenerationConfig(max_new_tokens=6)

@@ -125,6 +125,13 @@ class VLMAdapter(abc.ABC):
         reference builds its inputs with the model's own processor instead."""
 
     # ---- optional knobs ------------------------------------------------------------------
+    def generation_config(self, loaded: LoadedModel):
+        """The generation config the model's own ``generate`` decodes with (its stop ids are the build's):
+        the top-level model's by default, or its text model's where it has no config of its own. An
+        architecture whose ``generate`` hands over to its language model's (BLIP-2's) says so here."""
+        return getattr(loaded.model, "generation_config", None) or getattr(getattr(loaded.model, "text", None),
+                                                                           "generation_config", None)
+
     def image_text(self, loaded: LoadedModel) -> ImageText | None:
         """How the prompt becomes image-stage inputs (``role="prompt"``), for models whose image
         path reads the prompt; its tokenizer is ``loaded.image_text_tokenizer``."""

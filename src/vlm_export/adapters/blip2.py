@@ -168,6 +168,11 @@ class QFormerAdapterBase(VLMAdapter):
     def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
         return text_geometry(loaded.config.text_config)
 
+    def generation_config(self, loaded: LoadedModel):
+        # BLIP-2's and InstructBLIP's generate end in language_model.generate: the LM's config rules, not
+        # the top-level one (which a checkpoint's generation_config.json may set differently)
+        return loaded.model.language_model.generation_config
+
     def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
         """HF generate on inputs the model's own processor builds from the prompt text (our pixels:
         the same image processor made them). Text-only prompts go to the language model itself,

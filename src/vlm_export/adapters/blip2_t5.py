@@ -113,8 +113,7 @@ class T5LanguageModel:
                                max_position_embeddings=getattr(t, "n_positions", None) or 512)
 
     def scheme(self, loaded: LoadedModel) -> EncoderDecoderScheme:
-        # the model's generate hands over to the T5's generate: its generation config rules
-        return encdec_scheme(loaded, self.geometry(loaded), loaded.model.language_model.generation_config)
+        return encdec_scheme(loaded, self.geometry(loaded), self.generation_config(loaded))
 
     def language_stages(self, loaded: LoadedModel) -> list[Stage]:
         scheme = self.scheme(loaded)

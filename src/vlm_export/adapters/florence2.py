@@ -165,7 +165,7 @@ class Florence2Adapter(VLMAdapter):
                                vocab_size=t.vocab_size, max_position_embeddings=t.max_position_embeddings)
 
     def scheme(self, loaded: LoadedModel) -> EncoderDecoderScheme:
-        return encdec_scheme(loaded, self.geometry(loaded), loaded.model.generation_config)
+        return encdec_scheme(loaded, self.geometry(loaded), self.generation_config(loaded))
 
     def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
         # the processor: its task tokens rewritten ("<CAPTION>" -> "What does the image describe?"), image

@@ -21,14 +21,13 @@ BACKENDS = ("torch", "onnxruntime")
 
 
 def eos_token_ids(loaded: LoadedModel) -> list[int]:
-    """EOS ids of the model's generation config, and the tokenizer's EOS too. Hugging Face's generate
-    stops at the generation config's alone; a chat model's turn end (``<|im_end|>``) is often only the
+    """EOS ids of the generation config the model's own generate uses (the adapter's
+    ``generation_config``), and the tokenizer's EOS too. Hugging Face's generate stops at the
+    generation config's alone; a chat model's turn end (``<|im_end|>``) is often only the
     tokenizer's, and an answer that runs past it is not one a server should send. Parity runs the
     reference with the same list, and the manifest records it (``generation.eos_token_ids``)."""
     ids: list[int] = []
-    gen = getattr(loaded.model, "generation_config", None) or getattr(getattr(loaded.model, "text", None),
-                                                                      "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
+    eos = getattr(loaded.adapter.generation_config(loaded), "eos_token_id", None)
     for value in (eos if isinstance(eos, list) else [eos]) + [loaded.tokenizer.eos_token_id]:
         if value is not None and value not in ids:
             ids.append(int(value))
