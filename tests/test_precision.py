@@ -94,6 +94,27 @@ def test_u8s8_is_refused_before_the_export_on_a_cpu_without_vnni(monkeypatch):
     BuildOptions(precision=parse_precision("decoder=int8"), precision_options=PrecisionOptions(int8_kernel="u8s8"))
 
 
+def test_blocks_that_do_not_divide_the_layers_are_refused_before_the_export(tiny_model_dir, tmp_path, monkeypatch):
+    """The tiny LM's Linear layers read 64 and 128 inputs: blocks of 128 cannot hold the 64 ones in the
+    asymmetric scheme, which is said before minutes of export (not after, and not twice: once per form)."""
+    import vlm_export.build as build_module
+
+    def exported(*_):
+        raise AssertionError("the export ran")
+
+    monkeypatch.setattr(build_module, "export_stage", exported)
+    options = BuildOptions(precision=parse_precision("decoder=w4"), precision_options=PrecisionOptions(block_size=128))
+    with pytest.raises(ExportError, match=r"weight\(s\) have an input size K that is not a multiple of the block size "
+                                          r"128 \(.*q_proj K=64.*use --block-size 64 \(it divides every K: 64, 128\)"):
+        build(tiny_model_dir("llava-llama"), tmp_path / "out", options)
+    assert not (tmp_path / "out").exists()
+    # the zero-point scheme pads K (MatMulNBits does): no refusal, the export is reached
+    options = BuildOptions(precision=parse_precision("decoder=w4"),
+                           precision_options=PrecisionOptions(block_size=128, weight_scheme="zero-point"))
+    with pytest.raises(AssertionError, match="the export ran"):
+        build(tiny_model_dir("llava-llama"), tmp_path / "out", options)
+
+
 def test_calibration_flags_without_a_stage_they_calibrate(tmp_path, run_cli):
     from PIL import Image
 

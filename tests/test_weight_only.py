@@ -247,7 +247,8 @@ def test_block_sizes_follow_k_in_the_tensorrt_form(tmp_path):
     assert quantize_weights(model, 4, (128, 64), "symmetric", "dequantize", keep=set()) == {"mm0": (4, 64),
                                                                                           "mm1": (4, 128)}
     assert sorted(a.i for n in model.graph.node for a in n.attribute if a.name == "block_size") == [64, 128]
-    with pytest.raises(ExportError, match="mm1: K=96 is not a multiple of block size 128 or 64; keep it"):
+    with pytest.raises(ExportError, match=r"1 weight\(s\) .* block size 128 or 64 \(mm1 K=96\), which block-wise "
+                                          r"DequantizeLinear needs .*; keep them in fp32 with --keep-node"):
         quantize_weights(_chain(tmp_path, [128, 96, 64]), 4, (128, 64), "symmetric", "dequantize", keep=set())
     assert quantize_weights(_chain(tmp_path, [128, 96, 64]), 4, (128, 64), "symmetric", "matmulnbits",
                             keep=set()) == {"mm0": (4, 128), "mm1": (4, 128)}
@@ -341,7 +342,7 @@ def test_the_asymmetric_scheme_names_one_block_size_for_every_k():
     """Its correction adds whole blocks back, so a K the block does not divide is refused before any
     MatMul is rewritten, with one size that divides every K (following the advice then works), or
     integer zero points where no size does; the zero-point scheme pads K as MatMulNBits does."""
-    with pytest.raises(ExportError, match=r"2 MatMul\(s\) .* block size 32 \(mm0 K=80, mm1 K=144\).* use "
+    with pytest.raises(ExportError, match=r"2 weight\(s\) .* block size 32 \(mm0 K=80, mm1 K=144\).* use "
                                           r"--block-size 16 \(it divides every K: 64, 80, 144\)"):
         quantize_weights(_matmuls_of([80, 144, 64]), 4, 32, "asymmetric", "matmulnbits", keep=set())
     assert set(quantize_weights(_matmuls_of([80, 144, 64]), 4, 16, "asymmetric", "matmulnbits", keep=set()).values()) \

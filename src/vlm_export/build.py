@@ -38,6 +38,7 @@ from .export.onnx_export import export_stage
 from .precision.calibration import CalibrationPair, cache_path, default_pairs, stage_feeds
 from .precision.convert import PrecisionOptions, make_variant, quiet_logging
 from .precision.spec import PrecisionPlan
+from .precision.weight_only import check_whole_blocks, needs_whole_blocks
 from .manifest import (MANIFEST_NAME, derive_targets, is_build_folder, read_manifest, sha256_file, stage_forms,
                        targets as target_forms, verify_hashes, versions, write_manifest)
 from .progress import Progress
@@ -197,6 +198,7 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
                       f"{limits.max_sequence} positions (max_position_embeddings): the build takes {limits.max_sequence}")
     _check_samples_fit(options.samples or default_samples(limits.max_images), loaded.tokenizer, layout, scheme,
                        limits, options.parity_new_tokens)
+    _check_weight_blocks(stages, precisions, options.precision_options)
 
     graphs = {}
     for stage in stages:
@@ -264,6 +266,21 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
         raise ParityError(f"parity failed for {len(failures)} check(s): " + "; ".join(failures)
                           + f". Graphs and report kept in {failed} (not a usable build)")
     write_manifest(tmp, manifest)
+
+
+def _check_weight_blocks(stages, precisions: dict[str, str], po: PrecisionOptions) -> None:
+    """A w8/w4 stage whose Linear layers' input sizes no block size divides (where the scheme or form
+    cannot pad them) is refused before anything is exported, as the quantizer would refuse it after
+    (it still checks the graph's MatMuls: other layers than Linear ones become MatMuls too). With
+    --keep-node the user may be keeping exactly those layers fp32: the quantizer judges then."""
+    if po.exclude_nodes or not needs_whole_blocks(po.weight_form, po.scheme):
+        return
+    from torch import nn
+
+    for stage in stages:
+        if precisions[stage.name] in ("w8", "w4"):
+            check_whole_blocks([(name, m.in_features) for name, m in stage.module.named_modules()
+                                if isinstance(m, nn.Linear)], po.block_sizes, po.weight_form)
 
 
 def _fused_precision_problem(precision: str, options: BuildOptions) -> str:

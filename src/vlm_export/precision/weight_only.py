@@ -200,7 +200,7 @@ def _matmulnbits(t: _Target, bq: BlockQuantized, accuracy_level: int, block_sums
     if bq.offsets is not None:
         if correction not in CORRECTIONS:
             raise ExportError(f"asymmetric correction {correction!r} is not one of {', '.join(CORRECTIONS)}")
-        blocks = k // bq.block_size  # whole blocks: quantize_weights refused any other K (_check_whole_blocks)
+        blocks = k // bq.block_size  # whole blocks: quantize_weights refused any other K (check_whole_blocks)
         # augmented: the sums fill whole blocks of their own (zero columns after the last)
         width = -(-blocks // bq.block_size) * bq.block_size if correction == "augmented" else blocks
         key = (x, bq.block_size, correction)
@@ -271,14 +271,11 @@ def _dequantize(t: _Target, bq: BlockQuantized):
     return [deq, matmul], [weight, scale]
 
 
-def _block_size(t: _Target, sizes: tuple[int, ...], form: str) -> int:
-    """The first of ``sizes`` that divides K; MatMulNBits pads K, DequantizeLinear cannot."""
+def _block_size(t: _Target, sizes: tuple[int, ...]) -> int:
+    """The first of ``sizes`` that divides K, else the first (MatMulNBits pads K; a form or scheme that
+    cannot was refused before, ``check_whole_blocks``)."""
     k = t.weight.shape[0]
-    fitting = [size for size in sizes if k % size == 0]
-    if fitting or form == "matmulnbits":
-        return (fitting or sizes)[0]
-    raise ExportError(f"{_key(t.node)}: K={k} is not a multiple of block size "
-                      f"{' or '.join(map(str, sizes))}; keep it in fp32 with --keep-node or use --weight-form matmulnbits")
+    return next((size for size in sizes if k % size == 0), sizes[0])
 
 
 #: the block sizes MatMulNBits takes (powers of two >= 16), the ones suggested
@@ -292,22 +289,34 @@ def whole_block_size(ks: Sequence[int], preferred: int) -> int | None:
     return max((s for s in fits if s <= preferred), default=min(fits, default=None))
 
 
-def _check_whole_blocks(targets: list[_Target], sizes: tuple[int, ...], form: str) -> None:
-    """The asymmetric scheme's block-sum correction adds whole blocks back, which MatMulNBits' padding
-    of K cannot: refuse a graph with any K that is not a multiple of its block, naming one size that
-    divides every K (one try, not one per MatMul), or the scheme that needs none."""
-    bad = [(_key(t.node), t.weight.shape[0]) for t in targets if t.weight.shape[0] % _block_size(t, sizes, form)]
+def needs_whole_blocks(form: str, scheme: str) -> bool:
+    """Whether every K must be a multiple of a block size: MatMulNBits pads K, but the asymmetric
+    scheme's block-sum correction adds whole blocks back, and DequantizeLinear cannot pad."""
+    return form == "dequantize" or scheme == "asymmetric"
+
+
+def check_whole_blocks(named_ks: Sequence[tuple[str, int]], sizes: tuple[int, ...], form: str) -> None:
+    """Refuse weights (name, input size K) whose K no block size of ``sizes`` divides, in one message
+    for them all, naming a fix: for MatMulNBits one size that divides every K or the scheme that needs
+    none; for the dequantize form keeping them fp32 or ONNX Runtime's form. The build calls it on the
+    PyTorch stage's Linear layers before exporting anything, the quantizer on the graph's MatMuls."""
+    bad = [(name, k) for name, k in named_ks if all(k % size for size in sizes)]
     if not bad:
         return
-    ks = sorted({t.weight.shape[0] for t in targets})
-    fit = whole_block_size(ks, sizes[0])
+    ks = sorted({k for _, k in named_ks})
     listed = ", ".join(map(str, ks))
-    fix = (f"use --block-size {fit} (it divides every K: {listed}) or --weight-scheme zero-point" if fit else
-           f"no block size of {MATMULNBITS_BLOCK_SIZES[0]}-{MATMULNBITS_BLOCK_SIZES[-1]} divides every K ({listed}): "
-           "use --weight-scheme zero-point")
+    if form == "dequantize":
+        need, fix = "which block-wise DequantizeLinear needs (it cannot pad K)", \
+            "keep them in fp32 with --keep-node or use --weight-form matmulnbits"
+    else:
+        fit = whole_block_size(ks, sizes[0])
+        need = "which the asymmetric scheme needs"
+        fix = (f"use --block-size {fit} (it divides every K: {listed}) or --weight-scheme zero-point" if fit else
+               f"no block size of {MATMULNBITS_BLOCK_SIZES[0]}-{MATMULNBITS_BLOCK_SIZES[-1]} divides every K "
+               f"({listed}): use --weight-scheme zero-point")
     shown = ", ".join(f"{name} K={k}" for name, k in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-    raise ExportError(f"{len(bad)} MatMul(s) have an input size K that is not a multiple of the block size {sizes[0]} "
-                      f"({shown}), which the asymmetric scheme needs; {fix}")
+    raise ExportError(f"{len(bad)} weight(s) have an input size K that is not a multiple of the block size "
+                      f"{' or '.join(map(str, sizes))} ({shown}), {need}; {fix}")
 
 
 def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int | tuple[int, ...], scheme: str, form: str,
@@ -327,10 +336,10 @@ def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int | tuple[
     graph = model.graph
     replaced, new_inits, done, block_sums = {}, [], {}, {}
     targets = _targets(model, keep)
-    if form == "matmulnbits" and scheme == "asymmetric":
-        _check_whole_blocks(targets, sizes, form)
+    if needs_whole_blocks(form, scheme):
+        check_whole_blocks([(_key(t.node), t.weight.shape[0]) for t in targets], sizes, form)
     for t in targets:
-        node_bits, size = (bits_of or {}).get(t.node.name, bits), _block_size(t, sizes, form)
+        node_bits, size = (bits_of or {}).get(t.node.name, bits), _block_size(t, sizes)
         # fp16 weights (an fp16 graph) get fp16 scales, so the dequantized weight stays fp16
         scale_dtype = np.float16 if t.weight.dtype == np.float16 else np.float32
         bq = (blocks(_key(t.node), t.weight, node_bits, size, scheme, scale_dtype) if blocks
