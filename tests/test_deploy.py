@@ -97,6 +97,12 @@ OPTION_SETS = {
 }
 
 
+def test_the_header_names_the_repository_given_as_the_current_folder(repos, tmp_path, monkeypatch):
+    monkeypatch.chdir(repos["python"])
+    paths = render_kubernetes(Path("."), tmp_path / "k8s", PVC)
+    assert f"for the python repository {repos['python'].name}/;" in paths[0].read_text().splitlines()[0]
+
+
 @pytest.mark.parametrize("target", ["python", "onnxruntime", "tensorrt"])
 @pytest.mark.parametrize("case", list(OPTION_SETS))
 def test_manifests_fit_the_kubernetes_schemas(repos, tmp_path, target, case):
@@ -213,8 +219,13 @@ def test_gpu_only_for_a_tensorrt_repository(repos, tmp_path, target, gpu):
         assert not any(a.startswith("--backend-config=tensorrt") for a in triton["args"])
     else:
         assert not any("nvidia.com/gpu" in p.read_text() for p in paths)
-    docs = load(render_kubernetes(repos[target], tmp_path / "two", KubernetesOptions(pvc="m", gpus=2)))
-    assert containers(docs)["triton"]["resources"]["limits"].get("nvidia.com/gpu") == (2 if gpu else None)
+    if gpu:
+        docs = load(render_kubernetes(repos[target], tmp_path / "two", KubernetesOptions(pvc="m", gpus=2)))
+        assert containers(docs)["triton"]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    else:  # asked for on a CPU repository it would be dropped without a word
+        with pytest.raises(DeployError, match=f"--gpus 2: the {target} repository .* runs on CPU .*; drop --gpus"):
+            render_kubernetes(repos[target], tmp_path / "two", KubernetesOptions(pvc="m", gpus=2))
+        assert not (tmp_path / "two").exists()
 
 
 # --------------------------------------------------------------------------- the image and its pins

@@ -421,7 +421,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", default="16Gi")
     p.add_argument("--cpu-limit", default=None)
     p.add_argument("--memory-limit", default=None)
-    p.add_argument("--gpus", type=_positive_int, default=1, help="nvidia.com/gpu per pod, for a tensorrt repository")
+    p.add_argument("--gpus", type=_positive_int, default=None,
+                   help="nvidia.com/gpu per pod, for a repository that runs on a GPU (default 1; refused for a CPU one)")
     p.add_argument("--shm-size", default="1Gi")
     p.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--startup-timeout", type=_positive_int, default=900, help="seconds model loading may take")

@@ -88,7 +88,7 @@ class KubernetesOptions:
     memory: str = "16Gi"
     cpu_limit: str | None = None  # None: same as cpu
     memory_limit: str | None = None  # None: same as memory
-    gpus: int = 1  # nvidia.com/gpu per pod, for repositories that need a GPU (tensorrt); ignored otherwise
+    gpus: int | None = None  # nvidia.com/gpu per pod for a repository that needs a GPU (None: 1); refused for others
     shm_size: str = "1Gi"  # memory-backed /dev/shm (counts against the memory limit)
     node_selector: Mapping[str, str] = field(default_factory=dict)
     startup_timeout_s: int = 900  # how long model loading may take before the startup probe gives up
@@ -133,7 +133,7 @@ class KubernetesOptions:
                               f"{self.min_replicas}..{self.max_replicas}")
         if self.target_cpu_utilization < 1 or (self.target_queue_length is not None and self.target_queue_length < 1):
             raise DeployError("autoscaling targets must be at least 1")
-        if self.gpus < 1 or self.startup_timeout_s < 10:
+        if (self.gpus is not None and self.gpus < 1) or self.startup_timeout_s < 10:
             raise DeployError("gpus must be at least 1 and the startup timeout at least 10 s")
         for what, value in (("cpu", self.cpu), ("cpu limit", self.cpu_limit), ("openai cpu", self.openai_cpu)):
             if value is not None and not _CPU.match(value):
@@ -215,7 +215,7 @@ def _triton_container(info: RepositoryInfo, options: KubernetesOptions) -> dict:
     requests = {"cpu": options.cpu, "memory": options.memory}
     limits = {"cpu": options.cpu_limit or options.cpu, "memory": options.memory_limit or options.memory}
     if info.gpu:
-        limits["nvidia.com/gpu"] = options.gpus  # extended resources: the request follows the limit
+        limits["nvidia.com/gpu"] = options.gpus or 1  # extended resources: the request follows the limit
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
     env = [{"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}]  # the repository may be read-only
     env_from = []
@@ -381,9 +381,13 @@ def render_kubernetes(repo: Path, out: Path, options: KubernetesOptions, force: 
     import yaml
 
     info = inspect_repository(Path(repo))
+    if options.gpus is not None and not info.gpu:  # asked for, it would be dropped without a word
+        raise DeployError(f"--gpus {options.gpus}: the {info.target} repository {repo} runs on CPU (no model has "
+                          "KIND_GPU instances, no TensorRT plan), so its pods request no GPU; drop --gpus, or make a "
+                          "GPU repository (vlm-export repository --target tensorrt)")
     objects = kubernetes_objects(info, options)
     header = (f"{HEADER_START} {__version__} (`vlm-export deploy kubernetes`) for the {info.target} repository "
-              f"{Path(repo).name}/;\n# Triton {TRITON_SERVER_VERSION} (NGC {TRITON_CONTAINER_RELEASE}). "
+              f"{Path(repo).absolute().name}/;\n# Triton {TRITON_SERVER_VERSION} (NGC {TRITON_CONTAINER_RELEASE}). "
               f"Apply with: kubectl apply -f {Path(out).name}/\n")
     class Dumper(yaml.SafeDumper):  # no &anchors / *aliases for the dicts two probes share
         def ignore_aliases(self, data):
