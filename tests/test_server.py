@@ -272,6 +272,23 @@ def test_model_that_fails_to_load_raises_with_log(tmp_path):
     assert time.monotonic() - started < 300
 
 
+def test_a_backend_the_server_lacks_is_named_before_it_starts(tmp_path):
+    """The bundled Triton has the python backend only: a repository that also needs ONNX Runtime's is refused
+    at once, naming the models and the fix (Triton itself would load the python models first, then fail)."""
+    write_model(tmp_path / "repo", "add_one", ADD_ONE_CONFIG, ADD_ONE_MODEL)
+    (tmp_path / "repo" / "graph" / "1").mkdir(parents=True)
+    (tmp_path / "repo" / "graph" / "config.pbtxt").write_text('name: "graph"\nplatform: "onnxruntime_onnx"\n')
+    started = time.monotonic()
+    with pytest.raises(ServeError, match=r"^model\(s\) graph of .* need Triton's onnxruntime backend, which .* does "
+                                         r"not have \(its backends, in .*: python\); .* --target python"):
+        TritonServer(tmp_path / "repo", log_file=tmp_path / "triton.log").start()
+    assert time.monotonic() - started < 5 and not (tmp_path / "triton.log").exists()  # nothing was started
+    # a model that brings its own backend library is Triton's to load
+    (tmp_path / "repo" / "graph" / "config.pbtxt").write_text('name: "graph"\nbackend: "mine"\n')
+    (tmp_path / "repo" / "graph" / "libtriton_mine.so").write_bytes(b"")
+    server_mod.check_backends(tmp_path / "repo", server_mod.find_tritonserver().backend_dir, Path("tritonserver"))
+
+
 def test_missing_binary_says_what_to_install(monkeypatch):
     monkeypatch.setenv("PATH", "")
     monkeypatch.setattr(server_mod, "_pytriton_server_dir", lambda: None)

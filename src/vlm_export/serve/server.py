@@ -299,6 +299,42 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+#: where a system tritonserver looks for its backends unless told otherwise
+SYSTEM_BACKEND_DIR = Path("/opt/tritonserver/backends")
+#: Triton platforms -> the backend that runs them (an ensemble is Triton's own)
+PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt", "pytorch_libtorch": "pytorch",
+                     "tensorflow_savedmodel": "tensorflow", "tensorflow_graphdef": "tensorflow"}
+_BACKEND_FIELD = re.compile(r'^\s*(backend|platform)\s*:\s*"([^"]*)"', re.MULTILINE)
+
+
+def check_backends(repository: Path, backend_dir: Path, binary: Path) -> None:
+    """ServeError, before starting anything, when a model of ``repository`` needs a backend that
+    ``backend_dir`` lacks: Triton would load every other model first and only then give up (~80 s of
+    python models on a small machine). Skipped where the folder cannot be listed (another layout), and
+    for a model that carries its own backend library (``libtriton_NAME.so`` in its folder)."""
+    try:
+        present = {p.name for p in backend_dir.iterdir() if p.is_dir()}
+    except OSError:
+        return
+    needs: dict[str, list[str]] = {}
+    for config in sorted(Path(repository).glob("*/config.pbtxt")):
+        try:
+            fields = dict(m.groups() for m in reversed(list(_BACKEND_FIELD.finditer(config.read_text()))))
+        except (OSError, UnicodeDecodeError):
+            continue  # Triton reports an unreadable config itself
+        backend = fields.get("backend") or PLATFORM_BACKENDS.get(fields.get("platform", ""))
+        own = list(config.parent.glob(f"**/libtriton_{backend}.so")) if backend else []
+        if backend and backend not in present and not own:
+            needs.setdefault(backend, []).append(config.parent.name)
+    if needs:
+        backend, models = next(iter(needs.items()))
+        raise ServeError(
+            f"model(s) {', '.join(models)} of {repository} need Triton's {backend} backend, which {binary} does not have "
+            f"(its backends, in {backend_dir}: {', '.join(sorted(present)) or 'none'}); serve this repository with a "
+            f"Triton that has it (NGC's tritonserver image, or deploy/Dockerfile), or render the build for the python "
+            "target: vlm-export repository BUILD --target python --out DIR")
+
+
 #: how long models may take to load: the wait ends as soon as Triton is ready, and a server that exits is
 #: reported at once; the demo's python models took ~110 s on a 2-core machine under load (120 s was too short)
 STARTUP_TIMEOUT_S = 600.0
@@ -402,6 +438,18 @@ class TritonServer:
             cmd += ["--backend-directory", str(self.binary.backend_dir)]
         return cmd + self.extra_args
 
+    def _backend_dir(self) -> Path:
+        """Where this server will look for backends: ours, a --backend-directory passed, or Triton's default."""
+        given = None
+        for i, arg in enumerate(self.extra_args):
+            if arg == "--backend-directory" and i + 1 < len(self.extra_args):
+                given = self.extra_args[i + 1]
+            elif arg.startswith("--backend-directory="):
+                given = arg.split("=", 1)[1]
+        if given is not None:
+            return Path(given)
+        return self.binary.backend_dir if self.binary.backend_dir is not None else SYSTEM_BACKEND_DIR
+
     # ------------------------------------------------------------------ life cycle
     def start(self) -> "TritonServer":
         if self.process is not None:
@@ -410,6 +458,7 @@ class TritonServer:
             raise ServeError(f"model repository {self.model_repository} is not a folder")
         if self.binary is None:
             self.binary = find_tritonserver()
+        check_backends(self.model_repository, self._backend_dir(), self.binary.path)
         if self.log_file is None:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
