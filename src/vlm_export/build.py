@@ -190,7 +190,9 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
     limits = Limits(
         max_batch=options.max_batch,
         max_images=min(options.max_images, adapter.max_images or options.max_images),
-        max_sequence=min(options.max_sequence or DEFAULT_MAX_SEQUENCE, scheme.geometry.max_position_embeddings),
+        # an LM without a position table (ALiBi) is bounded by the build's choice alone
+        max_sequence=min(options.max_sequence or DEFAULT_MAX_SEQUENCE,
+                         scheme.geometry.max_position_embeddings or options.max_sequence or DEFAULT_MAX_SEQUENCE),
         tokens_per_image=layout.tokens_per_image,
     )
     if options.max_sequence and options.max_sequence > limits.max_sequence:
@@ -447,8 +449,9 @@ def _check_samples_fit(samples, tokenizer, layout, scheme, limits: Limits, new_t
         fix = f"lower --parity-tokens to {max(n for n in range(1, new_tokens) if fit(n))}"
     # (the scheme says how prompt and new tokens share max_sequence: one budget, or one each for an encoder-decoder)
     raise BuildError(f"the parity sample {sample.label!r} ({len(sample.images)} image(s), {tokens} prompt tokens) "
-                     f"does not fit this build's max_sequence of {limits.max_sequence} with {new_tokens} new tokens "
-                     f"(the LM's positions: {scheme.geometry.max_position_embeddings}): {fix}")
+                     f"does not fit this build's max_sequence of {limits.max_sequence} with {new_tokens} new tokens"
+                     + (f" (the LM's positions: {positions})" if (positions := scheme.geometry.max_position_embeddings)
+                        else "") + f": {fix}")
 
 
 def _fused_variant(tmp: Path, stage: str, precision: str, fused: dict, options: BuildOptions, feeds, cache,

@@ -166,7 +166,7 @@ class QFormerAdapterBase(VLMAdapter):
                             add_special_tokens=True)
 
     def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
-        return text_geometry(loaded.config.text_config)
+        return text_geometry(loaded.config.text_config, loaded.model.language_model)
 
     def generation_config(self, loaded: LoadedModel):
         # BLIP-2's and InstructBLIP's generate end in language_model.generate: the LM's config rules, not

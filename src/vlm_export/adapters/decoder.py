@@ -12,6 +12,7 @@ row k. Decode steps pass an empty table ``[0, hidden]``.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Sequence
 
 import torch
@@ -20,7 +21,7 @@ from transformers import DynamicCache
 
 from ..contract import (DECODER_PRECISIONS, IMAGE, IMAGE_PRECISIONS, DecoderGeometry, StageSpec, TensorSpec)
 from ..contract.spliced import SplicedScheme
-from ..errors import AdapterError
+from ..errors import AdapterError, first_line
 from .base import Stage
 
 EXAMPLE_IMAGES = 2
@@ -89,18 +90,57 @@ def splice_image_rows(embed_tokens: nn.Module, input_ids: torch.Tensor, image_em
     return torch.where(is_image.unsqueeze(-1), spliced, text_embeds)
 
 
-def text_geometry(text_cfg) -> DecoderGeometry:
-    """KV geometry of a Hugging Face causal-LM config (shared by adapters that wrap one)."""
-    heads = text_cfg.num_attention_heads
+def text_geometry(text_cfg, text_model: nn.Module) -> DecoderGeometry:
+    """KV geometry of a Hugging Face causal LM (shared by adapters that wrap one): the layers, the KV
+    heads and the head size of the cache ``text_model`` (the base model or the causal LM) writes,
+    measured (``cache_shape``), since configs spell them many ways (Falcon's ``multi_query`` keeps one KV
+    head while its config names none); the rest from ``text_cfg``. A model without a position table
+    (ALiBi: BLOOM, MPT) has no ``max_position_embeddings``: None, no bound but the build's."""
+    layers, kv_heads, head_dim = cache_shape(text_cfg, text_model)
     return DecoderGeometry(
-        num_layers=text_cfg.num_hidden_layers,
-        num_kv_heads=getattr(text_cfg, "num_key_value_heads", None) or heads,
-        head_dim=getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads,
+        num_layers=layers,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
         hidden_size=text_cfg.hidden_size,
         vocab_size=text_cfg.vocab_size,
-        max_position_embeddings=text_cfg.max_position_embeddings,
+        max_position_embeddings=getattr(text_cfg, "max_position_embeddings", None),
         **attention_windows(text_cfg),
     )
+
+
+_CACHE_SHAPES: "weakref.WeakKeyDictionary[nn.Module, tuple[int, int, int]]" = weakref.WeakKeyDictionary()
+
+
+def cache_shape(text_cfg, text_model: nn.Module) -> tuple[int, int, int]:
+    """(layers, KV heads, head size) of the cache ``text_model`` writes for one token, measured once per
+    model. An LM whose cache is not one (keys, values) pair of (batch, heads, sequence, head size) per
+    layer (a state-space or recurrent one: Mamba, Jamba, RecurrentGemma) is refused in one line."""
+    if text_model in _CACHE_SHAPES:
+        return _CACHE_SHAPES[text_model]
+    kind = getattr(text_cfg, "model_type", type(text_model).__name__)
+    refusal = (f"the language model ({kind}) {{}}, not a transformer's KV cache (keys and values of (batch, heads, "
+               "sequence, head size) per layer), which the exported decoder carries: a state-space or recurrent LM is "
+               "not supported")
+    param = next(text_model.parameters())
+    try:
+        with torch.no_grad():
+            out = text_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=param.device), use_cache=True)
+    except Exception as e:  # noqa: BLE001 - a model that cannot run one token with a cache cannot be exported
+        raise AdapterError(refusal.format(f"could not run one token with a cache ({first_line(e)})")) from None
+    cache = getattr(out, "past_key_values", None)
+    layers = getattr(cache, "layers", None)
+    keys = [getattr(layer, "keys", None) for layer in layers] if layers is not None else []
+    if not keys or any(k is None or k.dim() != 4 or k.shape[2] != 1 for k in keys):
+        seen = ("no cache" if cache is None
+                else f"a {type(cache).__name__} whose layers do not all hold one token's keys")
+        raise AdapterError(refusal.format(f"returned {seen}"))
+    if len({tuple(k.shape) for k in keys}) != 1:
+        raise AdapterError(f"the language model ({kind}) keeps keys of different shapes per layer "
+                           f"({sorted({tuple(k.shape[1:]) for k in keys})}): one KV geometry for every layer is "
+                           "what the exported decoder carries; not supported")
+    shape = (len(keys), int(keys[0].shape[1]), int(keys[0].shape[3]))
+    _CACHE_SHAPES[text_model] = shape
+    return shape
 
 
 def attention_windows(text_cfg) -> dict:

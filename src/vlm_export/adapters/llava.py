@@ -126,7 +126,7 @@ class LlavaAdapter(VLMAdapter):
                             chat_parts=chat_template_takes_parts(loaded.tokenizer, token))
 
     def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
-        return text_geometry(loaded.config.text_config)
+        return text_geometry(loaded.config.text_config, loaded.model.model.language_model)
 
     def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
         images = {} if pixel_values is None else {"pixel_values": pixel_values}  # None trips HF's generate

@@ -11,7 +11,9 @@ def load_hf_parts(model_cls, path: Path, *, processor: bool = True):
     """(model fp32 eval with eager attention, tokenizer, image processor or None).
 
     Eager attention because SDPA's ``is_causal`` cannot be traced with a dynamic sequence length
-    (see env-notes); the maths is the same, so the reference stays the original model.
+    (see env-notes); the maths is the same, so the reference stays the original model. Mixture-of-experts
+    layers as batched matmuls for the same reason: transformers' default grouped matmul is a custom op
+    torch.onnx cannot export (its ``eager`` loop branches on data); the experts' maths is the same.
     """
     import torch
     from transformers import AutoImageProcessor, AutoTokenizer
@@ -22,7 +24,8 @@ def load_hf_parts(model_cls, path: Path, *, processor: bool = True):
     hf_logging.disable_progress_bar()  # our own progress bars say what runs
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        model = model_cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+        model = model_cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
+                                          experts_implementation="batched_mm")
     except Exception as e:  # from_pretrained raises OSError, SafetensorError, ValueError, ...
         raise ModelLoadError(
             f"cannot load the model weights in {path} ({first_line(e)}); check the folder is a complete "

@@ -157,7 +157,7 @@ class PrefixAdapter(VLMAdapter):
                             tokens_per_image=loaded.config["num_prefix_tokens"])
 
     def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
-        return text_geometry(loaded.model.text.config)
+        return text_geometry(loaded.model.text.config, loaded.model.text)
 
     def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
         n_prefix = 0 if pixel_values is None else pixel_values.shape[0] * loaded.config["num_prefix_tokens"]

@@ -12,7 +12,7 @@ class DecoderGeometry:
     head_dim: int
     hidden_size: int
     vocab_size: int
-    max_position_embeddings: int
+    max_position_embeddings: int | None  # None: no position table bounds the sequence (ALiBi)
     cache_dtype: str = "float32"
     # the shortest attention window of any layer (keys more than this many positions back are not
     # attended); None: every layer attends to the whole sequence
