@@ -273,6 +273,29 @@ def test_prompt_ids_follow_the_processor_without_a_template_and_beside_a_tokeniz
         assert build_prompt_ids(loaded.tokenizer, adapter.prompt_layout(loaded), question, 1) == want, folder.name
 
 
+def test_the_kv_geometry_is_the_cache_the_lm_writes():
+    """Read from one token's cache, not the config's spelling: Falcon's multi-query keeps one KV head (its
+    config has no such count), an ALiBi LM (BLOOM) has no position table to bound the sequence, and a
+    state-space LM (Mamba) keeps no keys and values at all: refused in one line."""
+    from transformers import AutoConfig, AutoModel
+
+    from vlm_export.adapters.decoder import text_geometry
+    from vlm_export.errors import AdapterError
+
+    def geometry(model_type, **kw):
+        cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, **kw)
+        return text_geometry(cfg, AutoModel.from_config(cfg).eval())
+
+    falcon = geometry("falcon", num_hidden_layers=3, num_attention_heads=4, multi_query=True,
+                      new_decoder_architecture=False)
+    assert (falcon.num_layers, falcon.num_kv_heads, falcon.head_dim, falcon.max_position_embeddings) == (3, 1, 8, 2048)
+    bloom = geometry("bloom", n_layer=2, n_head=4)
+    assert (bloom.num_kv_heads, bloom.head_dim, bloom.max_position_embeddings) == (4, 8, None)
+    with pytest.raises(AdapterError, match=r"^the language model \(mamba\) returned a DynamicCache whose layers do not "
+                                           r"all hold one token's keys, not a transformer's KV cache .*not supported$"):
+        geometry("mamba", num_hidden_layers=2, state_size=4)
+
+
 def test_llava_with_a_variable_resolution_tower_is_refused(tmp_path):
     """A Pixtral tower (its tokens per image vary with each image) gets a one-line AdapterError."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, PixtralVisionConfig

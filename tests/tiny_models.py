@@ -75,6 +75,12 @@ TEXT_FAMILIES = {
     # window on every other layer, the scale from query_pre_attn_scalar, sandwich norms
     "gemma2": ("gemma2", {"head_dim": 16, "sliding_window": 16, "query_pre_attn_scalar": 16,
                           "attn_logit_softcapping": 0.5}),
+    # Falcon-7B's layout: multi-query (one KV head, which its config does not call num_key_value_heads), one
+    # fused q/k/v projection, attention and MLP in parallel; no embed_tokens for LLaVA to tie a head to
+    "falcon-mq": ("falcon", {"multi_query": True, "new_decoder_architecture": False, "parallel_attn": True,
+                             "tie_word_embeddings": False}),
+    # mixture of experts (4 experts, 2 per token): transformers' default grouped matmul does not export
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     # dynamic NTK: a branch on the positions' values that torch.export cannot trace
     "llama-dynamic-rope": ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
 }
