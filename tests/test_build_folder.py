@@ -102,3 +102,45 @@ def test_force_build_replaces_the_old_one_and_clears_stale_leftovers(existing, t
     assert not failed.exists()  # no stale failure report beside a good build
     assert hidden_siblings(existing) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]
+
+
+def test_a_folder_that_appears_while_writing_is_not_replaced(tmp_path):
+    """Checked at the start and again at the final rename: a folder made at --out meanwhile (a user's, or
+    a concurrent build's without --force) keeps its files, and the new one is not published."""
+    from vlm_export.atomic import atomic_folder
+
+    out = tmp_path / "race"
+    with pytest.raises(BuildError, match=r"^while this build folder was written, .*race already exists; pass --force"):
+        with atomic_folder(out, False, BuildError, "build folder", lambda folder: False) as tmp:
+            (tmp / "manifest.json").write_text("{}")
+            out.mkdir()
+            (out / "notes.txt").write_text("precious")
+    assert contents(out) == {"notes.txt": b"precious"}
+    assert hidden_siblings(out) == []
+    with atomic_folder(out, True, BuildError, "build folder", lambda folder: True) as tmp:  # --force, ours: replaced
+        (tmp / "manifest.json").write_text("{}")
+    assert contents(out) == {"manifest.json": b"{}"}
+
+
+def test_sigterm_mid_build_leaves_nothing_behind(tiny_model_dir, tmp_path):
+    """What timeout, docker, systemd and Kubernetes send: unwound as Ctrl-C is, the half-written folder removed."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "build"
+    proc = subprocess.Popen([sys.executable, "-m", "vlm_export.cli", "build", str(tiny_model_dir("llava-llama")),
+                             "--out", str(out), "--max-sequence", "256"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not hidden_siblings(out) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)  # until it writes
+        assert hidden_siblings(out), "the build never started writing"
+        time.sleep(2)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "terminated", err
+    assert not out.exists() and hidden_siblings(out) == []

@@ -36,6 +36,12 @@ def atomic_folder(out: Path, force: bool, error: type[VlmExportError], what: str
     try:
         yield tmp
         if tmp.exists():  # the body may have moved it elsewhere (a failed build is kept as <out>.failed)
+            if out.exists() or out.is_symlink():  # again: something may have appeared there meanwhile
+                try:
+                    _check_replaceable(out, force, error, what, made_here)
+                except VlmExportError as e:
+                    raise error(f"while this {what} was written, {str(e)[0].lower()}{str(e)[1:]} (it was not "
+                                "published)") from None
             _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

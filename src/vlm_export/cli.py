@@ -732,17 +732,40 @@ def missing_extra(err: ModuleNotFoundError) -> str | None:
             "(or bash scripts/setup.sh --serve / --captions / --tests)")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (what timeout, docker, systemd and Kubernetes send) unwinds as Ctrl-C does, so a build's
+    half-written folder is removed on the way out instead of left behind."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .progress import RichProgress
 
+    before = signal.signal(signal.SIGTERM, _on_sigterm) if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL else None
     try:
-        return COMMANDS[args.command](args, RichProgress())
+        return _run(args, RichProgress())
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _run(args, progress) -> int:
+    try:
+        return COMMANDS[args.command](args, progress)
     except VlmExportError as e:
         # one line; details (e.g. a server log excerpt) stay in the files the message names
         print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return e.exit_code
+    except _Terminated:
+        print("terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
