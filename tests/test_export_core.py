@@ -491,6 +491,11 @@ def test_images_that_do_not_fit_the_lms_positions_are_refused_before_export(tmp_
                                          r"max_sequence of 512 with 8 new tokens .*build with --max-images 1") as e:
         build(model, tmp_path / "build", BuildOptions(parity_new_tokens=8))
     assert "\n" not in str(e.value) and not (tmp_path / "build").exists()
+    # a max_sequence too short for the text alone: raising it is the fix (with one image fewer, within 512)
+    with pytest.raises(BuildError, match=r"'text-only' \(0 image\(s\), \d+ prompt tokens\) does not fit this build's "
+                                         r"max_sequence of 16 .*: raise --max-sequence to \d+ and build with "
+                                         r"--max-images 1$"):
+        build(model, tmp_path / "build", BuildOptions(parity_new_tokens=8, max_sequence=16))
     # verify refuses the same before any parity work, naming its own option
     built = tmp_path / "built"
     build(model, built, BuildOptions(parity_new_tokens=4, max_images=1, samples=default_samples(1)[:1]))

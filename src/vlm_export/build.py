@@ -439,19 +439,49 @@ def _check_samples_fit(samples, tokenizer, layout, scheme, limits: Limits, new_t
     failing = [(sample, tokens) for sample, tokens in counted if not fit(new_tokens, [(sample, tokens)])]
     if not failing:
         return
-    # one fix for every sample, so that the next try passes: fewer images where even one new token
-    # does not fit, else the most new tokens every sample takes
+    # one fix for every sample, so that the next try passes: where even one new token does not fit, the most
+    # images whose samples a max_sequence within the LM's positions holds (and that max_sequence); else the most
+    # new tokens every sample takes, or a max_sequence that takes them all
     crowded = sorted(((s, t) for s, t in failing if not fit(1, [(s, t)])), key=lambda st: len(st[0].images))
     sample, tokens = (crowded or failing)[0]
+    most = max(len(s.images) for s, _ in counted)
     if crowded:
-        fix = f"build with --max-images {len(sample.images) - 1}"
+        fix = "give shorter parity prompts: the language model's positions cannot hold them"
+        for k in range(most, -1, -1):
+            needed = _max_sequence_that_fits([(s, t) for s, t in counted if len(s.images) <= k], scheme, limits,
+                                             new_tokens)
+            if needed is not None:
+                fix = " and ".join(([f"raise --max-sequence to {needed}"] if needed > limits.max_sequence else [])
+                                   + ([f"build with --max-images {k}"] if k < most else []))
+                break
     else:
         fix = f"lower --parity-tokens to {max(n for n in range(1, new_tokens) if fit(n))}"
+        needed = _max_sequence_that_fits(counted, scheme, limits, new_tokens)
+        if needed is not None:
+            fix += f" or raise --max-sequence to {needed}"
     # (the scheme says how prompt and new tokens share max_sequence: one budget, or one each for an encoder-decoder)
     raise BuildError(f"the parity sample {sample.label!r} ({len(sample.images)} image(s), {tokens} prompt tokens) "
                      f"does not fit this build's max_sequence of {limits.max_sequence} with {new_tokens} new tokens"
                      + (f" (the LM's positions: {positions})" if (positions := scheme.geometry.max_position_embeddings)
                         else "") + f": {fix}")
+
+
+def _max_sequence_that_fits(counted, scheme: DecodingScheme, limits: Limits, new_tokens: int) -> int | None:
+    """The smallest max_sequence (up to the LM's positions; 1M where it has no table) at which every sample
+    of ``counted`` (prompt tokens counted) takes ``new_tokens``, or None where none does."""
+    def fits(m: int) -> bool:
+        wider = replace(limits, max_sequence=m)
+        return all(scheme.length_problem(tokens, new_tokens, wider) is None for _, tokens in counted)
+
+    if fits(limits.max_sequence):
+        return limits.max_sequence
+    low, high = limits.max_sequence, max(limits.max_sequence, scheme.geometry.max_position_embeddings or 1 << 20)
+    if not fits(high):
+        return None
+    while high - low > 1:  # fits(high), not fits(low)
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
 
 
 def _fused_variant(tmp: Path, stage: str, precision: str, fused: dict, options: BuildOptions, feeds, cache,
