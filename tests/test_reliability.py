@@ -34,13 +34,18 @@ def test_decompression_bomb_refused_from_its_header(tiny_build):
     # past Pillow's own limit (~179 M pixels) its header check fires first: the same advice, not Pillow's text
     with pytest.raises(InputError, match=r"declares more than \d+ M pixels; at most 16.8 M .*max_image_pixels.*resize"):
         pipe.pixel_values([bomb_png(20000, 20000)])
+    # a strip of few pixels that resizing its short side would blow up (GBs) is refused from its header too
+    with pytest.raises(InputError, match=r"300000x1 pixels, more than 200 times as long as it is wide; crop or pad"):
+        pipe.pixel_values([bomb_png(300000, 1)])
+    from PIL import Image
+
+    assert pipe.pixel_values([Image.new("RGB", (400, 2), (9, 99, 199))]).shape[0] == 1  # 200:1 still passes
     # the limit follows the model's input size (32x32 here: the 16 M pixel floor applies)
     assert pipe.image_limits.max_pixels == 4096 * 4096
     assert ImageLimits.for_input(1024, 1024).max_pixels == 64 * 1024 * 1024
     # an ordinary photo passes; a limit set lower refuses it, bytes first
     from io import BytesIO
 
-    from PIL import Image
     buf = BytesIO()
     Image.new("RGB", (300, 200), (9, 99, 199)).save(buf, format="PNG")
     assert load_image(buf.getvalue()).size == (300, 200)

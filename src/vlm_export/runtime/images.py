@@ -20,6 +20,8 @@ ImageInput = Union[str, Path, bytes, "PIL.Image.Image"]  # noqa: F821
 DEFAULT_MAX_IMAGE_BYTES = 32 << 20
 MIN_MAX_PIXELS = 4096 * 4096
 INPUT_AREAS = 64
+#: the longest side at most this many times the shortest (Qwen2-VL's processor refuses past 200 too)
+MAX_ASPECT_RATIO = 200
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ class ImageLimits:
         if width * height > self.max_pixels:
             raise InputError(f"{what} is {width}x{height} pixels ({width * height / 1e6:.1f} M); at most "
                              f"{self.max_pixels / 1e6:.1f} M pixels are decoded (max_image_pixels): resize it first")
+        # few pixels, but a processor that scales the short side up would make a huge one (a 300000x1 strip
+        # resized to a 224-pixel short side: 67 G pixels)
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise InputError(f"{what} is {width}x{height} pixels, more than {MAX_ASPECT_RATIO} times as long as it is "
+                             "wide; crop or pad it first")
 
 
 def load_image(src: ImageInput, limits: ImageLimits = ImageLimits(), name: str | None = None):
