@@ -82,6 +82,14 @@ def test_no_stages(build):
     (lambda m: m["limits"].update(max_images=-1), "limits.max_images is -1, not an integer >= 0"),
     (lambda m: m["generation"].update(eos_token_ids="2"), "generation.eos_token_ids is not a list of token ids"),
     (lambda m: m["graphs"].update(projector="graphs/projector.onnx"), "the projector graph listed in the manifest is missing"),
+    (lambda m: m["scheme"].update(name="warp"), "its scheme cannot be read (ValueError: unknown decoding scheme 'warp'"),
+    (lambda m: m["scheme"].pop("geometry"), "its scheme cannot be read (KeyError"),
+    (lambda m: m["prompt_layout"].update(kind="sideways"), "its prompt_layout cannot be read (ValueError: prompt layout"),
+    (lambda m: m["stages"][0].update(kind="audio"), "its stages cannot be read"),
+    (lambda m: m["stages"][0].pop("inputs"), "its stages cannot be read"),
+    (lambda m: m["graphs"]["projector"].update(sha256="abc"), "the projector graph's entry has no file name or no sha256"),
+    (lambda m: m["graphs"]["projector"].update(file="/etc/passwd"), "names '/etc/passwd', a file outside the build folder"),
+    (lambda m: m["graphs"]["projector"]["sha256"].update({"../x.onnx": "0"}), "names '../x.onnx', a file outside"),
 ])
 def test_damaged_structure_is_one_line(build, run_cli, change, message):
     """A manifest edited by hand fails where it is read, by name, for every command that reads it
@@ -99,6 +107,21 @@ def test_missing_tokenizer_folder_is_named_not_fetched(build, run_cli):
     with pytest.raises(ManifestError, match=r"the tokenizer folder listed in the manifest \(tokenizer\) is missing"):
         read_manifest(build)
     assert_one_line_error(run_cli("generate", str(build), "--prompt", "hi"), "tokenizer folder")
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+@pytest.mark.parametrize("name", ["tokenizer.json", "chat_template.jinja", "preprocessor_config.json"])
+def test_a_damaged_tokenizer_file_is_named(build, run_cli, name, damage):
+    """Hashed like the graphs: a lost chat template would otherwise change every prompt without a sign, a lost
+    tokenizer.json fail deep inside transformers, and `repository` would copy either into a repository."""
+    path = build / "tokenizer" / name
+    assert path.is_file() and f"tokenizer/{name}" in read_manifest(build)["tokenizer_sha256"]
+    path.unlink() if damage == "delete" else path.write_bytes(path.read_bytes()[:10])
+    with pytest.raises(ManifestError, match=f"tokenizer/{name} changed since the build"):
+        open_build(build)
+    for command in (["generate", str(build), "--prompt", "hi"], ["repository", str(build), "--out", str(build.parent / "r")]):
+        assert_one_line_error(run_cli(*command), f"tokenizer/{name} changed since the build")
+    assert not (build.parent / "r").exists()
 
 
 def test_missing_graph_file(build, capsys):

@@ -39,8 +39,8 @@ from .precision.calibration import CalibrationPair, cache_path, default_pairs, s
 from .precision.convert import PrecisionOptions, make_variant, quiet_logging
 from .precision.spec import PrecisionPlan
 from .precision.weight_only import check_whole_blocks, needs_whole_blocks
-from .manifest import (MANIFEST_NAME, derive_targets, is_build_folder, read_manifest, sha256_file, stage_forms,
-                       targets as target_forms, verify_hashes, versions, write_manifest)
+from .manifest import (MANIFEST_NAME, derive_targets, folder_hashes, is_build_folder, read_manifest, sha256_file,
+                       stage_forms, targets as target_forms, verify_hashes, versions, write_manifest)
 from .progress import Progress
 from .runtime.load import open_build
 from .runtime.prompt import build_prompt_ids
@@ -224,6 +224,7 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
     image_text = adapter.image_text(loaded)
     if image_text:
         loaded.image_text_tokenizer.save_pretrained(tmp / image_text.tokenizer)
+    tokenizer_sha256 = folder_hashes(tmp, ["tokenizer", *([image_text.tokenizer] if image_text else [])])
     manifest = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
@@ -239,6 +240,7 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
         "prompt_layout": layout.to_dict(),
         "limits": limits.to_dict(),
         "tokenizer": "tokenizer",
+        "tokenizer_sha256": tokenizer_sha256,
         "image_text": image_text.to_dict() if image_text else None,
         "generation": {"eos_token_ids": eos_token_ids(loaded),
                        **({"caption_prompt": loaded.adapter.caption_prompt} if loaded.adapter.caption_prompt else {})},

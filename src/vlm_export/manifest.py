@@ -130,6 +130,38 @@ def _check_structure(manifest: dict[str, Any], path: Path) -> None:
     eos = manifest["generation"].get("eos_token_ids")
     if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
         raise bad("generation.eos_token_ids is not a list of token ids")
+    # the declarations every reader parses: a bad one is damage, said here (not a reader's KeyError later)
+    from .contract import ImageText, Limits, PromptLayout, scheme_from_dict, stages_from_manifest
+
+    for what, parse in (("stages", lambda: stages_from_manifest(manifest)),
+                        ("scheme", lambda: scheme_from_dict(manifest["scheme"])),
+                        ("prompt_layout", lambda: PromptLayout.from_dict(manifest["prompt_layout"])),
+                        ("limits", lambda: Limits.from_dict(limits)),
+                        ("image_text", lambda: ImageText.from_dict(manifest.get("image_text")))):
+        try:
+            parse()
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            raise bad(f"its {what} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") \
+                from None
+    for stage, graph in manifest["graphs"].items():
+        if not isinstance(graph, dict):
+            continue  # read_manifest names it as missing
+        for entry in stage_forms(graph).values():
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) \
+                    or not isinstance(entry.get("sha256", {}), dict):
+                raise bad(f"the {stage} graph's entry has no file name or no sha256 table")
+            for rel in (entry["file"], *entry.get("sha256", {})):
+                if not _inside(rel):
+                    raise bad(f"the {stage} graph names {rel!r}, a file outside the build folder")
+    for rel in manifest.get("tokenizer_sha256") or {}:
+        if not _inside(rel):
+            raise bad(f"the tokenizer files name {rel!r}, a file outside the build folder")
+
+
+def _inside(rel: str) -> bool:
+    """Whether ``rel`` is a relative path that stays inside the folder it is read from."""
+    path = Path(rel)
+    return bool(rel) and not path.is_absolute() and ".." not in path.parts
 
 
 _JSON_NAMES = {list: "list", dict: "object", str: "string"}
@@ -225,24 +257,30 @@ def served_entry(manifest: dict[str, Any], stage: str, target: str) -> dict[str,
 
 
 def verify_hashes(build_dir: Path, manifest: dict[str, Any]) -> list[str]:
-    """Files whose content no longer matches the manifest (a missing file among them), every form's."""
+    """Files whose content no longer matches the manifest (a missing file among them): every form's graphs,
+    and the tokenizer folders' files (a lost chat template would change every prompt without a sign)."""
+    tables = [entry["sha256"] for graph in manifest["graphs"].values() for entry in stage_forms(graph).values()]
     bad = []
-    for stage, graph in manifest["graphs"].items():
-        for entry in stage_forms(graph).values():
-            for rel, digest in entry["sha256"].items():
-                path = Path(build_dir) / rel
-                if rel not in bad and (not path.is_file() or sha256_file(path) != digest):
-                    bad.append(rel)
+    for rel, digest in (item for table in (*tables, manifest.get("tokenizer_sha256") or {}) for item in table.items()):
+        path = Path(build_dir) / rel
+        if rel not in bad and (not path.is_file() or sha256_file(path) != digest):
+            bad.append(rel)
     return bad
+
+
+def folder_hashes(root: Path, folders: list[str]) -> dict[str, str]:
+    """sha256 of every file under ``folders`` (relative to ``root``), keyed by its path relative to ``root``."""
+    return {str(p.relative_to(root)): sha256_file(p) for folder in folders
+            for p in sorted((Path(root) / folder).rglob("*")) if p.is_file()}
 
 
 HASH_CHECK_HINT = "--no-hash-check skips this check (e.g. for a huge build you trust)"
 
 
 def check_hashes(build_dir: Path, manifest: dict[str, Any]) -> None:
-    """ManifestError naming every graph file that changed since the build (flipped bytes, a
-    partial copy): such a build would answer differently without any other sign."""
+    """ManifestError naming every graph or tokenizer file that changed since the build (flipped bytes, a
+    partial copy, a deleted chat template): such a build would answer differently without any other sign."""
     bad = verify_hashes(build_dir, manifest)
     if bad:
         raise ManifestError(f"{build_dir}: {', '.join(bad)} changed since the build (sha256 differs from the "
-                            f"manifest's); copy the build again or rebuild ({HASH_CHECK_HINT})")
+                            f"manifest's, or missing); copy the build again or rebuild ({HASH_CHECK_HINT})")
