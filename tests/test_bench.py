@@ -456,6 +456,27 @@ def test_peer_table_from_a_made_up_result():
     assert peer_section(None) == []
 
 
+def test_a_results_folder_that_cannot_take_the_reports_is_refused_before_measuring(tiny_build, tmp_path, run_cli):
+    """A file, or a folder holding someone's bench.md: said at once (not after minutes of measuring), nothing
+    overwritten; an earlier bench's folder is written again."""
+    from conftest import assert_one_line_error
+
+    build = tiny_build("llava-llama").path
+    (tmp_path / "file.png").write_bytes(b"png")
+    assert_one_line_error(run_cli("bench", str(build), "--out", str(tmp_path / "file.png")), "is a file, not a folder")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "bench.md").write_text("my notes")
+    assert_one_line_error(run_cli("bench", str(build), "--out", str(mine)),
+                          "holds bench.md, not written by a bench: it would be overwritten")
+    assert (mine / "bench.md").read_text() == "my notes" and (tmp_path / "file.png").read_bytes() == b"png"
+    options = BenchOptions(backends=("onnxruntime",), batch=(1,), new_tokens=2, threads=2, warmup=0, iterations=1,
+                           requests=1, bandwidth_mb=8, out=tmp_path / "again")
+    for _ in range(2):
+        run_bench(build, options)
+    assert json.loads((tmp_path / "again" / "bench.json").read_text())["format"] == "vlm-export-bench"
+
+
 def test_absent_peer_is_skipped_with_a_one_line_notice(tiny_build, tmp_path, monkeypatch, capsys):
     """Without onnxruntime-genai (its import blocked) the bench runs, says so in one line, and
     measures no peer (nor ours against nobody)."""

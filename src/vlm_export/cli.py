@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -732,6 +733,10 @@ def missing_extra(err: ModuleNotFoundError) -> str | None:
             "(or bash scripts/setup.sh --serve / --captions / --tests)")
 
 
+#: OSErrors that say something about the machine (a read-only build folder, a full disk), not about vlm-export
+_ENVIRONMENT_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM (what timeout, docker, systemd and Kubernetes send) unwinds as Ctrl-C does, so a build's
     half-written folder is removed on the way out instead of left behind."""
@@ -773,6 +778,10 @@ def _run(args, progress) -> int:
         hint = missing_extra(e) if isinstance(e, ModuleNotFoundError) else None
         if hint is not None:
             print(f"error: {hint}", file=sys.stderr)
+            return 1
+        if isinstance(e, OSError) and e.filename and e.errno in _ENVIRONMENT_ERRNOS:  # the machine's, not a bug
+            print(f"error: cannot use {e.filename}: {e.strerror} (a read-only or full file system, or no "
+                  "permission); give a writable place (--out) or free space", file=sys.stderr)
             return 1
         if os.environ.get("VLM_EXPORT_TRACEBACK"):
             raise

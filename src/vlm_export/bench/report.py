@@ -3,10 +3,41 @@ against PyTorch from the same run) and PNG plots (matplotlib, Agg: no display ne
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+from ..errors import InputError
 
 STAGE_LABELS = {"preprocess": "image bytes -> pixels", "vision_encoder": "vision", "projector": "projector",
                 "prefill": "prefill", "decode_step": "decode step"}
+
+
+REPORT_FILES = ("bench.json", "bench.md", "stages.png", "concurrency.png")
+
+
+def check_reports_folder(out: Path, bench_format: str) -> None:
+    """Before measuring: ``out`` is a folder (or can be made) that is writable, and the report files would
+    overwrite no one's but an earlier bench's (its ``bench.json`` says so). Other files there (a peer's
+    model, which the bench caches in its folder) are left alone."""
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder; choose a folder for the bench results")
+    ours = False
+    try:
+        ours = json.loads((out / "bench.json").read_text()).get("format") == bench_format
+    except (OSError, ValueError, AttributeError):
+        pass
+    taken = [name for name in REPORT_FILES if (out / name).exists()]
+    if taken and not ours:
+        raise InputError(f"{out} holds {', '.join(taken)}, not written by a bench: it would be overwritten; choose "
+                         "another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot write the bench results to {out}: {e.strerror}; choose a writable --out") from None
 
 
 def write_reports(results: dict, out: Path) -> dict[str, Path]:

@@ -499,6 +499,10 @@ def run_bench(build_dir: Path, options: BenchOptions | None = None, progress: Pr
     progress = progress or Progress()
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
+    if options.out is not None:  # a folder the reports cannot go to is said now, not after the measuring
+        from .report import check_reports_folder
+
+        check_reports_folder(Path(options.out), FORMAT)
     threads = options.threads or measure.machine()["usable_cores"] or 1
     torch.set_num_threads(threads)
     results = {"format": FORMAT, "version": VERSION, "name": options.name or build_dir.name,
