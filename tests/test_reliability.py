@@ -97,6 +97,12 @@ def test_changed_graphs_are_refused(tampered, tmp_path, run_cli):
     # skipping the check is possible, and said so: the graph still loads (the flipped bytes are weights)
     result = run_cli("generate", str(tampered), "--prompt", "hi", "--max-tokens", "2", "--no-hash-check")
     assert result.returncode == 0, result.stderr[-1000:]
+    # bytes that break the graph's structure, the check skipped: a damaged graph, in one line
+    projector = tampered / "graphs" / "projector.onnx"
+    projector.write_bytes(bytes(b ^ 0xFF for b in projector.read_bytes()[:64]) + projector.read_bytes()[64:])
+    assert_one_line_error(run_cli("repository", str(tampered), "--out", str(tmp_path / "repo"), "--no-hash-check"),
+                          "projector.onnx is not a readable ONNX graph", "damaged")
+    assert not (tmp_path / "repo").exists()
 
 
 def test_python_models_check_their_own_copies(tiny_build, tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import ExportError
+from ..errors import ExportError, first_line
 
 # protobuf cannot serialise a model over 2 GiB in one file
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -43,8 +43,13 @@ class TensorInfo:
 
 
 def graph_io(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
-    """Inputs and outputs of a saved graph, dims as ints or names (no weights loaded)."""
-    model = onnx.load(os.fspath(path), load_external_data=False)
+    """Inputs and outputs of a saved graph, dims as ints or names (no weights loaded); ExportError for a
+    file that is not one (damaged bytes)."""
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends: the file is not an ONNX model
+        raise ExportError(f"{path} is not a readable ONNX graph ({first_line(e)}): it is damaged; copy the build "
+                          "again or rebuild") from None
 
     def info(v) -> TensorInfo:
         t = v.type.tensor_type
