@@ -297,7 +297,11 @@ class OrtRunner(Runner):
         try:
             self.session = ort.InferenceSession(os.fspath(path), opts, providers=providers)
         except Exception as e:
-            raise RunnerError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}; rebuild the graph") from None
+            first = str(e).splitlines()[0]
+            # no kernel for a node (a bfloat16 Mul the model's own code computes, say): rebuilding changes nothing
+            fix = ("this ONNX Runtime has no kernel for a node of the graph, which the model's code computes that way: "
+                   "not supported" if "NOT_IMPLEMENTED" in first else "rebuild the graph")
+            raise RunnerError(f"ONNX Runtime cannot load {path}: {first}; {fix}") from None
         self.providers = list(self.session.get_providers())
         self._say_if_providers_dropped(name)
         # where bound outputs live: the GPU when a GPU provider runs the graph, else the CPU
