@@ -148,9 +148,9 @@ def _check_structure(manifest: dict[str, Any], path: Path) -> None:
             continue  # read_manifest names it as missing
         for entry in stage_forms(graph).values():
             if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) \
-                    or not isinstance(entry.get("sha256", {}), dict):
+                    or not isinstance(entry.get("sha256"), dict):
                 raise bad(f"the {stage} graph's entry has no file name or no sha256 table")
-            for rel in (entry["file"], *entry.get("sha256", {})):
+            for rel in (entry["file"], *entry["sha256"]):
                 if not _inside(rel):
                     raise bad(f"the {stage} graph names {rel!r}, a file outside the build folder")
     for rel in manifest.get("tokenizer_sha256") or {}:
