@@ -101,7 +101,8 @@ class PrefixVLM(nn.Module):
         (path / "config.json").write_text(json.dumps(self.config, indent=2))
 
     @classmethod
-    def from_pretrained(cls, path: Path, dtype=torch.float32, attn_implementation: str | None = None):
+    def from_pretrained(cls, path: Path, dtype=torch.float32, attn_implementation: str | None = None,
+                        experts_implementation: str | None = None):
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM, CLIPVisionModel
 
@@ -112,7 +113,9 @@ class PrefixVLM(nn.Module):
             raise ModelLoadError(f"{path / 'config.json'} lacks {', '.join(missing)} (prefix_vlm format: see README)")
         kw = {"dtype": dtype} | ({"attn_implementation": attn_implementation} if attn_implementation else {})
         vision = CLIPVisionModel.from_pretrained(path / cfg.get("vision_model", "vision"), **kw)
-        text = AutoModelForCausalLM.from_pretrained(path / cfg.get("text_model", "text"), **kw)
+        text = AutoModelForCausalLM.from_pretrained(  # a mixture-of-experts LM: experts as load_hf_parts asks
+            path / cfg.get("text_model", "text"), **kw,
+            **({"experts_implementation": experts_implementation} if experts_implementation else {}))
         model = cls(vision, text, cfg["num_prefix_tokens"], cfg["projector_hidden_size"],
                     cfg.get("projector_act", "gelu"))
         model.config.update({k: cfg[k] for k in ("vision_model", "text_model") if k in cfg})
