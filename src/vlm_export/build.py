@@ -187,12 +187,12 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
                       "before the text; if it was trained with a format, give it: --chat-template FILE")
     specs = [s.spec for s in stages]
     precisions = options.precision.resolve(specs)  # a stage or precision the model lacks fails before the export
+    asked = options.max_sequence or DEFAULT_MAX_SEQUENCE
     limits = Limits(
         max_batch=options.max_batch,
         max_images=min(options.max_images, adapter.max_images or options.max_images),
         # an LM without a position table (ALiBi) is bounded by the build's choice alone
-        max_sequence=min(options.max_sequence or DEFAULT_MAX_SEQUENCE,
-                         scheme.geometry.max_position_embeddings or options.max_sequence or DEFAULT_MAX_SEQUENCE),
+        max_sequence=min(asked, scheme.geometry.max_position_embeddings or asked),
         tokens_per_image=layout.tokens_per_image,
     )
     if options.max_sequence and options.max_sequence > limits.max_sequence:

@@ -319,9 +319,12 @@ def check_backends(repository: Path, backend_dir: Path, binary: Path) -> None:
     needs: dict[str, list[str]] = {}
     for config in sorted(Path(repository).glob("*/config.pbtxt")):
         try:
-            fields = dict(m.groups() for m in reversed(list(_BACKEND_FIELD.finditer(config.read_text()))))
+            text = config.read_text()
         except (OSError, UnicodeDecodeError):
             continue  # Triton reports an unreadable config itself
+        fields: dict[str, str] = {}
+        for key, value in _BACKEND_FIELD.findall(text):
+            fields.setdefault(key, value)  # the first of each, as Triton's parser would refuse a second
         backend = fields.get("backend") or PLATFORM_BACKENDS.get(fields.get("platform", ""))
         own = list(config.parent.glob(f"**/libtriton_{backend}.so")) if backend else []
         if backend and backend not in present and not own:
