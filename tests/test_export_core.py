@@ -523,6 +523,16 @@ class _BranchesOnValues(torch.nn.Module):
         return x * 2 if x.max() > 0 else x  # a branch on data: torch.export cannot trace it
 
 
+class _Bf16OnPurpose(torch.nn.Module):
+    """Computes part of its forward in bfloat16 whatever its inputs' dtype, as Falcon's ALiBi does
+    (``slopes.bfloat16() * positions``): values bfloat16 rounding changes, then a reduction in bf16."""
+
+    def forward(self, x):
+        slopes = torch.tensor([0.3, 0.7, 1.1, 1.9]).bfloat16()
+        y = (slopes * x.bfloat16() + x.bfloat16().exp()).softmax(-1)
+        return y.float() * 1000 + x
+
+
 def _toy_stage(module):
     from vlm_export.adapters.base import Stage
     from vlm_export.contract import IMAGE, StageSpec, TensorSpec
@@ -540,6 +550,25 @@ def test_export_leaves_the_module_as_it_was(tmp_path):
     export_stage(_toy_stage(module), tmp_path)
     assert "scale" not in vars(module)
     assert torch.equal(module(torch.ones(1, 4)), torch.full((1, 4), 2.0))
+
+
+def test_bfloat16_arithmetic_a_model_asks_for_runs_in_onnx_runtime_as_in_pytorch(tmp_path):
+    """ONNX Runtime's CPU provider has no bfloat16 Mul/Add/Exp/Softmax: the export computes them in fp32
+    and rounds each result to bfloat16, which is what PyTorch's CPU kernels do, so the values agree to
+    the bit (a Falcon-with-ALiBi LLaVA failed to load before)."""
+    import onnxruntime as ort
+
+    from vlm_export.export.onnx_export import export_stage
+
+    module = _Bf16OnPurpose()
+    path = export_stage(_toy_stage(module), tmp_path)
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32) * 5
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    assert np.array_equal(got, want), np.abs(got - want).max()
+    bf16_ops = {n.op_type for n in onnx.load(path).graph.node if n.op_type != "Cast"}
+    assert {"Mul", "Add", "Exp", "Softmax"} <= bf16_ops  # the arithmetic is still there, now in fp32
 
 
 def test_an_untraceable_stage_says_why_in_one_clean_line(tmp_path, capfd):

@@ -16,6 +16,7 @@ import torch
 
 from ..adapters.base import Stage
 from ..errors import ExportError, first_line
+from .bf16 import compute_bf16_in_fp32
 from .graph_info import check_graph, save_graph
 
 
@@ -169,6 +170,7 @@ def export_stage(stage: Stage, out_dir: Path, opset: int = 18) -> Path:
         cause = _innermost(e)
         raise ExportError(f"exporting the {stage.name} stage to ONNX failed: {first_line(cause)}") from e
     model = program.model_proto
+    compute_bf16_in_fp32(model)  # bfloat16 arithmetic the model asks for, in a form ONNX Runtime's CPU runs
     _rename_dims(model, stage)
     check_graph(save_graph(model, path))
     return path
