@@ -100,6 +100,23 @@ def test_large_graphs_are_saved_with_page_aligned_external_data(decoder, tmp_pat
     assert data.stat().st_size > path.stat().st_size * 5
 
 
+def test_graphs_below_the_threshold_are_one_file_written_one_tensor_at_a_time(decoder, tmp_path):
+    """One file, without protobuf serialising the whole model (~5x its weights in memory): the model
+    without its initializers, then each initializer as an occurrence of the graph field of its own,
+    which onnx, ONNX Runtime and the checker merge back into the same model."""
+    model = onnx.load(os.fspath(decoder))
+    model.metadata_props.add(key="written", value="after the graph field")  # a field numbered past it
+    path = save_graph(model, tmp_path / "one.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.onnx"]
+    again = onnx.load(os.fspath(path))
+    assert again == model and len(again.graph.initializer) > 10
+    assert again.SerializeToString() == model.SerializeToString()  # the same canonical bytes once merged
+    onnx.checker.check_model(os.fspath(path), full_check=True)
+    want, feeds = _run(decoder)
+    for a, b in zip(want, _run(path, feeds)[0]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_truncated_data_file_is_one_clear_error(decoder, tmp_path):
     external = _external_copy(decoder, tmp_path / "src" / "lm_decoder.onnx")
     data = external.with_name(external.name + ".data")

@@ -190,7 +190,6 @@ def test_a_tied_head_asked_int8_is_quantized_and_the_lookup_keeps_its_table(tmp_
         info = convert.to_int8(tmp_path / "tied.onnx", tmp_path / f"{head}.onnx", feeds,
                                PrecisionOptions(lm_head=head, int8_fp32_matmuls="0", int8_kernel="u8u8"))
         model = onnx.load(str(tmp_path / f"{head}.onnx"))
-        names = {n.name for n in model.graph.node}
         # a graph of standard ops: the Q/DQ form (per-channel DequantizeLinear on the weights)
         assert {n.name.removesuffix("_Wdq") for n in model.graph.node if n.name.endswith("_Wdq")} == quantized
         assert info.details["lm_head"] == head

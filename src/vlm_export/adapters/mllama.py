@@ -216,7 +216,6 @@ class MllamaAdapter(VLMAdapter):
         with torch.no_grad():
             features = vision(pixels, ratio_ids, ratio_mask).contiguous()
             states = m.model.multi_modal_projector(features).contiguous()
-            kv = cross_kv(states)
         img = ("images", tiles)
         vision_spec = StageSpec("vision_encoder", IMAGE, (
             TensorSpec("pixel_values", "float32", (*img, 3, size, size), "pixels"),

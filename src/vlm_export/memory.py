@@ -1,0 +1,117 @@
+"""What a build needs in memory, and what this machine (or its container) has.
+
+A build holds the model in fp32 (the PyTorch reference the graphs are judged against) and, while
+it checks parity, one ONNX Runtime session of the decoder (its packed copy of the weights); the
+export adds a transient copy. Measured peak resident memory (the in-process build, fp32, Linux,
+2026-12-02): 2.6x the fp32 weights for a 567M-parameter LLaVA with its decoder's weights in an external
+data file, 5.2x on the 135M-parameter demo, whose graphs are saved as single files (protobuf
+serialises a whole graph in memory, which costs several times its size; graphs past 1.8 GB are
+not saved that way). A machine that cannot even hold the fp32 weights is refused before anything
+is loaded: the kernel would kill the build minutes later with no message."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+#: peak resident memory of an fp32 build / the model's fp32 weights, measured (see the docstring)
+BUILD_PEAK_FACTOR = 2.6
+#: the build process before any model: Python, torch, transformers, ONNX Runtime (measured ~0.5 GB)
+PROCESS_BASE_BYTES = 1 << 30
+
+_DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float64": 8, "int8": 1,
+                "uint8": 1}
+_SAFETENSORS_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                           "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _safetensors_elements(path: Path) -> int:
+    """Elements of the floating-point tensors in a safetensors file, from its header alone."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    total = 0
+    for name, info in header.items():
+        if name != "__metadata__" and info.get("dtype", "").startswith(("F", "BF")):
+            n = 1
+            for d in info.get("shape", []):
+                n *= int(d)
+            total += n
+    return total
+
+
+def fp32_weight_bytes(model_dir: Path) -> int | None:
+    """Bytes the checkpoint's floating-point weights take in fp32 (how a build loads them): read from
+    the safetensors headers, else estimated from the PyTorch ``.bin`` files' sizes and the config's
+    dtype. None when there are no weight files or they cannot be read (loading then says why)."""
+    model_dir = Path(model_dir)
+    try:
+        safetensors = sorted(model_dir.glob("*.safetensors"))
+        if safetensors:  # what Hugging Face loads when both kinds are there
+            return 4 * sum(_safetensors_elements(p) for p in safetensors)
+        bins = sorted(model_dir.glob("*.bin"))
+        if not bins:
+            return None
+        config = json.loads((model_dir / "config.json").read_text())
+        dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32").removeprefix("torch.")
+        return sum(p.stat().st_size for p in bins) * 4 // _DTYPE_BYTES.get(dtype, 4)
+    except (OSError, ValueError, struct.error, UnicodeDecodeError):
+        return None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _meminfo(path: str) -> dict[str, int]:
+    out = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                out[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
+def available_bytes(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int | None:
+    """Memory a new allocation can get: the kernel's MemAvailable plus free swap, or less where this
+    process's cgroup (a container's memory limit, v2 or v1) allows less. None where it cannot be read
+    (not Linux)."""
+    info = _meminfo(meminfo)
+    if "MemAvailable" not in info:
+        return None
+    available = info["MemAvailable"] + info.get("SwapFree", 0)
+    for folder, limit_file, usage_file, cache_key in (
+            (cgroup, "memory.max", "memory.current", "inactive_file"),  # cgroup v2
+            (f"{cgroup}/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):  # v1
+        limit, usage = _read_int(f"{folder}/{limit_file}"), _read_int(f"{folder}/{usage_file}")
+        if limit is None or usage is None or limit >= 1 << 60:  # no limit ("max"; v1 writes a huge number)
+            continue
+        # the usage counts the page cache, which the kernel reclaims first (the working set is what counts)
+        cache = _cgroup_stat(f"{folder}/memory.stat").get(cache_key, 0)
+        available = min(available, max(limit - (usage - cache), 0))
+    return available
+
+
+def _cgroup_stat(path: str) -> dict[str, int]:
+    out = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if value.strip().isdigit():
+                    out[key] = int(value)
+    except OSError:
+        pass
+    return out
+
+
+def gigabytes(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
