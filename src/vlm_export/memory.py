@@ -2,27 +2,27 @@
 
 A build holds the model in fp32 (the PyTorch reference the graphs are judged against) and, while
 it checks parity, one ONNX Runtime session of the decoder (its packed copy of the weights); the
-export adds a transient copy. Measured peak resident memory (the in-process build, fp32, Linux,
-2026-12-02): 2.6x the fp32 weights for a 567M-parameter LLaVA with its decoder's weights in an external
-data file, 5.2x on the 135M-parameter demo, whose graphs are saved as single files (protobuf
-serialises a whole graph in memory, which costs several times its size; graphs past 1.8 GB are
-not saved that way). A machine that cannot even hold the fp32 weights is refused before anything
-is loaded: the kernel would kill the build minutes later with no message."""
+export adds a transient copy of one graph. Peak resident memory measured on fp32 builds
+(2026-12-02, Linux): the demo (135M-parameter LM, 0.54 GB of fp32 weights) 2.85 GB; a
+567M-parameter random LLaVA (2.27 GB) 5.75 GB, i.e. about 2.5x the weights plus the process.
+A machine that cannot even hold the fp32 weights is refused before anything is loaded: the kernel
+would kill the build minutes later with no message. Precision variants (calibration, GPTQ) need
+more than this estimate."""
 from __future__ import annotations
 
 import json
 import struct
 from pathlib import Path
 
-#: peak resident memory of an fp32 build / the model's fp32 weights, measured (see the docstring)
+#: an fp32 build's peak resident memory ~ BUILD_PEAK_FACTOR x the fp32 weights + PROCESS_BASE_BYTES
+#: (both measured, see the docstring; the estimate is above both measurements)
 BUILD_PEAK_FACTOR = 2.6
-#: the build process before any model: Python, torch, transformers, ONNX Runtime (measured ~0.5 GB)
-PROCESS_BASE_BYTES = 1 << 30
+#: the process around the model: Python, torch, transformers, ONNX Runtime (~0.5 GB before any model),
+#: the graph checker's transient copy of a graph
+PROCESS_BASE_BYTES = 1_500_000_000
 
 _DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float64": 8, "int8": 1,
                 "uint8": 1}
-_SAFETENSORS_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                           "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _safetensors_elements(path: Path) -> int:
