@@ -30,8 +30,10 @@ def test_fp32_weights_are_read_from_the_checkpoint_headers(tiny_model_dir, tmp_p
     (tmp_path / "empty").mkdir()
     assert fp32_weight_bytes(tmp_path / "empty") is None
     (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "model.safetensors").write_bytes(b"\x05")
-    assert fp32_weight_bytes(tmp_path / "broken") is None  # loading says what is wrong with it
+    for damaged in (b"\x05", b"\xff" * 8 + b"{}", (20).to_bytes(8, "little") + b"[1, 2",
+                    (6).to_bytes(8, "little") + b"[1, 2]", (9).to_bytes(8, "little") + b'{"a": 1}'):
+        (tmp_path / "broken" / "model.safetensors").write_bytes(damaged)
+        assert fp32_weight_bytes(tmp_path / "broken") is None  # loading says what is wrong with it
 
 
 def _meminfo(folder, available_kb: int, swap_free_kb: int = 0):

@@ -29,6 +29,8 @@ def _safetensors_elements(path: Path) -> int:
     """Elements of the floating-point tensors in a safetensors file, from its header alone."""
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
+        if size > path.stat().st_size - 8:
+            raise ValueError(f"{path} is not a safetensors file")  # damaged: loading says so
         header = json.loads(f.read(size))
     total = 0
     for name, info in header.items():
@@ -55,7 +57,7 @@ def fp32_weight_bytes(model_dir: Path) -> int | None:
         config = json.loads((model_dir / "config.json").read_text())
         dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32").removeprefix("torch.")
         return sum(p.stat().st_size for p in bins) * 4 // _DTYPE_BYTES.get(dtype, 4)
-    except (OSError, ValueError, struct.error, UnicodeDecodeError):
+    except (OSError, ValueError, TypeError, AttributeError, struct.error):  # damaged: loading says how
         return None
 
 
