@@ -70,15 +70,17 @@ def _read_int(path: str) -> int | None:
     return int(text) if text.isdigit() else None  # "max": no limit
 
 
-def _meminfo(path: str) -> dict[str, int]:
+def _numbers(path: str) -> dict[str, int]:
+    """``key value`` lines (a cgroup's memory.stat) or ``Key:  value kB`` lines (/proc/meminfo), in bytes."""
     out = {}
     try:
         with open(path) as f:
             for line in f:
-                key, _, rest = line.partition(":")
-                out[key] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        return {}
+                words = line.replace(":", " ").split()
+                if len(words) >= 2 and words[1].isdigit():
+                    out[words[0]] = int(words[1]) * (1024 if words[2:3] == ["kB"] else 1)
+    except OSError:
+        pass
     return out
 
 
@@ -86,7 +88,7 @@ def available_bytes(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgrou
     """Memory a new allocation can get: the kernel's MemAvailable plus free swap, or less where this
     process's cgroup (a container's memory limit, v2 or v1) allows less. None where it cannot be read
     (not Linux)."""
-    info = _meminfo(meminfo)
+    info = _numbers(meminfo)
     if "MemAvailable" not in info:
         return None
     available = info["MemAvailable"] + info.get("SwapFree", 0)
@@ -97,22 +99,9 @@ def available_bytes(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgrou
         if limit is None or usage is None or limit >= 1 << 60:  # no limit ("max"; v1 writes a huge number)
             continue
         # the usage counts the page cache, which the kernel reclaims first (the working set is what counts)
-        cache = _cgroup_stat(f"{folder}/memory.stat").get(cache_key, 0)
+        cache = _numbers(f"{folder}/memory.stat").get(cache_key, 0)
         available = min(available, max(limit - (usage - cache), 0))
     return available
-
-
-def _cgroup_stat(path: str) -> dict[str, int]:
-    out = {}
-    try:
-        with open(path) as f:
-            for line in f:
-                key, _, value = line.partition(" ")
-                if value.strip().isdigit():
-                    out[key] = int(value)
-    except OSError:
-        pass
-    return out
 
 
 def gigabytes(n: int) -> str:
