@@ -117,7 +117,7 @@ def untie(model: onnx.ModelProto, matmuls: Iterable[str]) -> list[str]:
         if target.node.input[1] in inits:  # its own weight already
             continue
         weight = f"{target.node.name}_weight"
-        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(target.weight), weight))
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(target.weight()), weight))
         target.node.input[1] = weight
         untied.append(target.node.name)
     if untied:

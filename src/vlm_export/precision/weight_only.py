@@ -143,7 +143,25 @@ def _pack(q: np.ndarray, bits: int, fill: int = 0) -> np.ndarray:
 class _Target:
     index: int  # position in graph.node
     node: onnx.NodeProto
-    weight: np.ndarray  # [K, N], in the graph's dtype (fp32, or fp16 in an fp16 graph)
+    source: onnx.TensorProto  # the 2-D initializer B, or the one a Transpose of it reads (a tied LM head)
+    transposed: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """[K, N]."""
+        k, n = self.source.dims
+        return (n, k) if self.transposed else (k, n)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(self.source.data_type))
+
+    def weight(self) -> np.ndarray:
+        """[K, N] in the graph's dtype (fp32, or fp16 in an fp16 graph), read when it is quantized:
+        holding every target's copy at once cost the decoder's weights again in memory (a w4 build
+        of a 567M-parameter LLaVA peaked at 8.2 GB)."""
+        w = numpy_helper.to_array(self.source)
+        return w.T if self.transposed else w
 
 
 def _targets(model: onnx.ModelProto, skip: set[str]) -> list[_Target]:
@@ -156,12 +174,12 @@ def _targets(model: onnx.ModelProto, skip: set[str]) -> list[_Target]:
             continue
         b = node.input[1]
         if b in inits and len(inits[b].dims) == 2:
-            found.append(_Target(index, node, numpy_helper.to_array(inits[b])))
+            found.append(_Target(index, node, inits[b], False))
         elif b in producers and producers[b].op_type == "Transpose" and producers[b].input[0] in inits:
             source = inits[producers[b].input[0]]
             perm = next((list(a.ints) for a in producers[b].attribute if a.name == "perm"), [1, 0])
             if len(source.dims) == 2 and perm == [1, 0]:
-                found.append(_Target(index, node, numpy_helper.to_array(source).T))
+                found.append(_Target(index, node, source, True))
     return found
 
 
@@ -172,7 +190,7 @@ def _key(node: onnx.NodeProto) -> str:
 def weight_inputs(model: onnx.ModelProto, skip: set[str]) -> dict[str, tuple[str, int]]:
     """``{MatMul: (its input tensor, K)}`` for each MatMul ``quantize_weights`` would quantize, in
     the order it quantizes them (the keys are what a ``blocks`` function is called with)."""
-    return {_key(t.node): (t.node.input[0], t.weight.shape[0]) for t in _targets(model, skip)}
+    return {_key(t.node): (t.node.input[0], t.shape[0]) for t in _targets(model, skip)}
 
 
 def _matmulnbits(t: _Target, bq: BlockQuantized, accuracy_level: int, block_sums: dict, correction: str):
@@ -191,7 +209,7 @@ def _matmulnbits(t: _Target, bq: BlockQuantized, accuracy_level: int, block_sums
       weight rows, quantized in blocks of their own. No node per projection; passes the demo's gate
       (54/60, no answer changed), but was not consistently faster than ``shift`` on the demo (the Concat and the
       MatMulNBits' longer K with zero points cost what the shift nodes did; benchmarks/README.md)."""
-    k, n = t.weight.shape
+    k, n = t.shape
     name = _key(t.node)
     half, top = 2 ** (bq.bits - 1), 2 ** bq.bits - 1
     x, out = t.node.input[0], t.node.output[0]
@@ -250,7 +268,7 @@ def _dequantize(t: _Target, bq: BlockQuantized):
         raise ExportError("the DequantizeLinear form takes symmetric weights only (TensorRT's block "
                           "quantization has no zero point); use the symmetric scheme")
     name = _key(t.node)
-    k, n = t.weight.shape
+    k, n = t.shape
     if k % bq.block_size:
         raise ExportError(f"{name}: K={k} is not a multiple of block size {bq.block_size}")
     half = 2 ** (bq.bits - 1)
@@ -274,7 +292,7 @@ def _dequantize(t: _Target, bq: BlockQuantized):
 def _block_size(t: _Target, sizes: tuple[int, ...]) -> int:
     """The first of ``sizes`` that divides K, else the first (MatMulNBits pads K; a form or scheme that
     cannot was refused before, ``check_whole_blocks``)."""
-    k = t.weight.shape[0]
+    k = t.shape[0]
     return next((size for size in sizes if k % size == 0), sizes[0])
 
 
@@ -337,13 +355,15 @@ def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int | tuple[
     replaced, new_inits, done, block_sums = {}, [], {}, {}
     targets = _targets(model, keep)
     if needs_whole_blocks(form, scheme):
-        check_whole_blocks([(_key(t.node), t.weight.shape[0]) for t in targets], sizes, form)
+        check_whole_blocks([(_key(t.node), t.shape[0]) for t in targets], sizes, form)
     for t in targets:
         node_bits, size = (bits_of or {}).get(t.node.name, bits), _block_size(t, sizes)
         # fp16 weights (an fp16 graph) get fp16 scales, so the dequantized weight stays fp16
-        scale_dtype = np.float16 if t.weight.dtype == np.float16 else np.float32
-        bq = (blocks(_key(t.node), t.weight, node_bits, size, scheme, scale_dtype) if blocks
-              else quantize_blocks(t.weight, node_bits, size, scheme, scale_dtype))
+        scale_dtype = np.float16 if t.dtype == np.float16 else np.float32
+        weight = t.weight()
+        bq = (blocks(_key(t.node), weight, node_bits, size, scheme, scale_dtype) if blocks
+              else quantize_blocks(weight, node_bits, size, scheme, scale_dtype))
+        del weight  # the next target's copy replaces it, not joins it
         nodes, tensors = (_matmulnbits(t, bq, accuracy_level, block_sums, correction) if form == "matmulnbits"
                           else _dequantize(t, bq))
         replaced[t.index] = nodes
