@@ -91,7 +91,9 @@ def test_second_moments_are_measured_a_group_at_a_time_within_the_budget():
     feeds = [{"x": _inputs(64, 10, s)} for s in (9, 10)]
     inputs = weight_inputs(model, set())
     assert inputs == {"first": ("x", 64), "second": ("r", 48)}
+    before = model.SerializeToString()
     with ActivationProbe(model, ["x", "r"]) as probe:
+        assert model.SerializeToString() == before  # its outputs were added for writing the probe's graph only
         hessians, tokens = input_hessians(probe, ["x", "r"], feeds)
         x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
         r = np.maximum(x @ w1, 0)

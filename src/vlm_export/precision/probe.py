@@ -13,36 +13,48 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..cpu import QDQ_AS_WRITTEN
-from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, save_graph
+from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, save_graph, uses_external_data, weight_bytes
 
 
 class ActivationProbe:
-    """One ONNX Runtime session over a copy of ``model`` with ``tensors`` as extra outputs; ``run``
-    fetches any of them, so several passes (GPTQ's, a few layers at a time) share one session.
-    A context manager: a large graph is written to a temporary folder for the session's life.
+    """One ONNX Runtime session over ``model`` with ``tensors`` as extra outputs (``model`` is left as it
+    was); ``run`` fetches any of them, so several passes (GPTQ's, a few layers at a time) share one
+    session. A context manager: the graph is written to a temporary folder for the session's life.
     ``emulate_qdq``: Q/DQ pairs run as written, not fused into integer kernels (a graph TensorRT
     serves: see ``runtime.runners.OrtRunner``)."""
 
     def __init__(self, model: onnx.ModelProto, tensors: Iterable[str], threads: int = 2, emulate_qdq: bool = False):
         import onnxruntime as ort
 
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        present = {o.name for o in probe.graph.output}
-        probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
-                                  for t in dict.fromkeys(tensors) if t not in present)
+        present = {o.name for o in model.graph.output}
+        added = [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in dict.fromkeys(tensors)
+                 if t not in present]
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         opts.log_severity_level = 3
         if emulate_qdq:
             opts.add_session_config_entry(*QDQ_AS_WRITTEN)
-        self._tmp = None
-        if probe.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-            self.session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        # The session reads the graph from a temporary file. Below the external-data threshold the file
+        # is written from ``model`` itself, its extra outputs added for the write only: a copy of the
+        # model, protobuf's ByteSize and a serialised copy for a session from bytes cost ~5x the graph
+        # in memory. Past it (or with weights already in a file) save_graph rewrites the tensors to point at
+        # its data file, which would change the caller's: it writes a copy.
+        self._tmp = tempfile.TemporaryDirectory()
+        path = Path(self._tmp.name) / "probe.onnx"
+        if weight_bytes(model) <= EXTERNAL_DATA_THRESHOLD and not any(map(uses_external_data, model.graph.initializer)):
+            outputs = len(model.graph.output)
+            model.graph.output.extend(added)
+            try:
+                save_graph(model, path)
+            finally:
+                del model.graph.output[outputs:]
         else:
-            self._tmp = tempfile.TemporaryDirectory()
-            self.session = ort.InferenceSession(os.fspath(save_graph(probe, Path(self._tmp.name) / "probe.onnx")),
-                                                opts, providers=["CPUExecutionProvider"])
+            probe = onnx.ModelProto()
+            probe.CopyFrom(model)
+            probe.graph.output.extend(added)
+            save_graph(probe, path)
+            del probe
+        self.session = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def run(self, feeds: Iterable[Mapping[str, np.ndarray]], tensors: list[str]) -> Iterator[dict[str, np.ndarray]]:
