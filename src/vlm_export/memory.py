@@ -6,8 +6,8 @@ export adds a transient copy of one graph. Peak resident memory measured on fp32
 (2026-12-02, Linux): the demo (135M-parameter LM, 0.54 GB of fp32 weights) 2.85 GB; a
 567M-parameter random LLaVA (2.27 GB) 5.75 GB, i.e. about 2.5x the weights plus the process.
 A machine that cannot even hold the fp32 weights is refused before anything is loaded: the kernel
-would kill the build minutes later with no message. Precision variants (calibration, GPTQ) need
-more than this estimate."""
+would kill the build minutes later with no message. Precision variants need more than this
+estimate: the demo's int8 build (calibration, GPTQ, the fallback's trials) peaked at 5.44 GB."""
 from __future__ import annotations
 
 import json
