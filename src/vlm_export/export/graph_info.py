@@ -194,6 +194,13 @@ def _copy_field(message, fd, value) -> None:
         setattr(message, fd.name, value)
 
 
+def saved_inline(model: onnx.ModelProto) -> bool:
+    """Whether ``save_graph`` writes ``model`` as one file, leaving its tensors as they are (else it
+    moves its weights to a data file and rewrites the tensors to point there)."""
+    return not any(uses_external_data(t) for t in model.graph.initializer) and \
+        weight_bytes(model) <= EXTERNAL_DATA_THRESHOLD
+
+
 def save_graph(model: onnx.ModelProto, path: Path, source_dir: Path | None = None) -> Path:
     """Write ``model`` to ``path``. Its weights go to ``<name>.data`` beside it (each tensor of
     EXTERNAL_TENSOR_MIN_BYTES or more, page-aligned) when they pass EXTERNAL_DATA_THRESHOLD
@@ -205,7 +212,7 @@ def save_graph(model: onnx.ModelProto, path: Path, source_dir: Path | None = Non
     path.parent.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + ".data")
     inits = model.graph.initializer
-    if not any(uses_external_data(t) for t in inits) and weight_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+    if saved_inline(model):
         if data.exists():
             data.unlink()
         _write_one_tensor_at_a_time(model, path)

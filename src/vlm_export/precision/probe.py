@@ -13,7 +13,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..cpu import QDQ_AS_WRITTEN
-from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, save_graph, uses_external_data, weight_bytes
+from ..export.graph_info import save_graph, saved_inline
 
 
 class ActivationProbe:
@@ -41,7 +41,7 @@ class ActivationProbe:
         # its data file, which would change the caller's: it writes a copy.
         self._tmp = tempfile.TemporaryDirectory()
         path = Path(self._tmp.name) / "probe.onnx"
-        if weight_bytes(model) <= EXTERNAL_DATA_THRESHOLD and not any(map(uses_external_data, model.graph.initializer)):
+        if saved_inline(model):
             outputs = len(model.graph.output)
             model.graph.output.extend(added)
             try:
