@@ -194,6 +194,8 @@ def test_bad_requests_get_openai_errors(oai, images):
         "not an image": (with_url(data_url(b"not an image at all")), "cannot be decoded", None),
         "max_tokens=0": ({"max_tokens": 0}, "max_tokens", "max_tokens"),
         "max_tokens over the server's cap": ({"max_tokens": 100000}, "max_tokens", "max_tokens"),
+        "max_tokens past 32 bits": ({"max_tokens": 2**32 + 2}, "max_tokens", "max_tokens"),
+        "max_tokens past 64 bits": ({"max_tokens": 2**64 + 2}, "max_tokens", "max_tokens"),
         "prompt over max_sequence": ({"messages": [user(content="word " * 400)], "max_tokens": 8}, "max_sequence",
                                      None),
         "too many images": ({"messages": [user(content=[image_part(images[0])] * 3 + [hi])]}, "at most 2", None),

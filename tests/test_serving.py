@@ -227,6 +227,8 @@ def test_bad_requests_get_errors_and_server_keeps_serving(served, photos):
         "too many images": ({"prompt": "hi", "images": [png] * 3}, "at most 2"),
         "max_tokens out of range": ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
         "max_tokens too large": ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
+        # past 2^31: read as INT32, Triton's JSON parser wrapped it into a small count, served without a word
+        "max_tokens past 32 bits": ({"prompt": "hi", "max_tokens": 2**32 + 2}, "max_tokens"),
         "no prompt": ({"images": [png]}, "prompt"),
         "wrong shape": ({"prompt": ["a", "b"]}, "prompt"),
     }
@@ -279,7 +281,7 @@ def test_bad_requests_get_errors_and_server_keeps_serving(served, photos):
     raw.stop_stream()
     raw.close()
     assert isinstance(errors[0], InferenceServerException) and "max_tokens" in errors[0].message()
-    assert "INT32" in errors[0].message()
+    assert "INT64" in errors[0].message()
     # text that is not UTF-8: an error naming the field, not "internal error"
     for field in ("prompt", "stop"):
         bad_text = grpcclient.InferInput(field, [1], "BYTES")
@@ -383,7 +385,7 @@ def _open_stream(server, prompt: bytes, max_tokens: int):
     raw = grpcclient.InferenceServerClient(server.grpc_url, channel_args=[("grpc.enable_http_proxy", 0)])
     got: queue.Queue = queue.Queue()
     raw.start_stream(callback=lambda result, error: got.put((result, error)))
-    raw.async_stream_infer("vlm", [tensor("prompt", prompt, "BYTES"), tensor("max_tokens", np.int32(max_tokens), "INT32"),
+    raw.async_stream_infer("vlm", [tensor("prompt", prompt, "BYTES"), tensor("max_tokens", np.int64(max_tokens), "INT64"),
                                    tensor("stream", True, "BOOL"), tensor("ignore_eos", True, "BOOL")])
     return raw, got
 

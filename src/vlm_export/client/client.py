@@ -166,7 +166,7 @@ class VLMClient:
 
         text = "prompt" if request["prompt"] is not None else "messages"
         inputs = [tensor(text, np.array([request[text].encode()], dtype=np.object_), "BYTES"),
-                  tensor("max_tokens", np.array([request["max_tokens"]], dtype=np.int32), "INT32"),
+                  tensor("max_tokens", np.array([request["max_tokens"]], dtype=np.int64), "INT64"),
                   tensor("temperature", np.array([request["temperature"]], dtype=np.float32), "FP32"),
                   tensor("top_p", np.array([request["top_p"]], dtype=np.float32), "FP32"),
                   tensor("stream", np.array([request["stream"]], dtype=bool), "BOOL")]

@@ -55,7 +55,7 @@ VLM_INPUTS = [
     # or a conversation: JSON, Hugging Face's chat format (the k-th image part is the k-th image)
     {"name": "messages", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
     {"name": "images", "data_type": "TYPE_STRING", "dims": [-1], "optional": True},
-    {"name": "max_tokens", "data_type": "TYPE_INT32", "dims": [1], "optional": True},
+    {"name": "max_tokens", "data_type": "TYPE_INT64", "dims": [1], "optional": True},
     {"name": "temperature", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
     {"name": "top_p", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
     {"name": "seed", "data_type": "TYPE_INT64", "dims": [1], "optional": True},

@@ -197,7 +197,7 @@ def generation_params(req: ChatCompletionRequest, default_max_tokens: int = DEFA
         max_tokens = default_max_tokens
     if max_tokens < 1:
         raise _bad(f"{param} must be at least 1, got {max_tokens}", param)
-    if max_tokens > 2**31 - 1:
+    if max_tokens > 2**63 - 1:  # the served protocol's INT64
         raise _bad(f"{param} is too large: {max_tokens}", param)
     temperature = default_temperature if req.temperature is None else req.temperature
     if not 0.0 <= temperature <= 2.0:
