@@ -51,6 +51,12 @@ def test_build_parity_per_stage(tiny_build, name):
             assert run["identical"], run
             assert len(run["reference"]) > 0
     assert "PASSED" in (result.path / "report.md").read_text()
+    # what each step cost: every stage's export and the parity runs among them, each timed
+    steps = {c["step"]: c for c in report["cost"]["steps"]}
+    assert {f"exporting {s['name']} to ONNX" for s in result.manifest["stages"]} <= set(steps)
+    assert any(step.startswith("parity end to end") for step in steps)
+    assert all(c["seconds"] >= 0 and (c["peak_bytes"] is None or c["peak_bytes"] > 50e6) for c in steps.values())
+    assert "## Build cost" in (result.path / "report.md").read_text()
 
 
 @pytest.mark.parametrize("name", ["llava-llama", "prefix-llama"])

@@ -1,11 +1,13 @@
 """The memory a build needs against what the machine (or its container) has."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import assert_one_line_error
-from vlm_export.memory import available_bytes, fp32_weight_bytes
+from vlm_export.memory import available_bytes, fp32_weight_bytes, reset_peak
+from vlm_export.progress import MeasuredProgress, Progress
 
 
 def _fp32_bytes_of(model) -> int:
@@ -63,6 +65,39 @@ def test_available_memory_is_the_kernels_or_the_containers_limit(tmp_path):
     (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
     assert available_bytes(meminfo, str(v1)) == 21_000_000 * 1024
     assert available_bytes(str(tmp_path / "not-linux"), str(none)) is None
+
+
+def test_calibration_budget_follows_the_memory_a_build_can_get(monkeypatch):
+    """GPTQ's and the int8 ranking's sample budget: a quarter of what ``available_bytes`` says (a
+    container's limit obeyed), within 256 MiB..8 GiB."""
+    from vlm_export.precision import probe
+
+    for available, budget in ((6 << 30, 1536 << 20), (512 << 20, 256 << 20), (64 << 30, 8 << 30), (None, 1 << 30)):
+        monkeypatch.setattr(probe, "available_bytes", lambda: available)
+        assert probe.default_budget() == budget, available
+
+
+def test_each_build_step_gets_its_own_time_and_peak_memory():
+    """The peak is reset as a step starts (a step after a costly one is not charged for it); an outer
+    step's peak keeps its inner steps'; the summary names the step that held the peak."""
+    if not reset_peak():
+        pytest.skip("the peak resident memory cannot be reset here (not Linux)")
+    steps = MeasuredProgress(Progress())
+    with steps.step("outer"):
+        with steps.step("big"):
+            block = np.ones(50_000_000)  # 400 MB, every page touched
+            del block  # a large block goes back to the kernel at once
+        with steps.step("small"):
+            small = np.ones(1000)
+            del small
+    costs = {c.step: c for c in steps.costs}
+    assert [c.step for c in steps.costs] == ["big", "small", "outer"]
+    assert [costs[s].depth for s in ("big", "small", "outer")] == [1, 1, 0]
+    assert costs["big"].peak_bytes - costs["small"].peak_bytes > 350e6
+    assert costs["outer"].peak_bytes >= costs["big"].peak_bytes
+    summary = steps.summary()
+    assert summary["peak_step"] == "big" and summary["peak_bytes"] == max(c.peak_bytes for c in steps.costs)
+    assert summary["seconds"] == costs["outer"].seconds  # inner steps are not counted twice
 
 
 @pytest.mark.parametrize("available_share, refused", [(0.5, True), (2.0, False)])

@@ -44,7 +44,7 @@ from .precision.weight_only import check_whole_blocks, needs_whole_blocks
 from .manifest import (MANIFEST_NAME, derive_targets, folder_hashes, is_build_folder, read_manifest, sha256_file,
                        stage_forms, targets as target_forms, verify_hashes, versions, write_manifest)
 from .memory import BUILD_PEAK_FACTOR, PROCESS_BASE_BYTES, available_bytes, fp32_weight_bytes, gigabytes
-from .progress import Progress
+from .progress import MeasuredProgress, Progress
 from .runtime.load import open_build
 from .runtime.prompt import build_prompt_ids
 
@@ -159,21 +159,24 @@ def build(model_path: Path, out: Path, options: BuildOptions | None = None,
     check = options.accuracy
     questions = load_items(check.dataset, check.split, spread=check.questions) if check else None
     template = read_chat_template(options.chat_template) if options.chat_template else None
-    check_memory(model_path, progress)
+    steps = MeasuredProgress(progress)
+    memory = check_memory(model_path, steps)
     with atomic_folder(out, options.force, BuildError, "build folder", is_build_folder) as tmp:
-        _build_into(tmp, out, model_path, adapter, options, questions, template, progress)
+        _build_into(tmp, out, model_path, adapter, options, questions, template, steps, memory)
     # an earlier failed attempt's <out>.failed describes a build that is not the one at <out> now
     shutil.rmtree(out.with_name(out.name + ".failed"), ignore_errors=True)
     return BuildResult(out, read_manifest(out), [])
 
 
-def check_memory(model_path: Path, progress: Progress) -> None:
+def check_memory(model_path: Path, progress: Progress) -> dict:
     """Refuse a model whose fp32 weights alone do not fit in the memory available (the kernel would
-    kill the build minutes in, with no message); note one whose build will likely not fit."""
+    kill the build minutes in, with no message); note one whose build will likely not fit. Returns
+    what it read and estimated (the report sets it beside the measured peak)."""
     weights, available = fp32_weight_bytes(model_path), available_bytes()
+    peak = None if weights is None else int(weights * BUILD_PEAK_FACTOR) + PROCESS_BASE_BYTES
+    checked = {"fp32_weight_bytes": weights, "available_bytes": available, "estimated_peak_bytes": peak}
     if weights is None or available is None:
-        return
-    peak = int(weights * BUILD_PEAK_FACTOR) + PROCESS_BASE_BYTES
+        return checked
     if weights + PROCESS_BASE_BYTES > available:
         raise BuildError(f"{model_path.name}'s weights take {gigabytes(weights)} in fp32 (a build holds them so, to "
                          f"judge the graphs against PyTorch) and this machine has {gigabytes(available)} of memory "
@@ -181,9 +184,11 @@ def check_memory(model_path: Path, progress: Progress) -> None:
     if peak > available:
         progress.note(f"this build may run out of memory: it peaks at about {gigabytes(peak)} for "
                       f"{gigabytes(weights)} of fp32 weights, and {gigabytes(available)} is available")
+    return checked
 
 
-def _build_into(tmp, out, model_path, adapter, options, questions, template, progress) -> None:
+def _build_into(tmp, out, model_path, adapter, options, questions, template, progress: MeasuredProgress,
+                memory: dict) -> None:
     with progress.step(f"loading {model_path} ({adapter.name} adapter)") as advance:
         loaded = adapter.load(model_path)
         advance()
@@ -279,6 +284,7 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
     write_report(tmp, manifest, result, policy, failures)
     if accuracy:
         record_section(tmp, "task_accuracy", accuracy)
+    record_section(tmp, "cost", {**progress.summary(), "memory_check": memory})
     if failures:
         failed = out.with_name(out.name + ".failed")
         shutil.rmtree(failed, ignore_errors=True)

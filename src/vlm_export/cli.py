@@ -463,9 +463,13 @@ def _print_summary(path: Path, manifest: dict) -> None:
         if g.get("fusion") and not g["fusion"].get("made"):
             print(f"  {'':15s} no fused form: {g['fusion']['reason']}")
     print(f"  parity: {'passed' if manifest['parity']['passed'] else 'FAILED'} (see {path / 'report.md'})")
-    accuracy = json.loads((path / "report.json").read_text()).get("task_accuracy")
-    if accuracy:
-        _print_accuracy(accuracy)
+    report = json.loads((path / "report.json").read_text())
+    if report.get("task_accuracy"):
+        _print_accuracy(report["task_accuracy"])
+    cost = report.get("cost")
+    if cost and cost.get("peak_bytes"):  # what the machine that builds it needs
+        print(f"  built in {cost['seconds']:.0f} s; peak memory {cost['peak_bytes'] / 1e9:.2f} GB "
+              f"({cost['peak_step']})")
 
 
 def _cmd_generate(args, progress) -> int:

@@ -106,3 +106,20 @@ def available_bytes(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgrou
 
 def gigabytes(n: int) -> str:
     return f"{n / 1e9:.1f} GB"
+
+
+def reset_peak() -> bool:
+    """Start measuring a new peak of this process's resident memory (Linux: "5" written to
+    /proc/self/clear_refs sets VmHWM to the current RSS). False where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_bytes() -> int | None:
+    """This process's peak resident memory since it started or since ``reset_peak`` (VmHWM); None
+    where the kernel does not say (not Linux)."""
+    return _numbers("/proc/self/status").get("VmHWM")

@@ -57,7 +57,7 @@ def write_report(build_dir: Path, manifest: dict, result: ParityResult, policy: 
     previous = build_dir / "report.json"
     if previous.exists():  # a re-verify keeps the task accuracy and caption metrics measured earlier
         earlier = json.loads(previous.read_text())
-        for key in ("task_accuracy", "captions"):
+        for key in ("task_accuracy", "captions", "cost"):  # cost: the build's, not the re-verify's
             if earlier.get(key):
                 report[key] = earlier[key]
     (build_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -128,9 +128,29 @@ def render_markdown(report: dict) -> str:
                          f"{changes}: {'passed' if gate['passed'] else '**FAILED**'}")
     if report.get("captions"):
         lines += [""] + caption_markdown(report["captions"])
+    if report.get("cost"):
+        lines += [""] + cost_markdown(report["cost"])
     if report["failures"]:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in report["failures"]]
     return "\n".join(lines) + "\n"
+
+
+def cost_markdown(cost: dict) -> list[str]:
+    """What each build step took: wall time and the process's peak resident memory."""
+    def gb(n):
+        return "-" if n is None else f"{n / 1e9:.2f}"
+
+    lines = [f"## Build cost ({cost['seconds']:.0f} s in steps; peak resident memory {gb(cost['peak_bytes'])} GB"
+             + (f", in \"{cost['peak_step']}\")" if cost.get("peak_step") else ")"), "",
+             "| step | seconds | peak GB |", "|---|---:|---:|"]
+    lines += [f"| {'&nbsp;&nbsp;' * c['depth']}{c['step']} | {c['seconds']:.1f} | {gb(c['peak_bytes'])} |"
+              for c in cost["steps"]]
+    check = cost.get("memory_check") or {}
+    if check.get("estimated_peak_bytes"):
+        lines += ["", f"Estimated before loading: {gb(check['estimated_peak_bytes'])} GB for "
+                      f"{gb(check['fp32_weight_bytes'])} GB of fp32 weights (fp32 builds; precision variants need "
+                      f"more), with {gb(check['available_bytes'])} GB available."]
+    return lines
 
 
 def record_section(build_dir: Path, key: str, section: dict) -> dict:

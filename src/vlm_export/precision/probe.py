@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 
 from ..cpu import QDQ_AS_WRITTEN
 from ..export.graph_info import save_graph, saved_inline
+from ..memory import available_bytes
 
 
 class ActivationProbe:
@@ -84,9 +85,10 @@ def activations(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[Mapp
 
 def default_budget() -> int:
     """Bytes a measurement may hold at once (GPTQ's second moments, the int8 ranking's activations):
-    a quarter of the memory available now, at most 8 GiB, at least 256 MiB."""
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+    a quarter of the memory available now, at most 8 GiB, at least 256 MiB. "Available" as the build's
+    memory check reads it (reclaimable page cache counted, a container's limit obeyed): free pages
+    alone made the sample depend on what the page cache held, and ignored a container's limit."""
+    available = available_bytes()
+    if available is None:  # not Linux
         available = 4 << 30
     return int(min(8 << 30, max(256 << 20, available // 4)))
