@@ -81,6 +81,39 @@ def test_a_decoder_with_external_weights_fuses_to_the_in_memory_result(decoder, 
     np.testing.assert_array_equal(_run(external, feeds)[0][0], _run(decoder, feeds)[0][0])
 
 
+@pytest.mark.parametrize("rounding", ["rtn", "gptq"])
+def test_weight_only_reads_an_external_decoder_one_weight_at_a_time(decoder, tmp_path, monkeypatch, rounding):
+    """w4 of a decoder kept in an external data file: its fp32 weights are never loaded whole (onnx's
+    loader of external data is not called; each weight is read from the file when it is quantized,
+    the rest copied file to file), and the result is the in-memory conversion's, tensor for tensor."""
+    from vlm_export.precision.convert import PrecisionOptions, to_weight_only
+
+    external = _external_copy(decoder, tmp_path / "src" / "lm_decoder.onnx")
+    session = ort.InferenceSession(os.fspath(decoder), providers=["CPUExecutionProvider"])
+    feeds = [_step_feeds(session, past=p, new=n) for p, n in ((0, 6), (3, 4))]
+    options = PrecisionOptions(weight_rounding=rounding)
+    in_memory = to_weight_only(decoder, tmp_path / "a" / "w4.onnx", 4, options, feeds)
+    reference = {t.name: numpy_helper.to_array(t)
+                 for t in onnx.load(os.fspath(tmp_path / "a" / "w4.onnx")).graph.initializer}
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the decoder's external data was loaded whole")
+
+    monkeypatch.setattr(onnx, "load_external_data_for_model", whole)
+    streamed = to_weight_only(external, tmp_path / "b" / "w4.onnx", 4, options, feeds)
+    monkeypatch.undo()
+    assert streamed.details == in_memory.details and streamed.details["rounding"]["method"] == rounding
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["w4.onnx", "w4.onnx.data"]
+    model = onnx.load(os.fspath(tmp_path / "b" / "w4.onnx"), load_external_data=False)
+    assert {t.name for t in model.graph.initializer} == set(reference)
+    for t in model.graph.initializer:
+        np.testing.assert_array_equal(read_tensor(t, tmp_path / "b"), reference[t.name], err_msg=t.name)
+    want, _ = _run(tmp_path / "a" / "w4.onnx", feeds[0])
+    got, _ = _run(tmp_path / "b" / "w4.onnx", feeds[0])
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_large_graphs_are_saved_with_page_aligned_external_data(decoder, tmp_path, monkeypatch):
     """Past the threshold the weights leave the proto - counted from the tensors, not by protobuf
     serialising the whole model (ModelProto.ByteSize), which peaks at ~4x the model's size."""

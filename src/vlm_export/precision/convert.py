@@ -177,8 +177,8 @@ def quiet_logging():
         logging.disable(previous)
 
 
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    check_graph(save_graph(model, path))
+def _save(model: onnx.ModelProto, path: Path, source_dir: Path | None = None) -> None:
+    check_graph(save_graph(model, path, source_dir))
 
 
 def lm_head_nodes(model: onnx.ModelProto, output: str = "logits") -> list[str]:
@@ -388,8 +388,11 @@ def to_fp16(src: Path, dst: Path, keep_modules: Iterable[str] = ()) -> VariantIn
 def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions,
                    calibration_feeds: list[dict[str, np.ndarray]] | None = None) -> VariantInfo:
     """``calibration_feeds``: the stage's inputs on the calibration pairs (GPTQ rounding measures the
-    layer inputs on them; round to nearest needs none)."""
-    model = onnx.load(os.fspath(src))
+    layer inputs on them; round to nearest needs none). A graph whose weights live in an external
+    data file (a decoder past 1.8 GB) is loaded without them: each weight is read from the file when it
+    is quantized and the tensors left as they are are copied file to file, so the fp32 decoder is never
+    in memory whole (a 7B decoder is 28 GB of it)."""
+    model = onnx.load(os.fspath(src), load_external_data=False)
     head = lm_head_nodes(model)
     head_precision = options.head_precision(f"w{bits}")
     keep = set(options.exclude_nodes) | (set(head) if head_precision == "fp32" else set())
@@ -403,10 +406,13 @@ def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions,
             if not calibration_feeds:
                 raise ExportError(f"GPTQ rounding of {src.stem} needs calibration inputs; none were given")
             inputs = weight_inputs(model, keep)
-            probe = stack.enter_context(ActivationProbe(model, [tensor for tensor, _ in inputs.values()]))
+            probe = stack.enter_context(ActivationProbe(model, [tensor for tensor, _ in inputs.values()],
+                                                        source_dir=src.parent))
             blocks = gptq.Rounding(probe, inputs, calibration_feeds)
         if options.weight_form == "dequantize":
-            # W4A16: TensorRT's weight-only GEMMs take fp16 activations; the kept nodes stay fp32
+            # W4A16: TensorRT's weight-only GEMMs take fp16 activations; the kept nodes stay fp32 (the
+            # fp16 conversion rewrites every float tensor: it reads them in memory)
+            onnx.load_external_data_for_model(model, os.fspath(src.parent))
             model, fp16_details = fp16_model(model, keep)
             activations = {"activations": "fp16", "scales": "fp16", **fp16_details}
         else:  # MatMulNBits rounds the fp32 activations to int8 per block inside its kernel, unless told not to
@@ -415,7 +421,8 @@ def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions,
             if options.scheme == "asymmetric":  # how the float minimum is added back (weight_only._matmulnbits)
                 activations["correction"] = DEFAULT_CORRECTION
         done = quantize_weights(model, bits, options.block_sizes, options.scheme, options.weight_form, keep, bits_of,
-                                accuracy_level=activations.get("accuracy_level", 4), blocks=blocks)
+                                accuracy_level=activations.get("accuracy_level", 4), blocks=blocks,
+                                source_dir=src.parent)
     rounding = {"method": "rtn"}
     if blocks is not None:
         if len(blocks.gptq) != len(done):  # a MatMul renamed by a rewrite would get RTN silently
@@ -425,7 +432,7 @@ def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions,
         rounding = {"method": "gptq", "calibration_tokens": blocks.tokens, "measuring_passes": blocks.passes,
                     "damp": gptq.DAMP, "act_order": blocks.act_order,
                     "groups": "static (the round-to-nearest scales and zero points)"}
-    _save(model, dst)
+    _save(model, dst, src.parent)
     used = sorted({size for _, size in done.values()}, reverse=True)
     return VariantInfo(f"w{bits}", {"bits": bits, "block_size": options.block,
                                     "block_sizes": {str(size): sum(s == size for _, s in done.values()) for size in used},

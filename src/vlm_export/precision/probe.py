@@ -22,9 +22,11 @@ class ActivationProbe:
     was); ``run`` fetches any of them, so several passes (GPTQ's, a few layers at a time) share one
     session. A context manager: the graph is written to a temporary folder for the session's life.
     ``emulate_qdq``: Q/DQ pairs run as written, not fused into integer kernels (a graph TensorRT
-    serves: see ``runtime.runners.OrtRunner``)."""
+    serves: see ``runtime.runners.OrtRunner``). ``source_dir``: the folder of a ``model`` loaded without
+    its external data (the session's copy of the graph gets those bytes from there, file to file)."""
 
-    def __init__(self, model: onnx.ModelProto, tensors: Iterable[str], threads: int = 2, emulate_qdq: bool = False):
+    def __init__(self, model: onnx.ModelProto, tensors: Iterable[str], threads: int = 2, emulate_qdq: bool = False,
+                 source_dir: Path | None = None):
         import onnxruntime as ort
 
         present = {o.name for o in model.graph.output}
@@ -53,7 +55,7 @@ class ActivationProbe:
             probe = onnx.ModelProto()
             probe.CopyFrom(model)
             probe.graph.output.extend(added)
-            save_graph(probe, path)
+            save_graph(probe, path, source_dir)
             del probe
         self.session = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]

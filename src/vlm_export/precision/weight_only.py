@@ -42,6 +42,7 @@ form) (a lookup reads one row, the head reads all of them every token).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -49,6 +50,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
+from ..export.graph_info import read_tensor
 
 SCHEMES = ("symmetric", "asymmetric", "zero-point")
 FORMS = ("matmulnbits", "dequantize")
@@ -145,6 +147,8 @@ class _Target:
     node: onnx.NodeProto
     source: onnx.TensorProto  # the 2-D initializer B, or the one a Transpose of it reads (a tied LM head)
     transposed: bool
+    #: the graph's folder, where a tensor kept in an external data file is read from
+    source_dir: Path | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -159,12 +163,13 @@ class _Target:
     def weight(self) -> np.ndarray:
         """[K, N] in the graph's dtype (fp32, or fp16 in an fp16 graph), read when it is quantized:
         holding every target's copy at once cost the decoder's weights again in memory (a w4 build
-        of a 567M-parameter LLaVA peaked at 8.2 GB)."""
-        w = numpy_helper.to_array(self.source)
+        of a 567M-parameter LLaVA peaked at 8.2 GB). A tensor in an external data file is read from
+        the file, so a graph loaded without its data never holds its fp32 weights whole."""
+        w = read_tensor(self.source, self.source_dir)
         return w.T if self.transposed else w
 
 
-def _targets(model: onnx.ModelProto, skip: set[str]) -> list[_Target]:
+def _targets(model: onnx.ModelProto, skip: set[str], source_dir: Path | None = None) -> list[_Target]:
     """MatMuls whose B is a 2-D initializer, or the Transpose of one (a tied LM head)."""
     inits = {i.name: i for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -174,12 +179,12 @@ def _targets(model: onnx.ModelProto, skip: set[str]) -> list[_Target]:
             continue
         b = node.input[1]
         if b in inits and len(inits[b].dims) == 2:
-            found.append(_Target(index, node, inits[b], False))
+            found.append(_Target(index, node, inits[b], False, source_dir))
         elif b in producers and producers[b].op_type == "Transpose" and producers[b].input[0] in inits:
             source = inits[producers[b].input[0]]
             perm = next((list(a.ints) for a in producers[b].attribute if a.name == "perm"), [1, 0])
             if len(source.dims) == 2 and perm == [1, 0]:
-                found.append(_Target(index, node, source, True))
+                found.append(_Target(index, node, source, True, source_dir))
     return found
 
 
@@ -340,20 +345,23 @@ def check_whole_blocks(named_ks: Sequence[tuple[str, int]], sizes: tuple[int, ..
 def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int | tuple[int, ...], scheme: str, form: str,
                      keep: set[str], bits_of: dict[str, int] | None = None,
                      accuracy_level: int = 4, correction: str = DEFAULT_CORRECTION,
-                     blocks: Callable[..., BlockQuantized] | None = None) -> dict[str, tuple[int, int]]:
+                     blocks: Callable[..., BlockQuantized] | None = None,
+                     source_dir: Path | None = None) -> dict[str, tuple[int, int]]:
     """Rewrite ``model`` in place. ``block_size``: one size, or the allowed sizes in order of
     preference (see the module docstring). ``keep``: MatMul names left unquantized. ``bits_of``:
     nodes (the LM head, sensitive layers) quantized at their own bit width. ``correction``: how the
     asymmetric scheme's float minimum is added back (``CORRECTIONS``, see ``_matmulnbits``). ``blocks``:
     picks the codes, called as ``blocks(matmul, weight, bits, block_size, scheme, scale_dtype)`` with
-    the MatMul's key from ``weight_inputs`` (default: round to nearest, ``quantize_blocks``). Returns
-    the (bits, block size) used per node."""
+    the MatMul's key from ``weight_inputs`` (default: round to nearest, ``quantize_blocks``).
+    ``source_dir``: the folder of a graph loaded without its external data (its weights are read from
+    there one at a time; the tensors left unquantized stay in that file for ``save_graph`` to copy).
+    Returns the (bits, block size) used per node."""
     if form not in FORMS:
         raise ExportError(f"weight-only form {form!r} is not one of {', '.join(FORMS)}")
     sizes = (block_size,) if isinstance(block_size, int) else tuple(block_size)
     graph = model.graph
     replaced, new_inits, done, block_sums = {}, [], {}, {}
-    targets = _targets(model, keep)
+    targets = _targets(model, keep, source_dir)
     if needs_whole_blocks(form, scheme):
         check_whole_blocks([(_key(t.node), t.shape[0]) for t in targets], sizes, form)
     for t in targets:
