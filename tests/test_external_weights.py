@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import numpy_helper
 
 from vlm_export.errors import ExportError
@@ -112,6 +113,56 @@ def test_weight_only_reads_an_external_decoder_one_weight_at_a_time(decoder, tmp
     got, _ = _run(tmp_path / "b" / "w4.onnx", feeds[0])
     for a, b in zip(want, got):
         np.testing.assert_array_equal(a, b)
+
+
+class _LinearInBf16(torch.nn.Module):
+    """Two weights big enough for the data file, and bfloat16 arithmetic (the export's own rewrite
+    of the proto must still run when the weights never enter it)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.b(self.a(x).bfloat16().exp().float().tanh())
+
+
+def test_a_stage_past_the_threshold_is_exported_without_copying_its_weights(tmp_path, monkeypatch):
+    """Past the 2 GB limit an export writes the module's tensors straight to the data file, one at a
+    time: the in-memory proto of the whole graph (``ONNXProgram.model_proto``, a copy of every weight)
+    is never made, and the graph is the one the in-memory path writes."""
+    from vlm_export.adapters.base import Stage
+    from vlm_export.contract import IMAGE, StageSpec, TensorSpec
+    from vlm_export.export.onnx_export import export_stage
+
+    spec = StageSpec("toy", IMAGE, (TensorSpec("x", "float32", ("rows", 64)),),
+                     (TensorSpec("y", "float32", ("rows", 64)),))
+    stage = Stage(spec, _LinearInBf16(), (torch.ones(2, 64),))
+    one_file = export_stage(stage, tmp_path / "a")
+    assert sorted(p.name for p in one_file.parent.iterdir()) == ["toy.onnx"]
+
+    def whole_proto(self):
+        raise AssertionError("the whole graph was made in memory")
+
+    monkeypatch.setattr(torch.onnx.ONNXProgram, "model_proto", property(whole_proto))
+    monkeypatch.setattr(graph_info, "EXTERNAL_DATA_THRESHOLD", 1000)
+    streamed = export_stage(stage, tmp_path / "b")
+    monkeypatch.undo()
+    assert sorted(p.name for p in streamed.parent.iterdir()) == ["toy.onnx", "toy.onnx.data"]
+    model = onnx.load(os.fspath(streamed), load_external_data=False)
+    external = [t for t in model.graph.initializer if uses_external_data(t)]
+    assert len(external) == 2  # the two 64 x 64 weights; the biases (256 bytes) stay in the graph
+    assert all(int(e.value) % EXTERNAL_DATA_ALIGNMENT == 0 for t in external for e in t.external_data
+               if e.key == "offset")
+    reference = {t.name: numpy_helper.to_array(t) for t in onnx.load(os.fspath(one_file)).graph.initializer}
+    assert {t.name for t in model.graph.initializer} == set(reference)
+    for t in model.graph.initializer:
+        np.testing.assert_array_equal(read_tensor(t, streamed.parent), reference[t.name], err_msg=t.name)
+    x = {"x": np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32)}
+    want, got = _run(one_file, x)[0][0], _run(streamed, x)[0][0]
+    np.testing.assert_array_equal(got, want)  # bfloat16 computed in fp32 by both, same dims
+    assert [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim] == ["rows", ""]
 
 
 def test_large_graphs_are_saved_with_page_aligned_external_data(decoder, tmp_path, monkeypatch):

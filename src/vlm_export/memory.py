@@ -2,7 +2,8 @@
 
 A build holds the model in fp32 (the PyTorch reference the graphs are judged against) and, while
 it checks parity, one ONNX Runtime session of the decoder (its packed copy of the weights); the
-export adds a transient copy of one graph. Peak resident memory measured on fp32 builds
+export of a graph under 1.8 GB adds a transient copy of it (a larger one is written from the module's
+tensors one at a time). Peak resident memory measured on fp32 builds
 (2026-12-02, Linux): the demo (135M-parameter LM, 0.54 GB of fp32 weights) 2.85 GB; a
 567M-parameter random LLaVA (2.27 GB) 5.75 GB, i.e. about 2.5x the weights plus the process.
 A machine that cannot even hold the fp32 weights is refused before anything is loaded: the kernel

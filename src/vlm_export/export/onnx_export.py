@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import signal
 import sys
 import threading
@@ -17,6 +18,7 @@ import torch
 from ..adapters.base import Stage
 from ..errors import ExportError, first_line
 from .bf16 import compute_bf16_in_fp32
+from . import graph_info
 from .graph_info import check_graph, save_graph
 
 
@@ -169,8 +171,33 @@ def export_stage(stage: Stage, out_dir: Path, opset: int = 18) -> Path:
     except Exception as e:  # torch.export raises many types; the innermost one's first line says why
         cause = _innermost(e)
         raise ExportError(f"exporting the {stage.name} stage to ONNX failed: {first_line(cause)}") from e
-    model = program.model_proto
+    if _weight_bytes(program.model) <= graph_info.EXTERNAL_DATA_THRESHOLD:
+        model = program.model_proto
+        _finish(model, stage)
+        check_graph(save_graph(model, path))
+        return path
+    # Past protobuf's 2 GB the weights go to the data file straight from the module's tensors, one at a
+    # time: ``model_proto`` would first copy all of them into the proto (a 567M-parameter decoder's export
+    # peaked at its fp32 weights again, a 7B one's would at 28 GB more). Then the proto alone is finished.
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
+    import onnx_ir
+
+    onnx_ir.save(program.model, path, external_data=path.name + ".data",
+                 size_threshold_bytes=graph_info.EXTERNAL_TENSOR_MIN_BYTES,
+                 alignment=graph_info.EXTERNAL_DATA_ALIGNMENT, align_threshold=0)
+    del program
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    _finish(model, stage)
+    onnx.save_model(model, os.fspath(path))  # its tensors already point at the data file
+    check_graph(path)
+    return path
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of an ONNX IR model's initializers, without materialising them."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _finish(model: onnx.ModelProto, stage: Stage) -> None:
     compute_bf16_in_fp32(model)  # bfloat16 arithmetic the model asks for, in a form ONNX Runtime's CPU runs
     _rename_dims(model, stage)
-    check_graph(save_graph(model, path))
-    return path
