@@ -58,10 +58,17 @@ def decoder(tiny_build) -> Path:
     return build / "graphs" / "lm_decoder.onnx"
 
 
-def test_a_decoder_with_external_weights_fuses_to_the_in_memory_result(decoder, tmp_path):
+def test_a_decoder_with_external_weights_fuses_to_the_in_memory_result(decoder, tmp_path, monkeypatch):
     external = _external_copy(decoder, tmp_path / "src" / "lm_decoder.onnx")
     in_memory, streamed = tmp_path / "a" / "fused.onnx", tmp_path / "b" / "fused.onnx"
-    assert fuse_decoder(decoder, in_memory).fusions == fuse_decoder(external, streamed).fusions
+    # under the threshold the fused graph is one file, as the in-memory pass writes it
+    one_file = fuse_decoder(external, tmp_path / "c" / "fused.onnx")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["fused.onnx"]
+    monkeypatch.setattr(graph_info, "EXTERNAL_DATA_THRESHOLD", 1000)  # as a decoder past 1.8 GB is written
+    assert fuse_decoder(external, streamed).fusions == one_file.fusions
+    monkeypatch.undo()
+    assert fuse_decoder(decoder, in_memory).fusions == one_file.fusions
+    one = {t.name: numpy_helper.to_array(t) for t in onnx.load(os.fspath(tmp_path / "c" / "fused.onnx")).graph.initializer}
     # the streamed one keeps its weights outside the graph, in its own file, nothing left behind
     assert sorted(p.name for p in streamed.parent.iterdir()) == ["fused.onnx", "fused.onnx.data"]
     model = onnx.load(os.fspath(streamed), load_external_data=False)
@@ -71,7 +78,9 @@ def test_a_decoder_with_external_weights_fuses_to_the_in_memory_result(decoder, 
     assert all(o % EXTERNAL_DATA_ALIGNMENT == 0 for o in offsets)  # ONNX Runtime can map each tensor
     # every weight equals the in-memory fused graph's, and so do the answers
     reference = {t.name: numpy_helper.to_array(t) for t in onnx.load(os.fspath(in_memory)).graph.initializer}
-    assert {t.name for t in model.graph.initializer} == set(reference)
+    assert {t.name for t in model.graph.initializer} == set(reference) == set(one)
+    for name, value in one.items():
+        np.testing.assert_array_equal(value, reference[name], err_msg=name)
     for t in model.graph.initializer:
         np.testing.assert_array_equal(read_tensor(t, streamed.parent), reference[t.name], err_msg=t.name)
     want, feeds = _run(in_memory)
@@ -104,7 +113,7 @@ def test_weight_only_reads_an_external_decoder_one_weight_at_a_time(decoder, tmp
     streamed = to_weight_only(external, tmp_path / "b" / "w4.onnx", 4, options, feeds)
     monkeypatch.undo()
     assert streamed.details == in_memory.details and streamed.details["rounding"]["method"] == rounding
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["w4.onnx", "w4.onnx.data"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["w4.onnx"]  # it fits in one file
     model = onnx.load(os.fspath(tmp_path / "b" / "w4.onnx"), load_external_data=False)
     assert {t.name for t in model.graph.initializer} == set(reference)
     for t in model.graph.initializer:

@@ -447,7 +447,8 @@ def fuse_decoder(src: Path, dst: Path, max_positions: int = 4096,
 
     A graph whose weights are in an external data file (every graph past 1.8 GB) is fused without
     loading them: the pass reads the few it rewrites, spills the packed ones to a scratch file
-    beside ``dst`` and copies all of them into ``dst``'s data file (peak memory: one layer's
+    beside ``dst`` and copies all of them into ``dst`` (its data file past the threshold, else the
+    one-file graph, a tensor at a time) (peak memory: one layer's
     projections, not the model; the demo's 540 MB decoder, held in memory, peaks at ~3.5 GB, most
     of it protobuf serialising the model once)."""
     src, dst = Path(src), Path(dst)

@@ -160,13 +160,14 @@ def _field(number: int, length: int) -> bytes:
 _MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5  # field numbers in onnx.proto
 
 
-def _write_one_tensor_at_a_time(model: onnx.ModelProto, path: Path) -> None:
+def _write_one_tensor_at_a_time(model: onnx.ModelProto, path: Path, source_dir: Path | None = None) -> None:
     """The file ``onnx.save_model`` writes, in less memory. protobuf serialises a whole model into one
     buffer and copies it into Python: ~5x the weights at the peak (2.6 GB for the demo's 540 MB decoder).
     Here the model without its initializers is serialised, then each initializer as an occurrence of
     the ``graph`` field of its own: a protobuf parser merges the occurrences of a message field
     (MergeFrom), so onnx, ONNX Runtime and TensorRT read the same model; one tensor is in memory twice
-    at a time, not the model."""
+    at a time, not the model. A tensor kept in an external data file (``source_dir``: the folder its
+    location is relative to) is read from there as it is written, into the file itself."""
     head, graph = onnx.ModelProto(), onnx.GraphProto()
     for fd, value in model.ListFields():
         if fd.name != "graph":
@@ -179,10 +180,31 @@ def _write_one_tensor_at_a_time(model: onnx.ModelProto, path: Path) -> None:
         body = graph.SerializeToString()
         f.write(_field(_MODEL_GRAPH, len(body)) + body)
         for tensor in model.graph.initializer:
+            if uses_external_data(tensor):
+                tensor = _with_data_inline(tensor, source_dir)
             data = tensor.SerializeToString()
             inner = _field(_GRAPH_INITIALIZER, len(data))
             f.write(_field(_MODEL_GRAPH, len(inner) + len(data)) + inner)
             f.write(data)
+
+
+def _with_data_inline(tensor: onnx.TensorProto, source_dir: Path | None) -> onnx.TensorProto:
+    """A copy of an external tensor holding its bytes (the model's own tensor is left as it is)."""
+    file, offset, length = _external(tensor, source_dir)
+    inline = onnx.TensorProto()
+    inline.CopyFrom(tensor)
+    inline.data_location = onnx.TensorProto.DEFAULT
+    del inline.external_data[:]
+    with open(file, "rb") as f:
+        f.seek(offset)
+        inline.raw_data = f.read(length)
+    if len(inline.raw_data) != length:
+        raise ExportError(f"{file} ends before tensor {tensor.name}'s data does; export the graph again")
+    return inline
+
+
+def _external_bytes(model: onnx.ModelProto, source_dir: Path | None) -> int:
+    return sum(_external(t, source_dir)[2] for t in model.graph.initializer if uses_external_data(t))
 
 
 def _copy_field(message, fd, value) -> None:
@@ -202,20 +224,25 @@ def saved_inline(model: onnx.ModelProto) -> bool:
 
 
 def save_graph(model: onnx.ModelProto, path: Path, source_dir: Path | None = None) -> Path:
-    """Write ``model`` to ``path``. Its weights go to ``<name>.data`` beside it (each tensor of
-    EXTERNAL_TENSOR_MIN_BYTES or more, page-aligned) when they pass EXTERNAL_DATA_THRESHOLD
-    (protobuf's 2 GB limit) or when some already live in external files - a graph loaded with
-    ``load_external_data=False`` (``source_dir``: its folder), or tensors spilled to a scratch file:
-    those bytes are copied file to file in chunks, never through memory whole. The proto is changed
-    to point at the new file. A stale data file is replaced."""
+    """Write ``model`` to ``path``: one file while its weights fit under EXTERNAL_DATA_THRESHOLD
+    (protobuf's 2 GB limit), whether the proto holds them or some live in external files - a graph
+    loaded with ``load_external_data=False`` (``source_dir``: its folder), read one tensor at a time
+    as it is written. Past the threshold, its weights go to ``<name>.data`` beside it (each tensor of
+    EXTERNAL_TENSOR_MIN_BYTES or more, page-aligned), external ones copied file to file in chunks,
+    never through memory whole, and the proto is changed to point at the new file. (Tensors spilled
+    to a scratch file under an absolute path, with no ``source_dir``, always go to the data file.)
+    A stale data file is replaced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + ".data")
     inits = model.graph.initializer
-    if saved_inline(model):
+    # a graph loaded without its data (or exported through a scratch file) that fits in one file is
+    # written as one, each external tensor read from its file as it is written
+    if saved_inline(model) or (source_dir is not None and
+                               weight_bytes(model) + _external_bytes(model, source_dir) <= EXTERNAL_DATA_THRESHOLD):
         if data.exists():
             data.unlink()
-        _write_one_tensor_at_a_time(model, path)
+        _write_one_tensor_at_a_time(model, path, source_dir)
         return path
     sources = [_external(t, source_dir) if uses_external_data(t) else None for t in inits]
     if any(src is not None and src[0].resolve() == data.resolve() for src in sources):

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -171,24 +172,27 @@ def export_stage(stage: Stage, out_dir: Path, opset: int = 18) -> Path:
     except Exception as e:  # torch.export raises many types; the innermost one's first line says why
         cause = _innermost(e)
         raise ExportError(f"exporting the {stage.name} stage to ONNX failed: {first_line(cause)}") from e
-    if _weight_bytes(program.model) <= graph_info.EXTERNAL_DATA_THRESHOLD:
-        model = program.model_proto
-        _finish(model, stage)
-        check_graph(save_graph(model, path))
-        return path
-    # Past protobuf's 2 GB the weights go to the data file straight from the module's tensors, one at a
-    # time: ``model_proto`` would first copy all of them into the proto (a 567M-parameter decoder's export
-    # peaked at its fp32 weights again, a 7B one's would at 28 GB more). Then the proto alone is finished.
-    path.with_name(path.name + ".data").unlink(missing_ok=True)
+    # The weights go to a data file straight from the module's tensors, one at a time, and the proto is
+    # finished without them: ``model_proto`` would copy every weight into the proto first (a 567M-parameter
+    # decoder's export peaked at its fp32 weights again; a 7B one's would at 28 GB more). Past protobuf's
+    # 2 GB that data file is the graph's own; below, a scratch file that save_graph reads one tensor at a
+    # time into the one-file graph.
     import onnx_ir
 
-    onnx_ir.save(program.model, path, external_data=path.name + ".data",
-                 size_threshold_bytes=graph_info.EXTERNAL_TENSOR_MIN_BYTES,
-                 alignment=graph_info.EXTERNAL_DATA_ALIGNMENT, align_threshold=0)
-    del program
-    model = onnx.load(os.fspath(path), load_external_data=False)
-    _finish(model, stage)
-    onnx.save_model(model, os.fspath(path))  # its tensors already point at the data file
+    large = _weight_bytes(program.model) > graph_info.EXTERNAL_DATA_THRESHOLD
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{stage.name}.") as scratch:
+        written = path if large else Path(scratch) / path.name
+        written.with_name(written.name + ".data").unlink(missing_ok=True)
+        onnx_ir.save(program.model, written, external_data=written.name + ".data",
+                     size_threshold_bytes=graph_info.EXTERNAL_TENSOR_MIN_BYTES,
+                     alignment=graph_info.EXTERNAL_DATA_ALIGNMENT, align_threshold=0)
+        del program
+        model = onnx.load(os.fspath(written), load_external_data=False)
+        _finish(model, stage)
+        if large:
+            onnx.save_model(model, os.fspath(path))  # its tensors already point at the data file
+        else:
+            save_graph(model, path, source_dir=written.parent)
     check_graph(path)
     return path
 
