@@ -2,10 +2,10 @@
 
 A build holds the model in fp32 (the PyTorch reference the graphs are judged against) and, while
 it checks parity, one ONNX Runtime session of the decoder (its packed copy of the weights); the
-export of a graph under 1.8 GB adds a transient copy of it (a larger one is written from the module's
-tensors one at a time). Peak resident memory measured on fp32 builds
-(2026-12-02, Linux): the demo (135M-parameter LM, 0.54 GB of fp32 weights) 2.85 GB; a
-567M-parameter random LLaVA (2.27 GB) 5.75 GB, i.e. about 2.5x the weights plus the process.
+export writes a graph from the module's tensors one at a time. Peak resident memory measured on fp32
+builds (2026-12-02, Linux, each build's own cost report): the demo (135M-parameter LM, 0.54 GB of fp32
+weights) 2.40 GB; a 567M-parameter random LLaVA (2.27 GB) 5.79 GB, in its parity (the reference plus
+the session), i.e. about 2.5x the weights with the process.
 A machine that cannot even hold the fp32 weights is refused before anything is loaded: the kernel
 would kill the build minutes later with no message. Precision variants need more than this
 estimate: the demo's int8 build (calibration, GPTQ, the fallback's trials) peaked at 5.44 GB."""
