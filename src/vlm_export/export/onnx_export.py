@@ -188,7 +188,8 @@ def export_stage(stage: Stage, out_dir: Path, opset: int = 18) -> Path:
                      alignment=graph_info.EXTERNAL_DATA_ALIGNMENT, align_threshold=0)
         del program
         model = onnx.load(os.fspath(written), load_external_data=False)
-        _finish(model, stage)
+        compute_bf16_in_fp32(model)  # bfloat16 arithmetic the model asks for, in a form ONNX Runtime's CPU runs
+        _rename_dims(model, stage)
         if large:
             onnx.save_model(model, os.fspath(path))  # its tensors already point at the data file
         else:
@@ -201,7 +202,3 @@ def _weight_bytes(model) -> int:
     """Bytes of an ONNX IR model's initializers, without materialising them."""
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
-
-def _finish(model: onnx.ModelProto, stage: Stage) -> None:
-    compute_bf16_in_fp32(model)  # bfloat16 arithmetic the model asks for, in a form ONNX Runtime's CPU runs
-    _rename_dims(model, stage)
