@@ -201,4 +201,3 @@ def export_stage(stage: Stage, out_dir: Path, opset: int = 18) -> Path:
 def _weight_bytes(model) -> int:
     """Bytes of an ONNX IR model's initializers, without materialising them."""
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-
