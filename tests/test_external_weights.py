@@ -12,7 +12,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import numpy_helper
 
 from vlm_export.errors import ExportError
 from vlm_export.export import graph_info
@@ -52,6 +51,19 @@ def _run(path: Path, feeds=None):
     return session.run(None, feeds), feeds
 
 
+def _assert_same_tensors(got: Path, want: Path) -> None:
+    """The graphs at ``got`` and ``want`` hold the same initializers, value for value, wherever each
+    keeps its bytes (in the graph or in its data file)."""
+    def tensors(path: Path) -> dict[str, np.ndarray]:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+        return {t.name: read_tensor(t, path.parent) for t in model.graph.initializer}
+
+    a, b = tensors(got), tensors(want)
+    assert set(a) == set(b)
+    for name, value in b.items():
+        np.testing.assert_array_equal(a[name], value, err_msg=name)
+
+
 @pytest.fixture(scope="module")
 def decoder(tiny_build) -> Path:
     build = tiny_build("llava-llama").path
@@ -68,7 +80,6 @@ def test_a_decoder_with_external_weights_fuses_to_the_in_memory_result(decoder, 
     assert fuse_decoder(external, streamed).fusions == one_file.fusions
     monkeypatch.undo()
     assert fuse_decoder(decoder, in_memory).fusions == one_file.fusions
-    one = {t.name: numpy_helper.to_array(t) for t in onnx.load(os.fspath(tmp_path / "c" / "fused.onnx")).graph.initializer}
     # the streamed one keeps its weights outside the graph, in its own file, nothing left behind
     assert sorted(p.name for p in streamed.parent.iterdir()) == ["fused.onnx", "fused.onnx.data"]
     model = onnx.load(os.fspath(streamed), load_external_data=False)
@@ -77,12 +88,8 @@ def test_a_decoder_with_external_weights_fuses_to_the_in_memory_result(decoder, 
     offsets = [int(e.value) for t in big for e in t.external_data if e.key == "offset"]
     assert all(o % EXTERNAL_DATA_ALIGNMENT == 0 for o in offsets)  # ONNX Runtime can map each tensor
     # every weight equals the in-memory fused graph's, and so do the answers
-    reference = {t.name: numpy_helper.to_array(t) for t in onnx.load(os.fspath(in_memory)).graph.initializer}
-    assert {t.name for t in model.graph.initializer} == set(reference) == set(one)
-    for name, value in one.items():
-        np.testing.assert_array_equal(value, reference[name], err_msg=name)
-    for t in model.graph.initializer:
-        np.testing.assert_array_equal(read_tensor(t, streamed.parent), reference[t.name], err_msg=t.name)
+    _assert_same_tensors(tmp_path / "c" / "fused.onnx", in_memory)
+    _assert_same_tensors(streamed, in_memory)
     want, feeds = _run(in_memory)
     got, _ = _run(streamed, feeds)
     for a, b in zip(want, got):
@@ -103,8 +110,6 @@ def test_weight_only_reads_an_external_decoder_one_weight_at_a_time(decoder, tmp
     feeds = [_step_feeds(session, past=p, new=n) for p, n in ((0, 6), (3, 4))]
     options = PrecisionOptions(weight_rounding=rounding)
     in_memory = to_weight_only(decoder, tmp_path / "a" / "w4.onnx", 4, options, feeds)
-    reference = {t.name: numpy_helper.to_array(t)
-                 for t in onnx.load(os.fspath(tmp_path / "a" / "w4.onnx")).graph.initializer}
 
     def whole(*args, **kwargs):
         raise AssertionError("the decoder's external data was loaded whole")
@@ -114,10 +119,7 @@ def test_weight_only_reads_an_external_decoder_one_weight_at_a_time(decoder, tmp
     monkeypatch.undo()
     assert streamed.details == in_memory.details and streamed.details["rounding"]["method"] == rounding
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["w4.onnx"]  # it fits in one file
-    model = onnx.load(os.fspath(tmp_path / "b" / "w4.onnx"), load_external_data=False)
-    assert {t.name for t in model.graph.initializer} == set(reference)
-    for t in model.graph.initializer:
-        np.testing.assert_array_equal(read_tensor(t, tmp_path / "b"), reference[t.name], err_msg=t.name)
+    _assert_same_tensors(tmp_path / "b" / "w4.onnx", tmp_path / "a" / "w4.onnx")
     want, _ = _run(tmp_path / "a" / "w4.onnx", feeds[0])
     got, _ = _run(tmp_path / "b" / "w4.onnx", feeds[0])
     for a, b in zip(want, got):
@@ -164,10 +166,7 @@ def test_a_stage_past_the_threshold_is_exported_without_copying_its_weights(tmp_
     assert len(external) == 2  # the two 64 x 64 weights; the biases (256 bytes) stay in the graph
     assert all(int(e.value) % EXTERNAL_DATA_ALIGNMENT == 0 for t in external for e in t.external_data
                if e.key == "offset")
-    reference = {t.name: numpy_helper.to_array(t) for t in onnx.load(os.fspath(one_file)).graph.initializer}
-    assert {t.name for t in model.graph.initializer} == set(reference)
-    for t in model.graph.initializer:
-        np.testing.assert_array_equal(read_tensor(t, streamed.parent), reference[t.name], err_msg=t.name)
+    _assert_same_tensors(streamed, one_file)
     x = {"x": np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32)}
     want, got = _run(one_file, x)[0][0], _run(streamed, x)[0][0]
     np.testing.assert_array_equal(got, want)  # bfloat16 computed in fp32 by both, same dims
