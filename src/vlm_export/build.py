@@ -17,6 +17,7 @@ import functools
 import gc
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,10 +25,11 @@ from pathlib import Path
 from .adapters import adapter_for
 from .adapters.base import read_chat_template, set_chat_template
 from .adapters.lora import merge_lora
-from .adapters.reference import eos_token_ids, load_source, reference_pipeline, split
+from .adapters.reference import eos_token_ids, load_source, reference_pipeline, release_weights, split
 from .atomic import atomic_folder
 from .compare.accuracy import AccuracyCheck, accuracy_section, answer_all
-from .compare.parity import ParityResult, Sample, compare_stages, compare_tokens, default_samples
+from .compare.parity import (ArrayStore, ParityResult, Sample, compare_tokens, default_samples, expected_tokens,
+                             record_stages, replay_stages)
 from .compare.policy import DECODER_ENTRIES, AccuracyGate, ParityPolicy
 from .compare.report import record_section, write_report
 from .contract import DecodingScheme, Limits, scheme_from_dict
@@ -274,12 +276,8 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
 
     # parity: the exported graphs (read back from disk) against the split modules and the original
     opener = functools.partial(open_build, tmp, threads=options.threads, check_hashes=False)  # hashed just now
-    result, policy, failures, candidate = _parity(loaded, reference, opener, precisions, options, progress,
-                                                  other_decoder_forms(manifest))
-    accuracy = None
-    if questions:
-        accuracy, accuracy_failures = _task_accuracy(reference, candidate, questions, options.accuracy, progress)
-        failures += accuracy_failures
+    result, policy, failures, accuracy = _parity(loaded, reference, opener, precisions, options, progress, tmp,
+                                                 other_decoder_forms(manifest), questions)
     manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}
     write_report(tmp, manifest, result, policy, failures)
     if accuracy:
@@ -570,44 +568,66 @@ def _describe_graph(path: Path, root: Path, precision: str, export_seconds: floa
 
 
 def _parity(loaded, reference, open_form, precisions: dict[str, str], options: BuildOptions, progress: Progress,
-            other_forms: list[str] = ()):
-    """Stage-by-stage and end-to-end comparison, judged by the policy for the build's precisions;
-    returns (result, policy, failures, the candidate). ``open_form(form=...)`` opens the build with
-    its decoder in a form. The candidate is the build as the onnxruntime target runs it (its entries
-    are ``prefill``, ``decode`` and the image stages; end to end and task accuracy run it). Each of
-    ``other_forms`` (the standard graph TensorRT reads) has its decoder entries recorded as
-    ``prefill (standard form)``, ``decode (standard form)`` and judged by the same tolerances.
+            work_dir: Path, other_forms: list[str] = (), questions=None):
+    """Stage-by-stage and end-to-end comparison (and, given ``questions``, task accuracy), judged by the
+    policy for the build's precisions; returns (result, policy, failures, the task-accuracy section or
+    None). ``open_form(form=...)`` opens the build with its decoder in a form. The candidate is the build
+    as the onnxruntime target runs it (its entries are ``prefill``, ``decode`` and the image stages; end
+    to end and task accuracy run it). Each of ``other_forms`` (the standard graph TensorRT reads) has its
+    decoder entries recorded as ``prefill (standard form)``, ``decode (standard form)`` and judged by the
+    same tolerances.
 
-    One decoder form is open at a time, the other forms first: each session holds about the
-    decoder's weights (ONNX Runtime's packed copies), so two at once were the build's peak memory
-    (8.15 GB for a 567M-parameter LLaVA's 2.27 GB of fp32 weights, measured; 5.75 GB this way)."""
+    The PyTorch side runs first (its per-stage outputs wait in a scratch folder in ``work_dir``), then its
+    weights are freed (``release_weights``: ``loaded`` cannot run afterwards), then one decoder form is
+    open at a time: the model and a session, or two sessions, each about the decoder's weights, never
+    hold memory together (a 567M-parameter LLaVA's fp32 build peaked here at 5.79 GB before, the two at
+    once; 8.15 GB when both forms were open together)."""
     samples = options.samples or default_samples(reference.limits.max_images)
-    extras = {}
-    for form in other_forms:
-        pipe, extra = open_form(form=form), ParityResult()
-        with progress.step(f"parity of the decoder's {form} form (PyTorch vs ONNX Runtime)",
-                           total=len(samples)) as advance:
-            compare_stages(reference, pipe, samples, extra, advance)
-        extras[form] = extra
-        del pipe
-        gc.collect()  # its sessions' memory back before the next form opens
-    candidate, result = open_form(form="onnxruntime"), ParityResult()
-    with progress.step("parity per stage (PyTorch vs ONNX Runtime)", total=len(samples)) as advance:
-        compare_stages(reference, candidate, samples, result, advance)
-    for form, extra in extras.items():
-        for entry in DECODER_ENTRIES:  # its image stages are the candidate's: measured there
-            result.stages[form_entry_name(entry, form)] = extra.stages[entry]
-    with progress.step(f"parity end to end ({options.parity_new_tokens} greedy tokens vs HF generate)",
-                       total=len(samples)) as advance:
-        compare_tokens(_hf_reference(loaded, candidate.eos_token_ids),
-                       {"torch_split": reference, "onnxruntime": candidate}, samples,
-                       options.parity_new_tokens, result, advance, batched=("onnxruntime",))
     policy = ParityPolicy.for_precisions(precisions, reference.scheme.decoder_stage).with_overrides(
         {**loaded.adapter.tolerances(), **options.tolerance_overrides})
     # every form of the decoder is held to its entries' tolerances (overrides included)
     policy = replace(policy, tolerances={**policy.tolerances, **{
         form_entry_name(entry, form): policy.tolerance(entry) for form in other_forms for entry in DECODER_ENTRIES}})
-    return result, policy, policy.judge(result.stages, result.tokens), candidate
+    result = ParityResult()
+    with tempfile.TemporaryDirectory(prefix=".parity-reference-", dir=work_dir) as folder:
+        with progress.step("PyTorch reference: every stage's outputs", total=len(samples)) as advance:
+            calls = record_stages(reference, samples, ArrayStore(Path(folder)), advance)
+        with progress.step(f"PyTorch reference: {options.parity_new_tokens} greedy tokens (HF generate and the "
+                           "split modules)", total=2 * len(samples)) as advance:
+            cases = expected_tokens(_hf_reference(loaded), reference, samples, options.parity_new_tokens, advance)
+            compare_tokens(cases, {"torch_split": reference}, options.parity_new_tokens, result, advance)
+        reference_answers = []  # decoded together, as served (tests/test_demo_build.py), as the candidate's
+        if questions:
+            reference_answers = answer_all({"torch": reference}, *questions, progress, batch=reference.limits.max_batch)
+        release_weights(loaded, reference)
+        extras = {}
+        for form in other_forms:
+            pipe, extras[form] = open_form(form=form), ParityResult()
+            with progress.step(f"parity of the decoder's {form} form (PyTorch vs ONNX Runtime)",
+                               total=len(calls)) as advance:
+                replay_stages(calls, pipe, extras[form], advance)
+            del pipe
+            gc.collect()  # its sessions' memory back before the next form opens
+        candidate = open_form(form="onnxruntime")
+        with progress.step("parity per stage (PyTorch vs ONNX Runtime)", total=len(calls)) as advance:
+            replay_stages(calls, candidate, result, advance)
+    for form, extra in extras.items():
+        for entry in DECODER_ENTRIES:  # its image stages are the candidate's: measured there
+            result.stages[form_entry_name(entry, form)] = extra.stages[entry]
+    with progress.step(f"parity end to end ({options.parity_new_tokens} greedy tokens vs HF generate)",
+                       total=len(samples)) as advance:
+        compare_tokens(cases, {"onnxruntime": candidate}, options.parity_new_tokens, result, advance,
+                       batched=("onnxruntime",))
+    failures = policy.judge(result.stages, result.tokens)
+    accuracy = None
+    if questions:
+        name, items = questions
+        answers = reference_answers + answer_all({"onnxruntime": candidate}, name, items, progress,
+                                                 batch=candidate.limits.max_batch)
+        accuracy, accuracy_failures = accuracy_section(name, items, answers,
+                                                       AccuracyGate(options.accuracy.max_drop_points))
+        failures += accuracy_failures
+    return result, policy, failures, accuracy
 
 
 def form_entry_name(entry: str, form: str) -> str:
@@ -615,20 +635,11 @@ def form_entry_name(entry: str, form: str) -> str:
     return f"{entry} ({form} form)"
 
 
-def _task_accuracy(reference, candidate, questions, check: AccuracyCheck, progress: Progress) -> tuple[dict, list[str]]:
-    """The fp32 PyTorch reference and the build answer the same questions; the gate judges the drop.
-    Both decode the build's ``max_batch`` questions together, as it will be served: the same answers
-    for the onnxruntime target (tests/test_demo_build.py checks batched = one at a time there), and
-    the PyTorch reference 3.5x cheaper than one at a time (demo, 60 questions: 97 against 335 CPU-s)."""
-    name, items = questions
-    results = answer_all({"torch": reference, "onnxruntime": candidate}, name, items, progress,
-                         batch=candidate.limits.max_batch)
-    return accuracy_section(name, items, results, AccuracyGate(check.max_drop_points))
-
-
-def _hf_reference(loaded, eos_ids: list[int]):
+def _hf_reference(loaded):
     """The original model's own greedy generate, trailing EOS dropped (our loop does not emit it)."""
     import torch
+
+    eos_ids = eos_token_ids(loaded)
 
     def run(prompt: str, ids: list[int], pixel_values, max_new_tokens: int) -> list[int]:
         if isinstance(pixel_values, dict):  # several preprocessed inputs by name (runtime.pipeline.Pixels)
@@ -663,7 +674,7 @@ def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progr
     # every form of the decoder is checked again: the one the onnxruntime target runs, and the standard one
     opener = functools.partial(open_build, build_dir, threads=options.threads, check_hashes=False)
     result, policy, failures, _ = _parity(loaded, reference_pipeline(loaded, limits), opener, precisions, options,
-                                          progress, other_decoder_forms(manifest))
+                                          progress, build_dir, other_decoder_forms(manifest))
     # graphs edited or corrupted since the build are failures too, whatever their parity says
     failures += [f"{name} changed since the build (sha256 mismatch)" for name in verify_hashes(build_dir, manifest)]
     manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}

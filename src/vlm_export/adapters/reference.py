@@ -58,6 +58,17 @@ def reference_pipeline(loaded: LoadedModel, limits: Limits, stages: list[Stage] 
                        ImageTextEncoder(text, loaded.image_text_tokenizer) if text else None)
 
 
+def release_weights(loaded: LoadedModel, reference: VLMPipeline) -> None:
+    """Free the PyTorch model's memory once its side of a comparison is recorded: every parameter and
+    buffer of the loaded model and of the reference's split modules moves to the meta device (in place,
+    so whatever still holds a module holds no weights; a later call fails loudly instead of running)."""
+    import gc
+
+    for module in (loaded.model, *(r.module for r in reference.runners.values() if isinstance(r, TorchRunner))):
+        module.to("meta")
+    gc.collect()
+
+
 def load_source(source: dict) -> LoadedModel:
     """A build's source model as the build saw it: loaded by its adapter, its PEFT adapter merged."""
     from .lora import merge_lora

@@ -4,13 +4,18 @@ Each stage is fed the REFERENCE's inputs (not the candidate's own upstream outpu
 error is attributed to the stage that made it. End to end, the candidate's greedy tokens are
 compared with the original model's own Hugging Face ``generate`` - which also proves the split
 itself faithful, not only the export of our split modules.
+
+The reference's side runs first and is recorded (``record_stages``: every call's feeds and outputs,
+in files; ``expected_tokens``), then the candidate repeats it (``replay_stages``, ``compare_tokens``):
+a build frees PyTorch's weights in between, so the model and the candidate's sessions never hold
+memory at once.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -59,29 +64,77 @@ class ParityResult:
         outputs[name] = outputs[name].merge(m) if name in outputs else m
 
 
-def compare_stages(ref: VLMPipeline, cand: VLMPipeline, samples: Sequence[Sample],
-                   result: ParityResult, progress: Callable[[], None] = lambda: None) -> None:
-    """Every image stage and any encoder stage (under its own name) and the decoder's prefill and one
-    decode step."""
-    scheme = ref.scheme
+class ArrayStore:
+    """The reference's arrays on disk while PyTorch's weights are freed and the candidate runs (so the
+    two never hold memory together): one ``.npy`` per array, read back memory-mapped. An array met
+    again within a sample (the prefill's caches fed back as the decode step's past) is written once."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._written: dict[int, tuple[np.ndarray, Path]] = {}  # id -> (the array, kept alive; its file)
+        self._count = 0
+
+    def put(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Path]:
+        files = {}
+        for name, array in arrays.items():
+            seen = self._written.get(id(array))
+            if seen is None:
+                path = self.folder / f"{self._count}.npy"
+                self._count += 1
+                np.save(path, np.asarray(array), allow_pickle=False)
+                seen = self._written[id(array)] = (array, path)
+            files[name] = seen[1]
+        return files
+
+    def forget(self) -> None:
+        """Drop what identifies the arrays written so far (the end of a sample: they may be freed now)."""
+        self._written.clear()
+
+    @staticmethod
+    def get(files: Mapping[str, Path]) -> dict[str, np.ndarray]:
+        return {name: np.load(path, mmap_mode="r", allow_pickle=False) for name, path in files.items()}
+
+
+@dataclass(frozen=True)
+class RecordedCall:
+    """One call of the reference during parity, for the candidate to repeat: the result entry it fills,
+    the runner (None: the decoder, through ``decode``), the files of its feeds and outputs, and any
+    output recorded under another name than the candidate gives it (``logits_batch2`` <- ``logits``)."""
+
+    entry: str
+    runner: str | None
+    feeds: dict[str, Path]
+    outputs: dict[str, Path]
+    renamed: tuple[tuple[str, str], ...] = ()
+
+
+def record_stages(ref: VLMPipeline, samples: Sequence[Sample], store: ArrayStore,
+                  progress: Callable[[], None] = lambda: None) -> list[RecordedCall]:
+    """The reference's side of the per-stage comparison: every image stage, any encoder stage (under its
+    own name), the decoder's prefill and one decode step; the feeds are the reference's own, so the
+    candidate (``replay_stages``) gets the same inputs at every stage."""
+    scheme, calls = ref.scheme, []
+
+    def record(entry, feeds, outputs, runner=None, renamed=()):
+        calls.append(RecordedCall(entry, runner, store.put(feeds), store.put(outputs), renamed))
 
     def observe(spec, feeds, outputs):
-        _add_outputs(result, spec.name, outputs, cand.runners[spec.name].infer(feeds))
+        record(spec.name, feeds, outputs, runner=spec.name)
 
     for sample in samples:
         image_input = scheme.empty_image_input()
         if sample.images:
             image_input = ref.encode_images(ref.pixel_values(sample.images), observe, sample.prompt)
         ids = ref.prompt_ids(sample.prompt, len(sample.images))
-        # prefill from an empty state, the same inputs to both (an encoder stage, where the scheme
-        # has one, is compared on the reference's feeds like an image stage)
+        # prefill from an empty state (an encoder stage, where the scheme has one, is recorded like an
+        # image stage), then one decode step on the reference's state
         feeds = ref.prefill_inputs([ids], image_input, observe)
         ref_out = ref.decode(feeds)
-        _add_outputs(result, "prefill", ref_out, cand.decode(feeds))
-        # one decode step on the reference's state
+        record("prefill", feeds, ref_out)
         state = scheme.prefill_state(ref_out, [len(ids)], feeds)
         step = scheme.step_feeds(state, np.argmax(scheme.next_logits(ref_out), axis=-1))
-        _add_outputs(result, "decode", ref.decode(step), cand.decode(step))
+        record("decode", step, ref.decode(step))
+        store.forget()
         progress()
     # the graphs' dynamic batch: the same prompt twice in one prefill call
     sample = samples[0]
@@ -90,7 +143,21 @@ def compare_stages(ref: VLMPipeline, cand: VLMPipeline, samples: Sequence[Sample
     both = ref.encode_images(None if pixel_values is None else concat_pixels([pixel_values] * 2),
                              prompt=sample.prompt)
     feeds = ref.prefill_inputs([ids, ids], both)
-    result.add("prefill", "logits_batch2", ref.decode(feeds)["logits"], cand.decode(feeds)["logits"])
+    record("prefill", feeds, {"logits_batch2": ref.decode(feeds)["logits"]}, renamed=(("logits_batch2", "logits"),))
+    store.forget()
+    return calls
+
+
+def replay_stages(calls: Sequence[RecordedCall], cand: VLMPipeline, result: ParityResult,
+                  progress: Callable[[], None] = lambda: None) -> None:
+    """The candidate makes each recorded call on the reference's feeds; its outputs against the reference's."""
+    for call in calls:
+        feeds = ArrayStore.get(call.feeds)
+        out = (cand.decode if call.runner is None else cand.runners[call.runner].infer)(feeds)
+        names = dict(call.renamed)
+        _add_outputs(result, call.entry, ArrayStore.get(call.outputs),
+                     {name: out[names.get(name, name)] for name in call.outputs})
+        progress()
 
 
 def _add_outputs(result: ParityResult, stage: str, ref: dict, out: dict) -> None:
@@ -106,34 +173,54 @@ def _add_outputs(result: ParityResult, stage: str, ref: dict, out: dict) -> None
             result.add(stage, entry, np.stack([ref[n] for n in names]), np.stack([out[n] for n in names]))
 
 
-def compare_tokens(reference_tokens: Callable[[str, list[int], np.ndarray | None, int], list[int]],
-                   pipelines: dict[str, VLMPipeline], samples: Sequence[Sample], max_new_tokens: int,
+@dataclass(frozen=True)
+class TokenCase:
+    """One sample's prompt as the reference tokenized and preprocessed it, and the original model's
+    greedy tokens for it."""
+
+    prompt: str
+    ids: list[int]
+    pixel_values: object  # runtime.pipeline.Pixels, or None without images
+    expected: list[int]
+
+
+def expected_tokens(original: Callable[[str, list[int], np.ndarray | None, int], list[int]], ref: VLMPipeline,
+                    samples: Sequence[Sample], max_new_tokens: int,
+                    progress: Callable[[], None] = lambda: None) -> list[TokenCase]:
+    """``original(prompt, ids, pixel_values, n)``'s greedy tokens (the original model's own generate)
+    for each sample, on ``ref``'s token ids and pixels."""
+    cases = []
+    for sample in samples:
+        pixel_values = ref.pixel_values(sample.images) if sample.images else None
+        ids = ref.prompt_ids(sample.prompt, len(sample.images))
+        cases.append(TokenCase(sample.prompt, ids, pixel_values, original(sample.prompt, ids, pixel_values,
+                                                                           max_new_tokens)))
+        progress()
+    return cases
+
+
+def compare_tokens(cases: Sequence[TokenCase], pipelines: dict[str, VLMPipeline], max_new_tokens: int,
                    result: ParityResult, progress: Callable[[], None] = lambda: None,
                    batched: Sequence[str] = ()) -> None:
-    """Greedy tokens of each pipeline vs ``reference_tokens(prompt, ids, pixel_values, n)`` (the original
-    model). ``batched``: pipelines also run on every sample at once, as the scheduler batches requests
-    (rows of different lengths, joining and leaving; ``<name> batched``): a batch must not change an
-    answer, and only a batch shows whether it does."""
+    """Greedy tokens of each pipeline vs the cases' expected ones. ``batched``: pipelines also run on
+    every case at once, as the scheduler batches requests (rows of different lengths, joining and
+    leaving; ``<name> batched``): a batch must not change an answer, and only a batch shows whether it does."""
     config = GenerationConfig(max_new_tokens=max_new_tokens)
-    first = next(iter(pipelines.values()))
     prepared = {name: [] for name in batched}
-    for sample in samples:
-        pixel_values = first.pixel_values(sample.images) if sample.images else None
-        ids = first.prompt_ids(sample.prompt, len(sample.images))
-        expected = reference_tokens(sample.prompt, ids, pixel_values, max_new_tokens)
+    for case in cases:
         for name, pipe in pipelines.items():
-            image = pipe.encode_images(pixel_values, prompt=sample.prompt)
-            got = generate_ids(pipe, ids, image, config)
-            result.tokens.setdefault(name, []).append(TokenMetrics(sample.prompt, expected, got))
+            image = pipe.encode_images(case.pixel_values, prompt=case.prompt)
+            got = generate_ids(pipe, case.ids, image, config)
+            result.tokens.setdefault(name, []).append(TokenMetrics(case.prompt, case.expected, got))
             if name in prepared:
-                prepared[name].append((sample.prompt, expected, ids, image))
+                prepared[name].append((case, image))
         progress()
     for name, rows in prepared.items():
         scheduler = Scheduler(pipelines[name])  # up to the build's max_batch rows at once
-        submitted = [scheduler.submit(ids, image, config) for _, _, ids, image in rows]
+        submitted = [scheduler.submit(case.ids, image, config) for case, image in rows]
         got = {row: event.token_ids for row, event in scheduler.run_raising() if isinstance(event, GenerationResult)}
-        result.tokens[f"{name} batched"] = [TokenMetrics(prompt, expected, got[row])
-                                            for (prompt, expected, _, _), row in zip(rows, submitted)]
+        result.tokens[f"{name} batched"] = [TokenMetrics(case.prompt, case.expected, got[row])
+                                            for (case, _), row in zip(rows, submitted)]
 
 
 def samples_from_items(items: Sequence) -> list[Sample]:
