@@ -186,6 +186,51 @@ def test_verify_reruns_parity(tiny_build):
     assert result.failures == []
 
 
+def test_parity_runs_onnx_runtime_only_after_the_pytorch_weights_are_freed(tiny_build, monkeypatch):
+    """The reference side is recorded first, then the model's weights go (so the model and a session of
+    the decoder never hold memory together); every form still gets the reference's numbers."""
+    import vlm_export.build as build_module
+    from vlm_export.build import BuildOptions, verify
+
+    released, opened = [], []
+
+    def release(loaded, reference):
+        release_weights(loaded, reference)
+        released.append(loaded)
+
+    def open_after_release(*args, **kwargs):
+        opened.append(kwargs.get("form"))
+        assert released, "an ONNX Runtime form opened while the PyTorch model still held its weights"
+        return open_build(*args, **kwargs)
+
+    path = tiny_build("llava-llama").path  # built before the patches (its build goes the same way)
+    release_weights = build_module.release_weights
+    monkeypatch.setattr(build_module, "release_weights", release)
+    monkeypatch.setattr(build_module, "open_build", open_after_release)
+    result = verify(path, BuildOptions(parity_new_tokens=8))
+    assert result.failures == []
+    assert opened == ["standard", "onnxruntime"]
+    assert all(p.device.type == "meta" for p in released[0].model.parameters())
+    report = json.loads((path / "report.json").read_text())
+    assert {"prefill", "decode", "prefill (standard form)", "decode (standard form)"} <= set(report["stages"])
+    assert not list(path.glob(".parity-reference-*"))  # the recorded arrays are gone
+
+
+def test_the_references_arrays_wait_on_disk_each_written_once(tmp_path):
+    from vlm_export.compare.parity import ArrayStore
+
+    store = ArrayStore(tmp_path)
+    present = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    empty = np.zeros((1, 3, 0, 4), np.float32)  # a prefill's past: no positions yet
+    prefill = store.put({"past": empty, "present": present})
+    step = store.put({"past": present})  # the prefill's present fed back as the step's past
+    assert step["past"] == prefill["present"] and len(list(tmp_path.glob("*.npy"))) == 2
+    store.forget()  # the next sample: the same object may now be a new array, written anew
+    assert store.put({"again": present})["again"] != prefill["present"]
+    back = ArrayStore.get(prefill)
+    assert back["past"].shape == (1, 3, 0, 4) and np.array_equal(back["present"], present)
+
+
 def test_verify_flags_graphs_changed_since_the_build(tiny_build, tmp_path):
     import shutil
 
