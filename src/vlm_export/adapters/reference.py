@@ -60,12 +60,19 @@ def reference_pipeline(loaded: LoadedModel, limits: Limits, stages: list[Stage] 
 
 def release_weights(loaded: LoadedModel, reference: VLMPipeline) -> None:
     """Free the PyTorch model's memory once its side of a comparison is recorded: every parameter and
-    buffer of the loaded model and of the reference's split modules moves to the meta device (in place,
-    so whatever still holds a module holds no weights; a later call fails loudly instead of running)."""
+    buffer of the loaded model and of the reference's split modules gets an empty tensor as its data, in
+    place, so whatever still holds one holds no memory (onnxscript's rewriter keeps the last graph it
+    matched, module-global, and with it the last exported module's weights; the weights of a checkpoint
+    read memory-mapped stay mapped while any one of them lives). A later call fails loudly."""
     import gc
 
-    for module in (loaded.model, *(r.module for r in reference.runners.values() if isinstance(r, TorchRunner))):
-        module.to("meta")
+    import torch
+
+    modules = (loaded.model, *(r.module for r in reference.runners.values() if isinstance(r, TorchRunner)))
+    with torch.no_grad():
+        for module in modules:
+            for tensor in (*module.parameters(), *module.buffers()):
+                tensor.data = torch.empty(0, dtype=tensor.dtype)
     gc.collect()
 
 

@@ -63,17 +63,31 @@ def _optimize(model) -> None:
     from onnxscript import optimizer, rewriter
 
     folding = optimizer._constant_folding  # the pass class itself is not re-exported
+    rules = _cleanup_rules()
     ir.passes.Sequential(
         common.InlinePass(),
         ir.passes.PassManager([folding.FoldConstantsPass(
             shape_inference=True, input_size_limit=folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
             output_size_limit=folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT),
-            rewriter.RewritePass(_cleanup_rules()), common.RemoveUnusedNodesPass()], steps=2, early_stop=True),
+            rewriter.RewritePass(rules), common.RemoveUnusedNodesPass()], steps=2, early_stop=True),
         common.RemoveUnusedNodesPass(),
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         common.DeduplicateInitializersPass(),
         common.CommonSubexpressionEliminationPass(),
     )(model)
+    _forget_matched_graph(rules)
+
+
+def _forget_matched_graph(rules) -> None:
+    """onnxscript's rules are module globals, and each one's matcher keeps the last graph it matched
+    (``_graph``, ``_match``): through it, every weight of the last exported module, so PyTorch's weights
+    would outlive the model (a checkpoint read memory-mapped stays mapped while any one of them lives).
+    Cleared (tests/test_export_core.py checks the weights go)."""
+    for rule in rules:
+        state = vars(getattr(rule, "_matcher", None) or rule)
+        for name in ("_graph", "_match", "_current_node", "_tracer"):
+            if name in state:
+                state[name] = None  # a match sets each again before reading it
 
 
 def _rename_dims(model: onnx.ModelProto, stage: Stage) -> None:
