@@ -100,7 +100,7 @@ def test_each_build_step_gets_its_own_time_and_peak_memory():
     assert summary["seconds"] == costs["outer"].seconds  # inner steps are not counted twice
 
 
-@pytest.mark.parametrize("available_share, refused", [(0.5, True), (2.0, False)])
+@pytest.mark.parametrize("available_share, refused", [(0.5, True), (1.2, False)])
 def test_a_model_the_machine_cannot_hold_is_refused_before_loading(tiny_model_dir, tmp_path, run_cli, monkeypatch,
                                                                    available_share, refused):
     """A machine with less memory than the fp32 weights: one line before anything is loaded or written

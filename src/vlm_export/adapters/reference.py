@@ -61,9 +61,8 @@ def reference_pipeline(loaded: LoadedModel, limits: Limits, stages: list[Stage] 
 def release_weights(loaded: LoadedModel, reference: VLMPipeline) -> None:
     """Free the PyTorch model's memory once its side of a comparison is recorded: every parameter and
     buffer of the loaded model and of the reference's split modules gets an empty tensor as its data, in
-    place, so whatever still holds one holds no memory (onnxscript's rewriter keeps the last graph it
-    matched, module-global, and with it the last exported module's weights; the weights of a checkpoint
-    read memory-mapped stay mapped while any one of them lives). A later call fails loudly."""
+    place, so whatever still holds one holds no memory (a checkpoint read memory-mapped stays mapped
+    while any one of its tensors lives; export/onnx_export.py keeps none). A later call fails loudly."""
     import gc
 
     import torch
