@@ -202,6 +202,7 @@ def test_failing_gate_is_reported_not_shipped(tiny_model_dir, tmp_path):
     with pytest.raises(ParityError, match="prefill/logits: cosine"):
         build(tiny_model_dir("prefix-llama"), tmp_path / "w4", options)
     assert not (tmp_path / "w4").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w4.failed"]  # parity's scratch arrays are gone too
 
 
 def test_calibration_folder(tmp_path):

@@ -163,8 +163,10 @@ def build(model_path: Path, out: Path, options: BuildOptions | None = None,
     template = read_chat_template(options.chat_template) if options.chat_template else None
     steps = MeasuredProgress(progress)
     memory = check_memory(model_path, steps)
-    with atomic_folder(out, options.force, BuildError, "build folder", is_build_folder) as tmp:
-        _build_into(tmp, out, model_path, adapter, options, questions, template, steps, memory)
+    # parity's recorded reference waits beside the build (a failed build's folder is moved whole)
+    with (atomic_folder(out, options.force, BuildError, "build folder", is_build_folder) as tmp,
+          tempfile.TemporaryDirectory(prefix=f".{out.name}.parity-reference-", dir=out.parent) as scratch):
+        _build_into(tmp, Path(scratch), out, model_path, adapter, options, questions, template, steps, memory)
     # an earlier failed attempt's <out>.failed describes a build that is not the one at <out> now
     shutil.rmtree(out.with_name(out.name + ".failed"), ignore_errors=True)
     return BuildResult(out, read_manifest(out), [])
@@ -189,8 +191,9 @@ def check_memory(model_path: Path, progress: Progress) -> dict:
     return checked
 
 
-def _build_into(tmp, out, model_path, adapter, options, questions, template, progress: MeasuredProgress,
+def _build_into(tmp, scratch: Path, out, model_path, adapter, options, questions, template, progress: MeasuredProgress,
                 memory: dict) -> None:
+    """The build, written into ``tmp``; ``scratch``: where parity's reference waits for the graphs."""
     with progress.step(f"loading {model_path} ({adapter.name} adapter)") as advance:
         loaded = adapter.load(model_path)
         advance()
@@ -239,12 +242,20 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
     _fuse_decoder_stage(tmp, graphs, scheme.decoder_stage, precisions[scheme.decoder_stage], limits, options, progress,
                         scheme.geometry.layer_windows())
 
-    reference = reference_pipeline(loaded, limits, stages)
     # the merged adapter is an input too (calibration caches are keyed by these)
     source_sha256 = {**_source_hashes(model_path), **{f"lora/{k}": v for k, v in (lora.sha256 if lora else {}).items()}}
-    if any(p != "fp32" for p in precisions.values()):
-        _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, progress,
-                        adapter.fp32_modules(loaded))
+    converting = any(p != "fp32" for p in precisions.values())
+    fp32_modules = adapter.fp32_modules(loaded)
+    # Everything that needs PyTorch runs now, then the model is freed: the precision passes and parity's
+    # ONNX Runtime sessions never share memory with it (the peak is the larger of the two, not the sum).
+    reference = reference_pipeline(loaded, limits, stages)
+    calibration = _calibration(tmp, graphs, precisions, options, reference, source_sha256, progress) if converting else None
+    recorded = _record_reference(loaded, reference, options, progress, scratch, questions)
+    release_weights(loaded, reference)
+    del reference, stages
+    if converting:
+        _convert_stages(tmp, graphs, precisions, options, calibration, progress, fp32_modules)
+        del calibration
 
     loaded.tokenizer.save_pretrained(tmp / "tokenizer")
     loaded.image_processor.save_pretrained(tmp / "tokenizer")
@@ -276,8 +287,8 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
 
     # parity: the exported graphs (read back from disk) against the split modules and the original
     opener = functools.partial(open_build, tmp, threads=options.threads, check_hashes=False)  # hashed just now
-    result, policy, failures, accuracy = _parity(loaded, reference, opener, precisions, options, progress, tmp,
-                                                 other_decoder_forms(manifest), questions)
+    result, policy, failures, accuracy = _judge(recorded, adapter, opener, precisions, options, progress,
+                                                other_decoder_forms(manifest), questions)
     manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}
     write_report(tmp, manifest, result, policy, failures)
     if accuracy:
@@ -364,12 +375,18 @@ def _fuse_decoder_stage(tmp: Path, graphs: dict, stage: str, precision: str, lim
                       f"{record['kv_copied_because']}")
 
 
-def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, progress,
-                    fp32_modules: dict[str, tuple[str, ...]] | None = None) -> None:
-    """Replace each fp32 graph whose stage asks for another precision by its variant. A decoder with
-    a fused form gets its ONNX Runtime variants from that form (packed q/k/v and gate/up quantize as
-    one larger MatMul): MatMulNBits (w8/w4) from the fused graph only (no target runs an unfused
-    one), int8 from both (the standard Q/DQ graph is TensorRT's)."""
+@dataclass
+class _Calibration:
+    """What the precision variants read: the calibration caches by stage (``<stage>.fused`` for a fused
+    form) and each stage's inputs on the calibration pairs, computed through PyTorch (empty when every
+    range is cached and nothing is GPTQ-rounded)."""
+
+    caches: dict[str, Path]
+    feeds: dict[str, list]
+
+
+def _calibration(tmp, graphs, precisions, options, reference, source_sha256, progress) -> _Calibration:
+    """The PyTorch side of the precision variants, run before the model is freed."""
     fused = {stage: g["forms"]["fused"] for stage, g in graphs.items() if "fused" in (g.get("forms") or {})}
     int8_stages = [stage for stage, precision in precisions.items() if precision == "int8"]
     # GPTQ measures the layer inputs of each weight-only stage and of an int8 decoder on the same
@@ -399,6 +416,17 @@ def _convert_stages(tmp, graphs, precisions, options, reference, source_sha256, 
         with progress.step(f"calibration inputs ({len(pairs)} image+text pairs through PyTorch)") as advance:
             feeds = stage_feeds(reference, pairs)
             advance()
+    return _Calibration(caches, feeds)
+
+
+def _convert_stages(tmp, graphs, precisions, options, calibration: _Calibration, progress,
+                    fp32_modules: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Replace each fp32 graph whose stage asks for another precision by its variant. A decoder with
+    a fused form gets its ONNX Runtime variants from that form (packed q/k/v and gate/up quantize as
+    one larger MatMul): MatMulNBits (w8/w4) from the fused graph only (no target runs an unfused
+    one), int8 from both (the standard Q/DQ graph is TensorRT's)."""
+    fused = {stage: g["forms"]["fused"] for stage, g in graphs.items() if "fused" in (g.get("forms") or {})}
+    caches, feeds = calibration.caches, calibration.feeds
     for stage, precision in precisions.items():
         if precision == "fp32":
             continue
@@ -567,67 +595,77 @@ def _describe_graph(path: Path, root: Path, precision: str, export_seconds: floa
     return entry
 
 
-def _parity(loaded, reference, open_form, precisions: dict[str, str], options: BuildOptions, progress: Progress,
-            work_dir: Path, other_forms: list[str] = (), questions=None):
-    """Stage-by-stage and end-to-end comparison (and, given ``questions``, task accuracy), judged by the
-    policy for the build's precisions; returns (result, policy, failures, the task-accuracy section or
-    None). ``open_form(form=...)`` opens the build with its decoder in a form. The candidate is the build
-    as the onnxruntime target runs it (its entries are ``prefill``, ``decode`` and the image stages; end
-    to end and task accuracy run it). Each of ``other_forms`` (the standard graph TensorRT reads) has its
-    decoder entries recorded as ``prefill (standard form)``, ``decode (standard form)`` and judged by the
-    same tolerances.
+@dataclass
+class _Recorded:
+    """The PyTorch side of parity, recorded before the model is freed (``_record_reference``)."""
 
-    The PyTorch side runs first (its per-stage outputs wait in a scratch folder in ``work_dir``), then its
-    weights are freed (``release_weights``: ``loaded`` cannot run afterwards), then one decoder form is
-    open at a time: the model and a session, or two sessions, each about the decoder's weights, never
-    hold memory together (a 569M-parameter LLaVA's fp32 build: 3.74 GB, against 5.99 GB with the model
-    and a session side by side; 8.15 GB when both forms were open together too).
+    calls: list  # compare.parity.RecordedCall, their arrays in the scratch folder
+    cases: list  # compare.parity.TokenCase: each sample's prompt, ids, pixels and HF generate's tokens
+    result: ParityResult  # the split modules' greedy tokens against HF generate (``torch_split``)
+    answers: list  # the PyTorch reference's task answers (AccuracyResult), when a build checks them
 
-    Task accuracy: both decode the build's ``max_batch`` questions together, as served (the same answers
-    for the onnxruntime target, tests/test_demo_build.py; the PyTorch reference 3.5x cheaper than one
-    at a time: the demo's 60 questions, 97 against 335 CPU-s)."""
+
+def _record_reference(loaded, reference, options: BuildOptions, progress: Progress, folder: Path,
+                      questions=None) -> _Recorded:
+    """Everything parity needs of PyTorch: each stage's feeds and outputs on the samples (written to
+    ``folder``), the original model's and the split modules' greedy tokens, the task answers. After it
+    the model can be freed (``release_weights``): the model and the candidate's ONNX Runtime sessions
+    (each about the decoder's weights) then never hold memory together (a 569M-parameter LLaVA's fp32
+    build: 3.74 GB, against 5.99 GB with the model and a session side by side)."""
     samples = options.samples or default_samples(reference.limits.max_images)
-    policy = ParityPolicy.for_precisions(precisions, reference.scheme.decoder_stage).with_overrides(
-        {**loaded.adapter.tolerances(), **options.tolerance_overrides})
+    result = ParityResult()
+    with progress.step("PyTorch reference: every stage's outputs", total=len(samples)) as advance:
+        calls = record_stages(reference, samples, ArrayStore(folder), advance)
+    with progress.step(f"PyTorch reference: {options.parity_new_tokens} greedy tokens (HF generate and the "
+                       "split modules)", total=2 * len(samples)) as advance:
+        cases = expected_tokens(_hf_reference(loaded), reference, samples, options.parity_new_tokens, advance)
+        compare_tokens(cases, {"torch_split": reference}, options.parity_new_tokens, result, advance)
+    # both sides decode the build's max_batch questions together, as served (the same answers for the
+    # onnxruntime target, tests/test_demo_build.py; PyTorch 3.5x cheaper than one at a time: the demo's
+    # 60 questions, 97 against 335 CPU-s)
+    answers = answer_all({"torch": reference}, *questions, progress, batch=reference.limits.max_batch) if questions else []
+    return _Recorded(calls, cases, result, answers)
+
+
+def _judge(recorded: _Recorded, adapter, open_form, precisions: dict[str, str], options: BuildOptions,
+           progress: Progress, other_forms: list[str] = (), questions=None):
+    """The build against the recorded reference, stage by stage and end to end (and, given
+    ``questions``, task accuracy), judged by the policy for the build's precisions; returns (result,
+    policy, failures, the task-accuracy section or None). ``open_form(form=...)`` opens the build with
+    its decoder in a form. The candidate is the build as the onnxruntime target runs it (its entries
+    are ``prefill``, ``decode`` and the image stages; end to end and task accuracy run it). Each of
+    ``other_forms`` (the standard graph TensorRT reads) has its decoder entries recorded as
+    ``prefill (standard form)``, ``decode (standard form)`` and judged by the same tolerances. One
+    decoder form is open at a time (two at once were 8.15 GB for the 569M LLaVA, one 5.75)."""
+    result = recorded.result
+    for form in other_forms:
+        pipe, extra = open_form(form=form), ParityResult()
+        with progress.step(f"parity of the decoder's {form} form (PyTorch vs ONNX Runtime)",
+                           total=len(recorded.calls)) as advance:
+            replay_stages(recorded.calls, pipe, extra, advance)
+        for entry in DECODER_ENTRIES:  # its image stages are the candidate's: measured there
+            result.stages[form_entry_name(entry, form)] = extra.stages[entry]
+        del pipe
+        gc.collect()  # its sessions' memory back before the next form opens
+    candidate, stages = open_form(form="onnxruntime"), ParityResult()
+    with progress.step("parity per stage (PyTorch vs ONNX Runtime)", total=len(recorded.calls)) as advance:
+        replay_stages(recorded.calls, candidate, stages, advance)
+    result.stages = {**stages.stages, **result.stages}  # the candidate's entries first, as the report lists them
+    with progress.step(f"parity end to end ({options.parity_new_tokens} greedy tokens vs HF generate)",
+                       total=len(recorded.cases)) as advance:
+        compare_tokens(recorded.cases, {"onnxruntime": candidate}, options.parity_new_tokens, result, advance,
+                       batched=("onnxruntime",))
+    policy = ParityPolicy.for_precisions(precisions, candidate.scheme.decoder_stage).with_overrides(
+        {**adapter.tolerances(), **options.tolerance_overrides})
     # every form of the decoder is held to its entries' tolerances (overrides included)
     policy = replace(policy, tolerances={**policy.tolerances, **{
         form_entry_name(entry, form): policy.tolerance(entry) for form in other_forms for entry in DECODER_ENTRIES}})
-    result = ParityResult()
-    with tempfile.TemporaryDirectory(prefix=".parity-reference-", dir=work_dir) as folder:
-        with progress.step("PyTorch reference: every stage's outputs", total=len(samples)) as advance:
-            calls = record_stages(reference, samples, ArrayStore(Path(folder)), advance)
-        with progress.step(f"PyTorch reference: {options.parity_new_tokens} greedy tokens (HF generate and the "
-                           "split modules)", total=2 * len(samples)) as advance:
-            cases = expected_tokens(_hf_reference(loaded), reference, samples, options.parity_new_tokens, advance)
-            compare_tokens(cases, {"torch_split": reference}, options.parity_new_tokens, result, advance)
-        reference_answers = []
-        if questions:
-            reference_answers = answer_all({"torch": reference}, *questions, progress, batch=reference.limits.max_batch)
-        release_weights(loaded, reference)
-        extras = {}
-        for form in other_forms:
-            pipe, extras[form] = open_form(form=form), ParityResult()
-            with progress.step(f"parity of the decoder's {form} form (PyTorch vs ONNX Runtime)",
-                               total=len(calls)) as advance:
-                replay_stages(calls, pipe, extras[form], advance)
-            del pipe
-            gc.collect()  # its sessions' memory back before the next form opens
-        candidate = open_form(form="onnxruntime")
-        with progress.step("parity per stage (PyTorch vs ONNX Runtime)", total=len(calls)) as advance:
-            replay_stages(calls, candidate, result, advance)
-    for form, extra in extras.items():
-        for entry in DECODER_ENTRIES:  # its image stages are the candidate's: measured there
-            result.stages[form_entry_name(entry, form)] = extra.stages[entry]
-    with progress.step(f"parity end to end ({options.parity_new_tokens} greedy tokens vs HF generate)",
-                       total=len(samples)) as advance:
-        compare_tokens(cases, {"onnxruntime": candidate}, options.parity_new_tokens, result, advance,
-                       batched=("onnxruntime",))
     failures = policy.judge(result.stages, result.tokens)
     accuracy = None
     if questions:
         name, items = questions
-        answers = reference_answers + answer_all({"onnxruntime": candidate}, name, items, progress,
-                                                 batch=candidate.limits.max_batch)
+        answers = recorded.answers + answer_all({"onnxruntime": candidate}, name, items, progress,
+                                                batch=candidate.limits.max_batch)
         accuracy, accuracy_failures = accuracy_section(name, items, answers,
                                                        AccuracyGate(options.accuracy.max_drop_points))
         failures += accuracy_failures
@@ -677,8 +715,13 @@ def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progr
     precisions = {stage: g["precision"] for stage, g in manifest["graphs"].items()}
     # every form of the decoder is checked again: the one the onnxruntime target runs, and the standard one
     opener = functools.partial(open_build, build_dir, threads=options.threads, check_hashes=False)
-    result, policy, failures, _ = _parity(loaded, reference_pipeline(loaded, limits), opener, precisions, options,
-                                          progress, build_dir, other_decoder_forms(manifest))
+    reference = reference_pipeline(loaded, limits)
+    with tempfile.TemporaryDirectory(prefix=".parity-reference-", dir=build_dir) as scratch:
+        recorded = _record_reference(loaded, reference, options, progress, Path(scratch))
+        release_weights(loaded, reference)
+        del reference
+        result, policy, failures, _ = _judge(recorded, adapter, opener, precisions, options, progress,
+                                             other_decoder_forms(manifest))
     # graphs edited or corrupted since the build are failures too, whatever their parity says
     failures += [f"{name} changed since the build (sha256 mismatch)" for name in verify_hashes(build_dir, manifest)]
     manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}
