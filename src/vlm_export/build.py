@@ -249,7 +249,9 @@ def _build_into(tmp, scratch: Path, out, model_path, adapter, options, questions
     # Everything that needs PyTorch runs now, then the model is freed: the precision passes and parity's
     # ONNX Runtime sessions never share memory with it (the peak is the larger of the two, not the sum).
     reference = reference_pipeline(loaded, limits, stages)
-    calibration = _calibration(tmp, graphs, precisions, options, reference, source_sha256, progress) if converting else None
+    calibration = None
+    if converting:
+        calibration = _calibration(tmp, graphs, precisions, options, reference, source_sha256, progress)
     recorded = _record_reference(loaded, reference, options, progress, scratch, questions)
     release_weights(loaded, reference)
     del reference, stages
@@ -623,7 +625,9 @@ def _record_reference(loaded, reference, options: BuildOptions, progress: Progre
     # both sides decode the build's max_batch questions together, as served (the same answers for the
     # onnxruntime target, tests/test_demo_build.py; PyTorch 3.5x cheaper than one at a time: the demo's
     # 60 questions, 97 against 335 CPU-s)
-    answers = answer_all({"torch": reference}, *questions, progress, batch=reference.limits.max_batch) if questions else []
+    answers = []
+    if questions:
+        answers = answer_all({"torch": reference}, *questions, progress, batch=reference.limits.max_batch)
     return _Recorded(calls, cases, result, answers)
 
 
@@ -636,7 +640,7 @@ def _judge(recorded: _Recorded, adapter, open_form, precisions: dict[str, str], 
     are ``prefill``, ``decode`` and the image stages; end to end and task accuracy run it). Each of
     ``other_forms`` (the standard graph TensorRT reads) has its decoder entries recorded as
     ``prefill (standard form)``, ``decode (standard form)`` and judged by the same tolerances. One
-    decoder form is open at a time (two at once were 8.15 GB for the 569M LLaVA, one 5.75)."""
+    decoder form is open at a time (two at once were 8.15 GB for a 567M-parameter LLaVA, one 5.75)."""
     result = recorded.result
     for form in other_forms:
         pipe, extra = open_form(form=form), ParityResult()
@@ -716,7 +720,8 @@ def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progr
     # every form of the decoder is checked again: the one the onnxruntime target runs, and the standard one
     opener = functools.partial(open_build, build_dir, threads=options.threads, check_hashes=False)
     reference = reference_pipeline(loaded, limits)
-    with tempfile.TemporaryDirectory(prefix=".parity-reference-", dir=build_dir) as scratch:
+    scratch_name = f".{build_dir.name}.parity-reference-"  # beside the build, as build() keeps it
+    with tempfile.TemporaryDirectory(prefix=scratch_name, dir=build_dir.absolute().parent) as scratch:
         recorded = _record_reference(loaded, reference, options, progress, Path(scratch))
         release_weights(loaded, reference)
         del reference
