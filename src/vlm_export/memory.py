@@ -9,7 +9,8 @@ decoder's export; a 569M-parameter random LLaVA (2.27 GB) 3.74 GB in parity (its
 3.34 GB exporting), 5.99 GB before the model was freed first (2026-12-02).
 A machine that cannot even hold the fp32 weights is refused before anything is loaded: the kernel
 would kill the build minutes later with no message. Precision variants need more than this
-estimate: the demo's int8 build (calibration, GPTQ, the fallback's trials) peaked at 5.44 GB."""
+estimate: the demo's int8 build (calibration, GPTQ, the fallback's trials) peaked at 5.44 GB, measured
+while the model was still held through them."""
 from __future__ import annotations
 
 import json
