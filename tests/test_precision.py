@@ -10,7 +10,7 @@ import onnx
 from onnx import numpy_helper
 import pytest
 
-from vlm_export.build import BuildOptions, build
+from vlm_export.build import PARITY_SCRATCH, BuildOptions, build
 from vlm_export.cpu import int8_dot_product
 from vlm_export.errors import BuildError, DatasetError, ExportError
 from vlm_export.precision.calibration import folder_pairs
@@ -202,7 +202,8 @@ def test_failing_gate_is_reported_not_shipped(tiny_model_dir, tmp_path):
     with pytest.raises(ParityError, match="prefill/logits: cosine"):
         build(tiny_model_dir("prefix-llama"), tmp_path / "w4", options)
     assert not (tmp_path / "w4").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["w4.failed"]  # parity's scratch arrays are gone too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w4.failed"]
+    assert not (tmp_path / "w4.failed" / PARITY_SCRATCH).exists()  # parity's recorded arrays are not kept
 
 
 def test_calibration_folder(tmp_path):

@@ -17,7 +17,6 @@ import functools
 import gc
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,6 +50,8 @@ from .runtime.load import open_build
 from .runtime.prompt import build_prompt_ids
 
 DEFAULT_MAX_SEQUENCE = 4096
+#: where parity's recorded reference (its arrays) waits for the graphs, in the build folder
+PARITY_SCRATCH = ".parity-reference"
 
 
 @dataclass
@@ -163,10 +164,8 @@ def build(model_path: Path, out: Path, options: BuildOptions | None = None,
     template = read_chat_template(options.chat_template) if options.chat_template else None
     steps = MeasuredProgress(progress)
     memory = check_memory(model_path, steps)
-    # parity's recorded reference waits beside the build (a failed build's folder is moved whole)
-    with (atomic_folder(out, options.force, BuildError, "build folder", is_build_folder) as tmp,
-          tempfile.TemporaryDirectory(prefix=f".{out.name}.parity-reference-", dir=out.parent) as scratch):
-        _build_into(tmp, Path(scratch), out, model_path, adapter, options, questions, template, steps, memory)
+    with atomic_folder(out, options.force, BuildError, "build folder", is_build_folder) as tmp:
+        _build_into(tmp, out, model_path, adapter, options, questions, template, steps, memory)
     # an earlier failed attempt's <out>.failed describes a build that is not the one at <out> now
     shutil.rmtree(out.with_name(out.name + ".failed"), ignore_errors=True)
     return BuildResult(out, read_manifest(out), [])
@@ -191,9 +190,8 @@ def check_memory(model_path: Path, progress: Progress) -> dict:
     return checked
 
 
-def _build_into(tmp, scratch: Path, out, model_path, adapter, options, questions, template, progress: MeasuredProgress,
+def _build_into(tmp, out, model_path, adapter, options, questions, template, progress: MeasuredProgress,
                 memory: dict) -> None:
-    """The build, written into ``tmp``; ``scratch``: where parity's reference waits for the graphs."""
     with progress.step(f"loading {model_path} ({adapter.name} adapter)") as advance:
         loaded = adapter.load(model_path)
         advance()
@@ -252,6 +250,8 @@ def _build_into(tmp, scratch: Path, out, model_path, adapter, options, questions
     calibration = None
     if converting:
         calibration = _calibration(tmp, graphs, precisions, options, reference, source_sha256, progress)
+    scratch = tmp / PARITY_SCRATCH  # inside the build being written: gone with it if the build fails on the way
+    scratch.mkdir()
     recorded = _record_reference(loaded, reference, options, progress, scratch, questions)
     release_weights(loaded, reference)
     del reference, stages
@@ -291,6 +291,7 @@ def _build_into(tmp, scratch: Path, out, model_path, adapter, options, questions
     opener = functools.partial(open_build, tmp, threads=options.threads, check_hashes=False)  # hashed just now
     result, policy, failures, accuracy = _judge(recorded, adapter, opener, precisions, options, progress,
                                                 other_decoder_forms(manifest), questions)
+    shutil.rmtree(scratch)  # the reference's arrays are no part of the build (nor of a failed one's folder)
     manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}
     write_report(tmp, manifest, result, policy, failures)
     if accuracy:
@@ -720,13 +721,17 @@ def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progr
     # every form of the decoder is checked again: the one the onnxruntime target runs, and the standard one
     opener = functools.partial(open_build, build_dir, threads=options.threads, check_hashes=False)
     reference = reference_pipeline(loaded, limits)
-    scratch_name = f".{build_dir.name}.parity-reference-"  # beside the build, as build() keeps it
-    with tempfile.TemporaryDirectory(prefix=scratch_name, dir=build_dir.absolute().parent) as scratch:
-        recorded = _record_reference(loaded, reference, options, progress, Path(scratch))
+    scratch = build_dir / PARITY_SCRATCH
+    shutil.rmtree(scratch, ignore_errors=True)  # left by a verify that was killed
+    scratch.mkdir()
+    try:
+        recorded = _record_reference(loaded, reference, options, progress, scratch)
         release_weights(loaded, reference)
         del reference
         result, policy, failures, _ = _judge(recorded, adapter, opener, precisions, options, progress,
                                              other_decoder_forms(manifest))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     # graphs edited or corrupted since the build are failures too, whatever their parity says
     failures += [f"{name} changed since the build (sha256 mismatch)" for name in verify_hashes(build_dir, manifest)]
     manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}
