@@ -71,7 +71,7 @@ def release_weights(loaded: LoadedModel, reference: VLMPipeline) -> None:
     with torch.no_grad():
         for module in modules:
             for tensor in (*module.parameters(), *module.buffers()):
-                tensor.data = torch.empty(0, dtype=tensor.dtype)
+                tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
     gc.collect()
 
 

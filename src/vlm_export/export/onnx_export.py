@@ -64,18 +64,20 @@ def _optimize(model) -> None:
 
     folding = optimizer._constant_folding  # the pass class itself is not re-exported
     rules = _cleanup_rules()
-    ir.passes.Sequential(
-        common.InlinePass(),
-        ir.passes.PassManager([folding.FoldConstantsPass(
-            shape_inference=True, input_size_limit=folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
-            output_size_limit=folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT),
-            rewriter.RewritePass(rules), common.RemoveUnusedNodesPass()], steps=2, early_stop=True),
-        common.RemoveUnusedNodesPass(),
-        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-        common.DeduplicateInitializersPass(),
-        common.CommonSubexpressionEliminationPass(),
-    )(model)
-    _forget_matched_graph(rules)
+    try:
+        ir.passes.Sequential(
+            common.InlinePass(),
+            ir.passes.PassManager([folding.FoldConstantsPass(
+                shape_inference=True, input_size_limit=folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                output_size_limit=folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT),
+                rewriter.RewritePass(rules), common.RemoveUnusedNodesPass()], steps=2, early_stop=True),
+            common.RemoveUnusedNodesPass(),
+            common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+            common.DeduplicateInitializersPass(),
+            common.CommonSubexpressionEliminationPass(),
+        )(model)
+    finally:
+        _forget_matched_graph(rules)
 
 
 def _forget_matched_graph(rules) -> None:
