@@ -252,9 +252,7 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
         calibration = _calibration(tmp, graphs, precisions, options, reference, source_sha256, progress)
     scratch = tmp / PARITY_SCRATCH  # inside the build being written: gone with it if the build fails on the way
     scratch.mkdir()
-    recorded = _record_reference(loaded, reference, options, progress, scratch, questions)
-    release_weights(loaded, reference)
-    del reference, stages
+    recorded = _record_reference_and_free(loaded, reference, options, progress, scratch, questions)
     if converting:
         _convert_stages(tmp, graphs, precisions, options, calibration, progress, fp32_modules)
         del calibration
@@ -378,6 +376,11 @@ def _fuse_decoder_stage(tmp: Path, graphs: dict, stage: str, precision: str, lim
                       f"{record['kv_copied_because']}")
 
 
+def _fused_forms(graphs: dict) -> dict:
+    """Each stage's fused (ONNX Runtime) form's manifest entry, for the stages that have one."""
+    return {stage: g["forms"]["fused"] for stage, g in graphs.items() if "fused" in (g.get("forms") or {})}
+
+
 @dataclass
 class _Calibration:
     """What the precision variants read: the calibration caches by stage (``<stage>.fused`` for a fused
@@ -390,7 +393,7 @@ class _Calibration:
 
 def _calibration(tmp, graphs, precisions, options, reference, source_sha256, progress) -> _Calibration:
     """The PyTorch side of the precision variants, run before the model is freed."""
-    fused = {stage: g["forms"]["fused"] for stage, g in graphs.items() if "fused" in (g.get("forms") or {})}
+    fused = _fused_forms(graphs)
     int8_stages = [stage for stage, precision in precisions.items() if precision == "int8"]
     # GPTQ measures the layer inputs of each weight-only stage and of an int8 decoder on the same
     # pairs (not cached: K x K per input)
@@ -428,7 +431,7 @@ def _convert_stages(tmp, graphs, precisions, options, calibration: _Calibration,
     a fused form gets its ONNX Runtime variants from that form (packed q/k/v and gate/up quantize as
     one larger MatMul): MatMulNBits (w8/w4) from the fused graph only (no target runs an unfused
     one), int8 from both (the standard Q/DQ graph is TensorRT's)."""
-    fused = {stage: g["forms"]["fused"] for stage, g in graphs.items() if "fused" in (g.get("forms") or {})}
+    fused = _fused_forms(graphs)
     caches, feeds = calibration.caches, calibration.feeds
     for stage, precision in precisions.items():
         if precision == "fp32":
@@ -600,7 +603,7 @@ def _describe_graph(path: Path, root: Path, precision: str, export_seconds: floa
 
 @dataclass
 class _Recorded:
-    """The PyTorch side of parity, recorded before the model is freed (``_record_reference``)."""
+    """The PyTorch side of parity, recorded before the model is freed (``_record_reference_and_free``)."""
 
     calls: list  # compare.parity.RecordedCall, their arrays in the scratch folder
     cases: list  # compare.parity.TokenCase: each sample's prompt, ids, pixels and HF generate's tokens
@@ -608,13 +611,13 @@ class _Recorded:
     answers: list  # the PyTorch reference's task answers (AccuracyResult), when a build checks them
 
 
-def _record_reference(loaded, reference, options: BuildOptions, progress: Progress, folder: Path,
-                      questions=None) -> _Recorded:
+def _record_reference_and_free(loaded, reference, options: BuildOptions, progress: Progress, folder: Path,
+                               questions=None) -> _Recorded:
     """Everything parity needs of PyTorch: each stage's feeds and outputs on the samples (written to
-    ``folder``), the original model's and the split modules' greedy tokens, the task answers. After it
-    the model can be freed (``release_weights``): the model and the candidate's ONNX Runtime sessions
-    (each about the decoder's weights) then never hold memory together (a 569M-parameter LLaVA's fp32
-    build: 3.74 GB, against 5.99 GB with the model and a session side by side)."""
+    ``folder``), the original model's and the split modules' greedy tokens, the task answers; then the
+    model's weights are freed (``release_weights``: ``loaded`` and ``reference`` cannot run after it), so
+    the model and the candidate's ONNX Runtime sessions (each about the decoder's weights) never hold
+    memory together (a 569M-parameter LLaVA's fp32 build: 3.74 GB, against 5.99 GB side by side)."""
     samples = options.samples or default_samples(reference.limits.max_images)
     result = ParityResult()
     with progress.step("PyTorch reference: every stage's outputs", total=len(samples)) as advance:
@@ -629,6 +632,7 @@ def _record_reference(loaded, reference, options: BuildOptions, progress: Progre
     answers = []
     if questions:
         answers = answer_all({"torch": reference}, *questions, progress, batch=reference.limits.max_batch)
+    release_weights(loaded, reference)
     return _Recorded(calls, cases, result, answers)
 
 
@@ -725,9 +729,7 @@ def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progr
     shutil.rmtree(scratch, ignore_errors=True)  # left by a verify that was killed
     scratch.mkdir()
     try:
-        recorded = _record_reference(loaded, reference, options, progress, scratch)
-        release_weights(loaded, reference)
-        del reference
+        recorded = _record_reference_and_free(loaded, reference, options, progress, scratch)
         result, policy, failures, _ = _judge(recorded, adapter, opener, precisions, options, progress,
                                              other_decoder_forms(manifest))
     finally:
