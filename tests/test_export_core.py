@@ -147,6 +147,30 @@ def test_stop_strings_and_finish_reasons(tiny_build):
     assert "".join(e.text for e in events if isinstance(e, TokenEvent)) == final.text
 
 
+@pytest.mark.parametrize("stop", [(), ("日本",), ("本 t",)])
+def test_streamed_text_waits_for_whole_characters_of_a_byte_fallback_tokenizer(stop):
+    """A Llama 2 tokenizer (LLaVA-1.5's) writes a character outside its vocabulary as one token per UTF-8
+    byte, and decodes a partial one as one U+FFFD per byte so far: the stream holds the whole run back,
+    so no U+FFFD goes out and the pieces add up to the text, a stop string across such a character too."""
+    from tiny_models import make_sentencepiece_tokenizer
+    from vlm_export.runtime.generate import TextStream
+
+    tok = make_sentencepiece_tokenizer()
+    text = "a cat 😀 on 日本 the table"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert sum(t.startswith("<0x") for t in tok.convert_ids_to_tokens(ids)) == 10  # 4 + 3 + 3 bytes
+    stream, pieces = TextStream(tok, stop), []
+    for token in ids:
+        event = stream.push(token)
+        pieces += [event.text] if event else []
+        if stream.stopped:
+            break
+    pieces += [e.text for e in [stream.flush()] if e]
+    expected = text[:text.find(stop[0])] if stop else text
+    assert stream.text == expected and "".join(pieces) == expected
+    assert not any("\ufffd" in p for p in pieces)
+
+
 def test_stage_graphs_run_other_shapes(tiny_build):
     """Dynamic dims really are dynamic: 3 images at once, a prefill of 1 token, batch 3 decode."""
     pipe = open_build(tiny_build("llava-llama").path)

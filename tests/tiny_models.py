@@ -116,17 +116,21 @@ LLAVA_HF_CHAT_TEMPLATE = (
 
 
 def make_tiny_llava(path: Path, family: str = "llama", seed: int = 0, strategy: str = "default",
-                    feature_layer: int | list[int] = -2, tower: str = "clip", hf_processor: bool = False) -> Path:
+                    feature_layer: int | list[int] = -2, tower: str = "clip", hf_processor: bool = False,
+                    sentencepiece: bool = False) -> Path:
     """``hf_processor``: saved as llava-hf checkpoints are - "<image>" added to a tokenizer that adds
     its BOS (the embedding table padded past it), a LlavaProcessor with LLaVA-1.5's chat template, 48 px images -
-    instead of a tokenizer whose own (text) chat template and reserved token serve."""
+    instead of a tokenizer whose own (text) chat template and reserved token serve. ``sentencepiece`` (with
+    ``hf_processor``): that tokenizer is a Llama 2 one (:func:`make_sentencepiece_tokenizer`), as LLaVA-1.5's
+    is, instead of SmolLM2's byte-level BPE."""
     from transformers import (AddedToken, AutoTokenizer, CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaProcessor, SiglipImageProcessor)
 
     torch.manual_seed(seed)
     image_token_id, vocab, size = IMAGE_TOKEN_ID, VOCAB, 32
     if hf_processor:  # a Llama-style tokenizer that adds its BOS, as llava-hf's do
-        tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), add_bos_token=True)
+        tok = (make_sentencepiece_tokenizer() if sentencepiece
+               else AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), add_bos_token=True))
         tok.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
         image_token_id, vocab, size = tok.convert_tokens_to_ids("<image>"), _padded_vocab(len(tok)), 48
     cfg = LlavaConfig(vision_config=_vision_config(image_size=size, tower=tower), text_config=_text_config(family, vocab),
@@ -281,6 +285,44 @@ def _bert_vocab() -> list[str]:
         if t not in vocab:
             vocab.append(t)
     return vocab
+
+
+def make_sentencepiece_tokenizer():
+    """A Llama 2 style tokenizer built offline (as its tokenizer.json is laid out): BPE over "▁"-joined
+    words with byte fallback (a character outside the vocabulary becomes one <0xNN> token per UTF-8
+    byte), <s> added in front, a decoder that strips the leading space; ids 0-2 <unk> <s> </s>, then
+    the 256 byte tokens, then the merges learned from a small word list."""
+    import json
+    import tempfile
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer
+
+    specials = ["<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    # words learned as SentencePiece learns them, each with its leading "▁"; Llama's tokenizer.json
+    # itself has no pre-tokenizer
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    lines = [" ".join(_BERT_WORDS[i:i + 12]) for i in range(0, len(_BERT_WORDS), 12)]
+    tok.train_from_iterator(lines * 4, trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False))
+    spec = json.loads(tok.to_str())
+    vocab = specials + [f"<0x{b:02X}>" for b in range(256)]
+    vocab += [t for t, _ in sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1]) if t not in vocab]
+    spec["model"]["vocab"] = {t: i for i, t in enumerate(vocab)}
+    spec["pre_tokenizer"] = None
+    spec["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for i, t in enumerate(specials)]
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    with tempfile.TemporaryDirectory(prefix="sp-tokenizer-") as d:
+        tok.save(f"{d}/tokenizer.json")
+        Path(d, "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "add_bos_token": True, "add_eos_token": False, "legacy": True, "model_max_length": 4096}))
+        return AutoTokenizer.from_pretrained(d)
 
 
 def make_qformer_tokenizer():

@@ -155,8 +155,10 @@ def _stop_index(text: str, stops: Sequence[str]) -> int | None:
 
 
 def _pending(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters must wait: a partial character, or a possible stop-string start."""
-    hold = 1 if text.endswith("\ufffd") else 0
+    """How many trailing characters must wait: a partial character, or a possible stop-string start.
+    A byte-level tokenizer (GPT-2's) writes a partial character as one U+FFFD, a byte-fallback one
+    (SentencePiece's: Llama 2, Mistral, Vicuna) one per byte so far: the whole run waits."""
+    hold = len(text) - len(text.rstrip("\ufffd"))
     for stop in stops:
         for n in range(min(len(stop) - 1, len(text)), hold, -1):
             if text.endswith(stop[:n]):
