@@ -34,6 +34,8 @@ TINY_MODELS = {
     "llava-mistral": (make_tiny_llava, {"family": "mistral"}),
     "llava-siglip-qwen3": (make_tiny_llava, {"family": "qwen3", "tower": "siglip", "strategy": "full", "feature_layer": -1}),
     "llava-gemma3": (make_tiny_llava, {"family": "gemma3", "hf_processor": True}),  # saved as llava-hf checkpoints are
+    # LLaVA-1.5's own tokenizer kind: Llama 2's SentencePiece BPE with byte fallback
+    "llava-llama2-tokenizer": (make_tiny_llava, {"family": "llama", "hf_processor": True, "sentencepiece": True}),
     "llava-phi3-longrope": (make_tiny_llava, {"family": "phi3-longrope"}),
     "llava-phi": (make_tiny_llava, {"family": "phi"}),
     "llava-gemma2": (make_tiny_llava, {"family": "gemma2"}),

@@ -284,28 +284,31 @@ def test_llava_tokens_per_image_follow_the_tower(tiny_model_dir):
         assert (v.image_size // v.patch_size) ** 2 == want - (1 if "full" in name else 0)
 
 
-def test_prompt_ids_equal_the_llava_processors_own(tiny_build, tiny_model_dir):
+@pytest.mark.parametrize("name", ["llava-gemma3", "llava-llama2-tokenizer"])
+def test_prompt_ids_equal_the_llava_processors_own(tiny_build, tiny_model_dir, name):
     """A checkpoint saved as llava-hf saves one (LlavaProcessor, a chat template over typed content parts
-    that writes "<image>" itself): the build's prompt ids for one turn and for a conversation are the
-    ones the model's own processor makes, its BOS included; a text LM's template (SmolLM2's) keeps string turns."""
+    that writes "<image>" itself): the build's prompt ids for one turn, for a conversation and for text
+    outside the vocabulary (bytes, for the Llama 2 tokenizer) are the ones the model's own processor
+    makes, its BOS included; a text LM's template (SmolLM2's) keeps string turns."""
     from PIL import Image
     from transformers import AutoProcessor
 
     from vlm_export.datasets import load_split
 
-    assert open_build(tiny_build("llava-gemma3").path).layout.chat_parts
+    assert open_build(tiny_build(name).path).layout.chat_parts
     assert not open_build(tiny_build("llava-llama").path).layout.chat_parts
-    processor = AutoProcessor.from_pretrained(tiny_model_dir("llava-gemma3"))
-    pipe = open_build(tiny_build("llava-gemma3").path)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir(name))
+    pipe = open_build(tiny_build(name).path)
     image = Image.open(load_split("test", 1)[0].image).convert("RGB")
     turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}]
     chat = turn + [{"role": "assistant", "content": [{"type": "text", "text": "circle"}]},
-                   {"role": "user", "content": [{"type": "text", "text": "And its color?"}]}]
+                   {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And \u3053\u308c, \U0001f600?\n"}]}]
     for messages in (turn, chat):
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        want = processor(text=text, images=[image], return_tensors="np")["input_ids"][0].tolist()
+        images = [image] * sum(p["type"] == "image" for m in messages for p in m["content"])
+        want = processor(text=text, images=images, return_tensors="np")["input_ids"][0].tolist()
         assert want[0] == processor.tokenizer.bos_token_id
-        assert pipe.prompt_ids(messages, 1) == want
+        assert pipe.prompt_ids(messages, len(images)) == want
     assert pipe.prompt_ids("What shape is it?", 1) == pipe.prompt_ids(turn, 1)
 
 
