@@ -144,6 +144,9 @@ def test_int8_decoder_weights_by_gptq():
     nodes = [n for n in model.graph.node if n.op_type == "MatMul"]
     chosen, rounding = per_channel_int8(model, nodes, feeds)
     assert sorted(chosen) == ["first", "second"] and rounding.gptq == ["first", "second"] and rounding.tokens == 80
+    # the counts stay for the manifest; the second moments (up to the budget, GBs on a 7B) and the probe's
+    # session do not outlive the rounding (the sensitivity search runs after it)
+    assert rounding.hessians == {} and rounding.probe is None and rounding.passes == 1
     held_out = np.maximum(_inputs(64, 200, 12) @ w1, 0)
     codes, scales = chosen["second"]
     rtn_codes, rtn_scales = int8_weights(w2)

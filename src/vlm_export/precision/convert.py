@@ -423,6 +423,8 @@ def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions,
         done = quantize_weights(model, bits, options.block_sizes, options.scheme, options.weight_form, keep, bits_of,
                                 accuracy_level=activations.get("accuracy_level", 4), blocks=blocks,
                                 source_dir=src.parent)
+        if blocks is not None:
+            blocks.release()
     rounding = {"method": "rtn"}
     if blocks is not None:
         if len(blocks.gptq) != len(done):  # a MatMul renamed by a rewrite would get RTN silently

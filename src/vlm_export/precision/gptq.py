@@ -140,6 +140,11 @@ class Rounding:
         self.gptq.append(matmul)
         return gptq_blocks(weight, self.hessians[tensor], bits, block_size, scheme, scale_dtype, self.act_order)
 
+    def release(self) -> None:
+        """Drops the last group's second moments (up to ``budget`` bytes: 8 GiB on a large machine)
+        and the probe, once every weight is rounded; the counts stay for the manifest."""
+        self.hessians, self.probe, self.feeds = {}, None, []
+
 
 def per_channel_int8(model, matmuls: Sequence, feeds: Sequence[Mapping[str, np.ndarray]],
                      budget: int | None = None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], Rounding]:
@@ -164,4 +169,5 @@ def per_channel_int8(model, matmuls: Sequence, feeds: Sequence[Mapping[str, np.n
             blocks = rounding(name, w, 8, w.shape[0], "symmetric")
             codes = blocks.q[:, 0, :].astype(np.int16) - 2 ** 7  # symmetric codes are offset by 2^(b-1)
             chosen[name] = (np.ascontiguousarray(codes.T).astype(np.int8), blocks.scales[:, 0].astype(np.float32))
+    rounding.release()
     return chosen, rounding
