@@ -171,6 +171,44 @@ def test_streamed_text_waits_for_whole_characters_of_a_byte_fallback_tokenizer(s
     assert not any("\ufffd" in p for p in pieces)
 
 
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_streamed_text_is_decoded_incrementally_and_equals_the_whole_decode(kind):
+    """The stream decodes each token with the few before it for context, not the whole answer again:
+    its text is the tokenizer's decode of every token (the space a SentencePiece tokenizer strips at a
+    sequence's start kept mid-text, characters split over tokens joined, newlines and runs of spaces
+    as written) and the pieces add up to it; on random ids (bytes that never make a character) the
+    pieces still add up."""
+    from tiny_models import make_sentencepiece_tokenizer, smollm2_tokenizer_dir
+    from transformers import AutoTokenizer
+
+    from vlm_export.runtime.generate import TextStream
+
+    tok = make_sentencepiece_tokenizer() if kind == "sentencepiece" else AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    read: list[int] = []
+
+    class Counting:  # the tokenizer, noting how many tokens each decode reads
+        def decode(self, ids, **kw):
+            read.append(len(ids))
+            return tok.decode(ids, **kw)
+
+    def streamed(ids: list[int]) -> str:
+        stream, pieces = TextStream(Counting(), ()), []
+        for token in ids:
+            pieces += [e.text for e in [stream.push(token)] if e]
+        pieces += [e.text for e in [stream.flush()] if e]
+        assert "".join(pieces) == stream.text
+        return stream.text
+
+    for text in ["A cat sat on the table.\nThen   it left, \u65e5\u672c\u8a9e \U0001f600 caf\u00e9!",
+                 " leading space, tabs\t\tand a trailing one "]:
+        ids = tok(text, add_special_tokens=False)["input_ids"] * 4
+        assert len(ids) > 40 and streamed(ids) == tok.decode(ids, skip_special_tokens=True)
+    assert max(read) <= 6  # the context and the unread tokens (4 bytes of the emoji), not the whole answer
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        streamed(rng.integers(0, len(tok), 60).tolist())
+
+
 def test_stage_graphs_run_other_shapes(tiny_build):
     """Dynamic dims really are dynamic: 3 images at once, a prefill of 1 token, batch 3 decode."""
     pipe = open_build(tiny_build("llava-llama").path)
