@@ -476,8 +476,9 @@ def test_other_depths_follow_the_config(tmp_path, photos):
         out = loaded.model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                            pixel_values=torch.from_numpy(pixels),
                            decoder_input_ids=torch.tensor([[*pipe.scheme.decoder_prompt_ids, token]]), use_cache=False)
-    np.testing.assert_allclose(logits, out.logits[0, -2].numpy(), atol=1e-4, rtol=1e-5)
-    np.testing.assert_allclose(step_logits[0], out.logits[0, -1].numpy(), atol=1e-4, rtol=1e-5)
+    for got, want in ((logits, out.logits[0, -2].numpy()), (step_logits[0], out.logits[0, -1].numpy())):
+        # fp32 through other GEMM kernels: an error that grows with the logits' scale (as the parity tests')
+        np.testing.assert_allclose(got, want, atol=1e-4 + 1e-5 * float(np.abs(want).max()), rtol=1e-5)
     reference = loaded.adapter.reference_generate(loaded, torch.tensor([ids]), torch.from_numpy(pixels), 4, [-1],
                                                   prompt=QUESTION)
     assert len(reference) == 4 and reference[0] == token

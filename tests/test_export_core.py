@@ -36,7 +36,10 @@ def test_build_parity_per_stage(tiny_build, name):
     assert set(stages) == {*image_stages, *encoder_stages, "prefill", "decode", "prefill (standard form)",
                            "decode (standard form)"}
     for stage in ("prefill", "decode", "prefill (standard form)", "decode (standard form)"):
-        assert stages[stage]["logits"]["max_abs"] <= 1e-4, stages[stage]["logits"]
+        # fp32 against fp32 through other GEMM kernels: the error grows with the logits' scale (T5's
+        # unscaled attention: 1.07e-4 on logits up to 15 on an AVX-512 EPYC, under 1e-4 on AVX2)
+        logits = stages[stage]["logits"]
+        assert logits["max_abs"] <= 1e-4 + 1e-5 * logits["ref_max_abs"], logits
         assert stages[stage]["logits"]["cosine"] > 0.99999
     for stage in image_stages:  # every image stage's every output
         for name, metrics in stages[stage].items():
