@@ -130,6 +130,7 @@ class TextStream:
 
     def __init__(self, tokenizer, stop: Sequence[str]):
         self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self._longest_stop = max((len(s) for s in self.stop), default=0)
         self.tokens: list[int] = []
         self.text = ""
         self.stopped = False
@@ -145,8 +146,7 @@ class TextStream:
     def _append(self, piece: str) -> None:
         before = len(self.text)
         self.text += piece
-        longest = max((len(s) for s in self.stop), default=0)
-        cut = _stop_index(self.text, self.stop, max(0, before - longest + 1))
+        cut = _stop_index(self.text, self.stop, max(0, before - self._longest_stop + 1))
         if cut is not None:
             self.text, self.stopped = self.text[:cut], True
 
