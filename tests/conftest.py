@@ -39,6 +39,8 @@ TINY_MODELS = {
     "llava-phi3-longrope": (make_tiny_llava, {"family": "phi3-longrope"}),
     "llava-phi": (make_tiny_llava, {"family": "phi"}),
     "llava-gemma2": (make_tiny_llava, {"family": "gemma2"}),
+    "llava-cohere": (make_tiny_llava, {"family": "cohere"}),
+    "llava-glm": (make_tiny_llava, {"family": "glm"}),
     "llava-falcon-mq": (make_tiny_llava, {"family": "falcon-mq"}),
     "llava-mixtral": (make_tiny_llava, {"family": "mixtral"}),
     "llava-llama-dynamic-rope": (make_tiny_llava, {"family": "llama-dynamic-rope"}),

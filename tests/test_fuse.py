@@ -203,6 +203,30 @@ def test_partial_rotary_fuses_into_the_attention_kernel(tiny_build, tmp_path):
     _assert_fused_like_exported(src, dst)
 
 
+@pytest.mark.parametrize("name, rotated", [("llava-cohere", 16), ("llava-glm", 16)])
+def test_pairwise_rotary_fuses_into_the_attention_kernel(tiny_build, tmp_path, name, rotated):
+    """Cohere's and GLM's rotary turns neighbouring channel pairs (GPT-J's layout), each spelt its own
+    way by the exporter (Cohere repeats the frequencies before the cosine; GLM slices half of a
+    rotate-half table and repeats it after, on the first 16 of 32 channels): the rotary pass reads both
+    by running their angle sub-graph, and the kernel takes them interleaved, one per layer, the KV one
+    shared buffer, the answers the exported graph's."""
+    src, dst, fused = _every_attention_fused(tiny_build(name), tmp_path)
+    inits = {t.name: t for t in fused.graph.initializer}
+    for node in (n for n in fused.graph.node if n.op_type == "GroupQueryAttention"):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == 1
+        assert list(inits[node.input[7]].dims) == [256, rotated // 2]
+    _assert_fused_like_exported(src, dst)
+
+    # interleaving matters here: the same kernel told the halves are rotated answers otherwise
+    for node in (n for n in fused.graph.node if n.op_type == "GroupQueryAttention"):
+        next(a for a in node.attribute if a.name == "rotary_interleaved").i = 0
+    onnx.save(fused, tmp_path / "halves.onnx")
+    a, b = _session(src), _session(tmp_path / "halves.onnx")
+    feeds = _feeds(a, np.random.default_rng(0), 2, 12, 4, 3)
+    assert np.abs(a.run(None, feeds)[0] - b.run(None, feeds)[0]).max() > 1e-3
+
+
 def test_a_window_on_unknown_layers_keeps_the_growing_cache(tiny_build, tmp_path):
     """A manifest with a window but not its layers (written before windowed_layers): the exported
     masks keep the window, which is right on the growing cache only, so no shared buffer; a layer

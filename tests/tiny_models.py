@@ -79,6 +79,11 @@ TEXT_FAMILIES = {
     # fused q/k/v projection, attention and MLP in parallel; no embed_tokens for LLaVA to tie a head to
     "falcon-mq": ("falcon", {"multi_query": True, "new_decoder_architecture": False, "parallel_attn": True,
                              "tie_word_embeddings": False}),
+    # rotary on neighbouring channel pairs (GPT-J's layout: each angle repeated for its pair, the pairs'
+    # rotation (-x[1::2], x[0::2]) interleaved). Cohere: every channel; LayerNorm without bias, attention and
+    # MLP in parallel, scaled logits. GLM: the first half of each head's 32 channels; q/k/v biases
+    "cohere": ("cohere", {}),
+    "glm": ("glm", {"head_dim": 32, "partial_rotary_factor": 0.5}),
     # mixture of experts (4 experts, 2 per token): transformers' default grouped matmul does not export
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     # dynamic NTK: a branch on the positions' values that torch.export cannot trace

@@ -81,7 +81,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..contract.scheme import KV_IN_PLACE
-from .patterns import last_axis_slice, rms_norm
+from .patterns import last_axis_slice, rms_norm, unsqueeze_axis
 
 MS_DOMAIN = "com.microsoft"
 
@@ -198,9 +198,10 @@ def _heads(g, name: str, rotary_ok: bool):
     found = _rotary_above(g, node) if rotary_ok else None
     if found is not None:
         rotary, name = found
-        if len(rotary.input) != 4 or g.attr(rotary, "interleaved", 0) != 0 or g.attr(rotary, "rotary_embedding_dim", 0) \
-                or g.attr(rotary, "is_packed_batching", 0) or g.attr(rotary, "scale", 1.0) != 1.0:
-            raise _NoMatch(f"{rotary.name}: a rotary embedding other than the rotate-half one")
+        if len(rotary.input) != 4 or g.attr(rotary, "interleaved", 0) not in (0, 1) \
+                or g.attr(rotary, "rotary_embedding_dim", 0) or g.attr(rotary, "is_packed_batching", 0) \
+                or g.attr(rotary, "scale", 1.0) != 1.0:
+            raise _NoMatch(f"{rotary.name}: a rotary embedding other than the rotary pass writes")
     elif rotary_ok and node is not None and node.op_type in ("Add", "Concat"):
         raise _NoMatch(f"{name}: q/k come from an unfused rotary embedding (the rotary pass runs first)")
     below = _per_head_norm(g, name)  # Gemma 3: the norm after the transpose
@@ -244,8 +245,7 @@ def _unrepeat(g, name: str) -> tuple[str, int]:
         unsq = expand and g.producer.get(expand.input[0])
         if expand is None or expand.op_type != "Expand" or unsq is None or unsq.op_type != "Unsqueeze":
             raise _NoMatch(f"{name}: a Reshape that is not repeat_kv (Unsqueeze/Expand/Reshape)")
-        axes = g.const(unsq.input[1]) if len(unsq.input) > 1 else np.array(g.attr(unsq, "axes", []))
-        if axes is None or axes.size != 1 or int(axes.item()) != 2:
+        if unsqueeze_axis(g, unsq) != 2:
             raise _NoMatch(f"{name}: repeat_kv not on axis 2 (heads would not be grouped)")
         kv = unsq.input[0]
         heads, kv_heads = _dims(g, name, 4)[1], _dims(g, kv, 4)[1]
@@ -323,7 +323,9 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
             or heads != kv_heads * k_rep or k_rep != v_rep:
         raise _NoMatch(f"{softmax.name}: q {heads}x{head_size}, k {kv_heads}x{k_head_size} repeated {k_rep}, "
                        f"v {v_heads}x{v_head_size} repeated {v_rep} do not make grouped-query attention")
-    if (q_rot is None) != (k_rot is None) or (q_rot is not None and list(q_rot.input[1:]) != list(k_rot.input[1:])):
+    if (q_rot is None) != (k_rot is None) or (q_rot is not None and (
+            list(q_rot.input[1:]) != list(k_rot.input[1:])
+            or g.attr(q_rot, "interleaved", 0) != g.attr(k_rot, "interleaved", 0))):
         raise _NoMatch(f"{softmax.name}: q and k are not rotated alike")
     if q_rot is not None and head_size % 16:
         # ONNX Runtime 1.32's kernel refuses do_rotary at such sizes ("head_size shall be a multiple of 16")
@@ -545,7 +547,8 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
             # Runtime 1.32 the kernel then masks the keys the exported graph masks (tests/test_fuse.py)
             **({"local_window_size": window} if window is not None else {}),
             **({"softcap": float(m["softcap"])} if m["softcap"] else {}),
-            **({"do_rotary": 1, "rotary_interleaved": 0} if m["q_rot"] is not None else {})))
+            **({"do_rotary": 1, "rotary_interleaved": g.attr(m["q_rot"], "interleaved", 0)}
+               if m["q_rot"] is not None else {})))
         # the nodes whose outputs GroupQueryAttention now produces; the rest of the old attention
         # (repeat_kv, scores, softmax, transposes, the 4-D rotary, a window's mask) feeds nothing and is dropped
         g.replace([m["out"], m["k_cat"], m["v_cat"]], new)

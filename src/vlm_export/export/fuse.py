@@ -13,7 +13,8 @@ launch per token. This pass rewrites, by pattern only (no model-type branches):
 * ``rotary``: rotate-half RoPE (Slice/Neg/Concat/Mul/Add on q and k, cos/sin computed from
   ``position_ids`` and a constant ``inv_freq``) -> ``com.microsoft.RotaryEmbedding`` with
   constant cos/sin caches of ``max_positions`` rows (the attention rewrite then rotates inside its
-  kernel with the same caches).
+  kernel with the same caches); RoPE on neighbouring channel pairs (GPT-J's layout: Cohere, GLM)
+  -> the same op with ``interleaved``, its caches the exported angle sub-graph's own values.
 * ``attention``: each layer's attention, from the q/k/v projections to the o_proj input
   (heads Reshape/Transpose, rotary, KV Concat, repeat_kv, scores, additive mask, Softmax, output
   Transpose/Reshape) -> ``com.microsoft.GroupQueryAttention`` (rotary inside, reading the packed
@@ -44,7 +45,7 @@ from ..errors import ExportError
 from .attention_fuse import fold_packed_qkv, fuse_attention
 from .graph_info import (EXTERNAL_TENSOR_MIN_BYTES, read_tensor, save_graph, set_external_data, topological_order,
                          uses_external_data)
-from .patterns import last_axis_slice, rms_norm
+from .patterns import last_axis_slice, rms_norm, unsqueeze_axis
 
 MS_DOMAIN = "com.microsoft"
 FUSIONS = ("skip_rms_norm", "rotary", "packed_matmul", "attention")
@@ -268,8 +269,7 @@ def _angle_source(g: _Graph, trig: onnx.NodeProto, op: str):
     tables, scale) (``_frequencies``) or None."""
     if trig.op_type != "Unsqueeze":
         return None
-    axes = g.const(trig.input[1]) if len(trig.input) > 1 else np.array(g.attr(trig, "axes", []))
-    if axes is None or axes.size != 1 or int(axes.item()) != 1:
+    if unsqueeze_axis(g, trig) != 1:
         return None  # (batch, sequence, dim) -> (batch, 1, sequence, dim): broadcast over heads
     node, scale = g.producer.get(trig.input[0]), 1.0
     if node is not None and node.op_type == "Mul":
@@ -297,8 +297,7 @@ def _angle_source(g: _Graph, trig: onnx.NodeProto, op: str):
     unsq = g.producer.get(cast.input[0])
     if unsq is None or unsq.op_type != "Unsqueeze":
         return None
-    u_axes = g.const(unsq.input[1]) if len(unsq.input) > 1 else np.array(g.attr(unsq, "axes", []))
-    if u_axes is None or u_axes.size != 1 or int(u_axes.item()) not in (-1, 2):
+    if unsqueeze_axis(g, unsq) not in (-1, 2):
         return None
     pos = unsq.input[0]
     if g.elem_type(pos) != onnx.TensorProto.INT64 or len(g.shape(pos) or []) != 2:
@@ -332,46 +331,171 @@ def _rotary_caches(g: _Graph, index: int, condition: str, tables, cos_scale: flo
     return (*names, p)
 
 
+def _rotate_half_input(g: _Graph, cat: onnx.NodeProto | None) -> str | None:
+    """``cat`` = Concat(-x[..., h:], x[..., :h]) on the last axis of a 4-D ``x``, h half its width
+    (Llama's rotate_half): x, else None."""
+    if cat is None or cat.op_type != "Concat" or len(cat.input) != 2 or g.attr(cat, "axis") not in (-1, 3):
+        return None
+    neg, x1_slice = g.producer.get(cat.input[0]), g.producer.get(cat.input[1])
+    if neg is None or neg.op_type != "Neg" or x1_slice is None or x1_slice.op_type != "Slice":
+        return None
+    x = x1_slice.input[0]
+    shape = g.shape(x)
+    if shape is None or len(shape) != 4 or not isinstance(shape[3], int):
+        return None
+    half = shape[3] // 2
+    x2_range = last_axis_slice(g, g.producer.get(neg.input[0]), x) or (0, 0)  # [half, end) or [half, INT_MAX)
+    if last_axis_slice(g, x1_slice, x) != (0, half) or x2_range[0] != half or x2_range[1] < 2 * half:
+        return None
+    return x
+
+
+def _rotate_pairs_input(g: _Graph, reshape: onnx.NodeProto | None) -> str | None:
+    """``reshape`` = (-x[..., 1::2], x[..., 0::2]) stacked on a new last axis and flattened back, each
+    pair of neighbouring channels rotated (GPT-J's layout, Cohere's and GLM's rotate_half):
+    Reshape(Concat(Unsqueeze(Neg(Slice(x, 1::2)), -1), Unsqueeze(Slice(x, 0::2), -1), axis=-1)) of a
+    4-D ``x``: x, else None."""
+    if reshape is None or reshape.op_type != "Reshape":
+        return None
+    cat = g.producer.get(reshape.input[0])
+    if cat is None or cat.op_type != "Concat" or len(cat.input) != 2 or g.attr(cat, "axis") not in (-1, 4):
+        return None
+    unsq = [g.producer.get(i) for i in cat.input]
+    if any(u is None or u.op_type != "Unsqueeze" or unsqueeze_axis(g, u) not in (-1, 4) for u in unsq):
+        return None
+    neg, even = (g.producer.get(u.input[0]) for u in unsq)
+    if neg is None or neg.op_type != "Neg" or even is None or even.op_type != "Slice":
+        return None
+    x = even.input[0]
+    shape, out = g.shape(x), g.shape(reshape.output[0])
+    if shape is None or len(shape) != 4 or not isinstance(shape[3], int) or shape[3] % 2 \
+            or (out is not None and (len(out) != 4 or out[3] != shape[3])):
+        return None
+    odd_range = last_axis_slice(g, g.producer.get(neg.input[0]), x, step=2) or (0, 0)
+    even_range = last_axis_slice(g, even, x, step=2) or (1, 0)
+    if (even_range[0], odd_range[0]) != (0, 1) or min(even_range[1], odd_range[1]) < shape[3]:
+        return None
+    return x
+
+
+def _evaluated_pair_caches(g: _Graph, index: int, cos: str, sin: str, width: int,
+                           max_positions: int) -> tuple[str, str, str] | None:
+    """Caches for a pairwise rotary whose angle tensors ``cos``/``sin`` ((batch, 1, sequence, width),
+    each angle repeated for its pair of channels) the graph computes from ``position_ids`` alone: the
+    sub-graph that computes them, run by ONNX Runtime on every position 0 .. max_positions - 1.
+    Exporters spell it several ways (Cohere repeats the frequencies before the cosine, GLM repeats half
+    of a rotate-half table after it), and running it needs no pattern for each: the values are the
+    exported graph's own. Returns (cos cache, sin cache, positions) of (max_positions, width / 2), or
+    None unless the sub-graph reads one (batch, sequence) int64 input, broadcasts over the heads of
+    (batch, heads, sequence, width), gives each position's angles
+    whatever the others are (a probe in another order must read the same rows: a table picked by the
+    call's longest position, as longrope's, fails it) and repeats each angle for its pair."""
+    nodes, inits, inputs, stack, seen = [], set(), set(), [cos, sin], set()
+    graph_inputs = {i.name for i in g.graph.input}
+    while stack:
+        name = stack.pop()
+        if name in seen or not name:
+            continue
+        seen.add(name)
+        node = g.producer.get(name)
+        if node is not None:
+            nodes.append(node)
+            stack += list(node.input)
+        elif name in graph_inputs:
+            inputs.add(name)
+        elif name in g.inits:
+            inits.add(name)
+        else:
+            return None
+    if len(inputs) != 1:
+        return None
+    positions = inputs.pop()
+    if g.elem_type(positions) != onnx.TensorProto.INT64 or len(g.shape(positions) or []) != 2:
+        return None
+    unique = list({id(n): n for n in nodes}.values())
+    graph = helper.make_graph(
+        topological_order(unique, {positions, *inits}, "the rotary angles"), "rotary_angles",
+        [helper.make_tensor_value_info(positions, onnx.TensorProto.INT64, [1, None])],
+        [helper.make_empty_tensor_value_info(cos), helper.make_empty_tensor_value_info(sin)],
+        [numpy_helper.from_array(g.const(name), name) for name in sorted(inits)])
+    model = helper.make_model(graph, opset_imports=list(g.model.opset_import), ir_version=g.model.ir_version)
+    try:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+        def angles(ids: np.ndarray) -> list[np.ndarray]:
+            outs = session.run(None, {positions: ids[None].astype(np.int64)})
+            # (1, 1, sequence, width): broadcast over the heads of a (batch, heads, sequence, head size) x,
+            # the layout RotaryEmbedding reads (GPT-J rotates before its head transpose: not this one)
+            return [o.reshape(len(ids), width) if o.shape == (1, 1, len(ids), width) else None for o in outs]
+
+        table = angles(np.arange(max_positions))
+        probe_ids = np.array([max_positions - 1, 0, max_positions // 2, min(5, max_positions - 1)])
+        probe = angles(probe_ids)
+    except Exception:  # noqa: BLE001 - a sub-graph ONNX Runtime cannot run alone is not this pattern
+        return None
+    if any(t is None for t in (*table, *probe)) \
+            or not all(np.allclose(p, t[probe_ids], rtol=0, atol=1e-6) for p, t in zip(probe, table)) \
+            or not all(np.array_equal(t[:, 0::2], t[:, 1::2]) for t in table):
+        return None
+    names = (f"rotary_cos_cache_{index}", f"rotary_sin_cache_{index}")
+    g.new_inits += [g.weights.make(np.ascontiguousarray(t[:, 0::2]).astype(np.float32), name)
+                    for t, name in zip(table, names)]
+    return (*names, positions)
+
+
 def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
-    caches: dict[tuple, tuple[str, str]] = {}
+    caches: dict[tuple, tuple[str, str, str]] = {}
     for add in [n for n in g.graph.node if n.op_type == "Add"]:
         muls = [g.producer.get(i) for i in add.input]
         if len(muls) != 2 or any(m is None or m.op_type != "Mul" for m in muls):
             continue
-        # one Mul holds x * cos, the other rotate_half(x) * sin, where rotate_half(x) = Concat(-x2, x1)
+        # one Mul holds x * cos, the other rotated(x) * sin: rotate_half(x) = Concat(-x2, x1), or the
+        # pairs' rotation (-x[1::2], x[0::2]) interleaved, whose cos/sin repeat each angle twice
         for cos_mul, sin_mul in (muls, muls[::-1]):
             if any(g.sole_consumer(m.output[0], "Add") is not add for m in muls):
                 break  # a product read elsewhere too must stay
-            cat = next((p for p in map(g.producer.get, sin_mul.input) if p is not None and p.op_type == "Concat"), None)
-            if cat is None or len(cat.input) != 2 or g.attr(cat, "axis") not in (-1, 3):
+            found = None
+            for rotated in filter(None, map(g.producer.get, sin_mul.input)):
+                x = _rotate_half_input(g, rotated)
+                if x is not None:
+                    found = x, rotated.output[0], False
+                    break
+                x = _rotate_pairs_input(g, rotated)
+                if x is not None:
+                    found = x, rotated.output[0], True
+                    break
+            if found is None or found[0] not in cos_mul.input:
                 continue
-            neg, x1_slice = g.producer.get(cat.input[0]), g.producer.get(cat.input[1])
-            if neg is None or neg.op_type != "Neg":
-                continue
-            x2_slice = g.producer.get(neg.input[0])
-            x = x1_slice.input[0] if x1_slice is not None and x1_slice.op_type == "Slice" else None
-            shape = g.shape(x) if x else None
-            if x is None or shape is None or len(shape) != 4 or not isinstance(shape[3], int) or x not in cos_mul.input:
-                continue
-            half = shape[3] // 2
-            x2_range = last_axis_slice(g, x2_slice, x) or (0, 0)  # the second half: [half, end) or [half, INT_MAX)
-            if last_axis_slice(g, x1_slice, x) != (0, half) or x2_range[0] != half or x2_range[1] < 2 * half:
-                continue
-            cos_u = g.producer.get(g.other_input(cos_mul, x) or "")
-            sin_u = g.producer.get(g.other_input(sin_mul, cat.output[0]) or "")
-            cos_src = cos_u and _angle_source(g, cos_u, "Cos")
-            sin_src = sin_u and _angle_source(g, sin_u, "Sin")
-            if not cos_src or not sin_src or cos_src[:2] != sin_src[:2] or len(cos_src[2]) != len(sin_src[2]) \
-                    or not all(np.array_equal(a, b) for a, b in zip(cos_src[2], sin_src[2])) \
-                    or cos_src[2][0].size != half:
-                continue
-            pos, condition, tables, cos_scale = cos_src
-            key = (pos, condition, tuple(t.tobytes() for t in tables), cos_scale, sin_src[3])
-            if key not in caches:
-                caches[key] = _rotary_caches(g, len(caches), condition, tables, cos_scale, sin_src[3], max_positions, pos)
+            x, rotated, interleaved = found
+            cos_in, sin_in = g.other_input(cos_mul, x) or "", g.other_input(sin_mul, rotated) or ""
+            width = g.shape(x)[3]
+            if interleaved:
+                key = ("pairs", cos_in, sin_in)
+                if key not in caches:
+                    made = _evaluated_pair_caches(g, len(caches), cos_in, sin_in, width, max_positions)
+                    if made is None:
+                        continue
+                    caches[key] = made
+            else:
+                cos_u, sin_u = g.producer.get(cos_in), g.producer.get(sin_in)
+                cos_src = cos_u and _angle_source(g, cos_u, "Cos")
+                sin_src = sin_u and _angle_source(g, sin_u, "Sin")
+                if not cos_src or not sin_src or cos_src[:2] != sin_src[:2] or len(cos_src[2]) != len(sin_src[2]) \
+                        or not all(np.array_equal(a, b) for a, b in zip(cos_src[2], sin_src[2])) \
+                        or cos_src[2][0].size != width // 2:
+                    continue
+                pos, condition, tables, cos_scale = cos_src
+                key = (pos, condition, tuple(t.tobytes() for t in tables), cos_scale, sin_src[3])
+                if key not in caches:
+                    caches[key] = _rotary_caches(g, len(caches), condition, tables, cos_scale, sin_src[3],
+                                                 max_positions, pos)
             cos, sin, positions = caches[key]
             fused = helper.make_node("RotaryEmbedding", [x, positions, cos, sin], [add.output[0]],
-                                     name=f"{add.name}_rotary", domain=MS_DOMAIN, interleaved=0)
+                                     name=f"{add.name}_rotary", domain=MS_DOMAIN, interleaved=int(interleaved))
             # the Slices/Neg/Concat and the angle sub-graph now feed nothing: dead-node removal drops them
             g.replace([add, cos_mul, sin_mul], [fused])
             report.fusions["rotary"] += 1
@@ -430,7 +554,7 @@ def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weigh
         if MS_DOMAIN not in {o.domain for o in model.opset_import}:
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     else:
-        report.reason = ("no RMSNorm after a residual Add, no rotate-half rotary embedding, no attention and "
+        report.reason = ("no RMSNorm after a residual Add, no rotary embedding, no attention and "
                          "no MatMuls sharing an input matched; the graph is left unfused")
     return report
 

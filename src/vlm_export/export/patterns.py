@@ -48,16 +48,23 @@ def rms_norm(g, reduce: onnx.NodeProto):
     return x, gamma_name, eps, [square, reduce, add, sqrt, inv, scale, affine], affine.output[0]
 
 
-def last_axis_slice(g, node: onnx.NodeProto | None, x: str):
-    """(start, end) of ``node`` = Slice(``x``) on its last axis with step 1, else None (an end past the
+def last_axis_slice(g, node: onnx.NodeProto | None, x: str, step: int = 1):
+    """(start, end) of ``node`` = Slice(``x``) on its last axis with ``step``, else None (an end past the
     axis as the exporter writes it: INT64_MAX or the axis length)."""
     if node is None or node.op_type != "Slice" or node.input[0] != x or len(node.input) < 4:
         return None
     starts, ends, axes = (g.const(node.input[i]) for i in (1, 2, 3))
     steps = g.const(node.input[4]) if len(node.input) > 4 and node.input[4] else np.array([1])
-    if any(v is None or v.size != 1 for v in (starts, ends, axes, steps)) or int(steps.item()) != 1:
+    if any(v is None or v.size != 1 for v in (starts, ends, axes, steps)) or int(steps.item()) != step:
         return None
     rank = len(g.shape(x) or [])
     if int(axes.item()) not in (-1, rank - 1):
         return None
     return int(starts.item()), int(ends.item())
+
+
+def unsqueeze_axis(g, node: onnx.NodeProto) -> int | None:
+    """The one axis ``node`` (an Unsqueeze) inserts, from its axes input or (opset < 13) attribute; None
+    when it inserts several or they are not constant."""
+    axes = g.const(node.input[1]) if len(node.input) > 1 else np.array(g.attr(node, "axes", []))
+    return int(axes.item()) if axes is not None and axes.size == 1 else None
