@@ -41,6 +41,7 @@ TINY_MODELS = {
     "llava-gemma2": (make_tiny_llava, {"family": "gemma2"}),
     "llava-cohere": (make_tiny_llava, {"family": "cohere"}),
     "llava-glm": (make_tiny_llava, {"family": "glm"}),
+    "llava-gptj": (make_tiny_llava, {"family": "gptj"}),
     "llava-falcon-mq": (make_tiny_llava, {"family": "falcon-mq"}),
     "llava-mixtral": (make_tiny_llava, {"family": "mixtral"}),
     "llava-llama-dynamic-rope": (make_tiny_llava, {"family": "llama-dynamic-rope"}),

@@ -227,6 +227,18 @@ def test_pairwise_rotary_fuses_into_the_attention_kernel(tiny_build, tmp_path, n
     assert np.abs(a.run(None, feeds)[0] - b.run(None, feeds)[0]).max() > 1e-3
 
 
+def test_a_pairwise_rotary_before_the_head_transpose_stays_unfused(tiny_build, tmp_path):
+    """GPT-J rotates the pairs on (batch, sequence, heads, head size), before its head transpose, which
+    RotaryEmbedding would read as (batch, heads, sequence, head size): the rotary pass leaves it as
+    exported, says why, and the graph answers as before."""
+    src, dst = _decoder_graph(tiny_build("llava-gptj")), tmp_path / "fused.onnx"
+    report = fuse_decoder(src, dst, max_positions=256)
+    assert report.fusions["rotary"] == 0
+    assert any("pairwise rotary" in n and "not broadcast over (batch, heads, sequence" in n for n in report.notes), \
+        report.notes
+    _assert_fused_like_exported(src, dst)
+
+
 def test_a_window_on_unknown_layers_keeps_the_growing_cache(tiny_build, tmp_path):
     """A manifest with a window but not its layers (written before windowed_layers): the exported
     masks keep the window, which is right on the growing cache only, so no shared buffer; a layer

@@ -84,6 +84,9 @@ TEXT_FAMILIES = {
     # MLP in parallel, scaled logits. GLM: the first half of each head's 32 channels; q/k/v biases
     "cohere": ("cohere", {}),
     "glm": ("glm", {"head_dim": 32, "partial_rotary_factor": 0.5}),
+    # GPT-J: the pairs' rotation on (batch, sequence, heads, head size), before the head transpose, over the
+    # first 8 of 16 channels, angles gathered from a table by position; attention and MLP in parallel
+    "gptj": ("gptj", {"rotary_dim": 8, "tie_word_embeddings": False}),
     # mixture of experts (4 experts, 2 per token): transformers' default grouped matmul does not export
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     # dynamic NTK: a branch on the positions' values that torch.export cannot trace

@@ -53,7 +53,8 @@ extra inputs are computed inside the graph:
   it the kernel takes several new tokens after a past for a batch of rows too (without it, ONNX
   Runtime 1.32 refuses "batch_size must be 1 when sequence_length > 1 and past context is given"), and it makes the
   kernel's rotary read every token's own position (next point); past = total - new, as above.
-* rotary moves into the kernel (``do_rotary`` with the rotary pass's cos/sin caches) and is fed
+* rotary moves into the kernel (``do_rotary`` with the rotary pass's cos/sin caches, and its
+  ``interleaved`` as ``rotary_interleaved``: the pairs' rotation of Cohere and GLM) and is fed
   the runtime's own ``position_ids`` (each row counting from its first real token). Checked on
   ONNX Runtime 1.32: with ``query_seqlens`` given, the kernel rotates every token by its own
   ``position_ids`` entry, left-padded prefills included (tests/test_fuse.py); without it, a first

@@ -379,17 +379,17 @@ def _rotate_pairs_input(g: _Graph, reshape: onnx.NodeProto | None) -> str | None
 
 
 def _evaluated_pair_caches(g: _Graph, index: int, cos: str, sin: str, width: int,
-                           max_positions: int) -> tuple[str, str, str] | None:
+                           max_positions: int) -> tuple[str, str, str] | str:
     """Caches for a pairwise rotary whose angle tensors ``cos``/``sin`` ((batch, 1, sequence, width),
     each angle repeated for its pair of channels) the graph computes from ``position_ids`` alone: the
     sub-graph that computes them, run by ONNX Runtime on every position 0 .. max_positions - 1.
     Exporters spell it several ways (Cohere repeats the frequencies before the cosine, GLM repeats half
     of a rotate-half table after it), and running it needs no pattern for each: the values are the
     exported graph's own. Returns (cos cache, sin cache, positions) of (max_positions, width / 2), or
-    None unless the sub-graph reads one (batch, sequence) int64 input, broadcasts over the heads of
-    (batch, heads, sequence, width), gives each position's angles
-    whatever the others are (a probe in another order must read the same rows: a table picked by the
-    call's longest position, as longrope's, fails it) and repeats each angle for its pair."""
+    why not: unless the sub-graph reads one (batch, sequence) int64 input, broadcasts over the heads of
+    (batch, heads, sequence, width), gives each position's angles whatever the others are (a probe in
+    another order must read the same rows: a table picked by the call's longest position, as
+    longrope's, fails it) and repeats each angle for its pair, it is left as the exporter wrote it."""
     nodes, inits, inputs, stack, seen = [], set(), set(), [cos, sin], set()
     graph_inputs = {i.name for i in g.graph.input}
     while stack:
@@ -406,12 +406,10 @@ def _evaluated_pair_caches(g: _Graph, index: int, cos: str, sin: str, width: int
         elif name in g.inits:
             inits.add(name)
         else:
-            return None
-    if len(inputs) != 1:
-        return None
-    positions = inputs.pop()
-    if g.elem_type(positions) != onnx.TensorProto.INT64 or len(g.shape(positions) or []) != 2:
-        return None
+            return f"its angles read {name}, which nothing in the graph computes"
+    positions = inputs.pop() if len(inputs) == 1 else ""
+    if not positions or g.elem_type(positions) != onnx.TensorProto.INT64 or len(g.shape(positions) or []) != 2:
+        return f"its angles are computed from {sorted(inputs) or 'no graph input'}, not from one (batch, sequence) int64 input"
     unique = list({id(n): n for n in nodes}.values())
     graph = helper.make_graph(
         topological_order(unique, {positions, *inits}, "the rotary angles"), "rotary_angles",
@@ -435,12 +433,14 @@ def _evaluated_pair_caches(g: _Graph, index: int, cos: str, sin: str, width: int
         table = angles(np.arange(max_positions))
         probe_ids = np.array([max_positions - 1, 0, max_positions // 2, min(5, max_positions - 1)])
         probe = angles(probe_ids)
-    except Exception:  # noqa: BLE001 - a sub-graph ONNX Runtime cannot run alone is not this pattern
-        return None
-    if any(t is None for t in (*table, *probe)) \
-            or not all(np.allclose(p, t[probe_ids], rtol=0, atol=1e-6) for p, t in zip(probe, table)) \
-            or not all(np.array_equal(t[:, 0::2], t[:, 1::2]) for t in table):
-        return None
+    except Exception as e:  # noqa: BLE001 - the reason goes to the report; the graph stays as exported
+        return f"its angle sub-graph did not run alone on ONNX Runtime ({str(e).splitlines()[0][:160]})"
+    if any(t is None for t in (*table, *probe)):
+        return "its angles are not (1, 1, sequence, rotated channels): not broadcast over (batch, heads, sequence, head size)"
+    if not all(np.allclose(p, t[probe_ids], rtol=0, atol=1e-6) for p, t in zip(probe, table)):
+        return "a position's angles depend on the other positions of the call"
+    if not all(np.array_equal(t[:, 0::2], t[:, 1::2]) for t in table):
+        return "its angles are not repeated for each pair of channels"
     names = (f"rotary_cos_cache_{index}", f"rotary_sin_cache_{index}")
     g.new_inits += [g.weights.make(np.ascontiguousarray(t[:, 0::2]).astype(np.float32), name)
                     for t, name in zip(table, names)]
@@ -448,7 +448,8 @@ def _evaluated_pair_caches(g: _Graph, index: int, cos: str, sin: str, width: int
 
 
 def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
-    caches: dict[tuple, tuple[str, str, str]] = {}
+    caches: dict[tuple, tuple[str, str, str] | str] = {}  # a str: why those angles were not made caches
+    skipped: dict[str, int] = defaultdict(int)
     for add in [n for n in g.graph.node if n.op_type == "Add"]:
         muls = [g.producer.get(i) for i in add.input]
         if len(muls) != 2 or any(m is None or m.op_type != "Mul" for m in muls):
@@ -476,10 +477,10 @@ def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
             if interleaved:
                 key = ("pairs", cos_in, sin_in)
                 if key not in caches:
-                    made = _evaluated_pair_caches(g, len(caches), cos_in, sin_in, width, max_positions)
-                    if made is None:
-                        continue
-                    caches[key] = made
+                    caches[key] = _evaluated_pair_caches(g, len(caches), cos_in, sin_in, width, max_positions)
+                if isinstance(caches[key], str):
+                    skipped[caches[key]] += 1
+                    break
             else:
                 cos_u, sin_u = g.producer.get(cos_in), g.producer.get(sin_in)
                 cos_src = cos_u and _angle_source(g, cos_u, "Cos")
@@ -500,6 +501,8 @@ def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
             g.replace([add, cos_mul, sin_mul], [fused])
             report.fusions["rotary"] += 1
             break
+    for reason, count in skipped.items():
+        report.notes.append(f"{count} pairwise rotary embedding(s) left unfused: {reason}")
 
 
 # ---------------------------------------------------------------- packed projections
