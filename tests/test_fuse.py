@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from vlm_export.contract.geometry import DecoderGeometry
 from vlm_export.errors import ExportError
-from vlm_export.export.fuse import fuse_decoder
+from vlm_export.export.fuse import fuse_decoder, fuse_model
 
 
 def _decoder_graph(build):
@@ -408,6 +408,60 @@ def test_rotary_cache_bounds_positions(tiny_build, tmp_path):
     feeds["position_ids"] = np.array([[16]])
     with pytest.raises(Exception, match="out of range"):
         session.run(None, feeds)
+
+
+def _pairwise_rotary(long_table: bool) -> onnx.ModelProto:
+    """x (batch, 2 heads, sequence, 8) rotated pairwise as Cohere's exporter writes it: cos/sin of the
+    frequencies repeated for each pair, (-x[1::2], x[0::2]) stacked and flattened. ``long_table``: the
+    frequencies picked per call, as longrope's, by the call's largest position (past 16: the long ones)."""
+    c = lambda name, value, dtype=np.int64: numpy_helper.from_array(np.array(value, dtype), name)  # noqa: E731
+    n = helper.make_node
+    inits = [c("short", [1.0, 0.5, 0.25, 0.125], np.float32), c("long", [0.5, 0.2, 0.1, 0.05], np.float32),
+             c("last", [-1]), c("one", [1]), c("zero", [0]), c("two", [2]), c("end", [2**62]), c("pair", [1, 1, 1, 2]),
+             c("flat", [0, 0, 8]), c("heads", [0, 2, 0, 8]), c("sixteen", 16)]
+    nodes = [n("Unsqueeze", ["position_ids", "last"], ["pos3"]), n("Cast", ["pos3"], ["posf"], to=TensorProto.FLOAT)]
+    if long_table:
+        nodes += [n("ReduceMax", ["position_ids"], ["longest"], keepdims=0), n("Greater", ["longest", "sixteen"], ["is_long"]),
+                  n("Where", ["is_long", "long", "short"], ["inv_freq"])]
+    nodes += [n("Mul", ["posf", "inv_freq" if long_table else "short"], ["freqs"]),  # (batch, sequence, 4)
+              n("Unsqueeze", ["freqs", "last"], ["freqs4"]), n("Expand", ["freqs4", "pair"], ["freqs_pairs"]),
+              n("Reshape", ["freqs_pairs", "flat"], ["emb"])]  # each frequency twice: (batch, sequence, 8)
+    for trig in ("Cos", "Sin"):
+        nodes += [n(trig, ["emb"], [f"{trig}_emb"]), n("Unsqueeze", [f"{trig}_emb", "one"], [f"{trig}4"])]
+    nodes += [n("Slice", ["x", "zero", "end", "last", "two"], ["even"]), n("Slice", ["x", "one", "end", "last", "two"], ["odd"]),
+              n("Neg", ["odd"], ["neg_odd"]), n("Unsqueeze", ["neg_odd", "last"], ["a"]), n("Unsqueeze", ["even", "last"], ["b"]),
+              n("Concat", ["a", "b"], ["stacked"], axis=-1), n("Reshape", ["stacked", "heads"], ["rotated"]),
+              n("Mul", ["x", "Cos4"], ["x_cos"]), n("Mul", ["rotated", "Sin4"], ["rot_sin"]), n("Add", ["x_cos", "rot_sin"], ["y"])]
+    heads = ["batch", 2, "sequence", 8]
+    graph = helper.make_graph(
+        nodes, "pairwise_rotary",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, heads),
+         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, heads)], inits,
+        value_info=[helper.make_tensor_value_info("rotated", TensorProto.FLOAT, heads)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_pairwise_rotary_caches_are_the_graphs_own_angles():
+    """The pairwise rotary of a bare graph becomes one interleaved RotaryEmbedding with the same outputs;
+    the same graph picking its frequencies by the call's largest position (longrope's way) is left as it
+    is, with the reason, since one position-indexed cache cannot hold both tables."""
+    x = np.random.default_rng(0).standard_normal((2, 2, 5, 8)).astype(np.float32)
+    for long_table, positions in ((False, [[0, 1, 2, 3, 4], [40, 41, 42, 43, 44]]), (True, [[0, 1, 2, 3, 4]] * 2)):
+        model = _pairwise_rotary(long_table)
+        want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x, "position_ids": np.array(positions)})[0]
+        report = fuse_model(model, max_positions=64)
+        ops = collections.Counter(node.op_type for node in model.graph.node)
+        if long_table:
+            assert report.fusions["rotary"] == 0 and ops["RotaryEmbedding"] == 0
+            assert any("depend on the other positions" in note for note in report.notes), report.notes
+        else:
+            assert report.fusions["rotary"] == 1 and dict(ops) == {"RotaryEmbedding": 1}
+            assert helper.get_attribute_value(model.graph.node[0].attribute[-1]) == 1  # interleaved
+        got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x, "position_ids": np.array(positions)})[0]
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
 def test_graph_without_patterns_is_left_unfused(tmp_path):

@@ -31,6 +31,7 @@ RotaryEmbedding, GroupQueryAttention; the installed runtime's own schemas:
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -369,7 +370,7 @@ def _rotate_pairs_input(g: _Graph, reshape: onnx.NodeProto | None) -> str | None
     x = even.input[0]
     shape, out = g.shape(x), g.shape(reshape.output[0])
     if shape is None or len(shape) != 4 or not isinstance(shape[3], int) or shape[3] % 2 \
-            or (out is not None and (len(out) != 4 or out[3] != shape[3])):
+            or out is None or len(out) != 4 or out[3] != shape[3]:
         return None
     odd_range = last_axis_slice(g, g.producer.get(neg.input[0]), x, step=2) or (0, 0)
     even_range = last_axis_slice(g, even, x, step=2) or (1, 0)
@@ -378,19 +379,14 @@ def _rotate_pairs_input(g: _Graph, reshape: onnx.NodeProto | None) -> str | None
     return x
 
 
-def _evaluated_pair_caches(g: _Graph, index: int, cos: str, sin: str, width: int,
-                           max_positions: int) -> tuple[str, str, str] | str:
-    """Caches for a pairwise rotary whose angle tensors ``cos``/``sin`` ((batch, 1, sequence, width),
-    each angle repeated for its pair of channels) the graph computes from ``position_ids`` alone: the
-    sub-graph that computes them, run by ONNX Runtime on every position 0 .. max_positions - 1.
-    Exporters spell it several ways (Cohere repeats the frequencies before the cosine, GLM repeats half
-    of a rotate-half table after it), and running it needs no pattern for each: the values are the
-    exported graph's own. Returns (cos cache, sin cache, positions) of (max_positions, width / 2), or
-    why not: unless the sub-graph reads one (batch, sequence) int64 input, broadcasts over the heads of
-    (batch, heads, sequence, width), gives each position's angles whatever the others are (a probe in
-    another order must read the same rows: a table picked by the call's longest position, as
-    longrope's, fails it) and repeats each angle for its pair, it is left as the exporter wrote it."""
-    nodes, inits, inputs, stack, seen = [], set(), set(), [cos, sin], set()
+def _pair_angles(g: _Graph, cos: str, sin: str, width: int, max_positions: int):
+    """The angles of a pairwise rotary: ``cos``/``sin`` are (batch, 1, sequence, width), each angle
+    repeated for its pair of channels, computed by the graph from ``position_ids`` alone. Exporters spell
+    that sub-graph several ways (Cohere repeats the frequencies before the cosine, GLM repeats half of a
+    rotate-half table after it), so it is run as it is, by ONNX Runtime, on every position below
+    ``max_positions``: the values are the exported graph's own. Returns (positions input, cos table, sin
+    table), each (max_positions, width / 2), or why not (the graph then stays as exported)."""
+    nodes, inits, inputs, stack, seen = {}, set(), set(), [cos, sin], set()
     graph_inputs = {i.name for i in g.graph.input}
     while stack:
         name = stack.pop()
@@ -399,7 +395,7 @@ def _evaluated_pair_caches(g: _Graph, index: int, cos: str, sin: str, width: int
         seen.add(name)
         node = g.producer.get(name)
         if node is not None:
-            nodes.append(node)
+            nodes[id(node)] = node
             stack += list(node.input)
         elif name in graph_inputs:
             inputs.add(name)
@@ -410,45 +406,48 @@ def _evaluated_pair_caches(g: _Graph, index: int, cos: str, sin: str, width: int
     positions = inputs.pop() if len(inputs) == 1 else ""
     if not positions or g.elem_type(positions) != onnx.TensorProto.INT64 or len(g.shape(positions) or []) != 2:
         return f"its angles are computed from {sorted(inputs) or 'no graph input'}, not from one (batch, sequence) int64 input"
-    unique = list({id(n): n for n in nodes}.values())
-    graph = helper.make_graph(
-        topological_order(unique, {positions, *inits}, "the rotary angles"), "rotary_angles",
-        [helper.make_tensor_value_info(positions, onnx.TensorProto.INT64, [1, None])],
-        [helper.make_empty_tensor_value_info(cos), helper.make_empty_tensor_value_info(sin)],
-        [numpy_helper.from_array(g.const(name), name) for name in sorted(inits)])
-    model = helper.make_model(graph, opset_imports=list(g.model.opset_import), ir_version=g.model.ir_version)
     try:
         import onnxruntime as ort
 
+        graph = helper.make_graph(
+            topological_order(list(nodes.values()), {positions, *inits}, "the rotary angles"), "rotary_angles",
+            [helper.make_tensor_value_info(positions, onnx.TensorProto.INT64, [1, None])],
+            [helper.make_empty_tensor_value_info(cos), helper.make_empty_tensor_value_info(sin)],
+            [numpy_helper.from_array(g.const(name), name) for name in sorted(inits)])
+        model = helper.make_model(graph, opset_imports=list(g.model.opset_import), ir_version=g.model.ir_version)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
-        def angles(ids: np.ndarray) -> list[np.ndarray]:
-            outs = session.run(None, {positions: ids[None].astype(np.int64)})
-            # (1, 1, sequence, width): broadcast over the heads of a (batch, heads, sequence, head size) x,
-            # the layout RotaryEmbedding reads (GPT-J rotates before its head transpose: not this one)
-            return [o.reshape(len(ids), width) if o.shape == (1, 1, len(ids), width) else None for o in outs]
+        def angles(ids: list[int]) -> list[np.ndarray] | None:
+            outs = session.run(None, {positions: np.array([ids], np.int64)})
+            # broadcast over the heads of a (batch, heads, sequence, head size) x, the layout RotaryEmbedding
+            # reads (GPT-J rotates before its head transpose: (1, sequence, 1, width))
+            ok = all(o.shape == (1, 1, len(ids), width) for o in outs)
+            return [o.reshape(len(ids), width) for o in outs] if ok else None
 
-        table = angles(np.arange(max_positions))
-        probe_ids = np.array([max_positions - 1, 0, max_positions // 2, min(5, max_positions - 1)])
-        probe = angles(probe_ids)
+        last = max_positions - 1
+        # a short call and a long one, positions out of order: each must read the table's own rows (a table
+        # picked by the call's largest position, as longrope's, gives the short call other angles)
+        probes = [[min(3, last), 0, min(2, last), min(1, last)], [last, 0, max_positions // 2, min(5, last)]]
+        short = angles(probes[0])
+        if short is None:
+            return "its angles are not (1, 1, sequence, rotated channels): not broadcast over (batch, heads, sequence, head size)"
+        table, long = angles(list(range(max_positions))), angles(probes[1])
     except Exception as e:  # noqa: BLE001 - the reason goes to the report; the graph stays as exported
-        return f"its angle sub-graph did not run alone on ONNX Runtime ({str(e).splitlines()[0][:160]})"
-    if any(t is None for t in (*table, *probe)):
-        return "its angles are not (1, 1, sequence, rotated channels): not broadcast over (batch, heads, sequence, head size)"
-    if not all(np.allclose(p, t[probe_ids], rtol=0, atol=1e-6) for p, t in zip(probe, table)):
+        return f"its angle sub-graph did not run alone on ONNX Runtime ({(str(e).splitlines() or [type(e).__name__])[0][:160]})"
+    if table is None or long is None or not all(
+            np.allclose(got, t[ids], rtol=0, atol=1e-6) for ids, probe in zip(probes, (short, long))
+            for got, t in zip(probe, table)):
         return "a position's angles depend on the other positions of the call"
     if not all(np.array_equal(t[:, 0::2], t[:, 1::2]) for t in table):
         return "its angles are not repeated for each pair of channels"
-    names = (f"rotary_cos_cache_{index}", f"rotary_sin_cache_{index}")
-    g.new_inits += [g.weights.make(np.ascontiguousarray(t[:, 0::2]).astype(np.float32), name)
-                    for t, name in zip(table, names)]
-    return (*names, positions)
+    return positions, *(np.ascontiguousarray(t[:, 0::2], dtype=np.float32) for t in table)
 
 
 def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
-    caches: dict[tuple, tuple[str, str, str] | str] = {}  # a str: why those angles were not made caches
+    caches: dict[tuple, tuple[str, str, str]] = {}
+    pairs: dict[tuple[str, str], tuple | str] = {}  # a pairwise rotary's angle tensors -> their tables, or why not
     skipped: dict[str, int] = defaultdict(int)
     for add in [n for n in g.graph.node if n.op_type == "Add"]:
         muls = [g.producer.get(i) for i in add.input]
@@ -475,12 +474,18 @@ def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
             cos_in, sin_in = g.other_input(cos_mul, x) or "", g.other_input(sin_mul, rotated) or ""
             width = g.shape(x)[3]
             if interleaved:
-                key = ("pairs", cos_in, sin_in)
-                if key not in caches:
-                    caches[key] = _evaluated_pair_caches(g, len(caches), cos_in, sin_in, width, max_positions)
-                if isinstance(caches[key], str):
-                    skipped[caches[key]] += 1
+                if (cos_in, sin_in) not in pairs:
+                    pairs[cos_in, sin_in] = _pair_angles(g, cos_in, sin_in, width, max_positions)
+                found = pairs[cos_in, sin_in]
+                if isinstance(found, str):
+                    skipped[found] += 1
                     break
+                pos, tables = found[0], found[1:]
+                key = ("pairs", pos, *(hashlib.sha256(t.tobytes()).hexdigest() for t in tables))
+                if key not in caches:  # one pair of caches per distinct table, as the rotate-half ones
+                    names = (f"rotary_cos_cache_{len(caches)}", f"rotary_sin_cache_{len(caches)}")
+                    g.new_inits += [g.weights.make(t, name) for t, name in zip(tables, names)]
+                    caches[key] = (*names, pos)
             else:
                 cos_u, sin_u = g.producer.get(cos_in), g.producer.get(sin_in)
                 cos_src = cos_u and _angle_source(g, cos_u, "Cos")
