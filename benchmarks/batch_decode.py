@@ -28,7 +28,7 @@ QUESTIONS = ("What shape is in the image?", "What color is the shape?", "Is ther
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from vlm_export.bench import measure
+    from vlm_export.bench import batching, measure
     from vlm_export.datasets import load_split
     from vlm_export.manifest import read_manifest
     from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate_batch
@@ -60,39 +60,22 @@ def main() -> None:
     # one decode step at a realistic past length, per batch size, on the state the scheduler runs (the
     # in-place buffer where the build has one); and one request's own work: its image path + prefill
     past = len(pipe.prompt_ids(QUESTIONS[0], 1)) + args.new_tokens // 2
-    rng = np.random.default_rng(0)
-    steps = {}
-    for b in batches:
-        state = {"batch": pipe.running(pipe.scheme.synthetic_batch(b, past, rng), [past + 512] * b)}
-
-        def step(state=state, b=b):
-            _, state["batch"] = pipe.step(state["batch"], np.zeros(b, np.int64))
-        steps[str(b)] = step
-    step_ms = measure.alternating({k: measure.timed(v) for k, v in steps.items()}, warmup=3, n=20)
-    first = requests[0]
-    ids = pipe.prompt_ids(first.prompt, 1)
-    prefill_ms = measure.summarize([w for w, _ in measure.alternating({"prefill": measure.timed(
-        lambda: pipe.prefill_batch([ids], [pipe.encode_images(pipe.pixel_values(first.images), prompt=first.prompt)]))},
-        warmup=2, n=10)["prefill"]])
+    steps = batching.step_costs(pipe, batches, past, None, pipe.prompt_ids(QUESTIONS[0], 1)[-1])
+    prefill_ms = batching.request_cost(pipe, [(r.prompt, r.images[0]) for r in requests])  # 2 untimed
 
     tokens = len(requests) * args.new_tokens
     rows = []
     for b in batches:
         wall = float(np.median(walls[str(b)]))
-        step = measure.summarize([w for w, _ in step_ms[str(b)]])
         rows.append({"max_batch": b, "requests": len(requests), "tokens": tokens, "wall_s": round(wall, 3),
-                     "tokens_per_s": round(tokens / wall, 2), "decode_step_ms": step,
-                     "decode_step_ms_per_row": round(step["p50"] / b, 3)})
+                     "tokens_per_s": round(tokens / wall, 2), "decode_step_ms": steps[b],
+                     "decode_step_ms_per_row": round(steps[b]["p50"] / b, 3)})
     base = rows[0]
-    # The best a scheduler can do with these costs: b requests' prefills one after another (they are
-    # compute bound: a batch of prefills costs their sum) and then N steps of b rows, against b
-    # requests alone. Above it nothing but cheaper prefills or a cheaper b-row step helps.
-    prefill, step1 = prefill_ms["p50"], rows[0]["decode_step_ms"]["p50"]
+    # the best a scheduler can do with these costs (vlm_export.bench.batching)
     for r in rows:
         r["throughput_vs_batch1"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
-        b = r["max_batch"]
-        r["ceiling_vs_batch1"] = round(b * (prefill + args.new_tokens * step1)
-                                       / (b * prefill + args.new_tokens * r["decode_step_ms"]["p50"]), 3)
+        r["ceiling_vs_batch1"] = round(batching.ceiling(prefill_ms["p50"], {b: st["p50"] for b, st in steps.items()},
+                                                        args.new_tokens, r["max_batch"]), 3)
     out = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "build": str(args.build),
            "machine": measure.machine(), "load_average": measure.load_average(),
            "settings": {"new_tokens": args.new_tokens, "ignore_eos": True, "greedy": True, "rounds": args.rounds,
@@ -108,7 +91,8 @@ def main() -> None:
              f"{out['created']}, {out['machine']['cpu']} ({out['machine']['usable_cores']} cores), load {out['load_average']}. "
              f"{len(requests)} easy-vqa requests (one image each), {args.new_tokens} new tokens each (EOS ignored), greedy; "
              f"median of {args.rounds} rounds. Decode step at past {past} ({out['settings']['decode_state']} KV), "
-             f"p50 of 20. One request's image path + prefill alone: {prefill_ms['p50']} ms (p50 of 10).", "",
+             f"p50 of 20. One request's first token alone (preprocessing, image path, prefill): {prefill_ms['p50']} ms "
+             f"(p50 of {prefill_ms['n']}).", "",
              "The ceiling is the most a scheduler can reach with these costs: b prefills one after another "
              "(compute bound) then the new tokens in b-row steps, against b requests alone.", "",
              "| max_batch | tokens/s | vs batch 1 | ceiling vs batch 1 | wall (s) | decode step p50 (ms) | per row (ms) |",

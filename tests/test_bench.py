@@ -151,6 +151,45 @@ def test_served_levels_and_overhead(bench):
     assert cache["image_cache_mb"] > 0 and cache["ttft_ratio"] > 0
     text = (bench[1] / "bench.md").read_text()
     assert f"the server counted {CACHE_ROUNDS} hits and {CACHE_ROUNDS} misses" in text
+    # what any scheduler could reach at each level, from this machine's costs measured in the same run
+    ceiling = served["scheduler_ceiling"]
+    assert set(ceiling["decode_step_ms"]) == {"1", "2"} and ceiling["new_tokens"] == 4
+    assert ceiling["request_ms"]["p50"] > 0 and all(s["p50"] > 0 for s in ceiling["decode_step_ms"].values())
+    assert ceiling["levels"]["1"] == 1.0 and 1.0 <= ceiling["levels"]["2"] <= 2.0
+    assert "ceiling vs concurrency 1" in text and "b (P + T s_1) / (b P + T s_b)" in text
+
+
+def test_scheduler_ceiling_arithmetic():
+    """b (P + T s_1) / (b P + T s_b): free b-row steps give b x when prefills cost nothing, and a
+    prefill that costs as much as the answer halves what eight rows can reach."""
+    from vlm_export.bench.batching import ceiling
+
+    assert ceiling(0.0, {1: 10.0, 8: 10.0}, 32, 8) == pytest.approx(8.0)
+    assert ceiling(320.0, {1: 10.0, 8: 10.0}, 32, 8) == pytest.approx(8 * 640 / (8 * 320 + 320))
+    assert ceiling(173.9, {1: 26.3, 8: 42.7}, 32, 8) == pytest.approx(2.94, abs=0.01)  # the AVX-512 EPYC's
+    assert ceiling(100.0, {1: 10.0}, 16, 1) == pytest.approx(1.0)
+
+
+def test_a_decode_step_at_the_same_length_each_call(tiny_build):
+    """The step the bench and the ceiling time: every call at the same length (the in-place buffer's
+    column rewritten, not grown), and the same logits for rows fed the same token and cache."""
+    import numpy as np
+
+    from vlm_export.bench.batching import step_at_same_length
+
+    pipe = open_build(tiny_build("llava-llama").path, threads=2)
+    assert pipe.kv_in_place
+    batch = pipe.scheme.synthetic_batch(1, 20, np.random.default_rng(0))
+    two = pipe.scheme.synthetic_batch(2, 20, np.random.default_rng(1))
+    for name in two.caches:  # row 1 = row 0 = the one-row batch's cache
+        two.caches[name][:] = batch.caches[name]
+    one_row, two_rows = step_at_same_length(pipe, batch, 7), step_at_same_length(pipe, two, 7)
+    first = pipe.scheme.next_logits(one_row()).copy()
+    for _ in range(3):
+        np.testing.assert_array_equal(pipe.scheme.next_logits(one_row()), first)  # not a step further each call
+    both = pipe.scheme.next_logits(two_rows())
+    np.testing.assert_allclose(both[0], first[0], atol=1e-5)
+    np.testing.assert_allclose(both[1], first[0], atol=1e-5)
 
 
 def test_distinct_requests_never_repeat_an_image(tiny_build):

@@ -176,6 +176,7 @@ def markdown(r: dict) -> str:
                   f"**{ov['per_token_ms']} ms per token**, {ov['ttft_ms']} ms on the first token, "
                   f"{ov['per_request_ms']} ms per request.", ""]
         base = served["levels"][0]["throughput_tokens_per_s"] if served["levels"] else None
+        ceilings = (served.get("scheduler_ceiling") or {}).get("levels", {})
         rows = []
         for lv in served["levels"]:
             local = lv.get("in_process", {})
@@ -183,14 +184,25 @@ def markdown(r: dict) -> str:
                          " / ".join(_ms(lv["tpot_ms"], p) for p in ("p50", "p90", "p99")),
                          lv["throughput_tokens_per_s"],
                          f"{lv['throughput_tokens_per_s'] / base:.2f}x" if base else "-",
+                         _x(ceilings[str(lv["concurrency"])]) if str(lv["concurrency"]) in ceilings else "-",
                          local.get("throughput_tokens_per_s", "-"),
                          " / ".join(_ms(local["tpot_ms"], p) for p in ("p50", "p99")) if local else "-"])
         lines += ["Concurrency sweep: Triton, then the same requests through the same in-flight batching "
                   "(GenerationEngine) in this process, at each level (closed loop; tokens/s = generated "
                   "tokens / wall time).", ""]
         lines += _table(["concurrency", "requests", "Triton TTFT p50 / p90 / p99", "Triton per token p50 / p90 / p99",
-                         "Triton tokens/s", "vs concurrency 1", "in-process tokens/s",
+                         "Triton tokens/s", "vs concurrency 1", "ceiling vs concurrency 1", "in-process tokens/s",
                          "in-process per token p50 / p99"], rows) + [""]
+        sc = served.get("scheduler_ceiling")
+        if sc:
+            steps = ", ".join(f"{b} row{'s' if b != '1' else ''} {_ms(st)}" for b, st in sc["decode_step_ms"].items())
+            lines += [f"Ceiling: the most any scheduler reaches against one request at a time with this machine's "
+                      f"costs, measured before the server started: one request's first token alone (preprocessing, image "
+                      f"path, prefill past the prefix cache, as the sweep's requests run; compute bound, so b of them "
+                      f"cost b times one) {_ms(sc['request_ms'])} ms, a decode "
+                      f"step at past {sc['decode_past']} of {steps} ms (p50); b (P + T s_1) / (b P + T s_b) with T = "
+                      f"{sc['new_tokens']} tokens and b = min(concurrency, max_batch {sc['max_batch']}) "
+                      f"(vlm_export.bench.batching).", ""]
         cache = served.get("image_cache")
         if cache:
             lines += [f"Image cache ({cache['image_cache_mb']} MB, the repository's default): {cache['images']} images "
@@ -401,6 +413,10 @@ def plot_concurrency(r: dict, path: Path) -> None:
     if all("in_process" in lv for lv in levels):
         ax.plot(c, [lv["in_process"]["throughput_tokens_per_s"] for lv in levels], "d-.", color="tab:gray",
                 label="in-process tokens/s")
+    ceilings = (r["served"].get("scheduler_ceiling") or {}).get("levels", {})
+    if levels and all(str(x) in ceilings for x in c):  # the ceiling's ratios on Triton's own concurrency-1 rate
+        ax.plot(c, [levels[0]["throughput_tokens_per_s"] * ceilings[str(x)] for x in c], ":", color="black",
+                label="scheduler ceiling (measured costs)")
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("tokens/s")
     ax.set_xscale("log", base=2)

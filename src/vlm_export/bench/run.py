@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from ..manifest import form_entry, read_manifest, versions
 from ..progress import Progress
 from ..runtime.pipeline import VLMPipeline
 from . import measure
+from .batching import step_at_same_length
 from .calls import in_process_call
 from .prefix import bench_prefix_cache
 from .peer import PRECISIONS as PEER_PRECISIONS
@@ -261,27 +262,13 @@ def stage_cases(pipe: VLMPipeline, inputs: BenchInputs, batches: tuple[int, ...]
             feeds = inputs.image_feeds[(spec.name, b)]
             cases.append((spec.name, b, "images", b, lambda p, n=spec.name, f=feeds: p.runners[n].infer(f)))
     prefill = pipe.prefill_inputs([inputs.prompt_ids], inputs.image_input)  # (an encoder stage runs here once)
-    step = scheme.step_feeds(inputs.decode_batch, np.asarray(inputs.prompt_ids[-1:]))
-    placed: dict[int, dict] = {}
+    steps: dict[int, object] = {}
 
-    def step_on(p: VLMPipeline) -> dict:
-        """The step's feeds with its cache where ``p``'s decoder keeps its own (on the GPU on a GPU run:
-        a step then costs what a generation's step costs, no host-to-device copy of the cache)."""
-        if id(p) not in placed:
-            past = set(getattr(p.scheme, "past_names", ()))
-            placed[id(p)] = {n: (p.decoder.place(v) if n in past else v) for n, v in step.items()}
-        return placed[id(p)]
-
-    slots: dict[int, object] = {}
-    token = np.asarray(inputs.prompt_ids[-1:])
-
-    def step_in_place(p: VLMPipeline) -> dict:
-        """The step as generation runs it where the build can: on the one KV buffer written in place
-        (the same column rewritten each call, so every call is a step at the same length)."""
-        state = slots.get(id(p)) or p.running(inputs.decode_batch, [inputs.decode_batch.length + 1])
-        out, bound = p.decode_in_place(p.scheme.slot_step_feeds(state, token), state.bound)
-        slots[id(p)] = replace(state, bound=bound)  # reuse the buffers' binding, as generation does
-        return out
+    def decode_step(p: VLMPipeline):
+        """One step at the same length each call, as generation runs it (``batching.step_at_same_length``)."""
+        if id(p) not in steps:
+            steps[id(p)] = step_at_same_length(p, inputs.decode_batch, inputs.prompt_ids[-1])
+        return steps[id(p)]()
 
     if scheme.encoder_stage is not None:  # an encoder-decoder's encoder: once per prefill, on the prompt
         encoder_feeds = scheme.encoder_feeds([inputs.prompt_ids], inputs.image_input)
@@ -289,8 +276,7 @@ def stage_cases(pipe: VLMPipeline, inputs: BenchInputs, batches: tuple[int, ...]
                       lambda p, n=scheme.encoder_stage: p.runners[n].infer(encoder_feeds)))
     # counted by the decoder's own tokens (an encoder-decoder's decoder runs its short start prompt)
     cases.append(("prefill", 1, "prompt tokens", int(np.asarray(prefill["input_ids"]).shape[1]), lambda p: p.decode(prefill)))
-    cases.append(("decode_step", 1, "tokens", 1,
-                  lambda p: step_in_place(p) if p.kv_in_place else p.decode(step_on(p))))
+    cases.append(("decode_step", 1, "tokens", 1, decode_step))
     return cases
 
 

@@ -15,12 +15,15 @@ from ..runtime.pipeline import VLMPipeline
 from ..runtime.engine import GenerationEngine
 from ..runtime.prefix_cache import PrefixCache
 from . import measure
+from .batching import scheduler_ceilings
 from .calls import client_call, engine_call, in_process_call
 
 # discarded requests per block; the first requests also load lazy state in every served model
 SERVED_WARMUP = 2
 #: images sent twice (a first sight, then again) to time the served model's image cache
 CACHE_ROUNDS = 4
+#: requests (2 untimed) timing one request's own work for the scheduler's ceiling (batching.request_cost)
+CEILING_REQUESTS = 10
 
 
 def distinct_requests(requests: list, n: int, start: int = 0) -> list:
@@ -87,14 +90,24 @@ def bench_served(build_dir: Path, pipe: VLMPipeline, inputs, options, threads: i
     # both reuse the same prompt starts and the comparison stays like for like
     prefix_mb = repo_options.served_prefix_cache_mb
     pipe.prefix_cache = PrefixCache(prefix_mb << 20) if prefix_mb else None
+    fresh = _Fresh(inputs.requests)
     try:
-        return _bench_served(build_dir, pipe, inputs, options, threads, progress, repo_options)
+        # first, before the server starts: what any scheduler could reach at each level on this machine,
+        # a request's own work measured as the sweep's requests run (new images, the prefix cache on)
+        with progress.step("the scheduler's ceiling: one request's own work, decode steps of 1 .. max_batch rows") \
+                as advance:
+            _, fixed = pipe.scheme.decode_lengths(len(inputs.prompt_ids), options.new_tokens)
+            ceiling = scheduler_ceilings(pipe, fresh.take(CEILING_REQUESTS), inputs.past_len, fixed,
+                                         options.concurrency, options.new_tokens)
+            advance()
+        return {**_bench_served(build_dir, pipe, inputs, options, threads, progress, repo_options, fresh),
+                "scheduler_ceiling": ceiling}
     finally:
         pipe.prefix_cache = None
 
 
 def _bench_served(build_dir: Path, pipe: VLMPipeline, inputs, options, threads: int, progress: Progress,
-                  repo_options) -> dict:
+                  repo_options, fresh: "_Fresh") -> dict:
     from ..client.client import VLMClient
     from ..model_repository.render import render_repository
     from ..serve.server import TritonServer
@@ -115,7 +128,6 @@ def _bench_served(build_dir: Path, pipe: VLMPipeline, inputs, options, threads: 
                                              "ort_intra_op_threads": threads},
                               "ignore_eos": True, "address": "loopback"}}
             n = options.requests
-            fresh = _Fresh(inputs.requests)
             with progress.step(f"Triton vs in-process ONNX Runtime, {n} requests each", total=2 * n) as advance:
                 # concurrency 1 both ways, on the same requests (every image new to the server), in
                 # mirrored blocks like every comparison
