@@ -2,9 +2,10 @@
 
 A request's own work - its preprocessing, image path and prefill - is compute bound: b of them cost b
 times one, batched or not (on a model so small that a call's fixed cost dominates, batching them does
-save, and the ceiling is then an underestimate). A decode step of b rows reads the weights once, so it costs far less than b
-steps of one row. A closed loop of b clients making requests of T tokens is at best b prefills one after
-another, then T steps of b rows, against one request's prefill and T one-row steps:
+save, and the ceiling is then an underestimate). A decode step of b rows reads the weights once, so it
+costs far less than b steps of one row. A closed loop of b clients making requests of T tokens is at
+best b prefills one after another, then T steps of b rows, against one request's prefill and T one-row
+steps:
 
     ceiling(b) = b (P + T s_1) / (b P + T s_b)
 

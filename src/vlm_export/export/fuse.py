@@ -405,7 +405,8 @@ def _pair_angles(g: _Graph, cos: str, sin: str, width: int, max_positions: int):
             return f"its angles read {name}, which nothing in the graph computes"
     positions = inputs.pop() if len(inputs) == 1 else ""
     if not positions or g.elem_type(positions) != onnx.TensorProto.INT64 or len(g.shape(positions) or []) != 2:
-        return f"its angles are computed from {sorted(inputs) or 'no graph input'}, not from one (batch, sequence) int64 input"
+        return (f"its angles are computed from {sorted(inputs) or 'no graph input'}, "
+                "not from one (batch, sequence) int64 input")
     try:
         import onnxruntime as ort
 
@@ -432,10 +433,12 @@ def _pair_angles(g: _Graph, cos: str, sin: str, width: int, max_positions: int):
         probes = [[min(3, last), 0, min(2, last), min(1, last)], [last, 0, max_positions // 2, min(5, last)]]
         short = angles(probes[0])
         if short is None:
-            return "its angles are not (1, 1, sequence, rotated channels): not broadcast over (batch, heads, sequence, head size)"
+            return ("its angles are not (1, 1, sequence, rotated channels): "
+                    "not broadcast over (batch, heads, sequence, head size)")
         table, long = angles(list(range(max_positions))), angles(probes[1])
     except Exception as e:  # noqa: BLE001 - the reason goes to the report; the graph stays as exported
-        return f"its angle sub-graph did not run alone on ONNX Runtime ({(str(e).splitlines() or [type(e).__name__])[0][:160]})"
+        why = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        return f"its angle sub-graph did not run alone on ONNX Runtime ({why})"
     if table is None or long is None or not all(
             np.allclose(got, t[ids], rtol=0, atol=1e-6) for ids, probe in zip(probes, (short, long))
             for got, t in zip(probe, table)):
