@@ -479,11 +479,11 @@ def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
             if interleaved:
                 if (cos_in, sin_in) not in pairs:
                     pairs[cos_in, sin_in] = _pair_angles(g, cos_in, sin_in, width, max_positions)
-                found = pairs[cos_in, sin_in]
-                if isinstance(found, str):
-                    skipped[found] += 1
+                angles = pairs[cos_in, sin_in]
+                if isinstance(angles, str):
+                    skipped[angles] += 1
                     break
-                pos, tables = found[0], found[1:]
+                pos, tables = angles[0], angles[1:]
                 key = ("pairs", pos, *(hashlib.sha256(t.tobytes()).hexdigest() for t in tables))
                 if key not in caches:  # one pair of caches per distinct table, as the rotate-half ones
                     names = (f"rotary_cos_cache_{len(caches)}", f"rotary_sin_cache_{len(caches)}")
