@@ -85,7 +85,7 @@ def scheduler_ceilings(pipe: VLMPipeline, requests: Sequence[tuple], past: int, 
     ``request_cost`` takes them): at most ``max_batch`` rows run together, so a level past it is
     bounded as ``max_batch`` is."""
     rows = sorted({1} | {min(c, pipe.limits.max_batch) for c in concurrency})
-    prompt, image = requests[0]
+    prompt = requests[0][0]  # each request is one prompt with one image
     steps = step_costs(pipe, rows, past, fixed_length, pipe.prompt_ids(prompt, 1)[-1])
     request = request_cost(pipe, requests)
     p50 = {b: s["p50"] for b, s in steps.items()}
