@@ -413,6 +413,34 @@ def test_the_kv_geometry_is_the_cache_the_lm_writes():
         geometry("mamba", num_hidden_layers=2, state_size=4)
 
 
+
+@pytest.mark.parametrize("family", ["cohere", "gemma2", "gptj", "falcon-mq"])
+def test_a_wrapped_causal_lms_logits_are_its_own_forwards(tmp_path, family):
+    """A model that calls a whole causal LM (PrefixVLM here, BLIP-2 the same way) samples from that LM's
+    own logits: Cohere scales them (x 1/16), Gemma 2 soft-caps them (a cap set low enough to bite), and
+    GPT-J / Falcon keep their base model under another name than Llama's ``model``. The decoder stage
+    gives those logits at prefill and at a decode step on its own cache."""
+    from tiny_models import make_tiny_prefix
+    from vlm_export.adapters.prefix import PrefixAdapter
+
+    adapter = PrefixAdapter()
+    loaded = adapter.load(make_tiny_prefix(tmp_path / family, family=family))
+    lm = loaded.model.text
+    if family == "gemma2":
+        lm.config.final_logit_softcapping = 0.05
+    decoder = adapter.stages(loaded)[-1].module
+    geometry = adapter.geometry(loaded)
+    ids = torch.tensor([[1, 100, 200, 300, 400, 500]])
+    empty = torch.zeros(0, geometry.hidden_size)
+    past = [torch.zeros(1, geometry.num_kv_heads, 0, geometry.head_dim)] * (2 * geometry.num_layers)
+    with torch.no_grad():
+        expected = lm(input_ids=ids).logits
+        prefill, *present = decoder(ids[:, :5], empty, torch.ones(1, 5, dtype=torch.long), torch.arange(5)[None], *past)
+        step, *_ = decoder(ids[:, 5:], empty, torch.ones(1, 6, dtype=torch.long), torch.tensor([[5]]), *present)
+    torch.testing.assert_close(prefill[:, -1], expected[:, 4], rtol=0, atol=1e-5)
+    torch.testing.assert_close(step[:, -1], expected[:, 5], rtol=0, atol=1e-5)
+    if family == "gemma2":
+        assert expected.abs().max() <= 0.05  # the cap is applied (the tiny model's raw logits reach ~0.6)
 def test_llava_with_a_variable_resolution_tower_is_refused(tmp_path):
     """A Pixtral tower (its tokens per image vary with each image) gets a one-line AdapterError."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, PixtralVisionConfig

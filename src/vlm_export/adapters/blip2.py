@@ -148,8 +148,9 @@ class QFormerAdapterBase(VLMAdapter):
     def decoder_stage(self, loaded: LoadedModel) -> Stage:
         lm = loaded.model.language_model
         scheme = self.scheme(loaded)
-        decoder = SplicingDecoder(lm.get_input_embeddings(), lm.base_model, lm.get_output_embeddings(),
-                                  scheme.image_token_id, scheme.geometry.num_layers)
+        # Blip2ForConditionalGeneration calls the causal LM itself: its forward makes the logits
+        decoder = SplicingDecoder(lm.get_input_embeddings(), lm, None, scheme.image_token_id,
+                                  scheme.geometry.num_layers)
         return spliced_decoder_stage(decoder, scheme)
 
     def image_size(self, loaded: LoadedModel) -> tuple[int, int]:

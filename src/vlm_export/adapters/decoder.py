@@ -12,6 +12,7 @@ row k. Decode steps pass an empty table ``[0, hidden]``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import weakref
 from typing import Sequence
 
@@ -34,11 +35,15 @@ class SplicingDecoder(nn.Module):
     one length; rows that joined a running batch at different times are aligned on the right,
     their shorter caches padded on the left with positions the attention mask hides.
 
-    ``embed_tokens``, ``text_model`` (the base model, called with ``inputs_embeds``) and
-    ``lm_head`` are the original modules, shared, not copied.
+    ``embed_tokens``, ``text_model`` (called with ``inputs_embeds``) and ``lm_head`` are the original
+    modules, shared, not copied. ``text_model`` is the base model and ``lm_head`` the head where the
+    model's own forward applies that head to it (LLaVA's); where it calls a whole causal LM (BLIP-2's,
+    PrefixVLM's), ``text_model`` is that causal LM and ``lm_head`` None: its forward makes the logits, with
+    whatever it adds to the head (Cohere's logit scale, Gemma 2's final soft cap, Granite's logits
+    scaling), as Hugging Face's generate samples them.
     """
 
-    def __init__(self, embed_tokens: nn.Module, text_model: nn.Module, lm_head: nn.Module,
+    def __init__(self, embed_tokens: nn.Module, text_model: nn.Module, lm_head: nn.Module | None,
                  image_token_id: int, num_layers: int):
         super().__init__()
         self.embed_tokens = embed_tokens
@@ -46,6 +51,10 @@ class SplicingDecoder(nn.Module):
         self.lm_head = lm_head
         self.image_token_id = int(image_token_id)
         self.num_layers = num_layers
+        # the next token needs the last position only: logits for every prompt position would cost a
+        # [sequence x vocab] matmul and output at prefill (Hugging Face generate's logits_to_keep=1)
+        self._keep_last = ({"logits_to_keep": 1} if lm_head is None
+                           and "logits_to_keep" in inspect.signature(text_model.forward).parameters else {})
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         return splice_image_rows(self.embed_tokens, input_ids, image_embeds, self.image_token_id)
@@ -60,10 +69,12 @@ class SplicingDecoder(nn.Module):
             position_ids=position_ids,
             cache=cache,
             use_cache=True,
+            **self._keep_last,
         )
-        # the next token needs the last position only: logits for every prompt position would cost
-        # a [sequence x vocab] matmul and output at prefill (Hugging Face generate's logits_to_keep=1)
-        logits = self.lm_head(out.last_hidden_state[:, -1:])
+        if self.lm_head is None:
+            logits = out.logits[:, -1:]
+        else:
+            logits = self.lm_head(out.last_hidden_state[:, -1:])
         present = []
         for layer in cache.layers[: self.num_layers]:
             present += [layer.keys, layer.values]

@@ -145,8 +145,9 @@ class PrefixAdapter(VLMAdapter):
     def stages(self, loaded: LoadedModel) -> list[Stage]:
         m = loaded.model
         scheme = self.scheme(loaded)
-        decoder = SplicingDecoder(m.text.get_input_embeddings(), m.text.model, m.text.lm_head,
-                                  scheme.image_token_id, scheme.geometry.num_layers)
+        # the causal LM's own forward makes the logits (None: no head applied apart), as its generate's are
+        decoder = SplicingDecoder(m.text.get_input_embeddings(), m.text, None, scheme.image_token_id,
+                                  scheme.geometry.num_layers)
         size = m.vision.config.image_size
         return [*image_path_stages(PooledVisionEncoder(m.vision), m.projector, (size, size)),
                 spliced_decoder_stage(decoder, scheme)]
