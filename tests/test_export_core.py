@@ -411,6 +411,13 @@ def test_the_kv_geometry_is_the_cache_the_lm_writes():
     with pytest.raises(AdapterError, match=r"^the language model \(mamba\) returned a DynamicCache whose layers do not "
                                            r"all hold one token's keys, not a transformer's KV cache .*not supported$"):
         geometry("mamba", num_hidden_layers=2, state_size=4)
+    # DeepSeek-V3's latent attention caches keys of 16 (8 without rotary + 8 with) and values of 8 per head
+    with pytest.raises(AdapterError, match=r"^the language model \(deepseek_v3\) keeps values of another shape than "
+                                           r"its keys \(keys \(\d+, 1, 16\), values \[\(\d+, 1, 8\)\].*not supported$"):
+        geometry("deepseek_v3", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                 intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                 n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16,
+                 qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
 
 
 

@@ -138,7 +138,8 @@ def cache_shape(text_cfg, text_model: nn.Module) -> tuple[int, int, int]:
             out = text_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=param.device), use_cache=True)
     except Exception as e:  # noqa: BLE001 - a model that cannot run one token with a cache cannot be exported
         raise AdapterError(refusal.format(f"could not run one token with a cache ({first_line(e)})")) from None
-    cache = getattr(out, "past_key_values", None)
+    cache = getattr(out, "cache", None)  # transformers 5's name; 4's below
+    cache = getattr(out, "past_key_values", None) if cache is None else cache
     layers = getattr(cache, "layers", None)
     keys = [getattr(layer, "keys", None) for layer in layers] if layers is not None else []
     if not keys or any(k is None or k.dim() != 4 or k.shape[2] != 1 for k in keys):
@@ -149,6 +150,13 @@ def cache_shape(text_cfg, text_model: nn.Module) -> tuple[int, int, int]:
         raise AdapterError(f"the language model ({kind}) keeps keys of different shapes per layer "
                            f"({sorted({tuple(k.shape[1:]) for k in keys})}): one KV geometry for every layer is "
                            "what the exported decoder carries; not supported")
+    values = [getattr(layer, "values", None) for layer in layers]
+    if any(v is None or v.shape != k.shape for k, v in zip(keys, values)):
+        seen = sorted({tuple(v.shape[1:]) for v in values if v is not None})
+        raise AdapterError(f"the language model ({kind}) keeps values of another shape than its keys (keys "
+                           f"{tuple(keys[0].shape[1:])}, values {seen or 'none'}: e.g. DeepSeek-V2/V3's multi-head "
+                           "latent attention, whose values are narrower): one head size for keys and values is what "
+                           "the exported decoder carries; not supported")
     shape = (len(keys), int(keys[0].shape[1]), int(keys[0].shape[3]))
     _CACHE_SHAPES[text_model] = shape
     return shape
