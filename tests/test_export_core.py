@@ -693,6 +693,28 @@ def _toy_stage(module):
     return Stage(spec, module, (torch.ones(2, 4),))
 
 
+def test_the_exports_cleanup_keeps_a_tiny_epsilon_and_drops_exact_no_ops():
+    """onnxscript's no-op rules took ``+ 1e-8`` for ``+ 0`` (Helium's RMSNorm epsilon: NaN logits for a token
+    whose hidden state is all zeros); ours drop only exact zeros and ones."""
+    import onnxruntime as ort
+
+    from vlm_export.export.onnx_export import _optimize
+
+    class Norm(torch.nn.Module):
+        def forward(self, x):
+            variance = x.pow(2).mean(-1, keepdim=True)
+            return (x * torch.rsqrt(variance + 1e-8) + 0.0) * 1.0
+
+    x = torch.zeros(2, 3, 8)
+    x[1] = torch.randn(3, 8)
+    program = torch.onnx.export(Norm().eval(), (x,), dynamo=True, optimize=False, verbose=False)
+    _optimize(program.model)
+    ops = [node.op_type for node in program.model.graph]
+    assert ops.count("Add") == 1 and "Mul" in ops and ops.count("Mul") == 1, ops  # the epsilon stays; + 0, * 1 go
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(out, Norm()(x).numpy(), rtol=1e-5, atol=1e-6)  # zeros stay zeros, not NaN
+
 def test_export_leaves_the_module_as_it_was(tmp_path):
     """What a traced forward caches on a module is not kept: it would be a fake tensor, and every later
     eager call - the PyTorch reference the graph is judged against - would compute with it."""

@@ -47,12 +47,40 @@ def _cleanup_rules():
     nodes) in ~7 s. ONNX Runtime's session optimizer does the conv/batch-norm fusions anyway."""
     from onnxscript.rewriter.rules import common as r
 
-    return [r.add_0_rule, r.sub_0_rule, r.mul_by_1_rule, r.div_by_1_rule, r.dropout_inference_rule,
-            r.dropout_zero_rule, r.cast_cast_rule, r.no_op_cast_rule, r.no_op_expand_rule, r.no_op_transpose_rule,
+    return [*_exact_no_op_rules(), r.dropout_inference_rule, r.dropout_zero_rule, r.cast_cast_rule, r.no_op_cast_rule, r.no_op_expand_rule, r.no_op_transpose_rule,
             r.reshape_reshape_rule, r.transpose_transpose_rule, r.unsqueeze_unsqueeze_rule,
             r.squeeze_reshape_1d_rule, r.collapse_slice_rule, r.collapse_slice2_rule,
             r.materialize_reshape_shape_rule, r.cast_constant_of_shape_rule,
             r.cast_constant_of_shape_without_value_rule]
+
+
+def _exact_no_op_rules():
+    """``x + 0``, ``x - 0``, ``x * 1``, ``x / 1`` -> ``x`` for constants that are exactly 0 or 1. onnxscript's own
+    rules match their constant within ``math.isclose``'s ``abs_tol=1e-8`` (and ``rel_tol=1e-5``), so they took
+    ``variance + 1e-8`` (Helium's RMSNorm epsilon) for ``variance + 0``: a token whose hidden state is all zeros
+    then divided by zero (NaN logits) where PyTorch adds the epsilon."""
+    from onnxscript.rewriter import RewriteRule
+    from onnxscript.rewriter._ir_utils import get_numpy_value
+
+    def identity(op, x, c):
+        return op.Identity(x)
+
+    def exactly(value):
+        def check(context, x, c, **_):
+            const = get_numpy_value(c)
+            # a single element that does not widen x's rank by broadcasting
+            fits = const is not None and const.size == 1 and (
+                const.ndim == 0 or (x.shape is not None and const.ndim <= len(x.shape)))
+            return bool(fits and const.item() == value)
+        return check
+
+    patterns = {"Add": (lambda op, x, c: op.Add(x, c), 0), "Sub": (lambda op, x, c: op.Sub(x, c), 0),
+                "Mul": (lambda op, x, c: op.Mul(x, c), 1), "Div": (lambda op, x, c: op.Div(x, c), 1)}
+    rules = []
+    for name, (pattern, value) in patterns.items():
+        rule = RewriteRule(pattern, identity, exactly(value), name=f"exact_no_op_{name}")
+        rules += rule.commute() if name in ("Add", "Mul") else [rule]
+    return rules
 
 
 def _optimize(model) -> None:
