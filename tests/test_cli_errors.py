@@ -176,3 +176,14 @@ def test_an_unexpected_failure_is_one_line_with_the_traceback_kept(run_cli, monk
     monkeypatch.setenv("VLM_EXPORT_TRACEBACK", "1")
     with pytest.raises(KeyError):
         run_cli("adapters")
+
+
+def test_a_quoted_library_error_keeps_its_reason_when_its_first_line_only_announces_it():
+    """torch.export's "The following inconsistencies were found:" (MPT's ALiBi slice) said nothing alone."""
+    from vlm_export.errors import first_line
+
+    announced = ValueError("The following inconsistencies were found:\n\n  Eq(s70 + Max(0, -s15), 1) is inconsistent!\n"
+                           "  more detail")
+    assert first_line(announced) == ("ValueError: The following inconsistencies were found: "
+                                     "Eq(s70 + Max(0, -s15), 1) is inconsistent!")
+    assert first_line(RuntimeError("\x1b[31mone line\x1b[0m\nsecond")) == "RuntimeError: one line"

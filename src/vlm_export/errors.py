@@ -73,6 +73,10 @@ class RequestError(VlmExportError):
 
 def first_line(err: BaseException) -> str:
     """``Type: the message's first line`` (terminal colour codes removed, as torch puts in some), for a
-    one-line error that quotes a library's."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
+    one-line error that quotes a library's. A first line that only announces what follows ("... were
+    found:") takes the next non-empty line with it, which holds the reason."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()]
+    text = lines[0] if lines else ""
+    if text.endswith(":"):
+        text = " ".join([text, *[line for line in lines[1:] if line][:1]])
+    return f"{type(err).__name__}: {text}"
