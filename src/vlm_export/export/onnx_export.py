@@ -47,8 +47,9 @@ def _cleanup_rules():
     nodes) in ~7 s. ONNX Runtime's session optimizer does the conv/batch-norm fusions anyway."""
     from onnxscript.rewriter.rules import common as r
 
-    return [*_exact_no_op_rules(), r.dropout_inference_rule, r.dropout_zero_rule, r.cast_cast_rule, r.no_op_cast_rule, r.no_op_expand_rule, r.no_op_transpose_rule,
-            r.reshape_reshape_rule, r.transpose_transpose_rule, r.unsqueeze_unsqueeze_rule,
+    return [*_exact_no_op_rules(), r.dropout_inference_rule, r.dropout_zero_rule, r.cast_cast_rule,
+            r.no_op_cast_rule, r.no_op_expand_rule, r.no_op_transpose_rule, r.reshape_reshape_rule,
+            r.transpose_transpose_rule, r.unsqueeze_unsqueeze_rule,
             r.squeeze_reshape_1d_rule, r.collapse_slice_rule, r.collapse_slice2_rule,
             r.materialize_reshape_shape_rule, r.cast_constant_of_shape_rule,
             r.cast_constant_of_shape_without_value_rule]
