@@ -420,7 +420,6 @@ def test_the_kv_geometry_is_the_cache_the_lm_writes():
                  qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
 
 
-
 @pytest.mark.parametrize("family", ["cohere", "gemma2", "gptj", "falcon-mq"])
 def test_a_wrapped_causal_lms_logits_are_its_own_forwards(tmp_path, family):
     """A model that calls a whole causal LM (PrefixVLM here, BLIP-2 the same way) samples from that LM's
@@ -448,6 +447,8 @@ def test_a_wrapped_causal_lms_logits_are_its_own_forwards(tmp_path, family):
     torch.testing.assert_close(step[:, -1], expected[:, 5], rtol=0, atol=1e-5)
     if family == "gemma2":
         assert expected.abs().max() <= 0.05  # the cap is applied (the tiny model's raw logits reach ~0.6)
+
+
 def test_llava_with_a_variable_resolution_tower_is_refused(tmp_path):
     """A Pixtral tower (its tokens per image vary with each image) gets a one-line AdapterError."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, PixtralVisionConfig
@@ -710,10 +711,11 @@ def test_the_exports_cleanup_keeps_a_tiny_epsilon_and_drops_exact_no_ops():
     program = torch.onnx.export(Norm().eval(), (x,), dynamo=True, optimize=False, verbose=False)
     _optimize(program.model)
     ops = [node.op_type for node in program.model.graph]
-    assert ops.count("Add") == 1 and "Mul" in ops and ops.count("Mul") == 1, ops  # the epsilon stays; + 0, * 1 go
+    assert ops.count("Add") == 1 and ops.count("Mul") == 1, ops  # the epsilon stays; + 0, * 1 go
     session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(out, Norm()(x).numpy(), rtol=1e-5, atol=1e-6)  # zeros stay zeros, not NaN
+
 
 def test_export_leaves_the_module_as_it_was(tmp_path):
     """What a traced forward caches on a module is not kept: it would be a fake tensor, and every later
