@@ -309,8 +309,8 @@ def test_verify_flags_graphs_changed_since_the_build(tiny_build, tmp_path):
 
 
 def test_llava_tokens_per_image_follow_the_tower(tiny_model_dir):
-    """CLIP's positions include a CLS token, SigLIP's do not: the adapter counts the tower's own
-    position embeddings (less the first token for "default"), never the family."""
+    """CLIP's positions include a CLS token, SigLIP's do not: the adapter counts what the tower emits
+    (less the first token for "default"), never the family."""
     from transformers import AutoConfig
 
     for name, want in (("llava-llama", 16), ("llava-siglip-qwen3", 16), ("llava-qwen2-full-multilayer", 17),
@@ -449,6 +449,32 @@ def test_a_wrapped_causal_lms_logits_are_its_own_forwards(tmp_path, family):
         assert expected.abs().max() <= 0.05  # the cap is applied (the tiny model's raw logits reach ~0.6)
 
 
+@pytest.mark.parametrize("tower, tokens", [("vit", 16), ("dinov2", 16), ("dinov2-registers", 18)])
+def test_llava_with_a_vit_or_dinov2_tower_counts_the_tokens_it_emits(tmp_path, tower, tokens):
+    """ViT and DINOv2 towers declare no position count (they interpolate theirs) and DINOv2 may add
+    register tokens, which HF's LLaVA keeps ("default" drops only the first token): the adapter
+    counts what the tower emits, which is what HF's LLaVA splices. The registers' tower is built
+    and proven end to end."""
+    from transformers import LlavaForConditionalGeneration
+
+    from tiny_models import make_tiny_llava
+    from vlm_export.build import BuildOptions, build
+
+    path = make_tiny_llava(tmp_path / "model", tower=tower)
+    adapter = adapter_for(path)
+    loaded = adapter.load(path)
+    assert adapter.prompt_layout(loaded).tokens_per_image == tokens
+    hf = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    with torch.no_grad():
+        features = hf.model.get_image_features(torch.zeros(1, 3, 32, 32), vision_feature_layer=-2,
+                                               vision_feature_select_strategy="default")
+    features = getattr(features, "pooler_output", features)  # transformers 5 returns the projections there
+    features = features[0] if isinstance(features, (list, tuple)) else features
+    assert features.reshape(-1, features.shape[-1]).shape[0] == tokens
+    if tower == "dinov2-registers":
+        assert build(path, tmp_path / "build", BuildOptions(max_sequence=128, parity_new_tokens=8)).failures == []
+
+
 def test_llava_with_a_variable_resolution_tower_is_refused(tmp_path):
     """A Pixtral tower (its tokens per image vary with each image) gets a one-line AdapterError."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, PixtralVisionConfig
@@ -461,7 +487,7 @@ def test_llava_with_a_variable_resolution_tower_is_refused(tmp_path):
     cfg = LlavaConfig(vision_config=vision, text_config=_text_config("llama"), image_token_id=IMAGE_TOKEN_ID)
     LlavaForConditionalGeneration(cfg).save_pretrained(tmp_path)
     _save_tokenizer_and_processor(tmp_path, 32)
-    with pytest.raises(AdapterError, match="position count .*'pixtral' declares none") as e:
+    with pytest.raises(AdapterError, match="'pixtral' vision tower made .* not one row of tokens per image") as e:
         adapter_for(tmp_path).load(tmp_path)
     assert "\n" not in str(e.value)
 

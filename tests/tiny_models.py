@@ -105,12 +105,20 @@ def _text_config(family: str, vocab_size: int = VOCAB):
 
 
 def _vision_config(image_size: int = 32, tower: str = "clip"):
-    from transformers import CLIPVisionConfig, SiglipVisionConfig
+    from transformers import (CLIPVisionConfig, Dinov2Config, Dinov2WithRegistersConfig, SiglipVisionConfig,
+                              ViTConfig)
 
     sizes = dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64,
                  num_hidden_layers=2, num_attention_heads=2)
     if tower == "siglip":  # no CLS token: its tokens per image are its patches
         return SiglipVisionConfig(**sizes)
+    if tower == "vit":  # CLS + patches, positions interpolated where the image is not image_size
+        return ViTConfig(**sizes)
+    dinov2 = {k: v for k, v in sizes.items() if k != "intermediate_size"}
+    if tower == "dinov2":  # CLS + patches; no position count of its own in the module (it interpolates)
+        return Dinov2Config(**dinov2, mlp_ratio=2)
+    if tower == "dinov2-registers":  # CLS + 2 register tokens + patches: HF's LLaVA drops only the CLS
+        return Dinov2WithRegistersConfig(**dinov2, mlp_ratio=2, num_register_tokens=2)
     return CLIPVisionConfig(**sizes, projection_dim=32)
 
 

@@ -1,6 +1,6 @@
 """LLaVA: Hugging Face ``LlavaForConditionalGeneration``.
 
-ViT-style vision tower with fixed position embeddings (CLIP, SigLIP) -> hidden states of
+ViT-style vision tower of a fixed input size (CLIP, SigLIP, DINOv2, ViT) -> hidden states of
 ``vision_feature_layer`` (one layer, or several concatenated) -> the first token dropped for
 ``vision_feature_select_strategy="default"`` (CLIP's CLS; HF drops it whatever the tower) -> the
 multi-modal projector -> one embedding per patch, spliced at the image-token positions of any
@@ -8,6 +8,7 @@ Hugging Face causal LM (Llama, Mistral, Qwen2, ...).
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import torch
@@ -38,19 +39,28 @@ class LlavaVisionEncoder(nn.Module):
         return picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
 
 
-def tower_positions(tower: nn.Module) -> int:
-    """Tokens a fixed-resolution ViT tower emits per image: its position embeddings' count (CLIP's
-    count includes the CLS token, SigLIP's has none). A tower without them (a variable-resolution one
-    such as Pixtral's) is refused: its token count depends on each image, which this adapter's
-    fixed-shape image path does not model."""
-    for name, module in tower.named_modules():
-        if name.split(".")[-1] == "embeddings" and isinstance(getattr(module, "num_positions", None), int):
-            return module.num_positions
-    raise AdapterError(
-        f"the llava adapter reads the tokens per image from the vision tower's position count (num_positions, as "
-        f"CLIP's and SigLIP's embeddings declare it); {getattr(tower.config, 'model_type', type(tower).__name__)!r} "
-        "declares none (a variable-resolution tower such as Pixtral's, or another ViT family): write an adapter "
-        "for it (see README)")
+_TOKENS_PER_IMAGE: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+
+
+def tower_tokens(vision: LlavaVisionEncoder, size: int) -> int:
+    """Tokens one image becomes, measured once per tower by running it on two blank ``size`` x ``size``
+    images, as HF's LLaVA counts them: towers declare their positions many ways (CLIP counts its CLS
+    token, SigLIP has none, DINOv2 and ViT interpolate theirs and may add register tokens), and what
+    the tower emits is what the processor expands the image token to. A tower that does not give each
+    image a row of its own (Pixtral's packs images of any size into one sequence) is refused."""
+    tower = vision.vision_tower
+    if tower not in _TOKENS_PER_IMAGE:
+        weight = next(tower.parameters())
+        with torch.no_grad():
+            out = vision(torch.zeros(2, 3, size, size, dtype=weight.dtype, device=weight.device))
+        if out.dim() != 3 or out.shape[0] != 2:
+            kind = getattr(tower.config, "model_type", type(tower).__name__)
+            raise AdapterError(
+                f"the {kind!r} vision tower made {tuple(out.shape)} features for 2 images, not one row of tokens per "
+                "image (a variable-resolution tower packs every image into one sequence), which the llava adapter's "
+                "fixed-shape image path needs: write an adapter for it (see README)")
+        _TOKENS_PER_IMAGE[tower] = int(out.shape[1])
+    return _TOKENS_PER_IMAGE[tower]
 
 
 def check_feature_layers(layers, tower_layers: int | None, path: Path) -> None:
@@ -70,8 +80,8 @@ def check_feature_layers(layers, tower_layers: int | None, path: Path) -> None:
 class LlavaAdapter(VLMAdapter):
     name = "llava"
     model_types = ("llava",)
-    description = ("Hugging Face LlavaForConditionalGeneration (CLIP or SigLIP tower + MLP projector + any HF "
-                   "causal LM)")
+    description = ("Hugging Face LlavaForConditionalGeneration (CLIP, SigLIP, ViT or DINOv2 tower + MLP projector + "
+                   "any HF causal LM)")
 
     def load(self, path: Path) -> LoadedModel:
         from transformers import LlavaForConditionalGeneration
@@ -83,7 +93,6 @@ class LlavaAdapter(VLMAdapter):
                 f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} in {path} is not "
                 "supported (expected 'default' or 'full')"
             )
-        tower_positions(model.model.vision_tower)  # refuses a tower without fixed position embeddings
         check_feature_layers(cfg.vision_feature_layer, getattr(cfg.vision_config, "num_hidden_layers", None), path)
         vocab = cfg.text_config.vocab_size
         if not 0 <= cfg.image_token_id < vocab:
@@ -98,11 +107,18 @@ class LlavaAdapter(VLMAdapter):
             set_chat_template(tokenizer, template, f"the processor's chat template in {path}")
         loaded = LoadedModel(self, Path(path), model, tokenizer, processor, cfg)
         check_image_size(loaded, (cfg.vision_config.image_size,) * 2)
+        self.tokens_per_image(loaded)  # refuses a tower without one row of tokens per image
         return loaded
+
+    @staticmethod
+    def vision_encoder(loaded: LoadedModel) -> LlavaVisionEncoder:
+        cfg = loaded.config
+        return LlavaVisionEncoder(loaded.model.model.vision_tower, cfg.vision_feature_layer,
+                                  cfg.vision_feature_select_strategy)
 
     def stages(self, loaded: LoadedModel) -> list[Stage]:
         m, cfg = loaded.model, loaded.config
-        vision = LlavaVisionEncoder(m.model.vision_tower, cfg.vision_feature_layer, cfg.vision_feature_select_strategy)
+        vision = self.vision_encoder(loaded)
         size = cfg.vision_config.image_size
         text = m.model.language_model
         scheme = self.scheme(loaded)
@@ -115,9 +131,7 @@ class LlavaAdapter(VLMAdapter):
         return SplicedScheme(self.geometry(loaded), loaded.config.image_token_id)
 
     def tokens_per_image(self, loaded: LoadedModel) -> int:
-        # the tower's own positions (CLIP: patches + CLS; SigLIP: patches), less the first for "default"
-        positions = tower_positions(loaded.model.model.vision_tower)
-        return positions - (1 if loaded.config.vision_feature_select_strategy == "default" else 0)
+        return tower_tokens(self.vision_encoder(loaded), loaded.config.vision_config.image_size)
 
     def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
         token = loaded.tokenizer.convert_ids_to_tokens(loaded.config.image_token_id)
