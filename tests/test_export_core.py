@@ -495,7 +495,8 @@ def test_llava_with_a_variable_resolution_tower_is_refused(tmp_path):
 def test_checkpoints_hugging_face_cannot_run_are_refused_at_load(tiny_model_dir, tmp_path):
     """Refused in one line before any export (Hugging Face's own forward fails on each): an image token
     added to the tokenizer without resizing the embeddings, a processor whose images are not the
-    size the vision tower takes, and a vision_feature_layer the tower does not have."""
+    size the vision tower takes (its size wrong, or no resizing), and a vision_feature_layer the tower
+    does not have."""
     import shutil
 
     from vlm_export.errors import AdapterError
@@ -514,9 +515,14 @@ def test_checkpoints_hugging_face_cannot_run_are_refused_at_load(tiny_model_dir,
     processor["crop_size"] = {"height": 48, "width": 48}
     processor["size"] = {"shortest_edge": 48}
     (resized / "preprocessor_config.json").write_text(json.dumps(processor))
-    with pytest.raises(AdapterError, match="makes 48x48 images but the vision tower takes 32x32") as e:
+    with pytest.raises(AdapterError, match=r"makes 48x48 images but the vision tower takes 32x32 \(vision_config.image_size\); fix size") as e:
         adapter_for(resized).load(resized)
     assert "\n" not in str(e.value)
+    processor.update(crop_size={"height": 32, "width": 32}, size={"shortest_edge": 32}, do_resize=False,
+                     do_center_crop=False)  # the size is right, but nothing resizes to it
+    (resized / "preprocessor_config.json").write_text(json.dumps(processor))
+    with pytest.raises(AdapterError, match="makes 61x97 images .* it does not resize .*: set do_resize true"):
+        adapter_for(resized).load(resized)
 
     layers = json.loads((tiny_model_dir("llava-llama") / "config.json").read_text())["vision_config"]["num_hidden_layers"]
     for bad in (layers + 1, -(layers + 2), [layers + 3]):  # HF's forward: IndexError

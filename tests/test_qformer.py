@@ -164,6 +164,9 @@ def test_repository_configs_fit_the_graphs(tiny_build, target):
 
 
 def test_processor_that_does_not_expand_image_tokens_is_refused(tiny_model_dir, tmp_path, run_cli):
+    """A processor that expands another number of image tokens, a config whose image token is not the
+    processor's, and a processor that fails on its own checkpoint (Hugging Face cannot run it either)
+    are each refused in one line, nothing written."""
     src = tmp_path / "model"
     shutil.copytree(tiny_model_dir("blip2-opt"), src)
     proc_cfg = json.loads((src / "processor_config.json").read_text())
@@ -178,7 +181,14 @@ def test_processor_that_does_not_expand_image_tokens_is_refused(tiny_model_dir, 
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(AdapterError, match="lays out the prompt differently"):
         build(src, tmp_path / "out2")
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+    cfg["image_token_index"] = json.loads((tiny_model_dir("blip2-opt") / "config.json").read_text())["image_token_index"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    tok_cfg = json.loads((src / "tokenizer_config.json").read_text())
+    tok_cfg["extra_special_tokens"] = {"image_token": "<image>"}  # a plain string, which HF's Blip2Processor cannot read
+    (src / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    assert_one_line_error(run_cli("build", str(src), "--out", str(tmp_path / "out3")),
+                          "Blip2Processor", "fails on a probe image and prompt", "'str' object has no attribute")
+    assert not any((tmp_path / name).exists() for name in ("out", "out2", "out3"))
 
 
 def test_converted_stages_pass_their_gates(tiny_model_dir, tmp_path):

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..contract import DecoderGeometry, DecodingScheme, ImageText, PromptLayout, StageSpec
 from ..errors import AdapterError
+from .loading import run_processor
 
 
 @dataclass
@@ -160,11 +161,14 @@ def check_image_size(loaded: LoadedModel, size: tuple[int, int]) -> None:
     config is refused here, before anything is exported. The probe is not square, as photos are not."""
     from PIL import Image
 
-    made = tuple(int(d) for d in loaded.image_processor(images=[Image.new("RGB", (97, 61))],
-                                                          return_tensors="np")["pixel_values"].shape[-2:])
+    probe = [Image.new("RGB", (97, 61))]
+    pixels = run_processor(loaded.image_processor, loaded.path, images=probe, return_tensors="np")
+    made = tuple(int(d) for d in pixels["pixel_values"].shape[-2:])
     if made != tuple(size):
+        resizes = getattr(loaded.image_processor, "do_resize", True) is not False
+        fix = "fix size / crop_size" if resizes else "it does not resize (do_resize false): set do_resize true"
         raise AdapterError(f"the image processor in {loaded.path} makes {made[0]}x{made[1]} images but the vision "
-                           f"tower takes {size[0]}x{size[1]} (vision_config.image_size); fix size / crop_size in its "
+                           f"tower takes {size[0]}x{size[1]} (vision_config.image_size); {fix} in its "
                            "preprocessor_config.json")
 
 

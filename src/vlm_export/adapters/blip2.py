@@ -31,7 +31,7 @@ from ..runtime.prompt import build_prompt_ids
 from . import register
 from .base import LoadedModel, Stage, VLMAdapter, check_image_size
 from .decoder import SplicingDecoder, image_path_stages, spliced_decoder_stage, text_geometry
-from .loading import load_hf_parts, load_processor
+from .loading import load_hf_parts, load_processor, run_processor
 
 PROBE_PROMPT = "Question: what is in the picture? Answer:"
 
@@ -125,7 +125,7 @@ class QFormerAdapterBase(VLMAdapter):
             raise AdapterError(
                 f"the processor in {loaded.path} {expands} but the model has {cfg.num_query_tokens} queries; "
                 f"set num_query_tokens={cfg.num_query_tokens} in its processor_config.json")
-        theirs = processor(images=[Image.new("RGB", (8, 8))], text=PROBE_PROMPT)["input_ids"][0]
+        theirs = run_processor(processor, loaded.path, images=[Image.new("RGB", (8, 8))], text=PROBE_PROMPT)["input_ids"][0]
         ours = build_prompt_ids(loaded.tokenizer, self.prompt_layout(loaded), PROBE_PROMPT, 1)
         if list(theirs) != ours:
             found = sum(1 for t in theirs if t == cfg.image_token_id)

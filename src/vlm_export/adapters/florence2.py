@@ -37,7 +37,7 @@ from .base import LoadedModel, Stage, VLMAdapter
 from .decoder import image_path_stages, splice_image_rows
 from .encdec import (cross_key_values, encdec_scheme, lm_decoder_stage, lm_encoder_stage, prefilled_cache,
                      reference_tokens, self_present)
-from .loading import load_hf_parts, load_processor
+from .loading import load_hf_parts, load_processor, run_processor
 PROBE_PROMPTS = ("What is in the picture?", "<CAPTION>", "<CAPTION_TO_PHRASE_GROUNDING>a dog")
 
 
@@ -151,7 +151,7 @@ class Florence2Adapter(VLMAdapter):
                                f"per image but the projector gives {rows} rows for a {h}x{w} image; set its "
                                f"image_seq_length to {rows}")
         for probe in PROBE_PROMPTS:
-            theirs = loaded.processor(text=probe, images=Image.new("RGB", (w, h)))["input_ids"][0]
+            theirs = run_processor(loaded.processor, loaded.path, text=probe, images=Image.new("RGB", (w, h)))["input_ids"][0]
             ours = build_prompt_ids(loaded.tokenizer, self.prompt_layout(loaded), probe, 1)
             if list(theirs) != ours:
                 raise AdapterError(f"the processor in {loaded.path} lays out the prompt {probe!r} differently from "

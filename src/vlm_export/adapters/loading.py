@@ -61,6 +61,18 @@ def load_processor(processor_cls, path: Path, image_token_id: int | None = None)
     return processor
 
 
+def run_processor(processor, path: Path, **inputs):
+    """The model's own processor (or image processor) on a load-time probe; an AdapterError in one line
+    where it fails (a tokenizer whose image token the processor cannot read, a broken config): Hugging
+    Face cannot prepare this checkpoint's inputs either."""
+    try:
+        return processor(**inputs)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's processor files is theirs to fix
+        raise AdapterError(f"the model's own {type(processor).__name__} in {path} fails on a probe image and prompt "
+                           f"({first_line(e)}): Hugging Face cannot prepare inputs for this checkpoint either; fix "
+                           "its processor / tokenizer files (image token, preprocessor_config.json)") from None
+
+
 def processor_chat_template(path: Path) -> str | None:
     """The chat template saved for the model's processor (``chat_template.json``, or the processor's own
     ``chat_template.jinja``), which its ``apply_chat_template`` uses; None where there is none or no

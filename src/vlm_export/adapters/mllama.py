@@ -33,7 +33,7 @@ from ..errors import AdapterError
 from ..runtime.prompt import build_prompt_ids
 from . import register
 from .base import LoadedModel, Stage, VLMAdapter
-from .loading import load_hf_parts, load_processor
+from .loading import load_hf_parts, load_processor, run_processor
 
 PROBE_PROMPT = "What is in the picture?"
 EXAMPLE_IMAGES, EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST, EXAMPLE_DECODER_IMAGES = 2, 2, 3, 4, 5
@@ -169,8 +169,8 @@ class MllamaAdapter(VLMAdapter):
         from PIL import Image
 
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        theirs = list(processor(images=[[Image.new("RGB", (8, 8))]], text=[text],
-                                add_special_tokens=False)["input_ids"][0])
+        theirs = list(run_processor(processor, loaded.path, images=[[Image.new("RGB", (8, 8))]], text=[text],
+                                    add_special_tokens=False)["input_ids"][0])
         ours = build_prompt_ids(loaded.tokenizer, self.prompt_layout(loaded), PROBE_PROMPT, 1)
         if theirs != ours:
             raise AdapterError(f"the processor in {loaded.path} lays out a prompt differently from the tokenizer's chat "
