@@ -32,7 +32,7 @@ def test_decompression_bomb_refused_from_its_header(tiny_build):
         pipe.pixel_values([bomb])
     assert time.perf_counter() - start < 5  # refused before decoding (decoding would take seconds and GBs)
     # past Pillow's own limit (~179 M pixels) its header check fires first: the same advice, not Pillow's text
-    with pytest.raises(InputError, match=r"declares more than \d+ M pixels; at most 16.8 M .*max_image_pixels.*resize"):
+    with pytest.raises(InputError, match=r"declares more than \d+ M pixels; at most 67.1 M .*max_image_pixels.*resize"):
         pipe.pixel_values([bomb_png(20000, 20000)])
     # a strip of few pixels that resizing its short side would blow up (GBs) is refused from its header too
     with pytest.raises(InputError, match=r"300000x1 pixels, more than 200 times as long as it is wide; crop or pad"):
@@ -40,8 +40,8 @@ def test_decompression_bomb_refused_from_its_header(tiny_build):
     from PIL import Image
 
     assert pipe.pixel_values([Image.new("RGB", (400, 2), (9, 99, 199))]).shape[0] == 1  # 200:1 still passes
-    # the limit follows the model's input size (32x32 here: the 16 M pixel floor applies)
-    assert pipe.image_limits.max_pixels == 4096 * 4096
+    # the limit follows the model's input size (32x32 here: the 64 M pixel floor applies)
+    assert pipe.image_limits.max_pixels == 8192 * 8192
     assert ImageLimits.for_input(1024, 1024).max_pixels == 64 * 1024 * 1024
     # an ordinary photo passes; a limit set lower refuses it, bytes first
     from io import BytesIO

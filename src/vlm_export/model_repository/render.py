@@ -94,7 +94,7 @@ class RepositoryOptions:
     max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS
     max_prefill_padding: float = DEFAULT_MAX_PREFILL_PADDING
     # request images are refused before they are decoded past these (None: 64x the model's input area,
-    # at least 16 M pixels; see runtime/images.py)
+    # at least 64 M pixels; see runtime/images.py)
     max_image_pixels: int | None = None
     max_image_mb: int = 32
     decoder_mode: str | None = None  # default: in_process for python, bls for native backends

@@ -4,7 +4,8 @@ A 32 KB PNG can declare 12000 x 12000 pixels and cost gigabytes once decoded (a 
 bomb"); Pillow itself refuses only above ~179 M pixels. So the encoded size is checked first, then
 the pixel count from the header alone, and only then is the image decoded. The pixel limit is
 derived from the model's input size (every model resizes to it anyway): 64 times its area, and
-never below 16 M pixels, so an ordinary photo always passes.
+never below 64 M pixels (8192 x 8192), so an ordinary photo (a 48- or 50-megapixel phone camera's
+included) always passes.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ..errors import InputError
 
 ImageInput = Union[str, Path, bytes, "PIL.Image.Image"]  # noqa: F821
 DEFAULT_MAX_IMAGE_BYTES = 32 << 20
-MIN_MAX_PIXELS = 4096 * 4096
+MIN_MAX_PIXELS = 8192 * 8192
 INPUT_AREAS = 64
 #: the longest side at most this many times the shortest (Qwen2-VL's processor refuses past 200 too)
 MAX_ASPECT_RATIO = 200
