@@ -187,3 +187,21 @@ def test_a_quoted_library_error_keeps_its_reason_when_its_first_line_only_announ
     assert first_line(announced) == ("ValueError: The following inconsistencies were found: "
                                      "Eq(s70 + Max(0, -s15), 1) is inconsistent!")
     assert first_line(RuntimeError("\x1b[31mone line\x1b[0m\nsecond")) == "RuntimeError: one line"
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_an_input_error(tiny_build):
+    """Mistral's, Llama 2's and Gemma's templates raise on a system turn or roles that do not alternate:
+    the caller's input, in the template's words (was exit 70, "a bug in vlm-export")."""
+    from vlm_export.errors import InputError
+    from vlm_export.runtime.generate import GenerationConfig, generate
+    from vlm_export.runtime.load import open_build
+
+    pipe = open_build(tiny_build("llava-llama").path)
+    pipe.tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                                    "{{ raise_exception('System role not supported') }}{% endif %}"
+                                    "{{ m['content'] }}{% endfor %}")
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    with pytest.raises(InputError, match="chat template refuses this conversation: System role not supported; .*"
+                                         r"\(roles sent: system, user\)"):
+        generate(pipe, conversation, [], GenerationConfig(max_new_tokens=2))
+    assert generate(pipe, conversation[1:], [], GenerationConfig(max_new_tokens=2)).completion_tokens == 2

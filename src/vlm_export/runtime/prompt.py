@@ -42,13 +42,26 @@ def format_text(tokenizer, layout: PromptLayout, messages: Sequence[Message]) ->
     image_token = layout.image_token if layout.kind == "inline" else None
     if _processor_template(tokenizer, layout):  # the template writes each image part's token itself
         turns = [{"role": m["role"], "content": [dict(p) for p in m["content"]]} for m in messages]
-        return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        return _render_template(tokenizer, turns)
     turns = [{"role": m["role"], "content": render_text(m["content"], image_token, layout.image_newline)} for m in messages]
     if layout.use_chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        return _render_template(tokenizer, turns)
     if len(turns) > 1:
         raise InputError("this model has no chat template: send one prompt (a single user message)")
     return turns[0]["content"]
+
+
+def _render_template(tokenizer, turns: list[dict]) -> str:
+    """The chat template over ``turns``; a template that refuses them (``raise_exception``: Mistral's,
+    Llama 2's and Gemma's reject a system turn or roles that do not alternate) is the caller's input
+    error, in the template's own words."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    except TemplateError as e:
+        raise InputError(f"the model's chat template refuses this conversation: {e}; "
+                         f"send the turns it takes (roles sent: {', '.join(t['role'] for t in turns)})") from None
 
 
 def expand_task(layout: PromptLayout, text: str) -> str:
