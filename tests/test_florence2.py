@@ -63,13 +63,14 @@ def florence_variant(tmp_path_factory):
 
 
 def _hf_generate(model, processor, task: str, image, tokens: int = TOKENS) -> list[int]:
-    """HF generate as the model card runs it (processor(text=task, images=image) -> generate), greedy;
-    the decoder's start and forced BOS dropped (ours are its prompt), as many new tokens as ours,
-    and the first EOS and after dropped (our loop does not emit it)."""
+    """HF generate as the model card runs it (processor(text=task, images=image) -> generate), greedy
+    (one beam; the config's n-gram ban applies, as in the build); the decoder's start and forced BOS
+    dropped (ours are its prompt), as many new tokens as ours, and the first EOS and after dropped
+    (our loop does not emit it)."""
     inputs = processor(text=task, images=image, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
-                             max_new_tokens=tokens + 1, do_sample=False, num_beams=1, no_repeat_ngram_size=0,
+                             max_new_tokens=tokens + 1, do_sample=False, num_beams=1,
                              forced_eos_token_id=None)
     new = out[0, 2:].tolist()
     return new[:new.index(2)] if 2 in new else new

@@ -220,3 +220,74 @@ def test_a_sliding_window_decoder_batches_rows_of_any_length(tiny_build, photos)
     lengths = [r.prompt_tokens for r in alone]
     assert len(set(lengths)) == 3 and max(lengths) - min(lengths) > 16  # the widest row ends past the others' windows
     assert [r.token_ids for r in generate_batch(pipe, requests, max_batch=3)] == [r.token_ids for r in alone]
+
+
+@pytest.mark.parametrize("penalty, ngram", [(1.3, 0), (0.8, 0), (1.0, 1), (1.0, 2), (1.2, 3)])
+def test_the_samplers_penalty_and_ngram_ban_are_hugging_faces(penalty, ngram):
+    """The repetition penalty and the no-repeat n-gram rule give, step after step, the logits Hugging
+    Face's own logits processors give over the same ids (a prompt with repeats, then each token picked)."""
+    import torch
+    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    from vlm_export.runtime.generate import Sampler
+
+    rng = np.random.default_rng(0)
+    vocab = 12
+    context = [3, 5, 3, 5, 7, 1, 3]
+    sampler = Sampler(GenerationConfig(repetition_penalty=penalty, no_repeat_ngram_size=ngram), context)
+    processors = ([RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1.0 else []) + \
+        ([NoRepeatNGramLogitsProcessor(ngram)] if ngram else [])
+    ids = list(context)
+    for _ in range(10):
+        logits = rng.normal(size=vocab).astype(np.float32)
+        theirs = torch.from_numpy(logits.copy())[None]
+        for processor in processors:
+            theirs = processor(torch.tensor([ids]), theirs)
+        ours = sampler._processed(logits)
+        np.testing.assert_array_equal(ours, theirs[0].numpy())
+        token = sampler(logits)
+        assert token == int(theirs[0].argmax())
+        ids.append(token)
+    assert ours is not logits  # the batch's own logits are left as the decoder made them
+
+
+def test_the_checkpoints_repetition_settings_are_the_builds_defaults(tmp_path):
+    """A generation_config.json with a repetition penalty and an n-gram ban (which change greedy answers)
+    and beams: the build records the first two and applies them as Hugging Face's generate does (parity
+    passes against it), says the beams are not run, and a request can turn them off."""
+    import json
+
+    from tiny_models import make_tiny_llava
+    from vlm_export.build import BuildOptions, build
+    from vlm_export.progress import Progress
+
+    model = make_tiny_llava(tmp_path / "model")
+    config = json.loads((model / "generation_config.json").read_text())
+    config.update(repetition_penalty=1.5, no_repeat_ngram_size=2, num_beams=3)
+    (model / "generation_config.json").write_text(json.dumps(config))
+
+    class Notes(Progress):
+        def __init__(self):
+            self.lines = []
+
+        def note(self, text):
+            self.lines.append(text)
+
+    progress = Notes()
+    result = build(model, tmp_path / "build", BuildOptions(max_sequence=128, parity_new_tokens=16), progress)
+    assert result.failures == []
+    assert result.manifest["generation"]["repetition_penalty"] == 1.5
+    assert result.manifest["generation"]["no_repeat_ngram_size"] == 2
+    assert any("sets num_beams=3, which vlm-export's generation does not apply" in line for line in progress.lines)
+    from PIL import Image
+
+    pipe = open_build(tmp_path / "build")
+    image = [Image.new("RGB", (32, 32), (200, 30, 30))]  # an input this random model answers in loops
+
+    def repeated_bigrams(ids):
+        return len(ids) - 1 - len(set(zip(ids, ids[1:])))
+
+    applied = generate(pipe, "Tell me a story.", image, GenerationConfig(max_new_tokens=40)).token_ids
+    off = generate(pipe, "Tell me a story.", image, GenerationConfig(max_new_tokens=40, repetition_penalty=1.0,
+                                                                      no_repeat_ngram_size=0)).token_ids
+    assert repeated_bigrams(off) > 0 and repeated_bigrams(applied) == 0

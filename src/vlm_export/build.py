@@ -24,7 +24,8 @@ from pathlib import Path
 from .adapters import adapter_for
 from .adapters.base import read_chat_template, set_chat_template
 from .adapters.lora import merge_lora
-from .adapters.reference import eos_token_ids, load_source, reference_pipeline, release_weights, split
+from .adapters.reference import (eos_token_ids, generation_defaults, load_source, reference_pipeline, release_weights,
+                                 split, unapplied_generation_settings)
 from .atomic import atomic_folder
 from .compare.accuracy import AccuracyCheck, accuracy_section, answer_all
 from .compare.parity import (ArrayStore, ParityResult, Sample, compare_tokens, default_samples, expected_tokens,
@@ -213,6 +214,11 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
     if layout.use_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
         progress.note(f"{model_path.name} ships no chat template: prompts go to the model as written, the image "
                       "before the text; if it was trained with a format, give it: --chat-template FILE")
+    unapplied = unapplied_generation_settings(loaded)
+    if unapplied:
+        progress.note(f"{model_path.name}'s generation config sets {', '.join(unapplied)}, which vlm-export's "
+                      "generation does not apply (greedy or sampled, one sequence; repetition_penalty and "
+                      "no_repeat_ngram_size it does): its answers may differ from Hugging Face generate's defaults")
     specs = [s.spec for s in stages]
     precisions = options.precision.resolve(specs)  # a stage or precision the model lacks fails before the export
     asked = options.max_sequence or DEFAULT_MAX_SEQUENCE
@@ -280,7 +286,7 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
         "tokenizer": "tokenizer",
         "tokenizer_sha256": tokenizer_sha256,
         "image_text": image_text.to_dict() if image_text else None,
-        "generation": {"eos_token_ids": eos_token_ids(loaded),
+        "generation": {"eos_token_ids": eos_token_ids(loaded), **generation_defaults(loaded),
                        **({"caption_prompt": loaded.adapter.caption_prompt} if loaded.adapter.caption_prompt else {})},
     }
     write_manifest(tmp, manifest)

@@ -113,6 +113,10 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="Hugging Face's repetition penalty (1 = none; default: the checkpoint's generation config)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None,
+                   help="no n-gram of this size twice (0 = none; default: the checkpoint's generation config)")
 
 
 def _messages(args):
@@ -477,7 +481,8 @@ def _cmd_generate(args, progress) -> int:
     from .runtime.generate import GenerationConfig, GenerationResult, stream
 
     config = GenerationConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              seed=args.seed, stop=tuple(args.stop))
+                              seed=args.seed, stop=tuple(args.stop), repetition_penalty=args.repetition_penalty,
+                              no_repeat_ngram_size=args.no_repeat_ngram_size)
     with progress.step(f"loading {args.build} ({args.backend})") as advance:
         pipe = open_pipeline(args.build, args.backend, threads=args.threads, check_hashes=not args.no_hash_check,
                              form=args.form)

@@ -130,6 +130,12 @@ def _check_structure(manifest: dict[str, Any], path: Path) -> None:
     eos = manifest["generation"].get("eos_token_ids")
     if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
         raise bad("generation.eos_token_ids is not a list of token ids")
+    penalty = manifest["generation"].get("repetition_penalty", 1.0)
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty <= 10:
+        raise bad(f"generation.repetition_penalty is {penalty!r}, not a number in (0, 10]")
+    ngram = manifest["generation"].get("no_repeat_ngram_size", 0)
+    if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 0:
+        raise bad(f"generation.no_repeat_ngram_size is {ngram!r}, not an integer >= 0")
     # the declarations every reader parses: a bad one is damage, said here (not a reader's KeyError later)
     from .contract import ImageText, Limits, PromptLayout, scheme_from_dict, stages_from_manifest
 

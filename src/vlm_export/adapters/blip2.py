@@ -125,7 +125,8 @@ class QFormerAdapterBase(VLMAdapter):
             raise AdapterError(
                 f"the processor in {loaded.path} {expands} but the model has {cfg.num_query_tokens} queries; "
                 f"set num_query_tokens={cfg.num_query_tokens} in its processor_config.json")
-        theirs = run_processor(processor, loaded.path, images=[Image.new("RGB", (8, 8))], text=PROBE_PROMPT)["input_ids"][0]
+        probe = dict(images=[Image.new("RGB", (8, 8))], text=PROBE_PROMPT)
+        theirs = run_processor(processor, loaded.path, **probe)["input_ids"][0]
         ours = build_prompt_ids(loaded.tokenizer, self.prompt_layout(loaded), PROBE_PROMPT, 1)
         if list(theirs) != ours:
             found = sum(1 for t in theirs if t == cfg.image_token_id)
@@ -180,7 +181,7 @@ class QFormerAdapterBase(VLMAdapter):
         as BLIP-2's generate needs an image."""
         from PIL import Image
 
-        common = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_ids,
+        common = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos_token_ids,
                       pad_token_id=eos_token_ids[0])
         with torch.no_grad():
             if pixel_values is None:

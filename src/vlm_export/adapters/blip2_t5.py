@@ -138,7 +138,8 @@ class T5LanguageModel:
         # transformers 5.24 sizes generate's cache by the encoder's depth: a deeper decoder's layer past it
         # fails (IndexError) with the cache; without it, the same maths recomputed per token
         cache = (text.num_decoder_layers or text.num_layers) <= text.num_layers
-        common = dict(do_sample=False, eos_token_id=eos_token_ids, pad_token_id=text.pad_token_id, use_cache=cache)
+        common = dict(do_sample=False, num_beams=1, eos_token_id=eos_token_ids, pad_token_id=text.pad_token_id,
+                      use_cache=cache)
         if pixel_values is None:
             return reference_tokens(loaded.model.language_model.generate, self.scheme(loaded), max_new_tokens,
                                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **common)

@@ -192,13 +192,14 @@ class Florence2Adapter(VLMAdapter):
     # ---- the reference ---------------------------------------------------------------------
     def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
         """HF generate as Florence-2's model card runs it (``processor(text=prompt, images=image)`` ->
-        ``model.generate(input_ids, pixel_values)``), our pixels in, greedy: one beam and no n-gram
-        ban (the generation config's beam search is not what a greedy build runs). The forced BOS is
+        ``model.generate(input_ids, pixel_values)``), our pixels in, greedy: one beam (the generation
+        config's beam search is not what a greedy build runs; its n-gram ban is, as the build applies
+        it too). The forced BOS is
         counted by HF as a new token and is the decoder's prompt here, so HF runs that many tokens
         longer; its forced EOS at the length limit is off (a limit, not the model's choice)."""
         from PIL import Image
 
-        common = dict(do_sample=False, num_beams=1, no_repeat_ngram_size=0, forced_eos_token_id=None,
+        common = dict(do_sample=False, num_beams=1, forced_eos_token_id=None,
                       eos_token_id=eos_token_ids, pad_token_id=loaded.config.text_config.pad_token_id)
         if pixel_values is None:  # no processor form for text alone: our ids
             inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))

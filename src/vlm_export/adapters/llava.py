@@ -151,6 +151,7 @@ class LlavaAdapter(VLMAdapter):
                 attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
+                num_beams=1,  # the build decodes one sequence: the reference too, whatever the config says
                 eos_token_id=eos_token_ids,
                 pad_token_id=eos_token_ids[0],
             )

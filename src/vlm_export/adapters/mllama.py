@@ -270,7 +270,7 @@ class MllamaAdapter(VLMAdapter):
                                                                 loaded.config.vision_config.max_num_tiles, len(ids))
             inputs.update(pixels, cross_attention_mask=torch.from_numpy(mask))
         with torch.no_grad():
-            out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+            out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                         eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0],
                                         use_cache=hf_generate_can_cache(loaded.config))
         return out[0, input_ids.shape[1]:].tolist()

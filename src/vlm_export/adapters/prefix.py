@@ -166,7 +166,7 @@ class PrefixAdapter(VLMAdapter):
     def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
         n_prefix = 0 if pixel_values is None else pixel_values.shape[0] * loaded.config["num_prefix_tokens"]
         out = loaded.model.generate(
-            input_ids[:, n_prefix:], pixel_values, max_new_tokens=max_new_tokens, do_sample=False,
+            input_ids[:, n_prefix:], pixel_values, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
             eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0],
         )
         return out[0].tolist()

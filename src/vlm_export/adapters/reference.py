@@ -34,6 +34,36 @@ def eos_token_ids(loaded: LoadedModel) -> list[int]:
     return ids
 
 
+def generation_defaults(loaded: LoadedModel) -> dict:
+    """The repetition penalty and no-repeat n-gram size of the generation config the model's own
+    generate uses, where they are set (they change even greedy answers): the manifest records them
+    (``generation``) and generation applies them unless a request says otherwise, as HF's generate."""
+    cfg = loaded.adapter.generation_config(loaded)
+    found = {}
+    penalty = getattr(cfg, "repetition_penalty", None)
+    if penalty is not None and float(penalty) != 1.0:
+        found["repetition_penalty"] = float(penalty)
+    if getattr(cfg, "no_repeat_ngram_size", None):
+        found["no_repeat_ngram_size"] = int(cfg.no_repeat_ngram_size)
+    return found
+
+
+#: settings of a generation config that change HF's answers and that vlm-export's generation does not
+#: apply (it decodes greedily or samples one sequence): (attribute, the value that means "off")
+UNAPPLIED_GENERATION_SETTINGS = (("num_beams", 1), ("min_length", 0), ("min_new_tokens", None),
+                                 ("bad_words_ids", None), ("suppress_tokens", None), ("begin_suppress_tokens", None),
+                                 ("sequence_bias", None), ("encoder_repetition_penalty", 1.0),
+                                 ("encoder_no_repeat_ngram_size", 0), ("exponential_decay_length_penalty", None))
+
+
+def unapplied_generation_settings(loaded: LoadedModel) -> list[str]:
+    """``name=value`` for each setting of the model's generation config in
+    ``UNAPPLIED_GENERATION_SETTINGS`` that is on: the build says its answers may differ there."""
+    cfg = loaded.adapter.generation_config(loaded)
+    return [f"{name}={getattr(cfg, name)!r}" for name, off in UNAPPLIED_GENERATION_SETTINGS
+            if getattr(cfg, name, off) not in (off, None, [], {})]
+
+
 def reference_pipeline(loaded: LoadedModel, limits: Limits, stages: list[Stage] | None = None,
                        device=None, dtype: str | None = None) -> VLMPipeline:
     """The split modules, exactly as exported, behind TorchRunners.
@@ -55,7 +85,8 @@ def reference_pipeline(loaded: LoadedModel, limits: Limits, stages: list[Stage] 
     text = adapter.image_text(loaded)
     return VLMPipeline(runners, [s.spec for s in stages], adapter.scheme(loaded), loaded.tokenizer,
                        loaded.image_processor, adapter.prompt_layout(loaded), limits, eos_token_ids(loaded),
-                       ImageTextEncoder(text, loaded.image_text_tokenizer) if text else None)
+                       ImageTextEncoder(text, loaded.image_text_tokenizer) if text else None,
+                       generation_defaults(loaded))
 
 
 def release_weights(loaded: LoadedModel, reference: VLMPipeline) -> None:

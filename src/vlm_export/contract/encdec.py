@@ -153,6 +153,10 @@ class EncoderDecoderScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
             },
         ]
 
+    def penalty_context(self, prompt_ids: Sequence[int]) -> list[int]:
+        # Hugging Face's processors see the decoder's ids: its start (and forced) tokens, not the prompt
+        return list(self.decoder_prompt_ids)
+
     def length_problem(self, prompt_tokens: int, max_new_tokens: int, limits: Limits) -> str | None:
         if prompt_tokens > limits.max_sequence:
             return (f"the prompt is {prompt_tokens} tokens, more than this build's max_sequence of "

@@ -421,6 +421,12 @@ class DecodingScheme(abc.ABC):
     def check_prompt(self, prompt_ids: Sequence[int], image_input: np.ndarray) -> None:
         """InputError when the prompt and the images do not fit together."""
 
+    def penalty_context(self, prompt_ids: Sequence[int]) -> list[int]:
+        """The ids a repetition penalty and a no-repeat n-gram rule look back over before the first new
+        token, as Hugging Face's logits processors see them (``input_ids`` of its generate): the
+        prompt, image tokens included, for a decoder-only LM."""
+        return list(prompt_ids)
+
     # ---- running a batch ---------------------------------------------------------------
     # A prefill is one decoder call for any number of new prompts (up to the build's max_batch) of
     # any lengths, from an empty state: prefill_feeds(rows, batch_image_inputs([each row's])), the

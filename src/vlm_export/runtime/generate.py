@@ -12,8 +12,8 @@ evaluation, the bench and the Triton ``vlm`` model all run this code; the decodi
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -45,6 +45,12 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     #: generate exactly max_new_tokens, EOS or not (what benchmarks of LLM servers do)
     ignore_eos: bool = False
+    #: Hugging Face's repetition penalty (CTRL's: a seen token's logit divided by it, or multiplied where
+    #: negative) and no-repeat n-gram size (no n-gram twice), over the prompt and the answer so far as
+    #: HF's generate applies them; None: the build's (its checkpoint's generation_config.json), as HF's
+    #: generate defaults to that file
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_new_tokens, (int, np.integer)) and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_CAP):
@@ -57,6 +63,18 @@ class GenerationConfig:
             raise InputError(f"seed must be an integer in 0..2^63-1 (or absent), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):  # "" would end every answer at once
             raise InputError(f"stop strings must be non-empty text, got {list(self.stop)!r}")
+        if self.repetition_penalty is not None and not (0.0 < float(self.repetition_penalty) <= 10.0):
+            raise InputError(f"repetition_penalty must be in (0, 10] (1: none), got {self.repetition_penalty!r}")
+        n = self.no_repeat_ngram_size
+        if n is not None and not (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0):
+            raise InputError(f"no_repeat_ngram_size must be an integer >= 0 (0: none), got {n!r}")
+
+    def with_defaults(self, defaults: Mapping[str, float | int]) -> "GenerationConfig":
+        """The settings left None filled from ``defaults`` (a build's ``generation`` section), else off."""
+        return replace(self, repetition_penalty=float(self.repetition_penalty if self.repetition_penalty is not None
+                                                      else defaults.get("repetition_penalty", 1.0)),
+                       no_repeat_ngram_size=int(self.no_repeat_ngram_size if self.no_repeat_ngram_size is not None
+                                                else defaults.get("no_repeat_ngram_size", 0)))
 
 
 @dataclass
@@ -92,11 +110,55 @@ class GenerationRequest:
 
 
 class Sampler:
-    def __init__(self, config: GenerationConfig):
+    """One row's next token from its logits: the repetition penalty and the no-repeat n-gram rule over
+    ``context`` (what Hugging Face's logits processors see: ``DecodingScheme.penalty_context``) and
+    the tokens sampled since, then greedy, or temperature and top-p."""
+
+    def __init__(self, config: GenerationConfig, context: Sequence[int] = ()):
         self.config = config
         self.rng = np.random.default_rng(config.seed)
+        self.penalty = float(config.repetition_penalty or 1.0)
+        self.ngram = int(config.no_repeat_ngram_size or 0)
+        self.seen = {int(t) for t in context} if self.penalty != 1.0 else set()
+        self.followers: dict[tuple[int, ...], set[int]] = {}  # each (n-1)-gram -> the tokens that followed it
+        self.recent: list[int] = []  # the last n-1 ids
+        self.length = 0
+        for token in context if self.ngram else ():
+            self._record_ngram(int(token))
+        self.length = len(context)
 
     def __call__(self, logits: np.ndarray) -> int:
+        token = self._pick(self._processed(logits))
+        self._record(token)
+        return token
+
+    def _processed(self, logits: np.ndarray) -> np.ndarray:
+        if self.penalty == 1.0 and not self.ngram:
+            return logits
+        logits = np.array(logits, dtype=np.float32)  # a copy: the batch's logits stay as the decoder made them
+        if self.seen:
+            seen = np.fromiter((t for t in self.seen if 0 <= t < logits.shape[-1]), dtype=np.int64)
+            picked = logits[seen]
+            logits[seen] = np.where(picked < 0, picked * self.penalty, picked / self.penalty)
+        if self.ngram and self.length + 1 >= self.ngram:  # the next token would end an n-gram: not one seen
+            banned = [t for t in self.followers.get(tuple(self.recent), ()) if 0 <= t < logits.shape[-1]]
+            logits[banned] = -np.inf
+        return logits
+
+    def _record(self, token: int) -> None:
+        if self.penalty != 1.0:
+            self.seen.add(token)
+        if self.ngram:
+            self._record_ngram(token)
+        self.length += 1
+
+    def _record_ngram(self, token: int) -> None:
+        if len(self.recent) == self.ngram - 1:  # an n-gram ends at this token
+            self.followers.setdefault(tuple(self.recent), set()).add(token)
+        if self.ngram > 1:
+            self.recent = (self.recent + [token])[1 - self.ngram:]
+
+    def _pick(self, logits: np.ndarray) -> int:
         if self.config.temperature == 0.0:
             return int(np.argmax(logits))
         z = logits.astype(np.float64) / self.config.temperature
@@ -277,7 +339,9 @@ class Scheduler:
         thread: they read every image row); otherwise they are made when the row is admitted."""
         self.pipe.check_length(len(prompt_ids), config.max_new_tokens)
         self.pipe.scheme.check_prompt(prompt_ids, image_input)
-        row = _Row(next(self._ids), list(prompt_ids), image_input, config, Sampler(config),
+        config = config.with_defaults(self.pipe.generation_defaults)
+        row = _Row(next(self._ids), list(prompt_ids), image_input, config,
+                   Sampler(config, self.pipe.scheme.penalty_context(prompt_ids)),
                    TextStream(self.pipe.tokenizer, config.stop), keys=prefix_keys)
         self.queued.append(row)
         return row.id

@@ -8,7 +8,7 @@ from typing import Mapping
 from ..contract import ImageText, Limits, PromptLayout, scheme_from_dict, stages_from_manifest
 from ..manifest import check_hashes as check_build_hashes, form_entry, gpu_form, gpu_form_note, read_manifest
 from .devices import Device, log
-from .pipeline import VLMPipeline
+from .pipeline import GENERATION_DEFAULTS, VLMPipeline
 from .prompt import ImageTextEncoder
 from .runners import OrtRunner, Runner
 
@@ -41,7 +41,8 @@ def pipeline_from_manifest(manifest: dict, runners: Mapping[str, Runner], tokeni
     image_text = image_text_encoder(manifest, root) if manifest.get("image_text") else None
     return VLMPipeline(runners, stages_from_manifest(manifest), scheme_from_dict(manifest["scheme"]), tokenizer,
                        image_processor, PromptLayout.from_dict(manifest["prompt_layout"]),
-                       Limits.from_dict(manifest["limits"]), manifest["generation"]["eos_token_ids"], image_text)
+                       Limits.from_dict(manifest["limits"]), manifest["generation"]["eos_token_ids"], image_text,
+                       {k: v for k, v in manifest["generation"].items() if k in GENERATION_DEFAULTS})
 
 
 def open_build(build_dir: Path, threads: int | None = None, check_hashes: bool = True,

@@ -78,6 +78,11 @@ def image_limits_for(stages: Sequence[StageSpec], max_pixels: int | None = None,
     return ImageLimits(max_pixels or ImageLimits.max_pixels, max_bytes or ImageLimits.max_bytes)
 
 
+#: the generation settings a build records from its checkpoint (``manifest["generation"]``) and every
+#: generation on it applies unless a request sets its own (``GenerationConfig.with_defaults``)
+GENERATION_DEFAULTS = ("repetition_penalty", "no_repeat_ngram_size")
+
+
 class VLMPipeline:
     """The image stages, then the decoder, behind runners; and the request plumbing.
 
@@ -89,7 +94,8 @@ class VLMPipeline:
 
     def __init__(self, runners: Mapping[str, Runner], stages: Sequence[StageSpec], scheme: DecodingScheme,
                  tokenizer, image_processor, layout: PromptLayout, limits: Limits, eos_token_ids: list[int],
-                 image_text: ImageTextEncoder | None = None):
+                 image_text: ImageTextEncoder | None = None,
+                 generation_defaults: Mapping[str, float | int] | None = None):
         self.runners = dict(runners)
         self.stages = list(stages)
         self.image_text = image_text
@@ -100,6 +106,8 @@ class VLMPipeline:
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.layout, self.limits = layout, limits
         self.eos_token_ids = list(eos_token_ids)
+        #: the checkpoint's repetition penalty / no-repeat n-gram size (``GenerationConfig.with_defaults``)
+        self.generation_defaults = dict(generation_defaults or {})
         #: prompts' K/V kept for later prompts that start the same way (``runtime.prefix_cache``; None:
         #: off). Every generation on this pipeline (``runtime.generate.Scheduler``) reads and fills it.
         self.prefix_cache: PrefixCache | None = None
