@@ -354,12 +354,15 @@ def test_prompt_ids_equal_the_llava_processors_own(tiny_build, tiny_model_dir, n
 def test_prompt_ids_follow_the_processor_without_a_template_and_beside_a_tokenizers_own(tiny_model_dir, tmp_path):
     """The llava-hf checkpoint's folder two other ways: no chat template at all (the processor tokenizes the
     plain text with its tokenizer's BOS), and the processor's template in chat_template.json beside a
-    text-only one in tokenizer_config.json (LlavaProcessor renders with its own): ids as the processor's."""
+    text-only one in tokenizer_config.json (LlavaProcessor renders with its own): ids as the processor's;
+    without a template, a raw prompt that writes the image token where each image goes, as the processor
+    takes it (refused where a template places the images)."""
     import shutil
 
     from PIL import Image
     from transformers import AutoProcessor
 
+    from vlm_export.errors import InputError
     from vlm_export.runtime.prompt import build_prompt_ids
 
     image, question = Image.new("RGB", (40, 30), (200, 30, 30)), "What shape is it?"
@@ -388,6 +391,19 @@ def test_prompt_ids_follow_the_processor_without_a_template_and_beside_a_tokeniz
         adapter = adapter_for(folder)
         loaded = adapter.load(folder)
         assert build_prompt_ids(loaded.tokenizer, adapter.prompt_layout(loaded), question, 1) == want, folder.name
+        # a raw prompt that writes the image token where each image goes (LLaVA-1.5's "USER: <image>\n..."):
+        # as written where no template lays it out, as the processor takes it; refused where one does
+        raw = f"USER: {processor.image_token}\n{question} ASSISTANT:"
+        layout = adapter.prompt_layout(loaded)
+        if folder == plain:
+            for prompt, images in ((raw, [image]), (raw.replace("\n", f" and {processor.image_token}\n"), [image] * 2)):
+                want = processor(text=prompt, images=images, return_tensors="np")["input_ids"][0].tolist()
+                assert build_prompt_ids(loaded.tokenizer, layout, prompt, len(images)) == want
+            with pytest.raises(InputError, match=r"writes the image token '<image>' 1 time\(s\) for 2 image\(s\)"):
+                build_prompt_ids(loaded.tokenizer, layout, raw, 2)
+        else:
+            with pytest.raises(InputError, match="contains the image token '<image>' itself.*chat template places"):
+                build_prompt_ids(loaded.tokenizer, layout, raw, 1)
 
 
 def test_the_kv_geometry_is_the_cache_the_lm_writes():

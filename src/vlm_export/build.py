@@ -212,8 +212,10 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
         raise BuildError(f"{adapter.name} models take their prompts as written, through no chat template; "
                          "drop --chat-template")
     if layout.use_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
+        where = (f" (or where the prompt writes {layout.image_token!r}, once per image)" if layout.images_where_written
+                 else "")
         progress.note(f"{model_path.name} ships no chat template: prompts go to the model as written, the image "
-                      "before the text; if it was trained with a format, give it: --chat-template FILE")
+                      f"before the text{where}; if it was trained with a format, give it: --chat-template FILE")
     unapplied = unapplied_generation_settings(loaded)
     if unapplied:
         progress.note(f"{model_path.name}'s generation config sets {', '.join(unapplied)}, which vlm-export's "

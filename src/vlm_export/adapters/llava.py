@@ -137,7 +137,7 @@ class LlavaAdapter(VLMAdapter):
         token = loaded.tokenizer.convert_ids_to_tokens(loaded.config.image_token_id)
         return PromptLayout(kind="inline", image_token_id=loaded.config.image_token_id,
                             tokens_per_image=self.tokens_per_image(loaded), image_token=token,
-                            chat_parts=chat_template_takes_parts(loaded.tokenizer, token))
+                            chat_parts=chat_template_takes_parts(loaded.tokenizer, token), images_where_written=True)
 
     def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
         return text_geometry(loaded.config.text_config, loaded.model.model.language_model)

@@ -46,6 +46,10 @@ class PromptLayout:
     chat_parts: bool = False
     #: task token -> the text the processor puts in its place (see the module docstring)
     task_prompts: dict[str, str] = field(default_factory=dict, hash=False)
+    #: where no chat template lays the prompt out, a prompt may write the image token where each image
+    #: goes, one per image, as the model's processor takes a raw prompt (LlavaProcessor expands each in
+    #: place); else images go before the text and the token in a prompt is refused
+    images_where_written: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUTS:
@@ -61,6 +65,8 @@ class PromptLayout:
             del d["task_prompts"]
         if not d["chat_parts"]:  # likewise
             del d["chat_parts"]
+        if not d["images_where_written"]:  # likewise
+            del d["images_where_written"]
         return d
 
     @classmethod

@@ -87,6 +87,22 @@ def _expanded(layout: PromptLayout, content):
     return [{**p, "text": expand_task(layout, p["text"])} if p.get("type") == "text" else p for p in content]
 
 
+def _images_as_written(tokenizer, layout: PromptLayout, prompt: Prompt, n_images: int) -> str:
+    """A prompt that writes the image token itself: the model's input as written, where the layout
+    takes images where written and no chat template lays the prompt out (``PromptLayout.images_where_written``),
+    one token per image; else an InputError saying how to send it."""
+    token = layout.image_token
+    templated = layout.use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+    if not layout.images_where_written or templated or not isinstance(prompt, str):
+        why = "its chat template places each image" if templated else "images go before the text"
+        raise InputError(f"the prompt contains the image token {token!r} itself; pass images separately and remove it "
+                         f"from the text ({why})")
+    if prompt.count(token) != n_images:
+        raise InputError(f"the prompt writes the image token {token!r} {prompt.count(token)} time(s) for {n_images} "
+                         "image(s): write it once where each image goes, or not at all (images then go before the text)")
+    return prompt
+
+
 def build_prompt_ids(tokenizer, layout: PromptLayout, prompt: Prompt, n_images: int) -> list[int]:
     """Token ids for one prompt or conversation with ``n_images`` images, placeholders expanded."""
     messages = as_messages(prompt, n_images)
@@ -94,9 +110,9 @@ def build_prompt_ids(tokenizer, layout: PromptLayout, prompt: Prompt, n_images: 
         messages = [{**m, "content": _expanded(layout, m["content"])} for m in messages]
     texts = [p["text"] for m in messages for p in m["content"] if p["type"] == "text"]
     if layout.kind == "inline" and any(layout.image_token in t for t in texts):
-        raise InputError(f"the prompt contains the image token {layout.image_token!r} itself; "
-                         "pass images separately and remove it from the text")
-    text = format_text(tokenizer, layout, messages)
+        text = _images_as_written(tokenizer, layout, prompt, n_images)
+    else:
+        text = format_text(tokenizer, layout, messages)
     if layout.kind == "inline":
         # tokenized as the model's processor tokenizes text (processor(text=...), and its rendered template in
         # ProcessorMixin.apply_chat_template): with the tokenizer's special tokens (a Llama tokenizer's BOS)
