@@ -122,10 +122,9 @@ class Sampler:
         self.seen = {int(t) for t in context} if self.penalty != 1.0 else set()
         self.followers: dict[tuple[int, ...], set[int]] = {}  # each (n-1)-gram -> the tokens that followed it
         self.recent: list[int] = []  # the last n-1 ids
-        self.length = 0
         for token in context if self.ngram else ():
             self._record_ngram(int(token))
-        self.length = len(context)
+        self.length = len(context)  # ids so far: an n-gram ban starts once n-1 of them precede the next
 
     def __call__(self, logits: np.ndarray) -> int:
         token = self._pick(self._processed(logits))
