@@ -244,6 +244,20 @@ def run_cli(capsys):
     return run
 
 
+def recorded_notes():
+    """A build's progress that keeps the one-line notes it prints (``.lines``), for tests that read them."""
+    from vlm_export.progress import Progress
+
+    class Notes(Progress):
+        def __init__(self):
+            self.lines: list[str] = []
+
+        def note(self, text: str) -> None:
+            self.lines.append(text)
+
+    return Notes()
+
+
 def assert_one_line_error(result: CliResult, *needles: str) -> None:
     """A non-zero exit and exactly one ``error:`` line holding every needle, no traceback."""
     assert result.returncode != 0

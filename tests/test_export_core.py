@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import TINY_MODELS, fp32_bound
+from conftest import TINY_MODELS, fp32_bound, recorded_notes
 from vlm_export.adapters import adapter_for, registered
 from vlm_export.manifest import read_manifest, verify_hashes
 from vlm_export.runtime.generate import GenerationConfig, generate
@@ -560,7 +560,6 @@ def test_a_head_size_the_fused_rotary_refuses_builds_unfused(tmp_path):
 
     from tiny_models import IMAGE_TOKEN_ID, TEXT_FAMILIES, _save_tokenizer_and_processor, _text_config, _vision_config
     from vlm_export.build import BuildOptions, build
-    from vlm_export.progress import Progress
 
     model = tmp_path / "model"
     with pytest.MonkeyPatch.context() as patch:
@@ -570,14 +569,7 @@ def test_a_head_size_the_fused_rotary_refuses_builds_unfused(tmp_path):
     LlavaForConditionalGeneration(LlavaConfig(vision_config=_vision_config(), text_config=text,
                                               image_token_id=IMAGE_TOKEN_ID)).save_pretrained(model)
     _save_tokenizer_and_processor(model, 32)
-    class Notes(Progress):
-        def __init__(self):
-            self.lines = []
-
-        def note(self, text):
-            self.lines.append(text)
-
-    progress = Notes()
+    progress = recorded_notes()
     result = build(model, tmp_path / "build", BuildOptions(max_sequence=128, parity_new_tokens=8), progress)
     assert result.failures == []
     fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
@@ -624,23 +616,15 @@ def test_a_checkpoint_without_a_chat_template_gets_the_one_given(tiny_model_dir,
     from vlm_export.build import BuildOptions, build
     from vlm_export.datasets import load_split
     from vlm_export.errors import AdapterError, BuildError
-    from vlm_export.progress import Progress
-
-    class Notes(Progress):
-        def __init__(self):
-            self.notes = []
-
-        def note(self, text: str) -> None:
-            self.notes.append(text)
 
     model = tmp_path / "no-template"
     shutil.copytree(tiny_model_dir("llava-gemma3"), model)
     for f in model.glob("chat_template.*"):
         f.unlink()
     assert not AutoProcessor.from_pretrained(model).chat_template
-    progress = Notes()
+    progress = recorded_notes()
     plain = build(model, tmp_path / "plain", BuildOptions(parity_new_tokens=2), progress)
-    assert any("ships no chat template" in n and "--chat-template FILE" in n for n in progress.notes)
+    assert any("ships no chat template" in n and "--chat-template FILE" in n for n in progress.lines)
     pipe = open_build(plain.path)
     assert pipe.tokenizer.decode(pipe.prompt_ids("What shape is it?", 1)).endswith("<image>\nWhat shape is it?")
 

@@ -12,7 +12,7 @@ from vlm_export.runtime.generate import (DEFAULT_MAX_PREFILL_PADDING, Generation
                                         GenerationResult, Scheduler, TokenEvent, generate, generate_batch,
                                         generate_ids, prepare_request)
 from vlm_export.runtime.load import open_build
-from conftest import pipeline_failing_on  # noqa: E402
+from conftest import pipeline_failing_on, recorded_notes  # noqa: E402
 
 
 def _batch(rows: int, length: int, fill: float) -> DecodeBatch:
@@ -259,21 +259,13 @@ def test_the_checkpoints_repetition_settings_are_the_builds_defaults(tmp_path):
 
     from tiny_models import make_tiny_llava
     from vlm_export.build import BuildOptions, build
-    from vlm_export.progress import Progress
 
     model = make_tiny_llava(tmp_path / "model")
     config = json.loads((model / "generation_config.json").read_text())
     config.update(repetition_penalty=1.5, no_repeat_ngram_size=2, num_beams=3)
     (model / "generation_config.json").write_text(json.dumps(config))
 
-    class Notes(Progress):
-        def __init__(self):
-            self.lines = []
-
-        def note(self, text):
-            self.lines.append(text)
-
-    progress = Notes()
+    progress = recorded_notes()
     result = build(model, tmp_path / "build", BuildOptions(max_sequence=128, parity_new_tokens=16), progress)
     assert result.failures == []
     assert result.manifest["generation"]["repetition_penalty"] == 1.5
