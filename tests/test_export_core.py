@@ -539,6 +539,13 @@ def test_checkpoints_hugging_face_cannot_run_are_refused_at_load(tiny_model_dir,
     (resized / "preprocessor_config.json").write_text(json.dumps(processor))
     with pytest.raises(AdapterError, match="makes 61x97 images .* it does not resize .*: set do_resize true"):
         adapter_for(resized).load(resized)
+    saved_with_processor = tmp_path / "hf"  # transformers 5 keeps the image processor in processor_config.json
+    shutil.copytree(tiny_model_dir("llava-gemma3"), saved_with_processor)
+    processor = json.loads((saved_with_processor / "processor_config.json").read_text())
+    processor["image_processor"].update(crop_size={"height": 64, "width": 64}, size={"shortest_edge": 64})
+    (saved_with_processor / "processor_config.json").write_text(json.dumps(processor))
+    with pytest.raises(AdapterError, match=r'makes 64x64 images .* in its processor_config.json \("image_processor"\)'):
+        adapter_for(saved_with_processor).load(saved_with_processor)
 
     layers = json.loads((tiny_model_dir("llava-llama") / "config.json").read_text())["vision_config"]["num_hidden_layers"]
     for bad in (layers + 1, -(layers + 2), [layers + 3]):  # HF's forward: IndexError

@@ -169,7 +169,15 @@ def check_image_size(loaded: LoadedModel, size: tuple[int, int]) -> None:
         fix = "fix size / crop_size" if resizes else "it does not resize (do_resize false): set do_resize true"
         raise AdapterError(f"the image processor in {loaded.path} makes {made[0]}x{made[1]} images but the vision "
                            f"tower takes {size[0]}x{size[1]} (vision_config.image_size); {fix} in its "
-                           "preprocessor_config.json")
+                           f"{_image_processor_file(loaded.path)}")
+
+
+def _image_processor_file(folder: Path) -> str:
+    """Where a folder keeps its image processor's settings: preprocessor_config.json, or (transformers 5
+    saves it there) the "image_processor" entry of processor_config.json."""
+    if not (Path(folder) / "preprocessor_config.json").exists() and (Path(folder) / "processor_config.json").exists():
+        return 'processor_config.json ("image_processor")'
+    return "preprocessor_config.json"
 
 
 def read_chat_template(path: Path) -> str:
