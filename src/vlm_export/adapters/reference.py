@@ -49,8 +49,9 @@ def generation_defaults(loaded: LoadedModel) -> dict:
 
 
 #: settings of a generation config that change HF's answers and that vlm-export's generation does not
-#: apply (it decodes greedily or samples one sequence): (attribute, the value that means "off")
-UNAPPLIED_GENERATION_SETTINGS = (("num_beams", 1), ("min_length", 0), ("min_new_tokens", None),
+#: apply (it decodes greedily unless a request asks for temperature / top-p, one sequence): (attribute,
+#: the value that means "off")
+UNAPPLIED_GENERATION_SETTINGS = (("do_sample", False), ("num_beams", 1), ("min_length", 0), ("min_new_tokens", None),
                                  ("bad_words_ids", None), ("suppress_tokens", None), ("begin_suppress_tokens", None),
                                  ("sequence_bias", None), ("encoder_repetition_penalty", 1.0),
                                  ("encoder_no_repeat_ngram_size", 0), ("exponential_decay_length_penalty", None))
