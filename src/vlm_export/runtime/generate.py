@@ -12,6 +12,7 @@ evaluation, the bench and the Triton ``vlm`` model all run this code; the decodi
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -185,12 +186,14 @@ class TextStream:
     again (0.7 ms per row and token at 2048 tokens with SmolLM2's tokenizer, so 6 ms of every batch-8
     step). A partial character decodes to U+FFFD - one per byte so far with a byte-fallback tokenizer
     (Llama 2's, LLaVA-1.5's), one in all with a byte-level one (GPT-2's) - and waits for the bytes
-    that complete it. On text the result is the whole decode's; on bytes that never make a character
-    the U+FFFD can fall differently (the tokenizer decodes a run of byte tokens as one, and a run may
-    span the context's edge)."""
+    that complete it. A byte-fallback tokenizer decodes a run of byte tokens (``<0x07><0xB2>``) as one,
+    every byte of it a U+FFFD where the run is not valid UTF-8 (a valid ``\x07`` included), so text is
+    settled only where such a run has ended: the streamed text is the whole decode's, bytes that never
+    make a character included."""
 
     def __init__(self, tokenizer, stop: Sequence[str]):
         self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self._byte_tokens = byte_fallback_ids(tokenizer)
         self._longest_stop = max((len(s) for s in self.stop), default=0)
         self.tokens: list[int] = []
         self.text = ""
@@ -213,6 +216,8 @@ class TextStream:
 
     def push(self, token: int) -> TokenEvent | None:
         self.tokens.append(token)
+        if token in self._byte_tokens:  # a run of byte tokens is decoded whole, once it has ended
+            return None
         piece = self._unread()
         if not piece or piece.endswith("\ufffd"):  # nothing visible yet, or a partial character
             return None
@@ -239,6 +244,20 @@ class TextStream:
             self._sent = len(self.text)
             return event
         return None
+
+
+_BYTE_FALLBACK_IDS: "weakref.WeakKeyDictionary[object, frozenset[int]]" = weakref.WeakKeyDictionary()
+
+
+def byte_fallback_ids(tokenizer) -> frozenset[int]:
+    """The ids of a byte-fallback tokenizer's 256 byte tokens (``<0x00>`` .. ``<0xFF>``: SentencePiece's,
+    Llama 2's); none for others (a byte-level BPE's tokens are not bytes on their own)."""
+    if tokenizer not in _BYTE_FALLBACK_IDS:
+        names = [f"<0x{b:02X}>" for b in range(256)]
+        ids = tokenizer.convert_tokens_to_ids(names)
+        unknown = getattr(tokenizer, "unk_token_id", None)
+        _BYTE_FALLBACK_IDS[tokenizer] = frozenset(i for i in ids if i is not None and i != unknown)
+    return _BYTE_FALLBACK_IDS[tokenizer]
 
 
 def _stop_index(text: str, stops: Sequence[str], start: int = 0) -> int | None:
