@@ -120,6 +120,17 @@ def test_answers_equal_vlm_client(oai, vlm, images):
         got = ask(oai, [image_part(images[0]), {"type": "text", "text": PROMPTS[0]}], max_tokens=12, stop=stops)
         assert got.choices[0].message.content == want.text and got.choices[0].finish_reason == "stop"
         assert stop not in got.choices[0].message.content
+    # OpenAI's penalties and vLLM's repetition_penalty reach the server: the VLMClient's answer with the same
+    for penalties in ({"frequency_penalty": -1.0}, {"presence_penalty": 1.5}, {"repetition_penalty": 1.5}):
+        openai_args = {k: v for k, v in penalties.items() if k != "repetition_penalty"}
+        extra = {k: v for k, v in penalties.items() if k == "repetition_penalty"}
+        got = ask(oai, [image_part(images[1]), {"type": "text", "text": PROMPTS[1]}], max_tokens=12,
+                  extra_body={"ignore_eos": True, **extra}, **openai_args)
+        want = vlm.generate(PROMPTS[1], [images[1]], max_tokens=12, ignore_eos=True, **penalties)
+        assert got.choices[0].message.content == want.text, penalties
+    assert ask(oai, "Hello there", max_tokens=8, frequency_penalty=-2.0, extra_body={"ignore_eos": True}) \
+        .choices[0].message.content != ask(oai, "Hello there", max_tokens=8, extra_body={"ignore_eos": True}) \
+        .choices[0].message.content
     # seeded sampling is reproducible, and max_tokens reached is "length"
     a, b = (ask(oai, "Tell me a story.", max_tokens=8, temperature=1.2, seed=11,
                 extra_body={"ignore_eos": True}) for _ in range(2))
@@ -206,6 +217,7 @@ def test_bad_requests_get_openai_errors(oai, images):
         "empty messages": ({"messages": []}, "non-empty", "messages"),
         "temperature": ({"temperature": 3}, "temperature", "temperature"),
         "seed": ({"seed": -1}, "seed", "seed"),
+        "frequency_penalty": ({"frequency_penalty": 2.5}, "frequency_penalty", "frequency_penalty"),
         "audio part": ({"messages": [user(content=[{"type": "input_audio", "input_audio": {"format": "wav"}}])]},
                        "not supported", "messages[0].content[0].type"),
     }
@@ -493,13 +505,17 @@ def test_parameters_and_error_mapping():
         return generation_params(ChatCompletionRequest(model="m", messages=[], **kw))
 
     assert params() == {"max_tokens": 64, "temperature": 1.0, "top_p": 1.0, "seed": None, "stop": (),
-                        "ignore_eos": False}
+                        "ignore_eos": False, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                        "repetition_penalty": None}
+    got = params(presence_penalty=-2, frequency_penalty=1.5, repetition_penalty=1.2)
+    assert (got["presence_penalty"], got["frequency_penalty"], got["repetition_penalty"]) == (-2, 1.5, 1.2)
     assert params(max_tokens=5, max_completion_tokens=7, stop="x", seed=3, temperature=0)["max_tokens"] == 7
     assert params(stop=["a", "b"])["stop"] == ("a", "b")
     assert params(top_p=0)["top_p"] == 0.0  # OpenAI's API takes 0: the top token only
     for kw, param in (({"n": 3}, "n"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
                       ({"top_p": -0.1}, "top_p"), ({"top_p": 1.01}, "top_p"), ({"stop": [""]}, "stop"),
-                      ({"presence_penalty": 0.5}, "presence_penalty"),
+                      ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
+                      ({"repetition_penalty": 0}, "repetition_penalty"),
                       ({"logprobs": True}, "logprobs"), ({"tools": [{"type": "function"}]}, "tools"),
                       ({"response_format": {"type": "json_object"}}, "response_format")):
         with pytest.raises(OpenAIError) as err:

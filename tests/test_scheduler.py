@@ -251,6 +251,38 @@ def test_the_samplers_penalty_and_ngram_ban_are_hugging_faces(penalty, ngram):
     assert ours is not logits  # the batch's own logits are left as the decoder made them
 
 
+@pytest.mark.parametrize("presence, frequency", [(0.6, 0.0), (0.0, 0.8), (1.5, -0.5), (-1.0, 0.4)])
+def test_the_samplers_presence_and_frequency_penalties_are_openais(presence, frequency):
+    """OpenAI's penalties as its API reference defines them (a logit less frequency x the times the token
+    is in the answer so far, less presence once it is; the prompt not counted), applied after Hugging
+    Face's repetition penalty as vLLM does, step after step."""
+    import collections
+
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from vlm_export.runtime.generate import Sampler
+
+    rng = np.random.default_rng(1)
+    vocab, context = 8, [3, 5, 3]
+    sampler = Sampler(GenerationConfig(presence_penalty=presence, frequency_penalty=frequency,
+                                       repetition_penalty=1.3), context)
+    answer: list[int] = []
+    for _ in range(16):
+        logits = (rng.normal(size=vocab) * 0.5).astype(np.float32)
+        expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([context + answer]),
+                                                         torch.from_numpy(logits.copy())[None])[0].numpy()
+        for token, times in collections.Counter(answer).items():
+            expected[token] -= frequency * times + presence
+        np.testing.assert_allclose(sampler._processed(logits), expected, rtol=0, atol=1e-6)
+        answer.append(sampler(logits))
+        assert answer[-1] == int(np.argmax(expected))
+    assert len(set(answer)) < len(answer)  # tokens came back, so the counts were applied, not only presence
+    for bad in ({"presence_penalty": 2.5}, {"frequency_penalty": -2.01}, {"presence_penalty": float("nan")}):
+        with pytest.raises(InputError, match=f"{next(iter(bad))} must be in \\[-2, 2\\]"):
+            GenerationConfig(**bad)
+
+
 def test_the_checkpoints_repetition_settings_are_the_builds_defaults(tmp_path):
     """A generation_config.json with a repetition penalty and an n-gram ban (which change greedy answers)
     and beams: the build records the first two and applies them as Hugging Face's generate does (parity

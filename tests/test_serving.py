@@ -170,6 +170,47 @@ def test_seeded_sampling_served_equals_in_process(served):
         assert [client.generate(prompt, max_tokens=8, **kw).text for kw in settings] == expected, url
 
 
+def test_repetition_settings_served_equal_in_process(served, run_cli, tmp_path):
+    """The repetition penalty, the n-gram ban and OpenAI's presence / frequency penalties reach the served
+    sampler over both protocols: each changes this greedy answer (an input the random model repeats
+    itself on), and the served answer is the in-process one for the same settings."""
+    from PIL import Image
+
+    build, server = served
+    pipe = open_build(build)
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    png = _png(image)
+    settings = [{}, dict(repetition_penalty=1.5), dict(no_repeat_ngram_size=1), dict(presence_penalty=1.5),
+                dict(frequency_penalty=-1.0), dict(repetition_penalty=1.0, no_repeat_ngram_size=0)]
+    results = [generate(pipe, "Tell me a story.", [image], GenerationConfig(max_new_tokens=16, **kw))
+               for kw in settings]
+    expected = [r.text for r in results]
+    assert all(text != expected[0] for text in expected[1:-1]), expected  # a server ignoring one could not pass
+    for url in (f"grpc://{server.grpc_url}", f"http://{server.http_url}"):
+        client = VLMClient(url)
+        assert [client.generate("Tell me a story.", [png], max_tokens=16, **kw).text for kw in settings] == expected
+    for bad, needle in (({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\]"),
+                        ({"frequency_penalty": math.nan}, "frequency_penalty must be in"),
+                        ({"repetition_penalty": 0.0}, r"repetition_penalty must be in \(0, 10\]"),
+                        ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size must be an integer >= 0")):
+        with pytest.raises(RequestError, match=needle):
+            VLMClient(f"grpc://{server.grpc_url}").generate("hi", max_tokens=2, **bad)
+    # the ask command sends them too
+    (tmp_path / "red.png").write_bytes(png)
+    for kw, flags in ((settings[1], ["--repetition-penalty", "1.5"]), (settings[4], ["--frequency-penalty", "-1"])):
+        got = run_cli("ask", "--url", f"grpc://{server.grpc_url}", "--prompt", "Tell me a story.", "--image",
+                      str(tmp_path / "red.png"), "--max-tokens", "16", *flags)
+        assert got.returncode == 0 and got.stdout == expected[settings.index(kw)] + "\n", got.stderr
+
+
+def _png(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_concurrent_clients_all_correct(served, photos):
     build, server = served
     pipe = open_build(build)

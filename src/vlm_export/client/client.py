@@ -24,6 +24,13 @@ import numpy as np
 from ..errors import InputError, RequestError, ServeError
 
 Image = Union[str, Path, bytes]
+#: the settings a request sends only where they differ from the server's default (None: the server's
+#: own, for the repetition penalty and the no-repeat n-gram size the build's), so a repository rendered
+#: before a setting existed still takes requests without it: name -> (Triton type, numpy type, default)
+OPTIONAL_SETTINGS = {"seed": ("INT64", np.int64, None), "ignore_eos": ("BOOL", bool, False),
+                     "repetition_penalty": ("FP32", np.float32, None),
+                     "no_repeat_ngram_size": ("INT64", np.int64, None),
+                     "presence_penalty": ("FP32", np.float32, 0.0), "frequency_penalty": ("FP32", np.float32, 0.0)}
 
 
 @dataclass
@@ -104,14 +111,18 @@ class VLMClient:
         yield from self._events(prompt, images, messages, stream=True, **params)
 
     # ---- transport -----------------------------------------------------------------------
-    def _events(self, prompt, images, messages, stream, max_tokens=64, temperature=0.0, top_p=1.0, seed=None, stop=(),
-                ignore_eos=False):
+    def _events(self, prompt, images, messages, stream, max_tokens=64, temperature=0.0, top_p=1.0, stop=(),
+                **options):
         if (prompt is None) == (messages is None):
             raise RequestError("send a prompt or messages (one of them)")
+        unknown = set(options) - set(OPTIONAL_SETTINGS)
+        if unknown:
+            raise TypeError(f"unexpected generation setting(s) {sorted(unknown)}; known: max_tokens, temperature, "
+                            f"top_p, stop, {', '.join(OPTIONAL_SETTINGS)}")
         request = {"prompt": prompt, "messages": None if messages is None else json.dumps(list(messages)),
                    "images": [_image_bytes(i) for i in images], "max_tokens": max_tokens,
-                   "temperature": temperature, "top_p": top_p, "seed": seed, "stop": list(stop), "stream": stream,
-                   "ignore_eos": bool(ignore_eos)}
+                   "temperature": temperature, "top_p": top_p, "stop": list(stop), "stream": stream,
+                   "options": {k: v for k, v in options.items() if v is not None and v != OPTIONAL_SETTINGS[k][2]}}
         events = self._http(request) if self.protocol == "http" else self._grpc(request)
         try:
             for fields in events:
@@ -129,12 +140,9 @@ class VLMClient:
                 if request[k] is not None}
         if request["images"]:  # JSON carries no raw bytes: the server accepts base64
             body["images"] = [base64.b64encode(i).decode("ascii") for i in request["images"]]
-        if request["seed"] is not None:
-            body["seed"] = request["seed"]
         if request["stop"]:
             body["stop"] = request["stop"]
-        if request["ignore_eos"]:
-            body["ignore_eos"] = True
+        body.update({k: np.array(v, dtype=OPTIONAL_SETTINGS[k][1]).item() for k, v in request["options"].items()})
         endpoint = "generate_stream" if request["stream"] else "generate"
         req = urllib.request.Request(f"http://{self.address}/v2/models/{self.model}/{endpoint}",
                                      data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
@@ -172,12 +180,11 @@ class VLMClient:
                   tensor("stream", np.array([request["stream"]], dtype=bool), "BOOL")]
         if request["images"]:
             inputs.append(tensor("images", np.array(request["images"], dtype=np.object_), "BYTES"))
-        if request["seed"] is not None:
-            inputs.append(tensor("seed", np.array([request["seed"]], dtype=np.int64), "INT64"))
         if request["stop"]:
             inputs.append(tensor("stop", np.array([s.encode() for s in request["stop"]], dtype=np.object_), "BYTES"))
-        if request["ignore_eos"]:
-            inputs.append(tensor("ignore_eos", np.array([True], dtype=bool), "BOOL"))
+        for name, value in request["options"].items():
+            triton_type, dtype, _ = OPTIONAL_SETTINGS[name]
+            inputs.append(tensor(name, np.array([value], dtype=dtype), triton_type))
         results: queue.Queue = queue.Queue()
         # tritonclient's gRPC would route even 127.0.0.1 through an http_proxy from the environment
         client = grpcclient.InferenceServerClient(self.address, channel_args=[("grpc.enable_http_proxy", 0)])

@@ -62,6 +62,11 @@ VLM_INPUTS = [
     {"name": "stop", "data_type": "TYPE_STRING", "dims": [-1], "optional": True},
     {"name": "stream", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
     {"name": "ignore_eos", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
+    # absent: the build's (its checkpoint's generation config), as in-process generation
+    {"name": "repetition_penalty", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
+    {"name": "no_repeat_ngram_size", "data_type": "TYPE_INT64", "dims": [1], "optional": True},
+    {"name": "presence_penalty", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
+    {"name": "frequency_penalty", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
 ]
 VLM_OUTPUTS = [
     {"name": "text_output", "data_type": "TYPE_STRING", "dims": [1]},

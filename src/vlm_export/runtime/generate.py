@@ -52,6 +52,11 @@ class GenerationConfig:
     #: generate defaults to that file
     repetition_penalty: float | None = None
     no_repeat_ngram_size: int | None = None
+    #: OpenAI's penalties (vLLM's semantics): a token's logit less ``frequency_penalty`` times the times
+    #: it was generated so far, less ``presence_penalty`` once it was; over the answer only, the prompt
+    #: not counted; negative values favour repeats. Both in [-2, 2], OpenAI's range; 0: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_new_tokens, (int, np.integer)) and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_CAP):
@@ -69,6 +74,9 @@ class GenerationConfig:
         n = self.no_repeat_ngram_size
         if n is not None and not (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0):
             raise InputError(f"no_repeat_ngram_size must be an integer >= 0 (0: none), got {n!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not (-2.0 <= float(getattr(self, name)) <= 2.0):  # NaN too
+                raise InputError(f"{name} must be in [-2, 2] (0: none), got {getattr(self, name)!r}")
 
     def with_defaults(self, defaults: Mapping[str, float | int]) -> "GenerationConfig":
         """The settings left None filled from ``defaults`` (a build's ``generation`` section), else off."""
@@ -113,7 +121,8 @@ class GenerationRequest:
 class Sampler:
     """One row's next token from its logits: the repetition penalty and the no-repeat n-gram rule over
     ``context`` (what Hugging Face's logits processors see: ``DecodingScheme.penalty_context``) and
-    the tokens sampled since, then greedy, or temperature and top-p."""
+    the tokens sampled since, the presence and frequency penalties over the tokens sampled, then
+    greedy, or temperature and top-p."""
 
     def __init__(self, config: GenerationConfig, context: Sequence[int] = ()):
         self.config = config
@@ -126,6 +135,8 @@ class Sampler:
         for token in context if self.ngram else ():
             self._record_ngram(int(token))
         self.length = len(context)  # ids so far: an n-gram ban starts once n-1 of them precede the next
+        self.presence, self.frequency = float(config.presence_penalty), float(config.frequency_penalty)
+        self.counts: dict[int, int] = {}  # each sampled token -> how often, where either penalty is on
 
     def __call__(self, logits: np.ndarray) -> int:
         token = self._pick(self._processed(logits))
@@ -133,7 +144,7 @@ class Sampler:
         return token
 
     def _processed(self, logits: np.ndarray) -> np.ndarray:
-        if self.penalty == 1.0 and not self.ngram:
+        if self.penalty == 1.0 and not self.ngram and not self.counts:
             return logits
         logits = np.array(logits, dtype=np.float32)  # a copy: the batch's logits stay as the decoder made them
         if self.seen:
@@ -143,6 +154,11 @@ class Sampler:
         if self.ngram and self.length + 1 >= self.ngram:  # the next token would end an n-gram: not one seen
             banned = [t for t in self.followers.get(tuple(self.recent), ()) if 0 <= t < logits.shape[-1]]
             logits[banned] = -np.inf
+        if self.counts:  # after the repetition penalty, as vLLM applies them
+            ids = np.fromiter(self.counts, dtype=np.int64, count=len(self.counts))
+            times = np.fromiter(self.counts.values(), dtype=np.float32, count=len(self.counts))
+            inside = ids < logits.shape[-1]
+            logits[ids[inside]] -= self.frequency * times[inside] + self.presence
         return logits
 
     def _record(self, token: int) -> None:
@@ -150,6 +166,8 @@ class Sampler:
             self.seen.add(token)
         if self.ngram:
             self._record_ngram(token)
+        if self.presence or self.frequency:
+            self.counts[token] = self.counts.get(token, 0) + 1
         self.length += 1
 
     def _record_ngram(self, token: int) -> None:

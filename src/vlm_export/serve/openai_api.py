@@ -8,7 +8,8 @@
 ``POST /v1/chat/completions`` takes OpenAI's request (system / user / assistant messages; user
 content a string or ``text`` and ``image_url`` parts, images as ``data:image/...;base64,`` URLs;
 ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``,
-``stream`` with ``stream_options.include_usage``, ``n`` = 1) and answers a ``chat.completion``, or
+``presence_penalty``, ``frequency_penalty``, ``stream`` with ``stream_options.include_usage``, ``n`` = 1;
+as vLLM's extensions, ``repetition_penalty`` and ``ignore_eos``) and answers a ``chat.completion``, or
 ``chat.completion.chunk`` server-sent events ending with ``data: [DONE]``. ``GET /v1/models``
 lists the one model served; ``GET /health`` is 200 while Triton has the model ready, else 503
 (a readiness probe). Errors have OpenAI's body ``{"error": {"message", "type", "param",
@@ -111,7 +112,8 @@ def error_from_vlm(err: Exception) -> OpenAIError:
         return OpenAIError(503, message, code="service_unavailable", headers={"Retry-After": "1"})
     if not isinstance(err, RequestError) or any(s in low for s in _INTERNAL):
         return OpenAIError(500, message, code="internal_error")
-    field = re.match(r"(max_tokens|temperature|top_p|seed|stop)\b", message)
+    field = re.match(r"(max_tokens|temperature|top_p|seed|stop|presence_penalty|frequency_penalty|"
+                     r"repetition_penalty|no_repeat_ngram_size)\b", message)
     param = field.group(1) if field else ("messages" if re.search(r"\b(image|prompt|messages?)\b", low) else None)
     return _bad(message, param=param)
 
@@ -166,16 +168,15 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: Any = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
-    #: an extension, as in vLLM: generate max_tokens tokens, EOS or not (benchmarks)
+    #: extensions, as in vLLM: generate max_tokens tokens, EOS or not (benchmarks); Hugging Face's
+    #: repetition penalty (absent: the build's, from its checkpoint's generation config)
     ignore_eos: bool = False
+    repetition_penalty: float | None = None
 
 
 def _unsupported(req: ChatCompletionRequest) -> None:
     if req.n not in (None, 1):
         raise _bad(f"n must be 1: this server answers one choice per request, got {req.n}", "n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) not in (None, 0, 0.0):
-            raise _bad(f"{name} is not supported by this server; leave it out or at 0", name)
     if req.logprobs or req.top_logprobs:
         raise _bad("logprobs are not supported by this server", "logprobs")
     if req.logit_bias:
@@ -210,8 +211,17 @@ def generation_params(req: ChatCompletionRequest, default_max_tokens: int = DEFA
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stop):
         raise _bad("stop strings must not be empty", "stop")
+    penalties = {name: 0.0 if getattr(req, name) is None else getattr(req, name)
+                 for name in ("presence_penalty", "frequency_penalty")}
+    for name, value in penalties.items():
+        if not -2.0 <= value <= 2.0:
+            raise _bad(f"{name} must be in [-2, 2], got {value}", name)
+    if req.repetition_penalty is not None and not 0.0 < req.repetition_penalty <= 10.0:
+        raise _bad(f"repetition_penalty must be in (0, 10] (1: none), got {req.repetition_penalty}",
+                   "repetition_penalty")
     return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": req.seed,
-            "stop": tuple(stop), "ignore_eos": bool(req.ignore_eos)}
+            "stop": tuple(stop), "ignore_eos": bool(req.ignore_eos), **penalties,
+            "repetition_penalty": req.repetition_penalty}
 
 
 # --------------------------------------------------------------------------- messages

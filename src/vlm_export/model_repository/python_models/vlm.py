@@ -185,6 +185,8 @@ class TritonPythonModel:
         for i, image in enumerate(images):
             self.limits.check_bytes(len(image_payload(bytes(image))), f"image {i}")
         seed = _optional(request, "seed", None)
+        repetition_penalty, ngram = (_optional(request, name, None) for name in ("repetition_penalty",
+                                                                                  "no_repeat_ngram_size"))
         config = GenerationConfig(
             max_new_tokens=int(_optional(request, "max_tokens", [64])[0]),
             temperature=float(_optional(request, "temperature", [0.0])[0]),
@@ -192,6 +194,10 @@ class TritonPythonModel:
             seed=None if seed is None else int(seed[0]),
             stop=tuple(_text(s, "stop") for s in _optional(request, "stop", [])),
             ignore_eos=bool(_optional(request, "ignore_eos", [False])[0]),
+            repetition_penalty=None if repetition_penalty is None else float(repetition_penalty[0]),
+            no_repeat_ngram_size=None if ngram is None else int(ngram[0]),
+            presence_penalty=float(_optional(request, "presence_penalty", [0.0])[0]),
+            frequency_penalty=float(_optional(request, "frequency_penalty", [0.0])[0]),
         )
         return prompt, images, config, bool(_optional(request, "stream", [False])[0])
 
