@@ -98,6 +98,26 @@ def test_too_many_images_and_bad_params(tiny_build, capsys, tmp_path):
     assert "at most 2" in capsys.readouterr().err
     assert main(["generate", build_dir, "--prompt", "hi", "--top-p", "1.5"]) == 1
     assert "top_p" in capsys.readouterr().err
+    assert main(["generate", build_dir, "--prompt", "hi", "--top-logprobs", "3"]) == 1
+    assert "top_logprobs needs logprobs" in capsys.readouterr().err
+    assert main(["generate", build_dir, "--prompt", "hi", "--presence-penalty", "3"]) == 1
+    assert "presence_penalty must be in [-2, 2]" in capsys.readouterr().err
+
+
+def test_generate_prints_logprobs(tiny_build, run_cli):
+    """--logprobs lists each token under the answer (stderr), --json carries them in the result."""
+    import json
+
+    build_dir = str(tiny_build("llava-llama").path)
+    args = ("generate", build_dir, "--prompt", "Tell me a story.", "--max-tokens", "5", "--logprobs",
+            "--top-logprobs", "2")
+    result = json.loads(run_cli(*args, "--json").stdout)
+    assert len(result["logprobs"]) == result["completion_tokens"] == 5
+    assert all(len(e["top_logprobs"]) == 2 and e["logprob"] <= 0 for e in result["logprobs"])
+    printed = run_cli(*args)
+    assert printed.returncode == 0 and printed.stdout.strip() == result["text"].strip()
+    lines = [line for line in printed.stderr.splitlines() if line.startswith("  ")]
+    assert len(lines) == 5 and f"{result['logprobs'][0]['logprob']:.3f}" in lines[0]
 
 
 def test_existing_output_needs_force(tiny_build, tiny_model_dir, run_cli):

@@ -169,6 +169,26 @@ def test_streaming_equals_non_streaming(oai, vlm, images, stack):
     assert "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1]) == want.text
 
 
+def test_logprobs_equal_vlm_clients(oai, vlm, images):
+    """logprobs / top_logprobs: OpenAI's per-token entries, equal to VLMClient's for the same request,
+    streamed chunk by chunk the same as whole; without them, none."""
+    content = [image_part(images[0]), {"type": "text", "text": PROMPTS[0]}]
+    want = vlm.generate(PROMPTS[0], [images[0]], max_tokens=8, logprobs=True, top_logprobs=2, ignore_eos=True)
+    assert len(want.logprobs) == want.completion_tokens == 8
+    got = ask(oai, content, max_tokens=8, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    entries = got.choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in entries] == [(w["token"], w["logprob"]) for w in want.logprobs]
+    assert [[(t.token, t.logprob) for t in e.top_logprobs] for e in entries] == \
+        [[(t["token"], t["logprob"]) for t in w["top_logprobs"]] for w in want.logprobs]
+    assert all(e.bytes == list(e.token.encode()) and e.logprob <= 0 for e in entries)
+    assert all(e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= -1e30 for e in entries)
+    streamed = [e for chunk in ask(oai, content, max_tokens=8, logprobs=True, top_logprobs=2, stream=True,
+                                   extra_body={"ignore_eos": True})
+                for choice in chunk.choices if choice.logprobs for e in choice.logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    assert ask(oai, content, max_tokens=4).choices[0].logprobs is None
+
+
 def test_models_listed(oai, stack):
     assert [m.id for m in oai.models.list()] == [MODEL]
     with _NO_PROXY.open(f"{stack[1].url.removesuffix('/v1')}/health", timeout=30) as resp:  # the readiness probe
@@ -506,7 +526,7 @@ def test_parameters_and_error_mapping():
 
     assert params() == {"max_tokens": 64, "temperature": 1.0, "top_p": 1.0, "seed": None, "stop": (),
                         "ignore_eos": False, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                        "repetition_penalty": None}
+                        "repetition_penalty": None, "logprobs": False, "top_logprobs": 0}
     got = params(presence_penalty=-2, frequency_penalty=1.5, repetition_penalty=1.2)
     assert (got["presence_penalty"], got["frequency_penalty"], got["repetition_penalty"]) == (-2, 1.5, 1.2)
     assert params(max_tokens=5, max_completion_tokens=7, stop="x", seed=3, temperature=0)["max_tokens"] == 7
@@ -516,7 +536,8 @@ def test_parameters_and_error_mapping():
                       ({"top_p": -0.1}, "top_p"), ({"top_p": 1.01}, "top_p"), ({"stop": [""]}, "stop"),
                       ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
                       ({"repetition_penalty": 0}, "repetition_penalty"),
-                      ({"logprobs": True}, "logprobs"), ({"tools": [{"type": "function"}]}, "tools"),
+                      ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                      ({"tools": [{"type": "function"}]}, "tools"),
                       ({"response_format": {"type": "json_object"}}, "response_format")):
         with pytest.raises(OpenAIError) as err:
             params(**kw)

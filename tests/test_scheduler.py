@@ -3,6 +3,8 @@ masked padding on the left), a padded batch step equal to each row stepping alon
 generation equal to one-at-a-time generation."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -281,6 +283,40 @@ def test_the_samplers_presence_and_frequency_penalties_are_openais(presence, fre
     for bad in ({"presence_penalty": 2.5}, {"frequency_penalty": -2.01}, {"presence_penalty": float("nan")}):
         with pytest.raises(InputError, match=f"{next(iter(bad))} must be in \\[-2, 2\\]"):
             GenerationConfig(**bad)
+
+
+def test_logprobs_are_the_decoders_log_softmax_and_stream_with_the_text(pipe, photos):
+    """Each generated token's log-probability and top alternatives are the log-softmax of the logits a
+    prefill of the prompt and the answer so far gives (another path than the decode steps), before the
+    penalty; streamed with the events, each once, they are the result's; a stop string's tokens too."""
+    from vlm_export.runtime.generate import stream
+
+    prompt, images = "What animal is in the picture?", [photos[0]]
+    greedy = generate(pipe, prompt, images, GenerationConfig(max_new_tokens=10, ignore_eos=True))
+    stop = pipe.tokenizer.decode(greedy.token_ids[4:6]).strip()
+    assert stop, greedy.text
+    config = GenerationConfig(max_new_tokens=10, ignore_eos=True, logprobs=True, top_logprobs=3,
+                              repetition_penalty=1.3, stop=(stop,))
+    *events, result = stream(pipe, prompt, images, config)
+    assert result.finish_reason == "stop" and result.text == generate(pipe, prompt, images, replace(
+        config, logprobs=False, top_logprobs=0)).text  # asking for them changes nothing else
+    assert [entry.token_id for entry in result.logprobs] == result.token_ids
+    assert [entry for event in events for entry in event.logprobs] == result.logprobs
+    ids, image_input = prepare_request(pipe, prompt, images, config)
+    for k, entry in enumerate(result.logprobs):
+        logits, _ = pipe.prefill(ids + result.token_ids[:k], image_input)
+        z = logits.astype(np.float64)
+        want = z - z.max() - np.log(np.exp(z - z.max()).sum())
+        assert abs(entry.logprob - want[entry.token_id]) < 1e-4
+        assert [i for i, _, _ in entry.top] == list(np.argsort(-want)[:3])
+        assert np.allclose([p for _, _, p in entry.top], np.sort(want)[::-1][:3], atol=1e-4)
+        assert entry.text == pipe.tokenizer.decode([entry.token_id]) and all(t for _, t, _ in entry.top)
+    assert result.to_dict()["logprobs"][0].keys() == {"token_id", "token", "logprob", "top_logprobs"}
+    assert generate(pipe, prompt, images, GenerationConfig(max_new_tokens=3)).logprobs is None
+    with pytest.raises(InputError, match="top_logprobs needs logprobs"):
+        GenerationConfig(top_logprobs=2)
+    with pytest.raises(InputError, match="top_logprobs must be an integer in 0..20"):
+        GenerationConfig(logprobs=True, top_logprobs=21)
 
 
 def test_the_checkpoints_repetition_settings_are_the_builds_defaults(tmp_path):

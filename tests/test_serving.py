@@ -201,6 +201,33 @@ def test_repetition_settings_served_equal_in_process(served, run_cli, tmp_path):
         got = run_cli("ask", "--url", f"grpc://{server.grpc_url}", "--prompt", "Tell me a story.", "--image",
                       str(tmp_path / "red.png"), "--max-tokens", "16", *flags)
         assert got.returncode == 0 and got.stdout == expected[settings.index(kw)] + "\n", got.stderr
+    got = run_cli("ask", "--url", f"http://{server.http_url}", "--prompt", "Tell me a story.", "--max-tokens", "4",
+                  "--logprobs", "--top-logprobs", "2", "--stream")
+    assert got.returncode == 0 and len([line for line in got.stderr.splitlines() if line.startswith("  ")]) == 4
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_logprobs_served_equal_in_process(served, photos, protocol):
+    """logprobs / top_logprobs come back per token as generation computed them, whole and streamed (each
+    piece carrying its own tokens'), and not at all unless asked for."""
+    build, server = served
+    pipe = open_build(build)
+    config = GenerationConfig(max_new_tokens=8, logprobs=True, top_logprobs=3)
+    expected = [entry.to_dict() for entry in generate(pipe, PROMPTS[1], [photos[1]], config).logprobs]
+    client = VLMClient(f"http://{server.http_url}" if protocol == "http" else f"grpc://{server.grpc_url}")
+    got = client.generate(PROMPTS[1], [photos[1]], max_tokens=8, logprobs=True, top_logprobs=3)
+    assert len(got.logprobs) == got.completion_tokens == len(expected)
+
+    def flat(entries):  # (token id, token, logprob) of every token and alternative, in order
+        return [(e["token_id"], e["token"], e["logprob"]) for entry in entries for e in [entry, *entry["top_logprobs"]]]
+
+    assert [f[:2] for f in flat(got.logprobs)] == [f[:2] for f in flat(expected)]
+    np.testing.assert_allclose([f[2] for f in flat(got.logprobs)], [f[2] for f in flat(expected)], atol=1e-5)
+    *pieces, final = client.stream(PROMPTS[1], [photos[1]], max_tokens=8, logprobs=True, top_logprobs=3)
+    assert [entry for piece in pieces for entry in piece.logprobs] == final.logprobs == got.logprobs
+    assert client.generate(PROMPTS[1], [photos[1]], max_tokens=8).logprobs is None
+    with pytest.raises(RequestError, match="top_logprobs needs logprobs"):
+        client.generate("hi", max_tokens=2, top_logprobs=2)
 
 
 def _png(image) -> bytes:

@@ -121,6 +121,10 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
                    help="OpenAI's: subtracted from the logit of every token already in the answer, in [-2, 2]")
     p.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="OpenAI's: subtracted per time a token is already in the answer, in [-2, 2]")
+    p.add_argument("--logprobs", action="store_true",
+                   help="each generated token's log-probability, listed after the answer (on stderr)")
+    p.add_argument("--top-logprobs", type=int, default=0, metavar="N",
+                   help="with --logprobs: the N most likely tokens at each position too (at most 20)")
 
 
 def _request_settings(args) -> dict:
@@ -129,7 +133,15 @@ def _request_settings(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                 stop=tuple(args.stop), repetition_penalty=args.repetition_penalty,
                 no_repeat_ngram_size=args.no_repeat_ngram_size, presence_penalty=args.presence_penalty,
-                frequency_penalty=args.frequency_penalty)
+                frequency_penalty=args.frequency_penalty, logprobs=args.logprobs, top_logprobs=args.top_logprobs)
+
+
+def _print_logprobs(entries: list[dict] | None) -> None:
+    """One line per generated token: its text, log-probability and the alternatives asked for."""
+    for entry in entries or ():
+        others = ", ".join(f"{e['token']!r} {e['logprob']:.3f}" for e in entry["top_logprobs"])
+        print(f"  {entry['token']!r:>16} {entry['logprob']:8.3f}" + (f"   [{others}]" if others else ""),
+              file=sys.stderr)
 
 
 def _messages(args):
@@ -505,6 +517,7 @@ def _cmd_generate(args, progress) -> int:
                 print(json.dumps(event.to_dict()))
             else:
                 print()
+                _print_logprobs(event.to_dict()["logprobs"])
                 print(f"[{event.completion_tokens} tokens, prompt {event.prompt_tokens}, "
                       f"finish: {event.finish_reason}]", file=sys.stderr)
         elif not args.json:
@@ -654,6 +667,7 @@ def _cmd_ask(args, progress) -> int:
     else:
         final = client.generate(args.prompt, args.image, messages=_messages(args), **params)
         print(final.text)
+    _print_logprobs(final.logprobs)
     print(f"[{final.completion_tokens} tokens, prompt {final.prompt_tokens}, finish: {final.finish_reason}]",
           file=sys.stderr)
     return 0

@@ -30,7 +30,8 @@ Image = Union[str, Path, bytes]
 OPTIONAL_SETTINGS = {"seed": ("INT64", np.int64, None), "ignore_eos": ("BOOL", bool, False),
                      "repetition_penalty": ("FP32", np.float32, None),
                      "no_repeat_ngram_size": ("INT64", np.int64, None),
-                     "presence_penalty": ("FP32", np.float32, 0.0), "frequency_penalty": ("FP32", np.float32, 0.0)}
+                     "presence_penalty": ("FP32", np.float32, 0.0), "frequency_penalty": ("FP32", np.float32, 0.0),
+                     "logprobs": ("BOOL", bool, False), "top_logprobs": ("INT64", np.int64, 0)}
 
 
 @dataclass
@@ -39,6 +40,22 @@ class VLMResponse:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    #: where the request asked for them (``logprobs=True``): one dict per generated token, ``token_id``,
+    #: ``token``, ``logprob`` and ``top_logprobs`` (the alternatives' dicts); streamed, all of them
+    logprobs: list[dict] | None = None
+
+
+class TextPiece(str):
+    """A streamed piece of text; ``logprobs``: its tokens' (as VLMResponse's), where asked for. The
+    tokens of a piece are those sampled since the previous one, so a piece may be empty and carry
+    tokens whose text is not settled yet (the start of a stop string, part of a character)."""
+
+    logprobs: tuple[dict, ...] = ()
+
+    def __new__(cls, text: str, logprobs=()):
+        piece = super().__new__(cls, text)
+        piece.logprobs = tuple(logprobs)
+        return piece
 
 
 def _image_bytes(image: Image) -> bytes:
@@ -107,7 +124,8 @@ class VLMClient:
 
     def stream(self, prompt: str | None = None, images: Sequence[Image] = (), *,
                messages: Sequence[dict] | None = None, **params) -> Iterator[str | VLMResponse]:
-        """Text pieces as they are generated, then the final VLMResponse (text empty; join the pieces)."""
+        """Text pieces (``TextPiece``: a str with its tokens' ``logprobs``) as they are generated, then the
+        final VLMResponse (text empty; join the pieces)."""
         yield from self._events(prompt, images, messages, stream=True, **params)
 
     # ---- transport -----------------------------------------------------------------------
@@ -124,13 +142,18 @@ class VLMClient:
                    "temperature": temperature, "top_p": top_p, "stop": list(stop), "stream": stream,
                    "options": {k: v for k, v in options.items() if v is not None and v != OPTIONAL_SETTINGS[k][2]}}
         events = self._http(request) if self.protocol == "http" else self._grpc(request)
+        asked = bool(request["options"].get("logprobs"))
+        streamed: list[dict] = []
         try:
             for fields in events:
+                # a repository rendered before logprobs existed has no such output
+                logprobs = json.loads(fields.get("logprobs") or "[]")
                 if fields["finish_reason"]:
                     yield VLMResponse(fields["text_output"], fields["finish_reason"], int(fields["prompt_tokens"]),
-                                      int(fields["completion_tokens"]))
+                                      int(fields["completion_tokens"]), streamed + logprobs if asked else None)
                     return
-                yield fields["text_output"]
+                streamed += logprobs
+                yield TextPiece(fields["text_output"], logprobs)
         finally:  # a caller that stops reading (a disconnected client) cancels the request on the server
             events.close()
         raise RequestError("the server closed the stream without a final response")
@@ -216,7 +239,8 @@ class VLMClient:
                     finished = True  # an error ends its request
                     raise RequestError(_unknown_model_hint(message))
                 fields = {name: result.as_numpy(name).reshape(-1)[0] for name in
-                          ("text_output", "finish_reason", "prompt_tokens", "completion_tokens")}
+                          ("text_output", "finish_reason", "prompt_tokens", "completion_tokens", "logprobs")
+                          if result.as_numpy(name) is not None}
                 fields = {k: v.decode() if isinstance(v, bytes) else v for k, v in fields.items()}
                 finished = bool(fields["finish_reason"])
                 yield fields

@@ -67,12 +67,17 @@ VLM_INPUTS = [
     {"name": "no_repeat_ngram_size", "data_type": "TYPE_INT64", "dims": [1], "optional": True},
     {"name": "presence_penalty", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
     {"name": "frequency_penalty", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
+    # each generated token's log-probability, and the top_logprobs alternatives' (OpenAI's)
+    {"name": "logprobs", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
+    {"name": "top_logprobs", "data_type": "TYPE_INT64", "dims": [1], "optional": True},
 ]
 VLM_OUTPUTS = [
     {"name": "text_output", "data_type": "TYPE_STRING", "dims": [1]},
     {"name": "finish_reason", "data_type": "TYPE_STRING", "dims": [1]},
     {"name": "prompt_tokens", "data_type": "TYPE_INT32", "dims": [1]},
     {"name": "completion_tokens", "data_type": "TYPE_INT32", "dims": [1]},
+    # JSON: the log-probabilities of the tokens this response covers ("[]" unless asked for)
+    {"name": "logprobs", "data_type": "TYPE_STRING", "dims": [1]},
 ]
 
 DEFAULT_PREFIX_CACHE_MB = 256  # ~5 MB a prompt of 100 tokens on the demo's LM (45 KB of K/V a token)

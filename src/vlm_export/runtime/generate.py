@@ -26,6 +26,7 @@ from .pipeline import ImageInput, VLMPipeline
 from .prefix_cache import PrefixHit
 
 MAX_NEW_TOKENS_CAP = 4096
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 #: the most prompt tokens prefilled in one step (every prefill call of the step together): the
 #: running rows wait for those calls, so this bounds the pause a burst of new requests puts on them
 #: (vLLM's max_num_batched_tokens). The rest wait for the next step; a longer prompt still goes, alone.
@@ -57,6 +58,10 @@ class GenerationConfig:
     #: not counted; negative values favour repeats. Both in [-2, 2], OpenAI's range; 0: off
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    #: each generated token's log-probability, and the ``top_logprobs`` most likely tokens' at its
+    #: position (OpenAI's), from the decoder's logits before any penalty or temperature (vLLM's default)
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_new_tokens, (int, np.integer)) and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_CAP):
@@ -77,6 +82,11 @@ class GenerationConfig:
         for name in ("presence_penalty", "frequency_penalty"):
             if not (-2.0 <= float(getattr(self, name)) <= 2.0):  # NaN too
                 raise InputError(f"{name} must be in [-2, 2] (0: none), got {getattr(self, name)!r}")
+        k = self.top_logprobs
+        if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and 0 <= k <= MAX_TOP_LOGPROBS):
+            raise InputError(f"top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {k!r}")
+        if k and not self.logprobs:
+            raise InputError("top_logprobs needs logprobs: ask for logprobs too")
 
     def with_defaults(self, defaults: Mapping[str, float | int]) -> "GenerationConfig":
         """The settings left None filled from ``defaults`` (a build's ``generation`` section), else off."""
@@ -86,12 +96,30 @@ class GenerationConfig:
                                                 else defaults.get("no_repeat_ngram_size", 0)))
 
 
-@dataclass
-class TokenEvent:
-    """One generated token; ``text`` is the new printable text (may be empty mid-character)."""
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and, most likely first, the ``top_logprobs`` alternatives'
+    at its position: ``(token_id, text, logprob)`` each; ``text`` is the token decoded alone."""
 
     token_id: int
     text: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"token_id": self.token_id, "token": self.text, "logprob": self.logprob,
+                "top_logprobs": [{"token_id": i, "token": t, "logprob": p} for i, t, p in self.top]}
+
+
+@dataclass
+class TokenEvent:
+    """One generated token; ``text`` is the new printable text (may be empty mid-character).
+    ``logprobs``: where the request asked for them, one per token since the previous event (text
+    held back, a stop string's start or part of a character, sends its tokens' later)."""
+
+    token_id: int
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
@@ -101,12 +129,17 @@ class GenerationResult:
     finish_reason: str  # "eos" | "stop" | "length"
     prompt_tokens: int
     completion_tokens: int = field(init=False)
+    #: one per token of ``token_ids`` where the request asked for them (``GenerationConfig.logprobs``)
+    logprobs: list[TokenLogprob] | None = None
 
     def __post_init__(self) -> None:
         self.completion_tokens = len(self.token_ids)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.logprobs is not None:
+            out["logprobs"] = [entry.to_dict() for entry in self.logprobs]
+        return out
 
 
 @dataclass(frozen=True)
@@ -191,6 +224,23 @@ class Sampler:
             p = np.where(mask, p, 0.0)
             p /= p.sum()
         return int(self.rng.choice(len(p), p=p))
+
+
+def token_logprob(tokenizer, logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """``token``'s log-probability under ``logits`` (a log-softmax in float64) and the ``top`` most
+    likely tokens', each with its text decoded alone."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max()
+    logp = z - np.log(np.exp(z).sum())
+
+    def text(i: int) -> str:
+        return tokenizer.decode([i], skip_special_tokens=False)
+
+    best: tuple[tuple[int, str, float], ...] = ()
+    if top:
+        ids = np.argpartition(-logp, top - 1)[:top]
+        best = tuple((int(i), text(int(i)), float(logp[i])) for i in ids[np.argsort(-logp[ids], kind="stable")])
+    return TokenLogprob(int(token), text(int(token)), float(logp[token]), best)
 
 
 class TextStream:
@@ -306,6 +356,8 @@ class _Row:
     text: TextStream
     finish: str | None = None
     keys: np.ndarray | None = None  # what its prompt positions hold, for the prefix cache (None: not cached)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # where the request asked for them
+    logprobs_sent: int = 0  # how many of them went out with its events
 
 
 Event = tuple[int, "TokenEvent | GenerationResult | VlmExportError"]
@@ -507,14 +559,24 @@ class Scheduler:
         if token in self.pipe.eos_token_ids and not row.config.ignore_eos:
             row.finish = "eos"
             return token
+        if row.config.logprobs:
+            row.logprobs.append(token_logprob(self.pipe.tokenizer, logits, token, row.config.top_logprobs))
         event = row.text.push(token)
         if event is not None:
-            events.append((row.id, event))
+            events.append((row.id, self._with_logprobs(row, event)))
         if row.text.stopped:
             row.finish = "stop"
         elif len(row.text.tokens) == row.config.max_new_tokens:
             row.finish = "length"
         return token
+
+    @staticmethod
+    def _with_logprobs(row: _Row, event: TokenEvent) -> TokenEvent:
+        """The event with the row's log-probabilities not yet sent (none unless it asked for them)."""
+        if row.logprobs_sent < len(row.logprobs):
+            event = replace(event, logprobs=tuple(row.logprobs[row.logprobs_sent:]))
+            row.logprobs_sent = len(row.logprobs)
+        return event
 
     def step(self) -> list[Event]:
         self._decode_pending()
@@ -527,10 +589,13 @@ class Scheduler:
             if row.finish is not None:
                 self._keep_conversation(index, row)
                 tail = row.text.flush()
+                if tail is None and row.logprobs_sent < len(row.logprobs):  # tokens whose text never went out
+                    tail = TokenEvent(row.text.tokens[-1], "")
                 if tail is not None:
-                    events.append((row.id, tail))
+                    events.append((row.id, self._with_logprobs(row, tail)))
                 events.append((row.id, GenerationResult(row.text.text, row.text.tokens, row.finish,
-                                                        len(row.prompt_ids))))
+                                                        len(row.prompt_ids),
+                                                        row.logprobs if row.config.logprobs else None)))
         self._pending = tokens
         keep = [i for i, row in enumerate(self.running) if row.finish is None]
         if len(keep) < len(self.running):  # finished rows leave before the next decoder call

@@ -8,8 +8,9 @@
 ``POST /v1/chat/completions`` takes OpenAI's request (system / user / assistant messages; user
 content a string or ``text`` and ``image_url`` parts, images as ``data:image/...;base64,`` URLs;
 ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``,
-``presence_penalty``, ``frequency_penalty``, ``stream`` with ``stream_options.include_usage``, ``n`` = 1;
-as vLLM's extensions, ``repetition_penalty`` and ``ignore_eos``) and answers a ``chat.completion``, or
+``presence_penalty``, ``frequency_penalty``, ``logprobs`` / ``top_logprobs``, ``stream`` with
+``stream_options.include_usage``, ``n`` = 1; as vLLM's extensions, ``repetition_penalty`` and
+``ignore_eos``) and answers a ``chat.completion``, or
 ``chat.completion.chunk`` server-sent events ending with ``data: [DONE]``. ``GET /v1/models``
 lists the one model served; ``GET /health`` is 200 while Triton has the model ready, else 503
 (a readiness probe). Errors have OpenAI's body ``{"error": {"message", "type", "param",
@@ -177,8 +178,6 @@ class ChatCompletionRequest(BaseModel):
 def _unsupported(req: ChatCompletionRequest) -> None:
     if req.n not in (None, 1):
         raise _bad(f"n must be 1: this server answers one choice per request, got {req.n}", "n")
-    if req.logprobs or req.top_logprobs:
-        raise _bad("logprobs are not supported by this server", "logprobs")
     if req.logit_bias:
         raise _bad("logit_bias is not supported by this server", "logit_bias")
     if req.tools or req.functions or req.tool_choice not in (None, "none"):
@@ -219,9 +218,27 @@ def generation_params(req: ChatCompletionRequest, default_max_tokens: int = DEFA
     if req.repetition_penalty is not None and not 0.0 < req.repetition_penalty <= 10.0:
         raise _bad(f"repetition_penalty must be in (0, 10] (1: none), got {req.repetition_penalty}",
                    "repetition_penalty")
+    top_logprobs = req.top_logprobs or 0
+    if not 0 <= top_logprobs <= 20:
+        raise _bad(f"top_logprobs must be an integer in 0..20, got {top_logprobs}", "top_logprobs")
+    if top_logprobs and not req.logprobs:
+        raise _bad("top_logprobs needs logprobs: set logprobs to true", "top_logprobs")
     return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": req.seed,
             "stop": tuple(stop), "ignore_eos": bool(req.ignore_eos), **penalties,
-            "repetition_penalty": req.repetition_penalty}
+            "repetition_penalty": req.repetition_penalty, "logprobs": bool(req.logprobs),
+            "top_logprobs": top_logprobs}
+
+
+def openai_logprobs(entries) -> dict | None:
+    """VLMClient's log-probabilities as OpenAI's ``choices[].logprobs`` (None where not asked for)."""
+    if entries is None:
+        return None
+
+    def token(entry: dict) -> dict:
+        return {"token": entry["token"], "logprob": entry["logprob"], "bytes": list(entry["token"].encode("utf-8"))}
+
+    return {"content": [{**token(e), "top_logprobs": [token(t) for t in e["top_logprobs"]]} for e in entries],
+            "refusal": None}
 
 
 # --------------------------------------------------------------------------- messages
@@ -583,7 +600,8 @@ def create_app(triton_grpc_url: str, model_name: str, allow_url_fetch: bool = Fa
                 raise error_from_vlm(e) from None
             return {"id": completion_id, "object": "chat.completion", "created": now, "model": model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": final.text, "refusal": None},
-                                 "logprobs": None, "finish_reason": _finish_reason(final.finish_reason)}],
+                                 "logprobs": openai_logprobs(final.logprobs),
+                                 "finish_reason": _finish_reason(final.finish_reason)}],
                     "usage": _usage(final)}
 
         events = client.stream(**ask)
@@ -608,9 +626,9 @@ async def _chunks(events: Iterator, first, completion_id: str, created: int, mod
     """``chat.completion.chunk`` events: the role, content deltas, the finish reason, the usage
     (when asked), ``[DONE]``. Closing this closes ``events``, which cancels the gRPC stream."""
 
-    def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
+    def chunk(delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> bytes:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
         if include_usage:
             body["usage"] = None
         return _sse(body)
@@ -625,8 +643,8 @@ async def _chunks(events: Iterator, first, completion_id: str, created: int, mod
                     yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
                                 "model": model, "choices": [], "usage": _usage(event)})
                 break
-            if event:
-                yield chunk({"content": event})
+            if event or getattr(event, "logprobs", ()):  # an empty piece may carry tokens not yet shown
+                yield chunk({"content": str(event)}, logprobs=openai_logprobs(getattr(event, "logprobs", None) or None))
             try:
                 event = await in_thread(_next, events)
             except client_errors as e:  # after the answer began, the error goes in the stream

@@ -198,6 +198,8 @@ class TritonPythonModel:
             no_repeat_ngram_size=None if ngram is None else int(ngram[0]),
             presence_penalty=float(_optional(request, "presence_penalty", [0.0])[0]),
             frequency_penalty=float(_optional(request, "frequency_penalty", [0.0])[0]),
+            logprobs=bool(_optional(request, "logprobs", [False])[0]),
+            top_logprobs=int(_optional(request, "top_logprobs", [0])[0]),
         )
         return prompt, images, config, bool(_optional(request, "stream", [False])[0])
 
@@ -208,23 +210,26 @@ class TritonPythonModel:
     def _send(self, sender, streaming, event):
         if isinstance(event, TokenEvent):
             if streaming:
-                sender.send(self._response(event.text, "", 0, 0))
+                sender.send(self._response(event.text, "", 0, 0, event.logprobs))
         elif isinstance(event, GenerationResult):
             text = "" if streaming else event.text
-            sender.send(self._response(text, event.finish_reason, event.prompt_tokens, event.completion_tokens),
-                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            logprobs = () if streaming else event.logprobs or ()  # streamed with the tokens' events
+            sender.send(self._response(text, event.finish_reason, event.prompt_tokens, event.completion_tokens,
+                                       logprobs), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         elif isinstance(event, Cancelled):  # nobody reads an answer; Triton still needs the final flag
             _close(sender)
         else:
             self._fail(sender, str(event))
 
     @staticmethod
-    def _response(text, finish_reason, prompt_tokens, completion_tokens):
+    def _response(text, finish_reason, prompt_tokens, completion_tokens, logprobs=()):
+        logprobs = json.dumps([entry.to_dict() for entry in logprobs])
         return pb_utils.InferenceResponse([
             pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
             pb_utils.Tensor("finish_reason", np.array([finish_reason.encode("utf-8")], dtype=np.object_)),
             pb_utils.Tensor("prompt_tokens", np.array([prompt_tokens], dtype=np.int32)),
             pb_utils.Tensor("completion_tokens", np.array([completion_tokens], dtype=np.int32)),
+            pb_utils.Tensor("logprobs", np.array([logprobs.encode("utf-8")], dtype=np.object_)),
         ])
 
     @staticmethod
