@@ -138,6 +138,30 @@ def test_answers_equal_vlm_client(oai, vlm, images):
     assert a.choices[0].finish_reason == "length" and a.usage.completion_tokens == 8
 
 
+def test_several_choices_are_requests_of_their_own(oai, vlm, images):
+    """n choices: each the VLMClient's answer with seed + its index (so they differ and repeat), the
+    usage counting the prompt once; streamed, each choice's chunks (by index) make the same text."""
+    content = [image_part(images[2]), {"type": "text", "text": PROMPTS[2]}]
+    sampled = dict(max_tokens=8, temperature=1.2, seed=5, extra_body={"ignore_eos": True})
+    want = [vlm.generate(PROMPTS[2], [images[2]], max_tokens=8, temperature=1.2, seed=5 + i, ignore_eos=True)
+            for i in range(3)]
+    assert len({w.text for w in want}) == 3, want
+    got = ask(oai, content, n=3, **sampled)
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    assert [c.message.content for c in got.choices] == [w.text for w in want]
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (want[0].prompt_tokens, 24)
+    chunks = list(ask(oai, content, n=3, stream=True, stream_options={"include_usage": True}, **sampled))
+    texts, finishes = ["", "", ""], [None, None, None]
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert texts == [w.text for w in want] and finishes == ["length"] * 3
+    assert chunks[-1].usage.completion_tokens == 24
+    greedy = ask(oai, content, n=2, max_tokens=6)
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+
+
 def test_streaming_equals_non_streaming(oai, vlm, images, stack):
     content = [image_part(images[0]), {"type": "text", "text": PROMPTS[0]}]
     want = vlm.generate(PROMPTS[0], [images[0]], max_tokens=12)
@@ -218,7 +242,7 @@ def test_bad_requests_get_openai_errors(oai, images):
     bad = {  # name: (create()'s arguments, the message says, param)
         "http image URL": (with_url("http://example.com/a.png"), "URL fetching is off",
                            "messages[0].content[0].image_url.url"),
-        "n=2": ({"n": 2}, "n must be 1", "n"),
+        "n=17": ({"n": 17}, "n must be in 1..16", "n"),
         "bad base64": (with_url("data:image/png;base64,%%%"), "not valid base64",
                        "messages[0].content[0].image_url.url"),
         # refused by the vlm model itself (its message passed on)
@@ -532,7 +556,7 @@ def test_parameters_and_error_mapping():
     assert params(max_tokens=5, max_completion_tokens=7, stop="x", seed=3, temperature=0)["max_tokens"] == 7
     assert params(stop=["a", "b"])["stop"] == ("a", "b")
     assert params(top_p=0)["top_p"] == 0.0  # OpenAI's API takes 0: the top token only
-    for kw, param in (({"n": 3}, "n"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    for kw, param in (({"n": 0}, "n"), ({"n": 17}, "n"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
                       ({"top_p": -0.1}, "top_p"), ({"top_p": 1.01}, "top_p"), ({"stop": [""]}, "stop"),
                       ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
                       ({"repetition_penalty": 0}, "repetition_penalty"),

@@ -9,7 +9,7 @@
 content a string or ``text`` and ``image_url`` parts, images as ``data:image/...;base64,`` URLs;
 ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``,
 ``presence_penalty``, ``frequency_penalty``, ``logprobs`` / ``top_logprobs``, ``stream`` with
-``stream_options.include_usage``, ``n`` = 1; as vLLM's extensions, ``repetition_penalty`` and
+``stream_options.include_usage``, ``n`` up to ``MAX_CHOICES``; as vLLM's extensions, ``repetition_penalty`` and
 ``ignore_eos``) and answers a ``chat.completion``, or
 ``chat.completion.chunk`` server-sent events ending with ``data: [DONE]``. ``GET /v1/models``
 lists the one model served; ``GET /health`` is 200 while Triton has the model ready, else 503
@@ -57,6 +57,9 @@ DEFAULT_TEMPERATURE = 1.0  # OpenAI's documented default (VLMClient's own is 0: 
 DEFAULT_MAX_CONCURRENCY = 256  # requests whose gRPC stream a worker thread waits on at once
 # images per request, counted before any is decoded or fetched (the server checks the build's own limit)
 DEFAULT_MAX_IMAGES = 16
+#: choices a request may ask for (``n``): each is a row of the served batch, and rows past the
+#: repository's max_batch only queue behind the others
+MAX_CHOICES = 16
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # what the vlm model (or Triton) says when the fault is the server's, not the request's
@@ -176,8 +179,8 @@ class ChatCompletionRequest(BaseModel):
 
 
 def _unsupported(req: ChatCompletionRequest) -> None:
-    if req.n not in (None, 1):
-        raise _bad(f"n must be 1: this server answers one choice per request, got {req.n}", "n")
+    if not 1 <= (1 if req.n is None else req.n) <= MAX_CHOICES:
+        raise _bad(f"n must be in 1..{MAX_CHOICES} (each choice is a row of the served batch), got {req.n}", "n")
     if req.logit_bias:
         raise _bad("logit_bias is not supported by this server", "logit_bias")
     if req.tools or req.functions or req.tool_choice not in (None, "none"):
@@ -416,9 +419,18 @@ def _finish_reason(reason: str) -> str:
     return FINISH_REASONS.get(reason, "stop")
 
 
-def _usage(final: VLMResponse) -> dict:
-    return {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens,
-            "total_tokens": final.prompt_tokens + final.completion_tokens}
+def _usage(finals: list[VLMResponse]) -> dict:
+    """OpenAI's usage of a request's choices: the prompt once, every choice's tokens."""
+    completion = sum(final.completion_tokens for final in finals)
+    return {"prompt_tokens": finals[0].prompt_tokens, "completion_tokens": completion,
+            "total_tokens": finals[0].prompt_tokens + completion}
+
+
+def choice_requests(ask: dict, n: int) -> list[dict]:
+    """The VLMClient requests of a request's ``n`` choices: each its own row on the server. A seed
+    becomes seed + choice, so seeded choices differ from each other and repeat from run to run."""
+    seed = ask.get("seed")
+    return [{**ask, "seed": None if seed is None else (seed + i) % 2**63} for i in range(n)]
 
 
 def _sse(data: dict | str) -> bytes:
@@ -590,73 +602,105 @@ def create_app(triton_grpc_url: str, model_name: str, allow_url_fetch: bool = Fa
             raise _no_model(req.model)
         params = generation_params(req, default_max_tokens, default_temperature)
         conversation = await in_thread(to_conversation, req.messages, load_image, max_images)
-        ask = {**conversation.as_request(), **params}
+        asks = choice_requests({**conversation.as_request(), **params}, req.n or 1)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         if not req.stream:
             try:
-                final = await in_thread(partial(client.generate, **ask))
+                finals = await each_in_thread([partial(client.generate, **ask) for ask in asks])
             except client_errors as e:
                 raise error_from_vlm(e) from None
             return {"id": completion_id, "object": "chat.completion", "created": now, "model": model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": final.text, "refusal": None},
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": final.text, "refusal": None},
                                  "logprobs": openai_logprobs(final.logprobs),
-                                 "finish_reason": _finish_reason(final.finish_reason)}],
-                    "usage": _usage(final)}
+                                 "finish_reason": _finish_reason(final.finish_reason)}
+                                for i, final in enumerate(finals)],
+                    "usage": _usage(finals)}
 
-        events = client.stream(**ask)
-        try:  # the first event before answering: the server's refusal of the request is still a 400
-            first = await in_thread(_next, events)
-        except client_errors as e:
-            await in_thread(events.close)
-            raise error_from_vlm(e) from None
-        except BaseException:
+        streams = [client.stream(**ask) for ask in asks]
+        try:  # the first events before answering: the server's refusal of the request is still a 400
+            firsts = await each_in_thread([partial(_next, events) for events in streams])
+        except BaseException as e:
             with anyio.CancelScope(shield=True):
-                await in_thread(events.close)
+                for events in streams:
+                    await in_thread(events.close)
+            if isinstance(e, client_errors):
+                raise error_from_vlm(e) from None
             raise
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _EventStream(_chunks(events, first, completion_id, now, model_name, usage, in_thread, client_errors),
+        return _EventStream(_chunks(streams, firsts, completion_id, now, model_name, usage, in_thread, client_errors),
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def each_in_thread(calls: list) -> list:
+        """The calls' results, run at once (each choice's request starts at once); the first error."""
+        if len(calls) == 1:
+            return [await in_thread(calls[0])]
+        results: list = [None] * len(calls)
+        errors: list[BaseException] = []
+
+        async def run(i: int) -> None:
+            try:
+                results[i] = await in_thread(calls[i])
+            except client_errors as e:
+                errors.append(e)
+
+        async with anyio.create_task_group() as group:
+            for i in range(len(calls)):
+                group.start_soon(run, i)
+        if errors:
+            raise errors[0]
+        return results
 
     return app
 
 
-async def _chunks(events: Iterator, first, completion_id: str, created: int, model: str, include_usage: bool,
-                  in_thread, client_errors: tuple) -> AsyncIterator[bytes]:
-    """``chat.completion.chunk`` events: the role, content deltas, the finish reason, the usage
-    (when asked), ``[DONE]``. Closing this closes ``events``, which cancels the gRPC stream."""
+async def _chunks(streams: list[Iterator], firsts: list, completion_id: str, created: int, model: str,
+                  include_usage: bool, in_thread, client_errors: tuple) -> AsyncIterator[bytes]:
+    """``chat.completion.chunk`` events: each choice's role, its content deltas and its finish reason,
+    then the usage (when asked), ``[DONE]``. The choices' streams are read in turn, one event each:
+    their rows step together on the server, so none waits more than a step, and no task is left
+    running when the client goes away. Closing this closes every stream, which cancels its gRPC
+    stream."""
 
-    def chunk(delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> bytes:
+    def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> bytes:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
         if include_usage:
             body["usage"] = None
         return _sse(body)
 
     try:
-        yield chunk({"role": "assistant", "content": ""})
-        event = first
-        while event is not _DONE:
-            if isinstance(event, VLMResponse):
-                yield chunk({}, _finish_reason(event.finish_reason))
-                if include_usage:
-                    yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                "model": model, "choices": [], "usage": _usage(event)})
-                break
-            if event or getattr(event, "logprobs", ()):  # an empty piece may carry tokens not yet shown
-                yield chunk({"content": str(event)}, logprobs=openai_logprobs(getattr(event, "logprobs", None) or None))
-            try:
-                event = await in_thread(_next, events)
-            except client_errors as e:  # after the answer began, the error goes in the stream
-                yield _sse(error_from_vlm(e).body())
-                break
-        else:
-            yield _sse(OpenAIError(500, "the model server ended the stream without a final response",
-                                   code="internal_error").body())
+        for index in range(len(streams)):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        pending, finals, failed = dict(enumerate(firsts)), {}, None
+        while pending and failed is None:
+            for index, event in list(pending.items()):
+                if event is _DONE:
+                    failed = OpenAIError(500, "the model server ended the stream without a final response",
+                                         code="internal_error")
+                    break
+                if isinstance(event, VLMResponse):
+                    yield chunk(index, {}, _finish_reason(event.finish_reason))
+                    finals[index] = event
+                    del pending[index]
+                    continue
+                if event or event.logprobs:  # an empty piece may carry tokens not yet shown
+                    yield chunk(index, {"content": str(event)}, logprobs=openai_logprobs(event.logprobs or None))
+                try:
+                    pending[index] = await in_thread(_next, streams[index])
+                except client_errors as e:  # after the answer began, the error goes in the stream
+                    failed = error_from_vlm(e)
+                    break
+        if failed is not None:
+            yield _sse(failed.body())
+        elif include_usage:
+            yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                        "model": model, "choices": [], "usage": _usage([finals[i] for i in sorted(finals)])})
         yield _sse("[DONE]")
     finally:
         with anyio.CancelScope(shield=True):
-            await in_thread(events.close)
+            for events in streams:
+                await in_thread(events.close)
 
 
 # --------------------------------------------------------------------------- running it
