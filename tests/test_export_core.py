@@ -222,6 +222,25 @@ def test_streamed_text_is_decoded_incrementally_and_equals_the_whole_decode(kind
         assert streamed(ids) == tok.decode(ids, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_a_tokens_bytes_are_its_part_of_the_text(kind):
+    """Each token's text (a logprob's ``token``) keeps the space it starts with, and its bytes - a byte
+    token's, or part of a character from a byte-level vocabulary, where the text alone is U+FFFD - join
+    into the text's UTF-8 (a SentencePiece tokenizer's first space included)."""
+    from tiny_models import make_sentencepiece_tokenizer, smollm2_tokenizer_dir
+    from transformers import AutoTokenizer
+
+    from vlm_export.runtime.generate import token_text
+
+    tok = make_sentencepiece_tokenizer() if kind == "sentencepiece" else AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    text = " a cat \U0001f600 on \u65e5\u672c \u2014 caf\u00e9"
+    pieces = [token_text(tok, i) for i in tok(text, add_special_tokens=False)["input_ids"]]
+    assert any("\ufffd" in p.text for p in pieces)  # some are parts of characters
+    assert b"".join(bytes(p.bytes) for p in pieces).decode() == text
+    assert [p.text for p in pieces if "\ufffd" not in p.text] == [bytes(p.bytes).decode() for p in pieces
+                                                                  if "\ufffd" not in p.text]
+
+
 def test_stage_graphs_run_other_shapes(tiny_build):
     """Dynamic dims really are dynamic: 3 images at once, a prefill of 1 token, batch 3 decode."""
     pipe = open_build(tiny_build("llava-llama").path)

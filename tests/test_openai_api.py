@@ -201,15 +201,21 @@ def test_logprobs_equal_vlm_clients(oai, vlm, images):
     assert len(want.logprobs) == want.completion_tokens == 8
     got = ask(oai, content, max_tokens=8, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
     entries = got.choices[0].logprobs.content
-    assert [(e.token, e.logprob) for e in entries] == [(w["token"], w["logprob"]) for w in want.logprobs]
-    assert [[(t.token, t.logprob) for t in e.top_logprobs] for e in entries] == \
-        [[(t["token"], t["logprob"]) for t in w["top_logprobs"]] for w in want.logprobs]
-    assert all(e.bytes == list(e.token.encode()) and e.logprob <= 0 for e in entries)
+
+    def flat(entries):  # (token, bytes) and logprob of every token and alternative, in order
+        return [((e.token, e.bytes), e.logprob) for entry in entries for e in [entry, *entry.top_logprobs]]
+
+    # the logprobs to the float noise of a prompt served again (continued from the prefix cache)
+    theirs = [((e["token"], e["bytes"]), e["logprob"]) for w in want.logprobs for e in [w, *w["top_logprobs"]]]
+    assert [f[0] for f in flat(entries)] == [t[0] for t in theirs]
+    assert [f[1] for f in flat(entries)] == pytest.approx([t[1] for t in theirs], abs=1e-5)
+    assert all((e.bytes == list(e.token.encode()) or "\ufffd" in e.token) and e.logprob <= 0 for e in entries)
     assert all(e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= -1e30 for e in entries)
     streamed = [e for chunk in ask(oai, content, max_tokens=8, logprobs=True, top_logprobs=2, stream=True,
                                    extra_body={"ignore_eos": True})
                 for choice in chunk.choices if choice.logprobs for e in choice.logprobs.content]
-    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    assert [f[0] for f in flat(streamed)] == [f[0] for f in flat(entries)]
+    assert [f[1] for f in flat(streamed)] == pytest.approx([f[1] for f in flat(entries)], abs=1e-5)
     assert ask(oai, content, max_tokens=4).choices[0].logprobs is None
 
 

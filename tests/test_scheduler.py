@@ -308,10 +308,12 @@ def test_logprobs_are_the_decoders_log_softmax_and_stream_with_the_text(pipe, ph
         z = logits.astype(np.float64)
         want = z - z.max() - np.log(np.exp(z - z.max()).sum())
         assert abs(entry.logprob - want[entry.token_id]) < 1e-4
-        assert [i for i, _, _ in entry.top] == list(np.argsort(-want)[:3])
-        assert np.allclose([p for _, _, p in entry.top], np.sort(want)[::-1][:3], atol=1e-4)
-        assert entry.text == pipe.tokenizer.decode([entry.token_id]) and all(t for _, t, _ in entry.top)
-    assert result.to_dict()["logprobs"][0].keys() == {"token_id", "token", "logprob", "top_logprobs"}
+        assert [t.token_id for t, _ in entry.top] == list(np.argsort(-want)[:3])
+        assert np.allclose([p for _, p in entry.top], np.sort(want)[::-1][:3], atol=1e-4)
+    # each token's bytes, joined, are the answer's (its text decoded alone: its characters, or U+FFFD)
+    assert b"".join(bytes(entry.token.bytes) for entry in result.logprobs) == \
+        pipe.tokenizer.decode(result.token_ids).encode()
+    assert result.to_dict()["logprobs"][0].keys() == {"token_id", "token", "bytes", "logprob", "top_logprobs"}
     assert generate(pipe, prompt, images, GenerationConfig(max_new_tokens=3)).logprobs is None
     with pytest.raises(InputError, match="top_logprobs needs logprobs"):
         GenerationConfig(top_logprobs=2)

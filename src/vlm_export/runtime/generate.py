@@ -97,18 +97,35 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
-class TokenLogprob:
-    """A generated token's log-probability and, most likely first, the ``top_logprobs`` alternatives'
-    at its position: ``(token_id, text, logprob)`` each; ``text`` is the token decoded alone."""
+class TokenText:
+    """A token decoded alone, and its bytes: part of a character where the text shows U+FFFD (None
+    where the tokenizer's kind does not say which bytes)."""
 
     token_id: int
     text: str
-    logprob: float
-    top: tuple[tuple[int, str, float], ...] = ()
+    bytes: tuple[int, ...] | None
 
     def to_dict(self) -> dict:
-        return {"token_id": self.token_id, "token": self.text, "logprob": self.logprob,
-                "top_logprobs": [{"token_id": i, "token": t, "logprob": p} for i, t, p in self.top]}
+        return {"token_id": self.token_id, "token": self.text,
+                "bytes": None if self.bytes is None else list(self.bytes)}
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and, most likely first, the ``top_logprobs`` alternatives'
+    at its position, each ``(TokenText, logprob)``."""
+
+    token: TokenText
+    logprob: float
+    top: tuple[tuple[TokenText, float], ...] = ()
+
+    @property
+    def token_id(self) -> int:
+        return self.token.token_id
+
+    def to_dict(self) -> dict:
+        return {**self.token.to_dict(), "logprob": self.logprob,
+                "top_logprobs": [{**t.to_dict(), "logprob": p} for t, p in self.top]}
 
 
 @dataclass
@@ -232,15 +249,55 @@ def token_logprob(tokenizer, logits: np.ndarray, token: int, top: int) -> TokenL
     z = np.asarray(logits, dtype=np.float64)
     z = z - z.max()
     logp = z - np.log(np.exp(z).sum())
-
-    def text(i: int) -> str:
-        return tokenizer.decode([i], skip_special_tokens=False)
-
-    best: tuple[tuple[int, str, float], ...] = ()
+    best: tuple[tuple[TokenText, float], ...] = ()
     if top:
         ids = np.argpartition(-logp, top - 1)[:top]
-        best = tuple((int(i), text(int(i)), float(logp[i])) for i in ids[np.argsort(-logp[ids], kind="stable")])
-    return TokenLogprob(int(token), text(int(token)), float(logp[token]), best)
+        best = tuple((token_text(tokenizer, int(i)), float(logp[i]))
+                     for i in ids[np.argsort(-logp[ids], kind="stable")])
+    return TokenLogprob(token_text(tokenizer, int(token)), float(logp[token]), best)
+
+
+def token_text(tokenizer, token: int) -> TokenText:
+    """One token's text and bytes. A token that is part of a character decodes to U+FFFD; its bytes
+    are then read from the vocabulary: a byte-fallback tokenizer's ``<0xNN>`` token is that byte, a
+    byte-level BPE's (GPT-2's, SmolLM2's) token is its bytes written as GPT-2's printable characters.
+    Decoded after an anchor token, as TextStream decodes: a SentencePiece tokenizer would otherwise drop
+    the space that starts the token (its start-of-text rule)."""
+    anchor = _anchor(tokenizer)
+    before = tokenizer.decode([anchor], skip_special_tokens=False)
+    text = tokenizer.decode([anchor, token], skip_special_tokens=False)
+    text = text[len(before):] if text.startswith(before) else tokenizer.decode([token], skip_special_tokens=False)
+    if "\ufffd" not in text:
+        return TokenText(token, text, tuple(text.encode("utf-8")))
+    if token in byte_fallback_ids(tokenizer):
+        return TokenText(token, text, (int(tokenizer.convert_ids_to_tokens(token)[3:5], 16),))
+    piece = tokenizer.convert_ids_to_tokens(token)
+    decoder = _byte_level_decoder(tokenizer)
+    if decoder is not None and isinstance(piece, str) and all(c in decoder for c in piece):
+        return TokenText(token, text, tuple(decoder[c] for c in piece))
+    return TokenText(token, text, None)
+
+
+_ANCHORS: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()
+
+
+def _anchor(tokenizer) -> int:
+    """A plain token ("a") to decode others after."""
+    if tokenizer not in _ANCHORS:
+        _ANCHORS[tokenizer] = tokenizer.encode("a", add_special_tokens=False)[-1]
+    return _ANCHORS[tokenizer]
+
+
+def _byte_level_decoder(tokenizer) -> dict[str, int] | None:
+    """GPT-2's printable character -> byte map, where the tokenizer's decoder is byte-level: bytes
+    that print as themselves keep their character, the others take the characters from U+0100 on, in
+    byte order."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None or "ByteLevel" not in repr(decoder):
+        return None
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
 
 
 class TextStream:

@@ -238,7 +238,7 @@ def openai_logprobs(entries) -> dict | None:
         return None
 
     def token(entry: dict) -> dict:
-        return {"token": entry["token"], "logprob": entry["logprob"], "bytes": list(entry["token"].encode("utf-8"))}
+        return {"token": entry["token"], "logprob": entry["logprob"], "bytes": entry["bytes"]}
 
     return {"content": [{**token(e), "top_logprobs": [token(t) for t in e["top_logprobs"]]} for e in entries],
             "refusal": None}
