@@ -568,6 +568,20 @@ def test_int8_decoder_keeps_its_logits(tiny_model_dir, tmp_path, calibration_cac
                for n in notes) == (ort_kernel == "U8S8")
 
 
+def test_a_parity_failure_names_what_to_try_for_each_reduced_precision_stage_at_fault():
+    from vlm_export.build import _remedies
+
+    precisions = {"vision_encoder": "fp16", "projector": "fp32", "lm_decoder": "w4"}
+    decoder_only = _remedies(["prefill (standard form)/logits: cosine 0.97 < 0.99", "decode/logits: cosine 0.9"],
+                             precisions, "lm_decoder")
+    assert decoder_only.startswith(". To try for lm_decoder (w4): round by GPTQ (--weight-rounding gptq)")
+    assert "vision_encoder" not in decoder_only
+    assert _remedies(["projector/embeds: max abs diff 1 > 0.001"], precisions, "lm_decoder") == ""  # fp32: a bug
+    both = _remedies(["task accuracy: onnxruntime 40.0% vs torch 50.0% on the same 10 easy-vqa questions, ..."],
+                     precisions, "lm_decoder")
+    assert "vision_encoder (fp16): keep the nodes" in both and "lm_decoder (w4)" in both
+
+
 @pytest.mark.parametrize("name", ["blip2-opt", "blip2-t5", "florence2", "mllama", "prefix-llama"])
 def test_int8_decoder_of_every_family_is_built_or_refused_by_its_gate(tiny_model_dir, tmp_path, name):
     """decoder=int8 with its defaults (GPTQ codes, fp32 fallback, w8 head in the ONNX Runtime form) on
@@ -583,6 +597,7 @@ def test_int8_decoder_of_every_family_is_built_or_refused_by_its_gate(tiny_model
     except ParityError as e:
         assert str(e).startswith("parity failed for") and "cosine" in str(e)
         assert (tmp_path / "int8.failed" / "report.json").exists()
+        assert ". To try for lm_decoder (int8): calibrate on your own pairs" in str(e)
         return
     decoder = next(e for e in result.manifest["graphs"].values() if e["precision"] == "int8")
     fused = (decoder.get("forms") or {}).get("fused")
