@@ -556,7 +556,7 @@ def test_parameters_and_error_mapping():
 
     assert params() == {"max_tokens": 64, "temperature": 1.0, "top_p": 1.0, "seed": None, "stop": (),
                         "ignore_eos": False, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                        "repetition_penalty": None, "logprobs": False, "top_logprobs": 0}
+                        "repetition_penalty": None, "min_tokens": None, "logprobs": False, "top_logprobs": 0}
     got = params(presence_penalty=-2, frequency_penalty=1.5, repetition_penalty=1.2)
     assert (got["presence_penalty"], got["frequency_penalty"], got["repetition_penalty"]) == (-2, 1.5, 1.2)
     assert params(max_tokens=5, max_completion_tokens=7, stop="x", seed=3, temperature=0)["max_tokens"] == 7
@@ -565,7 +565,7 @@ def test_parameters_and_error_mapping():
     for kw, param in (({"n": 0}, "n"), ({"n": 17}, "n"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
                       ({"top_p": -0.1}, "top_p"), ({"top_p": 1.01}, "top_p"), ({"stop": [""]}, "stop"),
                       ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
-                      ({"repetition_penalty": 0}, "repetition_penalty"),
+                      ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_tokens": 65}, "min_tokens"),
                       ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
                       ({"tools": [{"type": "function"}]}, "tools"),
                       ({"response_format": {"type": "json_object"}}, "response_format")):

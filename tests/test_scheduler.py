@@ -321,6 +321,67 @@ def test_logprobs_are_the_decoders_log_softmax_and_stream_with_the_text(pipe, ph
         GenerationConfig(logprobs=True, top_logprobs=21)
 
 
+@pytest.mark.parametrize("min_new, min_length", [(3, 0), (0, 10), (2, 9)])
+def test_the_samplers_minimum_lengths_and_suppressed_tokens_are_hugging_faces(min_new, min_length):
+    """EOS held off until min_new_tokens new tokens and a min_length sequence, tokens suppressed always
+    or at the first position: step after step the logits Hugging Face's own processors give."""
+    import torch
+    from transformers import (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor,
+                              SuppressTokensAtBeginLogitsProcessor, SuppressTokensLogitsProcessor)
+
+    from vlm_export.runtime.generate import Sampler
+
+    rng = np.random.default_rng(2)
+    vocab, context, eos = 12, [3, 5, 3, 5, 7], [11, 10]
+    config = GenerationConfig(min_new_tokens=min_new, min_length=min_length, suppress_tokens=(2,),
+                              begin_suppress_tokens=(4, 6)).with_defaults({})
+    sampler = Sampler(config, context, eos)
+    processors = [MinLengthLogitsProcessor(min_length, eos),
+                  MinNewTokensLengthLogitsProcessor(len(context), min_new, eos),
+                  SuppressTokensLogitsProcessor([2]), SuppressTokensAtBeginLogitsProcessor([4, 6], len(context))]
+    ids, first_eos = list(context), None
+    for step in range(8):
+        logits = rng.normal(size=vocab).astype(np.float32)
+        logits[[2, 4, 6]] += 8.0  # each would win were it allowed, EOS above all
+        logits[10] += 16.0
+        theirs = torch.from_numpy(logits.copy())[None]
+        for processor in processors:
+            theirs = processor(torch.tensor([ids]), theirs)
+        np.testing.assert_array_equal(sampler._processed(logits), theirs[0].numpy())
+        token = sampler(logits)
+        first_eos = step if first_eos is None and token in eos else first_eos
+        ids.append(token)
+    assert first_eos == max(min_new, min_length - len(context))  # EOS as soon as it is allowed
+    assert 2 not in ids[len(context):] and ids[len(context)] not in (4, 6)
+
+
+def test_a_checkpoints_suppressed_tokens_and_minimum_lengths_apply_as_in_hf(tiny_model_dir, tiny_build, tmp_path):
+    """A generation_config.json that suppresses the tokens the model would start its answers with (and
+    sets a minimum length): the build records the settings and passes parity against HF's generate,
+    which applies them, so its greedy answers are new ones; they are not 'settings not applied'."""
+    import json
+    import shutil
+
+    from vlm_export.build import BuildOptions, build
+
+    plain = json.loads((tiny_build("llava-llama").path / "report.json").read_text())["end_to_end"]["torch_split"]
+    firsts = sorted({run["reference"][0] for run in plain})
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llava-llama"), model)
+    config = json.loads((model / "generation_config.json").read_text())
+    config.update(suppress_tokens=firsts, begin_suppress_tokens=[firsts[0] + 1], min_new_tokens=4, min_length=5)
+    (model / "generation_config.json").write_text(json.dumps(config))
+    progress = recorded_notes()
+    result = build(model, tmp_path / "build", BuildOptions(max_sequence=256, parity_new_tokens=12), progress)
+    assert result.failures == []
+    generation = result.manifest["generation"]
+    assert (generation["suppress_tokens"], generation["begin_suppress_tokens"]) == (firsts, [firsts[0] + 1])
+    assert (generation["min_new_tokens"], generation["min_length"]) == (4, 5)
+    assert not any("does not apply" in line for line in progress.lines), progress.lines
+    report = json.loads((tmp_path / "build" / "report.json").read_text())["end_to_end"]["torch_split"]
+    assert all(run["reference"][0] not in firsts and not set(firsts) & set(run["candidate"]) for run in report)
+
+
 def test_the_checkpoints_repetition_settings_are_the_builds_defaults(tmp_path):
     """A generation_config.json with a repetition penalty and an n-gram ban (which change greedy answers)
     and beams: the build records the first two and applies them as Hugging Face's generate does (parity

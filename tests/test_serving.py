@@ -192,7 +192,8 @@ def test_repetition_settings_served_equal_in_process(served, run_cli, tmp_path):
     for bad, needle in (({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\]"),
                         ({"frequency_penalty": math.nan}, "frequency_penalty must be in"),
                         ({"repetition_penalty": 0.0}, r"repetition_penalty must be in \(0, 10\]"),
-                        ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size must be an integer >= 0")):
+                        ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size must be an integer >= 0"),
+                        ({"min_tokens": -2}, "min_new_tokens must be an integer >= 0")):
         with pytest.raises(RequestError, match=needle):
             VLMClient(f"grpc://{server.grpc_url}").generate("hi", max_tokens=2, **bad)
     # the ask command sends them too

@@ -117,6 +117,8 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
                    help="Hugging Face's repetition penalty (1 = none; default: the checkpoint's generation config)")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None,
                    help="no n-gram of this size twice (0 = none; default: the checkpoint's generation config)")
+    p.add_argument("--min-tokens", type=int, default=None,
+                   help="no end of answer before this many tokens (default: the checkpoint's min_new_tokens, else 0)")
     p.add_argument("--presence-penalty", type=float, default=0.0,
                    help="OpenAI's: subtracted from the logit of every token already in the answer, in [-2, 2]")
     p.add_argument("--frequency-penalty", type=float, default=0.0,
@@ -129,8 +131,9 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
 
 def _request_settings(args) -> dict:
     """The request's generation settings from _add_request_args' options, named as the client and the
-    served model name them (GenerationConfig's, but ``max_tokens``)."""
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+    served model name them (GenerationConfig's, but ``max_tokens`` and ``min_tokens``)."""
+    return dict(max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
+                top_p=args.top_p, seed=args.seed,
                 stop=tuple(args.stop), repetition_penalty=args.repetition_penalty,
                 no_repeat_ngram_size=args.no_repeat_ngram_size, presence_penalty=args.presence_penalty,
                 frequency_penalty=args.frequency_penalty, logprobs=args.logprobs, top_logprobs=args.top_logprobs)
@@ -506,7 +509,8 @@ def _cmd_generate(args, progress) -> int:
     from .runtime.generate import GenerationConfig, GenerationResult, stream
 
     settings = _request_settings(args)
-    config = GenerationConfig(max_new_tokens=settings.pop("max_tokens"), **settings)
+    config = GenerationConfig(max_new_tokens=settings.pop("max_tokens"), min_new_tokens=settings.pop("min_tokens"),
+                              **settings)
     with progress.step(f"loading {args.build} ({args.backend})") as advance:
         pipe = open_pipeline(args.build, args.backend, threads=args.threads, check_hashes=not args.no_hash_check,
                              form=args.form)

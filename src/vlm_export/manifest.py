@@ -133,9 +133,14 @@ def _check_structure(manifest: dict[str, Any], path: Path) -> None:
     penalty = manifest["generation"].get("repetition_penalty", 1.0)
     if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty <= 10:
         raise bad(f"generation.repetition_penalty is {penalty!r}, not a number in (0, 10]")
-    ngram = manifest["generation"].get("no_repeat_ngram_size", 0)
-    if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 0:
-        raise bad(f"generation.no_repeat_ngram_size is {ngram!r}, not an integer >= 0")
+    for name in ("no_repeat_ngram_size", "min_new_tokens", "min_length"):
+        count = manifest["generation"].get(name, 0)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise bad(f"generation.{name} is {count!r}, not an integer >= 0")
+    for name in ("suppress_tokens", "begin_suppress_tokens"):
+        ids = manifest["generation"].get(name, [])
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise bad(f"generation.{name} is {ids!r}, not a list of token ids")
     # the declarations every reader parses: a bad one is damage, said here (not a reader's KeyError later)
     from .contract import ImageText, Limits, PromptLayout, scheme_from_dict, stages_from_manifest
 

@@ -35,24 +35,28 @@ def eos_token_ids(loaded: LoadedModel) -> list[int]:
 
 
 def generation_defaults(loaded: LoadedModel) -> dict:
-    """The repetition penalty and no-repeat n-gram size of the generation config the model's own
-    generate uses, where they are set (they change even greedy answers): the manifest records them
-    (``generation``) and generation applies them unless a request says otherwise, as HF's generate."""
+    """The settings of the generation config the model's own generate uses that change even greedy
+    answers and that vlm-export's generation applies (``runtime.pipeline.GENERATION_DEFAULTS``), where
+    they are set: the manifest records them (``generation``) and generation applies them unless a
+    request says otherwise, as HF's generate."""
     cfg = loaded.adapter.generation_config(loaded)
     found = {}
     penalty = getattr(cfg, "repetition_penalty", None)
     if penalty is not None and float(penalty) != 1.0:
         found["repetition_penalty"] = float(penalty)
-    if getattr(cfg, "no_repeat_ngram_size", None):
-        found["no_repeat_ngram_size"] = int(cfg.no_repeat_ngram_size)
+    for name in ("no_repeat_ngram_size", "min_new_tokens", "min_length"):
+        if getattr(cfg, name, None):
+            found[name] = int(getattr(cfg, name))
+    for name in ("suppress_tokens", "begin_suppress_tokens"):
+        if getattr(cfg, name, None):
+            found[name] = [int(i) for i in getattr(cfg, name)]
     return found
 
 
 #: settings of a generation config that change HF's answers and that vlm-export's generation does not
 #: apply (it decodes greedily unless a request asks for temperature / top-p, one sequence): (attribute,
 #: the value that means "off")
-UNAPPLIED_GENERATION_SETTINGS = (("do_sample", False), ("num_beams", 1), ("min_length", 0), ("min_new_tokens", None),
-                                 ("bad_words_ids", None), ("suppress_tokens", None), ("begin_suppress_tokens", None),
+UNAPPLIED_GENERATION_SETTINGS = (("do_sample", False), ("num_beams", 1), ("bad_words_ids", None),
                                  ("sequence_bias", None), ("encoder_repetition_penalty", 1.0),
                                  ("encoder_no_repeat_ngram_size", 0), ("exponential_decay_length_penalty", None))
 

@@ -28,7 +28,7 @@ Image = Union[str, Path, bytes]
 #: own, for the repetition penalty and the no-repeat n-gram size the build's), so a repository rendered
 #: before a setting existed still takes requests without it: name -> (Triton type, numpy type, default)
 OPTIONAL_SETTINGS = {"seed": ("INT64", np.int64, None), "ignore_eos": ("BOOL", bool, False),
-                     "repetition_penalty": ("FP32", np.float32, None),
+                     "repetition_penalty": ("FP32", np.float32, None), "min_tokens": ("INT64", np.int64, None),
                      "no_repeat_ngram_size": ("INT64", np.int64, None),
                      "presence_penalty": ("FP32", np.float32, 0.0), "frequency_penalty": ("FP32", np.float32, 0.0),
                      "logprobs": ("BOOL", bool, False), "top_logprobs": ("INT64", np.int64, 0)}

@@ -65,6 +65,7 @@ VLM_INPUTS = [
     # absent: the build's (its checkpoint's generation config), as in-process generation
     {"name": "repetition_penalty", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
     {"name": "no_repeat_ngram_size", "data_type": "TYPE_INT64", "dims": [1], "optional": True},
+    {"name": "min_tokens", "data_type": "TYPE_INT64", "dims": [1], "optional": True},  # no EOS before
     {"name": "presence_penalty", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
     {"name": "frequency_penalty", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
     # each generated token's log-probability, and the top_logprobs alternatives' (OpenAI's)

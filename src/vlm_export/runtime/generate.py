@@ -53,6 +53,13 @@ class GenerationConfig:
     #: generate defaults to that file
     repetition_penalty: float | None = None
     no_repeat_ngram_size: int | None = None
+    #: no EOS before this many new tokens (vLLM's min_tokens), nor before the prompt and answer together
+    #: are ``min_length`` long (Hugging Face's min_length: its input_ids, the prompt included); tokens
+    #: never generated, and tokens not generated first. None: the build's, as the repetition settings
+    min_new_tokens: int | None = None
+    min_length: int | None = None
+    suppress_tokens: tuple[int, ...] | None = None
+    begin_suppress_tokens: tuple[int, ...] | None = None
     #: OpenAI's penalties (vLLM's semantics): a token's logit less ``frequency_penalty`` times the times
     #: it was generated so far, less ``presence_penalty`` once it was; over the answer only, the prompt
     #: not counted; negative values favour repeats. Both in [-2, 2], OpenAI's range; 0: off
@@ -79,6 +86,15 @@ class GenerationConfig:
         n = self.no_repeat_ngram_size
         if n is not None and not (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0):
             raise InputError(f"no_repeat_ngram_size must be an integer >= 0 (0: none), got {n!r}")
+        for name in ("min_new_tokens", "min_length"):
+            n = getattr(self, name)
+            if n is not None and not (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0):
+                raise InputError(f"{name} must be an integer >= 0 (0: none), got {n!r}")
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            ids = getattr(self, name)
+            if ids is not None and not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0
+                                           for i in ids):
+                raise InputError(f"{name} must be token ids (integers >= 0), got {ids!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not (-2.0 <= float(getattr(self, name)) <= 2.0):  # NaN too
                 raise InputError(f"{name} must be in [-2, 2] (0: none), got {getattr(self, name)!r}")
@@ -88,12 +104,17 @@ class GenerationConfig:
         if k and not self.logprobs:
             raise InputError("top_logprobs needs logprobs: ask for logprobs too")
 
-    def with_defaults(self, defaults: Mapping[str, float | int]) -> "GenerationConfig":
+    def with_defaults(self, defaults: Mapping) -> "GenerationConfig":
         """The settings left None filled from ``defaults`` (a build's ``generation`` section), else off."""
-        return replace(self, repetition_penalty=float(self.repetition_penalty if self.repetition_penalty is not None
-                                                      else defaults.get("repetition_penalty", 1.0)),
-                       no_repeat_ngram_size=int(self.no_repeat_ngram_size if self.no_repeat_ngram_size is not None
-                                                else defaults.get("no_repeat_ngram_size", 0)))
+        def pick(name, off, kind):
+            value = getattr(self, name)
+            return kind(value if value is not None else defaults.get(name, off))
+
+        return replace(self, repetition_penalty=pick("repetition_penalty", 1.0, float),
+                       no_repeat_ngram_size=pick("no_repeat_ngram_size", 0, int),
+                       min_new_tokens=pick("min_new_tokens", 0, int), min_length=pick("min_length", 0, int),
+                       suppress_tokens=pick("suppress_tokens", (), tuple),
+                       begin_suppress_tokens=pick("begin_suppress_tokens", (), tuple))
 
 
 @dataclass(frozen=True)
@@ -171,11 +192,16 @@ class GenerationRequest:
 class Sampler:
     """One row's next token from its logits: the repetition penalty and the no-repeat n-gram rule over
     ``context`` (what Hugging Face's logits processors see: ``DecodingScheme.penalty_context``) and
-    the tokens sampled since, the presence and frequency penalties over the tokens sampled, then
-    greedy, or temperature and top-p."""
+    the tokens sampled since, the presence and frequency penalties over the tokens sampled, EOS
+    (``eos_token_ids``) held off until the minimum lengths and the suppressed tokens, then greedy, or
+    temperature and top-p."""
 
-    def __init__(self, config: GenerationConfig, context: Sequence[int] = ()):
+    def __init__(self, config: GenerationConfig, context: Sequence[int] = (), eos_token_ids: Sequence[int] = ()):
         self.config = config
+        self.eos = np.asarray(list(eos_token_ids), dtype=np.int64)
+        self.sampled = 0
+        self.suppress = np.asarray(list(config.suppress_tokens or ()), dtype=np.int64)
+        self.begin_suppress = np.asarray(list(config.begin_suppress_tokens or ()), dtype=np.int64)
         self.rng = np.random.default_rng(config.seed)
         self.penalty = float(config.repetition_penalty or 1.0)
         self.ngram = int(config.no_repeat_ngram_size or 0)
@@ -194,9 +220,14 @@ class Sampler:
         return token
 
     def _processed(self, logits: np.ndarray) -> np.ndarray:
-        if self.penalty == 1.0 and not self.ngram and not self.counts:
+        early = self.sampled < (self.config.min_new_tokens or 0) or self.length < (self.config.min_length or 0)
+        banned = [ids for ids, on in ((self.eos, early), (self.suppress, True), (self.begin_suppress, not self.sampled))
+                  if on and ids.size]
+        if self.penalty == 1.0 and not self.ngram and not self.counts and not banned:
             return logits
         logits = np.array(logits, dtype=np.float32)  # a copy: the batch's logits stay as the decoder made them
+        for ids in banned:
+            logits[ids[ids < logits.shape[-1]]] = -np.inf
         if self.seen:
             seen = np.fromiter((t for t in self.seen if 0 <= t < logits.shape[-1]), dtype=np.int64)
             picked = logits[seen]
@@ -219,6 +250,7 @@ class Sampler:
         if self.presence or self.frequency:
             self.counts[token] = self.counts.get(token, 0) + 1
         self.length += 1
+        self.sampled += 1
 
     def _record_ngram(self, token: int) -> None:
         if len(self.recent) == self.ngram - 1:  # an n-gram ends at this token
@@ -486,7 +518,7 @@ class Scheduler:
         self.pipe.scheme.check_prompt(prompt_ids, image_input)
         config = config.with_defaults(self.pipe.generation_defaults)
         row = _Row(next(self._ids), list(prompt_ids), image_input, config,
-                   Sampler(config, self.pipe.scheme.penalty_context(prompt_ids)),
+                   Sampler(config, self.pipe.scheme.penalty_context(prompt_ids), self.pipe.eos_token_ids),
                    TextStream(self.pipe.tokenizer, config.stop), keys=prefix_keys)
         self.queued.append(row)
         return row.id

@@ -9,8 +9,8 @@
 content a string or ``text`` and ``image_url`` parts, images as ``data:image/...;base64,`` URLs;
 ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``,
 ``presence_penalty``, ``frequency_penalty``, ``logprobs`` / ``top_logprobs``, ``stream`` with
-``stream_options.include_usage``, ``n`` up to ``MAX_CHOICES``; as vLLM's extensions, ``repetition_penalty`` and
-``ignore_eos``) and answers a ``chat.completion``, or
+``stream_options.include_usage``, ``n`` up to ``MAX_CHOICES``; as vLLM's extensions,
+``repetition_penalty``, ``min_tokens`` and ``ignore_eos``) and answers a ``chat.completion``, or
 ``chat.completion.chunk`` server-sent events ending with ``data: [DONE]``. ``GET /v1/models``
 lists the one model served; ``GET /health`` is 200 while Triton has the model ready, else 503
 (a readiness probe). Errors have OpenAI's body ``{"error": {"message", "type", "param",
@@ -117,7 +117,7 @@ def error_from_vlm(err: Exception) -> OpenAIError:
     if not isinstance(err, RequestError) or any(s in low for s in _INTERNAL):
         return OpenAIError(500, message, code="internal_error")
     field = re.match(r"(max_tokens|temperature|top_p|seed|stop|presence_penalty|frequency_penalty|"
-                     r"repetition_penalty|no_repeat_ngram_size)\b", message)
+                     r"repetition_penalty|no_repeat_ngram_size|min_new_tokens|top_logprobs)\b", message)
     param = field.group(1) if field else ("messages" if re.search(r"\b(image|prompt|messages?)\b", low) else None)
     return _bad(message, param=param)
 
@@ -173,9 +173,11 @@ class ChatCompletionRequest(BaseModel):
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
     #: extensions, as in vLLM: generate max_tokens tokens, EOS or not (benchmarks); Hugging Face's
-    #: repetition penalty (absent: the build's, from its checkpoint's generation config)
+    #: repetition penalty and the fewest tokens before EOS (absent: the build's, from its checkpoint's
+    #: generation config)
     ignore_eos: bool = False
     repetition_penalty: float | None = None
+    min_tokens: int | None = None
 
 
 def _unsupported(req: ChatCompletionRequest) -> None:
@@ -218,6 +220,8 @@ def generation_params(req: ChatCompletionRequest, default_max_tokens: int = DEFA
     for name, value in penalties.items():
         if not -2.0 <= value <= 2.0:
             raise _bad(f"{name} must be in [-2, 2], got {value}", name)
+    if req.min_tokens is not None and not 0 <= req.min_tokens <= max_tokens:
+        raise _bad(f"min_tokens must be in 0..max_tokens ({max_tokens}), got {req.min_tokens}", "min_tokens")
     if req.repetition_penalty is not None and not 0.0 < req.repetition_penalty <= 10.0:
         raise _bad(f"repetition_penalty must be in (0, 10] (1: none), got {req.repetition_penalty}",
                    "repetition_penalty")
@@ -228,7 +232,7 @@ def generation_params(req: ChatCompletionRequest, default_max_tokens: int = DEFA
         raise _bad("top_logprobs needs logprobs: set logprobs to true", "top_logprobs")
     return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": req.seed,
             "stop": tuple(stop), "ignore_eos": bool(req.ignore_eos), **penalties,
-            "repetition_penalty": req.repetition_penalty, "logprobs": bool(req.logprobs),
+            "repetition_penalty": req.repetition_penalty, "min_tokens": req.min_tokens, "logprobs": bool(req.logprobs),
             "top_logprobs": top_logprobs}
 
 

@@ -185,8 +185,8 @@ class TritonPythonModel:
         for i, image in enumerate(images):
             self.limits.check_bytes(len(image_payload(bytes(image))), f"image {i}")
         seed = _optional(request, "seed", None)
-        repetition_penalty, ngram = (_optional(request, name, None) for name in ("repetition_penalty",
-                                                                                  "no_repeat_ngram_size"))
+        repetition_penalty, ngram, min_tokens = (_optional(request, name, None) for name in (
+            "repetition_penalty", "no_repeat_ngram_size", "min_tokens"))
         config = GenerationConfig(
             max_new_tokens=int(_optional(request, "max_tokens", [64])[0]),
             temperature=float(_optional(request, "temperature", [0.0])[0]),
@@ -196,6 +196,7 @@ class TritonPythonModel:
             ignore_eos=bool(_optional(request, "ignore_eos", [False])[0]),
             repetition_penalty=None if repetition_penalty is None else float(repetition_penalty[0]),
             no_repeat_ngram_size=None if ngram is None else int(ngram[0]),
+            min_new_tokens=None if min_tokens is None else int(min_tokens[0]),
             presence_penalty=float(_optional(request, "presence_penalty", [0.0])[0]),
             frequency_penalty=float(_optional(request, "frequency_penalty", [0.0])[0]),
             logprobs=bool(_optional(request, "logprobs", [False])[0]),
