@@ -582,6 +582,22 @@ def test_a_parity_failure_names_what_to_try_for_each_reduced_precision_stage_at_
     assert "vision_encoder (fp16): keep the nodes" in both and "lm_decoder (w4)" in both
 
 
+def test_opts_gemm_layers_are_quantized_and_nothing_is_left_float_unsaid(tiny_model_dir, tmp_path):
+    """BLIP-2's OPT decoder: its MLP exports as Gemm (fc1 / fc2 read 2-D hidden states), which the w4
+    quantizer once passed over in silence (two thirds of each layer's weights left fp32 in a "w4"
+    build). Now no Gemm multiplies by float weights, and the manifest counts what stayed float: none."""
+    result = build(tiny_model_dir("blip2-opt"), tmp_path / "w4",
+                   BuildOptions(precision=parse_precision("decoder=w4"), parity_new_tokens=4))
+    entry = result.manifest["graphs"]["lm_decoder"]
+    model = onnx.load(str(tmp_path / "w4" / entry["file"]), load_external_data=False)
+    floats = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2}
+    assert not [n.name for n in model.graph.node if n.op_type == "Gemm" and n.input[1] in floats]
+    assert entry["variant"]["weights_missed"]["tensors"] == 0
+    layers = json.loads((tiny_model_dir("blip2-opt") / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    # per layer q/k/v (packed or not), out, fc1, fc2; and the head (before: fc1 and fc2 missing)
+    assert entry["variant"]["quantized_matmuls"] >= 4 * layers + 1
+
+
 @pytest.mark.parametrize("name", ["blip2-opt", "blip2-t5", "florence2", "mllama", "prefix-llama"])
 def test_int8_decoder_of_every_family_is_built_or_refused_by_its_gate(tiny_model_dir, tmp_path, name):
     """decoder=int8 with its defaults (GPTQ codes, fp32 fallback, w8 head in the ONNX Runtime form) on

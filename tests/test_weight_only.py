@@ -129,6 +129,44 @@ def test_forms_run_on_onnxruntime_like_the_dequantized_maths(tmp_path, form, sch
     assert np.corrcoef(got.ravel(), exact.ravel())[0, 1] > 0.99
 
 
+@pytest.mark.parametrize("form,scheme", [("matmulnbits", "asymmetric"), ("dequantize", "symmetric")])
+def test_gemms_are_quantized_like_matmuls_and_a_layout_left_float_is_counted(form, scheme):
+    """OPT's MLP exports as Gemm (2-D hidden states): a Gemm x W^T + b and x W + b is quantized, its bias
+    added after, and answers like the dequantized maths; a weight table read through GatherND (a
+    mixture of experts' batched weights), which no form takes, is counted as missed, not passed over."""
+    from vlm_export.precision.weight_only import targeted_weights, weights_missed
+
+    rng = np.random.default_rng(4)
+    w1, b1 = rng.standard_normal((N, K)).astype(np.float32) * 0.05, rng.standard_normal(N).astype(np.float32)
+    w2, b2 = rng.standard_normal((N, K)).astype(np.float32) * 0.05, rng.standard_normal(K).astype(np.float32)
+    # fc1 as OPT exports it (x W^T + b, W [out, in]), fc2 with W [in, out]
+    table = rng.standard_normal((4, K, K)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["r"], name="act"),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2"),
+             helper.make_node("GatherND", ["table", "expert"], ["w_e"], name="experts"),
+             helper.make_node("MatMul", ["y", "w_e"], ["z"], name="expert_mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["s", K]),
+                                           helper.make_tensor_value_info("expert", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["s", K]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, ["s", K])],
+                              [numpy_helper.from_array(a, n) for a, n in
+                               ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"), (table, "table"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    missed = weights_missed(model, targeted_weights(model, set()))
+    assert (missed["tensors"], missed["largest"]) == (1, ["GatherND experts"]) and missed["share"] == pytest.approx(16 / 19, abs=1e-3)
+    assert weights_missed(model, targeted_weights(model, set()), kept={"experts"})["tensors"] == 0
+    done = quantize_weights(model, 4, 16, scheme, form, keep=set())  # fc2's K is 48
+    assert set(done) == {"fc1", "fc2"} and "Gemm" not in [n.op_type for n in model.graph.node]
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(["y"], {"x": x, "expert": np.array([1], np.int64)})[0]
+    w1q = quantize_blocks(w1.T.copy(), 4, 16, scheme).dequantize()
+    w2q = quantize_blocks(w2, 4, 16, scheme).dequantize()
+    expected = np.maximum(x @ w1q + b1, 0) @ w2q + b2
+    assert np.abs(got - expected).max() <= 0.03 * np.abs(expected).max()
+
+
 @pytest.mark.parametrize("scheme", ["asymmetric", "zero-point", "symmetric"])
 def test_constant_rows_stay_exact(scheme):
     """A tied LM head whose padding token's row is all zero (BART, OPT: padding_idx) and a constant row:

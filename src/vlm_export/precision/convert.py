@@ -38,7 +38,7 @@ from ..errors import ExportError
 from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, check_graph, save_graph, topological_order, weight_bytes
 from .smoothquant import KERNELS
 from .weight_only import (DEFAULT_CORRECTION, FORMS, ROUNDINGS, SCHEMES, TENSORRT_INT4_BLOCK_SIZES, quantize_weights,
-                          weight_inputs, whole_block_size)
+                          describe_missed, targeted_weights, weight_inputs, weights_missed, whole_block_size)
 
 FP32_ISLANDS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
                 "SkipSimplifiedLayerNormalization", "RMSNormalization", "Softmax", "ReduceMean", "ReduceSum",
@@ -397,6 +397,7 @@ def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions,
     head_precision = options.head_precision(f"w{bits}")
     keep = set(options.exclude_nodes) | (set(head) if head_precision == "fp32" else set())
     bits_of = {} if head_precision == "fp32" else {name: int(head_precision[1]) for name in head}
+    missed = weights_missed(model, targeted_weights(model, keep), keep)
     with contextlib.ExitStack() as stack:
         blocks = None
         if options.rounding(f"w{bits}") == "gptq":  # measured on the fp32 graph, before any rewrite
@@ -440,7 +441,7 @@ def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions,
                                     "block_sizes": {str(size): sum(s == size for _, s in done.values()) for size in used},
                                     "scheme": options.scheme, "form": options.weight_form, **activations,
                                     "rounding": rounding, "lm_head": head_precision, "quantized_matmuls": len(done),
-                                    "kept_fp32": sorted(keep)})
+                                    "kept_fp32": sorted(keep), "weights_missed": missed})
 
 
 class _Feeds:
@@ -533,6 +534,7 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
         maxima = sq.channel_maxima(model, sorted({g.tensor for g in sq.groups(model, keep)}), calibration_feeds)
     smoothing = sq.smooth(model, maxima, sq.SMOOTH_ALPHA, keep)
     matmuls = sq.weighted_matmuls(model, keep)
+    missed = weights_missed(model, {m.input[1] for m in matmuls}, set(keep) | set(head))  # the head: its own way
     weights, rounding = None, {"method": "rtn"}
     if options.rounding("int8") == "gptq":  # on the smoothed graph: the inputs the int8 kernels will see
         from . import gptq
@@ -585,7 +587,7 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
         "smoothing": {k: v for k, v in smoothing.items() if k != "alpha"},
         "calibration": "channel max |x|", "calibration_samples": len(calibration_feeds or []),
         "calibration_cache": None if cache is None else {"file": str(cache), "reused": cached is not None},
-        "kept_fp32": keep}
+        "kept_fp32": keep, "weights_missed": missed}
     if kernel == "u8s8":  # exact only where the CPU accumulates int8 products in int32 (the graph says so; OrtRunner checks)
         details["requires_cpu"] = list(INT8_DOT_PRODUCT)
     return VariantInfo("int8", details)
@@ -627,7 +629,12 @@ def make_variant(precision: str, src: Path, dst: Path, options: PrecisionOptions
     if precision == "fp16":
         return to_fp16(src, dst, keep_modules)
     if precision in ("w8", "w4"):
-        return to_weight_only(src, dst, int(precision[1]), options, calibration_feeds)
-    if precision == "int8":
-        return to_int8(src, dst, calibration_feeds, options, calibration_cache, note, tensorrt_only)
-    raise ExportError(f"no conversion for precision {precision!r}")
+        info = to_weight_only(src, dst, int(precision[1]), options, calibration_feeds)
+    elif precision == "int8":
+        info = to_int8(src, dst, calibration_feeds, options, calibration_cache, note, tensorrt_only)
+    else:
+        raise ExportError(f"no conversion for precision {precision!r}")
+    missed = describe_missed(f"{src.stem} ({precision})", info.details.get("weights_missed", {"tensors": 0}))
+    if missed and note:
+        note(missed)
+    return info

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Iterable, Callable, Sequence
 
 import numpy as np
 import onnx
@@ -149,6 +149,7 @@ class _Target:
     transposed: bool
     #: the graph's folder, where a tensor kept in an external data file is read from
     source_dir: Path | None = None
+    bias: str | None = None  # a Gemm's C, added after the quantized product
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -170,12 +171,23 @@ class _Target:
 
 
 def _targets(model: onnx.ModelProto, skip: set[str], source_dir: Path | None = None) -> list[_Target]:
-    """MatMuls whose B is a 2-D initializer, or the Transpose of one (a tied LM head)."""
+    """MatMuls whose B is a 2-D initializer, or the Transpose of one (a tied LM head); and Gemms
+    ``A x B (+ C)`` whose B is a 2-D initializer, transposed or not (OPT's MLP: its fc1 / fc2 read
+    2-D hidden states, so they export as Gemm)."""
     inits = {i.name: i for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
     found = []
     for index, node in enumerate(model.graph.node):
-        if node.op_type != "MatMul" or node.name in skip:
+        if node.name in skip:
+            continue
+        if node.op_type == "Gemm":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            b, bias = node.input[1], (node.input[2] if len(node.input) > 2 and node.input[2] else None)
+            if (b in inits and len(inits[b].dims) == 2 and not attrs.get("transA", 0)
+                    and attrs.get("alpha", 1.0) == 1.0 and (bias is None or attrs.get("beta", 1.0) == 1.0)):
+                found.append(_Target(index, node, inits[b], bool(attrs.get("transB", 0)), source_dir, bias))
+            continue
+        if node.op_type != "MatMul":
             continue
         b = node.input[1]
         if b in inits and len(inits[b].dims) == 2:
@@ -190,6 +202,11 @@ def _targets(model: onnx.ModelProto, skip: set[str], source_dir: Path | None = N
 
 def _key(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
+
+
+def targeted_weights(model: onnx.ModelProto, skip: set[str]) -> set[str]:
+    """The initializers ``quantize_weights`` would quantize (for ``weights_missed``)."""
+    return {t.source.name for t in _targets(model, skip)}
 
 
 def weight_inputs(model: onnx.ModelProto, skip: set[str]) -> dict[str, tuple[str, int]]:
@@ -374,7 +391,7 @@ def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int | tuple[
         del weight  # the next target's copy replaces it, not joins it
         nodes, tensors = (_matmulnbits(t, bq, accuracy_level, block_sums, correction) if form == "matmulnbits"
                           else _dequantize(t, bq))
-        replaced[t.index] = nodes
+        replaced[t.index] = _with_bias(nodes, t)
         new_inits += tensors
         done[_key(t.node)] = (node_bits, size)
     if not done:
@@ -394,6 +411,61 @@ def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int | tuple[
         # MatMulNBits' logits on ONNX Runtime); the checker runs on the saved graph
         domains[""].version = DQ_OPSET
     return done
+
+
+def _with_bias(nodes: list[onnx.NodeProto], t: _Target) -> list[onnx.NodeProto]:
+    """A Gemm's C added to the quantized product (the node that wrote its output now writes the sum's
+    addend)."""
+    if t.bias is None:
+        return nodes
+    out = t.node.output[0]
+    product = f"{_key(t.node)}_without_bias"
+    last = next(n for n in nodes if out in n.output)
+    last.output[list(last.output).index(out)] = product
+    return nodes + [helper.make_node("Add", [product, t.bias], [out], name=f"{_key(t.node)}_bias")]
+
+
+def weights_missed(model: onnx.ModelProto, targeted: Iterable[str], kept: Iterable[str] = ()) -> dict:
+    """The float weights of ``model`` (before quantizing it) that a quantizer leaves as they are though
+    no one asked: 2-D or larger initializers read by a MatMul, Gemm or GatherND (a mixture of experts'
+    weight table), or by a Transpose into one, that are not ``targeted`` (the initializers it
+    quantizes) nor read by the ``kept`` nodes. A layout the quantizer does not know is then said in
+    the manifest and at build time, not found in a weight-only build as large as the fp32 one. Sizes
+    from the dims alone (no external data read)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    kept, targeted = set(kept), set(targeted)
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+    def nbytes(t: onnx.TensorProto) -> int:
+        return int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+    weights: dict[str, bool] = {}  # weight -> read by a kept node
+    reader: dict[str, str] = {}  # weight -> the node that reads it (what the build's note names)
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "GatherND"):
+            continue
+        for name in node.input:
+            if name in producers and producers[name].op_type == "Transpose":
+                name = producers[name].input[0]
+            t = inits.get(name)
+            if t is not None and len(t.dims) >= 2 and t.data_type in floats:
+                weights[name] = weights.get(name, False) or node.name in kept
+                reader.setdefault(name, f"{node.op_type} {_key(node)}")
+    missed = {name: nbytes(inits[name]) for name, is_kept in weights.items() if not is_kept and name not in targeted}
+    total = sum(nbytes(inits[name]) for name in weights)
+    return {"tensors": len(missed), "bytes": sum(missed.values()),
+            "share": round(sum(missed.values()) / total, 4) if total else 0.0,
+            "largest": [reader[name] for name in sorted(missed, key=missed.get, reverse=True)[:3]]}
+
+
+def describe_missed(stage: str, missed: dict) -> str | None:
+    """One line for a build's output where a quantizer left a share of the weights float, else None."""
+    if not missed["tensors"]:
+        return None
+    return (f"{stage}: {missed['tensors']} weight tensor(s), {100 * missed['share']:.0f}% of the weight bytes "
+            f"({missed['bytes'] / 1e6:.1f} MB), are in a layout the quantizer does not take and stay float "
+            f"(largest: {', '.join(missed['largest'])})")
 
 
 def drop_unused(graph: onnx.GraphProto) -> None:
