@@ -574,8 +574,17 @@ def test_a_parity_failure_names_what_to_try_for_each_reduced_precision_stage_at_
     precisions = {"vision_encoder": "fp16", "projector": "fp32", "lm_decoder": "w4"}
     decoder_only = _remedies(["prefill (standard form)/logits: cosine 0.97 < 0.99", "decode/logits: cosine 0.9"],
                              precisions, "lm_decoder")
-    assert decoder_only.startswith(". To try for lm_decoder (w4): round by GPTQ (--weight-rounding gptq)")
+    assert decoder_only.startswith(". To try for lm_decoder (w4): round by GPTQ (--weight-rounding gptq), smaller "
+                                   "blocks (--block-size 16)") and decoder_only.endswith(" or w8")
     assert "vision_encoder" not in decoder_only
+    # only what the build did not take, and what its form accepts (TensorRT's: no other blocks, no w8)
+    taken = _remedies(["decode/logits: cosine 0.9"], precisions, "lm_decoder",
+                      PrecisionOptions(weight_rounding="gptq", weight_activations="fp32", lm_head="fp32"))
+    assert taken == ". To try for lm_decoder (w4): smaller blocks (--block-size 16) or w8"
+    tensorrt = _remedies(["decode/logits: cosine 0.9"], precisions, "lm_decoder",
+                         PrecisionOptions(weight_form="dequantize"))
+    assert "--block-size" not in tensorrt and "--weight-activations" not in tensorrt and " w8" not in tensorrt
+    assert tensorrt.endswith("or ONNX Runtime's form (--weight-form matmulnbits), which takes the rest")
     assert _remedies(["projector/embeds: max abs diff 1 > 0.001"], precisions, "lm_decoder") == ""  # fp32: a bug
     both = _remedies(["task accuracy: onnxruntime 40.0% vs torch 50.0% on the same 10 easy-vqa questions, ..."],
                      precisions, "lm_decoder")

@@ -41,7 +41,7 @@ from .export.graph_info import check_graph, graph_bytes, graph_io
 from .export.onnx_export import export_stage
 from .precision.calibration import CalibrationPair, cache_path, default_pairs, stage_feeds
 from .precision.convert import PrecisionOptions, make_variant, quiet_logging
-from .precision.spec import REMEDIES, PrecisionPlan
+from .precision.spec import PrecisionPlan
 from .precision.weight_only import check_whole_blocks, needs_whole_blocks
 from .manifest import (MANIFEST_NAME, derive_targets, folder_hashes, is_build_folder, read_manifest, sha256_file,
                        stage_forms, targets as target_forms, verify_hashes, versions, write_manifest)
@@ -311,11 +311,12 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
         os.replace(tmp, failed)
         raise ParityError(f"parity failed for {len(failures)} check(s): " + "; ".join(failures)
                           + f". Graphs and report kept in {failed} (not a usable build)"
-                          + _remedies(failures, precisions, scheme.decoder_stage))
+                          + _remedies(failures, precisions, scheme.decoder_stage, options.precision_options))
     write_manifest(tmp, manifest)
 
 
-def _remedies(failures: list[str], precisions: dict[str, str], decoder_stage: str) -> str:
+def _remedies(failures: list[str], precisions: dict[str, str], decoder_stage: str,
+              options: PrecisionOptions = PrecisionOptions()) -> str:
     """What to try, for each reduced-precision stage among the failures (parity entries name their
     stage, the decoder's are its prefill and decode; a task-accuracy drop may be any of them). A
     failing fp32 stage gets none: that is an export to report, not a setting to change."""
@@ -324,9 +325,9 @@ def _remedies(failures: list[str], precisions: dict[str, str], decoder_stage: st
         entry = failure.split("/", 1)[0].split(" (", 1)[0]  # "prefill (standard form)/logits: ..."
         suspects |= set(precisions) if failure.startswith("task accuracy") else \
             {decoder_stage if entry in DECODER_ENTRIES else entry}
-    tries = [f"{stage} ({precisions[stage]}): {REMEDIES[precisions[stage]]}" for stage in precisions
-             if stage in suspects and precisions[stage] in REMEDIES]
-    return "".join(f". To try for {t}" for t in tries)
+    tries = {stage: options.remedies(precisions[stage]) for stage in precisions if stage in suspects}
+    return "".join(f". To try for {stage} ({precisions[stage]}): {', '.join(t[:-1])}{' or ' if len(t) > 1 else ''}"
+                   f"{t[-1]}" for stage, t in tries.items() if t)
 
 
 def _check_weight_blocks(stages, precisions: dict[str, str], po: PrecisionOptions) -> None:

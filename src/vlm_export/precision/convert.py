@@ -141,6 +141,33 @@ class PrecisionOptions:
             return TENSORRT_INT4_BLOCK_SIZES
         return (self.block,)
 
+    def remedies(self, precision: str) -> list[str]:
+        """What to try when a stage built at ``precision`` with these options fails its gate: only
+        options the build did not take already and that its form accepts (the dequantize form refuses
+        other blocks, fp32 activations and w8)."""
+        if precision == "fp16":
+            return ["keep the nodes that lose most in fp32 (--keep-node NAME, repeatable)", "build this stage fp32"]
+        if precision == "int8":
+            other = [c for c in ("minmax", "percentile", "entropy") if c != self.calibration]
+            return ["calibrate on your own pairs (--calibration-images DIR --calibration-prompts FILE)",
+                    f"--calibration {'|'.join(other)}", "keep sensitive nodes fp32 (--keep-node NAME; a decoder's "
+                    "MatMuls: --int8-fp32-matmuls N)", "w8 for a decoder"]
+        if precision not in ("w8", "w4"):
+            return []
+        tries = []
+        if self.rounding(precision) != "gptq":
+            tries.append("round by GPTQ (--weight-rounding gptq)")
+        if self.weight_form == "matmulnbits" and self.block > 16:
+            tries.append("smaller blocks (--block-size 16)")
+        if self.lm_head != "fp32":
+            tries.append("the LM head fp32 (--lm-head fp32)")
+        if self.weight_form == "matmulnbits" and self.weight_activations != "fp32":
+            tries.append("fp32 activations (--weight-activations fp32, for outliers such as T5's)")
+        if precision == "w4":
+            tries.append("ONNX Runtime's form (--weight-form matmulnbits), which takes the rest" if
+                         self.weight_form == "dequantize" else "w8")
+        return tries
+
     def head_precision(self, stage_precision: str) -> str:
         """The LM head's precision under a decoder precision, checked against what that decoder
         and the weight form allow (called before export, so impossible choices fail early)."""

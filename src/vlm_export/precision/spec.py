@@ -19,17 +19,6 @@ from ..errors import BuildError
 KNOWN = ("fp32", "fp16", "int8", "w8", "w4")
 #: shorthands for the usual stage names
 ALIASES = {"vision": "vision_encoder", "decoder": "lm_decoder"}
-#: what to try when a stage at this precision fails its gate (the build's parity failure says it)
-REMEDIES = {
-    "fp16": "keep the nodes that lose most in fp32 (--keep-node NAME, repeatable) or build this stage fp32",
-    "int8": "calibrate on your own pairs (--calibration-images DIR --calibration-prompts FILE) or with "
-            "--calibration percentile|entropy, keep sensitive nodes fp32 (--keep-node NAME; a decoder's "
-            "MatMuls: --int8-fp32-matmuls N), or take w8 for a decoder",
-    "w8": "keep activations fp32 (--weight-activations fp32, for activation outliers such as T5's) or the "
-          "LM head fp32 (--lm-head fp32)",
-    "w4": "round by GPTQ (--weight-rounding gptq), smaller blocks (--block-size 16), --lm-head fp32, "
-          "--weight-activations fp32 (activation outliers, such as T5's), or w8",
-}
 
 
 @dataclass(frozen=True)
