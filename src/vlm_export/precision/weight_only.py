@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
