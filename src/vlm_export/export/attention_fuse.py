@@ -488,6 +488,17 @@ def _windows_by_attention(layer_windows, attentions: int, max_positions: int) ->
     return windows, ""
 
 
+def _over_a_projection(g, softmax: onnx.NodeProto) -> bool:
+    """A softmax over a layer's output (x W: a mixture of experts' router), not attention: no note
+    counts it among the attentions left unfused."""
+    producer = g.producer.get(softmax.input[0])
+    if producer is None or producer.op_type not in ("MatMul", "Gemm"):
+        return False
+    weight = g.producer.get(producer.input[1])
+    return producer.input[1] in g.inits or (weight is not None and weight.op_type == "Transpose"
+                                            and weight.input[0] in g.inits)
+
+
 def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> None:
     """Rewrite every matching attention of ``g`` (fuse._Graph) into GroupQueryAttention; counts in
     ``report.fusions["attention"]``, a note per reason for the ones left alone. ``layer_windows``:
@@ -496,7 +507,7 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
     graph_inputs = {i.name for i in g.graph.input}
     skipped: dict[str, int] = {}
     matches = []
-    for softmax in [n for n in g.graph.node if n.op_type == "Softmax"]:
+    for softmax in [n for n in g.graph.node if n.op_type == "Softmax" and not _over_a_projection(g, n)]:
         try:
             matches.append((softmax, _match(g, softmax, graph_inputs)))
         except _NoMatch as e:
