@@ -115,7 +115,9 @@ def cache_path(stage: str, graph: Path, source_sha256: dict[str, str], pairs: li
     from .smoothquant import SMOOTH_ALPHA
 
     # a decoder's cached ranges are of its smoothed graph (convert.to_int8): alpha is part of the key
-    h = hashlib.sha256(f"{__version__} {stage} {method} smoothquant-alpha={SMOOTH_ALPHA} {choices}".encode())
+    # layers=matmul+gemm: a fallback chosen before Gemm layers were quantized (OPT's MLP) ranked fewer layers
+    h = hashlib.sha256(f"{__version__} {stage} {method} smoothquant-alpha={SMOOTH_ALPHA} layers=matmul+gemm "
+                       f"{choices}".encode())
     for name, digest in sorted(source_sha256.items()):
         h.update(f"{name}={digest};".encode())
     _graph_digest(h, graph)

@@ -546,6 +546,7 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
     model = onnx.load(os.fspath(src))
     head = [n for n in lm_head_nodes(model) if n not in keep]
     sq.untie(model, head)  # a tied head quantized (--lm-head int8) gets its own weight
+    sq.gemms_as_matmuls(model)  # OPT's MLP
     form = "onnxruntime" if any(n.domain == sq.MS_DOMAIN for n in model.graph.node) else "qdq"
     kernel = options.kernel if form == "onnxruntime" else None
     if note and kernel == "u8u8" and options.int8_kernel == "auto":

@@ -125,6 +125,33 @@ def untie(model: onnx.ModelProto, matmuls: Iterable[str]) -> list[str]:
     return untied
 
 
+def gemms_as_matmuls(model: onnx.ModelProto) -> list[str]:
+    """Rewrite each Gemm ``A x B (+ C)`` whose B is a 2-D float initializer it alone reads (OPT's fc1 /
+    fc2, which read 2-D hidden states) as a MatMul of the same name on B as [K, N] (+ an Add of C),
+    so it is smoothed, quantized and ranked like any layer; ``--keep-node`` names still match.
+    Returns the Gemms rewritten."""
+    from .weight_only import _targets
+
+    uses = _uses(model)
+    targets = {t.index: t for t in _targets(model, set()) if t.node.op_type == "Gemm" and uses[t.source.name] == 1
+               and t.source.data_type == TensorProto.FLOAT}
+    nodes = []
+    for index, node in enumerate(model.graph.node):
+        t = targets.get(index)
+        if t is None:
+            nodes.append(node)
+            continue
+        if t.transposed:  # its own weight: nothing else reads it
+            t.source.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(t.weight()), t.source.name))
+        product = f"{node.name}_product" if t.bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], t.source.name], [product], name=node.name))
+        if t.bias:
+            nodes.append(helper.make_node("Add", [product, t.bias], [node.output[0]], name=f"{node.name}_bias"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return [t.node.name for t in targets.values()]
+
+
 def groups(model: onnx.ModelProto, keep: Iterable[str] = ()) -> list[_Group]:
     """The quantizable MatMuls grouped by their input, each with the fold its smoothing uses (None
     where the input has consumers that are not quantized MatMuls, or no producer to fold into)."""
