@@ -242,9 +242,12 @@ def test_a_cached_rebuild_picks_the_same_codes_and_gptq_needs_the_inputs(chain_a
     assert rtn.details["rounding"] == {"method": "rtn"} and rtn.details["calibration_cache"]["reused"]
 
 
-def test_a_gemm_head_stays_fp32_and_says_why(tmp_path):
-    """--lm-head w8 replaces MatMuls only: a head written as Gemm (with its bias) is left fp32 and the
-    manifest says why, instead of the build failing or claiming w8."""
+def test_a_gemm_head_is_quantized_like_a_matmul_head(tmp_path):
+    """--lm-head w8 on a head written as Gemm (with its bias): the int8 pass rewrites Gemms as MatMuls
+    (OPT's layers), so the head becomes w8 like a MatMul head, its bias added after, its logits kept
+    (it was left fp32 with a reason before the twenty-ninth session)."""
+    import onnxruntime as ort
+
     import vlm_export.precision.convert as convert
 
     rng = np.random.default_rng(2)
@@ -256,14 +259,19 @@ def test_a_gemm_head_stays_fp32_and_says_why(tmp_path):
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["s", WIDTH])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["s", 40])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(head, "head"),
-         numpy_helper.from_array(np.zeros(40, np.float32), "bias")])
+         numpy_helper.from_array(rng.standard_normal(40).astype(np.float32), "bias")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]),
               str(tmp_path / "gemm.onnx"))
     feeds = [{"x": rng.standard_normal((9, WIDTH)).astype(np.float32)} for _ in range(4)]
     info = convert.to_int8(tmp_path / "gemm.onnx", tmp_path / "int8.onnx", feeds,
                            PrecisionOptions(lm_head="w8", int8_fp32_matmuls="0", int8_kernel="u8u8"))
-    assert info.details["lm_head"].startswith("fp32 (the head is not a MatMul")
-    assert "Gemm" in {n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
+    assert info.details["lm_head"].startswith("w8 (MatMulNBits")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
+    assert "Gemm" not in ops and "MatMulNBits" in ops
+    fp32, int8 = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"])
+                  for f in ("gemm.onnx", "int8.onnx"))
+    a, b = (s.run(None, feeds[0])[0].ravel() for s in (fp32, int8))
+    assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.99
 
 
 def test_a_qdq_graph_emulated_computes_what_its_nodes_say(chain_and_feeds, tmp_path):
