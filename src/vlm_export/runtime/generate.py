@@ -295,8 +295,7 @@ def token_text(tokenizer, token: int) -> TokenText:
     byte-level BPE's (GPT-2's, SmolLM2's) token is its bytes written as GPT-2's printable characters.
     Decoded after an anchor token, as TextStream decodes: a SentencePiece tokenizer would otherwise drop
     the space that starts the token (its start-of-text rule)."""
-    anchor = _anchor(tokenizer)
-    before = tokenizer.decode([anchor], skip_special_tokens=False)
+    anchor, before = _anchor(tokenizer)
     text = tokenizer.decode([anchor, token], skip_special_tokens=False)
     text = text[len(before):] if text.startswith(before) else tokenizer.decode([token], skip_special_tokens=False)
     if "\ufffd" not in text:
@@ -310,13 +309,14 @@ def token_text(tokenizer, token: int) -> TokenText:
     return TokenText(token, text, None)
 
 
-_ANCHORS: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()
+_ANCHORS: "weakref.WeakKeyDictionary[object, tuple[int, str]]" = weakref.WeakKeyDictionary()
 
 
-def _anchor(tokenizer) -> int:
-    """A plain token ("a") to decode others after."""
+def _anchor(tokenizer) -> tuple[int, str]:
+    """A plain token ("a") to decode others after, and its text."""
     if tokenizer not in _ANCHORS:
-        _ANCHORS[tokenizer] = tokenizer.encode("a", add_special_tokens=False)[-1]
+        anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
+        _ANCHORS[tokenizer] = anchor, tokenizer.decode([anchor], skip_special_tokens=False)
     return _ANCHORS[tokenizer]
 
 
