@@ -221,12 +221,12 @@ class Sampler:
 
     def _processed(self, logits: np.ndarray) -> np.ndarray:
         early = self.sampled < (self.config.min_new_tokens or 0) or self.length < (self.config.min_length or 0)
-        banned = [ids for ids, on in ((self.eos, early), (self.suppress, True), (self.begin_suppress, not self.sampled))
-                  if on and ids.size]
-        if self.penalty == 1.0 and not self.ngram and not self.counts and not banned:
+        blocked = [ids for ids, on in ((self.eos, early), (self.suppress, True), (self.begin_suppress, not self.sampled))
+                   if on and ids.size]
+        if self.penalty == 1.0 and not self.ngram and not self.counts and not blocked:
             return logits
         logits = np.array(logits, dtype=np.float32)  # a copy: the batch's logits stay as the decoder made them
-        for ids in banned:
+        for ids in blocked:
             logits[ids[ids < logits.shape[-1]]] = -np.inf
         if self.seen:
             seen = np.fromiter((t for t in self.seen if 0 <= t < logits.shape[-1]), dtype=np.int64)
@@ -320,16 +320,21 @@ def _anchor(tokenizer) -> tuple[int, str]:
     return _ANCHORS[tokenizer]
 
 
-def _byte_level_decoder(tokenizer) -> dict[str, int] | None:
-    """GPT-2's printable character -> byte map, where the tokenizer's decoder is byte-level: bytes
-    that print as themselves keep their character, the others take the characters from U+0100 on, in
-    byte order."""
-    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-    if decoder is None or "ByteLevel" not in repr(decoder):
-        return None
+def _gpt2_byte_map() -> dict[str, int]:
+    """GPT-2's printable character -> byte: bytes that print as themselves keep their character, the
+    others take the characters from U+0100 on, in byte order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_GPT2_BYTES = _gpt2_byte_map()
+
+
+def _byte_level_decoder(tokenizer) -> dict[str, int] | None:
+    """GPT-2's character -> byte map, where the tokenizer's decoder is byte-level."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    return _GPT2_BYTES if decoder is not None and "ByteLevel" in repr(decoder) else None
 
 
 class TextStream:
