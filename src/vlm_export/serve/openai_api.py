@@ -226,6 +226,7 @@ def generation_params(req: ChatCompletionRequest, default_max_tokens: int = DEFA
         raise _bad(f"repetition_penalty must be in (0, 10] (1: none), got {req.repetition_penalty}",
                    "repetition_penalty")
     top_logprobs = req.top_logprobs or 0
+    # OpenAI's limit, as runtime.generate.MAX_TOP_LOGPROBS (not imported: the sidecar needs only the client)
     if not 0 <= top_logprobs <= 20:
         raise _bad(f"top_logprobs must be an integer in 0..20, got {top_logprobs}", "top_logprobs")
     if top_logprobs and not req.logprobs:
