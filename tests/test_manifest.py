@@ -81,6 +81,8 @@ def test_no_stages(build):
     (lambda m: m["limits"].update(max_batch=0), "limits.max_batch is 0, not an integer >= 1"),
     (lambda m: m["limits"].update(max_images=-1), "limits.max_images is -1, not an integer >= 0"),
     (lambda m: m["generation"].update(eos_token_ids="2"), "generation.eos_token_ids is not a list of token ids"),
+    (lambda m: m["generation"].update(bad_words_ids=[[3], []]), "generation.bad_words_ids is [[3], []], not a list"),
+    (lambda m: m["generation"].update(sequence_bias=[[[3], "up"]]), "generation.sequence_bias is [[[3], 'up']], not a"),
     (lambda m: m["graphs"].update(projector="graphs/projector.onnx"), "the projector graph listed in the manifest is missing"),
     (lambda m: m["scheme"].update(name="warp"), "its scheme cannot be read (ValueError: unknown decoding scheme 'warp'"),
     (lambda m: m["scheme"].pop("geometry"), "its scheme cannot be read (KeyError"),

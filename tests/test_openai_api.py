@@ -128,6 +128,13 @@ def test_answers_equal_vlm_client(oai, vlm, images):
                   extra_body={"ignore_eos": True, **extra}, **openai_args)
         want = vlm.generate(PROMPTS[1], [images[1]], max_tokens=12, ignore_eos=True, **penalties)
         assert got.choices[0].message.content == want.text, penalties
+    # logit_bias: the first token of the plain answer banned, another favoured; the VLMClient's answer with the same
+    plain = vlm.generate(PROMPTS[1], [images[1]], max_tokens=12, ignore_eos=True, logprobs=True)
+    bias = {plain.logprobs[0]["token_id"]: -100.0, plain.logprobs[1]["token_id"]: 3.0}
+    got = ask(oai, [image_part(images[1]), {"type": "text", "text": PROMPTS[1]}], max_tokens=12,
+              logit_bias={str(k): v for k, v in bias.items()}, extra_body={"ignore_eos": True})
+    want = vlm.generate(PROMPTS[1], [images[1]], max_tokens=12, ignore_eos=True, logit_bias=bias)
+    assert got.choices[0].message.content == want.text != plain.text
     assert ask(oai, "Hello there", max_tokens=8, frequency_penalty=-2.0, extra_body={"ignore_eos": True}) \
         .choices[0].message.content != ask(oai, "Hello there", max_tokens=8, extra_body={"ignore_eos": True}) \
         .choices[0].message.content
@@ -268,6 +275,8 @@ def test_bad_requests_get_openai_errors(oai, images):
         "temperature": ({"temperature": 3}, "temperature", "temperature"),
         "seed": ({"seed": -1}, "seed", "seed"),
         "frequency_penalty": ({"frequency_penalty": 2.5}, "frequency_penalty", "frequency_penalty"),
+        "logit_bias past the vocabulary": ({"logit_bias": {"999999999": 1}}, "outside this model's vocabulary",
+                                           "logit_bias"),
         "audio part": ({"messages": [user(content=[{"type": "input_audio", "input_audio": {"format": "wav"}}])]},
                        "not supported", "messages[0].content[0].type"),
     }
@@ -556,7 +565,9 @@ def test_parameters_and_error_mapping():
 
     assert params() == {"max_tokens": 64, "temperature": 1.0, "top_p": 1.0, "seed": None, "stop": (),
                         "ignore_eos": False, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                        "repetition_penalty": None, "min_tokens": None, "logprobs": False, "top_logprobs": 0}
+                        "repetition_penalty": None, "min_tokens": None, "logprobs": False, "top_logprobs": 0,
+                        "logit_bias": None}
+    assert params(logit_bias={"12": -100, "7": 2.5})["logit_bias"] == {12: -100.0, 7: 2.5}
     got = params(presence_penalty=-2, frequency_penalty=1.5, repetition_penalty=1.2)
     assert (got["presence_penalty"], got["frequency_penalty"], got["repetition_penalty"]) == (-2, 1.5, 1.2)
     assert params(max_tokens=5, max_completion_tokens=7, stop="x", seed=3, temperature=0)["max_tokens"] == 7
@@ -567,6 +578,8 @@ def test_parameters_and_error_mapping():
                       ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
                       ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_tokens": 65}, "min_tokens"),
                       ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                      ({"logit_bias": {"a": 1}}, "logit_bias"), ({"logit_bias": {"-3": 1}}, "logit_bias"),
+                      ({"logit_bias": {"3": 100.5}}, "logit_bias"),
                       ({"tools": [{"type": "function"}]}, "tools"),
                       ({"response_format": {"type": "json_object"}}, "response_format")):
         with pytest.raises(OpenAIError) as err:

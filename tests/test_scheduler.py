@@ -355,6 +355,49 @@ def test_the_samplers_minimum_lengths_and_suppressed_tokens_are_hugging_faces(mi
     assert 2 not in ids[len(context):] and ids[len(context)] not in (4, 6)
 
 
+def test_the_samplers_sequence_bias_and_bad_words_are_hugging_faces():
+    """Sequence biases (one-token and longer, matched against the prompt and the answer so far) and bad
+    words (an EOS-only one left out, as HF does): step after step the logits Hugging Face's own
+    processors give, in its order (the bias before the repetition penalty); the request's logit bias
+    adds to a one-token sequence's."""
+    import torch
+    from transformers import (NoBadWordsLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+                              SequenceBiasLogitsProcessor)
+
+    from vlm_export.runtime.generate import Sampler
+
+    rng = np.random.default_rng(3)
+    vocab, context, eos = 12, [3, 5, 3, 5, 7], [11]
+    bias = {(4,): 2.5, (7, 2): 6.0, (5, 7, 9): -4.0, (2, 8): 3.0, (99,): 1.0}  # 99: past the vocabulary, ignored
+    bad = [[6], [8, 1], [1, 8, 2], [11]]  # [11] is EOS alone: not banned
+    sampler = Sampler(GenerationConfig(sequence_bias=bias, bad_words_ids=bad, repetition_penalty=1.3,
+                                       logit_bias={4: -1.0, 0: 0.5}).with_defaults({}), context, eos)
+    processors = [SequenceBiasLogitsProcessor({k: v for k, v in bias.items() if 99 not in k}),
+                  RepetitionPenaltyLogitsProcessor(1.3), NoBadWordsLogitsProcessor(bad, eos)]
+    ids, seen = list(context), set()
+    for step in range(40):
+        logits = rng.normal(size=vocab).astype(np.float32)
+        logits[[2, 8, 9]] += 2.0  # make the sequences come up
+        theirs = torch.from_numpy(logits.copy())[None]
+        theirs[0, 4] += -1.0  # the request's logit bias on top of the checkpoint's (4,) bias
+        theirs[0, 0] += 0.5
+        for processor in processors:
+            theirs = processor(torch.tensor([ids]), theirs)
+        np.testing.assert_allclose(sampler._processed(logits), theirs[0].numpy(), rtol=0, atol=1e-6)
+        seen |= {tuple(ids[-2:]), tuple(ids[-3:])}
+        token = sampler(logits)
+        assert token == int(theirs[0].argmax())
+        ids.append(token)
+    assert 6 not in ids[len(context):] and all(ids[i:i + 2] != [8, 1] for i in range(len(context), len(ids) - 1))
+    assert (7, 2) in {tuple(ids[i:i + 2]) for i in range(len(context) - 1, len(ids) - 1)}  # a biased pair came up
+    with pytest.raises(InputError, match="logit_bias values must be in"):
+        GenerationConfig(logit_bias={3: 101.0})
+    with pytest.raises(InputError, match="logit_bias keys must be token ids"):
+        GenerationConfig(logit_bias={"3": 1.0})
+    with pytest.raises(InputError, match="bad_words_ids must be sequences of token ids"):
+        GenerationConfig(bad_words_ids=[[]])
+
+
 def test_a_checkpoints_suppressed_tokens_and_minimum_lengths_apply_as_in_hf(tiny_model_dir, tiny_build, tmp_path):
     """A generation_config.json that suppresses the tokens the model would start its answers with (and
     sets a minimum length): the build records the settings and passes parity against HF's generate,
@@ -380,6 +423,36 @@ def test_a_checkpoints_suppressed_tokens_and_minimum_lengths_apply_as_in_hf(tiny
     assert not any("does not apply" in line for line in progress.lines), progress.lines
     report = json.loads((tmp_path / "build" / "report.json").read_text())["end_to_end"]["torch_split"]
     assert all(run["reference"][0] not in firsts and not set(firsts) & set(run["candidate"]) for run in report)
+
+
+def test_a_checkpoints_bad_words_and_sequence_bias_apply_as_in_hf(tiny_model_dir, tiny_build, tmp_path):
+    """A generation_config.json that bans the bigram each greedy answer starts with and biases a token
+    up: the build records both and passes parity against HF's generate (which applies them), its
+    answers are new ones without those bigrams, and neither is said to be 'not applied'."""
+    import json
+    import shutil
+
+    from vlm_export.build import BuildOptions, build
+
+    plain = json.loads((tiny_build("llava-llama").path / "report.json").read_text())["end_to_end"]["torch_split"]
+    bigrams = sorted({tuple(run["reference"][:2]) for run in plain})
+    favoured = max({t for run in plain for t in run["reference"]}) + 1  # a token none of the answers holds
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llava-llama"), model)
+    config = json.loads((model / "generation_config.json").read_text())
+    config.update(bad_words_ids=[list(b) for b in bigrams], sequence_bias=[[[favoured], 4.0]])
+    (model / "generation_config.json").write_text(json.dumps(config))
+    progress = recorded_notes()
+    result = build(model, tmp_path / "build", BuildOptions(max_sequence=256, parity_new_tokens=12), progress)
+    assert result.failures == []
+    generation = result.manifest["generation"]
+    assert generation["bad_words_ids"] == [list(b) for b in bigrams]
+    assert generation["sequence_bias"] == [[[favoured], 4.0]]
+    assert not any("does not apply" in line for line in progress.lines), progress.lines
+    runs = json.loads((tmp_path / "build" / "report.json").read_text())["end_to_end"]["torch_split"]
+    assert all(tuple(run["candidate"][:2]) not in bigrams for run in runs)
+    assert any(favoured in run["candidate"] for run in runs)  # the bias changed answers
+    assert [run["candidate"] for run in runs] != [run["reference"] for run in plain]
 
 
 def test_the_checkpoints_repetition_settings_are_the_builds_defaults(tmp_path):

@@ -171,8 +171,8 @@ def test_seeded_sampling_served_equals_in_process(served):
 
 
 def test_repetition_settings_served_equal_in_process(served, run_cli, tmp_path):
-    """The repetition penalty, the n-gram ban and OpenAI's presence / frequency penalties reach the served
-    sampler over both protocols: each changes this greedy answer (an input the random model repeats
+    """The repetition penalty, the n-gram ban, OpenAI's presence / frequency penalties and logit bias reach
+    the served sampler over both protocols: each changes this greedy answer (an input the random model repeats
     itself on), and the served answer is the in-process one for the same settings."""
     from PIL import Image
 
@@ -180,8 +180,10 @@ def test_repetition_settings_served_equal_in_process(served, run_cli, tmp_path):
     pipe = open_build(build)
     image = Image.new("RGB", (32, 32), (200, 30, 30))
     png = _png(image)
+    first = generate(pipe, "Tell me a story.", [image], GenerationConfig(max_new_tokens=1)).token_ids[0]
     settings = [{}, dict(repetition_penalty=1.5), dict(no_repeat_ngram_size=1), dict(presence_penalty=1.5),
-                dict(frequency_penalty=-1.0), dict(repetition_penalty=1.0, no_repeat_ngram_size=0)]
+                dict(frequency_penalty=-1.0), dict(logit_bias={first: -100.0, 7: 2.5}),
+                dict(repetition_penalty=1.0, no_repeat_ngram_size=0)]
     results = [generate(pipe, "Tell me a story.", [image], GenerationConfig(max_new_tokens=16, **kw))
                for kw in settings]
     expected = [r.text for r in results]
@@ -193,12 +195,16 @@ def test_repetition_settings_served_equal_in_process(served, run_cli, tmp_path):
                         ({"frequency_penalty": math.nan}, "frequency_penalty must be in"),
                         ({"repetition_penalty": 0.0}, r"repetition_penalty must be in \(0, 10\]"),
                         ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size must be an integer >= 0"),
-                        ({"min_tokens": -2}, "min_new_tokens must be an integer >= 0")):
+                        ({"min_tokens": -2}, "min_new_tokens must be an integer >= 0"),
+                        ({"logit_bias": {3: 101.0}}, r"logit_bias values must be in \[-100, 100\]"),
+                        ({"logit_bias": {10**9: 1.0}}, "logit_bias names token id.* outside this model's vocabulary"),
+                        ({"logit_bias": {-3: 1.0}}, "logit_bias keys must be token ids")):
         with pytest.raises(RequestError, match=needle):
             VLMClient(f"grpc://{server.grpc_url}").generate("hi", max_tokens=2, **bad)
     # the ask command sends them too
     (tmp_path / "red.png").write_bytes(png)
-    for kw, flags in ((settings[1], ["--repetition-penalty", "1.5"]), (settings[4], ["--frequency-penalty", "-1"])):
+    for kw, flags in ((settings[1], ["--repetition-penalty", "1.5"]), (settings[4], ["--frequency-penalty", "-1"]),
+                      (settings[5], ["--logit-bias", f"{first}=-100", "--logit-bias", "7=2.5"])):
         got = run_cli("ask", "--url", f"grpc://{server.grpc_url}", "--prompt", "Tell me a story.", "--image",
                       str(tmp_path / "red.png"), "--max-tokens", "16", *flags)
         assert got.returncode == 0 and got.stdout == expected[settings.index(kw)] + "\n", got.stderr

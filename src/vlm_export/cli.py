@@ -127,6 +127,20 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
                    help="each generated token's log-probability, listed after the answer (on stderr)")
     p.add_argument("--top-logprobs", type=int, default=0, metavar="N",
                    help="with --logprobs: the N most likely tokens at each position too (at most 20)")
+    p.add_argument("--logit-bias", type=_token_bias, action="append", default=[], metavar="TOKEN_ID=BIAS",
+                   help="OpenAI's logit_bias: add BIAS (in [-100, 100]; -100 bans the token) to a token's logit; "
+                        "repeat for more tokens")
+
+
+def _token_bias(text: str) -> tuple[int, float]:
+    """``TOKEN_ID=BIAS`` -> (id, bias), for --logit-bias."""
+    token, sep, bias = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TOKEN_ID=BIAS (e.g. 1234=-100)") from None
 
 
 def _request_settings(args) -> dict:
@@ -136,7 +150,16 @@ def _request_settings(args) -> dict:
                 top_p=args.top_p, seed=args.seed,
                 stop=tuple(args.stop), repetition_penalty=args.repetition_penalty,
                 no_repeat_ngram_size=args.no_repeat_ngram_size, presence_penalty=args.presence_penalty,
-                frequency_penalty=args.frequency_penalty, logprobs=args.logprobs, top_logprobs=args.top_logprobs)
+                frequency_penalty=args.frequency_penalty, logprobs=args.logprobs, top_logprobs=args.top_logprobs,
+                logit_bias=_logit_bias(args.logit_bias))
+
+
+def _logit_bias(pairs: list[tuple[int, float]]) -> dict[int, float]:
+    """--logit-bias's pairs as a mapping; a token given twice is refused (which bias was meant?)."""
+    bias = dict(pairs)
+    if len(bias) < len(pairs):
+        raise InputError("--logit-bias names a token twice; give each token one bias")
+    return bias
 
 
 def _print_logprobs(entries: list[dict] | None) -> None:

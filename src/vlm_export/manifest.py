@@ -141,6 +141,18 @@ def _check_structure(manifest: dict[str, Any], path: Path) -> None:
         ids = manifest["generation"].get(name, [])
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
             raise bad(f"generation.{name} is {ids!r}, not a list of token ids")
+    def token_ids(seq) -> bool:
+        return isinstance(seq, list) and bool(seq) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                           for i in seq)
+
+    bad_words = manifest["generation"].get("bad_words_ids", [])
+    if not isinstance(bad_words, list) or not all(map(token_ids, bad_words)):
+        raise bad(f"generation.bad_words_ids is {bad_words!r}, not a list of token id lists")
+    bias = manifest["generation"].get("sequence_bias", [])
+    if not isinstance(bias, list) or not all(
+            isinstance(pair, list) and len(pair) == 2 and token_ids(pair[0]) and isinstance(pair[1], (int, float))
+            and not isinstance(pair[1], bool) for pair in bias):
+        raise bad(f"generation.sequence_bias is {bias!r}, not a list of [token ids, bias] pairs")
     # the declarations every reader parses: a bad one is damage, said here (not a reader's KeyError later)
     from .contract import ImageText, Limits, PromptLayout, scheme_from_dict, stages_from_manifest
 

@@ -50,14 +50,20 @@ def generation_defaults(loaded: LoadedModel) -> dict:
     for name in ("suppress_tokens", "begin_suppress_tokens"):
         if getattr(cfg, name, None):
             found[name] = [int(i) for i in getattr(cfg, name)]
+    if getattr(cfg, "bad_words_ids", None):
+        found["bad_words_ids"] = [[int(i) for i in seq] for seq in cfg.bad_words_ids]
+    bias = getattr(cfg, "sequence_bias", None)
+    if bias:  # HF takes a mapping {ids: bias} or a list of [ids, bias] pairs (a later pair wins, as its dict)
+        pairs = {tuple(int(i) for i in seq): float(value)
+                 for seq, value in (bias.items() if isinstance(bias, dict) else bias)}
+        found["sequence_bias"] = [[list(seq), value] for seq, value in pairs.items()]
     return found
 
 
 #: settings of a generation config that change HF's answers and that vlm-export's generation does not
 #: apply (it decodes greedily unless a request asks for temperature / top-p, one sequence): (attribute,
 #: the value that means "off")
-UNAPPLIED_GENERATION_SETTINGS = (("do_sample", False), ("num_beams", 1), ("bad_words_ids", None),
-                                 ("sequence_bias", None), ("encoder_repetition_penalty", 1.0),
+UNAPPLIED_GENERATION_SETTINGS = (("do_sample", False), ("num_beams", 1), ("encoder_repetition_penalty", 1.0),
                                  ("encoder_no_repeat_ngram_size", 0), ("exponential_decay_length_penalty", None))
 
 

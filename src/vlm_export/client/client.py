@@ -130,16 +130,19 @@ class VLMClient:
 
     # ---- transport -----------------------------------------------------------------------
     def _events(self, prompt, images, messages, stream, max_tokens=64, temperature=0.0, top_p=1.0, stop=(),
-                **options):
+                logit_bias=None, **options):
         if (prompt is None) == (messages is None):
             raise RequestError("send a prompt or messages (one of them)")
         unknown = set(options) - set(OPTIONAL_SETTINGS)
         if unknown:
             raise TypeError(f"unexpected generation setting(s) {sorted(unknown)}; known: max_tokens, temperature, "
-                            f"top_p, stop, {', '.join(OPTIONAL_SETTINGS)}")
+                            f"top_p, stop, logit_bias, {', '.join(OPTIONAL_SETTINGS)}")
+        # {token id: bias}: sent as two lists, the ids and their biases (the vlm model's two inputs)
+        bias = dict(logit_bias or {})
         request = {"prompt": prompt, "messages": None if messages is None else json.dumps(list(messages)),
                    "images": [_image_bytes(i) for i in images], "max_tokens": max_tokens,
                    "temperature": temperature, "top_p": top_p, "stop": list(stop), "stream": stream,
+                   "logit_bias": ([int(t) for t in bias], [float(v) for v in bias.values()]) if bias else None,
                    "options": {k: v for k, v in options.items() if v is not None and v != OPTIONAL_SETTINGS[k][2]}}
         events = self._http(request) if self.protocol == "http" else self._grpc(request)
         asked = bool(request["options"].get("logprobs"))
@@ -165,6 +168,8 @@ class VLMClient:
             body["images"] = [base64.b64encode(i).decode("ascii") for i in request["images"]]
         if request["stop"]:
             body["stop"] = request["stop"]
+        if request["logit_bias"]:
+            body["logit_bias_tokens"], body["logit_bias"] = request["logit_bias"]
         body.update({k: np.array(v, dtype=OPTIONAL_SETTINGS[k][1]).item() for k, v in request["options"].items()})
         endpoint = "generate_stream" if request["stream"] else "generate"
         req = urllib.request.Request(f"http://{self.address}/v2/models/{self.model}/{endpoint}",
@@ -205,6 +210,10 @@ class VLMClient:
             inputs.append(tensor("images", np.array(request["images"], dtype=np.object_), "BYTES"))
         if request["stop"]:
             inputs.append(tensor("stop", np.array([s.encode() for s in request["stop"]], dtype=np.object_), "BYTES"))
+        if request["logit_bias"]:
+            tokens, values = request["logit_bias"]
+            inputs += [tensor("logit_bias_tokens", np.array(tokens, dtype=np.int64), "INT64"),
+                       tensor("logit_bias", np.array(values, dtype=np.float32), "FP32")]
         for name, value in request["options"].items():
             triton_type, dtype, _ = OPTIONAL_SETTINGS[name]
             inputs.append(tensor(name, np.array([value], dtype=dtype), triton_type))

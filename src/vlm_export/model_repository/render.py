@@ -71,6 +71,9 @@ VLM_INPUTS = [
     # each generated token's log-probability, and the top_logprobs alternatives' (OpenAI's)
     {"name": "logprobs", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
     {"name": "top_logprobs", "data_type": "TYPE_INT64", "dims": [1], "optional": True},
+    # OpenAI's logit_bias as two lists of one length: token ids, and the bias each gets in [-100, 100]
+    {"name": "logit_bias_tokens", "data_type": "TYPE_INT64", "dims": [-1], "optional": True},
+    {"name": "logit_bias", "data_type": "TYPE_FP32", "dims": [-1], "optional": True},
 ]
 VLM_OUTPUTS = [
     {"name": "text_output", "data_type": "TYPE_STRING", "dims": [1]},

@@ -27,6 +27,7 @@ from .prefix_cache import PrefixHit
 
 MAX_NEW_TOKENS_CAP = 4096
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias: [-100, 100]
 #: the most prompt tokens prefilled in one step (every prefill call of the step together): the
 #: running rows wait for those calls, so this bounds the pause a burst of new requests puts on them
 #: (vLLM's max_num_batched_tokens). The rest wait for the next step; a longer prompt still goes, alone.
@@ -69,8 +70,17 @@ class GenerationConfig:
     #: position (OpenAI's), from the decoder's logits before any penalty or temperature (vLLM's default)
     logprobs: bool = False
     top_logprobs: int = 0
+    #: OpenAI's logit_bias: (token id, bias) pairs (or a mapping), each bias in [-100, 100] added to its
+    #: token's logit before the penalties (vLLM's order); -100 all but bans the token, 100 all but forces it
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    #: Hugging Face's sequence_bias ((ids, bias) pairs: the bias goes to the last id's logit where the ids
+    #: before it end the prompt and answer so far; a one-id sequence's always) and bad_words_ids (id
+    #: sequences never completed); None: the build's, as the repetition settings
+    sequence_bias: tuple[tuple[tuple[int, ...], float], ...] | None = None
+    bad_words_ids: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
+        self._normalize_biases()
         if not (isinstance(self.max_new_tokens, (int, np.integer)) and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_CAP):
             raise InputError(f"max_tokens must be an integer in 1..{MAX_NEW_TOKENS_CAP}, got {self.max_new_tokens!r}")
         if not (0.0 <= float(self.temperature) <= 10.0):
@@ -103,6 +113,40 @@ class GenerationConfig:
             raise InputError(f"top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {k!r}")
         if k and not self.logprobs:
             raise InputError("top_logprobs needs logprobs: ask for logprobs too")
+        ids = [token for token, _ in self.logit_bias]
+        if any(not _is_token_id(token) for token in ids):
+            raise InputError(f"logit_bias keys must be token ids (integers >= 0), got {ids!r}")
+        if len(set(ids)) < len(ids):
+            raise InputError(f"logit_bias names a token twice: {sorted(i for i in set(ids) if ids.count(i) > 1)}")
+        if not all(-MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS for _, bias in self.logit_bias):  # NaN too
+            raise InputError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                             f"got {[bias for _, bias in self.logit_bias]!r}")
+        for seq, bias in self.sequence_bias or ():
+            if not seq or not all(map(_is_token_id, seq)) or bias != bias:
+                raise InputError(f"sequence_bias must hold (token ids, bias) pairs, got {(list(seq), bias)!r}")
+        if any(not seq or not all(map(_is_token_id, seq)) for seq in self.bad_words_ids or ()):
+            raise InputError(f"bad_words_ids must be sequences of token ids, got {self.bad_words_ids!r}")
+
+    def _normalize_biases(self) -> None:
+        """The bias settings as hashable tuples (a mapping or lists given, JSON's form)."""
+        try:
+            bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+            object.__setattr__(self, "logit_bias", tuple((token, float(value)) for token, value in bias))
+            if self.sequence_bias is not None:
+                pairs = self.sequence_bias.items() if isinstance(self.sequence_bias, Mapping) else self.sequence_bias
+                object.__setattr__(self, "sequence_bias", tuple((tuple(seq), float(value)) for seq, value in pairs))
+            if self.bad_words_ids is not None:
+                object.__setattr__(self, "bad_words_ids", tuple(tuple(seq) for seq in self.bad_words_ids))
+        except (TypeError, ValueError):
+            raise InputError("logit_bias takes (token id, bias) pairs or a mapping, sequence_bias (token ids, bias) "
+                             "pairs, bad_words_ids sequences of token ids") from None
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """InputError where logit_bias names a token the model does not have (its logits' width)."""
+        outside = [token for token, _ in self.logit_bias if token >= vocab_size]
+        if outside:
+            raise InputError(f"logit_bias names token id(s) {outside[:5]} outside this model's vocabulary "
+                             f"(ids 0..{vocab_size - 1})")
 
     def with_defaults(self, defaults: Mapping) -> "GenerationConfig":
         """The settings left None filled from ``defaults`` (a build's ``generation`` section), else off."""
@@ -114,7 +158,12 @@ class GenerationConfig:
                        no_repeat_ngram_size=pick("no_repeat_ngram_size", 0, int),
                        min_new_tokens=pick("min_new_tokens", 0, int), min_length=pick("min_length", 0, int),
                        suppress_tokens=pick("suppress_tokens", (), tuple),
-                       begin_suppress_tokens=pick("begin_suppress_tokens", (), tuple))
+                       begin_suppress_tokens=pick("begin_suppress_tokens", (), tuple),
+                       sequence_bias=pick("sequence_bias", (), tuple), bad_words_ids=pick("bad_words_ids", (), tuple))
+
+
+def _is_token_id(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass(frozen=True)
@@ -189,12 +238,52 @@ class GenerationRequest:
     config: GenerationConfig = GenerationConfig()
 
 
+class SequenceMatch:
+    """Id sequences matched against the end of one row's ids (``context``, then each token recorded):
+    the sequences whose ids before the last end the row complete with their last id at the next
+    token; a one-id sequence always does. Hugging Face's SequenceBiasLogitsProcessor and
+    NoBadWordsLogitsProcessor match so."""
+
+    def __init__(self, sequences: Sequence[tuple[tuple[int, ...], float]], context: Sequence[int] = ()):
+        self.single = [(seq[0], value) for seq, value in sequences if len(seq) == 1]
+        self.by_prefix: dict[tuple[int, ...], list[tuple[int, float]]] = {}
+        for seq, value in sequences:
+            if len(seq) > 1:
+                self.by_prefix.setdefault(tuple(seq[:-1]), []).append((seq[-1], value))
+        self.prefix_lengths = sorted({len(prefix) for prefix in self.by_prefix})
+        self.keep = max(self.prefix_lengths, default=0)
+        self.tail = [int(t) for t in context][-self.keep:] if self.keep else []
+
+    def __bool__(self) -> bool:
+        return bool(self.single or self.by_prefix)
+
+    def next(self, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, values) of the sequences the next token would complete, one entry per id (values of
+        the same id summed in float32, as HF sums its biases), ids past ``vocab`` left out."""
+        found = list(self.single)
+        for length in self.prefix_lengths:
+            if len(self.tail) >= length:
+                found += self.by_prefix.get(tuple(self.tail[-length:]), ())
+        found = [(token, value) for token, value in found if token < vocab]
+        if not found:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        ids, where = np.unique(np.asarray([t for t, _ in found], np.int64), return_inverse=True)
+        values = np.zeros(len(ids), np.float32)
+        np.add.at(values, where, np.asarray([v for _, v in found], np.float32))
+        return ids, values
+
+    def record(self, token: int) -> None:
+        if self.keep:
+            self.tail.append(token)
+            del self.tail[:-self.keep]
+
+
 class Sampler:
-    """One row's next token from its logits: the repetition penalty and the no-repeat n-gram rule over
-    ``context`` (what Hugging Face's logits processors see: ``DecodingScheme.penalty_context``) and
-    the tokens sampled since, the presence and frequency penalties over the tokens sampled, EOS
-    (``eos_token_ids``) held off until the minimum lengths and the suppressed tokens, then greedy, or
-    temperature and top-p."""
+    """One row's next token from its logits: the sequence and logit biases, the repetition penalty and
+    the no-repeat n-gram rule over ``context`` (what Hugging Face's logits processors see:
+    ``DecodingScheme.penalty_context``) and the tokens sampled since, the bad words, the presence and
+    frequency penalties over the tokens sampled, EOS (``eos_token_ids``) held off until the minimum
+    lengths and the suppressed tokens, then greedy, or temperature and top-p."""
 
     def __init__(self, config: GenerationConfig, context: Sequence[int] = (), eos_token_ids: Sequence[int] = ()):
         self.config = config
@@ -213,6 +302,12 @@ class Sampler:
         self.length = len(context)  # ids so far: an n-gram ban starts once n-1 of them precede the next
         self.presence, self.frequency = float(config.presence_penalty), float(config.frequency_penalty)
         self.counts: dict[int, int] = {}  # each sampled token -> how often, where either penalty is on
+        # the request's logit bias joins the checkpoint's one-token sequence biases (summed where both name a token)
+        self.bias = SequenceMatch([*(config.sequence_bias or ()), *(((t,), b) for t, b in config.logit_bias)], context)
+        # HF leaves out a bad word that is EOS alone (EOS would be banned for good)
+        eos = {int(t) for t in self.eos}
+        self.bad_words = SequenceMatch([(seq, -np.inf) for seq in config.bad_words_ids or ()
+                                        if not (len(seq) == 1 and seq[0] in eos)], context)
 
     def __call__(self, logits: np.ndarray) -> int:
         token = self._pick(self._processed(logits))
@@ -223,9 +318,15 @@ class Sampler:
         early = self.sampled < (self.config.min_new_tokens or 0) or self.length < (self.config.min_length or 0)
         blocked = [ids for ids, on in ((self.eos, early), (self.suppress, True), (self.begin_suppress, not self.sampled))
                    if on and ids.size]
-        if self.penalty == 1.0 and not self.ngram and not self.counts and not blocked:
+        vocab = logits.shape[-1]
+        if self.bad_words:
+            blocked.append(self.bad_words.next(vocab)[0])
+        if self.penalty == 1.0 and not self.ngram and not self.counts and not blocked and not self.bias:
             return logits
         logits = np.array(logits, dtype=np.float32)  # a copy: the batch's logits stay as the decoder made them
+        if self.bias:  # first, as HF's sequence bias and vLLM's logit bias: the penalties see the biased logits
+            ids, values = self.bias.next(vocab)
+            logits[ids] += values
         for ids in blocked:
             logits[ids[ids < logits.shape[-1]]] = -np.inf
         if self.seen:
@@ -243,6 +344,8 @@ class Sampler:
         return logits
 
     def _record(self, token: int) -> None:
+        self.bias.record(token)
+        self.bad_words.record(token)
         if self.penalty != 1.0:
             self.seen.add(token)
         if self.ngram:
@@ -521,6 +624,7 @@ class Scheduler:
         thread: they read every image row); otherwise they are made when the row is admitted."""
         self.pipe.check_length(len(prompt_ids), config.max_new_tokens)
         self.pipe.scheme.check_prompt(prompt_ids, image_input)
+        config.check_vocabulary(self.pipe.scheme.geometry.vocab_size)
         config = config.with_defaults(self.pipe.generation_defaults)
         row = _Row(next(self._ids), list(prompt_ids), image_input, config,
                    Sampler(config, self.pipe.scheme.penalty_context(prompt_ids), self.pipe.eos_token_ids),
@@ -729,6 +833,7 @@ def prepare_request(pipe: VLMPipeline, prompt: Prompt, images: Sequence[ImageInp
                     encode_images: ImageEncoder | None = None) -> tuple[list[int], np.ndarray]:
     """(prompt ids, the decoder's image input) for one request; its length is checked before any
     image work, so an over-long prompt costs no vision pass."""
+    config.check_vocabulary(pipe.scheme.geometry.vocab_size)
     ids = pipe.prompt_ids(prompt, len(images))
     pipe.check_length(len(ids), config.max_new_tokens)
     return ids, image_input_for(pipe, images, prompt, encode_images)

@@ -81,7 +81,7 @@ def image_limits_for(stages: Sequence[StageSpec], max_pixels: int | None = None,
 #: the generation settings a build records from its checkpoint (``manifest["generation"]``) and every
 #: generation on it applies unless a request sets its own (``GenerationConfig.with_defaults``)
 GENERATION_DEFAULTS = ("repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "min_length", "suppress_tokens",
-                       "begin_suppress_tokens")
+                       "begin_suppress_tokens", "sequence_bias", "bad_words_ids")
 
 
 class VLMPipeline:

@@ -8,7 +8,7 @@
 ``POST /v1/chat/completions`` takes OpenAI's request (system / user / assistant messages; user
 content a string or ``text`` and ``image_url`` parts, images as ``data:image/...;base64,`` URLs;
 ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``,
-``presence_penalty``, ``frequency_penalty``, ``logprobs`` / ``top_logprobs``, ``stream`` with
+``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``logprobs`` / ``top_logprobs``, ``stream`` with
 ``stream_options.include_usage``, ``n`` up to ``MAX_CHOICES``; as vLLM's extensions,
 ``repetition_penalty``, ``min_tokens`` and ``ignore_eos``) and answers a ``chat.completion``, or
 ``chat.completion.chunk`` server-sent events ending with ``data: [DONE]``. ``GET /v1/models``
@@ -117,7 +117,7 @@ def error_from_vlm(err: Exception) -> OpenAIError:
     if not isinstance(err, RequestError) or any(s in low for s in _INTERNAL):
         return OpenAIError(500, message, code="internal_error")
     field = re.match(r"(max_tokens|temperature|top_p|seed|stop|presence_penalty|frequency_penalty|"
-                     r"repetition_penalty|no_repeat_ngram_size|min_new_tokens|top_logprobs)\b", message)
+                     r"repetition_penalty|no_repeat_ngram_size|min_new_tokens|top_logprobs|logit_bias)\b", message)
     param = field.group(1) if field else ("messages" if re.search(r"\b(image|prompt|messages?)\b", low) else None)
     return _bad(message, param=param)
 
@@ -183,8 +183,6 @@ class ChatCompletionRequest(BaseModel):
 def _unsupported(req: ChatCompletionRequest) -> None:
     if not 1 <= (1 if req.n is None else req.n) <= MAX_CHOICES:
         raise _bad(f"n must be in 1..{MAX_CHOICES} (each choice is a row of the served batch), got {req.n}", "n")
-    if req.logit_bias:
-        raise _bad("logit_bias is not supported by this server", "logit_bias")
     if req.tools or req.functions or req.tool_choice not in (None, "none"):
         raise _bad("tools and function calling are not supported by this server", "tools")
     if req.response_format and req.response_format.get("type") not in (None, "text"):
@@ -231,10 +229,17 @@ def generation_params(req: ChatCompletionRequest, default_max_tokens: int = DEFA
         raise _bad(f"top_logprobs must be an integer in 0..20, got {top_logprobs}", "top_logprobs")
     if top_logprobs and not req.logprobs:
         raise _bad("top_logprobs needs logprobs: set logprobs to true", "top_logprobs")
+    logit_bias = {}
+    for key, value in (req.logit_bias or {}).items():  # JSON's keys are strings: token ids written out
+        if not re.fullmatch(r"\d{1,18}", key):
+            raise _bad(f"logit_bias keys must be token ids (integers >= 0), got {key!r}", "logit_bias")
+        if not -100.0 <= value <= 100.0:  # OpenAI's range, as runtime.generate.MAX_LOGIT_BIAS
+            raise _bad(f"logit_bias values must be in [-100, 100], got {value} for token {key}", "logit_bias")
+        logit_bias[int(key)] = value
     return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": req.seed,
             "stop": tuple(stop), "ignore_eos": bool(req.ignore_eos), **penalties,
             "repetition_penalty": req.repetition_penalty, "min_tokens": req.min_tokens, "logprobs": bool(req.logprobs),
-            "top_logprobs": top_logprobs}
+            "top_logprobs": top_logprobs, "logit_bias": logit_bias or None}
 
 
 def openai_logprobs(entries) -> dict | None:
