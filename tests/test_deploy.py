@@ -5,7 +5,9 @@ derived image, and one-line errors. Nothing here talks to a cluster."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -27,6 +29,7 @@ from vlm_export.engines.profiles import stage_profiles
 from vlm_export.errors import RepositoryError
 from vlm_export.manifest import read_manifest, sha256_file, write_manifest
 from vlm_export.model_repository.render import RepositoryOptions, render_repository
+from conftest import wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S_VERSION = "1.30"  # the oldest minor still common in managed clusters; autoscaling/v2 is GA since 1.23
@@ -122,9 +125,9 @@ def test_triton_container_probes_ports_and_repository(repos, tmp_path):
     triton = containers(docs)["triton"]
     ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
     assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
-    # Triton's own health endpoints, on its HTTP port
+    # Triton's own health endpoints, on its HTTP port; liveness also sees a dead python-backend stub
     assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    assert triton["livenessProbe"]["exec"]["command"] == ["vlm-export", "health", "--http-port=8000"]
     assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert triton["startupProbe"]["periodSeconds"] * triton["startupProbe"]["failureThreshold"] >= 900
     args = triton["args"]
@@ -425,12 +428,25 @@ def test_image_environment_serves_the_repository(repos, tiny_build, tmp_path):
     Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8")).save(image)
     expected = generate(open_build(tiny_build("llava-llama").path), "What is in the picture?", [image],
                         GenerationConfig(max_new_tokens=8)).text
-    with TritonServer(repos["python"], binary=binary, log_file=tmp_path / "triton.log") as server:
+    # unsupervised, as in the pod (Triton is the container's entry point): the liveness probe must see a dead stub
+    with TritonServer(repos["python"], binary=binary, log_file=tmp_path / "triton.log", supervise=False) as server:
         answer = VLMClient(f"grpc://{server.grpc_url}").generate("What is in the picture?", [image], max_tokens=8)
         stubs = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == server.pid]
         maps = "".join(_read(p / "maps") for p in stubs)
+        # the pod's liveness probe, as the manifests run it, from the image's environment
+        probe = [str(env_dir / "bin" / "vlm-export"), "health", f"--http-port={server.http_port}"]
+        live = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+        vlm_stub = next(int(p.name) for p in stubs if "/vlm/" in _read(p / "cmdline").replace("\0", " "))
+        os.kill(vlm_stub, signal.SIGKILL)  # what the kernel's OOM killer does
+        assert wait_for(lambda: " Z " in _read(Path(f"/proc/{vlm_stub}/stat")), 10)
+        ready = server.is_ready()  # Triton's own endpoints cannot tell
+        dead = subprocess.run(probe, capture_output=True, text=True, timeout=60)
     assert answer.text == expected
     assert stubs and str(env_dir) in maps and "site-packages/torch" not in maps
+    assert live.returncode == 0 and live.stdout.startswith("live:"), live.stderr
+    assert ready
+    assert dead.returncode == 1 and f"a python-backend stub (pid {vlm_stub})" in dead.stderr, dead.stderr
+    assert "killed by signal 9 (SIGKILL)" in dead.stderr and len(dead.stderr.strip().splitlines()) == 1
 
 
 def _parent(proc: Path) -> int | None:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .demo import DEMO_MAX_BATCH
-from .errors import InputError, VlmExportError, first_line
+from .errors import InputError, ServeError, VlmExportError, first_line
 
 EPILOG = """examples:
   vlm-export demo                                  # build the easy-vqa demo VLM (CPU, no hub)
@@ -392,6 +392,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-url-fetch", action="store_true",
                    help="fetch http(s) image URLs (off: only data: URLs are accepted)")
 
+    p = sub.add_parser("health", help="exit 0 if the tritonserver on this machine is live and none of its "
+                                      "python-backend stubs has died, else 1 with the reason (a liveness probe)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example (the Kubernetes manifests' liveness probe of the triton container):\n"
+                              "  vlm-export health --http-port 8000")
+    p.add_argument("--http-port", type=int, default=8000, help="the server's HTTP port (default 8000, Triton's)")
+    p.add_argument("--host", default="127.0.0.1", help="where its HTTP endpoint is reached (default 127.0.0.1)")
+    p.add_argument("--timeout", type=float, default=4.0, help="seconds to wait for /v2/health/live (default 4)")
+
     p = sub.add_parser("ask", help="ask a served vlm model (HTTP or gRPC, streaming or not)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog='examples:\n  vlm-export ask --url http://127.0.0.1:8000 --image cat.png --prompt "What is it?"\n'
@@ -679,6 +688,16 @@ def _cmd_serve_openai(args, progress) -> int:
                                 allow_url_fetch=args.allow_url_fetch)
 
 
+def _cmd_health(args, progress) -> int:
+    from .serve.server import liveness_failure
+
+    reason = liveness_failure(args.http_port, args.host, args.timeout)
+    if reason is not None:
+        raise ServeError(f"not live: {reason}")
+    print(f"live: tritonserver on HTTP port {args.http_port}, no dead python-backend stub")
+    return 0
+
+
 def _cmd_ask(args, progress) -> int:
     from .client.client import VLMClient
 
@@ -771,7 +790,7 @@ def _cmd_adapters(args, progress) -> int:
 
 
 COMMANDS = {"build": _cmd_build, "generate": _cmd_generate, "verify": _cmd_verify, "eval": _cmd_eval,
-            "demo": _cmd_demo, "repository": _cmd_repository, "serve": _cmd_serve, "serve-openai": _cmd_serve_openai,
+            "demo": _cmd_demo, "repository": _cmd_repository, "serve": _cmd_serve, "serve-openai": _cmd_serve_openai, "health": _cmd_health,
             "ask": _cmd_ask, "bench": _cmd_bench, "engines": _cmd_engines, "adapters": _cmd_adapters,
             "deploy": _cmd_deploy}
 

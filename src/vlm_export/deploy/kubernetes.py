@@ -7,7 +7,9 @@ whether it needs a GPU) and writes, atomically, one YAML file per object:
     One pod per replica: ``triton`` (the derived image, ``image.py``; ``tritonserver
     --model-repository`` on a PersistentVolumeClaim mounted read-only, or on an ``s3://``,
     ``gs://`` or ``as://`` URI that Triton reads itself), probed on Triton's own health endpoints
-    (startup and liveness ``/v2/health/live``, readiness ``/v2/health/ready``, port 8000), with
+    (startup ``/v2/health/live``, readiness ``/v2/health/ready``, port 8000) and for liveness by
+    ``vlm-export health`` (the live endpoint and every python-backend stub alive: Triton never
+    restarts a dead stub and stays "ready" while its model fails every request), with
     CPU/memory requests and limits, ``nvidia.com/gpu`` only when the repository needs a GPU (the
     tensorrt target), and a memory-backed ``/dev/shm`` (the python backend moves every tensor
     through shared memory; a pod's default 64 MiB is too small); and ``openai``, the
@@ -244,7 +246,10 @@ def _triton_container(info: RepositoryInfo, options: KubernetesOptions) -> dict:
         # then liveness takes over; readiness is false while models are not ready
         "startupProbe": {"httpGet": http, "periodSeconds": 10, "timeoutSeconds": 5,
                          "failureThreshold": math.ceil(options.startup_timeout_s / 10)},
-        "livenessProbe": {"httpGet": http, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
+        # liveness sees a dead python-backend stub too, which Triton's own endpoints do not (they stay 200 while
+        # the model fails every request): `vlm-export health` (in the image, as the python models need it)
+        "livenessProbe": {"exec": {"command": ["vlm-export", "health", f"--http-port={HTTP_PORT}"]},
+                          "periodSeconds": 10, "timeoutSeconds": 10, "failureThreshold": 3},
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5,
                            "timeoutSeconds": 5, "failureThreshold": 3},
         "resources": {"requests": requests, "limits": limits},

@@ -250,6 +250,75 @@ def _children(pid: int) -> list[tuple[int, _ProcStat]]:
     return found
 
 
+def _zombie_stubs(pid: int) -> list[tuple[int, _ProcStat]]:
+    """The python-backend stubs among ``pid``'s children that died and were not reaped (zombies keep
+    their name): a dead stub, since Triton reaps at once only the stubs it stops itself."""
+    found = []
+    for child, stat in _children(pid):
+        if stat.state == "Z":
+            try:
+                comm = Path(f"/proc/{child}/comm").read_text().strip()
+            except OSError:
+                continue
+            if comm == _STUB_COMM:
+                found.append((child, stat))
+    return found
+
+
+def _tritonservers(http_port: int) -> list[int]:
+    """The tritonserver processes on this machine listening (by their arguments) on ``http_port``;
+    one without ``--http-port`` listens on Triton's default, 8000."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if Path(f"/proc/{name}/comm").read_text().strip() != "tritonserver":
+                continue
+            args = [a.decode(errors="replace") for a in Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")]
+        except OSError:
+            continue
+        given = [a.split("=", 1)[1] for a in args if a.startswith("--http-port=")]
+        given += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--http-port"]
+        if (given[-1] if given else "8000") == str(http_port):
+            found.append(int(name))
+    return found
+
+
+def liveness_failure(http_port: int = 8000, host: str = "127.0.0.1", timeout: float = 4.0) -> str | None:
+    """Why the tritonserver on this machine serving HTTP on ``http_port`` is not live, or None.
+
+    Triton's own ``/v2/health/live`` (and ``ready``) stay 200 when a python-backend stub has died,
+    while the model fails every request (see the comment above ``StubProcess``); so this looks at the
+    server's stubs too. It is the Kubernetes liveness probe of the ``triton`` container (``vlm-export
+    health``, deploy/kubernetes.py), where no supervisor runs: failing, the kubelet restarts the
+    container, as ``TritonServer``'s supervisor restarts a local server."""
+    if not Path("/proc").is_dir():
+        return "no /proc here: cannot see the tritonserver process"
+    servers = _tritonservers(http_port)
+    if not servers:
+        return f"no tritonserver process serving HTTP on port {http_port} is running"
+    dead = [(server, child, stat) for server in servers for child, stat in _zombie_stubs(server)]
+    if dead:
+        time.sleep(_CONFIRM_S)  # a stub Triton stops on purpose (an unload) is reaped at once
+        dead = [(server, child, stat) for server, child, stat in dead
+                if (now := _proc_stat(child)) is not None and now.state == "Z" and now.start_time == stat.start_time]
+    if dead:
+        return "; ".join(f"a python-backend stub (pid {child}) of tritonserver (pid {server}) "
+                         f"{_describe_status(stat.exit_status)}" for server, child, stat in dead) + \
+            " (Triton never restarts a stub: the model fails every request until the server restarts)"
+    url = f"http://{connect_host(host)}:{http_port}/v2/health/live"
+    try:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=timeout) as response:
+            if response.status == 200:
+                return None
+            return f"{url} answered {response.status}"
+    except urllib.error.HTTPError as e:
+        return f"{url} answered {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        return f"{url} did not answer: {getattr(e, 'reason', e)}"
+
+
 def _stub_from_cmdline(pid: int, stat: _ProcStat) -> StubProcess | None:
     """The stub ``pid`` is, from its arguments, or None for anything else.
 
@@ -768,14 +837,9 @@ class TritonServer:
             return f"tritonserver (pid {self.process.pid}) {_describe_returncode(code)}"
         if rescan:
             stubs = {**self._scan_stubs(), **self.stubs}
-            for pid, stat in _children(self.process.pid):
-                if stat.state == "Z" and pid not in stubs:
-                    try:
-                        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-                    except OSError:
-                        continue
-                    if comm == _STUB_COMM:  # a stub that died before we saw it alive
-                        stubs[pid] = StubProcess(pid, stat.start_time, "?", "?", "")
+            for pid, stat in _zombie_stubs(self.process.pid):
+                if pid not in stubs:  # a stub that died before we saw it alive
+                    stubs[pid] = StubProcess(pid, stat.start_time, "?", "?", "")
             self.stubs = stubs
         dead = self._dead_stubs()
         if dead and not self._stopping.wait(_CONFIRM_S):
