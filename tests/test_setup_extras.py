@@ -43,3 +43,48 @@ def test_setup_refuses_an_unknown_option():
                          cwd=ROOT, timeout=60)
     assert run.returncode == 2 and "unknown option --everything" in run.stderr
 
+
+
+def test_the_set_up_constraints_are_one_tested_environment():
+    """scripts/constraints.txt pins a fresh set-up to the versions the tests passed with: every package
+    vlm-export and its extras need is pinned (a release reaching the index cannot change a fresh clone),
+    torch is not (TORCH_SPEC), and the image's pins (deploy/requirements.txt) are the same versions. This
+    environment differing from it (a local upgrade) is reported, not failed."""
+    import re
+    import tomllib
+    import warnings
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    def pins_of(path: Path) -> dict[str, str]:
+        lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+        assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[A-Za-z0-9_.+\-]+", line) for line in lines), path
+        return {canonicalize_name(name): v for name, v in (line.split("==") for line in lines)}
+
+    pins = pins_of(ROOT / "scripts" / "constraints.txt")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = ("demo", "serve", "captions", "test")  # what setup.sh --tests installs
+    assert f'--tests) EXTRAS="{",".join(extras)}"' in (ROOT / "scripts" / "setup.sh").read_text()
+    needed = [Requirement(r) for r in project["dependencies"] + [r for e in extras
+                                                                 for r in project["optional-dependencies"][e]]]
+    unpinned = {canonicalize_name(r.name) for r in needed} - set(pins) - {"torch"}
+    assert not unpinned, f"scripts/constraints.txt lacks {sorted(unpinned)}"
+    assert "torch" not in pins and "vlm-export" not in pins
+    for req in needed:  # each pin meets pyproject's own range
+        pinned = pins.get(canonicalize_name(req.name))
+        if pinned is not None:
+            assert req.specifier.contains(pinned, prereleases=True), (str(req), pinned)
+    image = pins_of(ROOT / "deploy" / "requirements.txt")
+    assert {name: v for name, v in image.items() if pins.get(name) != v} == {}  # the image runs the same versions
+    moved = {}
+    for name, pinned in pins.items():
+        try:
+            here = version(name)
+        except PackageNotFoundError:
+            continue
+        if here != pinned:
+            moved[name] = (pinned, here)
+    if moved:
+        warnings.warn(f"this environment differs from scripts/constraints.txt: {moved}")
