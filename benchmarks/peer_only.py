@@ -2,7 +2,7 @@
 onnxruntime-genai model folder of the same LM and, with `gguf`, llama.cpp on the demo's SmolLM2 GGUF;
 text only, 64 greedy tokens, 2 threads. Writes peer_LABEL.json here.
 
-    .venv/bin/python benchmarks/peer_only.py LABEL BUILD GENAI_FOLDER [gguf] [NAME=BUILD ...]
+    .venv/bin/python benchmarks/peer_only.py LABEL BUILD GENAI_FOLDER|build [gguf] [NAME=BUILD ...] [--peer-precision fp32]
 
 Each NAME=BUILD adds another build folder of the same LM (a variant of the decoder graph: fused,
 weight-only ...) as one more row, timed in the same alternation as the others, its greedy answers
@@ -19,10 +19,16 @@ from vlm_export.demo.smollm2 import GGUF_NAME, gguf_dir
 from vlm_export.manifest import read_manifest
 from vlm_export.progress import Progress
 
+precision = "int4"  # the peer built with `build`: its builder's int4, or fp32 against an fp32 build
+if "--peer-precision" in sys.argv:
+    at = sys.argv.index("--peer-precision")
+    precision = sys.argv[at + 1]
+    del sys.argv[at:at + 2]
 label, build, peer = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 gguf = str(gguf_dir() / GGUF_NAME) if "gguf" in sys.argv[4:] else None
 variants = [a.split("=", 1) for a in sys.argv[4:] if "=" in a]
-options = BenchOptions(backends=("onnxruntime",), new_tokens=64, requests=6, threads=2, peer=peer, peer_gguf=gguf)
+options = BenchOptions(backends=("onnxruntime",), new_tokens=64, requests=6, threads=2, peer=peer, peer_gguf=gguf,
+                       peer_precision=precision)
 print(label, "load before", os.getloadavg(), flush=True)
 # hashes not checked: a build folder whose decoder graph was swapped by hand (a fused variant) can be timed
 pipe = open_pipeline(build, threads=2, check_hashes=False)
