@@ -33,7 +33,7 @@ fi
 # (scripts/constraints.txt): a new release in the package index does not change a fresh set-up. A torch
 # of another version (a GPU box's CUDA build) keeps its own dependencies: then nothing is pinned.
 CONSTRAINTS=()
-if .venv/bin/python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '${TORCH_SPEC#torch==}')"; then
+if .venv/bin/python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '${TORCH_SPEC#torch==}')" 2>/dev/null; then
     CONSTRAINTS=(-c scripts/constraints.txt)
 else
     echo "this environment's torch is not $TORCH_SPEC: package versions are not pinned to scripts/constraints.txt"
