@@ -790,8 +790,8 @@ def _cmd_adapters(args, progress) -> int:
 
 
 COMMANDS = {"build": _cmd_build, "generate": _cmd_generate, "verify": _cmd_verify, "eval": _cmd_eval,
-            "demo": _cmd_demo, "repository": _cmd_repository, "serve": _cmd_serve, "serve-openai": _cmd_serve_openai, "health": _cmd_health,
-            "ask": _cmd_ask, "bench": _cmd_bench, "engines": _cmd_engines, "adapters": _cmd_adapters,
+            "demo": _cmd_demo, "repository": _cmd_repository, "serve": _cmd_serve, "serve-openai": _cmd_serve_openai,
+            "health": _cmd_health, "ask": _cmd_ask, "bench": _cmd_bench, "engines": _cmd_engines, "adapters": _cmd_adapters,
             "deploy": _cmd_deploy}
 
 
