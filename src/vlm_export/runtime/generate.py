@@ -246,6 +246,7 @@ class SequenceMatch:
 
     def __init__(self, sequences: Sequence[tuple[tuple[int, ...], float]], context: Sequence[int] = ()):
         self.single = [(seq[0], value) for seq, value in sequences if len(seq) == 1]
+        self._always: tuple[int, np.ndarray, np.ndarray] | None = None  # (vocab, ids, values) of the one-id ones
         self.by_prefix: dict[tuple[int, ...], list[tuple[int, float]]] = {}
         for seq, value in sequences:
             if len(seq) > 1:
@@ -259,23 +260,38 @@ class SequenceMatch:
 
     def next(self, vocab: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids, values) of the sequences the next token would complete, one entry per id (values of
-        the same id summed in float32, as HF sums its biases), ids past ``vocab`` left out."""
-        found = list(self.single)
+        the same id summed in float32, as HF sums its biases), ids past ``vocab`` left out. The one-id
+        sequences' are summed once (a request may bias thousands of tokens: not Python work per step)."""
+        if self._always is None or self._always[0] != vocab:
+            self._always = (vocab, *_summed(self.single, vocab))
+        found = []
         for length in self.prefix_lengths:
             if len(self.tail) >= length:
                 found += self.by_prefix.get(tuple(self.tail[-length:]), ())
-        found = [(token, value) for token, value in found if token < vocab]
         if not found:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        ids, where = np.unique(np.asarray([t for t, _ in found], np.int64), return_inverse=True)
-        values = np.zeros(len(ids), np.float32)
-        np.add.at(values, where, np.asarray([v for _, v in found], np.float32))
-        return ids, values
+            return self._always[1], self._always[2]
+        ids, values = _summed(found, vocab)
+        return _summed_arrays(np.concatenate([self._always[1], ids]), np.concatenate([self._always[2], values]))
 
     def record(self, token: int) -> None:
         if self.keep:
             self.tail.append(token)
             del self.tail[:-self.keep]
+
+
+def _summed(pairs: Sequence[tuple[int, float]], vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, values) pairs as sorted unique ids below ``vocab`` with their values summed in float32."""
+    ids = np.fromiter((t for t, _ in pairs), np.int64, count=len(pairs))
+    values = np.fromiter((v for _, v in pairs), np.float32, count=len(pairs))
+    inside = ids < vocab
+    return _summed_arrays(ids[inside], values[inside])
+
+
+def _summed_arrays(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    unique, where = np.unique(ids, return_inverse=True)
+    total = np.zeros(len(unique), np.float32)
+    np.add.at(total, where, values)
+    return unique, total
 
 
 class Sampler:
