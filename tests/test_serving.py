@@ -198,7 +198,9 @@ def test_repetition_settings_served_equal_in_process(served, run_cli, tmp_path):
                         ({"min_tokens": -2}, "min_new_tokens must be an integer >= 0"),
                         ({"logit_bias": {3: 101.0}}, r"logit_bias values must be in \[-100, 100\]"),
                         ({"logit_bias": {10**9: 1.0}}, "logit_bias names token id.* outside this model's vocabulary"),
-                        ({"logit_bias": {-3: 1.0}}, "logit_bias keys must be token ids")):
+                        ({"logit_bias": {-3: 1.0}}, "logit_bias keys must be token ids"),
+                        ({"logit_bias": dict.fromkeys(range(pipe.scheme.geometry.vocab_size + 1), 0.0)},
+                         "more than this model's vocabulary")):
         with pytest.raises(RequestError, match=needle):
             VLMClient(f"grpc://{server.grpc_url}").generate("hi", max_tokens=2, **bad)
     # the ask command sends them too

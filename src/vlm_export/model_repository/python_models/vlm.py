@@ -86,11 +86,13 @@ def _optional(request, name, default):
     return default if tensor is None else tensor.as_numpy().reshape(-1)
 
 
-def _logit_bias(request) -> tuple:
+def _logit_bias(request, vocab_size: int) -> tuple:
     tokens, values = _optional(request, "logit_bias_tokens", []), _optional(request, "logit_bias", [])
     if len(tokens) != len(values):
         raise InputError(f"logit_bias_tokens and logit_bias must be as long as each other (one bias per token), "
                          f"got {len(tokens)} and {len(values)}")
+    if len(tokens) > vocab_size:  # refused before any per-token work: more than the model has cannot be right
+        raise InputError(f"logit_bias names {len(tokens)} tokens, more than this model's vocabulary ({vocab_size})")
     return tuple(zip((int(t) for t in tokens), (float(v) for v in values)))
 
 
@@ -209,7 +211,7 @@ class TritonPythonModel:
             frequency_penalty=float(_optional(request, "frequency_penalty", [0.0])[0]),
             logprobs=bool(_optional(request, "logprobs", [False])[0]),
             top_logprobs=int(_optional(request, "top_logprobs", [0])[0]),
-            logit_bias=_logit_bias(request),
+            logit_bias=_logit_bias(request, self.pipe.scheme.geometry.vocab_size),
         )
         return prompt, images, config, bool(_optional(request, "stream", [False])[0])
 
