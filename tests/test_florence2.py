@@ -218,14 +218,24 @@ def test_encoder_runs_once_per_prefill(pipe, photos):
 
 def test_vlm_export_build_cli(tiny_model_dir, tmp_path, capsys):
     """``vlm-export build`` on a Florence-2 folder: the adapter from config.json, the encoder-decoder
-    scheme with the decoder prompt from the generation config, parity passed."""
+    scheme with the decoder prompt from the generation config, parity passed. Its generation config
+    makes EOS the top token and asks for 3 new tokens first: HF's generate counts the forced BOS as one of
+    them, so the answers are 2 tokens long, and so are vlm-export's (they were 3, failing parity)."""
     from vlm_export.cli import main
 
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("florence2"), model)
+    config = json.loads((model / "generation_config.json").read_text())
+    eos = config["eos_token_id"]
+    config.update(min_new_tokens=3, sequence_bias=[[[eos], 100.0]])
+    (model / "generation_config.json").write_text(json.dumps(config))
     out = tmp_path / "build"
-    code = main(["build", str(tiny_model_dir("florence2")), "--out", str(out), "--max-sequence", "128",
-                 "--parity-tokens", "8"])
+    code = main(["build", str(model), "--out", str(out), "--max-sequence", "128", "--parity-tokens", "8"])
     assert code == 0, capsys.readouterr()
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["generation"]["min_new_tokens"] == 2  # in answer tokens: the forced BOS is not one
+    runs = json.loads((out / "report.json").read_text())["end_to_end"]["torch_split"]
+    assert runs and all([t for t in run["candidate"] if t != eos] == run["candidate"][:2] for run in runs)
     assert manifest["source"]["adapter"] == "florence2"
     scheme = manifest["scheme"]
     assert (scheme["name"], scheme["decoder_prompt_ids"], scheme["pad_id"]) == ("encoder_decoder", [2, 0], 1)

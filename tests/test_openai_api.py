@@ -580,6 +580,7 @@ def test_parameters_and_error_mapping():
                       ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
                       ({"logit_bias": {"a": 1}}, "logit_bias"), ({"logit_bias": {"-3": 1}}, "logit_bias"),
                       ({"logit_bias": {"3": 100.5}}, "logit_bias"),
+                      ({"logit_bias": {"5": 1, "05": -1}}, "logit_bias"),
                       ({"tools": [{"type": "function"}]}, "tools"),
                       ({"response_format": {"type": "json_object"}}, "response_format")):
         with pytest.raises(OpenAIError) as err:

@@ -47,6 +47,10 @@ def generation_defaults(loaded: LoadedModel) -> dict:
     for name in ("no_repeat_ngram_size", "min_new_tokens", "min_length"):
         if getattr(cfg, name, None):
             found[name] = int(getattr(cfg, name))
+    if found.get("min_new_tokens"):  # vlm-export counts answer tokens; HF counts a forced BOS as one too
+        found["min_new_tokens"] -= loaded.adapter.scheme(loaded).forced_new_tokens
+        if found["min_new_tokens"] <= 0:
+            del found["min_new_tokens"]
     for name in ("suppress_tokens", "begin_suppress_tokens"):
         if getattr(cfg, name, None):
             found[name] = [int(i) for i in getattr(cfg, name)]

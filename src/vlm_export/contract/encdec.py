@@ -157,6 +157,11 @@ class EncoderDecoderScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
         # Hugging Face's processors see the decoder's ids: its start (and forced) tokens, not the prompt
         return list(self.decoder_prompt_ids)
 
+    @property
+    def forced_new_tokens(self) -> int:
+        # HF's generate starts the decoder from its start token alone and generates the forced BOS
+        return len(self.decoder_prompt_ids) - 1
+
     def length_problem(self, prompt_tokens: int, max_new_tokens: int, limits: Limits) -> str | None:
         if prompt_tokens > limits.max_sequence:
             return (f"the prompt is {prompt_tokens} tokens, more than this build's max_sequence of "

@@ -427,6 +427,11 @@ class DecodingScheme(abc.ABC):
         prompt, image tokens included, for a decoder-only LM."""
         return list(prompt_ids)
 
+    #: how many ids at the end of ``penalty_context`` Hugging Face's generate produced itself and counts as
+    #: new tokens (its ``min_new_tokens``): an encoder-decoder's forced BOS, which it generates after the
+    #: start token while the scheme feeds it with the prompt. 0 for a decoder-only LM.
+    forced_new_tokens = 0
+
     # ---- running a batch ---------------------------------------------------------------
     # A prefill is one decoder call for any number of new prompts (up to the build's max_batch) of
     # any lengths, from an empty state: prefill_feeds(rows, batch_image_inputs([each row's])), the

@@ -54,9 +54,11 @@ class GenerationConfig:
     #: generate defaults to that file
     repetition_penalty: float | None = None
     no_repeat_ngram_size: int | None = None
-    #: no EOS before this many new tokens (vLLM's min_tokens), nor before the prompt and answer together
-    #: are ``min_length`` long (Hugging Face's min_length: its input_ids, the prompt included); tokens
-    #: never generated, and tokens not generated first. None: the build's, as the repetition settings
+    #: no EOS before this many new tokens (vLLM's min_tokens: answer tokens; a checkpoint's min_new_tokens is
+    #: recorded less the forced BOS HF's generate counts as new, DecodingScheme.forced_new_tokens), nor before
+    #: the prompt and answer together are ``min_length`` long (Hugging Face's min_length: its input_ids, the
+    #: prompt included); tokens never generated, and tokens not generated first. None: the build's, as the
+    #: repetition settings
     min_new_tokens: int | None = None
     min_length: int | None = None
     suppress_tokens: tuple[int, ...] | None = None

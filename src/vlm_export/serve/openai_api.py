@@ -235,6 +235,8 @@ def generation_params(req: ChatCompletionRequest, default_max_tokens: int = DEFA
             raise _bad(f"logit_bias keys must be token ids (integers >= 0), got {key!r}", "logit_bias")
         if not -100.0 <= value <= 100.0:  # OpenAI's range, as runtime.generate.MAX_LOGIT_BIAS
             raise _bad(f"logit_bias values must be in [-100, 100], got {value} for token {key}", "logit_bias")
+        if int(key) in logit_bias:  # "5" and "05": which bias was meant?
+            raise _bad(f"logit_bias names token {int(key)} twice ({key!r})", "logit_bias")
         logit_bias[int(key)] = value
     return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": req.seed,
             "stop": tuple(stop), "ignore_eos": bool(req.ignore_eos), **penalties,
