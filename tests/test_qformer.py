@@ -122,6 +122,14 @@ def test_stop_ids_are_the_language_models_as_in_hugging_face_generate(tiny_model
     lm_eos = loaded.model.language_model.generation_config.eos_token_id
     assert lm_eos != 7
     assert eos_token_ids(loaded) == list(dict.fromkeys([lm_eos, loaded.tokenizer.eos_token_id]))
+    # likewise settings only the top-level config sets: said to be read by nobody, unlike an eos id (not one)
+    from vlm_export.adapters.reference import unread_generation_settings
+
+    loaded.model.generation_config.bad_words_ids = [[5, 6]]
+    loaded.model.generation_config.repetition_penalty = 1.3
+    loaded.model.generation_config.num_beams = 2
+    assert unread_generation_settings(loaded) == ["repetition_penalty=1.3", "bad_words_ids=[[5, 6]]", "num_beams=2"]
+    assert unread_generation_settings(get_adapter("blip2").load(tiny_model_dir("blip2-opt"))) == []
 
 
 def test_image_cache_is_keyed_by_prompt_too(tiny_build, photos):

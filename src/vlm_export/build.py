@@ -25,7 +25,7 @@ from .adapters import adapter_for
 from .adapters.base import read_chat_template, set_chat_template
 from .adapters.lora import merge_lora
 from .adapters.reference import (eos_token_ids, generation_defaults, load_source, reference_pipeline, release_weights,
-                                 split, unapplied_generation_settings)
+                                 split, unapplied_generation_settings, unread_generation_settings)
 from .atomic import atomic_folder
 from .compare.accuracy import AccuracyCheck, accuracy_section, answer_all
 from .compare.parity import (ArrayStore, ParityResult, Sample, compare_tokens, default_samples, expected_tokens,
@@ -219,8 +219,14 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
     unapplied = unapplied_generation_settings(loaded)
     if unapplied:
         progress.note(f"{model_path.name}'s generation config sets {', '.join(unapplied)}, which vlm-export's "
-                      "generation does not apply (greedy or sampled, one sequence; repetition_penalty and "
-                      "no_repeat_ngram_size it does): its answers may differ from Hugging Face generate's defaults")
+                      "generation does not apply (greedy or sampled, one sequence; the settings it applies are "
+                      "in the manifest's generation section): its answers may differ from Hugging Face "
+                      "generate's defaults")
+    unread = unread_generation_settings(loaded)
+    if unread:
+        progress.note(f"{model_path.name}'s generation_config.json sets {', '.join(unread)}, which its own generate "
+                      f"never reads ({adapter.name} generates with its language model's generation config): "
+                      "neither Hugging Face nor vlm-export applies it; set it in the language model's config")
     specs = [s.spec for s in stages]
     precisions = options.precision.resolve(specs)  # a stage or precision the model lacks fails before the export
     asked = options.max_sequence or DEFAULT_MAX_SEQUENCE

@@ -71,6 +71,25 @@ UNAPPLIED_GENERATION_SETTINGS = (("do_sample", False), ("num_beams", 1), ("encod
                                  ("encoder_no_repeat_ngram_size", 0), ("exponential_decay_length_penalty", None))
 
 
+def unread_generation_settings(loaded: LoadedModel) -> list[str]:
+    """``name=value`` for each setting the model's own generation config sets (its generation_config.json)
+    that its ``generate`` never reads, because it hands over to another config (BLIP-2's ends in its
+    language model's, ``Adapter.generation_config``) where the setting differs: neither HF nor vlm-export
+    applies it, which a checkpoint's author would not guess."""
+    from transformers import GenerationConfig
+
+    from ..runtime.pipeline import GENERATION_DEFAULTS
+
+    top, used = getattr(loaded.model, "generation_config", None), loaded.adapter.generation_config(loaded)
+    if top is None or used is None or top is used:
+        return []
+    default = GenerationConfig()
+    names = [*GENERATION_DEFAULTS, *(name for name, _ in UNAPPLIED_GENERATION_SETTINGS)]
+    return [f"{name}={getattr(top, name)!r}" for name in names
+            if getattr(top, name, None) not in (None, getattr(default, name, None), [], {})
+            and getattr(top, name) != getattr(used, name, None)]
+
+
 def unapplied_generation_settings(loaded: LoadedModel) -> list[str]:
     """``name=value`` for each setting of the model's generation config in
     ``UNAPPLIED_GENERATION_SETTINGS`` that is on: the build says its answers may differ there."""
