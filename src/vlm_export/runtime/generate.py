@@ -11,6 +11,7 @@ evaluation, the bench and the Triton ``vlm`` model all run this code; the decodi
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import weakref
 from dataclasses import asdict, dataclass, field, replace
@@ -119,7 +120,8 @@ class GenerationConfig:
         if any(not _is_token_id(token) for token in ids):
             raise InputError(f"logit_bias keys must be token ids (integers >= 0), got {ids!r}")
         if len(set(ids)) < len(ids):
-            raise InputError(f"logit_bias names a token twice: {sorted(i for i in set(ids) if ids.count(i) > 1)}")
+            twice = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
+            raise InputError(f"logit_bias names a token twice: {twice[:5]}")
         if not all(-MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS for _, bias in self.logit_bias):  # NaN too
             raise InputError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
                              f"got {[bias for _, bias in self.logit_bias]!r}")
@@ -337,8 +339,9 @@ class Sampler:
         blocked = [ids for ids, on in ((self.eos, early), (self.suppress, True), (self.begin_suppress, not self.sampled))
                    if on and ids.size]
         vocab = logits.shape[-1]
-        if self.bad_words:
-            blocked.append(self.bad_words.next(vocab)[0])
+        banned = self.bad_words.next(vocab)[0] if self.bad_words else ()
+        if len(banned):
+            blocked.append(banned)
         if self.penalty == 1.0 and not self.ngram and not self.counts and not blocked and not self.bias:
             return logits
         logits = np.array(logits, dtype=np.float32)  # a copy: the batch's logits stay as the decoder made them
