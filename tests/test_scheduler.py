@@ -398,6 +398,29 @@ def test_the_samplers_sequence_bias_and_bad_words_are_hugging_faces():
         GenerationConfig(bad_words_ids=[[]])
 
 
+def test_tokenize_gives_the_ids_logit_bias_takes(tiny_build, run_cli):
+    """`vlm-export tokenize BUILD TEXT` lists the build tokenizer's ids and pieces; banning the first of
+    the plain answer's with `generate --logit-bias ID=-100` changes the answer."""
+    import json
+
+    build = tiny_build("llava-llama").path
+    pipe = open_build(build)
+    plain = generate(pipe, "Tell me a story.", [], GenerationConfig(max_new_tokens=6))
+    word = pipe.tokenizer.decode(plain.token_ids[:1])
+    listed = run_cli("tokenize", str(build), word)
+    assert listed.returncode == 0, listed.stderr
+    first = int(listed.stdout.split()[0])
+    assert first == plain.token_ids[0] and repr(word) in listed.stdout
+    pieces = json.loads(run_cli("tokenize", str(build), "Tell me", "--json").stdout)
+    assert [p["token_id"] for p in pieces] == pipe.tokenizer.encode("Tell me", add_special_tokens=False)
+    assert "".join(p["token"] for p in pieces) == "Tell me"
+    banned = run_cli("generate", str(build), "--prompt", "Tell me a story.", "--max-tokens", "6",
+                     "--logit-bias", f"{first}=-100", "--json")
+    assert banned.returncode == 0, banned.stderr
+    answer = json.loads(banned.stdout.splitlines()[-1])
+    assert answer["token_ids"][0] != first and answer["token_ids"] != plain.token_ids
+
+
 def test_a_checkpoints_suppressed_tokens_and_minimum_lengths_apply_as_in_hf(tiny_model_dir, tiny_build, tmp_path):
     """A generation_config.json that suppresses the tokens the model would start its answers with (and
     sets a minimum length): the build records the settings and passes parity against HF's generate,

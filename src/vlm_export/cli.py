@@ -392,6 +392,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-url-fetch", action="store_true",
                    help="fetch http(s) image URLs (off: only data: URLs are accepted)")
 
+    p = sub.add_parser("tokenize", help="a text's token ids in a build's tokenizer (the ids --logit-bias takes)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog='example:\n  vlm-export tokenize build/demo " circle"   # a word inside an answer '
+                              'usually starts with its space')
+    p.add_argument("build", type=Path)
+    p.add_argument("text")
+    p.add_argument("--json", action="store_true", help="one JSON list of {token_id, token, bytes}")
+
     p = sub.add_parser("health", help="exit 0 if the tritonserver on this machine is live and none of its "
                                       "python-backend stubs has died, else 1 with the reason (a liveness probe)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -688,6 +696,21 @@ def _cmd_serve_openai(args, progress) -> int:
                                 allow_url_fetch=args.allow_url_fetch)
 
 
+def _cmd_tokenize(args, progress) -> int:
+    from .manifest import read_manifest
+    from .runtime.generate import token_text
+    from .runtime.load import load_tokenizer
+
+    tokenizer = load_tokenizer(args.build / read_manifest(args.build)["tokenizer"])
+    pieces = [token_text(tokenizer, token) for token in tokenizer.encode(args.text, add_special_tokens=False)]
+    if args.json:
+        print(json.dumps([piece.to_dict() for piece in pieces]))
+    else:
+        for piece in pieces:
+            print(f"{piece.token_id:>8}  {piece.text!r}")
+    return 0
+
+
 def _cmd_health(args, progress) -> int:
     from .serve.server import liveness_failure
 
@@ -791,7 +814,7 @@ def _cmd_adapters(args, progress) -> int:
 
 COMMANDS = {"build": _cmd_build, "generate": _cmd_generate, "verify": _cmd_verify, "eval": _cmd_eval,
             "demo": _cmd_demo, "repository": _cmd_repository, "serve": _cmd_serve, "serve-openai": _cmd_serve_openai,
-            "health": _cmd_health, "ask": _cmd_ask, "bench": _cmd_bench, "engines": _cmd_engines, "adapters": _cmd_adapters,
+            "health": _cmd_health, "tokenize": _cmd_tokenize, "ask": _cmd_ask, "bench": _cmd_bench, "engines": _cmd_engines, "adapters": _cmd_adapters,
             "deploy": _cmd_deploy}
 
 
