@@ -137,20 +137,19 @@ def _check_structure(manifest: dict[str, Any], path: Path) -> None:
         count = manifest["generation"].get(name, 0)
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise bad(f"generation.{name} is {count!r}, not an integer >= 0")
+    def token_ids(seq) -> bool:
+        return isinstance(seq, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in seq)
+
     for name in ("suppress_tokens", "begin_suppress_tokens"):
         ids = manifest["generation"].get(name, [])
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        if not token_ids(ids):
             raise bad(f"generation.{name} is {ids!r}, not a list of token ids")
-    def token_ids(seq) -> bool:
-        return isinstance(seq, list) and bool(seq) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                                           for i in seq)
-
     bad_words = manifest["generation"].get("bad_words_ids", [])
-    if not isinstance(bad_words, list) or not all(map(token_ids, bad_words)):
+    if not isinstance(bad_words, list) or not all(seq and token_ids(seq) for seq in bad_words):
         raise bad(f"generation.bad_words_ids is {bad_words!r}, not a list of token id lists")
     bias = manifest["generation"].get("sequence_bias", [])
     if not isinstance(bias, list) or not all(
-            isinstance(pair, list) and len(pair) == 2 and token_ids(pair[0]) and isinstance(pair[1], (int, float))
+            isinstance(pair, list) and len(pair) == 2 and pair[0] and token_ids(pair[0]) and isinstance(pair[1], (int, float))
             and not isinstance(pair[1], bool) for pair in bias):
         raise bad(f"generation.sequence_bias is {bias!r}, not a list of [token ids, bias] pairs")
     # the declarations every reader parses: a bad one is damage, said here (not a reader's KeyError later)

@@ -97,16 +97,15 @@ class GenerationConfig:
         if self.repetition_penalty is not None and not (0.0 < float(self.repetition_penalty) <= 10.0):
             raise InputError(f"repetition_penalty must be in (0, 10] (1: none), got {self.repetition_penalty!r}")
         n = self.no_repeat_ngram_size
-        if n is not None and not (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0):
+        if n is not None and not _non_negative_int(n):
             raise InputError(f"no_repeat_ngram_size must be an integer >= 0 (0: none), got {n!r}")
         for name in ("min_new_tokens", "min_length"):
             n = getattr(self, name)
-            if n is not None and not (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0):
+            if n is not None and not _non_negative_int(n):
                 raise InputError(f"{name} must be an integer >= 0 (0: none), got {n!r}")
         for name in ("suppress_tokens", "begin_suppress_tokens"):
             ids = getattr(self, name)
-            if ids is not None and not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0
-                                           for i in ids):
+            if ids is not None and not all(map(_non_negative_int, ids)):
                 raise InputError(f"{name} must be token ids (integers >= 0), got {ids!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not (-2.0 <= float(getattr(self, name)) <= 2.0):  # NaN too
@@ -117,7 +116,7 @@ class GenerationConfig:
         if k and not self.logprobs:
             raise InputError("top_logprobs needs logprobs: ask for logprobs too")
         ids = [token for token, _ in self.logit_bias]
-        if any(not _is_token_id(token) for token in ids):
+        if not all(map(_non_negative_int, ids)):
             raise InputError(f"logit_bias keys must be token ids (integers >= 0), got {ids!r}")
         if len(set(ids)) < len(ids):
             twice = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
@@ -126,9 +125,9 @@ class GenerationConfig:
             raise InputError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
                              f"got {[bias for _, bias in self.logit_bias]!r}")
         for seq, bias in self.sequence_bias or ():
-            if not seq or not all(map(_is_token_id, seq)) or bias != bias:
+            if not seq or not all(map(_non_negative_int, seq)) or bias != bias:
                 raise InputError(f"sequence_bias must hold (token ids, bias) pairs, got {(list(seq), bias)!r}")
-        if any(not seq or not all(map(_is_token_id, seq)) for seq in self.bad_words_ids or ()):
+        if any(not seq or not all(map(_non_negative_int, seq)) for seq in self.bad_words_ids or ()):
             raise InputError(f"bad_words_ids must be sequences of token ids, got {self.bad_words_ids!r}")
 
     def _normalize_biases(self) -> None:
@@ -166,7 +165,8 @@ class GenerationConfig:
                        sequence_bias=pick("sequence_bias", (), tuple), bad_words_ids=pick("bad_words_ids", (), tuple))
 
 
-def _is_token_id(value) -> bool:
+def _non_negative_int(value) -> bool:
+    """An integer >= 0 (a count, or a token id), numpy's included, not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
 
 
