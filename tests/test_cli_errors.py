@@ -1,6 +1,7 @@
 """Bad input gets one clear line and a non-zero exit code, and nothing half-written is left."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -98,6 +99,15 @@ def test_too_many_images_and_bad_params(tiny_build, capsys, tmp_path):
     assert "at most 2" in capsys.readouterr().err
     assert main(["generate", build_dir, "--prompt", "hi", "--top-p", "1.5"]) == 1
     assert "top_p" in capsys.readouterr().err
+    assert main(["generate", build_dir, "--prompt", "hi", "--top-k", "-1"]) == 1
+    assert "top_k must be an integer" in capsys.readouterr().err
+    assert main(["generate", build_dir, "--prompt", "hi", "--min-p", "2"]) == 1
+    assert "min_p must be in [0, 1]" in capsys.readouterr().err
+    assert main(["generate", build_dir, "--prompt", "hi", "--temperature", "1", "--top-k", "1", "--min-p", "0.5",
+                 "--max-tokens", "3", "--json"]) == 0
+    sampled = json.loads(capsys.readouterr().out)
+    assert main(["generate", build_dir, "--prompt", "hi", "--max-tokens", "3", "--json"]) == 0
+    assert sampled["token_ids"] == json.loads(capsys.readouterr().out)["token_ids"]  # top-k 1: the greedy answer
     assert main(["generate", build_dir, "--prompt", "hi", "--top-logprobs", "3"]) == 1
     assert "top_logprobs needs logprobs" in capsys.readouterr().err
     assert main(["generate", build_dir, "--prompt", "hi", "--presence-penalty", "3"]) == 1

@@ -129,10 +129,15 @@ def test_sampling_is_seeded_and_top_p_narrows(tiny_build):
     c = generate(pipe, "Tell me a story.", [], GenerationConfig(max_new_tokens=12, temperature=1.5, seed=8))
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids  # random tiny model: near-flat logits, so seeds differ
-    # a tiny nucleus keeps only the top token: sampling becomes greedy; so does top_p 0 (OpenAI's API takes it)
-    for top_p in (1e-6, 0.0):
-        narrow = generate(pipe, "Tell me a story.", [], GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=top_p, seed=3))
-        assert narrow.token_ids == greedy.token_ids
+    # a tiny nucleus keeps only the top token: sampling becomes greedy; so does top_p 0 (OpenAI's API takes it),
+    # top-k 1 and min-p 1 (the logits have no ties); a wide top-k and a small min-p keep the sampled answer
+    for narrowing in (dict(top_p=1e-6), dict(top_p=0.0), dict(top_k=1), dict(min_p=1.0)):
+        narrow = generate(pipe, "Tell me a story.", [], GenerationConfig(max_new_tokens=12, temperature=1.0, seed=3,
+                                                                         **narrowing))
+        assert narrow.token_ids == greedy.token_ids, narrowing
+    wide = generate(pipe, "Tell me a story.", [], GenerationConfig(max_new_tokens=12, temperature=1.5, seed=7,
+                                                                   top_k=10**6, min_p=1e-12))
+    assert wide.token_ids == a.token_ids
 
 
 def test_stop_strings_and_finish_reasons(tiny_build):

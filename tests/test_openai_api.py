@@ -143,6 +143,12 @@ def test_answers_equal_vlm_client(oai, vlm, images):
                 extra_body={"ignore_eos": True}) for _ in range(2))
     assert a.choices[0].message.content == b.choices[0].message.content
     assert a.choices[0].finish_reason == "length" and a.usage.completion_tokens == 8
+    # vLLM's top_k and min_p reach the sampler: the VLMClient's answer with the same, each another answer
+    for narrowing in ({"top_k": 2}, {"min_p": 0.5}):
+        got = ask(oai, "Tell me a story.", max_tokens=8, temperature=1.2, seed=11,
+                  extra_body={"ignore_eos": True, **narrowing})
+        want = vlm.generate("Tell me a story.", max_tokens=8, temperature=1.2, seed=11, ignore_eos=True, **narrowing)
+        assert got.choices[0].message.content == want.text != a.choices[0].message.content, narrowing
 
 
 def test_several_choices_are_requests_of_their_own(oai, vlm, images):
@@ -563,7 +569,8 @@ def test_parameters_and_error_mapping():
     def params(**kw):
         return generation_params(ChatCompletionRequest(model="m", messages=[], **kw))
 
-    assert params() == {"max_tokens": 64, "temperature": 1.0, "top_p": 1.0, "seed": None, "stop": (),
+    assert params() == {"max_tokens": 64, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                        "seed": None, "stop": (),
                         "ignore_eos": False, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                         "repetition_penalty": None, "min_tokens": None, "logprobs": False, "top_logprobs": 0,
                         "logit_bias": None}
@@ -573,8 +580,10 @@ def test_parameters_and_error_mapping():
     assert params(max_tokens=5, max_completion_tokens=7, stop="x", seed=3, temperature=0)["max_tokens"] == 7
     assert params(stop=["a", "b"])["stop"] == ("a", "b")
     assert params(top_p=0)["top_p"] == 0.0  # OpenAI's API takes 0: the top token only
+    assert (params(top_k=-1)["top_k"], params(top_k=20)["top_k"], params(min_p=0.1)["min_p"]) == (0, 20, 0.1)  # vLLM's
     for kw, param in (({"n": 0}, "n"), ({"n": 17}, "n"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
                       ({"top_p": -0.1}, "top_p"), ({"top_p": 1.01}, "top_p"), ({"stop": [""]}, "stop"),
+                      ({"top_k": -2}, "top_k"), ({"top_k": 2**31}, "top_k"), ({"min_p": 1.5}, "min_p"),
                       ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
                       ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_tokens": 65}, "min_tokens"),
                       ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),

@@ -398,6 +398,46 @@ def test_the_samplers_sequence_bias_and_bad_words_are_hugging_faces():
         GenerationConfig(bad_words_ids=[[]])
 
 
+@pytest.mark.parametrize("top_k,top_p,min_p", [(5, 1.0, 0.0), (0, 1.0, 0.2), (40, 0.8, 0.05), (3, 0.3, 0.5),
+                                               (1, 1.0, 0.0), (0, 1.0, 1.0), (100000, 1.0, 0.0)])
+def test_the_samplers_top_k_top_p_and_min_p_are_hugging_faces(top_k, top_p, min_p):
+    """What a sampled token is drawn from = Hugging Face's warpers in its generate's order (temperature,
+    top-k, top-p, min-p) on the same logits: the same tokens kept, the same probabilities; and every
+    token sampled is one of them."""
+    import torch
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from vlm_export.runtime.generate import Sampler
+
+    rng = np.random.default_rng(top_k + int(100 * min_p))
+    logits = (rng.standard_normal(500) * 3).astype(np.float32)
+    logits[[7, 8]] = logits.max() + 1  # a tie at the top: both kept by top-k 1 and min-p 1, as HF keeps them
+    config = GenerationConfig(temperature=0.7, top_k=top_k, top_p=top_p, min_p=min_p, seed=1)
+    warpers = [TemperatureLogitsWarper(0.7)] + ([TopKLogitsWarper(top_k)] if top_k else []) + \
+        ([TopPLogitsWarper(top_p)] if top_p < 1 else []) + ([MinPLogitsWarper(min_p)] if min_p else [])
+    scores = torch.tensor(logits, dtype=torch.float64)[None]
+    for warper in warpers:
+        scores = warper(None, scores)
+    expected = torch.softmax(scores, -1)[0].numpy()
+    sampler = Sampler(config)
+    got = sampler.distribution(logits)
+    assert np.array_equal(got > 0, expected > 0), (np.flatnonzero(got), np.flatnonzero(expected))
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+    kept = set(np.flatnonzero(expected))
+    assert 0 < len(kept) < 500 or (top_k >= 500 and len(kept) == 500)
+    assert {Sampler(replace(config, seed=s))(logits.copy()) for s in range(40)} <= kept
+
+
+def test_top_k_and_min_p_are_checked_and_greedy_ignores_them():
+    for bad in (dict(top_k=-1), dict(top_k=1.5), dict(top_k=True), dict(min_p=-0.1), dict(min_p=1.5),
+                dict(min_p=float("nan"))):
+        with pytest.raises(InputError, match=next(iter(bad))):
+            GenerationConfig(**bad)
+    logits = np.random.default_rng(0).standard_normal(64).astype(np.float32)
+    from vlm_export.runtime.generate import Sampler
+    assert Sampler(GenerationConfig(top_k=3, min_p=0.9))(logits) == int(np.argmax(logits))
+
+
 def test_tokenize_gives_the_ids_logit_bias_takes(tiny_build, run_cli):
     """`vlm-export tokenize BUILD TEXT` lists the build tokenizer's ids and pieces; banning the first of
     the plain answer's with `generate --logit-bias ID=-100` changes the answer."""

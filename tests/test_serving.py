@@ -155,16 +155,17 @@ def test_streaming_equals_non_streaming(served, photos, protocol):
 
 
 def test_seeded_sampling_served_equals_in_process(served):
-    """temperature, top_p and seed reach the served sampler: the served answer is the in-process
+    """temperature, top_p, top_k, min_p and seed reach the served sampler: the served answer is the in-process
     answer for the same settings, and each setting changes the answer (so a server that ignored
     any of them could not pass)."""
     build, server = served
     pipe = open_build(build)
     prompt = "Tell me a story."
     settings = [dict(temperature=1.2, top_p=1.0, seed=11), dict(temperature=1.2, top_p=1.0, seed=12),
-                dict(temperature=1.2, top_p=0.5, seed=11), dict(temperature=0.0, top_p=1.0, seed=11)]
+                dict(temperature=1.2, top_p=0.5, seed=11), dict(temperature=0.0, top_p=1.0, seed=11),
+                dict(temperature=1.2, top_k=3, seed=11), dict(temperature=1.2, min_p=0.5, seed=11)]
     expected = [generate(pipe, prompt, [], GenerationConfig(max_new_tokens=8, **kw)).text for kw in settings]
-    assert len(set(expected)) == len(expected), expected  # another seed, top_p, or greedy: another answer
+    assert len(set(expected)) == len(expected), expected  # another seed, filter, or greedy: another answer
     for url in (f"grpc://{server.grpc_url}", f"http://{server.http_url}"):
         client = VLMClient(url)
         assert [client.generate(prompt, max_tokens=8, **kw).text for kw in settings] == expected, url
@@ -297,6 +298,8 @@ def test_bad_requests_get_errors_and_server_keeps_serving(served, photos):
         "negative temperature": ({"prompt": "hi", "temperature": -0.5, "max_tokens": 2}, "temperature must be in"),
         "negative top_p": ({"prompt": "hi", "top_p": -0.5, "max_tokens": 2}, "top_p must be in"),
         "top_p over 1": ({"prompt": "hi", "top_p": 1.5, "max_tokens": 2}, "top_p must be in"),
+        "negative top_k": ({"prompt": "hi", "top_k": -1, "max_tokens": 2}, "top_k must be an integer"),
+        "min_p over 1": ({"prompt": "hi", "min_p": 1.5, "max_tokens": 2}, "min_p must be in"),
         "undecodable image": ({"prompt": "hi", "images": [base64.b64encode(b"not an image").decode()]},
                               "cannot be decoded"),
         "decompression bomb": ({"prompt": "hi", "images": [base64.b64encode(bomb_png(12000, 12000)).decode()]},
@@ -327,7 +330,8 @@ def test_bad_requests_get_errors_and_server_keeps_serving(served, photos):
     # typed tensors over gRPC: out-of-range sampling settings are the model's to refuse
     for params, needle in (({"temperature": math.nan}, "temperature must be in"), ({"temperature": 10.5}, "temperature"),
                            ({"top_p": 1.5}, "top_p must be in"), ({"top_p": -0.1}, "top_p"),
-                           ({"seed": -3}, "seed must be an integer")):
+                           ({"seed": -3}, "seed must be an integer"), ({"top_k": -2}, "top_k must be"),
+                           ({"min_p": math.nan}, "min_p must be in")):
         with pytest.raises(RequestError, match=needle):
             client.generate("hi", max_tokens=2, **params)
     # HTTP streaming (generate_stream): the refusal is a 400 whose body is a server-sent event;

@@ -110,7 +110,10 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", type=Path, action="append", default=[], help="image file (repeat for several)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the fewest tokens holding this mass")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens only (0 = all)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="sample among tokens at least this fraction as likely as the most likely one (0 = all)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--repetition-penalty", type=float, default=None,
@@ -147,7 +150,7 @@ def _request_settings(args) -> dict:
     """The request's generation settings from _add_request_args' options, named as the client and the
     served model name them (GenerationConfig's, but ``max_tokens`` and ``min_tokens``)."""
     return dict(max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
-                top_p=args.top_p, seed=args.seed,
+                top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
                 stop=tuple(args.stop), repetition_penalty=args.repetition_penalty,
                 no_repeat_ngram_size=args.no_repeat_ngram_size, presence_penalty=args.presence_penalty,
                 frequency_penalty=args.frequency_penalty, logprobs=args.logprobs, top_logprobs=args.top_logprobs,

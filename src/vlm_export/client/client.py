@@ -31,7 +31,8 @@ OPTIONAL_SETTINGS = {"seed": ("INT64", np.int64, None), "ignore_eos": ("BOOL", b
                      "repetition_penalty": ("FP32", np.float32, None), "min_tokens": ("INT64", np.int64, None),
                      "no_repeat_ngram_size": ("INT64", np.int64, None),
                      "presence_penalty": ("FP32", np.float32, 0.0), "frequency_penalty": ("FP32", np.float32, 0.0),
-                     "logprobs": ("BOOL", bool, False), "top_logprobs": ("INT64", np.int64, 0)}
+                     "logprobs": ("BOOL", bool, False), "top_logprobs": ("INT64", np.int64, 0),
+                     "top_k": ("INT64", np.int64, 0), "min_p": ("FP32", np.float32, 0.0)}
 
 
 @dataclass

@@ -58,6 +58,8 @@ VLM_INPUTS = [
     {"name": "max_tokens", "data_type": "TYPE_INT64", "dims": [1], "optional": True},
     {"name": "temperature", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
     {"name": "top_p", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
+    {"name": "top_k", "data_type": "TYPE_INT64", "dims": [1], "optional": True},  # 0: every token
+    {"name": "min_p", "data_type": "TYPE_FP32", "dims": [1], "optional": True},  # 0: every token
     {"name": "seed", "data_type": "TYPE_INT64", "dims": [1], "optional": True},
     {"name": "stop", "data_type": "TYPE_STRING", "dims": [-1], "optional": True},
     {"name": "stream", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},

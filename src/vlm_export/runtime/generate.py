@@ -29,6 +29,7 @@ from .prefix_cache import PrefixHit
 MAX_NEW_TOKENS_CAP = 4096
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias: [-100, 100]
+MAX_TOP_K = 2**31 - 1  # any vocabulary; a k past the vocabulary keeps every token
 #: the most prompt tokens prefilled in one step (every prefill call of the step together): the
 #: running rows wait for those calls, so this bounds the pause a burst of new requests puts on them
 #: (vLLM's max_num_batched_tokens). The rest wait for the next step; a longer prompt still goes, alone.
@@ -45,6 +46,11 @@ class GenerationConfig:
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
+    #: the other sampling filters of vLLM and Hugging Face, in HF's order after the temperature: only the
+    #: ``top_k`` most likely tokens (ties at the k-th kept; 0: all), then the nucleus (``top_p``), then only
+    #: tokens at least ``min_p`` times as likely as the most likely one (0: all); greedy ignores them
+    top_k: int = 0
+    min_p: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     #: generate exactly max_new_tokens, EOS or not (what benchmarks of LLM servers do)
@@ -90,6 +96,10 @@ class GenerationConfig:
             raise InputError(f"temperature must be in [0, 10], got {self.temperature!r}")
         if not (0.0 <= float(self.top_p) <= 1.0):  # 0: the top token only, as OpenAI's API takes it
             raise InputError(f"top_p must be in [0, 1], got {self.top_p!r}")
+        if not (_non_negative_int(self.top_k) and self.top_k <= MAX_TOP_K):
+            raise InputError(f"top_k must be an integer in 0..{MAX_TOP_K} (0: every token), got {self.top_k!r}")
+        if not (0.0 <= float(self.min_p) <= 1.0):
+            raise InputError(f"min_p must be in [0, 1] (0: none), got {self.min_p!r}")
         if self.seed is not None and not (isinstance(self.seed, (int, np.integer)) and 0 <= self.seed < 2**63):
             raise InputError(f"seed must be an integer in 0..2^63-1 (or absent), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):  # "" would end every answer at once
@@ -303,7 +313,7 @@ class Sampler:
     the no-repeat n-gram rule over ``context`` (what Hugging Face's logits processors see:
     ``DecodingScheme.penalty_context``) and the tokens sampled since, the bad words, the presence and
     frequency penalties over the tokens sampled, EOS (``eos_token_ids``) held off until the minimum
-    lengths and the suppressed tokens, then greedy, or temperature and top-p."""
+    lengths and the suppressed tokens, then greedy, or temperature, top-k, top-p and min-p."""
 
     def __init__(self, config: GenerationConfig, context: Sequence[int] = (), eos_token_ids: Sequence[int] = ()):
         self.config = config
@@ -385,18 +395,31 @@ class Sampler:
     def _pick(self, logits: np.ndarray) -> int:
         if self.config.temperature == 0.0:
             return int(np.argmax(logits))
-        z = logits.astype(np.float64) / self.config.temperature
+        p = self.distribution(logits)
+        return int(self.rng.choice(len(p), p=p))
+
+    def distribution(self, logits: np.ndarray) -> np.ndarray:
+        """What a sampled token is drawn from (float64, sums to 1): the processed logits' softmax at the
+        temperature, then top-k, top-p and min-p, each renormalising, as Hugging Face's warpers in its
+        generate's order (vLLM's too)."""
+        config = self.config
+        z = logits.astype(np.float64) / config.temperature
+        if 0 < config.top_k < z.size:  # every token whose logit reaches the k-th largest (HF keeps ties)
+            z = np.where(z >= np.partition(z, -config.top_k)[-config.top_k], z, -np.inf)
         p = np.exp(z - z.max())
         p /= p.sum()
-        if self.config.top_p < 1.0:
+        if config.top_p < 1.0:
             order = np.argsort(-p)
-            keep = np.cumsum(p[order]) - p[order] < self.config.top_p
+            keep = np.cumsum(p[order]) - p[order] < config.top_p
             keep[0] = True  # the nucleus always holds the top token (top_p 0: nothing else)
             mask = np.zeros_like(p, dtype=bool)
             mask[order[keep]] = True
             p = np.where(mask, p, 0.0)
             p /= p.sum()
-        return int(self.rng.choice(len(p), p=p))
+        if config.min_p > 0.0:  # the top token always stays (min_p 1: it alone, and its ties)
+            p = np.where(p >= config.min_p * p.max(), p, 0.0)
+            p /= p.sum()
+        return p
 
 
 def token_logprob(tokenizer, logits: np.ndarray, token: int, top: int) -> TokenLogprob:

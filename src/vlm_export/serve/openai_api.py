@@ -9,7 +9,7 @@
 content a string or ``text`` and ``image_url`` parts, images as ``data:image/...;base64,`` URLs;
 ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``,
 ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``logprobs`` / ``top_logprobs``, ``stream`` with
-``stream_options.include_usage``, ``n`` up to ``MAX_CHOICES``; as vLLM's extensions,
+``stream_options.include_usage``, ``n`` up to ``MAX_CHOICES``; as vLLM's extensions, ``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens`` and ``ignore_eos``) and answers a ``chat.completion``, or
 ``chat.completion.chunk`` server-sent events ending with ``data: [DONE]``. ``GET /v1/models``
 lists the one model served; ``GET /health`` is 200 while Triton has the model ready, else 503
@@ -116,7 +116,7 @@ def error_from_vlm(err: Exception) -> OpenAIError:
         return OpenAIError(503, message, code="service_unavailable", headers={"Retry-After": "1"})
     if not isinstance(err, RequestError) or any(s in low for s in _INTERNAL):
         return OpenAIError(500, message, code="internal_error")
-    field = re.match(r"(max_tokens|temperature|top_p|seed|stop|presence_penalty|frequency_penalty|"
+    field = re.match(r"(max_tokens|temperature|top_p|top_k|min_p|seed|stop|presence_penalty|frequency_penalty|"
                      r"repetition_penalty|no_repeat_ngram_size|min_new_tokens|top_logprobs|logit_bias)\b", message)
     param = field.group(1) if field else ("messages" if re.search(r"\b(image|prompt|messages?)\b", low) else None)
     return _bad(message, param=param)
@@ -174,7 +174,9 @@ class ChatCompletionRequest(BaseModel):
     response_format: dict[str, Any] | None = None
     #: extensions, as in vLLM: generate max_tokens tokens, EOS or not (benchmarks); Hugging Face's
     #: repetition penalty and the fewest tokens before EOS (absent: the build's, from its checkpoint's
-    #: generation config)
+    #: generation config); the top-k and min-p sampling filters (-1 or 0 / 0: off)
+    top_k: int | None = None
+    min_p: float | None = None
     ignore_eos: bool = False
     repetition_penalty: float | None = None
     min_tokens: int | None = None
@@ -208,6 +210,12 @@ def generation_params(req: ChatCompletionRequest, default_max_tokens: int = DEFA
     top_p = 1.0 if req.top_p is None else req.top_p
     if not 0.0 <= top_p <= 1.0:
         raise _bad(f"top_p must be in [0, 1], got {top_p}", "top_p")
+    top_k = 0 if req.top_k in (None, -1) else req.top_k  # vLLM's -1: every token, as 0
+    if not 0 <= top_k < 2**31:  # as runtime.generate.MAX_TOP_K
+        raise _bad(f"top_k must be -1 or an integer in 0..2^31-1 (-1 or 0: every token), got {req.top_k}", "top_k")
+    min_p = 0.0 if req.min_p is None else req.min_p
+    if not 0.0 <= min_p <= 1.0:
+        raise _bad(f"min_p must be in [0, 1], got {min_p}", "min_p")
     if req.seed is not None and not 0 <= req.seed < 2**63:
         raise _bad(f"seed must be an integer in 0..2^63-1, got {req.seed}", "seed")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -238,7 +246,8 @@ def generation_params(req: ChatCompletionRequest, default_max_tokens: int = DEFA
         if int(key) in logit_bias:  # "5" and "05": which bias was meant?
             raise _bad(f"logit_bias names token {int(key)} twice ({key!r})", "logit_bias")
         logit_bias[int(key)] = value
-    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": req.seed,
+    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+            "seed": req.seed,
             "stop": tuple(stop), "ignore_eos": bool(req.ignore_eos), **penalties,
             "repetition_penalty": req.repetition_penalty, "min_tokens": req.min_tokens, "logprobs": bool(req.logprobs),
             "top_logprobs": top_logprobs, "logit_bias": logit_bias or None}

@@ -201,6 +201,8 @@ class TritonPythonModel:
             max_new_tokens=int(_optional(request, "max_tokens", [64])[0]),
             temperature=float(_optional(request, "temperature", [0.0])[0]),
             top_p=float(_optional(request, "top_p", [1.0])[0]),
+            top_k=int(_optional(request, "top_k", [0])[0]),
+            min_p=float(_optional(request, "min_p", [0.0])[0]),
             seed=None if seed is None else int(seed[0]),
             stop=tuple(_text(s, "stop") for s in _optional(request, "stop", [])),
             ignore_eos=bool(_optional(request, "ignore_eos", [False])[0]),
