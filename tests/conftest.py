@@ -244,6 +244,20 @@ def run_cli(capsys):
     return run
 
 
+def a_word_spelt_in(tokenizer, text: str, token_ids) -> str:
+    """A word of ``text`` whose bad-words spelling (``bad_words_token_ids``) is in ``token_ids``: banning
+    it must change that answer. Prefers one with two spellings (with and without its space)."""
+    from vlm_export.runtime.generate import bad_words_token_ids
+
+    def spelt(word):
+        return [ids for ids in bad_words_token_ids(tokenizer, [word])
+                if any(tuple(token_ids[i:i + len(ids)]) == ids for i in range(len(token_ids)))]
+
+    words = [w for w in text.split() if spelt(w)]
+    assert words, f"no word of {text!r} is spelt in its tokens as bad_words spells it"
+    return next((w for w in words if len(bad_words_token_ids(tokenizer, [w])) == 2), words[0])
+
+
 def recorded_notes():
     """A build's progress that keeps the one-line notes it prints (``.lines``), for tests that read them."""
     from vlm_export.progress import Progress

@@ -103,6 +103,8 @@ def test_too_many_images_and_bad_params(tiny_build, capsys, tmp_path):
     assert "top_k must be an integer" in capsys.readouterr().err
     assert main(["generate", build_dir, "--prompt", "hi", "--min-p", "2"]) == 1
     assert "min_p must be in [0, 1]" in capsys.readouterr().err
+    assert main(["generate", build_dir, "--prompt", "hi", "--bad-word", "ok", "--bad-word", " "]) == 1
+    assert "bad_words must be non-blank text" in capsys.readouterr().err
     assert main(["generate", build_dir, "--prompt", "hi", "--temperature", "1", "--top-k", "1", "--min-p", "0.5",
                  "--max-tokens", "3", "--json"]) == 0
     sampled = json.loads(capsys.readouterr().out)

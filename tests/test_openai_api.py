@@ -22,7 +22,7 @@ from vlm_export.client.client import VLMClient
 from vlm_export.errors import InputError, RequestError, ServeError
 from vlm_export.serve.openai_api import (ChatCompletionRequest, Conversation, ImageLoader, OpenAIError,
                                          error_from_vlm, generation_params, run_openai_server, to_conversation)
-from conftest import wait_for  # noqa: E402
+from conftest import a_word_spelt_in, wait_for  # noqa: E402
 
 MODEL = "tiny-llava"
 PROMPTS = ["What is in the picture?", "Describe the colors.", "Is there an animal?"]
@@ -73,6 +73,14 @@ def vlm(stack):
     return VLMClient(f"grpc://{stack[0].grpc_url}")
 
 
+@pytest.fixture(scope="module")
+def tokenizer(llava_server):
+    """The served build's own tokenizer (for the words bad_words spells)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(llava_server[0] / "tokenizer")
+
+
 def data_url(image: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(image).decode()
 
@@ -93,7 +101,7 @@ def _metric(server, name: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M))
 
 
-def test_answers_equal_vlm_client(oai, vlm, images):
+def test_answers_equal_vlm_client(oai, vlm, images, tokenizer):
     for prompt, image in zip(PROMPTS, images):
         got = ask(oai, [image_part(image), {"type": "text", "text": prompt}], max_tokens=12)
         want = vlm.generate(prompt, [image], max_tokens=12)
@@ -143,7 +151,13 @@ def test_answers_equal_vlm_client(oai, vlm, images):
                 extra_body={"ignore_eos": True}) for _ in range(2))
     assert a.choices[0].message.content == b.choices[0].message.content
     assert a.choices[0].finish_reason == "length" and a.usage.completion_tokens == 8
-    # vLLM's top_k and min_p reach the sampler: the VLMClient's answer with the same, each another answer
+    # vLLM's bad_words, top_k and min_p reach the sampler: the VLMClient's answer with the same, each another one
+    plain = vlm.generate(PROMPTS[1], [images[1]], max_tokens=12, ignore_eos=True, logprobs=True)
+    word = a_word_spelt_in(tokenizer, plain.text, [e["token_id"] for e in plain.logprobs])
+    got = ask(oai, [image_part(images[1]), {"type": "text", "text": PROMPTS[1]}], max_tokens=12,
+              extra_body={"ignore_eos": True, "bad_words": [word]})
+    want = vlm.generate(PROMPTS[1], [images[1]], max_tokens=12, ignore_eos=True, bad_words=[word])
+    assert got.choices[0].message.content == want.text != plain.text
     for narrowing in ({"top_k": 2}, {"min_p": 0.5}):
         got = ask(oai, "Tell me a story.", max_tokens=8, temperature=1.2, seed=11,
                   extra_body={"ignore_eos": True, **narrowing})
@@ -570,7 +584,7 @@ def test_parameters_and_error_mapping():
         return generation_params(ChatCompletionRequest(model="m", messages=[], **kw))
 
     assert params() == {"max_tokens": 64, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
-                        "seed": None, "stop": (),
+                        "seed": None, "stop": (), "bad_words": (),
                         "ignore_eos": False, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                         "repetition_penalty": None, "min_tokens": None, "logprobs": False, "top_logprobs": 0,
                         "logit_bias": None}
@@ -579,11 +593,12 @@ def test_parameters_and_error_mapping():
     assert (got["presence_penalty"], got["frequency_penalty"], got["repetition_penalty"]) == (-2, 1.5, 1.2)
     assert params(max_tokens=5, max_completion_tokens=7, stop="x", seed=3, temperature=0)["max_tokens"] == 7
     assert params(stop=["a", "b"])["stop"] == ("a", "b")
+    assert params(bad_words=["a b", "c"])["bad_words"] == ("a b", "c")
     assert params(top_p=0)["top_p"] == 0.0  # OpenAI's API takes 0: the top token only
     assert (params(top_k=-1)["top_k"], params(top_k=20)["top_k"], params(min_p=0.1)["min_p"]) == (0, 20, 0.1)  # vLLM's
     for kw, param in (({"n": 0}, "n"), ({"n": 17}, "n"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
                       ({"top_p": -0.1}, "top_p"), ({"top_p": 1.01}, "top_p"), ({"stop": [""]}, "stop"),
-                      ({"top_k": -2}, "top_k"), ({"top_k": 2**31}, "top_k"), ({"min_p": 1.5}, "min_p"),
+                      ({"top_k": -2}, "top_k"), ({"bad_words": ["x", " "]}, "bad_words"), ({"top_k": 2**31}, "top_k"), ({"min_p": 1.5}, "min_p"),
                       ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
                       ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_tokens": 65}, "min_tokens"),
                       ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),

@@ -14,7 +14,7 @@ from vlm_export.runtime.generate import (DEFAULT_MAX_PREFILL_PADDING, Generation
                                         GenerationResult, Scheduler, TokenEvent, generate, generate_batch,
                                         generate_ids, prepare_request)
 from vlm_export.runtime.load import open_build
-from conftest import pipeline_failing_on, recorded_notes  # noqa: E402
+from conftest import a_word_spelt_in, pipeline_failing_on, recorded_notes  # noqa: E402
 
 
 def _batch(rows: int, length: int, fill: float) -> DecodeBatch:
@@ -436,6 +436,49 @@ def test_top_k_and_min_p_are_checked_and_greedy_ignores_them():
     logits = np.random.default_rng(0).standard_normal(64).astype(np.float32)
     from vlm_export.runtime.generate import Sampler
     assert Sampler(GenerationConfig(top_k=3, min_p=0.9))(logits) == int(np.argmax(logits))
+
+
+def test_bad_words_are_spelt_as_vllm_spells_them():
+    """vLLM's rule: a word as written (leading spaces stripped), and after a space where that starts with
+    another token and has as many; a SentencePiece tokenizer puts the space in itself (one spelling)."""
+    from tiny_models import make_sentencepiece_tokenizer, smollm2_tokenizer_dir
+    from transformers import AutoTokenizer
+
+    from vlm_export.runtime.generate import bad_words_token_ids
+
+    byte_level = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    spelt = bad_words_token_ids(byte_level, ["circle", "  blue sky", "rectangle"])
+    assert [byte_level.decode(ids) for ids in spelt] == ["circle", " circle", "blue sky", " blue sky", "rectangle"]
+    assert len(spelt[4]) == 2 and len(byte_level.encode(" rectangle", add_special_tokens=False)) == 1  # not added
+    sentencepiece = make_sentencepiece_tokenizer()
+    spelt = bad_words_token_ids(sentencepiece, ["circle", " blue sky"])
+    assert [sentencepiece.decode(ids) for ids in spelt] == ["circle", "blue sky"]
+    for bad in ([""], ["  "], "circle", [3]):
+        with pytest.raises(InputError, match="bad_words"):
+            GenerationConfig(bad_words=bad)
+
+
+def test_bad_words_are_never_generated_and_join_the_checkpoints(pipe, photos):
+    """A word of the greedy answer, banned: the answer changes and spells it neither way; the same as
+    banning its id sequences by bad_words_ids, and added to a bad_words_ids the request gives."""
+    from vlm_export.runtime.generate import bad_words_token_ids
+
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    plain = generate(pipe, "Describe it.", [photos[0]], config)
+    word = a_word_spelt_in(pipe.tokenizer, plain.text, plain.token_ids)
+    banned = bad_words_token_ids(pipe.tokenizer, [word])
+    assert len(banned) == 2  # SmolLM2's byte-level BPE: "word" and " word" are other tokens
+    got = generate(pipe, "Describe it.", [photos[0]], replace(config, bad_words=(word,)))
+    assert got.token_ids != plain.token_ids
+    for ids in banned:
+        n = len(ids)
+        assert all(tuple(got.token_ids[i:i + n]) != ids for i in range(len(got.token_ids))), (word, got.text)
+    assert generate(pipe, "Describe it.", [photos[0]], replace(config, bad_words_ids=banned)).token_ids == got.token_ids
+    first = (got.token_ids[0],)
+    both = generate(pipe, "Describe it.", [photos[0]], replace(config, bad_words=(word,), bad_words_ids=(first,)))
+    assert both.token_ids[0] != got.token_ids[0]
+    assert both.token_ids == generate(pipe, "Describe it.", [photos[0]],
+                                      replace(config, bad_words_ids=(first, *banned))).token_ids
 
 
 def test_tokenize_gives_the_ids_logit_bias_takes(tiny_build, run_cli):

@@ -22,7 +22,7 @@ from vlm_export.model_repository.render import (RepositoryOptions, check_against
 from vlm_export.runtime.generate import GenerationConfig, generate, prepare_request
 from vlm_export.runtime.load import open_build
 from vlm_export.serve.server import TritonServer
-from conftest import common_prefix, wait_for  # noqa: E402
+from conftest import a_word_spelt_in, common_prefix, wait_for  # noqa: E402
 
 PROMPTS = ["What is in the picture?", "Describe the colors.", "Is there an animal?"]
 
@@ -172,7 +172,7 @@ def test_seeded_sampling_served_equals_in_process(served):
 
 
 def test_repetition_settings_served_equal_in_process(served, run_cli, tmp_path):
-    """The repetition penalty, the n-gram ban, OpenAI's presence / frequency penalties and logit bias reach
+    """The repetition penalty, the n-gram ban, OpenAI's presence / frequency penalties, logit bias and bad words reach
     the served sampler over both protocols: each changes this greedy answer (an input the random model repeats
     itself on), and the served answer is the in-process one for the same settings."""
     from PIL import Image
@@ -181,9 +181,10 @@ def test_repetition_settings_served_equal_in_process(served, run_cli, tmp_path):
     pipe = open_build(build)
     image = Image.new("RGB", (32, 32), (200, 30, 30))
     png = _png(image)
-    first = generate(pipe, "Tell me a story.", [image], GenerationConfig(max_new_tokens=1)).token_ids[0]
+    plain = generate(pipe, "Tell me a story.", [image], GenerationConfig(max_new_tokens=16))
+    first, word = plain.token_ids[0], a_word_spelt_in(pipe.tokenizer, plain.text, plain.token_ids)
     settings = [{}, dict(repetition_penalty=1.5), dict(no_repeat_ngram_size=1), dict(presence_penalty=1.5),
-                dict(frequency_penalty=-1.0), dict(logit_bias={first: -100.0, 7: 2.5}),
+                dict(frequency_penalty=-1.0), dict(logit_bias={first: -100.0, 7: 2.5}), dict(bad_words=[word]),
                 dict(repetition_penalty=1.0, no_repeat_ngram_size=0)]
     results = [generate(pipe, "Tell me a story.", [image], GenerationConfig(max_new_tokens=16, **kw))
                for kw in settings]
@@ -198,6 +199,7 @@ def test_repetition_settings_served_equal_in_process(served, run_cli, tmp_path):
                         ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size must be an integer >= 0"),
                         ({"min_tokens": -2}, "min_new_tokens must be an integer >= 0"),
                         ({"logit_bias": {3: 101.0}}, r"logit_bias values must be in \[-100, 100\]"),
+                        ({"bad_words": [" "]}, "bad_words must be non-blank"),
                         ({"logit_bias": {10**9: 1.0}}, "logit_bias names token id.* outside this model's vocabulary"),
                         ({"logit_bias": {-3: 1.0}}, "logit_bias keys must be token ids"),
                         ({"logit_bias": dict.fromkeys(range(pipe.scheme.geometry.vocab_size + 1), 0.0)},

@@ -116,6 +116,8 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
                    help="sample among tokens at least this fraction as likely as the most likely one (0 = all)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--bad-word", action="append", default=[], dest="bad_words", metavar="TEXT",
+                   help="vLLM's bad_words: text never generated, with or without a leading space (repeatable)")
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="Hugging Face's repetition penalty (1 = none; default: the checkpoint's generation config)")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None,
@@ -151,7 +153,7 @@ def _request_settings(args) -> dict:
     served model name them (GenerationConfig's, but ``max_tokens`` and ``min_tokens``)."""
     return dict(max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
                 top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
-                stop=tuple(args.stop), repetition_penalty=args.repetition_penalty,
+                stop=tuple(args.stop), bad_words=tuple(args.bad_words), repetition_penalty=args.repetition_penalty,
                 no_repeat_ngram_size=args.no_repeat_ngram_size, presence_penalty=args.presence_penalty,
                 frequency_penalty=args.frequency_penalty, logprobs=args.logprobs, top_logprobs=args.top_logprobs,
                 logit_bias=_logit_bias(args.logit_bias))

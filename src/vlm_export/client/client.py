@@ -131,18 +131,21 @@ class VLMClient:
 
     # ---- transport -----------------------------------------------------------------------
     def _events(self, prompt, images, messages, stream, max_tokens=64, temperature=0.0, top_p=1.0, stop=(),
-                logit_bias=None, **options):
+                logit_bias=None, bad_words=(), **options):
         if (prompt is None) == (messages is None):
             raise RequestError("send a prompt or messages (one of them)")
         unknown = set(options) - set(OPTIONAL_SETTINGS)
         if unknown:
             raise TypeError(f"unexpected generation setting(s) {sorted(unknown)}; known: max_tokens, temperature, "
-                            f"top_p, stop, logit_bias, {', '.join(OPTIONAL_SETTINGS)}")
+                            f"top_p, stop, logit_bias, bad_words, {', '.join(OPTIONAL_SETTINGS)}")
+        if isinstance(bad_words, str):  # one string would go as its characters
+            raise TypeError("bad_words takes a list of words, not one string")
         # {token id: bias}: sent as two lists, the ids and their biases (the vlm model's two inputs)
         bias = dict(logit_bias or {})
         request = {"prompt": prompt, "messages": None if messages is None else json.dumps(list(messages)),
                    "images": [_image_bytes(i) for i in images], "max_tokens": max_tokens,
-                   "temperature": temperature, "top_p": top_p, "stop": list(stop), "stream": stream,
+                   "temperature": temperature, "top_p": top_p, "stop": list(stop), "bad_words": list(bad_words),
+                   "stream": stream,
                    "logit_bias": ([int(t) for t in bias], [float(v) for v in bias.values()]) if bias else None,
                    "options": {k: v for k, v in options.items() if v is not None and v != OPTIONAL_SETTINGS[k][2]}}
         events = self._http(request) if self.protocol == "http" else self._grpc(request)
@@ -167,8 +170,9 @@ class VLMClient:
                 if request[k] is not None}
         if request["images"]:  # JSON carries no raw bytes: the server accepts base64
             body["images"] = [base64.b64encode(i).decode("ascii") for i in request["images"]]
-        if request["stop"]:
-            body["stop"] = request["stop"]
+        for name in ("stop", "bad_words"):
+            if request[name]:
+                body[name] = request[name]
         if request["logit_bias"]:
             body["logit_bias_tokens"], body["logit_bias"] = request["logit_bias"]
         body.update({k: np.array(v, dtype=OPTIONAL_SETTINGS[k][1]).item() for k, v in request["options"].items()})
@@ -209,8 +213,9 @@ class VLMClient:
                   tensor("stream", np.array([request["stream"]], dtype=bool), "BOOL")]
         if request["images"]:
             inputs.append(tensor("images", np.array(request["images"], dtype=np.object_), "BYTES"))
-        if request["stop"]:
-            inputs.append(tensor("stop", np.array([s.encode() for s in request["stop"]], dtype=np.object_), "BYTES"))
+        for name in ("stop", "bad_words"):
+            if request[name]:
+                inputs.append(tensor(name, np.array([s.encode() for s in request[name]], dtype=np.object_), "BYTES"))
         if request["logit_bias"]:
             tokens, values = request["logit_bias"]
             inputs += [tensor("logit_bias_tokens", np.array(tokens, dtype=np.int64), "INT64"),

@@ -62,6 +62,7 @@ VLM_INPUTS = [
     {"name": "min_p", "data_type": "TYPE_FP32", "dims": [1], "optional": True},  # 0: every token
     {"name": "seed", "data_type": "TYPE_INT64", "dims": [1], "optional": True},
     {"name": "stop", "data_type": "TYPE_STRING", "dims": [-1], "optional": True},
+    {"name": "bad_words", "data_type": "TYPE_STRING", "dims": [-1], "optional": True},  # vLLM's: never generated
     {"name": "stream", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
     {"name": "ignore_eos", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
     # absent: the build's (its checkpoint's generation config), as in-process generation

@@ -87,6 +87,9 @@ class GenerationConfig:
     #: sequences never completed); None: the build's, as the repetition settings
     sequence_bias: tuple[tuple[tuple[int, ...], float], ...] | None = None
     bad_words_ids: tuple[tuple[int, ...], ...] | None = None
+    #: vLLM's bad_words: text never generated, each word banned as the tokenizer writes it with and without
+    #: a leading space (``bad_words_token_ids``), on top of bad_words_ids
+    bad_words: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self._normalize_biases()
@@ -104,6 +107,11 @@ class GenerationConfig:
             raise InputError(f"seed must be an integer in 0..2^63-1 (or absent), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):  # "" would end every answer at once
             raise InputError(f"stop strings must be non-empty text, got {list(self.stop)!r}")
+        if isinstance(self.bad_words, str):  # one string would be read as its characters
+            raise InputError(f"bad_words takes a list of words, got the string {self.bad_words!r}")
+        object.__setattr__(self, "bad_words", tuple(self.bad_words))
+        if any(not isinstance(s, str) or not s.strip() for s in self.bad_words):  # no tokens: nothing to ban
+            raise InputError(f"bad_words must be non-blank text, got {list(self.bad_words)!r}")
         if self.repetition_penalty is not None and not (0.0 < float(self.repetition_penalty) <= 10.0):
             raise InputError(f"repetition_penalty must be in (0, 10] (1: none), got {self.repetition_penalty!r}")
         n = self.no_repeat_ngram_size
@@ -173,6 +181,21 @@ class GenerationConfig:
                        suppress_tokens=pick("suppress_tokens", (), tuple),
                        begin_suppress_tokens=pick("begin_suppress_tokens", (), tuple),
                        sequence_bias=pick("sequence_bias", (), tuple), bad_words_ids=pick("bad_words_ids", (), tuple))
+
+
+def bad_words_token_ids(tokenizer, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """The id sequences that spell ``words`` (vLLM's bad_words rule): each word, its leading spaces
+    stripped, tokenized without special tokens; and again after one space where that spelling starts
+    with another token and has as many (a word inside a sentence, for a tokenizer whose words carry
+    their space)."""
+    found: list[tuple[int, ...]] = []
+    for word in words:
+        bare = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        found.append(bare)
+        if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
+            found.append(spaced)
+    return tuple(found)
 
 
 def _non_negative_int(value) -> bool:
@@ -670,6 +693,9 @@ class Scheduler:
         self.pipe.scheme.check_prompt(prompt_ids, image_input)
         config.check_vocabulary(self.pipe.scheme.geometry.vocab_size)
         config = config.with_defaults(self.pipe.generation_defaults)
+        if config.bad_words:  # the request's words join the checkpoint's (or the request's) id sequences
+            config = replace(config, bad_words_ids=(*config.bad_words_ids,
+                                                    *bad_words_token_ids(self.pipe.tokenizer, config.bad_words)))
         row = _Row(next(self._ids), list(prompt_ids), image_input, config,
                    Sampler(config, self.pipe.scheme.penalty_context(prompt_ids), self.pipe.eos_token_ids),
                    TextStream(self.pipe.tokenizer, config.stop), keys=prefix_keys)

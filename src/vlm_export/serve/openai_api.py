@@ -9,7 +9,7 @@
 content a string or ``text`` and ``image_url`` parts, images as ``data:image/...;base64,`` URLs;
 ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``,
 ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``logprobs`` / ``top_logprobs``, ``stream`` with
-``stream_options.include_usage``, ``n`` up to ``MAX_CHOICES``; as vLLM's extensions, ``top_k``, ``min_p``,
+``stream_options.include_usage``, ``n`` up to ``MAX_CHOICES``; as vLLM's extensions, ``top_k``, ``min_p``, ``bad_words``,
 ``repetition_penalty``, ``min_tokens`` and ``ignore_eos``) and answers a ``chat.completion``, or
 ``chat.completion.chunk`` server-sent events ending with ``data: [DONE]``. ``GET /v1/models``
 lists the one model served; ``GET /health`` is 200 while Triton has the model ready, else 503
@@ -116,7 +116,7 @@ def error_from_vlm(err: Exception) -> OpenAIError:
         return OpenAIError(503, message, code="service_unavailable", headers={"Retry-After": "1"})
     if not isinstance(err, RequestError) or any(s in low for s in _INTERNAL):
         return OpenAIError(500, message, code="internal_error")
-    field = re.match(r"(max_tokens|temperature|top_p|top_k|min_p|seed|stop|presence_penalty|frequency_penalty|"
+    field = re.match(r"(max_tokens|temperature|top_p|top_k|min_p|seed|stop|bad_words|presence_penalty|frequency_penalty|"
                      r"repetition_penalty|no_repeat_ngram_size|min_new_tokens|top_logprobs|logit_bias)\b", message)
     param = field.group(1) if field else ("messages" if re.search(r"\b(image|prompt|messages?)\b", low) else None)
     return _bad(message, param=param)
@@ -174,9 +174,10 @@ class ChatCompletionRequest(BaseModel):
     response_format: dict[str, Any] | None = None
     #: extensions, as in vLLM: generate max_tokens tokens, EOS or not (benchmarks); Hugging Face's
     #: repetition penalty and the fewest tokens before EOS (absent: the build's, from its checkpoint's
-    #: generation config); the top-k and min-p sampling filters (-1 or 0 / 0: off)
+    #: generation config); the top-k and min-p sampling filters (-1 or 0 / 0: off); words never generated
     top_k: int | None = None
     min_p: float | None = None
+    bad_words: list[str] | None = None
     ignore_eos: bool = False
     repetition_penalty: float | None = None
     min_tokens: int | None = None
@@ -221,6 +222,9 @@ def generation_params(req: ChatCompletionRequest, default_max_tokens: int = DEFA
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stop):
         raise _bad("stop strings must not be empty", "stop")
+    bad_words = tuple(req.bad_words or ())
+    if any(not w.strip() for w in bad_words):
+        raise _bad("bad_words must not be blank", "bad_words")
     penalties = {name: 0.0 if getattr(req, name) is None else getattr(req, name)
                  for name in ("presence_penalty", "frequency_penalty")}
     for name, value in penalties.items():
@@ -248,7 +252,7 @@ def generation_params(req: ChatCompletionRequest, default_max_tokens: int = DEFA
         logit_bias[int(key)] = value
     return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
             "seed": req.seed,
-            "stop": tuple(stop), "ignore_eos": bool(req.ignore_eos), **penalties,
+            "stop": tuple(stop), "bad_words": bad_words, "ignore_eos": bool(req.ignore_eos), **penalties,
             "repetition_penalty": req.repetition_penalty, "min_tokens": req.min_tokens, "logprobs": bool(req.logprobs),
             "top_logprobs": top_logprobs, "logit_bias": logit_bias or None}
 

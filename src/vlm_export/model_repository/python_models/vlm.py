@@ -205,6 +205,7 @@ class TritonPythonModel:
             min_p=float(_optional(request, "min_p", [0.0])[0]),
             seed=None if seed is None else int(seed[0]),
             stop=tuple(_text(s, "stop") for s in _optional(request, "stop", [])),
+            bad_words=tuple(_text(s, "bad_words") for s in _optional(request, "bad_words", [])),
             ignore_eos=bool(_optional(request, "ignore_eos", [False])[0]),
             repetition_penalty=None if repetition_penalty is None else float(repetition_penalty[0]),
             no_repeat_ngram_size=None if ngram is None else int(ngram[0]),
