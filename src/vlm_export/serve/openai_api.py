@@ -9,8 +9,8 @@
 content a string or ``text`` and ``image_url`` parts, images as ``data:image/...;base64,`` URLs;
 ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``,
 ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``logprobs`` / ``top_logprobs``, ``stream`` with
-``stream_options.include_usage``, ``n`` up to ``MAX_CHOICES``; as vLLM's extensions, ``top_k``, ``min_p``, ``bad_words``,
-``repetition_penalty``, ``min_tokens`` and ``ignore_eos``) and answers a ``chat.completion``, or
+``stream_options.include_usage``, ``n`` up to ``MAX_CHOICES``; as vLLM's extensions, ``top_k``, ``min_p``,
+``bad_words``, ``repetition_penalty``, ``min_tokens`` and ``ignore_eos``) and answers a ``chat.completion``, or
 ``chat.completion.chunk`` server-sent events ending with ``data: [DONE]``. ``GET /v1/models``
 lists the one model served; ``GET /health`` is 200 while Triton has the model ready, else 503
 (a readiness probe). Errors have OpenAI's body ``{"error": {"message", "type", "param",
@@ -116,8 +116,9 @@ def error_from_vlm(err: Exception) -> OpenAIError:
         return OpenAIError(503, message, code="service_unavailable", headers={"Retry-After": "1"})
     if not isinstance(err, RequestError) or any(s in low for s in _INTERNAL):
         return OpenAIError(500, message, code="internal_error")
-    field = re.match(r"(max_tokens|temperature|top_p|top_k|min_p|seed|stop|bad_words|presence_penalty|frequency_penalty|"
-                     r"repetition_penalty|no_repeat_ngram_size|min_new_tokens|top_logprobs|logit_bias)\b", message)
+    field = re.match(r"(max_tokens|temperature|top_p|top_k|min_p|seed|stop|bad_words|presence_penalty|"
+                     r"frequency_penalty|repetition_penalty|no_repeat_ngram_size|min_new_tokens|top_logprobs|"
+                     r"logit_bias)\b", message)
     param = field.group(1) if field else ("messages" if re.search(r"\b(image|prompt|messages?)\b", low) else None)
     return _bad(message, param=param)
 
