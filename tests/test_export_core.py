@@ -547,8 +547,8 @@ def test_llava_with_a_variable_resolution_tower_is_refused(tmp_path):
 def test_checkpoints_hugging_face_cannot_run_are_refused_at_load(tiny_model_dir, tmp_path):
     """Refused in one line before any export (Hugging Face's own forward fails on each): an image token
     added to the tokenizer without resizing the embeddings, a processor whose images are not the
-    size the vision tower takes (its size wrong, or no resizing), and a vision_feature_layer the tower
-    does not have."""
+    size the vision tower takes (its size wrong, or no resizing), a vision_feature_layer the tower
+    does not have, and a processor writing another count of image tokens than the tower has features."""
     import shutil
 
     from vlm_export.errors import AdapterError
@@ -593,6 +593,20 @@ def test_checkpoints_hugging_face_cannot_run_are_refused_at_load(tiny_model_dir,
         with pytest.raises(AdapterError, match=rf"vision_feature_layer .* {layers}-layer vision tower has {layers + 1}") as e:
             adapter_for(wrong).load(wrong)
         assert "\n" not in str(e.value)
+
+    # a LlavaProcessor writing another count of image tokens than the tower's features (HF: "Image features and
+    # image tokens do not match"): the processor's own settings named, with the ones that fit
+    for change in ({"num_additional_image_tokens": 0}, {"patch_size": 16}, {"vision_feature_select_strategy": "full"}):
+        wrong = tmp_path / f"processor-{next(iter(change))}"
+        shutil.copytree(tiny_model_dir("llava-gemma3"), wrong)
+        processor = json.loads((wrong / "processor_config.json").read_text())
+        (wrong / "processor_config.json").write_text(json.dumps({**processor, **change}))
+        with pytest.raises(AdapterError, match=r"LlavaProcessor .* writes \d+ image tokens per image .* tower gives 36 "
+                           r"features .*: set patch_size 8, num_additional_image_tokens 1, vision_feature_select_strategy "
+                           r"'default' in processor_config.json") as e:
+            adapter_for(wrong).load(wrong)
+        assert "\n" not in str(e.value)
+    assert adapter_for(tiny_model_dir("llava-gemma3")).load(tiny_model_dir("llava-gemma3"))  # its own settings fit
 
 
 def test_a_head_size_the_fused_rotary_refuses_builds_unfused(tmp_path):

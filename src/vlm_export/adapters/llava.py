@@ -21,7 +21,7 @@ from . import register
 from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, save_causal_lm,
                    set_chat_template)
 from .decoder import SplicingDecoder, image_path_stages, spliced_decoder_stage, text_geometry
-from .loading import load_hf_parts, processor_chat_template
+from .loading import load_hf_parts, load_processor, processor_chat_template, run_processor
 
 
 class LlavaVisionEncoder(nn.Module):
@@ -107,8 +107,42 @@ class LlavaAdapter(VLMAdapter):
             set_chat_template(tokenizer, template, f"the processor's chat template in {path}")
         loaded = LoadedModel(self, Path(path), model, tokenizer, processor, cfg)
         check_image_size(loaded, (cfg.vision_config.image_size,) * 2)
-        self.tokens_per_image(loaded)  # refuses a tower without one row of tokens per image
+        self._check_processor_tokens(loaded, self.tokens_per_image(loaded))  # refuses a tower without one row per image
         return loaded
+
+    @staticmethod
+    def _check_processor_tokens(loaded: LoadedModel, rows: int) -> None:
+        """A checkpoint's own LlavaProcessor writes each image token out as its patch_size,
+        num_additional_image_tokens and vision_feature_select_strategy count; Hugging Face's forward
+        refuses a count other than the tower's ("Image features and image tokens do not match"), so
+        such a checkpoint is refused here too. A folder with no processor of its own (an image
+        processor alone), or one that leaves the token as written (patch_size unset: the model
+        expanded it, as transformers before 4.47 did), gets vlm-export's expansion to the tower's count."""
+        from PIL import Image
+        from transformers import LlavaProcessor
+
+        path, cfg = loaded.path, loaded.config
+        if not (path / "processor_config.json").is_file():
+            return
+        processor = load_processor(LlavaProcessor, path, cfg.image_token_id)
+        if processor.patch_size is None:
+            return
+        size = cfg.vision_config.image_size
+        ids = run_processor(processor, path, text=f"{processor.image_token} probe",
+                            images=Image.new("RGB", (size, size)))["input_ids"][0]
+        written = sum(1 for i in ids if i == cfg.image_token_id)
+        if written == rows:
+            return
+        patch, strategy = cfg.vision_config.patch_size, cfg.vision_feature_select_strategy
+        extra = rows + (strategy == "default") - (size // patch) ** 2  # the tower's tokens past its patches (CLS)
+        fix = (f"patch_size {patch}, num_additional_image_tokens {extra}, vision_feature_select_strategy "
+               f"{strategy!r}" if extra >= 0 else "the values that give the tower's count")
+        raise AdapterError(
+            f"the LlavaProcessor in {path} writes {written} image tokens per image (patch_size {processor.patch_size}, "
+            f"num_additional_image_tokens {processor.num_additional_image_tokens}, vision_feature_select_strategy "
+            f"{processor.vision_feature_select_strategy!r}) but the vision tower gives {rows} features for a "
+            f"{size}x{size} image; Hugging Face's generate refuses this checkpoint too: set {fix} in "
+            "processor_config.json")
 
     @staticmethod
     def vision_encoder(loaded: LoadedModel) -> LlavaVisionEncoder:
