@@ -199,7 +199,8 @@ def test_exif_orientation_is_applied_as_hugging_face_loads_images(tiny_build, ti
 
 def test_transparent_images_are_seen_over_white_as_hugging_face_sees_them(tiny_build, tiny_model_dir):
     """An RGBA or palette-transparent PNG gives the pixels the model's own processor gives (its
-    convert_to_rgb: over white), not the colour hidden under the transparency."""
+    convert_to_rgb: over white), not the colour hidden under the transparency; where the processor never
+    converts (do_convert_rgb off), what Hugging Face's load_image makes of it (a plain RGB conversion)."""
     from io import BytesIO
 
     from PIL import Image
@@ -219,3 +220,20 @@ def test_transparent_images_are_seen_over_white_as_hugging_face_sees_them(tiny_b
     pipe = open_build(tiny_build("llava-llama").path)
     theirs = AutoImageProcessor.from_pretrained(tiny_model_dir("llava-llama"))(images=[rgba], return_tensors="np")
     np.testing.assert_array_equal(pipe.pixel_values([buf.getvalue()]), theirs["pixel_values"])
+
+    # a processor that never converts (do_convert_rgb off) takes only RGB images, which Hugging Face's load_image
+    # makes with a plain convert("RGB"): the colour under the transparency, as ours then gives, served too
+    from transformers.image_utils import load_image as hf_load_image
+
+    from vlm_export.runtime.images import ImageLimits, processed_images
+
+    plain = AutoImageProcessor.from_pretrained(tiny_model_dir("llava-llama"), do_convert_rgb=False)
+    gray = BytesIO()
+    rgba.convert("L").save(gray, format="PNG")
+    for data in (buf.getvalue(), gray.getvalue()):
+        want = plain(images=[hf_load_image(Image.open(BytesIO(data)))], return_tensors="np")["pixel_values"]
+        np.testing.assert_array_equal(processed_images(plain, [data], ImageLimits())["pixel_values"], want)
+    pipe.image_processor = plain
+    np.testing.assert_array_equal(pipe.pixel_values([buf.getvalue()]), plain(
+        images=[hf_load_image(rgba)], return_tensors="np")["pixel_values"])
+    assert not np.array_equal(pipe.pixel_values([buf.getvalue()]), theirs["pixel_values"])  # not over white

@@ -57,14 +57,32 @@ class ImageLimits:
                              "wide; crop or pad it first")
 
 
-def load_image(src: ImageInput, limits: ImageLimits = ImageLimits(), name: str | None = None):
+def processed_images(processor, images: "list[ImageInput]", limits: ImageLimits) -> dict:
+    """``processor``'s outputs (numpy) for a request's images, each read by ``load_image`` with
+    transparency as that processor treats it (``over_white``): what in-process and served
+    preprocessing both give."""
+    white = over_white(processor)
+    pil = [load_image(image, limits, image_name(k, image, len(images)), white) for k, image in enumerate(images)]
+    return processor(images=pil, return_tensors="np")
+
+
+def over_white(processor) -> bool:
+    """Whether transparent pixels are seen over white: an image processor that converts to RGB itself
+    (``do_convert_rgb``, on in most) composites them so; one that does not takes only RGB images, which
+    Hugging Face's ``load_image`` makes with a plain ``convert("RGB")`` (the colour under the
+    transparency), as ours then does."""
+    return bool(getattr(processor, "do_convert_rgb", True))
+
+
+def load_image(src: ImageInput, limits: ImageLimits = ImageLimits(), name: str | None = None, white: bool = True):
     """A PIL RGB image from a path, encoded bytes or a PIL image; InputError (saying what is wrong,
-    about the image called ``name``) if it is too large, unreadable or not an image."""
+    about the image called ``name``) if it is too large, unreadable or not an image. ``white``:
+    transparent pixels over white (``as_rgb``), else as ``convert("RGB")`` leaves them."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(src, Image.Image):
         limits.check_pixels(*src.size, name or "the image")
-        return as_rgb(upright(src))
+        return as_rgb(upright(src), white)
     is_bytes = isinstance(src, (bytes, bytearray))
     what = name or ("the image" if is_bytes else f"image {src}")
     try:
@@ -74,7 +92,7 @@ def load_image(src: ImageInput, limits: ImageLimits = ImageLimits(), name: str |
             img = Image.open(io.BytesIO(src) if is_bytes else src)  # reads the header only
         limits.check_pixels(*img.size, what)
         img.load()
-        return as_rgb(upright(img))
+        return as_rgb(upright(img), white)
     except FileNotFoundError:
         raise InputError(f"{what} does not exist") from None
     except UnidentifiedImageError:
@@ -95,15 +113,16 @@ def upright(img):
     return ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img
 
 
-def as_rgb(img):
+def as_rgb(img, white: bool = True):
     """RGB as Hugging Face's image processors make it (``convert_to_rgb``): transparent pixels over white.
     A plain ``convert("RGB")`` would keep the colour hidden under the transparency instead (often
-    black), which the model was never shown."""
+    black), which such a model was never shown; ``white`` False: that plain conversion, for a processor
+    that never converts (``over_white``)."""
     from PIL import Image
 
     if img.mode == "RGB":
         return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if white and (img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)):
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return img.convert("RGB")

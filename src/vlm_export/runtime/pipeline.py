@@ -12,7 +12,7 @@ from ..contract import DecodingScheme, Limits, PromptLayout, StageSpec, TensorSp
 from ..contract.scheme import DecodeBatch, SlotBatch
 from ..errors import InputError
 from .chat import Prompt
-from .images import ImageInput, ImageLimits, image_name, load_image  # noqa: F401  (re-exported)
+from .images import ImageInput, ImageLimits, image_name, load_image, processed_images  # noqa: F401  (re-exported)
 from .prefix_cache import PrefixCache
 from .prompt import ImageTextEncoder, build_prompt_ids
 from .runners import Runner
@@ -128,8 +128,7 @@ class VLMPipeline:
     # ---- request -> tensors ------------------------------------------------------------------
     def preprocess(self, images: Sequence[ImageInput]) -> dict[str, np.ndarray]:
         """Every image-processor output the image path reads (``role="pixels"``), by name, as declared."""
-        pil = [load_image(image, self.image_limits, image_name(k, image, len(images))) for k, image in enumerate(images)]
-        out = self.image_processor(images=pil, return_tensors="np")
+        out = processed_images(self.image_processor, list(images), self.image_limits)
         feeds = {}
         for spec in pixel_inputs(self.stages):
             if spec.name not in out:

@@ -8,7 +8,7 @@ from transformers.utils import logging as hf_logging
 
 from vlm_export.contract import TensorSpec
 from vlm_export.model_repository.python_models.common import image_limits, image_payload, model_dirs
-from vlm_export.runtime.images import image_name, load_image
+from vlm_export.runtime.images import processed_images
 from vlm_export.runtime.pipeline import as_declared
 
 
@@ -28,9 +28,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 raw = pb_utils.get_input_tensor_by_name(request, "images").as_numpy().reshape(-1)
-                images = [load_image(image_payload(bytes(b)), self.limits, image_name(i, b"", len(raw)))
-                          for i, b in enumerate(raw)]
-                out = self.processor(images=images, return_tensors="np")
+                out = processed_images(self.processor, [image_payload(bytes(b)) for b in raw], self.limits)
                 responses.append(pb_utils.InferenceResponse(
                     [pb_utils.Tensor(t.name, as_declared(out[t.name], t)) for t in self.outputs]))
             except Exception as e:  # a bad image fails its own request only
