@@ -249,8 +249,8 @@ def w4_build(tiny_model_dir, tmp_path_factory):
 
 
 def test_w4_is_quantized_from_the_fused_graph(w4_build):
-    """MatMulNBits is ONNX Runtime's: the w4 decoder is made from the fused graph (q/k/v and gate/up
-    packed into one larger quantized MatMul) and is the only decoder shipped (no target would run an
+    """MatMulNBits is ONNX Runtime's: the w4 decoder is made from the fused graph (q/k/v packed into one
+    larger quantized MatMul the attention kernel reads) and is the only decoder shipped (no target would run an
     unfused MatMulNBits graph; TensorRT reads neither)."""
     path, manifest = w4_build.path, w4_build.manifest
     decoder = manifest["graphs"]["lm_decoder"]

@@ -458,8 +458,8 @@ def _calibration(tmp, graphs, precisions, options, reference, source_sha256, pro
 def _convert_stages(tmp, graphs, precisions, options, calibration: _Calibration, progress,
                     fp32_modules: dict[str, tuple[str, ...]] | None = None) -> None:
     """Replace each fp32 graph whose stage asks for another precision by its variant. A decoder with
-    a fused form gets its ONNX Runtime variants from that form (packed q/k/v and gate/up quantize as
-    one larger MatMul): MatMulNBits (w8/w4) from the fused graph only (no target runs an unfused
+    a fused form gets its ONNX Runtime variants from that form (packed q/k/v quantize as one larger
+    MatMul): MatMulNBits (w8/w4) from the fused graph only (no target runs an unfused
     one), int8 from both (the standard Q/DQ graph is TensorRT's)."""
     fused = _fused_forms(graphs)
     caches, feeds = calibration.caches, calibration.feeds

@@ -20,8 +20,11 @@ launch per token. This pass rewrites, by pattern only (no model-type branches):
   Transpose/Reshape) -> ``com.microsoft.GroupQueryAttention`` (rotary inside, reading the packed
   q/k/v), with the same external inputs and outputs; left padding and masked holes keep the
   exported graph's answers (attention_fuse.py says how).
-* ``packed_matmul``: MatMuls sharing one activation and holding constant 2-D weights (q/k/v;
-  the MLP's gate/up) -> one MatMul over the concatenated weights + ``Split``.
+* ``packed_matmul``: the q/k/v MatMuls of a fused attention (sharing one activation, constant 2-D
+  weights) -> one MatMul over the concatenated weights, which the attention kernel reads packed.
+  Other MatMuls sharing an activation (the MLP's gate/up; q/k/v through a per-head norm) stay apart:
+  the ``Split`` a packed MatMul needs there cost more than the packing saved (0.8-1.0 ms of a 14-15 ms
+  fp32 step on the demo, benchmarks/README.md).
 
 The result is for ONNX Runtime only: TensorRT does not read com.microsoft ops, so TensorRT targets
 keep the standard graph. A decoder none of the patterns match is written unchanged, and the report
@@ -523,7 +526,7 @@ def _fuse_packed_matmul(g: _Graph, report: FuseReport) -> None:
             if len(w.dims) == 2 and w.data_type == onnx.TensorProto.FLOAT:
                 groups[n.input[0]].append(n)
     for act, nodes in groups.items():
-        if len(nodes) < 2 or len({g.inits[n.input[1]].dims[0] for n in nodes}) != 1:
+        if len(nodes) < 2 or len({g.inits[n.input[1]].dims[0] for n in nodes}) != 1 or not _read_packed(g, nodes):
             continue
         weights = [g.weights.read(g.inits[n.input[1]]) for n in nodes]
         name = f"{nodes[0].name}_packed"
@@ -536,6 +539,15 @@ def _fuse_packed_matmul(g: _Graph, report: FuseReport) -> None:
                                  name=f"{name}_split", axis=-1)
         g.replace(nodes, [matmul, split])
         report.fusions["packed_matmul"] += 1
+
+
+def _read_packed(g: _Graph, nodes: list[onnx.NodeProto]) -> bool:
+    """Whether one attention kernel reads these MatMuls' outputs, and nothing else does, as its q, k, v
+    (``fold_packed_qkv`` then gives it the packed output itself: no Split is left)."""
+    outputs = [n.output[0] for n in nodes]
+    attention = g.sole_consumer(outputs[0], "GroupQueryAttention")
+    return attention is not None and outputs == list(attention.input[:3]) \
+        and all(g.sole_consumer(o, "GroupQueryAttention") is attention for o in outputs)
 
 
 # ---------------------------------------------------------------- entry points
@@ -565,8 +577,8 @@ def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weigh
         if MS_DOMAIN not in {o.domain for o in model.opset_import}:
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     else:
-        report.reason = ("no RMSNorm after a residual Add, no rotary embedding, no attention and "
-                         "no MatMuls sharing an input matched; the graph is left unfused")
+        report.reason = ("no RMSNorm after a residual Add, no rotary embedding and no attention matched; "
+                         "the graph is left unfused")
     return report
 
 
