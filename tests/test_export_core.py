@@ -24,6 +24,11 @@ def test_every_registered_adapter_is_exercised(tiny_model_dir):
     assert covered == set(registered()), f"adapters without a tiny test model: {set(registered()) - covered}"
 
 
+#: decoders export/fuse.py does not match: GPT-J's rotary runs on the heads before their transpose,
+#: pairwise over a slice of each head (the notes in the manifest say which pattern failed)
+UNFUSED = {"llava-gptj"}
+
+
 @pytest.mark.parametrize("name", list(TINY_MODELS))
 def test_build_parity_per_stage(tiny_build, name):
     result = tiny_build(name)
@@ -33,10 +38,15 @@ def test_build_parity_per_stage(tiny_build, name):
     stages = report["stages"]
     image_stages = [s["name"] for s in result.manifest["stages"] if s["kind"] == "image"]
     encoder_stages = [s["name"] for s in result.manifest["stages"] if s["kind"] == "encoder"]  # bars: test_encdec
-    # the decoder in the onnxruntime target's (fused) form, and in the standard form TensorRT reads
-    assert set(stages) == {*image_stages, *encoder_stages, "prefill", "decode", "prefill (standard form)",
-                           "decode (standard form)"}
-    for stage in ("prefill", "decode", "prefill (standard form)", "decode (standard form)"):
+    # the decoder in the onnxruntime target's (fused) form, and in the standard form TensorRT reads;
+    # a decoder the fusion pass cannot match ships its standard graph alone, the reason recorded
+    fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
+    assert fusion["made"] == (name not in UNFUSED), fusion
+    forms = ("prefill", "decode", "prefill (standard form)", "decode (standard form)")[:4 if fusion["made"] else 2]
+    if not fusion["made"]:
+        assert fusion["reason"] and fusion["notes"], fusion
+    assert set(stages) == {*image_stages, *encoder_stages, *forms}
+    for stage in forms:
         logits = stages[stage]["logits"]
         assert logits["max_abs"] <= fp32_bound(logits["ref_max_abs"]), logits
         assert logits["cosine"] > 0.99999

@@ -105,7 +105,8 @@ def _assert_fused_like_exported(src, dst):
     assert greedy(b) == greedy(a)
 
 
-@pytest.mark.parametrize("name", ["llava-llama", "llava-mistral", "llava-gemma2", *sorted(QK_NORM)])
+@pytest.mark.parametrize("name", ["llava-llama", "llava-mistral", "llava-gemma2", "llava-qwen2-full-multilayer",
+                                  *sorted(QK_NORM)])
 def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_path, name):
     build = tiny_build(name)
     src = _decoder_graph(build)
@@ -148,8 +149,12 @@ def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_
         if name in QK_NORM:  # the norm's output, (batch, sequence, heads x head size) again
             assert producers[node.input[0]].op_type == producers[node.input[1]].op_type == "Reshape"
             assert producers[node.input[2]].op_type == "MatMul"
-        else:
-            assert producers[node.input[0]].op_type == "MatMul" and list(node.input[1:3]) == ["", ""]  # packed QKV
+        else:  # packed QKV; Qwen2's q/k/v biases packed alike, one Add after the packed MatMul
+            packed = producers[node.input[0]]
+            if config["model_type"] == "qwen2":
+                assert packed.op_type == "Add" and packed.input[1] in {i.name for i in fused.graph.initializer}
+                packed = producers[packed.input[0]]
+            assert packed.op_type == "MatMul" and list(node.input[1:3]) == ["", ""]
     onnx.checker.check_model(fused)  # every new op is com.microsoft's, which the checker accepts
     # same I/O contract: the runtime feeds it exactly as the exported graph
     assert [i.name for i in fused.graph.input] == [i.name for i in base.graph.input]
@@ -248,6 +253,22 @@ def test_a_pairwise_rotary_before_the_head_transpose_stays_unfused(tiny_build, t
     assert any("pairwise rotary" in n and "not broadcast over (batch, heads, sequence" in n for n in report.notes), \
         report.notes
     _assert_fused_like_exported(src, dst)
+
+
+def test_heads_the_attention_kernel_refuses_stay_unfused(tmp_path):
+    """Heads of 12 channels without rotary (an OPT of hidden 48 over 4 heads): ONNX Runtime's
+    GroupQueryAttention refuses them when it runs, so the attention pass leaves them as exported,
+    says why, and the build passes parity."""
+    from tiny_models import make_tiny_blip2
+
+    from vlm_export.build import BuildOptions, build
+
+    result = build(make_tiny_blip2(tmp_path / "model", family="opt-head12"), tmp_path / "build",
+                   BuildOptions(max_sequence=128))
+    assert result.failures == []
+    fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
+    assert fusion["fusions"]["attention"] == 0
+    assert any("head size 12 is not a multiple of 8" in n for n in fusion["notes"]), fusion
 
 
 def test_a_window_on_unknown_layers_keeps_the_growing_cache(tiny_build, tmp_path):

@@ -453,9 +453,29 @@ def test_bad_words_are_spelt_as_vllm_spells_them():
     sentencepiece = make_sentencepiece_tokenizer()
     spelt = bad_words_token_ids(sentencepiece, ["circle", " blue sky"])
     assert [sentencepiece.decode(ids) for ids in spelt] == ["circle", "blue sky"]
-    for bad in ([""], ["  "], "circle", [3]):
+    for bad in ([""], ["  "], "circle", [3], ["circle"] * 129):
         with pytest.raises(InputError, match="bad_words"):
             GenerationConfig(bad_words=bad)
+
+
+def test_bad_words_a_tokenizer_cannot_spell_are_refused():
+    """A word the tokenizer writes as no tokens (BERT's drops control and zero-width characters) would
+    ban nothing: refused in one line naming it; so are more ids in all than the matcher is given."""
+    from tiny_models import make_qformer_tokenizer, smollm2_tokenizer_dir
+    from transformers import AutoTokenizer
+
+    from vlm_export.runtime.generate import MAX_BAD_WORD_TOKENS, bad_words_token_ids, resolved_config
+
+    with pytest.raises(InputError, match=r"bad_words: '\\u200b' is no tokens"):
+        bad_words_token_ids(make_qformer_tokenizer(), ["circle", "\u200b"])
+    byte_level = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    long_words = ["zq" * 40 + str(i) for i in range(128)]  # ~20+ ids each, twice over with the space
+    with pytest.raises(InputError, match=f"at most {MAX_BAD_WORD_TOKENS}"):
+        bad_words_token_ids(byte_level, long_words)
+    # resolved once (on the engine's preparation workers), the words are ids and resolving again adds none
+    config = resolved_config(GenerationConfig(bad_words=("circle",)), {"bad_words_ids": [[5]]}, byte_level)
+    assert config.bad_words == () and config.bad_words_ids[0] == (5,) and len(config.bad_words_ids) == 3
+    assert resolved_config(config, {"bad_words_ids": [[7]]}, byte_level) == config
 
 
 def test_bad_words_are_never_generated_and_join_the_checkpoints(pipe, photos):

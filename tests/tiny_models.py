@@ -202,6 +202,10 @@ def _blip_text_config(family: str, vocab_size: int):
     from transformers import LlamaConfig, OPTConfig
 
     ids = dict(eos_token_id=2, bos_token_id=1, pad_token_id=2)
+    if family == "opt-head12":  # heads of 12 channels, no rotary: ONNX Runtime's attention kernel refuses them
+        return OPTConfig(vocab_size=vocab_size, hidden_size=48, word_embed_proj_dim=48, ffn_dim=96,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                         do_layer_norm_before=True, **ids)
     if family == "opt":
         return OPTConfig(vocab_size=vocab_size, hidden_size=64, word_embed_proj_dim=64, ffn_dim=128,
                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
@@ -209,7 +213,7 @@ def _blip_text_config(family: str, vocab_size: int):
     if family == "llama":
         return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **ids)
-    raise ValueError(f"unknown BLIP-2 text family {family!r} (expected 'opt' or 'llama')")
+    raise ValueError(f"unknown BLIP-2 text family {family!r} (expected 'opt', 'opt-head12' or 'llama')")
 
 
 def _blip_sub_configs(vision_cls, qformer_cls, **qformer_extra):

@@ -117,7 +117,8 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--bad-word", action="append", default=[], dest="bad_words", metavar="TEXT",
-                   help="vLLM's bad_words: text never generated, with or without a leading space (repeatable)")
+                   help="vLLM's bad_words: text never generated, as the tokenizer spells it alone and (same token "
+                        "count) after a space (repeatable)")
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="Hugging Face's repetition penalty (1 = none; default: the checkpoint's generation config)")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None,

@@ -328,6 +328,9 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
             list(q_rot.input[1:]) != list(k_rot.input[1:])
             or g.attr(q_rot, "interleaved", 0) != g.attr(k_rot, "interleaved", 0))):
         raise _NoMatch(f"{softmax.name}: q and k are not rotated alike")
+    if head_size % 8:
+        # ONNX Runtime 1.32's kernel refuses it at run time ("head_size must be a multiple of 8")
+        raise _NoMatch(f"{softmax.name}: head size {head_size} is not a multiple of 8")
     if q_rot is not None and head_size % 16:
         # ONNX Runtime 1.32's kernel refuses do_rotary at such sizes ("head_size shall be a multiple of 16")
         raise _NoMatch(f"{softmax.name}: head size {head_size} with rotary is not a multiple of 16")

@@ -21,7 +21,8 @@ launch per token. This pass rewrites, by pattern only (no model-type branches):
   q/k/v), with the same external inputs and outputs; left padding and masked holes keep the
   exported graph's answers (attention_fuse.py says how).
 * ``packed_matmul``: the q/k/v MatMuls of a fused attention (sharing one activation, constant 2-D
-  weights) -> one MatMul over the concatenated weights, which the attention kernel reads packed.
+  weights; each through a constant bias Add or none, alike) -> one MatMul over the concatenated
+  weights (and one Add of the concatenated biases: Qwen2's), which the attention kernel reads packed.
   Other MatMuls sharing an activation (the MLP's gate/up; q/k/v through a per-head norm) stay apart:
   the ``Split`` a packed MatMul needs there cost more than the packing saved (0.8-1.0 ms of a 14-15 ms
   fp32 step on the demo, benchmarks/README.md).
@@ -526,28 +527,52 @@ def _fuse_packed_matmul(g: _Graph, report: FuseReport) -> None:
             if len(w.dims) == 2 and w.data_type == onnx.TensorProto.FLOAT:
                 groups[n.input[0]].append(n)
     for act, nodes in groups.items():
-        if len(nodes) < 2 or len({g.inits[n.input[1]].dims[0] for n in nodes}) != 1 or not _read_packed(g, nodes):
+        if len(nodes) < 2 or len({g.inits[n.input[1]].dims[0] for n in nodes}) != 1:
             continue
+        read = _read_packed(g, nodes)
+        if read is None:
+            continue
+        reads, adds = read
         weights = [g.weights.read(g.inits[n.input[1]]) for n in nodes]
         name = f"{nodes[0].name}_packed"
         sizes = numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), f"{name}_split")
         packed = g.weights.make(np.concatenate(weights, axis=1), f"{name}_weight")
         del weights  # one group's weights in memory at a time
         g.new_inits += [packed, sizes]
-        matmul = helper.make_node("MatMul", [act, packed.name], [f"{name}_out"], name=name)
-        split = helper.make_node("Split", [matmul.output[0], sizes.name], [n.output[0] for n in nodes],
-                                 name=f"{name}_split", axis=-1)
-        g.replace(nodes, [matmul, split])
+        new = [helper.make_node("MatMul", [act, packed.name], [f"{name}_out"], name=name)]
+        if adds:  # the projections' biases, packed alike: one Add after the packed MatMul
+            bias = g.weights.make(np.concatenate([g.const(g.other_input(a, n.output[0]))
+                                                  for a, n in zip(adds, nodes)]), f"{name}_bias")
+            g.new_inits.append(bias)
+            new.append(helper.make_node("Add", [new[0].output[0], bias.name], [f"{name}_biased"], name=f"{name}_add"))
+        new.append(helper.make_node("Split", [new[-1].output[0], sizes.name], reads, name=f"{name}_split", axis=-1))
+        g.replace(nodes + adds, new)
         report.fusions["packed_matmul"] += 1
 
 
-def _read_packed(g: _Graph, nodes: list[onnx.NodeProto]) -> bool:
+def _read_packed(g: _Graph, nodes: list[onnx.NodeProto]) -> tuple[list[str], list[onnx.NodeProto]] | None:
     """Whether one attention kernel reads these MatMuls' outputs, and nothing else does, as its q, k, v
-    (``fold_packed_qkv`` then gives it the packed output itself: no Split is left)."""
-    outputs = [n.output[0] for n in nodes]
-    attention = g.sole_consumer(outputs[0], "GroupQueryAttention")
-    return attention is not None and outputs == list(attention.input[:3]) \
-        and all(g.sole_consumer(o, "GroupQueryAttention") is attention for o in outputs)
+    (``fold_packed_qkv`` then gives it the packed output itself: no Split is left), each straight or
+    through an Add of a constant bias as long as its output (Qwen2's q/k/v biases): (the tensors it
+    reads, those Adds), else None."""
+    reads, adds = [], []
+    for n in nodes:
+        out = n.output[0]
+        add = g.sole_consumer(out, "Add")
+        if add is not None:
+            bias = g.const(g.other_input(add, out))
+            if bias is None or bias.dtype != np.float32 or bias.shape != (g.inits[n.input[1]].dims[1],):
+                return None
+            adds.append(add)
+            out = add.output[0]
+        reads.append(out)
+    if adds and len(adds) != len(nodes):
+        return None
+    attention = g.sole_consumer(reads[0], "GroupQueryAttention")
+    if attention is None or reads != list(attention.input[:3]) \
+            or any(g.sole_consumer(o, "GroupQueryAttention") is not attention for o in reads):
+        return None
+    return reads, adds
 
 
 # ---------------------------------------------------------------- entry points

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import BusyError, ServeError, VlmExportError
 from .generate import (GenerationConfig, GenerationResult, ImageEncoder, Scheduler, TokenEvent, image_input_for,
-                       prepare_request)
+                       prepare_request, resolved_config)
 from .chat import Prompt
 from .image_cache import ImageEmbeddingCache
 from .pipeline import ImageInput, VLMPipeline
@@ -139,6 +139,8 @@ class GenerationEngine:
         try:
             job.prompt_ids, job.image_input = prepare_request(self.pipe, prompt, images, job.config,
                                                               self.encode_images)
+            # bad_words spelt in token ids here too: the loop thread only matches them
+            job.config = resolved_config(job.config, self.pipe.generation_defaults, self.pipe.tokenizer)
             # checked here, not at submit on the loop thread, where it would fail the whole batch
             self.pipe.scheme.check_prompt(job.prompt_ids, job.image_input)
             # and the prefix cache's keys made here too: they read every image row

@@ -29,6 +29,10 @@ from .prefix_cache import PrefixHit
 MAX_NEW_TOKENS_CAP = 4096
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias: [-100, 100]
+#: a request's bad_words: at most this many words, spelt in at most this many token ids in all (each word
+#: is matched at every step of every row that carries it)
+MAX_BAD_WORDS = 128
+MAX_BAD_WORD_TOKENS = 1024
 MAX_TOP_K = 2**31 - 1  # any vocabulary; a k past the vocabulary keeps every token
 #: the most prompt tokens prefilled in one step (every prefill call of the step together): the
 #: running rows wait for those calls, so this bounds the pause a burst of new requests puts on them
@@ -48,7 +52,8 @@ class GenerationConfig:
     top_p: float = 1.0
     #: the other sampling filters of vLLM and Hugging Face, in HF's order after the temperature: only the
     #: ``top_k`` most likely tokens (ties at the k-th kept; 0: all), then the nucleus (``top_p``), then only
-    #: tokens at least ``min_p`` times as likely as the most likely one (0: all); greedy ignores them
+    #: tokens at least ``min_p`` times as likely as the most likely one (0: all); greedy ignores them.
+    #: vLLM v1 applies min_p before top-k and top-p, so combined they can keep other tokens than vLLM
     top_k: int = 0
     min_p: float = 0.0
     seed: int | None = None
@@ -87,8 +92,9 @@ class GenerationConfig:
     #: sequences never completed); None: the build's, as the repetition settings
     sequence_bias: tuple[tuple[tuple[int, ...], float], ...] | None = None
     bad_words_ids: tuple[tuple[int, ...], ...] | None = None
-    #: vLLM's bad_words: text never generated, each word banned as the tokenizer writes it with and without
-    #: a leading space (``bad_words_token_ids``), on top of bad_words_ids
+    #: vLLM's bad_words: text never generated, each word banned as the tokenizer writes it alone and, where
+    #: that takes as many tokens, after a space (``bad_words_token_ids``); they join bad_words_ids, so HF's
+    #: rule applies to them (matched over the prompt and the answer, a word that is EOS alone left out)
     bad_words: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -112,6 +118,8 @@ class GenerationConfig:
         object.__setattr__(self, "bad_words", tuple(self.bad_words))
         if any(not isinstance(s, str) or not s.strip() for s in self.bad_words):  # no tokens: nothing to ban
             raise InputError(f"bad_words must be non-blank text, got {list(self.bad_words)!r}")
+        if len(self.bad_words) > MAX_BAD_WORDS:
+            raise InputError(f"bad_words holds {len(self.bad_words)} words; at most {MAX_BAD_WORDS}")
         if self.repetition_penalty is not None and not (0.0 < float(self.repetition_penalty) <= 10.0):
             raise InputError(f"repetition_penalty must be in (0, 10] (1: none), got {self.repetition_penalty!r}")
         n = self.no_repeat_ngram_size
@@ -187,15 +195,30 @@ def bad_words_token_ids(tokenizer, words: Sequence[str]) -> tuple[tuple[int, ...
     """The id sequences that spell ``words`` (vLLM's bad_words rule): each word, its leading spaces
     stripped, tokenized without special tokens; and again after one space where that spelling starts
     with another token and has as many (a word inside a sentence, for a tokenizer whose words carry
-    their space)."""
+    their space). InputError for a word the tokenizer writes as no tokens, or too many ids in all."""
     found: list[tuple[int, ...]] = []
     for word in words:
         bare = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        if not bare:
+            raise InputError(f"bad_words: {word!r} is no tokens for this model's tokenizer; leave it out")
         spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
         found.append(bare)
         if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
             found.append(spaced)
+    if sum(map(len, found)) > MAX_BAD_WORD_TOKENS:
+        raise InputError(f"bad_words are {sum(map(len, found))} tokens in all; at most {MAX_BAD_WORD_TOKENS}")
     return tuple(found)
+
+
+def resolved_config(config: GenerationConfig, defaults: Mapping, tokenizer) -> GenerationConfig:
+    """``config`` as a row runs it: its unset settings the build's ``defaults``, its bad_words spelt
+    in token ids and joined to bad_words_ids (then cleared: resolving twice changes nothing). The
+    engine calls it on its preparation workers, so a long word list never holds up the decode loop."""
+    config = config.with_defaults(defaults)
+    if not config.bad_words:
+        return config
+    return replace(config, bad_words=(),
+                   bad_words_ids=(*config.bad_words_ids, *bad_words_token_ids(tokenizer, config.bad_words)))
 
 
 def _non_negative_int(value) -> bool:
@@ -424,7 +447,8 @@ class Sampler:
     def distribution(self, logits: np.ndarray) -> np.ndarray:
         """What a sampled token is drawn from (float64, sums to 1): the processed logits' softmax at the
         temperature, then top-k, top-p and min-p, each renormalising, as Hugging Face's warpers in its
-        generate's order (vLLM's too)."""
+        generate's order (vLLM v1 applies min-p before top-k and top-p; with more than one of them set, the
+        two can keep different tokens)."""
         config = self.config
         z = logits.astype(np.float64) / config.temperature
         if 0 < config.top_k < z.size:  # every token whose logit reaches the k-th largest (HF keeps ties)
@@ -692,10 +716,7 @@ class Scheduler:
         self.pipe.check_length(len(prompt_ids), config.max_new_tokens)
         self.pipe.scheme.check_prompt(prompt_ids, image_input)
         config.check_vocabulary(self.pipe.scheme.geometry.vocab_size)
-        config = config.with_defaults(self.pipe.generation_defaults)
-        if config.bad_words:  # the request's words join the checkpoint's (or the request's) id sequences
-            config = replace(config, bad_words_ids=(*config.bad_words_ids,
-                                                    *bad_words_token_ids(self.pipe.tokenizer, config.bad_words)))
+        config = resolved_config(config, self.pipe.generation_defaults, self.pipe.tokenizer)
         row = _Row(next(self._ids), list(prompt_ids), image_input, config,
                    Sampler(config, self.pipe.scheme.penalty_context(prompt_ids), self.pipe.eos_token_ids),
                    TextStream(self.pipe.tokenizer, config.stop), keys=prefix_keys)
