@@ -69,8 +69,12 @@ extra inputs are computed inside the graph:
 
 A per-head q/k RMSNorm (Qwen3's before the head transpose, Gemma 3's after it) stays where it is: the
 kernel reads its output reshaped back to (batch, sequence, heads x head size), and q/k/v then reach it
-unpacked. Rotary inside the kernel needs a head size that is a multiple of 16 (ONNX Runtime 1.32 refuses
-others at run time); such a decoder's attention is left unfused with that reason.
+unpacked. The kernel has limits its schema does not state, which ONNX Runtime 1.32 enforces only when it
+runs: heads a multiple of 8 wide, and of 16 with rotary inside; a rotary width a multiple of 16. A layer
+beyond them is left unfused with that reason; and each configuration the pass would write (heads, kv
+heads, head size, rotary width and layout, softcap) is first run once on the installed runtime on tiny
+inputs (``_runtime_refusal``), so a limit of another version leaves the layer unfused with the runtime's
+own message instead of failing the build's parity.
 
 Requires the rotary pass first when the decoder has rotary (q/k from ``RotaryEmbedding`` on the
 4-D heads) - or no rotary at all. A layer that does not match stays unfused and the report says why.
@@ -502,6 +506,73 @@ def _over_a_projection(g, softmax: onnx.NodeProto) -> bool:
                                             and weight.input[0] in g.inits)
 
 
+#: (heads, kv heads, head size, rotary width, interleaved, softcap) -> what ONNX Runtime answered ("": it ran)
+_RUNTIME_VERDICTS: dict[tuple, str] = {}
+
+
+def _runtime_refusal(g, m: dict) -> str:
+    """Why the installed ONNX Runtime refuses to run GroupQueryAttention as this match would write it
+    ("" when it runs): the kernel has limits its schema does not state (head sizes, rotary widths;
+    the known ones are checked in ``_match`` with a clearer reason), which would otherwise surface
+    only when the build's parity runs the fused graph. One small run per configuration - a past of
+    2 tokens, 2 new ones, a bias - on the configuration's own attributes and cache width."""
+    rotary = m["q_rot"]
+    width = 0
+    if rotary is not None:
+        cos = g.const(rotary.input[2])
+        width = 2 * int((list(cos.shape) if cos is not None else g.shape(rotary.input[2]))[1])
+    interleaved = g.attr(rotary, "interleaved", 0) if rotary is not None else 0
+    heads, kv_heads, size = m["heads"], m["kv_heads"], m["head_size"]
+    key = (heads, kv_heads, size, width, interleaved, float(m["softcap"]))
+    if key not in _RUNTIME_VERDICTS:
+        _RUNTIME_VERDICTS[key] = _run_one_attention(heads, kv_heads, size, width, interleaved, float(m["softcap"]))
+    return _RUNTIME_VERDICTS[key]
+
+
+def _run_one_attention(heads: int, kv_heads: int, size: int, width: int, interleaved: int, softcap: float) -> str:
+    import onnxruntime as ort
+
+    past, new, rows = 2, 2, 8  # cache rows: positions 0..7
+    f32, i32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT32, onnx.TensorProto.INT64
+    rng = np.random.default_rng(0)
+    feeds = {
+        "q": rng.standard_normal((1, new, heads * size), np.float32),
+        "k": rng.standard_normal((1, new, kv_heads * size), np.float32),
+        "v": rng.standard_normal((1, new, kv_heads * size), np.float32),
+        "past_k": rng.standard_normal((1, kv_heads, past, size), np.float32),
+        "past_v": rng.standard_normal((1, kv_heads, past, size), np.float32),
+        "seqlens_k": np.array([past + new - 1], np.int32), "total": np.array(past + new, np.int32),
+        "bias": np.zeros((1, 1, new, past + new), np.float32), "query_seqlens": np.array([new], np.int32)}
+    rotary = ["", "", ""]
+    if width:
+        angles = np.arange(rows)[:, None] * (1e-2 * np.arange(1, width // 2 + 1))[None, :]
+        feeds |= {"cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32),
+                  "pos": np.array([[past, past + 1]], np.int64)}
+        rotary = ["cos", "sin", "pos"]
+    types = {"seqlens_k": i32, "total": i32, "query_seqlens": i32, "pos": i64}
+    node = helper.make_node(
+        "GroupQueryAttention",
+        ["q", "k", "v", "past_k", "past_v", "seqlens_k", "total", *rotary, "bias", "", "", "", "", "", "query_seqlens"],
+        ["out", "present_k", "present_v"], domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads,
+        scale=float(size) ** -0.5, **({"softcap": softcap} if softcap else {}),
+        **({"do_rotary": 1, "rotary_interleaved": interleaved} if width else {}))
+    graph = helper.make_graph(
+        [node], "one_attention",
+        [helper.make_tensor_value_info(name, types.get(name, f32), list(value.shape)) for name, value in feeds.items()],
+        [helper.make_empty_tensor_value_info(name) for name in node.output])
+    model = helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 17),
+                                                                 helper.make_opsetid(MS_DOMAIN, 1)])
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        out = session.run(["out"], feeds)[0]
+    except Exception as e:  # noqa: BLE001 - whatever the runtime says is the reason
+        message = str(e).split("Status Message: ", 1)[-1].strip().splitlines()[0]
+        return f"ONNX Runtime {ort.__version__} refuses this attention ({message})"
+    return "" if np.isfinite(out).all() else f"ONNX Runtime {ort.__version__} answers non-finite values for it"
+
+
 def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> None:
     """Rewrite every matching attention of ``g`` (fuse._Graph) into GroupQueryAttention; counts in
     ``report.fusions["attention"]``, a note per reason for the ones left alone. ``layer_windows``:
@@ -512,7 +583,11 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
     matches = []
     for softmax in [n for n in g.graph.node if n.op_type == "Softmax" and not _over_a_projection(g, n)]:
         try:
-            matches.append((softmax, _match(g, softmax, graph_inputs)))
+            m = _match(g, softmax, graph_inputs)
+            refusal = _runtime_refusal(g, m)
+            if refusal:
+                raise _NoMatch(f"{softmax.name}: {refusal}")
+            matches.append((softmax, m))
         except _NoMatch as e:
             reason = str(e).split(": ", 1)[-1]
             skipped[reason] = skipped.get(reason, 0) + 1
