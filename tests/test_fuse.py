@@ -211,11 +211,19 @@ def test_partial_rotary_fuses_into_the_attention_kernel(tiny_build, tmp_path):
     """Phi-2's rotary turns the first 16 of each head's 32 channels and passes the rest through (a
     Concat of the rotated Slice and the other Slice): the rotary pass fuses the rotated part and the
     attention kernel takes it with cos/sin caches as wide as half the rotated channels, so the layer is
-    one kernel and the KV one shared buffer."""
+    one kernel and the KV one shared buffer. Its MLP reads the same normed activation as q/k/v (attention
+    and MLP in parallel): q/k/v are packed all the same, with their biases, and fc1 stays its own MatMul."""
     src, dst, fused = _every_attention_fused(tiny_build("llava-phi"), tmp_path)
     inits = {t.name: t for t in fused.graph.initializer}
+    producers = {o: n for n in fused.graph.node for o in n.output}
     for node in (n for n in fused.graph.node if n.op_type == "GroupQueryAttention"):
         assert list(inits[node.input[7]].dims) == [256, 8]  # 16 of the head's 32 channels rotated
+        biased = producers[node.input[0]]
+        assert biased.op_type == "Add" and list(node.input[1:3]) == ["", ""]
+        packed = producers[biased.input[0]]
+        assert packed.op_type == "MatMul" and list(inits[packed.input[1]].dims) == [64, 3 * 64]
+        beside = [n for n in fused.graph.node if n.op_type == "MatMul" and n.input[0] == packed.input[0]]
+        assert len(beside) == 2  # the packed q/k/v and fc1
     _assert_fused_like_exported(src, dst)
 
 

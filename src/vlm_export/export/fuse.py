@@ -520,24 +520,17 @@ def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
 # ---------------------------------------------------------------- packed projections
 
 def _fuse_packed_matmul(g: _Graph, report: FuseReport) -> None:
-    groups: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in g.graph.node:
-        if n.op_type == "MatMul" and n.input[1] in g.inits and n.output[0] not in g.outputs:
-            w = g.inits[n.input[1]]
-            if len(w.dims) == 2 and w.data_type == onnx.TensorProto.FLOAT:
-                groups[n.input[0]].append(n)
-    for act, nodes in groups.items():
-        if len(nodes) < 2 or len({g.inits[n.input[1]].dims[0] for n in nodes}) != 1:
+    for attention in [n for n in g.graph.node if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN]:
+        found = _projections(g, attention)
+        if found is None:
             continue
-        read = _read_packed(g, nodes)
-        if read is None:
-            continue
-        reads, adds = read
+        nodes, adds = found
+        act, reads = nodes[0].input[0], list(attention.input[:3])
         weights = [g.weights.read(g.inits[n.input[1]]) for n in nodes]
         name = f"{nodes[0].name}_packed"
         sizes = numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), f"{name}_split")
         packed = g.weights.make(np.concatenate(weights, axis=1), f"{name}_weight")
-        del weights  # one group's weights in memory at a time
+        del weights  # one layer's weights in memory at a time
         g.new_inits += [packed, sizes]
         new = [helper.make_node("MatMul", [act, packed.name], [f"{name}_out"], name=name)]
         if adds:  # the projections' biases, packed alike: one Add after the packed MatMul
@@ -550,29 +543,36 @@ def _fuse_packed_matmul(g: _Graph, report: FuseReport) -> None:
         report.fusions["packed_matmul"] += 1
 
 
-def _read_packed(g: _Graph, nodes: list[onnx.NodeProto]) -> tuple[list[str], list[onnx.NodeProto]] | None:
-    """Whether one attention kernel reads these MatMuls' outputs, and nothing else does, as its q, k, v
-    (``fold_packed_qkv`` then gives it the packed output itself: no Split is left), each straight or
-    through an Add of a constant bias as long as its output (Qwen2's q/k/v biases): (the tensors it
-    reads, those Adds), else None."""
-    reads, adds = [], []
-    for n in nodes:
-        out = n.output[0]
-        add = g.sole_consumer(out, "Add")
-        if add is not None:
-            bias = g.const(g.other_input(add, out))
-            if bias is None or bias.dtype != np.float32 or bias.shape != (g.inits[n.input[1]].dims[1],):
+def _projections(g: _Graph, attention: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]] | None:
+    """The q, k, v MatMuls (and their bias Adds, Qwen2's and Phi's: all or none) an attention kernel reads,
+    when they can be one MatMul: one activation, constant fp32 2-D weights, each output read by this
+    kernel alone (``fold_packed_qkv`` then gives it the packed output itself: no Split is left). Other
+    MatMuls on the same activation - Phi's or Falcon's MLP beside the attention - stay as they are."""
+    reads = list(attention.input[:3])
+    if "" in reads or len(set(reads)) != 3 or any(g.sole_consumer(r, "GroupQueryAttention") is not attention
+                                                  for r in reads):
+        return None
+    nodes, adds = [], []
+    for read in reads:
+        node, add = g.producer.get(read), None
+        if node is not None and node.op_type == "Add":
+            add, node = node, next((g.producer[i] for i in node.input
+                                    if i in g.producer and g.producer[i].op_type == "MatMul"), None)
+            if node is None or g.sole_consumer(node.output[0], "Add") is not add:
                 return None
             adds.append(add)
-            out = add.output[0]
-        reads.append(out)
-    if adds and len(adds) != len(nodes):
+            bias = g.const(g.other_input(add, node.output[0]))
+        if node is None or node.op_type != "MatMul" or node.input[1] not in g.inits or node.output[0] in g.outputs:
+            return None
+        weight = g.inits[node.input[1]]
+        if len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT or (add is not None and (
+                bias is None or bias.dtype != np.float32 or bias.shape != (weight.dims[1],))):
+            return None
+        nodes.append(node)
+    if len(adds) not in (0, 3) or len({n.input[0] for n in nodes}) != 1 \
+            or len({g.inits[n.input[1]].dims[0] for n in nodes}) != 1:
         return None
-    attention = g.sole_consumer(reads[0], "GroupQueryAttention")
-    if attention is None or reads != list(attention.input[:3]) \
-            or any(g.sole_consumer(o, "GroupQueryAttention") is not attention for o in reads):
-        return None
-    return reads, adds
+    return nodes, adds
 
 
 # ---------------------------------------------------------------- entry points
