@@ -23,7 +23,7 @@ launch per token. This pass rewrites, by pattern only (no model-type branches):
 * ``packed_matmul``: the q/k/v MatMuls a fused attention reads (sharing one activation, constant 2-D
   weights; each through a constant bias Add or none, alike) -> one MatMul over the concatenated
   weights (and one Add of the concatenated biases: Qwen2's, Phi's), which the attention kernel reads
-  packed; found from the kernel's inputs, so an MLP on the same activation (Phi's) stays apart.
+  packed; found from the kernel's inputs, so an MLP on the same activation (Phi's, Cohere's) stays apart.
   Other MatMuls sharing an activation (the MLP's gate/up; q/k/v through a per-head norm) stay apart:
   the ``Split`` a packed MatMul needs there cost more than the packing saved (0.8-1.0 ms of a 14-15 ms
   fp32 step on the demo, benchmarks/README.md).
@@ -548,7 +548,7 @@ def _projections(g: _Graph, attention: onnx.NodeProto) -> tuple[list[onnx.NodePr
     """The q, k, v MatMuls (and their bias Adds, Qwen2's and Phi's: all or none) an attention kernel reads,
     when they can be one MatMul: one activation, constant fp32 2-D weights, each output read by this
     kernel alone (``fold_packed_qkv`` then gives it the packed output itself: no Split is left). Other
-    MatMuls on the same activation - Phi's or Falcon's MLP beside the attention - stay as they are."""
+    MatMuls on the same activation - the MLP beside the attention, Phi's or Cohere's - stay as they are."""
     reads = list(attention.input[:3])
     if "" in reads or len(set(reads)) != 3 or any(g.sole_consumer(r, "GroupQueryAttention") is not attention
                                                   for r in reads):
