@@ -338,7 +338,9 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
     if q_rot is not None and head_size % 16:
         # ONNX Runtime 1.32's kernel refuses do_rotary at such sizes ("head_size shall be a multiple of 16")
         raise _NoMatch(f"{softmax.name}: head size {head_size} with rotary is not a multiple of 16")
+    rotated, interleaved = 0, 0  # channels rotated inside the kernel (0: no rotary), and in pairs or halves
     if q_rot is not None:
+        interleaved = g.attr(q_rot, "interleaved", 0)
         pos, cos = q_rot.input[1], g.const(q_rot.input[2])
         # the rotary pass writes constant caches (fuse._rotary_caches); a graph fused elsewhere may compute them
         cos_shape = list(cos.shape) if cos is not None else g.shape(q_rot.input[2])
@@ -361,7 +363,8 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
     return dict(q3=q3, k3=k3, v3=v3, added=q_added + k_added + v_added, q_rot=q_rot, k_rot=k_rot,
                 past_k=past_k, past_v=past_v, present_k=present_k, present_v=present_v, k_cat=k_cat, v_cat=v_cat, out=out, bias=bias,
                 mask=_mask_input(g, bias), position_bias=position_bias,
-                heads=heads, kv_heads=kv_heads, head_size=head_size, scale=scale, softcap=softcap)
+                heads=heads, kv_heads=kv_heads, head_size=head_size, scale=scale, softcap=softcap,
+                rotated=rotated, interleaved=interleaved)
 
 
 def _is_2d_of(g, name: str, dim: str) -> bool:
@@ -510,22 +513,15 @@ def _over_a_projection(g, softmax: onnx.NodeProto) -> bool:
 _RUNTIME_VERDICTS: dict[tuple, str] = {}
 
 
-def _runtime_refusal(g, m: dict) -> str:
+def _runtime_refusal(m: dict) -> str:
     """Why the installed ONNX Runtime refuses to run GroupQueryAttention as this match would write it
     ("" when it runs): the kernel has limits its schema does not state (head sizes, rotary widths;
     the known ones are checked in ``_match`` with a clearer reason), which would otherwise surface
     only when the build's parity runs the fused graph. One small run per configuration - a past of
     2 tokens, 2 new ones, a bias - on the configuration's own attributes and cache width."""
-    rotary = m["q_rot"]
-    width = 0
-    if rotary is not None:
-        cos = g.const(rotary.input[2])
-        width = 2 * int((list(cos.shape) if cos is not None else g.shape(rotary.input[2]))[1])
-    interleaved = g.attr(rotary, "interleaved", 0) if rotary is not None else 0
-    heads, kv_heads, size = m["heads"], m["kv_heads"], m["head_size"]
-    key = (heads, kv_heads, size, width, interleaved, float(m["softcap"]))
+    key = (m["heads"], m["kv_heads"], m["head_size"], int(m["rotated"]), m["interleaved"], float(m["softcap"]))
     if key not in _RUNTIME_VERDICTS:
-        _RUNTIME_VERDICTS[key] = _run_one_attention(heads, kv_heads, size, width, interleaved, float(m["softcap"]))
+        _RUNTIME_VERDICTS[key] = _run_one_attention(*key)
     return _RUNTIME_VERDICTS[key]
 
 
@@ -584,7 +580,7 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
     for softmax in [n for n in g.graph.node if n.op_type == "Softmax" and not _over_a_projection(g, n)]:
         try:
             m = _match(g, softmax, graph_inputs)
-            refusal = _runtime_refusal(g, m)
+            refusal = _runtime_refusal(m)
             if refusal:
                 raise _NoMatch(f"{softmax.name}: {refusal}")
             matches.append((softmax, m))
@@ -637,7 +633,7 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
             # Runtime 1.32 the kernel then masks the keys the exported graph masks (tests/test_fuse.py)
             **({"local_window_size": window} if window is not None else {}),
             **({"softcap": float(m["softcap"])} if m["softcap"] else {}),
-            **({"do_rotary": 1, "rotary_interleaved": g.attr(m["q_rot"], "interleaved", 0)}
+            **({"do_rotary": 1, "rotary_interleaved": m["interleaved"]}
                if m["q_rot"] is not None else {})))
         # the nodes whose outputs GroupQueryAttention now produces; the rest of the old attention
         # (repeat_kv, scores, softmax, transposes, the 4-D rotary, a window's mask) feeds nothing and is dropped
