@@ -341,3 +341,43 @@ def test_repositories_on_a_gpu(tiny_build, w4_build, tmp_path):
     assert groups(render_repository(path, tmp_path / "cpu", RepositoryOptions()), "vlm") == [("KIND_CPU", [])]
     render_repository(w4_build.path, tmp_path / "w4", RepositoryOptions(device="cuda"), echo=notes.append)
     assert len(notes) == 1 and notes[0].startswith("lm_decoder ships only ONNX Runtime's fused form"), notes
+
+
+def test_a_fused_form_that_fails_parity_falls_back_to_the_standard_graph(tiny_model_dir, tmp_path, monkeypatch):
+    """A fusion that changes the model's outputs (here: the real pass, then one RMSNorm weight of its
+    graph scaled, as a wrong rewrite would) costs the speed-up, not the build: the fused files go, the
+    onnxruntime target runs the standard graph, judged again as the candidate, and the fused form's
+    failures stay in the manifest."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    import vlm_export.build as build_module
+
+    real = build_module.fuse_decoder
+
+    def wrong_fusion(src, dst, max_positions, layer_windows):
+        report = real(src, dst, max_positions=max_positions, layer_windows=layer_windows)
+        model = onnx.load(str(dst))
+        norm = next(n for n in model.graph.node if n.op_type == "SkipSimplifiedLayerNormalization")
+        weight = next(t for t in model.graph.initializer if t.name == norm.input[2])
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(3.0), weight.name))
+        onnx.save(model, str(dst))
+        return report
+
+    monkeypatch.setattr(build_module, "fuse_decoder", wrong_fusion)
+    result = build(tiny_model_dir("llava-llama"), tmp_path / "fallback", BuildOptions(parity_new_tokens=4))
+    manifest = result.manifest
+    decoder = manifest["graphs"]["lm_decoder"]
+    fusion = decoder["fusion"]
+    assert fusion["made"] is False and "failed parity where the standard graph passed" in fusion["reason"]
+    assert fusion["parity_failures"] and all(f.startswith(("prefill/", "decode/", "end-to-end onnxruntime"))
+                                             for f in fusion["parity_failures"])
+    assert fusion["nodes_after"] < fusion["nodes_before"]  # what the pass did is still on record
+    assert "forms" not in decoder and not (result.path / "graphs" / "lm_decoder.fused.onnx").exists()
+    assert manifest["targets"]["onnxruntime"]["lm_decoder"] == "standard"
+    assert read_manifest(result.path) == manifest and verify_hashes(result.path, manifest) == []
+    report = json.loads((result.path / "report.json").read_text())
+    assert report["passed"] and not any("form)" in name for name in report["stages"])
+    assert {"prefill", "decode"} <= set(report["stages"])  # the standard graph, judged as the candidate
+    out = generate(open_build(result.path), "What is this?", [], GenerationConfig(max_new_tokens=3))
+    assert out.completion_tokens == 3
