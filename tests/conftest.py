@@ -42,6 +42,7 @@ TINY_MODELS = {
     "llava-cohere": (make_tiny_llava, {"family": "cohere"}),
     "llava-glm": (make_tiny_llava, {"family": "glm"}),
     "llava-gptj": (make_tiny_llava, {"family": "gptj"}),
+    "llava-stablelm-qknorm": (make_tiny_llava, {"family": "stablelm-qknorm"}),
     "llava-falcon-mq": (make_tiny_llava, {"family": "falcon-mq"}),
     "llava-mixtral": (make_tiny_llava, {"family": "mixtral"}),
     "llava-llama-dynamic-rope": (make_tiny_llava, {"family": "llama-dynamic-rope"}),

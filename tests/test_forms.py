@@ -165,7 +165,7 @@ def _no_pattern_graph(path: Path) -> None:
 
 
 @pytest.mark.parametrize("precision,options,reason", [
-    ("fp32", BuildOptions(), "no RMSNorm after a residual Add"),  # the pass's own reason
+    ("fp32", BuildOptions(), "no RMSNorm or LayerNorm after a residual Add"),  # the pass's own reason
     ("fp32", BuildOptions(fuse=False), "--no-fuse"),
     ("fp16", BuildOptions(), "fp16 is made for TensorRT"),
     ("w4", BuildOptions(precision=parse_precision("decoder=w4"), precision_options=PrecisionOptions(

@@ -119,7 +119,7 @@ def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_
     layers = sum(i.name.startswith("past_key_values") for i in base.graph.input) // 2
     # per layer: two norms after residual Adds, rotary on q and k, one attention reading its q/k/v packed
     # (gate/up and a per-head-normed q/k/v stay apart: a Split after a packed MatMul costs more than it saves)
-    assert report.fusions == {"skip_rms_norm": 2 * layers, "rotary": 2 * layers,
+    assert report.fusions == {"skip_rms_norm": 2 * layers, "skip_layer_norm": 0, "rotary": 2 * layers,
                               "packed_matmul": 0 if name in QK_NORM else layers, "attention": layers}
     assert report.fused and not report.reason
     fused = onnx.load(dst)
@@ -190,15 +190,15 @@ def test_a_routers_softmax_is_not_counted_as_attention_left_unfused(tiny_build, 
     assert not any("softmax" in note for note in report.notes), report.notes
 
 
-def _every_attention_fused(build, tmp_path):
-    """The build's decoder fused: every layer's rotary and attention in one GroupQueryAttention, the KV
-    one shared buffer. Returns (exported graph, fused graph, fused model)."""
+def _every_attention_fused(build, tmp_path, rotary: bool = True):
+    """The build's decoder fused: every layer's attention (and, with ``rotary``, its rotary) in one
+    GroupQueryAttention, the KV one shared buffer. Returns (exported graph, fused graph, fused model)."""
     from vlm_export.contract.scheme import KV_IN_PLACE
 
     src, dst = _decoder_graph(build), tmp_path / "fused.onnx"
     report = fuse_decoder(src, dst, max_positions=256)
     layers = sum(i.name.startswith("past_key_values") for i in onnx.load(src, load_external_data=False).graph.input) // 2
-    assert report.fusions["rotary"] == 2 * layers and report.fusions["attention"] == layers, report.notes
+    assert report.fusions["rotary"] == 2 * layers * rotary and report.fusions["attention"] == layers, report.notes
     fused = onnx.load(dst)
     ops = collections.Counter(n.op_type for n in fused.graph.node)
     assert ops["GroupQueryAttention"] == layers and ops["RotaryEmbedding"] == ops["Softmax"] == 0
@@ -251,15 +251,49 @@ def test_pairwise_rotary_fuses_into_the_attention_kernel(tiny_build, tmp_path, n
     assert np.abs(a.run(None, feeds)[0] - b.run(None, feeds)[0]).max() > 1e-3
 
 
-def test_a_pairwise_rotary_before_the_head_transpose_stays_unfused(tiny_build, tmp_path):
+def test_a_rotary_before_the_head_transpose_stays_and_the_kernel_reads_its_output(tiny_build, tmp_path):
     """GPT-J rotates the pairs on (batch, sequence, heads, head size), before its head transpose, which
     RotaryEmbedding would read as (batch, heads, sequence, head size): the rotary pass leaves it as
-    exported, says why, and the graph answers as before."""
-    src, dst = _decoder_graph(tiny_build("llava-gptj")), tmp_path / "fused.onnx"
-    report = fuse_decoder(src, dst, max_positions=256)
-    assert report.fusions["rotary"] == 0
+    exported and says why; the attention kernel reads the rotated heads flattened, with no rotary of its
+    own, the KV one shared buffer; its LayerNorms after a residual Add are SkipLayerNormalization."""
+    src, dst, fused = _every_attention_fused(tiny_build("llava-gptj"), tmp_path, rotary=False)
+    report = fuse_decoder(src, tmp_path / "again.onnx", max_positions=256)
     assert any("pairwise rotary" in n and "not broadcast over (batch, heads, sequence" in n for n in report.notes), \
         report.notes
+    layers = report.fusions["attention"]
+    # one norm per layer (attention and MLP in parallel) and the final one; the first layer's has no residual
+    assert report.fusions["skip_layer_norm"] == layers
+    ops = collections.Counter(n.op_type for n in fused.graph.node)
+    assert ops["SkipLayerNormalization"] == layers and ops["LayerNormalization"] == 1
+    producers = {o: n for n in fused.graph.node for o in n.output}
+    for node in (n for n in fused.graph.node if n.op_type == "GroupQueryAttention"):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs.get("do_rotary", 0) == 0
+        for i in (0, 1):  # q and k: the exported rotary's Concat (rotated slice + the rest), flattened
+            flat = producers[node.input[i]]
+            assert flat.op_type == "Reshape" and producers[flat.input[0]].op_type == "Concat"
+    _assert_fused_like_exported(src, dst)
+
+
+def test_a_per_head_layernorm_stays_and_the_kernel_reads_its_output(tiny_build, tiny_model_dir, tmp_path):
+    """StableLM's per-head q/k LayerNorm (one LayerNorm per head after the transpose: Split /
+    LayerNormalization / Concat) is a function of the heads alone: it stays as exported, its output is
+    transposed back and flattened for the kernel, which rotates it (partial rotary) - one kernel per
+    layer, the KV one shared buffer, the answers the exported graph's."""
+    src, dst, fused = _every_attention_fused(tiny_build("llava-stablelm-qknorm"), tmp_path)
+    layers = sum(n.op_type == "GroupQueryAttention" for n in fused.graph.node)
+    heads = json.loads((tiny_model_dir("llava-stablelm-qknorm") / "config.json").read_text())[
+        "text_config"]["num_attention_heads"]
+    ops = collections.Counter(n.op_type for n in fused.graph.node)
+    assert ops["LayerNormalization"] == 1 + 2 * heads * layers  # the first layer's input norm + the per-head ones
+    assert ops["SkipLayerNormalization"] == 2 * layers
+    producers = {o: n for n in fused.graph.node for o in n.output}
+    for node in (n for n in fused.graph.node if n.op_type == "GroupQueryAttention"):
+        for i in (0, 1):
+            flat = producers[node.input[i]]
+            back = producers[flat.input[0]]
+            assert flat.op_type == "Reshape" and back.op_type == "Transpose" and producers[back.input[0]].op_type == "Concat"
+        assert producers[node.input[2]].op_type == "MatMul"  # v: the projection itself
     _assert_fused_like_exported(src, dst)
 
 

@@ -83,6 +83,10 @@ TEXT_FAMILIES = {
     # rotation (-x[1::2], x[0::2]) interleaved). Cohere: every channel; LayerNorm without bias, attention and
     # MLP in parallel, scaled logits. GLM: the first half of each head's 32 channels; q/k/v biases
     "cohere": ("cohere", {}),
+    # StableLM-2-12B's per-head q/k LayerNorm (one LayerNorm per head after the transpose: Split /
+    # LayerNormalization / Concat in the graph), partial rotary over 16 of 32 channels
+    "stablelm-qknorm": ("stablelm", {"qk_layernorm": True, "partial_rotary_factor": 0.5, "num_attention_heads": 2,
+                                     "num_key_value_heads": 2}),
     "glm": ("glm", {"head_dim": 32, "partial_rotary_factor": 0.5}),
     # GPT-J: the pairs' rotation on (batch, sequence, heads, head size), before the head transpose, over the
     # first 8 of 16 channels, angles gathered from a table by position; attention and MLP in parallel

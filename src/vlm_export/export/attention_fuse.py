@@ -67,17 +67,19 @@ extra inputs are computed inside the graph:
 * after the packed-projection pass, ``fold_packed_qkv`` hands the kernel the packed q/k/v
   MatMul's output itself (no ``Split``).
 
-A per-head q/k RMSNorm (Qwen3's before the head transpose, Gemma 3's after it) stays where it is: the
-kernel reads its output reshaped back to (batch, sequence, heads x head size), and q/k/v then reach it
-unpacked. The kernel has limits its schema does not state, which ONNX Runtime 1.32 enforces only when it
+Heads not reshaped straight from their projection stay as the graph computes them, and the kernel reads
+them reshaped back to (batch, sequence, heads x head size), q/k/v then unpacked: a per-head q/k norm
+(Qwen3's RMSNorm before the head transpose; after it Gemma 3's, or StableLM's one LayerNorm per head, any
+sub-graph of the transposed heads alone, ``_of_heads_alone``) or a rotary applied before the transpose
+(GPT-J's, which the rotary pass leaves: the kernel then rotates nothing). The kernel has limits its schema does not state, which ONNX Runtime 1.32 enforces only when it
 runs: heads a multiple of 8 wide, and of 16 with rotary inside; a rotary width a multiple of 16. A layer
 beyond them is left unfused with that reason; and each configuration the pass would write (heads, kv
 heads, head size, rotary width and layout, softcap) is first run once on the installed runtime on tiny
 inputs (``_runtime_refusal``), so a limit of another version leaves the layer unfused with the runtime's
 own message instead of failing the build's parity.
 
-Requires the rotary pass first when the decoder has rotary (q/k from ``RotaryEmbedding`` on the
-4-D heads) - or no rotary at all. A layer that does not match stays unfused and the report says why.
+Requires the rotary pass first when the decoder rotates the transposed heads (q/k from ``RotaryEmbedding``
+on them); an unfused rotary there leaves the layer unfused. A layer that does not match stays unfused and the report says why.
 """
 from __future__ import annotations
 
@@ -171,6 +173,29 @@ def _per_head_norm(g, name: str) -> str | None:
     return None
 
 
+def _of_heads_alone(g, name: str, limit: int = 64) -> str | None:
+    """``name`` = f(Transpose(0,2,1,3)(h)) for a sub-graph f that reads nothing else but constants and has
+    the transposed heads' shape (a per-head norm after the transpose: StableLM's per-head LayerNorm as
+    Split / LayerNormalization / Concat): the transpose's output, else None. At most ``limit`` nodes."""
+    shape, seen, frontier, found = g.shape(name), set(), [name], set()
+    while frontier:
+        node = g.producer.get(frontier.pop())
+        if node is None:
+            return None  # a graph input (positions, the mask): not a function of the heads alone
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type == "Transpose" and list(g.attr(node, "perm", [])) == [0, 2, 1, 3]:
+            found.add(node.output[0])
+            continue
+        if len(seen) > limit:
+            return None
+        frontier += [i for i in node.input if i and i not in g.inits and node.op_type != "Constant"]
+    if len(found) != 1 or not shape or g.shape(next(iter(found))) != shape or name in found:
+        return None
+    return found.pop()
+
+
 def _rotary_above(g, node: onnx.NodeProto | None):
     """``node`` = RotaryEmbedding(x) (every channel rotated), or Concat(RotaryEmbedding(Slice(x, [0, r))),
     Slice(x, [r, end))) on the last axis (the first r channels rotated, the rest passed through: Phi-2's,
@@ -193,12 +218,13 @@ def _rotary_above(g, node: onnx.NodeProto | None):
 
 
 def _heads(g, name: str, rotary_ok: bool):
-    """``name`` = [rotary]([norm](Transpose(0,2,1,3)([norm](Reshape(x3, (B, S, heads, head_size)))))),
-    the rotary over every channel or the first ones (``_rotary_above``), the norm a per-head RMSNorm
-    (``_per_head_norm``) on either side of the transpose or none.
-    Returns (x3, rotary node or None, heads, head_size, nodes to add): with a norm, x3 is the normed
-    heads reshaped back to (B, S, heads x head_size) by the added nodes (the norm stays; the kernel
-    reads what it wrote)."""
+    """``name`` = [rotary]([norm](Transpose(0,2,1,3)(h))), h (B, S, heads, head_size), the rotary over
+    every channel or the first ones (``_rotary_above``), the norm a per-head RMSNorm (``_per_head_norm``)
+    or none. h is mostly Reshape(x3) of the projection x3; anything else (a per-head norm, a rotary
+    applied before the transpose) stays as exported.
+    Returns (x3, rotary node or None, heads, head_size, nodes to add): x3 the projection, or else h
+    (or the normed heads) reshaped to (B, S, heads x head_size) by the added nodes (the kernel reads
+    what the graph wrote)."""
     node, rotary = g.producer.get(name), None
     found = _rotary_above(g, node) if rotary_ok else None
     if found is not None:
@@ -209,7 +235,7 @@ def _heads(g, name: str, rotary_ok: bool):
             raise _NoMatch(f"{rotary.name}: a rotary embedding other than the rotary pass writes")
     elif rotary_ok and node is not None and node.op_type in ("Add", "Concat"):
         raise _NoMatch(f"{name}: q/k come from an unfused rotary embedding (the rotary pass runs first)")
-    below = _per_head_norm(g, name)  # Gemma 3: the norm after the transpose
+    below = _per_head_norm(g, name) or _of_heads_alone(g, name)  # Gemma 3's norm after the transpose, StableLM's
     normed_bnsh = name if below else None
     node = g.producer.get(below or name)
     if node is None or node.op_type != "Transpose" or list(g.attr(node, "perm", [])) != [0, 2, 1, 3]:
@@ -217,26 +243,24 @@ def _heads(g, name: str, rotary_ok: bool):
     _, heads, _, head_size = _dims(g, node.output[0], 4)  # the rotary's output may carry no shape
     if not isinstance(heads, int) or not isinstance(head_size, int):
         raise _NoMatch(f"{name}: heads/head size not static")
-    above = None if normed_bnsh else _per_head_norm(g, node.input[0])  # Qwen3: the norm before it
-    normed_bsnh = node.input[0] if above else None
-    reshape = g.producer.get(above or node.input[0])
-    if reshape is None or reshape.op_type != "Reshape":
-        raise _NoMatch(f"{name}: heads not from a Reshape of the projection")
-    x3 = reshape.input[0]
-    hidden = _dims(g, x3, 3)[2]
-    if hidden != heads * head_size:
-        raise _NoMatch(f"{x3}: width {hidden} is not {heads} heads x {head_size}")
+    reshape = g.producer.get(node.input[0])
+    projection = (g.shape(reshape.input[0]) or []) if reshape is not None and reshape.op_type == "Reshape" else []
+    if not normed_bnsh and len(projection) == 3 and projection[2] == heads * head_size:
+        return reshape.input[0], rotary, heads, head_size, []  # the projection itself (packable)
+    # The heads come from something else in (batch, sequence, heads, head size) - a per-head norm (Qwen3's),
+    # a rotary applied before the transpose (GPT-J's) - or are normed after it (Gemma 3's, transposed back
+    # here): what the graph computed stays, and the kernel reads it flattened to (B, S, hidden).
+    src = node.input[0] if not normed_bnsh else f"{normed_bnsh}_bsnh"
     added: list[onnx.NodeProto] = []
-    if normed_bnsh or normed_bsnh:
-        src = normed_bsnh or f"{normed_bnsh}_bsnh"
-        if normed_bnsh:
-            added.append(helper.make_node("Transpose", [normed_bnsh], [src], name=src, perm=[0, 2, 1, 3]))
-        flat = f"{src}_flat"
-        g.types[flat] = helper.make_tensor_value_info(flat, g.elem_type(x3), _dims(g, x3, 3)).type.tensor_type
-        x3 = flat
-        added += [helper.make_node("Constant", [], [f"{x3}_shape"], name=f"{x3}_shape", value=helper.make_tensor(
-                      f"{x3}_shape", onnx.TensorProto.INT64, [3], [0, 0, heads * head_size])),
-                  helper.make_node("Reshape", [src, f"{x3}_shape"], [x3], name=x3)]
+    if normed_bnsh:
+        added.append(helper.make_node("Transpose", [normed_bnsh], [src], name=src, perm=[0, 2, 1, 3]))
+    batch, sequence = _dims(g, node.output[0], 4)[0], _dims(g, node.output[0], 4)[2]
+    x3 = f"{src}_flat"
+    g.types[x3] = helper.make_tensor_value_info(x3, g.elem_type(node.output[0]),
+                                                [batch, sequence, heads * head_size]).type.tensor_type
+    added += [helper.make_node("Constant", [], [f"{x3}_shape"], name=f"{x3}_shape", value=helper.make_tensor(
+                  f"{x3}_shape", onnx.TensorProto.INT64, [3], [0, 0, heads * head_size])),
+              helper.make_node("Reshape", [src, f"{x3}_shape"], [x3], name=x3)]
     return x3, rotary, heads, head_size, added
 
 

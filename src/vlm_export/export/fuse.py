@@ -10,6 +10,8 @@ launch per token. This pass rewrites, by pattern only (no model-type branches):
   ``com.microsoft.SkipSimplifiedLayerNormalization`` (its 4th output is the residual sum). An
   RMSNorm with no residual Add before it stays unfused: ONNX Runtime's plain
   ``SimplifiedLayerNormalization`` lives in the ONNX domain, which the ONNX checker rejects.
+* ``skip_layer_norm``: residual ``Add`` + ``LayerNormalization`` (the exporter writes LayerNorm as
+  that one op) -> ``com.microsoft.SkipLayerNormalization``, as above (OPT, Phi, GPT-J, StableLM).
 * ``rotary``: rotate-half RoPE (Slice/Neg/Concat/Mul/Add on q and k, cos/sin computed from
   ``position_ids`` and a constant ``inv_freq``) -> ``com.microsoft.RotaryEmbedding`` with
   constant cos/sin caches of ``max_positions`` rows (the attention rewrite then rotates inside its
@@ -54,7 +56,7 @@ from .graph_info import (EXTERNAL_TENSOR_MIN_BYTES, read_tensor, save_graph, set
 from .patterns import last_axis_slice, rms_norm, unsqueeze_axis
 
 MS_DOMAIN = "com.microsoft"
-FUSIONS = ("skip_rms_norm", "rotary", "packed_matmul", "attention")
+FUSIONS = ("skip_rms_norm", "skip_layer_norm", "rotary", "packed_matmul", "attention")
 
 
 @dataclass
@@ -223,6 +225,27 @@ def _drop_dead(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.Node
 
 # ---------------------------------------------------------------- RMSNorm (+ residual Add)
 
+def _residual_add(g: _Graph, norm_first: onnx.NodeProto, x: str) -> onnx.NodeProto | None:
+    """The residual ``Add`` producing a norm's input ``x`` (``norm_first`` reads it), when the skip kernels
+    can take its operands: input and skip of one shape (batch, sequence, hidden), neither constant, the
+    Add not already taken by another norm on the same sum; else None."""
+    residual = g.parent(norm_first, 0, "Add")
+    a, b = (residual.input if residual is not None else ("", ""))
+    shapes = [g.shape(a), g.shape(b), g.shape(x)]
+    if residual is None or id(residual) in g.removed or a in g.inits or b in g.inits \
+            or any(s is None or len(s) != 3 for s in shapes) or not shapes[0] == shapes[1] == shapes[2]:
+        return None
+    return residual
+
+
+def _skip_outputs(g: _Graph, x: str, y: str, norm_nodes: list[onnx.NodeProto]) -> list[str]:
+    """The skip kernel's outputs: the norm's ``y``, and the residual sum ``x`` as its 4th output when
+    anything besides the norm reads it (the next residual Add)."""
+    ids = {id(n) for n in norm_nodes}
+    others = [c for c in g.consumers[x] if id(c) not in ids] or x in g.outputs
+    return [y, "", "", x] if others else [y]
+
+
 def _fuse_skip_rms_norm(g: _Graph, report: FuseReport) -> None:
     standalone = 0
     for reduce in [n for n in g.graph.node if n.op_type == "ReduceMean"]:
@@ -230,25 +253,40 @@ def _fuse_skip_rms_norm(g: _Graph, report: FuseReport) -> None:
         if match is None:
             continue
         x, gamma, eps, nodes, y = match
-        residual = g.parent(nodes[0], 0, "Add")
-        a, b = (residual.input if residual is not None else ("", ""))
-        shapes = [g.shape(a), g.shape(b), g.shape(x)]
-        # the kernel takes input and skip of one shape (batch, sequence, hidden): a broadcasting Add,
-        # a constant operand or an Add already taken by another norm on the same sum is left alone
-        if residual is None or id(residual) in g.removed or a in g.inits or b in g.inits \
-                or any(s is None or len(s) != 3 for s in shapes) or not shapes[0] == shapes[1] == shapes[2]:
+        residual = _residual_add(g, nodes[0], x)
+        if residual is None:
             standalone += 1
             continue
-        # the residual sum feeds the next residual Add too: keep it as the kernel's 4th output
-        others = [c for c in g.consumers[x] if id(c) not in (id(nodes[0]), id(nodes[5]))] or x in g.outputs
-        outputs = [y, "", "", x] if others else [y]
-        fused = helper.make_node("SkipSimplifiedLayerNormalization", [a, b, gamma], outputs,
+        # nodes[0] (Pow) and nodes[5] (the normalising Mul) read x
+        fused = helper.make_node("SkipSimplifiedLayerNormalization", [*residual.input, gamma],
+                                 _skip_outputs(g, x, y, [nodes[0], nodes[5]]),
                                  name=f"{residual.name}_skip_rms_norm", domain=MS_DOMAIN, epsilon=eps)
         g.replace([residual, *nodes], [fused])
         report.fusions["skip_rms_norm"] += 1
     if standalone:
         report.notes.append(f"{standalone} RMSNorm(s) with no fusable residual Add before them left unfused "
                             "(the plain SimplifiedLayerNormalization is not a com.microsoft op)")
+
+
+def _fuse_skip_layer_norm(g: _Graph, report: FuseReport) -> None:
+    """Residual ``Add`` + ``LayerNormalization`` over the hidden axis (OPT's, Phi's, GPT-J's, StableLM's,
+    Cohere's without a bias) -> ``com.microsoft.SkipLayerNormalization`` (beta optional, as in the op);
+    a norm with no such Add before it (the first layer's) is already one node and stays."""
+    for norm in [n for n in g.graph.node if n.op_type == "LayerNormalization"]:
+        x, shape = norm.input[0], g.shape(norm.input[0])
+        gamma = g.inits.get(norm.input[1])
+        if len(norm.output) > 1 and any(norm.output[1:]) or shape is None or len(shape) != 3 \
+                or g.attr(norm, "axis", -1) not in (-1, 2) or gamma is None or list(gamma.dims) != [shape[2]] \
+                or g.elem_type(x) != onnx.TensorProto.FLOAT:  # the kernel's mean / inv-std outputs differ
+            continue
+        residual = _residual_add(g, norm, x)
+        if residual is None:
+            continue
+        fused = helper.make_node("SkipLayerNormalization", [*residual.input, *norm.input[1:3]],
+                                 _skip_outputs(g, x, norm.output[0], [norm]), name=f"{residual.name}_skip_layer_norm",
+                                 domain=MS_DOMAIN, epsilon=g.attr(norm, "epsilon", 1e-5))
+        g.replace([residual, norm], [fused])
+        report.fusions["skip_layer_norm"] += 1
 
 
 # ---------------------------------------------------------------- rotary embedding (rotate half)
@@ -588,6 +626,7 @@ def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weigh
     report = FuseReport(nodes_before=len(model.graph.node))
     g = _Graph(model, weights)
     _fuse_skip_rms_norm(g, report)
+    _fuse_skip_layer_norm(g, report)
     g.commit()
     _fuse_rotary(g, report, max_positions)
     g.commit()
@@ -603,8 +642,8 @@ def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weigh
         if MS_DOMAIN not in {o.domain for o in model.opset_import}:
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     else:
-        report.reason = ("no RMSNorm after a residual Add, no rotary embedding and no attention matched; "
-                         "the graph is left unfused")
+        report.reason = ("no RMSNorm or LayerNorm after a residual Add, no rotary embedding and no attention "
+                         "matched; the graph is left unfused")
     return report
 
 
