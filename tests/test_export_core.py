@@ -619,35 +619,6 @@ def test_checkpoints_hugging_face_cannot_run_are_refused_at_load(tiny_model_dir,
     assert adapter_for(tiny_model_dir("llava-gemma3")).load(tiny_model_dir("llava-gemma3"))  # its own settings fit
 
 
-def test_a_head_size_the_fused_rotary_refuses_builds_unfused(tmp_path):
-    """ONNX Runtime's GroupQueryAttention refuses do_rotary for a head size that is not a multiple of
-    16: such a decoder's attention stays unfused (the reason in the manifest) and the build passes,
-    instead of failing in its parity run."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    from tiny_models import IMAGE_TOKEN_ID, TEXT_FAMILIES, _save_tokenizer_and_processor, _text_config, _vision_config
-    from vlm_export.build import BuildOptions, build
-
-    model = tmp_path / "model"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(TEXT_FAMILIES, "llama", ("llama", {"head_dim": 24}))
-        text = _text_config("llama")
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(LlavaConfig(vision_config=_vision_config(), text_config=text,
-                                              image_token_id=IMAGE_TOKEN_ID)).save_pretrained(model)
-    _save_tokenizer_and_processor(model, 32)
-    progress = recorded_notes()
-    result = build(model, tmp_path / "build", BuildOptions(max_sequence=128, parity_new_tokens=8), progress)
-    assert result.failures == []
-    fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
-    assert fusion["made"] and fusion["fusions"]["attention"] == 0
-    assert any("head size 24 with rotary is not a multiple of 16" in n for n in fusion["notes"])
-    # and the build says, in a line, that this decoder copies its KV cache each step
-    assert not fusion["kv_in_place"] and "head size 24" in fusion["kv_copied_because"]
-    assert any(line.startswith("lm_decoder: its fused form decodes on a KV cache copied every step") and "head size 24"
-               in line for line in progress.lines), progress.lines
-
-
 def test_an_lm_whose_token_embeddings_are_narrower_than_its_hidden_size_is_refused(tmp_path):
     """OPT-350m projects 512-wide word embeddings to its 1024 hidden size: image embeddings (hidden
     wide) cannot take token positions (HF's masked_scatter cuts them up silently). One line, no folder."""

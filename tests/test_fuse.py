@@ -275,6 +275,29 @@ def test_a_rotary_before_the_head_transpose_stays_and_the_kernel_reads_its_outpu
     _assert_fused_like_exported(src, dst)
 
 
+def test_a_rotary_the_kernel_refuses_stays_before_it(tiny_build, tmp_path):
+    """Heads 24 wide: ONNX Runtime's kernel takes them (a multiple of 8) but refuses to rotate them (16):
+    the rotary pass's RotaryEmbedding stays before a kernel that rotates nothing, which reads its output
+    transposed back and flattened; the layer is one kernel plus its rotary, the KV one shared buffer, the
+    answers the exported graph's; the note says why."""
+    src, dst = _decoder_graph(tiny_build("llava-llama-head24")), tmp_path / "fused.onnx"
+    report = fuse_decoder(src, dst, max_positions=256)
+    layers = sum(i.name.startswith("past_key_values") for i in onnx.load(src, load_external_data=False).graph.input) // 2
+    assert report.fusions["attention"] == layers and report.fusions["rotary"] == 2 * layers and report.kv_in_place
+    assert any("RotaryEmbedding kept before the kernel: head size 24" in n for n in report.notes), report.notes
+    fused = onnx.load(dst)
+    ops = collections.Counter(n.op_type for n in fused.graph.node)
+    assert ops["GroupQueryAttention"] == layers and ops["RotaryEmbedding"] == 2 * layers and ops["Softmax"] == 0
+    producers = {o: n for n in fused.graph.node for o in n.output}
+    for node in (n for n in fused.graph.node if n.op_type == "GroupQueryAttention"):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs.get("do_rotary", 0) == 0 and list(node.input[7:10]) == ["", "", ""]
+        for i in (0, 1):
+            back = producers[producers[node.input[i]].input[0]]
+            assert back.op_type == "Transpose" and producers[back.input[0]].op_type == "RotaryEmbedding"
+    _assert_fused_like_exported(src, dst)
+
+
 def test_a_per_head_layernorm_stays_and_the_kernel_reads_its_output(tiny_build, tiny_model_dir, tmp_path):
     """StableLM's per-head q/k LayerNorm (one LayerNorm per head after the transpose: Split /
     LayerNormalization / Concat) is a function of the heads alone: it stays as exported, its output is
@@ -300,23 +323,30 @@ def test_a_per_head_layernorm_stays_and_the_kernel_reads_its_output(tiny_build, 
 def test_heads_the_attention_kernel_refuses_stay_unfused(tmp_path):
     """Heads of 12 channels without rotary (an OPT of hidden 48 over 4 heads): ONNX Runtime's
     GroupQueryAttention refuses them when it runs, so the attention pass leaves them as exported,
-    says why, and the build passes parity."""
+    says why, and the build passes parity; its LayerNorms still fuse, and the build says in a line
+    that this decoder copies its KV cache each step."""
+    from conftest import recorded_notes
     from tiny_models import make_tiny_blip2
 
     from vlm_export.build import BuildOptions, build
 
+    progress = recorded_notes()
     result = build(make_tiny_blip2(tmp_path / "model", family="opt-head12"), tmp_path / "build",
-                   BuildOptions(max_sequence=128))
+                   BuildOptions(max_sequence=128), progress)
     assert result.failures == []
     fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
-    assert fusion["fusions"]["attention"] == 0
+    assert fusion["made"] and fusion["fusions"]["attention"] == 0 and fusion["fusions"]["skip_layer_norm"] > 0
     assert any("multiple of 8" in n for n in fusion["notes"]), fusion
+    assert not fusion["kv_in_place"] and "multiple of 8" in fusion["kv_copied_because"]
+    assert any(line.startswith("lm_decoder: its fused form decodes on a KV cache copied every step")
+               and "multiple of 8" in line for line in progress.lines), progress.lines
 
 
 def test_the_runtimes_own_verdict_decides_what_is_fused(tiny_build, tmp_path, monkeypatch):
     """Each attention configuration is run once on the installed ONNX Runtime before it is written: the
-    kernel's unstated limits come back as its own message (these three are ONNX Runtime 1.32's), and a
-    configuration it refuses stays unfused with that message instead of failing the build's parity."""
+    kernel's unstated limits come back as its own message (these three are ONNX Runtime 1.32's); a rotary
+    it refuses stays before the kernel, and a configuration it refuses even without rotary stays unfused,
+    with that message, instead of failing the build's parity."""
     from vlm_export.export import attention_fuse
 
     run = attention_fuse._run_one_attention  # (heads, kv heads, head size, rotary width, interleaved, softcap)
@@ -324,10 +354,18 @@ def test_the_runtimes_own_verdict_decides_what_is_fused(tiny_build, tmp_path, mo
     assert "head_size must be a multiple of 8" in run(4, 2, 12, 0, 0, 0.0)
     assert "head_size shall be a multiple of 16" in run(4, 2, 24, 24, 0, 0.0)
     assert "cos_cache dimension 1 must be <= head_size / 2 and a multiple of 8" in run(4, 2, 16, 8, 0, 0.0)
-    # a verdict this runtime would give a future kernel limit: the tiny llama's layers (4 heads of 16 over 2,
-    # rotary over all 16) stay as exported, the message in the notes
-    monkeypatch.setattr(attention_fuse, "_RUNTIME_VERDICTS", {(4, 2, 16, 16, 0, 0.0): "refused for the test"})
+    # verdicts this runtime would give a future kernel limit, on the tiny llama's layers (4 heads of 16 over
+    # 2, rotary over all 16): its rotary refused, the graph's RotaryEmbedding stays before the kernel
     src, dst = _decoder_graph(tiny_build("llava-llama")), tmp_path / "fused.onnx"
+    monkeypatch.setattr(attention_fuse, "_RUNTIME_VERDICTS", {(4, 2, 16, 16, 0, 0.0): "rotary refused for the test"})
+    report = fuse_decoder(src, dst, max_positions=256)
+    assert report.fusions["attention"] == 2 and report.fusions["rotary"] == 4
+    assert any("kept before the kernel: rotary refused for the test" in n for n in report.notes), report.notes
+    assert collections.Counter(n.op_type for n in onnx.load(dst).graph.node)["RotaryEmbedding"] == 4
+    _assert_fused_like_exported(src, dst)
+    # ... and without rotary too: the layers stay as exported, the message in the notes
+    monkeypatch.setattr(attention_fuse, "_RUNTIME_VERDICTS", {(4, 2, 16, 16, 0, 0.0): "refused for the test",
+                                                              (4, 2, 16, 0, 0, 0.0): "refused for the test"})
     report = fuse_decoder(src, dst, max_positions=256)
     assert report.fusions["attention"] == 0 and report.fusions["rotary"] > 0
     assert any("left unfused: refused for the test" in n for n in report.notes), report.notes

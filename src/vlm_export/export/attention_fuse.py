@@ -73,10 +73,12 @@ them reshaped back to (batch, sequence, heads x head size), q/k/v then unpacked:
 sub-graph of the transposed heads alone, ``_of_heads_alone``) or a rotary applied before the transpose
 (GPT-J's, which the rotary pass leaves: the kernel then rotates nothing). The kernel has limits its schema does not state, which ONNX Runtime 1.32 enforces only when it
 runs: heads a multiple of 8 wide, and of 16 with rotary inside; a rotary width a multiple of 16. A layer
-beyond them is left unfused with that reason; and each configuration the pass would write (heads, kv
-heads, head size, rotary width and layout, softcap) is first run once on the installed runtime on tiny
-inputs (``_runtime_refusal``), so a limit of another version leaves the layer unfused with the runtime's
-own message instead of failing the build's parity.
+whose heads are beyond the first is left unfused with that reason; one beyond the rotary's keeps the
+graph's RotaryEmbedding before a kernel that rotates nothing (heads 24 or 40 wide). Each configuration
+the pass would write (heads, kv heads, head size, rotary width and layout, softcap) is first run once on
+the installed runtime on tiny inputs (``_runtime_refusal``), so a limit of another version does the same
+(the rotary moved out, else the layer unfused, with the runtime's own message) instead of failing the
+build's parity.
 
 Requires the rotary pass first when the decoder rotates the transposed heads (q/k from ``RotaryEmbedding``
 on them); an unfused rotary there leaves the layer unfused. A layer that does not match stays unfused and the report says why.
@@ -95,6 +97,11 @@ MS_DOMAIN = "com.microsoft"
 
 class _NoMatch(Exception):
     """Why one attention was not fused (a short reason for the report's notes)."""
+
+
+class _KernelRotaryLimit(_NoMatch):
+    """The kernel cannot rotate these heads itself (a head size or rotary width it refuses); it may still
+    read them rotated by the graph's own RotaryEmbedding."""
 
 
 def _scaled(g, name: str) -> tuple[str, float]:
@@ -217,15 +224,16 @@ def _rotary_above(g, node: onnx.NodeProto | None):
     return None
 
 
-def _heads(g, name: str, rotary_ok: bool):
+def _heads(g, name: str, rotary_ok: bool, kernel_rotary: bool = True):
     """``name`` = [rotary]([norm](Transpose(0,2,1,3)(h))), h (B, S, heads, head_size), the rotary over
     every channel or the first ones (``_rotary_above``), the norm a per-head RMSNorm (``_per_head_norm``)
     or none. h is mostly Reshape(x3) of the projection x3; anything else (a per-head norm, a rotary
     applied before the transpose) stays as exported.
     Returns (x3, rotary node or None, heads, head_size, nodes to add): x3 the projection, or else h
     (or the normed heads) reshaped to (B, S, heads x head_size) by the added nodes (the kernel reads
-    what the graph wrote)."""
-    node, rotary = g.producer.get(name), None
+    what the graph wrote). Without ``kernel_rotary`` a rotary found stays in the graph too: x3 is its
+    output flattened, and no rotary node is returned."""
+    node, rotary, rotated = g.producer.get(name), None, name
     found = _rotary_above(g, node) if rotary_ok else None
     if found is not None:
         rotary, name = found
@@ -243,6 +251,8 @@ def _heads(g, name: str, rotary_ok: bool):
     _, heads, _, head_size = _dims(g, node.output[0], 4)  # the rotary's output may carry no shape
     if not isinstance(heads, int) or not isinstance(head_size, int):
         raise _NoMatch(f"{name}: heads/head size not static")
+    if rotary is not None and not kernel_rotary:
+        normed_bnsh, rotary = rotated, None  # the kernel reads what the graph's rotary wrote
     reshape = g.producer.get(node.input[0])
     projection = (g.shape(reshape.input[0]) or []) if reshape is not None and reshape.op_type == "Reshape" else []
     if not normed_bnsh and len(projection) == 3 and projection[2] == heads * head_size:
@@ -296,7 +306,7 @@ def _cache(g, present: str, graph_inputs: set[str]):
     return cat, past, new
 
 
-def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
+def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str], kernel_rotary: bool = True) -> dict:
     if g.attr(softmax, "axis", -1) not in (-1, 3):
         raise _NoMatch(f"{softmax.name}: softmax not over the keys")
     add = g.producer.get(softmax.input[0])
@@ -332,9 +342,9 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
     if transpose is None or transpose.op_type != "Transpose" or list(g.attr(transpose, "perm", [])) != [0, 1, 3, 2]:
         raise _NoMatch(f"{mm.name}: K^T is not Transpose(0, 1, 3, 2)")
     present_k, k_rep = _unrepeat(g, transpose.input[0])
-    q3, q_rot, heads, head_size, q_added = _heads(g, q4, rotary_ok=True)
+    q3, q_rot, heads, head_size, q_added = _heads(g, q4, rotary_ok=True, kernel_rotary=kernel_rotary)
     k_cat, past_k, k4 = _cache(g, present_k, graph_inputs)
-    k3, k_rot, kv_heads, k_head_size, k_added = _heads(g, k4, rotary_ok=True)
+    k3, k_rot, kv_heads, k_head_size, k_added = _heads(g, k4, rotary_ok=True, kernel_rotary=kernel_rotary)
     # softmax -> MatMul(probs, repeat_kv(present_v)) -> Transpose(0,2,1,3) -> Reshape(B, S, hidden)
     pv = g.sole_consumer(softmax.output[0], "MatMul")
     if pv is None or pv.input[0] != softmax.output[0]:
@@ -361,7 +371,7 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
         raise _NoMatch(f"{softmax.name}: head size {head_size} is not a multiple of 8")
     if q_rot is not None and head_size % 16:
         # ONNX Runtime 1.32's kernel refuses do_rotary at such sizes ("head_size shall be a multiple of 16")
-        raise _NoMatch(f"{softmax.name}: head size {head_size} with rotary is not a multiple of 16")
+        raise _KernelRotaryLimit(f"{softmax.name}: head size {head_size} with rotary is not a multiple of 16")
     rotated, interleaved = 0, 0  # channels rotated inside the kernel (0: no rotary), and in pairs or halves
     if q_rot is not None:
         interleaved = g.attr(q_rot, "interleaved", 0)
@@ -373,7 +383,7 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> dict:
             raise _NoMatch(f"{q_rot.name}: not (batch, sequence) positions and cos/sin caches as wide as the rotated channels")
         if rotated % 16:
             # ONNX Runtime 1.32: "cos_cache dimension 1 must be <= head_size / 2 and a multiple of 8"
-            raise _NoMatch(f"{softmax.name}: rotary over {rotated} of {head_size} channels, not a multiple of 16")
+            raise _KernelRotaryLimit(f"{softmax.name}: rotary over {rotated} of {head_size} channels, not a multiple of 16")
     if bias_shape[2] is None or bias_shape[2] != _dims(g, q3, 3)[1]:
         raise _NoMatch(f"{bias}: the mask's query dimension is not known to be the new tokens'")
     if bias_shape[1] not in (1, heads):
@@ -593,6 +603,28 @@ def _run_one_attention(heads: int, kv_heads: int, size: int, width: int, interle
     return "" if np.isfinite(out).all() else f"ONNX Runtime {ort.__version__} answers non-finite values for it"
 
 
+def _runnable_match(g, softmax: onnx.NodeProto, graph_inputs: set[str]) -> tuple[dict, str]:
+    """The attention as the installed ONNX Runtime runs it, and "" - or, where the kernel cannot rotate
+    these heads itself (``_KernelRotaryLimit``, or the runtime refusing the rotary configuration), the
+    attention with the graph's RotaryEmbedding kept before a kernel that rotates nothing, and why (heads
+    24 or 40 wide: a multiple of 8, which the kernel takes, but not of 16, which its rotary needs)."""
+    try:
+        m = _match(g, softmax, graph_inputs)
+        refusal = _runtime_refusal(m)
+        if not refusal:
+            return m, ""
+        if not m["rotated"]:
+            raise _NoMatch(f"{softmax.name}: {refusal}")
+        why = refusal
+    except _KernelRotaryLimit as e:
+        why = str(e).split(": ", 1)[-1]
+    m = _match(g, softmax, graph_inputs, kernel_rotary=False)
+    refusal = _runtime_refusal(m)
+    if refusal:
+        raise _NoMatch(f"{softmax.name}: {refusal}")
+    return m, why
+
+
 def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> None:
     """Rewrite every matching attention of ``g`` (fuse._Graph) into GroupQueryAttention; counts in
     ``report.fusions["attention"]``, a note per reason for the ones left alone. ``layer_windows``:
@@ -601,13 +633,13 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
     graph_inputs = {i.name for i in g.graph.input}
     skipped: dict[str, int] = {}
     matches = []
+    rotary_outside: dict[str, int] = {}
     for softmax in [n for n in g.graph.node if n.op_type == "Softmax" and not _over_a_projection(g, n)]:
         try:
-            m = _match(g, softmax, graph_inputs)
-            refusal = _runtime_refusal(m)
-            if refusal:
-                raise _NoMatch(f"{softmax.name}: {refusal}")
+            m, outside = _runnable_match(g, softmax, graph_inputs)
             matches.append((softmax, m))
+            if outside:
+                rotary_outside[outside] = rotary_outside.get(outside, 0) + 1
         except _NoMatch as e:
             reason = str(e).split(": ", 1)[-1]
             skipped[reason] = skipped.get(reason, 0) + 1
@@ -665,6 +697,8 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
         report.fusions["attention"] += 1
     for reason, count in skipped.items():
         report.notes.append(f"{count} attention softmax(es) left unfused: {reason}")
+    for reason, count in rotary_outside.items():
+        report.notes.append(f"{count} attention(s) fused with their RotaryEmbedding kept before the kernel: {reason}")
     windowed = sum(w is not None for w in windows)
     if windowed:
         report.notes.append(f"{windowed} of {len(windows)} attentions apply their sliding window of "
