@@ -71,17 +71,20 @@ Heads not reshaped straight from their projection stay as the graph computes the
 them reshaped back to (batch, sequence, heads x head size), q/k/v then unpacked: a per-head q/k norm
 (Qwen3's RMSNorm before the head transpose; after it Gemma 3's, or StableLM's one LayerNorm per head, any
 sub-graph of the transposed heads alone, ``_of_heads_alone``) or a rotary applied before the transpose
-(GPT-J's, which the rotary pass leaves: the kernel then rotates nothing). The kernel has limits its schema does not state, which ONNX Runtime 1.32 enforces only when it
-runs: heads a multiple of 8 wide, and of 16 with rotary inside; a rotary width a multiple of 16. A layer
-whose heads are beyond the first is left unfused with that reason; one beyond the rotary's keeps the
-graph's RotaryEmbedding before a kernel that rotates nothing (heads 24 or 40 wide). Each configuration
-the pass would write (heads, kv heads, head size, rotary width and layout, softcap) is first run once on
-the installed runtime on tiny inputs (``_runtime_refusal``), so a limit of another version does the same
-(the rotary moved out, else the layer unfused, with the runtime's own message) instead of failing the
-build's parity.
+(GPT-J's, which the rotary pass leaves: the kernel then rotates nothing).
 
-Requires the rotary pass first when the decoder rotates the transposed heads (q/k from ``RotaryEmbedding``
-on them); an unfused rotary there leaves the layer unfused. A layer that does not match stays unfused and the report says why.
+The kernel has limits its schema does not state, which ONNX Runtime 1.32 enforces only when it runs:
+heads a multiple of 8 wide, and of 16 with rotary inside; a rotary width a multiple of 16. A layer whose
+heads are beyond the first is left unfused with that reason; one beyond the rotary's keeps the graph's
+RotaryEmbedding before a kernel that rotates nothing (heads 24 or 40 wide). Each configuration the pass
+would write (heads, kv heads, head size, rotary width and layout, softcap) is first run once on the
+installed runtime on tiny inputs (``_runtime_refusal``), so a limit of another version does the same (the
+rotary moved out, else the layer unfused, with the runtime's own message) instead of failing the build's
+parity.
+
+Requires the rotary pass first when the decoder rotates the transposed heads (q/k from
+``RotaryEmbedding`` on them); an unfused rotary there leaves the layer unfused. A layer that does not
+match stays unfused and the report says why.
 """
 from __future__ import annotations
 
