@@ -44,6 +44,7 @@ TINY_MODELS = {
     "llava-gptj": (make_tiny_llava, {"family": "gptj"}),
     "llava-stablelm-qknorm": (make_tiny_llava, {"family": "stablelm-qknorm"}),
     "llava-llama-head24": (make_tiny_llava, {"family": "llama-head24"}),
+    "llava-gptneox": (make_tiny_llava, {"family": "gptneox"}),
     "llava-falcon-mq": (make_tiny_llava, {"family": "falcon-mq"}),
     "llava-mixtral": (make_tiny_llava, {"family": "mixtral"}),
     "llava-llama-dynamic-rope": (make_tiny_llava, {"family": "llama-dynamic-rope"}),

@@ -298,6 +298,22 @@ def test_a_rotary_the_kernel_refuses_stays_before_it(tiny_build, tmp_path):
     _assert_fused_like_exported(src, dst)
 
 
+def test_heads_sliced_from_a_per_head_packed_projection_fuse(tiny_build, tmp_path):
+    """GPT-NeoX views its one q/k/v projection as (batch, sequence, heads, 3 x head size), transposes it and
+    chunks q, k and v off each head's channels (a Split): each, a sub-graph of the transposed heads alone,
+    stays and the kernel reads it transposed back and flattened (rotating q and k itself, over the first
+    16 of 32 channels) - one kernel per layer, the KV one shared buffer, the answers the exported graph's."""
+    src, dst, fused = _every_attention_fused(tiny_build("llava-gptneox"), tmp_path)
+    producers = {o: n for n in fused.graph.node for o in n.output}
+    for node in (n for n in fused.graph.node if n.op_type == "GroupQueryAttention"):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["do_rotary"] == 1 and attrs["num_heads"] == attrs["kv_num_heads"] == 2
+        for i in (0, 1, 2):
+            back = producers[producers[node.input[i]].input[0]]
+            assert back.op_type == "Transpose" and producers[back.input[0]].op_type in ("Slice", "Split")
+    _assert_fused_like_exported(src, dst)
+
+
 def test_a_per_head_layernorm_stays_and_the_kernel_reads_its_output(tiny_build, tiny_model_dir, tmp_path):
     """StableLM's per-head q/k LayerNorm (one LayerNorm per head after the transpose: Split /
     LayerNormalization / Concat) is a function of the heads alone: it stays as exported, its output is

@@ -83,6 +83,9 @@ TEXT_FAMILIES = {
     # rotation (-x[1::2], x[0::2]) interleaved). Cohere: every channel; LayerNorm without bias, attention and
     # MLP in parallel, scaled logits. GLM: the first half of each head's 32 channels; q/k/v biases
     "cohere": ("cohere", {}),
+    # GPT-NeoX: one q/k/v projection viewed as (batch, sequence, heads, 3 x head size), transposed, then q, k
+    # and v sliced from each head's channels; rotary over the first 16 of 32 channels; LayerNorm, parallel
+    "gptneox": ("gpt_neox", {"rotary_pct": 0.5, "num_attention_heads": 2}),
     # heads 24 wide: the attention kernel takes them (a multiple of 8) but not its rotary (16)
     "llama-head24": ("llama", {"head_dim": 24}),
     # StableLM-2-12B's per-head q/k LayerNorm (one LayerNorm per head after the transpose: Split /

@@ -184,9 +184,10 @@ def _per_head_norm(g, name: str) -> str | None:
 
 
 def _of_heads_alone(g, name: str, limit: int = 64) -> str | None:
-    """``name`` = f(Transpose(0,2,1,3)(h)) for a sub-graph f that reads nothing else but constants and has
-    the transposed heads' shape (a per-head norm after the transpose: StableLM's per-head LayerNorm as
-    Split / LayerNormalization / Concat): the transpose's output, else None. At most ``limit`` nodes."""
+    """``name`` = f(Transpose(0,2,1,3)(h)) for a sub-graph f that reads nothing else but constants and keeps
+    the transposed heads' (batch, heads, sequence) axes (a per-head norm after the transpose: StableLM's
+    per-head LayerNorm as Split / LayerNormalization / Concat; GPT-NeoX's q, k or v sliced from each head's
+    packed channels): the transpose's output, else None. At most ``limit`` nodes."""
     shape, seen, frontier, found = g.shape(name), set(), [name], set()
     while frontier:
         node = g.producer.get(frontier.pop())
@@ -201,7 +202,9 @@ def _of_heads_alone(g, name: str, limit: int = 64) -> str | None:
         if len(seen) > limit:
             return None
         frontier += [i for i in node.input if i and i not in g.inits and node.op_type != "Constant"]
-    if len(found) != 1 or not shape or g.shape(next(iter(found))) != shape or name in found:
+    heads = g.shape(next(iter(found))) if len(found) == 1 else None
+    if name in found or not shape or not heads or len(shape) != 4 or len(heads) != 4 or shape[:3] != heads[:3] \
+            or not isinstance(shape[3], int):
         return None
     return found.pop()
 
@@ -251,7 +254,10 @@ def _heads(g, name: str, rotary_ok: bool, kernel_rotary: bool = True):
     node = g.producer.get(below or name)
     if node is None or node.op_type != "Transpose" or list(g.attr(node, "perm", [])) != [0, 2, 1, 3]:
         raise _NoMatch(f"{name}: heads not from Transpose(0, 2, 1, 3)")
-    _, heads, _, head_size = _dims(g, node.output[0], 4)  # the rotary's output may carry no shape
+    # a sub-graph of the heads may narrow them (GPT-NeoX's slice): its own shape where it has one (the
+    # rotary's output may carry none), else the transpose's
+    normed_shape = g.shape(normed_bnsh) if normed_bnsh else None
+    _, heads, _, head_size = _dims(g, normed_bnsh if normed_shape and len(normed_shape) == 4 else node.output[0], 4)
     if not isinstance(heads, int) or not isinstance(head_size, int):
         raise _NoMatch(f"{name}: heads/head size not static")
     if rotary is not None and not kernel_rotary:
