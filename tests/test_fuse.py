@@ -314,6 +314,24 @@ def test_heads_sliced_from_a_per_head_packed_projection_fuse(tiny_build, tmp_pat
     _assert_fused_like_exported(src, dst)
 
 
+def test_a_query_scaled_after_its_projection_packs(tiny_build, tmp_path):
+    """OPT scales q right after its projection (q_proj(x) x head_size^-0.5, biases on q/k/v): the factor
+    moves into the kernel's scale, which then reads the projection itself, so q/k/v pack into one MatMul
+    and one bias Add; k and v keep theirs (k's cache holds what the exported graph's holds)."""
+    build = tiny_build("blip2-opt")
+    src, dst, fused = _every_attention_fused(build, tmp_path, rotary=False)
+    producers = {o: n for n in fused.graph.node for o in n.output}
+    inits = {t.name for t in fused.graph.initializer}
+    config = json.loads((build.path / "manifest.json").read_text())["scheme"]["geometry"]
+    for node in (n for n in fused.graph.node if n.op_type == "GroupQueryAttention"):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["scale"] == pytest.approx(config["head_dim"] ** -0.5)
+        biased = producers[node.input[0]]
+        assert biased.op_type == "Add" and biased.input[1] in inits and list(node.input[1:3]) == ["", ""]
+        assert producers[biased.input[0]].op_type == "MatMul"
+    _assert_fused_like_exported(src, dst)
+
+
 def test_a_per_head_layernorm_stays_and_the_kernel_reads_its_output(tiny_build, tiny_model_dir, tmp_path):
     """StableLM's per-head q/k LayerNorm (one LayerNorm per head after the transpose: Split /
     LayerNormalization / Concat) is a function of the heads alone: it stays as exported, its output is

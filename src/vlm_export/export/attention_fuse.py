@@ -352,6 +352,11 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str], kernel_rotary: bo
         raise _NoMatch(f"{mm.name}: K^T is not Transpose(0, 1, 3, 2)")
     present_k, k_rep = _unrepeat(g, transpose.input[0])
     q3, q_rot, heads, head_size, q_added = _heads(g, q4, rotary_ok=True, kernel_rotary=kernel_rotary)
+    unscaled, q_factor = _scaled(g, q3)
+    if q_factor != 1.0 and len(g.shape(unscaled) or []) == 3:
+        # OPT scales q after its projection: the factor goes into the kernel's scale, and the kernel reads the
+        # projection itself, packable with k and v (k's factor would change what the cache holds: not moved)
+        q3, scale = unscaled, scale * q_factor
     k_cat, past_k, k4 = _cache(g, present_k, graph_inputs)
     k3, k_rot, kv_heads, k_head_size, k_added = _heads(g, k4, rotary_ok=True, kernel_rotary=kernel_rotary)
     # softmax -> MatMul(probs, repeat_kv(present_v)) -> Transpose(0,2,1,3) -> Reshape(B, S, hidden)

@@ -24,7 +24,7 @@ launch per token. This pass rewrites, by pattern only (no model-type branches):
   exported graph's answers (attention_fuse.py says how).
 * ``packed_matmul``: the q/k/v MatMuls a fused attention reads (sharing one activation, constant 2-D
   weights; each through a constant bias Add or none, alike) -> one MatMul over the concatenated
-  weights (and one Add of the concatenated biases: Qwen2's, Phi's), which the attention kernel reads
+  weights (and one Add of the concatenated biases: Qwen2's, Phi's, OPT's), which the attention kernel reads
   packed; found from the kernel's inputs, so an MLP on the same activation (Phi's, Cohere's) stays apart.
   Other MatMuls sharing an activation (the MLP's gate/up; q/k/v through a per-head norm) stay apart:
   the ``Split`` a packed MatMul needs there cost more than the packing saved (0.8-1.0 ms of a 14-15 ms
