@@ -11,7 +11,8 @@ launch per token. This pass rewrites, by pattern only (no model-type branches):
   RMSNorm with no residual Add before it stays unfused: ONNX Runtime's plain
   ``SimplifiedLayerNormalization`` lives in the ONNX domain, which the ONNX checker rejects.
 * ``skip_layer_norm``: residual ``Add`` + ``LayerNormalization`` (the exporter writes LayerNorm as
-  that one op) -> ``com.microsoft.SkipLayerNormalization``, as above (OPT, Phi, GPT-J, StableLM).
+  that one op) -> ``com.microsoft.SkipLayerNormalization``, as above (Phi, GPT-J, StableLM, Falcon; OPT's
+  norms read a Reshape of the residual sum, on which the kernel would save no node: they stay).
 * ``rotary``: rotate-half RoPE (Slice/Neg/Concat/Mul/Add on q and k, cos/sin computed from
   ``position_ids`` and a constant ``inv_freq``) -> ``com.microsoft.RotaryEmbedding`` with
   constant cos/sin caches of ``max_positions`` rows (the attention rewrite then rotates inside its
@@ -269,15 +270,16 @@ def _fuse_skip_rms_norm(g: _Graph, report: FuseReport) -> None:
 
 
 def _fuse_skip_layer_norm(g: _Graph, report: FuseReport) -> None:
-    """Residual ``Add`` + ``LayerNormalization`` over the hidden axis (OPT's, Phi's, GPT-J's, StableLM's,
-    Cohere's without a bias) -> ``com.microsoft.SkipLayerNormalization`` (beta optional, as in the op);
-    a norm with no such Add before it (the first layer's) is already one node and stays."""
+    """Residual ``Add`` + ``LayerNormalization`` over the hidden axis (Phi's, GPT-J's, StableLM's, Falcon's)
+    -> ``com.microsoft.SkipLayerNormalization`` (beta optional, as in the op); a norm with
+    no such Add before it (the first layer's) is already one node and stays. A norm whose mean / inverse
+    standard deviation outputs are read is left alone (the kernel's are not the same outputs)."""
     for norm in [n for n in g.graph.node if n.op_type == "LayerNormalization"]:
         x, shape = norm.input[0], g.shape(norm.input[0])
         gamma = g.inits.get(norm.input[1])
         if len(norm.output) > 1 and any(norm.output[1:]) or shape is None or len(shape) != 3 \
                 or g.attr(norm, "axis", -1) not in (-1, 2) or gamma is None or list(gamma.dims) != [shape[2]] \
-                or g.elem_type(x) != onnx.TensorProto.FLOAT:  # the kernel's mean / inv-std outputs differ
+                or g.elem_type(x) != onnx.TensorProto.FLOAT:
             continue
         residual = _residual_add(g, norm, x)
         if residual is None:
