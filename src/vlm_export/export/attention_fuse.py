@@ -93,7 +93,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..contract.scheme import KV_IN_PLACE
-from .patterns import last_axis_slice, rms_norm, unsqueeze_axis
+from .patterns import last_axis_slice, unsqueeze_axis
 
 MS_DOMAIN = "com.microsoft"
 
@@ -165,24 +165,6 @@ def _dims(g, name: str, rank: int) -> list:
     return shape
 
 
-def _per_head_norm(g, name: str) -> str | None:
-    """``name`` = RMSNorm(x) over the head size (a per-head q/k norm: Qwen3's before the transpose,
-    Gemma 3's after it): x, else None."""
-    node = g.producer.get(name)
-    if node is None or node.op_type != "Mul":
-        return None
-    seen, frontier = set(), [node]
-    for _ in range(6):  # the norm's ReduceMean is five nodes above its affine Mul
-        above = [g.producer.get(i) for n in frontier for i in n.input]
-        frontier = [n for n in above if n is not None and id(n) not in seen]
-        seen |= {id(n) for n in frontier}
-        for reduce in (n for n in frontier if n.op_type == "ReduceMean"):
-            match = rms_norm(g, reduce)
-            if match is not None and match[4] == name:
-                return match[0]
-    return None
-
-
 def _of_heads_alone(g, name: str, limit: int = 64) -> str | None:
     """``name`` = f(Transpose(0,2,1,3)(h)) for a sub-graph f that reads nothing else but constants and keeps
     the transposed heads' (batch, heads, sequence) axes (a per-head norm after the transpose: StableLM's
@@ -231,10 +213,11 @@ def _rotary_above(g, node: onnx.NodeProto | None):
 
 
 def _heads(g, name: str, rotary_ok: bool, kernel_rotary: bool = True):
-    """``name`` = [rotary]([norm](Transpose(0,2,1,3)(h))), h (B, S, heads, head_size), the rotary over
-    every channel or the first ones (``_rotary_above``), the norm a per-head RMSNorm (``_per_head_norm``)
-    or none. h is mostly Reshape(x3) of the projection x3; anything else (a per-head norm, a rotary
-    applied before the transpose) stays as exported.
+    """``name`` = [rotary]([f](Transpose(0,2,1,3)(h))), h (B, S, heads, head_size), the rotary over
+    every channel or the first ones (``_rotary_above``), f any sub-graph of the transposed heads alone
+    (``_of_heads_alone``: a per-head norm, a slice of each head's channels) or none. h is mostly
+    Reshape(x3) of the projection x3; anything else (a per-head norm, a rotary applied before the
+    transpose) stays as exported.
     Returns (x3, rotary node or None, heads, head_size, nodes to add): x3 the projection, or else h
     (or the normed heads) reshaped to (B, S, heads x head_size) by the added nodes (the kernel reads
     what the graph wrote). Without ``kernel_rotary`` a rotary found stays in the graph too: x3 is its
@@ -249,7 +232,7 @@ def _heads(g, name: str, rotary_ok: bool, kernel_rotary: bool = True):
             raise _NoMatch(f"{rotary.name}: a rotary embedding other than the rotary pass writes")
     elif rotary_ok and node is not None and node.op_type in ("Add", "Concat"):
         raise _NoMatch(f"{name}: q/k come from an unfused rotary embedding (the rotary pass runs first)")
-    below = _per_head_norm(g, name) or _of_heads_alone(g, name)  # Gemma 3's norm after the transpose, StableLM's
+    below = _of_heads_alone(g, name)  # a per-head norm after the transpose: Gemma 3's RMSNorm, StableLM's LayerNorm
     normed_bnsh = name if below else None
     node = g.producer.get(below or name)
     if node is None or node.op_type != "Transpose" or list(g.attr(node, "perm", [])) != [0, 2, 1, 3]:
