@@ -256,7 +256,7 @@ def _heads(g, name: str, rotary_ok: bool, kernel_rotary: bool = True):
     added: list[onnx.NodeProto] = []
     if normed_bnsh:
         added.append(helper.make_node("Transpose", [normed_bnsh], [src], name=src, perm=[0, 2, 1, 3]))
-    batch, sequence = _dims(g, node.output[0], 4)[0], _dims(g, node.output[0], 4)[2]
+    batch, _, sequence, _ = _dims(g, node.output[0], 4)
     x3 = f"{src}_flat"
     g.types[x3] = helper.make_tensor_value_info(x3, g.elem_type(node.output[0]),
                                                 [batch, sequence, heads * head_size]).type.tensor_type
