@@ -381,3 +381,35 @@ def test_a_fused_form_that_fails_parity_falls_back_to_the_standard_graph(tiny_mo
     assert {"prefill", "decode"} <= set(report["stages"])  # the standard graph, judged as the candidate
     out = generate(open_build(result.path), "What is this?", [], GenerationConfig(max_new_tokens=3))
     assert out.completion_tokens == 3
+
+
+def test_a_fused_form_onnx_runtime_refuses_falls_back_to_the_standard_graph(tiny_model_dir, tmp_path, monkeypatch):
+    """A fused form ONNX Runtime cannot load (here: the real pass, then one attention kernel's
+    ``kv_num_heads`` dropped, as a rewrite that misses a kernel's unstated limit would leave it) costs
+    the speed-up, not the build: the standard graph runs and is judged as the candidate, and the
+    runtime's refusal is the recorded reason, naming the file and not the build's temporary folder."""
+    import vlm_export.build as build_module
+
+    real = build_module.fuse_decoder
+
+    def refused_fusion(src, dst, max_positions, layer_windows):
+        report = real(src, dst, max_positions=max_positions, layer_windows=layer_windows)
+        model = onnx.load(str(dst))
+        kernel = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+        kept = [a for a in kernel.attribute if a.name != "kv_num_heads"]
+        del kernel.attribute[:]
+        kernel.attribute.extend(kept)
+        onnx.save(model, str(dst))
+        return report
+
+    monkeypatch.setattr(build_module, "fuse_decoder", refused_fusion)
+    result = build(tiny_model_dir("llava-llama"), tmp_path / "refused", BuildOptions(parity_new_tokens=4))
+    fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
+    assert fusion["made"] is False and "parity_failures" not in fusion
+    assert fusion["reason"].startswith("ONNX Runtime could not load or run its fused form")
+    assert "kv_num_heads" in fusion["reason"] and "graphs/lm_decoder.fused.onnx" in fusion["reason"]
+    assert ".tmp" not in fusion["reason"]
+    assert result.manifest["targets"]["onnxruntime"]["lm_decoder"] == "standard"
+    assert not (result.path / "graphs" / "lm_decoder.fused.onnx").exists()
+    assert verify_hashes(result.path, result.manifest) == []
+    assert json.loads((result.path / "report.json").read_text())["passed"]

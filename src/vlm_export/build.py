@@ -36,7 +36,7 @@ from .compare.report import record_section, write_report
 from .contract import DecodingScheme, Limits, scheme_from_dict
 from .datasets import load_items
 from .cpu import int8_dot_product
-from .errors import BuildError, ParityError, first_line
+from .errors import BuildError, ParityError, RunnerError, first_line
 from .export.fuse import fuse_decoder
 from .export.graph_info import check_graph, graph_bytes, graph_io
 from .export.onnx_export import export_stage
@@ -303,13 +303,21 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
     # parity: the exported graphs (read back from disk) against the split modules and the original
     opener = functools.partial(open_build, tmp, threads=options.threads, check_hashes=False)  # hashed just now
     torch_split = copy.deepcopy(recorded.result)  # a second judgment starts from the reference's own entries
-    result, policy, failures, accuracy = _judge(recorded, adapter, opener, precisions, options, progress,
-                                                other_decoder_forms(manifest), questions)
-    if _only_the_fused_form_failed(failures, manifest, scheme.decoder_stage):
-        _drop_fused_form(tmp, manifest, scheme.decoder_stage, failures, progress)
+    try:
+        judged = _judge(recorded, adapter, opener, precisions, options, progress, other_decoder_forms(manifest),
+                        questions)
+        why = _only_the_fused_form_failed(judged[2], manifest, scheme.decoder_stage)
+        fused_failures = judged[2]
+    except RunnerError as e:
+        why = _fused_form_refused(e, tmp, manifest, scheme.decoder_stage)
+        if not why:
+            raise
+        fused_failures = []  # nothing was judged: the reason says what ONNX Runtime refused
+    if why:
+        _drop_fused_form(tmp, manifest, scheme.decoder_stage, why, fused_failures, progress)
         recorded.result = torch_split
-        result, policy, failures, accuracy = _judge(recorded, adapter, opener, precisions, options, progress,
-                                                    [], questions)
+        judged = _judge(recorded, adapter, opener, precisions, options, progress, [], questions)
+    result, policy, failures, accuracy = judged
     shutil.rmtree(scratch)  # the reference's arrays are no part of the build (nor of a failed one's folder)
     manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}
     write_report(tmp, manifest, result, policy, failures)
@@ -602,31 +610,55 @@ def _fused_variant(tmp: Path, stage: str, precision: str, fused: dict, options: 
                            convert_seconds=time.perf_counter() - start, variant=info.details)
 
 
-def _only_the_fused_form_failed(failures: list[str], manifest: dict, stage: str) -> bool:
-    """Whether the build would pass with the decoder's standard graph on the onnxruntime target: every
-    failure is the fused form's own (its prefill / decode entries, its greedy tokens, the task accuracy
-    it answered) while the standard form, shipped beside it, passed its entries."""
-    if not failures or set(stage_forms(manifest["graphs"][stage])) != {"standard", "fused"}:
-        return False  # nothing failed, or no standard graph to fall back to (a fused MatMulNBits decoder)
-    return all(f.split("/", 1)[0] in DECODER_ENTRIES or f.startswith(("end-to-end onnxruntime", "task accuracy"))
-               for f in failures)
+def _only_the_fused_form_failed(failures: list[str], manifest: dict, stage: str) -> str:
+    """Why the build would pass with the decoder's standard graph on the onnxruntime target ("" if it
+    would not): every failure is the fused form's own (its prefill / decode entries, its greedy tokens,
+    the task accuracy it answered) while the standard form, shipped beside it, passed its entries."""
+    if not failures or not _falls_back(manifest, stage):
+        return ""  # nothing failed, or no standard graph to fall back to (a fused MatMulNBits decoder)
+    if all(f.split("/", 1)[0] in DECODER_ENTRIES or f.startswith(("end-to-end onnxruntime", "task accuracy"))
+           for f in failures):
+        return (f"its fused form failed parity where the standard graph passed ({len(failures)} check(s), the "
+                f"first {failures[0]}): a bug of the fusion pass on this model, its failures kept in this record")
+    return ""
 
 
-def _drop_fused_form(tmp: Path, manifest: dict, stage: str, failures: list[str], progress: Progress) -> None:
-    """The fused form failed parity where the standard graph passed: a fusion that changes the model's
-    answers is a bug of the pass on this model, which must cost the speed-up, not the build. Its files
-    go, the failures stay in the manifest's fusion record, and the onnxruntime target runs the standard
-    graph (judged again as the candidate, end to end and on the task)."""
+def _fused_form_refused(error: RunnerError, tmp: Path, manifest: dict, stage: str) -> str:
+    """Why the build falls back to the standard graph ("" if it does not): ONNX Runtime could not load
+    or run the decoder's fused form (a kernel limit its schema does not state, met on this model)."""
+    fused = (manifest["graphs"][stage].get("forms") or {}).get("fused")
+    if error.graph is None or fused is None or not _falls_back(manifest, stage):
+        return ""
+    path = tmp / fused["file"]
+    if Path(error.graph).resolve() != path.resolve():
+        return ""  # another graph failed: not the fused form's doing
+    said = str(error)
+    for spelled in {str(error.graph), str(path), str(path.resolve())}:  # the build's temporary folder: gone after
+        said = said.replace(spelled, fused["file"])
+    return f"ONNX Runtime could not load or run its fused form ({said})"
+
+
+def _falls_back(manifest: dict, stage: str) -> bool:
+    """Whether the decoder ships its standard graph beside the fused form the onnxruntime target runs."""
+    return set(stage_forms(manifest["graphs"][stage])) == {"standard", "fused"}
+
+
+def _drop_fused_form(tmp: Path, manifest: dict, stage: str, why: str, failures: list[str],
+                     progress: Progress) -> None:
+    """The fused form failed parity, or would not run, where the standard graph would do: a fusion that
+    changes the model's answers, or that ONNX Runtime refuses, is a bug of the pass on this model,
+    which must cost the speed-up, not the build. Its files go, the parity failures (if any) stay in
+    the manifest's fusion record, and the onnxruntime target runs the standard graph (judged again as
+    the candidate, end to end and on the task)."""
     entry = manifest["graphs"][stage]
     fused = entry.pop("forms")["fused"]
     for name in fused["sha256"]:
         (tmp / name).unlink(missing_ok=True)
-    reason = (f"its fused form failed parity where the standard graph passed ({len(failures)} check(s), the first "
-              f"{failures[0]}): a bug of the fusion pass on this model, its failures kept in this record")
-    entry["fusion"] = {**entry.get("fusion", {}), "made": False, "reason": reason, "parity_failures": failures}
+    entry["fusion"] = {**entry.get("fusion", {}), "made": False, "reason": why,
+                       **({"parity_failures": failures} if failures else {})}
     manifest["targets"] = derive_targets(manifest["graphs"])
     write_manifest(tmp, manifest)
-    progress.note(f"{stage}: {reason}; ONNX Runtime runs the standard graph")
+    progress.note(f"{stage}: {why}; ONNX Runtime runs the standard graph")
 
 
 def other_decoder_forms(manifest: dict) -> list[str]:

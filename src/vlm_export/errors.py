@@ -43,7 +43,12 @@ class InputError(VlmExportError):
 
 
 class RunnerError(VlmExportError):
-    """A backend failed to load or run a graph."""
+    """A backend failed to load or run a graph. ``graph``: the graph file the backend refused, where
+    one is known (a build falls back from a fused decoder form ONNX Runtime cannot load or run)."""
+
+    def __init__(self, message: str, graph=None):
+        super().__init__(message)
+        self.graph = graph
 
 
 class DatasetError(VlmExportError):

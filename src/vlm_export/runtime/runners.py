@@ -282,7 +282,7 @@ class OrtRunner(Runner):
                     Path(trt_cache).mkdir(parents=True, exist_ok=True)
                 except OSError:  # a read-only build: TensorRT builds its engines again each session
                     providers = ort_providers(self.device, stage=name, fp16=fp16, trt_profiles=trt_profiles)
-        self.requested_providers = providers
+        self.requested_providers, self.path = providers, Path(path)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -301,7 +301,7 @@ class OrtRunner(Runner):
             # no kernel for a node (a bfloat16 Mul the model's own code computes, say): rebuilding changes nothing
             fix = ("this ONNX Runtime has no kernel for a node of the graph, which the model's code computes that way: "
                    "not supported" if "NOT_IMPLEMENTED" in first else "rebuild the graph")
-            raise RunnerError(f"ONNX Runtime cannot load {path}: {first}; {fix}") from None
+            raise RunnerError(f"ONNX Runtime cannot load {path}: {first}; {fix}", graph=Path(path)) from None
         self.providers = list(self.session.get_providers())
         self._say_if_providers_dropped(name)
         # where bound outputs live: the GPU when a GPU provider runs the graph, else the CPU
@@ -328,6 +328,10 @@ class OrtRunner(Runner):
             log.warning(f"ONNX Runtime could not start {', '.join(dropped)} for stage {name}; "
                         f"it runs on {', '.join(self.providers)}")
 
+    def _failed(self, e: Exception) -> RunnerError:
+        """ONNX Runtime's error running this graph, in one line, naming the graph it refused."""
+        return RunnerError(f"ONNX Runtime failed on {self.name}: {str(e).splitlines()[0]}", graph=self.path)
+
     def _run(self, feeds: Feeds) -> dict[str, np.ndarray]:
         if self.kept:
             out = self.infer_bound({n: (v.value if isinstance(v := feeds[n], OrtDeviceArray) else v)
@@ -336,7 +340,7 @@ class OrtRunner(Runner):
         try:
             out = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
         except Exception as e:
-            raise RunnerError(f"ONNX Runtime failed on {self.name}: {str(e).splitlines()[0]}") from None
+            raise self._failed(e) from None
         return dict(zip(self.output_names, out))
 
     def infer_in_place(self, feeds: Feeds, aliases: Mapping[str, str],
@@ -361,7 +365,7 @@ class OrtRunner(Runner):
             values = binding.get_outputs_as_ortvaluevector()  # in output_names order (bound in that order first)
             out = {n: values[i].numpy() for i, n in enumerate(self.output_names) if n not in aliases}
         except Exception as e:
-            raise RunnerError(f"ONNX Runtime failed on {self.name}: {str(e).splitlines()[0]}") from None
+            raise self._failed(e) from None
         return out, bound
 
     def to_device(self, array: np.ndarray):
@@ -400,7 +404,7 @@ class OrtRunner(Runner):
             self.session.run_with_iobinding(binding)
             values = binding.get_outputs()
         except Exception as e:
-            raise RunnerError(f"ONNX Runtime failed on {self.name}: {str(e).splitlines()[0]}") from None
+            raise self._failed(e) from None
         return {n: (v if n in keep else v.numpy()) for n, v in zip(self.output_names, values)}
 
 
