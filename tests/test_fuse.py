@@ -75,6 +75,8 @@ def _step(feeds, out, tokens):
 
 #: text families whose q/k pass through a per-head RMSNorm (Qwen3 before the transpose, Gemma 3 after)
 QK_NORM = {"llava-siglip-qwen3", "llava-gemma3"}
+#: text families with an RMSNorm after attention and after the MLP too (Gemma 2 and 3)
+POST_NORMS = {"llava-gemma2", "llava-gemma3"}
 #: text families whose first layer has a 16-position sliding window (tiny_models.TEXT_FAMILIES)
 WINDOWED_FIRST_LAYER = {"llava-gemma3", "llava-gemma2"}
 
@@ -118,14 +120,19 @@ def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_
     base = onnx.load(src, load_external_data=False)
     layers = sum(i.name.startswith("past_key_values") for i in base.graph.input) // 2
     # per layer: two norms after residual Adds, rotary on q and k, one attention reading its q/k/v packed
-    # (gate/up and a per-head-normed q/k/v stay apart: a Split after a packed MatMul costs more than it saves)
-    assert report.fusions == {"skip_rms_norm": 2 * layers, "skip_layer_norm": 0, "rotary": 2 * layers,
-                              "packed_matmul": 0 if name in QK_NORM else layers, "attention": layers}
+    # (gate/up and a per-head-normed q/k/v stay apart: a Split after a packed MatMul costs more than it saves);
+    # the first layer's norm with no Add before it, and Gemma's norms after attention and MLP, one kernel each
+    alone = 1 + (2 * layers if name in POST_NORMS else 0)
+    assert report.fusions == {"layer_norm": 0, "rms_norm": alone, "skip_rms_norm": 2 * layers, "skip_layer_norm": 0,
+                              "rotary": 2 * layers, "packed_matmul": 0 if name in QK_NORM else layers,
+                              "attention": layers}
     assert report.fused and not report.reason
     fused = onnx.load(dst)
     ops = collections.Counter(n.op_type for n in fused.graph.node)
     assert report.nodes_after == len(fused.graph.node) < report.nodes_before
-    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers + alone
+    # only the per-head q/k norms (4-D: the kernel takes 2-D or 3-D) stay written out
+    assert ops["ReduceMean"] == (2 * layers if name in QK_NORM else 0)
     assert ops["Neg"] == 0 and ops["Sin"] == 0  # rotate-half and the angle sub-graph are gone
     # the attention is one kernel per layer, rotary inside: no softmax, no repeat_kv copies, no KV
     # Concat, no separate rotary left; it reads the packed q/k/v (no Split left) - or, after a per-head
@@ -272,6 +279,22 @@ def test_a_rotary_before_the_head_transpose_stays_and_the_kernel_reads_its_outpu
         for i in (0, 1):  # q and k: the exported rotary's Concat (rotated slice + the rest), flattened
             flat = producers[node.input[i]]
             assert flat.op_type == "Reshape" and producers[flat.input[0]].op_type == "Concat"
+    _assert_fused_like_exported(src, dst)
+
+
+def test_a_layernorm_written_out_becomes_one_op(tiny_build, tmp_path):
+    """Cohere's LayerNorm is its own module (mean, centre, variance, scale: nine small ops, no bias): it
+    becomes the standard LayerNormalization op, joined to the residual Add before it as
+    SkipLayerNormalization (the first layer's has none and stays one LayerNormalization); the answers
+    are the exported graph's."""
+    src, dst = _decoder_graph(tiny_build("llava-cohere")), tmp_path / "fused.onnx"
+    report = fuse_decoder(src, dst, max_positions=256)
+    layers = report.fusions["attention"]
+    # one norm per layer (attention and MLP in parallel) and the final one
+    assert layers and report.fusions["layer_norm"] == layers + 1 and report.fusions["skip_layer_norm"] == layers
+    ops = collections.Counter(n.op_type for n in onnx.load(dst, load_external_data=False).graph.node)
+    assert ops["ReduceMean"] == 0 and ops["Sqrt"] == 0
+    assert ops["LayerNormalization"] == 1 and ops["SkipLayerNormalization"] == layers
     _assert_fused_like_exported(src, dst)
 
 

@@ -6,10 +6,16 @@ standard nodes (~2,000 for a 30-layer decoder). ONNX Runtime's own session optim
 fuse them (its RMSNorm fusion expects Div, the exporter writes Reciprocal), so each costs a kernel
 launch per token. This pass rewrites, by pattern only (no model-type branches):
 
+* ``layer_norm``: a LayerNorm written out as small ops (Cohere's module: mean, centre, variance, scale)
+  -> the standard ``LayerNormalization`` op, which ``skip_layer_norm`` then takes like the exporter's own.
 * ``skip_rms_norm``: residual ``Add`` + RMSNorm (Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul/Mul) ->
-  ``com.microsoft.SkipSimplifiedLayerNormalization`` (its 4th output is the residual sum). An
-  RMSNorm with no residual Add before it stays unfused: ONNX Runtime's plain
-  ``SimplifiedLayerNormalization`` lives in the ONNX domain, which the ONNX checker rejects.
+  ``com.microsoft.SkipSimplifiedLayerNormalization`` (its 4th output is the residual sum).
+* ``rms_norm``: an RMSNorm with no residual Add before it (the first layer's, Gemma's norms after
+  attention and MLP) -> the same kernel reading ``x`` as input and skip, with 4 x epsilon: the norm
+  of 2x with 4 eps is the norm of x with eps, exactly in binary floating point. (ONNX Runtime's
+  plain ``SimplifiedLayerNormalization`` is registered in the ONNX domain, which the ONNX checker
+  rejects.) The kernel takes 2-D or 3-D input: a norm over 4-D heads (Qwen3's, Gemma 3's q/k norm)
+  stays as written.
 * ``skip_layer_norm``: residual ``Add`` + ``LayerNormalization`` (the exporter writes LayerNorm as
   that one op) -> ``com.microsoft.SkipLayerNormalization``, as above (Phi, GPT-J, StableLM, Falcon; OPT's
   norms read a Reshape of the residual sum, on which the kernel would save no node: they stay).
@@ -54,10 +60,10 @@ from ..errors import ExportError
 from .attention_fuse import fold_packed_qkv, fuse_attention
 from .graph_info import (EXTERNAL_TENSOR_MIN_BYTES, read_tensor, save_graph, set_external_data, topological_order,
                          uses_external_data)
-from .patterns import last_axis_slice, rms_norm, unsqueeze_axis
+from .patterns import last_axis_slice, layer_norm, rms_norm, unsqueeze_axis
 
 MS_DOMAIN = "com.microsoft"
-FUSIONS = ("skip_rms_norm", "skip_layer_norm", "rotary", "packed_matmul", "attention")
+FUSIONS = ("layer_norm", "rms_norm", "skip_rms_norm", "skip_layer_norm", "rotary", "packed_matmul", "attention")
 
 
 @dataclass
@@ -256,7 +262,13 @@ def _fuse_skip_rms_norm(g: _Graph, report: FuseReport) -> None:
         x, gamma, eps, nodes, y = match
         residual = _residual_add(g, nodes[0], x)
         if residual is None:
-            standalone += 1
+            if len(g.shape(x) or []) in (2, 3) and g.elem_type(x) == onnx.TensorProto.FLOAT:
+                g.replace(nodes, [helper.make_node("SkipSimplifiedLayerNormalization", [x, x, gamma], [y],
+                                                   name=f"{reduce.name}_rms_norm", domain=MS_DOMAIN,
+                                                   epsilon=float(np.float32(eps) * np.float32(4)))])
+                report.fusions["rms_norm"] += 1
+            else:
+                standalone += 1
             continue
         # nodes[0] (Pow) and nodes[5] (the normalising Mul) read x
         fused = helper.make_node("SkipSimplifiedLayerNormalization", [*residual.input, gamma],
@@ -265,8 +277,27 @@ def _fuse_skip_rms_norm(g: _Graph, report: FuseReport) -> None:
         g.replace([residual, *nodes], [fused])
         report.fusions["skip_rms_norm"] += 1
     if standalone:
-        report.notes.append(f"{standalone} RMSNorm(s) with no fusable residual Add before them left unfused "
-                            "(the plain SimplifiedLayerNormalization is not a com.microsoft op)")
+        report.notes.append(f"{standalone} RMSNorm(s) with no residual Add before them over other than 2-D or "
+                            "3-D fp32 values (a per-head q/k norm) left unfused: the skip kernel takes 2-D or 3-D")
+
+
+def _fuse_layer_norm(g: _Graph, report: FuseReport) -> int:
+    """A LayerNorm written out as small ops (Cohere's own module: ReduceMean / Sub / Pow / ReduceMean /
+    Add / Sqrt / Reciprocal / Mul / Mul, no bias) -> the standard ``LayerNormalization`` op (opset 17+,
+    fp32 statistics as written), which ``_fuse_skip_layer_norm`` then joins to its residual Add as it
+    does the exporter's own. Returns how many were rewritten."""
+    if max((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), default=0) < 17:
+        return 0
+    for reduce in [n for n in g.graph.node if n.op_type == "ReduceMean"]:
+        match = layer_norm(g, reduce)
+        if match is None or g.elem_type(match[0]) != onnx.TensorProto.FLOAT \
+                or any(id(n) in g.removed for n in match[3]):
+            continue
+        x, gamma, eps, nodes, y = match
+        g.replace(nodes, [helper.make_node("LayerNormalization", [x, gamma], [y], name=f"{reduce.name}_layer_norm",
+                                           axis=-1, epsilon=eps)])
+        report.fusions["layer_norm"] += 1
+    return report.fusions["layer_norm"]
 
 
 def _fuse_skip_layer_norm(g: _Graph, report: FuseReport) -> None:
@@ -627,6 +658,8 @@ def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weigh
         raise ExportError(f"max_positions must be positive, not {max_positions}")
     report = FuseReport(nodes_before=len(model.graph.node))
     g = _Graph(model, weights)
+    if _fuse_layer_norm(g, report):
+        g.commit()  # before the RMSNorm matcher, which would take a written-out LayerNorm's inner half
     _fuse_skip_rms_norm(g, report)
     _fuse_skip_layer_norm(g, report)
     g.commit()

@@ -8,17 +8,9 @@ import onnx
 def rms_norm(g, reduce: onnx.NodeProto):
     """Match Pow(X,2)|Mul(X,X) -> ReduceMean(last axis) -> Add(eps) -> Sqrt -> Reciprocal|Div(1,.)
     -> Mul(X,.) -> Mul(., gamma) from its ReduceMean; returns (x, gamma, eps, nodes, y) or None."""
-    if g.attr(reduce, "keepdims", 1) != 1:
+    if not _over_last_axis(g, reduce):
         return None
-    axes = g.attr(reduce, "axes")
-    if axes is None and len(reduce.input) > 1:
-        axes = g.const(reduce.input[1])
     x_shape = g.shape(reduce.input[0])
-    if axes is None or len(np.atleast_1d(axes)) != 1:
-        return None
-    axis = int(np.atleast_1d(axes)[0])
-    if axis != -1 and not (x_shape is not None and axis == len(x_shape) - 1):
-        return None
     square = g.parent(reduce, 0, ("Pow", "Mul"))
     if square is None:
         return None
@@ -46,6 +38,37 @@ def rms_norm(g, reduce: onnx.NodeProto):
     if gamma is None or gamma.ndim != 1 or (x_shape and isinstance(x_shape[-1], int) and gamma.shape[0] != x_shape[-1]):
         return None
     return x, gamma_name, eps, [square, reduce, add, sqrt, inv, scale, affine], affine.output[0]
+
+
+def layer_norm(g, reduce: onnx.NodeProto):
+    """Match a LayerNorm written out without bias (Cohere's): Sub(X, ReduceMean(X, last axis)) -> the
+    RMSNorm chain of ``rms_norm`` on that difference, from the variance's ReduceMean; returns (X,
+    gamma, eps, nodes, y) or None."""
+    match = rms_norm(g, reduce)
+    sub = match and g.producer.get(match[0])
+    if sub is None or sub.op_type != "Sub":
+        return None
+    centered, gamma, eps, nodes, y = match
+    x, mean = sub.input[0], g.parent(sub, 1, "ReduceMean")
+    if mean is None or mean.input[0] != x or not _over_last_axis(g, mean) \
+            or g.sole_consumer(mean.output[0], "Sub") is not sub:
+        return None
+    if centered in g.outputs or {id(c) for c in g.consumers[centered]} != {id(nodes[0]), id(nodes[5])}:
+        return None  # the centred values are read elsewhere (not the square and the normalising Mul)
+    return x, gamma, eps, [mean, sub, *nodes], y
+
+
+def _over_last_axis(g, reduce: onnx.NodeProto) -> bool:
+    """Whether ``reduce`` (a ReduceMean) averages its input's last axis alone, keeping it."""
+    if g.attr(reduce, "keepdims", 1) != 1:
+        return False
+    axes = g.attr(reduce, "axes")
+    if axes is None and len(reduce.input) > 1:
+        axes = g.const(reduce.input[1])
+    if axes is None or len(np.atleast_1d(axes)) != 1:
+        return False
+    axis, shape = int(np.atleast_1d(axes)[0]), g.shape(reduce.input[0])
+    return axis == -1 or (shape is not None and axis == len(shape) - 1)
 
 
 def last_axis_slice(g, node: onnx.NodeProto | None, x: str, step: int = 1):
