@@ -277,8 +277,8 @@ def _fuse_skip_rms_norm(g: _Graph, report: FuseReport) -> None:
         g.replace([residual, *nodes], [fused])
         report.fusions["skip_rms_norm"] += 1
     if standalone:
-        report.notes.append(f"{standalone} RMSNorm(s) with no residual Add before them over other than 2-D or "
-                            "3-D fp32 values (a per-head q/k norm) left unfused: the skip kernel takes 2-D or 3-D")
+        report.notes.append(f"{standalone} RMSNorm(s) with no residual Add before them left as written: their input "
+                            "is not 2-D or 3-D fp32 (a per-head q/k norm), which the kernel needs")
 
 
 def _fuse_layer_norm(g: _Graph, report: FuseReport) -> int:
