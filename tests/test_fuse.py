@@ -121,8 +121,9 @@ def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_
     layers = sum(i.name.startswith("past_key_values") for i in base.graph.input) // 2
     # per layer: two norms after residual Adds, rotary on q and k, one attention reading its q/k/v packed
     # (gate/up and a per-head-normed q/k/v stay apart: a Split after a packed MatMul costs more than it saves);
-    # the first layer's norm with no Add before it, and Gemma's norms after attention and MLP, one kernel each
-    alone = 1 + (2 * layers if name in POST_NORMS else 0)
+    # the first layer's norm with no Add before it, Gemma's norms after attention and MLP, and the per-head q/k
+    # norms (flattened to rows for the kernel and back), one kernel each
+    alone = 1 + (2 * layers if name in POST_NORMS else 0) + (2 * layers if name in QK_NORM else 0)
     assert report.fusions == {"layer_norm": 0, "rms_norm": alone, "skip_rms_norm": 2 * layers, "skip_layer_norm": 0,
                               "rotary": 2 * layers, "packed_matmul": 0 if name in QK_NORM else layers,
                               "attention": layers}
@@ -131,8 +132,7 @@ def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_
     ops = collections.Counter(n.op_type for n in fused.graph.node)
     assert report.nodes_after == len(fused.graph.node) < report.nodes_before
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers + alone
-    # only the per-head q/k norms (4-D: the kernel takes 2-D or 3-D) stay written out
-    assert ops["ReduceMean"] == (2 * layers if name in QK_NORM else 0)
+    assert ops["ReduceMean"] == ops["Sqrt"] == 0  # no RMSNorm left written out
     assert ops["Neg"] == 0 and ops["Sin"] == 0  # rotate-half and the angle sub-graph are gone
     # the attention is one kernel per layer, rotary inside: no softmax, no repeat_kv copies, no KV
     # Concat, no separate rotary left; it reads the packed q/k/v (no Split left) - or, after a per-head

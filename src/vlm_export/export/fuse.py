@@ -11,11 +11,11 @@ launch per token. This pass rewrites, by pattern only (no model-type branches):
 * ``skip_rms_norm``: residual ``Add`` + RMSNorm (Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul/Mul) ->
   ``com.microsoft.SkipSimplifiedLayerNormalization`` (its 4th output is the residual sum).
 * ``rms_norm``: an RMSNorm with no residual Add before it (the first layer's, Gemma's norms after
-  attention and MLP) -> the same kernel reading ``x`` as input and skip, with 4 x epsilon: the norm
-  of 2x with 4 eps is the norm of x with eps, exactly in binary floating point. (ONNX Runtime's
-  plain ``SimplifiedLayerNormalization`` is registered in the ONNX domain, which the ONNX checker
-  rejects.) The kernel takes 2-D or 3-D input: a norm over 4-D heads (Qwen3's, Gemma 3's q/k norm)
-  stays as written.
+  attention and MLP, per-head q/k norms) -> the same kernel reading ``x`` as input and skip, with 4 x
+  epsilon: the norm of 2x with 4 eps is the norm of x with eps, exactly in binary floating point.
+  (ONNX Runtime's plain ``SimplifiedLayerNormalization`` is registered in the ONNX domain, which the
+  ONNX checker rejects.) The kernel takes 2-D or 3-D input: 4-D heads (Qwen3's, Gemma 3's q/k norm)
+  are flattened to (rows, head size) for it and reshaped back.
 * ``skip_layer_norm``: residual ``Add`` + ``LayerNormalization`` (the exporter writes LayerNorm as
   that one op) -> ``com.microsoft.SkipLayerNormalization``, as above (Phi, GPT-J, StableLM, Falcon; OPT's
   norms read a Reshape of the residual sum, on which the kernel would save no node: they stay).
@@ -262,10 +262,9 @@ def _fuse_skip_rms_norm(g: _Graph, report: FuseReport) -> None:
         x, gamma, eps, nodes, y = match
         residual = _residual_add(g, nodes[0], x)
         if residual is None:
-            if len(g.shape(x) or []) in (2, 3) and g.elem_type(x) == onnx.TensorProto.FLOAT:
-                g.replace(nodes, [helper.make_node("SkipSimplifiedLayerNormalization", [x, x, gamma], [y],
-                                                   name=f"{reduce.name}_rms_norm", domain=MS_DOMAIN,
-                                                   epsilon=float(np.float32(eps) * np.float32(4)))])
+            alone = _rms_norm_alone(g, x, gamma, eps, y, reduce.name)
+            if alone:
+                g.replace(nodes, alone)
                 report.fusions["rms_norm"] += 1
             else:
                 standalone += 1
@@ -278,7 +277,31 @@ def _fuse_skip_rms_norm(g: _Graph, report: FuseReport) -> None:
         report.fusions["skip_rms_norm"] += 1
     if standalone:
         report.notes.append(f"{standalone} RMSNorm(s) with no residual Add before them left as written: their input "
-                            "is not 2-D or 3-D fp32 (a per-head q/k norm), which the kernel needs")
+                            "is not fp32 of a known rank with a static last axis")
+
+
+def _rms_norm_alone(g: _Graph, x: str, gamma: str, eps: float, y: str, name: str) -> list[onnx.NodeProto]:
+    """An RMSNorm with no residual Add before it as the skip kernel reading ``x`` as input and skip with
+    4x epsilon (the norm of 2x with 4 eps is the norm of x with eps: exact, powers of two). The kernel
+    takes 2-D or 3-D input: 4-D heads (a per-head q/k norm) go through it flattened to (rows, head
+    size) and back to ``x``'s shape (4 nodes for 7). [] where ``x`` is not fp32 of such a shape."""
+    shape = g.shape(x)
+    if g.elem_type(x) != onnx.TensorProto.FLOAT or not shape or not isinstance(shape[-1], int) or len(shape) > 4:
+        return []
+    epsilon = float(np.float32(eps) * np.float32(4))
+    if len(shape) in (2, 3):
+        return [helper.make_node("SkipSimplifiedLayerNormalization", [x, x, gamma], [y], name=f"{name}_rms_norm",
+                                 domain=MS_DOMAIN, epsilon=epsilon)]
+    if len(shape) != 4:
+        return []
+    rows, normed, like = f"{name}_rows", f"{name}_rows_normed", f"{name}_shape"
+    return [helper.make_node("Constant", [], [f"{rows}_shape"], name=f"{rows}_shape",
+                             value=helper.make_tensor(f"{rows}_shape", onnx.TensorProto.INT64, [2], [-1, shape[-1]])),
+            helper.make_node("Reshape", [x, f"{rows}_shape"], [rows], name=rows),
+            helper.make_node("SkipSimplifiedLayerNormalization", [rows, rows, gamma], [normed],
+                             name=f"{name}_rms_norm", domain=MS_DOMAIN, epsilon=epsilon),
+            helper.make_node("Shape", [x], [like], name=like),
+            helper.make_node("Reshape", [normed, like], [y], name=f"{name}_rms_norm_back")]
 
 
 def _fuse_layer_norm(g: _Graph, report: FuseReport) -> int:
