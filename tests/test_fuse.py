@@ -197,6 +197,34 @@ def test_a_routers_softmax_is_not_counted_as_attention_left_unfused(tiny_build, 
     assert not any("softmax" in note for note in report.notes), report.notes
 
 
+@pytest.mark.parametrize("sparse_mixer", [False, True])
+def test_a_softmax_over_scores_of_two_activations_is_attention(tmp_path, sparse_mixer):
+    """Which softmaxes a note counts as attentions left unfused: one over Q K^T (two activations) is; one
+    over a router's projection is not, also when the logits are masked from their own maximum first
+    (PhiMoE's sparse mixer: Where(max - logits > t, -inf, logits))."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "router")
+    nodes = [helper.make_node("MatMul", ["x", "router"], ["logits"], name="router_logits")]
+    if sparse_mixer:
+        nodes += [helper.make_node("ReduceMax", ["logits"], ["top"], name="top", keepdims=1, axes=[-1]),
+                  helper.make_node("Sub", ["top", "logits"], ["gap"], name="gap"),
+                  helper.make_node("Greater", ["gap", "threshold"], ["far"], name="far"),
+                  helper.make_node("Where", ["far", "lowest", "logits"], ["scores"], name="masked")]
+    nodes += [helper.make_node("Softmax", ["scores" if sparse_mixer else "logits"], ["routing"], name="routing"),
+              helper.make_node("MatMul", ["x", "xt"], ["qk"], name="qk"),
+              helper.make_node("Softmax", ["qk"], ["probs"], name="attention")]
+    consts = [w, numpy_helper.from_array(np.array(0.5, np.float32), "threshold"),
+              numpy_helper.from_array(np.array(-np.inf, np.float32), "lowest")]
+    graph = helper.make_graph(nodes, "routers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["s", 8]),
+                                                 helper.make_tensor_value_info("xt", TensorProto.FLOAT, [8, "s"])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("routing", "probs")],
+                              consts)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "g.onnx")
+    report = fuse_decoder(tmp_path / "g.onnx", tmp_path / "out.onnx")
+    assert [n for n in report.notes if "softmax" in n] == ["1 attention softmax(es) left unfused: no additive mask "
+                                                           "before the softmax"], report.notes
+
+
 def _every_attention_fused(build, tmp_path, rotary: bool = True):
     """The build's decoder fused: every layer's attention (and, with ``rotary``, its rotary) in one
     GroupQueryAttention, the KV one shared buffer. Returns (exported graph, fused graph, fused model)."""

@@ -529,15 +529,26 @@ def _windows_by_attention(layer_windows, attentions: int, max_positions: int) ->
     return windows, ""
 
 
-def _over_a_projection(g, softmax: onnx.NodeProto) -> bool:
-    """A softmax over a layer's output (x W: a mixture of experts' router), not attention: no note
-    counts it among the attentions left unfused."""
-    producer = g.producer.get(softmax.input[0])
-    if producer is None or producer.op_type not in ("MatMul", "Gemm"):
-        return False
-    weight = g.producer.get(producer.input[1])
-    return producer.input[1] in g.inits or (weight is not None and weight.op_type == "Transpose"
-                                            and weight.input[0] in g.inits)
+def _over_a_projection(g, softmax: onnx.NodeProto, limit: int = 16) -> bool:
+    """A softmax over a layer's output (x W: a mixture of experts' router, Mixtral's; or scores masked
+    and rescaled from it, PhiMoE's sparse mixer), not attention: no note counts it among the attentions
+    left unfused. Walking up from the softmax, every MatMul / Gemm reached first on each path has a
+    constant weight; attention's scores are a product of two activations (Q K^T)."""
+    frontier, seen, projections = [softmax.input[0]], set(), 0
+    while frontier and len(seen) < limit:
+        node = g.producer.get(frontier.pop(0))
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type in ("MatMul", "Gemm"):
+            weight = g.producer.get(node.input[1])
+            if not (node.input[1] in g.inits or (weight is not None and weight.op_type == "Transpose"
+                                                  and weight.input[0] in g.inits)):
+                return False  # scores of two activations
+            projections += 1
+            continue
+        frontier += [i for i in node.input if i and i not in g.inits]
+    return projections > 0 and not frontier
 
 
 #: (heads, kv heads, head size, rotary width, interleaved, softcap) -> what ONNX Runtime answered ("": it ran)
