@@ -2,6 +2,7 @@
 
     python benchmarks/make_model.py realistic /tmp/models/realistic   # CLIP ViT-B/16@224 + SmolLM2-135M-shaped Llama
     python benchmarks/make_model.py tiny /tmp/models/tiny             # the test suite's tiny LLaVA
+    python benchmarks/make_model.py gemma3 /tmp/models/gemma3         # a small tower + Gemma-3-270M-shaped LM
 
 ``realistic`` has the shapes that decide speed: a CLIP ViT-B/16 tower at 224 px (196 image
 tokens, 86M parameters) and a decoder shaped like SmolLM2-135M (hidden 576, 30 layers, 9 heads,
@@ -20,27 +21,48 @@ import torch
 IMAGE_TOKEN_ID = 16  # SmolLM2's reserved "<empty_output>", as in the demo: no resized embeddings
 
 
-def make_realistic(out: Path, seed: int = 0) -> Path:
-    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration)
+def _save_llava(out: Path, vision, text, image_size: int, seed: int = 0) -> Path:
+    """A random LLaVA of ``vision`` (CLIP) and ``text`` configs at ``out``, with SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
 
     from vlm_export.demo.smollm2 import GGUF_NAME, gguf_dir
 
     torch.manual_seed(seed)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu", tie_word_embeddings=text.tie_word_embeddings)
+    LlavaForConditionalGeneration(cfg).eval().save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf_dir(), gguf_file=GGUF_NAME).save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(out)
+    return out
+
+
+def make_realistic(out: Path, seed: int = 0) -> Path:
+    from transformers import CLIPVisionConfig, LlamaConfig
+
     vision = CLIPVisionConfig(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
                               num_hidden_layers=12, num_attention_heads=12, projection_dim=512)
     text = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                        rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
                        bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
-                      vision_feature_layer=-2, vision_feature_select_strategy="default",
-                      projector_hidden_act="gelu", tie_word_embeddings=True)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(gguf_dir(), gguf_file=GGUF_NAME).save_pretrained(out)
-    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(out)
-    return out
+    return _save_llava(out, vision, text, 224, seed)
+
+
+def make_gemma3(out: Path, seed: int = 0) -> Path:
+    """A 2-layer 64 px tower and a Gemma-3-270M-shaped LM (hidden 640, 18 layers, 4 heads and 1 KV head of
+    256, MLP 2048, RMSNorms before and after attention and MLP, q/k norms, a 512-token window on 5 of 6
+    layers), its vocabulary SmolLM2's 49152 (Gemma's 262k would be most of the weights)."""
+    from transformers import CLIPVisionConfig, Gemma3TextConfig
+
+    vision = CLIPVisionConfig(image_size=64, patch_size=16, hidden_size=128, intermediate_size=256,
+                              num_hidden_layers=2, num_attention_heads=4, projection_dim=64)
+    text = Gemma3TextConfig(vocab_size=49152, hidden_size=640, num_hidden_layers=18, num_attention_heads=4,
+                            num_key_value_heads=1, head_dim=256, intermediate_size=2048, sliding_window=512,
+                            query_pre_attn_scalar=256, max_position_embeddings=4096,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    return _save_llava(out, vision, text, 64, seed)
 
 
 def make_tiny(out: Path) -> Path:
@@ -52,10 +74,11 @@ def make_tiny(out: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=("realistic", "tiny"))
+    makers = {"realistic": make_realistic, "tiny": make_tiny, "gemma3": make_gemma3}
+    parser.add_argument("kind", choices=tuple(makers))
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
-    path = (make_realistic if args.kind == "realistic" else make_tiny)(args.out)
+    path = makers[args.kind](args.out)
     n = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     print(f"{args.kind} LLaVA written to {path} ({n / 1e6:.0f} MB of weights)")
 
