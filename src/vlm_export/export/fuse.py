@@ -286,7 +286,7 @@ def _rms_norm_alone(g: _Graph, x: str, gamma: str, eps: float, y: str, name: str
     takes 2-D or 3-D input: 4-D heads (a per-head q/k norm) go through it flattened to (rows, head
     size) and back to ``x``'s shape (4 nodes for 7). [] where ``x`` is not fp32 of such a shape."""
     shape = g.shape(x)
-    if g.elem_type(x) != onnx.TensorProto.FLOAT or not shape or not isinstance(shape[-1], int) or len(shape) > 4:
+    if g.elem_type(x) != onnx.TensorProto.FLOAT or not shape or not isinstance(shape[-1], int):
         return []
     epsilon = float(np.float32(eps) * np.float32(4))
     if len(shape) in (2, 3):
