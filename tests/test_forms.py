@@ -343,11 +343,15 @@ def test_repositories_on_a_gpu(tiny_build, w4_build, tmp_path):
     assert len(notes) == 1 and notes[0].startswith("lm_decoder ships only ONNX Runtime's fused form"), notes
 
 
-def test_a_fused_form_that_fails_parity_falls_back_to_the_standard_graph(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision, cause", [("fp32", "a bug of the fusion pass on this model"),
+                                              ("decoder=int8", "each form is converted to int8 on its own")])
+def test_a_fused_form_that_fails_parity_falls_back_to_the_standard_graph(tiny_model_dir, tmp_path, monkeypatch,
+                                                                         precision, cause):
     """A fusion that changes the model's outputs (here: the real pass, then one RMSNorm weight of its
     graph scaled, as a wrong rewrite would) costs the speed-up, not the build: the fused files go, the
     onnxruntime target runs the standard graph, judged again as the candidate, and the fused form's
-    failures stay in the manifest."""
+    failures stay in the manifest. The reason names the likely cause: the pass, or at a reduced precision
+    also that precision's own conversion of each form."""
     import numpy as np
     from onnx import numpy_helper
 
@@ -365,11 +369,13 @@ def test_a_fused_form_that_fails_parity_falls_back_to_the_standard_graph(tiny_mo
         return report
 
     monkeypatch.setattr(build_module, "fuse_decoder", wrong_fusion)
-    result = build(tiny_model_dir("llava-llama"), tmp_path / "fallback", BuildOptions(parity_new_tokens=4))
+    result = build(tiny_model_dir("llava-llama"), tmp_path / "fallback",
+                   BuildOptions(parity_new_tokens=4, precision=parse_precision(precision)))
     manifest = result.manifest
     decoder = manifest["graphs"]["lm_decoder"]
     fusion = decoder["fusion"]
     assert fusion["made"] is False and "failed parity where the standard graph passed" in fusion["reason"]
+    assert cause in fusion["reason"]
     assert fusion["parity_failures"] and all(f.startswith(("prefill/", "decode/", "end-to-end onnxruntime"))
                                              for f in fusion["parity_failures"])
     assert fusion["nodes_after"] < fusion["nodes_before"]  # what the pass did is still on record

@@ -618,8 +618,12 @@ def _only_the_fused_form_failed(failures: list[str], manifest: dict, stage: str)
         return ""  # nothing failed, or no standard graph to fall back to (a fused MatMulNBits decoder)
     if all(f.split("/", 1)[0] in DECODER_ENTRIES or f.startswith(("end-to-end onnxruntime", "task accuracy"))
            for f in failures):
+        precision = manifest["precision"][stage]
+        cause = ("a bug of the fusion pass on this model" if precision == "fp32" else
+                 f"each form is converted to {precision} on its own (calibration, the layers kept fp32), so the "
+                 "fusion pass or that conversion")
         return (f"its fused form failed parity where the standard graph passed ({len(failures)} check(s), the "
-                f"first {failures[0]}): a bug of the fusion pass on this model, its failures kept in this record")
+                f"first {failures[0]}): {cause}, its failures kept in this record")
     return ""
 
 
