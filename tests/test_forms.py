@@ -343,6 +343,23 @@ def test_repositories_on_a_gpu(tiny_build, w4_build, tmp_path):
     assert len(notes) == 1 and notes[0].startswith("lm_decoder ships only ONNX Runtime's fused form"), notes
 
 
+def _fusion_then(monkeypatch, edit) -> None:
+    """The build's fusion pass as it is, then ``edit(model)`` applied to the fused graph it wrote (a wrong
+    rewrite, as a bug of the pass would leave it)."""
+    import vlm_export.build as build_module
+
+    real = build_module.fuse_decoder
+
+    def fused_then_edited(src, dst, max_positions, layer_windows):
+        report = real(src, dst, max_positions=max_positions, layer_windows=layer_windows)
+        model = onnx.load(str(dst))
+        edit(model)
+        onnx.save(model, str(dst))
+        return report
+
+    monkeypatch.setattr(build_module, "fuse_decoder", fused_then_edited)
+
+
 @pytest.mark.parametrize("precision, cause", [("fp32", "a bug of the fusion pass on this model"),
                                               ("decoder=int8", "each form is converted to int8 on its own")])
 def test_a_fused_form_that_fails_parity_falls_back_to_the_standard_graph(tiny_model_dir, tmp_path, monkeypatch,
@@ -355,20 +372,12 @@ def test_a_fused_form_that_fails_parity_falls_back_to_the_standard_graph(tiny_mo
     import numpy as np
     from onnx import numpy_helper
 
-    import vlm_export.build as build_module
-
-    real = build_module.fuse_decoder
-
-    def wrong_fusion(src, dst, max_positions, layer_windows):
-        report = real(src, dst, max_positions=max_positions, layer_windows=layer_windows)
-        model = onnx.load(str(dst))
+    def scale_a_norm(model):
         norm = next(n for n in model.graph.node if n.op_type == "SkipSimplifiedLayerNormalization")
         weight = next(t for t in model.graph.initializer if t.name == norm.input[2])
         weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(3.0), weight.name))
-        onnx.save(model, str(dst))
-        return report
 
-    monkeypatch.setattr(build_module, "fuse_decoder", wrong_fusion)
+    _fusion_then(monkeypatch, scale_a_norm)
     result = build(tiny_model_dir("llava-llama"), tmp_path / "fallback",
                    BuildOptions(parity_new_tokens=4, precision=parse_precision(precision)))
     manifest = result.manifest
@@ -394,21 +403,13 @@ def test_a_fused_form_onnx_runtime_refuses_falls_back_to_the_standard_graph(tiny
     ``kv_num_heads`` dropped, as a rewrite that misses a kernel's unstated limit would leave it) costs
     the speed-up, not the build: the standard graph runs and is judged as the candidate, and the
     runtime's refusal is the recorded reason, naming the file and not the build's temporary folder."""
-    import vlm_export.build as build_module
-
-    real = build_module.fuse_decoder
-
-    def refused_fusion(src, dst, max_positions, layer_windows):
-        report = real(src, dst, max_positions=max_positions, layer_windows=layer_windows)
-        model = onnx.load(str(dst))
+    def drop_kv_heads(model):
         kernel = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
         kept = [a for a in kernel.attribute if a.name != "kv_num_heads"]
         del kernel.attribute[:]
         kernel.attribute.extend(kept)
-        onnx.save(model, str(dst))
-        return report
 
-    monkeypatch.setattr(build_module, "fuse_decoder", refused_fusion)
+    _fusion_then(monkeypatch, drop_kv_heads)
     result = build(tiny_model_dir("llava-llama"), tmp_path / "refused", BuildOptions(parity_new_tokens=4))
     fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
     assert fusion["made"] is False and "parity_failures" not in fusion
