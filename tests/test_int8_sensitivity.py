@@ -17,7 +17,7 @@ from vlm_export.precision.smoothquant import per_token_int8, weighted_matmuls
 WIDTH, LAYERS, BAD = 64, 8, 3
 
 
-def _chain(rng) -> onnx.ModelProto:
+def _chain(rng, output: str = "logits") -> onnx.ModelProto:
     """LAYERS MatMuls with a Tanh between each (bounded inputs: int8 loses ~1% there), except that the
     input of MatMul BAD carries one channel 1,000x the others that its weight ignores (zero row): one
     scale per token leaves the channels that matter a handful of codes, so its output is the worst."""
@@ -32,13 +32,13 @@ def _chain(rng) -> onnx.ModelProto:
             nodes.append(helper.make_node("Mul", [x, "outlier"], [f"big{i}"], name=f"big{i}"))
             x = f"big{i}"
         inits.append(numpy_helper.from_array(w, f"w{i}"))
-        out = "logits" if i == LAYERS - 1 else f"y{i}"
+        out = output if i == LAYERS - 1 else f"y{i}"
         nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [out], name=f"mm{i}"))
         if i < LAYERS - 1:
             nodes.append(helper.make_node("Tanh", [out], [f"t{i}"], name=f"tanh{i}"))
             x = f"t{i}"
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", WIDTH])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", WIDTH])], inits)
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, [1, "s", WIDTH])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -185,7 +185,7 @@ def test_a_tied_head_asked_int8_is_quantized_and_the_lookup_keeps_its_table(tmp_
     import vlm_export.precision.convert as convert
 
     feeds = _tied(tmp_path)
-    want = [sensitivity._outputs(onnx.load(str(tmp_path / "tied.onnx")), "logits", feeds, 1)]
+    want = [sensitivity._outputs(onnx.load(str(tmp_path / "tied.onnx")), ["logits"], feeds, 1)]
     for head, quantized in (("fp32", {"mm"}), ("int8", {"mm", "head"})):
         info = convert.to_int8(tmp_path / "tied.onnx", tmp_path / f"{head}.onnx", feeds,
                                PrecisionOptions(lm_head=head, int8_fp32_matmuls="0", int8_kernel="u8u8"))
@@ -197,7 +197,7 @@ def test_a_tied_head_asked_int8_is_quantized_and_the_lookup_keeps_its_table(tmp_
             assert next(n for n in model.graph.node if n.name == "head").input[1] == "table_t"
         lookup = next(n for n in model.graph.node if n.op_type == "Gather")
         assert lookup.input[0] == "table"
-        got = sensitivity._outputs(model, "logits", feeds, 1)
+        got = sensitivity._outputs(model, ["logits"], feeds, 1)
         # the Q/DQ form's s8 x s8 products run on ONNX Runtime's u8s8 kernel, whose AVX2 form (no VNNI)
         # saturates pair sums at int16 on this table's large codes: 0.9936 on an AMD EPYC, > 0.995 with VNNI
         assert sensitivity._cosines(want[0], got) > 0.99
@@ -210,7 +210,7 @@ def test_a_w8_head_in_the_onnxruntime_form_and_fp32_in_the_standard_one(tmp_path
 
     for fused in (True, False):
         feeds = _tied(tmp_path, fused)
-        want = sensitivity._outputs(onnx.load(str(tmp_path / "tied.onnx")), "logits", feeds, 1)
+        want = sensitivity._outputs(onnx.load(str(tmp_path / "tied.onnx")), ["logits"], feeds, 1)
         info = convert.to_int8(tmp_path / "tied.onnx", tmp_path / "w8.onnx", feeds,
                                PrecisionOptions(lm_head="w8", int8_fp32_matmuls="0", int8_kernel="u8u8"))
         model = onnx.load(str(tmp_path / "w8.onnx"))
@@ -218,7 +218,52 @@ def test_a_w8_head_in_the_onnxruntime_form_and_fp32_in_the_standard_one(tmp_path
         assert [next(a.i for a in n.attribute if a.name == "bits") for n in nbits] == ([8] if fused else [])
         assert info.details["lm_head"].startswith("w8 (MatMulNBits" if fused else "fp32 (w8 is ONNX Runtime's")
         assert next(n for n in model.graph.node if n.op_type == "Gather").input[0] == "table"
-        assert sensitivity._cosines(want, sensitivity._outputs(model, "logits", feeds, 1)) > 0.99
+        assert sensitivity._cosines(want, sensitivity._outputs(model, ["logits"], feeds, 1)) > 0.99
+
+
+def test_an_image_stage_keeps_its_worst_matmul_fp32_and_a_rebuild_reuses_the_choice(chain_and_feeds, tmp_path):
+    """An image stage's static int8 (one calibrated scale per tensor): the MatMul whose input carries
+    the outlier channel is ranked worst and kept fp32, which brings the output to the int8 gate that
+    all-int8 misses; the choice is kept beside the ranges, so a rebuild needs no calibration inputs."""
+    import onnxruntime as ort
+
+    import vlm_export.precision.convert as convert
+
+    _, feeds = chain_and_feeds
+    model = _chain(np.random.default_rng(0), output="image_features")  # no LM head: an image stage
+    src = tmp_path / "vision.onnx"
+    onnx.save(model, str(src))
+
+    def worst_cosine(path) -> float:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        reference = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+        return sensitivity._cosines([reference.run(None, f)[0] for f in feeds], [session.run(None, f)[0] for f in feeds])
+
+    notes, cache = [], tmp_path / "ranges.json"
+    chosen = convert.to_int8(src, tmp_path / "a.onnx", feeds, PrecisionOptions(), cache, note=notes.append)
+    fallback = chosen.details["fp32_fallback"]
+    assert fallback["kept"] == [f"mm{BAD}"] and [t["fp32_matmuls"] for t in fallback["trials"]] == [0, 1]
+    assert fallback["trials"][0]["min_cosine"] < sensitivity.TARGET_COSINE <= fallback["trials"][1]["min_cosine"]
+    assert notes[-1].startswith("1 of 8 MatMuls fp32: lowest image_features cosine")
+    assert chosen.details["quantized_matmuls"] == LAYERS - 1
+    graph = onnx.load(str(tmp_path / "a.onnx")).graph
+    read_dequantized = {n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")
+                        and any(i.endswith("_DequantizeLinear_Output") for i in n.input)}
+    assert f"mm{BAD}" not in read_dequantized and "mm0" in read_dequantized
+    assert worst_cosine(tmp_path / "a.onnx") >= sensitivity.TARGET_COSINE
+
+    none = convert.to_int8(src, tmp_path / "b.onnx", feeds, PrecisionOptions(int8_fp32_matmuls="0"), None)
+    assert none.details["fp32_fallback"]["kept"] == []
+    assert worst_cosine(tmp_path / "b.onnx") < sensitivity.TARGET_COSINE
+    every = convert.to_int8(src, tmp_path / "c.onnx", feeds, PrecisionOptions(int8_fp32_matmuls="20"), None)
+    assert len(every.details["fp32_fallback"]["kept"]) == LAYERS  # a count past the stage's own: all of them
+
+    again = convert.to_int8(src, tmp_path / "d.onnx", None, PrecisionOptions(), cache)  # no inputs: from the cache
+    assert again.details["calibration_cache"]["reused"] and again.details["fp32_fallback"] == fallback
+    assert onnx.load(str(tmp_path / "d.onnx")).graph == graph
+    convert.image_fallback_path(cache).unlink()  # ranges without the choice: it must be measured again
+    with pytest.raises(ExportError, match="needs calibration inputs to choose which layers stay fp32"):
+        convert.to_int8(src, tmp_path / "e.onnx", None, PrecisionOptions(), cache)
 
 
 def test_a_cached_rebuild_picks_the_same_codes_and_gptq_needs_the_inputs(chain_and_feeds, tmp_path):

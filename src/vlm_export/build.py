@@ -41,7 +41,7 @@ from .export.fuse import fuse_decoder
 from .export.graph_info import check_graph, graph_bytes, graph_io
 from .export.onnx_export import export_stage
 from .precision.calibration import CalibrationPair, cache_path, default_pairs, stage_feeds
-from .precision.convert import PrecisionOptions, make_variant, quiet_logging
+from .precision.convert import PrecisionOptions, image_fallback_path, make_variant, quiet_logging
 from .precision.spec import PrecisionPlan
 from .precision.weight_only import check_whole_blocks, needs_whole_blocks
 from .manifest import (MANIFEST_NAME, derive_targets, folder_hashes, is_build_folder, read_manifest, sha256_file,
@@ -129,7 +129,7 @@ class BuildOptions:
             ("--int8-kernel", po.int8_kernel != default.int8_kernel, "picks an int8 decoder's kernels", int8_decoder,
              "decoder=int8"),
             ("--int8-fp32-matmuls", po.int8_fp32_matmuls != default.int8_fp32_matmuls,
-             "sets how many of an int8 decoder's MatMuls stay fp32", int8_decoder, "decoder=int8"),
+             "sets how many of an int8 stage's MatMuls stay fp32", int8_decoder or int8_image_stage, "decoder=int8"),
             ("--calibration", po.calibration != default.calibration, "sets how int8 image stages are calibrated "
              "(an int8 decoder's ranges are its channels' maxima)", int8_image_stage, "vision=int8"),
             ("--keep-node", bool(po.exclude_nodes), "keeps nodes out of int8/w8/w4 quantization",
@@ -459,11 +459,13 @@ def _calibration(tmp, graphs, precisions, options, reference, source_sha256, pro
     caches.update({f"{stage}.fused": cache_path(f"{stage}.fused", tmp / fused[stage]["file"], source_sha256, pairs,
                                                  po.calibration, choices)
                    for stage in int8_stages if stage in fused})
-    for cache in caches.values():
+    # an image stage keeps the fp32 fallback chosen on its ranges beside them (convert._static_int8)
+    needed = list(caches.values()) + [image_fallback_path(caches[stage]) for stage in int8_stages if stage != decoder]
+    for cache in needed:
         _drop_if_unreadable(cache)
     _check_kept_nodes(tmp, graphs, fused, precisions, po.exclude_nodes)
     feeds = {}
-    if gptq_stages or any(not c.exists() for c in caches.values()):  # a rebuild with every range cached skips this
+    if gptq_stages or any(not c.exists() for c in needed):  # a rebuild with every range cached skips this
         with progress.step(f"calibration inputs ({len(pairs)} image+text pairs through PyTorch)") as advance:
             feeds = stage_feeds(reference, pairs)
             advance()

@@ -24,8 +24,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -500,36 +502,98 @@ def to_int8(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndarray]]
     keep = list(options.exclude_nodes) + (head if head and options.head_precision("int8") != "int8" else [])
     if head:
         return _decoder_int8(src, dst, calibration_feeds, options, cache, keep, note, tensorrt_only)
-    return _static_int8(src, dst, model, calibration_feeds, options, cache, cached, keep)
+    return _static_int8(src, dst, model, calibration_feeds, options, cache, keep, note)
+
+
+def image_fallback_path(cache: Path) -> Path:
+    """Where an image stage's fp32 fallback, chosen on the ranges in ``cache``, is kept beside them."""
+    return cache.with_name(cache.name + ".fallback.json")
+
+
+def _read_fallback(path: Path | None):
+    """The fallback kept beside an image stage's ranges, or None (missing or unreadable: chosen again)."""
+    from .sensitivity import Fallback
+
+    try:
+        return Fallback.from_dict(json.loads(path.read_text())) if path is not None and path.exists() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_fallback(path: Path | None, fallback) -> None:
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(fallback.to_dict()))
+    os.replace(tmp, path)
 
 
 def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds, options: PrecisionOptions,
-                 cache: Path | None, cached: bool, keep: list[str]) -> VariantInfo:
-    """``model``: ``src`` as loaded without its external data (to size it)."""
+                 cache: Path | None, keep: list[str], note=None) -> VariantInfo:
+    """An image stage: static Q/DQ from ONNX Runtime's calibrated ranges, the MatMuls and Gemms whose
+    int8 costs the stage's outputs most kept fp32 (``sensitivity``, per-tensor activations) until they
+    reach the int8 gate on the calibration pairs; ``--int8-fp32-matmuls N`` keeps the N worst instead.
+    ``model``: ``src`` as loaded without its external data (to size it). ``cache``: the ranges (ONNX
+    Runtime's JSON) and, beside them, the fallback chosen on them; both there, nothing is measured."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from . import sensitivity
 
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[options.calibration]
-    quantize_static(
-        os.fspath(src), os.fspath(dst), None if cached else _Feeds(calibration_feeds),
-        quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-        calibrate_method=method, nodes_to_exclude=keep, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
-        use_external_data_format=weight_bytes(model) > EXTERNAL_DATA_THRESHOLD,
-        # QuantizeBias False: Conv/Gemm biases stay float instead of INT32 DequantizeLinear, which
-        # TensorRT's ONNX parser rejects (NVIDIA/TensorRT#3360, onnx/onnx-tensorrt#850). ONNX Runtime
-        # CPU fuses either form into QLinearConv/QGemm: on a biased Conv+Gemm graph both ran in the
-        # same time (1.42 vs 1.54 ms, 1 thread), so this is the only form.
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
-        calibration_cache_path=cache,
-    )
+    cached = cache is not None and cache.exists()
+    fallback_file = None if cache is None else image_fallback_path(cache)
+    fallback = _read_fallback(fallback_file) if cached else None
+    layers = sensitivity.weighted_layers(model, keep)
+    setting = options.int8_fp32_matmuls
+    none_kept = setting != "auto" and int(setting) == 0
+    if fallback is None and layers and not none_kept and not calibration_feeds:
+        raise ExportError(f"int8 for {src.stem} needs calibration inputs to choose which layers stay fp32 (its "
+                          f"calibration cache {cache} has the ranges only); delete the cache to calibrate again")
+    with tempfile.TemporaryDirectory() as scratch:
+        # the ranges are calibrated once (the candidates below reuse them); without a cache of the
+        # caller's, in a scratch file
+        ranges = cache if cache is not None else Path(scratch) / "ranges.json"
+
+        def quantize_to(out: Path, kept: list[str]) -> None:
+            quantize_static(
+                os.fspath(src), os.fspath(out), None if ranges.exists() else _Feeds(calibration_feeds),
+                quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                calibrate_method=method, nodes_to_exclude=keep + kept, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+                use_external_data_format=weight_bytes(model) > EXTERNAL_DATA_THRESHOLD,
+                # QuantizeBias False: Conv/Gemm biases stay float instead of INT32 DequantizeLinear, which
+                # TensorRT's ONNX parser rejects (NVIDIA/TensorRT#3360, onnx/onnx-tensorrt#850). ONNX Runtime
+                # CPU fuses either form into QLinearConv/QGemm: on a biased Conv+Gemm graph both ran in the
+                # same time (1.42 vs 1.54 ms, 1 thread), so this is the only form.
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+                calibration_cache_path=ranges,
+            )
+
+        if fallback is None and (not layers or none_kept):
+            fallback = sensitivity.Fallback([], setting, None)
+            _write_fallback(fallback_file, fallback)
+        if fallback is None:
+            def quantize(candidate: onnx.ModelProto, kept: list[str]) -> None:
+                out = Path(scratch) / "candidate.onnx"
+                quantize_to(out, kept)
+                candidate.CopyFrom(onnx.load(os.fspath(out)))
+
+            fp32 = onnx.load(os.fspath(src))
+            _, fallback = sensitivity.choose(fp32, quantize, layers, calibration_feeds, setting,
+                                             [o.name for o in fp32.graph.output], note=note,
+                                             activations="per-tensor", at_most_all=True)
+            del fp32
+            _write_fallback(fallback_file, fallback)
+        quantize_to(dst, fallback.kept)
     check_graph(dst)
     return VariantInfo("int8", {"format": "QDQ", "symmetric": True, "per_channel_weights": True, "bias": "float",
                                 "activations": "int8 static per-tensor (symmetric)",
                                 "calibration": options.calibration,
                                 "calibration_samples": len(calibration_feeds or []),
                                 "calibration_cache": None if cache is None else {"file": str(cache), "reused": cached},
-                                "kept_fp32": keep})
+                                "quantized_matmuls": len(layers) - len(fallback.kept),
+                                "fp32_fallback": fallback.to_dict(), "kept_fp32": keep})
 
 
 def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOptions, cache: Path | None,

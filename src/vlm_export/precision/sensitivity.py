@@ -22,12 +22,18 @@ until the outputs match) but in two cheap steps:
 Why no finer search: keeping one MatMul fp32 alone (leave-one-out over the demo's 40 worst, GPTQ codes)
 moved the calibration pairs' worst cosine anywhere from 0.929 to 0.996, from 0.988 with none kept: the
 int8 errors partly cancel, so a search over sets would fit the calibration pairs, not the model.
+
+An int8 image stage (static per-tensor activations, ONNX Runtime's ``quantize_static``) gets the same
+two steps on its own output (``activations="per-tensor"``): its MatMuls and Gemms ranked by the error
+one scale per tensor (the calibrated range) makes in their output, then the fewest of the worst kept
+fp32 that bring the stage's outputs to ``TARGET_COSINE`` (the stage's own int8 gate) on the calibration
+pairs. Convolutions (a ViT's patch embedding) are not ranked: they stay int8.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -66,41 +72,72 @@ class Fallback:
                    dict(data.get("errors", {})))
 
 
-def _per_token(x: np.ndarray) -> np.ndarray:
-    """``x`` (tokens x channels) after per-token symmetric int8 (the activations' scheme)."""
-    scale = np.maximum(np.abs(x).max(axis=1, keepdims=True) / 127, np.finfo(np.float32).tiny)
+#: how the ranked layers' activations are quantized: per token at run time (an int8 decoder's
+#: SmoothQuant form) or one calibrated scale per tensor (an image stage's static Q/DQ)
+ACTIVATIONS = ("per-token", "per-tensor")
+
+
+def _int8(x: np.ndarray, largest) -> np.ndarray:
+    """``x`` after symmetric int8 with ``scale = largest / 127`` (per row or one for all)."""
+    scale = np.maximum(np.asarray(largest, np.float32) / 127, np.finfo(np.float32).tiny)
     return np.clip(np.rint(x / scale), -127, 127) * scale
+
+
+def weight_kn(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> np.ndarray:
+    """The constant weight of a MatMul or Gemm as ``[K, N]`` (``x @ w``): a Gemm's B transposed
+    where ``transB`` says so."""
+    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+    trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+    return w.T if trans_b else w
+
+
+def weighted_layers(model: onnx.ModelProto, keep: Iterable[str] = ()) -> list[onnx.NodeProto]:
+    """The MatMuls and Gemms with a 2-D float initializer as their weight (B): what an image stage's
+    int8 quantizes and its fallback ranks (``weight_kn`` reads each)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    keep = set(keep)
+    return [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name not in keep
+            and len(n.input) > 1 and n.input[1] in inits and len(inits[n.input[1]].dims) == 2
+            and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT]
 
 
 def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: Iterable[Mapping[str, np.ndarray]],
                   threads: int = 2, budget: int | None = None,
-                  weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, float]:
-    """Per MatMul of ``matmuls`` (constant 2-D weights, of the smoothed ``model``), the mean over
-    calibration tokens of the relative error per-token int8 makes in its output, with the int8
-    weights ``weights`` gives (codes, scales; GPTQ's) or rounded to nearest. One pass keeps an
-    even sample of each feed's tokens (``MAX_ROWS`` in all, fewer where every input's rows would not
-    fit ``budget`` bytes), so that each weight is quantized once."""
+                  weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                  activations: str = "per-token") -> dict[str, float]:
+    """Per MatMul (or Gemm) of ``matmuls`` (constant 2-D weights, of the smoothed ``model``), the mean
+    over calibration tokens of the relative error int8 makes in its output: activations quantized as
+    ``activations`` says (``ACTIVATIONS``; per tensor: with the largest magnitude seen on the feeds as
+    its range, minmax calibration's), weights per channel as ``weights`` gives them (codes, scales;
+    GPTQ's) or rounded to nearest. One pass keeps an even sample of each feed's tokens (``MAX_ROWS``
+    in all, fewer where every input's rows would not fit ``budget`` bytes), so that each weight is
+    quantized once."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations {activations!r} is not one of {', '.join(ACTIVATIONS)}")
     feeds = list(feeds)
     inits = {i.name: i for i in model.graph.initializer}
-    widths = {n.input[0]: inits[n.input[1]].dims[0] for n in matmuls}
+    widths = {n.input[0]: weight_kn(n, inits).shape[0] for n in matmuls}
     tensors = sorted(widths)
     rows = max(16, min(MAX_ROWS, (budget or default_budget()) // (4 * sum(widths.values()))))
     per_feed = max(1, -(-rows // max(len(feeds), 1)))
     xs: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    largest = dict.fromkeys(tensors, 0.0)  # over every token, not the sample: the calibrated range
     with ActivationProbe(model, tensors, threads) as probe:
         for values in probe.run(feeds, tensors):
             for name, value in values.items():
                 x = value.reshape(-1, value.shape[-1])
+                largest[name] = max(largest[name], float(np.abs(x).max(initial=0.0)))
                 x = x[np.abs(x).max(axis=1) > 0]  # padded rows are all zero
                 pick = np.unique(np.linspace(0, len(x) - 1, min(per_feed, len(x))).round().astype(int))
                 xs[name].append(x[pick].astype(np.float32))
     xs = {name: np.concatenate(parts) for name, parts in xs.items()}
     if not all(len(x) for x in xs.values()):
-        raise ExportError("no calibration tokens reached the decoder's MatMuls to rank their int8 error")
-    quantized = {name: _per_token(x) for name, x in xs.items()}
+        raise ExportError("no calibration tokens reached the MatMuls to rank their int8 error")
+    quantized = {name: _int8(x, np.abs(x).max(axis=1, keepdims=True) if activations == "per-token"
+                             else largest[name]) for name, x in xs.items()}
     errors = {}
     for node in matmuls:
-        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        w = weight_kn(node, inits)
         y = xs[node.input[0]] @ w
         norm = np.linalg.norm(y, axis=1)
         live = norm > 0
@@ -119,10 +156,11 @@ def _cosines(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
     return worst
 
 
-def _outputs(model: onnx.ModelProto, output: str, feeds: list[Mapping[str, np.ndarray]], threads: int,
+def _outputs(model: onnx.ModelProto, outputs: Sequence[str], feeds: list[Mapping[str, np.ndarray]], threads: int,
              emulate_qdq: bool = False) -> list[np.ndarray]:
-    with ActivationProbe(model, [output], threads, emulate_qdq) as probe:
-        return [values[output] for values in probe.run(feeds, [output])]
+    """Each feed's ``outputs``, one after another (``_cosines`` pairs them with another run's)."""
+    with ActivationProbe(model, outputs, threads, emulate_qdq) as probe:
+        return [values[name] for values in probe.run(feeds, list(outputs)) for name in outputs]
 
 
 def counts(total: int) -> list[int]:
@@ -133,17 +171,21 @@ def counts(total: int) -> list[int]:
 
 
 def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], feeds: list[Mapping[str, np.ndarray]],
-           setting: str | int = "auto", output: str = "logits", threads: int = 2,
+           setting: str | int = "auto", output: str | Sequence[str] = "logits", threads: int = 2,
            note=None, weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
-           emulate_qdq: bool = False) -> tuple[onnx.ModelProto, Fallback]:
-    """The int8 graph with the fewest of ``matmuls`` kept fp32 that reaches ``TARGET_COSINE`` (``setting``
-    ``auto``), or with the ``setting`` worst kept fp32 (a count). ``quantize(model, kept)`` rewrites a
-    copy of ``smoothed`` to int8 in place, keeping the named MatMuls fp32, with the int8 weights
-    ``weights`` (``matmul_errors``) ranks by. ``note(text)`` is told each trial. ``emulate_qdq``: the
-    candidates are judged with their Q/DQ pairs run as written (a graph only TensorRT serves)."""
+           emulate_qdq: bool = False, activations: str = "per-token",
+           at_most_all: bool = False) -> tuple[onnx.ModelProto, Fallback]:
+    """The int8 graph with the fewest of ``matmuls`` kept fp32 that reaches ``TARGET_COSINE`` on every
+    one of ``output`` (``setting`` ``auto``), or with the ``setting`` worst kept fp32 (a count; more
+    than there are is refused, or all of them with ``at_most_all``). ``quantize(model, kept)`` rewrites
+    a copy of ``smoothed`` to int8 in place, keeping the named layers fp32, with the int8 weights
+    ``weights`` (``matmul_errors``, as are ``activations``) ranks by. ``note(text)`` is told each trial.
+    ``emulate_qdq``: the candidates are judged with their Q/DQ pairs run as written (a graph only
+    TensorRT serves)."""
+    outputs = [output] if isinstance(output, str) else list(output)
     if note:
         note(f"ranking {len(matmuls)} MatMuls by their int8 output error on {len(feeds)} calibration inputs")
-    errors = matmul_errors(smoothed, matmuls, feeds, threads, weights=weights)
+    errors = matmul_errors(smoothed, matmuls, feeds, threads, weights=weights, activations=activations)
     ranked = sorted(errors, key=lambda name: -errors[name])
 
     def candidate(count: int) -> onnx.ModelProto:
@@ -158,17 +200,20 @@ def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], f
 
     if setting != "auto":
         count = int(setting)
+        if at_most_all:
+            count = min(count, len(ranked))
         if not 0 <= count <= len(ranked):
             raise ExportError(f"cannot keep {count} MatMuls fp32: the decoder has {len(ranked)} quantizable ones")
         return candidate(count), fallback(count, [])
-    reference = _outputs(smoothed, output, feeds, threads)
+    reference = _outputs(smoothed, outputs, feeds, threads)
     best, trials = None, []  # (cosine, count); one candidate in memory at a time
     for count in counts(len(ranked)):
         model = candidate(count)
-        cosine = _cosines(reference, _outputs(model, output, feeds, threads, emulate_qdq))
+        cosine = _cosines(reference, _outputs(model, outputs, feeds, threads, emulate_qdq))
         trials.append({"fp32_matmuls": count, "min_cosine": round(cosine, 5)})
         if note:
-            note(f"{count} of {len(ranked)} MatMuls fp32: lowest logits cosine {cosine:.4f} (target {TARGET_COSINE})")
+            note(f"{count} of {len(ranked)} MatMuls fp32: lowest {'/'.join(outputs)} cosine {cosine:.4f} "
+                 f"(target {TARGET_COSINE})")
         if best is None or cosine > best[0]:
             best = (cosine, count)
         if cosine >= TARGET_COSINE:
