@@ -206,6 +206,41 @@ def test_failing_gate_is_reported_not_shipped(tiny_model_dir, tmp_path):
     assert not (tmp_path / "w4.failed" / PARITY_SCRATCH).exists()  # parity's recorded arrays are not kept
 
 
+def test_an_int8_vision_tower_with_outlier_channels_keeps_the_matmul_they_reach_fp32(tmp_path, calibration_cache):
+    """A real CLIP tower whose MLP input carries one channel 300x the others (its LayerNorm scaled up,
+    fc1's column for it scaled down: the same function, the outliers a trained ViT has): one scale per
+    tensor leaves the other channels a few codes. With every MatMul int8 the tower fails its gate;
+    by default the build ranks fc1 worst, keeps it fp32, and passes."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from tiny_models import make_tiny_llava
+    from vlm_export.errors import ParityError
+
+    path = make_tiny_llava(tmp_path / "outliers")
+    model = LlavaForConditionalGeneration.from_pretrained(path)
+    layers = [m for m in model.modules() if hasattr(m, "layer_norm2") and hasattr(m, "mlp")]  # CLIP encoder layers
+    with torch.no_grad():
+        for layer in layers:
+            layer.layer_norm2.weight[0] *= 300
+            layer.layer_norm2.bias[0] *= 300
+            layer.mlp.fc1.weight[:, 0] /= 300
+    model.save_pretrained(path)
+    options = dict(precision=parse_precision("vision=int8"), parity_new_tokens=4)
+    with pytest.raises(ParityError, match="vision_encoder/image_features: cosine"):
+        build(path, tmp_path / "all-int8", BuildOptions(**options,
+                                                       precision_options=PrecisionOptions(int8_fp32_matmuls="0")))
+    result = build(path, tmp_path / "auto", BuildOptions(**options))
+    fallback = result.manifest["graphs"]["vision_encoder"]["variant"]["fp32_fallback"]
+    assert len(fallback["kept"]) == 1 and [t["fp32_matmuls"] for t in fallback["trials"]] == [0, 1]
+    graph = onnx.load(str(result.path / result.manifest["graphs"]["vision_encoder"]["file"])).graph
+    kept = next(n for n in graph.node if n.name == fallback["kept"][0])
+    assert kept.op_type == "MatMul" and not kept.input[0].endswith("_DequantizeLinear_Output")  # fp32 in
+    assert len([n for n in graph.node if n.op_type == "QuantizeLinear"]) > 0  # the rest int8
+    report = json.loads((result.path / "report.json").read_text())
+    assert report["stages"]["vision_encoder"]["image_features"]["cosine"] >= 0.99
+
+
 def test_calibration_folder(tmp_path):
     with pytest.raises(DatasetError, match="no images"):
         folder_pairs(tmp_path)
@@ -589,6 +624,14 @@ def test_a_parity_failure_names_what_to_try_for_each_reduced_precision_stage_at_
     both = _remedies(["task accuracy: onnxruntime 40.0% vs torch 50.0% on the same 10 easy-vqa questions, ..."],
                      precisions, "lm_decoder")
     assert "vision_encoder (fp16): keep the nodes" in both and "lm_decoder (w4)" in both
+    # int8: the image stages' advice once for both, the decoder's its own (its ranges are no calibration method's)
+    int8 = _remedies(["task accuracy: onnxruntime 86.7% vs torch 90.0% ..."],
+                     dict.fromkeys(("vision_encoder", "projector", "lm_decoder"), "int8"), "lm_decoder")
+    image, decoder = int8.split(". To try for ")[1:]
+    assert image.startswith("vision_encoder, projector (int8): ") and "--calibration percentile|entropy" in image
+    assert "--int8-fp32-matmuls N: the N worst; auto stops at a quarter" in image and image.endswith("fp16 for this stage")
+    assert decoder.startswith("lm_decoder (int8): ") and "--calibration " not in decoder.replace("--calibration-", "")
+    assert "--int8-fp32-matmuls N" in decoder and decoder.endswith("or w8 for the decoder")
 
 
 def test_opts_gemm_layers_are_quantized_and_nothing_is_left_float_unsaid(tiny_model_dir, tmp_path):

@@ -346,9 +346,13 @@ def _remedies(failures: list[str], precisions: dict[str, str], decoder_stage: st
         entry = failure.split("/", 1)[0].split(" (", 1)[0]  # "prefill (standard form)/logits: ..."
         suspects |= set(precisions) if failure.startswith("task accuracy") else \
             {decoder_stage if entry in DECODER_ENTRIES else entry}
-    tries = {stage: options.remedies(precisions[stage]) for stage in precisions if stage in suspects}
-    return "".join(f". To try for {stage} ({precisions[stage]}): {', '.join(t[:-1])}{' or ' if len(t) > 1 else ''}"
-                   f"{t[-1]}" for stage, t in tries.items() if t)
+    grouped: dict[tuple, list[str]] = {}  # stages with the same precision and the same advice are named together
+    for stage in precisions:
+        tries = options.remedies(precisions[stage], stage == decoder_stage) if stage in suspects else []
+        if tries:
+            grouped.setdefault((precisions[stage], *tries), []).append(stage)
+    return "".join(f". To try for {', '.join(stages)} ({precision}): {', '.join(tries[:-1])}"
+                   f"{' or ' if len(tries) > 1 else ''}{tries[-1]}" for (precision, *tries), stages in grouped.items())
 
 
 def _check_weight_blocks(stages, precisions: dict[str, str], po: PrecisionOptions) -> None:

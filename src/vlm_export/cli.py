@@ -536,7 +536,7 @@ def _print_summary(path: Path, manifest: dict) -> None:
             users = ", ".join(t for t, by_stage in runs.items() if by_stage.get(stage) == form) or "no target"
             print(f"  {stage:15s} {entry['precision']}  {entry['bytes'] / 1e6:8.1f} MB  {entry['file']}  ({form}: {users})")
             fallback = (entry.get("variant") or {}).get("fp32_fallback")
-            if fallback:  # an int8 decoder: what kept it within the gate, and on which kernel
+            if fallback:  # an int8 stage: what kept it within the gate, and on which kernel
                 kept, total = len(fallback["kept"]), len(fallback["kept"]) + entry["variant"]["quantized_matmuls"]
                 print(f"  {'':15s} {entry['variant']['kernel']}; {kept} of {total} MatMuls kept fp32 ({fallback['setting']})")
         if g.get("fusion") and not g["fusion"].get("made"):

@@ -143,17 +143,23 @@ class PrecisionOptions:
             return TENSORRT_INT4_BLOCK_SIZES
         return (self.block,)
 
-    def remedies(self, precision: str) -> list[str]:
+    def remedies(self, precision: str, decoder: bool = True) -> list[str]:
         """What to try when a stage built at ``precision`` with these options fails its gate: only
         options the build did not take already and that its form accepts (the dequantize form refuses
-        other blocks, fp32 activations and w8)."""
+        other blocks, fp32 activations and w8). ``decoder``: the stage is the LM decoder (an image
+        stage's int8 is calibrated per tensor, a decoder's from its channels' maxima)."""
         if precision == "fp16":
             return ["keep the nodes that lose most in fp32 (--keep-node NAME, repeatable)", "build this stage fp32"]
         if precision == "int8":
+            kept = ("keep more of its MatMuls fp32 (--int8-fp32-matmuls N: the N worst"
+                    + ("; auto stops at a quarter)" if self.int8_fp32_matmuls == "auto" else ")") + " or other nodes "
+                    "(--keep-node NAME)")
+            if decoder:
+                return ["calibrate on your own pairs (--calibration-images DIR --calibration-prompts FILE)", kept,
+                        "w8 for the decoder"]
             other = [c for c in ("minmax", "percentile", "entropy") if c != self.calibration]
             return ["calibrate on your own pairs (--calibration-images DIR --calibration-prompts FILE)",
-                    f"--calibration {'|'.join(other)}", "keep sensitive nodes fp32 (--keep-node NAME; a decoder's "
-                    "MatMuls: --int8-fp32-matmuls N)", "w8 for a decoder"]
+                    f"--calibration {'|'.join(other)}", kept, "fp16 for this stage"]
         if precision not in ("w8", "w4"):
             return []
         tries = []
@@ -523,6 +529,7 @@ def _read_fallback(path: Path | None):
 def _write_fallback(path: Path | None, fallback) -> None:
     if path is None:
         return
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(fallback.to_dict()))
     os.replace(tmp, path)
@@ -589,6 +596,7 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
     check_graph(dst)
     return VariantInfo("int8", {"format": "QDQ", "symmetric": True, "per_channel_weights": True, "bias": "float",
                                 "activations": "int8 static per-tensor (symmetric)",
+                                "kernel": "Q/DQ (ONNX Runtime's QLinear kernels, TensorRT's int8)",
                                 "calibration": options.calibration,
                                 "calibration_samples": len(calibration_feeds or []),
                                 "calibration_cache": None if cache is None else {"file": str(cache), "reused": cached},
