@@ -266,6 +266,39 @@ def test_an_image_stage_keeps_its_worst_matmul_fp32_and_a_rebuild_reuses_the_cho
         convert.to_int8(src, tmp_path / "e.onnx", None, PrecisionOptions(), cache)
 
 
+def test_an_attention_matmul_of_two_activations_is_ranked_and_kept(tmp_path):
+    """Static int8 rounds both inputs of an activation x activation MatMul (attention's scores): one
+    whose left input carries an outlier channel the right one zeroes is ranked worst and kept fp32."""
+    import vlm_export.precision.convert as convert
+
+    rng = np.random.default_rng(1)
+    outlier, mask = np.ones(WIDTH, np.float32), np.ones(WIDTH, np.float32)
+    outlier[0], mask[0] = 1000.0, 0.0
+    w = rng.standard_normal((WIDTH, WIDTH)).astype(np.float32) / np.sqrt(WIDTH)
+    nodes = [helper.make_node("Mul", ["x", "outlier"], ["big"], name="big"),
+             helper.make_node("Mul", ["x", "mask"], ["masked"], name="masked"),
+             helper.make_node("Transpose", ["masked"], ["keys"], name="keys", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["big", "keys"], ["scores"], name="scores"),
+             helper.make_node("Tanh", ["scores"], ["bounded"], name="bounded"),
+             helper.make_node("MatMul", ["bounded", "w"], ["image_features"], name="proj")]
+    inits = [numpy_helper.from_array(outlier, "outlier"), numpy_helper.from_array(mask, "mask"),
+             numpy_helper.from_array(w[:12], "w")]
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 12, WIDTH])],
+                              [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, [1, 12, WIDTH])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    feeds = [{"x": rng.standard_normal((1, 12, WIDTH)).astype(np.float32) / 4} for _ in range(4)]
+    layers = sensitivity.static_layers(model)
+    assert [n.name for n in layers] == ["scores", "proj"]
+    errors = sensitivity.matmul_errors(model, layers, feeds, activations="per-tensor")
+    assert errors["scores"] > 10 * errors["proj"]
+    with pytest.raises(ValueError, match="per-tensor activations only"):
+        sensitivity.matmul_errors(model, layers, feeds)
+    onnx.save(model, str(tmp_path / "vision.onnx"))
+    info = convert.to_int8(tmp_path / "vision.onnx", tmp_path / "int8.onnx", feeds,
+                           PrecisionOptions(int8_fp32_matmuls="1"))
+    assert info.details["fp32_fallback"]["kept"] == ["scores"] and info.details["quantized_matmuls"] == 1
+
+
 def test_a_cached_rebuild_picks_the_same_codes_and_gptq_needs_the_inputs(chain_and_feeds, tmp_path):
     """The calibration cache keeps the channel ranges and the fallback; GPTQ's codes are measured again
     from the calibration inputs, so a rebuild with the cache writes the same graph; without the

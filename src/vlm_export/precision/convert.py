@@ -551,7 +551,7 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
     cached = cache is not None and cache.exists()
     fallback_file = None if cache is None else image_fallback_path(cache)
     fallback = _read_fallback(fallback_file) if cached else None
-    layers = sensitivity.weighted_layers(model, keep)
+    layers = sensitivity.static_layers(model, keep)
     setting = options.int8_fp32_matmuls
     none_kept = setting != "auto" and int(setting) == 0
     if fallback is None and layers and not none_kept and not calibration_feeds:

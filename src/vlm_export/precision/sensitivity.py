@@ -24,8 +24,9 @@ moved the calibration pairs' worst cosine anywhere from 0.929 to 0.996, from 0.9
 int8 errors partly cancel, so a search over sets would fit the calibration pairs, not the model.
 
 An int8 image stage (static per-tensor activations, ONNX Runtime's ``quantize_static``) gets the same
-two steps on its own output (``activations="per-tensor"``): its MatMuls and Gemms ranked by the error
-one scale per tensor (the calibrated range) makes in their output, then the fewest of the worst kept
+two steps on its own outputs (``activations="per-tensor"``): its MatMuls and Gemms ranked by the error
+one scale per tensor (the calibrated range) makes in their output - attention's MatMuls of two
+activations too, which the static quantizer rounds on both sides - then the fewest of the worst kept
 fp32 that bring the stage's outputs to ``TARGET_COSINE`` (the stage's own int8 gate) on the calibration
 pairs. Convolutions (a ViT's patch embedding) are not ranked: they stay int8.
 """
@@ -91,42 +92,66 @@ def weight_kn(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> np
     return w.T if trans_b else w
 
 
-def weighted_layers(model: onnx.ModelProto, keep: Iterable[str] = ()) -> list[onnx.NodeProto]:
-    """The MatMuls and Gemms with a 2-D float initializer as their weight (B): what an image stage's
-    int8 quantizes and its fallback ranks (``weight_kn`` reads each)."""
+#: what ``static_layers`` takes (part of an image stage's calibration cache key)
+STATIC_RANKED = "matmul+gemm+attention"
+
+
+def static_layers(model: onnx.ModelProto, keep: Iterable[str] = ()) -> list[onnx.NodeProto]:
+    """What an image stage's static int8 quantizes and its fallback ranks: the MatMuls and Gemms with a
+    2-D float initializer as their weight (B; ``weight_kn`` reads it), and the MatMuls of two
+    activations (attention's scores and its weighted sum), whose inputs are both quantized too."""
     inits = {i.name: i for i in model.graph.initializer}
     keep = set(keep)
-    return [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name not in keep
-            and len(n.input) > 1 and n.input[1] in inits and len(inits[n.input[1]].dims) == 2
-            and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT]
+
+    def weighted(n) -> bool:
+        return (len(n.input) > 1 and n.input[1] in inits and len(inits[n.input[1]].dims) == 2
+                and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT)
+
+    return [n for n in model.graph.node if n.name not in keep and (
+        n.op_type in ("MatMul", "Gemm") and weighted(n)
+        or n.op_type == "MatMul" and not any(i in inits for i in n.input))]
 
 
 def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: Iterable[Mapping[str, np.ndarray]],
                   threads: int = 2, budget: int | None = None,
                   weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
                   activations: str = "per-token") -> dict[str, float]:
-    """Per MatMul (or Gemm) of ``matmuls`` (constant 2-D weights, of the smoothed ``model``), the mean
-    over calibration tokens of the relative error int8 makes in its output: activations quantized as
-    ``activations`` says (``ACTIVATIONS``; per tensor: with the largest magnitude seen on the feeds as
-    its range, minmax calibration's), weights per channel as ``weights`` gives them (codes, scales;
-    GPTQ's) or rounded to nearest. One pass keeps an even sample of each feed's tokens (``MAX_ROWS``
-    in all, fewer where every input's rows would not fit ``budget`` bytes), so that each weight is
-    quantized once."""
+    """Per MatMul (or Gemm) of ``matmuls`` (of the smoothed ``model``), the mean over calibration tokens
+    of the relative error int8 makes in its output: activations quantized as ``activations`` says
+    (``ACTIVATIONS``; per tensor: with the largest magnitude seen on the feeds as its range, minmax
+    calibration's), a constant 2-D weight per channel as ``weights`` gives it (codes, scales; GPTQ's) or
+    rounded to nearest. One pass keeps an even sample of each feed's tokens (``MAX_ROWS`` in all, fewer
+    where every input's rows would not fit ``budget`` bytes), so that each weight is quantized once. A
+    MatMul of two activations (per tensor only: an image stage's attention) is measured on whole
+    outputs, on as many feeds as ``budget`` holds."""
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations {activations!r} is not one of {', '.join(ACTIVATIONS)}")
     feeds = list(feeds)
+    budget = budget or default_budget()
     inits = {i.name: i for i in model.graph.initializer}
-    widths = {n.input[0]: weight_kn(n, inits).shape[0] for n in matmuls}
-    tensors = sorted(widths)
-    rows = max(16, min(MAX_ROWS, (budget or default_budget()) // (4 * sum(widths.values()))))
+    weighted = [n for n in matmuls if n.input[1] in inits]
+    pairs = [n for n in matmuls if n.input[1] not in inits]
+    if pairs and activations != "per-tensor":
+        raise ValueError("a MatMul of two activations is ranked with per-tensor activations only")
+    widths = {n.input[0]: weight_kn(n, inits).shape[0] for n in weighted}
+    both = sorted({i for n in pairs for i in n.input[:2]})
+    tensors = sorted(set(widths) | set(both))
+    rows = max(16, min(MAX_ROWS, budget // (4 * max(sum(widths.values()), 1))))
     per_feed = max(1, -(-rows // max(len(feeds), 1)))
-    xs: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    xs: dict[str, list[np.ndarray]] = {t: [] for t in widths}
+    whole: dict[str, list[np.ndarray]] = {t: [] for t in both}
+    held = 0
     largest = dict.fromkeys(tensors, 0.0)  # over every token, not the sample: the calibrated range
     with ActivationProbe(model, tensors, threads) as probe:
         for values in probe.run(feeds, tensors):
             for name, value in values.items():
-                x = value.reshape(-1, value.shape[-1])
-                largest[name] = max(largest[name], float(np.abs(x).max(initial=0.0)))
+                largest[name] = max(largest[name], float(np.abs(value).max(initial=0.0)))
+            if both and (held == 0 or held + sum(values[t].nbytes for t in both) <= budget // 2):
+                held += sum(values[t].nbytes for t in both)
+                for t in both:
+                    whole[t].append(values[t].astype(np.float32))
+            for name in widths:
+                x = values[name].reshape(-1, values[name].shape[-1])
                 x = x[np.abs(x).max(axis=1) > 0]  # padded rows are all zero
                 pick = np.unique(np.linspace(0, len(x) - 1, min(per_feed, len(x))).round().astype(int))
                 xs[name].append(x[pick].astype(np.float32))
@@ -136,7 +161,7 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
     quantized = {name: _int8(x, np.abs(x).max(axis=1, keepdims=True) if activations == "per-token"
                              else largest[name]) for name, x in xs.items()}
     errors = {}
-    for node in matmuls:
+    for node in weighted:
         w = weight_kn(node, inits)
         y = xs[node.input[0]] @ w
         norm = np.linalg.norm(y, axis=1)
@@ -144,6 +169,15 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
         codes, scales = (weights or {}).get(node.name) or int8_weights(w)
         err = np.linalg.norm(y - quantized[node.input[0]] @ (codes.astype(np.float32) * scales), axis=1)
         errors[node.name] = float((err[live] / norm[live]).mean()) if live.any() else 0.0
+    for node in pairs:
+        a_name, b_name = node.input[:2]
+        relative = []
+        for a, b in zip(whole[a_name], whole[b_name]):
+            y = a @ b
+            norm = np.linalg.norm(y)
+            if norm > 0:
+                relative.append(np.linalg.norm(y - _int8(a, largest[a_name]) @ _int8(b, largest[b_name])) / norm)
+        errors[node.name] = float(np.mean(relative)) if relative else 0.0
     return errors
 
 
