@@ -4,6 +4,8 @@ graph whose kernels are exact only with VNNI/AMX refuses to open on a CPU withou
 graph TensorRT serves is run as written."""
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import onnx
 import pytest
@@ -247,8 +249,9 @@ def test_an_image_stage_keeps_its_worst_matmul_fp32_and_a_rebuild_reuses_the_cho
     assert notes[-1].startswith("1 of 8 MatMuls fp32: lowest image_features cosine")
     assert chosen.details["quantized_matmuls"] == LAYERS - 1
     graph = onnx.load(str(tmp_path / "a.onnx")).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     read_dequantized = {n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")
-                        and any(i.endswith("_DequantizeLinear_Output") for i in n.input)}
+                        and any(i in dequantized for i in n.input)}
     assert f"mm{BAD}" not in read_dequantized and "mm0" in read_dequantized
     assert worst_cosine(tmp_path / "a.onnx") >= sensitivity.TARGET_COSINE
 
@@ -297,6 +300,47 @@ def test_an_attention_matmul_of_two_activations_is_ranked_and_kept(tmp_path):
     info = convert.to_int8(tmp_path / "vision.onnx", tmp_path / "int8.onnx", feeds,
                            PrecisionOptions(int8_fp32_matmuls="1"))
     assert info.details["fp32_fallback"]["kept"] == ["scores"] and info.details["quantized_matmuls"] == 1
+
+
+def test_the_quantizers_of_one_tensor_stay_apart_so_onnx_runtime_fuses_every_reader(tmp_path, monkeypatch):
+    """One activation read by three MatMuls (attention's q, k, v): each reader's int8 Q/DQ pair is kept
+    apart (distinct ``axis``, which a per-tensor scale ignores), so ONNX Runtime's optimizer turns all
+    three into integer kernels; merged into one QuantizeLinear, its x86 uint8 conversion skips them and
+    they run as dequantize + fp32 MatMul."""
+    import onnxruntime as ort
+
+    import vlm_export.precision.convert as convert
+
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Tanh", ["x"], ["normed"], name="norm")]
+    inits = []
+    for name in ("q", "k", "v"):
+        inits.append(numpy_helper.from_array(rng.standard_normal((WIDTH, WIDTH)).astype(np.float32), f"w_{name}"))
+        nodes.append(helper.make_node("MatMul", ["normed", f"w_{name}"], [name], name=name))
+    nodes += [helper.make_node("Add", ["q", "k"], ["qk"], name="qk"),
+              helper.make_node("Add", ["qk", "v"], ["image_features"], name="out")]
+    graph = helper.make_graph(nodes, "qkv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 12, WIDTH])],
+                              [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, [1, 12, WIDTH])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "vision.onnx"))
+    feeds = [{"x": rng.standard_normal((1, 12, WIDTH)).astype(np.float32)} for _ in range(4)]
+
+    def fp32_matmuls_left(path) -> int:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return sum(n.op_type == "MatMul" for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+
+    options = PrecisionOptions(int8_fp32_matmuls="0")
+    convert.to_int8(tmp_path / "vision.onnx", tmp_path / "apart.onnx", feeds, options)
+    readers = [n for n in onnx.load(str(tmp_path / "apart.onnx")).graph.node
+               if n.op_type == "QuantizeLinear" and n.input[0] == "normed"]
+    assert len(readers) == 3 and len({tuple(a.i for a in n.attribute) for n in readers}) == 3
+    assert fp32_matmuls_left(tmp_path / "apart.onnx") == 0
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return  # the merged form's cost below is x86 ONNX Runtime's (ARM takes int8 activations as they are)
+    monkeypatch.setattr(convert, "keep_quantizers_apart", lambda path: 0)
+    convert.to_int8(tmp_path / "vision.onnx", tmp_path / "merged.onnx", feeds, options)
+    assert fp32_matmuls_left(tmp_path / "merged.onnx") == 3
 
 
 def test_a_cached_rebuild_picks_the_same_codes_and_gptq_needs_the_inputs(chain_and_feeds, tmp_path):
