@@ -42,7 +42,7 @@ from .export.graph_info import check_graph, graph_bytes, graph_io
 from .export.onnx_export import export_stage
 from .precision.calibration import CalibrationPair, cache_path, default_pairs, stage_feeds
 from .precision.convert import PrecisionOptions, image_fallback_path, make_variant, quiet_logging
-from .precision.sensitivity import STATIC_RANKED
+from .precision.sensitivity import STATIC_INT8_KEY
 from .precision.spec import PrecisionPlan
 from .precision.weight_only import check_whole_blocks, needs_whole_blocks
 from .manifest import (MANIFEST_NAME, derive_targets, folder_hashes, is_build_folder, read_manifest, sha256_file,
@@ -458,10 +458,10 @@ def _calibration(tmp, graphs, precisions, options, reference, source_sha256, pro
     choices = (f"int8-kernel={po.kernel} int8-fp32-matmuls={po.int8_fp32_matmuls} int8-rounding={po.rounding('int8')} "
                f"lm-head={head}")
     # a standard graph only TensorRT serves has its fallback judged with Q/DQ emulated (convert.to_int8)
-    # an image stage's cache keeps the fallback chosen among what its ranking covers (changed: chosen again)
+    # an image stage's cache keeps the fallback chosen on how its candidates were ranked and written
     caches = {stage: cache_path(stage, tmp / graphs[stage]["file"], source_sha256, pairs, po.calibration,
                                 choices + (" qdq=emulated" if stage in fused else "")
-                                + ("" if stage == decoder else f" ranked={STATIC_RANKED}"))
+                                + ("" if stage == decoder else f" {STATIC_INT8_KEY}"))
               for stage in int8_stages}
     caches.update({f"{stage}.fused": cache_path(f"{stage}.fused", tmp / fused[stage]["file"], source_sha256, pairs,
                                                  po.calibration, choices)

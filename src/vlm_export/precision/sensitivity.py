@@ -84,16 +84,26 @@ def _int8(x: np.ndarray, largest) -> np.ndarray:
     return np.clip(np.rint(x / scale), -127, 127) * scale
 
 
+def _flag(node: onnx.NodeProto, name: str) -> bool:
+    return any(a.name == name and a.i for a in node.attribute)
+
+
 def weight_kn(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> np.ndarray:
     """The constant weight of a MatMul or Gemm as ``[K, N]`` (``x @ w``): a Gemm's B transposed
     where ``transB`` says so."""
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-    trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
-    return w.T if trans_b else w
+    return w.T if node.op_type == "Gemm" and _flag(node, "transB") else w
 
 
-#: what ``static_layers`` takes (part of an image stage's calibration cache key)
-STATIC_RANKED = "matmul+gemm+attention"
+def _width(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> int:
+    """K of ``weight_kn``, from the initializer's dims (its data not read)."""
+    dims = inits[node.input[1]].dims
+    return dims[1] if node.op_type == "Gemm" and _flag(node, "transB") else dims[0]
+
+
+#: what ``static_layers`` takes and how the candidates are written (``convert.keep_quantizers_apart``):
+#: part of an image stage's calibration cache key, so that a fallback chosen otherwise is chosen again
+STATIC_INT8_KEY = "ranked=matmul+gemm+attention qdq=per-reader"
 
 
 def static_layers(model: onnx.ModelProto, keep: Iterable[str] = ()) -> list[onnx.NodeProto]:
@@ -108,7 +118,7 @@ def static_layers(model: onnx.ModelProto, keep: Iterable[str] = ()) -> list[onnx
                 and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT)
 
     return [n for n in model.graph.node if n.name not in keep and (
-        n.op_type in ("MatMul", "Gemm") and weighted(n)
+        (n.op_type == "MatMul" or n.op_type == "Gemm" and not _flag(n, "transA")) and weighted(n)
         or n.op_type == "MatMul" and not any(i in inits for i in n.input))]
 
 
@@ -133,7 +143,7 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
     pairs = [n for n in matmuls if n.input[1] not in inits]
     if pairs and activations != "per-tensor":
         raise ValueError("a MatMul of two activations is ranked with per-tensor activations only")
-    widths = {n.input[0]: weight_kn(n, inits).shape[0] for n in weighted}
+    widths = {n.input[0]: _width(n, inits) for n in weighted}
     both = sorted({i for n in pairs for i in n.input[:2]})
     tensors = sorted(set(widths) | set(both))
     rows = max(16, min(MAX_ROWS, budget // (4 * max(sum(widths.values()), 1))))
