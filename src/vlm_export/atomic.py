@@ -18,6 +18,16 @@ from typing import Callable, Iterator
 from .errors import VlmExportError
 
 
+def write_text(path: Path, text: str) -> None:
+    """``path`` holds ``text`` whole or keeps what it held: written to a hidden sibling (this process's
+    own, so two writers never share one) and renamed into place; its folder is made first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_folder(out: Path, force: bool, error: type[VlmExportError], what: str,
                   made_here: Callable[[Path], bool]) -> Iterator[Path]:

@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+from ..atomic import write_text
 from ..manifest import stage_forms, targets
 from .captions import caption_markdown
 from .parity import ParityResult
@@ -156,13 +157,9 @@ def cost_markdown(cost: dict) -> list[str]:
 def record_section(build_dir: Path, key: str, section: dict) -> dict:
     """Add (or replace) one section (``task_accuracy``, ``captions``) of an existing report; each file
     is replaced whole (written beside, then renamed), so a killed eval leaves the old report."""
-    import os
-
     build_dir = Path(build_dir)
     report = json.loads((build_dir / "report.json").read_text())
     report[key] = section
     for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", render_markdown(report))):
-        tmp = build_dir / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(text)
-        os.replace(tmp, build_dir / name)
+        write_text(build_dir / name, text)
     return report

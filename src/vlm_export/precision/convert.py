@@ -35,6 +35,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import onnx
 
+from ..atomic import write_text
 from ..cpu import INT8_DOT_PRODUCT, int8_dot_product
 from ..errors import ExportError
 from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, check_graph, save_graph, topological_order, weight_bytes
@@ -527,12 +528,8 @@ def _read_fallback(path: Path | None):
 
 
 def _write_fallback(path: Path | None, fallback) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(fallback.to_dict()))
-    os.replace(tmp, path)
+    if path is not None:
+        write_text(path, json.dumps(fallback.to_dict()))
 
 
 def keep_quantizers_apart(path: Path) -> int:

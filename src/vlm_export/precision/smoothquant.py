@@ -28,7 +28,6 @@ per-tensor Q/DQ on the smoothed demo decoder was measured and fails: last-token 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -37,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..atomic import write_text
 from ..cpu import INT8_DOT_PRODUCT, INT8_DOT_PRODUCT_METADATA
 from ..errors import ExportError
 from .probe import activations
@@ -236,11 +236,8 @@ def channel_maxima(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[M
 
 def save_calibration(path: Path, maxima: Mapping[str, np.ndarray], fallback: Mapping | None = None) -> None:
     """Keep the channel maxima (and the fp32 fallback chosen on them, ``sensitivity.Fallback.to_dict``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"channel_max": {k: v.astype(float).tolist() for k, v in maxima.items()},
-                               "fp32_fallback": dict(fallback) if fallback is not None else None}))
-    os.replace(tmp, path)
+    write_text(path, json.dumps({"channel_max": {k: v.astype(float).tolist() for k, v in maxima.items()},
+                                 "fp32_fallback": dict(fallback) if fallback is not None else None}))
 
 
 def load_calibration(path: Path) -> tuple[dict[str, np.ndarray], dict | None] | None:
