@@ -154,8 +154,9 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
     largest = dict.fromkeys(tensors, 0.0)  # over every token, not the sample: the calibrated range
     with ActivationProbe(model, tensors, threads) as probe:
         for values in probe.run(feeds, tensors):
-            for name, value in values.items():
-                largest[name] = max(largest[name], float(np.abs(value).max(initial=0.0)))
+            if activations == "per-tensor":  # per token, each row is its own range
+                for name, value in values.items():
+                    largest[name] = max(largest[name], float(np.abs(value).max(initial=0.0)))
             if both and (held == 0 or held + sum(values[t].nbytes for t in both) <= budget // 2):
                 held += sum(values[t].nbytes for t in both)
                 for t in both:
