@@ -302,6 +302,39 @@ def test_an_attention_matmul_of_two_activations_is_ranked_and_kept(tmp_path):
     assert info.details["fp32_fallback"]["kept"] == ["scores"] and info.details["quantized_matmuls"] == 1
 
 
+def test_a_gemm_with_its_weight_transposed_is_ranked_like_a_matmul(tmp_path):
+    """A Linear on 2-D input exports as Gemm(x, W, transB=1): its weight is read as [K, N] (W transposed)
+    for the ranking, and the one whose input carries an outlier channel its weight ignores is kept."""
+    import vlm_export.precision.convert as convert
+
+    rng = np.random.default_rng(3)
+    outlier = np.ones(WIDTH, np.float32)
+    outlier[0] = 1000.0
+    w_gemm = rng.standard_normal((2 * WIDTH, WIDTH)).astype(np.float32) / np.sqrt(WIDTH)  # [N, K]: transB
+    w_gemm[:, 0] = 0.0
+    w_out = rng.standard_normal((2 * WIDTH, WIDTH)).astype(np.float32) / np.sqrt(WIDTH)
+    nodes = [helper.make_node("Mul", ["x", "outlier"], ["big"], name="big"),
+             helper.make_node("Gemm", ["big", "w_gemm", "bias"], ["hidden"], name="fc", transB=1),
+             helper.make_node("Tanh", ["hidden"], ["bounded"], name="act"),
+             helper.make_node("MatMul", ["bounded", "w_out"], ["image_features"], name="out")]
+    inits = [numpy_helper.from_array(outlier, "outlier"), numpy_helper.from_array(w_gemm, "w_gemm"),
+             numpy_helper.from_array(np.zeros(2 * WIDTH, np.float32), "bias"), numpy_helper.from_array(w_out, "w_out")]
+    graph = helper.make_graph(nodes, "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [12, WIDTH])],
+                              [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, [12, WIDTH])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    feeds = [{"x": np.tanh(rng.standard_normal((12, WIDTH))).astype(np.float32)} for _ in range(4)]
+    inits_by_name = {i.name: i for i in model.graph.initializer}
+    assert sensitivity.weight_kn(model.graph.node[1], inits_by_name).shape == (WIDTH, 2 * WIDTH)
+    layers = sensitivity.static_layers(model)
+    assert [n.name for n in layers] == ["fc", "out"]
+    errors = sensitivity.matmul_errors(model, layers, feeds, activations="per-tensor")
+    assert errors["fc"] > 10 * errors["out"] and errors["out"] < 0.05
+    onnx.save(model, str(tmp_path / "vision.onnx"))
+    # two layers: auto may keep none (a quarter of 2), a count keeps the worst
+    info = convert.to_int8(tmp_path / "vision.onnx", tmp_path / "int8.onnx", feeds, PrecisionOptions(int8_fp32_matmuls="1"))
+    assert info.details["fp32_fallback"]["kept"] == ["fc"]
+
+
 def test_the_quantizers_of_one_tensor_stay_apart_so_onnx_runtime_fuses_every_reader(tmp_path, monkeypatch):
     """One activation read by three MatMuls (attention's q, k, v): each reader's int8 Q/DQ pair is kept
     apart (distinct ``axis``, which a per-tensor scale ignores), so ONNX Runtime's optimizer turns all
