@@ -622,9 +622,8 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
             _write_fallback(fallback_file, fallback)
         if fallback is None:
             def quantize(candidate: onnx.ModelProto, kept: list[str]) -> None:
-                out = Path(scratch) / "candidate.onnx"
-                quantize_to(out, kept)
-                candidate.CopyFrom(onnx.load(os.fspath(out)))
+                quantize_to(dst, kept)  # each candidate where the chosen one stays: choose makes it last
+                candidate.CopyFrom(onnx.load(os.fspath(dst)))
 
             fp32 = onnx.load(os.fspath(src))
             _, fallback = sensitivity.choose(fp32, quantize, layers, calibration_feeds, setting,
@@ -632,7 +631,8 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
                                              activations="per-tensor", at_most_all=True)
             del fp32
             _write_fallback(fallback_file, fallback)
-        quantize_to(dst, fallback.kept)
+        else:
+            quantize_to(dst, fallback.kept)
     check_graph(dst)
     return VariantInfo("int8", {"format": "QDQ", "symmetric": True, "per_channel_weights": True, "bias": "float",
                                 "activations": "int8 static per-tensor (symmetric)",

@@ -226,7 +226,8 @@ def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], f
     a copy of ``smoothed`` to int8 in place, keeping the named layers fp32, with the int8 weights
     ``weights`` (``matmul_errors``, as are ``activations``) ranks by. ``note(text)`` is told each trial.
     ``emulate_qdq``: the candidates are judged with their Q/DQ pairs run as written (a graph only
-    TensorRT serves)."""
+    TensorRT serves). The graph returned is the last one ``quantize`` made (a caller writing each
+    candidate to one file finds the chosen one there)."""
     outputs = [output] if isinstance(output, str) else list(output)
     if note:
         note(f"ranking {len(matmuls)} MatMuls by their int8 output error on {len(feeds)} calibration inputs")
