@@ -376,6 +376,21 @@ def test_ratios_and_targets_on_made_up_rows():
     assert (w8["value"], w8["goal"], w8["met"]) == (3.4, ">= 3.5x", False)
 
 
+def test_placement_says_which_stages_ran_their_qdq_pairs_as_written():
+    """On an x86 CPU without VNNI/AMX an int8 image stage runs dequantize + fp32 ops (exact, not int8's
+    speed): the report says so next to the providers, so its timings are not read as int8's."""
+    from vlm_export.bench.report import placement_lines
+
+    cpu = ["CPUExecutionProvider"]
+    placed = {"device": {}, "backends": {"onnxruntime": {
+        "vision_encoder": {"providers": cpu, "device": "cpu", "qdq_as_written": True},
+        "lm_decoder": {"providers": cpu, "device": "cpu"}}}}
+    line = placement_lines(placed, {})[0]
+    assert "vision_encoder with its int8 Q/DQ pairs run as written" in line and "lm_decoder with" not in line
+    del placed["backends"]["onnxruntime"]["vision_encoder"]["qdq_as_written"]
+    assert "as written" not in placement_lines(placed, {})[0]
+
+
 def test_contention_on_made_up_rows():
     from vlm_export.bench.run import contention
 

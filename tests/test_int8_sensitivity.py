@@ -1,7 +1,7 @@
 """An int8 decoder's fp32 fallback (precision.sensitivity) and its kernel choice (cpu, --int8-kernel):
 the MatMul whose int8 output is worst is ranked first and kept fp32 when the logits need it, a
 graph whose kernels are exact only with VNNI/AMX refuses to open on a CPU without them, and a Q/DQ
-graph TensorRT serves is run as written."""
+graph TensorRT serves is run as written (as is an image stage's on a CPU where U8S8 saturates)."""
 from __future__ import annotations
 
 import platform
@@ -121,6 +121,51 @@ def test_a_u8s8_graph_refuses_a_cpu_without_vnni(chain_and_feeds, tmp_path, monk
     assert OrtRunner("lm_decoder", paths["u8u8"]).infer(feeds[0])["logits"].shape == (1, 12, WIDTH)
     monkeypatch.setattr(runners, "int8_dot_product", lambda: "avx512_vnni")
     assert OrtRunner("lm_decoder", paths["u8s8"]).infer(feeds[0])["logits"].shape == (1, 12, WIDTH)
+
+
+def test_u8s8_saturates_on_x86_without_vnni_or_amx_only(monkeypatch):
+    import vlm_export.cpu as cpu
+
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert cpu.u8s8_saturates()
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    assert not cpu.u8s8_saturates()
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset())
+    assert not cpu.u8s8_saturates()
+
+
+def test_an_int8_image_graph_runs_as_written_where_u8s8_saturates(chain_and_feeds, tmp_path, monkeypatch, caplog):
+    """An image stage's int8 Q/DQ graph is one ONNX Runtime serves, fused on x86 into U8S8 kernels that
+    saturate without VNNI/AMX: the graph is marked, and on such a CPU the runner runs its pairs as
+    written (the same numbers as asking for it), saying so; the build's fallback search judges its
+    candidates that way there too."""
+    import vlm_export.precision.convert as convert
+    import vlm_export.runtime.runners as runners
+    from vlm_export.cpu import INT8_QDQ_METADATA
+    from vlm_export.runtime.runners import OrtRunner
+
+    _, feeds = chain_and_feeds
+    src = tmp_path / "vision.onnx"
+    onnx.save(_chain(np.random.default_rng(0), output="image_features"), str(src))
+    asked = []
+    choose = sensitivity.choose
+    monkeypatch.setattr(sensitivity, "choose", lambda *a, **k: asked.append(k["emulate_qdq"]) or choose(*a, **k))
+    monkeypatch.setattr(convert, "u8s8_saturates", lambda: True)
+    convert.to_int8(src, tmp_path / "int8.onnx", feeds, PrecisionOptions())
+    assert asked == [True]
+    assert {p.key: p.value for p in onnx.load(str(tmp_path / "int8.onnx")).metadata_props}[INT8_QDQ_METADATA] == "1"
+
+    monkeypatch.setattr(runners, "u8s8_saturates", lambda: False)
+    assert not OrtRunner("vision_encoder", tmp_path / "int8.onnx").emulates_qdq
+    monkeypatch.setattr(runners, "u8s8_saturates", lambda: True)
+    with caplog.at_level("WARNING"):
+        served = OrtRunner("vision_encoder", tmp_path / "int8.onnx")
+    assert served.emulates_qdq and "no VNNI/AMX" in caplog.text and "run as written" in caplog.text
+    as_written = OrtRunner("vision_encoder", tmp_path / "int8.onnx", emulate_qdq=True)
+    np.testing.assert_array_equal(served.infer(feeds[0])["image_features"], as_written.infer(feeds[0])["image_features"])
+    assert not OrtRunner("vision_encoder", src).emulates_qdq  # an unmarked (fp32) graph is left as it is
 
 
 def test_notes_print_above_a_running_step():

@@ -240,6 +240,14 @@ def test_an_int8_vision_tower_with_outlier_channels_keeps_the_matmul_they_reach_
     assert len([n for n in graph.node if n.op_type == "QuantizeLinear"]) > 0  # the rest int8
     report = json.loads((result.path / "report.json").read_text())
     assert report["stages"]["vision_encoder"]["image_features"]["cosine"] >= 0.99
+    # ONNX Runtime's fused kernels are exact on VNNI/AMX only: Triton's onnxruntime backend cannot run the
+    # pairs as written elsewhere (vlm-export's runners do), so rendering that target says so
+    from vlm_export.model_repository.render import RepositoryOptions, render_repository
+
+    assert result.manifest["graphs"]["vision_encoder"]["variant"]["requires_cpu"]
+    notes = []
+    render_repository(result.path, tmp_path / "repo", RepositoryOptions(target="onnxruntime"), echo=notes.append)
+    assert any(n.startswith("vision_encoder: its int8 kernels") and "python target" in n for n in notes), notes
 
 
 def test_calibration_folder(tmp_path):

@@ -290,6 +290,10 @@ def placement_lines(p: dict | None, options: dict) -> list[str]:
         else:
             kinds = sorted({" > ".join(v["providers"]) for v in stages.values()})
             parts.append(f"ONNX Runtime with {'; '.join(kinds)}")
+            written = [name for name, v in stages.items() if v.get("qdq_as_written")]
+            if written:
+                parts.append(f"{', '.join(written)} with {'its' if len(written) == 1 else 'their'} int8 Q/DQ pairs run "
+                             "as written (dequantize, fp32 op: exact, not int8's speed)")
     return [f"Device: {where}. " + "; ".join(parts) + ".", ""]
 
 

@@ -228,6 +228,8 @@ def placement(pipes: dict[str, VLMPipeline], options: BenchOptions) -> dict:
                 providers = getattr(runner, "providers", None) or runner.session.get_providers()
                 stages[name] = {"providers": list(providers),
                                 "device": "cpu" if providers[0] == "CPUExecutionProvider" else options.device}
+                if getattr(runner, "emulates_qdq", False):  # int8 Q/DQ run as dequantize + fp32 op: not int8 speed
+                    stages[name]["qdq_as_written"] = True
         out["backends"][backend] = stages
     return out
 

@@ -93,6 +93,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..contract.scheme import KV_IN_PLACE
+from .graph_info import set_metadata
 from .patterns import last_axis_slice, unsqueeze_axis
 
 MS_DOMAIN = "com.microsoft"
@@ -730,7 +731,7 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
         report.notes.append(f"past and present KV cannot share one buffer: {why}")
         report.kv_copied_because = why
     else:
-        helper.set_model_props(g.model, {**{p.key: p.value for p in g.model.metadata_props}, KV_IN_PLACE: "1"})
+        set_metadata(g.model, KV_IN_PLACE, "1")
         report.kv_in_place = True
 
 

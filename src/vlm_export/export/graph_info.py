@@ -60,6 +60,11 @@ def graph_io(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
     return [info(v) for v in model.graph.input if v.name not in inits], [info(v) for v in model.graph.output]
 
 
+def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    """Set one of the graph's metadata properties (what runners read from the session), keeping the others."""
+    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, key: value})
+
+
 def graph_bytes(path: Path) -> int:
     """Size on disk including external data files next to the graph."""
     total = path.stat().st_size

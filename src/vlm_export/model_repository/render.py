@@ -465,7 +465,9 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
     if options.target == "onnxruntime":  # vlm-export's runners refuse such a graph on the wrong CPU; Triton's backend cannot
         notes += [f"{stage}: its int8 kernels (ONNX Runtime U8S8) are exact only on a CPU with "
                   f"{' or '.join(entry['variant']['requires_cpu'])}, which Triton's onnxruntime backend does not check: "
-                  "serve it only on such CPUs, or build with --int8-kernel u8u8"
+                  "serve it only on such CPUs, or " + (
+                      "serve it with the python target, which runs its Q/DQ pairs as written on other CPUs"
+                      if entry["variant"].get("format") == "QDQ" else "build with --int8-kernel u8u8")
                   for stage, entry in target_graphs(manifest, options.target, options.on_gpu).items()
                   if (entry.get("variant") or {}).get("requires_cpu")]
     if options.target == "tensorrt" and options.prefix_cache_mb:  # asked for (the default is None)

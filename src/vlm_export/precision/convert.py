@@ -36,9 +36,10 @@ import numpy as np
 import onnx
 
 from ..atomic import write_text
-from ..cpu import INT8_DOT_PRODUCT, int8_dot_product
+from ..cpu import INT8_DOT_PRODUCT, INT8_QDQ_METADATA, int8_dot_product, u8s8_saturates
 from ..errors import ExportError
-from ..export.graph_info import EXTERNAL_DATA_THRESHOLD, check_graph, save_graph, topological_order, weight_bytes
+from ..export.graph_info import (EXTERNAL_DATA_THRESHOLD, check_graph, save_graph, set_metadata, topological_order,
+                                 weight_bytes)
 from .smoothquant import KERNELS
 from .weight_only import (DEFAULT_CORRECTION, FORMS, ROUNDINGS, SCHEMES, TENSORRT_INT4_BLOCK_SIZES, quantize_weights,
                           describe_missed, targeted_weights, weight_inputs, weights_missed, whole_block_size)
@@ -572,6 +573,16 @@ def keep_quantizers_apart(path: Path) -> int:
     return changed
 
 
+def mark_int8_qdq(path: Path) -> None:
+    """Mark an int8 Q/DQ graph that ONNX Runtime serves (``cpu.INT8_QDQ_METADATA``): on an x86 CPU
+    without VNNI/AMX, OrtRunner runs its pairs as written instead of fusing them into U8S8 kernels
+    that can saturate there (measured on an AVX2-only EPYC for the decoder's U8S8 MatMuls: 22% error
+    on a row; an image stage's QLinearMatMul/QLinearConv take the same integer GEMM)."""
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    set_metadata(model, INT8_QDQ_METADATA, "1")
+    onnx.save(model, os.fspath(path))
+
+
 def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds, options: PrecisionOptions,
                  cache: Path | None, keep: list[str], note=None) -> VariantInfo:
     """An image stage: static Q/DQ from ONNX Runtime's calibrated ranges, the MatMuls and Gemms whose
@@ -616,6 +627,7 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
                 calibration_cache_path=ranges,
             )
             keep_quantizers_apart(out)
+            mark_int8_qdq(out)
 
         if fallback is None and (not layers or none_kept):
             fallback = sensitivity.Fallback([], setting, None)
@@ -628,7 +640,8 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
             fp32 = onnx.load(os.fspath(src))
             _, fallback = sensitivity.choose(fp32, quantize, layers, calibration_feeds, setting,
                                              [o.name for o in fp32.graph.output], note=note,
-                                             activations="per-tensor", at_most_all=True)
+                                             activations="per-tensor", at_most_all=True,
+                                             emulate_qdq=u8s8_saturates())  # as OrtRunner will run it here
             del fp32
             _write_fallback(fallback_file, fallback)
         else:
@@ -637,6 +650,8 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
     return VariantInfo("int8", {"format": "QDQ", "symmetric": True, "per_channel_weights": True, "bias": "float",
                                 "activations": "int8 static per-tensor (symmetric)",
                                 "kernel": "Q/DQ (ONNX Runtime's QLinear kernels, TensorRT's int8)",
+                                # ONNX Runtime's fused kernels; OrtRunner runs the pairs as written elsewhere
+                                "requires_cpu": list(INT8_DOT_PRODUCT),
                                 "calibration": options.calibration,
                                 "calibration_samples": len(calibration_feeds or []),
                                 "calibration_cache": None if cache is None else {"file": str(cache), "reused": cached},

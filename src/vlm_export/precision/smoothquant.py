@@ -39,6 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..atomic import write_text
 from ..cpu import INT8_DOT_PRODUCT, INT8_DOT_PRODUCT_METADATA
 from ..errors import ExportError
+from ..export.graph_info import set_metadata
 from .probe import activations
 
 #: SmoothQuant's migration strength; 0.5 is the paper's default for most models
@@ -414,6 +415,5 @@ def per_token_int8(model: onnx.ModelProto, keep: Iterable[str] = (), form: str =
     if ort_form and MS_DOMAIN not in {o.domain for o in model.opset_import}:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     if ort_form and not unsigned_weights:
-        helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
-                                       INT8_DOT_PRODUCT_METADATA: ",".join(INT8_DOT_PRODUCT)})
+        set_metadata(model, INT8_DOT_PRODUCT_METADATA, ",".join(INT8_DOT_PRODUCT))
     return len(targets)

@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from ..contract.scheme import KV_IN_PLACE
-from ..cpu import INT8_DOT_PRODUCT_METADATA, QDQ_AS_WRITTEN, int8_dot_product
+from ..cpu import INT8_DOT_PRODUCT_METADATA, INT8_QDQ_METADATA, QDQ_AS_WRITTEN, int8_dot_product, u8s8_saturates
 from ..errors import RunnerError
 
 Feeds = Mapping[str, np.ndarray]
@@ -243,7 +243,9 @@ class OrtRunner(Runner):
     graph only TensorRT serves: TensorRT sums int8 products exactly in int32, and so does this, up to
     fp32 rounding; ONNX Runtime's U8S8 CPU kernel adds products pairwise in int16 on a CPU without
     VNNI/AMX and saturates there, an error TensorRT never makes (measured on an AVX2-only EPYC: the
-    demo's int8 decode logits cosine 0.9878 fused into kernels). ``emulates_qdq`` records it.
+    demo's int8 decode logits cosine 0.9878 fused into kernels). ``emulates_qdq`` records it. A graph
+    ONNX Runtime serves in Q/DQ form (an int8 image stage, marked ``cpu.INT8_QDQ_METADATA``) is run so
+    on such a CPU whatever is asked (``cpu.u8s8_saturates``), with a warning.
 
     ``spin``: whether the session's worker threads busy-wait after a call (ONNX Runtime's default).
     Right for the decoder, called again within microseconds; wrong for the once-per-request image
@@ -294,18 +296,20 @@ class OrtRunner(Runner):
         self.emulates_qdq = emulate_qdq
         if emulate_qdq:
             opts.add_session_config_entry(*QDQ_AS_WRITTEN)
-        try:
-            self.session = ort.InferenceSession(os.fspath(path), opts, providers=providers)
-        except Exception as e:
-            first = str(e).splitlines()[0]
-            # no kernel for a node (a bfloat16 Mul the model's own code computes, say): rebuilding changes nothing
-            fix = ("this ONNX Runtime has no kernel for a node of the graph, which the model's code computes that way: "
-                   "not supported" if "NOT_IMPLEMENTED" in first else "rebuild the graph")
-            raise RunnerError(f"ONNX Runtime cannot load {path}: {first}; {fix}", graph=Path(path)) from None
+        self.session = self._open(path, opts, providers)
         self.providers = list(self.session.get_providers())
         self._say_if_providers_dropped(name)
         # where bound outputs live: the GPU when a GPU provider runs the graph, else the CPU
         gpu = any(p in self.providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
+        if (not gpu and not emulate_qdq and u8s8_saturates()
+                and INT8_QDQ_METADATA in self.session.get_modelmeta().custom_metadata_map):
+            # its fused int8 kernels would saturate here (wrong answers, no error): open it again, as written
+            from .devices import log
+
+            log.warning(f"{name}: this CPU has no VNNI/AMX, on which ONNX Runtime's int8 kernels can saturate: its "
+                        "Q/DQ pairs run as written (exact, at about fp32's speed; int8 is faster on a CPU with them)")
+            opts.add_session_config_entry(*QDQ_AS_WRITTEN)
+            self.session, self.emulates_qdq = self._open(path, opts, providers), True
         self.io_device = ("cuda", self.device.ordinal) if gpu else ("cpu", 0)
         super().__init__(name, [i.name for i in self.session.get_inputs()],
                          [o.name for o in self.session.get_outputs()])
@@ -317,6 +321,19 @@ class OrtRunner(Runner):
             raise RunnerError(f"{name}: its int8 kernels (ONNX Runtime U8S8) are exact only on a CPU with "
                               f"{' or '.join(needs.split(','))}, which this one lacks (they would saturate); "
                               "rebuild it on this machine, or with --int8-kernel u8u8")
+
+    @staticmethod
+    def _open(path: Path, opts, providers):
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(os.fspath(path), opts, providers=providers)
+        except Exception as e:
+            first = str(e).splitlines()[0]
+            # no kernel for a node (a bfloat16 Mul the model's own code computes, say): rebuilding changes nothing
+            fix = ("this ONNX Runtime has no kernel for a node of the graph, which the model's code computes that way: "
+                   "not supported" if "NOT_IMPLEMENTED" in first else "rebuild the graph")
+            raise RunnerError(f"ONNX Runtime cannot load {path}: {first}; {fix}", graph=Path(path)) from None
 
     def _say_if_providers_dropped(self, name: str) -> None:
         """ONNX Runtime skips a provider it cannot create (e.g. CUDA libraries missing) with a log
