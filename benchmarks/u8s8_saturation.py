@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import numpy_helper
 
 from vlm_export.manifest import read_manifest
@@ -98,8 +99,6 @@ def main() -> None:
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
         probe.graph.output.extend(onnx.ValueInfoProto(name=x) for x in dict.fromkeys(t[1] for t in targets))
-        import onnxruntime as ort
-
         options = ort.SessionOptions()
         options.add_session_config_entry("session.disable_quant_qdq", "1")  # the activations as TensorRT sees them
         session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
