@@ -1,6 +1,6 @@
 """What ONNX Runtime's U8S8 kernels on an x86 CPU without VNNI/AMX would do to a build's int8 image stages.
 
-    python benchmarks/u8s8_saturation.py BUILD [--images DIR] [--json OUT]
+    python benchmarks/u8s8_saturation.py BUILD [--images DIR] [--questions N] [--json OUT]
 
 On x86, ONNX Runtime turns an int8 Q/DQ graph's activations into uint8 and fuses each MatMul/Gemm into a
 U8S8 integer GEMM. Without VNNI/AMX that kernel multiplies bytes with ``vpmaddubsw``, which adds each pair
@@ -10,8 +10,11 @@ for each weight MatMul/Gemm of each int8 image stage (variant format QDQ): the e
 codes and the product with every pair saturated, on the activations of real images run through the
 build's own preprocessing and image stages. It prints, per stage, how many MatMuls would saturate, the
 share of their outputs touched and the worst error against the largest output. Convolutions are not
-emulated. Nothing here depends on this machine's CPU; vlm-export's runners run such graphs with their
-Q/DQ pairs as written on those CPUs (``cpu.u8s8_saturates``), so this is what that avoids.
+emulated. ``--questions N``: the whole image path is also run with every such MatMul saturating (ONNX's
+reference evaluator, each one replaced by an emulating op), and the build answers N easy-vqa questions
+(evenly spread over the test split) both ways: the stage outputs' cosine and the answers that change.
+Nothing here depends on this machine's CPU; vlm-export's runners run such graphs with their Q/DQ pairs
+as written on those CPUs (``cpu.u8s8_saturates``), so this is what that avoids.
 """
 from __future__ import annotations
 
@@ -65,31 +68,118 @@ def _weight_matmuls(model: onnx.ModelProto):
         yield node, q.input[0], float(constant(a.input[1])), int(zero), codes.astype(np.int64)
 
 
-def saturation(x: np.ndarray, scale: float, zero: int, codes: np.ndarray) -> tuple[float, float]:
-    """(share of outputs changed, worst error / largest |output|) of ``vpmaddubsw`` against the exact sum."""
-    a = np.clip(np.round(x.reshape(-1, x.shape[-1]) / scale) + zero, -128, 127).astype(np.int64) + 128  # uint8
-    w = codes
+def _codes(x: np.ndarray, scale: float, zero: int) -> np.ndarray:
+    """The activation's uint8 codes as ONNX Runtime's x86 kernels take them (int8 code + 128), as rows."""
+    return np.clip(np.round(x.reshape(-1, x.shape[-1]) / scale) + zero, -128, 127).astype(np.int64) + 128
+
+
+def _saturated_sum(a: np.ndarray, w: np.ndarray, budget: int = 1 << 25) -> np.ndarray:
+    """``a @ w`` with each pair of neighbouring products added in int16, saturating (``vpmaddubsw``), then
+    summed in int32; columns a few at a time (the pairs of a ViT-B MLP would take gigabytes at once)."""
     if w.shape[0] % 2:
         a, w = np.pad(a, ((0, 0), (0, 1)), constant_values=128), np.pad(w, ((0, 1), (0, 0)))
-    exact = a @ w
-    pairs = a[:, 0::2, None] * w[None, 0::2, :] + a[:, 1::2, None] * w[None, 1::2, :]
-    saturated = np.clip(pairs, -32768, 32767).sum(1)
-    output = exact - 128 * w.sum(0)[None, :]  # the int8 product, the uint8 shift taken back out
-    error = np.abs(saturated - exact)
+    step = max(1, budget // max(1, a.shape[0] * w.shape[0] // 2))
+    out = np.empty((a.shape[0], w.shape[1]), np.int64)
+    for j in range(0, w.shape[1], step):
+        wj = w[:, j:j + step]
+        out[:, j:j + step] = np.clip(a[:, 0::2, None] * wj[None, 0::2, :] + a[:, 1::2, None] * wj[None, 1::2, :],
+                                     -32768, 32767).sum(1)
+    return out
+
+
+def saturation(x: np.ndarray, scale: float, zero: int, codes: np.ndarray) -> tuple[float, float]:
+    """(share of outputs changed, worst error / largest |output|) of ``vpmaddubsw`` against the exact sum."""
+    a = _codes(x, scale, zero)
+    exact = a @ codes
+    output = exact - 128 * codes.sum(0)[None, :]  # the int8 product, the uint8 shift taken back out
+    error = np.abs(_saturated_sum(a, codes) - exact)
     return float((error > 0).mean()), float(error.max() / max(np.abs(output).max(), 1))
+
+
+class SaturatingRunner:
+    """An image stage's int8 graph with each weight MatMul/Gemm computed as ``vpmaddubsw`` would
+    (ONNX's reference evaluator; the rest of the graph as written). A runner: ``infer(feeds)``."""
+
+    def __init__(self, path: Path):
+        from onnx import helper
+        from onnx.reference import ReferenceEvaluator
+        from onnx.reference.op_run import OpRun
+
+        class SaturatingMatMul(OpRun):
+            op_domain = "vlm_export.emulate"
+
+            def _run(self, x, scale, zero, codes, weight_scale, bias=None):
+                a, w = _codes(x, scale, zero), codes.astype(np.int64)
+                y = (_saturated_sum(a, w) - 128 * w.sum(0)[None, :]) * (scale * weight_scale.reshape(1, -1))
+                y = y.astype(np.float32).reshape(*x.shape[:-1], w.shape[1])
+                return (y if bias is None else y + bias,)
+
+        model = onnx.load(str(path))
+        replaced = {}
+        for node, x, scale, zero, codes in _weight_matmuls(model):
+            made_by = {o: n for n in model.graph.node for o in n.output}
+            weight_dq = made_by[node.input[1]]
+            weight_scale = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == weight_dq.input[1]))
+            names = [f"{node.name}_emu_{k}" for k in ("scale", "zero", "codes", "wscale")]
+            model.graph.initializer.extend([
+                numpy_helper.from_array(np.float32(scale), names[0]), numpy_helper.from_array(np.int64(zero), names[1]),
+                numpy_helper.from_array(codes, names[2]), numpy_helper.from_array(weight_scale.astype(np.float32), names[3])])
+            bias = list(node.input[2:3]) if node.op_type == "Gemm" else []
+            replaced[node.name] = helper.make_node("SaturatingMatMul", [x, *names, *bias], list(node.output),
+                                                   domain="vlm_export.emulate", name=f"{node.name}_saturating")
+        nodes = [replaced.get(n.name, n) for n in model.graph.node]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        model.opset_import.append(helper.make_opsetid("vlm_export.emulate", 1))
+        for opset in model.opset_import:  # the evaluator has DequantizeLinear from 19 on (the same for int8)
+            if opset.domain in ("", "ai.onnx") and opset.version < 19:
+                opset.version = 19
+        self.evaluator = ReferenceEvaluator(model, new_ops=[SaturatingMatMul])
+        self.outputs = [o.name for o in model.graph.output]
+
+    def infer(self, feeds):
+        return dict(zip(self.outputs, self.evaluator.run(None, dict(feeds))))
+
+
+def _cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def end_to_end(build: Path, stages: list[str], pixel_values, questions: int) -> dict:
+    """The image path's outputs and ``questions`` easy-vqa answers, as built and with ``stages`` saturating."""
+    from vlm_export.compare.accuracy import answer_all
+    from vlm_export.datasets import load_items
+    from vlm_export.progress import Progress
+
+    exact, saturated = open_build(build), open_build(build)
+    for stage in stages:
+        saturated.runners[stage] = SaturatingRunner(exact.runners[stage].path)
+    want, got = exact.run_image_stages(pixel_values), saturated.run_image_stages(pixel_values)
+    cosines = {spec.name: {t.name: _cosine(want[t.name], got[t.name]) for t in spec.outputs} for spec in exact.image_stages}
+    out = {"cosines": cosines}
+    if questions:
+        name, items = load_items("easy-vqa", "test", spread=questions)
+        results = answer_all({"as built": exact, "saturating": saturated}, name, items, Progress())
+        out["answers"] = {label: {k: v for k, v in r.to_dict().items() if k != "answers"}
+                          for label, r in zip(("as built", "saturating"), results)}
+        out["changed"] = sum(a != b for a, b in zip(results[0].answers, results[1].answers))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("build", type=Path)
     parser.add_argument("--images", type=Path, help="a folder of images (default: scikit-image's sample photos)")
+    parser.add_argument("--questions", type=int, default=0, help="easy-vqa questions to answer both ways (0: none)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     manifest = read_manifest(args.build)
     pipe = open_build(args.build)
     feeds: dict[str, dict] = {}
-    pipe.run_image_stages(pipe.pixel_values(_images(args.images)), observe=lambda spec, f, _: feeds.setdefault(spec.name, f))
+    pixel_values = pipe.pixel_values(_images(args.images))
+    pipe.run_image_stages(pixel_values, observe=lambda spec, f, _: feeds.setdefault(spec.name, f))
     results = {}
     for stage, entry in manifest["graphs"].items():
         if (entry.get("variant") or {}).get("format") != "QDQ":
@@ -112,6 +202,15 @@ def main() -> None:
         print(f"{stage}: {len(hit)} of {len(rows)} int8 MatMuls would saturate on x86 without VNNI/AMX"
               + (f"; outputs touched up to {max(r[2] for r in hit):.1%}, worst error {max(r[3] for r in hit):.1%} "
                  "of the largest output" if hit else ""))
+    saturating = [stage for stage, r in results.items() if r["saturating"]]
+    if saturating:
+        whole = end_to_end(args.build, saturating, pixel_values, args.questions)
+        for stage, outputs in whole["cosines"].items():
+            print(f"{stage} with saturation: " + ", ".join(f"{name} cosine {c:.5f}" for name, c in outputs.items()))
+        if "answers" in whole:
+            print(f"easy-vqa, {args.questions} questions: {whole['changed']} answers change; "
+                  + ", ".join(f"{k} {v['correct']}/{v['questions']} right" for k, v in whole["answers"].items()))
+        results["end_to_end"] = whole
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
