@@ -48,6 +48,14 @@ TINY_MODELS = {
     "llava-falcon-mq": (make_tiny_llava, {"family": "falcon-mq"}),
     "llava-mixtral": (make_tiny_llava, {"family": "mixtral"}),
     "llava-llama-dynamic-rope": (make_tiny_llava, {"family": "llama-dynamic-rope"}),
+    # sizes unlike every other fixture's (the adapters must read them from the config): 8 query heads of 12
+    # over 2 KV heads (8 x 12 = 96 != hidden 72), 3 layers, SigLIP at 30 px in patches of 10 with 3 heads
+    # of 12, every patch kept from the last layer
+    "llava-odd-shapes": (make_tiny_llava, {
+        "family": "mistral", "tower": "siglip", "strategy": "full", "feature_layer": -1, "image_size": 30,
+        "text_sizes": {"hidden_size": 72, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 12,
+                       "num_hidden_layers": 3, "intermediate_size": 144},
+        "vision_sizes": {"patch_size": 10, "hidden_size": 36, "intermediate_size": 72, "num_attention_heads": 3}}),
     "prefix-llama": (make_tiny_prefix, {"family": "llama"}),
     "blip2-opt": (make_tiny_blip2, {"family": "opt"}),
     "blip2-llama": (make_tiny_blip2, {"family": "llama"}),

@@ -103,22 +103,22 @@ TEXT_FAMILIES = {
 }
 
 
-def _text_config(family: str, vocab_size: int = VOCAB):
+def _text_config(family: str, vocab_size: int = VOCAB, **sizes):
     from transformers import AutoConfig
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   eos_token_id=2, bos_token_id=1, pad_token_id=2)
     model_type, extra = TEXT_FAMILIES[family]
-    return AutoConfig.for_model(model_type, **{**common, **extra})
+    return AutoConfig.for_model(model_type, **{**common, **extra, **sizes})
 
 
-def _vision_config(image_size: int = 32, tower: str = "clip"):
+def _vision_config(image_size: int = 32, tower: str = "clip", **overrides):
     from transformers import (CLIPVisionConfig, Dinov2Config, Dinov2WithRegistersConfig, SiglipVisionConfig,
                               ViTConfig)
 
-    sizes = dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64,
-                 num_hidden_layers=2, num_attention_heads=2)
+    sizes = {**dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64,
+                    num_hidden_layers=2, num_attention_heads=2), **overrides}
     if tower == "siglip":  # no CLS token: its tokens per image are its patches
         return SiglipVisionConfig(**sizes)
     if tower == "vit":  # CLS + patches, positions interpolated where the image is not image_size
@@ -142,8 +142,10 @@ LLAVA_HF_CHAT_TEMPLATE = (
 
 def make_tiny_llava(path: Path, family: str = "llama", seed: int = 0, strategy: str = "default",
                     feature_layer: int | list[int] = -2, tower: str = "clip", hf_processor: bool = False,
-                    sentencepiece: bool = False) -> Path:
-    """``hf_processor``: saved as llava-hf checkpoints are - "<image>" added to a tokenizer that adds
+                    sentencepiece: bool = False, image_size: int | None = None, text_sizes: dict | None = None,
+                    vision_sizes: dict | None = None) -> Path:
+    """``text_sizes`` / ``vision_sizes``: config values over the tiny defaults (other widths, head
+    layouts, depths, patch sizes); ``image_size``: the tower's and the processor's. ``hf_processor``: saved as llava-hf checkpoints are - "<image>" added to a tokenizer that adds
     its BOS (the embedding table padded past it), a LlavaProcessor with LLaVA-1.5's chat template, 48 px images -
     instead of a tokenizer whose own (text) chat template and reserved token serve. ``sentencepiece`` (with
     ``hf_processor``): that tokenizer is a Llama 2 one (:func:`make_sentencepiece_tokenizer`), as LLaVA-1.5's
@@ -152,20 +154,22 @@ def make_tiny_llava(path: Path, family: str = "llama", seed: int = 0, strategy: 
                               LlavaProcessor, SiglipImageProcessor)
 
     torch.manual_seed(seed)
-    image_token_id, vocab, size = IMAGE_TOKEN_ID, VOCAB, 32
+    image_token_id, vocab, size = IMAGE_TOKEN_ID, VOCAB, image_size or 32
     if hf_processor:  # a Llama-style tokenizer that adds its BOS, as llava-hf's do
         tok = (make_sentencepiece_tokenizer() if sentencepiece
                else AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), add_bos_token=True))
         tok.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
-        image_token_id, vocab, size = tok.convert_tokens_to_ids("<image>"), _padded_vocab(len(tok)), 48
-    cfg = LlavaConfig(vision_config=_vision_config(image_size=size, tower=tower), text_config=_text_config(family, vocab),
+        image_token_id, vocab, size = tok.convert_tokens_to_ids("<image>"), _padded_vocab(len(tok)), image_size or 48
+    cfg = LlavaConfig(vision_config=_vision_config(image_size=size, tower=tower, **(vision_sizes or {})),
+                      text_config=_text_config(family, vocab, **(text_sizes or {})),
                       image_token_id=image_token_id, vision_feature_layer=feature_layer,
                       vision_feature_select_strategy=strategy, multimodal_projector_bias=tower == "clip")
     model = LlavaForConditionalGeneration(cfg).eval()
     model.save_pretrained(path)
     if hf_processor:
         image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8, vision_feature_select_strategy=strategy,
+        LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=cfg.vision_config.patch_size,
+                       vision_feature_select_strategy=strategy,
                        num_additional_image_tokens=1, chat_template=LLAVA_HF_CHAT_TEMPLATE).save_pretrained(path)
         return path
     _save_tokenizer_and_processor(path, size)
