@@ -83,6 +83,7 @@ def test_the_worst_matmul_ranks_first_and_auto_keeps_it(chain_and_feeds):
 def test_fallback_counts_and_bad_settings(chain_and_feeds):
     assert sensitivity.counts(120) == [0, 8, 16, 24, 30]  # steps of 1/16, at most a quarter
     assert sensitivity.counts(8) == [0, 1, 2]
+    assert sensitivity.counts(2) == sensitivity.counts(3) == [0, 1] and sensitivity.counts(1) == [0]  # one of 2-3
     model, feeds = chain_and_feeds
     with pytest.raises(ExportError, match="cannot keep 9 MatMuls fp32: the decoder has 8"):
         sensitivity.choose(model, _quantize, weighted_matmuls(model), feeds, "9")
@@ -375,9 +376,10 @@ def test_a_gemm_with_its_weight_transposed_is_ranked_like_a_matmul(tmp_path):
     errors = sensitivity.matmul_errors(model, layers, feeds, activations="per-tensor")
     assert errors["fc"] > 10 * errors["out"] and errors["out"] < 0.05
     onnx.save(model, str(tmp_path / "vision.onnx"))
-    # two layers: auto may keep none (a quarter of 2), a count keeps the worst
-    info = convert.to_int8(tmp_path / "vision.onnx", tmp_path / "int8.onnx", feeds, PrecisionOptions(int8_fp32_matmuls="1"))
+    # two layers (a LLaVA projector's count): auto may keep one, the worst
+    info = convert.to_int8(tmp_path / "vision.onnx", tmp_path / "int8.onnx", feeds, PrecisionOptions())
     assert info.details["fp32_fallback"]["kept"] == ["fc"]
+    assert [t["fp32_matmuls"] for t in info.details["fp32_fallback"]["trials"]] == [0, 1]
 
 
 def test_the_quantizers_of_one_tensor_stay_apart_so_onnx_runtime_fuses_every_reader(tmp_path, monkeypatch):

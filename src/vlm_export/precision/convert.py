@@ -154,7 +154,7 @@ class PrecisionOptions:
             return ["keep the nodes that lose most in fp32 (--keep-node NAME, repeatable)", "build this stage fp32"]
         if precision == "int8":
             kept = ("keep more of its MatMuls fp32 (--int8-fp32-matmuls N: the N worst"
-                    + ("; auto stops at a quarter)" if self.int8_fp32_matmuls == "auto" else ")") + " or other nodes "
+                    + ("; auto stops at a quarter, or one of two or three)" if self.int8_fp32_matmuls == "auto" else ")") + " or other nodes "
                     "(--keep-node NAME)")
             if decoder:
                 return ["calibrate on your own pairs (--calibration-images DIR --calibration-prompts FILE)", kept,

@@ -17,7 +17,8 @@ until the outputs match) but in two cheap steps:
 2. **Choose** how many of the worst to keep fp32: the int8 graph is built and run on the calibration
    pairs with 0, then a step more, of the worst kept fp32, until its logits' lowest cosine to the
    fp32 graph's reaches ``TARGET_COSINE``, at most ``MAX_SHARE`` of the MatMuls (past that, int8 buys
-   little speed); where none reaches it, the best one found is used and the build's gate judges it.
+   little speed; one of a stage with two or three); where none reaches it, the best one found is used
+   and the build's gate judges it.
 
 Why no finer search: keeping one MatMul fp32 alone (leave-one-out over the demo's 40 worst, GPTQ codes)
 moved the calibration pairs' worst cosine anywhere from 0.929 to 0.996, from 0.988 with none kept: the
@@ -209,8 +210,9 @@ def _outputs(model: onnx.ModelProto, outputs: Sequence[str], feeds: list[Mapping
 
 
 def counts(total: int) -> list[int]:
-    """The fp32 counts ``auto`` tries, in order: 0, then steps of ``STEP_SHARE`` up to ``MAX_SHARE``."""
-    cap = int(total * MAX_SHARE)
+    """The fp32 counts ``auto`` tries, in order: 0, then steps of ``STEP_SHARE`` up to ``MAX_SHARE``, and
+    at least one where there are two or more (a LLaVA projector's two MatMuls: a quarter of 2 is none)."""
+    cap = max(int(total * MAX_SHARE), 1 if total >= 2 else 0)
     step = max(1, math.ceil(total * STEP_SHARE))
     return sorted(set(range(0, cap + 1, step)) | {cap})
 
