@@ -154,8 +154,8 @@ def test_an_int8_image_graph_runs_as_written_where_u8s8_saturates(chain_and_feed
     choose = sensitivity.choose
     monkeypatch.setattr(sensitivity, "choose", lambda *a, **k: asked.append(k["emulate_qdq"]) or choose(*a, **k))
     monkeypatch.setattr(convert, "u8s8_saturates", lambda: True)
-    convert.to_int8(src, tmp_path / "int8.onnx", feeds, PrecisionOptions())
-    assert asked == [True]
+    info = convert.to_int8(src, tmp_path / "int8.onnx", feeds, PrecisionOptions())
+    assert asked == [True] and info.details["fallback_judged_on"].startswith("Q/DQ run as written")
     assert {p.key: p.value for p in onnx.load(str(tmp_path / "int8.onnx")).metadata_props}[INT8_QDQ_METADATA] == "1"
 
     monkeypatch.setattr(runners, "u8s8_saturates", lambda: False)

@@ -83,9 +83,9 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
                         "open on a CPU without them")
     g.add_argument("--int8-fp32-matmuls", default="auto", metavar="auto|N",
                    help="how many of each int8 stage's most error-prone MatMuls (ranked on the calibration pairs) "
-                        "stay fp32: auto (default: the fewest, up to a quarter (one of two or three), whose outputs - a decoder's logits - "
-                        "reach the int8 gate on the calibration pairs) or a count (0: every MatMul int8; an image "
-                        "stage with fewer keeps all of its own)")
+                        "stay fp32: auto (default: the fewest, up to a quarter (one of two or three), whose "
+                        "outputs - a decoder's logits - reach the int8 gate on the calibration pairs) or a count "
+                        "(0: every MatMul int8; an image stage with fewer keeps all of its own)")
     g.add_argument("--keep-node", action="append", default=[], metavar="NAME",
                    help="ONNX node kept in higher precision (repeatable)")
     g = p.add_argument_group("graph forms")

@@ -154,8 +154,8 @@ class PrecisionOptions:
             return ["keep the nodes that lose most in fp32 (--keep-node NAME, repeatable)", "build this stage fp32"]
         if precision == "int8":
             kept = ("keep more of its MatMuls fp32 (--int8-fp32-matmuls N: the N worst"
-                    + ("; auto stops at a quarter, or one of two or three)" if self.int8_fp32_matmuls == "auto" else ")") + " or other nodes "
-                    "(--keep-node NAME)")
+                    + ("; auto stops at a quarter, or one of two or three)" if self.int8_fp32_matmuls == "auto"
+                       else ")") + " or other nodes (--keep-node NAME)")
             if decoder:
                 return ["calibrate on your own pairs (--calibration-images DIR --calibration-prompts FILE)", kept,
                         "w8 for the decoder"]
@@ -601,6 +601,8 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
     fallback = _read_fallback(fallback_file) if cached else None
     layers = sensitivity.static_layers(model, keep)
     setting = options.int8_fp32_matmuls
+    written = u8s8_saturates()  # the candidates judged as OrtRunner will run the graph on this CPU
+    searched = False
     none_kept = setting != "auto" and int(setting) == 0
     if fallback is None and layers and not none_kept and not calibration_feeds:
         raise ExportError(f"int8 for {src.stem} needs calibration inputs to choose which layers stay fp32 (its "
@@ -641,8 +643,9 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
             _, fallback = sensitivity.choose(fp32, quantize, layers, calibration_feeds, setting,
                                              [o.name for o in fp32.graph.output], note=note,
                                              activations="per-tensor", at_most_all=True,
-                                             emulate_qdq=u8s8_saturates())  # as OrtRunner will run it here
+                                             emulate_qdq=written)
             del fp32
+            searched = True
             _write_fallback(fallback_file, fallback)
         else:
             quantize_to(dst, fallback.kept)
@@ -656,7 +659,11 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
                                 "calibration_samples": len(calibration_feeds or []),
                                 "calibration_cache": None if cache is None else {"file": str(cache), "reused": cached},
                                 "quantized_matmuls": len(layers) - len(fallback.kept),
-                                "fp32_fallback": fallback.to_dict(), "kept_fp32": keep})
+                                "fp32_fallback": fallback.to_dict(),
+                                "fallback_judged_on": None if not searched else (
+                                    "Q/DQ run as written (this CPU's U8S8 kernels saturate)" if written
+                                    else "ONNX Runtime's int8 kernels"),
+                                "kept_fp32": keep})
 
 
 def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOptions, cache: Path | None,
