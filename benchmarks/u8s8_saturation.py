@@ -202,6 +202,8 @@ def main() -> None:
         print(f"{stage}: {len(hit)} of {len(rows)} int8 MatMuls would saturate on x86 without VNNI/AMX"
               + (f"; outputs touched up to {max(r[2] for r in hit):.1%}, worst error {max(r[3] for r in hit):.1%} "
                  "of the largest output" if hit else ""))
+    if not results:
+        raise SystemExit(f"{args.build} has no int8 image stage (Q/DQ): nothing here runs on U8S8 kernels")
     saturating = [stage for stage, r in results.items() if r["saturating"]]
     if saturating:
         whole = end_to_end(args.build, saturating, pixel_values, args.questions)
