@@ -306,8 +306,8 @@ class OrtRunner(Runner):
             # its fused int8 kernels would saturate here (wrong answers, no error): open it again, as written
             from .devices import log
 
-            log.warning(f"{name}: this CPU has no VNNI/AMX, on which ONNX Runtime's int8 kernels can saturate: its "
-                        "Q/DQ pairs run as written (exact, at about fp32's speed; int8 is faster on a CPU with them)")
+            log.warning(f"{name}: ONNX Runtime's int8 kernels can saturate on this CPU (no VNNI/AMX), so its Q/DQ "
+                        "pairs run as written (exact, at about fp32's speed; int8 is faster on a CPU with them)")
             opts.add_session_config_entry(*QDQ_AS_WRITTEN)
             self.session, self.emulates_qdq = self._open(path, opts, providers), True
         self.io_device = ("cuda", self.device.ordinal) if gpu else ("cpu", 0)
