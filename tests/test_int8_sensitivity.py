@@ -520,3 +520,51 @@ def test_a_w8_head_takes_a_block_that_divides_the_hidden_size(tmp_path):
     assert head(80, 32) == ("w8 (MatMulNBits, asymmetric blocks of 16)", [16])
     assert head(128, 64) == ("w8 (MatMulNBits, asymmetric blocks of 64)", [64])
     assert head(72, 32) == ("w8 (MatMulNBits, zero-point blocks of 32)", [32])
+
+
+def test_the_saturation_emulator_sums_pairs_in_int16_and_is_exact_below_it(tmp_path):
+    """benchmarks/u8s8_saturation.py, whose numbers the README quotes: each pair of neighbouring u8 x s8
+    products is clipped to int16 before the int32 sum (``vpmaddubsw``); with no pair past int16 the
+    emulated graph equals the graph run as written."""
+    import importlib.util
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    import vlm_export.precision.convert as convert
+    from vlm_export.cpu import QDQ_AS_WRITTEN
+
+    path = Path(__file__).parent.parent / "benchmarks" / "u8s8_saturation.py"
+    spec = importlib.util.spec_from_file_location("u8s8_saturation", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    a = np.array([[255, 255, 1, 2]], np.int64)
+    w = np.array([[127], [127], [3], [4]], np.int64)
+    assert tool._saturated_sum(a, w).tolist() == [[32767 + 11]]  # 64770 clipped; 1*3 + 2*4 exact
+    assert (a @ w).tolist() == [[64770 + 11]]
+
+    rng = np.random.default_rng(4)
+    w_small = (rng.standard_normal((WIDTH, WIDTH)) * 0.01).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["image_features"], name="mm")], "one",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 12, WIDTH])],
+                              [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, [1, 12, WIDTH])],
+                              [numpy_helper.from_array(w_small, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "fp32.onnx"))
+    feeds = [{"x": (rng.standard_normal((1, 12, WIDTH)) * 0.05).astype(np.float32)} for _ in range(4)]
+    convert.to_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", feeds, PrecisionOptions(int8_fp32_matmuls="0"))
+    _, _, scale, zero, codes = next(tool._weight_matmuls(onnx.load(str(tmp_path / "int8.onnx"))))
+    options = ort.SessionOptions()
+    options.add_session_config_entry(*QDQ_AS_WRITTEN)
+    written = ort.InferenceSession(str(tmp_path / "int8.onnx"), options, providers=["CPUExecutionProvider"])
+    emulated = tool.SaturatingRunner(tmp_path / "int8.onnx")
+    compared = 0
+    for f in feeds:
+        a = tool._codes(f["x"], scale, zero)
+        pairs = a[:, 0::2, None] * codes[None, 0::2] + a[:, 1::2, None] * codes[None, 1::2]
+        exact = (np.abs(pairs) <= 32767).all(1).reshape(1, 12, WIDTH)  # outputs with no pair past int16
+        got, want = emulated.infer(f)["image_features"], written.run(None, f)[0]
+        np.testing.assert_allclose(got[exact], want[exact], rtol=1e-5, atol=1e-6)
+        compared += int(exact.sum())
+        if (~exact).any():  # where a pair is past int16 the emulation saturates, as the kernel would
+            assert np.abs(got - want)[~exact].max() > 0
+    assert compared > 12 * WIDTH  # most outputs had no pair past int16
