@@ -376,7 +376,9 @@ def test_disconnect_stops_generation(oai, stack, llava_server):
     machine it can finish before the disconnect (client socket, uvicorn, the body's worker thread, the
     gRPC stream, Triton's core, the stub) reaches it: once in CI, three tries of 200 tokens all did.
     Such a try shows nothing either way (its row finished, nothing was cancelled) and is made again,
-    up to eight times; a disconnect that is never acted on fails them all."""
+    for up to a minute; a disconnect that is never acted on fails them all."""
+    import time
+
     from vlm_export.contract.limits import Limits
     from vlm_export.manifest import read_manifest
 
@@ -384,7 +386,9 @@ def test_disconnect_stops_generation(oai, stack, llava_server):
     story = "Tell me a long story."
     prompt_tokens = ask(oai, story, max_tokens=1).usage.prompt_tokens
     longest = Limits.from_dict(read_manifest(llava_server[0])["limits"]).max_sequence - prompt_tokens
-    for attempt in range(8):
+    deadline, tries = time.monotonic() + 60, 0
+    while True:
+        tries += 1
         cancelled = _metric(triton, "vlm_requests_cancelled_total")
         finished = _metric(triton, "vlm_requests_finished_total")
         stream = ask(oai, story, max_tokens=longest, stream=True, extra_body={"ignore_eos": True})
@@ -397,9 +401,9 @@ def test_disconnect_stops_generation(oai, stack, llava_server):
             triton.log_file.read_text()[-2000:]
         if _metric(triton, "vlm_requests_cancelled_total") >= cancelled + 1:
             break
-    else:
-        pytest.fail(f"eight streams of {longest} tokens whose clients disconnected after the first piece all "
-                    "ran to their end")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{tries} streams of {longest} tokens whose clients disconnected after the first piece all "
+                        "ran to their end")
     after = _metric(triton, "vlm_decode_steps_total")
     assert not wait_for(lambda: _metric(triton, "vlm_decode_steps_total") != after, seconds=1.0)  # nothing runs on
     assert ask(oai, "Hello there", max_tokens=3).usage.completion_tokens <= 3
