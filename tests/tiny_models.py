@@ -145,9 +145,10 @@ def make_tiny_llava(path: Path, family: str = "llama", seed: int = 0, strategy: 
                     sentencepiece: bool = False, image_size: int | None = None, text_sizes: dict | None = None,
                     vision_sizes: dict | None = None) -> Path:
     """``text_sizes`` / ``vision_sizes``: config values over the tiny defaults (other widths, head
-    layouts, depths, patch sizes); ``image_size``: the tower's and the processor's. ``hf_processor``: saved as llava-hf checkpoints are - "<image>" added to a tokenizer that adds
-    its BOS (the embedding table padded past it), a LlavaProcessor with LLaVA-1.5's chat template, 48 px images -
-    instead of a tokenizer whose own (text) chat template and reserved token serve. ``sentencepiece`` (with
+    layouts, depths, patch sizes); ``image_size``: the tower's and the processor's. ``hf_processor``:
+    saved as llava-hf checkpoints are - "<image>" added to a tokenizer that adds its BOS (the embedding
+    table padded past it), a LlavaProcessor with LLaVA-1.5's chat template, 48 px images - instead of a
+    tokenizer whose own (text) chat template and reserved token serve. ``sentencepiece`` (with
     ``hf_processor``): that tokenizer is a Llama 2 one (:func:`make_sentencepiece_tokenizer`), as LLaVA-1.5's
     is, instead of SmolLM2's byte-level BPE."""
     from transformers import (AddedToken, AutoTokenizer, CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration,

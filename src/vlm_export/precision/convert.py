@@ -629,7 +629,6 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
                 calibration_cache_path=ranges,
             )
             keep_quantizers_apart(out)
-            mark_int8_qdq(out)
 
         if fallback is None and (not layers or none_kept):
             fallback = sensitivity.Fallback([], setting, None)
@@ -649,6 +648,7 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
             _write_fallback(fallback_file, fallback)
         else:
             quantize_to(dst, fallback.kept)
+    mark_int8_qdq(dst)  # once, on the graph chosen (the search judged its candidates with emulate_qdq itself)
     check_graph(dst)
     return VariantInfo("int8", {"format": "QDQ", "symmetric": True, "per_channel_weights": True, "bias": "float",
                                 "activations": "int8 static per-tensor (symmetric)",
