@@ -76,7 +76,8 @@ def test_one_step_writes_each_row_at_its_own_length(pipe):
             buffer[slot, :, length:] = rng.standard_normal(buffer[slot, :, length:].shape)
     before = {n: b.copy() for n, b in slots.caches.items()}
     tokens = np.array([11, 12])
-    out, bound = pipe.decode_in_place(scheme.slot_step_feeds(slots, tokens))
+    first_feeds = scheme.slot_step_feeds(slots, tokens)
+    out, bound = pipe.decode_in_place(first_feeds)
 
     reference = state.keep([0])  # the same rows on the copying path: row 0 of the first prefill, then the third
     third = pipe.prefill_batch(_prompts((6,), 1), [scheme.empty_image_input()])[1]
@@ -91,12 +92,16 @@ def test_one_step_writes_each_row_at_its_own_length(pipe):
             np.testing.assert_allclose(buffer[slot, :, length], want[present[name]][row, :, -1], atol=1e-5)
             np.testing.assert_array_equal(buffer[slot, :, length + 1:], before[name][slot, :, length + 1:])
         np.testing.assert_array_equal(buffer[1], before[name][1])  # the idle slot
-    # the next step on the same buffers reuses their binding and still writes them in place
+    # the next step on the same buffers reuses their binding and still writes them in place; its
+    # other tokens reach the decoder (the step inputs' bound memory is refilled, not bound again),
+    # and the previous call's feed arrays, the caller's, are left as they were
     slots = slots.advanced(bound)
-    again, rebound = pipe.decode_in_place(scheme.slot_step_feeds(slots, tokens), slots.bound)
+    next_tokens = np.array([13, 14])
+    again, rebound = pipe.decode_in_place(scheme.slot_step_feeds(slots, next_tokens), slots.bound)
     assert rebound is bound
-    want = pipe.decode(scheme.step_feeds(scheme.advance(reference, want), tokens))
+    want = pipe.decode(scheme.step_feeds(scheme.advance(reference, want), next_tokens))
     np.testing.assert_allclose(again["logits"][slots.slots, -1], scheme.next_logits(want), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(first_feeds["input_ids"][slots.slots, 0], tokens)
 
 
 def test_scheduler_in_place_equals_the_copying_path(pipe):

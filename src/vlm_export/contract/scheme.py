@@ -205,9 +205,10 @@ class SlotBatch:
     def step_mask(self) -> np.ndarray:
         """[slots, longest + 1] int64: a step's attention mask, ones on each running slot's
         [0, length + 1) (its positions and the new token), an idle slot all zero."""
-        width = int(self.positions.max()) + 1 if self.rows else 1
+        positions = self.positions
+        width = int(positions.max()) + 1 if self.rows else 1
         mask = np.zeros((len(self.lengths), width), np.int64)
-        mask[self.slots] = np.arange(width)[None, :] <= self.positions[:, None]
+        mask[self.slots] = np.arange(width)[None, :] <= positions[:, None]
         return mask
 
     def by_slot(self, values: np.ndarray, fill) -> np.ndarray:
@@ -222,7 +223,8 @@ class SlotBatch:
         binding that step used."""
         lengths = self.lengths.copy()
         lengths[self.slots] += 1
-        return replace(self, lengths=lengths, bound=bound)
+        # built directly, not by dataclasses.replace: once per decode step, where each Python call counts
+        return SlotBatch(self.caches, lengths, self.slots, self.seq_axis, bound, self.padded)
 
     def keep(self, rows: Sequence[int]) -> "SlotBatch":
         """Only the given rows (in that order); the others' slots are free."""
@@ -515,7 +517,7 @@ class DecodingScheme(abc.ABC):
     # into its past's buffer (in_place_caches), then batch.advanced(), and next_logits(outputs)
     # holds one row per slot (batch.slots picks the running rows'). A scheme that cannot (its
     # state is not only caches growing by one position per step) returns {} and runs DecodeBatch.
-    def in_place_caches(self) -> dict[str, str]:
+    def in_place_caches(self) -> Mapping[str, str]:
         """{present output: the past input whose buffer it is written into}; {} when this scheme
         has no in-place form."""
         return {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -79,8 +80,12 @@ class SelfAttentionCache:
     def step_feeds(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
         return {**self._step_tokens(batch, tokens), **self._step_state(batch.caches)}
 
-    def in_place_caches(self) -> dict[str, str]:
-        return dict(zip(self.present_names, self.past_names))
+    def in_place_caches(self) -> Mapping[str, str]:
+        # made once: every decode step asks (a dict of 2 x layers names rebuilt per step is measurable there)
+        made = self.__dict__.get("_in_place_caches")
+        if made is None:
+            made = self.__dict__["_in_place_caches"] = MappingProxyType(dict(zip(self.present_names, self.past_names)))
+        return made
 
     def slot_step_feeds(self, batch: SlotBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
         # one row per slot, an idle slot a masked-out pad; fixed state (SlotBatch.padded) is kept per
