@@ -92,9 +92,8 @@ def test_one_step_writes_each_row_at_its_own_length(pipe):
             np.testing.assert_allclose(buffer[slot, :, length], want[present[name]][row, :, -1], atol=1e-5)
             np.testing.assert_array_equal(buffer[slot, :, length + 1:], before[name][slot, :, length + 1:])
         np.testing.assert_array_equal(buffer[1], before[name][1])  # the idle slot
-    # the next step on the same buffers reuses their binding and still writes them in place; its
-    # other tokens reach the decoder (the step inputs' bound memory is refilled, not bound again),
-    # and the previous call's feed arrays, the caller's, are left as they were
+    # the next step on the same buffers reuses their binding and still writes them in place, and
+    # its other tokens reach the decoder; the previous call's feed arrays are left as they were
     slots = slots.advanced(bound)
     next_tokens = np.array([13, 14])
     again, rebound = pipe.decode_in_place(scheme.slot_step_feeds(slots, next_tokens), slots.bound)

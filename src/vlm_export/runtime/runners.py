@@ -425,13 +425,8 @@ class _InPlaceBinding:
     """An ONNX Runtime IO binding of in-place buffers: each aliased output bound to its input's numpy
     memory (the same pointer, which is how GroupQueryAttention tells a shared past/present buffer),
     reused by every call with these same arrays (binding ~60 caches costs about a millisecond a step
-    on a loaded 2-core machine). The binding holds the arrays, so it lives as long as they do.
-
-    A step's other inputs (tokens, positions, the mask) are bound from private copies, which the next
-    step refills in place while their shape holds: only the mask, one column wider each step, is
-    bound again. Why it matters: right after a decode step has streamed the weights through the
-    caches, every Python operation runs on cold caches (measured on the demo, 2 cores: a step's ~40
-    small Python operations took 0.45 ms there against ~0.05 ms warm), so the step does as few as it can."""
+    on a loaded 2-core machine). The binding holds the arrays, so it lives as long as they do; which
+    inputs a step binds and which outputs it reads are worked out once, here."""
 
     def __init__(self, runner: OrtRunner, buffers: Mapping[str, np.ndarray], aliases: Mapping[str, str]):
         for n, value in buffers.items():
@@ -443,7 +438,6 @@ class _InPlaceBinding:
         #: the inputs each step binds (not the buffers), and the outputs it reads (index, name)
         self.step_inputs = [n for n in runner.input_names if n not in self.buffers]
         self.plain_outputs = [(i, n) for i, n in enumerate(runner.output_names) if n not in aliases]
-        self._bound_values: dict[str, np.ndarray] = {}
         for n in runner.output_names:  # every output once, in order: get_outputs keeps this order
             if n in aliases:
                 array = self.buffers[aliases[n]]
@@ -453,15 +447,9 @@ class _InPlaceBinding:
                 self.binding.bind_output(n, "cpu")
 
     def bind_step_inputs(self, feeds: Mapping[str, np.ndarray]) -> None:
-        """Each step input's values into the memory bound to it (bound anew where its shape or dtype changed)."""
+        """A step's small inputs (tokens, positions, the mask), bound as they are (no copy)."""
         for n in self.step_inputs:
-            value, own = feeds[n], self._bound_values.get(n)
-            if own is not None and own.shape == np.shape(value) and own.dtype == getattr(value, "dtype", None):
-                np.copyto(own, value)
-            else:
-                own = np.array(value, order="C")  # a copy the caller cannot change under the binding
-                self.binding.bind_cpu_input(n, own)
-                self._bound_values[n] = own
+            self.binding.bind_cpu_input(n, np.ascontiguousarray(feeds[n]))
 
     def holds(self, session, feeds: Mapping[str, np.ndarray], aliases: Mapping[str, str]) -> bool:
         """Whether ``feeds`` carry this binding's very buffers, for ``session`` and ``aliases``."""
