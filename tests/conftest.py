@@ -48,6 +48,9 @@ TINY_MODELS = {
     "llava-falcon-mq": (make_tiny_llava, {"family": "falcon-mq"}),
     "llava-mixtral": (make_tiny_llava, {"family": "mixtral"}),
     "llava-llama-dynamic-rope": (make_tiny_llava, {"family": "llama-dynamic-rope"}),
+    "llava-granite": (make_tiny_llava, {"family": "granite"}),
+    "llava-olmo2": (make_tiny_llava, {"family": "olmo2"}),
+    "llava-starcoder2": (make_tiny_llava, {"family": "starcoder2"}),
     # sizes unlike every other fixture's (the adapters must read them from the config): 8 query heads of 12
     # over 2 KV heads (8 x 12 = 96 != hidden 72), 3 layers, SigLIP at 30 px in patches of 10 with 3 heads
     # of 12, every patch kept from the last layer

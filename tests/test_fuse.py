@@ -108,7 +108,7 @@ def _assert_fused_like_exported(src, dst):
 
 
 @pytest.mark.parametrize("name", ["llava-llama", "llava-mistral", "llava-gemma2", "llava-qwen2-full-multilayer",
-                                  *sorted(QK_NORM)])
+                                  "llava-granite", *sorted(QK_NORM)])
 def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_path, name):
     build = tiny_build(name)
     src = _decoder_graph(build)
@@ -148,7 +148,9 @@ def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_
         # read from the graph's shapes and scale constant, never from the model type
         assert attrs["num_heads"] == heads and attrs["kv_num_heads"] == kv_heads
         head_size = config.get("head_dim") or config["hidden_size"] // heads
-        assert attrs["scale"] == pytest.approx(config.get("query_pre_attn_scalar", head_size) ** -0.5)
+        # the scores' scale as the model sets it: Granite's attention_multiplier, Gemma's query_pre_attn_scalar
+        want = config.get("attention_multiplier") or config.get("query_pre_attn_scalar", head_size) ** -0.5
+        assert attrs["scale"] == pytest.approx(want)
         assert attrs["do_rotary"] == 1 and node.input[9] == "position_ids"  # the runtime's positions
         assert attrs.get("local_window_size", -1) == (16 if name in WINDOWED_FIRST_LAYER and node is gqa[0] else -1)
         # Gemma 2's cap x tanh(scores / cap) is the kernel's softcap (test_softcap_bites: it matters here)

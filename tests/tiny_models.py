@@ -100,6 +100,13 @@ TEXT_FAMILIES = {
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     # dynamic NTK: a branch on the positions' values that torch.export cannot trace
     "llama-dynamic-rope": ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
+    # scaled embeddings, residual branches, attention scores and logits (Granite's four multipliers)
+    "granite": ("granite", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
+                            "logits_scaling": 4.0}),
+    # norms after attention and after the MLP only (none before), q/k RMSNorm over the whole projection
+    "olmo2": ("olmo2", {}),
+    # LayerNorm with biases, biased projections, a plain GELU MLP (no gate)
+    "starcoder2": ("starcoder2", {"use_bias": True}),
 }
 
 
