@@ -25,7 +25,7 @@ from vlm_export.deploy import (DEFAULT_IMAGE, DeployError, KubernetesOptions, in
 from vlm_export.deploy.kubernetes import FILES
 from vlm_export.deploy.triton import (IMAGE_PYTHON, PYTRITON_VERSION, TRITON_BASE_IMAGE, TRITON_CONTAINER_RELEASE,
                                       TRITON_SERVER_VERSION, container_tag)
-from vlm_export.engines.profiles import stage_profiles
+from vlm_export.contract.profiles import stage_profiles
 from vlm_export.errors import RepositoryError
 from vlm_export.manifest import read_manifest, sha256_file, write_manifest
 from vlm_export.model_repository.render import RepositoryOptions, render_repository

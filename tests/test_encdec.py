@@ -431,7 +431,7 @@ def test_tensorrt_profiles_hold_real_feeds(blip2_t5, photos):
     """The encoder's profile and the decoder's two (from the limits: the scheme's encoder_dim_ranges and
     dim_ranges) hold a real prefill of prompts of different lengths and a decode step of them; a prompt
     longer than max_sequence is outside the encoder's."""
-    from vlm_export.engines.profiles import stage_profiles
+    from vlm_export.contract.profiles import stage_profiles
     from vlm_export.engines.tensorrt import profile_for
     from vlm_export.errors import RunnerError
 

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from vlm_export.engines.profiles import dim_ranges, stage_profiles
+from vlm_export.contract.profiles import dim_ranges, stage_profiles
 from vlm_export.engines.tensorrt import builder_settings, build_engines, installed_tensorrt
 from vlm_export.errors import BuildError
 from vlm_export.manifest import read_manifest

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 from conftest import assert_one_line_error
 from vlm_export.build import BuildOptions, _fuse_decoder_stage, build, verify
 from vlm_export.contract import Limits
+from vlm_export.contract.profiles import one_profile, stage_profiles
 from vlm_export.errors import ManifestError, RepositoryError
 from vlm_export.export.fuse import FuseReport
 from vlm_export.manifest import (check_hashes, derive_targets, form_entry, read_manifest, stage_forms, targets,
@@ -338,9 +339,57 @@ def test_repositories_on_a_gpu(tiny_build, w4_build, tmp_path):
     ort = render_repository(path, tmp_path / "ort", RepositoryOptions(target="onnxruntime", device="cuda"))
     assert (ort / "lm_decoder" / "1" / "model.onnx").read_bytes() == (path / "graphs/lm_decoder.onnx").read_bytes()
     assert groups(ort, "lm_decoder") == [("KIND_GPU", [])] and groups(ort, "vlm") == [("KIND_CPU", [])]
-    assert groups(render_repository(path, tmp_path / "cpu", RepositoryOptions()), "vlm") == [("KIND_CPU", [])]
+    cpu = render_repository(path, tmp_path / "cpu", RepositoryOptions())
+    assert groups(cpu, "vlm") == [("KIND_CPU", [])]
+    # on a GPU the python stage models hand ONNX Runtime's TensorRT provider the graph's fp16 and ONE profile
+    # over the stage's whole range (else it builds an engine again at each new shape); on the CPU neither
+    manifest = json.loads((path / "manifest.json").read_text())
+    for stage in ("vision_encoder", "projector"):
+        params = _parameters(python / stage)
+        assert params["fp16"] == "0" and json.loads(params["trt_profiles"]) == json.loads(
+            json.dumps(one_profile(stage_profiles(manifest, stage)))), stage
+        assert "trt_profiles" not in _parameters(cpu / stage) and "fp16" not in _parameters(cpu / stage)
     render_repository(w4_build.path, tmp_path / "w4", RepositoryOptions(device="cuda"), echo=notes.append)
     assert len(notes) == 1 and notes[0].startswith("lm_decoder ships only ONNX Runtime's fused form"), notes
+
+
+def _parameters(model_dir: Path) -> dict[str, str]:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    cfg = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    return {k: v.string_value for k, v in cfg.parameters.items()}
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider")
+def test_on_a_gpu_the_tensorrt_provider_gets_one_profile_per_stage(tiny_build, monkeypatch):
+    """open_build on cuda gives ONNX Runtime's TensorRT provider each stage's range as one profile: the
+    decoder's covers a prefill (many tokens, empty past) and a decode step (one token, a past up to
+    max_sequence - 1), so neither makes TensorRT build again. This onnxruntime lists the GPU providers
+    only by the test's say-so; the sessions then run on the CPU."""
+    import vlm_export.runtime.devices as devices
+
+    monkeypatch.setattr(devices, "available_providers", lambda: [devices.TRT_EP, devices.CUDA_EP, devices.CPU_EP])
+    build = tiny_build("llava-llama")
+    pipe = open_build(build.path, device="cuda")
+    limits = build.manifest["limits"]
+    for stage, runner in pipe.runners.items():
+        name, trt = runner.requested_providers[0]
+        assert name == devices.TRT_EP
+        want = one_profile(stage_profiles(build.manifest, stage))
+        assert trt["trt_profile_opt_shapes"] == ",".join(f"{n}:{'x'.join(map(str, s[1]))}" for n, s in want.items())
+    decoder = pipe.runners["lm_decoder"].requested_providers[0][1]
+    low, high = (dict(item.split(":") for item in decoder[f"trt_profile_{k}_shapes"].split(",")) for k in ("min", "max"))
+    assert low["input_ids"] == "1x1" and high["input_ids"] == f"{limits['max_batch']}x{limits['max_sequence']}"
+    past_low, past_high = low["past_key_values.0.key"].split("x"), high["past_key_values.0.key"].split("x")
+    assert past_low[2] == "0" and int(past_high[2]) == limits["max_sequence"] - 1
+
+
+def test_one_profile_covers_every_profile():
+    prefill = {"ids": ((1, 1), (1, 64), (2, 128)), "past": ((1, 0), (1, 0), (2, 0))}
+    decode = {"ids": ((1, 1), (1, 1), (2, 1)), "past": ((1, 1), (1, 100), (2, 127))}
+    assert one_profile([prefill, decode]) == {"ids": ((1, 1), (1, 1), (2, 128)), "past": ((1, 0), (1, 100), (2, 127))}
+    assert one_profile([prefill]) == prefill
 
 
 def _fusion_then(monkeypatch, edit) -> None:

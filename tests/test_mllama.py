@@ -401,7 +401,7 @@ def test_served_answers_equal_in_process(mllama, photos, tmp_path, run_cli):
 def test_tensorrt_profiles_hold_real_feeds(mllama, photos):
     """The scheme's profiles (from the limits) hold a real prefill of rows with two images and none
     (profile 0) and a decode step of them (profile 1); a third image is outside (max_images 2)."""
-    from vlm_export.engines.profiles import stage_profiles
+    from vlm_export.contract.profiles import stage_profiles
     from vlm_export.engines.tensorrt import profile_for
     from vlm_export.errors import RunnerError
 

@@ -13,7 +13,7 @@ from conftest import assert_one_line_error  # noqa: E402
 from test_engine import Collector
 from vlm_export.build import BuildOptions, build
 from vlm_export.contract import stages_from_manifest
-from vlm_export.engines.profiles import stage_profiles
+from vlm_export.contract.profiles import stage_profiles
 from vlm_export.errors import AdapterError, InputError
 from vlm_export.manifest import read_manifest
 from vlm_export.model_repository.render import (RepositoryOptions, check_against_graphs, model_configs,

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 
-from vlm_export.engines.profiles import stage_profiles
+from vlm_export.contract.profiles import stage_profiles
 from vlm_export.errors import RepositoryError
 from vlm_export.manifest import form_entry, read_manifest, sha256_file, write_manifest
 from vlm_export.model_repository.render import RepositoryOptions, render_repository

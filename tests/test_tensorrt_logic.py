@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from vlm_export.engines.profiles import stage_profiles
+from vlm_export.contract.profiles import stage_profiles
 from vlm_export.engines.tensorrt import (BuilderSettings, build_engines, builder_settings, check_metadata, profile_for,
                                          release, triton_server_args, version_problem)
 from vlm_export.engines.tensorrt import TensorRTRunner

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from vlm_export.engines.check import (DEFAULT_TENSORRT, SPECS, CompatibilityReport, Violation, check_build,
                                       check_configs, check_graph)
-from vlm_export.engines.profiles import stage_profiles
+from vlm_export.contract.profiles import stage_profiles
 from vlm_export.errors import BuildError
 from vlm_export.manifest import read_manifest
 from vlm_export.model_repository.render import RepositoryOptions, model_configs

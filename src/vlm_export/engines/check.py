@@ -535,7 +535,7 @@ def check_graph(model: onnx.ModelProto, name: str, tensorrt_version: str, profil
 # Rules on the Triton configs of the tensorrt target
 
 def _plan_profiles(manifest: dict, stage: str) -> list:
-    from .profiles import stage_profiles
+    from ..contract.profiles import stage_profiles
 
     engine = (manifest.get("engines") or {}).get(stage)
     return engine["profiles"] if engine and engine.get("profiles") else stage_profiles(manifest, stage)
@@ -548,7 +548,7 @@ def check_configs(configs: dict[str, dict], manifest: dict) -> list[Violation]:
     instance, and an instance without ``profile`` runs profile 0 only), and a ``max_batch_size``
     > 0 only where the first dim of every input and output is one dynamic batch dim whose range
     in every profile holds 1..max_batch_size."""
-    from .profiles import dim_ranges
+    from ..contract.profiles import dim_ranges
 
     found = []
     ranges = dim_ranges(manifest)
@@ -616,7 +616,7 @@ def check_build(build_dir: Path, tensorrt_version: str | None = None,
     configs the ``tensorrt`` target renders for it, when given (the repository sits above the
     engines: its renderer runs ``check_configs`` itself, the CLI passes them to ``--check-only``)."""
     from ..manifest import read_manifest, served_entry
-    from .profiles import stage_profiles
+    from ..contract.profiles import stage_profiles
 
     spec = spec_for(tensorrt_version)
     build_dir = Path(build_dir)

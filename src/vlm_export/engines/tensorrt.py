@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import BuildError, RunnerError
 from ..runtime.runners import Runner
-from .profiles import stage_profiles
+from ..contract.profiles import stage_profiles
 
 
 @dataclass(frozen=True)

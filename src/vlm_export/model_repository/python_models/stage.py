@@ -2,6 +2,8 @@
 Runtime. Used by the ``python`` target, which loads on any Triton (the CPU one in
 nvidia-pytriton included). Dynamically batched requests are concatenated along dim 0, run
 once and split back."""
+import json
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -15,8 +17,12 @@ class TritonPythonModel:
         check_files(version_dir, config)
         self.batched = config.get("max_batch_size", 0) > 0
         threads = int(parameter(config, "intra_op_threads", "0")) or None
+        # on a GPU: the graph's fp16 and its shape range, for ONNX Runtime's TensorRT provider (the renderer's)
+        profile = parameter(config, "trt_profiles")
         self.runner = OrtRunner(args["model_name"], version_dir / "model.onnx", threads=threads,
-                                spin=parameter(config, "spin", "0") == "1", device=instance_device(args))
+                                spin=parameter(config, "spin", "0") == "1", device=instance_device(args),
+                                fp16=parameter(config, "fp16", "0") == "1",
+                                trt_profiles=json.loads(profile) if profile else None)
 
     def execute(self, requests):
         feeds = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.runner.input_names}

@@ -25,6 +25,7 @@ from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from vlm_export.contract import prompt_inputs, stages_from_manifest
+from vlm_export.contract.profiles import trt_profile
 from vlm_export.errors import BusyError, InputError, RunnerError, VlmExportError
 from vlm_export.model_repository.python_models.common import (check_files, image_limits, image_payload,
                                                                instance_device, model_dirs, parameter)
@@ -72,9 +73,12 @@ class BlsRunner(Runner):
     backend = "triton-bls"
 
     def _run(self, feeds):
+        # outputs in CPU memory: a model on a GPU instance (the tensorrt target, onnxruntime with --device cuda)
+        # would otherwise hand them back in GPU memory, which as_numpy() refuses
         request = pb_utils.InferenceRequest(
             model_name=self.name, requested_output_names=self.output_names,
-            inputs=[pb_utils.Tensor(n, np.ascontiguousarray(feeds[n])) for n in self.input_names])
+            inputs=[pb_utils.Tensor(n, np.ascontiguousarray(feeds[n])) for n in self.input_names],
+            preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0))
         response = request.exec()
         if response.has_error():  # the called model's own message says whose fault it was
             raise RunnerError(f"{self.name}: {response.error().message()}")
@@ -117,8 +121,10 @@ class TritonPythonModel:
         if parameter(config, "decoder_mode", "in_process") == "in_process":
             threads = int(parameter(config, "intra_op_threads", "0")) or None
             check_files(version_dir, config)  # the decoder graph the renderer put beside this model
+            device = instance_device(args)
             decoder = OrtRunner(name, version_dir / parameter(config, "decoder_graph"), threads=threads, spin=True,
-                                device=instance_device(args))
+                                device=device, fp16=manifest["graphs"][name].get("precision") == "fp16",
+                                trt_profiles=trt_profile(manifest, name) if device != "cpu" else None)
         else:
             decoder = BlsRunner(name, specs[name].input_names, specs[name].output_names)
         pipe.runners[name] = decoder

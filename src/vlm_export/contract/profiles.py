@@ -1,4 +1,5 @@
-"""TensorRT optimization profiles derived from the manifest's limits (never typed twice).
+"""TensorRT optimization profiles derived from the manifest's limits (never typed twice): what the
+plans are built with (``engines``) and what ONNX Runtime's TensorRT provider is given (``runtime.devices``).
 
 Every dynamic dim of every graph input is named at export; a profile gives each NAME a
 (min, opt, max), and the shapes follow. Image stages get one profile over the number of images
@@ -9,7 +10,9 @@ and decode - one token per row on a cache up to max_sequence - 1), and so does a
 """
 from __future__ import annotations
 
-from ..contract import Limits, Range, scheme_from_dict, stages_from_manifest
+from .limits import Limits
+from .scheme import Range, scheme_from_dict
+from .stages import stages_from_manifest
 from ..errors import BuildError
 
 
@@ -48,3 +51,27 @@ def stage_profiles(manifest: dict, stage: str) -> list[dict[str, tuple[tuple[int
             shapes[info["name"]] = tuple(tuple(p[i] for p in picks) for i in range(3))
         profiles.append(shapes)
     return profiles
+
+
+def one_profile(profiles: list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]
+                ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """The profiles of ``stage_profiles`` as ONE covering them all (each input's smallest min and largest
+    max per dim), optimised for the last one's opt: a decoder's decode profile, which every scheme lists
+    last. For a runtime that builds one engine per session (ONNX Runtime's TensorRT provider), so that
+    neither a prefill nor a decode step falls outside it and makes TensorRT build again."""
+    merged = {}
+    for name in profiles[-1]:
+        shapes = [p[name] for p in profiles]
+        low = tuple(min(dims) for dims in zip(*(s[0] for s in shapes)))
+        high = tuple(max(dims) for dims in zip(*(s[2] for s in shapes)))
+        merged[name] = (low, profiles[-1][name][1], high)
+    return merged
+
+
+def trt_profile(manifest: dict, stage: str) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] | None:
+    """``one_profile`` of the stage's profiles for ONNX Runtime's TensorRT provider; None where a dynamic
+    dim has no limit to bound it (the provider then builds an engine per new shape, as without one)."""
+    try:
+        return one_profile(stage_profiles(manifest, stage))
+    except BuildError:
+        return None
