@@ -81,7 +81,7 @@ class SelfAttentionCache:
         return {**self._step_tokens(batch, tokens), **self._step_state(batch.caches)}
 
     def in_place_caches(self) -> Mapping[str, str]:
-        # made once: every decode step asks (a dict of 2 x layers names rebuilt per step is measurable there)
+        # made once, not per call: every decode step asks for it
         made = self.__dict__.get("_in_place_caches")
         if made is None:
             made = self.__dict__["_in_place_caches"] = MappingProxyType(dict(zip(self.present_names, self.past_names)))
