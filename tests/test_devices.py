@@ -104,6 +104,8 @@ def test_cpu_asks_for_cpu_alone_whatever_is_installed(caplog):
 def test_tensorrt_options():
     plain = trt_provider_options(Device("cuda"))
     assert plain == {"device_id": 0, "trt_fp16_enable": False}  # no cache folder: no engine cache
+    # an int8 Q/DQ graph needs TensorRT's INT8 flag (its int8 layers are refused without it); others do not set it
+    assert trt_provider_options(Device("cuda"), int8=True)["trt_int8_enable"] is True
     profiles = {"input_ids": ((1, 1), (1, 64), (4, 256)), "past_key_0": ((1, 2, 0, 8), (1, 2, 64, 8), (4, 2, 255, 8))}
     opts = trt_provider_options(Device("cuda", 0), profiles=profiles)
     assert opts["trt_profile_min_shapes"] == "input_ids:1x1,past_key_0:1x2x0x8"

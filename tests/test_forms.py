@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from conftest import assert_one_line_error
 from vlm_export.build import BuildOptions, _fuse_decoder_stage, build, verify
 from vlm_export.contract import Limits
-from vlm_export.contract.profiles import one_profile, stage_profiles
+from vlm_export.contract.profiles import one_profile, stage_profiles, trt_settings
 from vlm_export.errors import ManifestError, RepositoryError
 from vlm_export.export.fuse import FuseReport
 from vlm_export.manifest import (check_hashes, derive_targets, form_entry, read_manifest, stage_forms, targets,
@@ -346,9 +346,9 @@ def test_repositories_on_a_gpu(tiny_build, w4_build, tmp_path):
     manifest = json.loads((path / "manifest.json").read_text())
     for stage in ("vision_encoder", "projector"):
         params = _parameters(python / stage)
-        assert params["fp16"] == "0" and json.loads(params["trt_profiles"]) == json.loads(
+        assert params["fp16"] == params["int8"] == "0" and json.loads(params["trt_profiles"]) == json.loads(
             json.dumps(one_profile(stage_profiles(manifest, stage)))), stage
-        assert "trt_profiles" not in _parameters(cpu / stage) and "fp16" not in _parameters(cpu / stage)
+        assert not {"trt_profiles", "fp16", "int8"} & set(_parameters(cpu / stage))
     render_repository(w4_build.path, tmp_path / "w4", RepositoryOptions(device="cuda"), echo=notes.append)
     assert len(notes) == 1 and notes[0].startswith("lm_decoder ships only ONNX Runtime's fused form"), notes
 
@@ -383,6 +383,13 @@ def test_on_a_gpu_the_tensorrt_provider_gets_one_profile_per_stage(tiny_build, m
     assert low["input_ids"] == "1x1" and high["input_ids"] == f"{limits['max_batch']}x{limits['max_sequence']}"
     past_low, past_high = low["past_key_values.0.key"].split("x"), high["past_key_values.0.key"].split("x")
     assert past_low[2] == "0" and int(past_high[2]) == limits["max_sequence"] - 1
+    assert "trt_int8_enable" not in decoder and decoder["trt_fp16_enable"] is False  # an fp32 build
+    # the precision's flags, read from the manifest: an int8 decoder gets TensorRT's INT8 flag, fp16 its FP16 one
+    for precision, flags in (("int8", (False, True)), ("fp16", (True, False)), ("w4", (False, False))):
+        graphs = {**build.manifest["graphs"], "lm_decoder": {**build.manifest["graphs"]["lm_decoder"], "precision": precision}}
+        settings = trt_settings({**build.manifest, "graphs": graphs}, "lm_decoder")
+        assert (settings["fp16"], settings["int8"]) == flags and settings["trt_profiles"] == one_profile(
+            stage_profiles(build.manifest, "lm_decoder"))
 
 
 def test_one_profile_covers_every_profile():

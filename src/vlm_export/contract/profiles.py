@@ -75,3 +75,10 @@ def trt_profile(manifest: dict, stage: str) -> dict[str, tuple[tuple[int, ...], 
         return one_profile(stage_profiles(manifest, stage))
     except BuildError:
         return None
+
+
+def trt_settings(manifest: dict, stage: str) -> dict:
+    """What ONNX Runtime's TensorRT provider is told about a stage (``OrtRunner``'s keywords): the fp16 and
+    int8 flags of its precision and ``trt_profile``."""
+    precision = manifest["graphs"][stage].get("precision")
+    return {"fp16": precision == "fp16", "int8": precision == "int8", "trt_profiles": trt_profile(manifest, stage)}

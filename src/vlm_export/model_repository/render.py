@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..atomic import atomic_folder
 from ..contract import image_stages, scheme_from_dict, stages_from_manifest
-from ..contract.profiles import stage_profiles, trt_profile
+from ..contract.profiles import stage_profiles, trt_settings
 from ..engines.tensorrt import release, version_problem
 from ..errors import InputError, ManifestError, RepositoryError
 from ..export.graph_info import graph_io
@@ -259,11 +259,11 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
             cfg["backend"] = "python"
             cfg["parameters"] = _python_params(intra_op_threads=options.threads or 0, spin=int(spec.per_token),
                                                sha256=_file_hashes(graphs[spec.name], "model.onnx"))
-            if options.on_gpu:  # for ONNX Runtime's TensorRT provider: fp16 kernels, one engine for the whole range
-                fp16 = manifest["graphs"][spec.name].get("precision") == "fp16"
-                profile = trt_profile(manifest, spec.name)
-                cfg["parameters"].update(_python_params(fp16=int(fp16), **({"trt_profiles": json.dumps(profile)}
-                                                                             if profile else {})))
+            if options.on_gpu:  # for ONNX Runtime's TensorRT provider: its precision flags, one engine for the whole range
+                trt = trt_settings(manifest, spec.name)
+                cfg["parameters"].update(_python_params(fp16=int(trt["fp16"]), int8=int(trt["int8"]),
+                                                        **({"trt_profiles": json.dumps(trt["trt_profiles"])}
+                                                           if trt["trt_profiles"] else {})))
         elif options.target == "onnxruntime":
             cfg["platform"] = "onnxruntime_onnx"
         else:

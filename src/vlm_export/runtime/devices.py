@@ -131,12 +131,15 @@ def available_providers() -> list[str]:
 
 
 def trt_provider_options(device: Device, fp16: bool = False, cache_dir: Path | None = None,
-                         profiles: "dict[str, Sequence[Sequence[int]]] | None" = None) -> dict:
+                         profiles: "dict[str, Sequence[Sequence[int]]] | None" = None, int8: bool = False) -> dict:
     """TensorRT execution provider options (onnxruntime.ai, TensorRT-ExecutionProvider, "Configurations"):
 
     - ``trt_fp16_enable``: let TensorRT pick fp16 kernels. Needed for an fp16 graph to run in fp16
       on TensorRT (TensorRT builds fp32 otherwise); left off for fp32 graphs, whose parity is judged
       at fp32 tolerances.
+    - ``trt_int8_enable``: for a graph with int8 Q/DQ pairs (the build's int8 precision). TensorRT builds
+      them as written (explicit quantization, no calibration table) but refuses int8 layers in a
+      builder without its INT8 flag ("int8 is not configured in the builder").
     - ``trt_engine_cache_enable`` + ``trt_engine_cache_path``: keep the engines TensorRT builds (minutes
       for an LLM) in a folder and reuse them in later sessions of the same graph, GPU and TensorRT;
       ``trt_timing_cache_enable`` likewise keeps kernel timings. Off when no ``cache_dir`` is given.
@@ -145,6 +148,8 @@ def trt_provider_options(device: Device, fp16: bool = False, cache_dir: Path | N
       every step is built once for its whole range instead of again at each new shape.
     """
     options: dict = {"device_id": device.ordinal, "trt_fp16_enable": bool(fp16)}
+    if int8:
+        options["trt_int8_enable"] = True
     if cache_dir is not None:
         options.update(trt_engine_cache_enable=True, trt_engine_cache_path=os.fspath(cache_dir),
                        trt_timing_cache_enable=True, trt_timing_cache_path=os.fspath(cache_dir))
@@ -166,12 +171,12 @@ def fallback_notice(device: Device, available: Iterable[str], stage: str | None 
 
 
 def ort_providers(device: "str | Device | None" = None, available: Iterable[str] | None = None, *,
-                  stage: str | None = None, fp16: bool = False, trt_cache: Path | None = None,
+                  stage: str | None = None, fp16: bool = False, int8: bool = False, trt_cache: Path | None = None,
                   trt_profiles: dict | None = None, strict: bool = False) -> list[Provider]:
     """The provider list to ask ONNX Runtime for, best first (see the module docstring).
 
     ``available``: the providers this ONNX Runtime offers (default ``onnxruntime.get_available_providers()``).
-    ``stage`` names the stage in the fallback notice. ``fp16``/``trt_cache``/``trt_profiles``:
+    ``stage`` names the stage in the fallback notice. ``fp16``/``int8``/``trt_cache``/``trt_profiles``:
     TensorRT's options (``trt_provider_options``). ``strict``: an InputError instead of the fallback.
     """
     device = Device.parse(device)
@@ -190,7 +195,7 @@ def ort_providers(device: "str | Device | None" = None, available: Iterable[str]
         return [CPU_EP]
     chosen: list[Provider] = []
     if TRT_EP in available:
-        chosen.append((TRT_EP, trt_provider_options(device, fp16, trt_cache, trt_profiles)))
+        chosen.append((TRT_EP, trt_provider_options(device, fp16, trt_cache, trt_profiles, int8)))
     if CUDA_EP in available:
         chosen.append((CUDA_EP, {"device_id": device.ordinal}))
     return chosen + [CPU_EP]

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..contract import ImageText, Limits, PromptLayout, scheme_from_dict, stages_from_manifest
-from ..contract.profiles import trt_profile
+from ..contract.profiles import trt_settings
 from ..manifest import check_hashes as check_build_hashes, form_entry, gpu_form, gpu_form_note, read_manifest
 from .devices import Device, log
 from .pipeline import GENERATION_DEFAULTS, VLMPipeline
@@ -76,8 +76,7 @@ def open_build(build_dir: Path, threads: int | None = None, check_hashes: bool =
     # a graph the onnxruntime target does not run is the standard one only TensorRT serves
     served = {spec.name: form_entry(manifest, spec.name, "onnxruntime")["file"] for spec in specs}
     runners = {spec.name: OrtRunner(spec.name, build_dir / files[spec.name], threads=threads, spin=spec.per_token,
-                                    device=device, fp16=manifest["graphs"][spec.name].get("precision") == "fp16",
-                                    trt_profiles=trt_profile(manifest, spec.name) if cuda else None,
+                                    device=device, **(trt_settings(manifest, spec.name) if cuda else {}),
                                     emulate_qdq=not cuda and files[spec.name] != served[spec.name])
                for spec in specs}
     folder = build_dir / manifest["tokenizer"]

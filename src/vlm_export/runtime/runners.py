@@ -234,7 +234,8 @@ class OrtRunner(Runner):
     default; TensorRT, CUDA, CPU for ``cuda`` where this ONNX Runtime has them (else CPU, with a
     one-line notice). An explicit ``providers`` list wins over ``device``. ``providers`` (the
     attribute) is what the session really uses, ``session.get_providers()``: reports record it.
-    For TensorRT: ``fp16`` (the graph is fp16: let TensorRT build fp16 kernels), ``trt_cache`` (its
+    For TensorRT: ``fp16`` (the graph is fp16: let TensorRT build fp16 kernels), ``int8`` (its Q/DQ
+    pairs are int8: TensorRT needs its INT8 flag to build them), ``trt_cache`` (its
     engine and timing caches; default ``trt-cache/`` beside the graph), ``trt_profiles`` (min/opt/max
     input shapes); ``strict_device``: no CPU fallback for ``cuda`` (an InputError instead).
 
@@ -267,7 +268,8 @@ class OrtRunner(Runner):
 
     def __init__(self, name: str, path: Path, threads: int | None = None,
                  providers: list | None = None, spin: bool = False, device=None, *,
-                 fp16: bool = False, trt_cache: Path | None = None, trt_profiles: dict | None = None,
+                 fp16: bool = False, int8: bool = False, trt_cache: Path | None = None,
+                 trt_profiles: dict | None = None,
                  strict_device: bool = False, emulate_qdq: bool = False):
         import onnxruntime as ort
 
@@ -277,13 +279,14 @@ class OrtRunner(Runner):
         if not providers:
             if self.device.is_cuda and trt_cache is None:
                 trt_cache = Path(path).parent / "trt-cache"
-            providers = ort_providers(self.device, stage=name, fp16=fp16, trt_cache=trt_cache,
+            providers = ort_providers(self.device, stage=name, fp16=fp16, int8=int8, trt_cache=trt_cache,
                                       trt_profiles=trt_profiles, strict=strict_device)
             if trt_cache is not None and "TensorrtExecutionProvider" in provider_names(providers):
                 try:
                     Path(trt_cache).mkdir(parents=True, exist_ok=True)
                 except OSError:  # a read-only build: TensorRT builds its engines again each session
-                    providers = ort_providers(self.device, stage=name, fp16=fp16, trt_profiles=trt_profiles)
+                    providers = ort_providers(self.device, stage=name, fp16=fp16, int8=int8,
+                                              trt_profiles=trt_profiles)
         self.requested_providers, self.path = providers, Path(path)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

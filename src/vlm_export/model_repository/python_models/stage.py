@@ -17,11 +17,11 @@ class TritonPythonModel:
         check_files(version_dir, config)
         self.batched = config.get("max_batch_size", 0) > 0
         threads = int(parameter(config, "intra_op_threads", "0")) or None
-        # on a GPU: the graph's fp16 and its shape range, for ONNX Runtime's TensorRT provider (the renderer's)
+        # on a GPU: the graph's fp16 / int8 and its shape range, for ONNX Runtime's TensorRT provider (the renderer's)
         profile = parameter(config, "trt_profiles")
         self.runner = OrtRunner(args["model_name"], version_dir / "model.onnx", threads=threads,
                                 spin=parameter(config, "spin", "0") == "1", device=instance_device(args),
-                                fp16=parameter(config, "fp16", "0") == "1",
+                                fp16=parameter(config, "fp16", "0") == "1", int8=parameter(config, "int8", "0") == "1",
                                 trt_profiles=json.loads(profile) if profile else None)
 
     def execute(self, requests):

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from vlm_export.contract import prompt_inputs, stages_from_manifest
-from vlm_export.contract.profiles import trt_profile
+from vlm_export.contract.profiles import trt_settings
 from vlm_export.errors import BusyError, InputError, RunnerError, VlmExportError
 from vlm_export.model_repository.python_models.common import (check_files, image_limits, image_payload,
                                                                instance_device, model_dirs, parameter)
@@ -123,8 +123,7 @@ class TritonPythonModel:
             check_files(version_dir, config)  # the decoder graph the renderer put beside this model
             device = instance_device(args)
             decoder = OrtRunner(name, version_dir / parameter(config, "decoder_graph"), threads=threads, spin=True,
-                                device=device, fp16=manifest["graphs"][name].get("precision") == "fp16",
-                                trt_profiles=trt_profile(manifest, name) if device != "cpu" else None)
+                                device=device, **(trt_settings(manifest, name) if device != "cpu" else {}))
         else:
             decoder = BlsRunner(name, specs[name].input_names, specs[name].output_names)
         pipe.runners[name] = decoder
