@@ -231,6 +231,26 @@ def test_gpu_only_for_a_tensorrt_repository(repos, tmp_path, target, gpu):
         assert not (tmp_path / "two").exists()
 
 
+def test_a_repository_pinned_to_gpu_n_needs_pods_that_see_n_plus_one(tiny_build, tmp_path):
+    """`repository --device cuda:1` pins instances to GPU 1; a pod sees its own GPUs numbered from 0, so a
+    one-GPU pod would fail at load: refused in one line, with both ways out; with --gpus 2 it renders.
+    `--device cuda` (no index) pins nothing and fits any pod."""
+    build = tiny_build("llava-llama").path
+    pinned = render_repository(build, tmp_path / "pinned", RepositoryOptions(device="cuda:1"))
+    assert inspect_repository(pinned).pinned_gpus == [1]
+    with pytest.raises(DeployError, match=r"pins its instances to GPU 1, but each pod sees 1 GPU\(s\), numbered from "
+                                          r"0; render it with `vlm-export repository BUILD --device cuda` for "
+                                          r"Kubernetes, or pass --gpus 2"):
+        render_kubernetes(pinned, tmp_path / "k8s", PVC)
+    assert not (tmp_path / "k8s").exists()
+    docs = load(render_kubernetes(pinned, tmp_path / "two", KubernetesOptions(pvc="m", gpus=2)))
+    assert containers(docs)["triton"]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    free = render_repository(build, tmp_path / "free", RepositoryOptions(device="cuda"))
+    assert inspect_repository(free).pinned_gpus == []
+    docs = load(render_kubernetes(free, tmp_path / "one", PVC))
+    assert containers(docs)["triton"]["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
 # --------------------------------------------------------------------------- the image and its pins
 
 

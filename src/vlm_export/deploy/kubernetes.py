@@ -390,6 +390,12 @@ def render_kubernetes(repo: Path, out: Path, options: KubernetesOptions, force: 
         raise DeployError(f"--gpus {options.gpus}: the {info.target} repository {repo} runs on CPU (no model has "
                           "KIND_GPU instances, no TensorRT plan), so its pods request no GPU; drop --gpus, or make a "
                           "GPU repository (vlm-export repository --target tensorrt)")
+    pods_see = options.gpus or 1
+    if info.gpu and info.pinned_gpus and info.pinned_gpus[-1] >= pods_see:
+        # a pod sees its own GPUs only, numbered from 0: Triton would refuse GPU N there at load
+        raise DeployError(f"the repository {repo} pins its instances to GPU {info.pinned_gpus[-1]}, but each pod sees "
+                          f"{pods_see} GPU(s), numbered from 0; render it with `vlm-export repository BUILD --device "
+                          f"cuda` for Kubernetes, or pass --gpus {info.pinned_gpus[-1] + 1}")
     objects = kubernetes_objects(info, options)
     header = (f"{HEADER_START} {__version__} (`vlm-export deploy kubernetes`) for the {info.target} repository "
               f"{Path(repo).absolute().name}/;\n# Triton {TRITON_SERVER_VERSION} (NGC {TRITON_CONTAINER_RELEASE}). "

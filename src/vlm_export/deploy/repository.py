@@ -31,6 +31,12 @@ class RepositoryInfo:
         return sorted(n for n, m in self.models.items() if m.get("backend") == "python")
 
     @property
+    def pinned_gpus(self) -> list[int]:
+        """The GPU indices the repository's instance groups name (``repository --device cuda:N``); empty
+        where instances take whatever GPU Triton gives them."""
+        return sorted({gpu for m in self.models.values() for gpu in m.get("gpus", ())})
+
+    @property
     def engines(self) -> dict:
         return self.manifest.get("engines") or {}
 
@@ -72,6 +78,7 @@ def inspect_repository(repo: Path) -> RepositoryInfo:
         models[name] = {
             "backend": cfg.backend or None, "platform": cfg.platform or None,
             "kinds": sorted({cfg.instance_group[i].kind for i in range(len(cfg.instance_group))}),
+            "gpus": sorted({gpu for group in cfg.instance_group for gpu in group.gpus}),  # pinned GPU indices
             "steps": [s.model_name for s in cfg.ensemble_scheduling.step],
             "decoupled": cfg.model_transaction_policy.decoupled,
         }
