@@ -223,8 +223,7 @@ class SlotBatch:
         binding that step used."""
         lengths = self.lengths.copy()
         lengths[self.slots] += 1
-        # built directly rather than by dataclasses.replace (once per decode step; the gain was too small to measure)
-        return SlotBatch(self.caches, lengths, self.slots, self.seq_axis, bound, self.padded)
+        return replace(self, lengths=lengths, bound=bound)
 
     def keep(self, rows: Sequence[int]) -> "SlotBatch":
         """Only the given rows (in that order); the others' slots are free."""
@@ -517,7 +516,7 @@ class DecodingScheme(abc.ABC):
     # into its past's buffer (in_place_caches), then batch.advanced(), and next_logits(outputs)
     # holds one row per slot (batch.slots picks the running rows'). A scheme that cannot (its
     # state is not only caches growing by one position per step) returns {} and runs DecodeBatch.
-    def in_place_caches(self) -> Mapping[str, str]:
+    def in_place_caches(self) -> dict[str, str]:
         """{present output: the past input whose buffer it is written into}; {} when this scheme
         has no in-place form."""
         return {}

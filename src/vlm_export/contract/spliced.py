@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
-from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -80,12 +79,8 @@ class SelfAttentionCache:
     def step_feeds(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
         return {**self._step_tokens(batch, tokens), **self._step_state(batch.caches)}
 
-    def in_place_caches(self) -> Mapping[str, str]:
-        # made once, not per call: every decode step asks for it
-        made = self.__dict__.get("_in_place_caches")
-        if made is None:
-            made = self.__dict__["_in_place_caches"] = MappingProxyType(dict(zip(self.present_names, self.past_names)))
-        return made
+    def in_place_caches(self) -> dict[str, str]:
+        return dict(zip(self.present_names, self.past_names))
 
     def slot_step_feeds(self, batch: SlotBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
         # one row per slot, an idle slot a masked-out pad; fixed state (SlotBatch.padded) is kept per

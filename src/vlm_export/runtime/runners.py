@@ -436,7 +436,6 @@ class _InPlaceBinding:
             if not (isinstance(value, np.ndarray) and value.flags.c_contiguous and value.flags.writeable):
                 raise RunnerError(f"{runner.name}: the in-place buffer {n} must be a writeable C-contiguous array")
         self.session, self.buffers, self.aliases = runner.session, dict(buffers), dict(aliases)
-        self._aliases_given = aliases  # the caller's own mapping: the same object next step is the cheap check
         self.binding = runner.session.io_binding()
         #: the inputs each step binds (not the buffers), and the outputs it reads (index, name)
         self.step_inputs = [n for n in runner.input_names if n not in self.buffers]
@@ -456,6 +455,5 @@ class _InPlaceBinding:
 
     def holds(self, session, feeds: Mapping[str, np.ndarray], aliases: Mapping[str, str]) -> bool:
         """Whether ``feeds`` carry this binding's very buffers, for ``session`` and ``aliases``."""
-        buffers = self.buffers
-        return session is self.session and (aliases is self._aliases_given or aliases == self.aliases) \
-            and all(feeds.get(n) is array for n, array in buffers.items())
+        return session is self.session and aliases == self.aliases \
+            and all(feeds.get(n) is array for n, array in self.buffers.items())
