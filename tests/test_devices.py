@@ -207,6 +207,53 @@ def test_gpu_providers_the_session_cannot_start_are_said(tmp_path, caplog, monke
                                 f"it runs on {CPU_EP}"]
 
 
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider")
+def test_sessions_with_tensorrts_engine_cache_open_one_at_a_time(tmp_path, monkeypatch):
+    """Two Triton instances of a stage are two processes opening one engine cache: a session with
+    TensorRT's cache waits for the cache folder's lock (held here as another process would hold it)."""
+    import fcntl
+    import threading
+
+    import vlm_export.runtime.devices as devices
+    from vlm_export.runtime.runners import OrtRunner
+
+    if HAS_CUDA:  # pragma: no cover - the providers might start there
+        pytest.skip("checks a machine without a GPU")
+    monkeypatch.setattr(devices, "available_providers", lambda: [TRT_EP, CUDA_EP, CPU_EP])
+    graph = _cache_graph(tmp_path / "cache.onnx")
+    (tmp_path / "trt-cache").mkdir()
+    opened = []
+    with open(tmp_path / "trt-cache" / ".vlm-export-build.lock", "a") as other:  # another open file: flock conflicts
+        fcntl.flock(other, fcntl.LOCK_EX)
+        thread = threading.Thread(target=lambda: opened.append(OrtRunner("decoder", graph, device="cuda")))
+        thread.start()
+        thread.join(timeout=1.0)
+        assert thread.is_alive() and not opened  # waiting for the lock
+        fcntl.flock(other, fcntl.LOCK_UN)
+        thread.join(timeout=120)
+    assert opened and opened[0].providers == [CPU_EP]
+    # the lock is released after opening: another session opens at once
+    assert OrtRunner("decoder", graph, device="cuda").providers == [CPU_EP]
+
+@pytest.mark.filterwarnings("ignore:Specified provider")
+def test_strict_cuda_refuses_gpu_providers_the_session_could_not_start(tmp_path, monkeypatch):
+    """Listed but not started (the faked list above) is a CPU run too: ``strict_device`` refuses it."""
+    import vlm_export.runtime.devices as devices
+    from vlm_export.errors import InputError
+    from vlm_export.runtime.runners import OrtRunner
+
+    if HAS_CUDA:  # pragma: no cover - the providers might start there
+        pytest.skip("checks a machine without a GPU")
+    monkeypatch.setattr(devices, "available_providers", lambda: [CUDA_EP, CPU_EP])
+    with pytest.raises(InputError) as e:
+        OrtRunner("decoder", _cache_graph(tmp_path / "cache.onnx"), device="cuda", strict_device=True)
+    assert str(e.value).startswith(f"ONNX Runtime could not start {CUDA_EP} for stage decoder, and cuda was "
+                                   f"asked strictly: not running it on {CPU_EP}")
+    # not strict: the same runner runs on the CPU (and says so, above)
+    assert OrtRunner("decoder", _cache_graph(tmp_path / "cache.onnx"), device="cuda").providers == [CPU_EP]
+
 def test_io_binding_keeps_the_cache_between_calls(tmp_path):
     """``infer_bound``: the present cache handed to the next call as an OrtValue, never as numpy,
     gives what the numpy contract gives; outputs not kept come back as numpy."""

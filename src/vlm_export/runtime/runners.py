@@ -7,6 +7,7 @@ Triton model) changes nothing above it. Modelled on Polygraphy's runners.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 from pathlib import Path
 from typing import Mapping
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..contract.scheme import KV_IN_PLACE
 from ..cpu import INT8_DOT_PRODUCT_METADATA, INT8_QDQ_METADATA, QDQ_AS_WRITTEN, int8_dot_product, u8s8_saturates
-from ..errors import RunnerError
+from ..errors import InputError, RunnerError
 
 Feeds = Mapping[str, np.ndarray]
 
@@ -229,6 +230,33 @@ class TorchRunner(Runner):
                 for n, t in zip(self.output_names, out)}
 
 
+@contextlib.contextmanager
+def _engine_cache_lock(providers: list):
+    """Held while a session opens with TensorRT's engine cache: ONNX Runtime builds (with our explicit
+    profiles) and writes the engine then, and locks that only within its own process. Triton runs each
+    python-model instance in its own process, so two instances of one stage would otherwise build it at
+    once and one could read the other's half-written file; with this the second waits and reads the cache.
+    An flock on a file in the cache folder: released when the holder exits, however it exits."""
+    cache = next((p[1].get("trt_engine_cache_path") for p in providers
+                  if isinstance(p, tuple) and p[0] == "TensorrtExecutionProvider"), None)
+    if cache is None:
+        yield
+        return
+    import fcntl
+
+    try:
+        lock = open(Path(cache) / ".vlm-export-build.lock", "a")
+    except OSError:  # a cache folder we cannot write: nothing is written there to race on
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class OrtRunner(Runner):
     """ONNX Runtime on the providers ``device`` asks for (``runtime.devices.ort_providers``): CPU by
     default; TensorRT, CUDA, CPU for ``cuda`` where this ONNX Runtime has them (else CPU, with a
@@ -301,7 +329,7 @@ class OrtRunner(Runner):
             opts.add_session_config_entry(*QDQ_AS_WRITTEN)
         self.session = self._open(path, opts, providers)
         self.providers = list(self.session.get_providers())
-        self._say_if_providers_dropped(name)
+        self._say_if_providers_dropped(name, strict_device)
         # where bound outputs live: the GPU when a GPU provider runs the graph, else the CPU
         gpu = any(p in self.providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
         if (not gpu and not emulate_qdq and u8s8_saturates()
@@ -330,7 +358,8 @@ class OrtRunner(Runner):
         import onnxruntime as ort
 
         try:
-            return ort.InferenceSession(os.fspath(path), opts, providers=providers)
+            with _engine_cache_lock(providers):
+                return ort.InferenceSession(os.fspath(path), opts, providers=providers)
         except Exception as e:
             first = str(e).splitlines()[0]
             # no kernel for a node (a bfloat16 Mul the model's own code computes, say): rebuilding changes nothing
@@ -338,12 +367,17 @@ class OrtRunner(Runner):
                    "not supported" if "NOT_IMPLEMENTED" in first else "rebuild the graph")
             raise RunnerError(f"ONNX Runtime cannot load {path}: {first}; {fix}", graph=Path(path)) from None
 
-    def _say_if_providers_dropped(self, name: str) -> None:
+    def _say_if_providers_dropped(self, name: str, strict: bool) -> None:
         """ONNX Runtime skips a provider it cannot create (e.g. CUDA libraries missing) with a log
-        line we silence; say it ourselves, so a CPU run is never taken for a GPU one."""
-        from .devices import log, provider_names
+        line we silence; say it ourselves, so a CPU run is never taken for a GPU one. ``strict``: a
+        ``cuda`` runner left with no GPU provider is an InputError, as when none is installed."""
+        from .devices import CUDA_EP, TRT_EP, log, provider_names
 
         dropped = [p for p in provider_names(self.requested_providers) if p not in self.providers]
+        if strict and self.device.is_cuda and not {CUDA_EP, TRT_EP} & set(self.providers):
+            raise InputError(f"ONNX Runtime could not start {', '.join(dropped) or 'a GPU provider'} for stage "
+                             f"{name}, and {self.device} was asked strictly: not running it on "
+                             f"{', '.join(self.providers)} (check the CUDA / TensorRT libraries onnxruntime-gpu needs)")
         if dropped:
             log.warning(f"ONNX Runtime could not start {', '.join(dropped)} for stage {name}; "
                         f"it runs on {', '.join(self.providers)}")
