@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from vlm_export.contract.profiles import dim_ranges, stage_profiles
+from vlm_export.contract.profiles import dim_ranges, stage_profiles, trt_profile
 from vlm_export.engines.tensorrt import builder_settings, build_engines, installed_tensorrt
 from vlm_export.errors import BuildError
 from vlm_export.manifest import read_manifest
@@ -42,6 +42,18 @@ def test_unbounded_dynamic_dim_is_refused(tiny_build):
     manifest["graphs"]["projector"]["inputs"][0]["shape"][1] = "patches"
     with pytest.raises(BuildError, match="'patches'"):
         stage_profiles(manifest, "projector")
+
+
+def test_an_unbounded_dim_leaves_onnx_runtimes_tensorrt_provider_without_a_profile_and_says_so(tiny_build, caplog):
+    manifest = read_manifest(tiny_build("llava-llama").path)
+    manifest["graphs"]["projector"]["inputs"][0]["shape"][1] = "patches"
+    caplog.set_level("WARNING")
+    assert trt_profile(manifest, "projector") is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "no TensorRT shape profile for stage projector (projector input image_features has a dynamic dim "
+        "'patches' that no limit bounds; known: images); ONNX Runtime's TensorRT provider will build an engine for each new "
+        "input shape"]
+    assert trt_profile(manifest, "vision_encoder") is not None
 
 
 def test_builder_settings_per_precision():

@@ -10,10 +10,14 @@ and decode - one token per row on a cache up to max_sequence - 1), and so does a
 """
 from __future__ import annotations
 
+import logging
+
 from .limits import Limits
 from .scheme import Range, scheme_from_dict
 from .stages import stages_from_manifest
 from ..errors import BuildError
+
+log = logging.getLogger(__name__)
 
 
 def dim_ranges(manifest: dict) -> dict[str, list[dict[str, Range]]]:
@@ -70,10 +74,13 @@ def one_profile(profiles: list[dict[str, tuple[tuple[int, ...], tuple[int, ...],
 
 def trt_profile(manifest: dict, stage: str) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] | None:
     """``one_profile`` of the stage's profiles for ONNX Runtime's TensorRT provider; None where a dynamic
-    dim has no limit to bound it (the provider then builds an engine per new shape, as without one)."""
+    dim has no limit to bound it (the provider then builds an engine per new shape, as without one; a
+    warning says why, since each rebuild stalls a request for seconds)."""
     try:
         return one_profile(stage_profiles(manifest, stage))
-    except BuildError:
+    except BuildError as e:
+        log.warning(f"no TensorRT shape profile for stage {stage} ({e}); ONNX Runtime's TensorRT provider will "
+                    "build an engine for each new input shape")
         return None
 
 
