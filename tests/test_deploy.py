@@ -20,8 +20,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from vlm_export.deploy import (DEFAULT_IMAGE, DeployError, KubernetesOptions, inspect_repository, render_kubernetes,
-                               requirements_text)
+from vlm_export.deploy import (DEFAULT_GPU_IMAGE, DEFAULT_IMAGE, DeployError, KubernetesOptions, build_command,
+                               inspect_repository, render_kubernetes, requirements_text)
+from vlm_export.deploy.image import ONNXRUNTIME_GPU
 from vlm_export.deploy.kubernetes import FILES
 from vlm_export.deploy.triton import (IMAGE_PYTHON, PYTRITON_VERSION, TRITON_BASE_IMAGE, TRITON_CONTAINER_RELEASE,
                                       TRITON_SERVER_VERSION, container_tag)
@@ -249,6 +250,31 @@ def test_a_repository_pinned_to_gpu_n_needs_pods_that_see_n_plus_one(tiny_build,
     assert inspect_repository(free).pinned_gpus == []
     docs = load(render_kubernetes(free, tmp_path / "one", PVC))
     assert containers(docs)["triton"]["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_python_models_on_a_gpu_get_the_onnxruntime_gpu_image(tiny_build, tmp_path, repos, run_cli):
+    """The python target on a GPU opens ONNX Runtime on the GPU inside its python models: the CPU wheel
+    of the default image would run them on the CPU, so their pods default to the image built with
+    onnxruntime-gpu (the Dockerfile's ONNXRUNTIME_GPU argument), and the build command says how."""
+    gpu = render_repository(tiny_build("llava-llama").path, tmp_path / "gpu", RepositoryOptions(device="cuda"))
+    info = inspect_repository(gpu)
+    assert info.target == "python" and "vlm" in info.python_on_gpu and "preprocess" not in info.python_on_gpu
+    docs = load(render_kubernetes(gpu, tmp_path / "k8s", PVC))
+    assert containers(docs)["triton"]["image"] == DEFAULT_GPU_IMAGE == f"{DEFAULT_IMAGE}-gpu"
+    assert build_command(DEFAULT_GPU_IMAGE, True) == (f"docker build -f deploy/Dockerfile --build-arg "
+                                                      f"ONNXRUNTIME_GPU={ONNXRUNTIME_GPU} -t {DEFAULT_GPU_IMAGE} .")
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert "ARG ONNXRUNTIME_GPU=\n" in dockerfile and f"--build-arg ONNXRUNTIME_GPU={ONNXRUNTIME_GPU} " in dockerfile
+    # an image asked for is kept; CPU repositories keep the CPU image
+    mine = KubernetesOptions(pvc="m", image="registry.example.com/ml/vlm-export-triton:0.1.0-24.10-gpu")
+    assert containers(load(render_kubernetes(gpu, tmp_path / "mine", mine)))["triton"]["image"] == mine.image
+    assert inspect_repository(repos["python"]).python_on_gpu == []
+    assert containers(load(render_kubernetes(repos["python"], tmp_path / "cpu", PVC)))["triton"]["image"] == DEFAULT_IMAGE
+    # the command says which image and how to build it, and warns where the image asked for must have it
+    result = run_cli("deploy", "kubernetes", str(gpu), "--pvc", "m", "--out", str(tmp_path / "cli"))
+    assert result.returncode == 0 and f"image: {DEFAULT_GPU_IMAGE} (build it: {build_command(DEFAULT_GPU_IMAGE, True)})" in result.stdout
+    result = run_cli("deploy", "kubernetes", str(gpu), "--pvc", "m", "--out", str(tmp_path / "cli2"), "--image", mine.image)
+    assert result.returncode == 0 and f"{mine.image} must have onnxruntime-gpu in place of onnxruntime" in result.stdout
 
 
 # --------------------------------------------------------------------------- the image and its pins

@@ -487,7 +487,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="Secret for --repository-uri: AWS_* or AZURE_STORAGE_* keys (s3, as); credentials.json (gs)")
     p.add_argument("--name", default="vlm", help="of the Deployment, Service and autoscaler (default vlm)")
     p.add_argument("--namespace", default=None)
-    p.add_argument("--image", default=None, help="the image built from deploy/Dockerfile (default vlm-export-triton:VERSION-24.10)")
+    p.add_argument("--image", default=None, help="the image built from deploy/Dockerfile (default vlm-export-triton:VERSION-24.10, with -gpu for python "
+                        "models on a GPU: built with onnxruntime-gpu)")
     p.add_argument("--image-pull-secret", default=None)
     p.add_argument("--service-account", default=None)
     p.add_argument("--service-type", choices=("ClusterIP", "NodePort", "LoadBalancer"), default="ClusterIP")
@@ -752,7 +753,7 @@ def _cmd_ask(args, progress) -> int:
 def _cmd_deploy(args, progress) -> int:
     import shlex
 
-    from .deploy import KubernetesOptions, render_kubernetes
+    from .deploy import KubernetesOptions, build_command, image_for, inspect_repository, render_kubernetes
 
     selector = dict(item.split("=", 1) for item in args.node_selector if "=" in item)
     if len(selector) != len(args.node_selector):
@@ -770,7 +771,12 @@ def _cmd_deploy(args, progress) -> int:
         **({"image": args.image} if args.image else {}))
     paths = render_kubernetes(args.repository, args.out, options, force=args.force)
     print(f"Kubernetes manifests written to {args.out}: {', '.join(p.name for p in paths)}")
-    print(f"image: {options.image} (build it: docker build -f deploy/Dockerfile -t {options.image} .)")
+    info = inspect_repository(args.repository)
+    image = image_for(info, options)
+    print(f"image: {image} (build it: {build_command(image, bool(info.python_on_gpu))})")
+    if info.python_on_gpu and args.image:
+        print(f"  python models on a GPU ({', '.join(info.python_on_gpu)}): {image} must have onnxruntime-gpu in place "
+              "of onnxruntime, or they run on the CPU")
     print(f"apply: kubectl apply -f {args.out}")
     return 0
 

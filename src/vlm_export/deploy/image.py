@@ -21,6 +21,13 @@ Two ways to get them there were weighed:
   as rendered, the pod starts without unpacking anything, the image is built, scanned and cached
   once, and the OpenAI-compatible sidecar runs from the same image.
 
+Python models that run their graphs on a GPU (the python target, or the ``vlm`` model's own decoder,
+rendered with ``repository --device cuda``: KIND_GPU python instances) need onnxruntime-gpu in place of
+the CPU wheel; the same Dockerfile builds that image with ``--build-arg ONNXRUNTIME_GPU=VERSION``
+(:func:`build_command`), and ``deploy kubernetes`` defaults to it for such a repository. Its version is
+the newest onnxruntime-gpu of the index this was checked against (no 1.32 GPU wheel there); the
+Triton ``onnxruntime`` and ``tensorrt`` targets need neither, since Triton's own backends run those graphs.
+
 ``torch`` is left out: the served models never need it (transformers imports it only when it is
 installed), and a CUDA build of it would add several GB to the image.
 
@@ -46,8 +53,22 @@ SERVING_ROOTS = ("fastapi", "jinja2", "numpy", "onnxruntime", "pillow", "transfo
 EXCLUDED = ("torch",)
 #: the derived image's default name; push it to a registry and pass --image REGISTRY/NAME:TAG
 DEFAULT_IMAGE = f"vlm-export-triton:{__version__}-{TRITON_CONTAINER_RELEASE}"
+#: the GPU image (python models on KIND_GPU instances): the same Dockerfile with onnxruntime-gpu
+ONNXRUNTIME_GPU = "1.31.1"
+DEFAULT_GPU_IMAGE = f"{DEFAULT_IMAGE}-gpu"
 DOCKERFILE = "deploy/Dockerfile"
 REQUIREMENTS = "deploy/requirements.txt"
+
+
+def default_image(python_on_gpu: bool) -> str:
+    """The image a repository's pods run by default: the GPU one where python models run graphs on a GPU."""
+    return DEFAULT_GPU_IMAGE if python_on_gpu else DEFAULT_IMAGE
+
+
+def build_command(image: str, python_on_gpu: bool) -> str:
+    """How to build ``image`` from the repository root (onnxruntime-gpu in it where ``python_on_gpu``)."""
+    arg = f"--build-arg ONNXRUNTIME_GPU={ONNXRUNTIME_GPU} " if python_on_gpu else ""
+    return f"docker build -f {DOCKERFILE} {arg}-t {image} ."
 
 
 def _canonical(name: str) -> str:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -37,7 +37,7 @@ from .. import __version__
 from ..atomic import atomic_folder
 from ..engines.tensorrt import triton_server_args
 from ..errors import DeployError
-from .image import DEFAULT_IMAGE, DOCKERFILE
+from .image import DOCKERFILE, default_image
 from .repository import RepositoryInfo, inspect_repository
 from .triton import TRITON_CONTAINER_RELEASE, TRITON_SERVER_VERSION
 
@@ -70,7 +70,9 @@ def _default_openai_command(port: int) -> tuple[str, ...]:
 class KubernetesOptions:
     name: str = "vlm"  # of the Deployment, Service and HPA (an RFC 1035 label)
     namespace: str | None = None  # None: none written, kubectl's current namespace applies
-    image: str = DEFAULT_IMAGE  # the derived image (deploy/Dockerfile), pushed where the cluster pulls from
+    # the derived image (deploy/Dockerfile), pushed where the cluster pulls from; None: image.default_image
+    # for the repository (the onnxruntime-gpu build where python models run on a GPU)
+    image: str | None = None
     image_pull_policy: str = "IfNotPresent"
     image_pull_secret: str | None = None
     # where Triton reads the repository: exactly one of the two
@@ -123,7 +125,8 @@ class KubernetesOptions:
             raise DeployError("--credentials-secret is for object storage (--repository-uri); a PVC needs none")
         if self.pvc_subpath.startswith("/") or ".." in Path(self.pvc_subpath).parts:
             raise DeployError(f"pvc subpath {self.pvc_subpath!r} must be relative, inside the claim")
-        check_image(self.image)
+        if self.image is not None:
+            check_image(self.image)
         if self.image_pull_policy not in PULL_POLICIES:
             raise DeployError(f"image pull policy {self.image_pull_policy!r}: choose one of {', '.join(PULL_POLICIES)}")
         if self.service_type not in SERVICE_TYPES:
@@ -367,8 +370,14 @@ def autoscaler(options: KubernetesOptions) -> dict:
     }
 
 
+def image_for(info: RepositoryInfo, options: KubernetesOptions) -> str:
+    """The image the pods run: the one asked for, else the default for this repository."""
+    return options.image or default_image(bool(info.python_on_gpu))
+
+
 def kubernetes_objects(info: RepositoryInfo, options: KubernetesOptions) -> dict[str, dict]:
     """File name -> object, in the order they are written."""
+    options = replace(options, image=image_for(info, options))
     return dict(zip(FILES, (deployment(info, options), service(options), autoscaler(options))))
 
 

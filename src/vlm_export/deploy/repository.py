@@ -31,6 +31,15 @@ class RepositoryInfo:
         return sorted(n for n, m in self.models.items() if m.get("backend") == "python")
 
     @property
+    def python_on_gpu(self) -> list[str]:
+        """The python models with KIND_GPU instances: they open ONNX Runtime on the GPU, so the image needs
+        onnxruntime-gpu (``image.default_image``)."""
+        from tritonclient.grpc import model_config_pb2
+
+        gpu_kind = model_config_pb2.ModelInstanceGroup.Kind.KIND_GPU
+        return [n for n in self.python_models if gpu_kind in self.models[n]["kinds"]]
+
+    @property
     def pinned_gpus(self) -> list[int]:
         """The GPU indices the repository's instance groups name (``repository --device cuda:N``); empty
         where instances take whatever GPU Triton gives them."""
