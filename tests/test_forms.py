@@ -221,13 +221,15 @@ def test_repositories_reference_each_targets_form(tiny_build, tmp_path):
     params = model_configs(manifest, RepositoryOptions())["vlm"]["parameters"]
     assert params["decoder_graph"]["string_value"] == "lm_decoder.fused.onnx"
     assert json.loads(params["sha256"]["string_value"]) == {"lm_decoder.fused.onnx": fused["sha256"][fused["file"]]}
-    # onnxruntime target (its decoder a model of its own): model.onnx is the fused graph
+    # onnxruntime target (its decoder a model of its own, in Triton's ONNX Runtime 1.19.2, which cannot load
+    # the fused form: test_the_onnxruntime_target_serves_what_tritons_onnxruntime_loads): the standard graph
     ort = render_repository(path, tmp_path / "ort", RepositoryOptions(target="onnxruntime"))
-    assert (ort / "lm_decoder" / "1" / "model.onnx").read_bytes() == (path / fused["file"]).read_bytes()
+    assert (ort / "lm_decoder" / "1" / "model.onnx").read_bytes() == (path / "graphs/lm_decoder.onnx").read_bytes()
     assert (ort / "vision_encoder" / "1" / "model.onnx").read_bytes() == (path / "graphs/vision_encoder.onnx").read_bytes()
     # tensorrt target: its plans are built from the standard graph, its configs checked against it
     assert target_graphs(manifest, "tensorrt")["lm_decoder"]["file"] == "graphs/lm_decoder.onnx"
-    assert target_graphs(manifest, "onnxruntime")["lm_decoder"]["file"] == fused["file"]
+    assert target_graphs(manifest, "onnxruntime")["lm_decoder"]["file"] == "graphs/lm_decoder.onnx"
+    assert target_graphs(manifest, "python")["lm_decoder"]["file"] == fused["file"]
     trt = render_repository(path, tmp_path / "trt", RepositoryOptions(target="tensorrt"), configs_only=True,
                             echo=lambda _: None)
     assert (trt / "lm_decoder" / "config.pbtxt").exists() and not (trt / "lm_decoder" / "1").exists()
@@ -352,6 +354,81 @@ def test_repositories_on_a_gpu(tiny_build, w4_build, tmp_path):
     render_repository(w4_build.path, tmp_path / "w4", RepositoryOptions(device="cuda"), echo=notes.append)
     assert len(notes) == 1 and notes[0].startswith("lm_decoder ships only ONNX Runtime's fused form"), notes
 
+
+
+def _load_in_tritons_onnxruntime(graphs: list[Path]) -> list[str]:
+    """Each graph opened in the ONNX Runtime of the pinned Triton's onnxruntime backend (installed apart by
+    `scripts/setup.sh --tests`): "" where it loads, else the first line of its error."""
+    import subprocess
+    import sys
+
+    from vlm_export.model_repository.render import TRITON_ONNXRUNTIME
+
+    lib = Path(sys.prefix) / "triton-onnxruntime"
+    if not (lib / "onnxruntime").is_dir():
+        pytest.skip(f"onnxruntime {TRITON_ONNXRUNTIME} is not in {lib} (scripts/setup.sh --tests installs it)")
+    code = ("import sys, json, onnxruntime as ort\n"
+            f"assert ort.__version__ == {TRITON_ONNXRUNTIME!r}, ort.__version__\n"
+            "errors = []\n"
+            "for path in sys.argv[1:]:\n"
+            "    try:\n"
+            "        ort.InferenceSession(path, providers=['CPUExecutionProvider']); errors.append('')\n"
+            "    except Exception as e:\n"
+            "        errors.append(str(e).splitlines()[0])\n"
+            "print(json.dumps(errors))\n")
+    done = subprocess.run([sys.executable, "-c", code, *map(str, graphs)], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(lib), "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def _matmul_nbits_graph(path: Path, bits: int) -> Path:
+    """y = x @ W with W as one MatMulNBits of ``bits`` (K 32, N 8, one block of 32 per column)."""
+    k, n, block = 32, 8, 32
+    blob = helper.make_tensor("w", TensorProto.UINT8, [n, 1, block * bits // 8], bytes(n * block * bits // 8), raw=True)
+    scales = helper.make_tensor("s", TensorProto.FLOAT, [n], [0.1] * n)
+    node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [blob, scales])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    onnx.save(model, path)
+    return path
+
+
+def test_the_onnxruntime_target_serves_what_tritons_onnxruntime_loads(tiny_build, w4_build, tmp_path):
+    """Triton 2.51's onnxruntime backend runs ONNX Runtime 1.19.2, not the 1.32 vlm-export builds and checks
+    with: the onnxruntime target's graphs are loaded in that very version. The fused decoder is not among
+    them (its GroupQueryAttention has inputs 1.19.2 lacks; checked here too); a build that ships only the fused
+    form, or MatMulNBits of 8 bits (1.19.2 runs 4), is refused in one line with what to do, nothing written."""
+    from vlm_export.model_repository.render import (RepositoryOptions, TRITON_ONNXRUNTIME, check_triton_onnxruntime,
+                                                    render_repository)
+
+    path = tiny_build("llava-llama").path
+    ort = render_repository(path, tmp_path / "ort", RepositoryOptions(target="onnxruntime"), echo=lambda _: None)
+    served = sorted(ort.glob("*/1/model.onnx"))
+    assert [p.parent.parent.name for p in served] == ["lm_decoder", "projector", "vision_encoder"]
+    fused = path / read_manifest(path)["graphs"]["lm_decoder"]["forms"]["fused"]["file"]
+    *loaded, fused_error = _load_in_tritons_onnxruntime([*served, fused])
+    assert loaded == ["", "", ""], loaded
+    assert "GroupQueryAttention" in fused_error, fused_error
+    with pytest.raises(RepositoryError) as e:
+        render_repository(w4_build.path, tmp_path / "w4", RepositoryOptions(target="onnxruntime"))
+    assert str(e.value).startswith("lm_decoder ships only ONNX Runtime's fused form, which Triton's onnxruntime "
+                                   f"backend (ONNX Runtime {TRITON_ONNXRUNTIME}) cannot load; serve it with the python "
+                                   "target (vlm-export's own onnxruntime runs it), or build with --no-fuse --lm-head w4") \
+        and "\n" not in str(e.value)
+    assert not (tmp_path / "w4").exists()
+    # MatMulNBits: 4 bits load there, 8 do not, and the check says so before Triton would
+    four, eight = _matmul_nbits_graph(tmp_path / "four.onnx", 4), _matmul_nbits_graph(tmp_path / "eight.onnx", 8)
+    assert _load_in_tritons_onnxruntime([four])[0] == ""
+    assert "Only 4b quantization is supported" in _load_in_tritons_onnxruntime([eight])[0]
+    manifest = {"graphs": {"lm_decoder": {"file": "eight.onnx", "precision": "w8"}}}
+    with pytest.raises(RepositoryError, match=r"^lm_decoder has MatMulNBits weights of 8 bits, which Triton's "
+                                              r"onnxruntime backend \(ONNX Runtime 1.19.2\) does not run"):
+        check_triton_onnxruntime(tmp_path, manifest)
+    check_triton_onnxruntime(tmp_path, {"graphs": {"lm_decoder": {"file": "four.onnx", "precision": "w4"}}})
 
 def _parameters(model_dir: Path) -> dict[str, str]:
     from google.protobuf import text_format

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_folder
+from ..cpu import INT8_DOT_PRODUCT
 from ..contract import image_stages, scheme_from_dict, stages_from_manifest
 from ..contract.profiles import stage_profiles, trt_settings
 from ..engines.tensorrt import release, version_problem
@@ -48,6 +49,10 @@ TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TY
 PYTHON_MODELS = Path(__file__).parent / "python_models"
 # where the vlm model runs the decoder: in its own process (no model boundary per token) or via BLS
 DECODER_MODES = ("in_process", "bls")
+#: the ONNX Runtime inside the onnxruntime backend of the Triton this project pins (2.51.0 = NGC 24.10;
+#: the server's build.py, TRITON_VERSION_MAP at tag v2.51.0): the onnxruntime target's graphs must load
+#: there, not in the onnxruntime vlm-export runs (tests/test_render.py loads them in that very version)
+TRITON_ONNXRUNTIME = "1.19.2"
 
 #: the vlm model's request and response, shared by the renderer, the model and the client
 VLM_INPUTS = [
@@ -212,16 +217,45 @@ def _file_hashes(entry: dict, graph_name: str | None = None) -> str:
 
 
 def target_graphs(manifest: dict, target: str, gpu: bool = False) -> dict[str, dict]:
-    """Stage -> the graph entry a repository target serves: the python and onnxruntime targets run
+    """Stage -> the graph entry a repository target serves: the python target runs vlm-export's own
     ONNX Runtime, so the form the manifest's onnxruntime target names (the fused decoder where the
-    build has one), or on a GPU ``manifest.gpu_form`` (the standard graph where one is shipped); the
-    tensorrt target's plans are built from the standard form (engines/tensorrt.py; a stage without
-    one is checked as shipped, so the check names what TensorRT cannot read)."""
+    build has one); the onnxruntime target (Triton's ONNX Runtime) and a GPU get ``manifest.gpu_form``
+    (the standard graph where one is shipped); the tensorrt target's plans are built from the standard
+    form (engines/tensorrt.py; a stage without one is checked as shipped, so the check names what
+    TensorRT cannot read)."""
     if target == "tensorrt":
         return {stage: served_entry(manifest, stage, "tensorrt") for stage in manifest["graphs"]}
-    if gpu:
+    if gpu or target == "onnxruntime":
+        # Triton's own onnxruntime backend (TRITON_ONNXRUNTIME) predates the contrib-op inputs the fused
+        # form is written with and checked on (GroupQueryAttention's query_seqlens): it gets the standard
+        # form where the build ships one, as a GPU does (gpu_form), else the fused one, which
+        # check_triton_onnxruntime then refuses in one line
         return {stage: form_entry(manifest, stage, gpu_form(manifest, stage)) for stage in manifest["graphs"]}
     return {stage: served_entry(manifest, stage, "onnxruntime") for stage in manifest["graphs"]}
+
+
+def check_triton_onnxruntime(build_dir: Path, manifest: dict) -> None:
+    """RepositoryError (one line) for a graph the onnxruntime target serves that Triton's onnxruntime
+    backend (ONNX Runtime TRITON_ONNXRUNTIME) cannot load: a fused form (its GroupQueryAttention has
+    inputs that ONNX Runtime lacks: "input size 17 not in range [min=7, max=16]" in 1.31, "INVALID_GRAPH"
+    in 1.19), or a MatMulNBits of other than 4 bits (the w8 head or decoder: 1.19 "Only 4b quantization is
+    supported for MatMulNBits op"). Both measured by loading the graphs in those versions."""
+    import onnx
+
+    for stage, entry in target_graphs(manifest, "onnxruntime").items():
+        fix = "serve it with the python target (vlm-export's own onnxruntime runs it)" + {
+            "w4": ", or build with --no-fuse --lm-head w4", "w8": f" ({TRITON_ONNXRUNTIME} runs 4-bit MatMulNBits only)"
+        }.get(entry.get("precision"), ", or build with --no-fuse")
+        if gpu_form(manifest, stage) == "fused":
+            raise RepositoryError(f"{stage} ships only ONNX Runtime's fused form, which Triton's onnxruntime backend "
+                                  f"(ONNX Runtime {TRITON_ONNXRUNTIME}) cannot load; {fix}")
+        graph = onnx.load(Path(build_dir) / entry["file"], load_external_data=False)
+        bits = sorted({a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                       if a.name == "bits" and a.i != 4})
+        if bits:
+            raise RepositoryError(f"{stage} has MatMulNBits weights of {'/'.join(map(str, bits))} bits, which Triton's "
+                                  f"onnxruntime backend (ONNX Runtime {TRITON_ONNXRUNTIME}) does not run (4 bits "
+                                  f"only); {fix}")
 
 
 def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]:
@@ -459,6 +493,8 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
             except ManifestError as e:
                 raise RepositoryError(f"{build_dir} cannot be served by the tensorrt target: {e}; `vlm-export engines "
                                       f"{build_dir} --check-only` lists what TensorRT cannot read") from None
+    if options.target == "onnxruntime":
+        check_triton_onnxruntime(build_dir, manifest)
     configs = model_configs(manifest, options)
     if not check_hashes:  # nor do the python models at load
         for cfg in configs.values():
@@ -475,6 +511,13 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
                       if entry["variant"].get("format") == "QDQ" else "build with --int8-kernel u8u8")
                   for stage, entry in target_graphs(manifest, options.target, options.on_gpu).items()
                   if (entry.get("variant") or {}).get("requires_cpu")]
+        notes += [f"{stage}: Triton's onnxruntime backend gets its standard Q/DQ form (it cannot load the fused one), "
+                  "whose gates judged its Q/DQ pairs run as written (TensorRT's arithmetic); ONNX Runtime may run them "
+                  f"on its CPU int8 kernels instead, exact only on a CPU with {' or '.join(INT8_DOT_PRODUCT)}: serve it "
+                  "on such CPUs, or with the python target"
+                  for stage, entry in target_graphs(manifest, options.target, options.on_gpu).items()
+                  if not options.on_gpu and str((entry.get("variant") or {}).get("fallback_judged_on", "")).startswith(
+                      "Q/DQ run as written")]
     if options.target == "tensorrt" and options.prefix_cache_mb:  # asked for (the default is None)
         notes.append("prefix cache off: the TensorRT decoder's prefill profile has an empty past, so a prompt "
                      "cannot continue from cached K/V there (--prefix-cache-mb applies to the python and "
