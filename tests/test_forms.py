@@ -531,6 +531,28 @@ def test_a_fused_form_that_fails_parity_falls_back_to_the_standard_graph(tiny_mo
     assert out.completion_tokens == 3
 
 
+
+def test_a_failure_the_standard_graph_shares_is_not_blamed_on_the_fusion_pass(tmp_path):
+    """Phi-3's longrope picks its long or short factors by the largest position of the whole batch, as
+    Hugging Face's forward does, so in the batched end-to-end check a row's tokens change once a longer
+    batch-mate passes the original context (64 here), where HF's generate ran each prompt alone (found on a
+    prefix model with one prefix token). The fused form fails first; the standard graph, judged in its
+    place, fails the same way: the record says the failure is not the fusion pass's, and the build fails."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import make_tiny_prefix
+    from vlm_export.errors import ParityError
+
+    model = make_tiny_prefix(tmp_path / "model", family="phi3-longrope", num_prefix_tokens=1)
+    with pytest.raises(ParityError, match="end-to-end onnxruntime batched: greedy tokens differ"):
+        build(model, tmp_path / "build", BuildOptions(max_sequence=256))
+    manifest = json.loads((tmp_path / "build.failed" / "manifest.failed.json").read_text())
+    reason = manifest["graphs"]["lm_decoder"]["fusion"]["reason"]
+    assert reason.startswith("its fused form failed parity (") and "and so did the standard graph judged in its " \
+        "place" in reason and reason.endswith("the model's export or its settings, not the fusion pass"), reason
+    assert "a bug of the fusion pass" not in reason
+
 def test_a_fused_form_onnx_runtime_refuses_falls_back_to_the_standard_graph(tiny_model_dir, tmp_path, monkeypatch):
     """A fused form ONNX Runtime cannot load (here: the real pass, then one attention kernel's
     ``kv_num_heads`` dropped, as a rewrite that misses a kernel's unstated limit would leave it) costs

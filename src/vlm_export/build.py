@@ -318,6 +318,8 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
         _drop_fused_form(tmp, manifest, scheme.decoder_stage, why, fused_failures, progress)
         recorded.result = torch_split
         judged = _judge(recorded, adapter, opener, precisions, options, progress, [], questions)
+        if judged[2] and fused_failures:
+            _standard_failed_too(tmp, manifest, scheme.decoder_stage, fused_failures, judged[2], progress)
     result, policy, failures, accuracy = judged
     shutil.rmtree(scratch)  # the reference's arrays are no part of the build (nor of a failed one's folder)
     manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}
@@ -672,6 +674,19 @@ def _drop_fused_form(tmp: Path, manifest: dict, stage: str, why: str, failures: 
     manifest["targets"] = derive_targets(manifest["graphs"])
     write_manifest(tmp, manifest)
     progress.note(f"{stage}: {why}; ONNX Runtime runs the standard graph")
+
+
+def _standard_failed_too(tmp: Path, manifest: dict, stage: str, fused_failures: list[str], failures: list[str],
+                         progress: Progress) -> None:
+    """The standard graph, judged in the fused form's place, failed too: the fused form's end-to-end and
+    task failures (which the standard graph had not been run for) were not the fusion pass's. Say so in
+    the fusion record instead of blaming the pass."""
+    fusion = manifest["graphs"][stage]["fusion"]
+    fusion["reason"] = (f"its fused form failed parity ({len(fused_failures)} check(s), the first {fused_failures[0]}), "
+                        f"and so did the standard graph judged in its place ({len(failures)} check(s), the first "
+                        f"{failures[0]}): the model's export or its settings, not the fusion pass")
+    write_manifest(tmp, manifest)
+    progress.note(f"{stage}: the standard graph failed parity too: not the fusion pass's doing")
 
 
 def other_decoder_forms(manifest: dict) -> list[str]:
