@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, recorded_notes
 from vlm_export.build import BuildOptions, _fuse_decoder_stage, build, verify
 from vlm_export.contract import Limits
 from vlm_export.contract.profiles import one_profile, stage_profiles, trt_settings
@@ -545,13 +545,35 @@ def test_a_failure_the_standard_graph_shares_is_not_blamed_on_the_fusion_pass(tm
     from vlm_export.errors import ParityError
 
     model = make_tiny_prefix(tmp_path / "model", family="phi3-longrope", num_prefix_tokens=1)
+    notes = recorded_notes()
     with pytest.raises(ParityError, match="end-to-end onnxruntime batched: greedy tokens differ"):
-        build(model, tmp_path / "build", BuildOptions(max_sequence=256))
+        build(model, tmp_path / "build", BuildOptions(max_sequence=256), progress=notes)
+    # said before anything is exported: the config's longrope switch (64) is below the build's 256 positions
+    assert notes.lines[0] == ("the language model's longrope rotary switches to its long factors once the batch's "
+                              "longest row passes 64 positions, as Hugging Face's forward does: a shorter row batched "
+                              "with it then answers differently than alone; --max-sequence 64 or --max-batch 1 keeps "
+                              "rows independent"), notes.lines[:2]
     manifest = json.loads((tmp_path / "build.failed" / "manifest.failed.json").read_text())
     reason = manifest["graphs"]["lm_decoder"]["fusion"]["reason"]
     assert reason.startswith("its fused form failed parity (") and "and so did the standard graph judged in its " \
         "place" in reason and reason.endswith("the model's export or its settings, not the fusion pass"), reason
     assert "a bug of the fusion pass" not in reason
+
+
+@pytest.mark.parametrize("config,switch", [
+    ({"rope_parameters": {"rope_type": "longrope", "original_max_position_embeddings": 4096}}, 4096),
+    ({"rope_scaling": {"type": "longrope"}, "original_max_position_embeddings": 2048}, 2048),  # 4.x spelling
+    ({"rope_parameters": {"full_attention": {"rope_type": "longrope", "original_max_position_embeddings": 8},
+                          "sliding_attention": {"rope_type": "default"}}}, 8),  # one per attention type
+    ({"rope_parameters": {"rope_type": "yarn", "original_max_position_embeddings": 4096}}, None),
+    ({}, None),
+])
+def test_the_longrope_switch_is_read_from_the_config(config, switch):
+    from types import SimpleNamespace
+
+    from vlm_export.adapters.decoder import longrope_switch
+
+    assert longrope_switch(SimpleNamespace(**config)) == switch
 
 def test_a_fused_form_onnx_runtime_refuses_falls_back_to_the_standard_graph(tiny_model_dir, tmp_path, monkeypatch):
     """A fused form ONNX Runtime cannot load (here: the real pass, then one attention kernel's

@@ -242,6 +242,11 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
     if options.max_sequence and options.max_sequence > limits.max_sequence:
         progress.note(f"--max-sequence {options.max_sequence} is more than the language model's "
                       f"{limits.max_sequence} positions (max_position_embeddings): the build takes {limits.max_sequence}")
+    switch = scheme.geometry.batch_switched_positions
+    if switch and limits.max_batch > 1 and limits.max_sequence > switch:
+        progress.note(f"the language model's longrope rotary switches to its long factors once the batch's longest row "
+                      f"passes {switch} positions, as Hugging Face's forward does: a shorter row batched with it then "
+                      f"answers differently than alone; --max-sequence {switch} or --max-batch 1 keeps rows independent")
     _check_samples_fit(options.samples or default_samples(limits.max_images), loaded.tokenizer, layout, scheme,
                        limits, options.parity_new_tokens)
     _check_weight_blocks(stages, precisions, options.precision_options)

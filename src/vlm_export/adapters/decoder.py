@@ -115,8 +115,23 @@ def text_geometry(text_cfg, text_model: nn.Module) -> DecoderGeometry:
         hidden_size=text_cfg.hidden_size,
         vocab_size=text_cfg.vocab_size,
         max_position_embeddings=getattr(text_cfg, "max_position_embeddings", None),
+        batch_switched_positions=longrope_switch(text_cfg),
         **attention_windows(text_cfg),
     )
+
+
+def longrope_switch(text_cfg) -> int | None:
+    """Where a longrope rotary (Phi-3's, Phi-4-mini's) switches from its short to its long factors: Hugging
+    Face picks them per call by the largest position in the batch (``original_max_position_embeddings``),
+    which the export keeps. None for any other rotary. Read from the config's rope parameters (5.x) or
+    rope scaling (4.x), one dict or one per attention type."""
+    rope = getattr(text_cfg, "rope_parameters", None) or getattr(text_cfg, "rope_scaling", None) or {}
+    kinds = [rope] if "rope_type" in rope or "type" in rope else [v for v in rope.values() if isinstance(v, dict)]
+    for kind in kinds:
+        if (kind.get("rope_type") or kind.get("type")) == "longrope":
+            return kind.get("original_max_position_embeddings") or getattr(text_cfg, "original_max_position_embeddings",
+                                                                           None)
+    return None
 
 
 _CACHE_SHAPES: "weakref.WeakKeyDictionary[nn.Module, tuple[int, int, int]]" = weakref.WeakKeyDictionary()

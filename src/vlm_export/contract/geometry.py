@@ -20,6 +20,10 @@ class DecoderGeometry:
     # the layers (0-based, in the order the decoder runs them) that attend through that window, which
     # the exported graph cannot show (it folds the window into a mask); empty with a window: not known
     windowed_layers: tuple[int, ...] = ()
+    # rotary frequencies picked per call by the batch's largest position (longrope, as Hugging Face's
+    # forward does): once a row passes this many positions, its batch-mates' rotary changes with it.
+    # None: a row's answer does not depend on the rows batched with it
+    batch_switched_positions: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "windowed_layers", tuple(int(i) for i in self.windowed_layers))  # JSON gives a list
