@@ -532,27 +532,33 @@ def test_a_fused_form_that_fails_parity_falls_back_to_the_standard_graph(tiny_mo
 
 
 
-def test_a_failure_the_standard_graph_shares_is_not_blamed_on_the_fusion_pass(tmp_path):
-    """Phi-3's longrope picks its long or short factors by the largest position of the whole batch, as
-    Hugging Face's forward does, so in the batched end-to-end check a row's tokens change once a longer
-    batch-mate passes the original context (64 here), where HF's generate ran each prompt alone (found on a
-    prefix model with one prefix token). The fused form fails first; the standard graph, judged in its
-    place, fails the same way: the record says the failure is not the fusion pass's, and the build fails."""
+def test_a_failure_the_standard_graph_shares_is_not_blamed_on_the_fusion_pass(tmp_path, monkeypatch):
+    """Hugging Face's longrope (Phi-3) picks its long or short factors by the largest position of the whole
+    batch, so in the batched end-to-end check a row's tokens change once a longer batch-mate passes the
+    original context (64 here), where HF's generate ran each prompt alone (found on a prefix model with one
+    prefix token). As vlm-export loads it (per row: adapters.loading.longrope_per_row) the model builds.
+    With Hugging Face's own rotary the build says why first; the fused form fails, and the standard graph,
+    judged in its place, fails the same way: the record says the failure is not the fusion pass's."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
+    import vlm_export.adapters.loading as loading
     from tiny_models import make_tiny_prefix
     from vlm_export.errors import ParityError
 
     model = make_tiny_prefix(tmp_path / "model", family="phi3-longrope", num_prefix_tokens=1)
     notes = recorded_notes()
+    result = build(model, tmp_path / "per-row", BuildOptions(max_sequence=256), progress=notes)
+    assert result.failures == [] and not [n for n in notes.lines if "longrope" in n]
+    assert result.manifest["scheme"]["geometry"]["batch_switched_positions"] is None
+    monkeypatch.setattr(loading, "longrope_per_row", lambda model: 0)  # Hugging Face's rotary, as it is
     with pytest.raises(ParityError, match="end-to-end onnxruntime batched: greedy tokens differ"):
         build(model, tmp_path / "build", BuildOptions(max_sequence=256), progress=notes)
     # said before anything is exported: the config's longrope switch (64) is below the build's 256 positions
-    assert notes.lines[0] == ("the language model's longrope rotary switches to its long factors once the batch's "
-                              "longest row passes 64 positions, as Hugging Face's forward does: a shorter row batched "
-                              "with it then answers differently than alone; --max-sequence 64 or --max-batch 1 keeps "
-                              "rows independent"), notes.lines[:2]
+    assert [n for n in notes.lines if "longrope" in n][0] == (
+        "the language model's longrope rotary switches to its long factors once the batch's longest row passes 64 "
+        "positions, as Hugging Face's forward does: a shorter row batched with it then answers differently than "
+        "alone; --max-sequence 64 or --max-batch 1 keeps rows independent")
     manifest = json.loads((tmp_path / "build.failed" / "manifest.failed.json").read_text())
     reason = manifest["graphs"]["lm_decoder"]["fusion"]["reason"]
     assert reason.startswith("its fused form failed parity (") and "and so did the standard graph judged in its " \

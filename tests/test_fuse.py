@@ -521,13 +521,15 @@ def test_an_unfused_attention_over_the_cache_keeps_the_growing_cache(tiny_build,
     assert _unfused_growing_caches(g, set(grown)) == []
 
 
-def test_longrope_picks_its_caches_per_call(tiny_build, tmp_path):
-    """Phi-3's longrope rotates a whole call with its long factors once the call's largest position
-    is past the original context (64 in the tiny model), else with its short ones: the exported graph
-    picks the frequencies with a Where; the fused one keeps both tables' rows in one cos/sin cache pair
-    and reads the long rows (positions + the build's 256) on the same condition, nothing copied per
-    call, and the attention kernel reads the same. Same answers below, at and past the switch; a graph
-    that always read the short rows would differ past it."""
+def test_longrope_picks_its_caches_per_row(tiny_build, tmp_path):
+    """Phi-3's longrope rotates a row with its long factors once the row's largest position is past the
+    original context (64 in the tiny model), else with its short ones (per row as vlm-export loads it,
+    adapters.loading.longrope_per_row; Hugging Face picks them for the whole batch): the exported graph
+    picks the frequencies with a Where per row; the fused one keeps both tables' rows in one cos/sin
+    cache pair and reads the long rows (positions + the build's 256) on the same condition, nothing
+    copied per call, and the attention kernel reads the same. Same answers below, at and past the
+    switch; a short row batched with a long one answers as alone; a graph that always read the short
+    rows would differ past it."""
     src, dst, fused = _every_attention_fused(tiny_build("llava-phi3-longrope"), tmp_path)
     assert not [n for n in fused.graph.node if n.op_type == "Where" and n.output[0].startswith("rotary_")]
     inits = {t.name: t for t in fused.graph.initializer}
@@ -540,6 +542,13 @@ def test_longrope_picks_its_caches_per_call(tiny_build, tmp_path):
         feeds = _feeds(a, rng, batch, past, new, pad)
         _assert_same_outputs(a, a.run(None, feeds), b.run(None, feeds), feeds["attention_mask"],
                              f"batch={batch} past={past} new={new} pad={pad}")
+    # a short row (30 real tokens after 40 pads, positions from its first real token) beside a row past the
+    # switch: each graph gives it the logits it gives it alone
+    feeds = _feeds(a, rng, 2, 70, 1, 40)
+    feeds["position_ids"] = np.array([[30], [70]], np.int64)
+    alone = {k: v[:1] if v.shape[0] == 2 else v for k, v in feeds.items()}  # image rows: none either way
+    for session in (a, b):
+        np.testing.assert_allclose(session.run(None, feeds)[0][0], session.run(None, alone)[0][0], atol=1e-5)
     inits["rotary_positions_0_offset"].CopyFrom(numpy_helper.from_array(np.array(0, np.int64), "rotary_positions_0_offset"))
     onnx.save(fused, tmp_path / "short.onnx")  # always the short rows
     short = _session(tmp_path / "short.onnx")

@@ -24,6 +24,7 @@ from ..contract import (DECODER_PRECISIONS, IMAGE, IMAGE_PRECISIONS, DecoderGeom
 from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError, first_line
 from .base import Stage
+from .loading import PER_ROW_LONGROPE
 
 EXAMPLE_IMAGES = 2
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 4
@@ -115,15 +116,27 @@ def text_geometry(text_cfg, text_model: nn.Module) -> DecoderGeometry:
         hidden_size=text_cfg.hidden_size,
         vocab_size=text_cfg.vocab_size,
         max_position_embeddings=getattr(text_cfg, "max_position_embeddings", None),
-        batch_switched_positions=longrope_switch(text_cfg),
+        batch_switched_positions=longrope_switch(text_cfg) if _batch_picks_longrope(text_model) else None,
         **attention_windows(text_cfg),
     )
 
 
+def _batch_picks_longrope(text_model: nn.Module) -> bool:
+    """Whether a longrope rotary of ``text_model`` still picks its factors per call for the whole batch
+    (one ``loading.longrope_per_row`` could not make per row: a rope type per attention type)."""
+    for module in text_model.modules():
+        kind = getattr(module, "rope_type", None)
+        if "longrope" in (kind.values() if isinstance(kind, dict) else [kind]) and not getattr(
+                module, PER_ROW_LONGROPE, False):
+            return True
+    return False
+
+
 def longrope_switch(text_cfg) -> int | None:
     """Where a longrope rotary (Phi-3's, Phi-4-mini's) switches from its short to its long factors: Hugging
-    Face picks them per call by the largest position in the batch (``original_max_position_embeddings``),
-    which the export keeps. None for any other rotary. Read from the config's rope parameters (5.x) or
+    Face picks them per call by the largest position in the batch (``original_max_position_embeddings``);
+    ``text_geometry`` records it where the loaded model still does (``loading.longrope_per_row`` makes it per
+    row otherwise). None for any other rotary. Read from the config's rope parameters (5.x) or
     rope scaling (4.x), one dict or one per attention type."""
     rope = getattr(text_cfg, "rope_parameters", None) or getattr(text_cfg, "rope_scaling", None) or {}
     kinds = [rope] if "rope_type" in rope or "type" in rope else [v for v in rope.values() if isinstance(v, dict)]

@@ -14,6 +14,7 @@ def load_hf_parts(model_cls, path: Path, *, processor: bool = True):
     (see env-notes); the maths is the same, so the reference stays the original model. Mixture-of-experts
     layers as batched matmuls for the same reason: transformers' default grouped matmul is a custom op
     torch.onnx cannot export (its ``eager`` loop branches on data); the experts' maths is the same.
+    A longrope rotary picks its factors per row (``longrope_per_row``): for one row, the same maths.
     """
     import torch
     from transformers import AutoImageProcessor, AutoTokenizer
@@ -32,6 +33,7 @@ def load_hf_parts(model_cls, path: Path, *, processor: bool = True):
             "save_pretrained output"
         ) from None
     model.eval()
+    longrope_per_row(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
@@ -85,3 +87,47 @@ def processor_chat_template(path: Path) -> str | None:
         return None
     template = getattr(processor, "chat_template", None)
     return template if isinstance(template, str) and template.strip() else None
+
+
+#: set on a rotary module whose longrope factors ``longrope_per_row`` made per row
+PER_ROW_LONGROPE = "_vlm_export_longrope_per_row"
+
+
+def longrope_per_row(model) -> int:
+    """Make every longrope rotary of ``model`` pick its short or long factors per row; returns how many.
+
+    Hugging Face's longrope (Phi-3, Phi-4-mini) picks them per call by the largest position in the whole
+    batch (``original_max_position_embeddings``), so a served row's answer would change when a batch-mate
+    passes the switch. Per row, each row rotates with the factors its own positions pick, which for one row
+    is exactly Hugging Face's maths (``torch.where`` on the row's largest position, then the module's own
+    cos/sin with its ``attention_scaling``); the reference and the export both run it. A rotary with one
+    rope type per attention type (a dict) is left as it is; ``decoder.longrope_switch`` then says so."""
+    import types
+
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    count = 0
+    for module in model.modules():
+        if getattr(module, "rope_type", None) != "longrope" or not isinstance(
+                getattr(module, "original_inv_freq", None), torch.Tensor):
+            continue
+        switch = module.config.rope_parameters["original_max_position_embeddings"]
+        long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](module.config, module.original_inv_freq.device,
+                                                           seq_len=switch + 1)
+        module.register_buffer("long_inv_freq_rows", long_inv_freq, persistent=False)  # follows .to(device)
+        module.longrope_switch = int(switch)
+        module.forward = types.MethodType(_longrope_rows_forward, module)
+        setattr(module, PER_ROW_LONGROPE, True)
+        count += 1
+    return count
+
+
+def _longrope_rows_forward(self, x, position_ids):
+    import torch
+
+    long_rows = (position_ids.amax(dim=-1, keepdim=True) + 1 > self.longrope_switch).unsqueeze(-1)  # (batch, 1, 1)
+    inv_freq = torch.where(long_rows, self.long_inv_freq_rows.to(x.device), self.original_inv_freq.to(x.device))
+    freqs = position_ids[..., None].float() * inv_freq.float()  # (batch, sequence, half)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)

@@ -349,13 +349,15 @@ def _fuse_skip_layer_norm(g: _Graph, report: FuseReport) -> None:
 
 def _frequencies(g: _Graph, name: str):
     """The rotary's inverse frequencies ``name``: a constant -> ("", (table,)); or Where(cond, a, b) of two
-    constant tables, picked per call by a scalar condition (Phi-3's longrope: the long factors when the
-    call's largest position is past the original context) -> (cond, (a, b)). Else None."""
+    constant tables, picked by a condition per call (a scalar: Hugging Face's longrope, the long factors
+    when the call's largest position is past the original context) or per row (batch, 1, 1) (longrope as
+    vlm-export loads it, adapters.loading.longrope_per_row) -> (cond, (a, b)). Else None."""
     table = g.const(name)
     if table is not None:
         return "", (table.reshape(-1).astype(np.float32),)
     where = g.producer.get(name)
-    if where is None or where.op_type != "Where" or g.shape(where.input[0]) != []:
+    cond = None if where is None or where.op_type != "Where" else g.shape(where.input[0])
+    if cond is None or not (cond == [] or len(cond) == 3 and cond[1:] == [1, 1]):
         return None
     tables = [g.const(i) for i in where.input[1:]]
     if any(t is None for t in tables) or tables[0].size != tables[1].size:
@@ -409,7 +411,7 @@ def _rotary_caches(g: _Graph, index: int, condition: str, tables, cos_scale: flo
                    max_positions: int, positions: str) -> tuple[str, str, str]:
     """Position-indexed cos/sin caches for the inverse-frequency ``tables``: (cos, sin, the positions to
     index them with). One table: caches (max_positions, half) read at ``positions``. Two tables picked per
-    call by ``condition`` (as the exported graph picks its frequencies): ONE pair of caches holding the
+    call or per row by ``condition`` (as the exported graph picks its frequencies): ONE pair of caches holding the
     second table's rows then the first's (2 x max_positions, half), read at ``positions`` + max_positions
     when the condition holds. Offsetting the positions costs an Add on (batch, sequence) integers; picking
     whole caches with a Where would copy both pairs every call (~50 MB at 128k positions)."""
@@ -424,7 +426,11 @@ def _rotary_caches(g: _Graph, index: int, condition: str, tables, cos_scale: flo
     p = f"rotary_positions_{index}"
     offset = numpy_helper.from_array(np.array(max_positions, np.int64), f"{p}_offset")
     g.new_inits.append(offset)
-    g.replace([], [helper.make_node("Cast", [condition], [f"{p}_picked"], name=f"{p}_picked", to=onnx.TensorProto.INT64),
+    # a condition per row (batch, 1, 1) -> (batch, 1), a scalar -> (1, 1): broadcast over each row's positions
+    rows = numpy_helper.from_array(np.array([-1, 1], np.int64), f"{p}_rows")
+    g.new_inits.append(rows)
+    g.replace([], [helper.make_node("Cast", [condition], [f"{p}_picked3"], name=f"{p}_picked3", to=onnx.TensorProto.INT64),
+                   helper.make_node("Reshape", [f"{p}_picked3", rows.name], [f"{p}_picked"], name=f"{p}_picked"),
                    helper.make_node("Mul", [f"{p}_picked", offset.name], [f"{p}_shift"], name=f"{p}_shift"),
                    helper.make_node("Add", [positions, f"{p}_shift"], [p], name=p)])
     g.types[p] = g.types[positions]  # (batch, sequence) int64: _angle_source checked it
