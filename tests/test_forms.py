@@ -382,6 +382,30 @@ def _load_in_tritons_onnxruntime(graphs: list[Path]) -> list[str]:
     return json.loads(done.stdout.splitlines()[-1])
 
 
+
+def test_an_older_onnxruntime_that_refuses_the_fused_form_says_which_was_used(tiny_build):
+    """The same build opened with the ONNX Runtime of Triton 2.51's backend (1.19.2, older than the 1.32 it
+    was made with): its fused decoder does not load there, and the error says which version the build was
+    checked with and what to do (the python models in an image with an older onnxruntime-gpu meet this)."""
+    import subprocess
+    import sys
+
+    lib = Path(sys.prefix) / "triton-onnxruntime"
+    if not (lib / "onnxruntime").is_dir():
+        pytest.skip(f"no older onnxruntime in {lib} (scripts/setup.sh --tests installs one)")
+    path = tiny_build("llava-llama").path
+    code = ("import sys\nfrom vlm_export.errors import RunnerError\nfrom vlm_export.runtime.load import open_build\n"
+            "try:\n    open_build(sys.argv[1])\nexcept RunnerError as e:\n    print(e)\n")
+    src = Path(__file__).parent.parent / "src"
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": f"{lib}:{src}", "PATH": "/usr/bin:/bin", "HOME": str(path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    said = done.stdout.strip().splitlines()[-1]
+    assert said.startswith("ONNX Runtime cannot load ") and "lm_decoder.fused.onnx" in said, said
+    built = read_manifest(path)["versions"]["onnxruntime"]
+    assert said.endswith(f"the build was made and checked with onnxruntime {built}, this is 1.19.2: install "
+                         f"onnxruntime {built} or newer (onnxruntime-gpu on a GPU), or rebuild with this one"), said
+
 def _matmul_nbits_graph(path: Path, bits: int) -> Path:
     """y = x @ W with W as one MatMulNBits of ``bits`` (K 32, N 8, one block of 32 per column)."""
     k, n, block = 32, 8, 32

@@ -2,16 +2,41 @@
 adapters: the manifest says everything (the PyTorch reference is ``adapters.reference``)."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Mapping
 
 from ..contract import ImageText, Limits, PromptLayout, scheme_from_dict, stages_from_manifest
 from ..contract.profiles import trt_settings
 from ..manifest import check_hashes as check_build_hashes, form_entry, gpu_form, gpu_form_note, read_manifest
+from ..errors import RunnerError
 from .devices import Device, log
 from .pipeline import GENERATION_DEFAULTS, VLMPipeline
 from .prompt import ImageTextEncoder
 from .runners import OrtRunner, Runner
+
+
+@contextlib.contextmanager
+def built_with_onnxruntime(manifest: dict):
+    """A graph this onnxruntime refuses, where the build was made and checked with a newer one: the
+    error says so and what to do (the fused forms use contrib-op inputs of the release they were checked
+    on: GroupQueryAttention's query_seqlens is refused by 1.31 and 1.19). Other errors pass as they are."""
+    try:
+        yield
+    except RunnerError as e:
+        import onnxruntime
+        from packaging.version import InvalidVersion, Version
+
+        built = (manifest.get("versions") or {}).get("onnxruntime")
+        try:
+            newer = built is not None and Version(built) > Version(onnxruntime.__version__)
+        except InvalidVersion:
+            newer = False
+        if not newer:
+            raise
+        raise RunnerError(f"{e}; the build was made and checked with onnxruntime {built}, this is "
+                          f"{onnxruntime.__version__}: install onnxruntime {built} or newer (onnxruntime-gpu on a GPU), "
+                          "or rebuild with this one", graph=e.graph) from None
 
 
 def load_tokenizer(folder: Path):
@@ -75,9 +100,10 @@ def open_build(build_dir: Path, threads: int | None = None, check_hashes: bool =
     files = {spec.name: form_entry(manifest, spec.name, forms[spec.name])["file"] for spec in specs}
     # a graph the onnxruntime target does not run is the standard one only TensorRT serves
     served = {spec.name: form_entry(manifest, spec.name, "onnxruntime")["file"] for spec in specs}
-    runners = {spec.name: OrtRunner(spec.name, build_dir / files[spec.name], threads=threads, spin=spec.per_token,
-                                    device=device, **(trt_settings(manifest, spec.name) if cuda else {}),
-                                    emulate_qdq=not cuda and files[spec.name] != served[spec.name])
-               for spec in specs}
+    with built_with_onnxruntime(manifest):
+        runners = {spec.name: OrtRunner(spec.name, build_dir / files[spec.name], threads=threads, spin=spec.per_token,
+                                        device=device, **(trt_settings(manifest, spec.name) if cuda else {}),
+                                        emulate_qdq=not cuda and files[spec.name] != served[spec.name])
+                   for spec in specs}
     folder = build_dir / manifest["tokenizer"]
     return pipeline_from_manifest(manifest, runners, load_tokenizer(folder), load_image_processor(folder), build_dir)

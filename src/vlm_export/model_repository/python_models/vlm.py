@@ -34,7 +34,7 @@ from vlm_export.runtime.generate import (DEFAULT_MAX_PREFILL_PADDING, DEFAULT_MA
                                          GenerationResult, TokenEvent)
 from vlm_export.runtime.image_cache import ImageEmbeddingCache
 from vlm_export.runtime.prefix_cache import PrefixCache
-from vlm_export.runtime.load import pipeline_from_manifest
+from vlm_export.runtime.load import built_with_onnxruntime, pipeline_from_manifest
 from vlm_export.runtime.runners import OrtRunner, Runner
 
 DRAIN_S = 5.0  # finalize lets running requests finish this long (Triton's own exit timeout is longer)
@@ -122,8 +122,9 @@ class TritonPythonModel:
             threads = int(parameter(config, "intra_op_threads", "0")) or None
             check_files(version_dir, config)  # the decoder graph the renderer put beside this model
             device = instance_device(args)
-            decoder = OrtRunner(name, version_dir / parameter(config, "decoder_graph"), threads=threads, spin=True,
-                                device=device, **(trt_settings(manifest, name) if device != "cpu" else {}))
+            with built_with_onnxruntime(manifest):
+                decoder = OrtRunner(name, version_dir / parameter(config, "decoder_graph"), threads=threads, spin=True,
+                                    device=device, **(trt_settings(manifest, name) if device != "cpu" else {}))
         else:
             decoder = BlsRunner(name, specs[name].input_names, specs[name].output_names)
         pipe.runners[name] = decoder
