@@ -8,7 +8,6 @@ from .kubernetes import KubernetesOptions, image_for, kubernetes_objects, render
 from .repository import RepositoryInfo, inspect_repository
 from .triton import TRITON_BASE_IMAGE, TRITON_CONTAINER_RELEASE, TRITON_SERVER_VERSION
 
-__all__ = ["DEFAULT_GPU_IMAGE", "DEFAULT_IMAGE", "DeployError", "KubernetesOptions", "RepositoryInfo", "TRITON_BASE_IMAGE",
-           "TRITON_CONTAINER_RELEASE", "TRITON_SERVER_VERSION", "build_command", "image_for", "inspect_repository",
-           "kubernetes_objects",
-           "pinned_requirements", "render_kubernetes", "requirements_text"]
+__all__ = ["DEFAULT_GPU_IMAGE", "DEFAULT_IMAGE", "DeployError", "KubernetesOptions", "RepositoryInfo",
+           "TRITON_BASE_IMAGE", "TRITON_CONTAINER_RELEASE", "TRITON_SERVER_VERSION", "build_command", "image_for",
+           "inspect_repository", "kubernetes_objects", "pinned_requirements", "render_kubernetes", "requirements_text"]

@@ -51,7 +51,7 @@ PYTHON_MODELS = Path(__file__).parent / "python_models"
 DECODER_MODES = ("in_process", "bls")
 #: the ONNX Runtime inside the onnxruntime backend of the Triton this project pins (2.51.0 = NGC 24.10;
 #: the server's build.py, TRITON_VERSION_MAP at tag v2.51.0): the onnxruntime target's graphs must load
-#: there, not in the onnxruntime vlm-export runs (tests/test_render.py loads them in that very version)
+#: there, not in the onnxruntime vlm-export runs (tests/test_forms.py loads them in that very version)
 TRITON_ONNXRUNTIME = "1.19.2"
 
 #: the vlm model's request and response, shared by the renderer, the model and the client
