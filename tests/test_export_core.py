@@ -455,7 +455,8 @@ def test_prompt_ids_follow_the_processor_without_a_template_and_beside_a_tokeniz
 def test_the_kv_geometry_is_the_cache_the_lm_writes():
     """Read from one token's cache, not the config's spelling: Falcon's multi-query keeps one KV head (its
     config has no such count), an ALiBi LM (BLOOM) has no position table to bound the sequence, and a
-    state-space LM (Mamba) keeps no keys and values at all: refused in one line."""
+    state-space LM (Mamba) keeps no keys and values at all, a hybrid (Falcon-H1) more than them: refused in
+    one line."""
     from transformers import AutoConfig, AutoModel
 
     from vlm_export.adapters.decoder import text_geometry
@@ -473,6 +474,13 @@ def test_the_kv_geometry_is_the_cache_the_lm_writes():
     with pytest.raises(AdapterError, match=r"^the language model \(mamba\) returned a DynamicCache whose layers do not "
                                            r"all hold one token's keys, not a transformer's KV cache .*not supported$"):
         geometry("mamba", num_hidden_layers=2, state_size=4)
+    # a hybrid (Falcon-H1: Mamba-2 mixers beside attention) caches one token's keys per layer too, and its
+    # conv and recurrent state beside them: refused here, not in the exporter's tracer
+    with pytest.raises(AdapterError, match=r"^the language model \(falcon_h1\) keeps conv_states, recurrent_states "
+                                           r"beside its keys and values \(a hybrid of attention and state-space or "
+                                           r"linear-attention layers\), not a transformer's KV cache .*not supported$"):
+        geometry("falcon_h1", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                 intermediate_size=64)
     # DeepSeek-V3's latent attention caches keys of 16 (8 without rotary + 8 with) and values of 8 per head
     with pytest.raises(AdapterError, match=r"^the language model \(deepseek_v3\) keeps values of another shape than "
                                            r"its keys \(keys \(\d+, 1, 16\), values \[\(\d+, 1, 8\)\].*not supported$"):
@@ -852,6 +860,27 @@ def test_an_untraceable_stage_says_why_in_one_clean_line(tmp_path, capfd):
     assert message.startswith("exporting the toy stage to ONNX failed: ") and "data-dependent" in message, message
     assert "\n" not in message and "\x1b[" not in message  # torch's colour codes and its wrapper's text gone
     assert "GraphModule" not in capfd.readouterr().err  # no FX graph dumped on the user's terminal
+
+
+class _ComplexRotary(torch.nn.Module):
+    """Llama 4's rotary in small: positions turned into complex numbers and multiplied in."""
+
+    def forward(self, x):
+        freqs = torch.polar(torch.ones_like(x[..., ::2]), x[..., ::2]).unsqueeze(1)  # as Llama 4's freqs_cis
+        pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2)).unsqueeze(1)
+        return torch.view_as_real(pairs * freqs).flatten(-2).squeeze(1)
+
+
+def test_complex_arithmetic_is_named_in_the_export_error(tmp_path):
+    from vlm_export.errors import ExportError
+    from vlm_export.export.onnx_export import export_stage
+
+    with pytest.raises(ExportError) as caught:
+        export_stage(_toy_stage(_ComplexRotary()), tmp_path)
+    message = str(caught.value)
+    assert message.startswith("exporting the toy stage to ONNX failed: ") and message.endswith(
+        "; the model computes with complex numbers (e.g. Llama 4's rotary: torch.polar / view_as_complex), which "
+        "ONNX cannot represent: not supported"), message
 
 
 def test_ctrl_c_during_an_export_waits_for_it_to_return(capfd):

@@ -724,3 +724,22 @@ def test_bad_input_is_one_error(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a graph")
     with pytest.raises(ExportError, match="cannot read"):
         fuse_decoder(tmp_path / "junk.onnx", tmp_path / "out.onnx")
+
+
+def test_an_attention_whose_mask_reads_its_own_cache_stays_unfused_and_the_rest_fuses(tmp_path):
+    """Doge computes each layer's attention mask from that layer's values after the cache concatenation:
+    the kernel, which produces that cache, cannot also take the mask made from it (the rewrite had made
+    the graph feed itself, and the failed pass lost every other fusion with it). That attention is left
+    unfused with the reason; the norms and rotary still fuse, and the build passes parity."""
+    from tiny_models import make_tiny_llava
+    from vlm_export.build import BuildOptions, build
+
+    result = build(make_tiny_llava(tmp_path / "doge", family="doge"), tmp_path / "build",
+                   BuildOptions(max_sequence=256, parity_new_tokens=4))
+    assert result.failures == []
+    fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
+    assert fusion["made"] and fusion["fusions"]["attention"] == 0, fusion
+    assert fusion["fusions"]["rotary"] > 0 and fusion["fusions"]["skip_rms_norm"] > 0, fusion
+    assert fusion["notes"] == ["2 attention softmax(es) left unfused: its mask or q/k/v are computed from its own "
+                               "layer's cache or output (a mask made from the values, as Doge's), which the kernel "
+                               "would then have to feed itself"]

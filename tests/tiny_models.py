@@ -56,6 +56,9 @@ def _save_tokenizer_and_processor(path: Path, image_size: int) -> None:
 #: text families past the default Llama shape: (HF model type, what it changes)
 TEXT_FAMILIES = {
     "llama": ("llama", {}),
+    # its attention mask is computed from the layer's values after the cache concatenation (a dynamic mask):
+    # the attention kernel cannot take it, everything else fuses
+    "doge": ("doge", {}),
     "mistral": ("mistral", {}),
     "qwen2": ("qwen2", {}),  # q/k/v biases
     "qwen3": ("qwen3", {"head_dim": 32}),  # per-head q/k RMSNorm before the transpose, head size != hidden / heads

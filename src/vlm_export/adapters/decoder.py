@@ -174,6 +174,13 @@ def cache_shape(text_cfg, text_model: nn.Module) -> tuple[int, int, int]:
         seen = ("no cache" if cache is None
                 else f"a {type(cache).__name__} whose layers do not all hold one token's keys")
         raise AdapterError(refusal.format(f"returned {seen}"))
+    # a hybrid's layers hold keys AND a state-space or linear-attention state (Falcon-H1's conv_states and
+    # recurrent_states): the keys alone pass the check above, and the export would fail deep in the tracer
+    states = sorted({name for layer in layers for name, value in vars(layer).items()
+                     if name.endswith("_states") and isinstance(value, (dict, list, tuple, torch.Tensor))})
+    if states:
+        raise AdapterError(refusal.format(f"keeps {', '.join(states)} beside its keys and values (a hybrid of "
+                                          f"attention and state-space or linear-attention layers)"))
     if len({tuple(k.shape) for k in keys}) != 1:
         raise AdapterError(f"the language model ({kind}) keeps keys of different shapes per layer "
                            f"({sorted({tuple(k.shape[1:]) for k in keys})}): one KV geometry for every layer is "

@@ -142,6 +142,21 @@ def _scores(g, name: str):
     return (mm, scale, softcap) if mm is not None and mm.op_type == "MatMul" else None
 
 
+def _computed_from(g, names: list[str], sources: set[str]) -> bool:
+    """Whether any of ``names`` is one of ``sources`` or computed from one of them (one walk up the graph)."""
+    seen, stack = set(), list(names)
+    while stack:
+        x = stack.pop()
+        if x in sources:
+            return True
+        if x in seen:
+            continue
+        seen.add(x)
+        node = g.producer.get(x)
+        stack += [i for i in node.input if i] if node is not None else []
+    return False
+
+
 def _reads_a_cache(g, name: str, graph_inputs: set[str]) -> bool:
     """Whether ``name`` is computed from a rank-4 graph input (a past KV: its values or its shape)."""
     seen, stack = set(), [name]
@@ -392,6 +407,12 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str], kernel_rotary: bo
             raise _NoMatch(f"{position_bias}: a position bias not shaped (1 | batch, 1 | heads, sequence, total)")
     if not np.isfinite(scale) or scale <= 0 or not np.isfinite(softcap) or softcap < 0:
         raise _NoMatch(f"{softmax.name}: scale {scale}, softcap {softcap}")
+    # the kernel produces this attention's output and its layer's cache: an input computed from them (Doge's
+    # mask, made from the layer's values after the cache concatenation) would make the graph feed itself
+    own = {k_cat.output[0], v_cat.output[0], out.output[0]}
+    if _computed_from(g, [x for x in (q3, k3, v3, bias, position_bias) if x], own):
+        raise _NoMatch(f"{softmax.name}: its mask or q/k/v are computed from its own layer's cache or output "
+                       "(a mask made from the values, as Doge's), which the kernel would then have to feed itself")
     return dict(q3=q3, k3=k3, v3=v3, added=q_added + k_added + v_added, q_rot=q_rot, k_rot=k_rot,
                 past_k=past_k, past_v=past_v, present_k=present_k, present_v=present_v, k_cat=k_cat, v_cat=v_cat, out=out, bias=bias,
                 mask=_mask_input(g, bias), position_bias=position_bias,

@@ -216,7 +216,10 @@ def export_stage(stage: Stage, out_dir: Path, opset: int = 18) -> Path:
             _optimize(program.model)
     except Exception as e:  # torch.export raises many types; the innermost one's first line says why
         cause = _innermost(e)
-        raise ExportError(f"exporting the {stage.name} stage to ONNX failed: {first_line(cause)}") from e
+        # ONNX has no complex tensors: say what in the model needs them (the exporter names an aten op only)
+        why = ("; the model computes with complex numbers (e.g. Llama 4's rotary: torch.polar / view_as_complex), "
+               "which ONNX cannot represent: not supported" if "complex" in first_line(cause).lower() else "")
+        raise ExportError(f"exporting the {stage.name} stage to ONNX failed: {first_line(cause)}{why}") from e
     # The weights go to a data file straight from the module's tensors, one at a time, and the proto is
     # finished without them: ``model_proto`` would copy every weight into the proto first (a 567M-parameter
     # decoder's export peaked at its fp32 weights again; a 7B one's would at 28 GB more). Past protobuf's
