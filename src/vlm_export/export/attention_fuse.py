@@ -142,36 +142,28 @@ def _scores(g, name: str):
     return (mm, scale, softcap) if mm is not None and mm.op_type == "MatMul" else None
 
 
-def _computed_from(g, names: list[str], sources: set[str]) -> bool:
-    """Whether any of ``names`` is one of ``sources`` or computed from one of them (one walk up the graph)."""
+def _upstream(g, names: list[str]):
+    """``names`` and every tensor they are computed from, each once (one walk up the producers)."""
     seen, stack = set(), list(names)
     while stack:
         x = stack.pop()
-        if x in sources:
-            return True
         if x in seen:
             continue
         seen.add(x)
+        yield x
         node = g.producer.get(x)
         stack += [i for i in node.input if i] if node is not None else []
-    return False
+
+
+def _computed_from(g, names: list[str], sources: set[str]) -> bool:
+    """Whether any of ``names`` is one of ``sources`` or computed from one of them."""
+    return any(x in sources for x in _upstream(g, names))
 
 
 def _reads_a_cache(g, name: str, graph_inputs: set[str]) -> bool:
     """Whether ``name`` is computed from a rank-4 graph input (a past KV: its values or its shape)."""
-    seen, stack = set(), [name]
-    while stack:
-        x = stack.pop()
-        if x in seen:
-            continue
-        seen.add(x)
-        node = g.producer.get(x)
-        if node is None:
-            if x in graph_inputs and len(g.shape(x) or []) == 4:
-                return True
-            continue
-        stack += [i for i in node.input if i]
-    return False
+    return any(x in graph_inputs and g.producer.get(x) is None and len(g.shape(x) or []) == 4
+               for x in _upstream(g, [name]))
 
 
 def _dims(g, name: str, rank: int) -> list:

@@ -504,18 +504,18 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
     notes = [note for stage in manifest["graphs"] if options.on_gpu and options.target != "tensorrt"
              and (note := gpu_form_note(manifest, stage))]
     if options.target == "onnxruntime":  # vlm-export's runners refuse such a graph on the wrong CPU; Triton's backend cannot
+        served = target_graphs(manifest, options.target, options.on_gpu)
         notes += [f"{stage}: its int8 kernels (ONNX Runtime U8S8) are exact only on a CPU with "
                   f"{' or '.join(entry['variant']['requires_cpu'])}, which Triton's onnxruntime backend does not check: "
                   "serve it only on such CPUs, or " + (
                       "serve it with the python target, which runs its Q/DQ pairs as written on other CPUs"
                       if entry["variant"].get("format") == "QDQ" else "build with --int8-kernel u8u8")
-                  for stage, entry in target_graphs(manifest, options.target, options.on_gpu).items()
-                  if (entry.get("variant") or {}).get("requires_cpu")]
+                  for stage, entry in served.items() if (entry.get("variant") or {}).get("requires_cpu")]
         notes += [f"{stage}: Triton's onnxruntime backend gets its standard Q/DQ form (it cannot load the fused one), "
                   "whose gates judged its Q/DQ pairs run as written (TensorRT's arithmetic); ONNX Runtime may run them "
                   f"on its CPU int8 kernels instead, exact only on a CPU with {' or '.join(INT8_DOT_PRODUCT)}: serve it "
                   "on such CPUs, or with the python target"
-                  for stage, entry in target_graphs(manifest, options.target, options.on_gpu).items()
+                  for stage, entry in served.items()
                   if not options.on_gpu and str((entry.get("variant") or {}).get("fallback_judged_on", "")).startswith(
                       "Q/DQ run as written")]
     if options.target == "tensorrt" and options.prefix_cache_mb:  # asked for (the default is None)
