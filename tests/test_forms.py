@@ -355,10 +355,9 @@ def test_repositories_on_a_gpu(tiny_build, w4_build, tmp_path):
     assert len(notes) == 1 and notes[0].startswith("lm_decoder ships only ONNX Runtime's fused form"), notes
 
 
-
-def _load_in_tritons_onnxruntime(graphs: list[Path]) -> list[str]:
-    """Each graph opened in the ONNX Runtime of the pinned Triton's onnxruntime backend (installed apart by
-    `scripts/setup.sh --tests`): "" where it loads, else the first line of its error."""
+def _in_tritons_onnxruntime(code: str, *args: str) -> str:
+    """``python -c code args`` with the ONNX Runtime of the pinned Triton's onnxruntime backend (installed apart
+    by `scripts/setup.sh --tests`) before this one, vlm-export from this checkout; its standard output."""
     import subprocess
     import sys
 
@@ -367,8 +366,19 @@ def _load_in_tritons_onnxruntime(graphs: list[Path]) -> list[str]:
     lib = Path(sys.prefix) / "triton-onnxruntime"
     if not (lib / "onnxruntime").is_dir():
         pytest.skip(f"onnxruntime {TRITON_ONNXRUNTIME} is not in {lib} (scripts/setup.sh --tests installs it)")
+    src = Path(__file__).parent.parent / "src"
+    done = subprocess.run([sys.executable, "-c", f"import onnxruntime\nassert onnxruntime.__version__ == "
+                           f"{TRITON_ONNXRUNTIME!r}, onnxruntime.__version__\n{code}", *args], capture_output=True,
+                          text=True, timeout=300, env={"PYTHONPATH": f"{lib}:{src}", "PATH": "/usr/bin:/bin",
+                                                       "HOME": str(lib)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def _load_in_tritons_onnxruntime(graphs: list[Path]) -> list[str]:
+    """Each graph opened in the ONNX Runtime of the pinned Triton's onnxruntime backend: "" where it loads,
+    else the first line of its error."""
     code = ("import sys, json, onnxruntime as ort\n"
-            f"assert ort.__version__ == {TRITON_ONNXRUNTIME!r}, ort.__version__\n"
             "errors = []\n"
             "for path in sys.argv[1:]:\n"
             "    try:\n"
@@ -376,35 +386,24 @@ def _load_in_tritons_onnxruntime(graphs: list[Path]) -> list[str]:
             "    except Exception as e:\n"
             "        errors.append(str(e).splitlines()[0])\n"
             "print(json.dumps(errors))\n")
-    done = subprocess.run([sys.executable, "-c", code, *map(str, graphs)], capture_output=True, text=True,
-                          env={"PYTHONPATH": str(lib), "PATH": "/usr/bin:/bin"}, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.splitlines()[-1])
-
+    return json.loads(_in_tritons_onnxruntime(code, *map(str, graphs)).splitlines()[-1])
 
 
 def test_an_older_onnxruntime_that_refuses_the_fused_form_says_which_was_used(tiny_build):
     """The same build opened with the ONNX Runtime of Triton 2.51's backend (1.19.2, older than the 1.32 it
     was made with): its fused decoder does not load there, and the error says which version the build was
     checked with and what to do (the python models in an image with an older onnxruntime-gpu meet this)."""
-    import subprocess
-    import sys
+    from vlm_export.model_repository.render import TRITON_ONNXRUNTIME
 
-    lib = Path(sys.prefix) / "triton-onnxruntime"
-    if not (lib / "onnxruntime").is_dir():
-        pytest.skip(f"no older onnxruntime in {lib} (scripts/setup.sh --tests installs one)")
     path = tiny_build("llava-llama").path
     code = ("import sys\nfrom vlm_export.errors import RunnerError\nfrom vlm_export.runtime.load import open_build\n"
             "try:\n    open_build(sys.argv[1])\nexcept RunnerError as e:\n    print(e)\n")
-    src = Path(__file__).parent.parent / "src"
-    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300,
-                          env={"PYTHONPATH": f"{lib}:{src}", "PATH": "/usr/bin:/bin", "HOME": str(path)})
-    assert done.returncode == 0, done.stderr[-2000:]
-    said = done.stdout.strip().splitlines()[-1]
+    said = _in_tritons_onnxruntime(code, str(path)).strip().splitlines()[-1]
     assert said.startswith("ONNX Runtime cannot load ") and "lm_decoder.fused.onnx" in said, said
     built = read_manifest(path)["versions"]["onnxruntime"]
-    assert said.endswith(f"the build was made and checked with onnxruntime {built}, this is 1.19.2: install "
-                         f"onnxruntime {built} or newer (onnxruntime-gpu on a GPU), or rebuild with this one"), said
+    assert said.endswith(f"the build was made and checked with onnxruntime {built}, this is {TRITON_ONNXRUNTIME}: "
+                         f"install onnxruntime {built} or newer (onnxruntime-gpu on a GPU), or rebuild with this one"), said
+
 
 def _matmul_nbits_graph(path: Path, bits: int) -> Path:
     """y = x @ W with W as one MatMulNBits of ``bits`` (K 32, N 8, one block of 32 per column)."""
