@@ -743,3 +743,23 @@ def test_an_attention_whose_mask_reads_its_own_cache_stays_unfused_and_the_rest_
     assert fusion["notes"] == ["2 attention softmax(es) left unfused: its mask or q/k/v are computed from its own "
                                "layer's cache or output (a mask made from the values, as Doge's), which the kernel "
                                "would then have to feed itself"]
+
+
+@pytest.mark.parametrize("family", ["hunyuan", "ministral3"])
+def test_q_k_normed_or_scaled_after_the_rotary_fuse_with_the_graphs_rotary(tmp_path, family):
+    """Hunyuan norms q and k per head after their rotary, Ministral 3 scales q per position after it: the
+    kernel's own rotary would come after those, so the graph's RotaryEmbedding stays and the kernel reads
+    the heads as the graph computed them (they were left unfused, "heads not from Transpose(0, 2, 1, 3)" /
+    "q and k are not rotated alike"). Parity (positions past Ministral 3's 16, where its scale departs
+    from 1) proves the answers."""
+    from tiny_models import make_tiny_llava
+    from vlm_export.build import BuildOptions, build
+
+    result = build(make_tiny_llava(tmp_path / family, family=family), tmp_path / "build",
+                   BuildOptions(max_sequence=256, parity_new_tokens=4))
+    assert result.failures == []
+    fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
+    assert fusion["made"] and fusion["fusions"]["attention"] == 2, fusion
+    assert fusion["notes"] == ["2 attention(s) fused with their RotaryEmbedding kept before the kernel: q/k normed "
+                               "or scaled after their rotary (Hunyuan's norm, Ministral 3's scale per position), "
+                               "which the kernel's own rotary would come after"]

@@ -110,6 +110,12 @@ TEXT_FAMILIES = {
     "olmo2": ("olmo2", {}),
     # LayerNorm with biases, biased projections, a plain GELU MLP (no gate)
     "starcoder2": ("starcoder2", {"use_bias": True}),
+    # per-head q/k RMSNorm after the rotary (the kernel's rotary would come after it)
+    "hunyuan": ("hunyuan_v1_dense", {"head_dim": 16}),
+    # q scaled per position after the rotary (Llama 4's attention temperature), from position 16 on here
+    "ministral3": ("ministral3", {"head_dim": 16, "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5}}),
 }
 
 

@@ -69,7 +69,7 @@ def adapter_for(path: Path, name: str | None = None) -> VLMAdapter:
                            f"{'; '.join(c.refusal(config) for c in typed)}")
     raise AdapterError(
         f"no adapter for model_type {model_type!r} in {Path(path) / 'config.json'}; "
-        f"supported: {supported_summary()} (or pass --adapter, or register your own: see README)"
+        f"supported: {supported_summary()} (or pass --adapter, or register your own: see docs/adapters.md)"
     )
 
 

@@ -58,7 +58,7 @@ def tower_tokens(vision: LlavaVisionEncoder, size: int) -> int:
             raise AdapterError(
                 f"the {kind!r} vision tower made {tuple(out.shape)} features for 2 images, not one row of tokens per "
                 "image (a variable-resolution tower packs every image into one sequence), which the llava adapter's "
-                "fixed-shape image path needs: write an adapter for it (see README)")
+                "fixed-shape image path needs: write an adapter for it (see docs/adapters.md)")
         _TOKENS_PER_IMAGE[tower] = int(out.shape[1])
     return _TOKENS_PER_IMAGE[tower]
 

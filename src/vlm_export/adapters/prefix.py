@@ -1,6 +1,6 @@
 """Prefix fusion: pooled vision output -> MLP -> N prefix embeddings prepended to the text.
 
-This file is also the worked example of writing an adapter (see README, "Adding an
+This file is also the worked example of writing an adapter (see docs/adapters.md, "Adding an
 architecture"): a small model class a user composes from Hugging Face parts, its folder format,
 and the adapter that splits it.
 
@@ -110,7 +110,7 @@ class PrefixVLM(nn.Module):
         cfg = read_config(path)
         missing = [k for k in ("num_prefix_tokens", "projector_hidden_size") if k not in cfg]
         if missing:
-            raise ModelLoadError(f"{path / 'config.json'} lacks {', '.join(missing)} (prefix_vlm format: see README)")
+            raise ModelLoadError(f"{path / 'config.json'} lacks {', '.join(missing)} (prefix_vlm format: see docs/adapters.md)")
         kw = {"dtype": dtype} | ({"attn_implementation": attn_implementation} if attn_implementation else {})
         vision = CLIPVisionModel.from_pretrained(path / cfg.get("vision_model", "vision"), **kw)
         text = AutoModelForCausalLM.from_pretrained(  # a mixture-of-experts LM: experts as load_hf_parts asks

@@ -1,6 +1,6 @@
 """TensorRT engines, one plan per stage, through NVIDIA's Polygraphy loaders.
 
-NOT RUN on the development and CI machines (TensorRT cannot be installed there: see the README).
+NOT RUN on the development and CI machines (TensorRT cannot be installed there: see docs/tensorrt.md).
 Written against Polygraphy 0.53's documented loaders (``NetworkFromOnnxPath``, ``CreateConfig``,
 ``EngineBytesFromNetwork``, ``TrtRunner``); the parts that need no TensorRT - profiles, the
 precision-to-network mapping, metadata checks - are tested everywhere, the rest by tests marked

@@ -173,16 +173,23 @@ def _dims(g, name: str, rank: int) -> list:
     return shape
 
 
-def _of_heads_alone(g, name: str, limit: int = 64) -> str | None:
-    """``name`` = f(Transpose(0,2,1,3)(h)) for a sub-graph f that reads nothing else but constants and keeps
-    the transposed heads' (batch, heads, sequence) axes (a per-head norm after the transpose: StableLM's
-    per-head LayerNorm as Split / LayerNormalization / Concat; GPT-NeoX's q, k or v sliced from each head's
-    packed channels): the transpose's output, else None. At most ``limit`` nodes."""
-    shape, seen, frontier, found = g.shape(name), set(), [name], set()
+def _of_heads_alone(g, name: str, limit: int = 64) -> tuple[str, bool] | None:
+    """``name`` = f(Transpose(0,2,1,3)(h)) for a sub-graph f that reads nothing else but constants and the
+    token's positions (or the mask) and keeps the transposed heads' (batch, heads, sequence) axes: a
+    per-head norm after the transpose (StableLM's per-head LayerNorm as Split / LayerNormalization /
+    Concat), GPT-NeoX's q, k or v sliced from each head's packed channels, a rotary followed by such a
+    norm (Hunyuan's) or by a scale per position (Ministral 3's): the transpose's output, else None. The
+    kernel then reads what f computed. Never a sub-graph reading a past KV (its shape is the buffer's
+    capacity on one shared buffer). At most ``limit`` nodes. Returns (the transpose's output, whether f
+    holds a RotaryEmbedding), else None."""
+    shape, seen, frontier, found, rotated = g.shape(name), set(), [name], set(), False
     while frontier:
-        node = g.producer.get(frontier.pop())
+        x = frontier.pop()
+        node = g.producer.get(x)
         if node is None:
-            return None  # a graph input (positions, the mask): not a function of the heads alone
+            if len(g.shape(x) or []) == 4:
+                return None  # a past KV
+            continue  # the positions or the mask: the same per row on every form of the KV
         if id(node) in seen:
             continue
         seen.add(id(node))
@@ -191,12 +198,13 @@ def _of_heads_alone(g, name: str, limit: int = 64) -> str | None:
             continue
         if len(seen) > limit:
             return None
+        rotated = rotated or node.op_type == "RotaryEmbedding"
         frontier += [i for i in node.input if i and i not in g.inits and node.op_type != "Constant"]
     heads = g.shape(next(iter(found))) if len(found) == 1 else None
     if name in found or not shape or not heads or len(shape) != 4 or len(heads) != 4 or shape[:3] != heads[:3] \
             or not isinstance(shape[3], int):
         return None
-    return found.pop()
+    return found.pop(), rotated
 
 
 def _rotary_above(g, node: onnx.NodeProto | None):
@@ -240,11 +248,17 @@ def _heads(g, name: str, rotary_ok: bool, kernel_rotary: bool = True):
             raise _NoMatch(f"{rotary.name}: a rotary embedding other than the rotary pass writes")
     elif rotary_ok and node is not None and node.op_type in ("Add", "Concat"):
         raise _NoMatch(f"{name}: q/k come from an unfused rotary embedding (the rotary pass runs first)")
-    below = _of_heads_alone(g, name)  # a per-head norm after the transpose: Gemma 3's RMSNorm, StableLM's LayerNorm
+    # a per-head norm after the transpose (Gemma 3's RMSNorm, StableLM's LayerNorm), maybe after a rotary
+    below, rotated_first = _of_heads_alone(g, name) or (None, False)
+    if rotated_first and rotary_ok and kernel_rotary:
+        raise _KernelRotaryLimit(f"{name}: q/k normed or scaled after their rotary (Hunyuan's norm, Ministral 3's "
+                                 "scale per position), which the kernel's own rotary would come after")
     normed_bnsh = name if below else None
     node = g.producer.get(below or name)
     if node is None or node.op_type != "Transpose" or list(g.attr(node, "perm", [])) != [0, 2, 1, 3]:
-        raise _NoMatch(f"{name}: heads not from Transpose(0, 2, 1, 3)")
+        source = f"a {node.op_type}" if node is not None else "a graph input"
+        raise _NoMatch(f"{name}: heads from {source}, neither Transpose(0, 2, 1, 3) of a projection nor a "
+                       "function of such heads alone (per head, reading at most the positions)")
     # a sub-graph of the heads may narrow them (GPT-NeoX's slice): its own shape where it has one (the
     # rotary's output may carry none), else the transpose's
     normed_shape = g.shape(normed_bnsh) if normed_bnsh else None
@@ -367,10 +381,12 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str], kernel_rotary: bo
             or heads != kv_heads * k_rep or k_rep != v_rep:
         raise _NoMatch(f"{softmax.name}: q {heads}x{head_size}, k {kv_heads}x{k_head_size} repeated {k_rep}, "
                        f"v {v_heads}x{v_head_size} repeated {v_rep} do not make grouped-query attention")
-    if (q_rot is None) != (k_rot is None) or (q_rot is not None and (
-            list(q_rot.input[1:]) != list(k_rot.input[1:])
-            or g.attr(q_rot, "interleaved", 0) != g.attr(k_rot, "interleaved", 0))):
-        raise _NoMatch(f"{softmax.name}: q and k are not rotated alike")
+    # the kernel rotates q and k alike or neither; the graph's own rotaries, kept, can do anything
+    if (q_rot is None) != (k_rot is None):
+        raise _KernelRotaryLimit(f"{softmax.name}: q rotated by the kernel, k not, or the other way round")
+    if q_rot is not None and (list(q_rot.input[1:]) != list(k_rot.input[1:])
+                              or g.attr(q_rot, "interleaved", 0) != g.attr(k_rot, "interleaved", 0)):
+        raise _KernelRotaryLimit(f"{softmax.name}: q and k are not rotated alike")
     if head_size % 8:
         # ONNX Runtime 1.32's kernel refuses it at run time ("head_size must be a multiple of 8")
         raise _NoMatch(f"{softmax.name}: head size {head_size} is not a multiple of 8")

@@ -17,7 +17,7 @@ same kernels, same bytes: only which codes. Choices, each the field's usual one:
 
 Measured on the demo (SmolLM2-135M, whose weights already lie on GGUF Q4_1 grids, so any other 4-bit
 grid re-rounds them), 60 easy-vqa questions, PyTorch 54/60: zero-point w4 with RTN 28/60, with GPTQ
-52-54/60; symmetric w4 (w4 head) with RTN 17/60, with GPTQ 52/60 (README.md, "Precision per stage").
+52-54/60; symmetric w4 (w4 head) with RTN 17/60, with GPTQ 52/60 (docs/precision.md, "GPTQ rounding").
 """
 from __future__ import annotations
 
