@@ -436,23 +436,27 @@ def test_the_runtimes_own_verdict_decides_what_is_fused(tiny_build, tmp_path, mo
     with that message, instead of failing the build's parity."""
     from vlm_export.export import attention_fuse
 
-    run = attention_fuse._run_one_attention  # (heads, kv heads, head size, rotary width, interleaved, softcap)
+    # (heads, kv heads, head size, rotary width, interleaved, softcap, sinks)
+    def run(*config, sinks=False):
+        return attention_fuse._run_one_attention(*config, sinks)
+
     assert run(4, 2, 16, 16, 0, 0.0) == "" and run(2, 1, 256, 256, 0, 0.0) == "" and run(4, 2, 32, 16, 1, 30.0) == ""
+    assert run(4, 2, 16, 16, 0, 0.0, sinks=True) == ""
     assert "head_size must be a multiple of 8" in run(4, 2, 12, 0, 0, 0.0)
     assert "head_size shall be a multiple of 16" in run(4, 2, 24, 24, 0, 0.0)
     assert "cos_cache dimension 1 must be <= head_size / 2 and a multiple of 8" in run(4, 2, 16, 8, 0, 0.0)
     # verdicts this runtime would give a future kernel limit, on the tiny llama's layers (4 heads of 16 over
     # 2, rotary over all 16): its rotary refused, the graph's RotaryEmbedding stays before the kernel
     src, dst = _decoder_graph(tiny_build("llava-llama")), tmp_path / "fused.onnx"
-    monkeypatch.setattr(attention_fuse, "_RUNTIME_VERDICTS", {(4, 2, 16, 16, 0, 0.0): "rotary refused for the test"})
+    monkeypatch.setattr(attention_fuse, "_RUNTIME_VERDICTS", {(4, 2, 16, 16, 0, 0.0, False): "rotary refused for the test"})
     report = fuse_decoder(src, dst, max_positions=256)
     assert report.fusions["attention"] == 2 and report.fusions["rotary"] == 4
     assert any("kept before the kernel: rotary refused for the test" in n for n in report.notes), report.notes
     assert collections.Counter(n.op_type for n in onnx.load(dst).graph.node)["RotaryEmbedding"] == 4
     _assert_fused_like_exported(src, dst)
     # ... and without rotary too: the layers stay as exported, the message in the notes
-    monkeypatch.setattr(attention_fuse, "_RUNTIME_VERDICTS", {(4, 2, 16, 16, 0, 0.0): "refused for the test",
-                                                              (4, 2, 16, 0, 0, 0.0): "refused for the test"})
+    monkeypatch.setattr(attention_fuse, "_RUNTIME_VERDICTS", {(4, 2, 16, 16, 0, 0.0, False): "refused for the test",
+                                                              (4, 2, 16, 0, 0, 0.0, False): "refused for the test"})
     report = fuse_decoder(src, dst, max_positions=256)
     assert report.fusions["attention"] == 0 and report.fusions["rotary"] > 0
     assert any("left unfused: refused for the test" in n for n in report.notes), report.notes
@@ -763,3 +767,24 @@ def test_q_k_normed_or_scaled_after_the_rotary_fuse_with_the_graphs_rotary(tmp_p
     assert fusion["notes"] == ["2 attention(s) fused with their RotaryEmbedding kept before the kernel: q/k normed "
                                "or scaled after their rotary (Hunyuan's norm, Ministral 3's scale per position), "
                                "which the kernel's own rotary would come after"]
+
+
+def test_attention_sinks_and_a_rotary_on_the_halves_fuse(tmp_path):
+    """gpt-oss: each head's sink logit is a softmax column dropped after it (the kernel's head_sink, which
+    adds it to the softmax's denominator), and its rotary rotates the two halves written out (chunk, cos,
+    sin half as wide) rather than through rotate_half. Both were left unfused. Parity proves the answers:
+    without head_sink the fused form fails it (checked by hand) and the build falls back to the standard
+    graph, which this test would see as ``made`` False."""
+    from tiny_models import make_tiny_llava
+    from vlm_export.build import BuildOptions, build
+
+    result = build(make_tiny_llava(tmp_path / "gptoss", family="gptoss"), tmp_path / "build",
+                   BuildOptions(max_sequence=256, parity_new_tokens=4))
+    assert result.failures == []
+    fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
+    assert fusion["made"] and fusion["fusions"]["attention"] == 2 and fusion["fusions"]["rotary"] == 4, fusion
+    assert fusion["kv_in_place"] and not any("left unfused" in note for note in fusion["notes"]), fusion
+    fused = onnx.load(result.path / result.manifest["graphs"]["lm_decoder"]["forms"]["fused"]["file"],
+                      load_external_data=False)
+    attentions = [n for n in fused.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attentions) == 2 and all(n.input[11] for n in attentions)  # each with its head_sink

@@ -64,6 +64,9 @@ extra inputs are computed inside the graph:
   ``cos_cache dimension 0 shall not be less than total_sequence_length``). Measured on the demo
   decoder (w4, 2 threads, quiet machine): 10.2 ms/token against 11.5 with a separate
   ``RotaryEmbedding`` on q and k.
+* attention sinks (gpt-oss's: one logit per head as an extra softmax column, dropped after the softmax)
+  become the kernel's ``head_sink``, which adds each head's ``exp(sink)`` to its softmax's denominator
+  (``_sinks``; ONNX Runtime 1.32, checked against the exported graph by the build's parity).
 * after the packed-projection pass, ``fold_packed_qkv`` hands the kernel the packed q/k/v
   MatMul's output itself (no ``Split``).
 
@@ -140,6 +143,32 @@ def _scores(g, name: str):
         softcap, scale = scale, inner * scale
     mm = g.producer.get(scores)
     return (mm, scale, softcap) if mm is not None and mm.op_type == "MatMul" else None
+
+
+def _sinks(g, name: str) -> tuple[str, np.ndarray | None]:
+    """``name`` = [c - ReduceMax(c)] for c = Concat(scores, sinks) on the last axis, sinks one constant
+    logit per head broadcast to (batch, heads, sequence, 1) (gpt-oss's attention sinks: an extra softmax
+    column per head, dropped after it - the kernel's ``head_sink``; subtracting the row's maximum changes
+    no softmax): (scores, the logits per head), else (name, None)."""
+    node = g.producer.get(name)
+    if node is not None and node.op_type == "Sub":
+        peak = g.producer.get(node.input[1])
+        axes = peak is not None and (g.const(peak.input[1]) if len(peak.input) > 1 and peak.input[1]
+                                     else np.array(g.attr(peak, "axes", [])))
+        if peak is not None and peak.op_type == "ReduceMax" and peak.input[0] == node.input[0] \
+                and g.attr(peak, "keepdims", 1) == 1 and axes is not None and list(axes.reshape(-1)) in ([-1], [3]):
+            node = g.producer.get(node.input[0])
+    if node is None or node.op_type != "Concat" or len(node.input) != 2 or g.attr(node, "axis") not in (-1, 3):
+        return name, None
+    x, shape = node.input[1], g.shape(node.input[1])
+    if not shape or len(shape) != 4 or shape[3] != 1:
+        return name, None
+    while (values := g.const(x)) is None:
+        source = g.producer.get(x)
+        if source is None or source.op_type not in ("Expand", "Reshape", "Unsqueeze", "Cast"):
+            return name, None
+        x = source.input[0]
+    return node.input[0], values.reshape(-1)
 
 
 def _upstream(g, names: list[str]):
@@ -323,7 +352,8 @@ def _cache(g, present: str, graph_inputs: set[str]):
 def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str], kernel_rotary: bool = True) -> dict:
     if g.attr(softmax, "axis", -1) not in (-1, 3):
         raise _NoMatch(f"{softmax.name}: softmax not over the keys")
-    add = g.producer.get(softmax.input[0])
+    logits, sinks = _sinks(g, softmax.input[0])
+    add = g.producer.get(logits)
     if add is None or add.op_type != "Add":
         raise _NoMatch(f"{softmax.name}: no additive mask before the softmax")
     position_bias = ""
@@ -364,9 +394,15 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str], kernel_rotary: bo
         q3, scale = unscaled, scale * q_factor
     k_cat, past_k, k4 = _cache(g, present_k, graph_inputs)
     k3, k_rot, kv_heads, k_head_size, k_added = _heads(g, k4, rotary_ok=True, kernel_rotary=kernel_rotary)
-    # softmax -> MatMul(probs, repeat_kv(present_v)) -> Transpose(0,2,1,3) -> Reshape(B, S, hidden)
-    pv = g.sole_consumer(softmax.output[0], "MatMul")
-    if pv is None or pv.input[0] != softmax.output[0]:
+    # softmax -> [the sinks' column dropped] -> MatMul(probs, repeat_kv(present_v)) -> Transpose(0,2,1,3) -> Reshape
+    probs = softmax.output[0]
+    if sinks is not None:
+        drop = g.sole_consumer(probs, "Slice")
+        if last_axis_slice(g, drop, probs) != (0, -1):
+            raise _NoMatch(f"{softmax.name}: the sinks' column is not dropped after the softmax")
+        probs = drop.output[0]
+    pv = g.sole_consumer(probs, "MatMul")
+    if pv is None or pv.input[0] != probs:
         raise _NoMatch(f"{softmax.name}: the probabilities are not only multiplied by V")
     present_v, v_rep = _unrepeat(g, pv.input[1])
     v_cat, past_v, v4 = _cache(g, present_v, graph_inputs)
@@ -415,6 +451,8 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str], kernel_rotary: bo
             raise _NoMatch(f"{position_bias}: a position bias not shaped (1 | batch, 1 | heads, sequence, total)")
     if not np.isfinite(scale) or scale <= 0 or not np.isfinite(softcap) or softcap < 0:
         raise _NoMatch(f"{softmax.name}: scale {scale}, softcap {softcap}")
+    if sinks is not None and sinks.size not in (1, heads):
+        raise _NoMatch(f"{softmax.name}: {sinks.size} attention sinks for {heads} heads")
     # the kernel produces this attention's output and its layer's cache: an input computed from them (Doge's
     # mask, made from the layer's values after the cache concatenation) would make the graph feed itself
     own = {k_cat.output[0], v_cat.output[0], out.output[0]}
@@ -425,7 +463,8 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str], kernel_rotary: bo
                 past_k=past_k, past_v=past_v, present_k=present_k, present_v=present_v, k_cat=k_cat, v_cat=v_cat, out=out, bias=bias,
                 mask=_mask_input(g, bias), position_bias=position_bias,
                 heads=heads, kv_heads=kv_heads, head_size=head_size, scale=scale, softcap=softcap,
-                rotated=rotated, interleaved=interleaved)
+                rotated=rotated, interleaved=interleaved,
+                sinks=None if sinks is None else np.broadcast_to(sinks, (heads,)).astype(np.float32))
 
 
 def _is_2d_of(g, name: str, dim: str) -> bool:
@@ -591,13 +630,15 @@ def _runtime_refusal(m: dict) -> str:
     the known ones are checked in ``_match`` with a clearer reason), which would otherwise surface
     only when the build's parity runs the fused graph. One small run per configuration - a past of
     2 tokens, 2 new ones, a bias - on the configuration's own attributes and cache width."""
-    key = (m["heads"], m["kv_heads"], m["head_size"], int(m["rotated"]), m["interleaved"], float(m["softcap"]))
+    key = (m["heads"], m["kv_heads"], m["head_size"], int(m["rotated"]), m["interleaved"], float(m["softcap"]),
+           m["sinks"] is not None)
     if key not in _RUNTIME_VERDICTS:
         _RUNTIME_VERDICTS[key] = _run_one_attention(*key)
     return _RUNTIME_VERDICTS[key]
 
 
-def _run_one_attention(heads: int, kv_heads: int, size: int, width: int, interleaved: int, softcap: float) -> str:
+def _run_one_attention(heads: int, kv_heads: int, size: int, width: int, interleaved: int, softcap: float,
+                       sinks: bool) -> str:
     import onnxruntime as ort
 
     past, new, rows = 2, 2, 8  # cache rows: positions 0..7
@@ -611,6 +652,8 @@ def _run_one_attention(heads: int, kv_heads: int, size: int, width: int, interle
         "past_v": rng.standard_normal((1, kv_heads, past, size), np.float32),
         "seqlens_k": np.array([past + new - 1], np.int32), "total": np.array(past + new, np.int32),
         "bias": np.zeros((1, 1, new, past + new), np.float32), "query_seqlens": np.array([new], np.int32)}
+    if sinks:
+        feeds["head_sink"] = rng.standard_normal(heads, np.float32)
     rotary = ["", "", ""]
     if width:
         angles = np.arange(rows)[:, None] * (1e-2 * np.arange(1, width // 2 + 1))[None, :]
@@ -620,7 +663,8 @@ def _run_one_attention(heads: int, kv_heads: int, size: int, width: int, interle
     types = {"seqlens_k": i32, "total": i32, "query_seqlens": i32, "pos": i64}
     node = helper.make_node(
         "GroupQueryAttention",
-        ["q", "k", "v", "past_k", "past_v", "seqlens_k", "total", *rotary, "bias", "", "", "", "", "", "query_seqlens"],
+        ["q", "k", "v", "past_k", "past_v", "seqlens_k", "total", *rotary, "bias", "head_sink" if sinks else "",
+         "", "", "", "", "query_seqlens"],
         ["out", "present_k", "present_v"], domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads,
         scale=float(size) ** -0.5, **({"softcap": softcap} if softcap else {}),
         **({"do_rotary": 1, "rotary_interleaved": interleaved} if width else {}))
@@ -716,10 +760,14 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
         # (do_rotary with the same caches, fed the runtime's position_ids: see the module docstring)
         rotary = list(m["q_rot"].input[1:]) if m["q_rot"] is not None else ["", "", ""]
         pos, cos, sin = rotary
+        head_sink = ""
+        if m["sinks"] is not None:  # one logit per head added to the softmax's denominator, as the graph's column
+            head_sink = f"{softmax.name}_head_sink"
+            g.new_inits.append(numpy_helper.from_array(m["sinks"], head_sink))
         new.append(helper.make_node(
             "GroupQueryAttention",
             [m["q3"], m["k3"], m["v3"], m["past_k"], m["past_v"], seqlens, total, cos, sin, pos, bias,
-             "", "", "", "", "", query_lengths],
+             head_sink, "", "", "", "", query_lengths],
             [m["out"].output[0], m["present_k"], m["present_v"]],
             name=f"{softmax.name}_gqa", domain=MS_DOMAIN,
             num_heads=m["heads"], kv_num_heads=m["kv_heads"], scale=float(m["scale"]),

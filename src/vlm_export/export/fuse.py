@@ -366,9 +366,10 @@ def _frequencies(g: _Graph, name: str):
 
 
 def _angle_source(g: _Graph, trig: onnx.NodeProto, op: str):
-    """Follow cos/sin back: [Mul(scale)] <- Cos|Sin <- Concat(f, f) <- Mul(Cast(Unsqueeze(pos, -1)), inv_freq).
-    ``trig`` is the Unsqueeze feeding the rotary Mul. Returns (position_ids, condition, inverse-frequency
-    tables, scale) (``_frequencies``) or None."""
+    """Follow cos/sin back: [Mul(scale)] <- Cos|Sin <- [Concat(f, f)] <- Mul(Cast(Unsqueeze(pos, -1)), inv_freq)
+    (the Concat where cos/sin span the whole head, rotate_half's; none where they span half of it, the
+    split halves'). ``trig`` is the Unsqueeze feeding the rotary Mul. Returns (position_ids, condition,
+    inverse-frequency tables, scale) (``_frequencies``) or None."""
     if trig.op_type != "Unsqueeze":
         return None
     if unsqueeze_axis(g, trig) != 1:
@@ -382,11 +383,11 @@ def _angle_source(g: _Graph, trig: onnx.NodeProto, op: str):
                 break
     if node is None or node.op_type != op:
         return None
-    cat = g.producer.get(node.input[0])
-    if cat is None or cat.op_type != "Concat" or len(cat.input) != 2 or cat.input[0] != cat.input[1] \
-            or g.attr(cat, "axis") not in (-1, 2):
-        return None
-    freq = g.producer.get(cat.input[0])
+    freq = g.producer.get(node.input[0])
+    if freq is not None and freq.op_type == "Concat":
+        if len(freq.input) != 2 or freq.input[0] != freq.input[1] or g.attr(freq, "axis") not in (-1, 2):
+            return None
+        freq = g.producer.get(freq.input[0])
     if freq is None or freq.op_type != "Mul":
         return None
     for i in (0, 1):
@@ -454,6 +455,60 @@ def _rotate_half_input(g: _Graph, cat: onnx.NodeProto | None) -> str | None:
     if last_axis_slice(g, x1_slice, x) != (0, half) or x2_range[0] != half or x2_range[1] < 2 * half:
         return None
     return x
+
+
+def _half(g: _Graph, name: str) -> tuple[str, int] | None:
+    """``name`` = the first (0) or second (1) half of a 4-D x's last axis, by Split or Slice: (x, which)."""
+    node = g.producer.get(name)
+    if node is None or node.op_type not in ("Split", "Slice"):
+        return None
+    x = node.input[0]
+    shape = g.shape(x)
+    if shape is None or len(shape) != 4 or not isinstance(shape[3], int) or shape[3] % 2:
+        return None
+    half = shape[3] // 2
+    if node.op_type == "Split":
+        sizes = g.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        if len(node.output) != 2 or g.attr(node, "axis", 0) not in (-1, 3) \
+                or (sizes is not None and list(sizes.reshape(-1)) != [half, half]):
+            return None
+        return x, list(node.output).index(name)
+    span = last_axis_slice(g, node, x)
+    if span == (0, half):
+        return x, 0
+    return (x, 1) if span is not None and span[0] == half and span[1] >= 2 * half else None
+
+
+def _split_halves_rotary(g: _Graph, cat: onnx.NodeProto) -> tuple[str, str, str, list[onnx.NodeProto]] | None:
+    """``cat`` = Concat(x1 * cos - x2 * sin, x2 * cos + x1 * sin) on the last axis, x1 and x2 the halves of a
+    4-D x (gpt-oss's rotary: the same rotation as rotate_half's, written on the halves, cos/sin half as
+    wide): (x, cos, sin, the nodes it replaces), else None."""
+    if cat.op_type != "Concat" or len(cat.input) != 2 or g.attr(cat, "axis") not in (-1, 3):
+        return None
+    sub, add = (g.producer.get(i) for i in cat.input)
+    if sub is None or add is None or sub.op_type != "Sub" or add.op_type != "Add":
+        return None
+    terms = {}  # (which half, the Sub's or the Add's) -> (x, the other factor, the Mul)
+    for outer in (sub, add):
+        if g.sole_consumer(outer.output[0], "Concat") is not cat:
+            return None
+        for name in outer.input:
+            mul = g.producer.get(name)
+            if mul is None or mul.op_type != "Mul" or g.sole_consumer(name, outer.op_type) is not outer:
+                return None
+            found = next(((h, mul.input[1 - i]) for i, h in enumerate(map(lambda n: _half(g, n), mul.input)) if h), None)
+            if found is None:
+                return None
+            (x, which), factor = found
+            terms[which, outer.op_type] = (x, factor, mul, name)
+    if len(terms) != 4 or len({t[0] for t in terms.values()}) != 1:
+        return None
+    x = terms[0, "Sub"][0]
+    cos, sin = terms[0, "Sub"][1], terms[1, "Sub"][1]
+    # x1 * cos - x2 * sin: the Sub's first input is x1's product; x2 * cos + x1 * sin, in either order
+    if sub.input[0] != terms[0, "Sub"][3] or terms[1, "Add"][1] != cos or terms[0, "Add"][1] != sin:
+        return None
+    return x, cos, sin, [cat, sub, add, *(t[2] for t in terms.values())]
 
 
 def _rotate_pairs_input(g: _Graph, reshape: onnx.NodeProto | None) -> str | None:
@@ -557,6 +612,23 @@ def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
     caches: dict[tuple, tuple[str, str, str]] = {}
     pairs: dict[tuple[str, str], tuple | str] = {}  # a pairwise rotary's angle tensors -> their tables, or why not
     skipped: dict[str, int] = defaultdict(int)
+
+    def angle_caches(cos_in: str, sin_in: str, width: int) -> tuple[str, str, str] | None:
+        """The caches for cos/sin made from positions and inverse frequencies (``_angle_source``) that
+        rotate ``width`` channels, one pair per distinct table; None for anything else."""
+        cos_u, sin_u = g.producer.get(cos_in), g.producer.get(sin_in)
+        cos_src = cos_u and _angle_source(g, cos_u, "Cos")
+        sin_src = sin_u and _angle_source(g, sin_u, "Sin")
+        if not cos_src or not sin_src or cos_src[:2] != sin_src[:2] or len(cos_src[2]) != len(sin_src[2]) \
+                or not all(np.array_equal(a, b) for a, b in zip(cos_src[2], sin_src[2])) \
+                or cos_src[2][0].size != width // 2:
+            return None
+        pos, condition, tables, cos_scale = cos_src
+        key = (pos, condition, tuple(t.tobytes() for t in tables), cos_scale, sin_src[3])
+        if key not in caches:
+            caches[key] = _rotary_caches(g, len(caches), condition, tables, cos_scale, sin_src[3], max_positions, pos)
+        return caches[key]
+
     for add in [n for n in g.graph.node if n.op_type == "Add"]:
         muls = [g.producer.get(i) for i in add.input]
         if len(muls) != 2 or any(m is None or m.op_type != "Mul" for m in muls):
@@ -594,26 +666,26 @@ def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
                     names = (f"rotary_cos_cache_{len(caches)}", f"rotary_sin_cache_{len(caches)}")
                     g.new_inits += [g.weights.make(t, name) for t, name in zip(tables, names)]
                     caches[key] = (*names, pos)
+                cos, sin, positions = caches[key]
             else:
-                cos_u, sin_u = g.producer.get(cos_in), g.producer.get(sin_in)
-                cos_src = cos_u and _angle_source(g, cos_u, "Cos")
-                sin_src = sin_u and _angle_source(g, sin_u, "Sin")
-                if not cos_src or not sin_src or cos_src[:2] != sin_src[:2] or len(cos_src[2]) != len(sin_src[2]) \
-                        or not all(np.array_equal(a, b) for a, b in zip(cos_src[2], sin_src[2])) \
-                        or cos_src[2][0].size != width // 2:
+                found_caches = angle_caches(cos_in, sin_in, width)
+                if found_caches is None:
                     continue
-                pos, condition, tables, cos_scale = cos_src
-                key = (pos, condition, tuple(t.tobytes() for t in tables), cos_scale, sin_src[3])
-                if key not in caches:
-                    caches[key] = _rotary_caches(g, len(caches), condition, tables, cos_scale, sin_src[3],
-                                                 max_positions, pos)
-            cos, sin, positions = caches[key]
+                cos, sin, positions = found_caches
             fused = helper.make_node("RotaryEmbedding", [x, positions, cos, sin], [add.output[0]],
                                      name=f"{add.name}_rotary", domain=MS_DOMAIN, interleaved=int(interleaved))
             # the Slices/Neg/Concat and the angle sub-graph now feed nothing: dead-node removal drops them
             g.replace([add, cos_mul, sin_mul], [fused])
             report.fusions["rotary"] += 1
             break
+    for cat in [n for n in g.graph.node if n.op_type == "Concat"]:
+        halves = _split_halves_rotary(g, cat)
+        found_caches = halves and angle_caches(halves[1], halves[2], g.shape(halves[0])[3])
+        if found_caches:
+            cos, sin, positions = found_caches
+            g.replace(halves[3], [helper.make_node("RotaryEmbedding", [halves[0], positions, cos, sin], [cat.output[0]],
+                                                   name=f"{cat.name}_rotary", domain=MS_DOMAIN, interleaved=0)])
+            report.fusions["rotary"] += 1
     for reason, count in skipped.items():
         report.notes.append(f"{count} pairwise rotary embedding(s) left unfused: {reason}")
 
