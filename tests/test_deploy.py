@@ -24,8 +24,11 @@ from vlm_export.deploy import (DEFAULT_GPU_IMAGE, DEFAULT_IMAGE, DeployError, Ku
                                inspect_repository, render_kubernetes, requirements_text)
 from vlm_export.deploy.image import ONNXRUNTIME_GPU
 from vlm_export.deploy.kubernetes import FILES
-from vlm_export.deploy.triton import (IMAGE_PYTHON, PYTRITON_VERSION, TRITON_BASE_IMAGE, TRITON_CONTAINER_RELEASE,
-                                      TRITON_SERVER_VERSION, container_tag)
+from vlm_export.deploy.kubernetes import TRT_CACHE_MOUNT
+from vlm_export.deploy.triton import (CONTAINER_CUDA, CONTAINER_TENSORRT, IMAGE_PYTHON, PYTRITON_VERSION,
+                                      TRITON_BASE_IMAGE, TRITON_CONTAINER_RELEASE, TRITON_SERVER_VERSION, container_tag)
+from vlm_export.engines.tensorrt import SERVING_TENSORRT
+from vlm_export.runtime.devices import TRT_CACHE_ENV
 from vlm_export.contract.profiles import stage_profiles
 from vlm_export.errors import RepositoryError
 from vlm_export.manifest import read_manifest, sha256_file, write_manifest
@@ -265,6 +268,11 @@ def test_python_models_on_a_gpu_get_the_onnxruntime_gpu_image(tiny_build, tmp_pa
                                                       f"ONNXRUNTIME_GPU={ONNXRUNTIME_GPU} -t {DEFAULT_GPU_IMAGE} .")
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert "ARG ONNXRUNTIME_GPU=\n" in dockerfile and f"--build-arg ONNXRUNTIME_GPU={ONNXRUNTIME_GPU} " in dockerfile
+    # their TensorRT engines cache in a writable emptyDir (the repository is mounted read-only), not per session
+    triton, volumes = containers(docs)["triton"], docs["deployment.yaml"]["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "trt-cache", "mountPath": TRT_CACHE_MOUNT} in triton["volumeMounts"]
+    assert {"name": TRT_CACHE_ENV, "value": TRT_CACHE_MOUNT} in triton["env"] and {"name": "trt-cache", "emptyDir": {}} in volumes
+    validate(docs)
     # an image asked for is kept; CPU repositories keep the CPU image
     mine = KubernetesOptions(pvc="m", image="registry.example.com/ml/vlm-export-triton:0.1.0-24.10-gpu")
     assert containers(load(render_kubernetes(gpu, tmp_path / "mine", mine)))["triton"]["image"] == mine.image
@@ -291,6 +299,13 @@ def test_every_container_runs_the_derived_image_pinned_to_the_triton_release(rep
     # the image's Python is the one the tests run on (its stub comes from nvidia-pytriton for that version)
     assert IMAGE_PYTHON == f"{sys.version_info.major}.{sys.version_info.minor}"
     assert f"python{IMAGE_PYTHON} -m venv" in dockerfile and f"python_backend_stubs/{IMAGE_PYTHON}/" in dockerfile
+    # TensorRT plans are built for that release's TensorRT (the engines' install hint names it)
+    assert CONTAINER_TENSORRT[TRITON_CONTAINER_RELEASE].startswith(SERVING_TENSORRT + ".")
+    # the GPU image's onnxruntime-gpu is a CUDA 12 build (1.26 is the last; 1.27 on are CUDA 13), the
+    # container's CUDA, and the image refuses a CUDA provider that misses a library there
+    assert CONTAINER_CUDA[TRITON_CONTAINER_RELEASE].startswith("12.")
+    assert tuple(map(int, ONNXRUNTIME_GPU.split(".")[:2])) <= (1, 26)
+    assert "libonnxruntime_providers_cuda.so" in dockerfile and "grep 'not found'" in dockerfile
 
 
 def test_image_requirements_are_this_environments_versions():

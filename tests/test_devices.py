@@ -62,15 +62,17 @@ def test_providers_with_tensorrt_cuda_and_cpu(caplog, tmp_path):
     chosen = ort_providers("cuda:1", [TRT_EP, CUDA_EP, CPU_EP], fp16=True, trt_cache=tmp_path / "cache")
     assert provider_names(chosen) == [TRT_EP, CUDA_EP, CPU_EP]
     trt, cuda = chosen[0][1], chosen[1][1]
-    assert cuda == {"device_id": 1}
-    assert trt["device_id"] == 1 and trt["trt_fp16_enable"] is True
+    assert cuda == {"device_id": 1, "use_tf32": 0}  # fp32 stays fp32 (the provider's default is TF32)
+    # fp16 on the weakly typed provider: the norms' reductions kept fp32, as the graph's fp32 islands
+    assert trt["device_id"] == 1 and trt["trt_fp16_enable"] is True and trt["trt_layer_norm_fp32_fallback"] is True
     assert trt["trt_engine_cache_enable"] is True and trt["trt_engine_cache_path"] == str(tmp_path / "cache")
     assert not _notices(caplog)
 
 
 def test_providers_with_cuda_and_cpu(caplog):
     caplog.set_level(logging.INFO)
-    assert ort_providers("cuda", [CUDA_EP, CPU_EP, "AzureExecutionProvider"]) == [(CUDA_EP, {"device_id": 0}), CPU_EP]
+    assert ort_providers("cuda", [CUDA_EP, CPU_EP, "AzureExecutionProvider"]) == [(CUDA_EP, {"device_id": 0, "use_tf32": 0}),
+                                                                                      CPU_EP]
     assert not _notices(caplog)
 
 
@@ -528,3 +530,16 @@ def test_bench_on_cuda(tiny_build, tmp_path):  # pragma: no cover - GPU only
     assert results["ceiling"]["bandwidth_gb_s"]["p50"] > 100  # HBM, not host memory
     assert all(r["latency_ms"]["p50"] > 0 for r in results["stages"])
     assert "Device: **" in (tmp_path / "bench" / "bench.md").read_text()
+
+
+def test_tensorrt_engines_cache_beside_the_graph_or_where_the_environment_says(tmp_path, monkeypatch):
+    """A repository mounted read-only (a pod's) cannot hold TensorRT's engine cache beside its graphs:
+    VLM_EXPORT_TRT_CACHE names a writable folder, one sub-folder per graph (deploy kubernetes sets it)."""
+    from vlm_export.runtime.devices import TRT_CACHE_ENV, default_trt_cache
+
+    graph, other = tmp_path / "repo" / "vision.onnx", tmp_path / "repo2" / "vision.onnx"
+    monkeypatch.delenv(TRT_CACHE_ENV, raising=False)
+    assert default_trt_cache(graph) == tmp_path / "repo" / "trt-cache"
+    monkeypatch.setenv(TRT_CACHE_ENV, str(tmp_path / "cache"))
+    assert default_trt_cache(graph).parent == tmp_path / "cache"
+    assert default_trt_cache(graph) == default_trt_cache(graph) != default_trt_cache(other)

@@ -484,9 +484,12 @@ def test_on_a_gpu_the_tensorrt_provider_gets_one_profile_per_stage(tiny_build, m
     past_low, past_high = low["past_key_values.0.key"].split("x"), high["past_key_values.0.key"].split("x")
     assert past_low[2] == "0" and int(past_high[2]) == limits["max_sequence"] - 1
     assert "trt_int8_enable" not in decoder and decoder["trt_fp16_enable"] is False  # an fp32 build
-    # the precision's flags, read from the manifest: an int8 decoder gets TensorRT's INT8 flag, fp16 its FP16 one
-    for precision, flags in (("int8", (False, True)), ("fp16", (True, False)), ("w4", (False, False))):
-        graphs = {**build.manifest["graphs"], "lm_decoder": {**build.manifest["graphs"]["lm_decoder"], "precision": precision}}
+    # the precision's flags, read from the manifest: an int8 decoder gets TensorRT's INT8 flag, fp16 its FP16 one,
+    # and so does the w4 DequantizeLinear form, which computes in fp16 (W4A16)
+    for precision, form, flags in (("int8", None, (False, True)), ("fp16", None, (True, False)),
+                                   ("w4", "matmulnbits", (False, False)), ("w4", "dequantize", (True, False))):
+        graphs = {**build.manifest["graphs"], "lm_decoder": {**build.manifest["graphs"]["lm_decoder"], "precision": precision,
+                                                             "variant": {"form": form} if form else {}}}
         settings = trt_settings({**build.manifest, "graphs": graphs}, "lm_decoder")
         assert (settings["fp16"], settings["int8"]) == flags and settings["trt_profiles"] == one_profile(
             stage_profiles(build.manifest, "lm_decoder"))

@@ -311,6 +311,21 @@ def test_unknown_version_is_one_line_listing_the_known_ones():
                               f"(default {DEFAULT_TENSORRT})")
     assert "\n" not in str(err.value)
     assert found(qdq_matmul(), "10.15.1.29") == set()
+    with pytest.raises(BuildError, match="no compatibility tables for TensorRT 11.0"):
+        check_graph(qdq_matmul(), "g", "11.0")  # another major: its parser may have dropped what 10.x took
+
+
+def test_a_release_without_tables_is_checked_with_the_newest_below_it():
+    """TensorRT 10.5 (Triton 24.10's) has no tables of its own: its parser holds what 10.1's documented, and
+    the report says which tables judged it (was refused outright, and the installed 10.5 silently judged
+    by 10.15's, which allow more)."""
+    from vlm_export.engines.check import spec_for, table_used
+
+    assert spec_for("10.5.0.18") is SPECS["10.1"] and spec_for("10.15") is SPECS["10.15"]
+    assert spec_for("10.20") is SPECS["10.15"]
+    assert table_used("10.5.0.18") == "10.5 (the 10.1 tables, the newest at or below it)"
+    assert table_used("10.15.1.29") == "10.15" and table_used(None) == DEFAULT_TENSORRT
+    assert found(qdq_matmul(), "10.5.0") == set()
 
 
 def test_report_lines():

@@ -86,6 +86,9 @@ def trt_profile(manifest: dict, stage: str) -> dict[str, tuple[tuple[int, ...], 
 
 def trt_settings(manifest: dict, stage: str) -> dict:
     """What ONNX Runtime's TensorRT provider is told about a stage (``OrtRunner``'s keywords): the fp16 and
-    int8 flags of its precision and ``trt_profile``."""
-    precision = manifest["graphs"][stage].get("precision")
-    return {"fp16": precision == "fp16", "int8": precision == "int8", "trt_profiles": trt_profile(manifest, stage)}
+    int8 flags of its precision and ``trt_profile``. The w4 decoder's DequantizeLinear form computes in fp16
+    (W4A16): without the flag the provider's weakly typed builder would run those layers in fp32."""
+    graph = manifest["graphs"][stage]
+    precision = graph.get("precision")
+    fp16 = precision == "fp16" or (graph.get("variant") or {}).get("form") == "dequantize"
+    return {"fp16": fp16, "int8": precision == "int8", "trt_profiles": trt_profile(manifest, stage)}

@@ -25,7 +25,11 @@ Python models that run their graphs on a GPU (the python target, or the ``vlm`` 
 rendered with ``repository --device cuda``: KIND_GPU python instances) need onnxruntime-gpu in place of
 the CPU wheel; the same Dockerfile builds that image with ``--build-arg ONNXRUNTIME_GPU=VERSION``
 (:func:`build_command`), and ``deploy kubernetes`` defaults to it for such a repository. Its version is
-the newest onnxruntime-gpu of the index this was checked against (no 1.32 GPU wheel there); the
+the newest onnxruntime-gpu built for CUDA 12, the CUDA of the Triton container (``deploy.triton``:
+12.6): 1.27 and later are CUDA 13 builds (their ``[cuda]`` extra pulls ``nvidia-cuda-runtime-cu13``),
+whose CUDA and TensorRT providers cannot load their libraries there - the sessions would fall back to
+the CPU. The Dockerfile refuses an image whose CUDA provider misses a library. That onnxruntime-gpu
+runs the standard graphs (what a GPU gets), not the fused forms, which need ONNX Runtime 1.32. The
 Triton ``onnxruntime`` and ``tensorrt`` targets need neither, since Triton's own backends run those graphs.
 
 ``torch`` is left out: the served models never need it (transformers imports it only when it is
@@ -54,7 +58,7 @@ EXCLUDED = ("torch",)
 #: the derived image's default name; push it to a registry and pass --image REGISTRY/NAME:TAG
 DEFAULT_IMAGE = f"vlm-export-triton:{__version__}-{TRITON_CONTAINER_RELEASE}"
 #: the GPU image (python models on KIND_GPU instances): the same Dockerfile with onnxruntime-gpu
-ONNXRUNTIME_GPU = "1.31.1"
+ONNXRUNTIME_GPU = "1.26.0"  # the newest CUDA 12 build (see the module docstring)
 DEFAULT_GPU_IMAGE = f"{DEFAULT_IMAGE}-gpu"
 DOCKERFILE = "deploy/Dockerfile"
 REQUIREMENTS = "deploy/requirements.txt"

@@ -37,12 +37,15 @@ from .. import __version__
 from ..atomic import atomic_folder
 from ..engines.tensorrt import triton_server_args
 from ..errors import DeployError
+from ..runtime.devices import TRT_CACHE_ENV
 from .image import DOCKERFILE, default_image
 from .repository import RepositoryInfo, inspect_repository
 from .triton import TRITON_CONTAINER_RELEASE, TRITON_SERVER_VERSION
 
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
 MODELS_MOUNT = "/models"
+#: where GPU python models cache TensorRT's engines (an emptyDir: the repository is mounted read-only)
+TRT_CACHE_MOUNT = "/var/cache/vlm-export/trt"
 GCS_KEY_DIR = "/var/run/secrets/vlm-export/gcs"
 GCS_KEY_FILE = "credentials.json"  # the key the Secret holds for gs:// repositories
 #: URI schemes Triton reads itself with --model-repository (Triton's docs: model_repository.md)
@@ -224,6 +227,9 @@ def _triton_container(info: RepositoryInfo, options: KubernetesOptions) -> dict:
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
     env = [{"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}]  # the repository may be read-only
     env_from = []
+    if info.python_on_gpu:  # their ONNX Runtime's TensorRT engines: cached per pod, not rebuilt per session
+        mounts.append({"name": "trt-cache", "mountPath": TRT_CACHE_MOUNT})
+        env.append({"name": TRT_CACHE_ENV, "value": TRT_CACHE_MOUNT})
     if options.pvc:
         mounts.insert(0, {"name": "model-repository", "mountPath": MODELS_MOUNT, "readOnly": True})
     elif options.credentials_secret:
@@ -297,6 +303,8 @@ def deployment(info: RepositoryInfo, options: KubernetesOptions) -> dict:
     if options.openai:
         containers.append(_openai_container(options))
     volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": options.shm_size}}]
+    if info.python_on_gpu:
+        volumes.append({"name": "trt-cache", "emptyDir": {}})
     if options.pvc:
         volumes.insert(0, {"name": "model-repository",
                            "persistentVolumeClaim": {"claimName": options.pvc, "readOnly": True}})

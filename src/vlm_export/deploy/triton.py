@@ -23,6 +23,10 @@ from __future__ import annotations
 PYTRITON_SERVER = {"0.7.0": "2.51.0"}
 #: Triton server version -> NGC container release (YY.MM)
 SERVER_CONTAINER = {"2.51.0": "24.10"}
+#: NGC container release -> the TensorRT and CUDA in it (release notes of 24.10: TensorRT 10.5.0.18, CUDA
+#: 12.6.2): the tensorrt target's plans and the GPU image's onnxruntime-gpu must be built for these
+CONTAINER_TENSORRT = {"24.10": "10.5.0"}
+CONTAINER_CUDA = {"24.10": "12.6"}
 
 PYTRITON_VERSION = "0.7.0"  # the `serve` extra's pin (pyproject.toml)
 TRITON_SERVER_VERSION = PYTRITON_SERVER[PYTRITON_VERSION]

@@ -133,16 +133,34 @@ def type_name(elem_type: int) -> str:
     return _TYPE_NAMES.get(elem_type) or TensorProto.DataType.Name(elem_type)
 
 
+def _release(version: str) -> tuple[int, int] | None:
+    parts = str(version).strip().split(".")
+    try:
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        return None
+
+
 def spec_for(version: str | None) -> TensorRTSpec:
-    """The tables for ``version`` (MAJOR.MINOR, or a full version such as 10.15.1.29);
-    BuildError listing the known ones for any other."""
+    """The tables for ``version`` (MAJOR.MINOR, or a full version such as 10.15.1.29): its own, or for a
+    release of a known major without tables of its own (10.5, the TensorRT of Triton 24.10) the newest
+    documented below it, whose parser it contains (``table_used`` says which). BuildError listing the
+    known ones for any other (another major, or older than every table)."""
     if version is None:
         return SPECS[DEFAULT_TENSORRT]
-    key = ".".join(str(version).strip().split(".")[:2])
-    if key not in SPECS:
+    asked = _release(version)
+    below = [key for key in SPECS if asked and _release(key)[0] == asked[0] and _release(key) <= asked]
+    if not below:
         raise BuildError(f"no compatibility tables for TensorRT {version}; known: {', '.join(SPECS)} "
                          f"(default {DEFAULT_TENSORRT})")
-    return SPECS[key]
+    return SPECS[max(below, key=_release)]
+
+
+def table_used(version: str | None) -> str:
+    """How a report names the TensorRT ``version`` it checked: "10.15", or "10.5 (the 10.1 tables)"."""
+    spec = spec_for(version)
+    asked = ".".join(str(version).strip().split(".")[:2]) if version is not None else spec.version
+    return spec.version if asked == spec.version else f"{asked} (the {spec.version} tables, the newest at or below it)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -634,4 +652,4 @@ def check_build(build_dir: Path, tensorrt_version: str | None = None,
         violations += check_graph(model, stage, spec.version, profiles, base_dir=path.parent)
     if configs is not None:
         violations += check_configs(configs, manifest)
-    return CompatibilityReport(spec.version, list(manifest["graphs"]), violations)
+    return CompatibilityReport(table_used(tensorrt_version), list(manifest["graphs"]), violations)

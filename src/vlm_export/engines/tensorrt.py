@@ -76,6 +76,12 @@ def builder_settings(precision: str, variant: dict | None = None) -> BuilderSett
                      "rebuild with --weight-form dequantize (block-wise DequantizeLinear, which TensorRT reads)")
 
 
+#: the TensorRT in the Triton release this project pins (deploy.triton; NGC 24.10 release notes: TensorRT
+#: 10.5.0.18): plans load only on the TensorRT that built them, or a later one of the same major when
+#: version-compatible; tests/test_deploy.py keeps it equal to deploy.triton's record
+SERVING_TENSORRT = "10.5"
+
+
 def installed_tensorrt() -> str | None:
     """The TensorRT version importable here, or None (not installed, or the bindings wheel without
     the libraries it loads, which fails to import with an OSError)."""
@@ -283,7 +289,9 @@ def build_engines(build_dir: Path, progress=None, version_compatible: bool = Fal
     check_before_build(build_dir, tensorrt_version)
     installed = installed_tensorrt()
     if installed is None:
-        raise BuildError("TensorRT is not installed here (pip install tensorrt on a machine with a CUDA GPU); "
+        raise BuildError(f"TensorRT is not installed here (on a machine with a CUDA GPU: pip install "
+                         f"\"tensorrt=={SERVING_TENSORRT}.*\", the TensorRT of the Triton the plans will serve on: "
+                         "a plan loads only on the TensorRT that built it); "
                          "the onnxruntime and python targets run without it")
     if tensorrt_version:  # plans are built by the TensorRT installed here: they must load on the one targeted
         problem = version_problem(installed, tensorrt_version, version_compatible)

@@ -130,13 +130,32 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+#: a writable folder for TensorRT's engine caches where the graphs' own folder is read-only (a repository
+#: mounted read-only in a pod: deploy kubernetes sets it to an emptyDir), one sub-folder per graph
+TRT_CACHE_ENV = "VLM_EXPORT_TRT_CACHE"
+
+
+def default_trt_cache(graph: Path) -> Path:
+    """Where TensorRT's engines for ``graph`` are cached: ``$VLM_EXPORT_TRT_CACHE/<graph's path hash>`` when
+    that is set, else ``trt-cache/`` beside the graph."""
+    import hashlib
+
+    root = os.environ.get(TRT_CACHE_ENV)
+    if root:
+        return Path(root) / hashlib.sha256(os.fspath(Path(graph).resolve()).encode()).hexdigest()[:16]
+    return Path(graph).parent / "trt-cache"
+
+
 def trt_provider_options(device: Device, fp16: bool = False, cache_dir: Path | None = None,
                          profiles: "dict[str, Sequence[Sequence[int]]] | None" = None, int8: bool = False) -> dict:
     """TensorRT execution provider options (onnxruntime.ai, TensorRT-ExecutionProvider, "Configurations"):
 
     - ``trt_fp16_enable``: let TensorRT pick fp16 kernels. Needed for an fp16 graph to run in fp16
-      on TensorRT (TensorRT builds fp32 otherwise); left off for fp32 graphs, whose parity is judged
-      at fp32 tolerances.
+      on TensorRT (TensorRT builds fp32 otherwise); left off for fp32 graphs. The provider builds weakly
+      typed (it has no strongly typed option), so with it ``trt_layer_norm_fp32_fallback`` keeps the
+      norms' reductions in fp32, as the graph's fp32 islands do. (TensorRT may still pick TF32 for an
+      fp32 graph's MatMuls - its builder's default, which the provider does not expose -
+      ``NVIDIA_TF32_OVERRIDE=0`` in the environment forbids it.)
     - ``trt_int8_enable``: for a graph with int8 Q/DQ pairs (the build's int8 precision). TensorRT builds
       them as written (explicit quantization, no calibration table) but refuses int8 layers in a
       builder without its INT8 flag ("int8 is not configured in the builder").
@@ -148,6 +167,8 @@ def trt_provider_options(device: Device, fp16: bool = False, cache_dir: Path | N
       every step is built once for its whole range instead of again at each new shape.
     """
     options: dict = {"device_id": device.ordinal, "trt_fp16_enable": bool(fp16)}
+    if fp16:
+        options["trt_layer_norm_fp32_fallback"] = True
     if int8:
         options["trt_int8_enable"] = True
     if cache_dir is not None:
@@ -197,7 +218,9 @@ def ort_providers(device: "str | Device | None" = None, available: Iterable[str]
     if TRT_EP in available:
         chosen.append((TRT_EP, trt_provider_options(device, fp16, trt_cache, trt_profiles, int8)))
     if CUDA_EP in available:
-        chosen.append((CUDA_EP, {"device_id": device.ordinal}))
+        # no TF32 (the CUDA provider's default): fp32 graphs and fp16 graphs' fp32 islands stay fp32, as in
+        # PyTorch, whose matmuls do not use TF32 by default either
+        chosen.append((CUDA_EP, {"device_id": device.ordinal, "use_tf32": 0}))
     return chosen + [CPU_EP]
 
 

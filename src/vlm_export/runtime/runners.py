@@ -301,12 +301,12 @@ class OrtRunner(Runner):
                  strict_device: bool = False, emulate_qdq: bool = False):
         import onnxruntime as ort
 
-        from .devices import Device, ort_providers, provider_names
+        from .devices import Device, default_trt_cache, ort_providers, provider_names
 
         self.device = Device.parse(device)
         if not providers:
             if self.device.is_cuda and trt_cache is None:
-                trt_cache = Path(path).parent / "trt-cache"
+                trt_cache = default_trt_cache(Path(path))
             providers = ort_providers(self.device, stage=name, fp16=fp16, int8=int8, trt_cache=trt_cache,
                                       trt_profiles=trt_profiles, strict=strict_device)
             if trt_cache is not None and "TensorrtExecutionProvider" in provider_names(providers):
