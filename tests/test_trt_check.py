@@ -337,3 +337,27 @@ def test_report_lines():
         "lm_decoder: q_proj_dq: qdq-block: block size 32: TensorRT 10.15 takes INT4 blocks of 64 or 128",
         "1 of 2 graphs passed the TensorRT 10.15 checks (lm_decoder did not); passing does not guarantee that "
         "TensorRT builds them: only a build on a GPU with TensorRT can show that"]
+
+
+def test_an_input_no_node_reads_is_refused_in_the_tensorrt_configs(tmp_path):
+    """BLOOM's ALiBi decoder reads no position_ids, which its stage declares: TensorRT leaves the input out of
+    the plan, and Triton would refuse a config (and requests) naming it. The tensorrt target says so in one
+    line before anything is written; TensorRTRunner in process feeds only the plan's inputs."""
+    from tiny_models import make_tiny_llava
+    from vlm_export.build import BuildOptions, build
+    from vlm_export.engines.check import unused_inputs
+    from vlm_export.errors import RepositoryError
+    from vlm_export.model_repository.render import RepositoryOptions, model_configs, render_repository
+
+    result = build(make_tiny_llava(tmp_path / "bloom", family="bloom"), tmp_path / "build",
+                   BuildOptions(max_sequence=128, parity_new_tokens=2))
+    assert result.failures == []
+    decoder = onnx.load(result.path / result.manifest["graphs"]["lm_decoder"]["file"], load_external_data=False)
+    assert unused_inputs(decoder) == ["position_ids"]
+    assert unused_inputs(onnx.load(result.path / result.manifest["graphs"]["projector"]["file"])) == []
+    options = RepositoryOptions(target="tensorrt", decoder_mode="bls")
+    with pytest.raises(RepositoryError, match="lm_decoder config.input.position_ids: triton-unused-input"):
+        render_repository(result.path, tmp_path / "repo", options, configs_only=True, echo=lambda _: None)
+    assert not (tmp_path / "repo").exists()
+    report = check_build(result.path, configs=model_configs(result.manifest, options))
+    assert [(v.graph, v.rule) for v in report.violations] == [("lm_decoder", "triton-unused-input")]

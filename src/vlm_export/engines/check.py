@@ -559,14 +559,29 @@ def _plan_profiles(manifest: dict, stage: str) -> list:
     return engine["profiles"] if engine and engine.get("profiles") else stage_profiles(manifest, stage)
 
 
-def check_configs(configs: dict[str, dict], manifest: dict) -> list[Violation]:
+def unused_inputs(model: onnx.ModelProto) -> list[str]:
+    """The graph inputs no node reads (in the graph or its sub-graphs): TensorRT leaves them out of the
+    plan ("Unused Input"), as an ALiBi decoder's ``position_ids``, which every decoder stage declares."""
+    read: set[str] = set()
+    graphs = [model.graph]
+    while graphs:
+        for node in graphs.pop().node:
+            read.update(node.input)
+            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+            graphs += list(next((a.graphs for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS), []))
+    return [i.name for i in model.graph.input if i.name not in read]
+
+
+def check_configs(configs: dict[str, dict], manifest: dict, build_dir: Path | None = None) -> list[Violation]:
     """The configs of every graph model (a model named after a stage of ``manifest``) as Triton's
     tensorrt backend needs them: ``platform: tensorrt_plan``, GPU instances, every optimization
     profile of the plan listed by every instance group (Triton's scheduler hands a request to any
-    instance, and an instance without ``profile`` runs profile 0 only), and a ``max_batch_size``
+    instance, and an instance without ``profile`` runs profile 0 only), a ``max_batch_size``
     > 0 only where the first dim of every input and output is one dynamic batch dim whose range
-    in every profile holds 1..max_batch_size."""
+    in every profile holds 1..max_batch_size, and (with ``build_dir``) no input the plan will lack
+    (``unused_inputs``: Triton refuses a config, and requests, naming an input its plan does not have)."""
     from ..contract.profiles import dim_ranges
+    from ..manifest import served_entry
 
     found = []
     ranges = dim_ranges(manifest)
@@ -575,6 +590,14 @@ def check_configs(configs: dict[str, dict], manifest: dict) -> list[Violation]:
         if cfg is None:  # run inside another model (the python target's in-process decoder)
             continue
         where = lambda node, rule, detail: found.append(Violation(stage, node, rule, detail))  # noqa: E731
+        if build_dir is not None:
+            model = onnx.load(str(Path(build_dir) / served_entry(manifest, stage, "tensorrt")["file"]),
+                              load_external_data=False)
+            for name in unused_inputs(model):
+                where(f"config.input.{name}", "triton-unused-input",
+                      f"{name} is read by no node of the graph: TensorRT leaves it out of the plan and Triton then "
+                      "refuses this config and the requests that send it; serve the stage with the onnxruntime "
+                      "or python target")
         if cfg.get("platform") != "tensorrt_plan":
             where("config.platform", "triton-platform",
                   f"platform is {cfg.get('platform') or cfg.get('backend')!r}; a TensorRT plan needs tensorrt_plan")
@@ -651,5 +674,5 @@ def check_build(build_dir: Path, tensorrt_version: str | None = None,
             profiles = None
         violations += check_graph(model, stage, spec.version, profiles, base_dir=path.parent)
     if configs is not None:
-        violations += check_configs(configs, manifest)
+        violations += check_configs(configs, manifest, build_dir)
     return CompatibilityReport(table_used(tensorrt_version), list(manifest["graphs"]), violations)

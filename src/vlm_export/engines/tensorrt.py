@@ -226,6 +226,10 @@ class TensorRTRunner(Runner):
         self._runner = TrtRunner(EngineFromBytes(BytesFromPath(os.fspath(plan))))
         self._runner.activate()
         self._profile = 0
+        # TensorRT drops a network input no layer reads ("Unused Input", e.g. an ALiBi decoder's position_ids,
+        # which the stage declares for every LM), and Polygraphy refuses a feed the engine lacks
+        engine_inputs = set(self._runner.get_input_metadata())
+        self._fed = [n for n in self.input_names if n in engine_inputs]
 
     def _profile_for(self, feeds) -> int:
         return profile_for(self.meta["profiles"], feeds, self.name)
@@ -235,7 +239,7 @@ class TensorRTRunner(Runner):
         if index != self._profile:
             self._runner.set_profile(index)
             self._profile = index
-        out = self._runner.infer({n: np.ascontiguousarray(feeds[n]) for n in self.input_names})
+        out = self._runner.infer({n: np.ascontiguousarray(feeds[n]) for n in self._fed})
         # copies: Polygraphy's runners may reuse their output buffers on the next call (BaseRunner.infer
         # docs), and a decode loop keeps the previous step's outputs (the cache) while running the next
         return {n: np.array(out[n], copy=True) for n in self.output_names}

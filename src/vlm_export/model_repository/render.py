@@ -531,7 +531,7 @@ def render_repository(build_dir: Path, out: Path, options: RepositoryOptions | N
     if options.target == "tensorrt":  # what the tensorrt backend needs of a config (profiles, GPU, batching)
         from ..engines.check import check_configs
 
-        violations = check_configs(configs, manifest)
+        violations = check_configs(configs, manifest, build_dir)
         if violations:
             raise RepositoryError("the tensorrt configs break the backend's rules: " + "; ".join(
                 f"{v.graph} {v.node}: {v.rule} ({v.detail})" for v in violations[:3]))
