@@ -788,3 +788,28 @@ def test_attention_sinks_and_a_rotary_on_the_halves_fuse(tmp_path):
                       load_external_data=False)
     attentions = [n for n in fused.graph.node if n.op_type == "GroupQueryAttention"]
     assert len(attentions) == 2 and all(n.input[11] for n in attentions)  # each with its head_sink
+
+
+def test_norms_without_a_weight_and_a_sign_flipped_rotary_fuse(tmp_path):
+    """nanochat: its RMSNorms have no weight (the kernels get a unit gamma) and its rotate_half is
+    Concat(x2, -x1), the usual rotation with the sine's sign flipped (the caches get the flipped sine;
+    with the usual sine the fused form fails parity, checked by hand, and the build would fall back to
+    the standard graph: ``made`` False here). Both were left as written. Its q/k norms come after the
+    rotary, so the graph's RotaryEmbedding stays before the kernel (as Hunyuan's)."""
+    from tiny_models import make_tiny_llava
+    from vlm_export.build import BuildOptions, build
+
+    result = build(make_tiny_llava(tmp_path / "nanochat", family="nanochat"), tmp_path / "build",
+                   BuildOptions(max_sequence=256, parity_new_tokens=4))
+    assert result.failures == []
+    fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
+    # the embeddings' norm, the first layer's (reading it, no residual Add), 2 x 2 per-head q/k norms alone;
+    # the other three layer norms and the final one after a residual Add
+    assert fusion["made"] and fusion["fusions"] == {"layer_norm": 0, "rms_norm": 6, "skip_rms_norm": 4,
+                                                    "skip_layer_norm": 0, "rotary": 4, "packed_matmul": 0,
+                                                    "attention": 2}, fusion
+    fused = onnx.load(result.path / result.manifest["graphs"]["lm_decoder"]["forms"]["fused"]["file"])
+    ops = collections.Counter(n.op_type for n in fused.graph.node)
+    assert ops["ReduceMean"] == ops["Neg"] == ops["Sin"] == 0, ops
+    unit = {t.name: numpy_helper.to_array(t) for t in fused.graph.initializer if t.name.startswith("unit_gamma_")}
+    assert set(unit) == {"unit_gamma_64", "unit_gamma_16"} and all((g == 1).all() for g in unit.values())

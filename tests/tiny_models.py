@@ -116,12 +116,15 @@ TEXT_FAMILIES = {
     "ministral3": ("ministral3", {"head_dim": 16, "rope_parameters": {
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5}}),
-    # attention sinks (a softmax column per head, dropped after), its rotary written on the halves (chunk, not
-    # rotate_half), a 16-position window on the first layer, 4 experts (2 per token), q/k/v biases
     # ALiBi: the decoder reads no position_ids (which every decoder stage declares); no embed_tokens to tie to
     "bloom": ("bloom", {"n_head": 4, "tie_word_embeddings": False}),
+    # attention sinks (a softmax column per head, dropped after), its rotary written on the halves (chunk, not
+    # rotate_half), a 16-position window on the first layer, 4 experts (2 per token), q/k/v biases
     "gptoss": ("gpt_oss", {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16,
                            "layer_types": ["sliding_attention", "full_attention"]}),
+    # RMSNorms without a weight, rotate_half written (x2, -x1) (the rotation's sign flipped), q/k normed per
+    # head after the rotary, logits soft-capped
+    "nanochat": ("nanochat", {"final_logit_softcapping": 15.0}),
 }
 
 

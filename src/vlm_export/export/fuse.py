@@ -15,14 +15,15 @@ launch per token. This pass rewrites, by pattern only (no model-type branches):
   epsilon: the norm of 2x with 4 eps is the norm of x with eps, exactly in binary floating point.
   (ONNX Runtime's plain ``SimplifiedLayerNormalization`` is registered in the ONNX domain, which the
   ONNX checker rejects.) The kernel takes 2-D or 3-D input: 4-D heads (Qwen3's, Gemma 3's q/k norm)
-  are flattened to (rows, head size) for it and reshaped back.
+  are flattened to (rows, head size) for it and reshaped back. A norm without a weight (nanochat's)
+  gets a unit gamma.
 * ``skip_layer_norm``: residual ``Add`` + ``LayerNormalization`` (the exporter writes LayerNorm as
   that one op) -> ``com.microsoft.SkipLayerNormalization``, as above (Phi, GPT-J, StableLM, Falcon; OPT's
   norms read a Reshape of the residual sum, on which the kernel would save no node: they stay).
 * ``rotary``: rotate-half RoPE (Slice/Neg/Concat/Mul/Add on q and k, cos/sin computed from
   ``position_ids`` and a constant ``inv_freq``) -> ``com.microsoft.RotaryEmbedding`` with
   constant cos/sin caches of ``max_positions`` rows (the attention rewrite then rotates inside its
-  kernel with the same caches); RoPE on neighbouring channel pairs (GPT-J's layout: Cohere, GLM)
+  kernel with the same caches; a rotate_half written Concat(x2, -x1), nanochat's, gets the sine negated); RoPE on neighbouring channel pairs (GPT-J's layout: Cohere, GLM)
   -> the same op with ``interleaved``, its caches the exported angle sub-graph's own values.
 * ``attention``: each layer's attention, from the q/k/v projections to the o_proj input
   (heads Reshape/Transpose, rotary, KV Concat, repeat_kv, scores, additive mask, Softmax, output
@@ -150,6 +151,14 @@ class _Graph:
                     return np.array(helper.get_attribute_value(a))
         return None
 
+    def ones(self, width: int) -> str:
+        """A (width,) fp32 initializer of ones: the unit gamma of a norm written without a weight
+        (the kernels all take one); one per width."""
+        name = f"unit_gamma_{width}"
+        if name not in self.inits and all(t.name != name for t in self.new_inits):
+            self.new_inits.append(numpy_helper.from_array(np.ones(width, np.float32), name))
+        return name
+
     def scalar(self, name: str) -> float | None:
         v = self.const(name)
         return float(v.reshape(-1)[0]) if v is not None and v.size == 1 else None
@@ -260,6 +269,7 @@ def _fuse_skip_rms_norm(g: _Graph, report: FuseReport) -> None:
         if match is None:
             continue
         x, gamma, eps, nodes, y = match
+        gamma = gamma or g.ones(g.shape(reduce.input[0])[-1])  # rms_norm: static when weightless
         residual = _residual_add(g, nodes[0], x)
         if residual is None:
             alone = _rms_norm_alone(g, x, gamma, eps, y, reduce.name)
@@ -317,6 +327,7 @@ def _fuse_layer_norm(g: _Graph, report: FuseReport) -> int:
                 or any(id(n) in g.removed for n in match[3]):
             continue
         x, gamma, eps, nodes, y = match
+        gamma = gamma or g.ones(g.shape(reduce.input[0])[-1])  # rms_norm: static when weightless
         g.replace(nodes, [helper.make_node("LayerNormalization", [x, gamma], [y], name=f"{reduce.name}_layer_norm",
                                            axis=-1, epsilon=eps)])
         report.fusions["layer_norm"] += 1
@@ -438,23 +449,30 @@ def _rotary_caches(g: _Graph, index: int, condition: str, tables, cos_scale: flo
     return (*names, p)
 
 
-def _rotate_half_input(g: _Graph, cat: onnx.NodeProto | None) -> str | None:
+def _rotate_half_input(g: _Graph, cat: onnx.NodeProto | None) -> tuple[str, float] | None:
     """``cat`` = Concat(-x[..., h:], x[..., :h]) on the last axis of a 4-D ``x``, h half its width
-    (Llama's rotate_half): x, else None."""
+    (Llama's rotate_half): (x, 1.0); Concat(x[..., h:], -x[..., :h]) (nanochat's: the same rotation
+    with the sine's sign flipped): (x, -1.0); else None."""
     if cat is None or cat.op_type != "Concat" or len(cat.input) != 2 or g.attr(cat, "axis") not in (-1, 3):
         return None
-    neg, x1_slice = g.producer.get(cat.input[0]), g.producer.get(cat.input[1])
-    if neg is None or neg.op_type != "Neg" or x1_slice is None or x1_slice.op_type != "Slice":
-        return None
-    x = x1_slice.input[0]
+    halves = []  # (the Slice, negated) for the Concat's first and second input
+    for name in cat.input:
+        node = g.producer.get(name)
+        negated = node is not None and node.op_type == "Neg"
+        node = g.producer.get(node.input[0]) if negated else node
+        if node is None or node.op_type != "Slice":
+            return None
+        halves.append((node, negated))
+    (upper, upper_negated), (lower, lower_negated) = halves
+    x = lower.input[0]
     shape = g.shape(x)
-    if shape is None or len(shape) != 4 or not isinstance(shape[3], int):
+    if upper_negated == lower_negated or shape is None or len(shape) != 4 or not isinstance(shape[3], int):
         return None
     half = shape[3] // 2
-    x2_range = last_axis_slice(g, g.producer.get(neg.input[0]), x) or (0, 0)  # [half, end) or [half, INT_MAX)
-    if last_axis_slice(g, x1_slice, x) != (0, half) or x2_range[0] != half or x2_range[1] < 2 * half:
+    upper_range = last_axis_slice(g, upper, x) or (0, 0)  # [half, end) or [half, INT_MAX)
+    if last_axis_slice(g, lower, x) != (0, half) or upper_range[0] != half or upper_range[1] < 2 * half:
         return None
-    return x
+    return x, 1.0 if upper_negated else -1.0
 
 
 def _half(g: _Graph, name: str) -> tuple[str, int] | None:
@@ -613,9 +631,9 @@ def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
     pairs: dict[tuple[str, str], tuple | str] = {}  # a pairwise rotary's angle tensors -> their tables, or why not
     skipped: dict[str, int] = defaultdict(int)
 
-    def angle_caches(cos_in: str, sin_in: str, width: int) -> tuple[str, str, str] | None:
+    def angle_caches(cos_in: str, sin_in: str, width: int, sin_sign: float = 1.0) -> tuple[str, str, str] | None:
         """The caches for cos/sin made from positions and inverse frequencies (``_angle_source``) that
-        rotate ``width`` channels, one pair per distinct table; None for anything else."""
+        rotate ``width`` channels, one pair per distinct table and sign of the sine; None for anything else."""
         cos_u, sin_u = g.producer.get(cos_in), g.producer.get(sin_in)
         cos_src = cos_u and _angle_source(g, cos_u, "Cos")
         sin_src = sin_u and _angle_source(g, sin_u, "Sin")
@@ -624,33 +642,35 @@ def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
                 or cos_src[2][0].size != width // 2:
             return None
         pos, condition, tables, cos_scale = cos_src
-        key = (pos, condition, tuple(t.tobytes() for t in tables), cos_scale, sin_src[3])
+        sin_scale = sin_src[3] * sin_sign
+        key = (pos, condition, tuple(t.tobytes() for t in tables), cos_scale, sin_scale)
         if key not in caches:
-            caches[key] = _rotary_caches(g, len(caches), condition, tables, cos_scale, sin_src[3], max_positions, pos)
+            caches[key] = _rotary_caches(g, len(caches), condition, tables, cos_scale, sin_scale, max_positions, pos)
         return caches[key]
 
     for add in [n for n in g.graph.node if n.op_type == "Add"]:
         muls = [g.producer.get(i) for i in add.input]
         if len(muls) != 2 or any(m is None or m.op_type != "Mul" for m in muls):
             continue
-        # one Mul holds x * cos, the other rotated(x) * sin: rotate_half(x) = Concat(-x2, x1), or the
-        # pairs' rotation (-x[1::2], x[0::2]) interleaved, whose cos/sin repeat each angle twice
+        # one Mul holds x * cos, the other rotated(x) * sin: rotate_half(x) = Concat(-x2, x1) (or
+        # Concat(x2, -x1), the sine's sign flipped), or the pairs' rotation (-x[1::2], x[0::2]) interleaved,
+        # whose cos/sin repeat each angle twice
         for cos_mul, sin_mul in (muls, muls[::-1]):
             if any(g.sole_consumer(m.output[0], "Add") is not add for m in muls):
                 break  # a product read elsewhere too must stay
             found = None
             for rotated in filter(None, map(g.producer.get, sin_mul.input)):
-                x = _rotate_half_input(g, rotated)
-                if x is not None:
-                    found = x, rotated.output[0], False
+                half = _rotate_half_input(g, rotated)
+                if half is not None:
+                    found = half[0], rotated.output[0], False, half[1]
                     break
                 x = _rotate_pairs_input(g, rotated)
                 if x is not None:
-                    found = x, rotated.output[0], True
+                    found = x, rotated.output[0], True, 1.0
                     break
             if found is None or found[0] not in cos_mul.input:
                 continue
-            x, rotated, interleaved = found
+            x, rotated, interleaved, sin_sign = found
             cos_in, sin_in = g.other_input(cos_mul, x) or "", g.other_input(sin_mul, rotated) or ""
             width = g.shape(x)[3]
             if interleaved:
@@ -668,7 +688,7 @@ def _fuse_rotary(g: _Graph, report: FuseReport, max_positions: int) -> None:
                     caches[key] = (*names, pos)
                 cos, sin, positions = caches[key]
             else:
-                found_caches = angle_caches(cos_in, sin_in, width)
+                found_caches = angle_caches(cos_in, sin_in, width, sin_sign)
                 if found_caches is None:
                     continue
                 cos, sin, positions = found_caches

@@ -7,7 +7,9 @@ import onnx
 
 def rms_norm(g, reduce: onnx.NodeProto):
     """Match Pow(X,2)|Mul(X,X) -> ReduceMean(last axis) -> Add(eps) -> Sqrt -> Reciprocal|Div(1,.)
-    -> Mul(X,.) -> Mul(., gamma) from its ReduceMean; returns (x, gamma, eps, nodes, y) or None."""
+    -> Mul(X,.) -> Mul(., gamma) from its ReduceMean; returns (x, gamma, eps, nodes, y) or None. A norm
+    with no constant gamma after it (nanochat's, which has no weight) matches without one: gamma is
+    None then, and X's last axis static (the width a kernel's unit gamma needs)."""
     if not _over_last_axis(g, reduce):
         return None
     x_shape = g.shape(reduce.input[0])
@@ -32,12 +34,17 @@ def rms_norm(g, reduce: onnx.NodeProto):
     scale = g.sole_consumer(inv.output[0], "Mul")
     if scale is None or g.other_input(scale, inv.output[0]) != x:
         return None
+    nodes = [square, reduce, add, sqrt, inv, scale]
     affine = g.sole_consumer(scale.output[0], "Mul")
     gamma_name = affine and g.other_input(affine, scale.output[0])
     gamma = g.const(gamma_name) if gamma_name else None
-    if gamma is None or gamma.ndim != 1 or (x_shape and isinstance(x_shape[-1], int) and gamma.shape[0] != x_shape[-1]):
+    if gamma is not None and gamma.ndim == 1 \
+            and not (x_shape and isinstance(x_shape[-1], int) and gamma.shape[0] != x_shape[-1]):
+        return x, gamma_name, eps, [*nodes, affine], affine.output[0]
+    if not x_shape or not isinstance(x_shape[-1], int):
         return None
-    return x, gamma_name, eps, [square, reduce, add, sqrt, inv, scale, affine], affine.output[0]
+    # no weight: whatever reads the normalised X (a Mul by something else included) keeps reading it
+    return x, None, eps, nodes, scale.output[0]
 
 
 def layer_norm(g, reduce: onnx.NodeProto):
