@@ -421,9 +421,14 @@ def test_the_samplers_top_k_top_p_and_min_p_are_hugging_faces(top_k, top_p, min_
     expected = torch.softmax(scores, -1)[0].numpy()
     sampler = Sampler(config)
     got = sampler.distribution(logits)
+    kept = set(np.flatnonzero(got))
+    if top_p < 1 and len(kept & {7, 8}) == 1:
+        # top-p ended the nucleus inside the tie: which of the two stays is HF's sort order (torch's unstable
+        # sort; its pick here changed under a dependency update); ours keeps the lower id
+        assert 7 in kept and len(set(np.flatnonzero(expected)) & {7, 8}) == 1
+        expected[[7, 8]] = np.sort(expected[[7, 8]])[::-1]
     assert np.array_equal(got > 0, expected > 0), (np.flatnonzero(got), np.flatnonzero(expected))
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
-    kept = set(np.flatnonzero(expected))
     assert 0 < len(kept) < 500 or (top_k >= 500 and len(kept) == 500)
     assert {Sampler(replace(config, seed=s))(logits.copy()) for s in range(40)} <= kept
 

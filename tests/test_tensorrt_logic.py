@@ -124,6 +124,7 @@ def test_runner_outputs_survive_the_next_call():
     runner = object.__new__(TensorRTRunner)
     Runner.__init__(runner, "stage", ["x"], ["y"])
     runner.meta, runner._runner, runner._profile = {"profiles": [{"x": [[3], [3], [3]]}]}, ReusingRunner(), 0
+    runner._fed = ["x"]  # the inputs the plan reads (from its engine, in __init__)
     first = runner.infer({"x": np.ones(3, np.float32)})["y"]
     runner.infer({"x": np.full(3, 2, np.float32)})
     assert first.tolist() == [1, 1, 1]

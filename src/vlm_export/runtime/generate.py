@@ -456,7 +456,9 @@ class Sampler:
         p = np.exp(z - z.max())
         p /= p.sum()
         if config.top_p < 1.0:
-            order = np.argsort(-p)
+            # stable: where the nucleus ends inside a tie, the lower ids stay, on every CPU (numpy's default
+            # sort orders ties by its SIMD kernel; Hugging Face's by torch's unstable sort)
+            order = np.argsort(-p, kind="stable")
             keep = np.cumsum(p[order]) - p[order] < config.top_p
             keep[0] = True  # the nucleus always holds the top token (top_p 0: nothing else)
             mask = np.zeros_like(p, dtype=bool)
