@@ -481,6 +481,11 @@ def test_the_kv_geometry_is_the_cache_the_lm_writes():
                                            r"linear-attention layers\), not a transformer's KV cache .*not supported$"):
         geometry("falcon_h1", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                  intermediate_size=64)
+    # a model whose own forward fails (Helium's o_proj is hidden x hidden, so a head size other than hidden / heads
+    # breaks it): said as that, not as a cache of the wrong kind
+    with pytest.raises(AdapterError, match=r"^the language model \(helium\) fails to run one token with a cache in "
+                                           r"PyTorch \(RuntimeError: mat1 and mat2 shapes cannot be multiplied"):
+        geometry("helium", num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     # DeepSeek-V3's latent attention caches keys of 16 (8 without rotary + 8 with) and values of 8 per head
     with pytest.raises(AdapterError, match=r"^the language model \(deepseek_v3\) keeps values of another shape than "
                                            r"its keys \(keys \(\d+, 1, 16\), values \[\(\d+, 1, 8\)\].*not supported$"):

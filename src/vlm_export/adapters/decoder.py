@@ -165,7 +165,11 @@ def cache_shape(text_cfg, text_model: nn.Module) -> tuple[int, int, int]:
         with torch.no_grad():
             out = text_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=param.device), use_cache=True)
     except Exception as e:  # noqa: BLE001 - a model that cannot run one token with a cache cannot be exported
-        raise AdapterError(refusal.format(f"could not run one token with a cache ({first_line(e)})")) from None
+        # its own forward failed: a config that does not fit its weights or its class (Helium with a head size
+        # its o_proj does not take), or a cache of another kind; it says which, not vlm-export
+        raise AdapterError(f"the language model ({kind}) fails to run one token with a cache in PyTorch "
+                           f"({first_line(e)}): check that Hugging Face's own forward runs on this model and config; "
+                           "the exported decoder needs a transformer's KV cache (keys and values per layer)") from None
     cache = getattr(out, "cache", None)  # transformers 5's name; 4's below
     cache = getattr(out, "past_key_values", None) if cache is None else cache
     layers = getattr(cache, "layers", None)
