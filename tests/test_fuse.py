@@ -790,6 +790,30 @@ def test_attention_sinks_and_a_rotary_on_the_halves_fuse(tmp_path):
     assert len(attentions) == 2 and all(n.input[11] for n in attentions)  # each with its head_sink
 
 
+def test_attention_sinks_applied_after_the_attention_fuse(tmp_path):
+    """Granite SWA scales each head's attention output by sigmoid(logsumexp(scores) - sink): the same extra
+    softmax-denominator logit as gpt-oss's column, written after the attention (it was left unfused: "the
+    attention output is not Transpose(0, 2, 1, 3) + Reshape"). It becomes head_sink; without it the fused
+    form fails parity (checked by hand: prefill logits 0.066 off). Its middle layer has no rotary (a rotary
+    base of 0), the other two their own bases and a 16-position window, which the kernels apply."""
+    from tiny_models import make_tiny_llava
+    from vlm_export.build import BuildOptions, build
+
+    result = build(make_tiny_llava(tmp_path / "granite-swa", family="granite-swa"), tmp_path / "build",
+                   BuildOptions(max_sequence=256, parity_new_tokens=4))
+    assert result.failures == []
+    fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
+    assert fusion["made"] and fusion["fusions"]["attention"] == 3 and fusion["fusions"]["rotary"] == 4, fusion
+    assert fusion["kv_in_place"] and fusion["notes"] == [
+        "2 of 3 attentions apply their sliding window of 16 tokens in the kernel (local_window_size)"], fusion
+    fused = onnx.load(result.path / result.manifest["graphs"]["lm_decoder"]["forms"]["fused"]["file"],
+                      load_external_data=False)
+    attentions = [n for n in fused.graph.node if n.op_type == "GroupQueryAttention"]
+    assert [bool(n.input[11]) for n in attentions] == [True] * 3  # each with its head_sink
+    assert [any(a.name == "do_rotary" for a in n.attribute) for n in attentions] == [True, False, True]
+    assert not any(n.op_type == "ReduceLogSumExp" for n in fused.graph.node)  # the scale went with the attention
+
+
 def test_norms_without_a_weight_and_a_sign_flipped_rotary_fuse(tmp_path):
     """nanochat: its RMSNorms have no weight (the kernels get a unit gamma) and its rotate_half is
     Concat(x2, -x1), the usual rotation with the sine's sign flipped (the caches get the flipped sine;

@@ -122,6 +122,11 @@ TEXT_FAMILIES = {
     # rotate_half), a 16-position window on the first layer, 4 experts (2 per token), q/k/v biases
     "gptoss": ("gpt_oss", {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16,
                            "layer_types": ["sliding_attention", "full_attention"]}),
+    # attention sinks applied after the attention (its output scaled by sigmoid(logsumexp(scores) - sink)), a
+    # 16-position window on the first and last layer, a rotary base per layer: none (NoPE) on the middle one
+    "granite-swa": ("granite_swa", {"num_hidden_layers": 3, "sliding_window": 16,
+                                    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                                    "layer_rope_theta": [10000.0, 0, 500000.0]}),
     # RMSNorms without a weight, rotate_half written (x2, -x1) (the rotation's sign flipped), q/k normed per
     # head after the rotary, logits soft-capped
     "nanochat": ("nanochat", {"final_logit_softcapping": 15.0}),

@@ -64,9 +64,11 @@ extra inputs are computed inside the graph:
   ``cos_cache dimension 0 shall not be less than total_sequence_length``). Measured on the demo
   decoder (w4, 2 threads, quiet machine): 10.2 ms/token against 11.5 with a separate
   ``RotaryEmbedding`` on q and k.
-* attention sinks (gpt-oss's: one logit per head as an extra softmax column, dropped after the softmax)
-  become the kernel's ``head_sink``, which adds each head's ``exp(sink)`` to its softmax's denominator
-  (``_sinks``; ONNX Runtime 1.32, checked against the exported graph by the build's parity).
+* attention sinks (gpt-oss's: one logit per head as an extra softmax column, dropped after the softmax;
+  Granite SWA's: the attention output scaled by sigmoid(logsumexp(scores) - sink), the same thing written
+  after it) become the kernel's ``head_sink``, which adds each head's ``exp(sink)`` to its softmax's
+  denominator (``_sinks``, ``_scaled_by_sinks``; ONNX Runtime 1.32, checked against the exported graph by
+  the build's parity).
 * after the packed-projection pass, ``fold_packed_qkv`` hands the kernel the packed q/k/v
   MatMul's output itself (no ``Split``).
 
@@ -160,15 +162,50 @@ def _sinks(g, name: str) -> tuple[str, np.ndarray | None]:
             node = g.producer.get(node.input[0])
     if node is None or node.op_type != "Concat" or len(node.input) != 2 or g.attr(node, "axis") not in (-1, 3):
         return name, None
-    x, shape = node.input[1], g.shape(node.input[1])
+    shape = g.shape(node.input[1])
     if not shape or len(shape) != 4 or shape[3] != 1:
         return name, None
-    while (values := g.const(x)) is None:
-        source = g.producer.get(x)
+    values = _constant_through_views(g, node.input[1])
+    return (name, None) if values is None else (node.input[0], values.reshape(-1))
+
+
+def _scaled_by_sinks(g, name: str, logits: str) -> tuple[str, np.ndarray] | None:
+    """``name`` (the probabilities times V) multiplied by Unsqueeze(Sigmoid(ReduceLogSumExp(``logits``) -
+    sinks), -1), sinks one constant logit per head (Granite SWA's: sigmoid(lse - sink) = sum / (sum +
+    exp(sink)), the kernel's ``head_sink`` applied after the softmax): (the product, the logits per head),
+    else None."""
+    mul = g.sole_consumer(name, "Mul")
+    unsqueeze = mul and g.producer.get(g.other_input(mul, name) or "")
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or unsqueeze_axis(g, unsqueeze) not in (-1, 3):
+        return None
+    sigmoid = _through_casts(g, unsqueeze.input[0])
+    sub = sigmoid and sigmoid.op_type == "Sigmoid" and _through_casts(g, sigmoid.input[0])
+    lse = sub and sub.op_type == "Sub" and _through_casts(g, sub.input[0])
+    if not lse or lse.op_type != "ReduceLogSumExp" or lse.input[0] != logits or g.attr(lse, "keepdims", 1) != 0:
+        return None
+    axes = g.const(lse.input[1]) if len(lse.input) > 1 and lse.input[1] else np.array(g.attr(lse, "axes", []))
+    values = _constant_through_views(g, sub.input[1])
+    if axes is None or list(axes.reshape(-1)) not in ([-1], [3]) or values is None:
+        return None
+    return mul.output[0], values.reshape(-1)
+
+
+def _through_casts(g, name: str) -> onnx.NodeProto | None:
+    """The node producing ``name``, past any Cast (a dtype the model forces, a no-op in fp32)."""
+    node = g.producer.get(name)
+    while node is not None and node.op_type == "Cast":
+        node = g.producer.get(node.input[0])
+    return node
+
+
+def _constant_through_views(g, name: str) -> np.ndarray | None:
+    """The constant ``name`` is, through Expand / Reshape / Unsqueeze / Cast of it; else None."""
+    while (values := g.const(name)) is None:
+        source = g.producer.get(name)
         if source is None or source.op_type not in ("Expand", "Reshape", "Unsqueeze", "Cast"):
-            return name, None
-        x = source.input[0]
-    return node.input[0], values.reshape(-1)
+            return None
+        name = source.input[0]
+    return values
 
 
 def _upstream(g, names: list[str]):
@@ -407,7 +444,13 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str], kernel_rotary: bo
     present_v, v_rep = _unrepeat(g, pv.input[1])
     v_cat, past_v, v4 = _cache(g, present_v, graph_inputs)
     v3, _, v_heads, v_head_size, v_added = _heads(g, v4, rotary_ok=False)
-    back = g.sole_consumer(pv.output[0], "Transpose")
+    attended = pv.output[0]
+    scaled = _scaled_by_sinks(g, attended, softmax.input[0])
+    if scaled is not None:
+        if sinks is not None:
+            raise _NoMatch(f"{softmax.name}: attention sinks both as a softmax column and as a scale after it")
+        attended, sinks = scaled
+    back = g.sole_consumer(attended, "Transpose")
     out = back and g.sole_consumer(back.output[0], "Reshape")
     if back is None or list(g.attr(back, "perm", [])) != [0, 2, 1, 3] or out is None:
         raise _NoMatch(f"{pv.name}: the attention output is not Transpose(0, 2, 1, 3) + Reshape")
@@ -761,7 +804,7 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
         rotary = list(m["q_rot"].input[1:]) if m["q_rot"] is not None else ["", "", ""]
         pos, cos, sin = rotary
         head_sink = ""
-        if m["sinks"] is not None:  # one logit per head added to the softmax's denominator, as the graph's column
+        if m["sinks"] is not None:  # a logit per head added to the softmax's denominator: the graph's column or scale
             head_sink = f"{softmax.name}_head_sink"
             g.new_inits.append(numpy_helper.from_array(m["sinks"], head_sink))
         new.append(helper.make_node(
