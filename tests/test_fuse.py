@@ -814,6 +814,26 @@ def test_attention_sinks_applied_after_the_attention_fuse(tmp_path):
     assert not any(n.op_type == "ReduceLogSumExp" for n in fused.graph.node)  # the scale went with the attention
 
 
+def test_one_kv_head_never_transposed_fuses(tmp_path):
+    """GPT-BigCode's multi-query attention slices k and v from its fused projection as one head each,
+    (batch, 1, sequence, head size), with no Transpose (it was left unfused: "heads from a Split"). One head
+    is the same memory as its transposed (batch, sequence, head size): the kernel reads that view, and the
+    KV cache becomes one shared buffer. Parity proves the answers."""
+    from tiny_models import make_tiny_llava
+    from vlm_export.build import BuildOptions, build
+
+    result = build(make_tiny_llava(tmp_path / "bigcode", family="gpt-bigcode"), tmp_path / "build",
+                   BuildOptions(max_sequence=256, parity_new_tokens=4))
+    assert result.failures == []
+    fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
+    assert fusion["made"] and fusion["fusions"]["attention"] == 2 and fusion["kv_in_place"], fusion
+    assert fusion["notes"] == [], fusion
+    fused = onnx.load(result.path / result.manifest["graphs"]["lm_decoder"]["forms"]["fused"]["file"],
+                      load_external_data=False)
+    assert {helper.get_attribute_value(a) for n in fused.graph.node if n.op_type == "GroupQueryAttention"
+            for a in n.attribute if a.name == "kv_num_heads"} == {1}
+
+
 def test_norms_without_a_weight_and_a_sign_flipped_rotary_fuse(tmp_path):
     """nanochat: its RMSNorms have no weight (the kernels get a unit gamma) and its rotate_half is
     Concat(x2, -x1), the usual rotation with the sine's sign flipped (the caches get the flipped sine;

@@ -127,6 +127,9 @@ TEXT_FAMILIES = {
     "granite-swa": ("granite_swa", {"num_hidden_layers": 3, "sliding_window": 16,
                                     "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
                                     "layer_rope_theta": [10000.0, 0, 500000.0]}),
+    # multi-query (StarCoder's): one fused q/k/v projection split into q, then k and v as one head each, never
+    # transposed; learned absolute positions; no embed_tokens for LLaVA to tie a head to
+    "gpt-bigcode": ("gpt_bigcode", {"multi_query": True, "tie_word_embeddings": False}),
     # RMSNorms without a weight, rotate_half written (x2, -x1) (the rotation's sign flipped), q/k normed per
     # head after the rotary, logits soft-capped
     "nanochat": ("nanochat", {"final_logit_softcapping": 15.0}),

@@ -322,6 +322,10 @@ def _heads(g, name: str, rotary_ok: bool, kernel_rotary: bool = True):
     normed_bnsh = name if below else None
     node = g.producer.get(below or name)
     if node is None or node.op_type != "Transpose" or list(g.attr(node, "perm", [])) != [0, 2, 1, 3]:
+        one = None if below else _one_head(g, rotated if rotary is not None and not kernel_rotary else name)
+        if one is not None:  # the kernel reads it as (B, S, head size); its rotary, where asked, inside
+            x3, added = one
+            return x3, rotary if kernel_rotary else None, 1, g.shape(name)[3], added
         source = f"a {node.op_type}" if node is not None else "a graph input"
         raise _NoMatch(f"{name}: heads from {source}, neither Transpose(0, 2, 1, 3) of a projection nor a "
                        "function of such heads alone (per head, reading at most the positions)")
@@ -352,6 +356,20 @@ def _heads(g, name: str, rotary_ok: bool, kernel_rotary: bool = True):
                   f"{x3}_shape", onnx.TensorProto.INT64, [3], [0, 0, heads * head_size])),
               helper.make_node("Reshape", [src, f"{x3}_shape"], [x3], name=x3)]
     return x3, rotary, heads, head_size, added
+
+
+def _one_head(g, name: str) -> tuple[str, list[onnx.NodeProto]] | None:
+    """``name`` holds one head, (B, 1, S, head size) - GPT-BigCode's multi-query k and v, sliced from the
+    projection with no transpose -: its (B, S, head size) view, which is the same memory as the transposed
+    heads' (B, S, 1 x head size), and the node making it; else None."""
+    shape = g.shape(name)
+    if not shape or len(shape) != 4 or shape[1] != 1 or not isinstance(shape[3], int):
+        return None
+    x3 = f"{name}_one_head"
+    g.types[x3] = helper.make_tensor_value_info(x3, g.elem_type(name), [shape[0], shape[2], shape[3]]).type.tensor_type
+    return x3, [helper.make_node("Constant", [], [f"{x3}_axes"], name=f"{x3}_axes",
+                                 value=helper.make_tensor(f"{x3}_axes", onnx.TensorProto.INT64, [1], [1])),
+                helper.make_node("Squeeze", [name, f"{x3}_axes"], [x3], name=x3)]
 
 
 def _unrepeat(g, name: str) -> tuple[str, int]:
