@@ -23,8 +23,9 @@ launch per token. This pass rewrites, by pattern only (no model-type branches):
 * ``rotary``: rotate-half RoPE (Slice/Neg/Concat/Mul/Add on q and k, cos/sin computed from
   ``position_ids`` and a constant ``inv_freq``) -> ``com.microsoft.RotaryEmbedding`` with
   constant cos/sin caches of ``max_positions`` rows (the attention rewrite then rotates inside its
-  kernel with the same caches; a rotate_half written Concat(x2, -x1), nanochat's, gets the sine negated); RoPE on neighbouring channel pairs (GPT-J's layout: Cohere, GLM)
-  -> the same op with ``interleaved``, its caches the exported angle sub-graph's own values.
+  kernel with the same caches; a rotate_half written Concat(x2, -x1), nanochat's, gets the sine
+  negated); RoPE on neighbouring channel pairs (GPT-J's layout: Cohere, GLM) -> the same op with
+  ``interleaved``, its caches the exported angle sub-graph's own values.
 * ``attention``: each layer's attention, from the q/k/v projections to the o_proj input
   (heads Reshape/Transpose, rotary, KV Concat, repeat_kv, scores, additive mask, Softmax, output
   Transpose/Reshape) -> ``com.microsoft.GroupQueryAttention`` (rotary inside, reading the packed
