@@ -73,6 +73,25 @@ def _step(feeds, out, tokens):
     return feeds
 
 
+def _tiny_llava_built(tmp_path, family: str):
+    """A tiny LLaVA of ``tiny_models.TEXT_FAMILIES[family]`` built as a user builds it (parity of both decoder
+    forms against PyTorch included; a fused form that fails it falls back, ``made`` False): its decoder's
+    fusion record and the build."""
+    from tiny_models import make_tiny_llava
+    from vlm_export.build import BuildOptions, build
+
+    result = build(make_tiny_llava(tmp_path / family, family=family), tmp_path / "build",
+                   BuildOptions(max_sequence=256, parity_new_tokens=4))
+    assert result.failures == []
+    return result.manifest["graphs"]["lm_decoder"]["fusion"], result
+
+
+def _fused_graph(result, load_external_data: bool = False) -> onnx.ModelProto:
+    """The fused decoder graph of ``result`` (a build)."""
+    return onnx.load(result.path / result.manifest["graphs"]["lm_decoder"]["forms"]["fused"]["file"],
+                     load_external_data=load_external_data)
+
+
 #: text families whose q/k pass through a per-head RMSNorm (Qwen3 before the transpose, Gemma 3 after)
 QK_NORM = {"llava-siglip-qwen3", "llava-gemma3"}
 #: text families with an RMSNorm after attention and after the MLP too (Gemma 2 and 3)
@@ -735,13 +754,7 @@ def test_an_attention_whose_mask_reads_its_own_cache_stays_unfused_and_the_rest_
     the kernel, which produces that cache, cannot also take the mask made from it (the rewrite had made
     the graph feed itself, and the failed pass lost every other fusion with it). That attention is left
     unfused with the reason; the norms and rotary still fuse, and the build passes parity."""
-    from tiny_models import make_tiny_llava
-    from vlm_export.build import BuildOptions, build
-
-    result = build(make_tiny_llava(tmp_path / "doge", family="doge"), tmp_path / "build",
-                   BuildOptions(max_sequence=256, parity_new_tokens=4))
-    assert result.failures == []
-    fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
+    fusion, _ = _tiny_llava_built(tmp_path, "doge")
     assert fusion["made"] and fusion["fusions"]["attention"] == 0, fusion
     assert fusion["fusions"]["rotary"] > 0 and fusion["fusions"]["skip_rms_norm"] > 0, fusion
     assert fusion["notes"] == ["2 attention softmax(es) left unfused: its mask or q/k/v are computed from its own "
@@ -756,13 +769,7 @@ def test_q_k_normed_or_scaled_after_the_rotary_fuse_with_the_graphs_rotary(tmp_p
     the heads as the graph computed them (they were left unfused, "heads not from Transpose(0, 2, 1, 3)" /
     "q and k are not rotated alike"). Parity (positions past Ministral 3's 16, where its scale departs
     from 1) proves the answers."""
-    from tiny_models import make_tiny_llava
-    from vlm_export.build import BuildOptions, build
-
-    result = build(make_tiny_llava(tmp_path / family, family=family), tmp_path / "build",
-                   BuildOptions(max_sequence=256, parity_new_tokens=4))
-    assert result.failures == []
-    fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
+    fusion, _ = _tiny_llava_built(tmp_path, family)
     assert fusion["made"] and fusion["fusions"]["attention"] == 2, fusion
     assert fusion["notes"] == ["2 attention(s) fused with their RotaryEmbedding kept before the kernel: q/k normed "
                                "or scaled after their rotary (Hunyuan's norm, Ministral 3's scale per position), "
@@ -775,17 +782,10 @@ def test_attention_sinks_and_a_rotary_on_the_halves_fuse(tmp_path):
     sin half as wide) rather than through rotate_half. Both were left unfused. Parity proves the answers:
     without head_sink the fused form fails it (checked by hand) and the build falls back to the standard
     graph, which this test would see as ``made`` False."""
-    from tiny_models import make_tiny_llava
-    from vlm_export.build import BuildOptions, build
-
-    result = build(make_tiny_llava(tmp_path / "gptoss", family="gptoss"), tmp_path / "build",
-                   BuildOptions(max_sequence=256, parity_new_tokens=4))
-    assert result.failures == []
-    fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
+    fusion, result = _tiny_llava_built(tmp_path, "gptoss")
     assert fusion["made"] and fusion["fusions"]["attention"] == 2 and fusion["fusions"]["rotary"] == 4, fusion
     assert fusion["kv_in_place"] and not any("left unfused" in note for note in fusion["notes"]), fusion
-    fused = onnx.load(result.path / result.manifest["graphs"]["lm_decoder"]["forms"]["fused"]["file"],
-                      load_external_data=False)
+    fused = _fused_graph(result)
     attentions = [n for n in fused.graph.node if n.op_type == "GroupQueryAttention"]
     assert len(attentions) == 2 and all(n.input[11] for n in attentions)  # each with its head_sink
 
@@ -796,18 +796,11 @@ def test_attention_sinks_applied_after_the_attention_fuse(tmp_path):
     attention output is not Transpose(0, 2, 1, 3) + Reshape"). It becomes head_sink; without it the fused
     form fails parity (checked by hand: prefill logits 0.066 off). Its middle layer has no rotary (a rotary
     base of 0), the other two their own bases and a 16-position window, which the kernels apply."""
-    from tiny_models import make_tiny_llava
-    from vlm_export.build import BuildOptions, build
-
-    result = build(make_tiny_llava(tmp_path / "granite-swa", family="granite-swa"), tmp_path / "build",
-                   BuildOptions(max_sequence=256, parity_new_tokens=4))
-    assert result.failures == []
-    fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
+    fusion, result = _tiny_llava_built(tmp_path, "granite-swa")
     assert fusion["made"] and fusion["fusions"]["attention"] == 3 and fusion["fusions"]["rotary"] == 4, fusion
     assert fusion["kv_in_place"] and fusion["notes"] == [
         "2 of 3 attentions apply their sliding window of 16 tokens in the kernel (local_window_size)"], fusion
-    fused = onnx.load(result.path / result.manifest["graphs"]["lm_decoder"]["forms"]["fused"]["file"],
-                      load_external_data=False)
+    fused = _fused_graph(result)
     attentions = [n for n in fused.graph.node if n.op_type == "GroupQueryAttention"]
     assert [bool(n.input[11]) for n in attentions] == [True] * 3  # each with its head_sink
     assert [any(a.name == "do_rotary" for a in n.attribute) for n in attentions] == [True, False, True]
@@ -819,17 +812,10 @@ def test_one_kv_head_never_transposed_fuses(tmp_path):
     (batch, 1, sequence, head size), with no Transpose (it was left unfused: "heads from a Split"). One head
     is the same memory as its transposed (batch, sequence, head size): the kernel reads that view, and the
     KV cache becomes one shared buffer. Parity proves the answers."""
-    from tiny_models import make_tiny_llava
-    from vlm_export.build import BuildOptions, build
-
-    result = build(make_tiny_llava(tmp_path / "bigcode", family="gpt-bigcode"), tmp_path / "build",
-                   BuildOptions(max_sequence=256, parity_new_tokens=4))
-    assert result.failures == []
-    fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
+    fusion, result = _tiny_llava_built(tmp_path, "gpt-bigcode")
     assert fusion["made"] and fusion["fusions"]["attention"] == 2 and fusion["kv_in_place"], fusion
     assert fusion["notes"] == [], fusion
-    fused = onnx.load(result.path / result.manifest["graphs"]["lm_decoder"]["forms"]["fused"]["file"],
-                      load_external_data=False)
+    fused = _fused_graph(result)
     assert {helper.get_attribute_value(a) for n in fused.graph.node if n.op_type == "GroupQueryAttention"
             for a in n.attribute if a.name == "kv_num_heads"} == {1}
 
@@ -840,19 +826,13 @@ def test_norms_without_a_weight_and_a_sign_flipped_rotary_fuse(tmp_path):
     with the usual sine the fused form fails parity, checked by hand, and the build would fall back to
     the standard graph: ``made`` False here). Both were left as written. Its q/k norms come after the
     rotary, so the graph's RotaryEmbedding stays before the kernel (as Hunyuan's)."""
-    from tiny_models import make_tiny_llava
-    from vlm_export.build import BuildOptions, build
-
-    result = build(make_tiny_llava(tmp_path / "nanochat", family="nanochat"), tmp_path / "build",
-                   BuildOptions(max_sequence=256, parity_new_tokens=4))
-    assert result.failures == []
-    fusion = result.manifest["graphs"]["lm_decoder"]["fusion"]
+    fusion, result = _tiny_llava_built(tmp_path, "nanochat")
     # the embeddings' norm, the first layer's (reading it, no residual Add), 2 x 2 per-head q/k norms alone;
     # the other three layer norms and the final one after a residual Add
     assert fusion["made"] and fusion["fusions"] == {"layer_norm": 0, "rms_norm": 6, "skip_rms_norm": 4,
                                                     "skip_layer_norm": 0, "rotary": 4, "packed_matmul": 0,
                                                     "attention": 2}, fusion
-    fused = onnx.load(result.path / result.manifest["graphs"]["lm_decoder"]["forms"]["fused"]["file"])
+    fused = _fused_graph(result, load_external_data=True)
     ops = collections.Counter(n.op_type for n in fused.graph.node)
     assert ops["ReduceMean"] == ops["Neg"] == ops["Sin"] == 0, ops
     unit = {t.name: numpy_helper.to_array(t) for t in fused.graph.initializer if t.name.startswith("unit_gamma_")}
