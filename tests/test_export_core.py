@@ -550,6 +550,18 @@ def test_llava_with_a_vit_or_dinov2_tower_counts_the_tokens_it_emits(tmp_path, t
         assert build(path, tmp_path / "build", BuildOptions(max_sequence=128, parity_new_tokens=8)).failures == []
 
 
+def test_llava_reading_the_towers_embeddings_output_builds(tmp_path):
+    """vision_feature_layer 0 (the tower's embeddings, before any layer): transformers' own forward
+    asks the tower for hidden states only where that value is truthy, so it fails at 0; the
+    reference names the same layer as a list, and the build's parity holds against it."""
+    from tiny_models import make_tiny_llava
+    from vlm_export.build import BuildOptions, build
+
+    path = make_tiny_llava(tmp_path / "model", feature_layer=0, strategy="full")
+    result = build(path, tmp_path / "build", BuildOptions(max_sequence=128, parity_new_tokens=8))
+    assert result.failures == []
+
+
 def test_llava_with_a_variable_resolution_tower_is_refused(tmp_path):
     """A Pixtral tower (its tokens per image vary with each image) gets a one-line AdapterError."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, PixtralVisionConfig

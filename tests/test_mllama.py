@@ -243,6 +243,17 @@ def test_image_processor_with_other_tiles_is_refused(tmp_path, run_cli):
     assert not (tmp_path / "build").exists()
 
 
+def test_a_text_model_of_only_cross_layers_is_refused(tmp_path, run_cli):
+    """Every text layer a cross-attention one: no self-attention cache to decode with. One line at load,
+    not a torch.export error about the decoder's inputs."""
+    from conftest import assert_one_line_error
+
+    model_dir = make_tiny_mllama(tmp_path / "model", cross_layers=(0, 1), num_layers=2)
+    assert_one_line_error(run_cli("build", str(model_dir), "--out", str(tmp_path / "build")),
+                          "every one of the 2 text layers", "is a cross-attention layer")
+    assert not (tmp_path / "build").exists()
+
+
 def test_images_change_the_logits(mllama, photos):
     """The tiny model's cross-attention is live: another image moves the next-token logits by far more
     than the parity tolerance (so the parity and token tests above could not pass ignoring images)."""

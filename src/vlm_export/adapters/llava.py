@@ -178,6 +178,11 @@ class LlavaAdapter(VLMAdapter):
 
     def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
         images = {} if pixel_values is None else {"pixel_values": pixel_values}  # None trips HF's generate
+        layer = loaded.config.vision_feature_layer
+        if pixel_values is not None and isinstance(layer, int):
+            # the same layer as a one-item list: transformers asks the tower for hidden states only where
+            # vision_feature_layer is truthy, so at 0 (the embeddings' output) its own forward fails
+            images["vision_feature_layer"] = [layer]
         with torch.no_grad():
             out = loaded.model.generate(
                 input_ids=input_ids,

@@ -151,6 +151,13 @@ class MllamaAdapter(VLMAdapter):
         model, tokenizer, image_processor = load_hf_parts(MllamaForConditionalGeneration, path)
         cfg = model.config
         processor = load_processor(MllamaProcessor, path, cfg.image_token_index)
+        text = cfg.text_config
+        if not set(range(text.num_hidden_layers)) - {int(i) for i in text.cross_attention_layers}:
+            # the decoder's growing cache is its self-attention layers' (contract/cross.py): without one
+            # there is nothing to decode token by token with, and no Llama-3.2-Vision is laid out so
+            raise AdapterError(f"every one of the {text.num_hidden_layers} text layers in {path} is a cross-attention "
+                               f"layer (cross_attention_layers {list(text.cross_attention_layers)}): the mllama adapter "
+                               "needs self-attention layers between them, as Llama 3.2 Vision has")
         tiles = cfg.vision_config.max_num_tiles
         if image_processor.max_image_tiles != tiles:
             raise AdapterError(f"the image processor in {path} pads images to {image_processor.max_image_tiles} "
