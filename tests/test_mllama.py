@@ -243,14 +243,18 @@ def test_image_processor_with_other_tiles_is_refused(tmp_path, run_cli):
     assert not (tmp_path / "build").exists()
 
 
-def test_a_text_model_of_only_cross_layers_is_refused(tmp_path, run_cli):
-    """Every text layer a cross-attention one: no self-attention cache to decode with. One line at load,
-    not a torch.export error about the decoder's inputs."""
+@pytest.mark.parametrize("cross_layers, num_layers, needles", [
+    ((0, 1), 2, ("every one of the 2 text layers", "is a cross-attention layer")),
+    ((1, 7), 4, ("cross_attention_layers [1, 7]", "names layer(s) [7], but the text model has 4")),
+])
+def test_cross_layers_the_decoder_cannot_take_are_refused(tmp_path, run_cli, cross_layers, num_layers, needles):
+    """Every text layer a cross-attention one (no self-attention cache to decode with), or a cross layer
+    past the last one (HF builds the model and never reaches it): one line at load, not an error from
+    deep inside the split or the export."""
     from conftest import assert_one_line_error
 
-    model_dir = make_tiny_mllama(tmp_path / "model", cross_layers=(0, 1), num_layers=2)
-    assert_one_line_error(run_cli("build", str(model_dir), "--out", str(tmp_path / "build")),
-                          "every one of the 2 text layers", "is a cross-attention layer")
+    model_dir = make_tiny_mllama(tmp_path / "model", cross_layers=cross_layers, num_layers=num_layers)
+    assert_one_line_error(run_cli("build", str(model_dir), "--out", str(tmp_path / "build")), *needles)
     assert not (tmp_path / "build").exists()
 
 

@@ -152,6 +152,11 @@ class MllamaAdapter(VLMAdapter):
         cfg = model.config
         processor = load_processor(MllamaProcessor, path, cfg.image_token_index)
         text = cfg.text_config
+        outside = [int(i) for i in text.cross_attention_layers if not 0 <= int(i) < text.num_hidden_layers]
+        if outside:
+            raise AdapterError(f"cross_attention_layers {list(text.cross_attention_layers)} in "
+                               f"{Path(path) / 'config.json'} names layer(s) {outside}, but the text model has "
+                               f"{text.num_hidden_layers} (0 to {text.num_hidden_layers - 1}): fix the config")
         if not set(range(text.num_hidden_layers)) - {int(i) for i in text.cross_attention_layers}:
             # the decoder's growing cache is its self-attention layers' (contract/cross.py): without one
             # there is nothing to decode token by token with, and no Llama-3.2-Vision is laid out so
