@@ -243,6 +243,21 @@ def test_image_processor_with_other_tiles_is_refused(tmp_path, run_cli):
     assert not (tmp_path / "build").exists()
 
 
+def test_image_processor_with_other_tile_size_is_refused(tmp_path, run_cli):
+    """Tiles of another size than the vision model's image_size (HF's own forward fails on them at its
+    position embedding): one line at load, naming both sizes."""
+    from conftest import assert_one_line_error
+
+    model_dir = make_tiny_mllama(tmp_path / "model")
+    config = model_dir / "processor_config.json"
+    saved = json.loads(config.read_text())
+    saved["image_processor"]["size"] = {"height": 24, "width": 24}
+    config.write_text(json.dumps(saved))
+    assert_one_line_error(run_cli("build", str(model_dir), "--out", str(tmp_path / "build")),
+                          "makes 24x24 images but the vision tower takes 16x16")
+    assert not (tmp_path / "build").exists()
+
+
 @pytest.mark.parametrize("cross_layers, num_layers, needles", [
     ((0, 1), 2, ("every one of the 2 text layers", "is a cross-attention layer")),
     ((1, 7), 4, ("cross_attention_layers [1, 7]", "names layer(s) [7], but the text model has 4")),

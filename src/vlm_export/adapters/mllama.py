@@ -32,7 +32,7 @@ from ..contract.cross import CROSS_KV, CrossAttentionScheme
 from ..errors import AdapterError
 from ..runtime.prompt import build_prompt_ids
 from . import register
-from .base import LoadedModel, Stage, VLMAdapter
+from .base import LoadedModel, Stage, VLMAdapter, check_image_size
 from .loading import load_hf_parts, load_processor, run_processor
 
 PROBE_PROMPT = "What is in the picture?"
@@ -168,6 +168,7 @@ class MllamaAdapter(VLMAdapter):
             raise AdapterError(f"the image processor in {path} pads images to {image_processor.max_image_tiles} "
                                f"tiles but the vision model takes {tiles}; set its max_image_tiles to {tiles}")
         loaded = LoadedModel(self, Path(path), model, tokenizer, image_processor, cfg, processor=processor)
+        check_image_size(loaded, (cfg.vision_config.image_size,) * 2)  # each tile's
         self._check_processor(loaded)
         return loaded
 
