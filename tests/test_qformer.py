@@ -171,6 +171,17 @@ def test_repository_configs_fit_the_graphs(tiny_build, target):
     assert [s["model_name"] for s in ensemble["ensemble_scheduling"]["step"]] == ["preprocess", "vision_encoder", "qformer"]
 
 
+def test_instructblip_without_its_qformer_tokenizer_is_refused(tiny_model_dir, tmp_path, run_cli):
+    """A folder that lost qformer_tokenizer/: transformers falls back to the LM's tokenizer, whose ids
+    the Q-Former has no embedding for (HF's forward fails with an index error). One line at load."""
+    src = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("instructblip-llama"), src)
+    shutil.rmtree(src / "qformer_tokenizer")
+    assert_one_line_error(run_cli("build", str(src), "--out", str(tmp_path / "out")),
+                          "the Q-Former tokenizer in", "the folder has no qformer_tokenizer/")
+    assert not (tmp_path / "out").exists()
+
+
 def test_processor_that_does_not_expand_image_tokens_is_refused(tiny_model_dir, tmp_path, run_cli):
     """A processor that expands another number of image tokens, a config whose image token is not the
     processor's, and a processor that fails on its own checkpoint (Hugging Face cannot run it either)

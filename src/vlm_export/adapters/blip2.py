@@ -110,9 +110,24 @@ class QFormerAdapterBase(VLMAdapter):
         processor = load_processor(getattr(transformers, self.processor_cls), path)
         loaded = LoadedModel(self, Path(path), model, tokenizer, image_processor, cfg, processor=processor,
                              image_text_tokenizer=getattr(processor, "qformer_tokenizer", None))
+        self._check_image_text_tokenizer(loaded)
         self._check_processor(loaded)
         check_image_size(loaded, self.image_size(loaded))
         return loaded
+
+    @staticmethod
+    def _check_image_text_tokenizer(loaded: LoadedModel) -> None:
+        """The Q-Former's own tokenizer (InstructBLIP's) must write ids its text embeddings have: a folder
+        without its qformer_tokenizer/ makes transformers fall back to the LM's tokenizer, whose ids run past
+        them (HF's own forward then fails with an index error on the first prompt)."""
+        tok, qformer = loaded.image_text_tokenizer, loaded.config.qformer_config
+        if tok is None or len(tok) <= qformer.vocab_size:
+            return
+        missing = "" if (loaded.path / "qformer_tokenizer").is_dir() else " (the folder has no qformer_tokenizer/: " \
+            "transformers loaded the language model's tokenizer in its place)"
+        raise AdapterError(f"the Q-Former tokenizer in {loaded.path} has {len(tok)} tokens but the Q-Former embeds "
+                           f"{qformer.vocab_size}{missing}; save the processor with its own qformer_tokenizer "
+                           "(processor.save_pretrained)")
 
     def _check_processor(self, loaded: LoadedModel) -> None:
         """Our prompt ids must be the processor's own, image tokens included."""
