@@ -48,6 +48,19 @@ def test_corrupt_weights(tmp_path, tiny_model_dir, run_cli):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
 
 
+def test_corrupt_generation_config(tmp_path, tiny_model_dir, run_cli):
+    """transformers' from_pretrained only logs an unreadable generation_config.json and decodes with its
+    defaults; the build refuses it instead of silently losing the model's stop tokens and settings."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir("llava-llama"), broken)
+    (broken / "generation_config.json").write_text('{"eos_token_id": [2,')
+    assert_one_line_error(run_cli("build", str(broken), "--out", str(tmp_path / "out")),
+                          "cannot read", "generation_config.json", "fix it, or delete it")
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_config_json(tmp_path, tiny_model_dir, run_cli):
     import shutil
 

@@ -33,6 +33,7 @@ def load_hf_parts(model_cls, path: Path, *, processor: bool = True):
             "save_pretrained output"
         ) from None
     model.eval()
+    _check_generation_config(path)
     longrope_per_row(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -47,6 +48,21 @@ def load_hf_parts(model_cls, path: Path, *, processor: bool = True):
                 f"cannot load the image processor in {path} ({first_line(e)}); save preprocessor_config.json beside the model"
             ) from None
     return model, tokenizer, image_processor
+
+
+def _check_generation_config(path: Path) -> None:
+    """A generation_config.json that cannot be read: transformers' from_pretrained logs it and generates with
+    the defaults (other end-of-sequence tokens, no sampling settings), so the build would silently decode
+    otherwise than the model's author set; refused instead."""
+    from transformers import GenerationConfig
+
+    if not (path / "generation_config.json").is_file():
+        return
+    try:
+        GenerationConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - JSON, unknown values, unreadable file: all the user's to fix
+        raise ModelLoadError(f"cannot read {path / 'generation_config.json'} ({first_line(e)}); fix it, or delete it "
+                             "to generate with the model config's defaults") from None
 
 
 def load_processor(processor_cls, path: Path, image_token_id: int | None = None):
