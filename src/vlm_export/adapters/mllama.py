@@ -152,16 +152,17 @@ class MllamaAdapter(VLMAdapter):
         cfg = model.config
         processor = load_processor(MllamaProcessor, path, cfg.image_token_index)
         text = cfg.text_config
-        outside = [int(i) for i in text.cross_attention_layers if not 0 <= int(i) < text.num_hidden_layers]
+        cross = [int(i) for i in text.cross_attention_layers]
+        outside = [i for i in cross if not 0 <= i < text.num_hidden_layers]
         if outside:
-            raise AdapterError(f"cross_attention_layers {list(text.cross_attention_layers)} in "
+            raise AdapterError(f"cross_attention_layers {cross} in "
                                f"{Path(path) / 'config.json'} names layer(s) {outside}, but the text model has "
                                f"{text.num_hidden_layers} (0 to {text.num_hidden_layers - 1}): fix the config")
-        if not set(range(text.num_hidden_layers)) - {int(i) for i in text.cross_attention_layers}:
+        if not set(range(text.num_hidden_layers)) - set(cross):
             # the decoder's growing cache is its self-attention layers' (contract/cross.py): without one
             # there is nothing to decode token by token with, and no Llama-3.2-Vision is laid out so
             raise AdapterError(f"every one of the {text.num_hidden_layers} text layers in {path} is a cross-attention "
-                               f"layer (cross_attention_layers {list(text.cross_attention_layers)}): the mllama adapter "
+                               f"layer (cross_attention_layers {cross}): the mllama adapter "
                                "needs self-attention layers between them, as Llama 3.2 Vision has")
         tiles = cfg.vision_config.max_num_tiles
         if image_processor.max_image_tiles != tiles:
