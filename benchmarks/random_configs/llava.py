@@ -1,0 +1,57 @@
+"""One random tiny LLaVA per seed (the tests' helpers, other sizes and layouts): python llava.py SEED OUT_DIR.
+Prints what it drew as JSON lines. Used by sweep.sh; see docs/adapters.md (the forty-second session's sweep)."""
+import json, random, sys
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+import tiny_models as tm
+
+seed, out = int(sys.argv[1]), Path(sys.argv[2])
+r = random.Random(seed)
+family = r.choice(list(tm.TEXT_FAMILIES))
+tower = r.choice(["clip", "siglip", "vit", "dinov2", "dinov2-registers"])
+patch = r.choice([4, 6, 8, 14])
+n = r.choice([2, 3, 4, 5])
+image = patch * n
+vlayers = r.choice([1, 2, 3])
+heads = r.choice([2, 4, 8])
+kv = r.choice([h for h in (1, 2, 4, 8) if heads % h == 0])
+head_dim = r.choice([8, 16, 32])
+hidden = r.choice([48, 64, 96])
+text = dict(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv,
+            num_hidden_layers=r.choice([1, 2, 3]), intermediate_size=r.choice([72, 128, 200]))
+if r.random() < 0.5:
+    text["head_dim"] = head_dim
+extra = tm.TEXT_FAMILIES[family][1]
+for key in ("layer_types", "layer_rope_theta", "layers_block_type", "no_rope_layers"):  # lists fix the depth
+    if isinstance(extra.get(key), list):
+        text["num_hidden_layers"] = len(extra[key])
+if "rope_parameters" in extra or "rope_scaling" in extra:  # factors sized for the default head size
+    text.pop("head_dim", None); text["hidden_size"] = 64; text["num_attention_heads"] = 4
+fl_choices = [-1, -2, 0, vlayers, [-2, -1], [0, -1]]
+fl = r.choice(fl_choices)
+strategy = r.choice(["default", "full"])
+hf_processor = r.random() < 0.5
+sp = hf_processor and r.random() < 0.5
+vh = r.choice([16, 32, 48])
+vs = dict(patch_size=patch, num_hidden_layers=vlayers, hidden_size=vh, num_attention_heads=r.choice([1, 2, 4]) if vh != 48 else r.choice([1, 2, 3]))
+desc = dict(seed=seed, family=family, tower=tower, image=image, text=text, vision=vs, feature_layer=fl,
+            strategy=strategy, hf_processor=hf_processor, sentencepiece=sp)
+tm.make_tiny_llava(out, family=family, seed=seed, strategy=strategy, feature_layer=fl, tower=tower,
+                   hf_processor=hf_processor, sentencepiece=sp, image_size=image, text_sizes=text, vision_sizes=vs)
+if hf_processor:  # the tower's real extra tokens, as a correct checkpoint would have them
+    p = out / "processor_config.json"
+    d = json.loads(p.read_text())
+    d["num_additional_image_tokens"] = {"siglip": 0, "dinov2-registers": 3}.get(tower, 1)
+    p.write_text(json.dumps(d, indent=2))
+cfgp = out / "config.json"
+c = json.loads(cfgp.read_text())
+c["projector_hidden_act"] = r.choice(["gelu", "silu", "quick_gelu", "gelu_pytorch_tanh", "relu"])
+cfgp.write_text(json.dumps(c, indent=2))
+if r.random() < 0.3:  # saved in bfloat16, as many checkpoints are (the build loads fp32)
+    import torch
+    from transformers import LlavaForConditionalGeneration
+    m = LlavaForConditionalGeneration.from_pretrained(out).to(torch.bfloat16)
+    m.save_pretrained(out)
+    c = json.loads(cfgp.read_text())
+desc.update(act=c["projector_hidden_act"], dtype=c.get("dtype", c.get("torch_dtype")))
+print(json.dumps(desc))
