@@ -173,6 +173,11 @@ LLAVA_HF_CHAT_TEMPLATE = (
     "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 
+#: tokens a tower emits past its patches (what LlavaProcessor's num_additional_image_tokens counts): a CLS
+#: token for CLIP / ViT / DINOv2, none for SigLIP, CLS + 2 registers for the registers' DINOv2
+_TOKENS_PAST_PATCHES = {"siglip": 0, "dinov2-registers": 3}
+
+
 def make_tiny_llava(path: Path, family: str = "llama", seed: int = 0, strategy: str = "default",
                     feature_layer: int | list[int] = -2, tower: str = "clip", hf_processor: bool = False,
                     sentencepiece: bool = False, image_size: int | None = None, text_sizes: dict | None = None,
@@ -204,7 +209,8 @@ def make_tiny_llava(path: Path, family: str = "llama", seed: int = 0, strategy: 
         image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=cfg.vision_config.patch_size,
                        vision_feature_select_strategy=strategy,
-                       num_additional_image_tokens=1, chat_template=LLAVA_HF_CHAT_TEMPLATE).save_pretrained(path)
+                       num_additional_image_tokens=_TOKENS_PAST_PATCHES.get(tower, 1),
+                       chat_template=LLAVA_HF_CHAT_TEMPLATE).save_pretrained(path)
         return path
     _save_tokenizer_and_processor(path, size)
     if tower == "siglip":  # SigLIP's own processor: a plain resize, no crop
@@ -438,11 +444,13 @@ MLLAMA_CHAT_TEMPLATE = (
 
 
 def make_tiny_mllama(path: Path, seed: int = 0, cross_layers: tuple[int, ...] = (1, 3), num_layers: int = 5,
-                     tiles: int = 3, image_size: int = 16) -> Path:
+                     tiles: int = 3, image_size: int = 16, vision_sizes: dict | None = None,
+                     text_sizes: dict | None = None) -> Path:
     """A tiny random Llama-3.2-Vision (MllamaForConditionalGeneration) with its MllamaProcessor.
     The image token is added to SmolLM2's tokenizer at id VOCAB (as Llama 3.2's is the first id past
     its vocabulary: mllama's embedding has 8 extra rows). The cross-attention gates, 0 at init (the
-    layers off), are drawn at random so the images change the answer."""
+    layers off), are drawn at random so the images change the answer. ``vision_sizes`` / ``text_sizes``:
+    config values over the tiny defaults (other widths, heads, depths, patch sizes, feature layers)."""
     from transformers import (AutoTokenizer, MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil,
                               MllamaProcessor, MllamaTextConfig, MllamaVisionConfig)
 
@@ -450,12 +458,13 @@ def make_tiny_mllama(path: Path, seed: int = 0, cross_layers: tuple[int, ...] = 
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
     tokenizer.chat_template = MLLAMA_CHAT_TEMPLATE
     ratios = [[h, w] for h in range(1, tiles + 1) for w in range(1, tiles + 1) if h * w <= tiles]
-    vision = MllamaVisionConfig(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
-                                intermediate_size=64, image_size=image_size, patch_size=8, max_num_tiles=tiles,
-                                intermediate_layers_indices=[0, 1], vision_output_dim=96,
-                                supported_aspect_ratios=ratios)
-    text = MllamaTextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-                            num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=list(cross_layers),
+    vision = MllamaVisionConfig(**{**dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                                          intermediate_size=64, patch_size=8, intermediate_layers_indices=[0, 1],
+                                          vision_output_dim=96), **(vision_sizes or {})},
+                                image_size=image_size, max_num_tiles=tiles, supported_aspect_ratios=ratios)
+    text = MllamaTextConfig(**{**dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                      num_key_value_heads=2), **(text_sizes or {})},
+                            vocab_size=VOCAB, num_hidden_layers=num_layers, cross_attention_layers=list(cross_layers),
                             max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     torch.manual_seed(seed)
     model = MllamaForConditionalGeneration(MllamaConfig(vision_config=vision, text_config=text,

@@ -38,11 +38,6 @@ desc = dict(seed=seed, family=family, tower=tower, image=image, text=text, visio
             strategy=strategy, hf_processor=hf_processor, sentencepiece=sp)
 tm.make_tiny_llava(out, family=family, seed=seed, strategy=strategy, feature_layer=fl, tower=tower,
                    hf_processor=hf_processor, sentencepiece=sp, image_size=image, text_sizes=text, vision_sizes=vs)
-if hf_processor:  # the tower's real extra tokens, as a correct checkpoint would have them
-    p = out / "processor_config.json"
-    d = json.loads(p.read_text())
-    d["num_additional_image_tokens"] = {"siglip": 0, "dinov2-registers": 3}.get(tower, 1)
-    p.write_text(json.dumps(d, indent=2))
 cfgp = out / "config.json"
 c = json.loads(cfgp.read_text())
 c["projector_hidden_act"] = r.choice(["gelu", "silu", "quick_gelu", "gelu_pytorch_tanh", "relu"])

@@ -12,42 +12,24 @@ kind = ["mllama", "blip2", "instructblip", "florence2"][seed % 4]
 desc = {"seed": seed, "kind": kind}
 
 def mllama():
-    from transformers import (AutoTokenizer, MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil,
-                              MllamaProcessor, MllamaTextConfig, MllamaVisionConfig)
-    tokenizer = AutoTokenizer.from_pretrained(tm.smollm2_tokenizer_dir())
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
-    tokenizer.chat_template = tm.MLLAMA_CHAT_TEMPLATE
     tiles = r.choice([1, 2, 3, 4])
     patch = r.choice([4, 8])
     image_size = patch * r.choice([2, 3, 4])
-    ratios = [[h, w] for h in range(1, tiles + 1) for w in range(1, tiles + 1) if h * w <= tiles]
     vlayers = r.choice([2, 3, 4])
     inter = sorted(r.sample(range(vlayers), r.choice([1, 2])))
     vh = r.choice([32, 48])
-    vision = MllamaVisionConfig(hidden_size=vh, num_hidden_layers=vlayers, num_global_layers=r.choice([1, 2]),
-                                attention_heads=r.choice([2, 4]), intermediate_size=64, image_size=image_size,
-                                patch_size=patch, max_num_tiles=tiles, intermediate_layers_indices=inter,
-                                vision_output_dim=vh * (len(inter) + 1), supported_aspect_ratios=ratios)
+    vision = dict(hidden_size=vh, num_hidden_layers=vlayers, num_global_layers=r.choice([1, 2]),
+                  attention_heads=r.choice([2, 4]), patch_size=patch, intermediate_layers_indices=inter,
+                  vision_output_dim=vh * (len(inter) + 1))
     n = r.choice([2, 3, 4, 6])
     cross = sorted(r.sample(range(n), r.choice([1, 2])))
     heads = r.choice([2, 4, 8]); kv = r.choice([k for k in (1, 2, 4) if heads % k == 0])
-    text = MllamaTextConfig(vocab_size=tm.VOCAB, hidden_size=r.choice([64, 96]), intermediate_size=r.choice([96, 128]),
-                            num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=kv,
-                            cross_attention_layers=cross, max_position_embeddings=512, bos_token_id=1,
-                            eos_token_id=2, pad_token_id=2)
+    text = dict(hidden_size=r.choice([64, 96]), intermediate_size=r.choice([96, 128]), num_attention_heads=heads,
+                num_key_value_heads=kv)
     desc.update(tiles=tiles, image=image_size, patch=patch, vlayers=vlayers, inter=inter, n=n, cross=cross,
-                heads=heads, kv=kv, hidden=text.hidden_size)
-    torch.manual_seed(seed)
-    model = MllamaForConditionalGeneration(MllamaConfig(vision_config=vision, text_config=text,
-                                                        image_token_index=tm.VOCAB)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.split(".")[-1] in ("cross_attn_attn_gate", "cross_attn_mlp_gate", "gate", "gate_attn", "gate_ffn"):
-                param.uniform_(-1.5, 1.5)
-        model.model.multi_modal_projector.weight.normal_(std=0.2)
-    model.save_pretrained(out)
-    ip = MllamaImageProcessorPil(size={"height": image_size, "width": image_size}, max_image_tiles=tiles)
-    MllamaProcessor(image_processor=ip, tokenizer=tokenizer, chat_template=tm.MLLAMA_CHAT_TEMPLATE).save_pretrained(out)
+                heads=heads, kv=kv, hidden=text["hidden_size"])
+    tm.make_tiny_mllama(out, seed=seed, cross_layers=tuple(cross), num_layers=n, tiles=tiles, image_size=image_size,
+                        vision_sizes=vision, text_sizes=text)
 
 def blip(instruct):
     from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
