@@ -126,6 +126,50 @@ def test_other_mergeable_adapter_families(base_dir, tmp_path, kind):
     assert all(v < 1e-4 for v in record.max_abs.values()), record.max_abs
 
 
+@pytest.fixture(scope="module")
+def tied_base_dir(tmp_path_factory) -> Path:
+    """A LLaVA whose LM head is its input embedding (tie_word_embeddings), as Gemma's, Qwen2's small ones are."""
+    from tiny_models import make_tiny_llava
+
+    return make_tiny_llava(tmp_path_factory.mktemp("tied") / "llava", text_sizes={"tie_word_embeddings": True})
+
+
+@pytest.mark.parametrize("targets", [
+    {"target_modules": ["embed_tokens", "q_proj"]},  # LoRA on the embedding: the head must not take it
+    {"target_modules": ["lm_head"]},  # on the head: the embedding must not take it
+    {"target_modules": ["lm_head", "embed_tokens"]},  # on both: each its own delta, not both deltas twice
+    {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},  # a trained copy of the head
+], ids=["embedding", "head", "both", "head-saved"])
+def test_adapter_on_a_tied_head_or_embedding_merges_untied(tied_base_dir, tmp_path, targets):
+    """Merging adds into a layer's weight; a tied weight would carry it to the other module. Once refused as
+    "does not merge exactly" (the proof's difference 6-580); now the adapted layer gets its own copy, the merge
+    is exact, and the config says untied, so the LM saved for the peers' runtimes keeps both weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = get_peft_model(LlavaForConditionalGeneration.from_pretrained(tied_base_dir),
+                           LoraConfig(r=4, init_lora_weights=False, **targets))
+    with torch.no_grad():  # a trained-looking copy of the head
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = _load(tied_base_dir)
+    assert loaded.model.get_input_embeddings().weight is loaded.model.get_output_embeddings().weight
+    merged, record = merge_lora(loaded, tmp_path / "adapter")
+    assert record.changed and all(v < 1e-4 for v in record.max_abs.values()), record.max_abs
+    assert bool(record.untied) == ("modules_to_save" not in targets), record.untied
+    m = merged.model
+    embedding, head = m.get_input_embeddings().weight, m.get_output_embeddings().weight
+    assert embedding is not head and not torch.equal(embedding, head)
+    assert not m.config.get_text_config(decoder=True).tie_word_embeddings
+    saved = adapter_for(tied_base_dir).write_text_model(merged, tmp_path / "lm")
+    lm = AutoModelForCausalLM.from_pretrained(saved)
+    assert torch.equal(lm.get_input_embeddings().weight, embedding)
+    assert torch.equal(lm.get_output_embeddings().weight, head)
+
+
 def test_base_name_check(base_dir, adapter):
     # a hub id whose tail is the model folder's name is the same model
     _edit_config(adapter, base_model_name_or_path=f"some-org/{base_dir.name}")

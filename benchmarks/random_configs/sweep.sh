@@ -3,7 +3,8 @@
 # append one line per seed to OUT/results.txt (rc, seconds, what was drawn, the build's last line). A
 # model and build that succeed are deleted; failures are kept in OUT for a look. rc 70 is an internal
 # error (a bug); rc 1 a refusal or a failed gate, which on random weights may be right.
-#   usage: benchmarks/random_configs/sweep.sh llava|other FIRST_SEED LAST_SEED OUT [build options...]
+# lora.py also writes a PEFT adapter beside the model (OUT/model-SEED.lora), which the build merges (--lora).
+#   usage: benchmarks/random_configs/sweep.sh llava|other|lora FIRST_SEED LAST_SEED OUT [build options...]
 #   e.g.:  benchmarks/random_configs/sweep.sh other 100 140 /tmp/sweep --precision fp16
 set -u
 here=$(cd "$(dirname "$0")" && pwd); root=$(cd "$here/../.." && pwd)
@@ -11,15 +12,17 @@ maker=$here/$1.py; first=$2; last=$3; out=$4; shift 4
 mkdir -p "$out"
 for seed in $(seq "$first" "$last"); do
   model=$out/model-$seed; build=$out/build-$seed
-  rm -rf "$model" "$build"
-  drawn=$("$root/.venv/bin/python" "$maker" "$seed" "$model" 2>"$model.make.log" | tail -1)
-  if [ ! -f "$model/config.json" ]; then
+  rm -rf "$model" "$model.lora" "$build"
+  "$root/.venv/bin/python" "$maker" "$seed" "$model" > "$model.drawn" 2>"$model.make.log"
+  made=$?; drawn=$(tail -1 "$model.drawn"); rm -f "$model.drawn"
+  lora=(); [ -d "$model.lora" ] && lora=(--lora "$model.lora")
+  if [ $made -ne 0 ] || [ ! -f "$model/config.json" ]; then
     echo "$seed MAKEFAIL $drawn | $(tail -1 "$model.make.log")" >> "$out/results.txt"; continue
   fi
   start=$(date +%s)
-  timeout 1200 "$root/.venv/bin/vlm-export" build "$model" --out "$build" --parity-tokens 16 "$@" > "$build.log" 2>&1
+  timeout 1200 "$root/.venv/bin/vlm-export" build "$model" --out "$build" --parity-tokens 16 "${lora[@]}" "$@" > "$build.log" 2>&1
   rc=$?
   echo "$seed rc=$rc $(( $(date +%s) - start ))s $* $drawn | $(grep -v '^\s*$' "$build.log" | tail -1 | cut -c1-400)" \
     >> "$out/results.txt"
-  [ $rc -eq 0 ] && rm -rf "$model" "$build" "$model.make.log" "$build.log"
+  [ $rc -eq 0 ] && rm -rf "$model" "$model.lora" "$build" "$model.make.log" "$build.log"
 done

@@ -43,6 +43,9 @@ class LoraMerge:
     max_abs: dict[str, float]  # per stage: max |adapter layers in place - merged weights|
     effect: dict[str, float]  # per stage: max |adapter layers in place - base model|
     changed: bool  # False for a no-op adapter (e.g. LoRA B still zero: never trained)
+    # adapted layers' weights that were shared with another module (a tied LM head and input embedding) and got
+    # a copy of their own before the merge; the merged model is untied there (its config says so)
+    untied: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,6 +135,53 @@ def _inject(loaded: LoadedModel, config, adapter_dir: Path):
     return peft_model
 
 
+def _untie_adapted(peft_model) -> list[str]:
+    """Give each adapted layer's weights a copy of their own where another module holds the same tensor
+    (an LM head tied to the input embedding): a merge adds the layer's delta into its weight, and a shared
+    one would change the other module too, or take both modules' deltas, which the adapter never did.
+    Trainable-token layers are left shared: their merge writes rows rather than adding, and PEFT ties the
+    head's to the embedding's on purpose. The stage proof still checks every merge."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    root = peft_model.get_base_model()
+    holders: dict[int, set[int]] = {}
+    for module in root.modules():
+        for p in module.parameters(recurse=False):
+            holders.setdefault(id(p), set()).add(id(module))
+    untied = []
+    for name, module in root.named_modules():
+        if not isinstance(module, BaseTunerLayer) or isinstance(module, TrainableTokensLayer):
+            continue
+        base = module.get_base_layer()
+        for pname, p in list(base.named_parameters(recurse=False)):
+            if len(holders.get(id(p), ())) > 1:
+                setattr(base, pname, torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+                untied.append(f"{name}.{pname}")
+    return untied
+
+
+def _say_untied(model: torch.nn.Module) -> None:
+    """Set ``tie_word_embeddings`` false where a merge left a model's LM head and input embedding apart
+    (an untied copy above, or a head replaced by a modules_to_save copy), so that nothing that rebuilds
+    the model from its config (a saved LM for the peers' runtimes) ties them back."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if not isinstance(module, PreTrainedModel):
+            continue
+        try:
+            inputs, outputs = module.get_input_embeddings(), module.get_output_embeddings()
+        except (NotImplementedError, AttributeError):
+            continue
+        if getattr(inputs, "weight", None) is None or getattr(outputs, "weight", None) is None:
+            continue
+        if inputs.weight is not outputs.weight:  # PEFT may have cleared the top config's flag already, not the text's
+            for config in (module.config, module.config.get_text_config(decoder=True)):
+                if getattr(config, "tie_word_embeddings", False):
+                    config.tie_word_embeddings = False
+
+
 def _flat(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
@@ -183,6 +233,7 @@ def merge_lora(loaded: LoadedModel, adapter_dir: Path, *, check_base: bool = Tru
     with warnings.catch_warnings():  # PEFT/transformers deprecation chatter; the load is checked above
         warnings.simplefilter("ignore")
         peft_model = _inject(loaded, config, adapter_dir)
+        untied = _untie_adapted(peft_model)
         # the stages share the model's submodules, so they run through the injected adapter layers
         stages = split(loaded)
         inputs = {s.name: s.example_inputs for s in stages}  # the same inputs for all three runs
@@ -193,6 +244,7 @@ def merge_lora(loaded: LoadedModel, adapter_dir: Path, *, check_base: bool = Tru
             model = peft_model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN weights
         except (NotImplementedError, ValueError, TypeError, AttributeError, RuntimeError) as e:
             raise AdapterError(f"the {kind} adapter in {adapter_dir} cannot be merged ({first_line(e)})") from None
+        _say_untied(model)
     merged = dataclasses.replace(loaded, model=model)
     after = _run(split(merged), inputs)  # split again: the stages must hold the merged plain layers
 
@@ -217,4 +269,5 @@ def merge_lora(loaded: LoadedModel, adapter_dir: Path, *, check_base: bool = Tru
         max_abs=max_abs,
         effect=effect,
         changed=any(effect[name] > limit[name] for name in adapted),
+        untied=untied,
     )

@@ -74,7 +74,9 @@ def render_markdown(report: dict) -> str:
         worst = max(lora["max_abs"].values(), default=0.0)
         lines += [f"Merged {lora['peft_type']} adapter `{lora['path']}` (rank {lora['rank']}, targets "
                   f"{', '.join(lora['target_modules'])}): merged vs unmerged max abs {worst:.3g} over the stages"
-                  + ("" if lora["changed"] else " - the adapter changes nothing (untrained?)"), ""]
+                  + ("" if lora["changed"] else " - the adapter changes nothing (untrained?)")
+                  + (f"; given their own copy of a tied weight: {', '.join(lora['untied'])}" if lora.get("untied") else ""),
+                  ""]
     v = report["versions"]
     lines += [f"torch {v['torch']}, transformers {v['transformers']}, onnxruntime {v['onnxruntime']}", "",
               "## Graphs", "", "| stage | form | precision | size (MB) | export (s) | run by |",
