@@ -4,6 +4,8 @@
 # model and build that succeed are deleted; failures are kept in OUT for a look. rc 70 is an internal
 # error (a bug); rc 1 a refusal or a failed gate, which on random weights may be right.
 # lora.py also writes a PEFT adapter beside the model (OUT/model-SEED.lora), which the build merges (--lora).
+# SERVE=1: each build that passed is also served through a real tritonserver and asked over HTTP and gRPC
+# (serve_check.py), its answer checked against `vlm-export generate`'s; a second line per seed says how that went.
 #   usage: benchmarks/random_configs/sweep.sh llava|other|lora FIRST_SEED LAST_SEED OUT [build options...]
 #   e.g.:  benchmarks/random_configs/sweep.sh other 100 140 /tmp/sweep --precision fp16
 set -u
@@ -24,5 +26,10 @@ for seed in $(seq "$first" "$last"); do
   rc=$?
   echo "$seed rc=$rc $(( $(date +%s) - start ))s $* $drawn | $(grep -v '^\s*$' "$build.log" | tail -1 | cut -c1-400)" \
     >> "$out/results.txt"
+  if [ $rc -eq 0 ] && [ "${SERVE:-0}" = 1 ]; then
+    served=$("$root/.venv/bin/python" "$here/serve_check.py" "$build" "$out/serve-$seed" $(( 18000 + (seed % 300) * 3 )) 2>&1 | tail -1)
+    echo "$seed $served" >> "$out/results.txt"
+    case "$served" in "SERVE OK"*) rc=0; rm -rf "$out/serve-$seed";; *) rc=1;; esac
+  fi
   [ $rc -eq 0 ] && rm -rf "$model" "$model.lora" "$build" "$model.make.log" "$build.log"
 done

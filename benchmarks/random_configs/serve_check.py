@@ -1,0 +1,67 @@
+"""Serve one build through a real tritonserver, the way a user does (`vlm-export repository`, `vlm-export serve`,
+`vlm-export ask` over HTTP and streaming gRPC), and check the served greedy answer against `vlm-export generate`'s
+in-process one. python serve_check.py BUILD WORK_DIR HTTP_PORT. Prints one line (SERVE OK / DIFF / FAIL ...);
+exit 0 only for OK. sweep.sh calls it after each build that passed when SERVE=1."""
+import json, os, signal, subprocess, sys, time, urllib.request
+from pathlib import Path
+
+build, work, port = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+vx = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "vlm-export")
+work.mkdir(parents=True, exist_ok=True)
+PROMPT, TOKENS = "What is in the picture?", "12"
+
+
+def fail(what: str, log: Path | None = None) -> None:
+    tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:] if log and log.exists() else []
+    print(f"SERVE FAIL {what}: {' '.join(tail)[:300]}")
+    sys.exit(1)
+
+
+def run(args: list[str], log: Path) -> str:
+    with log.open("w") as err:
+        done = subprocess.run([vx, *args], stdout=subprocess.PIPE, stderr=err, text=True, timeout=900)
+    if done.returncode:
+        fail(" ".join(args[:1]), log)
+    return done.stdout
+
+
+from PIL import Image  # noqa: E402
+import numpy as np  # noqa: E402
+
+image = work / "image.png"
+Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 64, 3), dtype=np.uint8)).save(image)
+ask = ["--prompt", PROMPT, "--image", str(image), "--max-tokens", TOKENS]
+expected = json.loads(run(["generate", str(build), *ask, "--json"], work / "generate.log").splitlines()[-1])["text"]
+run(["repository", str(build), "--out", str(work / "repo"), "--force"], work / "repository.log")
+serve_log = work / "serve.log"
+server = subprocess.Popen([vx, "serve", str(work / "repo"), "--http-port", str(port), "--grpc-port", str(port + 1),
+                           "--metrics-port", str(port + 2)], stdout=serve_log.open("w"), stderr=subprocess.STDOUT,
+                          start_new_session=True)
+try:
+    deadline = time.time() + 600
+    while True:
+        if server.poll() is not None:
+            fail(f"serve exited {server.returncode}", serve_log)
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status == 200:
+                break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            fail("not ready in 600 s", serve_log)
+        time.sleep(2)
+    got = {"http": run(["ask", "--url", f"http://127.0.0.1:{port}", *ask], work / "ask-http.log").rstrip("\n"),
+           "grpc-stream": run(["ask", "--url", f"grpc://127.0.0.1:{port + 1}", "--stream", *ask],
+                              work / "ask-grpc.log").rstrip("\n")}
+    differ = {k: v for k, v in got.items() if v != expected}
+    if differ:
+        print(f"SERVE DIFF generate {expected!r} vs {differ!r}")
+        sys.exit(1)
+    print(f"SERVE OK {expected!r}")
+finally:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGINT)  # Ctrl-C, as a user stops it
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
