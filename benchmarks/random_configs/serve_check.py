@@ -1,8 +1,10 @@
 """Serve one build through a real tritonserver, the way a user does (`vlm-export repository`, `vlm-export serve`,
 `vlm-export ask` over HTTP and streaming gRPC), and check the served greedy answer against `vlm-export generate`'s
-in-process one. python serve_check.py BUILD WORK_DIR HTTP_PORT. Prints one line (SERVE OK / DIFF / FAIL ...);
+in-process one, then three requests at once (other prompts and images: the server batches them) against theirs.
+python serve_check.py BUILD WORK_DIR HTTP_PORT. Prints one line (SERVE OK / DIFF / FAIL ...);
 exit 0 only for OK. sweep.sh calls it after each build that passed when SERVE=1."""
 import json, os, signal, subprocess, sys, time, urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 build, work, port = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
@@ -28,10 +30,21 @@ def run(args: list[str], log: Path) -> str:
 from PIL import Image  # noqa: E402
 import numpy as np  # noqa: E402
 
-image = work / "image.png"
-Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 64, 3), dtype=np.uint8)).save(image)
-ask = ["--prompt", PROMPT, "--image", str(image), "--max-tokens", TOKENS]
-expected = json.loads(run(["generate", str(build), *ask, "--json"], work / "generate.log").splitlines()[-1])["text"]
+def request(k: int, prompt: str) -> list[str]:
+    image = work / f"image-{k}.png"
+    Image.fromarray(np.random.default_rng(k).integers(0, 256, (80 - 8 * k, 64 + 8 * k, 3), dtype=np.uint8)).save(image)
+    return ["--prompt", prompt, "--image", str(image), "--max-tokens", TOKENS]
+
+
+def generated(k: int, ask: list[str]) -> str:
+    return json.loads(run(["generate", str(build), *ask, "--json"], work / f"generate-{k}.log").splitlines()[-1])["text"]
+
+
+ask = request(0, PROMPT)
+expected = generated(0, ask)
+together = [request(k, p) for k, p in enumerate(["Describe it.", "What colour is the shape on the left, and how many "
+                                                  "corners does it have?", "Is there a circle?"], start=1)]
+expected_together = [generated(k, a) for k, a in enumerate(together, start=1)]
 run(["repository", str(build), "--out", str(work / "repo"), "--force"], work / "repository.log")
 serve_log = work / "serve.log"
 server = subprocess.Popen([vx, "serve", str(work / "repo"), "--http-port", str(port), "--grpc-port", str(port + 1),
@@ -53,11 +66,15 @@ try:
     got = {"http": run(["ask", "--url", f"http://127.0.0.1:{port}", *ask], work / "ask-http.log").rstrip("\n"),
            "grpc-stream": run(["ask", "--url", f"grpc://127.0.0.1:{port + 1}", "--stream", *ask],
                               work / "ask-grpc.log").rstrip("\n")}
+    with ThreadPoolExecutor(len(together)) as pool:
+        answers = list(pool.map(lambda ka: run(["ask", "--url", f"http://127.0.0.1:{port}", *ka[1]],
+                                               work / f"ask-{ka[0]}.log").rstrip("\n"), enumerate(together, start=1)))
     differ = {k: v for k, v in got.items() if v != expected}
+    differ |= {f"together-{k}": a for k, (a, e) in enumerate(zip(answers, expected_together), start=1) if a != e}
     if differ:
         print(f"SERVE DIFF generate {expected!r} vs {differ!r}")
         sys.exit(1)
-    print(f"SERVE OK {expected!r}")
+    print(f"SERVE OK {expected!r}, and {len(together)} at once")
 finally:
     if server.poll() is None:
         os.killpg(server.pid, signal.SIGINT)  # Ctrl-C, as a user stops it
