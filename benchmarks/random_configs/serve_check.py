@@ -1,9 +1,9 @@
 """Serve one build through a real tritonserver, the way a user does (`vlm-export repository`, `vlm-export serve`,
-`vlm-export ask` over HTTP and streaming gRPC), and check the served greedy answer against `vlm-export generate`'s
+`vlm-export ask` over HTTP and streaming gRPC, and the OpenAI-compatible API), and check the served greedy answer against `vlm-export generate`'s
 in-process one, then three requests at once (other prompts and images: the server batches them) against theirs.
 python serve_check.py BUILD WORK_DIR HTTP_PORT. Prints one line (SERVE OK / DIFF / FAIL ...);
 exit 0 only for OK. sweep.sh calls it after each build that passed when SERVE=1."""
-import json, os, signal, subprocess, sys, time, urllib.request
+import base64, json, os, signal, subprocess, sys, time, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,24 +48,30 @@ expected_together = [generated(k, a) for k, a in enumerate(together, start=1)]
 run(["repository", str(build), "--out", str(work / "repo"), "--force"], work / "repository.log")
 serve_log = work / "serve.log"
 server = subprocess.Popen([vx, "serve", str(work / "repo"), "--http-port", str(port), "--grpc-port", str(port + 1),
-                           "--metrics-port", str(port + 2)], stdout=serve_log.open("w"), stderr=subprocess.STDOUT,
+                           "--metrics-port", str(port + 2), "--openai-port", str(port + 3)], stdout=serve_log.open("w"), stderr=subprocess.STDOUT,
                           start_new_session=True)
 try:
     deadline = time.time() + 600
     while True:
         if server.poll() is not None:
             fail(f"serve exited {server.returncode}", serve_log)
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status == 200:
-                break
-        except OSError:
-            pass
+        if "Press Ctrl-C" in serve_log.read_text(errors="replace"):  # serve's own word: Triton and the API are up
+            break
         if time.time() > deadline:
             fail("not ready in 600 s", serve_log)
         time.sleep(2)
     got = {"http": run(["ask", "--url", f"http://127.0.0.1:{port}", *ask], work / "ask-http.log").rstrip("\n"),
            "grpc-stream": run(["ask", "--url", f"grpc://127.0.0.1:{port + 1}", "--stream", *ask],
                               work / "ask-grpc.log").rstrip("\n")}
+    png = base64.b64encode((work / "image-0.png").read_bytes()).decode()
+    body = {"model": "repo", "temperature": 0, "max_tokens": int(TOKENS), "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}, {"type": "text", "text": PROMPT}]}]}
+    post = urllib.request.Request(f"http://127.0.0.1:{port + 3}/v1/chat/completions", json.dumps(body).encode(),
+                                  {"Content-Type": "application/json"})
+    try:
+        got["openai"] = json.loads(urllib.request.urlopen(post, timeout=300).read())["choices"][0]["message"]["content"]
+    except OSError as e:
+        got["openai"] = f"<{e}>"
     with ThreadPoolExecutor(len(together)) as pool:
         answers = list(pool.map(lambda ka: run(["ask", "--url", f"http://127.0.0.1:{port}", *ka[1]],
                                                work / f"ask-{ka[0]}.log").rstrip("\n"), enumerate(together, start=1)))
