@@ -49,4 +49,15 @@ if r.random() < 0.3:  # saved in bfloat16, as many checkpoints are (the build lo
     m.save_pretrained(out)
     c = json.loads(cfgp.read_text())
 desc.update(act=c["projector_hidden_act"], dtype=c.get("dtype", c.get("torch_dtype")))
+if hf_processor and r.random() < 0.5:  # llava-hf's newer image processor: padded to a square first, other norms
+    from transformers import LlavaImageProcessor, LlavaProcessor
+    processor = LlavaProcessor.from_pretrained(out)
+    crop = r.random() < 0.5
+    size = {"shortest_edge": image} if crop else {"height": image, "width": image}
+    processor.image_processor = LlavaImageProcessor(
+        size=size, crop_size={"height": image, "width": image}, do_center_crop=crop, do_pad=r.random() < 0.7,
+        image_mean=[r.uniform(0.3, 0.6) for _ in range(3)], image_std=[r.uniform(0.2, 0.4) for _ in range(3)],
+        resample=r.choice([2, 3]))
+    processor.save_pretrained(out)
+    desc.update(image_processor="LlavaImageProcessor", crop=crop, pad=processor.image_processor.do_pad)
 print(json.dumps(desc))

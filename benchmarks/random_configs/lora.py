@@ -74,6 +74,11 @@ try:
             if p.requires_grad and kind in ("vera", "lntuning", "tokens", "modules_to_save", "bias", "fourierft", "hra",
                                             "boft", "oft"):
                 p.add_(0.05 * torch.randn_like(p))
+    if r.random() < 0.3:  # trained in bfloat16 and saved so, as many adapters are (the build loads fp32)
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+        desc["adapter_dtype"] = "bfloat16"
     peft_model.save_pretrained(f"{out}.lora")
 except Exception as e:  # the maker's own draw does not fit this model: no adapter, a plain build
     desc["make_error"] = str(e).splitlines()[0][:200]
