@@ -19,6 +19,11 @@ def fail(what: str, log: Path | None = None) -> None:
     sys.exit(1)
 
 
+def printed(out: str) -> str:
+    """What `ask` printed, less the one newline print() ends it with (an answer may itself end in newlines)."""
+    return out[:-1] if out.endswith("\n") else out
+
+
 def run(args: list[str], log: Path) -> str:
     with log.open("w") as err:
         done = subprocess.run([vx, *args], stdout=subprocess.PIPE, stderr=err, text=True, timeout=900)
@@ -60,9 +65,9 @@ try:
         if time.time() > deadline:
             fail("not ready in 600 s", serve_log)
         time.sleep(2)
-    got = {"http": run(["ask", "--url", f"http://127.0.0.1:{port}", *ask], work / "ask-http.log").rstrip("\n"),
-           "grpc-stream": run(["ask", "--url", f"grpc://127.0.0.1:{port + 1}", "--stream", *ask],
-                              work / "ask-grpc.log").rstrip("\n")}
+    got = {"http": printed(run(["ask", "--url", f"http://127.0.0.1:{port}", *ask], work / "ask-http.log")),
+           "grpc-stream": printed(run(["ask", "--url", f"grpc://127.0.0.1:{port + 1}", "--stream", *ask],
+                                      work / "ask-grpc.log"))}
     png = base64.b64encode((work / "image-0.png").read_bytes()).decode()
     body = {"model": "repo", "temperature": 0, "max_tokens": int(TOKENS), "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}, {"type": "text", "text": PROMPT}]}]}
@@ -73,8 +78,8 @@ try:
     except OSError as e:
         got["openai"] = f"<{e}>"
     with ThreadPoolExecutor(len(together)) as pool:
-        answers = list(pool.map(lambda ka: run(["ask", "--url", f"http://127.0.0.1:{port}", *ka[1]],
-                                               work / f"ask-{ka[0]}.log").rstrip("\n"), enumerate(together, start=1)))
+        answers = list(pool.map(lambda ka: printed(run(["ask", "--url", f"http://127.0.0.1:{port}", *ka[1]],
+                                                       work / f"ask-{ka[0]}.log")), enumerate(together, start=1)))
     differ = {k: v for k, v in got.items() if v != expected}
     differ |= {f"together-{k}": a for k, (a, e) in enumerate(zip(answers, expected_together), start=1) if a != e}
     if differ:
