@@ -197,6 +197,25 @@ def test_adapter_of_a_model_with_another_hidden_size(base_dir, tmp_path):
     assert "does not fit" in message and "[4, 96] in the adapter but [4, 64] in the model" in message
 
 
+def test_adapter_trained_after_tokens_were_added(base_dir, tmp_path):
+    """The usual fine-tune adds tokens, resizes the embeddings and trains LoRA on them too: against the model
+    before the resize the refusal says so; against the resized model saved beside it the merge is proved."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+
+    resized = Path(shutil.copytree(base_dir, tmp_path / "resized"))
+    model = LlavaForConditionalGeneration.from_pretrained(base_dir)
+    model.resize_token_embeddings(model.get_input_embeddings().weight.shape[0] + 8, mean_resizing=False)
+    model.save_pretrained(resized)
+    torch.manual_seed(0)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "adapter")
+    message = _error(AdapterError, _load(base_dir), tmp_path / "adapter", check_base=False)
+    assert "trained on a vocabulary of" in message and "resize_token_embeddings" in message, message
+    _, record = merge_lora(_load(resized), tmp_path / "adapter", check_base=False)
+    assert record.changed and all(v < 1e-4 for v in record.max_abs.values()), record.max_abs
+
+
 def test_keys_that_load_nowhere(base_dir, adapter):
     from safetensors.torch import load_file, save_file
 

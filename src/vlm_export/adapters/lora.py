@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -116,6 +117,15 @@ def _inject(loaded: LoadedModel, config, adapter_dir: Path):
             raise ModelLoadError(
                 f"cannot read the adapter weights in {adapter_dir} ({first_line(e)}); re-save the adapter"
             ) from None
+        ours, theirs = json.loads(m[3]), json.loads(m[2])
+        vocab = _vocabulary(loaded.model)
+        differ = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b] if len(ours) == len(theirs) else []
+        if vocab is not None and len(differ) == 1 and ours[differ[0]] == vocab:  # the usual cause: added tokens
+            raise AdapterError(
+                f"the adapter in {adapter_dir} was trained on a vocabulary of {theirs[differ[0]]} tokens but the model "
+                f"in {loaded.path} has {vocab} ({m[1]}): its embeddings were resized after tokens were added; pass the "
+                "model saved after resize_token_embeddings, with its tokenizer"
+            ) from None
         raise AdapterError(
             f"the adapter in {adapter_dir} does not fit the model in {loaded.path}: {m[1]} is {m[2]} in the "
             f"adapter but {m[3]} in the model ({str(e).count('size mismatch')} tensor(s) mismatch); "
@@ -133,6 +143,14 @@ def _inject(loaded: LoadedModel, config, adapter_dir: Path):
         raise AdapterError(f"{len(keys)} adapter layers get no weight from the adapter in {adapter_dir} "
                            f"(e.g. {keys[0]!r}): the file is incomplete or made on another module tree; {full}")
     return peft_model
+
+
+def _vocabulary(model: torch.nn.Module) -> int | None:
+    """Rows of the model's input embedding, where it says which module that is."""
+    try:
+        return int(model.get_input_embeddings().weight.shape[0])
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def _untie_adapted(peft_model) -> list[str]:
