@@ -1,6 +1,7 @@
-"""One random tiny LLaVA and a random trained-looking PEFT adapter made on it, per seed: python lora.py SEED OUT_DIR.
+"""One random tiny VLM and a random trained-looking PEFT adapter made on it, per seed: python lora.py SEED OUT_DIR.
+Seeds below 100 a LLaVA; from 100 three in four, the others other.py's model for that seed (Mllama, BLIP-2, InstructBLIP, Florence-2).
 The adapter goes to OUT_DIR.lora (sweep.sh passes it as --lora). Prints what it drew as JSON."""
-import json, random, sys, warnings
+import json, random, subprocess, sys, warnings
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 import torch
@@ -9,22 +10,29 @@ import tiny_models as tm
 warnings.simplefilter("ignore")
 seed, out = int(sys.argv[1]), Path(sys.argv[2])
 r = random.Random(seed)
-family = r.choice(list(tm.TEXT_FAMILIES))
-tower = r.choice(["clip", "siglip", "dinov2"])
-tm.make_tiny_llava(out, family=family, seed=seed, tower=tower, hf_processor=r.random() < 0.5)
+on_llava = seed < 100 or random.Random(seed * 7919 + 1).random() < 0.75  # own draw: LLaVA seeds draw as before
+if on_llava:
+    family = r.choice(list(tm.TEXT_FAMILIES))
+    tower = r.choice(["clip", "siglip", "dinov2"])
+    tm.make_tiny_llava(out, family=family, seed=seed, tower=tower, hf_processor=r.random() < 0.5)
+    base = dict(family=family, tower=tower)
+else:
+    made = subprocess.run([sys.executable, str(Path(__file__).with_name("other.py")), str(seed), str(out)],
+                          capture_output=True, text=True, check=True)
+    base = json.loads(made.stdout.splitlines()[-1])
 
 import peft
-from transformers import LlavaForConditionalGeneration
+from vlm_export.adapters import adapter_for
 
-model = LlavaForConditionalGeneration.from_pretrained(out)
+model = adapter_for(out).load(out).model  # the full model the build loads, as the adapter must be made on
 names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
 # which linears: every one, the language model's, the tower's, the projector's, a random few
 where = r.choice(["all-linear", "language", "vision", "projector", "few"])
 pick = {"all-linear": "all-linear",
-        "language": [n for n in names if ".language_model." in n],
-        "vision": [n for n in names if ".vision_tower." in n],
-        "projector": [n for n in names if ".multi_modal_projector." in n],
-        "few": r.sample(names, min(len(names), r.choice([1, 3, 6])))}[where]
+        "language": [n for n in names if "language_model." in n],
+        "vision": [n for n in names if "vision" in n],
+        "projector": [n for n in names if "projector" in n or "qformer" in n],
+        "few": r.sample(names, min(len(names), r.choice([1, 3, 6])))}[where] or "all-linear"
 kind = r.choice(["lora", "lora", "dora", "rslora", "loha", "lokr", "ia3", "vera", "fourierft", "boft", "oft", "hra",
                  "adalora", "lntuning", "bias", "modules_to_save", "lm_head", "embedding", "tokens"])
 common = dict(target_modules=pick)
@@ -33,7 +41,7 @@ if kind in ("lora", "dora", "rslora", "bias", "modules_to_save", "lm_head", "emb
     if kind == "bias":
         extra["bias"] = r.choice(["all", "lora_only"])
     if kind == "modules_to_save":
-        extra["modules_to_save"] = [r.choice(["multi_modal_projector", "lm_head"])]
+        extra["modules_to_save"] = [r.choice(["multi_modal_projector" if on_llava else "vision_model", "lm_head"])]
     if kind == "lm_head":  # LoRA on the head too (tied to embed_tokens in many of these families)
         common["target_modules"] = (["lm_head"] + names) if pick == "all-linear" else ["lm_head"] + list(pick)
     if kind == "embedding":
@@ -64,7 +72,7 @@ elif kind == "adalora":
     config = peft.AdaLoraConfig(r=4, total_step=10, init_lora_weights=False, **common)
 else:  # lntuning: the norms' weights trained
     config = peft.LNTuningConfig(target_modules=None)
-desc = dict(seed=seed, family=family, tower=tower, adapter=kind, where=where,
+desc = dict(base, seed=seed, adapter=kind, where=where,
             n_targets=len(pick) if isinstance(pick, list) else pick)
 try:
     torch.manual_seed(seed)
