@@ -235,13 +235,16 @@ def test_incomplete_weights(base_dir, adapter):
     assert "get no weight" in message and "incomplete" in message
 
 
-def test_missing_folder_config_and_weights(base_dir, adapter, tmp_path):
+def test_missing_folder_config_and_weights(base_dir, lora_dir, adapter, tmp_path):
     loaded = _load(base_dir)  # the model is untouched by these early checks
     assert "does not exist" in _error(ModelLoadError, loaded, tmp_path / "nowhere")
     (adapter / "adapter_model.safetensors").unlink()
     assert "has no adapter weights" in _error(ModelLoadError, loaded, adapter)
     (adapter / "adapter_config.json").unlink()
     assert "adapter_config.json is missing" in _error(ModelLoadError, loaded, adapter)
+    shutil.copytree(lora_dir, tmp_path / "named" / "my-task")  # where PEFT saves an adapter named my-task
+    message = _error(ModelLoadError, loaded, tmp_path / "named")
+    assert "named ones in my-task" in message and str(tmp_path / "named" / "my-task") in message, message
 
 
 @pytest.mark.parametrize("spoil", ["garbage", "truncated", "bin"])

@@ -58,6 +58,10 @@ def _read_config(adapter_dir: Path):
     if not adapter_dir.is_dir():
         raise ModelLoadError(f"LoRA adapter folder {adapter_dir} does not exist; pass the folder save_pretrained wrote")
     if not (adapter_dir / CONFIG_FILE).is_file():
+        named = sorted(p.parent.name for p in adapter_dir.glob(f"*/{CONFIG_FILE}"))
+        if named:  # PEFT saves an adapter not named "default" in a subfolder of its name
+            raise ModelLoadError(f"{adapter_dir} holds no adapter itself but named ones in {', '.join(named)}: pass "
+                                 f"one of those folders (e.g. {adapter_dir / named[0]})")
         raise ModelLoadError(f"{adapter_dir / CONFIG_FILE} is missing: pass a PEFT adapter folder (save_pretrained output)")
     if not any((adapter_dir / name).is_file() for name in WEIGHT_FILES):
         raise ModelLoadError(f"{adapter_dir} has no adapter weights ({' or '.join(WEIGHT_FILES)}); re-save the adapter")
