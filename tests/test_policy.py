@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,7 +17,7 @@ from onnx import numpy_helper
 from vlm_export.compare.accuracy import AccuracyResult
 from vlm_export.compare.metrics import TensorMetrics, TokenMetrics
 from vlm_export.compare.parity import ParityResult, Sample
-from vlm_export.compare.policy import AccuracyGate, ParityPolicy
+from vlm_export.compare.policy import AccuracyGate, ParityPolicy, Tolerance
 from vlm_export.manifest import read_manifest, sha256_file, write_manifest
 
 FP32_BUILD = {"vision_encoder": "fp32", "projector": "fp32", "lm_decoder": "fp32"}
@@ -39,6 +41,35 @@ def test_fp32_gate_allows_atol_plus_rtol_times_the_reference_scale():
     assert policy.judge({"decode": {"logits": metrics(0.1, ref_max_abs=1000.0)}}, {}) == []
     assert policy.judge({"decode": {"logits": metrics(0.11, ref_max_abs=1000.0)}}, {}) == \
         ["decode/logits: max abs error 0.11 > 0.1"]
+
+
+def test_a_users_fp32_gate_holds_the_fp32_entries_only():
+    """--fp32-atol / --fp32-rtol: every fp32 entry (and one the policy does not name) takes the user's gate, the
+    reduced precisions keep their cosine gates, and an adapter's override starts from the user's gate."""
+    gate = Tolerance(atol=1e-3, rtol=0.0)
+    policy = ParityPolicy.for_precisions({"vision_encoder": "fp32", "projector": "fp16", "lm_decoder": "fp32"},
+                                         "lm_decoder", gate)
+    assert policy.tolerance("vision_encoder") == policy.tolerance("decode") == policy.tolerance("other") == gate
+    assert policy.tolerance("projector").min_cosine == 0.999
+    assert policy.judge({"prefill": {"logits": metrics(9e-4)}}, {}) == []
+    assert policy.judge({"prefill": {"logits": metrics(1.1e-3)}}, {}) == ["prefill/logits: max abs error 0.0011 > 0.001"]
+    assert policy.with_overrides({"decode": {"min_cosine": 0.5}}).tolerance("decode") == replace(gate, min_cosine=0.5)
+
+
+def test_verify_judges_by_the_builds_fp32_gate_unless_given_another(tiny_build, tmp_path, capsys):
+    """The gate given to build or verify is recorded in the manifest and the report, and a later verify keeps it."""
+    from vlm_export.cli import main
+
+    build = Path(shutil.copytree(tiny_build("llava-llama").path, tmp_path / "build"))
+    exact = ["--fp32-atol", "0", "--fp32-rtol", "0"]  # no float error at all: some output must miss it
+    assert main(["verify", str(build), "--parity-tokens", "2", *exact]) == 1
+    assert "max abs error" in capsys.readouterr().out
+    assert read_manifest(build)["parity"]["fp32_tolerance"] == {"atol": 0.0, "rtol": 0.0}
+    assert "The fp32 gate was set by the user" in (build / "report.md").read_text()
+    assert main(["verify", str(build), "--parity-tokens", "2"]) == 1  # the recorded gate again
+    assert json.loads((build / "report.json").read_text())["fp32_gate"] == {"atol": 0.0, "rtol": 0.0}
+    assert main(["verify", str(build), "--parity-tokens", "2", "--fp32-atol", "1e-4"]) == 0
+    assert read_manifest(build)["parity"]["fp32_tolerance"] == {"atol": 1e-4, "rtol": 1e-4}
 
 
 def test_every_failing_stage_and_output_is_named():

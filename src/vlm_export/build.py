@@ -31,7 +31,7 @@ from .atomic import atomic_folder
 from .compare.accuracy import AccuracyCheck, accuracy_section, answer_all
 from .compare.parity import (ArrayStore, ParityResult, Sample, compare_tokens, default_samples, expected_tokens,
                              record_stages, replay_stages)
-from .compare.policy import DECODER_ENTRIES, AccuracyGate, ParityPolicy
+from .compare.policy import DECODER_ENTRIES, AccuracyGate, ParityPolicy, Tolerance
 from .compare.report import record_section, write_report
 from .contract import DecodingScheme, Limits, scheme_from_dict
 from .datasets import load_items
@@ -72,6 +72,8 @@ class BuildOptions:
     threads: int | None = None
     force: bool = False
     tolerance_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
+    # the fp32 stages' element-wise gate, (atol, rtol); None: the default (1e-4, 1e-4), or in verify the build's
+    fp32_tolerance: tuple[float, float] | None = None
     precision: PrecisionPlan = field(default_factory=PrecisionPlan)
     precision_options: PrecisionOptions = field(default_factory=PrecisionOptions)
     calibration_pairs: list[CalibrationPair] | None = None  # None: natural photos (precision.calibration)
@@ -327,7 +329,8 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
             _standard_failed_too(tmp, manifest, scheme.decoder_stage, fused_failures, judged[2], progress)
     result, policy, failures, accuracy = judged
     shutil.rmtree(scratch)  # the reference's arrays are no part of the build (nor of a failed one's folder)
-    manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}
+    manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures,
+                          **_fp32_tolerance_record(options)}
     write_report(tmp, manifest, result, policy, failures)
     if accuracy:
         record_section(tmp, "task_accuracy", accuracy)
@@ -793,7 +796,9 @@ def _judge(recorded: _Recorded, adapter, open_form, precisions: dict[str, str], 
                        total=len(recorded.cases)) as advance:
         compare_tokens(recorded.cases, {"onnxruntime": candidate}, options.parity_new_tokens, result, advance,
                        batched=("onnxruntime",))
-    policy = ParityPolicy.for_precisions(precisions, candidate.scheme.decoder_stage).with_overrides(
+    fp32 = Tolerance() if options.fp32_tolerance is None else \
+        Tolerance(atol=options.fp32_tolerance[0], rtol=options.fp32_tolerance[1])
+    policy = ParityPolicy.for_precisions(precisions, candidate.scheme.decoder_stage, fp32).with_overrides(
         {**adapter.tolerances(), **options.tolerance_overrides})
     # every form of the decoder is held to its entries' tolerances (overrides included)
     policy = replace(policy, tolerances={**policy.tolerances, **{
@@ -836,12 +841,23 @@ def _hf_reference(loaded):
     return run
 
 
+def _fp32_tolerance_record(options: BuildOptions) -> dict:
+    """The manifest's record of a loosened (or tightened) fp32 gate, which verify then applies too."""
+    if options.fp32_tolerance is None:
+        return {}
+    return {"fp32_tolerance": {"atol": options.fp32_tolerance[0], "rtol": options.fp32_tolerance[1]}}
+
+
 def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progress | None = None) -> BuildResult:
-    """Re-run the parity report of an existing build against its source model."""
+    """Re-run the parity report of an existing build against its source model (with the fp32 gate the
+    build was judged by, unless ``options`` names another)."""
     options = options or BuildOptions()
     progress = progress or Progress()
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
+    recorded_gate = manifest.get("parity", {}).get("fp32_tolerance")
+    if options.fp32_tolerance is None and recorded_gate:
+        options = replace(options, fp32_tolerance=(recorded_gate["atol"], recorded_gate["rtol"]))
     check_memory(Path(manifest["source"]["path"]), progress)
     with progress.step(f"loading {manifest['source']['path']}") as advance:
         loaded = load_source(manifest["source"])
@@ -865,7 +881,8 @@ def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progr
         shutil.rmtree(scratch, ignore_errors=True)
     # graphs edited or corrupted since the build are failures too, whatever their parity says
     failures += [f"{name} changed since the build (sha256 mismatch)" for name in verify_hashes(build_dir, manifest)]
-    manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures}
+    manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures,
+                          **_fp32_tolerance_record(options)}
     write_report(build_dir, manifest, result, policy, failures)
     write_manifest(build_dir, {k: v for k, v in manifest.items() if k not in ("format", "version")})
     return BuildResult(build_dir, manifest, failures)

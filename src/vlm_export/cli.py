@@ -22,6 +22,35 @@ EPILOG = """examples:
 """
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of 0 or more, got {text}")
+    return value
+
+
+def _add_fp32_gate(group) -> None:
+    """--fp32-atol / --fp32-rtol, for build and verify alike."""
+    group.add_argument("--fp32-atol", type=_non_negative_float, default=None,
+                       help="fp32 stages pass where max |ONNX - PyTorch| <= atol + rtol x the output's largest magnitude "
+                            "(default 1e-4; verify: the build's). Loosen it only for a model whose own fp32 arithmetic "
+                            "is that far off (PyTorch in float64 tells): the report and manifest record it")
+    group.add_argument("--fp32-rtol", type=_non_negative_float, default=None, help="see --fp32-atol (default 1e-4)")
+
+
+def _fp32_gate(args) -> tuple[float, float] | None:
+    if args.fp32_atol is None and args.fp32_rtol is None:
+        return None
+    from .compare.policy import Tolerance
+
+    default = Tolerance()
+    return (default.atol if args.fp32_atol is None else args.fp32_atol,
+            default.rtol if args.fp32_rtol is None else args.fp32_rtol)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -41,6 +70,7 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parity")
     g.add_argument("--parity-tokens", type=_positive_int, default=32,
                    help="greedy tokens compared with the original model's generate (default 32)")
+    _add_fp32_gate(g)
     p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime intra-op threads")
     g = p.add_argument_group("precision")
     g.add_argument("--precision", default=None,
@@ -210,7 +240,8 @@ def _build_options(args, **extra):
     accuracy = AccuracyCheck(args.eval_dataset, "test", args.eval_questions, args.max_accuracy_drop) \
         if args.eval_questions else None
     options = BuildOptions(max_batch=args.max_batch, max_images=args.max_images, max_sequence=args.max_sequence,
-                           parity_new_tokens=args.parity_tokens, threads=args.threads, force=args.force,
+                           parity_new_tokens=args.parity_tokens, fp32_tolerance=_fp32_gate(args),
+                           threads=args.threads, force=args.force,
                            precision=parse_precision(args.precision), calibration_pairs=pairs,
                            precision_options=PrecisionOptions(block_size=args.block_size, lm_head=args.lm_head,
                                                               weight_scheme=args.weight_scheme,
@@ -277,6 +308,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-run the parity report of a build against its source model")
     p.add_argument("build", type=Path)
     p.add_argument("--parity-tokens", type=_positive_int, default=32)
+    _add_fp32_gate(p)
     p.add_argument("--threads", type=_positive_int, default=None)
 
     p = sub.add_parser("eval", help="VQA accuracy or caption metrics of PyTorch and the build on the same data",
@@ -580,7 +612,8 @@ def _cmd_generate(args, progress) -> int:
 def _cmd_verify(args, progress) -> int:
     from .build import BuildOptions, verify
 
-    result = verify(args.build, BuildOptions(parity_new_tokens=args.parity_tokens, threads=args.threads), progress)
+    result = verify(args.build, BuildOptions(parity_new_tokens=args.parity_tokens, threads=args.threads,
+                                             fp32_tolerance=_fp32_gate(args)), progress)
     print(f"parity {'passed' if not result.failures else 'FAILED'}: see {args.build / 'report.md'}")
     for failure in result.failures:
         print(f"  {failure}")

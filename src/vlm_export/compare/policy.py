@@ -54,22 +54,30 @@ class ParityPolicy:
     tolerances: dict[str, Tolerance] = field(default_factory=dict)
     #: greedy tokens must equal the original model's for fp32 builds
     require_identical_tokens: bool = True
+    #: an fp32 entry's tolerance, and any entry's not named
+    fp32: Tolerance = field(default_factory=Tolerance)
 
     @classmethod
-    def for_precisions(cls, precisions: dict[str, str], decoder_stage: str) -> "ParityPolicy":
+    def for_precisions(cls, precisions: dict[str, str], decoder_stage: str,
+                       fp32: Tolerance = Tolerance()) -> "ParityPolicy":
         """Default gates for the build's precision per stage (stage name -> precision); greedy
-        tokens must be identical only when every stage is fp32."""
-        tolerances = {stage: PRECISION_TOLERANCES[p] for stage, p in precisions.items() if stage != decoder_stage}
-        tolerances.update({entry: PRECISION_TOLERANCES[precisions[decoder_stage]] for entry in DECODER_ENTRIES})
-        return cls(tolerances=tolerances, require_identical_tokens=all(p == "fp32" for p in precisions.values()))
+        tokens must be identical only when every stage is fp32. ``fp32``: the element-wise gate of the
+        fp32 stages (a user's --fp32-atol / --fp32-rtol)."""
+        def gate(precision: str) -> Tolerance:
+            return fp32 if precision == "fp32" else PRECISION_TOLERANCES[precision]
+
+        tolerances = {stage: gate(p) for stage, p in precisions.items() if stage != decoder_stage}
+        tolerances.update({entry: gate(precisions[decoder_stage]) for entry in DECODER_ENTRIES})
+        return cls(tolerances=tolerances, require_identical_tokens=all(p == "fp32" for p in precisions.values()),
+                   fp32=fp32)
 
     def tolerance(self, entry: str) -> Tolerance:
-        return self.tolerances.get(entry, Tolerance())
+        return self.tolerances.get(entry, self.fp32)
 
     def with_overrides(self, overrides: dict[str, dict[str, float]]) -> "ParityPolicy":
         tol = dict(self.tolerances)
         for stage, fields in overrides.items():
-            tol[stage] = replace(tol.get(stage, Tolerance()), **fields)
+            tol[stage] = replace(tol.get(stage, self.fp32), **fields)
         return replace(self, tolerances=tol)
 
     def judge(self, stages: dict[str, dict[str, TensorMetrics]],

@@ -9,7 +9,7 @@ from ..atomic import write_text
 from ..manifest import stage_forms, targets
 from .captions import caption_markdown
 from .parity import ParityResult
-from .policy import ParityPolicy
+from .policy import ParityPolicy, Tolerance
 
 
 def report_dict(manifest: dict, result: ParityResult, policy: ParityPolicy, failures: list[str]) -> dict:
@@ -35,6 +35,8 @@ def report_dict(manifest: dict, result: ParityResult, policy: ParityPolicy, fail
         # "<entry> (<form> form)" the decoder's other forms
         "targets": targets(manifest),
         "stages": stages,
+        # the element-wise gate of the fp32 stages (a user may have set it: --fp32-atol / --fp32-rtol)
+        "fp32_gate": {"atol": policy.fp32.atol, "rtol": policy.fp32.rtol},
         "end_to_end": {name: [r.to_dict() for r in runs] for name, runs in result.tokens.items()},
     }
 
@@ -77,6 +79,10 @@ def render_markdown(report: dict) -> str:
                   + ("" if lora["changed"] else " - the adapter changes nothing (untrained?)")
                   + (f"; given their own copy of a tied weight: {', '.join(lora['untied'])}" if lora.get("untied") else ""),
                   ""]
+    gate, default = report.get("fp32_gate"), Tolerance()
+    if gate and (gate["atol"], gate["rtol"]) != (default.atol, default.rtol):
+        lines += [f"**The fp32 gate was set by the user**: max abs <= {gate['atol']:g} + {gate['rtol']:g} x the output's "
+                  f"largest magnitude (default {default.atol:g} + {default.rtol:g} x).", ""]
     v = report["versions"]
     lines += [f"torch {v['torch']}, transformers {v['transformers']}, onnxruntime {v['onnxruntime']}", "",
               "## Graphs", "", "| stage | form | precision | size (MB) | export (s) | run by |",
