@@ -26,10 +26,10 @@ def printed(out: str) -> str:
 
 def run(args: list[str], log: Path) -> str:
     with log.open("w") as err:
-        done = subprocess.run([vx, *args], stdout=subprocess.PIPE, stderr=err, text=True, timeout=900)
+        done = subprocess.run([vx, *args], stdout=subprocess.PIPE, stderr=err, timeout=900)
     if done.returncode:
         fail(" ".join(args[:1]), log)
-    return done.stdout
+    return done.stdout.decode()  # not text=True: its universal newlines would turn an answer's "\r\n" into "\n"
 
 
 from PIL import Image  # noqa: E402
