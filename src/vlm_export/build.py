@@ -72,8 +72,8 @@ class BuildOptions:
     threads: int | None = None
     force: bool = False
     tolerance_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
-    # the fp32 stages' element-wise gate, (atol, rtol); None: the default (1e-4, 1e-4), or in verify the build's
-    fp32_tolerance: tuple[float, float] | None = None
+    # the fp32 stages' element-wise gate; None: the default Tolerance(), or in verify the build's
+    fp32_tolerance: Tolerance | None = None
     precision: PrecisionPlan = field(default_factory=PrecisionPlan)
     precision_options: PrecisionOptions = field(default_factory=PrecisionOptions)
     calibration_pairs: list[CalibrationPair] | None = None  # None: natural photos (precision.calibration)
@@ -796,9 +796,8 @@ def _judge(recorded: _Recorded, adapter, open_form, precisions: dict[str, str], 
                        total=len(recorded.cases)) as advance:
         compare_tokens(recorded.cases, {"onnxruntime": candidate}, options.parity_new_tokens, result, advance,
                        batched=("onnxruntime",))
-    fp32 = Tolerance() if options.fp32_tolerance is None else \
-        Tolerance(atol=options.fp32_tolerance[0], rtol=options.fp32_tolerance[1])
-    policy = ParityPolicy.for_precisions(precisions, candidate.scheme.decoder_stage, fp32).with_overrides(
+    policy = ParityPolicy.for_precisions(precisions, candidate.scheme.decoder_stage,
+                                         options.fp32_tolerance or Tolerance()).with_overrides(
         {**adapter.tolerances(), **options.tolerance_overrides})
     # every form of the decoder is held to its entries' tolerances (overrides included)
     policy = replace(policy, tolerances={**policy.tolerances, **{
@@ -845,7 +844,7 @@ def _fp32_tolerance_record(options: BuildOptions) -> dict:
     """The manifest's record of a loosened (or tightened) fp32 gate, which verify then applies too."""
     if options.fp32_tolerance is None:
         return {}
-    return {"fp32_tolerance": {"atol": options.fp32_tolerance[0], "rtol": options.fp32_tolerance[1]}}
+    return {"fp32_tolerance": {"atol": options.fp32_tolerance.atol, "rtol": options.fp32_tolerance.rtol}}
 
 
 def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progress | None = None) -> BuildResult:
@@ -857,7 +856,7 @@ def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progr
     manifest = read_manifest(build_dir)
     recorded_gate = manifest.get("parity", {}).get("fp32_tolerance")
     if options.fp32_tolerance is None and recorded_gate:
-        options = replace(options, fp32_tolerance=(recorded_gate["atol"], recorded_gate["rtol"]))
+        options = replace(options, fp32_tolerance=Tolerance(atol=recorded_gate["atol"], rtol=recorded_gate["rtol"]))
     check_memory(Path(manifest["source"]["path"]), progress)
     with progress.step(f"loading {manifest['source']['path']}") as advance:
         loaded = load_source(manifest["source"])

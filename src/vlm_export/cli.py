@@ -41,14 +41,12 @@ def _add_fp32_gate(group) -> None:
     group.add_argument("--fp32-rtol", type=_non_negative_float, default=None, help="see --fp32-atol (default 1e-4)")
 
 
-def _fp32_gate(args) -> tuple[float, float] | None:
-    if args.fp32_atol is None and args.fp32_rtol is None:
-        return None
+def _fp32_gate(args):
+    """The Tolerance of --fp32-atol / --fp32-rtol (the one not given keeps its default), or None for neither."""
     from .compare.policy import Tolerance
 
-    default = Tolerance()
-    return (default.atol if args.fp32_atol is None else args.fp32_atol,
-            default.rtol if args.fp32_rtol is None else args.fp32_rtol)
+    given = {k: v for k, v in (("atol", args.fp32_atol), ("rtol", args.fp32_rtol)) if v is not None}
+    return Tolerance(**given) if given else None
 
 
 def _positive_int(text: str) -> int:
