@@ -49,8 +49,9 @@ def test_devices_and_dtypes_are_parsed():
         with pytest.raises(InputError, match=r"unknown device .*: use cpu, cuda or cuda:N") as err:
             Device.parse(bad)
         assert "\n" not in str(err.value)
-    assert [parse_dtype(x) for x in (None, "fp32", "float16", "BF16", "bfloat16")] == ["fp32", "fp32", "fp16", "bf16", "bf16"]
-    with pytest.raises(InputError, match="unknown dtype 'int8': use one of fp32, fp16, bf16"):
+    assert [parse_dtype(x) for x in (None, "fp32", "float16", "BF16", "bfloat16", "double")] == \
+        ["fp32", "fp32", "fp16", "bf16", "bf16", "fp64"]
+    with pytest.raises(InputError, match="unknown dtype 'int8': use one of fp32, fp16, bf16, fp64"):
         parse_dtype("int8")
 
 
@@ -377,6 +378,28 @@ def test_torch_runner_bf16_on_cpu_casts_floats_only_and_returns_fp32():
     assert got["y"].dtype == np.float32 and got["index"].dtype == np.int64  # ids were not cast
     assert not np.array_equal(got["y"], ref["y"])  # it really ran in bf16
     np.testing.assert_allclose(got["y"], ref["y"], atol=3e-2)
+
+
+def test_torch_runner_fp64_returns_float64_and_takes_read_only_feeds():
+    """fp64 (parity's yardstick for a failing fp32 entry): outputs stay float64 (no cast down), and a feed in
+    read-only memory (a recorded array, memory-mapped) is taken without torch's non-writable warning."""
+    import warnings
+
+    from vlm_export.runtime.runners import TorchRunner
+
+    feeds = _tiny_feeds()
+    ref = TorchRunner("stage", _Tiny(), ["ids", "x"], ["y", "index"]).infer(feeds)
+    module = _Tiny()
+    runner = TorchRunner("stage", module, ["ids", "x"], ["y", "index"], dtype="fp64")
+    assert module.proj.weight.dtype == torch.float64
+    for value in feeds.values():
+        value.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = runner.infer(feeds)
+    assert got["y"].dtype == np.float64 and got["index"].dtype == np.int64
+    np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(got["y"], ref["y"].astype(np.float64))  # computed in float64, not fp32 cast up
 
 
 @needs_no_gpu

@@ -8,16 +8,15 @@ import json
 import re
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from vlm_export.compare.accuracy import AccuracyResult
-from vlm_export.compare.metrics import TensorMetrics, TokenMetrics
+from vlm_export.compare.metrics import ExactMetrics, TensorMetrics, TokenMetrics
 from vlm_export.compare.parity import ParityResult, Sample
-from vlm_export.compare.policy import AccuracyGate, ParityPolicy, Tolerance
+from vlm_export.compare.policy import FLOAT64_SPREAD, AccuracyGate, ParityPolicy, Tolerance
 from vlm_export.manifest import read_manifest, sha256_file, write_manifest
 
 FP32_BUILD = {"vision_encoder": "fp32", "projector": "fp32", "lm_decoder": "fp32"}
@@ -57,19 +56,59 @@ def test_a_users_fp32_gate_holds_the_fp32_entries_only():
 
 
 def test_verify_judges_by_the_builds_fp32_gate_unless_given_another(tiny_build, tmp_path, capsys):
-    """The gate given to build or verify is recorded in the manifest and the report, and a later verify keeps it."""
+    """The gate given to build or verify is recorded in the manifest and the report, and a later verify keeps it.
+    The projector's weights carry 1e-5 relative noise: within the default gate, but a hundred times PyTorch fp32's
+    own distance from float64 there, which the float64 check (run on every element-wise fp32 failure) reports."""
     from vlm_export.cli import main
 
-    build = Path(shutil.copytree(tiny_build("llava-llama").path, tmp_path / "build"))
-    exact = ["--fp32-atol", "0", "--fp32-rtol", "0"]  # no float error at all: some output must miss it
+    build = drifted_copy(tiny_build("llava-llama").path, tmp_path / "build", "projector", noise=1e-5)
+    exact = ["--fp32-atol", "0", "--fp32-rtol", "0"]  # no float error at all: the projector must miss it
     assert main(["verify", str(build), "--parity-tokens", "2", *exact]) == 1
-    assert "max abs error" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "projector/image_embeds: max abs error" in out and "(against PyTorch in float64: max abs error" in out
     assert read_manifest(build)["parity"]["fp32_tolerance"] == {"atol": 0.0, "rtol": 0.0}
-    assert "The fp32 gate was set by the user" in (build / "report.md").read_text()
+    report = json.loads((build / "report.json").read_text())
+    measured = report["stages"]["projector"]["image_embeds"]["float64"]
+    # PyTorch fp32 really is off float64 (it ran in another arithmetic), by far less than the noise
+    assert 0 < FLOAT64_SPREAD * measured["reference"]["max_abs"] < measured["candidate"]["max_abs"]
+    assert report["stages"]["projector"]["image_embeds"]["passed"] is False
+    markdown = (build / "report.md").read_text()
+    assert "The fp32 gate was set by the user" in markdown and "measured against PyTorch in float64" in markdown
     assert main(["verify", str(build), "--parity-tokens", "2"]) == 1  # the recorded gate again
     assert json.loads((build / "report.json").read_text())["fp32_gate"] == {"atol": 0.0, "rtol": 0.0}
     assert main(["verify", str(build), "--parity-tokens", "2", "--fp32-atol", "1e-4"]) == 0
     assert read_manifest(build)["parity"]["fp32_tolerance"] == {"atol": 1e-4, "rtol": 1e-4}
+
+
+def test_an_fp32_failure_is_judged_again_against_pytorch_in_float64():
+    """An element-wise fp32 failure measured against PyTorch in float64 passes when the graph is within
+    FLOAT64_SPREAD x PyTorch fp32's own distance from float64 plus the gate, and otherwise says both
+    distances; reduced precisions' (cosine-only) failures are not arbitrated."""
+    policy = ParityPolicy.for_precisions({"vision_encoder": "fp32", "projector": "int8", "lm_decoder": "fp32"},
+                                         "lm_decoder")
+    stages = {"vision_encoder": {"image_features": metrics(1.6, ref_max_abs=1400.0)},  # gate 0.1401
+              "decode": {"logits": metrics(4.7e-4, ref_max_abs=0.67)},  # gate 1.67e-4
+              "projector": {"image_embeds": metrics(1.0, cosine=0.9)}}
+    assert policy.needs_exact(stages) == ["vision_encoder", "decode"]
+    exact = {"vision_encoder": {"image_features": ExactMetrics(metrics(1.45, ref_max_abs=1400.0),  # PyTorch fp32
+                                                               metrics(0.17, ref_max_abs=1400.0))},  # the graph
+             "decode": {"logits": ExactMetrics(metrics(4.6e-6, ref_max_abs=0.67), metrics(4.7e-4, ref_max_abs=0.67))}}
+    failures = policy.judge(stages, {}, exact)
+    assert [f.split(":")[0] for f in failures] == ["decode/logits", "projector/image_embeds"]
+    allowed = FLOAT64_SPREAD * 4.6e-6 + 1e-4 + 1e-4 * 0.67
+    assert failures[0] == ("decode/logits: max abs error 0.00047 > 0.000167 (against PyTorch in float64: max abs "
+                           f"error 0.00047 from float64, PyTorch fp32's 4.6e-06: more than 10x that + the gate = "
+                           f"{allowed:.3g})")
+    # PyTorch fp32 itself 4.6e-5 from float64 there (an ill-conditioned step): the graph's 4.7e-4 is its arithmetic
+    exact["decode"]["logits"] = ExactMetrics(metrics(4.6e-5, ref_max_abs=0.67), metrics(4.7e-4, ref_max_abs=0.67))
+    assert policy.judge(stages, {}, exact) == ["projector/image_embeds: cosine 0.900000 < 0.99"]
+    # direction too: a cosine deficit may be FLOAT64_SPREAD squared times PyTorch's, plus the gate's
+    tol = Tolerance()
+    assert tol.check_exact(ExactMetrics(metrics(0, cosine=1 - 1e-7), metrics(0, cosine=1 - 1.9e-5))) == []
+    assert tol.check_exact(ExactMetrics(metrics(0, cosine=1 - 1e-7), metrics(0, cosine=1 - 2.1e-5))) == [
+        "cosine 0.999979 with float64, PyTorch fp32's 1.000000: below 0.999980"]
+    nan = ExactMetrics(metrics(1e-6), metrics(float("nan")))
+    assert len(tol.check_exact(nan)) == 1 and "nan" in tol.check_exact(nan)[0]
 
 
 def test_every_failing_stage_and_output_is_named():

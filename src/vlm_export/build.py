@@ -30,7 +30,7 @@ from .adapters.reference import (eos_token_ids, generation_defaults, load_source
 from .atomic import atomic_folder
 from .compare.accuracy import AccuracyCheck, accuracy_section, answer_all
 from .compare.parity import (ArrayStore, ParityResult, Sample, compare_tokens, default_samples, expected_tokens,
-                             record_stages, replay_stages)
+                             measure_exact, record_outputs, record_stages, replay_stages)
 from .compare.policy import DECODER_ENTRIES, AccuracyGate, ParityPolicy, Tolerance
 from .compare.report import record_section, write_report
 from .contract import DecodingScheme, Limits, scheme_from_dict
@@ -312,8 +312,8 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
     opener = functools.partial(open_build, tmp, threads=options.threads, check_hashes=False)  # hashed just now
     torch_split = copy.deepcopy(recorded.result)  # a second judgment starts from the reference's own entries
     try:
-        judged = _judge(recorded, adapter, opener, precisions, options, progress, other_decoder_forms(manifest),
-                        questions)
+        judged = _judge(recorded, adapter, opener, precisions, options, progress, manifest["source"],
+                        other_decoder_forms(manifest), questions)
         why = _only_the_fused_form_failed(judged[2], manifest, scheme.decoder_stage)
         fused_failures = judged[2]
     except RunnerError as e:
@@ -324,13 +324,12 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
     if why:
         _drop_fused_form(tmp, manifest, scheme.decoder_stage, why, fused_failures, progress)
         recorded.result = torch_split
-        judged = _judge(recorded, adapter, opener, precisions, options, progress, [], questions)
+        judged = _judge(recorded, adapter, opener, precisions, options, progress, manifest["source"], [], questions)
         if judged[2] and fused_failures:
             _standard_failed_too(tmp, manifest, scheme.decoder_stage, fused_failures, judged[2], progress)
     result, policy, failures, accuracy = judged
     shutil.rmtree(scratch)  # the reference's arrays are no part of the build (nor of a failed one's folder)
-    manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures,
-                          **_fp32_tolerance_record(options)}
+    manifest["parity"] = _parity_record(options, result, policy, failures)
     write_report(tmp, manifest, result, policy, failures)
     if accuracy:
         record_section(tmp, "task_accuracy", accuracy)
@@ -737,7 +736,8 @@ def _describe_graph(path: Path, root: Path, precision: str, export_seconds: floa
 class _Recorded:
     """The PyTorch side of parity, recorded before the model is freed (``_record_reference_and_free``)."""
 
-    calls: list  # compare.parity.RecordedCall, their arrays in the scratch folder
+    calls: list  # compare.parity.RecordedCall, their arrays in ``folder``
+    folder: Path
     cases: list  # compare.parity.TokenCase: each sample's prompt, ids, pixels and HF generate's tokens
     result: ParityResult  # the split modules' greedy tokens against HF generate (``torch_split``)
     answers: list  # the PyTorch reference's task answers (AccuracyResult), when a build checks them
@@ -765,11 +765,11 @@ def _record_reference_and_free(loaded, reference, options: BuildOptions, progres
     if questions:
         answers = answer_all({"torch": reference}, *questions, progress, batch=reference.limits.max_batch)
     release_weights(loaded, reference)
-    return _Recorded(calls, cases, result, answers)
+    return _Recorded(calls, folder, cases, result, answers)
 
 
 def _judge(recorded: _Recorded, adapter, open_form, precisions: dict[str, str], options: BuildOptions,
-           progress: Progress, other_forms: list[str] = (), questions=None):
+           progress: Progress, source: dict, other_forms: list[str] = (), questions=None):
     """The build against the recorded reference, stage by stage and end to end (and, given
     ``questions``, task accuracy), judged by the policy for the build's precisions; returns (result,
     policy, failures, the task-accuracy section or None). ``open_form(form=...)`` opens the build with
@@ -777,7 +777,9 @@ def _judge(recorded: _Recorded, adapter, open_form, precisions: dict[str, str], 
     are ``prefill``, ``decode`` and the image stages; end to end and task accuracy run it). Each of
     ``other_forms`` (the standard graph TensorRT reads) has its decoder entries recorded as
     ``prefill (standard form)``, ``decode (standard form)`` and judged by the same tolerances. One
-    decoder form is open at a time (two at once were 8.15 GB for a 567M-parameter LLaVA, one 5.75)."""
+    decoder form is open at a time (two at once were 8.15 GB for a 567M-parameter LLaVA, one 5.75).
+    An entry failing its fp32 gate is measured against PyTorch in float64 too (``_measure_against_float64``:
+    ``source`` is the manifest's, to load the model again) and judged by that."""
     result = recorded.result
     for form in other_forms:
         pipe, extra = open_form(form=form), ParityResult()
@@ -802,16 +804,75 @@ def _judge(recorded: _Recorded, adapter, open_form, precisions: dict[str, str], 
     # every form of the decoder is held to its entries' tolerances (overrides included)
     policy = replace(policy, tolerances={**policy.tolerances, **{
         form_entry_name(entry, form): policy.tolerance(entry) for form in other_forms for entry in DECODER_ENTRIES}})
-    failures = policy.judge(result.stages, result.tokens)
-    accuracy = None
+    accuracy, accuracy_failures = None, []
     if questions:
         name, items = questions
         answers = recorded.answers + answer_all({"onnxruntime": candidate}, name, items, progress,
                                                 batch=candidate.limits.max_batch)
         accuracy, accuracy_failures = accuracy_section(name, items, answers,
                                                        AccuracyGate(options.accuracy.max_drop_points))
-        failures += accuracy_failures
+    failing, limits = policy.needs_exact(result.stages), candidate.limits
+    graph_outputs = _graph_outputs_for_float64(recorded, failing, candidate, open_form, other_forms, source,
+                                               progress) if failing else None
+    del candidate
+    if graph_outputs:
+        gc.collect()  # the sessions' memory back before the model comes in float64
+        _measure_against_float64(recorded, result, failing, graph_outputs, source, limits, progress)
+    failures = policy.judge(result.stages, result.tokens, result.exact) + accuracy_failures
     return result, policy, failures, accuracy
+
+
+def _graph_outputs_for_float64(recorded: _Recorded, entries: list[str], candidate, open_form, other_forms,
+                               source: dict, progress: Progress) -> dict | None:
+    """Is an fp32 entry's error the export's or the model's own? First half: the failing entries' recorded
+    calls run again on their forms, the outputs kept on disk (result entry -> call index -> files), so that
+    the model in float64 never shares memory with the graphs. None where the model in float64 (twice its
+    fp32 memory) would not fit: a note says so, and the entries stay as judged against PyTorch fp32."""
+    weights, available = fp32_weight_bytes(Path(source["path"])), available_bytes()
+    if weights and available and 2 * weights + PROCESS_BASE_BYTES > available:
+        progress.note(f"{', '.join(entries)} not measured against PyTorch in float64: the model takes "
+                      f"{gigabytes(2 * weights)} so and {gigabytes(available)} is available (the entries stay as "
+                      "judged against PyTorch fp32)")
+        return None
+    forms = {call.entry: ("onnxruntime", call.entry) for call in recorded.calls}
+    forms.update({form_entry_name(entry, form): (form, entry) for form in other_forms for entry in DECODER_ENTRIES})
+    by_form: dict[str, dict[str, str]] = {}  # form -> {recorded entry: result entry}
+    for entry in entries:
+        form, recorded_entry = forms[entry]
+        by_form.setdefault(form, {})[recorded_entry] = entry
+    indices = {form: [i for i, call in enumerate(recorded.calls) if call.entry in wanted]
+               for form, wanted in by_form.items()}
+    store, outputs = ArrayStore(recorded.folder / "float64"), {}
+    store.folder.mkdir(exist_ok=True)
+    with progress.step(f"float64 check of {', '.join(entries)}: the graphs' outputs",
+                       total=sum(map(len, indices.values()))) as advance:
+        for form, wanted in by_form.items():
+            pipe = candidate if form == "onnxruntime" else open_form(form=form)
+            for i, files in record_outputs(recorded.calls, indices[form], pipe, store, advance).items():
+                outputs.setdefault(wanted[recorded.calls[i].entry], {})[i] = files
+            del pipe
+    return outputs
+
+
+def _measure_against_float64(recorded: _Recorded, result: ParityResult, entries: list[str], graph_outputs: dict,
+                             source: dict, limits: Limits, progress: Progress) -> None:
+    """Second half: the source model loaded again, in float64, runs the same calls on the same feeds;
+    ``result.exact`` gets how far PyTorch fp32 and each graph are from it. A model whose code refuses
+    float64 leaves the entries as judged against PyTorch fp32, with a note saying why."""
+    calls = {i for per_call in graph_outputs.values() for i in per_call}
+    with progress.step(f"float64 check of {', '.join(entries)}: PyTorch in float64 on the same inputs (is the "
+                       "error the export's or the model's own fp32 arithmetic?)", total=len(calls) + 1) as advance:
+        try:
+            exact = reference_pipeline(load_source(source), limits, dtype="fp64")
+            advance()
+            measure_exact(recorded.calls, exact, graph_outputs, result, advance)
+        except Exception as e:  # noqa: BLE001 - any model code may refuse float64; the fp32 verdict stands
+            progress.note(f"{', '.join(entries)} not measured against PyTorch in float64: {first_line(e)} "
+                          "(the entries stay as judged against PyTorch fp32)")
+            result.exact.clear()
+        finally:
+            exact = None
+            gc.collect()
 
 
 def form_entry_name(entry: str, form: str) -> str:
@@ -840,11 +901,16 @@ def _hf_reference(loaded):
     return run
 
 
-def _fp32_tolerance_record(options: BuildOptions) -> dict:
-    """The manifest's record of a loosened (or tightened) fp32 gate, which verify then applies too."""
-    if options.fp32_tolerance is None:
-        return {}
-    return {"fp32_tolerance": {"atol": options.fp32_tolerance.atol, "rtol": options.fp32_tolerance.rtol}}
+def _parity_record(options: BuildOptions, result: ParityResult, policy: ParityPolicy, failures: list[str]) -> dict:
+    """The manifest's parity section: the verdict, the failures, the outputs that passed only by the float64
+    check, and a loosened (or tightened) fp32 gate, which verify then applies too."""
+    record = {"passed": not failures, "report": "report.json", "failures": failures}
+    by_float64 = policy.passed_by_float64(result.stages, result.exact)
+    if by_float64:
+        record["passed_by_float64"] = by_float64
+    if options.fp32_tolerance is not None:
+        record["fp32_tolerance"] = {"atol": options.fp32_tolerance.atol, "rtol": options.fp32_tolerance.rtol}
+    return record
 
 
 def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progress | None = None) -> BuildResult:
@@ -875,13 +941,12 @@ def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progr
     try:
         recorded = _record_reference_and_free(loaded, reference, options, progress, scratch)
         result, policy, failures, _ = _judge(recorded, adapter, opener, precisions, options, progress,
-                                             other_decoder_forms(manifest))
+                                             manifest["source"], other_decoder_forms(manifest))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     # graphs edited or corrupted since the build are failures too, whatever their parity says
     failures += [f"{name} changed since the build (sha256 mismatch)" for name in verify_hashes(build_dir, manifest)]
-    manifest["parity"] = {"passed": not failures, "report": "report.json", "failures": failures,
-                          **_fp32_tolerance_record(options)}
+    manifest["parity"] = _parity_record(options, result, policy, failures)
     write_report(build_dir, manifest, result, policy, failures)
     write_manifest(build_dir, {k: v for k, v in manifest.items() if k not in ("format", "version")})
     return BuildResult(build_dir, manifest, failures)

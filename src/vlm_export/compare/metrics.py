@@ -44,6 +44,22 @@ class TensorMetrics:
 
 
 @dataclass
+class ExactMetrics:
+    """One fp32 output against PyTorch in float64 on the same feeds (the exact answer, as nearly as the
+    model's own code computes it): how far PyTorch's fp32 output is from it, and how far the candidate's is.
+    Each TensorMetrics has the float64 output as its reference."""
+
+    reference: TensorMetrics  # PyTorch fp32
+    candidate: TensorMetrics  # the graph
+
+    def merge(self, other: "ExactMetrics") -> "ExactMetrics":
+        return ExactMetrics(self.reference.merge(other.reference), self.candidate.merge(other.candidate))
+
+    def to_dict(self) -> dict:
+        return {"reference": self.reference.to_dict(), "candidate": self.candidate.to_dict()}
+
+
+@dataclass
 class TokenMetrics:
     """Greedy tokens of a candidate against a reference generation."""
 

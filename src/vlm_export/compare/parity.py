@@ -21,7 +21,7 @@ import numpy as np
 
 from ..runtime.generate import GenerationConfig, GenerationResult, Scheduler, generate_ids
 from ..runtime.pipeline import VLMPipeline, concat_pixels
-from .metrics import TensorMetrics, TokenMetrics
+from .metrics import ExactMetrics, TensorMetrics, TokenMetrics
 
 PER_LAYER = re.compile(r"^(.+)\.\d+\.([^.]+)$")
 
@@ -57,10 +57,17 @@ def default_samples(max_images: int) -> list[Sample]:
 class ParityResult:
     stages: dict[str, dict[str, TensorMetrics]] = field(default_factory=dict)
     tokens: dict[str, list[TokenMetrics]] = field(default_factory=dict)
+    #: entries that failed an element-wise gate, measured against PyTorch in float64 (``measure_exact``)
+    exact: dict[str, dict[str, ExactMetrics]] = field(default_factory=dict)
 
     def add(self, stage: str, name: str, ref: np.ndarray, out: np.ndarray) -> None:
         m = TensorMetrics.of(ref, out)
         outputs = self.stages.setdefault(stage, {})
+        outputs[name] = outputs[name].merge(m) if name in outputs else m
+
+    def add_exact(self, stage: str, name: str, exact: np.ndarray, ref: np.ndarray, out: np.ndarray) -> None:
+        m = ExactMetrics(TensorMetrics.of(exact, ref), TensorMetrics.of(exact, out))
+        outputs = self.exact.setdefault(stage, {})
         outputs[name] = outputs[name].merge(m) if name in outputs else m
 
 
@@ -148,29 +155,72 @@ def record_stages(ref: VLMPipeline, samples: Sequence[Sample], store: ArrayStore
     return calls
 
 
+def _repeat(call: RecordedCall, pipe: VLMPipeline, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``pipe`` makes a recorded call; its outputs under the names the reference's were recorded with."""
+    out = (pipe.decode if call.runner is None else pipe.runners[call.runner].infer)(feeds)
+    names = dict(call.renamed)
+    return {name: out[names.get(name, name)] for name in call.outputs}
+
+
 def replay_stages(calls: Sequence[RecordedCall], cand: VLMPipeline, result: ParityResult,
                   progress: Callable[[], None] = lambda: None) -> None:
     """The candidate makes each recorded call on the reference's feeds; its outputs against the reference's."""
     for call in calls:
-        feeds = ArrayStore.get(call.feeds)
-        out = (cand.decode if call.runner is None else cand.runners[call.runner].infer)(feeds)
-        names = dict(call.renamed)
-        _add_outputs(result, call.entry, ArrayStore.get(call.outputs),
-                     {name: out[names.get(name, name)] for name in call.outputs})
+        out = _repeat(call, cand, ArrayStore.get(call.feeds))
+        for entry, ref, cand_out in _grouped(ArrayStore.get(call.outputs), out):
+            result.add(call.entry, entry, ref, cand_out)
         progress()
 
 
-def _add_outputs(result: ParityResult, stage: str, ref: dict, out: dict) -> None:
-    """Every output; per-layer outputs (``present.3.key``) as one entry per kind (``present.*.key``,
-    every layer stacked: the worst layer decides)."""
+def record_outputs(calls: Sequence[RecordedCall], indices: Sequence[int], cand: VLMPipeline, store: ArrayStore,
+                   progress: Callable[[], None] = lambda: None) -> dict[int, dict[str, Path]]:
+    """The candidate's outputs of the recorded calls at ``indices``, written to ``store`` (index -> files), for
+    ``measure_exact`` to read once the candidate is closed."""
+    written = {}
+    for i in indices:
+        written[i] = store.put(_repeat(calls[i], cand, ArrayStore.get(calls[i].feeds)))
+        store.forget()
+        progress()
+    return written
+
+
+def measure_exact(calls: Sequence[RecordedCall], exact: VLMPipeline, candidates: Mapping[str, Mapping[int, dict]],
+                  result: ParityResult, progress: Callable[[], None] = lambda: None) -> None:
+    """``exact`` (the reference in float64) makes each recorded call that ``candidates`` holds outputs of
+    (per result entry: call index -> the candidate's output files, ``record_outputs``), on the recorded
+    feeds cast up (exactly); each output of the fp32 reference and of the candidate is measured against it
+    (``ParityResult.exact``)."""
+    for i in sorted({i for per_call in candidates.values() for i in per_call}):
+        call = calls[i]
+        # copies (the recorded arrays are read-only memory maps), fp32 ones cast up: exactly the same values
+        feeds = {name: np.array(value, dtype=np.float64 if value.dtype == np.float32 else value.dtype)
+                 for name, value in ArrayStore.get(call.feeds).items()}
+        exact_out, ref = _repeat(call, exact, feeds), ArrayStore.get(call.outputs)
+        for entry, per_call in candidates.items():
+            if i in per_call:
+                out = ArrayStore.get(per_call[i])
+                for name, names in _groups(ref).items():
+                    result.add_exact(entry, name, *(_gathered(arrays, name, names) for arrays in (exact_out, ref, out)))
+        progress()
+
+
+def _groups(outputs: Mapping) -> dict[str, list[str]]:
+    """Per-layer outputs (``present.3.key``) as one entry per kind (``present.*.key``); others alone."""
     groups: dict[str, list[str]] = {}
-    for name in ref:
+    for name in outputs:
         groups.setdefault(PER_LAYER.sub(r"\1.*.\2", name), []).append(name)
-    for entry, names in groups.items():
-        if len(names) == 1 and entry == names[0]:
-            result.add(stage, entry, ref[entry], out[entry])
-        else:
-            result.add(stage, entry, np.stack([ref[n] for n in names]), np.stack([out[n] for n in names]))
+    return groups
+
+
+def _gathered(arrays: Mapping[str, np.ndarray], entry: str, names: list[str]) -> np.ndarray:
+    """One entry's arrays: the output itself, or every layer's stacked (the worst layer decides)."""
+    return arrays[entry] if names == [entry] else np.stack([arrays[n] for n in names])
+
+
+def _grouped(ref: Mapping, out: Mapping):
+    """(entry, reference array, candidate array) for each output entry (``_groups``)."""
+    for entry, names in _groups(ref).items():
+        yield entry, _gathered(ref, entry, names), _gathered(out, entry, names)
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,9 @@ from ..errors import InputError
 log = logging.getLogger(__name__)
 
 CPU_EP, CUDA_EP, TRT_EP = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
-#: the reference's dtypes (``TorchRunner``, ``reference_pipeline``): names as the manifest writes precisions
-DTYPES = ("fp32", "fp16", "bf16")
+#: the reference's dtypes (``TorchRunner``, ``reference_pipeline``): names as the manifest writes precisions;
+#: fp64 is the yardstick parity measures a failing fp32 entry against (``compare.exact``)
+DTYPES = ("fp32", "fp16", "bf16", "fp64")
 #: a provider as ``InferenceSession(providers=...)`` takes it: a name, or (name, options)
 Provider = Union[str, tuple]
 
@@ -72,10 +73,11 @@ class Device:
 
 
 def parse_dtype(value: str | None) -> str:
-    """``fp32`` | ``fp16`` | ``bf16`` (also ``float16``, ``bfloat16``, ...); None is fp32."""
+    """``fp32`` | ``fp16`` | ``bf16`` | ``fp64`` (also ``float16``, ``bfloat16``, ``double``, ...); None is fp32."""
     if value is None:
         return "fp32"
-    aliases = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+    aliases = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16",
+               "float64": "fp64", "double": "fp64"}
     name = aliases.get(str(value).strip().lower(), str(value).strip().lower())
     if name not in DTYPES:
         raise InputError(f"unknown dtype {value!r}: use one of {', '.join(DTYPES)}")
@@ -85,7 +87,8 @@ def parse_dtype(value: str | None) -> str:
 def torch_dtype(value: str | None):
     import torch
 
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[parse_dtype(value)]
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+            "fp64": torch.float64}[parse_dtype(value)]
 
 
 def torch_device(device: "str | Device | None"):

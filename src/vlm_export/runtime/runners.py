@@ -178,8 +178,8 @@ class TorchRunner(Runner):
     ``device``/``dtype`` (``runtime.devices``): the module is moved and cast once, here (in place:
     a split module shares its weights with the loaded model, and a copy would double a large
     model's memory); every call moves the inputs to the device and casts floating-point inputs
-    to ``dtype``, and hands back numpy with floating-point outputs in fp32 (numpy has no bf16;
-    fp16/bf16 -> fp32 is exact, so a cache fed back next step is the same values). The default
+    to ``dtype``, and hands back numpy with fp16/bf16 outputs in fp32 (numpy has no bf16; fp16/bf16 ->
+    fp32 is exact, so a cache fed back next step is the same values) and fp64 ones as they are. The default
     (cpu, fp32) is the plain path: numpy in, torch on the CPU, numpy out, nothing cast.
     """
 
@@ -204,7 +204,9 @@ class TorchRunner(Runner):
 
         if isinstance(value, TorchDeviceArray):
             return value.value
-        t = torch.from_numpy(np.ascontiguousarray(value))
+        value = np.ascontiguousarray(value)
+        # torch wants writable memory (a recorded feed is a read-only memory map); the cast copies floats anyway
+        t = torch.from_numpy(value if value.flags.writeable or self.plain else value.copy())
         if self.plain:
             return t
         return t.to(self._torch_device, dtype=self._torch_dtype if t.is_floating_point() else None)
@@ -226,7 +228,7 @@ class TorchRunner(Runner):
             out = self.module(*args)
         out = out if isinstance(out, (tuple, list)) else (out,)
         return {n: (TorchDeviceArray(t.detach()) if n in self.kept else
-                    (t.detach().float() if t.is_floating_point() else t.detach()).cpu().numpy())
+                    (t.detach().float() if t.dtype in (torch.float16, torch.bfloat16) else t.detach()).cpu().numpy())
                 for n, t in zip(self.output_names, out)}
 
 
