@@ -812,9 +812,11 @@ def _judge(recorded: _Recorded, adapter, open_form, precisions: dict[str, str], 
         accuracy, accuracy_failures = accuracy_section(name, items, answers,
                                                        AccuracyGate(options.accuracy.max_drop_points))
     failing, limits = policy.needs_exact(result.stages), candidate.limits
-    graph_outputs = _graph_outputs_for_float64(recorded, failing, candidate, open_form, other_forms, source,
-                                               progress) if failing else None
+    opened = {"onnxruntime": candidate}  # handed over, so that it closes before another form opens
     del candidate
+    graph_outputs = _graph_outputs_for_float64(recorded, failing, opened, open_form, other_forms, source,
+                                               progress) if failing else None
+    opened.clear()
     if graph_outputs:
         gc.collect()  # the sessions' memory back before the model comes in float64
         _measure_against_float64(recorded, result, failing, graph_outputs, source, limits, progress)
@@ -822,11 +824,12 @@ def _judge(recorded: _Recorded, adapter, open_form, precisions: dict[str, str], 
     return result, policy, failures, accuracy
 
 
-def _graph_outputs_for_float64(recorded: _Recorded, entries: list[str], candidate, open_form, other_forms,
+def _graph_outputs_for_float64(recorded: _Recorded, entries: list[str], opened: dict, open_form, other_forms,
                                source: dict, progress: Progress) -> dict | None:
     """Is an fp32 entry's error the export's or the model's own? First half: the failing entries' recorded
-    calls run again on their forms, the outputs kept on disk (result entry -> call index -> files), so that
-    the model in float64 never shares memory with the graphs. None where the model in float64 (twice its
+    calls run again on their forms (``opened``: those open already, by form, taken from it and closed after
+    use; the others opened one at a time), the outputs kept on disk (result entry -> call index -> files), so
+    that the model in float64 never shares memory with the graphs. None where the model in float64 (twice its
     fp32 memory) would not fit: a note says so, and the entries stay as judged against PyTorch fp32."""
     weights, available = fp32_weight_bytes(Path(source["path"])), available_bytes()
     if weights and available and 2 * weights + PROCESS_BASE_BYTES > available:
@@ -840,14 +843,17 @@ def _graph_outputs_for_float64(recorded: _Recorded, entries: list[str], candidat
     for entry in entries:
         form, recorded_entry = forms[entry]
         by_form.setdefault(form, {})[recorded_entry] = entry
+    for form in [f for f in opened if f not in by_form]:
+        del opened[form]  # not needed: closed before any other form opens
     indices = {form: [i for i, call in enumerate(recorded.calls) if call.entry in wanted]
                for form, wanted in by_form.items()}
     store, outputs = ArrayStore(recorded.folder / "float64"), {}
     store.folder.mkdir(exist_ok=True)
     with progress.step(f"float64 check of {', '.join(entries)}: the graphs' outputs",
                        total=sum(map(len, indices.values()))) as advance:
-        for form, wanted in by_form.items():
-            pipe = candidate if form == "onnxruntime" else open_form(form=form)
+        for form in sorted(by_form, key=lambda f: f not in opened):  # the open ones first, then closed
+            wanted = by_form[form]
+            pipe = opened.pop(form, None) or open_form(form=form)
             for i, files in record_outputs(recorded.calls, indices[form], pipe, store, advance).items():
                 outputs.setdefault(wanted[recorded.calls[i].entry], {})[i] = files
             del pipe
