@@ -849,7 +849,7 @@ def _graph_outputs_for_float64(recorded: _Recorded, entries: list[str], opened: 
                for form, wanted in by_form.items()}
     store, outputs = ArrayStore(recorded.folder / "float64"), {}
     store.folder.mkdir(exist_ok=True)
-    with progress.step(f"float64 check of {', '.join(entries)}: the graphs' outputs",
+    with progress.step(f"float64 check of {', '.join(entries)} (they missed the fp32 gate): the graphs' outputs",
                        total=sum(map(len, indices.values()))) as advance:
         for form in sorted(by_form, key=lambda f: f not in opened):  # the open ones first, then closed
             wanted = by_form[form]
@@ -866,8 +866,8 @@ def _measure_against_float64(recorded: _Recorded, result: ParityResult, entries:
     ``result.exact`` gets how far PyTorch fp32 and each graph are from it. A model whose code refuses
     float64 leaves the entries as judged against PyTorch fp32, with a note saying why."""
     calls = {i for per_call in graph_outputs.values() for i in per_call}
-    with progress.step(f"float64 check of {', '.join(entries)}: PyTorch in float64 on the same inputs (is the "
-                       "error the export's or the model's own fp32 arithmetic?)", total=len(calls) + 1) as advance:
+    with progress.step("float64 check: the model in float64 on the same inputs (the export's error, or the "
+                       "model's own rounding?)", total=len(calls) + 1) as advance:
         try:
             exact = reference_pipeline(load_source(source), limits, dtype="fp64")
             advance()

@@ -115,8 +115,8 @@ class ParityPolicy:
     def problems(self, entry: str, output: str, metrics: TensorMetrics,
                  exact: dict[str, dict[str, ExactMetrics]] | None = None) -> list[str]:
         """Why one output of one entry fails (empty: it passes). An element-wise failure measured against
-        PyTorch in float64 too (``exact``) passes when the candidate is no further from float64 than PyTorch
-        fp32 is, within the gate; otherwise its failure says both distances."""
+        PyTorch in float64 too (``exact``) passes by ``Tolerance.check_exact`` (the graph within FLOAT64_SPREAD x
+        PyTorch fp32's own distance from float64, plus the gate); otherwise its failure says both distances."""
         tol = self.tolerance(entry)
         problems = tol.check(metrics)
         measured = (exact or {}).get(entry, {}).get(output)
