@@ -162,6 +162,28 @@ def test_greedy_tokens_that_differ_fail_fp32_builds_only():
     assert w4.judge({}, tokens) == []
 
 
+def test_where_greedy_tokens_part_the_margin_is_measured_and_said():
+    """The candidate's own token's lead over the reference's token, in the candidate's log-probabilities at the
+    first divergence: in the failure line and the report; unknown where either side stopped there or the
+    reference's token is not among the candidate's likeliest."""
+    from vlm_export.compare.parity import _margin
+    from vlm_export.runtime.generate import GenerationResult, TokenLogprob, TokenText
+
+    def step(token, logprob, *top):
+        return TokenLogprob(TokenText(token, "", None), logprob, tuple((TokenText(t, "", None), p) for t, p in top))
+
+    got = GenerationResult("", [5, 9, 7], "length", 3, logprobs=[
+        step(5, -0.1, (5, -0.1)), step(9, -0.69, (9, -0.69), (6, -0.70)), step(7, -0.2, (7, -0.2))])
+    assert abs(_margin([5, 6, 7], got) - 0.01) < 1e-12
+    assert _margin([5, 4, 7], got) is None  # 4 not among the candidate's top
+    assert _margin([5, 9, 7], got) is None  # identical
+    assert _margin([5, 9, 7, 8], got) is None  # the candidate stopped where the reference went on
+    policy = ParityPolicy.for_precisions(FP32_BUILD, "lm_decoder")
+    tokens = {"onnxruntime": [TokenMetrics("changed", [5, 6, 7], [5, 9, 7], margin=_margin([5, 6, 7], got))]}
+    assert policy.judge({}, tokens) == ["end-to-end onnxruntime: greedy tokens differ from token 1 for prompt "
+                                        "'changed' (there its own token led the reference's by 0.01 in log-probability)"]
+
+
 def test_accuracy_gate_on_made_up_results():
     def result(backend: str, correct: int) -> AccuracyResult:
         return AccuracyResult(backend, "shapes", 20, correct, 1.0)
@@ -267,6 +289,10 @@ def test_verify_exits_1_when_the_answers_drifted(tiny_build, tmp_path, capsys):
     assert report["passed"] is False
     assert not all(r["identical"] for r in report["end_to_end"]["onnxruntime"])
     assert all(r["identical"] for r in report["end_to_end"]["torch_split"])
+    parted = [r for r in report["end_to_end"]["onnxruntime"] if not r["identical"]]
+    # greedy: where the drifted decoder chose another token, its own led the reference's (when in its top 20)
+    assert all(r["margin"] is None or r["margin"] >= 0 for r in parted)
+    assert any(r["margin"] is not None for r in parted)
     assert read_manifest(build)["parity"]["passed"] is False
     assert "FAILED" in (build / "report.md").read_text()
 

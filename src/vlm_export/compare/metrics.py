@@ -66,6 +66,10 @@ class TokenMetrics:
     prompt: str
     reference: list[int]
     candidate: list[int]
+    #: at the first divergence, how far the candidate's own token led the reference's in the candidate's logits
+    #: (their log-probabilities' difference, the same number); None where not measured, where either side
+    #: stopped there, or where the reference's token was not among the candidate's 20 likeliest
+    margin: float | None = None
 
     @property
     def first_divergence(self) -> int | None:
@@ -81,4 +85,4 @@ class TokenMetrics:
 
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "reference": self.reference, "candidate": self.candidate,
-                "first_divergence": self.first_divergence, "identical": self.identical}
+                "first_divergence": self.first_divergence, "identical": self.identical, "margin": self.margin}

@@ -13,13 +13,13 @@ memory at once.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..runtime.generate import GenerationConfig, GenerationResult, Scheduler, generate_ids
+from ..runtime.generate import MAX_TOP_LOGPROBS, GenerationConfig, GenerationResult, Scheduler, generate_result
 from ..runtime.pipeline import VLMPipeline, concat_pixels
 from .metrics import ExactMetrics, TensorMetrics, TokenMetrics
 
@@ -256,12 +256,15 @@ def compare_tokens(cases: Sequence[TokenCase], pipelines: dict[str, VLMPipeline]
     every case at once, as the scheduler batches requests (rows of different lengths, joining and
     leaving; ``<name> batched``): a batch must not change an answer, and only a batch shows whether it does."""
     config = GenerationConfig(max_new_tokens=max_new_tokens)
+    # alone, each token's likeliest alternatives too: where the answers part, was it a near tie?
+    alone = replace(config, logprobs=True, top_logprobs=MAX_TOP_LOGPROBS)
     prepared = {name: [] for name in batched}
     for case in cases:
         for name, pipe in pipelines.items():
             image = pipe.encode_images(case.pixel_values, prompt=case.prompt)
-            got = generate_ids(pipe, case.ids, image, config)
-            result.tokens.setdefault(name, []).append(TokenMetrics(case.prompt, case.expected, got))
+            got = generate_result(pipe, case.ids, image, alone)
+            result.tokens.setdefault(name, []).append(TokenMetrics(case.prompt, case.expected, got.token_ids,
+                                                                   _margin(case.expected, got)))
             if name in prepared:
                 prepared[name].append((case, image))
         progress()
@@ -271,6 +274,16 @@ def compare_tokens(cases: Sequence[TokenCase], pipelines: dict[str, VLMPipeline]
         got = {row: event.token_ids for row, event in scheduler.run_raising() if isinstance(event, GenerationResult)}
         result.tokens[f"{name} batched"] = [TokenMetrics(case.prompt, case.expected, got[row])
                                             for (case, _), row in zip(rows, submitted)]
+
+
+def _margin(expected: list[int], got: GenerationResult) -> float | None:
+    """``TokenMetrics.margin``: at the first divergence, the candidate's token's log-probability less the
+    reference's token's there (None where either stopped there or the latter is not among the top ones)."""
+    at = TokenMetrics("", expected, got.token_ids).first_divergence
+    if at is None or at >= min(len(expected), len(got.logprobs or ())):
+        return None
+    chosen = got.logprobs[at]
+    return next((chosen.logprob - logprob for token, logprob in chosen.top if token.token_id == expected[at]), None)
 
 
 def samples_from_items(items: Sequence) -> list[Sample]:

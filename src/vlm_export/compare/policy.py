@@ -152,8 +152,11 @@ class ParityPolicy:
             for comparison, runs in tokens.items():
                 for run in runs:
                     if not run.identical:
+                        # the margin tells a near tie (within the decode step's logits error) from a drift
+                        led = ("" if run.margin is None else
+                               f" (there its own token led the reference's by {run.margin:.3g} in log-probability)")
                         failures.append(f"end-to-end {comparison}: greedy tokens differ from token "
-                                        f"{run.first_divergence} for prompt {run.prompt!r}")
+                                        f"{run.first_divergence} for prompt {run.prompt!r}{led}")
         return failures
 
 

@@ -134,11 +134,15 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {stage} | {name} | {r['max_abs']:.3g} / {r['cosine']:.7f} | {c['max_abs']:.3g} / "
                          f"{c['cosine']:.7f} | {'yes' if m['passed'] else '**NO**'} |")
     lines += ["", "## End to end (greedy tokens vs the original model's HF generate)", "",
-              "| candidate | prompt | tokens | first divergent token |", "|---|---|---:|---|"]
+              "The margin: where the tokens part, how far the candidate's own token led the reference's in its "
+              "log-probabilities (set beside the decode step's logits error above, a near tie or a drift).", "",
+              "| candidate | prompt | tokens | first divergent token | margin |", "|---|---|---:|---|---:|"]
     for name, runs in report["end_to_end"].items():
         for r in runs:
             first = "none (identical)" if r["identical"] else str(r["first_divergence"])
-            lines.append(f"| {name} | {r['prompt']} | {len(r['candidate'])}/{len(r['reference'])} | {first} |")
+            margin = "-" if r.get("margin") is None else f"{r['margin']:.3g}"
+            lines.append(f"| {name} | {r['prompt']} | {len(r['candidate'])}/{len(r['reference'])} | {first} | "
+                         f"{margin} |")
     if report.get("task_accuracy"):
         acc = report["task_accuracy"]
         lines += ["", f"## Task accuracy ({acc['dataset']}, {acc['questions']} questions, greedy, exact match)", "",

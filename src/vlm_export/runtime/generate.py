@@ -952,12 +952,18 @@ def generate(pipe: VLMPipeline, prompt: Prompt, images: Sequence[ImageInput] = (
     raise AssertionError("stream() always ends with a GenerationResult")
 
 
+def generate_result(pipe: VLMPipeline, prompt_ids: Sequence[int], image_input: np.ndarray,
+                    config: GenerationConfig) -> GenerationResult:
+    """One generation from prompt ids already built: its result (token ids without EOS, logprobs where asked)."""
+    scheduler = Scheduler(pipe, max_batch=1)
+    scheduler.submit(prompt_ids, image_input, config)
+    return next(e for _, e in scheduler.run_raising() if isinstance(e, GenerationResult))
+
+
 def generate_ids(pipe: VLMPipeline, prompt_ids: Sequence[int], image_input: np.ndarray,
                  config: GenerationConfig) -> list[int]:
     """The new token ids for prompt ids already built (EOS not included)."""
-    scheduler = Scheduler(pipe, max_batch=1)
-    scheduler.submit(prompt_ids, image_input, config)
-    return next(e.token_ids for _, e in scheduler.run_raising() if isinstance(e, GenerationResult))
+    return generate_result(pipe, prompt_ids, image_input, config).token_ids
 
 
 def generate_batch(pipe: VLMPipeline, requests: Sequence[GenerationRequest], max_batch: int | None = None,
