@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 CPU_EP, CUDA_EP, TRT_EP = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 #: the reference's dtypes (``TorchRunner``, ``reference_pipeline``): names as the manifest writes precisions;
-#: fp64 is the yardstick parity measures a failing fp32 entry against (``compare.exact``)
+#: fp64 is the yardstick parity measures a failing fp32 entry against (``compare.parity.measure_exact``)
 DTYPES = ("fp32", "fp16", "bf16", "fp64")
 #: a provider as ``InferenceSession(providers=...)`` takes it: a name, or (name, options)
 Provider = Union[str, tuple]
