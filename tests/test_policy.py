@@ -182,6 +182,25 @@ def test_where_greedy_tokens_part_the_margin_is_measured_and_said():
     tokens = {"onnxruntime": [TokenMetrics("changed", [5, 6, 7], [5, 9, 7], margin=_margin([5, 6, 7], got))]}
     assert policy.judge({}, tokens) == ["end-to-end onnxruntime: greedy tokens differ from token 1 for prompt "
                                         "'changed' (there its own token led the reference's by 0.01 in log-probability)"]
+    # beside measured decode logits (largest magnitude 20: the gate allows 1e-4 + 1e-4 x 20 = 2.1e-3), a margin
+    # beyond twice that is a drift, one within it a near tie an fp32 build passes (the manifest lists it)
+    stages = {"decode": {"logits": metrics(1e-5, ref_max_abs=20.0)}}
+    assert policy.near_tie_bound(stages) == 2 * (1e-4 + 1e-4 * 20.0)
+    assert policy.judge(stages, tokens) == [
+        "end-to-end onnxruntime: greedy tokens differ from token 1 for prompt 'changed' (there its own token led the "
+        "reference's by 0.01 in log-probability, more than twice the logits error the decode gate allows (0.0042): "
+        "not a near tie)"]
+    tie = {"onnxruntime": [TokenMetrics("tie", [5, 6, 7], [5, 9, 8], margin=4e-3)],
+           "torch_split": [TokenMetrics("unknown", [5, 6], [5, 9])]}  # no margin: never a near tie
+    assert policy.judge(stages, tie) == ["end-to-end torch_split: greedy tokens differ from token 1 for prompt "
+                                         "'unknown'"]
+    assert policy.near_ties(stages, tie) == ["onnxruntime: 'tie' from token 1 (margin 0.004 <= 0.0042)"]
+    # a user's zero gate leaves no room for ties; a reduced-precision build's tokens are not gated at all
+    zero = ParityPolicy.for_precisions(FP32_BUILD, "lm_decoder", Tolerance(atol=0.0, rtol=0.0))
+    assert zero.near_tie_bound(stages) == 0 and zero.near_ties(stages, tie) == []
+    assert len([f for f in zero.judge(stages, tie) if f.startswith("end-to-end")]) == 2
+    reduced = ParityPolicy.for_precisions({**FP32_BUILD, "lm_decoder": "w4"}, "lm_decoder")
+    assert reduced.near_tie_bound(stages) is None and reduced.judge(stages, tie) == [] and reduced.near_ties(stages, tie) == []
 
 
 def test_accuracy_gate_on_made_up_results():
@@ -293,6 +312,7 @@ def test_verify_exits_1_when_the_answers_drifted(tiny_build, tmp_path, capsys):
     # greedy: where the drifted decoder chose another token, its own led the reference's (when in its top 20)
     assert all(r["margin"] is None or r["margin"] >= 0 for r in parted)
     assert any(r["margin"] is not None for r in parted)
+    assert "not a near tie" in out and not any(r["near_tie"] for r in parted)  # 30% noise: drifts, not ties
     assert read_manifest(build)["parity"]["passed"] is False
     assert "FAILED" in (build / "report.md").read_text()
 

@@ -909,11 +909,15 @@ def _hf_reference(loaded):
 
 def _parity_record(options: BuildOptions, result: ParityResult, policy: ParityPolicy, failures: list[str]) -> dict:
     """The manifest's parity section: the verdict, the failures, the outputs that passed only by the float64
-    check, and a loosened (or tightened) fp32 gate, which verify then applies too."""
+    check, the greedy divergences passed as near ties, and a loosened (or tightened) fp32 gate, which verify
+    then applies too."""
     record = {"passed": not failures, "report": "report.json", "failures": failures}
-    by_float64 = policy.passed_by_float64(result.stages, result.exact)
+    by_float64, near_ties = policy.passed_by_float64(result.stages, result.exact), policy.near_ties(result.stages,
+                                                                                                   result.tokens)
     if by_float64:
         record["passed_by_float64"] = by_float64
+    if near_ties:
+        record["near_ties"] = near_ties
     if options.fp32_tolerance is not None:
         record["fp32_tolerance"] = {"atol": options.fp32_tolerance.atol, "rtol": options.fp32_tolerance.rtol}
     return record

@@ -574,7 +574,7 @@ def _print_summary(path: Path, manifest: dict) -> None:
         if g.get("fusion") and not g["fusion"].get("made"):
             print(f"  {'':15s} no fused form: {g['fusion']['reason']}")
     print(f"  parity: {'passed' if manifest['parity']['passed'] else 'FAILED'} (see {path / 'report.md'})"
-          + _by_float64(manifest))
+          + _parity_notes(manifest))
     report = json.loads((path / "report.json").read_text())
     if report.get("task_accuracy"):
         _print_accuracy(report["task_accuracy"])
@@ -609,11 +609,13 @@ def _cmd_generate(args, progress) -> int:
     return 0
 
 
-def _by_float64(manifest: dict) -> str:
-    """The parity line's note of fp32 outputs that passed only when measured against PyTorch in float64."""
-    passed = manifest["parity"].get("passed_by_float64")
-    return (f"; {len(passed)} fp32 output(s) only by the float64 check (the model's own rounding, magnified): "
-            f"{', '.join(passed)}") if passed else ""
+def _parity_notes(manifest: dict) -> str:
+    """The parity line's note of fp32 outputs that passed only when measured against PyTorch in float64, and
+    of greedy divergences passed as near ties."""
+    passed, ties = manifest["parity"].get("passed_by_float64"), manifest["parity"].get("near_ties")
+    return ((f"; {len(passed)} fp32 output(s) only by the float64 check (the model's own rounding, magnified): "
+             f"{', '.join(passed)}" if passed else "")
+            + (f"; greedy tokens parted at {len(ties)} near tie(s): {'; '.join(ties)}" if ties else ""))
 
 
 def _cmd_verify(args, progress) -> int:
@@ -622,7 +624,7 @@ def _cmd_verify(args, progress) -> int:
     result = verify(args.build, BuildOptions(parity_new_tokens=args.parity_tokens, threads=args.threads,
                                              fp32_tolerance=_fp32_gate(args)), progress)
     print(f"parity {'passed' if not result.failures else 'FAILED'}: see {args.build / 'report.md'}"
-          + _by_float64(result.manifest))
+          + _parity_notes(result.manifest))
     for failure in result.failures:
         print(f"  {failure}")
     return 0 if not result.failures else 1

@@ -149,15 +149,37 @@ class ParityPolicy:
             for output, metrics in outputs.items():
                 failures += [f"{stage}/{output}: {p}" for p in self.problems(stage, output, metrics, exact)]
         if self.require_identical_tokens:
+            bound = self.near_tie_bound(stages)
             for comparison, runs in tokens.items():
                 for run in runs:
-                    if not run.identical:
-                        # the margin tells a near tie (within the decode step's logits error) from a drift
-                        led = ("" if run.margin is None else
-                               f" (there its own token led the reference's by {run.margin:.3g} in log-probability)")
-                        failures.append(f"end-to-end {comparison}: greedy tokens differ from token "
-                                        f"{run.first_divergence} for prompt {run.prompt!r}{led}")
+                    if run.identical or self.near_tie(run, bound):
+                        continue
+                    led = "" if run.margin is None else (
+                        f" (there its own token led the reference's by {run.margin:.3g} in log-probability"
+                        + ("" if bound is None else f", more than twice the logits error the decode gate allows "
+                                                    f"({bound:.3g}): not a near tie") + ")")
+                    failures.append(f"end-to-end {comparison}: greedy tokens differ from token "
+                                    f"{run.first_divergence} for prompt {run.prompt!r}{led}")
         return failures
+
+    def near_tie_bound(self, stages: dict[str, dict[str, TensorMetrics]]) -> float | None:
+        """Twice the logits error the decode step's gate allows (its element-wise bound on the measured logits'
+        scale): two tokens whose logits are nearer than that may swap under any graph the gate accepts. None where
+        the decode gate bounds only the direction, or its logits were not measured."""
+        tol, logits = self.tolerance("decode"), stages.get("decode", {}).get("logits")
+        return 2 * tol.allowed(logits) if logits is not None and tol.elementwise else None
+
+    def near_tie(self, run: TokenMetrics, bound: float | None) -> bool:
+        """A divergence this policy passes: an fp32 build's, at a margin within ``bound`` (``near_tie_bound``)."""
+        return (self.require_identical_tokens and not run.identical and run.margin is not None and bound is not None
+                and run.margin <= bound)
+
+    def near_ties(self, stages: dict[str, dict[str, TensorMetrics]],
+                  tokens: dict[str, list[TokenMetrics]]) -> list[str]:
+        """Each greedy divergence passed as a near tie (``near_tie_bound``), one line each."""
+        bound = self.near_tie_bound(stages)
+        return [f"{comparison}: {run.prompt!r} from token {run.first_divergence} (margin {run.margin:.3g} <= "
+                f"{bound:.3g})" for comparison, runs in tokens.items() for run in runs if self.near_tie(run, bound)]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from .policy import FLOAT64_SPREAD, ParityPolicy, Tolerance
 
 
 def report_dict(manifest: dict, result: ParityResult, policy: ParityPolicy, failures: list[str]) -> dict:
-    stages = {}
+    stages, bound = {}, policy.near_tie_bound(result.stages)
     for stage, outputs in result.stages.items():
         tol, exact = policy.tolerance(stage), result.exact.get(stage, {})
         stages[stage] = {
@@ -39,7 +39,9 @@ def report_dict(manifest: dict, result: ParityResult, policy: ParityPolicy, fail
         "stages": stages,
         # the element-wise gate of the fp32 stages (a user may have set it: --fp32-atol / --fp32-rtol)
         "fp32_gate": {"atol": policy.fp32.atol, "rtol": policy.fp32.rtol},
-        "end_to_end": {name: [r.to_dict() for r in runs] for name, runs in result.tokens.items()},
+        # near_tie: a divergence passed because the tokens' logits were nearer than the decode gate can tell apart
+        "end_to_end": {name: [{**r.to_dict(), "near_tie": policy.near_tie(r, bound)} for r in runs]
+                       for name, runs in result.tokens.items()},
     }
 
 
@@ -135,11 +137,13 @@ def render_markdown(report: dict) -> str:
                          f"{c['cosine']:.7f} | {'yes' if m['passed'] else '**NO**'} |")
     lines += ["", "## End to end (greedy tokens vs the original model's HF generate)", "",
               "The margin: where the tokens part, how far the candidate's own token led the reference's in its "
-              "log-probabilities (set beside the decode step's logits error above, a near tie or a drift).", "",
+              "log-probabilities. Within twice the logits error the decode gate allows, the two tokens are a near tie "
+              "any graph the gate accepts may swap, and an fp32 build passes; beyond it, a drift.", "",
               "| candidate | prompt | tokens | first divergent token | margin |", "|---|---|---:|---|---:|"]
     for name, runs in report["end_to_end"].items():
         for r in runs:
-            first = "none (identical)" if r["identical"] else str(r["first_divergence"])
+            first = "none (identical)" if r["identical"] else \
+                f"{r['first_divergence']}{' (a near tie: passed)' if r.get('near_tie') else ''}"
             margin = "-" if r.get("margin") is None else f"{r['margin']:.3g}"
             lines.append(f"| {name} | {r['prompt']} | {len(r['candidate'])}/{len(r['reference'])} | {first} | "
                          f"{margin} |")
