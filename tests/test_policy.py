@@ -90,9 +90,9 @@ def test_an_fp32_failure_is_judged_again_against_pytorch_in_float64():
               "decode": {"logits": metrics(4.7e-4, ref_max_abs=0.67)},  # gate 1.67e-4
               "projector": {"image_embeds": metrics(1.0, cosine=0.9)}}
     assert policy.needs_exact(stages) == ["vision_encoder", "decode"]
-    exact = {"vision_encoder": {"image_features": ExactMetrics(metrics(1.45, ref_max_abs=1400.0),  # PyTorch fp32
-                                                               metrics(0.17, ref_max_abs=1400.0))},  # the graph
-             "decode": {"logits": ExactMetrics(metrics(4.6e-6, ref_max_abs=0.67), metrics(4.7e-4, ref_max_abs=0.67))}}
+    exact = {"vision_encoder": {"image_features": [ExactMetrics(metrics(1.45, ref_max_abs=1400.0),  # PyTorch fp32
+                                                                metrics(0.17, ref_max_abs=1400.0))]},  # the graph
+             "decode": {"logits": [ExactMetrics(metrics(4.6e-6, ref_max_abs=0.67), metrics(4.7e-4, ref_max_abs=0.67))]}}
     failures = policy.judge(stages, {}, exact)
     assert [f.split(":")[0] for f in failures] == ["decode/logits", "projector/image_embeds"]
     allowed = FLOAT64_SPREAD * 4.6e-6 + 1e-4 + 1e-4 * 0.67
@@ -100,8 +100,15 @@ def test_an_fp32_failure_is_judged_again_against_pytorch_in_float64():
                            f"error 0.00047 from float64, PyTorch fp32's 4.6e-06: more than 10x that + the gate = "
                            f"{allowed:.3g})")
     # PyTorch fp32 itself 4.6e-5 from float64 there (an ill-conditioned step): the graph's 4.7e-4 is its arithmetic
-    exact["decode"]["logits"] = ExactMetrics(metrics(4.6e-5, ref_max_abs=0.67), metrics(4.7e-4, ref_max_abs=0.67))
+    ill_conditioned = ExactMetrics(metrics(4.6e-5, ref_max_abs=0.67), metrics(4.7e-4, ref_max_abs=0.67))
+    exact["decode"]["logits"] = [ill_conditioned]
     assert policy.judge(stages, {}, exact) == ["projector/image_embeds: cosine 0.900000 < 0.99"]
+    # each call on its own: one sample's large fp32 error does not excuse another sample's graph error
+    well_conditioned = ExactMetrics(metrics(3e-7, ref_max_abs=0.67), metrics(4e-4, ref_max_abs=0.67))
+    exact["decode"]["logits"] = [ill_conditioned, well_conditioned]
+    assert [f.split(":")[0] for f in policy.judge(stages, {}, exact)] == ["decode/logits", "projector/image_embeds"]
+    assert "PyTorch fp32's 3e-07" in policy.judge(stages, {}, exact)[0]
+    assert policy.passed_by_float64(stages, exact) == ["vision_encoder/image_features"]
     # direction too: a cosine deficit may be FLOAT64_SPREAD squared times PyTorch's, plus the gate's
     tol = Tolerance()
     assert tol.check_exact(ExactMetrics(metrics(0, cosine=1 - 1e-7), metrics(0, cosine=1 - 1.9e-5))) == []

@@ -57,8 +57,10 @@ def default_samples(max_images: int) -> list[Sample]:
 class ParityResult:
     stages: dict[str, dict[str, TensorMetrics]] = field(default_factory=dict)
     tokens: dict[str, list[TokenMetrics]] = field(default_factory=dict)
-    #: entries that failed an element-wise gate, measured against PyTorch in float64 (``measure_exact``)
-    exact: dict[str, dict[str, ExactMetrics]] = field(default_factory=dict)
+    #: entries that failed an element-wise gate, measured against PyTorch in float64 (``measure_exact``), one
+    #: ExactMetrics per recorded call: each call is judged on its own (an ill-conditioned sample's large fp32 error
+    #: must not excuse another sample's)
+    exact: dict[str, dict[str, list[ExactMetrics]]] = field(default_factory=dict)
 
     def add(self, stage: str, name: str, ref: np.ndarray, out: np.ndarray) -> None:
         m = TensorMetrics.of(ref, out)
@@ -66,9 +68,8 @@ class ParityResult:
         outputs[name] = outputs[name].merge(m) if name in outputs else m
 
     def add_exact(self, stage: str, name: str, exact: np.ndarray, ref: np.ndarray, out: np.ndarray) -> None:
-        m = ExactMetrics(TensorMetrics.of(exact, ref), TensorMetrics.of(exact, out))
-        outputs = self.exact.setdefault(stage, {})
-        outputs[name] = outputs[name].merge(m) if name in outputs else m
+        self.exact.setdefault(stage, {}).setdefault(name, []).append(
+            ExactMetrics(TensorMetrics.of(exact, ref), TensorMetrics.of(exact, out)))
 
 
 class ArrayStore:
