@@ -833,9 +833,8 @@ def _graph_outputs_for_float64(recorded: _Recorded, entries: list[str], opened: 
     fp32 memory) would not fit: a note says so, and the entries stay as judged against PyTorch fp32."""
     weights, available = fp32_weight_bytes(Path(source["path"])), available_bytes()
     if weights and available and 2 * weights + PROCESS_BASE_BYTES > available:
-        progress.note(f"{', '.join(entries)} not measured against PyTorch in float64: the model takes "
-                      f"{gigabytes(2 * weights)} so and {gigabytes(available)} is available (the entries stay as "
-                      "judged against PyTorch fp32)")
+        _not_measured(entries, f"the model takes {gigabytes(2 * weights)} so and {gigabytes(available)} is available",
+                      progress)
         return None
     forms = {call.entry: ("onnxruntime", call.entry) for call in recorded.calls}
     forms.update({form_entry_name(entry, form): (form, entry) for form in other_forms for entry in DECODER_ENTRIES})
@@ -873,12 +872,16 @@ def _measure_against_float64(recorded: _Recorded, result: ParityResult, entries:
             advance()
             measure_exact(recorded.calls, exact, graph_outputs, result, advance)
         except Exception as e:  # noqa: BLE001 - any model code may refuse float64; the fp32 verdict stands
-            progress.note(f"{', '.join(entries)} not measured against PyTorch in float64: {first_line(e)} "
-                          "(the entries stay as judged against PyTorch fp32)")
+            _not_measured(entries, first_line(e), progress)
             result.exact.clear()
         finally:
             exact = None
             gc.collect()
+
+
+def _not_measured(entries: list[str], why: str, progress: Progress) -> None:
+    progress.note(f"{', '.join(entries)} not measured against PyTorch in float64: {why} (the entries stay as judged "
+                  "against PyTorch fp32)")
 
 
 def form_entry_name(entry: str, form: str) -> str:
@@ -912,8 +915,8 @@ def _parity_record(options: BuildOptions, result: ParityResult, policy: ParityPo
     check, the greedy divergences passed as near ties, and a loosened (or tightened) fp32 gate, which verify
     then applies too."""
     record = {"passed": not failures, "report": "report.json", "failures": failures}
-    by_float64, near_ties = policy.passed_by_float64(result.stages, result.exact), policy.near_ties(result.stages,
-                                                                                                   result.tokens)
+    by_float64 = policy.passed_by_float64(result.stages, result.exact)
+    near_ties = policy.near_ties(result.stages, result.tokens)
     if by_float64:
         record["passed_by_float64"] = by_float64
     if near_ties:
