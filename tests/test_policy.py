@@ -170,9 +170,10 @@ def test_greedy_tokens_that_differ_fail_fp32_builds_only():
 
 
 def test_where_greedy_tokens_part_the_margin_is_measured_and_said():
-    """The candidate's own token's lead over the reference's token, in the candidate's log-probabilities at the
-    first divergence: in the failure line and the report; unknown where either side stopped there or the
-    reference's token is not among the candidate's likeliest."""
+    """Where the answers part, the candidate's own token's lead over the reference's (in its log-probabilities)
+    at every departure measured: in the failure line and the report. A run followed along the reference's tokens
+    is a near tie only where every departure is; a batched row's first divergence is read from its top tokens
+    (unknown where either side stopped there or the reference's token is not among the likeliest)."""
     from vlm_export.compare.parity import _margin
     from vlm_export.runtime.generate import GenerationResult, TokenLogprob, TokenText
 
@@ -186,28 +187,84 @@ def test_where_greedy_tokens_part_the_margin_is_measured_and_said():
     assert _margin([5, 9, 7], got) is None  # identical
     assert _margin([5, 9, 7, 8], got) is None  # the candidate stopped where the reference went on
     policy = ParityPolicy.for_precisions(FP32_BUILD, "lm_decoder")
-    tokens = {"onnxruntime": [TokenMetrics("changed", [5, 6, 7], [5, 9, 7], margin=_margin([5, 6, 7], got))]}
-    assert policy.judge({}, tokens) == ["end-to-end onnxruntime: greedy tokens differ from token 1 for prompt "
-                                        "'changed' (there its own token led the reference's by 0.01 in log-probability)"]
+    tokens = {"onnxruntime batched": [TokenMetrics("changed", [5, 6, 7], [5, 9, 7], ((1, _margin([5, 6, 7], got)),))]}
+    assert policy.judge({}, tokens) == ["end-to-end onnxruntime batched: greedy tokens differ from token 1 for prompt "
+                                        "'changed' (its own token led the reference's: margin 0.01 at token 1, in "
+                                        "log-probability: not a near tie)"]
     # beside measured decode logits (largest magnitude 20: the gate allows 1e-4 + 1e-4 x 20 = 2.1e-3), a margin
     # beyond twice that is a drift, one within it a near tie an fp32 build passes (the manifest lists it)
     stages = {"decode": {"logits": metrics(1e-5, ref_max_abs=20.0)}}
     assert policy.near_tie_bound(stages) == 2 * (1e-4 + 1e-4 * 20.0)
     assert policy.judge(stages, tokens) == [
-        "end-to-end onnxruntime: greedy tokens differ from token 1 for prompt 'changed' (there its own token led the "
-        "reference's by 0.01 in log-probability, more than twice the logits error the decode gate allows (0.0042): "
-        "not a near tie)"]
-    tie = {"onnxruntime": [TokenMetrics("tie", [5, 6, 7], [5, 9, 8], margin=4e-3)],
-           "torch_split": [TokenMetrics("unknown", [5, 6], [5, 9])]}  # no margin: never a near tie
-    assert policy.judge(stages, tie) == ["end-to-end torch_split: greedy tokens differ from token 1 for prompt "
-                                         "'unknown'"]
-    assert policy.near_ties(stages, tie) == ["onnxruntime: 'tie' from token 1 (margin 0.004 <= 0.0042)"]
+        "end-to-end onnxruntime batched: greedy tokens differ from token 1 for prompt 'changed' (its own token led "
+        "the reference's: margin 0.01 at token 1, in log-probability; twice the logits error the decode gate allows "
+        "is 0.0042: not a near tie)"]
+    tie = {"onnxruntime": [TokenMetrics("tie", [5, 6, 7, 8], [5, 9, 8], ((1, 4e-3), (3, 1e-3)), followed=True),
+                           TokenMetrics("then a drift", [5, 6, 7, 8], [5, 9, 8], ((1, 4e-3), (3, 0.5)), followed=True),
+                           TokenMetrics("gone", [5, 6], [5, 9], (), followed=True)],
+           "torch_split": [TokenMetrics("unknown", [5, 6], [5, 9])]}  # nothing measured: never a near tie
+    assert policy.judge(stages, tie) == [
+        "end-to-end onnxruntime: greedy tokens differ from token 1 for prompt 'then a drift' (its own token led the "
+        "reference's along the reference's tokens: margins 0.004, 0.5 at tokens 1, 3, in log-probability; twice the "
+        "logits error the decode gate allows is 0.0042: not a near tie)",
+        "end-to-end onnxruntime: greedy tokens differ from token 1 for prompt 'gone' (along the reference's tokens it "
+        "chose the same ones: not reproduced)",
+        "end-to-end torch_split: greedy tokens differ from token 1 for prompt 'unknown'"]
+    assert policy.near_ties(stages, tie) == ["onnxruntime: 'tie' from token 1 (margins 0.004, 0.001 at tokens 1, 3 "
+                                             "<= 0.0042)"]
+    many = TokenMetrics("many", [1] * 9, [2] * 9, tuple((i, 0.1) for i in range(7)), followed=True)
+    assert "margins 0.1, 0.1, 0.1, 0.1, 0.1 at tokens 0, 1, 2, 3, 4 and 2 more" in policy.judge(stages, {"x": [many]})[0]
     # a user's zero gate leaves no room for ties; a reduced-precision build's tokens are not gated at all
     zero = ParityPolicy.for_precisions(FP32_BUILD, "lm_decoder", Tolerance(atol=0.0, rtol=0.0))
     assert zero.near_tie_bound(stages) == 0 and zero.near_ties(stages, tie) == []
-    assert len([f for f in zero.judge(stages, tie) if f.startswith("end-to-end")]) == 2
+    assert len([f for f in zero.judge(stages, tie) if f.startswith("end-to-end")]) == 4
     reduced = ParityPolicy.for_precisions({**FP32_BUILD, "lm_decoder": "w4"}, "lm_decoder")
     assert reduced.near_tie_bound(stages) is None and reduced.judge(stages, tie) == [] and reduced.near_ties(stages, tie) == []
+
+
+def test_a_divergence_is_followed_along_the_references_tokens_to_the_end(tiny_build):
+    """On a real build, against references that took another token than the build would: parity runs the build
+    again along the reference's tokens and measures every place it would choose otherwise, so a near tie (here
+    the runner-up token at 3, passed by a gate loose enough) does not hide a later drift (the least likely token
+    at 8, forced after it). A batched row is held to the build's own answer alone."""
+    from vlm_export.compare.parity import TokenCase, compare_tokens
+    from vlm_export.runtime.generate import GenerationConfig, generate_result
+    from vlm_export.runtime.load import open_build
+
+    from PIL import Image
+
+    pipe = open_build(tiny_build("llava-llama").path)
+    prompt, photo = "What is in the picture?", Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3),
+                                                                                                   dtype=np.uint8))
+    ids, pixels = pipe.prompt_ids(prompt, 1), pipe.pixel_values([photo])
+    image = pipe.encode_images(pixels, prompt=prompt)
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True, logprobs=True, top_logprobs=2)
+    own = generate_result(pipe, ids, image, config)
+    (best, best_p), (second, second_p) = own.logprobs[3].top
+    tie = generate_result(pipe, ids, image, replace(config, forced_tokens=(*own.token_ids[:3], second.token_id)))
+    logits, _ = pipe.prefill(ids + tie.token_ids[:8], image)
+    drift = [*tie.token_ids[:8], int(np.argmin(logits)), *tie.token_ids[9:]]  # the least likely token at 8
+    result = ParityResult()
+    compare_tokens([TokenCase(prompt, ids, pixels, tie.token_ids), TokenCase(prompt, ids, pixels, drift)],
+                   {"onnxruntime": pipe}, 12, result, batched=("onnxruntime",), follow=("onnxruntime",))
+    near, drifted = result.tokens["onnxruntime"]
+    assert near.first_divergence == 3 and near.followed and len(near.departures) == 1
+    assert near.departures[0][0] == 3 and abs(near.departures[0][1] - (best_p - second_p)) < 1e-4
+    assert drifted.first_divergence == 3 and [at for at, _ in drifted.departures[:2]] == [3, 8]
+    assert abs(drifted.departures[1][1] - (logits.max() - logits.min())) < 1e-3 * (logits.max() - logits.min())
+    # a gate loose enough for the runner-up (twice its atol: the bound) passes the near tie, not the drift after it
+    stages = {"decode": {"logits": metrics(0.0)}}
+    policy = ParityPolicy.for_precisions(FP32_BUILD, "lm_decoder", Tolerance(atol=near.margin, rtol=0.0))
+    assert drifted.departures[1][1] > policy.near_tie_bound(stages) >= near.margin
+    failures = policy.judge(stages, result.tokens)
+    assert len(failures) == 1 and failures[0].startswith(
+        f"end-to-end onnxruntime: greedy tokens differ from token 3 for prompt {prompt!r} (its own token led the "
+        f"reference's along the reference's tokens: margins {near.margin:.3g}, "), failures
+    assert policy.near_ties(stages, result.tokens) == [f"onnxruntime: {prompt!r} from token 3 (margin "
+                                                       f"{near.margin:.3g} at token 3 <= {2 * near.margin:.3g})"]
+    # batched, each row answers as the build does alone (not as the reference)
+    batched = result.tokens["onnxruntime batched"]
+    assert [r.reference for r in batched] == [near.candidate, drifted.candidate] and all(r.identical for r in batched)
 
 
 def test_accuracy_gate_on_made_up_results():
@@ -316,9 +373,10 @@ def test_verify_exits_1_when_the_answers_drifted(tiny_build, tmp_path, capsys):
     assert not all(r["identical"] for r in report["end_to_end"]["onnxruntime"])
     assert all(r["identical"] for r in report["end_to_end"]["torch_split"])
     parted = [r for r in report["end_to_end"]["onnxruntime"] if not r["identical"]]
-    # greedy: where the drifted decoder chose another token, its own led the reference's (when in its top 20)
-    assert all(r["margin"] is None or r["margin"] >= 0 for r in parted)
-    assert any(r["margin"] is not None for r in parted)
+    # greedy: where the drifted decoder chose another token, its own led the reference's; followed along the
+    # reference's tokens, every such place is measured (the first where its answer parted among them)
+    assert all(r["followed"] and r["departures"] and r["departures"][0]["token"] == r["first_divergence"]
+               and all(d["margin"] >= 0 for d in r["departures"]) for r in parted)
     assert "not a near tie" in out and not any(r["near_tie"] for r in parted)  # 30% noise: drifts, not ties
     assert read_manifest(build)["parity"]["passed"] is False
     assert "FAILED" in (build / "report.md").read_text()

@@ -321,6 +321,49 @@ def test_logprobs_are_the_decoders_log_softmax_and_stream_with_the_text(pipe, ph
         GenerationConfig(logprobs=True, top_logprobs=21)
 
 
+def test_forced_tokens_are_fed_and_every_departure_measured(pipe, photos):
+    """Teacher forcing (parity follows a candidate along the reference's tokens with it): the answer is the
+    forced tokens whatever the logits say; each step where greedy would have chosen another token is a
+    departure whose margin is the two tokens' log-probability difference there; a forced EOS ends the answer;
+    rows forced differently in one batch depart as each does alone."""
+    prompt, images = "What animal is in the picture?", [photos[0]]
+    free = GenerationConfig(max_new_tokens=8, ignore_eos=True, logprobs=True, top_logprobs=5)
+    own = generate(pipe, prompt, images, free)
+    assert own.departures is None and "departures" in own.to_dict()
+    along = generate(pipe, prompt, images, replace(free, forced_tokens=own.token_ids))
+    assert along.token_ids == own.token_ids and along.departures == []  # its own tokens: never departs
+    # the runner-up forced at step 2: greedy departs there by exactly the log-probability difference
+    (best, best_p), (second, second_p) = own.logprobs[2].top[:2]
+    swapped = replace(free, forced_tokens=(*own.token_ids[:2], second.token_id))
+    got = generate(pipe, prompt, images, swapped)
+    assert got.token_ids[:3] == list(swapped.forced_tokens) and len(got.token_ids) == 8
+    first = got.departures[0]
+    assert (first.index, first.chosen, first.forced) == (2, best.token_id, second.token_id)
+    assert abs(first.margin - (best_p - second_p)) < 1e-4 and first.margin > 0
+    assert all(d.index > 2 or d is first for d in got.departures)  # unforced steps after it are not departures
+    assert got.to_dict()["departures"][0] == {"index": 2, "chosen": best.token_id, "forced": second.token_id,
+                                              "margin": first.margin}
+    # a forced EOS ends the answer, and where greedy went on, that is a departure too
+    eos = pipe.eos_token_ids[0]
+    ended = generate(pipe, prompt, images, GenerationConfig(max_new_tokens=8, forced_tokens=(*own.token_ids[:3], eos)))
+    assert ended.finish_reason == "eos" and ended.token_ids == own.token_ids[:3]
+    assert [(d.index, d.forced) for d in ended.departures] == ([] if own.token_ids[3] == eos else [(3, eos)])
+    # rows forced differently, batched, depart as each alone
+    requests = [GenerationRequest(prompt, tuple(images), swapped),
+                GenerationRequest("Describe it.", tuple(images), replace(free, forced_tokens=own.token_ids[:5]))]
+    alone = [generate(pipe, r.prompt, r.images, r.config) for r in requests]
+    together = generate_batch(pipe, requests)
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [[(d.index, d.chosen, d.forced) for d in r.departures] for r in together] == \
+        [[(d.index, d.chosen, d.forced) for d in r.departures] for r in alone]
+    with pytest.raises(InputError, match="9 forced tokens do not fit in max_tokens 8"):
+        GenerationConfig(max_new_tokens=8, forced_tokens=[1] * 9)
+    with pytest.raises(InputError, match="forced_tokens must be token ids"):
+        GenerationConfig(forced_tokens=(-1,))
+    with pytest.raises(InputError, match="forced_tokens names token id"):
+        generate(pipe, prompt, images, GenerationConfig(max_new_tokens=2, forced_tokens=(10**7,)))
+
+
 @pytest.mark.parametrize("min_new, min_length", [(3, 0), (0, 10), (2, 9)])
 def test_the_samplers_minimum_lengths_and_suppressed_tokens_are_hugging_faces(min_new, min_length):
     """EOS held off until min_new_tokens new tokens and a min_length sequence, tokens suppressed always

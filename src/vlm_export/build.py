@@ -757,7 +757,8 @@ def _record_reference_and_free(loaded, reference, options: BuildOptions, progres
     with progress.step(f"PyTorch reference: {options.parity_new_tokens} greedy tokens (HF generate and the "
                        "split modules)", total=2 * len(samples)) as advance:
         cases = expected_tokens(_hf_reference(loaded), reference, samples, options.parity_new_tokens, advance)
-        compare_tokens(cases, {"torch_split": reference}, options.parity_new_tokens, result, advance)
+        compare_tokens(cases, {"torch_split": reference}, options.parity_new_tokens, result, advance,
+                       follow=("torch_split",))
     # both sides decode the build's max_batch questions together, as served (the same answers for the
     # onnxruntime target, tests/test_demo_build.py; PyTorch 3.5x cheaper than one at a time: the demo's
     # 60 questions, 97 against 335 CPU-s)
@@ -794,13 +795,14 @@ def _judge(recorded: _Recorded, adapter, open_form, precisions: dict[str, str], 
     with progress.step("parity per stage (PyTorch vs ONNX Runtime)", total=len(recorded.calls)) as advance:
         replay_stages(recorded.calls, candidate, stages, advance)
     result.stages = {**stages.stages, **result.stages}  # the candidate's entries first, as the report lists them
-    with progress.step(f"parity end to end ({options.parity_new_tokens} greedy tokens vs HF generate)",
-                       total=len(recorded.cases)) as advance:
-        compare_tokens(recorded.cases, {"onnxruntime": candidate}, options.parity_new_tokens, result, advance,
-                       batched=("onnxruntime",))
     policy = ParityPolicy.for_precisions(precisions, candidate.scheme.decoder_stage,
                                          options.fp32_tolerance or Tolerance()).with_overrides(
         {**adapter.tolerances(), **options.tolerance_overrides})
+    with progress.step(f"parity end to end ({options.parity_new_tokens} greedy tokens vs HF generate)",
+                       total=len(recorded.cases)) as advance:
+        # where the policy holds the answers to HF's token for token, a divergence is followed to its end
+        compare_tokens(recorded.cases, {"onnxruntime": candidate}, options.parity_new_tokens, result, advance,
+                       batched=("onnxruntime",), follow=("onnxruntime",) if policy.require_identical_tokens else ())
     # every form of the decoder is held to its entries' tolerances (overrides included)
     policy = replace(policy, tolerances={**policy.tolerances, **{
         form_entry_name(entry, form): policy.tolerance(entry) for form in other_forms for entry in DECODER_ENTRIES}})

@@ -66,10 +66,18 @@ class TokenMetrics:
     prompt: str
     reference: list[int]
     candidate: list[int]
-    #: at the first divergence, how far the candidate's own token led the reference's in the candidate's logits
-    #: (their log-probabilities' difference, the same number); None where not measured, where either side
-    #: stopped there, or where the reference's token was not among the candidate's 20 likeliest
-    margin: float | None = None
+    #: where the candidate parts from the reference: each position at which it chooses another token than the
+    #: reference's, with how far its own token led the reference's in its logits there (their log-probabilities'
+    #: difference; None where not measured). Every such position where the candidate was also run along the
+    #: reference's tokens (teacher forcing: ``followed``), else the first divergence only; empty where identical
+    #: or not measured
+    departures: tuple[tuple[int, float | None], ...] = ()
+    followed: bool = False
+
+    @property
+    def margin(self) -> float | None:
+        """At the first divergence, how far the candidate's own token led the reference's (None: not measured)."""
+        return self.departures[0][1] if self.departures else None
 
     @property
     def first_divergence(self) -> int | None:
@@ -85,4 +93,6 @@ class TokenMetrics:
 
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "reference": self.reference, "candidate": self.candidate,
-                "first_divergence": self.first_divergence, "identical": self.identical, "margin": self.margin}
+                "first_divergence": self.first_divergence, "identical": self.identical, "margin": self.margin,
+                "departures": [{"token": at, "margin": margin} for at, margin in self.departures],
+                "followed": self.followed}

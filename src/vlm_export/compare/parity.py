@@ -252,34 +252,52 @@ def expected_tokens(original: Callable[[str, list[int], np.ndarray | None, int],
 
 def compare_tokens(cases: Sequence[TokenCase], pipelines: dict[str, VLMPipeline], max_new_tokens: int,
                    result: ParityResult, progress: Callable[[], None] = lambda: None,
-                   batched: Sequence[str] = ()) -> None:
-    """Greedy tokens of each pipeline vs the cases' expected ones. ``batched``: pipelines also run on
-    every case at once, as the scheduler batches requests (rows of different lengths, joining and
-    leaving; ``<name> batched``): a batch must not change an answer, and only a batch shows whether it does."""
+                   batched: Sequence[str] = (), follow: Sequence[str] = ()) -> None:
+    """Greedy tokens of each pipeline vs the cases' expected ones. ``follow``: where such a pipeline's answer
+    parts from the expected one, it is run again along the expected tokens (teacher forcing), so every
+    position where it would choose another token is measured with its margin (``TokenMetrics.departures``),
+    not only the first: a near tie does not hide what comes after it. ``batched``: pipelines also run on every
+    case at once, as the scheduler batches requests (rows of different lengths, joining and leaving;
+    ``<name> batched``), each row against the same pipeline's answer alone: a batch must not change an
+    answer, and only a batch shows whether it does (where one does, the margin at its first divergence)."""
     config = GenerationConfig(max_new_tokens=max_new_tokens)
-    # alone, each token's likeliest alternatives too: where the answers part, was it a near tie?
-    alone = replace(config, logprobs=True, top_logprobs=MAX_TOP_LOGPROBS)
     prepared = {name: [] for name in batched}
     for case in cases:
         for name, pipe in pipelines.items():
             image = pipe.encode_images(case.pixel_values, prompt=case.prompt)
-            got = generate_result(pipe, case.ids, image, alone)
-            result.tokens.setdefault(name, []).append(TokenMetrics(case.prompt, case.expected, got.token_ids,
-                                                                   _margin(case.expected, got)))
+            run = TokenMetrics(case.prompt, case.expected, generate_result(pipe, case.ids, image, config).token_ids)
+            if name in follow and not run.identical:
+                run = replace(run, departures=_departures(pipe, case, image, config), followed=True)
+            result.tokens.setdefault(name, []).append(run)
             if name in prepared:
-                prepared[name].append((case, image))
+                prepared[name].append((case, image, run.candidate))
         progress()
+    # each row's likeliest tokens too: where a batch changes an answer, was it a near tie?
+    asked = replace(config, logprobs=True, top_logprobs=MAX_TOP_LOGPROBS)
     for name, rows in prepared.items():
         scheduler = Scheduler(pipelines[name])  # up to the build's max_batch rows at once
-        submitted = [scheduler.submit(case.ids, image, config) for case, image in rows]
-        got = {row: event.token_ids for row, event in scheduler.run_raising() if isinstance(event, GenerationResult)}
-        result.tokens[f"{name} batched"] = [TokenMetrics(case.prompt, case.expected, got[row])
-                                            for (case, _), row in zip(rows, submitted)]
+        submitted = [scheduler.submit(case.ids, image, asked) for case, image, _ in rows]
+        got = {row: event for row, event in scheduler.run_raising() if isinstance(event, GenerationResult)}
+        runs = []
+        for (case, _, alone), row in zip(rows, submitted):
+            run = TokenMetrics(case.prompt, alone, got[row].token_ids)
+            runs.append(run if run.identical else replace(run, departures=((run.first_divergence,
+                                                                            _margin(alone, got[row])),)))
+        result.tokens[f"{name} batched"] = runs
+
+
+def _departures(pipe: VLMPipeline, case: TokenCase, image, config: GenerationConfig) -> tuple:
+    """``TokenMetrics.departures`` of ``pipe`` along ``case.expected`` (and its EOS, where the reference stopped
+    before its token budget): one teacher-forced generation."""
+    ended = len(case.expected) < config.max_new_tokens and pipe.eos_token_ids
+    forced = (*case.expected, *([pipe.eos_token_ids[0]] if ended else []))
+    got = generate_result(pipe, case.ids, image, replace(config, forced_tokens=forced))
+    return tuple((d.index, d.margin if np.isfinite(d.margin) else None) for d in got.departures)
 
 
 def _margin(expected: list[int], got: GenerationResult) -> float | None:
-    """``TokenMetrics.margin``: at the first divergence, the candidate's token's log-probability less the
-    reference's token's there (None where either stopped there or the latter is not among the top ones)."""
+    """At the first divergence, the candidate's token's log-probability less the reference's token's there
+    (None where either stopped there or the latter is not among the top ones)."""
     at = TokenMetrics("", expected, got.token_ids).first_divergence
     if at is None or at >= min(len(expected), len(got.logprobs or ())):
         return None

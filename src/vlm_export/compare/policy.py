@@ -155,12 +155,8 @@ class ParityPolicy:
                 for run in runs:
                     if run.identical or self.near_tie(run, bound):
                         continue
-                    led = "" if run.margin is None else (
-                        f" (there its own token led the reference's by {run.margin:.3g} in log-probability"
-                        + ("" if bound is None else f", more than twice the logits error the decode gate allows "
-                                                    f"({bound:.3g}): not a near tie") + ")")
                     failures.append(f"end-to-end {comparison}: greedy tokens differ from token "
-                                    f"{run.first_divergence} for prompt {run.prompt!r}{led}")
+                                    f"{run.first_divergence} for prompt {run.prompt!r}{_not_a_tie(run, bound)}")
         return failures
 
     def near_tie_bound(self, stages: dict[str, dict[str, TensorMetrics]]) -> float | None:
@@ -171,16 +167,36 @@ class ParityPolicy:
         return 2 * tol.allowed(logits) if logits is not None and tol.elementwise else None
 
     def near_tie(self, run: TokenMetrics, bound: float | None) -> bool:
-        """A divergence this policy passes: an fp32 build's, at a margin within ``bound`` (``near_tie_bound``)."""
-        return (self.require_identical_tokens and not run.identical and run.margin is not None and bound is not None
-                and run.margin <= bound)
+        """A divergence this policy passes: an fp32 build's, where at every departure measured (every one along
+        the reference's tokens where the run was ``followed``) the candidate's own token led the reference's by
+        at most ``bound`` (``near_tie_bound``)."""
+        return (self.require_identical_tokens and not run.identical and bound is not None and bool(run.departures)
+                and all(margin is not None and margin <= bound for _, margin in run.departures))
 
     def near_ties(self, stages: dict[str, dict[str, TensorMetrics]],
                   tokens: dict[str, list[TokenMetrics]]) -> list[str]:
         """Each greedy divergence passed as a near tie (``near_tie_bound``), one line each."""
         bound = self.near_tie_bound(stages)
-        return [f"{comparison}: {run.prompt!r} from token {run.first_divergence} (margin {run.margin:.3g} <= "
-                f"{bound:.3g})" for comparison, runs in tokens.items() for run in runs if self.near_tie(run, bound)]
+        return [f"{comparison}: {run.prompt!r} from token {run.first_divergence} ({_departed(run)} <= {bound:.3g})"
+                for comparison, runs in tokens.items() for run in runs if self.near_tie(run, bound)]
+
+
+def _departed(run: TokenMetrics, shown: int = 5) -> str:
+    """Where and by how much a run departs: "margin 0.002 at token 3", "margins 0.002, 0.001 at tokens 3, 9" (the
+    first ``shown``, then how many more)."""
+    many, first = "s" if len(run.departures) > 1 else "", run.departures[:shown]
+    more = f" and {len(run.departures) - shown} more" if len(run.departures) > shown else ""
+    margins = ", ".join("unmeasured" if m is None else f"{m:.3g}" for _, m in first)
+    return f"margin{many} {margins} at token{many} {', '.join(str(at) for at, _ in first)}{more}"
+
+
+def _not_a_tie(run: TokenMetrics, bound: float | None) -> str:
+    """Why a divergence is no near tie, as a parenthesis for its failure line ("" where nothing was measured)."""
+    if not run.departures:
+        return " (along the reference's tokens it chose the same ones: not reproduced)" if run.followed else ""
+    along = " along the reference's tokens" if run.followed else ""
+    limit = "" if bound is None else f"; twice the logits error the decode gate allows is {bound:.3g}"
+    return f" (its own token led the reference's{along}: {_departed(run)}, in log-probability{limit}: not a near tie)"
 
 
 @dataclass(frozen=True)

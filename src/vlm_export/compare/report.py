@@ -145,17 +145,22 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {stage} | {name} | {r['max_abs']:.3g} / {r['cosine']:.7f} | {c['max_abs']:.3g} / "
                          f"{c['cosine']:.7f} | {'yes' if m['passed'] else '**NO**'} |")
     lines += ["", "## End to end (greedy tokens vs the original model's HF generate)", "",
-              "The margin: where the tokens part, how far the candidate's own token led the reference's in its "
-              "log-probabilities. Within twice the logits error the decode gate allows, the two tokens are a near tie "
-              "any graph the gate accepts may swap, and an fp32 build passes; beyond it, a drift.", "",
-              "| candidate | prompt | tokens | first divergent token | margin |", "|---|---|---:|---|---:|"]
+              "Where the tokens part, the candidate is run again along the reference's tokens (teacher forcing) and "
+              "every position where it would choose another token is listed with its margin: how far its own token "
+              "led the reference's in its log-probabilities. Where every margin is within twice the logits error the "
+              "decode gate allows, the tokens are near ties any graph the gate accepts may swap, and an fp32 build "
+              "passes; beyond it, a drift. A batched row is compared with the same build's answer alone, to its "
+              "first divergence.", "",
+              "| candidate | prompt | tokens | first divergent token | departures (token: margin) |",
+              "|---|---|---:|---|---|"]
     for name, runs in report["end_to_end"].items():
         for r in runs:
             first = "none (identical)" if r["identical"] else \
                 f"{r['first_divergence']}{' (a near tie: passed)' if r.get('near_tie') else ''}"
-            margin = "-" if r.get("margin") is None else f"{r['margin']:.3g}"
+            departures = ", ".join(f"{d['token']}: {'-' if d['margin'] is None else format(d['margin'], '.3g')}"
+                                   for d in r.get("departures", ())) or "-"
             lines.append(f"| {name} | {r['prompt']} | {len(r['candidate'])}/{len(r['reference'])} | {first} | "
-                         f"{margin} |")
+                         f"{departures} |")
     if report.get("task_accuracy"):
         acc = report["task_accuracy"]
         lines += ["", f"## Task accuracy ({acc['dataset']}, {acc['questions']} questions, greedy, exact match)", "",

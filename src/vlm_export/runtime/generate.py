@@ -96,6 +96,10 @@ class GenerationConfig:
     #: that takes as many tokens, after a space (``bad_words_token_ids``); they join bad_words_ids, so HF's
     #: rule applies to them (matched over the prompt and the answer, a word that is EOS alone left out)
     bad_words: tuple[str, ...] = ()
+    #: teacher forcing (parity's, not a serving option): the answer's first tokens are these, whatever the
+    #: logits say; ``GenerationResult.departures`` says where the sampler would have chosen another token and
+    #: by how much. An EOS id among them stands for every EOS id (the answer ends there)
+    forced_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self._normalize_biases()
@@ -155,6 +159,11 @@ class GenerationConfig:
                 raise InputError(f"sequence_bias must hold (token ids, bias) pairs, got {(list(seq), bias)!r}")
         if any(not seq or not all(map(_non_negative_int, seq)) for seq in self.bad_words_ids or ()):
             raise InputError(f"bad_words_ids must be sequences of token ids, got {self.bad_words_ids!r}")
+        object.__setattr__(self, "forced_tokens", tuple(self.forced_tokens))
+        if not all(map(_non_negative_int, self.forced_tokens)):
+            raise InputError(f"forced_tokens must be token ids (integers >= 0), got {list(self.forced_tokens)!r}")
+        if len(self.forced_tokens) > self.max_new_tokens:
+            raise InputError(f"{len(self.forced_tokens)} forced tokens do not fit in max_tokens {self.max_new_tokens}")
 
     def _normalize_biases(self) -> None:
         """The bias settings as hashable tuples (a mapping or lists given, JSON's form)."""
@@ -171,11 +180,12 @@ class GenerationConfig:
                              "pairs, bad_words_ids sequences of token ids") from None
 
     def check_vocabulary(self, vocab_size: int) -> None:
-        """InputError where logit_bias names a token the model does not have (its logits' width)."""
-        outside = [token for token, _ in self.logit_bias if token >= vocab_size]
-        if outside:
-            raise InputError(f"logit_bias names token id(s) {outside[:5]} outside this model's vocabulary "
-                             f"(ids 0..{vocab_size - 1})")
+        """InputError where logit_bias or forced_tokens name a token the model does not have (its logits' width)."""
+        for name, ids in (("logit_bias", [token for token, _ in self.logit_bias]), ("forced_tokens", self.forced_tokens)):
+            outside = [token for token in ids if token >= vocab_size]
+            if outside:
+                raise InputError(f"{name} names token id(s) {outside[:5]} outside this model's vocabulary "
+                                 f"(ids 0..{vocab_size - 1})")
 
     def with_defaults(self, defaults: Mapping) -> "GenerationConfig":
         """The settings left None filled from ``defaults`` (a build's ``generation`` section), else off."""
@@ -269,6 +279,19 @@ class TokenEvent:
     logprobs: tuple[TokenLogprob, ...] = ()
 
 
+@dataclass(frozen=True)
+class Departure:
+    """A teacher-forced step (``GenerationConfig.forced_tokens``) where the sampler would have chosen another
+    token: the answer's position (0: its first token), that token, the forced one, and how far the chosen
+    token's logit led the forced one's after the request's penalties and biases (their log-probabilities'
+    difference; inf where the forced token was banned there)."""
+
+    index: int
+    chosen: int
+    forced: int
+    margin: float
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -278,6 +301,9 @@ class GenerationResult:
     completion_tokens: int = field(init=False)
     #: one per token of ``token_ids`` where the request asked for them (``GenerationConfig.logprobs``)
     logprobs: list[TokenLogprob] | None = None
+    #: where the request forced tokens (``GenerationConfig.forced_tokens``): each forced step at which the
+    #: sampler would have chosen otherwise
+    departures: list[Departure] | None = None
 
     def __post_init__(self) -> None:
         self.completion_tokens = len(self.token_ids)
@@ -389,6 +415,18 @@ class Sampler:
         token = self._pick(self._processed(logits))
         self._record(token)
         return token
+
+    def follow(self, logits: np.ndarray, forced: int, alike: Sequence[int]) -> tuple[int, float]:
+        """Teacher forcing: ``forced`` is the next token (the penalties and bans go on from it). Returns the token
+        this sampler would have chosen, and how far its processed logit led the best of ``alike`` (``forced`` and
+        the tokens that count as it; 0 where the choice is one of them)."""
+        processed = self._processed(logits)
+        chosen = self._pick(processed)
+        self._record(forced)
+        if chosen in alike:
+            return chosen, 0.0
+        return chosen, float(processed[chosen] - max((processed[t] for t in alike if t < processed.shape[-1]),
+                                                     default=-np.inf))
 
     def _processed(self, logits: np.ndarray) -> np.ndarray:
         early = self.sampled < (self.config.min_new_tokens or 0) or self.length < (self.config.min_length or 0)
@@ -648,6 +686,7 @@ class _Row:
     keys: np.ndarray | None = None  # what its prompt positions hold, for the prefix cache (None: not cached)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # where the request asked for them
     logprobs_sent: int = 0  # how many of them went out with its events
+    departures: list[Departure] = field(default_factory=list)  # where it forces tokens
 
 
 Event = tuple[int, "TokenEvent | GenerationResult | VlmExportError"]
@@ -846,7 +885,15 @@ class Scheduler:
             self._prefill(group)
 
     def _sample(self, row: _Row, logits: np.ndarray, events: list[Event]) -> int:
-        token = row.sampler(logits)
+        at, forced = len(row.text.tokens), row.config.forced_tokens
+        if at < len(forced):
+            token = forced[at]
+            alike = self.pipe.eos_token_ids if token in self.pipe.eos_token_ids else (token,)
+            chosen, margin = row.sampler.follow(logits, token, alike)
+            if chosen not in alike:
+                row.departures.append(Departure(at, chosen, token, margin))
+        else:
+            token = row.sampler(logits)
         if token in self.pipe.eos_token_ids and not row.config.ignore_eos:
             row.finish = "eos"
             return token
@@ -886,7 +933,8 @@ class Scheduler:
                     events.append((row.id, self._with_logprobs(row, tail)))
                 events.append((row.id, GenerationResult(row.text.text, row.text.tokens, row.finish,
                                                         len(row.prompt_ids),
-                                                        row.logprobs if row.config.logprobs else None)))
+                                                        row.logprobs if row.config.logprobs else None,
+                                                        row.departures if row.config.forced_tokens else None)))
         self._pending = tokens
         keep = [i for i, row in enumerate(self.running) if row.finish is None]
         if len(keep) < len(self.running):  # finished rows leave before the next decoder call
