@@ -312,6 +312,8 @@ class GenerationResult:
         out = asdict(self)
         if self.logprobs is not None:
             out["logprobs"] = [entry.to_dict() for entry in self.logprobs]
+        if self.departures is None:  # only where tokens were forced (parity's): answers elsewhere keep their form
+            del out["departures"]
         return out
 
 
