@@ -6,6 +6,7 @@
 # lora.py also writes a PEFT adapter beside the model (OUT/model-SEED.lora), which the build merges (--lora).
 # SERVE=1: each build that passed is also served through a real tritonserver and asked over HTTP and gRPC
 # (serve_check.py), its answer checked against `vlm-export generate`'s; a second line per seed says how that went.
+# A NOTE line: the build passed outputs only by parity's float64 check, or greedy tokens at near ties.
 #   usage: benchmarks/random_configs/sweep.sh llava|other|lora FIRST_SEED LAST_SEED OUT [build options...]
 #   e.g.:  benchmarks/random_configs/sweep.sh other 100 140 /tmp/sweep --precision fp16
 set -u
@@ -26,6 +27,9 @@ for seed in $(seq "$first" "$last"); do
   rc=$?
   echo "$seed rc=$rc $(( $(date +%s) - start ))s $* $drawn | $(grep -v '^\s*$' "$build.log" | tail -1 | cut -c1-400)" \
     >> "$out/results.txt"
+  # a build that passed only by parity's float64 check or at near ties says so on its parity line
+  notes=$(grep -o "; [0-9]* fp32 output(s) only by the float64 check.*\|; greedy tokens parted at .*" "$build.log" | head -2 | tr '\n' ' ')
+  [ -n "$notes" ] && echo "$seed NOTE $notes" | cut -c1-600 >> "$out/results.txt"
   if [ $rc -eq 0 ] && [ "${SERVE:-0}" = 1 ]; then
     served=$("$root/.venv/bin/python" "$here/serve_check.py" "$build" "$out/serve-$seed" $(( 18000 + (seed % 300) * 3 )) 2>&1 | tail -1)
     echo "$seed $served" >> "$out/results.txt"
