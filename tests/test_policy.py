@@ -226,8 +226,9 @@ def test_a_divergence_is_followed_along_the_references_tokens_to_the_end(tiny_bu
     """On a real build, against references that took another token than the build would: parity runs the build
     again along the reference's tokens and measures every place it would choose otherwise, so a near tie (here
     the runner-up token at 3, passed by a gate loose enough) does not hide a later drift (the least likely token
-    at 8, forced after it). A batched row is held to the build's own answer alone."""
-    from vlm_export.compare.parity import TokenCase, compare_tokens
+    at 8, forced after it). A batched row is held to the build's own answer alone, and followed the same way in a
+    forced batch."""
+    from vlm_export.compare.parity import TokenCase, compare_batched, compare_tokens
     from vlm_export.runtime.generate import GenerationConfig, generate_result
     from vlm_export.runtime.load import open_build
 
@@ -265,6 +266,21 @@ def test_a_divergence_is_followed_along_the_references_tokens_to_the_end(tiny_bu
     # batched, each row answers as the build does alone (not as the reference)
     batched = result.tokens["onnxruntime batched"]
     assert [r.reference for r in batched] == [near.candidate, drifted.candidate] and all(r.identical for r in batched)
+    # a batch held to answers it does not give (as a batch that changed an answer would be): each parted row's
+    # first divergence is measured, and followed, every departure along its expected tokens, in one forced batch
+    rows = [(TokenCase(prompt, ids, pixels, tokens), image) for tokens in (tie.token_ids, near.candidate, drift)]
+    free = compare_batched(pipe, rows, GenerationConfig(max_new_tokens=12))
+    assert [(r.departures, r.followed) for r in free] == [(((3, free[0].margin),), False), ((), False),
+                                                           (((3, free[2].margin),), False)]
+    assert abs(free[0].margin - near.margin) < 1e-4 and abs(free[2].margin - near.margin) < 1e-4
+    followed = compare_batched(pipe, rows, GenerationConfig(max_new_tokens=12), follow=True)
+    assert [r.followed for r in followed] == [True, False, True] and followed[1].identical
+    for row, alone in ((followed[0], near), (followed[2], drifted)):
+        assert [at for at, _ in row.departures] == [at for at, _ in alone.departures]
+        assert np.allclose([m for _, m in row.departures], [m for _, m in alone.departures], rtol=1e-3, atol=1e-4)
+    batch_failures = policy.judge(stages, {"onnxruntime batched": followed})
+    assert len(batch_failures) == 1 and batch_failures[0].startswith(
+        "end-to-end onnxruntime batched: greedy tokens differ from token 3 ") and "not a near tie" in batch_failures[0]
 
 
 def test_accuracy_gate_on_made_up_results():

@@ -257,9 +257,8 @@ def compare_tokens(cases: Sequence[TokenCase], pipelines: dict[str, VLMPipeline]
     parts from the expected one, it is run again along the expected tokens (teacher forcing), so every
     position where it would choose another token is measured with its margin (``TokenMetrics.departures``),
     not only the first: a near tie does not hide what comes after it. ``batched``: pipelines also run on every
-    case at once, as the scheduler batches requests (rows of different lengths, joining and leaving;
-    ``<name> batched``), each row against the same pipeline's answer alone: a batch must not change an
-    answer, and only a batch shows whether it does (where one does, the margin at its first divergence)."""
+    case at once, as the scheduler batches requests (``<name> batched``, ``compare_batched``), each row against
+    the same pipeline's answer alone: a batch must not change an answer, and only a batch shows whether it does."""
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     prepared = {name: [] for name in batched}
     for case in cases:
@@ -267,31 +266,58 @@ def compare_tokens(cases: Sequence[TokenCase], pipelines: dict[str, VLMPipeline]
             image = pipe.encode_images(case.pixel_values, prompt=case.prompt)
             run = TokenMetrics(case.prompt, case.expected, generate_result(pipe, case.ids, image, config).token_ids)
             if name in follow and not run.identical:
-                run = replace(run, departures=_departures(pipe, case, image, config), followed=True)
+                forced = generate_result(pipe, case.ids, image, _along(pipe, case.expected, config))
+                run = replace(run, departures=_measured(forced), followed=True)
             result.tokens.setdefault(name, []).append(run)
             if name in prepared:
-                prepared[name].append((case, image, run.candidate))
+                prepared[name].append((replace(case, expected=run.candidate), image))
         progress()
-    # each row's likeliest tokens too: where a batch changes an answer, was it a near tie?
-    asked = replace(config, logprobs=True, top_logprobs=MAX_TOP_LOGPROBS)
     for name, rows in prepared.items():
-        scheduler = Scheduler(pipelines[name])  # up to the build's max_batch rows at once
-        submitted = [scheduler.submit(case.ids, image, asked) for case, image, _ in rows]
-        got = {row: event for row, event in scheduler.run_raising() if isinstance(event, GenerationResult)}
-        runs = []
-        for (case, _, alone), row in zip(rows, submitted):
-            run = TokenMetrics(case.prompt, alone, got[row].token_ids)
-            runs.append(run if run.identical else replace(run, departures=((run.first_divergence,
-                                                                            _margin(alone, got[row])),)))
-        result.tokens[f"{name} batched"] = runs
+        result.tokens[f"{name} batched"] = compare_batched(pipelines[name], rows, config, follow=name in follow)
 
 
-def _departures(pipe: VLMPipeline, case: TokenCase, image, config: GenerationConfig) -> tuple:
-    """``TokenMetrics.departures`` of ``pipe`` along ``case.expected`` (and its EOS, where the reference stopped
-    before its token budget): one teacher-forced generation."""
-    ended = len(case.expected) < config.max_new_tokens and pipe.eos_token_ids
-    forced = (*case.expected, *([pipe.eos_token_ids[0]] if ended else []))
-    got = generate_result(pipe, case.ids, image, replace(config, forced_tokens=forced))
+def compare_batched(pipe: VLMPipeline, rows: Sequence[tuple[TokenCase, object]], config: GenerationConfig,
+                    follow: bool = False) -> list[TokenMetrics]:
+    """Every row (a case and its image input) generated at once, as the scheduler batches requests (rows of
+    different lengths, joining and leaving, up to the build's max_batch at a time), each against its case's
+    expected tokens. Where a row parts from them, the margin at its first divergence is read from its top
+    log-probabilities; with ``follow``, the batch is run again with every row fed its expected tokens, and each
+    parted row's departures there are measured too. The forced batch is the free one only until a row parts
+    (from then on its length, and so the batch's make-up, may differ), so the free divergence is kept where the
+    forced batch does not reproduce it."""
+    asked = replace(config, logprobs=True, top_logprobs=MAX_TOP_LOGPROBS)
+    free = _run_batch(pipe, [(case, image, asked) for case, image in rows])
+    runs = [TokenMetrics(case.prompt, case.expected, got.token_ids) for (case, _), got in zip(rows, free)]
+    parted = [i for i, run in enumerate(runs) if not run.identical]
+    if not parted:
+        return runs
+    forced = _run_batch(pipe, [(case, image, _along(pipe, case.expected, config)) for case, image in rows]) \
+        if follow else None
+    for i in parted:
+        departures = {runs[i].first_divergence: _margin(rows[i][0].expected, free[i])}
+        if forced is not None:
+            departures.update(_measured(forced[i]))
+        runs[i] = replace(runs[i], departures=tuple(sorted(departures.items())), followed=follow)
+    return runs
+
+
+def _run_batch(pipe: VLMPipeline, requests: Sequence[tuple[TokenCase, object, GenerationConfig]]
+               ) -> list[GenerationResult]:
+    scheduler = Scheduler(pipe)  # up to the build's max_batch rows at once
+    submitted = [scheduler.submit(case.ids, image, config) for case, image, config in requests]
+    got = {row: event for row, event in scheduler.run_raising() if isinstance(event, GenerationResult)}
+    return [got[row] for row in submitted]
+
+
+def _along(pipe: VLMPipeline, expected: Sequence[int], config: GenerationConfig) -> GenerationConfig:
+    """``config`` feeding ``expected`` (and an EOS after it, where it stopped before the token budget: going on
+    there is a departure too)."""
+    ended = len(expected) < config.max_new_tokens and pipe.eos_token_ids
+    return replace(config, forced_tokens=(*expected, *([pipe.eos_token_ids[0]] if ended else [])))
+
+
+def _measured(got: GenerationResult) -> tuple:
+    """A forced generation's departures as ``TokenMetrics.departures`` (None where the expected token was banned)."""
     return tuple((d.index, d.margin if np.isfinite(d.margin) else None) for d in got.departures)
 
 
