@@ -26,6 +26,7 @@ os.environ.setdefault("VLM_EXPORT_TRACEBACK", "1")
 from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava, make_tiny_mllama, make_tiny_prefix  # noqa: E402
 from tiny_models import make_tiny_blip2_t5  # noqa: E402
 from tiny_models import make_tiny_florence2  # noqa: E402
+from tiny_models import make_tiny_gemma3  # noqa: E402
 
 # name -> (maker, kwargs): one per architecture family and text family the tests cover
 TINY_MODELS = {
@@ -67,6 +68,7 @@ TINY_MODELS = {
     "mllama": (make_tiny_mllama, {}),
     "blip2-t5": (make_tiny_blip2_t5, {}),
     "florence2": (make_tiny_florence2, {}),
+    "gemma3": (make_tiny_gemma3, {}),  # Gemma3ForConditionalGeneration: image blocks attend both ways
 }
 
 

@@ -231,6 +231,50 @@ def make_tiny_prefix(path: Path, family: str = "llama", seed: int = 0, num_prefi
     return path
 
 
+#: a Gemma-3-style chat template (typed parts; "<start_of_image>" written for each image part), over
+#: SmolLM2's tokenizer
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] | trim }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<start_of_image>{% elif c['type'] == 'text' %}{{ c['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def make_tiny_gemma3(path: Path, seed: int = 0, image_size: int = 32, patch_size: int = 8, mm_tokens_per_image: int = 4,
+                     text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+    """A tiny random Gemma 3 VLM (Gemma3ForConditionalGeneration) with its Gemma3Processor: SmolLM2's
+    tokenizer with Gemma 3's three image tokens added (begin, end, soft) and named as Gemma 3's tokenizer
+    names them, a Gemma-3-style chat template, the text model with sliding-window and global layers. The
+    projector's weights (zeros at init) are drawn at random, so the images change the answer."""
+    from transformers import (AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
+                              Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig)
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), add_bos_token=True, extra_special_tokens={
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    text = Gemma3TextConfig(**{**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                      layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+                               **(text_sizes or {})},
+                            vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1,
+                            eos_token_id=2, pad_token_id=2)
+    vision = SiglipVisionConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2), **(vision_sizes or {})},
+                                image_size=image_size, patch_size=patch_size)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=mm_tokens_per_image,
+                       image_token_id=tokenizer.image_token_id, boi_token_id=tokenizer.boi_token_id,
+                       eoi_token_id=tokenizer.convert_tokens_to_ids(tokenizer.eoi_token))
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.5)
+    model.save_pretrained(path)
+    image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
+    Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE,
+                    image_seq_length=mm_tokens_per_image).save_pretrained(path)
+    return path
+
+
 # --- BLIP-2 / InstructBLIP ------------------------------------------------------------------------
 # The SmolLM2 tokenizer has no "<image>"; it is added as a special token (id 49152, right after the
 # base vocab), the way Blip2Processor itself would add it. The text embedding table is padded to a

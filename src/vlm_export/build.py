@@ -33,7 +33,7 @@ from .compare.parity import (ArrayStore, ParityResult, Sample, compare_tokens, d
                              measure_exact, record_outputs, record_stages, replay_stages)
 from .compare.policy import DECODER_ENTRIES, AccuracyGate, ParityPolicy, Tolerance
 from .compare.report import record_section, write_report
-from .contract import DecodingScheme, Limits, scheme_from_dict
+from .contract import DecoderGeometry, DecodingScheme, Limits, scheme_from_dict
 from .datasets import load_items
 from .cpu import int8_dot_product
 from .errors import BuildError, ParityError, RunnerError, first_line
@@ -261,7 +261,7 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
             graphs[stage.name] = _describe_graph(path, tmp, "fp32", export_seconds=time.perf_counter() - start)
             advance()
     _fuse_decoder_stage(tmp, graphs, scheme.decoder_stage, precisions[scheme.decoder_stage], limits, options, progress,
-                        scheme.geometry.layer_windows())
+                        scheme.geometry)
 
     # the merged adapter is an input too (calibration caches are keyed by these)
     source_sha256 = {**_source_hashes(model_path), **{f"lora/{k}": v for k, v in (lora.sha256 if lora else {}).items()}}
@@ -398,11 +398,11 @@ NO_TENSORRT_FORM = ("the decoder's weights are in ONNX Runtime's MatMulNBits for
 
 
 def _fuse_decoder_stage(tmp: Path, graphs: dict, stage: str, precision: str, limits: Limits,
-                        options: BuildOptions, progress: Progress,
-                        layer_windows: tuple[int | None, ...] | None = ()) -> None:
+                        options: BuildOptions, progress: Progress, geometry: DecoderGeometry | None = None) -> None:
     """The decoder's fp32 fused form beside its standard graph (``graphs[stage]["forms"]["fused"]``),
     precision variants for ONNX Runtime are made from it later; where none is made, the reason is in
-    ``graphs[stage]["fusion"]`` and the onnxruntime target runs the standard graph."""
+    ``graphs[stage]["fusion"]`` and the onnxruntime target runs the standard graph. ``geometry``: the
+    decoder's (its layers' windows; whether its attention is causal), None: no windows, causal."""
     entry = graphs[stage]
     reason = "not made: fusion turned off (--no-fuse)" if not options.fuse else _fused_precision_problem(precision, options)
     if reason:
@@ -413,7 +413,9 @@ def _fuse_decoder_stage(tmp: Path, graphs: dict, stage: str, precision: str, lim
     with progress.step(f"{stage}: its ONNX Runtime form (fused kernels, export/fuse.py)") as advance:
         start = time.perf_counter()
         try:
-            report = fuse_decoder(src, dst, max_positions=limits.max_sequence, layer_windows=layer_windows)
+            report = fuse_decoder(src, dst, max_positions=limits.max_sequence,
+                                  layer_windows=geometry.layer_windows() if geometry else (),
+                                  causal=not (geometry and geometry.images_attend_both_ways))
             record = {"made": report.fused, **report.to_dict()}
             if report.fused:
                 check_graph(dst)

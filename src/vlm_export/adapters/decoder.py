@@ -60,13 +60,20 @@ class SplicingDecoder(nn.Module):
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         return splice_image_rows(self.embed_tokens, input_ids, image_embeds, self.image_token_id)
 
+    def attention_masks(self, input_ids, image_embeds, inputs_embeds, attention_mask, position_ids, cache):
+        """What ``text_model`` gets as its attention mask: the (batch, total) padding mask, from which it makes
+        its own causal ones. A model whose own forward makes other masks (Gemma 3's image blocks) overrides it."""
+        return attention_mask
+
     def forward(self, input_ids, image_embeds, attention_mask, position_ids, *past):
         cache = DynamicCache()
         for layer in range(self.num_layers):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        inputs_embeds = self.embed(input_ids, image_embeds)
         out = self.text_model(
-            inputs_embeds=self.embed(input_ids, image_embeds),
-            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            attention_mask=self.attention_masks(input_ids, image_embeds, inputs_embeds, attention_mask, position_ids,
+                                                cache),
             position_ids=position_ids,
             cache=cache,
             use_cache=True,
@@ -82,16 +89,21 @@ class SplicingDecoder(nn.Module):
         return (logits, *present)
 
 
-def splice_image_rows(embed_tokens: nn.Module, input_ids: torch.Tensor, image_embeds: torch.Tensor,
-                      image_token_id: int) -> torch.Tensor:
-    """The ids' embeddings with the k-th placeholder (row-major) replaced by row k of ``image_embeds``
-    (HF's ``masked_scatter``, in a form that exports with an empty table too). A placeholder id past the
-    table's rows is text: a model may generate its own image token, which a decode step (no image rows)
-    embeds as the token it is, as Hugging Face's generate does."""
-    batch, seq = input_ids.shape
+def image_rows(input_ids: torch.Tensor, image_embeds: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """For each position, the row of ``image_embeds`` it takes, 1-based (the k-th placeholder, row-major,
+    takes row k); 0 for text. A placeholder id past the table's rows is text: a model may generate its own
+    image token, which a decode step (no image rows) embeds as the token it is, as Hugging Face's generate does."""
     flat = (input_ids == image_token_id).reshape(-1).to(torch.int64)
     index = torch.cumsum(flat, dim=0) * flat  # the k-th placeholder -> k (1-based), text -> 0
-    index = torch.where(index <= image_embeds.shape[0], index, torch.zeros_like(index))
+    return torch.where(index <= image_embeds.shape[0], index, torch.zeros_like(index)).reshape(input_ids.shape)
+
+
+def splice_image_rows(embed_tokens: nn.Module, input_ids: torch.Tensor, image_embeds: torch.Tensor,
+                      image_token_id: int) -> torch.Tensor:
+    """The ids' embeddings with each placeholder replaced by its row of ``image_embeds`` (``image_rows``;
+    HF's ``masked_scatter``, in a form that exports with an empty table too)."""
+    batch, seq = input_ids.shape
+    index = image_rows(input_ids, image_embeds, image_token_id).reshape(-1)
     is_image = (index > 0).reshape(batch, seq)
     # placeholder ids may lie outside the vocabulary (prefix layout): embed a valid id there
     text_embeds = embed_tokens(torch.where(is_image, torch.zeros_like(input_ids), input_ids))

@@ -24,12 +24,19 @@ class DecoderGeometry:
     # forward does): once a row passes this many positions, its batch-mates' rotary changes with it.
     # None: a row's answer does not depend on the rows batched with it
     batch_switched_positions: int | None = None
+    # a prompt's image placeholders attend to every placeholder of their own image, later ones too (Gemma 3's
+    # blocks; text stays causal): the prefill's attention is not causal, so a kernel that masks causally
+    # (ONNX Runtime's GroupQueryAttention) cannot run it, and a cached prefix never ends inside an image
+    images_attend_both_ways: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "windowed_layers", tuple(int(i) for i in self.windowed_layers))  # JSON gives a list
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not d["images_attend_both_ways"]:  # the default is left out: such manifests stay readable by earlier versions
+            del d["images_attend_both_ways"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DecoderGeometry":

@@ -50,6 +50,10 @@ class PromptLayout:
     #: goes, one per image, as the model's processor takes a raw prompt (LlavaProcessor expands each in
     #: place); else images go before the text and the token in a prompt is refused
     images_where_written: bool = False
+    #: the text each written image token becomes (inline layout), as the model's processor writes it; empty:
+    #: the image token ``tokens_per_image`` times (LLaVA's). Gemma 3's processor writes its begin-of-image
+    #: token and puts "\n\n<start_of_image>" + the soft token x N + "<end_of_image>\n\n" in its place
+    image_sequence: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUTS:
@@ -67,7 +71,14 @@ class PromptLayout:
             del d["chat_parts"]
         if not d["images_where_written"]:  # likewise
             del d["images_where_written"]
+        if not d["image_sequence"]:  # likewise
+            del d["image_sequence"]
         return d
+
+    @property
+    def expanded_image(self) -> str:
+        """The text one written image token becomes (``image_sequence``)."""
+        return self.image_sequence or (self.image_token or "") * self.tokens_per_image
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PromptLayout":

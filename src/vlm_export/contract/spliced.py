@@ -213,9 +213,16 @@ class SplicedScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
         keys = np.asarray(prompt_ids, dtype=np.int64).copy()
         placeholders = np.flatnonzero(keys == self.image_token_id)
         table = np.ascontiguousarray(image_input, dtype=np.float32)
-        for k, position in enumerate(placeholders):
-            digest = hashlib.blake2b(table[k].tobytes(), digest_size=8).digest()
-            keys[position] = -1 - (int.from_bytes(digest, "little") >> 2)
+        # where an image's placeholders attend to each other both ways, each one's K/V depends on the whole
+        # image: every key of a run of placeholders digests all of the run's rows (and its place in the run),
+        # so two prompts share all of an image or none of it, and a reused prefix never ends inside one
+        runs = (np.split(np.arange(len(placeholders)), np.flatnonzero(np.diff(placeholders) != 1) + 1)
+                if self.geometry.images_attend_both_ways else [[k] for k in range(len(placeholders))])
+        for run in runs:
+            whole = hashlib.blake2b(table[run[0]:run[-1] + 1].tobytes()).digest() if len(run) > 1 else b""
+            for k in run:
+                digest = hashlib.blake2b(whole + table[k].tobytes(), digest_size=8).digest()
+                keys[placeholders[k]] = -1 - (int.from_bytes(digest, "little") >> 2)
         return keys
 
     def generated_keys(self, tokens: Sequence[int]) -> np.ndarray | None:

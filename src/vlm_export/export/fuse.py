@@ -68,6 +68,11 @@ MS_DOMAIN = "com.microsoft"
 FUSIONS = ("layer_norm", "rms_norm", "skip_rms_norm", "skip_layer_norm", "rotary", "packed_matmul", "attention")
 
 
+#: why a decoder whose attention is not causal everywhere keeps its attention as exported
+NOT_CAUSAL = ("a prompt's image tokens attend to each other both ways (not causal), and GroupQueryAttention's kernel "
+              "masks causally")
+
+
 @dataclass
 class FuseReport:
     """What ``fuse_decoder`` did; ``fusions`` counts each rewrite applied."""
@@ -772,10 +777,10 @@ def _projections(g: _Graph, attention: onnx.NodeProto) -> tuple[list[onnx.NodePr
 # ---------------------------------------------------------------- entry points
 
 def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weights | None = None,
-               layer_windows: Sequence[int | None] | None = ()) -> FuseReport:
+               layer_windows: Sequence[int | None] | None = (), causal: bool = True) -> FuseReport:
     """Rewrite ``model`` in place (see the module docstring); returns what was fused. ``weights``:
-    where external initializers are read from and new ones go (default: the proto). ``layer_windows``:
-    as ``fuse_decoder``'s."""
+    where external initializers are read from and new ones go (default: the proto). ``layer_windows``,
+    ``causal``: as ``fuse_decoder``'s."""
     if max_positions < 1:
         raise ExportError(f"max_positions must be positive, not {max_positions}")
     report = FuseReport(nodes_before=len(model.graph.node))
@@ -788,8 +793,12 @@ def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weigh
     _fuse_rotary(g, report, max_positions)
     g.commit()
     # after rotary (its caches go into the kernel), before packing q/k/v
-    fuse_attention(g, report, layer_windows, max_positions)
-    g.commit()
+    if causal:
+        fuse_attention(g, report, layer_windows, max_positions)
+        g.commit()
+    else:
+        report.notes.append(f"attention left unfused: {NOT_CAUSAL}")
+        report.kv_copied_because = f"no attention over the KV cache fused: {NOT_CAUSAL}"
     _fuse_packed_matmul(g, report)
     g.commit()
     if fold_packed_qkv(g):  # the attention kernel reads the packed q/k/v itself
@@ -805,14 +814,16 @@ def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weigh
 
 
 def fuse_decoder(src: Path, dst: Path, max_positions: int = 4096,
-                 layer_windows: Sequence[int | None] | None = ()) -> FuseReport:
+                 layer_windows: Sequence[int | None] | None = (), causal: bool = True) -> FuseReport:
     """Write the fused form of the decoder graph ``src`` to ``dst`` (``src`` unchanged).
 
     ``max_positions``: rows of the rotary cos/sin caches - the largest position id + 1 the
     decoder will see (the build's max_sequence). ``layer_windows``: each layer's attention window
     (None: the whole sequence) in the order the decoder runs them, which the graph cannot show
     (``DecoderGeometry.layer_windows``); empty: no layer has one; None: some layers have one, which
-    is not known. A graph nothing matches is copied unchanged and the report's ``reason`` says why.
+    is not known. ``causal`` False: the decoder's attention is not causal everywhere
+    (``DecoderGeometry.images_attend_both_ways``), so it is left as exported. A graph nothing matches is
+    copied unchanged and the report's ``reason`` says why.
 
     A graph whose weights are in an external data file (every graph past 1.8 GB) is fused without
     loading them: the pass reads the few it rewrites, spills the packed ones to a scratch file
@@ -831,7 +842,8 @@ def fuse_decoder(src: Path, dst: Path, max_positions: int = 4096,
     spill = dst.with_name(dst.name + ".spill")
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        report = fuse_model(model, max_positions, Weights(src.parent, spill if external else None), layer_windows)
+        report = fuse_model(model, max_positions, Weights(src.parent, spill if external else None), layer_windows,
+                            causal)
         save_graph(model, dst, src.parent)
     finally:
         spill.unlink(missing_ok=True)

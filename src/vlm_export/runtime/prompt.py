@@ -119,14 +119,14 @@ def build_prompt_ids(tokenizer, layout: PromptLayout, prompt: Prompt, n_images: 
         # unless the text already starts with the BOS (a template that writes it)
         bos = getattr(tokenizer, "bos_token", None)
         special = layout.add_special_tokens or not (bos and text.startswith(bos))
-        text = text.replace(layout.image_token, layout.image_token * layout.tokens_per_image)
+        text = text.replace(layout.image_token, layout.expanded_image)
         ids = tokenizer(text, add_special_tokens=special)["input_ids"]
         expected = n_images * layout.tokens_per_image
         got = sum(1 for i in ids if i == layout.image_token_id)
         if got != expected:  # a tokenizer that splits the image token would silently misplace images
             raise InputError(
-                f"the tokenizer produced {got} image tokens, expected {expected}; "
-                f"check that {layout.image_token!r} is a single special token of the tokenizer"
+                f"the tokenizer produced {got} image tokens, expected {expected}; check that the image token "
+                f"(id {layout.image_token_id}, written {layout.image_token!r}) is a single special token of the tokenizer"
             )
         return list(ids)
     ids = tokenizer(text, add_special_tokens=layout.add_special_tokens)["input_ids"]

@@ -1,0 +1,162 @@
+"""Gemma 3: Hugging Face ``Gemma3ForConditionalGeneration``.
+
+SigLIP tower of a fixed input size -> its last hidden state -> the multi-modal projector (average-pooled
+to ``mm_tokens_per_image`` tokens, RMS-normed, projected) -> spliced at the image soft tokens of the
+Gemma 3 text model. Two things LLaVA does not have:
+
+* the chat template writes ``<start_of_image>`` for an image and the processor puts
+  "\\n\\n<start_of_image>" + the soft token x N + "<end_of_image>\\n\\n" in its place
+  (``PromptLayout.image_sequence``);
+* in the prefill, an image's soft tokens attend to each other both ways (Hugging Face's
+  ``token_type_ids`` blocks; text stays causal). The decoder makes that mask from the placeholders
+  themselves, as Hugging Face makes it from the processor's ``token_type_ids`` (1 exactly at the soft
+  tokens), so the decoder's inputs are LLaVA's; ``DecoderGeometry.images_attend_both_ways`` tells the
+  fusion pass (its attention kernel masks causally) and the prefix cache.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..contract import DecoderGeometry, PromptLayout
+from ..contract.spliced import SplicedScheme
+from ..errors import AdapterError
+from . import register
+from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, save_causal_lm,
+                   set_chat_template)
+from .decoder import SplicingDecoder, image_path_stages, image_rows, spliced_decoder_stage, text_geometry
+from .loading import load_hf_parts, load_processor, processor_chat_template
+
+
+class Gemma3VisionEncoder(nn.Module):
+    """pixel_values -> the tower's last hidden state, as Gemma3Model.get_image_features feeds its projector."""
+
+    def __init__(self, vision_tower: nn.Module):
+        super().__init__()
+        self.vision_tower = vision_tower
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision_tower(pixel_values=pixel_values, return_dict=True).last_hidden_state
+
+
+class ImageBlockDecoder(SplicingDecoder):
+    """The spliced decoder with Gemma 3's masks: each run of image placeholders (one image) a block that
+    attends to itself both ways, over the causal and sliding-window masks, as Gemma3Model makes them from
+    ``token_type_ids``. A decode step feeds no image rows: its masks are the causal ones, as Hugging Face's
+    generate passes no ``token_type_ids`` after the prefill."""
+
+    def __init__(self, *args, text_config, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.text_config = text_config
+
+    def attention_masks(self, input_ids, image_embeds, inputs_embeds, attention_mask, position_ids, cache):
+        from transformers.models.gemma3.modeling_gemma3 import (create_masks_for_vision_model,
+                                                                get_block_sequence_ids_for_mask)
+
+        token_type_ids = (image_rows(input_ids, image_embeds, self.image_token_id) > 0).to(torch.int64)
+        return create_masks_for_vision_model(config=self.text_config, inputs_embeds=inputs_embeds,
+                                             attention_mask=attention_mask, cache=cache, position_ids=position_ids,
+                                             block_sequence_ids=get_block_sequence_ids_for_mask(token_type_ids))
+
+
+@register
+class Gemma3Adapter(VLMAdapter):
+    name = "gemma3"
+    model_types = ("gemma3",)
+    description = "Hugging Face Gemma3ForConditionalGeneration (SigLIP tower + pooled projector + Gemma 3 text model)"
+
+    def load(self, path: Path) -> LoadedModel:
+        from transformers import Gemma3ForConditionalGeneration, Gemma3Processor
+
+        model, tokenizer, processor = load_hf_parts(Gemma3ForConditionalGeneration, path)
+        cfg, path = model.config, Path(path)
+        if getattr(cfg.text_config, "use_bidirectional_attention", False):
+            raise AdapterError(f"the text model in {path} attends both ways everywhere (use_bidirectional_attention, "
+                               "an embedding model such as EmbeddingGemma): it does not generate text")
+        if getattr(processor, "do_pan_and_scan", False):
+            raise AdapterError(f"the image processor in {path} has do_pan_and_scan on: it cuts a photo into a "
+                               "variable number of crops, each one more image in the prompt, which the fixed-shape "
+                               "image path does not take; set do_pan_and_scan false in preprocessor_config.json")
+        image_token = getattr(tokenizer, "image_token", None)
+        if getattr(tokenizer, "image_token_id", None) != cfg.image_token_id or not getattr(tokenizer, "boi_token", None):
+            raise AdapterError(
+                f"the tokenizer in {path} names image token {image_token!r} (id {getattr(tokenizer, 'image_token_id', None)})"
+                f" and begin-of-image token {getattr(tokenizer, 'boi_token', None)!r}, but the model's config says "
+                f"image_token_id {cfg.image_token_id}: save the model's own tokenizer beside it")
+        template = processor_chat_template(path)
+        if template and template != getattr(tokenizer, "chat_template", None):
+            set_chat_template(tokenizer, template, f"the processor's chat template in {path}")
+        loaded = LoadedModel(self, path, model, tokenizer, processor, cfg)
+        size = cfg.vision_config.image_size
+        check_image_size(loaded, (size, size))
+        rows = self.tokens_per_image(loaded)
+        if (path / "processor_config.json").is_file():
+            written = load_processor(Gemma3Processor, path).image_seq_length
+            if written != rows:
+                raise AdapterError(f"the Gemma3Processor in {path} writes {written} image tokens per image "
+                                   f"(image_seq_length) but the projector gives {rows} (mm_tokens_per_image "
+                                   f"{cfg.mm_tokens_per_image}); Hugging Face's generate refuses this checkpoint too: "
+                                   f"set image_seq_length {rows} in processor_config.json")
+        return loaded
+
+    def stages(self, loaded: LoadedModel) -> list[Stage]:
+        m, cfg = loaded.model, loaded.config
+        text = m.model.language_model
+        scheme = self.scheme(loaded)
+        decoder = ImageBlockDecoder(text.get_input_embeddings(), text, m.lm_head, cfg.image_token_id,
+                                    scheme.geometry.num_layers, text_config=cfg.text_config)
+        size = cfg.vision_config.image_size
+        return [*image_path_stages(Gemma3VisionEncoder(m.model.vision_tower), m.model.multi_modal_projector,
+                                   (size, size)),
+                spliced_decoder_stage(decoder, scheme)]
+
+    def scheme(self, loaded: LoadedModel) -> SplicedScheme:
+        return SplicedScheme(self.geometry(loaded), loaded.config.image_token_id)
+
+    @staticmethod
+    def tokens_per_image(loaded: LoadedModel) -> int:
+        """Rows one image becomes: the projector's pooled grid (mm_tokens_per_image where the tower's patches
+        divide evenly), measured on the projector itself."""
+        m, vision = loaded.model.model, loaded.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        weight = m.multi_modal_projector.mm_input_projection_weight
+        with torch.no_grad():
+            rows = m.multi_modal_projector(torch.zeros(1, patches, vision.hidden_size, dtype=weight.dtype))
+        return int(rows.shape[1])
+
+    def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
+        tok = loaded.tokenizer
+        rows = self.tokens_per_image(loaded)
+        return PromptLayout(kind="inline", image_token_id=loaded.config.image_token_id, tokens_per_image=rows,
+                            image_token=tok.boi_token, chat_parts=chat_template_takes_parts(tok, tok.boi_token),
+                            images_where_written=True,
+                            image_sequence=f"\n\n{tok.boi_token}{tok.image_token * rows}{tok.eoi_token}\n\n")
+
+    def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
+        geometry = text_geometry(loaded.config.text_config, loaded.model.model.language_model)
+        return replace(geometry, images_attend_both_ways=True)
+
+    def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
+        images = {} if pixel_values is None else {"pixel_values": pixel_values}  # None trips HF's generate
+        with torch.no_grad():
+            out = loaded.model.generate(
+                input_ids=input_ids,
+                **images,
+                # what Gemma3Processor returns beside the ids: 1 at the image soft tokens
+                token_type_ids=(input_ids == loaded.config.image_token_id).to(torch.int64),
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,  # the build decodes one sequence: the reference too, whatever the config says
+                eos_token_id=eos_token_ids,
+                pad_token_id=eos_token_ids[0],
+            )
+        return out[0, input_ids.shape[1]:].tolist()
+
+    def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
+        m = loaded.model
+        return save_causal_lm(loaded.config.text_config, m.model.language_model, m.lm_head, loaded.tokenizer, out,
+                              getattr(m, "generation_config", None))

@@ -1,0 +1,134 @@
+"""Gemma 3 (Gemma3ForConditionalGeneration): the prompt as its own processor makes it, an image's soft tokens
+attending to each other both ways in the prefill (as Hugging Face's token_type_ids make them), the fusion pass
+and the prefix cache told so. The build itself (parity of every stage, HF generate's tokens alone and batched) is
+test_export_core's, as for every tiny model."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from vlm_export.errors import AdapterError
+
+
+def _photo(seed: int, size=(40, 52)):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def _hf(model_dir):
+    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+    return AutoProcessor.from_pretrained(model_dir), Gemma3ForConditionalGeneration.from_pretrained(model_dir).eval()
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": "and"},
+                                  {"type": "image"}]}],
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
+     {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+     {"role": "user", "content": [{"type": "text", "text": "What colour is it?"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}],
+]
+
+
+@pytest.mark.parametrize("turns", CONVERSATIONS, ids=["one image", "two images", "conversation", "text only"])
+def test_prompt_ids_and_pixels_are_the_processors(tiny_build, tiny_model_dir, turns):
+    """Each image written as Gemma3Processor writes it ("\\n\\n<start_of_image>", the soft token x N,
+    "<end_of_image>\\n\\n"), where its chat template puts it; ids and pixels equal to the processor's."""
+    from vlm_export.runtime.load import open_build
+
+    pipe = open_build(tiny_build("gemma3").path)
+    processor, _ = _hf(tiny_model_dir("gemma3"))
+    n = sum(p["type"] == "image" for m in turns for p in m["content"])
+    images = [_photo(i) for i in range(n)]
+    theirs = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="np", **({"images": images} if images else {}))
+    ids = pipe.prompt_ids(turns, n)
+    assert ids == theirs["input_ids"][0].tolist()
+    soft = processor.tokenizer.image_token_id
+    assert np.array_equal(np.asarray(ids) == soft, theirs["token_type_ids"][0] == 1)  # what HF's mask reads
+    assert ids.count(soft) == n * pipe.layout.tokens_per_image
+    if images:
+        np.testing.assert_array_equal(pipe.pixel_values(images), theirs["pixel_values"])
+
+
+def test_an_images_tokens_attend_to_each_other_both_ways(tiny_build, tiny_model_dir):
+    """The build's prefill logits are Hugging Face's with the processor's token_type_ids (the image blocks'
+    mask), not its causal ones: on this model the two differ by far more than the fp32 gate."""
+    from vlm_export.runtime.load import open_build
+
+    build = tiny_build("gemma3").path
+    processor, model = _hf(tiny_model_dir("gemma3"))
+    turns = CONVERSATIONS[1]
+    images = [_photo(3), _photo(4, (30, 70))]
+    inputs = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt", images=images)
+    with torch.no_grad():
+        blocks = model(**inputs).logits[0, -1].numpy()
+        causal = model(**{k: v for k, v in inputs.items() if k != "token_type_ids"}).logits[0, -1].numpy()
+    assert np.abs(blocks - causal).max() > 1e-3
+    for form in ("onnxruntime", "standard"):  # the fused graph and the standard one (TensorRT's, run by ONNX Runtime)
+        pipe = open_build(build, form=form)
+        ids = pipe.prompt_ids(turns, len(images))
+        logits, _ = pipe.prefill(ids, pipe.encode_images(pipe.pixel_values(images)))
+        np.testing.assert_allclose(logits, blocks, atol=2e-5, err_msg=form)
+
+
+def test_the_manifest_says_the_attention_is_not_causal(tiny_build):
+    """The fusion pass leaves the attention as exported (its kernel masks causally) and says so; the norms
+    and rotary still fuse. The geometry and layout carry what serving needs."""
+    from vlm_export.export.fuse import NOT_CAUSAL
+
+    manifest = json.loads((tiny_build("gemma3").path / "manifest.json").read_text())
+    fusion = manifest["graphs"]["lm_decoder"]["fusion"]
+    assert fusion["made"] and fusion["fusions"]["attention"] == 0 and fusion["fusions"]["rotary"] > 0, fusion
+    assert f"attention left unfused: {NOT_CAUSAL}" in fusion["notes"]
+    assert NOT_CAUSAL in fusion["kv_copied_because"]
+    assert manifest["scheme"]["geometry"]["images_attend_both_ways"] is True
+    layout = manifest["prompt_layout"]
+    assert layout["image_token"] == "<start_of_image>"
+    assert layout["image_sequence"] == "\n\n<start_of_image>" + "<image_soft_token>" * 4 + "<end_of_image>\n\n"
+
+
+def test_a_cached_prefix_holds_all_of_an_image_or_none_of_it():
+    """Where an image's tokens attend to each other both ways, each one's K/V depends on the whole image: every
+    prefix-cache key of an image digests all of its rows, so another last row changes them all (and nothing
+    else); where they do not (LLaVA's), only that row's key changes."""
+    from vlm_export.contract import DecoderGeometry
+    from vlm_export.contract.spliced import SplicedScheme
+
+    ids = [5, 6, 9, 9, 9, 7, 9, 9, 8]  # two images: three rows, then two
+    table = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)
+    other = table.copy()
+    other[2] += 1  # the first image's last row
+    geometry = DecoderGeometry(2, 2, 8, 16, 100, 64)
+    for both_ways, changed in ((True, [2, 3, 4]), (False, [4])):
+        scheme = SplicedScheme(DecoderGeometry(**{**geometry.to_dict(), "images_attend_both_ways": both_ways}), 9)
+        a, b = scheme.prefix_keys(ids, table), scheme.prefix_keys(ids, other)
+        assert np.flatnonzero(a != b).tolist() == changed
+        assert (a[[2, 3, 4, 6, 7]] < 0).all() and a[[0, 1, 5, 8]].tolist() == [5, 6, 7, 8]
+
+
+def test_pan_and_scan_and_a_processor_of_another_length_are_refused(tiny_model_dir, tmp_path):
+    """Both would feed the image path other shapes than it takes; each is refused at load in one line saying
+    what to set."""
+    from vlm_export.adapters import adapter_for
+
+    for name, edit, said in (
+        ("pan-and-scan", lambda p: p["image_processor"].update(do_pan_and_scan=True), "set do_pan_and_scan false"),
+        ("seq-length", lambda p: p.update(image_seq_length=9), "set image_seq_length 4"),
+    ):
+        folder = tmp_path / name
+        shutil.copytree(tiny_model_dir("gemma3"), folder)
+        config = json.loads((folder / "processor_config.json").read_text())
+        edit(config)
+        (folder / "processor_config.json").write_text(json.dumps(config))
+        with pytest.raises(AdapterError, match=said) as e:
+            adapter_for(folder).load(folder)
+        assert "\n" not in str(e.value)
