@@ -132,3 +132,37 @@ def test_pan_and_scan_and_a_processor_of_another_length_are_refused(tiny_model_d
         with pytest.raises(AdapterError, match=said) as e:
             adapter_for(folder).load(folder)
         assert "\n" not in str(e.value)
+
+
+def test_a_prefill_after_a_cached_prefix_is_the_whole_prefill(tiny_build):
+    """The prefix cache continues a prompt after its first tokens (the template's start, or a whole earlier
+    image and text): the image blocks after the cut attend to each other both ways as in one prefill, so the
+    logits and K/V are the whole prefill's; and served as requests arrive, with the cache on, every answer is
+    the one without it."""
+    from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
+    from vlm_export.runtime.load import open_build
+    from vlm_export.runtime.prefix_cache import PrefixCache
+
+    pipe = open_build(tiny_build("gemma3").path)
+    turns = CONVERSATIONS[1]
+    images = [_photo(5), _photo(6, (64, 20))]
+    ids = pipe.prompt_ids(turns, 2)
+    image = pipe.encode_images(pipe.pixel_values(images))
+    full_logits, full = pipe.prefill(ids, image)
+    soft = np.flatnonzero(np.asarray(ids) == pipe.scheme.image_token_id)
+    second = soft[np.flatnonzero(np.diff(soft) != 1)[0] + 1]  # the second image's first soft token
+    caches = full.row_caches(0)
+    for length in (3, int(soft[0]), int(soft[0]) - 2, int(second) - 1, len(ids) - 1):  # never inside an image
+        logits, state = pipe.prefill_continuing(pipe.scheme.prefix_state(caches, length), ids, image)
+        np.testing.assert_allclose(logits[0], full_logits, rtol=1e-5, atol=1e-5, err_msg=str(length))
+        for name in pipe.scheme.past_names:
+            np.testing.assert_allclose(state.caches[name], full.caches[name], rtol=1e-5, atol=1e-5)
+
+    config = GenerationConfig(max_new_tokens=8)
+    requests = [("What is in the picture?", [_photo(k)]) for k in range(3)] + [(turns, images)]
+    expected = [generate(pipe, p, i, config).token_ids for p, i in requests]
+    pipe.prefix_cache = cache = PrefixCache(64 << 20)
+    assert [generate(pipe, p, i, config).token_ids for p, i in requests] == expected
+    assert [r.token_ids for r in generate_batch(pipe, [GenerationRequest(p, i, config) for p, i in requests])] \
+        == expected
+    assert cache.hits > 0

@@ -56,10 +56,15 @@ class ImageBlockDecoder(SplicingDecoder):
         from transformers.models.gemma3.modeling_gemma3 import (create_masks_for_vision_model,
                                                                 get_block_sequence_ids_for_mask)
 
-        token_type_ids = (image_rows(input_ids, image_embeds, self.image_token_id) > 0).to(torch.int64)
+        blocks = get_block_sequence_ids_for_mask(
+            (image_rows(input_ids, image_embeds, self.image_token_id) > 0).to(torch.int64))
+        # the masks read the blocks by column from the sequence's start (Hugging Face's prefill always starts
+        # there); a prefill after a past (a cached prefix, which never ends inside an image) has none in it
+        past = attention_mask.shape[1] - input_ids.shape[1]
+        blocks = torch.cat([blocks.new_full((blocks.shape[0], past), -1), blocks], dim=1)
         return create_masks_for_vision_model(config=self.text_config, inputs_embeds=inputs_embeds,
                                              attention_mask=attention_mask, cache=cache, position_ids=position_ids,
-                                             block_sequence_ids=get_block_sequence_ids_for_mask(token_type_ids))
+                                             block_sequence_ids=blocks)
 
 
 @register
