@@ -399,3 +399,23 @@ def test_whole_block_size_prefers_the_size_asked():
     assert whole_block_size([80], 32) == 16
     assert whole_block_size([48], 128) == 16
     assert whole_block_size([200], 32) is None
+
+
+def test_fp16_gives_a_kept_node_reading_one_constant_twice_one_copy(tmp_path):
+    """A node kept fp32 gets its own copy of each constant it reads; one that reads a constant twice (a Slice
+    whose starts and ends are one tensor: Gemma 3's mask code exports one) gets one copy, not two initializers
+    of one name, which the ONNX checker refuses."""
+    from vlm_export.precision.convert import fp16_model
+
+    nodes = [helper.make_node("Add", ["c", "c"], ["cc"], name="double"),
+             helper.make_node("Mul", ["x", "cc"], ["y"], name="scale")]
+    graph = helper.make_graph(nodes, "twice", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                              [numpy_helper.from_array(np.array(1.5, np.float32), "c")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    converted, _ = fp16_model(model, keep={"double"})
+    onnx.checker.check_model(converted)
+    assert [i.name for i in converted.graph.initializer].count("c__fp32_double") == 1
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    got = ort.InferenceSession(converted.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, 3 * x)

@@ -345,16 +345,20 @@ def _own_constants(model: onnx.ModelProto, nodes: set[str]) -> None:
     """Give the kept-fp32 nodes private copies of the constants they read (an epsilon shared with
     converted nodes would otherwise be turned to fp16 under them)."""
     inits = {i.name: i for i in model.graph.initializer}
+    made: set[str] = set()
     for node in model.graph.node:
         if node.name not in nodes:
             continue
         for k, name in enumerate(node.input):
             if name in inits:
-                copy = onnx.TensorProto()
-                copy.CopyFrom(inits[name])
-                copy.name = f"{name}__fp32_{node.name}"
-                model.graph.initializer.append(copy)
-                node.input[k] = copy.name
+                own = f"{name}__fp32_{node.name}"
+                if own not in made:  # a node may read one constant twice (a Slice's starts and ends): one copy
+                    copy = onnx.TensorProto()
+                    copy.CopyFrom(inits[name])
+                    copy.name = own
+                    model.graph.initializer.append(copy)
+                    made.add(own)
+                node.input[k] = own
 
 
 def _drop_cast_round_trips(model: onnx.ModelProto) -> int:
