@@ -387,6 +387,7 @@ LONGEST_FIRST = (
     "test_lora.py",
     "test_policy.py",
     "test_florence2.py",  # ~15 CPU-s of its own (fp16 variant, a CLI build) on the shared florence2 build
+    "test_gemma3.py",  # HF's model and processor against the shared gemma3 build, the prefix cache on it
 )
 
 

@@ -82,10 +82,15 @@ def test_an_images_tokens_attend_to_each_other_both_ways(tiny_build, tiny_model_
 
 def test_the_manifest_says_the_attention_is_not_causal(tiny_build):
     """The fusion pass leaves the attention as exported (its kernel masks causally) and says so; the norms
-    and rotary still fuse. The geometry and layout carry what serving needs."""
+    and rotary still fuse. The geometry and layout carry what serving needs. The standard graph, mask code
+    included, keeps to what TensorRT documents (it pads no booleans: the blocks are made in int64)."""
+    from vlm_export.engines.check import check_build
     from vlm_export.export.fuse import NOT_CAUSAL
 
-    manifest = json.loads((tiny_build("gemma3").path / "manifest.json").read_text())
+    build = tiny_build("gemma3").path
+    report = check_build(build)
+    assert report.violations == [], report.lines()
+    manifest = json.loads((build / "manifest.json").read_text())
     fusion = manifest["graphs"]["lm_decoder"]["fusion"]
     assert fusion["made"] and fusion["fusions"]["attention"] == 0 and fusion["fusions"]["rotary"] > 0, fusion
     assert f"attention left unfused: {NOT_CAUSAL}" in fusion["notes"]

@@ -53,18 +53,24 @@ class ImageBlockDecoder(SplicingDecoder):
         self.text_config = text_config
 
     def attention_masks(self, input_ids, image_embeds, inputs_embeds, attention_mask, position_ids, cache):
-        from transformers.models.gemma3.modeling_gemma3 import (create_masks_for_vision_model,
-                                                                get_block_sequence_ids_for_mask)
+        from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model
 
-        blocks = get_block_sequence_ids_for_mask(
-            (image_rows(input_ids, image_embeds, self.image_token_id) > 0).to(torch.int64))
-        # the masks read the blocks by column from the sequence's start (Hugging Face's prefill always starts
-        # there); a prefill after a past (a cached prefix, which never ends inside an image) has none in it
-        past = attention_mask.shape[1] - input_ids.shape[1]
-        blocks = torch.cat([blocks.new_full((blocks.shape[0], past), -1), blocks], dim=1)
         return create_masks_for_vision_model(config=self.text_config, inputs_embeds=inputs_embeds,
                                              attention_mask=attention_mask, cache=cache, position_ids=position_ids,
-                                             block_sequence_ids=blocks)
+                                             block_sequence_ids=self.image_blocks(input_ids, image_embeds,
+                                                                                 attention_mask.shape[1]))
+
+    def image_blocks(self, input_ids, image_embeds, total: int) -> torch.Tensor:
+        """Per column of the whole sequence (``total`` wide), the index of the image whose soft token is there
+        within the row (0, 1, ...; a run of placeholders is one image), -1 for text: Hugging Face's
+        ``get_block_sequence_ids_for_mask`` of the processor's token_type_ids, in int64 ops (TensorRT pads no
+        booleans). The masks read it by column from the sequence's start (Hugging Face's prefill always starts
+        there); a prefill after a past (a cached prefix, which never ends inside an image) has none in it."""
+        image = (image_rows(input_ids, image_embeds, self.image_token_id) > 0).to(torch.int64)
+        batch = image.shape[0]
+        previous = torch.cat([image.new_zeros(batch, 1), image[:, :-1]], dim=1)
+        blocks = torch.where(image > 0, torch.cumsum(image * (1 - previous), dim=1) - 1, -1)
+        return torch.cat([blocks.new_full((batch, total - input_ids.shape[1]), -1), blocks], dim=1)
 
 
 @register
