@@ -26,7 +26,7 @@ os.environ.setdefault("VLM_EXPORT_TRACEBACK", "1")
 from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava, make_tiny_mllama, make_tiny_prefix  # noqa: E402
 from tiny_models import make_tiny_blip2_t5  # noqa: E402
 from tiny_models import make_tiny_florence2  # noqa: E402
-from tiny_models import make_tiny_gemma3  # noqa: E402
+from tiny_models import make_tiny_gemma3, make_tiny_paligemma  # noqa: E402
 
 # name -> (maker, kwargs): one per architecture family and text family the tests cover
 TINY_MODELS = {
@@ -69,6 +69,9 @@ TINY_MODELS = {
     "blip2-t5": (make_tiny_blip2_t5, {}),
     "florence2": (make_tiny_florence2, {}),
     "gemma3": (make_tiny_gemma3, {}),  # Gemma3ForConditionalGeneration: image blocks attend both ways
+    # PaliGemmaForConditionalGeneration, prefix LMs (the prompt attends both ways): PaliGemma 2 and 1
+    "paligemma2": (make_tiny_paligemma, {"family": "gemma2"}),
+    "paligemma": (make_tiny_paligemma, {"family": "gemma"}),
 }
 
 
@@ -340,6 +343,13 @@ def holds_weight(arrays, weight) -> bool:
     return any(a.shape == w.shape and np.array_equal(a, w) for a in arrays for w in (weight, weight.T))
 
 
+def fp32_gate(reference) -> float:
+    """The build's fp32 gate on an output (max abs error <= 1e-4 + 1e-4 x its largest magnitude)."""
+    import numpy as np
+
+    return 1e-4 + 1e-4 * float(np.abs(reference).max())
+
+
 def fp32_bound(ref_max_abs: float, relative: float = 1e-5) -> float:
     """How far fp32 ONNX Runtime may be from fp32 PyTorch on outputs as large as ``ref_max_abs``: other
     GEMM kernels sum in another order, an error that grows with the values' scale (T5's unscaled
@@ -388,6 +398,7 @@ LONGEST_FIRST = (
     "test_policy.py",
     "test_florence2.py",  # ~15 CPU-s of its own (fp16 variant, a CLI build) on the shared florence2 build
     "test_gemma3.py",  # HF's model and processor against the shared gemma3 build, the prefix cache on it
+    "test_paligemma.py",  # likewise for the two PaliGemma builds
 )
 
 

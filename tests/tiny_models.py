@@ -275,6 +275,38 @@ def make_tiny_gemma3(path: Path, seed: int = 0, image_size: int = 32, patch_size
     return path
 
 
+def make_tiny_paligemma(path: Path, seed: int = 0, family: str = "gemma2", image_size: int = 16, patch_size: int = 8,
+                        text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+    """A tiny random PaliGemma (``family`` "gemma": PaliGemma 1's text model; "gemma2": PaliGemma 2's, with its
+    sliding-window layers and soft caps) with its real PaliGemmaProcessor over SmolLM2's tokenizer, which that
+    processor gives "<image>" and its location and segmentation tokens, and no BOS of its own."""
+    from transformers import (AutoTokenizer, Gemma2Config, GemmaConfig, PaliGemmaConfig,
+                              PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessor,
+                              SiglipVisionConfig)
+
+    tokens = (image_size // patch_size) ** 2
+    image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size}, image_seq_length=tokens)
+    processor = PaliGemmaProcessor(image_processor=image_processor,
+                                   tokenizer=AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()))
+    tok = processor.tokenizer
+    own = (dict(num_hidden_layers=3) if family == "gemma" else
+           dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2, num_hidden_layers=4))
+    sizes = {**dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+             **own, **(text_sizes or {})}
+    ids = dict(vocab_size=_padded_vocab(len(tok)), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+               pad_token_id=2)
+    text = (GemmaConfig if family == "gemma" else Gemma2Config)(**sizes, **ids)
+    vision = SiglipVisionConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2), **(vision_sizes or {})},
+                                image_size=image_size, patch_size=patch_size)
+    cfg = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
+                          projection_dim=text.hidden_size, hidden_size=text.hidden_size)
+    torch.manual_seed(seed)
+    PaliGemmaForConditionalGeneration(cfg).eval().save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 # --- BLIP-2 / InstructBLIP ------------------------------------------------------------------------
 # The SmolLM2 tokenizer has no "<image>"; it is added as a special token (id 49152, right after the
 # base vocab), the way Blip2Processor itself would add it. The text embedding table is padded to a

@@ -415,7 +415,7 @@ def _fuse_decoder_stage(tmp: Path, graphs: dict, stage: str, precision: str, lim
         try:
             report = fuse_decoder(src, dst, max_positions=limits.max_sequence,
                                   layer_windows=geometry.layer_windows() if geometry else (),
-                                  causal=not (geometry and geometry.images_attend_both_ways))
+                                  causal=not (geometry and geometry.prefill_blocks))
             record = {"made": report.fused, **report.to_dict()}
             if report.fused:
                 check_graph(dst)

@@ -229,6 +229,17 @@ def attention_windows(text_cfg) -> dict:
     return {"sliding_window": int(window), "windowed_layers": windowed}
 
 
+class LastHiddenState(nn.Module):
+    """pixel_values -> a vision tower's last hidden state (what Gemma 3's and PaliGemma's projectors read)."""
+
+    def __init__(self, vision_tower: nn.Module):
+        super().__init__()
+        self.vision_tower = vision_tower
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision_tower(pixel_values=pixel_values, return_dict=True).last_hidden_state
+
+
 def _traced_spec(name: str, value: torch.Tensor, first_dim: str) -> TensorSpec:
     """A stage output's spec from its example value: dim 0 is named, the rest as measured."""
     return TensorSpec(name, str(value.dtype).removeprefix("torch."), (first_dim, *value.shape[1:]))

@@ -10,7 +10,7 @@ Gemma 3 text model. Two things LLaVA does not have:
 * in the prefill, an image's soft tokens attend to each other both ways (Hugging Face's
   ``token_type_ids`` blocks; text stays causal). The decoder makes that mask from the placeholders
   themselves, as Hugging Face makes it from the processor's ``token_type_ids`` (1 exactly at the soft
-  tokens), so the decoder's inputs are LLaVA's; ``DecoderGeometry.images_attend_both_ways`` tells the
+  tokens), so the decoder's inputs are LLaVA's; ``DecoderGeometry.prefill_blocks`` "images" tells the
   fusion pass (its attention kernel masks causally) and the prefix cache.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..contract import DecoderGeometry, PromptLayout
 from ..contract.spliced import SplicedScheme
@@ -27,19 +26,9 @@ from ..errors import AdapterError
 from . import register
 from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, save_causal_lm,
                    set_chat_template)
-from .decoder import SplicingDecoder, image_path_stages, image_rows, spliced_decoder_stage, text_geometry
+from .decoder import (LastHiddenState, SplicingDecoder, image_path_stages, image_rows, spliced_decoder_stage,
+                      text_geometry)
 from .loading import load_hf_parts, load_processor, processor_chat_template
-
-
-class Gemma3VisionEncoder(nn.Module):
-    """pixel_values -> the tower's last hidden state, as Gemma3Model.get_image_features feeds its projector."""
-
-    def __init__(self, vision_tower: nn.Module):
-        super().__init__()
-        self.vision_tower = vision_tower
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.vision_tower(pixel_values=pixel_values, return_dict=True).last_hidden_state
 
 
 class ImageBlockDecoder(SplicingDecoder):
@@ -120,7 +109,7 @@ class Gemma3Adapter(VLMAdapter):
         decoder = ImageBlockDecoder(text.get_input_embeddings(), text, m.lm_head, cfg.image_token_id,
                                     scheme.geometry.num_layers, text_config=cfg.text_config)
         size = cfg.vision_config.image_size
-        return [*image_path_stages(Gemma3VisionEncoder(m.model.vision_tower), m.model.multi_modal_projector,
+        return [*image_path_stages(LastHiddenState(m.model.vision_tower), m.model.multi_modal_projector,
                                    (size, size)),
                 spliced_decoder_stage(decoder, scheme)]
 
@@ -148,7 +137,7 @@ class Gemma3Adapter(VLMAdapter):
 
     def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
         geometry = text_geometry(loaded.config.text_config, loaded.model.model.language_model)
-        return replace(geometry, images_attend_both_ways=True)
+        return replace(geometry, prefill_blocks="images")
 
     def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
         images = {} if pixel_values is None else {"pixel_values": pixel_values}  # None trips HF's generate

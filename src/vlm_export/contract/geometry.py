@@ -5,6 +5,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 
+#: ``DecoderGeometry.prefill_blocks`` values
+PREFILL_BLOCKS = ("", "images", "prompt")
+
+
 @dataclass(frozen=True)
 class DecoderGeometry:
     num_layers: int
@@ -24,18 +28,21 @@ class DecoderGeometry:
     # forward does): once a row passes this many positions, its batch-mates' rotary changes with it.
     # None: a row's answer does not depend on the rows batched with it
     batch_switched_positions: int | None = None
-    # a prompt's image placeholders attend to every placeholder of their own image, later ones too (Gemma 3's
-    # blocks; text stays causal): the prefill's attention is not causal, so a kernel that masks causally
-    # (ONNX Runtime's GroupQueryAttention) cannot run it, and a cached prefix never ends inside an image
-    images_attend_both_ways: bool = False
+    # which tokens of a prefill attend to each other both ways (the attention is causal elsewhere): "" none;
+    # "images" each image's placeholders, as one block (Gemma 3's); "prompt" the whole prompt, images and text
+    # (PaliGemma's prefix-LM). Where any do, a kernel that masks causally (ONNX Runtime's GroupQueryAttention)
+    # cannot run the prefill, and a prefill cannot continue after a cached prefix that ends inside a block
+    prefill_blocks: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "windowed_layers", tuple(int(i) for i in self.windowed_layers))  # JSON gives a list
+        if self.prefill_blocks not in PREFILL_BLOCKS:
+            raise ValueError(f"prefill_blocks {self.prefill_blocks!r} is not one of {PREFILL_BLOCKS}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if not d["images_attend_both_ways"]:  # the default is left out: such manifests stay readable by earlier versions
-            del d["images_attend_both_ways"]
+        if not d["prefill_blocks"]:  # the default is left out: such manifests stay readable by earlier versions
+            del d["prefill_blocks"]
         return d
 
     @classmethod

@@ -14,6 +14,9 @@ model code (``runtime.prompt.build_prompt_ids``):
 holds ``{input}`` takes the rest of the prompt (``"<OD_X>a dog"`` -> the text with ``input="a dog"``),
 any other must be the whole prompt.
 
+``text_before`` / ``text_after`` (``prefix`` layout): text the processor writes around the prompt after the
+image placeholders (PaliGemma's: its BOS, then the prompt, then a newline; its tokenizer adds no special tokens).
+
 ``add_special_tokens``: whether the tokenizer adds its own special tokens (BOS) to the text: on where
 the model's processor tokenizes plain text with them (BLIP-2, InstructBLIP). An ``inline`` layout
 adds them as its processor does anyway, unless the text (a chat template's) already starts with the BOS.
@@ -54,6 +57,9 @@ class PromptLayout:
     #: the image token ``tokens_per_image`` times (LLaVA's). Gemma 3's processor writes its begin-of-image
     #: token and puts "\n\n<start_of_image>" + the soft token x N + "<end_of_image>\n\n" in its place
     image_sequence: str = ""
+    #: text around the prompt's (``prefix`` layout; see the module docstring)
+    text_before: str = ""
+    text_after: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUTS:
@@ -71,8 +77,9 @@ class PromptLayout:
             del d["chat_parts"]
         if not d["images_where_written"]:  # likewise
             del d["images_where_written"]
-        if not d["image_sequence"]:  # likewise
-            del d["image_sequence"]
+        for name in ("image_sequence", "text_before", "text_after"):  # likewise
+            if not d[name]:
+                del d[name]
         return d
 
     @property

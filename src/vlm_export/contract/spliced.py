@@ -206,10 +206,12 @@ class SplicedScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
         return {self.image_input_name: self.empty_image_input(), **caches}
 
     # ---- continuing from a cached prefix ---------------------------------------------------
-    def prefix_keys(self, prompt_ids: Sequence[int], image_input: np.ndarray) -> np.ndarray:
+    def prefix_keys(self, prompt_ids: Sequence[int], image_input: np.ndarray) -> np.ndarray | None:
         # text: its id; the k-th placeholder: a 62-bit digest of the image row it takes (negative, so
         # never a token id). The row's content, not the image's file: a Q-Former's rows that depend
         # on the prompt differ where they should
+        if self.geometry.prefill_blocks == "prompt":  # every prompt token's K/V depends on the whole prompt
+            return None
         keys = np.asarray(prompt_ids, dtype=np.int64).copy()
         placeholders = np.flatnonzero(keys == self.image_token_id)
         table = np.ascontiguousarray(image_input, dtype=np.float32)
@@ -217,7 +219,7 @@ class SplicedScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
         # image: every key of a run of placeholders digests all of the run's rows (and its place in the run),
         # so two prompts share all of an image or none of it, and a reused prefix never ends inside one
         runs = (np.split(np.arange(len(placeholders)), np.flatnonzero(np.diff(placeholders) != 1) + 1)
-                if self.geometry.images_attend_both_ways else [[k] for k in range(len(placeholders))])
+                if self.geometry.prefill_blocks == "images" else [[k] for k in range(len(placeholders))])
         for run in runs:
             whole = hashlib.blake2b(table[run[0]:run[-1] + 1].tobytes()).digest() if len(run) > 1 else b""
             for k in run:

@@ -69,8 +69,8 @@ FUSIONS = ("layer_norm", "rms_norm", "skip_rms_norm", "skip_layer_norm", "rotary
 
 
 #: why a decoder whose attention is not causal everywhere keeps its attention as exported
-NOT_CAUSAL = ("a prompt's image tokens attend to each other both ways (not causal), and GroupQueryAttention's kernel "
-              "masks causally")
+NOT_CAUSAL = ("some of a prompt's tokens attend to each other both ways (not causal), and GroupQueryAttention's "
+              "kernel masks causally")
 
 
 @dataclass
@@ -822,7 +822,7 @@ def fuse_decoder(src: Path, dst: Path, max_positions: int = 4096,
     (None: the whole sequence) in the order the decoder runs them, which the graph cannot show
     (``DecoderGeometry.layer_windows``); empty: no layer has one; None: some layers have one, which
     is not known. ``causal`` False: the decoder's attention is not causal everywhere
-    (``DecoderGeometry.images_attend_both_ways``), so it is left as exported. A graph nothing matches is
+    (``DecoderGeometry.prefill_blocks``), so it is left as exported. A graph nothing matches is
     copied unchanged and the report's ``reason`` says why.
 
     A graph whose weights are in an external data file (every graph past 1.8 GB) is fused without

@@ -129,6 +129,7 @@ def build_prompt_ids(tokenizer, layout: PromptLayout, prompt: Prompt, n_images: 
                 f"(id {layout.image_token_id}, written {layout.image_token!r}) is a single special token of the tokenizer"
             )
         return list(ids)
+    text = layout.text_before + text + layout.text_after
     ids = tokenizer(text, add_special_tokens=layout.add_special_tokens)["input_ids"]
     if layout.image_token_id in ids:  # the model would splice image rows into the text's own copy of it
         raise InputError("the prompt contains the image token itself; pass images separately and remove it from the text")
