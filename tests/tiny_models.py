@@ -278,8 +278,9 @@ def make_tiny_gemma3(path: Path, seed: int = 0, image_size: int = 32, patch_size
 def make_tiny_paligemma(path: Path, seed: int = 0, family: str = "gemma2", image_size: int = 16, patch_size: int = 8,
                         text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
     """A tiny random PaliGemma (``family`` "gemma": PaliGemma 1's text model; "gemma2": PaliGemma 2's, with its
-    sliding-window layers and soft caps) with its real PaliGemmaProcessor over SmolLM2's tokenizer, which that
-    processor gives "<image>" and its location and segmentation tokens, and no BOS of its own."""
+    sliding-window layers and soft caps, the final one small enough to squash every logit) with its real
+    PaliGemmaProcessor over SmolLM2's tokenizer, which that processor gives "<image>" and its location and
+    segmentation tokens, and no BOS of its own."""
     from transformers import (AutoTokenizer, Gemma2Config, GemmaConfig, PaliGemmaConfig,
                               PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessor,
                               SiglipVisionConfig)
@@ -290,7 +291,8 @@ def make_tiny_paligemma(path: Path, seed: int = 0, family: str = "gemma2", image
                                    tokenizer=AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()))
     tok = processor.tokenizer
     own = (dict(num_hidden_layers=3) if family == "gemma" else
-           dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2, num_hidden_layers=4))
+           dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2, num_hidden_layers=4,
+                final_logit_softcapping=0.5))  # far below the random logits' range: it changes every one of them
     sizes = {**dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
              **own, **(text_sizes or {})}
     ids = dict(vocab_size=_padded_vocab(len(tok)), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,

@@ -65,6 +65,11 @@ class SplicingDecoder(nn.Module):
         its own causal ones. A model whose own forward makes other masks (Gemma 3's image blocks) overrides it."""
         return attention_mask
 
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits from the last hidden state, as the model's own forward makes them: its ``lm_head``; a
+        model whose forward adds to it (PaliGemma's final soft cap) overrides it."""
+        return self.lm_head(hidden)
+
     def forward(self, input_ids, image_embeds, attention_mask, position_ids, *past):
         cache = DynamicCache()
         for layer in range(self.num_layers):
@@ -79,10 +84,7 @@ class SplicingDecoder(nn.Module):
             use_cache=True,
             **self._keep_last,
         )
-        if self.lm_head is None:
-            logits = out.logits[:, -1:]
-        else:
-            logits = self.lm_head(out.last_hidden_state[:, -1:])
+        logits = out.logits[:, -1:] if self.lm_head is None else self.head(out.last_hidden_state[:, -1:])
         present = []
         for layer in cache.layers[: self.num_layers]:
             present += [layer.keys, layer.values]

@@ -30,8 +30,8 @@ from .loading import load_hf_parts
 
 
 class PrefixLMDecoder(SplicingDecoder):
-    """The spliced decoder with PaliGemma's masks and its positions counted from 1 (its
-    ``prepare_inputs_for_generation`` adds 1 to generate's)."""
+    """The spliced decoder with PaliGemma's masks, its positions counted from 1 (its
+    ``prepare_inputs_for_generation`` adds 1 to generate's) and its forward's final soft cap on the logits."""
 
     def __init__(self, *args, text_config, **kwargs):
         super().__init__(*args, **kwargs)
@@ -39,6 +39,11 @@ class PrefixLMDecoder(SplicingDecoder):
 
     def forward(self, input_ids, image_embeds, attention_mask, position_ids, *past):
         return super().forward(input_ids, image_embeds, attention_mask, position_ids + 1, *past)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        cap = getattr(self.text_config, "final_logit_softcapping", None)  # PaliGemma 2's Gemma 2: 30
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def attention_masks(self, input_ids, image_embeds, inputs_embeds, attention_mask, position_ids, cache):
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
