@@ -189,7 +189,7 @@ def test_a_decoder_nothing_fuses_builds_and_loads(tiny_model_dir, tmp_path, monk
     standard graph to every target, records why, and generates."""
     import vlm_export.build as build_module
 
-    def nothing_matched(src, dst, max_positions, layer_windows):
+    def nothing_matched(src, dst, max_positions, layer_windows, causal):
         shutil.copy2(src, dst)  # what fuse_decoder does when nothing matched: an unchanged copy
         count = len(_ops(src))
         return FuseReport(nodes_before=count, nodes_after=count, reason="no pattern matched (test)")
@@ -509,8 +509,8 @@ def _fusion_then(monkeypatch, edit) -> None:
 
     real = build_module.fuse_decoder
 
-    def fused_then_edited(src, dst, max_positions, layer_windows):
-        report = real(src, dst, max_positions=max_positions, layer_windows=layer_windows)
+    def fused_then_edited(src, dst, max_positions, layer_windows, causal):
+        report = real(src, dst, max_positions=max_positions, layer_windows=layer_windows, causal=causal)
         model = onnx.load(str(dst))
         edit(model)
         onnx.save(model, str(dst))

@@ -172,3 +172,38 @@ def test_a_prefill_after_a_cached_prefix_is_the_whole_prefill(tiny_build):
     assert [r.token_ids for r in generate_batch(pipe, [GenerationRequest(p, i, config) for p, i in requests])] \
         == expected
     assert cache.hits > 0
+
+
+def test_served_answers_equal_in_process(tiny_build, tmp_path):
+    """The python repository served by a real tritonserver (its prefix cache on, as served by default): three
+    requests at once, then a conversation's second turn that starts with the first's image and answer (a
+    prefill continued after a cached prefix), all as ``generate`` answers in process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vlm_export.client.client import VLMClient
+    from vlm_export.model_repository.render import render_repository
+    from vlm_export.runtime.generate import GenerationConfig, generate
+    from vlm_export.runtime.load import open_build
+    from vlm_export.serve.server import TritonServer
+
+    build = tiny_build("gemma3").path
+    pipe = open_build(build)
+    paths = []
+    for k, size in enumerate([(40, 52), (70, 30), (33, 33)]):
+        paths.append(tmp_path / f"photo-{k}.png")
+        _photo(k, size).save(paths[-1])
+    asks = [("What is in the picture?", [paths[0]]), ("Describe it.", [paths[1]]), ("Compare them.", paths[1:])]
+    first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    config = GenerationConfig(max_new_tokens=8)
+    expected = [generate(pipe, q, list(images), config).text for q, images in asks]
+    with TritonServer(render_repository(build, tmp_path / "repo"), log_file=tmp_path / "triton.log") as server:
+        client = VLMClient(f"grpc://{server.grpc_url}")
+        with ThreadPoolExecutor(len(asks)) as pool:
+            got = list(pool.map(lambda ask: client.generate(ask[0], ask[1], max_tokens=8).text, asks))
+        assert got == expected
+        answer = client.generate(messages=first, images=[paths[1]], max_tokens=8).text
+        turns = [*first, {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                 {"role": "user", "content": [{"type": "text", "text": "And its colour?"}]}]
+        second = client.generate(messages=turns, images=[paths[1]], max_tokens=8).text
+    assert answer == generate(pipe, first, [paths[1]], config).text
+    assert second == generate(pipe, turns, [paths[1]], config).text
