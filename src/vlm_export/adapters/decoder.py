@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import weakref
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -23,7 +24,7 @@ from transformers import DynamicCache
 from ..contract import (DECODER_PRECISIONS, IMAGE, IMAGE_PRECISIONS, DecoderGeometry, StageSpec, TensorSpec)
 from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError, first_line
-from .base import Stage
+from .base import LoadedModel, Stage, save_causal_lm
 from .loading import PER_ROW_LONGROPE
 
 EXAMPLE_IMAGES = 2
@@ -240,6 +241,34 @@ class LastHiddenState(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision_tower(pixel_values=pixel_values, return_dict=True).last_hidden_state
+
+
+def greedy_reference(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                     max_new_tokens: int, eos_token_ids: list[int], **inputs) -> list[int]:
+    """The original model's own greedy ``generate`` on ``input_ids`` (one row, every token real), its pixels and
+    any other ``inputs`` its processor gives (``token_type_ids``): the new tokens."""
+    images = {} if pixel_values is None else {"pixel_values": pixel_values}  # None trips HF's generate
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            **images,
+            **inputs,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,  # the build decodes one sequence: the reference too, whatever the config says
+            eos_token_id=eos_token_ids,
+            pad_token_id=eos_token_ids[0],
+        )
+    return out[0, input_ids.shape[1]:].tolist()
+
+
+def save_language_model(loaded: LoadedModel, out: Path) -> Path:
+    """``VLMAdapter.write_text_model`` for a model that holds its text model without the head
+    (``model.language_model``) and the head beside it (``lm_head``): LLaVA's, Gemma 3's, PaliGemma's."""
+    m = loaded.model
+    return save_causal_lm(loaded.config.text_config, m.model.language_model, m.lm_head, loaded.tokenizer, out,
+                          getattr(m, "generation_config", None))
 
 
 def _traced_spec(name: str, value: torch.Tensor, first_dim: str) -> TensorSpec:

@@ -24,10 +24,9 @@ from ..contract import DecoderGeometry, PromptLayout
 from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from . import register
-from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, save_causal_lm,
-                   set_chat_template)
-from .decoder import (LastHiddenState, SplicingDecoder, image_path_stages, image_rows, spliced_decoder_stage,
-                      text_geometry)
+from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, set_chat_template
+from .decoder import (LastHiddenState, SplicingDecoder, greedy_reference, image_path_stages, image_rows,
+                      save_language_model, spliced_decoder_stage, text_geometry)
 from .loading import load_hf_parts, load_processor, processor_chat_template
 
 
@@ -140,23 +139,10 @@ class Gemma3Adapter(VLMAdapter):
         return replace(geometry, prefill_blocks="images")
 
     def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
-        images = {} if pixel_values is None else {"pixel_values": pixel_values}  # None trips HF's generate
-        with torch.no_grad():
-            out = loaded.model.generate(
-                input_ids=input_ids,
-                **images,
-                # what Gemma3Processor returns beside the ids: 1 at the image soft tokens
-                token_type_ids=(input_ids == loaded.config.image_token_id).to(torch.int64),
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,  # the build decodes one sequence: the reference too, whatever the config says
-                eos_token_id=eos_token_ids,
-                pad_token_id=eos_token_ids[0],
-            )
-        return out[0, input_ids.shape[1]:].tolist()
+        # what Gemma3Processor returns beside the ids: 1 at the image soft tokens
+        token_type_ids = (input_ids == loaded.config.image_token_id).to(torch.int64)
+        return greedy_reference(loaded.model, input_ids, pixel_values, max_new_tokens, eos_token_ids,
+                                token_type_ids=token_type_ids)
 
     def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
-        m = loaded.model
-        return save_causal_lm(loaded.config.text_config, m.model.language_model, m.lm_head, loaded.tokenizer, out,
-                              getattr(m, "generation_config", None))
+        return save_language_model(loaded, out)

@@ -18,9 +18,9 @@ from ..contract import DecoderGeometry, PromptLayout
 from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from . import register
-from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, save_causal_lm,
-                   set_chat_template)
-from .decoder import SplicingDecoder, image_path_stages, spliced_decoder_stage, text_geometry
+from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, set_chat_template
+from .decoder import (SplicingDecoder, greedy_reference, image_path_stages, save_language_model, spliced_decoder_stage,
+                      text_geometry)
 from .loading import load_hf_parts, load_processor, processor_chat_template, run_processor
 
 
@@ -177,27 +177,12 @@ class LlavaAdapter(VLMAdapter):
         return text_geometry(loaded.config.text_config, loaded.model.model.language_model)
 
     def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
-        images = {} if pixel_values is None else {"pixel_values": pixel_values}  # None trips HF's generate
-        layer = loaded.config.vision_feature_layer
+        layer, inputs = loaded.config.vision_feature_layer, {}
         if pixel_values is not None and isinstance(layer, int):
             # the same layer as a one-item list: transformers asks the tower for hidden states only where
             # vision_feature_layer is truthy, so at 0 (the embeddings' output) its own forward fails
-            images["vision_feature_layer"] = [layer]
-        with torch.no_grad():
-            out = loaded.model.generate(
-                input_ids=input_ids,
-                **images,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,  # the build decodes one sequence: the reference too, whatever the config says
-                eos_token_id=eos_token_ids,
-                pad_token_id=eos_token_ids[0],
-            )
-        return out[0, input_ids.shape[1]:].tolist()
+            inputs["vision_feature_layer"] = [layer]
+        return greedy_reference(loaded.model, input_ids, pixel_values, max_new_tokens, eos_token_ids, **inputs)
 
     def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
-        # LlavaModel holds the text model without its head (language_model), the head beside it
-        m = loaded.model
-        return save_causal_lm(loaded.config.text_config, m.model.language_model, m.lm_head, loaded.tokenizer, out,
-                              getattr(m, "generation_config", None))
+        return save_language_model(loaded, out)
