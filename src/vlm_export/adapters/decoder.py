@@ -243,6 +243,20 @@ class LastHiddenState(nn.Module):
         return self.vision_tower(pixel_values=pixel_values, return_dict=True).last_hidden_state
 
 
+def last_hidden_state_stages(loaded: LoadedModel, scheme: SplicedScheme, decoder_cls: type[SplicingDecoder],
+                             **decoder_kwargs) -> list[Stage]:
+    """The stages of a model whose projector reads its vision tower's last hidden state and whose text model
+    (``model.language_model``) takes the spliced embeddings before its head (``lm_head``): Gemma 3's and
+    PaliGemma's. ``decoder_cls`` (with ``decoder_kwargs``) makes their masks."""
+    m, cfg = loaded.model, loaded.config
+    text = m.model.language_model
+    decoder = decoder_cls(text.get_input_embeddings(), text, m.lm_head, cfg.image_token_id, scheme.geometry.num_layers,
+                          **decoder_kwargs)
+    size = cfg.vision_config.image_size
+    return [*image_path_stages(LastHiddenState(m.model.vision_tower), m.model.multi_modal_projector, (size, size)),
+            spliced_decoder_stage(decoder, scheme)]
+
+
 def greedy_reference(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                      max_new_tokens: int, eos_token_ids: list[int], **inputs) -> list[int]:
     """The original model's own greedy ``generate`` on ``input_ids`` (one row, every token real), its pixels and

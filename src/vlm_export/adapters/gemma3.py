@@ -25,8 +25,8 @@ from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from . import register
 from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, set_chat_template
-from .decoder import (LastHiddenState, SplicingDecoder, greedy_reference, image_path_stages, image_rows,
-                      save_language_model, spliced_decoder_stage, text_geometry)
+from .decoder import (SplicingDecoder, greedy_reference, image_rows, last_hidden_state_stages, save_language_model,
+                      text_geometry)
 from .loading import load_hf_parts, load_processor, processor_chat_template
 
 
@@ -102,15 +102,8 @@ class Gemma3Adapter(VLMAdapter):
         return loaded
 
     def stages(self, loaded: LoadedModel) -> list[Stage]:
-        m, cfg = loaded.model, loaded.config
-        text = m.model.language_model
-        scheme = self.scheme(loaded)
-        decoder = ImageBlockDecoder(text.get_input_embeddings(), text, m.lm_head, cfg.image_token_id,
-                                    scheme.geometry.num_layers, text_config=cfg.text_config)
-        size = cfg.vision_config.image_size
-        return [*image_path_stages(LastHiddenState(m.model.vision_tower), m.model.multi_modal_projector,
-                                   (size, size)),
-                spliced_decoder_stage(decoder, scheme)]
+        return last_hidden_state_stages(loaded, self.scheme(loaded), ImageBlockDecoder,
+                                        text_config=loaded.config.text_config)
 
     def scheme(self, loaded: LoadedModel) -> SplicedScheme:
         return SplicedScheme(self.geometry(loaded), loaded.config.image_token_id)

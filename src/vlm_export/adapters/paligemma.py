@@ -25,8 +25,7 @@ from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from . import register
 from .base import LoadedModel, Stage, VLMAdapter, check_image_size
-from .decoder import (LastHiddenState, SplicingDecoder, greedy_reference, image_path_stages, save_language_model,
-                      spliced_decoder_stage, text_geometry)
+from .decoder import SplicingDecoder, greedy_reference, last_hidden_state_stages, save_language_model, text_geometry
 from .loading import load_hf_parts
 
 
@@ -84,23 +83,16 @@ class PaliGemmaAdapter(VLMAdapter):
         loaded = LoadedModel(self, path, model, tokenizer, processor, cfg)
         size = cfg.vision_config.image_size
         check_image_size(loaded, (size, size))
-        written = getattr(processor, "image_seq_length", None)
-        if written is not None and written != self.tokens_per_image(loaded):
+        written, rows = getattr(processor, "image_seq_length", None), self.tokens_per_image(loaded)
+        if written is not None and written != rows:
             raise AdapterError(f"the image processor in {path} says image_seq_length {written} but the vision tower "
-                               f"gives {self.tokens_per_image(loaded)} rows per image (({size} // "
-                               f"{cfg.vision_config.patch_size}) ** 2); Hugging Face's generate refuses this "
-                               f"checkpoint too: set image_seq_length {self.tokens_per_image(loaded)}")
+                               f"gives {rows} rows per image (({size} // {cfg.vision_config.patch_size}) ** 2); "
+                               f"Hugging Face's generate refuses this checkpoint too: set image_seq_length {rows}")
         return loaded
 
     def stages(self, loaded: LoadedModel) -> list[Stage]:
-        m, cfg = loaded.model, loaded.config
-        text = m.model.language_model
-        scheme = self.scheme(loaded)
-        decoder = PrefixLMDecoder(text.get_input_embeddings(), text, m.lm_head, cfg.image_token_id,
-                                  scheme.geometry.num_layers, text_config=cfg.text_config)
-        size = cfg.vision_config.image_size
-        return [*image_path_stages(LastHiddenState(m.model.vision_tower), m.model.multi_modal_projector, (size, size)),
-                spliced_decoder_stage(decoder, scheme)]
+        return last_hidden_state_stages(loaded, self.scheme(loaded), PrefixLMDecoder,
+                                        text_config=loaded.config.text_config)
 
     def scheme(self, loaded: LoadedModel) -> SplicedScheme:
         return SplicedScheme(self.geometry(loaded), loaded.config.image_token_id)
