@@ -3,6 +3,7 @@ a prefix-fusion model. The tokenizer is SmolLM2's, read from the GGUF in llm-smo
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -676,4 +677,58 @@ def make_tiny_florence2(path: Path, seed: int = 0, image_size: tuple[int, int] =
     image_processor = CLIPImageProcessor(size={"height": image_size[0], "width": image_size[1]}, do_center_crop=False,
                                          image_seq_length=grid[0] * grid[1] + 1)
     Florence2Processor(image_processor=image_processor, tokenizer=tok).save_pretrained(path)
+    return path
+
+
+#: Idefics3's and SmolVLM's chat template (as their checkpoints ship it; SmolVLM's starts with "<|im_start|>")
+IDEFICS3_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] == "
+    "'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}"
+    "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def make_tiny_idefics3(path: Path, seed: int = 0, family: str = "idefics3", image_size: int = 32, patch_size: int = 8,
+                       scale_factor: int = 2, longest_edge: int = 64, splitting: bool = True,
+                       text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+    """A tiny random Idefics3 (``family`` "idefics3") or SmolVLM ("smolvlm") with its processor's files: SmolLM2's
+    tokenizer with the tokens their processors write (image, fake token around image, global image, rows and
+    columns up to 6 x 6, end of utterance), tiles of ``image_size`` cut from images resized to ``longest_edge``.
+    Idefics3's processor is saved by Idefics3Processor itself; SmolVLM's needs torchvision (its video
+    processor), so its image processor, tokenizer, template and ``image_seq_len`` are saved as it saves them."""
+    from transformers import (AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
+                              Idefics3Processor, Idefics3VisionConfig, LlamaConfig, SmolVLMConfig,
+                              SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil)
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
+        *(f"<row_{r + 1}_col_{c + 1}>" for r in range(6) for c in range(6))]})
+    text = LlamaConfig(**{**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2), **(text_sizes or {})},
+                       vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=2)
+    vision = Idefics3VisionConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2), **(vision_sizes or {})},
+                                  image_size=image_size, patch_size=patch_size)
+    config_cls, model_cls, image_cls = ((Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil)
+                                        if family == "idefics3" else
+                                        (SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil))
+    cfg = config_cls(text_config=text.to_dict(), vision_config=vision.to_dict(), scale_factor=scale_factor,
+                     image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=2)
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    model.save_pretrained(path)
+    image_processor = image_cls(do_image_splitting=splitting, size={"longest_edge": longest_edge},
+                                max_image_size={"longest_edge": image_size})
+    tokens = (image_size // patch_size) ** 2 // scale_factor ** 2
+    if family == "idefics3":
+        Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=tokens,
+                          chat_template=IDEFICS3_CHAT_TEMPLATE).save_pretrained(path)
+    else:
+        image_processor.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        (path / "chat_template.jinja").write_text(IDEFICS3_CHAT_TEMPLATE)
+        (path / "processor_config.json").write_text(json.dumps({"processor_class": "SmolVLMProcessor",
+                                                                "image_seq_len": tokens}))
     return path

@@ -50,6 +50,7 @@ from .manifest import (MANIFEST_NAME, derive_targets, folder_hashes, is_build_fo
 from .memory import BUILD_PEAK_FACTOR, PROCESS_BASE_BYTES, available_bytes, fp32_weight_bytes, gigabytes
 from .progress import MeasuredProgress, Progress
 from .runtime.load import open_build
+from .runtime.images import ImageLimits, image_grids
 from .runtime.prompt import build_prompt_ids
 
 DEFAULT_MAX_SEQUENCE = 4096
@@ -240,6 +241,7 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
         # an LM without a position table (ALiBi) is bounded by the build's choice alone
         max_sequence=min(asked, scheme.geometry.max_position_embeddings or asked),
         tokens_per_image=layout.tokens_per_image,
+        tiles_per_image=layout.image_tiles.max_tiles if layout.tiled else 1,
     )
     if options.max_sequence and options.max_sequence > limits.max_sequence:
         progress.note(f"--max-sequence {options.max_sequence} is more than the language model's "
@@ -249,7 +251,7 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
         progress.note(f"the language model's longrope rotary switches to its long factors once the batch's longest row "
                       f"passes {switch} positions, as Hugging Face's forward does: a shorter row batched with it then "
                       f"answers differently than alone; --max-sequence {switch} or --max-batch 1 keeps rows independent")
-    _check_samples_fit(options.samples or default_samples(limits.max_images), loaded.tokenizer, layout, scheme,
+    _check_samples_fit(options.samples or default_samples(limits.max_images), loaded, layout, scheme,
                        limits, options.parity_new_tokens)
     _check_weight_blocks(stages, precisions, options.precision_options)
 
@@ -550,11 +552,15 @@ def _check_kept_nodes(tmp: Path, graphs: dict, fused: dict, precisions: dict[str
                          "in Netron, or the MatMul names a failed check prints)")
 
 
-def _check_samples_fit(samples, tokenizer, layout, scheme, limits: Limits, new_tokens: int) -> None:
+def _check_samples_fit(samples, loaded, layout, scheme, limits: Limits, new_tokens: int) -> None:
     """Every parity sample's prompt plus its new tokens within ``max_sequence``, before any export: an
     LM with few positions for its image tokens (2 images x 256 tokens in a 512-position LM) cannot
     take ``max_images`` images, and its fused attention refuses positions past its rotary table."""
-    counted = [(sample, len(build_prompt_ids(tokenizer, layout, sample.prompt, len(sample.images)))) for sample in samples]
+    def length(sample) -> int:
+        grids = image_grids(loaded.image_processor, list(sample.images), ImageLimits()) if layout.tiled else None
+        return len(build_prompt_ids(loaded.tokenizer, layout, sample.prompt, len(sample.images), grids))
+
+    counted = [(sample, length(sample)) for sample in samples]
 
     def fit(n: int, of=counted) -> bool:
         return all(scheme.length_problem(tokens, n, limits) is None for _, tokens in of)
@@ -946,7 +952,7 @@ def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progr
         advance()
     limits, adapter = Limits.from_dict(manifest["limits"]), loaded.adapter
     # refused before any parity work, as the build refuses it
-    _check_samples_fit(options.samples or default_samples(limits.max_images), loaded.tokenizer,
+    _check_samples_fit(options.samples or default_samples(limits.max_images), loaded,
                        adapter.prompt_layout(loaded), adapter.scheme(loaded), limits, options.parity_new_tokens)
     precisions = {stage: g["precision"] for stage, g in manifest["graphs"].items()}
     # every form of the decoder is checked again: the one the onnxruntime target runs, and the standard one

@@ -86,7 +86,7 @@ def scheduler_ceilings(pipe: VLMPipeline, requests: Sequence[tuple], past: int, 
     bounded as ``max_batch`` is."""
     rows = sorted({1} | {min(c, pipe.limits.max_batch) for c in concurrency})
     prompt = requests[0][0]  # each request is one prompt with one image
-    steps = step_costs(pipe, rows, past, fixed_length, pipe.prompt_ids(prompt, 1)[-1])
+    steps = step_costs(pipe, rows, past, fixed_length, pipe.prompt_ids(prompt, [requests[0][1]])[-1])
     request = request_cost(pipe, requests)
     p50 = {b: s["p50"] for b, s in steps.items()}
     return {"request_ms": request, "decode_step_ms": {str(b): s for b, s in steps.items()}, "decode_past": past,

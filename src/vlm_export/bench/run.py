@@ -169,7 +169,7 @@ def make_inputs(pipe: VLMPipeline, options: BenchOptions) -> BenchInputs:
     for b, pv in pixel_values.items():
         pipe.run_image_stages(pv, lambda spec, feeds, _, b=b: image_feeds.__setitem__((spec.name, b), feeds),
                               PROMPTS[0])
-    prompt_ids = pipe.prompt_ids(PROMPTS[0], 1)
+    prompt_ids = pipe.prompt_ids(PROMPTS[0], photos[:1])
     one = pixel_values[1] if 1 in pixel_values else pipe.pixel_values(photos[:1])
     image_input = pipe.encode_images(one, prompt=PROMPTS[0])
     pipe.check_length(len(prompt_ids), options.new_tokens // 2 + 1)

@@ -133,7 +133,7 @@ def record_stages(ref: VLMPipeline, samples: Sequence[Sample], store: ArrayStore
         image_input = scheme.empty_image_input()
         if sample.images:
             image_input = ref.encode_images(ref.pixel_values(sample.images), observe, sample.prompt)
-        ids = ref.prompt_ids(sample.prompt, len(sample.images))
+        ids = ref.prompt_ids(sample.prompt, sample.images)
         # prefill from an empty state (an encoder stage, where the scheme has one, is recorded like an
         # image stage), then one decode step on the reference's state
         feeds = ref.prefill_inputs([ids], image_input, observe)
@@ -147,7 +147,7 @@ def record_stages(ref: VLMPipeline, samples: Sequence[Sample], store: ArrayStore
     # the graphs' dynamic batch: the same prompt twice in one prefill call
     sample = samples[0]
     pixel_values = ref.pixel_values(sample.images) if sample.images else None
-    ids = ref.prompt_ids(sample.prompt, len(sample.images))
+    ids = ref.prompt_ids(sample.prompt, sample.images)
     both = ref.encode_images(None if pixel_values is None else concat_pixels([pixel_values] * 2),
                              prompt=sample.prompt)
     feeds = ref.prefill_inputs([ids, ids], both)
@@ -243,7 +243,7 @@ def expected_tokens(original: Callable[[str, list[int], np.ndarray | None, int],
     cases = []
     for sample in samples:
         pixel_values = ref.pixel_values(sample.images) if sample.images else None
-        ids = ref.prompt_ids(sample.prompt, len(sample.images))
+        ids = ref.prompt_ids(sample.prompt, sample.images)
         cases.append(TokenCase(sample.prompt, ids, pixel_values, original(sample.prompt, ids, pixel_values,
                                                                            max_new_tokens)))
         progress()

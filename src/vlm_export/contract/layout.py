@@ -17,6 +17,10 @@ any other must be the whole prompt.
 ``text_before`` / ``text_after`` (``prefix`` layout): text the processor writes around the prompt after the
 image placeholders (PaliGemma's: its BOS, then the prompt, then a newline; its tokenizer adds no special tokens).
 
+``image_tiles``: an image the processor cuts into a grid of tiles plus the whole image shrunk, each of
+them ``tokens_per_image`` rows (Idefics3's and SmolVLM's): the text an image becomes depends on its grid,
+which the image processor gives from the image's size (:class:`ImageTiles`).
+
 ``add_special_tokens``: whether the tokenizer adds its own special tokens (BOS) to the text: on where
 the model's processor tokenizes plain text with them (BLIP-2, InstructBLIP). An ``inline`` layout
 adds them as its processor does anyway, unless the text (a chat template's) already starts with the BOS.
@@ -30,6 +34,37 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 LAYOUTS = ("inline", "prefix")
+
+
+@dataclass(frozen=True)
+class ImageTiles:
+    """How an image cut into ``rows x cols`` tiles is written, as Idefics3's and SmolVLM's processors write it:
+    for each row, each tile's ``tile`` text ("{row}" and "{col}" filled in, from 1) and its tokens, then
+    ``row_end``; then ``whole`` and the whole image's tokens, then ``end``. An image of no tiles (a grid of
+    0 x 0: small enough, or splitting off) is ``alone``, its tokens, ``end``. The image path sees the tiles,
+    then the whole image, each one image of its batch (the processor's order); ``max_tiles`` is the most
+    one image becomes (the tiles of the largest grid and the whole image)."""
+
+    tile: str
+    row_end: str
+    whole: str
+    alone: str
+    end: str
+    max_tiles: int
+
+    @staticmethod
+    def count(grid: tuple[int, int]) -> int:
+        """Images of the image path that an image of this grid becomes."""
+        rows, cols = grid
+        return rows * cols + 1 if rows * cols else 1
+
+    def text(self, grid: tuple[int, int], tokens: str) -> str:
+        rows, cols = grid
+        if not rows * cols:
+            return self.alone + tokens + self.end
+        lines = ("".join(self.tile.format(row=r + 1, col=c + 1) + tokens for c in range(cols)) + self.row_end
+                 for r in range(rows))
+        return "".join(lines) + self.whole + tokens + self.end
 
 
 @dataclass(frozen=True)
@@ -60,12 +95,16 @@ class PromptLayout:
     #: text around the prompt's (``prefix`` layout; see the module docstring)
     text_before: str = ""
     text_after: str = ""
+    #: an image cut into tiles by its processor (see the module docstring); None: one image, one run of tokens
+    image_tiles: ImageTiles | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUTS:
             raise ValueError(f"prompt layout {self.kind!r} is not one of {LAYOUTS}")
         if self.kind == "inline" and not self.image_token:
             raise ValueError("an inline prompt layout needs the image token's text")
+        if self.image_tiles is not None and (self.kind != "inline" or self.image_sequence):
+            raise ValueError("tiled images are written inline, by their tiles' texts, not an image_sequence")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -77,19 +116,30 @@ class PromptLayout:
             del d["chat_parts"]
         if not d["images_where_written"]:  # likewise
             del d["images_where_written"]
-        for name in ("image_sequence", "text_before", "text_after"):  # likewise
+        for name in ("image_sequence", "text_before", "text_after", "image_tiles"):  # likewise
             if not d[name]:
                 del d[name]
         return d
 
     @property
-    def expanded_image(self) -> str:
-        """The text one written image token becomes (``image_sequence``)."""
-        return self.image_sequence or (self.image_token or "") * self.tokens_per_image
+    def tiled(self) -> bool:
+        return self.image_tiles is not None
+
+    def expanded_image(self, grid: tuple[int, int] = (0, 0)) -> str:
+        """The text one written image token becomes (``image_sequence``; a tiled image's, by its grid)."""
+        tokens = (self.image_token or "") * self.tokens_per_image
+        if self.image_tiles is not None:
+            return self.image_tiles.text(grid, tokens)
+        return self.image_sequence or tokens
+
+    def image_count(self, grid: tuple[int, int] = (0, 0)) -> int:
+        """Images of the image path (tiles) one image of ``grid`` becomes: 1 unless tiled."""
+        return self.image_tiles.count(grid) if self.image_tiles is not None else 1
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PromptLayout":
-        return cls(**d)
+        tiles = d.get("image_tiles")
+        return cls(**{**d, "image_tiles": ImageTiles(**tiles)} if tiles else d)
 
 
 @dataclass(frozen=True)

@@ -9,21 +9,25 @@ class Limits:
     max_batch: int  # sequences decoded together
     max_images: int  # per prompt
     max_sequence: int  # prompt + generated tokens, per sequence
-    tokens_per_image: int
+    tokens_per_image: int  # per image of the image path (a tile, where an image is cut into tiles)
+    #: images of the image path one prompt image becomes at most (its tiles; 1 where images are not tiled)
+    tiles_per_image: int = 1
 
     @property
     def max_image_tokens(self) -> int:
-        return self.max_images * self.tokens_per_image
+        return self.max_images * self.tiles_per_image * self.tokens_per_image
 
     @property
     def max_images_per_batch(self) -> int:
-        return self.max_batch * self.max_images
+        """Images of the image path in one batch (tiles, where images are tiled)."""
+        return self.max_batch * self.max_images * self.tiles_per_image
 
     def to_dict(self) -> dict[str, int]:
+        tiles = {"tiles_per_image": self.tiles_per_image} if self.tiles_per_image != 1 else {}  # earlier readers
         return {"max_batch": self.max_batch, "max_images": self.max_images, "max_sequence": self.max_sequence,
-                "tokens_per_image": self.tokens_per_image, "max_image_tokens": self.max_image_tokens,
+                "tokens_per_image": self.tokens_per_image, **tiles, "max_image_tokens": self.max_image_tokens,
                 "max_images_per_batch": self.max_images_per_batch}
 
     @classmethod
     def from_dict(cls, d: dict[str, int]) -> "Limits":
-        return cls(d["max_batch"], d["max_images"], d["max_sequence"], d["tokens_per_image"])
+        return cls(d["max_batch"], d["max_images"], d["max_sequence"], d["tokens_per_image"], d.get("tiles_per_image", 1))

@@ -78,7 +78,7 @@ def stage_feeds(reference: VLMPipeline, pairs: list[CalibrationPair]) -> dict[st
 
     for pair in pairs:
         image_input = reference.encode_images(reference.pixel_values([pair.image]), keep, pair.prompt)
-        ids = reference.prompt_ids(pair.prompt, 1)
+        ids = reference.prompt_ids(pair.prompt, [pair.image])
         # an encoder stage (encoder-decoder schemes) sees the prefill's own encoder feeds
         feeds[scheme.decoder_stage].append(reference.prefill_inputs([ids], image_input, keep))
     return feeds

@@ -977,7 +977,7 @@ def prepare_request(pipe: VLMPipeline, prompt: Prompt, images: Sequence[ImageInp
     """(prompt ids, the decoder's image input) for one request; its length is checked before any
     image work, so an over-long prompt costs no vision pass."""
     config.check_vocabulary(pipe.scheme.geometry.vocab_size)
-    ids = pipe.prompt_ids(prompt, len(images))
+    ids = pipe.prompt_ids(prompt, images)
     pipe.check_length(len(ids), config.max_new_tokens)
     return ids, image_input_for(pipe, images, prompt, encode_images)
 

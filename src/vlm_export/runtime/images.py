@@ -66,6 +66,19 @@ def processed_images(processor, images: "list[ImageInput]", limits: ImageLimits)
     return processor(images=pil, return_tensors="np")
 
 
+def image_grids(processor, images: "list[ImageInput]", limits: ImageLimits) -> list[tuple[int, int]]:
+    """Each image's tiles (rows, cols) as an image processor that cuts images into tiles (Idefics3's) cuts it,
+    from its size as read (upright): the processor's own ``get_number_of_image_patches``; (0, 0) for an image
+    it does not cut."""
+    white = over_white(processor)
+    grids = []
+    for k, image in enumerate(images):
+        width, height = load_image(image, limits, image_name(k, image, len(images)), white).size
+        _, rows, cols = processor.get_number_of_image_patches(height, width, {})
+        grids.append((int(rows), int(cols)))
+    return grids
+
+
 def over_white(processor) -> bool:
     """Whether transparent pixels are seen over white: an image processor that converts to RGB itself
     (``do_convert_rgb``, on in most) composites them so; one that does not takes only RGB images, which

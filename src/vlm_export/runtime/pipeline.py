@@ -12,7 +12,7 @@ from ..contract import DecodingScheme, Limits, PromptLayout, StageSpec, TensorSp
 from ..contract.scheme import DecodeBatch, SlotBatch
 from ..errors import InputError
 from .chat import Prompt
-from .images import ImageInput, ImageLimits, image_name, load_image, processed_images  # noqa: F401  (re-exported)
+from .images import ImageInput, ImageLimits, image_grids, image_name, load_image, processed_images  # noqa: F401
 from .prefix_cache import PrefixCache
 from .prompt import ImageTextEncoder, build_prompt_ids
 from .runners import Runner
@@ -145,11 +145,23 @@ class VLMPipeline:
             raise InputError("this build has no image path: send the prompt without images")
         return next(iter(feeds.values())) if len(feeds) == 1 else feeds
 
-    def prompt_ids(self, prompt: Prompt, n_images: int) -> list[int]:
-        """Token ids of one prompt or conversation (see ``runtime.chat``) with ``n_images`` images."""
+    def prompt_ids(self, prompt: Prompt, images: int | Sequence[ImageInput]) -> list[int]:
+        """Token ids of one prompt or conversation (see ``runtime.chat``) with its ``images`` (or their
+        number, where the build does not cut images into tiles)."""
+        n_images = images if isinstance(images, int) else len(images)
         if n_images > self.limits.max_images:
             raise InputError(f"{n_images} images given; this build takes at most {self.limits.max_images} per prompt")
-        return build_prompt_ids(self.tokenizer, self.layout, prompt, n_images)
+        grids = None
+        if self.layout.tiled:
+            if isinstance(images, int) and images:
+                raise ValueError("this build cuts each image into tiles, so a prompt's ids depend on its images' "
+                                 "sizes: pass the images, not their number")
+            grids = self.image_grids(images or [])
+        return build_prompt_ids(self.tokenizer, self.layout, prompt, n_images, grids)
+
+    def image_grids(self, images: Sequence[ImageInput]) -> list[tuple[int, int]]:
+        """Each image's tiles (rows, cols) as the image processor cuts it (``PromptLayout.image_tiles``)."""
+        return image_grids(self.image_processor, list(images), self.image_limits)
 
     def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         problem = self.scheme.length_problem(prompt_tokens, max_new_tokens, self.limits)

@@ -103,8 +103,27 @@ def _images_as_written(tokenizer, layout: PromptLayout, prompt: Prompt, n_images
     return prompt
 
 
-def build_prompt_ids(tokenizer, layout: PromptLayout, prompt: Prompt, n_images: int) -> list[int]:
-    """Token ids for one prompt or conversation with ``n_images`` images, placeholders expanded."""
+def _expand_images(layout: PromptLayout, text: str, grids: Sequence[tuple[int, int]]) -> str:
+    """``text`` with its k-th image token replaced by the text image k becomes (its grid's, where tiled)."""
+    parts = text.split(layout.image_token)
+    if len(parts) != len(grids) + 1:  # the template or the prompt wrote another count than the images sent
+        raise InputError(f"the prompt holds {len(parts) - 1} image tokens {layout.image_token!r} for {len(grids)} "
+                         "image(s): write one per image, or none")
+    out = [parts[0]]
+    for grid, part in zip(grids, parts[1:]):
+        out += [layout.expanded_image(grid), part]
+    return "".join(out)
+
+
+def build_prompt_ids(tokenizer, layout: PromptLayout, prompt: Prompt, n_images: int,
+                     grids: Sequence[tuple[int, int]] | None = None) -> list[int]:
+    """Token ids for one prompt or conversation with ``n_images`` images, placeholders expanded.
+    ``grids``: each image's tiles (rows, cols) as its image processor cuts it, where the layout tiles
+    images (``PromptLayout.image_tiles``; ``VLMPipeline.image_grids`` gives them)."""
+    if layout.tiled and (grids is None or len(grids) != n_images):
+        raise ValueError(f"this build cuts each image into tiles: pass the {n_images} image(s)' grids "
+                         f"(got {'none' if grids is None else len(grids)})")
+    grids = list(grids) if layout.tiled else [(0, 0)] * n_images
     messages = as_messages(prompt, n_images)
     if layout.task_prompts:
         messages = [{**m, "content": _expanded(layout, m["content"])} for m in messages]
@@ -119,9 +138,9 @@ def build_prompt_ids(tokenizer, layout: PromptLayout, prompt: Prompt, n_images: 
         # unless the text already starts with the BOS (a template that writes it)
         bos = getattr(tokenizer, "bos_token", None)
         special = layout.add_special_tokens or not (bos and text.startswith(bos))
-        text = text.replace(layout.image_token, layout.expanded_image)
+        text = _expand_images(layout, text, grids)
         ids = tokenizer(text, add_special_tokens=special)["input_ids"]
-        expected = n_images * layout.tokens_per_image
+        expected = sum(layout.image_count(grid) for grid in grids) * layout.tokens_per_image
         got = sum(1 for i in ids if i == layout.image_token_id)
         if got != expected:  # a tokenizer that splits the image token would silently misplace images
             raise InputError(

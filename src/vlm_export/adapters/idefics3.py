@@ -1,0 +1,206 @@
+"""Idefics3 and SmolVLM: Hugging Face ``Idefics3ForConditionalGeneration`` and ``SmolVLMForConditionalGeneration``.
+
+The image processor cuts each image into a grid of tiles of the tower's size (more tiles the larger the image,
+up to its ``size["longest_edge"]``) plus the whole image shrunk to one tile; each tile goes through the SigLIP
+tower, the connector's pixel shuffle and projection, and becomes ``image_seq_len`` rows spliced at the LM's
+image tokens, in the processor's order. The text an image becomes depends on its grid
+(``PromptLayout.image_tiles``): "<fake_token_around_image><row_1_col_1>" + tokens, ... a newline after each
+row, then "\\n<fake_token_around_image><global-img>" + tokens + "<fake_token_around_image>". So the image path's
+batch is the tiles, and the number of image rows a prompt holds follows its images' sizes.
+
+Every tile the processor makes for a request is a whole tile of the tower's size (padding tiles appear only
+between prompts of one processor call, which vlm-export never makes), so the tower runs with every patch
+real: its position ids are those Hugging Face's embeddings give a whole tile, measured once.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..contract import DecoderGeometry, ImageTiles, PromptLayout
+from ..contract.spliced import SplicedScheme
+from ..errors import AdapterError
+from . import register
+from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, read_chat_template, save_causal_lm,
+                   set_chat_template)
+from .decoder import SplicingDecoder, greedy_reference, image_path_stages, spliced_decoder_stage, text_geometry
+from .loading import load_hf_parts, processor_chat_template, run_processor
+
+# the texts Idefics3Processor and SmolVLMProcessor write around each tile (constants in both)
+FAKE_TOKEN = "<fake_token_around_image>"
+GLOBAL_TOKEN = "<global-img>"
+IMAGE_TOKEN = "<image>"
+
+
+class WholeTileTower(nn.Module):
+    """pixel_values [tiles, 3, size, size] -> the tower's last hidden state (post-layernormed), every patch
+    real. Hugging Face's embeddings find each patch's position by bucketizing its fractional coordinates
+    (``torch.bucketize``, which ONNX has no operator for); for a whole tile those positions are fixed, so they
+    are taken once from the embeddings themselves and kept as a constant."""
+
+    def __init__(self, vision_model: nn.Module, image_size: int):
+        super().__init__()
+        self.vision_model = vision_model
+        embeddings = vision_model.embeddings
+        seen = []
+        hook = embeddings.position_embedding.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+        side = image_size // embeddings.patch_size
+        try:
+            with torch.no_grad():
+                embeddings(torch.zeros(1, 3, image_size, image_size),
+                           torch.ones(1, side, side, dtype=torch.bool))
+        finally:
+            hook.remove()
+        self.register_buffer("position_ids", seen[0].reshape(1, -1).clone(), persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        vm = self.vision_model
+        embeddings = vm.embeddings
+        patches = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))
+        hidden = patches.flatten(2).transpose(1, 2) + embeddings.position_embedding(self.position_ids)
+        hidden = vm.encoder(inputs_embeds=hidden, attention_mask=None).last_hidden_state
+        return vm.post_layernorm(hidden)
+
+
+def _model_class(model_type: str):
+    import transformers
+
+    return {"idefics3": transformers.Idefics3ForConditionalGeneration,
+            "smolvlm": transformers.SmolVLMForConditionalGeneration}[model_type]
+
+
+@register
+class Idefics3Adapter(VLMAdapter):
+    name = "idefics3"
+    model_types = ("idefics3", "smolvlm")
+    description = ("Hugging Face Idefics3ForConditionalGeneration / SmolVLMForConditionalGeneration (SigLIP tower on "
+                   "image tiles + pixel-shuffle connector + Llama-family LM)")
+
+    def load(self, path: Path) -> LoadedModel:
+        path = Path(path)
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        model, tokenizer, image_processor = load_hf_parts(_model_class(model_type), path)
+        cfg = model.config
+        loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
+        template = _chat_template(path)
+        if template and template != getattr(tokenizer, "chat_template", None):
+            set_chat_template(tokenizer, template, f"the processor's chat template in {path}")
+        self._check_tokens(loaded)
+        self._check_tiles(loaded)
+        return loaded
+
+    @staticmethod
+    def _check_tokens(loaded: LoadedModel) -> None:
+        """The texts the processor writes must each be one token of this tokenizer, its image token the config's:
+        else the image rows would land elsewhere than Hugging Face puts them."""
+        tok, cfg, path = loaded.tokenizer, loaded.config, loaded.path
+        rows, cols = _largest_grid(loaded)
+        texts = [IMAGE_TOKEN, FAKE_TOKEN, GLOBAL_TOKEN] + [f"<row_{r + 1}_col_{c + 1}>" for r in range(rows)
+                                                          for c in range(cols)]
+        for text in texts:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise AdapterError(f"the tokenizer in {path} splits {text!r}, which the processor writes around image "
+                                   f"tiles, into {len(ids)} tokens: save the model's own tokenizer beside it")
+        image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        if image_id != cfg.image_token_id:
+            raise AdapterError(f"the tokenizer in {path} gives {IMAGE_TOKEN} id {image_id} but the model's config says "
+                               f"image_token_id {cfg.image_token_id}: save the model's own tokenizer beside it")
+
+    def _check_tiles(self, loaded: LoadedModel) -> None:
+        """Each tile must be the tower's input size, and the processor must write as many image tokens per tile as
+        the connector gives rows (Hugging Face's forward refuses a mismatch at the first image)."""
+        from PIL import Image
+
+        path, cfg = loaded.path, loaded.config
+        size = cfg.vision_config.image_size
+        made = run_processor(loaded.image_processor, path, images=[Image.new("RGB", (97, 61))],
+                             return_tensors="np")["pixel_values"].shape[-2:]
+        if tuple(made) != (size, size):
+            raise AdapterError(f"the image processor in {path} makes tiles of {made[0]}x{made[1]} but the vision tower "
+                               f"takes {size}x{size} (vision_config.image_size): set max_image_size "
+                               f"{{\"longest_edge\": {size}}} in preprocessor_config.json")
+        written, rows = _image_seq_len(path), self.tokens_per_tile(loaded)
+        if written is not None and written != rows:
+            raise AdapterError(f"the processor in {path} writes {written} image tokens per tile (image_seq_len) but the "
+                               f"connector gives {rows} rows per tile; Hugging Face's generate refuses this checkpoint "
+                               f"too: set image_seq_len {rows} in processor_config.json")
+
+    @staticmethod
+    def tokens_per_tile(loaded: LoadedModel) -> int:
+        """Rows one tile becomes: the tower's patches after the connector's pixel shuffle, measured on it."""
+        m, vision = loaded.model.model, loaded.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        weight = next(m.connector.parameters())
+        with torch.no_grad():
+            rows = m.connector(torch.zeros(1, patches, vision.hidden_size, dtype=weight.dtype))
+        return int(rows.shape[1])
+
+    def stages(self, loaded: LoadedModel) -> list[Stage]:
+        m, cfg = loaded.model, loaded.config
+        size = cfg.vision_config.image_size
+        scheme = self.scheme(loaded)
+        text = m.model.text_model
+        decoder = SplicingDecoder(text.get_input_embeddings(), text, m.lm_head, cfg.image_token_id,
+                                  scheme.geometry.num_layers)
+        return [*image_path_stages(WholeTileTower(m.model.vision_model, size), m.model.connector, (size, size)),
+                spliced_decoder_stage(decoder, scheme)]
+
+    def scheme(self, loaded: LoadedModel) -> SplicedScheme:
+        return SplicedScheme(self.geometry(loaded), loaded.config.image_token_id)
+
+    def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
+        tiles = ImageTiles(tile=FAKE_TOKEN + "<row_{row}_col_{col}>", row_end="\n",
+                           whole=f"\n{FAKE_TOKEN}{GLOBAL_TOKEN}", alone=FAKE_TOKEN + GLOBAL_TOKEN, end=FAKE_TOKEN,
+                           max_tiles=ImageTiles.count(_largest_grid(loaded)))
+        return PromptLayout(kind="inline", image_token_id=loaded.config.image_token_id,
+                            tokens_per_image=self.tokens_per_tile(loaded), image_token=IMAGE_TOKEN,
+                            chat_parts=chat_template_takes_parts(loaded.tokenizer, IMAGE_TOKEN),
+                            images_where_written=True, image_tiles=tiles)
+
+    def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
+        return text_geometry(loaded.config.text_config, loaded.model.model.text_model)
+
+    def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
+        # the processor's pixel_values are [prompts, tiles, 3, size, size]: this one prompt's tiles
+        pixels = None if pixel_values is None else pixel_values.unsqueeze(0)
+        return greedy_reference(loaded.model, input_ids, pixels, max_new_tokens, eos_token_ids)
+
+    def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
+        m = loaded.model
+        return save_causal_lm(loaded.config.text_config, m.model.text_model, m.lm_head, loaded.tokenizer, out,
+                              getattr(m, "generation_config", None))
+
+
+def _largest_grid(loaded: LoadedModel) -> tuple[int, int]:
+    """The grid of the largest image the image processor makes (a square of its longest edge): the most tiles."""
+    processor = loaded.image_processor
+    edge = int((getattr(processor, "size", None) or {}).get("longest_edge", 0))
+    if not edge:
+        raise AdapterError(f"the image processor in {loaded.path} ({type(processor).__name__}) has no "
+                           "size[\"longest_edge\"]: save the model's own Idefics3 / SmolVLM image processor beside it")
+    _, rows, cols = processor.get_number_of_image_patches(edge, edge, {})
+    return int(rows), int(cols)
+
+
+def _image_seq_len(path: Path) -> int | None:
+    """The processor's image tokens per tile as saved (processor_config.json), None where none is saved."""
+    file = path / "processor_config.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text()).get("image_seq_len")
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"cannot read {file} ({e}); save the model's processor again") from None
+
+
+def _chat_template(path: Path) -> str | None:
+    """The processor's chat template: SmolVLM's processor does not load without torchvision (its video
+    processor), so the saved template file is read directly where there is one."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (path / name).is_file():
+            return read_chat_template(path / name)
+    return processor_chat_template(path)
