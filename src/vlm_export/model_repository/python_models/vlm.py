@@ -24,7 +24,7 @@ import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from vlm_export.contract import prompt_inputs, stages_from_manifest
+from vlm_export.contract import PromptLayout, prompt_inputs, stages_from_manifest
 from vlm_export.contract.profiles import trt_settings
 from vlm_export.errors import BusyError, InputError, RunnerError, VlmExportError
 from vlm_export.model_repository.python_models.common import (check_files, image_limits, image_payload,
@@ -34,7 +34,7 @@ from vlm_export.runtime.generate import (DEFAULT_MAX_PREFILL_PADDING, DEFAULT_MA
                                          GenerationResult, TokenEvent)
 from vlm_export.runtime.image_cache import ImageEmbeddingCache
 from vlm_export.runtime.prefix_cache import PrefixCache
-from vlm_export.runtime.load import built_with_onnxruntime, pipeline_from_manifest
+from vlm_export.runtime.load import built_with_onnxruntime, load_image_processor, pipeline_from_manifest
 from vlm_export.runtime.runners import OrtRunner, Runner
 
 DRAIN_S = 5.0  # finalize lets running requests finish this long (Triton's own exit timeout is longer)
@@ -115,7 +115,11 @@ class TritonPythonModel:
         hf_logging.set_verbosity_error()
         manifest = json.loads((version_dir / "manifest.json").read_text())
         specs = {spec.name: spec for spec in stages_from_manifest(manifest)}
+        # where the image processor cuts images into tiles, a prompt's text follows each image's grid, which
+        # that processor gives from the image's size (saved with the tokenizer, as the preprocess model's is)
+        tiled = PromptLayout.from_dict(manifest["prompt_layout"]).tiled
         pipe = pipeline_from_manifest(manifest, {}, AutoTokenizer.from_pretrained(version_dir / "tokenizer"),
+                                      load_image_processor(version_dir / "tokenizer") if tiled else None,
                                       root=version_dir)
         name = pipe.scheme.decoder_stage
         if parameter(config, "decoder_mode", "in_process") == "in_process":
