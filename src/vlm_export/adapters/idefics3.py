@@ -23,6 +23,7 @@ from torch import nn
 from ..contract import DecoderGeometry, ImageTiles, PromptLayout
 from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
+from ..runtime.images import ImageLimits, image_grids
 from . import register
 from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, read_chat_template, save_causal_lm,
                    set_chat_template)
@@ -176,14 +177,16 @@ class Idefics3Adapter(VLMAdapter):
 
 
 def _largest_grid(loaded: LoadedModel) -> tuple[int, int]:
-    """The grid of the largest image the image processor makes (a square of its longest edge): the most tiles."""
+    """The grid of the largest image the image processor makes (a square of its longest edge), as it cuts it: the
+    most tiles one image becomes."""
+    from PIL import Image
+
     processor = loaded.image_processor
     edge = int((getattr(processor, "size", None) or {}).get("longest_edge", 0))
     if not edge:
         raise AdapterError(f"the image processor in {loaded.path} ({type(processor).__name__}) has no "
                            "size[\"longest_edge\"]: save the model's own Idefics3 / SmolVLM image processor beside it")
-    _, rows, cols = processor.get_number_of_image_patches(edge, edge, {})
-    return int(rows), int(cols)
+    return image_grids(processor, [Image.new("RGB", (edge, edge))], ImageLimits())[0]
 
 
 def _image_seq_len(path: Path) -> int | None:

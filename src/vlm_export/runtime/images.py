@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
+import numpy as np
+
 from ..errors import InputError
 
 ImageInput = Union[str, Path, bytes, "PIL.Image.Image"]  # noqa: F821
@@ -67,15 +69,17 @@ def processed_images(processor, images: "list[ImageInput]", limits: ImageLimits)
 
 
 def image_grids(processor, images: "list[ImageInput]", limits: ImageLimits) -> list[tuple[int, int]]:
-    """Each image's tiles (rows, cols) as an image processor that cuts images into tiles (Idefics3's) cuts it,
-    from its size as read (upright): the processor's own ``get_number_of_image_patches``; (0, 0) for an image
-    it does not cut."""
+    """Each image's tiles (rows, cols) as an image processor that cuts images into tiles (Idefics3's, SmolVLM's)
+    cuts it: its own ``rows`` and ``cols`` outputs (``return_row_col_info``, as their processors ask for them);
+    (0, 0) for an image it does not cut. Read by preprocessing the image, not from its size: the processors'
+    ``get_number_of_image_patches`` disagrees with their preprocessing on some sizes (a 334x307 image with a
+    longest edge of 100 and tiles of 32: 3 x 4 against the 4 x 4 tiles made)."""
     white = over_white(processor)
     grids = []
     for k, image in enumerate(images):
-        width, height = load_image(image, limits, image_name(k, image, len(images)), white).size
-        _, rows, cols = processor.get_number_of_image_patches(height, width, {})
-        grids.append((int(rows), int(cols)))
+        pil = load_image(image, limits, image_name(k, image, len(images)), white)
+        out = processor(images=[pil], return_row_col_info=True, return_tensors="np")
+        grids.append((int(np.ravel(out["rows"])[0]), int(np.ravel(out["cols"])[0])))
     return grids
 
 
