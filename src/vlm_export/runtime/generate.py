@@ -977,6 +977,12 @@ def prepare_request(pipe: VLMPipeline, prompt: Prompt, images: Sequence[ImageInp
     """(prompt ids, the decoder's image input) for one request; its length is checked before any
     image work, so an over-long prompt costs no vision pass."""
     config.check_vocabulary(pipe.scheme.geometry.vocab_size)
+    if images and pipe.layout.tiled and encode_images is None:
+        # the ids follow each image's grid of tiles: one preprocessing gives the grids and the pixels
+        pixels, grids = pipe.pixel_values_and_grids(images)
+        ids = pipe.prompt_ids(prompt, images, grids)
+        pipe.check_length(len(ids), config.max_new_tokens)
+        return ids, pipe.encode_images(pixels, prompt=prompt)
     ids = pipe.prompt_ids(prompt, images)
     pipe.check_length(len(ids), config.max_new_tokens)
     return ids, image_input_for(pipe, images, prompt, encode_images)

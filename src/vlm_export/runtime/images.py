@@ -59,28 +59,31 @@ class ImageLimits:
                              "wide; crop or pad it first")
 
 
-def processed_images(processor, images: "list[ImageInput]", limits: ImageLimits) -> dict:
+def processed_images(processor, images: "list[ImageInput]", limits: ImageLimits, **options) -> dict:
     """``processor``'s outputs (numpy) for a request's images, each read by ``load_image`` with
     transparency as that processor treats it (``over_white``): what in-process and served
-    preprocessing both give."""
+    preprocessing both give. ``options``: the processor's own keyword arguments."""
     white = over_white(processor)
     pil = [load_image(image, limits, image_name(k, image, len(images)), white) for k, image in enumerate(images)]
-    return processor(images=pil, return_tensors="np")
+    return processor(images=pil, return_tensors="np", **options)
+
+
+#: what asks a processor that cuts images into tiles (Idefics3's, SmolVLM's) for each image's grid, as their
+#: processors ask for it: its ``rows`` and ``cols`` outputs
+GRID_OPTIONS = {"return_row_col_info": True}
+
+
+def grids_of(processed: dict) -> list[tuple[int, int]]:
+    """Each image's tiles (rows, cols) in a tiling processor's outputs (``GRID_OPTIONS``), in image order; (0, 0)
+    for an image it did not cut."""
+    return [(int(r), int(c)) for r, c in zip(np.ravel(processed["rows"]), np.ravel(processed["cols"]))]
 
 
 def image_grids(processor, images: "list[ImageInput]", limits: ImageLimits) -> list[tuple[int, int]]:
-    """Each image's tiles (rows, cols) as an image processor that cuts images into tiles (Idefics3's, SmolVLM's)
-    cuts it: its own ``rows`` and ``cols`` outputs (``return_row_col_info``, as their processors ask for them);
-    (0, 0) for an image it does not cut. Read by preprocessing the image, not from its size: the processors'
-    ``get_number_of_image_patches`` disagrees with their preprocessing on some sizes (a 334x307 image with a
-    longest edge of 100 and tiles of 32: 3 x 4 against the 4 x 4 tiles made)."""
-    white = over_white(processor)
-    grids = []
-    for k, image in enumerate(images):
-        pil = load_image(image, limits, image_name(k, image, len(images)), white)
-        out = processor(images=[pil], return_row_col_info=True, return_tensors="np")
-        grids.append((int(np.ravel(out["rows"])[0]), int(np.ravel(out["cols"])[0])))
-    return grids
+    """Each image's grid as a tiling image processor cuts it (``grids_of``). Read by preprocessing the images,
+    not from their sizes: the processors' ``get_number_of_image_patches`` disagrees with their preprocessing on
+    some sizes (a 334x307 image with a longest edge of 100 and tiles of 32: 3 x 4 against the 4 x 4 tiles made)."""
+    return grids_of(processed_images(processor, images, limits, **GRID_OPTIONS)) if images else []
 
 
 def over_white(processor) -> bool:

@@ -12,7 +12,8 @@ from ..contract import DecodingScheme, Limits, PromptLayout, StageSpec, TensorSp
 from ..contract.scheme import DecodeBatch, SlotBatch
 from ..errors import InputError
 from .chat import Prompt
-from .images import ImageInput, ImageLimits, image_grids, image_name, load_image, processed_images  # noqa: F401
+from .images import (GRID_OPTIONS, ImageInput, ImageLimits, grids_of, image_grids, image_name,  # noqa: F401
+                     load_image, processed_images)
 from .prefix_cache import PrefixCache
 from .prompt import ImageTextEncoder, build_prompt_ids
 from .runners import Runner
@@ -128,7 +129,9 @@ class VLMPipeline:
     # ---- request -> tensors ------------------------------------------------------------------
     def preprocess(self, images: Sequence[ImageInput]) -> dict[str, np.ndarray]:
         """Every image-processor output the image path reads (``role="pixels"``), by name, as declared."""
-        out = processed_images(self.image_processor, list(images), self.image_limits)
+        return self._declared(processed_images(self.image_processor, list(images), self.image_limits))
+
+    def _declared(self, out: Mapping) -> dict[str, np.ndarray]:
         feeds = {}
         for spec in pixel_inputs(self.stages):
             if spec.name not in out:
@@ -140,28 +143,34 @@ class VLMPipeline:
     def pixel_values(self, images: Sequence[ImageInput]) -> Pixels:
         """A request's preprocessed images: the one pixels array where the image path reads one, else
         every processor output it reads, by name (``Pixels``)."""
-        feeds = self.preprocess(images)
+        return self._pixels(self.preprocess(images))
+
+    def pixel_values_and_grids(self, images: Sequence[ImageInput]) -> tuple[Pixels, list[tuple[int, int]]]:
+        """``pixel_values`` and each image's grid of tiles from ONE preprocessing (``PromptLayout.image_tiles``:
+        the grids make the prompt's ids)."""
+        out = processed_images(self.image_processor, list(images), self.image_limits, **GRID_OPTIONS)
+        return self._pixels(self._declared(out)), grids_of(out)
+
+    @staticmethod
+    def _pixels(feeds: dict[str, np.ndarray]) -> Pixels:
         if not feeds:
             raise InputError("this build has no image path: send the prompt without images")
         return next(iter(feeds.values())) if len(feeds) == 1 else feeds
 
-    def prompt_ids(self, prompt: Prompt, images: int | Sequence[ImageInput]) -> list[int]:
+    def prompt_ids(self, prompt: Prompt, images: int | Sequence[ImageInput],
+                   grids: Sequence[tuple[int, int]] | None = None) -> list[int]:
         """Token ids of one prompt or conversation (see ``runtime.chat``) with its ``images`` (or their
-        number, where the build does not cut images into tiles)."""
+        number, where the build does not cut images into tiles). Where it does, the ids follow each image's
+        grid: ``grids`` where the caller has them (``pixel_values_and_grids``), else read by preprocessing."""
         n_images = images if isinstance(images, int) else len(images)
         if n_images > self.limits.max_images:
             raise InputError(f"{n_images} images given; this build takes at most {self.limits.max_images} per prompt")
-        grids = None
-        if self.layout.tiled:
+        if self.layout.tiled and grids is None:
             if isinstance(images, int) and images:
                 raise ValueError("this build cuts each image into tiles, so a prompt's ids depend on its images' "
                                  "sizes: pass the images, not their number")
-            grids = self.image_grids(images or [])
+            grids = image_grids(self.image_processor, list(images or []), self.image_limits)
         return build_prompt_ids(self.tokenizer, self.layout, prompt, n_images, grids)
-
-    def image_grids(self, images: Sequence[ImageInput]) -> list[tuple[int, int]]:
-        """Each image's tiles (rows, cols) as the image processor cuts it (``PromptLayout.image_tiles``)."""
-        return image_grids(self.image_processor, list(images), self.image_limits)
 
     def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         problem = self.scheme.length_problem(prompt_tokens, max_new_tokens, self.limits)

@@ -119,7 +119,7 @@ def build_prompt_ids(tokenizer, layout: PromptLayout, prompt: Prompt, n_images: 
                      grids: Sequence[tuple[int, int]] | None = None) -> list[int]:
     """Token ids for one prompt or conversation with ``n_images`` images, placeholders expanded.
     ``grids``: each image's tiles (rows, cols) as its image processor cuts it, where the layout tiles
-    images (``PromptLayout.image_tiles``; ``VLMPipeline.image_grids`` gives them)."""
+    images (``PromptLayout.image_tiles``; ``runtime.images.image_grids`` reads them)."""
     if layout.tiled and (grids is None or len(grids) != n_images):
         raise ValueError(f"this build cuts each image into tiles: pass the {n_images} image(s)' grids "
                          f"(got {'none' if grids is None else len(grids)})")
