@@ -753,7 +753,7 @@ def test_images_that_do_not_fit_the_lms_positions_are_refused_before_export(tmp_
     adapter = adapter_for(model)
     loaded = adapter.load(model)
     one = Limits(max_batch=1, max_images=1, max_sequence=512, tokens_per_image=256)
-    _check_samples_fit(default_samples(1), loaded.tokenizer, adapter.prompt_layout(loaded), adapter.scheme(loaded),
+    _check_samples_fit(default_samples(1), loaded, adapter.prompt_layout(loaded), adapter.scheme(loaded),
                        one, 8)  # fits: no error
 
 

@@ -24,7 +24,7 @@ from ..contract import DecoderGeometry, ImageTiles, PromptLayout
 from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from ..runtime.images import ImageLimits, image_grids
-from . import register
+from . import read_config, register
 from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, read_chat_template, save_causal_lm,
                    set_chat_template)
 from .decoder import SplicingDecoder, greedy_reference, image_path_stages, spliced_decoder_stage, text_geometry
@@ -66,11 +66,15 @@ class WholeTileTower(nn.Module):
         return vm.post_layernorm(hidden)
 
 
-def _model_class(model_type: str):
+def _model_class(path: Path):
     import transformers
 
-    return {"idefics3": transformers.Idefics3ForConditionalGeneration,
-            "smolvlm": transformers.SmolVLMForConditionalGeneration}[model_type]
+    model_type = read_config(path).get("model_type")
+    classes = {"idefics3": transformers.Idefics3ForConditionalGeneration,
+               "smolvlm": transformers.SmolVLMForConditionalGeneration}
+    if model_type not in classes:
+        raise AdapterError(f"the idefics3 adapter takes model types {', '.join(classes)}; {path} is {model_type!r}")
+    return classes[model_type]
 
 
 @register
@@ -82,8 +86,7 @@ class Idefics3Adapter(VLMAdapter):
 
     def load(self, path: Path) -> LoadedModel:
         path = Path(path)
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-        model, tokenizer, image_processor = load_hf_parts(_model_class(model_type), path)
+        model, tokenizer, image_processor = load_hf_parts(_model_class(path), path)
         cfg = model.config
         loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
         template = _chat_template(path)
