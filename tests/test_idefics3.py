@@ -102,25 +102,26 @@ def test_grids_are_what_the_image_processor_cuts(splitting, edge):
     ``get_number_of_image_patches``, which says 3 x 4 where it cuts 4 x 4 on some sizes."""
     from transformers import Idefics3ImageProcessorPil
 
-    from vlm_export.adapters.idefics3 import Idefics3Adapter, _largest_grid
+    from vlm_export.adapters.idefics3 import Idefics3Adapter, _largest_grid, _tiles
     from vlm_export.adapters.base import LoadedModel
     from vlm_export.contract import ImageTiles
     from vlm_export.runtime.images import ImageLimits, image_grids
 
     processor = Idefics3ImageProcessorPil(do_image_splitting=splitting, size={"longest_edge": edge},
                                           max_image_size={"longest_edge": 32})
-    most = ImageTiles.count(_largest_grid(LoadedModel(Idefics3Adapter(), None, None, None, processor, None)))
+    tiles = _tiles(max_tiles=1)
+    most = ImageTiles.count(_largest_grid(LoadedModel(Idefics3Adapter(), None, None, None, processor, None), tiles))
     rng = np.random.default_rng(edge)
     sizes = [tuple(int(v) for v in rng.integers(2, 400, 2)) for _ in range(120)] + [(edge, edge), (32, 33), (1, 150)]
     images = [_photo(k, size) for k, size in enumerate(sizes)]
-    grids = image_grids(processor, images, ImageLimits())
+    grids = image_grids(processor, images, ImageLimits(), tiles)
     for image, grid in zip(images, grids):
         out = processor(images=[image], return_row_col_info=True, return_tensors="np")
         assert grid == (out["rows"][0][0], out["cols"][0][0]), image.size
         assert ImageTiles.count(grid) == out["pixel_values"].shape[1] <= most, image.size
     if edge == 100:  # the size where Hugging Face's own size rule and its preprocessing part
         assert processor.get_number_of_image_patches(307, 334, {})[1:] == (3, 4)
-        assert image_grids(processor, [_photo(0, (307, 334))], ImageLimits()) == [(4, 4)]
+        assert image_grids(processor, [_photo(0, (307, 334))], ImageLimits(), tiles) == [(4, 4)]
 
 
 @pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
@@ -204,7 +205,7 @@ def test_a_count_instead_of_the_images_is_refused(tiny_build):
                           lambda c: c["image_processor"].update(max_image_size={"longest_edge": 48})),
      "makes tiles of 48x48"),
     (lambda folder: _edit(folder / "config.json", lambda c: c.update(image_token_id=5)),
-     "image_token_id 5"),
+     "makes <image> the ids"),
 ], ids=["image_seq_len", "tile size", "image token"])
 def test_checkpoints_that_would_misplace_image_rows_are_refused(tiny_model_dir, tmp_path, edit, said):
     """A processor that writes another count per tile, tiles of another size than the tower's, or an image token
@@ -227,8 +228,8 @@ def _edit(path, change) -> None:
 
 def test_served_answers_equal_in_process(tiny_build, tmp_path):
     """The python repository served by a real tritonserver: three requests at once whose images make different
-    grids (one of them two images), then a conversation's second turn (a prefill continued after a cached
-    prefix), all as ``generate`` answers in process."""
+    grids (one of them two images), over gRPC and HTTP, then a conversation's second turn (a prefill continued
+    after a cached prefix), all as ``generate`` answers in process."""
     from concurrent.futures import ThreadPoolExecutor
 
     from vlm_export.client.client import VLMClient
@@ -252,6 +253,9 @@ def test_served_answers_equal_in_process(tiny_build, tmp_path):
         with ThreadPoolExecutor(len(asks)) as pool:
             got = list(pool.map(lambda ask: client.generate(ask[0], ask[1], max_tokens=8).text, asks))
         assert got == expected
+        # over HTTP the images travel as base64 (JSON): the vlm model decodes them before it reads their grids
+        http = VLMClient(f"http://{server.http_url}")
+        assert [http.generate(q, images, max_tokens=8).text for q, images in asks[1:]] == expected[1:]
         answer = client.generate(messages=first, images=[paths[3]], max_tokens=8).text
         turns = [*first, {"role": "assistant", "content": [{"type": "text", "text": answer}]},
                  {"role": "user", "content": [{"type": "text", "text": "And its colour?"}]}]

@@ -557,7 +557,8 @@ def _check_samples_fit(samples, loaded, layout, scheme, limits: Limits, new_toke
     LM with few positions for its image tokens (2 images x 256 tokens in a 512-position LM) cannot
     take ``max_images`` images, and its fused attention refuses positions past its rotary table."""
     def length(sample) -> int:
-        grids = image_grids(loaded.image_processor, list(sample.images), ImageLimits()) if layout.tiled else None
+        grids = (image_grids(loaded.image_processor, list(sample.images), ImageLimits(), layout.image_tiles)
+                 if layout.tiled else None)
         return len(build_prompt_ids(loaded.tokenizer, layout, sample.prompt, len(sample.images), grids))
 
     counted = [(sample, length(sample)) for sample in samples]

@@ -15,6 +15,7 @@ real: its position ids are those Hugging Face's embeddings give a whole tile, me
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -98,20 +99,13 @@ class Idefics3Adapter(VLMAdapter):
 
     @staticmethod
     def _check_tokens(loaded: LoadedModel) -> None:
-        """The texts the processor writes must each be one token of this tokenizer, its image token the config's:
-        else the image rows would land elsewhere than Hugging Face puts them."""
+        """The image token must be one token of this tokenizer, of the config's id: else the image rows would land
+        elsewhere than Hugging Face puts them. (The texts around the tiles are tokenized as the processor's are,
+        whatever they become.)"""
         tok, cfg, path = loaded.tokenizer, loaded.config, loaded.path
-        rows, cols = _largest_grid(loaded)
-        texts = [IMAGE_TOKEN, FAKE_TOKEN, GLOBAL_TOKEN] + [f"<row_{r + 1}_col_{c + 1}>" for r in range(rows)
-                                                          for c in range(cols)]
-        for text in texts:
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            if len(ids) != 1:
-                raise AdapterError(f"the tokenizer in {path} splits {text!r}, which the processor writes around image "
-                                   f"tiles, into {len(ids)} tokens: save the model's own tokenizer beside it")
-        image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-        if image_id != cfg.image_token_id:
-            raise AdapterError(f"the tokenizer in {path} gives {IMAGE_TOKEN} id {image_id} but the model's config says "
+        ids = tok(IMAGE_TOKEN, add_special_tokens=False)["input_ids"]
+        if ids != [cfg.image_token_id]:
+            raise AdapterError(f"the tokenizer in {path} makes {IMAGE_TOKEN} the ids {ids} but the model's config says "
                                f"image_token_id {cfg.image_token_id}: save the model's own tokenizer beside it")
 
     def _check_tiles(self, loaded: LoadedModel) -> None:
@@ -157,9 +151,8 @@ class Idefics3Adapter(VLMAdapter):
         return SplicedScheme(self.geometry(loaded), loaded.config.image_token_id)
 
     def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
-        tiles = ImageTiles(tile=FAKE_TOKEN + "<row_{row}_col_{col}>", row_end="\n",
-                           whole=f"\n{FAKE_TOKEN}{GLOBAL_TOKEN}", alone=FAKE_TOKEN + GLOBAL_TOKEN, end=FAKE_TOKEN,
-                           max_tiles=ImageTiles.count(_largest_grid(loaded)))
+        tiles = _tiles(max_tiles=1)
+        tiles = replace(tiles, max_tiles=ImageTiles.count(_largest_grid(loaded, tiles)))
         return PromptLayout(kind="inline", image_token_id=loaded.config.image_token_id,
                             tokens_per_image=self.tokens_per_tile(loaded), image_token=IMAGE_TOKEN,
                             chat_parts=chat_template_takes_parts(loaded.tokenizer, IMAGE_TOKEN),
@@ -179,7 +172,14 @@ class Idefics3Adapter(VLMAdapter):
                               getattr(m, "generation_config", None))
 
 
-def _largest_grid(loaded: LoadedModel) -> tuple[int, int]:
+def _tiles(max_tiles: int) -> ImageTiles:
+    """How Idefics3Processor and SmolVLMProcessor write a tiled image, and ask their image processor for its grid."""
+    return ImageTiles(tile=FAKE_TOKEN + "<row_{row}_col_{col}>", row_end="\n", whole=f"\n{FAKE_TOKEN}{GLOBAL_TOKEN}",
+                      alone=FAKE_TOKEN + GLOBAL_TOKEN, end=FAKE_TOKEN, max_tiles=max_tiles,
+                      options={"return_row_col_info": True})
+
+
+def _largest_grid(loaded: LoadedModel, tiles: ImageTiles) -> tuple[int, int]:
     """The grid of the largest image the image processor makes (a square of its longest edge), as it cuts it: the
     most tiles one image becomes."""
     from PIL import Image
@@ -189,7 +189,7 @@ def _largest_grid(loaded: LoadedModel) -> tuple[int, int]:
     if not edge:
         raise AdapterError(f"the image processor in {loaded.path} ({type(processor).__name__}) has no "
                            "size[\"longest_edge\"]: save the model's own Idefics3 / SmolVLM image processor beside it")
-    return image_grids(processor, [Image.new("RGB", (edge, edge))], ImageLimits())[0]
+    return image_grids(processor, [Image.new("RGB", (edge, edge))], ImageLimits(), tiles)[0]
 
 
 def _image_seq_len(path: Path) -> int | None:

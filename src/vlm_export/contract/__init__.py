@@ -25,7 +25,8 @@ from .stages import (DECODER, DECODER_PRECISIONS, ENCODER, IMAGE, IMAGE_PRECISIO
 from . import cross, encdec, spliced  # noqa: F401  (register the built-in schemes)
 
 __all__ = [
-    "DecoderGeometry", "LAYOUTS", "ImageText", "ImageTiles", "PromptLayout", "Limits", "DecodeBatch", "DecodingScheme", "Range",
+    "DecoderGeometry", "LAYOUTS", "ImageText", "ImageTiles", "PromptLayout", "Limits", "DecodeBatch", "DecodingScheme",
+    "Range",
     "register_scheme", "registered_schemes", "scheme_from_dict", "IMAGE", "ENCODER", "DECODER", "StageSpec", "TensorSpec",
     "image_stages", "prompt_inputs", "check_image_text", "stages_from_manifest", "check_chain", "IMAGE_PRECISIONS",
     "DECODER_PRECISIONS",

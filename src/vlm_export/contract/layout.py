@@ -19,7 +19,7 @@ image placeholders (PaliGemma's: its BOS, then the prompt, then a newline; its t
 
 ``image_tiles``: an image the processor cuts into a grid of tiles plus the whole image shrunk, each of
 them ``tokens_per_image`` rows (Idefics3's and SmolVLM's): the text an image becomes depends on its grid,
-which the image processor gives from the image's size (:class:`ImageTiles`).
+which the image processor's preprocessing gives (its ``rows`` and ``cols``; :class:`ImageTiles`).
 
 ``add_special_tokens``: whether the tokenizer adds its own special tokens (BOS) to the text: on where
 the model's processor tokenizes plain text with them (BLIP-2, InstructBLIP). An ``inline`` layout
@@ -33,17 +33,30 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 LAYOUTS = ("inline", "prefix")
+
+
+#: how a tiling image processor tells each image's tiles (``ImageTiles.counted_by``)
+TILE_COUNTS = ("rows_cols", "num_patches")
 
 
 @dataclass(frozen=True)
 class ImageTiles:
-    """How an image cut into ``rows x cols`` tiles is written, as Idefics3's and SmolVLM's processors write it:
-    for each row, each tile's ``tile`` text ("{row}" and "{col}" filled in, from 1) and its tokens, then
-    ``row_end``; then ``whole`` and the whole image's tokens, then ``end``. An image of no tiles (a grid of
-    0 x 0: small enough, or splitting off) is ``alone``, its tokens, ``end``. The image path sees the tiles,
-    then the whole image, each one image of its batch (the processor's order); ``max_tiles`` is the most
-    one image becomes (the tiles of the largest grid and the whole image)."""
+    """How an image its processor cuts into tiles is written, and how that processor tells the tiles.
+
+    Idefics3 and SmolVLM cut a grid of ``rows x cols`` tiles and say so in their ``rows`` and ``cols``
+    outputs (``counted_by`` "rows_cols"): the text is ``start``, then for each row each tile's ``tile`` text
+    ("{row}" and "{col}" filled in, from 1) and its tokens, then ``row_end``; then ``whole`` and the whole
+    image's tokens, then ``end``. An image of no tiles (a grid of 0 x 0: small enough, or splitting off) is
+    ``alone``, its tokens, ``end``. InternVL cuts ``num_patches`` tiles (the last the whole image where there
+    are several; ``counted_by`` "num_patches"), all written as one run: ``start``/``alone`` "<img>", every
+    tile's tokens, ``end`` "</img>" - a grid of 1 x (num_patches - 1) with empty tile texts.
+
+    The image path sees the tiles, then the whole image, each one image of its batch (the processor's order);
+    ``max_tiles`` is the most one image becomes. ``options``: what the model's processor passes its image
+    processor (its ``images_kwargs``: Idefics3's ``return_row_col_info``, InternVL's ``crop_to_patches``)."""
 
     tile: str
     row_end: str
@@ -51,6 +64,13 @@ class ImageTiles:
     alone: str
     end: str
     max_tiles: int
+    start: str = ""
+    counted_by: str = "rows_cols"
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.counted_by not in TILE_COUNTS:
+            raise ValueError(f"image tiles counted by {self.counted_by!r}: not one of {TILE_COUNTS}")
 
     @staticmethod
     def count(grid: tuple[int, int]) -> int:
@@ -64,7 +84,13 @@ class ImageTiles:
             return self.alone + tokens + self.end
         lines = ("".join(self.tile.format(row=r + 1, col=c + 1) + tokens for c in range(cols)) + self.row_end
                  for r in range(rows))
-        return "".join(lines) + self.whole + tokens + self.end
+        return self.start + "".join(lines) + self.whole + tokens + self.end
+
+    def grids(self, processed: dict) -> list[tuple[int, int]]:
+        """Each image's grid in its processor's outputs (with ``options``), in image order."""
+        if self.counted_by == "rows_cols":
+            return [(int(r), int(c)) for r, c in zip(np.ravel(processed["rows"]), np.ravel(processed["cols"]))]
+        return [(1, int(n) - 1) if int(n) > 1 else (0, 0) for n in np.ravel(processed["num_patches"])]
 
 
 @dataclass(frozen=True)

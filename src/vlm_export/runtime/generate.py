@@ -974,8 +974,9 @@ def image_input_for(pipe: VLMPipeline, images: Sequence[ImageInput], prompt: Pro
 
 def prepare_request(pipe: VLMPipeline, prompt: Prompt, images: Sequence[ImageInput], config: GenerationConfig,
                     encode_images: ImageEncoder | None = None) -> tuple[list[int], np.ndarray]:
-    """(prompt ids, the decoder's image input) for one request; its length is checked before any
-    image work, so an over-long prompt costs no vision pass."""
+    """(prompt ids, the decoder's image input) for one request; its length is checked before the image
+    stages run, so an over-long prompt costs no vision pass (where images are cut into tiles, their
+    preprocessing comes first: the prompt's length follows their grids)."""
     config.check_vocabulary(pipe.scheme.geometry.vocab_size)
     if images and pipe.layout.tiled and encode_images is None:
         # the ids follow each image's grid of tiles: one preprocessing gives the grids and the pixels

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-import numpy as np
-
+from ..contract import ImageTiles
 from ..errors import InputError
 
 ImageInput = Union[str, Path, bytes, "PIL.Image.Image"]  # noqa: F821
@@ -68,22 +67,12 @@ def processed_images(processor, images: "list[ImageInput]", limits: ImageLimits,
     return processor(images=pil, return_tensors="np", **options)
 
 
-#: what asks a processor that cuts images into tiles (Idefics3's, SmolVLM's) for each image's grid, as their
-#: processors ask for it: its ``rows`` and ``cols`` outputs
-GRID_OPTIONS = {"return_row_col_info": True}
-
-
-def grids_of(processed: dict) -> list[tuple[int, int]]:
-    """Each image's tiles (rows, cols) in a tiling processor's outputs (``GRID_OPTIONS``), in image order; (0, 0)
-    for an image it did not cut."""
-    return [(int(r), int(c)) for r, c in zip(np.ravel(processed["rows"]), np.ravel(processed["cols"]))]
-
-
-def image_grids(processor, images: "list[ImageInput]", limits: ImageLimits) -> list[tuple[int, int]]:
-    """Each image's grid as a tiling image processor cuts it (``grids_of``). Read by preprocessing the images,
-    not from their sizes: the processors' ``get_number_of_image_patches`` disagrees with their preprocessing on
-    some sizes (a 334x307 image with a longest edge of 100 and tiles of 32: 3 x 4 against the 4 x 4 tiles made)."""
-    return grids_of(processed_images(processor, images, limits, **GRID_OPTIONS)) if images else []
+def image_grids(processor, images: "list[ImageInput]", limits: ImageLimits, tiles: ImageTiles) -> list[tuple[int, int]]:
+    """Each image's grid of tiles as a tiling image processor cuts it (``ImageTiles.grids``). Read by preprocessing
+    the images, not from their sizes: the processors' ``get_number_of_image_patches`` disagrees with their
+    preprocessing on some sizes (Idefics3's: a 334x307 image with a longest edge of 100 and tiles of 32, 3 x 4
+    against the 4 x 4 tiles made)."""
+    return tiles.grids(processed_images(processor, images, limits, **tiles.options)) if images else []
 
 
 def over_white(processor) -> bool:

@@ -12,8 +12,7 @@ from ..contract import DecodingScheme, Limits, PromptLayout, StageSpec, TensorSp
 from ..contract.scheme import DecodeBatch, SlotBatch
 from ..errors import InputError
 from .chat import Prompt
-from .images import (GRID_OPTIONS, ImageInput, ImageLimits, grids_of, image_grids, image_name,  # noqa: F401
-                     load_image, processed_images)
+from .images import ImageInput, ImageLimits, image_grids, image_name, load_image, processed_images  # noqa: F401
 from .prefix_cache import PrefixCache
 from .prompt import ImageTextEncoder, build_prompt_ids
 from .runners import Runner
@@ -148,8 +147,9 @@ class VLMPipeline:
     def pixel_values_and_grids(self, images: Sequence[ImageInput]) -> tuple[Pixels, list[tuple[int, int]]]:
         """``pixel_values`` and each image's grid of tiles from ONE preprocessing (``PromptLayout.image_tiles``:
         the grids make the prompt's ids)."""
-        out = processed_images(self.image_processor, list(images), self.image_limits, **GRID_OPTIONS)
-        return self._pixels(self._declared(out)), grids_of(out)
+        tiles = self.layout.image_tiles
+        out = processed_images(self.image_processor, list(images), self.image_limits, **tiles.options)
+        return self._pixels(self._declared(out)), tiles.grids(out)
 
     @staticmethod
     def _pixels(feeds: dict[str, np.ndarray]) -> Pixels:
@@ -169,7 +169,7 @@ class VLMPipeline:
             if isinstance(images, int) and images:
                 raise ValueError("this build cuts each image into tiles, so a prompt's ids depend on its images' "
                                  "sizes: pass the images, not their number")
-            grids = image_grids(self.image_processor, list(images or []), self.image_limits)
+            grids = image_grids(self.image_processor, list(images or []), self.image_limits, self.layout.image_tiles)
         return build_prompt_ids(self.tokenizer, self.layout, prompt, n_images, grids)
 
     def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:

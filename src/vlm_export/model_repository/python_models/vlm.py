@@ -115,8 +115,9 @@ class TritonPythonModel:
         hf_logging.set_verbosity_error()
         manifest = json.loads((version_dir / "manifest.json").read_text())
         specs = {spec.name: spec for spec in stages_from_manifest(manifest)}
-        # where the image processor cuts images into tiles, a prompt's text follows each image's grid, which
-        # that processor gives from the image's size (saved with the tokenizer, as the preprocess model's is)
+        # where the image processor cuts images into tiles, a prompt's text follows each image's grid, which that
+        # processor's preprocessing gives (saved with the tokenizer, as the preprocess model's is): each image is
+        # preprocessed here for its grid and again in the ensemble for its pixels
         tiled = PromptLayout.from_dict(manifest["prompt_layout"]).tiled
         pipe = pipeline_from_manifest(manifest, {}, AutoTokenizer.from_pretrained(version_dir / "tokenizer"),
                                       load_image_processor(version_dir / "tokenizer") if tiled else None,
@@ -142,6 +143,7 @@ class TritonPythonModel:
         self.image_encoder = BlsRunner("image_encoder", inputs, sources) if sources else None
         self.pipe = pipe
         self.limits = image_limits(config)  # the bytes limit is checked here, the pixels by preprocess
+        pipe.image_limits = self.limits  # (and here too, where a tiled build's prompt preprocesses its images)
         self.metrics = _Metrics()
         cache_mb = int(parameter(config, "image_cache_mb", "0"))
         prefix_mb = int(parameter(config, "prefix_cache_mb", "0"))
@@ -196,14 +198,15 @@ class TritonPythonModel:
 
     def _parse(self, request):
         prompt = self._prompt(request)
-        images = list(_optional(request, "images", []))
+        # decoded once here (JSON clients send base64 or data URLs): the prompt of a tiled build reads the images
+        images = [image_payload(bytes(image)) for image in _optional(request, "images", [])]
         if len(images) > self.pipe.limits.max_images:
             raise InputError(f"{len(images)} images given; this model takes at most "
                              f"{self.pipe.limits.max_images} per prompt")
         if images and self.image_encoder is None:
             raise InputError("this model takes no images; send the prompt alone")
         for i, image in enumerate(images):
-            self.limits.check_bytes(len(image_payload(bytes(image))), f"image {i}")
+            self.limits.check_bytes(len(image), f"image {i}")
         seed = _optional(request, "seed", None)
         repetition_penalty, ngram, min_tokens = (_optional(request, name, None) for name in (
             "repetition_penalty", "no_repeat_ngram_size", "min_tokens"))
