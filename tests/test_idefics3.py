@@ -262,3 +262,12 @@ def test_served_answers_equal_in_process(tiny_build, tmp_path):
         second = client.generate(messages=turns, images=[paths[3]], max_tokens=8).text
     assert answer == generate(pipe, first, [paths[3]], config).text
     assert second == generate(pipe, turns, [paths[3]], config).text
+
+
+def test_the_bench_probes_a_tiled_build_with_an_image(tiny_build):
+    """The bench's prefix-cache case asks whether the build takes conversations with a probe prompt: an image, not a
+    count (the probe failed on a tiled build, whose prompt follows its images' grids)."""
+    from vlm_export.bench.prefix import _takes_conversations
+    from vlm_export.runtime.load import open_build
+
+    assert _takes_conversations(open_build(tiny_build("idefics3").path))

@@ -109,10 +109,13 @@ def _off_on(pipe: VLMPipeline, cache: PrefixCache, request, what: str, requests:
 
 
 def _takes_conversations(pipe: VLMPipeline) -> bool:
-    """Whether the build's prompts take a conversation (a chat template); the second turn needs one."""
+    """Whether the build's prompts take a conversation (a chat template); the second turn needs one. (An image,
+    not a count: a tiled build's prompt follows its image's grid.)"""
+    from PIL import Image
+
     try:
         pipe.prompt_ids(_first_turn("?") + [{"role": "assistant", "content": "."},
-                                             {"role": "user", "content": FOLLOW_UP}], 1)
+                                             {"role": "user", "content": FOLLOW_UP}], [Image.new("RGB", (64, 48))])
     except InputError:
         return False
     return True
