@@ -26,7 +26,7 @@ os.environ.setdefault("VLM_EXPORT_TRACEBACK", "1")
 from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava, make_tiny_mllama, make_tiny_prefix  # noqa: E402
 from tiny_models import make_tiny_blip2_t5  # noqa: E402
 from tiny_models import make_tiny_florence2  # noqa: E402
-from tiny_models import make_tiny_gemma3, make_tiny_idefics3, make_tiny_paligemma  # noqa: E402
+from tiny_models import make_tiny_gemma3, make_tiny_idefics3, make_tiny_internvl, make_tiny_paligemma  # noqa: E402
 
 # name -> (maker, kwargs): one per architecture family and text family the tests cover
 TINY_MODELS = {
@@ -76,6 +76,8 @@ TINY_MODELS = {
     # Idefics3 (2 x 2 tiles at most, 4 rows each) and SmolVLM (3 x 3, patches of 4, a pixel shuffle of 4)
     "idefics3": (make_tiny_idefics3, {"family": "idefics3"}),
     "smolvlm": (make_tiny_idefics3, {"family": "smolvlm", "patch_size": 4, "scale_factor": 4, "longest_edge": 96}),
+    # InternVL (Hugging Face form): up to 4 tiles by aspect ratio and a thumbnail, one run of tokens per image
+    "internvl": (make_tiny_internvl, {}),
 }
 
 

@@ -732,3 +732,45 @@ def make_tiny_idefics3(path: Path, seed: int = 0, family: str = "idefics3", imag
         (path / "processor_config.json").write_text(json.dumps({"processor_class": "SmolVLMProcessor",
                                                                 "image_seq_len": tokens}))
     return path
+
+
+#: an InternVL-style chat template (ChatML; each image part written as the processor's "<IMG_CONTEXT>" and a newline)
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<IMG_CONTEXT>\n{% elif c['type'] == 'text' %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}")
+
+
+def make_tiny_internvl(path: Path, seed: int = 0, image_size: int = 32, patch_size: int = 8, max_patches: int = 4,
+                       text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+    """A tiny random InternVL (the Hugging Face form, InternVLForConditionalGeneration) over a Qwen2 LM: SmolLM2's
+    tokenizer with InternVL's image tokens named as its tokenizer names them, its GotOcr2 image processor cutting
+    images into up to ``max_patches`` tiles plus a thumbnail. InternVLProcessor needs torchvision to load (its
+    video processor), so its files are saved as it saves them: the tokenizer, the image processor, the chat
+    template and ``image_seq_length``."""
+    from transformers import (AutoTokenizer, GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration,
+                              InternVLVisionConfig, Qwen2Config)
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), extra_special_tokens={
+        "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>"})
+    text = Qwen2Config(**{**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2), **(text_sizes or {})},
+                       vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=2)
+    vision = InternVLVisionConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2), **(vision_sizes or {})},
+                                  image_size=[image_size, image_size], patch_size=[patch_size, patch_size])
+    tokens = (image_size // patch_size) ** 2 // 4  # the pixel shuffle's downsample ratio of 0.5
+    cfg = InternVLConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_seq_length=tokens,
+                         image_token_id=tokenizer.context_image_token_id, downsample_ratio=0.5)
+    torch.manual_seed(seed)
+    InternVLForConditionalGeneration(cfg).eval().save_pretrained(path)
+    GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True, min_patches=1,
+                             max_patches=max_patches).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(INTERNVL_CHAT_TEMPLATE)
+    (path / "processor_config.json").write_text(json.dumps({"processor_class": "InternVLProcessor",
+                                                            "image_seq_length": tokens}))
+    return path

@@ -74,7 +74,8 @@ def adapter_for(path: Path, name: str | None = None) -> VLMAdapter:
 
 
 # built-in adapters register themselves on import
-from . import blip2, blip2_t5, florence2, gemma3, idefics3, instructblip, llava, mllama, paligemma, prefix  # noqa: E402,F401
+from . import (blip2, blip2_t5, florence2, gemma3, idefics3, instructblip, internvl, llava, mllama,  # noqa: E402,F401
+               paligemma, prefix)
 
 __all__ = [
     "LoadedModel", "Stage", "VLMAdapter",

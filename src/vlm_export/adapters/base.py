@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, ContextManager
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..contract import DecoderGeometry, DecodingScheme, ImageText, PromptLayout, StageSpec
 from ..errors import AdapterError
-from .loading import run_processor
+from .loading import processor_chat_template, run_processor
 
 
 @dataclass
@@ -257,3 +258,23 @@ def save_causal_lm(text_config, base_model: nn.Module, lm_head: nn.Module, token
     lm.eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def processor_setting(path: Path, name: str):
+    """A setting of the processor as saved (processor_config.json), None where none is saved."""
+    file = path / "processor_config.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text()).get(name)
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"cannot read {file} ({e}); save the model's processor again") from None
+
+
+def saved_chat_template(path: Path) -> str | None:
+    """The processor's chat template: SmolVLM's and InternVL's processors do not load without torchvision (their
+    video processors), so the saved template file is read directly where there is one."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (path / name).is_file():
+            return read_chat_template(path / name)
+    return processor_chat_template(path)

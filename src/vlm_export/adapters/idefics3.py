@@ -14,7 +14,6 @@ real: its position ids are those Hugging Face's embeddings give a whole tile, me
 """
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,10 +25,10 @@ from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from ..runtime.images import ImageLimits, image_grids
 from . import read_config, register
-from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, read_chat_template, save_causal_lm,
-                   set_chat_template)
+from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, processor_setting, save_causal_lm,
+                   saved_chat_template, set_chat_template)
 from .decoder import SplicingDecoder, greedy_reference, image_path_stages, spliced_decoder_stage, text_geometry
-from .loading import load_hf_parts, processor_chat_template, run_processor
+from .loading import load_hf_parts, run_processor
 
 # the texts Idefics3Processor and SmolVLMProcessor write around each tile (constants in both)
 FAKE_TOKEN = "<fake_token_around_image>"
@@ -90,7 +89,7 @@ class Idefics3Adapter(VLMAdapter):
         model, tokenizer, image_processor = load_hf_parts(_model_class(path), path)
         cfg = model.config
         loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
-        template = _chat_template(path)
+        template = saved_chat_template(path)
         if template and template != getattr(tokenizer, "chat_template", None):
             set_chat_template(tokenizer, template, f"the processor's chat template in {path}")
         self._check_tokens(loaded)
@@ -121,7 +120,7 @@ class Idefics3Adapter(VLMAdapter):
             raise AdapterError(f"the image processor in {path} makes tiles of {made[0]}x{made[1]} but the vision tower "
                                f"takes {size}x{size} (vision_config.image_size): set max_image_size "
                                f"{{\"longest_edge\": {size}}} in preprocessor_config.json")
-        written, rows = _image_seq_len(path), self.tokens_per_tile(loaded)
+        written, rows = processor_setting(path, "image_seq_len"), self.tokens_per_tile(loaded)
         if written is not None and written != rows:
             raise AdapterError(f"the processor in {path} writes {written} image tokens per tile (image_seq_len) but the "
                                f"connector gives {rows} rows per tile; Hugging Face's generate refuses this checkpoint "
@@ -190,23 +189,3 @@ def _largest_grid(loaded: LoadedModel, tiles: ImageTiles) -> tuple[int, int]:
         raise AdapterError(f"the image processor in {loaded.path} ({type(processor).__name__}) has no "
                            "size[\"longest_edge\"]: save the model's own Idefics3 / SmolVLM image processor beside it")
     return image_grids(processor, [Image.new("RGB", (edge, edge))], ImageLimits(), tiles)[0]
-
-
-def _image_seq_len(path: Path) -> int | None:
-    """The processor's image tokens per tile as saved (processor_config.json), None where none is saved."""
-    file = path / "processor_config.json"
-    if not file.is_file():
-        return None
-    try:
-        return json.loads(file.read_text()).get("image_seq_len")
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"cannot read {file} ({e}); save the model's processor again") from None
-
-
-def _chat_template(path: Path) -> str | None:
-    """The processor's chat template: SmolVLM's processor does not load without torchvision (its video
-    processor), so the saved template file is read directly where there is one."""
-    for name in ("chat_template.jinja", "chat_template.json"):
-        if (path / name).is_file():
-            return read_chat_template(path / name)
-    return processor_chat_template(path)

@@ -1,0 +1,149 @@
+"""InternVL (the Hugging Face form): ``InternVLForConditionalGeneration`` (InternVL 2.5 / 3 "-hf" checkpoints).
+
+The image processor (GotOcr2's, ``crop_to_patches``) cuts each image into up to ``max_patches`` tiles of the
+tower's size, by its aspect ratio, plus a thumbnail of the whole image where it cuts more than one; each tile goes
+through the InternViT tower (the selected layer, its CLS row dropped), the pixel shuffle (``downsample_ratio``) and
+the projector, and becomes ``image_seq_length`` rows. The processor writes an image as "<img>" + the context
+token x rows x tiles + "</img>" (``PromptLayout.image_tiles`` counted by ``num_patches``), so the image path's
+batch is the tiles and a prompt's image rows follow its images' sizes. The LM is any Hugging Face causal LM
+(Qwen2 in InternVL 2.5 / 3), spliced as LLaVA's.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..contract import DecoderGeometry, ImageTiles, PromptLayout
+from ..contract.spliced import SplicedScheme
+from ..errors import AdapterError
+from . import register
+from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, processor_setting,
+                   saved_chat_template, set_chat_template)
+from .decoder import (SplicingDecoder, greedy_reference, image_path_stages, save_language_model, spliced_decoder_stage,
+                      text_geometry)
+from .loading import load_hf_parts
+
+
+class InternVLVisionFeatures(nn.Module):
+    """pixel_values -> the tower's selected features, as InternVLModel.get_image_features selects them (the last
+    hidden state, post-norm, for layer -1; else that layer's hidden state; the CLS row dropped by "default")."""
+
+    def __init__(self, vision_tower: nn.Module, feature_layer: int, strategy: str):
+        super().__init__()
+        self.vision_tower, self.layer, self.drop_first = vision_tower, feature_layer, strategy == "default"
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.vision_tower(pixel_values=pixel_values, output_hidden_states=self.layer != -1, return_dict=True)
+        features = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
+        return features[:, 1:] if self.drop_first else features
+
+
+class InternVLProjector(nn.Module):
+    """features [tiles, patches, hidden] -> the pixel shuffle and the multi-modal projector, as get_image_features."""
+
+    def __init__(self, model: nn.Module, downsample_ratio: float):
+        super().__init__()
+        self.pixel_shuffle, self.projector, self.ratio = model.pixel_shuffle, model.multi_modal_projector, downsample_ratio
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        tiles, patches, hidden = features.shape
+        side = int(patches ** 0.5)
+        shuffled = self.pixel_shuffle(features.reshape(tiles, side, side, hidden), scale_factor=self.ratio)
+        return self.projector(shuffled.reshape(tiles, -1, shuffled.shape[-1]))
+
+
+@register
+class InternVLAdapter(VLMAdapter):
+    name = "internvl"
+    model_types = ("internvl",)
+    description = ("Hugging Face InternVLForConditionalGeneration (InternViT on image tiles + pixel shuffle + "
+                   "projector + a causal LM)")
+
+    def load(self, path: Path) -> LoadedModel:
+        from transformers import InternVLForConditionalGeneration
+
+        path = Path(path)
+        model, tokenizer, image_processor = load_hf_parts(InternVLForConditionalGeneration, path)
+        cfg = model.config
+        loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
+        template = saved_chat_template(path)
+        if template and template != getattr(tokenizer, "chat_template", None):
+            set_chat_template(tokenizer, template, f"the processor's chat template in {path}")
+        for name in ("start_image_token", "end_image_token", "context_image_token"):
+            if not getattr(tokenizer, name, None):
+                raise AdapterError(f"the tokenizer in {path} names no {name} (InternVLProcessor writes each image with "
+                                   "them): save the model's own tokenizer beside it")
+        ids = tokenizer(tokenizer.context_image_token, add_special_tokens=False)["input_ids"]
+        if ids != [cfg.image_token_id]:
+            raise AdapterError(f"the tokenizer in {path} makes {tokenizer.context_image_token} the ids {ids} but the "
+                               f"model's config says image_token_id {cfg.image_token_id}: save the model's own "
+                               "tokenizer beside it")
+        if not hasattr(image_processor, "max_patches"):
+            raise AdapterError(f"the image processor in {path} ({type(image_processor).__name__}) does not cut images "
+                               "into patches: save the model's own GotOcr2 image processor beside it")
+        size = self._tile_size(loaded)
+        check_image_size(loaded, (size, size))
+        written, rows = processor_setting(path, "image_seq_length"), self.tokens_per_tile(loaded)
+        if written is not None and written != rows:
+            raise AdapterError(f"the processor in {path} writes {written} image tokens per tile (image_seq_length) but "
+                               f"the projector gives {rows} rows per tile; Hugging Face's generate refuses this "
+                               f"checkpoint too: set image_seq_length {rows} in processor_config.json")
+        return loaded
+
+    @staticmethod
+    def _tile_size(loaded: LoadedModel) -> int:
+        size = loaded.config.vision_config.image_size
+        size = size if isinstance(size, int) else size[0]
+        return int(size)
+
+    def vision(self, loaded: LoadedModel) -> InternVLVisionFeatures:
+        cfg = loaded.config
+        layer = cfg.vision_feature_layer
+        if not isinstance(layer, int):
+            raise AdapterError(f"InternVL reads one vision_feature_layer; {loaded.path} names {layer}")
+        return InternVLVisionFeatures(loaded.model.model.vision_tower, layer, cfg.vision_feature_select_strategy)
+
+    def tokens_per_tile(self, loaded: LoadedModel) -> int:
+        """Rows one tile becomes, measured on the tower and projector themselves."""
+        size = self._tile_size(loaded)
+        with torch.no_grad():
+            features = self.vision(loaded)(torch.zeros(1, 3, size, size))
+            rows = InternVLProjector(loaded.model.model, loaded.config.downsample_ratio)(features)
+        return int(rows.shape[1])
+
+    def stages(self, loaded: LoadedModel) -> list[Stage]:
+        m, cfg = loaded.model, loaded.config
+        size = self._tile_size(loaded)
+        scheme = self.scheme(loaded)
+        text = m.model.language_model
+        decoder = SplicingDecoder(text.get_input_embeddings(), text, m.lm_head, cfg.image_token_id,
+                                  scheme.geometry.num_layers)
+        return [*image_path_stages(self.vision(loaded), InternVLProjector(m.model, cfg.downsample_ratio), (size, size)),
+                spliced_decoder_stage(decoder, scheme)]
+
+    def scheme(self, loaded: LoadedModel) -> SplicedScheme:
+        return SplicedScheme(self.geometry(loaded), loaded.config.image_token_id)
+
+    def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
+        tok = loaded.tokenizer
+        most = int(loaded.image_processor.max_patches)
+        # InternVLProcessor: "<img>" + the context token x image_seq_length x num_patches + "</img>", every tile in
+        # one run (an empty text around each); its image processor cuts with crop_to_patches and says num_patches
+        tiles = ImageTiles(tile="", row_end="", whole="", start=tok.start_image_token, alone=tok.start_image_token,
+                           end=tok.end_image_token, max_tiles=most + 1 if most > 1 else 1, counted_by="num_patches",
+                           options={"crop_to_patches": True})
+        return PromptLayout(kind="inline", image_token_id=loaded.config.image_token_id,
+                            tokens_per_image=self.tokens_per_tile(loaded), image_token=tok.context_image_token,
+                            chat_parts=chat_template_takes_parts(tok, tok.context_image_token),
+                            images_where_written=True, image_tiles=tiles)
+
+    def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
+        return text_geometry(loaded.config.text_config, loaded.model.model.language_model)
+
+    def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
+        return greedy_reference(loaded.model, input_ids, pixel_values, max_new_tokens, eos_token_ids)
+
+    def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
+        return save_language_model(loaded, out)

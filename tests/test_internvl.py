@@ -1,0 +1,119 @@
+"""InternVL (InternVLForConditionalGeneration): each image cut by its GotOcr2 image processor into up to
+``max_patches`` tiles by its aspect ratio, plus a thumbnail, and written as one run "<img>" + the context token x
+rows x tiles + "</img>" (``PromptLayout.image_tiles`` counted by ``num_patches``). The build itself (parity of every
+stage, HF generate's tokens alone and batched on the default samples) is test_export_core's."""
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from vlm_export.errors import AdapterError
+
+#: (height, width): 3 tiles (1 x 2 and a thumbnail), 5 (1 x 4 or 2 x 2, and a thumbnail), 1 (too small to cut)
+SIZES = [(20, 50), (70, 20), (10, 10), (300, 200), (64, 64)]
+
+
+def _photo(seed: int, size=(40, 52)):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def _images(n: int, first: int = 0):
+    return [_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
+
+
+TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text",
+                                                                                           "text": "and"},
+                                      {"type": "image"}]}]
+
+
+@pytest.mark.parametrize("first", [0, 1, 2, 3])
+def test_prompt_ids_and_tiles_are_internvl_processors(tiny_build, tiny_model_dir, first):
+    """Each image written as InternVLProcessor writes it (its own ``replace_image_token``, over the image processor's
+    ``num_patches``; the processor itself needs torchvision to load), where the chat template puts it; the tiles are
+    the image processor's."""
+    from transformers import AutoImageProcessor, AutoTokenizer, InternVLProcessor
+
+    from vlm_export.runtime.load import open_build
+
+    folder = tiny_model_dir("internvl")
+    pipe = open_build(tiny_build("internvl").path)
+    tokenizer, image_processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+    seq = json.loads((folder / "processor_config.json").read_text())["image_seq_length"]
+    images = _images(2, first)
+    theirs = image_processor(images=images, crop_to_patches=True, return_tensors="np")
+    processor = SimpleNamespace(start_image_token="<img>", end_image_token="</img>", image_token="<IMG_CONTEXT>",
+                                image_seq_length=seq)
+    strings = [InternVLProcessor.replace_image_token(processor, theirs, k) for k in range(2)]
+    text = tokenizer.apply_chat_template(TURNS, add_generation_prompt=True, tokenize=False)
+    parts = text.split("<IMG_CONTEXT>")
+    want = parts[0] + "".join(s + p for s, p in zip(strings, parts[1:]))
+    ids = pipe.prompt_ids(TURNS, images)
+    assert ids == tokenizer(want)["input_ids"]
+    np.testing.assert_array_equal(pipe.pixel_values(images), theirs["pixel_values"])
+    assert ids.count(pipe.layout.image_token_id) == sum(theirs["num_patches"]) * seq
+
+
+def test_answers_for_every_tile_count_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):
+    """Images of 1, 3 and 5 tiles, alone and two at once: greedy answers = Hugging Face generate's, alone and
+    decoded together in one batch; the limits count the tiles (4 and a thumbnail at most)."""
+    from vlm_export.adapters import adapter_for
+    from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
+    from vlm_export.runtime.load import open_build
+
+    build = tiny_build("internvl").path
+    pipe = open_build(build)
+    folder = tiny_model_dir("internvl")
+    loaded = adapter_for(folder).load(folder)
+    assert json.loads((build / "manifest.json").read_text())["limits"]["tiles_per_image"] == 5
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES))] + [(TURNS, _images(2, 3))]
+    alone = []
+    for prompt, images in requests:
+        ids = pipe.prompt_ids(prompt, images)
+        want = loaded.adapter.reference_generate(loaded, torch.tensor([ids]),
+                                                 torch.from_numpy(pipe.pixel_values(images)), 12, [-1])
+        alone.append(generate(pipe, prompt, images, config).token_ids)
+        assert alone[-1] == want, [im.size for im in images]
+    assert [r.token_ids for r in generate_batch(pipe, [GenerationRequest(p, i, config) for p, i in requests])] == alone
+
+
+def test_a_processor_of_another_length_is_refused(tiny_model_dir, tmp_path):
+    from vlm_export.adapters import adapter_for
+
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny_model_dir("internvl"), folder)
+    (folder / "processor_config.json").write_text(json.dumps({"processor_class": "InternVLProcessor",
+                                                              "image_seq_length": 9}))
+    with pytest.raises(AdapterError, match="set image_seq_length 4") as e:
+        adapter_for(folder).load(folder)
+    assert "\n" not in str(e.value)
+
+
+def test_served_answers_equal_in_process(tiny_build, tmp_path):
+    """Served by a real tritonserver, over gRPC and HTTP (base64 images): answers for images of different tile
+    counts, two at once, equal ``generate``'s in process."""
+    from vlm_export.client.client import VLMClient
+    from vlm_export.model_repository.render import render_repository
+    from vlm_export.runtime.generate import GenerationConfig, generate
+    from vlm_export.runtime.load import open_build
+    from vlm_export.serve.server import TritonServer
+
+    build = tiny_build("internvl").path
+    pipe = open_build(build)
+    paths = []
+    for k, size in enumerate([(40, 52), (70, 20), (10, 10)]):
+        paths.append(tmp_path / f"photo-{k}.png")
+        _photo(k, size).save(paths[-1])
+    asks = [("What is in the picture?", [paths[0]]), ("Describe it.", [paths[2]]), ("Compare them.", paths[:2])]
+    expected = [generate(pipe, q, list(images), GenerationConfig(max_new_tokens=8)).text for q, images in asks]
+    with TritonServer(render_repository(build, tmp_path / "repo"), log_file=tmp_path / "triton.log") as server:
+        for url in (f"grpc://{server.grpc_url}", f"http://{server.http_url}"):
+            client = VLMClient(url)
+            assert [client.generate(q, images, max_tokens=8).text for q, images in asks] == expected, url
