@@ -743,7 +743,8 @@ INTERNVL_CHAT_TEMPLATE = (
 
 
 def make_tiny_internvl(path: Path, seed: int = 0, image_size: int = 32, patch_size: int = 8, max_patches: int = 4,
-                       text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+                       text_sizes: dict | None = None, vision_sizes: dict | None = None, feature_layer: int = -1,
+                       strategy: str = "default") -> Path:
     """A tiny random InternVL (the Hugging Face form, InternVLForConditionalGeneration) over a Qwen2 LM: SmolLM2's
     tokenizer with InternVL's image tokens named as its tokenizer names them, its GotOcr2 image processor cutting
     images into up to ``max_patches`` tiles plus a thumbnail. InternVLProcessor needs torchvision to load (its
@@ -763,8 +764,11 @@ def make_tiny_internvl(path: Path, seed: int = 0, image_size: int = 32, patch_si
                                             num_attention_heads=2), **(vision_sizes or {})},
                                   image_size=[image_size, image_size], patch_size=[patch_size, patch_size])
     tokens = (image_size // patch_size) ** 2 // 4  # the pixel shuffle's downsample ratio of 0.5
+    if strategy == "full":  # the CLS row kept: the pixel shuffle needs a square of patches, which it is not
+        raise ValueError("InternVL's pixel shuffle takes a square grid of patches: only the 'default' strategy")
     cfg = InternVLConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_seq_length=tokens,
-                         image_token_id=tokenizer.context_image_token_id, downsample_ratio=0.5)
+                         image_token_id=tokenizer.context_image_token_id, downsample_ratio=0.5,
+                         vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy)
     torch.manual_seed(seed)
     InternVLForConditionalGeneration(cfg).eval().save_pretrained(path)
     GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True, min_patches=1,
