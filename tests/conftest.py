@@ -349,6 +349,32 @@ def holds_weight(arrays, weight) -> bool:
     return any(a.shape == w.shape and np.array_equal(a, w) for a in arrays for w in (weight, weight.T))
 
 
+def random_photo(seed: int, size=(40, 52)):
+    """A random RGB photo of ``size`` (height, width), the same for a seed."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def photo_files(folder: Path, sizes) -> list[Path]:
+    """``random_photo(k, size)`` for each size, saved as PNG files in ``folder``."""
+    paths = []
+    for k, size in enumerate(sizes):
+        paths.append(Path(folder) / f"photo-{k}.png")
+        random_photo(k, size).save(paths[-1])
+    return paths
+
+
+def served_build(build: Path, folder: Path):
+    """The python repository of ``build`` rendered into ``folder`` and served by a real tritonserver (a context
+    manager giving the server)."""
+    from vlm_export.model_repository.render import render_repository
+    from vlm_export.serve.server import TritonServer
+
+    return TritonServer(render_repository(build, Path(folder) / "repo"), log_file=Path(folder) / "triton.log")
+
+
 def fp32_gate(reference) -> float:
     """The build's fp32 gate on an output (max abs error <= 1e-4 + 1e-4 x its largest magnitude)."""
     import numpy as np

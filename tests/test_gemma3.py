@@ -11,14 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fp32_gate
+from conftest import fp32_gate, photo_files, random_photo, served_build
 from vlm_export.errors import AdapterError
 
-
-def _photo(seed: int, size=(40, 52)):
-    from PIL import Image
-
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
 
 
 def _hf(model_dir):
@@ -47,7 +42,7 @@ def test_prompt_ids_and_pixels_are_the_processors(tiny_build, tiny_model_dir, tu
     pipe = open_build(tiny_build("gemma3").path)
     processor, _ = _hf(tiny_model_dir("gemma3"))
     n = sum(p["type"] == "image" for m in turns for p in m["content"])
-    images = [_photo(i) for i in range(n)]
+    images = [random_photo(i) for i in range(n)]
     theirs = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="np", **({"images": images} if images else {}))
     ids = pipe.prompt_ids(turns, n)
@@ -67,7 +62,7 @@ def test_an_images_tokens_attend_to_each_other_both_ways(tiny_build, tiny_model_
     build = tiny_build("gemma3").path
     processor, model = _hf(tiny_model_dir("gemma3"))
     turns = CONVERSATIONS[1]
-    images = [_photo(3), _photo(4, (30, 70))]
+    images = [random_photo(3), random_photo(4, (30, 70))]
     inputs = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt", images=images)
     with torch.no_grad():
@@ -151,7 +146,7 @@ def test_a_prefill_after_a_cached_prefix_is_the_whole_prefill(tiny_build):
 
     pipe = open_build(tiny_build("gemma3").path)
     turns = CONVERSATIONS[1]
-    images = [_photo(5), _photo(6, (64, 20))]
+    images = [random_photo(5), random_photo(6, (64, 20))]
     ids = pipe.prompt_ids(turns, 2)
     image = pipe.encode_images(pipe.pixel_values(images))
     full_logits, full = pipe.prefill(ids, image)
@@ -165,7 +160,7 @@ def test_a_prefill_after_a_cached_prefix_is_the_whole_prefill(tiny_build):
             np.testing.assert_allclose(state.caches[name], full.caches[name], rtol=1e-5, atol=1e-5)
 
     config = GenerationConfig(max_new_tokens=8)
-    requests = [("What is in the picture?", [_photo(k)]) for k in range(3)] + [(turns, images)]
+    requests = [("What is in the picture?", [random_photo(k)]) for k in range(3)] + [(turns, images)]
     expected = [generate(pipe, p, i, config).token_ids for p, i in requests]
     pipe.prefix_cache = cache = PrefixCache(64 << 20)
     assert [generate(pipe, p, i, config).token_ids for p, i in requests] == expected
@@ -181,22 +176,17 @@ def test_served_answers_equal_in_process(tiny_build, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     from vlm_export.client.client import VLMClient
-    from vlm_export.model_repository.render import render_repository
     from vlm_export.runtime.generate import GenerationConfig, generate
     from vlm_export.runtime.load import open_build
-    from vlm_export.serve.server import TritonServer
 
     build = tiny_build("gemma3").path
     pipe = open_build(build)
-    paths = []
-    for k, size in enumerate([(40, 52), (70, 30), (33, 33)]):
-        paths.append(tmp_path / f"photo-{k}.png")
-        _photo(k, size).save(paths[-1])
+    paths = photo_files(tmp_path, [(40, 52), (70, 30), (33, 33)])
     asks = [("What is in the picture?", [paths[0]]), ("Describe it.", [paths[1]]), ("Compare them.", paths[1:])]
     first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
     config = GenerationConfig(max_new_tokens=8)
     expected = [generate(pipe, q, list(images), config).text for q, images in asks]
-    with TritonServer(render_repository(build, tmp_path / "repo"), log_file=tmp_path / "triton.log") as server:
+    with served_build(build, tmp_path) as server:
         client = VLMClient(f"grpc://{server.grpc_url}")
         with ThreadPoolExecutor(len(asks)) as pool:
             got = list(pool.map(lambda ask: client.generate(ask[0], ask[1], max_tokens=8).text, asks))

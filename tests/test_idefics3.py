@@ -12,17 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import photo_files, random_photo, served_build
 from vlm_export.errors import AdapterError, InputError
 
 #: (height, width): a wide image (1 x 2 tiles on the Idefics3 fixture), a tall one, a tiny one (scaled up: 2 x 2),
 #: a large one, and one of the tiles' own size
 SIZES = [(20, 50), (70, 20), (10, 10), (300, 200), (32, 32)]
 
-
-def _photo(seed: int, size=(40, 52)):
-    from PIL import Image
-
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
 
 
 CONVERSATIONS = [
@@ -37,7 +33,7 @@ CONVERSATIONS = [
 
 
 def _images(n: int, first: int = 0):
-    return [_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
+    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
 
 
 @pytest.mark.parametrize("turns", CONVERSATIONS, ids=["one image", "two images", "conversation", "text only"])
@@ -113,7 +109,7 @@ def test_grids_are_what_the_image_processor_cuts(splitting, edge):
     most = ImageTiles.count(_largest_grid(LoadedModel(Idefics3Adapter(), None, None, None, processor, None), tiles))
     rng = np.random.default_rng(edge)
     sizes = [tuple(int(v) for v in rng.integers(2, 400, 2)) for _ in range(120)] + [(edge, edge), (32, 33), (1, 150)]
-    images = [_photo(k, size) for k, size in enumerate(sizes)]
+    images = [random_photo(k, size) for k, size in enumerate(sizes)]
     grids = image_grids(processor, images, ImageLimits(), tiles)
     for image, grid in zip(images, grids):
         out = processor(images=[image], return_row_col_info=True, return_tensors="np")
@@ -121,7 +117,7 @@ def test_grids_are_what_the_image_processor_cuts(splitting, edge):
         assert ImageTiles.count(grid) == out["pixel_values"].shape[1] <= most, image.size
     if edge == 100:  # the size where Hugging Face's own size rule and its preprocessing part
         assert processor.get_number_of_image_patches(307, 334, {})[1:] == (3, 4)
-        assert image_grids(processor, [_photo(0, (307, 334))], ImageLimits(), tiles) == [(4, 4)]
+        assert image_grids(processor, [random_photo(0, (307, 334))], ImageLimits(), tiles) == [(4, 4)]
 
 
 @pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
@@ -233,22 +229,17 @@ def test_served_answers_equal_in_process(tiny_build, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     from vlm_export.client.client import VLMClient
-    from vlm_export.model_repository.render import render_repository
     from vlm_export.runtime.generate import GenerationConfig, generate
     from vlm_export.runtime.load import open_build
-    from vlm_export.serve.server import TritonServer
 
     build = tiny_build("smolvlm").path
     pipe = open_build(build)
-    paths = []
-    for k, size in enumerate([(40, 52), (70, 20), (10, 10), (300, 200)]):
-        paths.append(tmp_path / f"photo-{k}.png")
-        _photo(k, size).save(paths[-1])
+    paths = photo_files(tmp_path, [(40, 52), (70, 20), (10, 10), (300, 200)])
     asks = [("What is in the picture?", [paths[0]]), ("Describe it.", [paths[1]]), ("Compare them.", paths[2:])]
     first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
     config = GenerationConfig(max_new_tokens=8)
     expected = [generate(pipe, q, list(images), config).text for q, images in asks]
-    with TritonServer(render_repository(build, tmp_path / "repo"), log_file=tmp_path / "triton.log") as server:
+    with served_build(build, tmp_path) as server:
         client = VLMClient(f"grpc://{server.grpc_url}")
         with ThreadPoolExecutor(len(asks)) as pool:
             got = list(pool.map(lambda ask: client.generate(ask[0], ask[1], max_tokens=8).text, asks))

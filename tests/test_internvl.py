@@ -12,20 +12,16 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import photo_files, random_photo, served_build
 from vlm_export.errors import AdapterError
 
 #: (height, width): 3 tiles (1 x 2 and a thumbnail), 5 (1 x 4 or 2 x 2, and a thumbnail), 1 (too small to cut)
 SIZES = [(20, 50), (70, 20), (10, 10), (300, 200), (64, 64)]
 
 
-def _photo(seed: int, size=(40, 52)):
-    from PIL import Image
-
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
-
 
 def _images(n: int, first: int = 0):
-    return [_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
+    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
 
 
 TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text",
@@ -100,20 +96,15 @@ def test_served_answers_equal_in_process(tiny_build, tmp_path):
     """Served by a real tritonserver, over gRPC and HTTP (base64 images): answers for images of different tile
     counts, two at once, equal ``generate``'s in process."""
     from vlm_export.client.client import VLMClient
-    from vlm_export.model_repository.render import render_repository
     from vlm_export.runtime.generate import GenerationConfig, generate
     from vlm_export.runtime.load import open_build
-    from vlm_export.serve.server import TritonServer
 
     build = tiny_build("internvl").path
     pipe = open_build(build)
-    paths = []
-    for k, size in enumerate([(40, 52), (70, 20), (10, 10)]):
-        paths.append(tmp_path / f"photo-{k}.png")
-        _photo(k, size).save(paths[-1])
+    paths = photo_files(tmp_path, [(40, 52), (70, 20), (10, 10)])
     asks = [("What is in the picture?", [paths[0]]), ("Describe it.", [paths[2]]), ("Compare them.", paths[:2])]
     expected = [generate(pipe, q, list(images), GenerationConfig(max_new_tokens=8)).text for q, images in asks]
-    with TritonServer(render_repository(build, tmp_path / "repo"), log_file=tmp_path / "triton.log") as server:
+    with served_build(build, tmp_path) as server:
         for url in (f"grpc://{server.grpc_url}", f"http://{server.http_url}"):
             client = VLMClient(url)
             assert [client.generate(q, images, max_tokens=8).text for q, images in asks] == expected, url

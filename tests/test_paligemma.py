@@ -10,14 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fp32_gate
+from conftest import fp32_gate, photo_files, random_photo, served_build
 MODELS = ["paligemma2", "paligemma"]
 
-
-def _photo(seed: int, size=(40, 52)):
-    from PIL import Image
-
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
 
 
 def _hf(model_dir):
@@ -38,7 +33,7 @@ def test_prompt_ids_pixels_and_prefill_are_hugging_faces(tiny_build, tiny_model_
     build = tiny_build(name).path
     processor, model = _hf(tiny_model_dir(name))
     pipes = [open_build(build, form=form) for form in ("onnxruntime", "standard")]
-    for prompt, images in (("caption en", [_photo(1)]), ("answer en what is left of the cat?", [_photo(2), _photo(3)])):
+    for prompt, images in (("caption en", [random_photo(1)]), ("answer en what is left of the cat?", [random_photo(2), random_photo(3)])):
         theirs = processor(text="<image>" * len(images) + prompt, images=[images], return_tensors="pt")
         assert theirs["token_type_ids"].eq(0).all()
         for pipe in pipes:
@@ -75,7 +70,7 @@ def test_no_prefix_is_reused_and_the_manifest_says_why(tiny_build):
 
     pipe = open_build(build)
     config = GenerationConfig(max_new_tokens=8)
-    requests = [("caption en", [_photo(k)]) for k in range(3)] + [("caption en", [_photo(0)])]
+    requests = [("caption en", [random_photo(k)]) for k in range(3)] + [("caption en", [random_photo(0)])]
     expected = [generate(pipe, p, i, config).token_ids for p, i in requests]
     pipe.prefix_cache = cache = PrefixCache(64 << 20)
     assert pipe.prefix_keys(pipe.prompt_ids("caption en", 1), np.zeros((4, 64), np.float32)) is None
@@ -91,20 +86,15 @@ def test_served_answers_equal_in_process(tiny_build, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     from vlm_export.client.client import VLMClient
-    from vlm_export.model_repository.render import render_repository
     from vlm_export.runtime.generate import GenerationConfig, generate
     from vlm_export.runtime.load import open_build
-    from vlm_export.serve.server import TritonServer
 
     build = tiny_build("paligemma2").path
     pipe = open_build(build)
-    paths = []
-    for k, size in enumerate([(40, 52), (70, 30)]):
-        paths.append(tmp_path / f"photo-{k}.png")
-        _photo(k, size).save(paths[-1])
+    paths = photo_files(tmp_path, [(40, 52), (70, 30)])
     asks = [("caption en", [paths[0]]), ("answer en what is this?", [paths[1]]), ("caption en", paths)]
     expected = [generate(pipe, q, list(images), GenerationConfig(max_new_tokens=8)).text for q, images in asks]
-    with TritonServer(render_repository(build, tmp_path / "repo"), log_file=tmp_path / "triton.log") as server:
+    with served_build(build, tmp_path) as server:
         client = VLMClient(f"grpc://{server.grpc_url}")
         with ThreadPoolExecutor(len(asks)) as pool:
             got = list(pool.map(lambda ask: client.generate(ask[0], ask[1], max_tokens=8).text, asks))

@@ -768,7 +768,9 @@ def make_tiny_internvl(path: Path, seed: int = 0, image_size: int = 32, patch_si
         raise ValueError("InternVL's pixel shuffle takes a square grid of patches: only the 'default' strategy")
     cfg = InternVLConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_seq_length=tokens,
                          image_token_id=tokenizer.context_image_token_id, downsample_ratio=0.5,
-                         vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy)
+                         vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+                         # tied at this size, the head would echo the prompt's last token ("\n") for every image
+                         tie_word_embeddings=bool((text_sizes or {}).get("tie_word_embeddings", False)))
     torch.manual_seed(seed)
     InternVLForConditionalGeneration(cfg).eval().save_pretrained(path)
     GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True, min_patches=1,
