@@ -375,6 +375,52 @@ def served_build(build: Path, folder: Path):
     return TritonServer(render_repository(build, Path(folder) / "repo"), log_file=Path(folder) / "triton.log")
 
 
+#: conversations of the shapes an adapter's prompt must take as its processor does: one image, two, an earlier turn
+#: with its image and answer, none
+CONVERSATIONS = [
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": "and"},
+                                  {"type": "image"}]}],
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
+     {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+     {"role": "user", "content": [{"type": "text", "text": "What colour is it?"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}],
+]
+CONVERSATION_IDS = ["one image", "two images", "conversation", "text only"]
+
+
+def check_served_as_in_process(build: Path, folder: Path, sizes, over_http: bool = False) -> None:
+    """``build``'s python repository served by a real tritonserver (its prefix cache on, as served by default), asked
+    about photos of ``sizes``: three requests at once over gRPC (the first photo, the second, the last two together),
+    over HTTP too where asked (base64 images), then a conversation's second turn that starts with the first's image
+    (the last photo) and answer (a prefill continued after a cached prefix): every answer ``generate``'s in process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vlm_export.client.client import VLMClient
+    from vlm_export.runtime.generate import GenerationConfig, generate
+    from vlm_export.runtime.load import open_build
+
+    pipe = open_build(build)
+    paths = photo_files(folder, sizes)
+    asks = [("What is in the picture?", [paths[0]]), ("Describe it.", [paths[1]]), ("Compare them.", paths[-2:])]
+    first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    config = GenerationConfig(max_new_tokens=8)
+    expected = [generate(pipe, q, list(images), config).text for q, images in asks]
+    with served_build(build, folder) as server:
+        client = VLMClient(f"grpc://{server.grpc_url}")
+        with ThreadPoolExecutor(len(asks)) as pool:
+            assert list(pool.map(lambda ask: client.generate(ask[0], ask[1], max_tokens=8).text, asks)) == expected
+        if over_http:
+            http = VLMClient(f"http://{server.http_url}")
+            assert [http.generate(q, images, max_tokens=8).text for q, images in asks] == expected
+        answer = client.generate(messages=first, images=[paths[-1]], max_tokens=8).text
+        turns = [*first, {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                 {"role": "user", "content": [{"type": "text", "text": "And its colour?"}]}]
+        second = client.generate(messages=turns, images=[paths[-1]], max_tokens=8).text
+    assert answer == generate(pipe, first, [paths[-1]], config).text
+    assert second == generate(pipe, turns, [paths[-1]], config).text
+
+
 def fp32_gate(reference) -> float:
     """The build's fp32 gate on an output (max abs error <= 1e-4 + 1e-4 x its largest magnitude)."""
     import numpy as np

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fp32_gate, photo_files, random_photo, served_build
+from conftest import CONVERSATIONS, CONVERSATION_IDS, check_served_as_in_process, fp32_gate, random_photo
 from vlm_export.errors import AdapterError
 
 
@@ -22,18 +22,9 @@ def _hf(model_dir):
     return AutoProcessor.from_pretrained(model_dir), Gemma3ForConditionalGeneration.from_pretrained(model_dir).eval()
 
 
-CONVERSATIONS = [
-    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}],
-    [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": "and"},
-                                  {"type": "image"}]}],
-    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
-     {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
-     {"role": "user", "content": [{"type": "text", "text": "What colour is it?"}]}],
-    [{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}],
-]
 
 
-@pytest.mark.parametrize("turns", CONVERSATIONS, ids=["one image", "two images", "conversation", "text only"])
+@pytest.mark.parametrize("turns", CONVERSATIONS, ids=CONVERSATION_IDS)
 def test_prompt_ids_and_pixels_are_the_processors(tiny_build, tiny_model_dir, turns):
     """Each image written as Gemma3Processor writes it ("\\n\\n<start_of_image>", the soft token x N,
     "<end_of_image>\\n\\n"), where its chat template puts it; ids and pixels equal to the processor's."""
@@ -173,27 +164,4 @@ def test_served_answers_equal_in_process(tiny_build, tmp_path):
     """The python repository served by a real tritonserver (its prefix cache on, as served by default): three
     requests at once, then a conversation's second turn that starts with the first's image and answer (a
     prefill continued after a cached prefix), all as ``generate`` answers in process."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from vlm_export.client.client import VLMClient
-    from vlm_export.runtime.generate import GenerationConfig, generate
-    from vlm_export.runtime.load import open_build
-
-    build = tiny_build("gemma3").path
-    pipe = open_build(build)
-    paths = photo_files(tmp_path, [(40, 52), (70, 30), (33, 33)])
-    asks = [("What is in the picture?", [paths[0]]), ("Describe it.", [paths[1]]), ("Compare them.", paths[1:])]
-    first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
-    config = GenerationConfig(max_new_tokens=8)
-    expected = [generate(pipe, q, list(images), config).text for q, images in asks]
-    with served_build(build, tmp_path) as server:
-        client = VLMClient(f"grpc://{server.grpc_url}")
-        with ThreadPoolExecutor(len(asks)) as pool:
-            got = list(pool.map(lambda ask: client.generate(ask[0], ask[1], max_tokens=8).text, asks))
-        assert got == expected
-        answer = client.generate(messages=first, images=[paths[1]], max_tokens=8).text
-        turns = [*first, {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-                 {"role": "user", "content": [{"type": "text", "text": "And its colour?"}]}]
-        second = client.generate(messages=turns, images=[paths[1]], max_tokens=8).text
-    assert answer == generate(pipe, first, [paths[1]], config).text
-    assert second == generate(pipe, turns, [paths[1]], config).text
+    check_served_as_in_process(tiny_build("gemma3").path, tmp_path, [(40, 52), (70, 30), (33, 33)])

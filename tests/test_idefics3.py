@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import photo_files, random_photo, served_build
+from conftest import CONVERSATIONS, CONVERSATION_IDS, check_served_as_in_process, random_photo
 from vlm_export.errors import AdapterError, InputError
 
 #: (height, width): a wide image (1 x 2 tiles on the Idefics3 fixture), a tall one, a tiny one (scaled up: 2 x 2),
@@ -21,22 +21,13 @@ SIZES = [(20, 50), (70, 20), (10, 10), (300, 200), (32, 32)]
 
 
 
-CONVERSATIONS = [
-    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}],
-    [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": "and"},
-                                  {"type": "image"}]}],
-    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
-     {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
-     {"role": "user", "content": [{"type": "text", "text": "What colour is it?"}]}],
-    [{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}],
-]
 
 
 def _images(n: int, first: int = 0):
     return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
 
 
-@pytest.mark.parametrize("turns", CONVERSATIONS, ids=["one image", "two images", "conversation", "text only"])
+@pytest.mark.parametrize("turns", CONVERSATIONS, ids=CONVERSATION_IDS)
 @pytest.mark.parametrize("first", [0, 1, 3])
 def test_prompt_ids_and_pixels_are_idefics3_processors(tiny_build, tiny_model_dir, turns, first):
     """Each image written as Idefics3Processor writes it for its grid (rows of "<fake_token_around_image>
@@ -226,33 +217,8 @@ def test_served_answers_equal_in_process(tiny_build, tmp_path):
     """The python repository served by a real tritonserver: three requests at once whose images make different
     grids (one of them two images), over gRPC and HTTP, then a conversation's second turn (a prefill continued
     after a cached prefix), all as ``generate`` answers in process."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from vlm_export.client.client import VLMClient
-    from vlm_export.runtime.generate import GenerationConfig, generate
-    from vlm_export.runtime.load import open_build
-
-    build = tiny_build("smolvlm").path
-    pipe = open_build(build)
-    paths = photo_files(tmp_path, [(40, 52), (70, 20), (10, 10), (300, 200)])
-    asks = [("What is in the picture?", [paths[0]]), ("Describe it.", [paths[1]]), ("Compare them.", paths[2:])]
-    first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
-    config = GenerationConfig(max_new_tokens=8)
-    expected = [generate(pipe, q, list(images), config).text for q, images in asks]
-    with served_build(build, tmp_path) as server:
-        client = VLMClient(f"grpc://{server.grpc_url}")
-        with ThreadPoolExecutor(len(asks)) as pool:
-            got = list(pool.map(lambda ask: client.generate(ask[0], ask[1], max_tokens=8).text, asks))
-        assert got == expected
-        # over HTTP the images travel as base64 (JSON): the vlm model decodes them before it reads their grids
-        http = VLMClient(f"http://{server.http_url}")
-        assert [http.generate(q, images, max_tokens=8).text for q, images in asks[1:]] == expected[1:]
-        answer = client.generate(messages=first, images=[paths[3]], max_tokens=8).text
-        turns = [*first, {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-                 {"role": "user", "content": [{"type": "text", "text": "And its colour?"}]}]
-        second = client.generate(messages=turns, images=[paths[3]], max_tokens=8).text
-    assert answer == generate(pipe, first, [paths[3]], config).text
-    assert second == generate(pipe, turns, [paths[3]], config).text
+    check_served_as_in_process(tiny_build("smolvlm").path, tmp_path, [(40, 52), (70, 20), (10, 10), (300, 200)],
+                               over_http=True)
 
 
 def test_the_bench_probes_a_tiled_build_with_an_image(tiny_build):

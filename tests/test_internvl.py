@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import photo_files, random_photo, served_build
+from conftest import check_served_as_in_process, random_photo
 from vlm_export.errors import AdapterError
 
 #: (height, width): 3 tiles (1 x 2 and a thumbnail), 5 (1 x 4 or 2 x 2, and a thumbnail), 1 (too small to cut)
@@ -94,17 +94,5 @@ def test_a_processor_of_another_length_is_refused(tiny_model_dir, tmp_path):
 
 def test_served_answers_equal_in_process(tiny_build, tmp_path):
     """Served by a real tritonserver, over gRPC and HTTP (base64 images): answers for images of different tile
-    counts, two at once, equal ``generate``'s in process."""
-    from vlm_export.client.client import VLMClient
-    from vlm_export.runtime.generate import GenerationConfig, generate
-    from vlm_export.runtime.load import open_build
-
-    build = tiny_build("internvl").path
-    pipe = open_build(build)
-    paths = photo_files(tmp_path, [(40, 52), (70, 20), (10, 10)])
-    asks = [("What is in the picture?", [paths[0]]), ("Describe it.", [paths[2]]), ("Compare them.", paths[:2])]
-    expected = [generate(pipe, q, list(images), GenerationConfig(max_new_tokens=8)).text for q, images in asks]
-    with served_build(build, tmp_path) as server:
-        for url in (f"grpc://{server.grpc_url}", f"http://{server.http_url}"):
-            client = VLMClient(url)
-            assert [client.generate(q, images, max_tokens=8).text for q, images in asks] == expected, url
+    counts, two at once, and a conversation's second turn, equal ``generate``'s in process."""
+    check_served_as_in_process(tiny_build("internvl").path, tmp_path, [(40, 52), (70, 20), (10, 10)], over_http=True)
