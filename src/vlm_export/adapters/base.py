@@ -271,10 +271,11 @@ def processor_setting(path: Path, name: str):
         raise AdapterError(f"cannot read {file} ({e}); save the model's processor again") from None
 
 
-def saved_chat_template(path: Path) -> str | None:
-    """The processor's chat template: SmolVLM's and InternVL's processors do not load without torchvision (their
-    video processors), so the saved template file is read directly where there is one."""
-    for name in ("chat_template.jinja", "chat_template.json"):
-        if (path / name).is_file():
-            return read_chat_template(path / name)
-    return processor_chat_template(path)
+def use_saved_chat_template(tokenizer, path: Path) -> None:
+    """Give ``tokenizer`` the processor's chat template saved in ``path``, where there is one and it differs. Read
+    from the saved template file where there is one: SmolVLM's and InternVL's processors do not load without
+    torchvision (their video processors); else from the processor (``processor_chat_template``)."""
+    files = [path / name for name in ("chat_template.jinja", "chat_template.json") if (path / name).is_file()]
+    template = read_chat_template(files[0]) if files else processor_chat_template(path)
+    if template and template != getattr(tokenizer, "chat_template", None):
+        set_chat_template(tokenizer, template, f"the processor's chat template in {path}")

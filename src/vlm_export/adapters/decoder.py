@@ -243,18 +243,26 @@ class LastHiddenState(nn.Module):
         return self.vision_tower(pixel_values=pixel_values, return_dict=True).last_hidden_state
 
 
+def spliced_stages(loaded: LoadedModel, scheme: SplicedScheme, vision: nn.Module, projector: nn.Module, size: int,
+                   text: nn.Module, decoder_cls: type[SplicingDecoder] = SplicingDecoder,
+                   **decoder_kwargs) -> list[Stage]:
+    """The image path (``vision`` then ``projector`` on ``size`` x ``size`` images) and the spliced decoder over
+    ``text``, a text model without its head, and the model's ``lm_head``: LLaVA's, Gemma 3's, PaliGemma's,
+    Idefics3's, InternVL's stages. ``decoder_cls`` (with ``decoder_kwargs``) makes a model's own masks."""
+    decoder = decoder_cls(text.get_input_embeddings(), text, loaded.model.lm_head, loaded.config.image_token_id,
+                          scheme.geometry.num_layers, **decoder_kwargs)
+    return [*image_path_stages(vision, projector, (size, size)), spliced_decoder_stage(decoder, scheme)]
+
+
 def last_hidden_state_stages(loaded: LoadedModel, scheme: SplicedScheme, decoder_cls: type[SplicingDecoder],
                              **decoder_kwargs) -> list[Stage]:
     """The stages of a model whose projector reads its vision tower's last hidden state and whose text model
     (``model.language_model``) takes the spliced embeddings before its head (``lm_head``): Gemma 3's and
     PaliGemma's. ``decoder_cls`` (with ``decoder_kwargs``) makes their masks."""
-    m, cfg = loaded.model, loaded.config
-    text = m.model.language_model
-    decoder = decoder_cls(text.get_input_embeddings(), text, m.lm_head, cfg.image_token_id, scheme.geometry.num_layers,
+    m = loaded.model
+    return spliced_stages(loaded, scheme, LastHiddenState(m.model.vision_tower), m.model.multi_modal_projector,
+                          loaded.config.vision_config.image_size, m.model.language_model, decoder_cls,
                           **decoder_kwargs)
-    size = cfg.vision_config.image_size
-    return [*image_path_stages(LastHiddenState(m.model.vision_tower), m.model.multi_modal_projector, (size, size)),
-            spliced_decoder_stage(decoder, scheme)]
 
 
 def greedy_reference(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
@@ -277,12 +285,13 @@ def greedy_reference(model: nn.Module, input_ids: torch.Tensor, pixel_values: to
     return out[0, input_ids.shape[1]:].tolist()
 
 
-def save_language_model(loaded: LoadedModel, out: Path) -> Path:
-    """``VLMAdapter.write_text_model`` for a model that holds its text model without the head
-    (``model.language_model``) and the head beside it (``lm_head``): LLaVA's, Gemma 3's, PaliGemma's."""
+def save_language_model(loaded: LoadedModel, out: Path, text: nn.Module | None = None) -> Path:
+    """``VLMAdapter.write_text_model`` for a model that holds its text model without the head (``text``; default
+    ``model.language_model``: LLaVA's, Gemma 3's, PaliGemma's, InternVL's; Idefics3's ``model.text_model``) and
+    the head beside it (``lm_head``)."""
     m = loaded.model
-    return save_causal_lm(loaded.config.text_config, m.model.language_model, m.lm_head, loaded.tokenizer, out,
-                          getattr(m, "generation_config", None))
+    return save_causal_lm(loaded.config.text_config, m.model.language_model if text is None else text, m.lm_head,
+                          loaded.tokenizer, out, getattr(m, "generation_config", None))
 
 
 def _traced_spec(name: str, value: torch.Tensor, first_dim: str) -> TensorSpec:

@@ -25,9 +25,9 @@ from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from ..runtime.images import ImageLimits, image_grids
 from . import read_config, register
-from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, processor_setting, save_causal_lm,
-                   saved_chat_template, set_chat_template)
-from .decoder import SplicingDecoder, greedy_reference, image_path_stages, spliced_decoder_stage, text_geometry
+from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, processor_setting,
+                   use_saved_chat_template)
+from .decoder import greedy_reference, save_language_model, spliced_stages, text_geometry
 from .loading import load_hf_parts, run_processor
 
 # the texts Idefics3Processor and SmolVLMProcessor write around each tile (constants in both)
@@ -89,9 +89,7 @@ class Idefics3Adapter(VLMAdapter):
         model, tokenizer, image_processor = load_hf_parts(_model_class(path), path)
         cfg = model.config
         loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
-        template = saved_chat_template(path)
-        if template and template != getattr(tokenizer, "chat_template", None):
-            set_chat_template(tokenizer, template, f"the processor's chat template in {path}")
+        use_saved_chat_template(tokenizer, path)
         self._check_tokens(loaded)
         self._check_tiles(loaded)
         return loaded
@@ -137,14 +135,9 @@ class Idefics3Adapter(VLMAdapter):
         return int(rows.shape[1])
 
     def stages(self, loaded: LoadedModel) -> list[Stage]:
-        m, cfg = loaded.model, loaded.config
-        size = cfg.vision_config.image_size
-        scheme = self.scheme(loaded)
-        text = m.model.text_model
-        decoder = SplicingDecoder(text.get_input_embeddings(), text, m.lm_head, cfg.image_token_id,
-                                  scheme.geometry.num_layers)
-        return [*image_path_stages(WholeTileTower(m.model.vision_model, size), m.model.connector, (size, size)),
-                spliced_decoder_stage(decoder, scheme)]
+        m, size = loaded.model, loaded.config.vision_config.image_size
+        return spliced_stages(loaded, self.scheme(loaded), WholeTileTower(m.model.vision_model, size), m.model.connector,
+                              size, m.model.text_model)
 
     def scheme(self, loaded: LoadedModel) -> SplicedScheme:
         return SplicedScheme(self.geometry(loaded), loaded.config.image_token_id)
@@ -166,9 +159,7 @@ class Idefics3Adapter(VLMAdapter):
         return greedy_reference(loaded.model, input_ids, pixels, max_new_tokens, eos_token_ids)
 
     def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
-        m = loaded.model
-        return save_causal_lm(loaded.config.text_config, m.model.text_model, m.lm_head, loaded.tokenizer, out,
-                              getattr(m, "generation_config", None))
+        return save_language_model(loaded, out, loaded.model.model.text_model)
 
 
 def _tiles(max_tiles: int) -> ImageTiles:

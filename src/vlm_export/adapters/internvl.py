@@ -20,9 +20,8 @@ from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from . import register
 from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, processor_setting,
-                   saved_chat_template, set_chat_template)
-from .decoder import (SplicingDecoder, greedy_reference, image_path_stages, save_language_model, spliced_decoder_stage,
-                      text_geometry)
+                   use_saved_chat_template)
+from .decoder import greedy_reference, save_language_model, spliced_stages, text_geometry
 from .loading import load_hf_parts
 
 
@@ -68,9 +67,7 @@ class InternVLAdapter(VLMAdapter):
         model, tokenizer, image_processor = load_hf_parts(InternVLForConditionalGeneration, path)
         cfg = model.config
         loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
-        template = saved_chat_template(path)
-        if template and template != getattr(tokenizer, "chat_template", None):
-            set_chat_template(tokenizer, template, f"the processor's chat template in {path}")
+        use_saved_chat_template(tokenizer, path)
         for name in ("start_image_token", "end_image_token", "context_image_token"):
             if not getattr(tokenizer, name, None):
                 raise AdapterError(f"the tokenizer in {path} names no {name} (InternVLProcessor writes each image with "
@@ -106,22 +103,19 @@ class InternVLAdapter(VLMAdapter):
         return InternVLVisionFeatures(loaded.model.model.vision_tower, layer, cfg.vision_feature_select_strategy)
 
     def tokens_per_tile(self, loaded: LoadedModel) -> int:
-        """Rows one tile becomes, measured on the tower and projector themselves."""
-        size = self._tile_size(loaded)
+        """Rows one tile becomes: the tower's patches (its CLS row dropped) after the pixel shuffle, measured on the
+        projector (the tower itself need not run)."""
+        vision = loaded.config.vision_config
+        patch = vision.patch_size if isinstance(vision.patch_size, int) else vision.patch_size[0]
+        features = torch.zeros(1, (self._tile_size(loaded) // patch) ** 2, vision.hidden_size)
         with torch.no_grad():
-            features = self.vision(loaded)(torch.zeros(1, 3, size, size))
-            rows = InternVLProjector(loaded.model.model, loaded.config.downsample_ratio)(features)
-        return int(rows.shape[1])
+            return int(InternVLProjector(loaded.model.model, loaded.config.downsample_ratio)(features).shape[1])
 
     def stages(self, loaded: LoadedModel) -> list[Stage]:
-        m, cfg = loaded.model, loaded.config
-        size = self._tile_size(loaded)
-        scheme = self.scheme(loaded)
-        text = m.model.language_model
-        decoder = SplicingDecoder(text.get_input_embeddings(), text, m.lm_head, cfg.image_token_id,
-                                  scheme.geometry.num_layers)
-        return [*image_path_stages(self.vision(loaded), InternVLProjector(m.model, cfg.downsample_ratio), (size, size)),
-                spliced_decoder_stage(decoder, scheme)]
+        m = loaded.model
+        return spliced_stages(loaded, self.scheme(loaded), self.vision(loaded),
+                              InternVLProjector(m.model, loaded.config.downsample_ratio), self._tile_size(loaded),
+                              m.model.language_model)
 
     def scheme(self, loaded: LoadedModel) -> SplicedScheme:
         return SplicedScheme(self.geometry(loaded), loaded.config.image_token_id)

@@ -19,8 +19,7 @@ from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from . import register
 from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, set_chat_template
-from .decoder import (SplicingDecoder, greedy_reference, image_path_stages, save_language_model, spliced_decoder_stage,
-                      text_geometry)
+from .decoder import greedy_reference, save_language_model, spliced_stages, text_geometry
 from .loading import load_hf_parts, load_processor, processor_chat_template, run_processor
 
 
@@ -151,15 +150,9 @@ class LlavaAdapter(VLMAdapter):
                                   cfg.vision_feature_select_strategy)
 
     def stages(self, loaded: LoadedModel) -> list[Stage]:
-        m, cfg = loaded.model, loaded.config
-        vision = self.vision_encoder(loaded)
-        size = cfg.vision_config.image_size
-        text = m.model.language_model
-        scheme = self.scheme(loaded)
-        decoder = SplicingDecoder(text.get_input_embeddings(), text, m.lm_head, cfg.image_token_id,
-                                  scheme.geometry.num_layers)
-        return [*image_path_stages(vision, m.model.multi_modal_projector, (size, size)),
-                spliced_decoder_stage(decoder, scheme)]
+        m = loaded.model
+        return spliced_stages(loaded, self.scheme(loaded), self.vision_encoder(loaded), m.model.multi_modal_projector,
+                              loaded.config.vision_config.image_size, m.model.language_model)
 
     def scheme(self, loaded: LoadedModel) -> SplicedScheme:
         return SplicedScheme(self.geometry(loaded), loaded.config.image_token_id)

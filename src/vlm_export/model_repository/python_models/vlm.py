@@ -24,7 +24,7 @@ import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from vlm_export.contract import PromptLayout, prompt_inputs, stages_from_manifest
+from vlm_export.contract import prompt_inputs, stages_from_manifest
 from vlm_export.contract.profiles import trt_settings
 from vlm_export.errors import BusyError, InputError, RunnerError, VlmExportError
 from vlm_export.model_repository.python_models.common import (check_files, image_limits, image_payload,
@@ -115,13 +115,13 @@ class TritonPythonModel:
         hf_logging.set_verbosity_error()
         manifest = json.loads((version_dir / "manifest.json").read_text())
         specs = {spec.name: spec for spec in stages_from_manifest(manifest)}
-        # where the image processor cuts images into tiles, a prompt's text follows each image's grid, which that
-        # processor's preprocessing gives (saved with the tokenizer, as the preprocess model's is): each image is
-        # preprocessed here for its grid and again in the ensemble for its pixels
-        tiled = PromptLayout.from_dict(manifest["prompt_layout"]).tiled
         pipe = pipeline_from_manifest(manifest, {}, AutoTokenizer.from_pretrained(version_dir / "tokenizer"),
-                                      load_image_processor(version_dir / "tokenizer") if tiled else None,
                                       root=version_dir)
+        if pipe.layout.tiled:
+            # a prompt's text follows each image's grid of tiles, which the image processor's preprocessing gives
+            # (saved with the tokenizer, as the preprocess model's is): each image is preprocessed here for its
+            # grid and again in the ensemble for its pixels
+            pipe.image_processor = load_image_processor(version_dir / "tokenizer")
         name = pipe.scheme.decoder_stage
         if parameter(config, "decoder_mode", "in_process") == "in_process":
             threads = int(parameter(config, "intra_op_threads", "0")) or None
