@@ -19,7 +19,9 @@ image placeholders (PaliGemma's: its BOS, then the prompt, then a newline; its t
 
 ``image_tiles``: an image the processor cuts into a grid of tiles plus the whole image shrunk, each of
 them ``tokens_per_image`` rows (Idefics3's and SmolVLM's): the text an image becomes depends on its grid,
-which the image processor's preprocessing gives (its ``rows`` and ``cols``; :class:`ImageTiles`).
+which the image processor's preprocessing gives (its ``rows`` and ``cols``; :class:`ImageTiles`). Or an
+image the processor cuts into as many patches as its size needs (Qwen2-VL's; :class:`ImagePatches`): its
+rows follow its grid of patches.
 
 ``add_special_tokens``: whether the tokenizer adds its own special tokens (BOS) to the text: on where
 the model's processor tokenizes plain text with them (BLIP-2, InstructBLIP). An ``inline`` layout
@@ -31,7 +33,7 @@ Q-Former reads the instruction through a tokenizer of its own).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -78,8 +80,18 @@ class ImageTiles:
         rows, cols = grid
         return rows * cols + 1 if rows * cols else 1
 
-    def text(self, grid: tuple[int, int], tokens: str) -> str:
+    @staticmethod
+    def tokens(grid: tuple[int, int], per_tile: int) -> int:
+        """Image rows (placeholders) an image of this grid becomes."""
+        return ImageTiles.count(grid) * per_tile
+
+    def arranged(self, processed: dict) -> dict:
+        """The processor's outputs as the image path reads them (tiles are already one image each)."""
+        return processed
+
+    def text(self, grid: tuple[int, int], token: str, per_tile: int) -> str:
         rows, cols = grid
+        tokens = token * per_tile
         if not rows * cols:
             return self.alone + tokens + self.end
         lines = ("".join(self.tile.format(row=r + 1, col=c + 1) + tokens for c in range(cols)) + self.row_end
@@ -91,6 +103,89 @@ class ImageTiles:
         if self.counted_by == "rows_cols":
             return [(int(r), int(c)) for r, c in zip(np.ravel(processed["rows"]), np.ravel(processed["cols"]))]
         return [(1, int(n) - 1) if int(n) > 1 else (0, 0) for n in np.ravel(processed["num_patches"])]
+
+
+#: the image path's inputs :meth:`ImagePatches.arranged` adds beside ``pixel_values``
+PATCH_POSITIONS, PATCH_MASK = "patch_positions", "patch_mask"
+
+
+@dataclass(frozen=True)
+class ImagePatches:
+    """An image its processor cuts into as many patches as its size needs (Qwen2-VL's and Qwen2.5-VL's
+    ``Qwen2VLImageProcessor``): the processor gives every image's patches in one flat ``pixel_values
+    [patches of all images, channels x frames x patch x patch]`` and each image's grid of patches in
+    ``image_grid_thw [images, (frames, rows, cols)]``, the patches of each ``merge x merge`` block
+    consecutive. The image path reads them one image per row (:meth:`arranged`): ``pixel_values [images,
+    patches, ...]`` padded with zeros to the batch's largest image, ``patch_positions [images, patches,
+    (row, col)]`` and ``patch_mask [images, patches]`` (1 on real patches). An image becomes one run of
+    ``rows x cols / merge²`` image tokens (its processor replaces the one image token its chat template
+    writes with them); ``max_patches`` is the most patches the processor makes of one image (its
+    ``max_pixels``), so ``PromptLayout.tokens_per_image`` is ``max_patches / merge²``."""
+
+    merge: int
+    max_patches: int
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
+    #: the image path sees each image as one image (the tiles contract's count)
+    max_tiles: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        if self.merge < 1 or self.max_patches < self.merge ** 2:
+            raise ValueError(f"image patches merged {self.merge} x {self.merge}, at most {self.max_patches} per image: "
+                             "a positive merge and room for one block")
+
+    @staticmethod
+    def count(grid: tuple[int, int]) -> int:
+        return 1
+
+    def tokens(self, grid: tuple[int, int], per_tile: int = 0) -> int:
+        rows, cols = grid
+        return rows * cols // self.merge ** 2
+
+    def text(self, grid: tuple[int, int], token: str, per_tile: int = 0) -> str:
+        return token * self.tokens(grid)
+
+    def grids(self, processed: dict) -> list[tuple[int, int]]:
+        thw = np.asarray(processed["image_grid_thw"]).reshape(-1, 3)
+        if (thw[:, 0] != 1).any():  # a still image is one frame (its processor repeats it to the temporal patch)
+            raise ValueError(f"image grids of {sorted(set(thw[:, 0].tolist()))} frames: an image is one")
+        return [(int(h), int(w)) for _, h, w in thw]
+
+    def arranged(self, processed: dict) -> dict:
+        """``processed`` with its flat ``pixel_values`` as one row of patches per image, padded, and each
+        patch's place in its image (``PATCH_POSITIONS``: the rotary positions of the vision tower, in the
+        processor's order of merge blocks) and realness (``PATCH_MASK``)."""
+        pixels = np.asarray(processed["pixel_values"])
+        grids = self.grids(processed)
+        sizes = [h * w for h, w in grids]
+        if sum(sizes) != len(pixels):
+            raise ValueError(f"the image processor gives {len(pixels)} patches for grids totalling {sum(sizes)}")
+        width = max(sizes, default=0)
+        out = np.zeros((len(grids), width, *pixels.shape[1:]), dtype=pixels.dtype)
+        positions = np.zeros((len(grids), width, 2), dtype=np.int64)
+        mask = np.zeros((len(grids), width), dtype=np.int64)
+        start = 0
+        for k, ((h, w), n) in enumerate(zip(grids, sizes)):
+            out[k, :n] = pixels[start:start + n]
+            positions[k, :n] = self.patch_positions(h, w)
+            mask[k, :n] = 1
+            start += n
+        return {**processed, "pixel_values": out, PATCH_POSITIONS: positions, PATCH_MASK: mask}
+
+    def patch_positions(self, rows: int, cols: int) -> np.ndarray:
+        """[rows x cols, 2]: (row, col) of each patch in the processor's order (merge blocks row-major,
+        each block's patches row-major)."""
+        m = self.merge
+        r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+        blocks = (rows // m, m, cols // m, m)
+        return np.stack([r.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1),
+                         c.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1)], axis=-1)
+
+
+def image_arrangement(d: dict[str, Any] | None) -> "ImageTiles | ImagePatches | None":
+    """A layout's ``image_tiles`` from its manifest form (patches are told by their ``merge``)."""
+    if not d:
+        return None
+    return ImagePatches(**d) if "merge" in d else ImageTiles(**d)
 
 
 @dataclass(frozen=True)
@@ -121,8 +216,9 @@ class PromptLayout:
     #: text around the prompt's (``prefix`` layout; see the module docstring)
     text_before: str = ""
     text_after: str = ""
-    #: an image cut into tiles by its processor (see the module docstring); None: one image, one run of tokens
-    image_tiles: ImageTiles | None = None
+    #: an image cut into tiles or patches by its processor (see the module docstring); None: one image, one run
+    #: of ``tokens_per_image`` tokens
+    image_tiles: "ImageTiles | ImagePatches | None" = None
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUTS:
@@ -153,19 +249,20 @@ class PromptLayout:
 
     def expanded_image(self, grid: tuple[int, int] = (0, 0)) -> str:
         """The text one written image token becomes (``image_sequence``; a tiled image's, by its grid)."""
-        tokens = (self.image_token or "") * self.tokens_per_image
         if self.image_tiles is not None:
-            return self.image_tiles.text(grid, tokens)
-        return self.image_sequence or tokens
+            return self.image_tiles.text(grid, self.image_token or "", self.tokens_per_image)
+        return self.image_sequence or (self.image_token or "") * self.tokens_per_image
 
-    def image_count(self, grid: tuple[int, int] = (0, 0)) -> int:
-        """Images of the image path (tiles) one image of ``grid`` becomes: 1 unless tiled."""
-        return self.image_tiles.count(grid) if self.image_tiles is not None else 1
+    def image_tokens(self, grid: tuple[int, int] = (0, 0)) -> int:
+        """Image placeholders one image of ``grid`` becomes."""
+        if self.image_tiles is not None:
+            return self.image_tiles.tokens(grid, self.tokens_per_image)
+        return self.tokens_per_image
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PromptLayout":
         tiles = d.get("image_tiles")
-        return cls(**{**d, "image_tiles": ImageTiles(**tiles)} if tiles else d)
+        return cls(**{**d, "image_tiles": image_arrangement(tiles)} if tiles else d)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,8 @@ class DecodeBatch:
 
     caches: dict[str, np.ndarray]
     mask: np.ndarray  # [rows, length] int64, 1 where the growing caches hold a real position
-    positions: np.ndarray  # [rows] int64, position id of each row's next token (= its real length)
+    positions: np.ndarray  # [rows] int64, position id of each row's next token (its real length; past it where
+    #                        images take fewer positions than tokens: contract/mrope.py)
     growing: tuple[str, ...] = ()  # caches padded along seq_axis
     seq_axis: int = 2
     #: caches that do not grow but differ in length between rows (a cross-attention scheme's image

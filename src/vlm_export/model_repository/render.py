@@ -313,7 +313,9 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
     image_params = _python_params(max_image_pixels=limits.max_pixels, max_image_bytes=limits.max_bytes)
     if image:
         configs.update(_image_path_configs(configs, image, scheme, image_batch, options))
-        configs["preprocess"]["parameters"] = image_params
+        # how the processor's outputs become the image path's (patches of all images -> a row per image)
+        arrangement = manifest["prompt_layout"].get("image_tiles") or {}
+        configs["preprocess"]["parameters"] = {**image_params, **_python_params(image_arrangement=json.dumps(arrangement))}
     configs["vlm"] = {
         "name": "vlm",
         "backend": "python",

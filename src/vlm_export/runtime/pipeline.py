@@ -131,6 +131,8 @@ class VLMPipeline:
         return self._declared(processed_images(self.image_processor, list(images), self.image_limits))
 
     def _declared(self, out: Mapping) -> dict[str, np.ndarray]:
+        if self.layout.image_tiles is not None:  # patches of all images -> a row of patches per image
+            out = self.layout.image_tiles.arranged(dict(out))
         feeds = {}
         for spec in pixel_inputs(self.stages):
             if spec.name not in out:

@@ -140,7 +140,7 @@ def build_prompt_ids(tokenizer, layout: PromptLayout, prompt: Prompt, n_images: 
         special = layout.add_special_tokens or not (bos and text.startswith(bos))
         text = _expand_images(layout, text, grids)
         ids = tokenizer(text, add_special_tokens=special)["input_ids"]
-        expected = sum(layout.image_count(grid) for grid in grids) * layout.tokens_per_image
+        expected = sum(layout.image_tokens(grid) for grid in grids)
         got = sum(1 for i in ids if i == layout.image_token_id)
         if got != expected:  # a tokenizer that splits the image token would silently misplace images
             raise InputError(

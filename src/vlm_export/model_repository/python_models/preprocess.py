@@ -1,13 +1,16 @@
 """Triton python model: encoded image bytes (PNG/JPEG, raw or base64) -> every image-processor
 output the image stages read (this model's config outputs: pixel_values, and for tiled models such
 as mllama aspect_ratio_ids and aspect_ratio_mask), with the build's own image processor."""
+import json
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from transformers import AutoImageProcessor
 from transformers.utils import logging as hf_logging
 
 from vlm_export.contract import TensorSpec
-from vlm_export.model_repository.python_models.common import image_limits, image_payload, model_dirs
+from vlm_export.contract.layout import image_arrangement
+from vlm_export.model_repository.python_models.common import image_limits, image_payload, model_dirs, parameter
 from vlm_export.runtime.images import processed_images
 from vlm_export.runtime.pipeline import as_declared
 
@@ -16,6 +19,8 @@ class TritonPythonModel:
     def initialize(self, args):
         _, version_dir, config = model_dirs(args)
         self.limits = image_limits(config)
+        # the build's PromptLayout.image_tiles: how its processor's outputs become the image path's inputs
+        self.arrangement = image_arrangement(json.loads(parameter(config, "image_arrangement", "{}")))
         # the outputs as declared (the renderer took them from the stage graphs): images axis first
         self.outputs = [TensorSpec(t["name"], np.dtype(pb_utils.triton_string_to_numpy(t["data_type"])).name,
                                    ("images", *(t["reshape"].get("shape", []) if "reshape" in t else t["dims"])))
@@ -29,6 +34,8 @@ class TritonPythonModel:
             try:
                 raw = pb_utils.get_input_tensor_by_name(request, "images").as_numpy().reshape(-1)
                 out = processed_images(self.processor, [image_payload(bytes(b)) for b in raw], self.limits)
+                if self.arrangement is not None:
+                    out = self.arrangement.arranged(dict(out))
                 responses.append(pb_utils.InferenceResponse(
                     [pb_utils.Tensor(t.name, as_declared(out[t.name], t)) for t in self.outputs]))
             except Exception as e:  # a bad image fails its own request only

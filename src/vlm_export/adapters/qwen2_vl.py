@@ -1,0 +1,259 @@
+"""Qwen2-VL and Qwen2.5-VL: ``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration``.
+
+The image processor cuts an image into as many ``patch x patch`` patches as its size needs (between its
+``min_pixels`` and ``max_pixels``), each ``merge x merge`` block of them one image token
+(``PromptLayout.image_tiles`` as :class:`~vlm_export.contract.ImagePatches`); the image path reads one row
+of patches per image with each patch's place (``patch_positions``) and realness (``patch_mask``), so images
+of different sizes share one batch. Hugging Face's vision tower runs all images as one flat sequence whose
+attention is cut per image (and per window of patches in Qwen2.5-VL's windowed blocks) by lengths read off
+the grids at run time, which an exported graph cannot do: :class:`PatchVisionTower` computes the same
+blocks from the tower's own modules with an attention mask made from the patches' places instead (a
+patch sees the real patches of its image - of its window, in a windowed block), and its rotary from the
+places given, equal to Hugging Face's. The merger is the projector.
+
+The LM reads multimodal rotary positions (M-RoPE: frame, row and column streams): the ``spliced_mrope``
+scheme makes them from each image row's place, as ``get_rope_index`` does; for text alone the three
+streams are equal, so the text model is an ordinary Qwen2 LM (``write_text_model``). Video inputs are not
+supported.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..contract import IMAGE, IMAGE_PRECISIONS, DecoderGeometry, ImagePatches, PromptLayout, StageSpec, TensorSpec
+from ..contract.layout import PATCH_MASK, PATCH_POSITIONS
+from ..contract.mrope import MRopeSplicedScheme
+from ..errors import AdapterError
+from . import register
+from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, save_causal_lm
+from .decoder import SplicingDecoder, spliced_decoder_stage, text_geometry
+from .loading import load_hf_parts
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class PatchVisionTower(nn.Module):
+    """(pixel_values [images, patches, channels x frames x patch x patch], patch_positions [images, patches, 2],
+    patch_mask [images, patches]) -> the tower's last hidden state [images, patches, width], block by block as
+    Hugging Face's vision blocks compute it. ``window``: patches per side of a Qwen2.5-VL attention window
+    (None: every block sees the whole image); ``full_blocks``: the blocks that see the whole image anyway."""
+
+    def __init__(self, tower: nn.Module, window: int | None = None, full_blocks: tuple[int, ...] = ()):
+        super().__init__()
+        self.tower, self.window, self.full_blocks = tower, window, frozenset(full_blocks)
+
+    def forward(self, pixel_values, patch_positions, patch_mask):
+        tower = self.tower
+        # the patch embedding's Conv3d covers each patch whole (kernel = stride = the patch): a matmul with its
+        # weights flattened as the processor flattens a patch (channels, frames, rows, columns). (torch.onnx
+        # gave the Conv3d here a bias of the wrong shape, which ONNX Runtime refuses.)
+        conv = tower.patch_embed.proj
+        hidden = nn.functional.linear(pixel_values, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
+        # the tower's axial rotary: (row, column) frequencies side by side, twice (Hugging Face's
+        # VisionRotaryEmbedding over the positions it would compute from the grid)
+        freqs = (patch_positions.unsqueeze(-1).float() * tower.rotary_pos_emb.inv_freq).flatten(-2)
+        angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # [images, 1, patches, head size]
+        cos, sin = angles.cos(), angles.sin()
+        lowest = torch.finfo(torch.float32).min
+        real = patch_mask.bool()
+        whole = torch.where(real[:, None, None, :], 0.0, lowest)  # keys of the image's real patches
+        if self.window is not None:
+            cell = patch_positions // self.window
+            same = (cell[:, :, None, :] == cell[:, None, :, :]).all(-1) & real[:, None, :]
+            windowed = torch.where(same[:, None], 0.0, lowest)
+        for number, block in enumerate(tower.blocks):
+            mask = whole if self.window is None or number in self.full_blocks else windowed
+            hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, mask)
+            hidden = hidden + block.mlp(block.norm2(hidden))
+        return hidden
+
+    @staticmethod
+    def _attention(attn: nn.Module, x, cos, sin, mask):
+        images, patches, width = x.shape
+        qkv = attn.qkv(x).reshape(images, patches, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # [images, heads, patches, head size]
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        weights = torch.softmax(q @ k.transpose(-1, -2) * attn.scaling + mask, dim=-1)
+        return attn.proj((weights @ v).transpose(1, 2).reshape(images, patches, width))
+
+
+class PatchMergerProjector(nn.Module):
+    """The tower's merger: image_features [images, patches, width] -> image_embeds [images, patches / merge², hidden]
+    (each merge x merge block of consecutive patches one row)."""
+
+    def __init__(self, merger: nn.Module, hidden_size: int):
+        super().__init__()
+        self.merger, self.hidden_size = merger, hidden_size
+
+    def forward(self, image_features):
+        images, patches, width = image_features.shape
+        return self.merger(image_features.reshape(images * patches, width)).reshape(images, -1, self.hidden_size)
+
+
+@register
+class Qwen2VLAdapter(VLMAdapter):
+    name = "qwen2_vl"
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    description = ("Hugging Face Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration (a ViT on "
+                   "patches of any image size + patch merger + a Qwen2 LM with multimodal rotary positions)")
+
+    def load(self, path: Path) -> LoadedModel:
+        import transformers
+
+        path = Path(path)
+        model_type = _model_type(path)
+        cls = getattr(transformers, "Qwen2_5_VLForConditionalGeneration" if model_type == "qwen2_5_vl"
+                      else "Qwen2VLForConditionalGeneration")
+        model, tokenizer, image_processor = load_hf_parts(cls, path)
+        cfg = model.config
+        loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
+        vision = cfg.vision_config
+        for name, want in (("patch_size", vision.patch_size), ("merge_size", vision.spatial_merge_size),
+                           ("temporal_patch_size", vision.temporal_patch_size)):
+            have = getattr(image_processor, name, None)
+            if have != want:
+                raise AdapterError(f"the image processor in {path} ({type(image_processor).__name__}) has {name} "
+                                   f"{have} but the vision tower takes {want}: save the model's own "
+                                   "Qwen2VLImageProcessor beside it")
+        token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        if tokenizer.convert_tokens_to_ids(token) != cfg.image_token_id:
+            raise AdapterError(f"the tokenizer in {path} makes {token} the id {tokenizer.convert_tokens_to_ids(token)} "
+                               f"but the model's config says image_token_id {cfg.image_token_id}: save the model's "
+                               "own tokenizer beside it")
+        self._patches(loaded)  # its pixel limits must make at least one token
+        return loaded
+
+    @staticmethod
+    def _image_token(loaded: LoadedModel) -> str:
+        return getattr(loaded.tokenizer, "image_token", None) or "<|image_pad|>"
+
+    @staticmethod
+    def _patches(loaded: LoadedModel) -> ImagePatches:
+        """The image processor's patches: most per image from its largest image (``max_pixels``)."""
+        processor, vision = loaded.image_processor, loaded.config.vision_config
+        size = getattr(processor, "size", None) or {}
+        largest = size.get("longest_edge") or getattr(processor, "max_pixels", None)
+        if not largest:
+            raise AdapterError(f"the image processor in {loaded.path} sets no largest image (size.longest_edge / "
+                               "max_pixels): save the model's own Qwen2VLImageProcessor beside it")
+        merge = int(vision.spatial_merge_size)
+        most = int(largest) // int(vision.patch_size) ** 2 // merge ** 2 * merge ** 2
+        if most < merge ** 2:
+            raise AdapterError(f"the image processor in {loaded.path} allows images of at most {largest} pixels, less "
+                               f"than one image token ({merge * vision.patch_size} pixels square): raise max_pixels")
+        return ImagePatches(merge=merge, max_patches=most)
+
+    def _window(self, loaded: LoadedModel) -> tuple[int | None, tuple[int, ...]]:
+        """(patches per side of an attention window, the blocks that see the whole image): Qwen2.5-VL's
+        windows of ``window_size`` pixels over merge blocks; (None, ()) for Qwen2-VL's whole-image blocks."""
+        vision = loaded.config.vision_config
+        if getattr(vision, "window_size", None) is None:
+            return None, ()
+        merge = int(vision.spatial_merge_size)
+        return (int(vision.window_size) // merge // int(vision.patch_size) * merge,
+                tuple(int(i) for i in vision.fullatt_block_indexes))
+
+    def stages(self, loaded: LoadedModel) -> list[Stage]:
+        m, cfg = loaded.model, loaded.config
+        patches = self._patches(loaded)
+        window, full = self._window(loaded)
+        tower = PatchVisionTower(m.model.visual, window, full)
+        projector = PatchMergerProjector(m.model.visual.merger, cfg.text_config.hidden_size)
+        unit = patches.merge ** 2
+        # two images: a 4 x 4 block grid and a 2 x 4 one padded to its size (every dynamic dim >= 2)
+        grids = [(2 * patches.merge, 2 * patches.merge), (patches.merge, 2 * patches.merge)]
+        width = grids[0][0] * grids[0][1]
+        vision = cfg.vision_config
+        depth = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+        gen = torch.Generator().manual_seed(0)
+        pixels = torch.randn(len(grids), width, depth, generator=gen)
+        positions = torch.zeros(len(grids), width, 2, dtype=torch.int64)
+        mask = torch.zeros(len(grids), width, dtype=torch.int64)
+        for k, (h, w) in enumerate(grids):
+            positions[k, :h * w] = torch.from_numpy(patches.patch_positions(h, w))
+            mask[k, :h * w] = 1
+        with torch.no_grad():
+            features = tower.eval()(pixels, positions, mask)
+            embeds = projector.eval()(features)
+        ranges = {"patches": (unit, min(256, patches.max_patches), patches.max_patches)}
+        vision_spec = StageSpec(
+            "vision_encoder", IMAGE,
+            (TensorSpec("pixel_values", "float32", ("images", "patches", depth), "pixels"),
+             TensorSpec(PATCH_POSITIONS, "int64", ("images", "patches", 2), "pixels"),
+             TensorSpec(PATCH_MASK, "int64", ("images", "patches"), "pixels")),
+            (TensorSpec("image_features", "float32", ("images", "patches", features.shape[-1])),),
+            IMAGE_PRECISIONS, {"patches": ranges["patches"]})
+        projector_spec = StageSpec(
+            "projector", IMAGE, (TensorSpec("image_features", "float32", ("images", "patches", features.shape[-1]),
+                                            "upstream"),),
+            (TensorSpec("image_embeds", "float32", ("images", "image_tokens_per_image", embeds.shape[-1])),),
+            IMAGE_PRECISIONS, {"patches": ranges["patches"]})
+        scheme = self.scheme(loaded)
+        text = m.model.language_model
+        decoder = SplicingDecoder(text.get_input_embeddings(), text, m.lm_head, cfg.image_token_id,
+                                  scheme.geometry.num_layers)
+        return [Stage(vision_spec, tower, (pixels, positions, mask)), Stage(projector_spec, projector, (features,)),
+                spliced_decoder_stage(decoder, scheme)]
+
+    def scheme(self, loaded: LoadedModel) -> MRopeSplicedScheme:
+        return MRopeSplicedScheme(self.geometry(loaded), loaded.config.image_token_id,
+                                  int(loaded.config.vision_config.spatial_merge_size))
+
+    def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
+        patches = self._patches(loaded)
+        token = self._image_token(loaded)
+        # the chat template writes "<|vision_start|><|image_pad|><|vision_end|>" per image part; Qwen2VLProcessor
+        # puts one image token per merge block in place of each image token (a raw prompt's too)
+        return PromptLayout(kind="inline", image_token_id=loaded.config.image_token_id,
+                            tokens_per_image=patches.max_patches // patches.merge ** 2, image_token=token,
+                            chat_parts=chat_template_takes_parts(loaded.tokenizer, token),
+                            images_where_written=True, image_tiles=patches)
+
+    def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
+        return text_geometry(loaded.config.text_config, loaded.model.model.language_model)
+
+    def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
+        """HF generate on our prompt ids with the processor's own inputs: the flat patches of every image and
+        their grids, rebuilt from the image path's rows of patches (its real ones, in order), and the image
+        tokens' ``mm_token_type_ids``."""
+        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        if pixel_values is not None:
+            real = pixel_values[PATCH_MASK].bool()
+            places = pixel_values[PATCH_POSITIONS]
+            grids = [[1, int(places[k][real[k]][:, 0].max()) + 1, int(places[k][real[k]][:, 1].max()) + 1]
+                     for k in range(len(real))]
+            # which tokens are an image's, as the processor says (without it generate drops M-RoPE silently)
+            inputs.update(pixel_values=pixel_values["pixel_values"][real], image_grid_thw=torch.tensor(grids),
+                          mm_token_type_ids=(input_ids == loaded.config.image_token_id).to(torch.int32))
+        with torch.no_grad():
+            out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                        eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0])
+        return out[0, input_ids.shape[1]:].tolist()
+
+    def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
+        """The LM as a Qwen2 causal LM: for text alone M-RoPE's three streams are one, Qwen2's rotary."""
+        from transformers import Qwen2Config
+
+        text = loaded.config.text_config.to_dict()
+        rope = {k: v for k, v in (text.get("rope_parameters") or {}).items() if k not in ("mrope_section", "type")}
+        keep = {k: v for k, v in text.items() if k not in ("model_type", "architectures", "rope_parameters",
+                                                            "rope_scaling", "transformers_version")}
+        config = Qwen2Config(**keep, rope_parameters=rope or None)
+        m = loaded.model
+        return save_causal_lm(config, m.model.language_model, m.lm_head, loaded.tokenizer, out,
+                              getattr(m, "generation_config", None))
+
+
+def _model_type(path: Path) -> str:
+    import json
+
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type", "")
+    except (OSError, ValueError):
+        return ""  # load_hf_parts says what is wrong with the folder

@@ -1,0 +1,164 @@
+"""The ``spliced_mrope`` scheme: the spliced scheme with multimodal rotary positions (Qwen2-VL's and
+Qwen2.5-VL's M-RoPE). The decoder's ``position_ids [3, batch, sequence]`` give each token a (frame, row,
+column) position: a text token has its count in all three; an image's tokens share the image's start in
+the first and add their row and column in its grid of tokens to it in the others, and the text after an
+image counts on from its start plus the larger side of its grid (Hugging Face's ``get_rope_index``). So
+a row's next position is not its length, and where its images are decides it: the image input carries
+each image row's place in its image (:class:`PlacedRows`, read from the image path's ``patch_positions``
+and ``patch_mask``: ``layout.ImagePatches``), and the state keeps each row's next position.
+
+The decoder's rotary is not one a fused attention kernel computes (three position streams), so this
+scheme has no in-place KV form; nor a prefix cache (a prefix's positions would depend on the images
+before it, which its keys do not say).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from .geometry import DecoderGeometry
+from .layout import PATCH_MASK, PATCH_POSITIONS
+from .scheme import DecodeBatch, Feeds, left_padded, left_padded_mask, register_scheme
+from .spliced import SplicedScheme
+from .stages import DECODER, StageSpec, TensorSpec
+
+#: position streams of the decoder's rotary: frame, row, column
+STREAMS = 3
+
+
+@dataclass(frozen=True)
+class PlacedRows:
+    """One request's image rows as the decoder takes them, in order, with each row's (row, column) in its
+    image's grid of tokens; an image starts at (0, 0)."""
+
+    rows: np.ndarray  # [n, hidden] float32
+    places: np.ndarray  # [n, 2] int64
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # the decoder's image input (the bench reports it)
+        return tuple(self.rows.shape)
+
+    @property
+    def nbytes(self) -> int:  # the image-embedding cache bounds its size by this
+        return int(self.rows.nbytes + self.places.nbytes)
+
+
+def rope_positions(ids: Sequence[int], image_token_id: int, places: np.ndarray) -> tuple[np.ndarray, int]:
+    """([3, len(ids)] the positions of one row's tokens, its next position), the k-th placeholder taking
+    ``places[k]`` (Hugging Face's ``get_rope_index`` for still images)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out = np.zeros((STREAMS, len(ids)), dtype=np.int64)
+    position, k, i = 0, 0, 0
+    while i < len(ids):
+        if ids[i] != image_token_id or k >= len(places):
+            out[:, i] = position
+            position, i = position + 1, i + 1
+            continue
+        start, first = position, k  # one image: its placeholders until the next image's (0, 0)
+        while i < len(ids) and ids[i] == image_token_id and k < len(places) and (k == first or places[k].any()):
+            out[:, i] = (start, start + places[k, 0], start + places[k, 1])
+            i, k = i + 1, k + 1
+        position = start + int(places[first:k].max()) + 1
+    return out, position
+
+
+@register_scheme
+class MRopeSplicedScheme(SplicedScheme):
+    name = "spliced_mrope"
+
+    def __init__(self, geometry: DecoderGeometry, image_token_id: int, merge: int,
+                 image_input_name: str = "image_embeds"):
+        super().__init__(geometry, image_token_id, image_input_name)
+        self.merge = int(merge)
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "merge": self.merge}
+
+    def decoder_spec(self, precisions: tuple[str, ...]) -> StageSpec:
+        spec = super().decoder_spec(precisions)
+        inputs = tuple(TensorSpec(t.name, t.dtype, (STREAMS, "batch", "sequence"), t.role) if t.name == "position_ids"
+                       else t for t in spec.inputs)
+        return StageSpec(spec.name, DECODER, inputs, spec.outputs, precisions)
+
+    # ---- the image input ---------------------------------------------------------------
+    @property
+    def image_input_sources(self) -> tuple[str, ...]:
+        return (self.image_input_name, PATCH_POSITIONS, PATCH_MASK)
+
+    def image_input_from_values(self, values: Mapping[str, np.ndarray]) -> PlacedRows:
+        # the projector makes one row per merge x merge block of patches, from the block's first patch on
+        unit = self.merge ** 2
+        rows = np.asarray(values[self.image_input_name])
+        real = np.asarray(values[PATCH_MASK])[:, ::unit].astype(bool)
+        places = np.asarray(values[PATCH_POSITIONS])[:, ::unit] // self.merge
+        if rows.shape[:2] != real.shape:
+            raise ValueError(f"the image path gives {rows.shape[1]} rows per image for {real.shape[1]} blocks of "
+                             f"{unit} patches")
+        return PlacedRows(np.ascontiguousarray(rows[real], dtype=np.float32), places[real].astype(np.int64))
+
+    def image_input_from(self, stage_output: np.ndarray) -> PlacedRows:
+        raise ValueError("the spliced_mrope scheme places each image row by its patches: use image_input_from_values")
+
+    def empty_image_input(self) -> PlacedRows:
+        return PlacedRows(np.zeros((0, self.geometry.hidden_size), np.float32), np.zeros((0, 2), np.int64))
+
+    def join_image_inputs(self, parts: Sequence[PlacedRows]) -> PlacedRows:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return self.empty_image_input()
+        return PlacedRows(np.concatenate([p.rows for p in parts]), np.concatenate([p.places for p in parts]))
+
+    def batch_image_inputs(self, parts: Sequence[PlacedRows]) -> PlacedRows:
+        return self.join_image_inputs(parts)
+
+    def check_prompt(self, prompt_ids: Sequence[int], image_input: PlacedRows) -> None:
+        placeholders = sum(1 for i in prompt_ids if i == self.image_token_id)
+        if placeholders != len(image_input):
+            raise InputError(f"the prompt has {placeholders} image placeholders but the images give "
+                             f"{len(image_input)} embeddings")
+
+    # ---- running a batch ---------------------------------------------------------------
+    def prefill_feeds(self, rows: Sequence[Sequence[int]], image_input: PlacedRows) -> dict[str, np.ndarray]:
+        ids, mask, _ = left_padded(rows, self.pad_id)
+        positions = np.zeros((STREAMS, *ids.shape), dtype=np.int64)
+        used = 0
+        for b, row in enumerate(rows):
+            count = sum(1 for i in row if i == self.image_token_id)
+            positions[:, b, ids.shape[1] - len(row):], _ = rope_positions(row, self.image_token_id,
+                                                                          image_input.places[used:used + count])
+            used += count
+        return {"input_ids": ids, self.image_input_name: self._table_for(ids, image_input.rows),
+                "attention_mask": mask, "position_ids": positions, **self._empty_past(len(rows))}
+
+    def state_after_prefill(self, outputs: Feeds, lengths: list[int], feeds: Feeds | None = None) -> DecodeBatch:
+        if feeds is None:
+            raise ValueError("the spliced_mrope scheme's state follows its prefill's positions: pass its feeds")
+        # the padding's positions are 0, so each row's largest is its last real token's stream maximum
+        following = np.asarray(feeds["position_ids"]).max(axis=(0, 2)) + 1
+        state = DecodeBatch(self._caches(outputs), left_padded_mask(lengths), following.astype(np.int64),
+                            growing=tuple(self.past_names))
+        return state.zero_masked()
+
+    def _step_state(self, caches: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {self.image_input_name: self.empty_image_input().rows, **caches}
+
+    def _step_tokens(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = super()._step_tokens(batch, tokens)
+        feeds["position_ids"] = np.repeat(feeds["position_ids"][None], STREAMS, axis=0)
+        return feeds
+
+    # ---- forms this scheme does not have (see the module docstring) ---------------------------
+    def in_place_caches(self) -> dict[str, str]:
+        return {}
+
+    def prefix_keys(self, prompt_ids: Sequence[int], image_input) -> None:
+        return None
+
+    def generated_keys(self, tokens: Sequence[int]) -> None:
+        return None
