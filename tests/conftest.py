@@ -26,7 +26,8 @@ os.environ.setdefault("VLM_EXPORT_TRACEBACK", "1")
 from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava, make_tiny_mllama, make_tiny_prefix  # noqa: E402
 from tiny_models import make_tiny_blip2_t5  # noqa: E402
 from tiny_models import make_tiny_florence2  # noqa: E402
-from tiny_models import make_tiny_gemma3, make_tiny_idefics3, make_tiny_internvl, make_tiny_paligemma  # noqa: E402
+from tiny_models import (make_tiny_gemma3, make_tiny_idefics3, make_tiny_internvl, make_tiny_paligemma,  # noqa: E402
+                         make_tiny_qwen2_vl)
 
 # name -> (maker, kwargs): one per architecture family and text family the tests cover
 TINY_MODELS = {
@@ -78,6 +79,10 @@ TINY_MODELS = {
     "smolvlm": (make_tiny_idefics3, {"family": "smolvlm", "patch_size": 4, "scale_factor": 4, "longest_edge": 96}),
     # InternVL (Hugging Face form): up to 4 tiles by aspect ratio and a thumbnail, one run of tokens per image
     "internvl": (make_tiny_internvl, {}),
+    # patches of any count per image (Qwen2VLImageProcessor) and M-RoPE positions: Qwen2-VL, and Qwen2.5-VL with its
+    # windowed vision blocks
+    "qwen2_vl": (make_tiny_qwen2_vl, {}),
+    "qwen2_5_vl": (make_tiny_qwen2_vl, {"family": "qwen2_5_vl"}),
 }
 
 

@@ -780,3 +780,56 @@ def make_tiny_internvl(path: Path, seed: int = 0, image_size: int = 32, patch_si
     (path / "processor_config.json").write_text(json.dumps({"processor_class": "InternVLProcessor",
                                                             "image_seq_length": tokens}))
     return path
+
+
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patch_size: int = 4, merge: int = 2,
+                       min_pixels: int = 8 * 8, max_pixels: int = 48 * 48, text_sizes: dict | None = None,
+                       vision_sizes: dict | None = None) -> Path:
+    """A tiny random Qwen2-VL (``family`` "qwen2_vl") or Qwen2.5-VL ("qwen2_5_vl": RMSNorm + SwiGLU vision blocks,
+    attention in windows of 4 x 4 patches but for block 1) with SmolLM2's tokenizer, Qwen's image tokens added,
+    and its Qwen2VLImageProcessor (PIL) making between ``min_pixels`` and ``max_pixels`` pixels of patches of
+    ``patch_size``. Qwen2VLProcessor needs torchvision to load (its video processor), so its files are saved as
+    it saves them: the tokenizer, the image processor and the chat template."""
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2VLConfig
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), extra_special_tokens={
+        "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>", "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>"})
+    text = {**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2), **(text_sizes or {})}
+    head = text["hidden_size"] // text["num_attention_heads"]
+    # M-RoPE's frame / row / column sections of the rotary's half head (Qwen2-VL-7B: [16, 24, 24] of 64)
+    section = [head // 8, (head // 2 - head // 8) // 2, head // 2 - head // 8 - (head // 2 - head // 8) // 2]
+    text.update(vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                pad_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section})
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    if family == "qwen2_vl":
+        vision = {**dict(depth=2, embed_dim=32, mlp_ratio=2, num_heads=2), **(vision_sizes or {}),
+                  "hidden_size": text["hidden_size"]}
+        config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    elif family == "qwen2_5_vl":
+        vision = {**dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, fullatt_block_indexes=[1],
+                         window_size=2 * merge * patch_size), **(vision_sizes or {}), "out_hidden_size": text["hidden_size"]}
+        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(f"family {family!r}: qwen2_vl or qwen2_5_vl")
+    vision.update(in_channels=3, patch_size=patch_size, spatial_merge_size=merge, temporal_patch_size=2)
+    cfg = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    torch.manual_seed(seed)
+    model_cls(cfg).eval().save_pretrained(path)
+    Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=merge, temporal_patch_size=2, min_pixels=min_pixels,
+                             max_pixels=max_pixels).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(QWEN2_VL_CHAT_TEMPLATE)
+    return path

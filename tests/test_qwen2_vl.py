@@ -1,0 +1,161 @@
+"""Qwen2-VL and Qwen2.5-VL: each image cut by its Qwen2VLImageProcessor into as many patches as its size needs
+(``contract.ImagePatches``: the image path reads a row of patches per image, padded, with their places and a mask),
+one image token per merge block, and the LM's multimodal rotary positions (the ``spliced_mrope`` scheme). The build
+itself (parity of every stage, HF generate's tokens alone and batched on the default samples) is test_export_core's."""
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import check_served_as_in_process, random_photo
+from vlm_export.errors import AdapterError
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+#: (height, width): the largest grid (12 x 12 patches, 3 x 3 windows of Qwen2.5-VL), uneven ones that cut windows
+#: short, the smallest (one merge block of 2 x 2 patches: 8 x 8 pixels)
+SIZES = [(300, 200), (20, 50), (70, 20), (3, 3), (64, 64), (41, 33)]
+TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text",
+                                                                                           "text": "and"},
+                                      {"type": "image"}]}]
+
+
+def _images(n: int, first: int = 0):
+    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
+
+
+@pytest.mark.parametrize("first", [0, 2, 3])
+def test_prompt_ids_and_patches_are_qwen2vl_processors(tiny_build, tiny_model_dir, first):
+    """Each image written as Qwen2VLProcessor writes it (its own ``replace_image_token`` over the image processor's
+    grids; the processor itself needs torchvision to load), where the chat template puts it; the image path's rows
+    of patches hold the image processor's patches, in order, and nothing else."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLProcessor
+
+    from vlm_export.runtime.load import open_build
+
+    folder = tiny_model_dir("qwen2_vl")
+    pipe = open_build(tiny_build("qwen2_vl").path)
+    tokenizer, image_processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+    images = _images(2, first)
+    theirs = image_processor(images=images, return_tensors="np")
+    processor = SimpleNamespace(image_token="<|image_pad|>", image_processor=image_processor)
+    strings = [Qwen2VLProcessor.replace_image_token(processor, theirs, k) for k in range(2)]
+    text = tokenizer.apply_chat_template(TURNS, add_generation_prompt=True, tokenize=False)
+    parts = text.split("<|image_pad|>")
+    ids = pipe.prompt_ids(TURNS, images)
+    assert ids == tokenizer(parts[0] + "".join(s + p for s, p in zip(strings, parts[1:])))["input_ids"]
+    pixels = pipe.pixel_values(images)
+    real = pixels["patch_mask"].astype(bool)
+    np.testing.assert_array_equal(pixels["pixel_values"][real], theirs["pixel_values"])
+    assert not pixels["pixel_values"][~real].any()
+    assert ids.count(pipe.layout.image_token_id) == int(theirs["image_grid_thw"].prod(axis=1).sum()) // 4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_rows_and_positions_equal_hf(tiny_model_dir, family):
+    """The split vision tower (a mask in place of per-image lengths, and of Qwen2.5-VL's windows) and merger on a
+    padded batch of images of every size give Hugging Face's image features; the scheme's positions for a
+    left-padded prefill of several prompts are ``get_rope_index``'s, and each row's next position its delta's."""
+    from vlm_export.adapters import adapter_for
+    from vlm_export.runtime.images import processed_images, ImageLimits
+
+    folder = tiny_model_dir(family)
+    loaded = adapter_for(folder).load(folder)
+    adapter, cfg = loaded.adapter, loaded.config
+    layout, scheme = adapter.prompt_layout(loaded), adapter.scheme(loaded)
+    images = _images(len(SIZES))
+    flat = processed_images(loaded.image_processor, images, ImageLimits())
+    arranged = layout.image_tiles.arranged(dict(flat))
+    vision, projector = (stage.module for stage in adapter.stages(loaded)[:2])
+    with torch.no_grad():
+        rows = projector(vision(*(torch.from_numpy(arranged[n]) for n in ("pixel_values", "patch_positions",
+                                                                           "patch_mask"))))
+        want = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
+                                                     torch.from_numpy(flat["image_grid_thw"])).pooler_output
+    placed = scheme.image_input_from_values({"image_embeds": rows.numpy(), **arranged})
+    np.testing.assert_allclose(placed.rows, torch.cat(list(want)).numpy(), atol=2e-5, rtol=0)
+
+    token, start, end = cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id
+    counts = [h * w // 4 for h, w in layout.image_tiles.grids(flat)]
+    prompts = [[7, start, *[token] * counts[0], end, 8, 9, start, *[token] * counts[1], end, 10],
+               [11, 12],
+               [start, *[token] * counts[2], end, *[token] * counts[3], 13]]  # the second image without its start
+    feeds = scheme.prefill_feeds(prompts, scheme.join_image_inputs([
+        scheme.image_input_from_values({"image_embeds": rows.numpy()[k:k + 1],
+                                        **{n: arranged[n][k:k + 1] for n in ("patch_positions", "patch_mask")}})
+        for k in range(4)]))
+    ids, mask = torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
+    theirs, deltas = loaded.model.model.get_rope_index(ids, (ids == token).int() * mask.int(),
+                                                       image_grid_thw=torch.from_numpy(flat["image_grid_thw"][:4]),
+                                                       attention_mask=mask)
+    real = mask.bool().numpy()
+    np.testing.assert_array_equal(feeds["position_ids"][:, real], theirs.numpy()[:, real])
+    state = scheme.prefill_state({n: np.zeros((3, 1, len(ids[0]), 1), np.float32) for n in scheme.present_names},
+                                 [len(p) for p in prompts], feeds)
+    np.testing.assert_array_equal(state.positions, deltas.reshape(-1).numpy() + [len(p) for p in prompts])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir, family):
+    """Images of every size, alone and two at once: greedy answers = Hugging Face generate's (with the processor's
+    ``mm_token_type_ids``: without them it drops M-RoPE), alone and decoded together in one batch."""
+    from vlm_export.adapters import adapter_for
+    from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
+    from vlm_export.runtime.load import open_build
+
+    pipe = open_build(tiny_build(family).path)
+    folder = tiny_model_dir(family)
+    loaded = adapter_for(folder).load(folder)
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES))]
+    requests += [(TURNS, _images(2, 3)), ("Tell me a story.", [])]
+    alone = []
+    for prompt, images in requests:
+        ids = pipe.prompt_ids(prompt, images)
+        pixels = {n: torch.from_numpy(v) for n, v in pipe.pixel_values(images).items()} if images else None
+        want = loaded.adapter.reference_generate(loaded, torch.tensor([ids]), pixels, 12, [-1])
+        alone.append(generate(pipe, prompt, images, config).token_ids)
+        assert alone[-1] == want, [im.size for im in images]
+    assert [r.token_ids for r in generate_batch(pipe, [GenerationRequest(p, i, config) for p, i in requests])] == alone
+
+
+def test_text_model_is_an_ordinary_qwen2(tiny_model_dir, tmp_path):
+    """For text alone M-RoPE's three streams are one: the LM written for peers (llama.cpp, onnxruntime-genai) is a
+    plain Qwen2 causal LM with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from vlm_export.adapters import adapter_for
+
+    folder = tiny_model_dir("qwen2_vl")
+    loaded = adapter_for(folder).load(folder)
+    lm = AutoModelForCausalLM.from_pretrained(loaded.adapter.write_text_model(loaded, tmp_path / "lm")).eval()
+    assert lm.config.model_type == "qwen2"
+    ids = torch.tensor([[5, 17, 300, 41, 9, 1000]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids).logits, loaded.model(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_an_image_processor_of_another_patch_size_is_refused(tiny_model_dir, tmp_path):
+    import json
+
+    from vlm_export.adapters import adapter_for
+
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny_model_dir("qwen2_vl"), folder)
+    settings = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**settings, "patch_size": 8}))
+    with pytest.raises(AdapterError, match="patch_size 8 but the vision tower takes 4") as e:
+        adapter_for(folder).load(folder)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_served_answers_equal_in_process(tiny_build, tmp_path, family):
+    """Served by a real tritonserver, over gRPC and HTTP (base64 images): answers for images of different sizes
+    (Triton batches only images of one size in the image path), two at once, and a conversation's second turn,
+    equal ``generate``'s in process."""
+    check_served_as_in_process(tiny_build(family).path, tmp_path, [(40, 52), (70, 20), (10, 10)],
+                               over_http=family == "qwen2_vl")
