@@ -159,3 +159,22 @@ def test_served_answers_equal_in_process(tiny_build, tmp_path, family):
     equal ``generate``'s in process."""
     check_served_as_in_process(tiny_build(family).path, tmp_path, [(40, 52), (70, 20), (10, 10)],
                                over_http=family == "qwen2_vl")
+
+
+def test_a_processor_whose_largest_image_overflows_the_lm_is_refused_before_export(tiny_model_dir, tmp_path):
+    """A processor allowed Qwen2-VL's own largest image (12.8 M pixels: 4114 tokens for the astronaut sample here)
+    in an LM of 512 positions: refused before any export, in one line saying both fixes."""
+    import json
+
+    from vlm_export.build import BuildOptions, build
+    from vlm_export.errors import BuildError
+
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny_model_dir("qwen2_vl"), folder)
+    settings = json.loads((folder / "preprocessor_config.json").read_text())
+    settings["size"] = {**settings["size"], "longest_edge": 12845056}
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings))
+    with pytest.raises(BuildError, match=r"build with --max-images 0, or save the image processor with a smaller "
+                                         r"largest image \(its max_pixels") as e:
+        build(folder, tmp_path / "build", BuildOptions())
+    assert "\n" not in str(e.value) and not (tmp_path / "build").exists()

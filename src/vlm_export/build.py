@@ -589,6 +589,9 @@ def _check_samples_fit(samples, loaded, layout, scheme, limits: Limits, new_toke
         needed = _max_sequence_that_fits(counted, scheme, limits, new_tokens)
         if needed is not None:
             fix += f" or raise --max-sequence to {needed}"
+    if layout.tiled and sample.images:  # its image tokens follow the image processor's size settings
+        fix += (", or save the image processor with a smaller largest image (its max_pixels / longest edge: fewer "
+                "tiles or patches per image)")
     # (the scheme says how prompt and new tokens share max_sequence: one budget, or one each for an encoder-decoder)
     raise BuildError(f"the parity sample {sample.label!r} ({len(sample.images)} image(s), {tokens} prompt tokens) "
                      f"does not fit this build's max_sequence of {limits.max_sequence} with {new_tokens} new tokens"

@@ -28,7 +28,7 @@ from ..contract.layout import PATCH_MASK, PATCH_POSITIONS
 from ..contract.mrope import MRopeSplicedScheme
 from ..errors import AdapterError
 from . import register
-from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, save_causal_lm
+from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, save_causal_lm, use_saved_chat_template
 from .decoder import SplicingDecoder, spliced_decoder_stage, text_geometry
 from .loading import load_hf_parts
 
@@ -64,8 +64,11 @@ class PatchVisionTower(nn.Module):
         real = patch_mask.bool()
         whole = torch.where(real[:, None, None, :], 0.0, lowest)  # keys of the image's real patches
         if self.window is not None:
-            cell = patch_positions // self.window
-            same = (cell[:, :, None, :] == cell[:, None, :, :]).all(-1) & real[:, None, :]
+            # each patch's window as one number (TensorRT's Equal takes no booleans, as comparing pairs would need)
+            # (places are never negative: truncation is floor division, without the sign checks // exports)
+            cell = torch.div(patch_positions, self.window, rounding_mode="trunc")
+            window = cell[..., 0] * (1 << 20) + cell[..., 1]
+            same = (window[:, :, None] == window[:, None, :]) & real[:, None, :]
             windowed = torch.where(same[:, None], 0.0, lowest)
         for number, block in enumerate(tower.blocks):
             mask = whole if self.window is None or number in self.full_blocks else windowed
@@ -113,6 +116,7 @@ class Qwen2VLAdapter(VLMAdapter):
         model, tokenizer, image_processor = load_hf_parts(cls, path)
         cfg = model.config
         loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
+        use_saved_chat_template(tokenizer, path)  # the processor's (typed parts), not the tokenizer's text-only one
         vision = cfg.vision_config
         for name, want in (("patch_size", vision.patch_size), ("merge_size", vision.spatial_merge_size),
                            ("temporal_patch_size", vision.temporal_patch_size)):
