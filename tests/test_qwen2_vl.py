@@ -101,12 +101,15 @@ def test_image_rows_and_positions_equal_hf(tiny_model_dir, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir, family):
     """Images of every size, alone and two at once: greedy answers = Hugging Face generate's (with the processor's
-    ``mm_token_type_ids``: without them it drops M-RoPE), alone and decoded together in one batch."""
+    ``mm_token_type_ids``: without them it drops M-RoPE), alone and decoded together in one batch on one KV buffer
+    (rows whose next positions run behind their lengths, each by its own images)."""
     from vlm_export.adapters import adapter_for
     from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
     from vlm_export.runtime.load import open_build
 
     pipe = open_build(tiny_build(family).path)
+    # the fused form: attention in ONNX Runtime's kernel after the graph's own M-RoPE, one KV buffer in place
+    assert pipe.kv_in_place
     folder = tiny_model_dir(family)
     loaded = adapter_for(folder).load(folder)
     config = GenerationConfig(max_new_tokens=12, ignore_eos=True)

@@ -163,8 +163,11 @@ def test_slot_batch_join_keep_and_growth():
     assert list(grown.slots) == [2, 0, 1, 3] and grown.capacity == 2 * SlotBatch.CAPACITY_STEP
     np.testing.assert_array_equal(grown.caches["k"][[2, 0], :, :3], kept)
     np.testing.assert_array_equal(grown.caches["k"][3, :, :2], cache[1][:, 2:])
-    with pytest.raises(ValueError, match="count its real columns"):
-        SlotBatch.empty().join(DecodeBatch({"k": cache}, mask, np.array([3, 2, 4]), growing=("k",)), [10] * 3)
+    # rows whose positions run behind their columns (M-RoPE's images) keep that offset through the steps
+    behind = SlotBatch.empty().join(DecodeBatch({"k": cache}, mask, np.array([1, 2, 4]), growing=("k",)), [10] * 3)
+    assert list(behind.positions) == [1, 2, 4] and list(behind.lengths[behind.slots]) == list(mask.sum(axis=1))
+    assert list(behind.advanced().keep([2, 0]).positions) == [5, 2]
+    np.testing.assert_array_equal(behind.step_mask().sum(axis=1), mask.sum(axis=1)[np.argsort(behind.slots)] + 1)
 
 
 def test_fixed_state_is_kept_per_slot():

@@ -7,9 +7,10 @@ a row's next position is not its length, and where its images are decides it: th
 each image row's place in its image (:class:`PlacedRows`, read from the image path's ``patch_positions``
 and ``patch_mask``: ``layout.ImagePatches``), and the state keeps each row's next position.
 
-The decoder's rotary is not one a fused attention kernel computes (three position streams), so this
-scheme has no in-place KV form; nor a prefix cache (a prefix's positions would depend on the images
-before it, which its keys do not say).
+The decoder's rotary is not one ONNX Runtime's attention kernel computes (three position streams): the fused
+form keeps it as exported and hands the kernel the rotated q and k, so it still decodes on one KV buffer
+written in place (``SlotBatch``, whose per-slot offsets carry each row's next position). No prefix cache: a
+prefix's positions would depend on the images before it, which its keys do not say.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 from ..errors import InputError
 from .geometry import DecoderGeometry
 from .layout import PATCH_MASK, PATCH_POSITIONS
-from .scheme import DecodeBatch, Feeds, left_padded, left_padded_mask, register_scheme
+from .scheme import DecodeBatch, Feeds, SlotBatch, left_padded, left_padded_mask, register_scheme
 from .spliced import SplicedScheme
 from .stages import DECODER, StageSpec, TensorSpec
 
@@ -149,16 +150,19 @@ class MRopeSplicedScheme(SplicedScheme):
         return {self.image_input_name: self.empty_image_input().rows, **caches}
 
     def _step_tokens(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        feeds = super()._step_tokens(batch, tokens)
-        feeds["position_ids"] = np.repeat(feeds["position_ids"][None], STREAMS, axis=0)
-        return feeds
+        return _streams(super()._step_tokens(batch, tokens))
+
+    def slot_step_feeds(self, batch: SlotBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        return _streams(super().slot_step_feeds(batch, tokens))
 
     # ---- forms this scheme does not have (see the module docstring) ---------------------------
-    def in_place_caches(self) -> dict[str, str]:
-        return {}
-
     def prefix_keys(self, prompt_ids: Sequence[int], image_input) -> None:
         return None
 
     def generated_keys(self, tokens: Sequence[int]) -> None:
         return None
+
+
+def _streams(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A decode step's feeds with its positions in all three streams (text after the prompt)."""
+    return {**feeds, "position_ids": np.repeat(feeds["position_ids"][None], STREAMS, axis=0)}

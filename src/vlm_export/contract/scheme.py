@@ -163,6 +163,10 @@ class SlotBatch:
     is held per slot too, padded on the RIGHT along its own axis to the widest row that joined; the
     scheme's masks hide the padding, and an idle slot's stale values only reach its own, unread, row.
 
+    A row's next position is its length plus its slot's ``offsets`` entry: 0, except where the
+    scheme's positions run behind the tokens (M-RoPE's images: ``contract/mrope.py``), kept from the
+    prefill's state when the row joins.
+
     ``keep``/``join``/``advanced`` return the next state, which shares the buffer with this one:
     the previous state is not to be used after them.
     """
@@ -177,6 +181,9 @@ class SlotBatch:
 
     #: caches that do not grow, as ``DecodeBatch.padded``: name -> the axis padded on the right
     padded: dict[str, int] = field(default_factory=dict)
+
+    #: [slots] int64: each slot's next position minus its length (empty: all 0)
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     #: capacities are rounded up to a multiple of this (fewer regrowths for rows of near lengths)
     CAPACITY_STEP: ClassVar[int] = 64
@@ -200,16 +207,19 @@ class SlotBatch:
 
     @property
     def positions(self) -> np.ndarray:
-        """[rows] the position id of each row's next token (= its length)."""
-        return self.lengths[self.slots]
+        """[rows] the position id of each row's next token (its length, plus its slot's offset)."""
+        return self.lengths[self.slots] + self._offsets()[self.slots]
+
+    def _offsets(self) -> np.ndarray:
+        return np.pad(self.offsets, (0, len(self.lengths) - len(self.offsets)))
 
     def step_mask(self) -> np.ndarray:
         """[slots, longest + 1] int64: a step's attention mask, ones on each running slot's
-        [0, length + 1) (its positions and the new token), an idle slot all zero."""
-        positions = self.positions
-        width = int(positions.max()) + 1 if self.rows else 1
+        [0, length + 1) (its columns and the new token), an idle slot all zero."""
+        lengths = self.lengths[self.slots]
+        width = int(lengths.max()) + 1 if self.rows else 1
         mask = np.zeros((len(self.lengths), width), np.int64)
-        mask[self.slots] = np.arange(width)[None, :] <= positions[:, None]
+        mask[self.slots] = np.arange(width)[None, :] <= lengths[:, None]
         return mask
 
     def by_slot(self, values: np.ndarray, fill) -> np.ndarray:
@@ -244,8 +254,6 @@ class SlotBatch:
                              f"{sorted(self.padded)}")
         real = other.mask.astype(bool)
         lengths = real.sum(axis=1)
-        if not np.array_equal(lengths, other.positions):
-            raise ValueError("a joining row's positions must count its real columns")
         free = np.setdiff1d(np.arange(len(self.lengths)), self.slots)
         need = max(int(np.max(reserve, initial=0)), int(lengths.max(initial=0)), self.capacity)
         if other.rows > len(free) or need > self.capacity:
@@ -265,9 +273,9 @@ class SlotBatch:
             for i, slot in enumerate(free):
                 buffer[slot] = 0
                 buffer[slot][tuple(slice(0, n) for n in values.shape[1:])] = values[i]
-        out_lengths = state.lengths.copy()
-        out_lengths[free] = lengths
-        return replace(state, lengths=out_lengths, slots=np.concatenate([state.slots, free]))
+        out_lengths, offsets = state.lengths.copy(), state._offsets()
+        out_lengths[free], offsets[free] = lengths, np.asarray(other.positions) - lengths
+        return replace(state, lengths=out_lengths, slots=np.concatenate([state.slots, free]), offsets=offsets)
 
     def _fitting(self, other: DecodeBatch) -> "SlotBatch":
         """This state with its fixed (``padded``) caches holding every slot of the buffer, each as wide

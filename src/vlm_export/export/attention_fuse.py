@@ -88,8 +88,10 @@ rotary moved out, else the layer unfused, with the runtime's own message) instea
 parity.
 
 Requires the rotary pass first when the decoder rotates the transposed heads (q/k from
-``RotaryEmbedding`` on them); an unfused rotary there leaves the layer unfused. A layer that does not
-match stays unfused and the report says why.
+``RotaryEmbedding`` on them); a rotary the pass leaves is kept where it is a sub-graph of the heads alone
+(``_of_heads_alone``: reading only the positions, as Qwen2-VL's M-RoPE of three position streams does), the
+kernel then reading the rotated q/k and rotating nothing; any other leaves the layer unfused. A layer that does
+not match stays unfused and the report says why.
 """
 from __future__ import annotations
 
@@ -312,7 +314,7 @@ def _heads(g, name: str, rotary_ok: bool, kernel_rotary: bool = True):
                 or g.attr(rotary, "rotary_embedding_dim", 0) or g.attr(rotary, "is_packed_batching", 0) \
                 or g.attr(rotary, "scale", 1.0) != 1.0:
             raise _NoMatch(f"{rotary.name}: a rotary embedding other than the rotary pass writes")
-    elif rotary_ok and node is not None and node.op_type in ("Add", "Concat"):
+    elif rotary_ok and node is not None and node.op_type in ("Add", "Concat") and _of_heads_alone(g, name) is None:
         raise _NoMatch(f"{name}: q/k come from an unfused rotary embedding (the rotary pass runs first)")
     # a per-head norm after the transpose (Gemma 3's RMSNorm, StableLM's LayerNorm), maybe after a rotary
     below, rotated_first = _of_heads_alone(g, name) or (None, False)
