@@ -2,7 +2,9 @@
 
 A thin shell over vlm_export's one generation loop; the build's manifest (copied beside this
 file) declares the stages and the decoding scheme. Images go through the ``image_encoder``
-ensemble (one BLS call per request). The decoder runs where the ``decoder_mode`` parameter
+ensemble (one BLS call per request); where the prompt's text follows each image's grid of tiles or
+patches, they are preprocessed here once (for the grid and the pixels) and the image stages are
+called one by one instead. The decoder runs where the ``decoder_mode`` parameter
 says: ``in_process`` holds an ONNX Runtime session here, so a decode step crosses no model
 boundary; ``bls`` calls the decoder model per step with its state as tensors (for native
 onnxruntime / TensorRT decoders; one call per step for the whole batch).
@@ -118,10 +120,13 @@ class TritonPythonModel:
         pipe = pipeline_from_manifest(manifest, {}, AutoTokenizer.from_pretrained(version_dir / "tokenizer"),
                                       root=version_dir)
         if pipe.layout.tiled:
-            # a prompt's text follows each image's grid of tiles, which the image processor's preprocessing gives
-            # (saved with the tokenizer, as the preprocess model's is): each image is preprocessed here for its
-            # grid and again in the ensemble for its pixels
+            # a prompt's text follows each image's grid of tiles (or patches), which the image processor's
+            # preprocessing gives (saved with the tokenizer, as the preprocess model's is): each image is preprocessed
+            # here once, for its grid and its pixels, and the image stages are called on the pixels directly (the
+            # ensemble's preprocess model would preprocess it a second time)
             pipe.image_processor = load_image_processor(version_dir / "tokenizer")
+            for spec in pipe.image_stages:
+                pipe.runners[spec.name] = BlsRunner(spec.name, spec.input_names, spec.output_names)
         name = pipe.scheme.decoder_stage
         if parameter(config, "decoder_mode", "in_process") == "in_process":
             threads = int(parameter(config, "intra_op_threads", "0")) or None
@@ -140,10 +145,10 @@ class TritonPythonModel:
         # gives what the scheme builds its image input from
         inputs = ["images", *(t.name for t in prompt_inputs(pipe.stages))]
         sources = list(pipe.scheme.image_input_sources)
-        self.image_encoder = BlsRunner("image_encoder", inputs, sources) if sources else None
+        self.image_encoder = BlsRunner("image_encoder", inputs, sources) if sources and not pipe.layout.tiled else None
         self.pipe = pipe
         self.limits = image_limits(config)  # the bytes limit is checked here, the pixels by preprocess
-        pipe.image_limits = self.limits  # (and here too, where a tiled build's prompt preprocesses its images)
+        pipe.image_limits = self.limits  # (and here too, where a tiled build's images are preprocessed)
         self.metrics = _Metrics()
         cache_mb = int(parameter(config, "image_cache_mb", "0"))
         prefix_mb = int(parameter(config, "prefix_cache_mb", "0"))
@@ -203,7 +208,7 @@ class TritonPythonModel:
         if len(images) > self.pipe.limits.max_images:
             raise InputError(f"{len(images)} images given; this model takes at most "
                              f"{self.pipe.limits.max_images} per prompt")
-        if images and self.image_encoder is None:
+        if images and not self.pipe.image_stages:
             raise InputError("this model takes no images; send the prompt alone")
         for i, image in enumerate(images):
             self.limits.check_bytes(len(image), f"image {i}")
