@@ -39,6 +39,17 @@ def get_adapter(name: str) -> VLMAdapter:
         raise AdapterError(f"unknown adapter {name!r}; supported: {supported_summary()}") from None
 
 
+def model_class_by_type(path: Path, adapter: str, classes: dict[str, str]):
+    """The transformers class (named in ``classes`` by model type) for the folder at ``path``, for an adapter
+    that takes several model types; AdapterError naming them for another."""
+    import transformers
+
+    model_type = read_config(path).get("model_type")
+    if model_type not in classes:
+        raise AdapterError(f"the {adapter} adapter takes model types {', '.join(classes)}; {path} is {model_type!r}")
+    return getattr(transformers, classes[model_type])
+
+
 def read_config(path: Path) -> dict:
     path = Path(path)
     if not path.exists():

@@ -24,7 +24,7 @@ from ..contract import DecoderGeometry, ImageTiles, PromptLayout
 from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from ..runtime.images import ImageLimits, image_grids
-from . import read_config, register
+from . import model_class_by_type, register
 from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, processor_setting,
                    use_saved_chat_template)
 from .decoder import greedy_reference, save_language_model, spliced_stages, text_geometry
@@ -66,17 +66,6 @@ class WholeTileTower(nn.Module):
         return vm.post_layernorm(hidden)
 
 
-def _model_class(path: Path):
-    import transformers
-
-    model_type = read_config(path).get("model_type")
-    classes = {"idefics3": transformers.Idefics3ForConditionalGeneration,
-               "smolvlm": transformers.SmolVLMForConditionalGeneration}
-    if model_type not in classes:
-        raise AdapterError(f"the idefics3 adapter takes model types {', '.join(classes)}; {path} is {model_type!r}")
-    return classes[model_type]
-
-
 @register
 class Idefics3Adapter(VLMAdapter):
     name = "idefics3"
@@ -86,7 +75,8 @@ class Idefics3Adapter(VLMAdapter):
 
     def load(self, path: Path) -> LoadedModel:
         path = Path(path)
-        model, tokenizer, image_processor = load_hf_parts(_model_class(path), path)
+        model, tokenizer, image_processor = load_hf_parts(model_class_by_type(path, self.name, {
+            "idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"}), path)
         cfg = model.config
         loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
         use_saved_chat_template(tokenizer, path)

@@ -27,7 +27,7 @@ from ..contract import IMAGE, IMAGE_PRECISIONS, DecoderGeometry, ImagePatches, P
 from ..contract.layout import PATCH_MASK, PATCH_POSITIONS
 from ..contract.mrope import MRopeSplicedScheme
 from ..errors import AdapterError
-from . import register
+from . import model_class_by_type, register
 from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, save_causal_lm, use_saved_chat_template
 from .decoder import SplicingDecoder, spliced_decoder_stage, text_geometry
 from .loading import load_hf_parts
@@ -107,13 +107,9 @@ class Qwen2VLAdapter(VLMAdapter):
                    "patches of any image size + patch merger + a Qwen2 LM with multimodal rotary positions)")
 
     def load(self, path: Path) -> LoadedModel:
-        import transformers
-
         path = Path(path)
-        model_type = _model_type(path)
-        cls = getattr(transformers, "Qwen2_5_VLForConditionalGeneration" if model_type == "qwen2_5_vl"
-                      else "Qwen2VLForConditionalGeneration")
-        model, tokenizer, image_processor = load_hf_parts(cls, path)
+        model, tokenizer, image_processor = load_hf_parts(model_class_by_type(path, self.name, {
+            "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}), path)
         cfg = model.config
         loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
         use_saved_chat_template(tokenizer, path)  # the processor's (typed parts), not the tokenizer's text-only one
@@ -252,12 +248,3 @@ class Qwen2VLAdapter(VLMAdapter):
         m = loaded.model
         return save_causal_lm(config, m.model.language_model, m.lm_head, loaded.tokenizer, out,
                               getattr(m, "generation_config", None))
-
-
-def _model_type(path: Path) -> str:
-    import json
-
-    try:
-        return json.loads((path / "config.json").read_text()).get("model_type", "")
-    except (OSError, ValueError):
-        return ""  # load_hf_parts says what is wrong with the folder
