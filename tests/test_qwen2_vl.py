@@ -56,8 +56,8 @@ def test_prompt_ids_and_patches_are_qwen2vl_processors(tiny_build, tiny_model_di
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_image_rows_and_positions_equal_hf(tiny_model_dir, family):
-    """The split vision tower (a mask in place of per-image lengths, and of Qwen2.5-VL's windows) and merger on a
-    padded batch of images of every size give Hugging Face's image features; the scheme's positions for a
+    """The split vision tower (a mask in place of per-image lengths; Qwen2.5-VL's windows gathered into slots) and
+    merger on a padded batch of images of every size give Hugging Face's image features; the scheme's positions for a
     left-padded prefill of several prompts are ``get_rope_index``'s, and each row's next position its delta's."""
     from vlm_export.adapters import adapter_for
     from vlm_export.runtime.images import processed_images, ImageLimits
@@ -69,10 +69,9 @@ def test_image_rows_and_positions_equal_hf(tiny_model_dir, family):
     images = _images(len(SIZES))
     flat = processed_images(loaded.image_processor, images, ImageLimits())
     arranged = layout.image_tiles.arranged(dict(flat))
-    vision, projector = (stage.module for stage in adapter.stages(loaded)[:2])
+    vision, projector = adapter.stages(loaded)[:2]
     with torch.no_grad():
-        rows = projector(vision(*(torch.from_numpy(arranged[n]) for n in ("pixel_values", "patch_positions",
-                                                                           "patch_mask"))))
+        rows = projector.module(vision.module(*(torch.from_numpy(arranged[t.name]) for t in vision.spec.inputs)))
         want = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
                                                      torch.from_numpy(flat["image_grid_thw"])).pooler_output
     placed = scheme.image_input_from_values({"image_embeds": rows.numpy(), **arranged})
@@ -181,3 +180,24 @@ def test_a_processor_whose_largest_image_overflows_the_lm_is_refused_before_expo
                                          r"largest image \(its max_pixels") as e:
         build(folder, tmp_path / "build", BuildOptions())
     assert "\n" not in str(e.value) and not (tmp_path / "build").exists()
+
+
+def test_windows_hold_each_patch_once_with_its_window_mates():
+    """numpy only: ``ImagePatches`` with windows (Qwen2.5-VL's) puts every real patch in exactly one slot of its own
+    window (rows and columns cut at multiples of the window, the last ones short), ``patch_slots`` is the inverse,
+    and no image needs more slots than ``max_window_slots``."""
+    from vlm_export.contract import ImagePatches
+
+    patches = ImagePatches(merge=2, max_patches=144, window=4)
+    grids = [(6, 4), (12, 12), (2, 2), (4, 10), (12, 2)]
+    flat = np.arange(sum(h * w for h, w in grids), dtype=np.float32)[:, None]
+    out = patches.arranged({"pixel_values": flat, "image_grid_thw": [[1, h, w] for h, w in grids]})
+    windows, slots, places = out["window_patches"], out["patch_slots"], out["patch_positions"]
+    assert windows.shape[1] <= patches.max_window_slots
+    for k, (h, w) in enumerate(grids):
+        real = windows[k][windows[k] >= 0]
+        assert sorted(real) == list(range(h * w))
+        np.testing.assert_array_equal(windows[k][slots[k, :h * w]], np.arange(h * w))
+        for window in windows[k].reshape(-1, 16):
+            cells = {tuple(places[k, p] // 4) for p in window if p >= 0}
+            assert len(cells) <= 1

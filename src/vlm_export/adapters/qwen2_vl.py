@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..contract import IMAGE, IMAGE_PRECISIONS, DecoderGeometry, ImagePatches, PromptLayout, StageSpec, TensorSpec
-from ..contract.layout import PATCH_MASK, PATCH_POSITIONS
+from ..contract.layout import PATCH_MASK, PATCH_POSITIONS, PATCH_SLOTS, WINDOW_PATCHES
 from ..contract.mrope import MRopeSplicedScheme
 from ..errors import AdapterError
 from . import model_class_by_type, register
@@ -40,45 +40,59 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class PatchVisionTower(nn.Module):
     """(pixel_values [images, patches, channels x frames x patch x patch], patch_positions [images, patches, 2],
-    patch_mask [images, patches]) -> the tower's last hidden state [images, patches, width], block by block as
-    Hugging Face's vision blocks compute it. ``window``: patches per side of a Qwen2.5-VL attention window
-    (None: every block sees the whole image); ``full_blocks``: the blocks that see the whole image anyway."""
+    patch_mask [images, patches], and where the tower attends in windows window_patches [images, slots] and
+    patch_slots [images, patches]: ``contract.ImagePatches``) -> the tower's last hidden state [images, patches,
+    width], block by block as Hugging Face's vision blocks compute it. ``window``: patches per side of a
+    Qwen2.5-VL attention window (None: every block sees the whole image); ``full_blocks``: the blocks that see
+    the whole image anyway. A windowed block gathers each window's patches into ``window²`` slots, attends within
+    them (empty slots masked) and puts the results back: the attention Hugging Face computes per window, in
+    memory and time that grow with the windows, not the square of the image."""
 
     def __init__(self, tower: nn.Module, window: int | None = None, full_blocks: tuple[int, ...] = ()):
         super().__init__()
         self.tower, self.window, self.full_blocks = tower, window, frozenset(full_blocks)
 
-    def forward(self, pixel_values, patch_positions, patch_mask):
+    def forward(self, pixel_values, patch_positions, patch_mask, *windows):
         tower = self.tower
         # the patch embedding's Conv3d covers each patch whole (kernel = stride = the patch): a matmul with its
         # weights flattened as the processor flattens a patch (channels, frames, rows, columns). (torch.onnx
         # gave the Conv3d here a bias of the wrong shape, which ONNX Runtime refuses.)
         conv = tower.patch_embed.proj
         hidden = nn.functional.linear(pixel_values, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
-        # the tower's axial rotary: (row, column) frequencies side by side, twice (Hugging Face's
-        # VisionRotaryEmbedding over the positions it would compute from the grid)
-        freqs = (patch_positions.unsqueeze(-1).float() * tower.rotary_pos_emb.inv_freq).flatten(-2)
-        angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # [images, 1, patches, head size]
-        cos, sin = angles.cos(), angles.sin()
         lowest = torch.finfo(torch.float32).min
-        real = patch_mask.bool()
-        whole = torch.where(real[:, None, None, :], 0.0, lowest)  # keys of the image's real patches
+        whole = (self._angles(patch_positions), torch.where(patch_mask.bool()[:, None, None, :], 0.0, lowest))
         if self.window is not None:
-            # each patch's window as one number (TensorRT's Equal takes no booleans, as comparing pairs would need)
-            # (places are never negative: truncation is floor division, without the sign checks // exports)
-            cell = torch.div(patch_positions, self.window, rounding_mode="trunc")
-            window = cell[..., 0] * (1 << 20) + cell[..., 1]
-            same = (window[:, :, None] == window[:, None, :]) & real[:, None, :]
-            windowed = torch.where(same[:, None], 0.0, lowest)
+            window_patches, patch_slots = windows
+            slots = window_patches.clamp(min=0)  # an empty slot reads patch 0, masked
+            size = self.window * self.window
+            empty = torch.where((window_patches >= 0).reshape(-1, 1, 1, size), 0.0, lowest)
+            places = torch.gather(patch_positions, 1, slots.unsqueeze(-1).expand(-1, -1, 2))
+            cos, sin = self._angles(places)
+            per_window = ((cos.reshape(-1, 1, size, cos.shape[-1]), sin.reshape(-1, 1, size, sin.shape[-1])), empty)
         for number, block in enumerate(tower.blocks):
-            mask = whole if self.window is None or number in self.full_blocks else windowed
-            hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, mask)
+            x = block.norm1(hidden)
+            if self.window is None or number in self.full_blocks:
+                out = self._attention(block.attn, x, *whole)
+            else:  # norm1 and proj act per patch: gathered after the one, put back after the other
+                width = x.shape[-1]
+                grouped = torch.gather(x, 1, slots.unsqueeze(-1).expand(-1, -1, width)).reshape(-1, size, width)
+                out = self._attention(block.attn, grouped, *per_window).reshape(x.shape[0], -1, width)
+                out = torch.gather(out, 1, patch_slots.unsqueeze(-1).expand(-1, -1, width))
+            hidden = hidden + out
             hidden = hidden + block.mlp(block.norm2(hidden))
         return hidden
 
+    def _angles(self, places):
+        """(cos, sin) [images, 1, patches, head size] of the tower's axial rotary at ``places``: (row, column)
+        frequencies side by side, twice (Hugging Face's VisionRotaryEmbedding over the positions it computes)."""
+        freqs = (places.unsqueeze(-1).float() * self.tower.rotary_pos_emb.inv_freq).flatten(-2)
+        angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
+        return angles.cos(), angles.sin()
+
     @staticmethod
-    def _attention(attn: nn.Module, x, cos, sin, mask):
+    def _attention(attn: nn.Module, x, rotary, mask):
         images, patches, width = x.shape
+        cos, sin = rotary
         qkv = attn.qkv(x).reshape(images, patches, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # [images, heads, patches, head size]
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -147,9 +161,10 @@ class Qwen2VLAdapter(VLMAdapter):
         if most < merge ** 2:
             raise AdapterError(f"the image processor in {loaded.path} allows images of at most {largest} pixels, less "
                                f"than one image token ({merge * vision.patch_size} pixels square): raise max_pixels")
-        return ImagePatches(merge=merge, max_patches=most)
+        return ImagePatches(merge=merge, max_patches=most, window=Qwen2VLAdapter._window(loaded)[0] or 0)
 
-    def _window(self, loaded: LoadedModel) -> tuple[int | None, tuple[int, ...]]:
+    @staticmethod
+    def _window(loaded: LoadedModel) -> tuple[int | None, tuple[int, ...]]:
         """(patches per side of an attention window, the blocks that see the whole image): Qwen2.5-VL's
         windows of ``window_size`` pixels over merge blocks; (None, ()) for Qwen2-VL's whole-image blocks."""
         vision = loaded.config.vision_config
@@ -162,33 +177,33 @@ class Qwen2VLAdapter(VLMAdapter):
     def stages(self, loaded: LoadedModel) -> list[Stage]:
         m, cfg = loaded.model, loaded.config
         patches = self._patches(loaded)
-        window, full = self._window(loaded)
-        tower = PatchVisionTower(m.model.visual, window, full)
+        tower = PatchVisionTower(m.model.visual, *self._window(loaded))
         projector = PatchMergerProjector(m.model.visual.merger, cfg.text_config.hidden_size)
-        unit = patches.merge ** 2
-        # two images: a 4 x 4 block grid and a 2 x 4 one padded to its size (every dynamic dim >= 2)
-        grids = [(2 * patches.merge, 2 * patches.merge), (patches.merge, 2 * patches.merge)]
-        width = grids[0][0] * grids[0][1]
+        # two images as the processor gives them, arranged as the image path reads them: a grid of 4 x 4 merge blocks
+        # and one of 2 x 4, padded to its size (every dynamic dim >= 2)
         vision = cfg.vision_config
         depth = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
-        gen = torch.Generator().manual_seed(0)
-        pixels = torch.randn(len(grids), width, depth, generator=gen)
-        positions = torch.zeros(len(grids), width, 2, dtype=torch.int64)
-        mask = torch.zeros(len(grids), width, dtype=torch.int64)
-        for k, (h, w) in enumerate(grids):
-            positions[k, :h * w] = torch.from_numpy(patches.patch_positions(h, w))
-            mask[k, :h * w] = 1
+        grids = [(2 * patches.merge, 2 * patches.merge), (patches.merge, 2 * patches.merge)]
+        flat = torch.randn(sum(h * w for h, w in grids), depth, generator=torch.Generator().manual_seed(0))
+        arranged = patches.arranged({"pixel_values": flat.numpy(), "image_grid_thw": [[1, h, w] for h, w in grids]})
+        names = ["pixel_values", PATCH_POSITIONS, PATCH_MASK] + ([WINDOW_PATCHES, PATCH_SLOTS] if patches.window else [])
+        example = tuple(torch.from_numpy(arranged[n]) for n in names)
         with torch.no_grad():
-            features = tower.eval()(pixels, positions, mask)
+            features = tower.eval()(*example)
             embeds = projector.eval()(features)
-        ranges = {"patches": (unit, min(256, patches.max_patches), patches.max_patches)}
+        ranges = {"patches": (patches.merge ** 2, min(256, patches.max_patches), patches.max_patches)}
+        inputs = [TensorSpec("pixel_values", "float32", ("images", "patches", depth), "pixels"),
+                  TensorSpec(PATCH_POSITIONS, "int64", ("images", "patches", 2), "pixels"),
+                  TensorSpec(PATCH_MASK, "int64", ("images", "patches"), "pixels")]
+        if patches.window:
+            slots = patches.window ** 2
+            ranges["window_slots"] = (slots, min(4 * slots, patches.max_window_slots), patches.max_window_slots)
+            inputs += [TensorSpec(WINDOW_PATCHES, "int64", ("images", "window_slots"), "pixels"),
+                       TensorSpec(PATCH_SLOTS, "int64", ("images", "patches"), "pixels")]
         vision_spec = StageSpec(
-            "vision_encoder", IMAGE,
-            (TensorSpec("pixel_values", "float32", ("images", "patches", depth), "pixels"),
-             TensorSpec(PATCH_POSITIONS, "int64", ("images", "patches", 2), "pixels"),
-             TensorSpec(PATCH_MASK, "int64", ("images", "patches"), "pixels")),
+            "vision_encoder", IMAGE, tuple(inputs),
             (TensorSpec("image_features", "float32", ("images", "patches", features.shape[-1])),),
-            IMAGE_PRECISIONS, {"patches": ranges["patches"]})
+            IMAGE_PRECISIONS, ranges)
         projector_spec = StageSpec(
             "projector", IMAGE, (TensorSpec("image_features", "float32", ("images", "patches", features.shape[-1]),
                                             "upstream"),),
@@ -198,7 +213,7 @@ class Qwen2VLAdapter(VLMAdapter):
         text = m.model.language_model
         decoder = SplicingDecoder(text.get_input_embeddings(), text, m.lm_head, cfg.image_token_id,
                                   scheme.geometry.num_layers)
-        return [Stage(vision_spec, tower, (pixels, positions, mask)), Stage(projector_spec, projector, (features,)),
+        return [Stage(vision_spec, tower, example), Stage(projector_spec, projector, (features,)),
                 spliced_decoder_stage(decoder, scheme)]
 
     def scheme(self, loaded: LoadedModel) -> MRopeSplicedScheme:

@@ -105,8 +105,9 @@ class ImageTiles:
         return [(1, int(n) - 1) if int(n) > 1 else (0, 0) for n in np.ravel(processed["num_patches"])]
 
 
-#: the image path's inputs :meth:`ImagePatches.arranged` adds beside ``pixel_values``
-PATCH_POSITIONS, PATCH_MASK = "patch_positions", "patch_mask"
+#: the image path's inputs :meth:`ImagePatches.arranged` adds beside ``pixel_values`` (the last two where it
+#: declares attention windows)
+PATCH_POSITIONS, PATCH_MASK, WINDOW_PATCHES, PATCH_SLOTS = "patch_positions", "patch_mask", "window_patches", "patch_slots"
 
 
 @dataclass(frozen=True)
@@ -120,11 +121,19 @@ class ImagePatches:
     (row, col)]`` and ``patch_mask [images, patches]`` (1 on real patches). An image becomes one run of
     ``rows x cols / merge²`` image tokens (its processor replaces the one image token its chat template
     writes with them); ``max_patches`` is the most patches the processor makes of one image (its
-    ``max_pixels``), so ``PromptLayout.tokens_per_image`` is ``max_patches / merge²``."""
+    ``max_pixels``), so ``PromptLayout.tokens_per_image`` is ``max_patches / merge²``.
+
+    ``window``: patches per side of the attention windows of a tower whose blocks attend within windows
+    (Qwen2.5-VL's; 0: none). The image path then also reads each image's patches window by window:
+    ``window_patches [images, slots]``, ``window²`` slots per window (windows row-major over the image, each
+    cut short at its right and bottom edges), the index of the patch in each slot or -1 for an empty one,
+    and ``patch_slots [images, patches]``, the slot of each patch - so a windowed block attends within
+    windows of ``window²`` slots rather than over the whole image with a mask."""
 
     merge: int
     max_patches: int
     options: dict[str, Any] = field(default_factory=dict, hash=False)
+    window: int = 0
     #: the image path sees each image as one image (the tiles contract's count)
     max_tiles: ClassVar[int] = 1
 
@@ -132,6 +141,16 @@ class ImagePatches:
         if self.merge < 1 or self.max_patches < self.merge ** 2:
             raise ValueError(f"image patches merged {self.merge} x {self.merge}, at most {self.max_patches} per image: "
                              "a positive merge and room for one block")
+        if self.window < 0 or self.window % self.merge:
+            raise ValueError(f"attention windows of {self.window} patches: a multiple of the merge ({self.merge})")
+
+    @property
+    def max_window_slots(self) -> int:
+        """The most window slots one image's patches take (an image of ``max_patches`` in the worst shape)."""
+        side = self.window
+        worst = max((-(-h // side)) * (-(-(self.max_patches // h) // side))
+                    for h in range(self.merge, self.max_patches + 1, self.merge)) if side else 0
+        return worst * side * side
 
     @staticmethod
     def count(grid: tuple[int, int]) -> int:
@@ -169,7 +188,28 @@ class ImagePatches:
             positions[k, :n] = self.patch_positions(h, w)
             mask[k, :n] = 1
             start += n
-        return {**processed, "pixel_values": out, PATCH_POSITIONS: positions, PATCH_MASK: mask}
+        arranged = {**processed, "pixel_values": out, PATCH_POSITIONS: positions, PATCH_MASK: mask}
+        return {**arranged, **self._windows(grids, width)} if self.window else arranged
+
+    def _windows(self, grids: list[tuple[int, int]], width: int) -> dict[str, np.ndarray]:
+        """``WINDOW_PATCHES`` and ``PATCH_SLOTS`` (see the class docstring) for images of ``grids`` in rows of
+        ``width`` patches."""
+        side = self.window
+        per_image = []
+        for h, w in grids:
+            place = self.patch_positions(h, w)
+            cells = (-(-h // side), -(-w // side))
+            window = (place[:, 0] // side) * cells[1] + place[:, 1] // side
+            within = (place[:, 0] % side) * side + place[:, 1] % side
+            slots = np.full(cells[0] * cells[1] * side * side, -1, dtype=np.int64)
+            slots[window * side * side + within] = np.arange(h * w)
+            per_image.append((slots, window * side * side + within))
+        wide = max(len(slots) for slots, _ in per_image)
+        windows = np.full((len(grids), wide), -1, dtype=np.int64)
+        patch_slots = np.zeros((len(grids), width), dtype=np.int64)
+        for k, (slots, of_patch) in enumerate(per_image):
+            windows[k, :len(slots)], patch_slots[k, :len(of_patch)] = slots, of_patch
+        return {WINDOW_PATCHES: windows, PATCH_SLOTS: patch_slots}
 
     def patch_positions(self, rows: int, cols: int) -> np.ndarray:
         """[rows x cols, 2]: (row, col) of each patch in the processor's order (merge blocks row-major,

@@ -28,14 +28,15 @@ QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo",
 
 
 def _dynamic_shapes(stage: Stage):
-    """torch.export's dynamic_shapes: one entry per forward argument; varargs are ONE entry holding a tuple."""
+    """torch.export's dynamic_shapes: one entry per forward argument; varargs are ONE entry holding a tuple
+    (none where no input fills them)."""
     import inspect
 
     params = list(inspect.signature(stage.module.forward).parameters.values())
     specs = [{axis: torch.export.Dim.DYNAMIC for axis in t.dynamic_axes()} or None for t in stage.spec.inputs]
     if params and params[-1].kind is inspect.Parameter.VAR_POSITIONAL:
         fixed = len(params) - 1
-        return tuple(specs[:fixed]) + (tuple(specs[fixed:]),)
+        return tuple(specs[:fixed]) + ((tuple(specs[fixed:]),) if len(specs) > fixed else ())
     return tuple(specs)
 
 
