@@ -3,6 +3,7 @@
     python benchmarks/make_model.py realistic /tmp/models/realistic   # CLIP ViT-B/16@224 + SmolLM2-135M-shaped Llama
     python benchmarks/make_model.py tiny /tmp/models/tiny             # the test suite's tiny LLaVA
     python benchmarks/make_model.py gemma3 /tmp/models/gemma3         # a small tower + Gemma-3-270M-shaped LM
+    python benchmarks/make_model.py qwen25vl /tmp/models/qwen25vl     # Qwen2.5-VL-3B's tower + a SmolLM2-135M-shaped LM
 
 ``realistic`` has the shapes that decide speed: a CLIP ViT-B/16 tower at 224 px (196 image
 tokens, 86M parameters) and a decoder shaped like SmolLM2-135M (hidden 576, 30 layers, 9 heads,
@@ -65,6 +66,24 @@ def make_gemma3(out: Path, seed: int = 0) -> Path:
     return _save_llava(out, vision, text, 64, seed)
 
 
+def make_qwen25vl(out: Path, seed: int = 0) -> Path:
+    """Qwen2.5-VL-3B's vision tower (32 blocks of 1280, 16 heads, SwiGLU of 3420, windows of 112 px with 4
+    full-attention blocks, patches of 14, merge blocks of 2: 670M parameters) and its image processor at the
+    common 1280 x 28 x 28 largest image (the 512 x 512 astronaut: 36 x 36 patches, 324 tokens), before a
+    Qwen2 LM shaped like SmolLM2-135M (hidden 576, 30 layers, 9 heads of 64, 3 KV heads: M-RoPE sections of
+    8 / 12 / 12), SmolLM2's tokenizer with Qwen's image tokens. Random weights: its timings are a trained
+    model's of that shape."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_models import make_tiny_qwen2_vl
+
+    text = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                num_key_value_heads=3)
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31])
+    return make_tiny_qwen2_vl(out, seed=seed, family="qwen2_5_vl", patch_size=14, merge=2, min_pixels=56 * 56,
+                              max_pixels=1280 * 28 * 28, text_sizes=text, vision_sizes=vision)
+
+
 def make_tiny(out: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny_models import make_tiny_llava  # the very model the tests build
@@ -74,13 +93,13 @@ def make_tiny(out: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    makers = {"realistic": make_realistic, "tiny": make_tiny, "gemma3": make_gemma3}
+    makers = {"realistic": make_realistic, "tiny": make_tiny, "gemma3": make_gemma3, "qwen25vl": make_qwen25vl}
     parser.add_argument("kind", choices=tuple(makers))
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
     path = makers[args.kind](args.out)
     n = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    print(f"{args.kind} LLaVA written to {path} ({n / 1e6:.0f} MB of weights)")
+    print(f"{args.kind} model written to {path} ({n / 1e6:.0f} MB of weights)")
 
 
 if __name__ == "__main__":
