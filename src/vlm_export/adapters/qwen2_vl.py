@@ -7,9 +7,9 @@ of patches per image with each patch's place (``patch_positions``) and realness 
 of different sizes share one batch. Hugging Face's vision tower runs all images as one flat sequence whose
 attention is cut per image (and per window of patches in Qwen2.5-VL's windowed blocks) by lengths read off
 the grids at run time, which an exported graph cannot do: :class:`PatchVisionTower` computes the same
-blocks from the tower's own modules with an attention mask made from the patches' places instead (a
-patch sees the real patches of its image - of its window, in a windowed block), and its rotary from the
-places given, equal to Hugging Face's. The merger is the projector.
+blocks from the tower's own modules on the padded rows, a patch attending to the real patches of its image
+(a mask) - in a windowed block, to those of its window, gathered into slots of one window each - and its
+rotary from the places given, equal to Hugging Face's. The merger is the projector.
 
 The LM reads multimodal rotary positions (M-RoPE: frame, row and column streams): the ``spliced_mrope``
 scheme makes them from each image row's place, as ``get_rope_index`` does; for text alone the three
@@ -135,7 +135,7 @@ class Qwen2VLAdapter(VLMAdapter):
                 raise AdapterError(f"the image processor in {path} ({type(image_processor).__name__}) has {name} "
                                    f"{have} but the vision tower takes {want}: save the model's own "
                                    "Qwen2VLImageProcessor beside it")
-        token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        token = self._image_token(loaded)
         if tokenizer.convert_tokens_to_ids(token) != cfg.image_token_id:
             raise AdapterError(f"the tokenizer in {path} makes {token} the id {tokenizer.convert_tokens_to_ids(token)} "
                                f"but the model's config says image_token_id {cfg.image_token_id}: save the model's "
@@ -145,6 +145,7 @@ class Qwen2VLAdapter(VLMAdapter):
 
     @staticmethod
     def _image_token(loaded: LoadedModel) -> str:
+        """The token the chat template writes per image, as Qwen2VLProcessor reads it (the tokenizer's, else Qwen's)."""
         return getattr(loaded.tokenizer, "image_token", None) or "<|image_pad|>"
 
     @staticmethod
