@@ -314,10 +314,12 @@ def _heads(g, name: str, rotary_ok: bool, kernel_rotary: bool = True):
                 or g.attr(rotary, "rotary_embedding_dim", 0) or g.attr(rotary, "is_packed_batching", 0) \
                 or g.attr(rotary, "scale", 1.0) != 1.0:
             raise _NoMatch(f"{rotary.name}: a rotary embedding other than the rotary pass writes")
-    elif rotary_ok and node is not None and node.op_type in ("Add", "Concat") and _of_heads_alone(g, name) is None:
+    # a per-head norm after the transpose (Gemma 3's RMSNorm, StableLM's LayerNorm), maybe after a rotary; or a
+    # rotary the rotary pass left that reads the positions alone (M-RoPE's)
+    alone = _of_heads_alone(g, name)
+    if found is None and rotary_ok and node is not None and node.op_type in ("Add", "Concat") and alone is None:
         raise _NoMatch(f"{name}: q/k come from an unfused rotary embedding (the rotary pass runs first)")
-    # a per-head norm after the transpose (Gemma 3's RMSNorm, StableLM's LayerNorm), maybe after a rotary
-    below, rotated_first = _of_heads_alone(g, name) or (None, False)
+    below, rotated_first = alone or (None, False)
     if rotated_first and rotary_ok and kernel_rotary:
         raise _KernelRotaryLimit(f"{name}: q/k normed or scaled after their rotary (Hunyuan's norm, Ministral 3's "
                                  "scale per position), which the kernel's own rotary would come after")
