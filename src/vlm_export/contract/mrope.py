@@ -19,7 +19,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import InputError
 from .geometry import DecoderGeometry
 from .layout import PATCH_MASK, PATCH_POSITIONS
 from .scheme import DecodeBatch, Feeds, SlotBatch, left_padded, left_padded_mask, register_scheme
@@ -42,7 +41,7 @@ class PlacedRows:
         return int(self.rows.shape[0])
 
     @property
-    def shape(self) -> tuple[int, ...]:  # the decoder's image input (the bench reports it)
+    def shape(self) -> tuple[int, ...]:  # the decoder's image input (the bench reports it, check_prompt counts it)
         return tuple(self.rows.shape)
 
     @property
@@ -50,9 +49,9 @@ class PlacedRows:
         return int(self.rows.nbytes + self.places.nbytes)
 
 
-def rope_positions(ids: Sequence[int], image_token_id: int, places: np.ndarray) -> tuple[np.ndarray, int]:
-    """([3, len(ids)] the positions of one row's tokens, its next position), the k-th placeholder taking
-    ``places[k]`` (Hugging Face's ``get_rope_index`` for still images)."""
+def rope_positions(ids: Sequence[int], image_token_id: int, places: np.ndarray) -> np.ndarray:
+    """[3, len(ids)]: the positions of one row's tokens, the k-th placeholder taking ``places[k]`` (Hugging Face's
+    ``get_rope_index`` for still images)."""
     ids = np.asarray(ids, dtype=np.int64)
     out = np.zeros((STREAMS, len(ids)), dtype=np.int64)
     position, k, i = 0, 0, 0
@@ -66,7 +65,7 @@ def rope_positions(ids: Sequence[int], image_token_id: int, places: np.ndarray) 
             out[:, i] = (start, start + places[k, 0], start + places[k, 1])
             i, k = i + 1, k + 1
         position = start + int(places[first:k].max()) + 1
-    return out, position
+    return out
 
 
 @register_scheme
@@ -115,15 +114,6 @@ class MRopeSplicedScheme(SplicedScheme):
             return self.empty_image_input()
         return PlacedRows(np.concatenate([p.rows for p in parts]), np.concatenate([p.places for p in parts]))
 
-    def batch_image_inputs(self, parts: Sequence[PlacedRows]) -> PlacedRows:
-        return self.join_image_inputs(parts)
-
-    def check_prompt(self, prompt_ids: Sequence[int], image_input: PlacedRows) -> None:
-        placeholders = sum(1 for i in prompt_ids if i == self.image_token_id)
-        if placeholders != len(image_input):
-            raise InputError(f"the prompt has {placeholders} image placeholders but the images give "
-                             f"{len(image_input)} embeddings")
-
     # ---- running a batch ---------------------------------------------------------------
     def prefill_feeds(self, rows: Sequence[Sequence[int]], image_input: PlacedRows) -> dict[str, np.ndarray]:
         ids, mask, _ = left_padded(rows, self.pad_id)
@@ -131,8 +121,8 @@ class MRopeSplicedScheme(SplicedScheme):
         used = 0
         for b, row in enumerate(rows):
             count = sum(1 for i in row if i == self.image_token_id)
-            positions[:, b, ids.shape[1] - len(row):], _ = rope_positions(row, self.image_token_id,
-                                                                          image_input.places[used:used + count])
+            positions[:, b, ids.shape[1] - len(row):] = rope_positions(row, self.image_token_id,
+                                                                       image_input.places[used:used + count])
             used += count
         return {"input_ids": ids, self.image_input_name: self._table_for(ids, image_input.rows),
                 "attention_mask": mask, "position_ids": positions, **self._empty_past(len(rows))}
