@@ -122,6 +122,31 @@ def test_a_folder_that_appears_while_writing_is_not_replaced(tmp_path):
     assert contents(out) == {"manifest.json": b"{}"}
 
 
+def test_sigterm_during_a_finalizer_is_not_lost():
+    """A signal that lands while a __del__ runs (CI saw one in regex's Group.__del__): Python drops an exception
+    raised there, so the handler sends the signal again and it unwinds the ordinary code that follows."""
+    import os
+    import signal
+    import time
+
+    from vlm_export.cli import _on_sigterm, _Terminated
+
+    class SignalledWhileCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs at one of these bytecodes, inside __del__
+                pass
+
+    before = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with pytest.raises(_Terminated):
+            obj = SignalledWhileCollected()
+            del obj
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_sigterm_mid_build_leaves_nothing_behind(tiny_model_dir, tmp_path):
     """What timeout, docker, systemd and Kubernetes send: unwound as Ctrl-C is, the half-written folder removed."""
     import os

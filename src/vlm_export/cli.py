@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .demo import DEMO_MAX_BATCH
 from .errors import InputError, ServeError, VlmExportError, first_line
+from .signals import raising
 
 EPILOG = """examples:
   vlm-export demo                                  # build the easy-vqa demo VLM (CPU, no hub)
@@ -901,8 +902,7 @@ class _Terminated(KeyboardInterrupt):
     half-written folder is removed on the way out instead of left behind."""
 
 
-def _on_sigterm(signum, frame):
-    raise _Terminated()
+_on_sigterm = raising(_Terminated)
 
 
 def main(argv: list[str] | None = None) -> int:

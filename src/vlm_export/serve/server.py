@@ -31,6 +31,7 @@ from typing import Callable
 
 from vlm_export.cache import cache_root
 from vlm_export.errors import ServeError
+from vlm_export.signals import raising
 from vlm_export.client.client import connect_host
 
 PYTRITON_PIN = "nvidia-pytriton==0.7.0"
@@ -978,13 +979,10 @@ def serve_forever(
     Prints the endpoints once ready. Raises ServeError if the server cannot start or dies.
     """
 
-    def on_signal(signum, frame):
-        raise _Stop()
-
     server = TritonServer(model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
                           metrics_port=metrics_port, log_file=log_file, startup_timeout=startup_timeout,
                           extra_args=repository_server_args(model_repository), on_event=echo)
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, raising(_Stop)) for s in (signal.SIGINT, signal.SIGTERM)}
     api = None
     try:
         server.start()
