@@ -27,7 +27,7 @@ from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava
 from tiny_models import make_tiny_blip2_t5  # noqa: E402
 from tiny_models import make_tiny_florence2  # noqa: E402
 from tiny_models import (make_tiny_gemma3, make_tiny_idefics3, make_tiny_internvl, make_tiny_paligemma,  # noqa: E402
-                         make_tiny_qwen2_vl)
+                         make_tiny_llava_next, make_tiny_qwen2_vl)
 
 # name -> (maker, kwargs): one per architecture family and text family the tests cover
 TINY_MODELS = {
@@ -83,6 +83,9 @@ TINY_MODELS = {
     # windowed vision blocks
     "qwen2_vl": (make_tiny_qwen2_vl, {}),
     "qwen2_5_vl": (make_tiny_qwen2_vl, {"family": "qwen2_5_vl"}),
+    # LLaVA-NeXT: images resized into the best of three resolutions, cut into tiles plus the whole image, rows packed
+    # by each image's size with a newline per row of the picture
+    "llava_next": (make_tiny_llava_next, {}),
 }
 
 

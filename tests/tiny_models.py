@@ -841,3 +841,34 @@ def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patc
     tokenizer.save_pretrained(path)
     (path / "chat_template.jinja").write_text(QWEN2_VL_CHAT_TEMPLATE)
     return path
+
+
+def make_tiny_llava_next(path: Path, family: str = "llama", seed: int = 0, image_size: int = 32,
+                         pinpoints: tuple = ((32, 64), (64, 32), (64, 64)), tower: str = "clip",
+                         strategy: str = "default", feature_layer: int | list[int] = -2,
+                         text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+    """A tiny random LLaVA-NeXT saved as llava-hf's are: a CLIP tower on tiles of ``image_size`` (patches of 8, the
+    CLS dropped; or SigLIP's, every patch kept with ``strategy`` "full"), images resized into the best of
+    ``pinpoints`` and cut into tiles (LlavaNextImageProcessor), the learned newline, "<image>" added to SmolLM2's
+    tokenizer (adding its BOS), a LlavaNextProcessor with LLaVA's chat template."""
+    from transformers import (AddedToken, AutoTokenizer, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextProcessor)
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), add_bos_token=True)
+    tok.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
+    vision = _vision_config(image_size=image_size, tower=tower, **(vision_sizes or {}))
+    cfg = LlavaNextConfig(vision_config=vision, text_config=_text_config(family, _padded_vocab(len(tok)),
+                                                                         **(text_sizes or {})),
+                          image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=feature_layer,
+                          vision_feature_select_strategy=strategy, image_grid_pinpoints=[list(p) for p in pinpoints])
+    LlavaNextForConditionalGeneration(cfg).eval().save_pretrained(path)
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                                 crop_size={"height": image_size, "width": image_size},
+                                                 image_grid_pinpoints=[list(p) for p in pinpoints])
+    LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=vision.patch_size,
+                       vision_feature_select_strategy=strategy,
+                       num_additional_image_tokens=_TOKENS_PAST_PATCHES.get(tower, 1),
+                       chat_template=LLAVA_HF_CHAT_TEMPLATE).save_pretrained(path)
+    return path

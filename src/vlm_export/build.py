@@ -242,6 +242,7 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
         max_sequence=min(asked, scheme.geometry.max_position_embeddings or asked),
         tokens_per_image=layout.tokens_per_image,
         tiles_per_image=layout.image_tiles.max_tiles if layout.tiled else 1,
+        image_tokens=layout.most_image_tokens,
     )
     if options.max_sequence and options.max_sequence > limits.max_sequence:
         progress.note(f"--max-sequence {options.max_sequence} is more than the language model's "

@@ -75,6 +75,29 @@ def check_feature_layers(layers, tower_layers: int | None, path: Path) -> None:
                 f"{tower_layers}): fix the config")
 
 
+def check_llava_parts(loaded: LoadedModel) -> None:
+    """What LLaVA and LLaVA-NeXT checkpoints share: a feature selection Hugging Face knows, feature layers the
+    tower has, an image token inside the LM's embeddings; the tokenizer gets the processor's chat template."""
+    cfg, path, tokenizer = loaded.config, loaded.path, loaded.tokenizer
+    if cfg.vision_feature_select_strategy not in ("default", "full"):
+        raise AdapterError(
+            f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} in {path} is not "
+            "supported (expected 'default' or 'full')"
+        )
+    check_feature_layers(cfg.vision_feature_layer, getattr(cfg.vision_config, "num_hidden_layers", None), path)
+    vocab = cfg.text_config.vocab_size
+    if not 0 <= cfg.image_token_id < vocab:
+        raise AdapterError(
+            f"image_token_id {cfg.image_token_id} in {Path(path) / 'config.json'} is outside the language model's "
+            f"{vocab} token embeddings (Hugging Face's own forward fails on it): the image token was added to "
+            "the tokenizer without model.resize_token_embeddings(len(tokenizer)); resize and save again")
+    template = processor_chat_template(path)
+    if template and template != getattr(tokenizer, "chat_template", None):
+        # what the processor's apply_chat_template renders with (llava-hf folders ship the processor's
+        # template beside a tokenizer that may carry its own text-only one)
+        set_chat_template(tokenizer, template, f"the processor's chat template in {path}")
+
+
 @register
 class LlavaAdapter(VLMAdapter):
     name = "llava"
@@ -86,25 +109,9 @@ class LlavaAdapter(VLMAdapter):
         from transformers import LlavaForConditionalGeneration
 
         model, tokenizer, processor = load_hf_parts(LlavaForConditionalGeneration, path)
+        loaded = LoadedModel(self, Path(path), model, tokenizer, processor, model.config)
+        check_llava_parts(loaded)
         cfg = model.config
-        if cfg.vision_feature_select_strategy not in ("default", "full"):
-            raise AdapterError(
-                f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} in {path} is not "
-                "supported (expected 'default' or 'full')"
-            )
-        check_feature_layers(cfg.vision_feature_layer, getattr(cfg.vision_config, "num_hidden_layers", None), path)
-        vocab = cfg.text_config.vocab_size
-        if not 0 <= cfg.image_token_id < vocab:
-            raise AdapterError(
-                f"image_token_id {cfg.image_token_id} in {Path(path) / 'config.json'} is outside the language model's "
-                f"{vocab} token embeddings (Hugging Face's own forward fails on it): the image token was added to "
-                "the tokenizer without model.resize_token_embeddings(len(tokenizer)); resize and save again")
-        template = processor_chat_template(path)
-        if template and template != getattr(tokenizer, "chat_template", None):
-            # what LlavaProcessor.apply_chat_template renders with (llava-hf folders ship the processor's
-            # template beside a tokenizer that may carry its own text-only one)
-            set_chat_template(tokenizer, template, f"the processor's chat template in {path}")
-        loaded = LoadedModel(self, Path(path), model, tokenizer, processor, cfg)
         check_image_size(loaded, (cfg.vision_config.image_size,) * 2)
         self._check_processor_tokens(loaded, self.tokens_per_image(loaded))  # refuses a tower without one row per image
         return loaded

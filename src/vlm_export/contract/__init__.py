@@ -17,15 +17,15 @@ An encoder-decoder LM adds one ``encoder`` stage that its scheme names and the r
 per prefill (``encdec.EncoderDecoderScheme``).
 """
 from .geometry import DecoderGeometry
-from .layout import LAYOUTS, ImagePatches, ImageText, ImageTiles, PromptLayout
+from .layout import LAYOUTS, AnyResTiles, ImagePatches, ImageText, ImageTiles, PromptLayout
 from .limits import Limits
 from .scheme import DecodeBatch, DecodingScheme, Range, register_scheme, registered_schemes, scheme_from_dict
 from .stages import (DECODER, DECODER_PRECISIONS, ENCODER, IMAGE, IMAGE_PRECISIONS, StageSpec, TensorSpec, check_chain,
                      check_image_text, image_stages, prompt_inputs, stages_from_manifest)
-from . import cross, encdec, mrope, spliced  # noqa: F401  (register the built-in schemes)
+from . import anyres, cross, encdec, mrope, spliced  # noqa: F401  (register the built-in schemes)
 
 __all__ = [
-    "DecoderGeometry", "LAYOUTS", "ImagePatches", "ImageText", "ImageTiles", "PromptLayout", "Limits", "DecodeBatch", "DecodingScheme",
+    "DecoderGeometry", "LAYOUTS", "AnyResTiles", "ImagePatches", "ImageText", "ImageTiles", "PromptLayout", "Limits", "DecodeBatch", "DecodingScheme",
     "Range",
     "register_scheme", "registered_schemes", "scheme_from_dict", "IMAGE", "ENCODER", "DECODER", "StageSpec", "TensorSpec",
     "image_stages", "prompt_inputs", "check_image_text", "stages_from_manifest", "check_chain", "IMAGE_PRECISIONS",

@@ -21,7 +21,9 @@ image placeholders (PaliGemma's: its BOS, then the prompt, then a newline; its t
 them ``tokens_per_image`` rows (Idefics3's and SmolVLM's): the text an image becomes depends on its grid,
 which the image processor's preprocessing gives (its ``rows`` and ``cols``; :class:`ImageTiles`). Or an
 image the processor cuts into as many patches as its size needs (Qwen2-VL's; :class:`ImagePatches`): its
-rows follow its grid of patches.
+rows follow its grid of patches. Or an image resized into the best of a few resolutions and cut into tiles
+(LLaVA-NeXT's; :class:`AnyResTiles`): its rows follow its size, packed from its tiles' by the
+``spliced_anyres`` scheme.
 
 ``add_special_tokens``: whether the tokenizer adds its own special tokens (BOS) to the text: on where
 the model's processor tokenizes plain text with them (BLIP-2, InstructBLIP). An ``inline`` layout
@@ -84,6 +86,9 @@ class ImageTiles:
     def tokens(grid: tuple[int, int], per_tile: int) -> int:
         """Image rows (placeholders) an image of this grid becomes."""
         return ImageTiles.count(grid) * per_tile
+
+    def most_tokens(self, per_tile: int) -> int:
+        return self.max_tiles * per_tile
 
     def arranged(self, processed: dict) -> dict:
         """The processor's outputs as the image path reads them (tiles are already one image each)."""
@@ -163,6 +168,9 @@ class ImagePatches:
     def text(self, grid: tuple[int, int], token: str, per_tile: int = 0) -> str:
         return token * self.tokens(grid)
 
+    def most_tokens(self, per_tile: int = 0) -> int:
+        return self.max_patches // self.merge ** 2
+
     def grids(self, processed: dict) -> list[tuple[int, int]]:
         thw = np.asarray(processed["image_grid_thw"]).reshape(-1, 3)
         if (thw[:, 0] != 1).any():  # a still image is one frame (its processor repeats it to the temporal patch)
@@ -221,11 +229,119 @@ class ImagePatches:
                          c.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1)], axis=-1)
 
 
-def image_arrangement(d: dict[str, Any] | None) -> "ImageTiles | ImagePatches | None":
-    """A layout's ``image_tiles`` from its manifest form (patches are told by their ``merge``)."""
+def best_resolution(size: tuple[int, int], pinpoints) -> tuple[int, int]:
+    """The (height, width) of ``pinpoints`` an image of ``size`` (height, width) is resized into, as Hugging Face's
+    ``select_best_resolution`` picks it: the one that keeps most of the image's pixels, then wastes the fewest."""
+    height, width = size
+    best, kept_most, wasted_least = None, 0, float("inf")
+    for h, w in pinpoints:
+        scale = min(w / width, h / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        wasted = h * w - kept
+        if kept > kept_most or (kept == kept_most and wasted < wasted_least):
+            best, kept_most, wasted_least = (int(h), int(w)), kept, wasted
+    if best is None:
+        raise ValueError(f"no resolution of {list(pinpoints)} takes an image of {height} x {width} pixels")
+    return best
+
+
+#: the image processor's output that :class:`AnyResTiles` reads each image's size from (and the scheme packs by)
+IMAGE_SIZES = "image_sizes"
+
+
+@dataclass(frozen=True)
+class AnyResTiles:
+    """An image its processor resizes into the best of a few resolutions (``pinpoints``), cuts into tiles of the
+    tower's size and prefixes with the whole image shrunk to one tile (LLaVA-NeXT's ``LlavaNextImageProcessor``,
+    "anyres"): its ``image_sizes [images, (height, width)]`` are each image's size, here its "grid". The image path
+    sees every image's tiles, the whole image first (``pixel_values [tiles, ...]``, :meth:`arranged` drops the
+    processor's padding between images), and makes ``patches x patches`` rows per tile and a last row, the model's
+    ``image_newline``. An image's rows are packed as LlavaNextModel.pack_image_features packs them
+    (:meth:`rows`): the whole image's, then the tiles' rows as one picture cut back to the image's aspect
+    (``unpad_image``), each row of it followed by the newline. ``max_tiles``: the most tiles (the whole image
+    included) an image becomes; ``options``: what the model's processor passes its image processor."""
+
+    tile: int
+    patches: int
+    pinpoints: tuple[tuple[int, int], ...]
+    max_tiles: int
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pinpoints", tuple(tuple(int(v) for v in p) for p in self.pinpoints))
+        if any(h % self.tile or w % self.tile or not h or not w for h, w in self.pinpoints):
+            raise ValueError(f"resolutions {list(self.pinpoints)} are not whole tiles of {self.tile} pixels")
+
+    def _grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        h, w = best_resolution(size, self.pinpoints)
+        return h // self.tile, w // self.tile
+
+    def count(self, size: tuple[int, int]) -> int:
+        """Images of the image path (tiles) an image of ``size`` becomes."""
+        rows, cols = self._grid(size)
+        return 1 + rows * cols
+
+    def _kept(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(rows, cols, first row, first col) of the tiles' feature picture kept for an image of ``size``: its
+        padding cut off as ``unpad_image`` cuts it (the same float arithmetic, so the same rounding)."""
+        height, width = size
+        rows, cols = self._grid(size)
+        h, w = rows * self.patches, cols * self.patches
+        if width / height > w / h:
+            padding = (h - int(round(height * (w / width), 7))) // 2
+            return h - 2 * padding, w, padding, 0
+        padding = (w - int(round(width * (h / height), 7))) // 2
+        return h, w - 2 * padding, 0, padding
+
+    def tokens(self, size: tuple[int, int], per_tile: int = 0) -> int:
+        """Image rows (placeholders) an image of ``size`` becomes."""
+        h, w, _, _ = self._kept(size)
+        return self.patches ** 2 + h * (w + 1)
+
+    def most_tokens(self, per_tile: int = 0) -> int:
+        """Image rows the largest image becomes: one of a resolution's own aspect, nothing cut back."""
+        p = self.patches
+        return max(p * p + (h // self.tile * p) * (w // self.tile * p + 1) for h, w in self.pinpoints)
+
+    def text(self, size: tuple[int, int], token: str, per_tile: int = 0) -> str:
+        return token * self.tokens(size)
+
+    def grids(self, processed: dict) -> list[tuple[int, int]]:
+        """Each image's size (height, width) in its processor's outputs, in image order."""
+        return [(int(h), int(w)) for h, w in np.asarray(processed[IMAGE_SIZES]).reshape(-1, 2)]
+
+    def arranged(self, processed: dict) -> dict:
+        """The processor's ``pixel_values [images, most tiles, ...]`` (zeros after each image's own tiles) as the
+        image path reads them: ``[tiles of every image, ...]``; ``image_sizes`` as int64."""
+        out = dict(processed)
+        sizes = self.grids(processed)
+        pixels = np.asarray(processed["pixel_values"])
+        if pixels.ndim == 5:
+            out["pixel_values"] = np.concatenate([pixels[k, :self.count(size)] for k, size in enumerate(sizes)])
+        out[IMAGE_SIZES] = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+        return out
+
+    def rows(self, size: tuple[int, int]) -> np.ndarray:
+        """Where each of an image's packed rows is in its tiles' rows ``[count(size) x (patches² + 1)]`` (each
+        tile's ``patches²`` rows, then the newline): the whole image's rows, then the kept picture row by row, each
+        followed by a newline."""
+        unit, p = self.patches ** 2 + 1, self.patches
+        _, cols = self._grid(size)
+        h, w, top, left = self._kept(size)
+        y, x = np.meshgrid(np.arange(top, top + h), np.arange(left, left + w), indexing="ij")
+        picture = (1 + (y // p) * cols + x // p) * unit + (y % p) * p + x % p
+        newline = np.full((h, 1), unit - 1)
+        return np.concatenate([np.arange(p * p), np.concatenate([picture, newline], axis=1).ravel()]).astype(np.int64)
+
+
+def image_arrangement(d: dict[str, Any] | None) -> "ImageTiles | ImagePatches | AnyResTiles | None":
+    """A layout's ``image_tiles`` from its manifest form (patches are told by their ``merge``, any-resolution tiles
+    by their ``pinpoints``)."""
     if not d:
         return None
-    return ImagePatches(**d) if "merge" in d else ImageTiles(**d)
+    if "merge" in d:
+        return ImagePatches(**d)
+    return AnyResTiles(**d) if "pinpoints" in d else ImageTiles(**d)
 
 
 @dataclass(frozen=True)
@@ -258,7 +374,7 @@ class PromptLayout:
     text_after: str = ""
     #: an image cut into tiles or patches by its processor (see the module docstring); None: one image, one run
     #: of ``tokens_per_image`` tokens
-    image_tiles: "ImageTiles | ImagePatches | None" = None
+    image_tiles: "ImageTiles | ImagePatches | AnyResTiles | None" = None
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUTS:
@@ -292,6 +408,11 @@ class PromptLayout:
         if self.image_tiles is not None:
             return self.image_tiles.text(grid, self.image_token or "", self.tokens_per_image)
         return self.image_sequence or (self.image_token or "") * self.tokens_per_image
+
+    @property
+    def most_image_tokens(self) -> int:
+        """Image placeholders the largest image becomes."""
+        return self.image_tiles.most_tokens(self.tokens_per_image) if self.image_tiles else self.tokens_per_image
 
     def image_tokens(self, grid: tuple[int, int] = (0, 0)) -> int:
         """Image placeholders one image of ``grid`` becomes."""

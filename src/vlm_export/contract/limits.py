@@ -12,10 +12,13 @@ class Limits:
     tokens_per_image: int  # per image of the image path (a tile, where an image is cut into tiles)
     #: images of the image path one prompt image becomes at most (its tiles; 1 where images are not tiled)
     tiles_per_image: int = 1
+    #: image placeholders one prompt image becomes at most, where that is not its tiles x their tokens (LLaVA-NeXT's
+    #: images, whose rows are packed from their tiles' with a newline per row); 0: tiles x tokens
+    image_tokens: int = 0
 
     @property
     def max_image_tokens(self) -> int:
-        return self.max_images * self.tiles_per_image * self.tokens_per_image
+        return self.max_images * (self.image_tokens or self.tiles_per_image * self.tokens_per_image)
 
     @property
     def max_images_per_batch(self) -> int:
@@ -24,10 +27,13 @@ class Limits:
 
     def to_dict(self) -> dict[str, int]:
         tiles = {"tiles_per_image": self.tiles_per_image} if self.tiles_per_image != 1 else {}  # earlier readers
+        if self.image_tokens and self.image_tokens != self.tiles_per_image * self.tokens_per_image:  # likewise
+            tiles["image_tokens"] = self.image_tokens
         return {"max_batch": self.max_batch, "max_images": self.max_images, "max_sequence": self.max_sequence,
                 "tokens_per_image": self.tokens_per_image, **tiles, "max_image_tokens": self.max_image_tokens,
                 "max_images_per_batch": self.max_images_per_batch}
 
     @classmethod
     def from_dict(cls, d: dict[str, int]) -> "Limits":
-        return cls(d["max_batch"], d["max_images"], d["max_sequence"], d["tokens_per_image"], d.get("tiles_per_image", 1))
+        return cls(d["max_batch"], d["max_images"], d["max_sequence"], d["tokens_per_image"], d.get("tiles_per_image", 1),
+                   d.get("image_tokens", 0))

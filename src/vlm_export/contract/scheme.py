@@ -416,6 +416,12 @@ class DecodingScheme(abc.ABC):
         ``image_input`` output alone."""
         return (self.image_input.name,) if self.image_input is not None else ()
 
+    @property
+    def processor_inputs(self) -> tuple[TensorSpec, ...]:
+        """Image-processor outputs the scheme reads that no image stage does (LLaVA-NeXT's image sizes): preprocessed
+        with the image path's inputs and handed to ``image_input_from_values`` with them."""
+        return ()
+
     def image_input_from_values(self, values: Mapping[str, np.ndarray]):
         """The decoder's image input from every tensor the image path made for one request's images
         (its preprocessed inputs included, by name); by default the ``image_input`` output alone. A

@@ -344,7 +344,11 @@ def _image_path_configs(configs: dict, image, scheme, image_batch: int, options)
     # in stage order; each graph model's config is checked against its own graph below)
     read = {t["name"]: t for spec in image for t in configs[spec.name]["input"]}
     made = {t["name"]: t for spec in image for t in configs[spec.name]["output"]}
-    pixels = [t.name for t in pixel_inputs(image)]
+    # and what the scheme reads of the processor's outputs besides (LLaVA-NeXT's image sizes)
+    extra = [s for s in scheme.processor_inputs if s.name not in read]
+    read.update({t["name"]: t for t in _tensors([{"name": s.name, "dtype": s.dtype, "shape": list(s.dims)}
+                                                 for s in extra], True)})
+    pixels = [t.name for t in pixel_inputs(image)] + [s.name for s in extra]
     preprocess = {
         "name": "preprocess",
         "backend": "python",

@@ -134,11 +134,11 @@ class VLMPipeline:
         if self.layout.image_tiles is not None:  # patches of all images -> a row of patches per image
             out = self.layout.image_tiles.arranged(dict(out))
         feeds = {}
-        for spec in pixel_inputs(self.stages):
+        for spec in (*pixel_inputs(self.stages), *self.scheme.processor_inputs):
             if spec.name not in out:
                 raise ValueError(f"the image processor gives no {spec.name!r} (it gives {', '.join(out)}), which the "
                                  "image path reads")
-            feeds[spec.name] = as_declared(out[spec.name], spec)
+            feeds.setdefault(spec.name, as_declared(out[spec.name], spec))
         return feeds
 
     def pixel_values(self, images: Sequence[ImageInput]) -> Pixels:

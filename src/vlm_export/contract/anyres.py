@@ -1,0 +1,63 @@
+"""The ``spliced_anyres`` scheme: LLaVA-NeXT's decoder, fed as the spliced scheme's, with each image's rows packed
+from its tiles' (:class:`~vlm_export.contract.layout.AnyResTiles`).
+
+The image path makes every tile's rows and the model's ``image_newline`` as each tile's last row; which of them
+an image's placeholders take, in which order, follows the image's size alone (Hugging Face packs them in
+``pack_image_features`` after its projector). So the packing is a gather over the image path's output, made here
+from the preprocessed ``image_sizes``, with no model code: in process and in the served model alike, and for any
+batch of images (each image's sizes travel with its tiles).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Mapping
+
+import numpy as np
+
+from .geometry import DecoderGeometry
+from .layout import IMAGE_SIZES, AnyResTiles
+from .scheme import register_scheme
+from .spliced import SplicedScheme
+from .stages import TensorSpec
+
+
+@register_scheme
+class AnyResSplicedScheme(SplicedScheme):
+    name = "spliced_anyres"
+
+    def __init__(self, geometry: DecoderGeometry, image_token_id: int, tiles: AnyResTiles | dict[str, Any],
+                 image_input_name: str = "image_embeds"):
+        super().__init__(geometry, image_token_id, image_input_name)
+        self.tiles = tiles if isinstance(tiles, AnyResTiles) else AnyResTiles(**tiles)
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "tiles": asdict(self.tiles)}
+
+    @property
+    def processor_inputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec(IMAGE_SIZES, "int64", ("images", 2), "pixels"),)
+
+    @property
+    def image_input_sources(self) -> tuple[str, ...]:
+        return (self.image_input_name, IMAGE_SIZES)
+
+    def image_input_from_values(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
+        embeds = np.asarray(values[self.image_input_name], dtype=np.float32)  # [tiles, patches² + 1, hidden]
+        sizes = self.tiles.grids(values)
+        unit = self.tiles.patches ** 2 + 1
+        if embeds.ndim != 3 or embeds.shape[1] != unit:
+            raise ValueError(f"the image path gives rows of shape {embeds.shape[1:]} per tile; this build packs "
+                             f"{unit} per tile (its patches and the newline)")
+        packed: list[np.ndarray] = []
+        first = 0
+        for size in sizes:
+            count = self.tiles.count(size)
+            table = embeds[first:first + count].reshape(-1, embeds.shape[-1])
+            packed.append(table[self.tiles.rows(size)])
+            first += count
+        if first != len(embeds):
+            raise ValueError(f"the image path gives {len(embeds)} tiles for images whose sizes make {first}")
+        return self.join_image_inputs(packed)
+
+    def image_input_from(self, stage_output: np.ndarray) -> np.ndarray:
+        raise ValueError("the spliced_anyres scheme packs each image's rows by its size: use image_input_from_values")

@@ -1,0 +1,158 @@
+"""LLaVA-NeXT: each image resized into the best of the config's resolutions and cut into tiles, plus the whole image
+(``contract.AnyResTiles``), its rows packed by its size with a newline after each row of its picture (the
+``spliced_anyres`` scheme). The build itself (parity of every stage, HF generate's tokens alone and batched on the
+default samples) is test_export_core's."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import check_served_as_in_process, random_photo
+from vlm_export.errors import AdapterError
+
+#: (height, width): wider than every resolution (its picture cut top and bottom), taller (cut left and right),
+#: square, smaller than a tile, a thin strip
+SIZES = [(30, 50), (90, 30), (64, 64), (20, 20), (47, 200), (33, 41)]
+TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text",
+                                                                                           "text": "and"},
+                                      {"type": "image"}]}]
+
+
+def _images(n: int, first: int = 0):
+    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
+
+
+def test_best_resolution_is_hfs():
+    from transformers.image_processing_utils import select_best_resolution
+
+    from vlm_export.contract.layout import best_resolution
+
+    rng = np.random.default_rng(0)
+    pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LLaVA-1.6's
+    for h, w in rng.integers(1, 2000, (300, 2)):
+        assert best_resolution((int(h), int(w)), pinpoints) == tuple(select_best_resolution((h, w), pinpoints))
+
+
+def test_packing_at_llava_16s_sizes_takes_each_tile_row_once_within_the_limits():
+    """LLaVA-1.6's tiles (336 px, 24 x 24 patches) on random sizes: every packed row is one of the image's tiles' rows
+    (each taken once) or the newline, as many as the processor's count, never more than the build's limit
+    (``most_tokens``: the largest picture, nothing cut back: 2928 rows at 672 x 672)."""
+    from vlm_export.contract import AnyResTiles
+
+    tiles = AnyResTiles(tile=336, patches=24, pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
+                        max_tiles=5)
+    assert tiles.most_tokens() == 576 + 48 * 49 == 2928
+    rng = np.random.default_rng(1)
+    for h, w in [*rng.integers(1, 3000, (100, 2)), (672, 672), (336, 1008)]:
+        size = (int(h), int(w))
+        rows = tiles.rows(size)
+        unit = 24 * 24 + 1
+        assert len(rows) == tiles.tokens(size) <= tiles.most_tokens()
+        picture = rows[rows % unit != unit - 1]
+        assert len(set(picture.tolist())) == len(picture) and picture.max() < tiles.count(size) * unit
+        assert (rows % unit == unit - 1).sum() == tiles._kept(size)[0]  # a newline per picture row
+
+
+def test_rows_and_prompt_ids_are_hfs(tiny_model_dir):
+    """Images of every size in one batch: the image path's tiles through the split tower and projector, packed by the
+    scheme, are LlavaNextModel.get_image_features' rows; each image is as many tokens as LlavaNextProcessor writes,
+    and a conversation's ids are the processor's."""
+    from transformers import AutoProcessor
+
+    from vlm_export.adapters import adapter_for
+    from vlm_export.runtime.images import ImageLimits, processed_images
+    from vlm_export.runtime.prompt import build_prompt_ids
+
+    folder = tiny_model_dir("llava_next")
+    loaded = adapter_for(folder).load(folder)
+    adapter, cfg = loaded.adapter, loaded.config
+    layout, scheme = adapter.prompt_layout(loaded), adapter.scheme(loaded)
+    images = _images(len(SIZES))
+    theirs = processed_images(loaded.image_processor, images, ImageLimits(), **layout.image_tiles.options)
+    arranged = layout.image_tiles.arranged(dict(theirs))
+    # the processor's padding between images dropped: each image's own tiles, in order
+    counts = [layout.image_tiles.count(s) for s in SIZES]
+    assert len(arranged["pixel_values"]) == sum(counts) < theirs["pixel_values"].shape[0] * max(counts)
+    vision, projector = adapter.stages(loaded)[:2]
+    with torch.no_grad():
+        rows = projector.module(vision.module(torch.from_numpy(arranged["pixel_values"]))).numpy()
+        want = loaded.model.model.get_image_features(
+            pixel_values=torch.from_numpy(theirs["pixel_values"]), image_sizes=torch.from_numpy(theirs["image_sizes"]),
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output
+    packed = scheme.image_input_from_values({"image_embeds": rows, "image_sizes": arranged["image_sizes"]})
+    np.testing.assert_allclose(packed, torch.cat(list(want)).numpy(), atol=2e-5, rtol=0)
+
+    processor = AutoProcessor.from_pretrained(folder)
+    grids = layout.image_tiles.grids(theirs)
+    assert grids == SIZES
+    for k, image in enumerate(images):
+        ids = processor(text="<image>", images=image)["input_ids"][0]
+        assert sum(1 for i in ids if i == cfg.image_token_id) == layout.image_tokens(grids[k]) == len(want[k])
+    text = processor.apply_chat_template(TURNS, add_generation_prompt=True)
+    ids = build_prompt_ids(loaded.tokenizer, layout, TURNS, 2, grids[1:3])
+    assert ids == list(processor(text=text, images=images[1:3])["input_ids"][0])
+
+
+def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):
+    """Images of every size, alone and two at once: greedy answers = Hugging Face generate's, alone and decoded
+    together in one batch. The build's limits hold its largest image's rows (a 64 x 64 one: 2 x 2 tiles, 88 rows,
+    more than its 5 tiles x 17 rows)."""
+    from vlm_export.adapters import adapter_for
+    from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
+    from vlm_export.runtime.load import open_build
+
+    pipe = open_build(tiny_build("llava_next").path)
+    assert pipe.limits.max_image_tokens == pipe.limits.max_images * 88
+    folder = tiny_model_dir("llava_next")
+    loaded = adapter_for(folder).load(folder)
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES))]
+    requests += [(TURNS, _images(2, 3)), ("Tell me a story.", [])]
+    alone = []
+    for prompt, images in requests:
+        ids = pipe.prompt_ids(prompt, images)
+        pixels = {n: torch.from_numpy(v) for n, v in pipe.pixel_values(images).items()} if images else None
+        want = loaded.adapter.reference_generate(loaded, torch.tensor([ids]), pixels, 12, [-1])
+        alone.append(generate(pipe, prompt, images, config).token_ids)
+        assert alone[-1] == want, [im.size for im in images]
+    assert [r.token_ids for r in generate_batch(pipe, [GenerationRequest(p, i, config) for p, i in requests])] == alone
+
+
+def _edited(tiny_model_dir, tmp_path, file: str, **changes):
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny_model_dir("llava_next"), folder)
+    settings = json.loads((folder / file).read_text())
+    (folder / file).write_text(json.dumps({**settings, **changes}))
+    return folder
+
+
+def test_checkpoints_hugging_face_refuses_are_refused(tiny_model_dir, tmp_path):
+    """Each in one line, before any export: an image processor that tiles by other resolutions than the model
+    packs, a processor that counts another number of image tokens, a tower whose CLS row is kept."""
+    from vlm_export.adapters import adapter_for
+
+    folder = tiny_model_dir("llava_next")
+    processor = json.loads((folder / "processor_config.json").read_text())
+    cases = [
+        ("processor_config.json", {"image_processor": {**processor["image_processor"],
+                                                       "image_grid_pinpoints": [[32, 64], [64, 32]]}},
+         r"tiles images into \[\[32, 64\], \[64, 32\]\] but the model packs them as"),
+        ("processor_config.json", {"num_additional_image_tokens": 0}, r"writes \d+ image tokens for a 53x32 image"),
+        ("config.json", {"vision_feature_select_strategy": "full"}, r"gives 17 features per tile .* not its 16 patches"),
+    ]
+    for k, (file, changes, message) in enumerate(cases):
+        edited = _edited(tiny_model_dir, tmp_path / str(k), file, **changes)
+        with pytest.raises(AdapterError, match=message) as e:
+            adapter_for(edited).load(edited)
+        assert "\n" not in str(e.value)
+
+
+def test_served_answers_equal_in_process(tiny_build, tmp_path):
+    """Served by a real tritonserver, over gRPC and HTTP (base64 images): answers for images of different sizes (other
+    tile counts), two at once, and a conversation's second turn, equal ``generate``'s in process."""
+    check_served_as_in_process(tiny_build("llava_next").path, tmp_path, [(40, 52), (70, 20), (10, 10)], over_http=True)
