@@ -100,7 +100,7 @@ def test_rows_and_prompt_ids_are_hfs(tiny_model_dir):
 
 def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):
     """Images of every size, alone and two at once: greedy answers = Hugging Face generate's, alone and decoded
-    together in one batch. The build's limits hold its largest image's rows (a 64 x 64 one: 2 x 2 tiles, 88 rows,
+    together in one batch on one KV buffer. The build's limits hold its largest image's rows (a 64 x 64 one: 2 x 2 tiles, 88 rows,
     more than its 5 tiles x 17 rows)."""
     from vlm_export.adapters import adapter_for
     from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
@@ -108,6 +108,7 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
 
     pipe = open_build(tiny_build("llava_next").path)
     assert pipe.limits.max_image_tokens == pipe.limits.max_images * 88
+    assert pipe.kv_in_place  # the fused form, decoding on one KV buffer written in place
     folder = tiny_model_dir("llava_next")
     loaded = adapter_for(folder).load(folder)
     config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
