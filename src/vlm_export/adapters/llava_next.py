@@ -94,7 +94,8 @@ class LlavaNextAdapter(LlavaAdapter):
     def _check_processor_tokens(loaded: LoadedModel, tiles: AnyResTiles) -> None:
         """The checkpoint's own LlavaNextProcessor must write as many image tokens as the packing makes (its
         patch_size, num_additional_image_tokens and strategy count them); Hugging Face's forward refuses any other
-        count. Probed on an image wider than tall, whose picture is cut back."""
+        count. Probed on an image wider than tall, whose picture is cut back. A processor saved without a
+        patch_size leaves the expansion to vlm-export, as LlavaAdapter's does."""
         from PIL import Image
         from transformers import LlavaNextProcessor
 
@@ -103,12 +104,10 @@ class LlavaNextAdapter(LlavaAdapter):
             return
         processor = load_processor(LlavaNextProcessor, path, cfg.image_token_id)
         if processor.patch_size is None:
-            raise AdapterError(f"the LlavaNextProcessor in {path} sets no patch_size, so it cannot count an image's "
-                               f"tokens: set patch_size {cfg.vision_config.patch_size}, num_additional_image_tokens "
-                               "1 for a tower with a CLS token, in processor_config.json")
+            return  # saved before transformers 4.47, when the model expanded the image token: ours is its count
         probe = (5 * tiles.tile // 3, tiles.tile)  # width, height
-        ids = run_processor(processor, path, text=f"{processor.image_token} probe", images=Image.new("RGB", probe),
-                            )["input_ids"][0]
+        ids = run_processor(processor, path, text=f"{processor.image_token} probe",
+                            images=Image.new("RGB", probe))["input_ids"][0]
         written = sum(1 for i in ids if i == cfg.image_token_id)
         made = tiles.tokens((probe[1], probe[0]))
         if written != made:
