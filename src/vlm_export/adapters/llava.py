@@ -75,6 +75,32 @@ def check_feature_layers(layers, tower_layers: int | None, path: Path) -> None:
                 f"{tower_layers}): fix the config")
 
 
+def processor_image_tokens(loaded: LoadedModel, processor_cls, size: tuple[int, int]):
+    """(the checkpoint's own processor, the image tokens it writes for a blank image of ``size`` (width, height)),
+    or None where the folder has no processor of its own (an image processor alone) or one that leaves the image
+    token as written (patch_size unset: the model expanded it, as transformers before 4.47 did): vlm-export then
+    writes the model's own count itself."""
+    from PIL import Image
+
+    path, cfg = loaded.path, loaded.config
+    if not (path / "processor_config.json").is_file():
+        return None
+    processor = load_processor(processor_cls, path, cfg.image_token_id)
+    if processor.patch_size is None:
+        return None
+    ids = run_processor(processor, path, text=f"{processor.image_token} probe",
+                        images=Image.new("RGB", size))["input_ids"][0]
+    return processor, sum(1 for i in ids if i == cfg.image_token_id)
+
+
+def reference_image_kwargs(loaded: LoadedModel) -> dict:
+    """What HF's generate is given besides the pixels: one feature layer as a one-item list, since transformers
+    asks the tower for hidden states only where vision_feature_layer is truthy, so at 0 (the embeddings' output)
+    its own forward fails."""
+    layer = loaded.config.vision_feature_layer
+    return {"vision_feature_layer": [layer]} if isinstance(layer, int) else {}
+
+
 def check_llava_parts(loaded: LoadedModel) -> None:
     """What LLaVA and LLaVA-NeXT checkpoints share: a feature selection Hugging Face knows, feature layers the
     tower has, an image token inside the LM's embeddings; the tokenizer gets the processor's chat template."""
@@ -124,21 +150,14 @@ class LlavaAdapter(VLMAdapter):
         such a checkpoint is refused here too. A folder with no processor of its own (an image
         processor alone), or one that leaves the token as written (patch_size unset: the model
         expanded it, as transformers before 4.47 did), gets vlm-export's expansion to the tower's count."""
-        from PIL import Image
         from transformers import LlavaProcessor
 
         path, cfg = loaded.path, loaded.config
-        if not (path / "processor_config.json").is_file():
-            return
-        processor = load_processor(LlavaProcessor, path, cfg.image_token_id)
-        if processor.patch_size is None:
-            return
         size = cfg.vision_config.image_size
-        ids = run_processor(processor, path, text=f"{processor.image_token} probe",
-                            images=Image.new("RGB", (size, size)))["input_ids"][0]
-        written = sum(1 for i in ids if i == cfg.image_token_id)
-        if written == rows:
+        probed = processor_image_tokens(loaded, LlavaProcessor, (size, size))
+        if probed is None or probed[1] == rows:
             return
+        processor, written = probed
         patch, strategy = cfg.vision_config.patch_size, cfg.vision_feature_select_strategy
         extra = rows + (strategy == "default") - (size // patch) ** 2  # the tower's tokens past its patches (CLS)
         fix = (f"patch_size {patch}, num_additional_image_tokens {extra}, vision_feature_select_strategy "
@@ -177,11 +196,7 @@ class LlavaAdapter(VLMAdapter):
         return text_geometry(loaded.config.text_config, loaded.model.model.language_model)
 
     def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
-        layer, inputs = loaded.config.vision_feature_layer, {}
-        if pixel_values is not None and isinstance(layer, int):
-            # the same layer as a one-item list: transformers asks the tower for hidden states only where
-            # vision_feature_layer is truthy, so at 0 (the embeddings' output) its own forward fails
-            inputs["vision_feature_layer"] = [layer]
+        inputs = reference_image_kwargs(loaded) if pixel_values is not None else {}
         return greedy_reference(loaded.model, input_ids, pixel_values, max_new_tokens, eos_token_ids, **inputs)
 
     def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:

@@ -20,13 +20,14 @@ import torch
 from torch import nn
 
 from ..contract import AnyResTiles, PromptLayout
+from ..contract.layout import IMAGE_SIZES
 from ..contract.anyres import AnyResSplicedScheme
 from ..errors import AdapterError
 from . import register
 from .base import LoadedModel, Stage, chat_template_takes_parts, check_image_size
 from .decoder import greedy_reference, spliced_stages
-from .llava import LlavaAdapter, check_llava_parts, tower_tokens
-from .loading import load_hf_parts, load_processor, run_processor
+from .llava import LlavaAdapter, check_llava_parts, processor_image_tokens, reference_image_kwargs, tower_tokens
+from .loading import load_hf_parts
 
 
 class NewlineProjector(nn.Module):
@@ -66,10 +67,10 @@ class LlavaNextAdapter(LlavaAdapter):
             raise AdapterError(f"the image processor in {path} tiles images into {theirs} but the model packs them as "
                                f"{cfg.image_grid_pinpoints} (image_grid_pinpoints): Hugging Face's generate fails on "
                                "such a checkpoint; make them one")
-        bad = [p for p in cfg.image_grid_pinpoints if p[0] % size or p[1] % size or min(p) < size]
-        if bad:
-            raise AdapterError(f"image_grid_pinpoints {bad} in {path / 'config.json'} are not whole tiles of the "
-                               f"tower's {size} pixels")
+        try:
+            tiles = self.tiles(loaded)
+        except ValueError as e:
+            raise AdapterError(f"image_grid_pinpoints in {path / 'config.json'}: {e}") from None
         check_image_size(loaded, (size, size))
         patch = cfg.vision_config.patch_size
         rows = tower_tokens(self.vision_encoder(loaded), size)
@@ -79,7 +80,7 @@ class LlavaNextAdapter(LlavaAdapter):
                                f"{cfg.vision_feature_select_strategy!r}, not its {(size // patch) ** 2} patches, "
                                "which LLaVA-NeXT packs into its picture (Hugging Face's own forward fails too): use "
                                "'default' with a tower that has a CLS token, 'full' with one that has none")
-        self._check_processor_tokens(loaded, self.tiles(loaded))
+        self._check_processor_packing(loaded, tiles)
         return loaded
 
     @staticmethod
@@ -91,32 +92,25 @@ class LlavaNextAdapter(LlavaAdapter):
                            max_tiles=1 + max(h * w // size ** 2 for h, w in pinpoints), options={"do_pad": True})
 
     @staticmethod
-    def _check_processor_tokens(loaded: LoadedModel, tiles: AnyResTiles) -> None:
+    def _check_processor_packing(loaded: LoadedModel, tiles: AnyResTiles) -> None:
         """The checkpoint's own LlavaNextProcessor must write as many image tokens as the packing makes (its
         patch_size, num_additional_image_tokens and strategy count them); Hugging Face's forward refuses any other
-        count. Probed on an image wider than tall, whose picture is cut back. A processor saved without a
-        patch_size leaves the expansion to vlm-export, as LlavaAdapter's does."""
-        from PIL import Image
+        count. Probed on an image wider than tall, whose picture is cut back. A folder without a processor of its
+        own, or with one saved without a patch_size, gets vlm-export's count (``processor_image_tokens``)."""
         from transformers import LlavaNextProcessor
 
-        path, cfg = loaded.path, loaded.config
-        if not (path / "processor_config.json").is_file():
-            return
-        processor = load_processor(LlavaNextProcessor, path, cfg.image_token_id)
-        if processor.patch_size is None:
-            return  # saved before transformers 4.47, when the model expanded the image token: ours is its count
         probe = (5 * tiles.tile // 3, tiles.tile)  # width, height
-        ids = run_processor(processor, path, text=f"{processor.image_token} probe",
-                            images=Image.new("RGB", probe))["input_ids"][0]
-        written = sum(1 for i in ids if i == cfg.image_token_id)
+        probed = processor_image_tokens(loaded, LlavaNextProcessor, probe)
         made = tiles.tokens((probe[1], probe[0]))
-        if written != made:
-            raise AdapterError(
-                f"the LlavaNextProcessor in {path} writes {written} image tokens for a {probe[0]}x{probe[1]} image "
-                f"(patch_size {processor.patch_size}, num_additional_image_tokens "
-                f"{processor.num_additional_image_tokens}, vision_feature_select_strategy "
-                f"{processor.vision_feature_select_strategy!r}) but the model packs {made} rows for it; Hugging "
-                "Face's generate refuses this checkpoint too: fix processor_config.json")
+        if probed is None or probed[1] == made:
+            return
+        processor, written = probed
+        raise AdapterError(
+            f"the LlavaNextProcessor in {loaded.path} writes {written} image tokens for a {probe[0]}x{probe[1]} image "
+            f"(patch_size {processor.patch_size}, num_additional_image_tokens "
+            f"{processor.num_additional_image_tokens}, vision_feature_select_strategy "
+            f"{processor.vision_feature_select_strategy!r}) but the model packs {made} rows for it; Hugging "
+            "Face's generate refuses this checkpoint too: fix processor_config.json")
 
     def stages(self, loaded: LoadedModel) -> list[Stage]:
         m = loaded.model
@@ -141,10 +135,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
         """HF generate with the image path's tiles (every image's, in order: LlavaNextModel takes them stacked)
         and each image's size."""
-        images, layer = {}, loaded.config.vision_feature_layer
-        if pixel_values is not None:
-            images = {"pixel_values": pixel_values["pixel_values"], "image_sizes": pixel_values["image_sizes"]}
-            if isinstance(layer, int):  # see LlavaAdapter.reference_generate
-                images["vision_feature_layer"] = [layer]
-        return greedy_reference(loaded.model, input_ids, images.pop("pixel_values", None), max_new_tokens,
-                                eos_token_ids, **images)
+        if pixel_values is None:
+            return greedy_reference(loaded.model, input_ids, None, max_new_tokens, eos_token_ids)
+        return greedy_reference(loaded.model, input_ids, pixel_values["pixel_values"], max_new_tokens, eos_token_ids,
+                                image_sizes=pixel_values[IMAGE_SIZES], **reference_image_kwargs(loaded))

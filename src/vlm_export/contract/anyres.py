@@ -35,7 +35,8 @@ class AnyResSplicedScheme(SplicedScheme):
 
     @property
     def processor_inputs(self) -> tuple[TensorSpec, ...]:
-        return (TensorSpec(IMAGE_SIZES, "int64", ("images", 2), "pixels"),)
+        # one row per prompt image, where the image path's pixel_values has one per tile
+        return (TensorSpec(IMAGE_SIZES, "int64", ("prompt_images", 2), "pixels"),)
 
     @property
     def image_input_sources(self) -> tuple[str, ...]:
@@ -48,16 +49,12 @@ class AnyResSplicedScheme(SplicedScheme):
         if embeds.ndim != 3 or embeds.shape[1] != unit:
             raise ValueError(f"the image path gives rows of shape {embeds.shape[1:]} per tile; this build packs "
                              f"{unit} per tile (its patches and the newline)")
-        packed: list[np.ndarray] = []
-        first = 0
-        for size in sizes:
-            count = self.tiles.count(size)
-            table = embeds[first:first + count].reshape(-1, embeds.shape[-1])
-            packed.append(table[self.tiles.rows(size)])
-            first += count
-        if first != len(embeds):
-            raise ValueError(f"the image path gives {len(embeds)} tiles for images whose sizes make {first}")
-        return self.join_image_inputs(packed)
+        counts = [self.tiles.count(size) for size in sizes]
+        if sum(counts) != len(embeds):
+            raise ValueError(f"the image path gives {len(embeds)} tiles for images whose sizes make {sum(counts)}")
+        starts = np.cumsum([0, *counts])
+        return self.join_image_inputs([embeds[first:first + count].reshape(-1, embeds.shape[-1])[self.tiles.rows(size)]
+                                       for first, count, size in zip(starts, counts, sizes)])
 
     def image_input_from(self, stage_output: np.ndarray) -> np.ndarray:
         raise ValueError("the spliced_anyres scheme packs each image's rows by its size: use image_input_from_values")

@@ -300,8 +300,7 @@ class AnyResTiles:
 
     def most_tokens(self, per_tile: int = 0) -> int:
         """Image rows the largest image becomes: one of a resolution's own aspect, nothing cut back."""
-        p = self.patches
-        return max(p * p + (h // self.tile * p) * (w // self.tile * p + 1) for h, w in self.pinpoints)
+        return max(self.tokens(size) for size in self.pinpoints)
 
     def text(self, size: tuple[int, int], token: str, per_tile: int = 0) -> str:
         return token * self.tokens(size)

@@ -58,7 +58,10 @@ def pixels_by_name(pixels: Pixels, stages: Sequence[StageSpec]) -> dict[str, np.
 
 
 def count_images(pixels: Pixels) -> int:
-    return len(next(iter(pixels.values()))) if isinstance(pixels, Mapping) else len(pixels)
+    """Images of the image path (tiles, where images are tiled) in ``pixels``."""
+    if isinstance(pixels, Mapping):
+        return len(pixels["pixel_values"] if "pixel_values" in pixels else next(iter(pixels.values())))
+    return len(pixels)
 
 
 def concat_pixels(parts: Sequence[Pixels]) -> Pixels:
@@ -127,17 +130,19 @@ class VLMPipeline:
 
     # ---- request -> tensors ------------------------------------------------------------------
     def preprocess(self, images: Sequence[ImageInput]) -> dict[str, np.ndarray]:
-        """Every image-processor output the image path reads (``role="pixels"``), by name, as declared."""
-        return self._declared(processed_images(self.image_processor, list(images), self.image_limits))
+        """Every image-processor output the image path (and the scheme) reads (``role="pixels"``), by name, as
+        declared; the image processor called with what the model's processor passes it (``image_tiles.options``)."""
+        options = self.layout.image_tiles.options if self.layout.image_tiles is not None else {}
+        return self._declared(processed_images(self.image_processor, list(images), self.image_limits, **options))
 
     def _declared(self, out: Mapping) -> dict[str, np.ndarray]:
-        if self.layout.image_tiles is not None:  # patches of all images -> a row of patches per image
+        if self.layout.image_tiles is not None:  # the processor's outputs as the image path reads them
             out = self.layout.image_tiles.arranged(dict(out))
         feeds = {}
         for spec in (*pixel_inputs(self.stages), *self.scheme.processor_inputs):
             if spec.name not in out:
                 raise ValueError(f"the image processor gives no {spec.name!r} (it gives {', '.join(out)}), which the "
-                                 "image path reads")
+                                 "image path or the decoding scheme reads")
             feeds.setdefault(spec.name, as_declared(out[spec.name], spec))
         return feeds
 
