@@ -773,7 +773,8 @@ def make_tiny_internvl(path: Path, seed: int = 0, image_size: int = 32, patch_si
                          tie_word_embeddings=bool((text_sizes or {}).get("tie_word_embeddings", False)))
     torch.manual_seed(seed)
     InternVLForConditionalGeneration(cfg).eval().save_pretrained(path)
-    GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True, min_patches=1,
+    # saved as InternVL's -hf checkpoints save it: crop_to_patches off, which InternVLProcessor turns on per call
+    GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=False, min_patches=1,
                              max_patches=max_patches).save_pretrained(path)
     tokenizer.save_pretrained(path)
     (path / "chat_template.jinja").write_text(INTERNVL_CHAT_TEMPLATE)
