@@ -27,7 +27,7 @@ from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava
 from tiny_models import make_tiny_blip2_t5  # noqa: E402
 from tiny_models import make_tiny_florence2  # noqa: E402
 from tiny_models import (make_tiny_gemma3, make_tiny_idefics3, make_tiny_internvl, make_tiny_paligemma,  # noqa: E402
-                         make_tiny_llava_next, make_tiny_qwen2_vl)
+                         make_tiny_llava_next, make_tiny_llava_onevision, make_tiny_qwen2_vl)
 
 # name -> (maker, kwargs): one per architecture family and text family the tests cover
 TINY_MODELS = {
@@ -86,6 +86,8 @@ TINY_MODELS = {
     # LLaVA-NeXT: images resized into the best of three resolutions, cut into tiles plus the whole image, rows packed
     # by each image's size with a newline per row of the picture
     "llava_next": (make_tiny_llava_next, {}),
+    # LLaVA-OneVision: the same tiles over SigLIP and Qwen2, a packed picture past 2 tiles' rows shrunk (bilinear)
+    "llava_onevision": (make_tiny_llava_onevision, {}),
 }
 
 

@@ -1,7 +1,7 @@
-"""LLaVA-NeXT: each image resized into the best of the config's resolutions and cut into tiles, plus the whole image
-(``contract.AnyResTiles``), its rows packed by its size with a newline after each row of its picture (the
-``spliced_anyres`` scheme). The build itself (parity of every stage, HF generate's tokens alone and batched on the
-default samples) is test_export_core's."""
+"""LLaVA-NeXT and LLaVA-OneVision: each image resized into the best of the config's resolutions and cut into tiles,
+plus the whole image (``contract.AnyResTiles``), its rows packed by its size with a newline after each row of its
+picture (the ``spliced_anyres`` scheme); OneVision's large pictures shrunk (bilinear). The build itself (parity of
+every stage, HF generate's tokens alone and batched on the default samples) is test_export_core's."""
 from __future__ import annotations
 
 import json
@@ -14,9 +14,10 @@ import torch
 from conftest import check_served_as_in_process, random_photo
 from vlm_export.errors import AdapterError
 
+FAMILIES = ["llava_next", "llava_onevision"]
 #: (height, width): wider than every resolution (its picture cut top and bottom), taller (cut left and right),
-#: square, smaller than a tile, a thin strip
-SIZES = [(30, 50), (90, 30), (64, 64), (20, 20), (47, 200), (33, 41)]
+#: square, smaller than a tile, a thin strip; the last three shrunk by OneVision's (its picture past 2 tiles' rows)
+SIZES = [(30, 50), (90, 30), (64, 64), (20, 20), (47, 200), (33, 41), (96, 96), (200, 190)]
 TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text",
                                                                                            "text": "and"},
                                       {"type": "image"}]}]
@@ -49,7 +50,9 @@ def test_packing_at_llava_16s_sizes_takes_each_tile_row_once_within_the_limits()
     rng = np.random.default_rng(1)
     for h, w in [*rng.integers(1, 3000, (100, 2)), (672, 672), (336, 1008)]:
         size = (int(h), int(w))
-        rows = tiles.rows(size)
+        rows, weight = tiles.packing(size)
+        assert rows.shape[1] == 1 and (weight == 1).all()  # no picture shrunk (LLaVA-NeXT's): rows as they are
+        rows = rows[:, 0]
         unit = 24 * 24 + 1
         assert len(rows) == tiles.tokens(size) <= tiles.most_tokens()
         picture = rows[rows % unit != unit - 1]
@@ -57,17 +60,55 @@ def test_packing_at_llava_16s_sizes_takes_each_tile_row_once_within_the_limits()
         assert (rows % unit == unit - 1).sum() == tiles._kept(size)[0]  # a newline per picture row
 
 
-def test_rows_and_prompt_ids_are_hfs(tiny_model_dir):
-    """Images of every size in one batch: the image path's tiles through the split tower and projector, packed by the
-    scheme, are LlavaNextModel.get_image_features' rows; each image is as many tokens as LlavaNextProcessor writes,
-    and a conversation's ids are the processor's."""
-    from transformers import AutoProcessor
+def test_onevision_packing_at_its_own_sizes_stays_within_the_limits():
+    """LLaVA-OneVision's tiles (384 px, 27 x 27 patches, 6 x 6 resolutions, anyres_max_9) on random sizes: every
+    shrunk row a weighted sum (weights adding to 1) of its image's own tiles' rows, never more rows than the build's
+    limit - which is more than the largest resolution's own (8154), the shrink not being monotonic."""
+    from vlm_export.contract import AnyResTiles
 
+    tiles = AnyResTiles(tile=384, patches=27, pinpoints=[[384 * a, 384 * b] for a in range(1, 7) for b in range(1, 7)],
+                        max_tiles=37, picture_tiles=9)
+    assert tiles.most_tokens() > max(tiles.tokens(size) for size in tiles.pinpoints) == 8154
+    rng = np.random.default_rng(2)
+    for h, w in [*rng.integers(1, 4000, (60, 2)), (2304, 2304), (384, 2304), (500, 500)]:
+        size = (int(h), int(w))
+        index, weight = tiles.packing(size)
+        assert len(index) == tiles.tokens(size) <= tiles.most_tokens()
+        np.testing.assert_allclose(weight.sum(axis=1), 1, atol=1e-6)
+        assert index.min() >= 0 and index.max() < tiles.count(size) * (27 * 27 + 1)
+
+
+def _processor_tokens(family: str, folder, size) -> int:
+    """Image tokens the model's own processor writes for an image of ``size``: LlavaNextProcessor's; for OneVision,
+    LlavaOnevisionProcessor's own count over its saved settings (it needs torchvision to load)."""
+    import functools
+    import json
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoProcessor, LlavaOnevisionProcessor
+
+    if family == "llava_next":
+        processor = AutoProcessor.from_pretrained(folder)
+        ids = processor(text="<image>", images=Image.new("RGB", size[::-1]))["input_ids"][0]
+        return sum(1 for i in ids if i == processor.image_token_id)
+    settings = json.loads((folder / "processor_config.json").read_text())
+    ns = SimpleNamespace(image_processor=AutoImageProcessor.from_pretrained(folder), **{
+        k: settings[k] for k in ("num_image_tokens", "vision_aspect_ratio", "vision_feature_select_strategy")})
+    ns._get_unpadded_features = functools.partial(LlavaOnevisionProcessor._get_unpadded_features, ns)
+    tile = ns.image_processor.size["height"]
+    return LlavaOnevisionProcessor._get_number_of_features(ns, *size, tile, tile)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_and_token_counts_are_hfs(tiny_model_dir, family):
+    """Images of every size in one batch: the image path's tiles through the split tower and projector, packed by the
+    scheme, are the model's get_image_features rows (OneVision's shrunk pictures included); each image is as many
+    tokens as the model's processor writes."""
     from vlm_export.adapters import adapter_for
     from vlm_export.runtime.images import ImageLimits, processed_images
-    from vlm_export.runtime.prompt import build_prompt_ids
 
-    folder = tiny_model_dir("llava_next")
+    folder = tiny_model_dir(family)
     loaded = adapter_for(folder).load(folder)
     adapter, cfg = loaded.adapter, loaded.config
     layout, scheme = adapter.prompt_layout(loaded), adapter.scheme(loaded)
@@ -86,34 +127,54 @@ def test_rows_and_prompt_ids_are_hfs(tiny_model_dir):
             vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output
     packed = scheme.image_input_from_values({"image_embeds": rows, "image_sizes": arranged["image_sizes"]})
     np.testing.assert_allclose(packed, torch.cat(list(want)).numpy(), atol=2e-5, rtol=0)
-
-    processor = AutoProcessor.from_pretrained(folder)
+    shrunk = [layout.image_tiles.packing(s)[0].shape[1] == 4 for s in SIZES]
+    assert any(shrunk) == (family == "llava_onevision")
     grids = layout.image_tiles.grids(theirs)
     assert grids == SIZES
-    for k, image in enumerate(images):
-        ids = processor(text="<image>", images=image)["input_ids"][0]
-        assert sum(1 for i in ids if i == cfg.image_token_id) == layout.image_tokens(grids[k]) == len(want[k])
+    for k, size in enumerate(SIZES):
+        assert _processor_tokens(family, folder, size) == layout.image_tokens(size) == len(want[k])
+
+
+def test_conversation_ids_are_llava_next_processors(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    from vlm_export.adapters import adapter_for
+    from vlm_export.runtime.prompt import build_prompt_ids
+
+    folder = tiny_model_dir("llava_next")
+    loaded = adapter_for(folder).load(folder)
+    layout = loaded.adapter.prompt_layout(loaded)
+    processor = AutoProcessor.from_pretrained(folder)
+    images = _images(2, 1)
     text = processor.apply_chat_template(TURNS, add_generation_prompt=True)
-    ids = build_prompt_ids(loaded.tokenizer, layout, TURNS, 2, grids[1:3])
-    assert ids == list(processor(text=text, images=images[1:3])["input_ids"][0])
+    ids = build_prompt_ids(loaded.tokenizer, layout, TURNS, 2, [im.size[::-1] for im in images])
+    assert ids == list(processor(text=text, images=images)["input_ids"][0])
 
 
-def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir, family):
     """Images of every size, alone and two at once: greedy answers = Hugging Face generate's, alone and decoded
     together in one batch on one KV buffer. The build's limits hold its largest image's rows (a 64 x 64 one: 2 x 2 tiles, 88 rows,
-    more than its 5 tiles x 17 rows)."""
+    more than its 5 tiles x 17 rows). OneVision takes one image per prompt (several are padded to squares and
+    not tiled: not done); a prompt with two is refused in one line."""
     from vlm_export.adapters import adapter_for
+    from vlm_export.errors import InputError
     from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
     from vlm_export.runtime.load import open_build
 
-    pipe = open_build(tiny_build("llava_next").path)
-    assert pipe.limits.max_image_tokens == pipe.limits.max_images * 88
+    pipe = open_build(tiny_build(family).path)
+    assert pipe.limits.max_image_tokens == pipe.limits.max_images * {"llava_next": 88, "llava_onevision": 56}[family]
     assert pipe.kv_in_place  # the fused form, decoding on one KV buffer written in place
-    folder = tiny_model_dir("llava_next")
+    folder = tiny_model_dir(family)
     loaded = adapter_for(folder).load(folder)
     config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
     requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES))]
-    requests += [(TURNS, _images(2, 3)), ("Tell me a story.", [])]
+    if family == "llava_onevision":
+        with pytest.raises(InputError, match="2 images given; this build takes at most 1 per prompt"):
+            generate(pipe, TURNS, _images(2, 3), GenerationConfig(max_new_tokens=2))
+    else:
+        requests.append((TURNS, _images(2, 3)))
+    requests.append(("Tell me a story.", []))
     alone = []
     for prompt, images in requests:
         ids = pipe.prompt_ids(prompt, images)
@@ -153,6 +214,26 @@ def test_checkpoints_hugging_face_refuses_are_refused(tiny_model_dir, tmp_path):
         assert "\n" not in str(e.value)
 
 
+def test_onevision_checkpoints_hugging_face_refuses_are_refused(tiny_model_dir, tmp_path):
+    """In one line, before any export: a processor that shrinks pictures to another size than the model, a
+    vision_aspect_ratio that is not anyres_max_N."""
+    import shutil
+
+    from vlm_export.adapters import adapter_for
+
+    cases = [("processor_config.json", {"vision_aspect_ratio": "anyres_max_9"},
+              r"has vision_aspect_ratio 'anyres_max_9' but the model's is 'anyres_max_2'"),
+             ("config.json", {"vision_aspect_ratio": "anyres"}, r"vision_aspect_ratio 'anyres' in .* is not 'anyres_max_N'")]
+    for k, (file, changes, message) in enumerate(cases):
+        folder = tmp_path / str(k)
+        shutil.copytree(tiny_model_dir("llava_onevision"), folder)
+        settings = json.loads((folder / file).read_text())
+        (folder / file).write_text(json.dumps({**settings, **changes}))
+        with pytest.raises(AdapterError, match=message) as e:
+            adapter_for(folder).load(folder)
+        assert "\n" not in str(e.value)
+
+
 def test_served_answers_equal_in_process(tiny_build, tmp_path):
     """Served by a real tritonserver, over gRPC and HTTP (base64 images): answers for images of different sizes (other
     tile counts), two at once, and a conversation's second turn, equal ``generate``'s in process."""
@@ -181,3 +262,28 @@ def test_served_image_encoder_gives_the_tiles_rows_and_sizes(tiny_build, tmp_pat
             np.testing.assert_array_equal(values["image_sizes"], [[h, w] for h, w in [(40, 52), (70, 20)][:len(sent)]])
             np.testing.assert_allclose(pipe.scheme.image_input_from_values(values),
                                        pipe.encode_images(pipe.pixel_values(sent)), atol=1e-5, rtol=0)
+
+
+def test_onevision_served_answers_equal_in_process(tiny_build, tmp_path):
+    """Served by a real tritonserver over gRPC: two single-image requests at once (a shrunk picture and a cut-back
+    one) answered as in process; a prompt with two images refused in one line, and the server serving on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import photo_files, served_build
+    from vlm_export.client.client import VLMClient
+    from vlm_export.errors import VlmExportError
+    from vlm_export.runtime.generate import GenerationConfig, generate
+    from vlm_export.runtime.load import open_build
+
+    build = tiny_build("llava_onevision").path
+    pipe = open_build(build)
+    paths = photo_files(tmp_path, [(200, 190), (30, 50)])
+    asks = [("What is in the picture?", [paths[0]]), ("Describe it.", [paths[1]])]
+    expected = [generate(pipe, q, images, GenerationConfig(max_new_tokens=8)).text for q, images in asks]
+    with served_build(build, tmp_path) as server:
+        client = VLMClient(f"grpc://{server.grpc_url}")
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(lambda ask: client.generate(ask[0], ask[1], max_tokens=8).text, asks)) == expected
+        with pytest.raises(VlmExportError, match="2 images given; this (build|model) takes at most 1 per prompt"):
+            client.generate("Compare them.", paths, max_tokens=8)
+        assert client.generate(*asks[0], max_tokens=8).text == expected[0]

@@ -873,3 +873,44 @@ def make_tiny_llava_next(path: Path, family: str = "llama", seed: int = 0, image
                        num_additional_image_tokens=_TOKENS_PAST_PATCHES.get(tower, 1),
                        chat_template=LLAVA_HF_CHAT_TEMPLATE).save_pretrained(path)
     return path
+
+
+#: LLaVA-OneVision's chat template (llava-hf's, without its generation markers): a turn's images, then its texts
+LLAVA_ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}"
+    "{% endfor %}{{ '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def make_tiny_llava_onevision(path: Path, seed: int = 0, image_size: int = 32, picture_tiles: int = 2,
+                              pinpoints: tuple = ((32, 32), (32, 64), (64, 32), (64, 64), (64, 96), (96, 96)),
+                              text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+    """A tiny random LLaVA-OneVision over a Qwen2 LM: SigLIP on tiles of ``image_size`` (patches of 8, every patch
+    kept), LlavaOnevisionImageProcessor tiling by ``pinpoints``, a packed picture shrunk past ``picture_tiles``
+    tiles' rows ("anyres_max_N"), SmolLM2's tokenizer with "<image>" and "<video>" added. LlavaOnevisionProcessor
+    needs torchvision to load (its video processor), so its files are saved as it saves them."""
+    from transformers import AddedToken, AutoTokenizer, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    tok.add_tokens([AddedToken(t, normalized=False, special=True) for t in ("<image>", "<video>")], special_tokens=True)
+    vision = _vision_config(image_size=image_size, tower="siglip", **(vision_sizes or {}))
+    aspect = f"anyres_max_{picture_tiles}"
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=_text_config("qwen2", _padded_vocab(len(tok)),
+                                                                              **(text_sizes or {})),
+                               image_token_id=tok.convert_tokens_to_ids("<image>"),
+                               video_token_id=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
+                               vision_feature_select_strategy="full", vision_aspect_ratio=aspect,
+                               image_grid_pinpoints=[list(p) for p in pinpoints])
+    LlavaOnevisionForConditionalGeneration(cfg).eval().save_pretrained(path)
+    LlavaOnevisionImageProcessorPil(size={"height": image_size, "width": image_size},
+                                    image_grid_pinpoints=[list(p) for p in pinpoints]).save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(LLAVA_ONEVISION_CHAT_TEMPLATE)
+    (path / "processor_config.json").write_text(json.dumps({
+        "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": (image_size // vision.patch_size) ** 2,
+        "vision_feature_select_strategy": "full", "vision_aspect_ratio": aspect, "image_token": "<image>",
+        "video_token": "<video>"}, indent=2))
+    return path

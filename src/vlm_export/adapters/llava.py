@@ -18,9 +18,10 @@ from ..contract import DecoderGeometry, PromptLayout
 from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from . import register
-from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, set_chat_template
+from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size,
+                   use_saved_chat_template)
 from .decoder import greedy_reference, save_language_model, spliced_stages, text_geometry
-from .loading import load_hf_parts, load_processor, processor_chat_template, run_processor
+from .loading import load_hf_parts, load_processor, run_processor
 
 
 class LlavaVisionEncoder(nn.Module):
@@ -117,11 +118,9 @@ def check_llava_parts(loaded: LoadedModel) -> None:
             f"image_token_id {cfg.image_token_id} in {Path(path) / 'config.json'} is outside the language model's "
             f"{vocab} token embeddings (Hugging Face's own forward fails on it): the image token was added to "
             "the tokenizer without model.resize_token_embeddings(len(tokenizer)); resize and save again")
-    template = processor_chat_template(path)
-    if template and template != getattr(tokenizer, "chat_template", None):
-        # what the processor's apply_chat_template renders with (llava-hf folders ship the processor's
-        # template beside a tokenizer that may carry its own text-only one)
-        set_chat_template(tokenizer, template, f"the processor's chat template in {path}")
+    # what the processor's apply_chat_template renders with (llava-hf folders ship the processor's template beside
+    # a tokenizer that may carry its own text-only one)
+    use_saved_chat_template(tokenizer, path)
 
 
 @register

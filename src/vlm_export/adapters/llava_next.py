@@ -51,10 +51,13 @@ class LlavaNextAdapter(LlavaAdapter):
     description = ("Hugging Face LlavaNextForConditionalGeneration (LLaVA-1.6: images tiled by their size, a CLIP "
                    "tower + MLP projector + image newline, any HF causal LM)")
 
-    def load(self, path: Path) -> LoadedModel:
-        from transformers import LlavaNextForConditionalGeneration
+    #: the Hugging Face class the checkpoint loads as (a subclass's own)
+    model_class = "LlavaNextForConditionalGeneration"
 
-        model, tokenizer, image_processor = load_hf_parts(LlavaNextForConditionalGeneration, path)
+    def load(self, path: Path) -> LoadedModel:
+        import transformers
+
+        model, tokenizer, image_processor = load_hf_parts(getattr(transformers, self.model_class), path)
         loaded = LoadedModel(self, Path(path), model, tokenizer, image_processor, model.config)
         check_llava_parts(loaded)
         cfg, size = model.config, model.config.vision_config.image_size
@@ -83,8 +86,8 @@ class LlavaNextAdapter(LlavaAdapter):
         self._check_processor_packing(loaded, tiles)
         return loaded
 
-    @staticmethod
-    def tiles(loaded: LoadedModel) -> AnyResTiles:
+    @classmethod
+    def tiles(cls, loaded: LoadedModel) -> AnyResTiles:
         cfg = loaded.config
         size = cfg.vision_config.image_size
         pinpoints = [tuple(int(v) for v in p) for p in cfg.image_grid_pinpoints]

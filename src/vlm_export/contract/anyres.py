@@ -53,8 +53,14 @@ class AnyResSplicedScheme(SplicedScheme):
         if sum(counts) != len(embeds):
             raise ValueError(f"the image path gives {len(embeds)} tiles for images whose sizes make {sum(counts)}")
         starts = np.cumsum([0, *counts])
-        return self.join_image_inputs([embeds[first:first + count].reshape(-1, embeds.shape[-1])[self.tiles.rows(size)]
+        return self.join_image_inputs([self._packed(embeds[first:first + count].reshape(-1, embeds.shape[-1]), size)
                                        for first, count, size in zip(starts, counts, sizes)])
+
+    def _packed(self, table: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        index, weight = self.tiles.packing(size)
+        if index.shape[1] == 1:  # rows taken as they are (no shrunk picture): exact copies
+            return table[index[:, 0]]
+        return np.einsum("rk,rkh->rh", weight, table[index]).astype(np.float32)
 
     def image_input_from(self, stage_output: np.ndarray) -> np.ndarray:
         raise ValueError("the spliced_anyres scheme packs each image's rows by its size: use image_input_from_values")

@@ -34,6 +34,7 @@ Q-Former reads the instruction through a tokenizer of its own).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -253,19 +254,22 @@ IMAGE_SIZES = "image_sizes"
 class AnyResTiles:
     """An image its processor resizes into the best of a few resolutions (``pinpoints``), cuts into tiles of the
     tower's size and prefixes with the whole image shrunk to one tile (LLaVA-NeXT's ``LlavaNextImageProcessor``,
-    "anyres"): its ``image_sizes [images, (height, width)]`` are each image's size, here its "grid". The image path
-    sees every image's tiles, the whole image first (``pixel_values [tiles, ...]``, :meth:`arranged` drops the
-    processor's padding between images), and makes ``patches x patches`` rows per tile and a last row, the model's
-    ``image_newline``. An image's rows are packed as LlavaNextModel.pack_image_features packs them
-    (:meth:`rows`): the whole image's, then the tiles' rows as one picture cut back to the image's aspect
-    (``unpad_image``), each row of it followed by the newline. ``max_tiles``: the most tiles (the whole image
-    included) an image becomes; ``options``: what the model's processor passes its image processor."""
+    "anyres"; LLaVA-OneVision's): its ``image_sizes [images, (height, width)]`` are each image's size, here its
+    "grid". The image path sees every image's tiles, the whole image first (``pixel_values [tiles, ...]``,
+    :meth:`arranged` drops the processor's padding between images), and makes ``patches x patches`` rows per tile
+    and a last row, the model's ``image_newline``. An image's rows are packed as the model's
+    ``pack_image_features`` packs them (:meth:`packing`): the whole image's, then the tiles' rows as one picture cut
+    back to the image's aspect (``unpad_image``) - shrunk (bilinear) where it holds more than ``picture_tiles``
+    tiles' rows by over 10% (LLaVA-OneVision's ``anyres_max_N``; 0: never) -, each row of it followed by the
+    newline. ``max_tiles``: the most tiles (the whole image included) an image becomes; ``options``: what the
+    model's processor passes its image processor."""
 
     tile: int
     patches: int
     pinpoints: tuple[tuple[int, int], ...]
     max_tiles: int
     options: dict[str, Any] = field(default_factory=dict, hash=False)
+    picture_tiles: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pinpoints", tuple(tuple(int(v) for v in p) for p in self.pinpoints))
@@ -293,14 +297,28 @@ class AnyResTiles:
         padding = (w - int(round(width * (h / height), 7))) // 2
         return h, w - 2 * padding, 0, padding
 
+    def _shrunk(self, h: int, w: int) -> tuple[int, int]:
+        """The packed picture's rows and cols for a kept picture of ``h x w`` (OneVision's shrink, else as kept)."""
+        if not self.picture_tiles:
+            return h, w
+        ratio = math.sqrt(h * w / (self.picture_tiles * self.patches ** 2))
+        return (int(h // ratio), int(w // ratio)) if ratio > 1.1 else (h, w)
+
     def tokens(self, size: tuple[int, int], per_tile: int = 0) -> int:
         """Image rows (placeholders) an image of ``size`` becomes."""
-        h, w, _, _ = self._kept(size)
+        h, w = self._shrunk(*self._kept(size)[:2])
         return self.patches ** 2 + h * (w + 1)
 
     def most_tokens(self, per_tile: int = 0) -> int:
-        """Image rows the largest image becomes: one of a resolution's own aspect, nothing cut back."""
-        return max(self.tokens(size) for size in self.pinpoints)
+        """Image rows an image becomes at most: of every picture a resolution can keep (its whole height or width,
+        the other cut back by whole pairs of rows or cols), the most rows after the shrink (which is not monotonic:
+        a picture cut back past the shrink's threshold can give more rows than the whole one)."""
+        p, most = self.patches, 0
+        for h, w in self.pinpoints:
+            rows, cols = h // self.tile * p, w // self.tile * p
+            kept = [(rows, c) for c in range(cols, 0, -2)] + [(r, cols) for r in range(rows, 0, -2)]
+            most = max(most, *(p * p + h2 * (w2 + 1) for h2, w2 in (self._shrunk(r, c) for r, c in kept)))
+        return most
 
     def text(self, size: tuple[int, int], token: str, per_tile: int = 0) -> str:
         return token * self.tokens(size)
@@ -320,17 +338,46 @@ class AnyResTiles:
         out[IMAGE_SIZES] = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
         return out
 
-    def rows(self, size: tuple[int, int]) -> np.ndarray:
-        """Where each of an image's packed rows is in its tiles' rows ``[count(size) x (patches² + 1)]`` (each
-        tile's ``patches²`` rows, then the newline): the whole image's rows, then the kept picture row by row, each
-        followed by a newline."""
+    def packing(self, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """An image's packed rows as weighted sums of its tiles' rows ``[count(size) x (patches² + 1)]`` (each tile's
+        ``patches²`` rows, then the newline): ``(index [rows, k], weight [rows, k])``, k = 1 (a row taken as it is)
+        or 4 (a shrunk picture's row, PyTorch's bilinear ``interpolate`` without corner alignment, in float32). The
+        whole image's rows, then the picture row by row, each followed by a newline."""
         unit, p = self.patches ** 2 + 1, self.patches
         _, cols = self._grid(size)
-        h, w, top, left = self._kept(size)
-        y, x = np.meshgrid(np.arange(top, top + h), np.arange(left, left + w), indexing="ij")
+        kept_h, kept_w, top, left = self._kept(size)
+        h, w = self._shrunk(kept_h, kept_w)
+        ys, yw = _linear_sources(kept_h, h)
+        xs, xw = _linear_sources(kept_w, w)
+        y, x = ys[:, None, :, None] + top, xs[None, :, None, :] + left  # [h, w, 2, 2] picture coordinates
         picture = (1 + (y // p) * cols + x // p) * unit + (y % p) * p + x % p
-        newline = np.full((h, 1), unit - 1)
-        return np.concatenate([np.arange(p * p), np.concatenate([picture, newline], axis=1).ravel()]).astype(np.int64)
+        weight = yw[:, None, :, None] * xw[None, :, None, :]
+        k = 1 if (h, w) == (kept_h, kept_w) else 4
+        picture, weight = picture.reshape(h, w, 4)[..., :k], weight.reshape(h, w, 4)[..., :k]
+        newline = np.zeros((h, 1, k), np.int64) + (unit - 1)
+        newline_weight = np.zeros((h, 1, k), np.float32)
+        newline_weight[..., 0] = 1
+        base = np.zeros((p * p, k), np.int64) + np.arange(p * p)[:, None]
+        base_weight = np.zeros((p * p, k), np.float32)
+        base_weight[:, 0] = 1
+        index = np.concatenate([base, np.concatenate([picture, newline], axis=1).reshape(-1, k)])
+        weights = np.concatenate([base_weight, np.concatenate([weight, newline_weight], axis=1).reshape(-1, k)])
+        return index.astype(np.int64), weights.astype(np.float32)
+
+
+def _linear_sources(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each of ``out`` positions resampled from ``size``: its two source positions and their weights, as
+    PyTorch's linear ``interpolate`` (``align_corners=False``) computes them in float32; where ``out == size``, each
+    position itself with weight 1 (and 0)."""
+    if out == size:
+        first = np.arange(size)
+        return np.stack([first, first], axis=1), np.tile(np.float32([1, 0]), (size, 1))
+    scale = np.float32(size) / np.float32(out)
+    source = np.maximum(scale * (np.arange(out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    first = source.astype(np.int64)
+    far = np.clip(source - first.astype(np.float32), np.float32(0), np.float32(1))
+    second = first + (first < size - 1)
+    return np.stack([first, second], axis=1), np.stack([np.float32(1) - far, far], axis=1).astype(np.float32)
 
 
 def image_arrangement(d: dict[str, Any] | None) -> "ImageTiles | ImagePatches | AnyResTiles | None":
