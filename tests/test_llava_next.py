@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -113,7 +114,8 @@ def test_rows_and_token_counts_are_hfs(tiny_model_dir, family):
     adapter, cfg = loaded.adapter, loaded.config
     layout, scheme = adapter.prompt_layout(loaded), adapter.scheme(loaded)
     images = _images(len(SIZES))
-    theirs = processed_images(loaded.image_processor, images, ImageLimits(), **layout.image_tiles.options)
+    # each image as its prompt's one (OneVision tiles only those; get_image_features' default treats them so)
+    theirs = processed_images(loaded.image_processor, images, ImageLimits(), replace(layout.image_tiles, one_prompt=False))
     arranged = layout.image_tiles.arranged(dict(theirs))
     # the processor's padding between images dropped: each image's own tiles, in order
     counts = [layout.image_tiles.count(s) for s in SIZES]
@@ -155,26 +157,21 @@ def test_conversation_ids_are_llava_next_processors(tiny_model_dir):
 def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir, family):
     """Images of every size, alone and two at once: greedy answers = Hugging Face generate's, alone and decoded
     together in one batch on one KV buffer. The build's limits hold its largest image's rows (a 64 x 64 one: 2 x 2 tiles, 88 rows,
-    more than its 5 tiles x 17 rows). OneVision takes one image per prompt (several are padded to squares and
-    not tiled: not done); a prompt with two is refused in one line."""
+    more than its 5 tiles x 17 rows). OneVision's two images in one prompt are one tile each (padded to squares)."""
     from vlm_export.adapters import adapter_for
-    from vlm_export.errors import InputError
     from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
     from vlm_export.runtime.load import open_build
 
     pipe = open_build(tiny_build(family).path)
     assert pipe.limits.max_image_tokens == pipe.limits.max_images * {"llava_next": 88, "llava_onevision": 56}[family]
+    if family == "llava_onevision":  # several images in a prompt: each one tile, its rows and a newline
+        assert [pipe.layout.image_tokens(g) for g in pipe.pixel_values_and_grids(_images(2, 3))[1]] == [17, 17]
     assert pipe.kv_in_place  # the fused form, decoding on one KV buffer written in place
     folder = tiny_model_dir(family)
     loaded = adapter_for(folder).load(folder)
     config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
     requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES))]
-    if family == "llava_onevision":
-        with pytest.raises(InputError, match="2 images given; this build takes at most 1 per prompt"):
-            generate(pipe, TURNS, _images(2, 3), GenerationConfig(max_new_tokens=2))
-    else:
-        requests.append((TURNS, _images(2, 3)))
-    requests.append(("Tell me a story.", []))
+    requests += [(TURNS, _images(2, 3)), ("Tell me a story.", [])]
     alone = []
     for prompt, images in requests:
         ids = pipe.prompt_ids(prompt, images)
@@ -266,24 +263,25 @@ def test_served_image_encoder_gives_the_tiles_rows_and_sizes(tiny_build, tmp_pat
 
 def test_onevision_served_answers_equal_in_process(tiny_build, tmp_path):
     """Served by a real tritonserver over gRPC: two single-image requests at once (a shrunk picture and a cut-back
-    one) answered as in process; a prompt with two images refused in one line, and the server serving on."""
+    one) and a two-image one (each a tile of its own) answered as in process, the first again from the image cache."""
     from concurrent.futures import ThreadPoolExecutor
 
     from conftest import photo_files, served_build
     from vlm_export.client.client import VLMClient
-    from vlm_export.errors import VlmExportError
     from vlm_export.runtime.generate import GenerationConfig, generate
     from vlm_export.runtime.load import open_build
 
     build = tiny_build("llava_onevision").path
     pipe = open_build(build)
     paths = photo_files(tmp_path, [(200, 190), (30, 50)])
-    asks = [("What is in the picture?", [paths[0]]), ("Describe it.", [paths[1]])]
+    asks = [("What is in the picture?", [paths[0]]), ("Describe it.", [paths[1]]), ("Compare them.", paths)]
     expected = [generate(pipe, q, images, GenerationConfig(max_new_tokens=8)).text for q, images in asks]
+    from test_render import read_config
+
     with served_build(build, tmp_path) as server:
+        # its preprocess model cuts a request's images as one prompt's: Triton must not batch requests into one
+        assert not read_config(tmp_path / "repo" / "preprocess" / "config.pbtxt").HasField("dynamic_batching")
         client = VLMClient(f"grpc://{server.grpc_url}")
-        with ThreadPoolExecutor(2) as pool:
+        with ThreadPoolExecutor(len(asks)) as pool:
             assert list(pool.map(lambda ask: client.generate(ask[0], ask[1], max_tokens=8).text, asks)) == expected
-        with pytest.raises(VlmExportError, match="2 images given; this (build|model) takes at most 1 per prompt"):
-            client.generate("Compare them.", paths, max_tokens=8)
         assert client.generate(*asks[0], max_tokens=8).text == expected[0]

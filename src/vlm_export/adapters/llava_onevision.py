@@ -1,22 +1,29 @@
 """LLaVA-OneVision: Hugging Face ``LlavaOnevisionForConditionalGeneration`` (SigLIP + a Qwen2 LM in the llava-hf
-checkpoints), one image per prompt.
+checkpoints).
 
-An image is tiled and packed as LLaVA-NeXT's (``adapters/llava_next.py``), but a packed picture that holds more than
-N tiles' rows by over 10% (``vision_aspect_ratio`` "anyres_max_N") is shrunk, bilinear, to about N tiles' worth
-(``AnyResTiles.picture_tiles``: a weighted packing, still data). ``LlavaOnevisionProcessor`` counts the tokens so.
+A prompt's one image is tiled and packed as LLaVA-NeXT's (``adapters/llava_next.py``), but a packed picture that
+holds more than N tiles' rows by over 10% (``vision_aspect_ratio`` "anyres_max_N") is shrunk, bilinear, to about N
+tiles' worth (``AnyResTiles.picture_tiles``: a weighted packing, still data). Where a prompt holds several images,
+its processor pads each to a square and does not tile it: one tile, its rows and a newline
+(``AnyResTiles.one_prompt``: a request's images go to the image processor as one prompt's, and are encoded and
+cached together). ``LlavaOnevisionProcessor`` counts the tokens so.
 
-Not covered: several images in one prompt (OneVision then pads each image to a square and does not tile it, so an
-image's rows depend on the prompt it is in: refused by the build's ``max_images`` of 1), video.
+Not covered: video.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import torch
+
 from ..contract import AnyResTiles
+from ..contract.layout import IMAGE_SIZES
 from ..errors import AdapterError
 from . import register
 from .base import LoadedModel, processor_setting
+from .decoder import greedy_reference
+from .llava import reference_image_kwargs
 from .llava_next import LlavaNextAdapter
 
 
@@ -24,9 +31,9 @@ from .llava_next import LlavaNextAdapter
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     name = "llava_onevision"
     model_types = ("llava_onevision",)
-    description = ("Hugging Face LlavaOnevisionForConditionalGeneration (images tiled by their size, a large picture "
-                   "shrunk; SigLIP + MLP projector + image newline, any HF causal LM; one image per prompt)")
-    max_images = 1  # several images are padded to squares and not tiled: not done (module docstring)
+    description = ("Hugging Face LlavaOnevisionForConditionalGeneration (a prompt's one image tiled by its size, a "
+                   "large picture shrunk, several images one tile each; SigLIP + MLP projector + image newline, any HF "
+                   "causal LM)")
     model_class = "LlavaOnevisionForConditionalGeneration"
 
     @staticmethod
@@ -43,7 +50,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def tiles(cls, loaded: LoadedModel) -> AnyResTiles:
         tiles = super().tiles(loaded)
         return AnyResTiles(tiles.tile, tiles.patches, tiles.pinpoints, tiles.max_tiles, tiles.options,
-                           picture_tiles=cls.picture_tiles(loaded))
+                           picture_tiles=cls.picture_tiles(loaded), one_prompt=True)
 
     @staticmethod
     def _check_processor_packing(loaded: LoadedModel, tiles: AnyResTiles) -> None:
@@ -59,3 +66,13 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 raise AdapterError(f"the processor in {path} has {name} {saved!r} but the model's is {want!r}, so it "
                                    "writes another number of image tokens than the model packs; Hugging Face's generate "
                                    "refuses this checkpoint too: fix processor_config.json")
+
+    def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
+        """HF generate as LLaVA-NeXT's, told that the images are one prompt's (``batch_num_images``): several are
+        one tile each."""
+        if pixel_values is None:
+            return super().reference_generate(loaded, input_ids, None, max_new_tokens, eos_token_ids)
+        return greedy_reference(loaded.model, input_ids, pixel_values["pixel_values"], max_new_tokens, eos_token_ids,
+                                image_sizes=pixel_values[IMAGE_SIZES],
+                                batch_num_images=torch.tensor([len(pixel_values[IMAGE_SIZES])]),
+                                **reference_image_kwargs(loaded))

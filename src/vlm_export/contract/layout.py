@@ -72,6 +72,8 @@ class ImageTiles:
     start: str = ""
     counted_by: str = "rows_cols"
     options: dict[str, Any] = field(default_factory=dict, hash=False)
+    #: each image is cut alone, whatever else its prompt holds (see AnyResTiles.one_prompt)
+    one_prompt: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.counted_by not in TILE_COUNTS:
@@ -139,6 +141,7 @@ class ImagePatches:
     merge: int
     max_patches: int
     options: dict[str, Any] = field(default_factory=dict, hash=False)
+    one_prompt: ClassVar[bool] = False  # each image cut alone
     window: int = 0
     #: the image path sees each image as one image (the tiles contract's count)
     max_tiles: ClassVar[int] = 1
@@ -262,7 +265,9 @@ class AnyResTiles:
     back to the image's aspect (``unpad_image``) - shrunk (bilinear) where it holds more than ``picture_tiles``
     tiles' rows by over 10% (LLaVA-OneVision's ``anyres_max_N``; 0: never) -, each row of it followed by the
     newline. ``max_tiles``: the most tiles (the whole image included) an image becomes; ``options``: what the
-    model's processor passes its image processor."""
+    model's processor passes its image processor. ``one_prompt``: the image processor is given a request's images as
+    one prompt's and tiles an image only where it is the prompt's one (LLaVA-OneVision's: several are each padded to
+    a square, one tile, packed as its rows and a newline); such an image's "grid" is (0, 0)."""
 
     tile: int
     patches: int
@@ -270,6 +275,7 @@ class AnyResTiles:
     max_tiles: int
     options: dict[str, Any] = field(default_factory=dict, hash=False)
     picture_tiles: int = 0
+    one_prompt: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pinpoints", tuple(tuple(int(v) for v in p) for p in self.pinpoints))
@@ -281,7 +287,9 @@ class AnyResTiles:
         return h // self.tile, w // self.tile
 
     def count(self, size: tuple[int, int]) -> int:
-        """Images of the image path (tiles) an image of ``size`` becomes."""
+        """Images of the image path (tiles) an image of ``size`` becomes (one where it is not tiled: (0, 0))."""
+        if not any(size):
+            return 1
         rows, cols = self._grid(size)
         return 1 + rows * cols
 
@@ -306,6 +314,8 @@ class AnyResTiles:
 
     def tokens(self, size: tuple[int, int], per_tile: int = 0) -> int:
         """Image rows (placeholders) an image of ``size`` becomes."""
+        if not any(size):  # one tile: its rows and a newline
+            return self.patches ** 2 + 1
         h, w = self._shrunk(*self._kept(size)[:2])
         return self.patches ** 2 + h * (w + 1)
 
@@ -324,8 +334,13 @@ class AnyResTiles:
         return token * self.tokens(size)
 
     def grids(self, processed: dict) -> list[tuple[int, int]]:
-        """Each image's size (height, width) in its processor's outputs, in image order."""
-        return [(int(h), int(w)) for h, w in np.asarray(processed[IMAGE_SIZES]).reshape(-1, 2)]
+        """Each image's size (height, width) in its processor's outputs, in image order; (0, 0) for an image its
+        processor did not tile (one of several in a prompt: its ``batch_num_images``)."""
+        sizes = [(int(h), int(w)) for h, w in np.asarray(processed[IMAGE_SIZES]).reshape(-1, 2)]
+        if not self.one_prompt or "batch_num_images" not in processed:
+            return sizes
+        several = [n > 1 for n in np.ravel(processed["batch_num_images"]) for _ in range(int(n))]
+        return [(0, 0) if untiled else size for size, untiled in zip(sizes, several)]
 
     def arranged(self, processed: dict) -> dict:
         """The processor's ``pixel_values [images, most tiles, ...]`` (zeros after each image's own tiles) as the
@@ -344,6 +359,8 @@ class AnyResTiles:
         or 4 (a shrunk picture's row, PyTorch's bilinear ``interpolate`` without corner alignment, in float32). The
         whole image's rows, then the picture row by row, each followed by a newline."""
         unit, p = self.patches ** 2 + 1, self.patches
+        if not any(size):  # not tiled: the one tile's rows, then its newline
+            return np.arange(unit, dtype=np.int64)[:, None], np.ones((unit, 1), np.float32)
         _, cols = self._grid(size)
         kept_h, kept_w, top, left = self._kept(size)
         h, w = self._shrunk(kept_h, kept_w)
@@ -454,6 +471,12 @@ class PromptLayout:
         if self.image_tiles is not None:
             return self.image_tiles.text(grid, self.image_token or "", self.tokens_per_image)
         return self.image_sequence or (self.image_token or "") * self.tokens_per_image
+
+    @property
+    def images_together(self) -> bool:
+        """Whether an image's rows depend on the other images of its prompt (``AnyResTiles.one_prompt``): encoded,
+        and cached, together."""
+        return bool(self.image_tiles is not None and self.image_tiles.one_prompt)
 
     @property
     def most_image_tokens(self) -> int:

@@ -32,6 +32,7 @@ from pathlib import Path
 from ..atomic import atomic_folder
 from ..cpu import INT8_DOT_PRODUCT
 from ..contract import image_stages, scheme_from_dict, stages_from_manifest
+from ..contract.layout import image_arrangement
 from ..contract.profiles import stage_profiles, trt_settings
 from ..engines.tensorrt import release, version_problem
 from ..errors import InputError, ManifestError, RepositoryError
@@ -316,6 +317,9 @@ def model_configs(manifest: dict, options: RepositoryOptions) -> dict[str, dict]
         # how the processor's outputs become the image path's (patches of all images -> a row per image)
         arrangement = manifest["prompt_layout"].get("image_tiles") or {}
         configs["preprocess"]["parameters"] = {**image_params, **_python_params(image_arrangement=json.dumps(arrangement))}
+        if arrangement and image_arrangement(arrangement).one_prompt:
+            # its images are cut as one prompt's (LLaVA-OneVision): requests batched together would be cut as one
+            del configs["preprocess"]["dynamic_batching"]
     configs["vlm"] = {
         "name": "vlm",
         "backend": "python",

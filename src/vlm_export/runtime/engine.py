@@ -87,10 +87,10 @@ class GenerationEngine:
         self.pipe, self.max_queue = pipe, max_queue
         self.encode_images = encode_images
         self.image_cache = image_cache
-        if image_cache is not None:  # each image encoded alone once, then served from the cache
+        if image_cache is not None:  # each image encoded alone once (or a prompt's images together), then cached
             self.encode_images = image_cache.wrap(
-                lambda image, prompt: image_input_for(pipe, [image], prompt, encode_images),
-                pipe.scheme.join_image_inputs, by_prompt=pipe.reads_prompt)
+                lambda images, prompt: image_input_for(pipe, images, prompt, encode_images),
+                pipe.scheme.join_image_inputs, by_prompt=pipe.reads_prompt, together=pipe.layout.images_together)
         self.on_stats = on_stats
         self.scheduler = Scheduler(pipe, max_batch or pipe.limits.max_batch, max_prefill_tokens, max_prefill_padding)
         self.stats = EngineStats()

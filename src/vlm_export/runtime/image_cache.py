@@ -70,20 +70,30 @@ class ImageEmbeddingCache:
                 _, old = self._items.popitem(last=False)
                 self.bytes -= old.nbytes
 
-    def wrap(self, encode_one: Callable[[ImageInput, Prompt], np.ndarray],
-             join: Callable[[list[np.ndarray]], np.ndarray], by_prompt: bool = False) -> ImageEncoder:
-        """An encoder over a request's images: each image from the cache, or encoded alone (with
-        the request's prompt) and kept; ``join`` makes the request's decoder input from the
-        per-image ones, in order. ``by_prompt``: the prompt is part of the key."""
-        def encode(images: Sequence[ImageInput], prompt: Prompt) -> np.ndarray:
+    def wrap(self, encode: Callable[[Sequence[ImageInput], Prompt], np.ndarray],
+             join: Callable[[list[np.ndarray]], np.ndarray], by_prompt: bool = False,
+             together: bool = False) -> ImageEncoder:
+        """An encoder over a request's images: each image from the cache, or encoded alone (``encode`` on a list of
+        one, with the request's prompt) and kept; ``join`` makes the request's decoder input from the per-image
+        ones, in order. ``by_prompt``: the prompt is part of the key. ``together``: an image's rows depend on the
+        other images of its prompt (LLaVA-OneVision tiles only a prompt's one image), so a request's images are one
+        entry, encoded and kept together."""
+        def cached(images: Sequence[ImageInput], prompt: Prompt) -> np.ndarray:
             suffix = " " + hashlib.sha256(prompt_text(prompt).encode()).hexdigest() if by_prompt else ""
+            if together:
+                key = " ".join(image_key(image) for image in images) + suffix
+                value = self.get(key)
+                if value is None:
+                    value = encode(images, prompt)
+                    self.put(key, value)
+                return value
             parts = []
             for index, image in enumerate(images):
                 key = image_key(image) + suffix
                 value = self.get(key)
                 if value is None:
                     try:
-                        value = encode_one(image, prompt)
+                        value = encode([image], prompt)
                     except VlmExportError as e:  # encoded alone: say which of the request's images failed
                         if len(images) == 1:
                             raise
@@ -92,4 +102,4 @@ class ImageEmbeddingCache:
                 parts.append(value)
             return join(parts)
 
-        return encode
+        return cached

@@ -58,13 +58,16 @@ class ImageLimits:
                              "wide; crop or pad it first")
 
 
-def processed_images(processor, images: "list[ImageInput]", limits: ImageLimits, **options) -> dict:
+def processed_images(processor, images: "list[ImageInput]", limits: ImageLimits, tiles=None) -> dict:
     """``processor``'s outputs (numpy) for a request's images, each read by ``load_image`` with
     transparency as that processor treats it (``over_white``): what in-process and served
-    preprocessing both give. ``options``: the processor's own keyword arguments."""
+    preprocessing both give. ``tiles``: the layout's ``image_tiles``, whose ``options`` the model's processor
+    passes its image processor, and which says whether the images go in as one prompt's (``one_prompt``:
+    LLaVA-OneVision's processor tiles an image only where it is its prompt's one)."""
     white = over_white(processor)
     pil = [load_image(image, limits, image_name(k, image, len(images)), white) for k, image in enumerate(images)]
-    return processor(images=pil, return_tensors="np", **options)
+    options = tiles.options if tiles is not None else {}
+    return processor(images=[pil] if getattr(tiles, "one_prompt", False) else pil, return_tensors="np", **options)
 
 
 def image_grids(processor, images: "list[ImageInput]", limits: ImageLimits, tiles: ImageTiles) -> list[tuple[int, int]]:
@@ -72,7 +75,7 @@ def image_grids(processor, images: "list[ImageInput]", limits: ImageLimits, tile
     the images, not from their sizes: the processors' ``get_number_of_image_patches`` disagrees with their
     preprocessing on some sizes (Idefics3's: a 334x307 image with a longest edge of 100 and tiles of 32, 3 x 4
     against the 4 x 4 tiles made)."""
-    return tiles.grids(processed_images(processor, images, limits, **tiles.options)) if images else []
+    return tiles.grids(processed_images(processor, images, limits, tiles)) if images else []
 
 
 def over_white(processor) -> bool:

@@ -131,9 +131,9 @@ class VLMPipeline:
     # ---- request -> tensors ------------------------------------------------------------------
     def preprocess(self, images: Sequence[ImageInput]) -> dict[str, np.ndarray]:
         """Every image-processor output the image path (and the scheme) reads (``role="pixels"``), by name, as
-        declared; the image processor called with what the model's processor passes it (``image_tiles.options``)."""
-        options = self.layout.image_tiles.options if self.layout.image_tiles is not None else {}
-        return self._declared(processed_images(self.image_processor, list(images), self.image_limits, **options))
+        declared; the image processor called as the model's processor calls it (``processed_images``)."""
+        return self._declared(processed_images(self.image_processor, list(images), self.image_limits,
+                                               self.layout.image_tiles))
 
     def _declared(self, out: Mapping) -> dict[str, np.ndarray]:
         if self.layout.image_tiles is not None:  # the processor's outputs as the image path reads them
@@ -155,7 +155,7 @@ class VLMPipeline:
         """``pixel_values`` and each image's grid of tiles from ONE preprocessing (``PromptLayout.image_tiles``:
         the grids make the prompt's ids)."""
         tiles = self.layout.image_tiles
-        out = processed_images(self.image_processor, list(images), self.image_limits, **tiles.options)
+        out = processed_images(self.image_processor, list(images), self.image_limits, tiles)
         return self._pixels(self._declared(out)), tiles.grids(out)
 
     @staticmethod

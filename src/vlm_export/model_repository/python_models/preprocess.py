@@ -33,9 +33,9 @@ class TritonPythonModel:
         for request in requests:
             try:
                 raw = pb_utils.get_input_tensor_by_name(request, "images").as_numpy().reshape(-1)
-                # with what the model's processor passes its image processor (InternVL's crop_to_patches)
-                options = self.arrangement.options if self.arrangement is not None else {}
-                out = processed_images(self.processor, [image_payload(bytes(b)) for b in raw], self.limits, **options)
+                # as the model's processor calls its image processor (InternVL's crop_to_patches)
+                out = processed_images(self.processor, [image_payload(bytes(b)) for b in raw], self.limits,
+                                       self.arrangement)
                 if self.arrangement is not None:
                     out = self.arrangement.arranged(dict(out))
                 responses.append(pb_utils.InferenceResponse(
