@@ -431,6 +431,25 @@ def check_served_as_in_process(build: Path, folder: Path, sizes, over_http: bool
     assert second == generate(pipe, turns, [paths[-1]], config).text
 
 
+def check_answers_equal_hf_generate(pipe, loaded, requests, new_tokens: int = 12) -> None:
+    """Each (prompt, images) of ``requests``: ``generate``'s greedy tokens on ``pipe`` = the adapter's Hugging Face
+    reference on the same prompt ids and preprocessed images, alone; and all of them decoded together in one batch
+    give the same tokens."""
+    import torch
+
+    from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
+
+    config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+    alone = []
+    for prompt, images in requests:
+        ids = pipe.prompt_ids(prompt, images)
+        pixels = {n: torch.from_numpy(v) for n, v in pipe.pixel_values(images).items()} if images else None
+        want = loaded.adapter.reference_generate(loaded, torch.tensor([ids]), pixels, new_tokens, [-1])
+        alone.append(generate(pipe, prompt, images, config).token_ids)
+        assert alone[-1] == want, [im.size for im in images]
+    assert [r.token_ids for r in generate_batch(pipe, [GenerationRequest(p, i, config) for p, i in requests])] == alone
+
+
 def fp32_gate(reference) -> float:
     """The build's fp32 gate on an output (max abs error <= 1e-4 + 1e-4 x its largest magnitude)."""
     import numpy as np

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import check_served_as_in_process, random_photo
+from conftest import check_answers_equal_hf_generate, check_served_as_in_process, random_photo
 from vlm_export.errors import AdapterError
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
@@ -103,7 +103,6 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     ``mm_token_type_ids``: without them it drops M-RoPE), alone and decoded together in one batch on one KV buffer
     (rows whose next positions run behind their lengths, each by its own images)."""
     from vlm_export.adapters import adapter_for
-    from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
     from vlm_export.runtime.load import open_build
 
     pipe = open_build(tiny_build(family).path)
@@ -111,17 +110,8 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     assert pipe.kv_in_place
     folder = tiny_model_dir(family)
     loaded = adapter_for(folder).load(folder)
-    config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
     requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES))]
-    requests += [(TURNS, _images(2, 3)), ("Tell me a story.", [])]
-    alone = []
-    for prompt, images in requests:
-        ids = pipe.prompt_ids(prompt, images)
-        pixels = {n: torch.from_numpy(v) for n, v in pipe.pixel_values(images).items()} if images else None
-        want = loaded.adapter.reference_generate(loaded, torch.tensor([ids]), pixels, 12, [-1])
-        alone.append(generate(pipe, prompt, images, config).token_ids)
-        assert alone[-1] == want, [im.size for im in images]
-    assert [r.token_ids for r in generate_batch(pipe, [GenerationRequest(p, i, config) for p, i in requests])] == alone
+    check_answers_equal_hf_generate(pipe, loaded, requests + [(TURNS, _images(2, 3)), ("Tell me a story.", [])])
 
 
 def test_text_model_is_an_ordinary_qwen2(tiny_model_dir, tmp_path):

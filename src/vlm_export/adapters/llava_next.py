@@ -52,12 +52,12 @@ class LlavaNextAdapter(LlavaAdapter):
                    "tower + MLP projector + image newline, any HF causal LM)")
 
     #: the Hugging Face class the checkpoint loads as (a subclass's own)
-    model_class = "LlavaNextForConditionalGeneration"
+    model_cls = "LlavaNextForConditionalGeneration"
 
     def load(self, path: Path) -> LoadedModel:
         import transformers
 
-        model, tokenizer, image_processor = load_hf_parts(getattr(transformers, self.model_class), path)
+        model, tokenizer, image_processor = load_hf_parts(getattr(transformers, self.model_cls), path)
         loaded = LoadedModel(self, Path(path), model, tokenizer, image_processor, model.config)
         check_llava_parts(loaded)
         cfg, size = model.config, model.config.vision_config.image_size

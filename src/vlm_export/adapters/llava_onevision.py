@@ -34,7 +34,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     description = ("Hugging Face LlavaOnevisionForConditionalGeneration (a prompt's one image tiled by its size, a "
                    "large picture shrunk, several images one tile each; SigLIP + MLP projector + image newline, any HF "
                    "causal LM)")
-    model_class = "LlavaOnevisionForConditionalGeneration"
+    model_cls = "LlavaOnevisionForConditionalGeneration"
 
     @staticmethod
     def picture_tiles(loaded: LoadedModel) -> int:
