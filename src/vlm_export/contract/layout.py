@@ -371,12 +371,13 @@ class AnyResTiles:
         weight = yw[:, None, :, None] * xw[None, :, None, :]
         k = 1 if (h, w) == (kept_h, kept_w) else 4
         picture, weight = picture.reshape(h, w, 4)[..., :k], weight.reshape(h, w, 4)[..., :k]
-        newline = np.zeros((h, 1, k), np.int64) + (unit - 1)
-        newline_weight = np.zeros((h, 1, k), np.float32)
-        newline_weight[..., 0] = 1
-        base = np.zeros((p * p, k), np.int64) + np.arange(p * p)[:, None]
-        base_weight = np.zeros((p * p, k), np.float32)
-        base_weight[:, 0] = 1
+
+        def taken(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # rows as they are, in k-wide sources
+            pad = ((0, 0), (0, k - 1))
+            return np.pad(rows[:, None], pad), np.pad(np.ones((len(rows), 1), np.float32), pad)
+
+        newline, newline_weight = (a.reshape(h, 1, k) for a in taken(np.full(h, unit - 1)))
+        base, base_weight = taken(np.arange(p * p))
         index = np.concatenate([base, np.concatenate([picture, newline], axis=1).reshape(-1, k)])
         weights = np.concatenate([base_weight, np.concatenate([weight, newline_weight], axis=1).reshape(-1, k)])
         return index.astype(np.int64), weights.astype(np.float32)
