@@ -590,9 +590,8 @@ def _check_samples_fit(samples, loaded, layout, scheme, limits: Limits, new_toke
         needed = _max_sequence_that_fits(counted, scheme, limits, new_tokens)
         if needed is not None:
             fix += f" or raise --max-sequence to {needed}"
-    if layout.tiled and sample.images:  # its image tokens follow the image processor's size settings
-        fix += (", or save the image processor with a smaller largest image (its max_pixels / longest edge: fewer "
-                "tiles or patches per image)")
+    if layout.tiled and sample.images and layout.image_tiles.fewer_tokens:  # the processor's size settings
+        fix += f", or {layout.image_tiles.fewer_tokens}"
     # (the scheme says how prompt and new tokens share max_sequence: one budget, or one each for an encoder-decoder)
     raise BuildError(f"the parity sample {sample.label!r} ({len(sample.images)} image(s), {tokens} prompt tokens) "
                      f"does not fit this build's max_sequence of {limits.max_sequence} with {new_tokens} new tokens"

@@ -74,6 +74,9 @@ class ImageTiles:
     options: dict[str, Any] = field(default_factory=dict, hash=False)
     #: each image is cut alone, whatever else its prompt holds (see AnyResTiles.one_prompt)
     one_prompt: ClassVar[bool] = False
+    #: how a user makes its images fewer tokens (a build error's advice)
+    fewer_tokens: ClassVar[str] = ("save the image processor with a smaller largest image (its max_pixels / longest "
+                                   "edge: fewer tiles or patches per image)")
 
     def __post_init__(self) -> None:
         if self.counted_by not in TILE_COUNTS:
@@ -142,6 +145,9 @@ class ImagePatches:
     max_patches: int
     options: dict[str, Any] = field(default_factory=dict, hash=False)
     one_prompt: ClassVar[bool] = False  # each image cut alone
+    #: how a user makes its images fewer tokens (a build error's advice)
+    fewer_tokens: ClassVar[str] = ("save the image processor with a smaller largest image (its max_pixels / longest "
+                                   "edge: fewer tiles or patches per image)")
     window: int = 0
     #: the image path sees each image as one image (the tiles contract's count)
     max_tiles: ClassVar[int] = 1
@@ -276,6 +282,8 @@ class AnyResTiles:
     options: dict[str, Any] = field(default_factory=dict, hash=False)
     picture_tiles: int = 0
     one_prompt: bool = False
+    #: its resolutions are the model's own (image_grid_pinpoints): no processor setting makes fewer tokens
+    fewer_tokens: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pinpoints", tuple(tuple(int(v) for v in p) for p in self.pinpoints))
