@@ -275,3 +275,45 @@ def test_onevision_served_answers_equal_in_process(tiny_build, tmp_path):
         with ThreadPoolExecutor(len(asks)) as pool:
             assert list(pool.map(lambda ask: client.generate(ask[0], ask[1], max_tokens=8).text, asks)) == expected
         assert client.generate(*asks[0], max_tokens=8).text == expected[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packing_at_real_sizes_is_pack_image_features(family):
+    """At the real checkpoints' sizes (LLaVA-1.6: CLIP-L/336, 24 x 24 patches, 5 resolutions; OneVision: SigLIP at
+    384, 27 x 27 patches, 6 x 6 resolutions, anyres_max_9), random rows per tile packed by the scheme equal the
+    model's own ``pack_image_features`` on them (Hugging Face's code, on a stand-in config), shrunk pictures
+    included."""
+    from types import SimpleNamespace
+
+    from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    from vlm_export.contract import AnyResTiles, DecoderGeometry
+    from vlm_export.contract.anyres import AnyResSplicedScheme
+
+    if family == "llava_next":
+        tile, patches, pinpoints, aspect = 336, 24, [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]], None
+    else:
+        tile, patches, aspect = 384, 27, "anyres_max_9"
+        pinpoints = [[384 * a, 384 * b] for a in range(1, 7) for b in range(1, 7)]
+    tiles = AnyResTiles(tile=tile, patches=patches, pinpoints=pinpoints, max_tiles=37,
+                        picture_tiles=9 if aspect else 0)
+    hidden = 4
+    scheme = AnyResSplicedScheme(DecoderGeometry(num_layers=1, num_kv_heads=1, head_dim=4, hidden_size=hidden,
+                                                 vocab_size=10, max_position_embeddings=None), 5, tiles)
+    model = SimpleNamespace(config=SimpleNamespace(image_grid_pinpoints=pinpoints, vision_config=SimpleNamespace(
+        image_size=tile, patch_size=tile // patches)))
+    newline = torch.randn(hidden, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(3)
+    sizes = [(int(h), int(w)) for h, w in rng.integers(50, 3000, (12, 2))] + [(768, 2304), (2304, 2304), (300, 4000)]
+    for size in sizes:
+        rows = torch.from_numpy(rng.standard_normal((tiles.count(size), patches ** 2, hidden)).astype(np.float32))
+        with torch.no_grad():
+            if aspect:
+                want, _ = LlavaOnevisionModel.pack_image_features(model, [rows], torch.tensor([size]), newline, aspect)
+            else:
+                want, _ = LlavaNextModel.pack_image_features(model, [rows], torch.tensor([size]), "default", newline)
+        embeds = torch.cat([rows, newline.expand(len(rows), 1, hidden)], dim=1).numpy()  # the projector stage's
+        packed = scheme.image_input_from_values({"image_embeds": embeds, "image_sizes": np.array([size])})
+        assert packed.shape == tuple(want[0].shape) and len(packed) == tiles.tokens(size), size
+        np.testing.assert_allclose(packed, want[0].numpy(), atol=2e-6, rtol=0)  # float32 sums of 4 products
