@@ -9,8 +9,8 @@ then the tiles' as one picture cut back to the image's aspect, a learned newline
 number of image tokens follows each image's size as ``LlavaNextProcessor`` writes it. The LM is any Hugging Face
 causal LM (Mistral, Vicuna, Llama 3, Qwen ...), spliced as LLaVA's.
 
-Not covered: LLaVA-OneVision (``llava_onevision``), which also shrinks the packed picture past a size
-(``anyres_max``), and video.
+LLaVA-OneVision (``adapters/llava_onevision.py``) is this adapter with a shrunk picture and untiled images where a
+prompt has several. Not covered: video.
 """
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
-"""The ``spliced_anyres`` scheme: LLaVA-NeXT's decoder, fed as the spliced scheme's, with each image's rows packed
-from its tiles' (:class:`~vlm_export.contract.layout.AnyResTiles`).
+"""The ``spliced_anyres`` scheme: LLaVA-NeXT's and LLaVA-OneVision's decoder, fed as the spliced scheme's, with each
+image's rows packed from its tiles' (:class:`~vlm_export.contract.layout.AnyResTiles`).
 
 The image path makes every tile's rows and the model's ``image_newline`` as each tile's last row; which of them
-an image's placeholders take, in which order, follows the image's size alone (Hugging Face packs them in
-``pack_image_features`` after its projector). So the packing is a gather over the image path's output, made here
-from the preprocessed ``image_sizes``, with no model code: in process and in the served model alike, and for any
-batch of images (each image's sizes travel with its tiles).
+an image's placeholders take, in which order (and, for OneVision's shrunk pictures, with which bilinear weights),
+follows the image's size alone (Hugging Face packs them in ``pack_image_features`` after its projector). So the
+packing is a weighted gather over the image path's output, made here from the preprocessed ``image_sizes``, with no
+model code: in process and in the served model alike, and for any batch of images (each image's size travels with
+its tiles).
 """
 from __future__ import annotations
 
