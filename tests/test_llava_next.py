@@ -162,7 +162,11 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     from vlm_export.runtime.load import open_build
 
     pipe = open_build(tiny_build(family).path)
-    assert pipe.limits.max_image_tokens == pipe.limits.max_images * {"llava_next": 88, "llava_onevision": 56}[family]
+    most = {"llava_next": 88, "llava_onevision": 56}[family]
+    assert pipe.limits.max_image_tokens == pipe.limits.max_images * most
+    # TensorRT's prefill profile: up to every row's images, its optimum at a prompt of one (largest) image
+    assert pipe.scheme.dim_ranges(pipe.limits)[0]["image_tokens"] == (0, most, most * pipe.limits.max_images
+                                                                      * pipe.limits.max_batch)
     if family == "llava_onevision":  # several images in a prompt: each one tile, its rows and a newline
         assert [pipe.layout.image_tokens(g) for g in pipe.pixel_values_and_grids(_images(2, 3))[1]] == [17, 17]
     assert pipe.kv_in_place  # the fused form, decoding on one KV buffer written in place

@@ -17,8 +17,13 @@ class Limits:
     image_tokens: int = 0
 
     @property
+    def tokens_per_prompt_image(self) -> int:
+        """Image placeholders one prompt image becomes at most."""
+        return self.image_tokens or self.tiles_per_image * self.tokens_per_image
+
+    @property
     def max_image_tokens(self) -> int:
-        return self.max_images * (self.image_tokens or self.tiles_per_image * self.tokens_per_image)
+        return self.max_images * self.tokens_per_prompt_image
 
     @property
     def max_images_per_batch(self) -> int:

@@ -172,7 +172,7 @@ class SplicedScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
     def dim_ranges(self, limits: Limits) -> list[dict[str, Range]]:
         batch, seq = limits.max_batch, limits.max_sequence
         image_rows = limits.max_image_tokens * batch
-        tokens = limits.tokens_per_image
+        tokens = limits.tokens_per_prompt_image  # the optimum: a prompt of one image (all its tiles, where tiled)
         opt_seq = min(seq, max(tokens + 64, 128))
         opt_past = min(seq - 1, 256)
         return [
