@@ -141,4 +141,9 @@ class LlavaNextAdapter(LlavaAdapter):
         if pixel_values is None:
             return greedy_reference(loaded.model, input_ids, None, max_new_tokens, eos_token_ids)
         return greedy_reference(loaded.model, input_ids, pixel_values["pixel_values"], max_new_tokens, eos_token_ids,
-                                image_sizes=pixel_values[IMAGE_SIZES], **reference_image_kwargs(loaded))
+                                **self._reference_image_inputs(loaded, pixel_values))
+
+    @staticmethod
+    def _reference_image_inputs(loaded: LoadedModel, pixel_values: dict) -> dict:
+        """What HF's generate is given besides the tiles: each image's size."""
+        return {"image_sizes": pixel_values[IMAGE_SIZES], **reference_image_kwargs(loaded)}

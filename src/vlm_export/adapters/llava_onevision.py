@@ -13,6 +13,7 @@ Not covered: video.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,8 +23,6 @@ from ..contract.layout import IMAGE_SIZES
 from ..errors import AdapterError
 from . import register
 from .base import LoadedModel, processor_setting
-from .decoder import greedy_reference
-from .llava import reference_image_kwargs
 from .llava_next import LlavaNextAdapter
 
 
@@ -48,9 +47,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     @classmethod
     def tiles(cls, loaded: LoadedModel) -> AnyResTiles:
-        tiles = super().tiles(loaded)
-        return AnyResTiles(tiles.tile, tiles.patches, tiles.pinpoints, tiles.max_tiles, tiles.options,
-                           picture_tiles=cls.picture_tiles(loaded), one_prompt=True)
+        return replace(super().tiles(loaded), picture_tiles=cls.picture_tiles(loaded), one_prompt=True)
 
     @staticmethod
     def _check_processor_packing(loaded: LoadedModel, tiles: AnyResTiles) -> None:
@@ -67,12 +64,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                                    "writes another number of image tokens than the model packs; Hugging Face's generate "
                                    "refuses this checkpoint too: fix processor_config.json")
 
-    def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
-        """HF generate as LLaVA-NeXT's, told that the images are one prompt's (``batch_num_images``): several are
-        one tile each."""
-        if pixel_values is None:
-            return super().reference_generate(loaded, input_ids, None, max_new_tokens, eos_token_ids)
-        return greedy_reference(loaded.model, input_ids, pixel_values["pixel_values"], max_new_tokens, eos_token_ids,
-                                image_sizes=pixel_values[IMAGE_SIZES],
-                                batch_num_images=torch.tensor([len(pixel_values[IMAGE_SIZES])]),
-                                **reference_image_kwargs(loaded))
+    @staticmethod
+    def _reference_image_inputs(loaded: LoadedModel, pixel_values: dict) -> dict:
+        """LLaVA-NeXT's, and that the images are one prompt's (``batch_num_images``): several are one tile each."""
+        return {**LlavaNextAdapter._reference_image_inputs(loaded, pixel_values),
+                "batch_num_images": torch.tensor([len(pixel_values[IMAGE_SIZES])])}

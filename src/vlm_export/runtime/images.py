@@ -67,7 +67,8 @@ def processed_images(processor, images: "list[ImageInput]", limits: ImageLimits,
     white = over_white(processor)
     pil = [load_image(image, limits, image_name(k, image, len(images)), white) for k, image in enumerate(images)]
     options = tiles.options if tiles is not None else {}
-    return processor(images=[pil] if getattr(tiles, "one_prompt", False) else pil, return_tensors="np", **options)
+    one_prompt = tiles is not None and tiles.one_prompt
+    return processor(images=[pil] if one_prompt else pil, return_tensors="np", **options)
 
 
 def image_grids(processor, images: "list[ImageInput]", limits: ImageLimits, tiles: ImageTiles) -> list[tuple[int, int]]:
