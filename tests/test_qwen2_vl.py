@@ -1,7 +1,8 @@
-"""Qwen2-VL and Qwen2.5-VL: each image cut by its Qwen2VLImageProcessor into as many patches as its size needs
-(``contract.ImagePatches``: the image path reads a row of patches per image, padded, with their places and a mask),
-one image token per merge block, and the LM's multimodal rotary positions (the ``spliced_mrope`` scheme). The build
-itself (parity of every stage, HF generate's tokens alone and batched on the default samples) is test_export_core's."""
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: each image cut by its Qwen2VLImageProcessor into as many patches as its size
+needs (``contract.ImagePatches``: the image path reads a row of patches per image, padded, with their places and a
+mask), one image token per merge block, and the LM's multimodal rotary positions (the ``spliced_mrope`` scheme;
+Qwen3-VL's rows carry its deepstack features too: ``spliced_mrope_deepstack``). The build itself (parity of every
+stage, HF generate's tokens alone and batched on the default samples) is test_export_core's."""
 from __future__ import annotations
 
 import shutil
@@ -14,7 +15,7 @@ import torch
 from conftest import check_answers_equal_hf_generate, check_served_as_in_process, random_photo
 from vlm_export.errors import AdapterError
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 #: (height, width): the largest grid (12 x 12 patches, 3 x 3 windows of Qwen2.5-VL), uneven ones that cut windows
 #: short, the smallest (one merge block of 2 x 2 patches: 8 x 8 pixels)
 SIZES = [(300, 200), (20, 50), (70, 20), (3, 3), (64, 64), (41, 33)]
@@ -56,8 +57,10 @@ def test_prompt_ids_and_patches_are_qwen2vl_processors(tiny_build, tiny_model_di
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_image_rows_and_positions_equal_hf(tiny_model_dir, family):
-    """The split vision tower (a mask in place of per-image lengths; Qwen2.5-VL's windows gathered into slots) and
-    merger on a padded batch of images of every size give Hugging Face's image features; the scheme's positions for a
+    """The split vision tower (a mask in place of per-image lengths; Qwen2.5-VL's windows gathered into slots;
+    Qwen3-VL's position grid resampled to each image's grid) and merger on a padded batch of images of every size give
+    Hugging Face's image features (Qwen3-VL's: each row's embedding, then its deepstack features, every level the
+    merger of its own vision block); the scheme's positions for a
     left-padded prefill of several prompts are ``get_rope_index``'s, and each row's next position its delta's."""
     from vlm_export.adapters import adapter_for
     from vlm_export.runtime.images import processed_images, ImageLimits
@@ -72,10 +75,13 @@ def test_image_rows_and_positions_equal_hf(tiny_model_dir, family):
     vision, projector = adapter.stages(loaded)[:2]
     with torch.no_grad():
         rows = projector.module(vision.module(*(torch.from_numpy(arranged[t.name]) for t in vision.spec.inputs)))
-        want = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
-                                                     torch.from_numpy(flat["image_grid_thw"])).pooler_output
+        theirs = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
+                                                       torch.from_numpy(flat["image_grid_thw"]))
+    levels = getattr(theirs, "deepstack_features", None) or []
+    assert len(levels) == (2 if family == "qwen3_vl" else 0)
+    want = torch.cat([torch.cat(list(level)) for level in [theirs.pooler_output, *levels]], dim=-1)
     placed = scheme.image_input_from_values({"image_embeds": rows.numpy(), **arranged})
-    np.testing.assert_allclose(placed.rows, torch.cat(list(want)).numpy(), atol=2e-5, rtol=0)
+    np.testing.assert_allclose(placed.rows, want.numpy(), atol=2e-5, rtol=0)
 
     token, start, end = cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id
     counts = [h * w // 4 for h, w in layout.image_tiles.grids(flat)]
@@ -114,20 +120,23 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     check_answers_equal_hf_generate(pipe, loaded, requests + [(TURNS, _images(2, 3)), ("Tell me a story.", [])])
 
 
-def test_text_model_is_an_ordinary_qwen2(tiny_model_dir, tmp_path):
-    """For text alone M-RoPE's three streams are one: the LM written for peers (llama.cpp, onnxruntime-genai) is a
-    plain Qwen2 causal LM with the same logits."""
+@pytest.mark.parametrize("family, lm", [("qwen2_vl", "qwen2"), ("qwen3_vl", "qwen3")])
+def test_text_model_is_an_ordinary_causal_lm(tiny_model_dir, tmp_path, family, lm):
+    """For text alone M-RoPE's three streams are one (interleaved or not) and no deepstack feature is added: the LM
+    written for peers (llama.cpp, onnxruntime-genai) is a plain Qwen2 (Qwen3-VL's: Qwen3) causal LM with the same
+    logits."""
     from transformers import AutoModelForCausalLM
 
     from vlm_export.adapters import adapter_for
 
-    folder = tiny_model_dir("qwen2_vl")
+    folder = tiny_model_dir(family)
     loaded = adapter_for(folder).load(folder)
-    lm = AutoModelForCausalLM.from_pretrained(loaded.adapter.write_text_model(loaded, tmp_path / "lm")).eval()
-    assert lm.config.model_type == "qwen2"
+    written = loaded.adapter.write_text_model(loaded, tmp_path / "lm")
+    lm_model = AutoModelForCausalLM.from_pretrained(written).eval()
+    assert lm_model.config.model_type == lm
     ids = torch.tensor([[5, 17, 300, 41, 9, 1000]])
     with torch.no_grad():
-        torch.testing.assert_close(lm(ids).logits, loaded.model(input_ids=ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(lm_model(ids).logits, loaded.model(input_ids=ids).logits, atol=1e-5, rtol=0)
 
 
 def test_an_image_processor_of_another_patch_size_is_refused(tiny_model_dir, tmp_path):

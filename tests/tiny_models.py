@@ -798,16 +798,27 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% endif %}")
 
 
+#: Qwen3-VL-Instruct's form: Qwen2-VL's without the default system turn
+QWEN3_VL_CHAT_TEMPLATE = QWEN2_VL_CHAT_TEMPLATE.replace(
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}", "")
+assert QWEN3_VL_CHAT_TEMPLATE != QWEN2_VL_CHAT_TEMPLATE
+
+
 def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patch_size: int = 4, merge: int = 2,
                        min_pixels: int = 8 * 8, max_pixels: int = 48 * 48, text_sizes: dict | None = None,
                        vision_sizes: dict | None = None) -> Path:
-    """A tiny random Qwen2-VL (``family`` "qwen2_vl") or Qwen2.5-VL ("qwen2_5_vl": RMSNorm + SwiGLU vision blocks,
-    attention in windows of 4 x 4 patches but for block 1) with SmolLM2's tokenizer, Qwen's image tokens added,
+    """A tiny random Qwen2-VL (``family`` "qwen2_vl"), Qwen2.5-VL ("qwen2_5_vl": RMSNorm + SwiGLU vision blocks,
+    attention in windows of 4 x 4 patches but for block 1) or Qwen3-VL ("qwen3_vl": a learned 6 x 6 position grid
+    resampled to each image, deepstack features from vision blocks 0 and 1 added to the LM's first two layers'
+    outputs, a Qwen3 LM with interleaved M-RoPE; Qwen3-VL's chat template, which writes no default system turn)
+    with SmolLM2's tokenizer, Qwen's image tokens added,
     and its Qwen2VLImageProcessor (PIL) making between ``min_pixels`` and ``max_pixels`` pixels of patches of
     ``patch_size``. Qwen2VLProcessor needs torchvision to load (its video processor), so its files are saved as
     it saves them: the tokenizer, the image processor and the chat template."""
-    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2VLConfig
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+    from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
+                              Qwen3VLForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), extra_special_tokens={
@@ -816,10 +827,15 @@ def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patc
     text = {**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2), **(text_sizes or {})}
     head = text["hidden_size"] // text["num_attention_heads"]
-    # M-RoPE's frame / row / column sections of the rotary's half head (Qwen2-VL-7B: [16, 24, 24] of 64)
+    # M-RoPE's frame / row / column sections of the rotary's half head (Qwen2-VL-7B: [16, 24, 24] of 64; Qwen3-VL's
+    # [24, 20, 20], interleaved: frame, row, column, frame, ...)
     section = [head // 8, (head // 2 - head // 8) // 2, head // 2 - head // 8 - (head // 2 - head // 8) // 2]
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
+    if family == "qwen3_vl":
+        rope.update(mrope_section=[head // 2 - 2 * (head // 6), head // 6, head // 6], mrope_interleaved=True)
+        text.setdefault("head_dim", head)
     text.update(vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-                pad_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section})
+                pad_token_id=2, rope_parameters=rope)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
@@ -831,16 +847,23 @@ def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patc
         vision = {**dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, fullatt_block_indexes=[1],
                          window_size=2 * merge * patch_size), **(vision_sizes or {}), "out_hidden_size": text["hidden_size"]}
         config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    elif family == "qwen3_vl":
+        vision = {**dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, num_position_embeddings=36,
+                         deepstack_visual_indexes=[0, 1]), **(vision_sizes or {}), "out_hidden_size": text["hidden_size"]}
+        config_cls, model_cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration
     else:
-        raise ValueError(f"family {family!r}: qwen2_vl or qwen2_5_vl")
+        raise ValueError(f"family {family!r}: qwen2_vl, qwen2_5_vl or qwen3_vl")
     vision.update(in_channels=3, patch_size=patch_size, spatial_merge_size=merge, temporal_patch_size=2)
     cfg = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
     torch.manual_seed(seed)
     model_cls(cfg).eval().save_pretrained(path)
+    # Qwen3-VL's processor normalizes to [-1, 1] (mean and std 0.5), Qwen2-VL's by CLIP's statistics
+    norm = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if family == "qwen3_vl" else {}
     Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=merge, temporal_patch_size=2, min_pixels=min_pixels,
-                             max_pixels=max_pixels).save_pretrained(path)
+                             max_pixels=max_pixels, **norm).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    (path / "chat_template.jinja").write_text(QWEN2_VL_CHAT_TEMPLATE)
+    (path / "chat_template.jinja").write_text(QWEN3_VL_CHAT_TEMPLATE if family == "qwen3_vl"
+                                              else QWEN2_VL_CHAT_TEMPLATE)
     return path
 
 

@@ -345,7 +345,8 @@ def spliced_decoder_stage(module: SplicingDecoder, scheme: SplicedScheme) -> Sta
     spec = scheme.decoder_spec(DECODER_PRECISIONS)
     positions = torch.arange(EXAMPLE_PAST, total).repeat(EXAMPLE_BATCH, 1)
     streams = next(t.dims for t in spec.inputs if t.name == "position_ids")[:-2]  # M-RoPE's three (contract/mrope.py)
-    example = (ids, torch.randn(2, g.hidden_size, generator=gen), torch.ones(EXAMPLE_BATCH, total, dtype=torch.int64),
+    example = (ids, torch.randn(2, scheme.image_row_width, generator=gen),
+               torch.ones(EXAMPLE_BATCH, total, dtype=torch.int64),
                positions.expand(*streams, -1, -1).clone(), *past)
     return Stage(spec, module, example,
                  export_context=lambda: base_rope_frequencies(module.text_model))

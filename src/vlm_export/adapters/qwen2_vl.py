@@ -46,19 +46,26 @@ class PatchVisionTower(nn.Module):
     Qwen2.5-VL attention window (None: every block sees the whole image); ``full_blocks``: the blocks that see
     the whole image anyway. A windowed block gathers each window's patches into ``window²`` slots, attends within
     them (empty slots masked) and puts the results back: the attention Hugging Face computes per window, in
-    memory and time that grow with the windows, not the square of the image."""
+    memory and time that grow with the windows, not the square of the image. ``kept_blocks``: blocks whose
+    outputs are returned too, after the last hidden state along its width (Qwen3-VL's deepstack features)."""
 
-    def __init__(self, tower: nn.Module, window: int | None = None, full_blocks: tuple[int, ...] = ()):
+    def __init__(self, tower: nn.Module, window: int | None = None, full_blocks: tuple[int, ...] = (),
+                 kept_blocks: tuple[int, ...] = ()):
         super().__init__()
         self.tower, self.window, self.full_blocks = tower, window, frozenset(full_blocks)
+        self.kept_blocks = tuple(kept_blocks)
 
-    def forward(self, pixel_values, patch_positions, patch_mask, *windows):
-        tower = self.tower
+    def embed(self, pixel_values, patch_positions, patch_mask):
+        """The patches' embeddings before the first block."""
         # the patch embedding's Conv3d covers each patch whole (kernel = stride = the patch): a matmul with its
         # weights flattened as the processor flattens a patch (channels, frames, rows, columns). (torch.onnx
         # gave the Conv3d here a bias of the wrong shape, which ONNX Runtime refuses.)
-        conv = tower.patch_embed.proj
-        hidden = nn.functional.linear(pixel_values, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
+        conv = self.tower.patch_embed.proj
+        return nn.functional.linear(pixel_values, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
+
+    def forward(self, pixel_values, patch_positions, patch_mask, *windows):
+        tower = self.tower
+        hidden = self.embed(pixel_values, patch_positions, patch_mask)
         lowest = torch.finfo(torch.float32).min
         whole = (self._angles(patch_positions), torch.where(patch_mask.bool()[:, None, None, :], 0.0, lowest))
         if self.window is not None:
@@ -69,6 +76,7 @@ class PatchVisionTower(nn.Module):
             places = torch.gather(patch_positions, 1, slots.unsqueeze(-1).expand(-1, -1, 2))
             cos, sin = self._angles(places)
             per_window = ((cos.reshape(-1, 1, size, cos.shape[-1]), sin.reshape(-1, 1, size, sin.shape[-1])), empty)
+        kept = {}
         for number, block in enumerate(tower.blocks):
             x = block.norm1(hidden)
             if self.window is None or number in self.full_blocks:
@@ -80,7 +88,8 @@ class PatchVisionTower(nn.Module):
                 out = torch.gather(out, 1, patch_slots.unsqueeze(-1).expand(-1, -1, width))
             hidden = hidden + out
             hidden = hidden + block.mlp(block.norm2(hidden))
-        return hidden
+            kept[number] = hidden
+        return torch.cat([hidden, *(kept[k] for k in self.kept_blocks)], dim=-1) if self.kept_blocks else hidden
 
     def _angles(self, places):
         """(cos, sin) [images, 1, patches, head size] of the tower's axial rotary at ``places``: (row, column)
@@ -120,10 +129,14 @@ class Qwen2VLAdapter(VLMAdapter):
     description = ("Hugging Face Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration (a ViT on "
                    "patches of any image size + patch merger + a Qwen2 LM with multimodal rotary positions)")
 
+    #: the Hugging Face class of each model type
+    model_classes = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
+                     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+
     def load(self, path: Path) -> LoadedModel:
         path = Path(path)
-        model, tokenizer, image_processor = load_hf_parts(model_class_by_type(path, self.name, {
-            "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}), path)
+        model, tokenizer, image_processor = load_hf_parts(model_class_by_type(path, self.name, self.model_classes),
+                                                          path)
         cfg = model.config
         loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
         use_saved_chat_template(tokenizer, path)  # the processor's (typed parts), not the tokenizer's text-only one
@@ -175,11 +188,21 @@ class Qwen2VLAdapter(VLMAdapter):
         return (int(vision.window_size) // merge // int(vision.patch_size) * merge,
                 tuple(int(i) for i in vision.fullatt_block_indexes))
 
+    def vision_modules(self, loaded: LoadedModel) -> tuple[nn.Module, nn.Module]:
+        """(the vision tower on rows of patches, the projector on its output)."""
+        visual = loaded.model.model.visual
+        return (PatchVisionTower(visual, *self._window(loaded)),
+                PatchMergerProjector(visual.merger, loaded.config.text_config.hidden_size))
+
+    def decoder(self, loaded: LoadedModel, scheme: MRopeSplicedScheme) -> SplicingDecoder:
+        text = loaded.model.model.language_model
+        return SplicingDecoder(text.get_input_embeddings(), text, loaded.model.lm_head, loaded.config.image_token_id,
+                               scheme.geometry.num_layers)
+
     def stages(self, loaded: LoadedModel) -> list[Stage]:
-        m, cfg = loaded.model, loaded.config
+        cfg = loaded.config
         patches = self._patches(loaded)
-        tower = PatchVisionTower(m.model.visual, *self._window(loaded))
-        projector = PatchMergerProjector(m.model.visual.merger, cfg.text_config.hidden_size)
+        tower, projector = self.vision_modules(loaded)
         # two images as the processor gives them, arranged as the image path reads them: a grid of 4 x 4 merge blocks
         # and one of 2 x 4, padded to its size (every dynamic dim >= 2)
         vision = cfg.vision_config
@@ -211,11 +234,8 @@ class Qwen2VLAdapter(VLMAdapter):
             (TensorSpec("image_embeds", "float32", ("images", "image_tokens_per_image", embeds.shape[-1])),),
             IMAGE_PRECISIONS, {"patches": ranges["patches"]})
         scheme = self.scheme(loaded)
-        text = m.model.language_model
-        decoder = SplicingDecoder(text.get_input_embeddings(), text, m.lm_head, cfg.image_token_id,
-                                  scheme.geometry.num_layers)
         return [Stage(vision_spec, tower, example), Stage(projector_spec, projector, (features,)),
-                spliced_decoder_stage(decoder, scheme)]
+                spliced_decoder_stage(self.decoder(loaded, scheme), scheme)]
 
     def scheme(self, loaded: LoadedModel) -> MRopeSplicedScheme:
         return MRopeSplicedScheme(self.geometry(loaded), loaded.config.image_token_id,
@@ -252,15 +272,20 @@ class Qwen2VLAdapter(VLMAdapter):
                                         eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0])
         return out[0, input_ids.shape[1]:].tolist()
 
+    #: the causal LM the text model is for text alone (``write_text_model``)
+    text_config_class = "Qwen2Config"
+
     def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
-        """The LM as a Qwen2 causal LM: for text alone M-RoPE's three streams are one, Qwen2's rotary."""
-        from transformers import Qwen2Config
+        """The LM as a plain causal LM (Qwen2's; Qwen3-VL's a Qwen3): for text alone M-RoPE's three streams are
+        one, the plain rotary."""
+        import transformers
 
         text = loaded.config.text_config.to_dict()
-        rope = {k: v for k, v in (text.get("rope_parameters") or {}).items() if k not in ("mrope_section", "type")}
+        rope = {k: v for k, v in (text.get("rope_parameters") or {}).items()
+                if k not in ("mrope_section", "mrope_interleaved", "type")}
         keep = {k: v for k, v in text.items() if k not in ("model_type", "architectures", "rope_parameters",
                                                             "rope_scaling", "transformers_version")}
-        config = Qwen2Config(**keep, rope_parameters=rope or None)
+        config = getattr(transformers, self.text_config_class)(**keep, rope_parameters=rope or None)
         m = loaded.model
         return save_causal_lm(config, m.model.language_model, m.lm_head, loaded.tokenizer, out,
                               getattr(m, "generation_config", None))

@@ -106,7 +106,7 @@ class MRopeSplicedScheme(SplicedScheme):
         raise ValueError("the spliced_mrope scheme places each image row by its patches: use image_input_from_values")
 
     def empty_image_input(self) -> PlacedRows:
-        return PlacedRows(np.zeros((0, self.geometry.hidden_size), np.float32), np.zeros((0, 2), np.int64))
+        return PlacedRows(np.zeros((0, self.image_row_width), np.float32), np.zeros((0, 2), np.int64))
 
     def join_image_inputs(self, parts: Sequence[PlacedRows]) -> PlacedRows:
         parts = [p for p in parts if len(p)]
@@ -156,3 +156,25 @@ class MRopeSplicedScheme(SplicedScheme):
 def _streams(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A decode step's feeds with its positions in all three streams (text after the prompt)."""
     return {**feeds, "position_ids": np.repeat(feeds["position_ids"][None], STREAMS, axis=0)}
+
+
+@register_scheme
+class DeepstackMRopeScheme(MRopeSplicedScheme):
+    """``spliced_mrope`` whose image rows also carry ``levels`` deepstack features (Qwen3-VL's): each row is
+    ``hidden x (1 + levels)`` wide, the embedding that replaces its placeholder, then what the decoder adds to that
+    position's hidden state after each of its first ``levels`` layers. One table, so the image rows' cache, their
+    order in a batch and their transport stay the spliced scheme's; the decoder splits them."""
+
+    name = "spliced_mrope_deepstack"
+
+    def __init__(self, geometry: DecoderGeometry, image_token_id: int, merge: int, levels: int,
+                 image_input_name: str = "image_embeds"):
+        super().__init__(geometry, image_token_id, merge, image_input_name)
+        self.levels = int(levels)
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "levels": self.levels}
+
+    @property
+    def image_row_width(self) -> int:
+        return self.geometry.hidden_size * (1 + self.levels)

@@ -111,11 +111,16 @@ class FlatImageTable:
     image_input_name: str
 
     @property
+    def image_row_width(self) -> int:
+        """The width of one image row: the LM's hidden size (a scheme that carries more per row says so)."""
+        return self.geometry.hidden_size
+
+    @property
     def image_input(self) -> TensorSpec:
-        return TensorSpec(self.image_input_name, "float32", ("image_tokens", self.geometry.hidden_size), "decoder")
+        return TensorSpec(self.image_input_name, "float32", ("image_tokens", self.image_row_width), "decoder")
 
     def empty_image_input(self) -> np.ndarray:
-        return np.zeros((0, self.geometry.hidden_size), dtype=np.float32)
+        return np.zeros((0, self.image_row_width), dtype=np.float32)
 
     def image_input_from(self, stage_output: np.ndarray) -> np.ndarray:
         return stage_output.reshape(-1, stage_output.shape[-1])  # [images, tokens, hidden] -> rows in order

@@ -241,14 +241,15 @@ def _dims(g, name: str, rank: int) -> list:
     return shape
 
 
-def _of_heads_alone(g, name: str, limit: int = 64) -> tuple[str, bool] | None:
+def _of_heads_alone(g, name: str, limit: int = 128) -> tuple[str, bool] | None:
     """``name`` = f(Transpose(0,2,1,3)(h)) for a sub-graph f that reads nothing else but constants and the
     token's positions (or the mask) and keeps the transposed heads' (batch, heads, sequence) axes: a
     per-head norm after the transpose (StableLM's per-head LayerNorm as Split / LayerNormalization /
     Concat), GPT-NeoX's q, k or v sliced from each head's packed channels, a rotary followed by such a
     norm (Hunyuan's) or by a scale per position (Ministral 3's): the transpose's output, else None. The
     kernel then reads what f computed. Never a sub-graph reading a past KV (its shape is the buffer's
-    capacity on one shared buffer). At most ``limit`` nodes. Returns (the transpose's output, whether f
+    capacity on one shared buffer). At most ``limit`` nodes (Qwen3-VL's interleaved M-RoPE after its per-head
+    norm: 84). Returns (the transpose's output, whether f
     holds a RotaryEmbedding), else None."""
     shape, seen, frontier, found, rotated = g.shape(name), set(), [name], set(), False
     while frontier:
