@@ -28,22 +28,24 @@ def _images(n: int, first: int = 0):
     return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
 
 
-@pytest.mark.parametrize("first", [0, 2, 3])
-def test_prompt_ids_and_patches_are_qwen2vl_processors(tiny_build, tiny_model_dir, first):
-    """Each image written as Qwen2VLProcessor writes it (its own ``replace_image_token`` over the image processor's
-    grids; the processor itself needs torchvision to load), where the chat template puts it; the image path's rows
-    of patches hold the image processor's patches, in order, and nothing else."""
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLProcessor
+@pytest.mark.parametrize("family, first", [("qwen2_vl", 0), ("qwen2_vl", 2), ("qwen2_vl", 3), ("qwen3_vl", 0)])
+def test_prompt_ids_and_patches_are_the_processors(tiny_build, tiny_model_dir, family, first):
+    """Each image written as Qwen2VLProcessor (Qwen3VLProcessor) writes it (its own ``replace_image_token`` over the
+    image processor's grids; the processor itself needs torchvision to load), where the chat template puts it (Qwen3-VL's
+    writes no default system turn); the image path's rows of patches hold the image processor's patches, in order, and
+    nothing else."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLProcessor, Qwen3VLProcessor
 
     from vlm_export.runtime.load import open_build
 
-    folder = tiny_model_dir("qwen2_vl")
-    pipe = open_build(tiny_build("qwen2_vl").path)
+    folder = tiny_model_dir(family)
+    pipe = open_build(tiny_build(family).path)
     tokenizer, image_processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
     images = _images(2, first)
     theirs = image_processor(images=images, return_tensors="np")
     processor = SimpleNamespace(image_token="<|image_pad|>", image_processor=image_processor)
-    strings = [Qwen2VLProcessor.replace_image_token(processor, theirs, k) for k in range(2)]
+    replace = (Qwen3VLProcessor if family == "qwen3_vl" else Qwen2VLProcessor).replace_image_token
+    strings = [replace(processor, theirs, k) for k in range(2)]
     text = tokenizer.apply_chat_template(TURNS, add_generation_prompt=True, tokenize=False)
     parts = text.split("<|image_pad|>")
     ids = pipe.prompt_ids(TURNS, images)
@@ -103,7 +105,7 @@ def test_image_rows_and_positions_equal_hf(tiny_model_dir, family):
     np.testing.assert_array_equal(state.positions, deltas.reshape(-1).numpy() + [len(p) for p in prompts])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["qwen3_vl_moe"])
 def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir, family):
     """Images of every size, alone and two at once: greedy answers = Hugging Face generate's (with the processor's
     ``mm_token_type_ids``: without them it drops M-RoPE), alone and decoded together in one batch on one KV buffer
@@ -120,11 +122,11 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     check_answers_equal_hf_generate(pipe, loaded, requests + [(TURNS, _images(2, 3)), ("Tell me a story.", [])])
 
 
-@pytest.mark.parametrize("family, lm", [("qwen2_vl", "qwen2"), ("qwen3_vl", "qwen3")])
+@pytest.mark.parametrize("family, lm", [("qwen2_vl", "qwen2"), ("qwen3_vl", "qwen3"), ("qwen3_vl_moe", "qwen3_moe")])
 def test_text_model_is_an_ordinary_causal_lm(tiny_model_dir, tmp_path, family, lm):
     """For text alone M-RoPE's three streams are one (interleaved or not) and no deepstack feature is added: the LM
-    written for peers (llama.cpp, onnxruntime-genai) is a plain Qwen2 (Qwen3-VL's: Qwen3) causal LM with the same
-    logits."""
+    written for peers (llama.cpp, onnxruntime-genai) is a plain Qwen2 (Qwen3-VL's: Qwen3; Qwen3-VL-MoE's: Qwen3-MoE)
+    causal LM with the same logits."""
     from transformers import AutoModelForCausalLM
 
     from vlm_export.adapters import adapter_for

@@ -811,14 +811,15 @@ def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patc
     """A tiny random Qwen2-VL (``family`` "qwen2_vl"), Qwen2.5-VL ("qwen2_5_vl": RMSNorm + SwiGLU vision blocks,
     attention in windows of 4 x 4 patches but for block 1) or Qwen3-VL ("qwen3_vl": a learned 6 x 6 position grid
     resampled to each image, deepstack features from vision blocks 0 and 1 added to the LM's first two layers'
-    outputs, a Qwen3 LM with interleaved M-RoPE; Qwen3-VL's chat template, which writes no default system turn)
+    outputs, a Qwen3 LM with interleaved M-RoPE; Qwen3-VL's chat template, which writes no default system turn) or
+    Qwen3-VL-MoE ("qwen3_vl_moe": the same over a Qwen3-MoE LM)
     with SmolLM2's tokenizer, Qwen's image tokens added,
     and its Qwen2VLImageProcessor (PIL) making between ``min_pixels`` and ``max_pixels`` pixels of patches of
     ``patch_size``. Qwen2VLProcessor needs torchvision to load (its video processor), so its files are saved as
     it saves them: the tokenizer, the image processor and the chat template."""
-    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
     from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
-                              Qwen3VLForConditionalGeneration)
+                              Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), extra_special_tokens={
@@ -831,7 +832,10 @@ def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patc
     # [24, 20, 20], interleaved: frame, row, column, frame, ...)
     section = [head // 8, (head // 2 - head // 8) // 2, head // 2 - head // 8 - (head // 2 - head // 8) // 2]
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
-    if family == "qwen3_vl":
+    qwen3 = family in ("qwen3_vl", "qwen3_vl_moe")
+    if family == "qwen3_vl_moe":  # every layer sparse: 4 experts, 2 per token
+        text = {**dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), **text}
+    if qwen3:
         rope.update(mrope_section=[head // 2 - 2 * (head // 6), head // 6, head // 6], mrope_interleaved=True)
         text.setdefault("head_dim", head)
     text.update(vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
@@ -847,23 +851,23 @@ def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patc
         vision = {**dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, fullatt_block_indexes=[1],
                          window_size=2 * merge * patch_size), **(vision_sizes or {}), "out_hidden_size": text["hidden_size"]}
         config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    elif family == "qwen3_vl":
+    elif qwen3:
         vision = {**dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, num_position_embeddings=36,
                          deepstack_visual_indexes=[0, 1]), **(vision_sizes or {}), "out_hidden_size": text["hidden_size"]}
-        config_cls, model_cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration
+        config_cls, model_cls = ((Qwen3VLConfig, Qwen3VLForConditionalGeneration) if family == "qwen3_vl"
+                                 else (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration))
     else:
-        raise ValueError(f"family {family!r}: qwen2_vl, qwen2_5_vl or qwen3_vl")
+        raise ValueError(f"family {family!r}: qwen2_vl, qwen2_5_vl, qwen3_vl or qwen3_vl_moe")
     vision.update(in_channels=3, patch_size=patch_size, spatial_merge_size=merge, temporal_patch_size=2)
     cfg = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
     torch.manual_seed(seed)
     model_cls(cfg).eval().save_pretrained(path)
     # Qwen3-VL's processor normalizes to [-1, 1] (mean and std 0.5), Qwen2-VL's by CLIP's statistics
-    norm = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if family == "qwen3_vl" else {}
+    norm = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if qwen3 else {}
     Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=merge, temporal_patch_size=2, min_pixels=min_pixels,
                              max_pixels=max_pixels, **norm).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    (path / "chat_template.jinja").write_text(QWEN3_VL_CHAT_TEMPLATE if family == "qwen3_vl"
-                                              else QWEN2_VL_CHAT_TEMPLATE)
+    (path / "chat_template.jinja").write_text(QWEN3_VL_CHAT_TEMPLATE if qwen3 else QWEN2_VL_CHAT_TEMPLATE)
     return path
 
 

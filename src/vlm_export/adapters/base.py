@@ -248,6 +248,9 @@ def save_causal_lm(text_config, base_model: nn.Module, lm_head: nn.Module, token
 
     config = copy.deepcopy(text_config)
     config.architectures = None  # from_config fills in the causal-LM class on save
+    # tied as the VLM's head is, whatever the text config says (Qwen3-VL-MoE's says tied, its VLM's head is not):
+    # loading the head into a tied LM would overwrite its token embeddings
+    config.tie_word_embeddings = lm_head.weight.data_ptr() == base_model.get_input_embeddings().weight.data_ptr()
     lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     lm.base_model.load_state_dict(base_model.state_dict())
     lm.get_output_embeddings().load_state_dict(lm_head.state_dict())

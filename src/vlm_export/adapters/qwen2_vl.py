@@ -129,14 +129,14 @@ class Qwen2VLAdapter(VLMAdapter):
     description = ("Hugging Face Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration (a ViT on "
                    "patches of any image size + patch merger + a Qwen2 LM with multimodal rotary positions)")
 
-    #: the Hugging Face class of each model type
-    model_classes = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
-                     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+    #: each model type's Hugging Face class, and the config of its LM alone (``write_text_model``)
+    model_classes = {"qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2Config"),
+                     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2Config")}
 
     def load(self, path: Path) -> LoadedModel:
         path = Path(path)
-        model, tokenizer, image_processor = load_hf_parts(model_class_by_type(path, self.name, self.model_classes),
-                                                          path)
+        classes = {kind: model for kind, (model, _) in self.model_classes.items()}
+        model, tokenizer, image_processor = load_hf_parts(model_class_by_type(path, self.name, classes), path)
         cfg = model.config
         loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
         use_saved_chat_template(tokenizer, path)  # the processor's (typed parts), not the tokenizer's text-only one
@@ -272,12 +272,12 @@ class Qwen2VLAdapter(VLMAdapter):
                                         eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0])
         return out[0, input_ids.shape[1]:].tolist()
 
-    #: the causal LM the text model is for text alone (``write_text_model``)
-    text_config_class = "Qwen2Config"
+    #: settings the LM alone needs beyond its text config, by model type
+    text_lm_settings: dict[str, dict] = {}
 
     def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
-        """The LM as a plain causal LM (Qwen2's; Qwen3-VL's a Qwen3): for text alone M-RoPE's three streams are
-        one, the plain rotary."""
+        """The LM as a plain causal LM (Qwen2's; Qwen3-VL's a Qwen3 or Qwen3-MoE): for text alone M-RoPE's three
+        streams are one, the plain rotary."""
         import transformers
 
         text = loaded.config.text_config.to_dict()
@@ -285,7 +285,9 @@ class Qwen2VLAdapter(VLMAdapter):
                 if k not in ("mrope_section", "mrope_interleaved", "type")}
         keep = {k: v for k, v in text.items() if k not in ("model_type", "architectures", "rope_parameters",
                                                             "rope_scaling", "transformers_version")}
-        config = getattr(transformers, self.text_config_class)(**keep, rope_parameters=rope or None)
+        text_config_class = self.model_classes[loaded.config.model_type][1]
+        keep.update(self.text_lm_settings.get(loaded.config.model_type, {}))
+        config = getattr(transformers, text_config_class)(**keep, rope_parameters=rope or None)
         m = loaded.model
         return save_causal_lm(config, m.model.language_model, m.lm_head, loaded.tokenizer, out,
                               getattr(m, "generation_config", None))

@@ -1,4 +1,5 @@
-"""Qwen3-VL: ``Qwen3VLForConditionalGeneration``.
+"""Qwen3-VL: ``Qwen3VLForConditionalGeneration`` and ``Qwen3VLMoeForConditionalGeneration`` (its LM a mixture of
+experts).
 
 Qwen2-VL's image path and prompt (``adapters/qwen2_vl.py``: rows of patches of any image size, one image token
 per merge block, multimodal rotary positions made by the scheme) with three differences, each followed here as
@@ -11,8 +12,8 @@ Hugging Face computes it:
   added to the LM's hidden states at the image positions after its first layers, one block's per layer. The
   projector gives each image row its embedding and these features side by side (``hidden x (1 + levels)`` wide;
   the ``spliced_mrope_deepstack`` scheme), and the decoder adds each level to its layer's output;
-- the LM is Qwen3's (q/k norms) with interleaved M-RoPE, which its own rotary computes from the three streams the
-  scheme gives; for text alone the streams are one and it is a plain Qwen3.
+- the LM is Qwen3's or Qwen3-MoE's (q/k norms) with interleaved M-RoPE, which its own rotary computes from the three
+  streams the scheme gives; for text alone the streams are one and it is a plain Qwen3 (Qwen3-MoE).
 
 Video inputs are not supported.
 """
@@ -103,12 +104,14 @@ def _add_to_output(module, args, output, *, added):
 @register
 class Qwen3VLAdapter(Qwen2VLAdapter):
     name = "qwen3_vl"
-    model_types = ("qwen3_vl",)
-    model_classes = {"qwen3_vl": "Qwen3VLForConditionalGeneration"}
-    text_config_class = "Qwen3Config"
-    description = ("Hugging Face Qwen3VLForConditionalGeneration (a ViT with a resampled position grid on patches "
-                   "of any image size + patch merger + deepstack features added to the first LM layers + a Qwen3 "
-                   "LM with interleaved multimodal rotary positions)")
+    model_types = ("qwen3_vl", "qwen3_vl_moe")
+    model_classes = {"qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3Config"),
+                     "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "Qwen3MoeConfig")}
+    # Qwen3-VL-MoE's router always renormalizes its top k experts' weights; Qwen3-MoE's does where its config says
+    text_lm_settings = {"qwen3_vl_moe": {"norm_topk_prob": True}}
+    description = ("Hugging Face Qwen3VLForConditionalGeneration / Qwen3VLMoeForConditionalGeneration (a ViT with a "
+                   "resampled position grid on patches of any image size + patch merger + deepstack features added "
+                   "to the first LM layers + a Qwen3 or Qwen3-MoE LM with interleaved multimodal rotary positions)")
 
     def load(self, path):
         loaded = super().load(path)
