@@ -1,8 +1,7 @@
-"""One random tiny Qwen3-VL or Qwen3-VL-MoE per seed: python qwen3_vl.py SEED OUT_DIR. Other patch and merge sizes, pixel
-bounds (so
-patches per image), learned position grids (coarser and finer than the images' grids), deepstack blocks (none to
-three, in any order in the config, more levels than LM layers too), head sizes (so interleaved M-RoPE sections) and
-Qwen3 shapes than the test fixture's. Prints what it drew as JSON. Used by sweep.sh."""
+"""One random tiny Qwen3-VL or Qwen3-VL-MoE per seed: python qwen3_vl.py SEED OUT_DIR. Other patch and merge sizes,
+pixel bounds (so patches per image), learned position grids (coarser and finer than the images' grids), deepstack
+blocks (none to three, in any order in the config, more levels than LM layers too), head sizes (so interleaved M-RoPE
+sections), experts, and Qwen3 shapes than the test fixtures'. Prints what it drew as JSON. Used by sweep.sh."""
 import json, random, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
