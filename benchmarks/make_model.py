@@ -4,6 +4,7 @@
     python benchmarks/make_model.py tiny /tmp/models/tiny             # the test suite's tiny LLaVA
     python benchmarks/make_model.py gemma3 /tmp/models/gemma3         # a small tower + Gemma-3-270M-shaped LM
     python benchmarks/make_model.py qwen25vl /tmp/models/qwen25vl     # Qwen2.5-VL-3B's tower + a SmolLM2-135M-shaped LM
+    python benchmarks/make_model.py qwen3vl /tmp/models/qwen3vl       # Qwen3-VL-2B's tower + a SmolLM2-135M-shaped Qwen3
 
 ``realistic`` has the shapes that decide speed: a CLIP ViT-B/16 tower at 224 px (196 image
 tokens, 86M parameters) and a decoder shaped like SmolLM2-135M (hidden 576, 30 layers, 9 heads,
@@ -84,6 +85,23 @@ def make_qwen25vl(out: Path, seed: int = 0) -> Path:
                               max_pixels=1280 * 28 * 28, text_sizes=text, vision_sizes=vision)
 
 
+def make_qwen3vl(out: Path, seed: int = 0) -> Path:
+    """Qwen3-VL-2B's vision tower (24 blocks of 1024, 16 heads, MLP of 4096, patches of 16, merge blocks of 2, a
+    48 x 48 learned position grid, deepstack from blocks 5, 11 and 17: 400M parameters) and an image processor at
+    1280 x 32 x 32 largest image, before a Qwen3 LM shaped like SmolLM2-135M (hidden 576, 30 layers, 9 heads of 64,
+    3 KV heads, q/k norms, interleaved M-RoPE sections of 12 / 10 / 10), SmolLM2's tokenizer with Qwen's image
+    tokens. Random weights: its timings are a trained model's of that shape."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_models import make_tiny_qwen2_vl
+
+    text = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                num_key_value_heads=3)
+    vision = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[5, 11, 17])
+    return make_tiny_qwen2_vl(out, seed=seed, family="qwen3_vl", patch_size=16, merge=2, min_pixels=64 * 64,
+                              max_pixels=1280 * 32 * 32, text_sizes=text, vision_sizes=vision)
+
+
 def make_tiny(out: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny_models import make_tiny_llava  # the very model the tests build
@@ -93,7 +111,8 @@ def make_tiny(out: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    makers = {"realistic": make_realistic, "tiny": make_tiny, "gemma3": make_gemma3, "qwen25vl": make_qwen25vl}
+    makers = {"realistic": make_realistic, "tiny": make_tiny, "gemma3": make_gemma3, "qwen25vl": make_qwen25vl,
+              "qwen3vl": make_qwen3vl}
     parser.add_argument("kind", choices=tuple(makers))
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
