@@ -27,7 +27,8 @@ from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava
 from tiny_models import make_tiny_blip2_t5  # noqa: E402
 from tiny_models import make_tiny_florence2  # noqa: E402
 from tiny_models import (make_tiny_gemma3, make_tiny_idefics3, make_tiny_internvl, make_tiny_paligemma,  # noqa: E402
-                         make_tiny_llava_next, make_tiny_llava_onevision, make_tiny_qwen2_vl)
+                         make_tiny_llava_next, make_tiny_llava_onevision, make_tiny_mistral3,
+                         make_tiny_qwen2_vl)
 
 # name -> (maker, kwargs): one per architecture family and text family the tests cover
 TINY_MODELS = {
@@ -85,6 +86,7 @@ TINY_MODELS = {
     "qwen2_5_vl": (make_tiny_qwen2_vl, {"family": "qwen2_5_vl"}),
     "qwen3_vl": (make_tiny_qwen2_vl, {"family": "qwen3_vl"}),
     "qwen3_vl_moe": (make_tiny_qwen2_vl, {"family": "qwen3_vl_moe"}),
+    "mistral3": (make_tiny_mistral3, {}),
     # LLaVA-NeXT: images resized into the best of three resolutions, cut into tiles plus the whole image, rows packed
     # by each image's size with a newline per row of the picture
     "llava_next": (make_tiny_llava_next, {}),

@@ -941,3 +941,48 @@ def make_tiny_llava_onevision(path: Path, seed: int = 0, image_size: int = 32, p
         "vision_feature_select_strategy": "full", "vision_aspect_ratio": aspect, "image_token": "<image>",
         "video_token": "<video>"}, indent=2))
     return path
+
+
+#: Mistral Small 3.1's chat template, shortened: its content as typed parts, "[IMG]" written for an image part
+MISTRAL3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}[SYSTEM_PROMPT]"
+    "{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for block in message['content'] %}{% if block['type'] == 'text' %}{{ block['text'] }}"
+    "{% elif block['type'] == 'image' %}[IMG]{% endif %}{% endfor %}{% endif %}[/INST]"
+    "{% else %}{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}"
+    "{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def make_tiny_mistral3(path: Path, seed: int = 0, patch_size: int = 4, merge: int = 2, longest_edge: int = 48,
+                       feature_layer: int | list[int] = -1, text_sizes: dict | None = None,
+                       vision_sizes: dict | None = None) -> Path:
+    """A tiny random Mistral 3 (Mistral Small 3.1's classes): Pixtral's tower on patches of ``patch_size``, images
+    within ``longest_edge`` pixels in whole ``merge x merge`` blocks of patches (PixtralImageProcessor, PIL), the
+    patch merger, a Mistral LM; SmolLM2's tokenizer with Pixtral's image, row-break and end tokens added, the
+    processor's settings and Mistral's chat template saved as PixtralProcessor saves them (it needs torchvision to
+    load)."""
+    from transformers import (AddedToken, AutoTokenizer, Mistral3Config, Mistral3ForConditionalGeneration,
+                              PixtralVisionConfig)
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    tokens = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=True) for t in tokens], special_tokens=True)
+    vision = PixtralVisionConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=longest_edge, patch_size=patch_size),
+                                    **(vision_sizes or {})})
+    text = _text_config("mistral", _padded_vocab(len(tokenizer)), **(text_sizes or {}))
+    cfg = Mistral3Config(vision_config=vision, text_config=text, spatial_merge_size=merge,
+                         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+                         vision_feature_layer=feature_layer, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    Mistral3ForConditionalGeneration(cfg).eval().save_pretrained(path)
+    PixtralImageProcessorPil(size={"longest_edge": longest_edge},
+                             patch_size={"height": patch_size, "width": patch_size}).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(MISTRAL3_CHAT_TEMPLATE)
+    (path / "processor_config.json").write_text(json.dumps({
+        "processor_class": "PixtralProcessor", "patch_size": patch_size, "spatial_merge_size": merge,
+        "image_token": tokens[0], "image_break_token": tokens[1], "image_end_token": tokens[2]}))
+    return path

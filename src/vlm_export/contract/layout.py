@@ -139,7 +139,14 @@ class ImagePatches:
     ``window_patches [images, slots]``, ``window²`` slots per window (windows row-major over the image, each
     cut short at its right and bottom edges), the index of the patch in each slot or -1 for an empty one,
     and ``patch_slots [images, patches]``, the slot of each patch - so a windowed block attends within
-    windows of ``window²`` slots rather than over the whole image with a mask."""
+    windows of ``window²`` slots rather than over the whole image with a mask.
+
+    ``patch``: where the processor gives whole images instead, padded to its batch's largest (``pixel_values
+    [images, channels, height, width]`` with each image's ``image_sizes``: Pixtral's), the patch side in pixels
+    that :meth:`arranged` cuts each image into (each patch flattened channels, rows, columns, as a convolution of
+    that kernel and stride reads it), in the same order of merge blocks; 0: the processor gives patches.
+    ``row_end`` / ``end``: text after each row of an image's tokens, the last row's ``end`` instead (Pixtral's
+    "[IMG_BREAK]" / "[IMG_END]"); empty: the tokens alone, one run (Qwen's)."""
 
     merge: int
     max_patches: int
@@ -149,6 +156,9 @@ class ImagePatches:
     fewer_tokens: ClassVar[str] = ("save the image processor with a smaller largest image (its max_pixels / longest "
                                    "edge: fewer tiles or patches per image)")
     window: int = 0
+    patch: int = 0
+    row_end: str = ""
+    end: str = ""
     #: the image path sees each image as one image (the tiles contract's count)
     max_tiles: ClassVar[int] = 1
 
@@ -158,6 +168,8 @@ class ImagePatches:
                              "a positive merge and room for one block")
         if self.window < 0 or self.window % self.merge:
             raise ValueError(f"attention windows of {self.window} patches: a multiple of the merge ({self.merge})")
+        if self.patch < 0:
+            raise ValueError(f"patches of {self.patch} pixels: a positive side, or 0 where the processor cuts them")
 
     @property
     def max_window_slots(self) -> int:
@@ -176,36 +188,62 @@ class ImagePatches:
         return rows * cols // self.merge ** 2
 
     def text(self, grid: tuple[int, int], token: str, per_tile: int = 0) -> str:
-        return token * self.tokens(grid)
+        if not (self.row_end or self.end):
+            return token * self.tokens(grid)
+        rows, cols = grid[0] // self.merge, grid[1] // self.merge
+        return (token * cols + self.row_end) * (rows - 1) + token * cols + self.end
 
     def most_tokens(self, per_tile: int = 0) -> int:
         return self.max_patches // self.merge ** 2
 
     def grids(self, processed: dict) -> list[tuple[int, int]]:
+        if self.patch:
+            sizes = np.asarray(processed["image_sizes"]).reshape(-1, 2)
+            grids = [(int(h) // self.patch, int(w) // self.patch) for h, w in sizes]
+            if any(h % self.merge or w % self.merge or not h for h, w in grids) or (sizes % self.patch).any():
+                raise ValueError(f"image sizes {sizes.tolist()}: each a whole number of merge blocks of "
+                                 f"{self.merge} x {self.merge} patches of {self.patch} pixels (the image processor "
+                                 "resizes to them with the model's own patch_size)")
+            return grids
         thw = np.asarray(processed["image_grid_thw"]).reshape(-1, 3)
         if (thw[:, 0] != 1).any():  # a still image is one frame (its processor repeats it to the temporal patch)
             raise ValueError(f"image grids of {sorted(set(thw[:, 0].tolist()))} frames: an image is one")
         return [(int(h), int(w)) for _, h, w in thw]
 
-    def arranged(self, processed: dict) -> dict:
-        """``processed`` with its flat ``pixel_values`` as one row of patches per image, padded, and each
-        patch's place in its image (``PATCH_POSITIONS``: the rotary positions of the vision tower, in the
-        processor's order of merge blocks) and realness (``PATCH_MASK``)."""
+    def _patches(self, processed: dict, grids: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Each image's patches [rows x cols, ...] in the order of ``patch_positions``."""
         pixels = np.asarray(processed["pixel_values"])
+        if not self.patch:
+            sizes = [h * w for h, w in grids]
+            if sum(sizes) != len(pixels):
+                raise ValueError(f"the image processor gives {len(pixels)} patches for grids totalling {sum(sizes)}")
+            return np.split(pixels, np.cumsum(sizes)[:-1]) if grids else []
+        p, out = self.patch, []
+        for image, (h, w) in zip(pixels, grids):
+            channels = image.shape[0]
+            # [channels, h, p, w, p] -> [h, w, channels x p x p], then the patches in merge-block order
+            cut = image[:, :h * p, :w * p].reshape(channels, h, p, w, p).transpose(1, 3, 0, 2, 4)
+            place = self.patch_positions(h, w)
+            out.append(cut.reshape(h, w, -1)[place[:, 0], place[:, 1]])
+        return out
+
+    def arranged(self, processed: dict) -> dict:
+        """``processed`` with its ``pixel_values`` as one row of patches per image, padded, and each patch's
+        place in its image (``PATCH_POSITIONS``: the rotary positions of the vision tower, in the processor's
+        order of merge blocks) and realness (``PATCH_MASK``)."""
         grids = self.grids(processed)
-        sizes = [h * w for h, w in grids]
-        if sum(sizes) != len(pixels):
-            raise ValueError(f"the image processor gives {len(pixels)} patches for grids totalling {sum(sizes)}")
-        width = max(sizes, default=0)
-        out = np.zeros((len(grids), width, *pixels.shape[1:]), dtype=pixels.dtype)
+        patches = self._patches(processed, grids)
+        width = max((len(p) for p in patches), default=0)
+        depth = patches[0].shape[1:] if patches else np.asarray(processed["pixel_values"]).shape[1:]
+        dtype = np.asarray(processed["pixel_values"]).dtype
+        out = np.zeros((len(grids), width, *depth), dtype=dtype)
         positions = np.zeros((len(grids), width, 2), dtype=np.int64)
         mask = np.zeros((len(grids), width), dtype=np.int64)
-        start = 0
-        for k, ((h, w), n) in enumerate(zip(grids, sizes)):
-            out[k, :n] = pixels[start:start + n]
+        for k, ((h, w), rows) in enumerate(zip(grids, patches)):
+            n = len(rows)
+            out[k, :n] = rows
             positions[k, :n] = self.patch_positions(h, w)
             mask[k, :n] = 1
-            start += n
         arranged = {**processed, "pixel_values": out, PATCH_POSITIONS: positions, PATCH_MASK: mask}
         return {**arranged, **self._windows(grids, width)} if self.window else arranged
 

@@ -20,9 +20,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .geometry import DecoderGeometry
-from .layout import PATCH_MASK, PATCH_POSITIONS
+from .patches import PatchRowsScheme
 from .scheme import DecodeBatch, Feeds, SlotBatch, left_padded, left_padded_mask, register_scheme
-from .spliced import SplicedScheme
 from .stages import DECODER, StageSpec, TensorSpec
 
 #: position streams of the decoder's rotary: frame, row, column
@@ -69,16 +68,8 @@ def rope_positions(ids: Sequence[int], image_token_id: int, places: np.ndarray) 
 
 
 @register_scheme
-class MRopeSplicedScheme(SplicedScheme):
+class MRopeSplicedScheme(PatchRowsScheme):
     name = "spliced_mrope"
-
-    def __init__(self, geometry: DecoderGeometry, image_token_id: int, merge: int,
-                 image_input_name: str = "image_embeds"):
-        super().__init__(geometry, image_token_id, image_input_name)
-        self.merge = int(merge)
-
-    def params(self) -> dict[str, Any]:
-        return {**super().params(), "merge": self.merge}
 
     def decoder_spec(self, precisions: tuple[str, ...]) -> StageSpec:
         spec = super().decoder_spec(precisions)
@@ -87,23 +78,8 @@ class MRopeSplicedScheme(SplicedScheme):
         return StageSpec(spec.name, DECODER, inputs, spec.outputs, precisions)
 
     # ---- the image input ---------------------------------------------------------------
-    @property
-    def image_input_sources(self) -> tuple[str, ...]:
-        return (self.image_input_name, PATCH_POSITIONS, PATCH_MASK)
-
     def image_input_from_values(self, values: Mapping[str, np.ndarray]) -> PlacedRows:
-        # the projector makes one row per merge x merge block of patches, from the block's first patch on
-        unit = self.merge ** 2
-        rows = np.asarray(values[self.image_input_name])
-        real = np.asarray(values[PATCH_MASK])[:, ::unit].astype(bool)
-        places = np.asarray(values[PATCH_POSITIONS])[:, ::unit] // self.merge
-        if rows.shape[:2] != real.shape:
-            raise ValueError(f"the image path gives {rows.shape[1]} rows per image for {real.shape[1]} blocks of "
-                             f"{unit} patches")
-        return PlacedRows(np.ascontiguousarray(rows[real], dtype=np.float32), places[real].astype(np.int64))
-
-    def image_input_from(self, stage_output: np.ndarray) -> PlacedRows:
-        raise ValueError("the spliced_mrope scheme places each image row by its patches: use image_input_from_values")
+        return PlacedRows(*self.real_rows(values))
 
     def empty_image_input(self) -> PlacedRows:
         return PlacedRows(np.zeros((0, self.image_row_width), np.float32), np.zeros((0, 2), np.int64))

@@ -1,0 +1,242 @@
+"""Mistral 3: Hugging Face ``Mistral3ForConditionalGeneration`` (Mistral Small 3.1 / 3.2 and their fine-tunes).
+
+Pixtral's vision tower on images of any size: the image processor resizes each image within its longest edge
+to whole merge blocks of patches and pads the batch to its largest (``pixel_values [images, 3, H, W]`` with
+``image_sizes``); Hugging Face's tower cuts every image's patches out and runs them as one sequence whose
+attention is cut per image, with 2-D rotary positions per patch. The image path reads one row of patches per
+image instead (``contract.ImagePatches`` with ``patch``: the arrangement cuts them, in merge-block order, with
+each patch's place and a mask): :class:`PixtralPatchTower` runs the tower's own layers on the padded rows, a patch
+attending to the real patches of its image. The projector (RMSNorm, the merger of each ``merge x merge`` block,
+two linears) reads each block's patches, consecutive in that order, as Hugging Face's unfold does; the rows of
+padding it makes are dropped by the ``spliced_patches`` scheme. An image is written as its processor writes it:
+a row of "[IMG]" per row of blocks, each followed by "[IMG_BREAK]", the last by "[IMG_END]".
+
+The LM is a Mistral (or any causal LM) with ordinary positions.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..contract import IMAGE, IMAGE_PRECISIONS, DecoderGeometry, ImagePatches, PromptLayout, StageSpec, TensorSpec
+from ..contract.layout import PATCH_MASK, PATCH_POSITIONS
+from ..contract.patches import PatchRowsScheme
+from ..errors import AdapterError
+from . import register
+from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, processor_setting, use_saved_chat_template
+from .decoder import (SplicingDecoder, greedy_reference, save_language_model, spliced_decoder_stage, text_geometry)
+from .llava import check_feature_layers
+from .loading import load_hf_parts
+from .qwen2_vl import _rotate_half
+
+
+class PixtralPatchTower(nn.Module):
+    """(pixel_values [images, patches, channels x patch x patch], patch_positions [images, patches, 2], patch_mask
+    [images, patches]) -> the tower's hidden state at ``feature_layer`` (0: the embeddings, k: after layer k)
+    [images, patches, width], layer by layer as PixtralVisionModel computes it: the patch convolution as the matmul
+    it is (kernel = stride = the patch), ``ln_pre``, then each layer up to that one with the axial rotary of the
+    places given and a mask for the image's own real patches in place of Hugging Face's mask of blocks."""
+
+    def __init__(self, tower: nn.Module, feature_layer: int):
+        super().__init__()
+        self.tower, self.feature_layer = tower, feature_layer
+
+    def forward(self, pixel_values, patch_positions, patch_mask):
+        tower = self.tower
+        conv = tower.patch_conv
+        hidden = nn.functional.linear(pixel_values, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
+        hidden = tower.ln_pre(hidden)
+        cos, sin = self._angles(patch_positions)
+        mask = torch.where(patch_mask.bool()[:, None, None, :], 0.0, torch.finfo(torch.float32).min)
+        for layer in tower.transformer.layers[:self.feature_layer]:  # the layers after it are not run
+            hidden = hidden + self._attention(layer.attention, layer.attention_norm(hidden), cos, sin, mask)
+            hidden = hidden + layer.feed_forward(layer.ffn_norm(hidden))
+        return hidden
+
+    def _angles(self, places):
+        """(cos, sin) [images, 1, patches, head size]: PixtralRotaryEmbedding's - the rows' angles at the even
+        frequencies, the columns' at the odd ones, side by side, twice."""
+        rotary = self.tower.patch_positional_embedding
+        freqs = places.unsqueeze(-1).float() * rotary.inv_freq  # [images, patches, (row, col), head / 2]
+        quarter = freqs.shape[-1] // 2
+        angles = torch.cat([freqs[..., 0, :quarter], freqs[..., 1, quarter:]], dim=-1)
+        angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
+        return angles.cos() * rotary.attention_scaling, angles.sin() * rotary.attention_scaling
+
+    @staticmethod
+    def _attention(attn: nn.Module, x, cos, sin, mask):
+        images, patches, _ = x.shape
+        q, k, v = (proj(x).reshape(images, patches, attn.num_heads, attn.head_dim).transpose(1, 2)
+                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        weights = torch.softmax(q @ k.transpose(-1, -2) * attn.scaling + mask, dim=-1)
+        return attn.o_proj((weights @ v).transpose(1, 2).reshape(images, patches, -1))
+
+
+class MergedPatchProjector(nn.Module):
+    """Mistral3MultiModalProjector on rows of patches: image_features [images, patches, width] -> image_embeds
+    [images, patches / merge², hidden] (RMSNorm per patch, each block's ``merge²`` consecutive patches merged as
+    Hugging Face's unfold lays them out - channel by channel, the block's patches row-major within each -, then the
+    two linears)."""
+
+    def __init__(self, projector: nn.Module, merge: int):
+        super().__init__()
+        self.projector, self.merge = projector, merge
+
+    def forward(self, image_features):
+        p = self.projector
+        x = p.norm(image_features)
+        images, patches, width = x.shape
+        unit = self.merge ** 2
+        blocks = x.reshape(images, patches // unit, unit, width).transpose(-1, -2).reshape(images, -1, width * unit)
+        return p.linear_2(p.act(p.linear_1(p.patch_merger.merging_layer(blocks))))
+
+
+@register
+class Mistral3Adapter(VLMAdapter):
+    name = "mistral3"
+    model_types = ("mistral3",)
+    description = ("Hugging Face Mistral3ForConditionalGeneration (Pixtral's tower on images of any size + patch "
+                   "merger + a Mistral LM)")
+
+    def load(self, path: Path) -> LoadedModel:
+        from transformers import Mistral3ForConditionalGeneration
+
+        path = Path(path)
+        model, tokenizer, image_processor = load_hf_parts(Mistral3ForConditionalGeneration, path)
+        cfg = model.config
+        loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
+        use_saved_chat_template(tokenizer, path)  # the processor's (typed parts), not the tokenizer's text-only one
+        check_feature_layers(cfg.vision_feature_layer, cfg.vision_config.num_hidden_layers, path)
+        if isinstance(cfg.vision_feature_layer, (list, tuple)):
+            raise AdapterError(f"vision_feature_layer {list(cfg.vision_feature_layer)} in {path / 'config.json'}: the "
+                               "Mistral 3 projector's norm and merger take one layer's width, so Hugging Face's own "
+                               "forward fails on several layers; set one layer")
+        tokens = self._tokens(loaded)
+        for name, token in tokens.items():
+            if token not in tokenizer.get_vocab():
+                raise AdapterError(f"the tokenizer in {path} has no {token!r} (the processor's {name}): save the "
+                                   "model's own tokenizer beside it")
+        if tokenizer.convert_tokens_to_ids(tokens["image_token"]) != cfg.image_token_id:
+            raise AdapterError(f"the tokenizer in {path} makes {tokens['image_token']} the id "
+                               f"{tokenizer.convert_tokens_to_ids(tokens['image_token'])} but the model's config says "
+                               f"image_token_id {cfg.image_token_id}: save the model's own tokenizer beside it")
+        saved = processor_setting(path, "patch_size")
+        if saved is not None and int(saved) != cfg.vision_config.patch_size:
+            raise AdapterError(f"the processor in {path} cuts patches of {saved} pixels but the vision tower takes "
+                               f"{cfg.vision_config.patch_size}: save the model's own PixtralProcessor beside it")
+        merge = processor_setting(path, "spatial_merge_size")
+        if merge is not None and int(merge) != cfg.spatial_merge_size:
+            raise AdapterError(f"the processor in {path} merges {merge} x {merge} patches per image token but the "
+                               f"projector merges {cfg.spatial_merge_size}: save the model's own PixtralProcessor")
+        self._patches(loaded)  # its largest image must be known
+        return loaded
+
+    @staticmethod
+    def _tokens(loaded: LoadedModel) -> dict[str, str]:
+        """The processor's image, row-break and end tokens (PixtralProcessor's defaults where none is saved)."""
+        defaults = {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
+        return {name: processor_setting(loaded.path, name) or token for name, token in defaults.items()}
+
+    @staticmethod
+    def _patches(loaded: LoadedModel) -> ImagePatches:
+        """The image arrangement: images resized within the processor's longest edge to whole ``patch x merge``
+        blocks (PixtralProcessor passes its image processor that block as its patch size), cut into patches."""
+        cfg, processor = loaded.config, loaded.image_processor
+        patch, merge = int(cfg.vision_config.patch_size), int(cfg.spatial_merge_size)
+        size = getattr(processor, "size", None) or {}
+        longest = size.get("longest_edge") if hasattr(size, "get") else getattr(size, "longest_edge", None)
+        if not longest:
+            raise AdapterError(f"the image processor in {loaded.path} ({type(processor).__name__}) sets no longest "
+                               "edge: save the model's own PixtralImageProcessor beside it")
+        block = patch * merge
+        side = math.ceil(int(longest) / block) * merge  # patches per side of the largest image
+        tokens = Mistral3Adapter._tokens(loaded)
+        return ImagePatches(merge=merge, max_patches=side * side, patch=patch,
+                            options={"patch_size": {"height": block, "width": block}},
+                            row_end=tokens["image_break_token"], end=tokens["image_end_token"])
+
+    @staticmethod
+    def _feature_layer(loaded: LoadedModel) -> int:
+        """The hidden state the projector reads: 0 the embeddings, k after layer k."""
+        return int(loaded.config.vision_feature_layer) % (loaded.config.vision_config.num_hidden_layers + 1)
+
+    def stages(self, loaded: LoadedModel) -> list[Stage]:
+        m, cfg = loaded.model, loaded.config
+        patches = self._patches(loaded)
+        tower = PixtralPatchTower(m.model.vision_tower, self._feature_layer(loaded))
+        projector = MergedPatchProjector(m.model.multi_modal_projector, patches.merge)
+        # two images as the processor gives them, arranged as the image path reads them: 4 x 4 merge blocks and
+        # 2 x 4, padded to the first (every dynamic dim >= 2)
+        block = patches.patch * patches.merge
+        sizes = [(4 * block, 4 * block), (2 * block, 4 * block)]
+        channels = cfg.vision_config.num_channels
+        pixels = torch.randn(2, channels, *sizes[0], generator=torch.Generator().manual_seed(0)).numpy()
+        arranged = patches.arranged({"pixel_values": pixels, "image_sizes": sizes})
+        names = ["pixel_values", PATCH_POSITIONS, PATCH_MASK]
+        example = tuple(torch.from_numpy(arranged[n]) for n in names)
+        with torch.no_grad():
+            features = tower.eval()(*example)
+            embeds = projector.eval()(features)
+        depth = channels * patches.patch ** 2
+        ranges = {"patches": (patches.merge ** 2, min(256, patches.max_patches), patches.max_patches)}
+        inputs = (TensorSpec("pixel_values", "float32", ("images", "patches", depth), "pixels"),
+                  TensorSpec(PATCH_POSITIONS, "int64", ("images", "patches", 2), "pixels"),
+                  TensorSpec(PATCH_MASK, "int64", ("images", "patches"), "pixels"))
+        features_spec = TensorSpec("image_features", "float32", ("images", "patches", features.shape[-1]))
+        vision_spec = StageSpec("vision_encoder", IMAGE, inputs, (features_spec,), IMAGE_PRECISIONS, ranges)
+        projector_spec = StageSpec(
+            "projector", IMAGE, (TensorSpec(features_spec.name, "float32", features_spec.dims, "upstream"),),
+            (TensorSpec("image_embeds", "float32", ("images", "image_tokens_per_image", embeds.shape[-1])),),
+            IMAGE_PRECISIONS, {"patches": ranges["patches"]})
+        scheme = self.scheme(loaded)
+        text = m.model.language_model
+        decoder = SplicingDecoder(text.get_input_embeddings(), text, m.lm_head, cfg.image_token_id,
+                                  scheme.geometry.num_layers)
+        return [Stage(vision_spec, tower, example), Stage(projector_spec, projector, (features,)),
+                spliced_decoder_stage(decoder, scheme)]
+
+    def scheme(self, loaded: LoadedModel) -> PatchRowsScheme:
+        return PatchRowsScheme(self.geometry(loaded), loaded.config.image_token_id,
+                               int(loaded.config.spatial_merge_size))
+
+    def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
+        patches = self._patches(loaded)
+        token = self._tokens(loaded)["image_token"]
+        # the chat template writes the image token once per image part; the processor puts the image's rows of
+        # tokens, breaks and end in its place (a raw prompt's too)
+        return PromptLayout(kind="inline", image_token_id=loaded.config.image_token_id,
+                            tokens_per_image=patches.most_tokens(), image_token=token,
+                            chat_parts=chat_template_takes_parts(loaded.tokenizer, token),
+                            images_where_written=True, image_tiles=patches)
+
+    def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
+        return text_geometry(loaded.config.text_config, loaded.model.model.language_model)
+
+    def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
+        """HF generate on our prompt ids with the processor's own inputs: the images padded to the largest and
+        their sizes, rebuilt from the image path's rows of patches (the real ones, at their places)."""
+        if pixel_values is None:
+            return greedy_reference(loaded.model, input_ids, None, max_new_tokens, eos_token_ids)
+        patch = int(loaded.config.vision_config.patch_size)
+        real = pixel_values[PATCH_MASK].bool()
+        places = pixel_values[PATCH_POSITIONS]
+        rows = pixel_values["pixel_values"]
+        grids = [(int(places[k][real[k]][:, 0].max()) + 1, int(places[k][real[k]][:, 1].max()) + 1)
+                 for k in range(len(real))]
+        height, width = max(h for h, _ in grids), max(w for _, w in grids)
+        images = torch.zeros(len(grids), rows.shape[-1] // patch ** 2, height * patch, width * patch)
+        for k, (h, w) in enumerate(grids):
+            cells = torch.zeros(h, w, rows.shape[-1])
+            cells[places[k][real[k]][:, 0], places[k][real[k]][:, 1]] = rows[k][real[k]]
+            channels = rows.shape[-1] // patch ** 2
+            images[k, :, :h * patch, :w * patch] = (cells.reshape(h, w, channels, patch, patch)
+                                                    .permute(2, 0, 3, 1, 4).reshape(channels, h * patch, w * patch))
+        sizes = torch.tensor([[h * patch, w * patch] for h, w in grids])
+        return greedy_reference(loaded.model, input_ids, images, max_new_tokens, eos_token_ids, image_sizes=sizes)
+
+    def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
+        return save_language_model(loaded, out)

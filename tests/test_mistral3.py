@@ -1,0 +1,145 @@
+"""Mistral 3 (Mistral Small 3.1's classes): Pixtral's tower on images of any size, cut by the image path into a row of
+patches per image (``contract.ImagePatches`` with ``patch``), the patch merger, a Mistral LM; each image written as
+PixtralProcessor writes it (rows of "[IMG]", "[IMG_BREAK]" after each, "[IMG_END]" last); the decoder takes each
+image's real rows (the ``spliced_patches`` scheme). The build itself (parity of every stage, HF generate's tokens
+alone and batched on the default samples) is test_export_core's."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import check_answers_equal_hf_generate, check_served_as_in_process, random_photo
+from vlm_export.errors import AdapterError
+
+#: (height, width): larger than the longest edge both ways (resized down), thin strips, one merge block, square
+SIZES = [(300, 200), (20, 50), (70, 20), (3, 3), (64, 64), (41, 33)]
+TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"},
+                                      {"type": "text", "text": "and"}, {"type": "image"}]}]
+
+
+def _images(n: int, first: int = 0):
+    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
+
+
+@pytest.mark.parametrize("first", [0, 2])
+def test_prompt_ids_and_patches_are_pixtral_processors(tiny_build, tiny_model_dir, first):
+    """Each image written as PixtralProcessor's ``replace_image_token`` writes it over the image processor's sizes
+    (made with the processor's patch size of one merge block): a row of "[IMG]" per row of blocks, each row followed
+    by "[IMG_BREAK]", the last by "[IMG_END]" (written out here: PixtralProcessor's module needs torchvision to
+    import), where the chat template puts it; the image path's rows of patches hold each image's pixels, every patch
+    once, and nothing else."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from vlm_export.runtime.load import open_build
+
+    folder = tiny_model_dir("mistral3")
+    pipe = open_build(tiny_build("mistral3").path)
+    tokenizer, image_processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+    settings = json.loads((folder / "processor_config.json").read_text())
+    images = _images(2, first)
+    block = settings["patch_size"] * settings["spatial_merge_size"]
+    theirs = image_processor(images=images, patch_size={"height": block, "width": block}, return_tensors="np")
+    strings = []
+    for h, w in np.asarray(theirs["image_sizes"]):
+        rows = [settings["image_token"] * (w // block) + settings["image_break_token"]] * (h // block)
+        strings.append("".join(rows)[:-len(settings["image_break_token"])] + settings["image_end_token"])
+    text = tokenizer.apply_chat_template(TURNS, add_generation_prompt=True, tokenize=False)
+    parts = text.split("[IMG]")
+    ids = pipe.prompt_ids(TURNS, images)
+    assert ids == tokenizer(parts[0] + "".join(s + p for s, p in zip(strings, parts[1:])),
+                            add_special_tokens=False)["input_ids"]
+    pixels = pipe.pixel_values(images)
+    real = pixels["patch_mask"].astype(bool)
+    patch = settings["patch_size"]
+    for k, (h, w) in enumerate(np.asarray(theirs["image_sizes"])):
+        rows = pixels["pixel_values"][k][real[k]]
+        assert len(rows) == (h // patch) * (w // patch)
+        image = np.zeros((3, h, w), np.float32)
+        for (r, c), cell in zip(pixels["patch_positions"][k][real[k]], rows):
+            image[:, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = cell.reshape(3, patch, patch)
+        np.testing.assert_array_equal(image, theirs["pixel_values"][k][:, :h, :w])
+    assert not pixels["pixel_values"][~real].any()
+    assert ids.count(pipe.layout.image_token_id) == sum(int(h * w) // block ** 2 for h, w in theirs["image_sizes"])
+
+
+@pytest.mark.parametrize("feature_layer", [-1, 1])
+def test_image_rows_equal_hf(tiny_model_dir, tmp_path, feature_layer):
+    """The split tower (a mask in place of Hugging Face's blocks of one sequence) and projector on a padded batch of
+    images of every size, the rows of padding dropped by the scheme, give Hugging Face's image features: from its
+    last hidden state, or its first layer's of three."""
+    from tiny_models import make_tiny_mistral3
+
+    from vlm_export.adapters import adapter_for
+    from vlm_export.runtime.images import ImageLimits, processed_images
+
+    folder = tiny_model_dir("mistral3") if feature_layer == -1 else make_tiny_mistral3(
+        tmp_path / "layers", seed=1, feature_layer=feature_layer, vision_sizes={"num_hidden_layers": 3})
+    loaded = adapter_for(folder).load(folder)
+    adapter = loaded.adapter
+    layout, scheme = adapter.prompt_layout(loaded), adapter.scheme(loaded)
+    flat = processed_images(loaded.image_processor, _images(len(SIZES)), ImageLimits(), layout.image_tiles)
+    arranged = layout.image_tiles.arranged(dict(flat))
+    vision, projector = adapter.stages(loaded)[:2]
+    with torch.no_grad():
+        rows = projector.module(vision.module(*(torch.from_numpy(arranged[t.name]) for t in vision.spec.inputs)))
+        want = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
+                                                     torch.from_numpy(np.asarray(flat["image_sizes"])),
+                                                     vision_feature_layer=feature_layer).pooler_output
+    got = scheme.image_input_from_values({"image_embeds": rows.numpy(), **arranged})
+    np.testing.assert_allclose(got, torch.cat(list(want)).numpy(), atol=2e-5, rtol=0)
+
+
+def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):
+    """Images of every size, alone and two at once, and none: greedy answers = Hugging Face generate's on the
+    processor's padded images and sizes, alone and decoded together in one batch. Not a prompt whose images are one
+    image token in all: Hugging Face's own get_image_features squeezes that lone row away and fails (the build
+    answers it; the image rows test covers its row)."""
+    from vlm_export.adapters import adapter_for
+    from vlm_export.runtime.load import open_build
+
+    pipe = open_build(tiny_build("mistral3").path)
+    assert pipe.kv_in_place  # attention fused, one KV buffer written in place
+    folder = tiny_model_dir("mistral3")
+    loaded = adapter_for(folder).load(folder)
+    requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES)) if SIZES[k] != (3, 3)]
+    check_answers_equal_hf_generate(pipe, loaded, requests + [(TURNS, _images(2, 3)), ("Tell me a story.", [])])
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("spatial_merge_size", 4, "merges 4 x 4 patches per image token but the projector merges 2"),
+    ("patch_size", 8, "cuts patches of 8 pixels but the vision tower takes 4"),
+    ("image_break_token", "[BREAK]", "has no '\\[BREAK\\]' \\(the processor's image_break_token\\)")])
+def test_a_processor_that_does_not_fit_the_model_is_refused(tiny_model_dir, tmp_path, setting, value, message):
+    from vlm_export.adapters import adapter_for
+
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny_model_dir("mistral3"), folder)
+    settings = json.loads((folder / "processor_config.json").read_text())
+    (folder / "processor_config.json").write_text(json.dumps({**settings, setting: value}))
+    with pytest.raises(AdapterError, match=message) as e:
+        adapter_for(folder).load(folder)
+    assert "\n" not in str(e.value)
+
+
+def test_several_feature_layers_are_refused(tmp_path):
+    """Hugging Face's own Mistral 3 projector fails on several vision layers (its norm and merger are one layer
+    wide): refused at load in one line, not exported."""
+    from tiny_models import make_tiny_mistral3
+
+    from vlm_export.adapters import adapter_for
+
+    folder = make_tiny_mistral3(tmp_path / "layers", feature_layer=[0, -1])
+    with pytest.raises(AdapterError, match=r"vision_feature_layer \[0, -1\] .* set one layer") as e:
+        adapter_for(folder).load(folder)
+    assert "\n" not in str(e.value)
+
+
+def test_served_answers_equal_in_process(tiny_build, tmp_path):
+    """Served by a real tritonserver, over gRPC and HTTP (base64 images): answers for images of different sizes, two
+    at once, and a conversation's second turn (a prefill continued after a cached prefix), equal ``generate``'s in
+    process."""
+    check_served_as_in_process(tiny_build("mistral3").path, tmp_path, [(40, 52), (70, 20), (10, 10)], over_http=True)
