@@ -1,8 +1,9 @@
-"""Mistral 3 (Mistral Small 3.1's classes): Pixtral's tower on images of any size, cut by the image path into a row of
-patches per image (``contract.ImagePatches`` with ``patch``), the patch merger, a Mistral LM; each image written as
-PixtralProcessor writes it (rows of "[IMG]", "[IMG_BREAK]" after each, "[IMG_END]" last); the decoder takes each
-image's real rows (the ``spliced_patches`` scheme). The build itself (parity of every stage, HF generate's tokens
-alone and batched on the default samples) is test_export_core's."""
+"""Mistral 3 (Mistral Small 3.1's classes) and Pixtral-12B's LLaVA form: Pixtral's tower on images of any size, cut by
+the image path into a row of patches per image (``contract.ImagePatches`` with ``patch``), Mistral 3's patch merger
+(LLaVA's projector on every patch), a Mistral LM; each image written as PixtralProcessor writes it (rows of "[IMG]",
+"[IMG_BREAK]" after each, "[IMG_END]" last); the decoder takes each image's real rows (the ``spliced_patches``
+scheme). The build itself (parity of every stage, HF generate's tokens alone and batched on the default samples) is
+test_export_core's."""
 from __future__ import annotations
 
 import json
@@ -25,8 +26,8 @@ def _images(n: int, first: int = 0):
     return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
 
 
-@pytest.mark.parametrize("first", [0, 2])
-def test_prompt_ids_and_patches_are_pixtral_processors(tiny_build, tiny_model_dir, first):
+@pytest.mark.parametrize("name, first", [("mistral3", 0), ("mistral3", 2), ("llava_pixtral", 0)])
+def test_prompt_ids_and_patches_are_pixtral_processors(tiny_build, tiny_model_dir, name, first):
     """Each image written as PixtralProcessor's ``replace_image_token`` writes it over the image processor's sizes
     (made with the processor's patch size of one merge block): a row of "[IMG]" per row of blocks, each row followed
     by "[IMG_BREAK]", the last by "[IMG_END]" (written out here: PixtralProcessor's module needs torchvision to
@@ -36,8 +37,8 @@ def test_prompt_ids_and_patches_are_pixtral_processors(tiny_build, tiny_model_di
 
     from vlm_export.runtime.load import open_build
 
-    folder = tiny_model_dir("mistral3")
-    pipe = open_build(tiny_build("mistral3").path)
+    folder = tiny_model_dir(name)
+    pipe = open_build(tiny_build(name).path)
     tokenizer, image_processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
     settings = json.loads((folder / "processor_config.json").read_text())
     images = _images(2, first)
@@ -66,18 +67,20 @@ def test_prompt_ids_and_patches_are_pixtral_processors(tiny_build, tiny_model_di
     assert ids.count(pipe.layout.image_token_id) == sum(int(h * w) // block ** 2 for h, w in theirs["image_sizes"])
 
 
-@pytest.mark.parametrize("feature_layer", [-1, 1])
-def test_image_rows_equal_hf(tiny_model_dir, tmp_path, feature_layer):
+@pytest.mark.parametrize("name, feature_layer", [("mistral3", -1), ("mistral3", 1), ("llava_pixtral", -1),
+                                                 ("llava_pixtral", [0, -1])])
+def test_image_rows_equal_hf(tiny_model_dir, tmp_path, name, feature_layer):
     """The split tower (a mask in place of Hugging Face's blocks of one sequence) and projector on a padded batch of
     images of every size, the rows of padding dropped by the scheme, give Hugging Face's image features: from its
-    last hidden state, or its first layer's of three."""
+    last hidden state, or its first layer's of three; LLaVA's projector on two layers side by side."""
     from tiny_models import make_tiny_mistral3
 
     from vlm_export.adapters import adapter_for
     from vlm_export.runtime.images import ImageLimits, processed_images
 
-    folder = tiny_model_dir("mistral3") if feature_layer == -1 else make_tiny_mistral3(
-        tmp_path / "layers", seed=1, feature_layer=feature_layer, vision_sizes={"num_hidden_layers": 3})
+    folder = tiny_model_dir(name) if feature_layer == -1 else make_tiny_mistral3(
+        tmp_path / "layers", seed=1, feature_layer=feature_layer, vision_sizes={"num_hidden_layers": 3},
+        llava=name == "llava_pixtral")
     loaded = adapter_for(folder).load(folder)
     adapter = loaded.adapter
     layout, scheme = adapter.prompt_layout(loaded), adapter.scheme(loaded)
@@ -86,14 +89,17 @@ def test_image_rows_equal_hf(tiny_model_dir, tmp_path, feature_layer):
     vision, projector = adapter.stages(loaded)[:2]
     with torch.no_grad():
         rows = projector.module(vision.module(*(torch.from_numpy(arranged[t.name]) for t in vision.spec.inputs)))
-        want = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
-                                                     torch.from_numpy(np.asarray(flat["image_sizes"])),
-                                                     vision_feature_layer=feature_layer).pooler_output
+        sizes = torch.from_numpy(np.asarray(flat["image_sizes"]))
+        want = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]), image_sizes=sizes,
+                                                     vision_feature_layer=feature_layer,
+                                                     **({"vision_feature_select_strategy": "full"}
+                                                        if name == "llava_pixtral" else {})).pooler_output
     got = scheme.image_input_from_values({"image_embeds": rows.numpy(), **arranged})
     np.testing.assert_allclose(got, torch.cat(list(want)).numpy(), atol=2e-5, rtol=0)
 
 
-def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):
+@pytest.mark.parametrize("name", ["mistral3", "llava_pixtral"])
+def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir, name):
     """Images of every size, alone and two at once, and none: greedy answers = Hugging Face generate's on the
     processor's padded images and sizes, alone and decoded together in one batch. Not a prompt whose images are one
     image token in all: Hugging Face's own get_image_features squeezes that lone row away and fails (the build
@@ -101,9 +107,9 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     from vlm_export.adapters import adapter_for
     from vlm_export.runtime.load import open_build
 
-    pipe = open_build(tiny_build("mistral3").path)
+    pipe = open_build(tiny_build(name).path)
     assert pipe.kv_in_place  # attention fused, one KV buffer written in place
-    folder = tiny_model_dir("mistral3")
+    folder = tiny_model_dir(name)
     loaded = adapter_for(folder).load(folder)
     requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES)) if SIZES[k] != (3, 3)]
     check_answers_equal_hf_generate(pipe, loaded, requests + [(TURNS, _images(2, 3)), ("Tell me a story.", [])])
@@ -136,6 +142,24 @@ def test_several_feature_layers_are_refused(tmp_path):
     with pytest.raises(AdapterError, match=r"vision_feature_layer \[0, -1\] .* set one layer") as e:
         adapter_for(folder).load(folder)
     assert "\n" not in str(e.value)
+
+
+def test_a_pixtral_llava_is_not_the_llava_adapters_and_drops_no_token(tiny_model_dir, tmp_path):
+    """A LLaVA with a Pixtral tower goes to llava_pixtral (the llava adapter takes fixed-size towers); one whose
+    feature strategy would drop a first token (of every image's patches as one sequence, in Hugging Face) is refused
+    in one line."""
+    from vlm_export.adapters import adapter_for, get_adapter
+
+    folder = tiny_model_dir("llava_pixtral")
+    assert adapter_for(folder).name == "llava_pixtral"
+    edited = tmp_path / "edited"
+    shutil.copytree(folder, edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, "vision_feature_select_strategy": "default"}))
+    with pytest.raises(AdapterError, match="a Pixtral tower gives no class token to drop") as e:
+        adapter_for(edited).load(edited)
+    assert "\n" not in str(e.value)
+    assert not get_adapter("llava").handles(config)
 
 
 def test_served_answers_equal_in_process(tiny_build, tmp_path):

@@ -955,15 +955,16 @@ MISTRAL3_CHAT_TEMPLATE = (
 
 
 def make_tiny_mistral3(path: Path, seed: int = 0, patch_size: int = 4, merge: int = 2, longest_edge: int = 48,
-                       feature_layer: int | list[int] = -1, text_sizes: dict | None = None,
-                       vision_sizes: dict | None = None) -> Path:
+                       feature_layer: int | list[int] = -1, family: str = "mistral", text_sizes: dict | None = None,
+                       vision_sizes: dict | None = None, llava: bool = False) -> Path:
     """A tiny random Mistral 3 (Mistral Small 3.1's classes): Pixtral's tower on patches of ``patch_size``, images
     within ``longest_edge`` pixels in whole ``merge x merge`` blocks of patches (PixtralImageProcessor, PIL), the
-    patch merger, a Mistral LM; SmolLM2's tokenizer with Pixtral's image, row-break and end tokens added, the
+    patch merger, a Mistral LM (or another ``family`` of TEXT_FAMILIES); with ``llava``, Pixtral-12B's form instead:
+    a LlavaForConditionalGeneration with that tower, no merger (``merge`` 1), LLaVA's projector on every patch. SmolLM2's tokenizer with Pixtral's image, row-break and end tokens added, the
     processor's settings and Mistral's chat template saved as PixtralProcessor saves them (it needs torchvision to
     load)."""
-    from transformers import (AddedToken, AutoTokenizer, Mistral3Config, Mistral3ForConditionalGeneration,
-                              PixtralVisionConfig)
+    from transformers import (AddedToken, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, Mistral3Config,
+                              Mistral3ForConditionalGeneration, PixtralVisionConfig)
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
@@ -972,12 +973,19 @@ def make_tiny_mistral3(path: Path, seed: int = 0, patch_size: int = 4, merge: in
     vision = PixtralVisionConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=2, image_size=longest_edge, patch_size=patch_size),
                                     **(vision_sizes or {})})
-    text = _text_config("mistral", _padded_vocab(len(tokenizer)), **(text_sizes or {}))
-    cfg = Mistral3Config(vision_config=vision, text_config=text, spatial_merge_size=merge,
-                         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
-                         vision_feature_layer=feature_layer, tie_word_embeddings=False)
+    text = _text_config(family, _padded_vocab(len(tokenizer)), **(text_sizes or {}))
+    image_token_id = tokenizer.convert_tokens_to_ids("[IMG]")
+    if llava:
+        merge = 1
+        cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                          vision_feature_layer=feature_layer, vision_feature_select_strategy="full",
+                          tie_word_embeddings=False)
+    else:
+        cfg = Mistral3Config(vision_config=vision, text_config=text, spatial_merge_size=merge,
+                             image_token_index=image_token_id, vision_feature_layer=feature_layer,
+                             tie_word_embeddings=False)
     torch.manual_seed(seed)
-    Mistral3ForConditionalGeneration(cfg).eval().save_pretrained(path)
+    (LlavaForConditionalGeneration if llava else Mistral3ForConditionalGeneration)(cfg).eval().save_pretrained(path)
     PixtralImageProcessorPil(size={"longest_edge": longest_edge},
                              patch_size={"height": patch_size, "width": patch_size}).save_pretrained(path)
     tokenizer.save_pretrained(path)

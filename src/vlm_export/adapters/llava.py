@@ -42,6 +42,11 @@ class LlavaVisionEncoder(nn.Module):
 _TOKENS_PER_IMAGE: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
 
 
+def has_pixtral_tower(config: dict) -> bool:
+    """Whether a LLaVA config's vision tower is Pixtral's (images of any size: the llava_pixtral adapter's)."""
+    return (config.get("vision_config") or {}).get("model_type") == "pixtral"
+
+
 def tower_tokens(vision: LlavaVisionEncoder, size: int) -> int:
     """Tokens one image becomes, measured once per tower by running it on two blank ``size`` x ``size``
     images, as HF's LLaVA counts them: towers declare their positions many ways (CLIP counts its CLS
@@ -129,6 +134,14 @@ class LlavaAdapter(VLMAdapter):
     model_types = ("llava",)
     description = ("Hugging Face LlavaForConditionalGeneration (CLIP, SigLIP, ViT or DINOv2 tower + MLP projector + "
                    "any HF causal LM)")
+
+    @classmethod
+    def handles(cls, config: dict) -> bool:
+        return not has_pixtral_tower(config)  # images of any size: adapters/pixtral.py
+
+    @classmethod
+    def refusal(cls, config: dict) -> str:
+        return "llava takes towers of a fixed input size"
 
     def load(self, path: Path) -> LoadedModel:
         from transformers import LlavaForConditionalGeneration

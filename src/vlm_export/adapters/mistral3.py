@@ -35,14 +35,15 @@ from .qwen2_vl import _rotate_half
 
 class PixtralPatchTower(nn.Module):
     """(pixel_values [images, patches, channels x patch x patch], patch_positions [images, patches, 2], patch_mask
-    [images, patches]) -> the tower's hidden state at ``feature_layer`` (0: the embeddings, k: after layer k)
-    [images, patches, width], layer by layer as PixtralVisionModel computes it: the patch convolution as the matmul
-    it is (kernel = stride = the patch), ``ln_pre``, then each layer up to that one with the axial rotary of the
-    places given and a mask for the image's own real patches in place of Hugging Face's mask of blocks."""
+    [images, patches]) -> the tower's hidden states at ``feature_layers`` (0: the embeddings, k: after layer k;
+    several side by side) [images, patches, width], layer by layer as PixtralVisionModel computes them: the patch
+    convolution as the matmul it is (kernel = stride = the patch), ``ln_pre``, then each layer up to the last one
+    read with the axial rotary of the places given and a mask for the image's own real patches in place of Hugging
+    Face's mask of blocks."""
 
-    def __init__(self, tower: nn.Module, feature_layer: int):
+    def __init__(self, tower: nn.Module, feature_layers: tuple[int, ...]):
         super().__init__()
-        self.tower, self.feature_layer = tower, feature_layer
+        self.tower, self.feature_layers = tower, tuple(feature_layers)
 
     def forward(self, pixel_values, patch_positions, patch_mask):
         tower = self.tower
@@ -51,10 +52,13 @@ class PixtralPatchTower(nn.Module):
         hidden = tower.ln_pre(hidden)
         cos, sin = self._angles(patch_positions)
         mask = torch.where(patch_mask.bool()[:, None, None, :], 0.0, torch.finfo(torch.float32).min)
-        for layer in tower.transformer.layers[:self.feature_layer]:  # the layers after it are not run
+        states = [hidden]
+        for layer in tower.transformer.layers[:max(self.feature_layers)]:  # the layers after the last read: not run
             hidden = hidden + self._attention(layer.attention, layer.attention_norm(hidden), cos, sin, mask)
             hidden = hidden + layer.feed_forward(layer.ffn_norm(hidden))
-        return hidden
+            states.append(hidden)
+        picked = [states[i] for i in self.feature_layers]
+        return picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
 
     def _angles(self, places):
         """(cos, sin) [images, 1, patches, head size]: PixtralRotaryEmbedding's - the rows' angles at the even
@@ -102,19 +106,19 @@ class Mistral3Adapter(VLMAdapter):
     description = ("Hugging Face Mistral3ForConditionalGeneration (Pixtral's tower on images of any size + patch "
                    "merger + a Mistral LM)")
 
+    #: the Hugging Face class
+    model_class = "Mistral3ForConditionalGeneration"
+
     def load(self, path: Path) -> LoadedModel:
-        from transformers import Mistral3ForConditionalGeneration
+        import transformers
 
         path = Path(path)
-        model, tokenizer, image_processor = load_hf_parts(Mistral3ForConditionalGeneration, path)
+        model, tokenizer, image_processor = load_hf_parts(getattr(transformers, self.model_class), path)
         cfg = model.config
         loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
         use_saved_chat_template(tokenizer, path)  # the processor's (typed parts), not the tokenizer's text-only one
         check_feature_layers(cfg.vision_feature_layer, cfg.vision_config.num_hidden_layers, path)
-        if isinstance(cfg.vision_feature_layer, (list, tuple)):
-            raise AdapterError(f"vision_feature_layer {list(cfg.vision_feature_layer)} in {path / 'config.json'}: the "
-                               "Mistral 3 projector's norm and merger take one layer's width, so Hugging Face's own "
-                               "forward fails on several layers; set one layer")
+        self.check_projector_input(loaded)
         tokens = self._tokens(loaded)
         for name, token in tokens.items():
             if token not in tokenizer.get_vocab():
@@ -128,12 +132,21 @@ class Mistral3Adapter(VLMAdapter):
         if saved is not None and int(saved) != cfg.vision_config.patch_size:
             raise AdapterError(f"the processor in {path} cuts patches of {saved} pixels but the vision tower takes "
                                f"{cfg.vision_config.patch_size}: save the model's own PixtralProcessor beside it")
-        merge = processor_setting(path, "spatial_merge_size")
-        if merge is not None and int(merge) != cfg.spatial_merge_size:
+        merge = processor_setting(path, "spatial_merge_size") or 1  # PixtralProcessor's default
+        if int(merge) != self._merge(loaded):
             raise AdapterError(f"the processor in {path} merges {merge} x {merge} patches per image token but the "
-                               f"projector merges {cfg.spatial_merge_size}: save the model's own PixtralProcessor")
+                               f"projector merges {self._merge(loaded)}: save the model's own PixtralProcessor")
         self._patches(loaded)  # its largest image must be known
         return loaded
+
+    def check_projector_input(self, loaded: LoadedModel) -> None:
+        """The projector must take what the tower gives it: one layer (Mistral 3's norm and merger are one layer
+        wide, so Hugging Face's own forward fails on several)."""
+        layer = loaded.config.vision_feature_layer
+        if isinstance(layer, (list, tuple)):
+            raise AdapterError(f"vision_feature_layer {list(layer)} in {loaded.path / 'config.json'}: the Mistral 3 "
+                               "projector's norm and merger take one layer's width, so Hugging Face's own forward "
+                               "fails on several layers; set one layer")
 
     @staticmethod
     def _tokens(loaded: LoadedModel) -> dict[str, str]:
@@ -141,12 +154,11 @@ class Mistral3Adapter(VLMAdapter):
         defaults = {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
         return {name: processor_setting(loaded.path, name) or token for name, token in defaults.items()}
 
-    @staticmethod
-    def _patches(loaded: LoadedModel) -> ImagePatches:
+    def _patches(self, loaded: LoadedModel) -> ImagePatches:
         """The image arrangement: images resized within the processor's longest edge to whole ``patch x merge``
         blocks (PixtralProcessor passes its image processor that block as its patch size), cut into patches."""
         cfg, processor = loaded.config, loaded.image_processor
-        patch, merge = int(cfg.vision_config.patch_size), int(cfg.spatial_merge_size)
+        patch, merge = int(cfg.vision_config.patch_size), self._merge(loaded)
         size = getattr(processor, "size", None) or {}
         longest = size.get("longest_edge") if hasattr(size, "get") else getattr(size, "longest_edge", None)
         if not longest:
@@ -154,21 +166,22 @@ class Mistral3Adapter(VLMAdapter):
                                "edge: save the model's own PixtralImageProcessor beside it")
         block = patch * merge
         side = math.ceil(int(longest) / block) * merge  # patches per side of the largest image
-        tokens = Mistral3Adapter._tokens(loaded)
+        tokens = self._tokens(loaded)
         return ImagePatches(merge=merge, max_patches=side * side, patch=patch,
                             options={"patch_size": {"height": block, "width": block}},
                             row_end=tokens["image_break_token"], end=tokens["image_end_token"])
 
     @staticmethod
-    def _feature_layer(loaded: LoadedModel) -> int:
-        """The hidden state the projector reads: 0 the embeddings, k after layer k."""
-        return int(loaded.config.vision_feature_layer) % (loaded.config.vision_config.num_hidden_layers + 1)
+    def _feature_layers(loaded: LoadedModel) -> tuple[int, ...]:
+        """The hidden states the projector reads: 0 the embeddings, k after layer k."""
+        layer, count = loaded.config.vision_feature_layer, loaded.config.vision_config.num_hidden_layers + 1
+        return tuple(int(i) % count for i in (layer if isinstance(layer, (list, tuple)) else [layer]))
 
     def stages(self, loaded: LoadedModel) -> list[Stage]:
         m, cfg = loaded.model, loaded.config
         patches = self._patches(loaded)
-        tower = PixtralPatchTower(m.model.vision_tower, self._feature_layer(loaded))
-        projector = MergedPatchProjector(m.model.multi_modal_projector, patches.merge)
+        tower = PixtralPatchTower(m.model.vision_tower, self._feature_layers(loaded))
+        projector = self.projector(loaded, patches.merge)
         # two images as the processor gives them, arranged as the image path reads them: 4 x 4 merge blocks and
         # 2 x 4, padded to the first (every dynamic dim >= 2)
         block = patches.patch * patches.merge
@@ -199,9 +212,17 @@ class Mistral3Adapter(VLMAdapter):
         return [Stage(vision_spec, tower, example), Stage(projector_spec, projector, (features,)),
                 spliced_decoder_stage(decoder, scheme)]
 
+    @staticmethod
+    def projector(loaded: LoadedModel, merge: int) -> nn.Module:
+        return MergedPatchProjector(loaded.model.model.multi_modal_projector, merge)
+
+    @staticmethod
+    def _merge(loaded: LoadedModel) -> int:
+        """Patches per side of the block one image token merges (the projector's)."""
+        return int(loaded.config.spatial_merge_size)
+
     def scheme(self, loaded: LoadedModel) -> PatchRowsScheme:
-        return PatchRowsScheme(self.geometry(loaded), loaded.config.image_token_id,
-                               int(loaded.config.spatial_merge_size))
+        return PatchRowsScheme(self.geometry(loaded), loaded.config.image_token_id, self._merge(loaded))
 
     def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
         patches = self._patches(loaded)
