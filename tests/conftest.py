@@ -87,7 +87,7 @@ TINY_MODELS = {
     "qwen3_vl": (make_tiny_qwen2_vl, {"family": "qwen3_vl"}),
     "qwen3_vl_moe": (make_tiny_qwen2_vl, {"family": "qwen3_vl_moe"}),
     "mistral3": (make_tiny_mistral3, {}),
-    "llava_pixtral": (make_tiny_mistral3, {"llava": True}),
+    "llava_pixtral": (make_tiny_mistral3, {"llava": True, "longest_edge": 32}),  # every patch a token: 64 at most
     # LLaVA-NeXT: images resized into the best of three resolutions, cut into tiles plus the whole image, rows packed
     # by each image's size with a newline per row of the picture
     "llava_next": (make_tiny_llava_next, {}),
