@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..contract import IMAGE, IMAGE_PRECISIONS, DecoderGeometry, ImagePatches, PromptLayout, StageSpec, TensorSpec
+from ..contract import DecoderGeometry, ImagePatches, PromptLayout
 from ..contract.layout import PATCH_MASK, PATCH_POSITIONS
 from ..contract.patches import PatchRowsScheme
 from ..errors import AdapterError
@@ -30,7 +30,7 @@ from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, pro
 from .decoder import (SplicingDecoder, greedy_reference, save_language_model, spliced_decoder_stage, text_geometry)
 from .llava import check_feature_layers
 from .loading import load_hf_parts
-from .qwen2_vl import _rotate_half
+from .qwen2_vl import _rotate_half, patch_row_stages
 
 
 class PixtralPatchTower(nn.Module):
@@ -181,35 +181,16 @@ class Mistral3Adapter(VLMAdapter):
         m, cfg = loaded.model, loaded.config
         patches = self._patches(loaded)
         tower = PixtralPatchTower(m.model.vision_tower, self._feature_layers(loaded))
-        projector = self.projector(loaded, patches.merge)
-        # two images as the processor gives them, arranged as the image path reads them: 4 x 4 merge blocks and
-        # 2 x 4, padded to the first (every dynamic dim >= 2)
+        # two images as the processor gives them: 4 x 4 merge blocks and 2 x 4, padded to the first
         block = patches.patch * patches.merge
         sizes = [(4 * block, 4 * block), (2 * block, 4 * block)]
-        channels = cfg.vision_config.num_channels
-        pixels = torch.randn(2, channels, *sizes[0], generator=torch.Generator().manual_seed(0)).numpy()
-        arranged = patches.arranged({"pixel_values": pixels, "image_sizes": sizes})
-        names = ["pixel_values", PATCH_POSITIONS, PATCH_MASK]
-        example = tuple(torch.from_numpy(arranged[n]) for n in names)
-        with torch.no_grad():
-            features = tower.eval()(*example)
-            embeds = projector.eval()(features)
-        depth = channels * patches.patch ** 2
-        ranges = {"patches": (patches.merge ** 2, min(256, patches.max_patches), patches.max_patches)}
-        inputs = (TensorSpec("pixel_values", "float32", ("images", "patches", depth), "pixels"),
-                  TensorSpec(PATCH_POSITIONS, "int64", ("images", "patches", 2), "pixels"),
-                  TensorSpec(PATCH_MASK, "int64", ("images", "patches"), "pixels"))
-        features_spec = TensorSpec("image_features", "float32", ("images", "patches", features.shape[-1]))
-        vision_spec = StageSpec("vision_encoder", IMAGE, inputs, (features_spec,), IMAGE_PRECISIONS, ranges)
-        projector_spec = StageSpec(
-            "projector", IMAGE, (TensorSpec(features_spec.name, "float32", features_spec.dims, "upstream"),),
-            (TensorSpec("image_embeds", "float32", ("images", "image_tokens_per_image", embeds.shape[-1])),),
-            IMAGE_PRECISIONS, {"patches": ranges["patches"]})
+        pixels = torch.randn(2, cfg.vision_config.num_channels, *sizes[0], generator=torch.Generator().manual_seed(0))
         scheme = self.scheme(loaded)
         text = m.model.language_model
         decoder = SplicingDecoder(text.get_input_embeddings(), text, m.lm_head, cfg.image_token_id,
                                   scheme.geometry.num_layers)
-        return [Stage(vision_spec, tower, example), Stage(projector_spec, projector, (features,)),
+        return [*patch_row_stages(tower, self.projector(loaded, patches.merge), patches,
+                                  {"pixel_values": pixels.numpy(), "image_sizes": sizes}),
                 spliced_decoder_stage(decoder, scheme)]
 
     @staticmethod
@@ -249,11 +230,11 @@ class Mistral3Adapter(VLMAdapter):
         grids = [(int(places[k][real[k]][:, 0].max()) + 1, int(places[k][real[k]][:, 1].max()) + 1)
                  for k in range(len(real))]
         height, width = max(h for h, _ in grids), max(w for _, w in grids)
-        images = torch.zeros(len(grids), rows.shape[-1] // patch ** 2, height * patch, width * patch)
+        channels = rows.shape[-1] // patch ** 2
+        images = torch.zeros(len(grids), channels, height * patch, width * patch)
         for k, (h, w) in enumerate(grids):
             cells = torch.zeros(h, w, rows.shape[-1])
             cells[places[k][real[k]][:, 0], places[k][real[k]][:, 1]] = rows[k][real[k]]
-            channels = rows.shape[-1] // patch ** 2
             images[k, :, :h * patch, :w * patch] = (cells.reshape(h, w, channels, patch, patch)
                                                     .permute(2, 0, 3, 1, 4).reshape(channels, h * patch, w * patch))
         sizes = torch.tensor([[h * patch, w * patch] for h, w in grids])

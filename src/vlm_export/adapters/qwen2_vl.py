@@ -122,6 +122,35 @@ class PatchMergerProjector(nn.Module):
         return self.merger(image_features.reshape(images * patches, width)).reshape(images, -1, self.hidden_size)
 
 
+def patch_row_stages(tower: nn.Module, projector: nn.Module, patches: ImagePatches, processed: dict) -> list[Stage]:
+    """The vision encoder (rows of patches, ``contract.ImagePatches``, with their places, mask and any windows ->
+    image_features) and the projector (-> image_embeds, a row per merge block) of an image path that reads each image
+    as a row of patches; their examples arranged from ``processed``, images as the processor gives them (padded to
+    the larger: every dynamic dim >= 2)."""
+    arranged = patches.arranged(processed)
+    names = ["pixel_values", PATCH_POSITIONS, PATCH_MASK] + ([WINDOW_PATCHES, PATCH_SLOTS] if patches.window else [])
+    example = tuple(torch.from_numpy(arranged[n]) for n in names)
+    with torch.no_grad():
+        features = tower.eval()(*example)
+        embeds = projector.eval()(features)
+    ranges = {"patches": (patches.merge ** 2, min(256, patches.max_patches), patches.max_patches)}
+    inputs = [TensorSpec("pixel_values", "float32", ("images", "patches", example[0].shape[-1]), "pixels"),
+              TensorSpec(PATCH_POSITIONS, "int64", ("images", "patches", 2), "pixels"),
+              TensorSpec(PATCH_MASK, "int64", ("images", "patches"), "pixels")]
+    if patches.window:
+        slots = patches.window ** 2
+        ranges["window_slots"] = (slots, min(4 * slots, patches.max_window_slots), patches.max_window_slots)
+        inputs += [TensorSpec(WINDOW_PATCHES, "int64", ("images", "window_slots"), "pixels"),
+                   TensorSpec(PATCH_SLOTS, "int64", ("images", "patches"), "pixels")]
+    features_spec = TensorSpec("image_features", "float32", ("images", "patches", features.shape[-1]))
+    vision_spec = StageSpec("vision_encoder", IMAGE, tuple(inputs), (features_spec,), IMAGE_PRECISIONS, ranges)
+    projector_spec = StageSpec(
+        "projector", IMAGE, (TensorSpec(features_spec.name, "float32", features_spec.dims, "upstream"),),
+        (TensorSpec("image_embeds", "float32", ("images", "image_tokens_per_image", embeds.shape[-1])),),
+        IMAGE_PRECISIONS, {"patches": ranges["patches"]})
+    return [Stage(vision_spec, tower, example), Stage(projector_spec, projector, (features,))]
+
+
 @register
 class Qwen2VLAdapter(VLMAdapter):
     name = "qwen2_vl"
@@ -200,41 +229,16 @@ class Qwen2VLAdapter(VLMAdapter):
                                scheme.geometry.num_layers)
 
     def stages(self, loaded: LoadedModel) -> list[Stage]:
-        cfg = loaded.config
         patches = self._patches(loaded)
         tower, projector = self.vision_modules(loaded)
-        # two images as the processor gives them, arranged as the image path reads them: a grid of 4 x 4 merge blocks
-        # and one of 2 x 4, padded to its size (every dynamic dim >= 2)
-        vision = cfg.vision_config
+        # two images as the processor gives them: a grid of 4 x 4 merge blocks and one of 2 x 4
+        vision = loaded.config.vision_config
         depth = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
         grids = [(2 * patches.merge, 2 * patches.merge), (patches.merge, 2 * patches.merge)]
         flat = torch.randn(sum(h * w for h, w in grids), depth, generator=torch.Generator().manual_seed(0))
-        arranged = patches.arranged({"pixel_values": flat.numpy(), "image_grid_thw": [[1, h, w] for h, w in grids]})
-        names = ["pixel_values", PATCH_POSITIONS, PATCH_MASK] + ([WINDOW_PATCHES, PATCH_SLOTS] if patches.window else [])
-        example = tuple(torch.from_numpy(arranged[n]) for n in names)
-        with torch.no_grad():
-            features = tower.eval()(*example)
-            embeds = projector.eval()(features)
-        ranges = {"patches": (patches.merge ** 2, min(256, patches.max_patches), patches.max_patches)}
-        inputs = [TensorSpec("pixel_values", "float32", ("images", "patches", depth), "pixels"),
-                  TensorSpec(PATCH_POSITIONS, "int64", ("images", "patches", 2), "pixels"),
-                  TensorSpec(PATCH_MASK, "int64", ("images", "patches"), "pixels")]
-        if patches.window:
-            slots = patches.window ** 2
-            ranges["window_slots"] = (slots, min(4 * slots, patches.max_window_slots), patches.max_window_slots)
-            inputs += [TensorSpec(WINDOW_PATCHES, "int64", ("images", "window_slots"), "pixels"),
-                       TensorSpec(PATCH_SLOTS, "int64", ("images", "patches"), "pixels")]
-        vision_spec = StageSpec(
-            "vision_encoder", IMAGE, tuple(inputs),
-            (TensorSpec("image_features", "float32", ("images", "patches", features.shape[-1])),),
-            IMAGE_PRECISIONS, ranges)
-        projector_spec = StageSpec(
-            "projector", IMAGE, (TensorSpec("image_features", "float32", ("images", "patches", features.shape[-1]),
-                                            "upstream"),),
-            (TensorSpec("image_embeds", "float32", ("images", "image_tokens_per_image", embeds.shape[-1])),),
-            IMAGE_PRECISIONS, {"patches": ranges["patches"]})
         scheme = self.scheme(loaded)
-        return [Stage(vision_spec, tower, example), Stage(projector_spec, projector, (features,)),
+        return [*patch_row_stages(tower, projector, patches, {"pixel_values": flat.numpy(),
+                                                              "image_grid_thw": [[1, h, w] for h, w in grids]}),
                 spliced_decoder_stage(self.decoder(loaded, scheme), scheme)]
 
     def scheme(self, loaded: LoadedModel) -> MRopeSplicedScheme:
