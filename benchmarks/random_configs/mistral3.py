@@ -1,6 +1,7 @@
 """One random tiny Mistral 3 (Mistral3ForConditionalGeneration), or Pixtral-12B's LLaVA form, per seed: python
 mistral3.py SEED OUT_DIR. Other patch sizes, merges (1-3), longest edges (not always whole blocks), feature layers,
-Pixtral head sizes, and Mistral / Llama / Qwen2 LMs than the test fixtures'; some saved in bfloat16. Prints what it drew as JSON. Used by sweep.sh."""
+Pixtral head sizes, and Mistral / Llama / Qwen2 LMs than the test fixtures'; some saved in bfloat16. Prints what it
+drew as JSON. Used by sweep.sh."""
 import json, random, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
