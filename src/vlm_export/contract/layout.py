@@ -510,6 +510,10 @@ class PromptLayout:
         for name in ("image_sequence", "text_before", "text_after", "image_tiles"):  # likewise
             if not d[name]:
                 del d[name]
+        tiles = d.get("image_tiles") or {}
+        for name in ("patch", "row_end", "end") if "merge" in tiles else ():  # likewise (ImagePatches' defaults)
+            if not tiles[name]:
+                del tiles[name]
         return d
 
     @property
