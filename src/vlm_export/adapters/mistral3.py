@@ -15,6 +15,7 @@ The LM is a Mistral (or any causal LM) with ordinary positions.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -97,6 +98,20 @@ class MergedPatchProjector(nn.Module):
         unit = self.merge ** 2
         blocks = x.reshape(images, patches // unit, unit, width).transpose(-1, -2).reshape(images, -1, width * unit)
         return p.linear_2(p.act(p.linear_1(p.patch_merger.merging_layer(blocks))))
+
+
+@contextlib.contextmanager
+def _layer_zero_from_the_end(config):
+    """``vision_feature_layer`` 0 (the embeddings) counted from the end while Hugging Face's forward runs: transformers
+    asks the tower for hidden states only where that index is truthy, so at 0 its own forward fails (the layer is the
+    same)."""
+    layer = config.vision_feature_layer
+    if layer == 0:
+        config.vision_feature_layer = -(config.vision_config.num_hidden_layers + 1)
+    try:
+        yield
+    finally:
+        config.vision_feature_layer = layer
 
 
 @register
@@ -238,7 +253,9 @@ class Mistral3Adapter(VLMAdapter):
             images[k, :, :h * patch, :w * patch] = (cells.reshape(h, w, channels, patch, patch)
                                                     .permute(2, 0, 3, 1, 4).reshape(channels, h * patch, w * patch))
         sizes = torch.tensor([[h * patch, w * patch] for h, w in grids])
-        return greedy_reference(loaded.model, input_ids, images, max_new_tokens, eos_token_ids, image_sizes=sizes)
+        with _layer_zero_from_the_end(loaded.config):
+            return greedy_reference(loaded.model, input_ids, images, max_new_tokens, eos_token_ids,
+                                    image_sizes=sizes)
 
     def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
         return save_language_model(loaded, out)
