@@ -864,8 +864,11 @@ def _cmd_engines(args, progress) -> int:
 def _cmd_adapters(args, progress) -> int:
     from .adapters import registered
 
-    for name, cls in sorted(registered().items()):
-        print(f"{name:10s} model_type {'/'.join(cls.model_types):14s} {cls.description}")
+    adapters = sorted(registered().items())
+    names = max(len(name) for name, _ in adapters)
+    types = max(len("/".join(cls.model_types)) for _, cls in adapters)
+    for name, cls in adapters:
+        print(f"{name:{names}s} model_type {'/'.join(cls.model_types):{types}s} {cls.description}")
     return 0
 
 
