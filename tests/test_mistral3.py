@@ -167,3 +167,28 @@ def test_served_answers_equal_in_process(tiny_build, tmp_path):
     at once, and a conversation's second turn (a prefill continued after a cached prefix), equal ``generate``'s in
     process."""
     check_served_as_in_process(tiny_build("mistral3").path, tmp_path, [(40, 52), (70, 20), (10, 10)], over_http=True)
+
+
+def test_patch_layout_round_trips_and_writes_rows():
+    """numpy only: ``ImagePatches`` with ``patch`` and row texts survives the manifest, leaves its defaults out of
+    Qwen's (which earlier versions read), writes each row of merged tokens with its break and the last with the end,
+    and cuts a padded image's real region into patches in merge-block order."""
+    import numpy as np
+
+    from vlm_export.contract import ImagePatches, PromptLayout
+
+    pixtral = ImagePatches(merge=2, max_patches=64, patch=2, row_end="|", end="$")
+    qwen = ImagePatches(merge=2, max_patches=64)
+    for tiles in (pixtral, qwen):
+        layout = PromptLayout(kind="inline", image_token_id=5, tokens_per_image=16, image_token="i", image_tiles=tiles)
+        assert PromptLayout.from_dict(layout.to_dict()) == layout
+    assert set(PromptLayout(kind="inline", image_token_id=5, tokens_per_image=16, image_token="i",
+                            image_tiles=qwen).to_dict()["image_tiles"]) == {"merge", "max_patches", "options", "window"}
+    assert pixtral.text((4, 6), "i") == "iii|iii$" and qwen.text((4, 6), "i") == "iiiiii"
+    image = np.arange(3 * 6 * 8, dtype=np.float32).reshape(1, 3, 6, 8)  # padded: the image is 4 x 4 pixels
+    out = pixtral.arranged({"pixel_values": image, "image_sizes": [[4, 4]]})
+    assert out["pixel_values"].shape == (1, 4, 12) and out["patch_mask"].tolist() == [[1, 1, 1, 1]]
+    for (r, c), cell in zip(out["patch_positions"][0], out["pixel_values"][0]):
+        np.testing.assert_array_equal(cell, image[0, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2].reshape(-1))
+    with pytest.raises(ValueError, match="a whole number of merge blocks"):
+        pixtral.grids({"image_sizes": [[6, 4]]})
