@@ -562,8 +562,10 @@ def test_llava_reading_the_towers_embeddings_output_builds(tmp_path):
     assert result.failures == []
 
 
-def test_llava_with_a_variable_resolution_tower_is_refused(tmp_path):
-    """A Pixtral tower (its tokens per image vary with each image) gets a one-line AdapterError."""
+def test_llava_with_a_variable_resolution_tower_is_llava_pixtrals(tmp_path):
+    """A LLaVA with a Pixtral tower (its tokens per image vary with each image) is the llava_pixtral adapter's, which
+    refuses this one in a line (LLaVA's "default" feature strategy: no class token to drop); the llava adapter, asked
+    by name, refuses the tower in a line."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, PixtralVisionConfig
 
     from tiny_models import IMAGE_TOKEN_ID, _save_tokenizer_and_processor, _text_config
@@ -574,8 +576,12 @@ def test_llava_with_a_variable_resolution_tower_is_refused(tmp_path):
     cfg = LlavaConfig(vision_config=vision, text_config=_text_config("llama"), image_token_id=IMAGE_TOKEN_ID)
     LlavaForConditionalGeneration(cfg).save_pretrained(tmp_path)
     _save_tokenizer_and_processor(tmp_path, 32)
-    with pytest.raises(AdapterError, match="'pixtral' vision tower made .* not one row of tokens per image") as e:
+    assert adapter_for(tmp_path).name == "llava_pixtral"
+    with pytest.raises(AdapterError, match="a Pixtral tower gives no class token to drop") as e:
         adapter_for(tmp_path).load(tmp_path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(AdapterError, match="'pixtral' vision tower made .* not one row of tokens per image") as e:
+        adapter_for(tmp_path, "llava").load(tmp_path)
     assert "\n" not in str(e.value)
 
 
