@@ -31,7 +31,7 @@ from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, pro
 from .decoder import (SplicingDecoder, greedy_reference, save_language_model, spliced_decoder_stage, text_geometry)
 from .llava import check_feature_layers
 from .loading import load_hf_parts
-from .qwen2_vl import _rotate_half, patch_row_stages
+from .qwen2_vl import _rotate_half, patch_grids, patch_row_stages
 
 
 class PixtralPatchTower(nn.Module):
@@ -242,8 +242,7 @@ class Mistral3Adapter(VLMAdapter):
         real = pixel_values[PATCH_MASK].bool()
         places = pixel_values[PATCH_POSITIONS]
         rows = pixel_values["pixel_values"]
-        grids = [(int(places[k][real[k]][:, 0].max()) + 1, int(places[k][real[k]][:, 1].max()) + 1)
-                 for k in range(len(real))]
+        grids = patch_grids(pixel_values)
         height, width = max(h for h, _ in grids), max(w for _, w in grids)
         channels = rows.shape[-1] // patch ** 2
         images = torch.zeros(len(grids), channels, height * patch, width * patch)

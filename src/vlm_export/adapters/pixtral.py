@@ -16,18 +16,6 @@ from .llava import has_pixtral_tower
 from .mistral3 import Mistral3Adapter
 
 
-class PatchProjector(nn.Module):
-    """LLaVA's projector on every patch: image_features [images, patches, width] -> image_embeds [images, patches,
-    hidden]."""
-
-    def __init__(self, projector: nn.Module):
-        super().__init__()
-        self.projector = projector
-
-    def forward(self, image_features):
-        return self.projector(image_features)
-
-
 @register
 class PixtralLlavaAdapter(Mistral3Adapter):
     name = "llava_pixtral"
@@ -55,7 +43,7 @@ class PixtralLlavaAdapter(Mistral3Adapter):
 
     @staticmethod
     def projector(loaded: LoadedModel, merge: int) -> nn.Module:
-        return PatchProjector(loaded.model.model.multi_modal_projector)
+        return loaded.model.model.multi_modal_projector  # LLaVA's, on every patch: [images, patches, hidden]
 
     @staticmethod
     def _merge(loaded: LoadedModel) -> int:

@@ -122,6 +122,14 @@ class PatchMergerProjector(nn.Module):
         return self.merger(image_features.reshape(images * patches, width)).reshape(images, -1, self.hidden_size)
 
 
+def patch_grids(pixel_values: dict) -> list[tuple[int, int]]:
+    """Each image's grid of patches (rows, columns), read back from the image path's rows of patches (the real ones'
+    largest places): what a Hugging Face reference gives the model beside them."""
+    real, places = pixel_values[PATCH_MASK].bool(), pixel_values[PATCH_POSITIONS]
+    return [(int(places[k][real[k]][:, 0].max()) + 1, int(places[k][real[k]][:, 1].max()) + 1)
+            for k in range(len(real))]
+
+
 def patch_row_stages(tower: nn.Module, projector: nn.Module, patches: ImagePatches, processed: dict) -> list[Stage]:
     """The vision encoder (rows of patches, ``contract.ImagePatches``, with their places, mask and any windows ->
     image_features) and the projector (-> image_embeds, a row per merge block) of an image path that reads each image
@@ -265,9 +273,7 @@ class Qwen2VLAdapter(VLMAdapter):
         inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         if pixel_values is not None:
             real = pixel_values[PATCH_MASK].bool()
-            places = pixel_values[PATCH_POSITIONS]
-            grids = [[1, int(places[k][real[k]][:, 0].max()) + 1, int(places[k][real[k]][:, 1].max()) + 1]
-                     for k in range(len(real))]
+            grids = [[1, h, w] for h, w in patch_grids(pixel_values)]
             # which tokens are an image's, as the processor says (without it generate drops M-RoPE silently)
             inputs.update(pixel_values=pixel_values["pixel_values"][real], image_grid_thw=torch.tensor(grids),
                           mm_token_type_ids=(input_ids == loaded.config.image_token_id).to(torch.int32))

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .geometry import DecoderGeometry
+from .layout import PATCH_POSITIONS
 from .patches import PatchRowsScheme
 from .scheme import DecodeBatch, Feeds, SlotBatch, left_padded, left_padded_mask, register_scheme
 from .stages import DECODER, StageSpec, TensorSpec
@@ -78,8 +79,15 @@ class MRopeSplicedScheme(PatchRowsScheme):
         return StageSpec(spec.name, DECODER, inputs, spec.outputs, precisions)
 
     # ---- the image input ---------------------------------------------------------------
+    @property
+    def image_input_sources(self) -> tuple[str, ...]:
+        return (*super().image_input_sources, PATCH_POSITIONS)
+
     def image_input_from_values(self, values: Mapping[str, np.ndarray]) -> PlacedRows:
-        return PlacedRows(*self.real_rows(values))
+        rows, real = self.real_blocks(values)
+        # each row's (row, column) in its image's grid of merge blocks: its block's first patch's, over the merge
+        places = np.asarray(values[PATCH_POSITIONS])[:, ::self.merge ** 2] // self.merge
+        return PlacedRows(np.ascontiguousarray(rows[real], dtype=np.float32), places[real].astype(np.int64))
 
     def empty_image_input(self) -> PlacedRows:
         return PlacedRows(np.zeros((0, self.image_row_width), np.float32), np.zeros((0, 2), np.int64))

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .geometry import DecoderGeometry
-from .layout import PATCH_MASK, PATCH_POSITIONS
+from .layout import PATCH_MASK
 from .scheme import register_scheme
 from .spliced import SplicedScheme
 
@@ -30,23 +30,22 @@ class PatchRowsScheme(SplicedScheme):
 
     @property
     def image_input_sources(self) -> tuple[str, ...]:
-        return (self.image_input_name, PATCH_POSITIONS, PATCH_MASK)
+        return (self.image_input_name, PATCH_MASK)
 
-    def real_rows(self, values: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(the real image rows [n, width] in order, each one's (row, column) in its image's grid of merge blocks
-        [n, 2]) from the projector's padded rows and the image path's patch places and mask."""
-        # the projector makes one row per merge x merge block of patches, from the block's first patch on
+    def real_blocks(self, values: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(the projector's padded rows [images, blocks, width], which of them are real [images, blocks]): a row is
+        real where the first patch of its merge x merge block is."""
         unit = self.merge ** 2
         rows = np.asarray(values[self.image_input_name])
         real = np.asarray(values[PATCH_MASK])[:, ::unit].astype(bool)
-        places = np.asarray(values[PATCH_POSITIONS])[:, ::unit] // self.merge
         if rows.shape[:2] != real.shape:
             raise ValueError(f"the image path gives {rows.shape[1]} rows per image for {real.shape[1]} blocks of "
                              f"{unit} patches")
-        return np.ascontiguousarray(rows[real], dtype=np.float32), places[real].astype(np.int64)
+        return rows, real
 
     def image_input_from_values(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
-        return self.real_rows(values)[0]
+        rows, real = self.real_blocks(values)
+        return np.ascontiguousarray(rows[real], dtype=np.float32)
 
     def image_input_from(self, stage_output: np.ndarray) -> np.ndarray:
         raise ValueError(f"the {self.name} scheme keeps each image's real rows by its patch mask: use "
