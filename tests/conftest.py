@@ -71,6 +71,9 @@ TINY_MODELS = {
     "blip2-t5": (make_tiny_blip2_t5, {}),
     "florence2": (make_tiny_florence2, {}),
     "gemma3": (make_tiny_gemma3, {}),  # Gemma3ForConditionalGeneration: image blocks attend both ways
+    # its pan and scan: a photo 1.5 times as wide as high given whole and as 2 crops, each one more image
+    "gemma3-pan-and-scan": (make_tiny_gemma3, {"pan_and_scan": {"pan_and_scan_min_crop_size": 32,
+                                                                "pan_and_scan_max_num_crops": 3}}),
     # PaliGemmaForConditionalGeneration, prefix LMs (the prompt attends both ways): PaliGemma 2 and 1
     "paligemma2": (make_tiny_paligemma, {"family": "gemma2"}),
     "paligemma": (make_tiny_paligemma, {"family": "gemma"}),

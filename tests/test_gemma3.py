@@ -107,17 +107,50 @@ def test_a_cached_prefix_holds_all_of_an_image_or_none_of_it():
         assert (a[[2, 3, 4, 6, 7]] < 0).all() and a[[0, 1, 5, 8]].tolist() == [5, 6, 7, 8]
 
 
-def test_pan_and_scan_and_a_processor_of_another_length_are_refused(tiny_model_dir, tmp_path):
+#: the gemma3-pan-and-scan model's crop settings (conftest's TINY_MODELS), as Hugging Face's processor takes them
+PAN_AND_SCAN = dict(do_pan_and_scan=True, pan_and_scan_min_crop_size=32, pan_and_scan_max_num_crops=3)
+#: photos (height, width) of 3 crops, 2 crops (tall), none (too small to crop) and none (square)
+CROPPED = [(32, 96), (80, 36), (40, 52), (33, 33)]
+
+
+@pytest.mark.parametrize("turns", CONVERSATIONS[:2], ids=CONVERSATION_IDS[:2])
+def test_pan_and_scan_writes_and_crops_as_the_processor(tiny_build, tiny_model_dir, turns):
+    """With do_pan_and_scan saved, each photo long enough is given whole and as its crops, each one more image and
+    one more run of soft tokens in the text Gemma3Processor writes ("Here is the original image ... and here are
+    some crops ..."): ids and pixels equal to the processor's called with pan and scan, for photos of 3, 2 and no
+    crops, one at a time and two in a prompt."""
+    from vlm_export.contract import ImageCrops
+    from vlm_export.runtime.load import open_build
+
+    pipe = open_build(tiny_build("gemma3-pan-and-scan").path)
+    assert isinstance(pipe.layout.image_tiles, ImageCrops) and pipe.limits.tiles_per_image == 4
+    processor, _ = _hf(tiny_model_dir("gemma3-pan-and-scan"))
+    n = sum(p["type"] == "image" for m in turns for p in m["content"])
+    sizes = [CROPPED[k:k + n] for k in range(len(CROPPED) - n + 1)]
+    for images in ([random_photo(k, size) for k, size in enumerate(group)] for group in sizes):
+        theirs = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="np", images=images, **PAN_AND_SCAN)
+        pixels, grids = pipe.pixel_values_and_grids(images)
+        ids = pipe.prompt_ids(turns, images, grids)
+        assert ids == theirs["input_ids"][0].tolist()
+        assert ids == pipe.prompt_ids(turns, images)  # the grids read by preprocessing again
+        np.testing.assert_array_equal(pixels, theirs["pixel_values"])
+        crops = [{(32, 96): 3, (80, 36): 2}.get(image.size[::-1], 0) for image in images]
+        assert [g[1] for g in grids] == crops and len(pixels) == n + sum(crops)
+        assert ids.count(processor.tokenizer.image_token_id) == len(pixels) * pipe.layout.tokens_per_image
+
+
+def test_a_processor_of_another_length_or_no_crops_is_refused(tiny_model_dir, tmp_path):
     """Both would feed the image path other shapes than it takes; each is refused at load in one line saying
     what to set."""
     from vlm_export.adapters import adapter_for
 
     for name, edit, said in (
-        ("pan-and-scan", lambda p: p["image_processor"].update(do_pan_and_scan=True), "set do_pan_and_scan false"),
+        ("no-crops", lambda p: p["image_processor"].update(pan_and_scan_max_num_crops=0), "or do_pan_and_scan false"),
         ("seq-length", lambda p: p.update(image_seq_length=9), "set image_seq_length 4"),
     ):
         folder = tmp_path / name
-        shutil.copytree(tiny_model_dir("gemma3"), folder)
+        shutil.copytree(tiny_model_dir("gemma3-pan-and-scan"), folder)
         config = json.loads((folder / "processor_config.json").read_text())
         edit(config)
         (folder / "processor_config.json").write_text(json.dumps(config))
@@ -161,7 +194,8 @@ def test_a_prefill_after_a_cached_prefix_is_the_whole_prefill(tiny_build):
 
 
 def test_served_answers_equal_in_process(tiny_build, tmp_path):
-    """The python repository served by a real tritonserver (its prefix cache on, as served by default): three
-    requests at once, then a conversation's second turn that starts with the first's image and answer (a
-    prefill continued after a cached prefix), all as ``generate`` answers in process."""
-    check_served_as_in_process(tiny_build("gemma3").path, tmp_path, [(40, 52), (70, 30), (33, 33)])
+    """The python repository served by a real tritonserver (its prefix cache on, as served by default), panning and
+    scanning (photos of 3, 2 and no crops): three requests at once, then a conversation's second turn that starts
+    with the first's image and answer (a prefill continued after a cached prefix), all as ``generate`` answers in
+    process."""
+    check_served_as_in_process(tiny_build("gemma3-pan-and-scan").path, tmp_path, [(32, 96), (80, 36), (33, 33)])

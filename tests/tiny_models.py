@@ -242,11 +242,13 @@ GEMMA3_CHAT_TEMPLATE = (
 
 
 def make_tiny_gemma3(path: Path, seed: int = 0, image_size: int = 32, patch_size: int = 8, mm_tokens_per_image: int = 4,
-                     text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+                     text_sizes: dict | None = None, vision_sizes: dict | None = None,
+                     pan_and_scan: dict | None = None) -> Path:
     """A tiny random Gemma 3 VLM (Gemma3ForConditionalGeneration) with its Gemma3Processor: SmolLM2's
     tokenizer with Gemma 3's three image tokens added (begin, end, soft) and named as Gemma 3's tokenizer
     names them, a Gemma-3-style chat template, the text model with sliding-window and global layers. The
-    projector's weights (zeros at init) are drawn at random, so the images change the answer."""
+    projector's weights (zeros at init) are drawn at random, so the images change the answer. ``pan_and_scan``: the
+    image processor's crop settings, saved with do_pan_and_scan true."""
     from transformers import (AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
                               Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig)
 
@@ -270,7 +272,8 @@ def make_tiny_gemma3(path: Path, seed: int = 0, image_size: int = 32, patch_size
     with torch.no_grad():
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.5)
     model.save_pretrained(path)
-    image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
+    crops = {"do_pan_and_scan": True, **pan_and_scan} if pan_and_scan is not None else {}
+    image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}, **crops)
     Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE,
                     image_seq_length=mm_tokens_per_image).save_pretrained(path)
     return path

@@ -1,6 +1,7 @@
 """One random tiny Gemma 3 VLM (Gemma3ForConditionalGeneration) per seed: python gemma3.py SEED OUT_DIR.
 Other tower sizes, pooled grids, text shapes, layer layouts (sliding / global), windows shorter than a prompt,
-soft caps and query scalars than the test fixture's. Prints what it drew as JSON. Used by sweep.sh."""
+soft caps and query scalars than the test fixture's; some pan and scan (crop settings that crop the sample photos,
+or not). Prints what it drew as JSON. Used by sweep.sh."""
 import json, random, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
@@ -26,9 +27,14 @@ text = dict(hidden_size=r.choice([48, 64, 96]), intermediate_size=r.choice([72, 
                              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
 if r.random() < 0.3:
     text["attn_logit_softcapping"] = r.choice([20.0, 50.0])
-desc = dict(seed=seed, image=patch * side, patch=patch, tokens_per_image=tokens_side ** 2, vision=vision, text=text)
+# the build's sample photos are 1.5 times as wide as high (crops of 226 x 300 and 300 x 400): most of these crop them
+pan_and_scan = None if r.random() < 0.6 else dict(
+    pan_and_scan_min_crop_size=r.choice([8, 32, 128, 256]), pan_and_scan_max_num_crops=r.choice([1, 2, 3, 4]),
+    pan_and_scan_min_ratio_to_activate=r.choice([1.2, 1.4, 2.0]))
+desc = dict(seed=seed, image=patch * side, patch=patch, tokens_per_image=tokens_side ** 2, vision=vision, text=text,
+            pan_and_scan=pan_and_scan)
 tm.make_tiny_gemma3(out, seed=seed, image_size=patch * side, patch_size=patch, mm_tokens_per_image=tokens_side ** 2,
-                    text_sizes=text, vision_sizes=vision)
+                    text_sizes=text, vision_sizes=vision, pan_and_scan=pan_and_scan)
 if r.random() < 0.3:  # saved in bfloat16, as Gemma 3 checkpoints are (the build loads fp32)
     import torch
     from transformers import Gemma3ForConditionalGeneration

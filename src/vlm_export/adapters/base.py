@@ -156,14 +156,15 @@ class VLMAdapter(abc.ABC):
         return None
 
 
-def check_image_size(loaded: LoadedModel, size: tuple[int, int]) -> None:
+def check_image_size(loaded: LoadedModel, size: tuple[int, int], options: dict | None = None) -> None:
     """The image processor must make the images the vision stage takes: Hugging Face refuses any other
     size at the first forward, so a checkpoint whose preprocessor_config.json disagrees with its vision
-    config is refused here, before anything is exported. The probe is not square, as photos are not."""
+    config is refused here, before anything is exported. The probe is not square, as photos are not.
+    ``options``: what the model's processor passes its image processor (the layout's tiles' ``options``)."""
     from PIL import Image
 
     probe = [Image.new("RGB", (97, 61))]
-    pixels = run_processor(loaded.image_processor, loaded.path, images=probe, return_tensors="np")
+    pixels = run_processor(loaded.image_processor, loaded.path, images=probe, return_tensors="np", **(options or {}))
     made = tuple(int(d) for d in pixels["pixel_values"].shape[-2:])
     if made != tuple(size):
         resizes = getattr(loaded.image_processor, "do_resize", True) is not False

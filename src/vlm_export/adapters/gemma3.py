@@ -12,6 +12,13 @@ Gemma 3 text model. Two things LLaVA does not have:
   themselves, as Hugging Face makes it from the processor's ``token_type_ids`` (1 exactly at the soft
   tokens), so the decoder's inputs are LLaVA's; ``DecoderGeometry.prefill_blocks`` "images" tells the
   fusion pass (its attention kernel masks causally) and the prefix cache.
+
+Pan and scan: where the checkpoint's image processor says ``do_pan_and_scan`` true, an image long enough is given
+whole and as a few crops, each one more image of the image path and one more run of soft tokens in the text its
+processor writes (``ImageCrops``, read off ``Gemma3Processor.replace_image_token`` itself). Hugging Face's
+processor takes pan and scan only as a call argument (``do_pan_and_scan=True``: it passes its own defaults over the
+saved setting); a build fixes it, so the saved file says it, and its crop settings where set, else the processor's
+defaults, are what the build's image processor is given.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..contract import DecoderGeometry, PromptLayout
+from ..contract import DecoderGeometry, ImageCrops, PromptLayout
 from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from . import register
@@ -75,10 +82,6 @@ class Gemma3Adapter(VLMAdapter):
         if getattr(cfg.text_config, "use_bidirectional_attention", False):
             raise AdapterError(f"the text model in {path} attends both ways everywhere (use_bidirectional_attention, "
                                "an embedding model such as EmbeddingGemma): it does not generate text")
-        if getattr(processor, "do_pan_and_scan", False):
-            raise AdapterError(f"the image processor in {path} has do_pan_and_scan on: it cuts a photo into a "
-                               "variable number of crops, each one more image in the prompt, which the fixed-shape "
-                               "image path does not take; set do_pan_and_scan false in preprocessor_config.json")
         image_token = getattr(tokenizer, "image_token", None)
         if getattr(tokenizer, "image_token_id", None) != cfg.image_token_id or not getattr(tokenizer, "boi_token", None):
             raise AdapterError(
@@ -89,8 +92,13 @@ class Gemma3Adapter(VLMAdapter):
         if template and template != getattr(tokenizer, "chat_template", None):
             set_chat_template(tokenizer, template, f"the processor's chat template in {path}")
         loaded = LoadedModel(self, path, model, tokenizer, processor, cfg)
+        crops = self.pan_and_scan(loaded)
+        if crops and crops["pan_and_scan_max_num_crops"] < 1:
+            raise AdapterError(f"the image processor in {path} pans and scans into at most "
+                               f"{crops['pan_and_scan_max_num_crops']} crops: set pan_and_scan_max_num_crops 1 or more, "
+                               "or do_pan_and_scan false")
         size = cfg.vision_config.image_size
-        check_image_size(loaded, (size, size))
+        check_image_size(loaded, (size, size), crops)
         rows = self.tokens_per_image(loaded)
         if (path / "processor_config.json").is_file():
             written = load_processor(Gemma3Processor, path).image_seq_length
@@ -100,6 +108,18 @@ class Gemma3Adapter(VLMAdapter):
                                    f"{cfg.mm_tokens_per_image}); Hugging Face's generate refuses this checkpoint too: "
                                    f"set image_seq_length {rows} in processor_config.json")
         return loaded
+
+    @staticmethod
+    def pan_and_scan(loaded: LoadedModel) -> dict:
+        """What the image processor is given to pan and scan (see the module docstring); {} where it does not."""
+        from transformers import Gemma3Processor
+
+        image_processor = loaded.image_processor
+        if getattr(image_processor, "do_pan_and_scan", None) is not True:
+            return {}
+        defaults = Gemma3Processor.images_kwargs
+        settings = {name: getattr(image_processor, name, None) for name in defaults if "pan_and_scan" in name}
+        return {name: defaults[name] if value is None else value for name, value in settings.items()}
 
     def stages(self, loaded: LoadedModel) -> list[Stage]:
         return last_hidden_state_stages(loaded, self.scheme(loaded), ImageBlockDecoder,
@@ -120,12 +140,27 @@ class Gemma3Adapter(VLMAdapter):
         return int(rows.shape[1])
 
     def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
+        from transformers import Gemma3Processor
+
         tok = loaded.tokenizer
         rows = self.tokens_per_image(loaded)
-        return PromptLayout(kind="inline", image_token_id=loaded.config.image_token_id, tokens_per_image=rows,
-                            image_token=tok.boi_token, chat_parts=chat_template_takes_parts(tok, tok.boi_token),
-                            images_where_written=True,
-                            image_sequence=f"\n\n{tok.boi_token}{tok.image_token * rows}{tok.eoi_token}\n\n")
+        processor = Gemma3Processor(image_processor=loaded.image_processor, tokenizer=tok, image_seq_length=rows)
+        layout = PromptLayout(kind="inline", image_token_id=loaded.config.image_token_id, tokens_per_image=rows,
+                              image_token=tok.boi_token, chat_parts=chat_template_takes_parts(tok, tok.boi_token),
+                              images_where_written=True, image_sequence=processor.full_image_sequence)
+        options = self.pan_and_scan(loaded)
+        if not options:
+            return layout
+        # the text of an image with crops as the processor writes it, cut at each image's own text
+        one, written = processor.full_image_sequence, processor.replace_image_token({"num_crops": [2]}, 0)
+        parts = written.split(one)
+        if len(parts) != 4 or parts[3]:
+            raise AdapterError(f"Gemma3Processor writes an image with two crops as {written!r}: not the whole image's "
+                               "text then the crops' as this adapter reads it; set do_pan_and_scan false in "
+                               f"{loaded.path / 'preprocessor_config.json'}")
+        crops = ImageCrops(image=one, whole_lead=parts[0], crops_lead=parts[1], crop_separator=parts[2],
+                           max_crops=options["pan_and_scan_max_num_crops"], options=options)
+        return replace(layout, image_sequence="", image_tiles=crops)
 
     def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
         geometry = text_geometry(loaded.config.text_config, loaded.model.model.language_model)

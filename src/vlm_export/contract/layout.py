@@ -23,7 +23,8 @@ which the image processor's preprocessing gives (its ``rows`` and ``cols``; :cla
 image the processor cuts into as many patches as its size needs (Qwen2-VL's; :class:`ImagePatches`): its
 rows follow its grid of patches. Or an image resized into the best of a few resolutions and cut into tiles
 (LLaVA-NeXT's; :class:`AnyResTiles`): its rows follow its size, packed from its tiles' by the
-``spliced_anyres`` scheme.
+``spliced_anyres`` scheme. Or an image given whole and, where it is long enough, as a few crops (Gemma 3's pan
+and scan; :class:`ImageCrops`).
 
 ``add_special_tokens``: whether the tokenizer adds its own special tokens (BOS) to the text: on where
 the model's processor tokenizes plain text with them (BLIP-2, InstructBLIP). An ``inline`` layout
@@ -114,6 +115,55 @@ class ImageTiles:
         if self.counted_by == "rows_cols":
             return [(int(r), int(c)) for r, c in zip(np.ravel(processed["rows"]), np.ravel(processed["cols"]))]
         return [(1, int(n) - 1) if int(n) > 1 else (0, 0) for n in np.ravel(processed["num_patches"])]
+
+
+@dataclass(frozen=True)
+class ImageCrops:
+    """An image its processor gives whole and then, where it is long enough, as a few crops, each crop one more image
+    of the tower's size (Gemma 3's "pan and scan"): ``pixel_values [the whole image and its crops, for each image,
+    ...]`` with each image's ``num_crops``. Each of them is written as ``image`` (its tokens included: Gemma 3's
+    "\\n\\n<start_of_image>" + the soft token x N + "<end_of_image>\\n\\n"); an image with crops is written
+    ``whole_lead`` + the whole image's + ``crops_lead`` + the crops' joined by ``crop_separator``, as its processor
+    writes them. Its "grid" is (1, crops), (0, 0) where it has none (the tiles contract: ``count`` images of the image
+    path, whole first, in the processor's order). ``options``: what the processor is given to cut crops."""
+
+    image: str
+    whole_lead: str
+    crops_lead: str
+    crop_separator: str
+    max_crops: int
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
+    one_prompt: ClassVar[bool] = False  # each image cut alone
+    #: the crops' count follows the image's aspect (a setting of the processor: ``options``)
+    fewer_tokens: ClassVar[str] = "save the image processor with fewer crops per image (pan_and_scan_max_num_crops)"
+
+    def __post_init__(self) -> None:
+        if self.max_crops < 0:
+            raise ValueError(f"at most {self.max_crops} crops per image: none or more")
+
+    @property
+    def max_tiles(self) -> int:
+        return 1 + self.max_crops
+
+    count = staticmethod(ImageTiles.count)
+    tokens = staticmethod(ImageTiles.tokens)
+
+    def most_tokens(self, per_tile: int) -> int:
+        return self.max_tiles * per_tile
+
+    def arranged(self, processed: dict) -> dict:
+        return processed  # the whole images and crops are already one image each
+
+    def text(self, grid: tuple[int, int], token: str = "", per_tile: int = 0) -> str:
+        """The text of an image of ``grid`` (``image`` holds its tokens: the layout's image token is the mark its
+        chat template writes, which this text replaces)."""
+        crops = grid[0] * grid[1]
+        if not crops:
+            return self.image
+        return self.whole_lead + self.image + self.crops_lead + self.crop_separator.join([self.image] * crops)
+
+    def grids(self, processed: dict) -> list[tuple[int, int]]:
+        return [(1, int(n)) if int(n) else (0, 0) for n in np.ravel(processed["num_crops"])]
 
 
 #: the image path's inputs :meth:`ImagePatches.arranged` adds beside ``pixel_values`` (the last two where it
@@ -447,13 +497,15 @@ def _linear_sources(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([first, second], axis=1), np.stack([np.float32(1) - far, far], axis=1).astype(np.float32)
 
 
-def image_arrangement(d: dict[str, Any] | None) -> "ImageTiles | ImagePatches | AnyResTiles | None":
+def image_arrangement(d: dict[str, Any] | None) -> "ImageTiles | ImagePatches | AnyResTiles | ImageCrops | None":
     """A layout's ``image_tiles`` from its manifest form (patches are told by their ``merge``, any-resolution tiles
-    by their ``pinpoints``)."""
+    by their ``pinpoints``, crops by their ``max_crops``)."""
     if not d:
         return None
     if "merge" in d:
         return ImagePatches(**d)
+    if "max_crops" in d:
+        return ImageCrops(**d)
     return AnyResTiles(**d) if "pinpoints" in d else ImageTiles(**d)
 
 
@@ -487,14 +539,14 @@ class PromptLayout:
     text_after: str = ""
     #: an image cut into tiles or patches by its processor (see the module docstring); None: one image, one run
     #: of ``tokens_per_image`` tokens
-    image_tiles: "ImageTiles | ImagePatches | AnyResTiles | None" = None
+    image_tiles: "ImageTiles | ImagePatches | AnyResTiles | ImageCrops | None" = None
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUTS:
             raise ValueError(f"prompt layout {self.kind!r} is not one of {LAYOUTS}")
         if self.kind == "inline" and not self.image_token:
             raise ValueError("an inline prompt layout needs the image token's text")
-        if self.image_tiles is not None and (self.kind != "inline" or self.image_sequence):
+        if self.image_tiles is not None and (self.kind != "inline" or self.image_sequence):  # ImageCrops.image holds it
             raise ValueError("tiled images are written inline, by their tiles' texts, not an image_sequence")
 
     def to_dict(self) -> dict[str, Any]:
