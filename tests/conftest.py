@@ -407,11 +407,12 @@ CONVERSATIONS = [
 CONVERSATION_IDS = ["one image", "two images", "conversation", "text only"]
 
 
-def check_served_as_in_process(build: Path, folder: Path, sizes, over_http: bool = False) -> None:
+def check_served_as_in_process(build: Path, folder: Path, sizes, over_http: bool = False, also=None) -> None:
     """``build``'s python repository served by a real tritonserver (its prefix cache on, as served by default), asked
     about photos of ``sizes``: three requests at once over gRPC (the first photo, the second, the last two together),
     over HTTP too where asked (base64 images), then a conversation's second turn that starts with the first's image
-    (the last photo) and answer (a prefill continued after a cached prefix): every answer ``generate``'s in process."""
+    (the last photo) and answer (a prefill continued after a cached prefix): every answer ``generate``'s in process.
+    ``also(server, paths)``: more checks on the same server (one start less)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from vlm_export.client.client import VLMClient
@@ -435,6 +436,8 @@ def check_served_as_in_process(build: Path, folder: Path, sizes, over_http: bool
         turns = [*first, {"role": "assistant", "content": [{"type": "text", "text": answer}]},
                  {"role": "user", "content": [{"type": "text", "text": "And its colour?"}]}]
         second = client.generate(messages=turns, images=[paths[-1]], max_tokens=8).text
+        if also is not None:
+            also(server, paths)
     assert answer == generate(pipe, first, [paths[-1]], config).text
     assert second == generate(pipe, turns, [paths[-1]], config).text
 

@@ -225,34 +225,32 @@ def test_onevision_checkpoints_hugging_face_refuses_are_refused(tiny_model_dir, 
         assert "\n" not in str(e.value)
 
 
-def test_served_answers_equal_in_process(tiny_build, tmp_path):
+def test_served_answers_and_image_encoder_equal_in_process(tiny_build, tmp_path):
     """Served by a real tritonserver, over gRPC and HTTP (base64 images): answers for images of different sizes (other
-    tile counts), two at once, and a conversation's second turn, equal ``generate``'s in process."""
-    check_served_as_in_process(tiny_build("llava_next").path, tmp_path, [(40, 52), (70, 20), (10, 10)], over_http=True)
-
-
-def test_served_image_encoder_gives_the_tiles_rows_and_sizes(tiny_build, tmp_path):
-    """The repository's image_encoder ensemble, called on its own with encoded images: the preprocess model cuts them
-    as the processor does (its options) and hands back each image's size beside the tiles' rows, from which the
-    scheme packs what ``encode_images`` packs in process."""
+    tile counts), two at once, and a conversation's second turn, equal ``generate``'s in process. And the repository's
+    image_encoder ensemble, called on its own with encoded images: the preprocess model cuts them as the processor
+    does (its options) and hands back each image's size beside the tiles' rows, from which the scheme packs what
+    ``encode_images`` packs in process."""
     import tritonclient.grpc as grpcclient
 
-    from conftest import photo_files, served_build
     from vlm_export.runtime.load import open_build
 
     build = tiny_build("llava_next").path
     pipe = open_build(build)
-    paths = photo_files(tmp_path, [(40, 52), (70, 20)])
-    with served_build(build, tmp_path) as server:
+    sizes = [(40, 52), (70, 20), (10, 10)]
+
+    def image_encoder(server, paths):
         raw = grpcclient.InferenceServerClient(server.grpc_url)
-        for sent in ([paths[0]], paths):
+        for sent in ([paths[0]], paths[:2]):
             images = grpcclient.InferInput("images", [len(sent), 1], "BYTES")
             images.set_data_from_numpy(np.array([[p.read_bytes()] for p in sent], dtype=np.object_))
             served = raw.infer("image_encoder", [images])
             values = {name: served.as_numpy(name) for name in pipe.scheme.image_input_sources}
-            np.testing.assert_array_equal(values["image_sizes"], [[h, w] for h, w in [(40, 52), (70, 20)][:len(sent)]])
+            np.testing.assert_array_equal(values["image_sizes"], [[h, w] for h, w in sizes[:len(sent)]])
             np.testing.assert_allclose(pipe.scheme.image_input_from_values(values),
                                        pipe.encode_images(pipe.pixel_values(sent)), atol=1e-5, rtol=0)
+
+    check_served_as_in_process(build, tmp_path, sizes, over_http=True, also=image_encoder)
 
 
 def test_onevision_served_answers_equal_in_process(tiny_build, tmp_path):
