@@ -237,3 +237,19 @@ def test_transparent_images_are_seen_over_white_as_hugging_face_sees_them(tiny_b
     np.testing.assert_array_equal(pipe.pixel_values([buf.getvalue()]), plain(
         images=[hf_load_image(rgba)], return_tensors="np")["pixel_values"])
     assert not np.array_equal(pipe.pixel_values([buf.getvalue()]), theirs["pixel_values"])  # not over white
+
+
+def test_every_path_makes_pixels_with_one_image_processor_backend(tiny_model_dir, tmp_path):
+    """The build's checks, the in-process runtime and the served preprocess model load the image processor on Pillow
+    (``IMAGE_PROCESSOR_BACKEND``) whether or not torchvision is installed: transformers would pick torchvision's where
+    it is, whose pixels differ by a rounding step, and the served image has no torch - answers checked at build time
+    would not be the ones served. (Where torchvision is installed this is the test that tells.)"""
+    from transformers.image_processing_backends import PilBackend
+
+    from vlm_export.adapters import adapter_for
+    from vlm_export.runtime.images import load_image_processor
+
+    for name in ("gemma3", "qwen2_5_vl", "llava-siglip-qwen3"):
+        folder = tiny_model_dir(name)
+        assert isinstance(adapter_for(folder).load(folder).image_processor, PilBackend), name
+        assert isinstance(load_image_processor(folder), PilBackend), name

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 from ..errors import AdapterError, ModelLoadError, first_line
+from ..runtime.images import load_image_processor
 
 
 def load_hf_parts(model_cls, path: Path, *, processor: bool = True):
@@ -17,7 +18,7 @@ def load_hf_parts(model_cls, path: Path, *, processor: bool = True):
     A longrope rotary picks its factors per row (``longrope_per_row``): for one row, the same maths.
     """
     import torch
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     path = Path(path)
@@ -42,7 +43,7 @@ def load_hf_parts(model_cls, path: Path, *, processor: bool = True):
     image_processor = None
     if processor:
         try:
-            image_processor = AutoImageProcessor.from_pretrained(path)
+            image_processor = load_image_processor(path)
         except Exception as e:
             raise ModelLoadError(
                 f"cannot load the image processor in {path} ({first_line(e)}); save preprocessor_config.json beside the model"

@@ -18,6 +18,20 @@ from typing import Union
 from ..contract import ImageTiles
 from ..errors import InputError
 
+#: the image processors' backend wherever a build's pixels are made (the build's checks, in process, served):
+#: Pillow's, which every environment has - the served image has no torch, so no torchvision, and transformers
+#: picks the torchvision one where that is installed, whose pixels differ by a rounding step (up to 1/127 after
+#: normalizing, measured on CLIP, SigLIP, Qwen2-VL, Idefics3 and InternVL processors): answers checked at build
+#: time would not be the ones served
+IMAGE_PROCESSOR_BACKEND = "pil"
+
+
+def load_image_processor(folder: Path, **kwargs):
+    """The image processor saved in ``folder`` (``AutoImageProcessor``), on :data:`IMAGE_PROCESSOR_BACKEND`."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(folder, backend=IMAGE_PROCESSOR_BACKEND, **kwargs)
+
 ImageInput = Union[str, Path, bytes, "PIL.Image.Image"]  # noqa: F821
 DEFAULT_MAX_IMAGE_BYTES = 32 << 20
 MIN_MAX_PIXELS = 8192 * 8192

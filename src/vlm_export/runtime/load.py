@@ -10,6 +10,7 @@ from ..contract import ImageText, Limits, PromptLayout, scheme_from_dict, stages
 from ..contract.profiles import trt_settings
 from ..manifest import check_hashes as check_build_hashes, form_entry, gpu_form, gpu_form_note, read_manifest
 from ..errors import RunnerError
+from . import images
 from .devices import Device, log
 from .pipeline import GENERATION_DEFAULTS, VLMPipeline
 from .prompt import ImageTextEncoder
@@ -49,9 +50,7 @@ def load_tokenizer(folder: Path):
 
 
 def load_image_processor(folder: Path):
-    from transformers import AutoImageProcessor
-
-    return AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    return images.load_image_processor(folder, local_files_only=True)
 
 
 def image_text_encoder(manifest: dict, root: Path) -> ImageTextEncoder | None:

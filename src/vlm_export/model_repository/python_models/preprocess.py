@@ -5,13 +5,12 @@ import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from transformers import AutoImageProcessor
 from transformers.utils import logging as hf_logging
 
 from vlm_export.contract import TensorSpec
 from vlm_export.contract.layout import image_arrangement
 from vlm_export.model_repository.python_models.common import image_limits, image_payload, model_dirs, parameter
-from vlm_export.runtime.images import processed_images
+from vlm_export.runtime.images import load_image_processor, processed_images
 from vlm_export.runtime.pipeline import as_declared
 
 
@@ -26,7 +25,7 @@ class TritonPythonModel:
                                    ("images", *(t["reshape"].get("shape", []) if "reshape" in t else t["dims"])))
                         for t in config["output"]]
         hf_logging.set_verbosity_error()
-        self.processor = AutoImageProcessor.from_pretrained(version_dir / "processor")
+        self.processor = load_image_processor(version_dir / "processor")  # as the build made its pixels
 
     def execute(self, requests):
         responses = []
