@@ -23,6 +23,25 @@ os.environ.setdefault("VLM_EXPORT_ORT_SPIN", "0")
 # a bug's traceback, not the one line users get (tests assert that line where they mean it)
 os.environ.setdefault("VLM_EXPORT_TRACEBACK", "1")
 
+
+def _hf_image_processors_on_the_tools_backend() -> None:
+    """The tool makes pixels on Pillow's backend (runtime.images.IMAGE_PROCESSOR_BACKEND); where torchvision is
+    installed transformers would make the Hugging Face processors the tests compare with on torchvision's, a
+    rounding step away. There, an image processor asked for no backend gets Pillow's (video processors, which have
+    no Pillow backend, are left as they are). Nothing changes where torchvision is absent (CI)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    from transformers.models.auto import image_processing_auto as auto
+
+    resolve = auto._resolve_backend
+    auto._resolve_backend = lambda backend, use_fast, base_class_name: resolve(
+        backend if backend is not None or use_fast is not None else "pil", use_fast, base_class_name)
+
+
+_hf_image_processors_on_the_tools_backend()
+
 from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava, make_tiny_mllama, make_tiny_prefix  # noqa: E402
 from tiny_models import make_tiny_blip2_t5  # noqa: E402
 from tiny_models import make_tiny_florence2  # noqa: E402
