@@ -786,6 +786,51 @@ def make_tiny_internvl(path: Path, seed: int = 0, image_size: int = 32, patch_si
     return path
 
 
+#: the form of Aya Vision's own processor template: Cohere's turn tokens, "<image>" for each image part
+AYA_VISION_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|START_OF_TURN_TOKEN|>{% if message['role'] == 'user' %}"
+    "<|USER_TOKEN|>{% elif message['role'] == 'assistant' %}<|CHATBOT_TOKEN|>{% else %}<|SYSTEM_TOKEN|>{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<image>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|END_OF_TURN_TOKEN|>{% endfor %}"
+    "{% if add_generation_prompt %}<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>{% endif %}")
+
+
+def make_tiny_aya_vision(path: Path, seed: int = 0, image_size: int = 32, patch_size: int = 8, max_patches: int = 4,
+                         downsample: int = 2, text_sizes: dict | None = None, vision_sizes: dict | None = None,
+                         feature_layer: int = -1) -> Path:
+    """A tiny random Aya Vision (AyaVisionForConditionalGeneration) over a Cohere 2 LM (sliding-window layers and a
+    global one without rotary) with its AyaVisionProcessor: SmolLM2's tokenizer with Aya's image and turn tokens, its
+    GotOcr2 image processor cutting images into up to ``max_patches`` tiles plus a thumbnail."""
+    from transformers import (AutoTokenizer, AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor,
+                              Cohere2Config, GotOcr2ImageProcessorPil, SiglipVisionConfig)
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), add_bos_token=False, extra_special_tokens={
+        "image_token": "<image>"}, additional_special_tokens=[
+        "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE", "TILE_GLOBAL",
+        "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>"])
+    tokenizer.chat_template = AYA_VISION_CHAT_TEMPLATE
+    text = Cohere2Config(**{**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, sliding_window=8,
+                                   layer_types=["sliding_attention"] * 3 + ["full_attention"]), **(text_sizes or {})},
+                         vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=2)
+    vision = SiglipVisionConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2), **(vision_sizes or {})},
+                                image_size=image_size, patch_size=patch_size)
+    cfg = AyaVisionConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), downsample_factor=downsample,
+                          image_token_index=tokenizer.convert_tokens_to_ids("<|IMG_PATCH|>"),
+                          vision_feature_layer=feature_layer, alignment_intermediate_size=96,
+                          tie_word_embeddings=bool((text_sizes or {}).get("tie_word_embeddings", True)))
+    torch.manual_seed(seed)
+    AyaVisionForConditionalGeneration(cfg).eval().save_pretrained(path)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=False,
+                                               min_patches=1, max_patches=max_patches)
+    AyaVisionProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=AYA_VISION_CHAT_TEMPLATE,
+                       patch_size=patch_size, img_size=image_size, downsample_factor=downsample).save_pretrained(path)
+    return path
+
+
 #: the form of Qwen2-VL-Instruct's own processor template: a default system turn, "Picture k: " where asked
 QWEN2_VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"

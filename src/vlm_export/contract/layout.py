@@ -73,6 +73,9 @@ class ImageTiles:
     start: str = ""
     counted_by: str = "rows_cols"
     options: dict[str, Any] = field(default_factory=dict, hash=False)
+    #: the text of each image row where it is not the layout's image token, the mark a prompt writes for an image
+    #: (Aya Vision's processor replaces "<image>" and repeats "<|IMG_PATCH|>"); empty: that token
+    token: str = ""
     #: each image is cut alone, whatever else its prompt holds (see AnyResTiles.one_prompt)
     one_prompt: ClassVar[bool] = False
     #: how a user makes its images fewer tokens (a build error's advice)
@@ -103,7 +106,7 @@ class ImageTiles:
 
     def text(self, grid: tuple[int, int], token: str, per_tile: int) -> str:
         rows, cols = grid
-        tokens = token * per_tile
+        tokens = (self.token or token) * per_tile
         if not rows * cols:
             return self.alone + tokens + self.end
         lines = ("".join(self.tile.format(row=r + 1, col=c + 1) + tokens for c in range(cols)) + self.row_end
@@ -563,7 +566,8 @@ class PromptLayout:
             if not d[name]:
                 del d[name]
         tiles = d.get("image_tiles") or {}
-        for name in ("patch", "row_end", "end") if "merge" in tiles else ():  # likewise (ImagePatches' defaults)
+        defaults = ("patch", "row_end", "end") if "merge" in tiles else ("token",) if "counted_by" in tiles else ()
+        for name in defaults:  # likewise (ImagePatches' and ImageTiles' defaults)
             if not tiles[name]:
                 del tiles[name]
         return d

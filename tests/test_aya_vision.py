@@ -1,0 +1,95 @@
+"""Aya Vision (AyaVisionForConditionalGeneration): each image cut by its GotOcr2 image processor into up to
+``max_patches`` tiles by its aspect ratio, plus a thumbnail, and written as AyaVisionProcessor writes it -
+"<|START_OF_IMG|>", "TILE_k" + the patch token x rows per tile, "TILE_GLOBAL" + the thumbnail's, "<|END_OF_IMG|>"
+(``PromptLayout.image_tiles`` counted by ``num_patches``, the rows' token its own); a SwiGLU projector after a pixel
+shuffle; a Cohere 2 LM. The build itself (parity of every stage, HF generate's tokens alone and batched on the default
+samples) is test_export_core's."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CONVERSATIONS, CONVERSATION_IDS, check_served_as_in_process, random_photo
+from vlm_export.errors import AdapterError
+
+#: (height, width): 3 tiles (1 x 2 and a thumbnail), 5 (1 x 4 or 2 x 2, and a thumbnail), 1 (too small to cut)
+SIZES = [(20, 50), (70, 20), (10, 10), (300, 200), (64, 64)]
+
+
+def _images(n: int, first: int = 0):
+    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
+
+
+@pytest.mark.parametrize("turns", CONVERSATIONS, ids=CONVERSATION_IDS)
+def test_prompt_ids_and_tiles_are_aya_vision_processors(tiny_build, tiny_model_dir, turns):
+    """Each image written as AyaVisionProcessor writes it for its tiles, where its chat template puts it; ids and
+    tiles equal to the processor's, over images of 1, 3 and 5 tiles."""
+    from transformers import AutoProcessor
+
+    from vlm_export.runtime.load import open_build
+
+    pipe = open_build(tiny_build("aya_vision").path)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir("aya_vision"))
+    n = sum(p["type"] == "image" for m in turns for p in m["content"])
+    for first in range(len(SIZES) - 1 if n else 1):
+        images = _images(n, first)
+        theirs = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="np", **({"images": images} if images else {}))
+        ids = pipe.prompt_ids(turns, images)
+        assert ids == theirs["input_ids"][0].tolist()
+        if images:
+            np.testing.assert_array_equal(pipe.pixel_values(images), theirs["pixel_values"])
+            assert ids.count(pipe.layout.image_token_id) == len(theirs["pixel_values"]) * pipe.layout.tokens_per_image
+
+
+def test_answers_for_every_tile_count_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):
+    """Images of 1, 3 and 5 tiles, alone and two at once: greedy answers = Hugging Face generate's, alone and decoded
+    together in one batch; the limits count the tiles (4 and a thumbnail at most)."""
+    from vlm_export.adapters import adapter_for
+    from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
+    from vlm_export.runtime.load import open_build
+
+    build = tiny_build("aya_vision").path
+    pipe = open_build(build)
+    folder = tiny_model_dir("aya_vision")
+    loaded = adapter_for(folder).load(folder)
+    assert json.loads((build / "manifest.json").read_text())["limits"]["tiles_per_image"] == 5
+    config = GenerationConfig(max_new_tokens=10, ignore_eos=True)
+    requests = [("What is in the picture?", _images(1, k)) for k in (0, 2, 3)] + [(CONVERSATIONS[1], _images(2, 3))]
+    alone = []
+    for prompt, images in requests:
+        ids = pipe.prompt_ids(prompt, images)
+        want = loaded.adapter.reference_generate(loaded, torch.tensor([ids]),
+                                                 torch.from_numpy(pipe.pixel_values(images)), 10, [-1])
+        alone.append(generate(pipe, prompt, images, config).token_ids)
+        assert alone[-1] == want, [im.size for im in images]
+    assert [r.token_ids for r in generate_batch(pipe, [GenerationRequest(p, i, config) for p, i in requests])] == alone
+
+
+def test_a_processor_of_another_length_or_several_feature_layers_is_refused(tiny_model_dir, tmp_path):
+    """A processor that writes another count of tokens per tile than the projector gives, or a config whose projector
+    would read several feature layers: refused at load in one line saying what to fix."""
+    from vlm_export.adapters import adapter_for
+
+    for name, file, edit, said in (
+        ("length", "processor_config.json", lambda c: c.update(img_size=64), "writes 16 image tokens per tile"),
+        ("layers", "config.json", lambda c: c.update(vision_feature_layer=[-2, -1]), "names several layers"),
+    ):
+        folder = tmp_path / name
+        shutil.copytree(tiny_model_dir("aya_vision"), folder)
+        settings = json.loads((folder / file).read_text())
+        edit(settings)
+        (folder / file).write_text(json.dumps(settings))
+        with pytest.raises(AdapterError, match=said) as e:
+            adapter_for(folder).load(folder)
+        assert "\n" not in str(e.value)
+
+
+def test_served_answers_equal_in_process(tiny_build, tmp_path):
+    """Served by a real tritonserver, over gRPC and HTTP (base64 images): answers for images of other tile counts,
+    two at once, and a conversation's second turn, equal ``generate``'s in process."""
+    check_served_as_in_process(tiny_build("aya_vision").path, tmp_path, [(20, 50), (70, 20), (10, 10)], over_http=True)
