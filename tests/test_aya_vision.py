@@ -89,6 +89,19 @@ def test_a_processor_of_another_length_or_several_feature_layers_is_refused(tiny
         assert "\n" not in str(e.value)
 
 
+def test_a_tower_of_variable_resolution_is_refused_by_its_inputs():
+    """SigLIP 2's NaFlex tower takes a patch mask and each image's grid beside the pixels: named, and so refused at
+    load; SigLIP's takes the pixels alone."""
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    from vlm_export.adapters.aya_vision import tower_needs_more_than_pixels
+
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    assert tower_needs_more_than_pixels(Siglip2VisionModel(Siglip2VisionConfig(**small))) == ["pixel_attention_mask",
+                                                                                             "spatial_shapes"]
+    assert tower_needs_more_than_pixels(SiglipVisionModel(SiglipVisionConfig(**small))) == []
+
+
 def test_served_answers_equal_in_process(tiny_build, tmp_path):
     """Served by a real tritonserver, over gRPC and HTTP (base64 images): answers for images of other tile counts,
     two at once, and a conversation's second turn, equal ``generate``'s in process."""
