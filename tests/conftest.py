@@ -44,7 +44,7 @@ _hf_image_processors_on_the_tools_backend()
 
 from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava, make_tiny_mllama, make_tiny_prefix  # noqa: E402
 from tiny_models import make_tiny_blip2_t5  # noqa: E402
-from tiny_models import make_tiny_aya_vision, make_tiny_florence2  # noqa: E402
+from tiny_models import make_tiny_aya_vision, make_tiny_deepseek_vl, make_tiny_florence2  # noqa: E402
 from tiny_models import (make_tiny_gemma3, make_tiny_idefics3, make_tiny_internvl, make_tiny_paligemma,  # noqa: E402
                          make_tiny_llava_next, make_tiny_llava_onevision, make_tiny_mistral3,
                          make_tiny_qwen2_vl)
@@ -104,6 +104,9 @@ TINY_MODELS = {
     "internvl": (make_tiny_internvl, {}),
     # Aya Vision: InternVL's tiles over SigLIP, each tile and the thumbnail named in the text, a SwiGLU projector, Cohere 2
     "aya_vision": (make_tiny_aya_vision, {}),
+    # DeepSeek-VL (SigLIP, an MLP aligner, Llama) and Janus (its own tower; begin/end-of-image tokens around each image)
+    "deepseek_vl": (make_tiny_deepseek_vl, {}),
+    "janus": (make_tiny_deepseek_vl, {"family": "janus"}),
     # patches of any count per image (Qwen2VLImageProcessor) and M-RoPE positions: Qwen2-VL, and Qwen2.5-VL with its
     # windowed vision blocks
     "qwen2_vl": (make_tiny_qwen2_vl, {}),

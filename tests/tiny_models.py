@@ -831,6 +831,61 @@ def make_tiny_aya_vision(path: Path, seed: int = 0, image_size: int = 32, patch_
     return path
 
 
+#: the form of DeepSeek-VL's and Janus's processor templates: role names, "<image_placeholder>" for each image part
+DEEPSEEK_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}<|User|>: {% elif message['role'] == 'assistant' %}"
+    "<|Assistant|>: {% endif %}{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<image_placeholder>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}<|Assistant|>:{% endif %}")
+
+
+def make_tiny_deepseek_vl(path: Path, seed: int = 0, family: str = "deepseek_vl", image_size: int = 32,
+                          patch_size: int = 8, text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+    """A tiny random DeepSeek-VL (``family`` "deepseek_vl": DeepseekVLForConditionalGeneration, a SigLIP tower) or
+    Janus ("janus": JanusForConditionalGeneration, its own tower, a tiny VQ model its understanding path never runs)
+    over a Llama LM, with its real processor over SmolLM2's tokenizer with the family's image tokens."""
+    from transformers import (AutoTokenizer, DeepseekVLConfig, DeepseekVLForConditionalGeneration,
+                              DeepseekVLImageProcessorPil, DeepseekVLProcessor, JanusConfig,
+                              JanusForConditionalGeneration, JanusImageProcessorPil, JanusProcessor, JanusVisionConfig,
+                              JanusVQVAEConfig, LlamaConfig, SiglipVisionConfig)
+
+    janus = family == "janus"
+    tokens = {"image_token": "<image_placeholder>", **({"boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"}
+                                                       if janus else {})}
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), extra_special_tokens=tokens)
+    tokenizer.chat_template = DEEPSEEK_VL_CHAT_TEMPLATE
+    text = LlamaConfig(**{**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2), **(text_sizes or {})},
+                       vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=2)
+    sizes = {**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+             **(vision_sizes or {})}
+    image_token_id = tokenizer.convert_tokens_to_ids("<image_placeholder>")
+    rows = (image_size // patch_size) ** 2
+    if janus:
+        vision = JanusVisionConfig(**{k: v for k, v in sizes.items() if k != "intermediate_size"}, mlp_ratio=2,
+                                   image_size=image_size, patch_size=patch_size, projection_dim=text.hidden_size,
+                                   num_image_tokens=rows)
+        vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=32, latent_channels=32, base_channels=32,  # GroupNorm: 32s
+                              channel_multiplier=[1, 2], num_res_blocks=1, projection_dim=text.hidden_size,
+                              image_token_embed_dim=text.hidden_size, num_patches=4)
+        cfg = JanusConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), vq_config=vq.to_dict(),
+                          image_token_id=image_token_id, tie_word_embeddings=False)
+        model_cls, processor_cls, image_cls = JanusForConditionalGeneration, JanusProcessor, JanusImageProcessorPil
+    else:
+        vision = SiglipVisionConfig(**sizes, image_size=image_size, patch_size=patch_size)
+        cfg = DeepseekVLConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                               image_token_id=image_token_id, tie_word_embeddings=False)
+        model_cls, processor_cls, image_cls = (DeepseekVLForConditionalGeneration, DeepseekVLProcessor,
+                                               DeepseekVLImageProcessorPil)
+    torch.manual_seed(seed)
+    model_cls(cfg).eval().save_pretrained(path)
+    processor_cls(image_processor=image_cls(size={"height": image_size, "width": image_size}), tokenizer=tokenizer,
+                  chat_template=DEEPSEEK_VL_CHAT_TEMPLATE, num_image_tokens=rows).save_pretrained(path)
+    return path
+
+
 #: the form of Qwen2-VL-Instruct's own processor template: a default system turn, "Picture k: " where asked
 QWEN2_VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"

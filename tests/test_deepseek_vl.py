@@ -1,0 +1,62 @@
+"""DeepSeek-VL and Janus (DeepseekVLForConditionalGeneration, JanusForConditionalGeneration): one image of the
+tower's size, its last hidden state through the MLP aligner, spliced at the image tokens; each image written as the
+model's processor writes it (Janus's wrapped in its begin/end-of-image tokens). The builds themselves (parity of every
+stage, HF generate's tokens alone and batched on the default samples) are test_export_core's."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import CONVERSATIONS, CONVERSATION_IDS, check_served_as_in_process, random_photo
+from vlm_export.errors import AdapterError
+
+FAMILIES = ["deepseek_vl", "janus"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("turns", CONVERSATIONS, ids=CONVERSATION_IDS)
+def test_prompt_ids_and_pixels_are_the_processors(tiny_build, tiny_model_dir, family, turns):
+    """Each image written where the chat template puts it, as the processor's ``replace_image_token`` writes it; ids
+    and pixels (resized by the longest side and padded square) equal to the processor's."""
+    from transformers import AutoProcessor
+
+    from vlm_export.runtime.load import open_build
+
+    pipe = open_build(tiny_build(family).path)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir(family))
+    n = sum(p["type"] == "image" for m in turns for p in m["content"])
+    images = [random_photo(k, [(40, 52), (70, 20)][k % 2]) for k in range(n)]
+    theirs = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="np", **({"images": images} if images else {}))
+    ids = pipe.prompt_ids(turns, n)
+    assert ids == theirs["input_ids"][0].tolist()
+    assert ids.count(pipe.layout.image_token_id) == n * pipe.layout.tokens_per_image
+    if images:
+        np.testing.assert_array_equal(pipe.pixel_values(images), theirs["pixel_values"])
+
+
+def test_a_processor_of_another_length_or_a_default_system_prompt_is_refused(tiny_model_dir, tmp_path):
+    """A processor that writes another count of image tokens than the aligner gives, or Janus's processor putting its
+    default system prompt before every text: refused at load in one line saying what to set."""
+    from vlm_export.adapters import adapter_for
+
+    for family, edit, said in (
+        ("deepseek_vl", dict(num_image_tokens=9), "set num_image_tokens 16"),
+        ("janus", dict(use_default_system_prompt=True), "set it false in processor_config.json"),
+    ):
+        folder = tmp_path / family
+        shutil.copytree(tiny_model_dir(family), folder)
+        settings = json.loads((folder / "processor_config.json").read_text())
+        (folder / "processor_config.json").write_text(json.dumps({**settings, **edit}))
+        with pytest.raises(AdapterError, match=said) as e:
+            adapter_for(folder).load(folder)
+        assert "\n" not in str(e.value)
+
+
+def test_served_answers_equal_in_process(tiny_build, tmp_path):
+    """Janus's build (each image wrapped in its begin/end-of-image tokens) served by a real tritonserver, over gRPC and
+    HTTP: three requests at once and a conversation's second turn, as ``generate`` answers in process."""
+    check_served_as_in_process(tiny_build("janus").path, tmp_path, [(40, 52), (70, 20), (33, 33)], over_http=True)
