@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..contract import DecoderGeometry, ImageTiles, PromptLayout
+from ..contract import ImageTiles, PromptLayout
 from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from . import register
 from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size
-from .decoder import greedy_reference, save_language_model, spliced_stages, text_geometry
+from .decoder import SplicedLanguageModel, greedy_reference, spliced_stages
 from .llava import LlavaVisionEncoder, check_llava_parts, reference_image_kwargs, tower_tokens
 from .loading import load_hf_parts, load_processor
 
@@ -50,7 +50,7 @@ class AyaVisionProjector(nn.Module):
 
 
 @register
-class AyaVisionAdapter(VLMAdapter):
+class AyaVisionAdapter(SplicedLanguageModel, VLMAdapter):
     name = "aya_vision"
     model_types = ("aya_vision",)
     description = ("Hugging Face AyaVisionForConditionalGeneration (SigLIP on image tiles + pixel shuffle + SwiGLU "
@@ -136,12 +136,6 @@ class AyaVisionAdapter(VLMAdapter):
         most = int(loaded.image_processor.max_patches)
         return most + 1 if most > 1 else 1  # the thumbnail where there are several
 
-    def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
-        return text_geometry(loaded.config.text_config, loaded.model.model.language_model)
-
     def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
         return greedy_reference(loaded.model, input_ids, pixel_values, max_new_tokens, eos_token_ids,
                                 **reference_image_kwargs(loaded))
-
-    def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
-        return save_language_model(loaded, out)

@@ -285,6 +285,21 @@ def greedy_reference(model: nn.Module, input_ids: torch.Tensor, pixel_values: to
     return out[0, input_ids.shape[1]:].tolist()
 
 
+class SplicedLanguageModel:
+    """What the adapters of a VLM holding its text model as ``model.language_model`` beside its ``lm_head`` share
+    (mixed in before ``VLMAdapter``): the text model's geometry, the original model's own greedy ``generate`` as the
+    reference, the LM written alone for the peers."""
+
+    def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
+        return text_geometry(loaded.config.text_config, loaded.model.model.language_model)
+
+    def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
+        return greedy_reference(loaded.model, input_ids, pixel_values, max_new_tokens, eos_token_ids)
+
+    def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
+        return save_language_model(loaded, out)
+
+
 def save_language_model(loaded: LoadedModel, out: Path, text: nn.Module | None = None) -> Path:
     """``VLMAdapter.write_text_model`` for a model that holds its text model without the head (``text``; default
     ``model.language_model``: LLaVA's, Gemma 3's, PaliGemma's, InternVL's; Idefics3's ``model.text_model``) and

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import torch
 
-from ..contract import DecoderGeometry, PromptLayout
+from ..contract import PromptLayout
 from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from . import register
 from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size,
                    use_saved_chat_template)
-from .decoder import LastHiddenState, greedy_reference, save_language_model, spliced_stages, text_geometry
+from .decoder import LastHiddenState, SplicedLanguageModel, spliced_stages
 from .loading import load_hf_parts, load_processor
 
 
 @register
-class DeepseekVLAdapter(VLMAdapter):
+class DeepseekVLAdapter(SplicedLanguageModel, VLMAdapter):
     name = "deepseek_vl"
     model_types = ("deepseek_vl",)
     description = "Hugging Face DeepseekVLForConditionalGeneration (SigLIP + MLP aligner + a Llama-family LM)"
@@ -93,15 +93,6 @@ class DeepseekVLAdapter(VLMAdapter):
                             chat_parts=chat_template_takes_parts(loaded.tokenizer, processor.image_token),
                             images_where_written=True,
                             image_sequence="" if written == processor.image_token * rows else written)
-
-    def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
-        return text_geometry(loaded.config.text_config, loaded.model.model.language_model)
-
-    def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
-        return greedy_reference(loaded.model, input_ids, pixel_values, max_new_tokens, eos_token_ids)
-
-    def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
-        return save_language_model(loaded, out)
 
 
 @register

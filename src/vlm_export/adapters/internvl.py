@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..contract import DecoderGeometry, ImageTiles, PromptLayout
+from ..contract import ImageTiles, PromptLayout
 from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from . import register
 from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, processor_setting,
                    use_saved_chat_template)
-from .decoder import greedy_reference, save_language_model, spliced_stages, text_geometry
+from .decoder import SplicedLanguageModel, spliced_stages
 from .loading import load_hf_parts
 
 
@@ -54,7 +54,7 @@ class InternVLProjector(nn.Module):
 
 
 @register
-class InternVLAdapter(VLMAdapter):
+class InternVLAdapter(SplicedLanguageModel, VLMAdapter):
     name = "internvl"
     model_types = ("internvl",)
     description = ("Hugging Face InternVLForConditionalGeneration (InternViT on image tiles + pixel shuffle + "
@@ -132,12 +132,3 @@ class InternVLAdapter(VLMAdapter):
                             tokens_per_image=self.tokens_per_tile(loaded), image_token=tok.context_image_token,
                             chat_parts=chat_template_takes_parts(tok, tok.context_image_token),
                             images_where_written=True, image_tiles=tiles)
-
-    def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
-        return text_geometry(loaded.config.text_config, loaded.model.model.language_model)
-
-    def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
-        return greedy_reference(loaded.model, input_ids, pixel_values, max_new_tokens, eos_token_ids)
-
-    def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
-        return save_language_model(loaded, out)
