@@ -10,7 +10,7 @@ seed, out = int(sys.argv[1]), Path(sys.argv[2])
 r = random.Random(seed)
 family = r.choice(["deepseek_vl", "janus"])
 patch = r.choice([4, 6, 8, 14])
-side = r.choice([2, 3, 4, 6])
+side = r.choice([s for s in (2, 3, 4, 6) if patch * s >= 16])  # the image processors' min_size is 14 px
 vh = r.choice([16, 32, 48])
 vision = dict(hidden_size=vh, intermediate_size=2 * vh, num_hidden_layers=r.choice([1, 2, 3]),
               num_attention_heads=r.choice([h for h in (1, 2, 4) if vh % h == 0]))
