@@ -11,6 +11,7 @@ its default "text" mode. DeepSeek-VL-Hybrid (a second, high-resolution SAM tower
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,7 +47,6 @@ class DeepseekVLAdapter(SplicedLanguageModel, VLMAdapter):
             raise AdapterError(f"the tokenizer in {path} makes the processor's image token {processor.image_token!r} "
                                f"the ids {ids} but the model's config says image_token_id {cfg.image_token_id}: save "
                                "the model's own tokenizer beside it")
-        self.check_processor(loaded)
         check_image_size(loaded, (self._image_size(loaded),) * 2)
         rows = self.tokens_per_image(loaded)
         if processor.num_image_tokens != rows:
@@ -55,9 +55,6 @@ class DeepseekVLAdapter(SplicedLanguageModel, VLMAdapter):
                                f"generate refuses this checkpoint too: set num_image_tokens {rows} in "
                                "processor_config.json")
         return loaded
-
-    def check_processor(self, loaded: LoadedModel) -> None:
-        """What a family's processor must say beside the image token (none here)."""
 
     @staticmethod
     def _image_size(loaded: LoadedModel) -> int:
@@ -103,8 +100,9 @@ class JanusAdapter(DeepseekVLAdapter):
                    "MLP aligner + a Llama LM; image generation not exported)")
     model_class, processor_class = "JanusForConditionalGeneration", "JanusProcessor"
 
-    def check_processor(self, loaded: LoadedModel) -> None:
-        if loaded.processor.use_default_system_prompt:
-            raise AdapterError(f"the JanusProcessor in {loaded.path} puts its default system prompt before every text "
-                               "it is given (use_default_system_prompt), chat template or not: set it false in "
-                               "processor_config.json and write a system turn where one is wanted")
+    def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
+        from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
+
+        # its processor puts a system prompt before every text it is given (in its "text" mode) where saved so
+        prompt = DEFAULT_SYSTEM_PROMPT if loaded.processor.use_default_system_prompt else ""
+        return replace(super().prompt_layout(loaded), text_before=prompt)

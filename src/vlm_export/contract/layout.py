@@ -16,6 +16,8 @@ any other must be the whole prompt.
 
 ``text_before`` / ``text_after`` (``prefix`` layout): text the processor writes around the prompt after the
 image placeholders (PaliGemma's: its BOS, then the prompt, then a newline; its tokenizer adds no special tokens).
+An ``inline`` layout's ``text_before``: text the processor puts before every text it is given, chat-formatted or
+not, after the tokenizer's own special tokens (Janus's default system prompt).
 
 ``image_tiles``: an image the processor cuts into a grid of tiles plus the whole image shrunk, each of
 them ``tokens_per_image`` rows (Idefics3's and SmolVLM's): the text an image becomes depends on its grid,
@@ -537,7 +539,7 @@ class PromptLayout:
     #: the image token ``tokens_per_image`` times (LLaVA's). Gemma 3's processor writes its begin-of-image
     #: token and puts "\n\n<start_of_image>" + the soft token x N + "<end_of_image>\n\n" in its place
     image_sequence: str = ""
-    #: text around the prompt's (``prefix`` layout; see the module docstring)
+    #: text around the prompt's (``prefix`` layout; an ``inline`` one's text before; see the module docstring)
     text_before: str = ""
     text_after: str = ""
     #: an image cut into tiles or patches by its processor (see the module docstring); None: one image, one run

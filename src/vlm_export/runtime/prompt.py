@@ -138,7 +138,7 @@ def build_prompt_ids(tokenizer, layout: PromptLayout, prompt: Prompt, n_images: 
         # unless the text already starts with the BOS (a template that writes it)
         bos = getattr(tokenizer, "bos_token", None)
         special = layout.add_special_tokens or not (bos and text.startswith(bos))
-        text = _expand_images(layout, text, grids)
+        text = layout.text_before + _expand_images(layout, text, grids)  # the processor's own prefix (Janus's)
         ids = tokenizer(text, add_special_tokens=special)["input_ids"]
         expected = sum(layout.image_tokens(grid) for grid in grids)
         got = sum(1 for i in ids if i == layout.image_token_id)
