@@ -478,7 +478,9 @@ def check_answers_equal_hf_generate(pipe, loaded, requests, new_tokens: int = 12
     alone = []
     for prompt, images in requests:
         ids = pipe.prompt_ids(prompt, images)
-        pixels = {n: torch.from_numpy(v) for n, v in pipe.pixel_values(images).items()} if images else None
+        raw = pipe.pixel_values(images) if images else None  # one array, or several inputs by name
+        pixels = ({n: torch.from_numpy(v) for n, v in raw.items()} if isinstance(raw, dict) else
+                  None if raw is None else torch.from_numpy(raw))
         want = loaded.adapter.reference_generate(loaded, torch.tensor([ids]), pixels, new_tokens, [-1])
         alone.append(generate(pipe, prompt, images, config).token_ids)
         assert alone[-1] == want, [im.size for im in images]

@@ -10,9 +10,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import check_served_as_in_process, random_photo
+from conftest import check_answers_equal_hf_generate, check_served_as_in_process, random_photo
 from vlm_export.errors import AdapterError
 
 #: (height, width): 3 tiles (1 x 2 and a thumbnail), 5 (1 x 4 or 2 x 2, and a thumbnail), 1 (too small to cut)
@@ -60,24 +59,13 @@ def test_answers_for_every_tile_count_equal_hf_generate_alone_and_batched(tiny_b
     """Images of 1, 3 and 5 tiles, alone and two at once: greedy answers = Hugging Face generate's, alone and
     decoded together in one batch; the limits count the tiles (4 and a thumbnail at most)."""
     from vlm_export.adapters import adapter_for
-    from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
     from vlm_export.runtime.load import open_build
 
     build = tiny_build("internvl").path
-    pipe = open_build(build)
     folder = tiny_model_dir("internvl")
-    loaded = adapter_for(folder).load(folder)
     assert json.loads((build / "manifest.json").read_text())["limits"]["tiles_per_image"] == 5
-    config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
     requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES))] + [(TURNS, _images(2, 3))]
-    alone = []
-    for prompt, images in requests:
-        ids = pipe.prompt_ids(prompt, images)
-        want = loaded.adapter.reference_generate(loaded, torch.tensor([ids]),
-                                                 torch.from_numpy(pipe.pixel_values(images)), 12, [-1])
-        alone.append(generate(pipe, prompt, images, config).token_ids)
-        assert alone[-1] == want, [im.size for im in images]
-    assert [r.token_ids for r in generate_batch(pipe, [GenerationRequest(p, i, config) for p, i in requests])] == alone
+    check_answers_equal_hf_generate(open_build(build), adapter_for(folder).load(folder), requests, new_tokens=12)
 
 
 def test_a_processor_of_another_length_is_refused(tiny_model_dir, tmp_path):
