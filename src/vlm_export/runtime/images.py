@@ -26,11 +26,12 @@ from ..errors import InputError
 IMAGE_PROCESSOR_BACKEND = "pil"
 
 
-def load_image_processor(folder: Path, **kwargs):
-    """The image processor saved in ``folder`` (``AutoImageProcessor``), on :data:`IMAGE_PROCESSOR_BACKEND`."""
+def load_image_processor(folder: Path):
+    """The image processor saved in ``folder`` (``AutoImageProcessor``), on :data:`IMAGE_PROCESSOR_BACKEND`. Local
+    only: a model's or a build's folder is never a hub name (a missing one would otherwise be fetched, with retries)."""
     from transformers import AutoImageProcessor
 
-    return AutoImageProcessor.from_pretrained(folder, backend=IMAGE_PROCESSOR_BACKEND, **kwargs)
+    return AutoImageProcessor.from_pretrained(folder, backend=IMAGE_PROCESSOR_BACKEND, local_files_only=True)
 
 ImageInput = Union[str, Path, bytes, "PIL.Image.Image"]  # noqa: F821
 DEFAULT_MAX_IMAGE_BYTES = 32 << 20

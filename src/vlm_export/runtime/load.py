@@ -10,8 +10,8 @@ from ..contract import ImageText, Limits, PromptLayout, scheme_from_dict, stages
 from ..contract.profiles import trt_settings
 from ..manifest import check_hashes as check_build_hashes, form_entry, gpu_form, gpu_form_note, read_manifest
 from ..errors import RunnerError
-from . import images
 from .devices import Device, log
+from .images import load_image_processor
 from .pipeline import GENERATION_DEFAULTS, VLMPipeline
 from .prompt import ImageTextEncoder
 from .runners import OrtRunner, Runner
@@ -47,10 +47,6 @@ def load_tokenizer(folder: Path):
     hf_logging.set_verbosity_error()
     # local only: a build's folder is never a hub name (a missing one would otherwise be fetched, with retries)
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-
-
-def load_image_processor(folder: Path):
-    return images.load_image_processor(folder, local_files_only=True)
 
 
 def image_text_encoder(manifest: dict, root: Path) -> ImageTextEncoder | None:

@@ -36,7 +36,8 @@ from vlm_export.runtime.generate import (DEFAULT_MAX_PREFILL_PADDING, DEFAULT_MA
                                          GenerationResult, TokenEvent)
 from vlm_export.runtime.image_cache import ImageEmbeddingCache
 from vlm_export.runtime.prefix_cache import PrefixCache
-from vlm_export.runtime.load import built_with_onnxruntime, load_image_processor, pipeline_from_manifest
+from vlm_export.runtime.images import load_image_processor
+from vlm_export.runtime.load import built_with_onnxruntime, pipeline_from_manifest
 from vlm_export.runtime.runners import OrtRunner, Runner
 
 DRAIN_S = 5.0  # finalize lets running requests finish this long (Triton's own exit timeout is longer)
