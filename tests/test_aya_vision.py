@@ -80,15 +80,20 @@ def test_a_processor_of_another_length_or_several_feature_layers_is_refused(tiny
 
 def test_a_tower_of_variable_resolution_is_refused_by_its_inputs():
     """SigLIP 2's NaFlex tower takes a patch mask and each image's grid beside the pixels: named, and so refused at
-    load; SigLIP's takes the pixels alone."""
+    load where the tower is first measured (``tower_tokens``, Aya Vision's and LLaVA's) in one line; SigLIP's takes
+    the pixels alone."""
     from transformers import Siglip2VisionConfig, Siglip2VisionModel, SiglipVisionConfig, SiglipVisionModel
 
-    from vlm_export.adapters.aya_vision import tower_needs_more_than_pixels
+    from vlm_export.adapters.llava import LlavaVisionEncoder, tower_needs_more_than_pixels, tower_tokens
 
     small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     assert tower_needs_more_than_pixels(Siglip2VisionModel(Siglip2VisionConfig(**small))) == ["pixel_attention_mask",
                                                                                              "spatial_shapes"]
     assert tower_needs_more_than_pixels(SiglipVisionModel(SiglipVisionConfig(**small))) == []
+    naflex = LlavaVisionEncoder(Siglip2VisionModel(Siglip2VisionConfig(**small)), -1, "full")
+    with pytest.raises(AdapterError, match="needs pixel_attention_mask, spatial_shapes beside the pixels") as e:
+        tower_tokens(naflex, 32)
+    assert "\n" not in str(e.value)
 
 
 def test_served_answers_equal_in_process(tiny_build, tmp_path):

@@ -27,16 +27,6 @@ from .llava import LlavaVisionEncoder, check_llava_parts, reference_image_kwargs
 from .loading import load_hf_parts, load_processor
 
 
-def tower_needs_more_than_pixels(tower: nn.Module) -> list[str]:
-    """The inputs a vision tower's forward requires besides ``pixel_values`` (SigLIP 2's NaFlex tower: its patch mask
-    and each image's grid), read off its signature."""
-    import inspect
-
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [name for name, p in inspect.signature(tower.forward).parameters.items()
-            if p.default is p.empty and p.kind in kinds and name not in ("self", "pixel_values")]
-
-
 class AyaVisionProjector(nn.Module):
     """features [tiles, patches, hidden] -> rows [tiles, rows, text hidden]: the model's projector (pixel shuffle,
     LayerNorm, SwiGLU), its [tiles, side, side, text hidden] output flattened as get_image_features flattens it."""
@@ -66,11 +56,6 @@ class AyaVisionAdapter(SplicedLanguageModel, VLMAdapter):
         if not isinstance(loaded.config.vision_feature_layer, int):
             raise AdapterError(f"vision_feature_layer {loaded.config.vision_feature_layer} in {path} names several "
                                "layers: Aya Vision's projector reads one (Hugging Face's forward fails on several too)")
-        needs = tower_needs_more_than_pixels(model.model.vision_tower)
-        if needs:
-            raise AdapterError(f"the {loaded.config.vision_config.model_type!r} vision tower in {path} needs "
-                               f"{', '.join(needs)} beside the pixels (a tower of variable resolution), which the "
-                               "fixed-size tiles of this adapter's image path do not give: not supported")
         if not hasattr(image_processor, "max_patches"):
             raise AdapterError(f"the image processor in {path} ({type(image_processor).__name__}) does not cut images "
                                "into tiles: save the model's own GotOcr2 image processor beside it")

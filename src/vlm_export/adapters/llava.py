@@ -47,19 +47,35 @@ def has_pixtral_tower(config: dict) -> bool:
     return (config.get("vision_config") or {}).get("model_type") == "pixtral"
 
 
+def tower_needs_more_than_pixels(tower: nn.Module) -> list[str]:
+    """The inputs a vision tower's forward requires besides ``pixel_values`` (SigLIP 2's NaFlex tower: its patch mask
+    and each image's grid), read off its signature."""
+    import inspect
+
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [name for name, p in inspect.signature(tower.forward).parameters.items()
+            if p.default is p.empty and p.kind in kinds and name not in ("self", "pixel_values")]
+
+
 def tower_tokens(vision: LlavaVisionEncoder, size: int) -> int:
     """Tokens one image becomes, measured once per tower by running it on two blank ``size`` x ``size``
     images, as HF's LLaVA counts them: towers declare their positions many ways (CLIP counts its CLS
     token, SigLIP has none, DINOv2 and ViT interpolate theirs and may add register tokens), and what
-    the tower emits is what the processor expands the image token to. A tower that does not give each
-    image a row of its own (Pixtral's packs images of any size into one sequence) is refused."""
+    the tower emits is what the processor expands the image token to. A tower that needs more than the pixels
+    (SigLIP 2's NaFlex) or does not give each image a row of its own (Pixtral's packs images of any size into one
+    sequence) is refused."""
     tower = vision.vision_tower
     if tower not in _TOKENS_PER_IMAGE:
+        kind = getattr(tower.config, "model_type", type(tower).__name__)
+        needs = tower_needs_more_than_pixels(tower)
+        if needs:
+            raise AdapterError(f"the {kind!r} vision tower needs {', '.join(needs)} beside the pixels (a tower of "
+                               "variable resolution), which a fixed-shape image path of one size does not give: write "
+                               "an adapter for it (see docs/adapters.md)")
         weight = next(tower.parameters())
         with torch.no_grad():
             out = vision(torch.zeros(2, 3, size, size, dtype=weight.dtype, device=weight.device))
         if out.dim() != 3 or out.shape[0] != 2:
-            kind = getattr(tower.config, "model_type", type(tower).__name__)
             raise AdapterError(
                 f"the {kind!r} vision tower made {tuple(out.shape)} features for 2 images, not one row of tokens per "
                 "image (a variable-resolution tower packs every image into one sequence), which the llava adapter's "
