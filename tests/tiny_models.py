@@ -974,6 +974,70 @@ def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patc
     return path
 
 
+#: the form of GLM-4.1V's chat template (the typed parts, its "[gMASK]<sop>" start and role tags; no thinking block)
+GLM4V_CHAT_TEMPLATE = (
+    "[gMASK]<sop>{% for message in messages %}<|{{ message['role'] }}|>\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|begin_of_image|><|image|><|end_of_image|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def make_tiny_glm4v(path: Path, seed: int = 0, family: str = "glm4v", patch_size: int = 4, merge: int = 2,
+                    min_pixels: int = 8 * 8, max_pixels: int = 2 * 48 * 48, position_grid: int = 6,
+                    text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+    """A tiny random GLM-4.1V (``family`` "glm4v"; "glm46v" GLM-4.6V's classes over the same modules; "glm4v_moe"
+    GLM-4.5V's: a GLM-4-MoE LM): RMSNorm + SwiGLU vision blocks with a learned ``position_grid`` square of position
+    embeddings resampled bicubically to each image's grid, a stride-merge convolution and a SwiGLU merger, and a GLM-4
+    LM (its post-attention and post-MLP norms) whose M-RoPE turns neighbouring channel pairs of half of each head;
+    SmolLM2's tokenizer with GLM's image tokens added, its Glm4vImageProcessor (PIL; its largest image is
+    ``max_pixels`` / 2: it counts the two frames of a patch) and GLM-4.1V's chat template form. Glm4vProcessor needs
+    torchvision to load (its video processor), so its files are saved as it saves them."""
+    from transformers import AutoTokenizer, Glm4vConfig, Glm4vForConditionalGeneration, Glm4vMoeConfig
+    from transformers import Glm4vMoeForConditionalGeneration, Glm46VConfig, Glm46VForConditionalGeneration
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    tokens = ["<|image|>", "<|begin_of_image|>", "<|end_of_image|>", "<|video|>", "<|begin_of_video|>",
+              "<|end_of_video|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>"]
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), extra_special_tokens={
+        "image_token": "<|image|>", "video_token": "<|video|>"})
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    # GLM-4.1V-9B: 32 heads of 128 channels, rotary over half of each (64 channels: 32 frequencies, sections
+    # [8, 12, 12]); here 2 heads of 32: 8 frequencies in sections [2, 3, 3]
+    text = {**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1), **(text_sizes or {})}
+    head = text["hidden_size"] // text["num_attention_heads"]
+    pairs = head // 4
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "mrope_section": [pairs - 2 * (3 * pairs // 8), 3 * pairs // 8, 3 * pairs // 8]}
+    if family == "glm4v_moe":  # GLM-4.5V: the first layer dense, then 4 routed experts (2 per token) + a shared one
+        text = {**dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                       first_k_dense_replace=1, n_group=1, topk_group=1, head_dim=head), **text}
+    text.update(vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                pad_token_id=2, rope_parameters=rope)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image|>"), ("video_token_id", "<|video|>"), ("image_start_token_id", "<|begin_of_image|>"),
+        ("image_end_token_id", "<|end_of_image|>"), ("video_start_token_id", "<|begin_of_video|>"),
+        ("video_end_token_id", "<|end_of_video|>"))}
+    vision = {**dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2), **(vision_sizes or {}),
+              "out_hidden_size": text["hidden_size"], "image_size": position_grid * patch_size,
+              "in_channels": 3, "patch_size": patch_size, "spatial_merge_size": merge, "temporal_patch_size": 2}
+    classes = {"glm4v": (Glm4vConfig, Glm4vForConditionalGeneration),
+               "glm46v": (Glm46VConfig, Glm46VForConditionalGeneration),
+               "glm4v_moe": (Glm4vMoeConfig, Glm4vMoeForConditionalGeneration)}
+    if family not in classes:
+        raise ValueError(f"family {family!r}: {', '.join(classes)}")
+    config_cls, model_cls = classes[family]
+    cfg = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    torch.manual_seed(seed)
+    model_cls(cfg).eval().save_pretrained(path)
+    Glm4vImageProcessorPil(patch_size=patch_size, merge_size=merge, temporal_patch_size=2,
+                           size={"shortest_edge": min_pixels, "longest_edge": max_pixels}).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(GLM4V_CHAT_TEMPLATE)
+    return path
+
+
 def make_tiny_llava_next(path: Path, family: str = "llama", seed: int = 0, image_size: int = 32,
                          pinpoints: tuple = ((32, 64), (64, 32), (64, 64)), tower: str = "clip",
                          strategy: str = "default", feature_layer: int | list[int] = -2,

@@ -183,8 +183,8 @@ class Qwen2VLAdapter(VLMAdapter):
             have = getattr(image_processor, name, None)
             if have != want:
                 raise AdapterError(f"the image processor in {path} ({type(image_processor).__name__}) has {name} "
-                                   f"{have} but the vision tower takes {want}: save the model's own "
-                                   "Qwen2VLImageProcessor beside it")
+                                   f"{have} but the vision tower takes {want}: save the model's own image "
+                                   "processor beside it")
         token = self._image_token(loaded)
         if tokenizer.convert_tokens_to_ids(token) != cfg.image_token_id:
             raise AdapterError(f"the tokenizer in {path} makes {token} the id {tokenizer.convert_tokens_to_ids(token)} "
@@ -193,22 +193,30 @@ class Qwen2VLAdapter(VLMAdapter):
         self._patches(loaded)  # its pixel limits must make at least one token
         return loaded
 
-    @staticmethod
-    def _image_token(loaded: LoadedModel) -> str:
-        """The token the chat template writes per image, as Qwen2VLProcessor reads it (the tokenizer's, else Qwen's)."""
-        return getattr(loaded.tokenizer, "image_token", None) or "<|image_pad|>"
+    #: the token the chat template writes per image where the tokenizer names none (Qwen2VLProcessor's default)
+    default_image_token = "<|image_pad|>"
+
+    def _image_token(self, loaded: LoadedModel) -> str:
+        """The token the chat template writes per image, as the processor reads it (the tokenizer's, else the
+        family's default)."""
+        return getattr(loaded.tokenizer, "image_token", None) or self.default_image_token
 
     @staticmethod
-    def _patches(loaded: LoadedModel) -> ImagePatches:
+    def _largest_image_pixels(loaded: LoadedModel, largest: int) -> int:
+        """The most pixels of an image the processor makes, from its ``longest_edge`` (``max_pixels``) setting."""
+        return largest
+
+    def _patches(self, loaded: LoadedModel) -> ImagePatches:
         """The image processor's patches: most per image from its largest image (``max_pixels``)."""
         processor, vision = loaded.image_processor, loaded.config.vision_config
         size = getattr(processor, "size", None) or {}
         largest = size.get("longest_edge") or getattr(processor, "max_pixels", None)
         if not largest:
             raise AdapterError(f"the image processor in {loaded.path} sets no largest image (size.longest_edge / "
-                               "max_pixels): save the model's own Qwen2VLImageProcessor beside it")
+                               f"max_pixels): save the model's own {type(processor).__name__} beside it")
+        largest = self._largest_image_pixels(loaded, int(largest))
         merge = int(vision.spatial_merge_size)
-        most = int(largest) // int(vision.patch_size) ** 2 // merge ** 2 * merge ** 2
+        most = largest // int(vision.patch_size) ** 2 // merge ** 2 * merge ** 2
         if most < merge ** 2:
             raise AdapterError(f"the image processor in {loaded.path} allows images of at most {largest} pixels, less "
                                f"than one image token ({merge * vision.patch_size} pixels square): raise max_pixels")

@@ -267,6 +267,8 @@ def _of_heads_alone(g, name: str, limit: int = 128) -> tuple[str, bool] | None:
             continue
         if len(seen) > limit:
             return None
+        if _batch_of(g, node):
+            continue  # a past's batch: its rows are the step's in every form of the KV (one per slot in place)
         rotated = rotated or node.op_type == "RotaryEmbedding"
         frontier += [i for i in node.input if i and i not in g.inits and node.op_type != "Constant"]
     heads = g.shape(next(iter(found))) if len(found) == 1 else None
@@ -274,6 +276,13 @@ def _of_heads_alone(g, name: str, limit: int = 128) -> tuple[str, bool] | None:
             or not isinstance(shape[3], int):
         return None
     return found.pop(), rotated
+
+
+def _batch_of(g, node: onnx.NodeProto) -> bool:
+    """``node`` = Shape(x, start=0, end=1) of a graph input x: the batch alone, which the exporter reads off any
+    input that has it (GLM-4V's M-RoPE reshapes its rotated pairs by the batch of a layer's past value)."""
+    return node.op_type == "Shape" and node.input[0] not in g.producer and g.attr(node, "start", 0) == 0 \
+        and g.attr(node, "end", None) == 1
 
 
 def _rotary_above(g, node: onnx.NodeProto | None):
