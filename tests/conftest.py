@@ -47,7 +47,7 @@ from tiny_models import make_tiny_blip2_t5  # noqa: E402
 from tiny_models import make_tiny_aya_vision, make_tiny_deepseek_vl, make_tiny_florence2  # noqa: E402
 from tiny_models import (make_tiny_gemma3, make_tiny_idefics3, make_tiny_internvl, make_tiny_paligemma,  # noqa: E402
                          make_tiny_llava_next, make_tiny_llava_onevision, make_tiny_mistral3,
-                         make_tiny_qwen2_vl)
+                         make_tiny_glm4v, make_tiny_qwen2_vl)
 
 # name -> (maker, kwargs): one per architecture family and text family the tests cover
 TINY_MODELS = {
@@ -113,6 +113,10 @@ TINY_MODELS = {
     "qwen2_5_vl": (make_tiny_qwen2_vl, {"family": "qwen2_5_vl"}),
     "qwen3_vl": (make_tiny_qwen2_vl, {"family": "qwen3_vl"}),
     "qwen3_vl_moe": (make_tiny_qwen2_vl, {"family": "qwen3_vl_moe"}),
+    # GLM-4.1V: Qwen2-VL's patches and M-RoPE with its own tower (a position grid resampled bicubically) and a GLM-4
+    # LM (pairwise rotary over half of each head); GLM-4.5V's form over a GLM-4-MoE LM
+    "glm4v": (make_tiny_glm4v, {}),
+    "glm4v_moe": (make_tiny_glm4v, {"family": "glm4v_moe"}),
     "mistral3": (make_tiny_mistral3, {}),
     "llava_pixtral": (make_tiny_mistral3, {"llava": True, "longest_edge": 32}),  # every patch a token: 64 at most
     # LLaVA-NeXT: images resized into the best of three resolutions, cut into tiles plus the whole image, rows packed

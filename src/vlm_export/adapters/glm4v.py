@@ -89,3 +89,9 @@ class Glm4vAdapter(Qwen2VLAdapter):
         return (ResampledGridPatchTower(visual),
                 StridedMergerProjector(visual, int(loaded.config.vision_config.spatial_merge_size),
                                        loaded.config.text_config.hidden_size))
+
+    def _text_lm_settings(self, loaded: LoadedModel) -> dict:
+        # GLM-4V's text attention makes its heads hidden / heads wide where the config names no head_dim; GLM-4's
+        # config would default to 128
+        text = loaded.config.text_config
+        return {"head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads}

@@ -293,6 +293,9 @@ class Qwen2VLAdapter(VLMAdapter):
     #: settings the LM alone needs beyond its text config, by model type
     text_lm_settings: dict[str, dict] = {}
 
+    def _text_lm_settings(self, loaded: LoadedModel) -> dict:
+        return self.text_lm_settings.get(loaded.config.model_type, {})
+
     def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
         """The LM as a plain causal LM (Qwen2's; Qwen3-VL's a Qwen3 or Qwen3-MoE): for text alone M-RoPE's three
         streams are one, the plain rotary."""
@@ -304,7 +307,7 @@ class Qwen2VLAdapter(VLMAdapter):
         keep = {k: v for k, v in text.items() if k not in ("model_type", "architectures", "rope_parameters",
                                                             "rope_scaling", "transformers_version")}
         text_config_class = self.model_classes[loaded.config.model_type][1]
-        keep.update(self.text_lm_settings.get(loaded.config.model_type, {}))
+        keep.update(self._text_lm_settings(loaded))
         config = getattr(transformers, text_config_class)(**keep, rope_parameters=rope or None)
         m = loaded.model
         return save_causal_lm(config, m.model.language_model, m.lm_head, loaded.tokenizer, out,

@@ -1,0 +1,155 @@
+"""GLM-4.1V / 4.5V / 4.6V (the ``glm4v`` adapter): Qwen2-VL's rows of patches and M-RoPE positions (the
+``spliced_mrope`` scheme) with GLM-4V's own tower (its position grid resampled bicubically per image in the graph),
+strided merger and GLM-4 LM. The build itself (parity of every stage, HF generate's tokens alone and batched on the
+default samples) is test_export_core's, for GLM-4.1V and GLM-4.5V (a GLM-4-MoE LM)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import check_answers_equal_hf_generate, check_served_as_in_process, random_photo
+
+#: (height, width): the largest grid (12 x 12 patches, the processor's half of longest_edge), uneven ones, one
+#: below the processor's smallest (scaled up), the smallest grid (one merge block) and a square one
+SIZES = [(300, 200), (20, 50), (70, 20), (3, 3), (64, 64), (41, 33)]
+TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"},
+                                      {"type": "text", "text": "and"}, {"type": "image"}]}]
+
+
+def _images(n: int, first: int = 0):
+    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
+
+
+@pytest.mark.parametrize("first", [0, 2])
+def test_prompt_ids_and_patches_are_the_processors(tiny_build, tiny_model_dir, first):
+    """Each image written as Glm4vProcessor writes it (its own ``replace_image_token`` over the image processor's
+    grids, between the chat template's begin/end-of-image; the processor itself needs torchvision to load); the image
+    path's rows hold the image processor's patches, in order, and nothing else."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Glm4vProcessor
+
+    from vlm_export.runtime.load import open_build
+
+    folder = tiny_model_dir("glm4v")
+    pipe = open_build(tiny_build("glm4v").path)
+    tokenizer, image_processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+    images = _images(2, first)
+    theirs = image_processor(images=images, return_tensors="np")
+    processor = SimpleNamespace(image_token="<|image|>", image_processor=image_processor)
+    strings = [Glm4vProcessor.replace_image_token(processor, theirs, k) for k in range(2)]
+    text = tokenizer.apply_chat_template(TURNS, add_generation_prompt=True, tokenize=False)
+    parts = text.split("<|image|>")
+    assert len(parts) == 3 and "<|begin_of_image|>" in parts[0]
+    ids = pipe.prompt_ids(TURNS, images)
+    assert ids == tokenizer(parts[0] + "".join(s + p for s, p in zip(strings, parts[1:])))["input_ids"]
+    pixels = pipe.pixel_values(images)
+    real = pixels["patch_mask"].astype(bool)
+    np.testing.assert_array_equal(pixels["pixel_values"][real], theirs["pixel_values"])
+    assert not pixels["pixel_values"][~real].any()
+
+
+def test_image_rows_and_positions_equal_hf(tiny_model_dir):
+    """The split tower (its position grid resampled per image by grid_sample on the padded rows) and merger on a
+    padded batch of images of every size give Hugging Face's ``get_image_features``; the scheme's positions for a
+    left-padded prefill of several prompts are GLM-4V's ``get_rope_index``'s, and each row's next position its
+    delta's. The largest image is exactly the adapter's most tokens per image (the processor's limit counts a
+    patch's two frames)."""
+    from vlm_export.adapters import adapter_for
+    from vlm_export.runtime.images import ImageLimits, processed_images
+
+    folder = tiny_model_dir("glm4v")
+    loaded = adapter_for(folder).load(folder)
+    adapter, cfg = loaded.adapter, loaded.config
+    layout, scheme = adapter.prompt_layout(loaded), adapter.scheme(loaded)
+    images = _images(len(SIZES))
+    flat = processed_images(loaded.image_processor, images, ImageLimits())
+    counts = [h * w // 4 for h, w in layout.image_tiles.grids(flat)]
+    assert max(counts) == layout.tokens_per_image == 36
+    arranged = layout.image_tiles.arranged(dict(flat))
+    vision, projector = adapter.stages(loaded)[:2]
+    with torch.no_grad():
+        rows = projector.module(vision.module(*(torch.from_numpy(arranged[t.name]) for t in vision.spec.inputs)))
+        theirs = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
+                                                       torch.from_numpy(flat["image_grid_thw"]))
+    placed = scheme.image_input_from_values({"image_embeds": rows.numpy(), **arranged})
+    np.testing.assert_allclose(placed.rows, torch.cat(list(theirs.pooler_output)).numpy(), atol=2e-5, rtol=0)
+
+    token, start, end = cfg.image_token_id, cfg.image_start_token_id, cfg.image_end_token_id
+    prompts = [[7, start, *[token] * counts[0], end, 8, 9, start, *[token] * counts[1], end, 10],
+               [11, 12],
+               [start, *[token] * counts[2], end, *[token] * counts[3], 13]]  # the second image without its start
+    feeds = scheme.prefill_feeds(prompts, scheme.join_image_inputs([
+        scheme.image_input_from_values({"image_embeds": rows.numpy()[k:k + 1],
+                                        **{n: arranged[n][k:k + 1] for n in ("patch_positions", "patch_mask")}})
+        for k in range(4)]))
+    ids, mask = torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
+    theirs, deltas = loaded.model.model.get_rope_index(ids, (ids == token).int() * mask.int(),
+                                                       image_grid_thw=torch.from_numpy(flat["image_grid_thw"][:4]),
+                                                       attention_mask=mask)
+    real = mask.bool().numpy()
+    np.testing.assert_array_equal(feeds["position_ids"][:, real], theirs.numpy()[:, real])
+    state = scheme.prefill_state({n: np.zeros((3, 1, len(ids[0]), 1), np.float32) for n in scheme.present_names},
+                                 [len(p) for p in prompts], feeds)
+    np.testing.assert_array_equal(state.positions, deltas.reshape(-1).numpy() + [len(p) for p in prompts])
+
+
+def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):
+    """Images of every size, alone and two at once: greedy answers = Hugging Face generate's (with the processor's
+    ``mm_token_type_ids``), alone and decoded together in one batch on one KV buffer: the fused form's attention in
+    ONNX Runtime's kernel after the graph's own pairwise M-RoPE."""
+    from vlm_export.adapters import adapter_for
+    from vlm_export.runtime.load import open_build
+
+    pipe = open_build(tiny_build("glm4v").path)
+    assert pipe.kv_in_place
+    folder = tiny_model_dir("glm4v")
+    loaded = adapter_for(folder).load(folder)
+    requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES))]
+    check_answers_equal_hf_generate(pipe, loaded, requests + [(TURNS, _images(2, 3)), ("Tell me a story.", [])])
+
+
+@pytest.mark.parametrize("family, lm", [("glm4v", "glm4"), ("glm4v_moe", "glm4_moe")])
+def test_text_model_is_an_ordinary_causal_lm(tiny_model_dir, tmp_path, family, lm):
+    """For text alone M-RoPE's three streams are one: the LM written for peers (llama.cpp, onnxruntime-genai) is a
+    plain GLM-4 (GLM-4.5V's: GLM-4-MoE) causal LM with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from vlm_export.adapters import adapter_for
+
+    folder = tiny_model_dir(family)
+    loaded = adapter_for(folder).load(folder)
+    written = loaded.adapter.write_text_model(loaded, tmp_path / "lm")
+    lm_model = AutoModelForCausalLM.from_pretrained(written).eval()
+    assert lm_model.config.model_type == lm
+    ids = torch.tensor([[5, 17, 300, 41, 9, 1000]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm_model(ids).logits, loaded.model(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_glm46v_is_taken_as_glm4v(tmp_path):
+    """GLM-4.6V's classes hold GLM-4.1V's modules: the same adapter, its split tower and merger = its own
+    ``get_image_features``."""
+    from tiny_models import make_tiny_glm4v
+    from vlm_export.adapters import adapter_for
+    from vlm_export.runtime.images import ImageLimits, processed_images
+
+    folder = make_tiny_glm4v(tmp_path / "glm46v", family="glm46v")
+    loaded = adapter_for(folder).load(folder)
+    assert loaded.adapter.name == "glm4v" and type(loaded.model).__name__ == "Glm46VForConditionalGeneration"
+    flat = processed_images(loaded.image_processor, _images(3), ImageLimits())
+    arranged = loaded.adapter.prompt_layout(loaded).image_tiles.arranged(dict(flat))
+    vision, projector = loaded.adapter.stages(loaded)[:2]
+    with torch.no_grad():
+        rows = projector.module(vision.module(*(torch.from_numpy(arranged[t.name]) for t in vision.spec.inputs)))
+        theirs = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
+                                                       torch.from_numpy(flat["image_grid_thw"]))
+    placed = loaded.adapter.scheme(loaded).image_input_from_values({"image_embeds": rows.numpy(), **arranged})
+    np.testing.assert_allclose(placed.rows, torch.cat(list(theirs.pooler_output)).numpy(), atol=2e-5, rtol=0)
+
+
+def test_served_answers_equal_in_process(tiny_build, tmp_path):
+    """Served by a real tritonserver over gRPC: answers for images of different sizes, two at once, and a
+    conversation's second turn, equal ``generate``'s in process."""
+    check_served_as_in_process(tiny_build("glm4v").path, tmp_path, [(40, 52), (70, 20), (10, 10)])
