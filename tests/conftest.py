@@ -117,6 +117,7 @@ TINY_MODELS = {
     # LM (pairwise rotary over half of each head); GLM-4.5V's form over a GLM-4-MoE LM
     "glm4v": (make_tiny_glm4v, {}),
     "glm4v_moe": (make_tiny_glm4v, {"family": "glm4v_moe"}),
+    "glm_ocr": (make_tiny_glm4v, {"family": "glm_ocr"}),  # no position grid, q/k normed per head in the tower
     "mistral3": (make_tiny_mistral3, {}),
     "llava_pixtral": (make_tiny_mistral3, {"llava": True, "longest_edge": 32}),  # every patch a token: 64 at most
     # LLaVA-NeXT: images resized into the best of three resolutions, cut into tiles plus the whole image, rows packed

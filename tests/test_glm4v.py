@@ -1,7 +1,7 @@
-"""GLM-4.1V / 4.5V / 4.6V (the ``glm4v`` adapter): Qwen2-VL's rows of patches and M-RoPE positions (the
+"""GLM-4.1V / 4.5V / 4.6V and GLM-OCR (the ``glm4v`` adapter): Qwen2-VL's rows of patches and M-RoPE positions (the
 ``spliced_mrope`` scheme) with GLM-4V's own tower (its position grid resampled bicubically per image in the graph),
 strided merger and GLM-4 LM. The build itself (parity of every stage, HF generate's tokens alone and batched on the
-default samples) is test_export_core's, for GLM-4.1V and GLM-4.5V (a GLM-4-MoE LM)."""
+default samples) is test_export_core's, for GLM-4.1V, GLM-4.5V (a GLM-4-MoE LM) and GLM-OCR."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -110,7 +110,7 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     check_answers_equal_hf_generate(pipe, loaded, requests + [(TURNS, _images(2, 3)), ("Tell me a story.", [])])
 
 
-@pytest.mark.parametrize("family, lm", [("glm4v", "glm4"), ("glm4v_moe", "glm4_moe")])
+@pytest.mark.parametrize("family, lm", [("glm4v", "glm4"), ("glm4v_moe", "glm4_moe"), ("glm_ocr", "glm4")])
 def test_text_model_is_an_ordinary_causal_lm(tiny_model_dir, tmp_path, family, lm):
     """For text alone M-RoPE's three streams are one: the LM written for peers (llama.cpp, onnxruntime-genai) is a
     plain GLM-4 (GLM-4.5V's: GLM-4-MoE) causal LM with the same logits."""
@@ -128,16 +128,18 @@ def test_text_model_is_an_ordinary_causal_lm(tiny_model_dir, tmp_path, family, l
         torch.testing.assert_close(lm_model(ids).logits, loaded.model(input_ids=ids).logits, atol=1e-5, rtol=0)
 
 
-def test_glm46v_is_taken_as_glm4v(tmp_path):
-    """GLM-4.6V's classes hold GLM-4.1V's modules: the same adapter, its split tower and merger = its own
-    ``get_image_features``."""
+@pytest.mark.parametrize("family", ["glm46v", "glm_ocr"])
+def test_other_classes_image_rows_equal_hf(tiny_model_dir, tmp_path, family):
+    """GLM-4.6V's classes hold GLM-4.1V's modules, GLM-OCR's tower has no position grid and norms q/k per head:
+    the same adapter, its split tower and merger on a padded batch = the model's own ``get_image_features``."""
     from tiny_models import make_tiny_glm4v
     from vlm_export.adapters import adapter_for
     from vlm_export.runtime.images import ImageLimits, processed_images
 
-    folder = make_tiny_glm4v(tmp_path / "glm46v", family="glm46v")
+    folder = tiny_model_dir(family) if family == "glm_ocr" else make_tiny_glm4v(tmp_path / family, family=family)
     loaded = adapter_for(folder).load(folder)
-    assert loaded.adapter.name == "glm4v" and type(loaded.model).__name__ == "Glm46VForConditionalGeneration"
+    assert loaded.adapter.name == "glm4v" and type(loaded.model).__name__ == {
+        "glm46v": "Glm46VForConditionalGeneration", "glm_ocr": "GlmOcrForConditionalGeneration"}[family]
     flat = processed_images(loaded.image_processor, _images(3), ImageLimits())
     arranged = loaded.adapter.prompt_layout(loaded).image_tiles.arranged(dict(flat))
     vision, projector = loaded.adapter.stages(loaded)[:2]

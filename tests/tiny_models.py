@@ -987,7 +987,8 @@ def make_tiny_glm4v(path: Path, seed: int = 0, family: str = "glm4v", patch_size
                     min_pixels: int = 8 * 8, max_pixels: int = 2 * 48 * 48, position_grid: int = 6,
                     text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
     """A tiny random GLM-4.1V (``family`` "glm4v"; "glm46v" GLM-4.6V's classes over the same modules; "glm4v_moe"
-    GLM-4.5V's: a GLM-4-MoE LM): RMSNorm + SwiGLU vision blocks with a learned ``position_grid`` square of position
+    GLM-4.5V's: a GLM-4-MoE LM; "glm_ocr" GLM-OCR's: no position grid nor embedding norm, q/k normed per head in the
+    tower, biased vision blocks, no q/k/v biases in the LM): RMSNorm + SwiGLU vision blocks with a learned ``position_grid`` square of position
     embeddings resampled bicubically to each image's grid, a stride-merge convolution and a SwiGLU merger, and a GLM-4
     LM (its post-attention and post-MLP norms) whose M-RoPE turns neighbouring channel pairs of half of each head;
     SmolLM2's tokenizer with GLM's image tokens added, its Glm4vImageProcessor (PIL; its largest image is
@@ -995,6 +996,7 @@ def make_tiny_glm4v(path: Path, seed: int = 0, family: str = "glm4v", patch_size
     torchvision to load (its video processor), so its files are saved as it saves them."""
     from transformers import AutoTokenizer, Glm4vConfig, Glm4vForConditionalGeneration, Glm4vMoeConfig
     from transformers import Glm4vMoeForConditionalGeneration, Glm46VConfig, Glm46VForConditionalGeneration
+    from transformers import GlmOcrConfig, GlmOcrForConditionalGeneration
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
     tokens = ["<|image|>", "<|begin_of_image|>", "<|end_of_image|>", "<|video|>", "<|begin_of_video|>",
@@ -1024,7 +1026,8 @@ def make_tiny_glm4v(path: Path, seed: int = 0, family: str = "glm4v", patch_size
               "in_channels": 3, "patch_size": patch_size, "spatial_merge_size": merge, "temporal_patch_size": 2}
     classes = {"glm4v": (Glm4vConfig, Glm4vForConditionalGeneration),
                "glm46v": (Glm46VConfig, Glm46VForConditionalGeneration),
-               "glm4v_moe": (Glm4vMoeConfig, Glm4vMoeForConditionalGeneration)}
+               "glm4v_moe": (Glm4vMoeConfig, Glm4vMoeForConditionalGeneration),
+               "glm_ocr": (GlmOcrConfig, GlmOcrForConditionalGeneration)}
     if family not in classes:
         raise ValueError(f"family {family!r}: {', '.join(classes)}")
     config_cls, model_cls = classes[family]

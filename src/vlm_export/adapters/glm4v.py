@@ -1,5 +1,5 @@
-"""GLM-4.1V, GLM-4.5V and GLM-4.6V: ``Glm4vForConditionalGeneration``, ``Glm4vMoeForConditionalGeneration`` (its LM
-a GLM-4-MoE) and ``Glm46VForConditionalGeneration``.
+"""GLM-4.1V, GLM-4.5V, GLM-4.6V and GLM-OCR: ``Glm4vForConditionalGeneration``, ``Glm4vMoeForConditionalGeneration``
+(its LM a GLM-4-MoE), ``Glm46VForConditionalGeneration`` and ``GlmOcrForConditionalGeneration``.
 
 Qwen2-VL's image path and prompt (``adapters/qwen2_vl.py``: rows of patches of any image size, one image token per
 merge block, multimodal rotary positions made by the ``spliced_mrope`` scheme, which ``get_rope_index`` computes the
@@ -8,11 +8,13 @@ same way for images) with its own tower and merger, each followed here as Huggin
 - the patch embedding is normed (RMSNorm), then gets the tower's learned ``side x side`` grid of position embeddings
   resampled to each image's grid of patches by ``grid_sample`` (bicubic, corners not aligned, border padding) at the
   patches' centres - the same op in the graph, on the image's own rows and columns read off ``patch_positions`` and
-  ``patch_mask``, so images of different sizes share one batch;
+  ``patch_mask``, so images of different sizes share one batch (GLM-OCR's tower has neither: its patches enter the
+  blocks as embedded, and its attention norms q and k per head before the rotary);
 - after the blocks the projector norms the patches, merges each ``merge x merge`` block by the tower's strided
   convolution (a matmul here: kernel = stride = the block) and runs the SwiGLU merger;
-- the LM is GLM-4's (norms after attention and after the MLP, biased q/k/v) with M-RoPE on neighbouring channel pairs
-  of part of each head; for text alone the three streams are one and it is a plain GLM-4 (GLM-4-MoE).
+- the LM is GLM-4's (norms after attention and after the MLP; q/k/v biased but in GLM-OCR) with M-RoPE on
+  neighbouring channel pairs of part of each head; for text alone the three streams are one and it is a plain
+  GLM-4 (GLM-4-MoE).
 
 Video inputs are not supported (GLM writes a timestamp after each frame: ``Glm4vProcessor.replace_video_token``).
 """
@@ -32,7 +34,10 @@ class ResampledGridPatchTower(PatchVisionTower):
     [-1, 1] ((place + 0.5) / patches along that side), as ``Glm4vVisionEmbeddings`` does for its flat sequence."""
 
     def embed(self, pixel_values, patch_positions, patch_mask):
-        hidden = self.tower.post_conv_layernorm(super().embed(pixel_values, patch_positions, patch_mask))
+        hidden = super().embed(pixel_values, patch_positions, patch_mask)
+        if not hasattr(self.tower, "embeddings"):  # GLM-OCR's tower: neither the norm nor a position grid
+            return hidden
+        hidden = self.tower.post_conv_layernorm(hidden)
         table = self.tower.embeddings.position_embedding.weight
         side = int(round(table.shape[0] ** 0.5))
         grid = table.reshape(side, side, -1).permute(2, 0, 1).unsqueeze(0).float()  # [1, width, rows, columns]
@@ -68,14 +73,17 @@ class StridedMergerProjector(nn.Module):
 @register
 class Glm4vAdapter(Qwen2VLAdapter):
     name = "glm4v"
-    model_types = ("glm4v", "glm4v_moe", "glm46v")
+    model_types = ("glm4v", "glm4v_moe", "glm46v", "glm_ocr")
     model_classes = {"glm4v": ("Glm4vForConditionalGeneration", "Glm4Config"),
                      "glm46v": ("Glm46VForConditionalGeneration", "Glm4Config"),
-                     "glm4v_moe": ("Glm4vMoeForConditionalGeneration", "Glm4MoeConfig")}
+                     "glm4v_moe": ("Glm4vMoeForConditionalGeneration", "Glm4MoeConfig"),
+                     "glm_ocr": ("GlmOcrForConditionalGeneration", "Glm4Config")}
+    # GLM-OCR's q/k/v have no biases (GLM-4's have)
+    text_lm_settings = {"glm_ocr": {"attention_bias": False}}
     description = ("Hugging Face Glm4vForConditionalGeneration / Glm4vMoeForConditionalGeneration / "
-                   "Glm46VForConditionalGeneration (GLM-4.1V / 4.5V / 4.6V: a ViT with a bicubically resampled "
-                   "position grid on patches of any image size + strided merge and SwiGLU merger + a GLM-4 or "
-                   "GLM-4-MoE LM with multimodal rotary positions)")
+                   "Glm46VForConditionalGeneration / GlmOcrForConditionalGeneration (GLM-4.1V / 4.5V / 4.6V / GLM-OCR: "
+                   "a ViT on patches of any image size, GLM-4V's with a bicubically resampled position grid + strided "
+                   "merge and SwiGLU merger + a GLM-4 or GLM-4-MoE LM with multimodal rotary positions)")
     default_image_token = "<|image|>"
 
     @staticmethod
@@ -94,4 +102,5 @@ class Glm4vAdapter(Qwen2VLAdapter):
         # GLM-4V's text attention makes its heads hidden / heads wide where the config names no head_dim; GLM-4's
         # config would default to 128
         text = loaded.config.text_config
-        return {"head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads}
+        return {**super()._text_lm_settings(loaded),
+                "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads}

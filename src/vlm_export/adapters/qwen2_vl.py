@@ -104,6 +104,8 @@ class PatchVisionTower(nn.Module):
         cos, sin = rotary
         qkv = attn.qkv(x).reshape(images, patches, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # [images, heads, patches, head size]
+        if getattr(attn, "q_norm", None) is not None:  # per-head norms before the rotary (GLM-OCR's)
+            q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         weights = torch.softmax(q @ k.transpose(-1, -2) * attn.scaling + mask, dim=-1)
         return attn.proj((weights @ v).transpose(1, 2).reshape(images, patches, width))
