@@ -279,10 +279,11 @@ def _of_heads_alone(g, name: str, limit: int = 128) -> tuple[str, bool] | None:
 
 
 def _batch_of(g, node: onnx.NodeProto) -> bool:
-    """``node`` = Shape(x, start=0, end=1) of a graph input x: the batch alone, which the exporter reads off any
-    input that has it (GLM-4V's M-RoPE reshapes its rotated pairs by the batch of a layer's past value)."""
+    """``node`` = Shape(past, start=0, end=1) of a 4-d graph input (a past K/V): its batch alone, which the exporter
+    reads off any input that has it (GLM-4V's M-RoPE reshapes its rotated pairs by the batch of a layer's past
+    value)."""
     return node.op_type == "Shape" and node.input[0] not in g.producer and g.attr(node, "start", 0) == 0 \
-        and g.attr(node, "end", None) == 1
+        and g.attr(node, "end", None) == 1 and len(g.shape(node.input[0]) or []) == 4
 
 
 def _rotary_above(g, node: onnx.NodeProto | None):
