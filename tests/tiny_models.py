@@ -1041,6 +1041,58 @@ def make_tiny_glm4v(path: Path, seed: int = 0, family: str = "glm4v", patch_size
     return path
 
 
+#: the form of PaddleOCR-VL's chat template (its begin-of-sentence, "User: " / "Assistant: " turns, each image between
+#: its start and end tokens)
+PADDLEOCR_VL_CHAT_TEMPLATE = (
+    "<|begin_of_sentence|>{% for message in messages %}{% if message['role'] == 'user' %}User: "
+    "{% else %}Assistant: {% endif %}{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content %}"
+    "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% if message['role'] == 'assistant' %}<|end_of_sentence|>{% else %}{{ '\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}")
+
+
+def make_tiny_paddleocr_vl(path: Path, seed: int = 0, patch_size: int = 4, merge: int = 2, min_pixels: int = 8 * 8,
+                           max_pixels: int = 48 * 48, position_grid: int = 6, use_bias: bool = False,
+                           text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+    """A tiny random PaddleOCR-VL: SigLIP encoder layers on patches of ``patch_size`` with a learned
+    ``position_grid`` square resampled bilinearly per image, the axial rotary, a projector merging ``merge x merge``
+    blocks, an ERNIE-4.5-style LM (M-RoPE, its biases where ``use_bias``, tied embeddings); SmolLM2's tokenizer with
+    PaddleOCR-VL's image tokens, its PaddleOCRVLImageProcessor (PIL: patches row-major, [channels, patch, patch]
+    each) and a PaddleOCRVLProcessor with its chat template's form."""
+    from transformers import AutoTokenizer, PaddleOCRVLConfig, PaddleOCRVLForConditionalGeneration, PaddleOCRVLProcessor
+    from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import PaddleOCRVLImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), extra_special_tokens={
+        "image_token": "<|IMAGE_PLACEHOLDER|>"})
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_START|>", "<|IMAGE_END|>", "<|video_pad|>", "<|begin_of_sentence|>",
+        "<|end_of_sentence|>"]})
+    text = {**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2), **(text_sizes or {})}
+    head = text.setdefault("head_dim", text["hidden_size"] // text["num_attention_heads"])
+    # PaddleOCR-VL-0.9B: heads of 128, sections [16, 24, 24] of the 64 frequencies
+    section = [head // 8, (head // 2 - head // 8) // 2, head // 2 - head // 8 - (head // 2 - head // 8) // 2]
+    text.update(vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1,
+                eos_token_id=2, pad_token_id=2, use_bias=use_bias,
+                initializer_range=0.2,  # with its embeddings tied, the default 0.02 repeats one token from the start
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section})
+    vision = {**dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2),
+              **(vision_sizes or {}), "image_size": position_grid * patch_size, "patch_size": patch_size,
+              "spatial_merge_size": merge}
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|IMAGE_PLACEHOLDER|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|IMAGE_START|>"), ("vision_end_token_id", "<|IMAGE_END|>"))}
+    cfg = PaddleOCRVLConfig(text_config=text, vision_config=vision, **ids)
+    torch.manual_seed(seed)
+    PaddleOCRVLForConditionalGeneration(cfg).eval().save_pretrained(path)
+    image_processor = PaddleOCRVLImageProcessorPil(patch_size=patch_size, merge_size=merge, temporal_patch_size=1,
+                                                   size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+    PaddleOCRVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                         chat_template=PADDLEOCR_VL_CHAT_TEMPLATE).save_pretrained(path)
+    return path
+
+
 def make_tiny_llava_next(path: Path, family: str = "llama", seed: int = 0, image_size: int = 32,
                          pinpoints: tuple = ((32, 64), (64, 32), (64, 64)), tower: str = "clip",
                          strategy: str = "default", feature_layer: int | list[int] = -2,

@@ -90,7 +90,7 @@ class Glm4vAdapter(Qwen2VLAdapter):
     def _largest_image_pixels(loaded: LoadedModel, largest: int) -> int:
         # Glm4vImageProcessor's smart_resize bounds frames x height x width, a still image being temporal_patch_size
         # frames: its largest image is a half of longest_edge for GLM's two
-        return largest // int(loaded.config.vision_config.temporal_patch_size)
+        return largest // Glm4vAdapter._frames_per_patch(loaded)
 
     def vision_modules(self, loaded: LoadedModel) -> tuple[nn.Module, nn.Module]:
         visual = loaded.model.model.visual

@@ -91,10 +91,15 @@ class PatchVisionTower(nn.Module):
             kept[number] = hidden
         return torch.cat([hidden, *(kept[k] for k in self.kept_blocks)], dim=-1) if self.kept_blocks else hidden
 
+    @property
+    def rotary(self) -> nn.Module:
+        """The tower's axial rotary (its ``inv_freq``)."""
+        return self.tower.rotary_pos_emb
+
     def _angles(self, places):
         """(cos, sin) [images, 1, patches, head size] of the tower's axial rotary at ``places``: (row, column)
         frequencies side by side, twice (Hugging Face's VisionRotaryEmbedding over the positions it computes)."""
-        freqs = (places.unsqueeze(-1).float() * self.tower.rotary_pos_emb.inv_freq).flatten(-2)
+        freqs = (places.unsqueeze(-1).float() * self.rotary.inv_freq).flatten(-2)
         angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
         return angles.cos(), angles.sin()
 
@@ -181,7 +186,7 @@ class Qwen2VLAdapter(VLMAdapter):
         use_saved_chat_template(tokenizer, path)  # the processor's (typed parts), not the tokenizer's text-only one
         vision = cfg.vision_config
         for name, want in (("patch_size", vision.patch_size), ("merge_size", vision.spatial_merge_size),
-                           ("temporal_patch_size", vision.temporal_patch_size)):
+                           ("temporal_patch_size", self._frames_per_patch(loaded))):
             have = getattr(image_processor, name, None)
             if have != want:
                 raise AdapterError(f"the image processor in {path} ({type(image_processor).__name__}) has {name} "
@@ -204,6 +209,14 @@ class Qwen2VLAdapter(VLMAdapter):
         return getattr(loaded.tokenizer, "image_token", None) or self.default_image_token
 
     @staticmethod
+    def _frames_per_patch(loaded: LoadedModel) -> int:
+        """Frames in one patch (a still image repeated to them): the tower's ``temporal_patch_size``, else one."""
+        return int(getattr(loaded.config.vision_config, "temporal_patch_size", 1))
+
+    #: whether the image processor gives each image's patches row-major (``ImagePatches.raster``)
+    raster_patches = False
+
+    @staticmethod
     def _largest_image_pixels(loaded: LoadedModel, largest: int) -> int:
         """The most pixels of an image the processor makes, from its ``longest_edge`` (``max_pixels``) setting."""
         return largest
@@ -222,7 +235,8 @@ class Qwen2VLAdapter(VLMAdapter):
         if most < merge ** 2:
             raise AdapterError(f"the image processor in {loaded.path} allows images of at most {largest} pixels, less "
                                f"than one image token ({merge * vision.patch_size} pixels square): raise max_pixels")
-        return ImagePatches(merge=merge, max_patches=most, window=Qwen2VLAdapter._window(loaded)[0] or 0)
+        return ImagePatches(merge=merge, max_patches=most, window=Qwen2VLAdapter._window(loaded)[0] or 0,
+                            raster=self.raster_patches)
 
     @staticmethod
     def _window(loaded: LoadedModel) -> tuple[int | None, tuple[int, ...]]:
@@ -251,7 +265,8 @@ class Qwen2VLAdapter(VLMAdapter):
         tower, projector = self.vision_modules(loaded)
         # two images as the processor gives them: a grid of 4 x 4 merge blocks and one of 2 x 4
         vision = loaded.config.vision_config
-        depth = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+        channels = getattr(vision, "in_channels", None) or vision.num_channels
+        depth = channels * self._frames_per_patch(loaded) * vision.patch_size ** 2
         grids = [(2 * patches.merge, 2 * patches.merge), (patches.merge, 2 * patches.merge)]
         flat = torch.randn(sum(h * w for h, w in grids), depth, generator=torch.Generator().manual_seed(0))
         scheme = self.scheme(loaded)
@@ -282,15 +297,18 @@ class Qwen2VLAdapter(VLMAdapter):
         tokens' ``mm_token_type_ids``."""
         inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         if pixel_values is not None:
-            real = pixel_values[PATCH_MASK].bool()
             grids = [[1, h, w] for h, w in patch_grids(pixel_values)]
             # which tokens are an image's, as the processor says (without it generate drops M-RoPE silently)
-            inputs.update(pixel_values=pixel_values["pixel_values"][real], image_grid_thw=torch.tensor(grids),
-                          mm_token_type_ids=(input_ids == loaded.config.image_token_id).to(torch.int32))
+            inputs.update(pixel_values=self._reference_pixels(loaded, pixel_values),
+                          image_grid_thw=torch.tensor(grids), mm_token_type_ids=(input_ids == loaded.config.image_token_id).to(torch.int32))
         with torch.no_grad():
             out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                         eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0])
         return out[0, input_ids.shape[1]:].tolist()
+
+    def _reference_pixels(self, loaded: LoadedModel, pixel_values: dict) -> torch.Tensor:
+        """The processor's own flat patches back from the rows of patches (their real ones, in order)."""
+        return pixel_values["pixel_values"][pixel_values[PATCH_MASK].bool()]
 
     #: settings the LM alone needs beyond its text config, by model type
     text_lm_settings: dict[str, dict] = {}

@@ -32,24 +32,36 @@ from .decoder import SplicingDecoder, image_rows
 from .qwen2_vl import PatchVisionTower, Qwen2VLAdapter
 
 
+def resampled_grid(table: nn.Embedding, side: int, patch_positions, patch_mask, corners_aligned: bool):
+    """[images, patches, width]: a learned ``side x side`` grid of position embeddings (``table``, rows outer)
+    resampled bilinearly to each image's grid of patches at ``patch_positions`` - the four nearest grid entries of
+    a patch's place scaled into the grid, by their weights, with corners aligned (Qwen3-VL's) or at half-pixel
+    centres (PaddleOCR-VL's), out-of-grid taps clamped to the border: Hugging Face's
+    ``get_vision_interpolation_indices_and_weights``, same float ops. An image's grid is read off its own rows: its
+    last real patch's row and column, plus one (padding sits at (0, 0))."""
+    grid = torch.where(patch_mask.bool().unsqueeze(-1), patch_positions, 0).amax(dim=1, keepdim=True) + 1
+    places = patch_positions.to(torch.float32)
+    if corners_aligned:
+        source = places * (side - 1) / torch.clamp(grid - 1, min=1)  # [images, patches, 2]
+    else:
+        source = (places + 0.5) * side / grid - 0.5
+    floor = torch.floor(source)
+    offsets = torch.arange(2, device=source.device)
+    taps = (floor.long().unsqueeze(-1) + offsets).clamp(0, side - 1)  # [images, patches, (row, column), 2]
+    weights = (1 - (source.unsqueeze(-1) - floor.unsqueeze(-1) - offsets).abs()).clamp(min=0)
+    index = (taps[..., 0, :, None] * side + taps[..., 1, None, :]).flatten(-2)  # the 2 x 2 taps, rows outer
+    weight = (weights[..., 0, :, None] * weights[..., 1, None, :]).flatten(-2)
+    return (table(index) * weight.unsqueeze(-1)).sum(-2)
+
+
 class LearnedGridPatchTower(PatchVisionTower):
     """:class:`PatchVisionTower` whose patch embeddings get the tower's learned ``side x side`` position grid
-    resampled to each image's grid (Hugging Face's ``get_vision_interpolation_indices_and_weights``, bilinear with
-    corners aligned: the four nearest grid entries of a patch's place scaled into the grid, by their weights)."""
+    resampled to each image's grid (:func:`resampled_grid`, corners aligned)."""
 
     def embed(self, pixel_values, patch_positions, patch_mask):
         hidden = super().embed(pixel_values, patch_positions, patch_mask)
-        side = self.tower.num_grid_per_side
-        # an image's grid of patches: its last real patch's row and column, plus one (padding sits at (0, 0))
-        grid = torch.where(patch_mask.bool().unsqueeze(-1), patch_positions, 0).amax(dim=1, keepdim=True) + 1
-        source = patch_positions.to(torch.float32) * (side - 1) / torch.clamp(grid - 1, min=1)  # [images, patches, 2]
-        floor = torch.floor(source)
-        offsets = torch.arange(2, device=source.device)
-        taps = (floor.long().unsqueeze(-1) + offsets).clamp(0, side - 1)  # [images, patches, (row, column), 2]
-        weights = (1 - (source.unsqueeze(-1) - floor.unsqueeze(-1) - offsets).abs()).clamp(min=0)
-        index = (taps[..., 0, :, None] * side + taps[..., 1, None, :]).flatten(-2)  # the 2 x 2 taps, rows outer
-        weight = (weights[..., 0, :, None] * weights[..., 1, None, :]).flatten(-2)
-        return hidden + (self.tower.pos_embed(index) * weight.unsqueeze(-1)).sum(-2).to(hidden.dtype)
+        grid = resampled_grid(self.tower.pos_embed, self.tower.num_grid_per_side, patch_positions, patch_mask, True)
+        return hidden + grid.to(hidden.dtype)
 
 
 class DeepstackMergerProjector(nn.Module):

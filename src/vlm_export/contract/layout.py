@@ -201,7 +201,12 @@ class ImagePatches:
     that :meth:`arranged` cuts each image into (each patch flattened channels, rows, columns, as a convolution of
     that kernel and stride reads it), in the same order of merge blocks; 0: the processor gives patches.
     ``row_end`` / ``end``: text after each row of an image's tokens, the last row's ``end`` instead (Pixtral's
-    "[IMG_BREAK]" / "[IMG_END]"); empty: the tokens alone, one run (Qwen's)."""
+    "[IMG_BREAK]" / "[IMG_END]"); empty: the tokens alone, one run (Qwen's).
+
+    ``raster``: the processor gives each image's patches row-major over the whole image (PaddleOCR-VL's, whose
+    projector merges the blocks itself) rather than by merge blocks; :meth:`arranged` puts them in the order of
+    merge blocks all the same, so a merge block is always ``merge²`` consecutive patches of a row. Patches are
+    flattened to one vector each (PaddleOCR-VL's processor gives them [channels, patch, patch])."""
 
     merge: int
     max_patches: int
@@ -214,6 +219,7 @@ class ImagePatches:
     patch: int = 0
     row_end: str = ""
     end: str = ""
+    raster: bool = False
     #: the image path sees each image as one image (the tiles contract's count)
     max_tiles: ClassVar[int] = 1
 
@@ -272,7 +278,11 @@ class ImagePatches:
             sizes = [h * w for h, w in grids]
             if sum(sizes) != len(pixels):
                 raise ValueError(f"the image processor gives {len(pixels)} patches for grids totalling {sum(sizes)}")
-            return np.split(pixels, np.cumsum(sizes)[:-1]) if grids else []
+            images = np.split(pixels.reshape(len(pixels), -1), np.cumsum(sizes)[:-1]) if grids else []
+            if self.raster:  # row r, column c is patch r x cols + c: taken in the order of merge blocks
+                images = [image[(place := self.patch_positions(h, w))[:, 0] * w + place[:, 1]]
+                          for image, (h, w) in zip(images, grids)]
+            return images
         p, out = self.patch, []
         for image, (h, w) in zip(pixels, grids):
             channels = image.shape[0]
@@ -289,9 +299,10 @@ class ImagePatches:
         grids = self.grids(processed)
         patches = self._patches(processed, grids)
         width = max((len(p) for p in patches), default=0)
-        depth = patches[0].shape[1:] if patches else np.asarray(processed["pixel_values"]).shape[1:]
-        dtype = np.asarray(processed["pixel_values"]).dtype
-        out = np.zeros((len(grids), width, *depth), dtype=dtype)
+        pixels = np.asarray(processed["pixel_values"])
+        depth = patches[0].shape[1:] if patches else (int(np.prod(pixels.shape[1:])),) if not self.patch \
+            else pixels.shape[1:]
+        out = np.zeros((len(grids), width, *depth), dtype=pixels.dtype)
         positions = np.zeros((len(grids), width, 2), dtype=np.int64)
         mask = np.zeros((len(grids), width), dtype=np.int64)
         for k, ((h, w), rows) in enumerate(zip(grids, patches)):
@@ -568,7 +579,7 @@ class PromptLayout:
             if not d[name]:
                 del d[name]
         tiles = d.get("image_tiles") or {}
-        defaults = ("patch", "row_end", "end") if "merge" in tiles else ("token",) if "counted_by" in tiles else ()
+        defaults = ("patch", "row_end", "end", "raster") if "merge" in tiles else ("token",) if "counted_by" in tiles else ()
         for name in defaults:  # likewise (ImagePatches' and ImageTiles' defaults)
             if not tiles[name]:
                 del tiles[name]
