@@ -1,0 +1,135 @@
+"""PaddleOCR-VL (the ``paddleocr_vl`` adapter): Qwen2-VL's rows of patches and M-RoPE positions (the ``spliced_mrope``
+scheme) with its own SigLIP tower (a learned position grid resampled bilinearly at half-pixel centres per image in
+the graph), merging projector and ERNIE-4.5-style LM; its image processor gives patches row-major
+(``ImagePatches.raster``). The build itself (parity of every stage, HF generate's tokens alone and batched on the
+default samples) is test_export_core's."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import check_answers_equal_hf_generate, check_served_as_in_process, random_photo
+
+#: (height, width): the largest grid (12 x 12 patches), uneven ones, one below the processor's smallest (scaled up),
+#: the smallest grid (one merge block) and a square one
+SIZES = [(300, 200), (20, 50), (70, 20), (3, 3), (64, 64), (41, 33)]
+TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"},
+                                      {"type": "text", "text": "and"}, {"type": "image"}]}]
+OCR = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "OCR:"}]}]
+
+
+def _images(n: int, first: int = 0):
+    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
+
+
+@pytest.mark.parametrize("turns, count", [(OCR, 1), (TURNS, 2), ("Read this.", 0)])
+def test_prompt_ids_and_pixels_are_the_processors(tiny_build, tiny_model_dir, turns, count):
+    """Prompt ids = PaddleOCRVLProcessor's own on the chat template's text (one image, two, none); the image path's
+    rows of patches hold its patches (given row-major, [channels, patch, patch] each), each at its place, and
+    nothing else."""
+    from transformers import AutoProcessor
+
+    from vlm_export.runtime.load import open_build
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir("paddleocr_vl"))
+    pipe = open_build(tiny_build("paddleocr_vl").path)
+    images = _images(count, 1)
+    messages = turns if isinstance(turns, list) else [{"role": "user", "content": turns}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    theirs = processor(text=[text], images=images or None, return_tensors="np")
+    assert pipe.prompt_ids(turns, images) == theirs["input_ids"][0].tolist()
+    if not images:
+        return
+    pixels = pipe.pixel_values(images)
+    real = pixels["patch_mask"].astype(bool)
+    start = 0
+    for k, (_, h, w) in enumerate(theirs["image_grid_thw"]):
+        raster = theirs["pixel_values"][start:start + h * w].reshape(h, w, -1)
+        places = pixels["patch_positions"][k][real[k]]
+        np.testing.assert_array_equal(pixels["pixel_values"][k][real[k]], raster[places[:, 0], places[:, 1]])
+        start += h * w
+    assert not pixels["pixel_values"][~real].any()
+
+
+def test_image_rows_and_positions_equal_hf(tiny_model_dir):
+    """The split tower (a mask in place of per-image lengths, the position grid resampled per image) and projector
+    on a padded batch of images of every size give Hugging Face's ``get_image_features``; the scheme's positions for
+    a left-padded prefill of several prompts are ``get_rope_index``'s, and each row's next position its delta's."""
+    from vlm_export.adapters import adapter_for
+    from vlm_export.runtime.images import ImageLimits, processed_images
+
+    folder = tiny_model_dir("paddleocr_vl")
+    loaded = adapter_for(folder).load(folder)
+    adapter, cfg = loaded.adapter, loaded.config
+    layout, scheme = adapter.prompt_layout(loaded), adapter.scheme(loaded)
+    images = _images(len(SIZES))
+    flat = processed_images(loaded.image_processor, images, ImageLimits())
+    counts = [h * w // 4 for h, w in layout.image_tiles.grids(flat)]
+    assert max(counts) == layout.tokens_per_image == 36
+    arranged = layout.image_tiles.arranged(dict(flat))
+    vision, projector = adapter.stages(loaded)[:2]
+    with torch.no_grad():
+        rows = projector.module(vision.module(*(torch.from_numpy(arranged[t.name]) for t in vision.spec.inputs)))
+        theirs = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
+                                                       torch.from_numpy(flat["image_grid_thw"]))
+    placed = scheme.image_input_from_values({"image_embeds": rows.numpy(), **arranged})
+    np.testing.assert_allclose(placed.rows, torch.cat(list(theirs.pooler_output)).numpy(), atol=2e-5, rtol=0)
+
+    token, start, end = cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id
+    prompts = [[7, start, *[token] * counts[0], end, 8, 9, start, *[token] * counts[1], end, 10],
+               [11, 12],
+               [start, *[token] * counts[2], end, *[token] * counts[3], 13]]
+    feeds = scheme.prefill_feeds(prompts, scheme.join_image_inputs([
+        scheme.image_input_from_values({"image_embeds": rows.numpy()[k:k + 1],
+                                        **{n: arranged[n][k:k + 1] for n in ("patch_positions", "patch_mask")}})
+        for k in range(4)]))
+    ids, mask = torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
+    theirs, deltas = loaded.model.model.get_rope_index(ids, (ids == token).int() * mask.int(),
+                                                       image_grid_thw=torch.from_numpy(flat["image_grid_thw"][:4]),
+                                                       attention_mask=mask)
+    real = mask.bool().numpy()
+    np.testing.assert_array_equal(feeds["position_ids"][:, real], theirs.numpy()[:, real])
+    state = scheme.prefill_state({n: np.zeros((3, 1, len(ids[0]), 1), np.float32) for n in scheme.present_names},
+                                 [len(p) for p in prompts], feeds)
+    np.testing.assert_array_equal(state.positions, deltas.reshape(-1).numpy() + [len(p) for p in prompts])
+
+
+def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):
+    """Images of every size, alone and two at once: greedy answers = Hugging Face generate's (its pixels given back
+    row-major), alone and decoded together in one batch on one KV buffer (attention fused)."""
+    from vlm_export.adapters import adapter_for
+    from vlm_export.runtime.load import open_build
+
+    pipe = open_build(tiny_build("paddleocr_vl").path)
+    assert pipe.kv_in_place
+    folder = tiny_model_dir("paddleocr_vl")
+    loaded = adapter_for(folder).load(folder)
+    requests = [(OCR, _images(1, k)) for k in range(len(SIZES))]
+    check_answers_equal_hf_generate(pipe, loaded, requests + [(TURNS, _images(2, 3)), ("Tell me a story.", [])])
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_text_model_is_an_ordinary_causal_lm(tiny_model_dir, tmp_path, use_bias):
+    """For text alone M-RoPE's three streams are one: the LM written for peers (llama.cpp, onnxruntime-genai) is a
+    plain Llama (ERNIE 4.5's one bias switch as Llama's two) with the same logits and the VLM's tied head."""
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import make_tiny_paddleocr_vl
+    from vlm_export.adapters import adapter_for
+
+    folder = make_tiny_paddleocr_vl(tmp_path / "biased", use_bias=True) if use_bias else \
+        tiny_model_dir("paddleocr_vl")
+    loaded = adapter_for(folder).load(folder)
+    written = loaded.adapter.write_text_model(loaded, tmp_path / "lm")
+    lm_model = AutoModelForCausalLM.from_pretrained(written).eval()
+    assert lm_model.config.model_type == "llama"
+    ids = torch.tensor([[5, 17, 300, 41, 9, 1000]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm_model(ids).logits, loaded.model(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_served_answers_equal_in_process(tiny_build, tmp_path):
+    """Served by a real tritonserver over gRPC: answers for images of different sizes, two at once, and a
+    conversation's second turn, equal ``generate``'s in process."""
+    check_served_as_in_process(tiny_build("paddleocr_vl").path, tmp_path, [(40, 52), (70, 20), (10, 10)])
