@@ -473,6 +473,60 @@ def check_served_as_in_process(build: Path, folder: Path, sizes, over_http: bool
     assert second == generate(pipe, turns, [paths[-1]], config).text
 
 
+def check_patch_rows_equal_hf(loaded, images) -> tuple:
+    """An adapter of rows of patches (``contract.ImagePatches``: Qwen2-VL's and its kin): its split vision tower and
+    projector on a padded batch of ``images`` give Hugging Face's ``get_image_features`` (with each deepstack level
+    beside the rows, where the model has them). Returns (the processor's flat output, the arranged rows, the
+    projector's rows, the deepstack levels)."""
+    import numpy as np
+    import torch
+
+    from vlm_export.runtime.images import ImageLimits, processed_images
+
+    adapter = loaded.adapter
+    layout, scheme = adapter.prompt_layout(loaded), adapter.scheme(loaded)
+    flat = processed_images(loaded.image_processor, images, ImageLimits())
+    arranged = layout.image_tiles.arranged(dict(flat))
+    vision, projector = adapter.stages(loaded)[:2]
+    with torch.no_grad():
+        rows = projector.module(vision.module(*(torch.from_numpy(arranged[t.name]) for t in vision.spec.inputs)))
+        theirs = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
+                                                       torch.from_numpy(flat["image_grid_thw"]))
+    levels = getattr(theirs, "deepstack_features", None) or []
+    want = torch.cat([torch.cat(list(level)) for level in [theirs.pooler_output, *levels]], dim=-1)
+    placed = scheme.image_input_from_values({"image_embeds": rows.numpy(), **arranged})
+    np.testing.assert_allclose(placed.rows, want.numpy(), atol=2e-5, rtol=0)
+    return flat, arranged, rows.numpy(), len(levels)
+
+
+def check_mrope_positions_equal_hf(loaded, flat, arranged, rows, start: int, end: int) -> None:
+    """The ``spliced_mrope`` scheme's positions for a left-padded prefill of three prompts over the first four
+    images of ``flat`` (two with their start and end tokens, one without its start, none) are the model's own
+    ``get_rope_index``'s, and each row's next position is its length plus Hugging Face's delta."""
+    import numpy as np
+    import torch
+
+    scheme, layout, token = loaded.adapter.scheme(loaded), loaded.adapter.prompt_layout(loaded), \
+        loaded.config.image_token_id
+    counts = [layout.image_tiles.tokens(grid) for grid in layout.image_tiles.grids(flat)]
+    prompts = [[7, start, *[token] * counts[0], end, 8, 9, start, *[token] * counts[1], end, 10],
+               [11, 12],
+               [start, *[token] * counts[2], end, *[token] * counts[3], 13]]  # the second image without its start
+    feeds = scheme.prefill_feeds(prompts, scheme.join_image_inputs([
+        scheme.image_input_from_values({"image_embeds": rows[k:k + 1],
+                                        **{n: arranged[n][k:k + 1] for n in ("patch_positions", "patch_mask")}})
+        for k in range(4)]))
+    ids, mask = torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
+    theirs, deltas = loaded.model.model.get_rope_index(ids, (ids == token).int() * mask.int(),
+                                                       image_grid_thw=torch.from_numpy(flat["image_grid_thw"][:4]),
+                                                       attention_mask=mask)
+    real = mask.bool().numpy()
+    np.testing.assert_array_equal(feeds["position_ids"][:, real], theirs.numpy()[:, real])
+    state = scheme.prefill_state({n: np.zeros((3, 1, len(ids[0]), 1), np.float32) for n in scheme.present_names},
+                                 [len(p) for p in prompts], feeds)
+    np.testing.assert_array_equal(state.positions, deltas.reshape(-1).numpy() + [len(p) for p in prompts])
+
+
 def check_answers_equal_hf_generate(pipe, loaded, requests, new_tokens: int = 12) -> None:
     """Each (prompt, images) of ``requests``: ``generate``'s greedy tokens on ``pipe`` = the adapter's Hugging Face
     reference on the same prompt ids and preprocessed images, alone; and all of them decoded together in one batch

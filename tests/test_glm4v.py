@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import check_answers_equal_hf_generate, check_served_as_in_process, random_photo
+from conftest import (check_answers_equal_hf_generate, check_mrope_positions_equal_hf, check_patch_rows_equal_hf,
+                      check_served_as_in_process, random_photo)
 
 #: (height, width): the largest grid (12 x 12 patches, the processor's half of longest_edge), uneven ones, one
 #: below the processor's smallest (scaled up), the smallest grid (one merge block) and a square one
@@ -57,42 +58,14 @@ def test_image_rows_and_positions_equal_hf(tiny_model_dir):
     delta's. The largest image is exactly the adapter's most tokens per image (the processor's limit counts a
     patch's two frames)."""
     from vlm_export.adapters import adapter_for
-    from vlm_export.runtime.images import ImageLimits, processed_images
 
     folder = tiny_model_dir("glm4v")
     loaded = adapter_for(folder).load(folder)
-    adapter, cfg = loaded.adapter, loaded.config
-    layout, scheme = adapter.prompt_layout(loaded), adapter.scheme(loaded)
-    images = _images(len(SIZES))
-    flat = processed_images(loaded.image_processor, images, ImageLimits())
-    counts = [h * w // 4 for h, w in layout.image_tiles.grids(flat)]
-    assert max(counts) == layout.tokens_per_image == 36
-    arranged = layout.image_tiles.arranged(dict(flat))
-    vision, projector = adapter.stages(loaded)[:2]
-    with torch.no_grad():
-        rows = projector.module(vision.module(*(torch.from_numpy(arranged[t.name]) for t in vision.spec.inputs)))
-        theirs = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
-                                                       torch.from_numpy(flat["image_grid_thw"]))
-    placed = scheme.image_input_from_values({"image_embeds": rows.numpy(), **arranged})
-    np.testing.assert_allclose(placed.rows, torch.cat(list(theirs.pooler_output)).numpy(), atol=2e-5, rtol=0)
-
-    token, start, end = cfg.image_token_id, cfg.image_start_token_id, cfg.image_end_token_id
-    prompts = [[7, start, *[token] * counts[0], end, 8, 9, start, *[token] * counts[1], end, 10],
-               [11, 12],
-               [start, *[token] * counts[2], end, *[token] * counts[3], 13]]  # the second image without its start
-    feeds = scheme.prefill_feeds(prompts, scheme.join_image_inputs([
-        scheme.image_input_from_values({"image_embeds": rows.numpy()[k:k + 1],
-                                        **{n: arranged[n][k:k + 1] for n in ("patch_positions", "patch_mask")}})
-        for k in range(4)]))
-    ids, mask = torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
-    theirs, deltas = loaded.model.model.get_rope_index(ids, (ids == token).int() * mask.int(),
-                                                       image_grid_thw=torch.from_numpy(flat["image_grid_thw"][:4]),
-                                                       attention_mask=mask)
-    real = mask.bool().numpy()
-    np.testing.assert_array_equal(feeds["position_ids"][:, real], theirs.numpy()[:, real])
-    state = scheme.prefill_state({n: np.zeros((3, 1, len(ids[0]), 1), np.float32) for n in scheme.present_names},
-                                 [len(p) for p in prompts], feeds)
-    np.testing.assert_array_equal(state.positions, deltas.reshape(-1).numpy() + [len(p) for p in prompts])
+    layout = loaded.adapter.prompt_layout(loaded)
+    flat, arranged, rows, _ = check_patch_rows_equal_hf(loaded, _images(len(SIZES)))
+    assert max(layout.image_tiles.tokens(grid) for grid in layout.image_tiles.grids(flat)) == layout.tokens_per_image
+    cfg = loaded.config
+    check_mrope_positions_equal_hf(loaded, flat, arranged, rows, cfg.image_start_token_id, cfg.image_end_token_id)
 
 
 def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):
@@ -134,21 +107,12 @@ def test_other_classes_image_rows_equal_hf(tiny_model_dir, tmp_path, family):
     the same adapter, its split tower and merger on a padded batch = the model's own ``get_image_features``."""
     from tiny_models import make_tiny_glm4v
     from vlm_export.adapters import adapter_for
-    from vlm_export.runtime.images import ImageLimits, processed_images
 
     folder = tiny_model_dir(family) if family == "glm_ocr" else make_tiny_glm4v(tmp_path / family, family=family)
     loaded = adapter_for(folder).load(folder)
     assert loaded.adapter.name == "glm4v" and type(loaded.model).__name__ == {
         "glm46v": "Glm46VForConditionalGeneration", "glm_ocr": "GlmOcrForConditionalGeneration"}[family]
-    flat = processed_images(loaded.image_processor, _images(3), ImageLimits())
-    arranged = loaded.adapter.prompt_layout(loaded).image_tiles.arranged(dict(flat))
-    vision, projector = loaded.adapter.stages(loaded)[:2]
-    with torch.no_grad():
-        rows = projector.module(vision.module(*(torch.from_numpy(arranged[t.name]) for t in vision.spec.inputs)))
-        theirs = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
-                                                       torch.from_numpy(flat["image_grid_thw"]))
-    placed = loaded.adapter.scheme(loaded).image_input_from_values({"image_embeds": rows.numpy(), **arranged})
-    np.testing.assert_allclose(placed.rows, torch.cat(list(theirs.pooler_output)).numpy(), atol=2e-5, rtol=0)
+    check_patch_rows_equal_hf(loaded, _images(3))
 
 
 def test_served_answers_equal_in_process(tiny_build, tmp_path):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import check_answers_equal_hf_generate, check_served_as_in_process, random_photo
+from conftest import (check_answers_equal_hf_generate, check_mrope_positions_equal_hf, check_patch_rows_equal_hf,
+                      check_served_as_in_process, random_photo)
 from vlm_export.errors import AdapterError
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -65,44 +66,13 @@ def test_image_rows_and_positions_equal_hf(tiny_model_dir, family):
     merger of its own vision block); the scheme's positions for a
     left-padded prefill of several prompts are ``get_rope_index``'s, and each row's next position its delta's."""
     from vlm_export.adapters import adapter_for
-    from vlm_export.runtime.images import processed_images, ImageLimits
 
     folder = tiny_model_dir(family)
     loaded = adapter_for(folder).load(folder)
-    adapter, cfg = loaded.adapter, loaded.config
-    layout, scheme = adapter.prompt_layout(loaded), adapter.scheme(loaded)
-    images = _images(len(SIZES))
-    flat = processed_images(loaded.image_processor, images, ImageLimits())
-    arranged = layout.image_tiles.arranged(dict(flat))
-    vision, projector = adapter.stages(loaded)[:2]
-    with torch.no_grad():
-        rows = projector.module(vision.module(*(torch.from_numpy(arranged[t.name]) for t in vision.spec.inputs)))
-        theirs = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
-                                                       torch.from_numpy(flat["image_grid_thw"]))
-    levels = getattr(theirs, "deepstack_features", None) or []
-    assert len(levels) == (2 if family == "qwen3_vl" else 0)
-    want = torch.cat([torch.cat(list(level)) for level in [theirs.pooler_output, *levels]], dim=-1)
-    placed = scheme.image_input_from_values({"image_embeds": rows.numpy(), **arranged})
-    np.testing.assert_allclose(placed.rows, want.numpy(), atol=2e-5, rtol=0)
-
-    token, start, end = cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id
-    counts = [h * w // 4 for h, w in layout.image_tiles.grids(flat)]
-    prompts = [[7, start, *[token] * counts[0], end, 8, 9, start, *[token] * counts[1], end, 10],
-               [11, 12],
-               [start, *[token] * counts[2], end, *[token] * counts[3], 13]]  # the second image without its start
-    feeds = scheme.prefill_feeds(prompts, scheme.join_image_inputs([
-        scheme.image_input_from_values({"image_embeds": rows.numpy()[k:k + 1],
-                                        **{n: arranged[n][k:k + 1] for n in ("patch_positions", "patch_mask")}})
-        for k in range(4)]))
-    ids, mask = torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
-    theirs, deltas = loaded.model.model.get_rope_index(ids, (ids == token).int() * mask.int(),
-                                                       image_grid_thw=torch.from_numpy(flat["image_grid_thw"][:4]),
-                                                       attention_mask=mask)
-    real = mask.bool().numpy()
-    np.testing.assert_array_equal(feeds["position_ids"][:, real], theirs.numpy()[:, real])
-    state = scheme.prefill_state({n: np.zeros((3, 1, len(ids[0]), 1), np.float32) for n in scheme.present_names},
-                                 [len(p) for p in prompts], feeds)
-    np.testing.assert_array_equal(state.positions, deltas.reshape(-1).numpy() + [len(p) for p in prompts])
+    flat, arranged, rows, levels = check_patch_rows_equal_hf(loaded, _images(len(SIZES)))
+    assert levels == (2 if family == "qwen3_vl" else 0)
+    check_mrope_positions_equal_hf(loaded, flat, arranged, rows, loaded.config.vision_start_token_id,
+                                   loaded.config.vision_end_token_id)
 
 
 @pytest.mark.parametrize("family", FAMILIES)  # Qwen3-VL-MoE's answers: test_export_core's build parity

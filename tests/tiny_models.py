@@ -988,10 +988,10 @@ def make_tiny_glm4v(path: Path, seed: int = 0, family: str = "glm4v", patch_size
                     text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
     """A tiny random GLM-4.1V (``family`` "glm4v"; "glm46v" GLM-4.6V's classes over the same modules; "glm4v_moe"
     GLM-4.5V's: a GLM-4-MoE LM; "glm_ocr" GLM-OCR's: no position grid nor embedding norm, q/k normed per head in the
-    tower, biased vision blocks, no q/k/v biases in the LM): RMSNorm + SwiGLU vision blocks with a learned ``position_grid`` square of position
-    embeddings resampled bicubically to each image's grid, a stride-merge convolution and a SwiGLU merger, and a GLM-4
-    LM (its post-attention and post-MLP norms) whose M-RoPE turns neighbouring channel pairs of half of each head;
-    SmolLM2's tokenizer with GLM's image tokens added, its Glm4vImageProcessor (PIL; its largest image is
+    tower, biased vision blocks, no q/k/v biases in the LM): RMSNorm + SwiGLU vision blocks with a learned
+    ``position_grid`` square of position embeddings resampled bicubically to each image's grid, a stride-merge
+    convolution and a SwiGLU merger, and a GLM-4 LM (its post-attention and post-MLP norms) whose M-RoPE turns
+    neighbouring channel pairs of half of each head; SmolLM2's tokenizer with GLM's image tokens added, its Glm4vImageProcessor (PIL; its largest image is
     ``max_pixels`` / 2: it counts the two frames of a patch) and GLM-4.1V's chat template form. Glm4vProcessor needs
     torchvision to load (its video processor), so its files are saved as it saves them."""
     from transformers import AutoTokenizer, Glm4vConfig, Glm4vForConditionalGeneration, Glm4vMoeConfig
@@ -1018,8 +1018,8 @@ def make_tiny_glm4v(path: Path, seed: int = 0, family: str = "glm4v", patch_size
     text.update(vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
                 pad_token_id=2, rope_parameters=rope)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|image|>"), ("video_token_id", "<|video|>"), ("image_start_token_id", "<|begin_of_image|>"),
-        ("image_end_token_id", "<|end_of_image|>"), ("video_start_token_id", "<|begin_of_video|>"),
+        ("image_token_id", "<|image|>"), ("video_token_id", "<|video|>"),
+        ("image_start_token_id", "<|begin_of_image|>"), ("image_end_token_id", "<|end_of_image|>"), ("video_start_token_id", "<|begin_of_video|>"),
         ("video_end_token_id", "<|end_of_video|>"))}
     vision = {**dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2), **(vision_sizes or {}),
               "out_hidden_size": text["hidden_size"], "image_size": position_grid * patch_size,

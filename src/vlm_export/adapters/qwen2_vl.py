@@ -300,7 +300,8 @@ class Qwen2VLAdapter(VLMAdapter):
             grids = [[1, h, w] for h, w in patch_grids(pixel_values)]
             # which tokens are an image's, as the processor says (without it generate drops M-RoPE silently)
             inputs.update(pixel_values=self._reference_pixels(loaded, pixel_values),
-                          image_grid_thw=torch.tensor(grids), mm_token_type_ids=(input_ids == loaded.config.image_token_id).to(torch.int32))
+                          image_grid_thw=torch.tensor(grids),
+                          mm_token_type_ids=(input_ids == loaded.config.image_token_id).to(torch.int32))
         with torch.no_grad():
             out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                         eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0])

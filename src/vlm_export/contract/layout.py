@@ -579,7 +579,8 @@ class PromptLayout:
             if not d[name]:
                 del d[name]
         tiles = d.get("image_tiles") or {}
-        defaults = ("patch", "row_end", "end", "raster") if "merge" in tiles else ("token",) if "counted_by" in tiles else ()
+        defaults = (("patch", "row_end", "end", "raster") if "merge" in tiles else
+                    ("token",) if "counted_by" in tiles else ())
         for name in defaults:  # likewise (ImagePatches' and ImageTiles' defaults)
             if not tiles[name]:
                 del tiles[name]
