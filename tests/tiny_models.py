@@ -991,9 +991,10 @@ def make_tiny_glm4v(path: Path, seed: int = 0, family: str = "glm4v", patch_size
     tower, biased vision blocks, no q/k/v biases in the LM): RMSNorm + SwiGLU vision blocks with a learned
     ``position_grid`` square of position embeddings resampled bicubically to each image's grid, a stride-merge
     convolution and a SwiGLU merger, and a GLM-4 LM (its post-attention and post-MLP norms) whose M-RoPE turns
-    neighbouring channel pairs of half of each head; SmolLM2's tokenizer with GLM's image tokens added, its Glm4vImageProcessor (PIL; its largest image is
-    ``max_pixels`` / 2: it counts the two frames of a patch) and GLM-4.1V's chat template form. Glm4vProcessor needs
-    torchvision to load (its video processor), so its files are saved as it saves them."""
+    neighbouring channel pairs of half of each head; SmolLM2's tokenizer with GLM's image tokens added, its
+    Glm4vImageProcessor (PIL; its largest image is ``max_pixels`` / 2: it counts the two frames of a patch) and
+    GLM-4.1V's chat template form. Glm4vProcessor needs torchvision to load (its video processor), so its files are
+    saved as it saves them."""
     from transformers import AutoTokenizer, Glm4vConfig, Glm4vForConditionalGeneration, Glm4vMoeConfig
     from transformers import Glm4vMoeForConditionalGeneration, Glm46VConfig, Glm46VForConditionalGeneration
     from transformers import GlmOcrConfig, GlmOcrForConditionalGeneration
