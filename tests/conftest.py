@@ -473,6 +473,22 @@ def check_served_as_in_process(build: Path, folder: Path, sizes, over_http: bool
     assert second == generate(pipe, turns, [paths[-1]], config).text
 
 
+def check_text_model_is_a_causal_lm(folder, out, model_type: str) -> None:
+    """The LM alone that the adapter writes for the peers (llama.cpp, onnxruntime-genai) loads as a Hugging Face
+    causal LM of ``model_type`` and gives the VLM's logits on text."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vlm_export.adapters import adapter_for
+
+    loaded = adapter_for(folder).load(folder)
+    lm = AutoModelForCausalLM.from_pretrained(loaded.adapter.write_text_model(loaded, out)).eval()
+    assert lm.config.model_type == model_type
+    ids = torch.tensor([[5, 17, 300, 41, 9, 1000]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids).logits, loaded.model(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
 def check_patch_rows_equal_hf(loaded, images) -> tuple:
     """An adapter of rows of patches (``contract.ImagePatches``: Qwen2-VL's and its kin): its split vision tower and
     projector on a padded batch of ``images`` give Hugging Face's ``get_image_features`` (with each deepstack level

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import (check_answers_equal_hf_generate, check_mrope_positions_equal_hf, check_patch_rows_equal_hf,
-                      check_served_as_in_process, random_photo)
+                      check_served_as_in_process, check_text_model_is_a_causal_lm, random_photo)
 
 #: (height, width): the largest grid (12 x 12 patches), uneven ones, one below the processor's smallest (scaled up),
 #: the smallest grid (one merge block) and a square one
@@ -86,20 +85,11 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
 def test_text_model_is_an_ordinary_causal_lm(tiny_model_dir, tmp_path, use_bias):
     """For text alone M-RoPE's three streams are one: the LM written for peers (llama.cpp, onnxruntime-genai) is a
     plain Llama (ERNIE 4.5's one bias switch as Llama's two) with the same logits and the VLM's tied head."""
-    from transformers import AutoModelForCausalLM
-
     from tiny_models import make_tiny_paddleocr_vl
-    from vlm_export.adapters import adapter_for
 
     folder = make_tiny_paddleocr_vl(tmp_path / "biased", use_bias=True) if use_bias else \
         tiny_model_dir("paddleocr_vl")
-    loaded = adapter_for(folder).load(folder)
-    written = loaded.adapter.write_text_model(loaded, tmp_path / "lm")
-    lm_model = AutoModelForCausalLM.from_pretrained(written).eval()
-    assert lm_model.config.model_type == "llama"
-    ids = torch.tensor([[5, 17, 300, 41, 9, 1000]])
-    with torch.no_grad():
-        torch.testing.assert_close(lm_model(ids).logits, loaded.model(input_ids=ids).logits, atol=1e-5, rtol=0)
+    check_text_model_is_a_causal_lm(folder, tmp_path / "lm", "llama")
 
 
 def test_served_answers_equal_in_process(tiny_build, tmp_path):

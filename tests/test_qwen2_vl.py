@@ -10,10 +10,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import (check_answers_equal_hf_generate, check_mrope_positions_equal_hf, check_patch_rows_equal_hf,
-                      check_served_as_in_process, random_photo)
+                      check_served_as_in_process, check_text_model_is_a_causal_lm, random_photo)
 from vlm_export.errors import AdapterError
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -97,18 +96,7 @@ def test_text_model_is_an_ordinary_causal_lm(tiny_model_dir, tmp_path, family, l
     """For text alone M-RoPE's three streams are one (interleaved or not) and no deepstack feature is added: the LM
     written for peers (llama.cpp, onnxruntime-genai) is a plain Qwen2 (Qwen3-VL's: Qwen3; Qwen3-VL-MoE's: Qwen3-MoE)
     causal LM with the same logits."""
-    from transformers import AutoModelForCausalLM
-
-    from vlm_export.adapters import adapter_for
-
-    folder = tiny_model_dir(family)
-    loaded = adapter_for(folder).load(folder)
-    written = loaded.adapter.write_text_model(loaded, tmp_path / "lm")
-    lm_model = AutoModelForCausalLM.from_pretrained(written).eval()
-    assert lm_model.config.model_type == lm
-    ids = torch.tensor([[5, 17, 300, 41, 9, 1000]])
-    with torch.no_grad():
-        torch.testing.assert_close(lm_model(ids).logits, loaded.model(input_ids=ids).logits, atol=1e-5, rtol=0)
+    check_text_model_is_a_causal_lm(tiny_model_dir(family), tmp_path / "lm", lm)
 
 
 def test_an_image_processor_of_another_patch_size_is_refused(tiny_model_dir, tmp_path):

@@ -31,7 +31,7 @@ from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, pro
 from .decoder import (SplicingDecoder, greedy_reference, save_language_model, spliced_decoder_stage, text_geometry)
 from .llava import check_feature_layers
 from .loading import load_hf_parts
-from .qwen2_vl import _rotate_half, patch_grids, patch_row_stages
+from .qwen2_vl import patch_grids, patch_row_stages, rotary_attention, separate_heads
 
 
 class PixtralPatchTower(nn.Module):
@@ -73,12 +73,7 @@ class PixtralPatchTower(nn.Module):
 
     @staticmethod
     def _attention(attn: nn.Module, x, cos, sin, mask):
-        images, patches, _ = x.shape
-        q, k, v = (proj(x).reshape(images, patches, attn.num_heads, attn.head_dim).transpose(1, 2)
-                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        weights = torch.softmax(q @ k.transpose(-1, -2) * attn.scaling + mask, dim=-1)
-        return attn.o_proj((weights @ v).transpose(1, 2).reshape(images, patches, -1))
+        return attn.o_proj(rotary_attention(*separate_heads(attn, x), cos, sin, mask, attn.scaling))
 
 
 class MergedPatchProjector(nn.Module):

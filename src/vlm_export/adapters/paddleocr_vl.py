@@ -25,7 +25,7 @@ from torch import nn
 from ..contract.layout import PATCH_POSITIONS
 from . import register
 from .base import LoadedModel
-from .qwen2_vl import PatchVisionTower, Qwen2VLAdapter, patch_grids
+from .qwen2_vl import PatchVisionTower, Qwen2VLAdapter, patch_grids, rotary_attention, separate_heads
 from .qwen3_vl import resampled_grid
 
 
@@ -51,26 +51,11 @@ class SiglipPatchTower(PatchVisionTower):
         cos, sin = self._angles(patch_positions)
         mask = torch.where(patch_mask.bool()[:, None, None, :], 0.0, torch.finfo(torch.float32).min)
         for layer in self.tower.encoder.layers:
-            hidden = hidden + self._separate_qkv_attention(layer.self_attn, layer.layer_norm1(hidden), cos, sin, mask)
+            attn = layer.self_attn
+            heads = separate_heads(attn, layer.layer_norm1(hidden))
+            hidden = hidden + attn.out_proj(rotary_attention(*heads, cos, sin, mask, attn.scaling))
             hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
         return self.tower.post_layernorm(hidden)
-
-    @staticmethod
-    def _separate_qkv_attention(attn: nn.Module, x, cos, sin, mask):
-        images, patches, width = x.shape
-
-        def heads(projection):  # [images, heads, patches, head size]
-            return projection(x).reshape(images, patches, attn.num_heads, attn.head_dim).transpose(1, 2)
-
-        q, k, v = heads(attn.q_proj), heads(attn.k_proj), heads(attn.v_proj)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        weights = torch.softmax(q @ k.transpose(-1, -2) * attn.scaling + mask, dim=-1)
-        return attn.out_proj((weights @ v).transpose(1, 2).reshape(images, patches, width))
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class BlockMergeProjector(nn.Module):

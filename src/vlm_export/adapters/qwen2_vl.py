@@ -38,6 +38,23 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rotary_attention(q, k, v, cos, sin, mask, scaling: float) -> torch.Tensor:
+    """A vision tower's attention on rows of patches: q, k, v [images, heads, patches, head size], q and k turned by
+    the rotary's (cos, sin), every patch attending where ``mask`` (additive) lets it -> [images, patches, heads x
+    head size], before the output projection."""
+    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    weights = torch.softmax(q @ k.transpose(-1, -2) * scaling + mask, dim=-1)
+    return (weights @ v).transpose(1, 2).flatten(2)
+
+
+def separate_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(q, k, v) [images, heads, patches, head size] of an attention with q, k and v projected apart (SigLIP's,
+    Pixtral's) on x [images, patches, width]."""
+    images, patches, _ = x.shape
+    return tuple(proj(x).reshape(images, patches, attn.num_heads, attn.head_dim).transpose(1, 2)
+                 for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+
 class PatchVisionTower(nn.Module):
     """(pixel_values [images, patches, channels x frames x patch x patch], patch_positions [images, patches, 2],
     patch_mask [images, patches], and where the tower attends in windows window_patches [images, slots] and
@@ -105,15 +122,12 @@ class PatchVisionTower(nn.Module):
 
     @staticmethod
     def _attention(attn: nn.Module, x, rotary, mask):
-        images, patches, width = x.shape
-        cos, sin = rotary
+        images, patches, _ = x.shape
         qkv = attn.qkv(x).reshape(images, patches, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # [images, heads, patches, head size]
         if getattr(attn, "q_norm", None) is not None:  # per-head norms before the rotary (GLM-OCR's)
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        weights = torch.softmax(q @ k.transpose(-1, -2) * attn.scaling + mask, dim=-1)
-        return attn.proj((weights @ v).transpose(1, 2).reshape(images, patches, width))
+        return attn.proj(rotary_attention(q, k, v, *rotary, mask, attn.scaling))
 
 
 class PatchMergerProjector(nn.Module):
