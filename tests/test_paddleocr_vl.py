@@ -96,3 +96,29 @@ def test_served_answers_equal_in_process(tiny_build, tmp_path):
     """Served by a real tritonserver over gRPC: answers for images of different sizes, two at once, and a
     conversation's second turn, equal ``generate``'s in process."""
     check_served_as_in_process(tiny_build("paddleocr_vl").path, tmp_path, [(40, 52), (70, 20), (10, 10)])
+
+
+def test_raster_patches_are_arranged_by_merge_blocks():
+    """numpy only: ``ImagePatches(raster=True)`` takes each image's patches row-major ([channels, patch, patch] each,
+    PaddleOCR-VL's), puts each at its place in the order of merge blocks (a block = ``merge²`` consecutive slots of
+    one block of the image), flattened, and keeps them in the manifest form only when set."""
+    from vlm_export.contract import ImagePatches, PromptLayout
+
+    patches = ImagePatches(merge=2, max_patches=64, raster=True)
+    grids = [(4, 6), (2, 2)]
+    # patch (image k, row r, column c) holds k x 1000 + r x 10 + c in every one of its 3 x 2 x 2 values
+    flat = np.concatenate([np.repeat((k * 1000 + np.arange(h)[:, None] * 10 + np.arange(w)).reshape(-1, 1, 1, 1),
+                                     12, axis=1).reshape(-1, 3, 2, 2) for k, (h, w) in enumerate(grids)])
+    out = patches.arranged({"pixel_values": flat.astype(np.float32),
+                            "image_grid_thw": [[1, h, w] for h, w in grids]})
+    assert out["pixel_values"].shape == (2, 24, 12)
+    for k, (h, w) in enumerate(grids):
+        places = out["patch_positions"][k, :h * w]
+        np.testing.assert_array_equal(out["pixel_values"][k, :h * w, 0], k * 1000 + places[:, 0] * 10 + places[:, 1])
+        blocks = (places // 2).reshape(-1, 4, 2)  # every 4 consecutive slots: one merge block
+        assert (blocks == blocks[:, :1]).all()
+    layout = PromptLayout(kind="inline", image_token_id=5, tokens_per_image=16, image_token="<i>", image_tiles=patches)
+    assert layout.to_dict()["image_tiles"]["raster"] is True and PromptLayout.from_dict(layout.to_dict()) == layout
+    plain = PromptLayout(kind="inline", image_token_id=5, tokens_per_image=16, image_token="<i>",
+                         image_tiles=ImagePatches(merge=2, max_patches=64))
+    assert "raster" not in plain.to_dict()["image_tiles"]
