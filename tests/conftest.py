@@ -473,6 +473,32 @@ def check_served_as_in_process(build: Path, folder: Path, sizes, over_http: bool
     assert second == generate(pipe, turns, [paths[-1]], config).text
 
 
+def check_prompt_ids_and_patches_are_the_processors(pipe, folder, turns, images, replace_image_token,
+                                                    image_token: str) -> tuple[list[int], dict, str]:
+    """For a processor that needs torchvision to load (its video processor: Qwen2-VL's, GLM-4V's), its pieces called as
+    it calls them: prompt ids = the tokenizer on the chat template's text with each image token replaced by
+    ``replace_image_token`` over the image processor's output; the image path's rows of patches hold the image
+    processor's patches, in order, and nothing else. Returns (the ids, the image processor's output, the text)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tokenizer, image_processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+    theirs = image_processor(images=images, return_tensors="np")
+    processor = SimpleNamespace(image_token=image_token, image_processor=image_processor)
+    strings = [replace_image_token(processor, theirs, k) for k in range(len(images))]
+    text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    parts = text.split(image_token)
+    ids = pipe.prompt_ids(turns, images)
+    assert ids == tokenizer(parts[0] + "".join(s + p for s, p in zip(strings, parts[1:])))["input_ids"]
+    pixels = pipe.pixel_values(images)
+    real = pixels["patch_mask"].astype(bool)
+    np.testing.assert_array_equal(pixels["pixel_values"][real], theirs["pixel_values"])
+    assert not pixels["pixel_values"][~real].any()
+    return ids, theirs, text
+
+
 def check_text_model_is_a_causal_lm(folder, out, model_type: str) -> None:
     """The LM alone that the adapter writes for the peers (llama.cpp, onnxruntime-genai) loads as a Hugging Face
     causal LM of ``model_type`` and gives the VLM's logits on text."""

@@ -4,13 +4,11 @@ strided merger and GLM-4 LM. The build itself (parity of every stage, HF generat
 default samples) is test_export_core's, for GLM-4.1V, GLM-4.5V (a GLM-4-MoE LM) and GLM-OCR."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
-import numpy as np
 import pytest
 
 from conftest import (check_answers_equal_hf_generate, check_mrope_positions_equal_hf, check_patch_rows_equal_hf,
-                      check_served_as_in_process, check_text_model_is_a_causal_lm, random_photo)
+                      check_prompt_ids_and_patches_are_the_processors, check_served_as_in_process,
+                      check_text_model_is_a_causal_lm, random_photo)
 
 #: (height, width): the largest grid (12 x 12 patches, the processor's half of longest_edge), uneven ones, one
 #: below the processor's smallest (scaled up), the smallest grid (one merge block) and a square one
@@ -28,26 +26,14 @@ def test_prompt_ids_and_patches_are_the_processors(tiny_build, tiny_model_dir, f
     """Each image written as Glm4vProcessor writes it (its own ``replace_image_token`` over the image processor's
     grids, between the chat template's begin/end-of-image; the processor itself needs torchvision to load); the image
     path's rows hold the image processor's patches, in order, and nothing else."""
-    from transformers import AutoImageProcessor, AutoTokenizer, Glm4vProcessor
+    from transformers import Glm4vProcessor
 
     from vlm_export.runtime.load import open_build
 
-    folder = tiny_model_dir("glm4v")
     pipe = open_build(tiny_build("glm4v").path)
-    tokenizer, image_processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
-    images = _images(2, first)
-    theirs = image_processor(images=images, return_tensors="np")
-    processor = SimpleNamespace(image_token="<|image|>", image_processor=image_processor)
-    strings = [Glm4vProcessor.replace_image_token(processor, theirs, k) for k in range(2)]
-    text = tokenizer.apply_chat_template(TURNS, add_generation_prompt=True, tokenize=False)
-    parts = text.split("<|image|>")
-    assert len(parts) == 3 and "<|begin_of_image|>" in parts[0]
-    ids = pipe.prompt_ids(TURNS, images)
-    assert ids == tokenizer(parts[0] + "".join(s + p for s, p in zip(strings, parts[1:])))["input_ids"]
-    pixels = pipe.pixel_values(images)
-    real = pixels["patch_mask"].astype(bool)
-    np.testing.assert_array_equal(pixels["pixel_values"][real], theirs["pixel_values"])
-    assert not pixels["pixel_values"][~real].any()
+    _, _, text = check_prompt_ids_and_patches_are_the_processors(
+        pipe, tiny_model_dir("glm4v"), TURNS, _images(2, first), Glm4vProcessor.replace_image_token, "<|image|>")
+    assert text.count("<|begin_of_image|><|image|><|end_of_image|>") == 2
 
 
 def test_image_rows_and_positions_equal_hf(tiny_model_dir):

@@ -6,13 +6,13 @@ stage, HF generate's tokens alone and batched on the default samples) is test_ex
 from __future__ import annotations
 
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from conftest import (check_answers_equal_hf_generate, check_mrope_positions_equal_hf, check_patch_rows_equal_hf,
-                      check_served_as_in_process, check_text_model_is_a_causal_lm, random_photo)
+                      check_prompt_ids_and_patches_are_the_processors, check_served_as_in_process,
+                      check_text_model_is_a_causal_lm, random_photo)
 from vlm_export.errors import AdapterError
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -34,26 +34,14 @@ def test_prompt_ids_and_patches_are_the_processors(tiny_build, tiny_model_dir, f
     image processor's grids; the processor itself needs torchvision to load), where the chat template puts it (Qwen3-VL's
     writes no default system turn); the image path's rows of patches hold the image processor's patches, in order, and
     nothing else."""
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLProcessor, Qwen3VLProcessor
+    from transformers import Qwen2VLProcessor, Qwen3VLProcessor
 
     from vlm_export.runtime.load import open_build
 
-    folder = tiny_model_dir(family)
     pipe = open_build(tiny_build(family).path)
-    tokenizer, image_processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
-    images = _images(2, first)
-    theirs = image_processor(images=images, return_tensors="np")
-    processor = SimpleNamespace(image_token="<|image_pad|>", image_processor=image_processor)
     replace = (Qwen3VLProcessor if family == "qwen3_vl" else Qwen2VLProcessor).replace_image_token
-    strings = [replace(processor, theirs, k) for k in range(2)]
-    text = tokenizer.apply_chat_template(TURNS, add_generation_prompt=True, tokenize=False)
-    parts = text.split("<|image_pad|>")
-    ids = pipe.prompt_ids(TURNS, images)
-    assert ids == tokenizer(parts[0] + "".join(s + p for s, p in zip(strings, parts[1:])))["input_ids"]
-    pixels = pipe.pixel_values(images)
-    real = pixels["patch_mask"].astype(bool)
-    np.testing.assert_array_equal(pixels["pixel_values"][real], theirs["pixel_values"])
-    assert not pixels["pixel_values"][~real].any()
+    ids, theirs, _ = check_prompt_ids_and_patches_are_the_processors(pipe, tiny_model_dir(family), TURNS,
+                                                                     _images(2, first), replace, "<|image_pad|>")
     assert ids.count(pipe.layout.image_token_id) == int(theirs["image_grid_thw"].prod(axis=1).sum()) // 4
 
 
