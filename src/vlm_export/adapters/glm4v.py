@@ -20,12 +20,11 @@ Video inputs are not supported (GLM writes a timestamp after each frame: ``Glm4v
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from . import register
 from .base import LoadedModel
-from .qwen2_vl import PatchVisionTower, Qwen2VLAdapter
+from .qwen2_vl import PatchVisionTower, Qwen2VLAdapter, image_grid_sizes
 
 
 class ResampledGridPatchTower(PatchVisionTower):
@@ -41,8 +40,7 @@ class ResampledGridPatchTower(PatchVisionTower):
         table = self.tower.embeddings.position_embedding.weight
         side = int(round(table.shape[0] ** 0.5))
         grid = table.reshape(side, side, -1).permute(2, 0, 1).unsqueeze(0).float()  # [1, width, rows, columns]
-        # an image's grid of patches: its last real patch's row and column, plus one (padding sits at (0, 0))
-        size = torch.where(patch_mask.bool().unsqueeze(-1), patch_positions, 0).amax(dim=1, keepdim=True) + 1
+        size = image_grid_sizes(patch_positions, patch_mask)
         centres = (patch_positions.float() + 0.5) / size.float() * 2 - 1  # (row, column)
         where = centres.flip(-1).unsqueeze(2)  # grid_sample reads (x, y): [images, patches, 1, 2]
         sampled = nn.functional.grid_sample(grid.expand(where.shape[0], -1, -1, -1), where,

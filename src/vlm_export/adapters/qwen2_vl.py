@@ -151,6 +151,13 @@ def patch_grids(pixel_values: dict) -> list[tuple[int, int]]:
             for k in range(len(real))]
 
 
+def image_grid_sizes(patch_positions: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+    """[images, 1, (rows, columns)]: each image's grid of patches in the graph, read off its own row of patches (its
+    last real patch's row and column, plus one; padding sits at (0, 0)) - ``patch_grids``' twin for the exported
+    towers that resample a position grid to each image."""
+    return torch.where(patch_mask.bool().unsqueeze(-1), patch_positions, 0).amax(dim=1, keepdim=True) + 1
+
+
 def patch_row_stages(tower: nn.Module, projector: nn.Module, patches: ImagePatches, processed: dict) -> list[Stage]:
     """The vision encoder (rows of patches, ``contract.ImagePatches``, with their places, mask and any windows ->
     image_features) and the projector (-> image_embeds, a row per merge block) of an image path that reads each image

@@ -29,7 +29,7 @@ from ..errors import AdapterError
 from . import register
 from .base import LoadedModel
 from .decoder import SplicingDecoder, image_rows
-from .qwen2_vl import PatchVisionTower, Qwen2VLAdapter
+from .qwen2_vl import PatchVisionTower, Qwen2VLAdapter, image_grid_sizes
 
 
 def resampled_grid(table: nn.Embedding, side: int, patch_positions, patch_mask, corners_aligned: bool):
@@ -37,9 +37,9 @@ def resampled_grid(table: nn.Embedding, side: int, patch_positions, patch_mask, 
     resampled bilinearly to each image's grid of patches at ``patch_positions`` - the four nearest grid entries of
     a patch's place scaled into the grid, by their weights, with corners aligned (Qwen3-VL's) or at half-pixel
     centres (PaddleOCR-VL's), out-of-grid taps clamped to the border: Hugging Face's
-    ``get_vision_interpolation_indices_and_weights``, same float ops. An image's grid is read off its own rows: its
-    last real patch's row and column, plus one (padding sits at (0, 0))."""
-    grid = torch.where(patch_mask.bool().unsqueeze(-1), patch_positions, 0).amax(dim=1, keepdim=True) + 1
+    ``get_vision_interpolation_indices_and_weights``, same float ops. An image's grid is read off its own rows
+    (``qwen2_vl.image_grid_sizes``)."""
+    grid = image_grid_sizes(patch_positions, patch_mask)
     places = patch_positions.to(torch.float32)
     if corners_aligned:
         source = places * (side - 1) / torch.clamp(grid - 1, min=1)  # [images, patches, 2]
