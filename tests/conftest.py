@@ -47,7 +47,7 @@ from tiny_models import make_tiny_blip2_t5  # noqa: E402
 from tiny_models import make_tiny_aya_vision, make_tiny_deepseek_vl, make_tiny_florence2  # noqa: E402
 from tiny_models import (make_tiny_gemma3, make_tiny_idefics3, make_tiny_internvl, make_tiny_paligemma,  # noqa: E402
                          make_tiny_llava_next, make_tiny_llava_onevision, make_tiny_mistral3,
-                         make_tiny_glm4v, make_tiny_paddleocr_vl, make_tiny_qwen2_vl)
+                         make_tiny_cosmos3_edge, make_tiny_glm4v, make_tiny_paddleocr_vl, make_tiny_qwen2_vl)
 
 # name -> (maker, kwargs): one per architecture family and text family the tests cover
 TINY_MODELS = {
@@ -120,6 +120,9 @@ TINY_MODELS = {
     "glm_ocr": (make_tiny_glm4v, {"family": "glm_ocr"}),  # no position grid, q/k normed per head in the tower
     # PaddleOCR-VL: Qwen2-VL's patches and M-RoPE, patches given row-major, a SigLIP tower with a half-pixel grid
     "paddleocr_vl": (make_tiny_paddleocr_vl, {}),
+    # Cosmos3 Edge: Qwen2-VL's patches and M-RoPE (interleaved), a SigLIP2 tower with an antialiased resized grid, a
+    # Llama-style LM with a ReLU² MLP without a gate
+    "cosmos3_edge": (make_tiny_cosmos3_edge, {}),
     "mistral3": (make_tiny_mistral3, {}),
     "llava_pixtral": (make_tiny_mistral3, {"llava": True, "longest_edge": 32}),  # every patch a token: 64 at most
     # LLaVA-NeXT: images resized into the best of three resolutions, cut into tiles plus the whole image, rows packed

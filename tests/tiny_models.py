@@ -1094,6 +1094,45 @@ def make_tiny_paddleocr_vl(path: Path, seed: int = 0, patch_size: int = 4, merge
     return path
 
 
+def make_tiny_cosmos3_edge(path: Path, seed: int = 0, patch_size: int = 4, merge: int = 2, min_pixels: int = 8 * 8,
+                           max_pixels: int = 48 * 48, position_grid: int = 6, mlp_bias: bool = False,
+                           text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+    """A tiny random Cosmos3 Edge: SigLIP2 encoder layers on flat patches of ``patch_size`` (values height, width,
+    channel within each) with a learned ``position_grid`` square resampled per image (bilinear, antialiased), a
+    norm + GELU merger of ``merge x merge`` blocks, a Llama-style LM whose MLP is ReLU² without a gate and whose
+    M-RoPE is interleaved (Qwen3-VL's); SmolLM2's tokenizer with Qwen's image tokens added, its
+    Cosmos3EdgeImageProcessor (PIL) and Qwen3-VL's chat template form. Cosmos3EdgeProcessor needs torchvision to
+    load (its video processor), so its files are saved as it saves them."""
+    from transformers import AutoTokenizer, Cosmos3EdgeConfig, Cosmos3EdgeForConditionalGeneration
+    from transformers.models.cosmos3_edge.image_processing_pil_cosmos3_edge import Cosmos3EdgeImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), extra_special_tokens={
+        "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>", "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>"})
+    text = {**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2), **(text_sizes or {})}
+    head = text.setdefault("head_dim", text["hidden_size"] // text["num_attention_heads"])
+    # Cosmos3 Edge: heads of 128, interleaved sections [24, 20, 20] of the 64 frequencies
+    rope = {"rope_type": "default", "rope_theta": 10000.0,
+            "mrope_section": [head // 2 - 2 * (head // 6), head // 6, head // 6]}
+    text.update(vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                pad_token_id=2, rope_parameters=rope, mlp_bias=mlp_bias)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    vision = {**dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2),
+              **(vision_sizes or {}), "num_patches": position_grid ** 2, "patch_size": patch_size, "num_channels": 3,
+              "spatial_merge_size": merge}
+    cfg = Cosmos3EdgeConfig(text_config=text, vision_config=vision, projector_hidden_size=96, **ids)
+    torch.manual_seed(seed)
+    Cosmos3EdgeForConditionalGeneration(cfg).eval().save_pretrained(path)
+    Cosmos3EdgeImageProcessorPil(patch_size=patch_size, merge_size=merge, temporal_patch_size=1,
+                                 size={"shortest_edge": min_pixels, "longest_edge": max_pixels}).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(QWEN3_VL_CHAT_TEMPLATE)
+    return path
+
+
 def make_tiny_llava_next(path: Path, family: str = "llama", seed: int = 0, image_size: int = 32,
                          pinpoints: tuple = ((32, 64), (64, 32), (64, 64)), tower: str = "clip",
                          strategy: str = "default", feature_layer: int | list[int] = -2,

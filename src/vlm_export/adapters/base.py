@@ -240,11 +240,12 @@ def chat_template_takes_parts(tokenizer, image_token: str) -> bool:
 
 
 def save_causal_lm(text_config, base_model: nn.Module, lm_head: nn.Module, tokenizer, out: Path,
-                   generation_config=None) -> Path:
+                   generation_config=None, renamed: dict[str, str] | None = None) -> Path:
     """A standalone causal-LM folder from a VLM's parts: the class ``AutoModelForCausalLM``
     picks for ``text_config`` (the model's own text config), its base model and head loaded
     strictly from ``base_model`` and ``lm_head`` (so a part that does not fit fails loudly),
-    fp32, saved with ``tokenizer`` beside it."""
+    fp32, saved with ``tokenizer`` beside it. ``renamed``: parts of ``base_model``'s parameter
+    names that the causal LM's class calls otherwise (old -> new)."""
     from transformers import AutoModelForCausalLM
 
     config = copy.deepcopy(text_config)
@@ -253,7 +254,10 @@ def save_causal_lm(text_config, base_model: nn.Module, lm_head: nn.Module, token
     # loading the head into a tied LM would overwrite its token embeddings
     config.tie_word_embeddings = lm_head.weight.data_ptr() == base_model.get_input_embeddings().weight.data_ptr()
     lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    lm.base_model.load_state_dict(base_model.state_dict())
+    state = base_model.state_dict()
+    for old, new in (renamed or {}).items():
+        state = {name.replace(old, new): value for name, value in state.items()}
+    lm.base_model.load_state_dict(state)
     lm.get_output_embeddings().load_state_dict(lm_head.state_dict())
     if generation_config is not None:
         lm.generation_config = copy.deepcopy(generation_config)

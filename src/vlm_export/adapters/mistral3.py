@@ -31,7 +31,7 @@ from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, pro
 from .decoder import (SplicingDecoder, greedy_reference, save_language_model, spliced_decoder_stage, text_geometry)
 from .llava import check_feature_layers
 from .loading import load_hf_parts
-from .qwen2_vl import patch_grids, patch_row_stages, rotary_attention, separate_heads
+from .qwen2_vl import image_attention_mask, patch_grids, patch_row_stages, rotary_attention, separate_heads
 
 
 class PixtralPatchTower(nn.Module):
@@ -52,7 +52,7 @@ class PixtralPatchTower(nn.Module):
         hidden = nn.functional.linear(pixel_values, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
         hidden = tower.ln_pre(hidden)
         cos, sin = self._angles(patch_positions)
-        mask = torch.where(patch_mask.bool()[:, None, None, :], 0.0, torch.finfo(torch.float32).min)
+        mask = image_attention_mask(patch_mask)
         states = [hidden]
         for layer in tower.transformer.layers[:max(self.feature_layers)]:  # the layers after the last read: not run
             hidden = hidden + self._attention(layer.attention, layer.attention_norm(hidden), cos, sin, mask)

@@ -25,7 +25,8 @@ from torch import nn
 from ..contract.layout import PATCH_POSITIONS
 from . import register
 from .base import LoadedModel
-from .qwen2_vl import PatchVisionTower, Qwen2VLAdapter, patch_grids, rotary_attention, separate_heads
+from .qwen2_vl import (PatchVisionTower, Qwen2VLAdapter, image_attention_mask, patch_grids, rotary_attention,
+                       separate_heads)
 from .qwen3_vl import resampled_grid
 
 
@@ -49,7 +50,7 @@ class SiglipPatchTower(PatchVisionTower):
     def forward(self, pixel_values, patch_positions, patch_mask):
         hidden = self.embed(pixel_values, patch_positions, patch_mask)
         cos, sin = self._angles(patch_positions)
-        mask = torch.where(patch_mask.bool()[:, None, None, :], 0.0, torch.finfo(torch.float32).min)
+        mask = image_attention_mask(patch_mask)
         for layer in self.tower.encoder.layers:
             attn = layer.self_attn
             heads = separate_heads(attn, layer.layer_norm1(hidden))

@@ -38,13 +38,24 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rotary_attention(q, k, v, cos, sin, mask, scaling: float) -> torch.Tensor:
-    """A vision tower's attention on rows of patches: q, k, v [images, heads, patches, head size], q and k turned by
-    the rotary's (cos, sin), every patch attending where ``mask`` (additive) lets it -> [images, patches, heads x
-    head size], before the output projection."""
-    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+def image_attention_mask(patch_mask: torch.Tensor) -> torch.Tensor:
+    """[images, 1, 1, patches], additive: a patch attends to the real patches of its own image (row) alone - the
+    attention Hugging Face cuts per image by lengths read at run time."""
+    return torch.where(patch_mask.bool()[:, None, None, :], 0.0, torch.finfo(torch.float32).min)
+
+
+def masked_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
+    """A vision tower's attention on rows of patches: q, k, v [images, heads, patches, head size], every patch
+    attending where ``mask`` (additive) lets it -> [images, patches, heads x head size], before the output
+    projection."""
     weights = torch.softmax(q @ k.transpose(-1, -2) * scaling + mask, dim=-1)
     return (weights @ v).transpose(1, 2).flatten(2)
+
+
+def rotary_attention(q, k, v, cos, sin, mask, scaling: float) -> torch.Tensor:
+    """:func:`masked_attention` with q and k turned by the rotary's (cos, sin) first."""
+    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    return masked_attention(q, k, v, mask, scaling)
 
 
 def separate_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -84,7 +95,7 @@ class PatchVisionTower(nn.Module):
         tower = self.tower
         hidden = self.embed(pixel_values, patch_positions, patch_mask)
         lowest = torch.finfo(torch.float32).min
-        whole = (self._angles(patch_positions), torch.where(patch_mask.bool()[:, None, None, :], 0.0, lowest))
+        whole = (self._angles(patch_positions), image_attention_mask(patch_mask))
         if self.window is not None:
             window_patches, patch_slots = windows
             slots = window_patches.clamp(min=0)  # an empty slot reads patch 0, masked
@@ -334,6 +345,8 @@ class Qwen2VLAdapter(VLMAdapter):
 
     #: settings the LM alone needs beyond its text config, by model type
     text_lm_settings: dict[str, dict] = {}
+    #: parts of parameter names the LM alone's class calls otherwise (``save_causal_lm``'s ``renamed``)
+    text_lm_renamed: dict[str, str] = {}
 
     def _text_lm_settings(self, loaded: LoadedModel) -> dict:
         return self.text_lm_settings.get(loaded.config.model_type, {})
@@ -353,4 +366,4 @@ class Qwen2VLAdapter(VLMAdapter):
         config = getattr(transformers, text_config_class)(**keep, rope_parameters=rope or None)
         m = loaded.model
         return save_causal_lm(config, m.model.language_model, m.lm_head, loaded.tokenizer, out,
-                              getattr(m, "generation_config", None))
+                              getattr(m, "generation_config", None), renamed=self.text_lm_renamed)
