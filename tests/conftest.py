@@ -544,6 +544,21 @@ def check_patch_rows_equal_hf(loaded, images) -> tuple:
     return flat, arranged, rows.numpy(), len(levels)
 
 
+def check_rows_positions_and_largest_image(folder, images, start: str, end: str) -> None:
+    """For a model of rows of patches with M-RoPE (Qwen2-VL's kin): image rows = Hugging Face's
+    (``check_patch_rows_equal_hf``), positions = its ``get_rope_index``'s around the config's ``start`` / ``end``
+    token ids (``check_mrope_positions_equal_hf``), and the largest of ``images`` exactly the adapter's most tokens
+    per image (the processor's own limit, as the adapter reads it)."""
+    from vlm_export.adapters import adapter_for
+
+    loaded = adapter_for(folder).load(folder)
+    layout = loaded.adapter.prompt_layout(loaded)
+    flat, arranged, rows, _ = check_patch_rows_equal_hf(loaded, images)
+    assert max(layout.image_tiles.tokens(grid) for grid in layout.image_tiles.grids(flat)) == layout.tokens_per_image
+    cfg = loaded.config
+    check_mrope_positions_equal_hf(loaded, flat, arranged, rows, getattr(cfg, start), getattr(cfg, end))
+
+
 def check_mrope_positions_equal_hf(loaded, flat, arranged, rows, start: int, end: int) -> None:
     """The ``spliced_mrope`` scheme's positions for a left-padded prefill of three prompts over the first four
     images of ``flat`` (two with their start and end tokens, one without its start, none) are the model's own

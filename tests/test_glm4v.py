@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import (check_answers_equal_hf_generate, check_mrope_positions_equal_hf, check_patch_rows_equal_hf,
-                      check_prompt_ids_and_patches_are_the_processors, check_served_as_in_process,
-                      check_text_model_is_a_causal_lm, random_photo)
+from conftest import (check_answers_equal_hf_generate, check_patch_rows_equal_hf,
+                      check_prompt_ids_and_patches_are_the_processors, check_rows_positions_and_largest_image,
+                      check_served_as_in_process, check_text_model_is_a_causal_lm, random_photo)
 
 #: (height, width): the largest grid (12 x 12 patches, the processor's half of longest_edge), uneven ones, one
 #: below the processor's smallest (scaled up), the smallest grid (one merge block) and a square one
@@ -42,15 +42,8 @@ def test_image_rows_and_positions_equal_hf(tiny_model_dir):
     left-padded prefill of several prompts are GLM-4V's ``get_rope_index``'s, and each row's next position its
     delta's. The largest image is exactly the adapter's most tokens per image (the processor's limit counts a
     patch's two frames)."""
-    from vlm_export.adapters import adapter_for
-
-    folder = tiny_model_dir("glm4v")
-    loaded = adapter_for(folder).load(folder)
-    layout = loaded.adapter.prompt_layout(loaded)
-    flat, arranged, rows, _ = check_patch_rows_equal_hf(loaded, _images(len(SIZES)))
-    assert max(layout.image_tiles.tokens(grid) for grid in layout.image_tiles.grids(flat)) == layout.tokens_per_image
-    cfg = loaded.config
-    check_mrope_positions_equal_hf(loaded, flat, arranged, rows, cfg.image_start_token_id, cfg.image_end_token_id)
+    check_rows_positions_and_largest_image(tiny_model_dir("glm4v"), _images(len(SIZES)), "image_start_token_id",
+                                           "image_end_token_id")
 
 
 def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):

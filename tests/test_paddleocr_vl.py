@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import (check_answers_equal_hf_generate, check_mrope_positions_equal_hf, check_patch_rows_equal_hf,
+from conftest import (check_answers_equal_hf_generate, check_rows_positions_and_largest_image,
                       check_served_as_in_process, check_text_model_is_a_causal_lm, random_photo)
 
 #: (height, width): the largest grid (12 x 12 patches), uneven ones, one below the processor's smallest (scaled up),
@@ -56,15 +56,8 @@ def test_image_rows_and_positions_equal_hf(tiny_model_dir):
     """The split tower (a mask in place of per-image lengths, the position grid resampled per image) and projector
     on a padded batch of images of every size give Hugging Face's ``get_image_features``; the scheme's positions for
     a left-padded prefill of several prompts are ``get_rope_index``'s, and each row's next position its delta's."""
-    from vlm_export.adapters import adapter_for
-
-    folder = tiny_model_dir("paddleocr_vl")
-    loaded = adapter_for(folder).load(folder)
-    layout = loaded.adapter.prompt_layout(loaded)
-    flat, arranged, rows, _ = check_patch_rows_equal_hf(loaded, _images(len(SIZES)))
-    assert max(layout.image_tiles.tokens(grid) for grid in layout.image_tiles.grids(flat)) == layout.tokens_per_image
-    cfg = loaded.config
-    check_mrope_positions_equal_hf(loaded, flat, arranged, rows, cfg.vision_start_token_id, cfg.vision_end_token_id)
+    check_rows_positions_and_largest_image(tiny_model_dir("paddleocr_vl"), _images(len(SIZES)), "vision_start_token_id",
+                                           "vision_end_token_id")
 
 
 def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):
