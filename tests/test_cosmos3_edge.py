@@ -99,6 +99,7 @@ def test_text_model_is_an_ordinary_causal_lm(tiny_model_dir, tmp_path, mlp_bias)
 
 
 def test_served_answers_equal_in_process(tiny_build, tmp_path):
-    """Served by a real tritonserver over gRPC: answers for images of different sizes, two at once, and a
+    """Served by a real tritonserver over gRPC and HTTP: answers for images of different sizes, two at once, and a
     conversation's second turn, equal ``generate``'s in process."""
-    check_served_as_in_process(tiny_build("cosmos3_edge").path, tmp_path, [(40, 52), (70, 20), (10, 10)])
+    check_served_as_in_process(tiny_build("cosmos3_edge").path, tmp_path, [(40, 52), (70, 20), (10, 10)],
+                               over_http=True)
