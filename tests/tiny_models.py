@@ -908,6 +908,20 @@ QWEN3_VL_CHAT_TEMPLATE = QWEN2_VL_CHAT_TEMPLATE.replace(
 assert QWEN3_VL_CHAT_TEMPLATE != QWEN2_VL_CHAT_TEMPLATE
 
 
+def _qwen_vision_tokenizer():
+    """SmolLM2's tokenizer with Qwen2-VL's vision tokens added, and the config's ids of them (Qwen2-VL's kin and
+    Cosmos3 Edge write images with them)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), extra_special_tokens={
+        "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>", "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>"})
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    return tokenizer, ids
+
+
 def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patch_size: int = 4, merge: int = 2,
                        min_pixels: int = 8 * 8, max_pixels: int = 48 * 48, text_sizes: dict | None = None,
                        vision_sizes: dict | None = None) -> Path:
@@ -920,14 +934,12 @@ def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patc
     and its Qwen2VLImageProcessor (PIL) making between ``min_pixels`` and ``max_pixels`` pixels of patches of
     ``patch_size``. Qwen2VLProcessor needs torchvision to load (its video processor), so its files are saved as
     it saves them: the tokenizer, the image processor and the chat template."""
-    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
     from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
                               Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), extra_special_tokens={
-        "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>", "image_token": "<|image_pad|>",
-        "video_token": "<|video_pad|>"})
+    tokenizer, ids = _qwen_vision_tokenizer()
     text = {**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2), **(text_sizes or {})}
     head = text["hidden_size"] // text["num_attention_heads"]
@@ -943,9 +955,6 @@ def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patc
         text.setdefault("head_dim", head)
     text.update(vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
                 pad_token_id=2, rope_parameters=rope)
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     if family == "qwen2_vl":
         vision = {**dict(depth=2, embed_dim=32, mlp_ratio=2, num_heads=2), **(vision_sizes or {}),
                   "hidden_size": text["hidden_size"]}
@@ -1103,12 +1112,10 @@ def make_tiny_cosmos3_edge(path: Path, seed: int = 0, patch_size: int = 4, merge
     M-RoPE is interleaved (Qwen3-VL's); SmolLM2's tokenizer with Qwen's image tokens added, its
     Cosmos3EdgeImageProcessor (PIL) and Qwen3-VL's chat template form. Cosmos3EdgeProcessor needs torchvision to
     load (its video processor), so its files are saved as it saves them."""
-    from transformers import AutoTokenizer, Cosmos3EdgeConfig, Cosmos3EdgeForConditionalGeneration
+    from transformers import Cosmos3EdgeConfig, Cosmos3EdgeForConditionalGeneration
     from transformers.models.cosmos3_edge.image_processing_pil_cosmos3_edge import Cosmos3EdgeImageProcessorPil
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), extra_special_tokens={
-        "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>", "image_token": "<|image_pad|>",
-        "video_token": "<|video_pad|>"})
+    tokenizer, ids = _qwen_vision_tokenizer()
     text = {**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2), **(text_sizes or {})}
     head = text.setdefault("head_dim", text["hidden_size"] // text["num_attention_heads"])
@@ -1117,9 +1124,6 @@ def make_tiny_cosmos3_edge(path: Path, seed: int = 0, patch_size: int = 4, merge
             "mrope_section": [head // 2 - 2 * (head // 6), head // 6, head // 6]}
     text.update(vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
                 pad_token_id=2, rope_parameters=rope, mlp_bias=mlp_bias)
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     vision = {**dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2),
               **(vision_sizes or {}), "num_patches": position_grid ** 2, "patch_size": patch_size, "num_channels": 3,
               "spatial_merge_size": merge}
