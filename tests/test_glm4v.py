@@ -68,18 +68,39 @@ def test_text_model_is_an_ordinary_causal_lm(tiny_model_dir, tmp_path, family, l
     check_text_model_is_a_causal_lm(tiny_model_dir(family), tmp_path / "lm", lm)
 
 
-@pytest.mark.parametrize("family", ["glm46v", "glm_ocr"])
+@pytest.mark.parametrize("family", ["glm46v", "glmga", "glm_ocr"])
 def test_other_classes_image_rows_equal_hf(tiny_model_dir, tmp_path, family):
-    """GLM-4.6V's classes hold GLM-4.1V's modules, GLM-OCR's tower has no position grid and norms q/k per head:
-    the same adapter, its split tower and merger on a padded batch = the model's own ``get_image_features``."""
+    """GLM-4.6V's classes hold GLM-4.1V's modules (Glmga's config loads them, with its own image processor), GLM-OCR's
+    tower has no position grid and norms q/k per head: the same adapter, its split tower and merger on a padded batch
+    = the model's own ``get_image_features`` on its image processor's patches."""
     from tiny_models import make_tiny_glm4v
     from vlm_export.adapters import adapter_for
 
     folder = tiny_model_dir(family) if family == "glm_ocr" else make_tiny_glm4v(tmp_path / family, family=family)
     loaded = adapter_for(folder).load(folder)
     assert loaded.adapter.name == "glm4v" and type(loaded.model).__name__ == {
-        "glm46v": "Glm46VForConditionalGeneration", "glm_ocr": "GlmOcrForConditionalGeneration"}[family]
+        "glm46v": "Glm46VForConditionalGeneration", "glmga": "Glm46VForConditionalGeneration",
+        "glm_ocr": "GlmOcrForConditionalGeneration"}[family]
+    assert type(loaded.image_processor).__name__ == ("GlmgaImageProcessorPil" if family == "glmga"
+                                                     else "Glm4vImageProcessorPil")
     check_patch_rows_equal_hf(loaded, _images(3))
+
+
+def test_an_image_processor_whose_backends_disagree_is_refused(tmp_path):
+    """Glmga's torchvision image processor rounds sizes to ``patch_expand_factor`` as well, its Pillow one (the one a
+    build runs) does not: a factor other than 1 is refused at load, in one line naming it."""
+    import json
+
+    from tiny_models import make_tiny_glm4v
+    from vlm_export.adapters import adapter_for
+    from vlm_export.errors import AdapterError
+
+    folder = make_tiny_glm4v(tmp_path / "glmga", family="glmga")
+    settings = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**settings, "patch_expand_factor": 2}))
+    with pytest.raises(AdapterError, match="patch_expand_factor 2") as refused:
+        adapter_for(folder).load(folder)
+    assert "\n" not in str(refused.value)
 
 
 def test_served_answers_equal_in_process(tiny_build, tmp_path):

@@ -1006,8 +1006,9 @@ def make_tiny_glm4v(path: Path, seed: int = 0, family: str = "glm4v", patch_size
     saved as it saves them."""
     from transformers import AutoTokenizer, Glm4vConfig, Glm4vForConditionalGeneration, Glm4vMoeConfig
     from transformers import Glm4vMoeForConditionalGeneration, Glm46VConfig, Glm46VForConditionalGeneration
-    from transformers import GlmOcrConfig, GlmOcrForConditionalGeneration
+    from transformers import GlmgaConfig, GlmOcrConfig, GlmOcrForConditionalGeneration
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+    from transformers.models.glmga.image_processing_pil_glmga import GlmgaImageProcessorPil
 
     tokens = ["<|image|>", "<|begin_of_image|>", "<|end_of_image|>", "<|video|>", "<|begin_of_video|>",
               "<|end_of_video|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -1036,6 +1037,7 @@ def make_tiny_glm4v(path: Path, seed: int = 0, family: str = "glm4v", patch_size
               "in_channels": 3, "patch_size": patch_size, "spatial_merge_size": merge, "temporal_patch_size": 2}
     classes = {"glm4v": (Glm4vConfig, Glm4vForConditionalGeneration),
                "glm46v": (Glm46VConfig, Glm46VForConditionalGeneration),
+               "glmga": (GlmgaConfig, Glm46VForConditionalGeneration),
                "glm4v_moe": (Glm4vMoeConfig, Glm4vMoeForConditionalGeneration),
                "glm_ocr": (GlmOcrConfig, GlmOcrForConditionalGeneration)}
     if family not in classes:
@@ -1044,8 +1046,9 @@ def make_tiny_glm4v(path: Path, seed: int = 0, family: str = "glm4v", patch_size
     cfg = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
     torch.manual_seed(seed)
     model_cls(cfg).eval().save_pretrained(path)
-    Glm4vImageProcessorPil(patch_size=patch_size, merge_size=merge, temporal_patch_size=2,
-                           size={"shortest_edge": min_pixels, "longest_edge": max_pixels}).save_pretrained(path)
+    processor_cls = GlmgaImageProcessorPil if family == "glmga" else Glm4vImageProcessorPil
+    processor_cls(patch_size=patch_size, merge_size=merge, temporal_patch_size=2,
+                  size={"shortest_edge": min_pixels, "longest_edge": max_pixels}).save_pretrained(path)
     tokenizer.save_pretrained(path)
     (path / "chat_template.jinja").write_text(GLM4V_CHAT_TEMPLATE)
     return path

@@ -1,5 +1,6 @@
 """GLM-4.1V, GLM-4.5V, GLM-4.6V and GLM-OCR: ``Glm4vForConditionalGeneration``, ``Glm4vMoeForConditionalGeneration``
-(its LM a GLM-4-MoE), ``Glm46VForConditionalGeneration`` and ``GlmOcrForConditionalGeneration``.
+(its LM a GLM-4-MoE), ``Glm46VForConditionalGeneration`` (for model type ``glmga`` too, with its own image processor)
+and ``GlmOcrForConditionalGeneration``.
 
 Qwen2-VL's image path and prompt (``adapters/qwen2_vl.py``: rows of patches of any image size, one image token per
 merge block, multimodal rotary positions made by the ``spliced_mrope`` scheme, which ``get_rope_index`` computes the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import AdapterError
 from . import register
 from .base import LoadedModel
 from .qwen2_vl import PatchVisionTower, Qwen2VLAdapter, image_grid_sizes
@@ -71,18 +73,32 @@ class StridedMergerProjector(nn.Module):
 @register
 class Glm4vAdapter(Qwen2VLAdapter):
     name = "glm4v"
-    model_types = ("glm4v", "glm4v_moe", "glm46v", "glm_ocr")
+    model_types = ("glm4v", "glm4v_moe", "glm46v", "glmga", "glm_ocr")
     model_classes = {"glm4v": ("Glm4vForConditionalGeneration", "Glm4Config"),
                      "glm46v": ("Glm46VForConditionalGeneration", "Glm4Config"),
+                     "glmga": ("Glm46VForConditionalGeneration", "Glm4Config"),  # GLM-4.6V's model, its own processor
                      "glm4v_moe": ("Glm4vMoeForConditionalGeneration", "Glm4MoeConfig"),
                      "glm_ocr": ("GlmOcrForConditionalGeneration", "Glm4Config")}
     # GLM-OCR's q/k/v have no biases (GLM-4's have)
     text_lm_settings = {"glm_ocr": {"attention_bias": False}}
     description = ("Hugging Face Glm4vForConditionalGeneration / Glm4vMoeForConditionalGeneration / "
-                   "Glm46VForConditionalGeneration / GlmOcrForConditionalGeneration (GLM-4.1V / 4.5V / 4.6V / GLM-OCR: "
+                   "Glm46VForConditionalGeneration (model types glm46v, glmga) / GlmOcrForConditionalGeneration "
+                   "(GLM-4.1V / 4.5V / 4.6V / GLM-OCR: "
                    "a ViT on patches of any image size, GLM-4V's with a bicubically resampled position grid + strided "
                    "merge and SwiGLU merger + a GLM-4 or GLM-4-MoE LM with multimodal rotary positions)")
     default_image_token = "<|image|>"
+
+    def load(self, path):
+        loaded = super().load(path)
+        # Glmga's torchvision image processor rounds sizes to patch x merge x patch_expand_factor pixels, its Pillow
+        # one (the one this build runs, as Hugging Face's own Pillow backend) to patch x merge alone: they agree only
+        # at a factor of 1
+        expand = getattr(loaded.image_processor, "patch_expand_factor", 1)
+        if expand != 1:
+            raise AdapterError(f"the image processor in {path} sets patch_expand_factor {expand}: Hugging Face's Pillow "
+                               "image processor ignores it (its torchvision one rounds image sizes to it), so the "
+                               "two disagree on the image's patches; save it with patch_expand_factor 1")
+        return loaded
 
     @staticmethod
     def _largest_image_pixels(loaded: LoadedModel, largest: int) -> int:
