@@ -47,7 +47,8 @@ from tiny_models import make_tiny_blip2_t5  # noqa: E402
 from tiny_models import make_tiny_aya_vision, make_tiny_deepseek_vl, make_tiny_florence2  # noqa: E402
 from tiny_models import (make_tiny_gemma3, make_tiny_idefics3, make_tiny_internvl, make_tiny_paligemma,  # noqa: E402
                          make_tiny_llava_next, make_tiny_llava_onevision, make_tiny_mistral3,
-                         make_tiny_cosmos3_edge, make_tiny_glm4v, make_tiny_paddleocr_vl, make_tiny_qwen2_vl)
+                         make_tiny_cosmos3_edge, make_tiny_glm4v, make_tiny_lighton_ocr, make_tiny_paddleocr_vl,
+                         make_tiny_qwen2_vl)
 
 # name -> (maker, kwargs): one per architecture family and text family the tests cover
 TINY_MODELS = {
@@ -125,6 +126,9 @@ TINY_MODELS = {
     "cosmos3_edge": (make_tiny_cosmos3_edge, {}),
     "mistral3": (make_tiny_mistral3, {}),
     "llava_pixtral": (make_tiny_mistral3, {"llava": True, "longest_edge": 32}),  # every patch a token: 64 at most
+    # LightOnOCR: Mistral 3's image path under other module names, the last hidden state, a Qwen3 LM, one image token
+    # per merge block and no row-break or end token
+    "lighton_ocr": (make_tiny_lighton_ocr, {}),
     # LLaVA-NeXT: images resized into the best of three resolutions, cut into tiles plus the whole image, rows packed
     # by each image's size with a newline per row of the picture
     "llava_next": (make_tiny_llava_next, {}),

@@ -1223,6 +1223,38 @@ MISTRAL3_CHAT_TEMPLATE = (
     "{{ eos_token }}{% endif %}{% endfor %}")
 
 
+def make_tiny_lighton_ocr(path: Path, seed: int = 0, patch_size: int = 4, merge: int = 2, longest_edge: int = 48,
+                          text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+    """A tiny random LightOnOCR: Pixtral's tower on patches of ``patch_size`` (``model.vision_encoder``), images within
+    ``longest_edge`` pixels in whole ``merge x merge`` blocks (its PixtralImageProcessor's patch size is the block),
+    Mistral 3's bias-free patch merger (``model.vision_projection``) on the last hidden state, a Qwen3 LM;
+    SmolLM2's tokenizer with LightOnOCR's image tokens as its attributes, and a LightOnOcrProcessor (it loads without
+    torchvision) with Qwen3-VL's chat template form writing the image token alone."""
+    from transformers import (AutoTokenizer, LightOnOcrConfig, LightOnOcrForConditionalGeneration,
+                              LightOnOcrProcessor)
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), extra_special_tokens={
+        "image_token": "<|image_pad|>", "image_break_token": "<|vision_pad|>", "image_end_token": "<|vision_end|>"})
+    vision = {**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=16),
+              **(vision_sizes or {}), "model_type": "pixtral", "image_size": longest_edge, "patch_size": patch_size}
+    text = {**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16), **(text_sizes or {}), "model_type": "qwen3",
+            "vocab_size": _padded_vocab(len(tokenizer)), "max_position_embeddings": 512, "bos_token_id": 1,
+            "eos_token_id": 2, "pad_token_id": 2}
+    cfg = LightOnOcrConfig(vision_config=vision, text_config=text, spatial_merge_size=merge,
+                           image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"), tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    LightOnOcrForConditionalGeneration(cfg).eval().save_pretrained(path)
+    block = patch_size * merge
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": longest_edge},
+                                               patch_size={"height": block, "width": block})
+    template = QWEN3_VL_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>")
+    LightOnOcrProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                        spatial_merge_size=merge, chat_template=template).save_pretrained(path)
+    return path
+
+
 def make_tiny_mistral3(path: Path, seed: int = 0, patch_size: int = 4, merge: int = 2, longest_edge: int = 48,
                        feature_layer: int | list[int] = -1, family: str = "mistral", text_sizes: dict | None = None,
                        vision_sizes: dict | None = None, llava: bool = False) -> Path:

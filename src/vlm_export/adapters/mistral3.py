@@ -100,13 +100,14 @@ def _layer_zero_from_the_end(config):
     """``vision_feature_layer`` 0 (the embeddings) counted from the end while Hugging Face's forward runs: transformers
     asks the tower for hidden states only where that index is truthy, so at 0 its own forward fails (the layer is the
     same)."""
-    layer = config.vision_feature_layer
+    layer = getattr(config, "vision_feature_layer", None)  # None: a model that reads the last hidden state alone
     if layer == 0:
         config.vision_feature_layer = -(config.vision_config.num_hidden_layers + 1)
     try:
         yield
     finally:
-        config.vision_feature_layer = layer
+        if layer is not None:
+            config.vision_feature_layer = layer
 
 
 @register
@@ -127,7 +128,7 @@ class Mistral3Adapter(VLMAdapter):
         cfg = model.config
         loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
         use_saved_chat_template(tokenizer, path)  # the processor's (typed parts), not the tokenizer's text-only one
-        check_feature_layers(cfg.vision_feature_layer, cfg.vision_config.num_hidden_layers, path)
+        self.check_feature_layers(loaded)
         self.check_projector_input(loaded)
         tokens = self._tokens(loaded)
         for name, token in tokens.items():
@@ -142,12 +143,20 @@ class Mistral3Adapter(VLMAdapter):
         if saved is not None and int(saved) != cfg.vision_config.patch_size:
             raise AdapterError(f"the processor in {path} cuts patches of {saved} pixels but the vision tower takes "
                                f"{cfg.vision_config.patch_size}: save the model's own PixtralProcessor beside it")
-        merge = processor_setting(path, "spatial_merge_size") or 1  # PixtralProcessor's default
+        merge = processor_setting(path, "spatial_merge_size") or self.processor_merge
         if int(merge) != self._merge(loaded):
             raise AdapterError(f"the processor in {path} merges {merge} x {merge} patches per image token but the "
                                f"projector merges {self._merge(loaded)}: save the model's own PixtralProcessor")
         self._patches(loaded)  # its largest image must be known
         return loaded
+
+    #: the processor's spatial_merge_size where none is saved (PixtralProcessor's)
+    processor_merge = 1
+
+    def check_feature_layers(self, loaded: LoadedModel) -> None:
+        """The tower's layers the projector reads must exist."""
+        check_feature_layers(loaded.config.vision_feature_layer, loaded.config.vision_config.num_hidden_layers,
+                             loaded.path)
 
     def check_projector_input(self, loaded: LoadedModel) -> None:
         """The projector must take what the tower gives it: one layer (Mistral 3's norm and merger are one layer
@@ -177,9 +186,14 @@ class Mistral3Adapter(VLMAdapter):
         block = patch * merge
         side = math.ceil(int(longest) / block) * merge  # patches per side of the largest image
         tokens = self._tokens(loaded)
-        return ImagePatches(merge=merge, max_patches=side * side, patch=patch,
-                            options={"patch_size": {"height": block, "width": block}},
-                            row_end=tokens["image_break_token"], end=tokens["image_end_token"])
+        return ImagePatches(merge=merge, max_patches=side * side, patch=patch, options=self._processor_options(block),
+                            row_end=tokens.get("image_break_token", ""), end=tokens.get("image_end_token", ""))
+
+    @staticmethod
+    def _processor_options(block: int) -> dict:
+        """What the processor passes its image processor: PixtralProcessor its block of ``patch x merge`` pixels as
+        the patch size, so images are resized to whole blocks."""
+        return {"patch_size": {"height": block, "width": block}}
 
     @staticmethod
     def _feature_layers(loaded: LoadedModel) -> tuple[int, ...]:
@@ -190,7 +204,7 @@ class Mistral3Adapter(VLMAdapter):
     def stages(self, loaded: LoadedModel) -> list[Stage]:
         m, cfg = loaded.model, loaded.config
         patches = self._patches(loaded)
-        tower = PixtralPatchTower(m.model.vision_tower, self._feature_layers(loaded))
+        tower = PixtralPatchTower(self._tower(loaded), self._feature_layers(loaded))
         # two images as the processor gives them: 4 x 4 merge blocks and 2 x 4, padded to the first
         block = patches.patch * patches.merge
         sizes = [(4 * block, 4 * block), (2 * block, 4 * block)]
@@ -202,6 +216,10 @@ class Mistral3Adapter(VLMAdapter):
         return [*patch_row_stages(tower, self.projector(loaded, patches.merge), patches,
                                   {"pixel_values": pixels.numpy(), "image_sizes": sizes}),
                 spliced_decoder_stage(decoder, scheme)]
+
+    @staticmethod
+    def _tower(loaded: LoadedModel) -> nn.Module:
+        return loaded.model.model.vision_tower
 
     @staticmethod
     def projector(loaded: LoadedModel, merge: int) -> nn.Module:
