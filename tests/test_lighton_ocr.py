@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import check_answers_equal_hf_generate, check_served_as_in_process, random_photo
+from conftest import (check_answers_equal_hf_generate, check_served_as_in_process, check_text_model_is_a_causal_lm,
+                      random_photo)
 from vlm_export.errors import AdapterError
 
 #: (height, width): larger than the longest edge both ways (resized down), thin strips, square, uneven
@@ -86,6 +87,11 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     loaded = adapter_for(folder).load(folder)
     requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES))]
     check_answers_equal_hf_generate(pipe, loaded, requests + [(TURNS, _images(2, 3)), ("Tell me a story.", [])])
+
+
+def test_text_model_is_an_ordinary_causal_lm(tiny_model_dir, tmp_path):
+    """The LM written for peers (llama.cpp, onnxruntime-genai) is a plain Qwen3 causal LM with the VLM's logits."""
+    check_text_model_is_a_causal_lm(tiny_model_dir("lighton_ocr"), tmp_path / "lm", "qwen3")
 
 
 def test_an_image_processor_of_another_block_is_refused(tiny_model_dir, tmp_path):
