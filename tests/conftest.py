@@ -548,6 +548,29 @@ def check_patch_rows_equal_hf(loaded, images) -> tuple:
     return flat, arranged, rows.numpy(), len(levels)
 
 
+def check_padded_image_rows_equal_hf(loaded, images, **feature_settings) -> None:
+    """An adapter of rows of patches cut from the processor's padded images (Mistral 3's kin: pixel_values [images, 3,
+    H, W] with ``image_sizes``): its split tower and projector on ``images``, the rows of padding dropped by the
+    scheme, give Hugging Face's ``get_image_features`` (with ``feature_settings``: which layers, which strategy)."""
+    import numpy as np
+    import torch
+
+    from vlm_export.runtime.images import ImageLimits, processed_images
+
+    adapter = loaded.adapter
+    layout, scheme = adapter.prompt_layout(loaded), adapter.scheme(loaded)
+    flat = processed_images(loaded.image_processor, images, ImageLimits(), layout.image_tiles)
+    arranged = layout.image_tiles.arranged(dict(flat))
+    vision, projector = adapter.stages(loaded)[:2]
+    with torch.no_grad():
+        rows = projector.module(vision.module(*(torch.from_numpy(arranged[t.name]) for t in vision.spec.inputs)))
+        sizes = torch.from_numpy(np.asarray(flat["image_sizes"]))
+        want = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]), image_sizes=sizes,
+                                                     **feature_settings).pooler_output
+    got = scheme.image_input_from_values({"image_embeds": rows.numpy(), **arranged})
+    np.testing.assert_allclose(got, torch.cat(list(want)).numpy(), atol=2e-5, rtol=0)
+
+
 def check_rows_positions_and_largest_image(folder, images, start: str, end: str) -> None:
     """For a model of rows of patches with M-RoPE (Qwen2-VL's kin): image rows = Hugging Face's
     (``check_patch_rows_equal_hf``), positions = its ``get_rope_index``'s around the config's ``start`` / ``end``

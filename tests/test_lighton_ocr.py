@@ -8,10 +8,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import (check_answers_equal_hf_generate, check_served_as_in_process, check_text_model_is_a_causal_lm,
-                      random_photo)
+from conftest import (check_answers_equal_hf_generate, check_padded_image_rows_equal_hf, check_served_as_in_process,
+                      check_text_model_is_a_causal_lm, random_photo)
 from vlm_export.errors import AdapterError
 
 #: (height, width): larger than the longest edge both ways (resized down), thin strips, square, uneven
@@ -58,21 +57,9 @@ def test_image_rows_equal_hf(tiny_model_dir):
     """The split tower and projector on a padded batch of images of every size, the rows of padding dropped by the
     scheme, give Hugging Face's ``get_image_features`` (the tower's last hidden state through its projector)."""
     from vlm_export.adapters import adapter_for
-    from vlm_export.runtime.images import ImageLimits, processed_images
 
     folder = tiny_model_dir("lighton_ocr")
-    loaded = adapter_for(folder).load(folder)
-    adapter = loaded.adapter
-    layout, scheme = adapter.prompt_layout(loaded), adapter.scheme(loaded)
-    flat = processed_images(loaded.image_processor, _images(len(SIZES)), ImageLimits(), layout.image_tiles)
-    arranged = layout.image_tiles.arranged(dict(flat))
-    vision, projector = adapter.stages(loaded)[:2]
-    with torch.no_grad():
-        rows = projector.module(vision.module(*(torch.from_numpy(arranged[t.name]) for t in vision.spec.inputs)))
-        want = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
-                                                     image_sizes=torch.from_numpy(np.asarray(flat["image_sizes"])))
-    got = scheme.image_input_from_values({"image_embeds": rows.numpy(), **arranged})
-    np.testing.assert_allclose(got, torch.cat(list(want.pooler_output)).numpy(), atol=2e-5, rtol=0)
+    check_padded_image_rows_equal_hf(adapter_for(folder).load(folder), _images(len(SIZES)))
 
 
 def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):

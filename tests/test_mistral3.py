@@ -11,9 +11,9 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import check_answers_equal_hf_generate, check_served_as_in_process, random_photo
+from conftest import (check_answers_equal_hf_generate, check_padded_image_rows_equal_hf, check_served_as_in_process,
+                      random_photo)
 from vlm_export.errors import AdapterError
 
 #: (height, width): larger than the longest edge both ways (resized down), thin strips, one merge block, square
@@ -76,26 +76,13 @@ def test_image_rows_equal_hf(tiny_model_dir, tmp_path, name, feature_layer):
     from tiny_models import make_tiny_mistral3
 
     from vlm_export.adapters import adapter_for
-    from vlm_export.runtime.images import ImageLimits, processed_images
 
     folder = tiny_model_dir(name) if feature_layer == -1 else make_tiny_mistral3(
         tmp_path / "layers", seed=1, feature_layer=feature_layer, vision_sizes={"num_hidden_layers": 3},
         llava=name == "llava_pixtral")
-    loaded = adapter_for(folder).load(folder)
-    adapter = loaded.adapter
-    layout, scheme = adapter.prompt_layout(loaded), adapter.scheme(loaded)
-    flat = processed_images(loaded.image_processor, _images(len(SIZES)), ImageLimits(), layout.image_tiles)
-    arranged = layout.image_tiles.arranged(dict(flat))
-    vision, projector = adapter.stages(loaded)[:2]
-    with torch.no_grad():
-        rows = projector.module(vision.module(*(torch.from_numpy(arranged[t.name]) for t in vision.spec.inputs)))
-        sizes = torch.from_numpy(np.asarray(flat["image_sizes"]))
-        want = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]), image_sizes=sizes,
-                                                     vision_feature_layer=feature_layer,
-                                                     **({"vision_feature_select_strategy": "full"}
-                                                        if name == "llava_pixtral" else {})).pooler_output
-    got = scheme.image_input_from_values({"image_embeds": rows.numpy(), **arranged})
-    np.testing.assert_allclose(got, torch.cat(list(want)).numpy(), atol=2e-5, rtol=0)
+    check_padded_image_rows_equal_hf(adapter_for(folder).load(folder), _images(len(SIZES)),
+                                     vision_feature_layer=feature_layer,
+                                     **({"vision_feature_select_strategy": "full"} if name == "llava_pixtral" else {}))
 
 
 @pytest.mark.parametrize("name", ["mistral3", "llava_pixtral"])
