@@ -480,6 +480,19 @@ def check_served_as_in_process(build: Path, folder: Path, sizes, over_http: bool
     assert second == generate(pipe, turns, [paths[-1]], config).text
 
 
+def check_prompt_ids_are_the_loaded_processors(folder, pipe, turns, images):
+    """For a processor that loads without torchvision (PaddleOCR-VL's, LightOnOCR's): prompt ids = its own on the chat
+    template's text (``turns``, or a string as one user turn) and ``images``. Returns (the processor, its output)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder)
+    messages = turns if isinstance(turns, list) else [{"role": "user", "content": turns}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    theirs = processor(text=[text], images=images or None, return_tensors="np")
+    assert pipe.prompt_ids(turns, images) == theirs["input_ids"][0].tolist()
+    return processor, theirs
+
+
 def check_prompt_ids_and_patches_are_the_processors(pipe, folder, turns, images, replace_image_token,
                                                     image_token: str) -> tuple[list[int], dict, str]:
     """For a processor that needs torchvision to load (its video processor: Qwen2-VL's, GLM-4V's), its pieces called as

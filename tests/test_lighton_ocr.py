@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from conftest import (check_answers_equal_hf_generate, check_padded_image_rows_equal_hf, check_served_as_in_process,
+from conftest import (check_answers_equal_hf_generate, check_prompt_ids_are_the_loaded_processors,
+                      check_padded_image_rows_equal_hf, check_served_as_in_process,
                       check_text_model_is_a_causal_lm, random_photo)
 from vlm_export.errors import AdapterError
 
@@ -28,17 +29,11 @@ def test_prompt_ids_and_pixels_are_the_processors(tiny_build, tiny_model_dir, tu
     """Prompt ids = LightOnOcrProcessor's own (it loads without torchvision) on the chat template's text, for two
     images and none; the image path's rows of patches hold each image's pixels as its image processor gives them,
     every patch once, and nothing else."""
-    from transformers import AutoProcessor
-
     from vlm_export.runtime.load import open_build
 
-    processor = AutoProcessor.from_pretrained(tiny_model_dir("lighton_ocr"))
     pipe = open_build(tiny_build("lighton_ocr").path)
     images = _images(count, 1)
-    messages = turns if isinstance(turns, list) else [{"role": "user", "content": turns}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    theirs = processor(text=[text], images=images or None, return_tensors="np")
-    assert pipe.prompt_ids(turns, images) == theirs["input_ids"][0].tolist()
+    processor, theirs = check_prompt_ids_are_the_loaded_processors(tiny_model_dir("lighton_ocr"), pipe, turns, images)
     if not images:
         return
     pixels = pipe.pixel_values(images)

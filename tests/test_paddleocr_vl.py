@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import (check_answers_equal_hf_generate, check_rows_positions_and_largest_image,
-                      check_served_as_in_process, check_text_model_is_a_causal_lm, random_photo)
+from conftest import (check_answers_equal_hf_generate, check_prompt_ids_are_the_loaded_processors,
+                      check_rows_positions_and_largest_image, check_served_as_in_process,
+                      check_text_model_is_a_causal_lm, random_photo)
 
 #: (height, width): the largest grid (12 x 12 patches), uneven ones, one below the processor's smallest (scaled up),
 #: the smallest grid (one merge block) and a square one
@@ -28,17 +29,11 @@ def test_prompt_ids_and_pixels_are_the_processors(tiny_build, tiny_model_dir, tu
     """Prompt ids = PaddleOCRVLProcessor's own on the chat template's text (one image, two, none); the image path's
     rows of patches hold its patches (given row-major, [channels, patch, patch] each), each at its place, and
     nothing else."""
-    from transformers import AutoProcessor
-
     from vlm_export.runtime.load import open_build
 
-    processor = AutoProcessor.from_pretrained(tiny_model_dir("paddleocr_vl"))
     pipe = open_build(tiny_build("paddleocr_vl").path)
     images = _images(count, 1)
-    messages = turns if isinstance(turns, list) else [{"role": "user", "content": turns}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    theirs = processor(text=[text], images=images or None, return_tensors="np")
-    assert pipe.prompt_ids(turns, images) == theirs["input_ids"][0].tolist()
+    _, theirs = check_prompt_ids_are_the_loaded_processors(tiny_model_dir("paddleocr_vl"), pipe, turns, images)
     if not images:
         return
     pixels = pipe.pixel_values(images)

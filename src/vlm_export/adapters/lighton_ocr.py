@@ -42,7 +42,7 @@ class LightOnOcrAdapter(Mistral3Adapter):
                                "other: save the model's own image processor beside it")
         return loaded
 
-    def check_feature_layers(self, loaded: LoadedModel) -> None:
+    def check_tower_layers(self, loaded: LoadedModel) -> None:
         pass  # the projector reads the tower's last hidden state
 
     def check_projector_input(self, loaded: LoadedModel) -> None:

@@ -128,7 +128,7 @@ class Mistral3Adapter(VLMAdapter):
         cfg = model.config
         loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
         use_saved_chat_template(tokenizer, path)  # the processor's (typed parts), not the tokenizer's text-only one
-        self.check_feature_layers(loaded)
+        self.check_tower_layers(loaded)
         self.check_projector_input(loaded)
         tokens = self._tokens(loaded)
         for name, token in tokens.items():
@@ -153,7 +153,7 @@ class Mistral3Adapter(VLMAdapter):
     #: the processor's spatial_merge_size where none is saved (PixtralProcessor's)
     processor_merge = 1
 
-    def check_feature_layers(self, loaded: LoadedModel) -> None:
+    def check_tower_layers(self, loaded: LoadedModel) -> None:
         """The tower's layers the projector reads must exist."""
         check_feature_layers(loaded.config.vision_feature_layer, loaded.config.vision_config.num_hidden_layers,
                              loaded.path)
