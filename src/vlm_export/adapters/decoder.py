@@ -357,6 +357,7 @@ def spliced_decoder_stage(module: SplicingDecoder, scheme: SplicedScheme) -> Sta
     total = EXAMPLE_PAST + EXAMPLE_SEQ
     past = [torch.randn(EXAMPLE_BATCH, g.num_kv_heads, EXAMPLE_PAST, g.head_dim, generator=gen)
             for _ in range(2 * g.num_layers)]
+    past += [torch.randn(EXAMPLE_BATCH, *state.shape, generator=gen) for state in g.states]  # a hybrid's other layers
     spec = scheme.decoder_spec(DECODER_PRECISIONS)
     positions = torch.arange(EXAMPLE_PAST, total).repeat(EXAMPLE_BATCH, 1)
     streams = next(t.dims for t in spec.inputs if t.name == "position_ids")[:-2]  # M-RoPE's three (contract/mrope.py)

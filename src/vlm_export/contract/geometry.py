@@ -10,6 +10,21 @@ PREFILL_BLOCKS = ("", "images", "prompt")
 
 
 @dataclass(frozen=True)
+class LayerState:
+    """A fixed-size state one row carries from call to call that the decoder reads whole and returns replaced
+    (not a cache that grows by a position per token): a linear-attention layer's convolution window or its
+    recurrent matrix. ``shape`` leaves out the batch; the decoder's input is ``past_states.<name>``, its output
+    ``present_states.<name>``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))  # JSON gives a list
+
+
+@dataclass(frozen=True)
 class DecoderGeometry:
     num_layers: int
     num_kv_heads: int
@@ -33,16 +48,23 @@ class DecoderGeometry:
     # (PaliGemma's prefix-LM). Where any do, a kernel that masks causally (ONNX Runtime's GroupQueryAttention)
     # cannot run the prefill, and a prefill cannot continue after a cached prefix that ends inside a block
     prefill_blocks: str = ""
+    # fixed-size states beside the K/V of ``num_layers`` attention layers (a hybrid LM's linear-attention layers,
+    # Qwen3.5's gated delta-nets): the decoder replaces each whole every call, so a row's state after a prefill
+    # depends on all of its prompt, and a prefill starts from zeros (empty: a transformer's KV cache alone)
+    states: tuple[LayerState, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "windowed_layers", tuple(int(i) for i in self.windowed_layers))  # JSON gives a list
+        object.__setattr__(self, "states", tuple(s if isinstance(s, LayerState) else LayerState(**s)
+                                                 for s in self.states))
         if self.prefill_blocks not in PREFILL_BLOCKS:
             raise ValueError(f"prefill_blocks {self.prefill_blocks!r} is not one of {PREFILL_BLOCKS}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if not d["prefill_blocks"]:  # the default is left out: such manifests stay readable by earlier versions
-            del d["prefill_blocks"]
+        for name in ("prefill_blocks", "states"):  # defaults left out: such manifests stay readable by earlier versions
+            if not d[name]:
+                del d[name]
         return d
 
     @classmethod
@@ -64,3 +86,9 @@ class DecoderGeometry:
 
         item = np.dtype(self.cache_dtype).itemsize
         return 2 * self.num_layers * batch * self.num_kv_heads * sequence * self.head_dim * item
+
+    def state_bytes(self, batch: int = 1) -> int:
+        """Bytes of the fixed-size states (``states``) of ``batch`` rows, whatever their length."""
+        import numpy as np
+
+        return batch * sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in self.states)

@@ -30,22 +30,36 @@ def kv_names(num_layers: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
 
+PAST_STATES, PRESENT_STATES = "past_states", "present_states"
+
+
+def state_names(g: DecoderGeometry, prefix: str) -> list[str]:
+    """``past_states.<name>`` (or ``present_states.``) of each fixed-size state (``DecoderGeometry.states``)."""
+    return [f"{prefix}.{state.name}" for state in g.states]
+
+
 def self_attention_io(g: DecoderGeometry, past_names: Sequence[str],
                       present_names: Sequence[str]) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """(the past K/V inputs, the logits + present K/V outputs) of a decoder with a growing self-attention cache."""
+    """(the past K/V inputs, the logits + present K/V outputs) of a decoder with a growing self-attention cache,
+    each followed by the fixed-size states of the geometry, if any (past in, present out)."""
     past = tuple(TensorSpec(n, g.cache_dtype, ("batch", g.num_kv_heads, "past_sequence", g.head_dim), "decoder")
                  for n in past_names)
+    states_in = tuple(TensorSpec(n, s.dtype, ("batch", *s.shape), "decoder")
+                      for n, s in zip(state_names(g, PAST_STATES), g.states))
     outputs = (TensorSpec("logits", "float32", ("batch", 1, g.vocab_size)),
                *(TensorSpec(n, g.cache_dtype, ("batch", g.num_kv_heads, "total_sequence", g.head_dim))
-                 for n in present_names))
-    return past, outputs
+                 for n in present_names),
+               *(TensorSpec(n, s.dtype, ("batch", *s.shape)) for n, s in zip(state_names(g, PRESENT_STATES), g.states)))
+    return past + states_in, outputs
 
 
 class SelfAttentionCache:
     """The growing self-attention K/V every built-in scheme's decoder carries (``past_names`` in,
     ``present_names`` out, both set by the scheme): its empty past, a step's feeds on either state
     (the scheme adds the rest of its inputs: ``_step_state``), the state after a step, the logits,
-    and the in-place form. A mixin: list it before :class:`DecodingScheme`."""
+    and the in-place form; with the fixed-size states of a hybrid LM's other layers (``DecoderGeometry.states``),
+    which a prefill starts at zero, every call replaces, and rows carry as they are when they join or leave
+    (DecodeBatch caches neither growing nor padded). A mixin: list it before :class:`DecodingScheme`."""
 
     geometry: DecoderGeometry
     past_names: list[str]
@@ -59,15 +73,21 @@ class SelfAttentionCache:
     def _empty_past(self, rows: int) -> dict[str, np.ndarray]:
         g = self.geometry
         shape = (rows, g.num_kv_heads, 0, g.head_dim)
-        return {n: np.zeros(shape, dtype=g.cache_dtype) for n in self.past_names}
+        return {**{n: np.zeros(shape, dtype=g.cache_dtype) for n in self.past_names},
+                **{n: np.zeros((rows, *s.shape), dtype=s.dtype)
+                   for n, s in zip(state_names(g, PAST_STATES), g.states)}}
 
     def _caches(self, outputs: Feeds) -> dict[str, np.ndarray]:
-        return {past: outputs[present] for past, present in zip(self.past_names, self.present_names)}
+        pairs = [*zip(self.past_names, self.present_names),
+                 *zip(state_names(self.geometry, PAST_STATES), state_names(self.geometry, PRESENT_STATES))]
+        return {past: outputs[present] for past, present in pairs}
 
     def _random_caches(self, rows: int, length: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         g = self.geometry
         shape = (rows, g.num_kv_heads, length, g.head_dim)
-        return {n: rng.standard_normal(shape).astype(g.cache_dtype) for n in self.past_names}
+        return {**{n: rng.standard_normal(shape).astype(g.cache_dtype) for n in self.past_names},
+                **{n: rng.standard_normal((rows, *s.shape)).astype(s.dtype)
+                   for n, s in zip(state_names(g, PAST_STATES), g.states)}}
 
     def _step_tokens(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
         """A step's token inputs: one new token per row, the mask one column longer, its position."""
@@ -80,7 +100,8 @@ class SelfAttentionCache:
         return {**self._step_tokens(batch, tokens), **self._step_state(batch.caches)}
 
     def in_place_caches(self) -> dict[str, str]:
-        return dict(zip(self.present_names, self.past_names))
+        # a SlotBatch holds caches that grow by a position per step; fixed-size states are replaced whole
+        return {} if self.geometry.states else dict(zip(self.present_names, self.past_names))
 
     def slot_step_feeds(self, batch: SlotBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
         # one row per slot, an idle slot a masked-out pad; fixed state (SlotBatch.padded) is kept per
@@ -217,6 +238,8 @@ class SplicedScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
         # on the prompt differ where they should
         if self.geometry.prefill_blocks == "prompt":  # every prompt token's K/V depends on the whole prompt
             return None
+        if self.geometry.states:  # a state after the whole prompt is not the state after a prefix of it
+            return None
         keys = np.asarray(prompt_ids, dtype=np.int64).copy()
         placeholders = np.flatnonzero(keys == self.image_token_id)
         table = np.ascontiguousarray(image_input, dtype=np.float32)
@@ -234,6 +257,8 @@ class SplicedScheme(FlatImageTable, SelfAttentionCache, DecodingScheme):
 
     def generated_keys(self, tokens: Sequence[int]) -> np.ndarray | None:
         ids = np.asarray(tokens, dtype=np.int64)
+        if self.geometry.states:  # as prefix_keys
+            return None
         # a decode step feeds no image rows: a generated placeholder id is not what a prompt's would be
         return None if (ids == self.image_token_id).any() else ids
 
