@@ -114,6 +114,9 @@ TINY_MODELS = {
     "qwen2_5_vl": (make_tiny_qwen2_vl, {"family": "qwen2_5_vl"}),
     "qwen3_vl": (make_tiny_qwen2_vl, {"family": "qwen3_vl"}),
     "qwen3_vl_moe": (make_tiny_qwen2_vl, {"family": "qwen3_vl_moe"}),
+    # Qwen3.5: Qwen3-VL's image path without deepstack over gated delta-nets (per-row fixed-size states) and a gated
+    # attention layer
+    "qwen3_5": (make_tiny_qwen2_vl, {"family": "qwen3_5"}),
     # GLM-4.1V: Qwen2-VL's patches and M-RoPE with its own tower (a position grid resampled bicubically) and a GLM-4
     # LM (pairwise rotary over half of each head); GLM-4.5V's form over a GLM-4-MoE LM
     "glm4v": (make_tiny_glm4v, {}),
@@ -606,6 +609,8 @@ def check_mrope_positions_equal_hf(loaded, flat, arranged, rows, start: int, end
     import numpy as np
     import torch
 
+    from vlm_export.contract.spliced import PRESENT_STATES, state_names
+
     scheme, layout, token = loaded.adapter.scheme(loaded), loaded.adapter.prompt_layout(loaded), \
         loaded.config.image_token_id
     counts = [layout.image_tiles.tokens(grid) for grid in layout.image_tiles.grids(flat)]
@@ -622,8 +627,10 @@ def check_mrope_positions_equal_hf(loaded, flat, arranged, rows, start: int, end
                                                        attention_mask=mask)
     real = mask.bool().numpy()
     np.testing.assert_array_equal(feeds["position_ids"][:, real], theirs.numpy()[:, real])
-    state = scheme.prefill_state({n: np.zeros((3, 1, len(ids[0]), 1), np.float32) for n in scheme.present_names},
-                                 [len(p) for p in prompts], feeds)
+    outputs = {n: np.zeros((3, 1, len(ids[0]), 1), np.float32) for n in scheme.present_names}
+    outputs.update({n: np.zeros((3, *s.shape), np.float32)  # a hybrid LM's fixed-size states (Qwen3.5's)
+                    for n, s in zip(state_names(scheme.geometry, PRESENT_STATES), scheme.geometry.states)})
+    state = scheme.prefill_state(outputs, [len(p) for p in prompts], feeds)
     np.testing.assert_array_equal(state.positions, deltas.reshape(-1).numpy() + [len(p) for p in prompts])
 
 

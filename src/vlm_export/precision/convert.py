@@ -46,7 +46,10 @@ from .weight_only import (DEFAULT_CORRECTION, FORMS, ROUNDINGS, SCHEMES, TENSORR
 
 FP32_ISLANDS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
                 "SkipSimplifiedLayerNormalization", "RMSNormalization", "Softmax", "ReduceMean", "ReduceSum",
-                "ReduceMax", "Pow", "Sqrt", "Exp", "Log", "Erf", "CumSum")
+                "ReduceMax", "Pow", "Sqrt", "Exp", "Log", "Erf", "CumSum",
+                # a recurrence over the sequence (a gated delta-net's state: Hugging Face keeps it in fp32), its body
+                # left as exported
+                "Scan")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 LM_HEAD_CHOICES = ("fp32", "int8", "w8", "w4")
 INT8_KERNELS = ("auto", *KERNELS)  # auto: u8s8 where the CPU makes it exact, else u8u8
