@@ -20,6 +20,15 @@ def main(families):
     text = dict(hidden_size=heads * head, intermediate_size=r.choice([72, 128, 200]),
                 num_hidden_layers=r.choice([1, 2, 3]), num_attention_heads=heads,
                 num_key_value_heads=r.choice([k for k in (1, 2, 4) if heads % k == 0]))
+    if family == "qwen3_5":  # a hybrid LM: gated delta-nets and gated attention layers in any order, one attention at least
+        layers = r.choice([1, 2, 3, 4])
+        kinds = [r.choice(["linear_attention", "full_attention"]) for _ in range(layers)]
+        kinds[r.randrange(layers)] = "full_attention"
+        key_heads = r.choice([1, 2, 4])
+        text.update(layer_types=kinds, num_hidden_layers=layers, head_dim=r.choice([16, 24, 32]),
+                    linear_num_key_heads=key_heads, linear_num_value_heads=key_heads * r.choice([1, 2, 3]),
+                    linear_key_head_dim=r.choice([4, 8, 16]), linear_value_head_dim=r.choice([4, 8, 12, 16]),
+                    linear_conv_kernel_dim=r.choice([2, 3, 4, 5]))
     if family == "qwen3_vl_moe":
         experts = r.choice([2, 4, 8])
         text.update(num_experts=experts, num_experts_per_tok=r.choice([k for k in (1, 2, 4) if k <= experts]),
@@ -37,7 +46,9 @@ def main(families):
         depth = r.choice([1, 2, 3, 4])
         deepstack = r.sample(range(depth), r.choice([k for k in (0, 1, 2, 3) if k <= depth]))
         vision = dict(depth=depth, hidden_size=vh, intermediate_size=r.choice([24, 48, 64]), num_heads=vheads,
-                      num_position_embeddings=r.choice([2, 3, 6, 8, 16]) ** 2, deepstack_visual_indexes=deepstack)
+                      num_position_embeddings=r.choice([2, 3, 6, 8, 16]) ** 2)
+        if family != "qwen3_5":  # Qwen3.5's tower has no deepstack
+            vision["deepstack_visual_indexes"] = deepstack
     desc = dict(seed=seed, family=family, patch=patch, merge=merge, max_pixels=(most * block) ** 2, text=text,
                 vision=vision)
     tm.make_tiny_qwen2_vl(out, seed=seed, family=family, patch_size=patch, merge=merge, min_pixels=block ** 2,

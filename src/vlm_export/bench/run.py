@@ -360,7 +360,8 @@ def ceiling(build_dir: Path, manifest: dict, bandwidth: list[float], stages: lis
             end_to_end: dict, past_len: int, l3_bytes: int | None = None, fixed_state_bytes: int = 0) -> dict:
     """Decode speed against what memory bandwidth allows: bandwidth / bytes read per token.
     ``fixed_state_bytes``: decode-state tensors every step reads besides the growing KV cache (a
-    cross-attention scheme's image K/V; see ``fixed_state_bytes``), 0 for the spliced schemes.
+    cross-attention scheme's image K/V, a hybrid LM's linear-attention states: ``fixed_state_bytes``), 0 for a
+    transformer's spliced schemes.
 
     A decoder whose bytes per token fit in the last-level cache is not read from memory at all
     after the first steps, so this ceiling does not bound it (the tiny test model beats it).
