@@ -83,8 +83,7 @@ TINY_MODELS = {
                        "num_hidden_layers": 3, "intermediate_size": 144},
         "vision_sizes": {"patch_size": 10, "hidden_size": 36, "intermediate_size": 72, "num_attention_heads": 3}}),
     "prefix-llama": (make_tiny_prefix, {"family": "llama"}),
-    "blip2-opt": (make_tiny_blip2, {"family": "opt"}),
-    "blip2-llama": (make_tiny_blip2, {"family": "llama"}),
+    "blip2-opt": (make_tiny_blip2, {"family": "opt"}),  # (BLIP-2 over Llama: instructblip-llama's Q-Former and LM)
     "instructblip-llama": (make_tiny_instructblip, {}),
     "instructblip-t5": (make_tiny_instructblip, {"family": "t5"}),
     "mllama": (make_tiny_mllama, {}),
@@ -609,7 +608,7 @@ def check_mrope_positions_equal_hf(loaded, flat, arranged, rows, start: int, end
     import numpy as np
     import torch
 
-    from vlm_export.contract.spliced import PRESENT_STATES, state_names
+    from vlm_export.contract.spliced import PRESENT_STATES, named_states
 
     scheme, layout, token = loaded.adapter.scheme(loaded), loaded.adapter.prompt_layout(loaded), \
         loaded.config.image_token_id
@@ -629,7 +628,7 @@ def check_mrope_positions_equal_hf(loaded, flat, arranged, rows, start: int, end
     np.testing.assert_array_equal(feeds["position_ids"][:, real], theirs.numpy()[:, real])
     outputs = {n: np.zeros((3, 1, len(ids[0]), 1), np.float32) for n in scheme.present_names}
     outputs.update({n: np.zeros((3, *s.shape), np.float32)  # a hybrid LM's fixed-size states (Qwen3.5's)
-                    for n, s in zip(state_names(scheme.geometry, PRESENT_STATES), scheme.geometry.states)})
+                    for n, s in named_states(scheme.geometry, PRESENT_STATES)})
     state = scheme.prefill_state(outputs, [len(p) for p in prompts], feeds)
     np.testing.assert_array_equal(state.positions, deltas.reshape(-1).numpy() + [len(p) for p in prompts])
 

@@ -56,6 +56,7 @@ def test_states_are_declared_and_carried(tiny_build):
     the geometry declares them (from the config: the layers the config calls linear); the attention layers alone
     carry K/V; a batch runs on per-row states (no KV buffer in place) and keeps no prefix cache (a state after a
     whole prompt is not the state after a prefix of it)."""
+    from vlm_export.contract.profiles import stage_profiles
     from vlm_export.runtime.load import open_build
 
     build = tiny_build("qwen3_5")
@@ -71,6 +72,9 @@ def test_states_are_declared_and_carried(tiny_build):
     assert outputs["present_states.0.conv"] == ["batch", 80, 3]
     assert [n for n in inputs if n.startswith("past_key_values")] == ["past_key_values.0.key",
                                                                       "past_key_values.0.value"]
+    # TensorRT's profiles bound each state by the batch alone, in the prefill's and the decode step's profile
+    for profile in stage_profiles(manifest, "lm_decoder"):
+        assert profile["past_states.0.conv"][0] == (1, 80, 3) and profile["past_states.0.conv"][2][1:] == (80, 3)
     pipe = open_build(build.path)
     assert not pipe.kv_in_place
     assert pipe.scheme.prefix_keys([5, 6, 7], pipe.scheme.empty_image_input()) is None

@@ -20,9 +20,9 @@ def main(families):
     text = dict(hidden_size=heads * head, intermediate_size=r.choice([72, 128, 200]),
                 num_hidden_layers=r.choice([1, 2, 3]), num_attention_heads=heads,
                 num_key_value_heads=r.choice([k for k in (1, 2, 4) if heads % k == 0]))
-    if family == "qwen3_5":  # a hybrid LM: gated delta-nets and gated attention layers in any order, one attention at least
+    if family == "qwen3_5":  # a hybrid LM: gated delta-nets and gated attention in any order, one attention at least
         layers = r.choice([1, 2, 3, 4])
-        kinds = [r.choice(["linear_attention", "full_attention"]) for _ in range(layers)]
+        kinds = [r.choice(["linear_attention"] * 3 + ["full_attention"]) for _ in range(layers)]  # 3:1, as Qwen3.5's
         kinds[r.randrange(layers)] = "full_attention"
         key_heads = r.choice([1, 2, 4])
         text.update(layer_types=kinds, num_hidden_layers=layers, head_dim=r.choice([16, 24, 32]),

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError
-from .geometry import DecoderGeometry
+from .geometry import DecoderGeometry, LayerState
 from .limits import Limits
 from .scheme import (DecodeBatch, DecodingScheme, Feeds, Range, SlotBatch, left_padded, left_padded_mask,
                      register_scheme)
@@ -33,9 +33,10 @@ def kv_names(num_layers: int, prefix: str) -> list[str]:
 PAST_STATES, PRESENT_STATES = "past_states", "present_states"
 
 
-def state_names(g: DecoderGeometry, prefix: str) -> list[str]:
-    """``past_states.<name>`` (or ``present_states.``) of each fixed-size state (``DecoderGeometry.states``)."""
-    return [f"{prefix}.{state.name}" for state in g.states]
+def named_states(g: DecoderGeometry, prefix: str) -> list[tuple[str, LayerState]]:
+    """(``past_states.<name>`` or ``present_states.<name>``, the state) for each fixed-size state
+    (``DecoderGeometry.states``)."""
+    return [(f"{prefix}.{state.name}", state) for state in g.states]
 
 
 def self_attention_io(g: DecoderGeometry, past_names: Sequence[str],
@@ -44,12 +45,11 @@ def self_attention_io(g: DecoderGeometry, past_names: Sequence[str],
     each followed by the fixed-size states of the geometry, if any (past in, present out)."""
     past = tuple(TensorSpec(n, g.cache_dtype, ("batch", g.num_kv_heads, "past_sequence", g.head_dim), "decoder")
                  for n in past_names)
-    states_in = tuple(TensorSpec(n, s.dtype, ("batch", *s.shape), "decoder")
-                      for n, s in zip(state_names(g, PAST_STATES), g.states))
+    states_in = tuple(TensorSpec(n, s.dtype, ("batch", *s.shape), "decoder") for n, s in named_states(g, PAST_STATES))
     outputs = (TensorSpec("logits", "float32", ("batch", 1, g.vocab_size)),
                *(TensorSpec(n, g.cache_dtype, ("batch", g.num_kv_heads, "total_sequence", g.head_dim))
                  for n in present_names),
-               *(TensorSpec(n, s.dtype, ("batch", *s.shape)) for n, s in zip(state_names(g, PRESENT_STATES), g.states)))
+               *(TensorSpec(n, s.dtype, ("batch", *s.shape)) for n, s in named_states(g, PRESENT_STATES)))
     return past + states_in, outputs
 
 
@@ -74,20 +74,18 @@ class SelfAttentionCache:
         g = self.geometry
         shape = (rows, g.num_kv_heads, 0, g.head_dim)
         return {**{n: np.zeros(shape, dtype=g.cache_dtype) for n in self.past_names},
-                **{n: np.zeros((rows, *s.shape), dtype=s.dtype)
-                   for n, s in zip(state_names(g, PAST_STATES), g.states)}}
+                **{n: np.zeros((rows, *s.shape), dtype=s.dtype) for n, s in named_states(g, PAST_STATES)}}
 
     def _caches(self, outputs: Feeds) -> dict[str, np.ndarray]:
-        pairs = [*zip(self.past_names, self.present_names),
-                 *zip(state_names(self.geometry, PAST_STATES), state_names(self.geometry, PRESENT_STATES))]
+        states = zip(named_states(self.geometry, PAST_STATES), named_states(self.geometry, PRESENT_STATES))
+        pairs = [*zip(self.past_names, self.present_names), *((past, present) for (past, _), (present, _) in states)]
         return {past: outputs[present] for past, present in pairs}
 
     def _random_caches(self, rows: int, length: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         g = self.geometry
         shape = (rows, g.num_kv_heads, length, g.head_dim)
         return {**{n: rng.standard_normal(shape).astype(g.cache_dtype) for n in self.past_names},
-                **{n: rng.standard_normal((rows, *s.shape)).astype(s.dtype)
-                   for n, s in zip(state_names(g, PAST_STATES), g.states)}}
+                **{n: rng.standard_normal((rows, *s.shape)).astype(s.dtype) for n, s in named_states(g, PAST_STATES)}}
 
     def _step_tokens(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
         """A step's token inputs: one new token per row, the mask one column longer, its position."""
