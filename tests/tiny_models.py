@@ -934,10 +934,11 @@ def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patc
     and its Qwen2VLImageProcessor (PIL) making between ``min_pixels`` and ``max_pixels`` pixels of patches of
     ``patch_size``. Qwen2VLProcessor needs torchvision to load (its video processor), so its files are saved as
     it saves them: the tokenizer, the image processor and the chat template."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3_5Config, Qwen3VLConfig, Qwen3VLMoeConfig
+    from transformers import (Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3_5Config, Qwen3_5MoeConfig, Qwen3VLConfig,
+                              Qwen3VLMoeConfig)
     from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
-                              Qwen3_5ForConditionalGeneration, Qwen3VLForConditionalGeneration,
-                              Qwen3VLMoeForConditionalGeneration)
+                              Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration,
+                              Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer, ids = _qwen_vision_tokenizer()
@@ -948,8 +949,12 @@ def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patc
     # [24, 20, 20], interleaved: frame, row, column, frame, ...)
     section = [head // 8, (head // 2 - head // 8) // 2, head // 2 - head // 8 - (head // 2 - head // 8) // 2]
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
-    qwen3 = family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5")
-    if family == "qwen3_5":  # Qwen3.5: gated delta-net (linear attention) layers around a gated full-attention one
+    qwen3_5 = family in ("qwen3_5", "qwen3_5_moe")
+    qwen3 = family in ("qwen3_vl", "qwen3_vl_moe") or qwen3_5
+    if family == "qwen3_5_moe":  # every layer's MLP 4 experts (2 per token) and a gated shared expert
+        text = {**dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=48), **text}
+    if qwen3_5:  # Qwen3.5: gated delta-net (linear attention) layers around a gated full-attention one
         text = {**dict(layer_types=["linear_attention", "full_attention", "linear_attention"], num_hidden_layers=3,
                        head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
                        linear_value_head_dim=12, linear_conv_kernel_dim=4), **text, **(text_sizes or {})}
@@ -959,8 +964,8 @@ def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patc
     if qwen3:
         text.setdefault("head_dim", head)
         # Qwen3.5 turns a quarter of each head by default (partial_rotary_factor 0.25): here half
-        turned = text["head_dim"] // 2 if family == "qwen3_5" else text["head_dim"]
-        if family == "qwen3_5":
+        turned = text["head_dim"] // 2 if qwen3_5 else text["head_dim"]
+        if qwen3_5:
             rope["partial_rotary_factor"] = 0.5
         rope.update(mrope_section=[turned // 2 - 2 * (turned // 6), turned // 6, turned // 6], mrope_interleaved=True)
     text.update(vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
@@ -974,14 +979,15 @@ def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patc
                          window_size=2 * merge * patch_size), **(vision_sizes or {}), "out_hidden_size": text["hidden_size"]}
         config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     elif qwen3:
-        deepstack = {} if family == "qwen3_5" else {"deepstack_visual_indexes": [0, 1]}
+        deepstack = {} if qwen3_5 else {"deepstack_visual_indexes": [0, 1]}
         vision = {**dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, num_position_embeddings=36,
                          **deepstack), **(vision_sizes or {}), "out_hidden_size": text["hidden_size"]}
         config_cls, model_cls = {"qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
                                  "qwen3_vl_moe": (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration),
-                                 "qwen3_5": (Qwen3_5Config, Qwen3_5ForConditionalGeneration)}[family]
+                                 "qwen3_5": (Qwen3_5Config, Qwen3_5ForConditionalGeneration),
+                                 "qwen3_5_moe": (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration)}[family]
     else:
-        raise ValueError(f"family {family!r}: qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe or qwen3_5")
+        raise ValueError(f"family {family!r}: qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5 or qwen3_5_moe")
     vision.update(in_channels=3, patch_size=patch_size, spatial_merge_size=merge, temporal_patch_size=2)
     cfg = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
     torch.manual_seed(seed)

@@ -20,7 +20,7 @@ def main(families):
     text = dict(hidden_size=heads * head, intermediate_size=r.choice([72, 128, 200]),
                 num_hidden_layers=r.choice([1, 2, 3]), num_attention_heads=heads,
                 num_key_value_heads=r.choice([k for k in (1, 2, 4) if heads % k == 0]))
-    if family == "qwen3_5":  # a hybrid LM: gated delta-nets and gated attention in any order, one attention at least
+    if family.startswith("qwen3_5"):  # a hybrid LM: gated delta-nets and gated attention in any order, one attention at least
         layers = r.choice([1, 2, 3, 4])
         kinds = [r.choice(["linear_attention"] * 3 + ["full_attention"]) for _ in range(layers)]  # 3:1, as Qwen3.5's
         kinds[r.randrange(layers)] = "full_attention"
@@ -29,10 +29,12 @@ def main(families):
                     linear_num_key_heads=key_heads, linear_num_value_heads=key_heads * r.choice([1, 2, 3]),
                     linear_key_head_dim=r.choice([4, 8, 16]), linear_value_head_dim=r.choice([4, 8, 12, 16]),
                     linear_conv_kernel_dim=r.choice([2, 3, 4, 5]))
-    if family == "qwen3_vl_moe":
+    if family in ("qwen3_vl_moe", "qwen3_5_moe"):
         experts = r.choice([2, 4, 8])
         text.update(num_experts=experts, num_experts_per_tok=r.choice([k for k in (1, 2, 4) if k <= experts]),
                     moe_intermediate_size=r.choice([16, 32, 48]))
+        if family == "qwen3_5_moe":  # and a gated shared expert
+            text["shared_expert_intermediate_size"] = r.choice([16, 32, 64])
     vh = r.choice([16, 32, 48])
     vheads = r.choice([h for h in (1, 2, 4) if vh % h == 0 and (vh // h) % 4 == 0])
     if family == "qwen2_vl":
@@ -47,7 +49,7 @@ def main(families):
         deepstack = r.sample(range(depth), r.choice([k for k in (0, 1, 2, 3) if k <= depth]))
         vision = dict(depth=depth, hidden_size=vh, intermediate_size=r.choice([24, 48, 64]), num_heads=vheads,
                       num_position_embeddings=r.choice([2, 3, 6, 8, 16]) ** 2)
-        if family != "qwen3_5":  # Qwen3.5's tower has no deepstack
+        if not family.startswith("qwen3_5"):  # Qwen3.5's tower has no deepstack
             vision["deepstack_visual_indexes"] = deepstack
     desc = dict(seed=seed, family=family, patch=patch, merge=merge, max_pixels=(most * block) ** 2, text=text,
                 vision=vision)

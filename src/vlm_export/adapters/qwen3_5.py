@@ -1,4 +1,5 @@
-"""Qwen3.5: ``Qwen3_5ForConditionalGeneration``.
+"""Qwen3.5: ``Qwen3_5ForConditionalGeneration`` and ``Qwen3_5MoeForConditionalGeneration`` (every MLP a mixture of
+experts with a gated shared expert; the same attention and delta-net layers).
 
 Qwen3-VL's image path without deepstack (``adapters/qwen3_vl.py``: rows of patches of any image size, a learned
 position grid resampled to each image, one image token per merge block, interleaved multimodal rotary positions made
@@ -183,12 +184,14 @@ def hybrid_geometry(text_cfg, max_position_embeddings: int | None) -> DecoderGeo
 @register
 class Qwen3_5Adapter(Qwen3VLAdapter):
     name = "qwen3_5"
-    model_types = ("qwen3_5",)
-    model_classes = {"qwen3_5": ("Qwen3_5ForConditionalGeneration", "Qwen3_5TextConfig")}
+    model_types = ("qwen3_5", "qwen3_5_moe")
+    model_classes = {"qwen3_5": ("Qwen3_5ForConditionalGeneration", "Qwen3_5TextConfig"),
+                     "qwen3_5_moe": ("Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeTextConfig")}
     text_lm_settings: dict[str, dict] = {}
-    description = ("Hugging Face Qwen3_5ForConditionalGeneration (Qwen3-VL's vision tower and patch merger without "
-                   "deepstack + a hybrid LM of gated delta-net linear-attention layers and gated full-attention "
-                   "layers with interleaved multimodal rotary positions)")
+    description = ("Hugging Face Qwen3_5ForConditionalGeneration / Qwen3_5MoeForConditionalGeneration (Qwen3-VL's "
+                   "vision tower and patch merger without deepstack + a hybrid LM of gated delta-net linear-attention "
+                   "layers and gated full-attention layers with interleaved multimodal rotary positions; Qwen3.5-MoE's "
+                   "MLPs experts with a gated shared expert)")
 
     @staticmethod
     def _kept_blocks(loaded: LoadedModel) -> tuple[int, ...]:
