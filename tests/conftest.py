@@ -710,6 +710,7 @@ LONGEST_FIRST = (
     "test_florence2.py",  # ~15 CPU-s of its own (fp16 variant, a CLI build) on the shared florence2 build
     "test_gemma3.py",  # HF's model and processor against the shared gemma3 build, the prefix cache on it
     "test_paligemma.py",  # likewise for the two PaliGemma builds
+    "test_qwen3_5.py",  # ~90 CPU-s: HF generate on every size, a served tritonserver, a tiny MoE model of its own
 )
 
 
