@@ -75,6 +75,7 @@ def test_states_are_declared_and_carried(tiny_build):
     # TensorRT's profiles bound each state by the batch alone, in the prefill's and the decode step's profile
     for profile in stage_profiles(manifest, "lm_decoder"):
         assert profile["past_states.0.conv"][0] == (1, 80, 3) and profile["past_states.0.conv"][2][1:] == (80, 3)
+    assert "fixed-size states per row" in graph["fusion"]["kv_copied_because"]  # said, not left to the runtime
     pipe = open_build(build.path)
     assert not pipe.kv_in_place
     assert pipe.scheme.prefix_keys([5, 6, 7], pipe.scheme.empty_image_input()) is None
