@@ -951,16 +951,16 @@ def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patc
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
     qwen3_5 = family in ("qwen3_5", "qwen3_5_moe")
     qwen3 = family in ("qwen3_vl", "qwen3_vl_moe") or qwen3_5
-    if family == "qwen3_5_moe":  # every layer's MLP 4 experts (2 per token) and a gated shared expert
-        text = {**dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                       shared_expert_intermediate_size=48), **text}
     if qwen3_5:  # Qwen3.5: gated delta-net (linear attention) layers around a gated full-attention one
-        text = {**dict(layer_types=["linear_attention", "full_attention", "linear_attention"], num_hidden_layers=3,
-                       head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
-                       linear_value_head_dim=12, linear_conv_kernel_dim=4), **text, **(text_sizes or {})}
-        text["num_hidden_layers"] = len(text["layer_types"])
-    if family == "qwen3_vl_moe":  # every layer sparse: 4 experts, 2 per token
-        text = {**dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), **text}
+        text = {**dict(layer_types=["linear_attention", "full_attention", "linear_attention"], head_dim=16,
+                       linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                       linear_value_head_dim=12, linear_conv_kernel_dim=4), **text}
+        text["num_hidden_layers"] = len(text["layer_types"])  # the layout decides the count
+    if family in ("qwen3_vl_moe", "qwen3_5_moe"):  # every layer sparse: 4 experts, 2 per token
+        moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        if family == "qwen3_5_moe":  # and a gated shared expert
+            moe["shared_expert_intermediate_size"] = 48
+        text = {**moe, **text}
     if qwen3:
         text.setdefault("head_dim", head)
         # Qwen3.5 turns a quarter of each head by default (partial_rotary_factor 0.25): here half

@@ -36,7 +36,7 @@ from ..errors import AdapterError
 from . import register
 from .base import LoadedModel
 from .decoder import SplicingDecoder
-from .qwen2_vl import PatchMergerProjector
+from .qwen2_vl import PatchMergerProjector, Qwen2VLAdapter
 from .qwen3_vl import LearnedGridPatchTower, Qwen3VLAdapter
 
 LINEAR, FULL = "linear_attention", "full_attention"
@@ -187,7 +187,6 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
     model_types = ("qwen3_5", "qwen3_5_moe")
     model_classes = {"qwen3_5": ("Qwen3_5ForConditionalGeneration", "Qwen3_5TextConfig"),
                      "qwen3_5_moe": ("Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeTextConfig")}
-    text_lm_settings: dict[str, dict] = {}
     description = ("Hugging Face Qwen3_5ForConditionalGeneration / Qwen3_5MoeForConditionalGeneration (Qwen3-VL's "
                    "vision tower and patch merger without deepstack + a hybrid LM of gated delta-net linear-attention "
                    "layers and gated full-attention layers with interleaved multimodal rotary positions; Qwen3.5-MoE's "
@@ -212,5 +211,4 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
                              loaded.config.text_config.layer_types)
 
     def scheme(self, loaded: LoadedModel) -> MRopeSplicedScheme:
-        return MRopeSplicedScheme(self.geometry(loaded), loaded.config.image_token_id,
-                                  int(loaded.config.vision_config.spatial_merge_size))
+        return Qwen2VLAdapter.scheme(self, loaded)  # no deepstack levels: Qwen2-VL's scheme over this geometry
