@@ -43,7 +43,7 @@ def _hf_image_processors_on_the_tools_backend() -> None:
 _hf_image_processors_on_the_tools_backend()
 
 from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava, make_tiny_mllama, make_tiny_prefix  # noqa: E402
-from tiny_models import make_tiny_blip2_t5  # noqa: E402
+from tiny_models import make_tiny_blip2_t5, make_tiny_lfm3_vl  # noqa: E402
 from tiny_models import make_tiny_aya_vision, make_tiny_deepseek_vl, make_tiny_florence2  # noqa: E402
 from tiny_models import (make_tiny_gemma3, make_tiny_idefics3, make_tiny_internvl, make_tiny_paligemma,  # noqa: E402
                          make_tiny_llava_next, make_tiny_llava_onevision, make_tiny_mistral3,
@@ -116,6 +116,9 @@ TINY_MODELS = {
     # Qwen3.5: Qwen3-VL's image path without deepstack over gated delta-nets (per-row fixed-size states) and a gated
     # attention layer
     "qwen3_5": (make_tiny_qwen2_vl, {"family": "qwen3_5"}),
+    # LFM3-VL: Qwen2-VL's patches under a tower of grid convolutions and attention, an LM of gated short convolutions
+    # (per-row fixed-size states) beside sliding-window and full attention, one-stream positions
+    "lfm3_vl": (make_tiny_lfm3_vl, {}),
     # GLM-4.1V: Qwen2-VL's patches and M-RoPE with its own tower (a position grid resampled bicubically) and a GLM-4
     # LM (pairwise rotary over half of each head); GLM-4.5V's form over a GLM-4-MoE LM
     "glm4v": (make_tiny_glm4v, {}),
@@ -559,7 +562,8 @@ def check_patch_rows_equal_hf(loaded, images) -> tuple:
     levels = getattr(theirs, "deepstack_features", None) or []
     want = torch.cat([torch.cat(list(level)) for level in [theirs.pooler_output, *levels]], dim=-1)
     placed = scheme.image_input_from_values({"image_embeds": rows.numpy(), **arranged})
-    np.testing.assert_allclose(placed.rows, want.numpy(), atol=2e-5, rtol=0)
+    placed = getattr(placed, "rows", placed)  # M-RoPE's image input carries each row's place beside it
+    np.testing.assert_allclose(placed, want.numpy(), atol=2e-5, rtol=0)
     return flat, arranged, rows.numpy(), len(levels)
 
 

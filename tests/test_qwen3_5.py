@@ -159,7 +159,7 @@ def test_moe_split_decoder_equals_hf_and_its_lm_alone(tmp_path):
 
 @pytest.mark.parametrize("change, needle", [
     ({"layer_types": ["linear_attention", "sliding_attention"]}, "sliding_attention"),
-    ({"layer_types": ["linear_attention", "linear_attention"]}, "no full-attention layer"),
+    ({"layer_types": ["linear_attention", "linear_attention"]}, "no attention layer"),
     ({"linear_conv_kernel_dim": 1}, "linear_conv_kernel_dim is 1")])
 def test_a_layer_layout_the_decoder_cannot_carry_is_refused(change, needle):
     """Layers of another kind, no attention layer at all, a convolution that keeps nothing: one line each, before

@@ -1001,6 +1001,37 @@ def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patc
     return path
 
 
+def make_tiny_lfm3_vl(path: Path, seed: int = 0, patch_size: int = 4, merge: int = 2, min_pixels: int = 8 * 8,
+                      max_pixels: int = 48 * 48, text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+    """A tiny random LFM3-VL: a vision tower of gated depthwise 3 x 3 convolutions over each image's patch grid and
+    grouped-query attention layers with per-head q/k norms and an axial rotary (its default layout: convolutions,
+    then every other layer attention), a projector that norms each patch and merges ``merge x merge`` blocks, and an
+    LFM3 LM of gated short convolutions (3 taps), sliding-window attention (a 24-token window) and full attention
+    (a proportional rotary over half of each head), attention outputs gated per head, sandwich norms, tied
+    embeddings; SmolLM2's tokenizer with Qwen's image tokens added, Qwen2VLImageProcessor (PIL), Qwen2-VL's chat
+    template form. Saved as Qwen2-VL's tiny model is (its processor needs torchvision to load)."""
+    from transformers import Lfm3VlConfig, Lfm3VlForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer, ids = _qwen_vision_tokenizer()
+    text = {**dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   layer_types=["conv", "sliding_attention", "conv", "full_attention"], sliding_window=24,
+                   conv_L_cache=3), **(text_sizes or {})}
+    text.update(num_hidden_layers=len(text["layer_types"]), vocab_size=_padded_vocab(len(tokenizer)),
+                max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    vision = {**dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2), **(vision_sizes or {}),
+              "patch_size": patch_size, "spatial_merge_size": merge, "temporal_patch_size": 2}
+    cfg = Lfm3VlConfig(text_config=text, vision_config=vision, projector_hidden_size=48, **ids)
+    torch.manual_seed(seed)
+    Lfm3VlForConditionalGeneration(cfg).eval().save_pretrained(path)
+    Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=merge, temporal_patch_size=2, min_pixels=min_pixels,
+                             max_pixels=max_pixels).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(QWEN2_VL_CHAT_TEMPLATE)
+    return path
+
+
 #: the form of GLM-4.1V's chat template (the typed parts, its "[gMASK]<sop>" start and role tags; no thinking block)
 GLM4V_CHAT_TEMPLATE = (
     "[gMASK]<sop>{% for message in messages %}<|{{ message['role'] }}|>\n{% if message['content'] is string %}"

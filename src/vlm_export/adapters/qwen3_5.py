@@ -20,26 +20,22 @@ Video inputs are not supported.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache
 from transformers.activations import ACT2FN
 
-from ..contract import DecoderGeometry, LayerState
+from ..contract import DecoderGeometry
 from ..contract.mrope import MRopeSplicedScheme
 from ..errors import AdapterError
-from . import register
+from . import hybrid, register
 from .base import LoadedModel
 from .decoder import SplicingDecoder
+from .hybrid import HybridDecoder, Mixer
 from .qwen2_vl import PatchMergerProjector, Qwen2VLAdapter
 from .qwen3_vl import LearnedGridPatchTower, Qwen3VLAdapter
 
-LINEAR, FULL = "linear_attention", "full_attention"
+LINEAR = "linear_attention"
 
 
 def _l2_normalized(x: torch.Tensor) -> torch.Tensor:
@@ -100,85 +96,25 @@ def gated_delta_net(module: nn.Module, hidden_states, mask, conv_state, recurren
     return module.out_proj(core.reshape(batch, length, -1)), new_conv, new_state
 
 
-class HybridDecoder(SplicingDecoder):
-    """The spliced decoder over a hybrid LM: ``past`` holds the K/V of its attention layers (in layer order), then
-    each linear-attention layer's (convolution window, recurrent state); the outputs follow the same order. The
-    linear-attention modules run :func:`gated_delta_net` for the call (their ``forward`` replaced, then restored),
-    so Hugging Face's own layers, norms, MLPs and attention run as they are."""
-
-    def __init__(self, embed_tokens: nn.Module, text_model: nn.Module, lm_head: nn.Module, image_token_id: int,
-                 layer_types: Sequence[str]):
-        self.attention_layers = tuple(i for i, kind in enumerate(layer_types) if kind == FULL)
-        self.linear_layers = tuple(i for i, kind in enumerate(layer_types) if kind == LINEAR)
-        super().__init__(embed_tokens, text_model, lm_head, image_token_id, len(self.attention_layers))
-
-    def forward(self, input_ids, image_embeds, attention_mask, position_ids, *past):
-        kv, states = past[:2 * self.num_layers], past[2 * self.num_layers:]
-        # typed by the config, so Hugging Face's masks read the past's length off an attention layer's K/V
-        cache = DynamicCache(config=self.text_model.config)
-        for j, layer in enumerate(self.attention_layers):
-            cache.update(kv[2 * j], kv[2 * j + 1], layer)
-        current = attention_mask[:, attention_mask.shape[1] - input_ids.shape[1]:]
-        new_states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        with contextlib.ExitStack() as stack:
-            for j, layer in enumerate(self.linear_layers):
-                module = self.text_model.layers[layer].linear_attn
-                stack.enter_context(_running(module, functools.partial(
-                    _linear_attention, module, current, states[2 * j], states[2 * j + 1], new_states, layer)))
-            out = self.text_model(inputs_embeds=self.embed(input_ids, image_embeds), attention_mask=attention_mask,
-                                  position_ids=position_ids, cache=cache, use_cache=True)
-        logits = self.head(out.last_hidden_state[:, -1:])
-        present = []
-        for layer in self.attention_layers:
-            present += [cache.layers[layer].keys, cache.layers[layer].values]
-        for layer in self.linear_layers:
-            present += list(new_states[layer])
-        return (logits, *present)
-
-
-def _linear_attention(module, mask, conv_state, recurrent_state, sink, layer, hidden_states, *args, **kwargs):
-    output, new_conv, new_state = gated_delta_net(module, hidden_states, mask, conv_state, recurrent_state)
-    sink[layer] = (new_conv, new_state)
-    return output
-
-
-@contextlib.contextmanager
-def _running(module: nn.Module, forward):
-    """``module`` calling ``forward`` instead of its own for the duration."""
-    module.forward = forward
-    try:
-        yield
-    finally:
-        del module.forward  # its class's again
-
-
-def hybrid_geometry(text_cfg, max_position_embeddings: int | None) -> DecoderGeometry:
-    """The attention layers' K/V geometry and each linear-attention layer's two states, from the config."""
-    kinds = list(text_cfg.layer_types)
-    unknown = sorted(set(kinds) - {LINEAR, FULL})
-    if unknown:
-        raise AdapterError(f"the language model has layers of kind {', '.join(unknown)}; vlm-export takes Qwen3.5's "
-                           f"{LINEAR} and {FULL} layers: not supported")
-    if FULL not in kinds:
-        raise AdapterError("the language model has no full-attention layer: vlm-export's decoder carries at least "
-                           "one K/V cache; not supported")
+def _delta_net_states(text_cfg) -> list[tuple[str, tuple[int, ...]]]:
+    """A gated delta-net's convolution window over its q/k/v channels and its recurrent matrix."""
     kernel = int(text_cfg.linear_conv_kernel_dim)
     if kernel < 2:
         raise AdapterError(f"linear_conv_kernel_dim is {kernel}: a causal convolution of one tap keeps no state, "
                            "which vlm-export's decoder does not take; not supported")
     key_dim = int(text_cfg.linear_num_key_heads) * int(text_cfg.linear_key_head_dim)
     value_heads, value_size = int(text_cfg.linear_num_value_heads), int(text_cfg.linear_value_head_dim)
-    channels = 2 * key_dim + value_heads * value_size
-    states = []
-    for layer, kind in enumerate(kinds):
-        if kind == LINEAR:
-            states += [LayerState(f"{layer}.conv", (channels, kernel - 1)),
-                       LayerState(f"{layer}.recurrent", (value_heads, int(text_cfg.linear_key_head_dim), value_size))]
-    head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
-    return DecoderGeometry(num_layers=kinds.count(FULL), num_kv_heads=int(text_cfg.num_key_value_heads),
-                           head_dim=int(head_dim), hidden_size=int(text_cfg.hidden_size),
-                           vocab_size=int(text_cfg.vocab_size), max_position_embeddings=max_position_embeddings,
-                           states=tuple(states))
+    return [("conv", (2 * key_dim + value_heads * value_size, kernel - 1)),
+            ("recurrent", (value_heads, int(text_cfg.linear_key_head_dim), value_size))]
+
+
+#: Qwen3.5's linear-attention layers (``layer.linear_attn``)
+GATED_DELTA_NET = {LINEAR: Mixer("linear_attn", gated_delta_net, _delta_net_states)}
+
+
+def hybrid_geometry(text_cfg, max_position_embeddings: int | None) -> DecoderGeometry:
+    """The attention layers' K/V geometry and each linear-attention layer's two states, from the config."""
+    return hybrid.hybrid_geometry(text_cfg, max_position_embeddings, GATED_DELTA_NET)
 
 
 @register
@@ -208,7 +144,7 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
     def decoder(self, loaded: LoadedModel, scheme: MRopeSplicedScheme) -> SplicingDecoder:
         text = loaded.model.model.language_model
         return HybridDecoder(text.get_input_embeddings(), text, loaded.model.lm_head, loaded.config.image_token_id,
-                             loaded.config.text_config.layer_types)
+                             loaded.config.text_config.layer_types, GATED_DELTA_NET)
 
     def scheme(self, loaded: LoadedModel) -> MRopeSplicedScheme:
         return Qwen2VLAdapter.scheme(self, loaded)  # no deepstack levels: Qwen2-VL's scheme over this geometry
