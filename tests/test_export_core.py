@@ -473,14 +473,14 @@ def test_the_kv_geometry_is_the_cache_the_lm_writes():
     assert (bloom.num_kv_heads, bloom.head_dim, bloom.max_position_embeddings) == (4, 8, None)
     with pytest.raises(AdapterError, match=r"^the language model \(mamba\) returned a DynamicCache whose layers do not "
                                            r"all hold one token's keys, not a transformer's KV cache .*not supported here "
-                                           r"\(the qwen3_5 adapter .*\)$"):
+                                           r"\(the qwen3_5 and lfm3_vl adapters .*\)$"):
         geometry("mamba", num_hidden_layers=2, state_size=4)
     # a hybrid (Falcon-H1: Mamba-2 mixers beside attention) caches one token's keys per layer too, and its
     # conv and recurrent state beside them: refused here, not in the exporter's tracer
     with pytest.raises(AdapterError, match=r"^the language model \(falcon_h1\) keeps conv_states, recurrent_states "
                                            r"beside its keys and values \(a hybrid of attention and state-space or "
                                            r"linear-attention layers\), not a transformer's KV cache .*not supported here "
-                                           r"\(the qwen3_5 adapter .*\)$"):
+                                           r"\(the qwen3_5 and lfm3_vl adapters .*\)$"):
         geometry("falcon_h1", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                  intermediate_size=64)
     # a model whose own forward fails (Helium's o_proj is hidden x hidden, so a head size other than hidden / heads

@@ -174,7 +174,8 @@ def cache_shape(text_cfg, text_model: nn.Module) -> tuple[int, int, int]:
     kind = getattr(text_cfg, "model_type", type(text_model).__name__)
     refusal = (f"the language model ({kind}) {{}}, not a transformer's KV cache (keys and values of (batch, heads, "
                "sequence, head size) per layer), which this adapter's decoder carries: a state-space or recurrent LM is "
-               "not supported here (the qwen3_5 adapter carries Qwen3.5's linear-attention states, for its own classes)")
+               "not supported here (the qwen3_5 and lfm3_vl adapters carry Qwen3.5's linear-attention and LFM3's short-"
+               "convolution states, for their own classes)")
     param = next(text_model.parameters())
     try:
         with torch.no_grad():
