@@ -1002,7 +1002,8 @@ def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patc
 
 
 def make_tiny_lfm3_vl(path: Path, seed: int = 0, patch_size: int = 4, merge: int = 2, min_pixels: int = 8 * 8,
-                      max_pixels: int = 48 * 48, text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+                      max_pixels: int = 48 * 48, text_sizes: dict | None = None, vision_sizes: dict | None = None,
+                      tie_word_embeddings: bool = True) -> Path:
     """A tiny random LFM3-VL: a vision tower of gated depthwise 3 x 3 convolutions over each image's patch grid and
     grouped-query attention layers with per-head q/k norms and an axial rotary (its default layout: convolutions,
     then every other layer attention), a projector that norms each patch and merges ``merge x merge`` blocks, and an
@@ -1022,7 +1023,8 @@ def make_tiny_lfm3_vl(path: Path, seed: int = 0, patch_size: int = 4, merge: int
     vision = {**dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2), **(vision_sizes or {}),
               "patch_size": patch_size, "spatial_merge_size": merge, "temporal_patch_size": 2}
-    cfg = Lfm3VlConfig(text_config=text, vision_config=vision, projector_hidden_size=48, **ids)
+    cfg = Lfm3VlConfig(text_config=text, vision_config=vision, projector_hidden_size=48,
+                       tie_word_embeddings=tie_word_embeddings, **ids)
     torch.manual_seed(seed)
     Lfm3VlForConditionalGeneration(cfg).eval().save_pretrained(path)
     Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=merge, temporal_patch_size=2, min_pixels=min_pixels,
