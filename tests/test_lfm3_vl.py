@@ -62,7 +62,7 @@ def test_short_conv_equals_hfs_prefill_and_steps(bias):
 def test_states_windows_and_consequences_are_declared(tiny_build):
     """Each convolution layer's window is one state the geometry declares (from the config: ``conv_L_cache`` - 1
     inputs of ``hidden_size`` channels); the attention layers alone carry K/V, the sliding one's window recorded in
-    their own numbering; no in-place KV buffer, no prefix cache."""
+    their own numbering; both attentions fused; no in-place KV buffer, no prefix cache."""
     from vlm_export.runtime.load import open_build
 
     build = tiny_build("lfm3_vl")
@@ -75,6 +75,10 @@ def test_states_windows_and_consequences_are_declared(tiny_build):
     assert inputs["past_states.2.conv"] == ["batch", 64, 2]
     assert [n for n in inputs if n.startswith("past_key_values")] == [
         "past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"]
+    # both attentions fused, the per-head output gate kept after the kernel, the sliding one's window in the kernel
+    fusion = build.manifest["graphs"]["lm_decoder"]["fusion"]
+    assert fusion["fusions"]["attention"] == 2, fusion
+    assert "sliding window of 24 tokens in the kernel" in " ".join(fusion["notes"])
     pipe = open_build(build.path)
     assert not pipe.kv_in_place
     assert pipe.scheme.prefix_keys([5, 6, 7], pipe.scheme.empty_image_input()) is None

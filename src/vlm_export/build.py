@@ -425,7 +425,7 @@ def _fuse_decoder_stage(tmp: Path, graphs: dict, stage: str, precision: str, lim
             if record.get("kv_in_place") and geometry and geometry.states:
                 # the graph could take one shared KV buffer; the runtime's SlotBatch holds no per-row state
                 record["kv_copied_because"] = ("the language model's other layers carry fixed-size states per row "
-                                               "(linear attention), which one shared KV buffer does not hold")
+                                               "(linear attention, short convolutions), which one shared KV buffer does not hold")
         except Exception as e:  # noqa: BLE001 - the pass's failure costs the speed-up, never the build
             record = {"made": False, "reason": f"the fusion pass failed: {first_line(e)}"}
         record["seconds"] = round(time.perf_counter() - start, 2)

@@ -484,11 +484,16 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str], kernel_rotary: bo
             raise _NoMatch(f"{softmax.name}: attention sinks both as a softmax column and as a scale after it")
         attended, sinks = scaled
     back = g.sole_consumer(attended, "Transpose")
-    out = back and g.sole_consumer(back.output[0], "Reshape")
+    # a gate per head between the transpose and the reshape (LFM3's sigmoid gate): kept, applied to the kernel's output
+    gate_mul = back and g.sole_consumer(back.output[0], "Mul")
+    gate = gate_mul and g.other_input(gate_mul, back.output[0])
+    out = back and g.sole_consumer((gate_mul or back).output[0], "Reshape")
     if back is None or list(g.attr(back, "perm", [])) != [0, 2, 1, 3] or out is None:
         raise _NoMatch(f"{pv.name}: the attention output is not Transpose(0, 2, 1, 3) + Reshape")
     if _dims(g, out.output[0], 3)[2] != heads * head_size:
         raise _NoMatch(f"{out.name}: the output width is not heads x head size")
+    if gate_mul is not None and [d for d in (g.shape(gate) or [])][2:] != [heads, 1]:
+        raise _NoMatch(f"{gate_mul.name}: the attention output is multiplied by {gate}, not one gate per head")
     if (kv_heads, k_head_size) != (v_heads, v_head_size) or k_head_size != head_size \
             or heads != kv_heads * k_rep or k_rep != v_rep:
         raise _NoMatch(f"{softmax.name}: q {heads}x{head_size}, k {kv_heads}x{k_head_size} repeated {k_rep}, "
@@ -532,11 +537,12 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str], kernel_rotary: bo
     # the kernel produces this attention's output and its layer's cache: an input computed from them (Doge's
     # mask, made from the layer's values after the cache concatenation) would make the graph feed itself
     own = {k_cat.output[0], v_cat.output[0], out.output[0]}
-    if _computed_from(g, [x for x in (q3, k3, v3, bias, position_bias) if x], own):
+    if _computed_from(g, [x for x in (q3, k3, v3, bias, position_bias, gate) if x], own):
         raise _NoMatch(f"{softmax.name}: its mask or q/k/v are computed from its own layer's cache or output "
                        "(a mask made from the values, as Doge's), which the kernel would then have to feed itself")
     return dict(q3=q3, k3=k3, v3=v3, added=q_added + k_added + v_added, q_rot=q_rot, k_rot=k_rot,
                 past_k=past_k, past_v=past_v, present_k=present_k, present_v=present_v, k_cat=k_cat, v_cat=v_cat, out=out, bias=bias,
+                gate=gate,
                 mask=_mask_input(g, bias), position_bias=position_bias,
                 heads=heads, kv_heads=kv_heads, head_size=head_size, scale=scale, softcap=softcap,
                 rotated=rotated, interleaved=interleaved,
@@ -840,11 +846,12 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
         if m["sinks"] is not None:  # a logit per head added to the softmax's denominator: the graph's column or scale
             head_sink = f"{softmax.name}_head_sink"
             g.new_inits.append(numpy_helper.from_array(m["sinks"], head_sink))
+        attended = m["out"].output[0] if m["gate"] is None else f"{softmax.name}_gqa_out"
         new.append(helper.make_node(
             "GroupQueryAttention",
             [m["q3"], m["k3"], m["v3"], m["past_k"], m["past_v"], seqlens, total, cos, sin, pos, bias,
              head_sink, "", "", "", "", query_lengths],
-            [m["out"].output[0], m["present_k"], m["present_v"]],
+            [attended, m["present_k"], m["present_v"]],
             name=f"{softmax.name}_gqa", domain=MS_DOMAIN,
             num_heads=m["heads"], kv_num_heads=m["kv_heads"], scale=float(m["scale"]),
             # Hugging Face's window as it is (onnxruntime-genai's builder writes it so too); on ONNX
@@ -853,6 +860,8 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
             **({"softcap": float(m["softcap"])} if m["softcap"] else {}),
             **({"do_rotary": 1, "rotary_interleaved": m["interleaved"]}
                if m["q_rot"] is not None else {})))
+        if m["gate"] is not None:  # [batch, sequence, heads x size] -> per head, gated, and back
+            new += _gated_per_head(g, attended, m["gate"], m["out"].output[0], m["heads"], m["head_size"])
         # the nodes whose outputs GroupQueryAttention now produces; the rest of the old attention
         # (repeat_kv, scores, softmax, transposes, the 4-D rotary, a window's mask) feeds nothing and is dropped
         g.replace([m["out"], m["k_cat"], m["v_cat"]], new)
@@ -886,6 +895,18 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
     else:
         set_metadata(g.model, KV_IN_PLACE, "1")
         report.kv_in_place = True
+
+
+def _gated_per_head(g, attended: str, gate: str, out: str, heads: int, head_size: int) -> list[onnx.NodeProto]:
+    """``out`` = ``attended`` [batch, sequence, heads x head size] times ``gate`` [batch, sequence, heads, 1], per
+    head: what the graph computed between the attention's transpose and its output reshape."""
+    shapes = {f"{out}_per_head": [0, 0, heads, head_size], f"{out}_flat": [0, 0, heads * head_size]}
+    for name, shape in shapes.items():
+        g.new_inits.append(numpy_helper.from_array(np.array(shape, np.int64), name))
+    per_head, flat = shapes
+    return [helper.make_node("Reshape", [attended, per_head], [f"{out}_heads"], name=f"{out}_heads"),
+            helper.make_node("Mul", [f"{out}_heads", gate], [f"{out}_gated"], name=f"{out}_gated"),
+            helper.make_node("Reshape", [f"{out}_gated", flat], [out], name=f"{out}_reshaped")]
 
 
 def fold_packed_qkv(g) -> int:
