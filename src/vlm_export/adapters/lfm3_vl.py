@@ -103,8 +103,12 @@ class ConvAttentionPatchTower(nn.Module):
         row, column = place[..., 0], place[..., 1]
         inside = (row >= 0) & (row < rows) & (column >= 0) & (column < columns) & patch_mask.bool().unsqueeze(-1)
         row, column, m = row.clamp(min=0), column.clamp(min=0), self.merge
-        # the processor's order: merge blocks row by row, the patches of each block row by row
-        index = ((row // m) * (columns // m) + column // m) * (m * m) + (row % m) * m + column % m
+        # the processor's order: merge blocks row by row, the patches of each block row by row. (Truncating
+        # division: the same on these non-negative places, and one ONNX Div, where floor division exports sign
+        # tests of booleans that TensorRT's Equal refuses.)
+        blocks = torch.div(row, m, rounding_mode="trunc"), torch.div(column, m, rounding_mode="trunc")
+        per_row = torch.div(columns, m, rounding_mode="trunc")
+        index = (blocks[0] * per_row + blocks[1]) * (m * m) + (row - blocks[0] * m) * m + column - blocks[1] * m
         index = torch.where(inside, index, 0).clamp(max=patch_mask.shape[1] - 1)
         return index.flatten(1), inside.unsqueeze(-1)
 
