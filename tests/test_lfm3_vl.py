@@ -84,6 +84,15 @@ def test_states_windows_and_consequences_are_declared(tiny_build):
     assert pipe.scheme.prefix_keys([5, 6, 7], pipe.scheme.empty_image_input()) is None
 
 
+def test_every_graph_passes_tensorrts_checks(tiny_build):
+    """The tower's tap arithmetic, the convolution states and the gated attention: nothing TensorRT 10's parser is
+    known to refuse (the tower's floor divisions once exported boolean Equal, which it does not take)."""
+    from vlm_export.engines.check import check_build
+
+    report = check_build(tiny_build("lfm3_vl").path)
+    assert report.violations == [], report.violations[:3]
+
+
 def test_prompt_ids_and_patches_are_the_processors(tiny_build, tiny_model_dir):
     """Each image written as Lfm3VlProcessor writes it (its own ``replace_image_token`` over the image processor's
     grids); the image path's rows hold the image processor's patches, in order, and nothing else."""
