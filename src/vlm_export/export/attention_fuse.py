@@ -492,7 +492,7 @@ def _match(g, softmax: onnx.NodeProto, graph_inputs: set[str], kernel_rotary: bo
         raise _NoMatch(f"{pv.name}: the attention output is not Transpose(0, 2, 1, 3) + Reshape")
     if _dims(g, out.output[0], 3)[2] != heads * head_size:
         raise _NoMatch(f"{out.name}: the output width is not heads x head size")
-    if gate_mul is not None and [d for d in (g.shape(gate) or [])][2:] != [heads, 1]:
+    if gate_mul is not None and list(g.shape(gate) or [])[2:] != [heads, 1]:
         raise _NoMatch(f"{gate_mul.name}: the attention output is multiplied by {gate}, not one gate per head")
     if (kv_heads, k_head_size) != (v_heads, v_head_size) or k_head_size != head_size \
             or heads != kv_heads * k_rep or k_rep != v_rep:
