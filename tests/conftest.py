@@ -142,6 +142,23 @@ TINY_MODELS = {
 }
 
 
+# What each tiny build's parity runs (tiny_build): half the default tokens on half the default samples. The
+# generation is about a third of a tiny build's CPU time and 54 builds are a third of the suite's; the default
+# samples' three photos (square, wide, tall) and a text-only prompt are all still there, and 16 tokens are past
+# every tiny model's cache steps and windows that matter.
+TINY_PARITY_TOKENS = 16
+
+
+def tiny_samples(max_images: int) -> list:
+    """The default parity samples cut to three: one photo alone, text only, and the other two photos together (each
+    alone where a build takes one image)."""
+    from vlm_export.compare.parity import default_samples
+
+    by_label = {sample.label: sample for sample in default_samples(max_images)}
+    return [by_label["astronaut"], by_label["text-only"],
+            *([by_label["two-images"]] if max_images >= 2 else [by_label["chelsea"], by_label["coffee"]])]
+
+
 def _shared_folder(tmp_path_factory, name: str) -> Path:
     """A folder every pytest-xdist worker of this run shares (each worker's basetemp is a child of
     the run's), so what one worker makes the others reuse instead of making it again."""
@@ -272,10 +289,11 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_build(tiny_model_dir, tmp_path_factory):
-    """Builds (export + parity) of the tiny models, made once per test run, whatever the worker.
+    """Builds (export + parity on ``tiny_samples``) of the tiny models, made once per test run, whatever the worker.
     A build folder exists only once its build succeeded (build() writes it atomically)."""
     from filelock import FileLock
 
+    from vlm_export.adapters import adapter_for
     from vlm_export.build import BuildOptions, BuildResult, build
     from vlm_export.manifest import read_manifest
 
@@ -285,7 +303,10 @@ def tiny_build(tiny_model_dir, tmp_path_factory):
         out = shared / name
         with FileLock(str(out) + ".lock"):
             if not out.exists():
-                return build(tiny_model_dir(name), out, BuildOptions(max_sequence=256))
+                folder = tiny_model_dir(name)
+                samples = tiny_samples(min(2, adapter_for(folder).max_images or 2))  # as build() bounds max_images
+                return build(folder, out, BuildOptions(max_sequence=256, parity_new_tokens=TINY_PARITY_TOKENS,
+                                                       samples=samples))
         manifest = read_manifest(out)
         return BuildResult(out, manifest, manifest["parity"]["failures"])
 
@@ -418,6 +439,18 @@ def random_photo(seed: int, size=(40, 52)):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
 
 
+def photos(sizes, n: int, first: int = 0) -> list:
+    """``n`` random photos going round ``sizes``: the k-th of seed ``first + k`` and size
+    ``sizes[(first + k) % len(sizes)]``."""
+    return [random_photo(first + k, sizes[(first + k) % len(sizes)]) for k in range(n)]
+
+
+def requests_of_every_size(sizes) -> list:
+    """(prompt, images) requests: one photo of each size, two photos in one turn, and text alone."""
+    return ([("What is in the picture?", photos(sizes, 1, k)) for k in range(len(sizes))]
+            + [(TWO_IMAGE_TURNS, photos(sizes, 2, 3)), ("Tell me a story.", [])])
+
+
 def photo_files(folder: Path, sizes) -> list[Path]:
     """``random_photo(k, size)`` for each size, saved as PNG files in ``folder``."""
     paths = []
@@ -434,6 +467,11 @@ def served_build(build: Path, folder: Path):
     from vlm_export.serve.server import TritonServer
 
     return TritonServer(render_repository(build, Path(folder) / "repo"), log_file=Path(folder) / "triton.log")
+
+
+#: one user turn with two images between words (a prompt whose images are not all at its start)
+TWO_IMAGE_TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"},
+                                                {"type": "text", "text": "and"}, {"type": "image"}]}]
 
 
 #: conversations of the shapes an adapter's prompt must take as its processor does: one image, two, an earlier turn

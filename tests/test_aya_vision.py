@@ -12,16 +12,11 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import (CONVERSATIONS, CONVERSATION_IDS, check_answers_equal_hf_generate, check_served_as_in_process,
-                      random_photo)
+from conftest import CONVERSATIONS, CONVERSATION_IDS, check_answers_equal_hf_generate, photos
 from vlm_export.errors import AdapterError
 
 #: (height, width): 3 tiles (1 x 2 and a thumbnail), 5 (1 x 4 or 2 x 2, and a thumbnail), 1 (too small to cut)
 SIZES = [(20, 50), (70, 20), (10, 10), (300, 200), (64, 64)]
-
-
-def _images(n: int, first: int = 0):
-    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
 
 
 @pytest.mark.parametrize("turns", CONVERSATIONS, ids=CONVERSATION_IDS)
@@ -36,7 +31,7 @@ def test_prompt_ids_and_tiles_are_aya_vision_processors(tiny_build, tiny_model_d
     processor = AutoProcessor.from_pretrained(tiny_model_dir("aya_vision"))
     n = sum(p["type"] == "image" for m in turns for p in m["content"])
     for first in range(len(SIZES) - 1 if n else 1):
-        images = _images(n, first)
+        images = photos(SIZES, n, first)
         theirs = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
                                                return_tensors="np", **({"images": images} if images else {}))
         ids = pipe.prompt_ids(turns, images)
@@ -55,7 +50,8 @@ def test_answers_for_every_tile_count_equal_hf_generate_alone_and_batched(tiny_b
     build = tiny_build("aya_vision").path
     folder = tiny_model_dir("aya_vision")
     assert json.loads((build / "manifest.json").read_text())["limits"]["tiles_per_image"] == 5
-    requests = [("What is in the picture?", _images(1, k)) for k in (0, 2, 3)] + [(CONVERSATIONS[1], _images(2, 3))]
+    requests = ([("What is in the picture?", photos(SIZES, 1, k)) for k in (0, 2, 3)]
+                + [(CONVERSATIONS[1], photos(SIZES, 2, 3))])
     check_answers_equal_hf_generate(open_build(build), adapter_for(folder).load(folder), requests, new_tokens=10)
 
 
@@ -94,9 +90,3 @@ def test_a_tower_of_variable_resolution_is_refused_by_its_inputs():
     with pytest.raises(AdapterError, match="needs pixel_attention_mask, spatial_shapes beside the pixels") as e:
         tower_tokens(naflex, 32)
     assert "\n" not in str(e.value)
-
-
-def test_served_answers_equal_in_process(tiny_build, tmp_path):
-    """Served by a real tritonserver, over gRPC and HTTP (base64 images): answers for images of other tile counts,
-    two at once, and a conversation's second turn, equal ``generate``'s in process."""
-    check_served_as_in_process(tiny_build("aya_vision").path, tmp_path, [(20, 50), (70, 20), (10, 10)], over_http=True)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from vlm_export.bench import BenchOptions, parse_csv, run_bench
+from vlm_export.bench.batching import ceiling as scheduler_ceiling
 from vlm_export.bench.measure import RequestTiming, alternating, summarize, summarize_requests, time_request
 from vlm_export.bench.served import CACHE_ROUNDS
 from vlm_export.errors import InputError
@@ -155,7 +156,10 @@ def test_served_levels_and_overhead(bench):
     ceiling = served["scheduler_ceiling"]
     assert set(ceiling["decode_step_ms"]) == {"1", "2"} and ceiling["new_tokens"] == 4
     assert ceiling["request_ms"]["p50"] > 0 and all(s["p50"] > 0 for s in ceiling["decode_step_ms"].values())
-    assert ceiling["levels"]["1"] == 1.0 and 1.0 <= ceiling["levels"]["2"] <= 2.0
+    # the ratio from the costs it recorded (whether batching paid on this machine is a measurement, not asserted)
+    steps = {int(b): s["p50"] for b, s in ceiling["decode_step_ms"].items()}
+    assert ceiling["levels"]["1"] == 1.0
+    assert ceiling["levels"]["2"] == round(scheduler_ceiling(ceiling["request_ms"]["p50"], steps, 4, 2), 3) > 0
     assert "ceiling vs concurrency 1" in text and "b (P + T s_1) / (b P + T s_b)" in text
 
 

@@ -6,20 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import (check_answers_equal_hf_generate, check_rows_positions_and_largest_image,
-                      check_prompt_ids_and_patches_are_the_processors, check_served_as_in_process,
-                      check_text_model_is_a_causal_lm, random_photo)
+from conftest import (TWO_IMAGE_TURNS, check_answers_equal_hf_generate,
+                      check_prompt_ids_and_patches_are_the_processors, check_rows_positions_and_largest_image,
+                      check_text_model_is_a_causal_lm, photos, requests_of_every_size)
 
 #: (height, width): the largest grid (12 x 12 patches) and grids larger and smaller than the 6 x 6 position grid on
 #: either side (it is stretched and antialiased-shrunk), one below the processor's smallest (scaled up), the smallest
 #: grid (one merge block), a square one and a long one
 SIZES = [(300, 200), (20, 50), (70, 20), (3, 3), (64, 64), (41, 33), (8, 100)]
-TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"},
-                                      {"type": "text", "text": "and"}, {"type": "image"}]}]
-
-
-def _images(n: int, first: int = 0):
-    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
 
 
 @pytest.mark.parametrize("side", [6, 16])
@@ -60,8 +54,8 @@ def test_prompt_ids_and_patches_are_the_processors(tiny_build, tiny_model_dir, f
 
     pipe = open_build(tiny_build("cosmos3_edge").path)
     _, _, text = check_prompt_ids_and_patches_are_the_processors(
-        pipe, tiny_model_dir("cosmos3_edge"), TURNS, _images(2, first), Cosmos3EdgeProcessor.replace_image_token,
-        "<|image_pad|>")
+        pipe, tiny_model_dir("cosmos3_edge"), TWO_IMAGE_TURNS, photos(SIZES, 2, first),
+        Cosmos3EdgeProcessor.replace_image_token, "<|image_pad|>")
     assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
 
 
@@ -70,8 +64,8 @@ def test_image_rows_and_positions_equal_hf(tiny_model_dir):
     a padded batch of images of every size give Hugging Face's ``get_image_features``; the scheme's positions for a
     left-padded prefill of several prompts are ``get_rope_index``'s, and each row's next position its delta's. The
     largest image is exactly the adapter's most tokens per image."""
-    check_rows_positions_and_largest_image(tiny_model_dir("cosmos3_edge"), _images(len(SIZES)), "vision_start_token_id",
-                                           "vision_end_token_id")
+    check_rows_positions_and_largest_image(tiny_model_dir("cosmos3_edge"), photos(SIZES, len(SIZES)),
+                                           "vision_start_token_id", "vision_end_token_id")
 
 
 def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):
@@ -84,8 +78,7 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     assert pipe.kv_in_place
     folder = tiny_model_dir("cosmos3_edge")
     loaded = adapter_for(folder).load(folder)
-    requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES))]
-    check_answers_equal_hf_generate(pipe, loaded, requests + [(TURNS, _images(2, 3)), ("Tell me a story.", [])])
+    check_answers_equal_hf_generate(pipe, loaded, requests_of_every_size(SIZES))
 
 
 @pytest.mark.parametrize("mlp_bias", [False, True])
@@ -96,10 +89,3 @@ def test_text_model_is_an_ordinary_causal_lm(tiny_model_dir, tmp_path, mlp_bias)
 
     folder = make_tiny_cosmos3_edge(tmp_path / "biased", mlp_bias=True) if mlp_bias else tiny_model_dir("cosmos3_edge")
     check_text_model_is_a_causal_lm(folder, tmp_path / "lm", "arcee")
-
-
-def test_served_answers_equal_in_process(tiny_build, tmp_path):
-    """Served by a real tritonserver over gRPC and HTTP: answers for images of different sizes, two at once, and a
-    conversation's second turn, equal ``generate``'s in process."""
-    check_served_as_in_process(tiny_build("cosmos3_edge").path, tmp_path, [(40, 52), (70, 20), (10, 10)],
-                               over_http=True)

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import CONVERSATIONS, CONVERSATION_IDS, check_served_as_in_process, random_photo
+from conftest import CONVERSATIONS, CONVERSATION_IDS, random_photo
 from vlm_export.errors import AdapterError
 
 FAMILIES = ["deepseek_vl", "janus"]
@@ -75,9 +75,3 @@ def test_janus_default_system_prompt_goes_before_every_text_as_its_processor_put
         theirs = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
                                                return_tensors="np", images=images[:n])
         assert build_prompt_ids(loaded.tokenizer, layout, turns, n) == theirs["input_ids"][0].tolist()
-
-
-def test_served_answers_equal_in_process(tiny_build, tmp_path):
-    """Janus's build (each image wrapped in its begin/end-of-image tokens) served by a real tritonserver, over gRPC and
-    HTTP: three requests at once and a conversation's second turn, as ``generate`` answers in process."""
-    check_served_as_in_process(tiny_build("janus").path, tmp_path, [(40, 52), (70, 20), (33, 33)], over_http=True)

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import TINY_MODELS, fp32_bound, recorded_notes
+from conftest import TINY_MODELS, fp32_bound, recorded_notes, tiny_samples
 from vlm_export.adapters import adapter_for, registered
 from vlm_export.manifest import read_manifest, verify_hashes
 from vlm_export.runtime.generate import GenerationConfig, generate
@@ -53,12 +53,12 @@ def test_build_parity_per_stage(tiny_build, name):
     for stage in image_stages:  # every image stage's every output
         for name, metrics in stages[stage].items():
             assert metrics["max_abs"] <= 1e-4, (stage, name, metrics)
-    # 32 greedy tokens identical to the original model's own HF generate, for the split modules
-    # in PyTorch and for the ONNX Runtime build, on every sample (with and without images; two
-    # images where the model takes them), and for the build with every sample batched at once
+    # greedy tokens identical to the original model's own HF generate, for the split modules in PyTorch and for
+    # the ONNX Runtime build, on every sample (conftest.tiny_samples: with and without images; two images where the
+    # model takes them), and for the build with every sample batched at once
     for candidate in ("torch_split", "onnxruntime", "onnxruntime batched"):
         runs = report["end_to_end"][candidate]
-        assert len(runs) == (6 if result.manifest["limits"]["max_images"] >= 2 else 5)
+        assert len(runs) == len(tiny_samples(result.manifest["limits"]["max_images"]))
         for run in runs:
             assert run["identical"], run
             assert len(run["reference"]) > 0

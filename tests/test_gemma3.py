@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONVERSATIONS, CONVERSATION_IDS, check_served_as_in_process, fp32_gate, random_photo
+from conftest import CONVERSATIONS, CONVERSATION_IDS, fp32_gate, random_photo
 from vlm_export.errors import AdapterError
 
 
@@ -191,11 +191,3 @@ def test_a_prefill_after_a_cached_prefix_is_the_whole_prefill(tiny_build):
     assert [r.token_ids for r in generate_batch(pipe, [GenerationRequest(p, i, config) for p, i in requests])] \
         == expected
     assert cache.hits > 0
-
-
-def test_served_answers_equal_in_process(tiny_build, tmp_path):
-    """The python repository served by a real tritonserver (its prefix cache on, as served by default), panning and
-    scanning (photos of 3, 2 and no crops): three requests at once, then a conversation's second turn that starts
-    with the first's image and answer (a prefill continued after a cached prefix), all as ``generate`` answers in
-    process."""
-    check_served_as_in_process(tiny_build("gemma3-pan-and-scan").path, tmp_path, [(32, 96), (80, 36), (33, 33)])

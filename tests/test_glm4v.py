@@ -6,19 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import (check_answers_equal_hf_generate, check_patch_rows_equal_hf,
+from conftest import (TWO_IMAGE_TURNS, check_answers_equal_hf_generate, check_patch_rows_equal_hf,
                       check_prompt_ids_and_patches_are_the_processors, check_rows_positions_and_largest_image,
-                      check_served_as_in_process, check_text_model_is_a_causal_lm, random_photo)
+                      check_text_model_is_a_causal_lm, photos, requests_of_every_size)
 
 #: (height, width): the largest grid (12 x 12 patches, the processor's half of longest_edge), uneven ones, one
 #: below the processor's smallest (scaled up), the smallest grid (one merge block) and a square one
 SIZES = [(300, 200), (20, 50), (70, 20), (3, 3), (64, 64), (41, 33)]
-TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"},
-                                      {"type": "text", "text": "and"}, {"type": "image"}]}]
-
-
-def _images(n: int, first: int = 0):
-    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
 
 
 @pytest.mark.parametrize("first", [0, 2])
@@ -32,7 +26,8 @@ def test_prompt_ids_and_patches_are_the_processors(tiny_build, tiny_model_dir, f
 
     pipe = open_build(tiny_build("glm4v").path)
     _, _, text = check_prompt_ids_and_patches_are_the_processors(
-        pipe, tiny_model_dir("glm4v"), TURNS, _images(2, first), Glm4vProcessor.replace_image_token, "<|image|>")
+        pipe, tiny_model_dir("glm4v"), TWO_IMAGE_TURNS, photos(SIZES, 2, first), Glm4vProcessor.replace_image_token,
+        "<|image|>")
     assert text.count("<|begin_of_image|><|image|><|end_of_image|>") == 2
 
 
@@ -42,7 +37,7 @@ def test_image_rows_and_positions_equal_hf(tiny_model_dir):
     left-padded prefill of several prompts are GLM-4V's ``get_rope_index``'s, and each row's next position its
     delta's. The largest image is exactly the adapter's most tokens per image (the processor's limit counts a
     patch's two frames)."""
-    check_rows_positions_and_largest_image(tiny_model_dir("glm4v"), _images(len(SIZES)), "image_start_token_id",
+    check_rows_positions_and_largest_image(tiny_model_dir("glm4v"), photos(SIZES, len(SIZES)), "image_start_token_id",
                                            "image_end_token_id")
 
 
@@ -57,8 +52,7 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     assert pipe.kv_in_place
     folder = tiny_model_dir("glm4v")
     loaded = adapter_for(folder).load(folder)
-    requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES))]
-    check_answers_equal_hf_generate(pipe, loaded, requests + [(TURNS, _images(2, 3)), ("Tell me a story.", [])])
+    check_answers_equal_hf_generate(pipe, loaded, requests_of_every_size(SIZES))
 
 
 @pytest.mark.parametrize("family, lm", [("glm4v", "glm4"), ("glm4v_moe", "glm4_moe"), ("glm_ocr", "glm4")])
@@ -83,7 +77,7 @@ def test_other_classes_image_rows_equal_hf(tiny_model_dir, tmp_path, family):
         "glm_ocr": "GlmOcrForConditionalGeneration"}[family]
     assert type(loaded.image_processor).__name__ == ("GlmgaImageProcessorPil" if family == "glmga"
                                                      else "Glm4vImageProcessorPil")
-    check_patch_rows_equal_hf(loaded, _images(3))
+    check_patch_rows_equal_hf(loaded, photos(SIZES, 3))
 
 
 def test_an_image_processor_whose_backends_disagree_is_refused(tmp_path):
@@ -101,9 +95,3 @@ def test_an_image_processor_whose_backends_disagree_is_refused(tmp_path):
     with pytest.raises(AdapterError, match="patch_expand_factor 2") as refused:
         adapter_for(folder).load(folder)
     assert "\n" not in str(refused.value)
-
-
-def test_served_answers_equal_in_process(tiny_build, tmp_path):
-    """Served by a real tritonserver over gRPC: answers for images of different sizes, two at once, and a
-    conversation's second turn, equal ``generate``'s in process."""
-    check_served_as_in_process(tiny_build("glm4v").path, tmp_path, [(40, 52), (70, 20), (10, 10)])

@@ -12,19 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONVERSATIONS, CONVERSATION_IDS, check_served_as_in_process, random_photo
+from conftest import CONVERSATIONS, CONVERSATION_IDS, check_served_as_in_process, photos, random_photo
 from vlm_export.errors import AdapterError, InputError
 
 #: (height, width): a wide image (1 x 2 tiles on the Idefics3 fixture), a tall one, a tiny one (scaled up: 2 x 2),
 #: a large one, and one of the tiles' own size
 SIZES = [(20, 50), (70, 20), (10, 10), (300, 200), (32, 32)]
-
-
-
-
-
-def _images(n: int, first: int = 0):
-    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
 
 
 @pytest.mark.parametrize("turns", CONVERSATIONS, ids=CONVERSATION_IDS)
@@ -39,7 +32,7 @@ def test_prompt_ids_and_pixels_are_idefics3_processors(tiny_build, tiny_model_di
     pipe = open_build(tiny_build("idefics3").path)
     processor = AutoProcessor.from_pretrained(tiny_model_dir("idefics3"))
     n = sum(p["type"] == "image" for m in turns for p in m["content"])
-    images = _images(n, first)
+    images = photos(SIZES, n, first)
     text = processor.apply_chat_template(turns, add_generation_prompt=True)
     theirs = processor(text=text, images=images or None, return_tensors="np")
     ids = pipe.prompt_ids(turns, images)
@@ -62,7 +55,7 @@ def test_prompt_ids_and_pixels_are_smolvlms(tiny_build, tiny_model_dir):
     pipe = open_build(tiny_build("smolvlm").path)
     tokenizer, image_processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
     seq_len = json.loads((folder / "processor_config.json").read_text())["image_seq_len"]
-    images = _images(2, 3)  # two grids of their own
+    images = photos(SIZES, 2, 3)  # two grids of their own
     theirs = image_processor(images=images, return_row_col_info=True, return_tensors="np")
     strings = [get_image_prompt_string(r, c, seq_len, "<fake_token_around_image>", "<image>", "<global-img>")
                for r, c in zip(theirs["rows"][0], theirs["cols"][0])]
@@ -123,7 +116,8 @@ def test_answers_for_every_grid_equal_hf_generate_alone_and_batched(tiny_build, 
     folder = tiny_model_dir(name)
     loaded = adapter_for(folder).load(folder)
     config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
-    requests = [(CONVERSATIONS[0], _images(1, k)) for k in range(len(SIZES))] + [(CONVERSATIONS[1], _images(2, 2))]
+    requests = ([(CONVERSATIONS[0], photos(SIZES, 1, k)) for k in range(len(SIZES))]
+                + [(CONVERSATIONS[1], photos(SIZES, 2, 2))])
     alone = []
     for turns, images in requests:
         ids = pipe.prompt_ids(turns, images)
@@ -168,7 +162,7 @@ def test_a_processor_that_does_not_split_writes_one_tile(tiny_model_dir, tmp_pat
     assert layout.image_tiles.max_tiles == 1
     pipe = reference_pipeline(loaded, Limits(2, 2, 256, layout.tokens_per_image, layout.image_tiles.max_tiles))
     processor = AutoProcessor.from_pretrained(folder)
-    images = _images(2, 2)
+    images = photos(SIZES, 2, 2)
     theirs = processor(text=processor.apply_chat_template(CONVERSATIONS[1], add_generation_prompt=True),
                        images=images, return_tensors="np")
     assert pipe.prompt_ids(CONVERSATIONS[1], images) == theirs["input_ids"][0].tolist()

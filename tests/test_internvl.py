@@ -11,21 +11,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import check_answers_equal_hf_generate, check_served_as_in_process, random_photo
+from conftest import TWO_IMAGE_TURNS, check_answers_equal_hf_generate, photos, requests_of_every_size
 from vlm_export.errors import AdapterError
 
 #: (height, width): 3 tiles (1 x 2 and a thumbnail), 5 (1 x 4 or 2 x 2, and a thumbnail), 1 (too small to cut)
 SIZES = [(20, 50), (70, 20), (10, 10), (300, 200), (64, 64)]
-
-
-
-def _images(n: int, first: int = 0):
-    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
-
-
-TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text",
-                                                                                           "text": "and"},
-                                      {"type": "image"}]}]
 
 
 @pytest.mark.parametrize("first", [0, 1, 2, 3])
@@ -41,15 +31,15 @@ def test_prompt_ids_and_tiles_are_internvl_processors(tiny_build, tiny_model_dir
     pipe = open_build(tiny_build("internvl").path)
     tokenizer, image_processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
     seq = json.loads((folder / "processor_config.json").read_text())["image_seq_length"]
-    images = _images(2, first)
+    images = photos(SIZES, 2, first)
     theirs = image_processor(images=images, crop_to_patches=True, return_tensors="np")
     processor = SimpleNamespace(start_image_token="<img>", end_image_token="</img>", image_token="<IMG_CONTEXT>",
                                 image_seq_length=seq)
     strings = [InternVLProcessor.replace_image_token(processor, theirs, k) for k in range(2)]
-    text = tokenizer.apply_chat_template(TURNS, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(TWO_IMAGE_TURNS, add_generation_prompt=True, tokenize=False)
     parts = text.split("<IMG_CONTEXT>")
     want = parts[0] + "".join(s + p for s, p in zip(strings, parts[1:]))
-    ids = pipe.prompt_ids(TURNS, images)
+    ids = pipe.prompt_ids(TWO_IMAGE_TURNS, images)
     assert ids == tokenizer(want)["input_ids"]
     np.testing.assert_array_equal(pipe.pixel_values(images), theirs["pixel_values"])
     assert ids.count(pipe.layout.image_token_id) == sum(theirs["num_patches"]) * seq
@@ -64,7 +54,7 @@ def test_answers_for_every_tile_count_equal_hf_generate_alone_and_batched(tiny_b
     build = tiny_build("internvl").path
     folder = tiny_model_dir("internvl")
     assert json.loads((build / "manifest.json").read_text())["limits"]["tiles_per_image"] == 5
-    requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES))] + [(TURNS, _images(2, 3))]
+    requests = requests_of_every_size(SIZES)[:-1]  # no text-only request
     check_answers_equal_hf_generate(open_build(build), adapter_for(folder).load(folder), requests, new_tokens=12)
 
 
@@ -78,9 +68,3 @@ def test_a_processor_of_another_length_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(AdapterError, match="set image_seq_length 4") as e:
         adapter_for(folder).load(folder)
     assert "\n" not in str(e.value)
-
-
-def test_served_answers_equal_in_process(tiny_build, tmp_path):
-    """Served by a real tritonserver, over gRPC and HTTP (base64 images): answers for images of different tile
-    counts, two at once, and a conversation's second turn, equal ``generate``'s in process."""
-    check_served_as_in_process(tiny_build("internvl").path, tmp_path, [(40, 52), (70, 20), (10, 10)], over_http=True)

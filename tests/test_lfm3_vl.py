@@ -6,19 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import (check_answers_equal_hf_generate, check_patch_rows_equal_hf,
-                      check_prompt_ids_and_patches_are_the_processors, check_served_as_in_process,
-                      check_text_model_is_a_causal_lm, random_photo)
+from conftest import (TWO_IMAGE_TURNS, check_answers_equal_hf_generate, check_patch_rows_equal_hf,
+                      check_prompt_ids_and_patches_are_the_processors, check_text_model_is_a_causal_lm, photos,
+                      requests_of_every_size)
 from vlm_export.errors import AdapterError
 
 #: (height, width): the largest grid (12 x 12 patches), wide, tall, the smallest (one merge block), odd sizes
 SIZES = [(300, 200), (20, 50), (70, 20), (3, 3), (64, 64), (41, 33)]
-TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"},
-                                      {"type": "text", "text": "and"}, {"type": "image"}]}]
-
-
-def _images(n: int, first: int = 0):
-    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -102,7 +96,8 @@ def test_prompt_ids_and_patches_are_the_processors(tiny_build, tiny_model_dir):
 
     pipe = open_build(tiny_build("lfm3_vl").path)
     _, _, text = check_prompt_ids_and_patches_are_the_processors(
-        pipe, tiny_model_dir("lfm3_vl"), TURNS, _images(2), Lfm3VlProcessor.replace_image_token, "<|image_pad|>")
+        pipe, tiny_model_dir("lfm3_vl"), TWO_IMAGE_TURNS, photos(SIZES, 2), Lfm3VlProcessor.replace_image_token,
+        "<|image_pad|>")
     assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
 
 
@@ -115,7 +110,7 @@ def test_image_rows_equal_hf_for_every_size(tiny_model_dir):
     folder = tiny_model_dir("lfm3_vl")
     loaded = adapter_for(folder).load(folder)
     layout = loaded.adapter.prompt_layout(loaded)
-    flat, _, _, _ = check_patch_rows_equal_hf(loaded, _images(len(SIZES)))
+    flat, _, _, _ = check_patch_rows_equal_hf(loaded, photos(SIZES, len(SIZES)))
     assert max(layout.image_tiles.tokens(grid) for grid in layout.image_tiles.grids(flat)) == layout.tokens_per_image
 
 
@@ -128,8 +123,7 @@ def test_answers_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir)
     pipe = open_build(tiny_build("lfm3_vl").path)
     folder = tiny_model_dir("lfm3_vl")
     loaded = adapter_for(folder).load(folder)
-    requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES))]
-    check_answers_equal_hf_generate(pipe, loaded, requests + [(TURNS, _images(2, 3)), ("Tell me a story.", [])])
+    check_answers_equal_hf_generate(pipe, loaded, requests_of_every_size(SIZES))
 
 
 def test_text_model_is_lfm3s_causal_lm(tiny_model_dir, tmp_path):
@@ -156,9 +150,3 @@ def test_a_layer_layout_the_decoder_cannot_carry_is_refused(change, needle):
     with pytest.raises(AdapterError, match=needle) as caught:
         hybrid_geometry(config, 512, SHORT_CONV, (FULL, SLIDING))
     assert "\n" not in str(caught.value)
-
-
-def test_served_answers_equal_in_process(tiny_build, tmp_path):
-    """Served by a real tritonserver over gRPC: answers for images of different sizes, two at once, and a
-    conversation's second turn (its states rebuilt by a new prefill), equal ``generate``'s in process."""
-    check_served_as_in_process(tiny_build("lfm3_vl").path, tmp_path, [(40, 52), (70, 20), (10, 10)])

@@ -9,22 +9,16 @@ import json
 import numpy as np
 import pytest
 
-from conftest import (check_answers_equal_hf_generate, check_prompt_ids_are_the_loaded_processors,
-                      check_padded_image_rows_equal_hf, check_served_as_in_process,
-                      check_text_model_is_a_causal_lm, random_photo)
+from conftest import (TWO_IMAGE_TURNS, check_answers_equal_hf_generate, check_padded_image_rows_equal_hf,
+                      check_prompt_ids_are_the_loaded_processors, check_text_model_is_a_causal_lm, photos,
+                      requests_of_every_size)
 from vlm_export.errors import AdapterError
 
 #: (height, width): larger than the longest edge both ways (resized down), thin strips, square, uneven
 SIZES = [(300, 200), (20, 50), (70, 20), (64, 64), (41, 33)]
-TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"},
-                                      {"type": "text", "text": "and"}, {"type": "image"}]}]
 
 
-def _images(n: int, first: int = 0):
-    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
-
-
-@pytest.mark.parametrize("turns, count", [(TURNS, 2), ("Read this.", 0)])
+@pytest.mark.parametrize("turns, count", [(TWO_IMAGE_TURNS, 2), ("Read this.", 0)])
 def test_prompt_ids_and_pixels_are_the_processors(tiny_build, tiny_model_dir, turns, count):
     """Prompt ids = LightOnOcrProcessor's own (it loads without torchvision) on the chat template's text, for two
     images and none; the image path's rows of patches hold each image's pixels as its image processor gives them,
@@ -32,7 +26,7 @@ def test_prompt_ids_and_pixels_are_the_processors(tiny_build, tiny_model_dir, tu
     from vlm_export.runtime.load import open_build
 
     pipe = open_build(tiny_build("lighton_ocr").path)
-    images = _images(count, 1)
+    images = photos(SIZES, count, 1)
     processor, theirs = check_prompt_ids_are_the_loaded_processors(tiny_model_dir("lighton_ocr"), pipe, turns, images)
     if not images:
         return
@@ -54,7 +48,7 @@ def test_image_rows_equal_hf(tiny_model_dir):
     from vlm_export.adapters import adapter_for
 
     folder = tiny_model_dir("lighton_ocr")
-    check_padded_image_rows_equal_hf(adapter_for(folder).load(folder), _images(len(SIZES)))
+    check_padded_image_rows_equal_hf(adapter_for(folder).load(folder), photos(SIZES, len(SIZES)))
 
 
 def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):
@@ -67,8 +61,7 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     assert pipe.kv_in_place
     folder = tiny_model_dir("lighton_ocr")
     loaded = adapter_for(folder).load(folder)
-    requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES))]
-    check_answers_equal_hf_generate(pipe, loaded, requests + [(TURNS, _images(2, 3)), ("Tell me a story.", [])])
+    check_answers_equal_hf_generate(pipe, loaded, requests_of_every_size(SIZES))
 
 
 def test_text_model_is_an_ordinary_causal_lm(tiny_model_dir, tmp_path):
@@ -91,10 +84,3 @@ def test_an_image_processor_of_another_block_is_refused(tiny_model_dir, tmp_path
     with pytest.raises(AdapterError, match="blocks of 4 pixels but one image token is 8") as refused:
         adapter_for(folder).load(folder)
     assert "\n" not in str(refused.value)
-
-
-def test_served_answers_equal_in_process(tiny_build, tmp_path):
-    """Served by a real tritonserver over gRPC and HTTP: answers for images of different sizes, two at once, and a
-    conversation's second turn, equal ``generate``'s in process."""
-    check_served_as_in_process(tiny_build("lighton_ocr").path, tmp_path, [(40, 52), (70, 20), (33, 33)],
-                               over_http=True)

@@ -12,20 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import check_answers_equal_hf_generate, check_served_as_in_process, random_photo
+from conftest import (TWO_IMAGE_TURNS, check_answers_equal_hf_generate, check_served_as_in_process, photos,
+                      requests_of_every_size)
 from vlm_export.errors import AdapterError
 
 FAMILIES = ["llava_next", "llava_onevision"]
 #: (height, width): wider than every resolution (its picture cut top and bottom), taller (cut left and right),
 #: square, smaller than a tile, a thin strip; the last three shrunk by OneVision's (its picture past 2 tiles' rows)
 SIZES = [(30, 50), (90, 30), (64, 64), (20, 20), (47, 200), (33, 41), (96, 96), (200, 190)]
-TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text",
-                                                                                           "text": "and"},
-                                      {"type": "image"}]}]
-
-
-def _images(n: int, first: int = 0):
-    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
 
 
 def test_best_resolution_is_hfs():
@@ -113,7 +107,7 @@ def test_rows_and_token_counts_are_hfs(tiny_model_dir, family):
     loaded = adapter_for(folder).load(folder)
     adapter, cfg = loaded.adapter, loaded.config
     layout, scheme = adapter.prompt_layout(loaded), adapter.scheme(loaded)
-    images = _images(len(SIZES))
+    images = photos(SIZES, len(SIZES))
     # each image as its prompt's one (OneVision tiles only those; get_image_features' default treats them so)
     theirs = processed_images(loaded.image_processor, images, ImageLimits(), replace(layout.image_tiles, one_prompt=False))
     arranged = layout.image_tiles.arranged(dict(theirs))
@@ -147,9 +141,9 @@ def test_conversation_ids_are_llava_next_processors(tiny_model_dir):
     loaded = adapter_for(folder).load(folder)
     layout = loaded.adapter.prompt_layout(loaded)
     processor = AutoProcessor.from_pretrained(folder)
-    images = _images(2, 1)
-    text = processor.apply_chat_template(TURNS, add_generation_prompt=True)
-    ids = build_prompt_ids(loaded.tokenizer, layout, TURNS, 2, [im.size[::-1] for im in images])
+    images = photos(SIZES, 2, 1)
+    text = processor.apply_chat_template(TWO_IMAGE_TURNS, add_generation_prompt=True)
+    ids = build_prompt_ids(loaded.tokenizer, layout, TWO_IMAGE_TURNS, 2, [im.size[::-1] for im in images])
     assert ids == list(processor(text=text, images=images)["input_ids"][0])
 
 
@@ -168,12 +162,11 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     assert pipe.scheme.dim_ranges(pipe.limits)[0]["image_tokens"] == (0, most, most * pipe.limits.max_images
                                                                       * pipe.limits.max_batch)
     if family == "llava_onevision":  # several images in a prompt: each one tile, its rows and a newline
-        assert [pipe.layout.image_tokens(g) for g in pipe.pixel_values_and_grids(_images(2, 3))[1]] == [17, 17]
+        assert [pipe.layout.image_tokens(g) for g in pipe.pixel_values_and_grids(photos(SIZES, 2, 3))[1]] == [17, 17]
     assert pipe.kv_in_place  # the fused form, decoding on one KV buffer written in place
     folder = tiny_model_dir(family)
     loaded = adapter_for(folder).load(folder)
-    requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES))]
-    check_answers_equal_hf_generate(pipe, loaded, requests + [(TURNS, _images(2, 3)), ("Tell me a story.", [])])
+    check_answers_equal_hf_generate(pipe, loaded, requests_of_every_size(SIZES))
 
 
 def _edited(tiny_model_dir, tmp_path, file: str, **changes):
@@ -251,32 +244,6 @@ def test_served_answers_and_image_encoder_equal_in_process(tiny_build, tmp_path)
                                        pipe.encode_images(pipe.pixel_values(sent)), atol=1e-5, rtol=0)
 
     check_served_as_in_process(build, tmp_path, sizes, over_http=True, also=image_encoder)
-
-
-def test_onevision_served_answers_equal_in_process(tiny_build, tmp_path):
-    """Served by a real tritonserver over gRPC: two single-image requests at once (a shrunk picture and a cut-back
-    one) and a two-image one (each a tile of its own) answered as in process, the first again from the image cache."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from conftest import photo_files, served_build
-    from vlm_export.client.client import VLMClient
-    from vlm_export.runtime.generate import GenerationConfig, generate
-    from vlm_export.runtime.load import open_build
-
-    build = tiny_build("llava_onevision").path
-    pipe = open_build(build)
-    paths = photo_files(tmp_path, [(200, 190), (30, 50)])
-    asks = [("What is in the picture?", [paths[0]]), ("Describe it.", [paths[1]]), ("Compare them.", paths)]
-    expected = [generate(pipe, q, images, GenerationConfig(max_new_tokens=8)).text for q, images in asks]
-    from test_render import read_config
-
-    with served_build(build, tmp_path) as server:
-        # its preprocess model cuts a request's images as one prompt's: Triton must not batch requests into one
-        assert not read_config(tmp_path / "repo" / "preprocess" / "config.pbtxt").HasField("dynamic_batching")
-        client = VLMClient(f"grpc://{server.grpc_url}")
-        with ThreadPoolExecutor(len(asks)) as pool:
-            assert list(pool.map(lambda ask: client.generate(ask[0], ask[1], max_tokens=8).text, asks)) == expected
-        assert client.generate(*asks[0], max_tokens=8).text == expected[0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -12,18 +12,12 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import (check_answers_equal_hf_generate, check_padded_image_rows_equal_hf, check_served_as_in_process,
-                      random_photo)
+from conftest import (TWO_IMAGE_TURNS, check_answers_equal_hf_generate, check_padded_image_rows_equal_hf,
+                      check_served_as_in_process, photos)
 from vlm_export.errors import AdapterError
 
 #: (height, width): larger than the longest edge both ways (resized down), thin strips, one merge block, square
 SIZES = [(300, 200), (20, 50), (70, 20), (3, 3), (64, 64), (41, 33)]
-TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"},
-                                      {"type": "text", "text": "and"}, {"type": "image"}]}]
-
-
-def _images(n: int, first: int = 0):
-    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
 
 
 @pytest.mark.parametrize("name, first", [("mistral3", 0), ("mistral3", 2), ("llava_pixtral", 0)])
@@ -41,16 +35,16 @@ def test_prompt_ids_and_patches_are_pixtral_processors(tiny_build, tiny_model_di
     pipe = open_build(tiny_build(name).path)
     tokenizer, image_processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
     settings = json.loads((folder / "processor_config.json").read_text())
-    images = _images(2, first)
+    images = photos(SIZES, 2, first)
     block = settings["patch_size"] * settings["spatial_merge_size"]
     theirs = image_processor(images=images, patch_size={"height": block, "width": block}, return_tensors="np")
     strings = []
     for h, w in np.asarray(theirs["image_sizes"]):
         rows = [settings["image_token"] * (w // block) + settings["image_break_token"]] * (h // block)
         strings.append("".join(rows)[:-len(settings["image_break_token"])] + settings["image_end_token"])
-    text = tokenizer.apply_chat_template(TURNS, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(TWO_IMAGE_TURNS, add_generation_prompt=True, tokenize=False)
     parts = text.split("[IMG]")
-    ids = pipe.prompt_ids(TURNS, images)
+    ids = pipe.prompt_ids(TWO_IMAGE_TURNS, images)
     assert ids == tokenizer(parts[0] + "".join(s + p for s, p in zip(strings, parts[1:])),
                             add_special_tokens=False)["input_ids"]
     pixels = pipe.pixel_values(images)
@@ -80,7 +74,7 @@ def test_image_rows_equal_hf(tiny_model_dir, tmp_path, name, feature_layer):
     folder = tiny_model_dir(name) if feature_layer == -1 else make_tiny_mistral3(
         tmp_path / "layers", seed=1, feature_layer=feature_layer, vision_sizes={"num_hidden_layers": 3},
         llava=name == "llava_pixtral")
-    check_padded_image_rows_equal_hf(adapter_for(folder).load(folder), _images(len(SIZES)),
+    check_padded_image_rows_equal_hf(adapter_for(folder).load(folder), photos(SIZES, len(SIZES)),
                                      vision_feature_layer=feature_layer,
                                      **({"vision_feature_select_strategy": "full"} if name == "llava_pixtral" else {}))
 
@@ -98,8 +92,9 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     assert pipe.kv_in_place  # attention fused, one KV buffer written in place
     folder = tiny_model_dir(name)
     loaded = adapter_for(folder).load(folder)
-    requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES)) if SIZES[k] != (3, 3)]
-    check_answers_equal_hf_generate(pipe, loaded, requests + [(TURNS, _images(2, 3)), ("Tell me a story.", [])])
+    requests = [("What is in the picture?", photos(SIZES, 1, k)) for k in range(len(SIZES)) if SIZES[k] != (3, 3)]
+    check_answers_equal_hf_generate(pipe, loaded,
+                                    requests + [(TWO_IMAGE_TURNS, photos(SIZES, 2, 3)), ("Tell me a story.", [])])
 
 
 @pytest.mark.parametrize("setting, value, message", [

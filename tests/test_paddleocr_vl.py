@@ -8,23 +8,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import (check_answers_equal_hf_generate, check_prompt_ids_are_the_loaded_processors,
-                      check_rows_positions_and_largest_image, check_served_as_in_process,
-                      check_text_model_is_a_causal_lm, random_photo)
+from conftest import (TWO_IMAGE_TURNS, check_answers_equal_hf_generate, check_prompt_ids_are_the_loaded_processors,
+                      check_rows_positions_and_largest_image, check_text_model_is_a_causal_lm, photos)
 
 #: (height, width): the largest grid (12 x 12 patches), uneven ones, one below the processor's smallest (scaled up),
 #: the smallest grid (one merge block) and a square one
 SIZES = [(300, 200), (20, 50), (70, 20), (3, 3), (64, 64), (41, 33)]
-TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"},
-                                      {"type": "text", "text": "and"}, {"type": "image"}]}]
 OCR = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "OCR:"}]}]
 
 
-def _images(n: int, first: int = 0):
-    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
-
-
-@pytest.mark.parametrize("turns, count", [(OCR, 1), (TURNS, 2), ("Read this.", 0)])
+@pytest.mark.parametrize("turns, count", [(OCR, 1), (TWO_IMAGE_TURNS, 2), ("Read this.", 0)])
 def test_prompt_ids_and_pixels_are_the_processors(tiny_build, tiny_model_dir, turns, count):
     """Prompt ids = PaddleOCRVLProcessor's own on the chat template's text (one image, two, none); the image path's
     rows of patches hold its patches (given row-major, [channels, patch, patch] each), each at its place, and
@@ -32,7 +25,7 @@ def test_prompt_ids_and_pixels_are_the_processors(tiny_build, tiny_model_dir, tu
     from vlm_export.runtime.load import open_build
 
     pipe = open_build(tiny_build("paddleocr_vl").path)
-    images = _images(count, 1)
+    images = photos(SIZES, count, 1)
     _, theirs = check_prompt_ids_are_the_loaded_processors(tiny_model_dir("paddleocr_vl"), pipe, turns, images)
     if not images:
         return
@@ -51,8 +44,8 @@ def test_image_rows_and_positions_equal_hf(tiny_model_dir):
     """The split tower (a mask in place of per-image lengths, the position grid resampled per image) and projector
     on a padded batch of images of every size give Hugging Face's ``get_image_features``; the scheme's positions for
     a left-padded prefill of several prompts are ``get_rope_index``'s, and each row's next position its delta's."""
-    check_rows_positions_and_largest_image(tiny_model_dir("paddleocr_vl"), _images(len(SIZES)), "vision_start_token_id",
-                                           "vision_end_token_id")
+    check_rows_positions_and_largest_image(tiny_model_dir("paddleocr_vl"), photos(SIZES, len(SIZES)),
+                                           "vision_start_token_id", "vision_end_token_id")
 
 
 def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):
@@ -65,8 +58,9 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     assert pipe.kv_in_place
     folder = tiny_model_dir("paddleocr_vl")
     loaded = adapter_for(folder).load(folder)
-    requests = [(OCR, _images(1, k)) for k in range(len(SIZES))]
-    check_answers_equal_hf_generate(pipe, loaded, requests + [(TURNS, _images(2, 3)), ("Tell me a story.", [])])
+    requests = [(OCR, photos(SIZES, 1, k)) for k in range(len(SIZES))]
+    check_answers_equal_hf_generate(pipe, loaded,
+                                    requests + [(TWO_IMAGE_TURNS, photos(SIZES, 2, 3)), ("Tell me a story.", [])])
 
 
 @pytest.mark.parametrize("use_bias", [False, True])
@@ -78,12 +72,6 @@ def test_text_model_is_an_ordinary_causal_lm(tiny_model_dir, tmp_path, use_bias)
     folder = make_tiny_paddleocr_vl(tmp_path / "biased", use_bias=True) if use_bias else \
         tiny_model_dir("paddleocr_vl")
     check_text_model_is_a_causal_lm(folder, tmp_path / "lm", "llama")
-
-
-def test_served_answers_equal_in_process(tiny_build, tmp_path):
-    """Served by a real tritonserver over gRPC: answers for images of different sizes, two at once, and a
-    conversation's second turn, equal ``generate``'s in process."""
-    check_served_as_in_process(tiny_build("paddleocr_vl").path, tmp_path, [(40, 52), (70, 20), (10, 10)])
 
 
 def test_raster_patches_are_arranged_by_merge_blocks():

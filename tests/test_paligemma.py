@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fp32_gate, photo_files, random_photo, served_build
+from conftest import fp32_gate, random_photo
 MODELS = ["paligemma2", "paligemma"]
 
 
@@ -78,24 +78,3 @@ def test_no_prefix_is_reused_and_the_manifest_says_why(tiny_build):
     assert [r.token_ids for r in generate_batch(pipe, [GenerationRequest(p, i, config) for p, i in requests])] \
         == expected
     assert cache.hits == 0 and len(cache) == 0
-
-
-def test_served_answers_equal_in_process(tiny_build, tmp_path):
-    """PaliGemma 2's python repository served by a real tritonserver: three requests at once (one with two
-    images), as ``generate`` answers in process."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from vlm_export.client.client import VLMClient
-    from vlm_export.runtime.generate import GenerationConfig, generate
-    from vlm_export.runtime.load import open_build
-
-    build = tiny_build("paligemma2").path
-    pipe = open_build(build)
-    paths = photo_files(tmp_path, [(40, 52), (70, 30)])
-    asks = [("caption en", [paths[0]]), ("answer en what is this?", [paths[1]]), ("caption en", paths)]
-    expected = [generate(pipe, q, list(images), GenerationConfig(max_new_tokens=8)).text for q, images in asks]
-    with served_build(build, tmp_path) as server:
-        client = VLMClient(f"grpc://{server.grpc_url}")
-        with ThreadPoolExecutor(len(asks)) as pool:
-            got = list(pool.map(lambda ask: client.generate(ask[0], ask[1], max_tokens=8).text, asks))
-    assert got == expected

@@ -10,22 +10,15 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import (check_answers_equal_hf_generate, check_mrope_positions_equal_hf, check_patch_rows_equal_hf,
-                      check_prompt_ids_and_patches_are_the_processors, check_served_as_in_process,
-                      check_text_model_is_a_causal_lm, random_photo)
+from conftest import (TWO_IMAGE_TURNS, check_answers_equal_hf_generate, check_mrope_positions_equal_hf,
+                      check_patch_rows_equal_hf, check_prompt_ids_and_patches_are_the_processors,
+                      check_served_as_in_process, check_text_model_is_a_causal_lm, photos, requests_of_every_size)
 from vlm_export.errors import AdapterError
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 #: (height, width): the largest grid (12 x 12 patches, 3 x 3 windows of Qwen2.5-VL), uneven ones that cut windows
 #: short, the smallest (one merge block of 2 x 2 patches: 8 x 8 pixels)
 SIZES = [(300, 200), (20, 50), (70, 20), (3, 3), (64, 64), (41, 33)]
-TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text",
-                                                                                           "text": "and"},
-                                      {"type": "image"}]}]
-
-
-def _images(n: int, first: int = 0):
-    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
 
 
 @pytest.mark.parametrize("family, first", [("qwen2_vl", 0), ("qwen2_vl", 2), ("qwen2_vl", 3), ("qwen3_vl", 0)])
@@ -40,8 +33,8 @@ def test_prompt_ids_and_patches_are_the_processors(tiny_build, tiny_model_dir, f
 
     pipe = open_build(tiny_build(family).path)
     replace = (Qwen3VLProcessor if family == "qwen3_vl" else Qwen2VLProcessor).replace_image_token
-    ids, theirs, _ = check_prompt_ids_and_patches_are_the_processors(pipe, tiny_model_dir(family), TURNS,
-                                                                     _images(2, first), replace, "<|image_pad|>")
+    ids, theirs, _ = check_prompt_ids_and_patches_are_the_processors(pipe, tiny_model_dir(family), TWO_IMAGE_TURNS,
+                                                                     photos(SIZES, 2, first), replace, "<|image_pad|>")
     assert ids.count(pipe.layout.image_token_id) == int(theirs["image_grid_thw"].prod(axis=1).sum()) // 4
 
 
@@ -56,7 +49,7 @@ def test_image_rows_and_positions_equal_hf(tiny_model_dir, family):
 
     folder = tiny_model_dir(family)
     loaded = adapter_for(folder).load(folder)
-    flat, arranged, rows, levels = check_patch_rows_equal_hf(loaded, _images(len(SIZES)))
+    flat, arranged, rows, levels = check_patch_rows_equal_hf(loaded, photos(SIZES, len(SIZES)))
     assert levels == (2 if family == "qwen3_vl" else 0)
     check_mrope_positions_equal_hf(loaded, flat, arranged, rows, loaded.config.vision_start_token_id,
                                    loaded.config.vision_end_token_id)
@@ -75,8 +68,7 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     assert pipe.kv_in_place
     folder = tiny_model_dir(family)
     loaded = adapter_for(folder).load(folder)
-    requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES))]
-    check_answers_equal_hf_generate(pipe, loaded, requests + [(TURNS, _images(2, 3)), ("Tell me a story.", [])])
+    check_answers_equal_hf_generate(pipe, loaded, requests_of_every_size(SIZES))
 
 
 @pytest.mark.parametrize("family, lm", [("qwen2_vl", "qwen2"), ("qwen3_vl", "qwen3"), ("qwen3_vl_moe", "qwen3_moe")])

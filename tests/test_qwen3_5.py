@@ -7,20 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import (check_answers_equal_hf_generate, check_prompt_ids_and_patches_are_the_processors,
-                      check_rows_positions_and_largest_image, check_served_as_in_process,
-                      check_text_model_is_a_causal_lm, random_photo)
+from conftest import (TWO_IMAGE_TURNS, check_answers_equal_hf_generate,
+                      check_prompt_ids_and_patches_are_the_processors, check_rows_positions_and_largest_image,
+                      check_served_as_in_process, check_text_model_is_a_causal_lm, photos, requests_of_every_size)
 from vlm_export.errors import AdapterError
 
 #: (height, width): the largest grid (12 x 12 patches), grids larger and smaller than the 6 x 6 position grid, the
 #: smallest (one merge block)
 SIZES = [(300, 200), (20, 50), (70, 20), (3, 3), (64, 64), (41, 33)]
-TURNS = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"},
-                                      {"type": "text", "text": "and"}, {"type": "image"}]}]
-
-
-def _images(n: int, first: int = 0):
-    return [random_photo(first + k, SIZES[(first + k) % len(SIZES)]) for k in range(n)]
 
 
 @pytest.mark.parametrize("length", [1, 5, 70])  # 70: past Hugging Face's chunk of 64
@@ -91,7 +85,8 @@ def test_prompt_ids_and_patches_are_the_processors(tiny_build, tiny_model_dir):
 
     pipe = open_build(tiny_build("qwen3_5").path)
     _, _, text = check_prompt_ids_and_patches_are_the_processors(
-        pipe, tiny_model_dir("qwen3_5"), TURNS, _images(2), Qwen3VLProcessor.replace_image_token, "<|image_pad|>")
+        pipe, tiny_model_dir("qwen3_5"), TWO_IMAGE_TURNS, photos(SIZES, 2), Qwen3VLProcessor.replace_image_token,
+        "<|image_pad|>")
     assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
 
 
@@ -99,8 +94,8 @@ def test_image_rows_and_positions_equal_hf(tiny_model_dir):
     """The split tower and merger on a padded batch of images of every size give Hugging Face's
     ``get_image_features``; the scheme's positions are ``get_rope_index``'s; the largest image is exactly the
     adapter's most tokens per image."""
-    check_rows_positions_and_largest_image(tiny_model_dir("qwen3_5"), _images(len(SIZES)), "vision_start_token_id",
-                                           "vision_end_token_id")
+    check_rows_positions_and_largest_image(tiny_model_dir("qwen3_5"), photos(SIZES, len(SIZES)),
+                                           "vision_start_token_id", "vision_end_token_id")
 
 
 def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):
@@ -113,8 +108,7 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     pipe = open_build(tiny_build("qwen3_5").path)
     folder = tiny_model_dir("qwen3_5")
     loaded = adapter_for(folder).load(folder)
-    requests = [("What is in the picture?", _images(1, k)) for k in range(len(SIZES))]
-    check_answers_equal_hf_generate(pipe, loaded, requests + [(TURNS, _images(2, 3)), ("Tell me a story.", [])])
+    check_answers_equal_hf_generate(pipe, loaded, requests_of_every_size(SIZES))
 
 
 def test_text_model_is_an_ordinary_causal_lm(tiny_model_dir, tmp_path):
