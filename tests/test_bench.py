@@ -208,15 +208,16 @@ def test_distinct_requests_never_repeat_an_image(tiny_build):
     from vlm_export.bench.run import _photo_png
     from vlm_export.bench.served import distinct_requests
 
-    originals = [("a?", _photo_png("astronaut")), ("b?", _photo_png("coffee"))]  # coffee: 600 x 400
-    first, second = distinct_requests(originals, 300), distinct_requests(originals, 5, start=300)
+    originals = [("a?", _photo_png("astronaut")), ("b?", _photo_png("coffee"))]  # 512 x 512, 600 x 400
+    # the second set from shift 508 on: past the astronaut's 511 sideways shifts its rolls go down a row too
+    first, second = distinct_requests(originals, 12), distinct_requests(originals, 6, start=508)
     images = [png for _, png in first + second]
-    assert len(set(images)) == len(images) == 305 and not set(images) & {png for _, png in originals}
+    assert len(set(images)) == len(images) == 18 and not set(images) & {png for _, png in originals}
     assert [q for q, _ in first[:4]] == ["a?", "b?", "a?", "b?"]
-    for (_, png), (_, original) in zip(first[:2] + first[298:], originals * 2):
+    for (_, png), (_, original) in zip(first[:2] + second[4:], originals * 2):
         assert Image.open(io.BytesIO(png)).size == Image.open(io.BytesIO(original)).size
     pipe = open_build(tiny_build("llava-llama").path)
-    seen = [pipe.pixel_values([png]) for png in [png for _, png in originals + first[:6] + second[:2]]]
+    seen = [pipe.pixel_values([png]) for png in [png for _, png in originals + first[:6] + second]]
     for i, a in enumerate(seen):
         assert all(not np.array_equal(a, b) for b in seen[i + 1:])
 

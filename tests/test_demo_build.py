@@ -84,8 +84,8 @@ def recorded_answers(demo_build) -> list[str]:
 
 def test_batched_answers_equal_one_at_a_time(demo_build):
     """The in-process batch API (rows of different lengths decoded together, up to the build's
-    max_batch, joining and leaving as they go) gives every one of the 60 questions the same answer
-    as answering it alone (the build's own answers were batched), and the first 16 (four batches'
+    max_batch, joining and leaving as they go) gives the first 24 of the 60 questions the same answers
+    as answering each alone (the build's own answers were batched), and the first 16 (four batches'
     worth) the same greedy tokens."""
     from vlm_export.compare.accuracy import MAX_ANSWER_TOKENS
     from vlm_export.runtime.generate import GenerationConfig, GenerationRequest, generate, generate_batch
@@ -93,10 +93,10 @@ def test_batched_answers_equal_one_at_a_time(demo_build):
 
     pipe = open_build(demo_build.path)
     config = GenerationConfig(max_new_tokens=MAX_ANSWER_TOKENS)
-    items = fixed_subset()
+    items = fixed_subset()[:24]
     assert pipe.limits.max_batch == 4 < 16  # rows join and leave: more questions than a batch holds
     alone = [generate(pipe, it.question, [it.image], config) for it in items]
-    assert [r.text for r in alone] == recorded_answers(demo_build)
+    assert [r.text for r in alone] == recorded_answers(demo_build)[:24]
     batched = generate_batch(pipe, [GenerationRequest(it.question, (it.image,), config) for it in items[:16]])
     assert [r.token_ids for r in batched] == [r.token_ids for r in alone[:16]]
 
