@@ -18,13 +18,15 @@ from vlm_export.evaluate import evaluate_build
 
 pytestmark = pytest.mark.slow  # every test here uses the demo build
 
-SUBSET = 60
-# REGRESSION PIN, not an independent reference: 54 of these 60 questions answered right by the fp32
-# PyTorch reference (and identically by ONNX Runtime) in this file's demo build, measured 2026-11-26 on
-# the committed weights (README: "every 161st test question (60) ... 90.0%"). It catches a change
-# that costs answers; re-measure and update it (with the date) when the weights or SmolLM2 change.
+# Every 322nd test question: every other one of the 60 `vlm-export demo` answers (README: "every 161st test
+# question (60) ... 90.0%"), half its accuracy check's cost in each test run.
+SUBSET = 30
+# REGRESSION PIN, not an independent reference: 26 of these 30 questions answered right by the fp32
+# PyTorch reference (and identically by ONNX Runtime) in this file's demo build, read off the 60 answers a
+# build recorded on 2026-12-07 (54 of 60 right, as measured 2026-11-26) on the committed weights. It catches
+# a change that costs answers; re-measure and update it (with the date) when the weights or SmolLM2 change.
 # A margin of two answers allows for float noise across machines.
-SUBSET_ACCURACY = 54 / 60
+SUBSET_ACCURACY = 26 / 30
 MARGIN = 2 / SUBSET
 
 
@@ -64,12 +66,12 @@ def test_onnxruntime_answers_like_pytorch(demo_build):
     assert accuracy["gate"]["passed"] and accuracy["gate"]["drop_points"] == {"onnxruntime": 0.0}
     assert torch_result["accuracy"] >= SUBSET_ACCURACY - MARGIN  # the pin above
     # independently: the training run's own HF-generate accuracy on the whole test split (9,673
-    # questions, H100, recorded with the weights); 60 questions estimate it within 3 standard errors
+    # questions, H100, recorded with the weights); 30 questions estimate it within 3 standard errors
     from vlm_export.demo.model import RECIPE_FILE, WEIGHTS_DIR
 
     whole = json.loads((WEIGHTS_DIR / RECIPE_FILE).read_text())["accuracy"]["test"]
     assert whole["questions"] == 9673
-    spread = 3 * (whole["accuracy"] * (1 - whole["accuracy"]) / SUBSET) ** 0.5  # about 0.12
+    spread = 3 * (whole["accuracy"] * (1 - whole["accuracy"]) / SUBSET) ** 0.5  # about 0.16
     assert abs(torch_result["accuracy"] - whole["accuracy"]) <= spread, (torch_result["accuracy"], whole)
 
 
@@ -84,7 +86,7 @@ def recorded_answers(demo_build) -> list[str]:
 
 def test_batched_answers_equal_one_at_a_time(demo_build):
     """The in-process batch API (rows of different lengths decoded together, up to the build's
-    max_batch, joining and leaving as they go) gives the first 24 of the 60 questions the same answers
+    max_batch, joining and leaving as they go) gives the first 24 of the SUBSET questions the same answers
     as answering each alone (the build's own answers were batched), and the first 16 (four batches'
     worth) the same greedy tokens."""
     from vlm_export.compare.accuracy import MAX_ANSWER_TOKENS
@@ -128,7 +130,7 @@ def test_eval_on_a_question_folder(demo_build, tmp_path):
     (folder / "images").mkdir(parents=True)
     lines = []
     # 6 questions, 3 in the spread: enough to show the folder read, judged, recorded and subsampled
-    # (torch and ONNX Runtime agreeing on 60 questions is the build's own check, tested above)
+    # (torch and ONNX Runtime agreeing on SUBSET questions is the build's own check, tested above)
     for i, item in enumerate(fixed_subset(6)):
         shutil.copy(item.image, folder / "images" / f"{i}.png")
         lines.append(json.dumps({"image": f"images/{i}.png", "question": item.question, "answer": item.answer}))
@@ -143,7 +145,7 @@ def test_eval_on_a_question_folder(demo_build, tmp_path):
 
 
 def test_served_demo_matches_in_process(demo_build, tmp_path):
-    """60 questions, 8 at a time through the served model's one batching loop, mixed with
+    """SUBSET questions, 8 at a time through the served model's one batching loop, mixed with
     requests that stream, that stop early on a stop string and that are cancelled mid-stream:
     every answer equals the in-process one-at-a-time answer (the build's own)."""
     from concurrent.futures import ThreadPoolExecutor

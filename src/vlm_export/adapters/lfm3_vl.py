@@ -30,8 +30,8 @@ from . import register
 from .base import LoadedModel
 from .decoder import SplicingDecoder
 from .hybrid import FULL, SLIDING, HybridDecoder, Mixer, hybrid_geometry
-from .qwen2_vl import (Qwen2VLAdapter, _rotate_half, image_attention_mask, image_grid_sizes, masked_attention,
-                       patch_grids)
+from .qwen2_vl import (BlockMergeProjector, Qwen2VLAdapter, _rotate_half, image_attention_mask, image_grid_sizes,
+                       masked_attention, patch_grids)
 
 
 def short_conv(module: nn.Module, hidden_states, mask, conv_state):
@@ -139,21 +139,6 @@ class ConvAttentionPatchTower(nn.Module):
         return attn.out_proj(masked_attention(q, k, v, mask, attn.scaling))
 
 
-class NormMergeProjector(nn.Module):
-    """image_features [images, patches, width] -> image_embeds [images, patches / merge², hidden]: Hugging Face's
-    ``Lfm3VlMultiModalProjector`` (each patch normed, each block of ``merge²`` consecutive patches one row, an MLP)."""
-
-    def __init__(self, projector: nn.Module):
-        super().__init__()
-        self.projector = projector
-
-    def forward(self, image_features):
-        p = self.projector
-        images = image_features.shape[0]
-        merged = p.layer_norm(image_features).reshape(images, -1, p.merged_hidden_size)
-        return p.linear_2(p.act(p.linear_1(merged)))
-
-
 @register
 class Lfm3VlAdapter(Qwen2VLAdapter):
     name = "lfm3_vl"
@@ -166,7 +151,8 @@ class Lfm3VlAdapter(Qwen2VLAdapter):
     def vision_modules(self, loaded: LoadedModel) -> tuple[nn.Module, nn.Module]:
         model = loaded.model.model
         return (ConvAttentionPatchTower(model.vision_tower, loaded.config.vision_config.spatial_merge_size),
-                NormMergeProjector(model.multi_modal_projector))
+                BlockMergeProjector(model.multi_modal_projector, "layer_norm",
+                                    int(loaded.config.vision_config.spatial_merge_size) ** 2))
 
     def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
         text = loaded.config.text_config

@@ -25,8 +25,8 @@ from torch import nn
 from ..contract.layout import PATCH_POSITIONS
 from . import register
 from .base import LoadedModel
-from .qwen2_vl import (PatchVisionTower, Qwen2VLAdapter, image_attention_mask, patch_grids, rotary_attention,
-                       separate_heads)
+from .qwen2_vl import (BlockMergeProjector, PatchVisionTower, Qwen2VLAdapter, image_attention_mask, patch_grids,
+                       rotary_attention, separate_heads)
 from .qwen3_vl import resampled_grid
 
 
@@ -59,22 +59,6 @@ class SiglipPatchTower(PatchVisionTower):
         return self.tower.post_layernorm(hidden)
 
 
-class BlockMergeProjector(nn.Module):
-    """image_features [images, patches, width] -> image_embeds [images, patches / merge², hidden]: the projector's
-    norm per patch, each merge block's ``merge²`` consecutive patches joined (row in block, column in block,
-    channel: the order Hugging Face reshapes them into) and its MLP."""
-
-    def __init__(self, projector: nn.Module, merge: int, hidden_size: int):
-        super().__init__()
-        self.projector, self.block, self.hidden_size = projector, merge * merge, hidden_size
-
-    def forward(self, image_features):
-        images, patches, width = image_features.shape
-        p = self.projector
-        blocks = p.pre_norm(image_features).reshape(images * patches // self.block, self.block * width)
-        return p.linear_2(p.act(p.linear_1(blocks))).reshape(images, -1, self.hidden_size)
-
-
 @register
 class PaddleOCRVLAdapter(Qwen2VLAdapter):
     name = "paddleocr_vl"
@@ -88,8 +72,8 @@ class PaddleOCRVLAdapter(Qwen2VLAdapter):
     def vision_modules(self, loaded: LoadedModel) -> tuple[nn.Module, nn.Module]:
         model = loaded.model.model
         return (SiglipPatchTower(model.visual.vision_model),
-                BlockMergeProjector(model.projector, int(loaded.config.vision_config.spatial_merge_size),
-                                    loaded.config.text_config.hidden_size))
+                BlockMergeProjector(model.projector, "pre_norm",
+                                    int(loaded.config.vision_config.spatial_merge_size) ** 2))
 
     def _text_lm_settings(self, loaded: LoadedModel) -> dict:
         # ERNIE 4.5's biases are one switch; Llama's two

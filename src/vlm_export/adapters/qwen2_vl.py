@@ -154,6 +154,23 @@ class PatchMergerProjector(nn.Module):
         return self.merger(image_features.reshape(images * patches, width)).reshape(images, -1, self.hidden_size)
 
 
+class BlockMergeProjector(nn.Module):
+    """image_features [images, patches, width] -> image_embeds [images, patches / block, hidden]: a projector that norms
+    each patch (its module ``norm`` names), joins each merge block's ``block`` consecutive patches into one row (row
+    in block, column in block, channel: the order Hugging Face reshapes them into) and runs its MLP (``linear_1``,
+    ``act``, ``linear_2``): PaddleOCR-VL's and LFM3-VL's."""
+
+    def __init__(self, projector: nn.Module, norm: str, block: int):
+        super().__init__()
+        self.projector, self.norm, self.block = projector, norm, block
+
+    def forward(self, image_features):
+        p = self.projector
+        images, _, width = image_features.shape
+        blocks = getattr(p, self.norm)(image_features).reshape(images, -1, self.block * width)
+        return p.linear_2(p.act(p.linear_1(blocks)))
+
+
 def patch_grids(pixel_values: dict) -> list[tuple[int, int]]:
     """Each image's grid of patches (rows, columns), read back from the image path's rows of patches (the real ones'
     largest places): what a Hugging Face reference gives the model beside them."""
