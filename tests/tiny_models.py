@@ -139,8 +139,9 @@ TEXT_FAMILIES = {
 
 #: tiny LLaVA text families whose layers are all alike get one decoder layer: what is theirs is in every layer, and a
 #: layer costs ~4.5 CPU-s of the export (the two-layer families - Llama, Qwen2, Mistral, Qwen3, Gemma 2 and 3 - carry
-#: the cache from layer to layer; test_fuse's own families count their fusions over two layers)
-ONE_LAYER_FAMILIES = {"phi3-longrope", "phi", "falcon-mq", "cohere", "gptneox", "llama-head24", "stablelm-qknorm",
+#: the cache from layer to layer; test_fuse's own families count their fusions over two layers, and a one-layer
+#: longrope model no longer shows the batched failure test_forms needs)
+ONE_LAYER_FAMILIES = {"phi", "falcon-mq", "cohere", "gptneox", "llama-head24", "stablelm-qknorm",
                       "glm", "gptj", "mixtral", "llama-dynamic-rope", "granite", "olmo2", "starcoder2"}
 
 
