@@ -1010,6 +1010,58 @@ def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patc
     return path
 
 
+def make_tiny_minicpm_v(path: Path, seed: int = 0, family: str = "minicpmv4_6", patch_size: int = 4,
+                        scale_resolution: int = 48, max_slice_nums: int = 4, use_image_id: bool = True,
+                        text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+    """A tiny random MiniCPM-V 4.6 (``family`` "minicpmv4_6": tokens merged 16 times, a window-attention merger after
+    vision layer 1 of 3, then a 2 x 2 merge MLP) or MiniCPM-OCR ("minicpm_ocr": merged 4 times, the merge MLP alone;
+    tied embeddings): a SigLIP-like tower on slices of any size (a 8 x 8 position table looked up nearest), over
+    Qwen3.5's hybrid LM (gated delta-nets around a gated full-attention layer, plain positions); its image processor
+    (PIL) gives an overview of about ``scale_resolution``² pixels and up to ``max_slice_nums`` slices; SmolLM2's
+    tokenizer with MiniCPM's image, slice and image-id tokens added, Qwen3-VL's chat template form. Saved as Qwen2-VL's
+    tiny model is (the processor needs torchvision to load: its video processor)."""
+    from transformers import AutoTokenizer, MiniCPMOcrConfig, MiniCPMOcrForConditionalGeneration
+    from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
+    from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), extra_special_tokens={
+        "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>", "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>", "image_start_token": "<image>", "image_end_token": "</image>",
+        "slice_start_token": "<slice>", "slice_end_token": "</slice>", "image_id_start_token": "<image_id>",
+        "image_id_end_token": "</image_id>"})
+    ids = {"image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+           "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>")}
+    text = {**dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_key_heads=2,
+                   linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12,
+                   linear_conv_kernel_dim=4), **(text_sizes or {})}
+    turned = text["head_dim"] // 2
+    text.update(model_type="qwen3_5_text", num_hidden_layers=len(text["layer_types"]),
+                vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                pad_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                 "partial_rotary_factor": 0.5, "mrope_interleaved": True,
+                                                 "mrope_section": [turned // 2 - 2 * (turned // 6), turned // 6,
+                                                                   turned // 6]})
+    vision = {**dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
+                     image_size=32), **(vision_sizes or {}), "patch_size": patch_size}
+    ocr = family == "minicpm_ocr"
+    if family not in ("minicpmv4_6", "minicpm_ocr"):
+        raise ValueError(f"family {family!r}: minicpmv4_6 or minicpm_ocr")
+    mode = "4x" if ocr else "16x"
+    config_cls, model_cls = ((MiniCPMOcrConfig, MiniCPMOcrForConditionalGeneration) if ocr else
+                             (MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration))
+    cfg = config_cls(text_config=text, vision_config=vision, insert_layer_id=1, downsample_mode=mode,
+                     tie_word_embeddings=ocr, **ids)
+    torch.manual_seed(seed)
+    model_cls(cfg).eval().save_pretrained(path)
+    MiniCPMV4_6ImageProcessorPil(patch_size=patch_size, scale_resolution=scale_resolution,
+                                 max_slice_nums=max_slice_nums, downsample_mode=mode,
+                                 use_image_id=use_image_id).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(QWEN3_VL_CHAT_TEMPLATE)
+    return path
+
+
 def make_tiny_lfm3_vl(path: Path, seed: int = 0, patch_size: int = 4, merge: int = 2, min_pixels: int = 8 * 8,
                       max_pixels: int = 48 * 48, text_sizes: dict | None = None, vision_sizes: dict | None = None,
                       tie_word_embeddings: bool = True) -> Path:

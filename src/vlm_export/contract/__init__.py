@@ -17,7 +17,7 @@ An encoder-decoder LM adds one ``encoder`` stage that its scheme names and the r
 per prefill (``encdec.EncoderDecoderScheme``).
 """
 from .geometry import DecoderGeometry, LayerState
-from .layout import LAYOUTS, AnyResTiles, ImageCrops, ImagePatches, ImageText, ImageTiles, PromptLayout
+from .layout import LAYOUTS, AnyResTiles, ImageCrops, ImagePatches, ImageSlices, ImageText, ImageTiles, PromptLayout
 from .limits import Limits
 from .scheme import DecodeBatch, DecodingScheme, Range, register_scheme, registered_schemes, scheme_from_dict
 from .stages import (DECODER, DECODER_PRECISIONS, ENCODER, IMAGE, IMAGE_PRECISIONS, StageSpec, TensorSpec, check_chain,
@@ -25,7 +25,7 @@ from .stages import (DECODER, DECODER_PRECISIONS, ENCODER, IMAGE, IMAGE_PRECISIO
 from . import anyres, cross, encdec, mrope, patches, spliced  # noqa: F401  (register the built-in schemes)
 
 __all__ = [
-    "DecoderGeometry", "LayerState", "LAYOUTS", "AnyResTiles", "ImageCrops", "ImagePatches", "ImageText", "ImageTiles", "PromptLayout", "Limits", "DecodeBatch", "DecodingScheme",
+    "DecoderGeometry", "LayerState", "LAYOUTS", "AnyResTiles", "ImageCrops", "ImagePatches", "ImageSlices", "ImageText", "ImageTiles", "PromptLayout", "Limits", "DecodeBatch", "DecodingScheme",
     "Range",
     "register_scheme", "registered_schemes", "scheme_from_dict", "IMAGE", "ENCODER", "DECODER", "StageSpec", "TensorSpec",
     "image_stages", "prompt_inputs", "check_image_text", "stages_from_manifest", "check_chain", "IMAGE_PRECISIONS",

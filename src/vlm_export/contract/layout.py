@@ -106,7 +106,7 @@ class ImageTiles:
         """The processor's outputs as the image path reads them (tiles are already one image each)."""
         return processed
 
-    def text(self, grid: tuple[int, int], token: str, per_tile: int) -> str:
+    def text(self, grid: tuple[int, int], token: str, per_tile: int, index: int = 0) -> str:
         rows, cols = grid
         tokens = (self.token or token) * per_tile
         if not rows * cols:
@@ -159,7 +159,7 @@ class ImageCrops:
     def arranged(self, processed: dict) -> dict:
         return processed  # the whole images and crops are already one image each
 
-    def text(self, grid: tuple[int, int], token: str = "", per_tile: int = 0) -> str:
+    def text(self, grid: tuple[int, int], token: str = "", per_tile: int = 0, index: int = 0) -> str:
         """The text of an image of ``grid`` (``image`` holds its tokens: the layout's image token is the mark its
         chat template writes, which this text replaces)."""
         crops = grid[0] * grid[1]
@@ -248,7 +248,7 @@ class ImagePatches:
         rows, cols = grid
         return rows * cols // self.merge ** 2
 
-    def text(self, grid: tuple[int, int], token: str, per_tile: int = 0) -> str:
+    def text(self, grid: tuple[int, int], token: str, per_tile: int = 0, index: int = 0) -> str:
         if not (self.row_end or self.end):
             return token * self.tokens(grid)
         rows, cols = grid[0] // self.merge, grid[1] // self.merge
@@ -341,6 +341,138 @@ class ImagePatches:
         blocks = (rows // m, m, cols // m, m)
         return np.stack([r.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1),
                          c.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1)], axis=-1)
+
+
+@dataclass(frozen=True)
+class ImageSlices:
+    """An image its processor gives as an overview (the whole image resized to about the tower's area at its own
+    aspect) and, where it is larger, as ``rows x cols`` equal slices of the image resized to fit them, each of them a
+    grid of patches of its own size (MiniCPM-V 4.6's and MiniCPM-OCR's ``MiniCPMV4_6ImageProcessor``). The processor
+    packs every patch of every slice in one ``pixel_values [1, channels, patch, patches x patch]`` (NaViT's: each
+    patch its ``patch`` columns, row-major within each slice), with each slice's grid of patches in ``target_sizes
+    [slices, (rows, cols)]``, each image's slice count in ``num_patches_per_image`` and its grid of slices in
+    ``grids`` ([0, 0]: the overview alone).
+
+    The image path reads one row of patches per slice (the overview first, then the slices row-major: the
+    processor's order), as :class:`ImagePatches` rows are read (``pixel_values [slices, patches, channels x patch x
+    patch]`` padded to the batch's largest, ``patch_positions``, ``patch_mask``), the patches of each ``merge x
+    merge`` block consecutive and, within a block, in 2 x 2 blocks of 2 x 2 blocks (the order the model merges them
+    in: each 2 x 2 window of patches, then each 2 x 2 block of merged windows; ``merge`` is 2 where it merges once).
+    Each slice becomes ``rows x cols / merge²`` image tokens. An image's "grid" is (overview rows, overview cols,
+    slice rows, slice cols, each slice's rows, each slice's cols) in patches and slices.
+
+    Its text, as the processor writes it: ``numbered`` (``{index}``: the image's place in its prompt, from 0; empty
+    where the processor numbers no images), ``start`` + the overview's tokens + ``end``, then each row of slices
+    (``slice_start`` + a slice's tokens + ``slice_end`` for each) joined by ``row_sep``."""
+
+    merge: int
+    max_patches: int
+    max_slices: int
+    patch: int
+    start: str
+    end: str
+    slice_start: str
+    slice_end: str
+    row_sep: str = "\n"
+    numbered: str = ""
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
+    one_prompt: ClassVar[bool] = False  # each image cut alone
+    fewer_tokens: ClassVar[str] = ("save the image processor with fewer slices per image (max_slice_nums) or a smaller "
+                                   "scale_resolution")
+    #: no attention windows (``ImagePatches.window``)
+    window: ClassVar[int] = 0
+    max_window_slots: ClassVar[int] = 0
+
+    def __post_init__(self) -> None:
+        if self.merge < 2 or self.merge & (self.merge - 1) or self.max_patches < self.merge ** 2:
+            raise ValueError(f"slices merged in blocks of {self.merge} x {self.merge} patches, at most {self.max_patches} "
+                             "per slice: a power of two from 2, and room for one block")
+        if self.max_slices < 0 or self.patch < 1:
+            raise ValueError(f"at most {self.max_slices} slices of patches of {self.patch} pixels: none or more slices, "
+                             "a positive patch")
+
+    @property
+    def max_tiles(self) -> int:
+        """Rows of the image path one image becomes at most: its overview and its slices."""
+        return 1 + self.max_slices
+
+    @staticmethod
+    def count(grid: tuple[int, ...]) -> int:
+        return 1 + grid[2] * grid[3]
+
+    def tokens(self, grid: tuple[int, ...], per_tile: int = 0) -> int:
+        overview, each = grid[0] * grid[1], grid[4] * grid[5]
+        return (overview + grid[2] * grid[3] * each) // self.merge ** 2
+
+    def most_tokens(self, per_tile: int = 0) -> int:
+        return self.max_tiles * (self.max_patches // self.merge ** 2)
+
+    def text(self, grid: tuple[int, ...], token: str, per_tile: int = 0, index: int = 0) -> str:
+        h, w, rows, cols, sh, sw = grid
+        unit = self.merge ** 2
+        out = self.numbered.format(index=index) + self.start + token * (h * w // unit) + self.end
+        row = (self.slice_start + token * (sh * sw // unit) + self.slice_end) * cols
+        return out + self.row_sep.join([row] * rows) if rows * cols else out
+
+    def grids(self, processed: dict) -> list[tuple[int, ...]]:
+        sizes = np.asarray(processed["target_sizes"]).reshape(-1, 2)
+        counts = [int(n) for n in np.ravel(processed["num_patches_per_image"])]
+        layouts = np.asarray(processed["grids"]).reshape(-1, 2)
+        if sum(counts) != len(sizes) or len(counts) != len(layouts):
+            raise ValueError(f"the image processor gives {len(sizes)} slices for {len(counts)} images of "
+                             f"{sum(counts)} slices")
+        if (sizes % self.merge).any() or not sizes.all():
+            raise ValueError(f"slice grids {sizes.tolist()}: each a whole number of {self.merge} x {self.merge} blocks "
+                             "of patches (the image processor makes them with the model's own downsample_mode)")
+        grids, first = [], 0
+        for n, (rows, cols) in zip(counts, layouts.tolist()):
+            slices = sizes[first + 1:first + n]
+            if n != 1 + rows * cols or (len(slices) and (slices != slices[0]).any()):
+                raise ValueError(f"an image of {n} slices for a grid of {rows} x {cols}, of sizes "
+                                 f"{sizes[first:first + n].tolist()}: the overview and equal slices are read")
+            h, w = (int(v) for v in sizes[first])
+            sh, sw = (int(v) for v in slices[0]) if len(slices) else (0, 0)
+            grids.append((h, w, int(rows), int(cols), sh, sw))
+            first += n
+        return grids
+
+    def arranged(self, processed: dict) -> dict:
+        """``processed`` as the image path reads it: a row of patches per slice, padded, with each patch's place in
+        its slice (``PATCH_POSITIONS``, in the merge order) and realness (``PATCH_MASK``)."""
+        self.grids(processed)  # the counts checked
+        pixels = np.asarray(processed["pixel_values"])
+        sizes = np.asarray(processed["target_sizes"]).reshape(-1, 2)
+        p = self.patch
+        if pixels.ndim != 4 or pixels.shape[0] != 1 or pixels.shape[2] != p or pixels.shape[3] % p:
+            raise ValueError(f"packed pixel_values of shape {list(pixels.shape)}: [1, channels, {p}, patches x {p}] "
+                             "read (the image processor's own patch_size)")
+        channels, total = pixels.shape[1], pixels.shape[3] // p
+        if int(sizes.prod(axis=1).sum()) != total:
+            raise ValueError(f"the image processor gives {total} patches for slices totalling "
+                             f"{int(sizes.prod(axis=1).sum())}")
+        # [channels, p, patches, p] -> [patches, channels x p x p]: each patch as a convolution of its size reads it
+        flat = pixels[0].reshape(channels, p, total, p).transpose(2, 0, 1, 3).reshape(total, -1)
+        width = int(sizes.prod(axis=1).max()) if len(sizes) else 0
+        out = np.zeros((len(sizes), width, flat.shape[1]), dtype=pixels.dtype)
+        positions = np.zeros((len(sizes), width, 2), dtype=np.int64)
+        mask = np.zeros((len(sizes), width), dtype=np.int64)
+        first = 0
+        for k, (h, w) in enumerate(sizes.tolist()):
+            place = self.patch_positions(h, w)
+            out[k, :h * w] = flat[first + place[:, 0] * w + place[:, 1]]  # row-major in, merge order out
+            positions[k, :h * w], mask[k, :h * w] = place, 1
+            first += h * w
+        return {**processed, "pixel_values": out, PATCH_POSITIONS: positions, PATCH_MASK: mask}
+
+    def patch_positions(self, rows: int, cols: int) -> np.ndarray:
+        """[rows x cols, 2]: (row, col) of each patch in the merge order: ``merge x merge`` blocks row-major, each
+        of them its 2 x 2 quarters row-major, down to the patches."""
+        m = self.merge
+        place = np.stack(np.meshgrid(np.arange(rows // m), np.arange(cols // m), indexing="ij"), -1).reshape(-1, 2)
+        quarters = np.array([(0, 0), (0, 1), (1, 0), (1, 1)])
+        while m > 1:
+            place, m = (2 * place[:, None, :] + quarters).reshape(-1, 2), m // 2
+        return place
 
 
 def best_resolution(size: tuple[int, int], pinpoints) -> tuple[int, int]:
@@ -442,7 +574,7 @@ class AnyResTiles:
             most = max(most, *(p * p + h2 * (w2 + 1) for h2, w2 in (self._shrunk(r, c) for r, c in kept)))
         return most
 
-    def text(self, size: tuple[int, int], token: str, per_tile: int = 0) -> str:
+    def text(self, size: tuple[int, int], token: str, per_tile: int = 0, index: int = 0) -> str:
         return token * self.tokens(size)
 
     def grids(self, processed: dict) -> list[tuple[int, int]]:
@@ -513,11 +645,13 @@ def _linear_sources(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([first, second], axis=1), np.stack([np.float32(1) - far, far], axis=1).astype(np.float32)
 
 
-def image_arrangement(d: dict[str, Any] | None) -> "ImageTiles | ImagePatches | AnyResTiles | ImageCrops | None":
-    """A layout's ``image_tiles`` from its manifest form (patches are told by their ``merge``, any-resolution tiles
-    by their ``pinpoints``, crops by their ``max_crops``)."""
+def image_arrangement(d: dict[str, Any] | None) -> "ImageTiles | ImagePatches | ImageSlices | AnyResTiles | ImageCrops | None":
+    """A layout's ``image_tiles`` from its manifest form (slices are told by their ``max_slices``, patches by their
+    ``merge``, any-resolution tiles by their ``pinpoints``, crops by their ``max_crops``)."""
     if not d:
         return None
+    if "max_slices" in d:
+        return ImageSlices(**d)
     if "merge" in d:
         return ImagePatches(**d)
     if "max_crops" in d:
@@ -555,7 +689,7 @@ class PromptLayout:
     text_after: str = ""
     #: an image cut into tiles or patches by its processor (see the module docstring); None: one image, one run
     #: of ``tokens_per_image`` tokens
-    image_tiles: "ImageTiles | ImagePatches | AnyResTiles | ImageCrops | None" = None
+    image_tiles: "ImageTiles | ImagePatches | ImageSlices | AnyResTiles | ImageCrops | None" = None
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUTS:
@@ -579,7 +713,7 @@ class PromptLayout:
             if not d[name]:
                 del d[name]
         tiles = d.get("image_tiles") or {}
-        defaults = (("patch", "row_end", "end", "raster") if "merge" in tiles else
+        defaults = (() if "max_slices" in tiles else ("patch", "row_end", "end", "raster") if "merge" in tiles else
                     ("token",) if "counted_by" in tiles else ())
         for name in defaults:  # likewise (ImagePatches' and ImageTiles' defaults)
             if not tiles[name]:
@@ -590,10 +724,11 @@ class PromptLayout:
     def tiled(self) -> bool:
         return self.image_tiles is not None
 
-    def expanded_image(self, grid: tuple[int, int] = (0, 0)) -> str:
-        """The text one written image token becomes (``image_sequence``; a tiled image's, by its grid)."""
+    def expanded_image(self, grid: tuple[int, ...] = (0, 0), index: int = 0) -> str:
+        """The text one written image token becomes (``image_sequence``; a tiled image's, by its grid and its place
+        in the prompt, from 0)."""
         if self.image_tiles is not None:
-            return self.image_tiles.text(grid, self.image_token or "", self.tokens_per_image)
+            return self.image_tiles.text(grid, self.image_token or "", self.tokens_per_image, index)
         return self.image_sequence or (self.image_token or "") * self.tokens_per_image
 
     @property

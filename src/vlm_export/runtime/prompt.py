@@ -110,8 +110,8 @@ def _expand_images(layout: PromptLayout, text: str, grids: Sequence[tuple[int, i
         raise InputError(f"the prompt holds {len(parts) - 1} image tokens {layout.image_token!r} for {len(grids)} "
                          "image(s): write one per image, or none")
     out = [parts[0]]
-    for grid, part in zip(grids, parts[1:]):
-        out += [layout.expanded_image(grid), part]
+    for index, (grid, part) in enumerate(zip(grids, parts[1:])):
+        out += [layout.expanded_image(grid, index), part]
     return "".join(out)
 
 
