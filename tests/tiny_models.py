@@ -1012,9 +1012,10 @@ def make_tiny_qwen2_vl(path: Path, seed: int = 0, family: str = "qwen2_vl", patc
 
 def make_tiny_minicpm_v(path: Path, seed: int = 0, family: str = "minicpmv4_6", patch_size: int = 4,
                         scale_resolution: int = 48, max_slice_nums: int = 4, use_image_id: bool = True,
+                        slice_mode: bool = True, insert_layer_id: int = 1, tie_word_embeddings: bool | None = None,
                         text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
     """A tiny random MiniCPM-V 4.6 (``family`` "minicpmv4_6": tokens merged 16 times, a window-attention merger after
-    vision layer 1 of 3, then a 2 x 2 merge MLP) or MiniCPM-OCR ("minicpm_ocr": merged 4 times, the merge MLP alone;
+    vision layer ``insert_layer_id`` (1 of 3), then a 2 x 2 merge MLP) or MiniCPM-OCR ("minicpm_ocr": merged 4 times, the merge MLP alone;
     tied embeddings): a SigLIP-like tower on slices of any size (a 8 x 8 position table looked up nearest), over
     Qwen3.5's hybrid LM (gated delta-nets around a gated full-attention layer, plain positions); its image processor
     (PIL) gives an overview of about ``scale_resolution``² pixels and up to ``max_slice_nums`` slices; SmolLM2's
@@ -1050,13 +1051,13 @@ def make_tiny_minicpm_v(path: Path, seed: int = 0, family: str = "minicpmv4_6", 
     mode = "4x" if ocr else "16x"
     config_cls, model_cls = ((MiniCPMOcrConfig, MiniCPMOcrForConditionalGeneration) if ocr else
                              (MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration))
-    cfg = config_cls(text_config=text, vision_config=vision, insert_layer_id=1, downsample_mode=mode,
-                     tie_word_embeddings=ocr, **ids)
+    cfg = config_cls(text_config=text, vision_config=vision, insert_layer_id=insert_layer_id, downsample_mode=mode,
+                     tie_word_embeddings=ocr if tie_word_embeddings is None else tie_word_embeddings, **ids)
     torch.manual_seed(seed)
     model_cls(cfg).eval().save_pretrained(path)
     MiniCPMV4_6ImageProcessorPil(patch_size=patch_size, scale_resolution=scale_resolution,
-                                 max_slice_nums=max_slice_nums, downsample_mode=mode,
-                                 use_image_id=use_image_id).save_pretrained(path)
+                                 max_slice_nums=max_slice_nums, downsample_mode=mode, use_image_id=use_image_id,
+                                 slice_mode=slice_mode).save_pretrained(path)
     tokenizer.save_pretrained(path)
     (path / "chat_template.jinja").write_text(QWEN3_VL_CHAT_TEMPLATE)
     return path

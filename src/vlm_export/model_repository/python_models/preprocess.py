@@ -1,6 +1,12 @@
 """Triton python model: encoded image bytes (PNG/JPEG, raw or base64) -> every image-processor
 output the image stages read (this model's config outputs: pixel_values, and for tiled models such
 as mllama aspect_ratio_ids and aspect_ratio_mask), with the build's own image processor."""
+import sys
+
+# The served models never use torch (the deploy image has none). Where it is installed (a development venv)
+# transformers would import it all the same: hidden here, each stub starts as it does in the image, about 3.5 CPU-s
+# sooner and 300 MB smaller (measured on this model and preprocess's).
+sys.modules.setdefault("torch", None)
 import json
 
 import numpy as np

