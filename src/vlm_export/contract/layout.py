@@ -26,7 +26,8 @@ image the processor cuts into as many patches as its size needs (Qwen2-VL's; :cl
 rows follow its grid of patches. Or an image resized into the best of a few resolutions and cut into tiles
 (LLaVA-NeXT's; :class:`AnyResTiles`): its rows follow its size, packed from its tiles' by the
 ``spliced_anyres`` scheme. Or an image given whole and, where it is long enough, as a few crops (Gemma 3's pan
-and scan; :class:`ImageCrops`).
+and scan; :class:`ImageCrops`). Or an image given as an overview and a grid of equal slices, each as many patches as
+its size needs (MiniCPM-V 4.6's; :class:`ImageSlices`), written with its number in the prompt.
 
 ``add_special_tokens``: whether the tokenizer adds its own special tokens (BOS) to the text: on where
 the model's processor tokenizes plain text with them (BLIP-2, InstructBLIP). An ``inline`` layout
