@@ -129,6 +129,7 @@ TINY_MODELS = {
     # MiniCPM-V 4.6: an overview and slices of any size, a SigLIP tower with a window-attention merger, a 2 x 2 merge
     # MLP (16 patches per token), Qwen3.5's hybrid LM with plain positions (MiniCPM-OCR's 4x form: test_minicpm_v)
     "minicpm_v": (make_tiny_minicpm_v, {}),
+    "minicpm_v4_7": (make_tiny_minicpm_v, {"family": "minicpmv4_7"}),  # its positions on a canvas of the image
     # Cosmos3 Edge: Qwen2-VL's patches and M-RoPE (interleaved), a SigLIP2 tower with an antialiased resized grid, a
     # Llama-style LM with a ReLU² MLP without a gate
     "cosmos3_edge": (make_tiny_cosmos3_edge, {}),

@@ -217,3 +217,85 @@ def test_a_tokenizer_without_the_slice_tokens_is_refused(tiny_model_dir, tmp_pat
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterError, match="names no slice_start_token, slice_end_token"):
         _load(folder)
+
+
+# ---- MiniCPM-V 4.7: the same image path and LM, positions on a canvas (contract/canvas.py) -----------------------
+
+def test_spread_is_torchs_linspace_rounded():
+    """The canvas's evenly spread places = ``torch.linspace(0, size - 1, count).round()`` for every size and count up
+    to 120 x 60 (float32, computed from both ends as its CPU kernel does: a float64 linspace rounds some halves the
+    other way)."""
+    import torch
+
+    from vlm_export.contract.canvas import _spread
+
+    for size in range(1, 121):
+        for count in range(1, 61):
+            want = torch.linspace(0, size - 1, count).round().long().numpy()
+            np.testing.assert_array_equal(_spread(0, size, count), want, err_msg=f"{size} places, {count} tokens")
+
+
+def test_canvas_positions_equal_hf_get_rope_index(tiny_model_dir):
+    """The scheme's positions for prompts of one image of every size (an overview alone, 2 x 1 and 2 x 2 slices with
+    their newlines), two images in one turn, a conversation with an answer between its images, and text alone = the
+    model's own ``get_rope_index``; and a left-padded prefill of three of them puts each row's positions after its
+    padding (the steps after it: the answers' test)."""
+    import torch
+
+    from vlm_export.runtime.images import ImageLimits, processed_images
+    from vlm_export.runtime.prompt import build_prompt_ids
+
+    loaded = _load(tiny_model_dir("minicpm_v4_7"))
+    layout, scheme = loaded.adapter.prompt_layout(loaded), loaded.adapter.scheme(loaded)
+    conversation = [TWO_IMAGE_TURNS[0], {"role": "assistant", "content": [{"type": "text", "text": "Two cats."}]},
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]}]
+    requests = [*(("What is in the picture?", photos(SIZES, 1, k)) for k in range(len(SIZES))),
+                (TWO_IMAGE_TURNS, photos(SIZES, 2, 5)), (conversation, photos(SIZES, 3, 4)), ("Hello.", [])]
+    rows, inputs = [], []
+    for prompt, images in requests:
+        flat = processed_images(loaded.image_processor, images, ImageLimits()) if images else None
+        grids = layout.image_tiles.grids(flat) if images else []
+        ids = build_prompt_ids(loaded.tokenizer, layout, prompt, len(images), grids)
+        if images:
+            arranged = layout.image_tiles.arranged(dict(flat))
+            embeds = np.zeros((*arranged["patch_mask"][:, ::16].shape, 64), np.float32)
+            placed = scheme.image_input_from_values({"image_embeds": embeds, **arranged})
+        else:
+            placed = scheme.empty_image_input()
+        t = torch.tensor([ids])
+        theirs = loaded.model.model.get_rope_index(
+            t, mm_token_type_ids=(t == loaded.config.image_token_id).int(), attention_mask=torch.ones_like(t),
+            target_sizes=torch.from_numpy(flat["target_sizes"]) if images else None)[0][:, 0].numpy()
+        feeds = scheme.prefill_feeds([ids], placed)
+        np.testing.assert_array_equal(feeds["position_ids"][:, 0], theirs, err_msg=str([im.size for im in images]))
+        rows.append(ids)
+        inputs.append((placed, theirs))
+    picked = [0, len(SIZES), len(SIZES) + 1]  # one image, two images, the conversation: left-padded together
+    feeds = scheme.prefill_feeds([rows[k] for k in picked], scheme.join_image_inputs([inputs[k][0] for k in picked]))
+    width = feeds["position_ids"].shape[-1]
+    for b, k in enumerate(picked):
+        np.testing.assert_array_equal(feeds["position_ids"][:, b, width - len(rows[k]):], inputs[k][1])
+
+
+def test_canvas_answers_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):
+    """MiniCPM-V 4.7: images of every size, two in one turn, and text alone: greedy answers = Hugging Face generate's
+    (its canvas positions from ``mm_token_type_ids``), alone and decoded together in one batch."""
+    from vlm_export.runtime.load import open_build
+
+    pipe = open_build(tiny_build("minicpm_v4_7").path)
+    assert pipe.scheme.name == "spliced_mrope_canvas"
+    check_answers_equal_hf_generate(pipe, _load(tiny_model_dir("minicpm_v4_7")), requests_of_every_size(SIZES[:4]))
+
+
+def test_a_model_without_its_canvas_markers_is_refused(tiny_model_dir, tmp_path):
+    """A MiniCPM-V 4.7 config that stores no marker ids (the canvas is placed by them): one line, before any export."""
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir("minicpm_v4_7"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["newline_id"] = None
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="sets no newline_id") as caught:
+        _load(folder)
+    assert "\n" not in str(caught.value)

@@ -1015,14 +1015,16 @@ def make_tiny_minicpm_v(path: Path, seed: int = 0, family: str = "minicpmv4_6", 
                         slice_mode: bool = True, insert_layer_id: int = 1, tie_word_embeddings: bool | None = None,
                         text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
     """A tiny random MiniCPM-V 4.6 (``family`` "minicpmv4_6": tokens merged 16 times, a window-attention merger after
-    vision layer ``insert_layer_id`` (1 of 3), then a 2 x 2 merge MLP) or MiniCPM-OCR ("minicpm_ocr": merged 4 times, the merge MLP alone;
+    vision layer ``insert_layer_id`` (1 of 3), then a 2 x 2 merge MLP), MiniCPM-V 4.7 ("minicpmv4_7": the same, its
+    positions on a canvas placed by the image and slice markers and the newline) or MiniCPM-OCR ("minicpm_ocr": merged 4 times, the merge MLP alone;
     tied embeddings): a SigLIP-like tower on slices of any size (a 8 x 8 position table looked up nearest), over
     Qwen3.5's hybrid LM (gated delta-nets around a gated full-attention layer, plain positions); its image processor
     (PIL) gives an overview of about ``scale_resolution``² pixels and up to ``max_slice_nums`` slices; SmolLM2's
     tokenizer with MiniCPM's image, slice and image-id tokens added, Qwen3-VL's chat template form. Saved as Qwen2-VL's
     tiny model is (the processor needs torchvision to load: its video processor)."""
     from transformers import AutoTokenizer, MiniCPMOcrConfig, MiniCPMOcrForConditionalGeneration
-    from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
+    from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration, MiniCPMV4_7Config
+    from transformers import MiniCPMV4_7ForConditionalGeneration
     from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), extra_special_tokens={
@@ -1046,11 +1048,18 @@ def make_tiny_minicpm_v(path: Path, seed: int = 0, family: str = "minicpmv4_6", 
     vision = {**dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
                      image_size=32), **(vision_sizes or {}), "patch_size": patch_size}
     ocr = family == "minicpm_ocr"
-    if family not in ("minicpmv4_6", "minicpm_ocr"):
-        raise ValueError(f"family {family!r}: minicpmv4_6 or minicpm_ocr")
+    classes = {"minicpmv4_6": (MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration),
+               "minicpm_ocr": (MiniCPMOcrConfig, MiniCPMOcrForConditionalGeneration),
+               "minicpmv4_7": (MiniCPMV4_7Config, MiniCPMV4_7ForConditionalGeneration)}
+    if family not in classes:
+        raise ValueError(f"family {family!r}: {', '.join(classes)}")
     mode = "4x" if ocr else "16x"
-    config_cls, model_cls = ((MiniCPMOcrConfig, MiniCPMOcrForConditionalGeneration) if ocr else
-                             (MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration))
+    config_cls, model_cls = classes[family]
+    if family == "minicpmv4_7":  # the canvas positions' markers, as its conversion stores them
+        ids.update({f"{name}_id": tokenizer.convert_tokens_to_ids(token) for name, token in (
+            ("image_start", "<image>"), ("image_end", "</image>"), ("slice_start", "<slice>"),
+            ("slice_end", "</slice>"), ("newline", "\n"))})
+        ids["newline_id"] = tokenizer("\n", add_special_tokens=False)["input_ids"][0]
     cfg = config_cls(text_config=text, vision_config=vision, insert_layer_id=insert_layer_id, downsample_mode=mode,
                      tie_word_embeddings=ocr if tie_word_embeddings is None else tie_word_embeddings, **ids)
     torch.manual_seed(seed)

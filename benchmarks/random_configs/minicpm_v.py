@@ -1,5 +1,5 @@
-"""One random tiny MiniCPM-V 4.6 or MiniCPM-OCR per seed: python minicpm_v.py SEED OUT_DIR. Other patch sizes,
-overview areas (scale_resolution) and slice counts (0-9, slicing off), position tables coarser and finer than the
+"""One random tiny MiniCPM-V 4.6, MiniCPM-V 4.7 (canvas positions) or MiniCPM-OCR per seed: python minicpm_v.py SEED
+OUT_DIR. Other patch sizes, overview areas (scale_resolution) and slice counts (0-9, slicing off), position tables coarser and finer than the
 slices' grids, towers of 1-4 layers with the window merger after any of them (MiniCPM-V's "16x") or none
 (MiniCPM-OCR's "4x"), with and without image ids and tied embeddings, over qwen3_5.py's hybrid LM draws (gated
 delta-nets and gated attention in any order, one attention layer at least). Prints what it drew as JSON. Used by
@@ -13,9 +13,9 @@ import tiny_models as tm
 def main():
     seed, out = int(sys.argv[1]), Path(sys.argv[2])
     r = random.Random(seed)
-    family = r.choice(["minicpmv4_6", "minicpm_ocr"])
+    family = r.choice(["minicpmv4_6", "minicpm_ocr", "minicpmv4_7"])
     patch = r.choice([2, 4, 6])
-    merge = 4 if family == "minicpmv4_6" else 2  # patches per image token side
+    merge = 2 if family == "minicpm_ocr" else 4  # patches per image token side
     side = patch * merge * r.choice([2, 3, 4, 5])  # about this many pixels square per slice
     layers = r.choice([1, 2, 3, 4])
     kinds = [r.choice(["linear_attention"] * 3 + ["full_attention"]) for _ in range(layers)]

@@ -14,7 +14,9 @@ gather.
 
 The LM is Qwen3.5's hybrid (``adapters/qwen3_5.py``: gated delta-nets around gated full attention) with plain
 positions (the model gives none but the text's), so the scheme is ``spliced_patches`` (each slice's real rows, in
-order). Video inputs are not supported.
+order). MiniCPM-V 4.7 (``MiniCPMV4_7ForConditionalGeneration``, :class:`MiniCPMV4_7Adapter`) has the same image path
+and LM and places every crop of an image, and the markers around them, on one canvas of multimodal rotary positions:
+the ``spliced_mrope_canvas`` scheme (``contract/canvas.py``). Video inputs are not supported.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from ..contract import DecoderGeometry, ImageSlices, PromptLayout
+from ..contract.canvas import MARKERS, CanvasMRopeScheme
 from ..contract.layout import PATCH_MASK, PATCH_POSITIONS
 from ..contract.patches import PatchRowsScheme
 from ..errors import AdapterError
@@ -268,3 +271,39 @@ class MiniCPMV4_6Adapter(Qwen2VLAdapter):
             raster = kept[torch.argsort(places[:, 0] * w + places[:, 1])]  # row-major over the slice
             packed.append(raster.reshape(-1, channels, patch, patch).permute(1, 2, 0, 3).reshape(channels, patch, -1))
         return torch.cat(packed, dim=-1).unsqueeze(0)
+
+
+@register
+class MiniCPMV4_7Adapter(MiniCPMV4_6Adapter):
+    name = "minicpm_v4_7"
+    model_types = ("minicpmv4_7",)
+    model_classes = {"minicpmv4_7": ("MiniCPMV4_7ForConditionalGeneration", "Qwen3_5TextConfig")}
+    description = ("Hugging Face MiniCPMV4_7ForConditionalGeneration (MiniCPM-V 4.6's slices, tower, merger and hybrid "
+                   "LM, every crop of an image placed on one canvas of multimodal rotary positions)")
+
+    @staticmethod
+    def _check_config(cfg, path: Path) -> None:
+        MiniCPMV4_6Adapter._check_config(cfg, path)
+        missing = [f"{name}_id" for name in MARKERS if getattr(cfg, f"{name}_id", None) is None]
+        if missing:
+            raise AdapterError(f"{path}/config.json sets no {', '.join(missing)}: the canvas positions are placed by "
+                               "these markers (MiniCPM-V 4.7's conversion stores them); set them to the tokenizer's ids")
+
+    def scheme(self, loaded: LoadedModel) -> CanvasMRopeScheme:
+        cfg = loaded.config
+        return CanvasMRopeScheme(self.geometry(loaded), cfg.image_token_id, self._merge(loaded),
+                                 {name: getattr(cfg, f"{name}_id") for name in MARKERS})
+
+    def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
+        """HF generate on our prompt ids with the processor's packed patches, slice grids and the image tokens'
+        ``mm_token_type_ids`` (without them generate places no canvas)."""
+        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        if pixel_values is not None:
+            inputs.update(pixel_values=self._reference_pixels(loaded, pixel_values),
+                          target_sizes=torch.tensor(patch_grids(pixel_values), dtype=torch.int32),
+                          mm_token_type_ids=(input_ids == loaded.config.image_token_id).to(torch.int32))
+        with torch.no_grad():
+            out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                        eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0])
+        return out[0, input_ids.shape[1]:].tolist()
+
