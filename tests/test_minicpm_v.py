@@ -299,3 +299,32 @@ def test_a_model_without_its_canvas_markers_is_refused(tiny_model_dir, tmp_path)
     with pytest.raises(AdapterError, match="sets no newline_id") as caught:
         _load(folder)
     assert "\n" not in str(caught.value)
+
+
+def test_a_position_table_whose_edges_round_up_exports_and_infers(tmp_path):
+    """A position table of side 3: Hugging Face's float arange makes it 3 bucket edges (1/3 + 2/3 rounds under 1), and
+    the tower holds exactly those (a traced arange's length was worked out exactly, 2, and ONNX shape inference - run
+    by the int8 quantizer - refused the graph). The vision stage exports, passes strict shape inference, and its
+    positions are Hugging Face's."""
+    import onnx
+    import torch
+
+    from tiny_models import make_tiny_minicpm_v
+    from vlm_export.export.onnx_export import export_stage
+    from vlm_export.runtime.images import ImageLimits, processed_images
+
+    folder = make_tiny_minicpm_v(tmp_path / "m", vision_sizes={"image_size": 12})  # 3 x 3 positions of 4 px patches
+    loaded = _load(folder)
+    vision, projector = loaded.adapter.stages(loaded)[:2]
+    assert vision.module.edges.tolist() == torch.arange(1 / 3, 1.0, 1 / 3).tolist() and len(vision.module.edges) == 3
+    path = export_stage(vision, tmp_path / "graphs")
+    onnx.shape_inference.infer_shapes_path(str(path), str(tmp_path / "inferred.onnx"), strict_mode=True)
+    layout, scheme = loaded.adapter.prompt_layout(loaded), loaded.adapter.scheme(loaded)
+    flat = processed_images(loaded.image_processor, photos(SIZES, 3), ImageLimits())
+    rows = layout.image_tiles.arranged(dict(flat))
+    with torch.no_grad():
+        embeds = projector.module(vision.module(*(torch.from_numpy(rows[t.name]) for t in vision.spec.inputs)))
+        theirs = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
+                                                       torch.from_numpy(flat["target_sizes"]))
+    ours = scheme.image_input_from_values({"image_embeds": embeds.numpy(), "patch_mask": rows["patch_mask"]})
+    np.testing.assert_allclose(ours, torch.cat(theirs.pooler_output).numpy(), atol=1e-5, rtol=0)

@@ -55,6 +55,11 @@ class SliceTower(nn.Module):
     def __init__(self, tower: nn.Module, merge_after: int | None):
         super().__init__()
         self.tower, self.merge_after = tower, merge_after
+        # the position table's bucket edges, made eagerly as Hugging Face makes them (a float arange, whose length
+        # rounding decides: 3 edges for a side of 3), so the graph holds them as a constant (traced, the arange's
+        # length was worked out exactly - 2 - and ONNX shape inference then disagreed with the graph)
+        side = tower.embeddings.num_patches_per_side
+        self.register_buffer("edges", torch.arange(1 / side, 1.0, 1 / side), persistent=False)
 
     def forward(self, pixel_values, patch_positions, patch_mask):
         tower = self.tower
@@ -78,10 +83,9 @@ class SliceTower(nn.Module):
         """Each patch's row of the position table: its place over its slice's grid, as a fraction, bucketed on the
         table's side (``get_vision_nearest_position_ids``: the same float32 fractions and bucket edges)."""
         side = self.tower.embeddings.num_patches_per_side
-        edges = torch.arange(1 / side, 1.0, 1 / side)  # Hugging Face's, computed the same way: a constant
         grid = image_grid_sizes(patch_positions, patch_mask)  # [slices, 1, (rows, columns)]
         fractions = patch_positions.to(torch.float32) / grid.to(torch.float32)
-        buckets = (fractions.unsqueeze(-1) >= edges).sum(dim=-1)  # bucketize(right=True): the edges passed
+        buckets = (fractions.unsqueeze(-1) >= self.edges).sum(dim=-1)  # bucketize(right=True): the edges passed
         return buckets[..., 0] * side + buckets[..., 1]
 
     @staticmethod
