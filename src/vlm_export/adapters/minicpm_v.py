@@ -257,13 +257,15 @@ class MiniCPMV4_6Adapter(Qwen2VLAdapter):
         image path's rows (each slice's real patches put back row-major)."""
         inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         if pixel_values is not None:
-            grids = patch_grids(pixel_values)
-            inputs.update(pixel_values=self._reference_pixels(loaded, pixel_values),
-                          target_sizes=torch.tensor(grids, dtype=torch.int32))
+            inputs.update(self._reference_image_inputs(loaded, input_ids, pixel_values))
         with torch.no_grad():
             out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                         eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0])
         return out[0, input_ids.shape[1]:].tolist()
+
+    def _reference_image_inputs(self, loaded: LoadedModel, input_ids, pixel_values: dict) -> dict:
+        return {"pixel_values": self._reference_pixels(loaded, pixel_values),
+                "target_sizes": torch.tensor(patch_grids(pixel_values), dtype=torch.int32)}
 
     def _reference_pixels(self, loaded: LoadedModel, pixel_values: dict) -> torch.Tensor:
         """The processor's packed ``pixel_values [1, channels, patch, patches x patch]`` back from the rows."""
@@ -298,16 +300,7 @@ class MiniCPMV4_7Adapter(MiniCPMV4_6Adapter):
         return CanvasMRopeScheme(self.geometry(loaded), cfg.image_token_id, self._merge(loaded),
                                  {name: getattr(cfg, f"{name}_id") for name in MARKERS})
 
-    def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
-        """HF generate on our prompt ids with the processor's packed patches, slice grids and the image tokens'
-        ``mm_token_type_ids`` (without them generate places no canvas)."""
-        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-        if pixel_values is not None:
-            inputs.update(pixel_values=self._reference_pixels(loaded, pixel_values),
-                          target_sizes=torch.tensor(patch_grids(pixel_values), dtype=torch.int32),
-                          mm_token_type_ids=(input_ids == loaded.config.image_token_id).to(torch.int32))
-        with torch.no_grad():
-            out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                        eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0])
-        return out[0, input_ids.shape[1]:].tolist()
-
+    def _reference_image_inputs(self, loaded: LoadedModel, input_ids, pixel_values: dict) -> dict:
+        """MiniCPM-V 4.6's, and which tokens are an image's (without them generate places no canvas)."""
+        return {**super()._reference_image_inputs(loaded, input_ids, pixel_values),
+                "mm_token_type_ids": (input_ids == loaded.config.image_token_id).to(torch.int32)}
