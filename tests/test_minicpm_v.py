@@ -116,24 +116,32 @@ def test_image_rows_equal_hf_for_every_size(family, tiny_model_dir, ocr_dir):
     """The split tower (nearest positions from each patch's place, attention masked to its slice, the window merger on
     consecutive patches) and projector on a padded batch of every size's slices give Hugging Face's
     ``get_image_features``, in the "16x" form and MiniCPM-OCR's "4x" one."""
+    loaded = _load(tiny_model_dir("minicpm_v") if family == "minicpm_v" else ocr_dir)
+    adapter = loaded.adapter
+    layout = adapter.prompt_layout(loaded)
+    assert layout.image_tiles.merge == (4 if family == "minicpm_v" else 2)
+    ours, flat = _image_rows_equal_hf(loaded, photos(SIZES, len(SIZES)))
+    assert len(ours) == sum(layout.image_tokens(grid) for grid in layout.image_tiles.grids(flat))
+
+
+def _image_rows_equal_hf(loaded, images, stages=None) -> tuple:
+    """The split tower and projector (``stages``, else the adapter's) on ``images``' slices, their real rows kept by
+    the scheme, = Hugging Face's ``get_image_features``. Returns (the rows, the processor's output)."""
     import torch
 
     from vlm_export.runtime.images import ImageLimits, processed_images
 
-    loaded = _load(tiny_model_dir("minicpm_v") if family == "minicpm_v" else ocr_dir)
-    adapter = loaded.adapter
-    layout, scheme = adapter.prompt_layout(loaded), adapter.scheme(loaded)
-    assert layout.image_tiles.merge == (4 if family == "minicpm_v" else 2)
-    flat = processed_images(loaded.image_processor, photos(SIZES, len(SIZES)), ImageLimits())
+    layout, scheme = loaded.adapter.prompt_layout(loaded), loaded.adapter.scheme(loaded)
+    flat = processed_images(loaded.image_processor, images, ImageLimits())
     rows = layout.image_tiles.arranged(dict(flat))
-    vision, projector = adapter.stages(loaded)[:2]
+    vision, projector = stages or loaded.adapter.stages(loaded)[:2]
     with torch.no_grad():
         embeds = projector.module(vision.module(*(torch.from_numpy(rows[t.name]) for t in vision.spec.inputs)))
         theirs = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
                                                        torch.from_numpy(flat["target_sizes"]))
     ours = scheme.image_input_from_values({"image_embeds": embeds.numpy(), "patch_mask": rows["patch_mask"]})
     np.testing.assert_allclose(ours, torch.cat(theirs.pooler_output).numpy(), atol=1e-5, rtol=0)
-    assert len(ours) == sum(layout.image_tokens(grid) for grid in layout.image_tiles.grids(flat))
+    return ours, flat
 
 
 @pytest.mark.parametrize("family", ["minicpm_v", "minicpm_ocr"])
@@ -311,7 +319,6 @@ def test_a_position_table_whose_edges_round_up_exports_and_infers(tmp_path):
 
     from tiny_models import make_tiny_minicpm_v
     from vlm_export.export.onnx_export import export_stage
-    from vlm_export.runtime.images import ImageLimits, processed_images
 
     folder = make_tiny_minicpm_v(tmp_path / "m", vision_sizes={"image_size": 12})  # 3 x 3 positions of 4 px patches
     loaded = _load(folder)
@@ -319,12 +326,4 @@ def test_a_position_table_whose_edges_round_up_exports_and_infers(tmp_path):
     assert vision.module.edges.tolist() == torch.arange(1 / 3, 1.0, 1 / 3).tolist() and len(vision.module.edges) == 3
     path = export_stage(vision, tmp_path / "graphs")
     onnx.shape_inference.infer_shapes_path(str(path), str(tmp_path / "inferred.onnx"), strict_mode=True)
-    layout, scheme = loaded.adapter.prompt_layout(loaded), loaded.adapter.scheme(loaded)
-    flat = processed_images(loaded.image_processor, photos(SIZES, 3), ImageLimits())
-    rows = layout.image_tiles.arranged(dict(flat))
-    with torch.no_grad():
-        embeds = projector.module(vision.module(*(torch.from_numpy(rows[t.name]) for t in vision.spec.inputs)))
-        theirs = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
-                                                       torch.from_numpy(flat["target_sizes"]))
-    ours = scheme.image_input_from_values({"image_embeds": embeds.numpy(), "patch_mask": rows["patch_mask"]})
-    np.testing.assert_allclose(ours, torch.cat(theirs.pooler_output).numpy(), atol=1e-5, rtol=0)
+    _image_rows_equal_hf(loaded, photos(SIZES, 3), (vision, projector))

@@ -35,11 +35,10 @@ from ..runtime.images import MAX_ASPECT_RATIO
 from . import model_class_by_type, register
 from .base import LoadedModel, Stage, chat_template_takes_parts, processor_setting, use_saved_chat_template
 from .decoder import SplicingDecoder, spliced_decoder_stage
-from .hybrid import HybridDecoder
 from .loading import load_hf_parts
 from .qwen2_vl import Qwen2VLAdapter, image_attention_mask, image_grid_sizes, masked_attention, patch_grids, \
     patch_row_stages, separate_heads
-from .qwen3_5 import GATED_DELTA_NET, hybrid_geometry
+from .qwen3_5 import delta_net_decoder, delta_net_geometry
 
 #: the tokenizer's names of the text around an image, as the processor reads them
 SLICE_TOKENS = ("image_start_token", "image_end_token", "slice_start_token", "slice_end_token",
@@ -241,13 +240,10 @@ class MiniCPMV4_6Adapter(Qwen2VLAdapter):
                             images_where_written=True, image_tiles=slices)
 
     def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
-        text = loaded.config.text_config
-        return hybrid_geometry(text, getattr(text, "max_position_embeddings", None))
+        return delta_net_geometry(loaded)
 
     def decoder(self, loaded: LoadedModel, scheme: PatchRowsScheme) -> SplicingDecoder:
-        text = loaded.model.model.language_model
-        return HybridDecoder(text.get_input_embeddings(), text, loaded.model.lm_head, loaded.config.image_token_id,
-                             loaded.config.text_config.layer_types, GATED_DELTA_NET)
+        return delta_net_decoder(loaded)
 
     def scheme(self, loaded: LoadedModel) -> PatchRowsScheme:
         return PatchRowsScheme(self.geometry(loaded), loaded.config.image_token_id, self._merge(loaded))

@@ -117,6 +117,19 @@ def hybrid_geometry(text_cfg, max_position_embeddings: int | None) -> DecoderGeo
     return hybrid.hybrid_geometry(text_cfg, max_position_embeddings, GATED_DELTA_NET)
 
 
+def delta_net_geometry(loaded: LoadedModel) -> DecoderGeometry:
+    """:func:`hybrid_geometry` of a model whose LM is Qwen3.5's text model (``config.text_config``)."""
+    text = loaded.config.text_config
+    return hybrid_geometry(text, getattr(text, "max_position_embeddings", None))
+
+
+def delta_net_decoder(loaded: LoadedModel) -> HybridDecoder:
+    """The spliced decoder over a model's Qwen3.5 text model (``model.model.language_model``, ``model.lm_head``)."""
+    text = loaded.model.model.language_model
+    return HybridDecoder(text.get_input_embeddings(), text, loaded.model.lm_head, loaded.config.image_token_id,
+                         loaded.config.text_config.layer_types, GATED_DELTA_NET)
+
+
 @register
 class Qwen3_5Adapter(Qwen3VLAdapter):
     name = "qwen3_5"
@@ -138,13 +151,10 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
                 PatchMergerProjector(visual.merger, loaded.config.text_config.hidden_size))
 
     def geometry(self, loaded: LoadedModel) -> DecoderGeometry:
-        text = loaded.config.text_config
-        return hybrid_geometry(text, getattr(text, "max_position_embeddings", None))
+        return delta_net_geometry(loaded)
 
     def decoder(self, loaded: LoadedModel, scheme: MRopeSplicedScheme) -> SplicingDecoder:
-        text = loaded.model.model.language_model
-        return HybridDecoder(text.get_input_embeddings(), text, loaded.model.lm_head, loaded.config.image_token_id,
-                             loaded.config.text_config.layer_types, GATED_DELTA_NET)
+        return delta_net_decoder(loaded)
 
     def scheme(self, loaded: LoadedModel) -> MRopeSplicedScheme:
         return Qwen2VLAdapter.scheme(self, loaded)  # no deepstack levels: Qwen2-VL's scheme over this geometry
