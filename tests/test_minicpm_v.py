@@ -179,11 +179,21 @@ def test_answers_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir)
 
 def test_every_graph_passes_tensorrts_checks(tiny_build):
     """The position lookup (fractions compared with bucket edges), the window merger and the delta-nets: nothing
-    TensorRT 10's parser is known to refuse."""
+    TensorRT 10's parser is known to refuse. The tower's output is a token per 2 x 2 patches, a dim of its own, so
+    the projector's TensorRT profile spans its real rows (the smallest slice's 4 to the largest's), not the patches'
+    (it spanned 16 up: the smallest slice would have been refused)."""
+    from vlm_export.contract.profiles import stage_profiles
     from vlm_export.engines.check import check_build
 
-    report = check_build(tiny_build("minicpm_v").path)
+    build = tiny_build("minicpm_v")
+    report = check_build(build.path)
     assert report.violations == [], report.violations[:3]
+    manifest = build.manifest
+    most = manifest["prompt_layout"]["image_tiles"]["max_patches"]
+    (profile,) = stage_profiles(manifest, "projector")
+    low, _, high = profile["image_features"]
+    assert (low[1], high[1]) == (4, most // 4)
+    assert [t["shape"][1] for t in manifest["graphs"]["vision_encoder"]["outputs"]] == ["pooled_patches"]
 
 
 def test_text_model_is_qwen3_5s_causal_lm(tiny_model_dir, tmp_path):

@@ -227,7 +227,8 @@ class MiniCPMV4_6Adapter(Qwen2VLAdapter):
         scheme = self.scheme(loaded)
         processed = {"pixel_values": pixels, "target_sizes": np.array(grids), "num_patches_per_image": [1, 1],
                      "grids": [[0, 0], [0, 0]]}
-        return [*patch_row_stages(tower, projector, slices, processed),
+        pooled = 4 if tower.merge_after is not None else 1  # the window merger: a token per 2 x 2 patches
+        return [*patch_row_stages(tower, projector, slices, processed, pooled),
                 spliced_decoder_stage(self.decoder(loaded, scheme), scheme)]
 
     def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:

@@ -186,11 +186,14 @@ def image_grid_sizes(patch_positions: torch.Tensor, patch_mask: torch.Tensor) ->
     return torch.where(patch_mask.bool().unsqueeze(-1), patch_positions, 0).amax(dim=1, keepdim=True) + 1
 
 
-def patch_row_stages(tower: nn.Module, projector: nn.Module, patches: ImagePatches, processed: dict) -> list[Stage]:
+def patch_row_stages(tower: nn.Module, projector: nn.Module, patches: ImagePatches, processed: dict,
+                     pooled: int = 1) -> list[Stage]:
     """The vision encoder (rows of patches, ``contract.ImagePatches``, with their places, mask and any windows ->
     image_features) and the projector (-> image_embeds, a row per merge block) of an image path that reads each image
     as a row of patches; their examples arranged from ``processed``, images as the processor gives them (padded to
-    the larger: every dynamic dim >= 2)."""
+    the larger: every dynamic dim >= 2). ``pooled``: patches per row of the tower's output where the tower itself
+    merges them (MiniCPM-V's window merger: 4), a dim of its own (``pooled_patches``), so that the projector's
+    profiles and ONNX Runtime's buffer planning see its real size."""
     arranged = patches.arranged(processed)
     names = ["pixel_values", PATCH_POSITIONS, PATCH_MASK] + ([WINDOW_PATCHES, PATCH_SLOTS] if patches.window else [])
     example = tuple(torch.from_numpy(arranged[n]) for n in names)
@@ -206,12 +209,13 @@ def patch_row_stages(tower: nn.Module, projector: nn.Module, patches: ImagePatch
         ranges["window_slots"] = (slots, min(4 * slots, patches.max_window_slots), patches.max_window_slots)
         inputs += [TensorSpec(WINDOW_PATCHES, "int64", ("images", "window_slots"), "pixels"),
                    TensorSpec(PATCH_SLOTS, "int64", ("images", "patches"), "pixels")]
-    features_spec = TensorSpec("image_features", "float32", ("images", "patches", features.shape[-1]))
+    rows = "patches" if pooled == 1 else "pooled_patches"
+    features_spec = TensorSpec("image_features", "float32", ("images", rows, features.shape[-1]))
     vision_spec = StageSpec("vision_encoder", IMAGE, tuple(inputs), (features_spec,), IMAGE_PRECISIONS, ranges)
     projector_spec = StageSpec(
         "projector", IMAGE, (TensorSpec(features_spec.name, "float32", features_spec.dims, "upstream"),),
         (TensorSpec("image_embeds", "float32", ("images", "image_tokens_per_image", embeds.shape[-1])),),
-        IMAGE_PRECISIONS, {"patches": ranges["patches"]})
+        IMAGE_PRECISIONS, {rows: tuple(n // pooled for n in ranges["patches"])})
     return [Stage(vision_spec, tower, example), Stage(projector_spec, projector, (features,))]
 
 
