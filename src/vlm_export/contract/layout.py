@@ -177,6 +177,18 @@ class ImageCrops:
 PATCH_POSITIONS, PATCH_MASK, WINDOW_PATCHES, PATCH_SLOTS = "patch_positions", "patch_mask", "window_patches", "patch_slots"
 
 
+def padded_rows(rows: list[np.ndarray], places: list[np.ndarray], depth: tuple[int, ...], dtype) -> dict:
+    """The image path's rows of patches: ``pixel_values [rows, patches, *depth]`` zero-padded to the longest row, each
+    patch's place (``PATCH_POSITIONS``) and realness (``PATCH_MASK``)."""
+    width = max((len(r) for r in rows), default=0)
+    out = np.zeros((len(rows), width, *depth), dtype=dtype)
+    positions = np.zeros((len(rows), width, 2), dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for k, (row, place) in enumerate(zip(rows, places)):
+        out[k, :len(row)], positions[k, :len(row)], mask[k, :len(row)] = row, place, 1
+    return {"pixel_values": out, PATCH_POSITIONS: positions, PATCH_MASK: mask}
+
+
 @dataclass(frozen=True)
 class ImagePatches:
     """An image its processor cuts into as many patches as its size needs (Qwen2-VL's and Qwen2.5-VL's
@@ -303,15 +315,8 @@ class ImagePatches:
         pixels = np.asarray(processed["pixel_values"])
         depth = patches[0].shape[1:] if patches else (int(np.prod(pixels.shape[1:])),) if not self.patch \
             else pixels.shape[1:]
-        out = np.zeros((len(grids), width, *depth), dtype=pixels.dtype)
-        positions = np.zeros((len(grids), width, 2), dtype=np.int64)
-        mask = np.zeros((len(grids), width), dtype=np.int64)
-        for k, ((h, w), rows) in enumerate(zip(grids, patches)):
-            n = len(rows)
-            out[k, :n] = rows
-            positions[k, :n] = self.patch_positions(h, w)
-            mask[k, :n] = 1
-        arranged = {**processed, "pixel_values": out, PATCH_POSITIONS: positions, PATCH_MASK: mask}
+        arranged = {**processed, **padded_rows(patches, [self.patch_positions(h, w) for h, w in grids], depth,
+                                               pixels.dtype)}
         return {**arranged, **self._windows(grids, width)} if self.window else arranged
 
     def _windows(self, grids: list[tuple[int, int]], width: int) -> dict[str, np.ndarray]:
@@ -453,17 +458,13 @@ class ImageSlices:
                              f"{int(sizes.prod(axis=1).sum())}")
         # [channels, p, patches, p] -> [patches, channels x p x p]: each patch as a convolution of its size reads it
         flat = pixels[0].reshape(channels, p, total, p).transpose(2, 0, 1, 3).reshape(total, -1)
-        width = int(sizes.prod(axis=1).max()) if len(sizes) else 0
-        out = np.zeros((len(sizes), width, flat.shape[1]), dtype=pixels.dtype)
-        positions = np.zeros((len(sizes), width, 2), dtype=np.int64)
-        mask = np.zeros((len(sizes), width), dtype=np.int64)
-        first = 0
-        for k, (h, w) in enumerate(sizes.tolist()):
+        rows, places, first = [], [], 0
+        for h, w in sizes.tolist():
             place = self.patch_positions(h, w)
-            out[k, :h * w] = flat[first + place[:, 0] * w + place[:, 1]]  # row-major in, merge order out
-            positions[k, :h * w], mask[k, :h * w] = place, 1
+            rows.append(flat[first + place[:, 0] * w + place[:, 1]])  # row-major in, merge order out
+            places.append(place)
             first += h * w
-        return {**processed, "pixel_values": out, PATCH_POSITIONS: positions, PATCH_MASK: mask}
+        return {**processed, **padded_rows(rows, places, flat.shape[1:], pixels.dtype)}
 
     def patch_positions(self, rows: int, cols: int) -> np.ndarray:
         """[rows x cols, 2]: (row, col) of each patch in the merge order: ``merge x merge`` blocks row-major, each
