@@ -47,8 +47,8 @@ from tiny_models import make_tiny_blip2_t5, make_tiny_lfm3_vl, make_tiny_minicpm
 from tiny_models import make_tiny_aya_vision, make_tiny_deepseek_vl, make_tiny_florence2  # noqa: E402
 from tiny_models import (make_tiny_gemma3, make_tiny_idefics3, make_tiny_internvl, make_tiny_paligemma,  # noqa: E402
                          make_tiny_llava_next, make_tiny_llava_onevision, make_tiny_mistral3,
-                         make_tiny_cosmos3_edge, make_tiny_glm4v, make_tiny_lighton_ocr, make_tiny_paddleocr_vl,
-                         make_tiny_qwen2_vl)
+                         make_tiny_cosmos3_edge, make_tiny_glm4v, make_tiny_hunyuan_vl, make_tiny_lighton_ocr,
+                         make_tiny_paddleocr_vl, make_tiny_qwen2_vl)
 
 # name -> (maker, kwargs): one per architecture family and text family the tests cover
 TINY_MODELS = {
@@ -126,6 +126,9 @@ TINY_MODELS = {
     "glm_ocr": (make_tiny_glm4v, {"family": "glm_ocr"}),  # no position grid, q/k normed per head in the tower
     # PaddleOCR-VL: Qwen2-VL's patches and M-RoPE, patches given row-major, a SigLIP tower with a half-pixel grid
     "paddleocr_vl": (make_tiny_paddleocr_vl, {}),
+    # HunYuanVL (HunyuanOCR): patches row-major under a SigLIP tower, a merger that frames each image (newline, begin and
+    # end rows), a HunYuan dense LM with XD-RoPE positions in four streams
+    "hunyuan_vl": (make_tiny_hunyuan_vl, {}),
     # MiniCPM-V 4.6: an overview and slices of any size, a SigLIP tower with a window-attention merger, a 2 x 2 merge
     # MLP (16 patches per token), Qwen3.5's hybrid LM with plain positions (MiniCPM-OCR's 4x form: test_minicpm_v)
     "minicpm_v": (make_tiny_minicpm_v, {}),

@@ -1228,6 +1228,70 @@ def make_tiny_paddleocr_vl(path: Path, seed: int = 0, patch_size: int = 4, merge
     return path
 
 
+#: HunyuanOCR's tokens (its tokenizer's names for them)
+HY = {"bos": "<｜hy_begin▁of▁sentence｜>", "user": "<｜hy_User｜>",
+      "assistant": "<｜hy_Assistant｜>", "system_end": "<｜hy_place▁holder▁no▁3｜>",
+      "image_start": "<｜hy_place▁holder▁no▁100｜>",
+      "image_end": "<｜hy_place▁holder▁no▁101｜>",
+      "image": "<｜hy_place▁holder▁no▁102｜>", "pad": "<｜hy_▁pad▁｜>"}
+
+#: the form of HunyuanOCR's chat template: its own BOS, a system turn ended by its separator, each user turn's parts
+#: then the user tag (no generation prompt of its own: the tag after the last user turn asks for the answer), each
+#: image part its start, image and end tokens, each answer then the assistant tag (its EOS)
+HUNYUAN_VL_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set turns = messages[1:] %}" + HY["bos"] +
+    "{% if messages[0]['content'] is string %}{{ messages[0]['content'] }}{% else %}"
+    "{{ messages[0]['content'][0]['text'] }}{% endif %}" + HY["system_end"] +
+    "{% else %}{% set turns = messages %}" + HY["bos"] + "{% endif %}"
+    "{% for message in turns %}{% if message['role'] == 'user' %}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part %}" + HY["image_start"] + HY["image"] + HY["image_end"] +
+    "{% elif 'text' in part %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}" + HY["user"] +
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}" + HY["assistant"] + "{% endif %}{% endfor %}")
+
+
+def make_tiny_hunyuan_vl(path: Path, seed: int = 0, patch_size: int = 4, merge: int = 2, min_pixels: int = 8 * 8,
+                         max_pixels: int = 48 * 48, position_grid: int = 6, streams: int = 4,
+                         text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+    """A tiny random HunYuanVL (HunyuanOCR's form): SigLIP encoder layers on patches of ``patch_size`` with a learned
+    ``position_grid`` square (after a class row) resampled bilinearly per image, a merger of ``merge x merge`` blocks
+    by convolution that frames each image (a newline per row of blocks, begin and end rows), and a HunYuan dense LM
+    (q/k normed after the rotary; HunyuanOCR's NTK-alpha rotary) whose rotary sections read ``streams`` position
+    streams (the last three: column, row, image); tied embeddings; SmolLM2's tokenizer with HunyuanOCR's tokens
+    (its BOS, user and assistant tags, image tokens), HunYuanVLImageProcessorPil (patches row-major) and a
+    HunYuanVLProcessor with its chat template's form."""
+    from transformers import AutoTokenizer, HunYuanVLConfig, HunYuanVLForConditionalGeneration, HunYuanVLProcessor
+    from transformers.models.hunyuan_vl.image_processing_pil_hunyuan_vl import HunYuanVLImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), extra_special_tokens={
+        "image_token": HY["image"], "image_start_token": HY["image_start"], "image_end_token": HY["image_end"]})
+    tokenizer.add_special_tokens({"bos_token": HY["bos"], "eos_token": HY["assistant"], "pad_token": HY["pad"],
+                                  "additional_special_tokens": [HY["user"], HY["system_end"]]})
+    text = {**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16), **(text_sizes or {})}
+    half = text["head_dim"] // 2  # HunyuanOCR: heads of 128, sections [16, 16, 16, 16] of the 64 frequencies
+    section = [half // streams] * (streams - 1) + [half - half // streams * (streams - 1)]
+    ids = {name: tokenizer.convert_tokens_to_ids(HY[token]) for name, token in (
+        ("bos_token_id", "bos"), ("eos_token_id", "assistant"), ("pad_token_id", "pad"))}
+    text.update(vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, **ids,
+                initializer_range=0.2,  # with its embeddings tied, the default 0.02 repeats one token from the start
+                rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0,
+                                 "mrope_section": section})
+    vision = {**dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2),
+              **(vision_sizes or {}), "max_image_size": position_grid * patch_size, "patch_size": patch_size,
+              "spatial_merge_size": merge}
+    marks = {name: tokenizer.convert_tokens_to_ids(HY[token]) for name, token in (
+        ("image_token_id", "image"), ("im_start_id", "image_start"), ("im_end_id", "image_end"))}
+    cfg = HunYuanVLConfig(text_config=text, vision_config=vision, im_newline_id=marks["image_token_id"], **marks)
+    torch.manual_seed(seed)
+    HunYuanVLForConditionalGeneration(cfg).eval().save_pretrained(path)
+    image_processor = HunYuanVLImageProcessorPil(patch_size=patch_size, merge_size=merge, temporal_patch_size=1,
+                                                 size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+    HunYuanVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                       chat_template=HUNYUAN_VL_CHAT_TEMPLATE).save_pretrained(path)
+    return path
+
+
 def make_tiny_cosmos3_edge(path: Path, seed: int = 0, patch_size: int = 4, merge: int = 2, min_pixels: int = 8 * 8,
                            max_pixels: int = 48 * 48, position_grid: int = 6, mlp_bias: bool = False,
                            text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:

@@ -22,10 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..contract.layout import PATCH_POSITIONS
 from . import register
 from .base import LoadedModel
-from .qwen2_vl import (BlockMergeProjector, PatchVisionTower, Qwen2VLAdapter, image_attention_mask, patch_grids,
+from .qwen2_vl import (BlockMergeProjector, PatchVisionTower, Qwen2VLAdapter, image_attention_mask, raster_pixels,
                        rotary_attention, separate_heads)
 from .qwen3_vl import resampled_grid
 
@@ -83,13 +82,6 @@ class PaddleOCRVLAdapter(Qwen2VLAdapter):
                 "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads}
 
     def _reference_pixels(self, loaded: LoadedModel, pixel_values: dict) -> torch.Tensor:
-        """The processor's own pixels back from the rows of patches: each image's patches row-major, [channels,
-        patch, patch] each."""
+        """The processor's own pixels back from the rows of patches: [channels, patch, patch] each."""
         vision = loaded.config.vision_config
-        out = []
-        for k, (h, w) in enumerate(patch_grids(pixel_values)):
-            places = pixel_values[PATCH_POSITIONS][k, :h * w]
-            raster = torch.empty_like(pixel_values["pixel_values"][k, :h * w])
-            raster[places[:, 0] * w + places[:, 1]] = pixel_values["pixel_values"][k, :h * w]
-            out.append(raster)
-        return torch.cat(out).reshape(-1, vision.num_channels, vision.patch_size, vision.patch_size)
+        return raster_pixels(pixel_values).reshape(-1, vision.num_channels, vision.patch_size, vision.patch_size)

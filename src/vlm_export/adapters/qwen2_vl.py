@@ -179,6 +179,18 @@ def patch_grids(pixel_values: dict) -> list[tuple[int, int]]:
             for k in range(len(real))]
 
 
+def raster_pixels(pixel_values: dict) -> torch.Tensor:
+    """[patches of all images, depth]: every image's real patches row-major over the image, as a processor that gives
+    them so gives them (``ImagePatches.raster``), back from the image path's rows of patches."""
+    out = []
+    for k, (h, w) in enumerate(patch_grids(pixel_values)):
+        places = pixel_values[PATCH_POSITIONS][k, :h * w]
+        raster = torch.empty_like(pixel_values["pixel_values"][k, :h * w])
+        raster[places[:, 0] * w + places[:, 1]] = pixel_values["pixel_values"][k, :h * w]
+        out.append(raster)
+    return torch.cat(out)
+
+
 def image_grid_sizes(patch_positions: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
     """[images, 1, (rows, columns)]: each image's grid of patches in the graph, read off its own row of patches (its
     last real patch's row and column, plus one; padding sits at (0, 0)) - ``patch_grids``' twin for the exported
@@ -337,7 +349,7 @@ class Qwen2VLAdapter(VLMAdapter):
         # the chat template writes "<|vision_start|><|image_pad|><|vision_end|>" per image part; Qwen2VLProcessor
         # puts one image token per merge block in place of each image token (a raw prompt's too)
         return PromptLayout(kind="inline", image_token_id=loaded.config.image_token_id,
-                            tokens_per_image=patches.max_patches // patches.merge ** 2, image_token=token,
+                            tokens_per_image=patches.most_tokens(), image_token=token,
                             chat_parts=chat_template_takes_parts(loaded.tokenizer, token),
                             images_where_written=True, image_tiles=patches)
 

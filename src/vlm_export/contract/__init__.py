@@ -22,7 +22,7 @@ from .limits import Limits
 from .scheme import DecodeBatch, DecodingScheme, Range, register_scheme, registered_schemes, scheme_from_dict
 from .stages import (DECODER, DECODER_PRECISIONS, ENCODER, IMAGE, IMAGE_PRECISIONS, StageSpec, TensorSpec, check_chain,
                      check_image_text, image_stages, prompt_inputs, stages_from_manifest)
-from . import anyres, canvas, cross, encdec, mrope, patches, spliced  # noqa: F401  (register the built-in schemes)
+from . import anyres, canvas, cross, encdec, mrope, patches, spliced, xdrope  # noqa: F401  (register the built-in schemes)
 
 __all__ = [
     "DecoderGeometry", "LayerState", "LAYOUTS", "AnyResTiles", "ImageCrops", "ImagePatches", "ImageSlices", "ImageText", "ImageTiles", "PromptLayout", "Limits", "DecodeBatch", "DecodingScheme",

@@ -47,6 +47,9 @@ import numpy as np
 LAYOUTS = ("inline", "prefix")
 
 
+#: the longest side of an image at most this many times the shortest, in Qwen2-VL's kin's processors (they refuse more)
+MAX_GRID_ASPECT = 200
+
 #: how a tiling image processor tells each image's tiles (``ImageTiles.counted_by``)
 TILE_COUNTS = ("rows_cols", "num_patches")
 
@@ -219,7 +222,11 @@ class ImagePatches:
     ``raster``: the processor gives each image's patches row-major over the whole image (PaddleOCR-VL's, whose
     projector merges the blocks itself) rather than by merge blocks; :meth:`arranged` puts them in the order of
     merge blocks all the same, so a merge block is always ``merge²`` consecutive patches of a row. Patches are
-    flattened to one vector each (PaddleOCR-VL's processor gives them [channels, patch, patch])."""
+    flattened to one vector each (PaddleOCR-VL's processor gives them [channels, patch, patch]).
+
+    ``framed``: the projector also writes a row after each row of merge blocks and one before and one after the image
+    (HunYuanVL's newline, begin and end rows), each one more image token: an image of ``rows x cols`` blocks is
+    ``rows x (cols + 1) + 2`` tokens."""
 
     merge: int
     max_patches: int
@@ -233,6 +240,7 @@ class ImagePatches:
     row_end: str = ""
     end: str = ""
     raster: bool = False
+    framed: bool = False
     #: the image path sees each image as one image (the tiles contract's count)
     max_tiles: ClassVar[int] = 1
 
@@ -258,8 +266,8 @@ class ImagePatches:
         return 1
 
     def tokens(self, grid: tuple[int, int], per_tile: int = 0) -> int:
-        rows, cols = grid
-        return rows * cols // self.merge ** 2
+        rows, cols = grid[0] // self.merge, grid[1] // self.merge
+        return rows * (cols + 1) + 2 if self.framed else rows * cols
 
     def text(self, grid: tuple[int, int], token: str, per_tile: int = 0, index: int = 0) -> str:
         if not (self.row_end or self.end):
@@ -268,7 +276,13 @@ class ImagePatches:
         return (token * cols + self.row_end) * (rows - 1) + token * cols + self.end
 
     def most_tokens(self, per_tile: int = 0) -> int:
-        return self.max_patches // self.merge ** 2
+        blocks = self.max_patches // self.merge ** 2
+        if not self.framed:
+            return blocks
+        # a newline row per row of blocks: the tallest grid the processor makes is the most (its processor refuses
+        # images over MAX_ASPECT_RATIO : 1, and rounds each side to whole blocks: one block more at most)
+        return max(rows * (blocks // rows + 1) + 2 for rows in range(1, blocks + 1)
+                   if rows <= (MAX_GRID_ASPECT + 1) * (blocks // rows))
 
     def grids(self, processed: dict) -> list[tuple[int, int]]:
         if self.patch:
@@ -715,7 +729,7 @@ class PromptLayout:
             if not d[name]:
                 del d[name]
         tiles = d.get("image_tiles") or {}
-        defaults = (() if "max_slices" in tiles else ("patch", "row_end", "end", "raster") if "merge" in tiles else
+        defaults = (() if "max_slices" in tiles else ("patch", "row_end", "end", "raster", "framed") if "merge" in tiles else
                     ("token",) if "counted_by" in tiles else ())
         for name in defaults:  # likewise (ImagePatches' and ImageTiles' defaults)
             if not tiles[name]:

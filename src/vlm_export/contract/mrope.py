@@ -72,9 +72,12 @@ def rope_positions(ids: Sequence[int], image_token_id: int, places: np.ndarray) 
 class MRopeSplicedScheme(PatchRowsScheme):
     name = "spliced_mrope"
 
+    #: position streams of the decoder's rotary
+    streams = STREAMS
+
     def decoder_spec(self, precisions: tuple[str, ...]) -> StageSpec:
         spec = super().decoder_spec(precisions)
-        inputs = tuple(TensorSpec(t.name, t.dtype, (STREAMS, "batch", "sequence"), t.role) if t.name == "position_ids"
+        inputs = tuple(TensorSpec(t.name, t.dtype, (self.streams, "batch", "sequence"), t.role) if t.name == "position_ids"
                        else t for t in spec.inputs)
         return StageSpec(spec.name, DECODER, inputs, spec.outputs, precisions)
 
@@ -124,10 +127,10 @@ class MRopeSplicedScheme(PatchRowsScheme):
         return {self.image_input_name: self.empty_image_input().rows, **caches}
 
     def _step_tokens(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        return _streams(super()._step_tokens(batch, tokens))
+        return _streams(super()._step_tokens(batch, tokens), self.streams)
 
     def slot_step_feeds(self, batch: SlotBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        return _streams(super().slot_step_feeds(batch, tokens))
+        return _streams(super().slot_step_feeds(batch, tokens), self.streams)
 
     # ---- forms this scheme does not have (see the module docstring) ---------------------------
     def prefix_keys(self, prompt_ids: Sequence[int], image_input) -> None:
@@ -137,9 +140,9 @@ class MRopeSplicedScheme(PatchRowsScheme):
         return None
 
 
-def _streams(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A decode step's feeds with its positions in all three streams (text after the prompt)."""
-    return {**feeds, "position_ids": np.repeat(feeds["position_ids"][None], STREAMS, axis=0)}
+def _streams(feeds: dict[str, np.ndarray], streams: int) -> dict[str, np.ndarray]:
+    """A decode step's feeds with its positions in every stream (text after the prompt)."""
+    return {**feeds, "position_ids": np.repeat(feeds["position_ids"][None], streams, axis=0)}
 
 
 @register_scheme

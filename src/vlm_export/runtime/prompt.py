@@ -35,13 +35,17 @@ def _processor_template(tokenizer, layout: PromptLayout) -> bool:
     return layout.use_chat_template and layout.chat_parts and bool(getattr(tokenizer, "chat_template", None))
 
 
-def format_text(tokenizer, layout: PromptLayout, messages: Sequence[Message]) -> str:
+def format_text(tokenizer, layout: PromptLayout, messages: Sequence[Message], sent: Prompt = "") -> str:
     """The full text fed to the tokenizer, image tokens not yet expanded: each turn rendered, then
     the chat template (where the layout uses one), which decides where each turn - and so each
-    image - goes."""
+    image - goes. ``sent``: the conversation as the caller wrote it, whose string contents a template
+    written for the model's processor gets as strings, as that processor gives them (HunyuanOCR's prints
+    an answer's content as it is: a list of parts would be printed as a list)."""
     image_token = layout.image_token if layout.kind == "inline" else None
     if _processor_template(tokenizer, layout):  # the template writes each image part's token itself
-        turns = [{"role": m["role"], "content": [dict(p) for p in m["content"]]} for m in messages]
+        written = sent if not isinstance(sent, str) else [{}] * len(messages)
+        turns = [{"role": m["role"], "content": m["content"][0]["text"] if isinstance(w.get("content"), str)
+                  else [dict(p) for p in m["content"]]} for m, w in zip(messages, written)]
         return _render_template(tokenizer, turns)
     turns = [{"role": m["role"], "content": render_text(m["content"], image_token, layout.image_newline)} for m in messages]
     if layout.use_chat_template and getattr(tokenizer, "chat_template", None):
@@ -131,7 +135,7 @@ def build_prompt_ids(tokenizer, layout: PromptLayout, prompt: Prompt, n_images: 
     if layout.kind == "inline" and any(layout.image_token in t for t in texts):
         text = _images_as_written(tokenizer, layout, prompt, n_images)
     else:
-        text = format_text(tokenizer, layout, messages)
+        text = format_text(tokenizer, layout, messages, prompt)
     if layout.kind == "inline":
         # tokenized as the model's processor tokenizes text (processor(text=...), and its rendered template in
         # ProcessorMixin.apply_chat_template): with the tokenizer's special tokens (a Llama tokenizer's BOS)
