@@ -5,6 +5,7 @@
     python benchmarks/make_model.py gemma3 /tmp/models/gemma3         # a small tower + Gemma-3-270M-shaped LM
     python benchmarks/make_model.py qwen25vl /tmp/models/qwen25vl     # Qwen2.5-VL-3B's tower + a SmolLM2-135M-shaped LM
     python benchmarks/make_model.py qwen3vl /tmp/models/qwen3vl       # Qwen3-VL-2B's tower + a SmolLM2-135M-shaped Qwen3
+    python benchmarks/make_model.py hunyuanocr /tmp/models/hunyuanocr # HunyuanOCR's shapes (SmolLM2's tokenizer)
 
 ``realistic`` has the shapes that decide speed: a CLIP ViT-B/16 tower at 224 px (196 image
 tokens, 86M parameters) and a decoder shaped like SmolLM2-135M (hidden 576, 30 layers, 9 heads,
@@ -102,6 +103,23 @@ def make_qwen3vl(out: Path, seed: int = 0) -> Path:
                               max_pixels=1280 * 32 * 32, text_sizes=text, vision_sizes=vision)
 
 
+def make_hunyuanocr(out: Path, seed: int = 0) -> Path:
+    """HunyuanOCR's shapes (its config.json): a tower of 27 SigLIP blocks of 1152, 16 heads, MLP of 4304, patches of
+    16 with a 128 x 128 learned position grid, merge blocks of 2 (the framing merger: 1152 -> 2304 -> 4608 -> 1024),
+    its image processor's bounds (512 x 512 to 2048 x 2048 pixels); a HunYuan dense LM of 24 layers of 1024, 16 heads
+    of 128 over 8 KV heads, MLP of 3584, NTK-alpha rotary (alpha 1000) in four position streams of 16 frequencies,
+    tied embeddings - with SmolLM2's tokenizer (49k tokens, not HunyuanOCR's 120k: the embedding table is the one
+    part that is smaller). Random weights: its timings are a trained model's of that shape."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_models import make_tiny_hunyuan_vl
+
+    text = dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=16,
+                num_key_value_heads=8, head_dim=128, max_position_embeddings=32768)
+    vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16)
+    return make_tiny_hunyuan_vl(out, seed=seed, patch_size=16, merge=2, min_pixels=512 * 512,
+                                max_pixels=2048 * 2048, position_grid=128, text_sizes=text, vision_sizes=vision)
+
+
 def make_tiny(out: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny_models import make_tiny_llava  # the very model the tests build
@@ -112,7 +130,7 @@ def make_tiny(out: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     makers = {"realistic": make_realistic, "tiny": make_tiny, "gemma3": make_gemma3, "qwen25vl": make_qwen25vl,
-              "qwen3vl": make_qwen3vl}
+              "qwen3vl": make_qwen3vl, "hunyuanocr": make_hunyuanocr}
     parser.add_argument("kind", choices=tuple(makers))
     parser.add_argument("out", type=Path)
     args = parser.parse_args()

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import (TWO_IMAGE_TURNS, check_answers_equal_hf_generate, check_patch_rows_equal_hf,
-                      check_prompt_ids_are_the_loaded_processors, check_text_model_is_a_causal_lm, photos)
+                      check_prompt_ids_are_the_loaded_processors, check_served_as_in_process,
+                      check_text_model_is_a_causal_lm, photos)
 from vlm_export.errors import AdapterError
 
 #: (height, width): the largest grid, uneven ones, one below the processor's smallest (scaled up), the smallest grid
@@ -106,6 +107,28 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     check_answers_equal_hf_generate(pipe, loaded, requests + [(TWO_IMAGE_TURNS, photos(SIZES, 2, 5)),
                                                               (CONVERSATION, photos(SIZES, 2, 6)),
                                                               ("Tell me a story.", [])])
+
+
+def test_scheme_fusion_and_tensorrt_checks(tiny_build):
+    """The build declares the ``spliced_xdrope`` scheme with the LM's four streams and the projector's three framing
+    rows in its output dim; both attentions run in ONNX Runtime's kernel (after the graph's own rotary and q/k norms);
+    nothing in any graph is known to TensorRT 10's parser as refused."""
+    from vlm_export.engines.check import check_build
+
+    build = tiny_build("hunyuan_vl")
+    scheme = build.manifest["scheme"]
+    assert (scheme["name"], scheme["streams"], scheme["merge"]) == ("spliced_xdrope", 4, 2)
+    inputs = {t["name"]: t["shape"] for t in build.manifest["graphs"]["lm_decoder"]["inputs"]}
+    assert inputs["position_ids"] == [4, "batch", "sequence"]
+    assert build.manifest["graphs"]["lm_decoder"]["fusion"]["fusions"]["attention"] == 2
+    assert check_build(build.path).violations == []
+
+
+def test_served_answers_equal_in_process(tiny_build, tmp_path):
+    """Served by a real tritonserver over gRPC (tall, wide and small images, three requests at once, a conversation's
+    second turn): every answer ``generate``'s in process - the framing rows and positions made in the served model as
+    in process."""
+    check_served_as_in_process(tiny_build("hunyuan_vl").path, tmp_path, [(40, 52), (400, 30), (16, 200)])
 
 
 def test_text_model_is_an_ordinary_causal_lm(tiny_model_dir, tmp_path):

@@ -1251,13 +1251,14 @@ HUNYUAN_VL_CHAT_TEMPLATE = (
 
 
 def make_tiny_hunyuan_vl(path: Path, seed: int = 0, patch_size: int = 4, merge: int = 2, min_pixels: int = 8 * 8,
-                         max_pixels: int = 48 * 48, position_grid: int = 6, streams: int = 4,
-                         text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+                         max_pixels: int = 48 * 48, position_grid: int = 6, streams: int = 4, alpha: float = 1000.0,
+                         tie_word_embeddings: bool = True, text_sizes: dict | None = None,
+                         vision_sizes: dict | None = None) -> Path:
     """A tiny random HunYuanVL (HunyuanOCR's form): SigLIP encoder layers on patches of ``patch_size`` with a learned
     ``position_grid`` square (after a class row) resampled bilinearly per image, a merger of ``merge x merge`` blocks
     by convolution that frames each image (a newline per row of blocks, begin and end rows), and a HunYuan dense LM
-    (q/k normed after the rotary; HunyuanOCR's NTK-alpha rotary) whose rotary sections read ``streams`` position
-    streams (the last three: column, row, image); tied embeddings; SmolLM2's tokenizer with HunyuanOCR's tokens
+    (q/k normed after the rotary; HunyuanOCR's NTK-alpha rotary of ``alpha``, 0: the plain one) whose rotary sections
+    read ``streams`` position streams (the last three: column, row, image); tied embeddings; SmolLM2's tokenizer with HunyuanOCR's tokens
     (its BOS, user and assistant tags, image tokens), HunYuanVLImageProcessorPil (patches row-major) and a
     HunYuanVLProcessor with its chat template's form."""
     from transformers import AutoTokenizer, HunYuanVLConfig, HunYuanVLForConditionalGeneration, HunYuanVLProcessor
@@ -1273,16 +1274,19 @@ def make_tiny_hunyuan_vl(path: Path, seed: int = 0, patch_size: int = 4, merge: 
     section = [half // streams] * (streams - 1) + [half - half // streams * (streams - 1)]
     ids = {name: tokenizer.convert_tokens_to_ids(HY[token]) for name, token in (
         ("bos_token_id", "bos"), ("eos_token_id", "assistant"), ("pad_token_id", "pad"))}
-    text.update(vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, **ids,
+    text.setdefault("max_position_embeddings", 512)
+    text.update(vocab_size=_padded_vocab(len(tokenizer)), **ids,
                 initializer_range=0.2,  # with its embeddings tied, the default 0.02 repeats one token from the start
-                rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0,
-                                 "mrope_section": section})
+                rope_parameters={"rope_theta": 10000.0, "mrope_section": section,
+                                 **({"rope_type": "dynamic", "alpha": alpha, "factor": 1.0} if alpha else
+                                    {"rope_type": "default"})})
     vision = {**dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2),
               **(vision_sizes or {}), "max_image_size": position_grid * patch_size, "patch_size": patch_size,
               "spatial_merge_size": merge}
     marks = {name: tokenizer.convert_tokens_to_ids(HY[token]) for name, token in (
         ("image_token_id", "image"), ("im_start_id", "image_start"), ("im_end_id", "image_end"))}
-    cfg = HunYuanVLConfig(text_config=text, vision_config=vision, im_newline_id=marks["image_token_id"], **marks)
+    cfg = HunYuanVLConfig(text_config={**text, "tie_word_embeddings": tie_word_embeddings}, vision_config=vision,
+                          tie_word_embeddings=tie_word_embeddings, im_newline_id=marks["image_token_id"], **marks)
     torch.manual_seed(seed)
     HunYuanVLForConditionalGeneration(cfg).eval().save_pretrained(path)
     image_processor = HunYuanVLImageProcessorPil(patch_size=patch_size, merge_size=merge, temporal_patch_size=1,
