@@ -47,8 +47,9 @@ import numpy as np
 LAYOUTS = ("inline", "prefix")
 
 
-#: the longest side of an image at most this many times the shortest, in Qwen2-VL's kin's processors (they refuse more)
-MAX_GRID_ASPECT = 200
+#: the longest side of an image at most this many times the shortest: Qwen2-VL's kin's processors refuse more, and so
+#: does the runtime's image reader for every model
+MAX_ASPECT_RATIO = 200
 
 #: how a tiling image processor tells each image's tiles (``ImageTiles.counted_by``)
 TILE_COUNTS = ("rows_cols", "num_patches")
@@ -279,10 +280,10 @@ class ImagePatches:
         blocks = self.max_patches // self.merge ** 2
         if not self.framed:
             return blocks
-        # a newline row per row of blocks: the tallest grid the processor makes is the most (its processor refuses
-        # images over MAX_ASPECT_RATIO : 1, and rounds each side to whole blocks: one block more at most)
+        # a newline row per row of blocks: the tallest grid the processor makes is the most (images over
+        # MAX_ASPECT_RATIO : 1 are refused, and each side is rounded to whole blocks: one block more at most)
         return max(rows * (blocks // rows + 1) + 2 for rows in range(1, blocks + 1)
-                   if rows <= (MAX_GRID_ASPECT + 1) * (blocks // rows))
+                   if rows <= (MAX_ASPECT_RATIO + 1) * (blocks // rows))
 
     def grids(self, processed: dict) -> list[tuple[int, int]]:
         if self.patch:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Union
 
 from ..contract import ImageTiles
+from ..contract.layout import MAX_ASPECT_RATIO
 from ..errors import InputError
 
 #: the image processors' backend wherever a build's pixels are made (the build's checks, in process, served):
@@ -37,8 +38,6 @@ ImageInput = Union[str, Path, bytes, "PIL.Image.Image"]  # noqa: F821
 DEFAULT_MAX_IMAGE_BYTES = 32 << 20
 MIN_MAX_PIXELS = 8192 * 8192
 INPUT_AREAS = 64
-#: the longest side at most this many times the shortest (Qwen2-VL's processor refuses past 200 too)
-MAX_ASPECT_RATIO = 200
 
 
 @dataclass(frozen=True)
