@@ -155,6 +155,43 @@ def test_most_tokens_per_image_is_the_tallest_grid(tiny_model_dir):
                                         image_tiles=ImagePatches(merge=2, max_patches=16)).to_dict()["image_tiles"]
 
 
+def test_a_checkpoint_in_hunyuanocr_1_0s_layout_loads_alike(tiny_model_dir, tmp_path):
+    """HunyuanOCR 1.0's files: a flat config.json (the LM's settings at the top under their legacy names -
+    ``attention_head_dim``, ``pad_id``, ``org_vocab_size``, ``rope_scaling`` of type "xdrope" with ``xdrope_section``)
+    and a preprocessor_config.json of ``min_pixels`` / ``max_pixels``: the same layout, scheme and logits as the nested
+    form's."""
+    import shutil
+
+    import torch
+
+    nested = tiny_model_dir("hunyuan_vl")
+    folder = tmp_path / "flat"
+    shutil.copytree(nested, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    text = cfg.pop("text_config")
+    rope = text.pop("rope_parameters")
+    legacy = {"attention_head_dim": text.pop("head_dim"), "pad_id": text.pop("pad_token_id"),
+              "org_vocab_size": text.pop("vocab_size"), "rope_theta": rope.pop("rope_theta"),
+              "rope_scaling": {**rope, "type": "xdrope", "xdrope_section": rope.pop("mrope_section")}}
+    legacy["rope_scaling"].pop("rope_type")
+    (folder / "config.json").write_text(json.dumps({**cfg, **{k: v for k, v in text.items() if k != "model_type"},
+                                                    **legacy}))
+    processor = json.loads((folder / "processor_config.json").read_text())
+    images = processor.pop("image_processor")
+    size = images.pop("size")
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {**images, "min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"],
+         "image_processor_type": "HunYuanVLImageProcessor", "processor_class": "HunYuanVLProcessor"}))
+    (folder / "processor_config.json").write_text(json.dumps(processor))
+    ours, theirs = _load(folder), _load(nested)
+    adapter = ours.adapter
+    assert adapter.prompt_layout(ours) == adapter.prompt_layout(theirs)
+    assert adapter.scheme(ours).params() == adapter.scheme(theirs).params()
+    ids = torch.tensor([[5, 17, 300, 41, 9, 1000]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.model(input_ids=ids).logits, theirs.model(input_ids=ids).logits)
+
+
 @pytest.mark.parametrize("change, says", [
     (lambda c: c["vision_config"].update(interpolate_mode="bicubic"), "only bilinear"),
     (lambda c: c["text_config"]["rope_parameters"].update(mrope_section=[4, 4]), "at least three sections"),
