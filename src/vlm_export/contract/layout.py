@@ -730,7 +730,8 @@ class PromptLayout:
             if not d[name]:
                 del d[name]
         tiles = d.get("image_tiles") or {}
-        defaults = (() if "max_slices" in tiles else ("patch", "row_end", "end", "raster", "framed") if "merge" in tiles else
+        patches = ("patch", "row_end", "end", "raster", "framed")
+        defaults = (() if "max_slices" in tiles else patches if "merge" in tiles else
                     ("token",) if "counted_by" in tiles else ())
         for name in defaults:  # likewise (ImagePatches' and ImageTiles' defaults)
             if not tiles[name]:

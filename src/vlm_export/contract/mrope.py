@@ -77,8 +77,8 @@ class MRopeSplicedScheme(PatchRowsScheme):
 
     def decoder_spec(self, precisions: tuple[str, ...]) -> StageSpec:
         spec = super().decoder_spec(precisions)
-        inputs = tuple(TensorSpec(t.name, t.dtype, (self.streams, "batch", "sequence"), t.role) if t.name == "position_ids"
-                       else t for t in spec.inputs)
+        inputs = tuple(TensorSpec(t.name, t.dtype, (self.streams, "batch", "sequence"), t.role)
+                       if t.name == "position_ids" else t for t in spec.inputs)
         return StageSpec(spec.name, DECODER, inputs, spec.outputs, precisions)
 
     # ---- the image input ---------------------------------------------------------------
