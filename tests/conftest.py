@@ -774,6 +774,7 @@ LONGEST_FIRST = (
     "test_paligemma.py",  # likewise for the two PaliGemma builds
     "test_qwen3_5.py",  # ~90 CPU-s: HF generate on every size, a served tritonserver, a tiny MoE model of its own
     "test_lfm3_vl.py",  # HF generate on every size, a served tritonserver
+    "test_hunyuan_vl.py",  # likewise
 )
 
 
