@@ -556,6 +556,26 @@ def check_prompt_ids_are_the_loaded_processors(folder, pipe, turns, images):
     return processor, theirs
 
 
+def check_raster_prompt_and_patches_are_the_loaded_processors(folder, pipe, turns, images) -> None:
+    """For a processor that loads without torchvision and gives each image's patches row-major (PaddleOCR-VL's,
+    HunYuanVL's: ``ImagePatches.raster``): prompt ids = its own (``check_prompt_ids_are_the_loaded_processors``), and
+    the image path's rows of patches hold its patches, each at its place, and nothing else."""
+    import numpy as np
+
+    _, theirs = check_prompt_ids_are_the_loaded_processors(folder, pipe, turns, images)
+    if not images:
+        return
+    pixels = pipe.pixel_values(images)
+    real = pixels["patch_mask"].astype(bool)
+    start = 0
+    for k, (_, h, w) in enumerate(theirs["image_grid_thw"]):
+        raster = theirs["pixel_values"][start:start + h * w].reshape(h, w, -1)
+        places = pixels["patch_positions"][k][real[k]]
+        np.testing.assert_array_equal(pixels["pixel_values"][k][real[k]], raster[places[:, 0], places[:, 1]])
+        start += h * w
+    assert not pixels["pixel_values"][~real].any()
+
+
 def check_prompt_ids_and_patches_are_the_processors(pipe, folder, turns, images, replace_image_token,
                                                     image_token: str) -> tuple[list[int], dict, str]:
     """For a processor that needs torchvision to load (its video processor: Qwen2-VL's, GLM-4V's), its pieces called as

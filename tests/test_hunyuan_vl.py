@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import (TWO_IMAGE_TURNS, check_answers_equal_hf_generate, check_patch_rows_equal_hf,
-                      check_prompt_ids_are_the_loaded_processors, check_served_as_in_process,
+                      check_raster_prompt_and_patches_are_the_loaded_processors, check_served_as_in_process,
                       check_text_model_is_a_causal_lm, photos)
 from vlm_export.errors import AdapterError
 
@@ -39,20 +39,9 @@ def test_prompt_ids_and_pixels_are_the_processors(tiny_build, tiny_model_dir, tu
     conversation, none); the image path's rows of patches hold its patches (given row-major), each at its place."""
     from vlm_export.runtime.load import open_build
 
-    pipe = open_build(tiny_build("hunyuan_vl").path)
-    images = photos(SIZES, count, 6)
-    _, theirs = check_prompt_ids_are_the_loaded_processors(tiny_model_dir("hunyuan_vl"), pipe, turns, images)
-    if not images:
-        return
-    pixels = pipe.pixel_values(images)
-    real = pixels["patch_mask"].astype(bool)
-    start = 0
-    for k, (_, h, w) in enumerate(theirs["image_grid_thw"]):
-        raster = theirs["pixel_values"][start:start + h * w].reshape(h, w, -1)
-        places = pixels["patch_positions"][k][real[k]]
-        np.testing.assert_array_equal(pixels["pixel_values"][k][real[k]], raster[places[:, 0], places[:, 1]])
-        start += h * w
-    assert not pixels["pixel_values"][~real].any()
+    check_raster_prompt_and_patches_are_the_loaded_processors(tiny_model_dir("hunyuan_vl"),
+                                                              open_build(tiny_build("hunyuan_vl").path), turns,
+                                                              photos(SIZES, count, 6))
 
 
 def test_image_rows_and_positions_equal_hf(tiny_model_dir):
