@@ -11,7 +11,12 @@ one this scheme gives, in any batch).
 The image input is ``spliced_mrope``'s (:class:`~vlm_export.contract.mrope.PlacedRows`), built here from the
 projector's rows: each image's real merge blocks (by the image path's ``patch_mask``), then the three rows the
 projector adds after them in its output (begin, newline, end; the same for every image), put in the image's order,
-each with its place (the begin and end rows at :data:`BEGIN` / :data:`END`). No prefix cache, as ``spliced_mrope``.
+each with its place (the begin and end rows at :data:`BEGIN` / :data:`END`).
+
+Unlike ``spliced_mrope``, a prefix's positions follow from the prefix alone (text counts on, images are numbered from
+the prompt's start), so a prefill continues from a cached prefix: its keys are the spliced scheme's over each image
+row with its place (a row's K/V depends on its column, row and image number too), and the rest's positions are the
+whole prompt's from the prefix's end.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import numpy as np
 from .geometry import DecoderGeometry
 from .layout import PATCH_MASK, PATCH_POSITIONS
 from .mrope import MRopeSplicedScheme, PlacedRows
-from .scheme import register_scheme
+from .scheme import DecodeBatch, register_scheme
+from .spliced import SplicedScheme
 
 #: the places of an image's begin and end rows (positioned as text)
 BEGIN, END = (-1, -1), (-2, -2)
@@ -94,3 +100,17 @@ class XDRopeSplicedScheme(MRopeSplicedScheme):
                 row, self.image_token_id, image_input.places[used:used + count], self.streams)
             used += count
         return {**feeds, "position_ids": positions}
+
+    # ---- continuing from a cached prefix (the spliced scheme's, each image row with its place) ----------------
+    def prefix_keys(self, prompt_ids: Sequence[int], image_input: PlacedRows) -> np.ndarray | None:
+        placed = np.concatenate([image_input.rows, image_input.places.astype(np.float32)], axis=1)
+        return SplicedScheme.prefix_keys(self, prompt_ids, placed)
+
+    def generated_keys(self, tokens: Sequence[int]) -> np.ndarray | None:
+        return SplicedScheme.generated_keys(self, tokens)
+
+    def continue_feeds(self, prefix: DecodeBatch, prompt_ids: Sequence[int],
+                       image_input: PlacedRows) -> dict[str, np.ndarray]:
+        feeds = SplicedScheme.continue_feeds(self, prefix, prompt_ids, image_input.rows)
+        positions = xdrope_positions(prompt_ids, self.image_token_id, image_input.places, self.streams)
+        return {**feeds, "position_ids": positions[:, None, prefix.length:]}
