@@ -715,6 +715,51 @@ def check_mrope_positions_equal_hf(loaded, flat, arranged, rows, start: int, end
     np.testing.assert_array_equal(state.positions, deltas.reshape(-1).numpy() + [len(p) for p in prompts])
 
 
+def check_prefix_cache_equal_a_full_prefill(pipe, turn, images) -> None:
+    """A spliced scheme with places (M-RoPE's kin) continuing from a cached prefix: with the cache the greedy tokens
+    are those without (first sight, repeats, a conversation's next turn on its first ``turn`` and answer); a continued
+    prefill's logits, K/V and next positions are the whole prefill's at cuts before, inside and after an image's
+    rows; the same text over another second image shares keys through the first image and parts within the second.
+    ``images``: three lists of one photo each, of different sizes."""
+    import numpy as np
+
+    from vlm_export.runtime.generate import GenerationConfig, generate
+    from vlm_export.runtime.prefix_cache import PrefixCache
+
+    config = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    requests = [(turn, images[0]), (turn, images[1]), (TWO_IMAGE_TURNS, images[1] + images[2]), ("Say hello.", [])]
+    expected = [generate(pipe, p, i, config).token_ids for p, i in requests]
+    first = generate(pipe, turn, images[0], config)
+    follow_up = turn + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And the title?"}]
+    expected_follow_up = generate(pipe, follow_up, images[0], config).token_ids
+    pipe.prefix_cache = cache = PrefixCache(64 << 20, min_reused=1)
+    for _ in range(2):
+        assert [generate(pipe, p, i, config).token_ids for p, i in requests] == expected
+    assert cache.hits >= len(requests)
+    assert generate(pipe, turn, images[0], config).token_ids == first.token_ids
+    reused = cache.reused_tokens
+    assert generate(pipe, follow_up, images[0], config).token_ids == expected_follow_up
+    assert cache.reused_tokens - reused >= first.prompt_tokens
+
+    ids = pipe.prompt_ids(TWO_IMAGE_TURNS, images[1] + images[2])
+    image = pipe.encode_images(pipe.pixel_values(images[1] + images[2]))
+    full_logits, full = pipe.prefill(ids, image)
+    keys = pipe.prefix_keys(ids, image)
+    hit = cache.lookup(keys)
+    placeholders = np.flatnonzero(np.asarray(ids) == pipe.scheme.image_token_id)
+    for length in (hit.length, 3, int(placeholders[5]), int(placeholders[-1]) + 1):
+        logits, state = pipe.prefill_continuing(pipe.scheme.prefix_state(hit.caches, length), ids, image)
+        np.testing.assert_allclose(logits[0], full_logits, rtol=1e-5, atol=1e-5)
+        for name in pipe.scheme.past_names:
+            np.testing.assert_allclose(state.caches[name], full.caches[name], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(state.positions, full.positions)
+    swapped = images[1] + images[0]
+    other = pipe.prefix_keys(pipe.prompt_ids(TWO_IMAGE_TURNS, swapped), pipe.encode_images(pipe.pixel_values(swapped)))
+    first_image = len(pipe.encode_images(pipe.pixel_values(images[1])).rows)
+    parted = int(np.flatnonzero(keys[:len(other)] != other[:len(keys)])[0])
+    assert int(placeholders[first_image]) <= parted <= int(placeholders[first_image]) + 1
+
+
 def check_answers_equal_hf_generate(pipe, loaded, requests, new_tokens: int = 12) -> None:
     """Each (prompt, images) of ``requests``: ``generate``'s greedy tokens on ``pipe`` = the adapter's Hugging Face
     reference on the same prompt ids and preprocessed images, alone; and all of them decoded together in one batch

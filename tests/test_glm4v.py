@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import (TWO_IMAGE_TURNS, check_answers_equal_hf_generate, check_patch_rows_equal_hf,
-                      check_prompt_ids_and_patches_are_the_processors, check_rows_positions_and_largest_image,
-                      check_text_model_is_a_causal_lm, photos, requests_of_every_size)
+                      check_prefix_cache_equal_a_full_prefill, check_prompt_ids_and_patches_are_the_processors,
+                      check_rows_positions_and_largest_image, check_text_model_is_a_causal_lm, photos,
+                      requests_of_every_size)
 
 #: (height, width): the largest grid (12 x 12 patches, the processor's half of longest_edge), uneven ones, one
 #: below the processor's smallest (scaled up), the smallest grid (one merge block) and a square one
@@ -53,6 +54,16 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     folder = tiny_model_dir("glm4v")
     loaded = adapter_for(folder).load(folder)
     check_answers_equal_hf_generate(pipe, loaded, requests_of_every_size(SIZES))
+
+
+def test_prefix_cache_answers_and_logits_equal_a_full_prefill(tiny_build):
+    """GLM-4V's M-RoPE (pairwise over half of each head) continues from a cached prefix with the whole prefill's
+    answers, logits, K/V and next positions, on its fused form's KV buffer in place."""
+    from vlm_export.runtime.load import open_build
+
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    check_prefix_cache_equal_a_full_prefill(open_build(tiny_build("glm4v").path), turn,
+                                            [photos(SIZES, 1, k) for k in (0, 1, 4)])
 
 
 @pytest.mark.parametrize("family, lm", [("glm4v", "glm4"), ("glm4v_moe", "glm4_moe"), ("glm_ocr", "glm4")])

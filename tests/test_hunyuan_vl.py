@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import (TWO_IMAGE_TURNS, check_answers_equal_hf_generate, check_patch_rows_equal_hf,
+                      check_prefix_cache_equal_a_full_prefill,
                       check_raster_prompt_and_patches_are_the_loaded_processors, check_served_as_in_process,
                       check_text_model_is_a_causal_lm, photos)
 from vlm_export.errors import AdapterError
@@ -100,50 +101,12 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
 
 @pytest.mark.parametrize("form", ["onnxruntime", "standard"])  # the in-place KV buffer, and the copying path
 def test_prefix_cache_answers_and_logits_equal_a_full_prefill(tiny_build, form):
-    """XD-RoPE's positions follow from a prefix alone, so a prompt continues from a cached prefix: with the cache the
-    greedy tokens are those without (first sight, repeats, a conversation's next turn on its first turn and answer);
-    a continued prefill's logits and K/V are the whole prefill's at cuts before, inside and after an image's rows;
-    the same text over another image shares keys up to that image's first row."""
-    from vlm_export.runtime.generate import GenerationConfig, generate
+    """XD-RoPE's positions follow from a prefix alone, so a prompt continues from a cached prefix
+    (``check_prefix_cache_equal_a_full_prefill``: answers, a conversation's next turn, logits and K/V)."""
     from vlm_export.runtime.load import open_build
-    from vlm_export.runtime.prefix_cache import PrefixCache
 
-    pipe = open_build(tiny_build("hunyuan_vl").path, form=form)
-    config = GenerationConfig(max_new_tokens=8, ignore_eos=True)
-    images = [photos(SIZES, 1, k) for k in (0, 6, 7)]
-    requests = [(OCR, images[0]), (OCR, images[1]), (TWO_IMAGE_TURNS, images[1] + images[2]), ("Say hello.", [])]
-    expected = [generate(pipe, p, i, config).token_ids for p, i in requests]
-    first = generate(pipe, OCR, images[0], config)
-    follow_up = OCR + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And the title?"}]
-    expected_follow_up = generate(pipe, follow_up, images[0], config).token_ids
-    pipe.prefix_cache = cache = PrefixCache(64 << 20, min_reused=1)
-    for _ in range(2):
-        assert [generate(pipe, p, i, config).token_ids for p, i in requests] == expected
-    assert cache.hits >= len(requests)
-    assert generate(pipe, OCR, images[0], config).token_ids == first.token_ids
-    reused = cache.reused_tokens
-    assert generate(pipe, follow_up, images[0], config).token_ids == expected_follow_up
-    assert cache.reused_tokens - reused >= first.prompt_tokens
-
-    ids = pipe.prompt_ids(TWO_IMAGE_TURNS, images[1] + images[2])
-    image = pipe.encode_images(pipe.pixel_values(images[1] + images[2]))
-    full_logits, full = pipe.prefill(ids, image)
-    keys = pipe.prefix_keys(ids, image)
-    hit = cache.lookup(keys)
-    placeholders = np.flatnonzero(np.asarray(ids) == pipe.scheme.image_token_id)
-    for length in (hit.length, 3, int(placeholders[5]), int(placeholders[-1]) + 1):
-        logits, state = pipe.prefill_continuing(pipe.scheme.prefix_state(hit.caches, length), ids, image)
-        np.testing.assert_allclose(logits[0], full_logits, rtol=1e-5, atol=1e-5)
-        for name in pipe.scheme.past_names:
-            np.testing.assert_allclose(state.caches[name], full.caches[name], rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(state.positions, full.positions)
-    # the same text over another second image: keys alike through the first image and the second one's begin row (a
-    # constant at the same place), parting at its first block
-    swapped = images[1] + images[0]
-    other = pipe.prefix_keys(pipe.prompt_ids(TWO_IMAGE_TURNS, swapped),
-                             pipe.encode_images(pipe.pixel_values(swapped)))
-    first_image = len(pipe.encode_images(pipe.pixel_values(images[1])).rows)
-    assert int(np.flatnonzero(keys[:len(other)] != other[:len(keys)])[0]) == int(placeholders[first_image]) + 1
+    check_prefix_cache_equal_a_full_prefill(open_build(tiny_build("hunyuan_vl").path, form=form), OCR,
+                                            [photos(SIZES, 1, k) for k in (0, 6, 7)])
 
 
 def test_scheme_fusion_and_tensorrt_checks(tiny_build):

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import (TWO_IMAGE_TURNS, check_answers_equal_hf_generate, check_mrope_positions_equal_hf,
-                      check_patch_rows_equal_hf, check_prompt_ids_and_patches_are_the_processors,
-                      check_served_as_in_process, check_text_model_is_a_causal_lm, photos, requests_of_every_size)
+                      check_patch_rows_equal_hf, check_prefix_cache_equal_a_full_prefill,
+                      check_prompt_ids_and_patches_are_the_processors, check_served_as_in_process,
+                      check_text_model_is_a_causal_lm, photos, requests_of_every_size)
 from vlm_export.errors import AdapterError
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -91,6 +92,19 @@ def test_an_image_processor_of_another_patch_size_is_refused(tiny_model_dir, tmp
     with pytest.raises(AdapterError, match="patch_size 8 but the vision tower takes 4") as e:
         adapter_for(folder).load(folder)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("family, form", [("qwen2_5_vl", "onnxruntime"), ("qwen3_vl", "onnxruntime"),
+                                          ("qwen2_vl", "standard")])
+def test_prefix_cache_answers_and_logits_equal_a_full_prefill(tiny_build, family, form):
+    """M-RoPE's positions after a prefix follow from what it holds, which its keys say (each image row with its
+    place): a prompt continues from a cached prefix with the whole prefill's answers, logits, K/V and next positions
+    (Qwen3-VL's deepstack rows too; the in-place KV buffer and the copying path)."""
+    from vlm_export.runtime.load import open_build
+
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    check_prefix_cache_equal_a_full_prefill(open_build(tiny_build(family).path, form=form), turn,
+                                            [photos(SIZES, 1, k) for k in (0, 1, 4)])
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])  # Qwen2-VL's served path is Qwen2.5-VL's, windowless

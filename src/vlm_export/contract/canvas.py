@@ -9,7 +9,8 @@ side, plus one. Images that only markers and newlines separate share a group, th
 what lies between. Hugging Face's ``MiniCPMV4_7Model.get_rope_index`` for still images, step for step.
 
 The image input is ``spliced_mrope``'s (:class:`~vlm_export.contract.mrope.PlacedRows`: each image row's place in
-its crop's grid of tokens), so each crop's grid is read off its rows' places. No prefix cache, as ``spliced_mrope``.
+its crop's grid of tokens), so each crop's grid is read off its rows' places. No prefix cache (an image's overview is
+stretched over the canvas its slices, after it, span: a prefix's positions may depend on what follows it).
 """
 from __future__ import annotations
 
@@ -174,15 +175,13 @@ class CanvasMRopeScheme(MRopeSplicedScheme):
     def params(self) -> dict[str, Any]:
         return {**super().params(), "markers": dict(self.markers)}
 
-    def prefill_feeds(self, rows: Sequence[Sequence[int]], image_input: PlacedRows) -> dict[str, np.ndarray]:
-        feeds = super().prefill_feeds(rows, image_input)
-        ids = feeds["input_ids"]
-        positions = np.zeros((STREAMS, *ids.shape), dtype=np.int64)
-        used = 0
-        for b, row in enumerate(rows):
-            count = sum(1 for i in row if i == self.image_token_id)
-            positions[:, b, ids.shape[1] - len(row):] = canvas_positions(
-                row, self.image_token_id, self.markers, image_input.places[used:used + count])
-            used += count
-        return {**feeds, "position_ids": positions}
+    def row_positions(self, ids: Sequence[int], places: np.ndarray) -> np.ndarray:
+        return canvas_positions(ids, self.image_token_id, self.markers, places)
 
+    # an image's overview is stretched over the canvas its slices, which come after it, span: a prefix's positions
+    # may depend on what follows it, so nothing is continued from a cached prefix
+    def prefix_keys(self, prompt_ids: Sequence[int], image_input: PlacedRows) -> None:
+        return None
+
+    def generated_keys(self, tokens: Sequence[int]) -> None:
+        return None

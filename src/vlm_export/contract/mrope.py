@@ -9,8 +9,9 @@ and ``patch_mask``: ``layout.ImagePatches``), and the state keeps each row's nex
 
 The decoder's rotary is not one ONNX Runtime's attention kernel computes (three position streams): the fused
 form keeps it as exported and hands the kernel the rotated q and k, so it still decodes on one KV buffer
-written in place (``SlotBatch``, whose per-slot offsets carry each row's next position). No prefix cache: a
-prefix's positions would depend on the images before it, which its keys do not say.
+written in place (``SlotBatch``, whose per-slot offsets carry each row's next position). A prompt continues from a
+cached prefix: the keys digest each image row with its place, so a prefix's positions - decided by what it holds
+- are in its keys; the rest's positions are the whole prompt's from the prefix's end.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .geometry import DecoderGeometry
 from .layout import PATCH_POSITIONS
 from .patches import PatchRowsScheme
 from .scheme import DecodeBatch, Feeds, SlotBatch, left_padded, left_padded_mask, register_scheme
+from .spliced import SplicedScheme
 from .stages import DECODER, StageSpec, TensorSpec
 
 #: position streams of the decoder's rotary: frame, row, column
@@ -102,14 +104,17 @@ class MRopeSplicedScheme(PatchRowsScheme):
         return PlacedRows(np.concatenate([p.rows for p in parts]), np.concatenate([p.places for p in parts]))
 
     # ---- running a batch ---------------------------------------------------------------
+    def row_positions(self, ids: Sequence[int], places: np.ndarray) -> np.ndarray:
+        """[streams, len(ids)]: one unpadded row's positions, its k-th image token at ``places[k]``."""
+        return rope_positions(ids, self.image_token_id, places)
+
     def prefill_feeds(self, rows: Sequence[Sequence[int]], image_input: PlacedRows) -> dict[str, np.ndarray]:
         ids, mask, _ = left_padded(rows, self.pad_id)
-        positions = np.zeros((STREAMS, *ids.shape), dtype=np.int64)
+        positions = np.zeros((self.streams, *ids.shape), dtype=np.int64)
         used = 0
         for b, row in enumerate(rows):
             count = sum(1 for i in row if i == self.image_token_id)
-            positions[:, b, ids.shape[1] - len(row):] = rope_positions(row, self.image_token_id,
-                                                                       image_input.places[used:used + count])
+            positions[:, b, ids.shape[1] - len(row):] = self.row_positions(row, image_input.places[used:used + count])
             used += count
         return {"input_ids": ids, self.image_input_name: self._table_for(ids, image_input.rows),
                 "attention_mask": mask, "position_ids": positions, **self._empty_past(len(rows))}
@@ -132,12 +137,22 @@ class MRopeSplicedScheme(PatchRowsScheme):
     def slot_step_feeds(self, batch: SlotBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
         return _streams(super().slot_step_feeds(batch, tokens), self.streams)
 
-    # ---- forms this scheme does not have (see the module docstring) ---------------------------
-    def prefix_keys(self, prompt_ids: Sequence[int], image_input) -> None:
-        return None
+    # ---- continuing from a cached prefix ---------------------------------------------------
+    def prefix_keys(self, prompt_ids: Sequence[int], image_input: PlacedRows) -> np.ndarray | None:
+        # the spliced scheme's keys over each image row with its place: a row's K/V depends on its position, which
+        # its place and what comes before it (the keys before it) decide, and so does the text's after an image
+        placed = np.concatenate([image_input.rows, image_input.places.astype(np.float32)], axis=1)
+        return SplicedScheme.prefix_keys(self, prompt_ids, placed)
 
-    def generated_keys(self, tokens: Sequence[int]) -> None:
-        return None
+    def generated_keys(self, tokens: Sequence[int]) -> np.ndarray | None:
+        return SplicedScheme.generated_keys(self, tokens)
+
+    def continue_feeds(self, prefix: DecodeBatch, prompt_ids: Sequence[int],
+                       image_input: PlacedRows) -> dict[str, np.ndarray]:
+        feeds = SplicedScheme.continue_feeds(self, prefix, prompt_ids, image_input.rows)
+        # the whole prompt's positions from the prefix's end (its text ends the prompt: the largest, as the state
+        # after it reads them)
+        return {**feeds, "position_ids": self.row_positions(prompt_ids, image_input.places)[:, None, prefix.length:]}
 
 
 def _streams(feeds: dict[str, np.ndarray], streams: int) -> dict[str, np.ndarray]:

@@ -13,10 +13,8 @@ projector's rows: each image's real merge blocks (by the image path's ``patch_ma
 projector adds after them in its output (begin, newline, end; the same for every image), put in the image's order,
 each with its place (the begin and end rows at :data:`BEGIN` / :data:`END`).
 
-Unlike ``spliced_mrope``, a prefix's positions follow from the prefix alone (text counts on, images are numbered from
-the prompt's start), so a prefill continues from a cached prefix: its keys are the spliced scheme's over each image
-row with its place (a row's K/V depends on its column, row and image number too), and the rest's positions are the
-whole prompt's from the prefix's end.
+A prompt continues from a cached prefix as ``spliced_mrope``'s does (a prefix's positions follow from what it holds:
+text counts on, images are numbered from the prompt's start).
 """
 from __future__ import annotations
 
@@ -27,8 +25,7 @@ import numpy as np
 from .geometry import DecoderGeometry
 from .layout import PATCH_MASK, PATCH_POSITIONS
 from .mrope import MRopeSplicedScheme, PlacedRows
-from .scheme import DecodeBatch, register_scheme
-from .spliced import SplicedScheme
+from .scheme import register_scheme
 
 #: the places of an image's begin and end rows (positioned as text)
 BEGIN, END = (-1, -1), (-2, -2)
@@ -89,28 +86,5 @@ class XDRopeSplicedScheme(MRopeSplicedScheme):
         where = np.concatenate([[BEGIN], np.stack([r.reshape(-1), c.reshape(-1)], axis=-1), [END]])
         return PlacedRows(table, where.astype(np.int64))
 
-    def prefill_feeds(self, rows: Sequence[Sequence[int]], image_input: PlacedRows) -> dict[str, np.ndarray]:
-        feeds = super().prefill_feeds(rows, image_input)
-        ids = feeds["input_ids"]
-        positions = np.zeros((self.streams, *ids.shape), dtype=np.int64)
-        used = 0
-        for b, row in enumerate(rows):
-            count = sum(1 for i in row if i == self.image_token_id)
-            positions[:, b, ids.shape[1] - len(row):] = xdrope_positions(
-                row, self.image_token_id, image_input.places[used:used + count], self.streams)
-            used += count
-        return {**feeds, "position_ids": positions}
-
-    # ---- continuing from a cached prefix (the spliced scheme's, each image row with its place) ----------------
-    def prefix_keys(self, prompt_ids: Sequence[int], image_input: PlacedRows) -> np.ndarray | None:
-        placed = np.concatenate([image_input.rows, image_input.places.astype(np.float32)], axis=1)
-        return SplicedScheme.prefix_keys(self, prompt_ids, placed)
-
-    def generated_keys(self, tokens: Sequence[int]) -> np.ndarray | None:
-        return SplicedScheme.generated_keys(self, tokens)
-
-    def continue_feeds(self, prefix: DecodeBatch, prompt_ids: Sequence[int],
-                       image_input: PlacedRows) -> dict[str, np.ndarray]:
-        feeds = SplicedScheme.continue_feeds(self, prefix, prompt_ids, image_input.rows)
-        positions = xdrope_positions(prompt_ids, self.image_token_id, image_input.places, self.streams)
-        return {**feeds, "position_ids": positions[:, None, prefix.length:]}
+    def row_positions(self, ids: Sequence[int], places: np.ndarray) -> np.ndarray:
+        return xdrope_positions(ids, self.image_token_id, places, self.streams)
