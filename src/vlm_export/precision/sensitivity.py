@@ -134,7 +134,7 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
     rounded to nearest. One pass keeps an even sample of each feed's tokens (``MAX_ROWS`` in all, fewer
     where every input's rows would not fit ``budget`` bytes), so that each weight is quantized once. A
     MatMul of two activations (per tensor only: an image stage's attention) is measured on whole
-    outputs, on as many feeds as ``budget`` holds."""
+    outputs, a few at a time (``_pair_errors``)."""
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations {activations!r} is not one of {', '.join(ACTIVATIONS)}")
     feeds = list(feeds)
@@ -145,34 +145,30 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
     if pairs and activations != "per-tensor":
         raise ValueError("a MatMul of two activations is ranked with per-tensor activations only")
     widths = {n.input[0]: _width(n, inits) for n in weighted}
-    both = sorted({i for n in pairs for i in n.input[:2]})
-    tensors = sorted(set(widths) | set(both))
+    errors = _pair_errors(model, pairs, feeds, threads, budget) if pairs else {}
+    if not weighted:
+        return errors
+    tensors = sorted(widths)
     rows = max(16, min(MAX_ROWS, budget // (4 * max(sum(widths.values()), 1))))
     per_feed = max(1, -(-rows // max(len(feeds), 1)))
     xs: dict[str, list[np.ndarray]] = {t: [] for t in widths}
-    whole: dict[str, list[np.ndarray]] = {t: [] for t in both}
-    held = 0
     largest = dict.fromkeys(tensors, 0.0)  # over every token, not the sample: the calibrated range
     with ActivationProbe(model, tensors, threads) as probe:
         for values in probe.run(feeds, tensors):
             if activations == "per-tensor":  # per token, each row is its own range
                 for name, value in values.items():
                     largest[name] = max(largest[name], float(np.abs(value).max(initial=0.0)))
-            if both and (held == 0 or held + sum(values[t].nbytes for t in both) <= budget // 2):
-                held += sum(values[t].nbytes for t in both)
-                for t in both:
-                    whole[t].append(values[t].astype(np.float32))
             for name in widths:
                 x = values[name].reshape(-1, values[name].shape[-1])
                 x = x[np.abs(x).max(axis=1) > 0]  # padded rows are all zero
                 pick = np.unique(np.linspace(0, len(x) - 1, min(per_feed, len(x))).round().astype(int))
                 xs[name].append(x[pick].astype(np.float32))
+            del values  # the loop's name would hold this feed's tensors through the next feed's run
     xs = {name: np.concatenate(parts) for name, parts in xs.items()}
     if not all(len(x) for x in xs.values()):
         raise ExportError("no calibration tokens reached the MatMuls to rank their int8 error")
     quantized = {name: _int8(x, np.abs(x).max(axis=1, keepdims=True) if activations == "per-token"
                              else largest[name]) for name, x in xs.items()}
-    errors = {}
     for node in weighted:
         w = weight_kn(node, inits)
         y = xs[node.input[0]] @ w
@@ -181,15 +177,47 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
         codes, scales = (weights or {}).get(node.name) or int8_weights(w)
         err = np.linalg.norm(y - quantized[node.input[0]] @ (codes.astype(np.float32) * scales), axis=1)
         errors[node.name] = float((err[live] / norm[live]).mean()) if live.any() else 0.0
-    for node in pairs:
-        a_name, b_name = node.input[:2]
-        relative = []
-        for a, b in zip(whole[a_name], whole[b_name]):
-            y = a @ b
-            norm = np.linalg.norm(y)
-            if norm > 0:
-                relative.append(np.linalg.norm(y - _int8(a, largest[a_name]) @ _int8(b, largest[b_name])) / norm)
-        errors[node.name] = float(np.mean(relative)) if relative else 0.0
+    return errors
+
+
+def _pair_errors(model: onnx.ModelProto, pairs: list[onnx.NodeProto], feeds: list[Mapping[str, np.ndarray]],
+                 threads: int, budget: int) -> dict[str, float]:
+    """Per MatMul of two activations (an image stage's attention: its scores and their use), the mean relative error
+    of rounding both sides per tensor (each side's largest magnitude its range), on whole outputs. A tower's
+    attention scores are heads x patches² per layer - gigabytes for a large tower on a large image - so the pairs are
+    measured a group at a time (its operands the only tensors fetched), each group on as many feeds, smallest first,
+    as half the budget holds (one at least), the group's size set from the largest pair seen: the ranges are those of
+    the feeds measured."""
+    order = sorted(feeds, key=lambda feed: sum(np.asarray(v).nbytes for v in feed.values()))
+    errors: dict[str, float] = {}
+    start, size, widest = 0, 1, 1
+    while start < len(pairs):
+        group = pairs[start:start + size]
+        operands = sorted({name for node in group for name in node.input[:2]})
+        values: dict[str, list[np.ndarray]] = {t: [] for t in operands}
+        held = 0
+        with ActivationProbe(model, operands, threads) as probe:
+            for got in probe.run(order, operands):
+                widest = max([widest] + [sum(got[t].nbytes for t in node.input[:2]) for node in group])
+                held += sum(v.nbytes for v in got.values())
+                for t in operands:
+                    values[t].append(np.asarray(got[t], dtype=np.float32))
+                del got
+                if held >= budget // 2:
+                    break
+        largest = {t: max(float(np.abs(v).max(initial=0.0)) for v in parts) for t, parts in values.items()}
+        for node in group:
+            a_name, b_name = node.input[:2]
+            relative = []
+            for a, b in zip(values[a_name], values[b_name]):
+                y = a @ b
+                norm = np.linalg.norm(y)
+                if norm > 0:
+                    relative.append(np.linalg.norm(y - _int8(a, largest[a_name]) @ _int8(b, largest[b_name])) / norm)
+            errors[node.name] = float(np.mean(relative)) if relative else 0.0
+        del values
+        start += len(group)
+        size = max(1, (budget // 2) // widest)
     return errors
 
 
