@@ -37,8 +37,7 @@ class ActivationProbe:
         opts.log_severity_level = 3
         # every fetched tensor is a graph output, which the memory planner cannot reuse, and feeds of other shapes
         # (images of other sizes) grow ONNX Runtime's arena, which never gives memory back: without it each run's
-        # buffers are freed after the run (a 0.4 B-parameter tower's ranking on 7 images of ~1,100 patches reached
-        # 23 GB with it, and the kernel killed the build)
+        # buffers are freed after the run
         opts.enable_cpu_mem_arena = False
         if emulate_qdq:
             opts.add_session_config_entry(*QDQ_AS_WRITTEN)
