@@ -186,8 +186,9 @@ def _pair_errors(model: onnx.ModelProto, pairs: list[onnx.NodeProto], feeds: lis
     of rounding both sides per tensor (each side's largest magnitude its range), on whole outputs. A tower's
     attention scores are heads x patches² per layer - gigabytes for a large tower on a large image - so the pairs are
     measured a group at a time (its operands the only tensors fetched), each group on as many feeds, smallest first,
-    as half the budget holds (one at least), the group's size set from the largest pair seen: the ranges are those of
-    the feeds measured."""
+    as half the budget holds (one at least), the group's size set from the largest pair seen and at most doubled from
+    one group to the next (a tower's q x k pairs are a fraction of its scores x v pairs: sized by the first alone, the
+    second group would take every scores x v pair at once): the ranges are those of the feeds measured."""
     order = sorted(feeds, key=lambda feed: sum(np.asarray(v).nbytes for v in feed.values()))
     errors: dict[str, float] = {}
     start, size, widest = 0, 1, 1
@@ -217,7 +218,7 @@ def _pair_errors(model: onnx.ModelProto, pairs: list[onnx.NodeProto], feeds: lis
             errors[node.name] = float(np.mean(relative)) if relative else 0.0
         del values
         start += len(group)
-        size = max(1, (budget // 2) // widest)
+        size = max(1, min(2 * size, (budget // 2) // widest))
     return errors
 
 
