@@ -38,6 +38,7 @@ from .datasets import load_items
 from .cpu import int8_dot_product
 from .errors import BuildError, ParityError, RunnerError, first_line
 from .export.fuse import fuse_decoder
+from .export.image_fuse import fuse_image_stage
 from .export.graph_info import check_graph, graph_bytes, graph_io
 from .export.onnx_export import export_stage
 from .precision.calibration import CalibrationPair, cache_path, default_pairs, stage_feeds
@@ -265,6 +266,8 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
             advance()
     _fuse_decoder_stage(tmp, graphs, scheme.decoder_stage, precisions[scheme.decoder_stage], limits, options, progress,
                         scheme.geometry)
+    _fuse_image_stages(tmp, graphs, [s.name for s in stages if s.name != scheme.decoder_stage], precisions, options,
+                       progress)
 
     # the merged adapter is an input too (calibration caches are keyed by these)
     source_sha256 = {**_source_hashes(model_path), **{f"lora/{k}": v for k, v in (lora.sha256 if lora else {}).items()}}
@@ -316,20 +319,23 @@ def _build_into(tmp, out, model_path, adapter, options, questions, template, pro
     torch_split = copy.deepcopy(recorded.result)  # a second judgment starts from the reference's own entries
     try:
         judged = _judge(recorded, adapter, opener, precisions, options, progress, manifest["source"],
-                        other_decoder_forms(manifest), questions)
-        why = _only_the_fused_form_failed(judged[2], manifest, scheme.decoder_stage)
+                        other_forms(manifest), questions)
+        why = _only_the_fused_forms_failed(judged[2], manifest, scheme.decoder_stage)
         fused_failures = judged[2]
     except RunnerError as e:
-        why = _fused_form_refused(e, tmp, manifest, scheme.decoder_stage)
+        why = _fused_form_refused(e, tmp, manifest)
         if not why:
             raise
         fused_failures = []  # nothing was judged: the reason says what ONNX Runtime refused
     if why:
-        _drop_fused_form(tmp, manifest, scheme.decoder_stage, why, fused_failures, progress)
+        for stage, reason in why.items():
+            _drop_fused_form(tmp, manifest, stage, reason, fused_failures, progress)
         recorded.result = torch_split
-        judged = _judge(recorded, adapter, opener, precisions, options, progress, manifest["source"], [], questions)
+        judged = _judge(recorded, adapter, opener, precisions, options, progress, manifest["source"],
+                        other_forms(manifest), questions)
         if judged[2] and fused_failures:
-            _standard_failed_too(tmp, manifest, scheme.decoder_stage, fused_failures, judged[2], progress)
+            for stage in why:
+                _standard_failed_too(tmp, manifest, stage, fused_failures, judged[2], progress)
     result, policy, failures, accuracy = judged
     shutil.rmtree(scratch)  # the reference's arrays are no part of the build (nor of a failed one's folder)
     manifest["parity"] = _parity_record(options, result, policy, failures)
@@ -442,6 +448,48 @@ def _fuse_decoder_stage(tmp: Path, graphs: dict, stage: str, precision: str, lim
     if record.get("kv_copied_because"):  # the build still works; the user should know which path decodes
         progress.note(f"{stage}: its fused form decodes on a KV cache copied every step, not one shared buffer: "
                       f"{record['kv_copied_because']}")
+
+
+def _fuse_image_stages(tmp: Path, graphs: dict, stages: list[str], precisions: dict[str, str], options: BuildOptions,
+                       progress: Progress) -> None:
+    """Each fp32 image (or encoder) stage's ONNX Runtime form beside its standard graph, where its attention fuses
+    (export/image_fuse.py: MultiHeadAttention, ONNX Runtime's tiled kernel for unpadded images: memory that grows
+    with the patches, not their square); why not in ``graphs[stage]["fusion"]``. A stage without a softmax (a
+    projector) gets no record."""
+    import onnx
+
+    for stage in stages:
+        entry = graphs[stage]
+        src = tmp / entry["file"]
+        if not any(n.op_type == "Softmax" for n in onnx.load(os.fspath(src), load_external_data=False).graph.node):
+            continue  # no attention
+        reason = "" if options.fuse else "not made: fusion turned off (--no-fuse)"
+        if not reason and precisions[stage] != "fp32":
+            reason = (f"not made: the fused form is fp32 (ONNX Runtime's tiled attention kernel); the {precisions[stage]} "
+                      "variant is made from the standard graph, which the onnxruntime target runs")
+        if reason:
+            entry["fusion"] = {"made": False, "reason": reason}
+            continue
+        dst = src.with_name(f"{stage}.fused.onnx")
+        with progress.step(f"{stage}: its ONNX Runtime form (MultiHeadAttention, export/image_fuse.py)") as advance:
+            start = time.perf_counter()
+            try:
+                report = fuse_image_stage(src, dst)
+                record = {"made": report.fused, **report.to_dict()}
+                if report.fused:
+                    check_graph(dst)
+            except Exception as e:  # noqa: BLE001 - the pass's failure costs the fused form, never the build
+                record = {"made": False, "reason": f"the fusion pass failed: {first_line(e)}"}
+            record["seconds"] = round(time.perf_counter() - start, 2)
+            advance()
+        entry["fusion"] = record
+        if not record["made"]:
+            for f in (dst, dst.with_name(dst.name + ".data")):
+                f.unlink(missing_ok=True)
+            progress.note(f"{stage}: no fused form ({record['reason']}); ONNX Runtime runs the standard graph")
+            continue
+        entry["forms"] = {"fused": _describe_graph(dst, tmp, "fp32", entry["export_seconds"], form="fused",
+                                                   fuse_seconds=record["seconds"])}
 
 
 def _fused_forms(graphs: dict) -> dict:
@@ -644,40 +692,52 @@ def _fused_variant(tmp: Path, stage: str, precision: str, fused: dict, options: 
                            convert_seconds=time.perf_counter() - start, variant=info.details)
 
 
-def _only_the_fused_form_failed(failures: list[str], manifest: dict, stage: str) -> str:
-    """Why the build would pass with the decoder's standard graph on the onnxruntime target ("" if it
-    would not): every failure is the fused form's own (its prefill / decode entries, its greedy tokens,
-    the task accuracy it answered) while the standard form, shipped beside it, passed its entries."""
-    if not failures or not _falls_back(manifest, stage):
-        return ""  # nothing failed, or no standard graph to fall back to (a fused MatMulNBits decoder)
-    if all(f.split("/", 1)[0] in DECODER_ENTRIES or f.startswith(("end-to-end onnxruntime", "task accuracy"))
-           for f in failures):
+def _only_the_fused_forms_failed(failures: list[str], manifest: dict, decoder_stage: str) -> dict[str, str]:
+    """Stage -> why the build would pass with its standard graph on the onnxruntime target ({} if it would not):
+    every failure is a fused form's own (its stage's entries - a decoder's prefill / decode, an image stage's
+    own - its greedy tokens, the task accuracy it answered) while the standard forms, shipped beside them,
+    passed theirs. The stages named are those whose entries failed; where only the end-to-end or task checks
+    did, every stage with a fused form beside a standard graph (which of them is not known)."""
+    stages = [stage for stage in manifest["graphs"] if _falls_back(manifest, stage)]
+    if not failures or not stages:
+        return {}  # nothing failed, or no standard graph to fall back to (a fused MatMulNBits decoder)
+    by_entry = {entry: stage for stage in stages for entry in (DECODER_ENTRIES if stage == decoder_stage else [stage])}
+    failed = [f.split("/", 1)[0] for f in failures]
+    if not all(entry in by_entry or f.startswith(("end-to-end onnxruntime", "task accuracy"))
+               for entry, f in zip(failed, failures)):
+        return {}
+    suspects = list(dict.fromkeys(by_entry[e] for e in failed if e in by_entry)) or stages
+    why = {}
+    for stage in suspects:
         precision = manifest["precision"][stage]
         cause = ("a bug of the fusion pass on this model" if precision == "fp32" else
                  f"each form is converted to {precision} on its own (calibration, the layers kept fp32), so the "
                  "fusion pass or that conversion")
-        return (f"its fused form failed parity where the standard graph passed ({len(failures)} check(s), the "
-                f"first {failures[0]}): {cause}, its failures kept in this record")
-    return ""
+        why[stage] = (f"its fused form failed parity where the standard graph passed ({len(failures)} check(s), the "
+                      f"first {failures[0]}): {cause}, its failures kept in this record")
+    return why
 
 
-def _fused_form_refused(error: RunnerError, tmp: Path, manifest: dict, stage: str) -> str:
-    """Why the build falls back to the standard graph ("" if it does not): ONNX Runtime could not load
-    or run the decoder's fused form (a kernel limit its schema does not state, met on this model)."""
-    fused = (manifest["graphs"][stage].get("forms") or {}).get("fused")
-    if error.graph is None or fused is None or not _falls_back(manifest, stage):
-        return ""
-    path = tmp / fused["file"]
-    if Path(error.graph).resolve() != path.resolve():
-        return ""  # another graph failed: not the fused form's doing
-    said = str(error)
-    for spelled in {str(error.graph), str(path), str(path.resolve())}:  # the build's temporary folder: gone after
-        said = said.replace(spelled, fused["file"])
-    return f"ONNX Runtime could not load or run its fused form ({said})"
+def _fused_form_refused(error: RunnerError, tmp: Path, manifest: dict) -> dict[str, str]:
+    """Stage -> why the build falls back to its standard graph ({} if it does not): ONNX Runtime could not load
+    or run the stage's fused form (a kernel limit its schema does not state, met on this model)."""
+    if error.graph is None:
+        return {}
+    for stage in manifest["graphs"]:
+        fused = (manifest["graphs"][stage].get("forms") or {}).get("fused")
+        if fused is None or not _falls_back(manifest, stage):
+            continue
+        path = tmp / fused["file"]
+        if Path(error.graph).resolve() == path.resolve():
+            said = str(error)
+            for spelled in {str(error.graph), str(path), str(path.resolve())}:  # the build's temporary folder: gone
+                said = said.replace(spelled, fused["file"])
+            return {stage: f"ONNX Runtime could not load or run its fused form ({said})"}
+    return {}  # another graph failed: not a fused form's doing
 
 
 def _falls_back(manifest: dict, stage: str) -> bool:
-    """Whether the decoder ships its standard graph beside the fused form the onnxruntime target runs."""
+    """Whether a stage ships its standard graph beside the fused form the onnxruntime target runs."""
     return set(stage_forms(manifest["graphs"][stage])) == {"standard", "fused"}
 
 
@@ -712,11 +772,17 @@ def _standard_failed_too(tmp: Path, manifest: dict, stage: str, fused_failures: 
     progress.note(f"{stage}: the standard graph failed parity too: not the fusion pass's doing")
 
 
-def other_decoder_forms(manifest: dict) -> list[str]:
-    """The forms of the decoder stage the onnxruntime target does not run (parity checks them too)."""
-    stage = scheme_from_dict(manifest["scheme"]).decoder_stage
-    used = target_forms(manifest)["onnxruntime"].get(stage)
-    return [form for form in stage_forms(manifest["graphs"][stage]) if form != used]
+def other_forms(manifest: dict) -> dict[str, list[str]]:
+    """Form -> the parity entries recorded in it: those of each stage shipping that form where the onnxruntime
+    target runs another (the standard graph TensorRT reads, beside a fused form): the decoder's prefill and
+    decode, an image stage's own entry."""
+    decoder, used = scheme_from_dict(manifest["scheme"]).decoder_stage, target_forms(manifest)["onnxruntime"]
+    entries: dict[str, list[str]] = {}
+    for stage, g in manifest["graphs"].items():
+        for form in stage_forms(g):
+            if form != used.get(stage):
+                entries.setdefault(form, []).extend(DECODER_ENTRIES if stage == decoder else [stage])
+    return entries
 
 
 def _drop_if_unreadable(cache: Path) -> None:
@@ -786,25 +852,27 @@ def _record_reference_and_free(loaded, reference, options: BuildOptions, progres
 
 
 def _judge(recorded: _Recorded, adapter, open_form, precisions: dict[str, str], options: BuildOptions,
-           progress: Progress, source: dict, other_forms: list[str] = (), questions=None):
+           progress: Progress, source: dict, other_forms: dict[str, list[str]] | None = None, questions=None):
     """The build against the recorded reference, stage by stage and end to end (and, given
     ``questions``, task accuracy), judged by the policy for the build's precisions; returns (result,
     policy, failures, the task-accuracy section or None). ``open_form(form=...)`` opens the build with
     its decoder in a form. The candidate is the build as the onnxruntime target runs it (its entries
-    are ``prefill``, ``decode`` and the image stages; end to end and task accuracy run it). Each of
-    ``other_forms`` (the standard graph TensorRT reads) has its decoder entries recorded as
-    ``prefill (standard form)``, ``decode (standard form)`` and judged by the same tolerances. One
-    decoder form is open at a time (two at once were 8.15 GB for a 567M-parameter LLaVA, one 5.75).
+    are ``prefill``, ``decode`` and the image stages; end to end and task accuracy run it). Each form of
+    ``other_forms`` (``other_forms``: the standard graphs TensorRT reads) has its entries recorded as
+    ``prefill (standard form)``, ``vision_encoder (standard form)`` ... and judged by the same tolerances. One
+    form is open at a time (two at once were 8.15 GB for a 567M-parameter LLaVA, one 5.75).
     An entry failing its fp32 gate is measured against PyTorch in float64 too (``_measure_against_float64``:
     ``source`` is the manifest's, to load the model again) and judged by that."""
-    result = recorded.result
-    for form in other_forms:
+    result, other_forms = recorded.result, other_forms or {}
+    for form, entries in other_forms.items():
         pipe, extra = open_form(form=form), ParityResult()
-        with progress.step(f"parity of the decoder's {form} form (PyTorch vs ONNX Runtime)",
-                           total=len(recorded.calls)) as advance:
-            replay_stages(recorded.calls, pipe, extra, advance)
-        for entry in DECODER_ENTRIES:  # its image stages are the candidate's: measured there
-            result.stages[form_entry_name(entry, form)] = extra.stages[entry]
+        calls = [call for call in recorded.calls if call.entry in entries]
+        with progress.step(f"parity of the {form} form of {', '.join(dict.fromkeys(entries))} (PyTorch vs ONNX "
+                           "Runtime)", total=len(calls)) as advance:
+            replay_stages(calls, pipe, extra, advance)
+        for entry in entries:  # the other stages run the candidate's forms: measured there
+            if entry in extra.stages:
+                result.stages[form_entry_name(entry, form)] = extra.stages[entry]
         del pipe
         gc.collect()  # its sessions' memory back before the next form opens
     candidate, stages = open_form(form="onnxruntime"), ParityResult()
@@ -819,9 +887,10 @@ def _judge(recorded: _Recorded, adapter, open_form, precisions: dict[str, str], 
         # where the policy holds the answers to HF's token for token, a divergence is followed to its end
         compare_tokens(recorded.cases, {"onnxruntime": candidate}, options.parity_new_tokens, result, advance,
                        batched=("onnxruntime",), follow=("onnxruntime",) if policy.require_identical_tokens else ())
-    # every form of the decoder is held to its entries' tolerances (overrides included)
+    # every form of a stage is held to its entries' tolerances (overrides included)
     policy = replace(policy, tolerances={**policy.tolerances, **{
-        form_entry_name(entry, form): policy.tolerance(entry) for form in other_forms for entry in DECODER_ENTRIES}})
+        form_entry_name(entry, form): policy.tolerance(entry) for form, entries in other_forms.items()
+        for entry in entries}})
     accuracy, accuracy_failures = None, []
     if questions:
         name, items = questions
@@ -855,7 +924,7 @@ def _graph_outputs_for_float64(recorded: _Recorded, entries: list[str], opened: 
                       progress)
         return None
     forms = {call.entry: ("onnxruntime", call.entry) for call in recorded.calls}
-    forms.update({form_entry_name(entry, form): (form, entry) for form in other_forms for entry in DECODER_ENTRIES})
+    forms.update({form_entry_name(entry, form): (form, entry) for form, names in other_forms.items() for entry in names})
     by_form: dict[str, dict[str, str]] = {}  # form -> {recorded entry: result entry}
     for entry in entries:
         form, recorded_entry = forms[entry]
@@ -972,7 +1041,7 @@ def verify(build_dir: Path, options: BuildOptions | None = None, progress: Progr
     try:
         recorded = _record_reference_and_free(loaded, reference, options, progress, scratch)
         result, policy, failures, _ = _judge(recorded, adapter, opener, precisions, options, progress,
-                                             manifest["source"], other_decoder_forms(manifest))
+                                             manifest["source"], other_forms(manifest))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     # graphs edited or corrupted since the build are failures too, whatever their parity says

@@ -60,8 +60,8 @@ from onnx import helper, numpy_helper
 
 from ..errors import ExportError
 from .attention_fuse import fold_packed_qkv, fuse_attention
-from .graph_info import (EXTERNAL_TENSOR_MIN_BYTES, read_tensor, save_graph, set_external_data, topological_order,
-                         uses_external_data)
+from .graph_info import (EXTERNAL_TENSOR_MIN_BYTES, read_tensor, reads, save_graph, set_external_data,
+                         topological_order, uses_external_data)
 from .patterns import last_axis_slice, layer_norm, rms_norm, unsqueeze_axis
 
 MS_DOMAIN = "com.microsoft"
@@ -139,7 +139,7 @@ class _Graph:
         self.producer = {o: n for n in self.graph.node for o in n.output if o}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for n in self.graph.node:
-            for i in n.input:
+            for i in reads(n):
                 if i:
                     self.consumers[i].append(n)
 
@@ -226,7 +226,7 @@ class _Graph:
         del self.graph.node[:]
         self.graph.node.extend(topological_order(nodes, {i.name for i in self.graph.input} | names,
                                                  "the fused decoder graph"))
-        used = {i for n in self.graph.node for i in n.input} | self.outputs
+        used = {i for n in self.graph.node for i in reads(n)} | self.outputs
         self.inits = {}  # no Python handle on a tensor being deleted: protobuf would copy it out to keep it valid
         inits = self.graph.initializer
         for index in reversed([i for i, t in enumerate(inits) if t.name not in used]):
@@ -238,7 +238,7 @@ class _Graph:
 
 def _drop_dead(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
     while True:
-        used = {i for n in nodes for i in n.input} | outputs
+        used = {i for n in nodes for i in reads(n)} | outputs
         alive = [n for n in nodes if any(o in used for o in n.output if o)]
         if len(alive) == len(nodes):
             return nodes

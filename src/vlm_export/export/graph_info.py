@@ -79,21 +79,33 @@ def check_graph(path: Path) -> None:
         raise ExportError(f"{path} fails the ONNX checker: {str(e).splitlines()[0]}") from None
 
 
+def reads(node: onnx.NodeProto) -> list[str]:
+    """What ``node`` reads: its inputs and, for a node with subgraphs (If, Loop, Scan), the outer names its
+    subgraphs' nodes read (what they do not make or take themselves)."""
+    names = list(node.input)
+    for attribute in node.attribute:
+        for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+            own = {i.name for i in sub.input} | {t.name for t in sub.initializer} | {o for n in sub.node for o in n.output}
+            names += [i for n in sub.node for i in reads(n) if i not in own]
+    return names
+
+
 def topological_order(nodes: list[onnx.NodeProto], available: set[str], what: str = "graph") -> list[onnx.NodeProto]:
     """``nodes`` in Kahn's order, keeping their given order wherever the dependencies allow;
-    ``available``: the names that exist before any node runs (graph inputs, initializers)."""
+    ``available``: the names that exist before any node runs (graph inputs, initializers). A node with
+    subgraphs waits for the outer names they read too."""
     ready = set(available) | {""}
     pending, ordered = list(nodes), []
     while pending:
         rest = []
         for node in pending:
-            if all(i in ready for i in node.input):
+            if all(i in ready for i in reads(node)):
                 ordered.append(node)
                 ready.update(node.output)
             else:
                 rest.append(node)
         if len(rest) == len(pending):
-            missing = sorted({i for n in rest for i in n.input if i not in ready})[:3]
+            missing = sorted({i for n in rest for i in reads(n) if i not in ready})[:3]
             raise ExportError(f"{what} has a cycle or a missing input: nothing produces {missing}")
         pending = rest
     return ordered

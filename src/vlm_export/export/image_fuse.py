@@ -1,0 +1,298 @@
+"""The ONNX Runtime form of an image stage: each attention's scores, softmax and weighted sum ->
+``com.microsoft.MultiHeadAttention``, by pattern.
+
+A vision tower's attention is exported as ``MatMul(q, Transpose(k))`` -> scale -> ``Add`` (an additive
+mask) -> ``Softmax`` -> ``MatMul(., v)``. ONNX Runtime's CPU kernels then hold every head's scores at
+once: heads x patches² floats per layer, twice (scores and softmax) - 17 GB for one layer of
+HunyuanOCR's tower on its largest image (16,384 patches, 16 heads). ``MultiHeadAttention`` without a
+mask runs ONNX Runtime's tiled (flash) attention on the CPU: memory that grows with the patches, not
+their square, and faster (measured on ONNX Runtime 1.32, 2 threads, 16 heads of 72, 4,096 patches:
+1.05 s and 0.39 GB against 2.2 s and 2.2 GB). With any mask the kernel takes its untiled path (the
+same buffer as before, in one kernel).
+
+Patch-row towers (Qwen2-VL's and its kin: ``adapters.qwen2_vl.masked_attention``) read a key padding
+mask - 0 where a patch is real, the float minimum where a row of a padded batch of images ends - so
+the rewrite puts each masked attention behind an ``If`` on the mask: no padding anywhere (one image,
+or images of one size) -> the kernel without a mask; else -> the kernel with the mask as its
+``key_padding_mask`` (each image row attends to its own real patches, as before). Only masks written
+as ``Where(condition, 0, very negative)`` (or the reverse) are taken, so that "0 = attend" is a fact
+of the graph; an attention with another mask, or with shapes the graph does not state (heads, head
+size), is left as exported and the report says why. A constant zero mask (or none: a fixed-size ViT)
+needs no ``If``. Everything is read from the graph; no model type is consulted.
+
+The result is for ONNX Runtime's CPU provider only (TensorRT reads no com.microsoft ops; the tiled
+kernel is fp32), so the build makes it for fp32 image stages and ships the standard graph beside it.
+Contract: onnxruntime docs/ContribOperators.md (MultiHeadAttention).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import ExportError
+from .fuse import MS_DOMAIN, Weights, _Graph
+from .graph_info import save_graph, uses_external_data
+
+#: a mask value at or below this counts as "never attend" (PyTorch's float minimum, Hugging Face's -10,000s)
+MASKED_AT_MOST = -1e4
+
+
+@dataclass
+class ImageFuseReport:
+    """What ``fuse_image_attention`` did."""
+
+    attentions: int = 0  # rewritten to MultiHeadAttention
+    masked: int = 0  # of them behind an If on a key padding mask
+    nodes_before: int = 0
+    nodes_after: int = 0
+    reason: str = ""  # why nothing was fused (empty when something was)
+    notes: list[str] = field(default_factory=list)  # attentions seen but left alone, and why
+
+    @property
+    def fused(self) -> bool:
+        return self.attentions > 0
+
+    def to_dict(self) -> dict:
+        return {"fusions": {"attention": self.attentions, "masked_attention": self.masked},
+                "nodes_before": self.nodes_before, "nodes_after": self.nodes_after, "reason": self.reason,
+                "notes": list(self.notes)}
+
+
+@dataclass
+class _Attention:
+    """One matched attention: its nodes, q/k/v ([batch, heads, tokens, head size] or BSNH), the scale, the mask."""
+
+    nodes: list[onnx.NodeProto]
+    q: tuple[str, bool]  # (tensor, whether it is [batch, tokens, heads, head size] already)
+    k: tuple[str, bool]
+    v: tuple[str, bool]
+    heads: int
+    head_size: int
+    scale: float
+    mask: str | None  # additive key padding mask [batch, 1, 1, tokens], or None
+    output: str  # what the kernel's result replaces
+    transposed: bool  # output is the weighted sum already transposed to [batch, tokens, heads, head size]
+
+
+def _scores(g: _Graph, x: str) -> tuple[onnx.NodeProto, float, list[onnx.NodeProto]] | None:
+    """(the q x k MatMul, the scale, the scaling nodes) of a softmax input ``x`` that is scaled scores."""
+    node = g.producer.get(x)
+    if node is None:
+        return None
+    if node.op_type == "MatMul":
+        a, b = (g.parent(node, i, "Mul") for i in (0, 1))
+        if a and b:  # each side scaled by the square root (torch.onnx's scaled_dot_product_attention)
+            sa, sb = (g.scalar(m.input[1]) for m in (a, b))
+            if sa is None or sb is None:
+                return None
+            return node, sa * sb, [a, b]
+        return node, 1.0, []
+    if node.op_type in ("Mul", "Div"):
+        for i in (0, 1) if node.op_type == "Mul" else (0,):
+            mm = g.parent(node, i, "MatMul")
+            s = g.scalar(node.input[1 - i])
+            if mm is not None and s is not None and s != 0:
+                return mm, (s if node.op_type == "Mul" else 1.0 / s), [node]
+    return None
+
+
+def _heads(g: _Graph, name: str, bsnh: bool) -> tuple[int, int] | None:
+    """(heads, head size) of a 4-D q, k or v as its stated shape gives them (BSNH or BNSH)."""
+    shape = g.shape(name)
+    if shape is None or len(shape) != 4:
+        return None
+    sizes = (shape[2], shape[3]) if bsnh else (shape[1], shape[3])
+    return sizes if all(isinstance(d, int) for d in sizes) else None
+
+
+def _key_padding(g: _Graph, mask: str) -> bool:
+    """Whether ``mask`` is 0 where a key is attended and very negative where not, by how it is made."""
+    where = g.producer.get(mask)
+    if where is None or where.op_type != "Where":
+        return False
+    values = [g.scalar(where.input[i]) for i in (1, 2)]
+    return None not in values and sorted(values)[1] == 0 and sorted(values)[0] <= MASKED_AT_MOST
+
+
+def _match(g: _Graph, softmax: onnx.NodeProto) -> _Attention | str:
+    """The attention around ``softmax``, or why it is left alone."""
+    if g.attr(softmax, "axis", -1) not in (-1, 3):
+        return "a softmax not over the keys"
+    weighted = g.sole_consumer(softmax.output[0], "MatMul")
+    if weighted is None or weighted.input[0] != softmax.output[0]:
+        return "a softmax not followed by a MatMul with the values alone"
+    x, mask, nodes = softmax.input[0], None, [softmax, weighted]
+    add = g.parent(softmax, 0, "Add")
+    if add is not None and g.sole_consumer(add.output[0], "Softmax"):
+        for i in (0, 1):
+            if _scores(g, add.input[i]) is not None:
+                x, mask = add.input[i], add.input[1 - i]
+                nodes.append(add)
+                break
+        else:
+            return "scores not a scaled MatMul of q and transposed k"
+    found = _scores(g, x)
+    if found is None:
+        return "scores not a scaled MatMul of q and transposed k"
+    scores, scale, scaling = found
+    nodes += [scores, *scaling]
+    if any(not g.sole_consumer(n.output[0], ("Mul", "Div", "Add", "Softmax", "MatMul")) for n in (scores, *scaling)):
+        return "the scores are read elsewhere too"
+    q_side = scaling[0].input[0] if len(scaling) == 2 else scores.input[0]
+    kt_side = scaling[1].input[0] if len(scaling) == 2 else scores.input[1]
+    kt = g.producer.get(kt_side)
+    # k transposed from [batch, heads, tokens, head size], or (the exporter folds both transposes) straight from
+    # the [batch, tokens, heads, head size] it was reshaped to
+    perm = list(g.attr(kt, "perm", [])) if kt is not None and kt.op_type == "Transpose" else None
+    if perm not in ([0, 1, 3, 2], [0, 2, 3, 1]):
+        return "keys not transposed from [batch, heads, tokens, head size]"
+    q, k, v = (q_side, False), (kt.input[0], perm == [0, 2, 3, 1]), (weighted.input[1], False)
+    sizes = [_heads(g, *t) for t in (q, k, v)]
+    if None in sizes or len(set(sizes)) != 1:
+        return "q, k and v without one stated number of heads and head size"
+    heads, head_size = sizes[0]
+    batch = (g.shape(q[0]) or [None])[0]
+    if mask is not None:
+        constant = g.const(mask)
+        if constant is not None and not constant.any():
+            mask = None  # a zero mask: nothing masked
+        else:
+            shape = g.shape(mask)
+            if shape is None or len(shape) != 4 or shape[1:3] != [1, 1] or shape[0] != batch \
+                    or not _key_padding(g, mask):
+                return "a mask that is not a key padding mask [batch, 1, 1, keys] of 0 and very negative values"
+    after = g.sole_consumer(weighted.output[0], "Transpose")
+    transposed = after is not None and list(g.attr(after, "perm", [])) == [0, 2, 1, 3]
+    if transposed:
+        nodes.append(after)
+    return _Attention(nodes, q, k, v, heads, head_size, scale, mask, (after if transposed else weighted).output[0],
+                      transposed)
+
+
+class _Constants:
+    """Shared int64 shapes and the per-mask tensors (one If condition and key padding mask per mask)."""
+
+    def __init__(self, g: _Graph):
+        self.g, self.masks = g, {}
+
+    def shape(self, *dims: int) -> str:
+        name = "image_attention_shape_" + "_".join(str(d).replace("-", "m") for d in dims)
+        if name not in self.g.inits and all(t.name != name for t in self.g.new_inits):
+            self.g.new_inits.append(numpy_helper.from_array(np.array(dims, np.int64), name))
+        return name
+
+    def scalar(self, name: str, value, dtype) -> str:
+        if name not in self.g.inits and all(t.name != name for t in self.g.new_inits):
+            self.g.new_inits.append(numpy_helper.from_array(np.array(value, dtype), name))
+        return name
+
+    def mask(self, mask: str) -> tuple[str, str]:
+        """(the If's condition: no key masked anywhere, the kernel's key_padding_mask [batch, keys] int32)."""
+        if mask not in self.masks:
+            base = f"{mask}_key_padding"
+            zero = self.scalar("image_attention_zero", 0.0, np.float32)
+            one = self.scalar("image_attention_one_i32", 1, np.int32)
+            nodes = [helper.make_node("Equal", [mask, zero], [f"{base}_attended"], name=f"{base}_attended"),
+                     helper.make_node("Reshape", [f"{base}_attended", self.shape(0, -1)], [f"{base}_2d"],
+                                      name=f"{base}_2d"),
+                     helper.make_node("Cast", [f"{base}_2d"], [base], name=base, to=TensorProto.INT32),
+                     helper.make_node("ReduceMin", [base], [f"{base}_fewest"], name=f"{base}_fewest", keepdims=0),
+                     helper.make_node("Equal", [f"{base}_fewest", one], [f"{base}_none"], name=f"{base}_none")]
+            self.g.added += nodes
+            self.masks[mask] = (f"{base}_none", base)
+        return self.masks[mask]
+
+
+def _rewrite(g: _Graph, a: _Attention, number: int, constants: _Constants) -> None:
+    """Queue ``a``'s replacement: the kernel on q, k and v flattened, behind an If where there is a mask."""
+    name = f"image_attention_{number}"
+    nodes = []
+
+    def flat(tensor: tuple[str, bool], side: str) -> str:
+        """q, k or v as [batch, tokens, heads x head size]: a BSNH tensor reshaped, or the one its heads were
+        transposed from (no copy), else transposed back."""
+        x, bsnh = tensor
+        t = g.producer.get(x)
+        if bsnh:
+            source = x
+        elif t is not None and t.op_type == "Transpose" and list(g.attr(t, "perm", [])) == [0, 2, 1, 3]:
+            source = t.input[0]
+        else:
+            source = f"{name}_{side}_bsnh"
+            nodes.append(helper.make_node("Transpose", [x], [source], name=source, perm=[0, 2, 1, 3]))
+        out = f"{name}_{side}"
+        nodes.append(helper.make_node("Reshape", [source, constants.shape(0, 0, -1)], [out], name=out))
+        return out
+
+    q, k, v = flat(a.q, "q"), flat(a.k, "k"), flat(a.v, "v")
+    attrs = {"num_heads": a.heads, "scale": float(a.scale)}
+    result = f"{name}_out"  # [batch, tokens, heads x head size]
+
+    def kernel(inputs: list[str], out: str) -> onnx.NodeProto:
+        return helper.make_node("MultiHeadAttention", inputs, [out], name=f"{out}_mha", domain=MS_DOMAIN, **attrs)
+
+    if a.mask is None:
+        nodes.append(kernel([q, k, v], result))
+    else:
+        none_masked, key_padding = constants.mask(a.mask)
+        typed = [helper.make_tensor_value_info(f"{result}_{b}", TensorProto.FLOAT, None) for b in ("tiled", "masked")]
+        # no padding anywhere: the tiled kernel; else each row's real keys through the untiled one
+        then_branch = helper.make_graph([kernel([q, k, v], typed[0].name)], f"{name}_unpadded", [], [typed[0]])
+        else_branch = helper.make_graph([kernel([q, k, v, "", key_padding], typed[1].name)], f"{name}_padded", [],
+                                        [typed[1]])
+        nodes.append(helper.make_node("If", [none_masked], [result], name=f"{name}_if", then_branch=then_branch,
+                                      else_branch=else_branch))
+    heads = constants.shape(0, 0, a.heads, a.head_size)
+    if a.transposed:  # [batch, tokens, heads, head size], as the Transpose after the weighted sum made it
+        nodes.append(helper.make_node("Reshape", [result, heads], [a.output], name=f"{name}_heads"))
+    else:
+        nodes += [helper.make_node("Reshape", [result, heads], [f"{name}_bsnh"], name=f"{name}_heads"),
+                  helper.make_node("Transpose", [f"{name}_bsnh"], [a.output], name=f"{name}_bnsh", perm=[0, 2, 1, 3])]
+    g.replace(a.nodes, nodes)
+
+
+def fuse_image_attention(model: onnx.ModelProto, weights: Weights | None = None) -> ImageFuseReport:
+    """Rewrite ``model``'s attentions in place (see the module docstring); returns what was fused."""
+    report = ImageFuseReport(nodes_before=len(model.graph.node))
+    g = _Graph(model, weights)
+    constants = _Constants(g)
+    for softmax in [n for n in model.graph.node if n.op_type == "Softmax"]:
+        found = _match(g, softmax)
+        if isinstance(found, str):
+            report.notes.append(f"{softmax.name}: left as exported ({found})")
+            continue
+        _rewrite(g, found, report.attentions, constants)
+        report.attentions += 1
+        report.masked += found.mask is not None
+    if report.attentions:
+        g.commit()
+        if MS_DOMAIN not in {o.domain for o in model.opset_import}:
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    else:
+        report.reason = ("no attention matched (scaled q x transposed k -> softmax -> x v, with no mask or a key "
+                         "padding mask)" + (f": {report.notes[0]}" if report.notes else ""))
+    report.nodes_after = len(model.graph.node)
+    return report
+
+
+def fuse_image_stage(src: Path, dst: Path) -> ImageFuseReport:
+    """Write the fused form of the image-stage graph ``src`` to ``dst`` (``src`` unchanged; its weights
+    copied file to file, never loaded whole). A graph nothing matches is not written; the report's
+    ``reason`` says why."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise ExportError(f"no image-stage graph at {src}")
+    try:
+        model = onnx.load(os.fspath(src), load_external_data=False)
+    except Exception as e:
+        raise ExportError(f"cannot read the ONNX graph {src}: {str(e).splitlines()[0]}") from None
+    external = any(uses_external_data(t) for t in model.graph.initializer)
+    report = fuse_image_attention(model, Weights(src.parent) if external else None)
+    if report.fused:
+        save_graph(model, dst, src.parent)
+    return report
