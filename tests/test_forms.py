@@ -51,9 +51,14 @@ def test_manifest_records_forms_and_targets(tiny_build):
     assert fusion["made"] and fusion["reason"] == "" and fusion["nodes_after"] < fusion["nodes_before"]
     assert fusion["fusions"]["skip_rms_norm"] > 0 and fusion["seconds"] >= 0
     assert manifest["targets"] == {
-        "onnxruntime": {"vision_encoder": "standard", "projector": "standard", "lm_decoder": "fused"},
+        "onnxruntime": {"vision_encoder": "fused", "projector": "standard", "lm_decoder": "fused"},
         "tensorrt": {"vision_encoder": "standard", "projector": "standard", "lm_decoder": "standard"}}
-    assert "forms" not in manifest["graphs"]["vision_encoder"]  # only the decoder stage is fused
+    # the image stage's attention in ONNX Runtime's MultiHeadAttention (export/image_fuse.py); no attention in the
+    # projector, no record
+    tower = manifest["graphs"]["vision_encoder"]
+    assert tower["forms"]["fused"]["file"] == "graphs/vision_encoder.fused.onnx" and tower["fusion"]["made"]
+    assert "MultiHeadAttention" in _ops(path / tower["forms"]["fused"]["file"])
+    assert not MS_OPS & set(_ops(path / tower["file"])) and "fusion" not in manifest["graphs"]["projector"]
     standard_ops, fused_ops = _ops(path / decoder["file"]), _ops(path / fused["file"])
     assert not MS_OPS & set(standard_ops)  # TensorRT reads standard ONNX ops only
     assert "SkipSimplifiedLayerNormalization" in fused_ops and len(fused_ops) == fusion["nodes_after"]
@@ -124,6 +129,9 @@ def test_both_forms_pass_parity(tiny_build):
     text = (path / "report.md").read_text()
     assert "| lm_decoder | fused | fp32 |" in text and "| onnxruntime |" in text
     assert "| prefill (standard form) | logits |" in text
+    # the image stage's two forms alike
+    tower = (stages["vision_encoder"], stages["vision_encoder (standard form)"])
+    assert all(entry[name]["passed"] for entry in tower for name in entry) and tower[0].keys() == tower[1].keys()
 
 
 def _recording_open(monkeypatch) -> dict:
@@ -149,7 +157,9 @@ def test_open_build_default_and_standard_forms(tiny_build, monkeypatch):
     for form in ("onnxruntime", "standard"):
         pipe = open_build(path, form=form)
         nodes[form] = len(_ops(opened["lm_decoder"]))
-        assert opened["vision_encoder"].name == "vision_encoder.onnx"  # one form: the same graph for both
+        assert opened["vision_encoder"].name == {"onnxruntime": "vision_encoder.fused.onnx",
+                                                 "standard": "vision_encoder.onnx"}[form]
+        assert opened["projector"].name == "projector.onnx"  # one form: the same graph for both
         tokens[form] = generate(pipe, "Write a short story about a robot.", [],
                                 GenerationConfig(max_new_tokens=12)).token_ids
     assert tokens["onnxruntime"] == tokens["standard"] and len(tokens["standard"]) == 12
@@ -202,7 +212,7 @@ def test_a_decoder_nothing_fuses_builds_and_loads(tiny_model_dir, tmp_path, monk
     assert "forms" not in decoder and not (result.path / "graphs" / "lm_decoder.fused.onnx").exists()
     assert manifest["targets"]["onnxruntime"]["lm_decoder"] == "standard"
     report = json.loads((result.path / "report.json").read_text())
-    assert report["passed"] and not any("form)" in name for name in report["stages"])
+    assert report["passed"] and not any(name.startswith(("prefill (", "decode (")) for name in report["stages"])
     assert "lm_decoder: no fused form - no pattern matched (test)" in (result.path / "report.md").read_text()
     out = generate(open_build(result.path), "What is this?", [], GenerationConfig(max_new_tokens=3))
     assert out.completion_tokens == 3
@@ -263,7 +273,7 @@ def test_w4_is_quantized_from_the_fused_graph(w4_build):
     assert manifest["targets"]["onnxruntime"]["lm_decoder"] == "fused"
     assert manifest["targets"]["tensorrt"]["lm_decoder"] is None
     assert sorted(p.name for p in (path / "graphs").iterdir()) == [
-        "lm_decoder.fused.w4.onnx", "projector.onnx", "vision_encoder.onnx"]
+        "lm_decoder.fused.w4.onnx", "projector.onnx", "vision_encoder.fused.onnx", "vision_encoder.onnx"]
     model = onnx.load(str(path / decoder["file"]))
     ops = [n.op_type for n in model.graph.node]
     assert "SkipSimplifiedLayerNormalization" in ops and "MatMul" not in [
@@ -278,7 +288,9 @@ def test_w4_is_quantized_from_the_fused_graph(w4_build):
     assert decoder["variant"]["quantized_matmuls"] == sum(op == "MatMulNBits" for op in ops)
     report = json.loads((path / "report.json").read_text())
     assert report["passed"] and report["stages"]["prefill"]["logits"]["cosine"] >= 0.99  # the w4 gate, vs PyTorch
-    assert not any("form)" in name for name in report["stages"])  # one decoder form: one set of entries
+    # one decoder form: one set of its entries (the image stage's standard form beside the fused one has its own)
+    assert not any(name.startswith(("prefill (", "decode (")) for name in report["stages"])
+    assert "vision_encoder (standard form)" in report["stages"]
     with pytest.raises(ManifestError, match="no standard form"):
         open_build(path, form="standard")
     out = generate(open_build(path), "What is this?", [], GenerationConfig(max_new_tokens=3))
@@ -297,7 +309,7 @@ def test_the_tensorrt_target_refuses_a_build_it_cannot_serve(w4_build, tmp_path)
 
 def test_forms_of_every_stage_are_listed(w4_build):
     forms = {stage: list(stage_forms(entry)) for stage, entry in w4_build.manifest["graphs"].items()}
-    assert forms == {"vision_encoder": ["standard"], "projector": ["standard"], "lm_decoder": ["fused"]}
+    assert forms == {"vision_encoder": ["standard", "fused"], "projector": ["standard"], "lm_decoder": ["fused"]}
     assert verify_hashes(w4_build.path, w4_build.manifest) == []
 
 
@@ -551,7 +563,7 @@ def test_a_fused_form_that_fails_parity_falls_back_to_the_standard_graph(tiny_mo
     assert manifest["targets"]["onnxruntime"]["lm_decoder"] == "standard"
     assert read_manifest(result.path) == manifest and verify_hashes(result.path, manifest) == []
     report = json.loads((result.path / "report.json").read_text())
-    assert report["passed"] and not any("form)" in name for name in report["stages"])
+    assert report["passed"] and not any(name.startswith(("prefill (", "decode (")) for name in report["stages"])
     assert {"prefill", "decode"} <= set(report["stages"])  # the standard graph, judged as the candidate
     out = generate(open_build(result.path), "What is this?", [], GenerationConfig(max_new_tokens=3))
     assert out.completion_tokens == 3
@@ -629,3 +641,39 @@ def test_a_fused_form_onnx_runtime_refuses_falls_back_to_the_standard_graph(tiny
     assert not (result.path / "graphs" / "lm_decoder.fused.onnx").exists()
     assert verify_hashes(result.path, result.manifest) == []
     assert json.loads((result.path / "report.json").read_text())["passed"]
+
+
+@pytest.mark.parametrize("edit, says", [("scale", "failed parity where the standard graph passed"),
+                                        ("heads", "ONNX Runtime could not load or run its fused form")])
+def test_an_image_stage_whose_fused_form_fails_falls_back_alone(tiny_model_dir, tmp_path, monkeypatch, edit, says):
+    """The image stage's fused form (export/image_fuse.py) is judged like the decoder's: a wrong rewrite (here
+    the real pass, then its first attention kernel's scale doubled, or its head count dropped, which ONNX Runtime
+    refuses) costs that stage's fused form only - the decoder keeps its own - and the build passes."""
+    import vlm_export.build as build_module
+
+    real = build_module.fuse_image_stage
+
+    def fused_then_edited(src, dst):
+        report = real(src, dst)
+        model = onnx.load(str(dst))
+        kernel = next(n for n in model.graph.node if n.op_type == "MultiHeadAttention")
+        kept = [a for a in kernel.attribute if a.name != {"scale": "scale", "heads": "num_heads"}[edit]]
+        scale = next(a.f for a in kernel.attribute if a.name == "scale")
+        del kernel.attribute[:]
+        kernel.attribute.extend(kept + ([helper.make_attribute("scale", 2 * scale)] if edit == "scale" else []))
+        onnx.save(model, str(dst))
+        return report
+
+    monkeypatch.setattr(build_module, "fuse_image_stage", fused_then_edited)
+    result = build(tiny_model_dir("llava-llama"), tmp_path / "fallback", BuildOptions(parity_new_tokens=4))
+    manifest = result.manifest
+    fusion = manifest["graphs"]["vision_encoder"]["fusion"]
+    assert fusion["made"] is False and says in fusion["reason"], fusion["reason"]
+    assert all(f.startswith(("vision_encoder/", "end-to-end onnxruntime")) for f in fusion.get("parity_failures", []))
+    assert "forms" not in manifest["graphs"]["vision_encoder"]
+    assert not (result.path / "graphs" / "vision_encoder.fused.onnx").exists()
+    assert manifest["targets"]["onnxruntime"] == {"vision_encoder": "standard", "projector": "standard",
+                                                  "lm_decoder": "fused"}
+    report = json.loads((result.path / "report.json").read_text())
+    assert report["passed"] and "vision_encoder (standard form)" not in report["stages"]
+    assert "prefill (standard form)" in report["stages"] and verify_hashes(result.path, manifest) == []

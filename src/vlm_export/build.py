@@ -772,17 +772,23 @@ def _standard_failed_too(tmp: Path, manifest: dict, stage: str, fused_failures: 
     progress.note(f"{stage}: the standard graph failed parity too: not the fusion pass's doing")
 
 
-def other_forms(manifest: dict) -> dict[str, list[str]]:
-    """Form -> the parity entries recorded in it: those of each stage shipping that form where the onnxruntime
-    target runs another (the standard graph TensorRT reads, beside a fused form): the decoder's prefill and
-    decode, an image stage's own entry."""
+def other_forms(manifest: dict) -> dict[str, dict[str, list[str]]]:
+    """Form -> stage -> the parity entries recorded in that form: for each stage shipping a form the onnxruntime
+    target does not run (the standard graph TensorRT reads, beside a fused form), the stage's entries - the
+    decoder's prefill and decode, an image stage's own."""
     decoder, used = scheme_from_dict(manifest["scheme"]).decoder_stage, target_forms(manifest)["onnxruntime"]
-    entries: dict[str, list[str]] = {}
+    entries: dict[str, dict[str, list[str]]] = {}
     for stage, g in manifest["graphs"].items():
         for form in stage_forms(g):
             if form != used.get(stage):
-                entries.setdefault(form, []).extend(DECODER_ENTRIES if stage == decoder else [stage])
+                entries.setdefault(form, {})[stage] = list(DECODER_ENTRIES) if stage == decoder else [stage]
     return entries
+
+
+def _open_in(open_form, form: str, stages) -> object:
+    """The build with ``stages`` in ``form`` and the others as the onnxruntime target runs them (a stage may ship
+    no ``form``: a fused MatMulNBits decoder has no standard graph)."""
+    return open_form(form="onnxruntime", stage_forms=dict.fromkeys(stages, form))
 
 
 def _drop_if_unreadable(cache: Path) -> None:
@@ -852,7 +858,8 @@ def _record_reference_and_free(loaded, reference, options: BuildOptions, progres
 
 
 def _judge(recorded: _Recorded, adapter, open_form, precisions: dict[str, str], options: BuildOptions,
-           progress: Progress, source: dict, other_forms: dict[str, list[str]] | None = None, questions=None):
+           progress: Progress, source: dict, other_forms: dict[str, dict[str, list[str]]] | None = None,
+           questions=None):
     """The build against the recorded reference, stage by stage and end to end (and, given
     ``questions``, task accuracy), judged by the policy for the build's precisions; returns (result,
     policy, failures, the task-accuracy section or None). ``open_form(form=...)`` opens the build with
@@ -864,11 +871,12 @@ def _judge(recorded: _Recorded, adapter, open_form, precisions: dict[str, str], 
     An entry failing its fp32 gate is measured against PyTorch in float64 too (``_measure_against_float64``:
     ``source`` is the manifest's, to load the model again) and judged by that."""
     result, other_forms = recorded.result, other_forms or {}
-    for form, entries in other_forms.items():
-        pipe, extra = open_form(form=form), ParityResult()
+    for form, by_stage in other_forms.items():
+        pipe, extra = _open_in(open_form, form, by_stage), ParityResult()
+        entries = [entry for names in by_stage.values() for entry in names]
         calls = [call for call in recorded.calls if call.entry in entries]
-        with progress.step(f"parity of the {form} form of {', '.join(dict.fromkeys(entries))} (PyTorch vs ONNX "
-                           "Runtime)", total=len(calls)) as advance:
+        with progress.step(f"parity of the {form} form of {', '.join(by_stage)} (PyTorch vs ONNX Runtime)",
+                           total=len(calls)) as advance:
             replay_stages(calls, pipe, extra, advance)
         for entry in entries:  # the other stages run the candidate's forms: measured there
             if entry in extra.stages:
@@ -889,8 +897,8 @@ def _judge(recorded: _Recorded, adapter, open_form, precisions: dict[str, str], 
                        batched=("onnxruntime",), follow=("onnxruntime",) if policy.require_identical_tokens else ())
     # every form of a stage is held to its entries' tolerances (overrides included)
     policy = replace(policy, tolerances={**policy.tolerances, **{
-        form_entry_name(entry, form): policy.tolerance(entry) for form, entries in other_forms.items()
-        for entry in entries}})
+        form_entry_name(entry, form): policy.tolerance(entry) for form, by_stage in other_forms.items()
+        for names in by_stage.values() for entry in names}})
     accuracy, accuracy_failures = None, []
     if questions:
         name, items = questions
@@ -924,7 +932,8 @@ def _graph_outputs_for_float64(recorded: _Recorded, entries: list[str], opened: 
                       progress)
         return None
     forms = {call.entry: ("onnxruntime", call.entry) for call in recorded.calls}
-    forms.update({form_entry_name(entry, form): (form, entry) for form, names in other_forms.items() for entry in names})
+    forms.update({form_entry_name(entry, form): (form, entry) for form, by_stage in other_forms.items()
+                  for names in by_stage.values() for entry in names})
     by_form: dict[str, dict[str, str]] = {}  # form -> {recorded entry: result entry}
     for entry in entries:
         form, recorded_entry = forms[entry]
@@ -939,7 +948,8 @@ def _graph_outputs_for_float64(recorded: _Recorded, entries: list[str], opened: 
                        total=sum(map(len, indices.values()))) as advance:
         for form in sorted(by_form, key=lambda f: f not in opened):  # the open ones first, then closed
             wanted = by_form[form]
-            pipe = opened.pop(form, None) or open_form(form=form)
+            pipe = opened.pop(form, None) or (open_form(form=form) if form == "onnxruntime"
+                                              else _open_in(open_form, form, other_forms[form]))
             for i, files in record_outputs(recorded.calls, indices[form], pipe, store, advance).items():
                 outputs.setdefault(wanted[recorded.calls[i].entry], {})[i] = files
             del pipe

@@ -67,7 +67,7 @@ def pipeline_from_manifest(manifest: dict, runners: Mapping[str, Runner], tokeni
 
 
 def open_build(build_dir: Path, threads: int | None = None, check_hashes: bool = True,
-               form: str = "onnxruntime", device=None) -> VLMPipeline:
+               form: str = "onnxruntime", device=None, stage_forms: Mapping[str, str] | None = None) -> VLMPipeline:
     """The build's graphs on ONNX Runtime. ``threads``: intra-op threads (None: every core).
     ``check_hashes``: refuse graphs whose bytes differ from the manifest's sha256 (every form's).
     ``form``: ``onnxruntime`` (default) opens each stage in the form the manifest's onnxruntime
@@ -89,7 +89,7 @@ def open_build(build_dir: Path, threads: int | None = None, check_hashes: bool =
     specs = stages_from_manifest(manifest)
     cuda = Device.parse(device).is_cuda
     on_gpu = form == "onnxruntime" and cuda
-    forms = {spec.name: gpu_form(manifest, spec.name) if on_gpu else form for spec in specs}
+    forms = {spec.name: gpu_form(manifest, spec.name) if on_gpu else form for spec in specs} | dict(stage_forms or {})
     for note in filter(None, (gpu_form_note(manifest, spec.name) for spec in specs if on_gpu)):
         log.warning(note)
     files = {spec.name: form_entry(manifest, spec.name, forms[spec.name])["file"] for spec in specs}

@@ -1,0 +1,144 @@
+"""An image stage's ONNX Runtime form (export/image_fuse.py): attention -> MultiHeadAttention, behind an If on a key
+padding mask, equal to the exported graph on unpadded and padded batches."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import photos
+from vlm_export.export.image_fuse import fuse_image_attention, fuse_image_stage
+from vlm_export.runtime.load import open_build
+
+HEADS, HEAD_SIZE = 3, 8
+
+
+def _attention_graph(mask: str) -> onnx.ModelProto:
+    """q, k, v [batch, tokens, heads x head size] -> one attention as torch.onnx writes a tower's: heads reshaped and
+    transposed, MatMul(q, k transposed) x scale + mask -> Softmax -> x v -> back to [batch, tokens, width].
+    ``mask``: "padding" (Where(keep [batch, tokens] bool, 0, float min) unsqueezed to [batch, 1, 1, tokens]),
+    "input" (an additive [batch, 1, 1, tokens] float graph input) or "none"."""
+    width = HEADS * HEAD_SIZE
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "tokens", width]) for n in "qkv"]
+    inits = [helper.make_tensor("heads", TensorProto.INT64, [4], [0, 0, HEADS, HEAD_SIZE]),
+             helper.make_tensor("flat", TensorProto.INT64, [3], [0, 0, width]),
+             helper.make_tensor("scale", TensorProto.FLOAT, [], [HEAD_SIZE ** -0.5]),
+             helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+             helper.make_tensor("lowest", TensorProto.FLOAT, [], [float(np.finfo(np.float32).min)]),
+             helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2])]
+    nodes = []
+    for n in "qkv":
+        nodes.append(helper.make_node("Reshape", [n, "heads"], [f"{n}4"]))
+    nodes += [helper.make_node("Transpose", ["q4"], ["qh"], perm=[0, 2, 1, 3]),
+              helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]),  # the exporter's folded transposes
+              helper.make_node("Transpose", ["v4"], ["vh"], perm=[0, 2, 1, 3]),
+              helper.make_node("MatMul", ["qh", "kt"], ["scores"]),
+              helper.make_node("Mul", ["scores", "scale"], ["scaled"])]
+    value_info = [helper.make_tensor_value_info("qh", TensorProto.FLOAT, ["batch", HEADS, "tokens", HEAD_SIZE]),
+                  helper.make_tensor_value_info("k4", TensorProto.FLOAT, ["batch", "tokens", HEADS, HEAD_SIZE]),
+                  helper.make_tensor_value_info("vh", TensorProto.FLOAT, ["batch", HEADS, "tokens", HEAD_SIZE]),
+                  helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 1, 1, "tokens"])]
+    softmax_in = "scaled"
+    if mask == "padding":
+        inputs.append(helper.make_tensor_value_info("keep", TensorProto.BOOL, ["batch", "tokens"]))
+        nodes += [helper.make_node("Unsqueeze", ["keep", "axes"], ["keep4"]),
+                  helper.make_node("Where", ["keep4", "zero", "lowest"], ["mask"])]
+    elif mask == "input":
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 1, 1, "tokens"]))
+    if mask != "none":
+        nodes.append(helper.make_node("Add", ["scaled", "mask"], ["masked"]))
+        softmax_in = "masked"
+    nodes += [helper.make_node("Softmax", [softmax_in], ["weights"], axis=-1),
+              helper.make_node("MatMul", ["weights", "vh"], ["context"]),
+              helper.make_node("Transpose", ["context"], ["context_t"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["context_t", "flat"], ["out"])]
+    graph = helper.make_graph(nodes, "attention", inputs,
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits, value_info=value_info)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})[0]
+
+
+def _feeds(batch: int, tokens: int, real: list[int]) -> dict:
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal((batch, tokens, HEADS * HEAD_SIZE), dtype=np.float32) for n in "qkv"}
+    keep = np.arange(tokens)[None, :] < np.array(real)[:, None]
+    feeds["keep"] = keep
+    feeds["mask"] = np.where(keep, 0.0, np.finfo(np.float32).min).astype(np.float32)[:, None, None, :]
+    return feeds
+
+
+def test_a_key_padding_mask_goes_behind_an_if_equal_on_both_branches():
+    exported = _attention_graph("padding")
+    fused = onnx.ModelProto()
+    fused.CopyFrom(exported)
+    report = fuse_image_attention(fused)
+    assert (report.attentions, report.masked, report.notes) == (1, 1, [])
+    onnx.checker.check_model(fused)
+    ops = [n.op_type for n in fused.graph.node]
+    assert "Softmax" not in ops and ops.count("If") == 1
+    branch = {a.name: [n.op_type for n in a.g.node] for n in fused.graph.node if n.op_type == "If" for a in n.attribute}
+    assert branch == {"then_branch": ["MultiHeadAttention"], "else_branch": ["MultiHeadAttention"]}
+    # unpadded (the tiled kernel without a mask), padded rows (the kernel with the key padding mask): the same values
+    for real in ([16, 16], [16, 9], [5, 16]):
+        feeds = _feeds(2, 16, real)
+        want, got = _run(exported, feeds), _run(fused, feeds)
+        assert want.shape == got.shape and np.abs(want - got).max() < 1e-5, real
+
+
+def test_no_mask_needs_no_if():
+    exported = _attention_graph("none")
+    fused = onnx.ModelProto()
+    fused.CopyFrom(exported)
+    report = fuse_image_attention(fused)
+    assert (report.attentions, report.masked) == (1, 0)
+    assert [n.op_type for n in fused.graph.node].count("If") == 0
+    feeds = _feeds(2, 12, [12, 12])
+    assert np.abs(_run(exported, feeds) - _run(fused, feeds)).max() < 1e-5
+
+
+def test_a_mask_of_unknown_values_is_left_as_exported(tmp_path):
+    """An additive mask the graph does not show to be 0 / very negative (any bias) cannot become the kernel's key
+    padding mask: the attention stays, the reason is recorded, and no file is written."""
+    src = tmp_path / "g.onnx"
+    onnx.save(_attention_graph("input"), src)
+    report = fuse_image_stage(src, tmp_path / "fused.onnx")
+    assert not report.fused and "not a key padding mask" in report.reason
+    assert not (tmp_path / "fused.onnx").exists()
+
+
+def test_a_windowed_tower_fused_answers_as_exported(tiny_build):
+    """Qwen2.5-VL's tower (windowed blocks: each window's padded slots masked; full blocks: each image's padding) in
+    its fused form, the form the onnxruntime target runs: the same rows as the standard graph for one image, two of
+    one size (no padding: the tiled kernel) and two sizes (padding)."""
+    path = tiny_build("qwen2_5_vl").path
+    manifest = json.loads((path / "manifest.json").read_text())
+    tower = manifest["graphs"]["vision_encoder"]
+    assert manifest["targets"]["onnxruntime"]["vision_encoder"] == "fused"
+    layers = json.loads((path / "manifest.json").read_text())["graphs"]["vision_encoder"]["fusion"]
+    assert layers["fusions"]["attention"] == layers["fusions"]["masked_attention"] > 0 and not layers["notes"]
+    fused_pipe, standard_pipe = open_build(path), open_build(path, form="standard")
+    assert fused_pipe.runners["vision_encoder"].path.name == "vision_encoder.fused.onnx" == \
+        tower["forms"]["fused"]["file"].split("/")[-1]
+    for images in (photos([(40, 52)], 1), photos([(36, 36)], 2), photos([(40, 52), (60, 30)], 2)):
+        feeds = fused_pipe.preprocess(images)
+        want = standard_pipe.run_image_stages(feeds)["image_features"]
+        got = fused_pipe.run_image_stages(feeds)["image_features"]
+        assert np.abs(want - got).max() <= 1e-5 * max(1.0, float(np.abs(want).max())), len(images)
+
+
+@pytest.mark.parametrize("name", ["llava-llama", "gemma3", "glm4v", "minicpm_v"])
+def test_towers_of_other_families_fuse_every_attention(tiny_build, name):
+    """Every tower attention is rewritten (no notes), whatever its family's mask and layout: CLIP without a mask,
+    SigLIP, GLM-4V's rotary tower, MiniCPM-V's window merger; their builds' parity passed (fused and standard)."""
+    path = tiny_build(name).path
+    manifest = json.loads((path / "manifest.json").read_text())
+    fusion = manifest["graphs"]["vision_encoder"]["fusion"]
+    assert fusion["made"] and fusion["fusions"]["attention"] > 0 and fusion["notes"] == [], fusion
+    stages = json.loads((path / "report.json").read_text())["stages"]
+    assert "vision_encoder (standard form)" in stages and manifest["parity"]["passed"]
