@@ -55,7 +55,7 @@ def _attention_graph(mask: str) -> onnx.ModelProto:
               helper.make_node("Transpose", ["context"], ["context_t"], perm=[0, 2, 1, 3]),
               helper.make_node("Reshape", ["context_t", "flat"], ["out"])]
     graph = helper.make_graph(nodes, "attention", inputs,
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits, value_info=value_info)
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "tokens", width])], inits, value_info=value_info)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -73,42 +73,50 @@ def _feeds(batch: int, tokens: int, real: list[int]) -> dict:
     return feeds
 
 
-def test_a_key_padding_mask_goes_behind_an_if_equal_on_both_branches():
-    exported = _attention_graph("padding")
+def _fused(exported: onnx.ModelProto):
     fused = onnx.ModelProto()
     fused.CopyFrom(exported)
-    report = fuse_image_attention(fused)
+    return fused, fuse_image_attention(fused)
+
+
+@pytest.mark.parametrize("mask", ["padding", "input"])
+def test_a_masked_attention_goes_behind_an_if_equal_on_both_branches(mask):
+    """Nothing masked: the tiled kernel; anything masked (padded rows, or any additive bias): the exported nodes."""
+    exported = _attention_graph(mask)
+    fused, report = _fused(exported)
     assert (report.attentions, report.masked, report.notes) == (1, 1, [])
     onnx.checker.check_model(fused)
     ops = [n.op_type for n in fused.graph.node]
     assert "Softmax" not in ops and ops.count("If") == 1
     branch = {a.name: [n.op_type for n in a.g.node] for n in fused.graph.node if n.op_type == "If" for a in n.attribute}
-    assert branch == {"then_branch": ["MultiHeadAttention"], "else_branch": ["MultiHeadAttention"]}
-    # unpadded (the tiled kernel without a mask), padded rows (the kernel with the key padding mask): the same values
+    assert "MultiHeadAttention" in branch["then_branch"] and "Softmax" not in branch["then_branch"]
+    assert "Softmax" in branch["else_branch"] and "MultiHeadAttention" not in branch["else_branch"]
     for real in ([16, 16], [16, 9], [5, 16]):
         feeds = _feeds(2, 16, real)
+        if mask == "input" and real != [16, 16]:  # not only 0 / the float minimum: a bias the kernel could not take
+            feeds["mask"] = feeds["mask"] * 0 - np.linspace(0, 3, 16, dtype=np.float32)
         want, got = _run(exported, feeds), _run(fused, feeds)
         assert want.shape == got.shape and np.abs(want - got).max() < 1e-5, real
 
 
 def test_no_mask_needs_no_if():
     exported = _attention_graph("none")
-    fused = onnx.ModelProto()
-    fused.CopyFrom(exported)
-    report = fuse_image_attention(fused)
+    fused, report = _fused(exported)
     assert (report.attentions, report.masked) == (1, 0)
     assert [n.op_type for n in fused.graph.node].count("If") == 0
     feeds = _feeds(2, 12, [12, 12])
     assert np.abs(_run(exported, feeds) - _run(fused, feeds)).max() < 1e-5
 
 
-def test_a_mask_of_unknown_values_is_left_as_exported(tmp_path):
-    """An additive mask the graph does not show to be 0 / very negative (any bias) cannot become the kernel's key
-    padding mask: the attention stays, the reason is recorded, and no file is written."""
+def test_heads_the_graph_does_not_state_are_left_as_exported(tmp_path):
+    """Without the heads' shapes (heads, head size) the kernel's num_heads is not known: the attention stays, the
+    reason is recorded, and no file is written."""
+    model = _attention_graph("padding")
+    del model.graph.value_info[:]
     src = tmp_path / "g.onnx"
-    onnx.save(_attention_graph("input"), src)
+    onnx.save(model, src)
     report = fuse_image_stage(src, tmp_path / "fused.onnx")
-    assert not report.fused and "not a key padding mask" in report.reason
+    assert not report.fused and "without one stated number of heads and head size" in report.reason
     assert not (tmp_path / "fused.onnx").exists()
 
 

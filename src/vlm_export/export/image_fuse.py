@@ -6,19 +6,16 @@ mask) -> ``Softmax`` -> ``MatMul(., v)``. ONNX Runtime's CPU kernels then hold e
 once: heads x patches² floats per layer, twice (scores and softmax) - 17 GB for one layer of
 HunyuanOCR's tower on its largest image (16,384 patches, 16 heads). ``MultiHeadAttention`` without a
 mask runs ONNX Runtime's tiled (flash) attention on the CPU: memory that grows with the patches, not
-their square, and faster (measured on ONNX Runtime 1.32, 2 threads, 16 heads of 72, 4,096 patches:
-1.05 s and 0.39 GB against 2.2 s and 2.2 GB). With any mask the kernel takes its untiled path (the
-same buffer as before, in one kernel).
+their square, and faster (ONNX Runtime 1.32, 2 threads, 16 heads of 72, 4,096 patches: 1.05 s and
+0.39 GB against 2.2 s and 2.2 GB). With a mask the kernel takes an untiled path.
 
-Patch-row towers (Qwen2-VL's and its kin: ``adapters.qwen2_vl.masked_attention``) read a key padding
-mask - 0 where a patch is real, the float minimum where a row of a padded batch of images ends - so
-the rewrite puts each masked attention behind an ``If`` on the mask: no padding anywhere (one image,
-or images of one size) -> the kernel without a mask; else -> the kernel with the mask as its
-``key_padding_mask`` (each image row attends to its own real patches, as before). Only masks written
-as ``Where(condition, 0, very negative)`` (or the reverse) are taken, so that "0 = attend" is a fact
-of the graph; an attention with another mask, or with shapes the graph does not state (heads, head
-size), is left as exported and the report says why. A constant zero mask (or none: a fixed-size ViT)
-needs no ``If``. Everything is read from the graph; no model type is consulted.
+Patch-row towers (Qwen2-VL's and its kin: ``adapters.qwen2_vl.masked_attention``) read a mask that is
+zero unless a batch of images of different sizes is padded (or a window has empty slots), so each
+masked attention goes behind an ``If``: nothing masked (one image, or images of one size) -> the tiled
+kernel; else -> the exported nodes themselves, the same arithmetic as the standard graph (any mask).
+No mask, or a constant zero one (a fixed-size ViT's), needs no ``If``. An attention whose shapes the
+graph does not state (heads, head size) is left as exported and the report says why. Everything is
+read from the graph; no model type is consulted.
 
 The result is for ONNX Runtime's CPU provider only (TensorRT reads no com.microsoft ops; the tiled
 kernel is fp32), so the build makes it for fp32 image stages and ships the standard graph beside it.
@@ -36,18 +33,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ExportError
 from .fuse import MS_DOMAIN, Weights, _Graph
-from .graph_info import save_graph, uses_external_data
-
-#: a mask value at or below this counts as "never attend" (PyTorch's float minimum, Hugging Face's -10,000s)
-MASKED_AT_MOST = -1e4
-
+from .graph_info import save_graph, topological_order, uses_external_data
 
 @dataclass
 class ImageFuseReport:
     """What ``fuse_image_attention`` did."""
 
     attentions: int = 0  # rewritten to MultiHeadAttention
-    masked: int = 0  # of them behind an If on a key padding mask
+    masked: int = 0  # of them behind an If on their mask
     nodes_before: int = 0
     nodes_after: int = 0
     reason: str = ""  # why nothing was fused (empty when something was)
@@ -74,7 +67,7 @@ class _Attention:
     heads: int
     head_size: int
     scale: float
-    mask: str | None  # additive key padding mask [batch, 1, 1, tokens], or None
+    mask: str | None  # the additive mask, or None
     output: str  # what the kernel's result replaces
     transposed: bool  # output is the weighted sum already transposed to [batch, tokens, heads, head size]
 
@@ -108,15 +101,6 @@ def _heads(g: _Graph, name: str, bsnh: bool) -> tuple[int, int] | None:
         return None
     sizes = (shape[2], shape[3]) if bsnh else (shape[1], shape[3])
     return sizes if all(isinstance(d, int) for d in sizes) else None
-
-
-def _key_padding(g: _Graph, mask: str) -> bool:
-    """Whether ``mask`` is 0 where a key is attended and very negative where not, by how it is made."""
-    where = g.producer.get(mask)
-    if where is None or where.op_type != "Where":
-        return False
-    values = [g.scalar(where.input[i]) for i in (1, 2)]
-    return None not in values and sorted(values)[1] == 0 and sorted(values)[0] <= MASKED_AT_MOST
 
 
 def _match(g: _Graph, softmax: onnx.NodeProto) -> _Attention | str:
@@ -156,16 +140,12 @@ def _match(g: _Graph, softmax: onnx.NodeProto) -> _Attention | str:
     if None in sizes or len(set(sizes)) != 1:
         return "q, k and v without one stated number of heads and head size"
     heads, head_size = sizes[0]
-    batch = (g.shape(q[0]) or [None])[0]
     if mask is not None:
         constant = g.const(mask)
-        if constant is not None and not constant.any():
+        if constant is not None:
+            if constant.any():
+                return "a constant mask that masks something"
             mask = None  # a zero mask: nothing masked
-        else:
-            shape = g.shape(mask)
-            if shape is None or len(shape) != 4 or shape[1:3] != [1, 1] or shape[0] != batch \
-                    or not _key_padding(g, mask):
-                return "a mask that is not a key padding mask [batch, 1, 1, keys] of 0 and very negative values"
     after = g.sole_consumer(weighted.output[0], "Transpose")
     transposed = after is not None and list(g.attr(after, "perm", [])) == [0, 2, 1, 3]
     if transposed:
@@ -175,42 +155,36 @@ def _match(g: _Graph, softmax: onnx.NodeProto) -> _Attention | str:
 
 
 class _Constants:
-    """Shared int64 shapes and the per-mask tensors (one If condition and key padding mask per mask)."""
+    """Shared int64 shapes and, per mask, the If's condition (one per mask, however many layers read it)."""
 
     def __init__(self, g: _Graph):
         self.g, self.masks = g, {}
 
-    def shape(self, *dims: int) -> str:
-        name = "image_attention_shape_" + "_".join(str(d).replace("-", "m") for d in dims)
-        if name not in self.g.inits and all(t.name != name for t in self.g.new_inits):
-            self.g.new_inits.append(numpy_helper.from_array(np.array(dims, np.int64), name))
-        return name
-
-    def scalar(self, name: str, value, dtype) -> str:
+    def initializer(self, name: str, value, dtype) -> str:
         if name not in self.g.inits and all(t.name != name for t in self.g.new_inits):
             self.g.new_inits.append(numpy_helper.from_array(np.array(value, dtype), name))
         return name
 
-    def mask(self, mask: str) -> tuple[str, str]:
-        """(the If's condition: no key masked anywhere, the kernel's key_padding_mask [batch, keys] int32)."""
+    def shape(self, *dims: int) -> str:
+        return self.initializer("image_attention_shape_" + "_".join(str(d).replace("-", "m") for d in dims), dims,
+                                np.int64)
+
+    def nothing_masked(self, mask: str) -> str:
+        """A bool scalar: every entry of the additive ``mask`` is 0."""
         if mask not in self.masks:
-            base = f"{mask}_key_padding"
-            zero = self.scalar("image_attention_zero", 0.0, np.float32)
-            one = self.scalar("image_attention_one_i32", 1, np.int32)
-            nodes = [helper.make_node("Equal", [mask, zero], [f"{base}_attended"], name=f"{base}_attended"),
-                     helper.make_node("Reshape", [f"{base}_attended", self.shape(0, -1)], [f"{base}_2d"],
-                                      name=f"{base}_2d"),
-                     helper.make_node("Cast", [f"{base}_2d"], [base], name=base, to=TensorProto.INT32),
-                     helper.make_node("ReduceMin", [base], [f"{base}_fewest"], name=f"{base}_fewest", keepdims=0),
-                     helper.make_node("Equal", [f"{base}_fewest", one], [f"{base}_none"], name=f"{base}_none")]
-            self.g.added += nodes
-            self.masks[mask] = (f"{base}_none", base)
+            base = f"{mask}_nothing_masked"
+            zero = self.initializer("image_attention_zero", 0.0, np.float32)
+            self.g.added += [helper.make_node("Abs", [mask], [f"{base}_abs"], name=f"{base}_abs"),
+                             helper.make_node("ReduceMax", [f"{base}_abs"], [f"{base}_largest"],
+                                              name=f"{base}_largest", keepdims=0),
+                             helper.make_node("Equal", [f"{base}_largest", zero], [base], name=base)]
+            self.masks[mask] = base
         return self.masks[mask]
 
 
-def _rewrite(g: _Graph, a: _Attention, number: int, constants: _Constants) -> None:
-    """Queue ``a``'s replacement: the kernel on q, k and v flattened, behind an If where there is a mask."""
-    name = f"image_attention_{number}"
+def _tiled(g: _Graph, a: _Attention, name: str, out: str, constants: _Constants) -> list[onnx.NodeProto]:
+    """The kernel without a mask on q, k and v flattened to [batch, tokens, heads x head size], its result shaped as
+    ``a.output`` is (written to ``out``)."""
     nodes = []
 
     def flat(tensor: tuple[str, bool], side: str) -> str:
@@ -225,35 +199,44 @@ def _rewrite(g: _Graph, a: _Attention, number: int, constants: _Constants) -> No
         else:
             source = f"{name}_{side}_bsnh"
             nodes.append(helper.make_node("Transpose", [x], [source], name=source, perm=[0, 2, 1, 3]))
-        out = f"{name}_{side}"
-        nodes.append(helper.make_node("Reshape", [source, constants.shape(0, 0, -1)], [out], name=out))
-        return out
+        flattened = f"{name}_{side}"
+        nodes.append(helper.make_node("Reshape", [source, constants.shape(0, 0, -1)], [flattened], name=flattened))
+        return flattened
 
     q, k, v = flat(a.q, "q"), flat(a.k, "k"), flat(a.v, "v")
-    attrs = {"num_heads": a.heads, "scale": float(a.scale)}
-    result = f"{name}_out"  # [batch, tokens, heads x head size]
-
-    def kernel(inputs: list[str], out: str) -> onnx.NodeProto:
-        return helper.make_node("MultiHeadAttention", inputs, [out], name=f"{out}_mha", domain=MS_DOMAIN, **attrs)
-
-    if a.mask is None:
-        nodes.append(kernel([q, k, v], result))
-    else:
-        none_masked, key_padding = constants.mask(a.mask)
-        typed = [helper.make_tensor_value_info(f"{result}_{b}", TensorProto.FLOAT, None) for b in ("tiled", "masked")]
-        # no padding anywhere: the tiled kernel; else each row's real keys through the untiled one
-        then_branch = helper.make_graph([kernel([q, k, v], typed[0].name)], f"{name}_unpadded", [], [typed[0]])
-        else_branch = helper.make_graph([kernel([q, k, v, "", key_padding], typed[1].name)], f"{name}_padded", [],
-                                        [typed[1]])
-        nodes.append(helper.make_node("If", [none_masked], [result], name=f"{name}_if", then_branch=then_branch,
-                                      else_branch=else_branch))
-    heads = constants.shape(0, 0, a.heads, a.head_size)
+    result, heads = f"{name}_mha", constants.shape(0, 0, a.heads, a.head_size)
+    nodes.append(helper.make_node("MultiHeadAttention", [q, k, v], [result], name=result, domain=MS_DOMAIN,
+                                  num_heads=a.heads, scale=float(a.scale)))
     if a.transposed:  # [batch, tokens, heads, head size], as the Transpose after the weighted sum made it
-        nodes.append(helper.make_node("Reshape", [result, heads], [a.output], name=f"{name}_heads"))
+        nodes.append(helper.make_node("Reshape", [result, heads], [out], name=f"{name}_heads"))
     else:
         nodes += [helper.make_node("Reshape", [result, heads], [f"{name}_bsnh"], name=f"{name}_heads"),
-                  helper.make_node("Transpose", [f"{name}_bsnh"], [a.output], name=f"{name}_bnsh", perm=[0, 2, 1, 3])]
-    g.replace(a.nodes, nodes)
+                  helper.make_node("Transpose", [f"{name}_bsnh"], [out], name=f"{name}_bnsh", perm=[0, 2, 1, 3])]
+    return nodes
+
+
+def _rewrite(g: _Graph, a: _Attention, number: int, constants: _Constants) -> None:
+    """Queue ``a``'s replacement: the tiled kernel, behind an If on the mask where there is one (the exported nodes
+    in its other branch)."""
+    name = f"image_attention_{number}"
+    if a.mask is None:
+        g.replace(a.nodes, _tiled(g, a, name, a.output, constants))
+        return
+    tiled, masked = f"{name}_tiled", f"{name}_masked"
+    exported = []
+    for node in a.nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.output[:] = [masked if o == a.output else o for o in copy.output]
+        exported.append(copy)
+    inner = {o for n in exported for o in n.output}
+    exported = topological_order(exported, {i for n in exported for i in n.input if i not in inner}, f"{name}'s branch")
+    branches = {branch: helper.make_graph(nodes, f"{name}_{branch}", [],
+                                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+                for branch, nodes, out in (("unmasked", _tiled(g, a, name, tiled, constants), tiled),
+                                           ("masked", exported, masked))}
+    g.replace(a.nodes, [helper.make_node("If", [constants.nothing_masked(a.mask)], [a.output], name=f"{name}_if",
+                                         then_branch=branches["unmasked"], else_branch=branches["masked"])])
 
 
 def fuse_image_attention(model: onnx.ModelProto, weights: Weights | None = None) -> ImageFuseReport:
