@@ -194,8 +194,9 @@ _JSON_NAMES = {list: "list", dict: "object", str: "string"}
 # manifest["graphs"][stage] is the stage's primary graph entry (file, precision, I/O, bytes, sha256):
 # the standard form, or - when no target uses a standard form (a MatMulNBits decoder, which TensorRT
 # cannot read) - the fused one, saying so in its "form". A second form shipped beside it is in
-# "forms": {"fused": {file, precision, bytes, sha256, inputs, outputs, fusion, ...}}. "fusion" on the
-# decoder's entry records what the fusion pass did, or why there is no fused form (its "reason").
+# "forms": {"fused": {file, precision, bytes, sha256, inputs, outputs, fusion, ...}}. "fusion" on a
+# stage's entry (the decoder's, an image stage's with attention) records what the fusion pass did, or why
+# there is no fused form (its "reason").
 # manifest["targets"] says which form each target runs: {"onnxruntime": {stage: "fused"|"standard"},
 # "tensorrt": {stage: "standard"|None}} (None: no form TensorRT reads). A manifest without these
 # keys (builds before forms) is all-standard.
@@ -229,7 +230,7 @@ def targets(manifest: dict[str, Any]) -> dict[str, dict[str, str | None]]:
 def form_entry(manifest: dict[str, Any], stage: str, form: str) -> dict[str, Any]:
     """The graph entry a stage runs in ``form``: a form name (``standard``, ``fused``) or a target
     (``onnxruntime``, ``tensorrt``: the form that target runs). A stage with one form only serves
-    ``fused`` with it (a vision encoder has no fused form); ManifestError when ``standard`` or a
+    ``fused`` with it (a projector has no fused form); ManifestError when ``standard`` or a
     target's form is not shipped."""
     entry = manifest["graphs"][stage]
     forms = stage_forms(entry)

@@ -117,8 +117,8 @@ def render_markdown(report: dict) -> str:
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     lines += ["", "## Per stage (ONNX Runtime vs fp32 PyTorch, same inputs)", "",
-              *(["prefill / decode: the decoder in the form the onnxruntime target runs; \"(standard form)\": "
-                 "the standard graph (TensorRT's), judged by the same tolerances; on a CPU its Q/DQ pairs run "
+              *(["each stage in the form the onnxruntime target runs; \"(standard form)\": the stage's standard "
+                 "graph (TensorRT's) beside it, judged by the same tolerances; on a CPU its Q/DQ pairs run "
                  "as written (TensorRT's arithmetic), not fused into ONNX Runtime's int8 kernels", ""]
                 if any(" form)" in stage for stage in report["stages"]) else []),
               "| stage | output | max abs | allowed | mean abs | min cosine | pass |",
