@@ -354,6 +354,40 @@ def test_an_attention_matmul_of_two_activations_is_ranked_and_kept(tmp_path):
     assert info.details["fp32_fallback"]["kept"] == ["scores"] and info.details["quantized_matmuls"] == 1
 
 
+def test_attention_pairs_are_measured_inside_the_graph_as_numpy_would(tmp_path):
+    """The pairs' error is computed by nodes added to the graph (only scalars fetched: a tower's scores are heads x
+    patches² per layer): the same number as rounding both fetched operands in numpy, with each operand's largest
+    magnitude over every feed as its range."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Transpose", ["x"], ["keys"], name="keys", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["x", "keys"], ["scores"], name="scores"),
+             helper.make_node("Softmax", ["scores"], ["weights"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["weights", "x"], ["image_features"], name="weighted")]
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n", 8])],
+                              [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, [1, "n", 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    feeds = [{"x": rng.standard_normal((1, n, 8)).astype(np.float32) * scale} for n, scale in ((5, 1.0), (9, 3.0))]
+    pairs = sensitivity.static_layers(model)
+    assert [n.name for n in pairs] == ["scores", "weighted"]
+    got = sensitivity.matmul_errors(model, pairs, feeds, activations="per-tensor")
+    # numpy, from the operands themselves
+    x = [f["x"] for f in feeds]
+    keys = [v.transpose(0, 2, 1) for v in x]
+    weights = []
+    for v in x:
+        s = v @ v.transpose(0, 2, 1)
+        e = np.exp(s - s.max(-1, keepdims=True))
+        weights.append(e / e.sum(-1, keepdims=True))
+
+    def error(lefts, rights):
+        la, lb = max(np.abs(a).max() for a in lefts), max(np.abs(b).max() for b in rights)
+        return np.mean([np.linalg.norm(a @ b - sensitivity._int8(a, la) @ sensitivity._int8(b, lb)) / np.linalg.norm(a @ b)
+                        for a, b in zip(lefts, rights)])
+
+    assert got["scores"] == pytest.approx(error(x, keys), rel=1e-4)
+    assert got["weighted"] == pytest.approx(error(weights, x), rel=1e-4)
+
+
 def test_a_gemm_with_its_weight_transposed_is_ranked_like_a_matmul(tmp_path):
     """A Linear on 2-D input exports as Gemm(x, W, transB=1): its weight is read as [K, N] (W transposed)
     for the ranking, and the one whose input carries an outlier channel its weight ignores is kept."""

@@ -23,12 +23,14 @@ class ActivationProbe:
     session. A context manager: the graph is written to a temporary folder for the session's life.
     ``emulate_qdq``: Q/DQ pairs run as written, not fused into integer kernels (a graph TensorRT
     serves: see ``runtime.runners.OrtRunner``). ``source_dir``: the folder of a ``model`` loaded without
-    its external data (the session's copy of the graph gets those bytes from there, file to file)."""
+    its external data (the session's copy of the graph gets those bytes from there, file to file). ``nodes``:
+    nodes added to the session's graph (statistics computed inside it, so that only they are fetched)."""
 
     def __init__(self, model: onnx.ModelProto, tensors: Iterable[str], threads: int = 2, emulate_qdq: bool = False,
-                 source_dir: Path | None = None):
+                 source_dir: Path | None = None, nodes: Iterable[onnx.NodeProto] = ()):
         import onnxruntime as ort
 
+        nodes = list(nodes)
         present = {o.name for o in model.graph.output}
         added = [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in dict.fromkeys(tensors)
                  if t not in present]
@@ -49,16 +51,19 @@ class ActivationProbe:
         self._tmp = tempfile.TemporaryDirectory()
         path = Path(self._tmp.name) / "probe.onnx"
         if saved_inline(model):
-            outputs = len(model.graph.output)
+            outputs, count = len(model.graph.output), len(model.graph.node)
             model.graph.output.extend(added)
+            model.graph.node.extend(nodes)
             try:
                 save_graph(model, path)
             finally:
                 del model.graph.output[outputs:]
+                del model.graph.node[count:]
         else:
             probe = onnx.ModelProto()
             probe.CopyFrom(model)
             probe.graph.output.extend(added)
+            probe.graph.node.extend(nodes)
             save_graph(probe, path, source_dir)
             del probe
         self.session = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])

@@ -39,7 +39,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from ..errors import ExportError
 from .probe import ActivationProbe, default_budget
@@ -134,7 +134,7 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
     rounded to nearest. One pass keeps an even sample of each feed's tokens (``MAX_ROWS`` in all, fewer
     where every input's rows would not fit ``budget`` bytes), so that each weight is quantized once. A
     MatMul of two activations (per tensor only: an image stage's attention) is measured on whole
-    outputs, a few at a time (``_pair_errors``)."""
+    outputs, inside the graph (``_pair_errors``)."""
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations {activations!r} is not one of {', '.join(ACTIVATIONS)}")
     feeds = list(feeds)
@@ -145,7 +145,7 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
     if pairs and activations != "per-tensor":
         raise ValueError("a MatMul of two activations is ranked with per-tensor activations only")
     widths = {n.input[0]: _width(n, inits) for n in weighted}
-    errors = _pair_errors(model, pairs, feeds, threads, budget) if pairs else {}
+    errors = _pair_errors(model, pairs, feeds, threads) if pairs else {}
     if not weighted:
         return errors
     tensors = sorted(widths)
@@ -181,45 +181,73 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
 
 
 def _pair_errors(model: onnx.ModelProto, pairs: list[onnx.NodeProto], feeds: list[Mapping[str, np.ndarray]],
-                 threads: int, budget: int) -> dict[str, float]:
-    """Per MatMul of two activations (an image stage's attention: its scores and their use), the mean relative error
-    of rounding both sides per tensor (each side's largest magnitude its range), on whole outputs. A tower's
-    attention scores are heads x patches² per layer - gigabytes for a large tower on a large image - so the pairs are
-    measured a group at a time (its operands the only tensors fetched), each group on as many feeds, smallest first,
-    as half the budget holds (one at least), the group's size set from the largest pair seen and at most doubled from
-    one group to the next (a tower's q x k pairs are a fraction of its scores x v pairs: sized by the first alone, the
-    second group would take every scores x v pair at once): the ranges are those of the feeds measured."""
-    order = sorted(feeds, key=lambda feed: sum(np.asarray(v).nbytes for v in feed.values()))
-    errors: dict[str, float] = {}
-    start, size, widest = 0, 1, 1
-    while start < len(pairs):
-        group = pairs[start:start + size]
-        operands = sorted({name for node in group for name in node.input[:2]})
-        values: dict[str, list[np.ndarray]] = {t: [] for t in operands}
-        held = 0
-        with ActivationProbe(model, operands, threads) as probe:
-            for got in probe.run(order, operands):
-                widest = max([widest] + [sum(got[t].nbytes for t in node.input[:2]) for node in group])
-                held += sum(v.nbytes for v in got.values())
-                for t in operands:
-                    values[t].append(np.asarray(got[t], dtype=np.float32))
-                del got
-                if held >= budget // 2:
-                    break
-        largest = {t: max(float(np.abs(v).max(initial=0.0)) for v in parts) for t, parts in values.items()}
-        for node in group:
-            a_name, b_name = node.input[:2]
-            relative = []
-            for a, b in zip(values[a_name], values[b_name]):
-                y = a @ b
-                norm = np.linalg.norm(y)
-                if norm > 0:
-                    relative.append(np.linalg.norm(y - _int8(a, largest[a_name]) @ _int8(b, largest[b_name])) / norm)
-            errors[node.name] = float(np.mean(relative)) if relative else 0.0
-        del values
-        start += len(group)
-        size = max(1, min(2 * size, (budget // 2) // widest))
-    return errors
+                 threads: int) -> dict[str, float]:
+    """Per MatMul of two activations (an image stage's attention: its scores and their use), the mean over the feeds
+    of the relative error of rounding both sides per tensor (each side's largest magnitude over every feed its range),
+    on whole outputs. A tower's attention scores are heads x patches² per layer - gigabytes for a large tower on a
+    large image, tens of them for all layers - so nothing that size is fetched: the stage runs twice over the feeds
+    with the statistics computed inside the graph (``_range_nodes``, ``_error_nodes``), only scalars coming out, and
+    ONNX Runtime frees each operand as the stage runs on (memory: one run's, time: two passes over the feeds)."""
+    operands = sorted({name for node in pairs for name in node.input[:2]})
+    nodes, outputs = _range_nodes(operands)
+    largest = dict.fromkeys(operands, 0.0)
+    with ActivationProbe(model, outputs, threads, nodes=nodes) as probe:
+        for got in probe.run(feeds, outputs):
+            for t, out in zip(operands, outputs):
+                largest[t] = max(largest[t], float(got[out]))
+    nodes, outputs = _error_nodes(pairs, largest)
+    sums: dict[str, list[tuple[float, float]]] = {node.name: [] for node in pairs}
+    with ActivationProbe(model, outputs, threads, nodes=nodes) as probe:
+        for got in probe.run(feeds, outputs):
+            for node, (error, norm) in zip(pairs, zip(outputs[::2], outputs[1::2])):
+                sums[node.name].append((float(got[error]), float(got[norm])))
+    relative = {name: [math.sqrt(error / norm) for error, norm in measured if norm > 0] for name, measured in sums.items()}
+    return {name: float(np.mean(values)) if values else 0.0 for name, values in relative.items()}
+
+
+def _range_nodes(tensors: list[str]) -> tuple[list[onnx.NodeProto], list[str]]:
+    """Nodes computing each tensor's largest magnitude (a scalar) and their outputs, in ``tensors``' order."""
+    nodes, outputs = [], []
+    for i, t in enumerate(tensors):
+        base = f"int8_rank_range_{i}"
+        nodes += [helper.make_node("Abs", [t], [f"{base}_abs"], name=f"{base}_abs"),
+                  helper.make_node("ReduceMax", [f"{base}_abs"], [base], name=base, keepdims=0)]
+        outputs.append(base)
+    return nodes, outputs
+
+
+def _error_nodes(pairs: list[onnx.NodeProto], largest: Mapping[str, float]) -> tuple[list[onnx.NodeProto], list[str]]:
+    """Nodes computing, per pair ``y = a @ b`` (its own output), ``||y - q(a) @ q(b)||²`` and ``||y||²`` (q: ``_int8``
+    with ``largest`` as the range, the same arithmetic in ONNX: Round is half to even as numpy's rint), and their
+    outputs: error and norm for each pair in order."""
+    clip = [helper.make_node("Constant", [], [f"int8_rank_{end}"], name=f"int8_rank_{end}", value_float=float(v))
+            for end, v in (("low", -127.0), ("high", 127.0))]
+    nodes, outputs, scales = list(clip), [], {}
+
+    def quantized(t: str) -> str:
+        if t not in scales:
+            i = len(scales)
+            scale = float(np.maximum(np.float32(largest[t]) / np.float32(127), np.finfo(np.float32).tiny))
+            base = f"int8_rank_q{i}"
+            nodes.extend([helper.make_node("Constant", [], [f"{base}_scale"], name=f"{base}_scale", value_float=scale),
+                          helper.make_node("Div", [t, f"{base}_scale"], [f"{base}_scaled"], name=f"{base}_scaled"),
+                          helper.make_node("Round", [f"{base}_scaled"], [f"{base}_round"], name=f"{base}_round"),
+                          helper.make_node("Clip", [f"{base}_round", "int8_rank_low", "int8_rank_high"],
+                                           [f"{base}_codes"], name=f"{base}_codes"),
+                          helper.make_node("Mul", [f"{base}_codes", f"{base}_scale"], [base], name=base)])
+            scales[t] = base
+        return scales[t]
+
+    for i, node in enumerate(pairs):
+        base, y = f"int8_rank_pair{i}", node.output[0]
+        nodes += [helper.make_node("MatMul", [quantized(node.input[0]), quantized(node.input[1])], [f"{base}_q"],
+                                   name=f"{base}_q"),
+                  helper.make_node("Sub", [y, f"{base}_q"], [f"{base}_diff"], name=f"{base}_diff"),
+                  helper.make_node("ReduceSumSquare", [f"{base}_diff"], [f"{base}_error"], name=f"{base}_error",
+                                   keepdims=0),
+                  helper.make_node("ReduceSumSquare", [y], [f"{base}_norm"], name=f"{base}_norm", keepdims=0)]
+        outputs += [f"{base}_error", f"{base}_norm"]
+    return nodes, outputs
 
 
 def _cosines(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
