@@ -386,6 +386,12 @@ def test_attention_pairs_are_measured_inside_the_graph_as_numpy_would(tmp_path):
 
     assert got["scores"] == pytest.approx(error(x, keys), rel=1e-4)
     assert got["weighted"] == pytest.approx(error(weights, x), rel=1e-4)
+    # the stage waits for each pair's statistics before reading its output on (else every layer's operands would be
+    # held to the end of the run): its readers read the output plus nothing that depends on them
+    nodes, outputs, rewire = sensitivity._error_nodes(pairs, {"x": 1.0, "keys": 1.0, "weights": 1.0})
+    made = {o: n for n in nodes for o in n.output}
+    assert set(rewire) == {"scores", "weighted"} and made[rewire["scores"]].input[0] == "scores"
+    assert made[made[made[rewire["scores"]].input[1]].input[0]].input == ["int8_rank_pair0_error", "int8_rank_pair0_norm"]
 
 
 def test_a_gemm_with_its_weight_transposed_is_ranked_like_a_matmul(tmp_path):

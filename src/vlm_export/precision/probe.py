@@ -3,6 +3,7 @@ the asked-for tensors added as outputs. SmoothQuant's channel maxima and GPTQ's 
 moments are both statistics of what this yields."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -24,10 +25,12 @@ class ActivationProbe:
     ``emulate_qdq``: Q/DQ pairs run as written, not fused into integer kernels (a graph TensorRT
     serves: see ``runtime.runners.OrtRunner``). ``source_dir``: the folder of a ``model`` loaded without
     its external data (the session's copy of the graph gets those bytes from there, file to file). ``nodes``:
-    nodes added to the session's graph (statistics computed inside it, so that only they are fetched)."""
+    nodes added to the session's graph (statistics computed inside it, so that only they are fetched); ``rewire``:
+    tensor -> the name the graph's own nodes read instead (one of ``nodes``' outputs), in the session's graph."""
 
     def __init__(self, model: onnx.ModelProto, tensors: Iterable[str], threads: int = 2, emulate_qdq: bool = False,
-                 source_dir: Path | None = None, nodes: Iterable[onnx.NodeProto] = ()):
+                 source_dir: Path | None = None, nodes: Iterable[onnx.NodeProto] = (),
+                 rewire: Mapping[str, str] | None = None):
         import onnxruntime as ort
 
         nodes = list(nodes)
@@ -51,20 +54,13 @@ class ActivationProbe:
         self._tmp = tempfile.TemporaryDirectory()
         path = Path(self._tmp.name) / "probe.onnx"
         if saved_inline(model):
-            outputs, count = len(model.graph.output), len(model.graph.node)
-            model.graph.output.extend(added)
-            model.graph.node.extend(nodes)
-            try:
+            with _edited(model.graph, added, nodes, rewire or {}):
                 save_graph(model, path)
-            finally:
-                del model.graph.output[outputs:]
-                del model.graph.node[count:]
         else:
             probe = onnx.ModelProto()
             probe.CopyFrom(model)
-            probe.graph.output.extend(added)
-            probe.graph.node.extend(nodes)
-            save_graph(probe, path, source_dir)
+            with _edited(probe.graph, added, nodes, rewire or {}):
+                save_graph(probe, path, source_dir)
             del probe
         self.session = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
@@ -85,6 +81,28 @@ class ActivationProbe:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _edited(graph: onnx.GraphProto, outputs: list, nodes: list[onnx.NodeProto], rewire: Mapping[str, str]):
+    """``graph`` with ``outputs`` and ``nodes`` added and its own nodes' inputs renamed as ``rewire`` says, for the
+    ``with`` block only."""
+    renamed = []
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rewire:
+                renamed.append((node, i, name))
+                node.input[i] = rewire[name]
+    count, outputs_count = len(graph.node), len(graph.output)
+    graph.output.extend(outputs)
+    graph.node.extend(nodes)
+    try:
+        yield
+    finally:
+        del graph.output[outputs_count:]
+        del graph.node[count:]
+        for node, i, name in renamed:
+            node.input[i] = name
 
 
 def activations(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[Mapping[str, np.ndarray]],

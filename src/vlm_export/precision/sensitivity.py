@@ -186,8 +186,9 @@ def _pair_errors(model: onnx.ModelProto, pairs: list[onnx.NodeProto], feeds: lis
     of the relative error of rounding both sides per tensor (each side's largest magnitude over every feed its range),
     on whole outputs. A tower's attention scores are heads x patches² per layer - gigabytes for a large tower on a
     large image, tens of them for all layers - so nothing that size is fetched: the stage runs twice over the feeds
-    with the statistics computed inside the graph (``_range_nodes``, ``_error_nodes``), only scalars coming out, and
-    ONNX Runtime frees each operand as the stage runs on (memory: one run's, time: two passes over the feeds)."""
+    with the statistics computed inside the graph (``_range_nodes``, ``_error_nodes``), only scalars coming out, each
+    pair's error computed before the stage goes on past it, so that ONNX Runtime frees its operands as it would
+    (memory: about one run's; time: two passes over the feeds)."""
     operands = sorted({name for node in pairs for name in node.input[:2]})
     nodes, outputs = _range_nodes(operands)
     largest = dict.fromkeys(operands, 0.0)
@@ -195,9 +196,9 @@ def _pair_errors(model: onnx.ModelProto, pairs: list[onnx.NodeProto], feeds: lis
         for got in probe.run(feeds, outputs):
             for t, out in zip(operands, outputs):
                 largest[t] = max(largest[t], float(got[out]))
-    nodes, outputs = _error_nodes(pairs, largest)
+    nodes, outputs, rewire = _error_nodes(pairs, largest)
     sums: dict[str, list[tuple[float, float]]] = {node.name: [] for node in pairs}
-    with ActivationProbe(model, outputs, threads, nodes=nodes) as probe:
+    with ActivationProbe(model, outputs, threads, nodes=nodes, rewire=rewire) as probe:
         for got in probe.run(feeds, outputs):
             for node, (error, norm) in zip(pairs, zip(outputs[::2], outputs[1::2])):
                 sums[node.name].append((float(got[error]), float(got[norm])))
@@ -216,13 +217,18 @@ def _range_nodes(tensors: list[str]) -> tuple[list[onnx.NodeProto], list[str]]:
     return nodes, outputs
 
 
-def _error_nodes(pairs: list[onnx.NodeProto], largest: Mapping[str, float]) -> tuple[list[onnx.NodeProto], list[str]]:
+def _error_nodes(pairs: list[onnx.NodeProto], largest: Mapping[str, float]
+                 ) -> tuple[list[onnx.NodeProto], list[str], dict[str, str]]:
     """Nodes computing, per pair ``y = a @ b`` (its own output), ``||y - q(a) @ q(b)||²`` and ``||y||²`` (q: ``_int8``
-    with ``largest`` as the range, the same arithmetic in ONNX: Round is half to even as numpy's rint), and their
-    outputs: error and norm for each pair in order."""
+    with ``largest`` as the range, the same arithmetic in ONNX: Round is half to even as numpy's rint), their
+    outputs (error and norm for each pair in order), and the rewiring that makes the graph wait for them: y's own
+    readers read ``y + 0 x (error + norm)`` (the same values) - else ONNX Runtime's order (by data only) computes every
+    statistic after the whole stage, holding every layer's operands until then (a tower's scores: 5 GB more for
+    HunyuanOCR's at 1,156 patches, measured)."""
     clip = [helper.make_node("Constant", [], [f"int8_rank_{end}"], name=f"int8_rank_{end}", value_float=float(v))
             for end, v in (("low", -127.0), ("high", 127.0))]
-    nodes, outputs, scales = list(clip), [], {}
+    zero = helper.make_node("Constant", [], ["int8_rank_zero"], name="int8_rank_zero", value_float=0.0)
+    nodes, outputs, scales, rewire = [*clip, zero], [], {}, {}
 
     def quantized(t: str) -> str:
         if t not in scales:
@@ -245,9 +251,14 @@ def _error_nodes(pairs: list[onnx.NodeProto], largest: Mapping[str, float]) -> t
                   helper.make_node("Sub", [y, f"{base}_q"], [f"{base}_diff"], name=f"{base}_diff"),
                   helper.make_node("ReduceSumSquare", [f"{base}_diff"], [f"{base}_error"], name=f"{base}_error",
                                    keepdims=0),
-                  helper.make_node("ReduceSumSquare", [y], [f"{base}_norm"], name=f"{base}_norm", keepdims=0)]
+                  helper.make_node("ReduceSumSquare", [y], [f"{base}_norm"], name=f"{base}_norm", keepdims=0),
+                  helper.make_node("Add", [f"{base}_error", f"{base}_norm"], [f"{base}_both"], name=f"{base}_both"),
+                  helper.make_node("Mul", [f"{base}_both", "int8_rank_zero"], [f"{base}_nothing"],
+                                   name=f"{base}_nothing"),
+                  helper.make_node("Add", [y, f"{base}_nothing"], [f"{base}_after"], name=f"{base}_after")]
         outputs += [f"{base}_error", f"{base}_norm"]
-    return nodes, outputs
+        rewire[y] = f"{base}_after"
+    return nodes, outputs, rewire
 
 
 def _cosines(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
