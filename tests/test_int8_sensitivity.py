@@ -390,7 +390,7 @@ def test_attention_pairs_are_measured_inside_the_graph_as_numpy_would(tmp_path):
     # held to the end of the run): its readers read the output plus nothing that depends on them
     nodes, outputs, rewire = sensitivity._error_nodes(pairs, {"x": 1.0, "keys": 1.0, "weights": 1.0})
     made = {o: n for n in nodes for o in n.output}
-    assert set(rewire) == {"scores", "weighted"} and made[rewire["scores"]].input[0] == "scores"
+    assert set(rewire) == {"scores", "image_features"} and made[rewire["scores"]].input[0] == "scores"
     assert made[made[made[rewire["scores"]].input[1]].input[0]].input == ["int8_rank_pair0_error", "int8_rank_pair0_norm"]
 
 
