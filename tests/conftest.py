@@ -754,10 +754,17 @@ def check_prefix_cache_equal_a_full_prefill(pipe, turn, images) -> None:
             np.testing.assert_allclose(state.caches[name], full.caches[name], rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(state.positions, full.positions)
     swapped = images[1] + images[0]
-    other = pipe.prefix_keys(pipe.prompt_ids(TWO_IMAGE_TURNS, swapped), pipe.encode_images(pipe.pixel_values(swapped)))
+    swapped_image = pipe.encode_images(pipe.pixel_values(swapped))
+    other = pipe.prefix_keys(pipe.prompt_ids(TWO_IMAGE_TURNS, swapped), swapped_image)
     first_image = len(pipe.encode_images(pipe.pixel_values(images[1])).rows)
     parted = int(np.flatnonzero(keys[:len(other)] != other[:len(keys)])[0])
-    assert int(placeholders[first_image]) <= parted <= int(placeholders[first_image]) + 1
+    # keys are the rows' bits: they part at the second image where the first image's rows came out the same in both
+    # batches - always on the standard graph; on a fused tower (export/image_fuse.py) only where both batches took the
+    # same kernel (a batch with padding takes the exported nodes, one without the tiled kernel: the same values to
+    # rounding), else at the first row that differs (a cache miss from there, never another answer)
+    differ = np.flatnonzero((np.asarray(image.rows)[:first_image] != np.asarray(swapped_image.rows)[:first_image]).any(1))
+    at = int(placeholders[differ[0] if len(differ) else first_image])
+    assert at <= parted <= at + 1, (parted, at)
 
 
 def check_answers_equal_hf_generate(pipe, loaded, requests, new_tokens: int = 12) -> None:

@@ -313,7 +313,7 @@ def test_parity_runs_onnx_runtime_only_after_the_pytorch_weights_are_freed(tiny_
         released.append(loaded)
 
     def open_after_release(*args, **kwargs):
-        opened.append(kwargs.get("form"))
+        opened.append((kwargs.get("form"), kwargs.get("stage_forms")))
         assert released, "an ONNX Runtime form opened while the PyTorch model still held its weights"
         return open_build(*args, **kwargs)
 
@@ -323,7 +323,9 @@ def test_parity_runs_onnx_runtime_only_after_the_pytorch_weights_are_freed(tiny_
     monkeypatch.setattr(build_module, "open_build", open_after_release)
     result = verify(path, BuildOptions(parity_new_tokens=8))
     assert result.failures == []
-    assert opened == ["standard", "onnxruntime"]
+    # the standard form of every stage that ships one beside its fused form (the tower's and the decoder's), then the
+    # candidate
+    assert opened == [("onnxruntime", {"vision_encoder": "standard", "lm_decoder": "standard"}), ("onnxruntime", None)]
     assert all(p.numel() == 0 for p in released[0].model.parameters())
     report = json.loads((path / "report.json").read_text())
     assert {"prefill", "decode", "prefill (standard form)", "decode (standard form)"} <= set(report["stages"])

@@ -79,7 +79,7 @@ def open_build(build_dir: Path, threads: int | None = None, check_hashes: bool =
     ``manifest.gpu_form`` (the standard graph where one is shipped: the fused forms' fp32 attention
     has no CUDA kernel).
 
-    A standard graph that only TensorRT serves (the onnxruntime target runs the stage's fused form)
+    An int8 standard graph that only TensorRT serves (the onnxruntime target runs the stage's fused form)
     is run on a CPU with its Q/DQ pairs emulated (``OrtRunner``'s ``emulate_qdq``): the
     arithmetic TensorRT does, which is what its parity must judge."""
     build_dir = Path(build_dir)
@@ -92,13 +92,15 @@ def open_build(build_dir: Path, threads: int | None = None, check_hashes: bool =
     forms = {spec.name: gpu_form(manifest, spec.name) if on_gpu else form for spec in specs} | dict(stage_forms or {})
     for note in filter(None, (gpu_form_note(manifest, spec.name) for spec in specs if on_gpu)):
         log.warning(note)
-    files = {spec.name: form_entry(manifest, spec.name, forms[spec.name])["file"] for spec in specs}
+    entries = {spec.name: form_entry(manifest, spec.name, forms[spec.name]) for spec in specs}
+    files = {name: entry["file"] for name, entry in entries.items()}
     # a graph the onnxruntime target does not run is the standard one only TensorRT serves
     served = {spec.name: form_entry(manifest, spec.name, "onnxruntime")["file"] for spec in specs}
     with built_with_onnxruntime(manifest):
         runners = {spec.name: OrtRunner(spec.name, build_dir / files[spec.name], threads=threads, spin=spec.per_token,
                                         device=device, **(trt_settings(manifest, spec.name) if cuda else {}),
-                                        emulate_qdq=not cuda and files[spec.name] != served[spec.name])
+                                        emulate_qdq=not cuda and files[spec.name] != served[spec.name]
+                                        and entries[spec.name]["precision"] == "int8")
                    for spec in specs}
     folder = build_dir / manifest["tokenizer"]
     return pipeline_from_manifest(manifest, runners, load_tokenizer(folder), load_image_processor(folder), build_dir)
