@@ -35,6 +35,7 @@ from ..errors import ExportError
 from .fuse import MS_DOMAIN, Weights, _Graph
 from .graph_info import save_graph, topological_order, uses_external_data
 
+
 @dataclass
 class ImageFuseReport:
     """What ``fuse_image_attention`` did."""
