@@ -392,6 +392,9 @@ def test_attention_pairs_are_measured_inside_the_graph_as_numpy_would(tmp_path):
     made = {o: n for n in nodes for o in n.output}
     assert set(rewire) == {"scores", "image_features"} and made[rewire["scores"]].input[0] == "scores"
     assert made[made[made[rewire["scores"]].input[1]].input[0]].input == ["int8_rank_pair0_error", "int8_rank_pair0_norm"]
+    nodes, outputs, rewire = sensitivity._range_nodes(["x", "weights"])  # the ranges' pass alike
+    made = {o: n for n in nodes for o in n.output}
+    assert set(rewire) == {"x", "weights"} and made[made[rewire["weights"]].input[1]].input[0] == outputs[1]
 
 
 def test_a_gemm_with_its_weight_transposed_is_ranked_like_a_matmul(tmp_path):
