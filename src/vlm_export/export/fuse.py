@@ -813,6 +813,18 @@ def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weigh
     return report
 
 
+def load_structure(src: Path, what: str) -> tuple[onnx.ModelProto, bool]:
+    """The graph at ``src`` without its external weights (a pass reads the few it rewrites), and whether it has any;
+    ExportError naming ``what`` when it is missing or unreadable."""
+    if not src.is_file():
+        raise ExportError(f"no {what} graph at {src}")
+    try:
+        model = onnx.load(os.fspath(src), load_external_data=False)
+    except Exception as e:
+        raise ExportError(f"cannot read the ONNX graph {src}: {str(e).splitlines()[0]}") from None
+    return model, any(uses_external_data(t) for t in model.graph.initializer)
+
+
 def fuse_decoder(src: Path, dst: Path, max_positions: int = 4096,
                  layer_windows: Sequence[int | None] | None = (), causal: bool = True) -> FuseReport:
     """Write the fused form of the decoder graph ``src`` to ``dst`` (``src`` unchanged).
@@ -832,13 +844,7 @@ def fuse_decoder(src: Path, dst: Path, max_positions: int = 4096,
     projections, not the model; the demo's 540 MB decoder, held in memory, peaks at ~3.5 GB, most
     of it protobuf serialising the model once)."""
     src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise ExportError(f"no decoder graph at {src}")
-    try:
-        model = onnx.load(os.fspath(src), load_external_data=False)
-    except Exception as e:
-        raise ExportError(f"cannot read the ONNX graph {src}: {str(e).splitlines()[0]}") from None
-    external = any(uses_external_data(t) for t in model.graph.initializer)
+    model, external = load_structure(src, "decoder")
     spill = dst.with_name(dst.name + ".spill")
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:

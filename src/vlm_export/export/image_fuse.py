@@ -23,7 +23,6 @@ Contract: onnxruntime docs/ContribOperators.md (MultiHeadAttention).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +30,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import ExportError
-from .fuse import MS_DOMAIN, Weights, _Graph
-from .graph_info import save_graph, topological_order, uses_external_data
+from .fuse import MS_DOMAIN, Weights, _Graph, load_structure
+from .graph_info import save_graph, topological_order
 
 
 @dataclass
@@ -269,13 +267,7 @@ def fuse_image_stage(src: Path, dst: Path) -> ImageFuseReport:
     copied file to file, never loaded whole). A graph nothing matches is not written; the report's
     ``reason`` says why."""
     src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise ExportError(f"no image-stage graph at {src}")
-    try:
-        model = onnx.load(os.fspath(src), load_external_data=False)
-    except Exception as e:
-        raise ExportError(f"cannot read the ONNX graph {src}: {str(e).splitlines()[0]}") from None
-    external = any(uses_external_data(t) for t in model.graph.initializer)
+    model, external = load_structure(src, "image-stage")
     report = fuse_image_attention(model, Weights(src.parent) if external else None)
     if report.fused:
         save_graph(model, dst, src.parent)
