@@ -653,8 +653,8 @@ def test_an_image_stage_whose_fused_form_fails_falls_back_alone(tiny_model_dir, 
 
     real = build_module.fuse_image_stage
 
-    def fused_then_edited(src, dst):
-        report = real(src, dst)
+    def fused_then_edited(src, dst, loaded=None):
+        report = real(src, dst, loaded)
         model = onnx.load(str(dst))
         kernel = next(n for n in model.graph.node if n.op_type == "MultiHeadAttention")
         kept = [a for a in kernel.attribute if a.name != {"scale": "scale", "heads": "num_heads"}[edit]]

@@ -2,8 +2,9 @@
 
 Graph forms: the decoder stage is also written in ONNX Runtime's form (export/fuse.py: contrib-op
 kernels), and so is an fp32 image stage with attention (export/image_fuse.py: MultiHeadAttention), which
-the onnxruntime target runs; TensorRT reads standard ONNX ops only and keeps the standard graph. The manifest records both and which target runs which (manifest.py, "graph forms"),
-and parity proves each form against PyTorch.
+the onnxruntime target runs; TensorRT reads standard ONNX ops only and keeps the standard graph. The
+manifest records both and which target runs which (manifest.py, "graph forms"), and parity proves each
+form against PyTorch.
 
 The build is written into a hidden temporary folder beside the target and renamed into place
 only when every graph exported, passed the ONNX checker and matched PyTorch. A build whose
@@ -37,7 +38,7 @@ from .contract import DecoderGeometry, DecodingScheme, Limits, scheme_from_dict
 from .datasets import load_items
 from .cpu import int8_dot_product
 from .errors import BuildError, ParityError, RunnerError, first_line
-from .export.fuse import fuse_decoder
+from .export.fuse import fuse_decoder, load_structure
 from .export.image_fuse import fuse_image_stage
 from .export.graph_info import check_graph, graph_bytes, graph_io
 from .export.onnx_export import export_stage
@@ -436,18 +437,23 @@ def _fuse_decoder_stage(tmp: Path, graphs: dict, stage: str, precision: str, lim
             record = {"made": False, "reason": f"the fusion pass failed: {first_line(e)}"}
         record["seconds"] = round(time.perf_counter() - start, 2)
         advance()
+    if _ship_fused_form(tmp, entry, stage, dst, record, progress) and record.get("kv_copied_because"):  # the build still works; the user should know which path decodes
+        progress.note(f"{stage}: its fused form decodes on a KV cache copied every step, not one shared buffer: "
+                      f"{record['kv_copied_because']}")
+
+
+def _ship_fused_form(tmp: Path, entry: dict, stage: str, dst: Path, record: dict, progress: Progress) -> bool:
+    """A fusion pass's ``record`` into the stage's manifest ``entry``, and its graph at ``dst`` as the stage's fused
+    form where one was made (True); else its files removed and the reason said."""
+    entry["fusion"] = record
     if not record["made"]:
         for f in (dst, dst.with_name(dst.name + ".data")):  # unfused: a copy of the standard graph, unused
             f.unlink(missing_ok=True)
-        entry["fusion"] = record
         progress.note(f"{stage}: no fused form ({record['reason']}); ONNX Runtime runs the standard graph")
-        return
-    entry["fusion"] = record
+        return False
     entry["forms"] = {"fused": _describe_graph(dst, tmp, "fp32", entry["export_seconds"], form="fused",
                                                fuse_seconds=record["seconds"])}
-    if record.get("kv_copied_because"):  # the build still works; the user should know which path decodes
-        progress.note(f"{stage}: its fused form decodes on a KV cache copied every step, not one shared buffer: "
-                      f"{record['kv_copied_because']}")
+    return True
 
 
 def _fuse_image_stages(tmp: Path, graphs: dict, stages: list[str], precisions: dict[str, str], options: BuildOptions,
@@ -456,12 +462,11 @@ def _fuse_image_stages(tmp: Path, graphs: dict, stages: list[str], precisions: d
     (export/image_fuse.py: MultiHeadAttention, ONNX Runtime's tiled kernel for unpadded images: memory that grows
     with the patches, not their square); why not in ``graphs[stage]["fusion"]``. A stage without a softmax (a
     projector) gets no record."""
-    import onnx
-
     for stage in stages:
         entry = graphs[stage]
         src = tmp / entry["file"]
-        if not any(n.op_type == "Softmax" for n in onnx.load(os.fspath(src), load_external_data=False).graph.node):
+        loaded = load_structure(src, stage)  # read once: looked at here, rewritten by the pass
+        if not any(n.op_type == "Softmax" for n in loaded[0].graph.node):
             continue  # no attention
         reason = "" if options.fuse else "not made: fusion turned off (--no-fuse)"
         if not reason and precisions[stage] != "fp32":
@@ -474,7 +479,7 @@ def _fuse_image_stages(tmp: Path, graphs: dict, stages: list[str], precisions: d
         with progress.step(f"{stage}: its ONNX Runtime form (MultiHeadAttention, export/image_fuse.py)") as advance:
             start = time.perf_counter()
             try:
-                report = fuse_image_stage(src, dst)
+                report = fuse_image_stage(src, dst, loaded)
                 record = {"made": report.fused, **report.to_dict()}
                 if report.fused:
                     check_graph(dst)
@@ -482,14 +487,8 @@ def _fuse_image_stages(tmp: Path, graphs: dict, stages: list[str], precisions: d
                 record = {"made": False, "reason": f"the fusion pass failed: {first_line(e)}"}
             record["seconds"] = round(time.perf_counter() - start, 2)
             advance()
-        entry["fusion"] = record
-        if not record["made"]:
-            for f in (dst, dst.with_name(dst.name + ".data")):
-                f.unlink(missing_ok=True)
-            progress.note(f"{stage}: no fused form ({record['reason']}); ONNX Runtime runs the standard graph")
-            continue
-        entry["forms"] = {"fused": _describe_graph(dst, tmp, "fp32", entry["export_seconds"], form="fused",
-                                                   fuse_seconds=record["seconds"])}
+        del loaded
+        _ship_fused_form(tmp, entry, stage, dst, record, progress)
 
 
 def _fused_forms(graphs: dict) -> dict:
@@ -785,6 +784,11 @@ def other_forms(manifest: dict) -> dict[str, dict[str, list[str]]]:
     return entries
 
 
+def _entries(by_stage: dict[str, list[str]]) -> list[str]:
+    """The parity entries of one form's stages (``other_forms``), in order."""
+    return [entry for names in by_stage.values() for entry in names]
+
+
 def _open_in(open_form, form: str, stages) -> object:
     """The build with ``stages`` in ``form`` and the others as the onnxruntime target runs them (a stage may ship
     no ``form``: a fused MatMulNBits decoder has no standard graph)."""
@@ -873,7 +877,7 @@ def _judge(recorded: _Recorded, adapter, open_form, precisions: dict[str, str], 
     result, other_forms = recorded.result, other_forms or {}
     for form, by_stage in other_forms.items():
         pipe, extra = _open_in(open_form, form, by_stage), ParityResult()
-        entries = [entry for names in by_stage.values() for entry in names]
+        entries = _entries(by_stage)
         calls = [call for call in recorded.calls if call.entry in entries]
         with progress.step(f"parity of the {form} form of {', '.join(by_stage)} (PyTorch vs ONNX Runtime)",
                            total=len(calls)) as advance:
@@ -898,7 +902,7 @@ def _judge(recorded: _Recorded, adapter, open_form, precisions: dict[str, str], 
     # every form of a stage is held to its entries' tolerances (overrides included)
     policy = replace(policy, tolerances={**policy.tolerances, **{
         form_entry_name(entry, form): policy.tolerance(entry) for form, by_stage in other_forms.items()
-        for names in by_stage.values() for entry in names}})
+        for entry in _entries(by_stage)}})
     accuracy, accuracy_failures = None, []
     if questions:
         name, items = questions
@@ -933,7 +937,7 @@ def _graph_outputs_for_float64(recorded: _Recorded, entries: list[str], opened: 
         return None
     forms = {call.entry: ("onnxruntime", call.entry) for call in recorded.calls}
     forms.update({form_entry_name(entry, form): (form, entry) for form, by_stage in other_forms.items()
-                  for names in by_stage.values() for entry in names})
+                  for entry in _entries(by_stage)})
     by_form: dict[str, dict[str, str]] = {}  # form -> {recorded entry: result entry}
     for entry in entries:
         form, recorded_entry = forms[entry]

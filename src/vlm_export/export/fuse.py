@@ -225,7 +225,7 @@ class _Graph:
         nodes = _drop_dead(nodes, self.outputs)
         del self.graph.node[:]
         self.graph.node.extend(topological_order(nodes, {i.name for i in self.graph.input} | names,
-                                                 "the fused decoder graph"))
+                                                 "the fused graph"))
         used = {i for n in self.graph.node for i in reads(n)} | self.outputs
         self.inits = {}  # no Python handle on a tensor being deleted: protobuf would copy it out to keep it valid
         inits = self.graph.initializer

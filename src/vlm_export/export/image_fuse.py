@@ -262,12 +262,13 @@ def fuse_image_attention(model: onnx.ModelProto, weights: Weights | None = None)
     return report
 
 
-def fuse_image_stage(src: Path, dst: Path) -> ImageFuseReport:
+def fuse_image_stage(src: Path, dst: Path, loaded: tuple[onnx.ModelProto, bool] | None = None) -> ImageFuseReport:
     """Write the fused form of the image-stage graph ``src`` to ``dst`` (``src`` unchanged; its weights
     copied file to file, never loaded whole). A graph nothing matches is not written; the report's
-    ``reason`` says why."""
+    ``reason`` says why. ``loaded``: ``src`` as ``fuse.load_structure`` read it (a caller that looked at it
+    first; the pass rewrites it)."""
     src, dst = Path(src), Path(dst)
-    model, external = load_structure(src, "image-stage")
+    model, external = loaded or load_structure(src, "image-stage")
     report = fuse_image_attention(model, Weights(src.parent) if external else None)
     if report.fused:
         save_graph(model, dst, src.parent)
