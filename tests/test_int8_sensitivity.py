@@ -392,9 +392,6 @@ def test_attention_pairs_are_measured_inside_the_graph_as_numpy_would(tmp_path):
     made = {o: n for n in nodes for o in n.output}
     assert set(rewire) == {"scores", "image_features"} and made[rewire["scores"]].input[0] == "scores"
     assert made[made[made[rewire["scores"]].input[1]].input[0]].input == ["int8_rank_pair0_error", "int8_rank_pair0_norm"]
-    nodes, outputs, rewire = sensitivity._range_nodes(["x", "weights"])  # the ranges' pass alike
-    made = {o: n for n in nodes for o in n.output}
-    assert set(rewire) == {"x", "weights"} and made[made[rewire["weights"]].input[1]].input[0] == outputs[1]
 
 
 def test_a_gemm_with_its_weight_transposed_is_ranked_like_a_matmul(tmp_path):
@@ -617,3 +614,49 @@ def test_the_saturation_emulator_sums_pairs_in_int16_and_is_exact_below_it(tmp_p
         if (~exact).any():  # where a pair is past int16 the emulation saturates, as the kernel would
             assert np.abs(got - want)[~exact].max() > 0
     assert compared > 12 * WIDTH  # most outputs had no pair past int16
+
+
+def test_minmax_ranges_are_onnx_runtimes_own_measured_in_one_run_s_memory(tiny_build, tmp_path):
+    """An image stage's int8 ranges are measured inside the graph (ONNX Runtime's MinMax calibrator holds every
+    layer's activations to the end of each run) and handed to quantize_static as its calibration cache: the same
+    tensors and ranges as its own calibrator's (to rounding: the rewired graph is optimized differently) and the same
+    Q/DQ graph."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    import vlm_export.precision.convert as convert
+
+    src = tiny_build("llava-llama").path / "graphs" / "vision_encoder.onnx"
+    model = onnx.load(str(src), load_external_data=False)
+    (pixels,) = model.graph.input
+    shape = [d.dim_value or 1 for d in pixels.type.tensor_type.shape.dim]
+    rng = np.random.default_rng(5)
+    feeds = [{pixels.name: rng.standard_normal(shape).astype(np.float32) * scale} for scale in (1.0, 3.0)]
+
+    def quantize(out, ranges, reader=None):
+        quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(convert.STATIC_INT8_OPS),
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True}, calibration_cache_path=ranges)
+
+    quantize(tmp_path / "theirs.onnx", tmp_path / "theirs.json", convert._Feeds(feeds))
+    measured = convert._minmax_ranges(src, model, feeds, tmp_path / "ours.json")
+    quantize(tmp_path / "ours.onnx", tmp_path / "ours.json")
+    theirs, ours = load_tensors_data(tmp_path / "theirs.json").data, load_tensors_data(tmp_path / "ours.json").data
+    assert set(theirs) <= set(ours) == set(measured) and len(theirs) > 10
+    for name, data in theirs.items():
+        assert np.allclose([np.ravel(v)[0] for v in ours[name].range_value],
+                           [np.ravel(v)[0] for v in data.range_value], rtol=1e-5, atol=1e-6), name
+    graphs = [onnx.load(str(tmp_path / f"{who}.onnx")).graph for who in ("theirs", "ours")]
+    assert [(n.op_type, list(n.input)) for n in graphs[0].node] == [(n.op_type, list(n.input)) for n in graphs[1].node]
+    assert sum(n.op_type == "QuantizeLinear" for n in graphs[1].node) > 10
+    scales = [{i.name: numpy_helper.to_array(i) for i in g.initializer if i.name.endswith("_scale")} for g in graphs]
+    assert scales[0].keys() == scales[1].keys()
+    for name, theirs_scale in scales[0].items():
+        np.testing.assert_allclose(scales[1][name], theirs_scale, rtol=1e-5, err_msg=name)
+    # each statistic is waited for before the graph reads its tensor on (else ONNX Runtime runs them all at the end)
+    from vlm_export.precision.probe import range_nodes
+
+    nodes, outputs, rewire = range_nodes(["x"])
+    made = {o: n for n in nodes for o in n.output}
+    assert made[made[made[rewire["x"]].input[1]].input[0]].input == list(outputs[0])

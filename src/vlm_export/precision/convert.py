@@ -598,6 +598,7 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
     ``model``: ``src`` as loaded without its external data (to size it). ``cache``: the ranges (ONNX
     Runtime's JSON) and, beside them, the fallback chosen on them; both there, nothing is measured."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import load_tensors_data
 
     from . import sensitivity
 
@@ -618,13 +619,24 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
         # the ranges are calibrated once (the candidates below reuse them); without a cache of the
         # caller's, in a scratch file
         ranges = cache if cache is not None else Path(scratch) / "ranges.json"
+        measured = None  # minmax ranges, which the ranking of attention's MatMuls reuses
+        if method == CalibrationMethod.MinMax:
+            if not ranges.exists():
+                if not calibration_feeds:
+                    raise ExportError(f"int8 for {src.stem} needs calibration inputs to measure its activations' "
+                                      f"ranges")
+                if note:
+                    note(f"calibrating the int8 ranges of {src.stem} on {len(calibration_feeds)} inputs")
+                measured = _minmax_ranges(src, model, calibration_feeds, ranges)
+            elif fallback is None:
+                measured = {name: data.range_value for name, data in load_tensors_data(ranges).data.items()}
 
         def quantize_to(out: Path, kept: list[str]) -> None:
             quantize_static(
                 os.fspath(src), os.fspath(out), None if ranges.exists() else _Feeds(calibration_feeds),
                 quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                calibrate_method=method, nodes_to_exclude=keep + kept, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+                calibrate_method=method, nodes_to_exclude=keep + kept, op_types_to_quantize=list(STATIC_INT8_OPS),
                 use_external_data_format=weight_bytes(model) > EXTERNAL_DATA_THRESHOLD,
                 # QuantizeBias False: Conv/Gemm biases stay float instead of INT32 DequantizeLinear, which
                 # TensorRT's ONNX parser rejects (NVIDIA/TensorRT#3360, onnx/onnx-tensorrt#850). ONNX Runtime
@@ -649,7 +661,7 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
             _, fallback = sensitivity.choose(fp32, quantize, layers, calibration_feeds, setting,
                                              [o.name for o in fp32.graph.output], note=note,
                                              activations="per-tensor", at_most_all=True,
-                                             emulate_qdq=written)
+                                             emulate_qdq=written, ranges=measured)
             del fp32
             searched = True
             _write_fallback(fallback_file, fallback)
@@ -671,6 +683,30 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
                                     "Q/DQ run as written (this CPU's U8S8 kernels saturate)" if written
                                     else "ONNX Runtime's int8 kernels"),
                                 "kept_fp32": keep})
+
+
+#: the ops an image stage's static int8 quantizes, whose inputs and outputs are calibrated
+STATIC_INT8_OPS = ("MatMul", "Gemm", "Conv")
+
+
+def _minmax_ranges(src: Path, model: onnx.ModelProto, calibration_feeds, path: Path) -> dict:
+    """The minmax ranges of the tensors ONNX Runtime's static quantizer reads ranges for (every activation in or out
+    of a ``STATIC_INT8_OPS`` node), measured in one pass that holds about one run's memory (``probe.tensor_ranges``),
+    written to ``path`` as ONNX Runtime's calibration cache (``quantize_static`` reads it and calibrates nothing):
+    its own MinMax calibrator holds every layer's activations to the end of each run."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+    from .probe import tensor_ranges
+
+    inits = {i.name for i in model.graph.initializer}
+    tensors = [t for node in model.graph.node if node.op_type in STATIC_INT8_OPS
+               for t in (*node.input, *node.output) if t and t not in inits]
+    measured = tensor_ranges(model, tensors, calibration_feeds, source_dir=src.parent)
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
+        name: TensorData(lowest=np.array(low, np.float32), highest=np.array(high, np.float32))
+        for name, (low, high) in measured.items()}), path)
+    return measured
 
 
 def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOptions, cache: Path | None,

@@ -42,7 +42,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
-from .probe import ActivationProbe, default_budget
+from .probe import ZERO, ActivationProbe, default_budget, tensor_ranges, waiting
 from .smoothquant import int8_weights
 
 #: the int8 gate's logits cosine (compare.policy), aimed at on the calibration pairs
@@ -126,7 +126,8 @@ def static_layers(model: onnx.ModelProto, keep: Iterable[str] = ()) -> list[onnx
 def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: Iterable[Mapping[str, np.ndarray]],
                   threads: int = 2, budget: int | None = None,
                   weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                  activations: str = "per-token") -> dict[str, float]:
+                  activations: str = "per-token",
+                  ranges: Mapping[str, tuple[float, float]] | None = None) -> dict[str, float]:
     """Per MatMul (or Gemm) of ``matmuls`` (of the smoothed ``model``), the mean over calibration tokens
     of the relative error int8 makes in its output: activations quantized as ``activations`` says
     (``ACTIVATIONS``; per tensor: with the largest magnitude seen on the feeds as its range, minmax
@@ -134,7 +135,7 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
     rounded to nearest. One pass keeps an even sample of each feed's tokens (``MAX_ROWS`` in all, fewer
     where every input's rows would not fit ``budget`` bytes), so that each weight is quantized once. A
     MatMul of two activations (per tensor only: an image stage's attention) is measured on whole
-    outputs, inside the graph (``_pair_errors``)."""
+    outputs, inside the graph (``_pair_errors``; ``ranges``: calibrated min/max ranges it needs not measure again)."""
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations {activations!r} is not one of {', '.join(ACTIVATIONS)}")
     feeds = list(feeds)
@@ -145,7 +146,7 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
     if pairs and activations != "per-tensor":
         raise ValueError("a MatMul of two activations is ranked with per-tensor activations only")
     widths = {n.input[0]: _width(n, inits) for n in weighted}
-    errors = _pair_errors(model, pairs, feeds, threads) if pairs else {}
+    errors = _pair_errors(model, pairs, feeds, threads, ranges) if pairs else {}
     if not weighted:
         return errors
     tensors = sorted(widths)
@@ -181,21 +182,19 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
 
 
 def _pair_errors(model: onnx.ModelProto, pairs: list[onnx.NodeProto], feeds: list[Mapping[str, np.ndarray]],
-                 threads: int) -> dict[str, float]:
+                 threads: int, ranges: Mapping[str, tuple[float, float]] | None = None) -> dict[str, float]:
     """Per MatMul of two activations (an image stage's attention: its scores and their use), the mean over the feeds
     of the relative error of rounding both sides per tensor (each side's largest magnitude over every feed its range),
     on whole outputs. A tower's attention scores are heads x patches² per layer - gigabytes for a large tower on a
     large image, tens of them for all layers - so nothing that size is fetched: the stage runs twice over the feeds
-    with the statistics computed inside the graph (``_range_nodes``, ``_error_nodes``), only scalars coming out, each
-    pair's error computed before the stage goes on past it, so that ONNX Runtime frees its operands as it would
-    (memory: about one run's; time: two passes over the feeds)."""
+    with the statistics computed inside the graph (``probe.tensor_ranges``, ``_error_nodes``), only scalars coming
+    out, each pair's error computed before the stage goes on past it, so that ONNX Runtime frees its operands as it
+    would (memory: about one run's; time: two passes over the feeds; one where ``ranges``, the calibrated ones,
+    has every operand's)."""
     operands = sorted({name for node in pairs for name in node.input[:2]})
-    nodes, outputs, rewire = _range_nodes(operands)
-    largest = dict.fromkeys(operands, 0.0)
-    with ActivationProbe(model, outputs, threads, nodes=nodes, rewire=rewire) as probe:
-        for got in probe.run(feeds, outputs):
-            for t, out in zip(operands, outputs):
-                largest[t] = max(largest[t], float(got[out]))
+    missing = [t for t in operands if t not in (ranges or {})]
+    ranges = {**(ranges or {}), **(tensor_ranges(model, missing, feeds, threads) if missing else {})}
+    largest = {t: max(-float(ranges[t][0]), float(ranges[t][1])) for t in operands}
     nodes, outputs, rewire = _error_nodes(pairs, largest)
     sums: dict[str, list[tuple[float, float]]] = {node.name: [] for node in pairs}
     with ActivationProbe(model, outputs, threads, nodes=nodes, rewire=rewire) as probe:
@@ -206,43 +205,15 @@ def _pair_errors(model: onnx.ModelProto, pairs: list[onnx.NodeProto], feeds: lis
     return {name: float(np.mean(values)) if values else 0.0 for name, values in relative.items()}
 
 
-def _range_nodes(tensors: list[str]) -> tuple[list[onnx.NodeProto], list[str], dict[str, str]]:
-    """Nodes computing each tensor's largest magnitude (a scalar), their outputs in ``tensors``' order, and the
-    rewiring that makes the graph wait for each (``_waiting``)."""
-    nodes, outputs, rewire = [_ZERO], [], {}
-    for i, t in enumerate(tensors):
-        base = f"int8_rank_range_{i}"
-        nodes += [helper.make_node("Abs", [t], [f"{base}_abs"], name=f"{base}_abs"),
-                  helper.make_node("ReduceMax", [f"{base}_abs"], [base], name=base, keepdims=0),
-                  *_waiting(t, base, f"{base}_after")]
-        outputs.append(base)
-        rewire[t] = f"{base}_after"
-    return nodes, outputs, rewire
-
-
-#: the zero the statistics are multiplied by (``_waiting``)
-_ZERO = helper.make_node("Constant", [], ["int8_rank_zero"], name="int8_rank_zero", value_float=0.0)
-
-
-def _waiting(tensor: str, statistic: str, out: str) -> list[onnx.NodeProto]:
-    """``out = tensor + 0 x statistic``: the same values, which the graph's own readers of ``tensor`` read instead,
-    so that ONNX Runtime computes the statistic before going on past ``tensor`` and frees it as it would. Its order
-    (by data only; DEFAULT and PRIORITY_BASED alike) otherwise puts every statistic appended to a graph after the
-    whole stage, holding every tensor they read until then: a tower's scores and softmax of every layer (4.7 GB more
-    for HunyuanOCR's at 1,156 patches; 21 GB and counting at its calibration image of 3,348, measured)."""
-    return [helper.make_node("Mul", [statistic, "int8_rank_zero"], [f"{out}_nothing"], name=f"{out}_nothing"),
-            helper.make_node("Add", [tensor, f"{out}_nothing"], [out], name=out)]
-
-
 def _error_nodes(pairs: list[onnx.NodeProto], largest: Mapping[str, float]
                  ) -> tuple[list[onnx.NodeProto], list[str], dict[str, str]]:
     """Nodes computing, per pair ``y = a @ b`` (its own output), ``||y - q(a) @ q(b)||²`` and ``||y||²`` (q: ``_int8``
     with ``largest`` as the range, the same arithmetic in ONNX: Round is half to even as numpy's rint), their
     outputs (error and norm for each pair in order), and the rewiring that makes the graph wait for them (y's own
-    readers read ``y + 0 x (error + norm)``: ``_waiting``)."""
+    readers read ``y + 0 x (error + norm)``: ``probe.waiting``)."""
     clip = [helper.make_node("Constant", [], [f"int8_rank_{end}"], name=f"int8_rank_{end}", value_float=float(v))
             for end, v in (("low", -127.0), ("high", 127.0))]
-    nodes, outputs, scales, rewire = [*clip, _ZERO], [], {}, {}
+    nodes, outputs, scales, rewire = [*clip, ZERO], [], {}, {}
 
     def quantized(t: str) -> str:
         if t not in scales:
@@ -267,7 +238,7 @@ def _error_nodes(pairs: list[onnx.NodeProto], largest: Mapping[str, float]
                                    keepdims=0),
                   helper.make_node("ReduceSumSquare", [y], [f"{base}_norm"], name=f"{base}_norm", keepdims=0),
                   helper.make_node("Add", [f"{base}_error", f"{base}_norm"], [f"{base}_both"], name=f"{base}_both"),
-                  *_waiting(y, f"{base}_both", f"{base}_after")]
+                  *waiting(y, f"{base}_both", f"{base}_after")]
         outputs += [f"{base}_error", f"{base}_norm"]
         rewire[y] = f"{base}_after"
     return nodes, outputs, rewire
@@ -301,19 +272,21 @@ def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], f
            setting: str | int = "auto", output: str | Sequence[str] = "logits", threads: int = 2,
            note=None, weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
            emulate_qdq: bool = False, activations: str = "per-token",
-           at_most_all: bool = False) -> tuple[onnx.ModelProto, Fallback]:
+           at_most_all: bool = False, ranges: Mapping[str, tuple[float, float]] | None = None
+           ) -> tuple[onnx.ModelProto, Fallback]:
     """The int8 graph with the fewest of ``matmuls`` kept fp32 that reaches ``TARGET_COSINE`` on every
     one of ``output`` (``setting`` ``auto``), or with the ``setting`` worst kept fp32 (a count; more
     than there are is refused, or all of them with ``at_most_all``). ``quantize(model, kept)`` rewrites
     a copy of ``smoothed`` to int8 in place, keeping the named layers fp32, with the int8 weights
-    ``weights`` (``matmul_errors``, as are ``activations``) ranks by. ``note(text)`` is told each trial.
+    ``weights`` (``matmul_errors``, as are ``activations`` and ``ranges``) ranks by. ``note(text)`` is told each trial.
     ``emulate_qdq``: the candidates are judged with their Q/DQ pairs run as written (a graph only
     TensorRT serves). The graph returned is the last one ``quantize`` made (a caller writing each
     candidate to one file finds the chosen one there)."""
     outputs = [output] if isinstance(output, str) else list(output)
     if note:
         note(f"ranking {len(matmuls)} MatMuls by their int8 output error on {len(feeds)} calibration inputs")
-    errors = matmul_errors(smoothed, matmuls, feeds, threads, weights=weights, activations=activations)
+    errors = matmul_errors(smoothed, matmuls, feeds, threads, weights=weights, activations=activations,
+                           ranges=ranges)
     ranked = sorted(errors, key=lambda name: -errors[name])
 
     def candidate(count: int) -> onnx.ModelProto:
