@@ -150,3 +150,43 @@ def test_towers_of_other_families_fuse_every_attention(tiny_build, name):
     assert fusion["made"] and fusion["fusions"]["attention"] > 0 and fusion["notes"] == [], fusion
     stages = json.loads((path / "report.json").read_text())["stages"]
     assert "vision_encoder (standard form)" in stages and manifest["parity"]["passed"]
+
+
+def test_an_int8_tower_gets_a_fused_int8_form(tiny_model_dir, tmp_path):
+    """``vision=int8`` on Qwen2.5-VL's tower (every attention masked: behind an If): the fused form is quantized too
+    (its own calibration and fallback), its MatMuls int8 around fp32 MultiHeadAttention - the tiled kernel's memory
+    with int8 projections - the If's branches left fp32 and after what they read (ONNX Runtime's quantizer orders
+    the top graph by node inputs only: ``convert.restore_order``); the onnxruntime target runs it, TensorRT the
+    standard Q/DQ graph, and both pass parity."""
+    from vlm_export.build import BuildOptions, build
+    from vlm_export.precision.spec import parse_precision
+
+    result = build(tiny_model_dir("qwen2_5_vl"), tmp_path / "int8",
+                   BuildOptions(precision=parse_precision("vision=int8"), parity_new_tokens=4))
+    manifest = result.manifest
+    tower = manifest["graphs"]["vision_encoder"]
+    assert tower["fusion"]["made"] and tower["forms"]["fused"]["precision"] == "int8" == tower["precision"]
+    assert manifest["targets"]["onnxruntime"]["vision_encoder"] == "fused"
+    assert manifest["targets"]["tensorrt"]["vision_encoder"] == "standard"
+    model = onnx.load(str(result.path / tower["forms"]["fused"]["file"]))
+    nodes = model.graph.node
+    made = {o: n for n in nodes for o in n.output}
+    ifs = [n for n in nodes if n.op_type == "If"]
+    assert len(ifs) == tower["fusion"]["fusions"]["masked_attention"] > 0
+    for node in ifs:
+        branches = {a.name: [n.op_type for n in a.g.node] for a in node.attribute}
+        assert "MultiHeadAttention" in branches["then_branch"]
+        assert not any(op in ("QuantizeLinear", "DequantizeLinear") for ops in branches.values() for op in ops)
+    kept = set(tower["forms"]["fused"]["variant"]["fp32_fallback"]["kept"])
+    matmuls = [n for n in nodes if n.op_type == "MatMul" and n.name not in kept]
+    assert matmuls and all(made[n.input[0]].op_type == "DequantizeLinear" for n in matmuls)
+    onnx.checker.check_model(model)
+    stages = json.loads((result.path / "report.json").read_text())["stages"]
+    assert "vision_encoder (standard form)" in stages and manifest["parity"]["passed"]
+    pipe = open_build(result.path)
+    assert pipe.runners["vision_encoder"].path.name == tower["forms"]["fused"]["file"].split("/")[-1]
+    feeds = pipe.preprocess(photos([(40, 52), (60, 30)], 2))
+    got = pipe.run_image_stages(feeds)["image_features"]
+    want = open_build(result.path, form="standard").run_image_stages(feeds)["image_features"]
+    cosine = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
+    assert cosine > 0.99

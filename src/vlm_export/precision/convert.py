@@ -234,8 +234,8 @@ def lm_head_nodes(model: onnx.ModelProto, output: str = "logits") -> list[str]:
 
 
 def topological_sort(model: onnx.ModelProto) -> None:
-    """Reorder nodes so each comes after its inputs' producers (the fp16 converter appends the
-    input casts at the end of the node list, which the ONNX checker rejects)."""
+    """Reorder nodes so each comes after its inputs' producers and the outer names its subgraphs read (the fp16
+    converter appends the input casts at the end of the node list, which the ONNX checker rejects)."""
     graph = model.graph
     ordered = topological_order(list(graph.node), {i.name for i in graph.input} | {i.name for i in graph.initializer})
     del graph.node[:]
@@ -580,6 +580,18 @@ def keep_quantizers_apart(path: Path) -> int:
     return changed
 
 
+def restore_order(path: Path) -> None:
+    """Put the nodes of the graph at ``path`` back in an order where each runs after what it reads, the outer names
+    its subgraphs read included: ONNX Runtime's quantizer sorts by node inputs only, so an ``If`` whose branch reads
+    a tensor (a fused tower's masked attention, export/image_fuse.py) can land before the node making it, which the
+    ONNX checker refuses."""
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    before = [n.name for n in model.graph.node]
+    topological_sort(model)
+    if [n.name for n in model.graph.node] != before:
+        onnx.save(model, os.fspath(path))
+
+
 def mark_int8_qdq(path: Path) -> None:
     """Mark an int8 Q/DQ graph that ONNX Runtime serves (``cpu.INT8_QDQ_METADATA``): on an x86 CPU
     without VNNI/AMX, OrtRunner runs its pairs as written instead of fusing them into U8S8 kernels
@@ -647,6 +659,7 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
                                "DedicatedQDQPair": True},
                 calibration_cache_path=ranges,
             )
+            restore_order(out)
             keep_quantizers_apart(out)
 
         if fallback is None and (not layers or none_kept):
