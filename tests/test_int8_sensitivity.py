@@ -660,3 +660,27 @@ def test_minmax_ranges_are_onnx_runtimes_own_measured_in_one_run_s_memory(tiny_b
     nodes, outputs, rewire = range_nodes(["x"])
     made = {o: n for n in nodes for o in n.output}
     assert made[made[made[rewire["x"]].input[1]].input[0]].input == list(outputs[0])
+
+
+def test_rows_are_sampled_inside_the_graph_every_kth_padded_ones_left_out():
+    """The ranking's sample of a MatMul input is taken by nodes in the graph (fetching every input whole held them
+    all to the end of the run): every k-th row of each feed's, k = ceil(rows / per_feed), all-zero rows dropped."""
+    from vlm_export.precision.probe import row_sample_nodes, sampled_rows
+
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="relu"), helper.make_node("Neg", ["h"], ["y"], name="neg")]
+    graph = helper.make_graph(nodes, "rows", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, "n", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, "n", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    rng = np.random.default_rng(0)
+    feeds = [{"x": np.abs(rng.standard_normal((2, n, 3))).astype(np.float32) + 0.5} for n in (5, 11)]
+    feeds[1]["x"][1, 7:] = 0.0  # padding
+    got = sampled_rows(model, {"h": 3}, feeds, per_feed=4)["h"]
+    want = []
+    for feed in feeds:
+        rows = np.maximum(feed["x"], 0).reshape(-1, 3)
+        picked = rows[::-(-len(rows) // 4)]
+        want.append(picked[np.abs(picked).max(axis=1) > 0])
+    np.testing.assert_array_equal(got, np.concatenate(want))
+    nodes, outputs, rewire = row_sample_nodes({"h": 3}, 4)
+    made = {o: n for n in nodes for o in n.output}
+    assert made[made[made[rewire["h"]].input[1]].input[0]].input == [outputs[0]]

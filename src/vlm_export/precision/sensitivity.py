@@ -42,7 +42,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
-from .probe import ZERO, ActivationProbe, default_budget, tensor_ranges, waiting
+from .probe import ZERO, ActivationProbe, default_budget, sampled_rows, tensor_ranges, waiting
 from .smoothquant import int8_weights
 
 #: the int8 gate's logits cosine (compare.policy), aimed at on the calibration pairs
@@ -133,9 +133,10 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
     (``ACTIVATIONS``; per tensor: with the largest magnitude seen on the feeds as its range, minmax
     calibration's), a constant 2-D weight per channel as ``weights`` gives it (codes, scales; GPTQ's) or
     rounded to nearest. One pass keeps an even sample of each feed's tokens (``MAX_ROWS`` in all, fewer
-    where every input's rows would not fit ``budget`` bytes), so that each weight is quantized once. A
-    MatMul of two activations (per tensor only: an image stage's attention) is measured on whole
-    outputs, inside the graph (``_pair_errors``; ``ranges``: calibrated min/max ranges it needs not measure again)."""
+    where every input's rows would not fit ``budget`` bytes; sampled inside the graph: ``probe.sampled_rows``), so
+    that each weight is quantized once. A MatMul of two activations (per tensor only: an image stage's attention)
+    is measured on whole outputs, inside the graph (``_pair_errors``). Per tensor, the ranges are ``ranges`` (the
+    calibrated minmax ranges) where they have the tensor, else measured first (``probe.tensor_ranges``)."""
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations {activations!r} is not one of {', '.join(ACTIVATIONS)}")
     feeds = list(feeds)
@@ -146,26 +147,19 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
     if pairs and activations != "per-tensor":
         raise ValueError("a MatMul of two activations is ranked with per-tensor activations only")
     widths = {n.input[0]: _width(n, inits) for n in weighted}
-    errors = _pair_errors(model, pairs, feeds, threads, ranges) if pairs else {}
+    largest = {}
+    if activations == "per-tensor":  # each input's calibrated range (minmax's), over every token, not a sample
+        needed = sorted({*widths, *(t for n in pairs for t in n.input[:2])})
+        missing = [t for t in needed if t not in (ranges or {})]
+        ranges = {**(ranges or {}), **(tensor_ranges(model, missing, feeds, threads) if missing else {})}
+        largest = {t: max(-float(ranges[t][0]), float(ranges[t][1])) for t in needed}
+    errors = _pair_errors(model, pairs, feeds, threads, largest) if pairs else {}
     if not weighted:
         return errors
     tensors = sorted(widths)
     rows = max(16, min(MAX_ROWS, budget // (4 * max(sum(widths.values()), 1))))
     per_feed = max(1, -(-rows // max(len(feeds), 1)))
-    xs: dict[str, list[np.ndarray]] = {t: [] for t in widths}
-    largest = dict.fromkeys(tensors, 0.0)  # over every token, not the sample: the calibrated range
-    with ActivationProbe(model, tensors, threads) as probe:
-        for values in probe.run(feeds, tensors):
-            if activations == "per-tensor":  # per token, each row is its own range
-                for name, value in values.items():
-                    largest[name] = max(largest[name], float(np.abs(value).max(initial=0.0)))
-            for name in widths:
-                x = values[name].reshape(-1, values[name].shape[-1])
-                x = x[np.abs(x).max(axis=1) > 0]  # padded rows are all zero
-                pick = np.unique(np.linspace(0, len(x) - 1, min(per_feed, len(x))).round().astype(int))
-                xs[name].append(x[pick].astype(np.float32))
-            del values  # the loop's name would hold this feed's tensors through the next feed's run
-    xs = {name: np.concatenate(parts) for name, parts in xs.items()}
+    xs = sampled_rows(model, {t: widths[t] for t in tensors}, feeds, per_feed, threads)
     if not all(len(x) for x in xs.values()):
         raise ExportError("no calibration tokens reached the MatMuls to rank their int8 error")
     quantized = {name: _int8(x, np.abs(x).max(axis=1, keepdims=True) if activations == "per-token"
@@ -182,19 +176,14 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
 
 
 def _pair_errors(model: onnx.ModelProto, pairs: list[onnx.NodeProto], feeds: list[Mapping[str, np.ndarray]],
-                 threads: int, ranges: Mapping[str, tuple[float, float]] | None = None) -> dict[str, float]:
+                 threads: int, largest: Mapping[str, float]) -> dict[str, float]:
     """Per MatMul of two activations (an image stage's attention: its scores and their use), the mean over the feeds
-    of the relative error of rounding both sides per tensor (each side's largest magnitude over every feed its range),
-    on whole outputs. A tower's attention scores are heads x patches² per layer - gigabytes for a large tower on a
-    large image, tens of them for all layers - so nothing that size is fetched: the stage runs twice over the feeds
-    with the statistics computed inside the graph (``probe.tensor_ranges``, ``_error_nodes``), only scalars coming
-    out, each pair's error computed before the stage goes on past it, so that ONNX Runtime frees its operands as it
-    would (memory: about one run's; time: two passes over the feeds; one where ``ranges``, the calibrated ones,
-    has every operand's)."""
-    operands = sorted({name for node in pairs for name in node.input[:2]})
-    missing = [t for t in operands if t not in (ranges or {})]
-    ranges = {**(ranges or {}), **(tensor_ranges(model, missing, feeds, threads) if missing else {})}
-    largest = {t: max(-float(ranges[t][0]), float(ranges[t][1])) for t in operands}
+    of the relative error of rounding both sides per tensor (``largest``: each side's largest magnitude over every
+    feed, its range), on whole outputs. A tower's attention scores are heads x patches² per layer - gigabytes for a
+    large tower on a large image, tens of them for all layers - so nothing that size is fetched: the stage runs over
+    the feeds with the errors computed inside the graph (``_error_nodes``), only scalars coming out, each pair's
+    error computed before the stage goes on past it, so that ONNX Runtime frees its operands as it would (memory:
+    about one run's)."""
     nodes, outputs, rewire = _error_nodes(pairs, largest)
     sums: dict[str, list[tuple[float, float]]] = {node.name: [] for node in pairs}
     with ActivationProbe(model, outputs, threads, nodes=nodes, rewire=rewire) as probe:
