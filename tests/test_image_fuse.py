@@ -190,3 +190,22 @@ def test_an_int8_tower_gets_a_fused_int8_form(tiny_model_dir, tmp_path):
     want = open_build(result.path, form="standard").run_image_stages(feeds)["image_features"]
     cosine = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
     assert cosine > 0.99
+
+
+def test_a_request_s_images_go_one_per_call_through_a_fused_masked_tower(tiny_build):
+    """Where the tower's fused form has masked attentions (patch rows: images of different sizes pad each other),
+    a request's images go through it one per call, as the served image cache sends them: each image's rows are its
+    rows alone (the tiled kernel, never the padded batch's exported attention), bit for bit, so a prefix cache keyed
+    on them hits whatever came with the image. The standard form takes them in one call."""
+    from vlm_export.runtime.generate import image_input_for
+
+    path = tiny_build("qwen2_vl").path
+    pipe = open_build(path)
+    assert pipe.encodes_images_alone and not open_build(path, form="standard").encodes_images_alone
+    assert not open_build(tiny_build("llava-llama").path).encodes_images_alone  # no mask: nothing to pad around
+    images = photos([(40, 52), (60, 30)], 2)
+    joined = image_input_for(pipe, images, "Compare them.")
+    alone = [pipe.encode_images(pipe.pixel_values([image])) for image in images]
+    np.testing.assert_array_equal(joined.rows, np.concatenate([a.rows for a in alone]))
+    together = pipe.encode_images(pipe.pixel_values(images))  # one call: the padded batch's exported attention
+    np.testing.assert_allclose(together.rows, joined.rows, atol=1e-5 * max(1.0, float(np.abs(joined.rows).max())))

@@ -964,12 +964,20 @@ ImageEncoder = Callable[[Sequence[ImageInput], Prompt], np.ndarray]
 
 def image_input_for(pipe: VLMPipeline, images: Sequence[ImageInput], prompt: Prompt,
                     encode_images: ImageEncoder | None = None) -> np.ndarray:
-    """The decoder's image input for a request's images: in-process, or through ``encode_images``."""
+    """The decoder's image input for a request's images: in-process (one image per call where the pipeline
+    ``encodes_images_alone``), or through ``encode_images``."""
     if not images:
         return pipe.scheme.empty_image_input()
     if encode_images:
         return encode_images(images, prompt)
+    if _one_per_call(pipe, images):
+        return pipe.scheme.join_image_inputs([pipe.encode_images(pipe.pixel_values([image]), prompt=prompt)
+                                              for image in images])
     return pipe.encode_images(pipe.pixel_values(images), prompt=prompt)
+
+
+def _one_per_call(pipe: VLMPipeline, images: Sequence[ImageInput]) -> bool:
+    return pipe.encodes_images_alone and len(images) > 1 and not pipe.layout.images_together
 
 
 def prepare_request(pipe: VLMPipeline, prompt: Prompt, images: Sequence[ImageInput], config: GenerationConfig,
@@ -983,6 +991,8 @@ def prepare_request(pipe: VLMPipeline, prompt: Prompt, images: Sequence[ImageInp
         pixels, grids = pipe.pixel_values_and_grids(images)
         ids = pipe.prompt_ids(prompt, images, grids)
         pipe.check_length(len(ids), config.max_new_tokens)
+        if _one_per_call(pipe, images):
+            return ids, image_input_for(pipe, images, prompt)
         return ids, pipe.encode_images(pixels, prompt=prompt)
     ids = pipe.prompt_ids(prompt, images)
     pipe.check_length(len(ids), config.max_new_tokens)

@@ -56,14 +56,25 @@ def image_text_encoder(manifest: dict, root: Path) -> ImageTextEncoder | None:
 
 
 def pipeline_from_manifest(manifest: dict, runners: Mapping[str, Runner], tokenizer,
-                           image_processor=None, root: Path | None = None) -> VLMPipeline:
+                           image_processor=None, root: Path | None = None,
+                           encodes_images_alone: bool = False) -> VLMPipeline:
     """A pipeline over the given runners, declared by the manifest (stages, scheme, layout, limits);
-    ``root`` holds the files the manifest names (needed where the image path reads the prompt)."""
+    ``root`` holds the files the manifest names (needed where the image path reads the prompt).
+    ``encodes_images_alone``: ``VLMPipeline.encodes_images_alone``."""
     image_text = image_text_encoder(manifest, root) if manifest.get("image_text") else None
-    return VLMPipeline(runners, stages_from_manifest(manifest), scheme_from_dict(manifest["scheme"]), tokenizer,
+    pipe = VLMPipeline(runners, stages_from_manifest(manifest), scheme_from_dict(manifest["scheme"]), tokenizer,
                        image_processor, PromptLayout.from_dict(manifest["prompt_layout"]),
                        Limits.from_dict(manifest["limits"]), manifest["generation"]["eos_token_ids"], image_text,
                        {k: v for k, v in manifest["generation"].items() if k in GENERATION_DEFAULTS})
+    pipe.encodes_images_alone = encodes_images_alone
+    return pipe
+
+
+def _masked_fused_attention(manifest: dict, stage: str, entry: dict) -> bool:
+    """Whether ``entry`` (the form a stage is opened in) is an image stage's fused form with a masked attention
+    behind an ``If`` (export/image_fuse.py): the tiled kernel only where nothing in the batch is padded."""
+    fusion = manifest["graphs"][stage].get("fusion") or {}
+    return entry.get("form") == "fused" and bool((fusion.get("fusions") or {}).get("masked_attention"))
 
 
 def open_build(build_dir: Path, threads: int | None = None, check_hashes: bool = True,
@@ -103,4 +114,6 @@ def open_build(build_dir: Path, threads: int | None = None, check_hashes: bool =
                                         and entries[spec.name]["precision"] == "int8")
                    for spec in specs}
     folder = build_dir / manifest["tokenizer"]
-    return pipeline_from_manifest(manifest, runners, load_tokenizer(folder), load_image_processor(folder), build_dir)
+    alone = any(_masked_fused_attention(manifest, spec.name, entries[spec.name]) for spec in specs)
+    return pipeline_from_manifest(manifest, runners, load_tokenizer(folder), load_image_processor(folder), build_dir,
+                                  encodes_images_alone=alone)

@@ -115,6 +115,12 @@ class VLMPipeline:
         #: prompts' K/V kept for later prompts that start the same way (``runtime.prefix_cache``; None:
         #: off). Every generation on this pipeline (``runtime.generate.Scheduler``) reads and fills it.
         self.prefix_cache: PrefixCache | None = None
+        #: a request's images go through the image path one per call (``runtime.generate.image_input_for``), as a
+        #: served model's image cache sends them: set where an image stage runs a fused form whose attention takes
+        #: ONNX Runtime's tiled kernel only when nothing in the batch is padded (images of different sizes together
+        #: would take the exported attention: memory in the square of the patches, and rows that differ to
+        #: rounding from the same image's alone, which a prefix cache keys on)
+        self.encodes_images_alone = False
 
     @property
     def decoder(self) -> Runner:
