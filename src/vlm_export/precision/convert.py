@@ -586,9 +586,9 @@ def restore_order(path: Path) -> None:
     a tensor (a fused tower's masked attention, export/image_fuse.py) can land before the node making it, which the
     ONNX checker refuses."""
     model = onnx.load(os.fspath(path), load_external_data=False)
-    before = [n.name for n in model.graph.node]
+    before = [list(n.output) for n in model.graph.node]
     topological_sort(model)
-    if [n.name for n in model.graph.node] != before:
+    if [list(n.output) for n in model.graph.node] != before:
         onnx.save(model, os.fspath(path))
 
 

@@ -15,6 +15,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..cpu import QDQ_AS_WRITTEN
+from ..errors import ExportError
 from ..export.graph_info import save_graph, saved_inline
 from ..memory import available_bytes
 
@@ -175,7 +176,7 @@ def tensor_ranges(model: onnx.ModelProto, tensors: Iterable[str], feeds: Iterabl
                 high[t] = max(high[t], np.float32(got[hi]))
     unseen = [t for t in tensors if low[t] > high[t]]
     if unseen:
-        raise ValueError(f"no calibration input reached {', '.join(unseen[:3])}: no range to calibrate")
+        raise ExportError(f"no calibration input reached {', '.join(unseen[:3])}: no int8 range to calibrate")
     return {t: (low[t], high[t]) for t in tensors}
 
 
