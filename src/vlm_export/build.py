@@ -537,8 +537,9 @@ def _calibration(tmp, graphs, precisions, options, reference, source_sha256, pro
     caches.update({f"{stage}.fused": cache_path(f"{stage}.fused", tmp / fused[stage]["file"], source_sha256, pairs,
                                                  po.calibration, choices)
                    for stage in int8_stages if stage in fused})
-    # an image stage keeps the fp32 fallback chosen on its ranges beside them (convert._static_int8)
-    needed = list(caches.values()) + [image_fallback_path(caches[stage]) for stage in int8_stages if stage != decoder]
+    # an image stage keeps the fp32 fallback chosen on its ranges beside them (convert._static_int8), each form its own
+    needed = list(caches.values()) + [image_fallback_path(cache) for key, cache in caches.items()
+                                      if key.removesuffix(".fused") != decoder]
     for cache in needed:
         _drop_if_unreadable(cache)
     _check_kept_nodes(tmp, graphs, fused, precisions, po.exclude_nodes)
