@@ -152,7 +152,7 @@ def test_towers_of_other_families_fuse_every_attention(tiny_build, name):
     assert "vision_encoder (standard form)" in stages and manifest["parity"]["passed"]
 
 
-def test_an_int8_tower_gets_a_fused_int8_form(tiny_model_dir, tmp_path):
+def test_an_int8_tower_gets_a_fused_int8_form(tiny_model_dir, tmp_path, monkeypatch):
     """``vision=int8`` on Qwen2.5-VL's tower (every attention masked: behind an If): the fused form is quantized too
     (its own calibration and fallback), its MatMuls int8 around fp32 MultiHeadAttention - the tiled kernel's memory
     with int8 projections - the If's branches left fp32 and after what they read (ONNX Runtime's quantizer orders
@@ -161,8 +161,9 @@ def test_an_int8_tower_gets_a_fused_int8_form(tiny_model_dir, tmp_path):
     from vlm_export.build import BuildOptions, build
     from vlm_export.precision.spec import parse_precision
 
-    result = build(tiny_model_dir("qwen2_5_vl"), tmp_path / "int8",
-                   BuildOptions(precision=parse_precision("vision=int8"), parity_new_tokens=4))
+    monkeypatch.setenv("VLM_EXPORT_CACHE", str(tmp_path / "cache"))
+    options = BuildOptions(precision=parse_precision("vision=int8"), parity_new_tokens=4)
+    result = build(tiny_model_dir("qwen2_5_vl"), tmp_path / "int8", options)
     manifest = result.manifest
     tower = manifest["graphs"]["vision_encoder"]
     assert tower["fusion"]["made"] and tower["forms"]["fused"]["precision"] == "int8" == tower["precision"]
@@ -190,6 +191,13 @@ def test_an_int8_tower_gets_a_fused_int8_form(tiny_model_dir, tmp_path):
     want = open_build(result.path, form="standard").run_image_stages(feeds)["image_features"]
     cosine = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
     assert cosine > 0.99
+    # a rebuild reads both forms' ranges and fallbacks from the calibration cache, each its own
+    variants = [tower["variant"], tower["forms"]["fused"]["variant"]]
+    assert [v["calibration_cache"]["reused"] for v in variants] == [False, False]
+    assert variants[0]["calibration_cache"]["file"] != variants[1]["calibration_cache"]["file"]
+    again = build(tiny_model_dir("qwen2_5_vl"), tmp_path / "again", options).manifest["graphs"]["vision_encoder"]
+    assert [v["calibration_cache"]["reused"] for v in (again["variant"], again["forms"]["fused"]["variant"])] == [True, True]
+    assert again["forms"]["fused"]["variant"]["fp32_fallback"] == variants[1]["fp32_fallback"]
 
 
 def test_a_request_s_images_go_one_per_call_through_a_fused_masked_tower(tiny_build):
