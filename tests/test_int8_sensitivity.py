@@ -52,8 +52,14 @@ def chain_and_feeds():
     return _chain(rng), feeds
 
 
-def _quantize(model, kept):
-    per_token_int8(model, kept, "onnxruntime", "u8u8")
+def _quantizer(model):
+    """``choose``'s quantize: a copy of ``model`` in per-token int8, the named MatMuls kept fp32."""
+    def quantize(kept):
+        candidate = onnx.ModelProto()
+        candidate.CopyFrom(model)
+        per_token_int8(candidate, kept, "onnxruntime", "u8u8")
+        return candidate
+    return quantize
 
 
 def test_the_worst_matmul_ranks_first_and_auto_keeps_it(chain_and_feeds):
@@ -66,10 +72,10 @@ def test_the_worst_matmul_ranks_first_and_auto_keeps_it(chain_and_feeds):
     sampled = sensitivity.matmul_errors(model, weighted_matmuls(model), feeds, budget=1)
     assert max(sampled, key=sampled.get) == f"mm{BAD}" and sampled != errors
 
-    none_kept, fallback = sensitivity.choose(model, _quantize, weighted_matmuls(model), feeds, "0")
+    none_kept, fallback = sensitivity.choose(model, _quantizer(model), weighted_matmuls(model), feeds, "0")
     assert fallback.kept == [] and fallback.trials == []
     notes = []
-    chosen, fallback = sensitivity.choose(model, _quantize, weighted_matmuls(model), feeds, "auto", note=notes.append)
+    chosen, fallback = sensitivity.choose(model, _quantizer(model), weighted_matmuls(model), feeds, "auto", note=notes.append)
     assert notes[0].startswith("ranking 8 MatMuls") and notes[-1].startswith("1 of 8 MatMuls fp32: lowest logits cosine")
     assert len(notes) == 1 + len(fallback.trials)  # the user sees each trial of the search
     # all int8 misses the target, one fp32 (the worst) reaches it: auto stops there
@@ -87,7 +93,7 @@ def test_fallback_counts_and_bad_settings(chain_and_feeds):
     assert sensitivity.counts(2) == sensitivity.counts(3) == [0, 1] and sensitivity.counts(1) == [0]  # one of 2-3
     model, feeds = chain_and_feeds
     with pytest.raises(ExportError, match="cannot keep 9 MatMuls fp32: the decoder has 8"):
-        sensitivity.choose(model, _quantize, weighted_matmuls(model), feeds, "9")
+        sensitivity.choose(model, _quantizer(model), weighted_matmuls(model), feeds, "9")
     with pytest.raises(ExportError, match="--int8-fp32-matmuls takes auto or a count"):
         PrecisionOptions(int8_fp32_matmuls="some")
     with pytest.raises(ExportError, match="int8 kernel 'u8x8' is not one of"):

@@ -666,9 +666,9 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
             fallback = sensitivity.Fallback([], setting, None)
             _write_fallback(fallback_file, fallback)
         if fallback is None:
-            def quantize(candidate: onnx.ModelProto, kept: list[str]) -> None:
+            def quantize(kept: list[str]) -> onnx.ModelProto:
                 quantize_to(dst, kept)  # each candidate where the chosen one stays: choose makes it last
-                candidate.CopyFrom(onnx.load(os.fspath(dst)))
+                return onnx.load(os.fspath(dst))
 
             fp32 = onnx.load(os.fspath(src))
             _, fallback = sensitivity.choose(fp32, quantize, layers, calibration_feeds, setting,
@@ -772,8 +772,14 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
                     "damp": gptq.DAMP, "act_order": measured.act_order, "groups": "per output channel (scales: "
                     "round to nearest's)"}
 
-    def quantize(candidate: onnx.ModelProto, kept: list[str]) -> None:
+    def quantize_in_place(candidate: onnx.ModelProto, kept: list[str]) -> None:
         sq.per_token_int8(candidate, keep + kept, form, kernel or "u8u8", weights)
+
+    def quantize(kept: list[str]) -> onnx.ModelProto:
+        candidate = onnx.ModelProto()
+        candidate.CopyFrom(model)
+        quantize_in_place(candidate, kept)
+        return candidate
 
     if fallback is None:
         model, chosen = sensitivity.choose(model, quantize, matmuls, calibration_feeds, options.int8_fp32_matmuls,
@@ -782,7 +788,7 @@ def _decoder_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpt
             sq.save_calibration(cache, maxima, chosen.to_dict())
     else:
         chosen = sensitivity.Fallback.from_dict(fallback)
-        quantize(model, chosen.kept)
+        quantize_in_place(model, chosen.kept)
     ort_form = form == "onnxruntime"
     head_precision = "int8" if head and head[0] not in chosen.kept else "fp32"
     if options.head_precision("int8") == "w8":

@@ -265,9 +265,10 @@ def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], f
            ) -> tuple[onnx.ModelProto, Fallback]:
     """The int8 graph with the fewest of ``matmuls`` kept fp32 that reaches ``TARGET_COSINE`` on every
     one of ``output`` (``setting`` ``auto``), or with the ``setting`` worst kept fp32 (a count; more
-    than there are is refused, or all of them with ``at_most_all``). ``quantize(model, kept)`` rewrites
-    a copy of ``smoothed`` to int8 in place, keeping the named layers fp32, with the int8 weights
-    ``weights`` (``matmul_errors``, as are ``activations`` and ``ranges``) ranks by. ``note(text)`` is told each trial.
+    than there are is refused, or all of them with ``at_most_all``). ``quantize(kept)`` returns the int8 graph
+    of ``smoothed`` with the named layers kept fp32, with the int8 weights ``weights`` (``matmul_errors``, as are
+    ``activations`` and ``ranges``) ranks by (a new model: an image stage's is read from the file its quantizer
+    wrote, with no copy of ``smoothed`` made for it - 1.7 GB for HunyuanOCR's tower). ``note(text)`` is told each trial.
     ``emulate_qdq``: the candidates are judged with their Q/DQ pairs run as written (a graph only
     TensorRT serves). The graph returned is the last one ``quantize`` made (a caller writing each
     candidate to one file finds the chosen one there)."""
@@ -279,10 +280,7 @@ def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], f
     ranked = sorted(errors, key=lambda name: -errors[name])
 
     def candidate(count: int) -> onnx.ModelProto:
-        model = onnx.ModelProto()
-        model.CopyFrom(smoothed)
-        quantize(model, ranked[:count])
-        return model
+        return quantize(ranked[:count])
 
     def fallback(count: int, trials: list[dict]) -> Fallback:
         return Fallback(ranked[:count], str(setting), TARGET_COSINE if setting == "auto" else None, trials,
