@@ -1,7 +1,7 @@
 """``vlm-export build``: load -> split -> export -> fuse -> precision -> parity -> manifest, written atomically.
 
 Graph forms: the decoder stage is also written in ONNX Runtime's form (export/fuse.py: contrib-op
-kernels), and so is an fp32 image stage with attention (export/image_fuse.py: MultiHeadAttention), which
+kernels), and so is an fp32 or int8 image stage with attention (export/image_fuse.py: MultiHeadAttention), which
 the onnxruntime target runs; TensorRT reads standard ONNX ops only and keeps the standard graph. The
 manifest records both and which target runs which (manifest.py, "graph forms"), and parity proves each
 form against PyTorch.
