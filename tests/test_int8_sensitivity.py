@@ -690,3 +690,45 @@ def test_rows_are_sampled_inside_the_graph_every_kth_padded_ones_left_out():
     nodes, outputs, rewire = row_sample_nodes({"h": 3}, 4)
     made = {o: n for n in nodes for o in n.output}
     assert made[made[made[rewire["h"]].input[1]].input[0]].input == [outputs[0]]
+
+
+def test_an_image_stage_in_an_external_data_file_is_ranked_without_loading_its_weights(tiny_build, tmp_path,
+                                                                                        monkeypatch):
+    """An image stage past 1.8 GB keeps its weights in a data file: its int8 ranges, ranking and fallback trials read
+    them from there (each ranked weight alone, the sessions' copies file to file) - nothing of ours loads them whole,
+    only ONNX Runtime's quantizer does, for the candidates it writes - and the choice and the graph are the ones the
+    same stage in one file gives."""
+    import inspect
+    import os
+
+    import vlm_export.precision.convert as convert
+
+    src = tiny_build("llava-llama").path / "graphs" / "vision_encoder.onnx"
+    external = tmp_path / "external" / "vision_encoder.onnx"
+    external.parent.mkdir()
+    onnx.save_model(onnx.load(str(src)), str(external), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=external.name + ".data", size_threshold=1024)
+    (pixels,) = onnx.load(str(src), load_external_data=False).graph.input
+    shape = [d.dim_value or 1 for d in pixels.type.tensor_type.shape.dim]
+    rng = np.random.default_rng(7)
+    feeds = [{pixels.name: rng.standard_normal(shape).astype(np.float32) * scale} for scale in (1.0, 2.0)]
+    options = PrecisionOptions(int8_fp32_matmuls="auto")
+    one_file = convert.to_int8(src, tmp_path / "a.onnx", feeds, options, tmp_path / "a.json")
+
+    loads_whole = onnx.load_external_data_for_model
+
+    def only_onnx_runtime(model, base_dir):
+        callers = [frame.filename for frame in inspect.stack()]
+        if os.path.samefile(base_dir, external.parent) and not any(
+                os.path.join("onnxruntime", "quantization") in f for f in callers):
+            raise AssertionError("the stage's external data was loaded whole outside ONNX Runtime's quantizer")
+        return loads_whole(model, base_dir)
+
+    monkeypatch.setattr(onnx, "load_external_data_for_model", only_onnx_runtime)
+    streamed = convert.to_int8(external, tmp_path / "b.onnx", feeds, options, tmp_path / "b.json")
+    monkeypatch.undo()
+    assert streamed.details["fp32_fallback"] == one_file.details["fp32_fallback"]
+    assert streamed.details["fp32_fallback"]["trials"]  # the search ran (not a cached choice)
+    graphs = [onnx.load(str(tmp_path / f"{name}.onnx")).graph for name in ("a", "b")]
+    assert [(n.op_type, list(n.input)) for n in graphs[0].node] == [(n.op_type, list(n.input)) for n in graphs[1].node]
+    assert sum(n.op_type == "QuantizeLinear" for n in graphs[1].node) > 10

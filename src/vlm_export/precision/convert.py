@@ -670,12 +670,11 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
                 quantize_to(dst, kept)  # each candidate where the chosen one stays: choose makes it last
                 return onnx.load(os.fspath(dst))
 
-            fp32 = onnx.load(os.fspath(src))
-            _, fallback = sensitivity.choose(fp32, quantize, layers, calibration_feeds, setting,
-                                             [o.name for o in fp32.graph.output], note=note,
+            # ``model`` as loaded (no external data): its weights are read from src's folder as they are needed
+            _, fallback = sensitivity.choose(model, quantize, layers, calibration_feeds, setting,
+                                             [o.name for o in model.graph.output], note=note,
                                              activations="per-tensor", at_most_all=True,
-                                             emulate_qdq=written, ranges=measured)
-            del fp32
+                                             emulate_qdq=written, ranges=measured, source_dir=src.parent)
             searched = True
             _write_fallback(fallback_file, fallback)
         else:

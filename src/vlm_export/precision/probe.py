@@ -212,14 +212,14 @@ def row_sample_nodes(widths: Mapping[str, int], per_feed: int, prefix: str = "pr
 
 
 def sampled_rows(model: onnx.ModelProto, widths: Mapping[str, int], feeds: Iterable[Mapping[str, np.ndarray]],
-                 per_feed: int, threads: int = 2) -> dict[str, np.ndarray]:
+                 per_feed: int, threads: int = 2, source_dir: Path | None = None) -> dict[str, np.ndarray]:
     """Of each tensor (``widths``: tensor -> its last dimension), an even sample of at most ``per_feed`` rows of each
     feed's, all-zero (padded) rows left out, the feeds' samples stacked. Sampled inside the graph
     (``row_sample_nodes``): fetching the tensors whole holds every one of them to the end of the run (a large
     tower's every MatMul input: 2.8 GB for HunyuanOCR's at 3,348 patches)."""
     nodes, outputs, rewire = row_sample_nodes(widths, per_feed)
     parts: dict[str, list[np.ndarray]] = {t: [] for t in widths}
-    with ActivationProbe(model, outputs, threads, nodes=nodes, rewire=rewire) as probe:
+    with ActivationProbe(model, outputs, threads, source_dir=source_dir, nodes=nodes, rewire=rewire) as probe:
         for got in probe.run(feeds, outputs):
             for t, out in zip(widths, outputs):
                 x = got[out]

@@ -34,7 +34,9 @@ pairs. Convolutions (a ViT's patch embedding) are not ranked: they stay int8.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -89,10 +91,11 @@ def _flag(node: onnx.NodeProto, name: str) -> bool:
     return any(a.name == name and a.i for a in node.attribute)
 
 
-def weight_kn(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> np.ndarray:
+def weight_kn(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto], source_dir: Path | None = None
+              ) -> np.ndarray:
     """The constant weight of a MatMul or Gemm as ``[K, N]`` (``x @ w``): a Gemm's B transposed
-    where ``transB`` says so."""
-    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+    where ``transB`` says so; one kept in an external data file read from ``source_dir``, alone."""
+    w = numpy_helper.to_array(inits[node.input[1]], os.fspath(source_dir or "")).astype(np.float32)
     return w.T if node.op_type == "Gemm" and _flag(node, "transB") else w
 
 
@@ -127,7 +130,8 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
                   threads: int = 2, budget: int | None = None,
                   weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
                   activations: str = "per-token",
-                  ranges: Mapping[str, tuple[float, float]] | None = None) -> dict[str, float]:
+                  ranges: Mapping[str, tuple[float, float]] | None = None,
+                  source_dir: Path | None = None) -> dict[str, float]:
     """Per MatMul (or Gemm) of ``matmuls`` (of the smoothed ``model``), the mean over calibration tokens
     of the relative error int8 makes in its output: activations quantized as ``activations`` says
     (``ACTIVATIONS``; per tensor: with the largest magnitude seen on the feeds as its range, minmax
@@ -136,7 +140,8 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
     where every input's rows would not fit ``budget`` bytes; sampled inside the graph: ``probe.sampled_rows``), so
     that each weight is quantized once. A MatMul of two activations (per tensor only: an image stage's attention)
     is measured on whole outputs, inside the graph (``_pair_errors``). Per tensor, the ranges are ``ranges`` (the
-    calibrated minmax ranges) where they have the tensor, else measured first (``probe.tensor_ranges``)."""
+    calibrated minmax ranges) where they have the tensor, else measured first (``probe.tensor_ranges``).
+    ``source_dir``: the folder of a ``model`` loaded without its external data (its weights read from there)."""
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations {activations!r} is not one of {', '.join(ACTIVATIONS)}")
     feeds = list(feeds)
@@ -151,21 +156,21 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
     if activations == "per-tensor":  # each input's calibrated range (minmax's), over every token, not a sample
         needed = sorted({*widths, *(t for n in pairs for t in n.input[:2])})
         missing = [t for t in needed if t not in (ranges or {})]
-        ranges = {**(ranges or {}), **(tensor_ranges(model, missing, feeds, threads) if missing else {})}
+        ranges = {**(ranges or {}), **(tensor_ranges(model, missing, feeds, threads, source_dir) if missing else {})}
         largest = {t: max(-float(ranges[t][0]), float(ranges[t][1])) for t in needed}
-    errors = _pair_errors(model, pairs, feeds, threads, largest) if pairs else {}
+    errors = _pair_errors(model, pairs, feeds, threads, largest, source_dir) if pairs else {}
     if not weighted:
         return errors
     tensors = sorted(widths)
     rows = max(16, min(MAX_ROWS, budget // (4 * max(sum(widths.values()), 1))))
     per_feed = max(1, -(-rows // max(len(feeds), 1)))
-    xs = sampled_rows(model, {t: widths[t] for t in tensors}, feeds, per_feed, threads)
+    xs = sampled_rows(model, {t: widths[t] for t in tensors}, feeds, per_feed, threads, source_dir)
     if not all(len(x) for x in xs.values()):
         raise ExportError("no calibration tokens reached the MatMuls to rank their int8 error")
     quantized = {name: _int8(x, np.abs(x).max(axis=1, keepdims=True) if activations == "per-token"
                              else largest[name]) for name, x in xs.items()}
     for node in weighted:
-        w = weight_kn(node, inits)
+        w = weight_kn(node, inits, source_dir)
         y = xs[node.input[0]] @ w
         norm = np.linalg.norm(y, axis=1)
         live = norm > 0
@@ -176,7 +181,7 @@ def matmul_errors(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: 
 
 
 def _pair_errors(model: onnx.ModelProto, pairs: list[onnx.NodeProto], feeds: list[Mapping[str, np.ndarray]],
-                 threads: int, largest: Mapping[str, float]) -> dict[str, float]:
+                 threads: int, largest: Mapping[str, float], source_dir: Path | None = None) -> dict[str, float]:
     """Per MatMul of two activations (an image stage's attention: its scores and their use), the mean over the feeds
     of the relative error of rounding both sides per tensor (``largest``: each side's largest magnitude over every
     feed, its range), on whole outputs. A tower's attention scores are heads x patches² per layer - gigabytes for a
@@ -186,7 +191,7 @@ def _pair_errors(model: onnx.ModelProto, pairs: list[onnx.NodeProto], feeds: lis
     about one run's)."""
     nodes, outputs, rewire = _error_nodes(pairs, largest)
     sums: dict[str, list[tuple[float, float]]] = {node.name: [] for node in pairs}
-    with ActivationProbe(model, outputs, threads, nodes=nodes, rewire=rewire) as probe:
+    with ActivationProbe(model, outputs, threads, source_dir=source_dir, nodes=nodes, rewire=rewire) as probe:
         for got in probe.run(feeds, outputs):
             for node, (error, norm) in zip(pairs, zip(outputs[::2], outputs[1::2])):
                 sums[node.name].append((float(got[error]), float(got[norm])))
@@ -243,9 +248,9 @@ def _cosines(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
 
 
 def _outputs(model: onnx.ModelProto, outputs: Sequence[str], feeds: list[Mapping[str, np.ndarray]], threads: int,
-             emulate_qdq: bool = False) -> list[np.ndarray]:
+             emulate_qdq: bool = False, source_dir: Path | None = None) -> list[np.ndarray]:
     """Each feed's ``outputs``, one after another (``_cosines`` pairs them with another run's)."""
-    with ActivationProbe(model, outputs, threads, emulate_qdq) as probe:
+    with ActivationProbe(model, outputs, threads, emulate_qdq, source_dir) as probe:
         return [values[name] for values in probe.run(feeds, list(outputs)) for name in outputs]
 
 
@@ -261,14 +266,16 @@ def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], f
            setting: str | int = "auto", output: str | Sequence[str] = "logits", threads: int = 2,
            note=None, weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
            emulate_qdq: bool = False, activations: str = "per-token",
-           at_most_all: bool = False, ranges: Mapping[str, tuple[float, float]] | None = None
-           ) -> tuple[onnx.ModelProto, Fallback]:
+           at_most_all: bool = False, ranges: Mapping[str, tuple[float, float]] | None = None,
+           source_dir: Path | None = None) -> tuple[onnx.ModelProto, Fallback]:
     """The int8 graph with the fewest of ``matmuls`` kept fp32 that reaches ``TARGET_COSINE`` on every
     one of ``output`` (``setting`` ``auto``), or with the ``setting`` worst kept fp32 (a count; more
     than there are is refused, or all of them with ``at_most_all``). ``quantize(kept)`` returns the int8 graph
     of ``smoothed`` with the named layers kept fp32, with the int8 weights ``weights`` (``matmul_errors``, as are
     ``activations`` and ``ranges``) ranks by (a new model: an image stage's is read from the file its quantizer
     wrote, with no copy of ``smoothed`` made for it - 1.7 GB for HunyuanOCR's tower). ``note(text)`` is told each trial.
+    ``source_dir``: the folder of a ``smoothed`` loaded without its external data (an image stage's fp32 graph: its
+    weights are read from there, one at a time, and copied file to file for the sessions, never loaded whole).
     ``emulate_qdq``: the candidates are judged with their Q/DQ pairs run as written (a graph only
     TensorRT serves). The graph returned is the last one ``quantize`` made (a caller writing each
     candidate to one file finds the chosen one there)."""
@@ -276,7 +283,7 @@ def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], f
     if note:
         note(f"ranking {len(matmuls)} MatMuls by their int8 output error on {len(feeds)} calibration inputs")
     errors = matmul_errors(smoothed, matmuls, feeds, threads, weights=weights, activations=activations,
-                           ranges=ranges)
+                           ranges=ranges, source_dir=source_dir)
     ranked = sorted(errors, key=lambda name: -errors[name])
 
     def candidate(count: int) -> onnx.ModelProto:
@@ -293,7 +300,7 @@ def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], f
         if not 0 <= count <= len(ranked):
             raise ExportError(f"cannot keep {count} MatMuls fp32: the decoder has {len(ranked)} quantizable ones")
         return candidate(count), fallback(count, [])
-    reference = _outputs(smoothed, outputs, feeds, threads)
+    reference = _outputs(smoothed, outputs, feeds, threads, source_dir=source_dir)
     best, trials = None, []  # (cosine, count); one candidate in memory at a time
     for count in counts(len(ranked)):
         model = candidate(count)
