@@ -200,6 +200,76 @@ def test_an_int8_tower_gets_a_fused_int8_form(tiny_model_dir, tmp_path, monkeypa
     assert again["forms"]["fused"]["variant"]["fp32_fallback"] == variants[1]["fp32_fallback"]
 
 
+def test_an_int8_pixtral_tower_s_fused_form_opens(tiny_model_dir, tmp_path, monkeypatch):
+    """``vision=int8`` on Pixtral's tower (Mistral 3): its v projection reaches the attention's If through Reshape
+    and Transpose only, which aborted the build when ONNX Runtime opened the fused int8 candidate (the test below).
+    Now the build passes parity with the fused int8 form on the onnxruntime target, and it runs."""
+    from vlm_export.build import BuildOptions, build
+    from vlm_export.precision.spec import parse_precision
+
+    monkeypatch.setenv("VLM_EXPORT_CACHE", str(tmp_path / "cache"))
+    result = build(tiny_model_dir("mistral3"), tmp_path / "int8",
+                   BuildOptions(precision=parse_precision("vision=int8"), parity_new_tokens=4))
+    tower = result.manifest["graphs"]["vision_encoder"]
+    assert tower["forms"]["fused"]["precision"] == "int8" and result.manifest["parity"]["passed"]
+    assert result.manifest["targets"]["onnxruntime"]["vision_encoder"] == "fused"
+    model = onnx.load(str(result.path / tower["forms"]["fused"]["file"]))
+    assert any(n.op_type == "If" for n in model.graph.node) and any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    pipe = open_build(result.path)
+    features = pipe.run_image_stages(pipe.preprocess(photos([(40, 52)], 1)))["image_features"]
+    assert np.isfinite(features).all() and features.size
+
+
+def _pair(source: str, name: str) -> list[onnx.NodeProto]:
+    """A per-tensor int8 Q/DQ pair on ``source`` (scale 0.05), as ONNX Runtime's static quantizer writes one."""
+    return [helper.make_node("QuantizeLinear", [source, "q_scale", "q_zero"], [f"{name}_q"], name=f"{name}_Q"),
+            helper.make_node("DequantizeLinear", [f"{name}_q", "q_scale", "q_zero"], [f"{name}_dq"], name=f"{name}_DQ")]
+
+
+def test_a_qdq_pair_that_reaches_an_if_branch_through_shape_ops_is_removed(tmp_path):
+    """ONNX Runtime 1.32's QDQ propagation moves a DequantizeLinear forward past Reshape / Transpose (and past an
+    Expand its earlier passes removed: GQA's repeat of one) and then writes into an If's explicit inputs at the index
+    of the implicit one its branch reads: the process aborts at session creation (a fused int8 tower of Pixtral's,
+    LFM3's; seen in the random-configuration sweep). ``drop_pairs_into_subgraphs`` removes such a pair - a rounding
+    only, the branch computes in fp32 - and leaves one that a MatMul reads."""
+    from vlm_export.precision.convert import drop_pairs_into_subgraphs
+
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), n) for n in ("w", "w2")]
+    inits += [helper.make_tensor("q_scale", TensorProto.FLOAT, [], [0.05]),
+              helper.make_tensor("q_zero", TensorProto.INT8, [], [0]),
+              helper.make_tensor("shape", TensorProto.INT64, [4], [0, 0, 2, 4]),
+              helper.make_tensor("ones", TensorProto.INT64, [4], [1, 1, 1, 1])]
+    branch = [helper.make_graph([helper.make_node("Identity", ["spread"], [f"{side}_out"])], side, [],
+                                [helper.make_tensor_value_info(f"{side}_out", TensorProto.FLOAT, [1, 2, 3, 4])])
+              for side in ("then", "else")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["v"], name="v_proj"), *_pair("v", "v"),
+             helper.make_node("Reshape", ["v_dq", "shape"], ["heads"]),
+             helper.make_node("Transpose", ["heads"], ["moved"], perm=[0, 2, 1, 3]),
+             helper.make_node("Expand", ["moved", "ones"], ["spread"]),  # a no-op: ONNX Runtime removes it
+             helper.make_node("If", ["yes"], ["attended"], then_branch=branch[0], else_branch=branch[1]),
+             *_pair("v", "w2_in"), helper.make_node("MatMul", ["w2_in_dq", "w2"], ["projected"], name="o_proj")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8]),
+                                           helper.make_tensor_value_info("yes", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("attended", TensorProto.FLOAT, [1, 2, 3, 4]),
+                               helper.make_tensor_value_info("projected", TensorProto.FLOAT, [1, 3, 8])], inits)
+    path = tmp_path / "int8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert drop_pairs_into_subgraphs(path) == 1
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    names = [n.name for n in model.graph.node]
+    assert "v_DQ" not in names and "v_Q" not in names and "w2_in_DQ" in names  # the MatMul's pair stays
+    x = rng.standard_normal((1, 3, 8)).astype(np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    attended, projected = session.run(None, {"x": x, "yes": np.array(True)})
+    v = x @ onnx.numpy_helper.to_array(inits[0])
+    np.testing.assert_allclose(attended, v.reshape(1, 3, 2, 4).transpose(0, 2, 1, 3), rtol=1e-6)  # fp32: not rounded
+    rounded = np.clip(np.rint(v / np.float32(0.05)), -128, 127) * np.float32(0.05)
+    np.testing.assert_allclose(projected, rounded @ onnx.numpy_helper.to_array(inits[1]), rtol=1e-4, atol=1e-4)
+    assert drop_pairs_into_subgraphs(path) == 0  # nothing left to remove
+
+
 def test_a_request_s_images_go_one_per_call_through_a_fused_masked_tower(tiny_build):
     """Where the tower's fused form has masked attentions (patch rows: images of different sizes pad each other),
     a request's images go through it one per call, as the served image cache sends them: each image's rows are its

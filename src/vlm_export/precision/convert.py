@@ -592,6 +592,60 @@ def restore_order(path: Path) -> None:
         onnx.save(model, os.fspath(path))
 
 
+#: the ops ONNX Runtime's QDQPropagationTransformer moves a DequantizeLinear forward across (qdq_propagation.cc),
+#: and those its earlier passes may remove before it runs (an Expand to the shape it has: GQA's repeat of one)
+QDQ_PROPAGATING_OPS = ("MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice",
+                       "Expand", "Identity", "Dropout", "Cast")
+
+
+def drop_pairs_into_subgraphs(path: Path) -> int:
+    """Remove each activation's Q/DQ pair whose dequantized tensor reaches, through ``QDQ_PROPAGATING_OPS`` only, a
+    name a subgraph reads from outside (an ``If`` branch of a fused tower's attention reading the v projection):
+    ONNX Runtime 1.32's QDQ propagation moves the DequantizeLinear forward past those ops and then writes the new
+    tensor into the ``If``'s explicit inputs at the index of its implicit one - out of range: the process aborts
+    (a vector assertion) or, in a build without assertions, corrupts memory, at session creation. Each such pair
+    was a rounding only (the branch reads fp32); its MatMul keeps int8 inputs. Returns how many were removed."""
+    from ..export.graph_info import reads
+
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    graph = model.graph
+    outer = {name for node in graph.node if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                  for a in node.attribute)
+             for name in reads(node)[len(node.input):]}
+    if not outer:
+        return 0
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def reaches_outer(name: str) -> bool:
+        return any(r.op_type in QDQ_PROPAGATING_OPS and (r.output[0] in outer or reaches_outer(r.output[0]))
+                   for r in readers.get(name, []))
+
+    made = {o: n for n in graph.node for o in n.output}
+    inits = {i.name for i in graph.initializer}
+    dropped = []
+    for dq in graph.node:
+        q = made.get(dq.input[0])
+        if dq.op_type == "DequantizeLinear" and q is not None and q.op_type == "QuantizeLinear" \
+                and q.input[0] not in inits and reaches_outer(dq.output[0]):
+            for r in readers[dq.output[0]]:
+                r.input[:] = [q.input[0] if i == dq.output[0] else i for i in r.input]
+            dropped.append(dq)
+            if all(r is dq for r in readers[q.output[0]]):
+                dropped.append(q)
+    if dropped:
+        for node in dropped:
+            graph.node.remove(node)
+        used = {name for node in graph.node for name in reads(node)}
+        unused = {name for node in dropped for name in node.input[1:]} - used
+        for tensor in [t for t in graph.initializer if t.name in unused]:
+            graph.initializer.remove(tensor)
+        onnx.save(model, os.fspath(path))
+    return sum(n.op_type == "DequantizeLinear" for n in dropped)
+
+
 def mark_int8_qdq(path: Path) -> None:
     """Mark an int8 Q/DQ graph that ONNX Runtime serves (``cpu.INT8_QDQ_METADATA``): on an x86 CPU
     without VNNI/AMX, OrtRunner runs its pairs as written instead of fusing them into U8S8 kernels
@@ -660,6 +714,7 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
                 calibration_cache_path=ranges,
             )
             restore_order(out)
+            drop_pairs_into_subgraphs(out)
             keep_quantizers_apart(out)
 
         if fallback is None and (not layers or none_kept):

@@ -62,12 +62,11 @@ def pipeline_from_manifest(manifest: dict, runners: Mapping[str, Runner], tokeni
     ``root`` holds the files the manifest names (needed where the image path reads the prompt).
     ``encodes_images_alone``: ``VLMPipeline.encodes_images_alone``."""
     image_text = image_text_encoder(manifest, root) if manifest.get("image_text") else None
-    pipe = VLMPipeline(runners, stages_from_manifest(manifest), scheme_from_dict(manifest["scheme"]), tokenizer,
+    return VLMPipeline(runners, stages_from_manifest(manifest), scheme_from_dict(manifest["scheme"]), tokenizer,
                        image_processor, PromptLayout.from_dict(manifest["prompt_layout"]),
                        Limits.from_dict(manifest["limits"]), manifest["generation"]["eos_token_ids"], image_text,
-                       {k: v for k, v in manifest["generation"].items() if k in GENERATION_DEFAULTS})
-    pipe.encodes_images_alone = encodes_images_alone
-    return pipe
+                       {k: v for k, v in manifest["generation"].items() if k in GENERATION_DEFAULTS},
+                       encodes_images_alone)
 
 
 def _masked_fused_attention(manifest: dict, stage: str, entry: dict) -> bool:

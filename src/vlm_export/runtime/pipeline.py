@@ -99,7 +99,7 @@ class VLMPipeline:
     def __init__(self, runners: Mapping[str, Runner], stages: Sequence[StageSpec], scheme: DecodingScheme,
                  tokenizer, image_processor, layout: PromptLayout, limits: Limits, eos_token_ids: list[int],
                  image_text: ImageTextEncoder | None = None,
-                 generation_defaults: Mapping[str, float | int] | None = None):
+                 generation_defaults: Mapping[str, float | int] | None = None, encodes_images_alone: bool = False):
         self.runners = dict(runners)
         self.stages = list(stages)
         self.image_text = image_text
@@ -120,7 +120,7 @@ class VLMPipeline:
         #: ONNX Runtime's tiled kernel only when nothing in the batch is padded (images of different sizes together
         #: would take the exported attention: memory in the square of the patches, and rows that differ to
         #: rounding from the same image's alone, which a prefix cache keys on)
-        self.encodes_images_alone = False
+        self.encodes_images_alone = encodes_images_alone
 
     @property
     def decoder(self) -> Runner:
