@@ -625,11 +625,12 @@ def drop_pairs_into_subgraphs(path: Path) -> int:
 
     made = {o: n for n in graph.node for o in n.output}
     inits = {i.name for i in graph.initializer}
+    results = {o.name for o in graph.output}
     dropped = []
     for dq in graph.node:
         q = made.get(dq.input[0])
         if dq.op_type == "DequantizeLinear" and q is not None and q.op_type == "QuantizeLinear" \
-                and q.input[0] not in inits and reaches_outer(dq.output[0]):
+                and q.input[0] not in inits and dq.output[0] not in results and reaches_outer(dq.output[0]):
             for r in readers[dq.output[0]]:
                 r.input[:] = [q.input[0] if i == dq.output[0] else i for i in r.input]
             dropped.append(dq)
