@@ -89,6 +89,14 @@ def test_time_to_first_token_is_broken_down(bench):
         assert b["ttft_ms"] == results["end_to_end"][backend]["ttft_ms"]["p50"]
         assert b["rest_ms"] == pytest.approx(b["ttft_ms"] - b["sum_ms"], abs=1e-2)
     assert "Where the time to first token goes" in (out / "bench.md").read_text()
+    # a fixed-size processor (CLIP's): every request's image preprocesses alike, so no note on their sizes
+    shapes = results["inputs"]["request_pixel_shapes"]
+    assert len(shapes) == len(results["inputs"]["requests"]) and all(s == shapes[0] for s in shapes)
+    assert "preprocess to different sizes" not in (out / "bench.md").read_text()
+    from vlm_export.bench.report import ttft_lines
+
+    varied = ttft_lines(results["ttft_breakdown"], [{"pixel_values": [704, 1176]}, {"pixel_values": [1296, 1176]}])
+    assert any("preprocess to different sizes here" in line and "1296" in line for line in varied)
 
 
 def test_prefix_cache_section(bench, tiny_build):

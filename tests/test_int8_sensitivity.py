@@ -732,3 +732,44 @@ def test_an_image_stage_in_an_external_data_file_is_ranked_without_loading_its_w
     graphs = [onnx.load(str(tmp_path / f"{name}.onnx")).graph for name in ("a", "b")]
     assert [(n.op_type, list(n.input)) for n in graphs[0].node] == [(n.op_type, list(n.input)) for n in graphs[1].node]
     assert sum(n.op_type == "QuantizeLinear" for n in graphs[1].node) > 10
+
+
+def test_an_image_stage_past_the_threshold_gets_its_int8_graph_in_an_external_data_file(tiny_build, tmp_path,
+                                                                                           monkeypatch):
+    """The int8 graph of a stage whose fp32 weights are past 1.8 GB (counted with its external data: the graph as the
+    conversion loads it holds none of them) is written with its weights in ``<name>.data`` too - an int8 tower of
+    past ~8 GB in fp32 no longer fits one file - and the candidates, the choice and the graph are the one-file ones."""
+    import vlm_export.precision.convert as convert
+    from vlm_export.export import graph_info
+
+    src = tiny_build("llava-llama").path / "graphs" / "vision_encoder.onnx"
+    external = tmp_path / "external" / "vision_encoder.onnx"
+    external.parent.mkdir()
+    onnx.save_model(onnx.load(str(src)), str(external), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=external.name + ".data", size_threshold=1024)
+    (pixels,) = onnx.load(str(src), load_external_data=False).graph.input
+    shape = [d.dim_value or 1 for d in pixels.type.tensor_type.shape.dim]
+    feeds = [{pixels.name: np.random.default_rng(3).standard_normal(shape).astype(np.float32)}]
+    monkeypatch.setattr(sensitivity, "TARGET_COSINE", 1.5)  # out of reach: every count is tried, each candidate written
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    one_file = convert.to_int8(src, tmp_path / "a" / "int8.onnx", feeds, PrecisionOptions(), tmp_path / "a.json")
+    size = graph_info.all_weight_bytes(onnx.load(str(external), load_external_data=False), external.parent)
+    for module in (convert, graph_info):
+        monkeypatch.setattr(module, "EXTERNAL_DATA_THRESHOLD", size - 1)
+    split = convert.to_int8(external, tmp_path / "b" / "int8.onnx", feeds, PrecisionOptions(), tmp_path / "b.json")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["int8.onnx", "int8.onnx.data"]
+    assert split.details["fp32_fallback"] == one_file.details["fp32_fallback"]
+    assert len(split.details["fp32_fallback"]["trials"]) > 2
+    # the chosen candidate's weights alone, readable as the graph is (onnx makes the file its owner's only)
+    data = tmp_path / "b" / "int8.onnx.data"
+    assert data.stat().st_size < (tmp_path / "a" / "int8.onnx").stat().st_size
+    assert data.stat().st_mode & 0o777 == (tmp_path / "b" / "int8.onnx").stat().st_mode & 0o777
+    graphs = [onnx.load(str(tmp_path / name / "int8.onnx")).graph for name in ("a", "b")]
+    assert [(n.op_type, list(n.input)) for n in graphs[0].node] == [(n.op_type, list(n.input)) for n in graphs[1].node]
+    import onnxruntime as ort
+
+    got, want = (ort.InferenceSession(str(tmp_path / name / "int8.onnx"), providers=["CPUExecutionProvider"])
+                 .run(None, feeds[0])[0] for name in ("b", "a"))
+    np.testing.assert_array_equal(got, want)

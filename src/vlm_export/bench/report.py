@@ -138,7 +138,7 @@ def markdown(r: dict) -> str:
         if served:
             lines += ["", "The Triton row was measured side by side with a second in-process ONNX Runtime run "
                           "(in the Triton section), not with the rows above."]
-        lines += [""] + ttft_lines(r.get("ttft_breakdown") or {})
+        lines += [""] + ttft_lines(r.get("ttft_breakdown") or {}, r.get("inputs", {}).get("request_pixel_shapes"))
         lines += prefix_cache_lines(r.get("prefix_cache") or {}, base)
 
     c = r["ceiling"]
@@ -258,10 +258,13 @@ def _follow_up_lines(prefix: dict) -> list[str]:
                 "tokens reused per request"], rows) + [""]
 
 
-def ttft_lines(breakdown: dict) -> list[str]:
-    """Where each backend's time to first token goes (``run.ttft_breakdown``)."""
+def ttft_lines(breakdown: dict, request_shapes: list | None = None) -> list[str]:
+    """Where each backend's time to first token goes (``run.ttft_breakdown``); ``request_shapes``: each end-to-end
+    request's image preprocessed, which where they differ (a processor that keeps an image's size) puts the image
+    path's time on the other images in "the rest" too, said under the table."""
     if not breakdown:
         return []
+    differ = request_shapes and any(shape != request_shapes[0] for shape in request_shapes)
     parts = list(next(iter(breakdown.values()))["parts_ms"])
     rows = [[b] + [_ms({"p50": v["parts_ms"][p]}) for p in parts] + [_ms({"p50": v["sum_ms"]}),
                                                                     _ms({"p50": v["ttft_ms"]}), _ms({"p50": v["rest_ms"]})]
@@ -269,7 +272,10 @@ def ttft_lines(breakdown: dict) -> list[str]:
     return ["Where the time to first token goes (ms; p50 of the batch-1 cases above, whose image and prompt are "
             "one of the requests', so roughly); the rest is tokenizing, scheduling, the first sampling and "
             "joining the KV buffer:", ""] + \
-        _table(["backend"] + [STAGE_LABELS.get(p, p) for p in parts] + ["sum", "TTFT p50", "the rest"], rows) + [""]
+        _table(["backend"] + [STAGE_LABELS.get(p, p) for p in parts] + ["sum", "TTFT p50", "the rest"], rows) + [""] + \
+        (["The requests' images preprocess to different sizes here (" + "; ".join(json.dumps(s) for s in request_shapes)
+          + "), the cases' to the first one's: the rest also holds the image path's time on the larger ones.", ""]
+         if differ else [])
 
 
 def placement_lines(p: dict | None, options: dict) -> list[str]:

@@ -127,6 +127,8 @@ class BenchInputs:
     image_input: object  # the decoder's image input for that image (the scheme's: an array or e.g. CrossImages)
     decode_batch: DecodeBatch  # random state of the decode-step case
     requests: list[tuple[str, bytes]] = field(default_factory=list)  # end-to-end: (question, image)
+    # each request's image preprocessed (``pixel_shapes``): processors that keep an image's size give each its own
+    request_pixel_shapes: list = field(default_factory=list)
 
     @property
     def past_len(self) -> int:
@@ -142,7 +144,7 @@ class BenchInputs:
                 # every tensor of the decode-step state (self K/V at the past; an encoder-decoder's
                 # cross K/V at the prompt's length): what the step and the ceiling read
                 "decode_state_shapes": {n: list(v.shape) for n, v in self.decode_batch.caches.items()},
-                "requests": [q for q, _ in self.requests]}
+                "requests": [q for q, _ in self.requests], "request_pixel_shapes": self.request_pixel_shapes}
 
 
 def pixel_shapes(pixels) -> list | dict:
@@ -181,7 +183,9 @@ def make_inputs(pipe: VLMPipeline, options: BenchOptions) -> BenchInputs:
     rng = np.random.default_rng(0)  # the values do not change the time; fixed so runs are alike
     decode_batch = pipe.scheme.synthetic_batch(1, past_len, rng, fixed_len)
     requests = [(PROMPTS[i % len(PROMPTS)], photos[i % len(photos)]) for i in range(len(PROMPTS))]
-    return BenchInputs(photos[:n_images], pixel_values, image_feeds, prompt_ids, image_input, decode_batch, requests)
+    shapes = [pixel_shapes(pipe.pixel_values([image])) for _, image in requests]
+    return BenchInputs(photos[:n_images], pixel_values, image_feeds, prompt_ids, image_input, decode_batch, requests,
+                       shapes)
 
 
 # --------------------------------------------------------------------------- loading

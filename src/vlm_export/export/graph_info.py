@@ -152,6 +152,12 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer if not uses_external_data(t))
 
 
+def all_weight_bytes(model: onnx.ModelProto, source_dir: Path | None) -> int:
+    """Bytes of every weight of ``model``: those the proto holds and those in its external data files (a graph
+    loaded without them; ``source_dir``: its folder)."""
+    return weight_bytes(model) + _external_bytes(model, source_dir)
+
+
 def set_external_data(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
     tensor.data_location = onnx.TensorProto.EXTERNAL
     del tensor.external_data[:]
@@ -256,7 +262,7 @@ def save_graph(model: onnx.ModelProto, path: Path, source_dir: Path | None = Non
     # a graph loaded without its data (or exported through a scratch file) that fits in one file is
     # written as one, each external tensor read from its file as it is written
     if saved_inline(model) or (source_dir is not None and
-                               weight_bytes(model) + _external_bytes(model, source_dir) <= EXTERNAL_DATA_THRESHOLD):
+                               all_weight_bytes(model, source_dir) <= EXTERNAL_DATA_THRESHOLD):
         if data.exists():
             data.unlink()
         _write_one_tensor_at_a_time(model, path, source_dir)

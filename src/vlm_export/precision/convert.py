@@ -38,8 +38,8 @@ import onnx
 from ..atomic import write_text
 from ..cpu import INT8_DOT_PRODUCT, INT8_QDQ_METADATA, int8_dot_product, u8s8_saturates
 from ..errors import ExportError
-from ..export.graph_info import (EXTERNAL_DATA_THRESHOLD, check_graph, save_graph, set_metadata, topological_order,
-                                 weight_bytes)
+from ..export.graph_info import (EXTERNAL_DATA_THRESHOLD, all_weight_bytes, check_graph, save_graph, set_metadata,
+                                 topological_order)
 from .smoothquant import KERNELS
 from .weight_only import (DEFAULT_CORRECTION, FORMS, ROUNDINGS, SCHEMES, TENSORRT_INT4_BLOCK_SIZES, quantize_weights,
                           describe_missed, targeted_weights, weight_inputs, weights_missed, whole_block_size)
@@ -699,12 +699,15 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
                 measured = {name: data.range_value for name, data in load_tensors_data(ranges).data.items()}
 
         def quantize_to(out: Path, kept: list[str]) -> None:
+            data = out.with_name(out.name + ".data")
+            data.unlink(missing_ok=True)  # each candidate's weights in a file of their own, none of the last's kept
             quantize_static(
                 os.fspath(src), os.fspath(out), None if ranges.exists() else _Feeds(calibration_feeds),
                 quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                 calibrate_method=method, nodes_to_exclude=keep + kept, op_types_to_quantize=list(STATIC_INT8_OPS),
-                use_external_data_format=weight_bytes(model) > EXTERNAL_DATA_THRESHOLD,
+                # by the fp32 stage's size, its external data counted (an int8 graph is about a quarter of it)
+                use_external_data_format=all_weight_bytes(model, src.parent) > EXTERNAL_DATA_THRESHOLD,
                 # QuantizeBias False: Conv/Gemm biases stay float instead of INT32 DequantizeLinear, which
                 # TensorRT's ONNX parser rejects (NVIDIA/TensorRT#3360, onnx/onnx-tensorrt#850). ONNX Runtime
                 # CPU fuses either form into QLinearConv/QGemm: on a biased Conv+Gemm graph both ran in the
@@ -714,6 +717,8 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
                                "DedicatedQDQPair": True},
                 calibration_cache_path=ranges,
             )
+            if data.exists():  # onnx writes it readable by its owner only; a server may run as another user
+                data.chmod(out.stat().st_mode & 0o777)
             restore_order(out)
             drop_pairs_into_subgraphs(out)
             keep_quantizers_apart(out)
