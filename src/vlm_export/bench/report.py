@@ -273,9 +273,16 @@ def ttft_lines(breakdown: dict, request_shapes: list | None = None) -> list[str]
             "one of the requests', so roughly); the rest is tokenizing, scheduling, the first sampling and "
             "joining the KV buffer:", ""] + \
         _table(["backend"] + [STAGE_LABELS.get(p, p) for p in parts] + ["sum", "TTFT p50", "the rest"], rows) + [""] + \
-        (["The requests' images preprocess to different sizes here (" + "; ".join(json.dumps(s) for s in request_shapes)
-          + "), the cases' to the first one's: the rest also holds the image path's time on the larger ones.", ""]
-         if differ else [])
+        ([f"The requests' images preprocess to different sizes here ({_shapes(request_shapes)}), the cases' to the "
+          "first one's: the rest also holds the image path's time on the larger ones.", ""] if differ else [])
+
+
+def _shapes(shapes: list) -> str:
+    """Each request's preprocessed image, by its first tensor where the processor gives several."""
+    if isinstance(shapes[0], dict):
+        name = next(iter(shapes[0]))
+        return f"{name} " + ", ".join(json.dumps(s.get(name)) for s in shapes)
+    return ", ".join(json.dumps(s) for s in shapes)
 
 
 def placement_lines(p: dict | None, options: dict) -> list[str]:
