@@ -692,6 +692,20 @@ def test_rows_are_sampled_inside_the_graph_every_kth_padded_ones_left_out():
     assert made[made[made[rewire["h"]].input[1]].input[0]].input == [outputs[0]]
 
 
+def _tower_kept_outside(tiny_build, tmp_path, seed: int, scales: tuple[float, ...]):
+    """The tiny LLaVA's vision stage, a copy of it with every tensor of 1 KB or more in an external data file (as a
+    stage past 1.8 GB is written), and one random pixel feed per scale."""
+    src = tiny_build("llava-llama").path / "graphs" / "vision_encoder.onnx"
+    external = tmp_path / "external" / "vision_encoder.onnx"
+    external.parent.mkdir()
+    onnx.save_model(onnx.load(str(src)), str(external), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=external.name + ".data", size_threshold=1024)
+    (pixels,) = onnx.load(str(src), load_external_data=False).graph.input
+    shape = [d.dim_value or 1 for d in pixels.type.tensor_type.shape.dim]
+    rng = np.random.default_rng(seed)
+    return src, external, [{pixels.name: rng.standard_normal(shape).astype(np.float32) * scale} for scale in scales]
+
+
 def test_an_image_stage_in_an_external_data_file_is_ranked_without_loading_its_weights(tiny_build, tmp_path,
                                                                                         monkeypatch):
     """An image stage past 1.8 GB keeps its weights in a data file: its int8 ranges, ranking and fallback trials read
@@ -703,15 +717,7 @@ def test_an_image_stage_in_an_external_data_file_is_ranked_without_loading_its_w
 
     import vlm_export.precision.convert as convert
 
-    src = tiny_build("llava-llama").path / "graphs" / "vision_encoder.onnx"
-    external = tmp_path / "external" / "vision_encoder.onnx"
-    external.parent.mkdir()
-    onnx.save_model(onnx.load(str(src)), str(external), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=external.name + ".data", size_threshold=1024)
-    (pixels,) = onnx.load(str(src), load_external_data=False).graph.input
-    shape = [d.dim_value or 1 for d in pixels.type.tensor_type.shape.dim]
-    rng = np.random.default_rng(7)
-    feeds = [{pixels.name: rng.standard_normal(shape).astype(np.float32) * scale} for scale in (1.0, 2.0)]
+    src, external, feeds = _tower_kept_outside(tiny_build, tmp_path, seed=7, scales=(1.0, 2.0))
     options = PrecisionOptions(int8_fp32_matmuls="auto")
     one_file = convert.to_int8(src, tmp_path / "a.onnx", feeds, options, tmp_path / "a.json")
 
@@ -742,14 +748,7 @@ def test_an_image_stage_past_the_threshold_gets_its_int8_graph_in_an_external_da
     import vlm_export.precision.convert as convert
     from vlm_export.export import graph_info
 
-    src = tiny_build("llava-llama").path / "graphs" / "vision_encoder.onnx"
-    external = tmp_path / "external" / "vision_encoder.onnx"
-    external.parent.mkdir()
-    onnx.save_model(onnx.load(str(src)), str(external), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=external.name + ".data", size_threshold=1024)
-    (pixels,) = onnx.load(str(src), load_external_data=False).graph.input
-    shape = [d.dim_value or 1 for d in pixels.type.tensor_type.shape.dim]
-    feeds = [{pixels.name: np.random.default_rng(3).standard_normal(shape).astype(np.float32)}]
+    src, external, feeds = _tower_kept_outside(tiny_build, tmp_path, seed=3, scales=(1.0,))
     monkeypatch.setattr(sensitivity, "TARGET_COSINE", 1.5)  # out of reach: every count is tried, each candidate written
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
