@@ -158,8 +158,8 @@ def test_an_int8_image_graph_runs_as_written_where_u8s8_saturates(chain_and_feed
     src = tmp_path / "vision.onnx"
     onnx.save(_chain(np.random.default_rng(0), output="image_features"), str(src))
     asked = []
-    choose = sensitivity.choose
-    monkeypatch.setattr(sensitivity, "choose", lambda *a, **k: asked.append(k["emulate_qdq"]) or choose(*a, **k))
+    search = sensitivity.search
+    monkeypatch.setattr(sensitivity, "search", lambda *a, **k: asked.append(k["emulate_qdq"]) or search(*a, **k))
     monkeypatch.setattr(convert, "u8s8_saturates", lambda: True)
     info = convert.to_int8(src, tmp_path / "int8.onnx", feeds, PrecisionOptions())
     assert asked == [True] and info.details["fallback_judged_on"].startswith("Q/DQ run as written")

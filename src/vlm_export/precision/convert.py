@@ -517,7 +517,8 @@ def to_int8(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndarray]]
     keep = list(options.exclude_nodes) + (head if head and options.head_precision("int8") != "int8" else [])
     if head:
         return _decoder_int8(src, dst, calibration_feeds, options, cache, keep, note, tensorrt_only)
-    return _static_int8(src, dst, model, calibration_feeds, options, cache, keep, note)
+    del model  # _static_int8 loads its own, which it frees before the fallback's trials
+    return _static_int8(src, dst, calibration_feeds, options, cache, keep, note)
 
 
 def image_fallback_path(cache: Path) -> Path:
@@ -657,13 +658,14 @@ def mark_int8_qdq(path: Path) -> None:
     onnx.save(model, os.fspath(path))
 
 
-def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds, options: PrecisionOptions,
-                 cache: Path | None, keep: list[str], note=None) -> VariantInfo:
+def _static_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOptions, cache: Path | None,
+                 keep: list[str], note=None) -> VariantInfo:
     """An image stage: static Q/DQ from ONNX Runtime's calibrated ranges, the MatMuls and Gemms whose
     int8 costs the stage's outputs most kept fp32 (``sensitivity``, per-tensor activations) until they
     reach the int8 gate on the calibration pairs; ``--int8-fp32-matmuls N`` keeps the N worst instead.
-    ``model``: ``src`` as loaded without its external data (to size it). ``cache``: the ranges (ONNX
-    Runtime's JSON) and, beside them, the fallback chosen on them; both there, nothing is measured."""
+    ``cache``: the ranges (ONNX Runtime's JSON) and, beside them, the fallback chosen on them; both there, nothing
+    is measured. The fp32 graph is read without its external data (its weights from ``src``'s folder) and freed
+    once ranked: ONNX Runtime's quantizer loads its own for each candidate."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import load_tensors_data
 
@@ -674,7 +676,11 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
     cached = cache is not None and cache.exists()
     fallback_file = None if cache is None else image_fallback_path(cache)
     fallback = _read_fallback(fallback_file) if cached else None
+    model = onnx.load(os.fspath(src), load_external_data=False)
     layers = sensitivity.static_layers(model, keep)
+    quantizable = len(layers)
+    # by the fp32 stage's size, its external data counted (an int8 graph is about a quarter of it)
+    external_format = all_weight_bytes(model, src.parent) > EXTERNAL_DATA_THRESHOLD
     setting = options.int8_fp32_matmuls
     written = u8s8_saturates()  # the candidates judged as OrtRunner will run the graph on this CPU
     searched = False
@@ -706,8 +712,7 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
                 quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                 calibrate_method=method, nodes_to_exclude=keep + kept, op_types_to_quantize=list(STATIC_INT8_OPS),
-                # by the fp32 stage's size, its external data counted (an int8 graph is about a quarter of it)
-                use_external_data_format=all_weight_bytes(model, src.parent) > EXTERNAL_DATA_THRESHOLD,
+                use_external_data_format=external_format,
                 # QuantizeBias False: Conv/Gemm biases stay float instead of INT32 DequantizeLinear, which
                 # TensorRT's ONNX parser rejects (NVIDIA/TensorRT#3360, onnx/onnx-tensorrt#850). ONNX Runtime
                 # CPU fuses either form into QLinearConv/QGemm: on a biased Conv+Gemm graph both ran in the
@@ -731,14 +736,15 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
                 quantize_to(dst, kept)  # each candidate where the chosen one stays: choose makes it last
                 return onnx.load(os.fspath(dst))
 
-            # ``model`` as loaded (no external data): its weights are read from src's folder as they are needed
-            _, fallback = sensitivity.choose(model, quantize, layers, calibration_feeds, setting,
-                                             [o.name for o in model.graph.output], note=note,
-                                             activations="per-tensor", at_most_all=True,
-                                             emulate_qdq=written, ranges=measured, source_dir=src.parent)
+            ranking = sensitivity.rank(model, layers, calibration_feeds, setting, [o.name for o in model.graph.output],
+                                       note=note, activations="per-tensor", ranges=measured, source_dir=src.parent)
+            del model, layers  # freed before the quantizer loads its own (a node held keeps its whole graph alive)
+            _, fallback = sensitivity.search(ranking, quantize, calibration_feeds, setting, note=note,
+                                             emulate_qdq=written, at_most_all=True)
             searched = True
             _write_fallback(fallback_file, fallback)
         else:
+            del model, layers
             quantize_to(dst, fallback.kept)
     mark_int8_qdq(dst)  # once, on the graph chosen (the search judged its candidates with emulate_qdq itself)
     check_graph(dst)
@@ -750,7 +756,7 @@ def _static_int8(src: Path, dst: Path, model: onnx.ModelProto, calibration_feeds
                                 "calibration": options.calibration,
                                 "calibration_samples": len(calibration_feeds or []),
                                 "calibration_cache": None if cache is None else {"file": str(cache), "reused": cached},
-                                "quantized_matmuls": len(layers) - len(fallback.kept),
+                                "quantized_matmuls": quantizable - len(fallback.kept),
                                 "fp32_fallback": fallback.to_dict(),
                                 "fallback_judged_on": None if not searched else (
                                     "Q/DQ run as written (this CPU's U8S8 kernels saturate)" if written

@@ -262,29 +262,45 @@ def counts(total: int) -> list[int]:
     return sorted(set(range(0, cap + 1, step)) | {cap})
 
 
-def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], feeds: list[Mapping[str, np.ndarray]],
-           setting: str | int = "auto", output: str | Sequence[str] = "logits", threads: int = 2,
-           note=None, weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
-           emulate_qdq: bool = False, activations: str = "per-token",
-           at_most_all: bool = False, ranges: Mapping[str, tuple[float, float]] | None = None,
-           source_dir: Path | None = None) -> tuple[onnx.ModelProto, Fallback]:
-    """The int8 graph with the fewest of ``matmuls`` kept fp32 that reaches ``TARGET_COSINE`` on every
-    one of ``output`` (``setting`` ``auto``), or with the ``setting`` worst kept fp32 (a count; more
-    than there are is refused, or all of them with ``at_most_all``). ``quantize(kept)`` returns the int8 graph
-    of ``smoothed`` with the named layers kept fp32, with the int8 weights ``weights`` (``matmul_errors``, as are
-    ``activations`` and ``ranges``) ranks by (a new model: an image stage's is read from the file its quantizer
-    wrote, with no copy of ``smoothed`` made for it - 1.7 GB for HunyuanOCR's tower). ``note(text)`` is told each trial.
-    ``source_dir``: the folder of a ``smoothed`` loaded without its external data (an image stage's fp32 graph: its
-    weights are read from there, one at a time, and copied file to file for the sessions, never loaded whole).
-    ``emulate_qdq``: the candidates are judged with their Q/DQ pairs run as written (a graph only
-    TensorRT serves). The graph returned is the last one ``quantize`` made (a caller writing each
-    candidate to one file finds the chosen one there)."""
+@dataclass
+class Ranking:
+    """What ``rank`` measured on the fp32 graph: each ranked MatMul's int8 output error, and the graph's outputs on
+    the calibration feeds, which ``search``'s trials are judged against (None where a count was asked for)."""
+
+    errors: dict[str, float]
+    outputs: list[str]
+    reference: list[np.ndarray] | None
+
+    @property
+    def worst_first(self) -> list[str]:
+        return sorted(self.errors, key=lambda name: -self.errors[name])
+
+
+def rank(smoothed: onnx.ModelProto, matmuls: list[onnx.NodeProto], feeds: list[Mapping[str, np.ndarray]],
+         setting: str | int = "auto", output: str | Sequence[str] = "logits", threads: int = 2, note=None,
+         weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None, activations: str = "per-token",
+         ranges: Mapping[str, tuple[float, float]] | None = None, source_dir: Path | None = None) -> Ranking:
+    """``choose``'s first step, the only one that reads ``smoothed``: ``matmuls`` ranked by their int8 output error
+    (``matmul_errors``, with ``weights``, ``activations``, ``ranges`` and ``source_dir``) and, for ``setting``
+    ``auto``, ``output`` on the feeds. Nothing of ``smoothed`` is kept (names and arrays only), so a caller can free it
+    before the trials (an image stage: 1.7 GB for HunyuanOCR's tower, beside ONNX Runtime's quantizer's own copy)."""
     outputs = [output] if isinstance(output, str) else list(output)
     if note:
         note(f"ranking {len(matmuls)} MatMuls by their int8 output error on {len(feeds)} calibration inputs")
     errors = matmul_errors(smoothed, matmuls, feeds, threads, weights=weights, activations=activations,
                            ranges=ranges, source_dir=source_dir)
-    ranked = sorted(errors, key=lambda name: -errors[name])
+    reference = _outputs(smoothed, outputs, feeds, threads, source_dir=source_dir) if setting == "auto" else None
+    return Ranking(errors, outputs, reference)
+
+
+def search(ranking: Ranking, quantize, feeds: list[Mapping[str, np.ndarray]], setting: str | int = "auto",
+           threads: int = 2, note=None, emulate_qdq: bool = False, at_most_all: bool = False
+           ) -> tuple[onnx.ModelProto, Fallback]:
+    """``choose``'s second step: the int8 graphs ``quantize(kept)`` makes, with 0, then more of the worst MatMuls
+    kept fp32, judged against ``ranking.reference`` until one reaches ``TARGET_COSINE`` (``setting`` ``auto``), or
+    the one with the ``setting`` worst kept (a count; more than there are is refused, or all of them with
+    ``at_most_all``)."""
+    ranked, errors, outputs = ranking.worst_first, ranking.errors, ranking.outputs
 
     def candidate(count: int) -> onnx.ModelProto:
         return quantize(ranked[:count])
@@ -300,11 +316,10 @@ def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], f
         if not 0 <= count <= len(ranked):
             raise ExportError(f"cannot keep {count} MatMuls fp32: the decoder has {len(ranked)} quantizable ones")
         return candidate(count), fallback(count, [])
-    reference = _outputs(smoothed, outputs, feeds, threads, source_dir=source_dir)
     best, trials = None, []  # (cosine, count); one candidate in memory at a time
     for count in counts(len(ranked)):
         model = candidate(count)
-        cosine = _cosines(reference, _outputs(model, outputs, feeds, threads, emulate_qdq))
+        cosine = _cosines(ranking.reference, _outputs(model, outputs, feeds, threads, emulate_qdq))
         trials.append({"fp32_matmuls": count, "min_cosine": round(cosine, 5)})
         if note:
             note(f"{count} of {len(ranked)} MatMuls fp32: lowest {'/'.join(outputs)} cosine {cosine:.4f} "
@@ -315,3 +330,22 @@ def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], f
             return model, fallback(count, trials)
         del model
     return candidate(best[1]), fallback(best[1], trials)  # none reached the target: the best one, made again
+
+
+def choose(smoothed: onnx.ModelProto, quantize, matmuls: list[onnx.NodeProto], feeds: list[Mapping[str, np.ndarray]],
+           setting: str | int = "auto", output: str | Sequence[str] = "logits", threads: int = 2,
+           note=None, weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+           emulate_qdq: bool = False, activations: str = "per-token",
+           at_most_all: bool = False, ranges: Mapping[str, tuple[float, float]] | None = None,
+           source_dir: Path | None = None) -> tuple[onnx.ModelProto, Fallback]:
+    """The int8 graph with the fewest of ``matmuls`` kept fp32 that reaches ``TARGET_COSINE`` on every
+    one of ``output`` (``setting`` ``auto``), or with the ``setting`` worst kept fp32 (a count; more
+    than there are is refused, or all of them with ``at_most_all``): ``rank`` then ``search``. ``quantize(kept)``
+    returns the int8 graph of ``smoothed`` with the named layers kept fp32, with the int8 weights ``weights``
+    (``matmul_errors``, as are ``activations`` and ``ranges``) ranks by (a new model). ``note(text)`` is told each
+    trial. ``source_dir``: the folder of a ``smoothed`` loaded without its external data (its weights are read from
+    there, one at a time, and copied file to file for the sessions, never loaded whole). ``emulate_qdq``: the
+    candidates are judged with their Q/DQ pairs run as written (a graph only TensorRT serves). The graph returned is
+    the last one ``quantize`` made (a caller writing each candidate to one file finds the chosen one there)."""
+    ranking = rank(smoothed, matmuls, feeds, setting, output, threads, note, weights, activations, ranges, source_dir)
+    return search(ranking, quantize, feeds, setting, threads, note, emulate_qdq, at_most_all)
