@@ -733,7 +733,7 @@ def _static_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpti
             _write_fallback(fallback_file, fallback)
         if fallback is None:
             def quantize(kept: list[str]) -> onnx.ModelProto:
-                quantize_to(dst, kept)  # each candidate where the chosen one stays: choose makes it last
+                quantize_to(dst, kept)  # each candidate where the chosen one stays: search makes it last
                 return onnx.load(os.fspath(dst))
 
             ranking = sensitivity.rank(model, layers, calibration_feeds, setting, [o.name for o in model.graph.output],
