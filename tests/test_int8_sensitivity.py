@@ -470,7 +470,7 @@ def test_the_quantizers_of_one_tensor_stay_apart_so_onnx_runtime_fuses_every_rea
     assert fp32_matmuls_left(tmp_path / "apart.onnx") == 0
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return  # the merged form's cost below is x86 ONNX Runtime's (ARM takes int8 activations as they are)
-    monkeypatch.setattr(convert, "keep_quantizers_apart", lambda path: 0)
+    monkeypatch.setattr(convert, "keep_quantizers_apart", lambda model: 0)
     convert.to_int8(tmp_path / "vision.onnx", tmp_path / "merged.onnx", feeds, options)
     assert fp32_matmuls_left(tmp_path / "merged.onnx") == 3
 

@@ -541,7 +541,7 @@ def _write_fallback(path: Path | None, fallback) -> None:
         write_text(path, json.dumps(fallback.to_dict()))
 
 
-def keep_quantizers_apart(path: Path) -> int:
+def keep_quantizers_apart(model: onnx.ModelProto) -> int:
     """Give the QuantizeLinear nodes that quantize one activation for several readers (attention's q, k
     and v projections reading one LayerNorm) attribute values that differ, so that ONNX Runtime's
     common-subexpression elimination does not merge them back into one. On x86 its int8 kernels take
@@ -553,7 +553,6 @@ def keep_quantizers_apart(path: Path) -> int:
     parser checks it lies within the input's rank, then ignores it: onnx-tensorrt QuantDequantLinearHelper),
     set to distinct values within the rank (2 x rank readers at most; where the rank is not known, the
     nodes are left as they are). Returns how many nodes were changed."""
-    model = onnx.load(os.fspath(path), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     by_input: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
@@ -576,20 +575,26 @@ def keep_quantizers_apart(path: Path) -> int:
         for node, axis in zip(nodes[1:], axes):
             node.attribute.append(onnx.helper.make_attribute("axis", axis))
             changed += 1
-    if changed:
-        onnx.save(model, os.fspath(path))
     return changed
 
 
-def restore_order(path: Path) -> None:
-    """Put the nodes of the graph at ``path`` back in an order where each runs after what it reads, the outer names
-    its subgraphs read included: ONNX Runtime's quantizer sorts by node inputs only, so an ``If`` whose branch reads
+def restore_order(model: onnx.ModelProto) -> bool:
+    """Put the nodes of ``model`` back in an order where each runs after what it reads, the outer names its
+    subgraphs read included: ONNX Runtime's quantizer sorts by node inputs only, so an ``If`` whose branch reads
     a tensor (a fused tower's masked attention, export/image_fuse.py) can land before the node making it, which the
-    ONNX checker refuses."""
-    model = onnx.load(os.fspath(path), load_external_data=False)
+    ONNX checker refuses. Returns whether the order changed."""
     before = [list(n.output) for n in model.graph.node]
     topological_sort(model)
-    if [list(n.output) for n in model.graph.node] != before:
+    return [list(n.output) for n in model.graph.node] != before
+
+
+def finish_candidate(path: Path) -> None:
+    """What a static int8 graph ONNX Runtime's quantizer wrote at ``path`` needs, in one load and one save: its
+    order (``restore_order``), no Q/DQ pair before a subgraph's outer read (``drop_pairs_into_subgraphs``) and its
+    quantizers apart (``keep_quantizers_apart``)."""
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    changed = [restore_order(model), drop_pairs_into_subgraphs(model), keep_quantizers_apart(model)]
+    if any(changed):
         onnx.save(model, os.fspath(path))
 
 
@@ -599,7 +604,7 @@ QDQ_PROPAGATING_OPS = ("MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze"
                        "Expand", "Identity", "Dropout", "Cast")
 
 
-def drop_pairs_into_subgraphs(path: Path) -> int:
+def drop_pairs_into_subgraphs(model: onnx.ModelProto) -> int:
     """Remove each activation's Q/DQ pair whose dequantized tensor reaches, through ``QDQ_PROPAGATING_OPS`` only, a
     name a subgraph reads from outside (an ``If`` branch of a fused tower's attention reading the v projection):
     ONNX Runtime 1.32's QDQ propagation moves the DequantizeLinear forward past those ops and then writes the new
@@ -608,7 +613,6 @@ def drop_pairs_into_subgraphs(path: Path) -> int:
     was a rounding only (the branch reads fp32); its MatMul keeps int8 inputs. Returns how many were removed."""
     from ..export.graph_info import reads
 
-    model = onnx.load(os.fspath(path), load_external_data=False)
     graph = model.graph
     outer = {name for node in graph.node if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                                                   for a in node.attribute)
@@ -644,7 +648,6 @@ def drop_pairs_into_subgraphs(path: Path) -> int:
         unused = {name for node in dropped for name in node.input[1:]} - used
         for tensor in [t for t in graph.initializer if t.name in unused]:
             graph.initializer.remove(tensor)
-        onnx.save(model, os.fspath(path))
     return sum(n.op_type == "DequantizeLinear" for n in dropped)
 
 
@@ -724,9 +727,7 @@ def _static_int8(src: Path, dst: Path, calibration_feeds, options: PrecisionOpti
             )
             if data.exists():  # onnx writes it readable by its owner only; a server may run as another user
                 data.chmod(out.stat().st_mode & 0o777)
-            restore_order(out)
-            drop_pairs_into_subgraphs(out)
-            keep_quantizers_apart(out)
+            finish_candidate(out)
 
         if fallback is None and (not layers or none_kept):
             fallback = sensitivity.Fallback([], setting, None)
