@@ -288,6 +288,54 @@ def make_tiny_gemma3(path: Path, seed: int = 0, image_size: int = 32, patch_size
     return path
 
 
+GEMMA4_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] | trim }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|image|>{% elif c['type'] == 'text' %}{{ c['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def make_tiny_gemma4(path: Path, seed: int = 0, patch_size: int = 4, cell: int = 2, max_soft_tokens: int = 70,
+                     text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+    """A tiny random Gemma 4 (Gemma4ForConditionalGeneration, no audio tower) with its PIL image processor and
+    SmolLM2's tokenizer given Gemma 4's three image tokens (begin, end, soft). The text model by default has what
+    sets Gemma 4 apart: full-attention layers with fewer, wider K/V heads whose values are their keys' projection,
+    two last layers that share earlier layers' K/V, per-layer input embeddings, images attending both ways on the
+    sliding layers, a final soft cap."""
+    from transformers import AutoTokenizer, Gemma4Config, Gemma4ForConditionalGeneration
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), add_bos_token=True, extra_special_tokens={
+        "boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>"})
+    tokenizer.chat_template = GEMMA4_CHAT_TEMPLATE
+    vocab = _padded_vocab(len(tokenizer))
+    layers = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    text = {**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=len(layers), layer_types=layers,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                   num_global_key_value_heads=1, attention_k_eq_v=True, num_kv_shared_layers=2, sliding_window=8,
+                   hidden_size_per_layer_input=8, use_bidirectional_attention="vision", final_logit_softcapping=30.0),
+            **(text_sizes or {})}
+    text.update(vocab_size=vocab, vocab_size_per_layer_input=vocab, max_position_embeddings=512, bos_token_id=1,
+                eos_token_id=2, pad_token_id=2)
+    vision = {**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=2, head_dim=16, position_embedding_size=64), **(vision_sizes or {})}
+    vision.update(patch_size=patch_size, pooling_kernel_size=cell)
+    ids = {name: tokenizer.convert_tokens_to_ids(getattr(tokenizer, token)) for name, token in
+           (("image_token_id", "image_token"), ("boi_token_id", "boi_token"), ("eoi_token_id", "eoi_token"))}
+    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, **ids)
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random layers that let the image reach the answer
+        for p in model.model.embed_vision.parameters():
+            p.normal_(std=0.5)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (Path(path) / "chat_template.jinja").write_text(GEMMA4_CHAT_TEMPLATE)
+    Gemma4ImageProcessorPil(patch_size=patch_size, pooling_kernel_size=cell,
+                            max_soft_tokens=max_soft_tokens).save_pretrained(path)
+    return path
+
+
 def make_tiny_paligemma(path: Path, seed: int = 0, family: str = "gemma2", image_size: int = 16, patch_size: int = 8,
                         text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
     """A tiny random PaliGemma (``family`` "gemma": PaliGemma 1's text model; "gemma2": PaliGemma 2's, with its

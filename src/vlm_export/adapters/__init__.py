@@ -85,7 +85,7 @@ def adapter_for(path: Path, name: str | None = None) -> VLMAdapter:
 
 
 # built-in adapters register themselves on import
-from . import (aya_vision, blip2, blip2_t5, cosmos3_edge, deepseek_vl, florence2, gemma3, glm4v, hunyuan_vl,  # noqa: E402,F401
+from . import (aya_vision, blip2, blip2_t5, cosmos3_edge, deepseek_vl, florence2, gemma3, gemma4, glm4v, hunyuan_vl,  # noqa: E402,F401
                idefics3, instructblip, internvl, lfm3_vl, lighton_ocr, llava, llava_next, llava_onevision, minicpm_v, mistral3,
                mllama, paddleocr_vl, paligemma, pixtral, prefix, qwen2_vl, qwen3_5, qwen3_vl)
 

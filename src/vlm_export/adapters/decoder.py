@@ -22,7 +22,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..contract import (DECODER_PRECISIONS, IMAGE, IMAGE_PRECISIONS, DecoderGeometry, StageSpec, TensorSpec)
-from ..contract.spliced import SplicedScheme
+from ..contract.spliced import SplicedScheme, layer_kv_shapes
 from ..errors import AdapterError, first_line
 from .base import LoadedModel, Stage, save_causal_lm
 from .loading import PER_ROW_LONGROPE
@@ -66,6 +66,11 @@ class SplicingDecoder(nn.Module):
         its own causal ones. A model whose own forward makes other masks (Gemma 3's image blocks) overrides it."""
         return attention_mask
 
+    def text_inputs(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> dict:
+        """What ``text_model`` gets from the ids besides the spliced embeddings: nothing; a model whose own forward
+        reads the ids again (Gemma 4's per-layer input embeddings) overrides it."""
+        return {}
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The logits from the last hidden state, as the model's own forward makes them: its ``lm_head``; a
         model whose forward adds to it (PaliGemma's final soft cap) overrides it."""
@@ -83,6 +88,7 @@ class SplicingDecoder(nn.Module):
             position_ids=position_ids,
             cache=cache,
             use_cache=True,
+            **self.text_inputs(input_ids, image_embeds),
             **self._keep_last,
         )
         logits = out.logits[:, -1:] if self.lm_head is None else self.head(out.last_hidden_state[:, -1:])
@@ -122,12 +128,14 @@ def text_geometry(text_cfg, text_model: nn.Module) -> DecoderGeometry:
     heads and the head size of the cache ``text_model`` (the base model or the causal LM) writes,
     measured (``cache_shape``), since configs spell them many ways (Falcon's ``multi_query`` keeps one KV
     head while its config names none); the rest from ``text_cfg``. A model without a position table
-    (ALiBi: BLOOM, MPT) has no ``max_position_embeddings``: None, no bound but the build's."""
-    layers, kv_heads, head_dim = cache_shape(text_cfg, text_model)
+    (ALiBi: BLOOM, MPT) has no ``max_position_embeddings``: None, no bound but the build's. Layers whose (KV
+    heads, head size) differ (Gemma 4's) give ``layer_kv``."""
+    shapes = cache_shape(text_cfg, text_model)
     return DecoderGeometry(
-        num_layers=layers,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
+        num_layers=len(shapes),
+        num_kv_heads=shapes[0][0],
+        head_dim=shapes[0][1],
+        layer_kv=shapes if len(set(shapes)) > 1 else (),
         hidden_size=text_cfg.hidden_size,
         vocab_size=text_cfg.vocab_size,
         max_position_embeddings=getattr(text_cfg, "max_position_embeddings", None),
@@ -162,13 +170,15 @@ def longrope_switch(text_cfg) -> int | None:
     return None
 
 
-_CACHE_SHAPES: "weakref.WeakKeyDictionary[nn.Module, tuple[int, int, int]]" = weakref.WeakKeyDictionary()
+_CACHE_SHAPES: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, int], ...]]" = weakref.WeakKeyDictionary()
 
 
-def cache_shape(text_cfg, text_model: nn.Module) -> tuple[int, int, int]:
-    """(layers, KV heads, head size) of the cache ``text_model`` writes for one token, measured once per
+def cache_shape(text_cfg, text_model: nn.Module) -> tuple[tuple[int, int], ...]:
+    """(KV heads, head size) of each layer's cache ``text_model`` writes for one token, measured once per
     model. An LM whose cache is not one (keys, values) pair of (batch, heads, sequence, head size) per
-    layer (a state-space or recurrent one: Mamba, Jamba, RecurrentGemma) is refused in one line."""
+    layer (a state-space or recurrent one: Mamba, Jamba, RecurrentGemma) is refused in one line. Layers after
+    the last that caches, caching nothing, are left out: they read earlier layers' K/V (Gemma 4's shared layers,
+    Hugging Face's ``DummyLayer``), which the decoder recomputes from those layers' caches."""
     if text_model in _CACHE_SHAPES:
         return _CACHE_SHAPES[text_model]
     kind = getattr(text_cfg, "model_type", type(text_model).__name__)
@@ -189,6 +199,8 @@ def cache_shape(text_cfg, text_model: nn.Module) -> tuple[int, int, int]:
     cache = getattr(out, "cache", None)  # transformers 5's name; 4's below
     cache = getattr(out, "past_key_values", None) if cache is None else cache
     layers = getattr(cache, "layers", None)
+    while layers and type(layers[-1]).__name__ == "DummyLayer":
+        layers = layers[:-1]
     keys = [getattr(layer, "keys", None) for layer in layers] if layers is not None else []
     if not keys or any(k is None or k.dim() != 4 or k.shape[2] != 1 for k in keys):
         seen = ("no cache" if cache is None
@@ -201,10 +213,6 @@ def cache_shape(text_cfg, text_model: nn.Module) -> tuple[int, int, int]:
     if states:
         raise AdapterError(refusal.format(f"keeps {', '.join(states)} beside its keys and values (a hybrid of "
                                           f"attention and state-space or linear-attention layers)"))
-    if len({tuple(k.shape) for k in keys}) != 1:
-        raise AdapterError(f"the language model ({kind}) keeps keys of different shapes per layer "
-                           f"({sorted({tuple(k.shape[1:]) for k in keys})}): one KV geometry for every layer is "
-                           "what the exported decoder carries; not supported")
     values = [getattr(layer, "values", None) for layer in layers]
     if any(v is None or v.shape != k.shape for k, v in zip(keys, values)):
         seen = sorted({tuple(v.shape[1:]) for v in values if v is not None})
@@ -212,9 +220,9 @@ def cache_shape(text_cfg, text_model: nn.Module) -> tuple[int, int, int]:
                            f"{tuple(keys[0].shape[1:])}, values {seen or 'none'}: e.g. DeepSeek-V2/V3's multi-head "
                            "latent attention, whose values are narrower): one head size for keys and values is what "
                            "the exported decoder carries; not supported")
-    shape = (len(keys), int(keys[0].shape[1]), int(keys[0].shape[3]))
-    _CACHE_SHAPES[text_model] = shape
-    return shape
+    shapes = tuple((int(k.shape[1]), int(k.shape[3])) for k in keys)
+    _CACHE_SHAPES[text_model] = shapes
+    return shapes
 
 
 def attention_windows(text_cfg) -> dict:
@@ -356,8 +364,7 @@ def spliced_decoder_stage(module: SplicingDecoder, scheme: SplicedScheme) -> Sta
     ids[ids == scheme.image_token_id] = 0
     ids[0, 1] = ids[1, 2] = scheme.image_token_id  # two placeholders -> two rows of image_embeds
     total = EXAMPLE_PAST + EXAMPLE_SEQ
-    past = [torch.randn(EXAMPLE_BATCH, g.num_kv_heads, EXAMPLE_PAST, g.head_dim, generator=gen)
-            for _ in range(2 * g.num_layers)]
+    past = [torch.randn(EXAMPLE_BATCH, heads, EXAMPLE_PAST, size, generator=gen) for heads, size in layer_kv_shapes(g)]
     past += [torch.randn(EXAMPLE_BATCH, *state.shape, generator=gen) for state in g.states]  # a hybrid's other layers
     spec = scheme.decoder_spec(DECODER_PRECISIONS)
     positions = torch.arange(EXAMPLE_PAST, total).repeat(EXAMPLE_BATCH, 1)

@@ -214,8 +214,14 @@ def _groups(outputs: Mapping) -> dict[str, list[str]]:
 
 
 def _gathered(arrays: Mapping[str, np.ndarray], entry: str, names: list[str]) -> np.ndarray:
-    """One entry's arrays: the output itself, or every layer's stacked (the worst layer decides)."""
-    return arrays[entry] if names == [entry] else np.stack([arrays[n] for n in names])
+    """One entry's arrays: the output itself, or every layer's together (the worst layer decides): stacked, or
+    where layers differ in shape (Gemma 4's K/V) each flattened, one after another (the metrics read them flat)."""
+    if names == [entry]:
+        return arrays[entry]
+    layers = [arrays[n] for n in names]
+    if len({a.shape for a in layers}) == 1:
+        return np.stack(layers)
+    return np.concatenate([a.reshape(-1) for a in layers])
 
 
 def _grouped(ref: Mapping, out: Mapping):

@@ -52,9 +52,18 @@ class DecoderGeometry:
     # Qwen3.5's gated delta-nets): the decoder replaces each whole every call, so a row's state after a prefill
     # depends on all of its prompt, and a prefill starts from zeros (empty: a transformer's KV cache alone)
     states: tuple[LayerState, ...] = ()
+    # (KV heads, head size) of each of the ``num_layers`` cached layers where they differ from layer to layer (Gemma
+    # 4's full-attention layers have fewer, wider heads than its sliding ones); empty: every layer's are
+    # (``num_kv_heads``, ``head_dim``), which are otherwise layer 0's
+    layer_kv: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "windowed_layers", tuple(int(i) for i in self.windowed_layers))  # JSON gives a list
+        object.__setattr__(self, "layer_kv", tuple((int(h), int(d)) for h, d in self.layer_kv))
+        if self.layer_kv and (len(self.layer_kv) != self.num_layers
+                              or self.layer_kv[0] != (self.num_kv_heads, self.head_dim)):
+            raise ValueError(f"layer_kv {self.layer_kv} is not one (KV heads, head size) per layer of {self.num_layers} "
+                             f"starting with layer 0's ({self.num_kv_heads}, {self.head_dim})")
         object.__setattr__(self, "states", tuple(s if isinstance(s, LayerState) else LayerState(**s)
                                                  for s in self.states))
         if self.prefill_blocks not in PREFILL_BLOCKS:
@@ -62,7 +71,7 @@ class DecoderGeometry:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for name in ("prefill_blocks", "states"):  # defaults left out: such manifests stay readable by earlier versions
+        for name in ("prefill_blocks", "states", "layer_kv"):  # defaults left out: such manifests stay readable by earlier versions
             if not d[name]:
                 del d[name]
         return d
@@ -80,12 +89,17 @@ class DecoderGeometry:
             return None
         return tuple(self.sliding_window if i in self.windowed_layers else None for i in range(self.num_layers))
 
+    def kv_shape(self, layer: int) -> tuple[int, int]:
+        """(KV heads, head size) of cached layer ``layer``."""
+        return self.layer_kv[layer] if self.layer_kv else (self.num_kv_heads, self.head_dim)
+
     def kv_bytes(self, sequence: int, batch: int = 1) -> int:
         """Bytes of the self-attention cache (keys and values of every layer) at ``sequence`` tokens."""
         import numpy as np
 
         item = np.dtype(self.cache_dtype).itemsize
-        return 2 * self.num_layers * batch * self.num_kv_heads * sequence * self.head_dim * item
+        width = sum(heads * size for heads, size in map(self.kv_shape, range(self.num_layers)))
+        return 2 * batch * sequence * width * item
 
     def state_bytes(self, batch: int = 1) -> int:
         """Bytes of the fixed-size states (``states``) of ``batch`` rows, whatever their length."""

@@ -225,6 +225,12 @@ class ImagePatches:
     merge blocks all the same, so a merge block is always ``merge²`` consecutive patches of a row. Patches are
     flattened to one vector each (PaddleOCR-VL's processor gives them [channels, patch, patch]).
 
+    A processor that gives each image's patches as one row of its own already, row-major over the image and padded
+    to its largest image (``pixel_values [images, patches, depth]``) with each patch's (x, y) place in
+    ``image_position_ids`` (-1 on padding: Gemma 4's), is read the same way (set ``raster``: the patches are taken
+    in the order of merge blocks). ``begin``: text before an image's tokens (Gemma 4's begin-of-image token, with
+    its end-of-image one as ``end``).
+
     ``framed``: the projector also writes a row after each row of merge blocks and one before and one after the image
     (HunYuanVL's newline, begin and end rows), each one more image token: an image of ``rows x cols`` blocks is
     ``rows x (cols + 1) + 2`` tokens."""
@@ -242,6 +248,7 @@ class ImagePatches:
     end: str = ""
     raster: bool = False
     framed: bool = False
+    begin: str = ""
     #: the image path sees each image as one image (the tiles contract's count)
     max_tiles: ClassVar[int] = 1
 
@@ -272,9 +279,9 @@ class ImagePatches:
 
     def text(self, grid: tuple[int, int], token: str, per_tile: int = 0, index: int = 0) -> str:
         if not (self.row_end or self.end):
-            return token * self.tokens(grid)
+            return self.begin + token * self.tokens(grid)
         rows, cols = grid[0] // self.merge, grid[1] // self.merge
-        return (token * cols + self.row_end) * (rows - 1) + token * cols + self.end
+        return self.begin + (token * cols + self.row_end) * (rows - 1) + token * cols + self.end
 
     def most_tokens(self, per_tile: int = 0) -> int:
         blocks = self.max_patches // self.merge ** 2
@@ -294,6 +301,19 @@ class ImagePatches:
                                  f"{self.merge} x {self.merge} patches of {self.patch} pixels (the image processor "
                                  "resizes to them with the model's own patch_size)")
             return grids
+        if "image_position_ids" in processed:  # each image a padded row of patches with (x, y) places
+            grids = []
+            for place in np.asarray(processed["image_position_ids"]):
+                real = place[place[:, 0] >= 0]
+                h, w = (int(real[:, 1].max()) + 1, int(real[:, 0].max()) + 1) if len(real) else (0, 0)
+                x, y = np.meshgrid(np.arange(w), np.arange(h))
+                if not len(real) or h % self.merge or w % self.merge or len(real) != h * w \
+                        or (real != np.stack([x.reshape(-1), y.reshape(-1)], axis=-1)).any():
+                    raise ValueError(f"the image processor places an image's {len(real)} patches on a grid of {h} x "
+                                     f"{w}: not every patch of whole merge blocks of {self.merge} x {self.merge}, "
+                                     "first and row-major")
+                grids.append((h, w))
+            return grids
         thw = np.asarray(processed["image_grid_thw"]).reshape(-1, 3)
         if (thw[:, 0] != 1).any():  # a still image is one frame (its processor repeats it to the temporal patch)
             raise ValueError(f"image grids of {sorted(set(thw[:, 0].tolist()))} frames: an image is one")
@@ -302,6 +322,10 @@ class ImagePatches:
     def _patches(self, processed: dict, grids: list[tuple[int, int]]) -> list[np.ndarray]:
         """Each image's patches [rows x cols, ...] in the order of ``patch_positions``."""
         pixels = np.asarray(processed["pixel_values"])
+        if not self.patch and "image_position_ids" in processed:  # a padded row per image, its real patches first
+            images = [row[:h * w].reshape(h * w, -1) for row, (h, w) in zip(pixels, grids)]
+            return [image[(place := self.patch_positions(h, w))[:, 0] * w + place[:, 1]] if self.raster else image
+                    for image, (h, w) in zip(images, grids)]
         if not self.patch:
             sizes = [h * w for h, w in grids]
             if sum(sizes) != len(pixels):
@@ -730,7 +754,7 @@ class PromptLayout:
             if not d[name]:
                 del d[name]
         tiles = d.get("image_tiles") or {}
-        patches = ("patch", "row_end", "end", "raster", "framed")
+        patches = ("patch", "row_end", "end", "raster", "framed", "begin")
         defaults = (() if "max_slices" in tiles else patches if "merge" in tiles else
                     ("token",) if "counted_by" in tiles else ())
         for name in defaults:  # likewise (ImagePatches' and ImageTiles' defaults)

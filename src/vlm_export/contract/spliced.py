@@ -39,16 +39,21 @@ def named_states(g: DecoderGeometry, prefix: str) -> list[tuple[str, LayerState]
     return [(f"{prefix}.{state.name}", state) for state in g.states]
 
 
+def layer_kv_shapes(g: DecoderGeometry) -> list[tuple[int, int]]:
+    """(KV heads, head size) of each name ``kv_names`` gives, in its order (a layer's key, then its value)."""
+    return [g.kv_shape(name // 2) for name in range(2 * g.num_layers)]
+
+
 def self_attention_io(g: DecoderGeometry, past_names: Sequence[str],
                       present_names: Sequence[str]) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """(the past K/V inputs, the logits + present K/V outputs) of a decoder with a growing self-attention cache,
     each followed by the fixed-size states of the geometry, if any (past in, present out)."""
-    past = tuple(TensorSpec(n, g.cache_dtype, ("batch", g.num_kv_heads, "past_sequence", g.head_dim), "decoder")
-                 for n in past_names)
+    past = tuple(TensorSpec(n, g.cache_dtype, ("batch", heads, "past_sequence", size), "decoder")
+                 for n, (heads, size) in zip(past_names, layer_kv_shapes(g)))
     states_in = tuple(TensorSpec(n, s.dtype, ("batch", *s.shape), "decoder") for n, s in named_states(g, PAST_STATES))
     outputs = (TensorSpec("logits", "float32", ("batch", 1, g.vocab_size)),
-               *(TensorSpec(n, g.cache_dtype, ("batch", g.num_kv_heads, "total_sequence", g.head_dim))
-                 for n in present_names),
+               *(TensorSpec(n, g.cache_dtype, ("batch", heads, "total_sequence", size))
+                 for n, (heads, size) in zip(present_names, layer_kv_shapes(g))),
                *(TensorSpec(n, s.dtype, ("batch", *s.shape)) for n, s in named_states(g, PRESENT_STATES)))
     return past + states_in, outputs
 
@@ -72,8 +77,8 @@ class SelfAttentionCache:
 
     def _empty_past(self, rows: int) -> dict[str, np.ndarray]:
         g = self.geometry
-        shape = (rows, g.num_kv_heads, 0, g.head_dim)
-        return {**{n: np.zeros(shape, dtype=g.cache_dtype) for n in self.past_names},
+        return {**{n: np.zeros((rows, heads, 0, size), dtype=g.cache_dtype)
+                   for n, (heads, size) in zip(self.past_names, layer_kv_shapes(g))},
                 **{n: np.zeros((rows, *s.shape), dtype=s.dtype) for n, s in named_states(g, PAST_STATES)}}
 
     def _caches(self, outputs: Feeds) -> dict[str, np.ndarray]:
@@ -83,8 +88,8 @@ class SelfAttentionCache:
 
     def _random_caches(self, rows: int, length: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         g = self.geometry
-        shape = (rows, g.num_kv_heads, length, g.head_dim)
-        return {**{n: rng.standard_normal(shape).astype(g.cache_dtype) for n in self.past_names},
+        return {**{n: rng.standard_normal((rows, heads, length, size)).astype(g.cache_dtype)
+                   for n, (heads, size) in zip(self.past_names, layer_kv_shapes(g))},
                 **{n: rng.standard_normal((rows, *s.shape)).astype(s.dtype) for n, s in named_states(g, PAST_STATES)}}
 
     def _step_tokens(self, batch: DecodeBatch, tokens: np.ndarray) -> dict[str, np.ndarray]:
