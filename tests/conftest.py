@@ -45,7 +45,7 @@ _hf_image_processors_on_the_tools_backend()
 from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava, make_tiny_mllama, make_tiny_prefix  # noqa: E402
 from tiny_models import make_tiny_blip2_t5, make_tiny_lfm3_vl, make_tiny_minicpm_v  # noqa: E402
 from tiny_models import make_tiny_aya_vision, make_tiny_deepseek_vl, make_tiny_florence2  # noqa: E402
-from tiny_models import (make_tiny_gemma3, make_tiny_idefics3, make_tiny_internvl, make_tiny_paligemma,  # noqa: E402
+from tiny_models import (make_tiny_gemma3, make_tiny_gemma4, make_tiny_idefics3, make_tiny_internvl, make_tiny_paligemma,  # noqa: E402
                          make_tiny_llava_next, make_tiny_llava_onevision, make_tiny_mistral3,
                          make_tiny_cosmos3_edge, make_tiny_glm4v, make_tiny_hunyuan_vl, make_tiny_lighton_ocr,
                          make_tiny_paddleocr_vl, make_tiny_qwen2_vl)
@@ -90,6 +90,9 @@ TINY_MODELS = {
     "blip2-t5": (make_tiny_blip2_t5, {}),
     "florence2": (make_tiny_florence2, {}),
     "gemma3": (make_tiny_gemma3, {}),  # Gemma3ForConditionalGeneration: image blocks attend both ways
+    # Gemma 4: patches of any image size pooled into cells; K/V heads and head sizes that differ by layer, shared K/V
+    # layers, per-layer input embeddings, image blocks both ways on the sliding layers only
+    "gemma4": (make_tiny_gemma4, {}),
     # its pan and scan: a photo 1.5 times as wide as high given whole and as 2 crops, each one more image
     "gemma3-pan-and-scan": (make_tiny_gemma3, {"pan_and_scan": {"pan_and_scan_min_crop_size": 32,
                                                                 "pan_and_scan_max_num_crops": 3}}),
@@ -842,6 +845,7 @@ LONGEST_FIRST = (
     "test_qwen3_5.py",  # ~90 CPU-s: HF generate on every size, a served tritonserver, a tiny MoE model of its own
     "test_lfm3_vl.py",  # HF generate on every size, a served tritonserver
     "test_hunyuan_vl.py",  # likewise
+    "test_gemma4.py",  # likewise
 )
 
 

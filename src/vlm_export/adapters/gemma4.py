@@ -34,12 +34,11 @@ import torch
 from torch import nn
 
 from ..contract import DecoderGeometry, ImagePatches, PromptLayout
-from ..contract.layout import PATCH_MASK, PATCH_POSITIONS
 from ..contract.patches import PatchRowsScheme
 from ..errors import AdapterError
 from . import register
 from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, use_saved_chat_template
-from .decoder import greedy_reference, spliced_decoder_stage, text_geometry
+from .decoder import greedy_reference, image_rows, save_language_model, spliced_decoder_stage, text_geometry
 from .gemma3 import ImageBlockDecoder
 from .loading import load_hf_parts
 from .qwen2_vl import patch_grids, patch_row_stages, raster_pixels
@@ -87,7 +86,7 @@ class Gemma4Decoder(ImageBlockDecoder):
         if not self.text_model.hidden_size_per_layer_input:
             return {}
         # Hugging Face embeds the image placeholders as the pad id here (their first embedding is replaced anyway)
-        image = image_rows_mask(input_ids, image_embeds, self.image_token_id)
+        image = image_rows(input_ids, image_embeds, self.image_token_id) > 0
         text_ids = torch.where(image, torch.full_like(input_ids, self.pad_token_id), input_ids)
         return {"per_layer_inputs": self.text_model.get_per_layer_inputs(text_ids, None)}
 
@@ -106,12 +105,6 @@ class Gemma4Decoder(ImageBlockDecoder):
         if self.softcap is None:
             return logits
         return torch.tanh(logits / self.softcap) * self.softcap
-
-
-def image_rows_mask(input_ids, image_embeds, image_token_id: int) -> torch.Tensor:
-    from .decoder import image_rows
-
-    return image_rows(input_ids, image_embeds, image_token_id) > 0
 
 
 @register
@@ -226,3 +219,6 @@ class Gemma4Adapter(VLMAdapter):
                       "mm_token_type_ids": (input_ids == loaded.config.image_token_id).to(torch.int64)}
             pixel_values = pixels
         return greedy_reference(loaded.model, input_ids, pixel_values, max_new_tokens, eos_token_ids, **inputs)
+
+    def write_text_model(self, loaded: LoadedModel, out: Path) -> Path:
+        return save_language_model(loaded, out)  # Gemma4ForCausalLM: the same layers, head and soft cap

@@ -1,0 +1,159 @@
+"""Gemma 4 (the ``gemma4`` adapter): patches of any image size pooled into cells, a text model whose layers differ in
+K/V heads and head size, whose last layers share earlier layers' K/V, with per-layer input embeddings and image blocks
+attending both ways on its sliding layers. The build itself (parity of every stage, HF generate's tokens alone and
+batched on the default samples) is test_export_core's."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import (TWO_IMAGE_TURNS, check_answers_equal_hf_generate, check_served_as_in_process,
+                      check_text_model_is_a_causal_lm, photos, requests_of_every_size)
+from vlm_export.errors import AdapterError
+
+#: (height, width): the largest (70 cells of 2 x 2 patches), wide, tall, tiny, square, odd
+SIZES = [(300, 200), (20, 50), (70, 20), (3, 3), (64, 64), (41, 33)]
+
+
+def _load(folder):
+    from vlm_export.adapters import adapter_for
+
+    return adapter_for(folder).load(folder)
+
+
+def test_each_layers_kv_shape_is_declared_and_shared_layers_keep_none(tiny_build):
+    """The full-attention layers' K/V (1 head of 32) differ from the sliding ones' (2 of 16): the geometry lists each
+    layer's, the decoder's inputs and outputs take them, and the last two layers (which read layers 2's and 3's K/V)
+    have no cache of their own."""
+    from vlm_export.contract import DecoderGeometry
+    from vlm_export.runtime.load import open_build
+
+    build = tiny_build("gemma4")
+    geometry = DecoderGeometry.from_dict(build.manifest["scheme"]["geometry"])
+    assert geometry.num_layers == 4 and geometry.layer_kv == ((2, 16), (2, 16), (1, 32), (2, 16))
+    assert geometry.prefill_blocks == "images"
+    inputs = {t["name"]: t["shape"] for t in build.manifest["graphs"]["lm_decoder"]["inputs"]}
+    assert inputs["past_key_values.2.value"] == ["batch", 1, "past_sequence", 32]
+    assert inputs["past_key_values.3.key"] == ["batch", 2, "past_sequence", 16]
+    assert "past_key_values.4.key" not in inputs
+    pipe = open_build(build.path)
+    feeds = pipe.scheme.prefill_feeds([[5, 6], [7]], pipe.scheme.empty_image_input())
+    assert feeds["past_key_values.2.key"].shape == (2, 1, 0, 32) and feeds["past_key_values.1.key"].shape == (2, 2, 0, 16)
+    assert geometry.kv_bytes(10) == 2 * 10 * (3 * 2 * 16 + 32) * 4
+
+
+def test_layer_kv_round_trips_and_is_checked():
+    """``layer_kv`` is left out of a uniform geometry's manifest form (earlier readers keep reading it), kept in a
+    mixed one's, and refused where it does not give each layer's shape starting with layer 0's."""
+    from vlm_export.contract import DecoderGeometry
+
+    base = dict(num_layers=2, num_kv_heads=2, head_dim=16, hidden_size=64, vocab_size=100, max_position_embeddings=64)
+    assert "layer_kv" not in DecoderGeometry(**base).to_dict()
+    mixed = DecoderGeometry(**base, layer_kv=[[2, 16], [1, 32]])  # JSON's lists
+    assert DecoderGeometry.from_dict(mixed.to_dict()) == mixed and mixed.kv_shape(1) == (1, 32)
+    for wrong in ([(2, 16)], [(1, 32), (2, 16)]):
+        with pytest.raises(ValueError, match="layer_kv"):
+            DecoderGeometry(**base, layer_kv=wrong)
+
+
+def test_image_rows_equal_hf_for_every_size(tiny_model_dir):
+    """The split tower (cells averaged as consecutive runs of patches) and projector on a padded batch of images of
+    every size give Hugging Face's ``get_image_features`` on the processor's own rows (padded to the most cells, each
+    image's soft tokens with the padding stripped)."""
+    import torch
+
+    from vlm_export.runtime.images import ImageLimits, processed_images
+
+    loaded = _load(tiny_model_dir("gemma4"))
+    adapter = loaded.adapter
+    layout, scheme = adapter.prompt_layout(loaded), adapter.scheme(loaded)
+    flat = processed_images(loaded.image_processor, photos(SIZES, len(SIZES)), ImageLimits())
+    arranged = layout.image_tiles.arranged(dict(flat))
+    vision, projector = adapter.stages(loaded)[:2]
+    with torch.no_grad():
+        rows = projector.module(vision.module(*(torch.from_numpy(arranged[t.name]) for t in vision.spec.inputs)))
+        theirs = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
+                                                      torch.from_numpy(flat["image_position_ids"]))
+    placed = scheme.image_input_from_values({"image_embeds": rows.numpy(), **arranged})
+    np.testing.assert_allclose(placed, torch.cat(list(theirs.pooler_output)).numpy(), atol=2e-5, rtol=0)
+    counts = [layout.image_tiles.tokens(grid) for grid in layout.image_tiles.grids(flat)]
+    assert counts == list(flat["num_soft_tokens_per_image"]) and max(counts) <= layout.tokens_per_image == 70
+
+
+def test_prompt_ids_and_patches_are_the_processors(tiny_build, tiny_model_dir):
+    """Each image written as Gemma4Processor writes it (begin-of-image, a soft token per cell, end-of-image: its own
+    ``replace_image_token`` on the image processor's counts, the templated text tokenized without more special tokens,
+    as its ``apply_chat_template`` does); the image path's rows hold each image's patches from the
+    image processor, each at its (x, y) place, and nothing else."""
+    from types import SimpleNamespace
+
+    from transformers import AutoImageProcessor, AutoTokenizer, Gemma4Processor
+
+    from vlm_export.runtime.load import open_build
+
+    folder = tiny_model_dir("gemma4")
+    pipe = open_build(tiny_build("gemma4").path)
+    images = photos(SIZES, 2)
+    tokenizer, image_processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+    theirs = image_processor(images=images, return_tensors="np")
+    # Gemma4Processor needs torchvision to load (its video processor): its method called as it calls it
+    processor = SimpleNamespace(boi_token=tokenizer.boi_token, eoi_token=tokenizer.eoi_token,
+                                image_token=tokenizer.image_token)
+    text = tokenizer.apply_chat_template(TWO_IMAGE_TURNS, add_generation_prompt=True, tokenize=False)
+    parts = text.split(tokenizer.image_token)
+    strings = [Gemma4Processor.replace_image_token(processor, theirs, k) for k in range(len(images))]
+    assert pipe.prompt_ids(TWO_IMAGE_TURNS, images) == tokenizer(
+        parts[0] + "".join(s + p for s, p in zip(strings, parts[1:])), add_special_tokens=False)["input_ids"]
+    ours = pipe.pixel_values(images)
+    for k in range(len(images)):
+        real = ours["patch_mask"][k].astype(bool)
+        places = theirs["image_position_ids"][k]
+        index = {(int(x), int(y)): i for i, (x, y) in enumerate(places) if x >= 0}
+        order = [index[(int(c), int(r))] for r, c in ours["patch_positions"][k][real]]
+        assert len(order) == len(index)
+        np.testing.assert_array_equal(ours["pixel_values"][k][real], theirs["pixel_values"][k][order])
+        assert not ours["pixel_values"][k][~real].any()
+
+
+def test_answers_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):
+    """Images of every size (prompts past the 8-token window), alone and two at once, and text alone: greedy answers =
+    Hugging Face generate's (its bidirectional image blocks on the sliding layers), alone and decoded together in one
+    batch of left-padded prompts."""
+    from vlm_export.runtime.load import open_build
+
+    pipe = open_build(tiny_build("gemma4").path)
+    check_answers_equal_hf_generate(pipe, _load(tiny_model_dir("gemma4")), requests_of_every_size(SIZES))
+
+
+def test_served_answers_equal_in_process(tiny_build, tmp_path):
+    """Served by a real tritonserver over gRPC (tall, wide and small images, three requests at once, a conversation's
+    second turn): every answer ``generate``'s in process."""
+    check_served_as_in_process(tiny_build("gemma4").path, tmp_path, [(40, 52), (400, 30), (16, 200)])
+
+
+def test_every_graph_passes_tensorrts_checks(tiny_build):
+    """Nothing in the tower, the projector or the decoder (mixed K/V shapes, the per-layer embeddings) that TensorRT
+    10's parser is known to refuse."""
+    from vlm_export.engines.check import check_build
+
+    report = check_build(tiny_build("gemma4").path)
+    assert report.violations == [], report.violations[:3]
+
+
+def test_text_model_is_gemma4s_causal_lm(tiny_model_dir, tmp_path):
+    """The LM written for the peers is Gemma 4's own causal LM (shared K/V layers, per-layer embeddings, the soft
+    cap), with the same logits on text."""
+    check_text_model_is_a_causal_lm(tiny_model_dir("gemma4"), tmp_path / "lm", "gemma4_text")
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"text_sizes": {"use_bidirectional_attention": "all"}}, "attends both ways everywhere"),
+])
+def test_a_gemma4_that_does_not_generate_is_refused(tmp_path, change, needle):
+    """An embedding model (every token attending both ways) is refused in one line at load."""
+    from tiny_models import make_tiny_gemma4
+
+    folder = make_tiny_gemma4(tmp_path / "model", **change)
+    with pytest.raises(AdapterError, match=needle) as caught:
+        _load(folder)
+    assert "\n" not in str(caught.value)
