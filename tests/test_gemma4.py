@@ -148,9 +148,11 @@ def test_text_model_is_gemma4s_causal_lm(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("change, needle", [
     ({"text_sizes": {"use_bidirectional_attention": "all"}}, "attends both ways everywhere"),
+    ({"cell": 1}, "pools cells of 1 patch"),
 ])
-def test_a_gemma4_that_does_not_generate_is_refused(tmp_path, change, needle):
-    """An embedding model (every token attending both ways) is refused in one line at load."""
+def test_a_gemma4_without_a_reference_is_refused(tmp_path, change, needle):
+    """An embedding model (every token attending both ways), and a tower that pools nothing (Hugging Face's own forward
+    then keeps an image's padding instead of its patches): refused in one line at load."""
     from tiny_models import make_tiny_gemma4
 
     folder = make_tiny_gemma4(tmp_path / "model", **change)

@@ -301,7 +301,7 @@ def make_tiny_gemma4(path: Path, seed: int = 0, patch_size: int = 4, cell: int =
     SmolLM2's tokenizer given Gemma 4's three image tokens (begin, end, soft). The text model by default has what
     sets Gemma 4 apart: full-attention layers with fewer, wider K/V heads whose values are their keys' projection,
     two last layers that share earlier layers' K/V, per-layer input embeddings, images attending both ways on the
-    sliding layers, a final soft cap."""
+    sliding layers, a final soft cap; the tower with clipped linears and standardized soft tokens."""
     from transformers import AutoTokenizer, Gemma4Config, Gemma4ForConditionalGeneration
     from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
@@ -318,7 +318,8 @@ def make_tiny_gemma4(path: Path, seed: int = 0, patch_size: int = 4, cell: int =
     text.update(vocab_size=vocab, vocab_size_per_layer_input=vocab, max_position_embeddings=512, bos_token_id=1,
                 eos_token_id=2, pad_token_id=2)
     vision = {**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     num_key_value_heads=2, head_dim=16, position_embedding_size=64), **(vision_sizes or {})}
+                     num_key_value_heads=2, head_dim=16, position_embedding_size=64, use_clipped_linears=True,
+                     standardize=True), **(vision_sizes or {})}
     vision.update(patch_size=patch_size, pooling_kernel_size=cell)
     ids = {name: tokenizer.convert_tokens_to_ids(getattr(tokenizer, token)) for name, token in
            (("image_token_id", "image_token"), ("boi_token_id", "boi_token"), ("eoi_token_id", "eoi_token"))}
@@ -328,6 +329,19 @@ def make_tiny_gemma4(path: Path, seed: int = 0, patch_size: int = 4, cell: int =
     with torch.no_grad():  # random layers that let the image reach the answer
         for p in model.model.embed_vision.parameters():
             p.normal_(std=0.5)
+        # what Hugging Face initializes to no effect, drawn so that each has one: the position table (ones), the
+        # soft tokens' standardization (0 and 1), the tower's clipped linears (infinite bounds), the layer scalars
+        tower = model.model.vision_tower
+        tower.patch_embedder.position_embedding_table.normal_(std=0.5)
+        if tower.config.standardize:
+            tower.std_bias.normal_(std=0.5)
+            tower.std_scale.uniform_(0.5, 1.5)
+        for module in tower.modules():
+            if getattr(module, "use_clipped_linears", False):
+                module.input_min.fill_(-1.5), module.input_max.fill_(1.5)
+                module.output_min.fill_(-1.0), module.output_max.fill_(1.0)
+        for layer in model.model.language_model.layers:
+            layer.layer_scalar.uniform_(0.5, 1.5)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     (Path(path) / "chat_template.jinja").write_text(GEMMA4_CHAT_TEMPLATE)

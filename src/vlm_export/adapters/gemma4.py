@@ -144,6 +144,11 @@ class Gemma4Adapter(VLMAdapter):
                 raise AdapterError(f"the tokenizer in {path} names {name} {token!r} (id "
                                    f"{None if token is None else tokenizer.convert_tokens_to_ids(token)}) but the "
                                    f"model's config says {want}: save the model's own tokenizer beside it")
+        if vision.pooling_kernel_size < 2:
+            # its pooler passes the patches through unpooled with the padding mask, which the model then keeps
+            raise AdapterError(f"the vision tower in {path} pools cells of {vision.pooling_kernel_size} patch: Hugging "
+                               "Face's Gemma4VisionModel then keeps an image's padding patches instead of its own, so "
+                               "there is no reference to match; not supported (pooling_kernel_size 2 or more)")
         self._patches(loaded)
         return loaded
 
