@@ -42,6 +42,17 @@ def test_each_layers_kv_shape_is_declared_and_shared_layers_keep_none(tiny_build
     assert geometry.kv_bytes(10) == 2 * 10 * (3 * 2 * 16 + 32) * 4
 
 
+def test_fused_form_fuses_the_norms_and_says_why_not_the_attention(tiny_build):
+    """Gemma 4's norms (x * (mean(x²) + eps) ** -0.5, one Pow) become ONNX Runtime's norm kernels, every one: each of the
+    six layers' five (around attention and MLP, after the per-layer input; the one after the attention's residual Add
+    with it), the q norms of six layers and the k and v norms of the four that project K/V, the final one; the
+    attention stays as exported (image blocks attend both ways, the kernel masks causally), which the manifest says."""
+    fusion = tiny_build("gemma4").manifest["graphs"]["lm_decoder"]["fusion"]
+    assert fusion["made"] and fusion["fusions"]["skip_rms_norm"] == 6, fusion
+    assert fusion["fusions"]["rms_norm"] + fusion["fusions"]["skip_rms_norm"] == 6 * 5 + 6 + 4 * 2 + 1, fusion
+    assert fusion["fusions"]["attention"] == 0 and "both ways" in fusion["kv_copied_because"]
+
+
 def test_layer_kv_round_trips_and_is_checked():
     """``layer_kv`` is left out of a uniform geometry's manifest form (earlier readers keep reading it), kept in a
     mixed one's, and refused where it does not give each layer's shape starting with layer 0's."""

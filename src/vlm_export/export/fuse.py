@@ -285,9 +285,9 @@ def _fuse_skip_rms_norm(g: _Graph, report: FuseReport) -> None:
             else:
                 standalone += 1
             continue
-        # nodes[0] (Pow) and nodes[5] (the normalising Mul) read x
+        # of the norm's nodes the square and the normalising Mul read x
         fused = helper.make_node("SkipSimplifiedLayerNormalization", [*residual.input, gamma],
-                                 _skip_outputs(g, x, y, [nodes[0], nodes[5]]),
+                                 _skip_outputs(g, x, y, nodes),
                                  name=f"{residual.name}_skip_rms_norm", domain=MS_DOMAIN, epsilon=eps)
         g.replace([residual, *nodes], [fused])
         report.fusions["skip_rms_norm"] += 1

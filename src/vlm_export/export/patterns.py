@@ -7,7 +7,7 @@ import onnx
 
 def rms_norm(g, reduce: onnx.NodeProto):
     """Match Pow(X,2)|Mul(X,X) -> ReduceMean(last axis) -> Add(eps) -> Sqrt -> Reciprocal|Div(1,.)
-    -> Mul(X,.) -> Mul(., gamma) from its ReduceMean; returns (x, gamma, eps, nodes, y) or None. A norm
+    (or Pow(., -0.5) for both: Gemma 4's) -> Mul(X,.) -> Mul(., gamma) from its ReduceMean; returns (x, gamma, eps, nodes, y) or None. A norm
     with no constant gamma after it (nanochat's, which has no weight) matches without one: gamma is
     None then, and X's last axis static (the width a kernel's unit gamma needs)."""
     if not _over_last_axis(g, reduce):
@@ -27,14 +27,20 @@ def rms_norm(g, reduce: onnx.NodeProto):
     eps = g.scalar(g.other_input(add, reduce.output[0]) or "") if add is not None else None
     if eps is None or not 0 < eps < 1e-2:
         return None
-    sqrt = g.sole_consumer(add.output[0], "Sqrt")
-    inv = sqrt and g.sole_consumer(sqrt.output[0], ("Reciprocal", "Div"))
-    if inv is None or (inv.op_type == "Div" and (inv.input[1] != sqrt.output[0] or g.scalar(inv.input[0]) != 1.0)):
+    sqrt = g.sole_consumer(add.output[0], ("Sqrt", "Pow"))
+    if sqrt is not None and sqrt.op_type == "Pow":  # (mean + eps) ** -0.5 in one node
+        inv, sqrt = (sqrt if sqrt.input[0] == add.output[0] and g.scalar(sqrt.input[1]) == -0.5 else None), None
+    else:
+        inv = sqrt and g.sole_consumer(sqrt.output[0], ("Reciprocal", "Div"))
+        if inv is not None and inv.op_type == "Div" and (inv.input[1] != sqrt.output[0]
+                                                         or g.scalar(inv.input[0]) != 1.0):
+            inv = None
+    if inv is None:
         return None
     scale = g.sole_consumer(inv.output[0], "Mul")
     if scale is None or g.other_input(scale, inv.output[0]) != x:
         return None
-    nodes = [square, reduce, add, sqrt, inv, scale]
+    nodes = [square, reduce, add, *([sqrt] if sqrt is not None else []), inv, scale]
     affine = g.sole_consumer(scale.output[0], "Mul")
     gamma_name = affine and g.other_input(affine, scale.output[0])
     gamma = g.const(gamma_name) if gamma_name else None
@@ -60,7 +66,8 @@ def layer_norm(g, reduce: onnx.NodeProto):
     if mean is None or mean.input[0] != x or not _over_last_axis(g, mean) \
             or g.sole_consumer(mean.output[0], "Sub") is not sub:
         return None
-    if centered in g.outputs or {id(c) for c in g.consumers[centered]} != {id(nodes[0]), id(nodes[5])}:
+    normalising = next(n for n in nodes[1:] if n.op_type == "Mul" and centered in n.input)
+    if centered in g.outputs or {id(c) for c in g.consumers[centered]} != {id(nodes[0]), id(normalising)}:
         return None  # the centred values are read elsewhere (not the square and the normalising Mul)
     return x, gamma, eps, [mean, sub, *nodes], y
 
