@@ -170,3 +170,43 @@ def test_a_gemma4_without_a_reference_is_refused(tmp_path, change, needle):
     with pytest.raises(AdapterError, match=needle) as caught:
         _load(folder)
     assert "\n" not in str(caught.value)
+
+
+def test_quantized_lookups_are_the_tables_dequantized(tiny_build, tmp_path):
+    """``--quantize-embeddings`` on Gemma 4's w8 decoder: its two lookup tables (the token embeddings, tied to the
+    head, which by then reads its own quantized copy; the per-layer input embeddings) become GatherBlockQuantized,
+    the graph a third of its size, and its logits are those of the same w8 graph with each table replaced by its
+    dequantized values - the rewrite is exact; what the rounding costs is the build's gates' to judge (on this random
+    tiny model the prefill cosine falls below them)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from vlm_export.precision.convert import PrecisionOptions, make_variant
+    from vlm_export.precision.weight_only import quantize_blocks
+    from vlm_export.runtime.load import open_build
+
+    build = tiny_build("gemma4")
+    src = build.path / "graphs" / "lm_decoder.onnx"
+    made = {}
+    for lookups in (False, True):
+        made[lookups] = make_variant("w8", src, tmp_path / f"w8-{lookups}.onnx",
+                                     PrecisionOptions(weight_scheme="zero-point", quantize_lookups=lookups))
+    tables = made[True].details["lookup_tables"]
+    assert sorted(tables) == ["lm_head.weight", "text_model.embed_tokens_per_layer.weight"], tables
+    assert made[False].details["lookup_tables"].startswith("float")
+    plain = onnx.load(tmp_path / "w8-False.onnx")
+    for init in plain.graph.initializer:
+        if init.name in tables:
+            t = tables[init.name]
+            values = numpy_helper.to_array(init)
+            dequantized = quantize_blocks(values.T, 8, t["block_size"], "zero-point").dequantize().T
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(dequantized), init.name))
+    assert (tmp_path / "w8-True.onnx").stat().st_size < (tmp_path / "w8-False.onnx").stat().st_size / 2
+    scheme = open_build(build.path).scheme
+    feeds = scheme.prefill_feeds([[1, 44, 3738, 5, 9, 17], [1, 71, 8]], scheme.empty_image_input())
+    quantized = ort.InferenceSession(str(tmp_path / "w8-True.onnx"), providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in quantized.get_outputs()]
+    for name, got, want in zip(names, quantized.run(None, feeds), reference.run(names, feeds)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=name)

@@ -419,3 +419,63 @@ def test_fp16_gives_a_kept_node_reading_one_constant_twice_one_copy(tmp_path):
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     got = ort.InferenceSession(converted.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, 3 * x)
+
+
+def _lookup_graph(width: int, tied: bool = False) -> onnx.ModelProto:
+    """input_ids (image placeholders swapped for 0, as our decoders do) -> a token table's rows, plus a rotary-like
+    table's rows by position_ids; with ``tied``, a head reading the token table too."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Where", ["is_image", "zero", "input_ids"], ["ids"]),
+             helper.make_node("Gather", ["table", "ids"], ["rows"]),
+             helper.make_node("Gather", ["rotary", "position_ids"], ["turn"]),
+             helper.make_node("Add", ["rows", "turn"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if tied:
+        nodes += [helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+                  helper.make_node("MatMul", ["y", "table_t"], ["logits"])]
+        outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, None))
+    graph = helper.make_graph(
+        nodes, "lookups",
+        [helper.make_tensor_value_info(n, t, [1, 5]) for n, t in (("input_ids", TensorProto.INT64),
+                                                                  ("position_ids", TensorProto.INT64),
+                                                                  ("is_image", TensorProto.BOOL))],
+        outputs,
+        [numpy_helper.from_array(rng.standard_normal((VOCAB, width)).astype(np.float32), "table"),
+         numpy_helper.from_array(rng.standard_normal((16, width)).astype(np.float32), "rotary"),
+         numpy_helper.from_array(np.array(0, np.int64), "zero")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("bits, width, block", [(8, 64, 32), (4, 64, 32), (4, 48, 32)])
+def test_token_lookups_become_gather_block_quantized_rows_of_the_dequantized_table(bits, width, block):
+    """A table gathered by the token ids becomes ONNX Runtime's GatherBlockQuantized, whose rows are exactly our
+    dequantized codes' (zero-point blocks along the row; 48 wide: blocks of 16, three of them, the 4-bit zero points
+    packed with one to spare); a table gathered by positions (a rotary cache) is left as it is."""
+    from vlm_export.precision.weight_only import quantize_lookups
+
+    model = _lookup_graph(width)
+    table = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "table"))
+    done = quantize_lookups(model, bits, block)
+    size = block if width % block == 0 else 16
+    assert done == {"table": {"bits": bits, "block_size": size, "rows": VOCAB, "width": width}}
+    assert [n.op_type for n in model.graph.node] == ["Where", "GatherBlockQuantized", "Gather", "Add"]
+    assert "table" not in {i.name for i in model.graph.initializer}
+    feeds = {"input_ids": np.array([[1, 7, 95, 3, 0]]), "position_ids": np.arange(5)[None],
+             "is_image": np.array([[False, True, False, False, False]])}
+    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    rotary = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "rotary"))
+    dequantized = quantize_blocks(table.T, bits, size, "zero-point").dequantize().T
+    ids = np.where(feeds["is_image"], 0, feeds["input_ids"])
+    np.testing.assert_allclose(out, dequantized[ids] + rotary[feeds["position_ids"]], atol=1e-6, rtol=0)
+    step = (table.max() - table.min()) / (2 ** bits - 1)
+    assert 0 < np.abs(dequantized - table).max() <= step
+
+
+def test_a_lookup_table_read_by_another_node_is_kept_and_said_why():
+    """A table the head reads too (a tied head not yet given its own copy) stays float: quantizing it would change
+    the head; what was kept is said."""
+    from vlm_export.precision.weight_only import quantize_lookups
+
+    model = _lookup_graph(64, tied=True)
+    assert quantize_lookups(model, 8, 32) == {"table": {"kept": "read by other nodes too"}}
+    assert "GatherBlockQuantized" not in {n.op_type for n in model.graph.node}

@@ -42,7 +42,7 @@ from ..export.graph_info import (EXTERNAL_DATA_THRESHOLD, all_weight_bytes, chec
                                  topological_order)
 from .smoothquant import KERNELS
 from .weight_only import (DEFAULT_CORRECTION, FORMS, ROUNDINGS, SCHEMES, TENSORRT_INT4_BLOCK_SIZES, quantize_weights,
-                          describe_missed, targeted_weights, weight_inputs, weights_missed, whole_block_size)
+                          describe_missed, quantize_lookups, targeted_weights, weight_inputs, weights_missed, whole_block_size)
 
 FP32_ISLANDS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
                 "SkipSimplifiedLayerNormalization", "RMSNormalization", "Softmax", "ReduceMean", "ReduceSum",
@@ -84,6 +84,9 @@ class PrecisionOptions:
     # how many of an int8 decoder's most error-prone MatMuls stay fp32 (precision.sensitivity):
     # "auto" (the fewest that reach the int8 gate on the calibration pairs) or a count
     int8_fp32_matmuls: str = "auto"
+    # a w8/w4 decoder's token-id lookup tables (token embeddings, Gemma 4's per-layer ones) as GatherBlockQuantized
+    # at the decoder's bits (weight_only.quantize_lookups); the matmulnbits form only
+    quantize_lookups: bool = False
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATION_METHODS:
@@ -112,6 +115,9 @@ class PrecisionOptions:
             raise ExportError(f"--int8-fp32-matmuls takes auto or a count of MatMuls, got {self.int8_fp32_matmuls!r}")
         if self.weight_scheme is not None and self.weight_scheme not in SCHEMES:
             raise ExportError(f"weight scheme {self.weight_scheme!r} is not one of {', '.join(SCHEMES)}")
+        if self.quantize_lookups and self.weight_form == "dequantize":
+            raise ExportError("--quantize-embeddings makes ONNX Runtime's GatherBlockQuantized, which TensorRT does not "
+                              "read: use it with --weight-form matmulnbits, or drop it")
         if self.weight_form == "dequantize" and self.weight_scheme not in (None, "symmetric"):
             raise ExportError("the dequantize (TensorRT) weight form takes symmetric weights only; "
                               f"drop --weight-scheme {self.weight_scheme} or use --weight-form matmulnbits")
@@ -470,6 +476,8 @@ def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions,
                                 source_dir=src.parent)
         if blocks is not None:
             blocks.release()
+    lookups = (quantize_lookups(model, bits, options.block, source_dir=src.parent) if options.quantize_lookups
+               else "float (kept as exported; --quantize-embeddings quantizes them)")
     rounding = {"method": "rtn"}
     if blocks is not None:
         if len(blocks.gptq) != len(done):  # a MatMul renamed by a rewrite would get RTN silently
@@ -485,7 +493,7 @@ def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions,
                                     "block_sizes": {str(size): sum(s == size for _, s in done.values()) for size in used},
                                     "scheme": options.scheme, "form": options.weight_form, **activations,
                                     "rounding": rounding, "lm_head": head_precision, "quantized_matmuls": len(done),
-                                    "kept_fp32": sorted(keep), "weights_missed": missed})
+                                    "kept_fp32": sorted(keep), "weights_missed": missed, "lookup_tables": lookups})
 
 
 class _Feeds:

@@ -38,6 +38,12 @@ size and pads K to a multiple of it.
 Tied LM heads arrive as ``MatMul(x, Transpose(embedding))``; the head then gets its own
 quantized copy while the embedding lookup keeps the unquantized table (fp32; fp16 in the W4A16
 form) (a lookup reads one row, the head reads all of them every token).
+
+Lookup tables (``quantize_lookups``, asked for): a table the token ids index (the token embeddings, Gemma 4's
+per-layer input embeddings: vocabulary x layers x 256, the largest tensor of its small models) as ONNX Runtime's
+``GatherBlockQuantized``: codes of the decoder's bits in blocks along each row with integer zero points (the
+kernel's form; the zero-point scheme's rounding), read and dequantized a row at a time. A lookup reads one row per
+token, so this is for size, not speed; the matmulnbits form only (TensorRT does not read the contrib op).
 """
 from __future__ import annotations
 
@@ -198,6 +204,79 @@ def _targets(model: onnx.ModelProto, skip: set[str], source_dir: Path | None = N
             if len(source.dims) == 2 and perm == [1, 0]:
                 found.append(_Target(index, node, source, True, source_dir))
     return found
+
+
+#: ops a token-id lookup's indices may pass through from the ``input_ids`` input (our decoders embed the ids with
+#: image placeholders replaced: Where / Equal / Cast / Clip / arithmetic)
+_ID_OPS = ("Where", "Cast", "Clip", "Add", "Sub", "Mul", "Min", "Max", "Reshape", "Unsqueeze", "Squeeze", "Identity")
+
+
+def _reads_ids(graph: onnx.GraphProto, name: str, ids: str, limit: int = 16) -> bool:
+    """Whether tensor ``name`` is the graph input ``ids`` or made from it by ``_ID_OPS`` alone (at most ``limit``
+    nodes up): a table gathered by it is indexed by token ids (not by positions: a rotary table)."""
+    producers = {o: n for n in graph.node for o in n.output}
+    frontier, seen = [name], 0
+    while frontier and seen < limit:
+        tensor = frontier.pop()
+        if tensor == ids:
+            return True
+        node = producers.get(tensor)
+        if node is None or node.op_type not in _ID_OPS:
+            continue
+        seen += 1
+        # Where's condition is a mask, not an index: its branches carry the ids
+        frontier += list(node.input[1:] if node.op_type == "Where" else node.input[:1])
+    return False
+
+
+def quantize_lookups(model: onnx.ModelProto, bits: int, block_size: int, ids: str = "input_ids",
+                     source_dir: Path | None = None) -> dict[str, dict]:
+    """Rewrite in place each ``Gather`` (axis 0) of a 2-D fp32 initializer by indices made from the graph input
+    ``ids`` as ``GatherBlockQuantized`` of ``bits``-bit codes in blocks along the row (see the module docstring):
+    ``block_size`` where it divides the row's width, else the nearest MatMulNBits block size that does. A table read
+    by anything else too stays as it is (a tied LM head reads its own quantized copy by then). Returns, per table,
+    what was done or why not (``{"bits", "block_size", "rows", "width"}`` or ``{"kept": reason}``)."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    done, new_inits = {}, []
+    for node in list(graph.node):
+        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if table is None or len(table.dims) != 2 or table.data_type != onnx.TensorProto.FLOAT or axis != 0 \
+                or not _reads_ids(graph, node.input[1], ids):
+            continue
+        rows, width = (int(d) for d in table.dims)
+        if len(readers[table.name]) > 1 or table.name in {o.name for o in graph.output}:
+            done[table.name] = {"kept": "read by other nodes too"}
+            continue
+        size = whole_block_size([width], block_size)
+        if size is None or (bits == 4 and width % 2):
+            done[table.name] = {"kept": f"its width {width} is no whole number of blocks of 16 or more"}
+            continue
+        bq = quantize_blocks(read_tensor(table, source_dir).T, bits, size, "zero-point")  # K: the row's width
+        codes = _pack(bq.q.reshape(rows, width), bits)
+        prefix = f"{table.name}_q{bits}"
+        new_inits += [numpy_helper.from_array(codes, f"{prefix}_codes"),
+                      numpy_helper.from_array(bq.scales.astype(np.float32), f"{prefix}_scales"),
+                      numpy_helper.from_array(_pack(bq.zero_points, bits), f"{prefix}_zero_points")]
+        lookup = helper.make_node("GatherBlockQuantized", [f"{prefix}_codes", node.input[1], f"{prefix}_scales",
+                                                           f"{prefix}_zero_points"], list(node.output),
+                                  name=f"{_key(node)}_q{bits}", domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+                                  block_size=size, bits=bits)
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        graph.node.insert(at, lookup)
+        done[table.name] = {"bits": bits, "block_size": size, "rows": rows, "width": width}
+    if new_inits:
+        graph.initializer.extend(new_inits)
+        drop_unused(graph)
+        if MS_DOMAIN not in {o.domain for o in model.opset_import}:
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return done
 
 
 def _key(node: onnx.NodeProto) -> str:
