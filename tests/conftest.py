@@ -93,6 +93,8 @@ TINY_MODELS = {
     # Gemma 4: patches of any image size pooled into cells; K/V heads and head sizes that differ by layer, shared K/V
     # layers, per-layer input embeddings, image blocks both ways on the sliding layers only
     "gemma4": (make_tiny_gemma4, {}),
+    # Gemma 4 E2B / E4B's text model: images attend causally (the layers that write K/V fused, the shared ones not)
+    "gemma4-causal": (make_tiny_gemma4, {"text_sizes": {"use_bidirectional_attention": None}}),
     # its pan and scan: a photo 1.5 times as wide as high given whole and as 2 crops, each one more image
     "gemma3-pan-and-scan": (make_tiny_gemma3, {"pan_and_scan": {"pan_and_scan_min_crop_size": 32,
                                                                 "pan_and_scan_max_num_crops": 3}}),

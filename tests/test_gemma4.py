@@ -136,6 +136,26 @@ def test_answers_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir)
     check_answers_equal_hf_generate(pipe, _load(tiny_model_dir("gemma4")), requests_of_every_size(SIZES))
 
 
+def test_causal_gemma4_fuses_the_layers_that_write_kv(tiny_build, tiny_model_dir):
+    """Where images attend causally (E2B's and E4B's config), the attention of the four layers that write K/V
+    becomes GroupQueryAttention (the sliding ones' window in the kernel); the two KV-shared layers stay as exported,
+    reading what the kernels wrote, which keeps the cache copied rather than one buffer (the manifest says why); the
+    answers of the fused form = Hugging Face generate's, alone and batched."""
+    from vlm_export.runtime.load import open_build
+
+    build = tiny_build("gemma4-causal")
+    fusion = build.manifest["graphs"]["lm_decoder"]["fusion"]
+    assert fusion["fusions"]["attention"] == 4, fusion
+    notes = " ".join(fusion["notes"])
+    assert "2 attention softmax(es) left unfused: a KV-shared layer" in notes, notes
+    assert "3 of 4 attentions apply their sliding window of 8 tokens in the kernel" in notes, notes
+    assert not fusion["kv_in_place"] and "read the K/V of an earlier layer" in fusion["kv_copied_because"]
+    assert build.manifest["scheme"]["geometry"].get("prefill_blocks", "") == ""
+    pipe = open_build(build.path)
+    check_answers_equal_hf_generate(pipe, _load(tiny_model_dir("gemma4-causal")),
+                                    requests_of_every_size(SIZES[:2] + SIZES[4:5]))
+
+
 def test_served_answers_equal_in_process(tiny_build, tmp_path):
     """Served by a real tritonserver over gRPC (tall, wide and small images, three requests at once, a conversation's
     second turn): every answer ``generate``'s in process."""

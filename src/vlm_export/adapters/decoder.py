@@ -178,7 +178,7 @@ def cache_shape(text_cfg, text_model: nn.Module) -> tuple[tuple[int, int], ...]:
     model. An LM whose cache is not one (keys, values) pair of (batch, heads, sequence, head size) per
     layer (a state-space or recurrent one: Mamba, Jamba, RecurrentGemma) is refused in one line. Layers after
     the last that caches, caching nothing, are left out: they read earlier layers' K/V (Gemma 4's shared layers,
-    Hugging Face's ``DummyLayer``), which the decoder recomputes from those layers' caches."""
+    Hugging Face's ``DummyLayer``), which the decoder has in those layers' caches, grown by the same call."""
     if text_model in _CACHE_SHAPES:
         return _CACHE_SHAPES[text_model]
     kind = getattr(text_cfg, "model_type", type(text_model).__name__)

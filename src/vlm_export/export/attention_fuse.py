@@ -798,9 +798,18 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
     skipped: dict[str, int] = {}
     matches = []
     rotary_outside: dict[str, int] = {}
+    claimed: set[str] = set()  # the KV concatenations of the attentions matched so far
+    readers = 0  # attentions over another layer's KV (Gemma 4's KV-shared layers)
     for softmax in [n for n in g.graph.node if n.op_type == "Softmax" and not _over_a_projection(g, n)]:
         try:
             m, outside = _runnable_match(g, softmax, graph_inputs)
+            if {m["k_cat"].output[0], m["v_cat"].output[0]} & claimed:
+                # the layer that writes this KV comes first (graph order) and is fused; this one reads its present
+                # (what the Concat wrote, now the kernel's output): GroupQueryAttention takes no KV without new keys
+                readers += 1
+                raise _NoMatch(f"{softmax.name}: a KV-shared layer, reading the K/V an earlier layer writes "
+                               "(GroupQueryAttention takes no cache without new keys of its own)")
+            claimed |= {m["k_cat"].output[0], m["v_cat"].output[0]}
             matches.append((softmax, m))
             if outside:
                 rotary_outside[outside] = rotary_outside.get(outside, 0) + 1
@@ -883,6 +892,10 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
     unfused = _unfused_growing_caches(g, pasts)
     if window_problem:
         why = window_problem
+    elif readers:
+        # such a layer's exported attention reads its producer's present with the mask's width: on one buffer
+        # the present is the buffer's capacity
+        why = f"{readers} attention(s) read the K/V of an earlier layer, left as exported"
     elif unfused:
         why = f"{len(unfused)} attention(s) over a growing KV cache left unfused ({unfused[0]})"
     elif len(masks) != 1:
