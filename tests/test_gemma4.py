@@ -193,7 +193,7 @@ def test_a_gemma4_without_a_reference_is_refused(tmp_path, change, needle):
 
 
 def test_quantized_lookups_are_the_tables_dequantized(tiny_build, tmp_path):
-    """``--quantize-embeddings`` on Gemma 4's w8 decoder: its two lookup tables (the token embeddings, tied to the
+    """``--embeddings w8`` on Gemma 4's w8 decoder: its two lookup tables (the token embeddings, tied to the
     head, which by then reads its own quantized copy; the per-layer input embeddings) become GatherBlockQuantized,
     the graph a third of its size, and its logits are those of the same w8 graph with each table replaced by its
     dequantized values - the rewrite is exact; what the rounding costs is the build's gates' to judge (on this random
@@ -211,10 +211,10 @@ def test_quantized_lookups_are_the_tables_dequantized(tiny_build, tmp_path):
     made = {}
     for lookups in (False, True):
         made[lookups] = make_variant("w8", src, tmp_path / f"w8-{lookups}.onnx",
-                                     PrecisionOptions(weight_scheme="zero-point", quantize_lookups=lookups))
+                                     PrecisionOptions(weight_scheme="zero-point", embeddings="w8" if lookups else "fp32"))
     tables = made[True].details["lookup_tables"]
     assert sorted(tables) == ["lm_head.weight", "text_model.embed_tokens_per_layer.weight"], tables
-    assert made[False].details["lookup_tables"].startswith("float")
+    assert made[False].details["lookup_tables"].startswith("fp32")
     plain = onnx.load(tmp_path / "w8-False.onnx")
     for init in plain.graph.initializer:
         if init.name in tables:

@@ -67,6 +67,7 @@ def test_parse_precision_and_resolve_against_declared_stages():
     ("decoder=w8", dict(calibration="percentile"), "--calibration sets how int8 image stages are calibrated"),
     ("decoder=int8", dict(calibration="entropy"), "--calibration"),  # the decoder's int8 takes channel maxima
     ("fp16", dict(exclude_nodes=("mm",)), "--keep-node"),
+    ("decoder=int8", dict(embeddings="w8"), "--embeddings sets a w8/w4 decoder's lookup tables"),
 ])
 def test_an_option_no_stage_reads_is_refused(plan, options, flag):
     """Ignored silently it would build something else than asked: one line naming the flag and a fix."""
@@ -79,7 +80,8 @@ def test_options_a_stage_reads_are_taken():
                           ("decoder=int8", dict(block_size=16, int8_kernel="u8u8", int8_fp32_matmuls="0")),
                           ("vision=int8", dict(calibration="entropy", exclude_nodes=("mm",))),
                           ("int8", dict(calibration="percentile")),
-                          ("fp16,decoder=w4", dict(weight_form="dequantize"))]:
+                          ("fp16,decoder=w4", dict(weight_form="dequantize")),
+                          ("decoder=w8", dict(embeddings="w4"))]:
         BuildOptions(precision=parse_precision(plan), precision_options=PrecisionOptions(**options))
 
 
@@ -130,6 +132,9 @@ def test_calibration_flags_without_a_stage_they_calibrate(tmp_path, run_cli):
     assert_one_line_error(run_cli("build", model, "--out", str(tmp_path / "b"), "--precision", "decoder=w4",
                                   "--calibration-images", str(tmp_path / "cal")),
                           "--calibration-images calibrates int8 stages and GPTQ rounding", "lm_decoder=w4")
+    assert_one_line_error(run_cli("build", model, "--out", str(tmp_path / "b"), "--precision", "decoder=w4",
+                                  "--weight-form", "dequantize", "--embeddings", "w4"),
+                          "GatherBlockQuantized, which TensorRT does not read")
     assert not (tmp_path / "b").exists()
 
 

@@ -132,6 +132,8 @@ class BuildOptions:
              weight_only, "decoder=w4"),
             ("--weight-activations", po.weight_activations != default.weight_activations,
              "sets what a w8/w4 decoder's activations are rounded to", weight_only, "decoder=w4"),
+            ("--embeddings", po.embeddings != default.embeddings, "sets a w8/w4 decoder's lookup tables", weight_only,
+             "decoder=w4"),
             ("--int8-kernel", po.int8_kernel != default.int8_kernel, "picks an int8 decoder's kernels", int8_decoder,
              "decoder=int8"),
             ("--int8-fp32-matmuls", po.int8_fp32_matmuls != default.int8_fp32_matmuls,

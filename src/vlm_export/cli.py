@@ -116,11 +116,11 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
                         "stay fp32: auto (default: the fewest, up to a quarter (one of two or three), whose "
                         "outputs - a decoder's logits - reach the int8 gate on the calibration pairs) or a count "
                         "(0: every MatMul int8; an image stage with fewer keeps all of its own)")
-    g.add_argument("--quantize-embeddings", action="store_true",
+    g.add_argument("--embeddings", choices=("fp32", "w8", "w4"), default="fp32",
                    help="a w8/w4 decoder's lookup tables indexed by the token ids (its token embeddings; Gemma 4's "
-                        "per-layer input embeddings, vocabulary x layers x 256) as ONNX Runtime's GatherBlockQuantized "
-                        "at the decoder's bits, in blocks along each row with integer zero points: for size (a "
-                        "lookup reads one row per token), judged by the same gates; the matmulnbits form only")
+                        "per-layer input embeddings, vocabulary x layers x 256): fp32 (default, as exported) or w8 / w4 "
+                        "as ONNX Runtime's GatherBlockQuantized, in blocks along each row with integer zero points: for "
+                        "size (a lookup reads one row per token), judged by the same gates; the matmulnbits form only")
     g.add_argument("--keep-node", action="append", default=[], metavar="NAME",
                    help="ONNX node kept in higher precision (repeatable)")
     g = p.add_argument_group("graph forms")
@@ -256,13 +256,9 @@ def _build_options(args, **extra):
                                                               calibration=args.calibration,
                                                               int8_kernel=args.int8_kernel,
                                                               int8_fp32_matmuls=args.int8_fp32_matmuls,
-                                                              quantize_lookups=args.quantize_embeddings,
+                                                              embeddings=args.embeddings,
                                                               exclude_nodes=tuple(args.keep_node)),
                            accuracy=accuracy, fuse=not args.no_fuse, **extra)
-    plan = options.precision
-    if args.quantize_embeddings and not {*dict(plan.choices).values(), plan.default} & {"w8", "w4"}:
-        raise InputError(f"--quantize-embeddings quantizes a w8/w4 decoder's lookup tables, and --precision "
-                         f"{options.precision} makes none; add decoder=w4 (or w8) to --precision, or drop it")
     if pairs and not options.calibrates:
         raise InputError(f"--calibration-images calibrates int8 stages and GPTQ rounding, and --precision "
                          f"{options.precision} makes neither; add e.g. vision=int8 to --precision, or drop it")

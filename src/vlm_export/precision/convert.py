@@ -58,6 +58,8 @@ INT8_KERNELS = ("auto", *KERNELS)  # auto: u8s8 where the CPU makes it exact, el
 FORM_BLOCK_SIZE = {"matmulnbits": 32, "dequantize": 128}
 #: MatMulNBits' accuracy level per activation precision (4: int8 per block; 0: fp32)
 WEIGHT_ACTIVATIONS = {"int8": 4, "fp32": 0}
+#: a w8/w4 decoder's lookup tables (PrecisionOptions.embeddings)
+EMBEDDING_CHOICES = ("fp32", "w8", "w4")
 
 
 @dataclass
@@ -84,9 +86,9 @@ class PrecisionOptions:
     # how many of an int8 decoder's most error-prone MatMuls stay fp32 (precision.sensitivity):
     # "auto" (the fewest that reach the int8 gate on the calibration pairs) or a count
     int8_fp32_matmuls: str = "auto"
-    # a w8/w4 decoder's token-id lookup tables (token embeddings, Gemma 4's per-layer ones) as GatherBlockQuantized
-    # at the decoder's bits (weight_only.quantize_lookups); the matmulnbits form only
-    quantize_lookups: bool = False
+    # a w8/w4 decoder's token-id lookup tables (token embeddings, Gemma 4's per-layer ones): fp32 (as exported), or
+    # w8 / w4 as GatherBlockQuantized (weight_only.quantize_lookups); the matmulnbits form only
+    embeddings: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATION_METHODS:
@@ -115,9 +117,11 @@ class PrecisionOptions:
             raise ExportError(f"--int8-fp32-matmuls takes auto or a count of MatMuls, got {self.int8_fp32_matmuls!r}")
         if self.weight_scheme is not None and self.weight_scheme not in SCHEMES:
             raise ExportError(f"weight scheme {self.weight_scheme!r} is not one of {', '.join(SCHEMES)}")
-        if self.quantize_lookups and self.weight_form == "dequantize":
-            raise ExportError("--quantize-embeddings makes ONNX Runtime's GatherBlockQuantized, which TensorRT does not "
-                              "read: use it with --weight-form matmulnbits, or drop it")
+        if self.embeddings not in EMBEDDING_CHOICES:
+            raise ExportError(f"embeddings precision {self.embeddings!r} is not one of {', '.join(EMBEDDING_CHOICES)}")
+        if self.embeddings != "fp32" and self.weight_form == "dequantize":
+            raise ExportError(f"--embeddings {self.embeddings} makes ONNX Runtime's GatherBlockQuantized, which TensorRT "
+                              "does not read: use it with --weight-form matmulnbits, or drop it")
         if self.weight_form == "dequantize" and self.weight_scheme not in (None, "symmetric"):
             raise ExportError("the dequantize (TensorRT) weight form takes symmetric weights only; "
                               f"drop --weight-scheme {self.weight_scheme} or use --weight-form matmulnbits")
@@ -476,8 +480,8 @@ def to_weight_only(src: Path, dst: Path, bits: int, options: PrecisionOptions,
                                 source_dir=src.parent)
         if blocks is not None:
             blocks.release()
-    lookups = (quantize_lookups(model, bits, options.block, source_dir=src.parent) if options.quantize_lookups
-               else "float (kept as exported; --quantize-embeddings quantizes them)")
+    lookups = ("fp32 (as exported; --embeddings w8 or w4 quantizes them)" if options.embeddings == "fp32" else
+               quantize_lookups(model, int(options.embeddings[1]), options.block, source_dir=src.parent))
     rounding = {"method": "rtn"}
     if blocks is not None:
         if len(blocks.gptq) != len(done):  # a MatMul renamed by a rewrite would get RTN silently
