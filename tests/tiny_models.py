@@ -296,19 +296,21 @@ GEMMA4_CHAT_TEMPLATE = (
 
 
 def make_tiny_gemma4(path: Path, seed: int = 0, patch_size: int = 4, cell: int = 2, max_soft_tokens: int = 70,
-                     text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+                     text_sizes: dict | None = None, vision_sizes: dict | None = None,
+                     vocab_size: int | None = None) -> Path:
     """A tiny random Gemma 4 (Gemma4ForConditionalGeneration, no audio tower) with its PIL image processor and
     SmolLM2's tokenizer given Gemma 4's three image tokens (begin, end, soft). The text model by default has what
     sets Gemma 4 apart: full-attention layers with fewer, wider K/V heads whose values are their keys' projection,
     two last layers that share earlier layers' K/V, per-layer input embeddings, images attending both ways on the
-    sliding layers, a final soft cap; the tower with clipped linears and standardized soft tokens."""
+    sliding layers, a final soft cap; the tower with clipped linears and standardized soft tokens. ``vocab_size``: more
+    rows than the tokenizer's (a checkpoint's padded vocabulary; Gemma 4's is 262,144)."""
     from transformers import AutoTokenizer, Gemma4Config, Gemma4ForConditionalGeneration
     from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), add_bos_token=True, extra_special_tokens={
         "boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>"})
     tokenizer.chat_template = GEMMA4_CHAT_TEMPLATE
-    vocab = _padded_vocab(len(tokenizer))
+    vocab = vocab_size or _padded_vocab(len(tokenizer))
     layers = ["sliding_attention", "sliding_attention", "full_attention"] * 2
     text = {**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=len(layers), layer_types=layers,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
