@@ -317,8 +317,8 @@ def make_tiny_gemma4(path: Path, seed: int = 0, patch_size: int = 4, cell: int =
                    num_global_key_value_heads=1, attention_k_eq_v=True, num_kv_shared_layers=2, sliding_window=8,
                    hidden_size_per_layer_input=8, use_bidirectional_attention="vision", final_logit_softcapping=30.0),
             **(text_sizes or {})}
-    text.update(vocab_size=vocab, vocab_size_per_layer_input=vocab, max_position_embeddings=512, bos_token_id=1,
-                eos_token_id=2, pad_token_id=2)
+    text = {"max_position_embeddings": 512, **text, "vocab_size": vocab, "vocab_size_per_layer_input": vocab,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
     vision = {**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                      num_key_value_heads=2, head_dim=16, position_embedding_size=64, use_clipped_linears=True,
                      standardize=True), **(vision_sizes or {})}

@@ -975,10 +975,12 @@ def _measure_against_float64(recorded: _Recorded, result: ParityResult, entries:
     ``result.exact`` gets how far PyTorch fp32 and each graph are from it. A model whose code refuses
     float64 leaves the entries as judged against PyTorch fp32, with a note saying why."""
     calls = {i for per_call in graph_outputs.values() for i in per_call}
-    with progress.step("float64 check: the model in float64 on the same inputs (the export's error, or the "
-                       "model's own rounding?)", total=len(calls) + 1) as advance:
+    # only the stages those calls run are cast (a decoder's call has no runner: the scheme's decoder stage)
+    runs = {recorded.calls[i].runner or DecodingScheme.decoder_stage for i in calls}
+    with progress.step(f"float64 check: {', '.join(sorted(runs))} in float64 on the same inputs (the export's error, "
+                       "or the model's own rounding?)", total=len(calls) + 1) as advance:
         try:
-            exact = reference_pipeline(load_source(source), limits, dtype="fp64")
+            exact = reference_pipeline(load_source(source), limits, dtype="fp64", only=runs)
             advance()
             measure_exact(recorded.calls, exact, graph_outputs, result, advance)
         except Exception as e:  # noqa: BLE001 - any model code may refuse float64; the fp32 verdict stands

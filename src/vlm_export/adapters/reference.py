@@ -99,14 +99,15 @@ def unapplied_generation_settings(loaded: LoadedModel) -> list[str]:
 
 
 def reference_pipeline(loaded: LoadedModel, limits: Limits, stages: list[Stage] | None = None,
-                       device=None, dtype: str | None = None) -> VLMPipeline:
+                       device=None, dtype: str | None = None, only: set[str] | None = None) -> VLMPipeline:
     """The split modules, exactly as exported, behind TorchRunners.
 
     ``device`` (``cpu``, ``cuda``, ``cuda:N``; default cpu) and ``dtype`` (``fp32``, ``fp16``, ``bf16``;
     default fp32): where and in what the reference runs (``runtime.devices``). Anything but the
     default moves and casts the loaded model's modules in place (the stages share its weights):
     ``loaded`` then lives there too. CUDA asked where PyTorch has none is a one-line InputError,
-    before anything is moved."""
+    before anything is moved. ``only``: the stages that get ``device`` and ``dtype`` (the others stay fp32 on the
+    CPU, unmoved): the float64 check of one image stage casts that stage, not the decoder (twice its weights)."""
     from ..runtime.devices import Device, parse_dtype, torch_device
 
     device, dtype = Device.parse(device), parse_dtype(dtype)
@@ -114,8 +115,9 @@ def reference_pipeline(loaded: LoadedModel, limits: Limits, stages: list[Stage] 
         torch_device(device)  # fail before splitting or moving anything
     adapter = loaded.adapter
     stages = stages or split(loaded)
-    runners = {s.name: TorchRunner(s.name, s.module, s.spec.input_names, s.spec.output_names, device=device,
-                                   dtype=dtype) for s in stages}
+    runners = {s.name: TorchRunner(s.name, s.module, s.spec.input_names, s.spec.output_names,
+                                   **({"device": device, "dtype": dtype} if only is None or s.name in only else {}))
+               for s in stages}
     text = adapter.image_text(loaded)
     return VLMPipeline(runners, [s.spec for s in stages], adapter.scheme(loaded), loaded.tokenizer,
                        loaded.image_processor, adapter.prompt_layout(loaded), limits, eos_token_ids(loaded),
