@@ -230,3 +230,26 @@ def test_quantized_lookups_are_the_tables_dequantized(tiny_build, tmp_path):
     names = [o.name for o in quantized.get_outputs()]
     for name, got, want in zip(names, quantized.run(None, feeds), reference.run(names, feeds)):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=name)
+
+
+def test_an_audio_tower_is_let_go_at_load(tmp_path):
+    """E2B and E4B ship an audio tower: the adapter lets it go at load (audio is not supported; nothing reads it), and
+    Hugging Face's own generate, the reference, still answers an image prompt without it."""
+    import torch
+
+    from tiny_models import make_tiny_gemma4
+    from vlm_export.runtime.images import ImageLimits, processed_images
+
+    folder = make_tiny_gemma4(tmp_path / "model", audio=True)
+    loaded = _load(folder)
+    assert loaded.config.audio_config is not None  # the checkpoint has one
+    assert loaded.model.model.audio_tower is None and loaded.model.model.embed_audio is None
+
+    layout = loaded.adapter.prompt_layout(loaded)
+    flat = processed_images(loaded.image_processor, photos(SIZES, 1), ImageLimits())
+    arranged = {k: torch.from_numpy(v) for k, v in layout.image_tiles.arranged(dict(flat)).items()
+                if k in ("pixel_values", "patch_positions", "patch_mask")}
+    tokens = int(flat["num_soft_tokens_per_image"][0])
+    tok = loaded.tokenizer
+    ids = tok(f"{tok.boi_token}{tok.image_token * tokens}{tok.eoi_token} What is it?")["input_ids"]
+    assert len(loaded.adapter.reference_generate(loaded, torch.tensor([ids]), arranged, 4, [-1])) == 4

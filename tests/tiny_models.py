@@ -297,13 +297,14 @@ GEMMA4_CHAT_TEMPLATE = (
 
 def make_tiny_gemma4(path: Path, seed: int = 0, patch_size: int = 4, cell: int = 2, max_soft_tokens: int = 70,
                      text_sizes: dict | None = None, vision_sizes: dict | None = None,
-                     vocab_size: int | None = None) -> Path:
+                     vocab_size: int | None = None, audio: bool = False) -> Path:
     """A tiny random Gemma 4 (Gemma4ForConditionalGeneration, no audio tower) with its PIL image processor and
     SmolLM2's tokenizer given Gemma 4's three image tokens (begin, end, soft). The text model by default has what
     sets Gemma 4 apart: full-attention layers with fewer, wider K/V heads whose values are their keys' projection,
     two last layers that share earlier layers' K/V, per-layer input embeddings, images attending both ways on the
     sliding layers, a final soft cap; the tower with clipped linears and standardized soft tokens. ``vocab_size``: more
-    rows than the tokenizer's (a checkpoint's padded vocabulary; Gemma 4's is 262,144)."""
+    rows than the tokenizer's (a checkpoint's padded vocabulary; Gemma 4's is 262,144). ``audio``: with a tiny audio
+    tower too, as E2B and E4B ship one."""
     from transformers import AutoTokenizer, Gemma4Config, Gemma4ForConditionalGeneration
     from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
@@ -325,7 +326,12 @@ def make_tiny_gemma4(path: Path, seed: int = 0, patch_size: int = 4, cell: int =
     vision.update(patch_size=patch_size, pooling_kernel_size=cell)
     ids = {name: tokenizer.convert_tokens_to_ids(getattr(tokenizer, token)) for name, token in
            (("image_token_id", "image_token"), ("boi_token_id", "boi_token"), ("eoi_token_id", "eoi_token"))}
-    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, **ids)
+    audio_config = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, subsampling_conv_channels=[8, 4],
+                        output_proj_dims=32, conv_kernel_size=3) if audio else None
+    if audio:  # its tokens, past the image ones
+        ids.update(audio_token_id=ids["eoi_token_id"] + 1, boa_token_id=ids["eoi_token_id"] + 2,
+                   eoa_token_index=ids["eoi_token_id"] + 3)
+    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=audio_config, **ids)
     torch.manual_seed(seed)
     model = Gemma4ForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # random layers that let the image reach the answer

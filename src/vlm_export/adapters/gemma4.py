@@ -128,6 +128,9 @@ class Gemma4Adapter(VLMAdapter):
         if text.use_bidirectional_attention == "all":
             raise AdapterError(f"the text model in {path} attends both ways everywhere (use_bidirectional_attention "
                                "'all', an embedding model): it does not generate text")
+        if getattr(model.model, "audio_tower", None) is not None:
+            # E2B / E4B ship an audio tower, which no stage and no reference call here reads: its memory goes back
+            model.model.audio_tower = model.model.embed_audio = None
         use_saved_chat_template(tokenizer, path)
         loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
         vision = cfg.vision_config
