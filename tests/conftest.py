@@ -624,9 +624,10 @@ def check_text_model_is_a_causal_lm(folder, out, model_type: str) -> None:
 
 
 def check_patch_rows_equal_hf(loaded, images) -> tuple:
-    """An adapter of rows of patches (``contract.ImagePatches``: Qwen2-VL's and its kin): its split vision tower and
-    projector on a padded batch of ``images`` give Hugging Face's ``get_image_features`` (with each deepstack level
-    beside the rows, where the model has them). Returns (the processor's flat output, the arranged rows, the
+    """An adapter of rows of patches (``contract.ImagePatches``: Qwen2-VL's and its kin, Gemma 4's): its split vision
+    tower and projector on a padded batch of ``images`` give Hugging Face's ``get_image_features`` on the processor's
+    own output (the patches with their grids, or Gemma 4's padded rows with their places), with each deepstack level
+    beside the rows, where the model has them. Returns (the processor's flat output, the arranged rows, the
     projector's rows, the deepstack levels)."""
     import numpy as np
     import torch
@@ -640,8 +641,8 @@ def check_patch_rows_equal_hf(loaded, images) -> tuple:
     vision, projector = adapter.stages(loaded)[:2]
     with torch.no_grad():
         rows = projector.module(vision.module(*(torch.from_numpy(arranged[t.name]) for t in vision.spec.inputs)))
-        theirs = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
-                                                       torch.from_numpy(flat["image_grid_thw"]))
+        places = flat["image_grid_thw"] if "image_grid_thw" in flat else flat["image_position_ids"]
+        theirs = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]), torch.from_numpy(places))
     levels = getattr(theirs, "deepstack_features", None) or []
     want = torch.cat([torch.cat(list(level)) for level in [theirs.pooler_output, *levels]], dim=-1)
     placed = scheme.image_input_from_values({"image_embeds": rows.numpy(), **arranged})

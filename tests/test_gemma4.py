@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import (TWO_IMAGE_TURNS, check_answers_equal_hf_generate, check_served_as_in_process,
-                      check_text_model_is_a_causal_lm, photos, requests_of_every_size)
+from conftest import (TWO_IMAGE_TURNS, check_answers_equal_hf_generate, check_patch_rows_equal_hf,
+                      check_served_as_in_process, check_text_model_is_a_causal_lm, photos, requests_of_every_size)
 from vlm_export.errors import AdapterError
 
 #: (height, width): the largest (70 cells of 2 x 2 patches), wide, tall, tiny, square, odd
@@ -71,22 +71,9 @@ def test_image_rows_equal_hf_for_every_size(tiny_model_dir):
     """The split tower (cells averaged as consecutive runs of patches) and projector on a padded batch of images of
     every size give Hugging Face's ``get_image_features`` on the processor's own rows (padded to the most cells, each
     image's soft tokens with the padding stripped)."""
-    import torch
-
-    from vlm_export.runtime.images import ImageLimits, processed_images
-
     loaded = _load(tiny_model_dir("gemma4"))
-    adapter = loaded.adapter
-    layout, scheme = adapter.prompt_layout(loaded), adapter.scheme(loaded)
-    flat = processed_images(loaded.image_processor, photos(SIZES, len(SIZES)), ImageLimits())
-    arranged = layout.image_tiles.arranged(dict(flat))
-    vision, projector = adapter.stages(loaded)[:2]
-    with torch.no_grad():
-        rows = projector.module(vision.module(*(torch.from_numpy(arranged[t.name]) for t in vision.spec.inputs)))
-        theirs = loaded.model.model.get_image_features(torch.from_numpy(flat["pixel_values"]),
-                                                      torch.from_numpy(flat["image_position_ids"]))
-    placed = scheme.image_input_from_values({"image_embeds": rows.numpy(), **arranged})
-    np.testing.assert_allclose(placed, torch.cat(list(theirs.pooler_output)).numpy(), atol=2e-5, rtol=0)
+    layout = loaded.adapter.prompt_layout(loaded)
+    flat, _, _, _ = check_patch_rows_equal_hf(loaded, photos(SIZES, len(SIZES)))
     counts = [layout.image_tiles.tokens(grid) for grid in layout.image_tiles.grids(flat)]
     assert counts == list(flat["num_soft_tokens_per_image"]) and max(counts) <= layout.tokens_per_image == 70
 

@@ -243,11 +243,17 @@ def make_tiny_prefix(path: Path, family: str = "llama", seed: int = 0, num_prefi
 
 #: a Gemma-3-style chat template (typed parts; "<start_of_image>" written for each image part), over
 #: SmolLM2's tokenizer
-GEMMA3_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] | trim }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<start_of_image>{% elif c['type'] == 'text' %}{{ c['text'] | trim }}{% endif %}"
-    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+def gemma_chat_template(image: str) -> str:
+    """A Gemma-style chat template over typed parts, writing ``image`` for each image part (Gemma 3 writes its
+    begin-of-image token, Gemma 4 its image token)."""
+    return ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
+            "m['role'] }}\n{% if m['content'] is string %}{{ m['content'] | trim }}{% else %}{% for c in m['content'] %}"
+            f"{{% if c['type'] == 'image' %}}{image}{{% elif c['type'] == 'text' %}}{{{{ c['text'] | trim }}}}{{% endif %}}"
+            "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
+            "{% endif %}")
+
+
+GEMMA3_CHAT_TEMPLATE = gemma_chat_template("<start_of_image>")
 
 
 def make_tiny_gemma3(path: Path, seed: int = 0, image_size: int = 32, patch_size: int = 8, mm_tokens_per_image: int = 4,
@@ -288,11 +294,7 @@ def make_tiny_gemma3(path: Path, seed: int = 0, image_size: int = 32, patch_size
     return path
 
 
-GEMMA4_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] | trim }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<|image|>{% elif c['type'] == 'text' %}{{ c['text'] | trim }}{% endif %}"
-    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+GEMMA4_CHAT_TEMPLATE = gemma_chat_template("<|image|>")
 
 
 def make_tiny_gemma4(path: Path, seed: int = 0, patch_size: int = 4, cell: int = 2, max_soft_tokens: int = 70,
