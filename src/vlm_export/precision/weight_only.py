@@ -211,10 +211,10 @@ def _targets(model: onnx.ModelProto, skip: set[str], source_dir: Path | None = N
 _ID_OPS = ("Where", "Cast", "Clip", "Add", "Sub", "Mul", "Min", "Max", "Reshape", "Unsqueeze", "Squeeze", "Identity")
 
 
-def _reads_ids(graph: onnx.GraphProto, name: str, ids: str, limit: int = 16) -> bool:
+def _reads_ids(producers: dict[str, onnx.NodeProto], name: str, ids: str, limit: int = 16) -> bool:
     """Whether tensor ``name`` is the graph input ``ids`` or made from it by ``_ID_OPS`` alone (at most ``limit``
-    nodes up): a table gathered by it is indexed by token ids (not by positions: a rotary table)."""
-    producers = {o: n for n in graph.node for o in n.output}
+    nodes up; ``producers``: each tensor's node): a table gathered by it is indexed by token ids (not by positions: a
+    rotary table)."""
     frontier, seen = [name], 0
     while frontier and seen < limit:
         tensor = frontier.pop()
@@ -242,15 +242,17 @@ def quantize_lookups(model: onnx.ModelProto, bits: int, block_size: int, ids: st
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
+    producers = {o: n for n in graph.node for o in n.output}  # the Gathers' ids are read before any rewrite
+    outputs = {o.name for o in graph.output}
     done, new_inits = {}, []
     for node in list(graph.node):
         table = inits.get(node.input[0]) if node.op_type == "Gather" else None
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         if table is None or len(table.dims) != 2 or table.data_type != onnx.TensorProto.FLOAT or axis != 0 \
-                or not _reads_ids(graph, node.input[1], ids):
+                or not _reads_ids(producers, node.input[1], ids):
             continue
         rows, width = (int(d) for d in table.dims)
-        if len(readers[table.name]) > 1 or table.name in {o.name for o in graph.output}:
+        if len(readers[table.name]) > 1 or table.name in outputs:
             done[table.name] = {"kept": "read by other nodes too"}
             continue
         size = whole_block_size([width], block_size)
