@@ -125,20 +125,31 @@ def test_answers_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir)
 
 def test_causal_gemma4_fuses_the_layers_that_write_kv(tiny_build, tiny_model_dir):
     """Where images attend causally (E2B's and E4B's config), the attention of the four layers that write K/V
-    becomes GroupQueryAttention (the sliding ones' window in the kernel); the two KV-shared layers stay as exported,
-    reading what the kernels wrote, which keeps the cache copied rather than one buffer (the manifest says why); the
-    answers of the fused form = Hugging Face generate's, alone and batched."""
+    becomes GroupQueryAttention (the sliding ones' window in the kernel); the two KV-shared layers read what those
+    kernels wrote as it is - a slice of the mask's width, heads grouped by reshapes (no repeat_kv), a mask made row
+    by row - so the cache is one shared buffer; the answers of the fused form = Hugging Face generate's, alone and
+    batched on that buffer (rows of different lengths, longer than the window)."""
+    import onnx
+
+    from vlm_export.contract.scheme import KV_IN_PLACE
     from vlm_export.runtime.load import open_build
 
     build = tiny_build("gemma4-causal")
     fusion = build.manifest["graphs"]["lm_decoder"]["fusion"]
     assert fusion["fusions"]["attention"] == 4, fusion
     notes = " ".join(fusion["notes"])
-    assert "2 attention softmax(es) left unfused: a KV-shared layer" in notes, notes
+    assert "2 attention(s) of KV-shared layers read an earlier layer's K/V as its kernel wrote them" in notes, notes
     assert "3 of 4 attentions apply their sliding window of 8 tokens in the kernel" in notes, notes
-    assert not fusion["kv_in_place"] and "read the K/V of an earlier layer" in fusion["kv_copied_because"]
+    assert fusion["kv_in_place"] and not fusion["kv_copied_because"], fusion
+    fused = onnx.load(str(build.path / build.manifest["graphs"]["lm_decoder"]["forms"]["fused"]["file"]),
+                      load_external_data=False)
+    assert KV_IN_PLACE in {p.key for p in fused.metadata_props}
+    presents = {o for n in fused.graph.node if n.op_type == "GroupQueryAttention" for o in n.output[1:]}
+    readers = [n.op_type for n in fused.graph.node if set(n.input) & presents]
+    assert readers == ["Slice"] * 4, readers  # a shared layer reads its producer's K and V: no repeat_kv copy left
     assert build.manifest["scheme"]["geometry"].get("prefill_blocks", "") == ""
     pipe = open_build(build.path)
+    assert pipe.kv_in_place
     check_answers_equal_hf_generate(pipe, _load(tiny_model_dir("gemma4-causal")),
                                     requests_of_every_size(SIZES[:2] + SIZES[4:5]))
 

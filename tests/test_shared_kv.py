@@ -205,3 +205,54 @@ def test_in_place_buffers_must_be_contiguous(pipe):
     feeds[name] = np.asfortranarray(feeds[name])
     with pytest.raises(RunnerError, match="writeable C-contiguous"):
         pipe.decode_in_place(feeds)
+
+
+def test_kv_shared_layers_in_place_equal_the_copying_path(tiny_build):
+    """Gemma 4's KV-shared layers read the K/V their producers' kernels write (export/attention_fuse.py's
+    readers): on one buffer of slots, rows of different lengths - longer than the 8-token window of the sliding
+    layers - joining as others leave give the copying path's tokens and logits at every step."""
+    pipe = open_build(tiny_build("gemma4-causal").path, threads=2)
+    assert pipe.kv_in_place
+    prompts = _prompts((23, 5, 14, 31, 9), seed=1)
+    new_tokens = (10, 4, 12, 6, 9)
+    runs = {mode: _run(pipe, prompts, new_tokens, mode, max_batch=3, max_prefill_padding=1.0)
+            for mode in (False, True)}
+    (tokens, logits, _, _), (in_place_tokens, in_place_logits, tenants, _) = runs[False], runs[True]
+    assert in_place_tokens == tokens and [len(t) for t in tokens] == list(new_tokens)
+    assert len(in_place_logits) == len(logits)
+    for step, (want, got) in enumerate(zip(logits, in_place_logits)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"step {step}")
+    assert len({row for _, row in tenants}) == len(prompts)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_a_shared_layers_mask_is_made_row_by_row(window):
+    """The mask a KV-shared layer reads on the shared buffer (``attention_fuse._row_bias``), run by ONNX Runtime:
+    row b's query i sits at column T_b - sequence + i (T_b its last real column + 1) and sees the real keys at or
+    before it, within the window; an idle slot (no real column) sees nothing."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    from vlm_export.export.attention_fuse import _row_bias
+
+    mask = np.array([[1, 1, 0, 1, 1, 1, 0, 0],    # a hole, T = 6
+                     [0, 0, 1, 1, 1, 1, 1, 1],    # left padding, T = 8
+                     [0, 0, 0, 0, 0, 0, 0, 0]],   # an idle slot
+                    np.int64)
+    sequence = 2
+    nodes, bias = _row_bias("attention_mask", "q", window, np.float32, "test")
+    graph = helper.make_graph(nodes, "row_bias", [
+        helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["batch", "total"]),
+        helper.make_tensor_value_info("q", onnx.TensorProto.FLOAT, ["batch", 4, "sequence", 8])],
+        [helper.make_tensor_value_info(bias, onnx.TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)  # a decoder's
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"attention_mask": mask, "q": np.zeros((3, 4, sequence, 8), np.float32)})[0]
+    assert got.shape == (3, 1, sequence, 8)
+    for b, row in enumerate(mask):
+        total = max((j + 1 for j in range(8) if row[j]), default=0)
+        for i in range(sequence):
+            column = total - sequence + i
+            seen = [bool(row[j]) and 0 <= column - j < (window or 99) for j in range(8)]
+            assert [v == 0 for v in got[b, 0, i]] == seen, (b, i)
+            assert all(v == np.finfo(np.float32).min for v, s in zip(got[b, 0, i], seen) if not s)

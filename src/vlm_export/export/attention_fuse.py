@@ -71,6 +71,14 @@ extra inputs are computed inside the graph:
   the build's parity).
 * after the packed-projection pass, ``fold_packed_qkv`` hands the kernel the packed q/k/v
   MatMul's output itself (no ``Split``).
+* a KV-shared layer (Gemma 4's last ``num_kv_shared_layers``: no K/V of its own, it reads those an
+  earlier layer's attention wrote in the same call) gets no kernel - GroupQueryAttention takes no cache
+  without new keys - but reads that kernel's present as it is (``_reader``, ``_rewrite_reader``): its
+  first (mask width) columns, the present being as long as the buffer's capacity on one shared buffer;
+  its heads grouped over their KV head by reshapes instead of repeat_kv's copy of the cache per layer and
+  step; and a mask made row by row from the attention mask as the kernel masks (``_row_bias``: each row's
+  own length, its producer's window). So the cache stays one shared buffer. Measured on a 15-layer
+  random Gemma 4 (9 shared; see docs/adapters.md).
 
 Heads not reshaped straight from their projection stay as the graph computes them, and the kernel reads
 them reshaped back to (batch, sequence, heads x head size), q/k/v then unpacked: a per-head q/k norm
@@ -571,20 +579,9 @@ def _lengths(g, mask: str, bias: str, prefix: str) -> tuple[list[onnx.NodeProto]
     last real column + 1 (0 for a row with none: an idle slot), seqlens_k = max(T - 1, 0),
     query_seqlens = min(T, sequence), total = the mask's width (see the module docstring).
     (The new tokens' count is read off the additive mask, not q: q's producer may later be folded away.)"""
-    p = lambda name: f"{prefix}_{name}"  # noqa: E731
-    i64 = lambda name, dims, values: helper.make_node(  # noqa: E731
-        "Constant", [], [p(name)], name=p(name),
-        value=helper.make_tensor(p(name), onnx.TensorProto.INT64, dims, values))
-    n = lambda op, inputs, out, **kw: helper.make_node(op, inputs, [p(out)], name=p(out), **kw)  # noqa: E731
+    p, n = _namers(prefix)
     nodes = [
-        i64("zero", [], [0]), i64("one", [], [1]), i64("one_axis", [1], [1]),
-        n("Shape", [mask], "width", start=1, end=2),
-        n("Squeeze", [p("width")], "width_0d"),
-        n("Add", [p("width_0d"), p("one")], "width_1"),
-        n("Range", [p("one"), p("width_1"), p("one")], "columns"),  # 1, 2, ..., width
-        n("Cast", [mask], "mask64", to=onnx.TensorProto.INT64),
-        n("Mul", [p("mask64"), p("columns")], "marked"),
-        n("ReduceMax", [p("marked"), p("one_axis")], "rows_total", keepdims=0),
+        *_row_totals(mask, prefix, keepdims=0),
         n("Sub", [p("rows_total"), p("one")], "last"),
         n("Max", [p("last"), p("zero")], "last_0"),
         n("Cast", [p("last_0")], "seqlens_k", to=onnx.TensorProto.INT32),
@@ -594,6 +591,36 @@ def _lengths(g, mask: str, bias: str, prefix: str) -> tuple[list[onnx.NodeProto]
         n("Cast", [p("width_0d")], "total_sequence_length", to=onnx.TensorProto.INT32),
     ]
     return nodes, p("seqlens_k"), p("total_sequence_length"), p("query_seqlens")
+
+
+def _namers(prefix: str):
+    """(name, node maker) for nodes named ``{prefix}_{name}``: each node's one output is named as the node."""
+    p = lambda name: f"{prefix}_{name}"  # noqa: E731
+    n = lambda op, inputs, out, **kw: helper.make_node(op, inputs, [p(out)], name=p(out), **kw)  # noqa: E731
+    return p, n
+
+
+def _int64(name: str, values: list[int], scalar: bool = False) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], name=name, value=helper.make_tensor(
+        name, onnx.TensorProto.INT64, [] if scalar else [len(values)], values))
+
+
+def _row_totals(mask: str, prefix: str, keepdims: int) -> list[onnx.NodeProto]:
+    """Nodes computing, from the attention mask (batch, width), ``{prefix}_rows_total`` = per row T = its last
+    real column + 1 (0 for a row with none: an idle slot; (batch,) or with ``keepdims`` (batch, 1)),
+    ``{prefix}_columns`` = 0, 1, ..., width - 1, the width as ``{prefix}_width_0d`` and the constants
+    ``{prefix}_zero`` / ``{prefix}_one`` (scalars) and ``{prefix}_one_axis`` ([1])."""
+    p, n = _namers(prefix)
+    return [
+        _int64(p("zero"), [0], scalar=True), _int64(p("one"), [1], scalar=True), _int64(p("one_axis"), [1]),
+        n("Shape", [mask], "width", start=1, end=2),
+        n("Squeeze", [p("width")], "width_0d"),
+        n("Range", [p("zero"), p("width_0d"), p("one")], "columns"),  # 0, 1, ..., width - 1
+        n("Add", [p("columns"), p("one")], "columns_1"),
+        n("Cast", [mask], "mask64", to=onnx.TensorProto.INT64),
+        n("Mul", [p("mask64"), p("columns_1")], "marked"),
+        n("ReduceMax", [p("marked"), p("one_axis")], "rows_total", keepdims=keepdims),
+    ]
 
 
 def _past_lengths_from_mask(g, pasts: set[str], mask: str, bias: str) -> str:
@@ -606,7 +633,7 @@ def _past_lengths_from_mask(g, pasts: set[str], mask: str, bias: str) -> str:
         return f"no 2-D graph input of the new tokens' length ({sequence}) to read the past length from"
     for past in sorted(pasts):
         for node in g.consumers.get(past, []):
-            if id(node) in g.removed:
+            if id(node) in g.removed or (node.op_type == "GroupQueryAttention" and node.domain == MS_DOMAIN):
                 continue
             if node.op_type != "Shape":
                 return f"{node.name} ({node.op_type}) reads the past KV {past}"
@@ -653,6 +680,126 @@ def _padding_bias(g, mask: str, like: str, prefix: str) -> tuple[list[onnx.NodeP
              n("Shape", [like], "shape"),
              n("Expand", [p("keys4"), p("shape")], "bias")]
     return nodes, p("bias")
+
+
+def _row_bias(mask: str, queries: str, window: int | None, dtype, prefix: str) -> tuple[list[onnx.NodeProto], str]:
+    """Nodes making an additive mask (batch, 1, sequence, width) from the attention mask (batch, width) row by row,
+    as GroupQueryAttention masks with each row's own length: row b's newest token at column T - 1 (T its last
+    real column + 1), query i (of the ``queries``' sequence, axis 2) at column T - sequence + i sees key j iff
+    the mask marks j real, j <= that column and, with a ``window``, column - j < window (Hugging Face's
+    sliding window). On the growing cache every row's T is the width: the exported mask's columns."""
+    p, n = _namers(prefix)
+    lowest = np.finfo(dtype).min
+    nodes = [
+        *_row_totals(mask, prefix, keepdims=1),
+        _int64(p("axis_2"), [2]),
+        n("Shape", [queries], "new", start=2, end=3),
+        n("Squeeze", [p("new")], "new_0d"),
+        n("Range", [p("zero"), p("new_0d"), p("one")], "query_index"),
+        n("Sub", [p("rows_total"), p("new")], "first"),
+        n("Add", [p("first"), p("query_index")], "query_column"),  # (batch, sequence)
+        n("Unsqueeze", [p("query_column"), p("axis_2")], "query_column_3d"),
+        n("Sub", [p("query_column_3d"), p("columns")], "behind"),  # (batch, sequence, width): query - key column
+        n("GreaterOrEqual", [p("behind"), p("zero")], "causal"),
+        n("Unsqueeze", [mask, p("one_axis")], "mask_3d"),
+        n("Cast", [p("mask_3d")], "real", to=onnx.TensorProto.BOOL),
+        n("And", [p("causal"), p("real")], "seen"),
+    ]
+    if window is not None:
+        nodes += [_int64(p("window"), [window], scalar=True),
+                  n("Less", [p("behind"), p("window")], "in_window"),
+                  n("And", [p("seen"), p("in_window")], "seen_in_window")]
+    nodes += [
+        helper.make_node("Constant", [], [p("open")], name=p("open"),
+                         value=numpy_helper.from_array(np.array(0, dtype), p("open"))),
+        helper.make_node("Constant", [], [p("lowest")], name=p("lowest"),
+                         value=numpy_helper.from_array(np.array(lowest, dtype), p("lowest"))),
+        n("Where", [nodes[-1].output[0], p("open"), p("lowest")], "bias_3d"),
+        n("Unsqueeze", [p("bias_3d"), p("one_axis")], "bias"),
+    ]
+    return nodes, p("bias")
+
+
+def _reader(g, softmax: onnx.NodeProto, presents: set[str]) -> dict | None:
+    """The attention of a KV-shared layer (Gemma 4's last layers): it computes no K/V of its own but reads the
+    ``presents`` an earlier attention's kernel writes, repeated for its heads (repeat_kv), scores = [scale] Q K^T,
+    + mask, softmax, times V. Returns its parts, else None (not such a reader)."""
+    logits, sinks = _sinks(g, softmax.input[0])
+    add = g.producer.get(logits)
+    if add is None or add.op_type != "Add" or g.attr(softmax, "axis", -1) not in (-1, 3):
+        return None
+    for i in (0, 1):
+        found = _scores(g, add.input[i])
+        if found is not None:
+            break
+    else:
+        return None
+    mm, bias = found[0], add.input[1 - i]
+    kt, k_scale = _scaled(g, mm.input[1])
+    transpose = g.producer.get(kt)
+    if transpose is None or transpose.op_type != "Transpose" or list(g.attr(transpose, "perm", [])) != [0, 1, 3, 2]:
+        return None
+    probs = softmax.output[0]
+    if sinks is not None:  # their column dropped after the softmax
+        drop = g.sole_consumer(probs, "Slice")
+        probs = drop.output[0] if last_axis_slice(g, drop, probs) == (0, -1) else ""
+    pv = g.sole_consumer(probs, "MatMul") if probs else None
+    if pv is None or pv.input[0] != probs:
+        return None
+    try:
+        (k, k_rep), (v, v_rep) = _unrepeat(g, transpose.input[0]), _unrepeat(g, pv.input[1])
+        q_shape, k_shape, bias_shape = _dims(g, mm.input[0], 4), _dims(g, k, 4), _dims(g, bias, 4)
+        mask = _mask_input(g, bias)
+    except _NoMatch:
+        return None
+    if k not in presents or v not in presents or k_rep != v_rep or not isinstance(k_shape[1], int) \
+            or not isinstance(k_shape[3], int) or q_shape[1] != k_shape[1] * k_rep:
+        return None
+    return dict(scores=mm, add=add, scores_at=i, pv=pv, k=k, v=v, k_scale=k_scale, kv_heads=k_shape[1],
+                head_size=k_shape[3], heads=k_shape[1] * k_rep, bias=bias, bias_shape=bias_shape, mask=mask)
+
+
+def _rewrite_reader(g, r: dict, bias: str, visible: dict[str, str]) -> list[onnx.NodeProto]:
+    """A KV-shared layer's attention reading its producer's present with no copy: the present's first (mask
+    width) columns (``visible``: present -> that slice, made once per present; on one shared buffer the present
+    is the buffer, as long as its capacity), the heads grouped over their kv head by reshapes instead of
+    repeat_kv's copy of the cache per layer, and ``bias`` as its mask. Returns the nodes to add."""
+    scores, pv, rep = r["scores"], r["pv"], r["heads"] // r["kv_heads"]
+    prefix = scores.name
+    p, n = _namers(prefix)
+    new: list[onnx.NodeProto] = []
+    for present in (r["k"], r["v"]):
+        if present not in visible:
+            q, m = _namers(f"{present}_visible")
+            visible[present] = q("slice")
+            new += [_int64(q("start"), [0]), _int64(q("axis"), [2]),
+                    m("Shape", [r["mask"]], "width", start=1, end=2),
+                    m("Slice", [present, q("start"), q("width"), q("axis")], "slice")]
+    keys, values, query = visible[r["k"]], visible[r["v"]], scores.input[0]
+    if r["k_scale"] != 1.0:  # q (k scale) K^T = q (k scale K)^T: the cache stays as written
+        new += [helper.make_node("Constant", [], [p("k_scale")], name=p("k_scale"), value=numpy_helper.from_array(
+                    np.array(r["k_scale"], onnx.helper.tensor_dtype_to_np_dtype(g.elem_type(query))), p("k_scale"))),
+                n("Mul", [query, p("k_scale")], "q_scaled")]
+        query = p("q_scaled")
+    new.append(n("Transpose", [keys], "keys_t", perm=[0, 1, 3, 2]))
+    if rep == 1:
+        new += [helper.make_node("MatMul", [query, p("keys_t")], [scores.output[0]], name=p("scores")),
+                helper.make_node("MatMul", [pv.input[0], values], [pv.output[0]], name=p("attended"))]
+    else:  # (batch, heads, s, x) <-> (batch, kv heads, group x s, x): head h = kv head h // group, as repeat_kv
+        new += [_int64(p("grouped"), [0, r["kv_heads"], -1, 0]), _int64(p("by_head"), [0, r["heads"], -1, 0]),
+                n("Reshape", [query, p("grouped")], "q_grouped"),
+                n("MatMul", [p("q_grouped"), p("keys_t")], "scores_grouped"),
+                helper.make_node("Reshape", [p("scores_grouped"), p("by_head")], [scores.output[0]],
+                                 name=p("scores")),
+                n("Reshape", [pv.input[0], p("grouped")], "probs_grouped"),
+                n("MatMul", [p("probs_grouped"), values], "attended_grouped"),
+                helper.make_node("Reshape", [p("attended_grouped"), p("by_head")], [pv.output[0]],
+                                 name=p("attended"))]
+    if bias != r["bias"]:
+        add = r["add"]
+        inputs = [add.input[r["scores_at"]], bias] if r["scores_at"] == 0 else [bias, add.input[1]]
+        new.append(helper.make_node("Add", inputs, list(add.output), name=add.name))
+    return new
 
 
 def _windows_by_attention(layer_windows, attentions: int, max_positions: int) -> tuple[list, str]:
@@ -798,18 +945,18 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
     skipped: dict[str, int] = {}
     matches = []
     rotary_outside: dict[str, int] = {}
-    claimed: set[str] = set()  # the KV concatenations of the attentions matched so far
-    readers = 0  # attentions over another layer's KV (Gemma 4's KV-shared layers)
+    claimed: dict[str, int] = {}  # the presents (KV concatenations) of the attentions matched so far -> which
+    readers: list[dict] = []  # attentions over another layer's KV (Gemma 4's KV-shared layers)
     for softmax in [n for n in g.graph.node if n.op_type == "Softmax" and not _over_a_projection(g, n)]:
+        # the layer that writes the K/V comes first (graph order); one that only reads it is no kernel's (the kernel
+        # takes no cache without new keys of its own) but reads the kernel's present as it is (_rewrite_reader)
+        reader = _reader(g, softmax, set(claimed)) if claimed else None
+        if reader is not None:
+            readers.append(reader)
+            continue
         try:
             m, outside = _runnable_match(g, softmax, graph_inputs)
-            if {m["k_cat"].output[0], m["v_cat"].output[0]} & claimed:
-                # the layer that writes this KV comes first (graph order) and is fused; this one reads its present
-                # (what the Concat wrote, now the kernel's output): GroupQueryAttention takes no KV without new keys
-                readers += 1
-                raise _NoMatch(f"{softmax.name}: a KV-shared layer, reading the K/V an earlier layer writes "
-                               "(GroupQueryAttention takes no cache without new keys of its own)")
-            claimed |= {m["k_cat"].output[0], m["v_cat"].output[0]}
+            claimed |= {m["k_cat"].output[0]: len(matches), m["v_cat"].output[0]: len(matches)}
             matches.append((softmax, m))
             if outside:
                 rotary_outside[outside] = rotary_outside.get(outside, 0) + 1
@@ -875,6 +1022,26 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
         # (repeat_kv, scores, softmax, transposes, the 4-D rotary, a window's mask) feeds nothing and is dropped
         g.replace([m["out"], m["k_cat"], m["v_cat"]], new)
         report.fusions["attention"] += 1
+    visible: dict[str, str] = {}  # a present -> its columns within the mask's width
+    row_biases: dict[tuple, str] = {}  # (mask, window) -> a mask made row by row
+    for r in readers:
+        # the producer's window (Gemma 4 shares K/V within one attention type); where windows are not known the
+        # exported mask stays (right on the growing cache, which is then kept: window_problem)
+        bias, new = r["bias"], []
+        if not window_problem:
+            window = windows[claimed[r["k"]]]
+            key = (r["mask"], window)
+            if key not in row_biases:
+                nodes, row_biases[key] = _row_bias(r["mask"], r["scores"].input[0], window,
+                                                   onnx.helper.tensor_dtype_to_np_dtype(g.elem_type(r["bias"])),
+                                                   f"shared_kv_mask_{len(row_biases)}")
+                new += nodes
+            bias = row_biases[key]
+        new += _rewrite_reader(g, r, bias, visible)
+        g.replace([r["scores"], r["pv"], *([r["add"]] if bias != r["bias"] else [])], new)
+    if readers:
+        report.notes.append(f"{len(readers)} attention(s) of KV-shared layers read an earlier layer's K/V as its "
+                            "kernel wrote them (no copy of the cache, heads grouped by reshapes)")
     for reason, count in skipped.items():
         report.notes.append(f"{count} attention softmax(es) left unfused: {reason}")
     for reason, count in rotary_outside.items():
@@ -889,13 +1056,14 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
     # every attention reads its lengths from the mask; past and present can be one buffer if nothing
     # else reads the past's length (the exporter's causal mask does: rewired) and every attention over
     # a growing cache is fused (an unfused cross-attention reads no past: Mllama's, Florence-2's)
+    g.commit()  # what the rewrites left reading the presents
     unfused = _unfused_growing_caches(g, pasts)
+    read = _presents_read_elsewhere(g, claimed, visible)
     if window_problem:
         why = window_problem
-    elif readers:
-        # such a layer's exported attention reads its producer's present with the mask's width: on one buffer
-        # the present is the buffer's capacity
-        why = f"{readers} attention(s) read the K/V of an earlier layer, left as exported"
+    elif read:
+        # an attention reading a present with the mask's width: on one buffer the present is the buffer's capacity
+        why = read
     elif unfused:
         why = f"{len(unfused)} attention(s) over a growing KV cache left unfused ({unfused[0]})"
     elif len(masks) != 1:
@@ -908,6 +1076,18 @@ def fuse_attention(g, report, layer_windows=(), max_positions: int = 4096) -> No
     else:
         set_metadata(g.model, KV_IN_PLACE, "1")
         report.kv_in_place = True
+
+
+def _presents_read_elsewhere(g, presents, visible: dict[str, str]) -> str:
+    """Why the kernels' presents cannot be one shared buffer ("" when they can), on the committed graph: a node
+    other than a reader's slice of its first (mask width) columns reads one - as wide as the mask, which on one
+    buffer it is not (an attention of a KV-shared layer that ``_reader`` did not recognize)."""
+    slices = set(visible.values())
+    for present in presents:
+        for node in g.consumers.get(present, []):
+            if node.output[0] not in slices:
+                return f"{node.name} ({node.op_type}) reads the K/V {present} a kernel writes, as exported"
+    return ""
 
 
 def _gated_per_head(g, attended: str, gate: str, out: str, heads: int, head_size: int) -> list[onnx.NodeProto]:
