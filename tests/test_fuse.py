@@ -96,6 +96,7 @@ def _fused_graph(result, load_external_data: bool = False) -> onnx.ModelProto:
 QK_NORM = {"llava-siglip-qwen3", "llava-gemma3"}
 #: text families with an RMSNorm after attention and after the MLP too (Gemma 2 and 3)
 POST_NORMS = {"llava-gemma2", "llava-gemma3"}
+GELU_TANH = {"llava-gemma2", "llava-gemma3"}  # Gemma's MLP: gelu(approximate="tanh") -> FastGelu
 #: text families whose first layer has a 16-position sliding window (tiny_models.TEXT_FAMILIES)
 WINDOWED_FIRST_LAYER = {"llava-gemma3", "llava-gemma2"}
 
@@ -144,7 +145,7 @@ def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_
     # norms (flattened to rows for the kernel and back), one kernel each
     alone = 1 + (2 * layers if name in POST_NORMS else 0) + (2 * layers if name in QK_NORM else 0)
     assert report.fusions == {"layer_norm": 0, "rms_norm": alone, "skip_rms_norm": 2 * layers, "skip_layer_norm": 0,
-                              "rotary": 2 * layers, "packed_matmul": 0 if name in QK_NORM else layers,
+                              "gelu": layers if name in GELU_TANH else 0, "rotary": 2 * layers, "packed_matmul": 0 if name in QK_NORM else layers,
                               "attention": layers}
     assert report.fused and not report.reason
     fused = onnx.load(dst)
@@ -830,10 +831,58 @@ def test_norms_without_a_weight_and_a_sign_flipped_rotary_fuse(tmp_path):
     # the embeddings' norm, the first layer's (reading it, no residual Add), 2 x 2 per-head q/k norms alone;
     # the other three layer norms and the final one after a residual Add
     assert fusion["made"] and fusion["fusions"] == {"layer_norm": 0, "rms_norm": 6, "skip_rms_norm": 4,
-                                                    "skip_layer_norm": 0, "rotary": 4, "packed_matmul": 0,
+                                                    "skip_layer_norm": 0, "gelu": 0, "rotary": 4, "packed_matmul": 0,
                                                     "attention": 2}, fusion
     fused = _fused_graph(result, load_external_data=True)
     ops = collections.Counter(n.op_type for n in fused.graph.node)
     assert ops["ReduceMean"] == ops["Neg"] == ops["Sin"] == 0, ops
     unit = {t.name: numpy_helper.to_array(t) for t in fused.graph.initializer if t.name.startswith("unit_gamma_")}
     assert set(unit) == {"unit_gamma_64", "unit_gamma_16"} and all((g == 1).all() for g in unit.values())
+
+
+def _gelu_graph(spelling: str) -> onnx.ModelProto:
+    """x * 0.5 * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) spelt as exporters write it (``spelling``: which factor
+    meets (1 + tanh) first, and x^3 as Pow or products), then Mul by a second input; or a soft cap's
+    cap * tanh(x / cap), which is no GELU."""
+    c = lambda name, v: numpy_helper.from_array(np.array(v, np.float32), name)  # noqa: E731
+    inits = [c("three", 3.0), c("cube_k", 0.044715), c("scale", float(np.sqrt(2 / np.pi))), c("one", 1.0),
+             c("half", 0.5), c("cap", 30.0)]
+    n = helper.make_node
+    cube = ([n("Mul", ["x", "x"], ["x2"]), n("Mul", ["x", "x2"], ["x3"])] if "products" in spelling
+            else [n("Pow", ["x", "three"], ["x3"])])
+    inner = [*cube, n("Mul", ["cube_k", "x3"], ["kx3"]), n("Add", ["x", "kx3"], ["sum"]),
+             n("Mul", ["sum", "scale"], ["scaled"]), n("Tanh", ["scaled"], ["t"]), n("Add", ["t", "one"], ["t1"])]
+    outer = {"half first": [n("Mul", ["half", "t1"], ["h"]), n("Mul", ["x", "h"], ["gelu"])],
+             "x first": [n("Mul", ["t1", "x"], ["h"]), n("Mul", ["h", "half"], ["gelu"])],
+             "x times half": [n("Mul", ["x", "half"], ["xh"]), n("Mul", ["xh", "t1"], ["gelu"])]}
+    nodes = ([n("Div", ["x", "cap"], ["xc"]), n("Tanh", ["xc"], ["tc"]), n("Mul", ["tc", "cap"], ["gelu"])]
+             if spelling == "soft cap" else inner + outer[spelling.replace(", products", "")])
+    nodes.append(n("Mul", ["gelu", "up"], ["y"]))
+    graph = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, 3, 16])
+                                              for name in ("x", "up")],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 16])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    return onnx.shape_inference.infer_shapes(model)
+
+
+@pytest.mark.parametrize("spelling", ["half first", "x first", "x times half", "half first, products", "soft cap"])
+def test_a_tanh_gelu_becomes_fast_gelu_with_the_same_values(spelling):
+    """Each spelling of PyTorch's gelu(approximate="tanh") becomes one com.microsoft.FastGelu reading x, which ONNX
+    Runtime runs to the exported graph's values; a soft cap's tanh is left alone."""
+    from vlm_export.export.fuse import MS_DOMAIN, _Graph, fuse_tanh_gelu
+
+    model = _gelu_graph(spelling)
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 16), np.float32) * 3,
+             "up": np.random.default_rng(1).standard_normal((2, 3, 16), np.float32)}
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    g = _Graph(model)
+    fused = fuse_tanh_gelu(g)
+    g.commit()
+    ops = [n.op_type for n in model.graph.node]
+    if spelling == "soft cap":
+        assert fused == 0 and "FastGelu" not in ops
+        return
+    assert fused == 1 and ops == ["FastGelu", "Mul"], ops
+    model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -20,6 +20,9 @@ launch per token. This pass rewrites, by pattern only (no model-type branches):
 * ``skip_layer_norm``: residual ``Add`` + ``LayerNormalization`` (the exporter writes LayerNorm as
   that one op) -> ``com.microsoft.SkipLayerNormalization``, as above (Phi, GPT-J, StableLM, Falcon; OPT's
   norms read a Reshape of the residual sum, on which the kernel would save no node: they stay).
+* ``gelu``: PyTorch's gelu(approximate="tanh") (Gemma's MLPs, SigLIP's towers: eight element-wise nodes, which
+  ONNX Runtime's own FastGelu fusion does not match as exported) -> ``com.microsoft.FastGelu`` (fp32; the image
+  stages' form takes it too).
 * ``rotary``: rotate-half RoPE (Slice/Neg/Concat/Mul/Add on q and k, cos/sin computed from
   ``position_ids`` and a constant ``inv_freq``) -> ``com.microsoft.RotaryEmbedding`` with
   constant cos/sin caches of ``max_positions`` rows (the attention rewrite then rotates inside its
@@ -62,10 +65,11 @@ from ..errors import ExportError
 from .attention_fuse import fold_packed_qkv, fuse_attention
 from .graph_info import (EXTERNAL_TENSOR_MIN_BYTES, read_tensor, reads, save_graph, set_external_data,
                          topological_order, uses_external_data)
-from .patterns import last_axis_slice, layer_norm, rms_norm, unsqueeze_axis
+from .patterns import last_axis_slice, layer_norm, rms_norm, tanh_gelu, unsqueeze_axis
 
 MS_DOMAIN = "com.microsoft"
-FUSIONS = ("layer_norm", "rms_norm", "skip_rms_norm", "skip_layer_norm", "rotary", "packed_matmul", "attention")
+FUSIONS = ("layer_norm", "rms_norm", "skip_rms_norm", "skip_layer_norm", "gelu", "rotary", "packed_matmul",
+           "attention")
 
 
 #: why a decoder whose attention is not causal everywhere keeps its attention as exported
@@ -243,6 +247,25 @@ def _drop_dead(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.Node
         if len(alive) == len(nodes):
             return nodes
         nodes = alive
+
+
+# ---------------------------------------------------------------- GELU (tanh approximation)
+
+def fuse_tanh_gelu(g: _Graph) -> int:
+    """Each fp32 x * 0.5 * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (``patterns.tanh_gelu``: Gemma's and
+    SigLIP's activation, eight element-wise nodes as exported, which ONNX Runtime 1.32's own FastGelu fusion does
+    not match) -> ``com.microsoft.FastGelu`` (one pass over the tensor: 16-19 ms against 37 ms on 2,000 x 3,072
+    floats, 2 threads; its CPU kernel is fp32 only). Returns how many were rewritten."""
+    fused = 0
+    for tanh in [n for n in g.graph.node if n.op_type == "Tanh"]:
+        found = tanh_gelu(g, tanh)
+        if found is None or g.elem_type(found[0]) != onnx.TensorProto.FLOAT:
+            continue
+        x, result = found
+        g.replace([result], [helper.make_node("FastGelu", [x], list(result.output), name=f"{result.name}_fast_gelu",
+                                              domain=MS_DOMAIN)])
+        fused += 1
+    return fused
 
 
 # ---------------------------------------------------------------- RMSNorm (+ residual Add)
@@ -789,6 +812,7 @@ def fuse_model(model: onnx.ModelProto, max_positions: int = 4096, weights: Weigh
         g.commit()  # before the RMSNorm matcher, which would take a written-out LayerNorm's inner half
     _fuse_skip_rms_norm(g, report)
     _fuse_skip_layer_norm(g, report)
+    report.fusions["gelu"] += fuse_tanh_gelu(g)
     g.commit()
     _fuse_rotary(g, report, max_positions)
     g.commit()

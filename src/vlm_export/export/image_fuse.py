@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .fuse import MS_DOMAIN, Weights, _Graph, load_structure
+from .fuse import MS_DOMAIN, Weights, _Graph, fuse_tanh_gelu, load_structure
 from .graph_info import save_graph, topological_order
 
 
@@ -40,6 +40,7 @@ class ImageFuseReport:
 
     attentions: int = 0  # rewritten to MultiHeadAttention
     masked: int = 0  # of them behind an If on their mask
+    gelus: int = 0  # tanh-approximated GELUs rewritten to FastGelu (fuse.fuse_tanh_gelu)
     nodes_before: int = 0
     nodes_after: int = 0
     reason: str = ""  # why nothing was fused (empty when something was)
@@ -47,10 +48,10 @@ class ImageFuseReport:
 
     @property
     def fused(self) -> bool:
-        return self.attentions > 0
+        return self.attentions > 0 or self.gelus > 0
 
     def to_dict(self) -> dict:
-        return {"fusions": {"attention": self.attentions, "masked_attention": self.masked},
+        return {"fusions": {"attention": self.attentions, "masked_attention": self.masked, "gelu": self.gelus},
                 "nodes_before": self.nodes_before, "nodes_after": self.nodes_after, "reason": self.reason,
                 "notes": list(self.notes)}
 
@@ -251,13 +252,18 @@ def fuse_image_attention(model: onnx.ModelProto, weights: Weights | None = None)
         _rewrite(g, found, report.attentions, constants)
         report.attentions += 1
         report.masked += found.mask is not None
-    if report.attentions:
+    report.gelus = fuse_tanh_gelu(g)
+    if report.fused:
         g.commit()
         if MS_DOMAIN not in {o.domain for o in model.opset_import}:
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    else:
-        report.reason = ("no attention matched (scaled q x transposed k -> softmax -> x v, with no mask or a key "
-                         "padding mask)" + (f": {report.notes[0]}" if report.notes else ""))
+    if not report.attentions:
+        why = ("no attention matched (scaled q x transposed k -> softmax -> x v, with no mask or a key padding mask)"
+               + (f": {report.notes[0]}" if report.notes else ""))
+        if report.fused:
+            report.notes.append(why)
+        else:
+            report.reason = why
     report.nodes_after = len(model.graph.node)
     return report
 

@@ -105,3 +105,70 @@ def unsqueeze_axis(g, node: onnx.NodeProto) -> int | None:
     when it inserts several or they are not constant."""
     axes = g.const(node.input[1]) if len(node.input) > 1 else np.array(g.attr(node, "axes", []))
     return int(axes.item()) if axes is not None and axes.size == 1 else None
+
+
+#: sqrt(2 / pi) and the cube's factor of GELU's tanh approximation
+_GELU_SCALE, _GELU_CUBE = float(np.sqrt(2 / np.pi)), 0.044715
+
+
+def tanh_gelu(g, tanh: onnx.NodeProto) -> tuple[str, onnx.NodeProto] | None:
+    """Match x * 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))) - PyTorch's gelu(approximate="tanh"), Gemma's
+    and SigLIP's activation, as the exporter writes it: the three factors multiplied in any order or grouping, x^3
+    as Pow(x, 3) or products of x - from its Tanh; returns (x, the node computing the result) or None. Nodes in
+    between that something else also reads stay (only the result's producer is replaced)."""
+    inner = _times(g, tanh.input[0], _GELU_SCALE)
+    add = g.producer.get(inner) if inner else None
+    if add is None or add.op_type != "Add":
+        return None
+    for i in (0, 1):
+        x, cube = add.input[i], _times(g, add.input[1 - i], _GELU_CUBE)
+        if cube and _is_cube(g, cube, x):
+            break
+    else:
+        return None
+    one = g.sole_consumer(tanh.output[0], "Add")
+    if one is None or g.scalar(g.other_input(one, tanh.output[0]) or "") != 1.0:
+        return None
+    first = g.sole_consumer(one.output[0], "Mul")
+    other = first and g.other_input(first, one.output[0])
+    if other is None:
+        return None
+    if other == x or _near(g.scalar(other), 0.5):  # (1 + tanh) * x * 0.5 or (1 + tanh) * 0.5 * x
+        second = g.sole_consumer(first.output[0], "Mul")
+        last = second and g.other_input(second, first.output[0])
+        if last is None or not (_near(g.scalar(last), 0.5) if other == x else last == x):
+            return None
+        return x, second
+    half = g.producer.get(other)  # (x * 0.5) * (1 + tanh)
+    if half is not None and half.op_type == "Mul" and x in half.input \
+            and _near(g.scalar(g.other_input(half, x) or ""), 0.5):
+        return x, first
+    return None
+
+
+def _near(value: float | None, want: float) -> bool:
+    return value is not None and abs(value - want) <= 1e-5 * abs(want)
+
+
+def _times(g, name: str, factor: float) -> str | None:
+    """``name`` = Mul(y, factor) (the constant on either side): y, else None."""
+    node = g.producer.get(name)
+    if node is None or node.op_type != "Mul":
+        return None
+    for i in (0, 1):
+        if _near(g.scalar(node.input[1 - i]), factor) and g.const(node.input[i]) is None:
+            return node.input[i]
+    return None
+
+
+def _is_cube(g, name: str, x: str) -> bool:
+    """Whether ``name`` = Pow(x, 3), Mul(x, Mul(x, x)) or Mul(Mul(x, x), x)."""
+    node = g.producer.get(name)
+    if node is None:
+        return False
+    if node.op_type == "Pow":
+        return node.input[0] == x and g.scalar(node.input[1]) == 3.0
+    if node.op_type != "Mul" or x not in node.input:
+        return False
+    square = g.producer.get(g.other_input(node, x) or "")
+    return square is not None and square.op_type == "Mul" and list(square.input) == [x, x]
