@@ -154,6 +154,27 @@ def test_causal_gemma4_fuses_the_layers_that_write_kv(tiny_build, tiny_model_dir
                                     requests_of_every_size(SIZES[:2] + SIZES[4:5]))
 
 
+def test_a_w8_causal_gemma4_passes_its_gates_on_one_buffer(tiny_model_dir, tmp_path):
+    """``decoder=w8`` of the causal Gemma 4: its fused form (GroupQueryAttention where K/V are written, the shared
+    layers reading them on one buffer) quantized to MatMulNBits passes the build's parity gates and answers the
+    sample prompts as Hugging Face does; the build runs it in place. (The fixture's q/k norm weights give its
+    attention a trained model's temperature: with Hugging Face's unit ones every layer magnified rounding ~3x.)"""
+    from vlm_export.build import BuildOptions, build
+    from vlm_export.precision.convert import PrecisionOptions
+    from vlm_export.precision.spec import parse_precision
+    from vlm_export.runtime.load import open_build
+
+    # the per-layer projections read 8 inputs: no block of the asymmetric scheme divides them
+    options = BuildOptions(precision=parse_precision("decoder=w8"), parity_new_tokens=8,
+                           precision_options=PrecisionOptions(weight_scheme="zero-point"))
+    result = build(tiny_model_dir("gemma4-causal"), tmp_path / "w8", options)
+    decoder = result.manifest["graphs"]["lm_decoder"]
+    assert decoder["precision"] == "w8" and decoder["fusion"]["kv_in_place"], decoder
+    assert result.manifest["targets"]["onnxruntime"]["lm_decoder"] == "fused"
+    assert not result.manifest["parity"]["failures"], result.manifest["parity"]
+    assert open_build(result.path).kv_in_place
+
+
 def test_served_answers_equal_in_process(tiny_build, tmp_path):
     """Served by a real tritonserver over gRPC (tall, wide and small images, three requests at once, a conversation's
     second turn): every answer ``generate``'s in process."""

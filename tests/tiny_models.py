@@ -352,6 +352,14 @@ def make_tiny_gemma4(path: Path, seed: int = 0, patch_size: int = 4, cell: int =
                 module.output_min.fill_(-1.0), module.output_max.fill_(1.0)
         for layer in model.model.language_model.layers:
             layer.layer_scalar.uniform_(0.5, 1.5)
+        # q and k are RMS-normed and their product unscaled: with Hugging Face's unit norm weights the scores have a
+        # standard deviation of sqrt(head size), attention is near argmax and each layer magnifies any rounding ~3x
+        # (w8 weights: logits cosine 0.69 after 15 layers). A trained model's norm weights set a temperature; these
+        # give the scores about unit spread.
+        for module in model.modules():
+            for norm in (getattr(module, "q_norm", None), getattr(module, "k_norm", None)):
+                if norm is not None and getattr(norm, "with_scale", False):
+                    norm.weight.mul_(norm.weight.shape[0] ** -0.25)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     (Path(path) / "chat_template.jinja").write_text(GEMMA4_CHAT_TEMPLATE)
