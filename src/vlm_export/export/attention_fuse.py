@@ -600,6 +600,11 @@ def _namers(prefix: str):
     return p, n
 
 
+def _constant(name: str, value, dtype) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], name=name,
+                            value=numpy_helper.from_array(np.array(value, dtype), name))
+
+
 def _int64(name: str, values: list[int], scalar: bool = False) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], name=name, value=helper.make_tensor(
         name, onnx.TensorProto.INT64, [] if scalar else [len(values)], values))
@@ -668,11 +673,9 @@ def _padding_bias(g, mask: str, like: str, prefix: str) -> tuple[list[onnx.NodeP
     """Nodes making an additive mask shaped as ``like`` (batch | 1, heads | 1, sequence, total) from the
     attention mask (batch, total) alone: 0 on real keys, the dtype's lowest on padding and holes - no
     causal part (the kernel applies it) and no window (``local_window_size`` does, per row)."""
-    p = lambda name: f"{prefix}_{name}"  # noqa: E731
+    p, n = _namers(prefix)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(g.elem_type(like))
-    const = lambda name, value, dt: helper.make_node(  # noqa: E731
-        "Constant", [], [p(name)], name=p(name), value=numpy_helper.from_array(np.array(value, dt), p(name)))
-    n = lambda op, inputs, out, **kw: helper.make_node(op, inputs, [p(out)], name=p(out), **kw)  # noqa: E731
+    const = lambda name, value, dt: _constant(p(name), value, dt)  # noqa: E731
     nodes = [const("zero", 0, dtype), const("lowest", np.finfo(dtype).min, dtype), const("axes", [1, 2], np.int64),
              n("Cast", [mask], "real", to=onnx.TensorProto.BOOL),
              n("Where", [p("real"), p("zero"), p("lowest")], "keys"),
@@ -710,10 +713,7 @@ def _row_bias(mask: str, queries: str, window: int | None, dtype, prefix: str) -
                   n("Less", [p("behind"), p("window")], "in_window"),
                   n("And", [p("seen"), p("in_window")], "seen_in_window")]
     nodes += [
-        helper.make_node("Constant", [], [p("open")], name=p("open"),
-                         value=numpy_helper.from_array(np.array(0, dtype), p("open"))),
-        helper.make_node("Constant", [], [p("lowest")], name=p("lowest"),
-                         value=numpy_helper.from_array(np.array(lowest, dtype), p("lowest"))),
+        _constant(p("open"), 0, dtype), _constant(p("lowest"), lowest, dtype),
         n("Where", [nodes[-1].output[0], p("open"), p("lowest")], "bias_3d"),
         n("Unsqueeze", [p("bias_3d"), p("one_axis")], "bias"),
     ]
@@ -748,15 +748,15 @@ def _reader(g, softmax: onnx.NodeProto, presents: set[str]) -> dict | None:
         return None
     try:
         (k, k_rep), (v, v_rep) = _unrepeat(g, transpose.input[0]), _unrepeat(g, pv.input[1])
-        q_shape, k_shape, bias_shape = _dims(g, mm.input[0], 4), _dims(g, k, 4), _dims(g, bias, 4)
+        q_shape, k_shape = _dims(g, mm.input[0], 4), _dims(g, k, 4)
         mask = _mask_input(g, bias)
     except _NoMatch:
         return None
     if k not in presents or v not in presents or k_rep != v_rep or not isinstance(k_shape[1], int) \
-            or not isinstance(k_shape[3], int) or q_shape[1] != k_shape[1] * k_rep:
+            or q_shape[1] != k_shape[1] * k_rep:
         return None
     return dict(scores=mm, add=add, scores_at=i, pv=pv, k=k, v=v, k_scale=k_scale, kv_heads=k_shape[1],
-                head_size=k_shape[3], heads=k_shape[1] * k_rep, bias=bias, bias_shape=bias_shape, mask=mask)
+                heads=k_shape[1] * k_rep, bias=bias, mask=mask)
 
 
 def _rewrite_reader(g, r: dict, bias: str, visible: dict[str, str]) -> list[onnx.NodeProto]:
@@ -777,8 +777,7 @@ def _rewrite_reader(g, r: dict, bias: str, visible: dict[str, str]) -> list[onnx
                     m("Slice", [present, q("start"), q("width"), q("axis")], "slice")]
     keys, values, query = visible[r["k"]], visible[r["v"]], scores.input[0]
     if r["k_scale"] != 1.0:  # q (k scale) K^T = q (k scale K)^T: the cache stays as written
-        new += [helper.make_node("Constant", [], [p("k_scale")], name=p("k_scale"), value=numpy_helper.from_array(
-                    np.array(r["k_scale"], onnx.helper.tensor_dtype_to_np_dtype(g.elem_type(query))), p("k_scale"))),
+        new += [_constant(p("k_scale"), r["k_scale"], onnx.helper.tensor_dtype_to_np_dtype(g.elem_type(query))),
                 n("Mul", [query, p("k_scale")], "q_scaled")]
         query = p("q_scaled")
     new.append(n("Transpose", [keys], "keys_t", perm=[0, 1, 3, 2]))
