@@ -159,10 +159,11 @@ def test_cache_keeps_to_its_bytes_and_holds_a_conversation_once():
         PrefixCache(-1)
 
 
-@pytest.mark.parametrize("name", ["prefix-llama", "blip2-opt", "instructblip-llama"])
+@pytest.mark.parametrize("name", ["prefix-llama", "blip2-opt", "instructblip-llama", "gemma4-causal"])
 def test_other_spliced_layouts(tiny_build, photos, name):
-    """Images before the text (prefix, BLIP-2) and a Q-Former that reads the prompt (InstructBLIP,
-    whose image rows change with the question): with the cache, the answers of first sight and
+    """Images before the text (prefix, BLIP-2), a Q-Former that reads the prompt (InstructBLIP,
+    whose image rows change with the question) and Gemma 4's KV-shared layers, which read the K/V their
+    producers' kernels write over a cached past: with the cache, the answers of first sight and
     repeats are those without."""
     pipe = open_build(tiny_build(name).path)
     requests = [("What is this?", (photos[0],)), ("Describe it.", (photos[0],)), ("What is this?", (photos[1],))]
