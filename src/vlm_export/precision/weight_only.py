@@ -56,7 +56,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
-from ..export.graph_info import read_tensor
+from ..export.graph_info import read_tensor, reads
 
 SCHEMES = ("symmetric", "asymmetric", "zero-point")
 FORMS = ("matmulnbits", "dequantize")
@@ -550,15 +550,16 @@ def describe_missed(stage: str, missed: dict) -> str | None:
 
 
 def drop_unused(graph: onnx.GraphProto) -> None:
-    """Remove nodes and initializers nothing reads any more (fp32 weights that were replaced)."""
+    """Remove nodes and initializers nothing reads any more (fp32 weights that were replaced); what an ``If``'s
+    branches read from outside them counts as read (``graph_info.reads``)."""
     while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        used = {i for n in graph.node for i in reads(n)} | {o.name for o in graph.output}
         dead = [n for n in graph.node if not any(o in used for o in n.output)]
         if not dead:
             break
         for n in dead:
             graph.node.remove(n)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    used = {i for n in graph.node for i in reads(n)} | {o.name for o in graph.output}
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
