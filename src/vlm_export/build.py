@@ -466,8 +466,9 @@ FUSED_IMAGE_PRECISIONS = ("fp32", "int8")
 def _fuse_image_stages(tmp: Path, graphs: dict, stages: list[str], precisions: dict[str, str], options: BuildOptions,
                        progress: Progress) -> None:
     """Each fp32 or int8 image (or encoder) stage's ONNX Runtime form beside its standard graph, where its attention
-    fuses (export/image_fuse.py: MultiHeadAttention, ONNX Runtime's tiled kernel for unpadded images: memory that
-    grows with the patches, not their square; an int8 stage's is quantized later, like the decoder's fused form);
+    (or a tanh GELU) fuses (export/image_fuse.py: MultiHeadAttention, ONNX Runtime's tiled kernel for unpadded
+    images: memory that grows with the patches, not their square; FastGelu; an int8 stage's is quantized later,
+    like the decoder's fused form);
     why not in ``graphs[stage]["fusion"]``. A stage without a softmax (a projector) gets no record."""
     for stage in stages:
         entry = graphs[stage]

@@ -14,7 +14,8 @@ zero unless a batch of images of different sizes is padded (or a window has empt
 masked attention goes behind an ``If``: nothing masked (one image, or images of one size) -> the tiled
 kernel; else -> the exported nodes themselves, the same arithmetic as the standard graph (any mask).
 No mask, or a constant zero one (a fixed-size ViT's), needs no ``If``. An attention whose shapes the
-graph does not state (heads, head size) is left as exported and the report says why. Everything is
+graph does not state (heads, head size) is left as exported and the report says why. A tanh-approximated
+GELU (SigLIP's) becomes ``FastGelu`` too (``fuse.fuse_tanh_gelu``, the decoder pass's). Everything is
 read from the graph; no model type is consulted.
 
 The result is for ONNX Runtime's CPU provider only (TensorRT reads no com.microsoft ops; the tiled
