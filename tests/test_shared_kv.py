@@ -46,6 +46,20 @@ def _run(pipe, prompts, new_tokens, kv_in_place, max_batch, **kw):
     return [tokens[i] for i in ids], logits, tenants, slots
 
 
+def _in_place_equals_copying(pipe, prompts, new_tokens) -> tuple[set, int]:
+    """Every request through the in-place scheduler and the copying one (3 rows at most, prompts left-padded into
+    one prefill): the same greedy tokens and every step's logits. Returns the in-place run's (slot, row id) pairs
+    and the most slots its buffer had."""
+    runs = {mode: _run(pipe, prompts, new_tokens, mode, max_batch=3, max_prefill_padding=1.0)
+            for mode in (False, True)}
+    (tokens, logits, _, _), (in_place_tokens, in_place_logits, tenants, slots) = runs[False], runs[True]
+    assert in_place_tokens == tokens and [len(t) for t in tokens] == list(new_tokens)
+    assert len(in_place_logits) == len(logits)
+    for step, (want, got) in enumerate(zip(logits, in_place_logits)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"step {step}")
+    return tenants, slots
+
+
 def test_the_fused_graph_runs_in_place_and_the_standard_one_does_not(tiny_build, pipe, tmp_path):
     build = tiny_build("llava-llama")
     graphs = build.manifest["graphs"]["lm_decoder"]
@@ -111,13 +125,7 @@ def test_scheduler_in_place_equals_the_copying_path(pipe):
     max_sequence = pipe.limits.max_sequence
     prompts = _prompts((11, 4, 7, 9, max_sequence - 40))
     new_tokens = (12, 5, 9, 7, 40)
-    runs = {mode: _run(pipe, prompts, new_tokens, mode, max_batch=3, max_prefill_padding=1.0)
-            for mode in (False, True)}
-    (tokens, logits, _, _), (in_place_tokens, in_place_logits, tenants, slots) = runs[False], runs[True]
-    assert in_place_tokens == tokens and [len(t) for t in tokens] == list(new_tokens)
-    assert len(in_place_logits) == len(logits)
-    for step, (want, got) in enumerate(zip(logits, in_place_logits)):
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"step {step}")
+    tenants, slots = _in_place_equals_copying(pipe, prompts, new_tokens)
     assert slots == 3  # the buffer never grew past max_batch rows
     rows_per_slot = {}
     for slot, row in tenants:
@@ -215,13 +223,7 @@ def test_kv_shared_layers_in_place_equal_the_copying_path(tiny_build):
     assert pipe.kv_in_place
     prompts = _prompts((23, 5, 14, 31, 9), seed=1)
     new_tokens = (10, 4, 12, 6, 9)
-    runs = {mode: _run(pipe, prompts, new_tokens, mode, max_batch=3, max_prefill_padding=1.0)
-            for mode in (False, True)}
-    (tokens, logits, _, _), (in_place_tokens, in_place_logits, tenants, _) = runs[False], runs[True]
-    assert in_place_tokens == tokens and [len(t) for t in tokens] == list(new_tokens)
-    assert len(in_place_logits) == len(logits)
-    for step, (want, got) in enumerate(zip(logits, in_place_logits)):
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"step {step}")
+    tenants, _ = _in_place_equals_copying(pipe, prompts, new_tokens)
     assert len({row for _, row in tenants}) == len(prompts)
 
 
