@@ -62,7 +62,8 @@ for length in contexts:
         base = base or (step, ttft)
         rows.append({"build": name, "context": length, "kv_in_place": bool(pipes[name].kv_in_place),
                      "decode_ms_per_token_p50": round(step, 2), "prefill_ms_p50": round(ttft, 1),
-                     "decode_speedup_vs_first": round(base[0] / step, 3), "prefill_ratio_vs_first": round(ttft / base[1], 3),
+                     "decode_speedup_vs_first": round(base[0] / step, 3),
+                     "prefill_ratio_vs_first": round(ttft / base[1], 3),
                      "steps": len(m["step_s"]), "prefills": len(m["prefill_s"])})
 machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": 2,
            "load_before_after": load}

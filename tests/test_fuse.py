@@ -96,7 +96,8 @@ def _fused_graph(result, load_external_data: bool = False) -> onnx.ModelProto:
 QK_NORM = {"llava-siglip-qwen3", "llava-gemma3"}
 #: text families with an RMSNorm after attention and after the MLP too (Gemma 2 and 3)
 POST_NORMS = {"llava-gemma2", "llava-gemma3"}
-GELU_TANH = {"llava-gemma2", "llava-gemma3"}  # Gemma's MLP: gelu(approximate="tanh") -> FastGelu
+#: text families whose MLP is gelu(approximate="tanh") (Gemma's): FastGelu, one per layer
+GELU_TANH = {"llava-gemma2", "llava-gemma3"}
 #: text families whose first layer has a 16-position sliding window (tiny_models.TEXT_FAMILIES)
 WINDOWED_FIRST_LAYER = {"llava-gemma3", "llava-gemma2"}
 
@@ -145,8 +146,8 @@ def test_fused_decoder_matches_the_exported_one(tiny_build, tiny_model_dir, tmp_
     # norms (flattened to rows for the kernel and back), one kernel each
     alone = 1 + (2 * layers if name in POST_NORMS else 0) + (2 * layers if name in QK_NORM else 0)
     assert report.fusions == {"layer_norm": 0, "rms_norm": alone, "skip_rms_norm": 2 * layers, "skip_layer_norm": 0,
-                              "gelu": layers if name in GELU_TANH else 0, "rotary": 2 * layers, "packed_matmul": 0 if name in QK_NORM else layers,
-                              "attention": layers}
+                              "gelu": layers if name in GELU_TANH else 0, "rotary": 2 * layers,
+                              "packed_matmul": 0 if name in QK_NORM else layers, "attention": layers}
     assert report.fused and not report.reason
     fused = onnx.load(dst)
     ops = collections.Counter(n.op_type for n in fused.graph.node)

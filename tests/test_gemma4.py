@@ -126,8 +126,8 @@ def test_answers_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir)
 def test_causal_gemma4_fuses_the_layers_that_write_kv(tiny_build, tiny_model_dir):
     """Where images attend causally (E2B's and E4B's config), the attention of the four layers that write K/V
     becomes GroupQueryAttention (the sliding ones' window in the kernel); the two KV-shared layers read what those
-    kernels wrote as it is - a slice of the mask's width, heads grouped by reshapes (no repeat_kv), a mask made row
-    by row - so the cache is one shared buffer; the answers of the fused form = Hugging Face generate's, alone and
+    kernels wrote as it is - a slice of the mask's width, heads grouped by reshapes for a step (no repeat_kv copy
+    of the cache), a mask made row by row - so the cache is one shared buffer; the answers of the fused form = Hugging Face generate's, alone and
     batched on that buffer (rows of different lengths, longer than the window)."""
     import onnx
 
