@@ -485,7 +485,8 @@ def _fuse_image_stages(tmp: Path, graphs: dict, stages: list[str], precisions: d
             entry["fusion"] = {"made": False, "reason": reason}
             continue
         dst = src.with_name(f"{stage}.fused.onnx")
-        with progress.step(f"{stage}: its ONNX Runtime form (MultiHeadAttention, FastGelu: export/image_fuse.py)") as advance:
+        what = f"{stage}: its ONNX Runtime form (MultiHeadAttention, FastGelu: export/image_fuse.py)"
+        with progress.step(what) as advance:
             start = time.perf_counter()
             try:
                 report = fuse_image_stage(src, dst, loaded)

@@ -63,7 +63,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import ExportError
 from .attention_fuse import fold_packed_qkv, fuse_attention
-from .graph_info import (EXTERNAL_TENSOR_MIN_BYTES, read_tensor, reads, save_graph, set_external_data,
+from .graph_info import (EXTERNAL_TENSOR_MIN_BYTES, live_nodes, read_tensor, reads, save_graph, set_external_data,
                          topological_order, uses_external_data)
 from .patterns import last_axis_slice, layer_norm, rms_norm, tanh_gelu, unsqueeze_axis
 
@@ -226,7 +226,7 @@ class _Graph:
         names = set(self.inits) | {t.name for t in self.new_inits}
         while self.new_inits:  # pop first: the list's reference would keep the moved-out original alive
             self.graph.initializer.add().CopyFrom(self.new_inits.pop(0))
-        nodes = _drop_dead(nodes, self.outputs)
+        nodes = live_nodes(nodes, self.outputs)
         del self.graph.node[:]
         self.graph.node.extend(topological_order(nodes, {i.name for i in self.graph.input} | names,
                                                  "the fused graph"))
@@ -238,15 +238,6 @@ class _Graph:
         self.inits = {t.name: t for t in inits}
         self.removed, self.added = set(), []
         self.reindex()
-
-
-def _drop_dead(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
-    while True:
-        used = {i for n in nodes for i in reads(n)} | outputs
-        alive = [n for n in nodes if any(o in used for o in n.output if o)]
-        if len(alive) == len(nodes):
-            return nodes
-        nodes = alive
 
 
 # ---------------------------------------------------------------- GELU (tanh approximation)

@@ -90,6 +90,17 @@ def reads(node: onnx.NodeProto) -> list[str]:
     return names
 
 
+def live_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` without those whose outputs nothing reads, repeatedly: neither another node (an ``If``'s branches'
+    outer reads included, ``reads``) nor the graph's ``outputs``."""
+    while True:
+        used = {i for n in nodes for i in reads(n)} | outputs
+        alive = [n for n in nodes if any(o in used for o in n.output if o)]
+        if len(alive) == len(nodes):
+            return nodes
+        nodes = alive
+
+
 def topological_order(nodes: list[onnx.NodeProto], available: set[str], what: str = "graph") -> list[onnx.NodeProto]:
     """``nodes`` in Kahn's order, keeping their given order wherever the dependencies allow;
     ``available``: the names that exist before any node runs (graph inputs, initializers). A node with

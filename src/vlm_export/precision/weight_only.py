@@ -56,7 +56,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
-from ..export.graph_info import read_tensor, reads
+from ..export.graph_info import live_nodes, read_tensor, reads
 
 SCHEMES = ("symmetric", "asymmetric", "zero-point")
 FORMS = ("matmulnbits", "dequantize")
@@ -240,7 +240,7 @@ def quantize_lookups(model: onnx.ModelProto, bits: int, block_size: int, ids: st
     inits = {i.name: i for i in graph.initializer}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        for name in node.input:
+        for name in reads(node):
             readers.setdefault(name, []).append(node)
     producers = {o: n for n in graph.node for o in n.output}  # the Gathers' ids are read before any rewrite
     outputs = {o.name for o in graph.output}
@@ -552,14 +552,12 @@ def describe_missed(stage: str, missed: dict) -> str | None:
 def drop_unused(graph: onnx.GraphProto) -> None:
     """Remove nodes and initializers nothing reads any more (fp32 weights that were replaced); what an ``If``'s
     branches read from outside them counts as read (``graph_info.reads``)."""
-    while True:
-        used = {i for n in graph.node for i in reads(n)} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
-    used = {i for n in graph.node for i in reads(n)} | {o.name for o in graph.output}
+    outputs = {o.name for o in graph.output}
+    alive = live_nodes(list(graph.node), outputs)
+    if len(alive) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(alive)
+    used = {i for n in graph.node for i in reads(n)} | outputs
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
