@@ -43,7 +43,8 @@ def _hf_image_processors_on_the_tools_backend() -> None:
 _hf_image_processors_on_the_tools_backend()
 
 from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava, make_tiny_mllama, make_tiny_prefix  # noqa: E402
-from tiny_models import make_tiny_blip2_t5, make_tiny_lfm3_vl, make_tiny_minicpm_v  # noqa: E402
+from tiny_models import (make_tiny_blip2_t5, make_tiny_exaone4_5, make_tiny_lfm3_vl,  # noqa: E402
+                         make_tiny_minicpm_v)
 from tiny_models import make_tiny_aya_vision, make_tiny_deepseek_vl, make_tiny_florence2  # noqa: E402
 from tiny_models import (make_tiny_gemma3, make_tiny_gemma4, make_tiny_idefics3, make_tiny_internvl, make_tiny_paligemma,  # noqa: E402
                          make_tiny_llava_next, make_tiny_llava_onevision, make_tiny_mistral3,
@@ -124,6 +125,10 @@ TINY_MODELS = {
     # LFM3-VL: Qwen2-VL's patches under a tower of grid convolutions and attention, an LM of gated short convolutions
     # (per-row fixed-size states) beside sliding-window and full attention, one-stream positions
     "lfm3_vl": (make_tiny_lfm3_vl, {}),
+    # EXAONE 4.5: Qwen2.5-VL's windowed tower with grouped-query attention, an EXAONE 4 LM (a sliding layer with the
+    # rotary, a full one without), one-stream positions; LLaVA-OneVision-1.5: RiceViT (a class token per image) + Qwen3
+    "exaone4_5": (make_tiny_exaone4_5, {}),
+    "llava_onevision1_5": (make_tiny_exaone4_5, {"family": "llava_onevision1_5"}),
     # GLM-4.1V: Qwen2-VL's patches and M-RoPE with its own tower (a position grid resampled bicubically) and a GLM-4
     # LM (pairwise rotary over half of each head); GLM-4.5V's form over a GLM-4-MoE LM
     "glm4v": (make_tiny_glm4v, {}),
@@ -722,11 +727,11 @@ def check_mrope_positions_equal_hf(loaded, flat, arranged, rows, start: int, end
 
 
 def check_prefix_cache_equal_a_full_prefill(pipe, turn, images) -> None:
-    """A spliced scheme with places (M-RoPE's kin) continuing from a cached prefix: with the cache the greedy tokens
-    are those without (first sight, repeats, a conversation's next turn on its first ``turn`` and answer); a continued
-    prefill's logits, K/V and next positions are the whole prefill's at cuts before, inside and after an image's
-    rows; the same text over another second image shares keys through the first image and parts within the second.
-    ``images``: three lists of one photo each, of different sizes."""
+    """A spliced scheme of rows of patches (with places: M-RoPE's kin; or one stream) continuing from a cached
+    prefix: with the cache the greedy tokens are those without (first sight, repeats, a conversation's next turn on
+    its first ``turn`` and answer); a continued prefill's logits, K/V and next positions are the whole prefill's at
+    cuts before, inside and after an image's rows; the same text over another second image shares keys through the
+    first image and parts within the second. ``images``: three lists of one photo each, of different sizes."""
     import numpy as np
 
     from vlm_export.runtime.generate import GenerationConfig, generate, image_input_for
@@ -761,7 +766,8 @@ def check_prefix_cache_equal_a_full_prefill(pipe, turn, images) -> None:
         np.testing.assert_array_equal(state.positions, full.positions)
     swapped = images[1] + images[0]
     other = pipe.prefix_keys(pipe.prompt_ids(TWO_IMAGE_TURNS, swapped), image_input_for(pipe, swapped, TWO_IMAGE_TURNS))
-    first_image = len(pipe.encode_images(pipe.pixel_values(images[1])).rows)
+    encoded = pipe.encode_images(pipe.pixel_values(images[1]))
+    first_image = len(getattr(encoded, "rows", encoded))  # M-RoPE's image input carries places beside its rows
     parted = int(np.flatnonzero(keys[:len(other)] != other[:len(keys)])[0])
     # keys are the rows' bits: the first image's are the same in both prompts (on a fused tower because each image
     # is encoded alone: VLMPipeline.encodes_images_alone), so the keys part at the second image

@@ -1565,3 +1565,49 @@ def make_tiny_mistral3(path: Path, seed: int = 0, patch_size: int = 4, merge: in
         "processor_class": "PixtralProcessor", "patch_size": patch_size, "spatial_merge_size": merge,
         "image_token": tokens[0], "image_break_token": tokens[1], "image_end_token": tokens[2]}))
     return path
+
+
+def make_tiny_exaone4_5(path: Path, seed: int = 0, family: str = "exaone4_5", patch_size: int = 4, merge: int = 2,
+                        min_pixels: int = 8 * 8, max_pixels: int = 48 * 48, text_sizes: dict | None = None,
+                        vision_sizes: dict | None = None) -> Path:
+    """Qwen2-VL's patches under other towers, with one-stream (plain) positions in the LM. ``family`` "exaone4_5": a
+    tiny random EXAONE 4.5 - Qwen2.5-VL's windowed tower with grouped-query attention (4 heads over 2 KV heads, block 1
+    whole-image) and an EXAONE 4 LM (q/k norms, a 24-token sliding layer with the rotary, a full layer without it);
+    "llava_onevision1_5": LLaVA-OneVision-1.5's RiceViT - a class token per image with a learned rotary of its own, a
+    LayerNorm before the blocks, a norm + merge projector - over a Qwen3 LM (patches of one frame: a Conv2d). SmolLM2's
+    tokenizer with Qwen's image tokens added, Qwen2VLImageProcessor (PIL), Qwen2-VL's chat template form; saved as
+    Qwen2-VL's tiny model is (their processor, Qwen2-VL's, needs torchvision to load)."""
+    from transformers import (Exaone4_5_Config, Exaone4_5_ForConditionalGeneration, LlavaOnevision15Config,
+                              LlavaOnevision15ForConditionalGeneration)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer, ids = _qwen_vision_tokenizer()
+    ids.pop("vision_start_token_id"), ids.pop("vision_end_token_id")
+    text = {**dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   num_hidden_layers=2), **(text_sizes or {})}
+    text.update(vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                pad_token_id=2)
+    if family == "exaone4_5":
+        layers = text["num_hidden_layers"]
+        text = {"layer_types": (["sliding_attention", "full_attention"] * layers)[:layers], "sliding_window": 24,
+                **text}
+        vision = {**dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, num_key_value_heads=2,
+                         fullatt_block_indexes=[1], window_size=2 * merge * patch_size), **(vision_sizes or {}),
+                  "temporal_patch_size": 2}
+        config_cls, model_cls, frames = Exaone4_5_Config, Exaone4_5_ForConditionalGeneration, 2
+        text["model_type"] = "exaone4"
+    elif family == "llava_onevision1_5":
+        vision = {**dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2), **(vision_sizes or {})}
+        config_cls, model_cls, frames = LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration, 1
+        text["model_type"] = "qwen3"
+    else:
+        raise ValueError(f"family {family!r}: exaone4_5 or llava_onevision1_5")
+    vision.update(in_channels=3, patch_size=patch_size, spatial_merge_size=merge, out_hidden_size=text["hidden_size"])
+    cfg = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    torch.manual_seed(seed)
+    model_cls(cfg).eval().save_pretrained(path)
+    Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=merge, temporal_patch_size=frames, min_pixels=min_pixels,
+                             max_pixels=max_pixels).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(QWEN2_VL_CHAT_TEMPLATE)
+    return path

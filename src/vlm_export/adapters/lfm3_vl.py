@@ -31,7 +31,7 @@ from .base import LoadedModel
 from .decoder import SplicingDecoder
 from .hybrid import FULL, SLIDING, HybridDecoder, Mixer, hybrid_geometry
 from .qwen2_vl import (BlockMergeProjector, Qwen2VLAdapter, _rotate_half, image_attention_mask, image_grid_sizes,
-                       masked_attention, patch_grids)
+                       masked_attention)
 
 
 def short_conv(module: nn.Module, hidden_states, mask, conv_state):
@@ -144,6 +144,7 @@ class Lfm3VlAdapter(Qwen2VLAdapter):
     name = "lfm3_vl"
     model_types = ("lfm3_vl",)
     model_classes = {"lfm3_vl": ("Lfm3VlForConditionalGeneration", "Lfm3Config")}
+    multimodal_positions = False
     description = ("Hugging Face Lfm3VlForConditionalGeneration (Qwen2-VL's patches of any image size, a vision tower "
                    "of gated grid convolutions and attention, a norm + merge projector, and an LFM3 LM of gated short "
                    "convolutions beside full and sliding-window attention)")
@@ -162,18 +163,3 @@ class Lfm3VlAdapter(Qwen2VLAdapter):
         text = loaded.model.model.language_model
         return HybridDecoder(text.get_input_embeddings(), text, loaded.model.lm_head, loaded.config.image_token_id,
                              loaded.config.text_config.layer_types, SHORT_CONV)
-
-    def scheme(self, loaded: LoadedModel) -> PatchRowsScheme:
-        return PatchRowsScheme(self.geometry(loaded), loaded.config.image_token_id,
-                               int(loaded.config.vision_config.spatial_merge_size))
-
-    def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
-        """HF generate on our prompt ids with the processor's flat patches and grids (no multimodal positions)."""
-        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-        if pixel_values is not None:
-            inputs.update(pixel_values=self._reference_pixels(loaded, pixel_values),
-                          image_grid_thw=torch.tensor([[1, h, w] for h, w in patch_grids(pixel_values)]))
-        with torch.no_grad():
-            out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                        eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0])
-        return out[0, input_ids.shape[1]:].tolist()

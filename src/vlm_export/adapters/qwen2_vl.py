@@ -26,6 +26,7 @@ from torch import nn
 from ..contract import IMAGE, IMAGE_PRECISIONS, DecoderGeometry, ImagePatches, PromptLayout, StageSpec, TensorSpec
 from ..contract.layout import PATCH_MASK, PATCH_POSITIONS, PATCH_SLOTS, WINDOW_PATCHES
 from ..contract.mrope import MRopeSplicedScheme
+from ..contract.patches import PatchRowsScheme
 from ..errors import AdapterError
 from . import model_class_by_type, register
 from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, save_causal_lm, use_saved_chat_template
@@ -134,8 +135,15 @@ class PatchVisionTower(nn.Module):
     @staticmethod
     def _attention(attn: nn.Module, x, rotary, mask):
         images, patches, _ = x.shape
-        qkv = attn.qkv(x).reshape(images, patches, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # [images, heads, patches, head size]
+        kv_heads = getattr(attn, "num_key_value_heads", attn.num_heads)
+        if kv_heads == attn.num_heads:
+            qkv = attn.qkv(x).reshape(images, patches, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]  # [images, heads, patches, head size]
+        else:  # grouped-query (EXAONE 4.5's tower): q, then fewer K/V heads, each shared by a group of q heads
+            width = kv_heads * attn.head_dim
+            q, k, v = attn.qkv(x).split([attn.num_heads * attn.head_dim, width, width], dim=-1)
+            q, k, v = (t.reshape(images, patches, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+            k, v = (t.repeat_interleave(attn.num_heads // kv_heads, dim=1) for t in (k, v))
         if getattr(attn, "q_norm", None) is not None:  # per-head norms before the rotary (GLM-OCR's)
             q, k = attn.q_norm(q), attn.k_norm(k)
         return attn.proj(rotary_attention(q, k, v, *rotary, mask, attn.scaling))
@@ -157,18 +165,21 @@ class PatchMergerProjector(nn.Module):
 class BlockMergeProjector(nn.Module):
     """image_features [images, patches, width] -> image_embeds [images, patches / block, hidden]: a projector that norms
     each patch (its module ``norm`` names), joins each merge block's ``block`` consecutive patches into one row (row
-    in block, column in block, channel: the order Hugging Face reshapes them into) and runs its MLP (``linear_1``,
-    ``act``, ``linear_2``): PaddleOCR-VL's and LFM3-VL's."""
+    in block, column in block, channel: the order Hugging Face reshapes them into) and runs its MLP (the modules
+    ``mlp`` names, in order): PaddleOCR-VL's, LFM3-VL's, LLaVA-OneVision-1.5's."""
 
-    def __init__(self, projector: nn.Module, norm: str, block: int):
+    def __init__(self, projector: nn.Module, norm: str, block: int,
+                 mlp: tuple[str, ...] = ("linear_1", "act", "linear_2")):
         super().__init__()
-        self.projector, self.norm, self.block = projector, norm, block
+        self.projector, self.norm, self.block, self.mlp = projector, norm, block, mlp
 
     def forward(self, image_features):
         p = self.projector
         images, _, width = image_features.shape
-        blocks = getattr(p, self.norm)(image_features).reshape(images, -1, self.block * width)
-        return p.linear_2(p.act(p.linear_1(blocks)))
+        rows = getattr(p, self.norm)(image_features).reshape(images, -1, self.block * width)
+        for name in self.mlp:
+            rows = getattr(p, name)(rows)
+        return rows
 
 
 def patch_grids(pixel_values: dict) -> list[tuple[int, int]]:
@@ -339,9 +350,14 @@ class Qwen2VLAdapter(VLMAdapter):
                                                               "image_grid_thw": [[1, h, w] for h, w in grids]}),
                 spliced_decoder_stage(self.decoder(loaded, scheme), scheme)]
 
-    def scheme(self, loaded: LoadedModel) -> MRopeSplicedScheme:
-        return MRopeSplicedScheme(self.geometry(loaded), loaded.config.image_token_id,
-                                  int(loaded.config.vision_config.spatial_merge_size))
+    #: whether the LM reads multimodal rotary positions (M-RoPE: the ``spliced_mrope`` scheme); else one stream of
+    #: positions, as for text (``spliced_patches``: each image's real rows in order; LFM3-VL, EXAONE 4.5)
+    multimodal_positions = True
+
+    def scheme(self, loaded: LoadedModel) -> PatchRowsScheme:
+        scheme = MRopeSplicedScheme if self.multimodal_positions else PatchRowsScheme
+        return scheme(self.geometry(loaded), loaded.config.image_token_id,
+                      int(loaded.config.vision_config.spatial_merge_size))
 
     def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
         patches = self._patches(loaded)
@@ -358,15 +374,15 @@ class Qwen2VLAdapter(VLMAdapter):
 
     def reference_generate(self, loaded, input_ids, pixel_values, max_new_tokens, eos_token_ids, prompt=""):
         """HF generate on our prompt ids with the processor's own inputs: the flat patches of every image and
-        their grids, rebuilt from the image path's rows of patches (its real ones, in order), and the image
-        tokens' ``mm_token_type_ids``."""
+        their grids, rebuilt from the image path's rows of patches (its real ones, in order), and, for M-RoPE, the
+        image tokens' ``mm_token_type_ids``."""
         inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         if pixel_values is not None:
             grids = [[1, h, w] for h, w in patch_grids(pixel_values)]
-            # which tokens are an image's, as the processor says (without it generate drops M-RoPE silently)
             inputs.update(pixel_values=self._reference_pixels(loaded, pixel_values),
-                          image_grid_thw=torch.tensor(grids),
-                          mm_token_type_ids=(input_ids == loaded.config.image_token_id).to(torch.int32))
+                          image_grid_thw=torch.tensor(grids))
+            if self.multimodal_positions:  # which tokens are an image's (without it generate drops M-RoPE silently)
+                inputs["mm_token_type_ids"] = (input_ids == loaded.config.image_token_id).to(torch.int32)
         with torch.no_grad():
             out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                         eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0])
