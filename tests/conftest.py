@@ -108,6 +108,9 @@ TINY_MODELS = {
     "smolvlm": (make_tiny_idefics3, {"family": "smolvlm", "patch_size": 4, "scale_factor": 4, "longest_edge": 96}),
     # InternVL (Hugging Face form): up to 4 tiles by aspect ratio and a thumbnail, one run of tokens per image
     "internvl": (make_tiny_internvl, {}),
+    # Qianfan-OCR: InternVL's image path under its own classes (a Qwen3 LM), an image written as "<image>" and replaced
+    # by its processor (QianfanOCRProcessor, which loads without torchvision)
+    "qianfan_ocr": (make_tiny_internvl, {"family": "qianfan_ocr"}),
     # Aya Vision: InternVL's tiles over SigLIP, each tile and the thumbnail named in the text, a SwiGLU projector, Cohere 2
     "aya_vision": (make_tiny_aya_vision, {}),
     # DeepSeek-VL (SigLIP, an MLP aligner, Llama) and Janus (its own tower; begin/end-of-image tokens around each image)

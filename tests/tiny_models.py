@@ -836,38 +836,52 @@ INTERNVL_CHAT_TEMPLATE = (
 
 def make_tiny_internvl(path: Path, seed: int = 0, image_size: int = 32, patch_size: int = 8, max_patches: int = 4,
                        text_sizes: dict | None = None, vision_sizes: dict | None = None, feature_layer: int = -1,
-                       strategy: str = "default") -> Path:
+                       strategy: str = "default", family: str = "internvl") -> Path:
     """A tiny random InternVL (the Hugging Face form, InternVLForConditionalGeneration) over a Qwen2 LM: SmolLM2's
     tokenizer with InternVL's image tokens named as its tokenizer names them, its GotOcr2 image processor cutting
     images into up to ``max_patches`` tiles plus a thumbnail. InternVLProcessor needs torchvision to load (its
     video processor), so its files are saved as it saves them: the tokenizer, the image processor, the chat
-    template and ``image_seq_length``."""
+    template and ``image_seq_length``. ``family`` "qianfan_ocr": Qianfan-OCR's classes over the same parts (its
+    tower's layers and stochastic depth, a Qwen3 LM), its chat template writing "<image>" for an image, which its
+    processor (QianfanOCRProcessor, saved whole) replaces with InternVL's run of tokens."""
     from transformers import (AutoTokenizer, GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration,
-                              InternVLVisionConfig, Qwen2Config)
+                              InternVLVisionConfig, QianfanOCRConfig, QianfanOCRForConditionalGeneration,
+                              QianfanOCRProcessor, QianfanOCRVisionConfig, Qwen2Config, Qwen3Config)
 
+    if family not in ("internvl", "qianfan_ocr"):
+        raise ValueError(f"family {family!r}: internvl or qianfan_ocr")
+    qianfan = family == "qianfan_ocr"
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), extra_special_tokens={
         "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
         "video_token": "<video>"})
-    text = Qwen2Config(**{**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2), **(text_sizes or {})},
-                       vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1,
-                       eos_token_id=2, pad_token_id=2)
-    vision = InternVLVisionConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=2), **(vision_sizes or {})},
-                                  image_size=[image_size, image_size], patch_size=[patch_size, patch_size])
+    text = (Qwen3Config if qianfan else Qwen2Config)(
+        **{**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2), **(text_sizes or {})},
+        vocab_size=_padded_vocab(len(tokenizer)), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+        pad_token_id=2)
+    vision = (QianfanOCRVisionConfig if qianfan else InternVLVisionConfig)(
+        **{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+           **(vision_sizes or {})}, image_size=[image_size, image_size], patch_size=[patch_size, patch_size])
     tokens = (image_size // patch_size) ** 2 // 4  # the pixel shuffle's downsample ratio of 0.5
     if strategy == "full":  # the CLS row kept: the pixel shuffle needs a square of patches, which it is not
         raise ValueError("InternVL's pixel shuffle takes a square grid of patches: only the 'default' strategy")
-    cfg = InternVLConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_seq_length=tokens,
-                         image_token_id=tokenizer.context_image_token_id, downsample_ratio=0.5,
-                         vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
-                         # tied at this size, the head would echo the prompt's last token ("\n") for every image
-                         tie_word_embeddings=bool((text_sizes or {}).get("tie_word_embeddings", False)))
+    cfg = (QianfanOCRConfig if qianfan else InternVLConfig)(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), image_seq_length=tokens,
+        image_token_id=tokenizer.context_image_token_id, downsample_ratio=0.5, vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=strategy,
+        # tied at this size, the head would echo the prompt's last token ("\n") for every image
+        tie_word_embeddings=bool((text_sizes or {}).get("tie_word_embeddings", False)))
     torch.manual_seed(seed)
-    InternVLForConditionalGeneration(cfg).eval().save_pretrained(path)
+    (QianfanOCRForConditionalGeneration if qianfan else InternVLForConditionalGeneration)(cfg).eval().save_pretrained(
+        path)
     # saved as InternVL's -hf checkpoints save it: crop_to_patches off, which InternVLProcessor turns on per call
-    GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=False, min_patches=1,
-                             max_patches=max_patches).save_pretrained(path)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=False,
+                                               min_patches=1, max_patches=max_patches)
+    if qianfan:
+        QianfanOCRProcessor(image_processor, tokenizer, image_seq_length=tokens,
+                            chat_template=INTERNVL_CHAT_TEMPLATE.replace("<IMG_CONTEXT>", "<image>")).save_pretrained(path)
+        return path
+    image_processor.save_pretrained(path)
     tokenizer.save_pretrained(path)
     (path / "chat_template.jinja").write_text(INTERNVL_CHAT_TEMPLATE)
     (path / "processor_config.json").write_text(json.dumps({"processor_class": "InternVLProcessor",
@@ -1569,7 +1583,7 @@ def make_tiny_mistral3(path: Path, seed: int = 0, patch_size: int = 4, merge: in
 
 def make_tiny_exaone4_5(path: Path, seed: int = 0, family: str = "exaone4_5", patch_size: int = 4, merge: int = 2,
                         min_pixels: int = 8 * 8, max_pixels: int = 48 * 48, text_sizes: dict | None = None,
-                        vision_sizes: dict | None = None) -> Path:
+                        vision_sizes: dict | None = None, tie_word_embeddings: bool = False) -> Path:
     """Qwen2-VL's patches under other towers, with one-stream (plain) positions in the LM. ``family`` "exaone4_5": a
     tiny random EXAONE 4.5 - Qwen2.5-VL's windowed tower with grouped-query attention (4 heads over 2 KV heads, block 1
     whole-image) and an EXAONE 4 LM (q/k norms, a 24-token sliding layer with the rotary, a full layer without it);
@@ -1603,7 +1617,7 @@ def make_tiny_exaone4_5(path: Path, seed: int = 0, family: str = "exaone4_5", pa
     else:
         raise ValueError(f"family {family!r}: exaone4_5 or llava_onevision1_5")
     vision.update(in_channels=3, patch_size=patch_size, spatial_merge_size=merge, out_hidden_size=text["hidden_size"])
-    cfg = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    cfg = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings, **ids)
     torch.manual_seed(seed)
     model_cls(cfg).eval().save_pretrained(path)
     Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=merge, temporal_patch_size=frames, min_pixels=min_pixels,

@@ -1,6 +1,7 @@
-"""One random tiny InternVL (InternVLForConditionalGeneration) per seed: python internvl.py SEED OUT_DIR. Other tile
-and patch sizes, tile counts, feature layers, InternViT options (q/k norm, RMS norm, layer scale, mean pooling) and
-Qwen2 shapes than the test fixture's. Prints what it drew as JSON. Used by sweep.sh."""
+"""One random tiny InternVL (InternVLForConditionalGeneration) or, one in three, Qianfan-OCR (its classes over the same
+parts, a Qwen3 LM, "<image>" marks) per seed: python internvl.py SEED OUT_DIR. Other tile and patch sizes, tile counts,
+feature layers, InternViT options (q/k norm, RMS norm, layer scale, mean pooling) and LM shapes than the test
+fixtures'. Prints what it drew as JSON. Used by sweep.sh."""
 import json, random, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
@@ -23,13 +24,15 @@ text = dict(hidden_size=r.choice([48, 64, 96]), intermediate_size=r.choice([72, 
             tie_word_embeddings=r.random() < 0.25)  # tied, tiny random heads echo the prompt's last token
 feature_layer = r.choice([-1, -1, -2 if layers > 1 else -1])
 max_patches = r.choice([1, 2, 4, 6, 12])
-desc = dict(seed=seed, tile=patch * side, patch=patch, max_patches=max_patches, feature_layer=feature_layer,
-            tokens_per_tile=side ** 2 // 4, vision=vision, text=text)
+bfloat16 = r.random() < 0.3
+family = "qianfan_ocr" if r.random() < 1 / 3 else "internvl"  # drawn last: earlier seeds draw what they drew
+desc = dict(seed=seed, family=family, tile=patch * side, patch=patch, max_patches=max_patches,
+            feature_layer=feature_layer, tokens_per_tile=side ** 2 // 4, vision=vision, text=text)
 tm.make_tiny_internvl(out, seed=seed, image_size=patch * side, patch_size=patch, max_patches=max_patches,
-                      text_sizes=text, vision_sizes=vision, feature_layer=feature_layer)
-if r.random() < 0.3:  # saved in bfloat16, as InternVL checkpoints are (the build loads fp32)
+                      text_sizes=text, vision_sizes=vision, feature_layer=feature_layer, family=family)
+if bfloat16:  # saved in bfloat16, as InternVL checkpoints are (the build loads fp32)
     import torch
-    from transformers import InternVLForConditionalGeneration
-    InternVLForConditionalGeneration.from_pretrained(out).to(torch.bfloat16).save_pretrained(out)
+    from transformers import AutoModelForImageTextToText
+    AutoModelForImageTextToText.from_pretrained(out).to(torch.bfloat16).save_pretrained(out)
     desc["dtype"] = "bfloat16"
 print(json.dumps(desc))

@@ -60,11 +60,14 @@ class InternVLAdapter(SplicedLanguageModel, VLMAdapter):
     description = ("Hugging Face InternVLForConditionalGeneration (InternViT on image tiles + pixel shuffle + "
                    "projector + a causal LM)")
 
+    #: the Hugging Face class of the whole model
+    model_class = "InternVLForConditionalGeneration"
+
     def load(self, path: Path) -> LoadedModel:
-        from transformers import InternVLForConditionalGeneration
+        import transformers
 
         path = Path(path)
-        model, tokenizer, image_processor = load_hf_parts(InternVLForConditionalGeneration, path)
+        model, tokenizer, image_processor = load_hf_parts(getattr(transformers, self.model_class), path)
         cfg = model.config
         loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
         use_saved_chat_template(tokenizer, path)
@@ -120,15 +123,23 @@ class InternVLAdapter(SplicedLanguageModel, VLMAdapter):
     def scheme(self, loaded: LoadedModel) -> SplicedScheme:
         return SplicedScheme(self.geometry(loaded), loaded.config.image_token_id)
 
+    def image_mark(self, loaded: LoadedModel) -> str:
+        """The text a prompt (and the chat template) writes where an image goes: InternVLProcessor's, the context
+        token itself."""
+        return loaded.tokenizer.context_image_token
+
     def prompt_layout(self, loaded: LoadedModel) -> PromptLayout:
         tok = loaded.tokenizer
         most = int(loaded.image_processor.max_patches)
+        mark = self.image_mark(loaded)
         # InternVLProcessor: "<img>" + the context token x image_seq_length x num_patches + "</img>", every tile in
-        # one run (an empty text around each); its image processor cuts with crop_to_patches and says num_patches
+        # one run (an empty text around each), in place of each mark; its image processor cuts with crop_to_patches
+        # and says num_patches
         tiles = ImageTiles(tile="", row_end="", whole="", start=tok.start_image_token, alone=tok.start_image_token,
                            end=tok.end_image_token, max_tiles=most + 1 if most > 1 else 1, counted_by="num_patches",
-                           options={"crop_to_patches": True})
+                           options={"crop_to_patches": True},
+                           token="" if mark == tok.context_image_token else tok.context_image_token)
         return PromptLayout(kind="inline", image_token_id=loaded.config.image_token_id,
-                            tokens_per_image=self.tokens_per_tile(loaded), image_token=tok.context_image_token,
-                            chat_parts=chat_template_takes_parts(tok, tok.context_image_token),
-                            images_where_written=True, image_tiles=tiles)
+                            tokens_per_image=self.tokens_per_tile(loaded), image_token=mark,
+                            chat_parts=chat_template_takes_parts(tok, mark), images_where_written=True,
+                            image_tiles=tiles)
