@@ -83,6 +83,9 @@ TINY_MODELS = {
         "text_sizes": {"hidden_size": 72, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 12,
                        "num_hidden_layers": 3, "intermediate_size": 144},
         "vision_sizes": {"patch_size": 10, "hidden_size": 36, "intermediate_size": 72, "num_attention_heads": 3}}),
+    # ViP-LLaVA: three of the tower's hidden states side by side (CLS rows dropped), a LayerNorm + MLP projector, as
+    # llava-hf's vip-llava checkpoints are saved (LlavaProcessor, LLaVA-1.5's template)
+    "vipllava": (make_tiny_llava, {"vip": True, "hf_processor": True, "feature_layer": [-2, 0, -1]}),
     "prefix-llama": (make_tiny_prefix, {"family": "llama"}),
     "blip2-opt": (make_tiny_blip2, {"family": "opt"}),  # (BLIP-2 over Llama: instructblip-llama's Q-Former and LM)
     "instructblip-llama": (make_tiny_instructblip, {}),

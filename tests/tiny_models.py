@@ -191,16 +191,17 @@ _TOKENS_PAST_PATCHES = {"siglip": 0, "dinov2-registers": 3}
 def make_tiny_llava(path: Path, family: str = "llama", seed: int = 0, strategy: str = "default",
                     feature_layer: int | list[int] = -2, tower: str = "clip", hf_processor: bool = False,
                     sentencepiece: bool = False, image_size: int | None = None, text_sizes: dict | None = None,
-                    vision_sizes: dict | None = None) -> Path:
+                    vision_sizes: dict | None = None, vip: bool = False) -> Path:
     """``text_sizes`` / ``vision_sizes``: config values over the tiny defaults (other widths, head
     layouts, depths, patch sizes); ``image_size``: the tower's and the processor's. ``hf_processor``:
     saved as llava-hf checkpoints are - "<image>" added to a tokenizer that adds its BOS (the embedding
     table padded past it), a LlavaProcessor with LLaVA-1.5's chat template, 48 px images - instead of a
     tokenizer whose own (text) chat template and reserved token serve. ``sentencepiece`` (with
     ``hf_processor``): that tokenizer is a Llama 2 one (:func:`make_sentencepiece_tokenizer`), as LLaVA-1.5's
-    is, instead of SmolLM2's byte-level BPE."""
+    is, instead of SmolLM2's byte-level BPE. ``vip``: ViP-LLaVA's classes (VipLlavaForConditionalGeneration: the
+    layers of ``feature_layer`` side by side, each without its first row, under a LayerNorm + MLP projector)."""
     from transformers import (AddedToken, AutoTokenizer, CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor, SiglipImageProcessor)
+                              LlavaProcessor, SiglipImageProcessor, VipLlavaConfig, VipLlavaForConditionalGeneration)
 
     torch.manual_seed(seed)
     image_token_id, vocab, size = IMAGE_TOKEN_ID, VOCAB, image_size or 32
@@ -209,11 +210,17 @@ def make_tiny_llava(path: Path, family: str = "llama", seed: int = 0, strategy: 
                else AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), add_bos_token=True))
         tok.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
         image_token_id, vocab, size = tok.convert_tokens_to_ids("<image>"), _padded_vocab(len(tok)), image_size or 48
-    cfg = LlavaConfig(vision_config=_vision_config(image_size=size, tower=tower, **(vision_sizes or {})),
-                      text_config=_text_config(family, vocab, **(text_sizes or {})),
-                      image_token_id=image_token_id, vision_feature_layer=feature_layer,
-                      vision_feature_select_strategy=strategy, multimodal_projector_bias=tower == "clip")
-    model = LlavaForConditionalGeneration(cfg).eval()
+    parts = dict(vision_config=_vision_config(image_size=size, tower=tower, **(vision_sizes or {})),
+                 text_config=_text_config(family, vocab, **(text_sizes or {})), vision_feature_layer=feature_layer)
+    if vip:
+        if strategy != "default":
+            raise ValueError("ViP-LLaVA drops every layer's first row: the 'default' strategy only")
+        cfg = VipLlavaConfig(**parts, image_token_index=image_token_id)
+        model = VipLlavaForConditionalGeneration(cfg).eval()
+    else:
+        cfg = LlavaConfig(**parts, image_token_id=image_token_id, vision_feature_select_strategy=strategy,
+                          multimodal_projector_bias=tower == "clip")
+        model = LlavaForConditionalGeneration(cfg).eval()
     model.save_pretrained(path)
     if hf_processor:
         image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})

@@ -1,4 +1,5 @@
-"""One random tiny LLaVA per seed (the tests' helpers, other sizes and layouts): python llava.py SEED OUT_DIR.
+"""One random tiny LLaVA per seed (the tests' helpers, other sizes and layouts), one in four a ViP-LLaVA (its classes:
+the feature layers side by side without their first rows, a LayerNorm projector): python llava.py SEED OUT_DIR.
 Prints what it drew as JSON lines. Used by sweep.sh; see docs/adapters.md (the forty-second session's sweep)."""
 import json, random, sys
 from pathlib import Path
@@ -32,20 +33,24 @@ fl = r.choice(fl_choices)
 strategy = r.choice(["default", "full"])
 hf_processor = r.random() < 0.5
 sp = hf_processor and r.random() < 0.5
+vip = random.Random(f"vip-{seed}").random() < 0.25  # a generator of its own: other seeds draw what they drew
+if vip:  # ViP-LLaVA has no strategy (every layer's first row dropped) and reads a list of layers
+    strategy, fl = "default", fl if isinstance(fl, list) else [fl]
 vh = r.choice([16, 32, 48])
 vs = dict(patch_size=patch, num_hidden_layers=vlayers, hidden_size=vh, num_attention_heads=r.choice([1, 2, 4]) if vh != 48 else r.choice([1, 2, 3]))
 desc = dict(seed=seed, family=family, tower=tower, image=image, text=text, vision=vs, feature_layer=fl,
-            strategy=strategy, hf_processor=hf_processor, sentencepiece=sp)
+            strategy=strategy, hf_processor=hf_processor, sentencepiece=sp, vip=vip)
 tm.make_tiny_llava(out, family=family, seed=seed, strategy=strategy, feature_layer=fl, tower=tower,
-                   hf_processor=hf_processor, sentencepiece=sp, image_size=image, text_sizes=text, vision_sizes=vs)
+                   hf_processor=hf_processor, sentencepiece=sp, image_size=image, text_sizes=text, vision_sizes=vs,
+                   vip=vip)
 cfgp = out / "config.json"
 c = json.loads(cfgp.read_text())
 c["projector_hidden_act"] = r.choice(["gelu", "silu", "quick_gelu", "gelu_pytorch_tanh", "relu"])
 cfgp.write_text(json.dumps(c, indent=2))
 if r.random() < 0.3:  # saved in bfloat16, as many checkpoints are (the build loads fp32)
     import torch
-    from transformers import LlavaForConditionalGeneration
-    m = LlavaForConditionalGeneration.from_pretrained(out).to(torch.bfloat16)
+    from transformers import AutoModelForImageTextToText
+    m = AutoModelForImageTextToText.from_pretrained(out).to(torch.bfloat16)
     m.save_pretrained(out)
     c = json.loads(cfgp.read_text())
 desc.update(act=c["projector_hidden_act"], dtype=c.get("dtype", c.get("torch_dtype")))

@@ -123,14 +123,15 @@ def reference_image_kwargs(loaded: LoadedModel) -> dict:
     return {"vision_feature_layer": [layer]} if isinstance(layer, int) else {}
 
 
-def check_llava_parts(loaded: LoadedModel) -> None:
-    """What LLaVA and LLaVA-NeXT checkpoints share: a feature selection Hugging Face knows, feature layers the
-    tower has, an image token inside the LM's embeddings; the tokenizer gets the processor's chat template."""
+def check_llava_parts(loaded: LoadedModel, strategy: str | None = None) -> None:
+    """What LLaVA and LLaVA-NeXT checkpoints share: a feature selection Hugging Face knows (``strategy``: the config's
+    ``vision_feature_select_strategy`` where None), feature layers the tower has, an image token inside the LM's
+    embeddings; the tokenizer gets the processor's chat template."""
     cfg, path, tokenizer = loaded.config, loaded.path, loaded.tokenizer
-    if cfg.vision_feature_select_strategy not in ("default", "full"):
+    strategy = cfg.vision_feature_select_strategy if strategy is None else strategy
+    if strategy not in ("default", "full"):
         raise AdapterError(
-            f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} in {path} is not "
-            "supported (expected 'default' or 'full')"
+            f"vision_feature_select_strategy {strategy!r} in {path} is not supported (expected 'default' or 'full')"
         )
     check_feature_layers(cfg.vision_feature_layer, getattr(cfg.vision_config, "num_hidden_layers", None), path)
     vocab = cfg.text_config.vocab_size
@@ -159,12 +160,20 @@ class LlavaAdapter(VLMAdapter):
     def refusal(cls, config: dict) -> str:
         return "llava takes towers of a fixed input size"
 
-    def load(self, path: Path) -> LoadedModel:
-        from transformers import LlavaForConditionalGeneration
+    #: the Hugging Face class of the whole model
+    model_class = "LlavaForConditionalGeneration"
 
-        model, tokenizer, processor = load_hf_parts(LlavaForConditionalGeneration, path)
+    @staticmethod
+    def feature_strategy(config) -> str:
+        """Whether the projector reads each selected layer's first row too ("full") or not ("default")."""
+        return config.vision_feature_select_strategy
+
+    def load(self, path: Path) -> LoadedModel:
+        import transformers
+
+        model, tokenizer, processor = load_hf_parts(getattr(transformers, self.model_class), path)
         loaded = LoadedModel(self, Path(path), model, tokenizer, processor, model.config)
-        check_llava_parts(loaded)
+        check_llava_parts(loaded, self.feature_strategy(model.config))
         cfg = model.config
         check_image_size(loaded, (cfg.vision_config.image_size,) * 2)
         self._check_processor_tokens(loaded, self.tokens_per_image(loaded))  # refuses a tower without one row per image
@@ -186,7 +195,7 @@ class LlavaAdapter(VLMAdapter):
         if probed is None or probed[1] == rows:
             return
         processor, written = probed
-        patch, strategy = cfg.vision_config.patch_size, cfg.vision_feature_select_strategy
+        patch, strategy = cfg.vision_config.patch_size, loaded.adapter.feature_strategy(cfg)
         extra = rows + (strategy == "default") - (size // patch) ** 2  # the tower's tokens past its patches (CLS)
         fix = (f"patch_size {patch}, num_additional_image_tokens {extra}, vision_feature_select_strategy "
                f"{strategy!r}" if extra >= 0 else "the values that give the tower's count")
@@ -201,7 +210,7 @@ class LlavaAdapter(VLMAdapter):
     def vision_encoder(loaded: LoadedModel) -> LlavaVisionEncoder:
         cfg = loaded.config
         return LlavaVisionEncoder(loaded.model.model.vision_tower, cfg.vision_feature_layer,
-                                  cfg.vision_feature_select_strategy)
+                                  loaded.adapter.feature_strategy(cfg))
 
     def stages(self, loaded: LoadedModel) -> list[Stage]:
         m = loaded.model
