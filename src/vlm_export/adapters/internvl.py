@@ -61,13 +61,13 @@ class InternVLAdapter(SplicedLanguageModel, VLMAdapter):
                    "projector + a causal LM)")
 
     #: the Hugging Face class of the whole model
-    model_class = "InternVLForConditionalGeneration"
+    model_cls = "InternVLForConditionalGeneration"
 
     def load(self, path: Path) -> LoadedModel:
         import transformers
 
         path = Path(path)
-        model, tokenizer, image_processor = load_hf_parts(getattr(transformers, self.model_class), path)
+        model, tokenizer, image_processor = load_hf_parts(getattr(transformers, self.model_cls), path)
         cfg = model.config
         loaded = LoadedModel(self, path, model, tokenizer, image_processor, cfg)
         use_saved_chat_template(tokenizer, path)

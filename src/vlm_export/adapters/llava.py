@@ -161,7 +161,7 @@ class LlavaAdapter(VLMAdapter):
         return "llava takes towers of a fixed input size"
 
     #: the Hugging Face class of the whole model
-    model_class = "LlavaForConditionalGeneration"
+    model_cls = "LlavaForConditionalGeneration"
 
     @staticmethod
     def feature_strategy(config) -> str:
@@ -171,7 +171,7 @@ class LlavaAdapter(VLMAdapter):
     def load(self, path: Path) -> LoadedModel:
         import transformers
 
-        model, tokenizer, processor = load_hf_parts(getattr(transformers, self.model_class), path)
+        model, tokenizer, processor = load_hf_parts(getattr(transformers, self.model_cls), path)
         loaded = LoadedModel(self, Path(path), model, tokenizer, processor, model.config)
         check_llava_parts(loaded, self.feature_strategy(model.config))
         cfg = model.config

@@ -18,7 +18,7 @@ from .internvl import InternVLAdapter
 class QianfanOCRAdapter(InternVLAdapter):
     name = "qianfan_ocr"
     model_types = ("qianfan_ocr",)
-    model_class = "QianfanOCRForConditionalGeneration"
+    model_cls = "QianfanOCRForConditionalGeneration"
     description = ("Hugging Face QianfanOCRForConditionalGeneration (InternVL's tiles, tower, pixel shuffle and "
                    "projector; an image written as <image>; a Qwen3 LM)")
 

@@ -14,7 +14,7 @@ from .llava import LlavaAdapter
 class VipLlavaAdapter(LlavaAdapter):
     name = "vipllava"
     model_types = ("vipllava",)
-    model_class = "VipLlavaForConditionalGeneration"
+    model_cls = "VipLlavaForConditionalGeneration"
     description = ("Hugging Face VipLlavaForConditionalGeneration (a CLIP tower's layers side by side + a LayerNorm "
                    "MLP projector + any HF causal LM)")
 
