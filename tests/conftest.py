@@ -160,6 +160,8 @@ TINY_MODELS = {
     # LLaVA-NeXT: images resized into the best of three resolutions, cut into tiles plus the whole image, rows packed
     # by each image's size with a newline per row of the picture
     "llava_next": (make_tiny_llava_next, {}),
+    # LLaVA-NeXT-Video, its image path: LLaVA-NeXT's under its classes (its video path not exported)
+    "llava_next_video": (make_tiny_llava_next, {"video": True}),
     # LLaVA-OneVision: the same tiles over SigLIP and Qwen2, a packed picture past 2 tiles' rows shrunk (bilinear)
     "llava_onevision": (make_tiny_llava_onevision, {}),
 }

@@ -1,4 +1,4 @@
-"""LLaVA-NeXT and LLaVA-OneVision: each image resized into the best of the config's resolutions and cut into tiles,
+"""LLaVA-NeXT (and LLaVA-NeXT-Video's image path) and LLaVA-OneVision: each image resized into the best of the config's resolutions and cut into tiles,
 plus the whole image (``contract.AnyResTiles``), its rows packed by its size with a newline after each row of its
 picture (the ``spliced_anyres`` scheme); OneVision's large pictures shrunk (bilinear). The build itself (parity of
 every stage, HF generate's tokens alone and batched on the default samples) is test_export_core's."""
@@ -17,6 +17,8 @@ from conftest import (TWO_IMAGE_TURNS, check_answers_equal_hf_generate, check_se
 from vlm_export.errors import AdapterError
 
 FAMILIES = ["llava_next", "llava_onevision"]
+#: the families whose built image path these tests check: LLaVA-NeXT-Video's image path is LLaVA-NeXT's
+BUILT = [*FAMILIES, "llava_next_video"]
 #: (height, width): wider than every resolution (its picture cut top and bottom), taller (cut left and right),
 #: square, smaller than a tile, a thin strip; the last three shrunk by OneVision's (its picture past 2 tiles' rows)
 SIZES = [(30, 50), (90, 30), (64, 64), (20, 20), (47, 200), (33, 41), (96, 96), (200, 190)]
@@ -74,20 +76,28 @@ def test_onevision_packing_at_its_own_sizes_stays_within_the_limits():
 
 
 def _processor_tokens(family: str, folder, size) -> int:
-    """Image tokens the model's own processor writes for an image of ``size``: LlavaNextProcessor's; for OneVision,
-    LlavaOnevisionProcessor's own count over its saved settings (it needs torchvision to load)."""
+    """Image tokens the model's own processor writes for an image of ``size``: LlavaNextProcessor's; for OneVision and
+    NeXT-Video, LlavaOnevisionProcessor's and LlavaNextVideoProcessor's own counts over their saved settings (they need
+    torchvision to load)."""
     import functools
     import json
     from types import SimpleNamespace
 
     from PIL import Image
-    from transformers import AutoImageProcessor, AutoProcessor, LlavaOnevisionProcessor
+    from transformers import AutoImageProcessor, AutoProcessor, LlavaNextVideoProcessor, LlavaOnevisionProcessor
 
     if family == "llava_next":
         processor = AutoProcessor.from_pretrained(folder)
         ids = processor(text="<image>", images=Image.new("RGB", size[::-1]))["input_ids"][0]
         return sum(1 for i in ids if i == processor.image_token_id)
     settings = json.loads((folder / "processor_config.json").read_text())
+    if family == "llava_next_video":
+        ns = SimpleNamespace(image_processor=AutoImageProcessor.from_pretrained(folder), **{
+            k: settings[k] for k in ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy")})
+        ns._get_unpadded_features = functools.partial(LlavaNextVideoProcessor._get_unpadded_features, ns)
+        tile = ns.image_processor.crop_size["height"]
+        tokens = LlavaNextVideoProcessor._get_number_of_features(ns, *size, tile, tile)
+        return tokens - (ns.vision_feature_select_strategy == "default")
     ns = SimpleNamespace(image_processor=AutoImageProcessor.from_pretrained(folder), **{
         k: settings[k] for k in ("num_image_tokens", "vision_aspect_ratio", "vision_feature_select_strategy")})
     ns._get_unpadded_features = functools.partial(LlavaOnevisionProcessor._get_unpadded_features, ns)
@@ -95,7 +105,7 @@ def _processor_tokens(family: str, folder, size) -> int:
     return LlavaOnevisionProcessor._get_number_of_features(ns, *size, tile, tile)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", BUILT)
 def test_rows_and_token_counts_are_hfs(tiny_model_dir, family):
     """Images of every size in one batch: the image path's tiles through the split tower and projector, packed by the
     scheme, are the model's get_image_features rows (OneVision's shrunk pictures included); each image is as many
@@ -147,7 +157,7 @@ def test_conversation_ids_are_llava_next_processors(tiny_model_dir):
     assert ids == list(processor(text=text, images=images)["input_ids"][0])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", BUILT)
 def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir, family):
     """Images of every size, alone and two at once: greedy answers = Hugging Face generate's, alone and decoded
     together in one batch on one KV buffer. The build's limits hold its largest image's rows (a 64 x 64 one: 2 x 2 tiles, 88 rows,
@@ -156,7 +166,7 @@ def test_answers_for_every_size_equal_hf_generate_alone_and_batched(tiny_build, 
     from vlm_export.runtime.load import open_build
 
     pipe = open_build(tiny_build(family).path)
-    most = {"llava_next": 88, "llava_onevision": 56}[family]
+    most = {"llava_next": 88, "llava_next_video": 88, "llava_onevision": 56}[family]
     assert pipe.limits.max_image_tokens == pipe.limits.max_images * most
     # TensorRT's prefill profile: up to every row's images, its optimum at a prompt of one (largest) image
     assert pipe.scheme.dim_ranges(pipe.limits)[0]["image_tokens"] == (0, most, most * pipe.limits.max_images

@@ -1434,30 +1434,45 @@ def make_tiny_cosmos3_edge(path: Path, seed: int = 0, patch_size: int = 4, merge
 def make_tiny_llava_next(path: Path, family: str = "llama", seed: int = 0, image_size: int = 32,
                          pinpoints: tuple = ((32, 64), (64, 32), (64, 64)), tower: str = "clip",
                          strategy: str = "default", feature_layer: int | list[int] = -2,
-                         text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+                         text_sizes: dict | None = None, vision_sizes: dict | None = None, video: bool = False) -> Path:
     """A tiny random LLaVA-NeXT saved as llava-hf's are: a CLIP tower on tiles of ``image_size`` (patches of 8, the
     CLS dropped; or SigLIP's, every patch kept with ``strategy`` "full"), images resized into the best of
     ``pinpoints`` and cut into tiles (LlavaNextImageProcessor), the learned newline, "<image>" added to SmolLM2's
-    tokenizer (adding its BOS), a LlavaNextProcessor with LLaVA's chat template."""
+    tokenizer (adding its BOS), a LlavaNextProcessor with LLaVA's chat template. ``video``: LLaVA-NeXT-Video's classes
+    over the same parts, "<video>" added too; its processor (LlavaNextVideoProcessor, whose video processor needs
+    torchvision to load) saved as it saves itself: the tokenizer, the image processor, the chat template and its
+    settings."""
     from transformers import (AddedToken, AutoTokenizer, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextProcessor)
+                              LlavaNextProcessor, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration)
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), add_bos_token=True)
-    tok.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
+    tok.add_tokens([AddedToken(t, normalized=False, special=True) for t in ["<image>", "<video>"][:1 + video]],
+                   special_tokens=True)
     vision = _vision_config(image_size=image_size, tower=tower, **(vision_sizes or {}))
-    cfg = LlavaNextConfig(vision_config=vision, text_config=_text_config(family, _padded_vocab(len(tok)),
-                                                                         **(text_sizes or {})),
-                          image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=feature_layer,
-                          vision_feature_select_strategy=strategy, image_grid_pinpoints=[list(p) for p in pinpoints])
-    LlavaNextForConditionalGeneration(cfg).eval().save_pretrained(path)
+    parts = dict(vision_config=vision, text_config=_text_config(family, _padded_vocab(len(tok)), **(text_sizes or {})),
+                 vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+                 image_grid_pinpoints=[list(p) for p in pinpoints])
     image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
                                                  crop_size={"height": image_size, "width": image_size},
                                                  image_grid_pinpoints=[list(p) for p in pinpoints])
-    LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=vision.patch_size,
-                       vision_feature_select_strategy=strategy,
-                       num_additional_image_tokens=_TOKENS_PAST_PATCHES.get(tower, 1),
+    settings = dict(patch_size=vision.patch_size, vision_feature_select_strategy=strategy,
+                    num_additional_image_tokens=_TOKENS_PAST_PATCHES.get(tower, 1))
+    if video:
+        cfg = LlavaNextVideoConfig(**parts, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                   video_token_index=tok.convert_tokens_to_ids("<video>"))
+        LlavaNextVideoForConditionalGeneration(cfg).eval().save_pretrained(path)
+        image_processor.save_pretrained(path)
+        tok.save_pretrained(path)
+        (path / "chat_template.jinja").write_text(LLAVA_HF_CHAT_TEMPLATE)
+        (path / "processor_config.json").write_text(json.dumps({
+            "processor_class": "LlavaNextVideoProcessor", "image_token": "<image>", "video_token": "<video>",
+            **settings}))
+        return path
+    cfg = LlavaNextConfig(**parts, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    LlavaNextForConditionalGeneration(cfg).eval().save_pretrained(path)
+    LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, **settings,
                        chat_template=LLAVA_HF_CHAT_TEMPLATE).save_pretrained(path)
     return path
 

@@ -1,4 +1,5 @@
-"""One random tiny LLaVA-NeXT (LlavaNextForConditionalGeneration) per seed: python llava_next.py SEED OUT_DIR. Other
+"""One random tiny LLaVA-NeXT (LlavaNextForConditionalGeneration; one in four LLaVA-NeXT-Video's classes, its image path)
+per seed: python llava_next.py SEED OUT_DIR. Other
 tile and patch sizes, resolutions (so tile grids and cut-back pictures), towers (CLIP with its CLS dropped, SigLIP
 with every patch kept), feature layers and LM families and shapes than the test fixture's. Prints what it drew as
 JSON. Used by sweep.sh."""
@@ -25,8 +26,10 @@ heads = r.choice([2, 4, 8])
 text = dict(hidden_size=r.choice([48, 64, 96]), intermediate_size=r.choice([72, 128, 200]),
             num_hidden_layers=r.choice([1, 2, 3]), num_attention_heads=heads,
             num_key_value_heads=r.choice([k for k in (1, 2, 4, 8) if heads % k == 0]))
+video = random.Random(f"video-{seed}").random() < 0.25  # a generator of its own: other seeds draw what they drew
 desc = dict(seed=seed, tile=tile, patch=patch, pinpoints=pinpoints, tower=tower, feature_layer=feature_layer,
-            family=family, vision=vision, text=text)
+            family=family, vision=vision, text=text, video=video)
 tm.make_tiny_llava_next(out, family=family, seed=seed, image_size=tile, pinpoints=tuple(pinpoints), tower=tower,
-                        strategy=strategy, feature_layer=feature_layer, text_sizes=text, vision_sizes=vision)
+                        strategy=strategy, feature_layer=feature_layer, text_sizes=text, vision_sizes=vision,
+                        video=video)
 print(json.dumps(desc))
