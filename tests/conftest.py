@@ -43,7 +43,7 @@ def _hf_image_processors_on_the_tools_backend() -> None:
 _hf_image_processors_on_the_tools_backend()
 
 from tiny_models import make_tiny_blip2, make_tiny_instructblip, make_tiny_llava, make_tiny_mllama, make_tiny_prefix  # noqa: E402
-from tiny_models import (make_tiny_blip2_t5, make_tiny_exaone4_5, make_tiny_lfm3_vl,  # noqa: E402
+from tiny_models import (make_tiny_blip2_t5, make_tiny_exaone4_5, make_tiny_got_ocr2, make_tiny_lfm3_vl,  # noqa: E402
                          make_tiny_minicpm_v)
 from tiny_models import make_tiny_aya_vision, make_tiny_deepseek_vl, make_tiny_florence2  # noqa: E402
 from tiny_models import (make_tiny_gemma3, make_tiny_gemma4, make_tiny_idefics3, make_tiny_internvl, make_tiny_paligemma,  # noqa: E402
@@ -111,6 +111,9 @@ TINY_MODELS = {
     "smolvlm": (make_tiny_idefics3, {"family": "smolvlm", "patch_size": 4, "scale_factor": 4, "longest_edge": 96}),
     # InternVL (Hugging Face form): up to 4 tiles by aspect ratio and a thumbnail, one run of tokens per image
     "internvl": (make_tiny_internvl, {}),
+    # GOT-OCR 2.0: a SAM-style ViTDet tower (256 rows per page, as the processor writes), strided-convolution projector,
+    # Qwen2; no chat template (the processor writes the conversation; the adapter gives its form as one)
+    "got_ocr2": (make_tiny_got_ocr2, {}),
     # Qianfan-OCR: InternVL's image path under its own classes (a Qwen3 LM), an image written as "<image>" and replaced
     # by its processor (QianfanOCRProcessor, which loads without torchvision)
     "qianfan_ocr": (make_tiny_internvl, {"family": "qianfan_ocr"}),
@@ -172,6 +175,10 @@ TINY_MODELS = {
 # samples' three photos (square, wide, tall) and a text-only prompt are all still there, and 16 tokens are past
 # every tiny model's cache steps and windows that matter.
 TINY_PARITY_TOKENS = 16
+
+
+#: the tiny builds' max_sequence where 256 tokens do not hold two images and the answer: GOT-OCR's 256 rows per page
+TINY_MAX_SEQUENCE = {"got_ocr2": 640}
 
 
 def tiny_samples(max_images: int) -> list:
@@ -341,8 +348,8 @@ def tiny_build(tiny_model_dir, tmp_path_factory):
             if not out.exists():
                 folder = tiny_model_dir(name)
                 samples = tiny_samples(min(2, adapter_for(folder).max_images or 2))  # as build() bounds max_images
-                result = build(folder, out, BuildOptions(max_sequence=256, parity_new_tokens=TINY_PARITY_TOKENS,
-                                                         samples=samples))
+                result = build(folder, out, BuildOptions(max_sequence=TINY_MAX_SEQUENCE.get(name, 256),
+                                                         parity_new_tokens=TINY_PARITY_TOKENS, samples=samples))
                 _freeze_the_heap()
                 return result
         manifest = read_manifest(out)

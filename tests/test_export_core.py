@@ -27,6 +27,9 @@ def test_every_registered_adapter_is_exercised(tiny_model_dir):
 #: decoders export/fuse.py matches nothing of (none today: GPT-J's rotary, on the heads before their
 #: transpose, stays unfused, but its attention and LayerNorms fuse); the manifest's notes would say why
 UNFUSED: set[str] = set()
+#: towers whose attention export/image_fuse.py leaves as exported, the reason in the manifest's notes: GOT-OCR 2.0's
+#: SAM-style attention (heads folded into the batch, a decomposed relative-position bias added to the scores)
+UNFUSED_TOWERS = {"got_ocr2"}
 
 
 @pytest.mark.parametrize("name", list(TINY_MODELS))
@@ -46,10 +49,12 @@ def test_build_parity_per_stage(tiny_build, name):
     if not fusion["made"]:
         assert fusion["reason"] and fusion["notes"], fusion
     # an image (or encoder) stage with attention in ONNX Runtime's form too (export/image_fuse.py): its standard
-    # graph judged beside it; every tower attention of every family matches the pattern (no notes)
+    # graph judged beside it; every tower attention of every family matches the pattern (no notes) but
+    # UNFUSED_TOWERS' (notes saying why)
     graphs = result.manifest["graphs"]
     fused_stages = [s for s in (*image_stages, *encoder_stages) if "fused" in (graphs[s].get("forms") or {})]
-    assert all(not graphs[s]["fusion"]["notes"] for s in image_stages if "fusion" in graphs[s]), name
+    assert all(bool(graphs[s]["fusion"]["notes"]) == (name in UNFUSED_TOWERS and s == "vision_encoder")
+               for s in image_stages if "fusion" in graphs[s]), name
     assert set(stages) == {*image_stages, *encoder_stages, *forms, *(f"{s} (standard form)" for s in fused_stages)}
     for stage in forms:
         logits = stages[stage]["logits"]

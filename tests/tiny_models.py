@@ -1647,3 +1647,37 @@ def make_tiny_exaone4_5(path: Path, seed: int = 0, family: str = "exaone4_5", pa
     tokenizer.save_pretrained(path)
     (path / "chat_template.jinja").write_text(QWEN2_VL_CHAT_TEMPLATE)
     return path
+
+
+def make_tiny_got_ocr2(path: Path, seed: int = 0, image_size: int = 128, patch_size: int = 2, max_patches: int = 4,
+                       text_sizes: dict | None = None, vision_sizes: dict | None = None) -> Path:
+    """A tiny random GOT-OCR 2.0 (GotOcr2ForConditionalGeneration): a SAM-style ViTDet tower on ``image_size`` images
+    (windowed attention with relative positions, layer 1 global, a convolutional neck), a projector of two strided
+    convolutions (an image is (image_size / patch_size / 4)² tokens: 256, the count GotOcr2Processor writes, as the
+    real tower's 1024 / 16 / 4 = 16 a side), a Qwen2 LM; SmolLM2's tokenizer with GOT's
+    "<img>", "</img>" and "<imgpad>" added; its GotOcr2ImageProcessor (PIL) of up to ``max_patches`` tiles where a
+    prompt asks for them; GotOcr2Processor saved whole (it loads without torchvision). The checkpoint has no chat
+    template, as GOT-OCR-2.0-hf has none: its processor writes the conversation itself."""
+    from transformers import (AddedToken, AutoTokenizer, GotOcr2Config, GotOcr2ForConditionalGeneration,
+                              GotOcr2ImageProcessorPil, GotOcr2Processor)
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=True) for t in ("<img>", "</img>", "<imgpad>")],
+                         special_tokens=True)
+    tokenizer.chat_template = None
+    tokens = (image_size // patch_size // 4) ** 2
+    text = {**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2), **(text_sizes or {}), "model_type": "qwen2",
+            "vocab_size": _padded_vocab(len(tokenizer)), "max_position_embeddings": 2048, "bos_token_id": 1,
+            "eos_token_id": 2, "pad_token_id": 2}
+    vision = {**dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, window_size=4,
+                     global_attn_indexes=[1], mlp_dim=64), **(vision_sizes or {}),
+              "image_size": image_size, "patch_size": patch_size}
+    cfg = GotOcr2Config(text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids(
+        "<imgpad>"), image_seq_length=tokens, tie_word_embeddings=bool((text_sizes or {}).get("tie_word_embeddings")))
+    torch.manual_seed(seed)
+    GotOcr2ForConditionalGeneration(cfg).eval().save_pretrained(path)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=False,
+                                               min_patches=1, max_patches=max_patches)
+    GotOcr2Processor(image_processor, tokenizer).save_pretrained(path)
+    return path

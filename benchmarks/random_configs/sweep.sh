@@ -7,7 +7,7 @@
 # SERVE=1: each build that passed is also served through a real tritonserver and asked over HTTP and gRPC
 # (serve_check.py), its answer checked against `vlm-export generate`'s; a second line per seed says how that went.
 # A NOTE line: the build passed outputs only by parity's float64 check, or greedy tokens at near ties.
-#   usage: benchmarks/random_configs/sweep.sh llava|other|exaone4_5|lora|gemma3|aya_vision|deepseek_vl|paligemma|idefics3|internvl|qwen2_vl|qwen3_vl|qwen3_5|lfm3_vl|minicpm_v|glm4v|paddleocr_vl|cosmos3_edge|mistral3|lighton_ocr|llava_next|llava_onevision|hunyuan_vl|gemma4 FIRST_SEED LAST_SEED OUT [build options...]
+#   usage: benchmarks/random_configs/sweep.sh llava|other|exaone4_5|got_ocr2|lora|gemma3|aya_vision|deepseek_vl|paligemma|idefics3|internvl|qwen2_vl|qwen3_vl|qwen3_5|lfm3_vl|minicpm_v|glm4v|paddleocr_vl|cosmos3_edge|mistral3|lighton_ocr|llava_next|llava_onevision|hunyuan_vl|gemma4 FIRST_SEED LAST_SEED OUT [build options...]
 #   e.g.:  benchmarks/random_configs/sweep.sh other 100 140 /tmp/sweep --precision fp16
 set -u
 here=$(cd "$(dirname "$0")" && pwd); root=$(cd "$here/../.." && pwd)

@@ -86,7 +86,7 @@ def adapter_for(path: Path, name: str | None = None) -> VLMAdapter:
 
 # built-in adapters register themselves on import
 from . import (aya_vision, blip2, blip2_t5, cosmos3_edge, deepseek_vl, exaone4_5, florence2, gemma3, gemma4, glm4v,  # noqa: E402,F401
-               hunyuan_vl, idefics3, instructblip, internvl, lfm3_vl, lighton_ocr, llava, llava_next, llava_next_video,
+               got_ocr2, hunyuan_vl, idefics3, instructblip, internvl, lfm3_vl, lighton_ocr, llava, llava_next, llava_next_video,
                llava_onevision, llava_onevision1_5, minicpm_v, mistral3, mllama, paddleocr_vl, paligemma, pixtral, prefix,
                qianfan_ocr, qwen2_vl, qwen3_5, qwen3_vl, vipllava)
 
