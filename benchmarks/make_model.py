@@ -6,6 +6,7 @@
     python benchmarks/make_model.py qwen25vl /tmp/models/qwen25vl     # Qwen2.5-VL-3B's tower + a SmolLM2-135M-shaped LM
     python benchmarks/make_model.py qwen3vl /tmp/models/qwen3vl       # Qwen3-VL-2B's tower + a SmolLM2-135M-shaped Qwen3
     python benchmarks/make_model.py hunyuanocr /tmp/models/hunyuanocr # HunyuanOCR's shapes (SmolLM2's tokenizer)
+    python benchmarks/make_model.py gotocr2 /tmp/models/gotocr2       # GOT-OCR-2.0's shapes (SmolLM2's tokenizer)
 
 ``realistic`` has the shapes that decide speed: a CLIP ViT-B/16 tower at 224 px (196 image
 tokens, 86M parameters) and a decoder shaped like SmolLM2-135M (hidden 576, 30 layers, 9 heads,
@@ -120,6 +121,23 @@ def make_hunyuanocr(out: Path, seed: int = 0) -> Path:
                                 max_pixels=2048 * 2048, position_grid=128, text_sizes=text, vision_sizes=vision)
 
 
+def make_gotocr2(out: Path, seed: int = 0) -> Path:
+    """GOT-OCR-2.0-hf's shapes (its config.json): a SAM ViT-B tower (12 blocks of 768, 12 heads, MLP of 3072, patches
+    of 16 on a 1024 px page, windows of 14 with global blocks 2, 5, 8 and 11, a neck of 256 channels), the projector's
+    convolutions to 1024 (256 rows per page), a Qwen2 LM of 24 layers of 1024, 16 heads and 16 KV heads, MLP of 2816,
+    tied embeddings - with SmolLM2's tokenizer and GOT's three image tokens (not GOT's 151k-token vocabulary: the
+    embedding table is the one part that is smaller). Random weights: its timings are a trained model's of that
+    shape."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_models import make_tiny_got_ocr2
+
+    text = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+                num_key_value_heads=16, tie_word_embeddings=True, rope_theta=1000000.0)
+    vision = dict(hidden_size=768, output_channels=256, num_hidden_layers=12, num_attention_heads=12, window_size=14,
+                  global_attn_indexes=[2, 5, 8, 11], mlp_dim=3072)
+    return make_tiny_got_ocr2(out, seed=seed, image_size=1024, patch_size=16, text_sizes=text, vision_sizes=vision)
+
+
 def make_tiny(out: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny_models import make_tiny_llava  # the very model the tests build
@@ -130,7 +148,7 @@ def make_tiny(out: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     makers = {"realistic": make_realistic, "tiny": make_tiny, "gemma3": make_gemma3, "qwen25vl": make_qwen25vl,
-              "qwen3vl": make_qwen3vl, "hunyuanocr": make_hunyuanocr}
+              "qwen3vl": make_qwen3vl, "hunyuanocr": make_hunyuanocr, "gotocr2": make_gotocr2}
     parser.add_argument("kind", choices=tuple(makers))
     parser.add_argument("out", type=Path)
     args = parser.parse_args()

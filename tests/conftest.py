@@ -870,6 +870,8 @@ LONGEST_FIRST = (
     "test_lfm3_vl.py",  # HF generate on every size, a served tritonserver
     "test_hunyuan_vl.py",  # likewise
     "test_gemma4.py",  # likewise
+    "test_exaone4_5.py",  # HF generate on every size for two families, a served tritonserver
+    "test_got_ocr2.py",  # its build (a tower of 4096 patches) and HF generate on pages of every size
 )
 
 
