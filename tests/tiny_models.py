@@ -1670,8 +1670,10 @@ def make_tiny_got_ocr2(path: Path, seed: int = 0, image_size: int = 128, patch_s
                    num_key_value_heads=2), **(text_sizes or {}), "model_type": "qwen2",
             "vocab_size": _padded_vocab(len(tokenizer)), "max_position_embeddings": 2048, "bos_token_id": 1,
             "eos_token_id": 2, "pad_token_id": 2}
+    # GotOcr2VisionConfig's initializer_range defaults to 1e-10 (SAM's): random towers of it give features of ~1e-21,
+    # which no parity check could tell from zeros (and fp16 flushes to them); 0.02 gives features of a trained scale
     vision = {**dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, window_size=4,
-                     global_attn_indexes=[1], mlp_dim=64), **(vision_sizes or {}),
+                     global_attn_indexes=[1], mlp_dim=64, initializer_range=0.02), **(vision_sizes or {}),
               "image_size": image_size, "patch_size": patch_size}
     cfg = GotOcr2Config(text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids(
         "<imgpad>"), image_seq_length=tokens, tie_word_embeddings=bool((text_sizes or {}).get("tie_word_embeddings")))
