@@ -601,6 +601,26 @@ def check_raster_prompt_and_patches_are_the_loaded_processors(folder, pipe, turn
     assert not pixels["pixel_values"][~real].any()
 
 
+def check_prompt_ids_and_tiles_are_the_processors(pipe, folder, turns, sizes) -> None:
+    """For a processor that loads (Aya Vision's, Qianfan-OCR's: InternVL's tiles counted by ``num_patches``): over
+    photos of ``sizes`` (as many per request as ``turns`` has image parts, starting at each size but the last), the
+    prompt ids and tiles equal to its ``apply_chat_template``'s, one row of image tokens per tile."""
+    import numpy as np
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder)
+    n = sum(p["type"] == "image" for m in turns for p in m["content"])
+    for first in range(len(sizes) - 1 if n else 1):
+        images = photos(sizes, n, first)
+        theirs = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="np", **({"images": images} if images else {}))
+        ids = pipe.prompt_ids(turns, images)
+        assert ids == theirs["input_ids"][0].tolist()
+        if images:
+            np.testing.assert_array_equal(pipe.pixel_values(images), theirs["pixel_values"])
+            assert ids.count(pipe.layout.image_token_id) == len(theirs["pixel_values"]) * pipe.layout.tokens_per_image
+
+
 def check_prompt_ids_and_patches_are_the_processors(pipe, folder, turns, images, replace_image_token,
                                                     image_token: str) -> tuple[list[int], dict, str]:
     """For a processor that needs torchvision to load (its video processor: Qwen2-VL's, GLM-4V's), its pieces called as

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 
-from conftest import CONVERSATIONS, CONVERSATION_IDS, check_answers_equal_hf_generate, photos
+from conftest import (CONVERSATIONS, CONVERSATION_IDS, check_answers_equal_hf_generate,
+                      check_prompt_ids_and_tiles_are_the_processors, photos)
 from vlm_export.errors import AdapterError
 
 #: (height, width): 3 tiles (1 x 2 and a thumbnail), 5 (1 x 4 or 2 x 2, and a thumbnail), 1 (too small to cut)
@@ -23,22 +23,10 @@ SIZES = [(20, 50), (70, 20), (10, 10), (300, 200), (64, 64)]
 def test_prompt_ids_and_tiles_are_aya_vision_processors(tiny_build, tiny_model_dir, turns):
     """Each image written as AyaVisionProcessor writes it for its tiles, where its chat template puts it; ids and
     tiles equal to the processor's, over images of 1, 3 and 5 tiles."""
-    from transformers import AutoProcessor
-
     from vlm_export.runtime.load import open_build
 
-    pipe = open_build(tiny_build("aya_vision").path)
-    processor = AutoProcessor.from_pretrained(tiny_model_dir("aya_vision"))
-    n = sum(p["type"] == "image" for m in turns for p in m["content"])
-    for first in range(len(SIZES) - 1 if n else 1):
-        images = photos(SIZES, n, first)
-        theirs = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                               return_tensors="np", **({"images": images} if images else {}))
-        ids = pipe.prompt_ids(turns, images)
-        assert ids == theirs["input_ids"][0].tolist()
-        if images:
-            np.testing.assert_array_equal(pipe.pixel_values(images), theirs["pixel_values"])
-            assert ids.count(pipe.layout.image_token_id) == len(theirs["pixel_values"]) * pipe.layout.tokens_per_image
+    check_prompt_ids_and_tiles_are_the_processors(open_build(tiny_build("aya_vision").path),
+                                                  tiny_model_dir("aya_vision"), turns, SIZES)
 
 
 def test_answers_for_every_tile_count_equal_hf_generate_alone_and_batched(tiny_build, tiny_model_dir):

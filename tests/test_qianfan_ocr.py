@@ -4,10 +4,10 @@ replaces with "<img>" + the context token x rows x tiles + "</img>". The build i
 generate's tokens alone and batched on the default samples) is test_export_core's."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from conftest import CONVERSATIONS, CONVERSATION_IDS, check_answers_equal_hf_generate, photos
+from conftest import (CONVERSATIONS, CONVERSATION_IDS, check_answers_equal_hf_generate,
+                      check_prompt_ids_and_tiles_are_the_processors, photos)
 
 #: (height, width): 3 tiles (1 x 2 and a thumbnail), 5 (1 x 4 or 2 x 2, and a thumbnail), 1 (too small to cut)
 SIZES = [(20, 50), (70, 20), (10, 10), (300, 200), (64, 64)]
@@ -17,23 +17,11 @@ SIZES = [(20, 50), (70, 20), (10, 10), (300, 200), (64, 64)]
 def test_prompt_ids_and_tiles_are_qianfan_ocr_processors(tiny_build, tiny_model_dir, turns):
     """Prompt ids and tiles = QianfanOCRProcessor's own (its chat template's "<image>" replaced by the run of context
     tokens for the image's tiles), over images of 1, 3 and 5 tiles."""
-    from transformers import AutoProcessor
-
     from vlm_export.runtime.load import open_build
 
     pipe = open_build(tiny_build("qianfan_ocr").path)
     assert pipe.layout.image_token == "<image>"
-    processor = AutoProcessor.from_pretrained(tiny_model_dir("qianfan_ocr"))
-    n = sum(p["type"] == "image" for m in turns for p in m["content"])
-    for first in range(len(SIZES) - 1 if n else 1):
-        images = photos(SIZES, n, first)
-        theirs = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                               return_tensors="np", **({"images": images} if images else {}))
-        ids = pipe.prompt_ids(turns, images)
-        assert ids == theirs["input_ids"][0].tolist()
-        if images:
-            np.testing.assert_array_equal(pipe.pixel_values(images), theirs["pixel_values"])
-            assert ids.count(pipe.layout.image_token_id) == len(theirs["pixel_values"]) * pipe.layout.tokens_per_image
+    check_prompt_ids_and_tiles_are_the_processors(pipe, tiny_model_dir("qianfan_ocr"), turns, SIZES)
 
 
 def test_a_raw_prompt_writes_images_where_its_marks_are(tiny_build, tiny_model_dir):
