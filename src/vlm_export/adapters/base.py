@@ -268,6 +268,15 @@ def save_causal_lm(text_config, base_model: nn.Module, lm_head: nn.Module, token
     return out
 
 
+def check_image_token(loaded: "LoadedModel", token: str) -> None:
+    """The image token's text must be one token of the tokenizer, of the config's ``image_token_id``: else the image
+    rows would land elsewhere than Hugging Face puts them. AdapterError saying what to save otherwise."""
+    ids = loaded.tokenizer(token, add_special_tokens=False)["input_ids"]
+    if ids != [loaded.config.image_token_id]:
+        raise AdapterError(f"the tokenizer in {loaded.path} makes {token} the ids {ids} but the model's config says "
+                           f"image_token_id {loaded.config.image_token_id}: save the model's own tokenizer beside it")
+
+
 def processor_setting(path: Path, name: str):
     """A setting of the processor as saved (processor_config.json), None where none is saved."""
     file = path / "processor_config.json"

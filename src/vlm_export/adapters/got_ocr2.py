@@ -22,7 +22,8 @@ from ..contract import ImageTiles, PromptLayout
 from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from . import register
-from .base import LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, use_saved_chat_template
+from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, check_image_token,
+                   use_saved_chat_template)
 from .decoder import LastHiddenState, SplicedLanguageModel, spliced_stages
 from .loading import load_hf_parts
 
@@ -57,10 +58,7 @@ class GotOcr2Adapter(SplicedLanguageModel, VLMAdapter):
         use_saved_chat_template(tokenizer, path)
         if not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = CHAT_TEMPLATE
-        ids = tokenizer(IMAGE_PAD, add_special_tokens=False)["input_ids"]
-        if ids != [model.config.image_token_id]:
-            raise AdapterError(f"the tokenizer in {path} makes {IMAGE_PAD} the ids {ids} but the model's config says "
-                               f"image_token_id {model.config.image_token_id}: save the model's own tokenizer beside it")
+        check_image_token(loaded, IMAGE_PAD)
         if not hasattr(image_processor, "max_patches"):
             raise AdapterError(f"the image processor in {path} ({type(image_processor).__name__}) is not GOT's: save "
                                "the model's own GotOcr2ImageProcessor beside it")

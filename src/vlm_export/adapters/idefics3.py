@@ -25,8 +25,8 @@ from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from ..runtime.images import ImageLimits, image_grids
 from . import model_class_by_type, register
-from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, processor_setting,
-                   use_saved_chat_template)
+from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_token,
+                   processor_setting, use_saved_chat_template)
 from .decoder import greedy_reference, save_language_model, spliced_stages, text_geometry
 from .loading import load_hf_parts, run_processor
 
@@ -86,14 +86,9 @@ class Idefics3Adapter(VLMAdapter):
 
     @staticmethod
     def _check_tokens(loaded: LoadedModel) -> None:
-        """The image token must be one token of this tokenizer, of the config's id: else the image rows would land
-        elsewhere than Hugging Face puts them. (The texts around the tiles are tokenized as the processor's are,
-        whatever they become.)"""
-        tok, cfg, path = loaded.tokenizer, loaded.config, loaded.path
-        ids = tok(IMAGE_TOKEN, add_special_tokens=False)["input_ids"]
-        if ids != [cfg.image_token_id]:
-            raise AdapterError(f"the tokenizer in {path} makes {IMAGE_TOKEN} the ids {ids} but the model's config says "
-                               f"image_token_id {cfg.image_token_id}: save the model's own tokenizer beside it")
+        """The image token must be one token of this tokenizer, of the config's id. (The texts around the tiles are
+        tokenized as the processor's are, whatever they become.)"""
+        check_image_token(loaded, IMAGE_TOKEN)
 
     def _check_tiles(self, loaded: LoadedModel) -> None:
         """Each tile must be the tower's input size, and the processor must write as many image tokens per tile as

@@ -19,8 +19,8 @@ from ..contract import ImageTiles, PromptLayout
 from ..contract.spliced import SplicedScheme
 from ..errors import AdapterError
 from . import register
-from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, processor_setting,
-                   use_saved_chat_template)
+from .base import (LoadedModel, Stage, VLMAdapter, chat_template_takes_parts, check_image_size, check_image_token,
+                   processor_setting, use_saved_chat_template)
 from .decoder import SplicedLanguageModel, spliced_stages
 from .loading import load_hf_parts
 
@@ -75,11 +75,7 @@ class InternVLAdapter(SplicedLanguageModel, VLMAdapter):
             if not getattr(tokenizer, name, None):
                 raise AdapterError(f"the tokenizer in {path} names no {name} (InternVLProcessor writes each image with "
                                    "them): save the model's own tokenizer beside it")
-        ids = tokenizer(tokenizer.context_image_token, add_special_tokens=False)["input_ids"]
-        if ids != [cfg.image_token_id]:
-            raise AdapterError(f"the tokenizer in {path} makes {tokenizer.context_image_token} the ids {ids} but the "
-                               f"model's config says image_token_id {cfg.image_token_id}: save the model's own "
-                               "tokenizer beside it")
+        check_image_token(loaded, tokenizer.context_image_token)
         if not hasattr(image_processor, "max_patches"):
             raise AdapterError(f"the image processor in {path} ({type(image_processor).__name__}) does not cut images "
                                "into patches: save the model's own GotOcr2 image processor beside it")
